@@ -1,0 +1,206 @@
+"""The `teachx` command line. Every user-fixable problem ends as one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from teachx.errors import ConfigError, TeachxError
+
+EPILOG = """\b
+Examples:
+  teachx demo                                   # bundled data, LeNet-5, SHAP teacher, baseline vs IMPACTX
+  teachx datasets                               # which datasets are known and present
+  teachx train configs/cifar10-lenet5.yaml --out runs/base train.epochs=5
+  teachx run configs/cifar10-lenet5.yaml --out runs/impactx impactx.lam=0.5 teacher.method=lrp
+  teachx explain runs/impactx/impactx/checkpoints/best.safetensors cat.png --out maps/
+  teachx config configs/cifar10-lenet5.yaml train.lr=0.01   # print the resolved config
+"""
+
+
+def _split_args(args: tuple[str, ...]) -> tuple[Optional[str], list[str]]:
+    """[CONFIG] [KEY=VALUE ...]: one optional YAML path, then overrides."""
+    config, overrides = None, []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif config is None:
+            config = a
+        else:
+            raise ConfigError(f"unexpected argument '{a}': give one CONFIG file and then KEY=VALUE overrides")
+    return config, overrides
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="teachx")
+def cli() -> None:
+    """teachx: train models with teacher explanations (IMPACTX) and measure whether it helps."""
+
+
+@cli.command()
+def datasets() -> None:
+    """List known datasets, where their files are expected, and which are present."""
+    from teachx.data import dataset_status
+
+    rows = dataset_status()
+    w = max(len(r["name"]) for r in rows)
+    for r in rows:
+        mark = "present" if r.get("present") else "missing"
+        click.echo(f"{r['name']:<{w}}  {mark:<8} {r.get('description', '')}")
+        for loc in r.get("locations", [])[:3]:
+            click.echo(f"{'':<{w}}           {loc}")
+    click.echo("\nimagefolder:PATH loads class-per-folder images from a folder or a .zip (with train/ and test/ inside).")
+
+
+@cli.command()
+def models() -> None:
+    """List the built-in backbones."""
+    from teachx.models import MODELS
+
+    for name in MODELS.names():
+        click.echo(name)
+    click.echo("torchvision:<name> and timm:<name> wrap those libraries' models when they are installed.")
+
+
+@cli.command()
+def teachers() -> None:
+    """List the explanation methods usable as teachers."""
+    from teachx.teachers import TEACHERS
+
+    for name in TEACHERS.names():
+        cls = TEACHERS.get(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        click.echo(f"{name:<22} {doc}")
+
+
+@cli.command("config", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+def config_cmd(args: tuple[str, ...]) -> None:
+    """Print the resolved config: defaults <- [CONFIG] <- KEY=VALUE overrides."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.utils.config import dump_yaml
+
+    path, overrides = _split_args(args)
+    click.echo(dump_yaml(resolve_config(path, overrides).to_dict()), nl=False)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if it holds the same config).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory made with another config.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:
+    """Train a baseline classifier: teachx train [CONFIG] [KEY=VALUE ...] --out DIR."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, train_classifier
+    from teachx.utils.io import write_json_atomic
+
+    path, overrides = _split_args(args)
+    cfg = resolve_config(path, overrides)
+    if quiet:
+        cfg.train.progress = False
+    run_dir = prepare_run_dir(out, cfg, "train", overwrite)
+    plan = make_plan(cfg, progress=not quiet)
+    t0 = time.perf_counter()
+    rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, click.echo)
+    write_json_atomic(run_dir / "results.json", {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0})
+    click.echo(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {rec['checkpoint']}")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if it holds the same config).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory made with another config.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:
+    """Baseline -> teacher maps -> IMPACTX -> test: teachx run CONFIG [KEY=VALUE ...] --out DIR."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.pipeline import prepare_run_dir, run_pipeline
+
+    path, overrides = _split_args(args)
+    if path is None:
+        raise ConfigError("teachx run needs a CONFIG file (see configs/); e.g. teachx run configs/cifar10-lenet5.yaml --out runs/x")
+    cfg = resolve_config(path, overrides)
+    if quiet:
+        cfg.train.progress = False
+    run_dir = prepare_run_dir(out, cfg, "run", overwrite)
+    res = run_pipeline(cfg, run_dir, click.echo, progress=not quiet).results
+    _print_summary(res, run_dir)
+
+
+@cli.command()
+@click.option("--out", "-o", "out", default="teachx-demo", show_default=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing demo directory made with another config.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.argument("overrides", nargs=-1)
+def demo(out: str, overwrite: bool, quiet: bool, overrides: tuple[str, ...]) -> None:
+    """The bundled dataset, LeNet-5 and a SHAP teacher: baseline vs IMPACTX in a few minutes."""
+    from importlib.resources import files
+
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.pipeline import prepare_run_dir, run_pipeline
+
+    cfg_path = str(files("teachx") / "configs" / "demo.yaml")
+    cfg = resolve_config(cfg_path, list(overrides))
+    if quiet:
+        cfg.train.progress = False
+    run_dir = prepare_run_dir(out, cfg, "demo", overwrite)
+    res = run_pipeline(cfg, run_dir, click.echo, progress=not quiet).results
+    _print_summary(res, run_dir)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("checkpoint", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder for the heatmap PNGs.")
+@click.option("--device", default="auto", show_default=True)
+def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str) -> None:
+    """Write built-in IMPACTX heatmap overlays (PNG) for image files."""
+    from teachx.interfaces.explain import explain_images
+
+    for line in explain_images(checkpoint, list(images), out, device):
+        click.echo(line)
+
+
+def _print_summary(res: dict, run_dir: Path) -> None:
+    click.echo("")
+    click.echo(f"dataset {res['dataset']} | backbone {res['backbone']} | teacher {res['teacher']} | epochs {res['epochs']}")
+    click.echo(f"baseline test accuracy: {res['baseline_test_acc']:.4f}")
+    click.echo(f"IMPACTX  test accuracy: {res['impactx_test_acc']:.4f}  (lambda={res['lam']}, maps={res['maps']})")
+    q = res.get("map_quality")
+    if q:
+        click.echo(f"built-in maps vs teacher on test: corr {q['corr']:.3f} (mean map: {q['corr_mean_map']:.3f}), R^2 vs mean map {q['r2_vs_mean_map']:.3f}")
+    click.echo(f"wall time {res['wall_seconds']:.1f}s; results in {run_dir / 'results.json'}, figures in {run_dir / 'figures'}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point: one-line errors, exit code 2, no traceback for problems the user can fix."""
+    try:
+        cli.main(args=argv, prog_name="teachx", standalone_mode=False)
+    except TeachxError as exc:
+        click.echo(f"teachx: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.NoSuchOption as exc:
+        hint = f" (did you mean {', '.join(exc.possibilities)}?)" if exc.possibilities else ""
+        click.echo(f"teachx: error: {exc.format_message()}{hint}; see 'teachx {exc.ctx.info_name if exc.ctx else ''} --help'".replace("  ", " "), err=True)
+        sys.exit(2)
+    except click.exceptions.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx else "teachx"
+        click.echo(f"teachx: error: {exc.format_message()}; see '{cmd} --help'", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("teachx: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("\nteachx: interrupted; run the same command again to resume from the last checkpoint", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

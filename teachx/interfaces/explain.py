@@ -1,0 +1,90 @@
+"""`teachx explain`: built-in IMPACTX maps for arbitrary image files, as PNG overlays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from teachx.data.transforms import normalize
+from teachx.errors import CheckpointError, DataError
+from teachx.models.impactx import ImpactX, impactx_from_spec
+from teachx.training.checkpoint import load_checkpoint, load_state_into
+from teachx.utils.seeding import choose_device
+
+
+def load_impactx(path: str | Path) -> tuple[ImpactX, dict]:
+    """Rebuild an IMPACTX model and its metadata from a checkpoint."""
+    ck = load_checkpoint(path)
+    spec = ck.meta.get("model_spec") or {}
+    if ck.meta.get("kind") != "impactx" or spec.get("name") != "impactx":
+        raise CheckpointError(
+            f"'{path}' is a {ck.meta.get('kind', 'unknown')} checkpoint, not an IMPACTX model; "
+            "pass <run>/impactx/checkpoints/best.safetensors from `teachx run`"
+        )
+    model = impactx_from_spec(spec)
+    load_state_into(model, ck.group("model"), f"checkpoint '{path}'")
+    return model.eval(), ck.meta
+
+
+def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """Image file -> uint8 (H, W, C) at the model's size and channels, and a notice if resized."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"image '{path}' does not exist; pass paths of PNG/JPEG files")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            im = im.convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"'{path}' is not a readable image ({type(exc).__name__}); pass PNG/JPEG files") from None
+    notice = ""
+    if (im.height, im.width) != tuple(size):
+        notice = f"resized {p.name} from {im.width}x{im.height} to {size[1]}x{size[0]} (the model's input size)"
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] != channels:
+        raise DataError(f"'{path}' has {arr.shape[2]} channels, the model expects {channels}")
+    return arr, notice
+
+
+def explain_images(checkpoint: str, images: list[str], out: str, device: str = "auto") -> Iterator[str]:
+    from teachx.reporting.figures import save_overlay
+
+    model, meta = load_impactx(checkpoint)
+    spec = meta["model_spec"]
+    channels, size = int(spec["in_channels"]), tuple(int(s) for s in spec["image_size"])
+    mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    class_names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    arrays, notices = [], []
+    for p in images:  # read all first: a bad file fails before anything is written
+        a, note = read_image(p, channels, size)
+        arrays.append(a)
+        notices.append(note)
+    dev = choose_device(device)
+    model.to(dev)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x_u8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    x = normalize(x_u8.to(dev), mean, std)
+    with torch.no_grad():
+        logits, maps = model.forward_all(x)
+    probs = logits.softmax(1).cpu()
+    for i, p in enumerate(images):
+        if notices[i]:
+            yield f"notice: {notices[i]}"
+        k = int(probs[i].argmax())
+        target = out_dir / f"{Path(p).stem}_impactx.png"
+        if target.exists():
+            n = 1
+            while (out_dir / f"{Path(p).stem}_impactx_{n}.png").exists():
+                n += 1
+            target = out_dir / f"{Path(p).stem}_impactx_{n}.png"
+        save_overlay(target, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f})")
+        yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {target}"

@@ -1,0 +1,449 @@
+"""The IMPACTX pipeline: teacher (baseline) training -> teacher maps -> IMPACTX training -> test.
+
+Each stage lives in its own sub-directory of the run directory and writes ``stage.json`` when it
+is complete; a re-run skips complete stages and resumes interrupted ones (training from its last
+checkpoint, map generation from its store's done-mask).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from teachx.data import load_dataset
+from teachx.data.base import ImageDataset
+from teachx.data.loading import train_val_split
+from teachx.data.transforms import Augment, normalize
+from teachx.errors import ConfigError, RunDirError
+from teachx.interfaces.config import RunConfig
+from teachx.models import build_model
+from teachx.models.impactx import ImpactX, build_impactx
+from teachx.teachers import build as build_teacher
+from teachx.teachers.postprocess import postprocess
+from teachx.teachers.store import MapStore, fill_store, open_store
+from teachx.training.checkpoint import load_checkpoint, load_state_into
+from teachx.training.impactx import ImpactxTask, MapSource
+from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
+from teachx.utils.config import dump_yaml
+from teachx.utils.hashing import hash_json, hash_state_dict
+from teachx.utils.io import write_json_atomic, write_text_atomic
+from teachx.utils.seeding import choose_device, seed_everything
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("TEACHX_CACHE", Path.home() / ".cache" / "teachx"))
+
+
+# -- run directories --------------------------------------------------------------------------
+
+def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, command: str, overwrite: bool = False) -> Path:
+    """Create ``run_dir`` with the resolved config, or resume one made with the same config.
+
+    An existing directory made with a different config (or not by teachx) is never overwritten
+    silently: that is an error unless ``overwrite`` is given.
+    """
+    run_dir = Path(run_dir)
+    text = dump_yaml({"command": command, **cfg.to_dict()})
+    cfg_path = run_dir / "config.yaml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if cfg_path.exists() and cfg_path.read_text() == text:
+            return run_dir  # same config: resume
+        if not overwrite:
+            why = "was made with a different config" if cfg_path.exists() else "is not empty and is not a teachx run"
+            raise RunDirError(f"run directory '{run_dir}' {why}; choose a new --out directory or pass --overwrite")
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cfg_path, text)
+    return run_dir
+
+
+def stage_done(stage_dir: Path) -> Optional[dict[str, Any]]:
+    p = stage_dir / "stage.json"
+    if p.exists():
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
+    ds = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download, progress=progress)
+    labels = np.asarray(ds.train.labels)
+    pool = np.arange(len(labels))
+    if cfg.data.train_size is not None:
+        if cfg.data.train_size > len(labels):
+            raise ConfigError(f"data.train_size={cfg.data.train_size} exceeds the {len(labels)} training images of {ds.name}")
+        if cfg.data.train_size < len(labels):
+            keep, _ = train_val_split(len(labels), 1.0 - cfg.data.train_size / len(labels), cfg.data.split_seed, labels)
+            pool = np.sort(keep)
+    if cfg.data.val_fraction > 0:
+        tr, va = train_val_split(len(pool), cfg.data.val_fraction, cfg.data.split_seed, labels[pool])
+        train_idx, val_idx = pool[np.sort(tr)], pool[np.sort(va)]
+    else:
+        train_idx, val_idx = pool, pool[:0]
+    hflip = ds.hflip if cfg.data.hflip is None else cfg.data.hflip
+    augment = Augment(crop_padding=cfg.data.crop_padding, hflip=hflip) if cfg.data.augment else None
+    return DataPlan(ds, train_idx, val_idx, augment)
+
+
+def data_summary(plan: DataPlan) -> dict[str, Any]:
+    ds = plan.dataset
+    return {
+        "dataset": ds.name,
+        "channels": ds.channels,
+        "image_size": list(ds.image_size),
+        "classes": ds.num_classes,
+        "train_images": int(len(plan.train_idx)),
+        "val_images": int(len(plan.val_idx)),
+        "test_images": int(len(ds.test)),
+    }
+
+
+# -- stages -------------------------------------------------------------------------------------
+
+def train_classifier(
+    cfg: RunConfig,
+    plan: DataPlan,
+    out_dir: Path,
+    backbone: str,
+    options: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train (or resume, or skip) a plain classifier; returns its stage record."""
+    done = stage_done(out_dir)
+    if done:
+        log(f"[{out_dir.name}] complete, skipped (test acc {done['test_acc']:.4f})")
+        return done
+    ds = plan.dataset
+    seed_everything(cfg.seed)
+    model = build_model(backbone, ds.channels, ds.num_classes, ds.image_size, **options)
+    trainer = Trainer(
+        ClassifierTask(model, cfg.train.label_smoothing), plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device,
+        meta={"kind": "classifier", "dataset": ds.name, "class_names": ds.class_names}, log=log,
+    )
+    log(f"[{out_dir.name}] training {backbone} on {ds.name} ({len(plan.train_idx)} images, {cfg.train.epochs} epochs)")
+    res = trainer.fit(resume=True)
+    ck = load_checkpoint(res.best_path)
+    load_state_into(model, ck.group("model"), f"checkpoint '{res.best_path}'")
+    test = evaluate(ClassifierTask(model), plan, ds.test, np.arange(len(ds.test)), cfg.train.eval_batch_size, trainer.device)
+    record = {
+        "backbone": backbone,
+        "checkpoint": str(res.best_path),
+        "best_epoch": res.best_epoch,
+        "val_acc": max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "seconds": res.seconds,
+        "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
+        "history": res.history,
+    }
+    write_json_atomic(out_dir / "stage.json", record)
+    log(f"[{out_dir.name}] test accuracy {test['acc']:.4f}")
+    return record
+
+
+def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
+    """Rebuild a classifier from its checkpoint's spec and check it fits the dataset."""
+    from teachx.models import build_from_spec
+
+    ck = load_checkpoint(path)
+    spec = ck.meta.get("model_spec")
+    if not spec:
+        raise ConfigError(f"checkpoint '{path}' has no model spec; use a checkpoint written by `teachx train`")
+    model = build_from_spec(spec)
+    load_state_into(model, ck.group("model"), f"checkpoint '{path}'")
+    if getattr(model, "num_classes", ds.num_classes) != ds.num_classes or getattr(model, "in_channels", ds.channels) != ds.channels:
+        raise ConfigError(
+            f"checkpoint '{path}' is for {getattr(model, 'in_channels', '?')} channels / {getattr(model, 'num_classes', '?')} classes, "
+            f"but {ds.name} has {ds.channels} / {ds.num_classes}; use a teacher trained on this dataset"
+        )
+    return model.eval()
+
+
+def teacher_background(plan: DataPlan, size: int, seed: int, device: torch.device) -> torch.Tensor:
+    rng = np.random.default_rng(seed + 12345)
+    idx = np.sort(rng.choice(plan.train_idx, size=min(size, len(plan.train_idx)), replace=False))
+    x = torch.from_numpy(np.ascontiguousarray(plan.dataset.train.images[idx])).permute(0, 3, 1, 2)
+    return normalize(x, plan.mean, plan.std).to(device)
+
+
+def make_teacher(cfg: RunConfig, plan: DataPlan, device: torch.device):
+    options = dict(cfg.teacher.options)
+    from teachx.teachers import TEACHERS
+
+    name = TEACHERS.canonical(cfg.teacher.method)
+    if name in ("deepshap", "expected_gradients") and "background" not in options:
+        options["background"] = teacher_background(plan, cfg.teacher.background_size, cfg.data.split_seed, device)
+    return build_teacher(name, **options)
+
+
+def teacher_maps(
+    cfg: RunConfig,
+    plan: DataPlan,
+    teacher_model: torch.nn.Module,
+    split: str,
+    indices: np.ndarray,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> MapStore:
+    """Maps of ``teacher_model`` for ``indices`` of a split, from (or into) the shared store."""
+    ds = plan.dataset
+    data = ds.train if split == "train" else ds.test
+    teacher = make_teacher(cfg, plan, device)
+    teacher_model = teacher_model.to(device).eval()
+    c = 1 if cfg.teacher.reduce != "none" else ds.channels
+    material = {
+        "dataset": ds.name,
+        "source": ds.source,
+        "split": split,
+        "n": len(data),
+        "data_hash": _split_fingerprint(data),
+        "teacher": teacher.name if hasattr(teacher, "name") else cfg.teacher.method,
+        "teacher_options": teacher.options(),
+        "model_hash": hash_state_dict(teacher_model.state_dict()),
+        "target": cfg.teacher.target,
+        "reduce": cfg.teacher.reduce,
+        "normalize": cfg.teacher.normalize,
+        "smooth": cfg.teacher.smooth,
+        "mean": list(plan.mean),
+        "std": list(plan.std),
+    }
+    maps_dir = Path(cfg.teacher.maps_dir) if cfg.teacher.maps_dir else default_cache_dir() / "maps"
+    store = open_store(maps_dir, material, len(data), (c, *ds.image_size), log=log)
+
+    def compute(idx: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(data.images[idx])).permute(0, 3, 1, 2)
+        x = normalize(x.to(device), plan.mean, plan.std)
+        if cfg.teacher.target == "label":
+            target = torch.from_numpy(np.asarray(data.labels[idx])).long().to(device)
+        else:
+            with torch.no_grad():
+                target = teacher_model(x).argmax(1)
+        raw = teacher.attribute(teacher_model, x, target)
+        return postprocess(raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth)
+
+    todo = store.missing(indices).size
+    if todo:
+        t0 = time.perf_counter()
+        log(f"[maps] {cfg.teacher.method} maps for {todo} {split} images -> {store.path}")
+        fill_store(store, indices, compute, cfg.teacher.batch_size, progress=progress, desc=f"{cfg.teacher.method} maps ({split})")
+        log(f"[maps] {todo} maps in {time.perf_counter() - t0:.1f}s")
+    return store
+
+
+def _split_fingerprint(split) -> str:
+    """Hash of the pixels and labels (cheap enough: one pass over uint8 memory)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(str(split.images.shape).encode())
+    h.update(np.ascontiguousarray(split.images).view(np.uint8).data)
+    h.update(np.ascontiguousarray(split.labels).astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def train_impactx_stage(
+    cfg: RunConfig,
+    plan: DataPlan,
+    store: Optional[MapStore],
+    teacher_model: Optional[torch.nn.Module],
+    out_dir: Path,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], ImpactX]:
+    ds = plan.dataset
+    ic = cfg.impactx
+    seed_everything(cfg.seed)
+    model = build_impactx(
+        cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size,
+        backbone_options=cfg.model.options, lep_backbone=ic.lep_backbone,
+        map_size=(ic.map_size, ic.map_size) if ic.map_size else None,
+        map_channels=store.maps.shape[1] if store is not None else 1,
+        decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden,
+    )
+    if ic.m_init == "teacher":
+        if teacher_model is None or type(teacher_model) is not type(model.m):
+            raise ConfigError("impactx.m_init=teacher needs a teacher of the same backbone as the student")
+        model.m.load_state_dict(teacher_model.state_dict())
+        if ic.m_frozen:
+            for p in model.m.parameters():
+                p.requires_grad_(False)
+    done = stage_done(out_dir)
+    if done:
+        ck = load_checkpoint(done["checkpoint"])
+        load_state_into(model, ck.group("model"), f"checkpoint '{done['checkpoint']}'")
+        log(f"[{out_dir.name}] complete, skipped (test acc {done['test_acc']:.4f})")
+        return done, model.eval()
+    source = MapSource(store, ic.maps, plan.train_idx, cfg.seed) if (store is not None and ic.lam > 0) else None
+    task = ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing)
+    trainer = Trainer(
+        task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device,
+        meta={"kind": "impactx", "dataset": ds.name, "class_names": ds.class_names, "teacher": cfg.teacher.method}, log=log,
+    )
+    if ic.m_frozen:
+        model.m.eval()
+    log(f"[{out_dir.name}] training IMPACTX ({cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps}, {cfg.train.epochs} epochs)")
+    res = trainer.fit(resume=True)
+    ck = load_checkpoint(res.best_path)
+    load_state_into(model, ck.group("model"), f"checkpoint '{res.best_path}'")
+    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), cfg.train.eval_batch_size, trainer.device)
+    record = {
+        "checkpoint": str(res.best_path),
+        "best_epoch": res.best_epoch,
+        "val_acc": max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "seconds": res.seconds,
+        "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
+        "history": res.history,
+    }
+    write_json_atomic(out_dir / "stage.json", record)
+    log(f"[{out_dir.name}] test accuracy {test['acc']:.4f}")
+    return record, model.eval()
+
+
+@torch.no_grad()
+def map_quality(model: ImpactX, plan: DataPlan, test_store: MapStore, train_store: MapStore, device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """Did IMPACTX learn per-image maps? R^2 against the mean training map, and correlations."""
+    ds = plan.dataset
+    n = len(ds.test)
+    mean_map = torch.zeros(train_store.maps.shape[1:], dtype=torch.float64)
+    for s in range(0, len(plan.train_idx), 4096):
+        mean_map += train_store.read(plan.train_idx[s : s + 4096]).double().sum(0)
+    mean_map = (mean_map / len(plan.train_idx)).float()
+    sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
+    model = model.to(device).eval()
+    for s in range(0, n, batch_size):
+        idx = np.arange(s, min(n, s + batch_size))
+        x = normalize(torch.from_numpy(np.ascontiguousarray(ds.test.images[idx])).permute(0, 3, 1, 2).to(device), plan.mean, plan.std)
+        pred = model.explain(x).float().cpu()
+        target = test_store.read(idx)
+        mm = mean_map.unsqueeze(0).expand_as(target)
+        sums["mse"] += ((pred - target) ** 2).flatten(1).mean(1).sum().item()
+        sums["mse_mean_map"] += ((mm - target) ** 2).flatten(1).mean(1).sum().item()
+        sums["mse_zero"] += (target**2).flatten(1).mean(1).sum().item()
+        sums["corr"] += _pearson(pred, target).sum().item()
+        sums["corr_mean_map"] += _pearson(mm, target).sum().item()
+    out = {k: v / n for k, v in sums.items()}
+    out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
+    return out
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
+    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+
+
+# -- the whole run -------------------------------------------------------------------------------
+
+@dataclass
+class RunOutputs:
+    results: dict[str, Any]
+    run_dir: Path
+
+
+def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True, figures: bool = True) -> RunOutputs:
+    """Baseline (teacher) -> maps -> IMPACTX -> test evaluation, all resumable."""
+    t_run = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
+    plan = make_plan(cfg, progress=progress)
+    ds = plan.dataset
+    device = choose_device(cfg.device)
+    log(f"data: {json.dumps(data_summary(plan))}; device: {device}")
+
+    # 1. the student's baseline, and the teacher model (the baseline itself by default)
+    t0 = time.perf_counter()
+    baseline = train_classifier(cfg, plan, run_dir / "baseline", cfg.model.backbone, cfg.model.options, log)
+    stage_seconds["baseline"] = time.perf_counter() - t0
+    teacher_record = baseline
+    if cfg.teacher.checkpoint:
+        teacher_model = load_classifier(cfg.teacher.checkpoint, ds)
+        teacher_record = {"checkpoint": cfg.teacher.checkpoint, "backbone": (getattr(teacher_model, "spec", None) or {}).get("name")}
+    elif cfg.teacher.backbone and cfg.teacher.backbone != cfg.model.backbone:
+        t0 = time.perf_counter()
+        teacher_record = train_classifier(cfg, plan, run_dir / "teacher", cfg.teacher.backbone, cfg.teacher.backbone_options, log)
+        stage_seconds["teacher"] = time.perf_counter() - t0
+        teacher_model = load_classifier(teacher_record["checkpoint"], ds)
+    else:
+        teacher_model = load_classifier(baseline["checkpoint"], ds)
+
+    # 2. teacher maps (train split for training, test split for map-quality evaluation)
+    need_maps = cfg.impactx.lam > 0
+    train_store = test_store = None
+    t0 = time.perf_counter()
+    if need_maps or figures:
+        train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, log, progress)
+        test_store = teacher_maps(cfg, plan, teacher_model, "test", np.arange(len(ds.test)), device, log, progress)
+    stage_seconds["maps"] = time.perf_counter() - t0
+
+    # 3. IMPACTX
+    t0 = time.perf_counter()
+    impactx_record, model = train_impactx_stage(cfg, plan, train_store, teacher_model, run_dir / "impactx", log)
+    stage_seconds["impactx"] = time.perf_counter() - t0
+
+    # 4. evaluation
+    t0 = time.perf_counter()
+    quality = map_quality(model, plan, test_store, train_store, device) if (train_store is not None and cfg.impactx.lam > 0) else None
+    if figures and test_store is not None:
+        from teachx.reporting.figures import save_example_grid, save_training_curves
+
+        idx = _example_indices(ds.test.labels, 8, cfg.seed)
+        x_u8 = torch.from_numpy(np.ascontiguousarray(ds.test.images[idx])).permute(0, 3, 1, 2)
+        x = normalize(x_u8.to(device), plan.mean, plan.std)
+        built_in = model.to(device).explain(x).float().cpu()
+        save_example_grid(
+            run_dir / "figures" / "examples.png", x_u8,
+            {f"teacher ({cfg.teacher.method})": test_store.read(idx), "IMPACTX built-in": built_in},
+            [ds.class_names[int(ds.test.labels[i])] for i in idx],
+        )
+        save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], "IMPACTX": impactx_record["history"]})
+    stage_seconds["evaluation"] = time.perf_counter() - t0
+
+    results = {
+        **data_summary(plan),
+        "backbone": cfg.model.backbone,
+        "teacher": cfg.teacher.method,
+        "teacher_backbone": teacher_record.get("backbone", cfg.model.backbone),
+        "teacher_test_acc": teacher_record.get("test_acc"),
+        "seed": cfg.seed,
+        "lam": cfg.impactx.lam,
+        "maps": cfg.impactx.maps,
+        "epochs": cfg.train.epochs,
+        "baseline_test_acc": baseline["test_acc"],
+        "impactx_test_acc": impactx_record["test_acc"],
+        "baseline_val_acc": baseline["val_acc"],
+        "impactx_val_acc": impactx_record["val_acc"],
+        "baseline_seconds_per_epoch": baseline["seconds_per_epoch"],
+        "impactx_seconds_per_epoch": impactx_record["seconds_per_epoch"],
+        "map_quality": quality,
+        "stage_seconds": stage_seconds,
+        "wall_seconds": time.perf_counter() - t_run,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    write_json_atomic(run_dir / "results.json", results)
+    return RunOutputs(results, run_dir)
+
+
+def _example_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """One image of each of the first k classes (seeded), for figures."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    out = []
+    for c in np.unique(labels)[:k]:
+        out.append(int(rng.choice(np.flatnonzero(labels == c))))
+    return np.array(out)

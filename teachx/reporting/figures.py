@@ -1,0 +1,120 @@
+"""Figures people read: example grids (input | maps) and training curves.
+
+Signed attribution maps use a diverging colormap symmetric around zero (white = 0) with a
+colorbar, so positive and negative evidence can be told apart and compared across columns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from teachx.utils.io import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _image(x_u8: torch.Tensor) -> np.ndarray:
+    """(C,H,W) uint8 -> (H,W[,3]) for imshow."""
+    a = x_u8.permute(1, 2, 0).cpu().numpy()
+    return a[..., 0] if a.shape[2] == 1 else a
+
+
+def _map(m: torch.Tensor) -> np.ndarray:
+    m = m.float().cpu()
+    return (m.sum(0) if m.dim() == 3 else m).numpy()
+
+
+def save_example_grid(
+    path: str | Path,
+    images_u8: torch.Tensor,
+    columns: dict[str, torch.Tensor],
+    row_labels: Sequence[str] | None = None,
+    dpi: int = 110,
+) -> Path:
+    """One row per image: the input, then each named map set (symmetric colour scale per map)."""
+    plt = _plt()
+    n = images_u8.shape[0]
+    ncol = 1 + len(columns)
+    fig, axes = plt.subplots(n, ncol, figsize=(2.1 * ncol + 0.6, 2.0 * n), squeeze=False)
+    for r in range(n):
+        ax = axes[r, 0]
+        img = _image(images_u8[r])
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        ax.set_xticks([]), ax.set_yticks([])
+        if r == 0:
+            ax.set_title("input", fontsize=9)
+        if row_labels is not None:
+            ax.set_ylabel(row_labels[r], fontsize=8)
+        for c, (name, maps) in enumerate(columns.items(), start=1):
+            ax = axes[r, c]
+            m = _map(maps[r])
+            lim = float(np.abs(m).max()) or 1.0
+            im = ax.imshow(m, cmap="bwr", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name, fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def save_overlay(path: str | Path, image_u8: torch.Tensor, amap: torch.Tensor, title: str = "", dpi: int = 120) -> Path:
+    """Input | map | map over the greyscale input, for `teachx explain`."""
+    plt = _plt()
+    img = _image(image_u8)
+    m = _map(amap)
+    lim = float(np.abs(m).max()) or 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(7.4, 2.6))
+    axes[0].imshow(img, cmap="gray" if img.ndim == 2 else None)
+    axes[0].set_title("input", fontsize=9)
+    im = axes[1].imshow(m, cmap="bwr", vmin=-lim, vmax=lim)
+    axes[1].set_title("built-in map", fontsize=9)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.03)
+    grey = img if img.ndim == 2 else img.mean(2)
+    axes[2].imshow(grey, cmap="gray")
+    axes[2].imshow(m, cmap="bwr", vmin=-lim, vmax=lim, alpha=0.55)
+    axes[2].set_title("overlay", fontsize=9)
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def save_training_curves(path: str | Path, histories: dict[str, list[dict[str, Any]]], dpi: int = 110) -> Path:
+    """Loss and accuracy per epoch (train dashed, validation solid) for each named run."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for i, (name, hist) in enumerate(histories.items()):
+        ep = [h["epoch"] for h in hist]
+        color = f"C{i}"
+        a1.plot(ep, [h["train_loss"] for h in hist], "--", color=color, label=f"{name} train")
+        a1.plot(ep, [h["val_loss"] for h in hist], "-", color=color, label=f"{name} val")
+        a2.plot(ep, [h["train_acc"] for h in hist], "--", color=color, label=f"{name} train")
+        a2.plot(ep, [h["val_acc"] for h in hist], "-", color=color, label=f"{name} val")
+    a1.set_xlabel("epoch"), a1.set_ylabel("loss (IMPACTX: CE + lambda MSE)")
+    a2.set_xlabel("epoch"), a2.set_ylabel("accuracy")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    plt = _plt()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,148 @@
+"""Teacher maps for a whole dataset split, computed once and kept on disk.
+
+Layout of a store directory (``<maps_dir>/<key[:20]>/``):
+
+- ``maps.npy``: float16 array (N, C, H, W) opened memory-mapped, so memory stays flat in N;
+- ``done.npy``: bool (N,), which rows are final -- generation resumes from it after an interruption;
+- ``meta.json``: the full key material (dataset fingerprint, teacher options, teacher-weights hash,
+  post-processing), shape and dtype, written atomically.
+
+The key is a hash of everything that changes the maps, so a store is reused across runs and seeds
+and never used for another teacher, dataset or model. A store whose files are missing, truncated or
+whose meta does not match its key is reported and rebuilt, never silently used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from teachx.utils.hashing import hash_json
+from teachx.utils.io import atomic_path, write_json_atomic
+
+STORE_VERSION = 1
+
+
+@dataclass
+class MapStore:
+    """An open store: ``maps[i]`` is the teacher map of dataset index ``i``."""
+
+    path: Path
+    key: str
+    maps: np.ndarray  # memory-mapped (N, C, H, W) float16
+    done: np.ndarray  # memory-mapped (N,) bool
+    meta: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def missing(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices)
+        return indices[~self.done[indices]]
+
+    def read(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """float32 maps for ``indices`` (reads only those rows from disk)."""
+        idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+        return torch.from_numpy(np.ascontiguousarray(self.maps[idx])).float()
+
+
+def store_key(material: dict[str, Any]) -> str:
+    return hash_json({"version": STORE_VERSION, **material})
+
+
+def open_store(
+    maps_dir: str | Path,
+    material: dict[str, Any],
+    n: int,
+    map_shape: tuple[int, int, int],
+    log: Callable[[str], None] = print,
+) -> MapStore:
+    """Open (or create) the store for ``material``; a stale or damaged store is rebuilt."""
+    key = store_key(material)
+    path = Path(maps_dir) / key[:20]
+    shape = (int(n), *map_shape)
+    problem = _check(path, key, shape)
+    if problem == "absent":
+        pass
+    elif problem:
+        log(f"teacher-map store {path} is {problem}; rebuilding it")
+        shutil.rmtree(path, ignore_errors=True)
+    if not (path / "meta.json").exists():
+        path.mkdir(parents=True, exist_ok=True)
+        for name, dtype, shp in (("maps.npy", np.float16, shape), ("done.npy", np.bool_, (shape[0],))):
+            with atomic_path(path / name) as tmp:
+                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shp)
+                arr.flush()
+                del arr
+        meta = {"key": key, "shape": list(shape), "dtype": "float16", "created": time.time(), "material": material}
+        write_json_atomic(path / "meta.json", meta)
+    meta = json.loads((path / "meta.json").read_text())
+    maps = np.load(path / "maps.npy", mmap_mode="r+")
+    done = np.load(path / "done.npy", mmap_mode="r+")
+    return MapStore(path=path, key=key, maps=maps, done=done, meta=meta)
+
+
+def _check(path: Path, key: str, shape: tuple[int, ...]) -> str:
+    """'' when usable, 'absent', or what is wrong with it."""
+    if not path.exists():
+        return "absent"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "missing its meta.json (interrupted while being created)"
+    if meta.get("key") != key:
+        return "stale (its key does not match the teacher, data or options)"
+    if tuple(meta.get("shape", ())) != shape:
+        return f"for shape {tuple(meta.get('shape', ()))}, not {shape}"
+    for name, expect in (("maps.npy", shape), ("done.npy", shape[:1])):
+        try:
+            arr = np.load(path / name, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            return f"damaged ({name}: {str(exc).splitlines()[0][:80]})"
+        if tuple(arr.shape) != tuple(expect):
+            return f"damaged ({name} has shape {arr.shape})"
+    return ""
+
+
+def fill_store(
+    store: MapStore,
+    indices: np.ndarray,
+    compute: Callable[[np.ndarray], torch.Tensor],
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "teacher maps",
+) -> int:
+    """Compute maps for the not-yet-done ``indices`` in batches; returns how many were computed.
+
+    Rows are flushed before they are marked done, so an interruption loses at most one batch.
+    """
+    todo = np.sort(store.missing(np.unique(np.asarray(indices))))
+    if todo.size == 0:
+        return 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=int(todo.size), desc=desc, dynamic_ncols=True, mininterval=0.5)
+    for start in range(0, todo.size, batch_size):
+        chunk = todo[start : start + batch_size]
+        maps = compute(chunk).detach().to("cpu", torch.float32)
+        if maps.shape[1:] != store.maps.shape[1:]:
+            raise ValueError(f"teacher produced maps of shape {tuple(maps.shape[1:])}, store expects {store.maps.shape[1:]}")
+        store.maps[chunk] = maps.numpy().astype(np.float16)
+        store.maps.flush()
+        store.done[chunk] = True
+        store.done.flush()
+        if bar is not None:
+            bar.update(int(chunk.size))
+    if bar is not None:
+        bar.close()
+    return int(todo.size)

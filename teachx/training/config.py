@@ -1,0 +1,45 @@
+"""Training hyper-parameters shared by the baseline (teacher) and IMPACTX trainers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from teachx.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """How a model is optimised. Defaults suit small 32x32 CNNs trained on CPU."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine", "step", "multistep", "onecycle"] = "cosine"
+    warmup_epochs: float = 0.0  # linear warm-up, in (fractional) epochs
+    step_size: int = 30  # schedule=step: epochs between decays
+    gamma: float = 0.1  # step/multistep decay factor
+    milestones: list[int] = field(default_factory=list)  # schedule=multistep
+    label_smoothing: float = 0.0
+    grad_clip: Optional[float] = None  # max global grad norm
+    amp: bool = True  # mixed precision, on CUDA only (bf16 where supported, else fp16 + scaler)
+    eval_batch_size: int = 512
+    select: Literal["val_acc", "val_loss"] = "val_acc"  # which validation figure picks the best checkpoint
+    tensorboard: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError("train.batch_size and train.eval_batch_size must be >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ConfigError("train.schedule=multistep needs train.milestones (e.g. [30, 60])")

@@ -1,0 +1,71 @@
+"""Config resolution: defaults <- YAML <- overrides, strict keys, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from teachx.errors import ConfigError
+from teachx.interfaces.config import RunConfig, resolve_config
+from teachx.utils.config import dump_yaml, from_dict, to_dict
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("seed: 3\ntrain:\n  epochs: 7\n  lr: 0.01\nmodel:\n  backbone: mobilenet\n")
+    cfg = resolve_config(str(p), ["train.epochs=2", "teacher.method=lrp", "impactx.lam=0.5", "data.hflip=false"])
+    assert cfg.seed == 3 and cfg.train.epochs == 2 and cfg.train.lr == 0.01
+    assert cfg.model.backbone == "mobilenet" and cfg.teacher.method == "lrp"
+    assert cfg.impactx.lam == 0.5 and cfg.data.hflip is False
+    assert cfg.train.batch_size == RunConfig().train.batch_size  # untouched default
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = resolve_config(None, ["train.milestones=[3, 6]", "train.schedule=multistep", "model.options={alpha: 0.5}"])
+    p = tmp_path / "r.yaml"
+    p.write_text(dump_yaml(cfg.to_dict()))
+    again = resolve_config(str(p))
+    assert to_dict(again) == to_dict(cfg)
+    assert again.train.milestones == [3, 6] and again.model.options == {"alpha": 0.5}
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.epoch=3", "did you mean 'epochs'"),
+        ("trian.epochs=3", "did you mean 'train'"),
+        ("train.optimizer=adamx", "'adam'"),
+        ("train.epochs=abc", "expected an integer"),
+        ("train.epochs=0", "must be >= 1"),
+        ("impactx.lam=-1", "must be >= 0"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("train.schedule=multistep", "milestones"),
+        ("impactx.m_frozen=true", "m_init=teacher"),
+        ("noequals", "section.key=value"),
+    ],
+)
+def test_bad_options_are_one_line_errors(override, fragment):
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(None, [override])
+    msg = str(exc.value)
+    assert fragment in msg and "\n" not in msg
+
+
+def test_bad_yaml_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        resolve_config(str(p))
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        resolve_config(str(tmp_path / "list.yaml"))
+
+
+def test_from_dict_types():
+    from teachx.training.config import TrainConfig
+
+    cfg = from_dict(TrainConfig, {"epochs": 3.0, "lr": 1, "grad_clip": None})
+    assert cfg.epochs == 3 and isinstance(cfg.lr, float) and cfg.grad_clip is None
+    with pytest.raises(ConfigError, match="true or false"):
+        from_dict(TrainConfig, {"amp": "yes"})
