@@ -103,8 +103,8 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None
     cfg = resolve_config(path, overrides)
     if quiet:
         cfg.train.progress = False
+    plan = make_plan(cfg, progress=not quiet)  # data problems surface before anything is written
     run_dir = prepare_run_dir(out, cfg, "train", overwrite)
-    plan = make_plan(cfg, progress=not quiet)
     t0 = time.perf_counter()
     rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, click.echo)
     write_json_atomic(run_dir / "results.json", {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0})
@@ -119,7 +119,7 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None
 def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:
     """Baseline -> teacher maps -> IMPACTX -> test: teachx run CONFIG [KEY=VALUE ...] --out DIR."""
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import prepare_run_dir, run_pipeline
+    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
 
     path, overrides = _split_args(args)
     if path is None:
@@ -127,8 +127,9 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:
     cfg = resolve_config(path, overrides)
     if quiet:
         cfg.train.progress = False
+    plan = make_plan(cfg, progress=not quiet)
     run_dir = prepare_run_dir(out, cfg, "run", overwrite)
-    res = run_pipeline(cfg, run_dir, click.echo, progress=not quiet).results
+    res = run_pipeline(cfg, run_dir, click.echo, progress=not quiet, plan=plan).results
     _print_summary(res, run_dir)
 
 
@@ -142,14 +143,15 @@ def demo(out: str, overwrite: bool, quiet: bool, overrides: tuple[str, ...]) -> 
     from importlib.resources import files
 
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import prepare_run_dir, run_pipeline
+    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
 
     cfg_path = str(files("teachx") / "configs" / "demo.yaml")
     cfg = resolve_config(cfg_path, list(overrides))
     if quiet:
         cfg.train.progress = False
+    plan = make_plan(cfg, progress=not quiet)
     run_dir = prepare_run_dir(out, cfg, "demo", overwrite)
-    res = run_pipeline(cfg, run_dir, click.echo, progress=not quiet).results
+    res = run_pipeline(cfg, run_dir, click.echo, progress=not quiet, plan=plan).results
     _print_summary(res, run_dir)
 
 

@@ -96,4 +96,19 @@ def resolve_config(path: Optional[str] = None, overrides: Optional[list[str]] = 
     if path:
         data = merge(data, load_yaml(path))
     data = apply_overrides(data, list(overrides or []))
-    return from_dict(RunConfig, data, "config")
+    cfg = from_dict(RunConfig, data, "config")
+    check_names(cfg)
+    return cfg
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Fail early (before any directory is made) on unknown dataset, backbone or teacher names."""
+    from teachx.data import get_source
+    from teachx.models import MODELS
+    from teachx.teachers import TEACHERS
+
+    get_source(cfg.data.name)
+    for name in (cfg.model.backbone, cfg.teacher.backbone, cfg.impactx.lep_backbone):
+        if name and ":" not in name:
+            MODELS.canonical(name)
+    TEACHERS.canonical(cfg.teacher.method)

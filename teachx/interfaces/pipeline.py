@@ -356,11 +356,18 @@ class RunOutputs:
     run_dir: Path
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True, figures: bool = True) -> RunOutputs:
+def run_pipeline(
+    cfg: RunConfig,
+    run_dir: Path,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    figures: bool = True,
+    plan: Optional[DataPlan] = None,
+) -> RunOutputs:
     """Baseline (teacher) -> maps -> IMPACTX -> test evaluation, all resumable."""
     t_run = time.perf_counter()
     stage_seconds: dict[str, float] = {}
-    plan = make_plan(cfg, progress=progress)
+    plan = plan or make_plan(cfg, progress=progress)
     ds = plan.dataset
     device = choose_device(cfg.device)
     log(f"data: {json.dumps(data_summary(plan))}; device: {device}")

@@ -1,0 +1,3 @@
+from teachx.interfaces.cli import main
+
+main()
