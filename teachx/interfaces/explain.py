@@ -71,7 +71,7 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     model.to(dev)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    x_u8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    x_u8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     x = normalize(x_u8.to(dev), mean, std)
     with torch.no_grad():
         logits, maps = model.forward_all(x)

@@ -36,6 +36,11 @@ from teachx.utils.io import write_json_atomic, write_text_atomic
 from teachx.utils.seeding import choose_device, seed_everything
 
 
+def as_nchw(images_nhwc: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) array -> contiguous uint8 (N, C, H, W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).contiguous()
+
+
 def default_cache_dir() -> Path:
     import os
 
@@ -176,7 +181,7 @@ def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
 def teacher_background(plan: DataPlan, size: int, seed: int, device: torch.device) -> torch.Tensor:
     rng = np.random.default_rng(seed + 12345)
     idx = np.sort(rng.choice(plan.train_idx, size=min(size, len(plan.train_idx)), replace=False))
-    x = torch.from_numpy(np.ascontiguousarray(plan.dataset.train.images[idx])).permute(0, 3, 1, 2)
+    x = as_nchw(plan.dataset.train.images[idx])
     return normalize(x, plan.mean, plan.std).to(device)
 
 
@@ -226,7 +231,7 @@ def teacher_maps(
     store = open_store(maps_dir, material, len(data), (c, *ds.image_size), log=log)
 
     def compute(idx: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(data.images[idx])).permute(0, 3, 1, 2)
+        x = as_nchw(data.images[idx])
         x = normalize(x.to(device), plan.mean, plan.std)
         if cfg.teacher.target == "label":
             target = torch.from_numpy(np.asarray(data.labels[idx])).long().to(device)
@@ -328,7 +333,7 @@ def map_quality(model: ImpactX, plan: DataPlan, test_store: MapStore, train_stor
     model = model.to(device).eval()
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
-        x = normalize(torch.from_numpy(np.ascontiguousarray(ds.test.images[idx])).permute(0, 3, 1, 2).to(device), plan.mean, plan.std)
+        x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
         pred = model.explain(x).float().cpu()
         target = test_store.read(idx)
         mm = mean_map.unsqueeze(0).expand_as(target)
@@ -409,7 +414,7 @@ def run_pipeline(
         from teachx.reporting.figures import save_example_grid, save_training_curves
 
         idx = _example_indices(ds.test.labels, 8, cfg.seed)
-        x_u8 = torch.from_numpy(np.ascontiguousarray(ds.test.images[idx])).permute(0, 3, 1, 2)
+        x_u8 = as_nchw(ds.test.images[idx])
         x = normalize(x_u8.to(device), plan.mean, plan.std)
         built_in = model.to(device).explain(x).float().cpu()
         save_example_grid(

@@ -1,0 +1,68 @@
+"""`teachx study` and `teachx report`: seeds, ablations, statistics and the HTML/Markdown report.
+
+``register(cli)`` adds both commands to the main click group (called from ``teachx.interfaces.cli``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from teachx.errors import ConfigError
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(study)
+    cli.add_command(report)
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Study directory (resumed: complete units are skipped).")
+@click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=None, help="Use seeds 0..N-1 (overrides study.seeds / study.n_seeds).")
+@click.option("--faithfulness", is_flag=True, help="Also compute MoRF/LeRF AUCs per unit (same as study.eval.faithfulness=true).")
+@click.option("--report/--no-report", "with_report", default=True, show_default=True, help="Write report.html and report.md at the end.")
+@click.option("--dry-run", is_flag=True, help="Print the units that would run, then stop.")
+@click.option("--quiet", "-q", is_flag=True, help="One line per unit and the summary: no progress bars or stage logs.")
+def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[int], faithfulness: bool, with_report: bool, dry_run: bool, quiet: bool) -> None:
+    """Seeds x arms x regimes with paired statistics: teachx study CONFIG [KEY=VALUE ...] --out DIR.
+
+    CONFIG is a run config with a `study:` section (seeds, arms, optional regimes); KEY=VALUE
+    overrides change the base config, or the study with `study.KEY=VALUE`.
+    """
+    from teachx.interfaces.study import BASELINE, load_study, run_study
+
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"unexpected argument '{o}': give one CONFIG file and then KEY=VALUE overrides")
+    ov = list(overrides) + (["study.eval.faithfulness=true"] if faithfulness else [])
+    spec = load_study(config, ov, n_seeds)
+    if dry_run:
+        n = len(spec.regimes) * (1 + len(spec.arms)) * len(spec.seeds)
+        click.echo(f"{n} units: regimes {list(spec.regimes)} x arms {[BASELINE, *spec.arms]} x seeds {spec.seeds}; control: {spec.control}")
+        for regime in spec.regimes:
+            for arm in spec.arms:
+                cfg = spec.config(regime, arm, spec.seeds[0])
+                click.echo(f"  regime={regime} arm={arm}: lam={cfg.impactx.lam} maps={cfg.impactx.maps} teacher={cfg.teacher.method}"
+                           f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}")
+        return
+    res = run_study(spec, out, click.echo, progress=not quiet, verbose=not quiet)
+    click.echo(f"\nstudy.json: {res.path} ({res.trained} models trained by this invocation)")
+    if with_report:
+        from teachx.reporting.report import write_report
+
+        html_path, md_path = write_report(res.path.parent)
+        click.echo(f"report: {html_path} and {md_path}")
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out", default=None, type=click.Path(dir_okay=False), help="HTML file (the .md goes next to it); default RUN_DIR/report.html.")
+def report(run_dir: str, out: Optional[str]) -> None:
+    """Write a self-contained HTML report (and Markdown) for a run, demo or study directory."""
+    from teachx.reporting.report import write_report
+
+    html_path, md_path = write_report(run_dir, out)
+    click.echo(f"report: {html_path} and {md_path}")

@@ -1,0 +1,644 @@
+"""Studies: one base config, several seeds, named arms (ablations) and data regimes, with statistics.
+
+A study YAML is a normal run config plus a top-level ``study:`` section::
+
+    study:
+      seeds: [0, 1, 2, 3, 4]        # or n_seeds: 5 (seeds 0..4)
+      arms:                         # name -> overrides of the base config (dotted keys)
+        impactx: {}
+        lambda0: {impactx.lam: 0}
+        shuffled: {impactx.maps: shuffled}
+      regimes:                      # optional; each applied on top of every arm, each its own baseline
+        - {data.train_size: 1000}
+        - {name: full}              # a list of override dicts (``name`` optional) or a mapping name -> overrides
+      control: lambda0              # optional; default: the arm with impactx.lam == 0
+      eval: {faithfulness: false, n_images: 256, steps: 16, examples: 6}
+
+Every (regime, arm, seed) is a *unit of work*; work is shared wherever the result is the same:
+a classifier (the baseline, or a stronger teacher model) is keyed by a hash of what changes it
+(data, backbone, train, seed) and trained once for all arms that need it; teacher maps are shared
+by the map store. Units live in ``OUT/units/<key>/`` and write their records atomically, so a
+re-run skips what is complete. ``OUT/study.json`` holds every number; the statistics compare
+every arm with its regime's baseline and every IMPACTX arm with the lambda=0 control, paired by seed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from teachx.errors import ConfigError, RunDirError
+from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
+from teachx.interfaces.config import RunConfig, check_names
+from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override
+from teachx.utils.hashing import hash_json
+from teachx.utils.io import write_json_atomic, write_text_atomic
+
+BASELINE = "baseline"
+STUDY_VERSION = 1
+#: config keys that never change a result (display and logging only)
+_NEUTRAL = {("train", "progress"), ("train", "tensorboard"), ("teacher", "batch_size"), ("teacher", "maps_dir")}
+
+
+@dataclass
+class EvalSpec:
+    """What is measured per IMPACTX unit besides accuracy (map quality is always measured)."""
+
+    faithfulness: bool = False  # MoRF/LeRF AUCs of built-in, post-hoc teacher, teacher-on-baseline and random maps
+    n_images: int = 256  # test images (seeded, stratified-ish) for faithfulness and the post-hoc maps
+    steps: int = 16  # pixel-flipping steps
+    patch_size: int = 1
+    examples: int = 6  # images kept per unit for the report's example grids
+
+    def validate(self) -> None:
+        if self.n_images < 1 or self.steps < 1 or self.examples < 0:
+            raise ConfigError("study.eval: n_images and steps must be >= 1 and examples >= 0")
+
+
+@dataclass
+class StudySpec:
+    base: dict[str, Any]  # the run config (without ``study``), as a plain dict
+    seeds: list[int]
+    arms: dict[str, dict[str, Any]]  # name -> dotted overrides
+    regimes: dict[str, dict[str, Any]]  # name -> dotted overrides ({"all": {}} when none given)
+    control: Optional[str] = None
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    alpha: float = 0.05
+    source: Optional[str] = None
+
+    def config(self, regime: str, arm: Optional[str], seed: int) -> RunConfig:
+        """The resolved RunConfig of one unit: base <- arm <- regime, with the seed."""
+        data = _deep(self.base)
+        for key, value in (self.arms[arm] if arm else {}).items():
+            _set_dotted(data, key, value)
+        for key, value in self.regimes[regime].items():
+            _set_dotted(data, key, value)
+        data["seed"] = int(seed)
+        where = f"study arm '{arm}', regime '{regime}'" if arm else f"study regime '{regime}'"
+        try:
+            cfg = from_dict(RunConfig, data, "config")
+            check_names(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seeds": self.seeds, "arms": self.arms, "regimes": self.regimes, "control": self.control,
+                "eval": asdict(self.eval), "alpha": self.alpha, "source": self.source}
+
+
+def _deep(d: Any) -> Any:
+    return json.loads(json.dumps(d))
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _flatten(overrides: Any, where: str, prefix: str = "") -> dict[str, Any]:
+    """{impactx: {lam: 0}} and {impactx.lam: 0} both -> {"impactx.lam": 0}."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{where}: expected a mapping of overrides like {{impactx.lam: 0}}, got {overrides!r}")
+    out: dict[str, Any] = {}
+    for k, v in overrides.items():
+        key = f"{prefix}{k}"
+        # options dicts (model.options, teacher.options...) are values, not sections to flatten
+        if isinstance(v, dict) and v and not key.endswith("options"):
+            out.update(_flatten(v, where, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _regime_name(overrides: dict[str, Any]) -> str:
+    if not overrides:
+        return "all"
+    return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+
+
+_STUDY_KEYS = ("seeds", "n_seeds", "arms", "regimes", "control", "eval", "alpha")
+
+
+def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
+    """Read a study YAML; ``overrides`` are KEY=VALUE (``study.*`` keys change the study section)."""
+    from teachx.registry import suggest
+
+    raw = load_yaml(path)
+    if "study" not in raw or not isinstance(raw["study"], dict):
+        raise ConfigError(f"'{path}' has no 'study:' section; add study: {{n_seeds: 5, arms: {{impactx: {{}}, lambda0: {{impactx.lam: 0}}}}}}")
+    section = dict(raw.pop("study"))
+    base: dict[str, Any] = raw
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        if keys[0] == "study":
+            if len(keys) < 2:
+                raise ConfigError(f"override '{text}': name a key of the study section, e.g. study.n_seeds=3")
+            node = section
+            for part in keys[1:-1]:
+                node = node.setdefault(part, {})
+            node[keys[-1]] = value
+        else:
+            _set_dotted(base, ".".join(keys), value)
+    for key in section:
+        if key not in _STUDY_KEYS:
+            raise ConfigError(f"unknown option 'study.{key}'{suggest(key, list(_STUDY_KEYS))}; valid: {', '.join(_STUDY_KEYS)}")
+    # seeds
+    if n_seeds is not None:
+        seeds = list(range(int(n_seeds)))
+    elif section.get("seeds") is not None:
+        seeds = section["seeds"]
+        if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ConfigError(f"study.seeds must be a list of integers, got {seeds!r}")
+    else:
+        seeds = list(range(int(section.get("n_seeds", 1))))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"study seeds must be a non-empty list of distinct integers, got {seeds}; set study.n_seeds or --seeds")
+    # arms
+    arms_raw = section.get("arms") or {"impactx": {}}
+    if not isinstance(arms_raw, dict):
+        raise ConfigError("study.arms must be a mapping name -> overrides, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}")
+    arms = {str(name): _flatten(ov, f"study.arms.{name}") for name, ov in arms_raw.items()}
+    if BASELINE in arms:
+        raise ConfigError(f"study arm name '{BASELINE}' is reserved (every regime has its own baseline); rename the arm")
+    # regimes
+    regimes_raw = section.get("regimes")
+    regimes: dict[str, dict[str, Any]] = {}
+    if regimes_raw is None:
+        regimes = {"all": {}}
+    elif isinstance(regimes_raw, list):
+        for i, item in enumerate(regimes_raw):
+            item = dict(item or {})
+            name = str(item.pop("name", "")) or None
+            ov = _flatten(item, f"study.regimes[{i}]")
+            regimes[name or _regime_name(ov)] = ov
+    elif isinstance(regimes_raw, dict):
+        regimes = {str(k): _flatten(v, f"study.regimes.{k}") for k, v in regimes_raw.items()}
+    else:
+        raise ConfigError("study.regimes must be a list of override mappings or a mapping name -> overrides")
+    if not regimes:
+        raise ConfigError("study.regimes is empty; leave it out for a single regime")
+    ev = from_dict(EvalSpec, section.get("eval") or {}, "study.eval")
+    spec = StudySpec(base, [int(s) for s in seeds], arms, regimes, section.get("control"), ev,
+                     float(section.get("alpha", 0.05)), str(path))
+    # resolve every config now: a typo fails before anything is trained
+    first_regime = next(iter(regimes))
+    for regime in regimes:
+        spec.config(regime, None, seeds[0])
+        for arm in arms:
+            spec.config(regime, arm, seeds[0])
+    if spec.control is None:
+        zero = [a for a in arms if spec.config(first_regime, a, seeds[0]).impactx.lam == 0]
+        spec.control = zero[0] if zero else None
+    elif spec.control not in arms:
+        raise ConfigError(f"study.control '{spec.control}' is not an arm{suggest(spec.control, list(arms))}; arms: {', '.join(arms)}")
+    elif spec.config(first_regime, spec.control, seeds[0]).impactx.lam != 0:
+        raise ConfigError(f"study.control '{spec.control}' must have impactx.lam: 0 (the same model without the explanation signal)")
+    return spec
+
+
+# -- unit keys ----------------------------------------------------------------------------------
+
+def _relevant(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    for section, key in _NEUTRAL:
+        d.get(section, {}).pop(key, None)
+    return d
+
+
+def classifier_key(cfg: RunConfig, backbone: str, options: dict[str, Any]) -> str:
+    """What changes a trained classifier: data, backbone, training, seed, device."""
+    d = _relevant(cfg)
+    return "c-" + hash_json({"v": STUDY_VERSION, "kind": "classifier", "seed": cfg.seed, "device": cfg.device, "data": d["data"],
+                             "backbone": backbone, "options": options, "train": d["train"]})[:16]
+
+
+def impactx_key(cfg: RunConfig) -> str:
+    return "x-" + hash_json({"v": STUDY_VERSION, "kind": "impactx", "config": _relevant(cfg)})[:16]
+
+
+def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
+    return hash_json({"v": STUDY_VERSION, "eval": asdict(ev), "teacher": _relevant(cfg)["teacher"]})[:12]
+
+
+def teacher_backbone(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+    if cfg.teacher.backbone and cfg.teacher.backbone != cfg.model.backbone:
+        return cfg.teacher.backbone, dict(cfg.teacher.backbone_options)
+    return cfg.model.backbone, dict(cfg.model.options)
+
+
+# -- running --------------------------------------------------------------------------------------
+
+@dataclass
+class StudyResult:
+    path: Path  # study.json
+    data: dict[str, Any]
+    trained: int  # models trained by this invocation (0 when everything was complete)
+
+
+class _Runner:
+    def __init__(self, spec: StudySpec, out: Path, log: Callable[[str], None], progress: bool, verbose: bool):
+        self.spec, self.out, self.log, self.progress, self.verbose = spec, out, log, progress, verbose
+        self.plans: dict[str, Any] = {}
+        self.trained = 0
+        self.units: dict[str, dict[str, Any]] = {}
+
+    def stage_log(self, msg: str) -> None:
+        if self.verbose:
+            self.log("    " + msg)
+
+    def plan(self, cfg: RunConfig):
+        from teachx.interfaces.pipeline import make_plan
+
+        key = hash_json(cfg.to_dict()["data"])
+        if key not in self.plans:
+            self.plans[key] = make_plan(cfg, progress=self.progress)
+        return self.plans[key]
+
+    def unit_dir(self, key: str, cfg: RunConfig, kind: str) -> Path:
+        d = self.out / "units" / key
+        if not (d / "unit.json").exists():
+            write_json_atomic(d / "unit.json", {"key": key, "kind": kind, "config": cfg.to_dict()})
+        return d
+
+    def checkpoint(self, key: str) -> Path:
+        """A classifier unit's best checkpoint (found in the unit even if the study folder moved)."""
+        from teachx.interfaces.pipeline import stage_done
+
+        recorded = Path((stage_done(self.out / "units" / key) or {}).get("checkpoint", ""))
+        local = self.out / "units" / key / "checkpoints" / recorded.name
+        return local if local.exists() else recorded
+
+    def classifier(self, cfg: RunConfig, backbone: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        from teachx.interfaces.pipeline import stage_done, train_classifier
+
+        key = classifier_key(cfg, backbone, options)
+        d = self.unit_dir(key, cfg, "classifier")
+        done = stage_done(d)
+        if done is None:
+            self.trained += 1
+            done = train_classifier(cfg, self.plan(cfg), d, backbone, options, self.stage_log)
+        self.units[key] = {"kind": "classifier", "backbone": backbone, "seed": cfg.seed, "test_acc": done["test_acc"],
+                           "val_acc": done.get("val_acc"), "seconds": done.get("seconds"),
+                           "seconds_per_epoch": done.get("seconds_per_epoch"), "history": done.get("history", [])}
+        return key, done
+
+    def impactx(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
+        """Train + evaluate one IMPACTX unit (or read it back); returns (key, record, was_cached)."""
+        from teachx.interfaces.pipeline import load_classifier, map_quality, stage_done, teacher_maps, train_impactx_stage
+        from teachx.utils.seeding import choose_device
+
+        key = impactx_key(cfg)
+        d = self.unit_dir(key, cfg, "impactx")
+        ekey = eval_key(cfg, self.spec.eval)
+        eval_path = d / f"eval-{ekey}.json"
+        stage = stage_done(d)
+        if stage is not None and eval_path.exists():
+            ev = json.loads(eval_path.read_text())
+            self._record(key, cfg, stage, ev, base_key, teacher_key)
+            return key, self.units[key], True
+        plan = self.plan(cfg)
+        ds = plan.dataset
+        device = choose_device(cfg.device)
+        timings: dict[str, float] = {}
+        teacher_model = load_classifier(self.checkpoint(teacher_key), ds)
+        t0 = time.perf_counter()
+        train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, self.stage_log, self.progress)
+        test_store = teacher_maps(cfg, plan, teacher_model, "test", np.arange(len(ds.test)), device, self.stage_log, self.progress)
+        timings["maps"] = time.perf_counter() - t0
+        if stage is None:
+            self.trained += 1
+        t0 = time.perf_counter()
+        record, model = train_impactx_stage(cfg, plan, train_store, teacher_model, d, self.stage_log)
+        timings["impactx"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ev: dict[str, Any] = {"map_quality": map_quality(model, plan, test_store, train_store, device)}
+        baseline = load_classifier(self.checkpoint(base_key), ds)
+        ev.update(_evaluate_unit(cfg, self.spec.eval, plan, model, baseline, test_store, device, d))
+        timings["evaluation"] = time.perf_counter() - t0
+        ev["timings"] = timings
+        ev["map_store"] = {"train": str(train_store.path), "test": str(test_store.path)}
+        write_json_atomic(eval_path, ev)
+        self._record(key, cfg, record, ev, base_key, teacher_key)
+        return key, self.units[key], False
+
+    def _record(self, key: str, cfg: RunConfig, stage: dict[str, Any], ev: dict[str, Any], base_key: str, teacher_key: str) -> None:
+        self.units[key] = {
+            "kind": "impactx", "seed": cfg.seed, "lam": cfg.impactx.lam, "maps": cfg.impactx.maps, "teacher": cfg.teacher.method,
+            "baseline_unit": base_key, "teacher_unit": teacher_key,
+            "test_acc": stage["test_acc"], "val_acc": stage.get("val_acc"), "seconds": stage.get("seconds"),
+            "seconds_per_epoch": stage.get("seconds_per_epoch"), "history": stage.get("history", []),
+            **{k: v for k, v in ev.items()},
+        }
+
+
+def _eval_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A fixed, class-balanced (round-robin) subset of the test set: the same for every unit."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
+    out: list[int] = []
+    while len(out) < min(n, labels.size):
+        for pool in per_class:
+            if pool and len(out) < n:
+                out.append(pool.pop())
+    return np.sort(np.array(out, dtype=np.int64))
+
+
+def _evaluate_unit(cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_store, device, unit_dir: Path) -> dict[str, Any]:
+    """Post-hoc teacher maps on the IMPACTX model, example arrays, optional MoRF/LeRF AUCs."""
+    from teachx.data.transforms import normalize
+    from teachx.evaluation import evaluate_maps
+    from teachx.interfaces.pipeline import make_teacher
+    from teachx.teachers.postprocess import postprocess
+    from teachx.utils.io import atomic_path
+
+    ds = plan.dataset
+    out: dict[str, Any] = {}
+    n_eval = ev.n_images if ev.faithfulness else ev.examples
+    if n_eval == 0:
+        return out
+    idx = _eval_indices(ds.test.labels, n_eval, 2024)
+    x_u8 = torch.from_numpy(np.ascontiguousarray(ds.test.images[idx])).permute(0, 3, 1, 2)
+    x = normalize(x_u8.to(device), plan.mean, plan.std)
+    y = torch.from_numpy(np.asarray(ds.test.labels[idx])).long().to(device)
+    model = model.to(device).eval()
+    baseline = baseline.to(device).eval()
+    built_in = model.explain(x).float()
+    teacher_maps = test_store.read(idx).to(device)
+    teacher = make_teacher(cfg, plan, device)
+
+    def explain(m: torch.nn.Module) -> Optional[torch.Tensor]:
+        try:
+            maps = []
+            for s in range(0, len(idx), 64):
+                raw = teacher.attribute(m, x[s : s + 64], y[s : s + 64])
+                maps.append(postprocess(raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth).detach())
+            return torch.cat(maps)
+        except Exception as exc:  # an optional diagnostic must not lose hours of training
+            out.setdefault("errors", []).append(f"{cfg.teacher.method} on {type(m).__name__}: {type(exc).__name__}: {exc}")
+            return None
+
+    post_hoc = explain(model)
+    if ev.examples:
+        k = min(ev.examples, len(idx))
+        pick = np.linspace(0, len(idx) - 1, k).round().astype(int)
+        arrays = {"index": idx[pick], "images": x_u8[pick].numpy(), "labels": y[pick].cpu().numpy(),
+                  "teacher": teacher_maps[pick].cpu().numpy(), "built_in": built_in[pick].cpu().numpy()}
+        if post_hoc is not None:
+            arrays["post_hoc"] = post_hoc[pick].cpu().numpy()
+        with atomic_path(unit_dir / "examples.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, **arrays)
+        out["examples"] = {"file": "examples.npz", "class_names": list(ds.class_names)}
+    if ev.faithfulness:
+        metrics = [_metric("pixel_flipping_morf", ev), _metric("pixel_flipping_lerf", ev)]
+        on_impactx = {"built_in": built_in}
+        if post_hoc is not None:
+            on_impactx["teacher_post_hoc"] = post_hoc
+        rep1 = evaluate_maps(model, x, y, on_impactx, metrics, seed=cfg.seed)
+        on_base = {"teacher_on_baseline": explain(baseline)}
+        on_base = {k: v for k, v in on_base.items() if v is not None}
+        faith: dict[str, Any] = {"n_images": int(len(idx)), "sets": {}}
+        for name, res in rep1["maps"].items():
+            faith["sets"][name if name != "random" else "random"] = _auc_summary(res)
+        if on_base:
+            rep2 = evaluate_maps(baseline, x, y, on_base, metrics, seed=cfg.seed)
+            for name, res in rep2["maps"].items():
+                faith["sets"][name if name != "random" else "random_on_baseline"] = _auc_summary(res)
+        out["faithfulness"] = faith
+    return out
+
+
+def _metric(name: str, ev: EvalSpec):
+    from teachx.evaluation import build_metric
+
+    return build_metric(name, steps=ev.steps, patch_size=ev.patch_size)
+
+
+def _auc_summary(res: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for metric, r in res.items():
+        out[metric] = {"auc": r.get("mean"), "std": r.get("std"), "curve": r.get("mean_curve"), "curve_x": r.get("curve_x")}
+    return out
+
+
+def prepare_study_dir(out: Path, spec: StudySpec) -> Path:
+    """Create OUT, or reuse a study directory.
+
+    Units are keyed by content, so a changed study (more seeds, a new arm) reuses every unit that
+    is identical and trains only the rest; a non-empty directory that is not a study is refused.
+    """
+    out = Path(out).resolve()
+    text = dump_yaml({"study": spec.to_dict(), **spec.base})
+    cfg_path = out / "study.yaml"
+    if out.exists() and any(out.iterdir()) and not cfg_path.exists():
+        raise RunDirError(f"'{out}' is not empty and is not a teachx study directory; choose a new --out directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cfg_path, text)
+    return out
+
+
+def run_study(
+    spec: StudySpec,
+    out: str | Path,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    verbose: bool = False,
+) -> StudyResult:
+    """Run (or resume) every (regime, arm, seed) unit, then write OUT/study.json with the statistics."""
+    out = prepare_study_dir(Path(out), spec)
+    t_start = time.perf_counter()
+    r = _Runner(spec, out, log, progress, verbose)
+    cells: dict[tuple[str, str], dict[int, str]] = {}  # (regime, arm) -> seed -> unit key
+    total = len(spec.regimes) * (1 + len(spec.arms)) * len(spec.seeds)
+    done = 0
+    for regime in spec.regimes:
+        for seed in spec.seeds:
+            cfg0 = spec.config(regime, None, seed)
+            cfg0.train.progress = progress
+            before = r.trained
+            t0 = time.perf_counter()
+            bkey, brec = r.classifier(cfg0, cfg0.model.backbone, dict(cfg0.model.options))
+            cells.setdefault((regime, BASELINE), {})[seed] = bkey
+            done += 1
+            how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
+            log(f"[{done}/{total}] regime={regime} arm={BASELINE} seed={seed} test_acc={brec['test_acc']:.4f} ({how})")
+            for arm in spec.arms:
+                cfg = spec.config(regime, arm, seed)
+                cfg.train.progress = progress
+                before = r.trained
+                t0 = time.perf_counter()
+                own_base, _ = r.classifier(cfg, cfg.model.backbone, dict(cfg.model.options))
+                if cfg.teacher.checkpoint:
+                    raise ConfigError(f"study arm '{arm}': teacher.checkpoint is not supported in studies; use teacher.backbone")
+                tb, topts = teacher_backbone(cfg)
+                tkey, trec = r.classifier(cfg, tb, topts)
+                key, rec, _cached = r.impactx(cfg, own_base, tkey)
+                cells.setdefault((regime, arm), {})[seed] = key
+                done += 1
+                how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
+                extra = ""
+                q = rec.get("map_quality")
+                if q:
+                    extra = f" map_corr={q['corr']:.3f}"
+                if tkey != own_base:
+                    extra += f" teacher_acc={trec['test_acc']:.4f}"
+                log(f"[{done}/{total}] regime={regime} arm={arm} seed={seed} test_acc={rec['test_acc']:.4f}{extra} ({how})")
+                for err in rec.get("errors", []) or []:
+                    log(f"    warning: {err}")
+    data = summarize_study(spec, cells, r.units)
+    data["trained_this_invocation"] = r.trained
+    data["wall_seconds_this_invocation"] = time.perf_counter() - t_start
+    path = out / "study.json"
+    write_json_atomic(path, data)
+    for line in summary_lines(data):
+        log(line)
+    return StudyResult(path, data, r.trained)
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    seeds = spec.seeds
+    for regime in spec.regimes:
+        for arm in [BASELINE, *spec.arms]:
+            keys = cells[(regime, arm)]
+            accs = [units[keys[s]]["test_acc"] for s in seeds]
+            cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
+            row: dict[str, Any] = {
+                "regime": regime, "arm": arm, "kind": "classifier" if arm == BASELINE else "impactx",
+                "overrides": spec.arms.get(arm, {}), "regime_overrides": spec.regimes[regime],
+                "seeds": seeds, "units": [keys[s] for s in seeds], "test_acc": accs, "summary": summarize(accs).to_dict(),
+            }
+            if arm != BASELINE:
+                tb, _ = teacher_backbone(cfg)
+                row.update({"lam": cfg.impactx.lam, "maps": cfg.impactx.maps, "teacher": cfg.teacher.method, "teacher_backbone": tb})
+                base_accs = [units[units[keys[s]]["baseline_unit"]]["test_acc"] for s in seeds]
+                row["vs_baseline"] = paired_compare(accs, base_accs).to_dict()
+                own = {units[keys[s]]["baseline_unit"] for s in seeds} != {cells[(regime, BASELINE)][s] for s in seeds}
+                row["vs_baseline"]["baseline"] = "own (the arm changes data/model/train)" if own else BASELINE
+                t_units = [units[keys[s]]["teacher_unit"] for s in seeds]
+                if t_units[0] != units[keys[seeds[0]]]["baseline_unit"]:
+                    row["teacher_test_acc"] = summarize([units[t]["test_acc"] for t in t_units]).to_dict()
+                if spec.control and arm != spec.control and cfg.impactx.lam > 0:
+                    ckeys = cells[(regime, spec.control)]
+                    row["vs_control"] = paired_compare(accs, [units[ckeys[s]]["test_acc"] for s in seeds]).to_dict()
+                    row["vs_control"]["control"] = spec.control
+                quality = [units[keys[s]].get("map_quality") for s in seeds]
+                if all(quality):
+                    row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "r2_vs_mean_map")}
+                faith = [units[keys[s]].get("faithfulness") for s in seeds]
+                if all(faith):
+                    row["faithfulness"] = _faith_summary(faith)
+            rows.append(row)
+    # Holm over each family (all vs-baseline tests; all vs-control tests)
+    for family in ("vs_baseline", "vs_control"):
+        members = [row[family] for row in rows if family in row]
+        for m, adj in zip(members, holm([m.get("p_ttest") for m in members])):
+            m["p_ttest_holm"] = adj
+    verdicts = []
+    for row in rows:
+        if "vs_control" in row:
+            c = row["vs_control"]
+            ok = c.get("p_ttest") is not None and c["p_ttest"] < spec.alpha and c["mean_diff"] > 0
+            text = verdict(c, spec.alpha)
+            verdicts.append({
+                "regime": row["regime"], "arm": row["arm"], "control": spec.control, "beats_control": bool(ok),
+                "mean_diff": c["mean_diff"], "ci_low": c.get("ci_low"), "ci_high": c.get("ci_high"),
+                "p_ttest": c.get("p_ttest"), "p_ttest_holm": c.get("p_ttest_holm"), "p_wilcoxon": c.get("p_wilcoxon"),
+                "n": c["n"], "text": f"regime {row['regime']}: {row['arm']} vs {spec.control}: {text}",
+            })
+    timings = _timings(units)
+    return {
+        "version": STUDY_VERSION, "study": spec.to_dict(), "base_config": spec.config(next(iter(spec.regimes)), None, seeds[0]).to_dict(),
+        "alpha": spec.alpha, "rows": rows, "verdicts": verdicts, "units": units, "timings": timings,
+        "notes": [
+            "accuracies are test-set accuracies of the best-validation checkpoint; comparisons are paired by seed",
+            "p_ttest: paired t-test; p_wilcoxon: Wilcoxon signed-rank (zeros dropped; exact/permutation for small n); "
+            "p_ttest_holm: Holm-adjusted within the family (all vs-baseline or all vs-control tests)",
+            "with fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05 (smallest p = 2/2^n)",
+        ],
+    }
+
+
+def _faith_summary(faith: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for set_name in faith[0]["sets"]:
+        if not all(set_name in f["sets"] for f in faith):
+            continue
+        out[set_name] = {}
+        for metric, v in faith[0]["sets"][set_name].items():
+            aucs = [f["sets"][set_name][metric]["auc"] for f in faith]
+            curves = [f["sets"][set_name][metric]["curve"] for f in faith]
+            entry: dict[str, Any] = {"auc": summarize([a for a in aucs if a is not None]).to_dict() if any(a is not None for a in aucs) else None}
+            if all(curves):
+                entry["curve"] = np.nanmean(np.array(curves, dtype=float), axis=0).tolist()
+                entry["curve_x"] = v.get("curve_x")
+            out[set_name][metric] = entry
+    return out
+
+
+def _timings(units: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def agg(vals: list[float]) -> dict[str, Any]:
+        vals = [v for v in vals if v is not None]
+        return {"n": len(vals), "total_s": float(sum(vals)), "mean_s": float(np.mean(vals)) if vals else None}
+
+    cls = [u for u in units.values() if u["kind"] == "classifier"]
+    imp = [u for u in units.values() if u["kind"] == "impactx"]
+    return {
+        "classifier_training": agg([u.get("seconds") for u in cls]),
+        "classifier_seconds_per_epoch": agg([u.get("seconds_per_epoch") for u in cls]),
+        "impactx_training": agg([u.get("seconds") for u in imp]),
+        "impactx_seconds_per_epoch": agg([u.get("seconds_per_epoch") for u in imp]),
+        "teacher_maps": agg([(u.get("timings") or {}).get("maps") for u in imp]),
+        "evaluation": agg([(u.get("timings") or {}).get("evaluation") for u in imp]),
+    }
+
+
+def _fmt(x: Optional[float], nd: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _fp(p: Optional[float]) -> str:
+    return "n/a" if p is None else (f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}")
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    """The end-of-study table: accuracy per (regime, arm) with the paired comparisons."""
+    head = f"{'regime':<14} {'arm':<16} {'n':>2} {'test acc mean+-std':>20} {'95% CI':>17} {'d vs base':>9} {'p_t':>7} {'d vs ctrl':>9} {'p_t':>7} {'p_w':>7}"
+    lines = ["", head, "-" * len(head)]
+    for row in data["rows"]:
+        s = row["summary"]
+        std = _fmt(s["std"]) if s["std"] is not None else "n/a"
+        ci = f"[{_fmt(s['ci_low'])},{_fmt(s['ci_high'])}]" if s["ci_low"] is not None else "n/a"
+        vb, vc = row.get("vs_baseline"), row.get("vs_control")
+        db = f"{vb['mean_diff']:+.4f}" if vb else ""
+        pb = _fp(vb["p_ttest"]) if vb else ""
+        dc = f"{vc['mean_diff']:+.4f}" if vc else ""
+        pc = _fp(vc["p_ttest"]) if vc else ""
+        pw = _fp(vc["p_wilcoxon"]) if vc else ""
+        mean_std = _fmt(s["mean"]) + " +- " + std
+        lines.append(f"{row['regime']:<14} {row['arm']:<16} {s['n']:>2} {mean_std:>20} {ci:>17} {db:>9} {pb:>7} {dc:>9} {pc:>7} {pw:>7}")
+    if data["verdicts"]:
+        lines.append("")
+        lines.append("Does the gain come from the explanations? (IMPACTX arm vs the lambda=0 control, paired t-test)")
+        lines.extend("  " + v["text"] for v in data["verdicts"])
+    elif data["study"].get("control") is None:
+        lines.append("(no lambda=0 control arm: add e.g. lambda0: {impactx.lam: 0} to study.arms to test whether gains come from the explanations)")
+    return lines
