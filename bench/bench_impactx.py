@@ -1,0 +1,182 @@
+"""Benchmark: IMPACTX training and inference costs against the baseline, side by side in one process.
+
+Measures, at batch 64 on 32x32x3 inputs (medians of --repeats):
+- training step time: baseline vs IMPACTX (lambda=1, maps read from a memory-mapped store) vs IMPACTX
+  with lambda=0 (no explanation loss) -> the epoch ratio target (<= 2.5x baseline);
+- where the IMPACTX step's time goes (M, LEP, decoder, classifier, loss/backward);
+- map reading: the same IMPACTX step with maps from the store vs maps already in memory (target <= 5%);
+- inference: built-in maps (one forward) vs the baseline forward (target <= 2.5x) and vs post-hoc
+  shap.DeepExplainer with a background of 100 on the same model (target >= 100x).
+Writes bench/results/impactx.json atomically and prints a table.
+
+    python bench/bench_impactx.py [--models lenet5,mobilenet] [--repeats 5] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from teachx.models import build_model
+from teachx.models.impactx import build_impactx
+from teachx.teachers.store import fill_store, open_store
+from teachx.training.impactx import ImpactxTask, MapSource
+from teachx.utils.io import write_json_atomic
+
+B, SIZE, C, K = 64, 32, 3, 10
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_model(name: str, repeats: int, steps: int, store_dir: Path) -> dict:
+    torch.manual_seed(0)
+    n = B * steps
+    x_all = torch.randn(n, C, SIZE, SIZE)
+    y_all = torch.randint(0, K, (n,))
+    store = open_store(store_dir, {"bench": name}, n, (1, SIZE, SIZE), log=lambda s: None)
+    fill_store(store, np.arange(n), lambda i: torch.randn(len(i), 1, SIZE, SIZE), 4096, progress=False)
+    in_memory = store.read(np.arange(n))
+
+    base = build_model(name, C, K, SIZE)
+    opt_b = torch.optim.Adam(base.parameters(), 1e-3)
+    imp = build_impactx(name, C, K, (SIZE, SIZE))
+    opt_i = torch.optim.Adam([p for p in imp.parameters() if p.requires_grad], 1e-3)
+    source = MapSource(store, "teacher", np.arange(n), 0)
+    task = ImpactxTask(imp, source, 1.0)
+    task0 = ImpactxTask(imp, None, 0.0)
+
+    def epoch_baseline():
+        base.train()
+        for s in range(steps):
+            sl = slice(s * B, (s + 1) * B)
+            opt_b.zero_grad(set_to_none=True)
+            F.cross_entropy(base(x_all[sl]), y_all[sl]).backward()
+            opt_b.step()
+
+    def epoch_impactx(t, from_store: bool):
+        imp.train()
+        for s in range(steps):
+            idx = torch.arange(s * B, (s + 1) * B)
+            maps = (t.maps_for(idx) if from_store else in_memory[idx]) if t.lam > 0 else None
+            opt_i.zero_grad(set_to_none=True)
+            loss, _, _ = t.loss(x_all[idx], y_all[idx], maps)
+            loss.backward()
+            opt_i.step()
+
+    t_base = timed(epoch_baseline, repeats)
+    t_imp = timed(lambda: epoch_impactx(task, True), repeats)
+    t_imp_mem = timed(lambda: epoch_impactx(task, False), repeats)
+    t_imp0 = timed(lambda: epoch_impactx(task0, True), repeats)
+    t_read = timed(lambda: [source(torch.arange(s * B, (s + 1) * B)) for s in range(steps)], repeats)
+
+    # where the IMPACTX step goes: forward pieces timed separately (no grad), plus the whole step
+    imp.eval()
+    xb = x_all[:B]
+    with torch.no_grad():
+        m_feat = imp.m.features(xb)
+        z = imp.lep.features(xb)
+        parts = {
+            "M forward": timed(lambda: imp.m.features(xb), repeats),
+            "LEP forward": timed(lambda: imp.lep.features(xb), repeats),
+            "decoder forward": timed(lambda: imp.decoder(z), repeats),
+            "classifier forward": timed(lambda: imp.classifier(torch.cat([m_feat, z], 1)), repeats),
+        }
+
+    # inference: built-in maps vs baseline forward vs post-hoc DeepExplainer (background 100)
+    base.eval()
+    with torch.no_grad():
+        t_fwd = timed(lambda: base(xb), repeats)
+        t_builtin = timed(lambda: imp.forward_all(xb), repeats)
+    shap_ips = None
+    try:
+        import shap
+
+        bg = x_all[:100]
+        exp = shap.DeepExplainer(imp_post := _posthoc_target(imp), bg)
+        xs = xb[:8]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t_shap = timed(lambda: exp.shap_values(xs, ranked_outputs=1, check_additivity=False), max(1, repeats // 2), warmup=1)
+        shap_ips = len(xs) / t_shap
+    except Exception as exc:  # shap absent or failing: say so in the results
+        shap_error = f"{type(exc).__name__}: {exc}"
+    builtin_ips = B / t_builtin
+    out = {
+        "model": name,
+        "batch": B,
+        "steps_per_epoch": steps,
+        "baseline_epoch_s": t_base,
+        "impactx_epoch_s": t_imp,
+        "impactx_epoch_in_memory_maps_s": t_imp_mem,
+        "impactx_lambda0_epoch_s": t_imp0,
+        "map_read_s": t_read,
+        "ratio_impactx_to_baseline": t_imp / t_base,
+        "ratio_impactx_lambda0_to_baseline": t_imp0 / t_base,
+        "map_reading_overhead": t_imp / t_imp_mem - 1.0,
+        "forward_parts_s": parts,
+        "baseline_forward_s": t_fwd,
+        "builtin_maps_forward_s": t_builtin,
+        "ratio_builtin_maps_to_forward": t_builtin / t_fwd,
+        "builtin_maps_img_per_s": builtin_ips,
+        "posthoc_deepexplainer_img_per_s": shap_ips,
+        "speedup_builtin_vs_deepexplainer": (builtin_ips / shap_ips) if shap_ips else None,
+    }
+    if shap_ips is None:
+        out["deepexplainer_error"] = shap_error
+    return out
+
+
+class _posthoc_target(torch.nn.Module):
+    """The IMPACTX classifier as a plain logits model, for post-hoc SHAP."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="lenet5,mobilenet")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20, help="batches per timed epoch")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "impactx.json"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            steps = args.steps if name == "lenet5" else max(2, args.steps // 10)
+            r = bench_model(name, args.repeats, steps, Path(tmp) / name)
+            results.append(r)
+            print(
+                f"{name:10s} epoch impactx/baseline {r['ratio_impactx_to_baseline']:.2f}x (lambda0 {r['ratio_impactx_lambda0_to_baseline']:.2f}x) | "
+                f"map reading +{100 * r['map_reading_overhead']:.1f}% | built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward, "
+                f"{r['speedup_builtin_vs_deepexplainer'] or float('nan'):.0f}x DeepExplainer"
+            )
+    write_json_atomic(args.out, {"benchmark": "impactx", "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results})
+
+
+if __name__ == "__main__":
+    main()
