@@ -19,6 +19,8 @@ Examples:
   teachx run configs/cifar10-lenet5.yaml --out runs/impactx impactx.lam=0.5 teacher.method=lrp
   teachx explain runs/impactx/impactx/checkpoints/best.safetensors cat.png --out maps/
   teachx config configs/cifar10-lenet5.yaml train.lr=0.01   # print the resolved config
+  teachx study configs/study-cifar10-lenet5.yaml --out runs/study --seeds 5   # seeds, ablations, p-values
+  teachx report runs/study                      # self-contained HTML + Markdown report
 """
 
 
@@ -39,6 +41,11 @@ def _split_args(args: tuple[str, ...]) -> tuple[Optional[str], list[str]]:
 @click.version_option(package_name="teachx")
 def cli() -> None:
     """teachx: train models with teacher explanations (IMPACTX) and measure whether it helps."""
+
+
+from teachx.interfaces.cli_study import register as _register_study  # noqa: E402
+
+_register_study(cli)
 
 
 @cli.command()

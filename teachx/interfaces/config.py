@@ -55,6 +55,7 @@ class TeacherConfig:
     backbone: Optional[str] = None  # teacher backbone if it differs from the student's (a stronger teacher)
     backbone_options: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
+    eval_images: Optional[int] = 1000  # test images explained for map-quality evaluation (None: all)
     maps_dir: Optional[str] = None  # store location; default $TEACHX_CACHE/maps (shared by runs and seeds)
 
 

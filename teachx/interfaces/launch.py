@@ -72,6 +72,18 @@ def relaunch_with_torchrun(nproc: int, argv: list[str], module: str = "teachx") 
         return 130
 
 
+def launch_or_join(nproc: Optional[int], argv: Optional[Sequence[str]] = None) -> dist_utils.DistInfo:
+    """First call of a command that takes ``--nproc``: one line does the right thing everywhere.
+
+    In the launching process with ``nproc > 1`` it runs the command under torchrun and exits with
+    torchrun's exit code (it does not return). In a torchrun worker it joins the process group; in a
+    plain run it is a no-op. Returns where this process stands.
+    """
+    if should_relaunch(nproc):
+        sys.exit(relaunch_with_torchrun(int(nproc), list(sys.argv[1:] if argv is None else argv)))  # type: ignore[arg-type]
+    return dist_utils.init_distributed()
+
+
 def print0(*args: Any, **kwargs: Any) -> None:
     """``print`` on rank 0 only (every process prints in a single-process run)."""
     if dist_utils.is_main():

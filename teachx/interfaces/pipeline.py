@@ -250,6 +250,16 @@ def teacher_maps(
     return store
 
 
+def eval_indices(cfg: RunConfig, plan: DataPlan) -> np.ndarray:
+    """The test images used for map-quality evaluation: a seeded stratified subset (fixed across seeds)."""
+    n = len(plan.dataset.test)
+    k = cfg.teacher.eval_images
+    if k is None or k >= n:
+        return np.arange(n)
+    keep, _ = train_val_split(n, 1.0 - k / n, cfg.data.split_seed, np.asarray(plan.dataset.test.labels))
+    return np.sort(keep)
+
+
 def _split_fingerprint(split) -> str:
     """Hash of the pixels and labels (cheap enough: one pass over uint8 memory)."""
     import hashlib
@@ -321,10 +331,24 @@ def train_impactx_stage(
 
 
 @torch.no_grad()
-def map_quality(model: ImpactX, plan: DataPlan, test_store: MapStore, train_store: MapStore, device: torch.device, batch_size: int = 256) -> dict[str, float]:
-    """Did IMPACTX learn per-image maps? R^2 against the mean training map, and correlations."""
+def map_quality(
+    model: ImpactX,
+    plan: DataPlan,
+    test_store: MapStore,
+    train_store: MapStore,
+    device: torch.device,
+    batch_size: int = 256,
+    indices: Optional[np.ndarray] = None,
+) -> dict[str, float]:
+    """Did IMPACTX learn per-image maps? R^2 against the mean training map, and correlations.
+
+    Computed on the test images ``indices`` (default: those the test store holds maps for).
+    """
     ds = plan.dataset
-    n = len(ds.test)
+    if indices is None:
+        indices = np.flatnonzero(np.asarray(test_store.done))
+    indices = np.asarray(indices)
+    n = len(indices)
     mean_map = torch.zeros(train_store.maps.shape[1:], dtype=torch.float64)
     for s in range(0, len(plan.train_idx), 4096):
         mean_map += train_store.read(plan.train_idx[s : s + 4096]).double().sum(0)
@@ -332,7 +356,7 @@ def map_quality(model: ImpactX, plan: DataPlan, test_store: MapStore, train_stor
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
     model = model.to(device).eval()
     for s in range(0, n, batch_size):
-        idx = np.arange(s, min(n, s + batch_size))
+        idx = indices[s : s + batch_size]
         x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
         pred = model.explain(x).float().cpu()
         target = test_store.read(idx)
@@ -343,6 +367,7 @@ def map_quality(model: ImpactX, plan: DataPlan, test_store: MapStore, train_stor
         sums["corr"] += _pearson(pred, target).sum().item()
         sums["corr_mean_map"] += _pearson(mm, target).sum().item()
     out = {k: v / n for k, v in sums.items()}
+    out["images"] = int(n)
     out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
     return out
 
@@ -399,7 +424,7 @@ def run_pipeline(
     t0 = time.perf_counter()
     if need_maps or figures:
         train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, log, progress)
-        test_store = teacher_maps(cfg, plan, teacher_model, "test", np.arange(len(ds.test)), device, log, progress)
+        test_store = teacher_maps(cfg, plan, teacher_model, "test", eval_indices(cfg, plan), device, log, progress)
     stage_seconds["maps"] = time.perf_counter() - t0
 
     # 3. IMPACTX
@@ -413,7 +438,8 @@ def run_pipeline(
     if figures and test_store is not None:
         from teachx.reporting.figures import save_example_grid, save_training_curves
 
-        idx = _example_indices(ds.test.labels, 8, cfg.seed)
+        ev = eval_indices(cfg, plan)
+        idx = ev[_example_indices(np.asarray(ds.test.labels)[ev], 8, cfg.seed)]
         x_u8 = as_nchw(ds.test.images[idx])
         x = normalize(x_u8.to(device), plan.mean, plan.std)
         built_in = model.to(device).explain(x).float().cpu()

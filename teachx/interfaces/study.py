@@ -200,7 +200,8 @@ def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Option
     for regime in regimes:
         spec.config(regime, None, seeds[0])
         for arm in arms:
-            spec.config(regime, arm, seeds[0])
+            if spec.config(regime, arm, seeds[0]).teacher.checkpoint:
+                raise ConfigError(f"study arm '{arm}': teacher.checkpoint is not supported in studies (one fixed model for every seed); use teacher.backbone")
     if spec.control is None:
         zero = [a for a in arms if spec.config(first_regime, a, seeds[0]).impactx.lam == 0]
         spec.control = zero[0] if zero else None
@@ -299,7 +300,7 @@ class _Runner:
 
     def impactx(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
         """Train + evaluate one IMPACTX unit (or read it back); returns (key, record, was_cached)."""
-        from teachx.interfaces.pipeline import load_classifier, map_quality, stage_done, teacher_maps, train_impactx_stage
+        from teachx.interfaces.pipeline import eval_indices, load_classifier, map_quality, stage_done, teacher_maps, train_impactx_stage
         from teachx.utils.seeding import choose_device
 
         key = impactx_key(cfg)
@@ -318,7 +319,7 @@ class _Runner:
         teacher_model = load_classifier(self.checkpoint(teacher_key), ds)
         t0 = time.perf_counter()
         train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, self.stage_log, self.progress)
-        test_store = teacher_maps(cfg, plan, teacher_model, "test", np.arange(len(ds.test)), device, self.stage_log, self.progress)
+        test_store = teacher_maps(cfg, plan, teacher_model, "test", eval_indices(cfg, plan), device, self.stage_log, self.progress)
         timings["maps"] = time.perf_counter() - t0
         if stage is None:
             self.trained += 1
@@ -372,8 +373,11 @@ def _evaluate_unit(cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_sto
     n_eval = ev.n_images if ev.faithfulness else ev.examples
     if n_eval == 0:
         return out
-    idx = _eval_indices(ds.test.labels, n_eval, 2024)
-    x_u8 = torch.from_numpy(np.ascontiguousarray(ds.test.images[idx])).permute(0, 3, 1, 2)
+    from teachx.interfaces.pipeline import as_nchw, eval_indices
+
+    pool = eval_indices(cfg, plan)  # test images whose teacher maps are stored
+    idx = pool[_eval_indices(np.asarray(ds.test.labels)[pool], min(n_eval, len(pool)), 2024)]
+    x_u8 = as_nchw(ds.test.images[idx])
     x = normalize(x_u8.to(device), plan.mean, plan.std)
     y = torch.from_numpy(np.asarray(ds.test.labels[idx])).long().to(device)
     model = model.to(device).eval()
@@ -484,8 +488,6 @@ def run_study(
                 before = r.trained
                 t0 = time.perf_counter()
                 own_base, _ = r.classifier(cfg, cfg.model.backbone, dict(cfg.model.options))
-                if cfg.teacher.checkpoint:
-                    raise ConfigError(f"study arm '{arm}': teacher.checkpoint is not supported in studies; use teacher.backbone")
                 tb, topts = teacher_backbone(cfg)
                 tkey, trec = r.classifier(cfg, tb, topts)
                 key, rec, _cached = r.impactx(cfg, own_base, tkey)

@@ -10,6 +10,15 @@ Layout of a store directory (``<maps_dir>/<key[:20]>/``):
 The key is a hash of everything that changes the maps, so a store is reused across runs and seeds
 and never used for another teacher, dataset or model. A store whose files are missing, truncated or
 whose meta does not match its key is reported and rebuilt, never silently used.
+
+Distributed generation (several processes on one node, see :mod:`teachx.training.distributed`):
+``open_store`` and ``fill_store`` are then collective calls. Rank 0 alone checks, rebuilds or creates
+the files, then a barrier lets the others open them. ``fill_store`` deals the batches of missing
+rows round-robin to the ranks -- rank r computes batches r, r + W, r + 2W, ... of the
+single-process batching -- so every batch holds exactly the images it holds in a 1-process run
+(teachers whose output depends on the batch, through seeded sampling or batch-size-dependent
+kernels, give bitwise the same maps); the ranks write disjoint rows into the shared memory-mapped
+files and meet at a barrier, after which the store is complete for every rank.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from teachx.training import distributed as dist_utils
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import atomic_path, write_json_atomic
 
@@ -64,11 +74,34 @@ def open_store(
     n: int,
     map_shape: tuple[int, int, int],
     log: Callable[[str], None] = print,
+    distributed: Optional[bool] = None,
 ) -> MapStore:
-    """Open (or create) the store for ``material``; a stale or damaged store is rebuilt."""
+    """Open (or create) the store for ``material``; a stale or damaged store is rebuilt.
+
+    ``distributed``: None = collective when a torch.distributed group of several processes is up
+    (rank 0 prepares the files, the others wait and then open them); False = this process alone.
+    """
     key = store_key(material)
     path = Path(maps_dir) / key[:20]
     shape = (int(n), *map_shape)
+    if _world(distributed)[1] > 1:
+        dist_utils.on_main(_prepare, path, key, shape, material, log)
+    else:
+        _prepare(path, key, shape, material, log)
+    meta = json.loads((path / "meta.json").read_text())
+    maps = np.load(path / "maps.npy", mmap_mode="r+")
+    done = np.load(path / "done.npy", mmap_mode="r+")
+    return MapStore(path=path, key=key, maps=maps, done=done, meta=meta)
+
+
+def _world(distributed: Optional[bool]) -> tuple[int, int]:
+    if distributed is False:
+        return 0, 1
+    return dist_utils.rank(), dist_utils.world_size()
+
+
+def _prepare(path: Path, key: str, shape: tuple[int, ...], material: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Make ``path`` hold a usable store for ``key`` (check, rebuild or create its files)."""
     problem = _check(path, key, shape)
     if problem == "absent":
         pass
@@ -84,10 +117,6 @@ def open_store(
                 del arr
         meta = {"key": key, "shape": list(shape), "dtype": "float16", "created": time.time(), "material": material}
         write_json_atomic(path / "meta.json", meta)
-    meta = json.loads((path / "meta.json").read_text())
-    maps = np.load(path / "maps.npy", mmap_mode="r+")
-    done = np.load(path / "done.npy", mmap_mode="r+")
-    return MapStore(path=path, key=key, maps=maps, done=done, meta=meta)
 
 
 def _check(path: Path, key: str, shape: tuple[int, ...]) -> str:
@@ -119,20 +148,29 @@ def fill_store(
     batch_size: int,
     progress: bool = True,
     desc: str = "teacher maps",
+    distributed: Optional[bool] = None,
 ) -> int:
-    """Compute maps for the not-yet-done ``indices`` in batches; returns how many were computed.
+    """Compute maps for the not-yet-done ``indices`` in batches; returns how many were computed
+    (by all ranks together).
 
     Rows are flushed before they are marked done, so an interruption loses at most one batch.
+    ``distributed``: None = collective when a torch.distributed group of several processes is up
+    (batches dealt round-robin to the ranks, see the module docstring); False = this process alone.
     """
+    rank, world = _world(distributed)
     todo = np.sort(store.missing(np.unique(np.asarray(indices))))
+    if world > 1:
+        todo = dist_utils.broadcast_object(todo)  # one view of what is missing, taken before anyone writes
     if todo.size == 0:
         return 0
+    starts = list(range(0, todo.size, batch_size))[rank::world]
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(todo.size), desc=desc, dynamic_ncols=True, mininterval=0.5)
-    for start in range(0, todo.size, batch_size):
+        share = sum(min(batch_size, todo.size - s) for s in starts)
+        bar = tqdm(total=int(share), desc=desc if world == 1 else f"{desc} [rank 0 of {world}]", dynamic_ncols=True, mininterval=0.5)
+    for start in starts:
         chunk = todo[start : start + batch_size]
         maps = compute(chunk).detach().to("cpu", torch.float32)
         if maps.shape[1:] != store.maps.shape[1:]:
@@ -145,4 +183,6 @@ def fill_store(
             bar.update(int(chunk.size))
     if bar is not None:
         bar.close()
+    if world > 1:
+        dist_utils.barrier()  # every rank's rows are on disk: the store is complete for everyone
     return int(todo.size)

@@ -8,12 +8,35 @@ Determinism and resume: every random choice of epoch ``e`` (batch order, augment
 is drawn from generators seeded by ``(seed, e)``, and a checkpoint is written atomically after
 every epoch. A run killed at any point and restarted therefore replays the interrupted epoch
 exactly and ends with the same weights as an uninterrupted run (on CPU).
+
+Distributed data parallel (one process per device, started by ``torchrun``; see
+:mod:`teachx.training.distributed`): when a process group with world size W > 1 is up, ``fit`` is a
+collective call (every rank calls it) and
+
+- each rank trains on ``batch_size // W`` samples per step, so the *global* batch -- and with it
+  the learning rate, the schedule's steps per epoch and the results -- stays that of the
+  single-process run (exactly the same samples per step when W divides ``batch_size``);
+- the epoch order is the single-process ``(seed, epoch)`` permutation dealt out round-robin
+  (``BatchIterator(rank, world_size)``), so the union of the ranks' step-``i`` batches is the
+  single-process step-``i`` batch; DDP averages the gradients, which equals the gradient of the
+  global-batch mean loss because every rank's batch has the same size;
+- dropout and augmentation generators are seeded by ``(seed, epoch, rank)`` (rank 0 keeps the
+  single-process seeds), so with augmentation or dropout a W-process run is *not* the same
+  computation as a 1-process run, but it is still exactly reproducible and resumable for a fixed W;
+- BatchNorm statistics are per rank (standard DDP; running buffers are broadcast from rank 0
+  before validation and checkpoints);
+- training metrics (loss/correct/n sums) are all-reduced at the end of the epoch; validation is
+  sharded across ranks (``val_idx[rank::W]``) and its sums all-reduced;
+- rank 0 alone writes checkpoints, ``history.json``, TensorBoard and the log, followed by a
+  barrier; on resume every rank loads the same ``last.safetensors``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
@@ -34,6 +57,7 @@ from teachx.training.checkpoint import (
     optimizer_to_flat,
     save_checkpoint,
 )
+from teachx.training import distributed as dist_utils
 from teachx.training.config import TrainConfig
 from teachx.training.schedule import lr_at
 from teachx.utils.io import write_json_atomic
@@ -103,8 +127,72 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    return (seed * 1_000_003 + epoch * 9_973 + stream * 7_919) % (2**63 - 1)
+def _epoch_seed(seed: int, epoch: int, stream: int, rank: int = 0) -> int:
+    """Seed of random stream ``stream`` in ``epoch`` on ``rank`` (rank 0 = the single-process seed)."""
+    return (seed * 1_000_003 + epoch * 9_973 + stream * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+class _MethodDispatch(nn.Module):
+    """Lets DDP run any forward-like method of ``model`` (e.g. IMPACTX's ``forward_all``).
+
+    DDP only prepares its gradient all-reduce when the call goes through ``DDP.forward``, which
+    calls ``self.module(...)``; this module turns ``_method=name`` into ``model.name(...)``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, _method: str = "forward", **kwargs: Any) -> Any:
+        if _method == "forward":
+            return self.model(*args, **kwargs)
+        return getattr(self.model, _method)(*args, **kwargs)
+
+
+class _DDPModelView:
+    """Stands in for ``task.model`` while the task computes its loss under DDP.
+
+    ``view(x)`` and ``view.forward_all(x)`` (and any name in the model's optional
+    ``ddp_forward_methods``) go through DDP; every other attribute is the model's own. The task's
+    loss must call the model once per step (DDP pairs each forward with one backward).
+    """
+
+    def __init__(self, ddp: nn.Module, model: nn.Module):
+        self._ddp = ddp
+        self._model = model
+        self._methods = {"forward", "forward_all", *getattr(model, "ddp_forward_methods", ())}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._ddp(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._methods:
+            return lambda *args, **kwargs: self._ddp(*args, _method=name, **kwargs)
+        return getattr(self._model, name)
+
+
+def _has_unused_parameters(task: "Task", x: torch.Tensor, y: torch.Tensor, maps: Optional[torch.Tensor]) -> bool:
+    """Does the task's loss leave some trainable parameter without a gradient?
+
+    DDP needs ``find_unused_parameters=True`` exactly then (e.g. IMPACTX with lambda = 0 never
+    runs its decoder). Probed with one small forward/backward in training mode; the RNG and the
+    buffers (BatchNorm statistics) are restored, so the run is unaffected.
+    """
+    model = task.model
+    params = [p for p in task.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            loss = task.loss(x, y, maps)[0]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+    except Exception:  # noqa: BLE001 - cannot tell: let DDP search every step
+        return True
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+    return any(g is None for g in grads)
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -157,7 +245,13 @@ class Trainer:
         meta: Optional[dict[str, Any]] = None,
         log: Callable[[str], None] = print,
         on_epoch_start: Optional[Callable[[int], None]] = None,
+        distributed: Optional[bool] = None,
+        find_unused_parameters: Optional[bool] = None,
     ):
+        """``distributed``: None = use the torch.distributed process group when one with more than
+        one process is up (every rank must then call :meth:`fit`), False = train alone.
+        ``find_unused_parameters``: passed to DDP; None = probe the task once (see
+        :func:`_has_unused_parameters`)."""
         self.task, self.plan, self.cfg = task, plan, cfg
         self.out_dir = Path(out_dir)
         self.seed = seed
@@ -165,14 +259,39 @@ class Trainer:
         self.meta = dict(meta or {})
         self.log = log
         self.on_epoch_start = on_epoch_start
+        self.distributed = distributed
+        self.find_unused_parameters = find_unused_parameters
         self.ckpt_dir = self.out_dir / "checkpoints"
+
+    def _world(self) -> tuple[int, int]:
+        """(rank, world_size) this fit runs with."""
+        if self.distributed is False:
+            return 0, 1
+        dist_utils.init_distributed()  # no-op unless launched by torchrun; idempotent
+        if self.distributed and not dist_utils.is_distributed():
+            raise ConfigError("Trainer(distributed=True) needs a torchrun launch with more than one process; launch with --nproc N")
+        return dist_utils.rank(), dist_utils.world_size()
 
     # -- public ---------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
         cfg, task = self.cfg, self.task
-        task.model.to(self.device)
+        rank, world = self._world()
+        main = rank == 0
+        log = self.log if main else (lambda msg: None)
+        device = dist_utils.device_for(self.device) if world > 1 else self.device
+        self.device = device
+        model = task.model
+        model.to(device)
         opt = make_optimizer(cfg, task.parameters())
-        train_it = BatchIterator(self.plan.dataset.train, self.plan.train_idx, cfg.batch_size, shuffle=True, seed=self.seed, drop_last=False)
+        batch_size = cfg.batch_size // world  # per rank: the global batch stays cfg.batch_size
+        if batch_size < 1:
+            raise ConfigError(f"train.batch_size={cfg.batch_size} is smaller than the {world} processes; use a batch size >= the process count")
+        if world > 1 and cfg.batch_size % world:
+            log(f"train.batch_size={cfg.batch_size} is not divisible by {world} processes: the global batch is {batch_size * world}")
+        train_it = BatchIterator(
+            self.plan.dataset.train, self.plan.train_idx, batch_size, shuffle=True, seed=self.seed, drop_last=False,
+            rank=rank, world_size=world,
+        )
         steps_per_epoch = len(train_it)
         if steps_per_epoch == 0:
             raise ConfigError("the training split is empty; use more training images or a smaller validation fraction")
@@ -180,43 +299,47 @@ class Trainer:
         start_epoch, best_val, best_epoch, resumed_from = 0, -math.inf, -1, None
         last_path = self.ckpt_dir / "last.safetensors"
         best_path = self.ckpt_dir / "best.safetensors"
-        if resume and last_path.exists():
+        if resume and last_path.exists():  # every rank loads the same checkpoint (rank 0 wrote it, then a barrier)
             ck = load_checkpoint(last_path)
             if ck.meta.get("kind") != self.meta.get("kind"):
                 raise CheckpointError(f"'{last_path}' holds a {ck.meta.get('kind')} checkpoint, not {self.meta.get('kind')}; use a new run directory")
-            load_state_into(task.model, ck.group("model"), f"checkpoint '{last_path}'")
+            load_state_into(model, ck.group("model"), f"checkpoint '{last_path}'")
             optimizer_from_flat(opt, ck.group("optim"), ck.meta["optimizer"])
             history = ck.meta["history"]
             start_epoch = ck.meta["epoch"] + 1
             best_val, best_epoch = ck.meta["best_val"], ck.meta["best_epoch"]
             resumed_from = start_epoch
             if start_epoch < cfg.epochs:
-                self.log(f"resuming from epoch {start_epoch} ({last_path})")
-        writer = self._tensorboard()
+                log(f"resuming from epoch {start_epoch} ({last_path})")
+        ddp = self._wrap_ddp(train_it, device) if (world > 1 and start_epoch < cfg.epochs) else None
+        writer = self._tensorboard() if main else None
         amp_dtype, scaler = self._amp()
         t_start = time.perf_counter() - sum(h.get("seconds", 0.0) for h in history)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             if self.on_epoch_start is not None:
                 self.on_epoch_start(epoch)
-            torch.manual_seed(_epoch_seed(self.seed, epoch, 0))  # dropout etc.
-            gen = torch.Generator(device="cpu").manual_seed(_epoch_seed(self.seed, epoch, 1))
+            torch.manual_seed(_epoch_seed(self.seed, epoch, 0, rank))  # dropout etc.
+            gen = torch.Generator(device="cpu").manual_seed(_epoch_seed(self.seed, epoch, 1, rank))
             train_it.set_epoch(epoch)
-            task.model.train()
+            model.train()
             sums = {"loss": 0.0, "correct": 0.0, "n": 0.0}
             extra_sums: dict[str, float] = {}
-            bar = _progress(train_it, cfg.progress, f"epoch {epoch + 1}/{cfg.epochs}")
+            bar = _progress(train_it, cfg.progress and main, f"epoch {epoch + 1}/{cfg.epochs}")
             for i, (xb, yb, ib) in enumerate(bar):
                 step = epoch * steps_per_epoch + i
                 lr = lr_at(cfg, step, steps_per_epoch)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 maps = task.maps_for(ib)
-                x, maps = prepare_batch(xb, self.plan, self.device, maps, gen)
-                y = yb.to(self.device)
-                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                x, maps = prepare_batch(xb, self.plan, device, maps, gen)
+                y = yb.to(device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), self._through(ddp):
                     loss, logits, extra = task.loss(x, y, maps)
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                if world > 1:  # all ranks stop together, none is left waiting in the gradient all-reduce
+                    finite = dist_utils.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0.0
+                if not finite:
                     raise ConfigError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower train.lr or enable train.grad_clip")
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -239,7 +362,10 @@ class Trainer:
                     extra_sums[k] = extra_sums.get(k, 0.0) + float(v) * n
                 if hasattr(bar, "set_postfix") and i % 10 == 0:
                     bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", acc=f"{sums['correct'] / sums['n']:.3f}")
-            val = evaluate(task, self.plan, self.plan.dataset.train, self.plan.val_idx, cfg.eval_batch_size, self.device, amp_dtype)
+            if world > 1:
+                sums, extra_sums = _all_reduce_sums(sums, extra_sums)
+                dist_utils.broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere: what is validated = what is saved
+            val = evaluate(task, self.plan, self.plan.dataset.train, self.plan.val_idx, cfg.eval_batch_size, device, amp_dtype, shard=world > 1)
             seconds = time.perf_counter() - t0
             record = {
                 "epoch": epoch + 1,
@@ -255,16 +381,18 @@ class Trainer:
             improved = score > best_val
             if improved:
                 best_val, best_epoch = score, epoch + 1
-            self._save(last_path, opt, epoch, history, best_val, best_epoch, with_optim=True)
-            if improved:
-                self._save(best_path, opt, epoch, history, best_val, best_epoch, with_optim=False)
-            write_json_atomic(self.out_dir / "history.json", history)
-            if writer is not None:
-                for k, v in record.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, epoch + 1)
-                writer.flush()
-            self.log(
+            if main:
+                self._save(last_path, opt, epoch, history, best_val, best_epoch, with_optim=True)
+                if improved:
+                    self._save(best_path, opt, epoch, history, best_val, best_epoch, with_optim=False)
+                write_json_atomic(self.out_dir / "history.json", history)
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "epoch":
+                            writer.add_scalar(k, v, epoch + 1)
+                    writer.flush()
+            dist_utils.barrier()  # the checkpoint is on disk before any rank moves on (or exits)
+            log(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
                 f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f} | {seconds:.1f}s"
                 + (" *" if improved else "")
@@ -273,9 +401,45 @@ class Trainer:
             writer.close()
         if not best_path.exists():
             raise CheckpointError(f"no best checkpoint in '{self.ckpt_dir}'; delete the run directory and train again")
-        return TrainResult(best_path, last_path, history, best_epoch, best_val, time.perf_counter() - t_start, resumed_from)
+        return TrainResult(best_path, last_path, history, best_epoch, best_val, time.perf_counter() - t_start, resumed_from,
+                           extra={"world_size": world, "per_rank_batch_size": batch_size})
 
     # -- internals ------------------------------------------------------------------------
+    def _wrap_ddp(self, train_it: BatchIterator, device: torch.device) -> nn.Module:
+        """DDP around the task's model (via :class:`_MethodDispatch`), deciding ``find_unused_parameters``."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = self.task.model
+        find_unused = self.find_unused_parameters
+        if find_unused is None:
+            xb, yb, ib = next(iter(BatchIterator(self.plan.dataset.train, self.plan.train_idx[:4], 4, shuffle=False, seed=0)))
+            maps = self.task.maps_for(ib)
+            x, maps = prepare_batch(xb, self.plan, device, maps)
+            was_training = model.training
+            model.train()
+            find_unused = _has_unused_parameters(self.task, x, yb.to(device), maps)
+            model.train(was_training)
+            # every rank must pass the same flag to DDP
+            find_unused = dist_utils.all_reduce_sum(torch.tensor([float(find_unused)])).item() > 0
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        # 1-channel conv weights (MNIST-like inputs) get gradients whose size-1 dimension has another
+        # stride than DDP's bucket view: harmless (DDP copies), but warned about on every rank.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
+        return DistributedDataParallel(_MethodDispatch(model), device_ids=device_ids, find_unused_parameters=find_unused)
+
+    @contextlib.contextmanager
+    def _through(self, ddp: Optional[nn.Module]):
+        """While computing the loss, ``task.model`` calls go through DDP (so gradients are synchronised)."""
+        if ddp is None:
+            yield
+            return
+        model = self.task.model
+        self.task.model = _DDPModelView(ddp, model)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            self.task.model = model
+
     def _save(self, path, opt, epoch, history, best_val, best_epoch, with_optim: bool) -> None:
         tensors = {f"model.{k}": v for k, v in self.task.model.state_dict().items()}
         meta = {
@@ -312,6 +476,14 @@ class Trainer:
         return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
 
 
+def _all_reduce_sums(sums: dict[str, float], extra_sums: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Epoch sums over all ranks (float64, keys in a fixed order on every rank)."""
+    keys = sorted(extra_sums)
+    t = torch.tensor([sums["loss"], sums["correct"], sums["n"], *(extra_sums[k] for k in keys)], dtype=torch.float64)
+    t = dist_utils.all_reduce_sum(t).tolist()
+    return {"loss": t[0], "correct": t[1], "n": t[2]}, dict(zip(keys, t[3:]))
+
+
 @torch.no_grad()
 def evaluate(
     task: Task,
@@ -321,11 +493,20 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     amp_dtype=None,
+    shard: bool = False,
 ) -> dict[str, float]:
-    """Loss and accuracy of ``task.model`` on ``split[indices]`` (no augmentation)."""
+    """Loss and accuracy of ``task.model`` on ``split[indices]`` (no augmentation).
+
+    ``shard=True`` in a distributed run is a collective call: rank r evaluates ``indices[r::W]``
+    (no padding, so nothing is counted twice) and the sums are all-reduced, so every rank returns
+    the figures of the whole of ``indices``. The model must be the same on every rank.
+    """
     model = task.model
     was_training = model.training
     model.eval()
+    world = dist_utils.world_size() if shard else 1
+    if world > 1:
+        indices = np.asarray(indices)[dist_utils.rank() :: world]
     total, correct, n = 0.0, 0, 0
     for xb, yb, _ in BatchIterator(split, indices, batch_size, shuffle=False, seed=0):
         x, _ = prepare_batch(xb, plan, device)
@@ -336,6 +517,9 @@ def evaluate(
         correct += (logits.argmax(1) == y).sum().item()
         n += y.shape[0]
     model.train(was_training)
+    if world > 1:
+        total, correct, n = dist_utils.all_reduce_sum(torch.tensor([total, float(correct), float(n)], dtype=torch.float64)).tolist()
+        correct, n = int(round(correct)), int(round(n))
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan"), "n": 0}
     return {"loss": total / n, "acc": correct / n, "n": n}

@@ -1,0 +1,388 @@
+"""One report per run or study: a self-contained HTML file and a Markdown file.
+
+The HTML embeds every figure as a base64 PNG and its CSS inline, so it can be mailed or archived
+alone (no external assets, no URLs). The Markdown file links PNGs written next to it
+(``<name>_files/``). Both are written atomically. The report only reads what the run or study
+wrote (``results.json``/``study.json``, stage records, ``examples.npz``): no model is re-run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from teachx.errors import RunDirError
+from teachx.utils.io import write_bytes_atomic, write_text_atomic
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;color:#222;line-height:1.4}
+h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;font-size:.86em;margin:.6em 0}th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child,td.l{text-align:left}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.82em}
+.verdict{padding:.4em .8em;margin:.3em 0;border-left:4px solid #888;background:#fafafa}
+.yes{border-color:#2a7}.no{border-color:#c84}.note{color:#666;font-size:.85em}
+img{max-width:100%;border:1px solid #eee;margin:.4em 0}
+"""
+
+
+@dataclass
+class _Doc:
+    """Builds the HTML and Markdown bodies side by side."""
+
+    title: str
+    html: list[str] = field(default_factory=list)
+    md: list[str] = field(default_factory=list)
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    def h(self, text: str) -> None:
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+        self.md.append(f"\n## {text}\n")
+
+    def p(self, text: str, cls: str = "") -> None:
+        c = f' class="{cls}"' if cls else ""
+        self.html.append(f"<p{c}>{html.escape(text)}</p>")
+        self.md.append(f"{text}\n")
+
+    def verdict(self, text: str, good: Optional[bool]) -> None:
+        cls = "verdict " + ("yes" if good else "no" if good is not None else "")
+        self.html.append(f'<div class="{cls}">{html.escape(text)}</div>')
+        self.md.append(f"- **{text}**")
+
+    def pre(self, text: str) -> None:
+        self.html.append(f"<pre>{html.escape(text)}</pre>")
+        self.md.append(f"\n```yaml\n{text.rstrip()}\n```\n")
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        self.html.append(f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>")
+        self.md.append("| " + " | ".join(map(str, header)) + " |")
+        self.md.append("|" + "---|" * len(header))
+        for r in rows:
+            self.md.append("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |")
+        self.md.append("")
+
+    def figure(self, name: str, png: bytes, caption: str = "") -> None:
+        b64 = base64.b64encode(png).decode("ascii")
+        self.html.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
+                         + (f"<figcaption class=note>{html.escape(caption)}</figcaption>" if caption else "") + "</figure>")
+        self.figures[name] = png
+        self.md.append(f"![{caption or name}]({{files}}/{name})\n")
+
+    def render(self, md_files_dir: str) -> tuple[str, str]:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        head = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>"
+                f"<style>{CSS}</style></head><body><h1>{html.escape(self.title)}</h1><p class=note>written {stamp} by teachx</p>")
+        md = f"# {self.title}\n\n_written {stamp} by teachx_\n\n" + "\n".join(self.md).replace("{files}", md_files_dir) + "\n"
+        return head + "\n".join(self.html) + "</body></html>\n", md
+
+
+# -- formatting --------------------------------------------------------------------------------------
+
+def _f(x: Optional[float], nd: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _p(p: Optional[float]) -> str:
+    if p is None:
+        return "n/a"
+    return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def _ms(s: Optional[dict[str, Any]], nd: int = 4) -> str:
+    if not s:
+        return "n/a"
+    return f"{_f(s['mean'], nd)} ± {_f(s['std'], nd)}" if s.get("std") is not None else _f(s["mean"], nd)
+
+
+def _ci(lo: Optional[float], hi: Optional[float], signed: bool = False) -> str:
+    if lo is None or hi is None:
+        return "n/a"
+    return f"[{lo:+.4f}, {hi:+.4f}]" if signed else f"[{lo:.4f}, {hi:.4f}]"
+
+
+# -- figures -----------------------------------------------------------------------------------------
+
+def _plt():
+    from teachx.reporting.figures import _plt as plt
+
+    return plt()
+
+
+def _png(fig, dpi: int = 90) -> bytes:
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def curves_figure(histories: dict[str, list[list[dict[str, Any]]]], title: str = "") -> bytes:
+    """Validation accuracy and loss per epoch: mean over seeds (line) and min-max band, one colour per arm."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for i, (name, runs) in enumerate(histories.items()):
+        runs = [h for h in runs if h]
+        if not runs:
+            continue
+        n_ep = min(len(h) for h in runs)
+        ep = [runs[0][e]["epoch"] for e in range(n_ep)]
+        for ax, key in zip(axes, ("val_acc", "val_loss")):
+            vals = np.array([[h[e].get(key, np.nan) if h[e].get(key) is not None else np.nan for e in range(n_ep)] for h in runs], float)
+            if np.all(np.isnan(vals)):
+                key_train = key.replace("val", "train")
+                vals = np.array([[h[e].get(key_train, np.nan) for e in range(n_ep)] for h in runs], float)
+            ax.plot(ep, np.nanmean(vals, 0), color=f"C{i}", label=f"{name} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(ep, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i}", alpha=0.15)
+    axes[0].set_ylabel("validation accuracy"), axes[1].set_ylabel("validation loss (IMPACTX: CE + lambda MSE)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def faithfulness_figure(curves: dict[str, dict[str, dict[str, Any]]], title: str = "") -> bytes:
+    """MoRF (left, lower is better) and LeRF (right, higher is better) curves: one line per map set."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, metric, label in zip(axes, ("pixel_flipping_morf", "pixel_flipping_lerf"), ("MoRF (lower AUC = more faithful)", "LeRF (higher AUC = more faithful)")):
+        for i, (name, by_metric) in enumerate(curves.items()):
+            c = by_metric.get(metric) or {}
+            if c.get("curve") and c.get("curve_x"):
+                auc = (c.get("auc") or {}).get("mean")
+                ax.plot(c["curve_x"], c["curve"], color=f"C{i}", ls="--" if "random" in name else "-",
+                        label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
+        ax.set_title(label, fontsize=9), ax.set_xlabel("fraction of pixels perturbed"), ax.set_ylabel("target-class probability")
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> Optional[bytes]:
+    """Input | teacher map | built-in map | post-hoc teacher map on IMPACTX (symmetric colour scales, colorbars)."""
+    import torch
+
+    from teachx.reporting.figures import save_example_grid
+
+    if not npz.exists():
+        return None
+    with np.load(npz) as z:
+        arrays = {k: z[k] for k in z.files}
+    columns = {"teacher": torch.from_numpy(arrays["teacher"]), "IMPACTX built-in": torch.from_numpy(arrays["built_in"])}
+    if "post_hoc" in arrays:
+        columns["teacher post hoc on IMPACTX"] = torch.from_numpy(arrays["post_hoc"])
+    names = list(class_names or [])
+    labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(arrays["index"], arrays["labels"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_example_grid(Path(tmp) / "grid.png", torch.from_numpy(arrays["images"]), columns, labels, dpi=70)
+        return path.read_bytes()
+
+
+# -- reports -------------------------------------------------------------------------------------------
+
+def write_report(run_or_study_dir: str | Path, out: Optional[str | Path] = None) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` (or ``out`` and ``out`` with .md) for a run or study directory."""
+    d = Path(run_or_study_dir)
+    if (d / "study.json").exists():
+        doc = _study_report(d)
+    elif (d / "results.json").exists() and (d / "config.yaml").exists():
+        doc = _run_report(d)
+    elif d.is_dir() and (d / "study.yaml").exists():
+        raise RunDirError(f"study '{d}' has no study.json yet; run `teachx study` to completion (it resumes) and try again")
+    else:
+        raise RunDirError(f"'{d}' is not a teachx run or study directory (no results.json or study.json); pass the --out folder of `teachx run`, `teachx demo` or `teachx study`")
+    html_path = Path(out) if out else d / "report.html"
+    if html_path.suffix.lower() not in (".html", ".htm"):
+        html_path = html_path.with_suffix(".html")
+    md_path = html_path.with_suffix(".md")
+    files_dir = html_path.with_name(html_path.stem + "_files")
+    html_text, md_text = doc.render(files_dir.name)
+    for name, png in doc.figures.items():
+        write_bytes_atomic(files_dir / name, png)
+    write_text_atomic(md_path, md_text)
+    write_text_atomic(html_path, html_text)
+    return html_path, md_path
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"cannot read '{p}' ({type(exc).__name__}); re-run the command that writes it") from None
+
+
+def _run_report(d: Path) -> _Doc:
+    res = _read_json(d / "results.json")
+    doc = _Doc(f"teachx run: {res.get('dataset', '?')} / {res.get('backbone', '?')} / teacher {res.get('teacher', '?')}")
+    doc.p("A single run (one seed): no statistics. Use `teachx study` for several seeds, confidence intervals and p-values.", "note")
+    doc.h("Accuracy")
+    rows = [["baseline", res.get("backbone"), _f(res.get("baseline_test_acc")), _f(res.get("baseline_val_acc"))],
+            [f"IMPACTX (lambda={res.get('lam')}, maps={res.get('maps')})", res.get("backbone"), _f(res.get("impactx_test_acc")), _f(res.get("impactx_val_acc"))]]
+    if res.get("teacher_test_acc") is not None and res.get("teacher_backbone") != res.get("backbone"):
+        rows.append(["teacher", res.get("teacher_backbone"), _f(res.get("teacher_test_acc")), "n/a"])
+    doc.table(["model", "backbone", "test acc", "best val acc"], rows)
+    q = res.get("map_quality")
+    if q:
+        doc.h("Built-in maps vs teacher maps (test set)")
+        doc.table(["measure", "value"], [["Pearson correlation", _f(q.get("corr"), 3)], ["correlation of the mean training map", _f(q.get("corr_mean_map"), 3)],
+                                         ["R² vs mean map (> 0: per-image maps were learned)", _f(q.get("r2_vs_mean_map"), 3)]])
+    doc.h("Training curves")
+    hist = {}
+    for name, sub in (("baseline", "baseline"), ("teacher", "teacher"), ("IMPACTX", "impactx")):
+        st = d / sub / "stage.json"
+        if st.exists():
+            hist[name] = [_read_json(st).get("history", [])]
+    if hist:
+        doc.figure("curves.png", curves_figure(hist))
+    doc.h("Examples")
+    ex = d / "figures" / "examples.png"
+    if ex.exists():
+        doc.figure("examples.png", ex.read_bytes(), "input | teacher map | IMPACTX built-in map (colour scale symmetric around 0 per map)")
+    else:
+        doc.p("no example figure in this run (figures/examples.png)", "note")
+    doc.h("Stage timings")
+    doc.table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in (res.get("stage_seconds") or {}).items()]
+              + [["wall", f"{res.get('wall_seconds', 0.0):.1f}"]])
+    doc.p(f"device {res.get('device')}, torch threads {res.get('torch_threads')}; "
+          f"seconds/epoch: baseline {_f(res.get('baseline_seconds_per_epoch'), 2)}, IMPACTX {_f(res.get('impactx_seconds_per_epoch'), 2)}", "note")
+    doc.h("Resolved config")
+    doc.pre((d / "config.yaml").read_text())
+    return doc
+
+
+def _study_report(d: Path) -> _Doc:
+    data = _read_json(d / "study.json")
+    study, rows, units = data["study"], data["rows"], data["units"]
+    base = data["base_config"]
+    doc = _Doc(f"teachx study: {base['data']['name']} / {base['model']['backbone']} ({len(study['seeds'])} seeds)")
+    doc.p(f"seeds {study['seeds']}; arms: {', '.join(study['arms'])}; regimes: {', '.join(study['regimes'])}; "
+          f"control (lambda=0): {study.get('control') or 'none'}; alpha = {data['alpha']}.")
+    doc.h("Does the gain come from the explanations?")
+    if data["verdicts"]:
+        for v in data["verdicts"]:
+            doc.verdict(v["text"] + (f" (Holm-adjusted p={_p(v.get('p_ttest_holm'))}, Wilcoxon p={_p(v.get('p_wilcoxon'))}, n={v['n']})"), v["beats_control"])
+    else:
+        doc.p("No lambda=0 control arm in this study: add e.g. `lambda0: {impactx.lam: 0}` to study.arms to answer this.")
+    doc.h("Test accuracy (mean ± std over seeds, 95% t-interval, paired comparisons)")
+    header = ["regime", "arm", "n", "mean ± std", "95% CI", "Δ vs baseline", "CI of Δ", "p (t)", "p (Wilcoxon)", "p (t, Holm)", "d_z",
+              "Δ vs λ=0", "CI of Δ", "p (t)", "p (Wilcoxon)", "p (t, Holm)", "wins/losses vs λ=0"]
+    table = []
+    for r in rows:
+        s, vb, vc = r["summary"], r.get("vs_baseline"), r.get("vs_control")
+        cell = [r["regime"], r["arm"], s["n"], _ms(s), _ci(s["ci_low"], s["ci_high"])]
+        for c in (vb, vc):
+            if c:
+                cell += [f"{c['mean_diff']:+.4f}", _ci(c.get("ci_low"), c.get("ci_high"), True), _p(c.get("p_ttest")), _p(c.get("p_wilcoxon")), _p(c.get("p_ttest_holm"))]
+                if c is vb:
+                    cell.append(_f(c.get("cohen_dz"), 2))
+            else:
+                cell += [""] * (6 if c is vb else 5)
+        cell.append(f"{vc['wins']}/{vc['losses']}" if vc else "")
+        table.append(cell)
+    doc.table(header, table)
+    doc.p("Δ = arm − reference, paired by seed. p (t): paired t-test; p (Wilcoxon): signed-rank test (zero differences dropped, "
+          "exact or sign-flip permutation for small n; with fewer than 6 seeds it cannot reach 0.05); Holm: adjusted over all "
+          "comparisons of the same kind in the study; d_z: Cohen's d for paired data (vs baseline).", "note")
+    teach = [r for r in rows if r.get("teacher_test_acc")]
+    if teach:
+        doc.table(["regime", "arm", "teacher backbone", "teacher test acc"], [[r["regime"], r["arm"], r["teacher_backbone"], _ms(r["teacher_test_acc"])] for r in teach])
+    # ablation pivot
+    doc.h("Ablation table (test accuracy; Δ and p vs λ=0)")
+    regimes = list(study["regimes"])
+    arms = ["baseline", *study["arms"]]
+    by = {(r["regime"], r["arm"]): r for r in rows}
+    pivot = []
+    for arm in arms:
+        line = [arm]
+        for reg in regimes:
+            r = by.get((reg, arm))
+            if not r:
+                line.append("")
+                continue
+            txt = _ms(r["summary"])
+            if r.get("vs_control"):
+                txt += f" (Δ {r['vs_control']['mean_diff']:+.4f}, p={_p(r['vs_control'].get('p_ttest'))})"
+            line.append(txt)
+        pivot.append(line)
+    doc.table(["arm", *regimes], pivot)
+    # map quality
+    mq = [r for r in rows if r.get("map_quality")]
+    if mq:
+        doc.h("Built-in maps vs teacher maps (test set, mean ± std over seeds)")
+        doc.table(["regime", "arm", "λ", "maps", "teacher", "correlation", "corr. of mean map", "R² vs mean map"],
+                  [[r["regime"], r["arm"], r["lam"], r["maps"], r["teacher"], _ms(r["map_quality"]["corr"], 3),
+                    _ms(r["map_quality"]["corr_mean_map"], 3), _ms(r["map_quality"]["r2_vs_mean_map"], 3)] for r in mq])
+        doc.p("R² > 0 means the model predicts per-image maps better than the mean training map; the λ=0 arm (untrained decoder) is the floor.", "note")
+    # faithfulness
+    fr = [r for r in rows if r.get("faithfulness")]
+    if fr:
+        doc.h("Faithfulness (pixel flipping; AUC mean ± std over seeds)")
+        ft = []
+        for r in fr:
+            for set_name, by_metric in r["faithfulness"].items():
+                ft.append([r["regime"], r["arm"], set_name, _ms((by_metric.get("pixel_flipping_morf") or {}).get("auc")),
+                           _ms((by_metric.get("pixel_flipping_lerf") or {}).get("auc"))])
+        doc.table(["regime", "arm", "map set", "MoRF AUC (↓)", "LeRF AUC (↑)"], ft)
+        doc.p("built_in and teacher_post_hoc are scored on the IMPACTX model, teacher_on_baseline on the baseline; random maps are the floor for each model.", "note")
+        for r in fr:
+            doc.figure(f"faithfulness_{_safe(r['regime'])}_{_safe(r['arm'])}.png", faithfulness_figure(r["faithfulness"], f"regime {r['regime']}, arm {r['arm']}"),
+                       f"MoRF/LeRF curves, regime {r['regime']}, arm {r['arm']} (mean over seeds)")
+    # training curves
+    doc.h("Training curves")
+    for reg in regimes:
+        hist = {}
+        for arm in arms:
+            r = by.get((reg, arm))
+            if r:
+                hist[arm] = [units[k].get("history", []) for k in r["units"]]
+        doc.figure(f"curves_{_safe(reg)}.png", curves_figure(hist, f"regime {reg}"), f"regime {reg}: mean over seeds, band = min-max")
+    # examples
+    doc.h("Examples (first seed)")
+    shown = 0
+    for r in rows:
+        if r["kind"] != "impactx" or not r.get("lam"):
+            continue
+        names = (units[r["units"][0]].get("examples") or {}).get("class_names")
+        png = examples_figure(d / "units" / r["units"][0] / "examples.npz", names)
+        if png:
+            doc.figure(f"examples_{_safe(r['regime'])}_{_safe(r['arm'])}.png", png,
+                       f"regime {r['regime']}, arm {r['arm']}, seed {r['seeds'][0]}: input | teacher map | built-in map | teacher post hoc on IMPACTX "
+                       "(diverging colour scale symmetric around 0 per map)")
+            shown += 1
+    if not shown:
+        doc.p("no example arrays stored (study.eval.examples: 0)", "note")
+    errors = sorted({e for u in units.values() for e in (u.get("errors") or [])})
+    if errors:
+        doc.p("Diagnostics that could not be computed: " + "; ".join(errors), "note")
+    # timings
+    doc.h("Stage timings")
+    t = data["timings"]
+    doc.table(["stage", "units", "total s", "mean s"], [[k, v["n"], _f(v["total_s"], 1), _f(v["mean_s"], 2)] for k, v in t.items()])
+    doc.p(f"models trained by the last invocation: {data.get('trained_this_invocation')}; its wall time {data.get('wall_seconds_this_invocation', 0):.1f}s.", "note")
+    doc.h("Resolved config")
+    study_yaml = d / "study.yaml"
+    doc.pre(study_yaml.read_text() if study_yaml.exists() else json.dumps({"study": study, **base}, indent=2))
+    doc.h("Notes")
+    for n in data.get("notes", []):
+        doc.p(n, "note")
+    return doc
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(name))

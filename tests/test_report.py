@@ -1,0 +1,73 @@
+"""The HTML/Markdown report: self-contained, holds the tables and images, for studies and single runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from teachx.errors import RunDirError
+from teachx.reporting.report import write_report
+
+from tests.test_study import study_dir  # noqa: F401  (module-scoped fixture: the tiny study)
+
+
+def _images(html: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def _assert_self_contained(html: str) -> None:
+    assert not re.search(r"https?://", html), "the report must not reference external URLs"
+    assert not re.search(r'<(link|script)\b', html)
+    assert not re.search(r'src="(?!data:)', html)
+
+
+def test_study_report(study_dir):  # noqa: F811
+    out = study_dir["root"] / "out"
+    html_path, md_path = write_report(out, study_dir["root"] / "rep" / "r.html")
+    html = html_path.read_text()
+    _assert_self_contained(html)
+    pngs = _images(html)
+    # curves (1 regime) + examples (2 arms with lambda > 0) + faithfulness (3 arms)
+    assert len(pngs) >= 6 and all(p.startswith(b"\x89PNG") for p in pngs)
+    data = json.loads((out / "study.json").read_text())
+    rows = {r["arm"]: r for r in data["rows"]}
+    # the table shows the stored numbers
+    assert "Test accuracy" in html and "p (Wilcoxon)" in html and "Ablation table" in html and "Stage timings" in html
+    s = rows["impactx"]["summary"]
+    assert f"{s['mean']:.4f} ± {s['std']:.4f}" in html
+    assert f"{rows['impactx']['vs_control']['mean_diff']:+.4f}" in html
+    assert "Does the gain come from the explanations?" in html and "impactx vs lambda0" in html
+    assert "MoRF" in html and "teacher post hoc on IMPACTX" in html
+    md = md_path.read_text()
+    assert "| regime | arm | n |" in md
+    for link in re.findall(r"\]\((r_files/[^)]+)\)", md):
+        assert (html_path.parent / link).read_bytes().startswith(b"\x89PNG")
+
+
+def test_run_report(tmp_path):
+    """A `teachx run`-like directory (no statistics): accuracy table, curves, config."""
+    run = tmp_path / "run"
+    (run / "baseline").mkdir(parents=True)
+    (run / "impactx").mkdir()
+    hist = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc": 0.5 + e / 10, "val_acc": 0.45 + e / 10} for e in (1, 2, 3)]
+    (run / "baseline" / "stage.json").write_text(json.dumps({"history": hist}))
+    (run / "impactx" / "stage.json").write_text(json.dumps({"history": hist}))
+    (run / "config.yaml").write_text("command: run\nseed: 0\n")
+    (run / "results.json").write_text(json.dumps({
+        "dataset": "tiny", "backbone": "lenet5", "teacher": "deepshap", "baseline_test_acc": 0.61234, "impactx_test_acc": 0.65432,
+        "lam": 1.0, "maps": "teacher", "map_quality": {"corr": 0.5, "corr_mean_map": 0.3, "r2_vs_mean_map": 0.2},
+        "stage_seconds": {"baseline": 1.5}, "wall_seconds": 3.0}))
+    html_path, md_path = write_report(run)
+    html = html_path.read_text()
+    _assert_self_contained(html)
+    assert "0.6123" in html and "0.6543" in html and "no statistics" in html and len(_images(html)) == 1
+    assert html_path == run / "report.html" and md_path == run / "report.md"
+
+
+def test_not_a_run(tmp_path):
+    with pytest.raises(RunDirError, match="not a teachx run or study"):
+        write_report(tmp_path)

@@ -1,0 +1,196 @@
+"""A tiny study end to end: baseline reuse across arms, resume without training, statistics vs scipy."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy import stats as sps
+
+from teachx.errors import ConfigError
+from teachx.interfaces.study import BASELINE, load_study, run_study
+from teachx.training.trainer import Trainer
+
+
+def make_zip(path: Path) -> Path:
+    """4 classes, bright quadrant = class, low contrast so accuracies differ between seeds."""
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        for split, n in (("train", 24), ("test", 16)):
+            for c, name in enumerate(["tl", "tr", "bl", "br"]):
+                for i in range(n):
+                    a = rng.integers(0, 120, (32, 32, 3)).astype(np.uint8)
+                    r, q = divmod(c, 2)
+                    a[r * 16 : r * 16 + 16, q * 16 : q * 16 + 16] += 25
+                    buf = io.BytesIO()
+                    Image.fromarray(a).save(buf, format="PNG")
+                    zf.writestr(f"{split}/{name}/{i}.png", buf.getvalue())
+    return path
+
+
+STUDY = """
+data:
+  name: imagefolder:{zip}
+  hflip: false
+  val_fraction: 0.2
+model:
+  backbone: lenet5
+train:
+  epochs: 2
+  batch_size: 32
+  lr: 0.003
+teacher:
+  method: gradient_x_input
+  batch_size: 64
+study:
+  n_seeds: 3
+  arms:
+    impactx: {{}}
+    lambda0: {{impactx.lam: 0}}
+    shuffled: {{impactx: {{maps: shuffled}}}}
+  eval: {{faithfulness: true, n_images: 12, steps: 4, examples: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    """Run the study once (module scope: the other tests read its outputs)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("study")
+    z = make_zip(root / "tiny.zip")
+    cfg = root / "study.yaml"
+    cfg.write_text(STUDY.format(zip=z))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TEACHX_CACHE", str(root / "cache"))
+    fits: list[str] = []
+    original = Trainer.fit
+
+    def counting_fit(self, *a, **k):
+        fits.append(self.meta.get("kind", "?") if hasattr(self, "meta") else "?")
+        return original(self, *a, **k)
+
+    mp.setattr(Trainer, "fit", counting_fit)
+    lines: list[str] = []
+    spec = load_study(str(cfg), ["study.n_seeds=2"])  # override of the study section: 2 seeds
+    first = run_study(spec, root / "out", lines.append)
+    n_first = len(fits)
+    second_lines: list[str] = []
+    second = run_study(load_study(str(cfg), ["study.n_seeds=2"]), root / "out", second_lines.append)
+    mp.undo()
+    return {"root": root, "cfg": cfg, "first": first, "second": second, "fits_first": n_first, "fits_total": len(fits),
+            "kinds": fits, "lines": lines, "second_lines": second_lines}
+
+
+def test_baseline_trained_once_per_seed_and_shared(study_dir):
+    # 2 seeds x (1 baseline + 3 IMPACTX arms); the baseline (also the teacher) is shared by all arms
+    assert study_dir["fits_first"] == 2 * 4
+    assert study_dir["kinds"][: study_dir["fits_first"]].count("classifier") == 2
+    data = study_dir["first"].data
+    rows = {r["arm"]: r for r in data["rows"]}
+    base_units = set(rows[BASELINE]["units"])
+    assert len(base_units) == 2
+    for arm in ("impactx", "lambda0", "shuffled"):
+        assert {data["units"][k]["baseline_unit"] for k in rows[arm]["units"]} == base_units
+        assert {data["units"][k]["teacher_unit"] for k in rows[arm]["units"]} == base_units
+    assert sum(1 for u in data["units"].values() if u["kind"] == "classifier") == 2
+
+
+def test_resume_does_no_training(study_dir):
+    assert study_dir["fits_total"] == study_dir["fits_first"]  # second invocation: no Trainer.fit at all
+    assert study_dir["second"].trained == 0
+    assert all("(cached)" in ln for ln in study_dir["second_lines"] if ln.startswith("["))
+    assert study_dir["second"].data["rows"] == study_dir["first"].data["rows"]
+
+
+def test_progress_lines(study_dir):
+    unit_lines = [ln for ln in study_dir["lines"] if ln.startswith("[")]
+    assert len(unit_lines) == 8 and unit_lines[0].startswith("[1/8] regime=all arm=baseline seed=0")
+    assert any("Does the gain come from the explanations?" in ln for ln in study_dir["lines"])
+
+
+def test_pvalues_equal_scipy_on_stored_accuracies(study_dir):
+    data = json.loads((study_dir["root"] / "out" / "study.json").read_text())
+    rows = {r["arm"]: r for r in data["rows"]}
+    units = data["units"]
+    for arm in ("impactx", "lambda0", "shuffled"):
+        accs = [units[k]["test_acc"] for k in rows[arm]["units"]]
+        assert accs == rows[arm]["test_acc"]
+        base = [units[k]["test_acc"] for k in rows[BASELINE]["units"]]
+        _check(rows[arm]["vs_baseline"], accs, base)
+        mean = np.mean(accs)
+        assert rows[arm]["summary"]["mean"] == pytest.approx(mean)
+        assert rows[arm]["summary"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    ctrl = rows["lambda0"]["test_acc"]
+    for arm in ("impactx", "shuffled"):
+        _check(rows[arm]["vs_control"], rows[arm]["test_acc"], ctrl)
+    assert "vs_control" not in rows["lambda0"]
+    assert {v["arm"] for v in data["verdicts"]} == {"impactx", "shuffled"} and all(v["regime"] == "all" for v in data["verdicts"])
+    # map quality and faithfulness were collected per unit
+    assert set(rows["impactx"]["map_quality"]) == {"corr", "corr_mean_map", "r2_vs_mean_map"}
+    sets = rows["impactx"]["faithfulness"]
+    assert {"built_in", "teacher_post_hoc", "random", "teacher_on_baseline", "random_on_baseline"} <= set(sets)
+    assert len(sets["built_in"]["pixel_flipping_morf"]["curve"]) == 5
+
+
+def _check(cmp, a, b):
+    d = np.asarray(a) - np.asarray(b)
+    assert cmp["differences"] == pytest.approx(d.tolist())
+    if np.all(d == 0):
+        assert cmp["p_ttest"] == 1.0 and cmp["p_wilcoxon"] == 1.0
+        return
+    if np.std(d) > 0:
+        assert cmp["p_ttest"] == pytest.approx(sps.ttest_rel(a, b).pvalue)
+    assert cmp["p_wilcoxon"] == pytest.approx(sps.wilcoxon(d).pvalue)
+
+
+def test_study_config_errors(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("study:\n  arms:\n    a: {impactx.lamm: 0}\n")
+    with pytest.raises(ConfigError, match="did you mean 'lam'"):
+        load_study(str(cfg))
+    cfg.write_text("study:\n  arms:\n    baseline: {}\n")
+    with pytest.raises(ConfigError, match="reserved"):
+        load_study(str(cfg))
+    cfg.write_text("study:\n  n_seed: 3\n")
+    with pytest.raises(ConfigError, match="n_seeds"):
+        load_study(str(cfg))
+    cfg.write_text("model: {backbone: lenet5}\n")
+    with pytest.raises(ConfigError, match="study"):
+        load_study(str(cfg))
+    cfg.write_text("study:\n  arms: {a: {}, b: {impactx.lam: 0.5}}\n  control: b\n")
+    with pytest.raises(ConfigError, match="lam: 0"):
+        load_study(str(cfg))
+
+
+def test_regimes_and_seeds_parsing(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("study:\n  seeds: [3, 7]\n  arms: {x: {}, zero: {impactx.lam: 0}}\n"
+                   "  regimes:\n    - {name: small, data.train_size: 20}\n    - {data: {train_size: 40}}\n    - {}\n")
+    spec = load_study(str(cfg))
+    assert spec.seeds == [3, 7] and spec.control == "zero"
+    assert list(spec.regimes) == ["small", "train_size=40", "all"]
+    c = spec.config("small", "zero", 7)
+    assert c.seed == 7 and c.data.train_size == 20 and c.impactx.lam == 0
+    assert load_study(str(cfg), n_seeds=4).seeds == [0, 1, 2, 3]
+
+
+def test_cached_study_cli(study_dir):
+    """`teachx study` on the finished study: no training, report written, one line per unit."""
+    from click.testing import CliRunner
+
+    import click
+
+    from teachx.interfaces.cli_study import register
+
+    group = click.Group()
+    register(group)
+    res = CliRunner().invoke(group, ["study", str(study_dir["cfg"]), "--out", str(study_dir["root"] / "out"), "--seeds", "2", "-q"],
+                             env={"TEACHX_CACHE": str(study_dir["root"] / "cache")})
+    assert res.exit_code == 0, res.output
+    assert "0 models trained" in res.output and (study_dir["root"] / "out" / "report.html").exists()
