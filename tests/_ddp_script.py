@@ -85,7 +85,7 @@ def make_maps(out: Path, ds, distributed=None) -> None:
 def train_classifier(out: Path, ds, epochs: int = EPOCHS, crash_epoch: int = -1, distributed=None, augment=None):
     torch.manual_seed(0)
     model = build_model("lenet5", 1, 4, (16, 16))
-    cfg = TrainConfig(epochs=epochs, batch_size=32, optimizer="adam", lr=3e-3, schedule="cosine", progress=False, eval_batch_size=10)
+    cfg = TrainConfig(epochs=epochs, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False, eval_batch_size=10)
     task = CrashingTask(model, crash_epoch)
     trainer = Trainer(task, plan(ds, augment), cfg, out / "classifier", seed=1, device="cpu", meta={"kind": "classifier"},
                       log=lambda s: None, distributed=distributed, on_epoch_start=task.set_epoch)
@@ -97,7 +97,7 @@ def train_impactx(out: Path, ds, lam: float, distributed=None):
     model = build_impactx("lenet5", 1, 4, (16, 16), decoder_width=8)
     store = open_store(out / "maps", {"teacher": "ig"}, len(ds.train), (1, 16, 16), log=lambda m: None, distributed=distributed)
     source = MapSource(store, "teacher", np.arange(160), 0) if lam > 0 else None
-    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="adam", lr=3e-3, schedule="cosine", progress=False)
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False)
     trainer = Trainer(ImpactxTask(model, source, lam), plan(ds), cfg, out / f"impactx_lam{lam}", seed=2, device="cpu",
                       meta={"kind": "impactx"}, log=lambda s: None, distributed=distributed)
     return trainer.fit()

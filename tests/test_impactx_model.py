@@ -68,3 +68,18 @@ def test_map_sources(tmp_path):
     rnd = MapSource(store, "random", train_idx, 0)
     a, b = rnd(idx), rnd(idx)
     assert torch.equal(a, b) and not torch.allclose(a[0], a[1])  # fixed per image, differs between images
+
+
+def test_frozen_m_stays_fixed_in_training():
+    torch.manual_seed(0)
+    m = build_impactx("mobilenet", 3, 10, (32, 32))
+    before = {k: v.clone() for k, v in m.m.state_dict().items()}
+    m.freeze_m()
+    m.train()
+    assert not m.m.training and m.lep.training
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    F.cross_entropy(m(x), y).backward()
+    opt.step()
+    after = m.m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics unchanged

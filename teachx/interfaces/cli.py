@@ -11,6 +11,8 @@ import click
 
 from teachx.errors import ConfigError, TeachxError
 
+NPROC_HELP = "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
+
 EPILOG = """\b
 Examples:
   teachx demo                                   # bundled data, LeNet-5, SHAP teacher, baseline vs IMPACTX
@@ -100,7 +102,8 @@ def config_cmd(args: tuple[str, ...]) -> None:
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if it holds the same config).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory made with another config.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
+def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int]) -> None:
     """Train a baseline classifier: teachx train [CONFIG] [KEY=VALUE ...] --out DIR."""
     from teachx.interfaces.config import resolve_config
     from teachx.interfaces.pipeline import make_plan, prepare_run_dir, train_classifier
@@ -108,14 +111,20 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None
 
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
+    from teachx.interfaces.launch import echo0, launch_or_join
+    from teachx.training import distributed as dist_utils
+
+    is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
+    quiet = quiet or not is_main
     if quiet:
         cfg.train.progress = False
-    plan = make_plan(cfg, progress=not quiet)  # data problems surface before anything is written
-    run_dir = prepare_run_dir(out, cfg, "train", overwrite)
+    plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
+    run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "train", overwrite)
     t0 = time.perf_counter()
-    rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, click.echo)
-    write_json_atomic(run_dir / "results.json", {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0})
-    click.echo(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {rec['checkpoint']}")
+    rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0)
+    dist_utils.on_main(write_json_atomic, run_dir / "results.json", {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0})
+    echo0(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {rec['checkpoint']}")
+    dist_utils.shutdown()
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -123,7 +132,8 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if it holds the same config).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory made with another config.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
+def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int]) -> None:
     """Baseline -> teacher maps -> IMPACTX -> test: teachx run CONFIG [KEY=VALUE ...] --out DIR."""
     from teachx.interfaces.config import resolve_config
     from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
@@ -132,20 +142,28 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool) -> None:
     if path is None:
         raise ConfigError("teachx run needs a CONFIG file (see configs/); e.g. teachx run configs/cifar10-lenet5.yaml --out runs/x")
     cfg = resolve_config(path, overrides)
+    from teachx.interfaces.launch import echo0, launch_or_join
+    from teachx.training import distributed as dist_utils
+
+    is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
+    quiet = quiet or not is_main
     if quiet:
         cfg.train.progress = False
-    plan = make_plan(cfg, progress=not quiet)
-    run_dir = prepare_run_dir(out, cfg, "run", overwrite)
-    res = run_pipeline(cfg, run_dir, click.echo, progress=not quiet, plan=plan).results
-    _print_summary(res, run_dir)
+    plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)
+    run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "run", overwrite)
+    res = run_pipeline(cfg, run_dir, echo0, progress=not quiet, plan=plan).results
+    if is_main:
+        _print_summary(res, run_dir)
+    dist_utils.shutdown()
 
 
 @cli.command()
 @click.option("--out", "-o", "out", default="teachx-demo", show_default=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo directory made with another config.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.argument("overrides", nargs=-1)
-def demo(out: str, overwrite: bool, quiet: bool, overrides: tuple[str, ...]) -> None:
+def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], overrides: tuple[str, ...]) -> None:
     """The bundled dataset, LeNet-5 and a SHAP teacher: baseline vs IMPACTX in a few minutes."""
     from importlib.resources import files
 
@@ -154,12 +172,19 @@ def demo(out: str, overwrite: bool, quiet: bool, overrides: tuple[str, ...]) -> 
 
     cfg_path = str(files("teachx") / "configs" / "demo.yaml")
     cfg = resolve_config(cfg_path, list(overrides))
+    from teachx.interfaces.launch import echo0, launch_or_join
+    from teachx.training import distributed as dist_utils
+
+    is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
+    quiet = quiet or not is_main
     if quiet:
         cfg.train.progress = False
-    plan = make_plan(cfg, progress=not quiet)
-    run_dir = prepare_run_dir(out, cfg, "demo", overwrite)
-    res = run_pipeline(cfg, run_dir, click.echo, progress=not quiet, plan=plan).results
-    _print_summary(res, run_dir)
+    plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)
+    run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "demo", overwrite)
+    res = run_pipeline(cfg, run_dir, echo0, progress=not quiet, plan=plan).results
+    if is_main:
+        _print_summary(res, run_dir)
+    dist_utils.shutdown()
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -191,7 +216,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cli.main(args=argv, prog_name="teachx", standalone_mode=False)
     except TeachxError as exc:
-        click.echo(f"teachx: error: {exc}", err=True)
+        from teachx.training import distributed as dist_utils
+
+        if dist_utils.is_main():  # every rank of a multi-process run hits the same error: say it once
+            click.echo(f"teachx: error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.NoSuchOption as exc:
         hint = f" (did you mean {', '.join(exc.possibilities)}?)" if exc.possibilities else ""

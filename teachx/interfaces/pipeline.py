@@ -27,6 +27,7 @@ from teachx.models.impactx import ImpactX, build_impactx
 from teachx.teachers import build as build_teacher
 from teachx.teachers.postprocess import postprocess
 from teachx.teachers.store import MapStore, fill_store, open_store
+from teachx.training import distributed as dist_utils
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask, MapSource
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
@@ -143,7 +144,7 @@ def train_classifier(
     res = trainer.fit(resume=True)
     ck = load_checkpoint(res.best_path)
     load_state_into(model, ck.group("model"), f"checkpoint '{res.best_path}'")
-    test = evaluate(ClassifierTask(model), plan, ds.test, np.arange(len(ds.test)), cfg.train.eval_batch_size, trainer.device)
+    test = evaluate(ClassifierTask(model), plan, ds.test, np.arange(len(ds.test)), cfg.train.eval_batch_size, trainer.device, shard=True)
     record = {
         "backbone": backbone,
         "checkpoint": str(res.best_path),
@@ -155,7 +156,7 @@ def train_classifier(
         "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
         "history": res.history,
     }
-    write_json_atomic(out_dir / "stage.json", record)
+    dist_utils.on_main(write_json_atomic, out_dir / "stage.json", record)
     log(f"[{out_dir.name}] test accuracy {test['acc']:.4f}")
     return record
 
@@ -294,8 +295,7 @@ def train_impactx_stage(
             raise ConfigError("impactx.m_init=teacher needs a teacher of the same backbone as the student")
         model.m.load_state_dict(teacher_model.state_dict())
         if ic.m_frozen:
-            for p in model.m.parameters():
-                p.requires_grad_(False)
+            model.freeze_m()
     done = stage_done(out_dir)
     if done:
         ck = load_checkpoint(done["checkpoint"])
@@ -308,13 +308,11 @@ def train_impactx_stage(
         task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device,
         meta={"kind": "impactx", "dataset": ds.name, "class_names": ds.class_names, "teacher": cfg.teacher.method}, log=log,
     )
-    if ic.m_frozen:
-        model.m.eval()
     log(f"[{out_dir.name}] training IMPACTX ({cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps}, {cfg.train.epochs} epochs)")
     res = trainer.fit(resume=True)
     ck = load_checkpoint(res.best_path)
     load_state_into(model, ck.group("model"), f"checkpoint '{res.best_path}'")
-    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), cfg.train.eval_batch_size, trainer.device)
+    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), cfg.train.eval_batch_size, trainer.device, shard=True)
     record = {
         "checkpoint": str(res.best_path),
         "best_epoch": res.best_epoch,
@@ -325,7 +323,7 @@ def train_impactx_stage(
         "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
         "history": res.history,
     }
-    write_json_atomic(out_dir / "stage.json", record)
+    dist_utils.on_main(write_json_atomic, out_dir / "stage.json", record)
     log(f"[{out_dir.name}] test accuracy {test['acc']:.4f}")
     return record, model.eval()
 
@@ -399,8 +397,8 @@ def run_pipeline(
     stage_seconds: dict[str, float] = {}
     plan = plan or make_plan(cfg, progress=progress)
     ds = plan.dataset
-    device = choose_device(cfg.device)
-    log(f"data: {json.dumps(data_summary(plan))}; device: {device}")
+    device = dist_utils.device_for(choose_device(cfg.device))
+    log(f"data: {json.dumps(data_summary(plan))}; device: {device}" + (f" x {dist_utils.world_size()} processes" if dist_utils.is_distributed() else ""))
 
     # 1. the student's baseline, and the teacher model (the baseline itself by default)
     t0 = time.perf_counter()
@@ -434,8 +432,10 @@ def run_pipeline(
 
     # 4. evaluation
     t0 = time.perf_counter()
-    quality = map_quality(model, plan, test_store, train_store, device) if (train_store is not None and cfg.impactx.lam > 0) else None
-    if figures and test_store is not None:
+    quality = None  # rank 0 alone evaluates and draws
+    if train_store is not None and cfg.impactx.lam > 0:
+        quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device)
+    if figures and test_store is not None and dist_utils.is_main():
         from teachx.reporting.figures import save_example_grid, save_training_curves
 
         ev = eval_indices(cfg, plan)
@@ -473,7 +473,9 @@ def run_pipeline(
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
-    write_json_atomic(run_dir / "results.json", results)
+    if dist_utils.is_distributed():
+        results["world_size"] = dist_utils.world_size()
+    dist_utils.on_main(write_json_atomic, run_dir / "results.json", results)
     return RunOutputs(results, run_dir)
 
 

@@ -88,10 +88,24 @@ class ImpactX(nn.Module):
             self.classifier = nn.Linear(in_dim, num_classes)
         self.num_classes = num_classes
         self.spec = spec
+        self.m_frozen = False
         # the backbones' own heads are not part of IMPACTX: C replaces them
         for b in (self.m, self.lep):
             for p in b.classifier.parameters():
                 p.requires_grad_(False)
+
+    def freeze_m(self) -> None:
+        """Keep M fixed (e.g. initialised from the teacher): no gradients, BatchNorm statistics frozen."""
+        self.m_frozen = True
+        for p in self.m.parameters():
+            p.requires_grad_(False)
+        self.m.eval()
+
+    def train(self, mode: bool = True) -> "ImpactX":
+        super().train(mode)
+        if self.m_frozen:
+            self.m.eval()  # a frozen M stays in eval mode, whatever the training loop asks
+        return self
 
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, built-in map) from one forward pass."""
