@@ -213,6 +213,9 @@ def _print_summary(res: dict, run_dir: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: one-line errors, exit code 2, no traceback for problems the user can fix."""
+    from teachx.utils.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         cli.main(args=argv, prog_name="teachx", standalone_mode=False)
     except TeachxError as exc:
