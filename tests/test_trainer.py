@@ -89,3 +89,24 @@ def test_schedules_closed_form():
     assert lr_at(s, 29, 10) == pytest.approx(1.0) and lr_at(s, 30, 10) == pytest.approx(0.1) and lr_at(s, 65, 10) == pytest.approx(0.01)
     w = TrainConfig(epochs=10, lr=1.0, schedule="constant", warmup_epochs=1)
     assert lr_at(w, 0, 10) == pytest.approx(0.1) and lr_at(w, 9, 10) == pytest.approx(1.0)
+
+
+def test_tensorboard_logging_writes_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    sys.path.insert(0, str(SCRIPT.parent))
+    from _train_script import synthetic_dataset
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from teachx.models import build_model
+    from teachx.training.config import TrainConfig
+    from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
+
+    ds = synthetic_dataset(64, 16)
+    plan = DataPlan(ds, np.arange(48), np.arange(48, 64))
+    cfg = TrainConfig(epochs=2, batch_size=16, tensorboard=True, progress=False)
+    Trainer(ClassifierTask(build_model("lenet5", 1, 4, 16)), plan, cfg, tmp_path, device="cpu", meta={"kind": "classifier"}, log=lambda s: None).fit()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    hist = json.loads((tmp_path / "history.json").read_text())
+    vals = [e.value for e in acc.Scalars("val_acc")]
+    assert vals == pytest.approx([h["val_acc"] for h in hist])
