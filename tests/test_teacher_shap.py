@@ -353,3 +353,20 @@ def test_teachers_run_on_the_inputs_device():
         model.cpu()
         assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4 * cpu.abs().max().item())
+
+
+def test_deepshap_handles_channels_last_activations():
+    """Regression: 1-channel images permuted from NHWC make convs emit channels_last activations."""
+    from teachx.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet5", 1, 10, (28, 28)).eval()
+    x = torch.randn(6, 28, 28, 1).permute(0, 3, 1, 2)  # as the data pipeline builds 1-channel batches
+    bg = torch.randn(5, 1, 28, 28)
+    target = torch.arange(6) % 10
+    ref = DeepShap(bg).attribute(model, x.clone(memory_format=torch.contiguous_format), target)
+    cl_model = build_model("lenet5", 1, 10, (28, 28)).eval()
+    cl_model.load_state_dict(model.state_dict())
+    cl_model = cl_model.to(memory_format=torch.channels_last)
+    got = DeepShap(bg).attribute(cl_model, x.contiguous(memory_format=torch.channels_last), target)
+    assert torch.allclose(got, ref, atol=1e-6 * ref.abs().max().item())

@@ -226,8 +226,10 @@ class _Rescale:
         xi, yi = self.x_in[rows], self.x_out[rows]
         b_in, b_out, b_grad = self.b_in[ks], self.b_out[ks], self.b_grad[ks]
         nb, nk = xi.shape[0], b_in.shape[0]
-        delta_in = xi.unsqueeze(1) - b_in.unsqueeze(0)  # (nb, nk, ...)
-        multiplier = (yi.unsqueeze(1) - b_out.unsqueeze(0)).div_(delta_in)
+        # contiguous: activations may come in channels_last or other strides; the flat indexing
+        # below needs the standard layout
+        delta_in = (xi.unsqueeze(1) - b_in.unsqueeze(0)).contiguous()  # (nb, nk, ...)
+        multiplier = (yi.unsqueeze(1) - b_out.unsqueeze(0)).contiguous().div_(delta_in)
         # shap's fallback where |x - b| < eps: the plain gradient at b. Usually rare (patch by
         # index), but dead units give whole channels with x == b (then one torch.where is cheaper).
         small = delta_in.abs_() < RESCALE_EPS
@@ -235,7 +237,7 @@ class _Rescale:
         if count * 64 > small.numel():
             multiplier = torch.where(small, b_grad.unsqueeze(0), multiplier, out=multiplier)
         elif count:
-            where = torch.nonzero(small.view(-1)).squeeze(1)
+            where = torch.nonzero(small.reshape(-1)).squeeze(1)
             per_pair = b_grad[0].numel()
             fallback = b_grad.reshape(nk, per_pair)[(where // per_pair) % nk, where % per_pair]
             multiplier.view(-1)[where] = fallback
