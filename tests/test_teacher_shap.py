@@ -361,9 +361,10 @@ def test_deepshap_handles_channels_last_activations():
 
     torch.manual_seed(0)
     model = build_model("lenet5", 1, 10, (28, 28)).eval()
-    x = torch.randn(6, 28, 28, 1).permute(0, 3, 1, 2)  # as the data pipeline builds 1-channel batches
-    bg = torch.randn(5, 1, 28, 28)
-    target = torch.arange(6) % 10
+    x = torch.randn(8, 28, 28, 1).permute(0, 3, 1, 2)  # as the data pipeline builds 1-channel batches
+    bg = torch.randn(10, 1, 28, 28)
+    bg[0] = x[0]  # one identical (input, background) pair in 80: the sparse |x - b| < eps fallback path
+    target = torch.arange(8) % 10
     ref = DeepShap(bg).attribute(model, x.clone(memory_format=torch.contiguous_format), target)
     cl_model = build_model("lenet5", 1, 10, (28, 28)).eval()
     cl_model.load_state_dict(model.state_dict())
