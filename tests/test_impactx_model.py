@@ -12,10 +12,14 @@ from teachx.teachers.store import fill_store, open_store
 from teachx.training.impactx import ImpactxTask, MapSource
 
 
+@pytest.mark.parametrize("scale", [1, 2, 4])
 @pytest.mark.parametrize("size", [28, 32, 64, 96])
-def test_decoder_reaches_any_size(size):
-    d = MapDecoder(84, (size, size))
+def test_decoder_reaches_any_size(size, scale):
+    d = MapDecoder(84, (size, size), scale=scale)
     assert d(torch.randn(2, 84)).shape == (2, 1, size, size)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    # the last conv runs at (about) size / scale: seed grid * 2**(number of upsamplings)
+    assert d.seed_hw[0] * 2 ** (len(convs) - 1) in range(max(4, size // scale), max(4, size // scale) + 2**len(convs))
 
 
 @pytest.mark.parametrize("backbone, ch, size", [("lenet5", 1, 28), ("lenet5", 3, 32), ("mobilenet", 3, 32)])

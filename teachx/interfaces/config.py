@@ -66,13 +66,16 @@ class ImpactxConfig:
     lep_backbone: Optional[str] = None  # latent explanation predictor; default: the student backbone
     m_init: Literal["fresh", "teacher"] = "fresh"  # initialise M from the teacher (same backbone only)
     m_frozen: bool = False  # keep M fixed (only with m_init=teacher)
-    decoder_width: int = 64
+    decoder_width: int = 32  # channels of the decoder's first conv block (halved per block, >= 16)
+    decoder_scale: int = 2  # decoder convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
 
     def validate(self) -> None:
         if self.lam < 0:
             raise ConfigError(f"impactx.lam must be >= 0, got {self.lam}")
+        if self.decoder_scale < 1 or self.decoder_scale & (self.decoder_scale - 1):
+            raise ConfigError(f"impactx.decoder_scale must be a power of two >= 1, got {self.decoder_scale}")
         if self.m_frozen and self.m_init != "teacher":
             raise ConfigError("impactx.m_frozen=true needs impactx.m_init=teacher (a frozen fresh M would be random)")
 

@@ -288,7 +288,7 @@ def train_impactx_stage(
         backbone_options=cfg.model.options, lep_backbone=ic.lep_backbone,
         map_size=(ic.map_size, ic.map_size) if ic.map_size else None,
         map_channels=store.maps.shape[1] if store is not None else 1,
-        decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden,
+        decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden, decoder_scale=ic.decoder_scale,
     )
     if ic.m_init == "teacher":
         if teacher_model is None or type(teacher_model) is not type(model.m):

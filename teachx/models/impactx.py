@@ -31,16 +31,22 @@ def _upsamplings(size: int) -> int:
 class MapDecoder(nn.Module):
     """z -> (B, out_channels, H, W): FC to a coarse grid, then [upsample x2, conv3x3, ReLU] blocks.
 
-    The seed grid is ``ceil(H / 2**n)`` so any size from 28 to 96 px is reached exactly; a final
-    bilinear resize fixes odd sizes. The last conv is linear because maps are signed.
+    The convolutions run up to ``H / scale``; a final bilinear resize reaches the map size. With
+    ``scale=1`` every block is convolved at full resolution (the paper's Fig. 2 layout for 32x32);
+    ``scale=2`` (default) skips the costliest full-resolution convolutions -- for LeNet-5 they cost
+    more than the whole backbone -- and teacher maps at pixel level are mostly noise there anyway.
+    The last conv is linear because maps are signed.
     """
 
-    def __init__(self, latent_dim: int, map_size: tuple[int, int], out_channels: int = 1, width: int = 64):
+    def __init__(self, latent_dim: int, map_size: tuple[int, int], out_channels: int = 1, width: int = 32, scale: int = 2):
         super().__init__()
         h, w = map_size
         self.map_size = (int(h), int(w))
-        n = _upsamplings(min(h, w))
-        self.seed_hw = (math.ceil(h / 2**n), math.ceil(w / 2**n))
+        if scale < 1 or scale & (scale - 1):
+            raise ValueError(f"decoder scale must be a power of two >= 1, got {scale}")
+        inner = (max(4, h // scale), max(4, w // scale))
+        n = _upsamplings(min(inner))
+        self.seed_hw = (math.ceil(inner[0] / 2**n), math.ceil(inner[1] / 2**n))
         self.seed_channels = width
         self.fc = nn.Sequential(
             nn.Linear(latent_dim, width * self.seed_hw[0] * self.seed_hw[1]),
@@ -73,14 +79,15 @@ class ImpactX(nn.Module):
         num_classes: int,
         map_size: tuple[int, int],
         map_channels: int = 1,
-        decoder_width: int = 64,
+        decoder_width: int = 32,
         classifier_hidden: int = 0,
         spec: Optional[dict[str, Any]] = None,
+        decoder_scale: int = 2,
     ):
         super().__init__()
         self.m = m
         self.lep = lep
-        self.decoder = MapDecoder(lep.feature_dim, map_size, map_channels, decoder_width)
+        self.decoder = MapDecoder(lep.feature_dim, map_size, map_channels, decoder_width, decoder_scale)
         in_dim = m.feature_dim + lep.feature_dim
         if classifier_hidden > 0:
             self.classifier = nn.Sequential(nn.Linear(in_dim, classifier_hidden), nn.ReLU(), nn.Linear(classifier_hidden, num_classes))
@@ -138,8 +145,9 @@ def build_impactx(
     lep_options: Optional[dict[str, Any]] = None,
     map_size: Optional[tuple[int, int]] = None,
     map_channels: int = 1,
-    decoder_width: int = 64,
+    decoder_width: int = 32,
     classifier_hidden: int = 0,
+    decoder_scale: int = 2,
 ) -> ImpactX:
     """Build an IMPACTX model; the returned model's ``spec`` rebuilds it (for checkpoints)."""
     from teachx.models import build_model
@@ -161,11 +169,12 @@ def build_impactx(
         "map_size": list(map_size),
         "map_channels": map_channels,
         "decoder_width": decoder_width,
+        "decoder_scale": decoder_scale,
         "classifier_hidden": classifier_hidden,
     }
     m = build_model(backbone, in_channels, num_classes, image_size, **backbone_options)
     lep = build_model(lep_name, in_channels, num_classes, image_size, **lep_options)
-    return ImpactX(m, lep, num_classes, map_size, map_channels, decoder_width, classifier_hidden, spec=spec)
+    return ImpactX(m, lep, num_classes, map_size, map_channels, decoder_width, classifier_hidden, spec=spec, decoder_scale=decoder_scale)
 
 
 def impactx_from_spec(spec: dict[str, Any]) -> ImpactX:

@@ -1,0 +1,77 @@
+"""Run every benchmark in bench/ and write the performance table (bench/results/summary.md).
+
+    python bench/run_all.py            # run all benchmarks (about 15-30 min on a 2-core CPU), then summarise
+    python bench/run_all.py --summary  # only rebuild the table from bench/results/*.json
+
+The README's performance table is this file's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BENCHES = ["bench_shap.py", "bench_lrp.py", "bench_impactx.py", "bench_metrics.py", "bench_allocator.py"]
+
+
+def load(name: str):
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def summary() -> str:
+    rows = ["| target | model | measured | target | met |", "|---|---|---|---|---|"]
+    shap = load("shap.json")
+    if shap:
+        for name, r in shap["models"].items():
+            rows.append(
+                f"| DeepSHAP img/s vs bound (batch {shap['batch']}, background {shap['background']}) | {name} | "
+                f"{r['ours_img_s']:.1f} img/s = {r['ratio_to_bound']:.2f}x bound ({r['bound_img_s']:.1f}), {r['speedup_vs_shap']:.1f}x shap.DeepExplainer, max rel. diff {r['rel_diff']:.1e} | "
+                f">= 0.75x bound | {'yes' if r['ratio_to_bound'] >= 0.75 else 'no'} |"
+            )
+    lrp = load("lrp.json")
+    if lrp:
+        for r in lrp["results"]:
+            for key, tgt in (("lrp_epsilon", 1.5), ("lrp_epsilon_plus_flat", 2.0)):
+                v = r["ratio_vs_plain_input_grad"][key]
+                rows.append(f"| LRP {key[4:]} / forward+backward (batch {r['batch']}) | {r['model']} | {v:.2f}x | <= {tgt}x | {'yes' if v <= tgt else 'no'} |")
+    imp = load("impactx.json")
+    if imp:
+        for r in imp["results"]:
+            rows.append(f"| IMPACTX epoch / baseline epoch | {r['model']} | {r['ratio_impactx_to_baseline']:.2f}x (lambda=0: {r['ratio_impactx_lambda0_to_baseline']:.2f}x) | <= 2.5x | {'yes' if r['ratio_impactx_to_baseline'] <= 2.5 else 'no'} |")
+            rows.append(f"| reading stored maps, epoch overhead | {r['model']} | {100 * r['map_reading_overhead']:+.1f}% | <= 5% | {'yes' if r['map_reading_overhead'] <= 0.05 else 'no'} |")
+            rows.append(f"| built-in maps / baseline forward | {r['model']} | {r['ratio_builtin_maps_to_forward']:.2f}x | <= 2.5x | {'yes' if r['ratio_builtin_maps_to_forward'] <= 2.5 else 'no'} |")
+            sp = r.get("speedup_builtin_vs_deepexplainer")
+            rows.append(f"| built-in maps vs post-hoc shap.DeepExplainer (bg 100) | {r['model']} | {sp:.0f}x |" + (f" >= 100x | {'yes' if sp >= 100 else 'no'} |" if sp else " >= 100x | n/a |"))
+    met = load("metrics.json")
+    if met:
+        rows.append(f"| pixel-flipping AUC throughput, 1,000 images | lenet5 | {met['speedup']:.1f}x {met['speedup_vs'].replace('_', ' ')} | >= 10x Quantus | {'yes' if met['speedup'] >= 10 else 'no'} |")
+    alloc = load("allocator.json")
+    if alloc:
+        for r in alloc["results"]:
+            rows.append(f"| malloc tuning, training step speed-up | {r['model']} | {r['speedup']:.2f}x | (CPU tuning) | - |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--summary", action="store_true", help="only rebuild the table")
+    args = ap.parse_args()
+    if not args.summary:
+        for b in BENCHES:
+            print(f"== {b}", flush=True)
+            subprocess.run([sys.executable, str(HERE / b)], check=True)
+    from teachx.utils.io import write_text_atomic
+
+    text = summary()
+    write_text_atomic(RESULTS / "summary.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
