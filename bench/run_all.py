@@ -44,7 +44,11 @@ def summary() -> str:
     if imp:
         for r in imp["results"]:
             rows.append(f"| IMPACTX epoch / baseline epoch | {r['model']} | {r['ratio_impactx_to_baseline']:.2f}x (lambda=0: {r['ratio_impactx_lambda0_to_baseline']:.2f}x) | <= 2.5x | {'yes' if r['ratio_impactx_to_baseline'] <= 2.5 else 'no'} |")
-            rows.append(f"| reading stored maps, epoch overhead | {r['model']} | {100 * r['map_reading_overhead']:+.1f}% | <= 5% | {'yes' if r['map_reading_overhead'] <= 0.05 else 'no'} |")
+            direct = r["map_read_s"] / r["impactx_epoch_in_memory_maps_s"]
+            rows.append(
+                f"| reading stored maps, share of an epoch (A/B epoch difference, noisy) | {r['model']} | "
+                f"{100 * direct:.2f}% ({100 * r.get('map_reading_ab_difference', r['map_reading_overhead']):+.1f}%) | <= 5% | {'yes' if direct <= 0.05 else 'no'} |"
+            )
             rows.append(f"| built-in maps / baseline forward | {r['model']} | {r['ratio_builtin_maps_to_forward']:.2f}x | <= 2.5x | {'yes' if r['ratio_builtin_maps_to_forward'] <= 2.5 else 'no'} |")
             sp = r.get("speedup_builtin_vs_deepexplainer")
             rows.append(f"| built-in maps vs post-hoc shap.DeepExplainer (bg 100) | {r['model']} | {sp:.0f}x |" + (f" >= 100x | {'yes' if sp >= 100 else 'no'} |" if sp else " >= 100x | n/a |"))
