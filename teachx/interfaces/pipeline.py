@@ -141,12 +141,20 @@ def train_classifier(
         meta={"kind": "classifier", "dataset": ds.name, "class_names": ds.class_names}, log=log,
     )
     log(f"[{out_dir.name}] training {backbone} on {ds.name} ({len(plan.train_idx)} images, {cfg.train.epochs} epochs)")
+    return _fit_and_test(trainer, ClassifierTask(model), plan, out_dir, log, {"backbone": backbone})
+
+
+def _fit_and_test(
+    trainer: Trainer, task, plan: DataPlan, out_dir: Path, log: Callable[[str], None], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Train (resuming), reload the best checkpoint, test it, and write the stage record."""
     res = trainer.fit(resume=True)
     ck = load_checkpoint(res.best_path)
-    load_state_into(model, ck.group("model"), f"checkpoint '{res.best_path}'")
-    test = evaluate(ClassifierTask(model), plan, ds.test, np.arange(len(ds.test)), cfg.train.eval_batch_size, trainer.device, shard=True)
+    load_state_into(task.model, ck.group("model"), f"checkpoint '{res.best_path}'")
+    ds = plan.dataset
+    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), trainer.cfg.eval_batch_size, trainer.device, shard=True)
     record = {
-        "backbone": backbone,
+        **extra,
         "checkpoint": str(res.best_path),
         "best_epoch": res.best_epoch,
         "val_acc": max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
@@ -309,23 +317,7 @@ def train_impactx_stage(
         meta={"kind": "impactx", "dataset": ds.name, "class_names": ds.class_names, "teacher": cfg.teacher.method}, log=log,
     )
     log(f"[{out_dir.name}] training IMPACTX ({cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps}, {cfg.train.epochs} epochs)")
-    res = trainer.fit(resume=True)
-    ck = load_checkpoint(res.best_path)
-    load_state_into(model, ck.group("model"), f"checkpoint '{res.best_path}'")
-    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), cfg.train.eval_batch_size, trainer.device, shard=True)
-    record = {
-        "checkpoint": str(res.best_path),
-        "best_epoch": res.best_epoch,
-        "val_acc": max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
-        "seconds": res.seconds,
-        "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
-        "history": res.history,
-    }
-    dist_utils.on_main(write_json_atomic, out_dir / "stage.json", record)
-    log(f"[{out_dir.name}] test accuracy {test['acc']:.4f}")
-    return record, model.eval()
+    return _fit_and_test(trainer, task, plan, out_dir, log, {}), model.eval()
 
 
 @torch.no_grad()
@@ -347,10 +339,7 @@ def map_quality(
         indices = np.flatnonzero(np.asarray(test_store.done))
     indices = np.asarray(indices)
     n = len(indices)
-    mean_map = torch.zeros(train_store.maps.shape[1:], dtype=torch.float64)
-    for s in range(0, len(plan.train_idx), 4096):
-        mean_map += train_store.read(plan.train_idx[s : s + 4096]).double().sum(0)
-    mean_map = (mean_map / len(plan.train_idx)).float()
+    mean_map = train_store.mean_map(plan.train_idx)
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
     model = model.to(device).eval()
     for s in range(0, n, batch_size):
@@ -362,18 +351,19 @@ def map_quality(
         sums["mse"] += ((pred - target) ** 2).flatten(1).mean(1).sum().item()
         sums["mse_mean_map"] += ((mm - target) ** 2).flatten(1).mean(1).sum().item()
         sums["mse_zero"] += (target**2).flatten(1).mean(1).sum().item()
-        sums["corr"] += _pearson(pred, target).sum().item()
-        sums["corr_mean_map"] += _pearson(mm, target).sum().item()
+        sums["corr"] += _corr(pred, target).sum().item()
+        sums["corr_mean_map"] += _corr(mm, target).sum().item()
     out = {k: v / n for k, v in sums.items()}
     out["images"] = int(n)
     out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
     return out
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = a.flatten(1) - a.flatten(1).mean(1, keepdim=True)
-    b = b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image Pearson correlation; a constant map (e.g. all zeros) counts as 0, not NaN."""
+    from teachx.evaluation.base import pearson
+
+    return torch.nan_to_num(pearson(a.flatten(1), b.flatten(1)), nan=0.0)
 
 
 # -- the whole run -------------------------------------------------------------------------------

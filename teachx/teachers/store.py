@@ -58,6 +58,14 @@ class MapStore:
         indices = np.asarray(indices)
         return indices[~self.done[indices]]
 
+    def mean_map(self, indices: np.ndarray, chunk: int = 4096) -> torch.Tensor:
+        """float32 mean of the maps of ``indices`` (accumulated in float64, read in chunks)."""
+        indices = np.sort(np.asarray(indices))
+        acc = torch.zeros(self.maps.shape[1:], dtype=torch.float64)
+        for s in range(0, len(indices), chunk):
+            acc += self.read(indices[s : s + chunk]).double().sum(0)
+        return (acc / max(1, len(indices))).float()
+
     def read(self, indices: torch.Tensor | np.ndarray) -> torch.Tensor:
         """float32 maps for ``indices`` (reads only those rows from disk)."""
         idx = indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)

@@ -33,10 +33,7 @@ class MapSource:
             self.perm = np.arange(store.maps.shape[0])
             self.perm[order] = shifted
         elif mode in ("constant", "random"):
-            acc = torch.zeros(store.maps.shape[1:], dtype=torch.float64)
-            for s in range(0, len(train_idx), 4096):
-                acc += store.read(np.sort(train_idx[s : s + 4096])).double().sum(0)
-            self.mean_map = (acc / len(train_idx)).float()
+            self.mean_map = store.mean_map(train_idx)
             self.scale = float(self.mean_map.abs().max().clamp_min(1e-8))
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:

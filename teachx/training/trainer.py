@@ -224,17 +224,12 @@ def prepare_batch(
     if maps is not None:
         maps = maps.to(device, non_blocking=True).float()
     if generator is not None and plan.augment is not None:
-        x = x.float().div_(255.0)
+        x = x.float().div_(255.0)  # augment in [0, 1] pixel space (zero padding = black), then normalise
         if maps is not None:
             x, maps = plan.augment(x, generator, maps)
         else:
             x = plan.augment(x, generator)
-        mean = torch.tensor(plan.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(plan.std, device=device).view(1, -1, 1, 1)
-        x = (x - mean) / std
-    else:
-        x = normalize(x, plan.mean, plan.std)
-    return x, maps
+    return normalize(x, plan.mean, plan.std), maps
 
 
 class Trainer:
