@@ -326,8 +326,35 @@ def _unbroadcast(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 # ----------------------------------------------------------------------------- DeepShap
 
 
+class _BackgroundTeacher(Teacher):
+    """A teacher that compares inputs with a background (reference) set of images."""
+
+    def _set_background(self, background: torch.Tensor) -> None:
+        label = type(self).__name__
+        if not isinstance(background, torch.Tensor) or not background.is_floating_point() or background.dim() < 2:
+            raise DataError(f"{label} background must be a floating-point tensor (K, C, H, W) normalised like "
+                            "the inputs; pass e.g. a random subset of training images")
+        if background.shape[0] == 0:
+            raise DataError(f"{label} background is empty; pass at least one background image")
+        self.background = background.detach().clone()
+        self._background_hash: str | None = None
+
+    def _background_options(self) -> dict[str, Any]:
+        """Background size and content hash (part of the teacher-map store key)."""
+        if self._background_hash is None:
+            self._background_hash = tensor_sha256(self.background)
+        return {"background_size": int(self.background.shape[0]), "background_sha256": self._background_hash}
+
+    def _background_like(self, x: torch.Tensor) -> torch.Tensor:
+        background = self.background.to(device=x.device, dtype=x.dtype)
+        if background.shape[1:] != x.shape[1:]:
+            raise DataError(f"{type(self).__name__} background images have shape {tuple(background.shape[1:])} but "
+                            f"inputs have {tuple(x.shape[1:])}; use background images of the input size")
+        return background
+
+
 @TEACHERS.register("deepshap", "shap", "deep_shap")
-class DeepShap(Teacher):
+class DeepShap(_BackgroundTeacher):
     """DeepSHAP (Lundberg & Lee 2017): DeepLIFT rescale averaged over a background set.
 
     Same values as ``shap.DeepExplainer(model, background).shap_values(x)`` for class ``target``
@@ -341,31 +368,20 @@ class DeepShap(Teacher):
     name = "deepshap"
 
     def __init__(self, background: torch.Tensor, batch_size: int | None = None):
-        if not isinstance(background, torch.Tensor) or not background.is_floating_point() or background.dim() < 2:
-            raise DataError("DeepShap background must be a floating-point tensor (K, C, H, W) normalised like "
-                            "the inputs; pass e.g. a random subset of training images")
-        if background.shape[0] == 0:
-            raise DataError("DeepShap background is empty; pass at least one background image")
+        self._set_background(background)
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ConfigError(f"DeepShap batch_size must be a positive integer or None, got {batch_size!r}")
-        self.background = background.detach().clone()
         self.batch_size = batch_size
-        self._background_hash: str | None = None
         self._warned: set[str] = set()
 
     def options(self) -> dict[str, Any]:
-        if self._background_hash is None:
-            self._background_hash = tensor_sha256(self.background)
-        return {"background_size": int(self.background.shape[0]), "background_sha256": self._background_hash}
+        return self._background_options()
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, target: Any) -> torch.Tensor:
         check_inputs(inputs)
         x = inputs.detach()
-        background = self.background.to(device=x.device, dtype=x.dtype)
-        if background.shape[1:] != x.shape[1:]:
-            raise DataError(f"DeepShap background images have shape {tuple(background.shape[1:])} but inputs have "
-                            f"{tuple(x.shape[1:])}; use background images of the input size")
+        background = self._background_like(x)
         target = as_target(target, x.shape[0], x.device)
         modes = {m: m.training for m in model.modules()}
         try:
@@ -586,7 +602,7 @@ def run_shapes(graph: _Graph, one: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
 
 
 @TEACHERS.register("expected_gradients", "gradientshap", "gradient_shap")
-class ExpectedGradients(Teacher):
+class ExpectedGradients(_BackgroundTeacher):
     """Expected Gradients (Erion et al. 2021), the method of ``shap.GradientExplainer``.
 
     phi(x) = E_{b ~ background, alpha ~ U(0,1)}[(x - b) * grad f_t(b + alpha (x - b))], estimated with
@@ -599,11 +615,7 @@ class ExpectedGradients(Teacher):
 
     def __init__(self, background: torch.Tensor, n_samples: int = 200, seed: int = 0,
                  local_smoothing: float = 0.0, batch_size: int = 512):
-        if not isinstance(background, torch.Tensor) or not background.is_floating_point() or background.dim() < 2:
-            raise DataError("ExpectedGradients background must be a floating-point tensor (K, C, H, W) "
-                            "normalised like the inputs")
-        if background.shape[0] == 0:
-            raise DataError("ExpectedGradients background is empty; pass at least one background image")
+        self._set_background(background)
         for label, value in (("n_samples", n_samples), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ExpectedGradients {label} must be a positive integer, got {value!r}")
@@ -611,18 +623,14 @@ class ExpectedGradients(Teacher):
             raise ConfigError(f"ExpectedGradients seed must be an integer, got {seed!r}")
         if isinstance(local_smoothing, bool) or not isinstance(local_smoothing, (int, float)) or local_smoothing < 0:
             raise ConfigError(f"ExpectedGradients local_smoothing must be a number >= 0, got {local_smoothing!r}")
-        self.background = background.detach().clone()
         self.n_samples = n_samples
         self.seed = seed
         self.local_smoothing = float(local_smoothing)
         self.batch_size = batch_size
-        self._background_hash: str | None = None
 
     def options(self) -> dict[str, Any]:
-        if self._background_hash is None:
-            self._background_hash = tensor_sha256(self.background)
-        return {"background_size": int(self.background.shape[0]), "background_sha256": self._background_hash,
-                "n_samples": self.n_samples, "seed": self.seed, "local_smoothing": self.local_smoothing}
+        return {**self._background_options(), "n_samples": self.n_samples, "seed": self.seed,
+                "local_smoothing": self.local_smoothing}
 
     def draws(self, batch: int, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(background index (B, n), alpha (B, n), noise (B, n, ...) or None), from ``seed`` on the CPU."""
@@ -637,10 +645,7 @@ class ExpectedGradients(Teacher):
     def attribute(self, model: nn.Module, inputs: torch.Tensor, target: Any) -> torch.Tensor:
         check_inputs(inputs)
         x = inputs.detach()
-        background = self.background.to(device=x.device, dtype=x.dtype)
-        if background.shape[1:] != x.shape[1:]:
-            raise DataError(f"ExpectedGradients background images have shape {tuple(background.shape[1:])} but "
-                            f"inputs have {tuple(x.shape[1:])}; use background images of the input size")
+        background = self._background_like(x)
         target = as_target(target, x.shape[0], x.device)
         index, alpha, noise = self.draws(x.shape[0], tuple(x.shape[1:]))
         index, alpha = index.to(x.device), alpha.to(device=x.device, dtype=x.dtype)
