@@ -194,3 +194,24 @@ def test_cached_study_cli(study_dir):
                              env={"TEACHX_CACHE": str(study_dir["root"] / "cache")})
     assert res.exit_code == 0, res.output
     assert "0 models trained" in res.output and (study_dir["root"] / "out" / "report.html").exists()
+
+
+def test_two_processes_share_one_study(study_dir, tmp_path):
+    """Two `teachx study` processes on one directory train every unit once, with the single-process numbers."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TEACHX_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "teachx", "study", str(study_dir["cfg"]), "--out", str(tmp_path / "out"),
+           "--seeds", "2", "-q", "--no-report"]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    trained = [ln for out in outs for ln in out.splitlines() if ln.startswith("[") and "(trained" in ln]
+    assert len(trained) == 8  # 2 seeds x (baseline + 3 arms): each unit trained by exactly one process
+    assert all(any("(trained" in ln for ln in out.splitlines()) for out in outs)  # both did some of the work
+    assert not list((tmp_path / "out").rglob("*.lock")) and not list((tmp_path / "cache").rglob("*.lock"))
+    data = json.loads((tmp_path / "out" / "study.json").read_text())
+    single = study_dir["first"].data
+    assert [r["test_acc"] for r in data["rows"]] == [r["test_acc"] for r in single["rows"]]

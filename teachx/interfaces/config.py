@@ -54,6 +54,7 @@ class TeacherConfig:
     checkpoint: Optional[str] = None  # explain this checkpoint instead of training a teacher
     backbone: Optional[str] = None  # teacher backbone if it differs from the student's (a stronger teacher)
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    seed: Optional[int] = None  # seed of the teacher model's training (default: the run's seed); fix it to share one teacher across seeds
     batch_size: int = 64
     eval_images: Optional[int] = 1000  # test images explained for map-quality evaluation (None: all)
     maps_dir: Optional[str] = None  # store location; default $TEACHX_CACHE/maps (shared by runs and seeds)
@@ -70,12 +71,17 @@ class ImpactxConfig:
     decoder_scale: int = 2  # decoder convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
+    self_teach_every: int = 0  # > 0: self-teaching, the maps are re-made every K epochs by the teacher method applied to the model being trained
 
     def validate(self) -> None:
         if self.lam < 0:
             raise ConfigError(f"impactx.lam must be >= 0, got {self.lam}")
         if self.decoder_scale < 1 or self.decoder_scale & (self.decoder_scale - 1):
             raise ConfigError(f"impactx.decoder_scale must be a power of two >= 1, got {self.decoder_scale}")
+        if self.self_teach_every < 0:
+            raise ConfigError(f"impactx.self_teach_every must be >= 0 (0 = off), got {self.self_teach_every}")
+        if self.self_teach_every and self.maps != "teacher":
+            raise ConfigError(f"impactx.self_teach_every needs impactx.maps=teacher (got maps={self.maps}): self-teaching replaces the teacher's maps")
         if self.m_frozen and self.m_init != "teacher":
             raise ConfigError("impactx.m_frozen=true needs impactx.m_init=teacher (a frozen fresh M would be random)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -26,7 +26,7 @@ from teachx.models import build_model
 from teachx.models.impactx import ImpactX, build_impactx
 from teachx.teachers import build as build_teacher
 from teachx.teachers.postprocess import postprocess
-from teachx.teachers.store import MapStore, fill_store, open_store
+from teachx.teachers.store import MapStore, fill_store, open_store, store_key
 from teachx.training import distributed as dist_utils
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask, MapSource
@@ -34,6 +34,7 @@ from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
 from teachx.utils.config import dump_yaml
 from teachx.utils.hashing import hash_json, hash_state_dict
 from teachx.utils.io import write_json_atomic, write_text_atomic
+from teachx.utils.locking import file_lock
 from teachx.utils.seeding import choose_device, seed_everything
 
 
@@ -204,6 +205,40 @@ def make_teacher(cfg: RunConfig, plan: DataPlan, device: torch.device):
     return build_teacher(name, **options)
 
 
+def teacher_training(cfg: RunConfig) -> tuple[RunConfig, str, dict[str, Any]]:
+    """How the teacher model is trained: (config carrying the teacher's seed, backbone, backbone options).
+
+    By default it is the student's baseline; ``teacher.backbone`` makes it a different (e.g. stronger)
+    model and ``teacher.seed`` fixes its seed, so that every student seed shares one teacher.
+    """
+    tcfg = replace(cfg, seed=cfg.teacher.seed) if cfg.teacher.seed is not None else cfg
+    if cfg.teacher.backbone and cfg.teacher.backbone != cfg.model.backbone:
+        return tcfg, cfg.teacher.backbone, dict(cfg.teacher.backbone_options)
+    return tcfg, cfg.model.backbone, dict(cfg.model.options)
+
+
+def separate_teacher(cfg: RunConfig) -> bool:
+    """Whether the teacher is a model of its own rather than the student's baseline."""
+    tcfg, backbone, _ = teacher_training(cfg)
+    return tcfg.seed != cfg.seed or backbone != cfg.model.backbone
+
+
+def map_fn(cfg: RunConfig, plan: DataPlan, teacher, data: ImageDataset, device: torch.device) -> Callable[[torch.nn.Module, np.ndarray], torch.Tensor]:
+    """explain(model, indices): the configured teacher's post-processed maps of ``data[indices]``."""
+
+    def explain(model: torch.nn.Module, idx: np.ndarray) -> torch.Tensor:
+        x = normalize(as_nchw(data.images[idx]).to(device), plan.mean, plan.std)
+        if cfg.teacher.target == "label":
+            target = torch.from_numpy(np.asarray(data.labels[idx])).long().to(device)
+        else:
+            with torch.no_grad():
+                target = model(x).argmax(1)
+        raw = teacher.attribute(model, x, target)
+        return postprocess(raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth)
+
+    return explain
+
+
 def teacher_maps(
     cfg: RunConfig,
     plan: DataPlan,
@@ -213,8 +248,13 @@ def teacher_maps(
     device: torch.device,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    wait: bool = True,
 ) -> MapStore:
-    """Maps of ``teacher_model`` for ``indices`` of a split, from (or into) the shared store."""
+    """Maps of ``teacher_model`` for ``indices`` of a split, from (or into) the shared store.
+
+    Stores are shared by runs, seeds and processes: a lock next to the store keeps two processes
+    from filling it at once (``wait=False`` raises :class:`teachx.utils.locking.Busy` instead of waiting).
+    """
     ds = plan.dataset
     data = ds.train if split == "train" else ds.test
     teacher = make_teacher(cfg, plan, device)
@@ -237,26 +277,27 @@ def teacher_maps(
         "std": list(plan.std),
     }
     maps_dir = Path(cfg.teacher.maps_dir) if cfg.teacher.maps_dir else default_cache_dir() / "maps"
-    store = open_store(maps_dir, material, len(data), (c, *ds.image_size), log=log)
+
+    explain = map_fn(cfg, plan, teacher, data, device)
 
     def compute(idx: np.ndarray) -> torch.Tensor:
-        x = as_nchw(data.images[idx])
-        x = normalize(x.to(device), plan.mean, plan.std)
-        if cfg.teacher.target == "label":
-            target = torch.from_numpy(np.asarray(data.labels[idx])).long().to(device)
-        else:
-            with torch.no_grad():
-                target = teacher_model(x).argmax(1)
-        raw = teacher.attribute(teacher_model, x, target)
-        return postprocess(raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth)
+        return explain(teacher_model, idx)
 
-    todo = store.missing(indices).size
-    if todo:
-        t0 = time.perf_counter()
-        log(f"[maps] {cfg.teacher.method} maps for {todo} {split} images -> {store.path}")
-        fill_store(store, indices, compute, cfg.teacher.batch_size, progress=progress, desc=f"{cfg.teacher.method} maps ({split})")
-        log(f"[maps] {todo} maps in {time.perf_counter() - t0:.1f}s")
-    return store
+    def open_and_fill() -> MapStore:
+        store = open_store(maps_dir, material, len(data), (c, *ds.image_size), log=log)
+        todo = store.missing(indices).size
+        if todo:
+            t0 = time.perf_counter()
+            log(f"[maps] {cfg.teacher.method} maps for {todo} {split} images -> {store.path}")
+            fill_store(store, indices, compute, cfg.teacher.batch_size, progress=progress, desc=f"{cfg.teacher.method} maps ({split})")
+            log(f"[maps] {todo} maps in {time.perf_counter() - t0:.1f}s")
+        return store
+
+    if dist_utils.world_size() > 1:  # the ranks fill one store together (open_store/fill_store coordinate them)
+        return open_and_fill()
+    lock = maps_dir / f"{store_key(material)[:20]}.lock"
+    with file_lock(lock, wait=wait, on_wait=lambda h: log(f"[maps] waiting for pid {h.get('pid')}, which is filling {lock.stem}")):
+        return open_and_fill()
 
 
 def eval_indices(cfg: RunConfig, plan: DataPlan) -> np.ndarray:
@@ -312,12 +353,30 @@ def train_impactx_stage(
         return done, model.eval()
     source = MapSource(store, ic.maps, plan.train_idx, cfg.seed) if (store is not None and ic.lam > 0) else None
     task = ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing)
+    hook = _self_teaching(cfg, plan, task, store, out_dir, log) if (ic.self_teach_every and source is not None) else None
     trainer = Trainer(
         task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device,
         meta={"kind": "impactx", "dataset": ds.name, "class_names": ds.class_names, "teacher": cfg.teacher.method}, log=log,
+        on_epoch_start=hook,
     )
-    log(f"[{out_dir.name}] training IMPACTX ({cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps}, {cfg.train.epochs} epochs)")
-    return _fit_and_test(trainer, task, plan, out_dir, log, {}), model.eval()
+    what = f"maps={ic.maps}" + (f", self-teaching every {ic.self_teach_every} epochs" if hook else "")
+    log(f"[{out_dir.name}] training IMPACTX ({cfg.model.backbone}, lambda={ic.lam}, {what}, {cfg.train.epochs} epochs)")
+    extra = {"self_teaching": hook.refreshes} if hook else {}
+    return _fit_and_test(trainer, task, plan, out_dir, log, extra), model.eval()
+
+
+def _self_teaching(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]):
+    """The hook that re-explains the training set with the model being trained (impactx.self_teach_every)."""
+    from teachx.training.self_teaching import SelfTeaching
+
+    device = dist_utils.device_for(choose_device(cfg.device))
+    teacher = make_teacher(cfg, plan, device)
+    material = {"teacher": cfg.teacher.method, "teacher_options": teacher.options(), "target": cfg.teacher.target,
+                "reduce": cfg.teacher.reduce, "normalize": cfg.teacher.normalize, "smooth": cfg.teacher.smooth,
+                "train_idx": hash_json(np.asarray(plan.train_idx).tolist()), "seed": cfg.seed}
+    return SelfTeaching(task, map_fn(cfg, plan, teacher, plan.dataset.train, device), plan.train_idx, store.maps.shape[0],
+                        tuple(store.maps.shape[1:]), cfg.impactx.self_teach_every, out_dir / "self_maps", material,
+                        cfg.seed, cfg.teacher.batch_size, log, progress=cfg.train.progress)
 
 
 @torch.no_grad()
@@ -398,9 +457,10 @@ def run_pipeline(
     if cfg.teacher.checkpoint:
         teacher_model = load_classifier(cfg.teacher.checkpoint, ds)
         teacher_record = {"checkpoint": cfg.teacher.checkpoint, "backbone": (getattr(teacher_model, "spec", None) or {}).get("name")}
-    elif cfg.teacher.backbone and cfg.teacher.backbone != cfg.model.backbone:
+    elif separate_teacher(cfg):
         t0 = time.perf_counter()
-        teacher_record = train_classifier(cfg, plan, run_dir / "teacher", cfg.teacher.backbone, cfg.teacher.backbone_options, log)
+        tcfg, tbackbone, toptions = teacher_training(cfg)
+        teacher_record = train_classifier(tcfg, plan, run_dir / "teacher", tbackbone, toptions, log)
         stage_seconds["teacher"] = time.perf_counter() - t0
         teacher_model = load_classifier(teacher_record["checkpoint"], ds)
     else:

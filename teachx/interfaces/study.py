@@ -39,6 +39,7 @@ from teachx.interfaces.config import RunConfig, check_names
 from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import write_json_atomic, write_text_atomic
+from teachx.utils.locking import Busy, file_lock
 
 BASELINE = "baseline"
 STUDY_VERSION = 1
@@ -237,9 +238,10 @@ def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
 
 
 def teacher_backbone(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
-    if cfg.teacher.backbone and cfg.teacher.backbone != cfg.model.backbone:
-        return cfg.teacher.backbone, dict(cfg.teacher.backbone_options)
-    return cfg.model.backbone, dict(cfg.model.options)
+    from teachx.interfaces.pipeline import teacher_training
+
+    _, backbone, options = teacher_training(cfg)
+    return backbone, options
 
 
 # -- running --------------------------------------------------------------------------------------
@@ -285,14 +287,18 @@ class _Runner:
         return local if local.exists() else recorded
 
     def classifier(self, cfg: RunConfig, backbone: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Train one classifier unit (or read it back); raises Busy while another process trains it."""
         from teachx.interfaces.pipeline import stage_done, train_classifier
 
         key = classifier_key(cfg, backbone, options)
         d = self.unit_dir(key, cfg, "classifier")
         done = stage_done(d)
         if done is None:
-            self.trained += 1
-            done = train_classifier(cfg, self.plan(cfg), d, backbone, options, self.stage_log)
+            with file_lock(d / ".lock", wait=False):
+                done = stage_done(d)  # another process may have finished it since we looked
+                if done is None:
+                    self.trained += 1
+                    done = train_classifier(cfg, self.plan(cfg), d, backbone, options, self.stage_log)
         self.units[key] = {"kind": "classifier", "backbone": backbone, "seed": cfg.seed, "test_acc": done["test_acc"],
                            "val_acc": done.get("val_acc"), "seconds": done.get("seconds"),
                            "seconds_per_epoch": done.get("seconds_per_epoch"), "history": done.get("history", [])}
@@ -300,28 +306,44 @@ class _Runner:
 
     def impactx(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
         """Train + evaluate one IMPACTX unit (or read it back); returns (key, record, was_cached)."""
+        key = impactx_key(cfg)
+        d = self.unit_dir(key, cfg, "impactx")
+        eval_path = d / f"eval-{eval_key(cfg, self.spec.eval)}.json"
+        cached = self._cached_impactx(d, eval_path)
+        if cached is None:
+            with file_lock(d / ".lock", wait=False):
+                cached = self._cached_impactx(d, eval_path)
+                if cached is None:
+                    stage, ev = self._train_impactx(cfg, d, eval_path, base_key, teacher_key)
+                    self._record(key, cfg, stage, ev, base_key, teacher_key)
+                    return key, self.units[key], False
+        self._record(key, cfg, *cached, base_key, teacher_key)
+        return key, self.units[key], True
+
+    @staticmethod
+    def _cached_impactx(d: Path, eval_path: Path) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+        from teachx.interfaces.pipeline import stage_done
+
+        stage = stage_done(d)
+        if stage is not None and eval_path.exists():
+            return stage, json.loads(eval_path.read_text())
+        return None
+
+    def _train_impactx(self, cfg: RunConfig, d: Path, eval_path: Path, base_key: str, teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
         from teachx.interfaces.pipeline import eval_indices, load_classifier, map_quality, stage_done, teacher_maps, train_impactx_stage
         from teachx.utils.seeding import choose_device
 
-        key = impactx_key(cfg)
-        d = self.unit_dir(key, cfg, "impactx")
-        ekey = eval_key(cfg, self.spec.eval)
-        eval_path = d / f"eval-{ekey}.json"
-        stage = stage_done(d)
-        if stage is not None and eval_path.exists():
-            ev = json.loads(eval_path.read_text())
-            self._record(key, cfg, stage, ev, base_key, teacher_key)
-            return key, self.units[key], True
         plan = self.plan(cfg)
         ds = plan.dataset
         device = choose_device(cfg.device)
         timings: dict[str, float] = {}
         teacher_model = load_classifier(self.checkpoint(teacher_key), ds)
         t0 = time.perf_counter()
-        train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, self.stage_log, self.progress)
-        test_store = teacher_maps(cfg, plan, teacher_model, "test", eval_indices(cfg, plan), device, self.stage_log, self.progress)
+        maps = [teacher_maps(cfg, plan, teacher_model, split, idx, device, self.stage_log, self.progress, wait=False)
+                for split, idx in (("train", plan.train_idx), ("test", eval_indices(cfg, plan)))]
+        train_store, test_store = maps
         timings["maps"] = time.perf_counter() - t0
-        if stage is None:
+        if stage_done(d) is None:
             self.trained += 1
         t0 = time.perf_counter()
         record, model = train_impactx_stage(cfg, plan, train_store, teacher_model, d, self.stage_log)
@@ -334,8 +356,7 @@ class _Runner:
         ev["timings"] = timings
         ev["map_store"] = {"train": str(train_store.path), "test": str(test_store.path)}
         write_json_atomic(eval_path, ev)
-        self._record(key, cfg, record, ev, base_key, teacher_key)
-        return key, self.units[key], False
+        return record, ev
 
     def _record(self, key: str, cfg: RunConfig, stage: dict[str, Any], ev: dict[str, Any], base_key: str, teacher_key: str) -> None:
         self.units[key] = {
@@ -457,6 +478,37 @@ def prepare_study_dir(out: Path, spec: StudySpec) -> Path:
     return out
 
 
+_POLL_SECONDS = 5.0
+
+
+def _run_job(spec: StudySpec, r: "_Runner", cells: dict[tuple[str, str], dict[int, str]], regime: str, seed: int,
+             arm: Optional[str], progress: bool) -> str:
+    """One unit of work (a baseline when ``arm`` is None); returns its log line."""
+    from teachx.interfaces.pipeline import teacher_training
+
+    cfg = spec.config(regime, arm, seed)
+    cfg.train.progress = progress
+    before = r.trained
+    t0 = time.perf_counter()
+    own_base, brec = r.classifier(cfg, cfg.model.backbone, dict(cfg.model.options))
+    if arm is None:
+        cells.setdefault((regime, BASELINE), {})[seed] = own_base
+        how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
+        return f"regime={regime} arm={BASELINE} seed={seed} test_acc={brec['test_acc']:.4f} ({how})"
+    tcfg, tb, topts = teacher_training(cfg)
+    tkey, trec = r.classifier(tcfg, tb, topts)
+    key, rec, _cached = r.impactx(cfg, own_base, tkey)
+    cells.setdefault((regime, arm), {})[seed] = key
+    how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
+    extra = ""
+    q = rec.get("map_quality")
+    if q:
+        extra = f" map_corr={q['corr']:.3f}"
+    if tkey != own_base:
+        extra += f" teacher_acc={trec['test_acc']:.4f}"
+    return f"regime={regime} arm={arm} seed={seed} test_acc={rec['test_acc']:.4f}{extra} ({how})"
+
+
 def run_study(
     spec: StudySpec,
     out: str | Path,
@@ -469,40 +521,29 @@ def run_study(
     t_start = time.perf_counter()
     r = _Runner(spec, out, log, progress, verbose)
     cells: dict[tuple[str, str], dict[int, str]] = {}  # (regime, arm) -> seed -> unit key
-    total = len(spec.regimes) * (1 + len(spec.arms)) * len(spec.seeds)
-    done = 0
-    for regime in spec.regimes:
-        for seed in spec.seeds:
-            cfg0 = spec.config(regime, None, seed)
-            cfg0.train.progress = progress
-            before = r.trained
-            t0 = time.perf_counter()
-            bkey, brec = r.classifier(cfg0, cfg0.model.backbone, dict(cfg0.model.options))
-            cells.setdefault((regime, BASELINE), {})[seed] = bkey
+    # every (regime, seed, arm) in order; arm None is the regime's baseline
+    pending: list[tuple[str, int, Optional[str]]] = [(regime, seed, arm) for regime in spec.regimes
+                                                     for seed in spec.seeds for arm in [None, *spec.arms]]
+    total, done = len(pending), 0
+    waiting_for = -1
+    while pending:
+        deferred = []
+        for regime, seed, arm in pending:
+            try:
+                line = _run_job(spec, r, cells, regime, seed, arm, progress)
+            except Busy:  # another process (study worker) holds a unit or a map store this job needs
+                deferred.append((regime, seed, arm))
+                continue
             done += 1
-            how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
-            log(f"[{done}/{total}] regime={regime} arm={BASELINE} seed={seed} test_acc={brec['test_acc']:.4f} ({how})")
-            for arm in spec.arms:
-                cfg = spec.config(regime, arm, seed)
-                cfg.train.progress = progress
-                before = r.trained
-                t0 = time.perf_counter()
-                own_base, _ = r.classifier(cfg, cfg.model.backbone, dict(cfg.model.options))
-                tb, topts = teacher_backbone(cfg)
-                tkey, trec = r.classifier(cfg, tb, topts)
-                key, rec, _cached = r.impactx(cfg, own_base, tkey)
-                cells.setdefault((regime, arm), {})[seed] = key
-                done += 1
-                how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
-                extra = ""
-                q = rec.get("map_quality")
-                if q:
-                    extra = f" map_corr={q['corr']:.3f}"
-                if tkey != own_base:
-                    extra += f" teacher_acc={trec['test_acc']:.4f}"
-                log(f"[{done}/{total}] regime={regime} arm={arm} seed={seed} test_acc={rec['test_acc']:.4f}{extra} ({how})")
-                for err in rec.get("errors", []) or []:
-                    log(f"    warning: {err}")
+            log(f"[{done}/{total}] {line}")
+            for err in r.units[cells[(regime, arm or BASELINE)][seed]].get("errors", []) or []:
+                log(f"    warning: {err}")
+        if deferred and len(deferred) == len(pending):
+            if waiting_for != len(deferred):
+                log(f"waiting for other processes working on this study: {len(deferred)} unit(s) left, all in progress elsewhere")
+                waiting_for = len(deferred)
+            time.sleep(_POLL_SECONDS)
+        pending = deferred
     data = summarize_study(spec, cells, r.units)
     data["trained_this_invocation"] = r.trained
     data["wall_seconds_this_invocation"] = time.perf_counter() - t_start

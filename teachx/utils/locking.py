@@ -1,0 +1,101 @@
+"""Advisory file locks, so several processes (or machines sharing a file system) can split work.
+
+A lock is a small JSON file created with O_EXCL (atomic on local and NFSv3+ file systems) that
+names its holder. A lock whose holder process died on this host is stale and is taken over; a
+lock held from another host cannot be checked and is respected until its owner removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from teachx.errors import TeachxError
+
+
+class Busy(TeachxError):
+    """The lock is held by another live process (the caller may do other work and come back)."""
+
+    def __init__(self, path: Path, holder: dict):
+        self.path, self.holder = path, holder
+        super().__init__(f"'{path}' is locked by pid {holder.get('pid')} on {holder.get('host')}; "
+                         "wait for it, or delete the lock file if that process is gone")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_holder(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # being written right now, or damaged: treat as held (checked again on the next try)
+
+
+def _try_acquire(path: Path) -> Optional[dict]:
+    """Create the lock; return None on success, else the holder's record."""
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            if holder is None:
+                continue  # released between our two calls: try again
+            stale = (holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
+                     and holder["pid"] != me["pid"] and not _alive(holder["pid"]))
+            if stale:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            return holder
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return None
+    return _read_holder(path) or {}
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = True, poll: float = 2.0,
+              on_wait: Optional[Callable[[dict], None]] = None) -> Iterator[None]:
+    """Hold ``path`` as a lock for the ``with`` block.
+
+    ``wait=False`` raises :class:`Busy` at once when another live process holds it; ``wait=True``
+    polls until it is free (``on_wait`` is called once with the holder's record, e.g. to log).
+    """
+    path = Path(path)
+    told = False
+    while True:
+        holder = _try_acquire(path)
+        if holder is None:
+            break
+        if not wait:
+            raise Busy(path, holder)
+        if on_wait is not None and not told:
+            on_wait(holder)
+            told = True
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass

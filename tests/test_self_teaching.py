@@ -1,0 +1,139 @@
+"""Self-teaching: the target maps are re-made from the model being trained every K epochs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from teachx.errors import ConfigError
+from teachx.interfaces.config import ImpactxConfig
+from teachx.models.impactx import build_impactx
+from teachx.teachers import build as build_teacher
+from teachx.teachers.store import fill_store, open_store
+from teachx.training.impactx import ImpactxTask, MapSource
+from teachx.training.self_teaching import SelfTeaching
+
+N, SHAPE = 24, (1, 32, 32)
+
+
+def _setup(tmp_path, every=2):
+    torch.manual_seed(0)
+    model = build_impactx("lenet5", 3, 4, (32, 32))
+    images = torch.randn(N, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(N) % 4
+    gxi = build_teacher("gradient_x_input")
+    calls: list[int] = []
+
+    def explain(m, idx):
+        calls.append(len(idx))
+        idx = torch.as_tensor(idx)
+        return gxi.attribute(m, images[idx], labels[idx]).sum(1, keepdim=True)
+
+    teacher_store = open_store(tmp_path / "teacher", {"t": 1}, N, SHAPE, log=lambda m: None)
+    fill_store(teacher_store, np.arange(N), lambda idx: torch.ones(len(idx), *SHAPE), 8, progress=False)
+    train_idx = np.arange(0, N, 2)  # odd indices play the validation images: never explained
+    task = ImpactxTask(model, MapSource(teacher_store, "teacher", train_idx, 0), lam=1.0)
+
+    def hook():
+        return SelfTeaching(task, explain, train_idx, N, SHAPE, every, tmp_path / "self", {"m": 1}, 0, 5, log=lambda m: None)
+
+    return model, task, explain, train_idx, calls, hook
+
+
+def test_refresh_schedule_and_maps_equal_the_models_own_explanations(tmp_path):
+    model, task, explain, train_idx, calls, hook = _setup(tmp_path, every=2)
+    st = hook()
+    teacher_source = task.source
+    st(0)
+    st(1)
+    assert task.source is teacher_source and not calls  # epochs [0, K): the teacher's maps
+    with torch.no_grad():
+        for p in model.parameters():  # the model "trains": its explanations change
+            p.add_(0.01 * torch.randn_like(p))
+    reference = explain(model.eval(), train_idx)
+    calls.clear()
+    model.train()
+    st(2)
+    assert model.training  # the refresh explains in eval mode and restores the mode
+    assert task.source is not teacher_source and sum(calls) == train_idx.size
+    got = task.source(torch.as_tensor(train_idx))
+    torch.testing.assert_close(got, reference.to(torch.float16).float(), rtol=0, atol=2e-3 * float(reference.abs().max()))
+    st(3)
+    assert sum(calls) == train_idx.size  # no refresh inside a period
+
+
+def test_resume_in_a_period_reads_that_periods_maps_and_old_refreshes_are_deleted(tmp_path):
+    model, task, explain, train_idx, calls, hook = _setup(tmp_path, every=2)
+    hook()(2)
+    first = task.source(torch.as_tensor(train_idx)).clone()
+    pointer = json.loads((tmp_path / "self" / "current.json").read_text())
+    assert pointer["epoch"] == 2
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    calls.clear()
+    hook()(3)  # a new process resumes at epoch 3: the refresh of epoch 2 is read, not redone
+    assert not calls
+    torch.testing.assert_close(task.source(torch.as_tensor(train_idx)), first)
+    hook()(4)  # the next refresh explains the moved model and removes the old store
+    assert sum(calls) == train_idx.size
+    dirs = [d for d in (tmp_path / "self").iterdir() if d.is_dir()]
+    assert len(dirs) == 1 and dirs[0].name == json.loads((tmp_path / "self" / "current.json").read_text())["dir"]
+    assert not torch.equal(task.source(torch.as_tensor(train_idx)), first)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="maps=teacher"):
+        ImpactxConfig(self_teach_every=2, maps="shuffled").validate()
+    with pytest.raises(ConfigError, match=">= 0"):
+        ImpactxConfig(self_teach_every=-1).validate()
+    ImpactxConfig(self_teach_every=3).validate()
+
+
+def _tiny_config(tmp_path, **sections):
+    from teachx.interfaces.config import RunConfig
+    from teachx.utils.config import from_dict
+    from tests.test_study import make_zip
+
+    z = make_zip(tmp_path / "tiny.zip")
+    data = {
+        "data": {"name": f"imagefolder:{z}", "hflip": False, "val_fraction": 0.2},
+        "model": {"backbone": "lenet5"},
+        "train": {"epochs": 3, "batch_size": 32, "lr": 0.003, "progress": False},
+        "teacher": {"method": "gradient_x_input", "batch_size": 64, "maps_dir": str(tmp_path / "maps")},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return from_dict(RunConfig, data, "config")
+
+
+def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
+    from teachx.interfaces.pipeline import run_pipeline
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    cfg = _tiny_config(tmp_path, impactx={"self_teach_every": 1})
+    run_pipeline(cfg, tmp_path / "run", log=lambda m: None, progress=False, figures=False)
+    stage = json.loads((tmp_path / "run" / "impactx" / "stage.json").read_text())
+    assert [r["epoch"] for r in stage["self_teaching"]] == [1, 2]
+    assert json.loads((tmp_path / "run" / "impactx" / "self_maps" / "current.json").read_text())["epoch"] == 2
+
+
+def test_teacher_seed_trains_one_separate_teacher(tmp_path, monkeypatch):
+    from teachx.interfaces.pipeline import run_pipeline, separate_teacher, teacher_training
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    cfg = _tiny_config(tmp_path, teacher={"seed": 7}, train={"epochs": 1})
+    tcfg, backbone, _ = teacher_training(cfg)
+    assert separate_teacher(cfg) and tcfg.seed == 7 and cfg.seed == 0 and backbone == "lenet5"
+    out = run_pipeline(cfg, tmp_path / "run", log=lambda m: None, progress=False, figures=False)
+    base = json.loads((tmp_path / "run" / "baseline" / "stage.json").read_text())
+    teacher = json.loads((tmp_path / "run" / "teacher" / "stage.json").read_text())
+    assert teacher["checkpoint"] != base["checkpoint"]
+    assert out.results["teacher_test_acc"] == teacher["test_acc"]
+    same = _tiny_config(tmp_path, teacher={"seed": 0})
+    assert not separate_teacher(same)  # the teacher seed equals the run seed: the baseline is the teacher
