@@ -57,6 +57,11 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def aliases(self, name: str) -> list[str]:
+        """The other names ``name`` is registered under."""
+        key = self.canonical(name)
+        return sorted(a for a, target in self._aliases.items() if target == key)
+
     def __contains__(self, name: object) -> bool:
         key = str(name).lower()
         return self._aliases.get(key, key) in self._items

@@ -354,3 +354,20 @@ def test_external_models(library, name):
     with torch.no_grad():
         assert model(x).shape == (2, 7)
         assert torch.allclose(model.classifier(model.features(x)), model(x), atol=1e-5)
+
+
+def test_gradcam_defaults_to_the_adapted_models_feature_layer():
+    from teachx.teachers.gradcam import GradCam
+
+    torch.manual_seed(0)
+    net = SmallUserCNN().eval()
+    model = adapt(net)  # feature layer: the last Conv2d, conv2 (the adapter's body is not run by forward)
+    x = torch.randn(3, 2, 8, 8)
+    target = torch.tensor([0, 4, 2])
+    cam = GradCam().layer_cam(model, x, target)
+    # by hand: A = conv2 output, weights = spatial mean of d logit_t / dA, ReLU(sum_k w_k A_k)
+    a = net.conv2(torch.relu(net.conv1(x))).detach().requires_grad_(True)
+    logits = net.fc(torch.tanh(net.hidden(torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(a), 2), 1))))
+    (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
+    expected = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)).detach()
+    torch.testing.assert_close(cam, expected, rtol=1e-5, atol=1e-6)

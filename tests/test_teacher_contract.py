@@ -56,13 +56,7 @@ CASES: dict[str, Case] = {
     "integrated_gradients": Case(lambda: {"steps": 8}),
     "occlusion": Case(lambda: {"window": 4, "internal_batch_size": 40}),
     "deepshap": Case(lambda: {"background": _background()}),
-    "expected_gradients": Case(
-        lambda: {"background": _background(), "n_samples": 16, "seed": 0},
-        known_gaps={
-            "batch_independence": "draws are taken per batch row from one seeded generator, so an image's "
-            "samples depend on its position in the batch"
-        },
-    ),
+    "expected_gradients": Case(lambda: {"background": _background(), "n_samples": 16, "seed": 0}),
 }
 
 NAMES = TEACHERS.names()

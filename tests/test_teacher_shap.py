@@ -288,7 +288,7 @@ def test_expected_gradients_linear_closed_form():
     x, bg = data(batch=3, background=6, size=5)
     target = torch.tensor([0, 3, 1])
     teacher = ExpectedGradients(bg, n_samples=17, seed=3)
-    index, _, _ = teacher.draws(3, tuple(x.shape[1:]))
+    index, _, _ = teacher.draws(x)
     w = model[1].weight[target].view(3, 3, 5, 5)
     expected = (x - bg[index].mean(1)) * w  # gradient is constant: only the sampled b matter
     torch.testing.assert_close(teacher.attribute(model, x, target), expected, rtol=1e-5, atol=1e-6)
@@ -308,7 +308,7 @@ def test_expected_gradients_equals_its_definition_for_the_drawn_samples():
     x, bg = data(batch=3, background=5, size=8)
     target = torch.tensor([2, 0, 1])
     teacher = ExpectedGradients(bg, n_samples=40, seed=7, local_smoothing=0.1, batch_size=50)
-    index, alpha, noise = teacher.draws(3, tuple(x.shape[1:]))
+    index, alpha, noise = teacher.draws(x)
     ref = expected_gradients_reference(model, x, bg, target, index, alpha, noise).mean(1)
     ours = teacher.attribute(model, x, target)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
@@ -325,7 +325,7 @@ def test_expected_gradients_agrees_with_shap_gradient_explainer_and_is_complete_
     n = 1500
     teacher = ExpectedGradients(bg, n_samples=n, seed=0)
     ours = teacher.attribute(model, x, target)
-    index, alpha, _ = teacher.draws(2, tuple(x.shape[1:]))
+    index, alpha, _ = teacher.draws(x)
     samples = expected_gradients_reference(model, x, bg, target, index, alpha)
     se = samples.std(1) / n**0.5  # standard error of one estimate, per element
 

@@ -79,12 +79,9 @@ def load_dataset(
 
 def dataset_status() -> list[dict]:
     """One row per registered dataset: name, aliases, description, locations, present, license, url..."""
-    aliases: dict[str, list[str]] = {}
-    for alias, target in DATASETS._aliases.items():
-        aliases.setdefault(target, []).append(alias)
     rows = []
     for key in DATASETS.names():
         row = DATASETS.get(key)().status()
-        row["aliases"] = sorted(aliases.get(key, []))
+        row["aliases"] = DATASETS.aliases(key)
         rows.append(row)
     return rows

@@ -25,7 +25,15 @@ DEFAULT_LAYER = "body"
 
 
 def resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
-    """The module whose output Grad-CAM explains: ``layer`` by dotted name, default ``body``."""
+    """The module whose output Grad-CAM explains: ``layer`` by dotted name; by default the
+    backbone's ``feature_layer`` (``body`` for teachx backbones, the chosen inner layer of an
+    adapted user model, whose ``body`` is not called by ``forward``)."""
+    if layer is None:
+        chosen = getattr(model, "feature_layer", None)
+        if isinstance(chosen, nn.Module):
+            for name, module in model.named_modules():
+                if module is chosen and name:
+                    return name, module
     name = DEFAULT_LAYER if layer is None else layer
     try:
         return name, model.get_submodule(name)

@@ -30,6 +30,8 @@ Where we differ from shap 0.51 on purpose (everything else is its rule, value fo
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 import operator
 import warnings
@@ -607,7 +609,7 @@ class ExpectedGradients(_BackgroundTeacher):
 
     phi(x) = E_{b ~ background, alpha ~ U(0,1)}[(x - b) * grad f_t(b + alpha (x - b))], estimated with
     ``n_samples`` draws per input (shap's default 200). ``local_smoothing`` adds N(0, s^2) noise to x
-    per draw, as shap does. Draws come from a generator seeded by ``seed``, so maps are repeatable.
+    per draw, as shap does. Draws are seeded by ``seed`` and the image (see :meth:`draws`), so maps are repeatable.
     ``batch_size`` bounds the number of gradient evaluations per backward pass.
     """
 
@@ -632,14 +634,25 @@ class ExpectedGradients(_BackgroundTeacher):
         return {**self._background_options(), "n_samples": self.n_samples, "seed": self.seed,
                 "local_smoothing": self.local_smoothing}
 
-    def draws(self, batch: int, sample_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(background index (B, n), alpha (B, n), noise (B, n, ...) or None), from ``seed`` on the CPU."""
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        index = torch.randint(0, self.background.shape[0], (batch, self.n_samples), generator=gen)
-        alpha = torch.rand((batch, self.n_samples), generator=gen, dtype=torch.float64)
-        noise = None
-        if self.local_smoothing > 0:
-            noise = torch.randn((batch, self.n_samples) + tuple(sample_shape), generator=gen) * self.local_smoothing
+    def draws(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(background index (B, n), alpha (B, n), noise (B, n, ...) or None), drawn on the CPU.
+
+        Each image's draws come from a generator seeded by ``seed`` and a hash of the image itself,
+        so an image gets the same map whatever batch it is in, at whatever position (map stores,
+        DDP sharding and resumed runs batch images differently).
+        """
+        batch, shape = inputs.shape[0], tuple(inputs.shape[1:])
+        index = torch.empty((batch, self.n_samples), dtype=torch.long)
+        alpha = torch.empty((batch, self.n_samples), dtype=torch.float64)
+        noise = torch.empty((batch, self.n_samples) + shape) if self.local_smoothing > 0 else None
+        pixels = inputs.detach().to("cpu", torch.float32).contiguous().numpy()
+        for i in range(batch):
+            digest = hashlib.blake2b(pixels[i].tobytes(), digest_size=8, key=str(self.seed).encode()).digest()
+            gen = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+            index[i] = torch.randint(0, self.background.shape[0], (self.n_samples,), generator=gen)
+            alpha[i] = torch.rand((self.n_samples,), generator=gen, dtype=torch.float64)
+            if noise is not None:
+                noise[i] = torch.randn((self.n_samples,) + shape, generator=gen) * self.local_smoothing
         return index, alpha, noise
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, target: Any) -> torch.Tensor:
@@ -647,7 +660,7 @@ class ExpectedGradients(_BackgroundTeacher):
         x = inputs.detach()
         background = self._background_like(x)
         target = as_target(target, x.shape[0], x.device)
-        index, alpha, noise = self.draws(x.shape[0], tuple(x.shape[1:]))
+        index, alpha, noise = self.draws(x)
         index, alpha = index.to(x.device), alpha.to(device=x.device, dtype=x.dtype)
         n = self.n_samples
         per_pass = max(1, self.batch_size // n)  # whole inputs per pass so the mean is one reduction
