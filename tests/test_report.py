@@ -44,6 +44,7 @@ def test_study_report(study_dir):  # noqa: F811
     assert "MoRF" in html and "teacher post hoc on IMPACTX" in html
     md = md_path.read_text()
     assert "| regime | arm | n |" in md
+    assert "r_files/accuracy.png" in md and "dashed: the λ=0 control" in html
     for link in re.findall(r"\]\((r_files/[^)]+)\)", md):
         assert (html_path.parent / link).read_bytes().startswith(b"\x89PNG")
 

@@ -155,6 +155,38 @@ def curves_figure(histories: dict[str, list[list[dict[str, Any]]]], title: str =
     return _png(fig)
 
 
+def accuracy_figure(rows: list[dict[str, Any]], regimes: Sequence[str], arms: Sequence[str], control: Optional[str] = None) -> bytes:
+    """One panel per regime: every seed's test accuracy (dots), mean and 95% t-interval (bar) per arm;
+    the dashed line is the lambda=0 control's mean, the dotted one the baseline's."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(regimes), figsize=(3.3 * len(regimes) + 0.6, 3.6), squeeze=False)
+    by = {(r["regime"], r["arm"]): r for r in rows}
+    for ax, reg in zip(axes[0], regimes):
+        for i, arm in enumerate(arms):
+            r = by.get((reg, arm))
+            if not r:
+                continue
+            s = r["summary"]
+            accs = [a for a in r["test_acc"] if a is not None]
+            jitter = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
+            ax.scatter(i + np.asarray(jitter), accs, s=9, color=f"C{i}", alpha=0.6, zorder=2)
+            if s.get("ci_low") is not None:
+                ax.errorbar(i, s["mean"], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], fmt="_", color="k",
+                            markersize=14, capsize=4, zorder=3)
+            else:
+                ax.plot([i - 0.2, i + 0.2], [s["mean"]] * 2, color="k", zorder=3)
+        for ref, style in ((control, "--"), ("baseline", ":")):
+            r = by.get((reg, ref)) if ref else None
+            if r:
+                ax.axhline(r["summary"]["mean"], color="0.4", ls=style, lw=0.8, zorder=1)
+        ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"regime {reg}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy")
+    fig.tight_layout()
+    return _png(fig, dpi=110)
+
+
 def faithfulness_figure(curves: dict[str, dict[str, dict[str, Any]]], title: str = "") -> bytes:
     """MoRF (left, lower is better) and LeRF (right, higher is better) curves: one line per map set."""
     plt = _plt()
@@ -299,6 +331,8 @@ def _study_report(d: Path) -> _Doc:
     doc.p("Δ = arm − reference, paired by seed. p (t): paired t-test; p (Wilcoxon): signed-rank test (zero differences dropped, "
           "exact or sign-flip permutation for small n; with fewer than 6 seeds it cannot reach 0.05); Holm: adjusted over all "
           "comparisons of the same kind in the study; d_z: Cohen's d for paired data (vs baseline).", "note")
+    doc.figure("accuracy.png", accuracy_figure(rows, list(study["regimes"]), ["baseline", *study["arms"]], study.get("control")),
+               "test accuracy per seed (dots), mean and 95% t-interval (black); dashed: the λ=0 control's mean, dotted: the baseline's")
     teach = [r for r in rows if r.get("teacher_test_acc")]
     if teach:
         doc.table(["regime", "arm", "teacher backbone", "teacher test acc"], [[r["regime"], r["arm"], r["teacher_backbone"], _ms(r["teacher_test_acc"])] for r in teach])
