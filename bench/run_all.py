@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHES = ["bench_shap.py", "bench_lrp.py", "bench_impactx.py", "bench_metrics.py", "bench_allocator.py"]
+BENCHES = ["bench_shap.py", "bench_lrp.py", "bench_impactx.py", "bench_metrics.py", "bench_allocator.py", "bench_scaling.py"]
 
 
 def load(name: str):
@@ -54,11 +54,23 @@ def summary() -> str:
             rows.append(f"| built-in maps vs post-hoc shap.DeepExplainer (bg 100) | {r['model']} | {sp:.0f}x |" + (f" >= 100x | {'yes' if sp >= 100 else 'no'} |" if sp else " >= 100x | n/a |"))
     met = load("metrics.json")
     if met:
-        rows.append(f"| pixel-flipping AUC throughput, 1,000 images | lenet5 | {met['speedup']:.1f}x {met['speedup_vs'].replace('_', ' ')} | >= 10x Quantus | {'yes' if met['speedup'] >= 10 else 'no'} |")
+        q = met.get("quantus") or {}
+        detail = (f" ({met['teachx']['images_per_s']:.0f} vs {q['images_per_s']:.0f} img/s, Quantus {q.get('version')}, max curve diff {q.get('max_abs_curve_difference'):.1g}; "
+                  f"{q.get('forward_passes_per_image')} vs {met.get('forward_passes_per_image')} forwards per image)") if q.get("available") else ""
+        rows.append(f"| pixel-flipping AUC throughput, 1,000 images | lenet5 | {met['speedup']:.1f}x {met['speedup_vs'].replace('_', ' ')}{detail} | >= 10x Quantus | {'yes' if met['speedup'] >= 10 else 'no'} |")
     alloc = load("allocator.json")
     if alloc:
         for r in alloc["results"]:
             rows.append(f"| malloc tuning, training step speed-up | {r['model']} | {r['speedup']:.2f}x | (CPU tuning) | - |")
+    sc = load("scaling.json")
+    if sc:
+        by = {(r["stage"], r["n"]): r for r in sc["rows"]}
+        names = {"maps": f"{sc['teacher']} teacher maps", "baseline": "baseline epoch", "impactx": "IMPACTX epoch"}
+        for stage, s in sc["summary"].items():
+            cells = ", ".join(f"{n // 1000}k: {by[(stage, n)]['seconds']:.1f} s / {by[(stage, n)]['anon_peak_mb']:.0f} MB" for n in sc["sizes"])
+            flat = s["anon_peak_ratio"] <= 1.1
+            rows.append(f"| {names[stage]}: time and peak anonymous memory vs dataset size ({sc['threads']} threads) | lenet5 | {cells} "
+                        f"({s['size_ratio']:.0f}x images: {s['time_ratio']:.1f}x time, memory x{s['anon_peak_ratio']:.2f}) | memory flat in N | {'yes' if flat else 'no'} |")
     return "\n".join(rows) + "\n"
 
 
