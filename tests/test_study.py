@@ -106,6 +106,8 @@ def test_resume_does_no_training(study_dir):
     assert study_dir["second"].trained == 0
     assert all("(cached)" in ln for ln in study_dir["second_lines"] if ln.startswith("["))
     assert study_dir["second"].data["rows"] == study_dir["first"].data["rows"]
+    el = study_dir["second"].data["elapsed"]  # spans both invocations: from the first unit to the last record
+    assert el["seconds"] > 0 and el["first_unit_created"] < el["last_record_written"]
 
 
 def test_progress_lines(study_dir):

@@ -547,11 +547,28 @@ def run_study(
     data = summarize_study(spec, cells, r.units)
     data["trained_this_invocation"] = r.trained
     data["wall_seconds_this_invocation"] = time.perf_counter() - t_start
+    data["elapsed"] = _elapsed(out, [k for by_seed in cells.values() for k in by_seed.values()])
     path = out / "study.json"
     write_json_atomic(path, data)
     for line in summary_lines(data):
         log(line)
     return StudyResult(path, data, r.trained)
+
+
+def _elapsed(out: Path, keys: list[str]) -> dict[str, Any]:
+    """Wall time of the whole study, over all invocations and processes: from the first unit's
+    creation to the last record written (file times, so it includes any pauses between invocations)."""
+    from datetime import datetime, timezone
+
+    starts, ends = [], []
+    for key in set(keys):
+        d = out / "units" / key
+        starts.append((d / "unit.json").stat().st_mtime)
+        ends.extend(p.stat().st_mtime for p in [d / "stage.json", *d.glob("eval-*.json")] if p.exists())
+    if not starts or not ends:
+        return {}
+    iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    return {"first_unit_created": iso(min(starts)), "last_record_written": iso(max(ends)), "seconds": max(ends) - min(starts)}
 
 
 # -- statistics -------------------------------------------------------------------------------------

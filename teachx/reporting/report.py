@@ -408,6 +408,10 @@ def _study_report(d: Path) -> _Doc:
     doc.h("Stage timings")
     t = data["timings"]
     doc.table(["stage", "units", "total s", "mean s"], [[k, v["n"], _f(v["total_s"], 1), _f(v["mean_s"], 2)] for k, v in t.items()])
+    el = data.get("elapsed") or {}
+    if el:
+        doc.p(f"study wall time (first unit created {el['first_unit_created']} to last record {el['last_record_written']}, all processes and "
+              f"invocations): {el['seconds'] / 60:.1f} min.", "note")
     doc.p(f"models trained by the last invocation: {data.get('trained_this_invocation')}; its wall time {data.get('wall_seconds_this_invocation', 0):.1f}s.", "note")
     doc.h("Resolved config")
     study_yaml = d / "study.yaml"
