@@ -223,6 +223,12 @@ def separate_teacher(cfg: RunConfig) -> bool:
     return tcfg.seed != cfg.seed or backbone != cfg.model.backbone
 
 
+def map_recipe(cfg: RunConfig, teacher) -> dict[str, Any]:
+    """What decides a map besides the data and the model: part of every map store's key."""
+    return {"teacher": teacher.name if hasattr(teacher, "name") else cfg.teacher.method, "teacher_options": teacher.options(),
+            "target": cfg.teacher.target, "reduce": cfg.teacher.reduce, "normalize": cfg.teacher.normalize, "smooth": cfg.teacher.smooth}
+
+
 def map_fn(cfg: RunConfig, plan: DataPlan, teacher, data: ImageDataset, device: torch.device) -> Callable[[torch.nn.Module, np.ndarray], torch.Tensor]:
     """explain(model, indices): the configured teacher's post-processed maps of ``data[indices]``."""
 
@@ -266,13 +272,8 @@ def teacher_maps(
         "split": split,
         "n": len(data),
         "data_hash": _split_fingerprint(data),
-        "teacher": teacher.name if hasattr(teacher, "name") else cfg.teacher.method,
-        "teacher_options": teacher.options(),
+        **map_recipe(cfg, teacher),
         "model_hash": hash_state_dict(teacher_model.state_dict()),
-        "target": cfg.teacher.target,
-        "reduce": cfg.teacher.reduce,
-        "normalize": cfg.teacher.normalize,
-        "smooth": cfg.teacher.smooth,
         "mean": list(plan.mean),
         "std": list(plan.std),
     }
@@ -280,16 +281,13 @@ def teacher_maps(
 
     explain = map_fn(cfg, plan, teacher, data, device)
 
-    def compute(idx: np.ndarray) -> torch.Tensor:
-        return explain(teacher_model, idx)
-
     def open_and_fill() -> MapStore:
         store = open_store(maps_dir, material, len(data), (c, *ds.image_size), log=log)
         todo = store.missing(indices).size
         if todo:
             t0 = time.perf_counter()
             log(f"[maps] {cfg.teacher.method} maps for {todo} {split} images -> {store.path}")
-            fill_store(store, indices, compute, cfg.teacher.batch_size, progress=progress, desc=f"{cfg.teacher.method} maps ({split})")
+            fill_store(store, indices, lambda idx: explain(teacher_model, idx), cfg.teacher.batch_size, progress=progress, desc=f"{cfg.teacher.method} maps ({split})")
             log(f"[maps] {todo} maps in {time.perf_counter() - t0:.1f}s")
         return store
 
@@ -371,9 +369,7 @@ def _self_teaching(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: Map
 
     device = dist_utils.device_for(choose_device(cfg.device))
     teacher = make_teacher(cfg, plan, device)
-    material = {"teacher": cfg.teacher.method, "teacher_options": teacher.options(), "target": cfg.teacher.target,
-                "reduce": cfg.teacher.reduce, "normalize": cfg.teacher.normalize, "smooth": cfg.teacher.smooth,
-                "train_idx": hash_json(np.asarray(plan.train_idx).tolist()), "seed": cfg.seed}
+    material = {**map_recipe(cfg, teacher), "train_idx": hash_json(np.asarray(plan.train_idx).tolist()), "seed": cfg.seed}
     return SelfTeaching(task, map_fn(cfg, plan, teacher, plan.dataset.train, device), plan.train_idx, store.maps.shape[0],
                         tuple(store.maps.shape[1:]), cfg.impactx.self_teach_every, out_dir / "self_maps", material,
                         cfg.seed, cfg.teacher.batch_size, log, progress=cfg.train.progress)

@@ -237,13 +237,6 @@ def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
     return hash_json({"v": STUDY_VERSION, "eval": asdict(ev), "teacher": _relevant(cfg)["teacher"]})[:12]
 
 
-def teacher_backbone(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
-    from teachx.interfaces.pipeline import teacher_training
-
-    _, backbone, options = teacher_training(cfg)
-    return backbone, options
-
-
 # -- running --------------------------------------------------------------------------------------
 
 @dataclass
@@ -339,9 +332,8 @@ class _Runner:
         timings: dict[str, float] = {}
         teacher_model = load_classifier(self.checkpoint(teacher_key), ds)
         t0 = time.perf_counter()
-        maps = [teacher_maps(cfg, plan, teacher_model, split, idx, device, self.stage_log, self.progress, wait=False)
-                for split, idx in (("train", plan.train_idx), ("test", eval_indices(cfg, plan)))]
-        train_store, test_store = maps
+        train_store, test_store = (teacher_maps(cfg, plan, teacher_model, split, idx, device, self.stage_log, self.progress, wait=False)
+                                   for split, idx in (("train", plan.train_idx), ("test", eval_indices(cfg, plan))))
         timings["maps"] = time.perf_counter() - t0
         if stage_done(d) is None:
             self.trained += 1
@@ -574,6 +566,8 @@ def _elapsed(out: Path, keys: list[str]) -> dict[str, Any]:
 # -- statistics -------------------------------------------------------------------------------------
 
 def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from teachx.interfaces.pipeline import teacher_training
+
     rows: list[dict[str, Any]] = []
     seeds = spec.seeds
     for regime in spec.regimes:
@@ -587,7 +581,7 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                 "seeds": seeds, "units": [keys[s] for s in seeds], "test_acc": accs, "summary": summarize(accs).to_dict(),
             }
             if arm != BASELINE:
-                tb, _ = teacher_backbone(cfg)
+                _, tb, _ = teacher_training(cfg)
                 row.update({"lam": cfg.impactx.lam, "maps": cfg.impactx.maps, "teacher": cfg.teacher.method, "teacher_backbone": tb})
                 base_accs = [units[units[keys[s]]["baseline_unit"]]["test_acc"] for s in seeds]
                 row["vs_baseline"] = paired_compare(accs, base_accs).to_dict()

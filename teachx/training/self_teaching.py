@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -59,7 +60,7 @@ class SelfTeaching:
         self.store_dir, self.material, self.seed = Path(store_dir), dict(material), seed
         self.batch_size, self.log, self.progress = batch_size, log, progress
         self.initial = task.source  # the teacher's maps, used before the first refresh
-        self.current: Optional[int] = 0
+        self.current = 0  # the refresh epoch whose maps the task reads (0: the teacher's)
         self.refreshes: list[dict[str, Any]] = []  # epoch, seconds (this process)
 
     def __call__(self, epoch: int) -> None:
@@ -89,8 +90,6 @@ class SelfTeaching:
         return store if store.missing(self.train_idx).size == 0 else None
 
     def _refresh(self, r: int) -> MapStore:
-        import time
-
         model = self.task.model
         material = {**self.material, "self_teaching_epoch": r, "model_hash": hash_state_dict(model.state_dict())}
         t0 = time.perf_counter()
