@@ -217,3 +217,25 @@ def test_two_processes_share_one_study(study_dir, tmp_path):
     data = json.loads((tmp_path / "out" / "study.json").read_text())
     single = study_dir["first"].data
     assert [r["test_acc"] for r in data["rows"]] == [r["test_acc"] for r in single["rows"]]
+
+
+def test_unit_keys_hash_only_result_changing_non_default_values():
+    """Adding an option with a behaviour-keeping default, or a display flag, must not change keys."""
+    from dataclasses import replace
+
+    from teachx.interfaces.config import RunConfig
+    from teachx.interfaces.study import _relevant, classifier_key, eval_key, EvalSpec, impactx_key
+
+    base = RunConfig()
+    assert _relevant(base) == {}  # all defaults: nothing to hash
+    quiet = replace(base, train=replace(base.train, progress=not base.train.progress, tensorboard=True))
+    assert impactx_key(quiet) == impactx_key(base) and _relevant(quiet) == {}  # no empty 'train' section left
+    assert classifier_key(quiet, "lenet5", {}) == classifier_key(base, "lenet5", {})
+    assert eval_key(quiet, EvalSpec()) == eval_key(base, EvalSpec())
+    # an explicit default value keys like the default itself; a real change gives a new key
+    same = replace(base, impactx=replace(base.impactx, lam=float(base.impactx.lam)))
+    assert impactx_key(same) == impactx_key(base)
+    other = replace(base, impactx=replace(base.impactx, lam=0.0))
+    assert impactx_key(other) != impactx_key(base) and _relevant(other) == {"impactx": {"lam": 0.0}}
+    opts = replace(base, model=replace(base.model, options={"dropout": 0.1}))
+    assert _relevant(opts) == {"model": {"options": {"dropout": 0.1}}}  # option dicts are hashed whole

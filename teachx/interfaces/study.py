@@ -42,7 +42,7 @@ from teachx.utils.io import write_json_atomic, write_text_atomic
 from teachx.utils.locking import Busy, file_lock
 
 BASELINE = "baseline"
-STUDY_VERSION = 1
+STUDY_VERSION = 2  # 2: keys hash non-default values only
 #: config keys that never change a result (display and logging only)
 _NEUTRAL = {("train", "progress"), ("train", "tensorboard"), ("teacher", "batch_size"), ("teacher", "maps_dir")}
 
@@ -216,17 +216,35 @@ def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Option
 # -- unit keys ----------------------------------------------------------------------------------
 
 def _relevant(cfg: RunConfig) -> dict[str, Any]:
-    d = cfg.to_dict()
+    """The config as it decides a result: only values that differ from the defaults, minus neutral keys.
+
+    Hashing only non-default values keeps every existing unit's key when a new option (with a
+    default that keeps the old behaviour) is added; a changed default needs a STUDY_VERSION bump.
+    """
+    values, defaults = cfg.to_dict(), RunConfig().to_dict()
     for section, key in _NEUTRAL:
-        d.get(section, {}).pop(key, None)
-    return d
+        values[section].pop(key)
+    return _non_default(values, defaults)
+
+
+def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        base = defaults.get(k)
+        if isinstance(v, dict) and isinstance(base, dict) and base and not k.endswith("options"):
+            sub = _non_default(v, base)
+            if sub:
+                out[k] = sub
+        elif k not in defaults or v != base:
+            out[k] = v
+    return out
 
 
 def classifier_key(cfg: RunConfig, backbone: str, options: dict[str, Any]) -> str:
     """What changes a trained classifier: data, backbone, training, seed, device."""
     d = _relevant(cfg)
-    return "c-" + hash_json({"v": STUDY_VERSION, "kind": "classifier", "seed": cfg.seed, "device": cfg.device, "data": d["data"],
-                             "backbone": backbone, "options": options, "train": d["train"]})[:16]
+    return "c-" + hash_json({"v": STUDY_VERSION, "kind": "classifier", "seed": cfg.seed, "device": cfg.device, "data": d.get("data", {}),
+                             "backbone": backbone, "options": options, "train": d.get("train", {})})[:16]
 
 
 def impactx_key(cfg: RunConfig) -> str:
@@ -234,7 +252,7 @@ def impactx_key(cfg: RunConfig) -> str:
 
 
 def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
-    return hash_json({"v": STUDY_VERSION, "eval": asdict(ev), "teacher": _relevant(cfg)["teacher"]})[:12]
+    return hash_json({"v": STUDY_VERSION, "eval": asdict(ev), "teacher": _relevant(cfg).get("teacher", {})})[:12]
 
 
 # -- running --------------------------------------------------------------------------------------
