@@ -16,7 +16,7 @@ from teachx.models import (MODELS, Add, Backbone, Mul, StochasticDepth, adapt, b
 
 torch.set_num_threads(1)
 
-NAMES = ["lenet5", "mobilenet", "efficientnet_b0", "efficientnet_b2", "resnet18"]
+NAMES = ["lenet5", "mobilenet", "efficientnet_b0", "efficientnet_b2", "resnet18", "resnet_cifar"]
 
 
 def n_params(model: nn.Module) -> int:
@@ -28,6 +28,8 @@ def expected_body_hw(name: str, h: int, w: int) -> tuple[int, int]:
     if name == "lenet5":
         pad = 2 if min(h, w) < 32 else 0
         return tuple(((s + 2 * pad - 4) // 2 - 4) // 2 for s in (h, w))  # type: ignore[return-value]
+    if name == "resnet_cifar":  # stride 1, 2, 2 at every input size
+        return math.ceil(h / 4), math.ceil(w / 4)
     factor = 8 if max(h, w) <= 64 else 32
     return math.ceil(h / factor), math.ceil(w / factor)
 
@@ -65,7 +67,7 @@ def test_shapes_and_head_composition(name, channels, size):
 def test_feature_dims():
     dims = {name: build_model(name, 3, 10, 32).feature_dim for name in NAMES}
     assert dims == {"lenet5": 84, "mobilenet": 1024, "efficientnet_b0": 1280, "efficientnet_b2": 1408,
-                    "resnet18": 512}
+                    "resnet18": 512, "resnet_cifar": 64}
     assert build_model("mobilenet", 3, 10, 32, alpha=0.5).feature_dim == 512
 
 
@@ -91,6 +93,37 @@ def test_backward_reaches_input_and_all_parameters():
 ])
 def test_parameter_counts(name, channels, classes, size, expected):
     assert n_params(build_model(name, channels, classes, size)) == expected
+
+
+def cifar_resnet_params(depth: int, width: int = 16, channels: int = 3, classes: int = 10) -> int:
+    """Closed form: conv3x3 (no bias) + BN (2 per channel) per layer, conv1x1-BN shortcuts, linear head."""
+    n = (depth - 2) // 6
+    conv_bn = lambda i, o, k: k * k * i * o + 2 * o  # noqa: E731
+    total, c = conv_bn(channels, width, 3), width
+    for out in (width, 2 * width, 4 * width):
+        for b in range(n):
+            total += conv_bn(c, out, 3) + conv_bn(out, out, 3) + (conv_bn(c, out, 1) if c != out else 0)
+            c = out
+    return total + c * classes + classes
+
+
+@pytest.mark.parametrize("depth,width", [(8, 16), (20, 16), (32, 16), (14, 32)])
+def test_cifar_resnet_parameter_counts(depth, width):
+    model = build_model("resnet_cifar", 3, 10, 32, depth=depth, width=width)
+    assert n_params(model) == cifar_resnet_params(depth, width)
+    assert len([m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]) + 1 == depth
+
+
+def test_cifar_resnet_20_matches_the_paper():
+    # He et al. 2016, Table 6: ResNet-20 has 0.27M parameters (option A: the shortcuts add none);
+    # ours uses conv1x1-BN shortcuts at the two stage changes: 32*16 + 2*32 + 64*32 + 2*64 = 2,752 more
+    assert n_params(build_model("resnet20", 3, 10, 32)) == 269_722 + 2_752
+
+
+@pytest.mark.parametrize("depth", [7, 9, 0, True])
+def test_cifar_resnet_rejects_bad_depth(depth):
+    with pytest.raises(ConfigError, match="depth"):
+        build_model("resnet_cifar", 3, 10, 32, depth=depth)
 
 
 def test_small_input_strides_keep_parameter_count():
@@ -163,7 +196,7 @@ def test_conventions(name, size):
     assert n_bn == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     n_adds = sum(isinstance(m, Add) for m in model.modules())
     n_muls = sum(isinstance(m, Mul) for m in model.modules())
-    expected_adds = {"lenet5": 0, "mobilenet": 0, "efficientnet_b0": 9, "efficientnet_b2": 16, "resnet18": 8}
+    expected_adds = {"lenet5": 0, "mobilenet": 0, "efficientnet_b0": 9, "efficientnet_b2": 16, "resnet18": 8, "resnet_cifar": 9}
     expected_muls = {"efficientnet_b0": 16, "efficientnet_b2": 23}
     assert n_adds == expected_adds[name] and n_muls == expected_muls.get(name, 0)
 

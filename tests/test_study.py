@@ -239,3 +239,88 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     assert impactx_key(other) != impactx_key(base) and _relevant(other) == {"impactx": {"lam": 0.0}}
     opts = replace(base, model=replace(base.model, options={"dropout": 0.1}))
     assert _relevant(opts) == {"model": {"options": {"dropout": 0.1}}}  # option dicts are hashed whole
+
+
+PRIVILEGED = """
+data:
+  name: imagefolder:{zip}
+  hflip: false
+  val_fraction: 0.2
+model:
+  backbone: lenet5
+train:
+  epochs: 1
+  batch_size: 32
+  lr: 0.003
+teacher:
+  method: gradient_x_input
+  batch_size: 64
+  seed: 0
+study:
+  n_seeds: 1
+  arms:
+    impactx: {{}}
+    lambda0: {{impactx.lam: 0}}
+    full_data_teacher: {{teacher.training: {{data.train_size: null}}}}
+  regimes:
+    - {{name: small, data.train_size: 40}}
+    - {{name: full}}
+  arm_regimes: {{full_data_teacher: [small]}}
+"""
+
+
+def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
+    """teacher.training: the small regime's teacher is the full split's model (trained once, shared);
+    arm_regimes: the arm runs only where asked, and its maps are that teacher's maps of the small split."""
+    torch.set_num_threads(1)
+    z = make_zip(tmp_path / "tiny.zip")
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(PRIVILEGED.format(zip=z))
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    fits: list[str] = []
+    original = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (fits.append(self.meta["kind"]), original(self, *a, **k))[1])
+    spec = load_study(str(cfg))
+    assert spec.runs("small", "full_data_teacher") and not spec.runs("full", "full_data_teacher") and spec.runs("full", None)
+    data = run_study(spec, tmp_path / "out", lambda _l: None).data
+    # 2 regimes x (baseline, impactx, lambda0) + the arm in 'small' only; its teacher is the 'full' baseline (seed 0)
+    assert fits.count("classifier") == 2 and fits.count("impactx") == 5
+    rows = {(r["regime"], r["arm"]): r for r in data["rows"]}
+    assert ("full", "full_data_teacher") not in rows and ("small", "full_data_teacher") in rows
+    units = data["units"]
+    arm_unit = units[rows[("small", "full_data_teacher")]["units"][0]]
+    full_base = rows[("full", BASELINE)]["units"][0]
+    small_base = rows[("small", BASELINE)]["units"][0]
+    assert arm_unit["teacher_unit"] == full_base and arm_unit["baseline_unit"] == small_base
+    assert units[rows[("small", "impactx")]["units"][0]]["teacher_unit"] == small_base
+    assert rows[("small", "full_data_teacher")]["teacher_test_acc"]["mean"] == units[full_base]["test_acc"]
+    # the arm's maps: the full-data teacher explaining the small regime's training images
+    from teachx.interfaces.pipeline import load_classifier, make_plan, map_fn, make_teacher
+
+    small_cfg = spec.config("small", "full_data_teacher", 0)
+    plan = make_plan(small_cfg, progress=False)
+    teacher = load_classifier(tmp_path / "out" / "units" / full_base / "checkpoints" / "best.safetensors", plan.dataset)
+    expected = map_fn(small_cfg, plan, make_teacher(small_cfg, plan, torch.device("cpu")), plan.dataset.train, torch.device("cpu"))(teacher, plan.train_idx)
+    stored = torch.from_numpy(np.load(Path(arm_unit["map_store"]["train"]) / "maps.npy")[plan.train_idx]).float()
+    assert len(plan.train_idx) == 32  # 40 images minus the validation fifth
+    torch.testing.assert_close(stored, expected.half().float(), rtol=0, atol=1e-3)  # the store keeps float16
+    own = torch.from_numpy(np.load(Path(units[rows[("small", "impactx")]["units"][0]]["map_store"]["train"]) / "maps.npy")[plan.train_idx]).float()
+    assert (own - stored).abs().max() > 0.05  # the small regime's own teacher gives other maps
+
+
+def test_teacher_training_and_arm_regimes_errors(tmp_path):
+    from teachx.interfaces.config import resolve_config
+
+    with pytest.raises(ConfigError, match="data.\\* or train.\\*"):
+        resolve_config(overrides=["teacher.training={model.backbone: mobilenet}"])
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        from teachx.interfaces.pipeline import teacher_training
+
+        teacher_training(resolve_config(overrides=["teacher.training={train.epoch: 3}"]))
+    cfg = tmp_path / "s.yaml"
+    base = "study:\n  arms: {a: {}, zero: {impactx.lam: 0}}\n  regimes: [{name: r1, data.train_size: 20}, {name: r2}]\n"
+    for extra, match in (("  arm_regimes: {b: [r1]}\n", "'b' is not an arm"), ("  arm_regimes: {a: [r3]}\n", "'r3' is not a regime"),
+                         ("  arm_regimes: {zero: [r1]}\n", "where the control 'zero' does not"), ("  arm_regimes: {a: []}\n", "non-empty list")):
+        cfg.write_text(base + extra)
+        with pytest.raises(ConfigError, match=match):
+            load_study(str(cfg))

@@ -645,7 +645,7 @@ def test_pass_and_norm_rules_directly():
 # ============================================================================ teachx backbones
 
 
-@pytest.mark.parametrize("name", ["lenet5", "mobilenet", "resnet18", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["lenet5", "mobilenet", "resnet18", "resnet_cifar", "efficientnet_b0"])
 def test_backbones_run_and_conserve(name):
     """Every teachx backbone: relevance sums to the target logit once biases are zero (float64)."""
     from teachx.models import build_model

@@ -40,13 +40,14 @@ def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[i
     ov = list(overrides) + (["study.eval.faithfulness=true"] if faithfulness else [])
     spec = load_study(config, ov, n_seeds)
     if dry_run:
-        n = len(spec.regimes) * (1 + len(spec.arms)) * len(spec.seeds)
+        n = sum(spec.runs(regime, arm) for regime in spec.regimes for arm in [None, *spec.arms]) * len(spec.seeds)
         click.echo(f"{n} units: regimes {list(spec.regimes)} x arms {[BASELINE, *spec.arms]} x seeds {spec.seeds}; control: {spec.control}")
         for regime in spec.regimes:
-            for arm in spec.arms:
+            for arm in (a for a in spec.arms if spec.runs(regime, a)):
                 cfg = spec.config(regime, arm, spec.seeds[0])
                 click.echo(f"  regime={regime} arm={arm}: lam={cfg.impactx.lam} maps={cfg.impactx.maps} teacher={cfg.teacher.method}"
-                           f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}")
+                           f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
+                           + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else ""))
         return
     res = run_study(spec, out, click.echo, progress=not quiet, verbose=not quiet)
     click.echo(f"\nstudy.json: {res.path} ({res.trained} models trained by this invocation)")

@@ -55,9 +55,22 @@ class TeacherConfig:
     backbone: Optional[str] = None  # teacher backbone if it differs from the student's (a stronger teacher)
     backbone_options: dict[str, Any] = field(default_factory=dict)
     seed: Optional[int] = None  # seed of the teacher model's training (default: the run's seed); fix it to share one teacher across seeds
+    # how the teacher model is trained, as overrides of this config's data.* and train.* keys, e.g.
+    # {data.train_size: null, train.epochs: 15}: a teacher that saw the full training split (more
+    # knowledge than a student trained on a subset); its maps are still made on the student's images
+    training: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     eval_images: Optional[int] = 1000  # test images explained for map-quality evaluation (None: all)
     maps_dir: Optional[str] = None  # store location; default $TEACHX_CACHE/maps (shared by runs and seeds)
+
+
+    def validate(self) -> None:
+        for key in self.training:
+            if not isinstance(key, str) or key.split(".")[0] not in ("data", "train") or key.count(".") != 1:
+                raise ConfigError(
+                    f"teacher.training key {key!r} must be a data.* or train.* option (e.g. data.train_size, train.epochs); "
+                    "set the teacher's backbone with teacher.backbone and its seed with teacher.seed"
+                )
 
 
 @dataclass

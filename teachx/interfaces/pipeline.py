@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,7 +21,7 @@ from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
 from teachx.data.transforms import Augment, normalize
 from teachx.errors import ConfigError, RunDirError
-from teachx.interfaces.config import RunConfig
+from teachx.interfaces.config import DataConfig, RunConfig
 from teachx.models import build_model
 from teachx.models.impactx import ImpactX, build_impactx
 from teachx.teachers import build as build_teacher
@@ -30,8 +30,9 @@ from teachx.teachers.store import MapStore, fill_store, open_store, store_key
 from teachx.training import distributed as dist_utils
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask, MapSource
+from teachx.training.config import TrainConfig
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
-from teachx.utils.config import dump_yaml
+from teachx.utils.config import dump_yaml, from_dict
 from teachx.utils.hashing import hash_json, hash_state_dict
 from teachx.utils.io import write_json_atomic, write_text_atomic
 from teachx.utils.locking import file_lock
@@ -209,18 +210,32 @@ def teacher_training(cfg: RunConfig) -> tuple[RunConfig, str, dict[str, Any]]:
     """How the teacher model is trained: (config carrying the teacher's seed, backbone, backbone options).
 
     By default it is the student's baseline; ``teacher.backbone`` makes it a different (e.g. stronger)
-    model and ``teacher.seed`` fixes its seed, so that every student seed shares one teacher.
+    model, ``teacher.seed`` fixes its seed, so that every student seed shares one teacher, and
+    ``teacher.training`` changes its data or training (e.g. the full split for a student trained on 1k).
     """
     tcfg = replace(cfg, seed=cfg.teacher.seed) if cfg.teacher.seed is not None else cfg
+    if cfg.teacher.training:
+        tcfg = _with_teacher_training(tcfg)
     if cfg.teacher.backbone and cfg.teacher.backbone != cfg.model.backbone:
         return tcfg, cfg.teacher.backbone, dict(cfg.teacher.backbone_options)
     return tcfg, cfg.model.backbone, dict(cfg.model.options)
 
 
+def _with_teacher_training(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``teacher.training``'s data.* / train.* overrides applied (validated as usual)."""
+    sections = {"data": asdict(cfg.data), "train": asdict(cfg.train)}
+    for key, value in cfg.teacher.training.items():
+        section, name = key.split(".")
+        sections[section][name] = value
+    return replace(cfg, data=from_dict(DataConfig, sections["data"], "teacher.training data"),
+                   train=from_dict(TrainConfig, sections["train"], "teacher.training train"))
+
+
 def separate_teacher(cfg: RunConfig) -> bool:
     """Whether the teacher is a model of its own rather than the student's baseline."""
-    tcfg, backbone, _ = teacher_training(cfg)
-    return tcfg.seed != cfg.seed or backbone != cfg.model.backbone
+    tcfg, backbone, options = teacher_training(cfg)
+    return (tcfg.seed != cfg.seed or backbone != cfg.model.backbone or options != dict(cfg.model.options)
+            or tcfg.data != cfg.data or tcfg.train != cfg.train)
 
 
 def map_recipe(cfg: RunConfig, teacher) -> dict[str, Any]:
@@ -456,7 +471,8 @@ def run_pipeline(
     elif separate_teacher(cfg):
         t0 = time.perf_counter()
         tcfg, tbackbone, toptions = teacher_training(cfg)
-        teacher_record = train_classifier(tcfg, plan, run_dir / "teacher", tbackbone, toptions, log)
+        tplan = plan if tcfg.data == cfg.data else make_plan(tcfg, progress=progress)
+        teacher_record = train_classifier(tcfg, tplan, run_dir / "teacher", tbackbone, toptions, log)
         stage_seconds["teacher"] = time.perf_counter() - t0
         teacher_model = load_classifier(teacher_record["checkpoint"], ds)
     else:

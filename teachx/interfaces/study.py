@@ -12,6 +12,7 @@ A study YAML is a normal run config plus a top-level ``study:`` section::
         - {data.train_size: 1000}
         - {name: full}              # a list of override dicts (``name`` optional) or a mapping name -> overrides
       control: lambda0              # optional; default: the arm with impactx.lam == 0
+      arm_regimes: {self_teach: [1k]}  # optional; run an (expensive) arm only in these regimes (default: all)
       eval: {faithfulness: false, n_images: 256, steps: 16, examples: 6}
 
 Every (regime, arm, seed) is a *unit of work*; work is shared wherever the result is the same:
@@ -72,6 +73,11 @@ class StudySpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     alpha: float = 0.05
     source: Optional[str] = None
+    arm_regimes: dict[str, list[str]] = field(default_factory=dict)  # arm -> the only regimes it runs in
+
+    def runs(self, regime: str, arm: Optional[str]) -> bool:
+        """Whether the unit exists: baselines run in every regime, an arm where arm_regimes allows."""
+        return arm is None or arm == BASELINE or regime in self.arm_regimes.get(arm, self.regimes)
 
     def config(self, regime: str, arm: Optional[str], seed: int) -> RunConfig:
         """The resolved RunConfig of one unit: base <- arm <- regime, with the seed."""
@@ -91,7 +97,7 @@ class StudySpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"seeds": self.seeds, "arms": self.arms, "regimes": self.regimes, "control": self.control,
-                "eval": asdict(self.eval), "alpha": self.alpha, "source": self.source}
+                "eval": asdict(self.eval), "alpha": self.alpha, "source": self.source, "arm_regimes": self.arm_regimes}
 
 
 def _deep(d: Any) -> Any:
@@ -109,6 +115,21 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _dict_options() -> set[str]:
+    """Dotted names of the config's dict-valued options, e.g. 'model.options', 'teacher.training'."""
+    import dataclasses
+    from typing import get_origin, get_type_hints
+
+    out = set()
+    for section, section_type in get_type_hints(RunConfig).items():
+        if dataclasses.is_dataclass(section_type):
+            out.update(f"{section}.{name}" for name, hint in get_type_hints(section_type).items() if get_origin(hint) is dict)
+    return out
+
+
+_DICT_OPTIONS = _dict_options()
+
+
 def _flatten(overrides: Any, where: str, prefix: str = "") -> dict[str, Any]:
     """{impactx: {lam: 0}} and {impactx.lam: 0} both -> {"impactx.lam": 0}."""
     if overrides is None:
@@ -118,8 +139,8 @@ def _flatten(overrides: Any, where: str, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in overrides.items():
         key = f"{prefix}{k}"
-        # options dicts (model.options, teacher.options...) are values, not sections to flatten
-        if isinstance(v, dict) and v and not key.endswith("options"):
+        # dict-valued options (model.options, teacher.training...) are values, not sections to flatten
+        if isinstance(v, dict) and v and key not in _DICT_OPTIONS:
             out.update(_flatten(v, where, key + "."))
         else:
             out[key] = v
@@ -132,7 +153,7 @@ def _regime_name(overrides: dict[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
 
 
-_STUDY_KEYS = ("seeds", "n_seeds", "arms", "regimes", "control", "eval", "alpha")
+_STUDY_KEYS = ("seeds", "n_seeds", "arms", "regimes", "control", "eval", "alpha", "arm_regimes")
 
 
 def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
@@ -195,7 +216,7 @@ def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Option
         raise ConfigError("study.regimes is empty; leave it out for a single regime")
     ev = from_dict(EvalSpec, section.get("eval") or {}, "study.eval")
     spec = StudySpec(base, [int(s) for s in seeds], arms, regimes, section.get("control"), ev,
-                     float(section.get("alpha", 0.05)), str(path))
+                     float(section.get("alpha", 0.05)), str(path), _arm_regimes(section.get("arm_regimes"), arms, regimes))
     # resolve every config now: a typo fails before anything is trained
     first_regime = next(iter(regimes))
     for regime in regimes:
@@ -210,7 +231,34 @@ def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Option
         raise ConfigError(f"study.control '{spec.control}' is not an arm{suggest(spec.control, list(arms))}; arms: {', '.join(arms)}")
     elif spec.config(first_regime, spec.control, seeds[0]).impactx.lam != 0:
         raise ConfigError(f"study.control '{spec.control}' must have impactx.lam: 0 (the same model without the explanation signal)")
+    if spec.control:
+        for arm in arms:
+            missing = [g for g in regimes if spec.runs(g, arm) and not spec.runs(g, spec.control)]
+            if missing:
+                raise ConfigError(f"study.arm_regimes: arm '{arm}' runs in regime(s) {', '.join(missing)} where the control "
+                                  f"'{spec.control}' does not; run the control wherever the other arms run")
     return spec
+
+
+def _arm_regimes(raw: Any, arms: dict[str, Any], regimes: dict[str, Any]) -> dict[str, list[str]]:
+    from teachx.registry import suggest
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study.arm_regimes must map arm names to lists of regime names, e.g. {{self_teach: [1k, 5k]}}; got {raw!r}")
+    out: dict[str, list[str]] = {}
+    for arm, names in raw.items():
+        if arm not in arms:
+            raise ConfigError(f"study.arm_regimes: '{arm}' is not an arm{suggest(str(arm), list(arms))}; arms: {', '.join(arms)}")
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not names:
+            raise ConfigError(f"study.arm_regimes.{arm} must be a non-empty list of regime names, got {names!r}")
+        for name in names:
+            if str(name) not in regimes:
+                raise ConfigError(f"study.arm_regimes.{arm}: '{name}' is not a regime{suggest(str(name), list(regimes))}; regimes: {', '.join(regimes)}")
+        out[str(arm)] = [str(n) for n in names]
+    return out
 
 
 # -- unit keys ----------------------------------------------------------------------------------
@@ -533,7 +581,7 @@ def run_study(
     cells: dict[tuple[str, str], dict[int, str]] = {}  # (regime, arm) -> seed -> unit key
     # every (regime, seed, arm) in order; arm None is the regime's baseline
     pending: list[tuple[str, int, Optional[str]]] = [(regime, seed, arm) for regime in spec.regimes
-                                                     for seed in spec.seeds for arm in [None, *spec.arms]]
+                                                     for seed in spec.seeds for arm in [None, *spec.arms] if spec.runs(regime, arm)]
     total, done = len(pending), 0
     waiting_for = -1
     while pending:
@@ -590,6 +638,8 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
     seeds = spec.seeds
     for regime in spec.regimes:
         for arm in [BASELINE, *spec.arms]:
+            if not spec.runs(regime, arm):
+                continue
             keys = cells[(regime, arm)]
             accs = [units[keys[s]]["test_acc"] for s in seeds]
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
