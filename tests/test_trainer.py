@@ -110,3 +110,68 @@ def test_tensorboard_logging_writes_scalars(tmp_path):
     hist = json.loads((tmp_path / "history.json").read_text())
     vals = [e.value for e in acc.Scalars("val_acc")]
     assert vals == pytest.approx([h["val_acc"] for h in hist])
+
+
+@pytest.mark.parametrize("backbone", ["lenet5"])
+def test_channels_last_trains_to_the_same_model(tmp_path, backbone):
+    """train.channels_last changes the memory layout only: same weights (to float rounding), same history."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from _train_script import synthetic_dataset
+
+    from teachx.models import build_model
+    from teachx.training.config import TrainConfig
+    from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
+
+    from teachx.data.base import ImageDataset, Split
+
+    torch.set_num_threads(1)
+    one = synthetic_dataset(64, 16)  # made 3-channel: with 1 input channel PyTorch already picks NHWC after conv 1
+    rgb = lambda sp: Split(np.repeat(sp.images, 3, axis=3), sp.labels)  # noqa: E731
+    ds = ImageDataset("synthetic3", one.class_names, rgb(one.train), rgb(one.test), (0.3,) * 3, (0.25,) * 3, hflip=False)
+    plan = DataPlan(ds, np.arange(48), np.arange(48, 64))
+    weights, hist, layouts = [], [], []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        opts = {"alpha": 0.25} if backbone == "mobilenet" else {}
+        model = build_model(backbone, 3, 4, 16, **opts)
+        # SGD: Adam would amplify rounding-level gradient differences on near-zero gradients into +-lr steps
+        cfg = TrainConfig(epochs=2, batch_size=16, progress=False, channels_last=cl, optimizer="sgd", lr=0.05)
+        seen: list[bool] = []  # layout of every multi-channel conv input during training steps
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1:
+                m.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)
+                                                                         and not inp[0].is_contiguous()) if mod.training else None)
+        Trainer(ClassifierTask(model), plan, cfg, tmp_path / str(cl), device="cpu", meta={"kind": "classifier"}, log=lambda s: None).fit()
+        layouts.append(set(seen))
+        weights.append(_weights(tmp_path / str(cl) / "checkpoints" / "last.safetensors"))
+        hist.append(json.loads((tmp_path / str(cl) / "history.json").read_text()))
+    assert layouts == [{False}, {True}]  # the option did change the activations' layout
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-5)
+    assert [h["val_acc"] for h in hist[0]] == [h["val_acc"] for h in hist[1]]
+
+
+def test_channels_last_gradients_are_float32_rounding_close():
+    """MobileNet (BN over 2x2 maps: ill-conditioned): both layouts' gradients against a float64
+    reference; channels_last stays at the contiguous run's own rounding level."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from teachx.models import build_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("mobilenet", 3, 4, 16, alpha=0.25).train()
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+
+    def grads(m, xx):
+        m.zero_grad()
+        F.cross_entropy(m(xx), y).backward()
+        return torch.cat([p.grad.double().flatten() for p in m.parameters()])
+
+    contiguous = grads(model, x)
+    cl = grads(copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last))
+    ref = grads(copy.deepcopy(model).double(), x.double())
+    err = lambda g: ((g - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(contiguous) < 1e-2 and err(cl) < 3 * err(contiguous), (err(contiguous), err(cl))

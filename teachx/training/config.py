@@ -29,6 +29,9 @@ class TrainConfig:
     amp: bool = True  # mixed precision, on CUDA only (bf16 where supported, else fp16 + scaler)
     eval_batch_size: int = 512
     select: Literal["val_acc", "val_loss"] = "val_acc"  # which validation figure picks the best checkpoint
+    # NHWC activations: faster convolutions and max pooling with CPU oneDNN kernels (see
+    # bench/bench_cpu_tuning.py for the measured effect); the same values up to float rounding
+    channels_last: bool = False
     tensorboard: bool = False
     progress: bool = True
 

@@ -284,6 +284,9 @@ class Trainer:
         self.device = device
         model = task.model
         model.to(device)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        if cfg.channels_last:
+            model.to(memory_format=fmt)
         opt = make_optimizer(cfg, task.parameters())
         batch_size = cfg.batch_size // world  # per rank: the global batch stays cfg.batch_size
         if batch_size < 1:
@@ -335,6 +338,7 @@ class Trainer:
                     g["lr"] = lr
                 maps = task.maps_for(ib)
                 x, maps = prepare_batch(xb, self.plan, device, maps, gen)
+                x = x.contiguous(memory_format=fmt)
                 y = yb.to(device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), self._through(ddp):
                     loss, logits, extra = task.loss(x, y, maps)
