@@ -16,7 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHES = ["bench_shap.py", "bench_lrp.py", "bench_impactx.py", "bench_metrics.py", "bench_allocator.py", "bench_scaling.py"]
+BENCHES = ["bench_shap.py", "bench_lrp.py", "bench_impactx.py", "bench_metrics.py", "bench_allocator.py", "bench_cpu_tuning.py",
+           "bench_scaling.py"]
 
 
 def load(name: str):
@@ -62,6 +63,19 @@ def summary() -> str:
     if alloc:
         for r in alloc["results"]:
             rows.append(f"| malloc tuning, training step speed-up | {r['model']} | {r['speedup']:.2f}x | (CPU tuning) | - |")
+    tune = load("cpu_tuning.json")
+    if tune:
+        label = {"channels_last": "channels_last", "compile": "torch.compile", "compile_channels_last": "torch.compile + channels_last"}
+        threads = max(r["threads"] for r in tune["results"])
+        for r in tune["results"]:
+            if "error" in r:
+                rows.append(f"| {label.get(r['variant'], r['variant'])}, training step (batch {tune['batch']}) | {r['model']} | failed: {r['error']} | (CPU tuning) | - |")
+            elif r["variant"] in label:
+                rows.append(f"| {label[r['variant']]}, training-step speed-up vs eager ({r['threads']} threads, batch {tune['batch']}) | {r['model']} | "
+                            f"{r['speedup_vs_eager']:.2f}x ({1000 * r['median_step_s']:.1f} ms/step; first-3-steps loss diff {r['max_abs_loss_diff_3_steps']:.0e}"
+                            + (f", compile {r['warmup_s']:.0f} s" if "compile" in r["variant"] else "") + ") | (CPU tuning) | - |")
+            elif r["variant"] == "eager" and r["threads"] != threads:
+                rows.append(f"| {r['threads']} thread(s) instead of {threads}, training step | {r['model']} | {r['speedup_vs_eager']:.2f}x ({1000 * r['median_step_s']:.1f} ms/step) | (CPU tuning) | - |")
     sc = load("scaling.json")
     if sc:
         by = {(r["stage"], r["n"]): r for r in sc["rows"]}

@@ -87,3 +87,18 @@ def test_frozen_m_stays_fixed_in_training():
     opt.step()
     after = m.m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics unchanged
+
+
+def test_gradcam_on_impactx_reads_m_feature_layer():
+    """Grad-CAM post hoc on an IMPACTX model: by default at M's last spatial features, by hand."""
+    from teachx.teachers.gradcam import GradCam
+
+    torch.manual_seed(0)
+    model = build_impactx("lenet5", 3, 10, (32, 32)).eval()
+    x, target = torch.randn(3, 3, 32, 32), torch.tensor([1, 4, 7])
+    cam = GradCam().layer_cam(model, x, target)
+    a = model.m.body(x).detach().requires_grad_(True)  # M's feature map, then the rest of the forward by hand
+    logits = model.classifier(torch.cat([model.m.neck(a), model.lep.features(x)], 1))
+    (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
+    expected = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)).detach()
+    torch.testing.assert_close(cam, expected, rtol=1e-5, atol=1e-6)

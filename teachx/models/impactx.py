@@ -114,6 +114,12 @@ class ImpactX(nn.Module):
             self.m.eval()  # a frozen M stays in eval mode, whatever the training loop asks
         return self
 
+    @property
+    def feature_layer(self) -> nn.Module:
+        """Grad-CAM's default layer on an IMPACTX model: M's last spatial features (the
+        classification branch); the LEP branch also reaches the logits but is not a single layer."""
+        return self.m.feature_layer
+
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, built-in map) from one forward pass."""
         m = self.m.features(x)
