@@ -159,17 +159,18 @@ def accuracy_figure(rows: list[dict[str, Any]], regimes: Sequence[str], arms: Se
     """One panel per regime: every seed's test accuracy (dots), mean and 95% t-interval (bar) per arm;
     the dashed line is the lambda=0 control's mean, the dotted one the baseline's."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(regimes), figsize=(3.3 * len(regimes) + 0.6, 3.6), squeeze=False)
     by = {(r["regime"], r["arm"]): r for r in rows}
+    widths = [max(3, sum((reg, a) in by for a in arms)) for reg in regimes]
+    fig, axes = plt.subplots(1, len(regimes), figsize=(0.32 * sum(widths) + 1.2 * len(regimes) + 0.6, 3.6), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, reg in zip(axes[0], regimes):
-        for i, arm in enumerate(arms):
-            r = by.get((reg, arm))
-            if not r:
-                continue
+        here = [a for a in arms if (reg, a) in by]  # arms limited by study.arm_regimes leave no empty slot
+        for i, arm in enumerate(here):
+            r = by[(reg, arm)]
             s = r["summary"]
             accs = [a for a in r["test_acc"] if a is not None]
             jitter = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
-            ax.scatter(i + np.asarray(jitter), accs, s=9, color=f"C{i}", alpha=0.6, zorder=2)
+            ax.scatter(i + np.asarray(jitter), accs, s=9, color=f"C{arms.index(arm) % 10}", alpha=0.6, zorder=2)
             if s.get("ci_low") is not None:
                 ax.errorbar(i, s["mean"], yerr=[[s["mean"] - s["ci_low"]], [s["ci_high"] - s["mean"]]], fmt="_", color="k",
                             markersize=14, capsize=4, zorder=3)
@@ -179,7 +180,7 @@ def accuracy_figure(rows: list[dict[str, Any]], regimes: Sequence[str], arms: Se
             r = by.get((reg, ref)) if ref else None
             if r:
                 ax.axhline(r["summary"]["mean"], color="0.4", ls=style, lw=0.8, zorder=1)
-        ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(range(len(here)), here, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"regime {reg}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
