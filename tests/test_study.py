@@ -324,3 +324,21 @@ def test_teacher_training_and_arm_regimes_errors(tmp_path):
         cfg.write_text(base + extra)
         with pytest.raises(ConfigError, match=match):
             load_study(str(cfg))
+
+
+def test_study_dir_race_with_a_starting_process(tmp_path):
+    """A second process may see the first one's study.yaml temp file before the rename: not an error;
+    any other content in a directory without study.yaml still is."""
+    from teachx.errors import RunDirError
+    from teachx.interfaces.study import StudySpec, prepare_study_dir
+
+    spec = StudySpec({}, [0], {"impactx": {}}, {"all": {}})
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / ".study.yaml.k2j3.tmp").write_text("")
+    assert (prepare_study_dir(out, spec) / "study.yaml").exists()
+    other = tmp_path / "o"
+    other.mkdir()
+    (other / "results.json").write_text("{}")
+    with pytest.raises(RunDirError, match="not a teachx study directory"):
+        prepare_study_dir(other, spec)

@@ -529,11 +529,16 @@ def prepare_study_dir(out: Path, spec: StudySpec) -> Path:
     out = Path(out).resolve()
     text = dump_yaml({"study": spec.to_dict(), **spec.base})
     cfg_path = out / "study.yaml"
-    if out.exists() and any(out.iterdir()) and not cfg_path.exists():
+    # another process starting on the same directory may be writing study.yaml right now (its temp file)
+    if out.exists() and not cfg_path.exists() and any(not _study_yaml_temp(p) for p in out.iterdir()):
         raise RunDirError(f"'{out}' is not empty and is not a teachx study directory; choose a new --out directory")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cfg_path, text)
     return out
+
+
+def _study_yaml_temp(p: Path) -> bool:
+    return p.name.startswith(".study.yaml.") and p.name.endswith(".tmp")
 
 
 _POLL_SECONDS = 5.0
