@@ -342,3 +342,23 @@ def test_study_dir_race_with_a_starting_process(tmp_path):
     (other / "results.json").write_text("{}")
     with pytest.raises(RunDirError, match="not a teachx study directory"):
         prepare_study_dir(other, spec)
+
+
+def test_pipeline_trains_the_teacher_with_teacher_training(tmp_path, monkeypatch):
+    """`teachx run` path: teacher.training makes a separate teacher trained on the full split."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.pipeline import run_pipeline, separate_teacher
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    z = make_zip(tmp_path / "tiny.zip")
+    cfg = resolve_config(overrides=[f"data.name=imagefolder:{z}", "data.hflip=false", "data.val_fraction=0.2", "data.train_size=40",
+                                    "train.epochs=1", "train.batch_size=32", "teacher.method=gradient_x_input",
+                                    "teacher.training={data.train_size: null}", "train.progress=false"])
+    assert separate_teacher(cfg)
+    lines: list[str] = []
+    out = run_pipeline(cfg, tmp_path / "run", lines.append, progress=False, figures=False)
+    trained = [ln for ln in lines if "training lenet5" in ln]
+    assert any(ln.startswith("[baseline]") and "(32 images" in ln for ln in trained), trained  # 40 minus validation
+    assert any(ln.startswith("[teacher]") and "(76 images" in ln for ln in trained), trained  # the full 96 minus validation
+    assert (tmp_path / "run" / "teacher" / "stage.json").exists() and out.results["teacher_test_acc"] is not None
