@@ -106,18 +106,14 @@ def config_cmd(args: tuple[str, ...]) -> None:
 def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int]) -> None:
     """Train a baseline classifier: teachx train [CONFIG] [KEY=VALUE ...] --out DIR."""
     from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.launch import echo0
     from teachx.interfaces.pipeline import make_plan, prepare_run_dir, train_classifier
+    from teachx.training import distributed as dist_utils
     from teachx.utils.io import write_json_atomic
 
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
-    from teachx.interfaces.launch import echo0, launch_or_join
-    from teachx.training import distributed as dist_utils
-
-    is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
-    quiet = quiet or not is_main
-    if quiet:
-        cfg.train.progress = False
+    _, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
     run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "train", overwrite)
     t0 = time.perf_counter()
@@ -136,25 +132,12 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
 def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int]) -> None:
     """Baseline -> teacher maps -> IMPACTX -> test: teachx run CONFIG [KEY=VALUE ...] --out DIR."""
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
 
     path, overrides = _split_args(args)
     if path is None:
         raise ConfigError("teachx run needs a CONFIG file (see configs/); e.g. teachx run configs/cifar10-lenet5.yaml --out runs/x")
     cfg = resolve_config(path, overrides)
-    from teachx.interfaces.launch import echo0, launch_or_join
-    from teachx.training import distributed as dist_utils
-
-    is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
-    quiet = quiet or not is_main
-    if quiet:
-        cfg.train.progress = False
-    plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)
-    run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "run", overwrite)
-    res = run_pipeline(cfg, run_dir, echo0, progress=not quiet, plan=plan).results
-    if is_main:
-        _print_summary(res, run_dir)
-    dist_utils.shutdown()
+    _pipeline_command(cfg, out, "run", overwrite, quiet, nproc)
 
 
 @cli.command()
@@ -168,23 +151,10 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], overrides
     from importlib.resources import files
 
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
 
     cfg_path = str(files("teachx") / "configs" / "demo.yaml")
     cfg = resolve_config(cfg_path, list(overrides))
-    from teachx.interfaces.launch import echo0, launch_or_join
-    from teachx.training import distributed as dist_utils
-
-    is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
-    quiet = quiet or not is_main
-    if quiet:
-        cfg.train.progress = False
-    plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)
-    run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "demo", overwrite)
-    res = run_pipeline(cfg, run_dir, echo0, progress=not quiet, plan=plan).results
-    if is_main:
-        _print_summary(res, run_dir)
-    dist_utils.shutdown()
+    _pipeline_command(cfg, out, "demo", overwrite, quiet, nproc)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -198,6 +168,32 @@ def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str) -> 
 
     for line in explain_images(checkpoint, list(images), out, device):
         click.echo(line)
+
+
+def _join_processes(cfg, nproc: Optional[int], quiet: bool) -> tuple[bool, bool]:
+    """Start (or join) the processes of a --nproc run; returns (is_main, quiet): only rank 0 talks."""
+    from teachx.interfaces.launch import launch_or_join
+
+    is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
+    quiet = quiet or not is_main
+    if quiet:
+        cfg.train.progress = False
+    return is_main, quiet
+
+
+def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool, nproc: Optional[int]) -> None:
+    """`teachx run` and `teachx demo`: the whole pipeline in one run directory, then its summary."""
+    from teachx.interfaces.launch import echo0
+    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
+    from teachx.training import distributed as dist_utils
+
+    is_main, quiet = _join_processes(cfg, nproc, quiet)
+    plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
+    run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, command, overwrite)
+    res = run_pipeline(cfg, run_dir, echo0, progress=not quiet, plan=plan).results
+    if is_main:
+        _print_summary(res, run_dir)
+    dist_utils.shutdown()
 
 
 def _print_summary(res: dict, run_dir: Path) -> None:
