@@ -34,7 +34,7 @@ def make_zip(path: Path) -> Path:
     return path
 
 
-STUDY = """
+RUN = """
 data:
   name: imagefolder:{zip}
   hflip: false
@@ -48,6 +48,9 @@ train:
 teacher:
   method: gradient_x_input
   batch_size: 64
+"""
+
+STUDY = RUN + """
 study:
   n_seeds: 3
   arms:
@@ -241,21 +244,7 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     assert _relevant(opts) == {"model": {"options": {"dropout": 0.1}}}  # option dicts are hashed whole
 
 
-PRIVILEGED = """
-data:
-  name: imagefolder:{zip}
-  hflip: false
-  val_fraction: 0.2
-model:
-  backbone: lenet5
-train:
-  epochs: 1
-  batch_size: 32
-  lr: 0.003
-teacher:
-  method: gradient_x_input
-  batch_size: 64
-  seed: 0
+PRIVILEGED = RUN + """
 study:
   n_seeds: 1
   arms:
@@ -280,7 +269,7 @@ def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
     fits: list[str] = []
     original = Trainer.fit
     monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (fits.append(self.meta["kind"]), original(self, *a, **k))[1])
-    spec = load_study(str(cfg))
+    spec = load_study(str(cfg), ["train.epochs=1", "teacher.seed=0"])
     assert spec.runs("small", "full_data_teacher") and not spec.runs("full", "full_data_teacher") and spec.runs("full", None)
     data = run_study(spec, tmp_path / "out", lambda _l: None).data
     # 2 regimes x (baseline, impactx, lambda0) + the arm in 'small' only; its teacher is the 'full' baseline (seed 0)
