@@ -275,12 +275,12 @@ def _relevant(cfg: RunConfig) -> dict[str, Any]:
     return _non_default(values, defaults)
 
 
-def _non_default(values: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+def _non_default(values: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in values.items():
         base = defaults.get(k)
-        if isinstance(v, dict) and isinstance(base, dict) and base and not k.endswith("options"):
-            sub = _non_default(v, base)
+        if isinstance(v, dict) and isinstance(base, dict) and f"{prefix}{k}" not in _DICT_OPTIONS:  # sections recurse, option dicts are values
+            sub = _non_default(v, base, f"{prefix}{k}.")
             if sub:
                 out[k] = sub
         elif k not in defaults or v != base:
