@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,7 +21,7 @@ from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
 from teachx.data.transforms import Augment, normalize
 from teachx.errors import ConfigError, RunDirError
-from teachx.interfaces.config import DataConfig, RunConfig
+from teachx.interfaces.config import RunConfig
 from teachx.models import build_model
 from teachx.models.impactx import ImpactX, build_impactx
 from teachx.teachers import build as build_teacher
@@ -30,9 +30,8 @@ from teachx.teachers.store import MapStore, fill_store, open_store, store_key
 from teachx.training import distributed as dist_utils
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask, MapSource
-from teachx.training.config import TrainConfig
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
-from teachx.utils.config import dump_yaml, from_dict
+from teachx.utils.config import dump_yaml, from_dict, set_dotted
 from teachx.utils.hashing import hash_json, hash_state_dict
 from teachx.utils.io import write_json_atomic, write_text_atomic
 from teachx.utils.locking import file_lock
@@ -223,12 +222,10 @@ def teacher_training(cfg: RunConfig) -> tuple[RunConfig, str, dict[str, Any]]:
 
 def _with_teacher_training(cfg: RunConfig) -> RunConfig:
     """``cfg`` with ``teacher.training``'s data.* / train.* overrides applied (validated as usual)."""
-    sections = {"data": asdict(cfg.data), "train": asdict(cfg.train)}
+    data = cfg.to_dict()
     for key, value in cfg.teacher.training.items():
-        section, name = key.split(".")
-        sections[section][name] = value
-    return replace(cfg, data=from_dict(DataConfig, sections["data"], "teacher.training data"),
-                   train=from_dict(TrainConfig, sections["train"], "teacher.training train"))
+        set_dotted(data, key, value)
+    return from_dict(RunConfig, data, "teacher.training")
 
 
 def separate_teacher(cfg: RunConfig) -> bool:

@@ -37,7 +37,7 @@ import torch
 from teachx.errors import ConfigError, RunDirError
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.interfaces.config import RunConfig, check_names
-from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override
+from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import write_json_atomic, write_text_atomic
 from teachx.utils.locking import Busy, file_lock
@@ -83,9 +83,9 @@ class StudySpec:
         """The resolved RunConfig of one unit: base <- arm <- regime, with the seed."""
         data = _deep(self.base)
         for key, value in (self.arms[arm] if arm else {}).items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         for key, value in self.regimes[regime].items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         data["seed"] = int(seed)
         where = f"study arm '{arm}', regime '{regime}'" if arm else f"study regime '{regime}'"
         try:
@@ -102,17 +102,6 @@ class StudySpec:
 
 def _deep(d: Any) -> Any:
     return json.loads(json.dumps(d))
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{key}': '{part}' is not a section")
-        node = nxt
-    node[parts[-1]] = value
 
 
 def _dict_options() -> set[str]:
@@ -175,7 +164,7 @@ def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Option
                 node = node.setdefault(part, {})
             node[keys[-1]] = value
         else:
-            _set_dotted(base, ".".join(keys), value)
+            set_dotted(base, ".".join(keys), value)
     for key in section:
         if key not in _STUDY_KEYS:
             raise ConfigError(f"unknown option 'study.{key}'{suggest(key, list(_STUDY_KEYS))}; valid: {', '.join(_STUDY_KEYS)}")

@@ -131,6 +131,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """``data['a']['b'] = value`` for ``key`` 'a.b', making missing sections (an existing non-dict is an error)."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set nested keys in a plain dict (validation happens later in ``from_dict``)."""
     data = _deepcopy(data)
