@@ -3,13 +3,15 @@
 Measures, at batch 64 on 32x32x3 inputs (medians of --repeats):
 - training step time: baseline vs IMPACTX (lambda=1, maps read from a memory-mapped store) vs IMPACTX
   with lambda=0 (no explanation loss) -> the epoch ratio target (<= 2.5x baseline);
-- where the IMPACTX step's time goes (M, LEP, decoder, classifier, loss/backward);
+- where the IMPACTX step's time goes: M, LEP, decoder + map loss and classifier + CE each timed
+  forward+backward alone, plus the optimizer step (their sum is reported next to the whole step), and
+  each part's multiply-adds per image;
 - map reading: the same IMPACTX step with maps from the store vs maps already in memory (target <= 5%);
 - inference: built-in maps (one forward) vs the baseline forward (target <= 2.5x) and vs post-hoc
   shap.DeepExplainer with a background of 100 on the same model (target >= 100x).
 Writes bench/results/impactx.json atomically and prints a table.
 
-    python bench/bench_impactx.py [--models lenet5,mobilenet] [--repeats 5] [--threads N]
+    python bench/bench_impactx.py [--models lenet5,mobilenet] [--repeats 5] [--threads N] [--posthoc-models lenet5,mobilenet]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from teachx.models.impactx import build_impactx
 from teachx.teachers.store import fill_store, open_store
 from teachx.training.impactx import ImpactxTask, MapSource
 from teachx.utils.io import write_json_atomic
+from teachx.utils.runtime import tune_cpu_allocator
 
 B, SIZE, C, K = 64, 32, 3, 10
 
@@ -45,7 +48,28 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, repeats: int, steps: int, store_dir: Path) -> dict:
+def macs_per_image(module: torch.nn.Module, inp: torch.Tensor) -> int:
+    """Multiply-adds of the Conv/Linear layers for one input (forward hooks; the rest is cheap)."""
+    total = 0
+
+    def hook(mod, args, out):
+        nonlocal total
+        if isinstance(mod, torch.nn.Linear):
+            total += mod.in_features * mod.out_features
+        else:  # ConvNd: each output element needs (in/groups) * kernel multiply-adds
+            total += out[0].numel() * (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            module(inp[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def bench_model(name: str, repeats: int, steps: int, store_dir: Path, posthoc: bool = True) -> dict:
     torch.manual_seed(0)
     n = B * steps
     x_all = torch.randn(n, C, SIZE, SIZE)
@@ -86,12 +110,52 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path) -> dict:
     t_imp0 = timed(lambda: epoch_impactx(task0, True), repeats)
     t_read = timed(lambda: [source(torch.arange(s * B, (s + 1) * B)) for s in range(steps)], repeats)
 
-    # where the IMPACTX step goes: forward pieces timed separately (no grad), plus the whole step
-    imp.eval()
-    xb = x_all[:B]
+    # where the IMPACTX step goes: each component's forward+backward timed alone in training mode (a
+    # random upstream gradient stands in for the rest of the graph), plus the optimizer step; their
+    # sum is compared with the whole step, and the forwards alone are kept for the inference figures
+    xb, yb = x_all[:B], y_all[:B]
+    maps_b = in_memory[:B]
+    imp.train()
     with torch.no_grad():
         m_feat = imp.m.features(xb)
         z = imp.lep.features(xb)
+
+    def fwd_bwd(fn, inp):
+        def run():
+            out = fn(inp)
+            out.backward(torch.ones_like(out) / out.numel())
+        return run
+
+    def decoder_loss(zz):
+        return F.mse_loss(imp.decoder(zz), maps_b)
+
+    def head_loss(feats):
+        return F.cross_entropy(imp.classifier(feats), yb)
+
+    z_leaf = z.clone().requires_grad_(True)
+    feats_leaf = torch.cat([m_feat, z], 1).requires_grad_(True)
+
+    def whole_step():
+        opt_i.zero_grad(set_to_none=True)
+        loss, _, _ = task.loss(xb, yb, maps_b)
+        loss.backward()
+        opt_i.step()
+
+    def optimizer_step():
+        opt_i.step()
+
+    step_parts = {
+        "M forward+backward": timed(fwd_bwd(imp.m.features, xb), repeats),
+        "LEP forward+backward": timed(fwd_bwd(imp.lep.features, xb), repeats),
+        "decoder + map MSE forward+backward": timed(fwd_bwd(decoder_loss, z_leaf), repeats),
+        "classifier + CE forward+backward": timed(fwd_bwd(head_loss, feats_leaf), repeats),
+        "optimizer step": timed(optimizer_step, repeats),
+    }
+    t_step = timed(whole_step, repeats)
+    opt_b.zero_grad(set_to_none=True)
+    t_base_step = timed(lambda: (opt_b.zero_grad(set_to_none=True), F.cross_entropy(base(xb), yb).backward(), opt_b.step()), repeats)
+    imp.eval()
+    with torch.no_grad():
         parts = {
             "M forward": timed(lambda: imp.m.features(xb), repeats),
             "LEP forward": timed(lambda: imp.lep.features(xb), repeats),
@@ -105,8 +169,14 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path) -> dict:
         t_fwd = timed(lambda: base(xb), repeats)
         t_builtin = timed(lambda: imp.forward_all(xb), repeats)
     shap_ips = None
+    shap_error = "skipped (not in --posthoc-models)"
     try:
+        if not posthoc:
+            raise LookupError(shap_error)
         import shap
+        from shap.explainers._deep import deep_pytorch as dp
+
+        dp.op_handler.setdefault("SiLU", dp.nonlinear_1d)  # EfficientNet's activation (as in bench_shap)
 
         bg = x_all[:100]
         exp = shap.DeepExplainer(imp_post := _posthoc_target(imp), bg)
@@ -115,6 +185,8 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path) -> dict:
             warnings.simplefilter("ignore")
             t_shap = timed(lambda: exp.shap_values(xs, ranked_outputs=1, check_additivity=False), max(1, repeats // 2), warmup=1)
         shap_ips = len(xs) / t_shap
+    except LookupError:
+        pass
     except Exception as exc:  # shap absent or failing: say so in the results
         shap_error = f"{type(exc).__name__}: {exc}"
     builtin_ips = B / t_builtin
@@ -134,6 +206,15 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path) -> dict:
         "map_reading_overhead": t_read / t_imp_mem,
         "map_reading_ab_difference": t_imp / t_imp_mem - 1.0,
         "forward_parts_s": parts,
+        "step_parts_s": step_parts,
+        "macs_per_image": {
+            "baseline": macs_per_image(base, xb),
+            "M": macs_per_image(_Features(imp.m), xb),
+            "LEP": macs_per_image(_Features(imp.lep), xb),
+            "decoder": macs_per_image(imp.decoder, z),
+        },
+        "step_s": t_step,
+        "baseline_step_s": t_base_step,
         "baseline_forward_s": t_fwd,
         "builtin_maps_forward_s": t_builtin,
         "ratio_builtin_maps_to_forward": t_builtin / t_fwd,
@@ -144,6 +225,17 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path) -> dict:
     if shap_ips is None:
         out["deepexplainer_error"] = shap_error
     return out
+
+
+class _Features(torch.nn.Module):
+    """A backbone's feature extractor as a module (for the MAC count)."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone.features(x)
 
 
 class _posthoc_target(torch.nn.Module):
@@ -163,22 +255,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20, help="batches per timed epoch")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--posthoc-models", default="lenet5,mobilenet",
+                    help="models also timed with post-hoc shap.DeepExplainer (minutes per image on large nets)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "impactx.json"))
     args = ap.parse_args()
+    malloc_tuned = tune_cpu_allocator()  # as the CLI, Trainer and map stores do: the speed users get
     if args.threads:
         torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             steps = args.steps if name == "lenet5" else max(2, args.steps // 10)
-            r = bench_model(name, args.repeats, steps, Path(tmp) / name)
+            r = bench_model(name, args.repeats, steps, Path(tmp) / name, posthoc=name in args.posthoc_models.split(","))
             results.append(r)
             print(
                 f"{name:10s} epoch impactx/baseline {r['ratio_impactx_to_baseline']:.2f}x (lambda0 {r['ratio_impactx_lambda0_to_baseline']:.2f}x) | "
                 f"map reading +{100 * r['map_reading_overhead']:.1f}% | built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward, "
                 f"{r['speedup_builtin_vs_deepexplainer'] or float('nan'):.0f}x DeepExplainer"
             )
-    write_json_atomic(args.out, {"benchmark": "impactx", "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results})
+    write_json_atomic(args.out, {"benchmark": "impactx", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                 "malloc_tuned": malloc_tuned, "results": results})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 
 from teachx.teachers.shap import DeepShap
 from teachx.utils.io import write_json_atomic
+from teachx.utils.runtime import tune_cpu_allocator
 
 
 def build(name: str, in_channels: int, num_classes: int, size: int) -> torch.nn.Module:
@@ -115,10 +116,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "shap.json"))
     ap.add_argument("--merge", action="store_true", help="keep other models' entries already in --out")
     args = ap.parse_args()
+    malloc_tuned = tune_cpu_allocator()  # as the CLI, Trainer and map stores do: the speed users get
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = {"threads": torch.get_num_threads(), "batch": args.batch, "background": args.background,
-               "size": args.size, "torch": torch.__version__, "models": {}}
+               "size": args.size, "torch": torch.__version__, "malloc_tuned": malloc_tuned, "models": {}}
     for name in args.models.split(","):
         model = warm_up_model(build(name, 3, 10, args.size), args.size)
         g = torch.Generator().manual_seed(1)

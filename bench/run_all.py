@@ -1,6 +1,6 @@
 """Run every benchmark in bench/ and write the performance table (bench/results/summary.md).
 
-    python bench/run_all.py            # run all benchmarks (about 15-30 min on a 2-core CPU), then summarise
+    python bench/run_all.py            # run all benchmarks (tens of minutes on a 2-core CPU), then summarise
     python bench/run_all.py --summary  # only rebuild the table from bench/results/*.json
 
 The README's performance table is this file's output.
@@ -16,8 +16,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-BENCHES = ["bench_shap.py", "bench_lrp.py", "bench_impactx.py", "bench_metrics.py", "bench_allocator.py", "bench_cpu_tuning.py",
-           "bench_scaling.py"]
+# each benchmark with the arguments that produced the README's table
+BENCHES: list[tuple[str, list[str]]] = [
+    ("bench_shap.py", []),
+    ("bench_lrp.py", ["--models", "lenet5", "mobilenet", "resnet18", "efficientnet_b0", "efficientnet_b2"]),
+    ("bench_impactx.py", ["--models", "lenet5,mobilenet,efficientnet_b2"]),
+    ("bench_metrics.py", []),
+    ("bench_allocator.py", []),
+    ("bench_cpu_tuning.py", []),
+    ("bench_scaling.py", []),
+    ("bench_memory.py", []),
+]
 
 
 def load(name: str):
@@ -50,9 +59,17 @@ def summary() -> str:
                 f"| reading stored maps, share of an epoch (A/B epoch difference, noisy) | {r['model']} | "
                 f"{100 * direct:.2f}% ({100 * r.get('map_reading_ab_difference', r['map_reading_overhead']):+.1f}%) | <= 5% | {'yes' if direct <= 0.05 else 'no'} |"
             )
+            parts = r.get("step_parts_s")
+            if parts:
+                cells = ", ".join(f"{k} {1000 * v:.1f}" for k, v in parts.items())
+                mac = r.get("macs_per_image")
+                macs = f"; multiply-adds per image: decoder {mac['decoder'] / mac['baseline']:.2f}x the baseline model's" if mac else ""
+                rows.append(f"| where the IMPACTX step goes, ms per batch of {r['batch']} (sum {1000 * sum(parts.values()):.1f} vs step {1000 * r['step_s']:.1f}; "
+                            f"baseline step {1000 * r['baseline_step_s']:.1f}) | {r['model']} | {cells}{macs} | (profile) | - |")
             rows.append(f"| built-in maps / baseline forward | {r['model']} | {r['ratio_builtin_maps_to_forward']:.2f}x | <= 2.5x | {'yes' if r['ratio_builtin_maps_to_forward'] <= 2.5 else 'no'} |")
             sp = r.get("speedup_builtin_vs_deepexplainer")
-            rows.append(f"| built-in maps vs post-hoc shap.DeepExplainer (bg 100) | {r['model']} | {sp:.0f}x |" + (f" >= 100x | {'yes' if sp >= 100 else 'no'} |" if sp else " >= 100x | n/a |"))
+            if sp:
+                rows.append(f"| built-in maps vs post-hoc shap.DeepExplainer (bg 100) | {r['model']} | {sp:.0f}x | >= 100x | {'yes' if sp >= 100 else 'no'} |")
     met = load("metrics.json")
     if met:
         q = met.get("quantus") or {}
@@ -85,6 +102,16 @@ def summary() -> str:
             flat = s["anon_peak_ratio"] <= 1.1
             rows.append(f"| {names[stage]}: time and peak anonymous memory vs dataset size ({sc['threads']} threads) | lenet5 | {cells} "
                         f"({s['size_ratio']:.0f}x images: {s['time_ratio']:.1f}x time, memory x{s['anon_peak_ratio']:.2f}) | memory flat in N | {'yes' if flat else 'no'} |")
+    mem = load("memory.json")
+    if mem:
+        label = {"forward": "forward", "input_gradient": "forward+input gradient", "train_step": "train step",
+                 "impactx_train_step": "IMPACTX train step", "builtin_maps": "built-in maps", "lrp_epsilon": "LRP eps",
+                 "lrp_epsilon_plus_flat": "LRP eps+flat", "deepshap": "DeepSHAP", "shap_deepexplainer": "shap.DeepExplainer",
+                 "pixel_flipping_teachx": "pixel flipping 1,000 images", "pixel_flipping_quantus": "Quantus pixel flipping"}
+        for model in dict.fromkeys(r["model"] for r in mem["rows"]):
+            cells = ", ".join(f"{label.get(r['operation'], r['operation'])} " + (f"{r['peak_extra_mb']:.0f}" if "error" not in r else "failed")
+                              for r in mem["rows"] if r["model"] == model)
+            rows.append(f"| peak memory of one call, MB above the resident set before it (batch {mem['batch']}, fresh process each) | {model} | {cells} | (measured) | - |")
     return "\n".join(rows) + "\n"
 
 
@@ -93,9 +120,9 @@ def main() -> None:
     ap.add_argument("--summary", action="store_true", help="only rebuild the table")
     args = ap.parse_args()
     if not args.summary:
-        for b in BENCHES:
-            print(f"== {b}", flush=True)
-            subprocess.run([sys.executable, str(HERE / b)], check=True)
+        for script, extra in BENCHES:
+            print(f"== {script} {' '.join(extra)}", flush=True)
+            subprocess.run([sys.executable, str(HERE / script), *extra], check=True)
     from teachx.utils.io import write_text_atomic
 
     text = summary()

@@ -36,6 +36,7 @@ import torch
 from teachx.training import distributed as dist_utils
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import atomic_path, write_json_atomic
+from teachx.utils.runtime import tune_cpu_allocator
 
 STORE_VERSION = 1
 
@@ -165,6 +166,7 @@ def fill_store(
     ``distributed``: None = collective when a torch.distributed group of several processes is up
     (batches dealt round-robin to the ranks, see the module docstring); False = this process alone.
     """
+    tune_cpu_allocator()  # several-fold faster teachers on CPU, no effect on values (teachx.utils.runtime)
     rank, world = _world(distributed)
     todo = np.sort(store.missing(np.unique(np.asarray(indices))))
     if world > 1:

@@ -1,0 +1,73 @@
+"""The benchmark suite's own measuring code: the peak-memory probe and the MAC counter against
+closed forms, and the summary table's rows for the results each benchmark writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_teachx_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak-RSS reset needs Linux /proc")
+def test_memory_probe_sees_a_known_allocation():
+    bench_memory = _load("bench_memory")
+    mb = 96
+
+    def touch():
+        t = torch.ones(mb * 2**20 // 4)  # every page written: resident
+        return float(t[-1])
+
+    probe = bench_memory.measure(touch)
+    assert mb - 1 <= probe["peak_extra_mb"] <= mb + 16
+    assert bench_memory.measure(lambda: None)["peak_extra_mb"] < 4
+
+
+def test_mac_counter_matches_closed_form():
+    bench_impactx = _load("bench_impactx")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=4),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 10))
+    x = torch.randn(2, 3, 16, 16)
+    expect = 16 * 16 * 8 * 3 * 9 + 14 * 14 * 8 * 2 * 9 + 8 * 14 * 14 * 10
+    assert bench_impactx.macs_per_image(model, x) == expect
+    # LeNet-5 on 32x32x3: the textbook count (conv 5x5: 28*28*6*75 + 10*10*16*150, then 400-120-84-10)
+    from teachx.models import build_model
+
+    lenet = build_model("lenet5", 3, 10, 32)
+    assert bench_impactx.macs_per_image(lenet, torch.randn(1, 3, 32, 32)) == 28 * 28 * 6 * 75 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10
+
+
+def test_summary_rows_for_memory_and_step_breakdown(tmp_path, monkeypatch):
+    run_all = _load("run_all")
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    (tmp_path / "memory.json").write_text(json.dumps({"batch": 64, "rows": [
+        {"model": "lenet5", "operation": "deepshap", "peak_extra_mb": 41.4},
+        {"model": "lenet5", "operation": "shap_deepexplainer", "error": "boom"}]}))
+    (tmp_path / "impactx.json").write_text(json.dumps({"results": [{
+        "model": "lenet5", "batch": 64, "ratio_impactx_to_baseline": 3.0, "ratio_impactx_lambda0_to_baseline": 2.0,
+        "map_read_s": 0.001, "impactx_epoch_in_memory_maps_s": 1.0, "map_reading_overhead": 0.001,
+        "ratio_builtin_maps_to_forward": 2.0, "speedup_builtin_vs_deepexplainer": None,
+        "step_parts_s": {"M forward+backward": 0.003, "decoder": 0.005}, "step_s": 0.009, "baseline_step_s": 0.004,
+        "macs_per_image": {"baseline": 100, "decoder": 250}}]}))
+    table = run_all.summary()
+    assert "| lenet5 | DeepSHAP 41, shap.DeepExplainer failed |" in table
+    assert "M forward+backward 3.0, decoder 5.0; multiply-adds per image: decoder 2.50x" in table
+    assert "(sum 8.0 vs step 9.0; baseline step 4.0)" in table
+    assert "DeepExplainer (bg 100) | lenet5" not in table  # skipped post-hoc comparison: no row
+    assert [script for script, _ in run_all.BENCHES] and all((BENCH / script).exists() for script, _ in run_all.BENCHES)
