@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import _ddp_script as work  # noqa: E402
 
-from teachx.interfaces.launch import should_relaunch, strip_nproc, torchrun_command  # noqa: E402
+from teachx.errors import ConfigError  # noqa: E402
+from teachx.interfaces.launch import relaunch_with_torchrun, should_relaunch, strip_nproc, torchrun_command  # noqa: E402
 from teachx.training import distributed as dist_utils  # noqa: E402
 from teachx.training.checkpoint import load_checkpoint  # noqa: E402
 
@@ -181,3 +182,46 @@ def test_launch_command_strips_nproc():
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert cmd[5:] == ["-m", "teachx", "run", "cfg.yaml", "--out", "x", "train.lr=0.1"]
     assert should_relaunch(2) and not should_relaunch(1) and not should_relaunch(None)
+
+
+# -- the CUDA/NCCL decisions, on a simulated GPU machine (no GPU here: torch.cuda and the process
+# group are replaced by recorders; the collectives themselves are what the gloo runs above test)
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A machine with 2 visible GPUs, launched by torchrun as local rank 1 of 2; records calls."""
+    calls: dict = {"set_device": [], "init": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls["set_device"].append(i))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls["init"].append(backend))
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    return calls
+
+
+def test_gpu_ranks_join_with_nccl_on_their_own_device(fake_gpus):
+    dist_utils.init_distributed()
+    assert fake_gpus == {"set_device": [1], "init": ["nccl"]}  # device chosen before the group forms
+    dist_utils.init_distributed(backend="gloo")  # an explicit backend wins, and gloo binds no device
+    assert fake_gpus == {"set_device": [1], "init": ["nccl", "gloo"]}
+
+
+def test_more_ranks_than_gpus_is_refused_with_the_fix(fake_gpus, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ConfigError, match="LOCAL_RANK 2 but only 2 CUDA device"):
+        dist_utils.init_distributed()
+    assert fake_gpus["init"] == []  # refused before joining anything
+    with pytest.raises(ConfigError, match=r"--nproc 3 but only 2 GPU\(s\) are visible; use --nproc <= 2"):
+        relaunch_with_torchrun(3, ["run", "cfg.yaml"])
+
+
+def test_bare_cuda_device_becomes_the_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist_utils, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist_utils, "world_size", lambda: 2)
+    assert dist_utils.device_for(torch.device("cuda")) == torch.device("cuda", 1)
+    assert dist_utils.device_for(torch.device("cuda", 0)) == torch.device("cuda", 0)  # an explicit index is kept
+    assert dist_utils.device_for(torch.device("cpu")) == torch.device("cpu")
