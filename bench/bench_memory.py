@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from bench_scaling import status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 OPERATIONS = ["forward", "input_gradient", "train_step", "impactx_train_step", "builtin_maps", "lrp_epsilon",
@@ -39,21 +39,14 @@ OPERATIONS = ["forward", "input_gradient", "train_step", "impactx_train_step", "
 PIXEL_FLIPPING = ["pixel_flipping_teachx", "pixel_flipping_quantus"]
 
 
-def _status_kb(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {field}: this benchmark needs Linux")
-    return int(match.group(1))
-
-
 def measure(call: Callable[[], object]) -> dict:
     """Peak extra resident memory (MB) and wall time of one ``call()``."""
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
-    return {"peak_extra_mb": (_status_kb("VmHWM") - before) / 1024, "seconds": seconds, "rss_before_mb": before / 1024}
+    return {"peak_extra_mb": (status_kb("VmHWM") - before) / 1024, "seconds": seconds, "rss_before_mb": before / 1024}
 
 
 def prepare(model_name: str, operation: str, batch: int) -> Callable[[int], object]:
@@ -102,16 +95,9 @@ def prepare(model_name: str, operation: str, batch: int) -> Callable[[int], obje
         teacher = DeepShap(background)
         return lambda k: teacher.attribute(model, x[:k], y[:k])
     if operation == "shap_deepexplainer":
-        import shap
-        from shap.explainers._deep import deep_pytorch as dp
+        from bench_shap import shap_values
 
-        dp.op_handler.setdefault("ReLU6", dp.nonlinear_1d)  # as bench_shap.py registers them
-
-        def deep_explainer(k: int):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return shap.DeepExplainer(model, background).shap_values(x[:k], ranked_outputs=1, check_additivity=False)
-        return deep_explainer
+        return lambda k: shap_values(model, x[:k], background, y[:k])
     if operation in PIXEL_FLIPPING:
         return _pixel_flipping(model, operation)
     raise SystemExit(f"unknown operation {operation!r}; choose from {', '.join(OPERATIONS + PIXEL_FLIPPING)}")
@@ -128,12 +114,10 @@ def _pixel_flipping(model: torch.nn.Module, operation: str) -> Callable[[int], o
 
         metric = PixelFlippingMoRF(steps=16, baseline="zero", output="probability", batch_size=256)
         return lambda k: metric(model, x[:k], y[:k], maps[:k])
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_metrics import quantus_loader
+    from bench_metrics import quantus_loader, quantus_pixel_flipping
 
     loader = quantus_loader()
-    quantus = loader.load_quantus()
-    metric = quantus.PixelFlipping(features_in_step=32 * 32 // 16, perturb_baseline=0.0, normalise=False, disable_warnings=True)
+    metric = quantus_pixel_flipping(loader.load_quantus(), 32 * 32, 16)
     arrays = dict(model=model, softmax=True)
 
     def run(k: int):

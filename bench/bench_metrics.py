@@ -89,6 +89,11 @@ def per_sample_reference(model, x, y, maps, steps):
     return curves
 
 
+def quantus_pixel_flipping(quantus, pixels: int, steps: int):
+    """Quantus's PixelFlipping in the setting compared with ours: zero baseline, raw maps, H*W/steps per step."""
+    return quantus.PixelFlipping(features_in_step=pixels // steps, perturb_baseline=0.0, normalise=False, disable_warnings=True)
+
+
 def quantus_throughput(model, x, y, maps, steps, ours_curves):
     """Quantus PixelFlipping (zero baseline, softmax) on the same images; curves checked against ours."""
     try:
@@ -97,9 +102,7 @@ def quantus_throughput(model, x, y, maps, steps, ours_curves):
     except Exception as error:  # ImportError with the reason
         return {"available": False, "reason": f"quantus unavailable: {type(error).__name__}: {str(error)[:200]}"}
     channels, pixels = x.shape[1], x.shape[2] * x.shape[3]
-    metric = quantus.PixelFlipping(
-        features_in_step=pixels // steps, perturb_baseline=0.0, normalise=False, disable_warnings=True
-    )
+    metric = quantus_pixel_flipping(quantus, pixels, steps)
     call = dict(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=maps.numpy(), softmax=True)
     metric(**{**call, "x_batch": x[:8].numpy(), "y_batch": y[:8].numpy(), "a_batch": maps[:8].numpy()})  # warm-up
     start = time.perf_counter()

@@ -34,7 +34,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "scaling.json"
 SIZE, CLASSES, BATCH = 32, 10, 128
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
+    """A ``/proc/self/status`` field in kB (0 where the kernel has no such field)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -51,19 +52,19 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_anon = max(self.peak_anon, _status_kb("RssAnon"))
+            self.peak_anon = max(self.peak_anon, status_kb("RssAnon"))
             self._stop.wait(self.every)
 
     def __enter__(self) -> "MemorySampler":
-        self.start_anon = _status_kb("RssAnon")
+        self.start_anon = status_kb("RssAnon")
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_anon = max(self.peak_anon, _status_kb("RssAnon"))
-        self.peak_total = _status_kb("VmHWM")
+        self.peak_anon = max(self.peak_anon, status_kb("RssAnon"))
+        self.peak_total = status_kb("VmHWM")
 
 
 def make_data(folder: Path, n: int):

@@ -91,12 +91,19 @@ def bound_time(model, x, bg, target, chunk_rows: int) -> float:
     return total
 
 
-def shap_values(model, x, bg, target):
-    import shap
+def register_shap_handlers() -> None:
+    """shap 0.51 has no DeepExplainer handler for ReLU6 (MobileNet) or SiLU (EfficientNet): give them
+    the rescale rule teachx uses, so both sides compute the same values."""
     from shap.explainers._deep import deep_pytorch as dp
 
     dp.op_handler.setdefault("ReLU6", dp.nonlinear_1d)
     dp.op_handler.setdefault("SiLU", dp.nonlinear_1d)
+
+
+def shap_values(model, x, bg, target):
+    import shap
+
+    register_shap_handlers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         e = shap.DeepExplainer(model, bg)
