@@ -34,6 +34,7 @@ class TrainConfig:
     channels_last: bool = False
     tensorboard: bool = False
     progress: bool = True
+    threads: Optional[int] = None  # torch threads per process; default: $TEACHX_THREADS, else $OMP_NUM_THREADS, else the CPUs available to the process
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -44,5 +45,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"train.threads must be >= 1 (or null for the default), got {self.threads}")
         if self.schedule == "multistep" and not self.milestones:
             raise ConfigError("train.schedule=multistep needs train.milestones (e.g. [30, 60])")

@@ -66,7 +66,7 @@ from teachx.training import distributed as dist_utils
 from teachx.training.config import TrainConfig
 from teachx.training.schedule import lr_at
 from teachx.utils.io import write_json_atomic
-from teachx.utils.runtime import tune_cpu_allocator
+from teachx.utils.runtime import configure_threads, tune_cpu_allocator
 from teachx.utils.seeding import choose_device
 
 
@@ -276,6 +276,7 @@ class Trainer:
     # -- public ---------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
         tune_cpu_allocator()  # large CPU speed-up, no effect on results (see teachx.utils.runtime)
+        configure_threads(self.cfg.threads)  # train.threads / $TEACHX_THREADS / the CPUs this process may use
         cfg, task = self.cfg, self.task
         rank, world = self._world()
         main = rank == 0
