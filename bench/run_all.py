@@ -19,6 +19,8 @@ RESULTS = HERE / "results"
 # each benchmark with the arguments that produced the README's table
 BENCHES: list[tuple[str, list[str]]] = [
     ("bench_shap.py", []),
+    ("bench_shap.py", ["--models", "lenet5", "--threads", "2", "--out", str(RESULTS / "shap-2threads.json")]),
+    ("bench_threads.py", []),
     ("bench_lrp.py", ["--models", "lenet5", "mobilenet", "resnet18", "efficientnet_b0", "efficientnet_b2"]),
     ("bench_impactx.py", ["--models", "lenet5,mobilenet,efficientnet_b2"]),
     ("bench_metrics.py", []),
@@ -34,13 +36,16 @@ def load(name: str):
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
 def summary() -> str:
     rows = ["| target | model | measured | target | met |", "|---|---|---|---|---|"]
-    shap = load("shap.json")
-    if shap:
+    for shap in filter(None, (load("shap.json"), load("shap-2threads.json"))):
         for name, r in shap["models"].items():
             rows.append(
-                f"| DeepSHAP img/s vs bound (batch {shap['batch']}, background {shap['background']}) | {name} | "
+                f"| DeepSHAP img/s vs bound (batch {shap['batch']}, background {shap['background']}, {_threads(shap['threads'])}) | {name} | "
                 f"{r['ours_img_s']:.1f} img/s = {r['ratio_to_bound']:.2f}x bound ({r['bound_img_s']:.1f}), {r['speedup_vs_shap']:.1f}x shap.DeepExplainer, max rel. diff {r['rel_diff']:.1e} | "
                 f">= 0.75x bound | {'yes' if r['ratio_to_bound'] >= 0.75 else 'no'} |"
             )
@@ -93,6 +98,12 @@ def summary() -> str:
                             + (f", compile {r['warmup_s']:.0f} s" if "compile" in r["variant"] else "") + ") | (CPU tuning) | - |")
             elif r["variant"] == "eager" and r["threads"] != threads:
                 rows.append(f"| {r['threads']} thread(s) instead of {threads}, training step | {r['model']} | {r['speedup_vs_eager']:.2f}x ({1000 * r['median_step_s']:.1f} ms/step) | (CPU tuning) | - |")
+    thr = load("threads.json")
+    if thr:
+        by = {(r["load"], r["variant"]): r for r in thr["rows"]}
+        for condition in dict.fromkeys(r["load"] for r in thr["rows"]):
+            cells = ", ".join(f"{v} {1000 * by[(condition, v)]['median_step_s']:.1f}" for (ld, v) in by if ld == condition)
+            rows.append(f"| training step under contention, ms (LeNet-5, batch {thr['batch']}, {thr['cores']} cores): {condition} | lenet5 | {cells} | (thread policy) | - |")
     sc = load("scaling.json")
     if sc:
         by = {(r["stage"], r["n"]): r for r in sc["rows"]}
