@@ -105,7 +105,7 @@ def test_load_dataset_download_true_fetches_verifies_and_loads(tmp_path, monkeyp
         resources.append(Resource(name, urls, "sha256:" + hashlib.sha256(blob).hexdigest()))
     monkeypatch.setattr(MNIST, "resources", tuple(resources))
 
-    with pytest.raises(DataError, match="not found.*--download"):
+    with pytest.raises(DataError, match="not found.*data.download=true"):
         load_dataset("mnist", progress=False)
     ds = load_dataset("mnist", download=True, progress=False)
     np.testing.assert_array_equal(ds.train.images[..., 0], arrays["train-images-idx3-ubyte.gz"])

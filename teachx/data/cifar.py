@@ -159,6 +159,7 @@ class _CifarBase(DatasetSource):
     license = _CIFAR_LICENSE
     url = "https://www.cs.toronto.edu/~kriz/cifar.html"
     hflip = True
+    hflip_reason = "objects: a mirrored object keeps its class"
 
     @property
     def expected_files(self) -> str:  # type: ignore[override]

@@ -61,7 +61,7 @@ def verify_file(path: str | Path, checksum: str) -> None:
     if actual != expected:
         raise DataError(
             f"checksum mismatch for {path}: {algorithm} is {actual}, expected {expected}; "
-            f"the file is corrupted or incomplete: delete it and download it again (--download)"
+            f"the file is corrupted or incomplete: delete it and download it again (data.download=true; download=True in load_dataset)"
         )
 
 
@@ -100,7 +100,9 @@ def download_file(url: str, dest: str | Path, checksum: str, progress: bool = Tr
                 )
             os.chmod(tmp, 0o644)  # temp files are created 0600; a dataset file is ordinary data
     except PermissionError as err:
-        raise DataError(f"cannot write {dest} ({err}); pass a writable root= (or set $TEACHX_DATA)") from err
+        raise DataError(
+            f"cannot write {dest} ({err}); point data.root=DIR (root= in load_dataset) or $TEACHX_DATA at a writable folder"
+        ) from err
     return dest
 
 

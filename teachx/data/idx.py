@@ -156,7 +156,8 @@ class MNIST(_IdxSource):
     description = "MNIST handwritten digits: 28x28 greyscale, 10 classes (60,000 train / 10,000 test)"
     license = "MNIST, LeCun, Cortes & Burges (http://yann.lecun.com/exdb/mnist/), CC BY-SA 3.0"
     url = "http://yann.lecun.com/exdb/mnist/"
-    hflip = False  # a mirrored digit is not the same digit
+    hflip = False
+    hflip_reason = "digits: a mirrored digit is not the same digit"
     class_names = tuple(str(i) for i in range(10))
     subfolder = "MNIST"
     resources = _mirrored(
@@ -178,6 +179,7 @@ class FashionMNIST(_IdxSource):
     license = FASHION_MNIST_LICENSE
     url = "https://github.com/zalandoresearch/fashion-mnist"
     hflip = True
+    hflip_reason = "clothing: a mirrored garment keeps its class"
     class_names = FASHION_MNIST_CLASSES
     subfolder = "FashionMNIST"
     system_dirs = ("/usr/share/datasets/fashion-mnist",)  # Debian/Ubuntu package dataset-fashion-mnist
@@ -205,6 +207,7 @@ class Bundled(_IdxSource):
     license = FASHION_MNIST_LICENSE
     url = "https://github.com/zalandoresearch/fashion-mnist"
     hflip = True
+    hflip_reason = "clothing: a mirrored garment keeps its class"
     class_names = FASHION_MNIST_CLASSES
     expected_files = "the bundled idx files (reinstall teachx, or run scripts/make_bundled_dataset.py)"
     use_cache = False  # 5,000 tiny images decode in milliseconds; no need to write to the user's cache

@@ -35,7 +35,10 @@ class DatasetSource:
     description: ClassVar[str] = ""
     license: ClassVar[str] = ""
     url: ClassVar[str] = ""
+    #: Whether training flips images horizontally by default: only for data known to keep its class
+    #: when mirrored. ``hflip_reason`` says why, in ``teachx config`` and the run log.
     hflip: ClassVar[bool] = False
+    hflip_reason: ClassVar[str] = "not known to be flip-invariant"
     #: Files fetched by ``download=True`` (empty: cannot be downloaded).
     resources: tuple[Resource, ...] = ()
     #: Folders searched after the default root (e.g. where a distribution package installs the data).
@@ -85,14 +88,14 @@ class DatasetSource:
         dirs = self.search_dirs(root, arg)
         where = " or ".join(str(d) for d in dirs)
         fetch = (
-            f", or pass download=True (CLI: --download) to fetch it from {self.resources[0].urls[0].rsplit('/', 1)[0]}"
-            + (f" ({self.download_size})" if self.download_size else "")
+            f", or set data.download=true (download=True in load_dataset) to fetch it from "
+            f"{self.resources[0].urls[0].rsplit('/', 1)[0]}" + (f" ({self.download_size})" if self.download_size else "")
             if self.resources
             else ""
         )
         return (
             f"dataset '{self.name}' not found: put {self.expected_files} in {where} "
-            f"(or pass root=... / set $TEACHX_DATA){fetch}"
+            f"(or point data.root=DIR at them (root= in load_dataset), or set $TEACHX_DATA){fetch}"
         )
 
     @property

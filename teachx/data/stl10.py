@@ -50,6 +50,7 @@ class STL10(DatasetSource):
     license = "STL-10, Coates, Lee & Ng, AISTATS 2011 (https://cs.stanford.edu/~acoates/stl10/); images from ImageNet"
     url = "https://cs.stanford.edu/~acoates/stl10/"
     hflip = True
+    hflip_reason = "objects: a mirrored object keeps its class"
     expected_files = "stl10_binary.tar.gz or the extracted stl10_binary/ (train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt)"
     resources = (
         Resource(

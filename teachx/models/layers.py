@@ -38,7 +38,7 @@ class StochasticDepth(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ConfigError(f"stochastic depth probability must be in [0, 1), got {p}; pass e.g. drop_path=0.2")
+            raise ConfigError(f"stochastic depth probability must be in [0, 1), got {p}; pass e.g. drop_path=0.2 (model.options.drop_path=0.2 on the command line)")
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
