@@ -31,3 +31,30 @@ class CheckpointError(TeachxError):
 
 class RunDirError(TeachxError):
     """A run directory that exists and would be overwritten."""
+
+
+class CorruptionError(TeachxError):
+    """A file teachx wrote and trusts (checkpoint, map store, stage record, ...) whose content no
+    longer matches the digest written with it: bit rot, a bad disk, or an edit by hand.
+
+    Built with :meth:`of`, so the message always has the same shape -- ``<what> '<path>' is
+    corrupted (<problem>); <fix>`` -- and a caller that knows more (e.g. which stage of a run made
+    the file) can replace the fix with :meth:`with_fix`.
+    """
+
+    path: str = ""
+    problem: str = ""
+    what: str = "file"
+
+    @classmethod
+    def of(cls, path, problem: str, fix: str, what: str = "file") -> "CorruptionError":
+        err = cls(f"{what} '{path}' is corrupted ({problem}); {fix}")
+        err.path, err.problem, err.what = str(path), problem, what
+        return err
+
+    def with_fix(self, fix: str) -> "CorruptionError":
+        return type(self).of(self.path, self.problem, fix, self.what)
+
+
+class CorruptCheckpointError(CheckpointError, CorruptionError):
+    """A checkpoint whose tensors or metadata do not match its content digest."""

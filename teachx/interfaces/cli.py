@@ -93,8 +93,11 @@ def config_cmd(args: tuple[str, ...]) -> None:
     from teachx.interfaces.config import resolve_config
     from teachx.utils.config import dump_yaml
 
+    from teachx.interfaces.config import annotate_resolved
+
     path, overrides = _split_args(args)
-    click.echo(dump_yaml(resolve_config(path, overrides).to_dict()), nl=False)
+    cfg = resolve_config(path, overrides)
+    click.echo(annotate_resolved(dump_yaml(cfg.to_dict()), cfg), nl=False)  # "# resolved: ..." on values left to the dataset
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -107,7 +110,7 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
     """Train a baseline classifier: teachx train [CONFIG] [KEY=VALUE ...] --out DIR."""
     from teachx.interfaces.config import resolve_config
     from teachx.interfaces.launch import echo0
-    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, train_classifier
+    from teachx.interfaces.pipeline import data_summary, log_data, make_plan, prepare_run_dir, train_classifier
     from teachx.training import distributed as dist_utils
     from teachx.utils.io import write_json_atomic
 
@@ -116,9 +119,11 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
     _, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
     run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "train", overwrite)
+    log_data(plan, cfg, echo0)  # what is trained on, augmentation included, and the dataset's notices
     t0 = time.perf_counter()
     rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0)
-    dist_utils.on_main(write_json_atomic, run_dir / "results.json", {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0})
+    record = data_summary(plan, cfg) | {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0}
+    dist_utils.on_main(write_json_atomic, run_dir / "results.json", record)
     echo0(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {rec['checkpoint']}")
     dist_utils.shutdown()
 

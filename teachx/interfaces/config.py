@@ -8,7 +8,7 @@ directory, so runs can be diffed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from teachx.errors import ConfigError
 from teachx.training.config import TrainConfig
@@ -25,13 +25,57 @@ class DataConfig:
     split_seed: int = 0  # seed of the validation split and the subset: fixed across training seeds
     augment: bool = True
     crop_padding: int = 4  # random crop with this much zero padding
-    hflip: Optional[bool] = None  # horizontal flips; default: the dataset's own choice (no for digits)
+    hflip: Optional[bool] = None  # horizontal flips; default: the dataset's choice, on only where a mirrored image keeps its class (CIFAR, STL-10, Fashion-MNIST), off for digits and imagefolder data (`teachx config` shows the resolved value)
+    image_size: Optional[Union[int, str, list[int]]] = None  # imagefolder only: resize every image to this size (32, or H,W as 32,48; bilinear, aspect ratio not kept); default: keep each image's size (all must match)
+    channels: Optional[int] = None  # imagefolder only: convert every image to 1 (greyscale), 3 (RGB) or 4 (RGBA) channels; default: keep them (all must match)
+    test_fraction: Optional[float] = None  # imagefolder without train/ and test/ folders: fraction carved (stratified) as the test split; default 0.2
+    test_seed: Optional[int] = None  # imagefolder without train/ and test/ folders: seed of that carved test split; default 0
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.train_size is not None and self.train_size < 10:
             raise ConfigError(f"data.train_size must be >= 10, got {self.train_size}")
+        if self.image_size is not None:
+            from teachx.data.imagefolder import parse_size
+
+            parse_size(self.image_size, "data.image_size")
+        if self.channels is not None and self.channels not in (1, 3, 4):
+            raise ConfigError(f"data.channels must be 1, 3 or 4, got {self.channels}")
+        if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+
+    def load_options(self) -> dict[str, Any]:
+        """The data.* keys that are options of the dataset's format, as ``load_dataset`` keywords."""
+        from teachx.data import get_source
+
+        source, _ = get_source(self.name)
+        out = {}
+        for key, option in FORMAT_OPTIONS.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if option not in source.options:
+                raise ConfigError(f"data.{key} applies to imagefolder:PATH data only, not to '{self.name}'; remove it")
+            out[option] = value
+        return out
+
+    def augmentation(self) -> dict[str, Any]:
+        """The training augmentation this section gives, with the dataset's default resolved from the
+        source registry (nothing is loaded): augment, crop_padding, hflip, and where hflip comes from."""
+        from teachx.data import get_source
+
+        if not self.augment:
+            return {"augment": False, "crop_padding": 0, "hflip": False, "hflip_from": "data.augment=false"}
+        if self.hflip is not None:
+            return {"augment": True, "crop_padding": self.crop_padding, "hflip": self.hflip, "hflip_from": "data.hflip"}
+        source, _ = get_source(self.name)
+        return {"augment": True, "crop_padding": self.crop_padding, "hflip": bool(source.hflip),
+                "hflip_from": f"{source.name}: {source.hflip_reason}"}
+
+
+#: data.* keys that are options of a dataset format (imagefolder), with their ``load_dataset`` names.
+FORMAT_OPTIONS = {"image_size": "size", "channels": "channels", "test_fraction": "test_fraction", "test_seed": "seed"}
 
 
 @dataclass
@@ -65,6 +109,8 @@ class TeacherConfig:
 
 
     def validate(self) -> None:
+        if self.background_size < 1:  # otherwise deepshap fails later with "pass at least one background image"
+            raise ConfigError(f"teacher.background_size must be >= 1, got {self.background_size}")
         for key in self.training:
             if not isinstance(key, str) or key.split(".")[0] not in ("data", "train") or key.count(".") != 1:
                 raise ConfigError(
@@ -131,7 +177,56 @@ def check_names(cfg: RunConfig) -> None:
     from teachx.teachers import TEACHERS
 
     get_source(cfg.data.name)
+    cfg.data.load_options()  # data.image_size and co. only where the dataset's format has them
     for name in (cfg.model.backbone, cfg.teacher.backbone, cfg.impactx.lep_backbone):
         if name and ":" not in name:
             MODELS.canonical(name)
     TEACHERS.canonical(cfg.teacher.method)
+
+
+def resolved_notes(data: DataConfig) -> dict[str, str]:
+    """data.* values left to the dataset (null), as the dataset resolves them: from the source
+    registry alone, so ``teachx config`` states them without reading any data."""
+    from teachx.data import get_source
+
+    source, _ = get_source(data.name)
+    notes = {}
+    if data.hflip is None:
+        aug = data.augmentation()
+        notes["hflip"] = f"{str(aug['hflip']).lower()} ({aug['hflip_from']})"
+    if "size" in source.options:  # imagefolder: what happens to the user's images
+        defaults = source.options
+        if data.image_size is None:
+            notes["image_size"] = "each image's own size (all images must match)"
+        if data.channels is None:
+            notes["channels"] = ("each image's own channel count (all images must match; palette images count as "
+                                 "RGB, 16-bit ones are scaled to 8 bits)")
+        if data.test_fraction is None:
+            notes["test_fraction"] = f"{defaults['test_fraction']} (used only without train/ and test/ folders)"
+        if data.test_seed is None:
+            notes["test_seed"] = f"{defaults['seed']} (used only without train/ and test/ folders)"
+    return notes
+
+
+def annotate_resolved(text: str, cfg: RunConfig) -> str:
+    """The YAML of ``cfg`` with a trailing ``# resolved: ...`` comment on each data.* line left to the dataset.
+
+    The data section is written one key per line (block style) so that each line can carry its note.
+    """
+    import yaml
+
+    notes = resolved_notes(cfg.data)
+    out, section = [], None
+    for line in text.splitlines(keepends=True):
+        if line[:1].strip():
+            section = line.split(":", 1)[0]
+            if section == "data":
+                out.append("data:\n")
+                for key, value in to_dict(cfg.data).items():
+                    flow = yaml.safe_dump(value, default_flow_style=True, width=10**6).rstrip("\n")
+                    flow = flow[: -len("\n...")] if flow.endswith("\n...") else flow  # a bare scalar ends its document
+                    out.append(f"  {key}: {flow}" + (f"  # resolved: {notes[key]}\n" if key in notes else "\n"))
+                continue
+        if section != "data":
+            out.append(line)
+    return "".join(out)

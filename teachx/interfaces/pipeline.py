@@ -87,7 +87,7 @@ def stage_done(stage_dir: Path) -> Optional[dict[str, Any]]:
 # -- data ---------------------------------------------------------------------------------------
 
 def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
-    ds = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download, progress=progress)
+    ds = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download, progress=progress, **cfg.data.load_options())
     labels = np.asarray(ds.train.labels)
     pool = np.arange(len(labels))
     if cfg.data.train_size is not None:
@@ -101,14 +101,20 @@ def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
         train_idx, val_idx = pool[np.sort(tr)], pool[np.sort(va)]
     else:
         train_idx, val_idx = pool, pool[:0]
-    hflip = ds.hflip if cfg.data.hflip is None else cfg.data.hflip
-    augment = Augment(crop_padding=cfg.data.crop_padding, hflip=hflip) if cfg.data.augment else None
+    aug = cfg.data.augmentation()  # data.hflip left to the dataset: flips only where a mirrored image keeps its class
+    augment = Augment(crop_padding=aug["crop_padding"], hflip=aug["hflip"]) if aug["augment"] else None
     return DataPlan(ds, train_idx, val_idx, augment)
 
 
-def data_summary(plan: DataPlan) -> dict[str, Any]:
+def data_summary(plan: DataPlan, cfg: Optional[RunConfig] = None) -> dict[str, Any]:
+    """What the run trains and tests on, including the choices that change results (augmentation,
+    image conversion) and the dataset's notices (a carved test split, ignored entries)."""
     ds = plan.dataset
-    return {
+    aug = plan.augment
+    augmentation = {"augment": aug is not None, "crop_padding": aug.crop_padding if aug else 0, "hflip": bool(aug and aug.hflip)}
+    if cfg is not None:
+        augmentation["hflip_from"] = cfg.data.augmentation()["hflip_from"]
+    out = {
         "dataset": ds.name,
         "channels": ds.channels,
         "image_size": list(ds.image_size),
@@ -116,7 +122,21 @@ def data_summary(plan: DataPlan) -> dict[str, Any]:
         "train_images": int(len(plan.train_idx)),
         "val_images": int(len(plan.val_idx)),
         "test_images": int(len(ds.test)),
+        "augmentation": augmentation,
     }
+    if ds.extra.get("converted"):
+        out["converted"] = ds.extra["converted"]  # imagefolder: every image resized / converted on load
+    out["notices"] = list(ds.extra.get("notices", []))
+    return out
+
+
+def log_data(plan: DataPlan, cfg: Optional[RunConfig], log: Callable[[str], None], suffix: str = "") -> None:
+    """The run log's ``data: {...}`` line, then one line per dataset notice."""
+    summary = data_summary(plan, cfg)
+    notices = summary.pop("notices")
+    log(f"data: {json.dumps(summary)}{suffix}")
+    for notice in notices:
+        log(f"data: note: {notice}")
 
 
 # -- stages -------------------------------------------------------------------------------------
@@ -455,7 +475,7 @@ def run_pipeline(
     plan = plan or make_plan(cfg, progress=progress)
     ds = plan.dataset
     device = dist_utils.device_for(choose_device(cfg.device))
-    log(f"data: {json.dumps(data_summary(plan))}; device: {device}" + (f" x {dist_utils.world_size()} processes" if dist_utils.is_distributed() else ""))
+    log_data(plan, cfg, log, f"; device: {device}" + (f" x {dist_utils.world_size()} processes" if dist_utils.is_distributed() else ""))
 
     # 1. the student's baseline, and the teacher model (the baseline itself by default)
     t0 = time.perf_counter()
@@ -511,7 +531,7 @@ def run_pipeline(
     stage_seconds["evaluation"] = time.perf_counter() - t0
 
     results = {
-        **data_summary(plan),
+        **data_summary(plan, cfg),
         "backbone": cfg.model.backbone,
         "teacher": cfg.teacher.method,
         "teacher_backbone": teacher_record.get("backbone", cfg.model.backbone),

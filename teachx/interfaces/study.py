@@ -261,7 +261,18 @@ def _relevant(cfg: RunConfig) -> dict[str, Any]:
     values, defaults = cfg.to_dict(), RunConfig().to_dict()
     for section, key in _NEUTRAL:
         values[section].pop(key)
+    if values["data"]["hflip"] is None and _source_name(cfg.data.name) == "imagefolder":
+        # imagefolder data used to be flipped by default and no longer is: such units hash the value
+        # now resolved (the key of an explicit data.hflip=false), so a resumed study never reuses a
+        # model trained with the old default (flips), and other datasets keep their keys
+        values["data"]["hflip"] = False
     return _non_default(values, defaults)
+
+
+def _source_name(name: str) -> str:
+    from teachx.data import get_source
+
+    return get_source(name)[0].name
 
 
 def _non_default(values: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> dict[str, Any]:

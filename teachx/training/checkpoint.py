@@ -4,10 +4,17 @@ One ``.safetensors`` file holds every tensor (model weights, optimizer state, RN
 in its header, the JSON metadata (model spec, epoch, history, optimizer hyper-parameters), so a
 single atomic rename publishes a complete checkpoint. A ``.json`` sidecar repeats the metadata for
 people and tools that do not read safetensors.
+
+Integrity (format 2): the header also holds ``teachx_digest``, a sha256 over the metadata string
+and every tensor (sorted names, dtype, shape, raw bytes), verified on every load. safetensors
+itself checks the header but not the data, so without it a flipped byte inside the weights would
+load without complaint; with it, that is a :class:`~teachx.errors.CorruptCheckpointError` naming
+the file and the fix. Format-1 checkpoints (written before digests existed) still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from teachx.errors import CheckpointError
+from teachx.errors import CheckpointError, CorruptCheckpointError
 from teachx.utils.io import atomic_path, write_json_atomic
 
-FORMAT = "teachx-checkpoint-1"
+FORMAT = "teachx-checkpoint-2"  # 2: content digest in the header
+LEGACY_FORMATS = ("teachx-checkpoint-1",)  # still loaded; they carry no digest
+DIGEST_KEY = "teachx_digest"
+#: what a user can do about a damaged checkpoint when the caller knows nothing better
+DEFAULT_FIX = "train it again (or restore it from a backup), or point to another checkpoint"
 
 
 @dataclass
@@ -48,13 +59,36 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
         if ptr in seen:
             flat[k] = v.clone()
         seen.add(ptr)
+    meta_text = json.dumps(meta, default=str)
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={"teachx": json.dumps(meta, default=str)})
+        save_file(flat, str(tmp), metadata={"teachx": meta_text, DIGEST_KEY: checkpoint_digest(meta_text, flat)})
     write_json_atomic(path.with_suffix(".json"), meta)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint; any problem becomes a one-line CheckpointError."""
+def checkpoint_digest(meta_text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the metadata string and every tensor: name, dtype, shape and raw bytes, in name order.
+
+    Bytes are read through a uint8 view, so every dtype (bf16 included) hashes exactly as stored.
+    """
+    h = hashlib.sha256()
+    h.update(meta_text.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", fix: str = DEFAULT_FIX) -> Checkpoint:
+    """Load a checkpoint and verify its content digest; any problem becomes a one-line CheckpointError.
+
+    ``fix``: the way forward named when the file is damaged (a caller that knows which stage of a
+    run wrote it can say exactly what to re-run).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "best.safetensors" if (path / "best.safetensors").exists() else path / "last.safetensors"
@@ -63,11 +97,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")  # verified on the CPU, then moved
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"checkpoint '{path}' is corrupted or not a safetensors file ({str(exc).splitlines()[0][:120]}); "
-            "re-create it or point to another checkpoint"
+        raise CorruptCheckpointError.of(
+            path, f"not a readable safetensors file: {str(exc).splitlines()[0][:120]}", fix, "checkpoint"
         ) from None
     try:
         meta = json.loads(header["teachx"])
@@ -75,8 +108,16 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(
             f"checkpoint '{path}' has no teachx metadata; it was not written by teachx (use `teachx train` to create one)"
         ) from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, *LEGACY_FORMATS):
         raise CheckpointError(f"checkpoint '{path}' has format {meta.get('format')!r}, expected {FORMAT!r}; re-create it with this teachx version")
+    if meta.get("format") == FORMAT:  # legacy formats carry no digest
+        stored = header.get(DIGEST_KEY)
+        if stored is None:
+            raise CorruptCheckpointError.of(path, "its content digest is missing", fix, "checkpoint")
+        if stored != checkpoint_digest(header["teachx"], tensors):
+            raise CorruptCheckpointError.of(path, "content digest mismatch", fix, "checkpoint")
+    if str(device) != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
     return Checkpoint(tensors=tensors, meta=meta)
 
 

@@ -306,7 +306,8 @@ class Trainer:
         last_path = self.ckpt_dir / "last.safetensors"
         best_path = self.ckpt_dir / "best.safetensors"
         if resume and last_path.exists():  # every rank loads the same checkpoint (rank 0 wrote it, then a barrier)
-            ck = load_checkpoint(last_path)
+            # verified: damaged weights are never trained on, nor mistaken for a diverged run
+            ck = load_checkpoint(last_path, fix=f"delete '{self.ckpt_dir}' to train this model again from the start")
             if ck.meta.get("kind") != self.meta.get("kind"):
                 raise CheckpointError(f"'{last_path}' holds a {ck.meta.get('kind')} checkpoint, not {self.meta.get('kind')}; use a new run directory")
             load_state_into(model, ck.group("model"), f"checkpoint '{last_path}'")

@@ -1,8 +1,17 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Atomic file writes (a reader never sees a half-written file) and trusted JSON records.
+
+A JSON record that teachx later trusts (stage records, study unit results, store and cache meta)
+is written with ``write_json_atomic(path, obj, digest=True)``: a ``"digest"`` field holds the
+sha256 of the canonical JSON (sorted keys, no spaces) of everything else. ``read_trusted_json``
+verifies it, so a flipped byte (bit rot, a bad disk, an edit by hand) is one clear
+:class:`~teachx.errors.CorruptionError` naming the file and the fix -- never a wrong number. A
+record without a digest was written by an older teachx and is accepted as it is (legacy).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -45,8 +54,59 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_json_atomic(path: str | os.PathLike, obj: Any, digest: bool = False) -> None:
+    """Write ``obj`` as JSON atomically; ``digest=True`` (a dict only) adds its content digest."""
+    if digest:
+        if not isinstance(obj, dict) or DIGEST_KEY in obj:
+            raise TypeError(f"a digested JSON record must be a dict without a {DIGEST_KEY!r} key")
+        obj = json.loads(json.dumps(obj, default=_json_default))  # what a reader will see: str keys, lists, plain numbers
+        obj[DIGEST_KEY] = json_digest(obj)
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+DIGEST_KEY = "digest"
+_DIGEST_PREFIX = "sha256:"
+_DIGEST_LEN = len(_DIGEST_PREFIX) + 64
+
+
+def json_digest(obj: dict[str, Any]) -> str:
+    """``sha256:<hex>`` of the canonical JSON of ``obj`` (as read back from a file)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return _DIGEST_PREFIX + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_trusted_json(path: str | os.PathLike, fix: str, what: str = "file") -> dict[str, Any]:
+    """The JSON object in ``path``, verified against its digest (without the digest field).
+
+    Not JSON, not an object, or a digest that does not match: :class:`CorruptionError` with
+    ``fix`` as its way forward. No digest at all: written by an older teachx, returned as it is --
+    unless a top-level value still looks like a digest (one flipped byte in the key ``"digest"``
+    must not turn a current record into a 'legacy' one). A missing file raises ``OSError`` as usual.
+    """
+    from teachx.errors import CorruptionError
+
+    raw = Path(path).read_bytes()
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptionError.of(path, f"not valid JSON: {str(exc).splitlines()[0][:60]}", fix, what) from None
+    if not isinstance(obj, dict):
+        raise CorruptionError.of(path, f"a JSON {type(obj).__name__}, not an object", fix, what)
+    stored = obj.pop(DIGEST_KEY, None)
+    if stored is None:
+        if any(_looks_like_digest(v) for v in obj.values()):
+            raise CorruptionError.of(path, "its digest field is damaged", fix, what)
+        return obj  # legacy: written before records carried digests
+    if stored != json_digest(obj):
+        raise CorruptionError.of(path, "content digest mismatch", fix, what)
+    return obj
+
+
+def _looks_like_digest(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) != _DIGEST_LEN:
+        return False
+    tail = value[-64:]
+    return all(c in "0123456789abcdef" for c in tail)
 
 
 def _json_default(obj: Any) -> Any:
