@@ -64,9 +64,12 @@ def test_stale_and_truncated_are_rebuilt(tmp_path):
     # a different key is a different store; a key mismatch inside a dir is stale
     import json
 
+    from teachx.utils.io import write_json_atomic
+
     meta = json.loads((path / "meta.json").read_text())
+    meta.pop("digest")
     meta["key"] = "0" * 64
-    (path / "meta.json").write_text(json.dumps(meta))
+    write_json_atomic(path / "meta.json", meta, digest=True)  # an intact meta of another key (a hand edit would be corruption)
     open_store(tmp_path, {"teacher": "a"}, 6, (1, 2, 2), log=msgs.append)
     assert any("stale" in m for m in msgs)
     other = open_store(tmp_path, {"teacher": "b"}, 6, (1, 2, 2), log=msgs.append)

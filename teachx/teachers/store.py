@@ -4,8 +4,17 @@ Layout of a store directory (``<maps_dir>/<key[:20]>/``):
 
 - ``maps.npy``: float16 array (N, C, H, W) opened memory-mapped, so memory stays flat in N;
 - ``done.npy``: bool (N,), which rows are final -- generation resumes from it after an interruption;
+- ``digests.npy``: uint8 (N, 16), the first 16 bytes of the sha256 of every finished row's bytes;
 - ``meta.json``: the full key material (dataset fingerprint, teacher options, teacher-weights hash,
-  post-processing), shape and dtype, written atomically.
+  post-processing), shape and dtype, written atomically with its own digest.
+
+Integrity: each batch is written maps rows + flush, then digest rows + flush, then done flags +
+flush, so an interruption never leaves a finished row without its digest; opening a store verifies
+every finished row against its digest (one sha256 pass over the rows: see ``bench/bench_integrity.py``
+for the cost). A mismatch -- bit rot, a bad disk, a hand edit -- is a :class:`CorruptionError`
+naming the store and the fix, never a wrong map in training. A store written before digests
+existed (layout 1) is kept and sealed on its first open: digests of its finished rows are written
+then, so its maps are not recomputed and are verified from then on.
 
 The key is a hash of everything that changes the maps, so a store is reused across runs and seeds
 and never used for another teacher, dataset or model. A store whose files are missing, truncated or
@@ -23,7 +32,7 @@ files and meet at a barrier, after which the store is complete for every rank.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,12 +42,17 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from teachx.errors import CorruptionError
 from teachx.training import distributed as dist_utils
 from teachx.utils.hashing import hash_json
-from teachx.utils.io import atomic_path, write_json_atomic
+from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
 from teachx.utils.runtime import tune_cpu_allocator
 
-STORE_VERSION = 1
+STORE_VERSION = 1  # part of every store's key: bumped only when the map values change
+#: on-disk layout: 2 adds digests.npy and meta.json's digest (layout-1 stores are sealed, not rebuilt)
+LAYOUT = 2
+ROW_DIGEST_BYTES = 16
+_VERIFY_CHUNK = 4096  # rows hashed per read while verifying (memory stays flat in N)
 
 
 @dataclass
@@ -50,6 +64,7 @@ class MapStore:
     maps: np.ndarray  # memory-mapped (N, C, H, W) float16
     done: np.ndarray  # memory-mapped (N,) bool
     meta: dict[str, Any]
+    digests: Optional[np.ndarray] = None  # memory-mapped (N, 16) uint8: sha256[:16] of each finished row
 
     @property
     def complete(self) -> bool:
@@ -77,6 +92,18 @@ def store_key(material: dict[str, Any]) -> str:
     return hash_json({"version": STORE_VERSION, **material})
 
 
+def row_digests(rows: np.ndarray) -> np.ndarray:
+    """(k, 16) uint8: the first 16 bytes of the sha256 of each row's raw bytes."""
+    rows = np.ascontiguousarray(rows)
+    flat = rows.reshape(len(rows), -1).view(np.uint8)
+    sha = hashlib.sha256
+    return np.frombuffer(b"".join([sha(r).digest()[:ROW_DIGEST_BYTES] for r in flat]), np.uint8).reshape(len(rows), ROW_DIGEST_BYTES)
+
+
+def store_fix(path: Path) -> str:
+    return f"remove '{path}' (teachx's cache of teacher maps) and re-run the same command: its maps are computed again"
+
+
 def open_store(
     maps_dir: str | Path,
     material: dict[str, Any],
@@ -97,10 +124,11 @@ def open_store(
         dist_utils.on_main(_prepare, path, key, shape, material, log)
     else:
         _prepare(path, key, shape, material, log)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_trusted_json(path / "meta.json", store_fix(path), "teacher-map store meta")
     maps = np.load(path / "maps.npy", mmap_mode="r+")
     done = np.load(path / "done.npy", mmap_mode="r+")
-    return MapStore(path=path, key=key, maps=maps, done=done, meta=meta)
+    digests = np.load(path / "digests.npy", mmap_mode="r+")
+    return MapStore(path=path, key=key, maps=maps, done=done, meta=meta, digests=digests)
 
 
 def _world(distributed: Optional[bool]) -> tuple[int, int]:
@@ -119,28 +147,73 @@ def _prepare(path: Path, key: str, shape: tuple[int, ...], material: dict[str, A
         shutil.rmtree(path, ignore_errors=True)
     if not (path / "meta.json").exists():
         path.mkdir(parents=True, exist_ok=True)
-        for name, dtype, shp in (("maps.npy", np.float16, shape), ("done.npy", np.bool_, (shape[0],))):
-            with atomic_path(path / name) as tmp:
-                arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shp)
-                arr.flush()
-                del arr
-        meta = {"key": key, "shape": list(shape), "dtype": "float16", "created": time.time(), "material": material}
-        write_json_atomic(path / "meta.json", meta)
+        for name, dtype, shp in (("maps.npy", np.float16, shape), ("done.npy", np.bool_, (shape[0],)),
+                                 ("digests.npy", np.uint8, (shape[0], ROW_DIGEST_BYTES))):
+            _new_array(path / name, dtype, shp)
+        meta = {"key": key, "shape": list(shape), "dtype": "float16", "layout": LAYOUT, "created": time.time(), "material": material}
+        write_json_atomic(path / "meta.json", meta, digest=True)  # last: a store without meta.json is incomplete
+        return
+    meta = read_trusted_json(path / "meta.json", store_fix(path), "teacher-map store meta")
+    if meta.get("layout", 1) < LAYOUT:
+        _seal_legacy(path, meta, shape, log)
+    _verify(path)
+
+
+def _new_array(path: Path, dtype, shape: tuple[int, ...]) -> None:
+    with atomic_path(path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        arr.flush()
+        del arr
+
+
+def _seal_legacy(path: Path, meta: dict[str, Any], shape: tuple[int, ...], log: Callable[[str], None]) -> None:
+    """A store written before row digests existed: digest its finished rows now (no recomputation)."""
+    done = np.load(path / "done.npy", mmap_mode="r")
+    maps = np.load(path / "maps.npy", mmap_mode="r")
+    idx = np.flatnonzero(done)
+    log(f"teacher-map store {path} predates row digests: sealing its {idx.size} finished rows (verified from now on)")
+    with atomic_path(path / "digests.npy") as tmp:
+        digests = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(shape[0], ROW_DIGEST_BYTES))
+        for s in range(0, idx.size, _VERIFY_CHUNK):
+            rows = idx[s : s + _VERIFY_CHUNK]
+            digests[rows] = row_digests(maps[rows])
+        digests.flush()
+        del digests
+    del maps, done
+    write_json_atomic(path / "meta.json", {**meta, "layout": LAYOUT}, digest=True)
+
+
+def _verify(path: Path) -> None:
+    """Every finished row against its digest; a mismatch is a CorruptionError naming the store and the fix."""
+    done = np.load(path / "done.npy", mmap_mode="r")
+    maps = np.load(path / "maps.npy", mmap_mode="r")
+    digests = np.load(path / "digests.npy", mmap_mode="r")
+    idx = np.flatnonzero(done)
+    bad: list[int] = []
+    for s in range(0, idx.size, _VERIFY_CHUNK):
+        rows = idx[s : s + _VERIFY_CHUNK]
+        wrong = np.any(row_digests(maps[rows]) != digests[rows], axis=1)
+        bad.extend(rows[wrong].tolist())
+    if bad:
+        raise CorruptionError.of(path, f"{len(bad)} of its {idx.size} finished rows fail their digest, e.g. row {bad[0]}",
+                                 store_fix(path), "teacher-map store")
 
 
 def _check(path: Path, key: str, shape: tuple[int, ...]) -> str:
-    """'' when usable, 'absent', or what is wrong with it."""
+    """'' when usable, 'absent', or what is wrong with it (a damaged meta.json raises CorruptionError)."""
     if not path.exists():
         return "absent"
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    if not (path / "meta.json").exists():
         return "missing its meta.json (interrupted while being created)"
+    meta = read_trusted_json(path / "meta.json", store_fix(path), "teacher-map store meta")
     if meta.get("key") != key:
         return "stale (its key does not match the teacher, data or options)"
     if tuple(meta.get("shape", ())) != shape:
         return f"for shape {tuple(meta.get('shape', ()))}, not {shape}"
-    for name, expect in (("maps.npy", shape), ("done.npy", shape[:1])):
+    arrays = [("maps.npy", shape), ("done.npy", shape[:1])]
+    if meta.get("layout", 1) >= LAYOUT:
+        arrays.append(("digests.npy", (shape[0], ROW_DIGEST_BYTES)))
+    for name, expect in arrays:
         try:
             arr = np.load(path / name, mmap_mode="r")
         except (OSError, ValueError) as exc:
@@ -185,8 +258,11 @@ def fill_store(
         maps = compute(chunk).detach().to("cpu", torch.float32)
         if maps.shape[1:] != store.maps.shape[1:]:
             raise ValueError(f"teacher produced maps of shape {tuple(maps.shape[1:])}, store expects {store.maps.shape[1:]}")
-        store.maps[chunk] = maps.numpy().astype(np.float16)
+        rows = maps.numpy().astype(np.float16)
+        store.maps[chunk] = rows
         store.maps.flush()
+        store.digests[chunk] = row_digests(rows)  # before the done flags: no finished row without its digest
+        store.digests.flush()
         store.done[chunk] = True
         store.done.flush()
         if bar is not None:

@@ -13,7 +13,6 @@ than re-explaining a model that has moved on. Older refreshes are deleted.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from teachx.teachers.store import MapStore, fill_store, open_store
 from teachx.training import distributed as dist_utils
 from teachx.training.impactx import ImpactxTask, MapSource
 from teachx.utils.hashing import hash_state_dict
-from teachx.utils.io import write_json_atomic
+from teachx.utils.io import read_trusted_json, write_json_atomic
 
 #: explain(model, dataset indices) -> post-processed maps, shape (len(indices), C, H, W)
 ExplainFn = Callable[[torch.nn.Module, np.ndarray], torch.Tensor]
@@ -80,10 +79,11 @@ class SelfTeaching:
 
     def _saved(self, r: int) -> Optional[MapStore]:
         """The complete store of refresh ``r`` if an earlier (interrupted) process made it."""
-        try:
-            rec = json.loads(self._pointer().read_text())
-        except (FileNotFoundError, ValueError):
+        if not self._pointer().exists():
             return None
+        # verified: a damaged pointer must not send a resumed run to another refresh's maps
+        rec = read_trusted_json(self._pointer(), f"delete '{self.store_dir.parent}' and train this IMPACTX model again",
+                                "self-teaching record")
         if rec.get("epoch") != r or not (self.store_dir / rec.get("dir", "")).is_dir():
             return None
         store = open_store(self.store_dir, rec["material"], self.n, self.map_shape, log=self.log)
@@ -103,7 +103,7 @@ class SelfTeaching:
         finally:
             model.train(was_training)
         if dist_utils.is_main():
-            write_json_atomic(self._pointer(), {"epoch": r, "dir": store.path.name, "material": material})
+            write_json_atomic(self._pointer(), {"epoch": r, "dir": store.path.name, "material": material}, digest=True)
             for old in self.store_dir.iterdir():  # earlier refreshes are never read again
                 if old.is_dir() and old != store.path:
                     shutil.rmtree(old, ignore_errors=True)
