@@ -8,11 +8,16 @@ An entry is keyed by a fingerprint of the source (resolved path, size, mtime, pl
 for small files) and of the decode options, so replacing the files or changing an option decodes
 again. Each array is written atomically and ``meta.json`` is written last: an entry without
 ``meta.json`` is incomplete and is simply rebuilt.
+
+Integrity: ``meta.json`` carries the sha256 of every ``.npy`` file and a digest of its own; a load
+verifies them (once per process per file version: the result is remembered for the file's inode,
+size and mtime). A mismatch -- bit rot, a bad disk, a hand edit -- is never used: the entry is a
+derived copy whose source is still there, so it is decoded again, with a warning naming the entry.
+Entries written before digests existed are decoded again once, for the same reason.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -22,8 +27,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from teachx.errors import CorruptionError
 from teachx.utils.hashing import hash_json, sha256_file
-from teachx.utils.io import atomic_path, write_json_atomic
+from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
 
 CACHE_FORMAT = 1
 #: Files up to this size are content-hashed in the fingerprint (cheap, and catches same-size edits).
@@ -150,12 +156,14 @@ def cached_decode(
 
 def _save_entry(entry: Path, key: str, decoded: Decoded) -> None:
     entry.mkdir(parents=True, exist_ok=True)
-    shapes = {}
+    shapes, digests = {}, {}
     for array_name, array in decoded.arrays().items():
         with atomic_path(entry / f"{array_name}.npy") as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            digests[array_name] = sha256_file(tmp)
         shapes[array_name] = list(array.shape)
+        _remember(entry / f"{array_name}.npy", digests[array_name])
     meta = {
         "cache_format": CACHE_FORMAT,
         "key": key,
@@ -164,8 +172,32 @@ def _save_entry(entry: Path, key: str, decoded: Decoded) -> None:
         "std": list(decoded.std),
         "extra": decoded.extra,
         "shapes": shapes,
+        "sha256": digests,
     }
-    write_json_atomic(entry / "meta.json", meta)
+    write_json_atomic(entry / "meta.json", meta, digest=True)
+
+
+#: files verified by this process: path -> (inode, size, mtime_ns, sha256); a rewritten file has a new stat
+_VERIFIED: dict[str, tuple[int, int, int, str]] = {}
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remember(path: Path, digest: str) -> None:
+    _VERIFIED[str(path)] = (*_stat_key(path), digest)
+
+
+def _verified(path: Path, digest: str) -> bool:
+    """Whether ``path``'s bytes have sha256 ``digest`` (hashed once per process per file version)."""
+    if _VERIFIED.get(str(path)) == (*_stat_key(path), digest):
+        return True
+    if sha256_file(path) != digest:
+        return False
+    _remember(path, digest)
+    return True
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -183,17 +215,24 @@ def _load_entry(entry: Path, key: str) -> Decoded | None:
     if not meta_path.is_file():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_trusted_json(meta_path, "it is decoded again")
         if meta.get("key") != key or meta.get("cache_format") != CACHE_FORMAT:
             return None
+        if not isinstance(meta.get("sha256"), dict):
+            return None  # written before digests existed: decoded again once (the source is there)
         arrays = {}
         for array_name in _ARRAYS:
-            array = _load_npy(entry / f"{array_name}.npy")
+            path = entry / f"{array_name}.npy"
+            if not _verified(path, meta["sha256"][array_name]):
+                return _damaged(entry, f"{path.name} does not match its digest")
+            array = _load_npy(path)
             if list(array.shape) != meta["shapes"][array_name]:
-                return None
+                return _damaged(entry, f"{path.name} has shape {list(array.shape)}, not {meta['shapes'][array_name]}")
             arrays[array_name] = array
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # damaged entry: rebuild it
+    except CorruptionError as err:
+        return _damaged(entry, err.problem)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return _damaged(entry, f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}")
     return Decoded(
         **arrays,
         class_names=list(meta["class_names"]),
@@ -202,3 +241,9 @@ def _load_entry(entry: Path, key: str) -> Decoded | None:
         std=tuple(meta["std"]),
         cache_path=str(entry),
     )
+
+
+def _damaged(entry: Path, problem: str) -> None:
+    """A damaged entry is never used: warn, and let the caller decode the source again."""
+    warnings.warn(f"dataset cache entry '{entry}' is corrupted ({problem}); decoding the source again", stacklevel=4)
+    return None
