@@ -199,8 +199,8 @@ def resolved_notes(data: DataConfig) -> dict[str, str]:
         if data.image_size is None:
             notes["image_size"] = "each image's own size (all images must match)"
         if data.channels is None:
-            notes["channels"] = ("each image's own channel count (all images must match; palette images count as "
-                                 "RGB, 16-bit ones are scaled to 8 bits)")
+            notes["channels"] = ("each image's own channel count (all images must match; an alpha channel is kept as "
+                                 "a channel, palette images count as RGB, 16-bit ones are scaled to 8 bits)")
         if data.test_fraction is None:
             notes["test_fraction"] = f"{defaults['test_fraction']} (used only without train/ and test/ folders)"
         if data.test_seed is None:
