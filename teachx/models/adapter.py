@@ -12,6 +12,14 @@ forward hooks to read intermediate values:
   ``feature_layer`` output replaced by ``h`` and returns the classifier's input, so
   ``neck(body(x)) == features(x)`` with gradients flowing through ``h``.
 
+- ``feature_pyramid(x)`` / ``features_with_pyramid(x)``: the outputs of the layers named by
+  ``pyramid_layers`` (default: the last ``nn.Conv2d`` at each spatial resolution, in call order),
+  read by forward hooks during the ONE pass that computes ``features(x)``, ordered from high to low
+  resolution. The wrapped module's shapes are not known without running it, so
+  ``pyramid_shapes(image_size)`` runs it once on a zero image of that size (batch 1, no
+  gradients, eval mode, the mode restored afterwards) and remembers the result; this is the only
+  backbone that needs such a dry run.
+
 Limits (checked where cheap, documented otherwise): the classifier must be the last operation
 of ``forward`` and take the features as its first argument (``forward(x) ==
 classifier(features(x))``); registration order is taken as execution order for the defaults;
@@ -120,12 +128,17 @@ class _NeckView(nn.Module):
 class AdaptedBackbone(Backbone):
     """A user module seen as body -> neck -> classifier through hooks (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, classifier: str, feature_layer: str, in_channels: int):
+    def __init__(self, module: nn.Module, classifier: str, feature_layer: str, in_channels: int,
+                 pyramid_layers: list[str] | None = None):
         super().__init__()
         self.module = module
         self.classifier_name = classifier
         self.feature_layer_name = feature_layer
         _submodule(module, feature_layer, "feature_layer")
+        for name in pyramid_layers or ():
+            _submodule(module, name, "pyramid layer")
+        self.pyramid_layer_names: list[str] | None = list(pyramid_layers) if pyramid_layers else None
+        self._pyramid_cache: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
         head = _submodule(module, classifier, "classifier")
         self._check_head(head)
         self.in_channels = in_channels
@@ -161,12 +174,82 @@ class AdaptedBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
+    # -- multi-scale features (forward hooks) --------------------------------------------------
+    def _dry_run(self, image_size: tuple[int, int], names: list[str]) -> dict[str, tuple[int, ...]]:
+        """Output shapes (C, h, w) of the layers ``names`` (first call each) for one zero image."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        order: list[str] = []
+        handles = []
+        for name in names:
+            def hook(_m, _i, out, name=name):
+                if name not in shapes and isinstance(out, torch.Tensor) and out.dim() == 4:
+                    shapes[name] = tuple(out.shape[1:])
+                    order.append(name)
+            handles.append(self.module.get_submodule(name).register_forward_hook(hook))
+        param = next(self.module.parameters(), None)
+        x = torch.zeros(1, self.in_channels, int(image_size[0]), int(image_size[1]),
+                        device=param.device if param is not None else None,
+                        dtype=param.dtype if param is not None else None)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                _run(self.module, x, self.classifier, "input")
+        finally:
+            self.module.train(was_training)
+            for h in handles:
+                h.remove()
+        return {name: shapes[name] for name in order}
+
+    def pyramid_shapes(self, image_size: tuple[int, int]) -> list[tuple[int, int, int]]:
+        key = (int(image_size[0]), int(image_size[1]))
+        if key in self._pyramid_cache:
+            return list(self._pyramid_cache[key])
+        if self.pyramid_layer_names is None:  # default: the last Conv2d at each resolution, in call order
+            convs = [n for n, m in self.module.named_modules() if isinstance(m, nn.Conv2d) and n]
+            found = self._dry_run(key, convs)
+            names = list(found)
+            keep = [n for i, n in enumerate(names) if i == len(names) - 1 or found[names[i + 1]][1:] != found[n][1:]]
+            if not keep:
+                raise ConfigError(f"{type(self.module).__name__} has no nn.Conv2d with a spatial output before its "
+                                  "classifier; pass pyramid_layers=[...] naming its multi-scale layers")
+            self.pyramid_layer_names = sorted(keep, key=lambda n: -found[n][1] * found[n][2])  # high -> low resolution
+            found = {n: found[n] for n in self.pyramid_layer_names}
+        else:
+            found = self._dry_run(key, self.pyramid_layer_names)
+            missing = [n for n in self.pyramid_layer_names if n not in found]
+            if missing:
+                raise ConfigError(f"pyramid layers {', '.join(missing)} gave no (B, C, H, W) output before the classifier "
+                                  f"of {type(self.module).__name__}; name layers with spatial outputs")
+        shapes = [tuple(int(v) for v in found[n]) for n in self.pyramid_layer_names]
+        self.pyramid_channels = tuple(c for c, _, _ in shapes)
+        self._pyramid_cache[key] = shapes
+        return list(shapes)
+
+    def features_with_pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.pyramid_layer_names is None:
+            self.pyramid_shapes(tuple(x.shape[-2:]))
+        names = list(self.pyramid_layer_names or [])
+        captured: dict[str, torch.Tensor] = {}
+        handles = []
+        for name in names:
+            def hook(_m, _i, out, name=name):
+                captured.setdefault(name, out)  # a layer called twice is read at its first call
+            handles.append(self.module.get_submodule(name).register_forward_hook(hook))
+        try:
+            feats = _run(self.module, x, self.classifier, "input")
+        finally:
+            for h in handles:
+                h.remove()
+        return feats, [captured[n] for n in names]
+
 
 def adapt(module: nn.Module, classifier: str | None = None, feature_layer: str | None = None,
-          in_channels: int | None = None) -> AdaptedBackbone:
+          in_channels: int | None = None, pyramid_layers: list[str] | None = None) -> AdaptedBackbone:
     """Wrap ``module`` as a Backbone: ``classifier`` names its head (default: last nn.Linear),
     ``feature_layer`` Grad-CAM's layer (default: last nn.Conv2d), ``in_channels`` defaults to the
-    first Conv2d's input channels."""
+    first Conv2d's input channels, ``pyramid_layers`` the layers whose outputs form the feature
+    pyramid (default: the last nn.Conv2d at each resolution, found by one dry run)."""
     if isinstance(module, Backbone):
         raise ConfigError("adapt() expects a plain nn.Module; this one already is a teachx Backbone")
     if classifier is None:
@@ -182,7 +265,7 @@ def adapt(module: nn.Module, classifier: str | None = None, feature_layer: str |
         if first is None:
             raise ConfigError("cannot infer in_channels (no nn.Conv2d); pass in_channels=")
         in_channels = first.in_channels
-    return AdaptedBackbone(module, classifier, feature_layer, in_channels)
+    return AdaptedBackbone(module, classifier, feature_layer, in_channels, pyramid_layers)
 
 
 # ---- torchvision:<name> and timm:<name> -------------------------------------------------------

@@ -25,6 +25,18 @@ Rules for implementers, which the explanation methods rely on:
   gating products (squeeze-and-excitation) through ``teachx.models.layers.Mul``
   (``forward(x, gate) = x * gate``), so LRP canonizers/rules can find them;
 - flattening is an ``nn.Flatten`` module.
+
+Multi-scale features (``feature_pyramid``; read by IMPACTX decoders that see spatial features):
+every backbone names the points of its ``body`` whose outputs form a pyramid, from high to low
+resolution. Built-in backbones set ``pyramid_taps`` (indices of ``body``'s children, ``body``
+being an ``nn.Sequential``), ``pyramid_channels`` and ``pyramid_strides`` at construction (see
+``set_pyramid``), so a decoder can be built from ``pyramid_shapes(image_size)`` without running
+the network; ``features_with_pyramid(x)`` returns the feature vector and the pyramid from ONE
+pass through ``body`` and ``neck`` (no second forward), by running ``body``'s children in order
+and keeping the tapped outputs. ``forward`` and ``features`` are unchanged, so module hooks that
+explanation methods attach (LRP, DeepSHAP) see exactly the modules they saw before. Wrapped user
+models (``teachx.models.adapter``) pick their pyramid layers by name and read them with forward
+hooks instead.
 """
 
 from __future__ import annotations
@@ -60,3 +72,56 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+    # -- multi-scale features ------------------------------------------------------------------
+    pyramid_taps: tuple[int, ...] = ()
+    """Indices of ``body``'s children whose outputs are the pyramid levels (high to low resolution)."""
+    pyramid_channels: tuple[int, ...] = ()
+    """Channels of each pyramid level."""
+    pyramid_strides: tuple[int, ...] = ()
+    """Nominal downsampling of each level relative to the input (a level of an H x W input is
+    ceil(H / stride) x ceil(W / stride), except where ``pyramid_shapes`` is overridden)."""
+
+    def pyramid_shapes(self, image_size: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """(channels, height, width) of each pyramid level for an ``image_size`` input, high to low
+        resolution, computed without running the network."""
+        if not self.pyramid_taps:
+            raise NotImplementedError(f"{type(self).__name__} exposes no feature pyramid; set pyramid_taps/"
+                                      "pyramid_channels/pyramid_strides (teachx.models.base.set_pyramid)")
+        h, w = int(image_size[0]), int(image_size[1])
+        return [(c, -(-h // s), -(-w // s)) for c, s in zip(self.pyramid_channels, self.pyramid_strides)]
+
+    def features_with_pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(M(x), pyramid) from one pass: the feature vector ``features(x)`` and the list of
+        multi-scale feature maps, high to low resolution."""
+        if not self.pyramid_taps:
+            raise NotImplementedError(f"{type(self).__name__} exposes no feature pyramid")
+        taps = set(self.pyramid_taps)
+        levels: list[torch.Tensor] = []
+        h = x
+        for i, layer in enumerate(self.body):
+            h = layer(h)
+            if i in taps:
+                levels.append(h)
+        return self.neck(h), levels
+
+    def feature_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-scale feature maps of ``x``, high to low resolution (see ``pyramid_shapes``)."""
+        return self.features_with_pyramid(x)[1]
+
+
+def set_pyramid(model: Backbone, strides: list[int], channels: list[int]) -> None:
+    """Declare the pyramid of a backbone whose ``body`` is an ``nn.Sequential``.
+
+    ``strides[i]`` / ``channels[i]``: the downsampling factor and the width of ``body[i]``'s output.
+    The levels are the last child at each resolution (a child followed by one that downsamples),
+    plus the last child.
+    """
+    n = len(strides)
+    if n != len(model.body) or n != len(channels):
+        raise ValueError(f"set_pyramid needs one stride and one width per body child ({len(model.body)}), "
+                         f"got {len(strides)} and {len(channels)}")
+    taps = [i for i in range(n) if i == n - 1 or strides[i + 1] > strides[i]]
+    model.pyramid_taps = tuple(taps)
+    model.pyramid_channels = tuple(int(channels[i]) for i in taps)
+    model.pyramid_strides = tuple(int(strides[i]) for i in taps)

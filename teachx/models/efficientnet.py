@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from teachx.models._common import MODELS, image_hw, probability, resolve_small_input, set_dims
-from teachx.models.base import Backbone
+from teachx.models.base import Backbone, set_pyramid
 from teachx.models.layers import Add, Mul, StochasticDepth, conv_bn, init_weights
 
 # (expansion, kernel, stride, width, repeats)
@@ -104,8 +104,10 @@ class EfficientNet(Backbone):
                  dropout: float = 0.2, drop_path: float = 0.0, small_input: bool = False):
         super().__init__()
         stem = round_width(32 * width_mult)
-        layers: list[nn.Module] = [conv_bn(in_channels, stem, 3, stride=1 if small_input else 2,
+        stride_so_far = 1 if small_input else 2
+        layers: list[nn.Module] = [conv_bn(in_channels, stem, 3, stride=stride_so_far,
                                            activation=nn.SiLU(), bn_eps=_BN_EPS)]
+        strides, widths = [stride_so_far], [stem]
         repeats = [math.ceil(r * depth_mult) for *_, r in B0_STAGES]
         total, block_id, width = sum(repeats), 0, stem
         for s, ((expansion, kernel, stride, out, _), n) in enumerate(zip(B0_STAGES, repeats)):
@@ -118,12 +120,18 @@ class EfficientNet(Backbone):
                                      drop_path=drop_path * block_id / total))
                 width, block_id = out, block_id + 1
             layers.append(nn.Sequential(*blocks))
+            stride_so_far *= stride
+            strides.append(stride_so_far)
+            widths.append(out)
         head = 4 * width
         layers.append(conv_bn(width, head, 1, activation=nn.SiLU(), bn_eps=_BN_EPS))
+        strides.append(stride_so_far)
+        widths.append(head)
         self.body = nn.Sequential(*layers)
         self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
         self.classifier = nn.Linear(head, num_classes)
         set_dims(self, in_channels, num_classes, head)
+        set_pyramid(self, strides, widths)
         init_weights(self)
 
 
@@ -141,7 +149,13 @@ def _build(variant: str, in_channels: int, num_classes: int, image_size: tuple[i
 def efficientnet_b0(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
                     dropout: float | None = None, drop_path: float = 0.0,
                     small_input: bool | None = None) -> EfficientNet:
-    """EfficientNet-B0; options: dropout (default 0.2), drop_path (default 0), small_input (null = auto)."""
+    """EfficientNet-B0 (Tan & Le 2019).
+
+    Args:
+        dropout: dropout before the classifier; null: 0.2
+        drop_path: stochastic-depth rate of the last block (scaled linearly from 0 over the blocks)
+        small_input: CIFAR-style strides (8x downsampling) instead of ImageNet's (32x); null: auto, true for inputs up to 64 px
+    """
     return _build("b0", in_channels, num_classes, image_size, dropout, drop_path, small_input)
 
 
@@ -149,5 +163,11 @@ def efficientnet_b0(in_channels: int, num_classes: int, image_size: tuple[int, i
 def efficientnet_b2(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
                     dropout: float | None = None, drop_path: float = 0.0,
                     small_input: bool | None = None) -> EfficientNet:
-    """EfficientNet-B2; options: dropout (default 0.3), drop_path (default 0), small_input (null = auto)."""
+    """EfficientNet-B2 (Tan & Le 2019): B0 with 1.1x width, 1.2x depth.
+
+    Args:
+        dropout: dropout before the classifier; null: 0.3
+        drop_path: stochastic-depth rate of the last block (scaled linearly from 0 over the blocks)
+        small_input: CIFAR-style strides (8x downsampling) instead of ImageNet's (32x); null: auto, true for inputs up to 64 px
+    """
     return _build("b2", in_channels, num_classes, image_size, dropout, drop_path, small_input)

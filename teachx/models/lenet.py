@@ -58,12 +58,26 @@ class LeNet5(Backbone):
         )
         self.classifier = nn.Linear(84, num_classes)
         set_dims(self, in_channels, num_classes, 84)
+        # pyramid: the two pooled feature maps (6 @ 14x14 and 16 @ 5x5 for 32x32 inputs)
+        self.pyramid_taps, self.pyramid_channels, self.pyramid_strides = (2, 5), (6, 16), (2, 4)
+
+    def pyramid_shapes(self, image_size: tuple[int, int]) -> list[tuple[int, int, int]]:
+        """LeNet's unpadded 5x5 convs shrink the maps: (S + 2p - 4) // 2, then (. - 4) // 2."""
+        first = [(s + 2 * self.padding - 4) // 2 for s in image_size]
+        second = [(s - 4) // 2 for s in first]
+        return [(6, *first), (16, *second)]
 
 
 @MODELS.register("lenet5", "lenet", "lenet-5")
 def lenet5(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
            activation: str = "relu", pool: str = "max", padding: int | None = None) -> LeNet5:
-    """LeNet-5; options: activation (relu|tanh), pool (max|avg), padding of conv1 (default: 2 below 32 px)."""
+    """LeNet-5 (LeCun et al. 1998): two 5x5 conv + pool stages, three fully connected layers.
+
+    Args:
+        activation: relu or tanh
+        pool: max or avg
+        padding: zero padding of the first convolution; null: 2 for inputs below 32 px (28x28 digits), else 0
+    """
     if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int) or padding < 0):
         raise ConfigError(f"padding must be a non-negative integer or null (auto), got {padding!r}")
     return LeNet5(in_channels, num_classes, image_hw(image_size),

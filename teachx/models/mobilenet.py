@@ -20,7 +20,7 @@ from torch import nn
 
 from teachx.errors import ConfigError
 from teachx.models._common import MODELS, image_hw, probability, resolve_small_input, set_dims
-from teachx.models.base import Backbone
+from teachx.models.base import Backbone, set_pyramid
 from teachx.models.layers import conv_bn, init_weights
 
 # (pointwise width, stride) of the 13 depthwise-separable blocks
@@ -48,24 +48,36 @@ class MobileNetV1(Backbone):
                  small_input: bool = False):
         super().__init__()
         width = int(32 * alpha)
-        layers: list[nn.Module] = [conv_bn(in_channels, width, 3, stride=1 if small_input else 2,
+        stride_so_far = 1 if small_input else 2
+        layers: list[nn.Module] = [conv_bn(in_channels, width, 3, stride=stride_so_far,
                                            activation=nn.ReLU6(), bn_eps=_BN_EPS)]
+        strides, widths = [stride_so_far], [width]
         for i, (out, stride) in enumerate(BLOCKS):
             if small_input and i in _SMALL_INPUT_STRIDE1:
                 stride = 1
             layers.append(depthwise_separable(width, int(out * alpha), stride))
             width = int(out * alpha)
+            stride_so_far *= stride
+            strides.append(stride_so_far)
+            widths.append(width)
         self.body = nn.Sequential(*layers)
         self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
         self.classifier = nn.Linear(width, num_classes)
         set_dims(self, in_channels, num_classes, width)
+        set_pyramid(self, strides, widths)
         init_weights(self)
 
 
 @MODELS.register("mobilenet", "mobilenet_v1", "mobilenetv1")
 def mobilenet(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
               alpha: float = 1.0, dropout: float = 0.0, small_input: bool | None = None) -> MobileNetV1:
-    """MobileNet v1; options: alpha (width multiplier), dropout, small_input (null = auto, <= 64 px)."""
+    """MobileNet v1 (Howard et al. 2017): 13 depthwise-separable blocks.
+
+    Args:
+        alpha: width multiplier of every layer, in (0, 4] (e.g. 0.25, 0.5, 0.75, 1.0)
+        dropout: dropout before the classifier
+        small_input: CIFAR-style strides (8x downsampling) instead of ImageNet's (32x); null: auto, true for inputs up to 64 px
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 4.0 or int(32 * alpha) < 1:
         raise ConfigError(f"alpha must be a width multiplier in (0, 4] (e.g. 0.25, 0.5, 0.75, 1.0), got {alpha!r}")
     hw = image_hw(image_size)

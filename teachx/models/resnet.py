@@ -26,7 +26,7 @@ from torch import nn
 
 from teachx.errors import ConfigError
 from teachx.models._common import MODELS, image_hw, positive_int, probability, resolve_small_input, set_dims
-from teachx.models.base import Backbone
+from teachx.models.base import Backbone, set_pyramid
 from teachx.models.layers import Add, conv_bn, init_weights
 
 
@@ -64,20 +64,29 @@ class ResNet18(Backbone):
             )
         layers: list[nn.Module] = [stem]
         width = 64
+        strides, widths = [1 if small_input else 4], [64]
         for out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers.append(nn.Sequential(BasicBlock(width, out, stride), BasicBlock(out, out, 1)))
             width = out
+            strides.append(strides[-1] * stride)
+            widths.append(out)
         self.body = nn.Sequential(*layers)
         self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
         self.classifier = nn.Linear(width, num_classes)
         set_dims(self, in_channels, num_classes, width)
+        set_pyramid(self, strides, widths)
         init_weights(self)
 
 
 @MODELS.register("resnet18", "resnet-18", "resnet_18")
 def resnet18(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
              dropout: float = 0.0, small_input: bool | None = None) -> ResNet18:
-    """ResNet-18; options: dropout (default 0), small_input (null = auto: CIFAR stem up to 64 px)."""
+    """ResNet-18 (He et al. 2016), with a CIFAR stem (3x3 conv, no max-pool) for small inputs.
+
+    Args:
+        dropout: dropout before the classifier
+        small_input: CIFAR stem (3x3 stride-1 conv, no max-pool) instead of ImageNet's; null: auto, true up to 64 px
+    """
     hw = image_hw(image_size)
     return ResNet18(in_channels, num_classes, dropout=probability("dropout", dropout),
                     small_input=resolve_small_input(small_input, hw))
@@ -91,21 +100,30 @@ class CifarResNet(Backbone):
         blocks = (depth - 2) // 6
         layers: list[nn.Module] = [conv_bn(in_channels, width, 3, activation=nn.ReLU())]
         channels = width
+        strides, widths = [1], [width]
         for out, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
             layers.append(nn.Sequential(*(BasicBlock(channels if i == 0 else out, out, stride if i == 0 else 1) for i in range(blocks))))
             channels = out
+            strides.append(strides[-1] * stride)
+            widths.append(out)
         self.body = nn.Sequential(*layers)
         self.neck = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout))
         self.classifier = nn.Linear(channels, num_classes)
         set_dims(self, in_channels, num_classes, channels)
+        set_pyramid(self, strides, widths)
         init_weights(self)
 
 
 @MODELS.register("resnet_cifar", "resnet20", "resnet-cifar")
 def resnet_cifar(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
                  depth: int = 20, width: int = 16, dropout: float = 0.0) -> CifarResNet:
-    """CIFAR ResNet (He et al. sec. 4.2); options: depth (6n+2: 8, 14, 20, 32, 44, 56, 110; default 20),
-    width (channels of the first stage, default 16), dropout (default 0)."""
+    """CIFAR ResNet (He et al. 2016, sec. 4.2): three stages of basic blocks, depth 6n+2.
+
+    Args:
+        depth: layers, 6n+2: 8, 14, 20, 32, 44, 56 or 110
+        width: channels of the first stage (doubled in each of the next two)
+        dropout: dropout before the classifier
+    """
     image_hw(image_size)
     depth = positive_int("depth", depth)
     if depth < 8 or (depth - 2) % 6:
