@@ -10,63 +10,24 @@ Components (Apicella et al. 2025):
 
 Training minimises CE(C([m, z]), y) + lambda * MSE(D(z), teacher map); the teacher is only needed
 during training. At inference ``forward_all`` returns logits and the map from one forward pass.
+
+Beyond the paper (``teachx.models.decoders``): ``decoder`` picks another design that also reads
+LEP's multi-scale feature maps (``unet``), the input image (``unet_input``) or builds the map as
+``sum_c (x_c - reference_c) * g_c`` (``additive``); LEP then runs ``features_with_pyramid``, which
+gives z and the pyramid from the same single pass. ``per_class=True`` makes one map per class
+(FastSHAP-style): ``forward_all(x, target)`` / ``explain(x, target)`` return the map of ``target``
+(default: the predicted class) and ``all_maps(x)`` every class's map.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from teachx.models.base import Backbone
-
-
-def _upsamplings(size: int) -> int:
-    """How many x2 upsamplings take a small seed grid (>= 4 px) to ``size``."""
-    return max(1, min(4, int(math.floor(math.log2(max(size, 8) / 4)))))
-
-
-class MapDecoder(nn.Module):
-    """z -> (B, out_channels, H, W): FC to a coarse grid, then [upsample x2, conv3x3, ReLU] blocks.
-
-    The convolutions run up to ``H / scale``; a final bilinear resize reaches the map size. With
-    ``scale=1`` every block is convolved at full resolution (the paper's Fig. 2 layout for 32x32);
-    ``scale=2`` (default) skips the costliest full-resolution convolutions -- for LeNet-5 they cost
-    more than the whole backbone -- and teacher maps at pixel level are mostly noise there anyway.
-    The last conv is linear because maps are signed.
-    """
-
-    def __init__(self, latent_dim: int, map_size: tuple[int, int], out_channels: int = 1, width: int = 32, scale: int = 2):
-        super().__init__()
-        h, w = map_size
-        self.map_size = (int(h), int(w))
-        if scale < 1 or scale & (scale - 1):
-            raise ValueError(f"decoder scale must be a power of two >= 1, got {scale}")
-        inner = (max(4, h // scale), max(4, w // scale))
-        n = _upsamplings(min(inner))
-        self.seed_hw = (math.ceil(inner[0] / 2**n), math.ceil(inner[1] / 2**n))
-        self.seed_channels = width
-        self.fc = nn.Sequential(
-            nn.Linear(latent_dim, width * self.seed_hw[0] * self.seed_hw[1]),
-            nn.ReLU(),
-        )
-        blocks: list[nn.Module] = []
-        ch = width
-        for i in range(n):
-            nxt = max(16, ch // 2) if i > 0 else ch
-            blocks += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, nxt, 3, padding=1), nn.ReLU()]
-            ch = nxt
-        self.up = nn.Sequential(*blocks)
-        self.out = nn.Conv2d(ch, out_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.fc(z).view(z.shape[0], self.seed_channels, *self.seed_hw)
-        x = self.out(self.up(x))
-        if tuple(x.shape[-2:]) != self.map_size:
-            x = nn.functional.interpolate(x, size=self.map_size, mode="bilinear", align_corners=False)
-        return x
+from teachx.models.decoders import DECODERS, Decoder, DecoderSpec, MapDecoder, build_decoder  # noqa: F401  (MapDecoder: public name)
 
 
 class ImpactX(nn.Module):
@@ -83,11 +44,25 @@ class ImpactX(nn.Module):
         classifier_hidden: int = 0,
         spec: Optional[dict[str, Any]] = None,
         decoder_scale: int = 2,
+        decoder: str = "paper",
+        per_class: bool = False,
+        additive_reference: float | list[float] = 0.0,
+        image_size: Optional[tuple[int, int]] = None,
     ):
         super().__init__()
         self.m = m
         self.lep = lep
-        self.decoder = MapDecoder(lep.feature_dim, map_size, map_channels, decoder_width, decoder_scale)
+        self.decoder_name = DECODERS.canonical(decoder)
+        self.per_class = bool(per_class)
+        self.map_channels = int(map_channels)
+        cls = DECODERS.get(self.decoder_name)
+        ref = additive_reference if isinstance(additive_reference, (list, tuple)) else [additive_reference]
+        self.decoder: Decoder = build_decoder(self.decoder_name, DecoderSpec(
+            latent_dim=lep.feature_dim, map_size=tuple(map_size), out_channels=map_channels,
+            classes=num_classes if self.per_class else 1, width=decoder_width, scale=decoder_scale,
+            in_channels=lep.in_channels, reference=tuple(float(r) for r in ref),
+            pyramid=lep.pyramid_shapes(tuple(image_size or map_size)) if cls.needs_pyramid else None,
+        ))
         in_dim = m.feature_dim + lep.feature_dim
         if classifier_hidden > 0:
             self.classifier = nn.Sequential(nn.Linear(in_dim, classifier_hidden), nn.ReLU(), nn.Linear(classifier_hidden, num_classes))
@@ -120,12 +95,38 @@ class ImpactX(nn.Module):
         classification branch); the LEP branch also reaches the logits but is not a single layer."""
         return self.m.feature_layer
 
-    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, built-in map) from one forward pass."""
+    def _lep_pass(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[list[torch.Tensor]]]:
+        """z (and the pyramid, when the decoder reads it) from ONE pass through LEP."""
+        if self.decoder.needs_pyramid:
+            return self.lep.features_with_pyramid(x)
+        return self.lep.features(x), None
+
+    def _decode(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
+        """(B, classes, C, H, W) with per_class, else (B, C, H, W)."""
+        maps = self.decoder(z, pyramid, x if self.decoder.needs_input else None)
+        if self.per_class:
+            maps = maps.view(maps.shape[0], self.num_classes, self.map_channels, *maps.shape[-2:])
+        return maps
+
+    @staticmethod
+    def select_class(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, K, C, H, W) per-class maps -> (B, C, H, W), the map of ``target[b]`` for image b."""
+        target = torch.as_tensor(target, device=maps.device).long().reshape(-1)
+        if target.numel() == 1 and maps.shape[0] > 1:
+            target = target.expand(maps.shape[0])
+        return maps[torch.arange(maps.shape[0], device=maps.device), target]
+
+    def forward_all(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, built-in map) from one forward pass. With per-class maps, the map of ``target``
+        (class index per image, or one for all), default the predicted class; a one-map model
+        returns its map whatever ``target`` is."""
         m = self.m.features(x)
-        z = self.lep.features(x)
+        z, pyramid = self._lep_pass(x)
         logits = self.classifier(torch.cat([m, z], dim=1))
-        return logits, self.decoder(z)
+        maps = self._decode(z, pyramid, x)
+        if self.per_class:
+            maps = self.select_class(maps, logits.argmax(1) if target is None else target)
+        return logits, maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.m.features(x)
@@ -133,9 +134,31 @@ class ImpactX(nn.Module):
         return self.classifier(torch.cat([m, z], dim=1))
 
     @torch.no_grad()
-    def explain(self, x: torch.Tensor) -> torch.Tensor:
-        """The built-in attribution map D(LEP(x)); no gradients, no teacher."""
-        return self.decoder(self.lep.features(x))
+    def explain(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The built-in attribution map; no gradients, no teacher. Per-class maps: the map of
+        ``target`` (default: the predicted class, which costs the M and classifier pass too)."""
+        if self.per_class and target is None:
+            return self.forward_all(x)[1]
+        z, pyramid = self._lep_pass(x)
+        maps = self._decode(z, pyramid, x)
+        return self.select_class(maps, target) if self.per_class else maps
+
+    def all_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Every class's map, (B, K, C, H, W) (K = 1 for a one-map model)."""
+        z, pyramid = self._lep_pass(x)
+        maps = self._decode(z, pyramid, x)
+        return maps if self.per_class else maps.unsqueeze(1)
+
+    @torch.no_grad()
+    def output_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits in eval mode without gradients (a value function for training objectives that
+        query the model on perturbed inputs); the training mode is restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(x)
+        finally:
+            self.train(was_training)
 
     def state_dict_for_training(self) -> dict[str, torch.Tensor]:
         return self.state_dict()
@@ -154,8 +177,14 @@ def build_impactx(
     decoder_width: int = 32,
     classifier_hidden: int = 0,
     decoder_scale: int = 2,
+    decoder: str = "paper",
+    per_class: bool = False,
+    additive_reference: float | list[float] = 0.0,
 ) -> ImpactX:
-    """Build an IMPACTX model; the returned model's ``spec`` rebuilds it (for checkpoints)."""
+    """Build an IMPACTX model; the returned model's ``spec`` rebuilds it (for checkpoints).
+
+    Specs written before ``decoder``/``per_class``/``additive_reference`` existed lack those keys
+    and rebuild the paper's decoder, as they were trained with."""
     from teachx.models import build_model
 
     backbone_options = dict(backbone_options or {})
@@ -177,10 +206,14 @@ def build_impactx(
         "decoder_width": decoder_width,
         "decoder_scale": decoder_scale,
         "classifier_hidden": classifier_hidden,
+        "decoder": DECODERS.canonical(decoder),
+        "per_class": bool(per_class),
+        "additive_reference": additive_reference,
     }
     m = build_model(backbone, in_channels, num_classes, image_size, **backbone_options)
     lep = build_model(lep_name, in_channels, num_classes, image_size, **lep_options)
-    return ImpactX(m, lep, num_classes, map_size, map_channels, decoder_width, classifier_hidden, spec=spec, decoder_scale=decoder_scale)
+    return ImpactX(m, lep, num_classes, map_size, map_channels, decoder_width, classifier_hidden, spec=spec, decoder_scale=decoder_scale,
+                   decoder=decoder, per_class=per_class, additive_reference=additive_reference, image_size=image_size)
 
 
 def impactx_from_spec(spec: dict[str, Any]) -> ImpactX:
