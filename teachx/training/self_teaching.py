@@ -70,7 +70,9 @@ class SelfTeaching:
             self.task.source = self.initial
         else:
             store = self._saved(r) or self._refresh(r)
-            self.task.source = MapSource(store, "teacher", self.train_idx, self.seed)
+            # the class each map explains is the initial source's (the label: per-class self-teaching
+            # needs teacher.target=label, see RunConfig.validate)
+            self.task.source = MapSource(store, "teacher", self.train_idx, self.seed, classes=getattr(self.initial, "classes", None))
         self.current = r
 
     # -- internals --------------------------------------------------------------------------
