@@ -105,10 +105,13 @@ class TeacherConfig:
     training: dict[str, Any] = field(default_factory=dict)
     batch_size: int = 64
     eval_images: Optional[int] = 1000  # test images explained for map-quality evaluation (None: all)
+    faith_images: int = 256  # of those, test images for the built-in maps' faithfulness to the IMPACTX model in map_quality (MoRF/LeRF/insertion, post-hoc maps; 0: off)
     maps_dir: Optional[str] = None  # store location; default $TEACHX_CACHE/maps (shared by runs and seeds)
 
 
     def validate(self) -> None:
+        if self.faith_images < 0:
+            raise ConfigError(f"teacher.faith_images must be >= 0 (0 = off), got {self.faith_images}")
         if self.background_size < 1:  # otherwise deepshap fails later with "pass at least one background image"
             raise ConfigError(f"teacher.background_size must be >= 1, got {self.background_size}")
         for key in self.training:
@@ -131,6 +134,14 @@ class ImpactxConfig:
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
     self_teach_every: int = 0  # > 0: self-teaching, the maps are re-made every K epochs by the teacher method applied to the model being trained
+    decoder: str = "paper"  # map decoder: paper (the paper's, from LEP's pooled vector) | unet (LEP's feature pyramid, skip connections) | unet_input (also the input image) | additive (map = sum_c (x - reference) * g)
+    per_class: bool = False  # one map per class (FastSHAP-style): trained on the explained class's map; inference gives the predicted class's map
+    additive_reference: float = 0.0  # additive decoder: the reference the map measures x from, in normalised space (0 = the dataset mean)
+    map_loss: str = "mse"  # built-in vs teacher map loss: mse (the paper's) | pearson (1 - per-image r) | standardized_mse (target z-scored per image) | rank (pairwise pixel order)
+    map_target_pool: int = 1  # average-pool built-in and teacher maps by K x K before the map loss (1: the teacher's resolution)
+    faith_weight: float = 0.0  # > 0: FastSHAP-style term, the built-in map must predict the model's own output on masked inputs
+    faith_patch: int = 4  # patch size (pixels) that the faithfulness term masks
+    faith_samples: int = 2  # masked copies per image and step for the faithfulness term (each second one the complement of the one before)
 
     def validate(self) -> None:
         if self.lam < 0:
@@ -143,6 +154,27 @@ class ImpactxConfig:
             raise ConfigError(f"impactx.self_teach_every needs impactx.maps=teacher (got maps={self.maps}): self-teaching replaces the teacher's maps")
         if self.m_frozen and self.m_init != "teacher":
             raise ConfigError("impactx.m_frozen=true needs impactx.m_init=teacher (a frozen fresh M would be random)")
+        self._validate_builtin_maps()
+
+    def _validate_builtin_maps(self) -> None:
+        from teachx.models.decoders import DECODERS, per_class_error
+        from teachx.training.map_losses import MAP_LOSSES
+
+        try:
+            decoder = DECODERS.canonical(self.decoder)
+        except ConfigError as exc:
+            raise ConfigError(f"impactx.decoder: {exc}") from None
+        if self.per_class and not DECODERS.get(decoder).supports_per_class:
+            raise ConfigError(per_class_error(decoder))
+        try:
+            MAP_LOSSES.canonical(self.map_loss)
+        except ConfigError as exc:
+            raise ConfigError(f"impactx.map_loss: {exc}") from None
+        for key in ("map_target_pool", "faith_patch", "faith_samples"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"impactx.{key} must be an integer >= 1, got {getattr(self, key)}")
+        if self.faith_weight < 0:
+            raise ConfigError(f"impactx.faith_weight must be >= 0 (0 = off), got {self.faith_weight}")
 
 
 @dataclass
@@ -154,6 +186,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     impactx: ImpactxConfig = field(default_factory=ImpactxConfig)
+
+    def validate(self) -> None:
+        ic = self.impactx
+        if ic.per_class and ic.self_teach_every and self.teacher.target == "predicted":
+            raise ConfigError("impactx.per_class with impactx.self_teach_every needs teacher.target=label: a refresh would "
+                              "explain the training model's predicted classes, which the per-class loss does not track")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
