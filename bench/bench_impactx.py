@@ -9,9 +9,14 @@ Measures, at batch 64 on 32x32x3 inputs (medians of --repeats):
 - map reading: the same IMPACTX step with maps from the store vs maps already in memory (target <= 5%);
 - inference: built-in maps (one forward) vs the baseline forward (target <= 2.5x) and vs post-hoc
   shap.DeepExplainer with a background of 100 on the same model (target >= 100x).
+- with ``--decoders paper,unet,unet_input,additive`` (``impactx.decoder``; ``--per-class``,
+  ``--map-loss`` and ``--faith-weight`` as the config options of the same names): for each decoder,
+  the built-in maps' forward vs the baseline forward and the IMPACTX training step vs the baseline
+  step, side by side at batch 64, and the decoder's multiply-adds per image (``decoders`` in the JSON).
 Writes bench/results/impactx.json atomically and prints a table.
 
     python bench/bench_impactx.py [--models lenet5,mobilenet] [--repeats 5] [--threads N] [--posthoc-models lenet5,mobilenet]
+    python bench/bench_impactx.py --models lenet5 --decoders paper,unet,unet_input,additive [--per-class] [--map-loss pearson] [--faith-weight 0.1] --out bench/results/impactx_decoders.json
 """
 
 from __future__ import annotations
@@ -223,6 +228,81 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path, posthoc: b
     return out
 
 
+def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool = False, map_loss: str = "mse",
+                   faith_weight: float = 0.0) -> list[dict]:
+    """Per decoder: built-in maps (one forward) / baseline forward, IMPACTX step / baseline step, MACs."""
+    torch.manual_seed(0)
+    xb, yb = torch.randn(B, C, SIZE, SIZE), torch.randint(0, K, (B,))
+    maps_b = torch.randn(B, 1, SIZE, SIZE)
+    base = build_model(name, C, K, SIZE)
+    opt_b = torch.optim.Adam(base.parameters(), 1e-3)
+
+    def base_step():
+        base.train()
+        opt_b.zero_grad(set_to_none=True)
+        F.cross_entropy(base(xb), yb).backward()
+        opt_b.step()
+
+    base.eval()
+    with torch.no_grad():
+        t_fwd = timed(lambda: base(xb), repeats)
+    t_base_step = timed(base_step, repeats)
+    rows = []
+    from teachx.models.decoders import DECODERS
+
+    for decoder in decoders:
+        if per_class and not DECODERS.get(decoder).supports_per_class:
+            print(f"{name}: decoder {decoder} makes one map only; skipped with --per-class")
+            continue
+        torch.manual_seed(0)
+        imp = build_impactx(name, C, K, (SIZE, SIZE), decoder=decoder, per_class=per_class)
+        opt_i = torch.optim.Adam([p for p in imp.parameters() if p.requires_grad], 1e-3)
+
+        class _Source:  # in-memory maps; the explained class is the label
+            def __call__(self, idx):
+                return maps_b[idx]
+
+            def classes_for(self, idx):
+                return yb[idx]
+
+        task = ImpactxTask(imp, _Source(), 1.0, map_loss=map_loss, faith_weight=faith_weight)
+        idx = torch.arange(B)
+
+        def imp_step():
+            imp.train()
+            opt_i.zero_grad(set_to_none=True)
+            loss, _, _ = task.loss(xb, yb, task.maps_for(idx))
+            loss.backward()
+            opt_i.step()
+
+        t_step = timed(imp_step, repeats)
+        imp.eval()
+        with torch.no_grad():
+            t_builtin = timed(lambda: imp.forward_all(xb), repeats)
+        macs_builtin = macs_per_image(_BuiltInPath(imp), xb)
+        macs_lep = macs_per_image(_Features(imp.lep), xb)
+        rows.append({
+            "model": name, "decoder": decoder, "per_class": per_class, "map_loss": map_loss, "faith_weight": faith_weight,
+            "batch": B, "baseline_forward_s": t_fwd, "builtin_maps_forward_s": t_builtin,
+            "ratio_builtin_maps_to_forward": t_builtin / t_fwd,
+            "baseline_step_s": t_base_step, "impactx_step_s": t_step, "ratio_impactx_step_to_baseline": t_step / t_base_step,
+            "macs_per_image": {"baseline": macs_per_image(base, xb), "decoder": macs_builtin - macs_lep},
+            "decoder_parameters": sum(p.numel() for p in imp.decoder.parameters()),
+        })
+    return rows
+
+
+class _BuiltInPath(torch.nn.Module):
+    """LEP + decoder (the built-in map path without M and C), for the MAC count."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.all_maps(x)
+
+
 class _Features(torch.nn.Module):
     """A backbone's feature extractor as a module (for the MAC count)."""
 
@@ -254,10 +334,26 @@ def main() -> None:
     ap.add_argument("--posthoc-models", default="lenet5,mobilenet",
                     help="models also timed with post-hoc shap.DeepExplainer (minutes per image on large nets)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "impactx.json"))
+    ap.add_argument("--decoders", default=None,
+                    help="time these map decoders (impactx.decoder) against the baseline instead of the default benchmark")
+    ap.add_argument("--per-class", action="store_true", help="with --decoders: one map per class (impactx.per_class)")
+    ap.add_argument("--map-loss", default="mse", help="with --decoders: impactx.map_loss of the timed step")
+    ap.add_argument("--faith-weight", type=float, default=0.0, help="with --decoders: impactx.faith_weight of the timed step")
     args = ap.parse_args()
     malloc_tuned = tune_cpu_allocator()  # as the CLI, Trainer and map stores do: the speed users get
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decoders:
+        rows = []
+        for name in args.models.split(","):
+            rows += bench_decoders(name, args.decoders.split(","), args.repeats, args.per_class, args.map_loss, args.faith_weight)
+        for r in rows:
+            print(f"{r['model']:10s} {r['decoder']:11s} built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward | "
+                  f"step {r['ratio_impactx_step_to_baseline']:.2f}x baseline | decoder MACs "
+                  f"{r['macs_per_image']['decoder'] / r['macs_per_image']['baseline']:.2f}x the baseline model's")
+        write_json_atomic(args.out, {"benchmark": "impactx_decoders", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                     "malloc_tuned": malloc_tuned, "decoders": rows})
+        return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

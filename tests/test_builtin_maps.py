@@ -1,0 +1,386 @@
+"""Built-in maps beyond the paper (issue 12): feature pyramids of every backbone, the decoder
+registry, per-class maps, map losses, the faithfulness term and the map_quality faithfulness block.
+
+Kept small (tiny inputs, batch 1-4, one short pipeline run on 200 bundled images).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from teachx.errors import ConfigError
+from teachx.models import adapt, build_model
+from teachx.models.decoders import DECODERS, AdditiveDecoder
+from teachx.models.impactx import build_impactx, impactx_from_spec
+from teachx.training.impactx import ImpactxTask, MapSource, SelfFaithfulness
+from teachx.training.map_losses import MAP_LOSSES, MapLoss, rank_loss
+
+
+class UserNet(nn.Module):
+    """A plain user module (two resolutions) for the adapter."""
+
+    def __init__(self, in_channels: int = 3, classes: int = 5):
+        super().__init__()
+        self.c1 = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.r1 = nn.ReLU()
+        self.p1 = nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.r2 = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.pool(self.r2(self.c2(self.p1(self.r1(self.c1(x))))))))
+
+
+BACKBONES = [
+    ("lenet5", {}, 1, (28, 28)),
+    ("lenet5", {}, 3, (32, 32)),
+    ("mobilenet", {"alpha": 0.25}, 3, (32, 32)),
+    ("mobilenet", {"alpha": 0.25, "small_input": False}, 3, (33, 40)),
+    ("efficientnet_b0", {}, 3, (32, 32)),
+    ("efficientnet_b2", {}, 3, (32, 32)),
+    ("resnet18", {}, 3, (32, 32)),
+    ("resnet_cifar", {"depth": 8}, 3, (30, 32)),
+]
+
+
+def _first_conv(module: nn.Module) -> nn.Module:
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("name, options, ch, size", BACKBONES)
+def test_feature_pyramid_shapes_without_running_and_one_pass(name, options, ch, size):
+    torch.manual_seed(0)
+    model = build_model(name, ch, 5, size, **options).eval()
+    expected = model.pyramid_shapes(size)  # computed, not run
+    assert [c for c, _, _ in expected] == list(model.pyramid_channels)
+    calls = []
+    handle = _first_conv(model).register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(1, ch, *size)
+    with torch.no_grad():
+        feats, pyramid = model.features_with_pyramid(x)
+    handle.remove()
+    assert len(calls) == 1  # one pass for the vector and the pyramid
+    assert [tuple(p.shape[1:]) for p in pyramid] == [tuple(s) for s in expected]
+    areas = [h * w for _, h, w in expected]
+    assert areas == sorted(areas, reverse=True) and len(set(areas)) == len(areas)  # high -> low resolution
+    with torch.no_grad():
+        torch.testing.assert_close(feats, model.features(x))
+        assert [tuple(p.shape) for p in model.feature_pyramid(x)] == [tuple(p.shape) for p in pyramid]
+
+
+def test_adapter_pyramid_by_hooks():
+    torch.manual_seed(0)
+    b = adapt(UserNet())
+    assert b.pyramid_shapes((16, 16)) == [(8, 16, 16), (16, 8, 8)]  # default: last conv per resolution
+    assert b.pyramid_layer_names == ["c1", "c2"]
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    handle = b.module.c1.register_forward_hook(lambda *a: calls.append(1))
+    feats, pyramid = b.features_with_pyramid(x)
+    handle.remove()
+    assert len(calls) == 1 and not b.module.c1._forward_hooks  # one pass, no hook left behind
+    torch.testing.assert_close(feats, b.features(x))
+    torch.testing.assert_close(pyramid[1], b.module.c2(b.module.p1(b.module.r1(b.module.c1(x)))))
+    named = adapt(UserNet(), pyramid_layers=["r1", "r2"])
+    assert named.pyramid_shapes((16, 16)) == [(8, 16, 16), (16, 8, 8)]
+    with pytest.raises(ConfigError, match="not a submodule"):
+        adapt(UserNet(), pyramid_layers=["nope"])
+
+
+DECODER_CASES = [(d, pc) for d in ("paper", "unet", "unet_input", "additive") for pc in (False, True) if not (d == "paper" and pc)]
+
+
+@pytest.mark.parametrize("decoder, per_class", DECODER_CASES)
+@pytest.mark.parametrize("backbone, options, ch, size", [("lenet5", {}, 1, (28, 28)), ("resnet_cifar", {"depth": 8}, 3, (32, 32))])
+def test_decoder_shapes_and_one_forward(decoder, per_class, backbone, options, ch, size):
+    torch.manual_seed(0)
+    k = 4
+    m = build_impactx(backbone, ch, k, size, backbone_options=options, decoder=decoder, per_class=per_class).eval()
+    x = torch.randn(3, ch, *size)
+    counts = {"m": 0, "lep": 0}
+    hooks = [_first_conv(m.m).register_forward_hook(lambda *a: counts.__setitem__("m", counts["m"] + 1)),
+             _first_conv(m.lep).register_forward_hook(lambda *a: counts.__setitem__("lep", counts["lep"] + 1))]
+    with torch.no_grad():
+        logits, maps = m.forward_all(x)
+    assert counts == {"m": 1, "lep": 1}  # built-in maps: one forward pass of each branch
+    counts.update(m=0, lep=0)
+    explained = m.explain(x)
+    assert counts == ({"m": 1, "lep": 1} if per_class else {"m": 0, "lep": 1})
+    for h in hooks:
+        h.remove()
+    assert logits.shape == (3, k) and maps.shape == (3, 1, *size) and explained.shape == maps.shape
+    torch.testing.assert_close(explained, maps)
+    assert m.all_maps(x).shape == (3, k if per_class else 1, 1, *size)
+    torch.testing.assert_close(m(x), logits)  # forward (post-hoc teachers' view) is the same classifier
+
+
+def test_decoders_on_adapted_lep_and_per_channel_maps():
+    torch.manual_seed(0)
+    from teachx.models.impactx import ImpactX
+
+    for decoder in ("unet", "unet_input", "additive"):
+        model = ImpactX(adapt(UserNet()), adapt(UserNet()), 5, (16, 16), map_channels=3, decoder=decoder, per_class=True).eval()
+        x = torch.randn(2, 3, 16, 16)
+        assert model.all_maps(x).shape == (2, 5, 3, 16, 16)
+        assert model.explain(x, target=torch.tensor([1, 2])).shape == (2, 3, 16, 16)
+
+
+def test_registry_and_bad_decoder_name():
+    assert {"paper", "unet", "unet_input", "additive"} <= set(DECODERS.names())
+    with pytest.raises(ConfigError, match="did you mean 'unet'"):
+        build_impactx("lenet5", 1, 10, (28, 28), decoder="unett")
+    with pytest.raises(ConfigError, match="per_class"):
+        build_impactx("lenet5", 1, 10, (28, 28), per_class=True)  # the paper decoder makes one map
+
+
+def test_per_class_selection_and_loss_reads_the_explained_class():
+    torch.manual_seed(0)
+    m = build_impactx("lenet5", 1, 4, (28, 28), decoder="unet", per_class=True).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        every = m.all_maps(x)  # (3, 4, 1, H, W)
+        logits = m(x)
+    target = torch.tensor([2, 0, 3])
+    torch.testing.assert_close(m.explain(x, target=target), torch.stack([every[0, 2], every[1, 0], every[2, 3]]))
+    torch.testing.assert_close(m.explain(x, target=torch.tensor(1)), every[:, 1])  # one class for all
+    pred = logits.argmax(1)
+    torch.testing.assert_close(m.explain(x), every[torch.arange(3), pred])  # default: predicted class
+    torch.testing.assert_close(m.forward_all(x)[1], every[torch.arange(3), pred])
+
+    # the loss uses the map of the class each target map explains (the source's classes, not y)
+    maps = torch.randn(3, 1, 28, 28)
+
+    class Source:
+        def __call__(self, idx):
+            return maps[idx]
+
+        def classes_for(self, idx):
+            return target[idx]
+
+    y = torch.tensor([1, 1, 1])
+    task = ImpactxTask(m, Source(), lam=0.7)
+    idx = torch.arange(3)
+    batch_maps = task.maps_for(idx)
+    loss, _, logs = task.loss(x, y, batch_maps)
+    chosen = torch.stack([every[0, 2], every[1, 0], every[2, 3]])
+    hand = F.cross_entropy(logits, y) + 0.7 * ((chosen - maps) ** 2).mean()
+    torch.testing.assert_close(loss, hand, rtol=1e-5, atol=1e-6)
+    assert "map_mse" in logs
+    # without classes from the source the label is the explained class
+    loss_y, _, _ = ImpactxTask(m, Source(), lam=0.7).loss(x, y, maps)
+    torch.testing.assert_close(loss_y, F.cross_entropy(logits, y) + 0.7 * ((every[:, 1] - maps) ** 2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_map_source_classes_follow_shuffled_maps(tmp_path):
+    from teachx.teachers.store import fill_store, open_store
+
+    n = 10
+    store = open_store(tmp_path, {"t": 1}, n, (1, 2, 2), log=lambda s: None)
+    fill_store(store, np.arange(n), lambda i: torch.zeros(len(i), 1, 2, 2), 5, progress=False)
+    classes = np.arange(n) % 3
+    idx = torch.arange(2, n)
+    teacher = MapSource(store, "teacher", np.arange(2, n), 0, classes=classes)
+    assert teacher.classes_for(idx).tolist() == classes[2:].tolist()
+    sh = MapSource(store, "shuffled", np.arange(2, n), 0, classes=classes)
+    assert sh.classes_for(idx).tolist() == classes[sh.perm[2:]].tolist()  # a shuffled map keeps its class
+    assert MapSource(store, "teacher", np.arange(n), 0).classes_for(idx) is None
+
+
+# -- losses: each against a hand-computed case ---------------------------------------------------
+
+def test_losses_hand_computed():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    zero = torch.zeros_like(pred)
+    assert MapLoss("mse")(pred, zero).item() == pytest.approx((1 + 4 + 9 + 16) / 4)
+    # Pearson: r = 1 and r = -1 -> losses 0 and 2, mean 1; one-hot maps at different pixels: r = -1/3
+    up = torch.tensor([1.0, 2, 3, 4]).view(1, 1, 2, 2)
+    both = torch.cat([up, up])
+    targets = torch.cat([2 * up + 5, -up])
+    assert MapLoss("pearson")(both, targets).item() == pytest.approx(1.0, abs=1e-6)
+    a = torch.tensor([1.0, 0, 0, 0]).view(1, 1, 2, 2)
+    b = torch.tensor([0.0, 1, 0, 0]).view(1, 1, 2, 2)
+    assert MapLoss("pearson")(a, b).item() == pytest.approx(1 + 1 / 3, abs=1e-6)
+    # standardised target [1, 2, 3, 4] -> z with mean 0 and mean square 1: zeros -> 1, ones -> 1 + 1
+    assert MapLoss("standardized_mse")(zero, up).item() == pytest.approx(1.0, abs=1e-5)
+    assert MapLoss("standardized_mse")(torch.ones_like(up), up).item() == pytest.approx(2.0, abs=1e-5)
+    # pooling by 2 on a 4x4 map: block means [[2.5, 4.5], [10.5, 12.5]]
+    big = torch.arange(16.0).view(1, 1, 4, 4)
+    assert MapLoss("mse", pool=2)(big, torch.zeros_like(big)).item() == pytest.approx((2.5**2 + 4.5**2 + 10.5**2 + 12.5**2) / 4)
+    assert MapLoss("pearson", pool=2)(big, big * 3).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rank_loss_hand_computed():
+    p = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(1, 1, 2, 2)
+    t = torch.tensor([0.0, 1.0, 1.0, 3.0]).view(1, 1, 2, 2)
+    i, j = torch.tensor([[0, 3, 1]]), torch.tensor([[1, 0, 2]])  # pairs (0,1), (3,0) and a tie (1,2)
+    z = (torch.tensor([0.0, 1, 2, 3]) - 1.5) / math.sqrt(1.25)
+    softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    # (0,1): t0 < t1 -> softplus(z0 - z1); (3,0): t3 > t0 -> softplus(-(z3 - z0)); the tie is left out
+    hand = (softplus(float(z[0] - z[1])) + softplus(-float(z[3] - z[0]))) / 2
+    assert rank_loss(p, t, pairs=(i, j)).item() == pytest.approx(hand, rel=1e-5)
+    # scale-free in the prediction, and reversing the order costs more
+    assert rank_loss(10 * p + 3, t, pairs=(i, j)).item() == pytest.approx(hand, rel=1e-4)
+    assert rank_loss(-p, t, pairs=(i, j)).item() > hand
+    torch.manual_seed(0)
+    assert MapLoss("rank")(p, t).item() > 0  # sampled pairs
+
+
+def test_loss_registry_and_bad_pool():
+    assert {"mse", "pearson", "standardized_mse", "rank"} <= set(MAP_LOSSES.names())
+    with pytest.raises(ConfigError, match="did you mean 'pearson'"):
+        MapLoss("pearsn")
+    with pytest.raises(ConfigError, match="map_target_pool"):
+        MapLoss("mse", pool=0)
+
+
+# -- additive form ---------------------------------------------------------------------------------
+
+def test_additive_form_is_sum_of_x_minus_reference_times_g():
+    torch.manual_seed(0)
+    pyramid_shapes = [(4, 4, 4), (6, 2, 2)]
+    dec = AdditiveDecoder(8, pyramid_shapes, (4, 4), in_channels=2, out_channels=1, width=8, classes=3, reference=(0.5,))
+    z = torch.randn(2, 8)
+    pyramid = [torch.randn(2, 4, 4, 4), torch.randn(2, 6, 2, 2)]
+    x = torch.randn(2, 2, 4, 4)
+    g = dec.multipliers(z, pyramid, x)  # (2, 3, 2, 4, 4)
+    hand = torch.zeros(2, 3, 4, 4)
+    for b in range(2):
+        for k in range(3):
+            for c in range(2):
+                hand[b, k] += (x[b, c] - 0.5) * g[b, k, c]
+    torch.testing.assert_close(dec(z, pyramid, x), hand)
+    # at the reference the map is exactly zero; per-channel maps keep the channels apart
+    assert dec(z, pyramid, torch.full_like(x, 0.5)).abs().max().item() == 0.0
+    per_ch = AdditiveDecoder(8, pyramid_shapes, (4, 4), in_channels=2, out_channels=2, width=8, reference=(0.0, 1.0))
+    g1 = per_ch.multipliers(z, pyramid, x)[:, 0]
+    torch.testing.assert_close(per_ch(z, pyramid, x), torch.stack([x[:, 0] * g1[:, 0], (x[:, 1] - 1.0) * g1[:, 1]], 1))
+
+
+# -- faithfulness term -------------------------------------------------------------------------------
+
+def test_self_faithfulness_term():
+    torch.manual_seed(0)
+    term = SelfFaithfulness(patch=4, samples=2)
+    masks = term._masks(5, 16, torch.device("cpu"))
+    assert masks.shape == (2, 5, 16)
+    torch.testing.assert_close(masks[1], 1 - masks[0])  # paired: complements
+    sizes = masks[0].sum(1)
+    assert ((sizes >= 1) & (sizes <= 15)).all()
+    m = build_impactx("lenet5", 1, 4, (16, 16), decoder="unet", per_class=True)
+    x, target = torch.randn(3, 1, 16, 16), torch.tensor([0, 1, 2])
+    _, maps = m.forward_all(x, target=target)
+    torch.manual_seed(1)
+    loss = term(m, x, maps, target)
+    torch.manual_seed(1)
+    assert term(m, x, maps * 7.0, target).item() == pytest.approx(loss.item(), rel=1e-4)  # scale-free
+    assert 0 <= loss.item() <= 1.0 + 1e-6
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.decoder.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.m.parameters())  # the model is explained, not trained, by it
+    task = ImpactxTask(m, None, lam=0.0, faith_weight=0.5)
+    total, _, logs = task.loss(x, target, None)
+    assert "faith" in logs and total.item() >= logs["ce"].item()
+
+
+def test_builtin_map_faithfulness_block():
+    from teachx.evaluation.builtin_maps import builtin_map_faithfulness
+
+    torch.manual_seed(0)
+    m = build_impactx("lenet5", 1, 4, (16, 16), decoder="unet").eval()
+    x = torch.randn(6, 1, 16, 16)
+    with torch.no_grad():
+        logits, maps = m.forward_all(x)
+    out = builtin_map_faithfulness(m, x, logits.argmax(1), maps, torch.zeros(1, 16, 16), post_hoc=maps.clone(), steps=4)
+    assert out["images"] == 6 and out["corr_self"] == pytest.approx(1.0)
+    auc = out["auc"]
+    assert set(auc) == {"pixel_flipping_morf", "pixel_flipping_lerf", "insertion"}
+    assert set(auc["pixel_flipping_morf"]) == {"built_in", "mean_map", "teacher_post_hoc", "random"}
+    assert auc["pixel_flipping_morf"]["built_in"] == pytest.approx(auc["pixel_flipping_morf"]["teacher_post_hoc"])
+    json.dumps(out)
+
+
+# -- checkpoints and config --------------------------------------------------------------------------
+
+def test_checkpoint_without_decoder_keys_still_loads(tmp_path):
+    from teachx.interfaces.explain import load_impactx
+    from teachx.training.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    m = build_impactx("lenet5", 3, 10, (32, 32)).eval()
+    # the paper decoder's parameters keep their names (checkpoints written before this change)
+    assert {k for k in m.state_dict() if k.startswith("decoder.")} == {
+        "decoder.fc.0.weight", "decoder.fc.0.bias", "decoder.up.1.weight", "decoder.up.1.bias",
+        "decoder.up.4.weight", "decoder.up.4.bias", "decoder.out.weight", "decoder.out.bias"}
+    old_spec = {k: v for k, v in m.spec.items() if k not in ("decoder", "per_class", "additive_reference")}
+    path = tmp_path / "old.safetensors"
+    save_checkpoint(path, {f"model.{k}": v for k, v in m.state_dict().items()},
+                    {"kind": "impactx", "model_spec": old_spec, "mean": [0.0] * 3, "std": [1.0] * 3})
+    loaded, _ = load_impactx(path)
+    assert loaded.decoder_name == "paper" and not loaded.per_class
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.explain(x), m.explain(x))
+    new = impactx_from_spec(build_impactx("lenet5", 3, 10, (32, 32), decoder="additive", per_class=True).spec)
+    assert new.decoder_name == "additive" and new.per_class
+
+
+def test_config_validation():
+    from teachx.interfaces.config import RunConfig
+    from teachx.utils.config import from_dict
+
+    cfg = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "rank", "map_target_pool": 2}})
+    assert cfg.impactx.decoder == "unet_input"
+    for bad, match in [({"impactx": {"decoder": "unet", "map_target_pool": 0}}, "map_target_pool"),
+                       ({"impactx": {"faith_weight": -1.0}}, "faith_weight"),
+                       ({"teacher": {"faith_images": -1}}, "faith_images"),
+                       ({"impactx": {"decoder": "unet", "per_class": True, "self_teach_every": 2}, "teacher": {"target": "predicted"}}, "target=label")]:
+        with pytest.raises(ConfigError, match=match):
+            from_dict(RunConfig, bad)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("impactx.decoder=unett", "did you mean 'unet'"),
+    ("impactx.per_class=true", "impactx.per_class=true needs a decoder"),
+    ("impactx.map_loss=pearsn", "did you mean 'pearson'"),
+])
+def test_bad_options_exit_2_via_cli(override, fragment, capsys):
+    from teachx.interfaces.cli import main  # the `teachx` entry point, in-process (a subprocess costs seconds here)
+
+    with pytest.raises(SystemExit) as exc:
+        main(["config", override])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("teachx: error:") and fragment in err, err
+
+
+# -- the pipeline: per-class unet_input maps with a scale-free loss and the faithfulness term ----------
+
+def test_pipeline_records_builtin_map_faithfulness(tmp_path, monkeypatch):
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.pipeline import run_pipeline
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_config(overrides=[
+        "data.train_size=200", "train.epochs=1", "train.batch_size=50", "train.progress=false", "teacher.method=lrp",
+        "teacher.eval_images=40", "teacher.faith_images=12", "impactx.decoder=unet_input", "impactx.per_class=true",
+        "impactx.map_loss=pearson", "impactx.map_target_pool=2", "impactx.faith_weight=0.1", "impactx.decoder_width=8",
+    ])
+    out = run_pipeline(cfg, tmp_path / "run", log=lambda s: None, progress=False, figures=False)
+    q = out.results["map_quality"]
+    assert q["images"] == 40 and -1 <= q["corr"] <= 1
+    f = q["faithfulness"]
+    assert f["images"] == 12 and f["target"] == "predicted" and "errors" not in f, f
+    for metric in ("pixel_flipping_morf", "pixel_flipping_lerf", "insertion"):
+        assert set(f["auc"][metric]) == {"built_in", "teacher_post_hoc", "mean_map", "random"}
+    assert -1 <= f["corr_self"] <= 1 and -1 <= f["corr_self_mean_map"] <= 1
+    history = json.loads((tmp_path / "run" / "impactx" / "history.json").read_text())
+    assert "train_map_pearson" in history[0] and "train_faith" in history[0]
