@@ -12,6 +12,8 @@ import click
 from teachx.errors import ConfigError, TeachxError
 
 NPROC_HELP = "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
+REDO_HELP = ("Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
+             "redoing the teacher also redoes IMPACTX, which learnt from its maps.")
 
 EPILOG = """\b
 Examples:
@@ -106,11 +108,12 @@ def config_cmd(args: tuple[str, ...]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory made with another config.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int]) -> None:
+@click.option("--redo", type=click.Choice(["train"]), multiple=True, help="Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).")
+def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
     """Train a baseline classifier: teachx train [CONFIG] [KEY=VALUE ...] --out DIR."""
     from teachx.interfaces.config import resolve_config
     from teachx.interfaces.launch import echo0
-    from teachx.interfaces.pipeline import data_summary, log_data, make_plan, prepare_run_dir, train_classifier
+    from teachx.interfaces.pipeline import data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages, train_classifier
     from teachx.training import distributed as dist_utils
     from teachx.utils.io import write_json_atomic
 
@@ -119,11 +122,13 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
     _, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
     run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "train", overwrite)
+    dist_utils.on_main(redo_stages, run_dir, cfg, redo, echo0)
     log_data(plan, cfg, echo0)  # what is trained on, augmentation included, and the dataset's notices
     t0 = time.perf_counter()
-    rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0)
+    with redo_hint(run_dir, "train"):  # a damaged checkpoint or record: "re-run ... with --redo train"
+        rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0)
     record = data_summary(plan, cfg) | {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0}
-    dist_utils.on_main(write_json_atomic, run_dir / "results.json", record)
+    dist_utils.on_main(write_json_atomic, run_dir / "results.json", record, digest=True)
     echo0(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {rec['checkpoint']}")
     dist_utils.shutdown()
 
@@ -134,7 +139,8 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory made with another config.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int]) -> None:
+@click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx"]), multiple=True, help=REDO_HELP)
+def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
     """Baseline -> teacher maps -> IMPACTX -> test: teachx run CONFIG [KEY=VALUE ...] --out DIR."""
     from teachx.interfaces.config import resolve_config
 
@@ -142,7 +148,7 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
     if path is None:
         raise ConfigError("teachx run needs a CONFIG file (see configs/); e.g. teachx run configs/cifar10-lenet5.yaml --out runs/x")
     cfg = resolve_config(path, overrides)
-    _pipeline_command(cfg, out, "run", overwrite, quiet, nproc)
+    _pipeline_command(cfg, out, "run", overwrite, quiet, nproc, redo)
 
 
 @cli.command()
@@ -150,8 +156,9 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo directory made with another config.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
+@click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx"]), multiple=True, help=REDO_HELP)
 @click.argument("overrides", nargs=-1)
-def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], overrides: tuple[str, ...]) -> None:
+def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """The bundled dataset, LeNet-5 and a SHAP teacher: baseline vs IMPACTX in a few minutes."""
     from importlib.resources import files
 
@@ -159,7 +166,7 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], overrides
 
     cfg_path = str(files("teachx") / "configs" / "demo.yaml")
     cfg = resolve_config(cfg_path, list(overrides))
-    _pipeline_command(cfg, out, "demo", overwrite, quiet, nproc)
+    _pipeline_command(cfg, out, "demo", overwrite, quiet, nproc, redo)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -186,15 +193,16 @@ def _join_processes(cfg, nproc: Optional[int], quiet: bool) -> tuple[bool, bool]
     return is_main, quiet
 
 
-def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool, nproc: Optional[int]) -> None:
+def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...] = ()) -> None:
     """`teachx run` and `teachx demo`: the whole pipeline in one run directory, then its summary."""
     from teachx.interfaces.launch import echo0
-    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
+    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, redo_stages, run_pipeline
     from teachx.training import distributed as dist_utils
 
     is_main, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
     run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, command, overwrite)
+    dist_utils.on_main(redo_stages, run_dir, cfg, redo, echo0)
     res = run_pipeline(cfg, run_dir, echo0, progress=not quiet, plan=plan).results
     if is_main:
         _print_summary(res, run_dir)

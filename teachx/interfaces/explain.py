@@ -16,8 +16,10 @@ from teachx.utils.seeding import choose_device
 
 
 def load_impactx(path: str | Path) -> tuple[ImpactX, dict]:
-    """Rebuild an IMPACTX model and its metadata from a checkpoint."""
-    ck = load_checkpoint(path)
+    """Rebuild an IMPACTX model and its metadata from a checkpoint (verified against its digest)."""
+    from teachx.interfaces.pipeline import load_checkpoint_verified
+
+    ck = load_checkpoint_verified(path)  # a damaged file inside a run: the error says which stage to --redo
     spec = ck.meta.get("model_spec") or {}
     if ck.meta.get("kind") != "impactx" or spec.get("name") != "impactx":
         raise CheckpointError(

@@ -7,6 +7,7 @@ checkpoint, map generation from its store's done-mask).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, replace
@@ -20,7 +21,7 @@ from teachx.data import load_dataset
 from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
 from teachx.data.transforms import Augment, normalize
-from teachx.errors import ConfigError, RunDirError
+from teachx.errors import ConfigError, CorruptionError, RunDirError
 from teachx.interfaces.config import RunConfig
 from teachx.models import build_model
 from teachx.models.impactx import ImpactX, build_impactx
@@ -33,7 +34,7 @@ from teachx.training.impactx import ImpactxTask, MapSource
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
 from teachx.utils.config import dump_yaml, from_dict, set_dotted
 from teachx.utils.hashing import hash_json, hash_state_dict
-from teachx.utils.io import write_json_atomic, write_text_atomic
+from teachx.utils.io import read_trusted_json, write_json_atomic, write_text_atomic
 from teachx.utils.locking import file_lock
 from teachx.utils.seeding import choose_device, seed_everything
 
@@ -74,14 +75,158 @@ def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, command: str, overwrite
     return run_dir
 
 
-def stage_done(stage_dir: Path) -> Optional[dict[str, Any]]:
-    p = stage_dir / "stage.json"
-    if p.exists():
-        try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:
-            return None
+def stage_done(stage_dir: Path, fix: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The stage's record when it is complete, verified against its digest (None: not complete).
+
+    A damaged record is a :class:`CorruptionError` with ``fix`` as the way forward (default:
+    :func:`stage_fix`); ``run_pipeline`` turns it into ``--redo STAGE``.
+    """
+    p = Path(stage_dir) / "stage.json"
+    if not p.exists():
+        return None
+    return read_trusted_json(p, fix or stage_fix(stage_dir), "stage record")
+
+
+def stage_fix(stage_dir: Path) -> str:
+    """The way forward for a damaged file of a stage: --redo in a run directory, deleting a study
+    unit, else deleting the stage directory (so that it is trained again)."""
+    return run_dir_fix(Path(stage_dir) / "stage.json") or f"delete '{stage_dir}' and run again (that stage is trained again)"
+
+
+@contextlib.contextmanager
+def _stage_fixes(stage_dir: Path):
+    """A damaged file of ``stage_dir`` (e.g. the checkpoint a resume reads) names :func:`stage_fix`."""
+    try:
+        yield
+    except CorruptionError as err:
+        inside = err.path and Path(stage_dir).resolve() in Path(err.path).resolve().parents
+        if not inside:
+            raise
+        raise err.with_fix(stage_fix(stage_dir)) from None
+
+
+# -- corrupted files inside a run: the exact way forward ------------------------------------------
+
+#: the stages of `teachx run` / `teachx demo`, each a sub-directory of the run directory
+STAGES = ("baseline", "teacher", "impactx")
+#: what `teachx train` writes besides config.yaml (its single stage lives in the run directory itself)
+TRAIN_STAGE_FILES = ("stage.json", "checkpoints", "history.json", "results.json", "tensorboard")
+
+
+def redo_fix(stage: str) -> str:
+    return f"re-run the same command with --redo {stage}"
+
+
+def _stage_in(run_dir: Path, path: str | Path) -> Optional[str]:
+    """The stage of ``run_dir`` that holds ``path`` ('train' for a `teachx train` directory), or None."""
+    try:
+        rel = Path(path).resolve().relative_to(Path(run_dir).resolve())
+    except (ValueError, OSError):
+        return None
+    if len(rel.parts) > 1 and rel.parts[0] in STAGES:
+        return rel.parts[0]
+    if rel.parts and rel.parts[0] in TRAIN_STAGE_FILES and _run_command(run_dir) == "train":
+        return "train"
     return None
+
+
+def _run_command(run_dir: Path) -> Optional[str]:
+    """The teachx command that made ``run_dir`` (from its config.yaml), or None when it is not a run directory."""
+    try:
+        for line in (Path(run_dir) / "config.yaml").read_text().splitlines():
+            if line.startswith("command:"):
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        return None
+    return None
+
+
+def run_dir_fix(path: str | Path) -> Optional[str]:
+    """For a damaged file inside a teachx run directory or study unit: what exactly to re-run."""
+    for run_dir in list(Path(path).resolve().parents)[:4]:  # <run>/<stage>/self_maps/<store>/maps.npy at most
+        if (run_dir / "unit.json").is_file() and (run_dir.parent.parent / "study.yaml").is_file():
+            return unit_fix(run_dir)
+        command = _run_command(run_dir)
+        if command:
+            stage = _stage_in(run_dir, path)
+            return f"re-run the `teachx {command}` command that made '{run_dir}' with --redo {stage}" if stage else None
+    return None
+
+
+def unit_fix(unit_dir: Path) -> str:
+    """The way forward for a damaged file of a study unit: that unit is trained again."""
+    return f"delete the study unit '{unit_dir}' and re-run the same `teachx study` command (it trains that unit again)"
+
+
+def load_checkpoint_verified(path: str | Path) -> Any:
+    """:func:`load_checkpoint` for a checkpoint named by a user (e.g. `teachx explain`): when it is
+    damaged and lies in a run directory or study unit, the error names exactly what to re-run."""
+    try:
+        return load_checkpoint(path)
+    except CorruptionError as err:
+        fix = run_dir_fix(path)
+        if fix is None:
+            raise
+        raise err.with_fix(fix) from None
+
+
+@contextlib.contextmanager
+def redo_hint(run_dir: Path, stage: Optional[str] = None):
+    """A :class:`CorruptionError` of a file inside a stage of ``run_dir`` gets the exact way forward:
+    ``re-run the same command with --redo STAGE`` (``stage`` forces the name, e.g. 'train')."""
+    try:
+        yield
+    except CorruptionError as err:
+        found = _stage_in(run_dir, err.path) if err.path else None
+        if found is None and stage is not None and err.path and Path(run_dir).resolve() in Path(err.path).resolve().parents:
+            found = stage
+        if found is not None:
+            raise err.with_fix(redo_fix(found)) from None
+        other = run_dir_fix(err.path) if err.path else None  # e.g. teacher.checkpoint inside another run
+        if other:
+            raise err.with_fix(other) from None
+        raise
+
+
+def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ...], log: Callable[[str], None] = print) -> list[str]:
+    """``--redo``: discard the named stages of the run directory (teachx's own) and what was made from
+    them, so that the run trains them again; returns what was discarded.
+
+    IMPACTX learns from the teacher's maps, so redoing the teacher -- the baseline, unless the run has
+    a separate teacher or a ``teacher.checkpoint`` -- redoes IMPACTX too. Maps need no discarding: a
+    store is keyed by the teacher's weights, so new weights get new maps, and identical weights
+    (CPU training is deterministic) reuse the verified ones. ``results.json`` is written again at the end.
+    """
+    import shutil
+
+    stages = list(dict.fromkeys(stages))
+    if not stages:
+        return []
+    run_dir = Path(run_dir)
+    if stages == ["train"]:
+        targets = [run_dir / name for name in TRAIN_STAGE_FILES]
+    else:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"--redo {unknown[0]}: not a stage; the stages are {', '.join(STAGES)}")
+        teacher_is_baseline = not cfg.teacher.checkpoint and not separate_teacher(cfg)
+        if "teacher" in stages and (cfg.teacher.checkpoint or teacher_is_baseline):
+            why = "teacher.checkpoint is used as the teacher" if cfg.teacher.checkpoint else "the baseline is the teacher; use --redo baseline"
+            raise ConfigError(f"--redo teacher: this run has no teacher stage ({why})")
+        if "teacher" in stages or ("baseline" in stages and teacher_is_baseline):
+            stages.append("impactx")
+        targets = [run_dir / s for s in STAGES if s in stages] + [run_dir / "results.json"]
+    gone = []
+    for t in targets:
+        if t.is_dir():
+            shutil.rmtree(t)
+        elif t.exists():
+            t.unlink()
+        else:
+            continue
+        gone.append(t.name)
+    log(f"[redo] discarded {', '.join(gone) if gone else 'nothing (not there yet)'} in {run_dir}: trained again below")
+    return gone
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -169,8 +314,9 @@ def _fit_and_test(
     trainer: Trainer, task, plan: DataPlan, out_dir: Path, log: Callable[[str], None], extra: dict[str, Any]
 ) -> dict[str, Any]:
     """Train (resuming), reload the best checkpoint, test it, and write the stage record."""
-    res = trainer.fit(resume=True)
-    ck = load_checkpoint(res.best_path)
+    with _stage_fixes(out_dir):  # a damaged last checkpoint is refused, with the way forward
+        res = trainer.fit(resume=True)
+    ck = load_checkpoint(res.best_path, fix=stage_fix(out_dir))
     load_state_into(task.model, ck.group("model"), f"checkpoint '{res.best_path}'")
     ds = plan.dataset
     test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), trainer.cfg.eval_batch_size, trainer.device, shard=True)
@@ -185,7 +331,7 @@ def _fit_and_test(
         "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
         "history": res.history,
     }
-    dist_utils.on_main(write_json_atomic, out_dir / "stage.json", record)
+    dist_utils.on_main(write_json_atomic, out_dir / "stage.json", record, digest=True)
     log(f"[{out_dir.name}] test accuracy {test['acc']:.4f}")
     return record
 
@@ -194,7 +340,7 @@ def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
     """Rebuild a classifier from its checkpoint's spec and check it fits the dataset."""
     from teachx.models import build_from_spec
 
-    ck = load_checkpoint(path)
+    ck = load_checkpoint_verified(path)
     spec = ck.meta.get("model_spec")
     if not spec:
         raise ConfigError(f"checkpoint '{path}' has no model spec; use a checkpoint written by `teachx train`")
@@ -368,7 +514,6 @@ def train_impactx_stage(
         map_size=(ic.map_size, ic.map_size) if ic.map_size else None,
         map_channels=store.maps.shape[1] if store is not None else 1,
         decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden, decoder_scale=ic.decoder_scale,
-        decoder=ic.decoder, per_class=ic.per_class, additive_reference=ic.additive_reference,
     )
     if ic.m_init == "teacher":
         if teacher_model is None or type(teacher_model) is not type(model.m):
@@ -378,21 +523,12 @@ def train_impactx_stage(
             model.freeze_m()
     done = stage_done(out_dir)
     if done:
-        ck = load_checkpoint(done["checkpoint"])
+        ck = load_checkpoint(done["checkpoint"], fix=stage_fix(out_dir))
         load_state_into(model, ck.group("model"), f"checkpoint '{done['checkpoint']}'")
         log(f"[{out_dir.name}] complete, skipped (test acc {done['test_acc']:.4f})")
         return done, model.eval()
-    source = None
-    if store is not None and ic.lam > 0:
-        from teachx.interfaces.builtin_eval import explained_classes
-
-        classes = explained_classes(cfg, plan, teacher_model, "train", plan.train_idx, choose_device(cfg.device)) if ic.per_class else None
-        source = MapSource(store, ic.maps, plan.train_idx, cfg.seed, classes=classes)
-    from teachx.training.impactx import SelfFaithfulness
-    from teachx.training.map_losses import MapLoss
-
-    task = ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing, map_loss=MapLoss(ic.map_loss, ic.map_target_pool),
-                       faith_weight=ic.faith_weight, faith=SelfFaithfulness(ic.faith_patch, ic.faith_samples))
+    source = MapSource(store, ic.maps, plan.train_idx, cfg.seed) if (store is not None and ic.lam > 0) else None
+    task = ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing)
     hook = _self_teaching(cfg, plan, task, store, out_dir, log) if (ic.self_teach_every and source is not None) else None
     trainer = Trainer(
         task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device,
@@ -426,38 +562,23 @@ def map_quality(
     device: torch.device,
     batch_size: int = 256,
     indices: Optional[np.ndarray] = None,
-    *,
-    cfg: Optional[RunConfig] = None,
-    teacher_model: Optional[torch.nn.Module] = None,
 ) -> dict[str, float]:
     """Did IMPACTX learn per-image maps? R^2 against the mean training map, and correlations.
 
-    Computed on the test images ``indices`` (default: those the test store holds maps for). A
-    per-class model is compared through the map of the class each teacher map explains. With
-    ``cfg`` and ``teacher.faith_images > 0``, ``faithfulness`` holds the built-in maps' MoRF /
-    LeRF / insertion AUCs on the IMPACTX model itself next to the teacher method applied post hoc
-    to it, the mean map and random maps, and their agreement (``teachx.interfaces.builtin_eval``).
-    R^2 and MSE compare values, so they mean little for maps trained with a scale-free
-    ``impactx.map_loss`` (pearson, rank); the correlations do not depend on the scale.
+    Computed on the test images ``indices`` (default: those the test store holds maps for).
     """
     ds = plan.dataset
     if indices is None:
         indices = np.flatnonzero(np.asarray(test_store.done))
     indices = np.asarray(indices)
     n = len(indices)
-    classes = None  # the class each teacher map explains (per-class models, and the faithfulness block)
-    if getattr(model, "per_class", False) or (cfg is not None and cfg.teacher.faith_images > 0):
-        from teachx.interfaces.builtin_eval import explained_classes
-
-        classes = np.asarray(ds.test.labels) if cfg is None else explained_classes(cfg, plan, teacher_model, "test", indices, device)
     mean_map = train_store.mean_map(plan.train_idx)
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
     model = model.to(device).eval()
     for s in range(0, n, batch_size):
         idx = indices[s : s + batch_size]
         x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
-        which = None if classes is None else torch.from_numpy(np.asarray(classes)[idx]).to(device)
-        pred = model.explain(x, target=which).float().cpu()
+        pred = model.explain(x).float().cpu()
         target = test_store.read(idx)
         mm = mean_map.unsqueeze(0).expand_as(target)
         sums["mse"] += ((pred - target) ** 2).flatten(1).mean(1).sum().item()
@@ -468,10 +589,6 @@ def map_quality(
     out = {k: v / n for k, v in sums.items()}
     out["images"] = int(n)
     out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
-    if cfg is not None and cfg.teacher.faith_images > 0:
-        from teachx.interfaces.builtin_eval import faithfulness_block
-
-        out["faithfulness"] = faithfulness_block(cfg, plan, model, test_store, train_store, device, indices, classes)
     return out
 
 
@@ -498,7 +615,23 @@ def run_pipeline(
     figures: bool = True,
     plan: Optional[DataPlan] = None,
 ) -> RunOutputs:
-    """Baseline (teacher) -> maps -> IMPACTX -> test evaluation, all resumable."""
+    """Baseline (teacher) -> maps -> IMPACTX -> test evaluation, all resumable.
+
+    A damaged file of a stage (checkpoint, stage record, self-teaching maps) ends in one line
+    naming it and the way forward: ``--redo STAGE`` (see :func:`redo_stages`).
+    """
+    with redo_hint(run_dir):
+        return _run_pipeline(cfg, run_dir, log, progress, figures, plan)
+
+
+def _run_pipeline(
+    cfg: RunConfig,
+    run_dir: Path,
+    log: Callable[[str], None],
+    progress: bool,
+    figures: bool,
+    plan: Optional[DataPlan],
+) -> RunOutputs:
     t_run = time.perf_counter()
     stage_seconds: dict[str, float] = {}
     plan = plan or make_plan(cfg, progress=progress)
@@ -542,7 +675,7 @@ def run_pipeline(
     t0 = time.perf_counter()
     quality = None  # rank 0 alone evaluates and draws
     if train_store is not None and cfg.impactx.lam > 0:
-        quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)
+        quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device)
     if figures and test_store is not None and dist_utils.is_main():
         from teachx.reporting.figures import save_example_grid, save_training_curves
 
@@ -583,7 +716,7 @@ def run_pipeline(
     }
     if dist_utils.is_distributed():
         results["world_size"] = dist_utils.world_size()
-    dist_utils.on_main(write_json_atomic, run_dir / "results.json", results)
+    dist_utils.on_main(write_json_atomic, run_dir / "results.json", results, digest=True)
     return RunOutputs(results, run_dir)
 
 

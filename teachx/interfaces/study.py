@@ -39,7 +39,7 @@ from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.interfaces.config import RunConfig, check_names
 from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
 from teachx.utils.hashing import hash_json
-from teachx.utils.io import write_json_atomic, write_text_atomic
+from teachx.utils.io import read_trusted_json, write_json_atomic, write_text_atomic
 from teachx.utils.locking import Busy, file_lock
 
 BASELINE = "baseline"
@@ -383,9 +383,10 @@ class _Runner:
     def _cached_impactx(d: Path, eval_path: Path) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
         from teachx.interfaces.pipeline import stage_done
 
-        stage = stage_done(d)
+        stage = stage_done(d)  # verified against its digest, like the evaluation below
         if stage is not None and eval_path.exists():
-            return stage, json.loads(eval_path.read_text())
+            fix = f"delete '{eval_path}' and re-run the same `teachx study` command (it evaluates that unit again)"
+            return stage, read_trusted_json(eval_path, fix, "study unit evaluation")
         return None
 
     def _train_impactx(self, cfg: RunConfig, d: Path, eval_path: Path, base_key: str, teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -407,13 +408,13 @@ class _Runner:
         record, model = train_impactx_stage(cfg, plan, train_store, teacher_model, d, self.stage_log)
         timings["impactx"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ev: dict[str, Any] = {"map_quality": map_quality(model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)}
+        ev: dict[str, Any] = {"map_quality": map_quality(model, plan, test_store, train_store, device)}
         baseline = load_classifier(self.checkpoint(base_key), ds)
         ev.update(_evaluate_unit(cfg, self.spec.eval, plan, model, baseline, test_store, device, d))
         timings["evaluation"] = time.perf_counter() - t0
         ev["timings"] = timings
         ev["map_store"] = {"train": str(train_store.path), "test": str(test_store.path)}
-        write_json_atomic(eval_path, ev)
+        write_json_atomic(eval_path, ev, digest=True)
         return record, ev
 
     def _record(self, key: str, cfg: RunConfig, stage: dict[str, Any], ev: dict[str, Any], base_key: str, teacher_key: str) -> None:
@@ -612,7 +613,7 @@ def run_study(
     data["wall_seconds_this_invocation"] = time.perf_counter() - t_start
     data["elapsed"] = _elapsed(out, [k for by_seed in cells.values() for k in by_seed.values()])
     path = out / "study.json"
-    write_json_atomic(path, data)
+    write_json_atomic(path, data, digest=True)
     for line in summary_lines(data):
         log(line)
     return StudyResult(path, data, r.trained)
@@ -670,7 +671,6 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                 quality = [units[keys[s]].get("map_quality") for s in seeds]
                 if all(quality):
                     row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "r2_vs_mean_map")}
-                    row["map_quality"].update(_builtin_faith_summary([q.get("faithfulness") for q in quality]))
                 faith = [units[keys[s]].get("faithfulness") for s in seeds]
                 if all(faith):
                     row["faithfulness"] = _faith_summary(faith)
@@ -703,19 +703,6 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
             "with fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05 (smallest p = 2/2^n)",
         ],
     }
-
-
-def _builtin_faith_summary(blocks: list[Optional[dict[str, Any]]]) -> dict[str, Any]:
-    """map_quality's faithfulness blocks over seeds -> summaries keyed 'corr_self', 'pixel_flipping_morf.built_in', ..."""
-    if not blocks or not all(blocks):
-        return {}
-    flat = []
-    for b in blocks:
-        f = {k: b[k] for k in ("corr_self", "corr_self_mean_map", "corr_post_hoc_teacher") if b.get(k) is not None}
-        for metric, by_set in (b.get("auc") or {}).items():
-            f.update({f"{metric}.{name}": v for name, v in by_set.items() if v is not None})
-        flat.append(f)
-    return {k: summarize([f[k] for f in flat]).to_dict() for k in flat[0] if all(k in f for f in flat)}
 
 
 def _faith_summary(faith: list[dict[str, Any]]) -> dict[str, Any]:
