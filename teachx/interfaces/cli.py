@@ -51,6 +51,10 @@ from teachx.interfaces.cli_study import register as _register_study  # noqa: E40
 
 _register_study(cli)
 
+from teachx.interfaces.cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(cli)
+
 
 @cli.command()
 def datasets() -> None:

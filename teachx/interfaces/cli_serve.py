@@ -1,0 +1,116 @@
+"""`teachx serve`: the explanation viewer and JSON API over run and study directories.
+
+``register(cli)`` adds the command to the main click group (called from ``teachx.interfaces.cli``).
+The web stack (fastapi, uvicorn, python-multipart) is the optional extra ``teachx[serve]``;
+without it the command says so in one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Optional
+
+import click
+
+from teachx.errors import ConfigError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(serve)
+
+
+def _require_web_stack() -> None:
+    missing = []
+    for modules, dist in ((("fastapi",), "fastapi"), (("uvicorn",), "uvicorn"), (("python_multipart", "multipart"), "python-multipart")):
+        for module in modules:
+            try:
+                __import__(module)
+                break
+            except ImportError:
+                pass
+        else:
+            missing.append(dist)
+    if missing:
+        raise ConfigError(f"teachx serve needs {', '.join(missing)}, which are not installed: pip install 'teachx[serve]'")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: any free port), or a one-line error naming the fix."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port (0 picks a free one) or --host") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+@click.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback exposes your models and data to the network.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in a web browser.")
+@click.option("--precompute", is_flag=True, help="First fill the cache (predictions, built-in maps, teacher maps, pixel flipping, agreement) for every test image.")
+@click.option("--no-serve", is_flag=True, help="Exit after --precompute instead of serving.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache folder (default $TEACHX_CACHE/serve).")
+@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01), help="Largest accepted upload.")
+@click.option("--device", default="cpu", show_default=True, help="Device for the models (cpu, cuda, cuda:N).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, precompute: bool, no_serve: bool,
+          cache_dir: Optional[str], max_upload_mb: float, device: str, quiet: bool) -> None:
+    """Browse explanations of runs and studies: teachx serve RUN_OR_STUDY_DIR [DIR ...].
+
+    A page and a JSON API (/api/v1, schema at /openapi.json, docs at /docs): test images with
+    filters, each model's prediction, built-in map, teacher maps on demand, pixel-flipping
+    curves and agreement, uploads; every answer with its provenance. Serves 127.0.0.1 unless
+    --host says otherwise.
+    """
+    if no_serve and not precompute:
+        raise ConfigError("--no-serve only makes sense with --precompute")
+    if not no_serve:
+        _require_web_stack()
+    from teachx.service import Service
+
+    service = Service(list(dirs), cache_dir=cache_dir, device=device)
+    n_models = len(service.entries)
+    if n_models == 0:
+        raise ConfigError(f"no trained models found in {', '.join(dirs)}; train one with `teachx run` or `teachx demo` first")
+    for run in service.runs:
+        bad = [m for m in run.models if m.error]
+        click.echo(f"{run.kind} {run.id}: {run.path} ({len(run.models)} models" + (f", {len(bad)} with errors" if bad else "") + ")")
+        for m in bad:
+            click.echo(f"  {m.id}: {m.error}")
+    if precompute:
+        service.precompute(progress=not quiet, log=click.echo)
+    if no_serve:
+        return
+    import threading
+    import webbrowser
+
+    import uvicorn
+
+    from teachx.service.app import create_app
+
+    sock = _bind(host, port)
+    actual = sock.getsockname()[1]
+    allowed = list(LOOPBACK) if host in LOOPBACK else None
+    app = create_app(service, max_upload_bytes=int(max_upload_mb * 1024 * 1024), allowed_hosts=allowed)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{actual}/"
+    click.echo(f"teachx serve: {url} ({n_models} models; API docs {url}docs; Ctrl+C to stop)", nl=True)
+    if host not in LOOPBACK:
+        click.echo(f"warning: listening on {host}: anyone who can reach this machine can use the API", err=True)
+    if open_browser:
+        threading.Timer(1.0, lambda: webbrowser.open(url)).start()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

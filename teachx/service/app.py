@@ -1,0 +1,317 @@
+"""The web layer of `teachx serve`: a thin FastAPI app over :class:`teachx.service.engine.Service`.
+
+- ``/api/v1/...``: the JSON API (typed by :mod:`teachx.service.schemas`; schema at ``/openapi.json``,
+  browsable at ``/docs``); maps also as PNG and ``.npy`` with the provenance in the
+  ``X-Teachx-Provenance`` header;
+- ``/``: the page, and ``/static/...``: its files, served from this package's ``static`` folder
+  only (Starlette's ``StaticFiles`` refuses paths that resolve outside it).
+
+Bad input is a 4xx with a one-line ``detail``: unknown model, index or method 404; a model whose
+checkpoint or data cannot be used 409; a method that fails on a model 422; an upload over the size
+limit 413 (checked from ``Content-Length`` and while the body streams in); a file that is not an
+image 415. Anything else is a 500 with a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from teachx.errors import TeachxError
+from teachx.service import render
+from teachx.service.engine import SORT_KEYS, Service, ServiceError, teachx_version
+from teachx.service.schemas import (
+    ErrorResponse,
+    Health,
+    ImageDetail,
+    ImageList,
+    MapData,
+    MetricsResponse,
+    ModelInfo,
+    ModelsResponse,
+    RunsResponse,
+    TeachersResponse,
+    UploadResponse,
+)
+
+STATIC = Path(__file__).parent / "static"
+API = "/api/v1"
+DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024
+log = logging.getLogger("teachx.serve")
+
+ERRORS = {404: {"model": ErrorResponse, "description": "unknown model, image index or method"},
+          409: {"model": ErrorResponse, "description": "the model or its test data cannot be used (damaged checkpoint, missing dataset)"},
+          422: {"model": ErrorResponse, "description": "bad parameters, or the method failed on this model"}}
+
+CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+
+class _Guard:
+    """Pure ASGI middleware (no task groups, so errors keep their status):
+
+    - requests for a Host not in ``allowed_hosts`` (when given) get 400: a page on another site
+      that rebinds its DNS name to 127.0.0.1 cannot read this API;
+    - request bodies over ``max_bytes`` get 413, from ``Content-Length`` before anything is read,
+      or while a body without one streams in;
+    - every response gets security headers (a content security policy for the page, nosniff).
+    """
+
+    def __init__(self, app, max_bytes: int, allowed_hosts: Optional[list[str]] = None):
+        self.app, self.max_bytes, self.allowed_hosts = app, int(max_bytes), allowed_hosts
+
+    def _message(self) -> str:
+        return f"upload too large: the limit is {self.max_bytes / 1e6:.1f} MB (teachx serve --max-upload-mb)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", []))
+        if self.allowed_hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1")
+            name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name not in self.allowed_hosts:
+                return await JSONResponse({"detail": f"host '{host}' is not served here; open the URL teachx serve printed"},
+                                          status_code=400)(scope, receive, send)
+        try:
+            too_big = int(headers.get(b"content-length", b"0")) > self.max_bytes
+        except ValueError:
+            too_big = False
+        if too_big:
+            return await JSONResponse({"detail": self._message()}, status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, self._message())
+            return message
+
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                         (b"x-frame-options", b"DENY"), (b"content-security-policy", CSP.encode())]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        return await self.app(scope, counted, secured)
+
+
+def _prov_header(prov: dict) -> dict[str, str]:
+    return {"X-Teachx-Provenance": json.dumps(prov, ensure_ascii=True, separators=(",", ":"), default=str)}
+
+
+def _map_data(name: str, m: np.ndarray, prov: dict, png: bool = False) -> MapData:
+    finite = m[np.isfinite(m)]
+    return MapData(name=name, method=prov.get("method"), shape=list(m.shape), vmax=render.symmetric_vmax(m),
+                   min=float(finite.min()) if finite.size else None, max=float(finite.max()) if finite.size else None,
+                   values=[float(v) if np.isfinite(v) else None for v in m.astype(np.float64).ravel()],
+                   png=render.data_url(render.map_png(m)) if png else None, provenance=prov)
+
+
+def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, allowed_hosts: Optional[list[str]] = None) -> FastAPI:
+    """The app for ``service``; ``allowed_hosts`` (e.g. loopback names) guards against DNS rebinding."""
+    app = FastAPI(title="teachx serve", version=teachx_version(),
+                  description="Explanations of teachx runs and studies: predictions, built-in and teacher maps, "
+                              "faithfulness and agreement metrics, uploads; every answer with its provenance.")
+    app.state.service = service
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"nothing at '{request.url.path}'; the API lives under {API} (see /docs), the page at /"
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(TeachxError)
+    async def _teachx_error(_request: Request, exc: TeachxError):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, exc: Exception):
+        log.exception("teachx serve: internal error")
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server's log"}, status_code=500)
+
+    app.add_middleware(_Guard, max_bytes=max_upload_bytes, allowed_hosts=allowed_hosts)
+    app.mount("/static", StaticFiles(directory=STATIC, follow_symlink=False), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get(f"{API}/health", response_model=Health)
+    def health():
+        return Health(status="ok", teachx_version=teachx_version(), models=len(service.entries))
+
+    @app.get(f"{API}/runs", response_model=RunsResponse)
+    def runs():
+        """Every run and study directory served, with its models (config, test accuracy, errors)."""
+        return {"teachx_version": teachx_version(),
+                "runs": [{"id": r.id, "path": str(r.path), "kind": r.kind, "summary": r.summary, "error": r.error,
+                          "models": [service.model_info(m.id) for m in r.models]} for r in service.runs]}
+
+    @app.get(f"{API}/models", response_model=ModelsResponse)
+    def models():
+        return {"models": [service.model_info(mid) for mid in service.entries]}
+
+    @app.get(f"{API}/models/{{model_id}}", response_model=ModelInfo, responses=ERRORS)
+    def model(model_id: str):
+        """One model; loads it, so a damaged checkpoint shows up in ``error``."""
+        try:
+            service.loaded(model_id)
+        except ServiceError as exc:
+            if exc.status == 404:
+                raise
+        return service.model_info(model_id)
+
+    @app.get(f"{API}/teachers", response_model=TeachersResponse)
+    def teachers():
+        from teachx.teachers import TEACHERS
+
+        out = []
+        for name in TEACHERS.names():
+            doc = (TEACHERS.get(name).__doc__ or "").strip().splitlines()
+            out.append({"name": name, "description": doc[0] if doc else ""})
+        return {"methods": out, "map_names": ["built_in", "teacher", "difference"]}
+
+    def _list(model_id, label, predicted, correct, min_agreement, max_agreement, min_morf, max_morf, sort, order, offset, limit):
+        return service.list_images(model_id, label=label, predicted=predicted, correct=correct, min_agreement=min_agreement,
+                                   max_agreement=max_agreement, min_morf=min_morf, max_morf=max_morf, sort=sort, order=order,
+                                   offset=offset, limit=limit)
+
+    filters = dict(
+        label=Query(None, ge=0, description="true class index"),
+        predicted=Query(None, ge=0, description="predicted class index"),
+        correct=Query(None, description="true: correctly classified only; false: errors only"),
+        min_agreement=Query(None), max_agreement=Query(None), min_morf=Query(None), max_morf=Query(None),
+        sort=Query("index", description=f"one of {', '.join(SORT_KEYS)}"),
+        order=Query("asc", pattern="^(asc|desc)$"),
+        offset=Query(0, ge=0), limit=Query(100, ge=1, le=1000),
+    )
+
+    @app.get(f"{API}/models/{{model_id}}/images", response_model=ImageList, responses=ERRORS)
+    def images(model_id: str, label: Optional[int] = filters["label"], predicted: Optional[int] = filters["predicted"],
+               correct: Optional[bool] = filters["correct"], min_agreement: Optional[float] = filters["min_agreement"],
+               max_agreement: Optional[float] = filters["max_agreement"], min_morf: Optional[float] = filters["min_morf"],
+               max_morf: Optional[float] = filters["max_morf"], sort: str = filters["sort"], order: str = filters["order"],
+               offset: int = filters["offset"], limit: int = filters["limit"]):
+        """Test images with their prediction and cached metrics, filtered and sorted.
+
+        Agreement and MoRF filters and sorts use the images whose metrics are cached
+        (``coverage``); `teachx serve --precompute` fills them for the whole split.
+        """
+        return _list(model_id, label, predicted, correct, min_agreement, max_agreement, min_morf, max_morf, sort, order, offset, limit)
+
+    @app.get(f"{API}/models/{{model_id}}/images.csv", responses=ERRORS, response_class=Response)
+    def images_csv(model_id: str, label: Optional[int] = filters["label"], predicted: Optional[int] = filters["predicted"],
+                   correct: Optional[bool] = filters["correct"], min_agreement: Optional[float] = filters["min_agreement"],
+                   max_agreement: Optional[float] = filters["max_agreement"], min_morf: Optional[float] = filters["min_morf"],
+                   max_morf: Optional[float] = filters["max_morf"], sort: str = filters["sort"], order: str = filters["order"]):
+        """The same selection as CSV (all matching images), provenance in the header."""
+        res = _list(model_id, label, predicted, correct, min_agreement, max_agreement, min_morf, max_morf, sort, order, 0, 10**9)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        cols = ["index", "label", "predicted", "correct", "confidence", "true_prob", "agreement", "morf_auc"]
+        w.writerow(cols + ["label_name", "predicted_name"])
+        for it in res["items"]:
+            w.writerow([("" if it[c] is None else it[c]) for c in cols] + [res["class_names"][it["label"]], res["class_names"][it["predicted"]]])
+        return Response(buf.getvalue(), media_type="text/csv", headers={
+            **_prov_header(res["provenance"]), "Content-Disposition": f'attachment; filename="{model_id}-images.csv"'})
+
+    @app.get(f"{API}/models/{{model_id}}/images/{{index}}", response_model=ImageDetail, responses=ERRORS)
+    def image(model_id: str, index: int):
+        """One test image: prediction, class probabilities, which maps exist, cached metrics."""
+        return service.image(model_id, index)
+
+    @app.get(f"{API}/models/{{model_id}}/images/{{index}}/input.png", responses=ERRORS, response_class=Response)
+    def input_png(model_id: str, index: int, scale: int = Query(1, ge=1, le=16)):
+        img = service.input_image(model_id, index)
+        lm = service.loaded(model_id)
+        return Response(render.png_bytes(img, scale), media_type="image/png",
+                        headers={**_prov_header(service.provenance(lm, index=index)), "Cache-Control": "max-age=3600"})
+
+    map_name = PathParam(description="built_in | teacher (the run's method on this model) | difference (built_in - teacher) | a teacher method")
+
+    @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.png", responses=ERRORS, response_class=Response)
+    def map_png(model_id: str, index: int, name: str = map_name, scale: int = Query(1, ge=1, le=16),
+                vmax: Optional[float] = Query(None, gt=0, description="colour scale; default max |map|")):
+        """A map as a PNG, bwr colour map symmetric around 0."""
+        m, prov = service.map(model_id, index, name)
+        return Response(render.map_png(m, vmax, scale), media_type="image/png",
+                        headers={**_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))})
+
+    @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.npy", responses=ERRORS, response_class=Response)
+    def map_npy(model_id: str, index: int, name: str = map_name):
+        """A map as a float32 (C, H, W) ``.npy`` array (read with ``np.load(f, allow_pickle=False)``)."""
+        m, prov = service.map(model_id, index, name)
+        return Response(render.npy_bytes(m.astype(np.float32)), media_type="application/octet-stream", headers={
+            **_prov_header(prov), "Content-Disposition": f'attachment; filename="{model_id}-{index}-{name}.npy"'})
+
+    @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}", response_model=MapData, responses=ERRORS)
+    def map_json(model_id: str, index: int, name: str = map_name):
+        """A map as JSON: shape, symmetric scale and the row-major values."""
+        m, prov = service.map(model_id, index, name)
+        return _map_data(name, m, prov)
+
+    @app.get(f"{API}/models/{{model_id}}/images/{{index}}/metrics", response_model=MetricsResponse, responses=ERRORS)
+    def metrics(model_id: str, index: int, map: Optional[str] = Query(None, description="map to evaluate; default the model's primary map")):
+        """Pixel-flipping (MoRF) curve of a map and, for IMPACTX, built-in vs teacher agreement."""
+        return service.metrics(model_id, index, map)
+
+    @app.get(f"{API}/models/{{model_id}}/export.npz", responses=ERRORS, response_class=Response)
+    def export_npz(model_id: str, indices: str = Query(..., description="comma-separated test indices (at most 1000)"),
+                   maps: str = Query("built_in,teacher", description="comma-separated map names")):
+        """Maps of a selection as an NPZ (``np.load(f, allow_pickle=False)``): one (K, C, H, W) array per map, plus ``index``."""
+        try:
+            idx = [int(s) for s in indices.split(",") if s.strip()]
+        except ValueError:
+            raise HTTPException(422, "indices must be comma-separated integers, e.g. 0,5,17") from None
+        names = [s.strip() for s in maps.split(",") if s.strip()]
+        if not idx or len(idx) > 1000 or not names or len(names) > 8:
+            raise HTTPException(422, "give 1 to 1000 indices and 1 to 8 map names")
+        arrays: dict[str, np.ndarray] = {"index": np.asarray(idx, dtype=np.int64)}
+        prov = None
+        for name in names:
+            rows = []
+            for i in idx:
+                m, prov = service.map(model_id, i, name)
+                rows.append(m.astype(np.float32))
+            arrays[name] = np.stack(rows)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        return Response(buf.getvalue(), media_type="application/octet-stream", headers={
+            **_prov_header({**(prov or {}), "index": None, "method": ",".join(names)}),
+            "Content-Disposition": f'attachment; filename="{model_id}-maps.npz"'})
+
+    @app.post(f"{API}/models/{{model_id}}/predict", response_model=UploadResponse,
+              responses={**ERRORS, 413: {"model": ErrorResponse, "description": "upload over the size limit"},
+                         415: {"model": ErrorResponse, "description": "not an image Pillow can read"}})
+    def predict(model_id: str, file: UploadFile = File(..., description="a PNG/JPEG/... image"),
+                method: Optional[str] = Form(None, description="also a teacher map: a method name or 'teacher'")):
+        """Upload an image: prediction, class probabilities, built-in map (IMPACTX) and optionally a teacher map."""
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"upload too large: the limit is {max_upload_bytes / 1e6:.1f} MB (teachx serve --max-upload-mb)")
+        res = service.predict_upload(model_id, data, method or None)
+        res["image_png"] = render.data_url(render.png_bytes(res.pop("image")))
+        res["maps"] = {name: _map_data(name, m, prov, png=True) for name, (m, prov) in res["maps"].items()}
+        return res
+
+    return app

@@ -1,0 +1,139 @@
+"""The offline/online cache of `teachx serve`: named arrays over one split, filled row by row.
+
+One cache folder (``<root>/<key[:20]>/``) per key -- a hash of everything that changes its values
+(data fingerprint, checkpoint sha256, method and metric options), like the teacher-map store:
+
+- ``meta.json``: the key, its material, the number of rows and each field's shape and dtype;
+- ``<field>.npy``: the values, ``(N, *shape)``, opened memory-mapped (memory stays flat in N);
+- ``<field>.done.npy``: bool ``(N,)``, which rows of that field are computed.
+
+Files are plain ``.npy`` read with ``allow_pickle=False``; nothing is ever unpickled. A folder whose
+meta does not match its key, or whose files are missing or of the wrong shape, is rebuilt. When
+the cache folder cannot be written (read-only disk), the arrays live in memory instead: the
+service keeps working, only without persistence. Writes from the server's worker threads go
+through one lock per cache; two processes filling one folder write identical values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from teachx.utils.hashing import hash_json
+from teachx.utils.io import write_json_atomic
+
+CACHE_VERSION = 1
+
+
+def cache_key(material: dict[str, Any]) -> str:
+    return hash_json({"serve_cache": CACHE_VERSION, **material})
+
+
+class ArrayCache:
+    """Fields ``name -> (shape, dtype)`` over ``n`` rows; ``get``/``put``/``missing`` per field."""
+
+    def __init__(self, root: Optional[Path], material: dict[str, Any], n: int, fields: dict[str, tuple[tuple[int, ...], str]],
+                 log: Callable[[str], None] = lambda _m: None):
+        self.key = cache_key(material)
+        self.material = material
+        self.n = int(n)
+        self.fields = {k: (tuple(int(s) for s in shape), np.dtype(dt).str) for k, (shape, dt) in fields.items()}
+        self.lock = threading.Lock()
+        self.path: Optional[Path] = None
+        self.arrays: dict[str, np.ndarray] = {}
+        self.done: dict[str, np.ndarray] = {}
+        if root is not None:
+            try:
+                self._open_on_disk(Path(root) / self.key[:20], log)
+                return
+            except OSError as exc:
+                log(f"serve cache: cannot use {root} ({exc}); keeping this cache in memory")
+        self.path = None
+        for name, (shape, dt) in self.fields.items():
+            self.arrays[name] = np.zeros((self.n, *shape), dtype=dt)
+            self.done[name] = np.zeros(self.n, dtype=bool)
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {"key": self.key, "version": CACHE_VERSION, "n": self.n, "material": self.material,
+                "fields": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.fields.items()}}
+
+    def _problem(self, path: Path) -> Optional[str]:
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except FileNotFoundError:
+            return "absent"
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return "unreadable"
+        if meta.get("key") != self.key or meta.get("n") != self.n:
+            return "for another key"
+        for name, (shape, dt) in self.fields.items():
+            try:
+                a = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                d = np.load(path / f"{name}.done.npy", mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError):
+                return f"missing or damaged field {name}"
+            if a.shape != (self.n, *shape) or a.dtype.str != dt or d.shape != (self.n,) or d.dtype != np.bool_:
+                return f"field {name} has the wrong shape"
+        return None
+
+    def _open_on_disk(self, path: Path, log: Callable[[str], None]) -> None:
+        problem = self._problem(path)
+        if problem and problem != "absent":
+            log(f"serve cache {path} is {problem}; rebuilding it")
+            shutil.rmtree(path, ignore_errors=True)
+            problem = "absent"
+        if problem == "absent":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            try:
+                for name, (shape, dt) in self.fields.items():
+                    np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.dtype(dt), shape=(self.n, *shape)).flush()
+                    np.save(tmp / f"{name}.done.npy", np.zeros(self.n, dtype=bool), allow_pickle=False)
+                write_json_atomic(tmp / "meta.json", self._meta())
+                try:
+                    os.rename(tmp, path)  # atomic publish; another process may have won the race
+                except OSError:
+                    if self._problem(path) is not None:
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        for name in self.fields:
+            self.arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r+", allow_pickle=False)
+            self.done[name] = np.load(path / f"{name}.done.npy", mmap_mode="r+", allow_pickle=False)
+        self.path = path
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    def missing(self, name: str, indices: Optional[np.ndarray] = None) -> np.ndarray:
+        idx = np.arange(self.n) if indices is None else np.asarray(indices, dtype=np.int64)
+        return idx[~self.done[name][idx]]
+
+    def has(self, name: str, index: int) -> bool:
+        return bool(self.done[name][index])
+
+    def coverage(self, name: str) -> int:
+        return int(np.count_nonzero(self.done[name]))
+
+    def get(self, name: str, indices) -> np.ndarray:
+        return np.array(self.arrays[name][indices])  # a copy: callers never hold the memory map
+
+    def put(self, name: str, indices, values: np.ndarray) -> None:
+        idx = np.asarray(indices, dtype=np.int64)
+        with self.lock:
+            self.arrays[name][idx] = np.asarray(values).astype(self.arrays[name].dtype, copy=False)
+            self.done[name][idx] = True  # after the values: a row marked done is complete
+
+    def flush(self) -> None:
+        with self.lock:
+            for a in (*self.arrays.values(), *self.done.values()):
+                if isinstance(a, np.memmap):
+                    a.flush()

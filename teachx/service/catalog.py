@@ -1,0 +1,177 @@
+"""Which runs and models `teachx serve` offers: discovery of run, demo and study directories.
+
+A *run* directory (``teachx run`` / ``teachx demo``) has ``config.yaml`` and one sub-directory per
+stage (``baseline/``, optionally ``teacher/``, ``impactx/``) with its ``stage.json`` record; a
+*study* directory has ``study.yaml`` and ``units/<key>/`` (``unit.json``, ``stage.json``,
+``checkpoints/``), and ``study.json`` names each unit's arm, regime and seed. Every trained stage or
+unit becomes one selectable model. Nothing here loads a checkpoint: a unit whose records are
+damaged is listed with its error, and the others stay usable.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from teachx.errors import DataError, TeachxError
+from teachx.utils.config import load_yaml
+from teachx.utils.hashing import hash_json
+from teachx.utils.io import read_trusted_json
+
+STAGES = ("baseline", "teacher", "impactx")
+
+
+@dataclass
+class ModelEntry:
+    id: str  # "<run id>.<name>", unique, safe in a URL
+    run_id: str
+    name: str  # stage name (run) or unit key (study)
+    label: str  # what the page shows
+    kind: str  # "classifier" | "impactx"
+    role: str  # baseline | teacher | impactx | a study arm
+    config: dict[str, Any]  # the resolved run config of the model (data, teacher, ...)
+    checkpoint: Optional[Path] = None
+    test_acc: Optional[float] = None
+    info: dict[str, Any] = field(default_factory=dict)  # seed, arm, regime, lam
+    error: Optional[str] = None
+
+    @property
+    def config_hash(self) -> str:
+        return hash_json(self.config)
+
+
+@dataclass
+class RunEntry:
+    id: str
+    path: Path
+    kind: str  # "run" | "study"
+    models: list[ModelEntry] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-").lower()
+    return s or "run"
+
+
+def _record(path: Path, what: str) -> dict[str, Any]:
+    return read_trusted_json(path, "re-run the command that made it to re-create it", what)
+
+
+def _checkpoint(stage_dir: Path, record: dict[str, Any]) -> Path:
+    """The stage's checkpoint, found next to the record even when the folder was moved."""
+    recorded = Path(str(record.get("checkpoint", "")))
+    local = stage_dir / "checkpoints" / (recorded.name or "best.safetensors")
+    return local if local.exists() else recorded
+
+
+def discover(paths: list[str | Path]) -> list[RunEntry]:
+    """One entry per directory (a run or a study); a path that is neither is a one-line DataError."""
+    runs: list[RunEntry] = []
+    used: set[str] = set()
+    for p in paths:
+        path = Path(p).expanduser().resolve()
+        if not path.is_dir():
+            raise DataError(f"'{p}' is not a directory; pass a `teachx run`, `teachx demo` or `teachx study` output directory")
+        rid = base = _slug(path.name)
+        n = 2
+        while rid in used:
+            rid, n = f"{base}-{n}", n + 1
+        used.add(rid)
+        if (path / "study.yaml").exists() or (path / "units").is_dir():
+            runs.append(_study(rid, path))
+        elif (path / "config.yaml").exists() and any((path / s).is_dir() for s in STAGES):
+            runs.append(_run(rid, path))
+        else:
+            raise DataError(f"'{p}' is neither a run directory (config.yaml, baseline/, impactx/) nor a study directory "
+                            "(study.yaml, units/); pass the --out directory of `teachx run`, `teachx demo` or `teachx study`")
+    return runs
+
+
+def _run(rid: str, path: Path) -> RunEntry:
+    run = RunEntry(rid, path, "run")
+    try:
+        config = load_yaml(str(path / "config.yaml"))
+        config.pop("command", None)
+    except TeachxError as exc:
+        run.error = str(exc)
+        return run
+    if (path / "results.json").exists():
+        try:
+            run.summary = {k: v for k, v in _record(path / "results.json", "run results").items()
+                           if isinstance(v, (int, float, str)) or v is None}
+        except TeachxError as exc:
+            run.summary = {"error": str(exc)}
+    lam = (config.get("impactx") or {}).get("lam")
+    for stage in STAGES:
+        d = path / stage
+        if not d.is_dir():
+            continue
+        kind = "impactx" if stage == "impactx" else "classifier"
+        label = {"baseline": "baseline", "teacher": "teacher model", "impactx": f"IMPACTX (lambda={lam})"}[stage]
+        entry = ModelEntry(f"{rid}.{stage}", rid, stage, label, kind, stage, config, info={"lam": lam} if kind == "impactx" else {})
+        _fill_from_stage(entry, d)
+        run.models.append(entry)
+    return run
+
+
+def _fill_from_stage(entry: ModelEntry, d: Path) -> None:
+    if not (d / "stage.json").exists():
+        entry.error = f"'{d}' has no stage.json: this model is not trained yet (re-run the command that makes it)"
+        return
+    from teachx.interfaces.pipeline import stage_done
+
+    try:
+        rec = stage_done(d) or {}
+    except (TeachxError, OSError) as exc:
+        entry.error = str(exc)
+        return
+    entry.checkpoint = _checkpoint(d, rec)
+    acc = rec.get("test_acc")
+    entry.test_acc = float(acc) if isinstance(acc, (int, float)) else None
+
+
+def _study(rid: str, path: Path) -> RunEntry:
+    run = RunEntry(rid, path, "study")
+    names: dict[str, dict[str, Any]] = {}  # unit key -> arm / regime / seed
+    if (path / "study.json").exists():
+        try:
+            data = _record(path / "study.json", "study record")
+            regimes = {row["regime"] for row in data.get("rows", [])}
+            for row in data.get("rows", []):
+                for seed, key in zip(row.get("seeds", []), row.get("units", [])):
+                    names.setdefault(key, {"arm": row["arm"], "regime": row["regime"], "seed": seed, "regimes": len(regimes)})
+            run.summary = {"units": len(data.get("units", {})), "rows": len(data.get("rows", []))}
+        except (TeachxError, OSError, KeyError, TypeError) as exc:
+            run.summary = {"error": f"study.json unreadable: {exc}"}
+    units = sorted((path / "units").iterdir()) if (path / "units").is_dir() else []
+    for d in units:
+        if not d.is_dir():
+            continue
+        key = d.name
+        entry = ModelEntry(f"{rid}.{_slug(key)}", rid, key, key, "classifier", "unit", {})
+        try:
+            unit = _record(d / "unit.json", "study unit record")
+            entry.kind = "impactx" if unit.get("kind") == "impactx" else "classifier"
+            entry.config = dict(unit.get("config") or {})
+        except (TeachxError, OSError) as exc:
+            entry.error = str(exc)
+            run.models.append(entry)
+            continue
+        where = names.get(key)
+        if where:
+            entry.role = where["arm"]
+            entry.info = {"arm": where["arm"], "regime": where["regime"], "seed": where["seed"]}
+            entry.label = f"{where['arm']} seed {where['seed']}" + (f" ({where['regime']})" if where["regimes"] > 1 else "")
+        else:
+            entry.role = "teacher" if entry.kind == "classifier" else "impactx"
+            entry.label = f"{'classifier' if entry.kind == 'classifier' else 'IMPACTX'} unit {key}"
+        if entry.kind == "impactx":
+            entry.info["lam"] = (entry.config.get("impactx") or {}).get("lam")
+        _fill_from_stage(entry, d)
+        run.models.append(entry)
+    run.models.sort(key=lambda m: (m.info.get("regime", ""), m.role != "baseline", m.info.get("arm", m.role), m.info.get("seed", 0), m.name))
+    return run

@@ -1,0 +1,194 @@
+"""The typed contracts of the `teachx serve` API (version 1): every response is one of these.
+
+FastAPI validates each answer against its model and publishes them in ``/openapi.json``, so a
+script can rely on the shapes below as much as the page does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field
+
+API_VERSION = "v1"
+
+
+class Provenance(BaseModel):
+    """What produced an answer: enough to reproduce it."""
+
+    run_dir: str = Field(description="run or study directory the model comes from")
+    model_id: str
+    checkpoint: str
+    checkpoint_sha256: str
+    config_hash: str = Field(description="sha256 of the model's resolved run config (JSON, sorted keys)")
+    teachx_version: str
+    method: Optional[str] = Field(None, description="map or metric: built_in, a teacher method, 'built_in - <method>'")
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    dataset: Optional[str] = Field(None, description="dataset name, or 'upload'")
+    split: Optional[str] = Field(None, description="'test', or null for an uploaded image")
+    index: Optional[int] = Field(None, description="index in the split")
+    upload_sha256: Optional[str] = None
+    source: Literal["cache", "computed"] = Field(description="read from the precompute cache, or computed for this request")
+    cache_key: Optional[str] = None
+
+
+class ModelInfo(BaseModel):
+    id: str
+    run_id: str
+    name: str
+    label: str
+    kind: Literal["classifier", "impactx"]
+    role: str
+    has_built_in: bool
+    test_acc: Optional[float]
+    checkpoint: Optional[str]
+    config_hash: str
+    config: dict[str, Any]
+    info: dict[str, Any]
+    error: Optional[str] = Field(None, description="why this model cannot be used (damaged checkpoint, missing data)")
+    dataset: Optional[str]
+    teacher_method: Optional[str]
+    class_names: Optional[list[str]]
+    image_size: Optional[list[int]]
+    channels: Optional[int]
+    loaded: bool
+
+
+class RunInfo(BaseModel):
+    id: str
+    path: str
+    kind: Literal["run", "study"]
+    summary: dict[str, Any]
+    error: Optional[str]
+    models: list[ModelInfo]
+
+
+class RunsResponse(BaseModel):
+    api_version: str = API_VERSION
+    teachx_version: str
+    runs: list[RunInfo]
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class TeacherInfo(BaseModel):
+    name: str
+    description: str
+
+
+class TeachersResponse(BaseModel):
+    methods: list[TeacherInfo]
+    map_names: list[str] = Field(description="besides a method name: built_in, teacher (the run's method), difference")
+
+
+class ImageItem(BaseModel):
+    index: int
+    label: int
+    predicted: int
+    correct: bool
+    confidence: float
+    true_prob: float
+    agreement: Optional[float] = Field(None, description="Spearman rank correlation of the built-in map with the teacher map (cached only)")
+    morf_auc: Optional[float] = Field(None, description="pixel-flipping MoRF AUC of the primary map; lower = more faithful (cached only)")
+
+
+class Coverage(BaseModel):
+    predictions: int
+    morf: int
+    agreement: int
+
+
+class ImageList(BaseModel):
+    model_id: str
+    total: int
+    n_images: int
+    offset: int
+    limit: int
+    items: list[ImageItem]
+    class_names: list[str]
+    coverage: Coverage
+    provenance: Provenance
+
+
+class ClassProb(BaseModel):
+    class_index: int
+    name: str
+    p: float
+
+
+class Agreement(BaseModel):
+    spearman: Optional[float]
+    pearson: Optional[float]
+    cosine: Optional[float]
+    top_k_intersection: Optional[float]
+
+
+class ImageDetail(BaseModel):
+    model_id: str
+    index: int
+    label: int
+    label_name: str
+    predicted: int
+    predicted_name: str
+    correct: bool
+    probabilities: list[ClassProb]
+    maps: list[str]
+    teacher_method: str
+    agreement: Optional[Agreement]
+    morf_auc: Optional[float]
+    provenance: Provenance
+
+
+class MapData(BaseModel):
+    name: str
+    method: Optional[str]
+    shape: list[int]
+    vmax: float = Field(description="symmetric colour scale: [-vmax, vmax]")
+    min: Optional[float]
+    max: Optional[float]
+    values: list[Optional[float]] = Field(description="row-major (C, H, W) values")
+    png: Optional[str] = Field(None, description="colour-mapped PNG as a data URL (uploads only)")
+    provenance: Provenance
+
+
+class PixelFlipping(BaseModel):
+    metric: str
+    options: dict[str, Any]
+    x: list[float]
+    curve: list[Optional[float]]
+    auc: Optional[float]
+    higher_is_better: bool
+
+
+class MetricsResponse(BaseModel):
+    model_id: str
+    index: int
+    map: str
+    pixel_flipping: PixelFlipping
+    agreement: Optional[Agreement]
+    agreement_between: Optional[list[str]]
+    provenance: Provenance
+
+
+class UploadResponse(BaseModel):
+    model_id: str
+    predicted: int
+    predicted_name: str
+    probabilities: list[ClassProb]
+    notice: str
+    image_png: str = Field(description="the image as the model saw it (resized), PNG data URL")
+    maps: dict[str, MapData]
+    provenance: Provenance
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    api_version: str = API_VERSION
+    teachx_version: str
+    models: int

@@ -1,0 +1,451 @@
+"""`teachx serve`: the API contracts (OpenAPI, typed responses), provenance, values checked against
+the library (built-in maps, teachers, pixel flipping, agreement), the offline cache, and every
+bad input (unknown names, out-of-range indices, non-images, oversized uploads, path traversal,
+a damaged study unit) -- answered with a 4xx and a message, never a 500."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="teachx serve needs the 'serve' extra: pip install 'teachx[serve]'")
+pytest.importorskip("multipart", reason="teachx serve needs python-multipart: pip install 'teachx[serve]'")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _serve_fixtures import session_fixtures  # noqa: E402
+
+from teachx.service import Service  # noqa: E402
+from teachx.service import schemas  # noqa: E402
+from teachx.service.app import create_app  # noqa: E402
+
+UPLOAD_LIMIT = 200_000
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = session_fixtures(tmp_path_factory)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TEACHX_CACHE", str(out["cache"]))  # the served runs' decoded data lives there
+    yield out
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def service(dirs, tmp_path_factory):
+    return Service([dirs["run"], dirs["study"]], cache_dir=tmp_path_factory.mktemp("serve-cache"))
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    return TestClient(create_app(service, max_upload_bytes=UPLOAD_LIMIT))
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def detail(r) -> str:
+    body = r.json()
+    assert isinstance(body.get("detail"), str) and body["detail"], body
+    return body["detail"]
+
+
+def load_impactx(path: Path):
+    from teachx.models.impactx import impactx_from_spec
+    from teachx.training.checkpoint import load_checkpoint, load_state_into
+
+    ck = load_checkpoint(path)
+    model = impactx_from_spec(ck.meta["model_spec"])
+    load_state_into(model, ck.group("model"), "test")
+    return model.eval(), ck.meta
+
+
+def image_tensor(service, index: int):
+    from teachx.data.transforms import normalize
+
+    lm = service.loaded("run.impactx")
+    d = service.data(lm)
+    x_u8 = torch.from_numpy(np.array(d.test.images[[index]])).permute(0, 3, 1, 2)
+    return normalize(x_u8, lm.mean, lm.std), int(d.test.labels[index])
+
+
+# -- contracts -----------------------------------------------------------------------------------
+
+def test_openapi_lists_the_v1_api(client):
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for p in ("/api/v1/runs", "/api/v1/models", "/api/v1/models/{model_id}", "/api/v1/models/{model_id}/images",
+              "/api/v1/models/{model_id}/images/{index}", "/api/v1/models/{model_id}/images/{index}/maps/{name}",
+              "/api/v1/models/{model_id}/images/{index}/maps/{name}.png", "/api/v1/models/{model_id}/images/{index}/maps/{name}.npy",
+              "/api/v1/models/{model_id}/images/{index}/metrics", "/api/v1/models/{model_id}/predict", "/api/v1/teachers",
+              "/api/v1/models/{model_id}/images.csv", "/api/v1/models/{model_id}/export.npz"):
+        assert p in paths, p
+    names = set(spec["components"]["schemas"])
+    assert {"Provenance", "ImageDetail", "ImageList", "MapData", "MetricsResponse", "UploadResponse", "RunsResponse"} <= names
+    assert "multipart/form-data" in paths["/api/v1/models/{model_id}/predict"]["post"]["requestBody"]["content"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_runs_and_models(client, dirs):
+    res = schemas.RunsResponse.model_validate(client.get("/api/v1/runs").json())
+    kinds = {r.id: r.kind for r in res.runs}
+    assert kinds == {"run": "run", "study": "study"}
+    run = next(r for r in res.runs if r.id == "run")
+    assert [m.name for m in run.models] == ["baseline", "impactx"]
+    assert Path(run.path) == dirs["run"].resolve()
+    results = json.loads((dirs["run"] / "results.json").read_text())
+    by = {m.name: m for m in run.models}
+    assert by["impactx"].test_acc == pytest.approx(results["impactx_test_acc"])
+    assert by["baseline"].test_acc == pytest.approx(results["baseline_test_acc"])
+    assert by["impactx"].has_built_in and not by["baseline"].has_built_in
+    assert by["impactx"].config["teacher"]["method"] == "deepshap"
+    study = next(r for r in res.runs if r.id == "study")
+    assert sorted(m.role for m in study.models) == ["baseline", "impactx", "lambda0"]
+    assert all(m.test_acc is not None and m.error is None for m in study.models)
+    models = schemas.ModelsResponse.model_validate(client.get("/api/v1/models").json()).models
+    assert len(models) == 5
+    one = schemas.ModelInfo.model_validate(client.get("/api/v1/models/run.impactx").json())
+    assert one.class_names == ["bl", "br", "tl", "tr"] and one.image_size == [32, 32] and one.loaded
+
+
+def test_image_list_filters_and_sorting(client):
+    base = "/api/v1/models/run.impactx/images"
+    full = schemas.ImageList.model_validate(client.get(base, params={"limit": 1000}).json())
+    assert full.total == full.n_images == 32 and [i.index for i in full.items] == list(range(32))
+    wrong = client.get(base, params={"correct": "false"}).json()
+    right = client.get(base, params={"correct": "true"}).json()
+    assert wrong["total"] + right["total"] == 32 and wrong["total"] > 0
+    assert all(not i["correct"] and i["predicted"] != i["label"] for i in wrong["items"])
+    lab = client.get(base, params={"label": 2}).json()
+    assert lab["total"] == 8 and all(i["label"] == 2 for i in lab["items"])
+    pred = client.get(base, params={"predicted": 1}).json()
+    assert all(i["predicted"] == 1 for i in pred["items"])
+    conf = [i["confidence"] for i in client.get(base, params={"sort": "confidence", "order": "desc"}).json()["items"]]
+    assert conf == sorted(conf, reverse=True)
+    page = client.get(base, params={"offset": 30, "limit": 5}).json()
+    assert [i["index"] for i in page["items"]] == [30, 31]
+    both = client.get(base, params={"label": 0, "correct": "true", "sort": "true_prob"}).json()
+    assert all(i["label"] == 0 and i["correct"] for i in both["items"])
+    r = client.get(base, params={"sort": "bogus"})
+    assert r.status_code == 400 and "valid" in detail(r)
+    assert client.get(base, params={"limit": 5000}).status_code == 422
+    csv = client.get(base.replace("/images", "/images.csv"), params={"correct": "false"})
+    assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
+    assert len(csv.text.strip().splitlines()) == wrong["total"] + 1
+    assert json.loads(csv.headers["x-teachx-provenance"])["model_id"] == "run.impactx"
+
+
+def test_provenance(client, dirs):
+    from teachx.utils.config import load_yaml
+    from teachx.utils.hashing import hash_json
+
+    d = schemas.ImageDetail.model_validate(client.get("/api/v1/models/run.impactx/images/5").json())
+    p = d.provenance
+    ck = dirs["run"] / "impactx" / "checkpoints" / "best.safetensors"
+    assert p.run_dir == str(dirs["run"].resolve()) and Path(p.checkpoint).resolve() == ck.resolve()
+    assert p.checkpoint_sha256 == hashlib.sha256(ck.read_bytes()).hexdigest()
+    cfg = load_yaml(str(dirs["run"] / "config.yaml"))
+    cfg.pop("command")
+    assert p.config_hash == hash_json(cfg)
+    import teachx
+
+    assert p.teachx_version == teachx.__version__
+    assert p.dataset == f"imagefolder:{dirs['zip']}" and p.split == "test" and p.index == 5
+    assert len(d.probabilities) == 4 and sum(c.p for c in d.probabilities) == pytest.approx(1, abs=1e-5)
+    m = schemas.MapData.model_validate(client.get("/api/v1/models/run.impactx/images/5/maps/teacher").json())
+    assert m.provenance.method == "deepshap" and m.provenance.method_options["target"] == "label"
+    assert m.provenance.method_options["options"]["background_size"] == 8
+    hdr = json.loads(client.get("/api/v1/models/run.impactx/images/5/maps/built_in.png").headers["x-teachx-provenance"])
+    assert hdr["method"] == "built_in" and hdr["index"] == 5 and hdr["checkpoint_sha256"] == p.checkpoint_sha256
+    study = client.get(f"/api/v1/models/{_study_model(client, 'impactx')}/images/0").json()["provenance"]
+    assert study["run_dir"] == str(dirs["study"].resolve()) and "/units/" in study["checkpoint"]
+
+
+def _study_model(client, role: str) -> str:
+    return next(m["id"] for m in client.get("/api/v1/models").json()["models"] if m["run_id"] == "study" and m["role"] == role)
+
+
+def test_built_in_map_as_json_npy_png_matches_the_model(client, service, dirs):
+    model, _ = load_impactx(dirs["run"] / "impactx" / "checkpoints" / "best.safetensors")
+    x, _ = image_tensor(service, 7)
+    expected = model.explain(x)[0].numpy()
+    base = "/api/v1/models/run.impactx/images/7/maps/built_in"
+    js = schemas.MapData.model_validate(client.get(base).json())
+    values = np.array(js.values, dtype=np.float32).reshape(js.shape)
+    npy = np.load(io.BytesIO(client.get(base + ".npy").content), allow_pickle=False)
+    assert npy.dtype == np.float32 and npy.shape == expected.shape == tuple(js.shape)
+    tol = 2e-3 * np.abs(expected).max()  # the cache keeps float16, like the teacher-map store
+    np.testing.assert_allclose(npy, expected, atol=tol)
+    np.testing.assert_array_equal(values, npy)
+    assert js.vmax == pytest.approx(np.abs(npy).max())
+    img = np.asarray(Image.open(io.BytesIO(client.get(base + ".png", params={"scale": 2}).content)))
+    assert img.shape == (64, 64, 3)
+    from teachx.service.render import bwr
+
+    np.testing.assert_array_equal(img[::2, ::2], bwr(npy.sum(0)))
+    inp = np.asarray(Image.open(io.BytesIO(client.get("/api/v1/models/run.impactx/images/7/input.png").content)))
+    np.testing.assert_array_equal(inp, service.input_image("run.impactx", 7))
+
+
+def test_teacher_maps_on_demand_are_cached_and_match_the_teacher(client, service):
+    from teachx.teachers.postprocess import postprocess
+
+    base = "/api/v1/models/run.impactx/images/9/maps"
+    first = client.get(f"{base}/gradient_x_input").json()
+    again = client.get(f"{base}/gradient_x_input").json()
+    assert first["provenance"]["source"] == "computed" and again["provenance"]["source"] == "cache"
+    assert first["values"] == again["values"]
+    teacher, tcfg = service._teacher(service.loaded("run.impactx"), "gradient_x_input")
+    x, y = image_tensor(service, 9)
+    lm = service.loaded("run.impactx")
+    want = postprocess(teacher.attribute(lm.model, x, torch.tensor([y])), reduce="sum", normalize="maxabs")[0].numpy()
+    np.testing.assert_allclose(np.array(first["values"]).reshape(want.shape), want, atol=2e-3)
+    built = np.array(client.get(f"{base}/built_in").json()["values"])
+    teach = np.array(client.get(f"{base}/teacher").json()["values"])
+    diff = client.get(f"{base}/difference").json()
+    np.testing.assert_allclose(np.array(diff["values"]), built - teach, atol=1e-6)
+    assert diff["provenance"]["method"] == "built_in - deepshap"
+    methods = client.get("/api/v1/teachers").json()["methods"]
+    assert {"deepshap", "lrp", "gradcam", "integrated_gradients"} <= {m["name"] for m in methods}
+
+
+def test_pixel_flipping_and_agreement_come_from_teachx_evaluation(client, service, dirs):
+    from teachx.evaluation import PixelFlippingMoRF, map_agreement
+
+    m = schemas.MetricsResponse.model_validate(client.get("/api/v1/models/run.impactx/images/11/metrics").json())
+    assert m.map == "built_in" and len(m.pixel_flipping.curve) == 17 and m.pixel_flipping.x[-1] == 1.0
+    model, _ = load_impactx(dirs["run"] / "impactx" / "checkpoints" / "best.safetensors")
+    x, y = image_tensor(service, 11)
+    built = torch.from_numpy(np.load(io.BytesIO(client.get("/api/v1/models/run.impactx/images/11/maps/built_in.npy").content)))
+    curve = PixelFlippingMoRF(steps=16).curves(model, x, torch.tensor([y]), built[None])[0]
+    np.testing.assert_allclose(m.pixel_flipping.curve, curve.numpy(), atol=1e-5)
+    teacher = torch.from_numpy(np.load(io.BytesIO(client.get("/api/v1/models/run.impactx/images/11/maps/teacher.npy").content)))
+    agr = map_agreement(built[None], teacher[None])
+    assert m.agreement.spearman == pytest.approx(float(agr["spearman"][0]), abs=1e-4)
+    assert m.agreement_between == ["built_in", "deepshap"]
+    other = client.get("/api/v1/models/run.impactx/images/11/metrics", params={"map": "saliency"}).json()
+    assert other["map"] == "saliency" and other["provenance"]["source"] == "computed"
+    # the cached metric now shows in the list and its sort
+    item = next(i for i in client.get("/api/v1/models/run.impactx/images", params={"sort": "morf_auc"}).json()["items"] if i["index"] == 11)
+    assert item["morf_auc"] == pytest.approx(m.pixel_flipping.auc, abs=1e-6) and item["agreement"] is not None
+    base = client.get("/api/v1/models/run.baseline/images/11/metrics").json()
+    assert base["map"] == "teacher" and base["agreement"] is None
+
+
+def test_precompute_fills_a_pickle_free_cache_that_a_new_server_reads(dirs, tmp_path):
+    cache = tmp_path / "cache"
+    svc = Service([dirs["run"]], cache_dir=cache)
+    lines: list[str] = []
+    assert svc.precompute(progress=False, log=lines.append) == {"run.baseline": "ok", "run.impactx": "ok"}
+    files = sorted(cache.rglob("*.npy"))
+    assert files and all(np.load(f, allow_pickle=False).shape[0] == 32 for f in files)
+    assert all(json.loads(m.read_text())["material"]["checkpoint_sha256"] for m in cache.rglob("meta.json"))
+    fresh = Service([dirs["run"]], cache_dir=cache)
+    c = TestClient(create_app(fresh))
+    lst = c.get("/api/v1/models/run.impactx/images", params={"sort": "agreement", "order": "desc"}).json()
+    assert lst["coverage"] == {"predictions": 32, "morf": 32, "agreement": 32}
+    ag = [i["agreement"] for i in lst["items"]]
+    assert None not in ag and ag == sorted(ag, reverse=True)
+    assert c.get("/api/v1/models/run.impactx/images/3").json()["provenance"]["source"] == "cache"
+    assert c.get("/api/v1/models/run.baseline/images/3/maps/teacher").json()["provenance"]["source"] == "cache"
+    sel = c.get("/api/v1/models/run.impactx/images", params={"min_agreement": ag[3], "sort": "agreement", "order": "desc"}).json()
+    assert sel["total"] == 4
+
+
+def test_upload(client, service):
+    rng = np.random.default_rng(3)
+    data = png(rng.integers(0, 255, (50, 40, 3), dtype=np.uint8))
+    r = client.post("/api/v1/models/run.impactx/predict", files={"file": ("x.png", data, "image/png")}, data={"method": "gradient_x_input"})
+    assert r.status_code == 200, r.text
+    u = schemas.UploadResponse.model_validate(r.json())
+    assert "resized from 40x50 to 32x32" in u.notice and set(u.maps) == {"built_in", "gradient_x_input"}
+    assert u.provenance.upload_sha256 == hashlib.sha256(data).hexdigest() and u.provenance.split is None
+    assert u.provenance.dataset == "upload" and u.maps["built_in"].png.startswith("data:image/png;base64,")
+    assert u.maps["gradient_x_input"].provenance.method_options["target"] == "predicted"
+    # the prediction is the model's on the resized image
+    lm = service.loaded("run.impactx")
+    arr, _ = service.decode_upload(lm, data)
+    with torch.no_grad():
+        logits, built = lm.model.forward_all(service._x(lm, arr[None]))
+    assert u.predicted == int(logits.argmax())
+    np.testing.assert_allclose(np.array(u.maps["built_in"].values), built[0].numpy().ravel(), atol=1e-6)
+    jpg = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 128, np.uint8)).save(jpg, format="JPEG")
+    r2 = client.post("/api/v1/models/run.baseline/predict", files={"file": ("g.jpg", jpg.getvalue(), "image/jpeg")})
+    assert r2.status_code == 200 and r2.json()["maps"] == {} and r2.json()["notice"] == ""
+
+
+@pytest.mark.parametrize("payload, status, fragment", [
+    (b"hello, not an image", 415, "not an image"),
+    (b"", 400, "empty"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, 415, "not an image"),
+    (b"GIF89a" + b"\xff" * 20, 415, "not an image"),
+])
+def test_upload_rejects_non_images(client, payload, status, fragment):
+    r = client.post("/api/v1/models/run.impactx/predict", files={"file": ("f.png", payload, "image/png")})
+    assert r.status_code == status and fragment in detail(r)
+
+
+def test_upload_size_limits(client):
+    big = b"\x00" * (UPLOAD_LIMIT + 10)
+    r = client.post("/api/v1/models/run.impactx/predict", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "limit" in detail(r)
+
+    def chunks():  # no Content-Length: counted while it streams in
+        for _ in range(30):
+            yield b"y" * 10_000
+
+    r = client.post("/api/v1/models/run.impactx/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "limit" in detail(r)
+    huge = png(np.zeros((7000, 7000), np.uint8))  # 49 megapixels, compresses to a small file
+    assert len(huge) < UPLOAD_LIMIT
+    r = client.post("/api/v1/models/run.impactx/predict", files={"file": ("huge.png", huge, "image/png")})
+    assert r.status_code == 413 and "pixels" in detail(r)
+    r = client.post("/api/v1/models/run.impactx/predict", data={"method": "lrp"})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("path, fragment", [
+    ("/api/v1/models/nope/images", "unknown model 'nope'"),
+    ("/api/v1/models/nope", "unknown model"),
+    ("/api/v1/models/run.impactx/images/32", "out of range"),
+    ("/api/v1/models/run.impactx/images/-1", "out of range"),
+    ("/api/v1/models/run.impactx/images/99999/maps/built_in.png", "out of range"),
+    ("/api/v1/models/run.impactx/images/0/maps/shapp", "unknown teacher 'shapp'"),
+    ("/api/v1/models/run.impactx/images/0/maps/shapp.npy", "unknown teacher"),
+    ("/api/v1/models/run.baseline/images/0/maps/built_in", "no built-in map"),
+    ("/api/v1/models/run.baseline/images/0/maps/difference", "no built-in map"),
+    ("/api/v1/models/run.impactx/images/0/metrics?map=nomethod", "unknown teacher"),
+    ("/api/v1/models/..%2f..%2fetc%2fpasswd/images", "nothing at"),
+    ("/api/v2/models", "nothing at"),
+])
+def test_unknown_names_are_404_with_a_message(client, path, fragment):
+    r = client.get(path)
+    assert r.status_code == 404 and fragment in detail(r), (r.status_code, r.text)
+
+
+def test_unknown_upload_model_and_bad_method(client):
+    data = png(np.zeros((32, 32, 3), np.uint8))
+    r = client.post("/api/v1/models/ghost/predict", files={"file": ("a.png", data, "image/png")})
+    assert r.status_code == 404 and "unknown model" in detail(r)
+    r = client.post("/api/v1/models/run.impactx/predict", files={"file": ("a.png", data, "image/png")}, data={"method": "nope"})
+    assert r.status_code == 404 and "unknown teacher" in detail(r)
+    assert client.get("/api/v1/models/run.impactx/images/abc").status_code == 422
+
+
+@pytest.mark.parametrize("path", [
+    "/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static/%2e%2e%2f%2e%2e%2fcatalog.py", "/static/..%5capp.py",
+    "/static/%2e%2e/%2e%2e/%2e%2e/pyproject.toml", "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/../app.py",
+    "/../../pyproject.toml", "/static/%252e%252e/app.py",
+])
+def test_no_file_outside_the_static_folder(client, path):
+    r = client.get(path)
+    assert r.status_code in (400, 404), (path, r.status_code)
+    assert "create_app" not in r.text and "root:" not in r.text and "[project]" not in r.text
+
+
+def test_page_and_its_files(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text and "script-src 'self'" in page.headers["content-security-policy"]
+    for f in ("app.js", "style.css", "index.html"):
+        assert client.get(f"/static/{f}").status_code == 200
+    assert client.get("/static/missing.js").status_code == 404
+    assert client.get("/api/v1/health").json()["status"] == "ok"
+
+
+def test_host_guard(service):
+    c = TestClient(create_app(service, allowed_hosts=["127.0.0.1", "localhost"]), base_url="http://127.0.0.1:8765")
+    assert c.get("/api/v1/health").status_code == 200
+    r = c.get("/api/v1/health", headers={"host": "evil.example:8765"})
+    assert r.status_code == 400 and "not served here" in detail(r)
+
+
+def test_a_damaged_unit_reports_an_error_and_the_others_keep_working(dirs, tmp_path):
+    study = tmp_path / "study"
+    shutil.copytree(dirs["study"], study)
+    svc = Service([study], cache_dir=tmp_path / "cache")
+    c = TestClient(create_app(svc))
+    ids = {m["role"]: m["id"] for m in c.get("/api/v1/models").json()["models"]}
+    ck = study / "units" / ids["lambda0"].split(".", 1)[1] / "checkpoints" / "best.safetensors"
+    ck.write_bytes(ck.read_bytes()[:200])  # truncated
+    (study / "units" / ids["baseline"].split(".", 1)[1] / "stage.json").write_text("{not json")
+    svc = Service([study], cache_dir=tmp_path / "cache")
+    c = TestClient(create_app(svc))
+    listed = {m["role"]: m for m in c.get("/api/v1/models").json()["models"]}
+    assert listed["baseline"]["error"] and "stage" in listed["baseline"]["error"]
+    bad = c.get(f"/api/v1/models/{ids['lambda0']}").json()
+    assert bad["error"] and "corrupt" in bad["error"]
+    r = c.get(f"/api/v1/models/{ids['lambda0']}/images")
+    assert r.status_code == 409 and "not available" in detail(r)
+    assert c.get(f"/api/v1/models/{ids['baseline']}/images/0").status_code == 409
+    assert c.get(f"/api/v1/models/{ids['impactx']}/images/0").status_code == 200
+    assert c.get(f"/api/v1/models/{ids['impactx']}/images/0/maps/built_in.png").status_code == 200
+    assert c.get("/api/v1/runs").status_code == 200
+
+
+def test_concurrent_requests_agree_with_sequential_ones(dirs, tmp_path):
+    svc = Service([dirs["run"]], cache_dir=tmp_path / "c1")
+    jobs = [(i, name) for i in range(6) for name in ("built_in", "teacher", "gradient_x_input", "difference")]
+    with ThreadPoolExecutor(8) as pool:
+        par = list(pool.map(lambda j: svc.map("run.impactx", *j)[0], jobs))
+    seq_svc = Service([dirs["run"]], cache_dir=tmp_path / "c2")
+    for (i, name), got in zip(jobs, par):
+        np.testing.assert_array_equal(got, seq_svc.map("run.impactx", i, name)[0])
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+def _cli(argv, capsys):
+    from teachx.interfaces.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_cli_without_the_web_stack_says_what_to_install(dirs, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
+    code, _, err = _cli(["serve", str(dirs["run"])], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("teachx: error:") and "pip install 'teachx[serve]'" in err and "uvicorn" in err
+
+
+def test_cli_bad_directory_and_port(dirs, tmp_path, capsys):
+    code, _, err = _cli(["serve", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "not a directory" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    code, _, err = _cli(["serve", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "neither a run directory" in err
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    try:
+        code, _, err = _cli(["serve", str(dirs["run"]), "--port", str(s.getsockname()[1])], capsys)
+    finally:
+        s.close()
+    assert code == 2 and "--port" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_precompute_only(dirs, tmp_path, capsys):
+    code, out, _ = _cli(["serve", str(dirs["run"]), "--precompute", "--no-serve", "-q", "--cache-dir", str(tmp_path / "pc")], capsys)
+    assert code == 0 and "run.impactx: 32 test images cached" in out
+    assert len(list((tmp_path / "pc").glob("*/meta.json"))) >= 3  # two view caches + the deepshap maps of each model
