@@ -129,8 +129,8 @@ class ImpactxConfig:
     lep_backbone: Optional[str] = None  # latent explanation predictor; default: the student backbone
     m_init: Literal["fresh", "teacher"] = "fresh"  # initialise M from the teacher (same backbone only)
     m_frozen: bool = False  # keep M fixed (only with m_init=teacher)
-    decoder_width: int = 32  # channels of the decoder's first conv block (halved per block, >= 16)
-    decoder_scale: int = 2  # decoder convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
+    decoder_width: int = 32  # channels of the decoder's first conv block (paper decoder: halved per block, >= 16; unet decoders: every pyramid level)
+    decoder_scale: int = 2  # paper decoder: convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
     self_teach_every: int = 0  # > 0: self-teaching, the maps are re-made every K epochs by the teacher method applied to the model being trained
