@@ -124,6 +124,18 @@ def test_decoder_shapes_and_one_forward(decoder, per_class, backbone, options, c
     torch.testing.assert_close(m(x), logits)  # forward (post-hoc teachers' view) is the same classifier
 
 
+@pytest.mark.parametrize("name, options, ch, size", BACKBONES)
+def test_pyramid_decoder_on_every_backbone(name, options, ch, size):
+    """The decoder reading pyramid and input (additive, per class) fits every backbone's pyramid, odd sizes too."""
+    torch.manual_seed(0)
+    m = build_impactx(name, ch, 3, size, backbone_options=options, decoder="additive", per_class=True).eval()
+    x = torch.randn(1, ch, *size)
+    with torch.no_grad():
+        logits, maps = m.forward_all(x)
+        every = m.all_maps(x)
+    assert logits.shape == (1, 3) and maps.shape == (1, 1, *size) and every.shape == (1, 3, 1, *size)
+
+
 def test_decoders_on_adapted_lep_and_per_channel_maps():
     torch.manual_seed(0)
     from teachx.models.impactx import ImpactX
