@@ -514,6 +514,7 @@ def train_impactx_stage(
         map_size=(ic.map_size, ic.map_size) if ic.map_size else None,
         map_channels=store.maps.shape[1] if store is not None else 1,
         decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden, decoder_scale=ic.decoder_scale,
+        decoder=ic.decoder, per_class=ic.per_class, additive_reference=ic.additive_reference,
     )
     if ic.m_init == "teacher":
         if teacher_model is None or type(teacher_model) is not type(model.m):
@@ -527,8 +528,17 @@ def train_impactx_stage(
         load_state_into(model, ck.group("model"), f"checkpoint '{done['checkpoint']}'")
         log(f"[{out_dir.name}] complete, skipped (test acc {done['test_acc']:.4f})")
         return done, model.eval()
-    source = MapSource(store, ic.maps, plan.train_idx, cfg.seed) if (store is not None and ic.lam > 0) else None
-    task = ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing)
+    source = None
+    if store is not None and ic.lam > 0:
+        from teachx.interfaces.builtin_eval import explained_classes
+
+        classes = explained_classes(cfg, plan, teacher_model, "train", plan.train_idx, choose_device(cfg.device)) if ic.per_class else None
+        source = MapSource(store, ic.maps, plan.train_idx, cfg.seed, classes=classes)
+    from teachx.training.impactx import SelfFaithfulness
+    from teachx.training.map_losses import MapLoss
+
+    task = ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing, map_loss=MapLoss(ic.map_loss, ic.map_target_pool),
+                       faith_weight=ic.faith_weight, faith=SelfFaithfulness(ic.faith_patch, ic.faith_samples))
     hook = _self_teaching(cfg, plan, task, store, out_dir, log) if (ic.self_teach_every and source is not None) else None
     trainer = Trainer(
         task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device,
@@ -562,23 +572,38 @@ def map_quality(
     device: torch.device,
     batch_size: int = 256,
     indices: Optional[np.ndarray] = None,
+    *,
+    cfg: Optional[RunConfig] = None,
+    teacher_model: Optional[torch.nn.Module] = None,
 ) -> dict[str, float]:
     """Did IMPACTX learn per-image maps? R^2 against the mean training map, and correlations.
 
-    Computed on the test images ``indices`` (default: those the test store holds maps for).
+    Computed on the test images ``indices`` (default: those the test store holds maps for). A
+    per-class model is compared through the map of the class each teacher map explains. With
+    ``cfg`` and ``teacher.faith_images > 0``, ``faithfulness`` holds the built-in maps' MoRF /
+    LeRF / insertion AUCs on the IMPACTX model itself next to the teacher method applied post hoc
+    to it, the mean map and random maps, and their agreement (``teachx.interfaces.builtin_eval``).
+    R^2 and MSE compare values, so they mean little for maps trained with a scale-free
+    ``impactx.map_loss`` (pearson, rank); the correlations do not depend on the scale.
     """
     ds = plan.dataset
     if indices is None:
         indices = np.flatnonzero(np.asarray(test_store.done))
     indices = np.asarray(indices)
     n = len(indices)
+    classes = None  # the class each teacher map explains (per-class models, and the faithfulness block)
+    if getattr(model, "per_class", False) or (cfg is not None and cfg.teacher.faith_images > 0):
+        from teachx.interfaces.builtin_eval import explained_classes
+
+        classes = np.asarray(ds.test.labels) if cfg is None else explained_classes(cfg, plan, teacher_model, "test", indices, device)
     mean_map = train_store.mean_map(plan.train_idx)
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
     model = model.to(device).eval()
     for s in range(0, n, batch_size):
         idx = indices[s : s + batch_size]
         x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
-        pred = model.explain(x).float().cpu()
+        which = None if classes is None else torch.from_numpy(np.asarray(classes)[idx]).to(device)
+        pred = model.explain(x, target=which).float().cpu()
         target = test_store.read(idx)
         mm = mean_map.unsqueeze(0).expand_as(target)
         sums["mse"] += ((pred - target) ** 2).flatten(1).mean(1).sum().item()
@@ -589,6 +614,10 @@ def map_quality(
     out = {k: v / n for k, v in sums.items()}
     out["images"] = int(n)
     out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
+    if cfg is not None and cfg.teacher.faith_images > 0:
+        from teachx.interfaces.builtin_eval import faithfulness_block
+
+        out["faithfulness"] = faithfulness_block(cfg, plan, model, test_store, train_store, device, indices, classes)
     return out
 
 
@@ -675,7 +704,7 @@ def _run_pipeline(
     t0 = time.perf_counter()
     quality = None  # rank 0 alone evaluates and draws
     if train_store is not None and cfg.impactx.lam > 0:
-        quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device)
+        quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)
     if figures and test_store is not None and dist_utils.is_main():
         from teachx.reporting.figures import save_example_grid, save_training_curves
 

@@ -408,7 +408,7 @@ class _Runner:
         record, model = train_impactx_stage(cfg, plan, train_store, teacher_model, d, self.stage_log)
         timings["impactx"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ev: dict[str, Any] = {"map_quality": map_quality(model, plan, test_store, train_store, device)}
+        ev: dict[str, Any] = {"map_quality": map_quality(model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)}
         baseline = load_classifier(self.checkpoint(base_key), ds)
         ev.update(_evaluate_unit(cfg, self.spec.eval, plan, model, baseline, test_store, device, d))
         timings["evaluation"] = time.perf_counter() - t0
@@ -671,6 +671,7 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                 quality = [units[keys[s]].get("map_quality") for s in seeds]
                 if all(quality):
                     row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "r2_vs_mean_map")}
+                    row["map_quality"].update(_builtin_faith_summary([q.get("faithfulness") for q in quality]))
                 faith = [units[keys[s]].get("faithfulness") for s in seeds]
                 if all(faith):
                     row["faithfulness"] = _faith_summary(faith)
@@ -703,6 +704,19 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
             "with fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05 (smallest p = 2/2^n)",
         ],
     }
+
+
+def _builtin_faith_summary(blocks: list[Optional[dict[str, Any]]]) -> dict[str, Any]:
+    """map_quality's faithfulness blocks over seeds -> summaries keyed 'corr_self', 'pixel_flipping_morf.built_in', ..."""
+    if not blocks or not all(blocks):
+        return {}
+    flat = []
+    for b in blocks:
+        f = {k: b[k] for k in ("corr_self", "corr_self_mean_map", "corr_post_hoc_teacher") if b.get(k) is not None}
+        for metric, by_set in (b.get("auc") or {}).items():
+            f.update({f"{metric}.{name}": v for name, v in by_set.items() if v is not None})
+        flat.append(f)
+    return {k: summarize([f[k] for f in flat]).to_dict() for k in flat[0] if all(k in f for f in flat)}
 
 
 def _faith_summary(faith: list[dict[str, Any]]) -> dict[str, Any]:

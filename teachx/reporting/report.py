@@ -282,6 +282,16 @@ def _run_report(d: Path) -> _Doc:
         doc.h("Built-in maps vs teacher maps (test set)")
         doc.table(["measure", "value"], [["Pearson correlation", _f(q.get("corr"), 3)], ["correlation of the mean training map", _f(q.get("corr_mean_map"), 3)],
                                          ["R² vs mean map (> 0: per-image maps were learned)", _f(q.get("r2_vs_mean_map"), 3)]])
+        fq = q.get("faithfulness")
+        if fq:
+            doc.h(f"Built-in maps explain the IMPACTX model itself? ({fq.get('images')} test images, predicted class)")
+            auc = fq.get("auc", {})
+            names = [k for k in ("built_in", "teacher_post_hoc", "mean_map", "random") if k in auc.get("pixel_flipping_morf", {})]
+            doc.table(["map set", "MoRF AUC (↓)", "LeRF AUC (↑)", "insertion AUC (↑)"],
+                      [[k, _f(auc.get("pixel_flipping_morf", {}).get(k), 3), _f(auc.get("pixel_flipping_lerf", {}).get(k), 3),
+                        _f(auc.get("insertion", {}).get(k), 3)] for k in names])
+            doc.p(f"Correlation of the built-in map with the teacher method applied post hoc to the IMPACTX model: {_f(fq.get('corr_self'), 3)} "
+                  f"(mean map: {_f(fq.get('corr_self_mean_map'), 3)}).", "note")
     doc.h("Training curves")
     hist = {}
     for name, sub in (("baseline", "baseline"), ("teacher", "teacher"), ("IMPACTX", "impactx")):
@@ -371,6 +381,16 @@ def _study_report(d: Path) -> _Doc:
                   [[r["regime"], r["arm"], r["lam"], r["maps"], r["teacher"], _ms(r["map_quality"]["corr"], 3),
                     _ms(r["map_quality"]["corr_mean_map"], 3), _ms(r["map_quality"]["r2_vs_mean_map"], 3)] for r in mq])
         doc.p("R² > 0 means the model predicts per-image maps better than the mean training map; the λ=0 arm (untrained decoder) is the floor.", "note")
+        bf = [r for r in mq if "pixel_flipping_morf.built_in" in r["map_quality"]]
+        if bf:
+            doc.h("Built-in maps explain the IMPACTX model itself? (predicted class; mean ± std over seeds)")
+            sets = ("built_in", "teacher_post_hoc", "mean_map", "random")
+            doc.table(["regime", "arm", "corr. with post-hoc (self)", "mean map's"] + [f"MoRF {k} (↓)" for k in sets] + ["LeRF built_in (↑)", "insertion built_in (↑)"],
+                      [[r["regime"], r["arm"], _ms(r["map_quality"].get("corr_self"), 3), _ms(r["map_quality"].get("corr_self_mean_map"), 3)]
+                       + [_ms(r["map_quality"].get(f"pixel_flipping_morf.{k}"), 3) for k in sets]
+                       + [_ms(r["map_quality"].get("pixel_flipping_lerf.built_in"), 3), _ms(r["map_quality"].get("insertion.built_in"), 3)] for r in bf])
+            doc.p("All map sets explain the IMPACTX model's predicted class; teacher_post_hoc is the teacher method applied to the IMPACTX model, "
+                  "mean_map the mean training teacher map for every image, random the floor (map_quality.faithfulness in each unit).", "note")
     # faithfulness
     fr = [r for r in rows if r.get("faithfulness")]
     if fr:
