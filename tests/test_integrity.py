@@ -426,3 +426,28 @@ def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
     assert _cli("explain", ick, tmp_path / "x.png", "--out", tmp_path / "maps").returncode == 0
     # a stage name that does not exist is a usage error
     _one_line_error(_cli("demo", *common, "--redo", "basline", env=env), "basline")
+
+
+# -- the `teachx serve` precompute cache --------------------------------------------------------------------
+
+def test_serve_cache_never_serves_a_damaged_row(tmp_path):
+    pytest.importorskip("teachx.service.cache")
+    from teachx.service.cache import ArrayCache
+
+    fields = {"map": ((1, 4, 4), "float32"), "probs": ((3,), "float32")}
+    c = ArrayCache(tmp_path, {"m": 1}, 8, fields)
+    values = np.arange(8 * 16, dtype=np.float32).reshape(8, 1, 4, 4) / 7
+    c.put("map", np.arange(8), values)
+    c.put("probs", np.arange(8), np.full((8, 3), 1 / 3, np.float32))
+    c.flush()
+    path = c.path
+    del c
+    arr = np.load(path / "map.npy", mmap_mode="r")
+    offset = arr.offset + 5 * 16 * 4 + 6  # row 5
+    del arr
+    flip_byte(path / "map.npy", offset, 0x01)
+    msgs: list[str] = []
+    again = ArrayCache(tmp_path, {"m": 1}, 8, fields, log=msgs.append)
+    assert list(again.missing("map")) == [5] and list(again.missing("probs")) == []
+    assert any("row 5" in m and "digest" in m for m in msgs)
+    assert np.array_equal(again.get("map", [0, 7]), values[[0, 7]])

@@ -5,7 +5,12 @@ One cache folder (``<root>/<key[:20]>/``) per key -- a hash of everything that c
 
 - ``meta.json``: the key, its material, the number of rows and each field's shape and dtype;
 - ``<field>.npy``: the values, ``(N, *shape)``, opened memory-mapped (memory stays flat in N);
-- ``<field>.done.npy``: bool ``(N,)``, which rows of that field are computed.
+- ``<field>.done.npy``: bool ``(N,)``, which rows of that field are computed;
+- ``<field>.digests.npy``: uint8 ``(N, 16)``, the first 16 bytes of the sha256 of each computed row.
+
+Every computed row is checked against its digest when a folder is opened: a row damaged on disk
+(bit rot, a hand edit, a done flag written back before its values) is never served -- it is
+marked not computed, logged, and computed again on demand.
 
 Files are plain ``.npy`` read with ``allow_pickle=False``; nothing is ever unpickled. A folder whose
 meta does not match its key, or whose files are missing or of the wrong shape, is rebuilt. When
@@ -26,10 +31,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from teachx.teachers.store import ROW_DIGEST_BYTES, row_digests
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import write_json_atomic
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: per-row digests (folders of version 1 have another key and are rebuilt)
 
 
 def cache_key(material: dict[str, Any]) -> str:
@@ -49,6 +55,7 @@ class ArrayCache:
         self.path: Optional[Path] = None
         self.arrays: dict[str, np.ndarray] = {}
         self.done: dict[str, np.ndarray] = {}
+        self.digests: dict[str, np.ndarray] = {}
         if root is not None:
             try:
                 self._open_on_disk(Path(root) / self.key[:20], log)
@@ -59,6 +66,7 @@ class ArrayCache:
         for name, (shape, dt) in self.fields.items():
             self.arrays[name] = np.zeros((self.n, *shape), dtype=dt)
             self.done[name] = np.zeros(self.n, dtype=bool)
+            self.digests[name] = np.zeros((self.n, ROW_DIGEST_BYTES), dtype=np.uint8)
 
     # -- files ------------------------------------------------------------------------------------
 
@@ -79,9 +87,11 @@ class ArrayCache:
             try:
                 a = np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
                 d = np.load(path / f"{name}.done.npy", mmap_mode="r", allow_pickle=False)
+                g = np.load(path / f"{name}.digests.npy", mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError):
                 return f"missing or damaged field {name}"
-            if a.shape != (self.n, *shape) or a.dtype.str != dt or d.shape != (self.n,) or d.dtype != np.bool_:
+            if a.shape != (self.n, *shape) or a.dtype.str != dt or d.shape != (self.n,) or d.dtype != np.bool_ \
+                    or g.shape != (self.n, ROW_DIGEST_BYTES) or g.dtype != np.uint8:
                 return f"field {name} has the wrong shape"
         return None
 
@@ -98,6 +108,7 @@ class ArrayCache:
                 for name, (shape, dt) in self.fields.items():
                     np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.dtype(dt), shape=(self.n, *shape)).flush()
                     np.save(tmp / f"{name}.done.npy", np.zeros(self.n, dtype=bool), allow_pickle=False)
+                    np.save(tmp / f"{name}.digests.npy", np.zeros((self.n, ROW_DIGEST_BYTES), dtype=np.uint8), allow_pickle=False)
                 write_json_atomic(tmp / "meta.json", self._meta())
                 try:
                     os.rename(tmp, path)  # atomic publish; another process may have won the race
@@ -109,7 +120,22 @@ class ArrayCache:
         for name in self.fields:
             self.arrays[name] = np.load(path / f"{name}.npy", mmap_mode="r+", allow_pickle=False)
             self.done[name] = np.load(path / f"{name}.done.npy", mmap_mode="r+", allow_pickle=False)
+            self.digests[name] = np.load(path / f"{name}.digests.npy", mmap_mode="r+", allow_pickle=False)
         self.path = path
+        self._drop_damaged_rows(log)
+
+    def _drop_damaged_rows(self, log: Callable[[str], None]) -> None:
+        """Computed rows that fail their digest are marked not computed (computed again on demand)."""
+        for name in self.fields:
+            idx = np.flatnonzero(self.done[name])
+            bad = [idx[s : s + 4096][np.any(row_digests(self.arrays[name][idx[s : s + 4096]]) != self.digests[name][idx[s : s + 4096]], axis=1)]
+                   for s in range(0, idx.size, 4096)]
+            bad = np.concatenate(bad) if bad else idx[:0]
+            if bad.size:
+                log(f"serve cache {self.path}: {bad.size} row(s) of {name} fail their digest (damaged on disk, e.g. row {int(bad[0])}); "
+                    "they are not served and are computed again when asked for")
+                self.done[name][bad] = False
+                self.done[name].flush()
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -129,11 +155,13 @@ class ArrayCache:
     def put(self, name: str, indices, values: np.ndarray) -> None:
         idx = np.asarray(indices, dtype=np.int64)
         with self.lock:
-            self.arrays[name][idx] = np.asarray(values).astype(self.arrays[name].dtype, copy=False)
-            self.done[name][idx] = True  # after the values: a row marked done is complete
+            rows = np.asarray(values).astype(self.arrays[name].dtype, copy=False)
+            self.arrays[name][idx] = rows
+            self.digests[name][idx] = row_digests(rows)
+            self.done[name][idx] = True  # after the values and digests: a row marked done is complete
 
     def flush(self) -> None:
         with self.lock:
-            for a in (*self.arrays.values(), *self.done.values()):
+            for a in (*self.arrays.values(), *self.digests.values(), *self.done.values()):  # done flags last
                 if isinstance(a, np.memmap):
                     a.flush()
