@@ -133,7 +133,7 @@ function colourBar(vmax) {
 }
 
 function figure(name, caption, m) {
-  const canvas = h("canvas", { id: "map-" + name.replace(/[^a-z0-9_]/gi, "_"), "data-map": name });
+  const canvas = h("canvas", { id: "map-" + name.replace(/[^a-z0-9_-]/gi, "_"), "data-map": name });
   const fig = h("figure", { "data-map": name }, canvas, h("figcaption", { text: caption }), m ? colourBar(m.vmax) : null);
   return { fig, canvas };
 }
@@ -208,6 +208,8 @@ async function resetList() {
   state.total = 0;
   state.listToken += 1;
   $("grid").textContent = "";
+  $("grid").dataset.loaded = "0";
+  $("grid").dataset.model = "";
   $("grid").append(state.sentinel);  // the infinite-scroll marker stays the grid's last child
   writeHash();
   await loadMore();
@@ -248,6 +250,7 @@ async function loadMore() {
     const maps = state.model.kind === "impactx" ? "built_in,teacher" : "teacher";
     $("export-npz").href = idx ? `${base}/export.npz?indices=${idx}&maps=${maps}` : "#";
     grid.dataset.loaded = String(state.items.length);
+    grid.dataset.model = state.model.id;
   } catch (err) {
     showError(err.message);
   } finally {
@@ -327,13 +330,15 @@ function renderProbs(d) {
 }
 
 async function renderMetrics(index) {
-  const mid = encodeURIComponent(state.model.id);
+  const modelId = state.model.id;
+  const mid = encodeURIComponent(modelId);
   $("curve").textContent = "";
   $("agreement").textContent = "";
   $("curve-note").textContent = "computing…";
+  $("detail").dataset.metrics = "";
   try {
     const m = await api(`/models/${mid}/images/${index}/metrics`);
-    if (state.index !== index) return;
+    if (state.index !== index || !state.model || state.model.id !== modelId) return;  // the user moved on
     const pf = m.pixel_flipping;
     $("curve").append(curveSvg(pf.x, pf.curve));
     $("curve-note").textContent = `${m.map} map: AUC ${pf.auc === null ? "n/a" : pf.auc.toFixed(3)} (lower = more faithful); `
@@ -347,6 +352,7 @@ async function renderMetrics(index) {
     } else {
       $("agreement").append(h("div", { class: "muted", text: "a plain classifier has no built-in map" }));
     }
+    $("detail").dataset.metrics = `${modelId}/${index}`;
   } catch (err) {
     $("curve-note").textContent = err.message;
   }
@@ -366,7 +372,7 @@ function curveSvg(xs, ys) {
   };
   const text = (x, y, s) => { const t = document.createElementNS(NS, "text"); t.setAttribute("x", x); t.setAttribute("y", y); t.textContent = s; svg.append(t); };
   line(X(0), Y(0), X(1), Y(0)); line(X(0), Y(0), X(0), Y(1));
-  text(X(0) - 8, Y(0) + 12, "0"); text(X(1) - 40, Y(0) + 12, "fraction flipped 1"); text(2, Y(1) + 4, "p=1");
+  text(X(0) - 3, Y(0) + 12, "0"); text(X(1) - 3, Y(0) + 12, "1"); text(X(0.3), Y(0) + 12, "fraction of pixels flipped"); text(2, Y(1) + 4, "p=1");
   const pts = xs.map((x, i) => (ys[i] === null ? null : `${X(x).toFixed(1)},${Y(ys[i]).toFixed(1)}`)).filter(Boolean).join(" ");
   const pl = document.createElementNS(NS, "polyline");
   pl.setAttribute("points", pts);
