@@ -26,11 +26,22 @@ from PIL import Image
 CHROMIUM = os.environ.get("TEACHX_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("TEACHX_CHROMEDRIVER", "/usr/bin/chromedriver")
 
+
+def _absent(reason: str) -> None:
+    """Skip -- or, where CI installed the browser (.ci/run sets TEACHX_REQUIRE_BROWSER=1), fail."""
+    if os.environ.get("TEACHX_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"TEACHX_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 if not (Path(CHROMIUM).exists() or shutil.which("chromium")):
-    pytest.skip(f"Chromium is not installed ({CHROMIUM}): apt-get install chromium chromium-driver", allow_module_level=True)
+    _absent(f"Chromium is not installed ({CHROMIUM}): apt-get install chromium chromium-driver")
 if not (Path(CHROMEDRIVER).exists() or shutil.which("chromedriver")):
-    pytest.skip(f"chromedriver is not installed ({CHROMEDRIVER}): apt-get install chromium-driver", allow_module_level=True)
-pytest.importorskip("selenium", reason="selenium is not installed: pip install -e '.[dev]'")
+    _absent(f"chromedriver is not installed ({CHROMEDRIVER}): apt-get install chromium-driver")
+try:
+    import selenium  # noqa: F401
+except ImportError:
+    _absent("selenium is not installed: pip install -e '.[dev]'")
 pytest.importorskip("fastapi", reason="teachx serve needs the 'serve' extra: pip install 'teachx[serve]'")
 
 from selenium import webdriver  # noqa: E402
