@@ -23,7 +23,7 @@ class DataConfig:
     val_fraction: float = 0.1  # validation split carved (stratified, seeded) from the training data
     train_size: Optional[int] = None  # use a stratified subset of this many training images (data-size studies)
     split_seed: int = 0  # seed of the validation split and the subset: fixed across training seeds
-    augment: bool = True
+    augment: bool = True  # random crop (and flip) of training images, applied identically to teacher maps
     crop_padding: int = 4  # random crop with this much zero padding
     hflip: Optional[bool] = None  # horizontal flips; default: the dataset's choice, on only where a mirrored image keeps its class (CIFAR, STL-10, Fashion-MNIST), off for digits and imagefolder data (`teachx config` shows the resolved value)
     image_size: Optional[Union[int, str, list[int]]] = None  # imagefolder only: resize every image to this size (32, or H,W as 32,48; bilinear, aspect ratio not kept); default: keep each image's size (all must match)
@@ -97,13 +97,13 @@ class TeacherConfig:
     smooth: float = 0.0  # Gaussian smoothing sigma (pixels) applied to the maps
     checkpoint: Optional[str] = None  # explain this checkpoint instead of training a teacher
     backbone: Optional[str] = None  # teacher backbone if it differs from the student's (a stronger teacher)
-    backbone_options: dict[str, Any] = field(default_factory=dict)
+    backbone_options: dict[str, Any] = field(default_factory=dict)  # constructor options of teacher.backbone
     seed: Optional[int] = None  # seed of the teacher model's training (default: the run's seed); fix it to share one teacher across seeds
     # how the teacher model is trained, as overrides of this config's data.* and train.* keys, e.g.
     # {data.train_size: null, train.epochs: 15}: a teacher that saw the full training split (more
     # knowledge than a student trained on a subset); its maps are still made on the student's images
     training: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 64
+    batch_size: int = 64  # images per teacher call when making maps (memory, not results)
     eval_images: Optional[int] = 1000  # test images explained for map-quality evaluation (None: all)
     faith_images: int = 256  # of those, test images for the built-in maps' faithfulness to the IMPACTX model in map_quality (MoRF/LeRF/insertion, post-hoc maps; 0: off)
     maps_dir: Optional[str] = None  # store location; default $TEACHX_CACHE/maps (shared by runs and seeds)
@@ -179,7 +179,7 @@ class ImpactxConfig:
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: int = 0  # seed of the run (initialisation, augmentation, data order)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

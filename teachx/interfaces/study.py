@@ -55,7 +55,7 @@ class EvalSpec:
     faithfulness: bool = False  # MoRF/LeRF AUCs of built-in, post-hoc teacher, teacher-on-baseline and random maps
     n_images: int = 256  # test images (seeded, stratified-ish) for faithfulness and the post-hoc maps
     steps: int = 16  # pixel-flipping steps
-    patch_size: int = 1
+    patch_size: int = 1  # side of the square patches flipped together (1: single pixels)
     examples: int = 6  # images kept per unit for the report's example grids
 
     def validate(self) -> None:
@@ -142,7 +142,18 @@ def _regime_name(overrides: dict[str, Any]) -> str:
     return ",".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
 
 
-_STUDY_KEYS = ("seeds", "n_seeds", "arms", "regimes", "control", "eval", "alpha", "arm_regimes")
+#: the keys of a study config's ``study:`` section, with their one-line descriptions (``teachx config --describe``)
+STUDY_KEYS: dict[str, str] = {
+    "seeds": "explicit list of seeds, e.g. [0, 1, 2]; each unit runs once per seed (default: 0..n_seeds-1)",
+    "n_seeds": "number of seeds 0..N-1 when seeds is not given (default 1; --seeds N overrides both)",
+    "arms": "name -> overrides of the base config, one IMPACTX variant each, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}",
+    "regimes": "data or training regimes applied on top of every arm, each with its own baseline: a list of overrides or name -> overrides",
+    "control": "the arm every other arm is compared with (default: the arm with impactx.lam: 0)",
+    "eval": "what is measured per IMPACTX unit besides accuracy: the study.eval.* keys",
+    "alpha": "significance level of the paired tests (Holm-adjusted over all control comparisons; default 0.05)",
+    "arm_regimes": "arm -> the only regimes it runs in (default: all), e.g. {self_teach: [1k]} for an expensive arm",
+}
+_STUDY_KEYS = tuple(STUDY_KEYS)
 
 
 def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:

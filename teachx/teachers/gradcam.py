@@ -52,9 +52,12 @@ def resolve_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
 class GradCam(Teacher):
     """Grad-CAM: ReLU(sum_k mean_hw(d f_t / d A_k) * A_k) at a feature layer, upsampled to the input.
 
-    Options: ``layer`` (dotted module name; default ``'body'``, the backbone's last spatial
-    features) and ``relu`` (True: keep only evidence *for* the class, as in the paper).
     The layer's output must be (B, K, h, w) and the layer must run once per forward.
+
+    Args:
+        layer: dotted name of the module whose output is explained; null: ``body``, the
+            backbone's last spatial features
+        relu: true keeps only evidence *for* the class (as in the paper); false keeps the sign
     """
 
     name = "gradcam"

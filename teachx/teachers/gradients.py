@@ -116,8 +116,9 @@ def _optional_batch_size(value: Any) -> int | None:
 class Saliency(Teacher):
     """Vanilla gradient (Simonyan et al. 2014): d f_t / d x, by default its absolute value.
 
-    ``abs=True`` follows the original method and captum's default; ``abs=False`` keeps the sign
-    (needed when the map is used as a signed constraint).
+    Args:
+        abs: true takes the absolute value (the original method, captum's default); false keeps
+            the sign (needed when the map is used as a signed constraint)
     """
 
     name = "saliency"
@@ -200,16 +201,18 @@ BaselineLike = Union[str, float, int, torch.Tensor]
 class IntegratedGradients(Teacher):
     """Integrated Gradients (Sundararajan et al. 2017): (x - x') * integral of grad f along x' -> x.
 
-    Options:
-      - ``baseline``: ``'zero'`` (all zeros in the model's input space, i.e. after normalisation),
-        ``'mean'`` (each image's own per-channel mean: a flat image of its average colour, which
-        keeps images independent of the batch), a number (constant image), or a tensor
-        broadcastable to the inputs (e.g. (C, H, W) or (1, C, H, W) for a dataset mean image).
-      - ``steps`` (32) and ``method`` (``'gausslegendre'``, captum's default, exact for polynomial
-        integrands of degree < 2*steps; or ``'riemann_trapezoid'`` / ``_left`` / ``_right`` /
-        ``_middle``). Every rule's weights sum to 1, so completeness is exact on linear models.
-      - ``internal_batch_size``: at most this many path points (rows) per forward pass, to bound
-        memory; ``None`` evaluates all ``B * steps`` rows in one pass. It does not change the maps.
+    Every quadrature rule's weights sum to 1, so completeness is exact on linear models.
+
+    Args:
+        baseline: the reference image x': ``zero`` (zeros in the model's input space, i.e. after
+            normalisation), ``mean`` (each image's own per-channel mean: a flat image of its
+            average colour), a number (constant image), or (Python API) a tensor broadcastable
+            to the inputs
+        steps: points on the path from x' to x
+        method: quadrature rule: ``gausslegendre`` (captum's default, exact for polynomial
+            integrands of degree < 2*steps) or ``riemann_trapezoid`` / ``_left`` / ``_right`` / ``_middle``
+        internal_batch_size: at most this many path points per forward pass (bounds memory; null:
+            all B*steps at once); does not change the maps
     """
 
     name = "integrated_gradients"

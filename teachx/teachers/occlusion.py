@@ -63,9 +63,14 @@ def spread_over_windows(
 
 @TEACHERS.register("occlusion")
 class Occlusion(Teacher):
-    """Options: ``window`` (4: side of the square patch, or (h, w)), ``stride`` (default = window,
-    non-overlapping patches), ``baseline`` (0.0, the fill value in the model's input space) and
-    ``internal_batch_size`` (256 occluded images per forward; it does not change the maps)."""
+    """Occlusion (Zeiler & Fergus 2014): the drop of the target logit when a patch is replaced by a baseline.
+
+    Args:
+        window: side of the square patch, or [h, w]
+        stride: step between patches; null: the window (non-overlapping patches)
+        baseline: fill value of occluded pixels, in the model's (normalised) input space
+        internal_batch_size: occluded images per forward pass (memory only; does not change the maps)
+    """
 
     name = "occlusion"
 

@@ -363,8 +363,11 @@ class DeepShap(_BackgroundTeacher):
     (with ReLU6/SiLU registered as non-linear in shap), computed batched with one forward of the
     inputs, one of the background and an input-gradient-only backward over the B*K pairs.
 
-    ``background``: (K, C, H, W), normalised like the inputs. ``batch_size``: at most this many
-    (input, background) pairs per backward pass (bounds memory); None picks it from the layer sizes.
+    Args:
+        background: (K, C, H, W) reference images normalised like the inputs; teachx passes a
+            seeded sample of teacher.background_size training images
+        batch_size: at most this many (input, background) pairs per backward pass (bounds
+            memory); null picks it from the layer sizes
     """
 
     name = "deepshap"
@@ -608,9 +611,16 @@ class ExpectedGradients(_BackgroundTeacher):
     """Expected Gradients (Erion et al. 2021), the method of ``shap.GradientExplainer``.
 
     phi(x) = E_{b ~ background, alpha ~ U(0,1)}[(x - b) * grad f_t(b + alpha (x - b))], estimated with
-    ``n_samples`` draws per input (shap's default 200). ``local_smoothing`` adds N(0, s^2) noise to x
-    per draw, as shap does. Draws are seeded by ``seed`` and the image (see :meth:`draws`), so maps are repeatable.
-    ``batch_size`` bounds the number of gradient evaluations per backward pass.
+    ``n_samples`` draws per input. Draws are seeded by ``seed`` and the image (see :meth:`draws`),
+    so maps are repeatable.
+
+    Args:
+        background: (K, C, H, W) reference images normalised like the inputs; teachx passes a
+            seeded sample of teacher.background_size training images
+        n_samples: draws (background image, path point) per input (shap's default 200)
+        seed: seed of the draws (with each image's own content, so maps do not depend on the batch)
+        local_smoothing: standard deviation of N(0, s^2) noise added to x per draw, as shap does
+        batch_size: at most this many gradient evaluations per backward pass (memory only)
     """
 
     name = "expected_gradients"

@@ -12,28 +12,28 @@ from teachx.errors import ConfigError
 class TrainConfig:
     """How a model is optimised. Defaults suit small 32x32 CNNs trained on CPU."""
 
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
-    weight_decay: float = 0.0
-    schedule: Literal["constant", "cosine", "step", "multistep", "onecycle"] = "cosine"
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 128  # training images per optimiser step (global: split across --nproc processes)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"  # sgd | adam | adamw
+    lr: float = 1e-3  # peak learning rate (the schedule scales it)
+    momentum: float = 0.9  # SGD momentum (sgd only)
+    nesterov: bool = False  # Nesterov momentum (sgd only)
+    weight_decay: float = 0.0  # L2 penalty (adamw: decoupled weight decay)
+    schedule: Literal["constant", "cosine", "step", "multistep", "onecycle"] = "cosine"  # learning-rate schedule over the epochs
     warmup_epochs: float = 0.0  # linear warm-up, in (fractional) epochs
     step_size: int = 30  # schedule=step: epochs between decays
     gamma: float = 0.1  # step/multistep decay factor
-    milestones: list[int] = field(default_factory=list)  # schedule=multistep
-    label_smoothing: float = 0.0
+    milestones: list[int] = field(default_factory=list)  # schedule=multistep: epochs at which lr is multiplied by gamma
+    label_smoothing: float = 0.0  # cross-entropy label smoothing in [0, 1)
     grad_clip: Optional[float] = None  # max global grad norm
     amp: bool = True  # mixed precision, on CUDA only (bf16 where supported, else fp16 + scaler)
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # images per batch for validation and test (no gradients)
     select: Literal["val_acc", "val_loss"] = "val_acc"  # which validation figure picks the best checkpoint
     # NHWC activations: faster convolutions and max pooling with CPU oneDNN kernels (see
     # bench/bench_cpu_tuning.py for the measured effect); the same values up to float rounding
     channels_last: bool = False
-    tensorboard: bool = False
-    progress: bool = True
+    tensorboard: bool = False  # also write TensorBoard logs into the stage directory
+    progress: bool = True  # progress bars (the CLI's --quiet turns them off)
     threads: Optional[int] = None  # torch threads per process; default: $TEACHX_THREADS, else $OMP_NUM_THREADS, else the CPUs available to the process
 
     def validate(self) -> None:

@@ -97,8 +97,16 @@ def _bound(value: BoundLike, name: str) -> Any:
 class Lrp(Teacher):
     """LRP with a named composite (rules per layer) and canonizers; relevance of the target logit.
 
-    ``input_low``/``input_high`` are the lowest/highest *normalised* input values (floats or one
-    per channel); only the box composite (``epsilon_gamma_box``) needs them.
+    Args:
+        composite: rules per layer: epsilon, epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1,
+            epsilon_alpha2_beta1_flat, epsilon_gamma_box, gamma or zplus
+        canonizers: model rewrites applied while explaining: merge_batchnorm (fold BatchNorm into
+            the layer before it), residual (split relevance at skip connections)
+        input_low: lowest *normalised* input value (a float or one per channel); only the box
+            composite (epsilon_gamma_box) needs it
+        input_high: highest normalised input value, as input_low
+        epsilon: stabiliser of the epsilon rule
+        gamma: weight of positive contributions in the gamma rule
     """
 
     name = "lrp"
