@@ -201,7 +201,9 @@ def resolve_config(path: Optional[str] = None, overrides: Optional[list[str]] = 
     """defaults <- base dict <- YAML file <- command-line overrides, validated."""
     data: dict[str, Any] = dict(base or {})
     if path:
-        data = merge(data, load_yaml(path))
+        from teachx.interfaces.shipped_configs import find_config
+
+        data = merge(data, load_yaml(find_config(path)))  # a file, or a shipped config's name
     data = apply_overrides(data, list(overrides or []))
     cfg = from_dict(RunConfig, data, "config")
     check_names(cfg)

@@ -158,9 +158,10 @@ _STUDY_KEYS = tuple(STUDY_KEYS)
 
 def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
     """Read a study YAML; ``overrides`` are KEY=VALUE (``study.*`` keys change the study section)."""
+    from teachx.interfaces.shipped_configs import find_config
     from teachx.registry import suggest
 
-    raw = load_yaml(path)
+    raw = load_yaml(find_config(path))  # a file, or a shipped study config's name
     if "study" not in raw or not isinstance(raw["study"], dict):
         raise ConfigError(f"'{path}' has no 'study:' section; add study: {{n_seeds: 5, arms: {{impactx: {{}}, lambda0: {{impactx.lam: 0}}}}}}")
     section = dict(raw.pop("study"))

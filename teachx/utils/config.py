@@ -184,7 +184,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file '{path}' not found; pass the path of a YAML file (see configs/ for examples)")
+        raise ConfigError(f"config file '{path}' not found; pass the path of a YAML file (or a shipped config's name: `teachx config --list`)")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:

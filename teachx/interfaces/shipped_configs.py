@@ -1,0 +1,59 @@
+"""The example configs shipped inside the package (``teachx/configs/*.yaml``), usable by name.
+
+A CONFIG argument is a path when that file exists; otherwise a shipped name such as
+``cifar10-lenet5`` (with or without ``.yaml``) resolves to the packaged file. ``teachx config
+--list`` shows every shipped config with the first line of its header comment.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import as_file, files
+from pathlib import Path
+
+from teachx.errors import ConfigError
+
+
+def shipped_dir() -> Path:
+    """The folder holding the shipped configs (a real folder for every normal install)."""
+    with as_file(files("teachx") / "configs") as path:  # a no-op for installed (non-zipped) packages
+        return Path(path)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """name -> path of every shipped config, sorted by name."""
+    return {p.stem: p for p in sorted(shipped_dir().glob("*.yaml"))}
+
+
+def header(path: Path) -> str:
+    """The first line of the file's leading comment block ('' when it has none)."""
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        return line.lstrip("#").strip().rstrip(".") if line.startswith("#") else ""
+    return ""
+
+
+def is_study(path: Path) -> bool:
+    """Whether the config has a top-level ``study:`` section (a `teachx study` config)."""
+    return any(line.startswith("study:") for line in Path(path).read_text().splitlines())
+
+
+def find_config(arg: str) -> str:
+    """An existing file ``arg`` as given, else the shipped config of that name; else a one-line error."""
+    if Path(arg).expanduser().is_file():
+        return str(Path(arg).expanduser())
+    shipped = shipped_configs()
+    name = Path(arg).name
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name[: -len(".yml")] if name.endswith(".yml") else name
+    looks_like_name = "/" not in arg and "\\" not in arg
+    if looks_like_name and stem in shipped:
+        return str(shipped[stem])
+    names = ", ".join(shipped)
+    if looks_like_name:
+        from teachx.registry import suggest
+
+        raise ConfigError(f"config '{arg}' is neither a file nor a shipped config{suggest(stem, list(shipped))}; "
+                          f"shipped configs: {names} (see `teachx config --list`)")
+    hint = f"; the shipped '{stem}' is used by its name: {stem}" if stem in shipped else ""
+    raise ConfigError(f"config file '{arg}' not found{hint}; pass the path of a YAML file or a shipped config: {names} (see `teachx config --list`)")
