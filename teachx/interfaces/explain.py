@@ -15,16 +15,55 @@ from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.utils.seeding import choose_device
 
 
+def find_impactx_checkpoint(path: str | Path) -> Path:
+    """The IMPACTX checkpoint a path names: a checkpoint file, a `teachx run`/`teachx demo`
+    directory (its ``impactx/checkpoints/best.safetensors``), a study unit directory
+    (``OUT/units/<key>``) or a stage/checkpoints folder; a one-line error saying what to pass otherwise."""
+    p = Path(path)
+    if not p.is_dir():
+        return p  # a file (or a missing path: load_checkpoint says so)
+    for candidate in (p / "impactx" / "checkpoints", p / "checkpoints", p):
+        if (candidate / "best.safetensors").is_file():
+            if candidate == p / "checkpoints" and (p / "unit.json").is_file():
+                kind = _unit_kind(p)
+                if kind not in (None, "impactx"):
+                    raise CheckpointError(f"'{path}' is a study {kind} unit (a baseline or teacher model, no built-in maps); "
+                                          "pass an IMPACTX unit of the study (study.json lists them), or a checkpoint file")
+            return candidate / "best.safetensors"
+    what = "study directory" if (p / "study.json").is_file() or (p / "units").is_dir() else \
+        "run directory" if (p / "config.yaml").is_file() else "directory"
+    if what == "study directory":
+        fix = "pass one of its IMPACTX units, e.g. <study>/units/<key> (study.json lists them)"
+    elif (p / "impactx" / "checkpoints" / "last.safetensors").is_file():
+        fix = ("its IMPACTX stage has not finished: run the same `teachx run` command again to finish it, "
+               f"or pass {p / 'impactx' / 'checkpoints' / 'last.safetensors'}")
+    else:
+        fix = ("pass the --out folder of `teachx run` or `teachx demo` (not `teachx train`, which trains no IMPACTX model), "
+               "a study unit, or an IMPACTX .safetensors file")
+    raise CheckpointError(f"{what} '{path}' has no IMPACTX checkpoint; {fix}")
+
+
+def _unit_kind(unit_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((unit_dir / "unit.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def load_impactx(path: str | Path) -> tuple[ImpactX, dict]:
-    """Rebuild an IMPACTX model and its metadata from a checkpoint (verified against its digest)."""
+    """Rebuild an IMPACTX model and its metadata from a checkpoint (verified against its digest), or
+    from the IMPACTX checkpoint of a run / study-unit directory (:func:`find_impactx_checkpoint`)."""
     from teachx.interfaces.pipeline import load_checkpoint_verified
 
+    path = find_impactx_checkpoint(path)
     ck = load_checkpoint_verified(path)  # a damaged file inside a run: the error says which stage to --redo
     spec = ck.meta.get("model_spec") or {}
     if ck.meta.get("kind") != "impactx" or spec.get("name") != "impactx":
         raise CheckpointError(
             f"'{path}' is a {ck.meta.get('kind', 'unknown')} checkpoint, not an IMPACTX model; "
-            "pass <run>/impactx/checkpoints/best.safetensors from `teachx run`"
+            "pass a `teachx run` directory or its impactx/checkpoints/best.safetensors"
         )
     model = impactx_from_spec(spec)
     load_state_into(model, ck.group("model"), f"checkpoint '{path}'")
