@@ -106,7 +106,7 @@ class TeacherConfig:
     batch_size: int = 64  # images per teacher call when making maps (memory, not results)
     eval_images: Optional[int] = 1000  # test images explained for map-quality evaluation (None: all)
     faith_images: int = 256  # of those, test images for the built-in maps' faithfulness to the IMPACTX model in map_quality (MoRF/LeRF/insertion, post-hoc maps; 0: off)
-    maps_dir: Optional[str] = None  # store location; default $TEACHX_CACHE/maps (shared by runs and seeds)
+    maps_dir: Optional[str] = None  # store location; default $TEACHX_CACHE/maps, else ~/.cache/teachx/cache/maps (shared by runs and seeds; `teachx cache`)
 
 
     def validate(self) -> None:

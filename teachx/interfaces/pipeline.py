@@ -45,9 +45,11 @@ def as_nchw(images_nhwc: np.ndarray) -> torch.Tensor:
 
 
 def default_cache_dir() -> Path:
-    import os
+    """The one cache root, ``$TEACHX_CACHE`` or ``~/.cache/teachx/cache`` (as for decoded datasets);
+    teacher-map stores go to its ``maps/`` folder. `teachx cache list|clean` shows and cleans it."""
+    from teachx.data.cache import default_cache_dir as cache_root
 
-    return Path(os.environ.get("TEACHX_CACHE", Path.home() / ".cache" / "teachx"))
+    return cache_root()
 
 
 # -- run directories --------------------------------------------------------------------------

@@ -72,6 +72,19 @@ def _try_acquire(path: Path) -> Optional[dict]:
     return _read_holder(path) or {}
 
 
+def held_by(path: str | os.PathLike) -> Optional[dict]:
+    """The holder's record when another live process (or one on another host) holds ``path``, else None.
+
+    A look only, for reports such as `teachx cache list`; to act on it, take the lock with :func:`file_lock`.
+    """
+    holder = _read_holder(Path(path))
+    if holder is None:
+        return None
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        return None  # stale: its process is gone
+    return holder
+
+
 @contextmanager
 def file_lock(path: str | os.PathLike, wait: bool = True, poll: float = 2.0,
               on_wait: Optional[Callable[[dict], None]] = None) -> Iterator[None]:
