@@ -451,3 +451,19 @@ def test_serve_cache_never_serves_a_damaged_row(tmp_path):
     assert list(again.missing("map")) == [5] and list(again.missing("probs")) == []
     assert any("row 5" in m and "digest" in m for m in msgs)
     assert np.array_equal(again.get("map", [0, 7]), values[[0, 7]])
+
+
+def test_train_with_a_corrupt_stage_record_says_and_does_redo_train(tmp_path):
+    out = tmp_path / "base"
+    common = ["--out", out, "-q", "train.epochs=1", "data.train_size=200"]
+    assert _cli("train", *common).returncode == 0
+    record = out / "stage.json"
+    at = record.read_bytes().index(b'"test_acc": 0.') + len('"test_acc": 0.')
+    flip_byte(record, at, 0x01)  # a digit of the recorded accuracy: still valid JSON, another number
+    bad = _cli("train", *common)
+    _one_line_error(bad, str(record), "corrupted", "--redo train")
+    redo = _cli("train", *common, "--redo", "train")
+    assert redo.returncode == 0, redo.stderr
+    from teachx.interfaces.pipeline import stage_done
+
+    assert stage_done(out)["test_acc"] == json.loads((out / "results.json").read_text())["test_acc"]
