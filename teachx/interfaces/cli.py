@@ -19,12 +19,15 @@ EPILOG = """\b
 Examples:
   teachx demo                                   # bundled data, LeNet-5, SHAP teacher, baseline vs IMPACTX
   teachx datasets                               # which datasets are known and present
-  teachx train configs/cifar10-lenet5.yaml --out runs/base train.epochs=5
-  teachx run configs/cifar10-lenet5.yaml --out runs/impactx impactx.lam=0.5 teacher.method=lrp
-  teachx explain runs/impactx/impactx/checkpoints/best.safetensors cat.png --out maps/
-  teachx config configs/cifar10-lenet5.yaml train.lr=0.01   # print the resolved config
-  teachx study configs/study-cifar10-lenet5.yaml --out runs/study --seeds 5   # seeds, ablations, p-values
+  teachx run --out runs/x train.epochs=5 teacher.method=lrp   # defaults (bundled data) + overrides
+  teachx config --list                          # the shipped configs, usable by name
+  teachx train cifar10-lenet5-baseline --out runs/base train.epochs=5
+  teachx run cifar10-lenet5 --out runs/impactx impactx.lam=0.5 teacher.method=lrp
+  teachx explain runs/impactx cat.png --out maps/   # built-in maps of the run's IMPACTX model
+  teachx config --describe                      # every option, its default and what it means
+  teachx study study-cifar10-lenet5 --out runs/study --seeds 5   # seeds, ablations, p-values
   teachx report runs/study                      # self-contained HTML + Markdown report
+  teachx cache list                             # decoded datasets and teacher maps on disk
 """
 
 
@@ -41,7 +44,25 @@ def _split_args(args: tuple[str, ...]) -> tuple[Optional[str], list[str]]:
     return config, overrides
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def command_summary(cmd: click.Command) -> str:
+    """What `teachx --help` lists for a command: its short_help, else its docstring's first paragraph, whole."""
+    if cmd.short_help:
+        return " ".join(cmd.short_help.split())
+    return " ".join((cmd.help or "").split("\n\n")[0].split())
+
+
+class TeachxGroup(click.Group):
+    """A click group whose command list shows each summary whole (wrapped), never cut off with '...'."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, command_summary(cmd)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=TeachxGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="teachx")
 def cli() -> None:
     """teachx: train models with teacher explanations (IMPACTX) and measure whether it helps."""
@@ -55,10 +76,14 @@ from teachx.interfaces.cli_serve import register as _register_serve  # noqa: E40
 
 _register_serve(cli)
 
+from teachx.interfaces.cli_cache import register as _register_cache  # noqa: E402
+
+_register_cache(cli)
+
 
 @cli.command()
 def datasets() -> None:
-    """List known datasets, where their files are expected, and which are present."""
+    """List known datasets, where their files go, which are present."""
     from teachx.data import dataset_status
 
     rows = dataset_status()
@@ -73,36 +98,46 @@ def datasets() -> None:
 
 @cli.command()
 def models() -> None:
-    """List the built-in backbones."""
-    from teachx.models import MODELS
+    """List the built-in backbones and their options."""
+    from teachx.interfaces.describe import describe_models
 
-    for name in MODELS.names():
-        click.echo(name)
-    click.echo("torchvision:<name> and timm:<name> wrap those libraries' models when they are installed.")
+    click.echo(describe_models(), nl=False)
 
 
 @cli.command()
 def teachers() -> None:
-    """List the explanation methods usable as teachers."""
-    from teachx.teachers import TEACHERS
+    """List the explanation methods (teachers) and their options."""
+    from teachx.interfaces.describe import describe_teachers
 
-    for name in TEACHERS.names():
-        cls = TEACHERS.get(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        click.echo(f"{name:<22} {doc}")
+    click.echo(describe_teachers(), nl=False)
 
 
 @cli.command("config", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-def config_cmd(args: tuple[str, ...]) -> None:
-    """Print the resolved config: defaults <- [CONFIG] <- KEY=VALUE overrides."""
+@click.option("--list", "list_", is_flag=True, help="List the configs shipped with teachx (usable by name wherever a CONFIG goes).")
+@click.option("--describe", is_flag=True, help="Annotate every option with what it means (the output is a valid config).")
+def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
+    """Print the resolved config; see also --list and --describe.
+
+    teachx config [CONFIG] [KEY=VALUE ...]: defaults <- CONFIG (a file or a shipped name) <- overrides.
+    """
     from teachx.interfaces.config import resolve_config
     from teachx.utils.config import dump_yaml
 
-    from teachx.interfaces.config import annotate_resolved
+    if list_:
+        from teachx.interfaces.describe import list_shipped
 
+        click.echo(list_shipped(), nl=False)
+        return
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
+    if describe:
+        from teachx.interfaces.describe import describe_config
+
+        click.echo(describe_config(cfg), nl=False)
+        return
+    from teachx.interfaces.config import annotate_resolved
+
     click.echo(annotate_resolved(dump_yaml(cfg.to_dict()), cfg), nl=False)  # "# resolved: ..." on values left to the dataset
 
 
@@ -114,7 +149,11 @@ def config_cmd(args: tuple[str, ...]) -> None:
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(["train"]), multiple=True, help="Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).")
 def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
-    """Train a baseline classifier: teachx train [CONFIG] [KEY=VALUE ...] --out DIR."""
+    """Train a baseline classifier.
+
+    teachx train [CONFIG] [KEY=VALUE ...] --out DIR. CONFIG is a YAML file or a shipped config's
+    name (`teachx config --list`); without one, the defaults (`teachx config --describe`) are used.
+    """
     from teachx.interfaces.config import resolve_config
     from teachx.interfaces.launch import echo0
     from teachx.interfaces.pipeline import data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages, train_classifier
@@ -145,12 +184,15 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx"]), multiple=True, help=REDO_HELP)
 def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
-    """Baseline -> teacher maps -> IMPACTX -> test: teachx run CONFIG [KEY=VALUE ...] --out DIR."""
+    """The whole pipeline: baseline -> teacher maps -> IMPACTX -> test.
+
+    teachx run [CONFIG] [KEY=VALUE ...] --out DIR. CONFIG is a YAML file or a shipped config's name
+    (`teachx config --list`); without one, the defaults (`teachx config --describe`: the bundled
+    dataset, LeNet-5, a DeepSHAP teacher) and the KEY=VALUE overrides are used.
+    """
     from teachx.interfaces.config import resolve_config
 
     path, overrides = _split_args(args)
-    if path is None:
-        raise ConfigError("teachx run needs a CONFIG file (see configs/); e.g. teachx run configs/cifar10-lenet5.yaml --out runs/x")
     cfg = resolve_config(path, overrides)
     _pipeline_command(cfg, out, "run", overwrite, quiet, nproc, redo)
 
@@ -163,7 +205,7 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
 @click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx"]), multiple=True, help=REDO_HELP)
 @click.argument("overrides", nargs=-1)
 def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """The bundled dataset, LeNet-5 and a SHAP teacher: baseline vs IMPACTX in a few minutes."""
+    """Bundled data, LeNet-5, SHAP teacher: baseline vs IMPACTX."""
     from importlib.resources import files
 
     from teachx.interfaces.config import resolve_config
@@ -174,12 +216,16 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder for the heatmap PNGs.")
 @click.option("--device", default="auto", show_default=True)
 def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str) -> None:
-    """Write built-in IMPACTX heatmap overlays (PNG) for image files."""
+    """Write built-in IMPACTX heatmap overlays (PNG) for image files.
+
+    RUN_DIR is the --out folder of `teachx run` or `teachx demo` (its IMPACTX model is used), or an
+    IMPACTX unit of a study (STUDY/units/KEY); CHECKPOINT an IMPACTX .safetensors file.
+    """
     from teachx.interfaces.explain import explain_images
 
     for line in explain_images(checkpoint, list(images), out, device):
