@@ -18,7 +18,7 @@ def register(cli: click.Group) -> None:
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("config", metavar="CONFIG")
 @click.argument("overrides", nargs=-1)
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Study directory (resumed: complete units are skipped).")
 @click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=None, help="Use seeds 0..N-1 (overrides study.seeds / study.n_seeds).")
@@ -27,10 +27,11 @@ def register(cli: click.Group) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the units that would run, then stop.")
 @click.option("--quiet", "-q", is_flag=True, help="One line per unit and the summary: no progress bars or stage logs.")
 def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[int], faithfulness: bool, with_report: bool, dry_run: bool, quiet: bool) -> None:
-    """Seeds x arms x regimes with paired statistics: teachx study CONFIG [KEY=VALUE ...] --out DIR.
+    """Seeds x arms x regimes with paired statistics.
 
-    CONFIG is a run config with a `study:` section (seeds, arms, optional regimes); KEY=VALUE
-    overrides change the base config, or the study with `study.KEY=VALUE`.
+    teachx study CONFIG [KEY=VALUE ...] --out DIR. CONFIG is a run config with a `study:` section
+    (seeds, arms, optional regimes): a file or a shipped study's name (`teachx config --list`);
+    KEY=VALUE overrides change the base config, or the study with `study.KEY=VALUE`.
     """
     from teachx.interfaces.study import BASELINE, load_study, run_study
 
@@ -62,7 +63,7 @@ def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[i
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "-o", "out", default=None, type=click.Path(dir_okay=False), help="HTML file (the .md goes next to it); default RUN_DIR/report.html.")
 def report(run_dir: str, out: Optional[str]) -> None:
-    """Write a self-contained HTML report (and Markdown) for a run, demo or study directory."""
+    """Write an HTML + Markdown report of a run, demo or study."""
     from teachx.reporting.report import write_report
 
     html_path, md_path = write_report(run_dir, out)

@@ -1,0 +1,128 @@
+"""Text for `teachx config --describe / --list`, `teachx teachers` and `teachx models`.
+
+Descriptions come from the code (see :mod:`teachx.utils.docs`), so they cannot drift from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import yaml
+
+from teachx.utils.docs import Option, callable_options, option_docs, summary
+
+COMMENT_COLUMN = 34  # descriptions start here unless the key and value are longer
+
+
+def value_text(value: Any) -> str:
+    """A value as it is written in YAML (and on the command line): null, true, 0.001, [a, b], {}."""
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    except yaml.YAMLError:
+        return repr(value)
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    return text[:-4] if text.endswith(" ...") else text
+
+
+def _commented(line: str, help_text: str) -> str:
+    return f"{line:<{COMMENT_COLUMN}}  # {help_text}" if help_text else line
+
+
+def _section_lines(obj: Any, indent: str) -> Iterator[str]:
+    docs = option_docs(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield f"{indent}{f.name}:"
+            yield from _section_lines(value, indent + "  ")
+        else:
+            yield _commented(f"{indent}{f.name}: {value_text(value)}", docs.get(f.name, ""))
+
+
+def describe_config(cfg: Any) -> str:
+    """The resolved run config as YAML, every option with its description as a comment; then the
+    ``study:`` keys of `teachx study` configs, commented out."""
+    from teachx.interfaces.study import STUDY_KEYS, EvalSpec
+
+    lines = ["# every option of a teachx config, its value here and what it means;",
+             "# a file with any subset of these keys is a config (`teachx run FILE`), KEY=VALUE overrides one",
+             *_section_lines(cfg, ""),
+             "",
+             "# `teachx study` configs add a study: section (seeds x arms x regimes, paired tests):",
+             "# study:"]
+    eval_docs = option_docs(EvalSpec)
+    for key, help_text in STUDY_KEYS.items():
+        if key == "eval":
+            lines.append(_commented("#   eval:", help_text))
+            for f in dataclasses.fields(EvalSpec):
+                lines.append(_commented(f"#     {f.name}: {value_text(getattr(EvalSpec(), f.name))}", eval_docs.get(f.name, "")))
+        else:
+            lines.append(_commented(f"#   {key}: ...", help_text))
+    return "\n".join(lines) + "\n"
+
+
+def list_shipped() -> str:
+    from teachx.interfaces.shipped_configs import header, is_study, shipped_configs, shipped_dir
+
+    configs = shipped_configs()
+    width = max(len(n) for n in configs)
+    lines = ["Shipped configs; pass the name where a CONFIG goes (a file of that name in the current folder wins):"]
+    for name, path in configs.items():
+        kind = "study" if is_study(path) else "run"
+        lines.append(f"  {name:<{width}}  {kind:<5}  {header(path)}")
+    lines += ["",
+              "  teachx run cifar10-lenet5 --out runs/c        teachx study study-cifar10-lenet5 --out runs/s",
+              f"  the files (to copy and edit): {shipped_dir()}"]
+    return "\n".join(lines) + "\n"
+
+
+def _option_lines(options: list[Option], indent: str = "    ") -> Iterator[str]:
+    if not options:
+        yield f"{indent}(no options)"
+        return
+    heads = [f"{o.name} (required)" if o.required else f"{o.name} = {value_text(o.default)}" for o in options]
+    width = min(max(len(h) for h in heads), 34)
+    for head, opt in zip(heads, options):
+        yield f"{indent}{head:<{width}}  {opt.help}".rstrip()
+
+
+def describe_teachers() -> str:
+    from teachx.teachers import TEACHERS
+
+    lines = []
+    for name in TEACHERS.names():
+        cls = TEACHERS.get(name)
+        aliases = TEACHERS.aliases(name)
+        lines.append(f"{name}" + (f"  (also: {', '.join(aliases)})" if aliases else ""))
+        lines.append(f"    {summary(cls)}")
+        lines.extend(_option_lines(callable_options(cls)))
+        lines.append("")
+    lines.append("Choose one with teacher.method=NAME and set its options with teacher.options.NAME=VALUE,")
+    lines.append("e.g. teacher.method=lrp teacher.options.composite=epsilon; background is made by teachx")
+    lines.append("from teacher.background_size training images.")
+    return "\n".join(lines) + "\n"
+
+
+def describe_models() -> str:
+    from teachx.models import MODELS
+
+    lines = []
+    for name in MODELS.names():
+        builder = MODELS.get(name)
+        aliases = MODELS.aliases(name)
+        lines.append(f"{name}" + (f"  (also: {', '.join(aliases)})" if aliases else ""))
+        lines.append(f"    {summary(builder)}")
+        lines.extend(_option_lines(callable_options(builder)))
+        lines.append("")
+    lines.append("Choose one with model.backbone=NAME and set its options with model.options.NAME=VALUE, e.g.")
+    lines.append("model.backbone=mobilenet model.options.alpha=0.5 (a different teacher model: teacher.backbone and")
+    lines.append("teacher.backbone_options.NAME). torchvision:<name> and timm:<name> wrap those libraries' models")
+    lines.append("when they are installed.")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["describe_config", "describe_models", "describe_teachers", "list_shipped", "value_text"]

@@ -1,0 +1,314 @@
+"""The path a pip-installed user walks (issue 11, items 13-15 and 17).
+
+Shipped example configs usable by name, `teachx run` from defaults, every option described
+(`teachx config --describe`, `teachx teachers`, `teachx models`), `explain RUN_DIR`, complete
+`--help` summaries, and `teachx cache list|clean`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_cli import assert_one_line_error, run
+
+SHIPPED = ("cifar10-lenet5", "cifar10-lenet5-baseline", "study-cifar10-lenet5", "study-cifar10-confirm", "demo")
+TINY = ["data.train_size=200", "train.epochs=1", "train.batch_size=64", "teacher.background_size=4",
+        "teacher.eval_images=20", "teacher.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    """`teachx run` with no CONFIG at all: defaults (bundled data, LeNet-5, DeepSHAP) + KEY=VALUE."""
+    root = tmp_path_factory.mktemp("tiny")
+    env = {"TEACHX_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    res = run("run", "--out", root / "run", "-q", *TINY, env_extra=env)
+    return {"root": root, "run": root / "run", "cache": root / "cache", "env": env, "res": res}
+
+
+# ------------------------------------------------------------------ 13: shipped configs, run from defaults
+
+def test_run_needs_no_config(tiny_run):
+    res = tiny_run["res"]
+    assert res.returncode == 0, res.stderr
+    assert (tiny_run["run"] / "impactx" / "checkpoints" / "best.safetensors").exists()
+    assert "data.train_size" not in res.stderr
+
+
+def test_config_list_shows_every_shipped_config_with_its_header(tmp_path):
+    res = run("config", "--list", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    for name in SHIPPED:
+        row = next((ln for ln in lines if ln.split() and ln.split()[0] == name), None)
+        assert row is not None, (name, res.stdout)
+        assert len(row.split()) > 2, row  # the one-line header follows the name
+    assert any("IMPACTX on CIFAR-10" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("name", ["cifar10-lenet5", "cifar10-lenet5.yaml"])
+def test_shipped_config_usable_by_name_anywhere(tmp_path, name):
+    res = run("config", name, "train.epochs=3", cwd=tmp_path)  # tmp_path: no configs/ folder here
+    assert res.returncode == 0, res.stderr
+    assert "imagefolder:../shared/data/cifar10-jpg.zip" in res.stdout and "epochs: 3" in res.stdout
+
+
+def test_a_local_file_wins_over_a_shipped_name(tmp_path):
+    (tmp_path / "demo.yaml").write_text("train:\n  epochs: 7\n")
+    res = run("config", "demo.yaml", cwd=tmp_path)
+    assert res.returncode == 0 and "epochs: 7" in res.stdout
+
+
+@pytest.mark.parametrize("cmd", [("config",), ("run", "--out", "{tmp}/r"), ("study", "--out", "{tmp}/s")])
+def test_unknown_config_name_lists_the_shipped_ones(tmp_path, cmd):
+    args = [cmd[0], "cifar10-lenet"] + [a.format(tmp=tmp_path) for a in cmd[1:]]
+    res = run(*args, cwd=tmp_path)
+    assert_one_line_error(res, "cifar10-lenet", *SHIPPED)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
+def test_study_accepts_a_shipped_study_name(tmp_path):
+    res = run("study", "study-cifar10-confirm", "--out", tmp_path / "s", "--dry-run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "units" in res.stdout and "gradcam" in res.stdout
+
+
+def test_repo_has_one_copy_of_the_example_configs():
+    repo = Path(__file__).resolve().parents[1]
+    assert not list((repo / "configs").glob("*.yaml")), "example configs live in teachx/configs/ only"
+    readme = (repo / "README.md").read_text()
+    assert "configs/" not in readme.replace("teachx/configs/", ""), "README commands must use shipped config names"
+
+
+# ------------------------------------------------------------------ 14: every option has a description
+
+def _sections():
+    from teachx.interfaces.config import RunConfig
+    from teachx.interfaces.study import EvalSpec
+
+    out = {"": RunConfig, "study.eval": EvalSpec}
+    for f in dataclasses.fields(RunConfig):
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            out[f.name] = f.default_factory
+    return out
+
+
+def test_every_config_option_has_a_description():
+    """A new option without a `# description` (or field(metadata={'help': ...})) fails here."""
+    from teachx.utils.docs import option_docs
+
+    missing = []
+    for section, cls in _sections().items():
+        docs = option_docs(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory if isinstance(f.default_factory, type) else None):
+                continue  # a section, described by its own fields
+            if not docs.get(f.name, "").strip():
+                missing.append(f"{section + '.' if section else ''}{f.name}")
+    assert not missing, f"options without a description: {missing}"
+
+
+def test_every_study_key_has_a_description():
+    from teachx.interfaces.study import STUDY_KEYS
+
+    assert {"seeds", "n_seeds", "arms", "regimes", "control", "eval", "alpha", "arm_regimes"} <= set(STUDY_KEYS)
+    assert all(isinstance(v, str) and v.strip() for v in STUDY_KEYS.values())
+
+
+def test_config_describe_shows_every_option_with_its_meaning():
+    res = run("config", "--describe")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert re.search(r"^\s+lam: 1\.0\s+# weight of the explanation loss", out, re.M), out
+    assert re.search(r"^\s+val_fraction: 0\.1\s+# ", out, re.M)
+    for section, cls in _sections().items():
+        for f in dataclasses.fields(cls):
+            if section == "study.eval":
+                assert re.search(rf"^#\s+{f.name}: .*\S", out, re.M), f.name
+            elif not dataclasses.is_dataclass(f.default_factory if isinstance(f.default_factory, type) else None):
+                line = next((ln for ln in out.splitlines() if ln.strip().startswith(f"{f.name}:")), "")
+                assert "#" in line and line.split("#", 1)[1].strip(), (section, f.name, line)
+    assert "arm_regimes" in out  # study keys are described too
+
+
+def test_every_teacher_and_backbone_option_is_described():
+    from teachx.models import MODELS
+    from teachx.teachers import TEACHERS
+    from teachx.utils.docs import callable_options
+
+    missing = []
+    for registry in (TEACHERS, MODELS):
+        for name in registry.names():
+            for opt in callable_options(registry.get(name)):
+                if not opt.help.strip():
+                    missing.append(f"{name}.{opt.name}")
+    assert not missing, f"options without a description: {missing}"
+
+
+def test_teachers_and_models_commands_show_options():
+    t = run("teachers")
+    assert t.returncode == 0, t.stderr
+    assert re.search(r"composite\s*=\s*'?epsilon_plus_flat'?.*\S", t.stdout), t.stdout
+    assert re.search(r"steps\s*=\s*32\s+\S", t.stdout), t.stdout
+    assert "teacher.options." in t.stdout  # how to set them
+    m = run("models")
+    assert m.returncode == 0, m.stderr
+    assert re.search(r"alpha\s*=\s*1\.0\s+.*width", m.stdout), m.stdout
+    assert re.search(r"depth\s*=\s*20\s+\S", m.stdout), m.stdout
+    assert "model.options." in m.stdout
+
+
+# ------------------------------------------------------------------ 15: explain RUN_DIR; --help summaries
+
+def _image(tmp_path: Path) -> Path:
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((28, 28), 120, np.uint8)).save(img)
+    return img
+
+
+def test_explain_accepts_a_run_dir(tiny_run, tmp_path):
+    ex = run("explain", tiny_run["run"], _image(tmp_path), "--out", tmp_path / "maps")
+    assert ex.returncode == 0, ex.stderr
+    assert (tmp_path / "maps" / "x_impactx.png").exists()
+
+
+def test_explain_accepts_a_study_unit_dir(tiny_run, tmp_path):
+    unit = tmp_path / "study" / "units" / "abc123"
+    shutil.copytree(tiny_run["run"] / "impactx" / "checkpoints", unit / "checkpoints")
+    (unit / "unit.json").write_text(json.dumps({"key": "abc123", "kind": "impactx", "config": {}}))
+    ex = run("explain", unit, _image(tmp_path), "--out", tmp_path / "maps")
+    assert ex.returncode == 0, ex.stderr
+    assert (tmp_path / "maps" / "x_impactx.png").exists()
+
+
+def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
+    trained = tmp_path / "trainonly"
+    shutil.copytree(tiny_run["run"] / "baseline", trained / "baseline")
+    shutil.copy(tiny_run["run"] / "config.yaml", trained / "config.yaml")
+    res = run("explain", trained, _image(tmp_path), "--out", tmp_path / "maps")
+    assert_one_line_error(res, "no IMPACTX", "teachx run")
+    assert not (tmp_path / "maps").exists()
+    classifier_unit = tmp_path / "units" / "k1"
+    shutil.copytree(tiny_run["run"] / "baseline" / "checkpoints", classifier_unit / "checkpoints")
+    (classifier_unit / "unit.json").write_text(json.dumps({"key": "k1", "kind": "classifier", "config": {}}))
+    assert_one_line_error(run("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier")
+
+
+@pytest.mark.parametrize("columns", ["80", "60"])
+def test_help_summaries_are_complete(columns):
+    from teachx.interfaces.cli import cli, command_summary
+
+    res = run("--help", env_extra={"COLUMNS": columns})
+    assert res.returncode == 0, res.stderr
+    listing = " ".join(res.stdout.split("Commands:")[1].split("Examples:")[0].split())
+    summaries = {name: " ".join(command_summary(cmd).split()) for name, cmd in cli.commands.items()}
+    for name, summary in summaries.items():
+        assert summary and f"{name} {summary}" in listing, (name, summary, listing)
+        assert len(summary) <= 90, (name, summary)  # a summary, not a paragraph
+    # no '...' but the ones the summaries themselves hold (e.g. "[DIR ...]"): nothing was cut off
+    assert listing.count("...") == sum(s.count("...") for s in summaries.values()), listing
+
+
+# ------------------------------------------------------------------ 17: teachx cache list | clean
+
+def _data_entry(cache: Path) -> Path:
+    from teachx.data.cache import Decoded, cached_decode
+
+    def decode():
+        imgs = np.zeros((4, 8, 8, 1), np.uint8)
+        return Decoded(imgs, np.arange(4) % 2, imgs[:2], np.arange(2), ["a", "b"])
+
+    return Path(cached_decode("toyset", {"v": 1}, decode, cache_dir=cache).cache_path)
+
+
+def test_cache_dirs_agree(monkeypatch, tmp_path):
+    from teachx.data.cache import default_cache_dir as data_cache
+    from teachx.interfaces.pipeline import default_cache_dir as pipeline_cache
+
+    monkeypatch.delenv("TEACHX_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert pipeline_cache() == data_cache()
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "c"))
+    assert pipeline_cache() == data_cache() == tmp_path / "c"
+
+
+def test_cache_list_and_clean_only_what_teachx_made(tiny_run, tmp_path):
+    from teachx.utils.locking import file_lock
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_run["cache"], cache)
+    env = {"TEACHX_CACHE": str(cache)}
+    data_entry = _data_entry(cache)
+    stores = sorted(p for p in (cache / "maps").iterdir() if p.is_dir())
+    assert len(stores) == 2
+    # foreign things: a file, a folder, a folder with a meta.json teachx did not write
+    (cache / "notes.txt").write_text("mine")
+    (cache / "photos").mkdir()
+    (cache / "photos" / "a.jpg").write_bytes(b"x" * 100)
+    (cache / "maps" / "other").mkdir()
+    (cache / "maps" / "other" / "meta.json").write_text('{"hello": 1}')
+
+    ls = run("cache", "list", env_extra=env)
+    assert ls.returncode == 0, ls.stderr
+    for s in stores:
+        assert s.name in ls.stdout
+    assert data_entry.name in ls.stdout and "toyset" in ls.stdout and "deepshap" in ls.stdout
+    assert "total" in ls.stdout.lower()
+    assert "photos" not in ls.stdout and "other" not in ls.stdout.split("total")[0]
+
+    # nothing selected: an error saying what to select; a selection without --yes only shows
+    assert_one_line_error(run("cache", "clean", env_extra=env), "--all")
+    dry = run("cache", "clean", "--all", env_extra=env)
+    assert dry.returncode == 0 and "--yes" in dry.stdout
+    assert all(s.exists() for s in stores) and data_entry.exists()
+
+    # --maps --yes, while another process holds the lock of one store: that one is kept
+    locked, free = stores
+    with file_lock(cache / "maps" / f"{locked.name}.lock", wait=False):
+        res = run("cache", "clean", "--maps", "--yes", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    assert locked.exists() and (locked / "meta.json").exists() and not free.exists(), res.stdout
+    assert "in use" in res.stdout and data_entry.exists()
+
+    # a specific entry by (a prefix of) its key
+    res = run("cache", "clean", data_entry.name[:12], "--yes", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    assert not data_entry.exists() and locked.exists()
+    assert_one_line_error(run("cache", "clean", "zzzz", "--yes", env_extra=env), "zzzz", "teachx cache list")
+
+    # --all --yes: every teachx entry goes, foreign files stay
+    res = run("cache", "clean", "--all", "--yes", env_extra=env)
+    assert res.returncode == 0, res.stderr
+    assert not locked.exists()
+    assert (cache / "notes.txt").read_text() == "mine" and (cache / "photos" / "a.jpg").exists()
+    assert (cache / "maps" / "other" / "meta.json").exists()
+
+
+def test_cache_clean_older_than(tmp_path):
+    from teachx.utils.cache_admin import clean, scan, select
+
+    old, new = _data_entry(tmp_path / "c"), None
+    from teachx.data.cache import Decoded, cached_decode
+
+    imgs = np.zeros((2, 4, 4, 3), np.uint8)
+    new = Path(cached_decode("fresh", {"v": 2}, lambda: Decoded(imgs, np.arange(2), imgs, np.arange(2), ["a", "b"]),
+                             cache_dir=tmp_path / "c").cache_path)
+    past = time.time() - 40 * 86400
+    for f in old.iterdir():
+        os.utime(f, (past, past))
+    entries = scan(tmp_path / "c")
+    assert {e.path for e in entries} == {old, new}
+    chosen = select(entries, older_than_days=30)
+    assert [e.path for e in chosen] == [old]
+    report = clean(chosen, dry_run=False)
+    assert [r.entry.path for r in report if r.deleted] == [old]
+    assert not old.exists() and new.exists()
