@@ -449,3 +449,20 @@ def test_cli_precompute_only(dirs, tmp_path, capsys):
     code, out, _ = _cli(["serve", str(dirs["run"]), "--precompute", "--no-serve", "-q", "--cache-dir", str(tmp_path / "pc")], capsys)
     assert code == 0 and "run.impactx: 32 test images cached" in out
     assert len(list((tmp_path / "pc").glob("*/meta.json"))) >= 3  # two view caches + the deepshap maps of each model
+
+
+def test_bench_serve_helpers_and_its_upload_request(client):
+    """bench/bench_serve.py's statistics and the multipart upload it sends (the bench itself is not run here)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_serve.py"
+    spec = importlib.util.spec_from_file_location("_teachx_bench_serve", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    s = bench.summary([0.001 * v for v in range(1, 101)], errors=2, wall_s=2.0)
+    assert s["p50_ms"] == pytest.approx(50.5) and s["p95_ms"] == pytest.approx(95.05) and s["requests"] == 102 and s["errors"] == 2
+    body, headers = bench.multipart(bench.upload_png([32, 32], 3))
+    r = client.post("/api/v1/models/run.impactx/predict", content=body, headers=headers)
+    assert r.status_code == 200 and r.json()["notice"] == ""
+    info = client.get("/api/v1/models/run.impactx").json()
+    assert info["n_images"] == 32 and info["error"] is None

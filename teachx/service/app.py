@@ -173,13 +173,8 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
 
     @app.get(f"{API}/models/{{model_id}}", response_model=ModelInfo, responses=ERRORS)
     def model(model_id: str):
-        """One model; loads it, so a damaged checkpoint shows up in ``error``."""
-        try:
-            service.loaded(model_id)
-        except ServiceError as exc:
-            if exc.status == 404:
-                raise
-        return service.model_info(model_id)
+        """One model; loads it and its test data, so a damaged checkpoint or missing data shows up in ``error``."""
+        return service.model_info(model_id, load=True)
 
     @app.get(f"{API}/teachers", response_model=TeachersResponse)
     def teachers():

@@ -447,17 +447,31 @@ class Service:
             "split": split, "index": index, "upload_sha256": upload_sha256, "source": source, "cache_key": cache_key,
         }
 
-    def model_info(self, model_id: str) -> dict[str, Any]:
+    def model_info(self, model_id: str, load: bool = False) -> dict[str, Any]:
+        """What the catalog knows; ``load=True`` also loads the model and its test data (class names,
+        sizes, number of test images), turning a failure into ``error``."""
         e = self.entry(model_id)
+        if load:
+            try:
+                self.data(self.loaded(model_id))
+            except NotFound:
+                raise
+            except ServiceError as exc:
+                return {**self.model_info(model_id), "error": str(exc)}
         cfg = e.config
         out = {"id": e.id, "run_id": e.run_id, "name": e.name, "label": e.label, "kind": e.kind, "role": e.role,
                "has_built_in": e.kind == "impactx", "test_acc": e.test_acc, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
                "config_hash": e.config_hash, "config": cfg, "info": _jsonable(e.info), "error": self.status(model_id),
                "dataset": (cfg.get("data") or {}).get("name"), "teacher_method": (cfg.get("teacher") or {}).get("method"),
-               "class_names": None, "image_size": None, "channels": None, "loaded": model_id in self._loaded}
+               "class_names": None, "image_size": None, "channels": None, "n_images": None, "loaded": model_id in self._loaded}
         lm = self._loaded.get(model_id)
         if lm is not None:
             out.update(class_names=lm.class_names, image_size=list(lm.image_size), channels=lm.channels)
+            from teachx.utils.hashing import hash_json
+
+            d = self._data.get(hash_json(lm.cfg.to_dict()["data"]))
+            if d is not None:
+                out["n_images"] = d.n
         return out
 
     def list_images(self, model_id: str, label: Optional[int] = None, predicted: Optional[int] = None,

@@ -51,6 +51,7 @@ class ModelInfo(BaseModel):
     class_names: Optional[list[str]]
     image_size: Optional[list[int]]
     channels: Optional[int]
+    n_images: Optional[int] = Field(None, description="test images (known once the model and its data are loaded)")
     loaded: bool
 
 
