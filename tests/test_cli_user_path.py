@@ -140,6 +140,14 @@ def test_config_describe_shows_every_option_with_its_meaning():
     assert "arm_regimes" in out  # study keys are described too
 
 
+def test_config_describe_output_is_a_valid_config(tmp_path):
+    described = tmp_path / "described.yaml"
+    described.write_text(run("config", "--describe", "train.epochs=3").stdout)
+    again, plain = run("config", described), run("config", "train.epochs=3")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == plain.stdout
+
+
 def test_every_teacher_and_backbone_option_is_described():
     from teachx.models import MODELS
     from teachx.teachers import TEACHERS
