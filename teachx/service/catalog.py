@@ -10,6 +10,7 @@ damaged is listed with its error, and the others stay usable.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ class ModelEntry:
     info: dict[str, Any] = field(default_factory=dict)  # seed, arm, regime, lam
     error: Optional[str] = None
 
-    @property
+    @functools.cached_property
     def config_hash(self) -> str:
         return hash_json(self.config)
 

@@ -22,6 +22,7 @@ Errors are :class:`ServiceError` subclasses with an HTTP status and a one-line m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import threading
@@ -65,6 +66,7 @@ class BadUpload(ServiceError):
         self.status = status
 
 
+@functools.lru_cache(maxsize=1)
 def teachx_version() -> str:
     try:
         from importlib.metadata import version
@@ -104,6 +106,13 @@ class Loaded:
     lock: threading.RLock = field(default_factory=threading.RLock)  # teachers hook into the model: one user at a time
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    @functools.cached_property
+    def data_key(self) -> str:
+        """Models whose data config is the same share one loaded test split."""
+        from teachx.utils.hashing import hash_json
+
+        return hash_json(self.cfg.to_dict()["data"])
+
 
 @dataclass
 class Data:
@@ -142,6 +151,8 @@ class Service:
         self._data_errors: dict[str, str] = {}
         self._caches: dict[str, ArrayCache] = {}
         self._teachers: dict[tuple[str, str], Any] = {}
+        self._views: dict[str, ArrayCache] = {}
+        self._methods: dict[tuple[str, str], tuple[ArrayCache, Any, Any]] = {}
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -207,9 +218,7 @@ class Service:
     # -- data -------------------------------------------------------------------------------------
 
     def data(self, lm: Loaded) -> Data:
-        from teachx.utils.hashing import hash_json
-
-        key = hash_json(lm.cfg.to_dict()["data"])
+        key = lm.data_key
         if key in self._data:
             return self._data[key]
         with self._lock:
@@ -274,6 +283,13 @@ class Service:
         return build_metric("pixel_flipping_morf", steps=self.steps)
 
     def view_cache(self, lm: Loaded) -> ArrayCache:
+        """The model's cache of cheap rows (probabilities, built-in maps) and metric rows."""
+        c = self._views.get(lm.entry.id)
+        if c is None:
+            c = self._views[lm.entry.id] = self._view_cache(lm)
+        return c
+
+    def _view_cache(self, lm: Loaded) -> ArrayCache:
         d = self.data(lm)
         morf = self._morf()
         t = lm.cfg.teacher
@@ -319,6 +335,13 @@ class Service:
         return self._teachers[key]
 
     def method_cache(self, lm: Loaded, method: str) -> tuple[ArrayCache, Any, Any]:
+        """(cache of ``method``'s maps on this model, the teacher, its config)."""
+        key = (lm.entry.id, method)
+        if key not in self._methods:
+            self._methods[key] = self._method_cache(lm, method)
+        return self._methods[key]
+
+    def _method_cache(self, lm: Loaded, method: str) -> tuple[ArrayCache, Any, Any]:
         from teachx.interfaces.pipeline import map_recipe
 
         teacher, tcfg = self._teacher(lm, method)
@@ -467,9 +490,7 @@ class Service:
         lm = self._loaded.get(model_id)
         if lm is not None:
             out.update(class_names=lm.class_names, image_size=list(lm.image_size), channels=lm.channels)
-            from teachx.utils.hashing import hash_json
-
-            d = self._data.get(hash_json(lm.cfg.to_dict()["data"]))
+            d = self._data.get(lm.data_key)
             if d is not None:
                 out["n_images"] = d.n
         return out
