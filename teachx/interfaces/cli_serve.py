@@ -52,21 +52,21 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 @click.command()
-@click.argument("dirs", nargs=-1, required=True, type=click.Path())
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_OR_STUDY_DIR...")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback exposes your models and data to the network.")
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a web browser.")
 @click.option("--precompute", is_flag=True, help="First fill the cache (predictions, built-in maps, teacher maps, pixel flipping, agreement) for every test image.")
 @click.option("--no-serve", is_flag=True, help="Exit after --precompute instead of serving.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache folder (default $TEACHX_CACHE/serve).")
-@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01), help="Largest accepted upload.")
+@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01), help="Largest accepted upload in MB (larger: HTTP 413).")
 @click.option("--device", default="cpu", show_default=True, help="Device for the models (cpu, cuda, cuda:N).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, precompute: bool, no_serve: bool,
           cache_dir: Optional[str], max_upload_mb: float, device: str, quiet: bool) -> None:
-    """Browse explanations of runs and studies: teachx serve RUN_OR_STUDY_DIR [DIR ...].
+    """Web page and JSON API to browse the explanations of runs and studies.
 
-    A page and a JSON API (/api/v1, schema at /openapi.json, docs at /docs): test images with
+    teachx serve RUN_OR_STUDY_DIR [DIR ...]: a page and a JSON API (/api/v1, schema at /openapi.json, docs at /docs): test images with
     filters, each model's prediction, built-in map, teacher maps on demand, pixel-flipping
     curves and agreement, uploads; every answer with its provenance. Serves 127.0.0.1 unless
     --host says otherwise.
