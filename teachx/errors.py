@@ -58,3 +58,14 @@ class CorruptionError(TeachxError):
 
 class CorruptCheckpointError(CheckpointError, CorruptionError):
     """A checkpoint whose tensors or metadata do not match its content digest."""
+
+
+class OutputError(TeachxError, OSError):
+    """A file teachx could not write (read-only or full file system, no permission).
+
+    Also an ``OSError``, so code that tolerates a failed optional write (a cache) still does.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, path: str | None = None):
+        super().__init__(message)
+        self.os_errno, self.path = errno, path

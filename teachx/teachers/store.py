@@ -164,6 +164,26 @@ def _new_array(path: Path, dtype, shape: tuple[int, ...]) -> None:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         arr.flush()
         del arr
+        _allocate(tmp)
+
+
+def _allocate(path: Path) -> None:
+    """Reserve the file's blocks now. The arrays are written through memory maps, and a page of a
+    sparse file that the disk has no room for ends the process with SIGBUS, no message; this
+    makes a full disk an ``OSError`` (one line naming the file) before any map is computed."""
+    import errno
+    import os
+
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # file systems without it: as before
+            raise
+    finally:
+        os.close(fd)
 
 
 def _seal_legacy(path: Path, meta: dict[str, Any], shape: tuple[int, ...], log: Callable[[str], None]) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +63,13 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
         seen.add(ptr)
     meta_text = json.dumps(meta, default=str)
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={"teachx": meta_text, DIGEST_KEY: checkpoint_digest(meta_text, flat)})
+        try:
+            save_file(flat, str(tmp), metadata={"teachx": meta_text, DIGEST_KEY: checkpoint_digest(meta_text, flat)})
+        except SafetensorError as exc:  # its I/O errors (a full disk) as the OSError they are: one line naming the file
+            code = re.search(r"os error (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from exc
     write_json_atomic(path.with_suffix(".json"), meta)
 
 

@@ -11,29 +11,95 @@ record without a digest was written by an older teachx and is accepted as it is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from teachx.errors import OutputError
+
+#: temp files are named ``.<name>.<host>-<pid>.<random>.tmp``: a later process can tell that the
+#: writer (on this host) is gone and remove what it left behind (see :func:`sweep_stale_temps`)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_TEMP = re.compile(r"^\..+\.([0-9a-f]{6})-(\d+)\.[^.]+\.tmp$")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it over ``path``."""
+    """Yield a temporary path next to ``path``; on success rename it over ``path``.
+
+    An ``OSError`` while writing (full or read-only file system, no permission) becomes an
+    :class:`~teachx.errors.OutputError` naming ``path``; the temporary file is removed either way.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.chmod(tmp_path, 0o644 & ~_umask())  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp_path, path)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise output_error(exc, path) from exc
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def output_error(exc: OSError, path: str | os.PathLike | None = None) -> OutputError:
+    """One line for a failed write: the file, the problem, the fix."""
+    path = path if path is not None else (exc.filename or "?")
+    problem = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
+        exc.errno, exc.strerror or type(exc).__name__)
+    where = "choose another location (--out; $TEACHX_CACHE for teacher maps and data caches)"
+    if exc.errno in _NO_SPACE:
+        fix = f"free space there or {where}, then run the same command again to resume"
+    elif exc.errno in _NOT_WRITABLE:
+        fix = f"{where} that you can write to"
+    else:
+        fix = f"check that location or {where}"
+    return OutputError(f"cannot write '{path}': {problem}; {fix}", exc.errno, str(path))
+
+
+def sweep_stale_temps(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files that writers on this host left when they were killed (their
+    process is gone); returns them. Temp files of live processes, other hosts or other programs
+    are never touched."""
+    from teachx.utils.locking import _alive
+
+    root = Path(root)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for p in (root.rglob(".*.tmp") if recursive else root.glob(".*.tmp")):
+        m = _TEMP.match(p.name)
+        if (m and m.group(1) == _HOST and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2)))
+                and p.is_file() and not p.is_symlink()):
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`atomic_path`'s temporary files (of any process)."""
+    return _TEMP.match(name) is not None
 
 
 def _umask() -> int:
