@@ -123,7 +123,7 @@ def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
 
 
 def test_teacher_seed_trains_one_separate_teacher(tmp_path, monkeypatch):
-    from teachx.interfaces.pipeline import run_pipeline, separate_teacher, teacher_training
+    from teachx.interfaces.pipeline import run_pipeline, separate_teacher, stage_checkpoint, teacher_training
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -133,7 +133,7 @@ def test_teacher_seed_trains_one_separate_teacher(tmp_path, monkeypatch):
     out = run_pipeline(cfg, tmp_path / "run", log=lambda m: None, progress=False, figures=False)
     base = json.loads((tmp_path / "run" / "baseline" / "stage.json").read_text())
     teacher = json.loads((tmp_path / "run" / "teacher" / "stage.json").read_text())
-    assert teacher["checkpoint"] != base["checkpoint"]
+    assert stage_checkpoint(tmp_path / "run" / "teacher", teacher) != stage_checkpoint(tmp_path / "run" / "baseline", base)
     assert out.results["teacher_test_acc"] == teacher["test_acc"]
     same = _tiny_config(tmp_path, teacher={"seed": 0})
     assert not separate_teacher(same)  # the teacher seed equals the run seed: the baseline is the teacher

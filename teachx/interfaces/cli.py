@@ -12,6 +12,8 @@ import click
 from teachx.errors import ConfigError, TeachxError
 
 NPROC_HELP = "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
+OVERWRITE_HELP = ("Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
+                  "a directory teachx did not make is never touched.")
 REDO_HELP = ("Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
              "redoing the teacher also redoes IMPACTX, which learnt from its maps.")
 
@@ -144,7 +146,7 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if it holds the same config).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run directory made with another config.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(["train"]), multiple=True, help="Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).")
@@ -156,7 +158,8 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
     """
     from teachx.interfaces.config import resolve_config
     from teachx.interfaces.launch import echo0
-    from teachx.interfaces.pipeline import data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages, train_classifier
+    from teachx.interfaces.pipeline import (data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages, stage_checkpoint,
+                                            stage_done, train_classifier)
     from teachx.training import distributed as dist_utils
     from teachx.utils.io import write_json_atomic
 
@@ -169,17 +172,19 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
     log_data(plan, cfg, echo0)  # what is trained on, augmentation included, and the dataset's notices
     t0 = time.perf_counter()
     with redo_hint(run_dir, "train"):  # a damaged checkpoint or record: "re-run ... with --redo train"
+        todo = stage_done(run_dir) is None or not (run_dir / "results.json").exists()
         rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0)
-    record = data_summary(plan, cfg) | {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0}
-    dist_utils.on_main(write_json_atomic, run_dir / "results.json", record, digest=True)
-    echo0(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {rec['checkpoint']}")
+    if todo:  # a re-run with nothing to do keeps the wall time the training measured
+        record = data_summary(plan, cfg) | {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0}
+        dist_utils.on_main(write_json_atomic, run_dir / "results.json", record, digest=True)
+    echo0(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {stage_checkpoint(run_dir, rec)}")
     dist_utils.shutdown()
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if it holds the same config).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run directory made with another config.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx"]), multiple=True, help=REDO_HELP)
@@ -199,7 +204,7 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
 
 @cli.command()
 @click.option("--out", "-o", "out", default="teachx-demo", show_default=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing demo directory made with another config.")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx"]), multiple=True, help=REDO_HELP)
@@ -291,14 +296,46 @@ def main(argv: Optional[list[str]] = None) -> None:
         cmd = exc.ctx.command_path if exc.ctx else "teachx"
         click.echo(f"teachx: error: {exc.format_message()}; see '{cmd} --help'", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("teachx: aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("\nteachx: interrupted; run the same command again to resume from the last checkpoint", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
+        from teachx.training import distributed as dist_utils
+
+        if dist_utils.is_main():
+            click.echo(("\n" if isinstance(exc, KeyboardInterrupt) else "") + _interrupted(argv), err=True)
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a write that no teachx code turned into a message (a lock file, a memory-mapped store)
+        message = _os_error(exc)
+        if message is None:
+            raise
+        click.echo(f"teachx: error: {message}", err=True)
+        sys.exit(2)
+
+
+#: commands whose work survives an interruption: run again, they resume
+RESUMABLE = ("train", "run", "demo", "study")
+
+
+def _interrupted(argv: Optional[list[str]]) -> str:
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    if args and args[0] in RESUMABLE:
+        return ("teachx: interrupted; run the same command again to resume "
+                "(finished stages, checkpoints and teacher maps are kept)")
+    return "teachx: interrupted"
+
+
+def _os_error(exc: OSError) -> Optional[str]:
+    """One line for a file-system problem the user can fix (full, read-only, no permission), else None."""
+    import errno
+
+    from teachx.utils.io import output_error
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return str(output_error(exc))
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
+        return (f"'{exc.filename}': permission denied; check its permissions or choose another location "
+                "(--out; $TEACHX_CACHE for teacher maps and data caches)")
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

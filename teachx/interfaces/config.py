@@ -177,6 +177,11 @@ class ImpactxConfig:
             raise ConfigError(f"impactx.faith_weight must be >= 0 (0 = off), got {self.faith_weight}")
 
 
+#: (section, key) of options that never change a result (display, logging, where and in what batch
+#: size shared teacher maps are made): left out of a run's identity and of study unit keys
+NEUTRAL_KEYS = frozenset({("train", "progress"), ("train", "tensorboard"), ("teacher", "batch_size"), ("teacher", "maps_dir")})
+
+
 @dataclass
 class RunConfig:
     seed: int = 0  # seed of the run (initialisation, augmentation, data order)

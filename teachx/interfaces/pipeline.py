@@ -54,27 +54,25 @@ def default_cache_dir() -> Path:
 
 # -- run directories --------------------------------------------------------------------------
 
-def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, command: str, overwrite: bool = False) -> Path:
-    """Create ``run_dir`` with the resolved config, or resume one made with the same config.
+def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, command: str, overwrite: bool = False,
+                    log: Callable[[str], None] = print) -> Path:
+    """Create ``run_dir`` with the resolved config, or resume the teachx run there with the same config.
 
-    An existing directory made with a different config (or not by teachx) is never overwritten
-    silently: that is an error unless ``overwrite`` is given.
+    A directory teachx did not make is never used, with or without ``overwrite``. One made with a
+    different config (options that change results: ``--quiet`` and other presentation options are
+    not part of a run) is an error unless ``overwrite`` is given, which then removes only the files
+    teachx wrote there (see :mod:`teachx.interfaces.rundir`).
     """
-    run_dir = Path(run_dir)
-    text = dump_yaml({"command": command, **cfg.to_dict()})
-    cfg_path = run_dir / "config.yaml"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if cfg_path.exists() and cfg_path.read_text() == text:
-            return run_dir  # same config: resume
-        if not overwrite:
-            why = "was made with a different config" if cfg_path.exists() else "is not empty and is not a teachx run"
-            raise RunDirError(f"run directory '{run_dir}' {why}; choose a new --out directory or pass --overwrite")
-        import shutil
+    from teachx.interfaces import rundir
 
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cfg_path, text)
-    return run_dir
+    return rundir.prepare_run_dir(run_dir, {"command": command, **cfg.to_dict()}, overwrite, log)
+
+
+def stage_checkpoint(stage_dir: str | Path, record: dict[str, Any]) -> Path:
+    """The best checkpoint of a complete stage: always the stage's own file, so that a moved or
+    copied run works on its own files. Records hold it relative to the stage directory; older ones
+    the path as typed then (absolute, or relative to that working directory): its file name is used."""
+    return Path(stage_dir) / "checkpoints" / Path(record.get("checkpoint") or "best.safetensors").name
 
 
 def stage_done(stage_dir: Path, fix: Optional[str] = None) -> Optional[dict[str, Any]]:
@@ -198,9 +196,8 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
     a separate teacher or a ``teacher.checkpoint`` -- redoes IMPACTX too. Maps need no discarding: a
     store is keyed by the teacher's weights, so new weights get new maps, and identical weights
     (CPU training is deterministic) reuse the verified ones. ``results.json`` is written again at the end.
+    Only what teachx wrote is discarded: a file a user put into a stage directory stays.
     """
-    import shutil
-
     stages = list(dict.fromkeys(stages))
     if not stages:
         return []
@@ -218,11 +215,14 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
         if "teacher" in stages or ("baseline" in stages and teacher_is_baseline):
             stages.append("impactx")
         targets = [run_dir / s for s in STAGES if s in stages] + [run_dir / "results.json"]
+    from teachx.interfaces.rundir import STAGE_LAYOUT, remove_owned
+
     gone = []
     for t in targets:
-        if t.is_dir():
-            shutil.rmtree(t)
-        elif t.exists():
+        if t.is_dir() and not t.is_symlink():  # only what teachx wrote there: a user's file in a stage stays
+            if not remove_owned(t, STAGE_LAYOUT if t.name in STAGES else (STAGE_LAYOUT.get(t.name) or {})):
+                t.rmdir()
+        elif t.is_file():
             t.unlink()
         else:
             continue
@@ -324,7 +324,7 @@ def _fit_and_test(
     test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), trainer.cfg.eval_batch_size, trainer.device, shard=True)
     record = {
         **extra,
-        "checkpoint": str(res.best_path),
+        "checkpoint": Path(res.best_path).relative_to(trainer.out_dir).as_posix(),  # inside the stage: moves with the run
         "best_epoch": res.best_epoch,
         "val_acc": max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
         "test_acc": test["acc"],
@@ -435,11 +435,13 @@ def teacher_maps(
     log: Callable[[str], None] = print,
     progress: bool = True,
     wait: bool = True,
+    on_fill: Optional[Callable[[int], None]] = None,
 ) -> MapStore:
     """Maps of ``teacher_model`` for ``indices`` of a split, from (or into) the shared store.
 
     Stores are shared by runs, seeds and processes: a lock next to the store keeps two processes
     from filling it at once (``wait=False`` raises :class:`teachx.utils.locking.Busy` instead of waiting).
+    ``on_fill(n)`` is called when ``n`` maps had to be made.
     """
     ds = plan.dataset
     data = ds.train if split == "train" else ds.test
@@ -469,6 +471,8 @@ def teacher_maps(
             log(f"[maps] {cfg.teacher.method} maps for {todo} {split} images -> {store.path}")
             fill_store(store, indices, lambda idx: explain(teacher_model, idx), cfg.teacher.batch_size, progress=progress, desc=f"{cfg.teacher.method} maps ({split})")
             log(f"[maps] {todo} maps in {time.perf_counter() - t0:.1f}s")
+            if on_fill is not None:
+                on_fill(int(todo))
         return store
 
     if dist_utils.world_size() > 1:  # the ranks fill one store together (open_store/fill_store coordinate them)
@@ -526,8 +530,9 @@ def train_impactx_stage(
             model.freeze_m()
     done = stage_done(out_dir)
     if done:
-        ck = load_checkpoint(done["checkpoint"], fix=stage_fix(out_dir))
-        load_state_into(model, ck.group("model"), f"checkpoint '{done['checkpoint']}'")
+        best = stage_checkpoint(out_dir, done)
+        ck = load_checkpoint(best, fix=stage_fix(out_dir))
+        load_state_into(model, ck.group("model"), f"checkpoint '{best}'")
         log(f"[{out_dir.name}] complete, skipped (test acc {done['test_acc']:.4f})")
         return done, model.eval()
     source = None
@@ -663,46 +668,50 @@ def _run_pipeline(
     figures: bool,
     plan: Optional[DataPlan],
 ) -> RunOutputs:
-    t_run = time.perf_counter()
-    stage_seconds: dict[str, float] = {}
+    timings = _Timings(run_dir, time.perf_counter())
     plan = plan or make_plan(cfg, progress=progress)
     ds = plan.dataset
     device = dist_utils.device_for(choose_device(cfg.device))
     log_data(plan, cfg, log, f"; device: {device}" + (f" x {dist_utils.world_size()} processes" if dist_utils.is_distributed() else ""))
 
     # 1. the student's baseline, and the teacher model (the baseline itself by default)
-    t0 = time.perf_counter()
+    t0, todo = time.perf_counter(), _stage_todo(run_dir / "baseline")
     baseline = train_classifier(cfg, plan, run_dir / "baseline", cfg.model.backbone, cfg.model.options, log)
-    stage_seconds["baseline"] = time.perf_counter() - t0
+    timings.add("baseline", time.perf_counter() - t0, *todo)
     teacher_record = baseline
     if cfg.teacher.checkpoint:
         teacher_model = load_classifier(cfg.teacher.checkpoint, ds)
         teacher_record = {"checkpoint": cfg.teacher.checkpoint, "backbone": (getattr(teacher_model, "spec", None) or {}).get("name")}
     elif separate_teacher(cfg):
-        t0 = time.perf_counter()
+        t0, todo = time.perf_counter(), _stage_todo(run_dir / "teacher")
         tcfg, tbackbone, toptions = teacher_training(cfg)
         tplan = plan if tcfg.data == cfg.data else make_plan(tcfg, progress=progress)
         teacher_record = train_classifier(tcfg, tplan, run_dir / "teacher", tbackbone, toptions, log)
-        stage_seconds["teacher"] = time.perf_counter() - t0
-        teacher_model = load_classifier(teacher_record["checkpoint"], ds)
+        timings.add("teacher", time.perf_counter() - t0, *todo)
+        teacher_model = load_classifier(stage_checkpoint(run_dir / "teacher", teacher_record), ds)
     else:
-        teacher_model = load_classifier(baseline["checkpoint"], ds)
+        teacher_model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
 
     # 2. teacher maps (train split for training, test split for map-quality evaluation)
     need_maps = cfg.impactx.lam > 0
     train_store = test_store = None
-    t0 = time.perf_counter()
+    t0, made = time.perf_counter(), []
     if need_maps or figures:
-        train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, log, progress)
-        test_store = teacher_maps(cfg, plan, teacher_model, "test", eval_indices(cfg, plan), device, log, progress)
-    stage_seconds["maps"] = time.perf_counter() - t0
+        train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, log, progress, on_fill=made.append)
+        test_store = teacher_maps(cfg, plan, teacher_model, "test", eval_indices(cfg, plan), device, log, progress, on_fill=made.append)
+    requested = len(plan.train_idx) + len(eval_indices(cfg, plan))
+    timings.add("maps", time.perf_counter() - t0, bool(made), sum(made) >= requested)
 
     # 3. IMPACTX
-    t0 = time.perf_counter()
+    t0, todo = time.perf_counter(), _stage_todo(run_dir / "impactx")
     impactx_record, model = train_impactx_stage(cfg, plan, train_store, teacher_model, run_dir / "impactx", log)
-    stage_seconds["impactx"] = time.perf_counter() - t0
+    timings.add("impactx", time.perf_counter() - t0, *todo)
 
-    # 4. evaluation
+    # 4. evaluation (a re-run that had nothing to do keeps the results -- and the timings -- it finds)
+    kept = None if timings.worked else _complete_results(run_dir)
+    if kept is not None:
+        log("[evaluation] nothing was re-run: results.json is kept as it is")
+        return RunOutputs(kept, run_dir)
     t0 = time.perf_counter()
     quality = None  # rank 0 alone evaluates and draws
     if train_store is not None and cfg.impactx.lam > 0:
@@ -721,7 +730,7 @@ def _run_pipeline(
             [ds.class_names[int(ds.test.labels[i])] for i in idx],
         )
         save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], "IMPACTX": impactx_record["history"]})
-    stage_seconds["evaluation"] = time.perf_counter() - t0
+    timings.add("evaluation", time.perf_counter() - t0, True, True)
 
     results = {
         **data_summary(plan, cfg),
@@ -740,15 +749,63 @@ def _run_pipeline(
         "baseline_seconds_per_epoch": baseline["seconds_per_epoch"],
         "impactx_seconds_per_epoch": impactx_record["seconds_per_epoch"],
         "map_quality": quality,
-        "stage_seconds": stage_seconds,
-        "wall_seconds": time.perf_counter() - t_run,
+        # measured over the invocations that did the work (see _Timings), not by a re-run that skipped it
+        "stage_seconds": dict(timings.stage_seconds),
+        "wall_seconds": timings.wall_seconds,
         "device": str(device),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": timings.torch_threads,
     }
     if dist_utils.is_distributed():
         results["world_size"] = dist_utils.world_size()
     dist_utils.on_main(write_json_atomic, run_dir / "results.json", results, digest=True)
     return RunOutputs(results, run_dir)
+
+
+def _stage_todo(stage_dir: Path) -> tuple[bool, bool]:
+    """(will the stage do work, will it start from scratch): before a training stage runs."""
+    return stage_done(stage_dir) is None, not (stage_dir / "checkpoints" / "last.safetensors").exists()
+
+
+def _complete_results(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The run's results.json when it is there and readable (else None: evaluate again)."""
+    try:
+        return read_trusted_json(run_dir / "results.json", "", "results")
+    except (OSError, CorruptionError):
+        return None
+
+
+class _Timings:
+    """What a run measured, kept across invocations in ``timings.json``.
+
+    Per stage: the seconds of the invocations that did that stage's work (summed over a resumed
+    stage; a stage started from scratch, e.g. after ``--redo``, starts again from 0). The wall time
+    is that of the invocations that did any work, the thread count that of the last one. A re-run
+    with nothing to do changes none of it.
+    """
+
+    def __init__(self, run_dir: Path, t_start: float):
+        self.path, self.t_start, self.worked = Path(run_dir) / "timings.json", t_start, False
+        try:
+            old = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        old = old if isinstance(old, dict) else {}
+        self.stage_seconds: dict[str, float] = dict(old.get("stage_seconds") or {})
+        self.previous_wall = float(old.get("wall_seconds") or 0.0)
+        self.torch_threads = old.get("torch_threads")
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.previous_wall + (time.perf_counter() - self.t_start if self.worked else 0.0)
+
+    def add(self, stage: str, seconds: float, worked: bool, fresh: bool = False) -> None:
+        if not worked:
+            return
+        self.worked = True
+        self.stage_seconds[stage] = seconds + (0.0 if fresh else float(self.stage_seconds.get(stage, 0.0)))
+        self.torch_threads = torch.get_num_threads()
+        record = {"stage_seconds": self.stage_seconds, "wall_seconds": self.wall_seconds, "torch_threads": self.torch_threads}
+        dist_utils.on_main(write_json_atomic, self.path, record)
 
 
 def _example_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -36,7 +36,7 @@ import torch
 
 from teachx.errors import ConfigError, RunDirError
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
-from teachx.interfaces.config import RunConfig, check_names
+from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig, check_names
 from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json, write_json_atomic, write_text_atomic
@@ -45,7 +45,7 @@ from teachx.utils.locking import Busy, file_lock
 BASELINE = "baseline"
 STUDY_VERSION = 2  # 2: keys hash non-default values only
 #: config keys that never change a result (display and logging only)
-_NEUTRAL = {("train", "progress"), ("train", "tensorboard"), ("teacher", "batch_size"), ("teacher", "maps_dir")}
+_NEUTRAL = NEUTRAL_KEYS
 
 
 @dataclass
@@ -350,12 +350,11 @@ class _Runner:
         return d
 
     def checkpoint(self, key: str) -> Path:
-        """A classifier unit's best checkpoint (found in the unit even if the study folder moved)."""
-        from teachx.interfaces.pipeline import stage_done
+        """A classifier unit's best checkpoint: always the unit's own file, even if the study folder
+        was moved or copied (never the one its record names elsewhere)."""
+        from teachx.interfaces.pipeline import stage_checkpoint, stage_done
 
-        recorded = Path((stage_done(self.out / "units" / key) or {}).get("checkpoint", ""))
-        local = self.out / "units" / key / "checkpoints" / recorded.name
-        return local if local.exists() else recorded
+        return stage_checkpoint(self.out / "units" / key, stage_done(self.out / "units" / key) or {})
 
     def classifier(self, cfg: RunConfig, backbone: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Train one classifier unit (or read it back); raises Busy while another process trains it."""
@@ -537,21 +536,15 @@ def prepare_study_dir(out: Path, spec: StudySpec) -> Path:
     """Create OUT, or reuse a study directory.
 
     Units are keyed by content, so a changed study (more seeds, a new arm) reuses every unit that
-    is identical and trains only the rest; a non-empty directory that is not a study is refused.
+    is identical and trains only the rest. A non-empty directory that teachx did not make as a
+    study (no ``.teachx-study`` marker; a study of an older teachx is known by its study.yaml) is
+    refused: its files -- a study.yaml of the user's own, say -- are never replaced. Another
+    process starting on the same directory at the same moment (its marker or study.yaml still a
+    temp file) is not a reason to refuse.
     """
-    out = Path(out).resolve()
-    text = dump_yaml({"study": spec.to_dict(), **spec.base})
-    cfg_path = out / "study.yaml"
-    # another process starting on the same directory may be writing study.yaml right now (its temp file)
-    if out.exists() and not cfg_path.exists() and any(not _study_yaml_temp(p) for p in out.iterdir()):
-        raise RunDirError(f"'{out}' is not empty and is not a teachx study directory; choose a new --out directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(cfg_path, text)
-    return out
+    from teachx.interfaces import rundir
 
-
-def _study_yaml_temp(p: Path) -> bool:
-    return p.name.startswith(".study.yaml.") and p.name.endswith(".tmp")
+    return rundir.prepare_study_dir(Path(out).resolve(), dump_yaml({"study": spec.to_dict(), **spec.base}))
 
 
 _POLL_SECONDS = 5.0

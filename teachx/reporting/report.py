@@ -245,12 +245,33 @@ def write_report(run_or_study_dir: str | Path, out: Optional[str | Path] = None)
         html_path = html_path.with_suffix(".html")
     md_path = html_path.with_suffix(".md")
     files_dir = html_path.with_name(html_path.stem + "_files")
+    _refuse_foreign(html_path, md_path, [files_dir / name for name in doc.figures])
     html_text, md_text = doc.render(files_dir.name)
     for name, png in doc.figures.items():
         write_bytes_atomic(files_dir / name, png)
     write_text_atomic(md_path, md_text)
     write_text_atomic(html_path, html_text)
     return html_path, md_path
+
+
+def _written_by_teachx(path: Path) -> bool:
+    """Whether ``path`` is a report teachx wrote (its 'written ... by teachx' line)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return "by teachx</p>" in head or "by teachx_" in head
+
+
+def _refuse_foreign(html_path: Path, md_path: Path, figures: list[Path]) -> None:
+    """A report replaces only an earlier report of teachx's, never a file it did not write (a
+    notes.md next to --out notes.html, a picture in notes_files/)."""
+    ours = any(_written_by_teachx(p) for p in (html_path, md_path))
+    for p in [html_path, md_path] + ([] if ours else figures):
+        if p.exists() and not (p.suffix in (".html", ".htm", ".md") and _written_by_teachx(p)):
+            raise RunDirError(f"'{p}' exists and was not written by teachx; teachx never replaces files it did not make, "
+                              "so choose another --out file name for the report")
 
 
 def _read_json(p: Path) -> Any:

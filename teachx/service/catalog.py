@@ -63,10 +63,11 @@ def _record(path: Path, what: str) -> dict[str, Any]:
 
 
 def _checkpoint(stage_dir: Path, record: dict[str, Any]) -> Path:
-    """The stage's checkpoint, found next to the record even when the folder was moved."""
-    recorded = Path(str(record.get("checkpoint", "")))
-    local = stage_dir / "checkpoints" / (recorded.name or "best.safetensors")
-    return local if local.exists() else recorded
+    """The stage's own checkpoint, even when the folder was moved or copied (never the file its
+    record names in another folder)."""
+    from teachx.interfaces.pipeline import stage_checkpoint
+
+    return stage_checkpoint(stage_dir, record)
 
 
 def discover(paths: list[str | Path]) -> list[RunEntry]:

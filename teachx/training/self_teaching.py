@@ -107,10 +107,15 @@ class SelfTeaching:
         if dist_utils.is_main():
             write_json_atomic(self._pointer(), {"epoch": r, "dir": store.path.name, "material": material}, digest=True)
             for old in self.store_dir.iterdir():  # earlier refreshes are never read again
-                if old.is_dir() and old != store.path:
+                if old.is_dir() and not old.is_symlink() and old != store.path and _is_store_name(old.name):  # only teachx's stores
                     shutil.rmtree(old, ignore_errors=True)
         dist_utils.barrier()
         seconds = time.perf_counter() - t0
         self.refreshes.append({"epoch": r, "seconds": seconds})
         self.log(f"[self-teaching] epoch {r}: {self.train_idx.size} maps in {seconds:.1f}s")
         return store
+
+
+def _is_store_name(name: str) -> bool:
+    """A map store's directory name (the first 20 hex digits of its key, see teachx.teachers.store)."""
+    return len(name) == 20 and all(c in "0123456789abcdef" for c in name)

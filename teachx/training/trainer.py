@@ -390,9 +390,12 @@ class Trainer:
             if improved:
                 best_val, best_epoch = score, epoch + 1
             if main:
-                self._save(last_path, opt, epoch, history, best_val, best_epoch, with_optim=True)
+                # best before last: a process killed between the two resumes from the previous epoch
+                # and repeats this one (same result); the other way round, 'last' would claim a best
+                # epoch whose checkpoint was never written
                 if improved:
                     self._save(best_path, opt, epoch, history, best_val, best_epoch, with_optim=False)
+                self._save(last_path, opt, epoch, history, best_val, best_epoch, with_optim=True)
                 write_json_atomic(self.out_dir / "history.json", history)
                 if writer is not None:
                     for k, v in record.items():

@@ -1,0 +1,271 @@
+"""What teachx owns in an output directory, and how it knows a directory is its own.
+
+teachx never deletes a file it did not make:
+
+- a run directory carries a marker file, ``.teachx-run`` (a study directory ``.teachx-study``);
+  a directory made by an older teachx, without the marker, is recognised by its ``config.yaml``
+  (``study.yaml``) and gets the marker when it is resumed;
+- a non-empty directory that is neither is *foreign*: it is refused, with or without
+  ``--overwrite``, and the message does not suggest deleting it;
+- ``--overwrite`` on a teachx run directory removes only the entries of teachx's layout
+  (:data:`RUN_LAYOUT`, by name, directories only where everything in them is teachx's); a file a
+  user put into a run directory (notes, an analysis notebook, even inside ``baseline/``) survives
+  and is named in the log.
+
+A run is identified by the result-changing part of its config (:func:`run_identity`): the
+command and every option except :data:`~teachx.interfaces.config.NEUTRAL_KEYS` (progress bars,
+TensorBoard logging, the map-store location and batch size), so re-running a command with or
+without ``--quiet`` resumes the same run.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from teachx.errors import ConfigError, OutputError, RunDirError
+from teachx.utils.io import is_temp_name, output_error, sweep_stale_temps, write_json_atomic, write_text_atomic
+
+RUN_MARKER = ".teachx-run"
+STUDY_MARKER = ".teachx-study"
+
+#: name pattern -> None (a regular file teachx writes) or the layout of a directory teachx makes
+Layout = dict[str, Optional[dict]]
+
+_CHECKPOINTS: Layout = {"*.safetensors": None, "*.json": None}
+_MAP_STORE: Layout = {"*.npy": None, "*.json": None}
+_SELF_MAPS: Layout = {"current.json": None, "[0-9a-f]" * 20: _MAP_STORE}
+#: a training stage (also the top of a `teachx train` directory)
+STAGE_LAYOUT: Layout = {
+    "stage.json": None, "history.json": None, "checkpoints": _CHECKPOINTS,
+    "tensorboard": {"events.out.tfevents.*": None}, "self_maps": _SELF_MAPS,
+}
+#: everything `teachx train`, `run`, `demo` and `report` write into a run directory
+RUN_LAYOUT: Layout = {
+    RUN_MARKER: None, "config.yaml": None, "results.json": None, "timings.json": None,
+    "report.html": None, "report.md": None, "report_files": {"*.png": None}, "figures": {"*.png": None},
+    "baseline": STAGE_LAYOUT, "teacher": STAGE_LAYOUT, "impactx": STAGE_LAYOUT, **STAGE_LAYOUT,
+}
+#: files teachx may leave in any directory it writes: atomic-write temp files, locks
+_ANYWHERE = (".*.tmp", "*.lock", ".lock")
+
+
+# -- recognising directories ----------------------------------------------------------------------
+
+def _ignorable(name: str, files: tuple[str, ...]) -> bool:
+    """A temp file of one of ``files`` being written right now by a process starting on the directory."""
+    return any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in files)
+
+
+def dir_kind(path: str | Path, marker: str, legacy: Callable[[Path], bool], first_files: tuple[str, ...]) -> str:
+    """'absent', 'empty', 'teachx' (marker, or made by an older teachx) or 'foreign'."""
+    path = Path(path)
+    if not path.exists():
+        return "absent"
+    if not path.is_dir():
+        return "foreign"
+    entries = [e for e in path.iterdir() if not _ignorable(e.name, (marker, *first_files))]
+    if (path / marker).is_file() and not (path / marker).is_symlink():
+        return "teachx"
+    if not entries:
+        return "empty"
+    return "teachx" if legacy(path) else "foreign"
+
+
+def _read_yaml(path: Path) -> Optional[dict[str, Any]]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _legacy_run(path: Path) -> bool:
+    """A run directory of an older teachx (no marker): its config.yaml is a teachx run config."""
+    import dataclasses
+
+    from teachx.interfaces.config import RunConfig
+
+    cfg = _read_yaml(path / "config.yaml")
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return bool(cfg) and cfg.get("command") in ("train", "run", "demo") and set(cfg) - {"command"} <= names
+
+
+def _legacy_study(path: Path) -> bool:
+    """A study directory of an older teachx: its study.yaml is the resolved study teachx wrote."""
+    cfg = _read_yaml(path / "study.yaml")
+    section = (cfg or {}).get("study")
+    return isinstance(section, dict) and {"seeds", "arms", "regimes", "eval", "alpha", "source"} <= set(section)
+
+
+def run_dir_kind(path: str | Path) -> str:
+    return dir_kind(path, RUN_MARKER, _legacy_run, ("config.yaml",))
+
+
+def study_dir_kind(path: str | Path) -> str:
+    return dir_kind(path, STUDY_MARKER, _legacy_study, ("study.yaml",))
+
+
+def write_marker(path: Path, marker: str, kind: str) -> None:
+    from teachx import __version__
+
+    write_json_atomic(path / marker, {"teachx": __version__, "kind": kind,
+                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      "note": "made by teachx; `--overwrite` removes only what teachx wrote here"})
+
+
+# -- removing what teachx made ---------------------------------------------------------------------
+
+def _spec(name: str, layout: Layout) -> tuple[bool, Optional[dict]]:
+    if name in layout:
+        return True, layout[name]
+    for pattern, sub in layout.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return True, sub
+    if is_temp_name(name) or any(fnmatch.fnmatchcase(name, p) for p in _ANYWHERE):
+        return True, None
+    return False, None
+
+
+def remove_owned(root: str | Path, layout: Layout = RUN_LAYOUT) -> list[Path]:
+    """Delete the entries of ``root`` that teachx's ``layout`` names; returns what was kept.
+
+    A directory is removed only once it is empty; symlinks and anything of an unexpected type or
+    name are kept, with the directories that hold them.
+    """
+    root = Path(root)
+    kept: list[Path] = []
+    for entry in sorted(root.iterdir()):
+        known, sub = _spec(entry.name, layout)
+        if not known or entry.is_symlink():
+            kept.append(entry)
+        elif sub is None:
+            if entry.is_file():
+                entry.unlink()
+            else:
+                kept.append(entry)
+        elif entry.is_dir():
+            inner = remove_owned(entry, sub)
+            kept.extend(inner)
+            if not inner:
+                entry.rmdir()
+        else:
+            kept.append(entry)
+    return kept
+
+
+# -- run identity ----------------------------------------------------------------------------------
+
+def run_identity(saved: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The result-deciding part of a saved run config (``{"command": ..., **config}``): every
+    option with its default filled in, except the neutral ones; None if it is not a config this
+    teachx can read."""
+    from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig
+    from teachx.utils.config import from_dict
+
+    data = dict(saved)
+    command = data.pop("command", None)
+    try:
+        cfg = from_dict(RunConfig, data, "config")
+    except (ConfigError, TypeError, ValueError):
+        return None
+    values = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as read back from YAML
+    for section, key in NEUTRAL_KEYS:
+        values.get(section, {}).pop(key, None)
+    return {"command": command, **values}
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            if d:
+                return d
+        return None
+    return None if a == b else f"{prefix.rstrip('.')}: {a!r} there, {b!r} now"
+
+
+def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool = False,
+                    log: Callable[[str], None] = print) -> Path:
+    """Create ``run_dir`` for the config ``saved`` (``{"command": ..., **config}``), or resume the
+    teachx run there with the same identity. See the module docstring for what is refused."""
+    from teachx.utils.config import dump_yaml
+
+    run_dir = Path(run_dir)
+    kind = run_dir_kind(run_dir)
+    if kind == "foreign":
+        raise RunDirError(f"'{run_dir}' is not empty and was not made by teachx (it has no {RUN_MARKER} file); teachx never "
+                          "deletes files it did not make, so choose a new or empty --out directory")
+    if kind == "teachx":
+        sweep_stale_temps(run_dir)  # what a killed process was writing
+        old = _read_yaml(run_dir / "config.yaml")
+        rest = [e for e in run_dir.iterdir() if e.name != RUN_MARKER and not is_temp_name(e.name)]
+        if old is None and not rest:
+            kind = "empty"  # the marker alone: killed right after making the directory
+        elif old is not None and run_identity(old) is not None and run_identity(old) == run_identity(saved):
+            if not (run_dir / RUN_MARKER).exists():
+                write_marker(run_dir, RUN_MARKER, "run")  # made by an older teachx
+            return run_dir  # same run: resume
+        elif not overwrite:
+            if old is None:
+                why = "has no readable config.yaml"
+            else:
+                diff = _first_difference(run_identity(old) or old, run_identity(saved))
+                why = "was made with a different config" + (f" ({diff})" if diff else "")
+            raise RunDirError(f"run directory '{run_dir}' {why}; choose a new --out directory or pass --overwrite "
+                              "to replace the files teachx wrote there")
+        else:
+            kept = remove_owned(run_dir, RUN_LAYOUT)
+            if kept:
+                names = ", ".join(str(p.relative_to(run_dir)) for p in kept[:5]) + (", ..." if len(kept) > 5 else "")
+                log(f"--overwrite: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} teachx did not make in {run_dir}: {names}")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(run_dir, RUN_MARKER, "run")
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(saved))
+    except OSError as exc:
+        if created:  # leave nothing behind: only what this call made
+            for name in (RUN_MARKER, "config.yaml"):
+                (run_dir / name).unlink(missing_ok=True)
+            try:
+                run_dir.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, OutputError):
+            raise
+        raise output_error(exc, exc.filename or run_dir) from exc
+    return run_dir
+
+
+def prepare_study_dir(out: Path, text: str) -> Path:
+    """Create the study directory ``out`` (or reuse a teachx study directory) and write study.yaml."""
+    kind = study_dir_kind(out)
+    if kind == "foreign":
+        raise RunDirError(f"'{out}' is not empty and is not a teachx study directory (it has no {STUDY_MARKER} file); teachx "
+                          "never deletes or replaces files it did not make, so choose a new --out directory")
+    if kind == "teachx":
+        sweep_stale_temps(out)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / STUDY_MARKER).exists():
+            write_marker(out, STUDY_MARKER, "study")
+        write_text_atomic(out / "study.yaml", text)
+    except OSError as exc:
+        if created:
+            for name in (STUDY_MARKER, "study.yaml"):
+                (out / name).unlink(missing_ok=True)
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, OutputError):
+            raise
+        raise output_error(exc, exc.filename or out) from exc
+    return out
