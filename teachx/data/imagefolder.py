@@ -335,7 +335,7 @@ def decode_images(
     else:
         chunk = max(256, min(4096, n // (workers * 8) + 1))
         bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=_worker_args()) as pool:
             futures = {
                 pool.submit(_decode_chunk, reader, items[s:e], labels[s:e], target): (s, e) for s, e in bounds
             }
@@ -349,6 +349,40 @@ def decode_images(
         for key, value in counts.items():
             notes[key] = notes.get(key, 0) + value
     return out
+
+
+def _worker_args() -> tuple[int, bool]:
+    import threading
+
+    return os.getpid(), threading.current_thread() is threading.main_thread()
+
+
+def _worker_init(parent: int, from_main_thread: bool) -> None:
+    """Decoding workers end with their parent, even when it is killed (``kill -9``) and cannot shut
+    the pool down: on Linux the kernel sends them SIGKILL when the parent dies (PR_SET_PDEATHSIG --
+    only for a pool made by the main thread, since the signal follows the thread that forked), and
+    a watchdog thread exits as soon as the parent is gone (every platform)."""
+    import threading
+
+    if from_main_thread and os.uname().sysname == "Linux":
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="teachx-parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _fork_context():
