@@ -137,7 +137,12 @@ def test_pvalues_equal_scipy_on_stored_accuracies(study_dir):
     assert "vs_control" not in rows["lambda0"]
     assert {v["arm"] for v in data["verdicts"]} == {"impactx", "shuffled"} and all(v["regime"] == "all" for v in data["verdicts"])
     # map quality and faithfulness were collected per unit
-    assert set(rows["impactx"]["map_quality"]) == {"corr", "corr_mean_map", "r2_vs_mean_map"}
+    mq = rows["impactx"]["map_quality"]
+    assert {"corr", "corr_mean_map", "r2_vs_mean_map"} <= set(mq)
+    # the built-in maps' faithfulness to the IMPACTX model itself, summarised over seeds from each unit's block
+    blocks = [units[k]["map_quality"]["faithfulness"] for k in rows["impactx"]["units"]]
+    assert mq["corr_self"]["mean"] == pytest.approx(np.mean([b["corr_self"] for b in blocks]))
+    assert mq["pixel_flipping_morf.built_in"]["mean"] == pytest.approx(np.mean([b["auc"]["pixel_flipping_morf"]["built_in"] for b in blocks]))
     sets = rows["impactx"]["faithfulness"]
     assert {"built_in", "teacher_post_hoc", "random", "teacher_on_baseline", "random_on_baseline"} <= set(sets)
     assert len(sets["built_in"]["pixel_flipping_morf"]["curve"]) == 5
