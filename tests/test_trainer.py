@@ -175,3 +175,23 @@ def test_channels_last_gradients_are_float32_rounding_close():
     ref = grads(copy.deepcopy(model).double(), x.double())
     err = lambda g: ((g - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(contiguous) < 1e-2 and err(cl) < 3 * err(contiguous), (err(contiguous), err(cl))
+
+
+def test_no_validation_split_keeps_the_last_epoch(tmp_path):
+    """data.val_fraction=0: nothing to validate on, so the best checkpoint is the last epoch's (it used
+    to end in 'no best checkpoint' because a NaN validation accuracy never improves)."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from _train_script import synthetic_dataset
+
+    from teachx.models import build_model
+    from teachx.training.config import TrainConfig
+    from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
+
+    ds = synthetic_dataset(48, 16)
+    plan = DataPlan(ds, np.arange(48), np.arange(0))
+    cfg = TrainConfig(epochs=3, batch_size=16, progress=False)
+    res = Trainer(ClassifierTask(build_model("lenet5", 1, 4, 16)), plan, cfg, tmp_path, device="cpu", meta={"kind": "classifier"},
+                  log=lambda s: None).fit()
+    assert res.best_epoch == 3
+    best, last = _weights(res.best_path), _weights(res.last_path)
+    assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)

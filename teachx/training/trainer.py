@@ -385,7 +385,10 @@ class Trainer:
                 "seconds": seconds,
             }
             history.append(record)
-            score = record["val_acc"] if cfg.select == "val_acc" else -record["val_loss"]
+            if val["n"] == 0:  # nothing to validate on (data.val_fraction=0): the latest epoch is the one kept
+                score = float(epoch + 1)
+            else:
+                score = record["val_acc"] if cfg.select == "val_acc" else -record["val_loss"]
             improved = score > best_val
             if improved:
                 best_val, best_epoch = score, epoch + 1
@@ -411,7 +414,7 @@ class Trainer:
         if writer is not None:
             writer.close()
         if not best_path.exists():
-            raise CheckpointError(f"no best checkpoint in '{self.ckpt_dir}'; delete the run directory and train again")
+            raise CheckpointError(f"no best checkpoint in '{self.ckpt_dir}' although training finished; re-run the same command with --redo for this stage")
         return TrainResult(best_path, last_path, history, best_epoch, best_val, time.perf_counter() - t_start, resumed_from,
                            extra={"world_size": world, "per_rank_batch_size": batch_size})
 
