@@ -23,6 +23,8 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("bench_threads.py", []),
     ("bench_lrp.py", ["--models", "lenet5", "mobilenet", "resnet18", "efficientnet_b0", "efficientnet_b2"]),
     ("bench_impactx.py", ["--models", "lenet5,mobilenet,efficientnet_b2"]),
+    ("bench_impactx.py", ["--models", "lenet5", "--decoders", "paper,unet,unet_input,additive", "--out", str(RESULTS / "impactx_decoders.json")]),
+    ("bench_integrity.py", []),
     ("bench_metrics.py", []),
     ("bench_allocator.py", []),
     ("bench_cpu_tuning.py", []),
@@ -75,6 +77,34 @@ def summary() -> str:
             sp = r.get("speedup_builtin_vs_deepexplainer")
             if sp:
                 rows.append(f"| built-in maps vs post-hoc shap.DeepExplainer (bg 100) | {r['model']} | {sp:.0f}x | >= 100x | {'yes' if sp >= 100 else 'no'} |")
+    dec = load("impactx_decoders.json")
+    if dec:
+        for r in dec["decoders"]:
+            what = f"impactx.decoder={r['decoder']}" + (" per class" if r.get("per_class") else "")
+            rows.append(f"| built-in maps / baseline forward; IMPACTX step / baseline step ({what}, batch {r['batch']}, {_threads(dec['threads'])}) | {r['model']} | "
+                        f"{r['ratio_builtin_maps_to_forward']:.2f}x; {r['ratio_impactx_step_to_baseline']:.2f}x (decoder multiply-adds "
+                        f"{r['macs_per_image']['decoder'] / r['macs_per_image']['baseline']:.2f}x the model's) | <= 2.5x; <= 2.5x | "
+                        f"{'yes' if max(r['ratio_builtin_maps_to_forward'], r['ratio_impactx_step_to_baseline']) <= 2.5 else 'no'} |")
+    integ = load("integrity.json")
+    if integ:
+        c, m, d = integ["checkpoint"], integ["map_store"], integ["data_cache"]
+        rows.append(f"| verifying content digests on read ({_threads(integ['threads'])}, files in the page cache) | mobilenet, 45k maps, CIFAR-10 cache | "
+                    f"checkpoint {c['file_mb']:.0f} MB: {1000 * c['load_checkpoint_s']:.0f} ms vs {1000 * c['plain_load_s']:.0f} ms unverified; "
+                    f"map store {m['rows']:,} maps ({m['maps_mb']:.0f} MB) opened and verified in {1000 * m['open_store_s']:.0f} ms "
+                    f"(reading every row {1000 * m['plain_read_all_rows_s']:.0f} ms); data cache {d['entry_mb']:.0f} MB: first load in a process "
+                    f"{1000 * d['first_load_in_process_s']:.0f} ms, later {1000 * d['later_load_in_process_s']:.1f} ms | small | - |")
+    serve = load("serve.json")
+    for label, run in ((serve or {}).get("runs") or {}).items():
+        for scen, by in run["scenarios"].items():
+            cells = ", ".join(f"{n} client{'s' if n != '1' else ''}: p50 {v['p50_ms']:.1f} / p95 {v['p95_ms']:.1f} ms ({v['errors']} errors)" for n, v in by.items())
+            target = {"cached_view": 20, "uncached_built_in": 50}.get(scen)
+            met = "-" if target is None else ("yes" if max(v["p95_ms"] for v in by.values()) <= target else "no")
+            rows.append(f"| teachx serve latency, {scen.replace('_', ' ')} ({label}, {run['n_images']:,} test images) | {run['model']} | {cells} | "
+                        f"{f'p95 <= {target} ms' if target else '(measured)'} | {met} |")
+        mem = run.get("memory")
+        if mem:
+            rows.append(f"| teachx serve memory over {mem['requests']:,} requests ({mem['clients']} clients) | {run['model']} | "
+                        f"RSS {mem['rss_first_mb']:.0f} -> {mem['rss_last_mb']:.0f} MB, {mem['errors']} errors | flat | {'yes' if mem['growth_mb'] < 10 else 'no'} |")
     met = load("metrics.json")
     if met:
         q = met.get("quantus") or {}
