@@ -6,11 +6,18 @@ local generator so fixtures never disturb (or depend on) the global RNG state.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from teachx.models.base import Backbone
+from teachx.utils.runtime import available_cpus
+
+# a fixed thread count for every test and the teachx processes tests start: the adaptive default
+# (teachx.utils.runtime.configure_threads) may change float rounding between a run and its resume
+os.environ.setdefault("TEACHX_THREADS", str(available_cpus()))
 
 NUM_CLASSES = 5
 INPUT_SHAPE = (6, 3, 16, 16)

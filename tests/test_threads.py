@@ -11,7 +11,7 @@ import pytest
 
 from teachx.errors import ConfigError
 from teachx.interfaces.config import resolve_config
-from teachx.utils.runtime import available_cpus
+from teachx.utils.runtime import available_cpus, threads_for
 
 CHILD = r"""
 import json, os, sys
@@ -54,3 +54,36 @@ def test_cgroup_quota_caps_the_count(tmp_path):
 def test_bad_thread_counts_are_one_line_config_errors():
     with pytest.raises(ConfigError, match="train.threads"):
         resolve_config(None, ["train.threads=0"])
+
+
+def test_threads_for_leaves_the_cpus_others_keep_busy():
+    assert threads_for(2, 0.0) == 2 and threads_for(2, 0.2) == 2   # background noise: keep both cores
+    assert threads_for(2, 0.6) == 1 and threads_for(2, 1.0) == 1   # one busy competitor: one thread
+    assert threads_for(2, 2.0) == 1 and threads_for(8, 3.1) == 5 and threads_for(8, 3.5) == 4  # never below one; one per busy CPU
+
+
+BUSY_CHILD = r"""
+import json, os, subprocess, sys, time
+os.sched_setaffinity(0, {0, 1})
+from teachx.utils.runtime import busy_cpus_of_others, configure_threads
+idle, _ = busy_cpus_of_others(0.5)
+n_idle = configure_threads(None)
+hog = subprocess.Popen([sys.executable, "-c", "import os, time\nos.sched_setaffinity(0, {1})\nt = time.time() + 20\nwhile time.time() < t: pass"])
+time.sleep(0.5)
+try:
+    busy, _ = busy_cpus_of_others(0.5)
+    n_busy = configure_threads(None)
+finally:
+    hog.kill()
+print(json.dumps([idle, busy, n_idle, n_busy]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2 or not os.path.exists("/proc/stat"),
+                    reason="needs Linux /proc/stat and 2 CPUs")
+def test_default_takes_one_thread_fewer_next_to_a_busy_process():
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TEACHX_THREADS")}
+    out = subprocess.run([sys.executable, "-c", BUSY_CHILD], env=clean, capture_output=True, text=True, check=True)
+    idle, busy, n_idle, n_busy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert busy - idle > 0.7  # the competitor's core is seen as busy (a closed case: one spinning process)
+    assert n_busy == 1

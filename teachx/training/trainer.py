@@ -66,7 +66,7 @@ from teachx.training import distributed as dist_utils
 from teachx.training.config import TrainConfig
 from teachx.training.schedule import lr_at
 from teachx.utils.io import write_json_atomic
-from teachx.utils.runtime import configure_threads, tune_cpu_allocator
+from teachx.utils.runtime import adapt_threads, configure_threads, tune_cpu_allocator
 from teachx.utils.seeding import choose_device
 
 
@@ -324,6 +324,10 @@ class Trainer:
         t_start = time.perf_counter() - sum(h.get("seconds", 0.0) for h in history)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
+            if epoch > start_epoch:  # the default thread count follows how busy other processes keep our CPUs
+                old, new, others = adapt_threads()
+                if new != old:
+                    log(f"threads {old} -> {new}: other processes kept {others:.1f} of this process's CPUs busy (fix it with train.threads)")
             if self.on_epoch_start is not None:
                 self.on_epoch_start(epoch)
             torch.manual_seed(_epoch_seed(self.seed, epoch, 0, rank))  # dropout etc.
