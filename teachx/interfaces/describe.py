@@ -90,39 +90,38 @@ def _option_lines(options: list[Option], indent: str = "    ") -> Iterator[str]:
         yield f"{indent}{head:<{width}}  {opt.help}".rstrip()
 
 
+def _describe_registry(registry, footer: list[str]) -> str:
+    """Each registered name with its aliases, one-line summary and options, then how to choose one."""
+    lines = []
+    for name in registry.names():
+        entry = registry.get(name)
+        aliases = registry.aliases(name)
+        lines.append(f"{name}" + (f"  (also: {', '.join(aliases)})" if aliases else ""))
+        lines.append(f"    {summary(entry)}")
+        lines.extend(_option_lines(callable_options(entry)))
+        lines.append("")
+    return "\n".join(lines + footer) + "\n"
+
+
 def describe_teachers() -> str:
     from teachx.teachers import TEACHERS
 
-    lines = []
-    for name in TEACHERS.names():
-        cls = TEACHERS.get(name)
-        aliases = TEACHERS.aliases(name)
-        lines.append(f"{name}" + (f"  (also: {', '.join(aliases)})" if aliases else ""))
-        lines.append(f"    {summary(cls)}")
-        lines.extend(_option_lines(callable_options(cls)))
-        lines.append("")
-    lines.append("Choose one with teacher.method=NAME and set its options with teacher.options.NAME=VALUE,")
-    lines.append("e.g. teacher.method=lrp teacher.options.composite=epsilon; background is made by teachx")
-    lines.append("from teacher.background_size training images.")
-    return "\n".join(lines) + "\n"
+    return _describe_registry(TEACHERS, [
+        "Choose one with teacher.method=NAME and set its options with teacher.options.NAME=VALUE,",
+        "e.g. teacher.method=lrp teacher.options.composite=epsilon; background is made by teachx",
+        "from teacher.background_size training images.",
+    ])
 
 
 def describe_models() -> str:
     from teachx.models import MODELS
 
-    lines = []
-    for name in MODELS.names():
-        builder = MODELS.get(name)
-        aliases = MODELS.aliases(name)
-        lines.append(f"{name}" + (f"  (also: {', '.join(aliases)})" if aliases else ""))
-        lines.append(f"    {summary(builder)}")
-        lines.extend(_option_lines(callable_options(builder)))
-        lines.append("")
-    lines.append("Choose one with model.backbone=NAME and set its options with model.options.NAME=VALUE, e.g.")
-    lines.append("model.backbone=mobilenet model.options.alpha=0.5 (a different teacher model: teacher.backbone and")
-    lines.append("teacher.backbone_options.NAME). torchvision:<name> and timm:<name> wrap those libraries' models")
-    lines.append("when they are installed.")
-    return "\n".join(lines) + "\n"
+    return _describe_registry(MODELS, [
+        "Choose one with model.backbone=NAME and set its options with model.options.NAME=VALUE, e.g.",
+        "model.backbone=mobilenet model.options.alpha=0.5 (a different teacher model: teacher.backbone and",
+        "teacher.backbone_options.NAME). torchvision:<name> and timm:<name> wrap those libraries' models",
+        "when they are installed.",
+    ])
 
 
 __all__ = ["describe_config", "describe_models", "describe_teachers", "list_shipped", "value_text"]

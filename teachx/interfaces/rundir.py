@@ -224,23 +224,30 @@ def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool 
             if kept:
                 names = ", ".join(str(p.relative_to(run_dir)) for p in kept[:5]) + (", ..." if len(kept) > 5 else "")
                 log(f"--overwrite: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} teachx did not make in {run_dir}: {names}")
-    created = not run_dir.exists()
+    _make_dir(run_dir, RUN_MARKER, "run", "config.yaml", dump_yaml(saved), always_mark=True)
+    return run_dir
+
+
+def _make_dir(path: Path, marker: str, kind: str, name: str, text: str, always_mark: bool) -> None:
+    """Create ``path`` with its marker and ``name`` (= ``text``); on a write error leave nothing behind
+    that this call made, and raise the one-line OutputError."""
+    created = not path.exists()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(run_dir, RUN_MARKER, "run")
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(saved))
+        path.mkdir(parents=True, exist_ok=True)
+        if always_mark or not (path / marker).exists():
+            write_marker(path, marker, kind)
+        write_text_atomic(path / name, text)
     except OSError as exc:
-        if created:  # leave nothing behind: only what this call made
-            for name in (RUN_MARKER, "config.yaml"):
-                (run_dir / name).unlink(missing_ok=True)
+        if created:
+            for made in (marker, name):
+                (path / made).unlink(missing_ok=True)
             try:
-                run_dir.rmdir()
+                path.rmdir()
             except OSError:
                 pass
         if isinstance(exc, OutputError):
             raise
-        raise output_error(exc, exc.filename or run_dir) from exc
-    return run_dir
+        raise output_error(exc, exc.filename or path) from exc
 
 
 def prepare_study_dir(out: Path, text: str) -> Path:
@@ -251,21 +258,5 @@ def prepare_study_dir(out: Path, text: str) -> Path:
                           "never deletes or replaces files it did not make, so choose a new --out directory")
     if kind == "teachx":
         sweep_stale_temps(out)
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / STUDY_MARKER).exists():
-            write_marker(out, STUDY_MARKER, "study")
-        write_text_atomic(out / "study.yaml", text)
-    except OSError as exc:
-        if created:
-            for name in (STUDY_MARKER, "study.yaml"):
-                (out / name).unlink(missing_ok=True)
-            try:
-                out.rmdir()
-            except OSError:
-                pass
-        if isinstance(exc, OutputError):
-            raise
-        raise output_error(exc, exc.filename or out) from exc
+    _make_dir(out, STUDY_MARKER, "study", "study.yaml", text, always_mark=False)
     return out
