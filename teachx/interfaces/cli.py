@@ -15,7 +15,11 @@ NPROC_HELP = "Run in N processes (one per GPU, or CPU processes) under torchrun;
 OVERWRITE_HELP = ("Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
                   "a directory teachx did not make is never touched.")
 REDO_HELP = ("Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
-             "redoing the teacher also redoes IMPACTX, which learnt from its maps.")
+             "the method stage is named after method.name (impactx by default); redoing the teacher also redoes the method "
+             "stage, which learnt from it.")
+
+
+
 
 EPILOG = """\b
 Examples:
@@ -114,6 +118,14 @@ def teachers() -> None:
     click.echo(describe_teachers(), nl=False)
 
 
+@cli.command()
+def methods() -> None:
+    """List the training methods (IMPACTX, ABN, RRR, ...) and their options."""
+    from teachx.interfaces.describe import describe_methods
+
+    click.echo(describe_methods(), nl=False)
+
+
 @cli.command("config", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
 @click.option("--list", "list_", is_flag=True, help="List the configs shipped with teachx (usable by name wherever a CONFIG goes).")
@@ -187,7 +199,7 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-@click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx"]), multiple=True, help=REDO_HELP)
+@click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx", "abn", "rrr", "saliency_guided", "reldrop"]), multiple=True, help=REDO_HELP)
 def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
     """The whole pipeline: baseline -> teacher maps -> IMPACTX -> test.
 
@@ -207,7 +219,7 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-@click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx"]), multiple=True, help=REDO_HELP)
+@click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx", "abn", "rrr", "saliency_guided", "reldrop"]), multiple=True, help=REDO_HELP)
 @click.argument("overrides", nargs=-1)
 def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Bundled data, LeNet-5, SHAP teacher: baseline vs IMPACTX."""
@@ -256,6 +268,9 @@ def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool,
 
     is_main, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
+    from teachx.training.methods import build_method
+
+    build_method(cfg).check_data(plan)  # e.g. rrr with annotation masks on data without masks: before anything is trained
     run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, command, overwrite)
     dist_utils.on_main(redo_stages, run_dir, cfg, redo, echo0)
     res = run_pipeline(cfg, run_dir, echo0, progress=not quiet, plan=plan).results
@@ -268,7 +283,16 @@ def _print_summary(res: dict, run_dir: Path) -> None:
     click.echo("")
     click.echo(f"dataset {res['dataset']} | backbone {res['backbone']} | teacher {res['teacher']} | epochs {res['epochs']}")
     click.echo(f"baseline test accuracy: {res['baseline_test_acc']:.4f}")
-    click.echo(f"IMPACTX  test accuracy: {res['impactx_test_acc']:.4f}  (lambda={res['lam']}, maps={res['maps']})")
+    if res.get("method", "impactx") == "impactx":
+        click.echo(f"IMPACTX  test accuracy: {res['impactx_test_acc']:.4f}  (lambda={res['lam']}, maps={res['maps']})")
+    else:
+        opts = ", ".join(f"{k}={v}" for k, v in (res.get("method_options") or {}).items())
+        click.echo(f"{res['method']} test accuracy: {res['method_test_acc']:.4f}" + (f"  ({opts})" if opts else ""))
+    sc = res.get("shortcut")
+    if sc:
+        for name in [k for k in sc if isinstance(sc[k], dict) and "gradient" in sc[k]]:
+            shares = ", ".join(f"{m} {v:.3f}" for m, v in sc[name].items() if m != "area" and isinstance(v, float))
+            click.echo(f"attribution on the artefact ({name}): {shares} (artefact area {sc[name].get('area', float('nan')):.3f})")
     q = res.get("map_quality")
     if q:
         click.echo(f"built-in maps vs teacher on test: corr {q['corr']:.3f} (mean map: {q['corr_mean_map']:.3f}), R^2 vs mean map {q['r2_vs_mean_map']:.3f}")

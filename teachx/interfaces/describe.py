@@ -113,6 +113,24 @@ def describe_teachers() -> str:
     ])
 
 
+def describe_methods() -> str:
+    """`teachx methods`: every training method, its paper, and its options with defaults and meaning."""
+    from teachx.training.methods import METHODS
+
+    lines = ["Training methods: choose one with method.name=NAME and set its options with method.options.NAME=VALUE,",
+             "e.g. method.name=rrr method.options.mask=teacher. IMPACTX (the default) takes its options from impactx.*.", ""]
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        aliases = METHODS.aliases(name)
+        lines.append(f"{name}" + (f" (also: {', '.join(aliases)})" if aliases else "") + f": {cls.summary}")
+        if cls.reference:
+            lines.append(f"    {cls.reference}")
+        for key, opt in cls.options.items():
+            lines.append(f"    {key} = {value_text(opt.default)}  # {opt.help}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def describe_models() -> str:
     from teachx.models import MODELS
 
@@ -124,4 +142,4 @@ def describe_models() -> str:
     ])
 
 
-__all__ = ["describe_config", "describe_models", "describe_teachers", "list_shipped", "value_text"]
+__all__ = ["describe_config", "describe_methods", "describe_models", "describe_teachers", "list_shipped", "value_text"]

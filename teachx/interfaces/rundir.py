@@ -49,6 +49,8 @@ RUN_LAYOUT: Layout = {
     "report.html": None, "report.md": None, "report_files": {"*.png": None}, "figures": {"*.png": None},
     "baseline": STAGE_LAYOUT, "teacher": STAGE_LAYOUT, "impactx": STAGE_LAYOUT, **STAGE_LAYOUT,
 }
+#: every training method's stage directory is named after the method (``teachx.training.methods``)
+RUN_LAYOUT.update({name: STAGE_LAYOUT for name in ("abn", "rrr", "saliency_guided", "reldrop")})
 #: files teachx may leave in any directory it writes: atomic-write temp files, locks
 _ANYWHERE = (".*.tmp", "*.lock", ".lock")
 

@@ -226,7 +226,8 @@ def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Option
             if spec.config(regime, arm, seeds[0]).teacher.checkpoint:
                 raise ConfigError(f"study arm '{arm}': teacher.checkpoint is not supported in studies (one fixed model for every seed); use teacher.backbone")
     if spec.control is None:
-        zero = [a for a in arms if spec.config(first_regime, a, seeds[0]).impactx.lam == 0]
+        zero = [a for a in arms if spec.config(first_regime, a, seeds[0]).impactx.lam == 0
+                and _method_name(spec.config(first_regime, a, seeds[0])) == "impactx"]
         spec.control = zero[0] if zero else None
     elif spec.control not in arms:
         raise ConfigError(f"study.control '{spec.control}' is not an arm{suggest(spec.control, list(arms))}; arms: {', '.join(arms)}")
@@ -311,6 +312,17 @@ def impactx_key(cfg: RunConfig) -> str:
     return "x-" + hash_json({"v": STUDY_VERSION, "kind": "impactx", "config": _relevant(cfg)})[:16]
 
 
+def method_key(cfg: RunConfig) -> str:
+    """A unit of a training method other than IMPACTX (IMPACTX units keep ``impactx_key``)."""
+    return "m-" + hash_json({"v": STUDY_VERSION, "kind": "method", "config": _relevant(cfg)})[:16]
+
+
+def _method_name(cfg: RunConfig) -> str:
+    from teachx.training.methods import METHODS
+
+    return METHODS.canonical(cfg.method.name)
+
+
 def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
     return hash_json({"v": STUDY_VERSION, "eval": asdict(ev), "teacher": _relevant(cfg).get("teacher", {})})[:12]
 
@@ -372,7 +384,89 @@ class _Runner:
         self.units[key] = {"kind": "classifier", "backbone": backbone, "seed": cfg.seed, "test_acc": done["test_acc"],
                            "val_acc": done.get("val_acc"), "seconds": done.get("seconds"),
                            "seconds_per_epoch": done.get("seconds_per_epoch"), "history": done.get("history", [])}
+        shortcut = self._shortcut(cfg, d, lambda: {"model": self._load_classifier(cfg, key)})
+        if shortcut is not None:
+            self.units[key]["shortcut"] = shortcut
         return key, done
+
+    def _load_classifier(self, cfg: RunConfig, key: str):
+        from teachx.interfaces.pipeline import load_classifier
+
+        return load_classifier(self.checkpoint(key), self.plan(cfg).dataset)
+
+    def _shortcut(self, cfg: RunConfig, d: Path, models) -> Optional[dict[str, Any]]:
+        """On a shortcut dataset: the unit's attribution share on the artefact (``shortcut.json``, made once)."""
+        path = d / "shortcut.json"
+        if path.exists():
+            return read_trusted_json(path, f"delete '{path}' and re-run the same `teachx study` command", "shortcut evaluation")
+        if cfg.data.shortcut is None and not _source_name(cfg.data.name).startswith("decoy"):
+            return None
+        plan = self.plan(cfg)
+        if getattr(plan.dataset.test, "masks", None) is None:
+            return None
+        from teachx.interfaces.pipeline import shortcut_evaluation
+        from teachx.utils.seeding import choose_device
+
+        out = shortcut_evaluation(cfg, plan, models(), choose_device(cfg.device))
+        block = out["model"]
+        block["images"] = out["images"]
+        write_json_atomic(path, block, digest=True)
+        return block
+
+    def method(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
+        """One unit of the arm's training method (IMPACTX: :meth:`impactx`); (key, record, was_cached)."""
+        name = _method_name(cfg)
+        if name == "impactx":
+            return self.impactx(cfg, base_key, teacher_key)
+        from teachx.interfaces.pipeline import stage_done
+
+        key = method_key(cfg)
+        d = self.unit_dir(key, cfg, "method")
+        cached = name == "baseline" or stage_done(d) is not None
+        if name == "baseline":  # the arm's own baseline is this model: nothing more to train
+            stage = dict(stage_done(self.out / "units" / base_key) or {})
+        elif stage_done(d) is None:
+            with file_lock(d / ".lock", wait=False):
+                stage = self._train_method(cfg, d, teacher_key)
+        else:
+            stage = stage_done(d)
+        self.units[key] = {
+            "kind": "method", "method": name, "method_options": (stage.get("method_options") or dict(cfg.method.options)),
+            "seed": cfg.seed, "teacher": cfg.teacher.method, "baseline_unit": base_key, "teacher_unit": teacher_key,
+            "test_acc": stage["test_acc"], "val_acc": stage.get("val_acc"), "seconds": stage.get("seconds"),
+            "seconds_per_epoch": stage.get("seconds_per_epoch"), "history": stage.get("history", []),
+        }
+        src = self.out / "units" / (base_key if name == "baseline" else key)
+        shortcut = self._shortcut(cfg, d, lambda: {"model": self._load_classifier(cfg, base_key) if name == "baseline"
+                                                   else self._method_model(cfg, src, teacher_key)})
+        if shortcut is not None:
+            self.units[key]["shortcut"] = shortcut
+        return key, self.units[key], cached
+
+    def _method_model(self, cfg: RunConfig, d: Path, teacher_key: str):
+        from teachx.interfaces.pipeline import train_method_stage
+
+        _, model = train_method_stage(cfg, self.plan(cfg), None, None, d, self.stage_log)  # complete: reads the best checkpoint back
+        return model
+
+    def _train_method(self, cfg: RunConfig, d: Path, teacher_key: str) -> dict[str, Any]:
+        from teachx.interfaces.pipeline import load_classifier, stage_done, teacher_maps, train_method_stage
+        from teachx.training.methods import build_method
+        from teachx.utils.seeding import choose_device
+
+        done = stage_done(d)  # another process may have finished it since we looked
+        if done is not None:
+            return done
+        plan = self.plan(cfg)
+        method = build_method(cfg)
+        teacher_model = load_classifier(self.checkpoint(teacher_key), plan.dataset)
+        store = None
+        if method.needs_teacher_maps():
+            store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, choose_device(cfg.device), self.stage_log,
+                                 self.progress, wait=False)
+        self.trained += 1
+        record, _ = train_method_stage(cfg, plan, store, teacher_model, d, self.stage_log)
+        return record
 
     def impactx(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
         """Train + evaluate one IMPACTX unit (or read it back); returns (key, record, was_cached)."""
@@ -566,7 +660,7 @@ def _run_job(spec: StudySpec, r: "_Runner", cells: dict[tuple[str, str], dict[in
         return f"regime={regime} arm={BASELINE} seed={seed} test_acc={brec['test_acc']:.4f} ({how})"
     tcfg, tb, topts = teacher_training(cfg)
     tkey, trec = r.classifier(tcfg, tb, topts)
-    key, rec, _cached = r.impactx(cfg, own_base, tkey)
+    key, rec, _cached = r.method(cfg, own_base, tkey)
     cells.setdefault((regime, arm), {})[seed] = key
     how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
     extra = ""
@@ -575,6 +669,9 @@ def _run_job(spec: StudySpec, r: "_Runner", cells: dict[tuple[str, str], dict[in
         extra = f" map_corr={q['corr']:.3f}"
     if tkey != own_base:
         extra += f" teacher_acc={trec['test_acc']:.4f}"
+    sc = rec.get("shortcut")
+    if sc:
+        extra += " artefact_share=" + "/".join(f"{m}:{sc[m]:.3f}" for m in ("gradient", "lrp") if m in sc)
     return f"regime={regime} arm={arm} seed={seed} test_acc={rec['test_acc']:.4f}{extra} ({how})"
 
 
@@ -654,14 +751,20 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
             keys = cells[(regime, arm)]
             accs = [units[keys[s]]["test_acc"] for s in seeds]
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
+            method = _method_name(cfg) if arm != BASELINE else BASELINE
             row: dict[str, Any] = {
-                "regime": regime, "arm": arm, "kind": "classifier" if arm == BASELINE else "impactx",
+                "regime": regime, "arm": arm, "kind": "classifier" if arm == BASELINE else ("impactx" if method == "impactx" else "method"),
+                "method": method,
                 "overrides": spec.arms.get(arm, {}), "regime_overrides": spec.regimes[regime],
                 "seeds": seeds, "units": [keys[s] for s in seeds], "test_acc": accs, "summary": summarize(accs).to_dict(),
             }
             if arm != BASELINE:
                 _, tb, _ = teacher_training(cfg)
-                row.update({"lam": cfg.impactx.lam, "maps": cfg.impactx.maps, "teacher": cfg.teacher.method, "teacher_backbone": tb})
+                row.update({"teacher": cfg.teacher.method, "teacher_backbone": tb})
+                if method == "impactx":
+                    row.update({"lam": cfg.impactx.lam, "maps": cfg.impactx.maps})
+                else:
+                    row["method_options"] = units[keys[seeds[0]]].get("method_options", {})
                 base_accs = [units[units[keys[s]]["baseline_unit"]]["test_acc"] for s in seeds]
                 row["vs_baseline"] = paired_compare(accs, base_accs).to_dict()
                 own = {units[keys[s]]["baseline_unit"] for s in seeds} != {cells[(regime, BASELINE)][s] for s in seeds}
@@ -669,7 +772,7 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                 t_units = [units[keys[s]]["teacher_unit"] for s in seeds]
                 if t_units[0] != units[keys[seeds[0]]]["baseline_unit"]:
                     row["teacher_test_acc"] = summarize([units[t]["test_acc"] for t in t_units]).to_dict()
-                if spec.control and arm != spec.control and cfg.impactx.lam > 0:
+                if spec.control and arm != spec.control and (method != "impactx" or cfg.impactx.lam > 0):
                     ckeys = cells[(regime, spec.control)]
                     row["vs_control"] = paired_compare(accs, [units[ckeys[s]]["test_acc"] for s in seeds]).to_dict()
                     row["vs_control"]["control"] = spec.control
@@ -680,6 +783,10 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                 faith = [units[keys[s]].get("faithfulness") for s in seeds]
                 if all(faith):
                     row["faithfulness"] = _faith_summary(faith)
+            shortcut = [units[keys[s]].get("shortcut") for s in seeds]
+            if all(shortcut):
+                row["shortcut"] = {m: summarize([b[m] for b in shortcut]).to_dict() for m in shortcut[0]
+                                   if isinstance(shortcut[0][m], (int, float)) and m != "images"}
             rows.append(row)
     # Holm over each family (all vs-baseline tests; all vs-control tests)
     for family in ("vs_baseline", "vs_control"):
@@ -748,7 +855,10 @@ def _timings(units: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
     cls = [u for u in units.values() if u["kind"] == "classifier"]
     imp = [u for u in units.values() if u["kind"] == "impactx"]
+    other = [u for u in units.values() if u["kind"] == "method" and u.get("method") != "baseline"]
     return {
+        "method_training": agg([u.get("seconds") for u in other]),
+        "method_seconds_per_epoch": agg([u.get("seconds_per_epoch") for u in other]),
         "classifier_training": agg([u.get("seconds") for u in cls]),
         "classifier_seconds_per_epoch": agg([u.get("seconds_per_epoch") for u in cls]),
         "impactx_training": agg([u.get("seconds") for u in imp]),
@@ -782,9 +892,17 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         pw = _fp(vc["p_wilcoxon"]) if vc else ""
         mean_std = _fmt(s["mean"]) + " +- " + std
         lines.append(f"{row['regime']:<14} {row['arm']:<16} {s['n']:>2} {mean_std:>20} {ci:>17} {db:>9} {pb:>7} {dc:>9} {pc:>7} {pw:>7}")
+    shortcut_rows = [row for row in data["rows"] if row.get("shortcut")]
+    if shortcut_rows:
+        lines.append("")
+        lines.append("Share of post-hoc attribution on the artefact, de-correlated test images (mean over seeds; lower = fewer wrong reasons)")
+        for row in shortcut_rows:
+            sc = row["shortcut"]
+            parts = [f"{m} {_fmt(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "area") if m in sc]
+            lines.append(f"  {row['regime']:<14} {row['arm']:<16} " + "  ".join(parts))
     if data["verdicts"]:
         lines.append("")
-        lines.append("Does the gain come from the explanations? (IMPACTX arm vs the lambda=0 control, paired t-test)")
+        lines.append(f"Does the gain come from the explanations? (each arm vs the control '{data['study'].get('control')}', paired t-test)")
         lines.extend("  " + v["text"] for v in data["verdicts"])
     elif data["study"].get("control") is None:
         lines.append("(no lambda=0 control arm: add e.g. lambda0: {impactx.lam: 0} to study.arms to test whether gains come from the explanations)")

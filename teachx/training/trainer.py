@@ -171,6 +171,11 @@ class _DDPModelView:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._ddp(*args, **kwargs)
 
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The model itself: for passes that must not go through DDP (no gradient all-reduce)."""
+        return self._model
+
     def __getattr__(self, name: str) -> Any:
         if name in self._methods:
             return lambda *args, **kwargs: self._ddp(*args, _method=name, **kwargs)

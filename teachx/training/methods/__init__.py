@@ -1,0 +1,21 @@
+"""Training methods behind one contract (``base.TrainingMethod``), chosen with ``method.name``.
+
+``impactx`` (the default), ``baseline``, ``abn``, ``rrr``, ``saliency_guided``, ``reldrop``: one
+file each, registered in ``METHODS``. ``teachx methods`` lists them with their options.
+"""
+
+from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod, build_method
+
+# Method modules register themselves in METHODS on import.
+from teachx.training.methods import baseline as _baseline  # noqa: F401,E402
+from teachx.training.methods import impactx as _impactx  # noqa: F401,E402
+from teachx.training.methods import rrr as _rrr  # noqa: F401,E402
+from teachx.training.methods import saliency_guided as _saliency_guided  # noqa: F401,E402
+from teachx.training.methods import reldrop as _reldrop  # noqa: F401,E402
+
+try:  # the attention branch network (its own file; absent in builds that do not ship it yet)
+    from teachx.training.methods import abn as _abn  # noqa: F401,E402
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = ["METHODS", "MethodContext", "Option", "TrainingMethod", "build_method"]

@@ -1,0 +1,201 @@
+"""The contract every training method follows, parallel to the teachers' (``teachx.teachers.base``).
+
+A training method decides *what* model is trained and *how its loss uses explanations*; the loop
+that trains it -- seeding, batching, augmentation, checkpoints without pickle, exact resume, DDP,
+progress -- is :class:`teachx.training.trainer.Trainer`, the same for every method. A method is
+one file with a :class:`TrainingMethod` subclass decorated ``@METHODS.register("name")``; a run
+picks it with ``method.name`` and sets its options under ``method.options`` (declared below as
+:class:`Option` s, so that ``teachx methods`` and ``teachx config --describe`` can list them and a
+misspelt or foreign option is refused in one line).
+
+What a method may use to set itself up is a :class:`MethodContext`: the resolved run config, the
+data plan (images, splits, and the artefact masks of shortcut datasets), the teacher's maps of the
+training split (only when ``needs_teacher_maps`` says so: making them costs a pass of the teacher
+over the training set) and the trained teacher model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from teachx.errors import ConfigError
+from teachx.registry import Registry, suggest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from teachx.interfaces.config import RunConfig
+    from teachx.teachers.store import MapStore
+    from teachx.training.trainer import DataPlan, Task
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: default, what it does (shown by ``teachx methods``), and a check.
+
+    ``choices`` restricts a string option; ``minimum``/``maximum`` bound a number (inclusive).
+    """
+
+    default: Any
+    help: str
+    choices: tuple[Any, ...] = ()
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+
+    def check(self, where: str, value: Any) -> Any:
+        """The value, converted to the default's type; a ConfigError line naming ``where`` otherwise."""
+        kind = type(self.default)
+        if isinstance(self.default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} must be true or false, got {value!r}")
+        elif isinstance(self.default, (int, float)) and self.default is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where} must be a number, got {value!r}")
+            if kind is int and float(value) != int(value):
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
+            value = kind(value)
+            if self.minimum is not None and value < self.minimum:
+                raise ConfigError(f"{where} must be >= {self.minimum}, got {value}")
+            if self.maximum is not None and value > self.maximum:
+                raise ConfigError(f"{where} must be <= {self.maximum}, got {value}")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, self.choices))}, got {value!r}{suggest(str(value), [str(c) for c in self.choices])}")
+        return value
+
+
+@dataclass
+class MethodContext:
+    """What a method may read to build its model and task."""
+
+    cfg: "RunConfig"
+    plan: "DataPlan"
+    device: torch.device
+    train_maps: Optional["MapStore"] = None  # the teacher's maps of the training split (needs_teacher_maps)
+    teacher_model: Optional[nn.Module] = None  # the trained teacher (the baseline by default)
+    log: Callable[[str], None] = print
+
+
+class TrainingMethod:
+    """Base class. Subclasses set the class attributes and implement ``task`` (and ``build_model``
+    when they train something other than the configured backbone).
+
+    ``checkpoint_kind`` is the ``kind`` written into the method's checkpoints: ``classifier`` for
+    methods that train the plain backbone (their models load wherever a classifier does: `teachx
+    explain`, `teachx serve`, teacher.checkpoint), else the method's own architecture.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line for `teachx methods`
+    reference: ClassVar[str] = ""  # the paper it follows
+    options: ClassVar[dict[str, Option]] = {}
+    checkpoint_kind: ClassVar[str] = "classifier"
+    #: the model it trains gives its own attribution map (``model.explain(x, target)``), evaluated like IMPACTX's
+    builtin_map: ClassVar[bool] = False
+
+    def __init__(self, cfg: "RunConfig"):
+        self.cfg = cfg
+        self.opts: dict[str, Any] = self.resolve_options(cfg.method.options)
+
+    # -- options ---------------------------------------------------------------------------
+    @classmethod
+    def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Defaults plus ``given``, each checked; an option of another method is named as such."""
+        out = {k: o.default for k, o in cls.options.items()}
+        for key, value in (given or {}).items():
+            if key not in cls.options:
+                raise ConfigError(unknown_option_message(cls.name, str(key)))
+            out[key] = cls.options[key].check(f"method.options.{key}", value)
+        cls.check_combination(out)
+        return out
+
+    @classmethod
+    def check_combination(cls, opts: dict[str, Any]) -> None:
+        """Checks across options (one ConfigError line); default: none."""
+
+    # -- what the run must provide ---------------------------------------------------------
+    def needs_teacher_maps(self) -> bool:
+        """Whether the training split's teacher maps must be made before training."""
+        return False
+
+    def needs_masks(self) -> bool:
+        """Whether the training data must carry artefact masks (a shortcut dataset)."""
+        return False
+
+    def check_data(self, plan: "DataPlan") -> None:
+        """Refuse data the method cannot train on, in one line (before anything is trained)."""
+        if self.needs_masks() and getattr(plan.dataset.train, "masks", None) is None:
+            raise ConfigError(self.masks_missing_message(plan.dataset.name))
+
+    def masks_missing_message(self, dataset: str) -> str:
+        return (f"method {self.name} needs artefact masks, and '{dataset}' has none; use a shortcut dataset "
+                "(data.shortcut=swatch, or data.name=decoy-fashion-mnist)")
+
+    # -- what is trained -------------------------------------------------------------------
+    def build_model(self, ctx: MethodContext) -> nn.Module:
+        """The model to train (random init from torch's global generator); default: the backbone."""
+        from teachx.models import build_model
+
+        ds = ctx.plan.dataset
+        return build_model(self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size, **self.cfg.model.options)
+
+    def task(self, model: nn.Module, ctx: MethodContext) -> "Task":
+        raise NotImplementedError
+
+    def epoch_hook(self, task: "Task", ctx: MethodContext, out_dir: Path) -> Optional[Callable[[int], None]]:
+        """Called at the start of every epoch (e.g. IMPACTX's self-teaching); default: none."""
+        return None
+
+    def describe(self) -> str:
+        """How the run log names this training."""
+        opts = ", ".join(f"{k}={v}" for k, v in self.opts.items())
+        return f"{self.name}" + (f" ({opts})" if opts else "")
+
+    def record(self) -> dict[str, Any]:
+        """What the stage record and results.json keep about the method."""
+        return {"method": self.name, "method_options": dict(self.opts)}
+
+
+METHODS: Registry[type[TrainingMethod]] = Registry("training method")
+
+
+def unknown_option_message(method: str, key: str) -> str:
+    """'method.options.K' is not an option of METHOD -- naming the method that has it, if any."""
+    owners = [n for n in METHODS.names() if key in METHODS.get(n).options and n != method]
+    own = list(METHODS.get(method).options) if method in METHODS else []
+    if method == "impactx":
+        return (f"method.options.{key}: method impactx takes its options from the impactx.* keys (impactx.lam, impactx.maps, ...); "
+                "method.options is for the other methods" + (f" ({key} is an option of {' / '.join(owners)})" if owners else ""))
+    if owners:
+        return (f"method.options.{key} is an option of method {' / '.join(owners)}, not of '{method}'; remove it "
+                f"or set method.name={owners[0]} (options of {method}: {', '.join(own) or 'none'})")
+    return f"unknown option method.options.{key} of method '{method}'{suggest(key, own)}; its options: {', '.join(own) or 'none'}"
+
+
+def build_method(cfg: "RunConfig") -> TrainingMethod:
+    """The configured method, its options checked."""
+    return METHODS.get(cfg.method.name)(cfg)
+
+
+# -- helpers several methods share ----------------------------------------------------------------
+
+def raw_model(model: Any) -> nn.Module:
+    """The model itself, also while the Trainer runs the task's calls through DDP (where
+    ``task.model`` is a view): for passes that must not be synchronised (input gradients, relevance)."""
+    return getattr(model, "unwrapped", model)
+
+
+class IndexedTensor:
+    """Rows of a per-image tensor, looked up by dataset index (masks of a shortcut dataset)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+        idx = indices.cpu().numpy()
+        rows = np.asarray(self.array[idx])
+        t = torch.from_numpy(np.ascontiguousarray(rows)).float()
+        return t.unsqueeze(1) if t.dim() == 3 else t

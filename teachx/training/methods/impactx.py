@@ -1,0 +1,77 @@
+"""``impactx`` (Apicella et al. 2025): M + LEP + decoder + classifier, trained with CE plus lambda
+times a loss between the built-in map and the teacher's map (``teachx.training.impactx``).
+
+Its options are the ``impactx.*`` keys, as before this contract existed, so every config and
+checkpoint keeps working; ``method.options`` stays empty for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from teachx.errors import ConfigError
+from teachx.training.methods.base import METHODS, MethodContext, TrainingMethod
+
+
+@METHODS.register("impactx")
+class Impactx(TrainingMethod):
+    name = "impactx"
+    summary = "built-in attribution map trained towards a teacher's maps (options: the impactx.* keys)"
+    reference = "Apicella et al. 2025, IMPACTX"
+    checkpoint_kind = "impactx"
+    builtin_map = True
+
+    def needs_teacher_maps(self) -> bool:
+        return self.cfg.impactx.lam > 0
+
+    def build_model(self, ctx: MethodContext) -> nn.Module:
+        from teachx.models.impactx import build_impactx
+
+        cfg, ic, ds = self.cfg, self.cfg.impactx, ctx.plan.dataset
+        store = ctx.train_maps
+        model = build_impactx(
+            cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size,
+            backbone_options=cfg.model.options, lep_backbone=ic.lep_backbone,
+            map_size=(ic.map_size, ic.map_size) if ic.map_size else None,
+            map_channels=store.maps.shape[1] if store is not None else 1,
+            decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden, decoder_scale=ic.decoder_scale,
+            decoder=ic.decoder, per_class=ic.per_class, additive_reference=ic.additive_reference,
+        )
+        if ic.m_init == "teacher":
+            if ctx.teacher_model is None or type(ctx.teacher_model) is not type(model.m):
+                raise ConfigError("impactx.m_init=teacher needs a teacher of the same backbone as the student")
+            model.m.load_state_dict(ctx.teacher_model.state_dict())
+            if ic.m_frozen:
+                model.freeze_m()
+        return model
+
+    def task(self, model: nn.Module, ctx: MethodContext):
+        from teachx.training.impactx import ImpactxTask, MapSource, SelfFaithfulness
+        from teachx.training.map_losses import MapLoss
+
+        cfg, ic, plan = self.cfg, self.cfg.impactx, ctx.plan
+        source = None
+        if ctx.train_maps is not None and ic.lam > 0:
+            from teachx.interfaces.builtin_eval import explained_classes
+
+            classes = explained_classes(cfg, plan, ctx.teacher_model, "train", plan.train_idx, ctx.device) if ic.per_class else None
+            source = MapSource(ctx.train_maps, ic.maps, plan.train_idx, cfg.seed, classes=classes)
+        return ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing, map_loss=MapLoss(ic.map_loss, ic.map_target_pool),
+                           faith_weight=ic.faith_weight, faith=SelfFaithfulness(ic.faith_patch, ic.faith_samples))
+
+    def epoch_hook(self, task, ctx: MethodContext, out_dir: Path) -> Optional[Callable[[int], None]]:
+        if not (self.cfg.impactx.self_teach_every and getattr(task, "source", None) is not None):
+            return None
+        from teachx.interfaces.pipeline import self_teaching_hook
+
+        return self_teaching_hook(self.cfg, ctx.plan, task, ctx.train_maps, out_dir, ctx.log)
+
+    def describe(self) -> str:
+        ic = self.cfg.impactx
+        return f"IMPACTX ({self.cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps})"
+
+    def record(self) -> dict[str, Any]:
+        return {"method": self.name}

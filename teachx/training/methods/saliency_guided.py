@@ -1,0 +1,82 @@
+"""``saliency_guided``: saliency-guided training (Ismail, Corrada Bravo, Feizi 2021).
+
+Per step: the input gradient of the label's logit ranks the input features (every element of the
+normalised image); the fraction ``k`` with the lowest |gradient| are replaced by values drawn
+uniformly from the batch's range, giving x~, and
+
+    L = CE(f(x), y) + lam * KL(softmax f(x) || softmax f(x~)).
+
+The saliency pass computes no parameter gradients and leaves BatchNorm statistics as they were;
+x and x~ then go through the model as one batch (one forward, as DDP requires, so BatchNorm
+statistics of that step include the masked copies).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod, raw_model
+
+
+def input_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|d f_y / d x| with the model's mode as it is; buffers (BatchNorm statistics) are restored."""
+    buffers = [b.detach().clone() for b in model.buffers()]
+    with torch.enable_grad():
+        xs = x.detach().requires_grad_(True)
+        out = model(xs)
+        (grad,) = torch.autograd.grad(out.float().gather(1, y[:, None]).sum(), xs)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
+    return grad.abs()
+
+
+def mask_lowest(x: torch.Tensor, saliency: torch.Tensor, k: float, generator=None) -> torch.Tensor:
+    """x with the fraction ``k`` of its elements of lowest saliency replaced by uniform values in
+    [min x, max x] of the batch (the same count for every image)."""
+    b = x.shape[0]
+    flat = x.detach().flatten(1)
+    n = int(round(k * flat.shape[1]))
+    if n == 0:
+        return x.detach().clone()
+    idx = saliency.flatten(1).argsort(dim=1, stable=True)[:, :n]
+    lo, hi = flat.min(), flat.max()
+    values = torch.rand(b, n, device=x.device, dtype=flat.dtype, generator=generator) * (hi - lo) + lo
+    return flat.clone().scatter_(1, idx, values).view_as(x)
+
+
+class SaliencyGuidedTask:
+    def __init__(self, model: nn.Module, k: float, lam: float, label_smoothing: float = 0.0):
+        self.model, self.k, self.lam, self.label_smoothing = model, float(k), float(lam), label_smoothing
+
+    def maps_for(self, indices: torch.Tensor) -> None:
+        return None
+
+    def loss(self, x, y, maps):
+        sal = input_saliency(raw_model(self.model), x, y)
+        masked = mask_lowest(x, sal, self.k)
+        both = self.model(torch.cat([x, masked]))
+        logits, logits_m = both[: x.shape[0]], both[x.shape[0]:]
+        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        logp, logq = F.log_softmax(logits.float(), 1), F.log_softmax(logits_m.float(), 1)
+        kl = (logp.exp() * (logp - logq)).sum(1).mean()  # KL(f(x) || f(x~)), per image, averaged
+        return ce + self.lam * kl, logits, {"ce": ce.detach(), "kl": kl.detach()}
+
+    def parameters(self):
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+
+@METHODS.register("saliency_guided", "saliency-guided", "sgt")
+class SaliencyGuided(TrainingMethod):
+    name = "saliency_guided"
+    summary = "mask the lowest-saliency input features with random values; match the masked output to the unmasked one (KL)"
+    reference = "Ismail, Corrada Bravo, Feizi 2021, Improving Deep Learning Interpretability by Saliency Guided Training"
+    options = {
+        "k": Option(0.5, "fraction of input features (lowest |gradient|) replaced by random values", minimum=0.0, maximum=1.0),
+        "lam": Option(1.0, "weight of the KL term", minimum=0.0),
+    }
+
+    def task(self, model: nn.Module, ctx: MethodContext) -> SaliencyGuidedTask:
+        return SaliencyGuidedTask(model, self.opts["k"], self.opts["lam"], self.cfg.train.label_smoothing)
