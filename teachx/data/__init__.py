@@ -3,6 +3,7 @@
 >>> ds = load_dataset("bundled")                  # ships with teachx, works offline
 >>> ds = load_dataset("cifar10", download=True)   # official files, checksum-verified
 >>> ds = load_dataset("imagefolder:/data/pets.zip", size=64)
+>>> ds = apply_shortcut(load_dataset("cifar10"), "patch")   # a shortcut benchmark, masks in ds.train.masks
 
 Each load returns an :class:`ImageDataset` whose splits hold uint8 (N, H, W, C) images (memory-mapped
 from the decoded-array cache after the first load) and int64 labels, plus class names and the
@@ -25,6 +26,7 @@ from teachx.data import idx as _idx  # noqa: F401,E402
 from teachx.data import imagefolder as _imagefolder  # noqa: F401,E402
 from teachx.data import stl10 as _stl10  # noqa: F401,E402
 from teachx.data.loading import BatchIterator, train_val_split  # noqa: E402
+from teachx.data.shortcuts import SHORTCUTS, apply_shortcut  # noqa: E402 (registers the decoy-* datasets)
 from teachx.data.transforms import Augment, denormalize, normalize  # noqa: E402
 
 __all__ = [
@@ -33,7 +35,9 @@ __all__ = [
     "BatchIterator",
     "DatasetSource",
     "ImageDataset",
+    "SHORTCUTS",
     "Split",
+    "apply_shortcut",
     "dataset_status",
     "default_cache_dir",
     "default_data_root",

@@ -8,16 +8,23 @@ so that no epoch re-decodes them. Normalisation and augmentation happen on batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
 
 @dataclass
 class Split:
-    """One split: uint8 images (N, H, W, C) and int64 labels (N,)."""
+    """One split: uint8 images (N, H, W, C) and int64 labels (N,).
+
+    ``masks`` (uint8 (N, H, W), 1 on an artefact, 0 elsewhere) says where a shortcut benchmark
+    (``teachx.data.shortcuts``) put its artefact in each image: the region a model should *not*
+    use, for wrong-reason scores and right-for-the-right-reasons penalties. None: no artefact known.
+    """
 
     images: np.ndarray
     labels: np.ndarray
+    masks: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -25,6 +32,11 @@ class Split:
     def __post_init__(self) -> None:
         if len(self.labels) != len(self.images):
             raise ValueError(f"Split has {len(self.images)} images but {len(self.labels)} labels")
+        if self.masks is not None and (self.masks.dtype != np.uint8 or self.masks.shape != self.images.shape[:3]):
+            raise ValueError(
+                f"Split masks must be uint8 {tuple(self.images.shape[:3])} (one per image, 1 on the artefact), "
+                f"got {self.masks.dtype} {tuple(self.masks.shape)}"
+            )
 
 
 @dataclass
@@ -61,3 +73,8 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether both splits say where their artefact is (shortcut benchmarks)."""
+        return self.train.masks is not None and self.test.masks is not None

@@ -14,6 +14,9 @@ verifies them (once per process per file version: the result is remembered for t
 size and mtime). A mismatch -- bit rot, a bad disk, a hand edit -- is never used: the entry is a
 derived copy whose source is still there, so it is decoded again, with a warning naming the entry.
 Entries written before digests existed are decoded again once, for the same reason.
+
+Optional arrays (the artefact masks of shortcut benchmarks, ``train_masks`` / ``test_masks``) are
+stored and verified like the others when a decoder returns them; entries without them load as before.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -35,6 +38,8 @@ CACHE_FORMAT = 1
 #: Files up to this size are content-hashed in the fingerprint (cheap, and catches same-size edits).
 SMALL_FILE_BYTES = 8 << 20
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+#: Arrays an entry may hold or not (entries written before they existed simply lack them).
+_OPTIONAL_ARRAYS = ("train_masks", "test_masks")
 
 
 def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
@@ -60,9 +65,14 @@ class Decoded:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     cache_path: str = ""  # the entry it was loaded from ('' when not cached)
+    train_masks: Optional[np.ndarray] = None  # uint8 (N, H, W), 1 on an artefact (shortcut benchmarks)
+    test_masks: Optional[np.ndarray] = None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in _ARRAYS}
+        """The arrays to store: the four of every entry, plus the masks where there are some."""
+        out = {name: getattr(self, name) for name in _ARRAYS}
+        out.update({name: getattr(self, name) for name in _OPTIONAL_ARRAYS if getattr(self, name) is not None})
+        return out
 
 
 def file_fingerprint(path: str | Path) -> dict:
@@ -119,6 +129,9 @@ def finish(decoded: Decoded) -> Decoded:
         if labels.shape != (images.shape[0],):
             raise AssertionError(f"decoder bug: {split} has {images.shape[0]} images, labels {labels.shape}")
         setattr(decoded, f"{split}_labels", labels.astype(np.int64, copy=False))
+        masks = getattr(decoded, f"{split}_masks")
+        if masks is not None and (masks.dtype != np.uint8 or masks.shape != images.shape[:3]):
+            raise AssertionError(f"decoder bug: {split} masks are {masks.dtype} {masks.shape} for images {images.shape}")
     if not decoded.mean:
         decoded.mean, decoded.std = channel_stats(decoded.train_images)
     return decoded
@@ -221,7 +234,7 @@ def _load_entry(entry: Path, key: str) -> Decoded | None:
         if not isinstance(meta.get("sha256"), dict):
             return None  # written before digests existed: decoded again once (the source is there)
         arrays = {}
-        for array_name in _ARRAYS:
+        for array_name in _ARRAYS + tuple(n for n in _OPTIONAL_ARRAYS if n in meta["sha256"]):
             path = entry / f"{array_name}.npy"
             if not _verified(path, meta["sha256"][array_name]):
                 return _damaged(entry, f"{path.name} does not match its digest")

@@ -162,8 +162,8 @@ class DatasetSource:
         return ImageDataset(
             name=self.display_name(arg),
             class_names=list(decoded.class_names),
-            train=Split(decoded.train_images, decoded.train_labels),
-            test=Split(decoded.test_images, decoded.test_labels),
+            train=Split(decoded.train_images, decoded.train_labels, decoded.train_masks),
+            test=Split(decoded.test_images, decoded.test_labels, decoded.test_masks),
             mean=tuple(decoded.mean),
             std=tuple(decoded.std),
             source=str(source),

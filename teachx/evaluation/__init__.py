@@ -1,4 +1,4 @@
-"""Explanation-quality metrics: faithfulness, randomisation, complexity and map agreement.
+"""Explanation-quality metrics: faithfulness, randomisation, complexity, map agreement and wrong reasons.
 
 Every metric is ``metric(model, inputs, targets, maps, explain_fn=None) -> MetricResult`` with
 per-sample ``scores`` (B,), batched in torch on the inputs' device; ``METRICS`` maps names to
@@ -39,6 +39,7 @@ from teachx.evaluation.randomisation import (
     randomisable_layers,
     randomised_models,
 )
+from teachx.evaluation.shortcut import WrongReason, artefact_share, mask_area, wrong_reason_score
 
 __all__ = [
     "CATEGORIES",
@@ -56,6 +57,8 @@ __all__ = [
     "PixelFlippingLeRF",
     "PixelFlippingMoRF",
     "Sparseness",
+    "WrongReason",
+    "artefact_share",
     "build_metric",
     "cosine",
     "evaluate_maps",
@@ -65,6 +68,7 @@ __all__ = [
     "gini_index",
     "histogram_entropy",
     "make_baseline",
+    "mask_area",
     "map_agreement",
     "map_mse",
     "pearson",
@@ -76,4 +80,5 @@ __all__ = [
     "spearman",
     "ssim",
     "top_k_intersection",
+    "wrong_reason_score",
 ]

@@ -32,7 +32,8 @@ from typing import Any, Iterable, Optional
 from teachx.errors import ConfigError
 from teachx.utils.locking import Busy, file_lock, held_by
 
-_DATA_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
+_DATA_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy",
+               "train_masks.npy", "test_masks.npy")  # masks: shortcut benchmarks only
 _TMP = re.compile(r"^\..+\.tmp$")  # teachx.utils.io.atomic_path leftovers of an interrupted write
 
 
