@@ -30,8 +30,13 @@ class DataConfig:
     channels: Optional[int] = None  # imagefolder only: convert every image to 1 (greyscale), 3 (RGB) or 4 (RGBA) channels; default: keep them (all must match)
     test_fraction: Optional[float] = None  # imagefolder without train/ and test/ folders: fraction carved (stratified) as the test split; default 0.2
     test_seed: Optional[int] = None  # imagefolder without train/ and test/ folders: seed of that carved test split; default 0
+    shortcut: Optional[str] = None  # add a shortcut artefact to any dataset: swatch (Decoy-MNIST's class-shaded grey corner square) | patch (class-coloured corner patch, colour images); test images get it independent of the class; default none
+    shortcut_train: str = "confounded"  # with data.shortcut, the training images: confounded (artefact codes the class) | clean (untouched: the clean-data ceiling) | random (artefact independent of the class)
+    shortcut_size: int = 4  # with data.shortcut: side of the artefact square in pixels
+    shortcut_seed: int = 0  # with data.shortcut: seed of the artefact's corners (and of its test-split classes)
 
     def validate(self) -> None:
+        self._validate_shortcut()
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.train_size is not None and self.train_size < 10:
@@ -44,6 +49,27 @@ class DataConfig:
             raise ConfigError(f"data.channels must be 1, 3 or 4, got {self.channels}")
         if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+
+    def _validate_shortcut(self) -> None:
+        from teachx.data.shortcuts import SHORTCUTS, TRAIN_MODES, DecoySource
+
+        if self.shortcut_train not in TRAIN_MODES:
+            raise ConfigError(f"data.shortcut_train must be one of {', '.join(TRAIN_MODES)}, got {self.shortcut_train!r}")
+        if self.shortcut_size < 1:
+            raise ConfigError(f"data.shortcut_size must be >= 1 (pixels), got {self.shortcut_size}")
+        if self.shortcut_seed < 0:
+            raise ConfigError(f"data.shortcut_seed must be >= 0, got {self.shortcut_seed}")
+        if self.shortcut is None:
+            return
+        try:
+            self.shortcut = SHORTCUTS.canonical(self.shortcut)
+        except ConfigError as exc:
+            raise ConfigError(f"data.shortcut: {exc}") from None
+        from teachx.data import get_source
+
+        if isinstance(get_source(self.name)[0], DecoySource):
+            raise ConfigError(f"data.name={self.name} already carries its artefact; drop data.shortcut, or add it to "
+                              f"the plain dataset (data.name={get_source(self.name)[0].base} data.shortcut={self.shortcut})")
 
     def load_options(self) -> dict[str, Any]:
         """The data.* keys that are options of the dataset's format, as ``load_dataset`` keywords."""
@@ -69,6 +95,9 @@ class DataConfig:
             return {"augment": False, "crop_padding": 0, "hflip": False, "hflip_from": "data.augment=false"}
         if self.hflip is not None:
             return {"augment": True, "crop_padding": self.crop_padding, "hflip": self.hflip, "hflip_from": "data.hflip"}
+        if self.shortcut is not None:
+            return {"augment": True, "crop_padding": self.crop_padding, "hflip": False,
+                    "hflip_from": "data.shortcut: flips would move the artefact"}
         source, _ = get_source(self.name)
         return {"augment": True, "crop_padding": self.crop_padding, "hflip": bool(source.hflip),
                 "hflip_from": f"{source.name}: {source.hflip_reason}"}

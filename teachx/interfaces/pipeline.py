@@ -235,6 +235,11 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
 
 def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
     ds = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download, progress=progress, **cfg.data.load_options())
+    if cfg.data.shortcut is not None:  # a shortcut benchmark: the artefact and its masks (teachx.data.shortcuts)
+        from teachx.data.shortcuts import apply_shortcut
+
+        ds = apply_shortcut(ds, cfg.data.shortcut, train=cfg.data.shortcut_train, size=cfg.data.shortcut_size,
+                            seed=cfg.data.shortcut_seed, progress=progress)
     labels = np.asarray(ds.train.labels)
     pool = np.arange(len(labels))
     if cfg.data.train_size is not None:
