@@ -206,6 +206,23 @@ class ImpactxConfig:
             raise ConfigError(f"impactx.faith_weight must be >= 0 (0 = off), got {self.faith_weight}")
 
 
+@dataclass
+class MethodConfig:
+    """Which training method the run's method stage uses (`teachx methods` lists them with options)."""
+
+    name: str = "impactx"  # training method: impactx (its options are the impactx.* keys) | baseline | abn | rrr | saliency_guided | reldrop (`teachx methods`)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options, e.g. {lam: 1000, mask: annotation} for rrr (`teachx methods` lists them)
+
+    def validate(self) -> None:
+        from teachx.training.methods import METHODS
+
+        try:
+            name = METHODS.canonical(self.name)
+        except ConfigError as exc:
+            raise ConfigError(f"method.name: {exc}") from None
+        METHODS.get(name).resolve_options(self.options)
+
+
 #: (section, key) of options that never change a result (display, logging, where and in what batch
 #: size shared teacher maps are made): left out of a run's identity and of study unit keys
 NEUTRAL_KEYS = frozenset({("train", "progress"), ("train", "tensorboard"), ("teacher", "batch_size"), ("teacher", "maps_dir")})
@@ -220,12 +237,26 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     impactx: ImpactxConfig = field(default_factory=ImpactxConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def validate(self) -> None:
+        self._validate_method()
         ic = self.impactx
         if ic.per_class and ic.self_teach_every and self.teacher.target == "predicted":
             raise ConfigError("impactx.per_class with impactx.self_teach_every needs teacher.target=label: a refresh would "
                               "explain the training model's predicted classes, which the per-class loss does not track")
+
+    def _validate_method(self) -> None:
+        """impactx.* options belong to method impactx: set with another method they would be ignored."""
+        from teachx.training.methods import METHODS
+
+        name = METHODS.canonical(self.method.name)
+        if name == "impactx":
+            return
+        changed = [k for k, v in to_dict(self.impactx).items() if v != getattr(ImpactxConfig(), k)]
+        if changed:
+            raise ConfigError(f"impactx.{changed[0]} is an option of method impactx, not of '{name}'; remove it "
+                              f"(or set method.name=impactx); {name}'s options go under method.options")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -107,8 +107,15 @@ def _stage_fixes(stage_dir: Path):
 
 # -- corrupted files inside a run: the exact way forward ------------------------------------------
 
-#: the stages of `teachx run` / `teachx demo`, each a sub-directory of the run directory
-STAGES = ("baseline", "teacher", "impactx")
+def _stage_names() -> tuple[str, ...]:
+    from teachx.training.methods import METHODS
+
+    return ("baseline", "teacher", *(m for m in METHODS.names() if m != "baseline"))
+
+
+#: the stages of `teachx run` / `teachx demo`, each a sub-directory of the run directory: the baseline,
+#: a separate teacher, and the method stage, named after the training method (``impactx`` by default)
+STAGES = _stage_names()
 #: what `teachx train` writes besides config.yaml (its single stage lives in the run directory itself)
 TRAIN_STAGE_FILES = ("stage.json", "checkpoints", "history.json", "results.json", "tensorboard")
 
@@ -213,7 +220,7 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
             why = "teacher.checkpoint is used as the teacher" if cfg.teacher.checkpoint else "the baseline is the teacher; use --redo baseline"
             raise ConfigError(f"--redo teacher: this run has no teacher stage ({why})")
         if "teacher" in stages or ("baseline" in stages and teacher_is_baseline):
-            stages.append("impactx")
+            stages.append(method_stage_name(cfg))
         targets = [run_dir / s for s in STAGES if s in stages] + [run_dir / "results.json"]
     from teachx.interfaces.rundir import STAGE_LAYOUT, remove_owned
 
@@ -508,31 +515,33 @@ def _split_fingerprint(split) -> str:
     return h.hexdigest()
 
 
-def train_impactx_stage(
+def method_stage_name(cfg: RunConfig) -> str:
+    """The run sub-directory of the method stage: the method's name (``impactx`` for IMPACTX)."""
+    from teachx.training.methods import METHODS
+
+    return METHODS.canonical(cfg.method.name)
+
+
+def train_method_stage(
     cfg: RunConfig,
     plan: DataPlan,
     store: Optional[MapStore],
     teacher_model: Optional[torch.nn.Module],
     out_dir: Path,
     log: Callable[[str], None] = print,
-) -> tuple[dict[str, Any], ImpactX]:
+) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Train (or resume, or read back) the configured training method's model; (stage record, model in eval mode).
+
+    ``store``: the teacher's maps of the training split, when the method needs them.
+    """
+    from teachx.training.methods import MethodContext, build_method
+
     ds = plan.dataset
-    ic = cfg.impactx
+    method = build_method(cfg)
+    method.check_data(plan)
+    ctx = MethodContext(cfg, plan, choose_device(cfg.device), store, teacher_model, log)
     seed_everything(cfg.seed)
-    model = build_impactx(
-        cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size,
-        backbone_options=cfg.model.options, lep_backbone=ic.lep_backbone,
-        map_size=(ic.map_size, ic.map_size) if ic.map_size else None,
-        map_channels=store.maps.shape[1] if store is not None else 1,
-        decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden, decoder_scale=ic.decoder_scale,
-        decoder=ic.decoder, per_class=ic.per_class, additive_reference=ic.additive_reference,
-    )
-    if ic.m_init == "teacher":
-        if teacher_model is None or type(teacher_model) is not type(model.m):
-            raise ConfigError("impactx.m_init=teacher needs a teacher of the same backbone as the student")
-        model.m.load_state_dict(teacher_model.state_dict())
-        if ic.m_frozen:
-            model.freeze_m()
+    model = method.build_model(ctx)
     done = stage_done(out_dir)
     if done:
         best = stage_checkpoint(out_dir, done)
@@ -540,30 +549,23 @@ def train_impactx_stage(
         load_state_into(model, ck.group("model"), f"checkpoint '{best}'")
         log(f"[{out_dir.name}] complete, skipped (test acc {done['test_acc']:.4f})")
         return done, model.eval()
-    source = None
-    if store is not None and ic.lam > 0:
-        from teachx.interfaces.builtin_eval import explained_classes
-
-        classes = explained_classes(cfg, plan, teacher_model, "train", plan.train_idx, choose_device(cfg.device)) if ic.per_class else None
-        source = MapSource(store, ic.maps, plan.train_idx, cfg.seed, classes=classes)
-    from teachx.training.impactx import SelfFaithfulness
-    from teachx.training.map_losses import MapLoss
-
-    task = ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing, map_loss=MapLoss(ic.map_loss, ic.map_target_pool),
-                       faith_weight=ic.faith_weight, faith=SelfFaithfulness(ic.faith_patch, ic.faith_samples))
-    hook = _self_teaching(cfg, plan, task, store, out_dir, log) if (ic.self_teach_every and source is not None) else None
-    trainer = Trainer(
-        task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device,
-        meta={"kind": "impactx", "dataset": ds.name, "class_names": ds.class_names, "teacher": cfg.teacher.method}, log=log,
-        on_epoch_start=hook,
-    )
-    what = f"maps={ic.maps}" + (f", self-teaching every {ic.self_teach_every} epochs" if hook else "")
-    log(f"[{out_dir.name}] training IMPACTX ({cfg.model.backbone}, lambda={ic.lam}, {what}, {cfg.train.epochs} epochs)")
-    extra = {"self_teaching": hook.refreshes} if hook else {}
+    task = method.task(model, ctx)
+    hook = method.epoch_hook(task, ctx, out_dir)
+    meta = {"kind": method.checkpoint_kind, "method": method.name, "dataset": ds.name, "class_names": ds.class_names}
+    if method.name == "impactx":
+        meta["teacher"] = cfg.teacher.method
+    trainer = Trainer(task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device, meta=meta, log=log, on_epoch_start=hook)
+    what = method.describe() + (f", self-teaching every {cfg.impactx.self_teach_every} epochs" if hook else "")
+    log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
+    extra = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {})}
     return _fit_and_test(trainer, task, plan, out_dir, log, extra), model.eval()
 
 
-def _self_teaching(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]):
+#: the name studies and older code use for the method stage
+train_impactx_stage = train_method_stage
+
+
+def self_teaching_hook(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]):
     """The hook that re-explains the training set with the model being trained (impactx.self_teach_every)."""
     from teachx.training.self_teaching import SelfTeaching
 
@@ -697,20 +699,30 @@ def _run_pipeline(
     else:
         teacher_model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
 
-    # 2. teacher maps (train split for training, test split for map-quality evaluation)
-    need_maps = cfg.impactx.lam > 0
+    # 2. teacher maps (train split when the method trains on them, test split for map-quality evaluation)
+    from teachx.training.methods import build_method
+
+    method = build_method(cfg)
+    method.check_data(plan)  # before any map is made: e.g. rrr with annotation masks on data without masks
+    need_maps = method.needs_teacher_maps()
+    builtin = method.builtin_map and (method.name != "impactx" or cfg.impactx.lam > 0)
     train_store = test_store = None
     t0, made = time.perf_counter(), []
-    if need_maps or figures:
+    if need_maps or figures or builtin:
         train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, log, progress, on_fill=made.append)
         test_store = teacher_maps(cfg, plan, teacher_model, "test", eval_indices(cfg, plan), device, log, progress, on_fill=made.append)
     requested = len(plan.train_idx) + len(eval_indices(cfg, plan))
     timings.add("maps", time.perf_counter() - t0, bool(made), sum(made) >= requested)
 
-    # 3. IMPACTX
-    t0, todo = time.perf_counter(), _stage_todo(run_dir / "impactx")
-    impactx_record, model = train_impactx_stage(cfg, plan, train_store, teacher_model, run_dir / "impactx", log)
-    timings.add("impactx", time.perf_counter() - t0, *todo)
+    # 3. the training method (IMPACTX by default)
+    stage = method_stage_name(cfg)
+    if method.name == "baseline":  # the same model as the baseline stage: nothing more to train
+        method_record = {**baseline, **method.record()}
+        model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
+    else:
+        t0, todo = time.perf_counter(), _stage_todo(run_dir / stage)
+        method_record, model = train_method_stage(cfg, plan, train_store if need_maps else None, teacher_model, run_dir / stage, log)
+        timings.add(stage, time.perf_counter() - t0, *todo)
 
     # 4. evaluation (a re-run that had nothing to do keeps the results -- and the timings -- it finds)
     kept = None if timings.worked else _complete_results(run_dir)
@@ -719,40 +731,45 @@ def _run_pipeline(
         return RunOutputs(kept, run_dir)
     t0 = time.perf_counter()
     quality = None  # rank 0 alone evaluates and draws
-    if train_store is not None and cfg.impactx.lam > 0:
+    if builtin and train_store is not None:
         quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)
+    shortcut = None
+    if getattr(ds.test, "masks", None) is not None:
+        baseline_model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
+        models = {"baseline": baseline_model} if method.name == "baseline" else {"baseline": baseline_model, stage: model}
+        shortcut = dist_utils.on_main(shortcut_evaluation, cfg, plan, models, device)
+    label = "IMPACTX" if method.name == "impactx" else method.name
     if figures and test_store is not None and dist_utils.is_main():
         from teachx.reporting.figures import save_example_grid, save_training_curves
 
         ev = eval_indices(cfg, plan)
         idx = ev[_example_indices(np.asarray(ds.test.labels)[ev], 8, cfg.seed)]
         x_u8 = as_nchw(ds.test.images[idx])
-        x = normalize(x_u8.to(device), plan.mean, plan.std)
-        built_in = model.to(device).explain(x).float().cpu()
-        save_example_grid(
-            run_dir / "figures" / "examples.png", x_u8,
-            {f"teacher ({cfg.teacher.method})": test_store.read(idx), "IMPACTX built-in": built_in},
-            [ds.class_names[int(ds.test.labels[i])] for i in idx],
-        )
-        save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], "IMPACTX": impactx_record["history"]})
+        columns = {f"teacher ({cfg.teacher.method})": test_store.read(idx)}
+        if method.builtin_map:
+            x = normalize(x_u8.to(device), plan.mean, plan.std)
+            columns[f"{label} built-in"] = model.to(device).explain(x).float().cpu()
+        save_example_grid(run_dir / "figures" / "examples.png", x_u8, columns,
+                          [ds.class_names[int(ds.test.labels[i])] for i in idx])
+        save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], label: method_record["history"]})
     timings.add("evaluation", time.perf_counter() - t0, True, True)
 
     results = {
         **data_summary(plan, cfg),
         "backbone": cfg.model.backbone,
+        "method": method.name,
+        "method_options": method.opts,
         "teacher": cfg.teacher.method,
         "teacher_backbone": teacher_record.get("backbone", cfg.model.backbone),
         "teacher_test_acc": teacher_record.get("test_acc"),
         "seed": cfg.seed,
-        "lam": cfg.impactx.lam,
-        "maps": cfg.impactx.maps,
         "epochs": cfg.train.epochs,
         "baseline_test_acc": baseline["test_acc"],
-        "impactx_test_acc": impactx_record["test_acc"],
+        "method_test_acc": method_record["test_acc"],
         "baseline_val_acc": baseline["val_acc"],
-        "impactx_val_acc": impactx_record["val_acc"],
+        "method_val_acc": method_record["val_acc"],
         "baseline_seconds_per_epoch": baseline["seconds_per_epoch"],
-        "impactx_seconds_per_epoch": impactx_record["seconds_per_epoch"],
+        "method_seconds_per_epoch": method_record["seconds_per_epoch"],
         "map_quality": quality,
         # measured over the invocations that did the work (see _Timings), not by a re-run that skipped it
         "stage_seconds": dict(timings.stage_seconds),
@@ -760,10 +777,34 @@ def _run_pipeline(
         "device": str(device),
         "torch_threads": timings.torch_threads,
     }
+    if method.name == "impactx":  # the keys IMPACTX runs always had
+        results.update({"lam": cfg.impactx.lam, "maps": cfg.impactx.maps, "impactx_test_acc": method_record["test_acc"],
+                        "impactx_val_acc": method_record["val_acc"], "impactx_seconds_per_epoch": method_record["seconds_per_epoch"]})
+    if shortcut is not None:
+        results["shortcut"] = shortcut
     if dist_utils.is_distributed():
         results["world_size"] = dist_utils.world_size()
     dist_utils.on_main(write_json_atomic, run_dir / "results.json", results, digest=True)
     return RunOutputs(results, run_dir)
+
+
+def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.nn.Module], device: torch.device,
+                        images: Optional[int] = None) -> dict[str, Any]:
+    """On a shortcut dataset: how much of each model's post-hoc attribution (input gradient, LRP)
+    falls on the artefact of the de-correlated test images, next to the artefact's share of the
+    image (what a map blind to it would put there). Test accuracies are in the stage records."""
+    from teachx.evaluation.shortcut import artefact_share
+
+    ds = plan.dataset
+    n = len(ds.test) if images is None else images
+    idx = eval_indices(cfg, plan) if images is None else np.arange(min(n, len(ds.test)))
+    x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
+    y = torch.from_numpy(np.asarray(ds.test.labels[idx])).long().to(device)
+    masks = torch.from_numpy(np.ascontiguousarray(ds.test.masks[idx])).float().to(device)
+    out: dict[str, Any] = {"images": int(len(idx)), "shortcut": ds.extra.get("shortcut")}
+    for name, model in models.items():
+        out[name] = artefact_share(model.to(device).eval(), x, y, masks)
+    return out
 
 
 def _stage_todo(stage_dir: Path) -> tuple[bool, bool]:

@@ -182,6 +182,11 @@ def build_method(cfg: "RunConfig") -> TrainingMethod:
 
 # -- helpers several methods share ----------------------------------------------------------------
 
+def at_least_float(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision outputs (autocast) in float32 for losses; float32/float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def raw_model(model: Any) -> nn.Module:
     """The model itself, also while the Trainer runs the task's calls through DDP (where
     ``task.model`` is a view): for passes that must not be synchronised (input gradients, relevance)."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import METHODS, IndexedTensor, MethodContext, Option, TrainingMethod
+from teachx.training.methods.base import METHODS, at_least_float, IndexedTensor, MethodContext, Option, TrainingMethod
 
 
 def irrelevant_mask(maps: torch.Tensor, keep: float) -> torch.Tensor:
@@ -46,7 +46,7 @@ class RRRTask:
         return self.mask_of(indices)
 
     def input_gradient(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits.float(), dim=1)
+        logp = F.log_softmax(at_least_float(logits), dim=1)
         score = logp.sum() if self.target == "all" else logp.gather(1, y[:, None]).sum()
         (grad,) = torch.autograd.grad(score, x, create_graph=True)
         return grad

@@ -6,9 +6,11 @@ uniformly from the batch's range, giving x~, and
 
     L = CE(f(x), y) + lam * KL(softmax f(x) || softmax f(x~)).
 
-The saliency pass computes no parameter gradients and leaves BatchNorm statistics as they were;
-x and x~ then go through the model as one batch (one forward, as DDP requires, so BatchNorm
-statistics of that step include the masked copies).
+In one process the saliency is the input gradient of the training forward itself (its graph is
+kept), and x~ gets a forward of its own: per step one forward of x, one input-gradient pass, one
+forward of x~ and the backward of both. Under DDP (one forward per step through DDP) a separate
+saliency pass, which computes no parameter gradients and leaves BatchNorm statistics as they were,
+comes first, and x and x~ then go through the model as one batch.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod, raw_model
+from teachx.training.methods.base import METHODS, at_least_float, MethodContext, Option, TrainingMethod, raw_model
 
 
 def input_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -26,7 +28,7 @@ def input_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     with torch.enable_grad():
         xs = x.detach().requires_grad_(True)
         out = model(xs)
-        (grad,) = torch.autograd.grad(out.float().gather(1, y[:, None]).sum(), xs)
+        (grad,) = torch.autograd.grad(at_least_float(out).gather(1, y[:, None]).sum(), xs)
     with torch.no_grad():
         for b, saved in zip(model.buffers(), buffers):
             b.copy_(saved)
@@ -55,12 +57,19 @@ class SaliencyGuidedTask:
         return None
 
     def loss(self, x, y, maps):
-        sal = input_saliency(raw_model(self.model), x, y)
-        masked = mask_lowest(x, sal, self.k)
-        both = self.model(torch.cat([x, masked]))
-        logits, logits_m = both[: x.shape[0]], both[x.shape[0]:]
+        if raw_model(self.model) is self.model:
+            # one process: the saliency comes from the training forward itself (its graph is kept for
+            # the loss), and x~ gets its own forward -- one forward pass fewer than below
+            xs = x.detach().requires_grad_(True)
+            logits = self.model(xs)
+            (grad,) = torch.autograd.grad(at_least_float(logits).gather(1, y[:, None]).sum(), xs, retain_graph=True)
+            logits_m = self.model(mask_lowest(x, grad.abs(), self.k))
+        else:  # DDP: one forward per step, through DDP, of x and x~ together
+            masked = mask_lowest(x, input_saliency(raw_model(self.model), x, y), self.k)
+            both = self.model(torch.cat([x, masked]))
+            logits, logits_m = both[: x.shape[0]], both[x.shape[0]:]
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        logp, logq = F.log_softmax(logits.float(), 1), F.log_softmax(logits_m.float(), 1)
+        logp, logq = F.log_softmax(at_least_float(logits), 1), F.log_softmax(at_least_float(logits_m), 1)
         kl = (logp.exp() * (logp - logq)).sum(1).mean()  # KL(f(x) || f(x~)), per image, averaged
         return ce + self.lam * kl, logits, {"ce": ce.detach(), "kl": kl.detach()}
 

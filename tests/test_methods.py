@@ -1,0 +1,334 @@
+"""Training methods (teachx.training.methods): each loss against an independent reference, and one
+shared contract every registered method passes (trains, resumes bitwise, refuses bad options)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from teachx.errors import ConfigError
+from teachx.training.methods import METHODS
+from teachx.training.methods.reldrop import RelDropTask, drop_mask, normalised_relevance
+from teachx.training.methods.rrr import RRRTask, irrelevant_mask
+from teachx.training.methods.saliency_guided import SaliencyGuidedTask, input_saliency, mask_lowest
+
+
+# -- RRR -------------------------------------------------------------------------------------------
+
+class _Linear(nn.Module):
+    def __init__(self, d: int, k: int):
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(d, k)
+
+    def forward(self, x):
+        return self.fc(self.flat(x))
+
+
+def _rrr_closed_form(model: _Linear, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """For logits W x + b: d/dx sum_k log p_k = sum_k w_k - K * sum_j p_j w_j (per image)."""
+    w = model.fc.weight  # (K, D)
+    p = F.softmax(model(x), 1)  # (B, K)
+    grad = w.sum(0, keepdim=True) - w.shape[0] * p @ w  # (B, D)
+    return ((mask.flatten(1) * grad) ** 2).sum(1).mean()
+
+
+def test_rrr_penalty_matches_the_closed_form_of_a_linear_model():
+    torch.manual_seed(0)
+    model = _Linear(16, 3).double()
+    x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    mask = (torch.rand(5, 1, 4, 4) > 0.5).double()
+    loss, logits, logs = RRRTask(model, None, lam=7.0).loss(x, y, mask)
+    expected_pen = _rrr_closed_form(model, x, mask)
+    assert float(logs["rrr"]) == pytest.approx(float(expected_pen), rel=1e-10)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(model(x), y) + 7.0 * expected_pen), rel=1e-10)
+
+
+def test_rrr_parameter_gradient_matches_finite_differences():
+    """The penalty is trained through a second backward pass: its weight gradient equals finite differences."""
+    torch.manual_seed(1)
+    model = _Linear(9, 3).double()
+    x = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
+    mask = (torch.rand(4, 1, 3, 3) > 0.4).double()
+    task = RRRTask(model, None, lam=3.0)
+    loss, _, _ = task.loss(x, y, mask)
+    (g,) = torch.autograd.grad(loss, model.fc.weight)
+    eps = 1e-6
+    w = model.fc.weight.data
+    for i, j in [(0, 0), (1, 4), (2, 8), (0, 5)]:
+        w[i, j] += eps
+        up = float(task.loss(x, y, mask)[0])
+        w[i, j] -= 2 * eps
+        down = float(task.loss(x, y, mask)[0])
+        w[i, j] += eps
+        assert float(g[i, j]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-8)
+
+
+def test_rrr_label_target_and_zero_mask():
+    torch.manual_seed(2)
+    model = _Linear(16, 4).double()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    y = torch.tensor([3, 0, 1])
+    # label target: d/dx log p_y = w_y - sum_j p_j w_j
+    _, _, logs = RRRTask(model, None, lam=1.0, target="label").loss(x, y, torch.ones(3, 1, 4, 4, dtype=torch.float64))
+    w, p = model.fc.weight, F.softmax(model(x), 1)
+    grad = w[y] - p @ w
+    assert float(logs["rrr"]) == pytest.approx(float((grad**2).sum(1).mean()), rel=1e-10)
+    _, _, logs = RRRTask(model, None, lam=1.0).loss(x, y, torch.zeros(3, 1, 4, 4, dtype=torch.float64))
+    assert float(logs["rrr"]) == 0.0
+
+
+def test_irrelevant_mask_keeps_the_most_relevant_fraction():
+    maps = torch.tensor([[[[0.1, -0.9], [0.5, 0.0]]]])  # |map|: 0.1, 0.9, 0.5, 0.0
+    assert irrelevant_mask(maps, 0.5).flatten().tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert irrelevant_mask(maps, 0.25).flatten().tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert irrelevant_mask(maps, 1.0).sum() == 0
+
+
+# -- saliency-guided training ------------------------------------------------------------------------
+
+def test_mask_lowest_replaces_exactly_the_lowest_saliency_elements():
+    x = torch.arange(8.0).view(1, 2, 2, 2)
+    sal = torch.tensor([5.0, 1.0, 7.0, 0.5, 3.0, 8.0, 2.0, 6.0]).view(1, 2, 2, 2)
+    torch.manual_seed(0)
+    out = mask_lowest(x, sal, 0.5)  # the 4 lowest: indices 3, 1, 6, 4
+    changed = (out != x).flatten().nonzero().flatten().tolist()
+    assert set(changed) <= {1, 3, 4, 6}
+    kept = [0, 2, 5, 7]
+    assert torch.equal(out.flatten()[kept], x.flatten()[kept])
+    assert out.min() >= x.min() and out.max() <= x.max()
+
+
+def test_saliency_is_the_input_gradient_of_the_label_logit():
+    torch.manual_seed(3)
+    model = _Linear(16, 3).double()
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    y = torch.tensor([2, 0, 1, 2])
+    sal = input_saliency(model, x, y)
+    assert torch.allclose(sal.flatten(1), model.fc.weight[y].abs())  # d(w_y x + b)/dx = w_y
+
+
+def test_saliency_guided_loss_equals_ce_plus_kl():
+    torch.manual_seed(4)
+    model = _Linear(16, 3).double()
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    task = SaliencyGuidedTask(model, k=0.25, lam=2.0)
+    torch.manual_seed(9)
+    loss, logits, logs = task.loss(x, y, None)
+    torch.manual_seed(9)  # the same random values, made independently
+    masked = mask_lowest(x, input_saliency(model, x, y), 0.25)
+    p_log, q_log = F.log_softmax(model(x), 1), F.log_softmax(model(masked), 1)
+    kl = F.kl_div(q_log, p_log, log_target=True, reduction="batchmean")  # KL(p || q)
+    assert float(logs["kl"]) == pytest.approx(float(kl), rel=1e-9)
+    assert float(loss) == pytest.approx(float(F.cross_entropy(model(x), y) + 2.0 * kl), rel=1e-9)
+
+
+def test_saliency_pass_leaves_batchnorm_statistics_alone():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3)).train()
+    before = [b.clone() for b in model.buffers()]
+    input_saliency(model, torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 0]))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+
+
+# -- RelDrop -------------------------------------------------------------------------------------------
+
+def test_reldrop_mask_follows_the_papers_rule():
+    rel = torch.tensor([[[[0.0, 0.4], [0.6, 1.0]]]])
+    # alpha = 0: no noise, a pixel is dropped where its relevance >= 1 - beta
+    assert drop_mask(rel, 0.0, 0.5, 1.0).flatten().tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert drop_mask(rel, 0.0, 0.5, 0.0).sum() == 0  # p = 0: no image is augmented
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    rel = torch.rand(2, 1, 5, 5)
+    got = drop_mask(rel, 0.3, 0.2, 1.0, generator=g1)
+    u = torch.rand(rel.shape, generator=g2)
+    assert torch.equal(got, ((0.3 * u + 0.7 * rel) >= 0.8).float())
+
+
+def test_normalised_relevance_and_reldrop_with_stored_maps():
+    r = torch.tensor([[[[-2.0, 1.0], [4.0, 2.0]]]])
+    assert normalised_relevance(r).flatten().tolist() == [0.0, 0.25, 1.0, 0.5]
+
+    class _Store:
+        def read(self, idx):
+            return r.expand(len(idx), 1, 2, 2)
+
+    model = _Linear(4, 2).double()
+    task = RelDropTask(model, alpha=0.0, beta=0.5, p=1.0, store=_Store())
+    maps = task.maps_for(torch.tensor([0, 1]))
+    x = torch.ones(2, 1, 2, 2, dtype=torch.float64)
+    _, logits, logs = task.loss(x, torch.tensor([0, 1]), maps)
+    expected_x = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64).view(1, 1, 2, 2).expand(2, 1, 2, 2)
+    assert torch.allclose(logits, model(expected_x)) and float(logs["dropped"]) == 0.5
+
+
+def test_reldrop_self_relevance_is_lrp_of_the_model_in_eval_mode():
+    from teachx.models import build_model
+    from teachx.teachers import build as build_teacher
+    from teachx.training.methods.reldrop import _SelfRelevance
+
+    torch.manual_seed(0)
+    model = build_model("lenet5", 1, 3, 16).train()
+    x, y = torch.randn(2, 1, 16, 16), torch.tensor([0, 2])
+    got = _SelfRelevance(build_teacher("lrp"))(model, x, y)
+    assert model.training
+    expected = build_teacher("lrp").attribute(model.eval(), x, y)
+    assert torch.allclose(got, expected)
+
+
+# -- the shared contract: every registered method ----------------------------------------------------
+
+def _masked_dataset(n: int = 96, size: int = 12, classes: int = 3, seed: int = 0):
+    """Noise images plus a 3x3 corner square whose brightness codes the class (a tiny shortcut)."""
+    from teachx.data.base import ImageDataset, Split
+
+    rng = np.random.default_rng(seed)
+
+    def split(m):
+        images = rng.integers(0, 120, size=(m, size, size, 1), dtype=np.uint8)
+        labels = rng.integers(0, classes, size=m)
+        masks = np.zeros((m, size, size), dtype=np.uint8)
+        masks[:, :3, :3] = 1
+        images[:, :3, :3, 0] = (255 - 60 * labels)[:, None, None]
+        return Split(images, labels, masks)
+
+    return ImageDataset("tiny-shortcut", [str(c) for c in range(classes)], split(n), split(24), (0.3,), (0.3,), hflip=False)
+
+
+class _Store:
+    """Teacher maps as a map store: fixed smooth maps, one per image."""
+
+    def __init__(self, n: int, size: int):
+        g = torch.Generator().manual_seed(0)
+        self.maps = torch.randn(n, 1, size, size, generator=g)
+
+    def read(self, idx):
+        return self.maps[torch.as_tensor(np.asarray(idx))]
+
+    def mean_map(self, idx):
+        return self.maps[torch.as_tensor(np.asarray(idx))].mean(0)
+
+
+def _fit(method: str, options: dict, out: Path, stop_after: int | None = None, init_seed: int = 0):
+    from teachx.data.transforms import Augment
+    from teachx.interfaces.config import RunConfig, MethodConfig
+    from teachx.training.config import TrainConfig
+    from teachx.training.methods import MethodContext, build_method
+    from teachx.training.trainer import DataPlan, Trainer
+
+    cfg = RunConfig()
+    cfg.model.backbone = "lenet5"
+    cfg.method = MethodConfig(method, options)
+    cfg.teacher.method = "gradient"
+    ds = _masked_dataset()
+    plan = DataPlan(ds, np.arange(80), np.arange(80, 96), Augment(crop_padding=1, hflip=False))
+    m = build_method(cfg)
+    ctx = MethodContext(cfg, plan, torch.device("cpu"), _Store(len(ds.train), 12), None, lambda s: None)
+    torch.manual_seed(init_seed)
+    model = m.build_model(ctx)
+    task = m.task(model, ctx)
+    if stop_after is not None:
+        task = _StopAfter(task, stop_after)
+    tcfg = TrainConfig(epochs=2, batch_size=16, lr=2e-3, progress=False, threads=1)
+    return Trainer(task, plan, tcfg, out, seed=3, device="cpu", meta={"kind": m.checkpoint_kind}, log=lambda s: None).fit()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAfter:
+    def __init__(self, task, steps):
+        self.task, self.steps, self.model = task, steps, task.model
+
+    def maps_for(self, idx):
+        return self.task.maps_for(idx)
+
+    def loss(self, x, y, maps):
+        if self.steps == 0:
+            raise _Interrupted
+        self.steps -= 1
+        return self.task.loss(x, y, maps)
+
+    def parameters(self):
+        return self.task.parameters()
+
+
+CONTRACT = {  # every method that trains (impactx has its own tests), with options that exercise its paths
+    "rrr (annotation)": ("rrr", {"lam": 10.0}),
+    "rrr (teacher)": ("rrr", {"mask": "teacher", "lam": 10.0}),
+    "saliency_guided": ("saliency_guided", {}),
+    "reldrop (self)": ("reldrop", {}),
+    "reldrop (teacher)": ("reldrop", {"relevance": "teacher"}),
+    "abn": ("abn", {}),
+}
+
+
+def test_every_trainable_method_is_in_the_contract_table():
+    assert {m for m, _ in CONTRACT.values()} | {"impactx", "baseline"} == set(METHODS.names())
+
+
+@pytest.mark.parametrize("case", sorted(CONTRACT))
+def test_method_trains_and_resumes_bitwise(case, tmp_path):
+    from teachx.training.checkpoint import load_checkpoint
+
+    name, options = CONTRACT[case]
+    ref = _fit(name, options, tmp_path / "ref")
+    assert all(math.isfinite(h["train_loss"]) for h in ref.history)
+    with pytest.raises(_Interrupted):
+        _fit(name, options, tmp_path / "cut", stop_after=5 + 2)  # 5 steps per epoch: stops inside epoch 2
+    res = _fit(name, options, tmp_path / "cut", init_seed=99)
+    assert res.resumed_from == 1
+    a, b = (load_checkpoint(p / "checkpoints" / "last.safetensors").group("model") for p in (tmp_path / "ref", tmp_path / "cut"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (case, k)
+
+
+def test_option_checks_are_one_line_config_errors():
+    from teachx.interfaces.config import resolve_config
+
+    cases = {
+        ("method.name=rrrr",): "did you mean 'rrr'",
+        ("method.name=rrr", "method.options.k=0.5"): "option of method saliency_guided, not of 'rrr'",
+        ("method.name=rrr", "impactx.lam=0"): "impactx.lam is an option of method impactx, not of 'rrr'",
+        ("method.options.lam=3",): "method impactx takes its options from the impactx.* keys",
+        ("method.name=rrr", "method.options.mask=foo"): "must be one of annotation, teacher",
+        ("method.name=saliency_guided", "method.options.k=1.5"): "must be <= 1.0",
+        ("method.name=reldrop", "method.options.alph=1"): "did you mean 'alpha'",
+    }
+    for overrides, text in cases.items():
+        with pytest.raises(ConfigError) as err:
+            resolve_config(None, list(overrides))
+        assert text in str(err.value) and "\n" not in str(err.value), (overrides, str(err.value))
+
+
+def test_cli_rrr_with_annotation_masks_on_maskless_data_exits_2_before_writing(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "teachx", "run", "--out", str(out), "-q", "method.name=rrr", "data.train_size=100",
+                        "train.epochs=1"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "needs artefact masks" in lines[0] and "method.options.mask=teacher" in lines[0]
+    assert not out.exists()
+
+
+def test_teachx_methods_lists_every_method_and_option():
+    from teachx.interfaces.describe import describe_methods
+
+    text = describe_methods()
+    for name in METHODS.names():
+        assert f"\n{name}" in "\n" + text
+        for key, opt in METHODS.get(name).options.items():
+            assert f"{key} = " in text and opt.help in text
