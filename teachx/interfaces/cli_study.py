@@ -46,7 +46,12 @@ def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[i
         for regime in spec.regimes:
             for arm in (a for a in spec.arms if spec.runs(regime, a)):
                 cfg = spec.config(regime, arm, spec.seeds[0])
-                click.echo(f"  regime={regime} arm={arm}: lam={cfg.impactx.lam} maps={cfg.impactx.maps} teacher={cfg.teacher.method}"
+                from teachx.training.methods import build_method
+
+                method = build_method(cfg)
+                what = (f"lam={cfg.impactx.lam} maps={cfg.impactx.maps}" if method.name == "impactx"
+                        else "method=" + method.describe().replace(" ", ""))
+                click.echo(f"  regime={regime} arm={arm}: {what} teacher={cfg.teacher.method}"
                            f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
                            + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else ""))
         return

@@ -417,7 +417,11 @@ class _Runner:
         """One unit of the arm's training method (IMPACTX: :meth:`impactx`); (key, record, was_cached)."""
         name = _method_name(cfg)
         if name == "impactx":
-            return self.impactx(cfg, base_key, teacher_key)
+            key, rec, cached = self.impactx(cfg, base_key, teacher_key)
+            shortcut = self._shortcut(cfg, self.out / "units" / key, lambda: {"model": self._impactx_model(cfg, key)})
+            if shortcut is not None:
+                rec["shortcut"] = shortcut
+            return key, rec, cached
         from teachx.interfaces.pipeline import stage_done
 
         key = method_key(cfg)
@@ -442,6 +446,11 @@ class _Runner:
         if shortcut is not None:
             self.units[key]["shortcut"] = shortcut
         return key, self.units[key], cached
+
+    def _impactx_model(self, cfg: RunConfig, key: str):
+        from teachx.interfaces.explain import load_impactx
+
+        return load_impactx(self.out / "units" / key)[0]
 
     def _method_model(self, cfg: RunConfig, d: Path, teacher_key: str):
         from teachx.interfaces.pipeline import train_method_stage

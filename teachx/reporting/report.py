@@ -288,16 +288,30 @@ def _read_json(p: Path) -> Any:
         raise RunDirError(f"cannot read '{p}' ({type(exc).__name__}); re-run the command that writes it") from None
 
 
+def _method_row(res: dict[str, Any]) -> list[Any]:
+    """The accuracy row of the run's training method (IMPACTX runs: as they always were)."""
+    if res.get("method", "impactx") == "impactx":
+        return [f"IMPACTX (lambda={res.get('lam')}, maps={res.get('maps')})", res.get("backbone"), _f(res.get("impactx_test_acc")),
+                _f(res.get("impactx_val_acc"))]
+    opts = ", ".join(f"{k}={v}" for k, v in (res.get("method_options") or {}).items())
+    return [f"{res['method']}" + (f" ({opts})" if opts else ""), res.get("backbone"), _f(res.get("method_test_acc")), _f(res.get("method_val_acc"))]
+
+
 def _run_report(d: Path) -> _Doc:
     res = _read_json(d / "results.json")
     doc = _Doc(f"teachx run: {res.get('dataset', '?')} / {res.get('backbone', '?')} / teacher {res.get('teacher', '?')}")
     doc.p("A single run (one seed): no statistics. Use `teachx study` for several seeds, confidence intervals and p-values.", "note")
     doc.h("Accuracy")
     rows = [["baseline", res.get("backbone"), _f(res.get("baseline_test_acc")), _f(res.get("baseline_val_acc"))],
-            [f"IMPACTX (lambda={res.get('lam')}, maps={res.get('maps')})", res.get("backbone"), _f(res.get("impactx_test_acc")), _f(res.get("impactx_val_acc"))]]
+            _method_row(res)]
     if res.get("teacher_test_acc") is not None and res.get("teacher_backbone") != res.get("backbone"):
         rows.append(["teacher", res.get("teacher_backbone"), _f(res.get("teacher_test_acc")), "n/a"])
     doc.table(["model", "backbone", "test acc", "best val acc"], rows)
+    sc = res.get("shortcut")
+    if sc:
+        doc.h("Right for the right reasons? Attribution on the artefact (de-correlated test images)")
+        doc.table(["model", "input gradient share (↓)", "LRP share (↓)", "artefact area (chance)"],
+                  [[name, _f(b.get("gradient"), 3), _f(b.get("lrp"), 3), _f(b.get("area"), 3)] for name, b in sc.items() if isinstance(b, dict) and "area" in b])
     q = res.get("map_quality")
     if q:
         doc.h("Built-in maps vs teacher maps (test set)")
@@ -394,12 +408,22 @@ def _study_report(d: Path) -> _Doc:
             line.append(txt)
         pivot.append(line)
     doc.table(["arm", *regimes], pivot)
+    # shortcut benchmarks: the wrong-reason score
+    sc = [r for r in rows if r.get("shortcut")]
+    if sc:
+        doc.h("Right for the right reasons? Attribution on the artefact (de-correlated test images, mean ± std over seeds)")
+        doc.table(["regime", "arm", "method", "test accuracy", "input gradient share (↓)", "LRP share (↓)", "artefact area (chance)"],
+                  [[r["regime"], r["arm"], r.get("method", ""), _ms(r["summary"]), _ms(r["shortcut"].get("gradient"), 3),
+                    _ms(r["shortcut"].get("lrp"), 3), _ms(r["shortcut"].get("area"), 3)] for r in sc])
+        doc.p("Share of each model's post-hoc attribution (|input gradient| and |LRP| of the true class, summed over channels) that falls "
+              "on the artefact region of the test images, whose artefact is independent of the class; a model that ignores the artefact "
+              "puts at most about the artefact's area there.", "note")
     # map quality
     mq = [r for r in rows if r.get("map_quality")]
     if mq:
         doc.h("Built-in maps vs teacher maps (test set, mean ± std over seeds)")
         doc.table(["regime", "arm", "λ", "maps", "teacher", "correlation", "corr. of mean map", "R² vs mean map"],
-                  [[r["regime"], r["arm"], r["lam"], r["maps"], r["teacher"], _ms(r["map_quality"]["corr"], 3),
+                  [[r["regime"], r["arm"], r.get("lam", "—"), r.get("maps", r.get("method", "")), r["teacher"], _ms(r["map_quality"]["corr"], 3),
                     _ms(r["map_quality"]["corr_mean_map"], 3), _ms(r["map_quality"]["r2_vs_mean_map"], 3)] for r in mq])
         doc.p("R² > 0 means the model predicts per-image maps better than the mean training map; the λ=0 arm (untrained decoder) is the floor.", "note")
         bf = [r for r in mq if "pixel_flipping_morf.built_in" in r["map_quality"]]

@@ -112,8 +112,8 @@ def _run(rid: str, path: Path) -> RunEntry:
         d = path / stage
         if not d.is_dir():
             continue
-        kind = "impactx" if stage == "impactx" else "classifier"
-        label = {"baseline": "baseline", "teacher": "teacher model", "impactx": f"IMPACTX (lambda={lam})"}[stage]
+        kind = stage if stage in ("impactx", "abn") else "classifier"  # the method stages of rrr, saliency_guided, reldrop train classifiers
+        label = {"baseline": "baseline", "teacher": "teacher model", "impactx": f"IMPACTX (lambda={lam})", "abn": "ABN"}.get(stage, stage)
         entry = ModelEntry(f"{rid}.{stage}", rid, stage, label, kind, stage, config, info={"lam": lam} if kind == "impactx" else {})
         _fill_from_stage(entry, d)
         run.models.append(entry)
@@ -157,7 +157,8 @@ def _study(rid: str, path: Path) -> RunEntry:
         entry = ModelEntry(f"{rid}.{_slug(key)}", rid, key, key, "classifier", "unit", {})
         try:
             unit = _record(d / "unit.json", "study unit record")
-            entry.kind = "impactx" if unit.get("kind") == "impactx" else "classifier"
+            method = ((unit.get("config") or {}).get("method") or {}).get("name")
+            entry.kind = "impactx" if unit.get("kind") == "impactx" else ("abn" if method == "abn" else "classifier")
             entry.config = dict(unit.get("config") or {})
         except (TeachxError, OSError) as exc:
             entry.error = str(exc)

@@ -42,6 +42,18 @@ SORT_KEYS = ("index", "confidence", "true_prob", "agreement", "morf_auc")
 MAX_PIXELS = 40_000_000  # uploads larger than this many pixels are refused before decoding
 
 
+#: model kinds whose forward pass also gives an attribution map of their own
+BUILT_IN_MAP_MODELS = ("impactx", "abn")
+
+
+def _logits_and_map(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, built-in map at the map resolution): IMPACTX's one pass; other built-in-map models
+    (ABN) through ``forward`` and ``explain``."""
+    if (getattr(model, "spec", None) or {}).get("name") == "impactx":
+        return model.forward_all(x)
+    return model(x), model.explain(x)
+
+
 class ServiceError(TeachxError):
     status = 400
 
@@ -202,10 +214,15 @@ class Service:
         cfg = from_dict(RunConfig, e.config, "config")
         ck = load_checkpoint(e.checkpoint)
         spec = ck.meta.get("model_spec") or {}
-        impactx = spec.get("name") == "impactx"
-        if impactx != (e.kind == "impactx"):
-            raise Unavailable(f"checkpoint '{e.checkpoint}' holds a {'IMPACTX' if impactx else 'classifier'} model, its record says {e.kind}")
-        model = impactx_from_spec(spec) if impactx else build_from_spec(spec)
+        impactx = spec.get("name") in BUILT_IN_MAP_MODELS  # a model that gives its own map (IMPACTX, ABN)
+        if impactx != (e.kind in BUILT_IN_MAP_MODELS):
+            raise Unavailable(f"checkpoint '{e.checkpoint}' holds a {spec.get('name') if impactx else 'classifier'} model, its record says {e.kind}")
+        if spec.get("name") == "abn":
+            from teachx.models.abn import abn_from_spec
+
+            model = abn_from_spec(spec)
+        else:
+            model = impactx_from_spec(spec) if spec.get("name") == "impactx" else build_from_spec(spec)
         load_state_into(model, ck.group("model"), f"checkpoint '{e.checkpoint}'")
         model = model.to(self.device).eval()
         for p in model.parameters():
@@ -372,7 +389,7 @@ class Service:
             x = self._x(lm, d.test.images[idx])
             with lm.lock, torch.no_grad():
                 if lm.impactx:
-                    logits, maps = lm.model.forward_all(x)
+                    logits, maps = _logits_and_map(lm.model, x)
                     cache.put("built_in", idx, maps.float().cpu().numpy())
                 else:
                     logits = lm.model(x)
@@ -483,7 +500,7 @@ class Service:
                 return {**self.model_info(model_id), "error": str(exc)}
         cfg = e.config
         out = {"id": e.id, "run_id": e.run_id, "name": e.name, "label": e.label, "kind": e.kind, "role": e.role,
-               "has_built_in": e.kind == "impactx", "test_acc": e.test_acc, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
+               "has_built_in": e.kind in BUILT_IN_MAP_MODELS, "test_acc": e.test_acc, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
                "config_hash": e.config_hash, "config": cfg, "info": _jsonable(e.info), "error": self.status(model_id),
                "dataset": (cfg.get("data") or {}).get("name"), "teacher_method": (cfg.get("teacher") or {}).get("method"),
                "class_names": None, "image_size": None, "channels": None, "n_images": None, "loaded": model_id in self._loaded}

@@ -37,7 +37,7 @@ class ModelInfo(BaseModel):
     run_id: str
     name: str
     label: str
-    kind: Literal["classifier", "impactx"]
+    kind: Literal["classifier", "impactx", "abn"]
     role: str
     has_built_in: bool
     test_acc: Optional[float]
