@@ -103,6 +103,41 @@ def train_impactx(out: Path, ds, lam: float, distributed=None):
     return trainer.fit()
 
 
+#: training methods run under DDP: name -> method.options (rrr is deterministic: compared with 1 process number by number)
+METHOD_RUNS = {"rrr": {"lam": 5.0}, "saliency_guided": {}, "reldrop": {"relevance": "teacher"}, "abn": {}}
+
+
+def masked(ds):
+    """The synthetic dataset with a 4x4 corner square as every image's annotation mask."""
+    from teachx.data.base import ImageDataset, Split
+
+    def split(sp):
+        masks = np.zeros(sp.images.shape[:3], dtype=np.uint8)
+        masks[:, :4, :4] = 1
+        return Split(sp.images, sp.labels, masks)
+
+    return ImageDataset(ds.name, ds.class_names, split(ds.train), split(ds.test), ds.mean, ds.std, hflip=False)
+
+
+def train_method(out: Path, ds, name: str, distributed=None):
+    """One training method through the registry, as `teachx run` builds it (teacher maps: the IG store)."""
+    from teachx.interfaces.config import MethodConfig, RunConfig
+    from teachx.training.methods import MethodContext, build_method
+
+    cfg = RunConfig()
+    cfg.method = MethodConfig(name, dict(METHOD_RUNS[name]))
+    p = plan(masked(ds))
+    store = open_store(out / "maps", {"teacher": "ig"}, len(ds.train), (1, 16, 16), log=lambda m: None, distributed=distributed)
+    method = build_method(cfg)
+    ctx = MethodContext(cfg, p, torch.device("cpu"), store, None, lambda m: None)
+    torch.manual_seed(0)
+    model = method.build_model(ctx)
+    tcfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False)
+    trainer = Trainer(method.task(model, ctx), p, tcfg, out / f"method_{name}", seed=2, device="cpu",
+                      meta={"kind": method.checkpoint_kind}, log=lambda s: None, distributed=distributed)
+    return trainer.fit()
+
+
 class CrashingTask(ClassifierTask):
     """Rank 1 dies abruptly (os._exit) in the third step of ``crash_epoch``: a mid-epoch interruption."""
 
@@ -152,7 +187,7 @@ def check_helpers(out: Path, rank: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
-    ap.add_argument("--only", default="helpers,maps,train,impactx")
+    ap.add_argument("--only", default="helpers,maps,train,impactx,methods")
     ap.add_argument("--crash-epoch", type=int, default=-1)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -171,6 +206,9 @@ def main() -> None:
     if "impactx" in only:
         train_impactx(out, ds, lam=1.0)
         train_impactx(out, ds, lam=0.0)  # the decoder is unused: DDP needs find_unused_parameters
+    if "methods" in only:
+        for name in METHOD_RUNS:
+            train_method(out, ds, name)
     shutdown()
 
 

@@ -70,6 +70,7 @@ def runs(tmp_path_factory):
     work.train_classifier(ref, ds, distributed=False)
     work.train_impactx(ref, ds, 1.0, distributed=False)
     work.train_impactx(ref, ds, 0.0, distributed=False)
+    work.train_method(ref, ds, "rrr", distributed=False)
     return root
 
 
@@ -123,6 +124,21 @@ def test_ddp_training_matches_single_process(runs):
     a = _weights(runs / "ddp" / "impactx_lam0.0" / "checkpoints" / "last.safetensors")
     init = _init_weights("impactx_lam0.0")
     assert all(torch.equal(a[k], init[k]) for k in a if k.startswith("decoder."))
+
+
+def test_training_methods_under_ddp(runs):
+    """Every method trains under DDP through the registry; RRR (no randomness, no BatchNorm) matches
+    one process number by number -- its double backward synchronises gradients like any other loss."""
+    for name in work.METHOD_RUNS:
+        h = _history(runs / "ddp" / f"method_{name}")
+        assert len(h) == 2 and all(np.isfinite(r["train_loss"]) for r in h), name
+        assert (runs / "ddp" / f"method_{name}" / "checkpoints" / "best.safetensors").exists()
+    a = _weights(runs / "ddp" / "method_rrr" / "checkpoints" / "last.safetensors")
+    b = _weights(runs / "ref" / "method_rrr" / "checkpoints" / "last.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_ATOL
+    h_ddp, h_ref = _history(runs / "ddp" / "method_rrr"), _history(runs / "ref" / "method_rrr")
+    for r_ddp, r_ref in zip(h_ddp, h_ref):
+        assert r_ddp["train_rrr"] == pytest.approx(r_ref["train_rrr"], rel=1e-4)
 
 
 def _init_weights(name: str) -> dict[str, torch.Tensor]:
