@@ -332,3 +332,46 @@ def test_teachx_methods_lists_every_method_and_option():
         assert f"\n{name}" in "\n" + text
         for key, opt in METHODS.get(name).options.items():
             assert f"{key} = " in text and opt.help in text
+
+
+# -- studies and runs on a shortcut benchmark ------------------------------------------------------------
+
+def test_study_with_method_arms_on_a_shortcut_benchmark(tmp_path, monkeypatch):
+    """Method arms run through `teachx study`: rows name their method, every unit reports the
+    wrong-reason score, each arm is compared with the lambda=0 control, and a re-run trains nothing."""
+    from teachx.interfaces.study import load_study, run_study
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("""
+data: {name: bundled, shortcut: swatch, train_size: 200, augment: false}
+train: {epochs: 1, batch_size: 50, progress: false}
+teacher: {method: gradient, eval_images: 60, faith_images: 0}
+study:
+  seeds: [0, 1]
+  control: lambda0
+  arms:
+    ceiling: {method.name: baseline, data.shortcut_train: clean}
+    rrr: {method: {name: rrr, options: {lam: 10}}}
+    rrr_teacher: {method: {name: rrr, options: {mask: teacher, lam: 10}}}
+    abn: {method.name: abn}
+    lambda0: {impactx.lam: 0}
+""")
+    spec = load_study(str(cfg))
+    res = run_study(spec, tmp_path / "out", log=lambda s: None)
+    rows = {r["arm"]: r for r in res.data["rows"]}
+    assert rows["rrr"]["method"] == "rrr" and rows["rrr"]["kind"] == "method"
+    assert rows["rrr_teacher"]["method_options"]["mask"] == "teacher"
+    assert rows["lambda0"]["kind"] == "impactx" and rows["lambda0"]["lam"] == 0
+    for arm in ("baseline", "ceiling", "rrr", "rrr_teacher", "abn", "lambda0"):
+        sc = rows[arm]["shortcut"]
+        assert {"gradient", "lrp", "area"} <= set(sc), arm
+        assert sc["area"]["mean"] == pytest.approx(16 / 28**2)
+    for arm in ("ceiling", "rrr", "rrr_teacher", "abn"):
+        assert rows[arm]["vs_control"]["control"] == "lambda0"
+    # the ceiling is the baseline of clean training images: its own baseline, the same model
+    assert rows["ceiling"]["test_acc"] == [res.data["units"][u]["test_acc"] for u in rows["ceiling"]["units"]]
+    assert all(0 <= rows[a]["shortcut"][m]["mean"] <= 1 for a in rows for m in ("gradient", "lrp"))
+    assert res.data["timings"]["method_training"]["n"] == 6  # rrr, rrr_teacher, abn x 2 seeds (ceiling: no training of its own)
+    again = run_study(load_study(str(cfg)), tmp_path / "out", log=lambda s: None)
+    assert again.trained == 0 and again.data["rows"] == res.data["rows"]
