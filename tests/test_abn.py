@@ -77,7 +77,7 @@ def test_forward_equals_a_hand_recomputation():
     model = _tiny_abn()
     body, x = model.backbone.body, torch.randn(5, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with torch.no_grad():
-        per, att, m = model.forward_all(x)
+        per, att, m = model.forward_branches(x)
         # g: the body up to the default cut (level 0, after the first pool)
         g = F.max_pool2d(torch.clamp(F.conv2d(x, body[0].weight, body[0].bias, padding=1), min=0), 2)
         block = model.attention[0]
@@ -94,7 +94,7 @@ def test_forward_equals_a_hand_recomputation():
     assert float(m.min()) >= 0 and float(m.max()) <= 1 and float(m.std()) > 0
     torch.testing.assert_close(att, a.mean(dim=(2, 3)), rtol=0, atol=1e-12)  # GAP of the K maps
     torch.testing.assert_close(per, per_ref, rtol=0, atol=1e-12)
-    assert torch.equal(model(x), per)  # forward = the perception logits of forward_all
+    assert torch.equal(model(x), per)  # forward = the perception logits of forward_branches
 
 
 def test_task_loss_is_both_cross_entropies():
@@ -103,7 +103,7 @@ def test_task_loss_is_both_cross_entropies():
     y = torch.tensor([0, 1, 2, 2, 1, 0])
     loss, logits, logs = ABNTask(model, attention_weight=0.7).loss(x, y, None)
     with torch.no_grad():
-        per, att, _ = model.forward_all(x)
+        per, att, _ = model.forward_branches(x)
 
     def nll(z):
         return -(z - torch.log(torch.exp(z).sum(1, keepdim=True)))[torch.arange(len(y)), y].mean()
@@ -130,7 +130,7 @@ def test_zero_attention_is_the_plain_backbone(backbone, options):
     model.eval(), plain.eval()
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        per, _, m = model.forward_all(x)
+        per, _, m = model.forward_branches(x)
         assert torch.equal(m, torch.zeros_like(m))
         assert torch.equal(per, plain(x))
         assert torch.equal(model(x), plain(x))
@@ -143,11 +143,11 @@ def test_explain_is_the_upsampled_map_and_class_agnostic():
     maps = model.explain(x)
     assert maps.shape == (4, 1, 28, 28) and not maps.requires_grad
     assert float(maps.min()) >= 0 and float(maps.max()) <= 1
-    m = model.forward_all(x)[2]
+    m = model.forward_branches(x)[2]
     assert m.shape == (4, 1, 14, 14)
     torch.testing.assert_close(maps, F.interpolate(m.detach(), size=(28, 28), mode="bilinear", align_corners=False))
     assert torch.equal(model.explain(x, target=torch.tensor([3, 2, 1, 0])), maps)
-    assert model.per_class is False and "forward_all" in model.ddp_forward_methods
+    assert model.per_class is False and "forward_branches" in model.ddp_forward_methods
     model.train()
     torch.testing.assert_close(model.output_no_grad(x), model.eval()(x))
     assert model.train().training  # output_no_grad restored the mode it found
@@ -166,7 +166,7 @@ def test_spec_round_trip_gives_identical_outputs():
     x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     model.eval(), again.eval()
     with torch.no_grad():
-        for a, b in zip(model.forward_all(x), again.forward_all(x)):
+        for a, b in zip(model.forward_branches(x), again.forward_branches(x)):
             assert torch.equal(a, b)
     assert again.spec == spec
 
@@ -318,3 +318,13 @@ def test_checkpoint_resumes_to_the_same_weights(reference_run, tmp_path):
 
 def _fit_history(run: Path) -> list[dict]:
     return json.loads((run / "history.json").read_text())
+
+
+def test_forward_all_is_the_built_in_map_contract():
+    """forward_all(x) = (forward(x), explain(x)): what map_quality and teachx serve read from any built-in-map model."""
+    torch.manual_seed(0)
+    model = build_abn("lenet5", 1, 4, 16).eval()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        logits, m = model.forward_all(x, target=torch.tensor([0, 1, 2]))
+    assert torch.equal(logits, model(x)) and torch.equal(m, model.explain(x)) and m.shape == (3, 1, 16, 16)

@@ -375,3 +375,25 @@ study:
     assert res.data["timings"]["method_training"]["n"] == 6  # rrr, rrr_teacher, abn x 2 seeds (ceiling: no training of its own)
     again = run_study(load_study(str(cfg)), tmp_path / "out", log=lambda s: None)
     assert again.trained == 0 and again.data["rows"] == res.data["rows"]
+
+
+def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
+    """`teachx run method.name=abn`: results name the method, map quality is measured on ABN's map,
+    and `teachx serve` lists the model with a built-in map equal to the model's own explain()."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
+    from teachx.service.engine import Service
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_config(None, ["method.name=abn", "data.train_size=200", "train.epochs=1", "train.progress=false",
+                                "teacher.method=gradient", "teacher.eval_images=40", "teacher.faith_images=0"])
+    run_dir = prepare_run_dir(tmp_path / "run", cfg, "run", log=lambda s: None)
+    res = run_pipeline(cfg, run_dir, log=lambda s: None, progress=False, figures=False, plan=make_plan(cfg, progress=False)).results
+    assert res["method"] == "abn" and "impactx_test_acc" not in res and res["map_quality"]["images"] == 40
+    svc = Service([run_dir], cache_dir=tmp_path / "serve")
+    entry = svc.entry("run.abn")
+    assert entry.kind == "abn"
+    built_in, _ = svc.map("run.abn", 3, "built_in")
+    lm = svc.loaded("run.abn")
+    x = svc._x(lm, svc.data(lm).test.images[[3]])
+    assert np.allclose(np.asarray(built_in, dtype=np.float32).reshape(-1), lm.model.explain(x).float().cpu().numpy().reshape(-1), atol=2e-3)

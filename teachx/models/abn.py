@@ -65,12 +65,14 @@ def resolve_split(backbone: Backbone, split: Optional[int], name: str = "") -> i
 
 class ABN(nn.Module):
     """Attention Branch Network around ``backbone``. ``forward(x)`` gives the perception logits;
-    ``forward_all(x)`` (perception logits, attention logits, M) from one pass; ``explain(x)`` M."""
+    ``forward_branches(x)`` (perception logits, attention logits, M) from one pass (training);
+    ``forward_all(x)`` (logits, built-in map at the input size), the contract of every built-in-map
+    model (IMPACTX's too); ``explain(x)`` the map alone."""
 
     #: ABN's map is one class-agnostic map per image
     per_class = False
     #: what the training task calls through DDP (one call per step)
-    ddp_forward_methods = ("forward_all",)
+    ddp_forward_methods = ("forward_branches",)
 
     def __init__(self, backbone: Backbone, num_classes: int, split: Optional[int] = None, width: Optional[int] = None,
                  blocks: int = 1, spec: Optional[dict[str, Any]] = None):
@@ -125,7 +127,7 @@ class ABN(nn.Module):
         return self.backbone.classifier(self.backbone.neck(h))
 
     # -- public ------------------------------------------------------------------------------
-    def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(perception logits, attention logits, M (B, 1, h, w)) from one forward pass."""
         g = self.extract(x)
         a, m = self.attend(g)
@@ -134,6 +136,13 @@ class ABN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.extract(x)
         return self.perceive(g, self.attend(g)[1])
+
+    def forward_all(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(perception logits, M upsampled to the input size) from one pass: what every model with a
+        built-in map gives (``target`` is ignored: the map is class-agnostic)."""
+        g = self.extract(x)
+        m = self.attend(g)[1]
+        return self.perceive(g, m), F.interpolate(m, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:

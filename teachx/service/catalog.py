@@ -21,7 +21,8 @@ from teachx.utils.config import load_yaml
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json
 
-STAGES = ("baseline", "teacher", "impactx")
+#: the stage directories of a run: baseline, teacher, and the method stage named after the training method
+STAGES = ("baseline", "teacher", "impactx", "abn", "rrr", "saliency_guided", "reldrop")
 
 
 @dataclass

@@ -47,11 +47,9 @@ BUILT_IN_MAP_MODELS = ("impactx", "abn")
 
 
 def _logits_and_map(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, built-in map at the map resolution): IMPACTX's one pass; other built-in-map models
-    (ABN) through ``forward`` and ``explain``."""
-    if (getattr(model, "spec", None) or {}).get("name") == "impactx":
-        return model.forward_all(x)
-    return model(x), model.explain(x)
+    """(logits, built-in map at the map resolution) from one pass: ``forward_all``, the contract of
+    every model with a built-in map (IMPACTX, ABN)."""
+    return model.forward_all(x)
 
 
 class ServiceError(TeachxError):

@@ -21,7 +21,7 @@ from teachx.training.methods.base import METHODS, MethodContext, Option, Trainin
 
 
 class ABNTask:
-    """Both branches' cross-entropies from ONE ``forward_all`` call (as DDP requires)."""
+    """Both branches' cross-entropies from ONE ``forward_branches`` call (as DDP requires)."""
 
     def __init__(self, model: nn.Module, attention_weight: float = 1.0, label_smoothing: float = 0.0):
         self.model, self.attention_weight, self.label_smoothing = model, float(attention_weight), label_smoothing
@@ -30,7 +30,7 @@ class ABNTask:
         return None
 
     def loss(self, x, y, maps):
-        per, att, _ = self.model.forward_all(x)
+        per, att, _ = self.model.forward_branches(x)
         ce_per = F.cross_entropy(per, y, label_smoothing=self.label_smoothing)
         ce_att = F.cross_entropy(att, y, label_smoothing=self.label_smoothing)
         loss = self.attention_weight * ce_att + ce_per
