@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from typing import Any, Callable
 
 from teachx.errors import ConfigError
@@ -63,3 +65,15 @@ def set_dims(model: Backbone, in_channels: int, num_classes: int, feature_dim: i
     model.in_channels = in_channels
     model.num_classes = num_classes
     model.feature_dim = feature_dim
+
+
+@torch.no_grad()
+def output_in_eval_mode(model: "torch.nn.Module", x: "torch.Tensor") -> "torch.Tensor":
+    """``model(x)`` in eval mode without gradients, the training mode restored afterwards: a value
+    function for training objectives that query the model on perturbed inputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)

@@ -154,12 +154,9 @@ class ABN(nn.Module):
     @torch.no_grad()
     def output_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         """Perception logits in eval mode without gradients; the training mode is restored afterwards."""
-        was_training = self.training
-        self.eval()
-        try:
-            return self(x)
-        finally:
-            self.train(was_training)
+        from teachx.models._common import output_in_eval_mode
+
+        return output_in_eval_mode(self, x)
 
 
 def build_abn(

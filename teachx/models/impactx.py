@@ -153,12 +153,9 @@ class ImpactX(nn.Module):
     def output_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in eval mode without gradients (a value function for training objectives that
         query the model on perturbed inputs); the training mode is restored afterwards."""
-        was_training = self.training
-        self.eval()
-        try:
-            return self(x)
-        finally:
-            self.train(was_training)
+        from teachx.models._common import output_in_eval_mode
+
+        return output_in_eval_mode(self, x)
 
     def state_dict_for_training(self) -> dict[str, torch.Tensor]:
         return self.state_dict()

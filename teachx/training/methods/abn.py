@@ -17,17 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod
+from teachx.training.methods.base import MethodTask, METHODS, MethodContext, Option, TrainingMethod
 
 
-class ABNTask:
+class ABNTask(MethodTask):
     """Both branches' cross-entropies from ONE ``forward_branches`` call (as DDP requires)."""
 
     def __init__(self, model: nn.Module, attention_weight: float = 1.0, label_smoothing: float = 0.0):
         self.model, self.attention_weight, self.label_smoothing = model, float(attention_weight), label_smoothing
-
-    def maps_for(self, indices: torch.Tensor) -> None:
-        return None
 
     def loss(self, x, y, maps):
         per, att, _ = self.model.forward_branches(x)
@@ -35,9 +32,6 @@ class ABNTask:
         ce_att = F.cross_entropy(att, y, label_smoothing=self.label_smoothing)
         loss = self.attention_weight * ce_att + ce_per
         return loss, per, {"ce_attention": ce_att.detach(), "ce_perception": ce_per.detach()}
-
-    def parameters(self):
-        return (p for p in self.model.parameters() if p.requires_grad)
 
 
 @METHODS.register("abn", "attention_branch")

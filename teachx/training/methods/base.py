@@ -182,6 +182,19 @@ def build_method(cfg: "RunConfig") -> TrainingMethod:
 
 # -- helpers several methods share ----------------------------------------------------------------
 
+class MethodTask:
+    """What the tasks of the methods share: the model, no per-image targets by default, and every
+    trainable parameter to the optimizer. Subclasses implement ``loss`` (see trainer.Task)."""
+
+    model: nn.Module
+
+    def maps_for(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
+        return None
+
+    def parameters(self):
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+
 def at_least_float(t: torch.Tensor) -> torch.Tensor:
     """Half-precision outputs (autocast) in float32 for losses; float32/float64 as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

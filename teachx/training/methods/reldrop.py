@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod, raw_model
+from teachx.training.methods.base import MethodTask, METHODS, MethodContext, Option, TrainingMethod, raw_model
 
 
 def normalised_relevance(r: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def drop_mask(rel: torch.Tensor, alpha: float, beta: float, p: float, generator=
     return (drop & chosen.view(-1, 1, 1, 1)).float()
 
 
-class RelDropTask:
+class RelDropTask(MethodTask):
     def __init__(self, model: nn.Module, alpha: float, beta: float, p: float, relevance_of=None, store=None,
                  label_smoothing: float = 0.0):
         self.model, self.alpha, self.beta, self.p = model, float(alpha), float(beta), float(p)
@@ -53,9 +53,6 @@ class RelDropTask:
         logits = self.model(x_dropped)
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         return ce, logits, {"ce": ce.detach(), "dropped": drop.mean().detach()}
-
-    def parameters(self):
-        return (p for p in self.model.parameters() if p.requires_grad)
 
 
 class _SelfRelevance:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import METHODS, at_least_float, IndexedTensor, MethodContext, Option, TrainingMethod
+from teachx.training.methods.base import MethodTask, METHODS, at_least_float, IndexedTensor, MethodContext, Option, TrainingMethod
 
 
 def irrelevant_mask(maps: torch.Tensor, keep: float) -> torch.Tensor:
@@ -35,7 +35,7 @@ def irrelevant_mask(maps: torch.Tensor, keep: float) -> torch.Tensor:
     return (rel < thresh).float().view(maps.shape[0], 1, *maps.shape[2:])
 
 
-class RRRTask:
+class RRRTask(MethodTask):
     """CE plus the masked input-gradient penalty; ``maps_for`` returns the mask A of each image."""
 
     def __init__(self, model: nn.Module, mask_of, lam: float, target: str = "all", label_smoothing: float = 0.0):
@@ -60,9 +60,6 @@ class RRRTask:
         grad = self.input_gradient(x, logits, y)
         penalty = (mask * grad).pow(2).flatten(1).sum(1).mean()  # mask (B,1,H,W) broadcasts over channels
         return ce + self.lam * penalty, logits, {"ce": ce.detach(), "rrr": penalty.detach()}
-
-    def parameters(self):
-        return (p for p in self.model.parameters() if p.requires_grad)
 
 
 class _TeacherMask:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import METHODS, at_least_float, MethodContext, Option, TrainingMethod, raw_model
+from teachx.training.methods.base import MethodTask, METHODS, at_least_float, MethodContext, Option, TrainingMethod, raw_model
 
 
 def input_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -49,12 +49,9 @@ def mask_lowest(x: torch.Tensor, saliency: torch.Tensor, k: float, generator=Non
     return flat.clone().scatter_(1, idx, values).view_as(x)
 
 
-class SaliencyGuidedTask:
+class SaliencyGuidedTask(MethodTask):
     def __init__(self, model: nn.Module, k: float, lam: float, label_smoothing: float = 0.0):
         self.model, self.k, self.lam, self.label_smoothing = model, float(k), float(lam), label_smoothing
-
-    def maps_for(self, indices: torch.Tensor) -> None:
-        return None
 
     def loss(self, x, y, maps):
         if raw_model(self.model) is self.model:
@@ -72,9 +69,6 @@ class SaliencyGuidedTask:
         logp, logq = F.log_softmax(at_least_float(logits), 1), F.log_softmax(at_least_float(logits_m), 1)
         kl = (logp.exp() * (logp - logq)).sum(1).mean()  # KL(f(x) || f(x~)), per image, averaged
         return ce + self.lam * kl, logits, {"ce": ce.detach(), "kl": kl.detach()}
-
-    def parameters(self):
-        return (p for p in self.model.parameters() if p.requires_grad)
 
 
 @METHODS.register("saliency_guided", "saliency-guided", "sgt")
