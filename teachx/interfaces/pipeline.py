@@ -803,7 +803,14 @@ def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.
     masks = torch.from_numpy(np.ascontiguousarray(ds.test.masks[idx])).float().to(device)
     out: dict[str, Any] = {"images": int(len(idx)), "shortcut": ds.extra.get("shortcut")}
     for name, model in models.items():
-        out[name] = artefact_share(model.to(device).eval(), x, y, masks)
+        model = model.to(device).eval()
+        out[name] = artefact_share(model, x, y, masks)
+        if hasattr(model, "forward_all") and hasattr(model, "explain"):  # a built-in map (IMPACTX, ABN): where does it point?
+            from teachx.evaluation.shortcut import wrong_reason_score
+
+            with torch.no_grad():
+                maps = torch.cat([model.explain(x[s:s + 256], target=y[s:s + 256]) for s in range(0, len(y), 256)])
+            out[name]["built_in"] = float(wrong_reason_score(maps.float(), masks).mean())
     return out
 
 

@@ -793,9 +793,9 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                 if all(faith):
                     row["faithfulness"] = _faith_summary(faith)
             shortcut = [units[keys[s]].get("shortcut") for s in seeds]
-            if all(shortcut):
-                row["shortcut"] = {m: summarize([b[m] for b in shortcut]).to_dict() for m in shortcut[0]
-                                   if isinstance(shortcut[0][m], (int, float)) and m != "images"}
+            if all(shortcut):  # the measures every seed has (units made by older teachx may lack the built-in map's)
+                common = [m for m in shortcut[0] if m != "images" and all(isinstance(b.get(m), (int, float)) for b in shortcut)]
+                row["shortcut"] = {m: summarize([b[m] for b in shortcut]).to_dict() for m in common}
             rows.append(row)
     # Holm over each family (all vs-baseline tests; all vs-control tests)
     for family in ("vs_baseline", "vs_control"):
@@ -907,7 +907,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         lines.append("Share of post-hoc attribution on the artefact, de-correlated test images (mean over seeds; lower = fewer wrong reasons)")
         for row in shortcut_rows:
             sc = row["shortcut"]
-            parts = [f"{m} {_fmt(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "area") if m in sc]
+            parts = [f"{m} {_fmt(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "built_in", "area") if m in sc]
             lines.append(f"  {row['regime']:<14} {row['arm']:<16} " + "  ".join(parts))
     if data["verdicts"]:
         lines.append("")

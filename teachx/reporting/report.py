@@ -412,12 +412,14 @@ def _study_report(d: Path) -> _Doc:
     sc = [r for r in rows if r.get("shortcut")]
     if sc:
         doc.h("Right for the right reasons? Attribution on the artefact (de-correlated test images, mean ± std over seeds)")
-        doc.table(["regime", "arm", "method", "test accuracy", "input gradient share (↓)", "LRP share (↓)", "artefact area (chance)"],
+        doc.table(["regime", "arm", "method", "test accuracy", "input gradient share (↓)", "LRP share (↓)", "built-in map share",
+                   "artefact area (chance)"],
                   [[r["regime"], r["arm"], r.get("method", ""), _ms(r["summary"]), _ms(r["shortcut"].get("gradient"), 3),
-                    _ms(r["shortcut"].get("lrp"), 3), _ms(r["shortcut"].get("area"), 3)] for r in sc])
+                    _ms(r["shortcut"].get("lrp"), 3), _ms(r["shortcut"].get("built_in"), 3) if r["shortcut"].get("built_in") else "—",
+                    _ms(r["shortcut"].get("area"), 3)] for r in sc])
         doc.p("Share of each model's post-hoc attribution (|input gradient| and |LRP| of the true class, summed over channels) that falls "
               "on the artefact region of the test images, whose artefact is independent of the class; a model that ignores the artefact "
-              "puts at most about the artefact's area there.", "note")
+              "puts at most about the artefact's area there. Built-in map share: the same for the model's own map (IMPACTX, ABN).", "note")
     # map quality
     mq = [r for r in rows if r.get("map_quality")]
     if mq:
