@@ -367,6 +367,8 @@ study:
         sc = rows[arm]["shortcut"]
         assert {"gradient", "lrp", "area"} <= set(sc), arm
         assert sc["area"]["mean"] == pytest.approx(16 / 28**2)
+    assert "built_in" in rows["abn"]["shortcut"] and "built_in" in rows["lambda0"]["shortcut"]  # the models' own maps too
+    assert "built_in" not in rows["rrr"]["shortcut"]
     for arm in ("ceiling", "rrr", "rrr_teacher", "abn"):
         assert rows[arm]["vs_control"]["control"] == "lambda0"
     # the ceiling is the baseline of clean training images: its own baseline, the same model
