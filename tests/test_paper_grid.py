@@ -1,0 +1,209 @@
+"""The IMPACTX paper grid (teachx/configs/paper-<dataset>-<backbone>.yaml): every cell resolves with the
+paper's design, its header states the expected wall time, every cell starts (dry run), and a LeNet-5 study
+of each dataset kind runs to its study.json on format-exact synthetic CIFAR-10 / CIFAR-100 / STL-10 files
+(tiny smoke settings); the grid benchmark's quick mode writes a valid result file and its header lines go
+back into a config."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_data_formats import rng_images, tar_folder, write_cifar10, write_stl  # noqa: E402  (the format writers)
+
+from teachx.data import load_dataset  # noqa: E402
+from teachx.interfaces.shipped_configs import header, shipped_configs  # noqa: E402
+from teachx.interfaces.study import load_study  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = {"cifar10": 10, "cifar100": 100, "stl10": 10}
+BACKBONES = ("lenet5", "mobilenet", "efficientnet_b2")
+CELLS = [f"paper-{d}-{b}" for d in DATASETS for b in BACKBONES]
+ARMS = ["impactx", "lambda0", "shuffled", "abn"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_dirs(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEACHX_DATA", str(tmp_path / "data_home"))
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache_home"))
+
+
+def _study_cli(*args: str):
+    import click
+    from click.testing import CliRunner
+
+    from teachx.interfaces.cli_study import register
+
+    group = click.Group()
+    register(group)
+    return CliRunner().invoke(group, ["study", *args])
+
+
+# ---------------------------------------------------------------------------------- the configs
+def test_grid_is_complete_and_follows_the_paper():
+    shipped = shipped_configs()
+    assert sorted(n for n in shipped if n.startswith("paper-")) == sorted(CELLS)
+    for name in CELLS:
+        dataset, backbone = name.split("-", 2)[1:]
+        spec = load_study(name)
+        cfg = spec.config("all", None, spec.seeds[0])
+        assert cfg.data.name == dataset and cfg.model.backbone == backbone, name
+        assert cfg.data.download is True and cfg.device == "auto" and cfg.train.amp is True, name
+        assert cfg.data.image_size is None, f"{name}: the dataset's native size (STL-10: 96x96), no resize"
+        assert cfg.data.augment and cfg.data.hflip and cfg.data.crop_padding == (12 if dataset == "stl10" else 4), name
+        assert cfg.train.batch_size == 128 and cfg.train.schedule == "cosine" and cfg.train.epochs >= 30, name
+        if backbone != "lenet5":  # the stem is chosen explicitly: CIFAR strides at 32x32, ImageNet strides at 96x96
+            assert cfg.model.options == {"small_input": dataset != "stl10"}, name
+        assert len(spec.seeds) >= 5 and list(spec.arms) == ARMS and spec.control == "lambda0", name
+        assert cfg.teacher.method == "deepshap" and cfg.teacher.background_size == 50 and cfg.teacher.seed == 0, name
+        imp, lam0 = spec.config("all", "impactx", 0), spec.config("all", "lambda0", 0)
+        assert imp.method.name == "impactx" and imp.impactx.lam == 1.0 and lam0.impactx.lam == 0
+        assert spec.config("all", "shuffled", 0).impactx.maps == "shuffled"
+        assert spec.config("all", "abn", 0).method.name == "abn"
+
+
+def test_headers_state_commands_units_and_wall_time():
+    for name in CELLS:
+        path = shipped_configs()[name]
+        text = path.read_text()
+        lines = text.splitlines()
+        assert header(path).startswith("IMPACTX paper grid"), name
+        assert f"teachx study {name} --out runs/{name}" in text, name
+        assert "--nproc" in text and f"CUDA_VISIBLE_DEVICES=$i teachx study {name}" in text, name
+        assert "= 25 units" in text, name
+        mark = next(i for i, line in enumerate(lines) if line.startswith("# Expected wall time per unit"))
+        block = [line for line in lines[mark + 1:] if line.startswith("#   ") or line.startswith("#     ")]
+        cpu = next(line for line in block if line.startswith("#   CPU"))
+        gpu = next(line for line in block if line.startswith("#   GPU"))
+        assert "not measured" in cpu or "thread" in cpu, name
+        assert "not measured" in gpu or "AMP" in gpu, name
+        steps = 36 if "stl10" in name else 352
+        if "thread" in cpu:  # measured: steps/epoch x epochs x step time
+            assert f"baseline {steps} x {load_study(name).base['train']['epochs']} x " in text, name
+
+
+def test_every_cell_starts_as_a_dry_run():
+    for name in CELLS:
+        res = _study_cli(name, "--out", "unused", "--dry-run")
+        assert res.exit_code == 0, res.output
+        assert res.output.startswith("25 units:") and "control: lambda0" in res.output, res.output
+
+
+# ---------------------------------------------------------------------------------- synthetic official files
+def write_cifar100(root: Path, per_class: int = 3, test_per_class: int = 1) -> dict:
+    """The official cifar-100-python.tar.gz: train/test/meta protocol-2 pickles, rows R, G, B planes."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    out = {}
+    for split, n_per, seed in (("train", per_class, 3), ("test", test_per_class, 4)):
+        fine = np.repeat(np.arange(100), n_per)
+        imgs = rng_images(seed, len(fine), 32, 32, 3)
+        rows = np.stack([np.concatenate([im[:, :, ch].ravel() for ch in range(3)]) for im in imgs]).astype(np.uint8)
+        blob = {b"filenames": [f"img_{i}.png".encode() for i in range(len(fine))], b"batch_label": f"{split}ing batch 1 of 1".encode(),
+                b"fine_labels": [int(v) for v in fine], b"coarse_labels": [int(v) // 5 for v in fine], b"data": rows}
+        (folder / split).write_bytes(pickle.dumps(blob, protocol=2))
+        out[split] = (imgs, fine)
+    meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)], b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    tar_folder(folder, root / "cifar-100-python.tar.gz")
+    shutil.rmtree(folder)
+    return out
+
+
+def test_cifar100_official_archive_exact(tmp_path):
+    expected = write_cifar100(tmp_path / "c100")
+    ds = load_dataset("cifar100", root=tmp_path / "c100", cache_dir=tmp_path / "cache", progress=False)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(getattr(ds, split).images, expected[split][0])
+        np.testing.assert_array_equal(getattr(ds, split).labels, expected[split][1])
+    assert ds.num_classes == 100 and ds.class_names[7] == "fine7" and ds.extra["coarse_class_names"][19] == "coarse19"
+    assert ds.image_size == (32, 32) and ds.hflip is True
+
+
+# the overrides that make a cell take seconds: one seed, one epoch, a small background and evaluation
+SMOKE = ["data.download=false", "train.epochs=1", "study.seeds=[0]", "teacher.background_size=4", "teacher.eval_images=null",
+         "teacher.faith_images=0", "study.eval.examples=0", "-q", "--no-report"]
+
+
+def _smoke(name: str, root: Path, out: Path, *extra: str) -> dict:
+    torch.set_num_threads(1)
+    res = _study_cli(name, "--out", str(out), f"data.root={root}", *SMOKE, *extra)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "study.json").read_text())
+    assert [r["arm"] for r in data["rows"]] == ["baseline", *ARMS]
+    assert all(len(r["test_acc"]) == 1 and 0.0 <= r["test_acc"][0] <= 1.0 for r in data["rows"])
+    assert {r["method"] for r in data["rows"]} == {"baseline", "impactx", "abn"}
+    assert data["study"]["control"] == "lambda0" and data["study"]["seeds"] == [0]
+    return data
+
+
+def test_cifar100_lenet5_cell_runs(tmp_path):
+    write_cifar100(tmp_path / "c100", per_class=3)
+    data = _smoke("paper-cifar100-lenet5", tmp_path / "c100", tmp_path / "out")
+    assert data["base_config"]["data"]["name"] == "cifar100" and data["base_config"]["model"]["backbone"] == "lenet5"
+
+
+def test_stl10_lenet5_cell_runs_at_96x96(tmp_path):
+    write_stl(tmp_path / "stl" / "stl10_binary", n_train=30, n_test=10)
+    assert load_dataset("stl10", root=tmp_path / "stl", cache_dir=tmp_path / "cache", progress=False).image_size == (96, 96)
+    data = _smoke("paper-stl10-lenet5", tmp_path / "stl", tmp_path / "out", "train.batch_size=16")
+    assert data["base_config"]["data"]["name"] == "stl10" and data["base_config"]["data"]["image_size"] is None
+
+
+def test_cifar10_lenet5_cell_runs(tmp_path):
+    # LeNet-5 for every real start: the same cell with MobileNet (40 images, batch 16) took 25 s on the
+    # shared 2-core CPU, so the MobileNet and EfficientNet-B2 cells are started as dry runs (above)
+    write_cifar10(tmp_path / "c10" / "cifar-10-batches-py", per_batch=8)  # 40 training images
+    data = _smoke("paper-cifar10-lenet5", tmp_path / "c10", tmp_path / "out", "train.batch_size=16")
+    assert data["base_config"]["data"]["name"] == "cifar10" and data["base_config"]["model"]["backbone"] == "lenet5"
+
+
+# ---------------------------------------------------------------------------------- the benchmark
+def _bench():
+    spec = importlib.util.spec_from_file_location("_teachx_bench_paper_grid", ROOT / "bench" / "bench_paper_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quick_writes_rows_and_header_lines(tmp_path, capsys):
+    bench = _bench()
+    out = tmp_path / "grid.json"
+    bench.main(["--quick", "--models", "lenet5", "--shapes", "3x32x32:10", "--batch", "32", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "paper_grid" and data["device"] == "cpu" and data["quick"] is True
+    (row,) = data["rows"]
+    assert (row["backbone"], row["dataset"], row["config"]) == ("lenet5", "cifar10", "paper-cifar10-lenet5")
+    assert row["device"] == "cpu" and row["threads"] == 1 and row["batch"] == 32 and row["amp"] is False
+    assert set(row["step_s"]) == {"baseline", "impactx", "impactx_lambda0", "abn"} and all(v > 0 for v in row["step_s"].values())
+    assert row["arms_by_cost"] == {"impactx": ["impactx", "shuffled"], "impactx_lambda0": ["lambda0"], "abn": ["abn"]}
+    assert row["schedule"] == {"train_images": 45_000, "batch_size": 128, "steps_per_epoch": 352, "epochs": 30}
+    assert row["scaled_from_batch"] == 32 and row["step_s_at_config_batch"]["impactx"] == pytest.approx(4 * row["step_s"]["impactx"])
+    assert row["unit_s"]["baseline"] == pytest.approx(352 * 30 * row["step_s_at_config_batch"]["baseline"])
+    assert row["maps_images"] == 46_000 and row["maps_s"] == pytest.approx(46_000 / row["maps_img_per_s"])
+    per_seed = row["unit_s"]["baseline"] + 2 * row["unit_s"]["impactx"] + row["unit_s"]["impactx_lambda0"] + row["unit_s"]["abn"]
+    assert row["units"] == 25 and row["cell_s"] == pytest.approx(5 * per_seed + row["maps_s"])
+    assert "lenet5" in capsys.readouterr().out
+
+    # the header lines go into a copy of the config, which still loads; the GPU line is left alone
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    shutil.copy(shipped_configs()["paper-cifar10-lenet5"], configs)
+    bench.write_headers([row], configs)
+    bench.write_headers([row], configs)  # idempotent: the block is replaced, not added to
+    text = (configs / "paper-cifar10-lenet5.yaml").read_text()
+    assert text.count("#   CPU (1 thread; batch 128; no AMP; step timed at batch 32, scaled linearly):") == 1
+    assert "#   GPU: not measured: run bench/gpu_issue14.sh" in text and "baseline 352 x 30 x " in text
+    assert load_study(str(configs / "paper-cifar10-lenet5.yaml")).base["train"]["epochs"] == 30
+    gpu_row = dict(row, device="cuda", device_name="NVIDIA H200", amp=True, amp_dtype="bfloat16", scaled_from_batch=None)
+    assert bench.header_lines(gpu_row)[0] == "#   GPU (NVIDIA H200; batch 128; AMP bfloat16):"
