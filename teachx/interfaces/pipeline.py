@@ -501,6 +501,8 @@ def eval_indices(cfg: RunConfig, plan: DataPlan) -> np.ndarray:
     if k is None or k >= n:
         return np.arange(n)
     keep, _ = train_val_split(n, 1.0 - k / n, cfg.data.split_seed, np.asarray(plan.dataset.test.labels))
+    if len(keep) < min(k, n):  # fewer images than classes: a stratified subset rounds down to nothing
+        keep = np.random.default_rng(cfg.data.split_seed).choice(n, size=min(k, n), replace=False)
     return np.sort(keep)
 
 
