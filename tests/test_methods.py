@@ -399,3 +399,16 @@ def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
     lm = svc.loaded("run.abn")
     x = svc._x(lm, svc.data(lm).test.images[[3]])
     assert np.allclose(np.asarray(built_in, dtype=np.float32).reshape(-1), lm.model.explain(x).float().cpu().numpy().reshape(-1), atol=2e-3)
+
+
+def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
+    """teacher.eval_images below the class count: a stratified subset rounds down to nothing, which
+    made map_quality divide by zero; now it is a seeded subset of that size."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.pipeline import eval_indices, make_plan
+
+    cfg = resolve_config(None, ["teacher.eval_images=5"])
+    plan = make_plan(cfg, progress=False)
+    idx = eval_indices(cfg, plan)
+    assert len(idx) == 5 == len(set(idx.tolist())) and list(idx) == sorted(idx)
+    assert list(eval_indices(cfg, plan)) == list(idx)
