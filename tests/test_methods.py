@@ -96,6 +96,17 @@ def test_irrelevant_mask_keeps_the_most_relevant_fraction():
     assert irrelevant_mask(maps, 1.0).sum() == 0
 
 
+def test_teacher_masks_are_computed_once_and_equal_the_direct_ones():
+    from teachx.training.methods.rrr import _TeacherMask
+
+    store = _Store(20, 6)
+    masks = _TeacherMask(store, 0.3)
+    for idx in ([3, 1, 7], [7, 3, 19, 0], [1]):
+        got = masks(torch.tensor(idx))
+        assert torch.equal(got, irrelevant_mask(store.read(idx).float(), 0.3)), idx
+    assert masks.known.sum() == 5
+
+
 # -- saliency-guided training ------------------------------------------------------------------------
 
 def test_mask_lowest_replaces_exactly_the_lowest_saliency_elements():

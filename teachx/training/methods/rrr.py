@@ -63,13 +63,23 @@ class RRRTask(MethodTask):
 
 
 class _TeacherMask:
-    """A = outside the teacher's most relevant pixels, from the stored training maps."""
+    """A = outside the teacher's most relevant pixels, from the stored training maps. The teacher's
+    maps do not change during training, so each image's mask is computed once (in the first epoch)
+    and kept as bytes: later epochs read it instead of reading the map and ranking its pixels."""
 
     def __init__(self, store, keep: float):
         self.store, self.keep = store, keep
+        n, _, h, w = store.maps.shape
+        self.masks = np.zeros((n, 1, h, w), dtype=np.uint8)  # untouched rows cost no memory
+        self.known = np.zeros(n, dtype=bool)
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
-        return irrelevant_mask(self.store.read(indices).float(), self.keep)
+        idx = indices.cpu().numpy()
+        todo = idx[~self.known[idx]]
+        if todo.size:
+            self.masks[todo] = irrelevant_mask(self.store.read(todo).float(), self.keep).to(torch.uint8).numpy()
+            self.known[todo] = True
+        return torch.from_numpy(self.masks[idx]).float()
 
 
 @METHODS.register("rrr", "right_for_the_right_reasons")
