@@ -30,6 +30,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("bench_cpu_tuning.py", []),
     ("bench_scaling.py", []),
     ("bench_memory.py", []),
+    ("bench_methods.py", ["--threads", "1"]),
 ]
 
 
@@ -153,6 +154,12 @@ def summary() -> str:
             cells = ", ".join(f"{label.get(r['operation'], r['operation'])} " + (f"{r['peak_extra_mb']:.0f}" if "error" not in r else "failed")
                               for r in mem["rows"] if r["model"] == model)
             rows.append(f"| peak memory of one call, MB above the resident set before it (batch {mem['batch']}, fresh process each) | {model} | {cells} | (measured) | - |")
+    meth = load("methods.json")
+    if meth:
+        for r in meth["rows"]:
+            if r.get("target"):
+                rows.append(f"| {r['method']} training step / baseline step (batch {meth['batch']}, {r['input']}, {_threads(meth['threads'])}) | "
+                            f"{r['backbone']} | {r['ratio_to_baseline']:.2f}x ({r['step_ms']:.1f} ms) | <= {r['target']}x | {'yes' if r['meets_target'] else 'no'} |")
     return "\n".join(rows) + "\n"
 
 
