@@ -44,7 +44,7 @@ TINY = ["data.train_size=200", "train.epochs=2", "train.batch_size=32", "teacher
 RESUME_HINT = "run the same command again to resume"
 #: what legitimately differs between two runs of the same config: time, threads, and the digests over them
 MEASURED = {"stage_seconds", "wall_seconds", "torch_threads", "seconds", "seconds_per_epoch", "baseline_seconds_per_epoch",
-            "impactx_seconds_per_epoch", "digest", "timings", "created"}
+            "impactx_seconds_per_epoch", "method_seconds_per_epoch", "digest", "timings", "created"}
 
 
 def teachx(*args, cwd, cache, fault=None, timeout=600):
