@@ -121,6 +121,18 @@ def test_mask_lowest_replaces_exactly_the_lowest_saliency_elements():
     assert out.min() >= x.min() and out.max() <= x.max()
 
 
+def test_lowest_selects_what_a_stable_sort_selects_ties_included():
+    from teachx.training.methods.saliency_guided import lowest
+
+    g = torch.Generator().manual_seed(0)
+    for d, n in ((50, 25), (784, 392), (3072, 1000), (9, 9), (9, 1)):
+        sal = torch.randint(0, 6, (7, d), generator=g).float()  # many ties
+        expected = torch.zeros(7, d, dtype=torch.bool)
+        expected.scatter_(1, sal.argsort(dim=1, stable=True)[:, :n], True)
+        got = lowest(sal, n)
+        assert torch.equal(got, expected) and (got.sum(1) == n).all(), (d, n)
+
+
 def test_saliency_is_the_input_gradient_of_the_label_logit():
     torch.manual_seed(3)
     model = _Linear(16, 3).double()

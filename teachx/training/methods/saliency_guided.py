@@ -35,18 +35,30 @@ def input_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     return grad.abs()
 
 
+def lowest(saliency: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, D) bool, exactly ``n`` True per row: the ``n`` lowest values, ties taken in index order --
+    the selection of a stable sort, found with one selection (kthvalue) instead of sorting every row
+    (5x faster at 3,072 features: the sort cost a third of a LeNet-5 step)."""
+    if n == 0:
+        return torch.zeros_like(saliency, dtype=torch.bool)
+    thresh = saliency.kthvalue(n, dim=1, keepdim=True).values
+    below = saliency < thresh
+    ties = saliency == thresh
+    need = n - below.sum(1, keepdim=True)
+    return below | (ties & (ties.cumsum(1) <= need))
+
+
 def mask_lowest(x: torch.Tensor, saliency: torch.Tensor, k: float, generator=None) -> torch.Tensor:
     """x with the fraction ``k`` of its elements of lowest saliency replaced by uniform values in
     [min x, max x] of the batch (the same count for every image)."""
-    b = x.shape[0]
     flat = x.detach().flatten(1)
     n = int(round(k * flat.shape[1]))
     if n == 0:
         return x.detach().clone()
-    idx = saliency.flatten(1).argsort(dim=1, stable=True)[:, :n]
+    chosen = lowest(saliency.flatten(1), n)
     lo, hi = flat.min(), flat.max()
-    values = torch.rand(b, n, device=x.device, dtype=flat.dtype, generator=generator) * (hi - lo) + lo
-    return flat.clone().scatter_(1, idx, values).view_as(x)
+    values = torch.rand(flat.shape, device=x.device, dtype=flat.dtype, generator=generator) * (hi - lo) + lo
+    return torch.where(chosen, values, flat).view_as(x)
 
 
 class SaliencyGuidedTask(MethodTask):
