@@ -435,3 +435,16 @@ def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
     idx = eval_indices(cfg, plan)
     assert len(idx) == 5 == len(set(idx.tolist())) and list(idx) == sorted(idx)
     assert list(eval_indices(cfg, plan)) == list(idx)
+
+
+def test_every_method_stage_is_known_to_redo_serve_and_the_run_layout():
+    """The method stages come from the registry; the CLI's --redo choices are written out (no torch
+    import for `teachx --help`) and must agree with it."""
+    from teachx.interfaces.cli import RUN_STAGES
+    from teachx.interfaces.pipeline import STAGES
+    from teachx.interfaces.rundir import RUN_LAYOUT, STAGE_LAYOUT
+    from teachx.service.catalog import _stages
+
+    assert set(STAGES) == {"baseline", "teacher", *(m for m in METHODS.names() if m != "baseline")}
+    assert tuple(RUN_STAGES) == STAGES == _stages()
+    assert all(RUN_LAYOUT[s] is STAGE_LAYOUT for s in STAGES)

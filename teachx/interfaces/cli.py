@@ -14,6 +14,9 @@ from teachx.errors import ConfigError, TeachxError
 NPROC_HELP = "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
 OVERWRITE_HELP = ("Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
                   "a directory teachx did not make is never touched.")
+#: the stages --redo accepts: ``teachx.interfaces.pipeline.STAGES``, written out so that `teachx --help` does
+#: not import torch (a test checks that the two agree)
+RUN_STAGES = ("baseline", "teacher", "abn", "impactx", "reldrop", "rrr", "saliency_guided")
 REDO_HELP = ("Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
              "the method stage is named after method.name (impactx by default); redoing the teacher also redoes the method "
              "stage, which learnt from it.")
@@ -199,7 +202,7 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-@click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx", "abn", "rrr", "saliency_guided", "reldrop"]), multiple=True, help=REDO_HELP)
+@click.option("--redo", type=click.Choice(RUN_STAGES), multiple=True, help=REDO_HELP)
 def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
     """The whole pipeline: baseline -> teacher maps -> IMPACTX -> test.
 
@@ -219,7 +222,7 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-@click.option("--redo", type=click.Choice(["baseline", "teacher", "impactx", "abn", "rrr", "saliency_guided", "reldrop"]), multiple=True, help=REDO_HELP)
+@click.option("--redo", type=click.Choice(RUN_STAGES), multiple=True, help=REDO_HELP)
 @click.argument("overrides", nargs=-1)
 def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Bundled data, LeNet-5, SHAP teacher: baseline vs IMPACTX."""

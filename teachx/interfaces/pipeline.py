@@ -31,6 +31,7 @@ from teachx.teachers.store import MapStore, fill_store, open_store, store_key
 from teachx.training import distributed as dist_utils
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask, MapSource
+from teachx.training.methods import build_method, method_name, method_stages
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
 from teachx.utils.config import dump_yaml, from_dict, set_dotted
 from teachx.utils.hashing import hash_json, hash_state_dict
@@ -107,15 +108,9 @@ def _stage_fixes(stage_dir: Path):
 
 # -- corrupted files inside a run: the exact way forward ------------------------------------------
 
-def _stage_names() -> tuple[str, ...]:
-    from teachx.training.methods import METHODS
-
-    return ("baseline", "teacher", *(m for m in METHODS.names() if m != "baseline"))
-
-
 #: the stages of `teachx run` / `teachx demo`, each a sub-directory of the run directory: the baseline,
 #: a separate teacher, and the method stage, named after the training method (``impactx`` by default)
-STAGES = _stage_names()
+STAGES = ("baseline", "teacher", *method_stages())
 #: what `teachx train` writes besides config.yaml (its single stage lives in the run directory itself)
 TRAIN_STAGE_FILES = ("stage.json", "checkpoints", "history.json", "results.json", "tensorboard")
 
@@ -220,7 +215,7 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
             why = "teacher.checkpoint is used as the teacher" if cfg.teacher.checkpoint else "the baseline is the teacher; use --redo baseline"
             raise ConfigError(f"--redo teacher: this run has no teacher stage ({why})")
         if "teacher" in stages or ("baseline" in stages and teacher_is_baseline):
-            stages.append(method_stage_name(cfg))
+            stages.append(method_name(cfg))
         targets = [run_dir / s for s in STAGES if s in stages] + [run_dir / "results.json"]
     from teachx.interfaces.rundir import STAGE_LAYOUT, remove_owned
 
@@ -517,13 +512,6 @@ def _split_fingerprint(split) -> str:
     return h.hexdigest()
 
 
-def method_stage_name(cfg: RunConfig) -> str:
-    """The run sub-directory of the method stage: the method's name (``impactx`` for IMPACTX)."""
-    from teachx.training.methods import METHODS
-
-    return METHODS.canonical(cfg.method.name)
-
-
 def train_method_stage(
     cfg: RunConfig,
     plan: DataPlan,
@@ -536,7 +524,7 @@ def train_method_stage(
 
     ``store``: the teacher's maps of the training split, when the method needs them.
     """
-    from teachx.training.methods import MethodContext, build_method
+    from teachx.training.methods import MethodContext
 
     ds = plan.dataset
     method = build_method(cfg)
@@ -561,10 +549,6 @@ def train_method_stage(
     log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
     extra = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {})}
     return _fit_and_test(trainer, task, plan, out_dir, log, extra), model.eval()
-
-
-#: the name studies and older code use for the method stage
-train_impactx_stage = train_method_stage
 
 
 def self_teaching_hook(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]):
@@ -702,12 +686,10 @@ def _run_pipeline(
         teacher_model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
 
     # 2. teacher maps (train split when the method trains on them, test split for map-quality evaluation)
-    from teachx.training.methods import build_method
-
     method = build_method(cfg)
     method.check_data(plan)  # before any map is made: e.g. rrr with annotation masks on data without masks
     need_maps = method.needs_teacher_maps()
-    builtin = method.builtin_map and (method.name != "impactx" or cfg.impactx.lam > 0)
+    builtin = method.trains_builtin_map()
     train_store = test_store = None
     t0, made = time.perf_counter(), []
     if need_maps or figures or builtin:
@@ -717,7 +699,7 @@ def _run_pipeline(
     timings.add("maps", time.perf_counter() - t0, bool(made), sum(made) >= requested)
 
     # 3. the training method (IMPACTX by default)
-    stage = method_stage_name(cfg)
+    stage = method_name(cfg)
     if method.name == "baseline":  # the same model as the baseline stage: nothing more to train
         method_record = {**baseline, **method.record()}
         model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
@@ -737,8 +719,10 @@ def _run_pipeline(
         quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)
     shortcut = None
     if getattr(ds.test, "masks", None) is not None:
-        baseline_model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
-        models = {"baseline": baseline_model} if method.name == "baseline" else {"baseline": baseline_model, stage: model}
+        if method.name == "baseline":  # the method's model is the baseline, loaded above
+            models = {"baseline": model}
+        else:
+            models = {"baseline": load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds), stage: model}
         shortcut = dist_utils.on_main(shortcut_evaluation, cfg, plan, models, device)
     label = "IMPACTX" if method.name == "impactx" else method.name
     if figures and test_store is not None and dist_utils.is_main():
@@ -790,16 +774,14 @@ def _run_pipeline(
     return RunOutputs(results, run_dir)
 
 
-def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.nn.Module], device: torch.device,
-                        images: Optional[int] = None) -> dict[str, Any]:
+def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.nn.Module], device: torch.device) -> dict[str, Any]:
     """On a shortcut dataset: how much of each model's post-hoc attribution (input gradient, LRP)
     falls on the artefact of the de-correlated test images, next to the artefact's share of the
     image (what a map blind to it would put there). Test accuracies are in the stage records."""
-    from teachx.evaluation.shortcut import artefact_share
+    from teachx.evaluation.shortcut import artefact_share, wrong_reason_score
 
     ds = plan.dataset
-    n = len(ds.test) if images is None else images
-    idx = eval_indices(cfg, plan) if images is None else np.arange(min(n, len(ds.test)))
+    idx = eval_indices(cfg, plan)
     x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
     y = torch.from_numpy(np.asarray(ds.test.labels[idx])).long().to(device)
     masks = torch.from_numpy(np.ascontiguousarray(ds.test.masks[idx])).float().to(device)
@@ -808,8 +790,6 @@ def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.
         model = model.to(device).eval()
         out[name] = artefact_share(model, x, y, masks)
         if hasattr(model, "forward_all") and hasattr(model, "explain"):  # a built-in map (IMPACTX, ABN): where does it point?
-            from teachx.evaluation.shortcut import wrong_reason_score
-
             with torch.no_grad():
                 maps = torch.cat([model.explain(x[s:s + 256], target=y[s:s + 256]) for s in range(0, len(y), 256)])
             out[name]["built_in"] = float(wrong_reason_score(maps.float(), masks).mean())

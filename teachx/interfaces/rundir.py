@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from teachx.errors import ConfigError, OutputError, RunDirError
+from teachx.training.methods import method_stages
 from teachx.utils.io import is_temp_name, output_error, sweep_stale_temps, write_json_atomic, write_text_atomic
 
 RUN_MARKER = ".teachx-run"
@@ -47,10 +48,9 @@ STAGE_LAYOUT: Layout = {
 RUN_LAYOUT: Layout = {
     RUN_MARKER: None, "config.yaml": None, "results.json": None, "timings.json": None,
     "report.html": None, "report.md": None, "report_files": {"*.png": None}, "figures": {"*.png": None},
-    "baseline": STAGE_LAYOUT, "teacher": STAGE_LAYOUT, "impactx": STAGE_LAYOUT, **STAGE_LAYOUT,
+    # the stages: baseline, teacher and the method stage, named after the training method
+    **{stage: STAGE_LAYOUT for stage in ("baseline", "teacher", *method_stages())}, **STAGE_LAYOUT,
 }
-#: every training method's stage directory is named after the method (``teachx.training.methods``)
-RUN_LAYOUT.update({name: STAGE_LAYOUT for name in ("abn", "rrr", "saliency_guided", "reldrop")})
 #: files teachx may leave in any directory it writes: atomic-write temp files, locks
 _ANYWHERE = (".*.tmp", "*.lock", ".lock")
 

@@ -37,6 +37,7 @@ import torch
 from teachx.errors import ConfigError, RunDirError
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig, check_names
+from teachx.training.methods import method_name
 from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json, write_json_atomic, write_text_atomic
@@ -227,7 +228,7 @@ def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Option
                 raise ConfigError(f"study arm '{arm}': teacher.checkpoint is not supported in studies (one fixed model for every seed); use teacher.backbone")
     if spec.control is None:
         zero = [a for a in arms if spec.config(first_regime, a, seeds[0]).impactx.lam == 0
-                and _method_name(spec.config(first_regime, a, seeds[0])) == "impactx"]
+                and method_name(spec.config(first_regime, a, seeds[0])) == "impactx"]
         spec.control = zero[0] if zero else None
     elif spec.control not in arms:
         raise ConfigError(f"study.control '{spec.control}' is not an arm{suggest(spec.control, list(arms))}; arms: {', '.join(arms)}")
@@ -315,12 +316,6 @@ def impactx_key(cfg: RunConfig) -> str:
 def method_key(cfg: RunConfig) -> str:
     """A unit of a training method other than IMPACTX (IMPACTX units keep ``impactx_key``)."""
     return "m-" + hash_json({"v": STUDY_VERSION, "kind": "method", "config": _relevant(cfg)})[:16]
-
-
-def _method_name(cfg: RunConfig) -> str:
-    from teachx.training.methods import METHODS
-
-    return METHODS.canonical(cfg.method.name)
 
 
 def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
@@ -415,7 +410,7 @@ class _Runner:
 
     def method(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
         """One unit of the arm's training method (IMPACTX: :meth:`impactx`); (key, record, was_cached)."""
-        name = _method_name(cfg)
+        name = method_name(cfg)
         if name == "impactx":
             key, rec, cached = self.impactx(cfg, base_key, teacher_key)
             shortcut = self._shortcut(cfg, self.out / "units" / key, lambda: {"model": self._impactx_model(cfg, key)})
@@ -440,9 +435,10 @@ class _Runner:
             "test_acc": stage["test_acc"], "val_acc": stage.get("val_acc"), "seconds": stage.get("seconds"),
             "seconds_per_epoch": stage.get("seconds_per_epoch"), "history": stage.get("history", []),
         }
-        src = self.out / "units" / (base_key if name == "baseline" else key)
-        shortcut = self._shortcut(cfg, d, lambda: {"model": self._load_classifier(cfg, base_key) if name == "baseline"
-                                                   else self._method_model(cfg, src, teacher_key)})
+        if name == "baseline":  # the classifier unit's own evaluation (made by `classifier`)
+            shortcut = self.units[base_key].get("shortcut")
+        else:
+            shortcut = self._shortcut(cfg, d, lambda: {"model": self._method_model(cfg, d)})
         if shortcut is not None:
             self.units[key]["shortcut"] = shortcut
         return key, self.units[key], cached
@@ -452,7 +448,7 @@ class _Runner:
 
         return load_impactx(self.out / "units" / key)[0]
 
-    def _method_model(self, cfg: RunConfig, d: Path, teacher_key: str):
+    def _method_model(self, cfg: RunConfig, d: Path):
         from teachx.interfaces.pipeline import train_method_stage
 
         _, model = train_method_stage(cfg, self.plan(cfg), None, None, d, self.stage_log)  # complete: reads the best checkpoint back
@@ -504,7 +500,7 @@ class _Runner:
         return None
 
     def _train_impactx(self, cfg: RunConfig, d: Path, eval_path: Path, base_key: str, teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        from teachx.interfaces.pipeline import eval_indices, load_classifier, map_quality, stage_done, teacher_maps, train_impactx_stage
+        from teachx.interfaces.pipeline import eval_indices, load_classifier, map_quality, stage_done, teacher_maps, train_method_stage
         from teachx.utils.seeding import choose_device
 
         plan = self.plan(cfg)
@@ -519,7 +515,7 @@ class _Runner:
         if stage_done(d) is None:
             self.trained += 1
         t0 = time.perf_counter()
-        record, model = train_impactx_stage(cfg, plan, train_store, teacher_model, d, self.stage_log)
+        record, model = train_method_stage(cfg, plan, train_store, teacher_model, d, self.stage_log)
         timings["impactx"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         ev: dict[str, Any] = {"map_quality": map_quality(model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)}
@@ -760,7 +756,7 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
             keys = cells[(regime, arm)]
             accs = [units[keys[s]]["test_acc"] for s in seeds]
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
-            method = _method_name(cfg) if arm != BASELINE else BASELINE
+            method = method_name(cfg) if arm != BASELINE else BASELINE
             row: dict[str, Any] = {
                 "regime": regime, "arm": arm, "kind": "classifier" if arm == BASELINE else ("impactx" if method == "impactx" else "method"),
                 "method": method,

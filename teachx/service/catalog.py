@@ -21,8 +21,12 @@ from teachx.utils.config import load_yaml
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json
 
-#: the stage directories of a run: baseline, teacher, and the method stage named after the training method
-STAGES = ("baseline", "teacher", "impactx", "abn", "rrr", "saliency_guided", "reldrop")
+def _stages() -> tuple[str, ...]:
+    """The stage directories of a run (``teachx.interfaces.pipeline.STAGES``): baseline, teacher and
+    the method stage, named after the training method."""
+    from teachx.interfaces.pipeline import STAGES
+
+    return STAGES
 
 
 @dataclass
@@ -86,7 +90,7 @@ def discover(paths: list[str | Path]) -> list[RunEntry]:
         used.add(rid)
         if (path / "study.yaml").exists() or (path / "units").is_dir():
             runs.append(_study(rid, path))
-        elif (path / "config.yaml").exists() and any((path / s).is_dir() for s in STAGES):
+        elif (path / "config.yaml").exists() and any((path / s).is_dir() for s in _stages()):
             runs.append(_run(rid, path))
         else:
             raise DataError(f"'{p}' is neither a run directory (config.yaml, baseline/, impactx/) nor a study directory "
@@ -109,7 +113,7 @@ def _run(rid: str, path: Path) -> RunEntry:
         except TeachxError as exc:
             run.summary = {"error": str(exc)}
     lam = (config.get("impactx") or {}).get("lam")
-    for stage in STAGES:
+    for stage in _stages():
         d = path / stage
         if not d.is_dir():
             continue

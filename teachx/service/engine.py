@@ -46,12 +46,6 @@ MAX_PIXELS = 40_000_000  # uploads larger than this many pixels are refused befo
 BUILT_IN_MAP_MODELS = ("impactx", "abn")
 
 
-def _logits_and_map(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, built-in map at the map resolution) from one pass: ``forward_all``, the contract of
-    every model with a built-in map (IMPACTX, ABN)."""
-    return model.forward_all(x)
-
-
 class ServiceError(TeachxError):
     status = 400
 
@@ -387,7 +381,7 @@ class Service:
             x = self._x(lm, d.test.images[idx])
             with lm.lock, torch.no_grad():
                 if lm.impactx:
-                    logits, maps = _logits_and_map(lm.model, x)
+                    logits, maps = lm.model.forward_all(x)  # one pass: every built-in-map model (IMPACTX, ABN)
                     cache.put("built_in", idx, maps.float().cpu().numpy())
                 else:
                     logits = lm.model(x)

@@ -4,7 +4,7 @@
 file each, registered in ``METHODS``. ``teachx methods`` lists them with their options.
 """
 
-from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod, build_method
+from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod, build_method, method_name, method_stages
 
 # Method modules register themselves in METHODS on import.
 from teachx.training.methods import baseline as _baseline  # noqa: F401,E402
@@ -18,4 +18,4 @@ try:  # the attention branch network (its own file; absent in builds that do not
 except ImportError:  # pragma: no cover
     pass
 
-__all__ = ["METHODS", "MethodContext", "Option", "TrainingMethod", "build_method"]
+__all__ = ["METHODS", "MethodContext", "Option", "TrainingMethod", "build_method", "method_name", "method_stages"]

@@ -154,6 +154,11 @@ class TrainingMethod:
         opts = ", ".join(f"{k}={v}" for k, v in self.opts.items())
         return f"{self.name}" + (f" ({opts})" if opts else "")
 
+    def trains_builtin_map(self) -> bool:
+        """Whether the trained model's own map is worth evaluating (map quality needs the teacher's
+        maps then); default: whether the model has one."""
+        return self.builtin_map
+
     def record(self) -> dict[str, Any]:
         """What the stage record and results.json keep about the method."""
         return {"method": self.name, "method_options": dict(self.opts)}
@@ -173,6 +178,16 @@ def unknown_option_message(method: str, key: str) -> str:
         return (f"method.options.{key} is an option of method {' / '.join(owners)}, not of '{method}'; remove it "
                 f"or set method.name={owners[0]} (options of {method}: {', '.join(own) or 'none'})")
     return f"unknown option method.options.{key} of method '{method}'{suggest(key, own)}; its options: {', '.join(own) or 'none'}"
+
+
+def method_name(cfg: "RunConfig") -> str:
+    """The canonical name of the configured method; also the name of a run's method-stage directory."""
+    return METHODS.canonical(cfg.method.name)
+
+
+def method_stages() -> tuple[str, ...]:
+    """The directories a run's method stage may have: one per method (``baseline`` reuses the baseline stage)."""
+    return tuple(n for n in METHODS.names() if n != "baseline")
 
 
 def build_method(cfg: "RunConfig") -> TrainingMethod:

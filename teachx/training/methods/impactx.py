@@ -27,6 +27,9 @@ class Impactx(TrainingMethod):
     def needs_teacher_maps(self) -> bool:
         return self.cfg.impactx.lam > 0
 
+    def trains_builtin_map(self) -> bool:
+        return self.cfg.impactx.lam > 0  # with lambda = 0 the decoder is never trained
+
     def build_model(self, ctx: MethodContext) -> nn.Module:
         from teachx.models.impactx import build_impactx
 
