@@ -3,7 +3,6 @@ shared contract every registered method passes (trains, resumes bitwise, refuses
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys

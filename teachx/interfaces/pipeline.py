@@ -24,13 +24,13 @@ from teachx.data.transforms import Augment, normalize
 from teachx.errors import ConfigError, CorruptionError, RunDirError
 from teachx.interfaces.config import RunConfig
 from teachx.models import build_model
-from teachx.models.impactx import ImpactX, build_impactx
+from teachx.models.impactx import ImpactX
 from teachx.teachers import build as build_teacher
 from teachx.teachers.postprocess import postprocess
 from teachx.teachers.store import MapStore, fill_store, open_store, store_key
 from teachx.training import distributed as dist_utils
 from teachx.training.checkpoint import load_checkpoint, load_state_into
-from teachx.training.impactx import ImpactxTask, MapSource
+from teachx.training.impactx import ImpactxTask
 from teachx.training.methods import build_method, method_name, method_stages
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
 from teachx.utils.config import dump_yaml, from_dict, set_dotted

@@ -7,15 +7,11 @@ file each, registered in ``METHODS``. ``teachx methods`` lists them with their o
 from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod, build_method, method_name, method_stages
 
 # Method modules register themselves in METHODS on import.
+from teachx.training.methods import abn as _abn  # noqa: F401,E402
 from teachx.training.methods import baseline as _baseline  # noqa: F401,E402
 from teachx.training.methods import impactx as _impactx  # noqa: F401,E402
+from teachx.training.methods import reldrop as _reldrop  # noqa: F401,E402
 from teachx.training.methods import rrr as _rrr  # noqa: F401,E402
 from teachx.training.methods import saliency_guided as _saliency_guided  # noqa: F401,E402
-from teachx.training.methods import reldrop as _reldrop  # noqa: F401,E402
-
-try:  # the attention branch network (its own file; absent in builds that do not ship it yet)
-    from teachx.training.methods import abn as _abn  # noqa: F401,E402
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = ["METHODS", "MethodContext", "Option", "TrainingMethod", "build_method", "method_name", "method_stages"]
