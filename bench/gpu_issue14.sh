@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# Issue 14 on a lent GPU machine: the one prepared script (the IMPACTX paper grid's GPU checks).
+# Issue 14 on a lent GPU machine: the one prepared script (the IMPACTX paper grid's GPU checks and studies).
 #
 #   (1) nvidia-smi; the DDP / NCCL path as far as one GPU allows: `teachx train --nproc 1 device=cuda` on the
 #       bundled data (2 epochs), a world-size-1 NCCL process group with DDP around a teachx backbone on the GPU
 #       (parity with the same steps without DDP), and the 2-process CPU gloo parity tests
-#       (tests/test_distributed.py, CUDA hidden). A 2-process NCCL run needs 2 GPUs: said in summary.txt.
+#       (tests/test_distributed.py, CUDA hidden, in the background while (1) runs). A 2-process NCCL run needs
+#       2 GPUs: said in summary.txt.
 #   (2) python bench/bench_paper_grid.py --device cuda (AMP on): per-step costs of the 3 backbones x 3 cells,
 #       baseline / IMPACTX / lambda=0 / ABN, and the DeepSHAP teacher-map throughput -> paper_grid_gpu.json.
-#   (3) the remaining minutes: `teachx study paper-cifar10-mobilenet`, then paper-cifar10-efficientnet_b2, on
-#       all 45,000 training images, 3 seeds, arms baseline / impactx / lambda0 (half the remaining time each;
-#       resumable, so a later call continues them). The machine has no internet, so instead of the official
-#       CIFAR-10 files these cells read the JPEG copy: imagefolder:<zip> with data.hflip=true.
+#   (3) the issue's studies: study-cifar10-mobilenet and study-cifar10-efficientnet_b2 (CIFAR-10 (JPEG), 5,000
+#       training images, 5 seeds x baseline / IMPACTX / lambda=0 / shuffled / ABN), both at once, WORKERS
+#       study workers each on the one GPU (the study's units are locked, each worker skips what another holds).
+#   (4) time left over: the 45k-image CIFAR-10 cell of MobileNet (3 seeds, baseline / IMPACTX / lambda=0).
+# MODE=smoke runs every code path of the above on tiny settings instead (a first call that finds CUDA-only
+# bugs cheaply): 2 epochs of (1), bench on the CIFAR-10 shape only, the two studies on 512 images x 1 epoch x 2
+# seeds with 2 workers each, no (4).
+# The machine has no internet, so instead of the official CIFAR-10 files these cells read the JPEG copy:
+# imagefolder:<zip> with data.hflip=true.
 #
 # From the repository root (or anywhere: it changes to the root):
 #   bash bench/gpu_issue14.sh                  # BUDGET_S=840 by default: the whole 15-minute device allowance
@@ -18,16 +24,18 @@
 # With the device tool (one command runs at most 600 s): the CIFAR-10 JPEG zip must travel with the checkout
 # (../shared does not; a shared/ folder inside it does: 62 MB of the 64 MiB the tree may have):
 #   mkdir -p shared/data && cp ../shared/data/cifar10-jpg.zip shared/data/
-#   run: BUDGET_S=540 bash bench/gpu_issue14.sh     (timeout_s 600)
+#   run: MODE=smoke BUDGET_S=150 bash bench/gpu_issue14.sh; then BUDGET_S=<what is left> bash bench/gpu_issue14.sh
 # Then, here: python bench/bench_paper_grid.py --headers-from <files_at>/paper_grid_gpu.json  (the configs' GPU lines)
+# and unpack the studies' archives (study-5k-*.tgz: every unit's records, no weights) to read or report them.
 #
-# Environment: OUT (default bench/results/gpu): summary.txt, log.txt, paper_grid_gpu.json, nccl_check.json and
-# the studies' study.json copies -- at most 8 files, what the device tool brings back. WORK (default
-# /tmp/teachx-gpu14): run and study directories, data and map caches. BUDGET_S: total seconds; before each step
-# the time left is checked, a step that does not fit is skipped (and logged), every step runs under a timeout
-# of the time left. CIFAR10_ZIP: the JPEG zip (default: shared/data/cifar10-jpg.zip, else
-# ../shared/data/cifar10-jpg.zip). STUDY_OVERRIDES: extra KEY=VALUE overrides for the two study cells,
-# separated by spaces (e.g. "train.epochs=10").
+# Environment: OUT (default bench/results/gpu): summary.txt, log.txt, paper_grid_gpu.json, nccl_check.json,
+# study-5k-<backbone>.tgz and study-45k-mobilenet.json -- at most 8 files, what the device tool brings back.
+# WORK (default /tmp/teachx-gpu14): run and study directories, data and map caches. BUDGET_S: total seconds;
+# before each step the time left is checked, a step that does not fit is skipped (and logged), every step runs
+# under a timeout of the time left. CIFAR10_ZIP: the JPEG zip (default: shared/data/cifar10-jpg.zip, else
+# ../shared/data/cifar10-jpg.zip). WORKERS: the 5k studies in order, with their study workers (default "mobilenet=3 efficientnet_b2=3").
+# PARTS: the parts that run (default "checks bench studies"; a second call can skip what a first one did). STUDY_OVERRIDES: extra
+# KEY=VALUE overrides for the study cells, separated by spaces (e.g. "train.epochs=10").
 # A failing step is logged and the next one runs. No virtual environment is made: .venv/bin/python when it
 # has torch, else python3 with the checkout on PYTHONPATH (the GPU image has teachx's dependencies).
 set -euo pipefail
@@ -37,6 +45,11 @@ OUT="${OUT:-bench/results/gpu}"
 WORK="${WORK:-/tmp/teachx-gpu14}"
 BUDGET_S="${BUDGET_S:-840}"
 DRY_RUN="${DRY_RUN:-0}"
+MODE="${MODE:-full}"
+FORCE_CPU="${FORCE_CPU:-0}" # 1: run the GPU steps on the CPU (tests this script's logic on any machine)
+DEV=cuda
+WORKERS="${WORKERS:-mobilenet=3 efficientnet_b2=3}" # the 5k studies, in order, and the study workers of each
+PARTS="${PARTS:-checks bench studies}"               # which of (1) checks, (2) bench, (3)+(4) studies run
 STUDY_OVERRIDES="${STUDY_OVERRIDES:-}"
 RESERVE_S=20 # kept for the summary at the end
 START=$(date +%s)
@@ -98,13 +111,17 @@ step() {
 }
 
 note "teachx issue 14 GPU script, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-note "budget ${BUDGET_S}s; python $PY; OUT=$OUT; WORK=$WORK; DRY_RUN=$DRY_RUN"
+note "mode $MODE; budget ${BUDGET_S}s; python $PY; OUT=$OUT; WORK=$WORK; WORKERS=$WORKERS; DRY_RUN=$DRY_RUN"
 
 # ------------------------------------------------------------------------------ (1) the device, DDP / NCCL
 NGPU="?"
 if [[ $DRY_RUN == 1 ]]; then
     note "DRY-RUN nvidia-smi >> $LOG"
     CUDA_OK=1
+elif [[ $FORCE_CPU == 1 ]]; then
+    note "FORCE_CPU=1: the GPU steps run on the CPU (a test of this script; no figure from it is a GPU figure)"
+    CUDA_OK=1
+    DEV=cpu
 else
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi >>"$LOG" 2>&1 || true
@@ -180,12 +197,39 @@ print(json.dumps(res))
 sys.exit(0 if res["all_reduce_ok"] and res["parity_ok"] else 1)
 EOF
 
-if ((CUDA_OK)); then
-    step train_nproc1_cuda 45 150 "${TEACHX[@]}" train device=cuda train.epochs=2 --nproc 1 --out "$WORK/train-nproc1-cuda" --overwrite -q
-    step nccl_world1_ddp 30 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$NCCL_PY" "$OUT/nccl_check.json"
+# the CPU gloo parity tests in the background (CPU only, 4 threads of the 16 cores) while the GPU steps of (1) run
+GLOO_OUT="$WORK/gloo_parity_cpu.out"
+GLOO_PID=""
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+if ! has checks; then
+    note "SKIPPED (1): PARTS=$PARTS"
+elif [[ $DRY_RUN == 1 ]]; then
+    note "DRY-RUN (background) gloo_parity_cpu: CUDA_VISIBLE_DEVICES= pytest tests/test_distributed.py"
+else
+    log "START (background) gloo_parity_cpu: tests/test_distributed.py with CUDA hidden"
+    (
+        t0=$(date +%s)
+        set +e
+        CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout --signal=INT --kill-after=20 300 \
+            "$PY" -m pytest -q -x -p no:cacheprovider tests/test_distributed.py >"$GLOO_OUT" 2>&1
+        echo "$? $(($(date +%s) - t0))" >"$GLOO_OUT.rc"
+    ) &
+    GLOO_PID=$!
 fi
-step gloo_parity_cpu 60 300 env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -q -x -p no:cacheprovider tests/test_distributed.py
-{
+
+if ((CUDA_OK)) && has checks; then
+    step train_nproc1_cuda 45 150 "${TEACHX[@]}" train device=$DEV train.epochs=2 --nproc 1 --out "$WORK/train-nproc1-cuda" --overwrite -q
+    if [[ $DEV == cuda ]]; then
+        step nccl_world1_ddp 30 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$NCCL_PY" "$OUT/nccl_check.json"
+    fi
+fi
+if [[ -n $GLOO_PID ]]; then
+    wait "$GLOO_PID" || true
+    cat "$GLOO_OUT" >>"$LOG"
+    read -r grc gsec <"$GLOO_OUT.rc" || { grc="?"; gsec="?"; }
+    if [[ $grc == 0 ]]; then note "OK gloo_parity_cpu (${gsec}s): $(tail -n 1 "$GLOO_OUT")"; else note "FAILED gloo_parity_cpu (exit $grc after ${gsec}s): see log.txt"; fi
+fi
+has checks && {
     echo "NOT CHECKED: a 2-process NCCL run (teachx's own DDP path with world size > 1 on GPUs: sharded map filling,"
     echo "  gradient all-reduce and buffer broadcasts over NCCL) needs 2 GPUs and this machine has $NGPU."
     echo "  teachx --nproc 1 starts no process group (torchrun only for N > 1), and NCCL refuses two ranks on one GPU."
@@ -195,15 +239,20 @@ step gloo_parity_cpu 60 300 env CUDA_VISIBLE_DEVICES= "$PY" -m pytest -q -x -p n
 } | tee -a "$LOG" >>"$SUMMARY"
 
 # ------------------------------------------------------------------------------ (2) per-step costs on the GPU
-if ((CUDA_OK)); then
-    step bench_paper_grid_gpu 120 360 "$PY" bench/bench_paper_grid.py --device cuda --out "$OUT/paper_grid_gpu.json"
+if ((CUDA_OK)) && has bench; then
+    if [[ $MODE == smoke ]]; then
+        bench_args=(--shapes 3x32x32:10 --steps 3 --repeats 3)
+    else
+        bench_args=()
+    fi
+    step bench_paper_grid_gpu 60 240 "$PY" bench/bench_paper_grid.py --device $DEV "${bench_args[@]}" --out "$OUT/paper_grid_gpu.json"
     if [[ -f "$WORK/bench_paper_grid_gpu.out" ]]; then
         grep -v '^wrote ' "$WORK/bench_paper_grid_gpu.out" >>"$SUMMARY" || true
         echo "  -> configs' GPU lines: python bench/bench_paper_grid.py --headers-from paper_grid_gpu.json" >>"$SUMMARY"
     fi
 fi
 
-# ------------------------------------------------------------------------------ (3) the 45k CIFAR-10 cells
+# ------------------------------------------------------------------------------ (3) + (4) the CIFAR-10 studies
 ZIP=""
 for z in "${CIFAR10_ZIP:-}" shared/data/cifar10-jpg.zip ../shared/data/cifar10-jpg.zip; do
     if [[ -n $z && -f $z ]]; then
@@ -212,8 +261,8 @@ for z in "${CIFAR10_ZIP:-}" shared/data/cifar10-jpg.zip ../shared/data/cifar10-j
     fi
 done
 
-study_progress() { # what a (possibly interrupted) study directory holds: units, epochs, seconds per epoch
-    "$PY" - "$1" <<'EOF'
+study_progress() { # what a (possibly interrupted) study directory holds: rows, units, epochs, seconds per epoch
+    "$PY" - "$1" <<'PYEOF'
 import json
 import statistics
 import sys
@@ -227,57 +276,117 @@ if (root / "study.json").is_file():
         print(f"  {row['arm']:<10} test acc {s.get('mean', float('nan')):.4f} over {len(row['test_acc'])} seed(s)"
               + (f"; vs {row['vs_control']['control']}: {row['vs_control']['mean_diff']:+.4f}, p={row['vs_control'].get('p_ttest')}"
                  if "vs_control" in row else ""))
+n_done = 0
 for unit in sorted((root / "units").glob("*/unit.json")):
     info = json.loads(unit.read_text())
     cfg = info.get("config", {})
     hist_path = unit.parent / "history.json"
     hist = json.loads(hist_path.read_text()) if hist_path.is_file() else []
-    secs = [h["seconds"] for h in hist if "seconds" in h]
+    secs = [h["seconds"] for h in hist if isinstance(h, dict) and "seconds" in h]
+    n_done += (unit.parent / "stage.json").is_file()
     what = info.get("kind", "?")
-    if what == "impactx":
-        what += f" lam={cfg.get('impactx', {}).get('lam')}"
-    elif what == "method":
-        what = cfg.get("method", {}).get("name", what)
-    print(f"  unit {unit.parent.name} {what:<16} seed {cfg.get('seed')}: {len(hist)}/{cfg.get('train', {}).get('epochs')} epochs"
-          + (f", median {statistics.median(secs):.1f} s/epoch" if secs else ""))
-EOF
+    print(f"  unit {unit.parent.name} {what:<10} seed {cfg.get('seed')}: {len(hist)}/{cfg.get('train', {}).get('epochs')} epochs"
+          + (f", median {statistics.median(secs):.2f} s/epoch" if secs else "")
+          + (" (complete)" if (unit.parent / "stage.json").is_file() else ""))
+print(f"  {n_done} unit(s) complete")
+PYEOF
 }
 
-run_cell() { # run_cell BACKBONE SECONDS
-    local name="paper-cifar10-$1" dir="$WORK/study-cifar10-$1"
-    local -a ov=("data.name=imagefolder:$ZIP_LOCAL" data.hflip=true data.download=false "study.seeds=[0,1,2]"
-        "study.arms={impactx: {}, lambda0: {impactx.lam: 0}}")
-    if [[ -n $STUDY_OVERRIDES ]]; then
-        read -r -a extra <<<"$STUDY_OVERRIDES"
-        ov+=("${extra[@]}")
+# workers NAME SECONDS DIR N CONFIG OVERRIDES...: N study workers on DIR, each under a timeout of SECONDS; waits for
+# them. Worker 1 runs alone until it has finished 2 units -- the seed-0 baseline (the teacher) and the first IMPACTX
+# unit, whose start made the teacher's DeepSHAP maps -- and only then do the others join: measured on an H200
+# (2026-11-30), 8 processes sharing the GPU from the start made every epoch 3-9x slower and the fp32 DeepSHAP pass,
+# time-sliced with 7 training processes, did not finish 5,500 MobileNet maps in 400 s (58 s alone).
+workers() {
+    local name=$1 secs=$2 dir=$3 n=$4 config=$5
+    shift 5
+    local -a pids=()
+    if [[ $DRY_RUN == 1 ]]; then
+        note "DRY-RUN $name: $n x (timeout ${secs}s; workers 2..$n once worker 1 has finished 2 units) $(printf '%q ' "${TEACHX[@]}" study "$config" "$@" --out "$dir" -q --no-report)"
+        return 0
     fi
-    step "study_$1" 120 "$2" "${TEACHX[@]}" study "$name" "${ov[@]}" --out "$dir" -q --no-report
-    if [[ $DRY_RUN != 1 && -d $dir ]]; then
-        [[ -f $dir/study.json ]] && cp "$dir/study.json" "$OUT/study-cifar10-$1.json"
+    log "START $name: $n worker(s), timeout ${secs}s: teachx study $config $* --out $dir"
+    local t_end=$(($(date +%s) + secs))
+    for i in $(seq 1 "$n"); do
+        local rest=$((t_end - $(date +%s)))
+        ((rest > 30)) || break
+        OMP_NUM_THREADS=2 TEACHX_THREADS=2 timeout --signal=INT --kill-after=20 "$rest" \
+            "${TEACHX[@]}" study "$config" "$@" --out "$dir" -q --no-report >"$WORK/$name.w$i.out" 2>&1 &
+        pids+=($!)
+        if ((i == 1)); then # alone until the teacher and its maps exist (or it has stopped)
+            while kill -0 "${pids[0]}" 2>/dev/null && (($(grep -c '^\[[0-9]*/' "$WORK/$name.w1.out" || true) < 2)); do sleep 2; done
+            log "$name: worker 1 has $(grep -c '^\[[0-9]*/' "$WORK/$name.w1.out" || true) unit(s) done; the other workers join"
+        fi
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || true; done
+}
+
+collect() { # collect NAME DIR: what each worker said, the study's state, and an archive of it (no weights)
+    local name=$1 dir=$2
+    [[ $DRY_RUN == 1 ]] && return 0
+    for f in "$WORK/$name".w*.out; do
+        [[ -f $f ]] || continue
+        echo "--- $f" >>"$LOG"
+        cat "$f" >>"$LOG"
+        if grep -q "Traceback\|error" "$f"; then note "$name: $(basename "$f") reports an error (log.txt): $(grep -m1 -i "error" "$f")"; fi
+    done
+    if [[ -d $dir ]]; then
         {
-            echo "$name (3 seeds x baseline/impactx/lambda0 on imagefolder:$ZIP, data.hflip=true${STUDY_OVERRIDES:+; $STUDY_OVERRIDES}):"
+            echo "$name ($dir):"
             study_progress "$dir" 2>&1 || echo "  (could not read $dir)"
         } | tee -a "$LOG" >>"$SUMMARY"
+        tar -czf "$OUT/$name.tgz" -C "$(dirname "$dir")" --exclude='*.safetensors' --exclude='.lock' "$(basename "$dir")" \
+            || note "could not archive $dir"
     fi
 }
 
-if ((!CUDA_OK)); then
-    note "SKIPPED the CIFAR-10 study cells: no CUDA device"
+if ! has studies; then
+    note "SKIPPED (3) and (4): PARTS=$PARTS"
+elif ((!CUDA_OK)); then
+    note "SKIPPED the CIFAR-10 studies: no CUDA device"
 elif [[ -z $ZIP ]]; then
-    note "SKIPPED the CIFAR-10 study cells: no cifar10-jpg.zip (CIFAR10_ZIP, shared/data/ or ../shared/data/); the machine"
+    note "SKIPPED the CIFAR-10 studies: no cifar10-jpg.zip (CIFAR10_ZIP, shared/data/ or ../shared/data/); the machine"
     note "  has no internet for data.download=true. Copy the zip to shared/data/ in the checkout before calling the device."
 else
     ZIP_LOCAL="$WORK/cifar10-jpg.zip"
-    if [[ $DRY_RUN == 1 ]]; then
-        note "DRY-RUN cp $ZIP $ZIP_LOCAL"
-    else
-        cp "$ZIP" "$ZIP_LOCAL"
+    [[ $DRY_RUN == 1 ]] || cp "$ZIP" "$ZIP_LOCAL"
+    note "The CIFAR-10 studies read imagefolder:$ZIP (the JPEG copy of CIFAR-10, copied to $ZIP_LOCAL)."
+    extra=()
+    [[ -n $STUDY_OVERRIDES ]] && read -r -a extra <<<"$STUDY_OVERRIDES"
+    common=("data.name=imagefolder:$ZIP_LOCAL" device=$DEV)
+    if [[ $MODE == smoke ]]; then
+        common+=(data.train_size=512 train.epochs=1 "study.seeds=[0,1]" teacher.eval_images=64 teacher.faith_images=16)
     fi
-    note "The CIFAR-10 cells read imagefolder:$ZIP (the JPEG copy of CIFAR-10, copied to $ZIP_LOCAL) with data.hflip=true:"
-    note "  the official pickles need data.download=true and this machine has no internet (JPEG, not the paper's exact pixels)."
-    if (($(left) >= 240)); then first=$(($(left) / 2)); else first=$(left); fi
-    run_cell mobilenet "$first"
-    run_cell efficientnet_b2 "$(left)"
+    avail=$(left)
+    if ((avail < 60)); then
+        note "SKIPPED the 5k studies: ${avail}s left"
+    else
+        # one study at a time, in WORKERS' order, each with all the time left (less 25 s to collect it); the 45k cell
+        # only gets what they leave
+        for spec in $WORKERS; do
+            bb=${spec%%=*}
+            nw=${spec#*=}
+            [[ $MODE == smoke ]] && nw=2
+            avail=$(left)
+            if ((avail < 60)); then
+                note "SKIPPED study-5k-$bb: ${avail}s left"
+                continue
+            fi
+            t0=$(date +%s)
+            workers "study-5k-$bb" "$((avail - 25))" "$WORK/study-5k-$bb" "$nw" "study-cifar10-$bb" "${common[@]}" "${extra[@]}"
+            note "study-5k-$bb: workers ended after $(($(date +%s) - t0))s"
+            collect "study-5k-$bb" "$WORK/study-5k-$bb"
+        done
+    fi
+    if [[ $MODE != smoke ]] && (($(left) >= 240)); then
+        workers study-45k-mobilenet "$(($(left) - 15))" "$WORK/study-45k-mobilenet" 3 paper-cifar10-mobilenet \
+            "data.name=imagefolder:$ZIP_LOCAL" data.download=false device=$DEV "study.seeds=[0,1,2]" \
+            "study.arms={impactx: {}, lambda0: {impactx.lam: 0}}" "${extra[@]}"
+        if [[ -f $WORK/study-45k-mobilenet/study.json ]]; then cp "$WORK/study-45k-mobilenet/study.json" "$OUT/study-45k-mobilenet.json"; fi
+        { echo "study-45k-mobilenet:"; study_progress "$WORK/study-45k-mobilenet" 2>&1 || true; } | tee -a "$LOG" >>"$SUMMARY"
+    elif [[ $MODE != smoke ]]; then
+        note "SKIPPED the 45k MobileNet cell: $(left)s left after the 5k studies (it needs >= 240s)"
+    fi
 fi
 
 note "done in $(elapsed)s of ${BUDGET_S}s"

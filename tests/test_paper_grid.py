@@ -199,11 +199,72 @@ def test_bench_quick_writes_rows_and_header_lines(tmp_path, capsys):
     configs = tmp_path / "configs"
     configs.mkdir()
     shutil.copy(shipped_configs()["paper-cifar10-lenet5"], configs)
+    gpu_block = lambda t: [ln for ln in t.splitlines() if ln.startswith("#   GPU")]  # noqa: E731
+    gpu_before = gpu_block((configs / "paper-cifar10-lenet5.yaml").read_text())
     bench.write_headers([row], configs)
     bench.write_headers([row], configs)  # idempotent: the block is replaced, not added to
     text = (configs / "paper-cifar10-lenet5.yaml").read_text()
     assert text.count("#   CPU (1 thread; batch 128; no AMP; step timed at batch 32, scaled linearly):") == 1
-    assert "#   GPU: not measured: run bench/gpu_issue14.sh" in text and "baseline 352 x 30 x " in text
+    assert gpu_block(text) == gpu_before and len(gpu_before) == 1 and "baseline 352 x 30 x " in text
     assert load_study(str(configs / "paper-cifar10-lenet5.yaml")).base["train"]["epochs"] == 30
     gpu_row = dict(row, device="cuda", device_name="NVIDIA H200", amp=True, amp_dtype="bfloat16", scaled_from_batch=None)
     assert bench.header_lines(gpu_row)[0] == "#   GPU (NVIDIA H200; batch 128; AMP bfloat16):"
+
+
+# ---------------------------------------------------------------------------------- partial GPU studies
+def _partial():
+    spec = importlib.util.spec_from_file_location("gpu_partial_studies", ROOT / "bench" / "gpu_partial_studies.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _unit(root: Path, name: str, kind: str, seed: int, acc: float | None, **cfg) -> None:
+    from teachx.utils.io import write_json_atomic
+
+    d = root / "units" / name
+    d.mkdir(parents=True)
+    config = {"seed": seed, "model": {"backbone": "mobilenet"}, "train": {"epochs": 3}, **cfg}
+    write_json_atomic(d / "unit.json", {"key": name, "kind": kind, "config": config}, digest=True)
+    (d / "history.json").write_text(json.dumps([{"epoch": e, "seconds": 1.0 + e} for e in range(1 if acc is None else 3)]))
+    if acc is not None:
+        write_json_atomic(d / "stage.json", {"test_acc": acc}, digest=True)
+
+
+def test_partial_study_summary_pairs_finished_arms_by_seed(tmp_path):
+    """A study stopped by the device's time limit: arms with every seed are compared with the baseline (paired
+    t-test as scipy computes it, Holm over the arms); unfinished arms are listed; a damaged record is an error."""
+    from scipy import stats
+
+    from teachx.errors import CorruptionError
+
+    root = tmp_path / "study-5k-mobilenet"
+    base, abn, lam0 = [0.50, 0.52, 0.47], [0.55, 0.53, 0.52], [0.49, 0.50, 0.51]
+    for s in range(3):
+        _unit(root, f"c-{s}", "classifier", s, base[s])
+        _unit(root, f"m-{s}", "method", s, abn[s], method={"name": "abn"})
+        _unit(root, f"x-l{s}", "impactx", s, lam0[s], impactx={"lam": 0, "maps": "teacher"})
+        _unit(root, f"x-i{s}", "impactx", s, 0.6 if s < 2 else None, impactx={"lam": 1.0, "maps": "teacher"})  # seed 2 unfinished
+    mod = _partial()
+    res = mod.summarise(root)
+    assert res["units_total"] == 12 and res["units_finished"] == 11 and res["arms_unfinished"] == ["impactx"]
+    rows = res["arms_complete"]
+    assert set(rows) == {"baseline", "abn", "lambda0"} and rows["abn"]["test_acc"] == abn
+    p_abn, p_l0 = stats.ttest_rel(abn, base).pvalue, stats.ttest_rel(lam0, base).pvalue
+    assert rows["abn"]["vs_baseline"]["p_ttest"] == pytest.approx(p_abn)
+    assert rows["abn"]["vs_baseline"]["mean_diff"] == pytest.approx(np.mean(np.subtract(abn, base)))
+    lo, hi = sorted([p_abn, p_l0])
+    assert sorted(r["vs_baseline"]["p_ttest_holm"] for r in (rows["abn"], rows["lambda0"])) == pytest.approx([2 * lo, max(2 * lo, hi)])
+    unfinished = next(u for u in res["units"] if u["unit"] == "x-i2")
+    assert unfinished["finished"] is False and unfinished["epochs_done"] == 1 and unfinished["median_s_per_epoch"] == 1.0
+
+    # the same from the archive the GPU script writes (weights left out), then one flipped digit in a result
+    import tarfile
+
+    with tarfile.open(tmp_path / "s.tgz", "w:gz") as tar:
+        tar.add(root, arcname=root.name)
+    assert mod.summarise(tmp_path / "s.tgz")["arms_complete"] == rows
+    stage = root / "units" / "m-1" / "stage.json"
+    stage.write_text(stage.read_text().replace("0.53", "0.63"))
+    with pytest.raises(CorruptionError):
+        mod.summarise(root)
