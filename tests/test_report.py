@@ -47,6 +47,8 @@ def test_study_report(study_dir):  # noqa: F811
     assert "r_files/accuracy.png" in md and "dashed: the λ=0 control" in html
     for link in re.findall(r"\]\((r_files/[^)]+)\)", md):
         assert (html_path.parent / link).read_bytes().startswith(b"\x89PNG")
+    # the two trained IMPACTX arms' built-in maps side by side on the same images
+    assert "r_files/side_by_side_" in md and "the built-in maps of " in html
 
 
 def test_run_report(tmp_path):
@@ -72,3 +74,40 @@ def test_run_report(tmp_path):
 def test_not_a_run(tmp_path):
     with pytest.raises(RunDirError, match="not a teachx run or study"):
         write_report(tmp_path)
+
+
+def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
+    """One teacher column per distinct teacher map set, then each arm's built-in maps, on identical images;
+    units that stored different images are refused instead of drawn next to each other."""
+    import numpy as np
+
+    from teachx.reporting import figures, report
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 3, 8, 8), dtype=np.uint8)
+    teacher_a, teacher_b = rng.normal(size=(3, 1, 8, 8)).astype(np.float32), rng.normal(size=(3, 1, 8, 8)).astype(np.float32)
+
+    def unit(name, teacher, index=(4, 7, 9)):
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, index=np.array(index), images=images, labels=np.array([0, 1, 2]), teacher=teacher,
+                 built_in=rng.normal(size=(3, 1, 8, 8)).astype(np.float32), post_hoc=teacher)
+        return name, path
+
+    drawn = {}
+
+    def fake_grid(path, imgs, columns, labels, dpi=110):
+        drawn.update(columns=columns, labels=labels, images=imgs)
+        Path(path).write_bytes(b"\x89PNG fake")
+        return Path(path)
+
+    monkeypatch.setattr(figures, "save_example_grid", fake_grid)
+    cells = [unit("paper", teacher_a), unit("unet", teacher_a), unit("smooth", teacher_b)]
+    assert report.arms_examples_figure(cells, ["cat", "dog", "car"]) == b"\x89PNG fake"
+    assert list(drawn["columns"]) == ["teacher (paper)", "teacher (smooth)", "built-in: paper", "built-in: unet", "built-in: smooth"]
+    with np.load(cells[1][1]) as z:
+        assert np.array_equal(drawn["columns"]["built-in: unet"].numpy(), z["built_in"])
+    assert np.array_equal(drawn["columns"]["teacher (smooth)"].numpy(), teacher_b)
+    assert drawn["labels"] == ["#4 cat", "#7 dog", "#9 car"] and np.array_equal(drawn["images"].numpy(), images)
+    with pytest.raises(ValueError, match="other example images"):
+        report.arms_examples_figure([cells[0], unit("other", teacher_a, index=(4, 7, 10))])
+    assert report.arms_examples_figure([cells[0], ("missing", tmp_path / "none.npz")]) is None  # one arm: no figure

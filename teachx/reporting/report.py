@@ -207,6 +207,10 @@ def faithfulness_figure(curves: dict[str, dict[str, dict[str, Any]]], title: str
     return _png(fig)
 
 
+#: built-in maps of at most this many arms in one side-by-side figure of a study report
+MAX_SIDE_BY_SIDE = 6
+
+
 def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> Optional[bytes]:
     """Input | teacher map | built-in map | post-hoc teacher map on IMPACTX (symmetric colour scales, colorbars)."""
     import torch
@@ -224,6 +228,45 @@ def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> O
     labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(arrays["index"], arrays["labels"])]
     with tempfile.TemporaryDirectory() as tmp:
         path = save_example_grid(Path(tmp) / "grid.png", torch.from_numpy(arrays["images"]), columns, labels, dpi=70)
+        return path.read_bytes()
+
+
+def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optional[Sequence[str]] = None) -> Optional[bytes]:
+    """Input | each distinct teacher map | each arm's built-in map, for the same test images.
+
+    ``cells``: (arm name, the unit's examples.npz) pairs, one unit per arm (of one seed). A study picks its
+    example images by test labels and a fixed seed, so every unit of a regime stores the same ones; units
+    whose images differ are a ValueError rather than a figure that lines up different images. Arms whose
+    teachers made the same maps share one teacher column.
+    """
+    import torch
+
+    from teachx.reporting.figures import save_example_grid
+
+    loaded = []
+    for arm, npz in cells:
+        if not Path(npz).exists():
+            continue
+        with np.load(npz) as z:
+            loaded.append((arm, {k: z[k] for k in z.files}))
+    if len(loaded) < 2:
+        return None
+    first = loaded[0][1]
+    for arm, arrays in loaded[1:]:
+        if not np.array_equal(arrays["index"], first["index"]):
+            raise ValueError(f"arm {arm!r} stored other example images than arm {loaded[0][0]!r}; they cannot share a figure")
+    columns: dict[str, torch.Tensor] = {}
+    shown: list[np.ndarray] = []
+    for arm, arrays in loaded:
+        if not any(np.array_equal(arrays["teacher"], t) for t in shown):
+            shown.append(arrays["teacher"])
+            columns[f"teacher ({arm})"] = torch.from_numpy(arrays["teacher"])
+    for arm, arrays in loaded:
+        columns[f"built-in: {arm}"] = torch.from_numpy(arrays["built_in"])
+    names = list(class_names or [])
+    labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(first["index"], first["labels"])]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_example_grid(Path(tmp) / "grid.png", torch.from_numpy(first["images"]), columns, labels, dpi=70)
         return path.read_bytes()
 
 
@@ -476,6 +519,19 @@ def _study_report(d: Path) -> _Doc:
             shown += 1
     if not shown:
         doc.p("no example arrays stored (study.eval.examples: 0)", "note")
+    # the built-in maps of several arms on the same images: does a design change what the map shows?
+    for reg in regimes:
+        trained = [r for r in rows if r["regime"] == reg and r["kind"] == "impactx" and r.get("lam") and r.get("seeds")]
+        trained = [r for r in trained if r["seeds"][0] == trained[0]["seeds"][0]][:MAX_SIDE_BY_SIDE] if trained else []
+        if len(trained) < 2:
+            continue
+        names = (units[trained[0]["units"][0]].get("examples") or {}).get("class_names")
+        png = arms_examples_figure([(r["arm"], d / "units" / r["units"][0] / "examples.npz") for r in trained], names)
+        if png:
+            arms_shown = ", ".join(r["arm"] for r in trained)
+            doc.figure(f"side_by_side_{_safe(reg)}.png", png,
+                       f"regime {reg}, seed {trained[0]['seeds'][0]}: input | the teachers' maps | the built-in maps of {arms_shown} "
+                       f"(the first {MAX_SIDE_BY_SIDE} trained IMPACTX arms; the same test images)")
     errors = sorted({e for u in units.values() for e in (u.get("errors") or [])})
     if errors:
         doc.p("Diagnostics that could not be computed: " + "; ".join(errors), "note")
