@@ -31,6 +31,7 @@ study:
   arms:
     impactx: {{}}
     lambda0: {{impactx.lam: 0}}
+    per_class: {{impactx.decoder: unet_input, impactx.per_class: true, impactx.map_loss: pearson}}
   eval: {{examples: 0}}
 """
 

@@ -115,10 +115,10 @@ def test_runs_and_models(client, dirs):
     assert by["impactx"].has_built_in and not by["baseline"].has_built_in
     assert by["impactx"].config["teacher"]["method"] == "deepshap"
     study = next(r for r in res.runs if r.id == "study")
-    assert sorted(m.role for m in study.models) == ["baseline", "impactx", "lambda0"]
+    assert sorted(m.role for m in study.models) == ["baseline", "impactx", "lambda0", "per_class"]
     assert all(m.test_acc is not None and m.error is None for m in study.models)
     models = schemas.ModelsResponse.model_validate(client.get("/api/v1/models").json()).models
-    assert len(models) == 5
+    assert len(models) == 6
     one = schemas.ModelInfo.model_validate(client.get("/api/v1/models/run.impactx").json())
     assert one.class_names == ["bl", "br", "tl", "tr"] and one.image_size == [32, 32] and one.loaded
 
@@ -200,6 +200,37 @@ def test_built_in_map_as_json_npy_png_matches_the_model(client, service, dirs):
     np.testing.assert_array_equal(img[::2, ::2], bwr(npy.sum(0)))
     inp = np.asarray(Image.open(io.BytesIO(client.get("/api/v1/models/run.impactx/images/7/input.png").content)))
     np.testing.assert_array_equal(inp, service.input_image("run.impactx", 7))
+
+
+def test_per_class_built_in_maps_by_class(client, service):
+    """A model with one built-in map per class (the study's per_class arm): ?class=K gives the decoder's map
+    of class K (checked against the model's own explain(x, K)), the default is the predicted class's, and
+    models or maps without per-class maps, or a class out of range, answer 409 / 404 with a message."""
+    mid = _study_model(client, "per_class")
+    info = client.get(f"/api/v1/models/{mid}").json()
+    assert info["per_class"] is True and client.get("/api/v1/models/run.impactx").json()["per_class"] is False
+    model, _ = load_impactx(Path(info["checkpoint"]))
+    assert model.per_class
+    x, _ = image_tensor(service, 3)
+    with torch.no_grad():
+        by_class = [model.explain(x, torch.tensor([k]))[0].numpy() for k in range(4)]
+        predicted = int(model(x).argmax(1))
+    assert not np.allclose(by_class[0], by_class[1])  # the classes' maps differ: a wrong class would be caught
+    base = f"/api/v1/models/{mid}/images/3/maps/built_in"
+    for k in range(4):
+        npy = np.load(io.BytesIO(client.get(base + ".npy", params={"class": k}).content), allow_pickle=False)
+        np.testing.assert_allclose(npy, by_class[k], rtol=1e-5, atol=1e-6)
+        js = client.get(base, params={"class": k}).json()
+        assert js["provenance"]["method_options"]["class"] == k and js["provenance"]["method_options"]["class_name"]
+    default = np.load(io.BytesIO(client.get(base + ".npy").content), allow_pickle=False)
+    np.testing.assert_allclose(default, by_class[predicted], atol=2e-3 * np.abs(by_class[predicted]).max())  # float16 cache
+    r = client.get(base, params={"class": 4})
+    assert r.status_code == 404 and "4 classes" in detail(r)
+    r = client.get("/api/v1/models/run.impactx/images/3/maps/built_in", params={"class": 1})
+    assert r.status_code == 409 and "drop class=" in detail(r)
+    r = client.get(f"/api/v1/models/{mid}/images/3/maps/teacher", params={"class": 1})
+    assert r.status_code == 409 and "drop class=" in detail(r)
+    assert client.get(base, params={"class": -1}).status_code == 422
 
 
 def test_teacher_maps_on_demand_are_cached_and_match_the_teacher(client, service):

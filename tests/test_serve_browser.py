@@ -136,7 +136,7 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     drv.get(url)
     wait(drv, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1", "the page to start")
     options = [o.get_attribute("value") for o in Select(drv.find_element(By.ID, "model")).options]
-    assert options[:2] == ["run.baseline", "run.impactx"] and len(options) == 5
+    assert options[:2] == ["run.baseline", "run.impactx"] and len(options) == 6
     Select(drv.find_element(By.ID, "model")).select_by_value("run.impactx")
     grid = lambda d: (d.find_element(By.ID, "grid").get_attribute("data-model"), d.find_element(By.ID, "grid").get_attribute("data-loaded"))  # noqa: E731
     wait(drv, lambda d: grid(d) == ("run.impactx", "32"), "32 thumbnails of run.impactx")
@@ -204,7 +204,23 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-metrics").startswith(base + "/"), "the baseline's metrics")
     assert not drv.find_elements(By.ID, "map-built_in")
     assert "no built-in map" in drv.find_element(By.ID, "agreement").text
+    assert drv.find_element(By.ID, "detail").is_displayed() and not drv.find_element(By.ID, "class-pick").is_displayed()  # no picker
     shot("study-baseline")
+
+    # a model with one built-in map per class: pick the class whose map is drawn; the URL keeps it
+    pc = next(m["id"] for m in api("/models")["models"] if m["run_id"] == "study" and m["role"] == "per_class")
+    Select(drv.find_element(By.ID, "model")).select_by_value(pc)
+    wait(drv, lambda d: grid(d)[0] == pc and "IMPACTX" in d.find_element(By.ID, "model-info").text, "the per-class model")
+    thumbs(drv)[0].click()
+    wait(drv, lambda d: d.find_element(By.ID, "class-pick").is_displayed(), "the per-class model's class picker")
+    caption = lambda d: d.execute_script(  # noqa: E731
+        "const c = document.getElementById('map-built_in'); return c ? c.closest('figure').querySelector('figcaption').textContent : '';")
+    wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0 and "of class" not in caption(d), "the predicted class's map")
+    Select(drv.find_element(By.ID, "map-class")).select_by_value("2")
+    names = api(f"/models/{pc}")["class_names"]
+    wait(drv, lambda d: f"of class {names[2]}" in caption(d) and canvas_colours(d, "map-built_in")[2] > 0, "class 2's built-in map")
+    assert "class=2" in drv.current_url
+    shot("per-class")
 
     # upload an image to the IMPACTX model, with a teacher map
     Select(drv.find_element(By.ID, "model")).select_by_value("run.impactx")

@@ -244,25 +244,30 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
 
     map_name = PathParam(description="built_in | teacher (the run's method on this model) | difference (built_in - teacher) | a teacher method")
 
+    def map_class():
+        return Query(None, ge=0, alias="class", description="built_in only, models with per-class maps: the map of this class "
+                                                                "instead of the predicted class's")
+
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.png", responses=ERRORS, response_class=Response)
     def map_png(model_id: str, index: int, name: str = map_name, scale: int = Query(1, ge=1, le=16),
-                vmax: Optional[float] = Query(None, gt=0, description="colour scale; default max |map|")):
+                vmax: Optional[float] = Query(None, gt=0, description="colour scale; default max |map|"),
+                cls: Optional[int] = map_class()):
         """A map as a PNG, bwr colour map symmetric around 0."""
-        m, prov = service.map(model_id, index, name)
+        m, prov = service.map(model_id, index, name, cls)
         return Response(render.map_png(m, vmax, scale), media_type="image/png",
                         headers={**_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))})
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.npy", responses=ERRORS, response_class=Response)
-    def map_npy(model_id: str, index: int, name: str = map_name):
+    def map_npy(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
         """A map as a float32 (C, H, W) ``.npy`` array (read with ``np.load(f, allow_pickle=False)``)."""
-        m, prov = service.map(model_id, index, name)
+        m, prov = service.map(model_id, index, name, cls)
         return Response(render.npy_bytes(m.astype(np.float32)), media_type="application/octet-stream", headers={
             **_prov_header(prov), "Content-Disposition": f'attachment; filename="{model_id}-{index}-{name}.npy"'})
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}", response_model=MapData, responses=ERRORS)
-    def map_json(model_id: str, index: int, name: str = map_name):
+    def map_json(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
         """A map as JSON: shape, symmetric scale and the row-major values."""
-        m, prov = service.map(model_id, index, name)
+        m, prov = service.map(model_id, index, name, cls)
         return _map_data(name, m, prov)
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/metrics", response_model=MetricsResponse, responses=ERRORS)

@@ -70,6 +70,11 @@ class BadUpload(ServiceError):
         self.status = status
 
 
+def _per_class(kind: str, cfg: dict[str, Any]) -> bool:
+    """Whether a catalogued model makes one built-in map per class (IMPACTX with impactx.per_class)."""
+    return kind == "impactx" and bool((cfg.get("impactx") or {}).get("per_class", False))
+
+
 @functools.lru_cache(maxsize=1)
 def teachx_version() -> str:
     try:
@@ -492,7 +497,7 @@ class Service:
                 return {**self.model_info(model_id), "error": str(exc)}
         cfg = e.config
         out = {"id": e.id, "run_id": e.run_id, "name": e.name, "label": e.label, "kind": e.kind, "role": e.role,
-               "has_built_in": e.kind in BUILT_IN_MAP_MODELS, "test_acc": e.test_acc, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
+               "has_built_in": e.kind in BUILT_IN_MAP_MODELS, "per_class": _per_class(e.kind, cfg), "test_acc": e.test_acc, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
                "config_hash": e.config_hash, "config": cfg, "info": _jsonable(e.info), "error": self.status(model_id),
                "dataset": (cfg.get("data") or {}).get("name"), "teacher_method": (cfg.get("teacher") or {}).get("method"),
                "class_names": None, "image_size": None, "channels": None, "n_images": None, "loaded": model_id in self._loaded}
@@ -588,8 +593,9 @@ class Service:
 
         return (["built_in", "difference"] if lm.impactx else []) + ["teacher", *TEACHERS.names()]
 
-    def map(self, model_id: str, index: int, name: str) -> tuple[np.ndarray, dict[str, Any]]:
-        """(C, H, W) float32 map ``name`` of test image ``index``, and its provenance."""
+    def map(self, model_id: str, index: int, name: str, cls: Optional[int] = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """(C, H, W) float32 map ``name`` of test image ``index``, and its provenance. ``cls``: the built-in
+        map of that class instead of the predicted one (models with per-class maps only)."""
         from teachx.teachers import TEACHERS
 
         lm = self.loaded(model_id)
@@ -597,6 +603,8 @@ class Service:
         idx = np.array([index])
         if name in ("built_in", "difference") and not lm.impactx:
             raise NotFound(f"model '{model_id}' is a plain classifier: it has no built-in map (maps: teacher or a method: {', '.join(TEACHERS.names())})")
+        if cls is not None:
+            return self._class_map(lm, index, name, cls)
         if name == "built_in":
             cache = self.view_cache(lm)
             source = "cache" if cache.has("built_in", index) else "computed"
@@ -618,6 +626,22 @@ class Service:
         diff = built.sum(0, keepdims=True) - tmap.sum(0, keepdims=True)
         return diff, self.provenance(lm, method=f"built_in - {options['method']}", options=options, index=index,
                                      source="cache" if source == "cache" and prov["source"] == "cache" else "computed", cache_key=cache.key)
+
+    def _class_map(self, lm: Loaded, index: int, name: str, cls: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """The built-in map of class ``cls`` (not cached: one decoder pass for one image)."""
+        if name != "built_in":
+            raise Unavailable(f"class= selects among built-in maps; map '{name}' explains the run's own target (drop class=)")
+        if not getattr(lm.model, "per_class", False):
+            raise Unavailable(f"model '{lm.entry.id}' has one built-in map for every class (trained without impactx.per_class); drop class=")
+        k = len(lm.class_names)
+        if not 0 <= cls < k:
+            raise NotFound(f"class {cls} does not exist: this model has {k} classes (0-{k - 1})")
+        x = self._x(lm, self.data(lm).test.images[[index]])
+        with lm.lock, torch.no_grad():
+            _, maps = lm.model.forward_all(x, torch.tensor([cls], device=x.device))
+        return maps[0].float().cpu().numpy(), self.provenance(
+            lm, method="built_in", options={"decoder": "D(LEP(x))", "class": cls, "class_name": lm.class_names[cls]},
+            index=index, source="computed")
 
     def metrics(self, model_id: str, index: int, map_name: Optional[str] = None) -> dict[str, Any]:
         """Pixel-flipping (MoRF) curve of one map of one image, and built-in vs teacher agreement."""

@@ -40,6 +40,7 @@ class ModelInfo(BaseModel):
     kind: Literal["classifier", "impactx", "abn"]
     role: str
     has_built_in: bool
+    per_class: bool = Field(False, description="one built-in map per class (impactx.per_class): maps take ?class=K")
     test_acc: Optional[float]
     checkpoint: Optional[str]
     config_hash: str

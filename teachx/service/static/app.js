@@ -65,6 +65,7 @@ function writeHash() {
   if (state.index !== null) p.set("index", String(state.index));
   const extra = $("method").value;
   if (extra) p.set("method", extra);
+  if (!$("class-pick").hidden && $("map-class").value !== "") p.set("class", $("map-class").value);
   history.replaceState(null, "", "#" + p.toString());
   $("bookmark").href = location.href;
 }
@@ -198,6 +199,14 @@ async function selectModel(id, keep = {}) {
     (info.class_names || []).forEach((n, i) => s.append(h("option", { value: String(i), text: `${i}: ${n}` })));
     s.value = old && Number(old) < (info.class_names || []).length ? old : "";
   }
+  // models with one built-in map per class: pick the class whose map is shown (default: the predicted one)
+  const pick = $("map-class");
+  const oldClass = keep.cls !== undefined ? keep.cls : pick.value;
+  pick.textContent = "";
+  pick.append(h("option", { value: "", text: "the predicted class" }));
+  (info.class_names || []).forEach((n, i) => pick.append(h("option", { value: String(i), text: `${i}: ${n}` })));
+  pick.value = info.per_class && oldClass && Number(oldClass) < (info.class_names || []).length ? oldClass : "";
+  $("class-pick").hidden = !info.per_class;
   await resetList();
 }
 
@@ -287,7 +296,8 @@ async function openImage(index) {
     draw(inputFig.canvas, state.input, null);
     await Promise.all(names.map(async (name) => {
       try {
-        const m = await api(`/models/${mid}/images/${index}/maps/${encodeURIComponent(name)}`);
+        const cls = name === "built_in" && state.model.per_class ? $("map-class").value : "";
+        const m = await api(`/models/${mid}/images/${index}/maps/${encodeURIComponent(name)}` + (cls !== "" ? `?class=${cls}` : ""));
         state.maps[name] = m;
       } catch (err) {
         state.maps[name] = { error: err.message };
@@ -296,7 +306,8 @@ async function openImage(index) {
     for (const name of names) {
       const m = state.maps[name];
       if (m.error) { box.append(h("figure", { "data-map": name }, h("figcaption", { class: "error", text: `${name}: ${m.error}` }))); continue; }
-      const caption = name === "built_in" ? "built-in map (IMPACTX)" : name === "teacher" ? `teacher method on this model (${m.method})`
+      const of = m.provenance.method_options && m.provenance.method_options.class_name;
+      const caption = name === "built_in" ? "built-in map (IMPACTX)" + (of ? ` of class ${of}` : "") : name === "teacher" ? `teacher method on this model (${m.method})`
         : name === "difference" ? `difference: ${m.method}` : `${m.method} on this model`;
       const f = figure(name, caption + ` · ${m.provenance.source}`, m);
       box.append(f.fig);
@@ -435,12 +446,13 @@ async function main() {
   for (const [key, id] of [["correct", "f-correct"], ["sort", "f-sort"], ["order", "f-order"], ["method", "method"]]) if (hs[key]) $(id).value = hs[key];
   const first = state.models.find((m) => m.id === hs.model) || state.models.find((m) => !m.error) || state.models[0];
   if (!first) { showError("no models found in the directories served"); return; }
-  await selectModel(first.id, { "f-label": hs.label || "", "f-pred": hs.pred || "" });
+  await selectModel(first.id, { "f-label": hs.label || "", "f-pred": hs.pred || "", cls: hs.class || "" });
   if (hs.index !== undefined && hs.index !== "") await openImage(Number(hs.index));
 
   $("model").addEventListener("change", () => selectModel($("model").value).catch((e) => showError(e.message)));
   for (const id of ["f-label", "f-pred", "f-correct", "f-sort", "f-order"]) $(id).addEventListener("change", () => resetList());
   $("method").addEventListener("change", () => { if (state.index !== null) openImage(state.index); else writeHash(); });
+  $("map-class").addEventListener("change", () => { if (state.index !== null) openImage(state.index); else writeHash(); });
   $("opacity").addEventListener("input", redraw);
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));
