@@ -1,4 +1,5 @@
-"""Print a study's rows as the Markdown table the README uses: accuracy, paired comparisons, wrong-reason shares.
+"""Print a study's rows as the Markdown tables the README uses: accuracy, paired comparisons, wrong-reason shares,
+and, where units measured them, the built-in maps' quality (agreement, self-agreement, pixel flipping on the model).
 
     python scripts/study_table.py runs/study-decoy/study.json
 """
@@ -47,6 +48,28 @@ def main(path: str) -> None:
     area = next((r["shortcut"]["area"]["mean"] for r in rows if r.get("shortcut")), None)
     if area is not None:
         print(f"\nartefact area (chance share): {area:.3f}; seeds {data['study']['seeds']}")
+    maps_table(rows)
+
+
+def maps_table(rows) -> None:
+    """Built-in map quality (map_quality of each IMPACTX unit, means over seeds): the README's built-in-maps table."""
+    rows = [r for r in rows if (r.get("map_quality") or {}).get("pixel_flipping_morf.built_in")]
+    if not rows:
+        return
+    m = lambda r, k: (r["map_quality"].get(k) or {}).get("mean")  # noqa: E731
+    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    head = ["regime", "arm", "teacher", "corr with teacher (mean map)", "R² vs mean map", "self-agreement (mean map)",
+            "MoRF: built-in / post hoc / mean map / random", "built-in ÷ post hoc", "insertion: built-in / post hoc"]
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        morf = [m(r, f"pixel_flipping_morf.{k}") for k in ("built_in", "teacher_post_hoc", "mean_map", "random")]
+        ratio = morf[0] / morf[1] if morf[0] is not None and morf[1] else None
+        print("| " + " | ".join([
+            r["regime"], r["arm"], str(r.get("teacher", "")), f"{f(m(r, 'corr'))} ({f(m(r, 'corr_mean_map'))})", f(m(r, "r2_vs_mean_map")),
+            f"{f(m(r, 'corr_self'))} ({f(m(r, 'corr_self_mean_map'))})", " / ".join(f(v) for v in morf),
+            "—" if ratio is None else f"{ratio:.2f}x",
+            f"{f(m(r, 'insertion.built_in'))} / {f(m(r, 'insertion.teacher_post_hoc'))}"]) + " |")
 
 
 if __name__ == "__main__":
