@@ -211,6 +211,62 @@ def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
     assert_one_line_error(run("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier")
 
 
+def _tiny_method_run(root: Path, *overrides: str) -> Path:
+    """An in-process `teachx run` on the bundled data with TINY settings and ``overrides``."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.pipeline import prepare_run_dir, run_pipeline
+
+    cfg = resolve_config(None, [*TINY, "train.threads=1", *overrides])
+    run_pipeline(cfg, prepare_run_dir(root, cfg, "run"), log=lambda _m: None, progress=False)
+    return root
+
+
+def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
+    """`teachx explain` on an ABN run draws ABN's attention map, and on a per-class IMPACTX run the map of
+    --class K (each the model's own forward_all map); --class on a model without per-class maps, or out of
+    range, is one line and exit 2, with nothing written."""
+    import torch
+
+    from teachx.interfaces import explain as ex
+    from teachx.reporting import figures
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    drawn = []
+    monkeypatch.setattr(figures, "save_overlay", lambda path, img, m, title="": drawn.append((Path(path), m.clone(), title)) or Path(path))
+    img = _image(tmp_path)
+    x_u8 = torch.from_numpy(np.asarray(Image.open(img))[None, None].copy())
+
+    abn_run = _tiny_method_run(tmp_path / "abn", "method.name=abn")
+    lines = list(ex.explain_images(str(abn_run), [str(img)], str(tmp_path / "maps")))
+    model, meta = ex.load_impactx(abn_run)
+    assert type(model).__name__ == "ABN" and lines[-1].endswith("x_abn.png")
+    from teachx.data.transforms import normalize
+
+    with torch.no_grad():
+        _, expected = model.forward_all(normalize(x_u8, tuple(meta["mean"]), tuple(meta["std"])))
+    assert torch.allclose(drawn[-1][1], expected[0])
+
+    pc_run = _tiny_method_run(tmp_path / "pc", "impactx.decoder=unet_input", "impactx.per_class=true", "impactx.map_loss=pearson")
+    model, meta = ex.load_impactx(pc_run)
+    x = normalize(x_u8, tuple(meta["mean"]), tuple(meta["std"]))
+    for k in (0, 3):
+        lines = list(ex.explain_images(str(pc_run), [str(img)], str(tmp_path / "maps"), cls=k))
+        with torch.no_grad():
+            expected = model.explain(x, torch.tensor([k]))[0]
+        assert torch.allclose(drawn[-1][1], expected, atol=1e-6) and lines[-1].endswith(f"x_impactx_class{k}.png")
+        assert drawn[-1][2].endswith(f"map of {meta['class_names'][k]}")
+    with torch.no_grad():
+        assert not torch.allclose(model.explain(x, torch.tensor([0])), model.explain(x, torch.tensor([3])))
+
+    monkeypatch.undo()
+    env = {"TEACHX_CACHE": str(tmp_path / "cache")}
+    res = run("explain", abn_run, img, "--out", tmp_path / "m2", "--class", "1", env_extra=env)
+    assert_one_line_error(res, "one built-in map for every class", "drop --class")
+    res = run("explain", pc_run, img, "--out", tmp_path / "m2", "--class", "10", env_extra=env)
+    assert_one_line_error(res, "--class 10", "10 classes")
+    assert not (tmp_path / "m2").exists()
+
+
 @pytest.mark.parametrize("columns", ["80", "60"])
 def test_help_summaries_are_complete(columns):
     from teachx.interfaces.cli import cli, command_summary

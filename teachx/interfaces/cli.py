@@ -240,15 +240,17 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder for the heatmap PNGs.")
 @click.option("--device", default="auto", show_default=True)
-def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str) -> None:
+@click.option("--class", "cls", type=click.IntRange(min=0), default=None,
+              help="Per-class models (impactx.per_class): the map of this class, not the predicted one.")
+def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls: Optional[int]) -> None:
     """Write built-in IMPACTX heatmap overlays (PNG) for image files.
 
-    RUN_DIR is the --out folder of `teachx run` or `teachx demo` (its IMPACTX model is used), or an
-    IMPACTX unit of a study (STUDY/units/KEY); CHECKPOINT an IMPACTX .safetensors file.
+    RUN_DIR is the --out folder of `teachx run` or `teachx demo` (its IMPACTX or ABN model is used), or
+    an IMPACTX / ABN unit of a study (STUDY/units/KEY); CHECKPOINT such a .safetensors file.
     """
     from teachx.interfaces.explain import explain_images
 
-    for line in explain_images(checkpoint, list(images), out, device):
+    for line in explain_images(checkpoint, list(images), out, device, cls):
         click.echo(line)
 
 

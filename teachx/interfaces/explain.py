@@ -1,4 +1,4 @@
-"""`teachx explain`: built-in IMPACTX maps for arbitrary image files, as PNG overlays."""
+"""`teachx explain`: the built-in maps of an IMPACTX (or ABN) model for arbitrary image files, as PNG overlays."""
 
 from __future__ import annotations
 
@@ -10,62 +10,74 @@ import torch
 
 from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, DataError
-from teachx.models.impactx import ImpactX, impactx_from_spec
-from teachx.training.checkpoint import load_checkpoint, load_state_into
+from teachx.models.impactx import impactx_from_spec
+from teachx.training.checkpoint import load_state_into
 from teachx.utils.seeding import choose_device
 
 
+#: the method stages whose models give their own map in the forward pass, in the order a run directory is searched
+BUILT_IN_MAP_STAGES = ("impactx", "abn")
+
+
 def find_impactx_checkpoint(path: str | Path) -> Path:
-    """The IMPACTX checkpoint a path names: a checkpoint file, a `teachx run`/`teachx demo`
-    directory (its ``impactx/checkpoints/best.safetensors``), a study unit directory
-    (``OUT/units/<key>``) or a stage/checkpoints folder; a one-line error saying what to pass otherwise."""
+    """The checkpoint of a model with built-in maps that a path names: a checkpoint file, a `teachx run` /
+    `teachx demo` directory (its ``impactx/`` or ``abn/checkpoints/best.safetensors``), a study unit
+    directory (``OUT/units/<key>``) or a stage/checkpoints folder; a one-line error saying what to pass otherwise."""
     p = Path(path)
     if not p.is_dir():
         return p  # a file (or a missing path: load_checkpoint says so)
-    for candidate in (p / "impactx" / "checkpoints", p / "checkpoints", p):
+    for candidate in (*(p / stage / "checkpoints" for stage in BUILT_IN_MAP_STAGES), p / "checkpoints", p):
         if (candidate / "best.safetensors").is_file():
             if candidate == p / "checkpoints" and (p / "unit.json").is_file():
                 kind = _unit_kind(p)
-                if kind not in (None, "impactx"):
-                    raise CheckpointError(f"'{path}' is a study {kind} unit (a baseline or teacher model, no built-in maps); "
-                                          "pass an IMPACTX unit of the study (study.json lists them), or a checkpoint file")
+                if kind not in (None, *BUILT_IN_MAP_STAGES):
+                    raise CheckpointError(f"'{path}' is a study {kind} unit (a model without built-in maps); pass an IMPACTX "
+                                          "or ABN unit of the study (study.json lists them), or a checkpoint file")
             return candidate / "best.safetensors"
     what = "study directory" if (p / "study.json").is_file() or (p / "units").is_dir() else \
         "run directory" if (p / "config.yaml").is_file() else "directory"
     if what == "study directory":
-        fix = "pass one of its IMPACTX units, e.g. <study>/units/<key> (study.json lists them)"
+        fix = "pass one of its IMPACTX or ABN units, e.g. <study>/units/<key> (study.json lists them)"
     elif (p / "impactx" / "checkpoints" / "last.safetensors").is_file():
         fix = ("its IMPACTX stage has not finished: run the same `teachx run` command again to finish it, "
                f"or pass {p / 'impactx' / 'checkpoints' / 'last.safetensors'}")
     else:
         fix = ("pass the --out folder of `teachx run` or `teachx demo` (not `teachx train`, which trains no IMPACTX model), "
-               "a study unit, or an IMPACTX .safetensors file")
+               "a study unit, or an IMPACTX / ABN .safetensors file")
     raise CheckpointError(f"{what} '{path}' has no IMPACTX checkpoint; {fix}")
 
 
 def _unit_kind(unit_dir: Path) -> str | None:
+    """A study unit's kind: 'impactx', 'classifier', or the training method's name for a method unit ('abn', 'rrr', ...)."""
     import json
 
     try:
-        return json.loads((unit_dir / "unit.json").read_text()).get("kind")
+        unit = json.loads((unit_dir / "unit.json").read_text())
+        kind = unit.get("kind")
+        return ((unit.get("config") or {}).get("method") or {}).get("name", kind) if kind == "method" else kind
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def load_impactx(path: str | Path) -> tuple[ImpactX, dict]:
-    """Rebuild an IMPACTX model and its metadata from a checkpoint (verified against its digest), or
-    from the IMPACTX checkpoint of a run / study-unit directory (:func:`find_impactx_checkpoint`)."""
+def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model with built-in maps (IMPACTX or ABN) and its metadata from a checkpoint (verified
+    against its digest), or from the checkpoint of a run / study-unit directory (:func:`find_impactx_checkpoint`)."""
     from teachx.interfaces.pipeline import load_checkpoint_verified
 
     path = find_impactx_checkpoint(path)
     ck = load_checkpoint_verified(path)  # a damaged file inside a run: the error says which stage to --redo
     spec = ck.meta.get("model_spec") or {}
-    if ck.meta.get("kind") != "impactx" or spec.get("name") != "impactx":
+    if spec.get("name") not in BUILT_IN_MAP_STAGES:
         raise CheckpointError(
-            f"'{path}' is a {ck.meta.get('kind', 'unknown')} checkpoint, not an IMPACTX model; "
+            f"'{path}' is a {ck.meta.get('kind', 'unknown')} checkpoint, not an IMPACTX or ABN model; "
             "pass a `teachx run` directory or its impactx/checkpoints/best.safetensors"
         )
-    model = impactx_from_spec(spec)
+    if spec["name"] == "abn":
+        from teachx.models.abn import abn_from_spec
+
+        model = abn_from_spec(spec)
+    else:
+        model = impactx_from_spec(spec)
     load_state_into(model, ck.group("model"), f"checkpoint '{path}'")
     return model.eval(), ck.meta
 
@@ -95,14 +107,24 @@ def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[
     return arr, notice
 
 
-def explain_images(checkpoint: str, images: list[str], out: str, device: str = "auto") -> Iterator[str]:
+def explain_images(checkpoint: str, images: list[str], out: str, device: str = "auto",
+                   cls: int | None = None) -> Iterator[str]:
+    """Overlay PNGs of the built-in maps of ``images``; ``cls``: the map of that class instead of the
+    predicted one (models with per-class maps only). Yields one line per image (and per notice)."""
     from teachx.reporting.figures import save_overlay
 
     model, meta = load_impactx(checkpoint)
     spec = meta["model_spec"]
+    kind = spec["name"]
     channels, size = int(spec["in_channels"]), tuple(int(s) for s in spec["image_size"])
     mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    class_names = meta.get("class_names") or [str(i) for i in range(model.num_classes)]
+    class_names = meta.get("class_names") or [str(i) for i in range(int(spec["num_classes"]))]
+    if cls is not None:
+        if not getattr(model, "per_class", False):
+            raise CheckpointError(f"--class: this {kind.upper()} model has one built-in map for every class "
+                                  "(trained without impactx.per_class); drop --class")
+        if not 0 <= cls < len(class_names):
+            raise CheckpointError(f"--class {cls}: the model has {len(class_names)} classes (0-{len(class_names) - 1})")
     arrays, notices = [], []
     for p in images:  # read all first: a bad file fails before anything is written
         a, note = read_image(p, channels, size)
@@ -115,17 +137,19 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     x_u8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     x = normalize(x_u8.to(dev), mean, std)
     with torch.no_grad():
-        logits, maps = model.forward_all(x)
+        target = None if cls is None else torch.full((x.shape[0],), cls, dtype=torch.long, device=dev)
+        logits, maps = model.forward_all(x, target)
     probs = logits.softmax(1).cpu()
     for i, p in enumerate(images):
         if notices[i]:
             yield f"notice: {notices[i]}"
         k = int(probs[i].argmax())
-        target = out_dir / f"{Path(p).stem}_impactx.png"
-        if target.exists():
-            n = 1
-            while (out_dir / f"{Path(p).stem}_impactx_{n}.png").exists():
-                n += 1
-            target = out_dir / f"{Path(p).stem}_impactx_{n}.png"
-        save_overlay(target, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f})")
-        yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {target}"
+        stem = f"{Path(p).stem}_{kind}" + ("" if cls is None else f"_class{cls}")
+        dest = out_dir / f"{stem}.png"
+        n = 1
+        while dest.exists():  # never replace a file
+            dest = out_dir / f"{stem}_{n}.png"
+            n += 1
+        of = "" if cls is None else f"; map of {class_names[cls]}"
+        save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
+        yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
