@@ -103,10 +103,10 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "save_example_grid", fake_grid)
     cells = [unit("paper", teacher_a), unit("unet", teacher_a), unit("smooth", teacher_b)]
     assert report.arms_examples_figure(cells, ["cat", "dog", "car"]) == b"\x89PNG fake"
-    assert list(drawn["columns"]) == ["teacher (paper)", "teacher (smooth)", "built-in: paper", "built-in: unet", "built-in: smooth"]
+    assert list(drawn["columns"]) == ["teacher\n(paper)", "teacher\n(smooth)", "built-in:\npaper", "built-in:\nunet", "built-in:\nsmooth"]
     with np.load(cells[1][1]) as z:
-        assert np.array_equal(drawn["columns"]["built-in: unet"].numpy(), z["built_in"])
-    assert np.array_equal(drawn["columns"]["teacher (smooth)"].numpy(), teacher_b)
+        assert np.array_equal(drawn["columns"]["built-in:\nunet"].numpy(), z["built_in"])
+    assert np.array_equal(drawn["columns"]["teacher\n(smooth)"].numpy(), teacher_b)
     assert drawn["labels"] == ["#4 cat", "#7 dog", "#9 car"] and np.array_equal(drawn["images"].numpy(), images)
     with pytest.raises(ValueError, match="other example images"):
         report.arms_examples_figure([cells[0], unit("other", teacher_a, index=(4, 7, 10))])

@@ -260,9 +260,9 @@ def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optiona
     for arm, arrays in loaded:
         if not any(np.array_equal(arrays["teacher"], t) for t in shown):
             shown.append(arrays["teacher"])
-            columns[f"teacher ({arm})"] = torch.from_numpy(arrays["teacher"])
+            columns[f"teacher\n({arm})"] = torch.from_numpy(arrays["teacher"])
     for arm, arrays in loaded:
-        columns[f"built-in: {arm}"] = torch.from_numpy(arrays["built_in"])
+        columns[f"built-in:\n{arm}"] = torch.from_numpy(arrays["built_in"])
     names = list(class_names or [])
     labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(first["index"], first["labels"])]
     with tempfile.TemporaryDirectory() as tmp:
