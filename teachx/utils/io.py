@@ -79,7 +79,7 @@ def sweep_stale_temps(root: str | os.PathLike, recursive: bool = True) -> list[P
     """Remove the temporary files that writers on this host left when they were killed (their
     process is gone); returns them. Temp files of live processes, other hosts or other programs
     are never touched."""
-    from teachx.utils.locking import _alive
+    from teachx.utils.locking import process_alive
 
     root = Path(root)
     removed: list[Path] = []
@@ -87,7 +87,7 @@ def sweep_stale_temps(root: str | os.PathLike, recursive: bool = True) -> list[P
         return removed
     for p in (root.rglob(".*.tmp") if recursive else root.glob(".*.tmp")):
         m = _TEMP.match(p.name)
-        if (m and m.group(1) == _HOST and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2)))
+        if (m and m.group(1) == _HOST and int(m.group(2)) != os.getpid() and not process_alive(int(m.group(2)))
                 and p.is_file() and not p.is_symlink()):
             try:
                 p.unlink()

@@ -27,7 +27,8 @@ class Busy(TeachxError):
                          "wait for it, or delete the lock file if that process is gone")
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (a lock or temp file of a dead one is stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,7 +59,7 @@ def _try_acquire(path: Path) -> Optional[dict]:
             if holder is None:
                 continue  # released between our two calls: try again
             stale = (holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
-                     and holder["pid"] != me["pid"] and not _alive(holder["pid"]))
+                     and holder["pid"] != me["pid"] and not process_alive(holder["pid"]))
             if stale:
                 try:
                     path.unlink()
@@ -80,7 +81,7 @@ def held_by(path: str | os.PathLike) -> Optional[dict]:
     holder = _read_holder(Path(path))
     if holder is None:
         return None
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not process_alive(holder["pid"]):
         return None  # stale: its process is gone
     return holder
 
