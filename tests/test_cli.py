@@ -124,7 +124,7 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     assert "resized" in ex.stdout and (tmp_path / "maps" / "big_impactx.png").exists()
     # a baseline checkpoint is not an IMPACTX model; a text file is not an image
     bad = run("explain", out / "baseline" / "checkpoints" / "best.safetensors", img, "--out", tmp_path / "m2")
-    assert_one_line_error(bad, "not an IMPACTX model")
+    assert_one_line_error(bad, "not an IMPACTX or ABN model")
     txt = tmp_path / "notes.png"
     txt.write_text("hello")
     bad2 = run("explain", ck, txt, "--out", tmp_path / "m3")
