@@ -9,8 +9,10 @@
 #   (2) python bench/bench_paper_grid.py --device cuda (AMP on): per-step costs of the 3 backbones x 3 cells,
 #       baseline / IMPACTX / lambda=0 / ABN, and the DeepSHAP teacher-map throughput -> paper_grid_gpu.json.
 #   (3) the issue's studies: study-cifar10-mobilenet and study-cifar10-efficientnet_b2 (CIFAR-10 (JPEG), 5,000
-#       training images, 5 seeds x baseline / IMPACTX / lambda=0 / shuffled / ABN), both at once, WORKERS
-#       study workers each on the one GPU (the study's units are locked, each worker skips what another holds).
+#       training images, 5 seeds x baseline / IMPACTX / lambda=0 / shuffled / ABN), one after the other, each
+#       with the study workers WORKERS gives it on the one GPU (units are locked, each worker skips what another
+#       holds); the first worker makes the teacher and its DeepSHAP maps alone before the others join.
+#       Estimated from the measured step costs (not yet run this way): MobileNet ~8-9 min, EfficientNet-B2 ~25 min.
 #   (4) time left over: the 45k-image CIFAR-10 cell of MobileNet (3 seeds, baseline / IMPACTX / lambda=0).
 # MODE=smoke runs every code path of the above on tiny settings instead (a first call that finds CUDA-only
 # bugs cheaply): 2 epochs of (1), bench on the CIFAR-10 shape only, the two studies on 512 images x 1 epoch x 2
@@ -24,7 +26,8 @@
 # With the device tool (one command runs at most 600 s): the CIFAR-10 JPEG zip must travel with the checkout
 # (../shared does not; a shared/ folder inside it does: 62 MB of the 64 MiB the tree may have):
 #   mkdir -p shared/data && cp ../shared/data/cifar10-jpg.zip shared/data/
-#   run: MODE=smoke BUDGET_S=150 bash bench/gpu_issue14.sh; then BUDGET_S=<what is left> bash bench/gpu_issue14.sh
+#   run: MODE=smoke BUDGET_S=220 bash bench/gpu_issue14.sh (timeout_s 300); then, with what is left,
+#        PARTS="bench studies" BUDGET_S=<left - 60> bash bench/gpu_issue14.sh (timeout_s <= 600)
 # Then, here: python bench/bench_paper_grid.py --headers-from <files_at>/paper_grid_gpu.json  (the configs' GPU lines)
 # and unpack the studies' archives (study-5k-*.tgz: every unit's records, no weights) to read or report them.
 #
