@@ -72,6 +72,26 @@ def test_grid_is_complete_and_follows_the_paper():
         assert spec.config("all", "abn", 0).method.name == "abn"
 
 
+def test_5k_cells_match_their_45k_cells_but_for_the_data_size():
+    """study-cifar10-<backbone>: the issue's scarce-data regime of paper-cifar10-<backbone> -- the same arms, seeds,
+    backbone options, optimiser and teacher, on the JPEG copy's 5,000-image subset, 20 epochs."""
+    for backbone in ("mobilenet", "efficientnet_b2"):
+        small, full = load_study(f"study-cifar10-{backbone}"), load_study(f"paper-cifar10-{backbone}")
+        a, b = small.config("all", None, 0), full.config("all", None, 0)
+        assert a.data.name.startswith("imagefolder:") and a.data.train_size == 5000 and a.data.hflip and a.train.epochs == 20
+        assert (a.model.backbone, a.model.options) == (b.model.backbone, b.model.options) == (backbone, {"small_input": True})
+        for key in ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "schedule", "batch_size", "amp"):
+            assert getattr(a.train, key) == getattr(b.train, key), (backbone, key)
+        for key in ("method", "background_size", "target", "reduce", "normalize", "seed"):
+            assert getattr(a.teacher, key) == getattr(b.teacher, key), (backbone, key)
+        assert list(small.arms) == list(full.arms) == ARMS and small.seeds == [0, 1, 2, 3, 4] and small.control == "lambda0"
+        for arm in ARMS:
+            sa, fa = small.config("all", arm, 0), full.config("all", arm, 0)
+            assert (sa.method, sa.impactx) == (fa.method, fa.impactx), (backbone, arm)
+        res = _study_cli(f"study-cifar10-{backbone}", "--out", "unused", "--dry-run")
+        assert res.exit_code == 0 and res.output.startswith("25 units:"), res.output
+
+
 def test_headers_state_commands_units_and_wall_time():
     for name in CELLS:
         path = shipped_configs()[name]
