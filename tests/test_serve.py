@@ -93,7 +93,8 @@ def test_openapi_lists_the_v1_api(client):
               "/api/v1/models/{model_id}/images/{index}", "/api/v1/models/{model_id}/images/{index}/maps/{name}",
               "/api/v1/models/{model_id}/images/{index}/maps/{name}.png", "/api/v1/models/{model_id}/images/{index}/maps/{name}.npy",
               "/api/v1/models/{model_id}/images/{index}/metrics", "/api/v1/models/{model_id}/predict", "/api/v1/teachers",
-              "/api/v1/models/{model_id}/images.csv", "/api/v1/models/{model_id}/export.npz"):
+              "/api/v1/models/{model_id}/images.csv", "/api/v1/models/{model_id}/export.npz",
+              "/api/v1/models/{model_id}/export.png"):
         assert p in paths, p
     names = set(spec["components"]["schemas"])
     assert {"Provenance", "ImageDetail", "ImageList", "MapData", "MetricsResponse", "UploadResponse", "RunsResponse"} <= names
@@ -231,6 +232,42 @@ def test_per_class_built_in_maps_by_class(client, service):
     r = client.get(f"/api/v1/models/{mid}/images/3/maps/teacher", params={"class": 1})
     assert r.status_code == 409 and "drop class=" in detail(r)
     assert client.get(base, params={"class": -1}).status_code == 422
+
+
+def test_export_png_grid_draws_the_selection(client, service, monkeypatch):
+    """export.png: one row per selected image (labelled with its index and true class, and the prediction
+    when wrong), the input and the requested maps -- the same arrays the map endpoints serve; a real PNG;
+    more than GRID_MAX images or a bad list is a 422 with a message."""
+    from teachx.reporting import figures
+    from teachx.service.app import GRID_MAX
+
+    base = "/api/v1/models/run.impactx"
+    r = client.get(base + "/export.png", params={"indices": "3,9", "maps": "built_in,teacher"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.width > img.height > 100  # 2 rows x 3 columns
+    drawn = {}
+
+    def capture(path, images, columns, labels, dpi=110):
+        drawn.update(images=images, columns=columns, labels=labels)
+        Image.new("RGB", (4, 4)).save(path)
+        return Path(path)
+
+    monkeypatch.setattr(figures, "save_example_grid", capture)
+    assert client.get(base + "/export.png", params={"indices": "3,9,4", "maps": "teacher,built_in"}).status_code == 200
+    assert list(drawn["columns"]) == ["teacher", "built_in"] and drawn["images"].shape[0] == 3
+    for row, i in enumerate((3, 9, 4)):
+        d = client.get(f"{base}/images/{i}").json()
+        assert drawn["labels"][row] == f"#{i} {d['label_name']}" + ("" if d["correct"] else f" -> {d['predicted_name']}")
+        for name in ("teacher", "built_in"):
+            npy = np.load(io.BytesIO(client.get(f"{base}/images/{i}/maps/{name}.npy").content), allow_pickle=False)
+            np.testing.assert_array_equal(drawn["columns"][name][row].numpy(), npy)
+        np.testing.assert_array_equal(drawn["images"][row].permute(1, 2, 0).numpy(), service.input_image("run.impactx", i))
+    too_many = ",".join(str(i % 32) for i in range(GRID_MAX + 1))
+    r = client.get(base + "/export.png", params={"indices": too_many})
+    assert r.status_code == 422 and f"1 to {GRID_MAX} indices" in detail(r)
+    assert client.get(base + "/export.png", params={"indices": "1,x"}).status_code == 422
+    assert client.get(base + "/export.png", params={"indices": "99999"}).status_code == 404
 
 
 def test_teacher_maps_on_demand_are_cached_and_match_the_teacher(client, service):

@@ -143,6 +143,11 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     assert "IMPACTX" in drv.find_element(By.ID, "model-info").text
     wait(drv, lambda d: all(t.find_element(By.TAG_NAME, "img").get_property("naturalWidth") == 32 for t in thumbs(d)), "thumbnails to load")
     shot("grid")
+    # the export links cover what the grid shows: the PNG grid of its first 16 images, built-in and teacher maps
+    href = drv.find_element(By.ID, "export-png").get_attribute("href")
+    first16 = ",".join(t.get_attribute("data-index") for t in thumbs(drv)[:16])
+    assert f"indices={first16}".replace(",", "%2C") in href.replace(",", "%2C") and "maps=built_in,teacher" in href.replace("%2C", ",")
+    assert urllib.request.urlopen(href, timeout=120).read().startswith(b"\x89PNG")
 
     # filter: the wrong predictions only
     n_wrong = api("/models/run.impactx/images?correct=false")["total"]

@@ -47,6 +47,7 @@ from teachx.service.schemas import (
 STATIC = Path(__file__).parent / "static"
 API = "/api/v1"
 DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024
+GRID_MAX = 64  # images in one exported PNG grid (a figure, not a bulk export: that is export.npz)
 log = logging.getLogger("teachx.serve")
 
 ERRORS = {404: {"model": ErrorResponse, "description": "unknown model, image index or method"},
@@ -275,17 +276,22 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
         """Pixel-flipping (MoRF) curve of a map and, for IMPACTX, built-in vs teacher agreement."""
         return service.metrics(model_id, index, map)
 
-    @app.get(f"{API}/models/{{model_id}}/export.npz", responses=ERRORS, response_class=Response)
-    def export_npz(model_id: str, indices: str = Query(..., description="comma-separated test indices (at most 1000)"),
-                   maps: str = Query("built_in,teacher", description="comma-separated map names")):
-        """Maps of a selection as an NPZ (``np.load(f, allow_pickle=False)``): one (K, C, H, W) array per map, plus ``index``."""
+    def _selection(indices: str, maps: str, most: int) -> tuple[list[int], list[str]]:
+        """Parse an export's comma-separated indices and map names; 422 with a message when off."""
         try:
             idx = [int(s) for s in indices.split(",") if s.strip()]
         except ValueError:
             raise HTTPException(422, "indices must be comma-separated integers, e.g. 0,5,17") from None
         names = [s.strip() for s in maps.split(",") if s.strip()]
-        if not idx or len(idx) > 1000 or not names or len(names) > 8:
-            raise HTTPException(422, "give 1 to 1000 indices and 1 to 8 map names")
+        if not idx or len(idx) > most or not names or len(names) > 8:
+            raise HTTPException(422, f"give 1 to {most} indices and 1 to 8 map names")
+        return idx, names
+
+    @app.get(f"{API}/models/{{model_id}}/export.npz", responses=ERRORS, response_class=Response)
+    def export_npz(model_id: str, indices: str = Query(..., description="comma-separated test indices (at most 1000)"),
+                   maps: str = Query("built_in,teacher", description="comma-separated map names")):
+        """Maps of a selection as an NPZ (``np.load(f, allow_pickle=False)``): one (K, C, H, W) array per map, plus ``index``."""
+        idx, names = _selection(indices, maps, 1000)
         arrays: dict[str, np.ndarray] = {"index": np.asarray(idx, dtype=np.int64)}
         prov = None
         for name in names:
@@ -299,6 +305,26 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
         return Response(buf.getvalue(), media_type="application/octet-stream", headers={
             **_prov_header({**(prov or {}), "index": None, "method": ",".join(names)}),
             "Content-Disposition": f'attachment; filename="{model_id}-maps.npz"'})
+
+    @app.get(f"{API}/models/{{model_id}}/export.png", responses=ERRORS, response_class=Response)
+    def export_png(model_id: str, indices: str = Query(..., description=f"comma-separated test indices (at most {GRID_MAX})"),
+                   maps: str = Query("built_in,teacher", description="comma-separated map names, one column each")):
+        """A selection as one PNG figure: a row per image (true -> predicted class), the input and one column per
+        map on a symmetric blue-white-red scale with a colour bar -- for a paper or a slide."""
+        idx, names = _selection(indices, maps, GRID_MAX)
+        columns: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        images, labels, prov = [], [], None
+        for i in idx:
+            d = service.image(model_id, i)
+            images.append(service.input_image(model_id, i))
+            labels.append(f"#{i} {d['label_name']}" + ("" if d["correct"] else f" -> {d['predicted_name']}"))
+            for name in names:
+                m, prov = service.map(model_id, i, name)
+                columns[name].append(m.astype(np.float32))
+        png = render.grid_png(np.stack(images), {n: np.stack(v) for n, v in columns.items()}, labels)
+        return Response(png, media_type="image/png", headers={
+            **_prov_header({**(prov or {}), "index": None, "method": ",".join(names)}),
+            "Content-Disposition": f'attachment; filename="{model_id}-grid.png"'})
 
     @app.post(f"{API}/models/{{model_id}}/predict", response_model=UploadResponse,
               responses={**ERRORS, 413: {"model": ErrorResponse, "description": "upload over the size limit"},

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from typing import Optional
 
 import numpy as np
@@ -58,3 +59,22 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+#: matplotlib's pyplot is not thread-safe and the server answers from a thread pool: one figure at a time
+_FIGURE_LOCK = threading.Lock()
+
+
+def grid_png(images: np.ndarray, columns: dict[str, np.ndarray], labels: list[str]) -> bytes:
+    """(K, H, W, C) uint8 inputs and (K, C, H, W) maps per column -> the report's example grid as PNG bytes."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from teachx.reporting import figures
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    with _FIGURE_LOCK, tempfile.TemporaryDirectory() as tmp:
+        path = figures.save_example_grid(Path(tmp) / "grid.png", x, {k: torch.from_numpy(v) for k, v in columns.items()}, labels, dpi=80)
+        return path.read_bytes()

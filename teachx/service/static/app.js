@@ -256,8 +256,10 @@ async function loadMore() {
     const base = `${API}/models/${encodeURIComponent(state.model.id)}`;
     $("export-csv").href = `${base}/images.csv?${filterQuery()}`;
     const idx = state.items.slice(0, 200).map((i) => i.index).join(",");
-    const maps = state.model.kind === "impactx" ? "built_in,teacher" : "teacher";
+    const maps = state.model.has_built_in ? "built_in,teacher" : "teacher";
     $("export-npz").href = idx ? `${base}/export.npz?indices=${idx}&maps=${maps}` : "#";
+    const few = state.items.slice(0, 16).map((i) => i.index).join(",");
+    $("export-png").href = few ? `${base}/export.png?indices=${few}&maps=${maps}` : "#";
     grid.dataset.loaded = String(state.items.length);
     grid.dataset.model = state.model.id;
   } catch (err) {
