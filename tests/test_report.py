@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -95,12 +94,11 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
 
     drawn = {}
 
-    def fake_grid(path, imgs, columns, labels, dpi=110):
+    def fake_grid(imgs, columns, labels, dpi=110):
         drawn.update(columns=columns, labels=labels, images=imgs)
-        Path(path).write_bytes(b"\x89PNG fake")
-        return Path(path)
+        return b"\x89PNG fake"
 
-    monkeypatch.setattr(figures, "save_example_grid", fake_grid)
+    monkeypatch.setattr(figures, "example_grid_png", fake_grid)
     cells = [unit("paper", teacher_a), unit("unet", teacher_a), unit("smooth", teacher_b)]
     assert report.arms_examples_figure(cells, ["cat", "dog", "car"]) == b"\x89PNG fake"
     assert list(drawn["columns"]) == ["teacher\n(paper)", "teacher\n(smooth)", "built-in:\npaper", "built-in:\nunet", "built-in:\nsmooth"]

@@ -248,12 +248,11 @@ def test_export_png_grid_draws_the_selection(client, service, monkeypatch):
     assert img.width > img.height > 100  # 2 rows x 3 columns
     drawn = {}
 
-    def capture(path, images, columns, labels, dpi=110):
+    def capture(images, columns, labels, dpi=110):
         drawn.update(images=images, columns=columns, labels=labels)
-        Image.new("RGB", (4, 4)).save(path)
-        return Path(path)
+        return png(np.zeros((4, 4, 3), np.uint8))
 
-    monkeypatch.setattr(figures, "save_example_grid", capture)
+    monkeypatch.setattr(figures, "example_grid_png", capture)
     assert client.get(base + "/export.png", params={"indices": "3,9,4", "maps": "teacher,built_in"}).status_code == 200
     assert list(drawn["columns"]) == ["teacher", "built_in"] and drawn["images"].shape[0] == 3
     for row, i in enumerate((3, 9, 4)):

@@ -10,13 +10,9 @@ import torch
 
 from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, DataError
-from teachx.models.impactx import impactx_from_spec
+from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec
 from teachx.training.checkpoint import load_state_into
 from teachx.utils.seeding import choose_device
-
-
-#: the method stages whose models give their own map in the forward pass, in the order a run directory is searched
-BUILT_IN_MAP_STAGES = ("impactx", "abn")
 
 
 def find_impactx_checkpoint(path: str | Path) -> Path:
@@ -26,11 +22,11 @@ def find_impactx_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():
         return p  # a file (or a missing path: load_checkpoint says so)
-    for candidate in (*(p / stage / "checkpoints" for stage in BUILT_IN_MAP_STAGES), p / "checkpoints", p):
+    for candidate in (*(p / stage / "checkpoints" for stage in BUILT_IN_MAP_MODELS), p / "checkpoints", p):
         if (candidate / "best.safetensors").is_file():
             if candidate == p / "checkpoints" and (p / "unit.json").is_file():
                 kind = _unit_kind(p)
-                if kind not in (None, *BUILT_IN_MAP_STAGES):
+                if kind not in (None, *BUILT_IN_MAP_MODELS):
                     raise CheckpointError(f"'{path}' is a study {kind} unit (a model without built-in maps); pass an IMPACTX "
                                           "or ABN unit of the study (study.json lists them), or a checkpoint file")
             return candidate / "best.safetensors"
@@ -67,17 +63,12 @@ def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
     path = find_impactx_checkpoint(path)
     ck = load_checkpoint_verified(path)  # a damaged file inside a run: the error says which stage to --redo
     spec = ck.meta.get("model_spec") or {}
-    if spec.get("name") not in BUILT_IN_MAP_STAGES:
+    if spec.get("name") not in BUILT_IN_MAP_MODELS:
         raise CheckpointError(
             f"'{path}' is a {ck.meta.get('kind', 'unknown')} checkpoint, not an IMPACTX or ABN model; "
             "pass a `teachx run` directory or its impactx/checkpoints/best.safetensors"
         )
-    if spec["name"] == "abn":
-        from teachx.models.abn import abn_from_spec
-
-        model = abn_from_spec(spec)
-    else:
-        model = impactx_from_spec(spec)
+    model = any_model_from_spec(spec)
     load_state_into(model, ck.group("model"), f"checkpoint '{path}'")
     return model.eval(), ck.meta
 

@@ -33,8 +33,11 @@ from teachx.registry import suggest
 
 __all__ = [
     "MODELS", "Backbone", "AdaptedBackbone", "Add", "Mul", "StochasticDepth",
-    "adapt", "build_model", "model_spec", "build_from_spec", "model_options",
+    "adapt", "build_model", "model_spec", "build_from_spec", "model_options", "any_model_from_spec", "BUILT_IN_MAP_MODELS",
 ]
+
+#: the spec names of the models that give their own attribution map in the forward pass (``forward_all``)
+BUILT_IN_MAP_MODELS = ("impactx", "abn")
 
 SPEC_VERSION = 1
 
@@ -118,3 +121,17 @@ def build_from_spec(spec: dict[str, Any]) -> Backbone:
         return build_model(spec["name"], spec["in_channels"], spec["num_classes"], spec["image_size"], **options)
     except ConfigError as error:
         raise CheckpointError(f"cannot rebuild the checkpoint's model: {error}") from None
+
+
+def any_model_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """Rebuild any teachx model from its ``model_spec``: IMPACTX, ABN or a plain backbone."""
+    name = spec.get("name") if isinstance(spec, dict) else None
+    if name == "impactx":
+        from teachx.models.impactx import impactx_from_spec
+
+        return impactx_from_spec(spec)
+    if name == "abn":
+        from teachx.models.abn import abn_from_spec
+
+        return abn_from_spec(spec)
+    return build_from_spec(spec)

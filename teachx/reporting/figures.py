@@ -6,6 +6,7 @@ colorbar, so positive and negative evidence can be told apart and compared acros
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,6 +44,24 @@ def save_example_grid(
     dpi: int = 110,
 ) -> Path:
     """One row per image: the input, then each named map set (symmetric colour scale per map)."""
+    return _save(_example_grid(images_u8, columns, row_labels), path, dpi)
+
+
+def example_grid_png(
+    images_u8: torch.Tensor,
+    columns: dict[str, torch.Tensor],
+    row_labels: Sequence[str] | None = None,
+    dpi: int = 110,
+) -> bytes:
+    """:func:`save_example_grid`'s figure as PNG bytes (for reports and the service; no file)."""
+    fig = _example_grid(images_u8, columns, row_labels)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _example_grid(images_u8: torch.Tensor, columns: dict[str, torch.Tensor], row_labels: Sequence[str] | None):
     plt = _plt()
     n = images_u8.shape[0]
     ncol = 1 + len(columns)
@@ -66,7 +85,7 @@ def save_example_grid(
                 ax.set_title(name, fontsize=9)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return fig
 
 
 def save_overlay(path: str | Path, image_u8: torch.Tensor, amap: torch.Tensor, title: str = "", dpi: int = 120) -> Path:

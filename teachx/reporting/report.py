@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -215,7 +214,7 @@ def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> O
     """Input | teacher map | built-in map | post-hoc teacher map on IMPACTX (symmetric colour scales, colorbars)."""
     import torch
 
-    from teachx.reporting.figures import save_example_grid
+    from teachx.reporting.figures import example_grid_png
 
     if not npz.exists():
         return None
@@ -226,9 +225,7 @@ def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> O
         columns["teacher post hoc on IMPACTX"] = torch.from_numpy(arrays["post_hoc"])
     names = list(class_names or [])
     labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(arrays["index"], arrays["labels"])]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_example_grid(Path(tmp) / "grid.png", torch.from_numpy(arrays["images"]), columns, labels, dpi=70)
-        return path.read_bytes()
+    return example_grid_png(torch.from_numpy(arrays["images"]), columns, labels, dpi=70)
 
 
 def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optional[Sequence[str]] = None) -> Optional[bytes]:
@@ -241,7 +238,7 @@ def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optiona
     """
     import torch
 
-    from teachx.reporting.figures import save_example_grid
+    from teachx.reporting.figures import example_grid_png
 
     loaded = []
     for arm, npz in cells:
@@ -265,9 +262,7 @@ def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optiona
         columns[f"built-in:\n{arm}"] = torch.from_numpy(arrays["built_in"])
     names = list(class_names or [])
     labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(first["index"], first["labels"])]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_example_grid(Path(tmp) / "grid.png", torch.from_numpy(first["images"]), columns, labels, dpi=70)
-        return path.read_bytes()
+    return example_grid_png(torch.from_numpy(first["images"]), columns, labels, dpi=70)
 
 
 # -- reports -------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from teachx.errors import TeachxError
+from teachx.models import BUILT_IN_MAP_MODELS
 from teachx.service.cache import ArrayCache
 from teachx.service.catalog import ModelEntry, RunEntry, discover
 
@@ -41,9 +42,6 @@ AGREEMENT = ("spearman", "pearson", "cosine", "top_k_intersection")
 SORT_KEYS = ("index", "confidence", "true_prob", "agreement", "morf_auc")
 MAX_PIXELS = 40_000_000  # uploads larger than this many pixels are refused before decoding
 
-
-#: model kinds whose forward pass also gives an attribution map of their own
-BUILT_IN_MAP_MODELS = ("impactx", "abn")
 
 
 class ServiceError(TeachxError):
@@ -202,8 +200,7 @@ class Service:
 
     def _load(self, e: ModelEntry) -> Loaded:
         from teachx.interfaces.config import RunConfig
-        from teachx.models import build_from_spec
-        from teachx.models.impactx import impactx_from_spec
+        from teachx.models import any_model_from_spec
         from teachx.training.checkpoint import load_checkpoint, load_state_into
         from teachx.utils.config import from_dict
         from teachx.utils.hashing import sha256_file
@@ -214,12 +211,7 @@ class Service:
         impactx = spec.get("name") in BUILT_IN_MAP_MODELS  # a model that gives its own map (IMPACTX, ABN)
         if impactx != (e.kind in BUILT_IN_MAP_MODELS):
             raise Unavailable(f"checkpoint '{e.checkpoint}' holds a {spec.get('name') if impactx else 'classifier'} model, its record says {e.kind}")
-        if spec.get("name") == "abn":
-            from teachx.models.abn import abn_from_spec
-
-            model = abn_from_spec(spec)
-        else:
-            model = impactx_from_spec(spec) if spec.get("name") == "impactx" else build_from_spec(spec)
+        model = any_model_from_spec(spec)
         load_state_into(model, ck.group("model"), f"checkpoint '{e.checkpoint}'")
         model = model.to(self.device).eval()
         for p in model.parameters():

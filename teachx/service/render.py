@@ -67,14 +67,10 @@ _FIGURE_LOCK = threading.Lock()
 
 def grid_png(images: np.ndarray, columns: dict[str, np.ndarray], labels: list[str]) -> bytes:
     """(K, H, W, C) uint8 inputs and (K, C, H, W) maps per column -> the report's example grid as PNG bytes."""
-    import tempfile
-    from pathlib import Path
-
     import torch
 
     from teachx.reporting import figures
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    with _FIGURE_LOCK, tempfile.TemporaryDirectory() as tmp:
-        path = figures.save_example_grid(Path(tmp) / "grid.png", x, {k: torch.from_numpy(v) for k, v in columns.items()}, labels, dpi=80)
-        return path.read_bytes()
+    with _FIGURE_LOCK:
+        return figures.example_grid_png(x, {k: torch.from_numpy(v) for k, v in columns.items()}, labels, dpi=80)
