@@ -189,8 +189,9 @@ def test_cifar10_lenet5_cell_runs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the benchmark
-def _bench():
-    spec = importlib.util.spec_from_file_location("_teachx_bench_paper_grid", ROOT / "bench" / "bench_paper_grid.py")
+def _bench(name: str = "bench_paper_grid"):
+    """A script of bench/ as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_teachx_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -232,13 +233,6 @@ def test_bench_quick_writes_rows_and_header_lines(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------- partial GPU studies
-def _partial():
-    spec = importlib.util.spec_from_file_location("gpu_partial_studies", ROOT / "bench" / "gpu_partial_studies.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _unit(root: Path, name: str, kind: str, seed: int, acc: float | None, **cfg) -> None:
     from teachx.utils.io import write_json_atomic
 
@@ -265,7 +259,7 @@ def test_partial_study_summary_pairs_finished_arms_by_seed(tmp_path):
         _unit(root, f"m-{s}", "method", s, abn[s], method={"name": "abn"})
         _unit(root, f"x-l{s}", "impactx", s, lam0[s], impactx={"lam": 0, "maps": "teacher"})
         _unit(root, f"x-i{s}", "impactx", s, 0.6 if s < 2 else None, impactx={"lam": 1.0, "maps": "teacher"})  # seed 2 unfinished
-    mod = _partial()
+    mod = _bench("gpu_partial_studies")
     res = mod.summarise(root)
     assert res["units_total"] == 12 and res["units_finished"] == 11 and res["arms_unfinished"] == ["impactx"]
     rows = res["arms_complete"]
