@@ -17,7 +17,7 @@ from torch import nn
 
 from teachx.errors import ConfigError
 from teachx.models import adapt, build_model
-from teachx.models.decoders import DECODERS, AdditiveDecoder
+from teachx.models.decoders import DECODERS, AdditiveDecoder, LiteAdditiveDecoder, LiteDecoder
 from teachx.models.impactx import build_impactx, impactx_from_spec
 from teachx.training.impactx import ImpactxTask, MapSource, SelfFaithfulness
 from teachx.training.map_losses import MAP_LOSSES, MapLoss, rank_loss
@@ -97,7 +97,8 @@ def test_adapter_pyramid_by_hooks():
         adapt(UserNet(), pyramid_layers=["nope"])
 
 
-DECODER_CASES = [(d, pc) for d in ("paper", "unet", "unet_input", "additive") for pc in (False, True) if not (d == "paper" and pc)]
+DECODER_CASES = [(d, pc) for d in ("paper", "unet", "unet_input", "additive", "lite", "lite_additive") for pc in (False, True)
+                 if not (d == "paper" and pc)]
 
 
 @pytest.mark.parametrize("decoder, per_class", DECODER_CASES)
@@ -124,11 +125,12 @@ def test_decoder_shapes_and_one_forward(decoder, per_class, backbone, options, c
     torch.testing.assert_close(m(x), logits)  # forward (post-hoc teachers' view) is the same classifier
 
 
+@pytest.mark.parametrize("decoder", ["additive", "lite_additive"])
 @pytest.mark.parametrize("name, options, ch, size", BACKBONES)
-def test_pyramid_decoder_on_every_backbone(name, options, ch, size):
-    """The decoder reading pyramid and input (additive, per class) fits every backbone's pyramid, odd sizes too."""
+def test_pyramid_decoder_on_every_backbone(name, options, ch, size, decoder):
+    """The decoders reading pyramid and input (per class) fit every backbone's pyramid, odd sizes too."""
     torch.manual_seed(0)
-    m = build_impactx(name, ch, 3, size, backbone_options=options, decoder="additive", per_class=True).eval()
+    m = build_impactx(name, ch, 3, size, backbone_options=options, decoder=decoder, per_class=True).eval()
     x = torch.randn(1, ch, *size)
     with torch.no_grad():
         logits, maps = m.forward_all(x)
@@ -148,7 +150,7 @@ def test_decoders_on_adapted_lep_and_per_channel_maps():
 
 
 def test_registry_and_bad_decoder_name():
-    assert {"paper", "unet", "unet_input", "additive"} <= set(DECODERS.names())
+    assert {"paper", "unet", "unet_input", "additive", "lite", "lite_additive"} <= set(DECODERS.names())
     with pytest.raises(ConfigError, match="did you mean 'unet'"):
         build_impactx("lenet5", 1, 10, (28, 28), decoder="unett")
     with pytest.raises(ConfigError, match="per_class"):
@@ -256,6 +258,64 @@ def test_loss_registry_and_bad_pool():
 
 
 # -- additive form ---------------------------------------------------------------------------------
+
+def test_lite_decoders_by_hand():
+    """``lite``: 1x1 laterals added top-down (z at the coarsest level), depthwise-separable conv and a 1x1
+    head at the finest level, resized; ``lite_additive``: that output, resized to the input, multiplies
+    ``x - reference`` and is summed over channels."""
+    torch.manual_seed(0)
+    shapes = [(4, 6, 6), (6, 3, 3)]
+    z, x = torch.randn(2, 8), torch.randn(2, 2, 12, 12)
+    pyramid = [torch.randn(2, 4, 6, 6), torch.randn(2, 6, 3, 3)]
+    dec = LiteDecoder(8, shapes, (12, 12), head_channels=3, width=5)
+    top = F.relu(dec.lateral[1](pyramid[1]) + dec.z_proj(z)[:, :, None, None])
+    h = F.relu(F.interpolate(top, size=(6, 6), mode="bilinear", align_corners=False) + dec.lateral[0](pyramid[0]))
+    dw, pw = dec.mix[0], dec.mix[1]
+    h = F.relu(F.conv2d(F.conv2d(h, dw.weight, dw.bias, padding=1, groups=5), pw.weight, pw.bias))
+    coarse = F.conv2d(h, dec.head.weight, dec.head.bias)
+    torch.testing.assert_close(dec(z, pyramid), F.interpolate(coarse, size=(12, 12), mode="bilinear", align_corners=False))
+
+    add = LiteAdditiveDecoder(8, shapes, (12, 12), in_channels=2, out_channels=1, width=5, classes=3, reference=(0.5, -1.0))
+    g = F.interpolate(add.coarse(z, pyramid), size=(12, 12), mode="bilinear", align_corners=False).view(2, 3, 2, 12, 12)
+    hand = (x[:, None, 0] - 0.5) * g[:, :, 0] + (x[:, None, 1] + 1.0) * g[:, :, 1]
+    torch.testing.assert_close(add(z, pyramid, x), hand)
+    assert add(z, pyramid, torch.stack([torch.full((12, 12), 0.5), torch.full((12, 12), -1.0)])[None].expand(2, -1, -1, -1)
+               ).abs().max().item() == 0.0
+    with pytest.raises(ConfigError, match="1 map or one per input channel"):
+        LiteAdditiveDecoder(8, shapes, (12, 12), in_channels=3, out_channels=2)
+
+
+def test_lite_decoder_costs_a_fraction_of_lenet():
+    """The point of ``lite``: at width 16 its multiply-adds are well under LeNet-5's (unet_input: over 4x)."""
+    from teachx.models import build_model as bm
+
+    def macs(module: nn.Module, *inputs) -> int:
+        total = [0]
+
+        def hook(mod, inp, out):
+            if isinstance(mod, nn.Conv2d):
+                total[0] += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+            elif isinstance(mod, nn.Linear):
+                total[0] += out.numel() * mod.in_features
+
+        hs = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            module(*inputs)
+        for h_ in hs:
+            h_.remove()
+        return total[0]
+
+    x = torch.randn(1, 3, 32, 32)
+    lenet = bm("lenet5", 3, 10, (32, 32)).eval()
+    base = macs(lenet, x)
+    for name, most in (("lite", 0.5), ("lite_additive", 0.5)):
+        m = build_impactx("lenet5", 3, 10, (32, 32), decoder=name, per_class=True, decoder_width=16).eval()
+        z, pyramid = m.lep.features_with_pyramid(x)
+        assert macs(m.decoder, z, pyramid, x) < most * base, name
+    m = build_impactx("lenet5", 3, 10, (32, 32), decoder="unet_input", per_class=True).eval()
+    z, pyramid = m.lep.features_with_pyramid(x)
+    assert macs(m.decoder, z, pyramid, x) > 3 * base
+
 
 def test_additive_form_is_sum_of_x_minus_reference_times_g():
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from teachx.errors import TeachxError
@@ -121,6 +122,12 @@ def _map_data(name: str, m: np.ndarray, prov: dict, png: bool = False) -> MapDat
                    min=float(finite.min()) if finite.size else None, max=float(finite.max()) if finite.size else None,
                    values=[float(v) if np.isfinite(v) else None for v in m.astype(np.float64).ravel()],
                    png=render.data_url(render.map_png(m)) if png else None, provenance=prov)
+
+
+async def _answer(ready: bool, fn, *args):
+    """Answers from the cache run on the event loop (no thread hand-off: ~0.1 ms of work); anything that
+    may load a model or compute goes to the worker threads, so the loop never blocks on it."""
+    return fn(*args) if ready else await run_in_threadpool(fn, *args)
 
 
 def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, allowed_hosts: Optional[list[str]] = None) -> FastAPI:
@@ -232,9 +239,9 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
             **_prov_header(res["provenance"]), "Content-Disposition": f'attachment; filename="{model_id}-images.csv"'})
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}", response_model=ImageDetail, responses=ERRORS)
-    def image(model_id: str, index: int):
+    async def image(model_id: str, index: int):
         """One test image: prediction, class probabilities, which maps exist, cached metrics."""
-        return service.image(model_id, index)
+        return await _answer(service.ready(model_id, index), service.image, model_id, index)
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/input.png", responses=ERRORS, response_class=Response)
     def input_png(model_id: str, index: int, scale: int = Query(1, ge=1, le=16)):
@@ -250,25 +257,28 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
                                                                 "instead of the predicted class's")
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.png", responses=ERRORS, response_class=Response)
-    def map_png(model_id: str, index: int, name: str = map_name, scale: int = Query(1, ge=1, le=16),
-                vmax: Optional[float] = Query(None, gt=0, description="colour scale; default max |map|"),
-                cls: Optional[int] = map_class()):
+    async def map_png(model_id: str, index: int, name: str = map_name, scale: int = Query(1, ge=1, le=16),
+                      vmax: Optional[float] = Query(None, gt=0, description="colour scale; default max |map|"),
+                      cls: Optional[int] = map_class()):
         """A map as a PNG, bwr colour map symmetric around 0."""
-        m, prov = service.map(model_id, index, name, cls)
+        m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
+        if scale > 4:  # a large PNG takes milliseconds to encode: not on the event loop
+            return await run_in_threadpool(lambda: Response(render.map_png(m, vmax, scale), media_type="image/png", headers={
+                **_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))}))
         return Response(render.map_png(m, vmax, scale), media_type="image/png",
                         headers={**_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))})
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.npy", responses=ERRORS, response_class=Response)
-    def map_npy(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
+    async def map_npy(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
         """A map as a float32 (C, H, W) ``.npy`` array (read with ``np.load(f, allow_pickle=False)``)."""
-        m, prov = service.map(model_id, index, name, cls)
+        m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
         return Response(render.npy_bytes(m.astype(np.float32)), media_type="application/octet-stream", headers={
             **_prov_header(prov), "Content-Disposition": f'attachment; filename="{model_id}-{index}-{name}.npy"'})
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}", response_model=MapData, responses=ERRORS)
-    def map_json(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
+    async def map_json(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
         """A map as JSON: shape, symmetric scale and the row-major values."""
-        m, prov = service.map(model_id, index, name, cls)
+        m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
         return _map_data(name, m, prov)
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/metrics", response_model=MetricsResponse, responses=ERRORS)

@@ -35,6 +35,7 @@ import torch
 
 from teachx.errors import TeachxError
 from teachx.models import BUILT_IN_MAP_MODELS
+from teachx.service.batching import Coalescer
 from teachx.service.cache import ArrayCache
 from teachx.service.catalog import ModelEntry, RunEntry, discover
 
@@ -160,6 +161,7 @@ class Service:
         self._teachers: dict[tuple[str, str], Any] = {}
         self._views: dict[str, ArrayCache] = {}
         self._methods: dict[tuple[str, str], tuple[ArrayCache, Any, Any]] = {}
+        self._coalescers: dict[str, Coalescer] = {}
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -261,6 +263,17 @@ class Service:
         if not 0 <= index < d.n:
             raise NotFound(f"image index {index} is out of range: the test split of {d.plan.dataset.name} has {d.n} images (0..{d.n - 1})")
         return d
+
+    def ready(self, model_id: str, index: int, name: Optional[str] = None) -> bool:
+        """Whether the image view (``name`` None) or built-in map of ``index`` is answered from memory and
+        the cache alone -- no loading, no model call -- so the server may answer it without a worker thread."""
+        lm = self._loaded.get(model_id)
+        cache = self._views.get(model_id)
+        if lm is None or cache is None or not 0 <= index < cache.n:
+            return False
+        if name is None:
+            return cache.has("probs", index) and (not lm.impactx or cache.has("built_in", index))
+        return name == "built_in" and lm.impactx and cache.has("built_in", index)
 
     def input_image(self, model_id: str, index: int) -> np.ndarray:
         """uint8 (H, W, C) test image."""
@@ -366,25 +379,42 @@ class Service:
 
         return normalize(as_nchw(images_u8).to(lm.device), lm.mean, lm.std)
 
+    def _coalescer(self, cache: ArrayCache, max_batch: int) -> Coalescer:
+        """The coalescer of one cache: concurrent requests for its rows share batches."""
+        c = self._coalescers.get(cache.key)
+        if c is None:
+            with self._lock:
+                c = self._coalescers.setdefault(cache.key, Coalescer(max_batch))
+        return c
+
     def fill_view(self, lm: Loaded, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None) -> None:
-        """Probabilities (and built-in maps) for the rows of ``indices`` that are not cached."""
+        """Probabilities (and built-in maps) for the rows of ``indices`` that are not cached. Concurrent
+        callers share batches (``Coalescer``); ``progress`` (precompute) counts rows as they are stored."""
         cache = self.view_cache(lm)
         d = self.data(lm)
-        todo = cache.missing("probs", indices)
-        if lm.impactx:
-            todo = np.union1d(todo, cache.missing("built_in", indices))
-        for s in range(0, len(todo), self.batch_size):
-            idx = todo[s : s + self.batch_size]
-            x = self._x(lm, d.test.images[idx])
-            with lm.lock, torch.no_grad():
-                if lm.impactx:
-                    logits, maps = lm.model.forward_all(x)  # one pass: every built-in-map model (IMPACTX, ABN)
-                    cache.put("built_in", idx, maps.float().cpu().numpy())
-                else:
-                    logits = lm.model(x)
-            cache.put("probs", idx, logits.float().softmax(1).cpu().numpy())
-            if progress:
-                progress(len(idx))
+
+        def missing(idx: np.ndarray) -> np.ndarray:
+            todo = cache.missing("probs", idx)
+            return np.union1d(todo, cache.missing("built_in", idx)).astype(np.int64) if lm.impactx else todo
+
+        def compute(todo: np.ndarray) -> None:
+            for s in range(0, len(todo), self.batch_size):
+                idx = todo[s : s + self.batch_size]
+                x = self._x(lm, d.test.images[idx])
+                with lm.lock, torch.no_grad():
+                    if lm.impactx:
+                        logits, maps = lm.model.forward_all(x)  # one pass: every built-in-map model (IMPACTX, ABN)
+                        cache.put("built_in", idx, maps.float().cpu().numpy())
+                    else:
+                        logits = lm.model(x)
+                cache.put("probs", idx, logits.float().softmax(1).cpu().numpy())
+                if progress:
+                    progress(len(idx))
+
+        if progress:  # one caller walking the whole split: no one to share with
+            compute(missing(np.asarray(indices, dtype=np.int64)))
+        else:
+            self._coalescer(cache, self.batch_size).run(indices, missing, compute)
 
     def _targets(self, lm: Loaded, tcfg, idx: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         d = self.data(lm)
@@ -407,17 +437,27 @@ class Service:
             raise MethodFailed(f"{tcfg.method} failed on model '{lm.entry.id}': {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
 
     def fill_maps(self, lm: Loaded, method: str, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None) -> ArrayCache:
+        """``method``'s maps for the rows of ``indices`` that are not cached (concurrent callers share batches)."""
         cache, teacher, tcfg = self.method_cache(lm, method)
         d = self.data(lm)
-        todo = cache.missing("map", indices)
         bs = max(1, int(tcfg.batch_size))
-        for s in range(0, len(todo), bs):
-            idx = todo[s : s + bs]
-            x = self._x(lm, d.test.images[idx])
-            maps = self._attribute(lm, teacher, tcfg, x, self._targets(lm, tcfg, idx, x))
-            cache.put("map", idx, maps.numpy())
-            if progress:
-                progress(len(idx))
+
+        def compute(todo: np.ndarray) -> None:
+            for s in range(0, len(todo), bs):
+                idx = todo[s : s + bs]
+                x = self._x(lm, d.test.images[idx])
+                maps = self._attribute(lm, teacher, tcfg, x, self._targets(lm, tcfg, idx, x))
+                cache.put("map", idx, maps.numpy())
+                if progress:
+                    progress(len(idx))
+
+        def missing(idx: np.ndarray) -> np.ndarray:
+            return cache.missing("map", idx)
+
+        if progress:
+            compute(missing(np.asarray(indices, dtype=np.int64)))
+        else:
+            self._coalescer(cache, bs).run(indices, missing, compute)
         return cache
 
     def _auc(self, curves: np.ndarray) -> np.ndarray:
