@@ -558,3 +558,12 @@ def test_cached_answers_take_the_event_loop_path_and_match(dirs, tmp_path):
     first["provenance"]["source"] = first_map["provenance"]["source"] = "cache"
     assert again == first and again_map == first_map
     assert c.get("/api/v1/models/run.impactx/images/99999").status_code == 404  # errors keep their status on either path
+
+
+def test_models_on_the_same_test_split_share_test_data(client, service):
+    """``test_data`` (the page's guard before comparing two models on "the same" image) is the loaded split's
+    fingerprint: the run's two models share it; it is unknown (null) until a model is loaded."""
+    a, b = client.get("/api/v1/models/run.impactx").json(), client.get("/api/v1/models/run.baseline").json()
+    assert a["test_data"] and a["test_data"] == b["test_data"] == service.data(service.loaded("run.impactx")).fingerprint
+    listed = {m["id"]: m for m in client.get("/api/v1/models").json()["models"]}
+    assert all((m["test_data"] is None) == (not m["loaded"]) for m in listed.values())

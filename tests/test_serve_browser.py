@@ -184,6 +184,17 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     # another method on demand
     Select(drv.find_element(By.ID, "method")).select_by_value("saliency")
     wait(drv, lambda d: canvas_colours(d, "map-saliency")[2] > 0, "the saliency map")
+    # compare with another model on the same image: the run's baseline classifier (its teacher map and saliency)
+    Select(drv.find_element(By.ID, "compare")).select_by_value("run.baseline")
+    cmp_state = lambda d: d.find_element(By.ID, "compare-box").get_attribute("data-state")  # noqa: E731
+    wait(drv, lambda d: cmp_state(d) == f"run.baseline/{index}", "the compared model's row")
+    other = api(f"/models/run.baseline/images/{index}")
+    assert drv.find_element(By.ID, "compare-title").text.startswith(f"run: {api('/models/run.baseline')['label']} · predicted {other['predicted_name']}")
+    for name in ("teacher", "saliency"):
+        w, h, coloured = canvas_colours(drv, f"cmp-{name}")
+        assert (w, h) == (32, 32) and coloured > 20, (name, w, h, coloured)
+    assert not drv.find_elements(By.ID, "cmp-built_in")  # a plain classifier has none
+    shot("compare")
     # keyboard: next image of the filtered list
     second = int(thumbs(drv)[1].get_attribute("data-index"))
     drv.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
@@ -191,11 +202,14 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0, "the next image's map")
     # the URL reopens the same view
     link = drv.current_url
-    assert "model=run.impactx" in link and f"index={second}" in link and "label=1" in link
+    assert "model=run.impactx" in link and f"index={second}" in link and "label=1" in link and "compare=run.baseline" in link
     drv.get("about:blank")
     drv.get(link)
     wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-index") == str(second), "the bookmarked view")
     assert Select(drv.find_element(By.ID, "f-label")).first_selected_option.get_attribute("value") == "1"
+    wait(drv, lambda d: cmp_state(d) == f"run.baseline/{second}", "the bookmarked compare row")
+    Select(drv.find_element(By.ID, "compare")).select_by_value("")
+    wait(drv, lambda d: not d.find_element(By.ID, "compare-box").is_displayed(), "no compare row")
     wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0, "the bookmarked image's map")
     drv.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     wait(drv, lambda d: not d.find_element(By.ID, "detail").is_displayed(), "Esc to close the detail view")

@@ -532,13 +532,14 @@ class Service:
                "has_built_in": e.kind in BUILT_IN_MAP_MODELS, "per_class": _per_class(e.kind, cfg), "test_acc": e.test_acc, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
                "config_hash": e.config_hash, "config": cfg, "info": _jsonable(e.info), "error": self.status(model_id),
                "dataset": (cfg.get("data") or {}).get("name"), "teacher_method": (cfg.get("teacher") or {}).get("method"),
-               "class_names": None, "image_size": None, "channels": None, "n_images": None, "loaded": model_id in self._loaded}
+               "class_names": None, "image_size": None, "channels": None, "n_images": None, "test_data": None,
+               "loaded": model_id in self._loaded}
         lm = self._loaded.get(model_id)
         if lm is not None:
             out.update(class_names=lm.class_names, image_size=list(lm.image_size), channels=lm.channels)
             d = self._data.get(lm.data_key)
             if d is not None:
-                out["n_images"] = d.n
+                out["n_images"], out["test_data"] = d.n, d.fingerprint
         return out
 
     def list_images(self, model_id: str, label: Optional[int] = None, predicted: Optional[int] = None,

@@ -53,6 +53,8 @@ class ModelInfo(BaseModel):
     image_size: Optional[list[int]]
     channels: Optional[int]
     n_images: Optional[int] = Field(None, description="test images (known once the model and its data are loaded)")
+    test_data: Optional[str] = Field(None, description="fingerprint of the test split, once loaded: models with the same value "
+                                                      "show the same image at the same index (the page compares them side by side)")
     loaded: bool
 
 

@@ -13,6 +13,8 @@ const state = {
   loading: false,
   index: null,         // open image index
   maps: {},            // name -> {values, shape, vmax, method}
+  compareMaps: {},     // the compared model's maps of the open image
+  infos: {},           // model id -> loaded ModelInfo (for the compare row)
   input: null,         // HTMLImageElement of the open image
   listToken: 0,
   sentinel: null,      // the grid's last child: scrolling it into view loads the next page
@@ -66,6 +68,7 @@ function writeHash() {
   const extra = $("method").value;
   if (extra) p.set("method", extra);
   if (!$("class-pick").hidden && $("map-class").value !== "") p.set("class", $("map-class").value);
+  if ($("compare").value) p.set("compare", $("compare").value);
   history.replaceState(null, "", "#" + p.toString());
   $("bookmark").href = location.href;
 }
@@ -164,6 +167,10 @@ async function loadRuns() {
     }
     sel.append(group);
   }
+  const cmp = $("compare");
+  cmp.textContent = "";
+  cmp.append(h("option", { value: "", text: "(none)" }));
+  for (const m of state.models) if (!m.error) cmp.append(h("option", { value: m.id, text: `${m.run_id}: ${m.label}` }));
   const teachers = await api("/teachers");
   for (const id of ["method", "upload-method"]) {
     const s = $(id);
@@ -180,6 +187,7 @@ async function selectModel(id, keep = {}) {
   $("detail").hidden = true;
   const info = await api("/models/" + encodeURIComponent(id));
   state.model = info;
+  state.infos[id] = info;
   $("model").value = id;
   const parts = [info.kind === "impactx" ? "IMPACTX (built-in maps)" : "classifier", info.dataset, "teacher: " + info.teacher_method];
   if (info.test_acc !== null) parts.push(`test acc ${(100 * info.test_acc).toFixed(2)}%`);
@@ -308,17 +316,63 @@ async function openImage(index) {
     for (const name of names) {
       const m = state.maps[name];
       if (m.error) { box.append(h("figure", { "data-map": name }, h("figcaption", { class: "error", text: `${name}: ${m.error}` }))); continue; }
-      const of = m.provenance.method_options && m.provenance.method_options.class_name;
-      const caption = name === "built_in" ? "built-in map (IMPACTX)" + (of ? ` of class ${of}` : "") : name === "teacher" ? `teacher method on this model (${m.method})`
-        : name === "difference" ? `difference: ${m.method}` : `${m.method} on this model`;
-      const f = figure(name, caption + ` · ${m.provenance.source}`, m);
+      const f = figure(name, captionFor(name, m) + ` · ${m.provenance.source}`, m);
       box.append(f.fig);
       draw(f.canvas, state.input, m);
     }
     writeHash();
-    await renderMetrics(index);
+    await Promise.all([renderMetrics(index), renderCompare(index)]);
   } catch (err) {
     showError(err.message);
+  }
+}
+
+function captionFor(name, m) {
+  const of = m.provenance.method_options && m.provenance.method_options.class_name;
+  return name === "built_in" ? "built-in map (IMPACTX)" + (of ? ` of class ${of}` : "") : name === "teacher" ? `teacher method on this model (${m.method})`
+    : name === "difference" ? `difference: ${m.method}` : `${m.method} on this model`;
+}
+
+// another model on the same test image: its prediction and maps, drawn on the same colour scale rules
+async function renderCompare(index) {
+  const box = $("compare-box"), maps = $("compare-maps");
+  const cid = $("compare").value;
+  maps.textContent = "";
+  box.dataset.state = "";
+  state.compareMaps = {};
+  if (!cid || !state.model || cid === state.model.id) { box.hidden = true; return; }
+  box.hidden = false;
+  const modelId = state.model.id;
+  const ce = encodeURIComponent(cid);
+  try {
+    const info = state.infos[cid] || (state.infos[cid] = await api("/models/" + ce));
+    if (info.error) throw new Error(`model ${cid}: ${info.error}`);
+    if (info.test_data && state.model.test_data && info.test_data !== state.model.test_data)
+      throw new Error(`${info.label} was tested on other data (${info.dataset}): image #${index} is not the same image there`);
+    const d = await api(`/models/${ce}/images/${index}`);
+    if (state.index !== index || state.model.id !== modelId) return;  // the user moved on
+    $("compare-title").textContent = `${info.run_id}: ${info.label} · predicted ${d.predicted_name} (${(100 * d.probabilities[d.predicted].p).toFixed(1)}%)`
+      + (d.correct ? "" : " ✗") + (info.test_acc !== null && info.test_acc !== undefined ? ` · test acc ${(100 * info.test_acc).toFixed(2)}%` : "");
+    const names = d.maps.filter((n) => n !== "difference");
+    const extra = $("method").value;
+    if (extra && !names.includes(extra)) names.push(extra);
+    await Promise.all(names.map(async (name) => {
+      try { state.compareMaps[name] = await api(`/models/${ce}/images/${index}/maps/${encodeURIComponent(name)}`); }
+      catch (err) { state.compareMaps[name] = { error: err.message }; }
+    }));
+    if (state.index !== index || state.model.id !== modelId) return;
+    for (const name of names) {
+      const m = state.compareMaps[name];
+      if (m.error) { maps.append(h("figure", { "data-map": name }, h("figcaption", { class: "error", text: `${name}: ${m.error}` }))); continue; }
+      const canvas = h("canvas", { id: "cmp-" + name.replace(/[^a-z0-9_-]/gi, "_"), "data-map": name });
+      maps.append(h("figure", { "data-map": name }, canvas, h("figcaption", { text: captionFor(name, m) + ` · ${m.provenance.source}` }), colourBar(m.vmax)));
+      draw(canvas, state.input, m);
+    }
+    box.dataset.state = `${cid}/${index}`;
+  } catch (err) {
+    $("compare-title").textContent = "";
+    maps.append(h("div", { class: "error", text: err.message }));
+    box.dataset.state = "error";
   }
 }
 
@@ -327,6 +381,10 @@ function redraw() {
     const name = c.dataset.map;
     if (name === "input") draw(c, state.input, null);
     else if (state.maps[name] && !state.maps[name].error) draw(c, state.input, state.maps[name]);
+  }
+  for (const c of document.querySelectorAll("#compare-maps canvas[data-map]")) {
+    const m = state.compareMaps[c.dataset.map];
+    if (m && !m.error) draw(c, state.input, m);
   }
 }
 
@@ -445,7 +503,7 @@ async function main() {
     return;
   }
   const hs = readHash();
-  for (const [key, id] of [["correct", "f-correct"], ["sort", "f-sort"], ["order", "f-order"], ["method", "method"]]) if (hs[key]) $(id).value = hs[key];
+  for (const [key, id] of [["correct", "f-correct"], ["sort", "f-sort"], ["order", "f-order"], ["method", "method"], ["compare", "compare"]]) if (hs[key]) $(id).value = hs[key];
   const first = state.models.find((m) => m.id === hs.model) || state.models.find((m) => !m.error) || state.models[0];
   if (!first) { showError("no models found in the directories served"); return; }
   await selectModel(first.id, { "f-label": hs.label || "", "f-pred": hs.pred || "", cls: hs.class || "" });
@@ -455,6 +513,7 @@ async function main() {
   for (const id of ["f-label", "f-pred", "f-correct", "f-sort", "f-order"]) $(id).addEventListener("change", () => resetList());
   $("method").addEventListener("change", () => { if (state.index !== null) openImage(state.index); else writeHash(); });
   $("map-class").addEventListener("change", () => { if (state.index !== null) openImage(state.index); else writeHash(); });
+  $("compare").addEventListener("change", () => { writeHash(); if (state.index !== null) renderCompare(state.index); });
   $("opacity").addEventListener("input", redraw);
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));
