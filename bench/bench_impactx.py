@@ -9,13 +9,15 @@ Measures, at batch 64 on 32x32x3 inputs (medians of --repeats):
 - map reading: the same IMPACTX step with maps from the store vs maps already in memory (target <= 5%);
 - inference: built-in maps (one forward) vs the baseline forward (target <= 2.5x) and vs post-hoc
   shap.DeepExplainer with a background of 100 on the same model (target >= 100x).
-- with ``--decoders paper,unet,unet_input,additive`` (``impactx.decoder``; ``--per-class``,
+- with ``--decoders paper,unet,unet_input,additive,lite@16`` (``impactx.decoder``, ``@W`` its
+  ``impactx.decoder_width``, default 32; ``--per-class``,
   ``--map-loss`` and ``--faith-weight`` as the config options of the same names): for each decoder,
   the built-in maps' forward vs the baseline forward and the IMPACTX training step vs the baseline
   step, side by side at batch 64, and the decoder's multiply-adds per image (``decoders`` in the JSON).
 Writes bench/results/impactx.json atomically and prints a table.
 
     python bench/bench_impactx.py [--models lenet5,mobilenet] [--repeats 5] [--threads N] [--posthoc-models lenet5,mobilenet]
+    python bench/bench_impactx.py --models lenet5 --decoders unet_input,lite@16,lite_additive@16 --per-class --map-loss pearson --out bench/results/impactx_decoders_per_class.json
     python bench/bench_impactx.py --models lenet5 --decoders paper,unet,unet_input,additive [--per-class] [--map-loss pearson] [--faith-weight 0.1] --out bench/results/impactx_decoders.json
 """
 
@@ -250,12 +252,14 @@ def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool
     rows = []
     from teachx.models.decoders import DECODERS
 
-    for decoder in decoders:
+    for item in decoders:
+        decoder, _, width = item.partition("@")  # "lite@16": impactx.decoder_width 16 (default 32, the config's)
+        width = int(width or 32)
         if per_class and not DECODERS.get(decoder).supports_per_class:
             print(f"{name}: decoder {decoder} makes one map only; skipped with --per-class")
             continue
         torch.manual_seed(0)
-        imp = build_impactx(name, C, K, (SIZE, SIZE), decoder=decoder, per_class=per_class)
+        imp = build_impactx(name, C, K, (SIZE, SIZE), decoder=decoder, per_class=per_class, decoder_width=width)
         opt_i = torch.optim.Adam([p for p in imp.parameters() if p.requires_grad], 1e-3)
 
         class _Source:  # in-memory maps; the explained class is the label
@@ -282,7 +286,7 @@ def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool
         macs_builtin = macs_per_image(_BuiltInPath(imp), xb)
         macs_lep = macs_per_image(_Features(imp.lep), xb)
         rows.append({
-            "model": name, "decoder": decoder, "per_class": per_class, "map_loss": map_loss, "faith_weight": faith_weight,
+            "model": name, "decoder": decoder, "decoder_width": width, "per_class": per_class, "map_loss": map_loss, "faith_weight": faith_weight,
             "batch": B, "baseline_forward_s": t_fwd, "builtin_maps_forward_s": t_builtin,
             "ratio_builtin_maps_to_forward": t_builtin / t_fwd,
             "baseline_step_s": t_base_step, "impactx_step_s": t_step, "ratio_impactx_step_to_baseline": t_step / t_base_step,
@@ -348,7 +352,7 @@ def main() -> None:
         for name in args.models.split(","):
             rows += bench_decoders(name, args.decoders.split(","), args.repeats, args.per_class, args.map_loss, args.faith_weight)
         for r in rows:
-            print(f"{r['model']:10s} {r['decoder']:11s} built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward | "
+            print(f"{r['model']:10s} {r['decoder'] + '@' + str(r['decoder_width']):16s} built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward | "
                   f"step {r['ratio_impactx_step_to_baseline']:.2f}x baseline | decoder MACs "
                   f"{r['macs_per_image']['decoder'] / r['macs_per_image']['baseline']:.2f}x the baseline model's")
         write_json_atomic(args.out, {"benchmark": "impactx_decoders", "threads": torch.get_num_threads(), "torch": torch.__version__,
