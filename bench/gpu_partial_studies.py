@@ -33,8 +33,18 @@ def _study_dir(source: Path, tmp: Path) -> Path:
     return top
 
 
+def _spec_arms(root: Path) -> dict[str, str]:
+    """unit key -> arm, exactly as the study's own study.yaml defines them (the runner's keys); {} without one."""
+    if not (root / "study.yaml").is_file():
+        return {}
+    from teachx.interfaces.study import load_study_dir, unit_names
+
+    return {key: where["arm"] for key, where in unit_names(load_study_dir(root)).items()}
+
+
 def _arm(unit: dict[str, Any]) -> str:
-    """The study arm a unit belongs to, from its config (baseline, an IMPACTX variant or a training method)."""
+    """The study arm a unit belongs to, guessed from its config when the study.yaml is missing (baseline, an
+    IMPACTX variant or a training method)."""
     cfg = unit["config"]
     if unit["kind"] == "classifier":
         return "baseline"
@@ -54,12 +64,13 @@ def summarise(source: Path) -> dict[str, Any]:
 def _summarise(source: Path, root: Path) -> dict[str, Any]:
     fix = "it came back damaged from the device machine: run bench/gpu_issue14.sh again"
     units = []
+    arms = _spec_arms(root)
     for d in sorted(p for p in (root / "units").iterdir() if (p / "unit.json").is_file()):
         info = read_trusted_json(d / "unit.json", fix, "unit record")
         stage = read_trusted_json(d / "stage.json", fix, "unit result") if (d / "stage.json").is_file() else None
         hist = json.loads((d / "history.json").read_text()) if (d / "history.json").is_file() else []
         secs = [h["seconds"] for h in hist if isinstance(h, dict) and "seconds" in h]
-        units.append({"unit": d.name, "arm": _arm(info), "seed": info["config"]["seed"],
+        units.append({"unit": d.name, "arm": arms.get(d.name) or _arm(info), "arm_from": "study.yaml" if d.name in arms else "config", "seed": info["config"]["seed"],
                       "backbone": info["config"]["model"]["backbone"], "finished": stage is not None,
                       "epochs_done": len(hist), "epochs": info["config"]["train"]["epochs"],
                       "test_acc": stage.get("test_acc") if stage else None,

@@ -567,3 +567,18 @@ def test_models_on_the_same_test_split_share_test_data(client, service):
     assert a["test_data"] and a["test_data"] == b["test_data"] == service.data(service.loaded("run.impactx")).fingerprint
     listed = {m["id"]: m for m in client.get("/api/v1/models").json()["models"]}
     assert all((m["test_data"] is None) == (not m["loaded"]) for m in listed.values())
+
+
+def test_an_unfinished_study_names_its_units_from_its_study_yaml(dirs, tmp_path):
+    """Without study.json (a study still running, or stopped) the units are named from the recorded spec:
+    ``unit_names`` computes the runner's own keys, so the names equal the finished study's."""
+    from teachx.interfaces.study import load_study_dir, unit_names
+
+    finished = {m.name: (m.label, m.role, m.info.get("seed")) for m in Service([dirs["study"]], cache_dir=tmp_path / "a").runs[0].models}
+    study = tmp_path / "study"
+    shutil.copytree(dirs["study"], study)
+    (study / "study.json").unlink()
+    running = {m.name: (m.label, m.role, m.info.get("seed")) for m in Service([study], cache_dir=tmp_path / "b").runs[0].models}
+    assert running == finished and {r for _, r, _ in finished.values()} >= {"baseline", "lambda0", "impactx"}
+    names = unit_names(load_study_dir(study))
+    assert set(names) == {p.name for p in (study / "units").iterdir() if p.is_dir()}  # every unit, no unknown key

@@ -160,9 +160,23 @@ _STUDY_KEYS = tuple(STUDY_KEYS)
 def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
     """Read a study YAML; ``overrides`` are KEY=VALUE (``study.*`` keys change the study section)."""
     from teachx.interfaces.shipped_configs import find_config
+
+    return _study_from_raw(load_yaml(find_config(path)), str(path), overrides, n_seeds)  # a file, or a shipped config's name
+
+
+def load_study_dir(study_dir: str | Path) -> StudySpec:
+    """The spec a study directory records in its study.yaml (as teachx wrote it: ``source`` names the file the
+    study was started from and is dropped); raises ConfigError when the file is not a readable study."""
+    path = Path(study_dir) / "study.yaml"
+    raw = load_yaml(path)
+    if isinstance(raw.get("study"), dict):
+        raw["study"] = {k: v for k, v in raw["study"].items() if k != "source"}
+    return _study_from_raw(raw, str(path))
+
+
+def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
     from teachx.registry import suggest
 
-    raw = load_yaml(find_config(path))  # a file, or a shipped study config's name
     if "study" not in raw or not isinstance(raw["study"], dict):
         raise ConfigError(f"'{path}' has no 'study:' section; add study: {{n_seeds: 5, arms: {{impactx: {{}}, lambda0: {{impactx.lam: 0}}}}}}")
     section = dict(raw.pop("study"))
@@ -320,6 +334,33 @@ def method_key(cfg: RunConfig) -> str:
 
 def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
     return hash_json({"v": STUDY_VERSION, "eval": asdict(ev), "teacher": _relevant(cfg).get("teacher", {})})[:12]
+
+
+def unit_names(spec: StudySpec) -> dict[str, dict[str, Any]]:
+    """unit key -> {arm, regime, seed} for every unit the study makes, computed from the spec alone (the
+    keys the runner uses; nothing is trained or read). Teacher models that are no arm's own baseline get
+    ``arm`` "teacher". Viewers name the units of an unfinished study (no study.json yet) with it."""
+    from teachx.interfaces.pipeline import teacher_training
+
+    names: dict[str, dict[str, Any]] = {}
+    teachers: dict[str, dict[str, Any]] = {}
+    for regime in spec.regimes:
+        for seed in spec.seeds:
+            for arm in [None, *spec.arms]:
+                if not spec.runs(regime, arm):
+                    continue
+                cfg = spec.config(regime, arm, seed)
+                if arm is None:
+                    names.setdefault(classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options)),
+                                     {"arm": BASELINE, "regime": regime, "seed": seed})
+                    continue
+                key = impactx_key(cfg) if method_name(cfg) == "impactx" else method_key(cfg)
+                names.setdefault(key, {"arm": arm, "regime": regime, "seed": seed})
+                tcfg, tb, topts = teacher_training(cfg)
+                teachers.setdefault(classifier_key(tcfg, tb, topts), {"arm": "teacher", "regime": regime, "seed": tcfg.seed})
+    for key, where in teachers.items():
+        names.setdefault(key, where)
+    return names
 
 
 # -- running --------------------------------------------------------------------------------------

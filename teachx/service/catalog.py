@@ -154,6 +154,15 @@ def _study(rid: str, path: Path) -> RunEntry:
             run.summary = {"units": len(data.get("units", {})), "rows": len(data.get("rows", []))}
         except (TeachxError, OSError, KeyError, TypeError) as exc:
             run.summary = {"error": f"study.json unreadable: {exc}"}
+    if (path / "study.yaml").is_file():  # an unfinished study (or units of a newer spec): name them from the spec
+        try:
+            from teachx.interfaces.study import load_study_dir, unit_names
+
+            spec = load_study_dir(path)
+            for key, where in unit_names(spec).items():
+                names.setdefault(key, {**where, "regimes": len(spec.regimes)})
+        except (TeachxError, OSError, ValueError, KeyError, TypeError):
+            pass  # units keep their keys as names
     units = sorted((path / "units").iterdir()) if (path / "units").is_dir() else []
     for d in units:
         if not d.is_dir():
