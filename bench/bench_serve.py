@@ -9,7 +9,10 @@ IMPACTX model, and measures with bounded loops of HTTP requests from this proces
 - ``uncached_built_in``: ``GET /images/{i}/maps/built_in`` of images never asked for: one forward
   pass (prediction + built-in map), written to the cache;
 - ``upload``: ``POST /predict`` of a PNG at the model's input size (prediction + built-in map);
-- ``deepshap``: ``GET /images/{i}/maps/deepshap`` of images never asked for (computed on demand).
+- ``deepshap``: ``GET /images/{i}/maps/deepshap`` of images never asked for (computed on demand);
+- ``list_page`` (measured last): the grid's list, ``GET /images?sort=confidence&order=desc&correct=false``,
+  pages of 120 at every offset over the whole test split, after one cold first page (``list_cold``:
+  predictions for every test image computed then).
 
 Each scenario runs with every ``--clients`` count (threads with one keep-alive connection each;
 uncached scenarios never repeat an index). ``memory`` samples the server's resident memory
@@ -244,7 +247,29 @@ def measure(args, proc: subprocess.Popen, port: int) -> dict:
     rss = [s["VmRSS"] for s in samples[1:]] or [samples[0]["VmRSS"]]
     out["memory"] = {"clients": k, "requests": done, "errors": errors, "seconds": time.perf_counter() - t0, "samples_kb": samples,
                      "rss_first_mb": rss[0] / 1024, "rss_last_mb": rss[-1] / 1024, "growth_mb": (rss[-1] - rss[0]) / 1024}
+    # the grid's list over the whole test split (last: the first sorted list computes every prediction, which
+    # would turn the uncached scenarios above into cached ones): the cold first page, then pages of 120
+    # sorted by confidence, wrong predictions only, at every offset
+    cl = Client(port)
+    try:
+        t0 = time.perf_counter()
+        status, _ = cl.request("GET", f"{base}/images?sort=confidence&order=desc&offset=0&limit=120")
+        out["list_cold"] = {"status": status, "seconds": time.perf_counter() - t0, "images": n}
+    finally:
+        cl.close()
+    offsets = [(120 * j) % max(1, n) for j in range(args.requests)]
+    out["scenarios"]["list_page"] = {str(k): run_load(port, offsets, k, lambda cl, o: cl.request(
+        "GET", f"{base}/images?sort=confidence&order=desc&correct=false&offset={o}&limit=120")[0]) for k in clients}
     return out
+
+
+def server_stack() -> dict:
+    """What uvicorn runs on in this environment (the server is started from the same interpreter): its
+    C-accelerated HTTP parser and event loop (httptools, uvloop) when installed, else h11 and asyncio."""
+    from importlib.util import find_spec
+    from importlib.metadata import version
+
+    return {"uvicorn": version("uvicorn"), "httptools": find_spec("httptools") is not None, "uvloop": find_spec("uvloop") is not None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -267,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--clients and --warm must be >= 1")
     res = bench(args)
     res.update({"command": "python bench/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:]), "note": args.note,
+                "server_stack": server_stack(),
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
                 "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     from teachx.utils.io import write_json_atomic
@@ -282,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 print(f"{name:<18} clients={k:>2}  {r.get('skipped')}")
     mem = res["memory"]
+    print(f"list: first sorted page of {res['list_cold']['images']} images in {res['list_cold']['seconds']:.2f} s (status {res['list_cold']['status']})")
     print(f"memory: {mem['rss_first_mb']:.0f} -> {mem['rss_last_mb']:.0f} MB RSS over {mem['requests']} requests ({mem['errors']} errors); -> {out}")
     return res
 

@@ -582,3 +582,14 @@ def test_an_unfinished_study_names_its_units_from_its_study_yaml(dirs, tmp_path)
     assert running == finished and {r for _, r, _ in finished.values()} >= {"baseline", "lambda0", "impactx"}
     names = unit_names(load_study_dir(study))
     assert set(names) == {p.name for p in (study / "units").iterdir() if p.is_dir()}  # every unit, no unknown key
+
+
+def test_map_json_values_keep_order_and_turn_non_finite_into_null(client):
+    from teachx.service.app import _map_data
+
+    prov = client.get("/api/v1/models/run.impactx/images/0").json()["provenance"]
+    m = np.arange(12, dtype=np.float32).reshape(1, 3, 4) - 5.5
+    m[0, 1, 2], m[0, 2, 3] = np.nan, np.inf
+    d = _map_data("built_in", m, prov)
+    want = [None if not np.isfinite(v) else float(v) for v in m.ravel()]
+    assert d.values == want and d.shape == [1, 3, 4] and d.min == -5.5 and d.max == 4.5

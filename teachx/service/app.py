@@ -117,10 +117,14 @@ def _prov_header(prov: dict) -> dict[str, str]:
 
 
 def _map_data(name: str, m: np.ndarray, prov: dict, png: bool = False) -> MapData:
-    finite = m[np.isfinite(m)]
+    ok = np.isfinite(m)
+    finite = m[ok]
+    values = m.astype(np.float64).ravel().tolist()  # one C call; non-finite values (rare) become null
+    if finite.size != m.size:
+        values = [v if b else None for v, b in zip(values, ok.ravel().tolist())]
     return MapData(name=name, method=prov.get("method"), shape=list(m.shape), vmax=render.symmetric_vmax(m),
                    min=float(finite.min()) if finite.size else None, max=float(finite.max()) if finite.size else None,
-                   values=[float(v) if np.isfinite(v) else None for v in m.astype(np.float64).ravel()],
+                   values=values,
                    png=render.data_url(render.map_png(m)) if png else None, provenance=prov)
 
 
