@@ -88,6 +88,26 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def _reference(decoder: str, in_channels: int, out_channels: int, reference) -> torch.Tensor:
+    """The additive form's reference as a (1, 1, C, 1, 1) tensor, after checking the map and reference shapes."""
+    if out_channels not in (1, in_channels):
+        raise ConfigError(f"the {decoder} decoder makes 1 map or one per input channel ({in_channels}), "
+                          f"not {out_channels}; use teacher.reduce=sum (or none)")
+    ref = [float(r) for r in (reference if isinstance(reference, (list, tuple)) else [reference])]
+    if len(ref) not in (1, in_channels):
+        raise ConfigError(f"impactx.additive_reference needs 1 value or {in_channels} (one per channel), got {len(ref)}")
+    return torch.tensor(ref).view(1, 1, -1, 1, 1).expand(1, 1, in_channels, 1, 1).clone()
+
+
+def _additive_maps(x: torch.Tensor, g: torch.Tensor, reference: torch.Tensor, out_channels: int,
+                   map_size: tuple[int, int]) -> torch.Tensor:
+    """sum_c (x_c - reference_c) * g_c for multipliers g (B, classes, C, H, W); per channel when out_channels > 1."""
+    contrib = (x.unsqueeze(1) - reference.to(x.dtype)) * g  # (B, classes, C, H, W)
+    if out_channels == 1:
+        contrib = contrib.sum(dim=2, keepdim=True)
+    return _resize(contrib.flatten(1, 2), map_size)
+
+
 @DECODERS.register("paper")
 class MapDecoder(Decoder):
     """z -> (B, out_channels, H, W): FC to a coarse grid, then [upsample x2, conv3x3, ReLU] blocks.
@@ -225,15 +245,9 @@ class AdditiveDecoder(InputDecoder):
 
     def __init__(self, latent_dim: int, pyramid: list[tuple[int, int, int]], map_size: tuple[int, int], in_channels: int,
                  out_channels: int = 1, width: int = 32, classes: int = 1, reference: Sequence[float] = (0.0,)):
-        if out_channels not in (1, in_channels):
-            raise ConfigError(f"the additive decoder makes 1 map or one per input channel ({in_channels}), "
-                              f"not {out_channels}; use teacher.reduce=sum (or none)")
-        ref = [float(r) for r in (reference if isinstance(reference, (list, tuple)) else [reference])]
-        if len(ref) not in (1, in_channels):
-            raise ConfigError(f"impactx.additive_reference needs 1 value or {in_channels} (one per channel), got {len(ref)}")
+        ref = _reference("additive", in_channels, out_channels, reference)
         super().__init__(latent_dim, pyramid, map_size, in_channels, out_channels, width, classes)
-        self.register_buffer("reference", torch.tensor(ref).view(1, 1, -1, 1, 1).expand(1, 1, in_channels, 1, 1).clone(),
-                             persistent=False)
+        self.register_buffer("reference", ref, persistent=False)
 
     def head_channels(self) -> int:
         return self.classes * self.in_channels  # one multiplier per class and input channel
@@ -249,11 +263,7 @@ class AdditiveDecoder(InputDecoder):
         return g.view(g.shape[0], self.classes, self.in_channels, *g.shape[-2:])
 
     def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        g = self.multipliers(z, pyramid, x)
-        contrib = (x.unsqueeze(1) - self.reference.to(x.dtype)) * g  # (B, classes, C, H, W)
-        if self.out_channels == 1:
-            contrib = contrib.sum(dim=2, keepdim=True)
-        return _resize(contrib.flatten(1, 2), self.map_size)
+        return _additive_maps(x, self.multipliers(z, pyramid, x), self.reference, self.out_channels, self.map_size)
 
 
 @DECODERS.register("lite")
@@ -311,16 +321,10 @@ class LiteAdditiveDecoder(LiteDecoder):
 
     def __init__(self, latent_dim: int, pyramid: list[tuple[int, int, int]], map_size: tuple[int, int], in_channels: int,
                  out_channels: int = 1, width: int = 16, classes: int = 1, reference: Sequence[float] = (0.0,)):
-        if out_channels not in (1, in_channels):
-            raise ConfigError(f"the lite_additive decoder makes 1 map or one per input channel ({in_channels}), "
-                              f"not {out_channels}; use teacher.reduce=sum (or none)")
-        ref = [float(r) for r in (reference if isinstance(reference, (list, tuple)) else [reference])]
-        if len(ref) not in (1, in_channels):
-            raise ConfigError(f"impactx.additive_reference needs 1 value or {in_channels} (one per channel), got {len(ref)}")
+        ref = _reference("lite_additive", in_channels, out_channels, reference)
         super().__init__(latent_dim, pyramid, map_size, classes * in_channels, width)
         self.classes, self.in_channels, self.out_channels = int(classes), int(in_channels), int(out_channels)
-        self.register_buffer("reference", torch.tensor(ref).view(1, 1, -1, 1, 1).expand(1, 1, in_channels, 1, 1).clone(),
-                             persistent=False)
+        self.register_buffer("reference", ref, persistent=False)
 
     @classmethod
     def from_spec(cls, spec: DecoderSpec) -> "LiteAdditiveDecoder":
@@ -332,10 +336,7 @@ class LiteAdditiveDecoder(LiteDecoder):
             raise ValueError(f"{type(self).__name__} reads the input image; pass x")
         g = _resize(self.coarse(z, pyramid), tuple(x.shape[-2:]))
         g = g.view(g.shape[0], self.classes, self.in_channels, *g.shape[-2:])
-        contrib = (x.unsqueeze(1) - self.reference.to(x.dtype)) * g  # (B, classes, C, H, W)
-        if self.out_channels == 1:
-            contrib = contrib.sum(dim=2, keepdim=True)
-        return _resize(contrib.flatten(1, 2), self.map_size)
+        return _additive_maps(x, g, self.reference, self.out_channels, self.map_size)
 
 
 def build_decoder(name: str, spec: DecoderSpec) -> Decoder:
