@@ -453,6 +453,36 @@ def test_serve_cache_never_serves_a_damaged_row(tmp_path):
     assert np.array_equal(again.get("map", [0, 7]), values[[0, 7]])
 
 
+def test_serve_cache_open_waits_for_another_process_opening_it(tmp_path):
+    """Another server process holding a folder's check/rebuild/open lock: a second one waits for it (and
+    says so) instead of checking -- and perhaps deleting -- that folder half-way, then opens it."""
+    pytest.importorskip("teachx.service.cache")
+    import subprocess
+    import sys
+    import time
+
+    from teachx.service.cache import ArrayCache
+
+    fields = {"probs": ((3,), "float32")}
+    c = ArrayCache(tmp_path, {"m": 2}, 6, fields)
+    path, lock = c.path, c.lock_path(c.path)
+    c.put("probs", np.arange(3), np.full((3, 3), 0.25, np.float32))
+    c.flush()
+    del c
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom teachx.utils.locking import file_lock\n"
+        f"with file_lock({str(lock)!r}):\n    print('held', flush=True)\n    time.sleep(1.5)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    msgs: list[str] = []
+    again = ArrayCache(tmp_path, {"m": 2}, 6, fields, log=msgs.append)
+    waited = time.monotonic() - t0
+    assert holder.wait(30) == 0
+    assert waited > 1.0 and any("waiting for pid" in m for m in msgs), (waited, msgs)
+    assert again.path == path and list(again.missing("probs")) == [3, 4, 5]  # the folder as it was, opened
+    assert not lock.exists()  # released after opening
+
+
 def test_train_with_a_corrupt_stage_record_says_and_does_redo_train(tmp_path):
     out = tmp_path / "base"
     common = ["--out", out, "-q", "train.epochs=1", "data.train_size=200"]

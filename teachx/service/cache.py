@@ -16,7 +16,9 @@ Files are plain ``.npy`` read with ``allow_pickle=False``; nothing is ever unpic
 meta does not match its key, or whose files are missing or of the wrong shape, is rebuilt. When
 the cache folder cannot be written (read-only disk), the arrays live in memory instead: the
 service keeps working, only without persistence. Writes from the server's worker threads go
-through one lock per cache; two processes filling one folder write identical values.
+through one lock per cache; two processes filling one folder write identical values, and the
+check / rebuild / open of a folder holds a file lock (``.<folder>.lock``), so one process never
+deletes another's rebuild half-way.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 from teachx.teachers.store import ROW_DIGEST_BYTES, row_digests
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import write_json_atomic
+from teachx.utils.locking import file_lock
 
 CACHE_VERSION = 2  # 2: per-row digests (folders of version 1 have another key and are rebuilt)
 
@@ -95,7 +98,19 @@ class ArrayCache:
                 return f"field {name} has the wrong shape"
         return None
 
+    def lock_path(self, path: Path) -> Path:
+        return path.parent / f".{path.name}.lock"
+
     def _open_on_disk(self, path: Path, log: Callable[[str], None]) -> None:
+        """Check, rebuild if damaged, and open the folder, holding its file lock: two server processes
+        opening one folder never delete each other's rebuild half-way (writes after that need no lock:
+        both processes write identical rows, and each row is checked against its digest when opened)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.lock_path(path), poll=0.05,
+                       on_wait=lambda h: log(f"serve cache {path}: waiting for pid {h.get('pid')} to finish opening it")):
+            self._open_locked(path, log)
+
+    def _open_locked(self, path: Path, log: Callable[[str], None]) -> None:
         problem = self._problem(path)
         if problem and problem != "absent":
             log(f"serve cache {path} is {problem}; rebuilding it")
