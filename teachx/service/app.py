@@ -266,11 +266,12 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
                       cls: Optional[int] = map_class()):
         """A map as a PNG, bwr colour map symmetric around 0."""
         m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
-        if scale > 4:  # a large PNG takes milliseconds to encode: not on the event loop
-            return await run_in_threadpool(lambda: Response(render.map_png(m, vmax, scale), media_type="image/png", headers={
-                **_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))}))
-        return Response(render.map_png(m, vmax, scale), media_type="image/png",
-                        headers={**_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))})
+
+        def png() -> Response:
+            return Response(render.map_png(m, vmax, scale), media_type="image/png",
+                            headers={**_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))})
+
+        return await _answer(scale <= 4, png)  # a large PNG takes milliseconds to encode: not on the event loop
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.npy", responses=ERRORS, response_class=Response)
     async def map_npy(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
