@@ -27,16 +27,27 @@ def _load(name: str):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak-RSS reset needs Linux /proc")
 def test_memory_probe_sees_a_known_allocation():
-    bench_memory = _load("bench_memory")
+    """In a fresh process, as the benchmark measures: in this one, heap freed by earlier tests stays
+    resident (teachx's malloc tuning keeps it) and could hold the allocation without new pages."""
+    import subprocess
+
     mb = 96
+    code = f"""
+import json, sys, torch
+sys.path.insert(0, {str(BENCH)!r})
+import bench_memory
 
-    def touch():
-        t = torch.ones(mb * 2**20 // 4)  # every page written: resident
-        return float(t[-1])
+def touch():
+    t = torch.ones({mb} * 2**20 // 4)  # every page written: resident
+    return float(t[-1])
 
-    probe = bench_memory.measure(touch)
-    assert mb - 1 <= probe["peak_extra_mb"] <= mb + 16
-    assert bench_memory.measure(lambda: None)["peak_extra_mb"] < 4
+print(json.dumps([bench_memory.measure(touch)["peak_extra_mb"], bench_memory.measure(lambda: None)["peak_extra_mb"]]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen, nothing = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mb - 1 <= seen <= mb + 16
+    assert nothing < 4
 
 
 def test_mac_counter_matches_closed_form():
