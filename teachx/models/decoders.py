@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +106,19 @@ def _additive_maps(x: torch.Tensor, g: torch.Tensor, reference: torch.Tensor, ou
     if out_channels == 1:
         contrib = contrib.sum(dim=2, keepdim=True)
     return _resize(contrib.flatten(1, 2), map_size)
+
+
+def _top_down(owner: str, lateral: nn.ModuleList, merge: Callable[[int, torch.Tensor], torch.Tensor], z_term: torch.Tensor,
+              pyramid: Optional[list[torch.Tensor]]) -> torch.Tensor:
+    """LEP's pyramid merged coarse to fine: ``h = merge(L, lateral_L(f_L) + z_term)``, then for each finer level
+    ``h = merge(i, resize(h, size of f_i) + lateral_i(f_i))``; returns h at the finest level."""
+    if pyramid is None or len(pyramid) != len(lateral):
+        raise ValueError(f"{owner} needs LEP's {len(lateral)} pyramid levels, got {0 if pyramid is None else len(pyramid)}")
+    last = len(pyramid) - 1
+    h = merge(last, lateral[last](pyramid[last]) + z_term[:, :, None, None])
+    for i in range(last - 1, -1, -1):
+        h = merge(i, _resize(h, tuple(pyramid[i].shape[-2:])) + lateral[i](pyramid[i]))
+    return h
 
 
 @DECODERS.register("paper")
@@ -183,14 +196,7 @@ class UNetDecoder(Decoder):
 
     def trunk(self, z: torch.Tensor, pyramid: list[torch.Tensor]) -> torch.Tensor:
         """(B, width, h0, w0) at the finest pyramid level."""
-        if pyramid is None or len(pyramid) != len(self.lateral):
-            raise ValueError(f"{type(self).__name__} needs LEP's {len(self.lateral)} pyramid levels, got "
-                             f"{0 if pyramid is None else len(pyramid)}")
-        last = len(pyramid) - 1
-        h = self.merge[last](self.lateral[last](pyramid[last]) + self.z_proj(z)[:, :, None, None])
-        for i in range(last - 1, -1, -1):
-            h = self.merge[i](_resize(h, tuple(pyramid[i].shape[-2:])) + self.lateral[i](pyramid[i]))
-        return h
+        return _top_down(type(self).__name__, self.lateral, lambda i, t: self.merge[i](t), self.z_proj(z), pyramid)
 
     def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         return _resize(self.head(self.trunk(z, pyramid)), self.map_size)
@@ -298,13 +304,7 @@ class LiteDecoder(Decoder):
 
     def coarse(self, z: torch.Tensor, pyramid: list[torch.Tensor]) -> torch.Tensor:
         """(B, head_channels, h0, w0): the head's output at the finest pyramid level."""
-        if pyramid is None or len(pyramid) != len(self.lateral):
-            raise ValueError(f"{type(self).__name__} needs LEP's {len(self.lateral)} pyramid levels, got "
-                             f"{0 if pyramid is None else len(pyramid)}")
-        last = len(pyramid) - 1
-        h = F.relu(self.lateral[last](pyramid[last]) + self.z_proj(z)[:, :, None, None])
-        for i in range(last - 1, -1, -1):
-            h = F.relu(_resize(h, tuple(pyramid[i].shape[-2:])) + self.lateral[i](pyramid[i]))
+        h = _top_down(type(self).__name__, self.lateral, lambda _i, t: F.relu(t), self.z_proj(z), pyramid)
         return self.head(self.mix(h))
 
     def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:

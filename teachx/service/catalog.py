@@ -154,8 +154,9 @@ def _study(rid: str, path: Path) -> RunEntry:
             run.summary = {"units": len(data.get("units", {})), "rows": len(data.get("rows", []))}
         except (TeachxError, OSError, KeyError, TypeError) as exc:
             run.summary = {"error": f"study.json unreadable: {exc}"}
-    if (path / "study.yaml").is_file():  # an unfinished study (or units of a newer spec): name them from the spec
-        try:
+    units = sorted((path / "units").iterdir()) if (path / "units").is_dir() else []
+    if any(d.is_dir() and d.name not in names for d in units) and (path / "study.yaml").is_file():
+        try:  # an unfinished study (or units of a newer spec): name them from the recorded spec
             from teachx.interfaces.study import load_study_dir, unit_names
 
             spec = load_study_dir(path)
@@ -163,7 +164,6 @@ def _study(rid: str, path: Path) -> RunEntry:
                 names.setdefault(key, {**where, "regimes": len(spec.regimes)})
         except (TeachxError, OSError, ValueError, KeyError, TypeError):
             pass  # units keep their keys as names
-    units = sorted((path / "units").iterdir()) if (path / "units").is_dir() else []
     for d in units:
         if not d.is_dir():
             continue

@@ -379,17 +379,22 @@ class Service:
 
         return normalize(as_nchw(images_u8).to(lm.device), lm.mean, lm.std)
 
-    def _coalescer(self, cache: ArrayCache, max_batch: int) -> Coalescer:
-        """The coalescer of one cache: concurrent requests for its rows share batches."""
+    def _fill(self, cache: ArrayCache, max_batch: int, indices: np.ndarray, missing: Callable[[np.ndarray], np.ndarray],
+              compute: Callable[[np.ndarray], None], progress: Optional[Callable[[int], None]]) -> None:
+        """Compute the rows of ``indices`` that ``missing`` names. Concurrent requests share batches through
+        the cache's coalescer; a precompute (``progress``) walks the whole split alone, with no one to share with."""
+        if progress:
+            compute(missing(np.asarray(indices, dtype=np.int64)))
+            return
         c = self._coalescers.get(cache.key)
         if c is None:
             with self._lock:
                 c = self._coalescers.setdefault(cache.key, Coalescer(max_batch))
-        return c
+        c.run(indices, missing, compute)
 
     def fill_view(self, lm: Loaded, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None) -> None:
         """Probabilities (and built-in maps) for the rows of ``indices`` that are not cached. Concurrent
-        callers share batches (``Coalescer``); ``progress`` (precompute) counts rows as they are stored."""
+        callers share batches (``_fill``); ``progress`` (precompute) counts rows as they are stored."""
         cache = self.view_cache(lm)
         d = self.data(lm)
 
@@ -411,10 +416,7 @@ class Service:
                 if progress:
                     progress(len(idx))
 
-        if progress:  # one caller walking the whole split: no one to share with
-            compute(missing(np.asarray(indices, dtype=np.int64)))
-        else:
-            self._coalescer(cache, self.batch_size).run(indices, missing, compute)
+        self._fill(cache, self.batch_size, indices, missing, compute, progress)
 
     def _targets(self, lm: Loaded, tcfg, idx: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         d = self.data(lm)
@@ -454,10 +456,7 @@ class Service:
         def missing(idx: np.ndarray) -> np.ndarray:
             return cache.missing("map", idx)
 
-        if progress:
-            compute(missing(np.asarray(indices, dtype=np.int64)))
-        else:
-            self._coalescer(cache, bs).run(indices, missing, compute)
+        self._fill(cache, bs, indices, missing, compute, progress)
         return cache
 
     def _auc(self, curves: np.ndarray) -> np.ndarray:
