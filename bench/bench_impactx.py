@@ -344,6 +344,10 @@ def main() -> None:
     ap.add_argument("--map-loss", default="mse", help="with --decoders: impactx.map_loss of the timed step")
     ap.add_argument("--faith-weight", type=float, default=0.0, help="with --decoders: impactx.faith_weight of the timed step")
     args = ap.parse_args()
+    for item in (args.decoders or "").split(","):
+        width = item.partition("@")[2]
+        if width and not (width.isdigit() and int(width) > 0):
+            ap.error(f"--decoders: '{item}': the width after @ must be a positive integer, e.g. lite@16")
     malloc_tuned = tune_cpu_allocator()  # as the CLI, Trainer and map stores do: the speed users get
     if args.threads:
         torch.set_num_threads(args.threads)
