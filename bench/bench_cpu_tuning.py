@@ -36,7 +36,7 @@ torch.set_num_threads(threads)
 B = 128
 torch.manual_seed(0)
 impactx = name.startswith("impactx_")
-model = build_impactx(name[len("impactx_"):], 3, 10, (32, 32)) if impactx else build_model(name, 3, 10, 32)
+model = build_impactx(name[len("impactx_"):], 3, 10, (32, 32), decoder="paper") if impactx else build_model(name, 3, 10, 32)
 g = torch.Generator().manual_seed(1)
 xs = torch.randn(4, B, 3, 32, 32, generator=g)
 ys = torch.randint(0, 10, (4, B), generator=g)

@@ -87,7 +87,7 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path, posthoc: b
 
     base = build_model(name, C, K, SIZE)
     opt_b = torch.optim.Adam(base.parameters(), 1e-3)
-    imp = build_impactx(name, C, K, (SIZE, SIZE))
+    imp = build_impactx(name, C, K, (SIZE, SIZE), decoder="paper")
     opt_i = torch.optim.Adam([p for p in imp.parameters() if p.requires_grad], 1e-3)
     source = MapSource(store, "teacher", np.arange(n), 0)
     task = ImpactxTask(imp, source, 1.0)

@@ -60,7 +60,7 @@ def prepare(model_name: str, operation: str, batch: int) -> Callable[[int], obje
     y = torch.randint(0, 10, (batch,), generator=g)
     background = torch.randn(50, 3, 32, 32, generator=g)
     if operation in ("impactx_train_step", "builtin_maps"):
-        imp = build_impactx(model_name, 3, 10, (32, 32))
+        imp = build_impactx(model_name, 3, 10, (32, 32), decoder="paper")
         maps = torch.randn(batch, 1, 32, 32, generator=g)
         if operation == "builtin_maps":
             imp.eval()

@@ -138,7 +138,7 @@ def run_stage(stage: str, n: int, workdir: Path, teacher_name: str) -> dict:
                 task = ClassifierTask(build_model("lenet5", 3, CLASSES, (SIZE, SIZE)))
             else:
                 store = open_store(workdir / "maps", material, n, (1, SIZE, SIZE), log=lambda m: None)
-                task = ImpactxTask(build_impactx("lenet5", 3, CLASSES, (SIZE, SIZE)), MapSource(store, "teacher", idx, 0), lam=1.0)
+                task = ImpactxTask(build_impactx("lenet5", 3, CLASSES, (SIZE, SIZE), decoder="paper"), MapSource(store, "teacher", idx, 0), lam=1.0)
             Trainer(task, plan, cfg, workdir / f"{stage}-{n}", seed=0, device="cpu", log=lambda m: None, distributed=False).fit(resume=False)
         seconds = time.perf_counter() - t0
     return {"stage": stage, "n": n, "seconds": seconds, "images_per_s": n / seconds,

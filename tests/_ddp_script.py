@@ -94,7 +94,7 @@ def train_classifier(out: Path, ds, epochs: int = EPOCHS, crash_epoch: int = -1,
 
 def train_impactx(out: Path, ds, lam: float, distributed=None):
     torch.manual_seed(0)
-    model = build_impactx("lenet5", 1, 4, (16, 16), decoder_width=8)
+    model = build_impactx("lenet5", 1, 4, (16, 16), decoder_width=8, decoder="paper")
     store = open_store(out / "maps", {"teacher": "ig"}, len(ds.train), (1, 16, 16), log=lambda m: None, distributed=distributed)
     source = MapSource(store, "teacher", np.arange(160), 0) if lam > 0 else None
     cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False)

@@ -18,7 +18,7 @@ from PIL import Image
 RUN_OVERRIDES = [
     "model.backbone=lenet5", "train.epochs=1", "train.batch_size=32", "train.lr=0.003", "train.progress=false",
     "data.hflip=false", "data.val_fraction=0.2", "teacher.background_size=8", "teacher.batch_size=64",
-    "teacher.eval_images=null",
+    "teacher.eval_images=null", "impactx.decoder=paper",  # the paper's decoder here, per-class maps in the study
 ]
 
 STUDY_YAML = """
@@ -26,6 +26,7 @@ data: {{name: "imagefolder:{zip}", hflip: false, val_fraction: 0.2}}
 model: {{backbone: lenet5}}
 train: {{epochs: 1, batch_size: 32, lr: 0.003, progress: false}}
 teacher: {{method: gradient_x_input, batch_size: 64, eval_images: null}}
+impactx: {{decoder: paper}}
 study:
   n_seeds: 1
   arms:

@@ -154,7 +154,7 @@ def test_registry_and_bad_decoder_name():
     with pytest.raises(ConfigError, match="did you mean 'unet'"):
         build_impactx("lenet5", 1, 10, (28, 28), decoder="unett")
     with pytest.raises(ConfigError, match="per_class"):
-        build_impactx("lenet5", 1, 10, (28, 28), per_class=True)  # the paper decoder makes one map
+        build_impactx("lenet5", 1, 10, (28, 28), per_class=True, decoder="paper")  # the paper decoder makes one map
 
 
 def test_per_class_selection_and_loss_reads_the_explained_class():
@@ -224,6 +224,18 @@ def test_losses_hand_computed():
     a = torch.tensor([1.0, 0, 0, 0]).view(1, 1, 2, 2)
     b = torch.tensor([0.0, 1, 0, 0]).view(1, 1, 2, 2)
     assert MapLoss("pearson")(a, b).item() == pytest.approx(1 + 1 / 3, abs=1e-6)
+    # cosine: [1,2,3,4] . [1,1,1,1] = 10, norms sqrt(30) and 2 -> 1 - 10 / (2 sqrt(30)); any positive scale
+    # gives 0, and unlike Pearson an offset is not free: up + 5 vs up is not a perfect match, -up costs 2
+    flat = torch.ones_like(up)
+    assert MapLoss("cosine")(up, flat).item() == pytest.approx(1 - 10 / (2 * math.sqrt(30)), abs=1e-6)
+    assert MapLoss("cosine")(both, torch.cat([3 * up, -up])).item() == pytest.approx(1.0, abs=1e-6)
+    assert MapLoss("cosine")(up + 5, up).item() > 0.01 and MapLoss("pearson")(up + 5, up).item() == pytest.approx(0, abs=1e-6)
+    # pearson_anchored: Pearson plus (mean/rms(p) - mean/rms(t))^2: any positive scale is free (0), an
+    # offset is not: [6, 7, 8, 9] vs [1, 2, 3, 4] has r = 1 and levels 7.5/sqrt(57.5) vs 2.5/sqrt(7.5)
+    assert MapLoss("pearson_anchored")(3 * up, up).item() == pytest.approx(0.0, abs=1e-6)
+    hand = (7.5 / math.sqrt(57.5) - 2.5 / math.sqrt(7.5)) ** 2
+    assert MapLoss("pearson_anchored")(up + 5, up).item() == pytest.approx(hand, rel=1e-5)
+    assert MapLoss("pearson_anchored")(-up, up).item() == pytest.approx(2 + (2 * 2.5 / math.sqrt(7.5)) ** 2, rel=1e-5)
     # standardised target [1, 2, 3, 4] -> z with mean 0 and mean square 1: zeros -> 1, ones -> 1 + 1
     assert MapLoss("standardized_mse")(zero, up).item() == pytest.approx(1.0, abs=1e-5)
     assert MapLoss("standardized_mse")(torch.ones_like(up), up).item() == pytest.approx(2.0, abs=1e-5)
@@ -388,7 +400,7 @@ def test_checkpoint_without_decoder_keys_still_loads(tmp_path):
     from teachx.training.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    m = build_impactx("lenet5", 3, 10, (32, 32)).eval()
+    m = build_impactx("lenet5", 3, 10, (32, 32), decoder="paper").eval()
     # the paper decoder's parameters keep their names (checkpoints written before this change)
     assert {k for k in m.state_dict() if k.startswith("decoder.")} == {
         "decoder.fc.0.weight", "decoder.fc.0.bias", "decoder.up.1.weight", "decoder.up.1.bias",
@@ -419,19 +431,44 @@ def test_config_validation():
             from_dict(RunConfig, bad)
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("impactx.decoder=unett", "did you mean 'unet'"),
-    ("impactx.per_class=true", "impactx.per_class=true needs a decoder"),
-    ("impactx.map_loss=pearsn", "did you mean 'pearson'"),
+@pytest.mark.parametrize("overrides, fragment", [
+    (["impactx.decoder=unett"], "did you mean 'unet'"),
+    (["impactx.decoder=paper", "impactx.per_class=true"], "impactx.per_class=true needs a decoder"),
+    (["impactx.map_loss=pearsn"], "did you mean 'pearson'"),
+    (["impactx.decoder=paper", "impactx.map_loss=pearsn"], "did you mean 'pearson'"),
 ])
-def test_bad_options_exit_2_via_cli(override, fragment, capsys):
+def test_bad_options_exit_2_via_cli(overrides, fragment, capsys):
     from teachx.interfaces.cli import main  # the `teachx` entry point, in-process (a subprocess costs seconds here)
 
     with pytest.raises(SystemExit) as exc:
-        main(["config", override])
+        main(["config", *overrides])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("teachx: error:") and fragment in err, err
+
+
+def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
+    """The default decoder is the built-in-maps study's best (per-class U-Net + input, 1 - Pearson);
+    impactx.decoder=paper alone gives the paper's method (one map, MSE); explicit keys win; the
+    written config states the resolved values."""
+    from teachx.interfaces.cli import main
+    from teachx.interfaces.config import ImpactxConfig, RunConfig, resolve_config
+    from teachx.models.decoders import DECODERS
+
+    ic = RunConfig().impactx
+    assert (ic.decoder, ic.per_class, ic.map_loss) == ("unet_input", True, "pearson")
+    paper = resolve_config(overrides=["impactx.decoder=paper"]).impactx
+    assert (paper.per_class, paper.map_loss) == (False, "mse")
+    mixed = resolve_config(overrides=["impactx.decoder=unet", "impactx.per_class=false", "impactx.map_loss=rank"]).impactx
+    assert (mixed.per_class, mixed.map_loss) == (False, "rank")
+    assert ImpactxConfig(decoder="paper", per_class=None).per_class is False  # the Python API resolves too
+    for name in DECODERS.names():  # every decoder's recommendation is one it can train with
+        rec = DECODERS.get(name).recommended
+        assert resolve_config(overrides=[f"impactx.decoder={name}"]).impactx.per_class is rec["per_class"]
+        assert not rec["per_class"] or DECODERS.get(name).supports_per_class
+    main(["config", "impactx.decoder=paper"])
+    text = capsys.readouterr().out
+    assert "decoder: paper" in text and "per_class: false" in text and "map_loss: mse" in text
 
 
 # -- the pipeline: per-class unet_input maps with a scale-free loss and the faithfulness term ----------
@@ -456,3 +493,81 @@ def test_pipeline_records_builtin_map_faithfulness(tmp_path, monkeypatch):
     assert -1 <= f["corr_self"] <= 1 and -1 <= f["corr_self_mean_map"] <= 1
     history = json.loads((tmp_path / "run" / "impactx" / "history.json").read_text())
     assert "train_map_pearson" in history[0] and "train_faith" in history[0]
+
+
+def test_map_quality_scale_free_r2_matches_per_image_least_squares():
+    """r2_vs_mean_map_affine against an independent reference: per-image least-squares fits (numpy lstsq)
+    of the built-in map and of the mean map to the teacher's map; a rescaled copy of the teacher's map
+    scores 1 there while its plain R^2 does not."""
+    from types import SimpleNamespace
+
+    from teachx.interfaces.pipeline import map_quality
+
+    rng = np.random.default_rng(0)
+    n, h, w = 6, 5, 4
+    target = torch.from_numpy(rng.normal(size=(n, 1, h, w))).float()
+    mean_map = torch.from_numpy(rng.normal(size=(1, h, w))).float()
+    built = torch.from_numpy(rng.normal(size=(n, 1, h, w))).float() + 0.7 * target
+
+    class Model(torch.nn.Module):
+        per_class = False
+
+        def __init__(self, maps):
+            super().__init__()
+            self.maps = maps
+
+        def explain(self, x, target=None):
+            return self.maps[: len(x)]
+
+    class Store:
+        done = np.ones(n, bool)
+
+        def read(self, idx):
+            return target[torch.as_tensor(np.asarray(idx))]
+
+        def mean_map(self, idx):
+            return mean_map
+
+    plan = SimpleNamespace(dataset=SimpleNamespace(test=SimpleNamespace(images=np.zeros((n, h, w, 1), np.uint8))),
+                           mean=[0.0], std=[1.0], train_idx=np.arange(3))
+
+    def reference(maps):
+        resid = {"p": 0.0, "m": 0.0}
+        for i in range(n):
+            t = target[i].flatten().numpy().astype(np.float64)
+            for key, m in (("p", maps[i].flatten().numpy()), ("m", mean_map.flatten().numpy())):
+                a = np.stack([m, np.ones_like(m)], 1).astype(np.float64)
+                coef, *_ = np.linalg.lstsq(a, t, rcond=None)
+                resid[key] += float(((a @ coef - t) ** 2).mean())
+        return 1 - resid["p"] / resid["m"]
+
+    q = map_quality(Model(built), plan, Store(), Store(), torch.device("cpu"))
+    assert q["r2_vs_mean_map_affine"] == pytest.approx(reference(built), abs=1e-5)
+    scaled = map_quality(Model(0.01 * target - 3.0), plan, Store(), Store(), torch.device("cpu"))
+    assert scaled["r2_vs_mean_map_affine"] == pytest.approx(1.0, abs=1e-6) and scaled["r2_vs_mean_map"] < 0
+
+
+def test_every_map_loss_declares_what_it_leaves_free():
+    """Viewers compare a built-in map with the teacher's on the loss's own terms (``comparable``): checked by
+    hand, and against each loss: a map changed only in what the loss leaves free keeps its loss value."""
+    from teachx.training.map_losses import INVARIANCE, MAP_LOSSES, comparable
+
+    assert set(INVARIANCE) == set(MAP_LOSSES.names())
+    np.testing.assert_allclose(comparable(np.array([[-2.0, 1.0]]), "scale"), [[-1.0, 0.5]])
+    np.testing.assert_allclose(comparable(np.array([1.0, 3.0]), "affine"), [-1.0, 1.0])
+    np.testing.assert_allclose(comparable(np.array([1.0, 3.0]), "none"), [1.0, 3.0])
+    np.testing.assert_allclose(comparable(np.zeros(3), "affine"), np.zeros(3))
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 1, 6, 6), torch.randn(2, 1, 6, 6)
+    changed = {"none": pred, "scale": 3 * pred, "affine": 3 * pred - 2}
+    for name, inv in INVARIANCE.items():
+        if name == "standardized_mse":  # trained towards the z-scored target: z-scores are its terms, not a free offset
+            assert MapLoss(name)(torch.from_numpy(comparable(target.numpy()[0], inv))[None], target[:1]).item() < 1e-6
+            continue
+        if name == "rank":  # sampled pairs: compare with one fixed set
+            from teachx.training.map_losses import rank_loss, sample_pairs
+
+            pairs = sample_pairs(2, 36, 64, torch.device("cpu"))
+            assert rank_loss(changed[inv], target, pairs=pairs).item() == pytest.approx(rank_loss(pred, target, pairs=pairs).item(), rel=1e-4)
+            continue
+        assert MapLoss(name)(changed[inv], target).item() == pytest.approx(MapLoss(name)(pred, target).item(), rel=1e-4, abs=1e-6), name

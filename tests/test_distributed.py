@@ -146,7 +146,7 @@ def _init_weights(name: str) -> dict[str, torch.Tensor]:
     from teachx.models.impactx import build_impactx
 
     torch.manual_seed(0)
-    model = build_model("lenet5", 1, 4, (16, 16)) if name == "classifier" else build_impactx("lenet5", 1, 4, (16, 16), decoder_width=8)
+    model = build_model("lenet5", 1, 4, (16, 16)) if name == "classifier" else build_impactx("lenet5", 1, 4, (16, 16), decoder_width=8, decoder="paper")
     return model.state_dict()
 
 

@@ -53,7 +53,10 @@ def teachx(*args, cwd, cache, fault=None, timeout=600):
                 "PYTHONPATH": os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)})
     if fault:
         env["TEACHX_FAULT"] = fault
-    return subprocess.run([*TEACHX, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # a shell without job control starts background jobs (`pytest ... &`) with SIGINT ignored, and children inherit
+    # that: Python then never raises KeyboardInterrupt; the Ctrl-C faults need the default disposition back
+    return subprocess.run([*TEACHX, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def one_line_error(res, *fragments) -> str:

@@ -25,7 +25,7 @@ def test_decoder_reaches_any_size(size, scale):
 @pytest.mark.parametrize("backbone, ch, size", [("lenet5", 1, 28), ("lenet5", 3, 32), ("mobilenet", 3, 32)])
 def test_forward_all_matches_forward_and_explain(backbone, ch, size):
     torch.manual_seed(0)
-    m = build_impactx(backbone, ch, 10, (size, size)).eval()
+    m = build_impactx(backbone, ch, 10, (size, size), decoder="paper").eval()
     x = torch.randn(3, ch, size, size)
     logits, maps = m.forward_all(x)
     assert logits.shape == (3, 10) and maps.shape == (3, 1, size, size)
@@ -41,7 +41,7 @@ def test_forward_all_matches_forward_and_explain(backbone, ch, size):
 
 def test_loss_is_ce_plus_lambda_mse():
     torch.manual_seed(0)
-    m = build_impactx("lenet5", 1, 10, (28, 28))
+    m = build_impactx("lenet5", 1, 10, (28, 28), decoder="paper")
     x, y, t = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)), torch.randn(4, 1, 28, 28)
     task = ImpactxTask(m, maps=None, lam=2.5)
     loss, logits, logs = task.loss(x, y, t)
@@ -76,7 +76,7 @@ def test_map_sources(tmp_path):
 
 def test_frozen_m_stays_fixed_in_training():
     torch.manual_seed(0)
-    m = build_impactx("mobilenet", 3, 10, (32, 32))
+    m = build_impactx("mobilenet", 3, 10, (32, 32), decoder="paper")
     before = {k: v.clone() for k, v in m.m.state_dict().items()}
     m.freeze_m()
     m.train()
@@ -94,7 +94,7 @@ def test_gradcam_on_impactx_reads_m_feature_layer():
     from teachx.teachers.gradcam import GradCam
 
     torch.manual_seed(0)
-    model = build_impactx("lenet5", 3, 10, (32, 32)).eval()
+    model = build_impactx("lenet5", 3, 10, (32, 32), decoder="paper").eval()
     x, target = torch.randn(3, 3, 32, 32), torch.tensor([1, 4, 7])
     cam = GradCam().layer_cam(model, x, target)
     a = model.m.body(x).detach().requires_grad_(True)  # M's feature map, then the rest of the forward by hand

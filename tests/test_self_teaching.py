@@ -21,7 +21,7 @@ N, SHAPE = 24, (1, 32, 32)
 
 def _setup(tmp_path, every=2):
     torch.manual_seed(0)
-    model = build_impactx("lenet5", 3, 4, (32, 32))
+    model = build_impactx("lenet5", 3, 4, (32, 32), decoder="paper")
     images = torch.randn(N, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     labels = torch.arange(N) % 4
     gxi = build_teacher("gradient_x_input")

@@ -285,7 +285,16 @@ def test_teacher_maps_on_demand_are_cached_and_match_the_teacher(client, service
     built = np.array(client.get(f"{base}/built_in").json()["values"])
     teach = np.array(client.get(f"{base}/teacher").json()["values"])
     diff = client.get(f"{base}/difference").json()
+    # compared on the built-in map's own terms: this model's loss is MSE (values), so as they are; the
+    # study's per-class model was trained with 1 - Pearson, which leaves scale and offset free: z-scores
     np.testing.assert_allclose(np.array(diff["values"]), built - teach, atol=1e-6)
+    assert "as they are" in diff["provenance"]["method_options"]["difference"]
+    pc = f"/api/v1/models/{_study_model(client, 'per_class')}/images/9/maps"
+    built, teach = (np.array(client.get(f"{pc}/{n}").json()["values"], dtype=np.float64) for n in ("built_in", "teacher"))
+    z = lambda m: (m - m.mean()) / m.std()  # noqa: E731
+    pc_diff = client.get(f"{pc}/difference").json()
+    np.testing.assert_allclose(np.array(pc_diff["values"]), z(built) - z(teach), atol=1e-4)
+    assert "z-scored" in pc_diff["provenance"]["method_options"]["difference"]
     assert diff["provenance"]["method"] == "built_in - deepshap"
     methods = client.get("/api/v1/teachers").json()["methods"]
     assert {"deepshap", "lrp", "gradcam", "integrated_gradients"} <= {m["name"] for m in methods}

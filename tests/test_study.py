@@ -233,9 +233,19 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
 
     from teachx.interfaces.config import RunConfig
     from teachx.interfaces.study import _relevant, classifier_key, eval_key, EvalSpec, impactx_key
+    from teachx.utils.config import from_dict
 
-    base = RunConfig()
-    assert _relevant(base) == {}  # all defaults: nothing to hash
+    # the paper's decoder was the default when these keys were first made: a config that names it hashes
+    # nothing, so units trained under the old default keep their keys (_KEY_REFERENCE)
+    base = from_dict(RunConfig, {"impactx": {"decoder": "paper"}})
+    assert _relevant(base) == {}
+    design = RunConfig()  # today's default design is hashed as what it is: the same key as when it was an option
+    explicit = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson"}})
+    assert _relevant(design) == {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson"}}
+    assert impactx_key(design) == impactx_key(explicit) != impactx_key(base)
+    # other methods ignore impactx.*: their keys do not see the design default either
+    rrr = from_dict(RunConfig, {"method": {"name": "rrr"}})
+    assert "impactx" not in _relevant(rrr)
     quiet = replace(base, train=replace(base.train, progress=not base.train.progress, tensorboard=True))
     assert impactx_key(quiet) == impactx_key(base) and _relevant(quiet) == {}  # no empty 'train' section left
     assert classifier_key(quiet, "lenet5", {}) == classifier_key(base, "lenet5", {})

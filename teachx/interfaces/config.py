@@ -163,16 +163,41 @@ class ImpactxConfig:
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
     self_teach_every: int = 0  # > 0: self-teaching, the maps are re-made every K epochs by the teacher method applied to the model being trained
-    decoder: str = "paper"  # map decoder: paper (the paper's, from LEP's pooled vector) | unet (LEP's feature pyramid, skip connections) | unet_input (also the input image) | additive (map = sum_c (x - reference) * g)
-    per_class: bool = False  # one map per class (FastSHAP-style): trained on the explained class's map; inference gives the predicted class's map
+    # map decoder: unet_input (default: LEP's feature pyramid with skip connections plus the input image; the
+    # built-in-maps study's best) | paper (the paper's, from LEP's pooled vector) | unet | additive | lite | lite_additive
+    decoder: str = "unet_input"
+    # one map per class (FastSHAP-style): trained on the explained class's map, inference gives the predicted
+    # class's map; null: the decoder's recommended setting (paper: false, the others: true)
+    per_class: Optional[bool] = None
     additive_reference: float = 0.0  # additive decoder: the reference the map measures x from, in normalised space (0 = the dataset mean)
-    map_loss: str = "mse"  # built-in vs teacher map loss: mse (the paper's) | pearson (1 - per-image r) | standardized_mse (target z-scored per image) | rank (pairwise pixel order)
+    # built-in vs teacher map loss: mse (the paper's) | pearson (1 - per-image r) | cosine (1 - per-image cosine: scale-free,
+    # zero kept) | standardized_mse (target z-scored per image) | rank (pairwise pixel order); null: the decoder's
+    # recommended loss (paper: mse, the others: pearson)
+    map_loss: Optional[str] = None
     map_target_pool: int = 1  # average-pool built-in and teacher maps by K x K before the map loss (1: the teacher's resolution)
     faith_weight: float = 0.0  # > 0: FastSHAP-style term, the built-in map must predict the model's own output on masked inputs
     faith_patch: int = 4  # patch size (pixels) that the faithfulness term masks
     faith_samples: int = 2  # masked copies per image and step for the faithfulness term (each second one the complement of the one before)
 
+    def __post_init__(self) -> None:
+        self.resolve_design()
+
+    def resolve_design(self) -> None:
+        """Fill per_class / map_loss left unset (None) from the decoder's ``recommended`` setting, so that
+        ``impactx.decoder=paper`` alone is the paper's method and every written config states the values."""
+        from teachx.models.decoders import DECODERS
+
+        try:
+            recommended = DECODERS.get(self.decoder).recommended
+        except ConfigError:
+            return  # an unknown decoder: validate() names the valid ones
+        if self.per_class is None:
+            self.per_class = bool(recommended["per_class"])
+        if self.map_loss is None:
+            self.map_loss = str(recommended["map_loss"])
+
     def validate(self) -> None:
+        self.resolve_design()
         if self.lam < 0:
             raise ConfigError(f"impactx.lam must be >= 0, got {self.lam}")
         if self.decoder_scale < 1 or self.decoder_scale & (self.decoder_scale - 1):

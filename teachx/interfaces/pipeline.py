@@ -584,7 +584,9 @@ def map_quality(
     LeRF / insertion AUCs on the IMPACTX model itself next to the teacher method applied post hoc
     to it, the mean map and random maps, and their agreement (``teachx.interfaces.builtin_eval``).
     R^2 and MSE compare values, so they mean little for maps trained with a scale-free
-    ``impactx.map_loss`` (pearson, rank); the correlations do not depend on the scale.
+    ``impactx.map_loss`` (pearson, rank, the default decoder's); ``r2_vs_mean_map_affine`` is the
+    scale-free R^2: each map, built-in and mean, first gets its least-squares scale and offset per
+    image (residual ``var(t) (1 - r^2)``), so it compares what the maps can say about the teacher's.
     """
     ds = plan.dataset
     if indices is None:
@@ -598,6 +600,7 @@ def map_quality(
         classes = np.asarray(ds.test.labels) if cfg is None else explained_classes(cfg, plan, teacher_model, "test", indices, device)
     mean_map = train_store.mean_map(plan.train_idx)
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
+    affine = {"built_in": 0.0, "mean_map": 0.0}  # sums of per-image residuals after the best scale + offset
     model = model.to(device).eval()
     for s in range(0, n, batch_size):
         idx = indices[s : s + batch_size]
@@ -609,11 +612,16 @@ def map_quality(
         sums["mse"] += ((pred - target) ** 2).flatten(1).mean(1).sum().item()
         sums["mse_mean_map"] += ((mm - target) ** 2).flatten(1).mean(1).sum().item()
         sums["mse_zero"] += (target**2).flatten(1).mean(1).sum().item()
-        sums["corr"] += _corr(pred, target).sum().item()
-        sums["corr_mean_map"] += _corr(mm, target).sum().item()
+        r, r_mm = _corr(pred, target), _corr(mm, target)
+        sums["corr"] += r.sum().item()
+        sums["corr_mean_map"] += r_mm.sum().item()
+        var_t = target.flatten(1).var(1, unbiased=False)
+        affine["built_in"] += (var_t * (1 - r**2)).sum().item()
+        affine["mean_map"] += (var_t * (1 - r_mm**2)).sum().item()
     out = {k: v / n for k, v in sums.items()}
     out["images"] = int(n)
     out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
+    out["r2_vs_mean_map_affine"] = 1.0 - affine["built_in"] / max(affine["mean_map"], 1e-12)
     if cfg is not None and cfg.teacher.faith_images > 0:
         from teachx.interfaces.builtin_eval import faithfulness_block
 

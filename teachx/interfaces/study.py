@@ -280,13 +280,22 @@ def _arm_regimes(raw: Any, arms: dict[str, Any], regimes: dict[str, Any]) -> dic
 
 # -- unit keys ----------------------------------------------------------------------------------
 
+#: defaults that changed after STUDY_VERSION 2 keys were first made, at their old values: keys hash the
+#: differences from these, so a unit keeps its key (and a resumed study its trained units) for the same
+#: resolved config whichever default it relied on (impactx.decoder was paper, with one map and MSE)
+_KEY_REFERENCE = {"impactx": {"decoder": "paper", "per_class": False, "map_loss": "mse"}}
+
+
 def _relevant(cfg: RunConfig) -> dict[str, Any]:
     """The config as it decides a result: only values that differ from the defaults, minus neutral keys.
 
     Hashing only non-default values keeps every existing unit's key when a new option (with a
-    default that keeps the old behaviour) is added; a changed default needs a STUDY_VERSION bump.
+    default that keeps the old behaviour) is added; a changed default goes into ``_KEY_REFERENCE``
+    at its old value (or needs a STUDY_VERSION bump).
     """
     values, defaults = cfg.to_dict(), RunConfig().to_dict()
+    if method_name(cfg) == "impactx":  # other methods' impactx.* are the current defaults (RunConfig.validate)
+        defaults = merge(defaults, _KEY_REFERENCE)
     for section, key in _NEUTRAL:
         values[section].pop(key)
     if values["data"]["hflip"] is None and _source_name(cfg.data.name) == "imagefolder":
@@ -824,7 +833,8 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                     row["vs_control"]["control"] = spec.control
                 quality = [units[keys[s]].get("map_quality") for s in seeds]
                 if all(quality):
-                    row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "r2_vs_mean_map")}
+                    row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "r2_vs_mean_map", "r2_vs_mean_map_affine")
+                                          if all(m in q for q in quality)}  # units evaluated before the affine R^2 existed lack it
                     row["map_quality"].update(_builtin_faith_summary([q.get("faithfulness") for q in quality]))
                 faith = [units[keys[s]].get("faithfulness") for s in seeds]
                 if all(faith):

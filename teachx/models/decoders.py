@@ -28,6 +28,11 @@ Every decoder returns ``(B, classes * out_channels, H, W)``: with ``classes > 1`
 per_class``) one map per class, FastSHAP-style; the IMPACTX model picks the class. ``paper`` makes
 one map only (``supports_per_class = False``): it is kept exactly as the paper describes it.
 
+Each class also declares ``recommended``: the ``impactx.per_class`` and ``impactx.map_loss`` a
+config gets when it names the decoder and leaves those keys unset -- for ``paper`` the paper's own
+(one map, MSE), for the others the setting the built-in-maps study found to explain best (one map
+per class, 1 - Pearson). So ``impactx.decoder=paper`` alone is the paper's method.
+
 Decoders are not part of the logits' graph (``ImpactX.forward`` never calls them), so post-hoc
 explanation methods applied to an IMPACTX model never see them; they use inline ``+`` and
 ``F.interpolate`` freely.
@@ -68,6 +73,8 @@ class Decoder(nn.Module):
     needs_pyramid: ClassVar[bool] = False
     needs_input: ClassVar[bool] = False
     supports_per_class: ClassVar[bool] = True
+    #: impactx.per_class / impactx.map_loss when a config leaves them unset (README "Built-in maps")
+    recommended: ClassVar[dict[str, object]] = {"per_class": True, "map_loss": "pearson"}
 
     @classmethod
     def from_spec(cls, spec: DecoderSpec) -> "Decoder":
@@ -133,6 +140,7 @@ class MapDecoder(Decoder):
     """
 
     supports_per_class = False
+    recommended = {"per_class": False, "map_loss": "mse"}  # the paper's
 
     def __init__(self, latent_dim: int, map_size: tuple[int, int], out_channels: int = 1, width: int = 32, scale: int = 2):
         super().__init__()
@@ -350,4 +358,5 @@ def build_decoder(name: str, spec: DecoderSpec) -> Decoder:
 def per_class_error(name: str) -> str:
     able = [n for n in DECODERS.names() if DECODERS.get(n).supports_per_class]
     return (f"impactx.per_class=true needs a decoder that can make one map per class ({', '.join(able)}); "
-            f"'{name}' makes one map from the pooled vector, as in the paper")
+            f"'{name}' makes one map from the pooled vector, as in the paper; set impactx.per_class=false "
+            "(or leave it out: each decoder has its own default)")

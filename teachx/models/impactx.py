@@ -174,15 +174,20 @@ def build_impactx(
     decoder_width: int = 32,
     classifier_hidden: int = 0,
     decoder_scale: int = 2,
-    decoder: str = "paper",
-    per_class: bool = False,
+    decoder: str = "unet_input",
+    per_class: Optional[bool] = None,
     additive_reference: float | list[float] = 0.0,
 ) -> ImpactX:
     """Build an IMPACTX model; the returned model's ``spec`` rebuilds it (for checkpoints).
 
-    Specs written before ``decoder``/``per_class``/``additive_reference`` existed lack those keys
-    and rebuild the paper's decoder, as they were trained with."""
+    The defaults are the config's (``impactx.decoder``): the built-in-maps study's design, one map
+    per class; ``decoder="paper"`` is the paper's, and ``per_class=None`` follows the decoder's
+    ``recommended`` setting. Specs written before ``decoder``/``per_class``/``additive_reference``
+    existed lack those keys and rebuild the paper's decoder, as they were trained with."""
     from teachx.models import build_model
+
+    if per_class is None:
+        per_class = bool(DECODERS.get(decoder).recommended["per_class"])
 
     backbone_options = dict(backbone_options or {})
     lep_name = lep_backbone or backbone
@@ -215,6 +220,8 @@ def build_impactx(
 
 def impactx_from_spec(spec: dict[str, Any]) -> ImpactX:
     kw = {k: v for k, v in spec.items() if k != "name"}
+    kw.setdefault("decoder", "paper")  # written before decoders were options: the paper's, one map
+    kw.setdefault("per_class", False)
     kw["image_size"] = tuple(kw["image_size"])
     kw["map_size"] = tuple(kw["map_size"])
     return build_impactx(**kw)

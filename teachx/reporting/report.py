@@ -354,7 +354,9 @@ def _run_report(d: Path) -> _Doc:
     if q:
         doc.h("Built-in maps vs teacher maps (test set)")
         doc.table(["measure", "value"], [["Pearson correlation", _f(q.get("corr"), 3)], ["correlation of the mean training map", _f(q.get("corr_mean_map"), 3)],
-                                         ["R² vs mean map (> 0: per-image maps were learned)", _f(q.get("r2_vs_mean_map"), 3)]])
+                                         ["R² vs mean map (> 0: per-image maps were learned)", _f(q.get("r2_vs_mean_map"), 3)],
+                                         ["R² vs mean map, scale-free (each map's best per-image scale and offset; for 1 − Pearson / rank losses)",
+                                          _f(q.get("r2_vs_mean_map_affine"), 3)]])
         fq = q.get("faithfulness")
         if fq:
             doc.h(f"Built-in maps explain the IMPACTX model itself? ({fq.get('images')} test images, predicted class)")
@@ -462,10 +464,13 @@ def _study_report(d: Path) -> _Doc:
     mq = [r for r in rows if r.get("map_quality")]
     if mq:
         doc.h("Built-in maps vs teacher maps (test set, mean ± std over seeds)")
-        doc.table(["regime", "arm", "λ", "maps", "teacher", "correlation", "corr. of mean map", "R² vs mean map"],
+        doc.table(["regime", "arm", "λ", "maps", "teacher", "correlation", "corr. of mean map", "R² vs mean map", "R² vs mean map, scale-free"],
                   [[r["regime"], r["arm"], r.get("lam", "—"), r.get("maps", r.get("method", "")), r["teacher"], _ms(r["map_quality"]["corr"], 3),
-                    _ms(r["map_quality"]["corr_mean_map"], 3), _ms(r["map_quality"]["r2_vs_mean_map"], 3)] for r in mq])
-        doc.p("R² > 0 means the model predicts per-image maps better than the mean training map; the λ=0 arm (untrained decoder) is the floor.", "note")
+                    _ms(r["map_quality"]["corr_mean_map"], 3), _ms(r["map_quality"]["r2_vs_mean_map"], 3),
+                    _ms(r["map_quality"].get("r2_vs_mean_map_affine"), 3)] for r in mq])
+        doc.p("R² > 0 means the model predicts per-image maps better than the mean training map; the λ=0 arm (untrained decoder) is the floor. "
+              "The scale-free R² first gives each map (built-in and mean) its best scale and offset per image: the one to read for maps "
+              "trained with a scale-free loss (1 − Pearson, the default decoder's).", "note")
         bf = [r for r in mq if "pixel_flipping_morf.built_in" in r["map_quality"]]
         if bf:
             doc.h("Built-in maps explain the IMPACTX model itself? (predicted class; mean ± std over seeds)")

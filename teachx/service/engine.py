@@ -38,6 +38,7 @@ from teachx.models import BUILT_IN_MAP_MODELS
 from teachx.service.batching import Coalescer
 from teachx.service.cache import ArrayCache
 from teachx.service.catalog import ModelEntry, RunEntry, discover
+from teachx.training.map_losses import INVARIANCE, MAP_LOSSES, comparable
 
 AGREEMENT = ("spearman", "pearson", "cosine", "top_k_intersection")
 SORT_KEYS = ("index", "confidence", "true_prob", "agreement", "morf_auc")
@@ -67,6 +68,11 @@ class BadUpload(ServiceError):
     def __init__(self, message: str, status: int = 415):
         super().__init__(message)
         self.status = status
+
+
+_DIFFERENCE = {"none": "built-in map minus teacher map, as they are (the map loss compares values)",
+               "scale": "built-in map minus teacher map, each divided by its max |value| (the map loss leaves the scale free)",
+               "affine": "built-in map minus teacher map, each z-scored (the map loss leaves scale and offset free)"}
 
 
 def _per_class(kind: str, cfg: dict[str, Any]) -> bool:
@@ -655,9 +661,24 @@ class Service:
         built, prov = self.map(model_id, index, "built_in")
         if built.shape[-2:] != tmap.shape[-2:]:
             raise Unavailable(f"the built-in map ({built.shape[-2]}x{built.shape[-1]}) and the teacher map differ in size; no difference map")
-        diff = built.sum(0, keepdims=True) - tmap.sum(0, keepdims=True)
+        # compared on the terms the built-in map was trained on: what its map loss leaves free (scale, or
+        # scale and offset: the default 1 - Pearson) is removed from both maps first
+        invariance = self._invariance(lm)
+        diff = comparable(built.sum(0, keepdims=True), invariance) - comparable(tmap.sum(0, keepdims=True), invariance)
+        options = {**options, "difference": _DIFFERENCE[invariance]}
         return diff, self.provenance(lm, method=f"built_in - {options['method']}", options=options, index=index,
                                      source="cache" if source == "cache" and prov["source"] == "cache" else "computed", cache_key=cache.key)
+
+    @staticmethod
+    def _invariance(lm: Loaded) -> str:
+        """What the model's map loss leaves free in its built-in map ("none", "scale", "affine"); models whose
+        built-in map was not trained towards the teacher's (ABN's attention) are compared up to scale."""
+        if lm.entry.kind != "impactx":
+            return "scale"
+        spec_decoder = getattr(lm.model, "decoder_name", None)
+        if spec_decoder is not None and spec_decoder != lm.cfg.impactx.decoder:
+            return "none"  # a record older than impactx.decoder: the paper's decoder, trained with MSE
+        return INVARIANCE.get(MAP_LOSSES.canonical(lm.cfg.impactx.map_loss), "affine")
 
     def _class_map(self, lm: Loaded, index: int, name: str, cls: int) -> tuple[np.ndarray, dict[str, Any]]:
         """The built-in map of class ``cls`` (not cached: one decoder pass for one image)."""

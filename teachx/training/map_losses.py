@@ -8,6 +8,15 @@ per-image quantity computed over all C*H*W values (so each image weighs the same
   offset and scale, so the decoder is not rewarded for reproducing the dataset-mean map's level.
   A constant target (e.g. an all-zero map) has no correlation: its images contribute 1 and no
   gradient.
+- ``pearson_anchored``: ``pearson`` plus ``(mean(p)/rms(p) - mean(t)/rms(t))^2`` per image
+  (rms: root mean square; each ratio lies in [-1, 1], so the term is bounded). It reads only the
+  map's offset relative to its spread: for a prediction ``a t + b`` (a > 0) it is zero exactly when
+  ``b = 0``. So the shape is learned as with ``pearson`` (and every
+  offset-free measure -- correlations, pixel-flipping order -- reads the same), while the map's zero
+  is the teacher's: red and blue read as for and against, as in a signed teacher map.
+- ``cosine``: 1 - the per-image cosine similarity (uncentred correlation). Invariant to the
+  prediction's positive scale only: the zero of the map stays meaningful, so a signed teacher map
+  (SHAP, LRP: red for, blue against) is matched in sign, not just in shape up to an offset.
 - ``standardized_mse``: MSE between the prediction and the per-image *standardised target*
   ((t - mean) / std). Standardising the prediction as well would give exactly 2 * (1 - Pearson r)
   (mean((zp - zt)^2) = 2 - 2r with population standard deviations), i.e. the ``pearson`` loss
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +75,23 @@ def pearson_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - r).mean()
 
 
+@MAP_LOSSES.register("pearson_anchored")
+def pearson_anchored_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p, t = _flat(pred), _flat(target)
+    pc, tc = p - p.mean(dim=1, keepdim=True), t - t.mean(dim=1, keepdim=True)
+    r = (pc * tc).sum(dim=1) / (pc.norm(dim=1) * tc.norm(dim=1)).clamp_min(_EPS)
+    root_n = p.shape[1] ** 0.5  # mean / rms = sum / (norm * sqrt(N))
+    level = lambda x: x.sum(dim=1) / (x.norm(dim=1) * root_n).clamp_min(_EPS)  # noqa: E731
+    return (1.0 - r + (level(p) - level(t)).pow(2)).mean()
+
+
+@MAP_LOSSES.register("cosine")
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p, t = _flat(pred), _flat(target)
+    cos = (p * t).sum(dim=1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(_EPS)
+    return (1.0 - cos).mean()
+
+
 @MAP_LOSSES.register("standardized_mse", "standardised_mse", "zmse")
 def standardized_mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p, t = _flat(pred), _flat(target)
@@ -91,6 +118,29 @@ def rank_loss(pred: torch.Tensor, target: torch.Tensor, pairs: Optional[tuple[to
     per_pair = F.softplus(-torch.sign(dt) * dp) * valid
     per_image = per_pair.sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)
     return per_image.mean()
+
+
+#: what each loss leaves free in the built-in map, so viewers compare it with the teacher's map on the
+#: terms it was trained on: "none" (values: mse), "scale" (a positive factor per image: cosine,
+#: pearson_anchored), "affine" (factor and offset per image: pearson, rank; standardized_mse fixes
+#: them, but to the z-scored target's, so its maps too are compared as z-scores)
+INVARIANCE = {"mse": "none", "pearson": "affine", "pearson_anchored": "scale", "cosine": "scale",
+              "standardized_mse": "affine", "rank": "affine"}
+
+
+def comparable(maps: np.ndarray, invariance: str) -> np.ndarray:
+    """``maps`` (one image's map, any shape) with what its loss leaves free removed: unchanged for
+    "none", divided by max |value| for "scale" (sign and zero kept, like ``teacher.normalize=maxabs``),
+    z-scored for "affine". A map that is constant where it would be divided stays as it is."""
+    m = np.asarray(maps, dtype=np.float32)
+    if invariance == "none":
+        return m
+    if invariance == "affine":
+        m = m - m.mean()
+        spread = float(m.std())
+    else:
+        spread = float(np.abs(m).max()) if m.size else 0.0
+    return m / spread if spread > 0 else m
 
 
 def pooled(maps: torch.Tensor, k: int) -> torch.Tensor:
