@@ -571,3 +571,36 @@ def test_every_map_loss_declares_what_it_leaves_free():
             assert rank_loss(changed[inv], target, pairs=pairs).item() == pytest.approx(rank_loss(pred, target, pairs=pairs).item(), rel=1e-4)
             continue
         assert MapLoss(name)(changed[inv], target).item() == pytest.approx(MapLoss(name)(pred, target).item(), rel=1e-4, abs=1e-6), name
+
+
+def test_decoder_reads_m_sees_m_but_never_trains_it():
+    """impactx.decoder_reads_m: the decoder's pyramid joins M's levels (detached) to LEP's. Changing M's weights
+    changes the map; the map loss puts no gradient on M; the spec rebuilds the model; bad pairings are one-line errors."""
+    from teachx.interfaces.config import RunConfig
+    from teachx.utils.config import from_dict
+
+    torch.manual_seed(0)
+    m = build_impactx("lenet5", 3, 10, (32, 32), decoder_reads_m=True).eval()
+    plain = build_impactx("lenet5", 3, 10, (32, 32))
+    first = m.decoder.lateral[0].in_channels if hasattr(m.decoder, "lateral") else None
+    assert first is None or first == 2 * plain.decoder.lateral[0].in_channels
+    x = torch.randn(3, 3, 32, 32)
+    before = m.all_maps(x)
+    with torch.no_grad():
+        for p in m.m.body.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert not torch.allclose(m.all_maps(x), before)  # the map reads M
+    m.train()
+    m.zero_grad()
+    _, pred = m.forward_all(x, target=torch.tensor([1, 2, 3]))
+    pred.square().sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.m.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in m.lep.parameters())
+    again = impactx_from_spec(m.spec)
+    again.load_state_dict(m.state_dict())
+    torch.testing.assert_close(again.eval().explain(x, target=torch.tensor(4)), m.eval().explain(x, target=torch.tensor(4)))
+    assert "decoder_reads_m" not in plain.spec  # other models' specs are as before
+    with pytest.raises(ConfigError, match="reads feature pyramids"):
+        from_dict(RunConfig, {"impactx": {"decoder": "paper", "decoder_reads_m": True}})
+    with pytest.raises(ConfigError, match="same levels"):
+        build_impactx("lenet5", 3, 10, (32, 32), lep_backbone="mobilenet", decoder_reads_m=True)

@@ -175,6 +175,7 @@ class ImpactxConfig:
     # recommended loss (paper: mse, the others: pearson)
     map_loss: Optional[str] = None
     map_target_pool: int = 1  # average-pool built-in and teacher maps by K x K before the map loss (1: the teacher's resolution)
+    decoder_reads_m: bool = False  # the decoder also reads M's feature pyramid (detached: M still learns from CE alone), so the map can see what the classification branch computes
     faith_weight: float = 0.0  # > 0: FastSHAP-style term, the built-in map must predict the model's own output on masked inputs
     faith_patch: int = 4  # patch size (pixels) that the faithfulness term masks
     faith_samples: int = 2  # masked copies per image and step for the faithfulness term (each second one the complement of the one before)
@@ -220,6 +221,9 @@ class ImpactxConfig:
             raise ConfigError(f"impactx.decoder: {exc}") from None
         if self.per_class and not DECODERS.get(decoder).supports_per_class:
             raise ConfigError(per_class_error(decoder))
+        if self.decoder_reads_m and not DECODERS.get(decoder).needs_pyramid:
+            raise ConfigError(f"impactx.decoder_reads_m=true needs a decoder that reads feature pyramids "
+                              f"({', '.join(n for n in DECODERS.names() if DECODERS.get(n).needs_pyramid)}), not '{decoder}'")
         try:
             MAP_LOSSES.canonical(self.map_loss)
         except ConfigError as exc:

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from teachx.errors import ConfigError
 from teachx.models.base import Backbone
 from teachx.models.decoders import DECODERS, Decoder, DecoderSpec, MapDecoder, build_decoder  # noqa: F401  (MapDecoder: public name)
 
@@ -48,6 +49,7 @@ class ImpactX(nn.Module):
         per_class: bool = False,
         additive_reference: float | list[float] = 0.0,
         image_size: Optional[tuple[int, int]] = None,
+        decoder_reads_m: bool = False,
     ):
         super().__init__()
         self.m = m
@@ -55,13 +57,22 @@ class ImpactX(nn.Module):
         self.decoder_name = DECODERS.canonical(decoder)
         self.per_class = bool(per_class)
         self.map_channels = int(map_channels)
+        self.decoder_reads_m = bool(decoder_reads_m)
         cls = DECODERS.get(self.decoder_name)
         ref = additive_reference if isinstance(additive_reference, (list, tuple)) else [additive_reference]
+        pyramid = None
+        if cls.needs_pyramid:
+            size = tuple(image_size or map_size)
+            pyramid = lep.pyramid_shapes(size)
+            if self.decoder_reads_m:
+                pyramid = _joined_pyramid(pyramid, m.pyramid_shapes(size))
+        elif self.decoder_reads_m:
+            raise ConfigError(f"impactx.decoder_reads_m=true needs a decoder that reads feature pyramids "
+                              f"({', '.join(n for n in DECODERS.names() if DECODERS.get(n).needs_pyramid)}), not '{self.decoder_name}'")
         self.decoder: Decoder = build_decoder(self.decoder_name, DecoderSpec(
             latent_dim=lep.feature_dim, map_size=tuple(map_size), out_channels=map_channels,
             classes=num_classes if self.per_class else 1, width=decoder_width, scale=decoder_scale,
-            in_channels=lep.in_channels, reference=tuple(float(r) for r in ref),
-            pyramid=lep.pyramid_shapes(tuple(image_size or map_size)) if cls.needs_pyramid else None,
+            in_channels=lep.in_channels, reference=tuple(float(r) for r in ref), pyramid=pyramid,
         ))
         in_dim = m.feature_dim + lep.feature_dim
         if classifier_hidden > 0:
@@ -101,6 +112,16 @@ class ImpactX(nn.Module):
             return self.lep.features_with_pyramid(x)
         return self.lep.features(x), None
 
+    def _passes(self, x: torch.Tensor, need_m: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[list[torch.Tensor]]]:
+        """(M(x) or None, z, the decoder's pyramid) from one pass through each branch that is needed. With
+        ``decoder_reads_m`` the pyramid joins M's levels to LEP's, detached: the decoder sees what the
+        classification branch computes, and the map loss never trains M (M learns from CE alone, as in the paper)."""
+        z, pyramid = self._lep_pass(x)
+        if not self.decoder_reads_m:
+            return (self.m.features(x) if need_m else None), z, pyramid
+        m, m_levels = self.m.features_with_pyramid(x)
+        return m, z, [torch.cat([lep_level, m_level.detach()], dim=1) for lep_level, m_level in zip(pyramid, m_levels)]
+
     def _decode(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]], x: torch.Tensor) -> torch.Tensor:
         """(B, classes, C, H, W) with per_class, else (B, C, H, W)."""
         maps = self.decoder(z, pyramid, x if self.decoder.needs_input else None)
@@ -120,8 +141,7 @@ class ImpactX(nn.Module):
         """(logits, built-in map) from one forward pass. With per-class maps, the map of ``target``
         (class index per image, or one for all), default the predicted class; a one-map model
         returns its map whatever ``target`` is."""
-        m = self.m.features(x)
-        z, pyramid = self._lep_pass(x)
+        m, z, pyramid = self._passes(x, need_m=True)
         logits = self.classifier(torch.cat([m, z], dim=1))
         maps = self._decode(z, pyramid, x)
         if self.per_class:
@@ -139,13 +159,13 @@ class ImpactX(nn.Module):
         ``target`` (default: the predicted class, which costs the M and classifier pass too)."""
         if self.per_class and target is None:
             return self.forward_all(x)[1]
-        z, pyramid = self._lep_pass(x)
+        _, z, pyramid = self._passes(x, need_m=False)
         maps = self._decode(z, pyramid, x)
         return self.select_class(maps, target) if self.per_class else maps
 
     def all_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Every class's map, (B, K, C, H, W) (K = 1 for a one-map model)."""
-        z, pyramid = self._lep_pass(x)
+        _, z, pyramid = self._passes(x, need_m=False)
         maps = self._decode(z, pyramid, x)
         return maps if self.per_class else maps.unsqueeze(1)
 
@@ -177,6 +197,7 @@ def build_impactx(
     decoder: str = "unet_input",
     per_class: Optional[bool] = None,
     additive_reference: float | list[float] = 0.0,
+    decoder_reads_m: bool = False,
 ) -> ImpactX:
     """Build an IMPACTX model; the returned model's ``spec`` rebuilds it (for checkpoints).
 
@@ -212,10 +233,21 @@ def build_impactx(
         "per_class": bool(per_class),
         "additive_reference": additive_reference,
     }
+    if decoder_reads_m:  # only then: specs of every other model stay as they were
+        spec["decoder_reads_m"] = True
     m = build_model(backbone, in_channels, num_classes, image_size, **backbone_options)
     lep = build_model(lep_name, in_channels, num_classes, image_size, **lep_options)
     return ImpactX(m, lep, num_classes, map_size, map_channels, decoder_width, classifier_hidden, spec=spec, decoder_scale=decoder_scale,
-                   decoder=decoder, per_class=per_class, additive_reference=additive_reference, image_size=image_size)
+                   decoder=decoder, per_class=per_class, additive_reference=additive_reference, image_size=image_size,
+                   decoder_reads_m=decoder_reads_m)
+
+
+def _joined_pyramid(lep: list[tuple[int, int, int]], m: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """LEP's and M's pyramid levels side by side (channels added); they must match in number and size."""
+    if len(lep) != len(m) or any(a[1:] != b[1:] for a, b in zip(lep, m)):
+        raise ConfigError(f"impactx.decoder_reads_m=true needs M and LEP pyramids of the same levels and sizes (LEP {lep}, M {m}); "
+                          "use the same backbone for both (leave impactx.lep_backbone unset)")
+    return [(a[0] + b[0], a[1], a[2]) for a, b in zip(lep, m)]
 
 
 def impactx_from_spec(spec: dict[str, Any]) -> ImpactX:

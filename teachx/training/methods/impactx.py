@@ -42,6 +42,7 @@ class Impactx(TrainingMethod):
             map_channels=store.maps.shape[1] if store is not None else 1,
             decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden, decoder_scale=ic.decoder_scale,
             decoder=ic.decoder, per_class=ic.per_class, additive_reference=ic.additive_reference,
+            decoder_reads_m=ic.decoder_reads_m,
         )
         if ic.m_init == "teacher":
             if ctx.teacher_model is None or type(ctx.teacher_model) is not type(model.m):
