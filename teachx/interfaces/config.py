@@ -212,7 +212,7 @@ class ImpactxConfig:
         self._validate_builtin_maps()
 
     def _validate_builtin_maps(self) -> None:
-        from teachx.models.decoders import DECODERS, per_class_error
+        from teachx.models.decoders import DECODERS, per_class_error, reads_m_error
         from teachx.training.map_losses import MAP_LOSSES
 
         try:
@@ -222,8 +222,7 @@ class ImpactxConfig:
         if self.per_class and not DECODERS.get(decoder).supports_per_class:
             raise ConfigError(per_class_error(decoder))
         if self.decoder_reads_m and not DECODERS.get(decoder).needs_pyramid:
-            raise ConfigError(f"impactx.decoder_reads_m=true needs a decoder that reads feature pyramids "
-                              f"({', '.join(n for n in DECODERS.names() if DECODERS.get(n).needs_pyramid)}), not '{decoder}'")
+            raise ConfigError(reads_m_error(decoder))
         try:
             MAP_LOSSES.canonical(self.map_loss)
         except ConfigError as exc:

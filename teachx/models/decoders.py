@@ -360,3 +360,8 @@ def per_class_error(name: str) -> str:
     return (f"impactx.per_class=true needs a decoder that can make one map per class ({', '.join(able)}); "
             f"'{name}' makes one map from the pooled vector, as in the paper; set impactx.per_class=false "
             "(or leave it out: each decoder has its own default)")
+
+
+def reads_m_error(name: str) -> str:
+    pyramid = [n for n in DECODERS.names() if DECODERS.get(n).needs_pyramid]
+    return f"impactx.decoder_reads_m=true needs a decoder that reads feature pyramids ({', '.join(pyramid)}), not '{name}'"

@@ -28,7 +28,7 @@ from torch import nn
 
 from teachx.errors import ConfigError
 from teachx.models.base import Backbone
-from teachx.models.decoders import DECODERS, Decoder, DecoderSpec, MapDecoder, build_decoder  # noqa: F401  (MapDecoder: public name)
+from teachx.models.decoders import DECODERS, Decoder, DecoderSpec, MapDecoder, build_decoder, reads_m_error  # noqa: F401  (MapDecoder: public name)
 
 
 class ImpactX(nn.Module):
@@ -67,8 +67,7 @@ class ImpactX(nn.Module):
             if self.decoder_reads_m:
                 pyramid = _joined_pyramid(pyramid, m.pyramid_shapes(size))
         elif self.decoder_reads_m:
-            raise ConfigError(f"impactx.decoder_reads_m=true needs a decoder that reads feature pyramids "
-                              f"({', '.join(n for n in DECODERS.names() if DECODERS.get(n).needs_pyramid)}), not '{self.decoder_name}'")
+            raise ConfigError(reads_m_error(self.decoder_name))
         self.decoder: Decoder = build_decoder(self.decoder_name, DecoderSpec(
             latent_dim=lep.feature_dim, map_size=tuple(map_size), out_channels=map_channels,
             classes=num_classes if self.per_class else 1, width=decoder_width, scale=decoder_scale,
