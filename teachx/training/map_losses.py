@@ -66,20 +66,25 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine similarity of (B, N) rows; a zero row gives 0 (its image contributes no gradient)."""
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(_EPS)
+
+
+def _centred(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(dim=1, keepdim=True)
+
+
 @MAP_LOSSES.register("pearson", "correlation")
 def pearson_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p, t = _flat(pred), _flat(target)
-    p = p - p.mean(dim=1, keepdim=True)
-    t = t - t.mean(dim=1, keepdim=True)
-    r = (p * t).sum(dim=1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(_EPS)
-    return (1.0 - r).mean()
+    return (1.0 - _cosine(_centred(p), _centred(t))).mean()  # Pearson r = cosine of the centred maps
 
 
 @MAP_LOSSES.register("pearson_anchored")
 def pearson_anchored_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p, t = _flat(pred), _flat(target)
-    pc, tc = p - p.mean(dim=1, keepdim=True), t - t.mean(dim=1, keepdim=True)
-    r = (pc * tc).sum(dim=1) / (pc.norm(dim=1) * tc.norm(dim=1)).clamp_min(_EPS)
+    r = _cosine(_centred(p), _centred(t))
     root_n = p.shape[1] ** 0.5  # mean / rms = sum / (norm * sqrt(N))
     level = lambda x: x.sum(dim=1) / (x.norm(dim=1) * root_n).clamp_min(_EPS)  # noqa: E731
     return (1.0 - r + (level(p) - level(t)).pow(2)).mean()
@@ -87,9 +92,7 @@ def pearson_anchored_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 @MAP_LOSSES.register("cosine")
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p, t = _flat(pred), _flat(target)
-    cos = (p * t).sum(dim=1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(_EPS)
-    return (1.0 - cos).mean()
+    return (1.0 - _cosine(_flat(pred), _flat(target))).mean()
 
 
 @MAP_LOSSES.register("standardized_mse", "standardised_mse", "zmse")
@@ -131,16 +134,17 @@ INVARIANCE = {"mse": "none", "pearson": "affine", "pearson_anchored": "scale", "
 def comparable(maps: np.ndarray, invariance: str) -> np.ndarray:
     """``maps`` (one image's map, any shape) with what its loss leaves free removed: unchanged for
     "none", divided by max |value| for "scale" (sign and zero kept, like ``teacher.normalize=maxabs``),
-    z-scored for "affine". A map that is constant where it would be divided stays as it is."""
+    z-scored for "affine". A map that is zero where it would be divided stays zero."""
+    from teachx.teachers.postprocess import normalize_maps
+
     m = np.asarray(maps, dtype=np.float32)
     if invariance == "none":
         return m
+    row = torch.from_numpy(m.reshape(1, -1).copy())
     if invariance == "affine":
-        m = m - m.mean()
-        spread = float(m.std())
-    else:
-        spread = float(np.abs(m).max()) if m.size else 0.0
-    return m / spread if spread > 0 else m
+        row = _centred(row)
+    how = "std" if invariance == "affine" else "maxabs"  # teacher.normalize's own scalings
+    return normalize_maps(row.view(1, 1, 1, -1), how).reshape(m.shape).numpy()
 
 
 def pooled(maps: torch.Tensor, k: int) -> torch.Tensor:
