@@ -267,6 +267,72 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
     assert not (tmp_path / "m2").exists()
 
 
+def _morf_reference(model, x, target, relevance, steps):
+    """MoRF AUC of one image, written out: zero the ``floor(k * F / steps)`` most relevant pixels (every
+    channel) for k = 0..steps, the softmax probability of ``target`` after each, trapezoid over [0, 1]."""
+    import torch
+
+    order = torch.argsort(relevance.flatten(), descending=True)
+    n, scores = order.numel(), []
+    for k in range(steps + 1):
+        xk = x.clone().reshape(x.shape[0], -1)
+        xk[:, order[: (k * n) // steps]] = 0.0
+        with torch.no_grad():
+            scores.append(float(model(xk.reshape(1, *x.shape)).double().softmax(1)[0, target]))
+    return sum((scores[k] + scores[k + 1]) / 2 for k in range(steps)) / steps
+
+
+def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_path, monkeypatch):
+    """`teachx explain --faithfulness`: the run's teacher (DeepSHAP, background from the run's training data) applied
+    post hoc to the IMPACTX model, an overlay of it, and per image MoRF AUCs equal to a pixel-flipping loop written out
+    here, the built-in map's correlation with the post-hoc map, and the means, in faithfulness.json."""
+    import torch
+
+    from teachx.data.transforms import normalize
+    from teachx.interfaces import explain as ex
+    from teachx.interfaces.builtin_eval import post_hoc_maps
+    from teachx.interfaces.pipeline import make_plan
+
+    rng = np.random.default_rng(3)
+    imgs = []
+    for i in range(2):
+        imgs.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(imgs[-1])
+    out = tmp_path / "faith"
+    res = run("explain", tiny_run["run"], *imgs, "--out", out, "--faithfulness", "--steps", "8", env_extra=tiny_run["env"])
+    assert res.returncode == 0, res.stderr
+    rec = json.loads((out / "faithfulness.json").read_text())
+    assert rec["teacher_method"] == "deepshap" and rec["explained"] == "predicted" and rec["steps"] == 8
+    assert sorted(p.name for p in out.iterdir()) == ["faithfulness.json", "im0_deepshap.png", "im0_impactx.png", "im1_deepshap.png", "im1_impactx.png"]
+    assert "MoRF AUC (lower = more faithful): built-in" in res.stdout and "mean over 2 image(s)" in res.stdout
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
+    model, meta = ex.load_impactx(tiny_run["run"])
+    x = normalize(torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in imgs])[:, None].copy()), tuple(meta["mean"]), tuple(meta["std"]))
+    with torch.no_grad():
+        logits, built_in = model.forward_all(x)
+    pred = logits.argmax(1)
+    cfg = ex.run_config_of(ex.find_impactx_checkpoint(tiny_run["run"]))
+    post = post_hoc_maps(cfg, make_plan(cfg, progress=False), model, x, pred, torch.device("cpu"))
+    for i, row in enumerate(rec["images"]):
+        assert row["predicted"] == row["explained_class"] == int(pred[i])
+        auc = row["auc"]["pixel_flipping_morf"]
+        assert auc["built_in"] == pytest.approx(_morf_reference(model, x[i], int(pred[i]), built_in[i], 8), abs=1e-6)
+        assert auc["teacher_post_hoc"] == pytest.approx(_morf_reference(model, x[i], int(pred[i]), post[i], 8), abs=1e-5)
+        assert row["corr_self"] == pytest.approx(float(np.corrcoef(built_in[i].flatten(), post[i].flatten())[0, 1]), abs=1e-5)
+    mean = rec["mean"]["auc"]["pixel_flipping_morf"]
+    assert mean["built_in"] == pytest.approx(np.mean([r["auc"]["pixel_flipping_morf"]["built_in"] for r in rec["images"]]))
+    assert set(mean) == {"built_in", "teacher_post_hoc", "random"}
+
+    again = run("explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness", env_extra=tiny_run["env"])
+    assert again.returncode == 0 and (out / "faithfulness_1.json").is_file() and (out / "im0_deepshap_1.png").is_file()
+    alone = tmp_path / "alone.safetensors"  # a checkpoint outside its run: no teacher config, no background
+    shutil.copy(tiny_run["run"] / "impactx" / "checkpoints" / "best.safetensors", alone)
+    assert_one_line_error(run("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env_extra=tiny_run["env"]),
+                          "--faithfulness needs the run", "study unit")
+    assert not (tmp_path / "f2").exists()
+
+
 @pytest.mark.parametrize("columns", ["80", "60"])
 def test_help_summaries_are_complete(columns):
     from teachx.interfaces.cli import cli, command_summary

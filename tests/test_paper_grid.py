@@ -92,6 +92,36 @@ def test_5k_cells_match_their_45k_cells_but_for_the_data_size():
         assert res.exit_code == 0 and res.output.startswith("25 units:"), res.output
 
 
+def test_cpu_cells_share_the_builtin_maps_mobilenet_units():
+    """study-cifar10-<backbone>-cpu: the 5k cells at the size this CPU runs (ImageNet strides, Adam) -- the paper
+    grid's arms and 5 seeds; the MobileNet one's baseline / IMPACTX / lambda = 0 units are exactly the units of
+    study-builtin-maps-mobilenet's baseline / shap_paper_mse / lambda0 (its header says they share a directory), and
+    the EfficientNet-B2 one differs from it only in the backbone."""
+    from teachx.interfaces.study import unit_names
+
+    mob, eff = load_study("study-cifar10-mobilenet-cpu"), load_study("study-cifar10-efficientnet_b2-cpu")
+    for spec in (mob, eff):
+        assert list(spec.arms) == ARMS and spec.seeds == [0, 1, 2, 3, 4] and spec.control == "lambda0"
+        base = spec.config("5k", None, 0)
+        assert base.data.train_size == 5000 and base.model.options == {"small_input": False} and base.teacher.method == "deepshap"
+        imp = spec.config("5k", "impactx", 0)
+        assert (imp.impactx.decoder, imp.impactx.per_class, imp.impactx.map_loss, imp.impactx.lam) == ("paper", False, "mse", 1.0)
+        assert spec.config("5k", "abn", 0).method.name == "abn"
+    strip = lambda d: {k: v for k, v in d.items() if k != "model"}  # noqa: E731
+    for arm in (None, *ARMS):
+        a, b = mob.config("5k", arm, 3).to_dict(), eff.config("5k", arm, 3).to_dict()
+        assert strip(a) == strip(b) and a["model"]["backbone"] == "mobilenet" and b["model"]["backbone"] == "efficientnet_b2"
+    ours = {(v["arm"], v["seed"]): k for k, v in unit_names(mob).items()}
+    theirs = {(v["arm"], v["seed"]): k for k, v in unit_names(load_study("study-builtin-maps-mobilenet")).items()}
+    for seed in (0, 1, 2):
+        for arm, other in (("baseline", "baseline"), ("impactx", "shap_paper_mse"), ("lambda0", "lambda0")):
+            assert ours[(arm, seed)] == theirs[(other, seed)], (arm, seed)
+    assert len(ours) == 25 and len(set(ours.values()) - set(theirs.values())) == 16
+    for name in ("study-cifar10-mobilenet-cpu", "study-cifar10-efficientnet_b2-cpu"):
+        res = _study_cli(name, "--out", "unused", "--dry-run")
+        assert res.exit_code == 0 and res.output.startswith("25 units:"), res.output
+
+
 def test_headers_state_commands_units_and_wall_time():
     for name in CELLS:
         path = shipped_configs()[name]

@@ -8,7 +8,7 @@ pixel-flipping engine (``teachx.evaluation.faithfulness``; nothing is re-impleme
 - ``teacher_post_hoc``: the teacher method applied post hoc to the same IMPACTX model (the
   reference an amortised explainer is measured against, as in the paper);
 - ``mean_map``: the mean training teacher map, the same for every image (what a decoder that
-  learned nothing per image would output);
+  learned nothing per image would output; left out when not given, e.g. for images outside a dataset);
 - ``random``: seeded uniform noise (the floor).
 
 Metrics: MoRF AUC (lower = more faithful), LeRF AUC (higher) and insertion AUC (higher; blurred
@@ -41,31 +41,41 @@ def builtin_map_faithfulness(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     built_in: torch.Tensor,
-    mean_map: torch.Tensor,
+    mean_map: Optional[torch.Tensor],
     post_hoc: Optional[torch.Tensor] = None,
     steps: int = 16,
     seed: int = 0,
     batch_size: int = 256,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """JSON-able ``{"images", "steps", "auc": {metric: {set: mean}}, "corr_self", ...}``.
 
     ``built_in`` / ``post_hoc``: (B, C, H, W) maps of ``targets`` for ``inputs``; ``mean_map``:
-    (C, H, W) or (1, C, H, W).
+    (C, H, W) or (1, C, H, W), or None to leave that set out. ``per_image`` adds every image's AUCs
+    (``values``: {metric: {set: [B floats]}}) and self-agreement (``corr_self_values``).
     """
     n = int(inputs.shape[0])
-    mean = mean_map.reshape(1, *mean_map.shape[-3:]).to(built_in.device, built_in.dtype)
-    sets = {"built_in": built_in, "mean_map": mean.expand_as(built_in).contiguous()}
+    sets = {"built_in": built_in}
+    if mean_map is not None:
+        mean = mean_map.reshape(1, *mean_map.shape[-3:]).to(built_in.device, built_in.dtype)
+        sets["mean_map"] = mean.expand_as(built_in).contiguous()
     if post_hoc is not None:
         sets["teacher_post_hoc"] = post_hoc
     metrics = [build_metric(name, steps=steps, batch_size=batch_size) for name in METRIC_NAMES]
-    report = evaluate_maps(model, inputs, targets, sets, metrics, seed=seed, with_values=False)
+    report = evaluate_maps(model, inputs, targets, sets, metrics, seed=seed, with_values=per_image)
     out: dict[str, Any] = {
         "images": n,
         "steps": int(steps),
         "auc": {m: {s: report["maps"][s][m]["mean"] for s in report["maps"]} for m in METRIC_NAMES},
         "higher_is_better": {m: report["metrics"][m]["higher_is_better"] for m in METRIC_NAMES},
     }
+    if per_image:
+        out["values"] = {m: {s: report["maps"][s][m]["values"] for s in report["maps"]} for m in METRIC_NAMES}
     if post_hoc is not None:
-        out["corr_self"] = float(_corr(built_in, post_hoc).mean())
-        out["corr_self_mean_map"] = float(_corr(sets["mean_map"], post_hoc).mean())
+        corr = _corr(built_in, post_hoc)
+        out["corr_self"] = float(corr.mean())
+        if per_image:
+            out["corr_self_values"] = [float(v) for v in corr.tolist()]
+        if mean_map is not None:
+            out["corr_self_mean_map"] = float(_corr(sets["mean_map"], post_hoc).mean())
     return out

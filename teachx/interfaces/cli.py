@@ -242,15 +242,21 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
 @click.option("--device", default="auto", show_default=True)
 @click.option("--class", "cls", type=click.IntRange(min=0), default=None,
               help="Per-class models (impactx.per_class): the map of this class, not the predicted one.")
-def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls: Optional[int]) -> None:
+@click.option("--faithfulness", is_flag=True,
+              help="Also the run's teacher method applied post hoc to this model, and pixel-flipping AUCs (MoRF, LeRF, "
+                   "insertion) of the built-in, post-hoc and a random map on this model (faithfulness.json).")
+@click.option("--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Pixel-flipping steps (--faithfulness).")
+def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls: Optional[int], faithfulness: bool, steps: int) -> None:
     """Write built-in IMPACTX heatmap overlays (PNG) for image files.
 
     RUN_DIR is the --out folder of `teachx run` or `teachx demo` (its IMPACTX or ABN model is used), or
     an IMPACTX / ABN unit of a study (STUDY/units/KEY); CHECKPOINT such a .safetensors file.
+    --faithfulness asks how faithful each built-in map is to the model that made it: it needs the run or
+    unit (its config names the teacher method, and DeepSHAP's background comes from its training data).
     """
     from teachx.interfaces.explain import explain_images
 
-    for line in explain_images(checkpoint, list(images), out, device, cls):
+    for line in explain_images(checkpoint, list(images), out, device, cls, faithfulness=faithfulness, steps=steps):
         click.echo(line)
 
 

@@ -1,4 +1,6 @@
-"""`teachx explain`: the built-in maps of an IMPACTX (or ABN) model for arbitrary image files, as PNG overlays."""
+"""`teachx explain`: the built-in maps of an IMPACTX (or ABN) model for arbitrary image files, as PNG overlays,
+and with ``--faithfulness`` how faithful each map is to the model that made it (pixel flipping on that model,
+next to the run's teacher method applied post hoc to it and a random map)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import numpy as np
 import torch
 
 from teachx.data.transforms import normalize
-from teachx.errors import CheckpointError, DataError
+from teachx.errors import CheckpointError, DataError, TeachxError
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec
 from teachx.training.checkpoint import load_state_into
+from teachx.utils.io import write_json_atomic
 from teachx.utils.seeding import choose_device
 
 
@@ -73,6 +76,49 @@ def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
     return model.eval(), ck.meta
 
 
+def run_config_of(checkpoint: Path):
+    """The run config of the run or study unit a checkpoint belongs to (``config.yaml`` of a `teachx run` /
+    `teachx demo` directory, the ``config`` of a study unit's ``unit.json``); None for a checkpoint on its own."""
+    from teachx.interfaces.config import RunConfig
+    from teachx.utils.config import from_dict, load_yaml
+    from teachx.utils.io import read_trusted_json
+
+    for d in list(Path(checkpoint).resolve().parents)[:3]:  # <unit>/checkpoints/x or <run>/<stage>/checkpoints/x
+        if (d / "unit.json").is_file():
+            rec = read_trusted_json(d / "unit.json", "re-run the study to re-create the unit", "study unit record")
+            return from_dict(RunConfig, dict(rec.get("config") or {}), f"{d / 'unit.json'} config")
+        if (d / "config.yaml").is_file():
+            raw = load_yaml(str(d / "config.yaml"))
+            raw.pop("command", None)
+            return from_dict(RunConfig, raw, str(d / "config.yaml"))
+    return None
+
+
+def _post_hoc_plan(checkpoint: Path, channels: int, size: tuple[int, int]):
+    """(run config, data plan) for the teacher method applied post hoc: the run's teacher and, for methods
+    with a background (DeepSHAP, expected gradients), its training images. One-line errors otherwise."""
+    from teachx.interfaces.pipeline import make_plan
+
+    cfg = run_config_of(checkpoint)
+    if cfg is None:
+        raise CheckpointError(f"--faithfulness needs the run the model came from (its config names the teacher method and the "
+                              f"data of its background), and '{checkpoint}' is outside a run or study unit; pass the "
+                              "`teachx run` / `teachx demo` directory or the study unit (STUDY/units/KEY)")
+    plan = make_plan(cfg, progress=False)
+    ds = plan.dataset
+    if ds.channels != channels or tuple(ds.image_size) != tuple(size):
+        raise DataError(f"--faithfulness: the run's data ({ds.name}) has {ds.channels}-channel {ds.image_size[0]}x{ds.image_size[1]} "
+                        f"images, the model expects {channels}-channel {size[0]}x{size[1]}; pass the run directory the model was trained in")
+    return cfg, plan
+
+
+def _unique(out_dir: Path, stem: str, suffix: str) -> Path:
+    dest, n = out_dir / f"{stem}{suffix}", 1
+    while dest.exists():  # never replace a file
+        dest, n = out_dir / f"{stem}_{n}{suffix}", n + 1
+    return dest
+
+
 def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
     """Image file -> uint8 (H, W, C) at the model's size and channels, and a notice if resized."""
     from PIL import Image, UnidentifiedImageError
@@ -99,12 +145,20 @@ def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[
 
 
 def explain_images(checkpoint: str, images: list[str], out: str, device: str = "auto",
-                   cls: int | None = None) -> Iterator[str]:
+                   cls: int | None = None, faithfulness: bool = False, steps: int = 16) -> Iterator[str]:
     """Overlay PNGs of the built-in maps of ``images``; ``cls``: the map of that class instead of the
-    predicted one (models with per-class maps only). Yields one line per image (and per notice)."""
+    predicted one (models with per-class maps only). Yields one line per image (and per notice).
+
+    ``faithfulness``: also the run's teacher method applied post hoc to this model (an overlay per
+    image) and, for the explained class, the pixel-flipping AUCs (MoRF, LeRF, insertion; ``steps``
+    removal steps) of the built-in map, the post-hoc map and a random map on this model, with the
+    built-in map's correlation with the post-hoc one (``teachx.evaluation.builtin_maps``): one line
+    per image and ``faithfulness.json`` (every value, the means and what was compared).
+    """
     from teachx.reporting.figures import save_overlay
 
-    model, meta = load_impactx(checkpoint)
+    ck_path = find_impactx_checkpoint(checkpoint)
+    model, meta = load_impactx(ck_path)
     spec = meta["model_spec"]
     kind = spec["name"]
     channels, size = int(spec["in_channels"]), tuple(int(s) for s in spec["image_size"])
@@ -121,6 +175,7 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
         a, note = read_image(p, channels, size)
         arrays.append(a)
         notices.append(note)
+    cfg, plan = _post_hoc_plan(ck_path, channels, size) if faithfulness else (None, None)
     dev = choose_device(device)
     model.to(dev)
     out_dir = Path(out)
@@ -131,16 +186,61 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
         target = None if cls is None else torch.full((x.shape[0],), cls, dtype=torch.long, device=dev)
         logits, maps = model.forward_all(x, target)
     probs = logits.softmax(1).cpu()
+    explained = logits.argmax(1) if target is None else target
+    faith = _faithfulness(cfg, plan, model, x, explained, maps.float(), steps, dev) if faithfulness else None
+    method = cfg.teacher.method if cfg is not None else ""
+    rows = []
     for i, p in enumerate(images):
         if notices[i]:
             yield f"notice: {notices[i]}"
         k = int(probs[i].argmax())
         stem = f"{Path(p).stem}_{kind}" + ("" if cls is None else f"_class{cls}")
-        dest = out_dir / f"{stem}.png"
-        n = 1
-        while dest.exists():  # never replace a file
-            dest = out_dir / f"{stem}_{n}.png"
-            n += 1
+        dest = _unique(out_dir, stem, ".png")
         of = "" if cls is None else f"; map of {class_names[cls]}"
         save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
         yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
+        if faith is not None:
+            post_dest = _unique(out_dir, f"{Path(p).stem}_{method}" + ("" if cls is None else f"_class{cls}"), ".png")
+            save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}")
+            row = _faith_row(faith["report"], i)
+            rows.append({"image": str(p), "predicted": k, "predicted_name": class_names[k], "explained_class": int(explained[i]),
+                         "explained_name": class_names[int(explained[i])], "built_in_png": str(dest), "post_hoc_png": str(post_dest), **row})
+            a = row["auc"]["pixel_flipping_morf"]
+            yield (f"  faithfulness to this model, MoRF AUC (lower = more faithful): built-in {a['built_in']:.3f}, {method} post hoc "
+                   f"{a['teacher_post_hoc']:.3f}, random {a['random']:.3f}; built-in vs {method} correlation {row['corr_self']:.3f} -> {post_dest}")
+    if faith is not None:
+        report = faith["report"]
+        record = {"checkpoint": str(ck_path), "model": kind, "teacher_method": method,
+                  "teacher": {"options": dict(cfg.teacher.options), "reduce": cfg.teacher.reduce, "normalize": cfg.teacher.normalize,
+                              "smooth": cfg.teacher.smooth, "background_size": cfg.teacher.background_size},
+                  "explained": "predicted" if cls is None else f"class {cls}", "steps": report["steps"],
+                  "higher_is_better": report["higher_is_better"], "mean": {"auc": report["auc"], "corr_self": report["corr_self"]},
+                  "images": rows}
+        dest = _unique(out_dir, "faithfulness", ".json")
+        write_json_atomic(dest, record)
+        a = report["auc"]["pixel_flipping_morf"]
+        yield (f"mean over {len(rows)} image(s): MoRF AUC built-in {a['built_in']:.3f}, {method} post hoc {a['teacher_post_hoc']:.3f}, "
+               f"random {a['random']:.3f}; correlation {report['corr_self']:.3f} -> {dest}")
+
+
+def _faithfulness(cfg, plan, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, built_in: torch.Tensor,
+                  steps: int, device: torch.device) -> dict:
+    """The post-hoc maps of the run's teacher method on ``model`` and the faithfulness report of both map sets."""
+    from teachx.evaluation.builtin_maps import builtin_map_faithfulness
+    from teachx.interfaces.builtin_eval import post_hoc_maps
+
+    try:
+        post_hoc = post_hoc_maps(cfg, plan, model, x, target, device)
+    except TeachxError:
+        raise
+    except Exception as exc:  # a method that does not support this architecture: say which, one line
+        raise CheckpointError(f"--faithfulness: {cfg.teacher.method} failed on this model ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]}); drop --faithfulness") from None
+    report = builtin_map_faithfulness(model, x, target, built_in, None, post_hoc, steps=steps, seed=cfg.seed, per_image=True)
+    return {"post_hoc": post_hoc.cpu(), "report": report}
+
+
+def _faith_row(report: dict, i: int) -> dict:
+    """Image ``i``'s values of a per-image faithfulness report."""
+    return {"auc": {m: {s: v[i] for s, v in sets.items()} for m, sets in report["values"].items()},
+            "corr_self": report["corr_self_values"][i]}
