@@ -331,6 +331,9 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     assert_one_line_error(run("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env_extra=tiny_run["env"]),
                           "--faithfulness needs the run", "study unit")
     assert not (tmp_path / "f2").exists()
+    too_many = run("explain", tiny_run["run"], imgs[0], "--out", tmp_path / "f3", "--faithfulness", "--steps", "5000", env_extra=tiny_run["env"])
+    assert_one_line_error(too_many, "steps=5000", "784")
+    assert not (tmp_path / "f3").exists()
 
 
 @pytest.mark.parametrize("columns", ["80", "60"])

@@ -179,7 +179,6 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     dev = choose_device(device)
     model.to(dev)
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     x_u8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     x = normalize(x_u8.to(dev), mean, std)
     with torch.no_grad():
@@ -189,6 +188,7 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     explained = logits.argmax(1) if target is None else target
     faith = _faithfulness(cfg, plan, model, x, explained, maps.float(), steps, dev) if faithfulness else None
     method = cfg.teacher.method if cfg is not None else ""
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failure above leaves nothing behind
     rows = []
     for i, p in enumerate(images):
         if notices[i]:
