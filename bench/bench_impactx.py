@@ -11,7 +11,7 @@ Measures, at batch 64 on 32x32x3 inputs (medians of --repeats):
   shap.DeepExplainer with a background of 100 on the same model (target >= 100x).
 - with ``--decoders paper,unet,unet_input,additive,lite@16`` (``impactx.decoder``, ``@W`` its
   ``impactx.decoder_width``, default 32; ``--per-class``,
-  ``--map-loss`` and ``--faith-weight`` as the config options of the same names): for each decoder,
+  ``--map-loss``, ``--faith-weight`` and ``--reads-m`` as the config options of the same names): for each decoder,
   the built-in maps' forward vs the baseline forward and the IMPACTX training step vs the baseline
   step, side by side at batch 64, and the decoder's multiply-adds per image (``decoders`` in the JSON).
 Writes bench/results/impactx.json atomically and prints a table.
@@ -19,6 +19,7 @@ Writes bench/results/impactx.json atomically and prints a table.
     python bench/bench_impactx.py [--models lenet5,mobilenet] [--repeats 5] [--threads N] [--posthoc-models lenet5,mobilenet]
     python bench/bench_impactx.py --models lenet5 --decoders unet_input,lite@16,lite_additive@16 --per-class --map-loss pearson --out bench/results/impactx_decoders_per_class.json
     python bench/bench_impactx.py --models lenet5 --decoders paper,unet,unet_input,additive [--per-class] [--map-loss pearson] [--faith-weight 0.1] --out bench/results/impactx_decoders.json
+    python bench/bench_impactx.py --models lenet5 --decoders unet_input,unet_input@64 --per-class --map-loss pearson --reads-m --threads 2 --out bench/results/impactx_decoders_reads_m.json
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path, posthoc: b
 
 
 def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool = False, map_loss: str = "mse",
-                   faith_weight: float = 0.0) -> list[dict]:
+                   faith_weight: float = 0.0, reads_m: bool = False) -> list[dict]:
     """Per decoder: built-in maps (one forward) / baseline forward, IMPACTX step / baseline step, MACs."""
     torch.manual_seed(0)
     xb, yb = torch.randn(B, C, SIZE, SIZE), torch.randint(0, K, (B,))
@@ -259,7 +260,7 @@ def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool
             print(f"{name}: decoder {decoder} makes one map only; skipped with --per-class")
             continue
         torch.manual_seed(0)
-        imp = build_impactx(name, C, K, (SIZE, SIZE), decoder=decoder, per_class=per_class, decoder_width=width)
+        imp = build_impactx(name, C, K, (SIZE, SIZE), decoder=decoder, per_class=per_class, decoder_width=width, decoder_reads_m=reads_m)
         opt_i = torch.optim.Adam([p for p in imp.parameters() if p.requires_grad], 1e-3)
 
         class _Source:  # in-memory maps; the explained class is the label
@@ -284,9 +285,10 @@ def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool
         with torch.no_grad():
             t_builtin = timed(lambda: imp.forward_all(xb), repeats)
         macs_builtin = macs_per_image(_BuiltInPath(imp), xb)
-        macs_lep = macs_per_image(_Features(imp.lep), xb)
+        macs_lep = macs_per_image(_Features(imp.lep), xb) + (macs_per_image(_Features(imp.m), xb) if reads_m else 0)  # the branches the map path runs
         rows.append({
             "model": name, "decoder": decoder, "decoder_width": width, "per_class": per_class, "map_loss": map_loss, "faith_weight": faith_weight,
+            "decoder_reads_m": reads_m,
             "batch": B, "baseline_forward_s": t_fwd, "builtin_maps_forward_s": t_builtin,
             "ratio_builtin_maps_to_forward": t_builtin / t_fwd,
             "baseline_step_s": t_base_step, "impactx_step_s": t_step, "ratio_impactx_step_to_baseline": t_step / t_base_step,
@@ -343,6 +345,7 @@ def main() -> None:
     ap.add_argument("--per-class", action="store_true", help="with --decoders: one map per class (impactx.per_class)")
     ap.add_argument("--map-loss", default="mse", help="with --decoders: impactx.map_loss of the timed step")
     ap.add_argument("--faith-weight", type=float, default=0.0, help="with --decoders: impactx.faith_weight of the timed step")
+    ap.add_argument("--reads-m", action="store_true", help="with --decoders: the decoder also reads M's pyramid (impactx.decoder_reads_m)")
     args = ap.parse_args()
     for item in (args.decoders or "").split(","):
         width = item.partition("@")[2]
@@ -354,7 +357,7 @@ def main() -> None:
     if args.decoders:
         rows = []
         for name in args.models.split(","):
-            rows += bench_decoders(name, args.decoders.split(","), args.repeats, args.per_class, args.map_loss, args.faith_weight)
+            rows += bench_decoders(name, args.decoders.split(","), args.repeats, args.per_class, args.map_loss, args.faith_weight, args.reads_m)
         for r in rows:
             print(f"{r['model']:10s} {r['decoder'] + '@' + str(r['decoder_width']):16s} built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward | "
                   f"step {r['ratio_impactx_step_to_baseline']:.2f}x baseline | decoder MACs "

@@ -24,6 +24,10 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("bench_lrp.py", ["--models", "lenet5", "mobilenet", "resnet18", "efficientnet_b0", "efficientnet_b2"]),
     ("bench_impactx.py", ["--models", "lenet5,mobilenet,efficientnet_b2"]),
     ("bench_impactx.py", ["--models", "lenet5", "--decoders", "paper,unet,unet_input,additive", "--out", str(RESULTS / "impactx_decoders.json")]),
+    ("bench_impactx.py", ["--models", "lenet5", "--decoders", "unet_input,lite@16,lite_additive@16", "--per-class", "--map-loss", "pearson",
+                          "--threads", "2", "--out", str(RESULTS / "impactx_decoders_per_class.json")]),
+    ("bench_impactx.py", ["--models", "lenet5", "--decoders", "unet_input,unet_input@64", "--per-class", "--map-loss", "pearson", "--reads-m",
+                          "--threads", "2", "--out", str(RESULTS / "impactx_decoders_reads_m.json")]),
     ("bench_integrity.py", []),
     ("bench_metrics.py", []),
     ("bench_allocator.py", []),
@@ -78,10 +82,11 @@ def summary() -> str:
             sp = r.get("speedup_builtin_vs_deepexplainer")
             if sp:
                 rows.append(f"| built-in maps vs post-hoc shap.DeepExplainer (bg 100) | {r['model']} | {sp:.0f}x | >= 100x | {'yes' if sp >= 100 else 'no'} |")
-    dec = load("impactx_decoders.json")
-    if dec:
-        for r in dec["decoders"]:
-            what = f"impactx.decoder={r['decoder']}" + (" per class" if r.get("per_class") else "")
+    for dec in (load(name) for name in ("impactx_decoders.json", "impactx_decoders_per_class.json", "impactx_decoders_reads_m.json")):
+        for r in (dec or {}).get("decoders", []):
+            what = (f"impactx.decoder={r['decoder']}" + (f" width {r['decoder_width']}" if r.get("decoder_width", 32) != 32 else "")
+                    + (" per class" if r.get("per_class") else "") + (f", {r['map_loss']} loss" if r.get("map_loss", "mse") != "mse" else "")
+                    + (", reading M" if r.get("decoder_reads_m") else ""))
             rows.append(f"| built-in maps / baseline forward; IMPACTX step / baseline step ({what}, batch {r['batch']}, {_threads(dec['threads'])}) | {r['model']} | "
                         f"{r['ratio_builtin_maps_to_forward']:.2f}x; {r['ratio_impactx_step_to_baseline']:.2f}x (decoder multiply-adds "
                         f"{r['macs_per_image']['decoder'] / r['macs_per_image']['baseline']:.2f}x the model's) | <= 2.5x; <= 2.5x | "

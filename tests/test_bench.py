@@ -82,3 +82,8 @@ def test_summary_rows_for_memory_and_step_breakdown(tmp_path, monkeypatch):
     assert "(sum 8.0 vs step 9.0; baseline step 4.0)" in table
     assert "DeepExplainer (bg 100) | lenet5" not in table  # skipped post-hoc comparison: no row
     assert [script for script, _ in run_all.BENCHES] and all((BENCH / script).exists() for script, _ in run_all.BENCHES)
+    row = {"model": "lenet5", "decoder": "unet_input", "decoder_width": 64, "per_class": True, "map_loss": "pearson", "decoder_reads_m": True,
+           "batch": 64, "ratio_builtin_maps_to_forward": 2.0, "ratio_impactx_step_to_baseline": 3.0, "macs_per_image": {"baseline": 100, "decoder": 50}}
+    (tmp_path / "impactx_decoders_reads_m.json").write_text(json.dumps({"threads": 2, "decoders": [row]}))
+    assert ("(impactx.decoder=unet_input width 64 per class, pearson loss, reading M, batch 64, 2 threads) | lenet5 | 2.00x; 3.00x "
+            "(decoder multiply-adds 0.50x the model's) | <= 2.5x; <= 2.5x | no |") in run_all.summary()
