@@ -116,7 +116,7 @@ def test_decoder_shapes_and_one_forward(decoder, per_class, backbone, options, c
     assert counts == {"m": 1, "lep": 1}  # built-in maps: one forward pass of each branch
     counts.update(m=0, lep=0)
     explained = m.explain(x)
-    assert counts == ({"m": 1, "lep": 1} if per_class else {"m": 0, "lep": 1})
+    assert counts == ({"m": 1, "lep": 1} if per_class or m.decoder_reads_m else {"m": 0, "lep": 1})  # M too when D reads it
     for h in hooks:
         h.remove()
     assert logits.shape == (3, k) and maps.shape == (3, 1, *size) and explained.shape == maps.shape
@@ -324,7 +324,7 @@ def test_lite_decoder_costs_a_fraction_of_lenet():
         m = build_impactx("lenet5", 3, 10, (32, 32), decoder=name, per_class=True, decoder_width=16).eval()
         z, pyramid = m.lep.features_with_pyramid(x)
         assert macs(m.decoder, z, pyramid, x) < most * base, name
-    m = build_impactx("lenet5", 3, 10, (32, 32), decoder="unet_input", per_class=True).eval()
+    m = build_impactx("lenet5", 3, 10, (32, 32), decoder="unet_input", per_class=True, decoder_width=32, decoder_reads_m=False).eval()
     z, pyramid = m.lep.features_with_pyramid(x)
     assert macs(m.decoder, z, pyramid, x) > 3 * base
 
@@ -581,7 +581,7 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
 
     torch.manual_seed(0)
     m = build_impactx("lenet5", 3, 10, (32, 32), decoder_reads_m=True).eval()
-    plain = build_impactx("lenet5", 3, 10, (32, 32))
+    plain = build_impactx("lenet5", 3, 10, (32, 32), decoder_reads_m=False)
     first = m.decoder.lateral[0].in_channels if hasattr(m.decoder, "lateral") else None
     assert first is None or first == 2 * plain.decoder.lateral[0].in_channels
     x = torch.randn(3, 3, 32, 32)
@@ -600,6 +600,14 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
     again.load_state_dict(m.state_dict())
     torch.testing.assert_close(again.eval().explain(x, target=torch.tensor(4)), m.eval().explain(x, target=torch.tensor(4)))
     assert "decoder_reads_m" not in plain.spec  # other models' specs are as before
+    default = build_impactx("lenet5", 3, 10, (32, 32))  # the default design (unet_input) reads M, at width 64
+    assert default.decoder_reads_m and default.spec["decoder_reads_m"] and default.spec["decoder_width"] == 64
+    other_lep = build_impactx("lenet5", 3, 10, (32, 32), lep_backbone="resnet_cifar")  # pyramids differ: the default leaves M out
+    assert not other_lep.decoder_reads_m
+    assert from_dict(RunConfig, {"impactx": {"lep_backbone": "resnet_cifar"}}).impactx.decoder_reads_m is False
+    assert from_dict(RunConfig, {}).impactx.decoder_reads_m is True
+    old = dict(plain.spec, decoder_width=32)  # a checkpoint's spec from before: no decoder_reads_m key -> built without M
+    assert not impactx_from_spec(old).decoder_reads_m and impactx_from_spec(old).decoder.lateral[0].out_channels == 32
     with pytest.raises(ConfigError, match="reads feature pyramids"):
         from_dict(RunConfig, {"impactx": {"decoder": "paper", "decoder_reads_m": True}})
     with pytest.raises(ConfigError, match="same levels"):

@@ -240,9 +240,14 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     base = from_dict(RunConfig, {"impactx": {"decoder": "paper"}})
     assert _relevant(base) == {}
     design = RunConfig()  # today's default design is hashed as what it is: the same key as when it was an option
-    explicit = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson"}})
-    assert _relevant(design) == {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson"}}
+    explicit = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson", "decoder_width": 64,
+                                                 "decoder_reads_m": True}})
+    assert _relevant(design) == {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson", "decoder_width": 64,
+                                             "decoder_reads_m": True}}
     assert impactx_key(design) == impactx_key(explicit) != impactx_key(base)
+    # the previous default design (width 32, not reading M) hashes exactly what it hashed when it was the default
+    before = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "decoder_width": 32, "decoder_reads_m": False}})
+    assert _relevant(before) == {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson"}}
     # other methods ignore impactx.*: their keys do not see the design default either
     rrr = from_dict(RunConfig, {"method": {"name": "rrr"}})
     assert "impactx" not in _relevant(rrr)

@@ -158,7 +158,9 @@ class ImpactxConfig:
     lep_backbone: Optional[str] = None  # latent explanation predictor; default: the student backbone
     m_init: Literal["fresh", "teacher"] = "fresh"  # initialise M from the teacher (same backbone only)
     m_frozen: bool = False  # keep M fixed (only with m_init=teacher)
-    decoder_width: int = 32  # channels of the decoder's first conv block (paper decoder: halved per block, >= 16; unet decoders: every pyramid level)
+    # channels of the decoder's first conv block (paper decoder: halved per block, >= 16; unet decoders: every pyramid
+    # level); null: the decoder's recommended width (unet_input: 64, the others: 32)
+    decoder_width: Optional[int] = None
     decoder_scale: int = 2  # paper decoder: convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
@@ -175,7 +177,10 @@ class ImpactxConfig:
     # recommended loss (paper: mse, the others: pearson)
     map_loss: Optional[str] = None
     map_target_pool: int = 1  # average-pool built-in and teacher maps by K x K before the map loss (1: the teacher's resolution)
-    decoder_reads_m: bool = False  # the decoder also reads M's feature pyramid (detached: M still learns from CE alone), so the map can see what the classification branch computes
+    # the decoder also reads M's feature pyramid (detached: M still learns from CE alone), so the map can see what the
+    # classification branch computes; null: the decoder's recommended setting (unet_input: true, the others: false;
+    # false when impactx.lep_backbone is set: the two pyramids must match)
+    decoder_reads_m: Optional[bool] = None
     faith_weight: float = 0.0  # > 0: FastSHAP-style term, the built-in map must predict the model's own output on masked inputs
     faith_patch: int = 4  # patch size (pixels) that the faithfulness term masks
     faith_samples: int = 2  # masked copies per image and step for the faithfulness term (each second one the complement of the one before)
@@ -184,8 +189,9 @@ class ImpactxConfig:
         self.resolve_design()
 
     def resolve_design(self) -> None:
-        """Fill per_class / map_loss left unset (None) from the decoder's ``recommended`` setting, so that
-        ``impactx.decoder=paper`` alone is the paper's method and every written config states the values."""
+        """Fill per_class / map_loss / decoder_width / decoder_reads_m left unset (None) from the decoder's
+        ``recommended`` setting, so that ``impactx.decoder=paper`` alone is the paper's method and every
+        written config states the values."""
         from teachx.models.decoders import DECODERS
 
         try:
@@ -196,6 +202,10 @@ class ImpactxConfig:
             self.per_class = bool(recommended["per_class"])
         if self.map_loss is None:
             self.map_loss = str(recommended["map_loss"])
+        if self.decoder_width is None:
+            self.decoder_width = int(recommended["decoder_width"])
+        if self.decoder_reads_m is None:  # M's pyramid joins LEP's only when both are the same backbone
+            self.decoder_reads_m = bool(recommended["decoder_reads_m"]) and self.lep_backbone is None
 
     def validate(self) -> None:
         self.resolve_design()

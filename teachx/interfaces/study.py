@@ -282,8 +282,8 @@ def _arm_regimes(raw: Any, arms: dict[str, Any], regimes: dict[str, Any]) -> dic
 
 #: defaults that changed after STUDY_VERSION 2 keys were first made, at their old values: keys hash the
 #: differences from these, so a unit keeps its key (and a resumed study its trained units) for the same
-#: resolved config whichever default it relied on (impactx.decoder was paper, with one map and MSE)
-_KEY_REFERENCE = {"impactx": {"decoder": "paper", "per_class": False, "map_loss": "mse"}}
+#: resolved config whichever default it relied on (impactx.decoder was paper, with one map and MSE, width 32, not reading M)
+_KEY_REFERENCE = {"impactx": {"decoder": "paper", "per_class": False, "map_loss": "mse", "decoder_width": 32, "decoder_reads_m": False}}
 
 
 def _relevant(cfg: RunConfig) -> dict[str, Any]:

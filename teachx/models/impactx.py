@@ -190,24 +190,29 @@ def build_impactx(
     lep_options: Optional[dict[str, Any]] = None,
     map_size: Optional[tuple[int, int]] = None,
     map_channels: int = 1,
-    decoder_width: int = 32,
+    decoder_width: Optional[int] = None,
     classifier_hidden: int = 0,
     decoder_scale: int = 2,
     decoder: str = "unet_input",
     per_class: Optional[bool] = None,
     additive_reference: float | list[float] = 0.0,
-    decoder_reads_m: bool = False,
+    decoder_reads_m: Optional[bool] = None,
 ) -> ImpactX:
     """Build an IMPACTX model; the returned model's ``spec`` rebuilds it (for checkpoints).
 
     The defaults are the config's (``impactx.decoder``): the built-in-maps study's design, one map
-    per class; ``decoder="paper"`` is the paper's, and ``per_class=None`` follows the decoder's
-    ``recommended`` setting. Specs written before ``decoder``/``per_class``/``additive_reference``
+    per class; ``decoder="paper"`` is the paper's, and ``per_class`` / ``decoder_width`` /
+    ``decoder_reads_m`` left None follow the decoder's ``recommended`` setting. Specs written before ``decoder``/``per_class``/``additive_reference``
     existed lack those keys and rebuild the paper's decoder, as they were trained with."""
     from teachx.models import build_model
 
+    recommended = DECODERS.get(decoder).recommended
     if per_class is None:
-        per_class = bool(DECODERS.get(decoder).recommended["per_class"])
+        per_class = bool(recommended["per_class"])
+    if decoder_width is None:
+        decoder_width = int(recommended["decoder_width"])
+    if decoder_reads_m is None:  # M's pyramid joins LEP's only when both are the same backbone
+        decoder_reads_m = bool(recommended["decoder_reads_m"]) and (lep_backbone or backbone) == backbone
 
     backbone_options = dict(backbone_options or {})
     lep_name = lep_backbone or backbone
@@ -253,6 +258,8 @@ def impactx_from_spec(spec: dict[str, Any]) -> ImpactX:
     kw = {k: v for k, v in spec.items() if k != "name"}
     kw.setdefault("decoder", "paper")  # written before decoders were options: the paper's, one map
     kw.setdefault("per_class", False)
+    kw.setdefault("decoder_width", 32)  # specs state the width they were built with; the old default was 32
+    kw.setdefault("decoder_reads_m", False)  # written only when true: a spec without it was built without M's pyramid
     kw["image_size"] = tuple(kw["image_size"])
     kw["map_size"] = tuple(kw["map_size"])
     return build_impactx(**kw)
