@@ -58,6 +58,25 @@ def _first_conv(module: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize("name, options, ch, size", BACKBONES)
+def test_default_design_on_every_backbone(name, options, ch, size):
+    """The default built-in-map design (per-class unet_input, width 64, reading M) builds on every backbone: one map per
+    class at the input size, the predicted class's by default, any class's on request, and the spec rebuilds it."""
+    torch.manual_seed(0)
+    m = build_impactx(name, ch, 5, size, backbone_options=options).eval()
+    assert m.decoder_reads_m and m.per_class and m.spec["decoder_width"] == 64
+    x = torch.randn(2, ch, *size)
+    with torch.no_grad():
+        logits, maps = m.forward_all(x)
+        every = m.all_maps(x)
+        assert every.shape == (2, 5, 1, *size) and maps.shape == (2, 1, *size)
+        torch.testing.assert_close(maps, every[torch.arange(2), logits.argmax(1)])
+        torch.testing.assert_close(m.explain(x, target=torch.tensor(3)), every[:, 3])
+        again = impactx_from_spec(m.spec)
+        again.load_state_dict(m.state_dict())
+        torch.testing.assert_close(again.eval().all_maps(x), every)
+
+
+@pytest.mark.parametrize("name, options, ch, size", BACKBONES)
 def test_feature_pyramid_shapes_without_running_and_one_pass(name, options, ch, size):
     torch.manual_seed(0)
     model = build_model(name, ch, 5, size, **options).eval()
@@ -436,10 +455,16 @@ def test_config_validation():
     (["impactx.decoder=paper", "impactx.per_class=true"], "impactx.per_class=true needs a decoder"),
     (["impactx.map_loss=pearsn"], "did you mean 'pearson'"),
     (["impactx.decoder=paper", "impactx.map_loss=pearsn"], "did you mean 'pearson'"),
+    (["impactx.decoder_width=0"], "impactx.decoder_width must be an integer >= 1"),
+    (["impactx.decoder_reads_m=maybe"], "decoder_reads_m"),
+    (["impactx.lep_backbone=mobilenet", "impactx.decoder_reads_m=true"], None),  # accepted here; the model build says why not
 ])
 def test_bad_options_exit_2_via_cli(overrides, fragment, capsys):
     from teachx.interfaces.cli import main  # the `teachx` entry point, in-process (a subprocess costs seconds here)
 
+    if fragment is None:
+        main(["config", *overrides])
+        return
     with pytest.raises(SystemExit) as exc:
         main(["config", *overrides])
     assert exc.value.code == 2
@@ -456,9 +481,11 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     from teachx.models.decoders import DECODERS
 
     ic = RunConfig().impactx
-    assert (ic.decoder, ic.per_class, ic.map_loss) == ("unet_input", True, "pearson")
+    assert (ic.decoder, ic.per_class, ic.map_loss, ic.decoder_width, ic.decoder_reads_m) == ("unet_input", True, "pearson", 64, True)
     paper = resolve_config(overrides=["impactx.decoder=paper"]).impactx
-    assert (paper.per_class, paper.map_loss) == (False, "mse")
+    assert (paper.per_class, paper.map_loss, paper.decoder_width, paper.decoder_reads_m) == (False, "mse", 32, False)
+    narrow = resolve_config(overrides=["impactx.decoder_width=32", "impactx.decoder_reads_m=false"]).impactx
+    assert (narrow.decoder, narrow.decoder_width, narrow.decoder_reads_m) == ("unet_input", 32, False)  # explicit keys win
     mixed = resolve_config(overrides=["impactx.decoder=unet", "impactx.per_class=false", "impactx.map_loss=rank"]).impactx
     assert (mixed.per_class, mixed.map_loss) == (False, "rank")
     assert ImpactxConfig(decoder="paper", per_class=None).per_class is False  # the Python API resolves too
@@ -469,6 +496,7 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     main(["config", "impactx.decoder=paper"])
     text = capsys.readouterr().out
     assert "decoder: paper" in text and "per_class: false" in text and "map_loss: mse" in text
+    assert "decoder_width: 32" in text and "decoder_reads_m: false" in text
 
 
 # -- the pipeline: per-class unet_input maps with a scale-free loss and the faithfulness term ----------

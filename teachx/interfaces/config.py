@@ -237,7 +237,7 @@ class ImpactxConfig:
             MAP_LOSSES.canonical(self.map_loss)
         except ConfigError as exc:
             raise ConfigError(f"impactx.map_loss: {exc}") from None
-        for key in ("map_target_pool", "faith_patch", "faith_samples"):
+        for key in ("decoder_width", "map_target_pool", "faith_patch", "faith_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"impactx.{key} must be an integer >= 1, got {getattr(self, key)}")
         if self.faith_weight < 0:
