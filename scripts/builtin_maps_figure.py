@@ -1,7 +1,7 @@
 """Input | teacher map | built-in maps of chosen study arms, for the same test images (the README's figure).
 
     python scripts/builtin_maps_figure.py runs/study-builtin-maps --regime 5k \
-        --arms lrp_paper_mse,lrp_input_pc_pearson --seed 0 --out docs/builtin-maps.png
+        --arms lrp_paper_mse,lrp_input_pc_pearson [--labels "paper,per class"] --seed 0 --out docs/builtin-maps.png
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ def main() -> None:
     ap.add_argument("study", type=Path)
     ap.add_argument("--regime", default=None, help="the study regime (default: the only one)")
     ap.add_argument("--arms", required=True, help="comma-separated study arms, in column order")
+    ap.add_argument("--labels", default=None, help="comma-separated column names, one per arm (default: the arm names)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -27,12 +28,16 @@ def main() -> None:
     regime = args.regime or (regimes[0] if len(regimes) == 1 else None)
     if regime not in regimes:
         raise SystemExit(f"--regime: one of {', '.join(regimes)}")
+    arms = args.arms.split(",")
+    labels = args.labels.split(",") if args.labels else arms
+    if len(labels) != len(arms):
+        raise SystemExit(f"--labels: {len(labels)} names for {len(arms)} arms")
     cells = []
-    for arm in args.arms.split(","):
+    for arm, label in zip(arms, labels):
         row = next((r for r in rows if r["regime"] == regime and r["arm"] == arm), None)
         if row is None or args.seed not in row["seeds"]:
             raise SystemExit(f"no unit of arm {arm!r}, regime {regime}, seed {args.seed} in {args.study}/study.json")
-        cells.append((arm, args.study / "units" / row["units"][row["seeds"].index(args.seed)] / "examples.npz"))
+        cells.append((label, args.study / "units" / row["units"][row["seeds"].index(args.seed)] / "examples.npz"))
     first_unit = data["units"].get(cells[0][1].parent.name, {})
     png = arms_examples_figure(cells, (first_unit.get("examples") or {}).get("class_names"))
     if png is None:
