@@ -285,14 +285,14 @@ def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool
         with torch.no_grad():
             t_builtin = timed(lambda: imp.forward_all(xb), repeats)
         macs_builtin = macs_per_image(_BuiltInPath(imp), xb)
-        macs_lep = macs_per_image(_Features(imp.lep), xb) + (macs_per_image(_Features(imp.m), xb) if reads_m else 0)  # the branches the map path runs
+        macs_branches = macs_per_image(_Features(imp.lep), xb) + (macs_per_image(_Features(imp.m), xb) if reads_m else 0)  # the branches the map path runs
         rows.append({
             "model": name, "decoder": decoder, "decoder_width": width, "per_class": per_class, "map_loss": map_loss, "faith_weight": faith_weight,
             "decoder_reads_m": reads_m,
             "batch": B, "baseline_forward_s": t_fwd, "builtin_maps_forward_s": t_builtin,
             "ratio_builtin_maps_to_forward": t_builtin / t_fwd,
             "baseline_step_s": t_base_step, "impactx_step_s": t_step, "ratio_impactx_step_to_baseline": t_step / t_base_step,
-            "macs_per_image": {"baseline": macs_per_image(base, xb), "decoder": macs_builtin - macs_lep},
+            "macs_per_image": {"baseline": macs_per_image(base, xb), "decoder": macs_builtin - macs_branches},
             "decoder_parameters": sum(p.numel() for p in imp.decoder.parameters()),
         })
     return rows

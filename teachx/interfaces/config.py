@@ -192,20 +192,15 @@ class ImpactxConfig:
         """Fill per_class / map_loss / decoder_width / decoder_reads_m left unset (None) from the decoder's
         ``recommended`` setting, so that ``impactx.decoder=paper`` alone is the paper's method and every
         written config states the values."""
-        from teachx.models.decoders import DECODERS
+        from teachx.models.decoders import resolve_design
 
         try:
-            recommended = DECODERS.get(self.decoder).recommended
+            design = resolve_design(self.decoder, self.per_class, self.map_loss, self.decoder_width, self.decoder_reads_m,
+                                    separate_lep=self.lep_backbone is not None)
         except ConfigError:
             return  # an unknown decoder: validate() names the valid ones
-        if self.per_class is None:
-            self.per_class = bool(recommended["per_class"])
-        if self.map_loss is None:
-            self.map_loss = str(recommended["map_loss"])
-        if self.decoder_width is None:
-            self.decoder_width = int(recommended["decoder_width"])
-        if self.decoder_reads_m is None:  # M's pyramid joins LEP's only when both are the same backbone
-            self.decoder_reads_m = bool(recommended["decoder_reads_m"]) and self.lep_backbone is None
+        self.per_class, self.map_loss = design["per_class"], design["map_loss"]
+        self.decoder_width, self.decoder_reads_m = design["decoder_width"], design["decoder_reads_m"]
 
     def validate(self) -> None:
         self.resolve_design()

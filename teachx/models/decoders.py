@@ -362,6 +362,18 @@ def build_decoder(name: str, spec: DecoderSpec) -> Decoder:
     return cls.from_spec(spec)
 
 
+def resolve_design(name: str, per_class: Optional[bool] = None, map_loss: Optional[str] = None, width: Optional[int] = None,
+                   reads_m: Optional[bool] = None, separate_lep: bool = False) -> dict[str, object]:
+    """The built-in-map settings of decoder ``name``: each one given stays, each one left None is the decoder's
+    ``recommended`` value -- reading M's pyramid only when LEP is not another backbone (``separate_lep``), since
+    the two pyramids must match. One rule for the config (``ImpactxConfig``) and the Python API (``build_impactx``)."""
+    rec = DECODERS.get(name).recommended
+    return {"per_class": bool(rec["per_class"]) if per_class is None else per_class,
+            "map_loss": str(rec["map_loss"]) if map_loss is None else map_loss,
+            "decoder_width": int(rec["decoder_width"]) if width is None else width,
+            "decoder_reads_m": (bool(rec["decoder_reads_m"]) and not separate_lep) if reads_m is None else reads_m}
+
+
 def per_class_error(name: str) -> str:
     able = [n for n in DECODERS.names() if DECODERS.get(n).supports_per_class]
     return (f"impactx.per_class=true needs a decoder that can make one map per class ({', '.join(able)}); "

@@ -28,7 +28,7 @@ from torch import nn
 
 from teachx.errors import ConfigError
 from teachx.models.base import Backbone
-from teachx.models.decoders import DECODERS, Decoder, DecoderSpec, MapDecoder, build_decoder, reads_m_error  # noqa: F401  (MapDecoder: public name)
+from teachx.models.decoders import DECODERS, Decoder, DecoderSpec, MapDecoder, build_decoder, reads_m_error, resolve_design  # noqa: F401  (MapDecoder: public name)
 
 
 class ImpactX(nn.Module):
@@ -206,13 +206,8 @@ def build_impactx(
     existed lack those keys and rebuild the paper's decoder, as they were trained with."""
     from teachx.models import build_model
 
-    recommended = DECODERS.get(decoder).recommended
-    if per_class is None:
-        per_class = bool(recommended["per_class"])
-    if decoder_width is None:
-        decoder_width = int(recommended["decoder_width"])
-    if decoder_reads_m is None:  # M's pyramid joins LEP's only when both are the same backbone
-        decoder_reads_m = bool(recommended["decoder_reads_m"]) and (lep_backbone or backbone) == backbone
+    design = resolve_design(decoder, per_class, None, decoder_width, decoder_reads_m, separate_lep=(lep_backbone or backbone) != backbone)
+    per_class, decoder_width, decoder_reads_m = design["per_class"], design["decoder_width"], design["decoder_reads_m"]
 
     backbone_options = dict(backbone_options or {})
     lep_name = lep_backbone or backbone
