@@ -80,7 +80,8 @@ def run_config_of(checkpoint: Path):
     """The run config of the run or study unit a checkpoint belongs to (``config.yaml`` of a `teachx run` /
     `teachx demo` directory, the ``config`` of a study unit's ``unit.json``); None for a checkpoint on its own."""
     from teachx.interfaces.config import RunConfig
-    from teachx.utils.config import from_dict, load_yaml
+    from teachx.interfaces.rundir import saved_run_config
+    from teachx.utils.config import from_dict
     from teachx.utils.io import read_trusted_json
 
     for d in list(Path(checkpoint).resolve().parents)[:3]:  # <unit>/checkpoints/x or <run>/<stage>/checkpoints/x
@@ -88,9 +89,7 @@ def run_config_of(checkpoint: Path):
             rec = read_trusted_json(d / "unit.json", "re-run the study to re-create the unit", "study unit record")
             return from_dict(RunConfig, dict(rec.get("config") or {}), f"{d / 'unit.json'} config")
         if (d / "config.yaml").is_file():
-            raw = load_yaml(str(d / "config.yaml"))
-            raw.pop("command", None)
-            return from_dict(RunConfig, raw, str(d / "config.yaml"))
+            return from_dict(RunConfig, saved_run_config(d)[1], str(d / "config.yaml"))
     return None
 
 

@@ -105,6 +105,16 @@ def _legacy_study(path: Path) -> bool:
     return isinstance(section, dict) and {"seeds", "arms", "regimes", "eval", "alpha", "source"} <= set(section)
 
 
+def saved_run_config(run_dir: str | Path) -> tuple[Optional[str], dict[str, Any]]:
+    """(command, config) a run directory was made with: its ``config.yaml`` as :func:`prepare_run_dir` saved it,
+    the command split off. The one reader of that file for the service and `teachx explain`; a missing or
+    unreadable file is a one-line ConfigError."""
+    from teachx.utils.config import load_yaml
+
+    raw = dict(load_yaml(str(Path(run_dir) / "config.yaml")))
+    return raw.pop("command", None), raw
+
+
 def run_dir_kind(path: str | Path) -> str:
     return dir_kind(path, RUN_MARKER, _legacy_run, ("config.yaml",))
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from teachx.errors import DataError, TeachxError
-from teachx.utils.config import load_yaml
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json
 
@@ -99,10 +98,11 @@ def discover(paths: list[str | Path]) -> list[RunEntry]:
 
 
 def _run(rid: str, path: Path) -> RunEntry:
+    from teachx.interfaces.rundir import saved_run_config
+
     run = RunEntry(rid, path, "run")
     try:
-        config = load_yaml(str(path / "config.yaml"))
-        config.pop("command", None)
+        config = saved_run_config(path)[1]
     except TeachxError as exc:
         run.error = str(exc)
         return run
