@@ -371,3 +371,79 @@ def test_pipeline_trains_the_teacher_with_teacher_training(tmp_path, monkeypatch
     assert any(ln.startswith("[baseline]") and "(32 images" in ln for ln in trained), trained  # 40 minus validation
     assert any(ln.startswith("[teacher]") and "(76 images" in ln for ln in trained), trained  # the full 96 minus validation
     assert (tmp_path / "run" / "teacher" / "stage.json").exists() and out.results["teacher_test_acc"] is not None
+
+
+def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
+    """`teachx study --status` on a copy of the finished study, then with one unit in each state a worker
+    can leave behind; the accuracies come from study.json, the time left from a closed form."""
+    import os
+    import shutil
+    import socket
+
+    from teachx.interfaces.cli import main
+    from teachx.interfaces.study_status import status_lines, study_status
+
+    out = tmp_path / "out"
+    shutil.copytree(study_dir["root"] / "out", out)
+    spec = load_study(str(study_dir["cfg"]), ["study.n_seeds=2"])
+    data = study_dir["first"].data
+    rows = {r["arm"]: r["units"] for r in data["rows"]}  # arm -> [seed 0 key, seed 1 key]
+
+    st = study_status(spec, out)
+    assert {u.unit.key for u in st.units} == set(data["units"]) and all(u.state == "done" for u in st.units)
+    assert {u.unit.key: u.test_acc for u in st.units} == {k: v["test_acc"] for k, v in data["units"].items()}
+    assert st.seconds_left() == 0
+
+    def truncate(key: str, epochs: int) -> None:  # what a worker stopped after `epochs` epochs leaves
+        d = out / "units" / key
+        hist = json.loads((d / "stage.json").read_text())["history"]
+        (d / "stage.json").unlink()
+        (d / "history.json").write_text(json.dumps(hist[:epochs]))
+
+    for f in (out / "units" / rows["impactx"][0]).glob("eval-*.json"):
+        f.unlink()  # trained, not yet evaluated
+    truncate(rows[BASELINE][1], 1)  # interrupted after epoch 1
+    truncate(rows["lambda0"][1], 1)  # being trained by a live process (this one)
+    (out / "units" / rows["lambda0"][1] / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    record = out / "units" / rows["impactx"][1] / "stage.json"
+    rec = json.loads(record.read_text())
+    rec["test_acc"] = 0.99  # a changed number under the old digest
+    record.write_text(json.dumps(rec))
+    shutil.rmtree(out / "units" / rows["shuffled"][1])  # not started
+
+    st = study_status(spec, out)
+    state = {u.unit.key: u for u in st.units}
+    assert state[rows["impactx"][0]].state == "to evaluate"
+    assert (state[rows[BASELINE][1]].state, state[rows[BASELINE][1]].epochs_done) == ("interrupted", 1)
+    live = state[rows["lambda0"][1]]
+    assert (live.state, live.epochs_done, live.holder["pid"]) == ("training", 1, os.getpid())
+    damaged = state[rows["impactx"][1]]
+    assert damaged.state == "damaged" and damaged.test_acc is None and "delete" in damaged.message
+    assert state[rows["shuffled"][1]].state == "not started"
+    assert sorted(u.unit.arm for u in st.units if u.state == "done") == [BASELINE, "lambda0", "shuffled"]  # seed 0's
+
+    rate = lambda key: data["units"][key]["seconds_per_epoch"]  # noqa: E731 (the finished seed of each arm)
+    expected = (1 * rate(rows[BASELINE][0]) + 1 * rate(rows["lambda0"][0]) + 2 * rate(rows["shuffled"][0])
+                + 2 * rate(rows["impactx"][0]))  # epochs left x the arm's per-epoch time; impactx 0 is trained
+    assert st.seconds_left() == pytest.approx(expected)
+
+    text = "\n".join(status_lines(st))
+    acc = 100 * data["units"][rows["shuffled"][0]]["test_acc"]
+    assert f"shuffled         1/2 seeds  {acc:.1f}%" in text and "impactx          0/2 seeds  -" in text
+    assert f"(pid {os.getpid()} on {socket.gethostname()})" in text and "epoch 1/2" in text
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, printed, _ = _cli_exit(main, ["study", str(study_dir["cfg"]), "--out", str(out), "--seeds", "2", "--status"], capsys)
+    assert code == 0 and printed.splitlines() == status_lines(study_status(spec, out))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # read only: nothing written, no lock taken
+    empty = tmp_path / "empty"
+    code, printed, err = _cli_exit(main, ["study", str(study_dir["cfg"]), "--out", str(empty), "--status"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "without --status" in err and not empty.exists()
+
+
+def _cli_exit(main, argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err

@@ -25,8 +25,10 @@ def register(cli: click.Group) -> None:
 @click.option("--faithfulness", is_flag=True, help="Also compute MoRF/LeRF AUCs per unit (same as study.eval.faithfulness=true).")
 @click.option("--report/--no-report", "with_report", default=True, show_default=True, help="Write report.html and report.md at the end.")
 @click.option("--dry-run", is_flag=True, help="Print the units that would run, then stop.")
+@click.option("--status", is_flag=True, help="Show where the study in --out stands (done, training, interrupted, "
+              "not started; accuracy so far; time left), without training or writing anything.")
 @click.option("--quiet", "-q", is_flag=True, help="One line per unit and the summary: no progress bars or stage logs.")
-def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[int], faithfulness: bool, with_report: bool, dry_run: bool, quiet: bool) -> None:
+def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[int], faithfulness: bool, with_report: bool, dry_run: bool, status: bool, quiet: bool) -> None:
     """Seeds x arms x regimes with paired statistics.
 
     teachx study CONFIG [KEY=VALUE ...] --out DIR. CONFIG is a run config with a `study:` section
@@ -54,6 +56,16 @@ def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[i
                 click.echo(f"  regime={regime} arm={arm}: {what} teacher={cfg.teacher.method}"
                            f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
                            + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else ""))
+        return
+    if status:
+        from pathlib import Path
+
+        from teachx.interfaces.study_status import status_lines, study_status
+
+        if not (Path(out) / "units").is_dir():
+            raise ConfigError(f"'{out}' holds no study units yet; start the study with the same command without --status")
+        for line in status_lines(study_status(spec, out)):
+            click.echo(line)
         return
     res = run_study(spec, out, click.echo, progress=not quiet, verbose=not quiet)
     click.echo(f"\nstudy.json: {res.path} ({res.trained} models trained by this invocation)")

@@ -345,14 +345,26 @@ def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
     return hash_json({"v": STUDY_VERSION, "eval": asdict(ev), "teacher": _relevant(cfg).get("teacher", {})})[:12]
 
 
-def unit_names(spec: StudySpec) -> dict[str, dict[str, Any]]:
-    """unit key -> {arm, regime, seed} for every unit the study makes, computed from the spec alone (the
-    keys the runner uses; nothing is trained or read). Teacher models that are no arm's own baseline get
-    ``arm`` "teacher". Viewers name the units of an unfinished study (no study.json yet) with it."""
+@dataclass(frozen=True)
+class PlannedUnit:
+    """One unit a study makes, as its spec determines it: nothing trained or read."""
+
+    key: str
+    kind: str  # "classifier" (a baseline or teacher model), "impactx" or "method"
+    regime: str
+    arm: str  # the arm's name, BASELINE, or "teacher" (a teacher model that is no arm's own baseline)
+    seed: int
+    config: RunConfig  # the config the unit trains with (a teacher's: its own seed / training)
+
+
+def planned_units(spec: StudySpec) -> list[PlannedUnit]:
+    """Every unit of the study once, in the order the runner meets them (per regime and seed: the
+    baseline, then the arms), the teacher models that are no arm's own baseline last. The keys are the
+    runner's; viewers and `teachx study --status` name the units of an unfinished study with them."""
     from teachx.interfaces.pipeline import teacher_training
 
-    names: dict[str, dict[str, Any]] = {}
-    teachers: dict[str, dict[str, Any]] = {}
+    units: dict[str, PlannedUnit] = {}
+    teachers: dict[str, PlannedUnit] = {}
     for regime in spec.regimes:
         for seed in spec.seeds:
             for arm in [None, *spec.arms]:
@@ -360,16 +372,23 @@ def unit_names(spec: StudySpec) -> dict[str, dict[str, Any]]:
                     continue
                 cfg = spec.config(regime, arm, seed)
                 if arm is None:
-                    names.setdefault(classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options)),
-                                     {"arm": BASELINE, "regime": regime, "seed": seed})
+                    key = classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))
+                    units.setdefault(key, PlannedUnit(key, "classifier", regime, BASELINE, seed, cfg))
                     continue
-                key = impactx_key(cfg) if method_name(cfg) == "impactx" else method_key(cfg)
-                names.setdefault(key, {"arm": arm, "regime": regime, "seed": seed})
+                kind = "impactx" if method_name(cfg) == "impactx" else "method"
+                key = impactx_key(cfg) if kind == "impactx" else method_key(cfg)
+                units.setdefault(key, PlannedUnit(key, kind, regime, arm, seed, cfg))
                 tcfg, tb, topts = teacher_training(cfg)
-                teachers.setdefault(classifier_key(tcfg, tb, topts), {"arm": "teacher", "regime": regime, "seed": tcfg.seed})
-    for key, where in teachers.items():
-        names.setdefault(key, where)
-    return names
+                tkey = classifier_key(tcfg, tb, topts)
+                teachers.setdefault(tkey, PlannedUnit(tkey, "classifier", regime, "teacher", tcfg.seed, tcfg))
+    for key, unit in teachers.items():
+        units.setdefault(key, unit)
+    return list(units.values())
+
+
+def unit_names(spec: StudySpec) -> dict[str, dict[str, Any]]:
+    """unit key -> {arm, regime, seed} for every unit the study makes (:func:`planned_units`)."""
+    return {u.key: {"arm": u.arm, "regime": u.regime, "seed": u.seed} for u in planned_units(spec)}
 
 
 # -- running --------------------------------------------------------------------------------------

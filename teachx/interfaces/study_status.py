@@ -1,0 +1,177 @@
+"""Where an unfinished study stands: `teachx study CONFIG --out DIR --status`.
+
+A study on a small machine runs for hours, in several worker processes, over several sessions. This
+reads what the workers left in ``DIR/units`` -- nothing is trained, written or locked -- and says per
+unit whether it is done (its verified record and test accuracy), being trained (epoch k of n, by which
+process), interrupted (a re-run resumes it from its last epoch) or not started; per arm, the accuracy
+of the seeds done so far; and an estimate of the worker time left from the epochs already timed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from teachx.errors import TeachxError
+from teachx.interfaces.study import BASELINE, PlannedUnit, StudySpec, eval_key, planned_units
+from teachx.training.methods import method_name
+from teachx.utils.io import read_trusted_json
+from teachx.utils.locking import held_by
+
+#: the states a unit can be in, in the order a run goes through them
+STATES = ("not started", "interrupted", "training", "to evaluate", "evaluating", "done", "damaged")
+
+
+@dataclass
+class UnitStatus:
+    unit: PlannedUnit
+    state: str  # one of STATES
+    epochs_done: int
+    epochs: int
+    test_acc: Optional[float] = None
+    seconds_per_epoch: Optional[float] = None  # measured on this unit (its record, or the epochs timed so far)
+    holder: Optional[dict[str, Any]] = None  # the process working on it (pid, host)
+    message: str = ""  # a damaged unit: what is wrong and the fix
+
+
+@dataclass
+class StudyStatus:
+    spec: StudySpec
+    out: Path
+    units: list[UnitStatus]
+
+    def by_arm(self) -> dict[tuple[str, str], list[UnitStatus]]:
+        """(regime, arm) -> its units, the study's own arms only (teachers are listed apart)."""
+        out: dict[tuple[str, str], list[UnitStatus]] = {}
+        for u in self.units:
+            out.setdefault((u.unit.regime, u.unit.arm), []).append(u)
+        return out
+
+    def seconds_left(self) -> Optional[float]:
+        """Worker seconds the unfinished units still need: their epochs left at the median per-epoch time of
+        the same arm's finished units (else of its units in progress: a paused worker's epoch counts its pause);
+        None when no epoch of such an arm is timed yet.
+        Teacher maps and evaluations are not counted (minutes, next to hours of training)."""
+        finished: dict[tuple[str, str], list[float]] = {}
+        running: dict[tuple[str, str], list[float]] = {}
+        for u in self.units:
+            if u.seconds_per_epoch:
+                into = finished if u.state in ("done", "to evaluate", "evaluating") else running
+                into.setdefault((u.unit.regime, u.unit.arm), []).append(u.seconds_per_epoch)
+        total = 0.0
+        for u in self.units:
+            if u.state in ("done", "to evaluate", "evaluating"):
+                continue
+            arm = (u.unit.regime, u.unit.arm)
+            known = finished.get(arm) or running.get(arm)  # finished units' records first: whole runs, fewer pauses
+            if not known:
+                return None
+            total += (u.epochs - u.epochs_done) * statistics.median(known)
+        return total
+
+
+def _epochs_timed(stage_dir: Path) -> tuple[int, Optional[float]]:
+    """(epochs finished, mean seconds per epoch) from the trainer's running ``history.json``. It is a
+    progress log, rewritten each epoch and not trusted for results: unreadable means no epochs known."""
+    try:
+        hist = json.loads((stage_dir / "history.json").read_text())
+    except (OSError, ValueError):
+        return 0, None
+    if not isinstance(hist, list):
+        return 0, None
+    secs = [h["seconds"] for h in hist if isinstance(h, dict) and isinstance(h.get("seconds"), (int, float))]
+    return len(hist), (sum(secs) / len(secs) if secs else None)
+
+
+def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
+    from teachx.interfaces.pipeline import stage_done
+
+    cfg = unit.config
+    epochs = int(cfg.train.epochs)
+    d = out / "units" / unit.key
+    if unit.kind == "method" and method_name(cfg) == "baseline":  # the arm is its baseline model: nothing of its own
+        d = out / "units" / next(p.key for p in planned_units(spec) if p.arm == BASELINE and p.regime == unit.regime
+                                 and p.seed == unit.seed)
+    status = UnitStatus(unit, "not started", 0, epochs)
+    if not d.is_dir():
+        return status
+    status.holder = held_by(d / ".lock") if (d / ".lock").exists() else None
+    try:
+        record = stage_done(d)
+        if record is not None:
+            status.epochs_done = len(record.get("history") or []) or epochs
+            status.test_acc = record.get("test_acc")
+            status.seconds_per_epoch = record.get("seconds_per_epoch")
+            evaluation = d / f"eval-{eval_key(cfg, spec.eval)}.json"
+            if unit.kind == "impactx" and not evaluation.exists():
+                status.state = "evaluating" if status.holder else "to evaluate"
+                return status
+            if unit.kind == "impactx":  # verified like the record: a damaged evaluation is shown, not counted
+                read_trusted_json(evaluation, f"delete '{evaluation}' and re-run the same `teachx study` command "
+                                  "(it evaluates that unit again)", "study unit evaluation")
+            status.state = "done"
+            return status
+    except TeachxError as exc:  # a damaged record: an error to show, never a number
+        status.state, status.message = "damaged", str(exc)
+        return status
+    status.epochs_done, status.seconds_per_epoch = _epochs_timed(d)
+    if status.holder:
+        status.state = "training"
+    elif status.epochs_done:
+        status.state = "interrupted"
+    return status
+
+
+def study_status(spec: StudySpec, out: str | Path) -> StudyStatus:
+    """Read-only: the state of every unit ``spec`` makes in the study directory ``out``."""
+    out = Path(out)
+    return StudyStatus(spec, out, [_unit_status(spec, out, u) for u in planned_units(spec)])
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def status_lines(st: StudyStatus) -> list[str]:
+    """The text `teachx study --status` prints."""
+    from teachx.evaluation.stats import summarize
+
+    workers = len({(u.holder.get("host"), u.holder.get("pid")) for u in st.units if u.holder})
+
+    lines = [f"study {st.out}: {sum(u.state == 'done' for u in st.units)} of {len(st.units)} units done"]
+    for u in st.units:
+        p = u.unit
+        what = f"  {p.regime:>6} {p.arm:<16} seed {p.seed:<3} {u.state:<12}"
+        if u.state == "done" and u.test_acc is not None:
+            what += f" test_acc {u.test_acc:.4f}"
+        elif u.state in ("training", "interrupted"):
+            what += f" epoch {u.epochs_done}/{u.epochs}"
+        if u.holder:
+            what += f" (pid {u.holder.get('pid')} on {u.holder.get('host')})"
+        if u.message:
+            what += f": {u.message}"
+        lines.append(what + f"  [{p.key}]")
+    lines.append("per arm, the seeds done so far (test accuracy; the statistics come when every seed is done):")
+    for (regime, arm), units in st.by_arm().items():
+        if arm == "teacher":
+            continue
+        accs = [u.test_acc for u in units if u.state == "done" and u.test_acc is not None]
+        if accs:
+            s = summarize(accs)
+            spread = f" ± {100 * s.std:.1f}" if s.std is not None and not math.isnan(s.std) else ""
+            acc = f"{100 * s.mean:.1f}{spread}%"
+        else:
+            acc = "-"
+        lines.append(f"  {regime:>6} {arm:<16} {len(accs)}/{len(units)} seeds  {acc}")
+    left = st.seconds_left()
+    if left is None:
+        lines.append("time left: not estimated yet (no epoch of an unfinished arm is timed)")
+    elif left > 0:
+        running = f", ~{_hours(left / workers)} with the {workers} workers running now" if workers > 1 else ""
+        lines.append(f"time left: about {_hours(left)} of training for one worker{running} (epochs left x the measured "
+                     "time per epoch of the same arm's units; teacher maps and evaluations not counted)")
+    return lines
