@@ -143,9 +143,11 @@ def status_lines(st: StudyStatus) -> list[str]:
     workers = len({(u.holder.get("host"), u.holder.get("pid")) for u in st.units if u.holder})
 
     lines = [f"study {st.out}: {sum(u.state == 'done' for u in st.units)} of {len(st.units)} units done"]
+    rw = max([len(u.unit.regime) for u in st.units] + [6])  # column widths: the longest regime and arm names
+    aw = max([len(u.unit.arm) for u in st.units] + [16])
     for u in st.units:
         p = u.unit
-        what = f"  {p.regime:>6} {p.arm:<16} seed {p.seed:<3} {u.state:<12}"
+        what = f"  {p.regime:>{rw}} {p.arm:<{aw}} seed {p.seed:<3} {u.state:<12}"
         if u.state == "done" and u.test_acc is not None:
             what += f" test_acc {u.test_acc:.4f}"
         elif u.state in ("training", "interrupted"):
@@ -166,7 +168,7 @@ def status_lines(st: StudyStatus) -> list[str]:
             acc = f"{100 * s.mean:.1f}{spread}%"
         else:
             acc = "-"
-        lines.append(f"  {regime:>6} {arm:<16} {len(accs)}/{len(units)} seeds  {acc}")
+        lines.append(f"  {regime:>{rw}} {arm:<{aw}} {len(accs)}/{len(units)} seeds  {acc}")
     left = st.seconds_left()
     if left is None:
         lines.append("time left: not estimated yet (no epoch of an unfinished arm is timed)")
