@@ -592,6 +592,16 @@ def test_an_unfinished_study_names_its_units_from_its_study_yaml(dirs, tmp_path)
     names = unit_names(load_study_dir(study))
     assert set(names) == {p.name for p in (study / "units").iterdir() if p.is_dir()}  # every unit, no unknown key
 
+    # a unit a worker is still training: named as before, with how far it got instead of a model
+    unit = next(m for m in Service([study], cache_dir=tmp_path / "c").runs[0].models if m.role == "lambda0")
+    d = study / "units" / unit.name
+    hist = json.loads((d / "stage.json").read_text())["history"]
+    (d / "stage.json").unlink()
+    (d / "history.json").write_text(json.dumps(hist[:1]))
+    training = next(m for m in Service([study], cache_dir=tmp_path / "d").runs[0].models if m.name == unit.name)
+    assert training.label == unit.label and training.checkpoint is None
+    assert "not trained yet (1 epoch trained so far)" in training.error
+
 
 def test_map_json_values_keep_order_and_turn_non_finite_into_null(client):
     from teachx.service.app import _map_data

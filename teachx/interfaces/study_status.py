@@ -74,7 +74,7 @@ class StudyStatus:
         return total
 
 
-def _epochs_timed(stage_dir: Path) -> tuple[int, Optional[float]]:
+def epochs_timed(stage_dir: Path) -> tuple[int, Optional[float]]:
     """(epochs finished, mean seconds per epoch) from the trainer's running ``history.json``. It is a
     progress log, rewritten each epoch and not trusted for results: unreadable means no epochs known."""
     try:
@@ -118,7 +118,7 @@ def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
     except TeachxError as exc:  # a damaged record: an error to show, never a number
         status.state, status.message = "damaged", str(exc)
         return status
-    status.epochs_done, status.seconds_per_epoch = _epochs_timed(d)
+    status.epochs_done, status.seconds_per_epoch = epochs_timed(d)
     if status.holder:
         status.state = "training"
     elif status.epochs_done:

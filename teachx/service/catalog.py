@@ -127,7 +127,11 @@ def _run(rid: str, path: Path) -> RunEntry:
 
 def _fill_from_stage(entry: ModelEntry, d: Path) -> None:
     if not (d / "stage.json").exists():
-        entry.error = f"'{d}' has no stage.json: this model is not trained yet (re-run the command that makes it)"
+        from teachx.interfaces.study_status import epochs_timed
+
+        done = epochs_timed(d)[0]
+        progress = f" ({done} epoch{'s' if done != 1 else ''} trained so far)" if done else ""
+        entry.error = f"'{d}' has no stage.json: this model is not trained yet{progress} (re-run the command that makes it)"
         return
     from teachx.interfaces.pipeline import stage_done
 
