@@ -58,8 +58,8 @@ def build(root: Path) -> dict[str, Path]:
     import torch
 
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import prepare_run_dir, run_pipeline
-    from teachx.interfaces.study import load_study, run_study
+    from teachx.orchestration.pipeline import prepare_run_dir, run_pipeline
+    from teachx.orchestration.study import load_study, run_study
 
     root.mkdir(parents=True, exist_ok=True)
     out = {"root": root, "run": root / "run", "study": root / "study", "cache": root / "cache", "zip": root / "tiny.zip"}

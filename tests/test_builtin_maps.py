@@ -503,7 +503,7 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
 
 def test_pipeline_records_builtin_map_faithfulness(tmp_path, monkeypatch):
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import run_pipeline
+    from teachx.orchestration.pipeline import run_pipeline
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     cfg = resolve_config(overrides=[
@@ -529,7 +529,7 @@ def test_map_quality_scale_free_r2_matches_per_image_least_squares():
     scores 1 there while its plain R^2 does not."""
     from types import SimpleNamespace
 
-    from teachx.interfaces.pipeline import map_quality
+    from teachx.orchestration.pipeline import map_quality
 
     rng = np.random.default_rng(0)
     n, h, w = 6, 5, 4

@@ -93,7 +93,7 @@ def test_repo_has_one_copy_of_the_example_configs():
 
 def _sections():
     from teachx.interfaces.config import RunConfig
-    from teachx.interfaces.study import EvalSpec
+    from teachx.orchestration.study import EvalSpec
 
     out = {"": RunConfig, "study.eval": EvalSpec}
     for f in dataclasses.fields(RunConfig):
@@ -118,7 +118,7 @@ def test_every_config_option_has_a_description():
 
 
 def test_every_study_key_has_a_description():
-    from teachx.interfaces.study import STUDY_KEYS
+    from teachx.orchestration.study import STUDY_KEYS
 
     assert {"seeds", "n_seeds", "arms", "regimes", "control", "eval", "alpha", "arm_regimes"} <= set(STUDY_KEYS)
     assert all(isinstance(v, str) and v.strip() for v in STUDY_KEYS.values())
@@ -214,7 +214,7 @@ def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
 def _tiny_method_run(root: Path, *overrides: str) -> Path:
     """An in-process `teachx run` on the bundled data with TINY settings and ``overrides``."""
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import prepare_run_dir, run_pipeline
+    from teachx.orchestration.pipeline import prepare_run_dir, run_pipeline
 
     cfg = resolve_config(None, [*TINY, "train.threads=1", *overrides])
     run_pipeline(cfg, prepare_run_dir(root, cfg, "run"), log=lambda _m: None, progress=False)
@@ -290,8 +290,8 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
 
     from teachx.data.transforms import normalize
     from teachx.interfaces import explain as ex
-    from teachx.interfaces.builtin_eval import post_hoc_maps
-    from teachx.interfaces.pipeline import make_plan
+    from teachx.orchestration.builtin_eval import post_hoc_maps
+    from teachx.orchestration.pipeline import make_plan
 
     rng = np.random.default_rng(3)
     imgs = []
@@ -365,7 +365,7 @@ def _data_entry(cache: Path) -> Path:
 
 def test_cache_dirs_agree(monkeypatch, tmp_path):
     from teachx.data.cache import default_cache_dir as data_cache
-    from teachx.interfaces.pipeline import default_cache_dir as pipeline_cache
+    from teachx.orchestration.pipeline import default_cache_dir as pipeline_cache
 
     monkeypatch.delenv("TEACHX_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))

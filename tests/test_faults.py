@@ -215,8 +215,8 @@ def test_failed_writes_are_one_line_and_leave_nothing_behind(tmp_path, monkeypat
     from safetensors import SafetensorError
 
     from teachx.errors import OutputError
-    from teachx.interfaces import rundir
-    from teachx.interfaces.pipeline import prepare_run_dir
+    from teachx.orchestration import rundir
+    from teachx.orchestration.pipeline import prepare_run_dir
     from teachx.training import checkpoint
 
     def read_only(path, *args, **kwargs):
@@ -255,7 +255,7 @@ def test_noop_rerun_from_another_directory_keeps_the_measurements(reference):
 def test_stage_checkpoint_of_records_written_by_older_teachx(tmp_path):
     """Older records hold the path as typed (absolute, or relative to the old working directory):
     the stage's own file of that name is used, never another run's."""
-    from teachx.interfaces.pipeline import stage_checkpoint
+    from teachx.orchestration.pipeline import stage_checkpoint
 
     stage = tmp_path / "copy" / "baseline"
     for recorded in ("/somewhere/else/run/baseline/checkpoints/best.safetensors", "run/baseline/checkpoints/best.safetensors",
@@ -272,7 +272,7 @@ def _cfg(*extra):
 
 
 def test_overwrite_never_deletes_a_foreign_directory(tmp_path, reference):
-    from teachx.interfaces.pipeline import prepare_run_dir
+    from teachx.orchestration.pipeline import prepare_run_dir
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -290,7 +290,7 @@ def test_overwrite_never_deletes_a_foreign_directory(tmp_path, reference):
 
 
 def test_overwrite_replaces_only_what_teachx_wrote(tmp_path):
-    from teachx.interfaces.pipeline import prepare_run_dir
+    from teachx.orchestration.pipeline import prepare_run_dir
     from teachx.utils.io import _HOST
 
     run = prepare_run_dir(tmp_path / "run", _cfg(), "run")
@@ -316,7 +316,7 @@ def test_overwrite_replaces_only_what_teachx_wrote(tmp_path):
 
 
 def test_redo_discards_only_what_teachx_wrote_in_the_stage(tmp_path):
-    from teachx.interfaces.pipeline import prepare_run_dir, redo_stages
+    from teachx.orchestration.pipeline import prepare_run_dir, redo_stages
 
     cfg = _cfg()
     run = prepare_run_dir(tmp_path / "run", cfg, "run")
@@ -330,7 +330,7 @@ def test_redo_discards_only_what_teachx_wrote_in_the_stage(tmp_path):
 
 
 def test_presentation_options_are_not_part_of_a_run(tmp_path):
-    from teachx.interfaces.pipeline import prepare_run_dir
+    from teachx.orchestration.pipeline import prepare_run_dir
     from teachx.utils.config import dump_yaml
 
     run = prepare_run_dir(tmp_path / "run", _cfg(), "run")
@@ -349,7 +349,7 @@ def test_presentation_options_are_not_part_of_a_run(tmp_path):
 
 
 def test_study_never_replaces_a_users_study_yaml(tmp_path):
-    from teachx.interfaces.study import StudySpec, prepare_study_dir
+    from teachx.orchestration.study import StudySpec, prepare_study_dir
 
     spec = StudySpec({}, [0], {"impactx": {}}, {"all": {}})
     mine = tmp_path / "mine"

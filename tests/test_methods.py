@@ -361,7 +361,7 @@ def test_teachx_methods_lists_every_method_and_option():
 def test_study_with_method_arms_on_a_shortcut_benchmark(tmp_path, monkeypatch):
     """Method arms run through `teachx study`: rows name their method, every unit reports the
     wrong-reason score, each arm is compared with the lambda=0 control, and a re-run trains nothing."""
-    from teachx.interfaces.study import load_study, run_study
+    from teachx.orchestration.study import load_study, run_study
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "study.yaml"
@@ -405,7 +405,7 @@ def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
     """`teachx run method.name=abn`: results name the method, map quality is measured on ABN's map,
     and `teachx serve` lists the model with a built-in map equal to the model's own explain()."""
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, run_pipeline
+    from teachx.orchestration.pipeline import make_plan, prepare_run_dir, run_pipeline
     from teachx.service.engine import Service
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
@@ -427,7 +427,7 @@ def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
     """teacher.eval_images below the class count: a stratified subset rounds down to nothing, which
     made map_quality divide by zero; now it is a seeded subset of that size."""
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.pipeline import eval_indices, make_plan
+    from teachx.orchestration.pipeline import eval_indices, make_plan
 
     cfg = resolve_config(None, ["teacher.eval_images=5"])
     plan = make_plan(cfg, progress=False)
@@ -440,8 +440,8 @@ def test_every_method_stage_is_known_to_redo_serve_and_the_run_layout():
     """The method stages come from the registry; the CLI's --redo choices are written out (no torch
     import for `teachx --help`) and must agree with it."""
     from teachx.interfaces.cli import RUN_STAGES
-    from teachx.interfaces.pipeline import STAGES
-    from teachx.interfaces.rundir import RUN_LAYOUT, STAGE_LAYOUT
+    from teachx.orchestration.pipeline import STAGES
+    from teachx.orchestration.rundir import RUN_LAYOUT, STAGE_LAYOUT
     from teachx.service.catalog import _stages
 
     assert set(STAGES) == {"baseline", "teacher", *(m for m in METHODS.names() if m != "baseline")}

@@ -111,7 +111,7 @@ def _tiny_config(tmp_path, **sections):
 
 
 def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
-    from teachx.interfaces.pipeline import run_pipeline
+    from teachx.orchestration.pipeline import run_pipeline
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -123,7 +123,7 @@ def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
 
 
 def test_teacher_seed_trains_one_separate_teacher(tmp_path, monkeypatch):
-    from teachx.interfaces.pipeline import run_pipeline, separate_teacher, stage_checkpoint, teacher_training
+    from teachx.orchestration.pipeline import run_pipeline, separate_teacher, stage_checkpoint, teacher_training
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)

@@ -353,7 +353,7 @@ def test_bad_shortcut_config_exits_2_with_one_line(capsys, args, fragment):
 
 
 def test_make_plan_applies_the_shortcut(tmp_path):
-    pipeline = pytest.importorskip("teachx.interfaces.pipeline")
+    pipeline = pytest.importorskip("teachx.orchestration.pipeline")
     from teachx.interfaces.config import resolve_config
 
     write_fake_fashion_mnist(tmp_path / "fm")

@@ -14,7 +14,7 @@ from teachx.errors import ConfigError, TeachxError
 NPROC_HELP = "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
 OVERWRITE_HELP = ("Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
                   "a directory teachx did not make is never touched.")
-#: the stages --redo accepts: ``teachx.interfaces.pipeline.STAGES``, written out so that `teachx --help` does
+#: the stages --redo accepts: ``teachx.orchestration.pipeline.STAGES``, written out so that `teachx --help` does
 #: not import torch (a test checks that the two agree)
 RUN_STAGES = ("baseline", "teacher", "abn", "impactx", "reldrop", "rrr", "saliency_guided")
 REDO_HELP = ("Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
@@ -173,7 +173,7 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
     """
     from teachx.interfaces.config import resolve_config
     from teachx.interfaces.launch import echo0
-    from teachx.interfaces.pipeline import (data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages, stage_checkpoint,
+    from teachx.orchestration.pipeline import (data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages, stage_checkpoint,
                                             stage_done, train_classifier)
     from teachx.training import distributed as dist_utils
     from teachx.utils.io import write_json_atomic
@@ -274,7 +274,7 @@ def _join_processes(cfg, nproc: Optional[int], quiet: bool) -> tuple[bool, bool]
 def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...] = ()) -> None:
     """`teachx run` and `teachx demo`: the whole pipeline in one run directory, then its summary."""
     from teachx.interfaces.launch import echo0
-    from teachx.interfaces.pipeline import make_plan, prepare_run_dir, redo_stages, run_pipeline
+    from teachx.orchestration.pipeline import make_plan, prepare_run_dir, redo_stages, run_pipeline
     from teachx.training import distributed as dist_utils
 
     is_main, quiet = _join_processes(cfg, nproc, quiet)

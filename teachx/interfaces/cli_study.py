@@ -35,7 +35,7 @@ def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[i
     (seeds, arms, optional regimes): a file or a shipped study's name (`teachx config --list`);
     KEY=VALUE overrides change the base config, or the study with `study.KEY=VALUE`.
     """
-    from teachx.interfaces.study import BASELINE, load_study, run_study
+    from teachx.orchestration.study import BASELINE, load_study, run_study
 
     for o in overrides:
         if "=" not in o:
@@ -60,7 +60,7 @@ def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[i
     if status:
         from pathlib import Path
 
-        from teachx.interfaces.study_status import status_lines, study_status
+        from teachx.orchestration.study_status import status_lines, study_status
 
         if not (Path(out) / "units").is_dir():
             raise ConfigError(f"'{out}' holds no study units yet; start the study with the same command without --status")

@@ -46,7 +46,7 @@ def _section_lines(obj: Any, indent: str) -> Iterator[str]:
 def describe_config(cfg: Any) -> str:
     """The resolved run config as YAML, every option with its description as a comment; then the
     ``study:`` keys of `teachx study` configs, commented out."""
-    from teachx.interfaces.study import STUDY_KEYS, EvalSpec
+    from teachx.orchestration.study import STUDY_KEYS, EvalSpec
 
     lines = ["# every option of a teachx config, its value here and what it means;",
              "# a file with any subset of these keys is a config (`teachx run FILE`), KEY=VALUE overrides one",

@@ -314,7 +314,7 @@ def _refuse_foreign(html_path: Path, md_path: Path, figures: list[Path]) -> None
 
 def _read_json(p: Path) -> Any:
     """A record the report is built from, verified against its digest (records without one are legacy)."""
-    from teachx.interfaces.pipeline import run_dir_fix
+    from teachx.orchestration.pipeline import run_dir_fix
     from teachx.utils.io import read_trusted_json
 
     fix = run_dir_fix(p) or (

@@ -147,7 +147,7 @@ class Service:
 
     def __init__(self, paths: list[str | Path], cache_dir: Optional[str | Path] = None, device: str = "cpu",
                  steps: int = 16, batch_size: int = 256, log: Callable[[str], None] = lambda _m: None):
-        from teachx.interfaces.pipeline import default_cache_dir
+        from teachx.orchestration.pipeline import default_cache_dir
 
         self.runs: list[RunEntry] = discover(paths)
         self.entries: dict[str, ModelEntry] = {m.id: m for r in self.runs for m in r.models}
@@ -252,7 +252,7 @@ class Service:
             return d
 
     def _load_data(self, lm: Loaded) -> Data:
-        from teachx.interfaces.pipeline import make_plan
+        from teachx.orchestration.pipeline import make_plan
 
         plan = make_plan(lm.cfg, progress=False)
         ds = plan.dataset
@@ -337,7 +337,7 @@ class Service:
 
     def _teacher(self, lm: Loaded, method: str):
         """(teacher, its config) for a registered method applied to this model."""
-        from teachx.interfaces.pipeline import make_teacher
+        from teachx.orchestration.pipeline import make_teacher
         from teachx.teachers import TEACHERS, build
 
         try:
@@ -367,7 +367,7 @@ class Service:
         return self._methods[key]
 
     def _method_cache(self, lm: Loaded, method: str) -> tuple[ArrayCache, Any, Any]:
-        from teachx.interfaces.pipeline import map_recipe
+        from teachx.orchestration.pipeline import map_recipe
 
         teacher, tcfg = self._teacher(lm, method)
         d = self.data(lm)
@@ -381,7 +381,7 @@ class Service:
 
     def _x(self, lm: Loaded, images_u8: np.ndarray) -> torch.Tensor:
         from teachx.data.transforms import normalize
-        from teachx.interfaces.pipeline import as_nchw
+        from teachx.orchestration.pipeline import as_nchw
 
         return normalize(as_nchw(images_u8).to(lm.device), lm.mean, lm.std)
 

@@ -77,6 +77,20 @@ class MethodContext:
     train_maps: Optional["MapStore"] = None  # the teacher's maps of the training split (needs_teacher_maps)
     teacher_model: Optional[nn.Module] = None  # the trained teacher (the baseline by default)
     log: Callable[[str], None] = print
+    # services of the orchestration that runs the method (teachx.orchestration.pipeline supplies them), so that a
+    # method never reaches up into it: the class each training-split teacher map explains, and a hook that
+    # re-explains the training split with the model being trained (``hook(task, out_dir)``)
+    explained_classes: Optional[Callable[[], np.ndarray]] = None
+    self_teaching: Optional[Callable[[Any, Path], Callable[[int], None]]] = None
+
+    def train_map_classes(self) -> np.ndarray:
+        """The class each training image's teacher map explains: the labels (``teacher.target=label``)
+        or, for ``predicted``, what the orchestration's ``explained_classes`` computes from the teacher."""
+        if self.explained_classes is not None:
+            return self.explained_classes()
+        if self.cfg.teacher.target != "predicted":
+            return np.asarray(self.plan.dataset.train.labels, dtype=np.int64).copy()
+        raise ValueError("teacher.target=predicted needs MethodContext.explained_classes (the teacher's predictions)")
 
 
 class TrainingMethod:

@@ -59,9 +59,7 @@ class Impactx(TrainingMethod):
         cfg, ic, plan = self.cfg, self.cfg.impactx, ctx.plan
         source = None
         if ctx.train_maps is not None and ic.lam > 0:
-            from teachx.interfaces.builtin_eval import explained_classes
-
-            classes = explained_classes(cfg, plan, ctx.teacher_model, "train", plan.train_idx, ctx.device) if ic.per_class else None
+            classes = ctx.train_map_classes() if ic.per_class else None
             source = MapSource(ctx.train_maps, ic.maps, plan.train_idx, cfg.seed, classes=classes)
         return ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing, map_loss=MapLoss(ic.map_loss, ic.map_target_pool),
                            faith_weight=ic.faith_weight, faith=SelfFaithfulness(ic.faith_patch, ic.faith_samples))
@@ -69,9 +67,9 @@ class Impactx(TrainingMethod):
     def epoch_hook(self, task, ctx: MethodContext, out_dir: Path) -> Optional[Callable[[int], None]]:
         if not (self.cfg.impactx.self_teach_every and getattr(task, "source", None) is not None):
             return None
-        from teachx.interfaces.pipeline import self_teaching_hook
-
-        return self_teaching_hook(self.cfg, ctx.plan, task, ctx.train_maps, out_dir, ctx.log)
+        if ctx.self_teaching is None:
+            raise ValueError("impactx.self_teach_every needs MethodContext.self_teaching (a hook that re-explains the training split)")
+        return ctx.self_teaching(task, out_dir)
 
     def describe(self) -> str:
         ic = self.cfg.impactx

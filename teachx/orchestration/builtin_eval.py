@@ -19,7 +19,7 @@ def explained_classes(cfg: RunConfig, plan: DataPlan, teacher_model: Optional[to
     explains: the label (``teacher.target=label``) or, for ``predicted``, the teacher model's
     prediction on the unaugmented image -- computed for ``indices`` only (others keep the label),
     exactly as the map was made."""
-    from teachx.interfaces.pipeline import as_nchw
+    from teachx.orchestration.pipeline import as_nchw
 
     data = plan.dataset.train if split == "train" else plan.dataset.test
     classes = np.asarray(data.labels, dtype=np.int64).copy()
@@ -59,7 +59,7 @@ def post_hoc_maps(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, x: tor
                   device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """The configured teacher method applied to ``model`` (any classifier, e.g. the IMPACTX model),
     post-processed like the teacher maps."""
-    from teachx.interfaces.pipeline import make_teacher
+    from teachx.orchestration.pipeline import make_teacher
     from teachx.teachers.postprocess import postprocess
 
     teacher = make_teacher(cfg, plan, device)
@@ -81,7 +81,7 @@ def faithfulness_block(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, t
     teacher explained (``images_same_class``): how far two networks' explanations agree at all.
     """
     from teachx.evaluation.builtin_maps import _corr, builtin_map_faithfulness
-    from teachx.interfaces.pipeline import as_nchw
+    from teachx.orchestration.pipeline import as_nchw
 
     ds = plan.dataset
     idx = faith_indices(cfg, plan, pool)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from teachx.errors import TeachxError
-from teachx.interfaces.study import BASELINE, PlannedUnit, StudySpec, eval_key, planned_units
+from teachx.orchestration.study import BASELINE, PlannedUnit, StudySpec, eval_key, planned_units
 from teachx.training.methods import method_name
 from teachx.utils.io import read_trusted_json
 from teachx.utils.locking import held_by
@@ -88,7 +88,7 @@ def epochs_timed(stage_dir: Path) -> tuple[int, Optional[float]]:
 
 
 def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
-    from teachx.interfaces.pipeline import stage_done
+    from teachx.orchestration.pipeline import stage_done
 
     cfg = unit.config
     epochs = int(cfg.train.epochs)

@@ -62,9 +62,9 @@ def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, command: str, overwrite
     A directory teachx did not make is never used, with or without ``overwrite``. One made with a
     different config (options that change results: ``--quiet`` and other presentation options are
     not part of a run) is an error unless ``overwrite`` is given, which then removes only the files
-    teachx wrote there (see :mod:`teachx.interfaces.rundir`).
+    teachx wrote there (see :mod:`teachx.orchestration.rundir`).
     """
-    from teachx.interfaces import rundir
+    from teachx.orchestration import rundir
 
     return rundir.prepare_run_dir(run_dir, {"command": command, **cfg.to_dict()}, overwrite, log)
 
@@ -217,7 +217,7 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
         if "teacher" in stages or ("baseline" in stages and teacher_is_baseline):
             stages.append(method_name(cfg))
         targets = [run_dir / s for s in STAGES if s in stages] + [run_dir / "results.json"]
-    from teachx.interfaces.rundir import STAGE_LAYOUT, remove_owned
+    from teachx.orchestration.rundir import STAGE_LAYOUT, remove_owned
 
     gone = []
     for t in targets:
@@ -524,12 +524,18 @@ def train_method_stage(
 
     ``store``: the teacher's maps of the training split, when the method needs them.
     """
+    from teachx.orchestration.builtin_eval import explained_classes
     from teachx.training.methods import MethodContext
 
     ds = plan.dataset
     method = build_method(cfg)
     method.check_data(plan)
-    ctx = MethodContext(cfg, plan, choose_device(cfg.device), store, teacher_model, log)
+    device = choose_device(cfg.device)
+    ctx = MethodContext(
+        cfg, plan, device, store, teacher_model, log,
+        explained_classes=lambda: explained_classes(cfg, plan, teacher_model, "train", plan.train_idx, device),
+        self_teaching=lambda task, stage_dir: self_teaching_hook(cfg, plan, task, store, stage_dir, log),
+    )
     seed_everything(cfg.seed)
     model = method.build_model(ctx)
     done = stage_done(out_dir)
@@ -582,7 +588,7 @@ def map_quality(
     per-class model is compared through the map of the class each teacher map explains. With
     ``cfg`` and ``teacher.faith_images > 0``, ``faithfulness`` holds the built-in maps' MoRF /
     LeRF / insertion AUCs on the IMPACTX model itself next to the teacher method applied post hoc
-    to it, the mean map and random maps, and their agreement (``teachx.interfaces.builtin_eval``).
+    to it, the mean map and random maps, and their agreement (``teachx.orchestration.builtin_eval``).
     R^2 and MSE compare values, so they mean little for maps trained with a scale-free
     ``impactx.map_loss`` (pearson, rank, the default decoder's); ``r2_vs_mean_map_affine`` is the
     scale-free R^2: each map, built-in and mean, first gets its least-squares scale and offset per
@@ -595,7 +601,7 @@ def map_quality(
     n = len(indices)
     classes = None  # the class each teacher map explains (per-class models, and the faithfulness block)
     if getattr(model, "per_class", False) or (cfg is not None and cfg.teacher.faith_images > 0):
-        from teachx.interfaces.builtin_eval import explained_classes
+        from teachx.orchestration.builtin_eval import explained_classes
 
         classes = np.asarray(ds.test.labels) if cfg is None else explained_classes(cfg, plan, teacher_model, "test", indices, device)
     mean_map = train_store.mean_map(plan.train_idx)
@@ -623,7 +629,7 @@ def map_quality(
     out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
     out["r2_vs_mean_map_affine"] = 1.0 - affine["built_in"] / max(affine["mean_map"], 1e-12)
     if cfg is not None and cfg.teacher.faith_images > 0:
-        from teachx.interfaces.builtin_eval import faithfulness_block
+        from teachx.orchestration.builtin_eval import faithfulness_block
 
         out["faithfulness"] = faithfulness_block(cfg, plan, model, test_store, train_store, device, indices, classes)
     return out
