@@ -447,3 +447,24 @@ def test_every_method_stage_is_known_to_redo_serve_and_the_run_layout():
     assert set(STAGES) == {"baseline", "teacher", *(m for m in METHODS.names() if m != "baseline")}
     assert tuple(RUN_STAGES) == STAGES == _stages()
     assert all(RUN_LAYOUT[s] is STAGE_LAYOUT for s in STAGES)
+
+
+def test_a_method_gets_the_explained_classes_from_its_context():
+    """A method never imports the orchestration: the class each teacher map explains is the labels for
+    teacher.target=label, else whatever the orchestration's service supplies (and an error without one)."""
+    from teachx.data.transforms import Augment
+    from teachx.interfaces.config import RunConfig
+    from teachx.training.methods import MethodContext
+    from teachx.training.trainer import DataPlan
+
+    cfg = RunConfig()
+    ds = _masked_dataset()
+    plan = DataPlan(ds, np.arange(80), np.arange(80, 96), Augment(crop_padding=1, hflip=False))
+    ctx = MethodContext(cfg, plan, torch.device("cpu"))
+    assert np.array_equal(ctx.train_map_classes(), np.asarray(ds.train.labels))
+    cfg.teacher.target = "predicted"
+    with pytest.raises(ValueError, match="explained_classes"):
+        ctx.train_map_classes()
+    supplied = np.arange(len(ds.train)) % 3
+    ctx2 = MethodContext(cfg, plan, torch.device("cpu"), explained_classes=lambda: supplied)
+    assert ctx2.train_map_classes() is supplied
