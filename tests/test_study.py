@@ -436,6 +436,8 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     code, printed, _ = _cli_exit(main, ["study", str(study_dir["cfg"]), "--out", str(out), "--seeds", "2", "--status"], capsys)
     assert code == 0 and printed.splitlines() == status_lines(study_status(spec, out))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # read only: nothing written, no lock taken
+    code, recorded, _ = _cli_exit(main, ["study", "--out", str(out), "--status"], capsys)  # the spec DIR records
+    assert code == 0 and recorded == printed
     empty = tmp_path / "empty"
     code, printed, err = _cli_exit(main, ["study", str(study_dir["cfg"]), "--out", str(empty), "--status"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "without --status" in err and not empty.exists()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import click
@@ -18,7 +19,7 @@ def register(cli: click.Group) -> None:
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("config", metavar="CONFIG")
+@click.argument("config", metavar="CONFIG", required=False)
 @click.argument("overrides", nargs=-1)
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Study directory (resumed: complete units are skipped).")
 @click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=None, help="Use seeds 0..N-1 (overrides study.seeds / study.n_seeds).")
@@ -28,18 +29,27 @@ def register(cli: click.Group) -> None:
 @click.option("--status", is_flag=True, help="Show where the study in --out stands (done, training, interrupted, "
               "not started; accuracy so far; time left), without training or writing anything.")
 @click.option("--quiet", "-q", is_flag=True, help="One line per unit and the summary: no progress bars or stage logs.")
-def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[int], faithfulness: bool, with_report: bool, dry_run: bool, status: bool, quiet: bool) -> None:
+def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: Optional[int], faithfulness: bool, with_report: bool, dry_run: bool, status: bool, quiet: bool) -> None:
     """Seeds x arms x regimes with paired statistics.
 
     teachx study CONFIG [KEY=VALUE ...] --out DIR. CONFIG is a run config with a `study:` section
     (seeds, arms, optional regimes): a file or a shipped study's name (`teachx config --list`);
     KEY=VALUE overrides change the base config, or the study with `study.KEY=VALUE`.
+    `teachx study [CONFIG] --out DIR --status` shows where the study in DIR stands (without CONFIG: the
+    study DIR records).
     """
     from teachx.orchestration.study import BASELINE, load_study, run_study
 
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"unexpected argument '{o}': give one CONFIG file and then KEY=VALUE overrides")
+    if config is not None and "=" in config and not Path(config).exists():  # `teachx study K=V --out DIR`: no CONFIG
+        overrides, config = (config, *overrides), None
+    if config is None and not status:
+        raise ConfigError("missing CONFIG: give a study config file or a shipped study's name (`teachx config --list`)")
+    if status:
+        _status(config, list(overrides), n_seeds, Path(out))
+        return
     ov = list(overrides) + (["study.eval.faithfulness=true"] if faithfulness else [])
     spec = load_study(config, ov, n_seeds)
     if dry_run:
@@ -57,16 +67,6 @@ def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[i
                            f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
                            + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else ""))
         return
-    if status:
-        from pathlib import Path
-
-        from teachx.orchestration.study_status import status_lines, study_status
-
-        if not (Path(out) / "units").is_dir():
-            raise ConfigError(f"'{out}' holds no study units yet; start the study with the same command without --status")
-        for line in status_lines(study_status(spec, out)):
-            click.echo(line)
-        return
     res = run_study(spec, out, click.echo, progress=not quiet, verbose=not quiet)
     click.echo(f"\nstudy.json: {res.path} ({res.trained} models trained by this invocation)")
     if with_report:
@@ -74,6 +74,25 @@ def study(config: str, overrides: tuple[str, ...], out: str, n_seeds: Optional[i
 
         html_path, md_path = write_report(res.path.parent)
         click.echo(f"report: {html_path} and {md_path}")
+
+
+def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int], out: Path) -> None:
+    """`teachx study [CONFIG] --out DIR --status`: the units of CONFIG (default: the study DIR records) in DIR."""
+    from teachx.orchestration.study import load_study, load_study_dir
+    from teachx.orchestration.study_status import status_lines, study_status
+
+    if not (out / "units").is_dir():
+        raise ConfigError(f"'{out}' holds no study units yet; start the study with the same command without --status")
+    if config is None:
+        if overrides or n_seeds:
+            raise ConfigError("--status without CONFIG reads the study that DIR records; give CONFIG to apply overrides or --seeds")
+        if not (out / "study.yaml").is_file():
+            raise ConfigError(f"'{out}' has no study.yaml; give the study's CONFIG: teachx study CONFIG --out {out} --status")
+        spec = load_study_dir(out)
+    else:
+        spec = load_study(config, overrides, n_seeds)
+    for line in status_lines(study_status(spec, out)):
+        click.echo(line)
 
 
 @click.command()

@@ -275,7 +275,8 @@ def write_report(run_or_study_dir: str | Path, out: Optional[str | Path] = None)
     elif (d / "results.json").exists() and (d / "config.yaml").exists():
         doc = _run_report(d)
     elif d.is_dir() and (d / "study.yaml").exists():
-        raise RunDirError(f"study '{d}' has no study.json yet; run `teachx study` to completion (it resumes) and try again")
+        raise RunDirError(f"study '{d}' has no study.json yet; run `teachx study` to completion (it resumes) and try again "
+                          f"(`teachx study CONFIG --out {d} --status` shows how far it is)")
     else:
         raise RunDirError(f"'{d}' is not a teachx run or study directory (no results.json or study.json); pass the --out folder of `teachx run`, `teachx demo` or `teachx study`")
     html_path = Path(out) if out else d / "report.html"
