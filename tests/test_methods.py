@@ -399,6 +399,13 @@ study:
     assert res.data["timings"]["method_training"]["n"] == 6  # rrr, rrr_teacher, abn x 2 seeds (ceiling: no training of its own)
     again = run_study(load_study(str(cfg)), tmp_path / "out", log=lambda s: None)
     assert again.trained == 0 and again.data["rows"] == res.data["rows"]
+    # `teachx study --status` finds every unit, the ceiling in its own baseline model (not the regime's)
+    from teachx.orchestration.study_status import study_status
+
+    st = {(u.unit.arm, u.unit.seed): u for u in study_status(spec, tmp_path / "out").units}
+    assert all(u.state == "done" for u in st.values())
+    for arm, row in rows.items():
+        assert [st[(arm, s)].test_acc for s in row["seeds"]] == row["test_acc"], arm
 
 
 def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from teachx.errors import TeachxError
-from teachx.orchestration.study import BASELINE, PlannedUnit, StudySpec, eval_key, planned_units
+from teachx.orchestration.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units
 from teachx.training.methods import method_name
 from teachx.utils.io import read_trusted_json
 from teachx.utils.locking import held_by
@@ -94,8 +94,7 @@ def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
     epochs = int(cfg.train.epochs)
     d = out / "units" / unit.key
     if unit.kind == "method" and method_name(cfg) == "baseline":  # the arm is its baseline model: nothing of its own
-        d = out / "units" / next(p.key for p in planned_units(spec) if p.arm == BASELINE and p.regime == unit.regime
-                                 and p.seed == unit.seed)
+        d = out / "units" / classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))
     status = UnitStatus(unit, "not started", 0, epochs)
     if not d.is_dir():
         return status
@@ -116,7 +115,7 @@ def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
             status.state = "done"
             return status
     except TeachxError as exc:  # a damaged record: an error to show, never a number
-        status.state, status.message = "damaged", str(exc)
+        status.state, status.message, status.test_acc = "damaged", str(exc), None
         return status
     status.epochs_done, status.seconds_per_epoch = epochs_timed(d)
     if status.holder:
