@@ -423,8 +423,12 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     assert sorted(u.unit.arm for u in st.units if u.state == "done") == [BASELINE, "lambda0", "shuffled"]  # seed 0's
 
     rate = lambda key: data["units"][key]["seconds_per_epoch"]  # noqa: E731 (the finished seed of each arm)
-    expected = (1 * rate(rows[BASELINE][0]) + 1 * rate(rows["lambda0"][0]) + 2 * rate(rows["shuffled"][0])
-                + 2 * rate(rows["impactx"][0]))  # epochs left x the arm's per-epoch time; impactx 0 is trained
+    evaluation = lambda arm: data["units"][rows[arm][0]]["timings"]["evaluation"]  # noqa: E731
+    any_eval = float(np.median([evaluation("lambda0"), evaluation("shuffled")]))  # impactx 0's evaluation was deleted
+    expected = (1 * rate(rows[BASELINE][0])  # epochs left x the arm's per-epoch time (impactx 0 is trained) ...
+                + 1 * rate(rows["lambda0"][0]) + evaluation("lambda0")  # ... plus the evaluations to come
+                + 2 * rate(rows["shuffled"][0]) + evaluation("shuffled")
+                + 2 * rate(rows["impactx"][0]) + any_eval + any_eval)  # impactx: seed 1 to train, both to evaluate
     assert st.seconds_left() == pytest.approx(expected)
 
     text = "\n".join(status_lines(st))

@@ -4,7 +4,7 @@ A study on a small machine runs for hours, in several worker processes, over sev
 reads what the workers left in ``DIR/units`` -- nothing is trained, written or locked -- and says per
 unit whether it is done (its verified record and test accuracy), being trained (epoch k of n, by which
 process), interrupted (a re-run resumes it from its last epoch) or not started; per arm, the accuracy
-of the seeds done so far; and an estimate of the worker time left from the epochs already timed.
+of the seeds done so far; and an estimate of the worker time left from the epochs and evaluations already timed.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class UnitStatus:
     seconds_per_epoch: Optional[float] = None  # measured on this unit (its record, or the epochs timed so far)
     holder: Optional[dict[str, Any]] = None  # the process working on it (pid, host)
     message: str = ""  # a damaged unit: what is wrong and the fix
+    eval_seconds: Optional[float] = None  # an evaluated IMPACTX unit: how long its evaluation took
 
 
 @dataclass
@@ -53,24 +54,33 @@ class StudyStatus:
 
     def seconds_left(self) -> Optional[float]:
         """Worker seconds the unfinished units still need: their epochs left at the median per-epoch time of
-        the same arm's finished units (else of its units in progress: a paused worker's epoch counts its pause);
-        None when no epoch of such an arm is timed yet.
-        Teacher maps and evaluations are not counted (minutes, next to hours of training)."""
+        the same arm's finished units (else of its units in progress: a paused worker's epoch counts its pause),
+        plus, for an IMPACTX unit not yet evaluated, the median evaluation time of the arm's evaluated units
+        (else of any IMPACTX unit's; 0 before the first); None when no epoch of such an arm is timed yet.
+        Teacher maps (made once per teacher) are not counted."""
         finished: dict[tuple[str, str], list[float]] = {}
         running: dict[tuple[str, str], list[float]] = {}
+        evals: dict[tuple[str, str], list[float]] = {}
         for u in self.units:
+            arm = (u.unit.regime, u.unit.arm)
             if u.seconds_per_epoch:
                 into = finished if u.state in ("done", "to evaluate", "evaluating") else running
-                into.setdefault((u.unit.regime, u.unit.arm), []).append(u.seconds_per_epoch)
+                into.setdefault(arm, []).append(u.seconds_per_epoch)
+            if u.eval_seconds is not None:
+                evals.setdefault(arm, []).append(u.eval_seconds)
+        any_eval = [t for ts in evals.values() for t in ts]
         total = 0.0
         for u in self.units:
-            if u.state in ("done", "to evaluate", "evaluating"):
+            if u.state == "done":
                 continue
             arm = (u.unit.regime, u.unit.arm)
-            known = finished.get(arm) or running.get(arm)  # finished units' records first: whole runs, fewer pauses
-            if not known:
-                return None
-            total += (u.epochs - u.epochs_done) * statistics.median(known)
+            if u.state not in ("to evaluate", "evaluating"):
+                known = finished.get(arm) or running.get(arm)  # finished units' records first: whole runs, fewer pauses
+                if not known:
+                    return None
+                total += (u.epochs - u.epochs_done) * statistics.median(known)
+            if u.unit.kind == "impactx" and u.state != "evaluating" and (evals.get(arm) or any_eval):
+                total += statistics.median(evals.get(arm) or any_eval)
         return total
 
 
@@ -110,8 +120,10 @@ def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
                 status.state = "evaluating" if status.holder else "to evaluate"
                 return status
             if unit.kind == "impactx":  # verified like the record: a damaged evaluation is shown, not counted
-                read_trusted_json(evaluation, f"delete '{evaluation}' and re-run the same `teachx study` command "
-                                  "(it evaluates that unit again)", "study unit evaluation")
+                ev = read_trusted_json(evaluation, f"delete '{evaluation}' and re-run the same `teachx study` command "
+                                       "(it evaluates that unit again)", "study unit evaluation")
+                took = (ev.get("timings") or {}).get("evaluation")
+                status.eval_seconds = float(took) if isinstance(took, (int, float)) else None
             status.state = "done"
             return status
     except TeachxError as exc:  # a damaged record: an error to show, never a number
@@ -173,6 +185,6 @@ def status_lines(st: StudyStatus) -> list[str]:
         lines.append("time left: not estimated yet (no epoch of an unfinished arm is timed)")
     elif left > 0:
         running = f", ~{_hours(left / workers)} with the {workers} workers running now" if workers > 1 else ""
-        lines.append(f"time left: about {_hours(left)} of training for one worker{running} (epochs left x the measured "
-                     "time per epoch of the same arm's units; teacher maps and evaluations not counted)")
+        lines.append(f"time left: about {_hours(left)} of work for one worker{running} (epochs left x the measured "
+                     "time per epoch of the same arm's units, plus the IMPACTX evaluations; teacher maps not counted)")
     return lines
