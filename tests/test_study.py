@@ -381,7 +381,7 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     import socket
 
     from teachx.interfaces.cli import main
-    from teachx.orchestration.study_status import status_lines, study_status
+    from teachx.orchestration.study_status import STATES, status_lines, study_status
 
     out = tmp_path / "out"
     shutil.copytree(study_dir["root"] / "out", out)
@@ -420,6 +420,7 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     damaged = state[rows["impactx"][1]]
     assert damaged.state == "damaged" and damaged.test_acc is None and "delete" in damaged.message
     assert state[rows["shuffled"][1]].state == "not started"
+    assert {u.state for u in st.units} <= set(STATES)
     assert sorted(u.unit.arm for u in st.units if u.state == "done") == [BASELINE, "lambda0", "shuffled"]  # seed 0's
 
     rate = lambda key: data["units"][key]["seconds_per_epoch"]  # noqa: E731 (the finished seed of each arm)
