@@ -557,7 +557,7 @@ def test_map_quality_scale_free_r2_matches_per_image_least_squares():
             return mean_map
 
     plan = SimpleNamespace(dataset=SimpleNamespace(test=SimpleNamespace(images=np.zeros((n, h, w, 1), np.uint8))),
-                           mean=[0.0], std=[1.0], train_idx=np.arange(3))
+                           mean=[0.0], std=[1.0], train_idx=np.arange(3), augment=None)
 
     def reference(maps):
         resid = {"p": 0.0, "m": 0.0}
@@ -571,6 +571,18 @@ def test_map_quality_scale_free_r2_matches_per_image_least_squares():
 
     q = map_quality(Model(built), plan, Store(), Store(), torch.device("cpu"))
     assert q["r2_vs_mean_map_affine"] == pytest.approx(reference(built), abs=1e-5)
+    assert "corr_mean_map_augmented" not in q  # no augmentation: the mean map is what a constant map learns
+
+    # trained with crops and flips: a constant map learns the mean map averaged over them (numpy, every draw)
+    from teachx.data.transforms import Augment
+
+    p = 1
+    padded = np.pad(mean_map.numpy().astype(np.float64), ((0, 0), (p, p), (p, p)))
+    crops = [padded[:, t : t + h, lft : lft + w] for t in range(2 * p + 1) for lft in range(2 * p + 1)]
+    blurred = np.mean(crops + [cr[:, :, ::-1] for cr in crops], axis=0).ravel()
+    want = np.mean([np.corrcoef(blurred, target[i].double().numpy().ravel())[0, 1] for i in range(n)])
+    q = map_quality(Model(built), SimpleNamespace(**vars(plan), augment=Augment(p, hflip=True)), Store(), Store(), torch.device("cpu"))
+    assert q["corr_mean_map_augmented"] == pytest.approx(want, abs=1e-5)
     scaled = map_quality(Model(0.01 * target - 3.0), plan, Store(), Store(), torch.device("cpu"))
     assert scaled["r2_vs_mean_map_affine"] == pytest.approx(1.0, abs=1e-6) and scaled["r2_vs_mean_map"] < 0
 

@@ -80,3 +80,32 @@ def test_augment_deterministic_and_varied():
 def test_augment_rejects_mismatched_maps():
     with pytest.raises(ValueError, match="maps must be"):
         Augment(2)(torch.randn(2, 3, 8, 8), torch.Generator(), torch.randn(2, 1, 4, 4))
+
+
+@pytest.mark.parametrize("hflip", [False, True])
+def test_augment_expectation_spreads_a_pixel_over_every_draw(hflip):
+    """Closed form: one bright pixel lands at (r + p - top, c + p - left) for every crop offset (mirrored
+    for a flip), each draw as likely as any other."""
+    p, h, w, r, c = 2, 9, 11, 4, 3
+    x = torch.zeros(1, 1, h, w, dtype=torch.float64)
+    x[0, 0, r, c] = 1.0
+    flips = [False, True] if hflip else [False]
+    ref = np.zeros((h, w))
+    for top in range(2 * p + 1):
+        for left in range(2 * p + 1):
+            for flip in flips:
+                i, j = r + p - top, c + p - left
+                ref[i, (w - 1 - j) if flip else j] += 1 / ((2 * p + 1) ** 2 * len(flips))
+    np.testing.assert_allclose(Augment(p, hflip=hflip).expectation(x)[0, 0].numpy(), ref, atol=1e-12)
+
+
+def test_augment_expectation_equals_the_mean_of_padded_crops():
+    """Against a second implementation: numpy pad + crop + flip for every draw, averaged."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    p = 2
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (p, p), (p, p)))
+    crops = [padded[..., t : t + 6, lft : lft + 7] for t in range(2 * p + 1) for lft in range(2 * p + 1)]
+    ref = np.mean([cr for cr in crops] + [cr[..., ::-1] for cr in crops], axis=0)
+    np.testing.assert_allclose(Augment(p, hflip=True).expectation(x).numpy(), ref, atol=1e-12)
+    assert Augment(0, hflip=False).is_identity and torch.equal(Augment(0, hflip=False).expectation(x), x)

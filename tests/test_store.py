@@ -74,3 +74,25 @@ def test_stale_and_truncated_are_rebuilt(tmp_path):
     assert any("stale" in m for m in msgs)
     other = open_store(tmp_path, {"teacher": "b"}, 6, (1, 2, 2), log=msgs.append)
     assert other.path != path
+
+
+def test_read_store_reads_verified_and_refuses_damage(tmp_path):
+    """A finished store read back without its material (scripts, viewers): the same maps, nothing writable;
+    a flipped value is a CorruptionError naming the fix, a directory without meta.json a DataError."""
+    from teachx.errors import CorruptionError, DataError
+    from teachx.teachers.store import read_store
+
+    s = open_store(tmp_path, {"teacher": "t"}, 12, (1, 4, 4), log=lambda m: None)
+    fill_store(s, np.arange(0, 12, 2), _compute_factory([]), 4, progress=False)  # half the rows
+    r = read_store(s.path)
+    assert r.key == s.key and np.array_equal(np.asarray(r.done), np.arange(12) % 2 == 0)
+    assert torch.equal(r.read(np.array([2, 10])), s.read(np.array([2, 10])))
+    with pytest.raises(ValueError):  # read only
+        r.maps[0, 0, 0, 0] = 1
+    maps = np.load(s.path / "maps.npy", mmap_mode="r+")
+    maps[4, 0, 1, 1] += 1  # one value of a finished row
+    maps.flush()
+    with pytest.raises(CorruptionError, match="remove"):
+        read_store(s.path)
+    with pytest.raises(DataError, match="meta.json"):
+        read_store(tmp_path)

@@ -111,3 +111,24 @@ class Augment:
                 f"maps must be [B, k, H, W] matching images {tuple(images.shape)}, got {tuple(maps.shape)}"
             )
         return out, self.apply(maps, params)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.crop_padding == 0 and not self.hflip
+
+    def expectation(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of ``apply(x, draw)`` over every draw ``sample`` can make, each as likely as it is there
+        (all crop offsets, flipped or not): exact, by applying every draw. What a model trained on augmented
+        targets sees on average; a map that is the same for every image can do no better against them."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
+        span = 2 * self.crop_padding + 1
+        top, left = torch.meshgrid(torch.arange(span), torch.arange(span), indexing="ij")
+        flips = [False, True] if self.hflip else [False]
+        total = torch.zeros_like(x, dtype=torch.float64)
+        for flip in flips:
+            for t, lft in zip(top.flatten().tolist(), left.flatten().tolist()):
+                params = AugmentParams(top=torch.full((x.shape[0],), t), left=torch.full((x.shape[0],), lft),
+                                       flip=torch.full((x.shape[0],), flip))
+                total += self.apply(x, params).double()
+        return (total / (span * span * len(flips))).to(x.dtype)

@@ -306,7 +306,8 @@ def _print_summary(res: dict, run_dir: Path) -> None:
             click.echo(f"attribution on the artefact ({name}): {shares} (artefact area {sc[name].get('area', float('nan')):.3f})")
     q = res.get("map_quality")
     if q:
-        click.echo(f"built-in maps vs teacher on test: corr {q['corr']:.3f} (mean map: {q['corr_mean_map']:.3f}), R^2 vs mean map {q['r2_vs_mean_map']:.3f}"
+        aug = f"; under the training augmentation: {q['corr_mean_map_augmented']:.3f}" if "corr_mean_map_augmented" in q else ""
+        click.echo(f"built-in maps vs teacher on test: corr {q['corr']:.3f} (mean map: {q['corr_mean_map']:.3f}{aug}), R^2 vs mean map {q['r2_vs_mean_map']:.3f}"
                    + (f" (scale-free: {q['r2_vs_mean_map_affine']:.3f})" if "r2_vs_mean_map_affine" in q else ""))
     click.echo(f"wall time {res['wall_seconds']:.1f}s; results in {run_dir / 'results.json'}, figures in {run_dir / 'figures'}")
 

@@ -593,6 +593,10 @@ def map_quality(
     ``impactx.map_loss`` (pearson, rank, the default decoder's); ``r2_vs_mean_map_affine`` is the
     scale-free R^2: each map, built-in and mean, first gets its least-squares scale and offset per
     image (residual ``var(t) (1 - r^2)``), so it compares what the maps can say about the teacher's.
+    ``corr_mean_map_augmented`` (training with crop / flip augmentation): the correlation of the mean map
+    averaged over the augmentation's draws -- what a decoder that learned one map for every image reaches
+    at best, since it is trained on shifted and flipped targets; built-in maps near it learned no
+    per-image content, even when the unaugmented mean map (fixed patterns such as stride artefacts) scores higher.
     """
     ds = plan.dataset
     if indices is None:
@@ -606,6 +610,11 @@ def map_quality(
         classes = np.asarray(ds.test.labels) if cfg is None else explained_classes(cfg, plan, teacher_model, "test", indices, device)
     mean_map = train_store.mean_map(plan.train_idx)
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
+    # the mean map as the training augmentation blurs it: the target a constant map is trained towards
+    augmented_mean = None
+    if plan.augment is not None and not plan.augment.is_identity:
+        augmented_mean = plan.augment.expectation(mean_map.unsqueeze(0))
+        sums["corr_mean_map_augmented"] = 0.0
     affine = {"built_in": 0.0, "mean_map": 0.0}  # sums of per-image residuals after the best scale + offset
     model = model.to(device).eval()
     for s in range(0, n, batch_size):
@@ -621,6 +630,8 @@ def map_quality(
         r, r_mm = _corr(pred, target), _corr(mm, target)
         sums["corr"] += r.sum().item()
         sums["corr_mean_map"] += r_mm.sum().item()
+        if augmented_mean is not None:
+            sums["corr_mean_map_augmented"] += _corr(augmented_mean.expand_as(target), target).sum().item()
         var_t = target.flatten(1).var(1, unbiased=False)
         affine["built_in"] += (var_t * (1 - r**2)).sum().item()
         affine["mean_map"] += (var_t * (1 - r_mm**2)).sum().item()

@@ -852,8 +852,8 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                     row["vs_control"]["control"] = spec.control
                 quality = [units[keys[s]].get("map_quality") for s in seeds]
                 if all(quality):
-                    row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "r2_vs_mean_map", "r2_vs_mean_map_affine")
-                                          if all(m in q for q in quality)}  # units evaluated before the affine R^2 existed lack it
+                    row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine")
+                                          if all(m in q for q in quality)}  # units evaluated before a measure existed lack it
                     row["map_quality"].update(_builtin_faith_summary([q.get("faithfulness") for q in quality]))
                 faith = [units[keys[s]].get("faithfulness") for s in seeds]
                 if all(faith):

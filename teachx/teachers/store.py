@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from teachx.errors import CorruptionError
+from teachx.errors import CorruptionError, DataError
 from teachx.training import distributed as dist_utils
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
@@ -129,6 +129,23 @@ def open_store(
     done = np.load(path / "done.npy", mmap_mode="r+")
     digests = np.load(path / "digests.npy", mmap_mode="r+")
     return MapStore(path=path, key=key, maps=maps, done=done, meta=meta, digests=digests)
+
+
+def read_store(path: str | Path) -> MapStore:
+    """An existing store, read only, for looking at maps a run made (scripts, viewers): its meta and
+    every finished row verified; a damaged store is a CorruptionError with the fix, an incomplete
+    one (no meta.json yet) a DataError."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise DataError(f"'{path}' is not a finished teacher-map store (no meta.json); pass a directory under TEACHX_CACHE/maps/")
+    meta = read_trusted_json(path / "meta.json", store_fix(path), "teacher-map store meta")
+    problem = _check(path, str(meta.get("key", "")), tuple(meta.get("shape", ())))
+    if problem:
+        raise CorruptionError.of(path, problem, store_fix(path), "teacher-map store")
+    _verify(path)
+    return MapStore(path=path, key=meta["key"], maps=np.load(path / "maps.npy", mmap_mode="r"),
+                    done=np.load(path / "done.npy", mmap_mode="r"), meta=meta,
+                    digests=np.load(path / "digests.npy", mmap_mode="r") if (path / "digests.npy").exists() else None)
 
 
 def _world(distributed: Optional[bool]) -> tuple[int, int]:
