@@ -58,7 +58,8 @@ def maps_table(rows) -> None:
         return
     m = lambda r, k: (r["map_quality"].get(k) or {}).get("mean")  # noqa: E731
     f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    head = ["regime", "arm", "teacher", "corr with teacher (mean map)", "R² vs mean map", "self-agreement (mean map)",
+    aug = any(m(r, "corr_mean_map_augmented") is not None for r in rows)
+    head = ["regime", "arm", "teacher", "corr with teacher (mean map" + ("; under augmentation)" if aug else ")"), "R² vs mean map", "self-agreement (mean map)",
             "MoRF: built-in / post hoc / mean map / random", "built-in ÷ post hoc", "insertion: built-in / post hoc"]
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -66,7 +67,8 @@ def maps_table(rows) -> None:
         morf = [m(r, f"pixel_flipping_morf.{k}") for k in ("built_in", "teacher_post_hoc", "mean_map", "random")]
         ratio = morf[0] / morf[1] if morf[0] is not None and morf[1] else None
         print("| " + " | ".join([
-            r["regime"], r["arm"], str(r.get("teacher", "")), f"{f(m(r, 'corr'))} ({f(m(r, 'corr_mean_map'))})", f(m(r, "r2_vs_mean_map")),
+            r["regime"], r["arm"], str(r.get("teacher", "")), f"{f(m(r, 'corr'))} ({f(m(r, 'corr_mean_map'))}" + (f"; {f(m(r, 'corr_mean_map_augmented'))})" if aug else ")"),
+            f(m(r, "r2_vs_mean_map")),
             f"{f(m(r, 'corr_self'))} ({f(m(r, 'corr_self_mean_map'))})", " / ".join(f(v) for v in morf),
             "—" if ratio is None else f"{ratio:.2f}x",
             f"{f(m(r, 'insertion.built_in'))} / {f(m(r, 'insertion.teacher_post_hoc'))}"]) + " |")
