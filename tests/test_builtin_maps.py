@@ -581,7 +581,7 @@ def test_map_quality_scale_free_r2_matches_per_image_least_squares():
     crops = [padded[:, t : t + h, lft : lft + w] for t in range(2 * p + 1) for lft in range(2 * p + 1)]
     blurred = np.mean(crops + [cr[:, :, ::-1] for cr in crops], axis=0).ravel()
     want = np.mean([np.corrcoef(blurred, target[i].double().numpy().ravel())[0, 1] for i in range(n)])
-    q = map_quality(Model(built), SimpleNamespace(**vars(plan), augment=Augment(p, hflip=True)), Store(), Store(), torch.device("cpu"))
+    q = map_quality(Model(built), SimpleNamespace(**{**vars(plan), "augment": Augment(p, hflip=True)}), Store(), Store(), torch.device("cpu"))
     assert q["corr_mean_map_augmented"] == pytest.approx(want, abs=1e-5)
     scaled = map_quality(Model(0.01 * target - 3.0), plan, Store(), Store(), torch.device("cpu"))
     assert scaled["r2_vs_mean_map_affine"] == pytest.approx(1.0, abs=1e-6) and scaled["r2_vs_mean_map"] < 0
