@@ -159,7 +159,7 @@ def status_lines(st: StudyStatus) -> list[str]:
     for u in st.units:
         p = u.unit
         what = f"  {p.regime:>{rw}} {p.arm:<{aw}} seed {p.seed:<3} {u.state:<12}"
-        if u.state == "done" and u.test_acc is not None:
+        if u.state in ("done", "to evaluate", "evaluating") and u.test_acc is not None:
             what += f" test_acc {u.test_acc:.4f}"
         elif u.state in ("training", "interrupted"):
             what += f" epoch {u.epochs_done}/{u.epochs}"
