@@ -21,28 +21,27 @@ import numpy as np
 import torch
 
 from teachx.data.transforms import Augment
-from teachx.orchestration.pipeline import _corr
+from teachx.evaluation.builtin_maps import map_corr
+from teachx.interfaces.explain import run_config_of
+from teachx.orchestration.pipeline import training_augment
+from teachx.orchestration.study import read_unit_evaluation
 from teachx.teachers.store import read_store
-from teachx.utils.io import read_trusted_json
 
 
 def structure(unit: Path) -> dict:
     evals = sorted(unit.glob("eval-*.json"))
     if not evals:
         raise SystemExit(f"'{unit}' has no eval-*.json: pass an evaluated IMPACTX study unit")
-    fix = f"delete '{evals[0]}' and re-run the study (it evaluates the unit again)"
-    ev = read_trusted_json(evals[0], fix, "study unit evaluation")
-    data = read_trusted_json(unit / "unit.json", "re-run the study", "study unit record")["config"].get("data", {})
+    ev = read_unit_evaluation(evals[0])
+    cfg = run_config_of(unit / "unit.json")  # the unit's own config, read from its unit.json (verified)
     train, test = read_store(ev["map_store"]["train"]), read_store(ev["map_store"]["test"])
     train_rows, test_rows = np.flatnonzero(np.asarray(train.done)), np.flatnonzero(np.asarray(test.done))
     mean = train.mean_map(train_rows).unsqueeze(0)
     target = test.read(test_rows)
-    augment = Augment(int(data.get("crop_padding", 4)), bool(data.get("hflip", False)))
-    if data.get("augment") is False:
-        augment = Augment(0, False)
+    augment = training_augment(cfg) or Augment(0, hflip=False)  # as make_plan resolves it (the dataset's flip default)
     variants = {"mean map": mean, "mean map, flip-averaged": (mean + mean.flip(-1)) / 2,
                 f"mean map under the training augmentation ({augment!r})": augment.expectation(mean)}
-    out = {name: float(_corr(m.expand_as(target), target).mean()) for name, m in variants.items()}
+    out = {name: float(map_corr(m.expand_as(target), target).mean()) for name, m in variants.items()}
     m = mean[0].mean(0).double().numpy()
     m = m / max(np.abs(m).max(), 1e-12)
     out["mean map (max |value| = 1): mean on even / odd rows, even / odd columns"] = [

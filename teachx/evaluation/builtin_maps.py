@@ -31,8 +31,8 @@ from teachx.evaluation.evaluate import evaluate_maps
 METRIC_NAMES = ("pixel_flipping_morf", "pixel_flipping_lerf", "insertion")
 
 
-def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image Pearson correlation; a constant map counts as 0, not NaN."""
+def map_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image Pearson correlation of two map batches; a constant map (e.g. all zeros) counts as 0, not NaN."""
     return torch.nan_to_num(pearson(a.flatten(1), b.flatten(1)), nan=0.0)
 
 
@@ -72,10 +72,10 @@ def builtin_map_faithfulness(
     if per_image:
         out["values"] = {m: {s: report["maps"][s][m]["values"] for s in report["maps"]} for m in METRIC_NAMES}
     if post_hoc is not None:
-        corr = _corr(built_in, post_hoc)
+        corr = map_corr(built_in, post_hoc)
         out["corr_self"] = float(corr.mean())
         if per_image:
             out["corr_self_values"] = [float(v) for v in corr.tolist()]
         if mean_map is not None:
-            out["corr_self_mean_map"] = float(_corr(sets["mean_map"], post_hoc).mean())
+            out["corr_self_mean_map"] = float(map_corr(sets["mean_map"], post_hoc).mean())
     return out

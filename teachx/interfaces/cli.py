@@ -174,7 +174,7 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
     from teachx.interfaces.config import resolve_config
     from teachx.interfaces.launch import echo0
     from teachx.orchestration.pipeline import (data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages, stage_checkpoint,
-                                            stage_done, train_classifier)
+                                               stage_done, train_classifier)
     from teachx.training import distributed as dist_utils
     from teachx.utils.io import write_json_atomic
 

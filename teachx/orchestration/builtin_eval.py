@@ -80,7 +80,7 @@ def faithfulness_block(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, t
     with the baseline teacher's stored map, on the images whose predicted class is the class the
     teacher explained (``images_same_class``): how far two networks' explanations agree at all.
     """
-    from teachx.evaluation.builtin_maps import _corr, builtin_map_faithfulness
+    from teachx.evaluation.builtin_maps import builtin_map_faithfulness, map_corr
     from teachx.orchestration.pipeline import as_nchw
 
     ds = plan.dataset
@@ -105,7 +105,7 @@ def faithfulness_block(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, t
         out["images_same_class"] = int(same.sum())
         if same.any():
             teacher_maps = test_store.read(idx[same.cpu().numpy()]).to(device).float()
-            out["corr_post_hoc_teacher"] = float(_corr(post_hoc[same], teacher_maps).mean())
+            out["corr_post_hoc_teacher"] = float(map_corr(post_hoc[same], teacher_maps).mean())
     if errors:
         out["errors"] = errors
     return out

@@ -22,6 +22,7 @@ from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
 from teachx.data.transforms import Augment, normalize
 from teachx.errors import ConfigError, CorruptionError, RunDirError
+from teachx.evaluation.builtin_maps import map_corr
 from teachx.interfaces.config import RunConfig
 from teachx.models import build_model
 from teachx.models.impactx import ImpactX
@@ -255,9 +256,14 @@ def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
         train_idx, val_idx = pool[np.sort(tr)], pool[np.sort(va)]
     else:
         train_idx, val_idx = pool, pool[:0]
-    aug = cfg.data.augmentation()  # data.hflip left to the dataset: flips only where a mirrored image keeps its class
-    augment = Augment(crop_padding=aug["crop_padding"], hflip=aug["hflip"]) if aug["augment"] else None
-    return DataPlan(ds, train_idx, val_idx, augment)
+    return DataPlan(ds, train_idx, val_idx, training_augment(cfg))
+
+
+def training_augment(cfg: RunConfig) -> Optional[Augment]:
+    """The crop / flip augmentation ``cfg`` trains with (None: none); data.hflip left unset is the dataset's
+    default, flips only where a mirrored image keeps its class."""
+    aug = cfg.data.augmentation()
+    return Augment(crop_padding=aug["crop_padding"], hflip=aug["hflip"]) if aug["augment"] else None
 
 
 def data_summary(plan: DataPlan, cfg: Optional[RunConfig] = None) -> dict[str, Any]:
@@ -627,11 +633,11 @@ def map_quality(
         sums["mse"] += ((pred - target) ** 2).flatten(1).mean(1).sum().item()
         sums["mse_mean_map"] += ((mm - target) ** 2).flatten(1).mean(1).sum().item()
         sums["mse_zero"] += (target**2).flatten(1).mean(1).sum().item()
-        r, r_mm = _corr(pred, target), _corr(mm, target)
+        r, r_mm = map_corr(pred, target), map_corr(mm, target)
         sums["corr"] += r.sum().item()
         sums["corr_mean_map"] += r_mm.sum().item()
         if augmented_mean is not None:
-            sums["corr_mean_map_augmented"] += _corr(augmented_mean.expand_as(target), target).sum().item()
+            sums["corr_mean_map_augmented"] += map_corr(augmented_mean.expand_as(target), target).sum().item()
         var_t = target.flatten(1).var(1, unbiased=False)
         affine["built_in"] += (var_t * (1 - r**2)).sum().item()
         affine["mean_map"] += (var_t * (1 - r_mm**2)).sum().item()
@@ -644,13 +650,6 @@ def map_quality(
 
         out["faithfulness"] = faithfulness_block(cfg, plan, model, test_store, train_store, device, indices, classes)
     return out
-
-
-def _corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image Pearson correlation; a constant map (e.g. all zeros) counts as 0, not NaN."""
-    from teachx.evaluation.base import pearson
-
-    return torch.nan_to_num(pearson(a.flatten(1), b.flatten(1)), nan=0.0)
 
 
 # -- the whole run -------------------------------------------------------------------------------

@@ -564,8 +564,7 @@ class _Runner:
 
         stage = stage_done(d)  # verified against its digest, like the evaluation below
         if stage is not None and eval_path.exists():
-            fix = f"delete '{eval_path}' and re-run the same `teachx study` command (it evaluates that unit again)"
-            return stage, read_trusted_json(eval_path, fix, "study unit evaluation")
+            return stage, read_unit_evaluation(eval_path)
         return None
 
     def _train_impactx(self, cfg: RunConfig, d: Path, eval_path: Path, base_key: str, teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -604,6 +603,12 @@ class _Runner:
             "seconds_per_epoch": stage.get("seconds_per_epoch"), "history": stage.get("history", []),
             **{k: v for k, v in ev.items()},
         }
+
+
+def read_unit_evaluation(eval_path: Path) -> dict[str, Any]:
+    """An IMPACTX unit's ``eval-<key>.json``, verified against its digest (a damaged one names the fix)."""
+    fix = f"delete '{eval_path}' and re-run the same `teachx study` command (it evaluates that unit again)"
+    return read_trusted_json(eval_path, fix, "study unit evaluation")
 
 
 def _eval_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from teachx.errors import TeachxError
-from teachx.orchestration.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units
+from teachx.orchestration.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
 from teachx.training.methods import method_name
-from teachx.utils.io import read_trusted_json
 from teachx.utils.locking import held_by
 
 #: the states a unit can be in, in the order a run goes through them
@@ -46,7 +45,7 @@ class StudyStatus:
     units: list[UnitStatus]
 
     def by_arm(self) -> dict[tuple[str, str], list[UnitStatus]]:
-        """(regime, arm) -> its units, the study's own arms only (teachers are listed apart)."""
+        """(regime, arm) -> its units, in the study's order (teacher models under the arm "teacher")."""
         out: dict[tuple[str, str], list[UnitStatus]] = {}
         for u in self.units:
             out.setdefault((u.unit.regime, u.unit.arm), []).append(u)
@@ -120,8 +119,7 @@ def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
                 status.state = "evaluating" if status.holder else "to evaluate"
                 return status
             if unit.kind == "impactx":  # verified like the record: a damaged evaluation is shown, not counted
-                ev = read_trusted_json(evaluation, f"delete '{evaluation}' and re-run the same `teachx study` command "
-                                       "(it evaluates that unit again)", "study unit evaluation")
+                ev = read_unit_evaluation(evaluation)
                 took = (ev.get("timings") or {}).get("evaluation")
                 status.eval_seconds = float(took) if isinstance(took, (int, float)) else None
             status.state = "done"
