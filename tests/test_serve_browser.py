@@ -10,7 +10,6 @@ Skipped, with the reason, only where Chromium, its driver or Selenium is absent
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil

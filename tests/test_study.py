@@ -317,6 +317,40 @@ def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
     assert (own - stored).abs().max() > 0.05  # the small regime's own teacher gives other maps
 
 
+OWN_BASELINE = RUN + """
+study:
+  n_seeds: 1
+  arms:
+    impactx: {{}}
+    no_augment: {{data.augment: false, teacher.training: {{data.augment: true}}}}
+"""
+
+
+def test_arm_with_its_own_baseline_is_planned(tmp_path, monkeypatch):
+    """An arm whose data differ from the regime's (here: no augmentation) gets a baseline of its own, which
+    the runner trains first; the plan (and so --status) lists it, and the teacher stays the regime's
+    baseline, as teacher.training asks: the plan names exactly the units the runner makes."""
+    from teachx.orchestration.study import planned_units
+    from teachx.orchestration.study_status import study_status
+
+    torch.set_num_threads(1)
+    z = make_zip(tmp_path / "tiny.zip")
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(OWN_BASELINE.format(zip=z))
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    spec = load_study(str(cfg), ["train.epochs=1"])
+    plan = planned_units(spec)
+    assert [(u.arm, u.kind) for u in plan] == [(BASELINE, "classifier"), ("impactx", "impactx"),
+                                               (f"no_augment {BASELINE}", "classifier"), ("no_augment", "impactx")]
+    assert plan[2].config.data.augment is False and plan[0].config.data.augment is True
+    data = run_study(spec, tmp_path / "out", lambda _l: None).data
+    assert {p.name for p in (tmp_path / "out" / "units").iterdir()} == {u.key for u in plan}
+    arm = data["units"][{r["arm"]: r for r in data["rows"]}["no_augment"]["units"][0]]
+    assert arm["baseline_unit"] == plan[2].key and arm["teacher_unit"] == plan[0].key
+    st = study_status(spec, tmp_path / "out")
+    assert [u.state for u in st.units] == ["done"] * 4 and st.seconds_left() == 0
+
+
 def test_teacher_training_and_arm_regimes_errors(tmp_path):
     from teachx.interfaces.config import resolve_config
 

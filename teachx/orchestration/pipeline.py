@@ -21,7 +21,7 @@ from teachx.data import load_dataset
 from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
 from teachx.data.transforms import Augment, normalize
-from teachx.errors import ConfigError, CorruptionError, RunDirError
+from teachx.errors import ConfigError, CorruptionError
 from teachx.evaluation.builtin_maps import map_corr
 from teachx.interfaces.config import RunConfig
 from teachx.models import build_model
@@ -34,9 +34,9 @@ from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask
 from teachx.training.methods import build_method, method_name, method_stages
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
-from teachx.utils.config import dump_yaml, from_dict, set_dotted
+from teachx.utils.config import from_dict, set_dotted
 from teachx.utils.hashing import hash_json, hash_state_dict
-from teachx.utils.io import read_trusted_json, write_json_atomic, write_text_atomic
+from teachx.utils.io import read_trusted_json, write_json_atomic
 from teachx.utils.locking import file_lock
 from teachx.utils.seeding import choose_device, seed_everything
 

@@ -34,13 +34,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from teachx.errors import ConfigError, RunDirError
+from teachx.errors import ConfigError
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig, check_names
 from teachx.training.methods import method_name
 from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
 from teachx.utils.hashing import hash_json
-from teachx.utils.io import read_trusted_json, write_json_atomic, write_text_atomic
+from teachx.utils.io import read_trusted_json, write_json_atomic
 from teachx.utils.locking import Busy, file_lock
 
 BASELINE = "baseline"
@@ -359,8 +359,10 @@ class PlannedUnit:
 
 def planned_units(spec: StudySpec) -> list[PlannedUnit]:
     """Every unit of the study once, in the order the runner meets them (per regime and seed: the
-    baseline, then the arms), the teacher models that are no arm's own baseline last. The keys are the
-    runner's; viewers and `teachx study --status` name the units of an unfinished study with them."""
+    baseline, then the arms, each after its own baseline where its data.* / train.* / model.* differ
+    from the regime's, named "ARM baseline"), the teacher models that are no arm's own baseline last.
+    The keys are the runner's; viewers and `teachx study --status` name the units of an unfinished
+    study with them."""
     from teachx.orchestration.pipeline import teacher_training
 
     units: dict[str, PlannedUnit] = {}
@@ -375,6 +377,8 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                     key = classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))
                     units.setdefault(key, PlannedUnit(key, "classifier", regime, BASELINE, seed, cfg))
                     continue
+                base = classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))  # the runner trains it first
+                units.setdefault(base, PlannedUnit(base, "classifier", regime, f"{arm} {BASELINE}", seed, cfg))
                 kind = "impactx" if method_name(cfg) == "impactx" else "method"
                 key = impactx_key(cfg) if kind == "impactx" else method_key(cfg)
                 units.setdefault(key, PlannedUnit(key, kind, regime, arm, seed, cfg))
