@@ -319,17 +319,20 @@ def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
 
 OWN_BASELINE = RUN + """
 study:
-  n_seeds: 1
+  n_seeds: 2
   arms:
     impactx: {{}}
+    lambda0: {{impactx.lam: 0}}
     no_augment: {{data.augment: false, teacher.training: {{data.augment: true}}}}
+    lambda0_no_augment: {{impactx.lam: 0, data.augment: false, teacher.training: {{data.augment: true}}}}
+  controls: {{no_augment: lambda0_no_augment}}
 """
 
 
-def test_arm_with_its_own_baseline_is_planned(tmp_path, monkeypatch):
-    """An arm whose data differ from the regime's (here: no augmentation) gets a baseline of its own, which
-    the runner trains first; the plan (and so --status) lists it, and the teacher stays the regime's
-    baseline, as teacher.training asks: the plan names exactly the units the runner makes."""
+def test_arm_with_its_own_baseline_and_control(tmp_path, monkeypatch):
+    """Arms whose data differ from the regime's (here: no augmentation) get a baseline of their own, which the
+    runner trains first; the plan (and so --status) lists it, and the teacher stays the regime's baseline, as
+    teacher.training asks. study.controls pairs such an arm with the lambda=0 arm trained on the same data."""
     from teachx.orchestration.study import planned_units
     from teachx.orchestration.study_status import study_status
 
@@ -340,15 +343,27 @@ def test_arm_with_its_own_baseline_is_planned(tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     spec = load_study(str(cfg), ["train.epochs=1"])
     plan = planned_units(spec)
-    assert [(u.arm, u.kind) for u in plan] == [(BASELINE, "classifier"), ("impactx", "impactx"),
-                                               (f"no_augment {BASELINE}", "classifier"), ("no_augment", "impactx")]
-    assert plan[2].config.data.augment is False and plan[0].config.data.augment is True
+    assert [(u.arm, u.seed) for u in plan[:5]] == [(BASELINE, 0), ("impactx", 0), ("lambda0", 0),
+                                                   (f"no_augment {BASELINE}", 0), ("no_augment", 0)]
+    assert len(plan) == 2 * 6 and plan[3].config.data.augment is False and plan[0].config.data.augment is True
     data = run_study(spec, tmp_path / "out", lambda _l: None).data
     assert {p.name for p in (tmp_path / "out" / "units").iterdir()} == {u.key for u in plan}
-    arm = data["units"][{r["arm"]: r for r in data["rows"]}["no_augment"]["units"][0]]
-    assert arm["baseline_unit"] == plan[2].key and arm["teacher_unit"] == plan[0].key
+    rows = {r["arm"]: r for r in data["rows"]}
+    arm = data["units"][rows["no_augment"]["units"][0]]
+    assert arm["baseline_unit"] == plan[3].key and arm["teacher_unit"] == plan[0].key
+    assert rows["no_augment"]["vs_baseline"]["baseline"].startswith("own")
+    # each arm against its own control, paired by seed (scipy's paired t-test as the reference)
+    acc = {a: rows[a]["test_acc"] for a in rows}
+    for a, control in (("impactx", "lambda0"), ("no_augment", "lambda0_no_augment")):
+        c = rows[a]["vs_control"]
+        assert c["control"] == control and c["mean_diff"] == pytest.approx(np.mean(acc[a]) - np.mean(acc[control]))
+        if len(set(np.subtract(acc[a], acc[control]))) > 1:
+            assert c["p_ttest"] == pytest.approx(sps.ttest_rel(acc[a], acc[control]).pvalue)
+    assert "vs_control" not in rows["lambda0_no_augment"]
+    assert [v["control"] for v in data["verdicts"]] == ["lambda0", "lambda0_no_augment"]
+    assert data["study"]["controls"] == {"no_augment": "lambda0_no_augment"}
     st = study_status(spec, tmp_path / "out")
-    assert [u.state for u in st.units] == ["done"] * 4 and st.seconds_left() == 0
+    assert {u.state for u in st.units} == {"done"} and st.seconds_left() == 0
 
 
 def test_teacher_training_and_arm_regimes_errors(tmp_path):
@@ -363,7 +378,9 @@ def test_teacher_training_and_arm_regimes_errors(tmp_path):
     cfg = tmp_path / "s.yaml"
     base = "study:\n  arms: {a: {}, zero: {impactx.lam: 0}}\n  regimes: [{name: r1, data.train_size: 20}, {name: r2}]\n"
     for extra, match in (("  arm_regimes: {b: [r1]}\n", "'b' is not an arm"), ("  arm_regimes: {a: [r3]}\n", "'r3' is not a regime"),
-                         ("  arm_regimes: {zero: [r1]}\n", "where the control 'zero' does not"), ("  arm_regimes: {a: []}\n", "non-empty list")):
+                         ("  arm_regimes: {zero: [r1]}\n", "where its control 'zero' does not"), ("  arm_regimes: {a: []}\n", "non-empty list"),
+                         ("  controls: {a: a}\n", "its own control"), ("  controls: {a: zer}\n", "'zer' is not a control arm \\(did you mean 'zero'"),
+                         ("  controls: {zero: a}\n", "'a' must be an IMPACTX arm with impactx.lam: 0"), ("  controls: [a]\n", "must map arm names")):
         cfg.write_text(base + extra)
         with pytest.raises(ConfigError, match=match):
             load_study(str(cfg))

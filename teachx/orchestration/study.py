@@ -12,6 +12,7 @@ A study YAML is a normal run config plus a top-level ``study:`` section::
         - {data.train_size: 1000}
         - {name: full}              # a list of override dicts (``name`` optional) or a mapping name -> overrides
       control: lambda0              # optional; default: the arm with impactx.lam == 0
+      controls: {impactx_noaug: lambda0_noaug}  # optional; an arm's own lambda=0 control (default: control)
       arm_regimes: {self_teach: [1k]}  # optional; run an (expensive) arm only in these regimes (default: all)
       eval: {faithfulness: false, n_images: 256, steps: 16, examples: 6}
 
@@ -75,6 +76,11 @@ class StudySpec:
     alpha: float = 0.05
     source: Optional[str] = None
     arm_regimes: dict[str, list[str]] = field(default_factory=dict)  # arm -> the only regimes it runs in
+    controls: dict[str, str] = field(default_factory=dict)  # arm -> its own lambda=0 control (default: control)
+
+    def control_of(self, arm: str) -> Optional[str]:
+        """The lambda=0 arm ``arm`` is compared with: its own (``study.controls``), else the study's."""
+        return self.controls.get(arm, self.control)
 
     def runs(self, regime: str, arm: Optional[str]) -> bool:
         """Whether the unit exists: baselines run in every regime, an arm where arm_regimes allows."""
@@ -97,8 +103,11 @@ class StudySpec:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        return {"seeds": self.seeds, "arms": self.arms, "regimes": self.regimes, "control": self.control,
-                "eval": asdict(self.eval), "alpha": self.alpha, "source": self.source, "arm_regimes": self.arm_regimes}
+        out = {"seeds": self.seeds, "arms": self.arms, "regimes": self.regimes, "control": self.control,
+               "eval": asdict(self.eval), "alpha": self.alpha, "source": self.source, "arm_regimes": self.arm_regimes}
+        if self.controls:  # only where set: the records of studies without it stay as they were
+            out["controls"] = self.controls
+        return out
 
 
 def _deep(d: Any) -> Any:
@@ -150,6 +159,7 @@ STUDY_KEYS: dict[str, str] = {
     "arms": "name -> overrides of the base config, one IMPACTX variant each, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}",
     "regimes": "data or training regimes applied on top of every arm, each with its own baseline: a list of overrides or name -> overrides",
     "control": "the arm every other arm is compared with (default: the arm with impactx.lam: 0)",
+    "controls": "arm -> its own lambda=0 control instead of study.control, e.g. {impactx_noaug: lambda0_noaug} for arms trained on other data",
     "eval": "what is measured per IMPACTX unit besides accuracy: the study.eval.* keys",
     "alpha": "significance level of the paired tests (Holm-adjusted over all control comparisons; default 0.05)",
     "arm_regimes": "arm -> the only regimes it runs in (default: all), e.g. {self_teach: [1k]} for an expensive arm",
@@ -232,7 +242,8 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
         raise ConfigError("study.regimes is empty; leave it out for a single regime")
     ev = from_dict(EvalSpec, section.get("eval") or {}, "study.eval")
     spec = StudySpec(base, [int(s) for s in seeds], arms, regimes, section.get("control"), ev,
-                     float(section.get("alpha", 0.05)), str(path), _arm_regimes(section.get("arm_regimes"), arms, regimes))
+                     float(section.get("alpha", 0.05)), str(path), _arm_regimes(section.get("arm_regimes"), arms, regimes),
+                     _controls(section.get("controls"), arms))
     # resolve every config now: a typo fails before anything is trained
     first_regime = next(iter(regimes))
     for regime in regimes:
@@ -248,13 +259,33 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
         raise ConfigError(f"study.control '{spec.control}' is not an arm{suggest(spec.control, list(arms))}; arms: {', '.join(arms)}")
     elif spec.config(first_regime, spec.control, seeds[0]).impactx.lam != 0:
         raise ConfigError(f"study.control '{spec.control}' must have impactx.lam: 0 (the same model without the explanation signal)")
-    if spec.control:
-        for arm in arms:
-            missing = [g for g in regimes if spec.runs(g, arm) and not spec.runs(g, spec.control)]
-            if missing:
-                raise ConfigError(f"study.arm_regimes: arm '{arm}' runs in regime(s) {', '.join(missing)} where the control "
-                                  f"'{spec.control}' does not; run the control wherever the other arms run")
+    for arm, control in spec.controls.items():
+        cfg = spec.config(first_regime, control, seeds[0])
+        if cfg.impactx.lam != 0 or method_name(cfg) != "impactx":
+            raise ConfigError(f"study.controls.{arm}: '{control}' must be an IMPACTX arm with impactx.lam: 0 (the same model without the explanation signal)")
+    for arm in arms:
+        control = spec.control_of(arm)
+        missing = [g for g in regimes if control and spec.runs(g, arm) and not spec.runs(g, control)]
+        if missing:
+            raise ConfigError(f"study.arm_regimes: arm '{arm}' runs in regime(s) {', '.join(missing)} where its control "
+                              f"'{control}' does not; run the control wherever the other arms run")
     return spec
+
+
+def _controls(raw: Any, arms: dict[str, Any]) -> dict[str, str]:
+    from teachx.registry import suggest
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"study.controls must map arm names to their lambda=0 control arms, e.g. {{impactx_noaug: lambda0_noaug}}; got {raw!r}")
+    for arm, control in raw.items():
+        for name, what in ((arm, "an arm"), (control, "a control arm")):
+            if str(name) not in arms:
+                raise ConfigError(f"study.controls: '{name}' is not {what}{suggest(str(name), list(arms))}; arms: {', '.join(arms)}")
+        if str(arm) == str(control):
+            raise ConfigError(f"study.controls.{arm}: an arm cannot be its own control; remove the entry")
+    return {str(a): str(c) for a, c in raw.items()}
 
 
 def _arm_regimes(raw: Any, arms: dict[str, Any], regimes: dict[str, Any]) -> dict[str, list[str]]:
@@ -855,10 +886,11 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                 t_units = [units[keys[s]]["teacher_unit"] for s in seeds]
                 if t_units[0] != units[keys[seeds[0]]]["baseline_unit"]:
                     row["teacher_test_acc"] = summarize([units[t]["test_acc"] for t in t_units]).to_dict()
-                if spec.control and arm != spec.control and (method != "impactx" or cfg.impactx.lam > 0):
-                    ckeys = cells[(regime, spec.control)]
+                control = spec.control_of(arm)
+                if control and arm != control and (method != "impactx" or cfg.impactx.lam > 0):
+                    ckeys = cells[(regime, control)]
                     row["vs_control"] = paired_compare(accs, [units[ckeys[s]]["test_acc"] for s in seeds]).to_dict()
-                    row["vs_control"]["control"] = spec.control
+                    row["vs_control"]["control"] = control
                 quality = [units[keys[s]].get("map_quality") for s in seeds]
                 if all(quality):
                     row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine")
@@ -884,10 +916,10 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
             ok = c.get("p_ttest") is not None and c["p_ttest"] < spec.alpha and c["mean_diff"] > 0
             text = verdict(c, spec.alpha)
             verdicts.append({
-                "regime": row["regime"], "arm": row["arm"], "control": spec.control, "beats_control": bool(ok),
+                "regime": row["regime"], "arm": row["arm"], "control": c["control"], "beats_control": bool(ok),
                 "mean_diff": c["mean_diff"], "ci_low": c.get("ci_low"), "ci_high": c.get("ci_high"),
                 "p_ttest": c.get("p_ttest"), "p_ttest_holm": c.get("p_ttest_holm"), "p_wilcoxon": c.get("p_wilcoxon"),
-                "n": c["n"], "text": f"regime {row['regime']}: {row['arm']} vs {spec.control}: {text}",
+                "n": c["n"], "text": f"regime {row['regime']}: {row['arm']} vs {c['control']}: {text}",
             })
     timings = _timings(units)
     return {
@@ -986,7 +1018,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             lines.append(f"  {row['regime']:<14} {row['arm']:<16} " + "  ".join(parts))
     if data["verdicts"]:
         lines.append("")
-        lines.append(f"Does the gain come from the explanations? (each arm vs the control '{data['study'].get('control')}', paired t-test)")
+        lines.append(f"Does the gain come from the explanations? (each arm vs the control '{data['study'].get('control')}'"
+                     + "".join(f", {a} vs '{c}'" for a, c in (data["study"].get("controls") or {}).items()) + ", paired t-test)")
         lines.extend("  " + v["text"] for v in data["verdicts"])
     elif data["study"].get("control") is None:
         lines.append("(no lambda=0 control arm: add e.g. lambda0: {impactx.lam: 0} to study.arms to test whether gains come from the explanations)")

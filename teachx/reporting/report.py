@@ -400,7 +400,8 @@ def _study_report(d: Path) -> _Doc:
     base = data["base_config"]
     doc = _Doc(f"teachx study: {base['data']['name']} / {base['model']['backbone']} ({len(study['seeds'])} seeds)")
     doc.p(f"seeds {study['seeds']}; arms: {', '.join(study['arms'])}; regimes: {', '.join(study['regimes'])}; "
-          f"control (lambda=0): {study.get('control') or 'none'}; alpha = {data['alpha']}.")
+          f"control (lambda=0): {study.get('control') or 'none'}"
+          + "".join(f", for {a}: {c}" for a, c in (study.get("controls") or {}).items()) + f"; alpha = {data['alpha']}.")
     doc.h("Does the gain come from the explanations?")
     if data["verdicts"]:
         for v in data["verdicts"]:
