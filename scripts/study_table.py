@@ -27,7 +27,9 @@ def main(path: str) -> None:
     data = json.load(open(path))
     rows = data["rows"]
     has_sc = any(r.get("shortcut") for r in rows)
-    head = ["arm", "method", "test acc % (mean ± std)", "Δ vs baseline, pts", f"Δ vs {data['study'].get('control')}, pts" if not data["study"].get("controls") else "Δ vs its λ = 0 control, pts"]
+    per_arm_controls = bool(data["study"].get("controls"))  # study.controls: name each row's control
+    control_head = "Δ vs its λ = 0 control, pts" if per_arm_controls else f"Δ vs {data['study'].get('control')}, pts"
+    head = ["arm", "method", "test acc % (mean ± std)", "Δ vs baseline, pts", control_head]
     if has_sc:
         head += ["gradient share", "LRP share", "built-in map share"]
     print("| " + " | ".join(head) + " |")
@@ -40,7 +42,7 @@ def main(path: str) -> None:
         if vb and str(vb.get("baseline", "")).startswith("own"):  # e.g. the clean-data ceiling: compare with the study's baseline
             vb = paired_compare(r["test_acc"], base[r["regime"]]["test_acc"]).to_dict()
             vb["p_ttest_holm"] = None
-        cells = [r["arm"], r.get("method", ""), pct(r["summary"]), diff(vb), diff(r.get("vs_control")) + (f" vs {r['vs_control']['control']}" if data["study"].get("controls") and r.get("vs_control") else "")]
+        cells = [r["arm"], r.get("method", ""), pct(r["summary"]), diff(vb), diff(r.get("vs_control")) + (f" vs {r['vs_control']['control']}" if per_arm_controls and r.get("vs_control") else "")]
         if has_sc:
             sc = r.get("shortcut") or {}
             cells += [f"{sc[m]['mean']:.3f}" if m in sc else "—" for m in ("gradient", "lrp", "built_in")]

@@ -251,17 +251,18 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
         for arm in arms:
             if spec.config(regime, arm, seeds[0]).teacher.checkpoint:
                 raise ConfigError(f"study arm '{arm}': teacher.checkpoint is not supported in studies (one fixed model for every seed); use teacher.backbone")
+    def lambda0(arm: str) -> bool:  # an IMPACTX arm without the explanation signal (other methods keep impactx.lam: 1)
+        cfg = spec.config(first_regime, arm, seeds[0])
+        return cfg.impactx.lam == 0 and method_name(cfg) == "impactx"
+
     if spec.control is None:
-        zero = [a for a in arms if spec.config(first_regime, a, seeds[0]).impactx.lam == 0
-                and method_name(spec.config(first_regime, a, seeds[0])) == "impactx"]
-        spec.control = zero[0] if zero else None
+        spec.control = next((a for a in arms if lambda0(a)), None)
     elif spec.control not in arms:
         raise ConfigError(f"study.control '{spec.control}' is not an arm{suggest(spec.control, list(arms))}; arms: {', '.join(arms)}")
-    elif spec.config(first_regime, spec.control, seeds[0]).impactx.lam != 0:
+    elif not lambda0(spec.control):
         raise ConfigError(f"study.control '{spec.control}' must have impactx.lam: 0 (the same model without the explanation signal)")
     for arm, control in spec.controls.items():
-        cfg = spec.config(first_regime, control, seeds[0])
-        if cfg.impactx.lam != 0 or method_name(cfg) != "impactx":
+        if not lambda0(control):
             raise ConfigError(f"study.controls.{arm}: '{control}' must be an IMPACTX arm with impactx.lam: 0 (the same model without the explanation signal)")
     for arm in arms:
         control = spec.control_of(arm)
@@ -404,12 +405,10 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                 if not spec.runs(regime, arm):
                     continue
                 cfg = spec.config(regime, arm, seed)
+                base = classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))  # an arm's: the runner trains it first
+                units.setdefault(base, PlannedUnit(base, "classifier", regime, f"{arm} {BASELINE}" if arm else BASELINE, seed, cfg))
                 if arm is None:
-                    key = classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))
-                    units.setdefault(key, PlannedUnit(key, "classifier", regime, BASELINE, seed, cfg))
                     continue
-                base = classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))  # the runner trains it first
-                units.setdefault(base, PlannedUnit(base, "classifier", regime, f"{arm} {BASELINE}", seed, cfg))
                 kind = "impactx" if method_name(cfg) == "impactx" else "method"
                 key = impactx_key(cfg) if kind == "impactx" else method_key(cfg)
                 units.setdefault(key, PlannedUnit(key, kind, regime, arm, seed, cfg))
