@@ -63,7 +63,7 @@ def map_agreement(
 
     ``spearman`` (rank correlation, average ranks for ties), ``pearson``, ``cosine`` (NaN where a
     map is constant / all zero), ``top_k_intersection`` (k features, an int or a fraction of the
-    pixels; by signed value, or by |value| with ``topk_abs``). Channels are summed first.
+    pixels; by signed value, or by abs(value) with ``topk_abs``). Channels are summed first.
     """
     fa, fb = _pair(a, b, reduce_channels)
     return {

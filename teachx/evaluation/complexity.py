@@ -1,10 +1,10 @@
 """Complexity: how concentrated is a map? (Concise maps are easier to read.)
 
-Both metrics look only at the maps (channels summed, then |.|), not at the model.
+Both metrics look only at the maps (channels summed, then absolute values), not at the model.
 
 - ``Complexity`` (Bhatt et al. 2020): Shannon entropy (nats) of the fractional contributions
-  p_i = |a_i| / sum_j |a_j|. log(n) for a uniform map, 0 for a single pixel. Lower is better.
-- ``Sparseness`` (Chalasani et al. 2020): Gini index of |a|. 0 for a uniform map,
+  p_i = abs(a_i) / sum_j abs(a_j). log(n) for a uniform map, 0 for a single pixel. Lower is better.
+- ``Sparseness`` (Chalasani et al. 2020): Gini index of abs(a). 0 for a uniform map,
   (n - 1) / n for a single pixel. Higher is better.
 """
 
@@ -25,7 +25,7 @@ def _abs_pixels(maps: torch.Tensor, reduce_channels: bool) -> torch.Tensor:
 
 
 def fractional_entropy(maps: torch.Tensor, reduce_channels: bool = True) -> torch.Tensor:
-    """Entropy of |a| / sum |a| per map (0 * log 0 = 0); NaN for an all-zero map."""
+    """Entropy of abs(a) / sum abs(a) per map (0 * log 0 = 0); NaN for an all-zero map."""
     a = _abs_pixels(maps, reduce_channels)
     total = a.sum(1, keepdim=True)
     p = a / total
@@ -35,7 +35,7 @@ def fractional_entropy(maps: torch.Tensor, reduce_channels: bool = True) -> torc
 
 
 def gini_index(maps: torch.Tensor, reduce_channels: bool = True) -> torch.Tensor:
-    """Gini index of |a| per map: sum_i (2i - n - 1) a_(i) / (n sum a), a sorted ascending.
+    """Gini index of abs(a) per map: sum_i (2i - n - 1) a_(i) / (n sum a), a sorted ascending.
 
     An all-zero map is as even as a map can be: 0 (Quantus adds 1e-7 to every value, which
     gives the same 0 there but biases near-zero maps; we do not).
@@ -80,7 +80,7 @@ class Complexity(_MapOnlyMetric):
 
 @METRICS.register("sparseness", "gini")
 class Sparseness(_MapOnlyMetric):
-    """Gini index of |attributions| (Chalasani et al. 2020); higher is better."""
+    """Gini index of abs(attributions) (Chalasani et al. 2020); higher is better."""
 
     name = "sparseness"
     higher_is_better = True

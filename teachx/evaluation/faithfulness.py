@@ -56,7 +56,7 @@ class PerturbationCurve(Metric):
         patch_size: perturb ``patch_size`` x ``patch_size`` patches (relevance summed per patch).
         baseline: ``"zero"`` | ``"mean"`` | ``"blur"`` | ``"uniform"`` | number | tensor.
         output: ``"probability"`` (softmax of the target class) or ``"logit"``.
-        abs: order features by |relevance| instead of signed relevance.
+        abs: order features by abs(relevance) instead of signed relevance.
         reduce_channels: sum per-channel maps into one map per pixel (the default) or perturb
             each channel of a pixel as its own feature.
         batch_size: perturbed images per forward pass (memory knob; does not change values),

@@ -125,7 +125,7 @@ class MPRT(Metric):
         order: ``"top_down"`` (cascading from the output, Adebayo et al.), ``"bottom_up"``,
             ``"independent"``.
         similarity: ``"spearman"`` (default), ``"pearson"`` or ``"ssim"``.
-        abs: compare |maps| (Adebayo et al. report both; True is their main setting).
+        abs: compare abs(maps) (Adebayo et al. report both; True is their main setting).
         init: ``"reset"`` or ``"gaussian"`` (see ``randomise_layer``).
     """
 

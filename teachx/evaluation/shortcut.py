@@ -2,7 +2,7 @@
 
 On a shortcut benchmark (``teachx.data.shortcuts``) every image's artefact is known (``Split.masks``),
 so "right for the right reasons" (Ross, Hughes & Doshi-Velez 2017) can be measured directly: the
-share of the total |attribution| that falls on the artefact. 0 means the explanation ignores the
+share of the total abs(attribution) that falls on the artefact. 0 means the explanation ignores the
 artefact, 1 that it is all artefact. A map that spreads its mass evenly scores the mask's share of
 the image (``area``), the chance level every real explanation is read against.
 
@@ -41,9 +41,9 @@ def mask_area(masks: torch.Tensor) -> torch.Tensor:
 
 
 def wrong_reason_score(attributions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(N,) float64: sum of |attribution| inside the mask over the total sum of |attribution|.
+    """(N,) float64: sum of abs(attribution) inside the mask over the total sum of abs(attribution).
 
-    ``attributions``: (N, C, H, W) or (N, 1, H, W), summed over channels after taking |.| (every
+    ``attributions``: (N, C, H, W) or (N, 1, H, W), summed over channels after taking absolute values (every
     channel's evidence counts, whatever its sign); ``masks``: (N, H, W), nonzero on the artefact.
     An all-zero map scores 0 (it puts nothing on the artefact), so the result has no NaN.
     """
@@ -103,7 +103,7 @@ def artefact_share(
 
 @METRICS.register("wrong_reason")
 class WrongReason(Metric):
-    """Share of |attribution| on a known artefact (Ross et al. 2017's "wrong reasons"); lower is
+    """Share of abs(attribution) on a known artefact (Ross et al. 2017's "wrong reasons"); lower is
     better, a map with equal mass everywhere scores the mask's area (``extra["area"]``).
 
     Args:

@@ -1,6 +1,7 @@
 """The IMPACTX model: a classifier that predicts its own attribution map in the same forward pass.
 
 Components (Apicella et al. 2025):
+
 - M: a backbone feature extractor, x -> m;
 - LEP: the latent explanation predictor, a second feature extractor (same backbone family by
   default), x -> z;

@@ -10,10 +10,11 @@ Defaults, and why:
     input elements sum to the explained output difference); summing the channels keeps that
     completeness per pixel. Grad-CAM and Occlusion store ``map / C`` in every channel, so the
     sum gives their map back exactly.
-  - ``normalize='maxabs'``: divides each image's map by its largest |value|, giving [-1, 1]
+  - ``normalize='maxabs'``: divides each image's map by its largest abs(value), giving [-1, 1]
     while keeping the sign and the zero (a pixel with no attribution stays 0); images become
     comparable without the shift that min-max scaling would introduce.
   - ``smooth=0.0``: no blur unless asked; blurring changes the attribution.
+
 Order in ``postprocess``: reduce, then smooth, then normalise (so the final scale is the
 documented one).
 """
@@ -68,12 +69,13 @@ def normalize_maps(
     """Scale each image's map (all its channels together) independently of the batch.
 
     - 'none': unchanged;
-    - 'maxabs': m / max|m| -> [-1, 1], sign and zero kept;
-    - 'l1': m / sum|m| (total absolute attribution 1), sign and zero kept;
+    - 'maxabs': m / max abs(m) -> [-1, 1], sign and zero kept;
+    - 'l1': m / sum abs(m) (total absolute attribution 1), sign and zero kept;
     - 'std': m / std(m), scale only -- no centring, so zero stays zero;
     - 'minmax': (m - min) / (max - min) -> [0, 1]; shifts zero, use for display only;
-    - 'percentile': m / q, q the ``percentile``-th percentile of |m|, clipped to [-1, 1]
+    - 'percentile': m / q, q the ``percentile``-th percentile of abs(m), clipped to [-1, 1]
       (robust to a few extreme pixels, as captum's visualisation does).
+
     Divisors are clamped to at least ``eps``, so an all-zero (or constant, for minmax) map
     becomes zeros instead of NaN.
     """

@@ -24,7 +24,7 @@ per-image quantity computed over all C*H*W values (so each image weighs the same
   variance, and the prediction stays on a fixed scale (its offset and scale are learned).
 - ``rank``: a pairwise ranking loss (RankNet, Burges et al. 2005) on the per-image standardised
   prediction: for ``pairs`` random pixel pairs (i, j) per image whose target values differ by more
-  than ``tie`` x the image's max |target|, ``softplus(-sign(t_i - t_j) * (p_i - p_j))``, averaged
+  than ``tie`` x the image's max abs(target), ``softplus(-sign(t_i - t_j) * (p_i - p_j))``, averaged
   over the valid pairs. It asks only for the order of the pixels, which is what MoRF/LeRF read.
   Pairs are drawn from torch's global generator (the trainer seeds it per epoch, so runs stay
   reproducible and resumable); pass ``pairs`` explicitly for a fixed set.
@@ -133,7 +133,7 @@ INVARIANCE = {"mse": "none", "pearson": "affine", "pearson_anchored": "scale", "
 
 def comparable(maps: np.ndarray, invariance: str) -> np.ndarray:
     """``maps`` (one image's map, any shape) with what its loss leaves free removed: unchanged for
-    "none", divided by max |value| for "scale" (sign and zero kept, like ``teacher.normalize=maxabs``),
+    "none", divided by max abs(value) for "scale" (sign and zero kept, like ``teacher.normalize=maxabs``),
     z-scored for "affine". A map that is zero where it would be divided stays zero."""
     from teachx.teachers.postprocess import normalize_maps
 
