@@ -3,7 +3,7 @@
     python bench/run_all.py            # run all benchmarks (tens of minutes on a 2-core CPU), then summarise
     python bench/run_all.py --summary  # only rebuild the table from bench/results/*.json
 
-The README's performance table is this file's output.
+The documentation's performance table (docs/performance.md) is this file's output.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-# each benchmark with the arguments that produced the README's table
+# each benchmark with the arguments that produced the documentation's table
 BENCHES: list[tuple[str, list[str]]] = [
     ("bench_shap.py", []),
     ("bench_shap.py", ["--models", "lenet5", "--threads", "2", "--out", str(RESULTS / "shap-2threads.json")]),

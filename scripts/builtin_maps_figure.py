@@ -1,4 +1,4 @@
-"""Input | teacher map | built-in maps of chosen study arms, for the same test images (the README's figure).
+"""Input | teacher map | built-in maps of chosen study arms, for the same test images (the built-in maps figure of the documentation).
 
     python scripts/builtin_maps_figure.py runs/study-builtin-maps --regime 5k \
         --arms lrp_paper_mse,lrp_input_pc_pearson [--labels "paper,per class"] --seed 0 --out docs/builtin-maps.png

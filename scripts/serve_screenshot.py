@@ -1,4 +1,4 @@
-"""Screenshot of the `teachx serve` page for the README: starts the server on a run directory
+"""Screenshot of the `teachx serve` page for the documentation: starts the server on a run directory
 (127.0.0.1, a free port), opens the page in headless Chromium (Debian's `chromium` and
 `chromium-driver`, through Selenium: nothing downloads a browser), selects the run's IMPACTX model,
 opens one test image (the first misclassified one unless --index is given), waits until its maps,

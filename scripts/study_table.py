@@ -1,4 +1,4 @@
-"""Print a study's rows as the Markdown tables the README uses: accuracy, paired comparisons, wrong-reason shares,
+"""Print a study's rows as the Markdown tables the documentation's study pages use: accuracy, paired comparisons, wrong-reason shares,
 and, where units measured them, the built-in maps' quality (agreement, self-agreement, pixel flipping on the model).
 
     python scripts/study_table.py runs/study-decoy/study.json
@@ -77,4 +77,7 @@ def maps_table(rows) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        sys.exit(0 if len(sys.argv) == 2 else 2)
     main(sys.argv[1])
