@@ -261,7 +261,7 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
     monkeypatch.undo()
     env = {"TEACHX_CACHE": str(tmp_path / "cache")}
     res = run("explain", abn_run, img, "--out", tmp_path / "m2", "--class", "1", env_extra=env)
-    assert_one_line_error(res, "one built-in map for every class", "drop --class")
+    assert_one_line_error(res, "one built-in map shared by all classes", "drop --class")
     res = run("explain", pc_run, img, "--out", tmp_path / "m2", "--class", "10", env_extra=env)
     assert_one_line_error(res, "--class 10", "10 classes")
     assert not (tmp_path / "m2").exists()

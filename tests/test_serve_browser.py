@@ -136,7 +136,8 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     wait(drv, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1", "the page to start")
     options = [o.get_attribute("value") for o in Select(drv.find_element(By.ID, "model")).options]
     assert options[:2] == ["run.baseline", "run.impactx"] and len(options) == 6
-    Select(drv.find_element(By.ID, "model")).select_by_value("run.impactx")
+    # the page opens on the first model with built-in maps, not on the baseline listed first
+    assert Select(drv.find_element(By.ID, "model")).first_selected_option.get_attribute("value") == "run.impactx"
     grid = lambda d: (d.find_element(By.ID, "grid").get_attribute("data-model"), d.find_element(By.ID, "grid").get_attribute("data-loaded"))  # noqa: E731
     wait(drv, lambda d: grid(d) == ("run.impactx", "32"), "32 thumbnails of run.impactx")
     assert "IMPACTX" in drv.find_element(By.ID, "model-info").text
@@ -154,6 +155,40 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     Select(drv.find_element(By.ID, "f-correct")).select_by_value("false")
     wait(drv, lambda d: len(thumbs(d)) == n_wrong and d.find_element(By.ID, "count").text.startswith(f"{n_wrong} of 32"), "the filtered grid")
     assert all("wrong" in t.get_attribute("class") for t in thumbs(drv))
+
+    # a wrong prediction: everything on the page explains one class, the predicted one; the switch to the
+    # true class changes the stated class, the maps' captions, the agreement and the curve together
+    wrong = int(thumbs(drv)[0].get_attribute("data-index"))
+    item = api(f"/models/run.impactx/images/{wrong}")
+    names = api("/models/run.impactx")["class_names"]
+    pred, true = item["predicted"], item["label"]
+    detail_attr = lambda d, a: d.find_element(By.ID, "detail").get_attribute(a)  # noqa: E731
+    text = lambda d, i: d.find_element(By.ID, i).text  # noqa: E731
+    points = lambda d: d.find_element(By.CSS_SELECTOR, "#curve svg polyline").get_attribute("points")  # noqa: E731
+    captions = lambda d: [f.text for f in d.find_elements(By.CSS_SELECTOR, "#maps figcaption")]  # noqa: E731
+
+    def explained_view(cls: int, how: str, query: str):
+        want = api(f"/models/run.impactx/images/{wrong}/metrics{query}")
+        wait(drv, lambda d: detail_attr(d, "data-metrics") == f"run.impactx/{wrong}" and detail_attr(d, "data-metrics-class") == str(cls)
+             and f"class {names[cls]} ({how})" in text(d, "explained"), f"the view of class {cls}")
+        assert f"class {names[cls]} ({how})" in text(drv, "curve-note") and f"both of class {names[cls]} ({how})" in text(drv, "agreement")
+        assert f"Pearson {want['agreement']['pearson']:.3f}" in text(drv, "agreement")
+        caps = [c for c in captions(drv) if c.startswith(("teacher", "difference"))]
+        assert len(caps) == 2 and all(f"class {names[cls]}" in c for c in caps), caps
+        return text(drv, "agreement"), points(drv)
+
+    thumbs(drv)[0].click()
+    agreement_pred, curve_pred = explained_view(pred, "the predicted class", "")
+    Select(drv.find_element(By.ID, "map-class")).select_by_value("label")
+    agreement_true, curve_true = explained_view(true, "the true class", "?class=label")
+    assert agreement_true != agreement_pred and curve_true != curve_pred
+    assert "class=label" in drv.current_url
+    shot("true-class")
+    Select(drv.find_element(By.ID, "map-class")).select_by_value("")
+    explained_view(pred, "the predicted class", "")
+    assert "class=" not in drv.current_url
+    drv.find_element(By.ID, "close").click()
+
     Select(drv.find_element(By.ID, "f-correct")).select_by_value("")
     Select(drv.find_element(By.ID, "f-label")).select_by_value("1")
     wait(drv, lambda d: len(thumbs(d)) == 8, "the class filter")
@@ -222,7 +257,7 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-metrics").startswith(base + "/"), "the baseline's metrics")
     assert not drv.find_elements(By.ID, "map-built_in")
     assert "no built-in map" in drv.find_element(By.ID, "agreement").text
-    assert drv.find_element(By.ID, "detail").is_displayed() and not drv.find_element(By.ID, "class-pick").is_displayed()  # no picker
+    assert drv.find_element(By.ID, "detail").is_displayed() and drv.find_element(By.ID, "class-pick").is_displayed()  # any class
     shot("study-baseline")
 
     # a model with one built-in map per class: pick the class whose map is drawn; the URL keeps it
@@ -233,9 +268,10 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     wait(drv, lambda d: d.find_element(By.ID, "class-pick").is_displayed(), "the per-class model's class picker")
     caption = lambda d: d.execute_script(  # noqa: E731
         "const c = document.getElementById('map-built_in'); return c ? c.closest('figure').querySelector('figcaption').textContent : '';")
-    wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0 and "of class" not in caption(d), "the predicted class's map")
-    Select(drv.find_element(By.ID, "map-class")).select_by_value("2")
     names = api(f"/models/{pc}")["class_names"]
+    first_pc = api(f"/models/{pc}/images/{thumbs(drv)[0].get_attribute('data-index')}")
+    wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0 and f"of class {first_pc['predicted_name']}" in caption(d), "the predicted class's map")
+    Select(drv.find_element(By.ID, "map-class")).select_by_value("2")
     wait(drv, lambda d: f"of class {names[2]}" in caption(d) and canvas_colours(d, "map-built_in")[2] > 0, "class 2's built-in map")
     assert "class=2" in drv.current_url
     shot("per-class")

@@ -62,7 +62,7 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--precompute", is_flag=True, help="First fill the cache (predictions, built-in maps, teacher maps, pixel flipping, agreement) for every test image.")
 @click.option("--no-serve", is_flag=True, help="Exit after --precompute instead of serving.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache folder (default $TEACHX_CACHE/serve).")
-@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01), help="Largest accepted upload in MB (larger: HTTP 413).")
+@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01), help="Largest accepted upload in MiB (1 MiB = 1,048,576 bytes); a larger one is refused with HTTP 413.")
 @click.option("--device", default="cpu", show_default=True, help="Device for the models (cpu, cuda, cuda:N).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, precompute: bool, no_serve: bool,

@@ -12,7 +12,7 @@ import torch
 
 from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, DataError, TeachxError
-from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec
+from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec, shared_map_text
 from teachx.training.checkpoint import load_state_into
 from teachx.utils.io import write_json_atomic
 from teachx.utils.seeding import choose_device
@@ -118,8 +118,32 @@ def _unique(out_dir: Path, stem: str, suffix: str) -> Path:
     return dest
 
 
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # Pillow modes without colour
+
+
+def conform_image(im, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
+    """A loaded Pillow image -> uint8 (H, W, C) with the model's channels and size, and a note for each change
+    made (colour conversion, resizing): a user whose photo the model saw in grey should be told."""
+    from PIL import Image
+
+    notes = []
+    mode = "L" if channels == 1 else "RGB"
+    if mode == "L" and im.mode not in GREY_MODES:
+        notes.append(f"converted from colour ({im.mode}) to greyscale (the model takes one-channel images)")
+    elif mode == "RGB" and im.mode in GREY_MODES:
+        notes.append("converted from greyscale to RGB (the model takes three-channel colour images)")
+    im = im.convert(mode)
+    if (im.height, im.width) != tuple(size):
+        notes.append(f"resized from {im.width}x{im.height} to {size[1]}x{size[0]} (the model's input size)")
+        im = im.resize((size[1], size[0]), Image.BILINEAR)
+    arr = np.array(im, dtype=np.uint8)  # a writable copy
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return arr, notes
+
+
 def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
-    """Image file -> uint8 (H, W, C) at the model's size and channels, and a notice if resized."""
+    """Image file -> uint8 (H, W, C) at the model's size and channels, and a notice if converted or resized."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
@@ -128,19 +152,12 @@ def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[
     try:
         with Image.open(p) as im:
             im.load()
-            im = im.convert("L" if channels == 1 else "RGB")
+            arr, notes = conform_image(im, channels, size)
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"'{path}' is not a readable image ({type(exc).__name__}); pass PNG/JPEG files") from None
-    notice = ""
-    if (im.height, im.width) != tuple(size):
-        notice = f"resized {p.name} from {im.width}x{im.height} to {size[1]}x{size[0]} (the model's input size)"
-        im = im.resize((size[1], size[0]), Image.BILINEAR)
-    arr = np.asarray(im, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
     if arr.shape[2] != channels:
         raise DataError(f"'{path}' has {arr.shape[2]} channels, the model expects {channels}")
-    return arr, notice
+    return arr, f"{p.name}: {'; '.join(notes)}" if notes else ""
 
 
 def explain_images(checkpoint: str, images: list[str], out: str, device: str = "auto",
@@ -165,8 +182,7 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     class_names = meta.get("class_names") or [str(i) for i in range(int(spec["num_classes"]))]
     if cls is not None:
         if not getattr(model, "per_class", False):
-            raise CheckpointError(f"--class: this {kind.upper()} model has one built-in map for every class "
-                                  "(trained without impactx.per_class); drop --class")
+            raise CheckpointError(f"--class: this {kind.upper()} model has {shared_map_text(kind)}; drop --class")
         if not 0 <= cls < len(class_names):
             raise CheckpointError(f"--class {cls}: the model has {len(class_names)} classes (0-{len(class_names) - 1})")
     arrays, notices = [], []

@@ -33,11 +33,18 @@ from teachx.registry import suggest
 
 __all__ = [
     "MODELS", "Backbone", "AdaptedBackbone", "Add", "Mul", "StochasticDepth",
-    "adapt", "build_model", "model_spec", "build_from_spec", "model_options", "any_model_from_spec", "BUILT_IN_MAP_MODELS",
+    "adapt", "build_model", "model_spec", "build_from_spec", "model_options", "any_model_from_spec", "BUILT_IN_MAP_MODELS", "shared_map_text",
 ]
 
 #: the spec names of the models that give their own attribution map in the forward pass (``forward_all``)
 BUILT_IN_MAP_MODELS = ("impactx", "abn")
+
+
+def shared_map_text(kind: str) -> str:
+    """How a model whose built-in map does not depend on the class is described to users, in one place
+    so that `teachx explain --class` and `teachx serve` say it the same way."""
+    why = "it was trained without impactx.per_class" if kind == "impactx" else "its attention map does not depend on the class"
+    return f"one built-in map shared by all classes ({why})"
 
 SPEC_VERSION = 1
 

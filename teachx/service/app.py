@@ -7,9 +7,13 @@
   only (Starlette's ``StaticFiles`` refuses paths that resolve outside it).
 
 Bad input is a 4xx with a one-line ``detail``: unknown model, index or method 404; a model whose
-checkpoint or data cannot be used 409; a method that fails on a model 422; an upload over the size
+checkpoint or data cannot be used 409; a method that fails on a model, or a query parameter the
+route does not take, 422 (a misspelt parameter is never silently ignored); an upload over the size
 limit 413 (checked from ``Content-Length`` and while the body streams in); a file that is not an
 image 415. Anything else is a 500 with a one-line message, never a traceback.
+
+Every answer about one test image explains one class, the predicted one unless ``class=label``
+(the true class) or ``class=K`` asks for another; its provenance names it (``explained_class``).
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from typing import Optional
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from teachx.errors import TeachxError
 from teachx.service import render
+from teachx.service.catalog import default_model
 from teachx.service.engine import SORT_KEYS, Service, ServiceError, teachx_version
 from teachx.service.schemas import (
     ErrorResponse,
@@ -47,7 +54,8 @@ from teachx.service.schemas import (
 
 STATIC = Path(__file__).parent / "static"
 API = "/api/v1"
-DEFAULT_MAX_UPLOAD = 10 * 1024 * 1024
+MIB = 1024 * 1024
+DEFAULT_MAX_UPLOAD = 10 * MIB
 GRID_MAX = 64  # images in one exported PNG grid (a figure, not a bulk export: that is export.npz)
 log = logging.getLogger("teachx.serve")
 
@@ -73,7 +81,7 @@ class _Guard:
         self.app, self.max_bytes, self.allowed_hosts = app, int(max_bytes), allowed_hosts
 
     def _message(self) -> str:
-        return f"upload too large: the limit is {self.max_bytes / 1e6:.1f} MB (teachx serve --max-upload-mb)"
+        return upload_limit_message(self.max_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,6 +118,53 @@ class _Guard:
             await send(message)
 
         return await self.app(scope, counted, secured)
+
+
+def upload_limit_message(max_bytes: int) -> str:
+    """The 413 answer's text, in the unit of ``teachx serve --max-upload-mb`` (MiB, 1,048,576 bytes)."""
+    return (f"upload too large: the limit is {max_bytes / MIB:.4g} MiB ({max_bytes:,} bytes); send a smaller file "
+            "or start teachx serve with a larger --max-upload-mb")
+
+
+def _query_names(dependant) -> set[str]:
+    """The query parameters a route declares, its dependencies' included."""
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+class _KnownQuery:
+    """Pure ASGI middleware: a query parameter that the matched API route does not declare is a 422 naming
+    the ones it takes, instead of being ignored (``?clas=3`` would otherwise answer for another class).
+    The routes' declared parameters -- what ``/openapi.json`` publishes -- are the contract."""
+
+    def __init__(self, app, routes: list):
+        self.app, self.routes = app, routes
+        self._known: dict[int, tuple[str, frozenset[str]]] = {}
+
+    def _declared(self, scope) -> Optional[tuple[str, frozenset[str]]]:
+        for route in self.routes:
+            if isinstance(route, APIRoute) and route.include_in_schema and route.matches(scope)[0] == Match.FULL:
+                if id(route) not in self._known:
+                    names = frozenset(_query_names(route.dependant))
+                    self._known[id(route)] = (route.path, names)
+                return self._known[id(route)]
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("query_string"):
+            from urllib.parse import parse_qsl
+
+            given = {k for k, _ in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)}
+            declared = self._declared(scope) if given else None
+            if declared is not None and given - declared[1]:
+                path, names = declared
+                unknown = ", ".join(sorted(given - names))
+                takes = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
+                return await JSONResponse({"detail": f"unknown query parameter(s) {unknown} for {path}: {takes} (see /docs)"},
+                                          status_code=422)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def _prov_header(prov: dict) -> dict[str, str]:
@@ -161,6 +216,7 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
         log.exception("teachx serve: internal error")
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server's log"}, status_code=500)
 
+    app.add_middleware(_KnownQuery, routes=app.router.routes)  # the list itself: routes added below count too
     app.add_middleware(_Guard, max_bytes=max_upload_bytes, allowed_hosts=allowed_hosts)
     app.mount("/static", StaticFiles(directory=STATIC, follow_symlink=False), name="static")
 
@@ -175,7 +231,7 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
     @app.get(f"{API}/runs", response_model=RunsResponse)
     def runs():
         """Every run and study directory served, with its models (config, test accuracy, errors)."""
-        return {"teachx_version": teachx_version(),
+        return {"teachx_version": teachx_version(), "default_model": default_model(service.runs),
                 "runs": [{"id": r.id, "path": str(r.path), "kind": r.kind, "summary": r.summary, "error": r.error,
                           "models": [service.model_info(m.id) for m in r.models]} for r in service.runs]}
 
@@ -256,14 +312,15 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
 
     map_name = PathParam(description="built_in | teacher (the run's method on this model) | difference (built_in - teacher) | a teacher method")
 
-    def map_class():
-        return Query(None, ge=0, alias="class", description="built_in only, models with per-class maps: the map of this class "
-                                                                "instead of the predicted class's")
+    def explained_class():
+        return Query(None, alias="class", pattern=r"^(predicted|label|[0-9]+)$",
+                     description="the class explained: predicted (the default), label (the true class) or a class index; "
+                                 "every map, difference, agreement and curve of the answer is of this class")
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.png", responses=ERRORS, response_class=Response)
     async def map_png(model_id: str, index: int, name: str = map_name, scale: int = Query(1, ge=1, le=16),
                       vmax: Optional[float] = Query(None, gt=0, description="colour scale; default max |map|"),
-                      cls: Optional[int] = map_class()):
+                      cls: Optional[str] = explained_class()):
         """A map as a PNG, bwr colour map symmetric around 0."""
         m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
 
@@ -274,22 +331,24 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
         return await _answer(scale <= 4, png)  # a large PNG takes milliseconds to encode: not on the event loop
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.npy", responses=ERRORS, response_class=Response)
-    async def map_npy(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
+    async def map_npy(model_id: str, index: int, name: str = map_name, cls: Optional[str] = explained_class()):
         """A map as a float32 (C, H, W) ``.npy`` array (read with ``np.load(f, allow_pickle=False)``)."""
         m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
         return Response(render.npy_bytes(m.astype(np.float32)), media_type="application/octet-stream", headers={
             **_prov_header(prov), "Content-Disposition": f'attachment; filename="{model_id}-{index}-{name}.npy"'})
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}", response_model=MapData, responses=ERRORS)
-    async def map_json(model_id: str, index: int, name: str = map_name, cls: Optional[int] = map_class()):
+    async def map_json(model_id: str, index: int, name: str = map_name, cls: Optional[str] = explained_class()):
         """A map as JSON: shape, symmetric scale and the row-major values."""
         m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
         return _map_data(name, m, prov)
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/metrics", response_model=MetricsResponse, responses=ERRORS)
-    def metrics(model_id: str, index: int, map: Optional[str] = Query(None, description="map to evaluate; default the model's primary map")):
-        """Pixel-flipping (MoRF) curve of a map and, for IMPACTX, built-in vs teacher agreement."""
-        return service.metrics(model_id, index, map)
+    def metrics(model_id: str, index: int, map: Optional[str] = Query(None, description="map to evaluate; default the model's primary map"),
+                cls: Optional[str] = explained_class()):
+        """Pixel-flipping (MoRF) curve of a map and, for IMPACTX, built-in vs teacher agreement, all of the explained
+        class: the curve ranks pixels by that class's map and tracks that class's probability."""
+        return service.metrics(model_id, index, map, cls)
 
     def _selection(indices: str, maps: str, most: int) -> tuple[list[int], list[str]]:
         """Parse an export's comma-separated indices and map names; 422 with a message when off."""
@@ -302,9 +361,18 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
             raise HTTPException(422, f"give 1 to {most} indices and 1 to 8 map names")
         return idx, names
 
+    def _selection_prov(prov: Optional[dict], names: list[str]) -> dict:
+        """The provenance of an export of several images: each explains its own class when chosen as
+        predicted or label, so only a class index is one class for all."""
+        prov = {**(prov or {}), "index": None, "method": ",".join(names)}
+        if prov.get("explained_choice") != "index":
+            prov.update(explained_class=None, explained_class_name=None)
+        return prov
+
     @app.get(f"{API}/models/{{model_id}}/export.npz", responses=ERRORS, response_class=Response)
     def export_npz(model_id: str, indices: str = Query(..., description="comma-separated test indices (at most 1000)"),
-                   maps: str = Query("built_in,teacher", description="comma-separated map names")):
+                   maps: str = Query("built_in,teacher", description="comma-separated map names"),
+                   cls: Optional[str] = explained_class()):
         """Maps of a selection as an NPZ (``np.load(f, allow_pickle=False)``): one (K, C, H, W) array per map, plus ``index``."""
         idx, names = _selection(indices, maps, 1000)
         arrays: dict[str, np.ndarray] = {"index": np.asarray(idx, dtype=np.int64)}
@@ -312,18 +380,19 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
         for name in names:
             rows = []
             for i in idx:
-                m, prov = service.map(model_id, i, name)
+                m, prov = service.map(model_id, i, name, cls)
                 rows.append(m.astype(np.float32))
             arrays[name] = np.stack(rows)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
         return Response(buf.getvalue(), media_type="application/octet-stream", headers={
-            **_prov_header({**(prov or {}), "index": None, "method": ",".join(names)}),
+            **_prov_header(_selection_prov(prov, names)),
             "Content-Disposition": f'attachment; filename="{model_id}-maps.npz"'})
 
     @app.get(f"{API}/models/{{model_id}}/export.png", responses=ERRORS, response_class=Response)
     def export_png(model_id: str, indices: str = Query(..., description=f"comma-separated test indices (at most {GRID_MAX})"),
-                   maps: str = Query("built_in,teacher", description="comma-separated map names, one column each")):
+                   maps: str = Query("built_in,teacher", description="comma-separated map names, one column each"),
+                   cls: Optional[str] = explained_class()):
         """A selection as one PNG figure: a row per image (true -> predicted class), the input and one column per
         map on a symmetric blue-white-red scale with a colour bar -- for a paper or a slide."""
         idx, names = _selection(indices, maps, GRID_MAX)
@@ -334,11 +403,11 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
             images.append(service.input_image(model_id, i))
             labels.append(f"#{i} {d['label_name']}" + ("" if d["correct"] else f" -> {d['predicted_name']}"))
             for name in names:
-                m, prov = service.map(model_id, i, name)
+                m, prov = service.map(model_id, i, name, cls)
                 columns[name].append(m.astype(np.float32))
         png = render.grid_png(np.stack(images), {n: np.stack(v) for n, v in columns.items()}, labels)
         return Response(png, media_type="image/png", headers={
-            **_prov_header({**(prov or {}), "index": None, "method": ",".join(names)}),
+            **_prov_header(_selection_prov(prov, names)),
             "Content-Disposition": f'attachment; filename="{model_id}-grid.png"'})
 
     @app.post(f"{API}/models/{{model_id}}/predict", response_model=UploadResponse,
@@ -349,7 +418,7 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
         """Upload an image: prediction, class probabilities, built-in map (IMPACTX) and optionally a teacher map."""
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload too large: the limit is {max_upload_bytes / 1e6:.1f} MB (teachx serve --max-upload-mb)")
+            raise HTTPException(413, upload_limit_message(max_upload_bytes))
         res = service.predict_upload(model_id, data, method or None)
         res["image_png"] = render.data_url(render.png_bytes(res.pop("image")))
         res["maps"] = {name: _map_data(name, m, prov, png=True) for name, (m, prov) in res["maps"].items()}

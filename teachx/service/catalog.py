@@ -97,6 +97,17 @@ def discover(paths: list[str | Path]) -> list[RunEntry]:
     return runs
 
 
+def default_model(runs: list[RunEntry]) -> Optional[str]:
+    """The model a viewer opens on: the first usable one with built-in maps (IMPACTX, ABN), which is what
+    people come to see, else the first usable one, else the first; None when there are none."""
+    from teachx.models import BUILT_IN_MAP_MODELS
+
+    models = [m for r in runs for m in r.models]
+    usable = [m for m in models if not m.error]
+    pick = next((m for m in usable if m.kind in BUILT_IN_MAP_MODELS), None) or next(iter(usable or models), None)
+    return pick.id if pick else None
+
+
 def _run(rid: str, path: Path) -> RunEntry:
     from teachx.orchestration.rundir import saved_run_config
 

@@ -7,12 +7,20 @@ its error, the others keep working) and answers from the offline cache
 
 - *view* rows (cheap, one forward pass): class probabilities and the IMPACTX built-in map;
 - *map* rows per method: a registered teacher applied to this model, post-processed as the run's
-  config says (``teacher.reduce``, ``normalize``, ``smooth``), explaining the class that
-  ``teacher.target`` names (the true label by default);
+  config says (``teacher.reduce``, ``normalize``, ``smooth``), one set for the predicted class and
+  one for the true label;
 - *metric* rows (expensive): the most-relevant-first pixel-flipping curve of the model's primary
   map (built-in for IMPACTX, the run's teacher method for a classifier), computed by
   :class:`teachx.evaluation.PixelFlippingMoRF`, and the agreement of the built-in map with the
-  teacher method's map on the same model (:func:`teachx.evaluation.map_agreement`).
+  teacher method's map on the same model (:func:`teachx.evaluation.map_agreement`), all for the
+  predicted class.
+
+Every answer about one image explains one class (:class:`Explained`): the predicted class unless
+``class=label`` (the true class) or ``class=K`` asks for another. Every map, difference, agreement
+and curve of the answer is of that class -- a map loss trained against the true label's teacher
+map would otherwise be compared with the predicted class's built-in map -- and the provenance says
+which (``explained_class``, ``explained_choice``). Classes other than the predicted one are
+computed on request (the true label's teacher maps are cached too).
 
 Every answer carries a provenance record: run directory, checkpoint and its sha256, config hash,
 teachx version, method and options, dataset, split and index (or the upload's sha256).
@@ -34,7 +42,7 @@ import numpy as np
 import torch
 
 from teachx.errors import TeachxError
-from teachx.models import BUILT_IN_MAP_MODELS
+from teachx.models import BUILT_IN_MAP_MODELS, shared_map_text
 from teachx.service.batching import Coalescer
 from teachx.service.cache import ArrayCache
 from teachx.service.catalog import ModelEntry, RunEntry, discover
@@ -61,6 +69,10 @@ class Unavailable(ServiceError):
 
 
 class MethodFailed(ServiceError):
+    status = 422
+
+
+class BadClass(ServiceError):
     status = 422
 
 
@@ -102,6 +114,25 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return f"tensor{tuple(obj.shape)}"
     return str(obj)
+
+
+@dataclass(frozen=True)
+class Explained:
+    """The one class an answer about a test image explains, and how it was chosen."""
+
+    cls: int
+    name: str
+    choice: str  # "predicted" (the default), "label" (the true class) or "index" (class=K)
+    predicted: int
+    label: Optional[int]  # None for an uploaded image
+
+    @property
+    def target(self) -> Optional[str]:
+        """The cached map set that holds this class's maps ("predicted", "label"), or None: computed on request."""
+        return "predicted" if self.cls == self.predicted else "label" if self.cls == self.label else None
+
+    def provenance(self) -> dict[str, Any]:
+        return {"explained_class": self.cls, "explained_class_name": self.name, "explained_choice": self.choice}
 
 
 @dataclass
@@ -321,7 +352,8 @@ class Service:
         material = {"kind": "view", "checkpoint_sha256": lm.sha256, "data": d.fingerprint, "split": "test", "n": d.n,
                     "teacher": {"method": t.method, "options": _jsonable(t.options), "target": t.target, "reduce": t.reduce,
                                 "normalize": t.normalize, "smooth": t.smooth, "background_size": t.background_size},
-                    "metric": {"name": morf.name, **_jsonable(morf.options())}}
+                    "metric": {"name": morf.name, **_jsonable(morf.options())},
+                    "explained": "predicted"}  # the class of the cached curves and agreements
         fields: dict[str, tuple[tuple[int, ...], str]] = {"probs": ((len(lm.class_names),), "f4"), "morf": ((self.steps + 1,), "f4"),
                                                           "agreement": ((len(AGREEMENT),), "f4")}
         if lm.impactx:
@@ -359,17 +391,19 @@ class Service:
             self._teachers[key] = (teacher, tcfg)
         return self._teachers[key]
 
-    def method_cache(self, lm: Loaded, method: str) -> tuple[ArrayCache, Any, Any]:
-        """(cache of ``method``'s maps on this model, the teacher, its config)."""
-        key = (lm.entry.id, method)
+    def method_cache(self, lm: Loaded, method: str, target: str = "predicted") -> tuple[ArrayCache, Any, Any]:
+        """(cache of ``method``'s maps on this model for the ``target`` class of each image -- "predicted"
+        or "label" --, the teacher, its config)."""
+        key = (lm.entry.id, method, target)
         if key not in self._methods:
-            self._methods[key] = self._method_cache(lm, method)
+            self._methods[key] = self._method_cache(lm, method, target)
         return self._methods[key]
 
-    def _method_cache(self, lm: Loaded, method: str) -> tuple[ArrayCache, Any, Any]:
+    def _method_cache(self, lm: Loaded, method: str, target: str) -> tuple[ArrayCache, Any, Any]:
         from teachx.orchestration.pipeline import map_recipe
 
         teacher, tcfg = self._teacher(lm, method)
+        tcfg = replace(tcfg, target=target)
         d = self.data(lm)
         c = 1 if tcfg.reduce != "none" else lm.channels
         material = {"kind": "maps", "checkpoint_sha256": lm.sha256, "data": d.fingerprint, "split": "test", "n": d.n,
@@ -444,9 +478,11 @@ class Service:
         except Exception as exc:  # a method that does not support this architecture
             raise MethodFailed(f"{tcfg.method} failed on model '{lm.entry.id}': {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
 
-    def fill_maps(self, lm: Loaded, method: str, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None) -> ArrayCache:
-        """``method``'s maps for the rows of ``indices`` that are not cached (concurrent callers share batches)."""
-        cache, teacher, tcfg = self.method_cache(lm, method)
+    def fill_maps(self, lm: Loaded, method: str, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None,
+                  target: str = "predicted") -> ArrayCache:
+        """``method``'s maps of the ``target`` class for the rows of ``indices`` that are not cached (concurrent
+        callers share batches)."""
+        cache, teacher, tcfg = self.method_cache(lm, method, target)
         d = self.data(lm)
         bs = max(1, int(tcfg.batch_size))
 
@@ -476,7 +512,8 @@ class Service:
         return "built_in" if lm.impactx else "teacher"
 
     def fill_metrics(self, lm: Loaded, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None) -> None:
-        """Pixel-flipping curves of the primary map and (IMPACTX) built-in vs teacher agreement."""
+        """Pixel-flipping curves of the primary map and (IMPACTX) built-in vs teacher agreement, all of the
+        predicted class: the curve ranks pixels by its map and tracks its probability."""
         from teachx.evaluation import map_agreement
 
         cache = self.view_cache(lm)
@@ -489,7 +526,7 @@ class Service:
             self.fill_view(lm, idx)
             tmaps = torch.from_numpy(self.fill_maps(lm, lm.cfg.teacher.method, idx).get("map", idx)).float()
             x = self._x(lm, d.test.images[idx])
-            y = torch.from_numpy(np.asarray(d.test.labels[idx])).long().to(lm.device)
+            y = torch.from_numpy(cache.get("probs", idx).argmax(1)).long().to(lm.device)
             if lm.impactx:
                 built = torch.from_numpy(cache.get("built_in", idx)).float()
                 primary = built
@@ -513,8 +550,13 @@ class Service:
 
     def provenance(self, lm: Loaded, *, method: Optional[str] = None, options: Optional[dict[str, Any]] = None,
                    index: Optional[int] = None, split: Optional[str] = "test", source: str = "cache",
-                   upload_sha256: Optional[str] = None, cache_key: Optional[str] = None) -> dict[str, Any]:
+                   upload_sha256: Optional[str] = None, cache_key: Optional[str] = None,
+                   explained: Optional[Explained] = None, explained_choice: Optional[str] = None) -> dict[str, Any]:
+        """``explained``: the class the answer explains; ``explained_choice`` alone: an answer over several
+        images, each explaining its own class chosen that way."""
         return {
+            **(explained.provenance() if explained is not None else
+               {"explained_class": None, "explained_class_name": None, "explained_choice": explained_choice}),
             "run_dir": str(lm.run.path), "model_id": lm.entry.id, "checkpoint": str(lm.entry.checkpoint),
             "checkpoint_sha256": lm.sha256, "config_hash": lm.entry.config_hash, "teachx_version": teachx_version(),
             "method": method, "method_options": _jsonable(options or {}), "dataset": lm.cfg.data.name if split else "upload",
@@ -601,17 +643,16 @@ class Service:
         return {"model_id": model_id, "total": int(len(idx)), "n_images": d.n, "offset": offset, "limit": limit, "items": items,
                 "class_names": lm.class_names,
                 "coverage": {"predictions": d.n, "morf": int(morf_done.sum()), "agreement": int(agr_done.sum())},
-                "provenance": self.provenance(lm, method=self.primary_map(lm), split="test", source="cache", cache_key=cache.key)}
+                "provenance": self.provenance(lm, method=self.primary_map(lm), split="test", source="cache", cache_key=cache.key,
+                                              explained_choice="predicted")}
 
     def image(self, model_id: str, index: int) -> dict[str, Any]:
         lm = self.loaded(model_id)
-        d = self.check_index(lm, index)
+        self.check_index(lm, index)
         cache = self.view_cache(lm)
         source = "cache" if cache.has("probs", index) else "computed"
-        self.fill_view(lm, np.array([index]))
+        ex = self.explained(lm, index)
         probs = cache.get("probs", index)
-        label = int(d.test.labels[index])
-        k = int(probs.argmax())
         agreement = None
         if lm.impactx and cache.has("agreement", index):
             agreement = {n: (float(v) if np.isfinite(v) else None) for n, v in zip(AGREEMENT, cache.get("agreement", index))}
@@ -620,54 +661,79 @@ class Service:
             v = self._auc(cache.get("morf", [index]))[0]
             morf_auc = float(v) if np.isfinite(v) else None
         maps = (["built_in", "teacher", "difference"] if lm.impactx else ["teacher"])
-        return {"model_id": model_id, "index": index, "label": label, "label_name": lm.class_names[label], "predicted": k,
-                "predicted_name": lm.class_names[k], "correct": k == label,
+        return {"model_id": model_id, "index": index, "label": ex.label, "label_name": lm.class_names[ex.label], "predicted": ex.predicted,
+                "predicted_name": lm.class_names[ex.predicted], "correct": ex.predicted == ex.label,
                 "probabilities": [{"class_index": i, "name": lm.class_names[i], "p": float(p)} for i, p in enumerate(probs)],
                 "maps": maps, "teacher_method": lm.cfg.teacher.method, "agreement": agreement, "morf_auc": morf_auc,
-                "provenance": self.provenance(lm, method=None, index=index, source=source, cache_key=cache.key)}
+                "provenance": self.provenance(lm, method=None, index=index, source=source, cache_key=cache.key, explained=ex)}
+
+    def explained(self, lm: Loaded, index: int, cls: Optional[str | int] = None) -> Explained:
+        """The class an answer about test image ``index`` explains: ``cls`` None or "predicted" the predicted
+        class, "label" the true class, or a class index."""
+        d = self.check_index(lm, index)
+        self.fill_view(lm, np.array([index]))
+        predicted = int(self.view_cache(lm).get("probs", index).argmax())
+        label = int(d.test.labels[index])
+        k = len(lm.class_names)
+        if cls is None or cls == "predicted":
+            c, choice = predicted, "predicted"
+        elif cls == "label":
+            c, choice = label, "label"
+        else:
+            try:
+                c, choice = int(cls), "index"
+            except (TypeError, ValueError):
+                raise BadClass(f"class must be predicted, label or a class index (0-{k - 1}), got '{cls}'") from None
+            if not 0 <= c < k:
+                raise NotFound(f"class {c} does not exist: this model has {k} classes (0-{k - 1})")
+        return Explained(c, lm.class_names[c], choice, predicted, label)
 
     def map_names(self, lm: Loaded) -> list[str]:
         from teachx.teachers import TEACHERS
 
         return (["built_in", "difference"] if lm.impactx else []) + ["teacher", *TEACHERS.names()]
 
-    def map(self, model_id: str, index: int, name: str, cls: Optional[int] = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """(C, H, W) float32 map ``name`` of test image ``index``, and its provenance. ``cls``: the built-in
-        map of that class instead of the predicted one (models with per-class maps only)."""
+    def map(self, model_id: str, index: int, name: str, cls: Optional[str | int] = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """(C, H, W) float32 map ``name`` of test image ``index``, and its provenance; ``cls`` picks the class
+        it explains (:meth:`explained`: default the predicted class)."""
         from teachx.teachers import TEACHERS
 
         lm = self.loaded(model_id)
         self.check_index(lm, index)
-        idx = np.array([index])
         if name in ("built_in", "difference") and not lm.impactx:
             raise NotFound(f"model '{model_id}' is a plain classifier: it has no built-in map (maps: teacher or a method: {', '.join(TEACHERS.names())})")
-        if cls is not None:
-            return self._class_map(lm, index, name, cls)
+        return self._map(lm, index, name, self.explained(lm, index, cls))
+
+    def _map(self, lm: Loaded, index: int, name: str, ex: Explained) -> tuple[np.ndarray, dict[str, Any]]:
         if name == "built_in":
-            cache = self.view_cache(lm)
-            source = "cache" if cache.has("built_in", index) else "computed"
-            self.fill_view(lm, idx)
-            return cache.get("built_in", index).astype(np.float32), self.provenance(
-                lm, method="built_in", options={"decoder": "D(LEP(x))"}, index=index, source=source, cache_key=cache.key)
+            return self._built_in(lm, index, ex)
         method = lm.cfg.teacher.method if name in ("teacher", "difference") else name
-        cache, teacher, tcfg = self.method_cache(lm, method)
-        source = "cache" if cache.has("map", index) else "computed"
-        self.fill_maps(lm, method, idx)
-        tmap = cache.get("map", index).astype(np.float32)
+        if ex.target is not None:
+            cache, teacher, tcfg = self.method_cache(lm, method, ex.target)
+            source, cache_key = ("cache" if cache.has("map", index) else "computed"), cache.key
+            self.fill_maps(lm, method, np.array([index]), target=ex.target)
+            tmap = cache.get("map", index).astype(np.float32)
+        else:  # a class that is neither the predicted one nor the true one: computed for this request
+            teacher, tcfg = self._teacher(lm, method)
+            source, cache_key = "computed", None
+            x = self._x(lm, self.data(lm).test.images[[index]])
+            tmap = self._attribute(lm, teacher, tcfg, x, torch.tensor([ex.cls], device=lm.device))[0].numpy()
         options = {"method": teacher.name if hasattr(teacher, "name") else method, "options": teacher.options(),
-                   "target": tcfg.target, "reduce": tcfg.reduce, "normalize": tcfg.normalize, "smooth": tcfg.smooth}
+                   "target": ex.choice, "reduce": tcfg.reduce, "normalize": tcfg.normalize, "smooth": tcfg.smooth}
         if name != "difference":
-            return tmap, self.provenance(lm, method=options["method"], options=options, index=index, source=source, cache_key=cache.key)
-        built, prov = self.map(model_id, index, "built_in")
+            return tmap, self.provenance(lm, method=options["method"], options=options, index=index, source=source,
+                                         cache_key=cache_key, explained=ex)
+        built, prov = self._built_in(lm, index, ex)
         if built.shape[-2:] != tmap.shape[-2:]:
             raise Unavailable(f"the built-in map ({built.shape[-2]}x{built.shape[-1]}) and the teacher map differ in size; no difference map")
         # compared on the terms the built-in map was trained on: what its map loss leaves free (scale, or
         # scale and offset: the default 1 - Pearson) is removed from both maps first
         invariance = self._invariance(lm)
         diff = comparable(built.sum(0, keepdims=True), invariance) - comparable(tmap.sum(0, keepdims=True), invariance)
-        options = {**options, "difference": _DIFFERENCE[invariance]}
+        options = {**options, "difference": _DIFFERENCE[invariance], "built_in": prov["method_options"]["classes"]}
         return diff, self.provenance(lm, method=f"built_in - {options['method']}", options=options, index=index,
-                                     source="cache" if source == "cache" and prov["source"] == "cache" else "computed", cache_key=cache.key)
+                                     source="cache" if source == "cache" and prov["source"] == "cache" else "computed",
+                                     cache_key=cache_key, explained=ex)
 
     @staticmethod
     def _invariance(lm: Loaded) -> str:
@@ -680,67 +746,86 @@ class Service:
             return "none"  # a record older than impactx.decoder: the paper's decoder, trained with MSE
         return INVARIANCE.get(MAP_LOSSES.canonical(lm.cfg.impactx.map_loss), "affine")
 
-    def _class_map(self, lm: Loaded, index: int, name: str, cls: int) -> tuple[np.ndarray, dict[str, Any]]:
-        """The built-in map of class ``cls`` (not cached: one decoder pass for one image)."""
-        if name != "built_in":
-            raise Unavailable(f"class= selects among built-in maps; map '{name}' explains the run's own target (drop class=)")
-        if not getattr(lm.model, "per_class", False):
-            raise Unavailable(f"model '{lm.entry.id}' has one built-in map for every class (trained without impactx.per_class); drop class=")
-        k = len(lm.class_names)
-        if not 0 <= cls < k:
-            raise NotFound(f"class {cls} does not exist: this model has {k} classes (0-{k - 1})")
-        x = self._x(lm, self.data(lm).test.images[[index]])
-        with lm.lock, torch.no_grad():
-            _, maps = lm.model.forward_all(x, torch.tensor([cls], device=x.device))
-        return maps[0].float().cpu().numpy(), self.provenance(
-            lm, method="built_in", options={"decoder": "D(LEP(x))", "class": cls, "class_name": lm.class_names[cls]},
-            index=index, source="computed")
+    @staticmethod
+    def _built_in_options(lm: Loaded) -> dict[str, Any]:
+        """The provenance options of a built-in map: how it is made, and whether it depends on the class."""
+        per_class = bool(getattr(lm.model, "per_class", False))
+        return {"decoder": "D(LEP(x))", "classes": "one built-in map per class" if per_class else shared_map_text(lm.entry.kind)}
 
-    def metrics(self, model_id: str, index: int, map_name: Optional[str] = None) -> dict[str, Any]:
-        """Pixel-flipping (MoRF) curve of one map of one image, and built-in vs teacher agreement."""
+    def _built_in(self, lm: Loaded, index: int, ex: Explained) -> tuple[np.ndarray, dict[str, Any]]:
+        """The built-in map of the explained class: cached for the predicted class (and for every class of a
+        model whose one map is shared by all); another class of a per-class model costs one decoder pass."""
+        options = self._built_in_options(lm)
+        if getattr(lm.model, "per_class", False) and ex.cls != ex.predicted:
+            x = self._x(lm, self.data(lm).test.images[[index]])
+            with lm.lock, torch.no_grad():
+                _, maps = lm.model.forward_all(x, torch.tensor([ex.cls], device=x.device))
+            return maps[0].float().cpu().numpy(), self.provenance(lm, method="built_in", options=options, index=index,
+                                                                  source="computed", explained=ex)
+        cache = self.view_cache(lm)
+        source = "cache" if cache.has("built_in", index) else "computed"
+        self.fill_view(lm, np.array([index]))
+        return cache.get("built_in", index).astype(np.float32), self.provenance(
+            lm, method="built_in", options=options, index=index, source=source, cache_key=cache.key, explained=ex)
+
+    def metrics(self, model_id: str, index: int, map_name: Optional[str] = None, cls: Optional[str | int] = None) -> dict[str, Any]:
+        """Pixel-flipping (MoRF) curve of one map of one image and built-in vs teacher agreement, all for the
+        class ``cls`` names (:meth:`explained`): the curve ranks pixels by that class's map and tracks that
+        class's probability."""
         from teachx.evaluation import map_agreement
         from teachx.evaluation.base import trapezoid_auc
 
         lm = self.loaded(model_id)
         d = self.check_index(lm, index)
         map_name = map_name or self.primary_map(lm)
+        if map_name in ("built_in", "difference") and not lm.impactx:
+            self.map(model_id, index, map_name)  # the 404 that names the maps there are
+        ex = self.explained(lm, index, cls)
         cache = self.view_cache(lm)
         xs = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
         morf = self._morf()
-        if map_name in (self.primary_map(lm), lm.cfg.teacher.method if not lm.impactx else None):
+        cached = ex.target == "predicted"  # the cached rows are the predicted class's
+        if cached and map_name in (self.primary_map(lm), lm.cfg.teacher.method if not lm.impactx else None):
             source = "cache" if cache.has("morf", index) and (not lm.impactx or cache.has("agreement", index)) else "computed"
             self.fill_metrics(lm, np.array([index]))
             curve = torch.from_numpy(cache.get("morf", [index])).double()
         else:
-            m, _ = self.map(model_id, index, map_name)
+            m, _ = self._map(lm, index, map_name, ex)
             source = "computed"
             x = self._x(lm, d.test.images[[index]])
-            y = torch.tensor([int(d.test.labels[index])], device=lm.device)
+            y = torch.tensor([ex.cls], device=lm.device)
             if m.shape[-2:] != tuple(x.shape[-2:]):
                 raise Unavailable(f"map '{map_name}' is {m.shape[-2]}x{m.shape[-1]}, the image {x.shape[-2]}x{x.shape[-1]}; no pixel-flipping curve")
             with lm.lock:
                 curve = morf.curves(lm.model, x, y, torch.from_numpy(m)[None].to(lm.device)).double().cpu()
         agreement = None
         if lm.impactx:
-            if cache.has("agreement", index):
+            if cached and cache.has("agreement", index):
                 values = cache.get("agreement", index)
                 agreement = {n: (float(v) if np.isfinite(v) else None) for n, v in zip(AGREEMENT, values)}
             else:
-                b, _ = self.map(model_id, index, "built_in")
-                t, _ = self.map(model_id, index, "teacher")
-                agr = map_agreement(torch.from_numpy(b)[None], torch.from_numpy(t)[None])
-                agreement = {k: (float(v[0]) if torch.isfinite(v[0]) else None) for k, v in agr.items()}
+                b, _ = self._map(lm, index, "built_in", ex)
+                t, _ = self._map(lm, index, "teacher", ex)
+                if b.shape[-2:] == t.shape[-2:]:
+                    agr = map_agreement(torch.from_numpy(b)[None], torch.from_numpy(t)[None])
+                    agreement = {k: (float(v[0]) if torch.isfinite(v[0]) else None) for k, v in agr.items()}
+                else:
+                    agreement = dict.fromkeys(AGREEMENT)
         auc = float(trapezoid_auc(curve, xs)[0])
         return {"model_id": model_id, "index": index, "map": map_name,
                 "pixel_flipping": {"metric": morf.name, "options": _jsonable(morf.options()), "x": xs.tolist(),
                                    "curve": [float(v) for v in curve[0].tolist()], "auc": auc, "higher_is_better": False},
                 "agreement": agreement, "agreement_between": ["built_in", lm.cfg.teacher.method] if lm.impactx else None,
-                "provenance": self.provenance(lm, method=map_name, options=_jsonable(morf.options()), index=index, source=source, cache_key=cache.key)}
+                "provenance": self.provenance(lm, method=map_name, options=_jsonable(morf.options()), index=index, source=source,
+                                              cache_key=cache.key, explained=ex)}
 
     # -- uploads ----------------------------------------------------------------------------------
 
     def decode_upload(self, lm: Loaded, data: bytes) -> tuple[np.ndarray, str]:
+        """uint8 (H, W, C) image as the model takes it, and a notice of what was changed (colours, size)."""
         from PIL import Image, UnidentifiedImageError
+
+        from teachx.interfaces.explain import conform_image
 
         if not data:
             raise BadUpload("the upload is empty; send a PNG or JPEG file", 400)
@@ -750,20 +835,12 @@ class Service:
                 if w * h > MAX_PIXELS:
                     raise BadUpload(f"the image is {w}x{h} pixels, more than the {MAX_PIXELS:,} this server decodes; send a smaller image", 413)
                 im.load()
-                im = im.convert("L" if lm.channels == 1 else "RGB")
+                arr, notes = conform_image(im, lm.channels, lm.image_size)
         except BadUpload:
             raise
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
             raise BadUpload(f"the upload is not an image Pillow can read ({type(exc).__name__}); send a PNG, JPEG, BMP, GIF or WebP file") from None
-        notice = ""
-        size = lm.image_size
-        if (im.height, im.width) != tuple(size):
-            notice = f"resized from {im.width}x{im.height} to {size[1]}x{size[0]} (the model's input size)"
-            im = im.resize((size[1], size[0]), Image.BILINEAR)
-        arr = np.array(im, dtype=np.uint8)  # a writable copy
-        if arr.ndim == 2:
-            arr = arr[:, :, None]
-        return arr, notice
+        return arr, "; ".join(notes)
 
     def predict_upload(self, model_id: str, data: bytes, method: Optional[str] = None) -> dict[str, Any]:
         lm = self.loaded(model_id)
@@ -777,18 +854,21 @@ class Service:
                 logits, built = lm.model(x), None
         probs = logits.float().softmax(1)[0].cpu().numpy()
         k = int(probs.argmax())
+        ex = Explained(k, lm.class_names[k], "predicted", k, None)
         maps: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
         if built is not None:
-            maps["built_in"] = (built[0].float().cpu().numpy(), self.provenance(lm, method="built_in", split=None, source="computed", upload_sha256=sha))
+            maps["built_in"] = (built[0].float().cpu().numpy(), self.provenance(lm, method="built_in", options=self._built_in_options(lm), split=None,
+                                                                                 source="computed", upload_sha256=sha, explained=ex))
         if method:
             teacher, tcfg = self._teacher(lm, lm.cfg.teacher.method if method == "teacher" else method)
             m = self._attribute(lm, teacher, tcfg, x, torch.tensor([k], device=lm.device))[0].numpy()
             options = {"options": teacher.options(), "target": "predicted", "reduce": tcfg.reduce, "normalize": tcfg.normalize, "smooth": tcfg.smooth}
-            maps[tcfg.method] = (m, self.provenance(lm, method=tcfg.method, options=options, split=None, source="computed", upload_sha256=sha))
+            maps[tcfg.method] = (m, self.provenance(lm, method=tcfg.method, options=options, split=None, source="computed",
+                                                    upload_sha256=sha, explained=ex))
         return {"model_id": model_id, "predicted": k, "predicted_name": lm.class_names[k],
                 "probabilities": [{"class_index": i, "name": lm.class_names[i], "p": float(p)} for i, p in enumerate(probs)],
                 "notice": notice, "image": arr, "maps": maps,
-                "provenance": self.provenance(lm, split=None, source="computed", upload_sha256=sha)}
+                "provenance": self.provenance(lm, split=None, source="computed", upload_sha256=sha, explained=ex)}
 
     # -- offline precompute -----------------------------------------------------------------------
 

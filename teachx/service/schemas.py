@@ -30,6 +30,13 @@ class Provenance(BaseModel):
     upload_sha256: Optional[str] = None
     source: Literal["cache", "computed"] = Field(description="read from the precompute cache, or computed for this request")
     cache_key: Optional[str] = None
+    explained_class: Optional[int] = Field(None, description="the class that every map, difference, agreement and pixel-flipping curve "
+                                                             "of this answer explains (the curve tracks its probability); null where "
+                                                             "the answer covers several images (see explained_choice) or explains none")
+    explained_class_name: Optional[str] = None
+    explained_choice: Optional[Literal["predicted", "label", "index"]] = Field(
+        None, description="how the explained class was chosen: the predicted class (the default), the true class (class=label) "
+                          "or a class index (class=K)")
 
 
 class ModelInfo(BaseModel):
@@ -40,7 +47,7 @@ class ModelInfo(BaseModel):
     kind: Literal["classifier", "impactx", "abn"]
     role: str
     has_built_in: bool
-    per_class: bool = Field(False, description="one built-in map per class (impactx.per_class): maps take ?class=K")
+    per_class: bool = Field(False, description="one built-in map per class (impactx.per_class); otherwise one map shared by all classes")
     test_acc: Optional[float]
     checkpoint: Optional[str]
     config_hash: str
@@ -70,6 +77,8 @@ class RunInfo(BaseModel):
 class RunsResponse(BaseModel):
     api_version: str = API_VERSION
     teachx_version: str
+    default_model: Optional[str] = Field(None, description="the model the page opens on: the first usable one with built-in maps, "
+                                                           "else the first usable one")
     runs: list[RunInfo]
 
 
@@ -94,8 +103,10 @@ class ImageItem(BaseModel):
     correct: bool
     confidence: float
     true_prob: float
-    agreement: Optional[float] = Field(None, description="Spearman rank correlation of the built-in map with the teacher map (cached only)")
-    morf_auc: Optional[float] = Field(None, description="pixel-flipping MoRF AUC of the primary map; lower = more faithful (cached only)")
+    agreement: Optional[float] = Field(None, description="Spearman rank correlation of the built-in map with the teacher map, both of "
+                                                          "the predicted class (cached only)")
+    morf_auc: Optional[float] = Field(None, description="pixel-flipping MoRF AUC of the primary map of the predicted class, tracking "
+                                                         "its probability; lower = more faithful (cached only)")
 
 
 class Coverage(BaseModel):
@@ -140,8 +151,8 @@ class ImageDetail(BaseModel):
     probabilities: list[ClassProb]
     maps: list[str]
     teacher_method: str
-    agreement: Optional[Agreement]
-    morf_auc: Optional[float]
+    agreement: Optional[Agreement] = Field(description="built-in vs teacher map of the predicted class (cached only)")
+    morf_auc: Optional[float] = Field(description="MoRF AUC of the predicted class's primary map (cached only)")
     provenance: Provenance
 
 
@@ -161,7 +172,8 @@ class PixelFlipping(BaseModel):
     metric: str
     options: dict[str, Any]
     x: list[float]
-    curve: list[Optional[float]]
+    curve: list[Optional[float]] = Field(description="probability of the explained class (provenance.explained_class) as the pixels "
+                                                     "its map ranks most relevant are replaced")
     auc: Optional[float]
     higher_is_better: bool
 
@@ -171,7 +183,7 @@ class MetricsResponse(BaseModel):
     index: int
     map: str
     pixel_flipping: PixelFlipping
-    agreement: Optional[Agreement]
+    agreement: Optional[Agreement] = Field(description="built-in vs teacher map, both of the explained class")
     agreement_between: Optional[list[str]]
     provenance: Provenance
 

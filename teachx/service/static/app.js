@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   models: [],          // ModelInfo from /runs
+  defaultModel: null,  // the model the page opens on (the server's pick: the first with built-in maps)
   model: null,         // ModelInfo of the selected model (loaded)
   items: [],           // ImageItem list loaded so far
   total: 0,
@@ -67,7 +68,7 @@ function writeHash() {
   if (state.index !== null) p.set("index", String(state.index));
   const extra = $("method").value;
   if (extra) p.set("method", extra);
-  if (!$("class-pick").hidden && $("map-class").value !== "") p.set("class", $("map-class").value);
+  if ($("map-class").value !== "") p.set("class", $("map-class").value);
   if ($("compare").value) p.set("compare", $("compare").value);
   history.replaceState(null, "", "#" + p.toString());
   $("bookmark").href = location.href;
@@ -155,6 +156,7 @@ function loadImage(src) {
 
 async function loadRuns() {
   const res = await api("/runs");
+  state.defaultModel = res.default_model;
   const sel = $("model");
   sel.textContent = "";
   state.models = [];
@@ -207,14 +209,13 @@ async function selectModel(id, keep = {}) {
     (info.class_names || []).forEach((n, i) => s.append(h("option", { value: String(i), text: `${i}: ${n}` })));
     s.value = old && Number(old) < (info.class_names || []).length ? old : "";
   }
-  // models with one built-in map per class: pick the class whose map is shown (default: the predicted one)
+  // the one class every map, difference, agreement and curve of an image explains (default: the predicted one)
   const pick = $("map-class");
   const oldClass = keep.cls !== undefined ? keep.cls : pick.value;
   pick.textContent = "";
-  pick.append(h("option", { value: "", text: "the predicted class" }));
+  pick.append(h("option", { value: "", text: "the predicted class" }), h("option", { value: "label", text: "the true class" }));
   (info.class_names || []).forEach((n, i) => pick.append(h("option", { value: String(i), text: `${i}: ${n}` })));
-  pick.value = info.per_class && oldClass && Number(oldClass) < (info.class_names || []).length ? oldClass : "";
-  $("class-pick").hidden = !info.per_class;
+  pick.value = oldClass === "label" || (oldClass && Number(oldClass) < (info.class_names || []).length) ? oldClass : "";
   await resetList();
 }
 
@@ -304,15 +305,16 @@ async function openImage(index) {
     const inputFig = figure("input", "input", null);
     box.append(inputFig.fig);
     draw(inputFig.canvas, state.input, null);
+    const cls = classQuery();
     await Promise.all(names.map(async (name) => {
       try {
-        const cls = name === "built_in" && state.model.per_class ? $("map-class").value : "";
-        const m = await api(`/models/${mid}/images/${index}/maps/${encodeURIComponent(name)}` + (cls !== "" ? `?class=${cls}` : ""));
-        state.maps[name] = m;
+        state.maps[name] = await api(`/models/${mid}/images/${index}/maps/${encodeURIComponent(name)}${cls}`);
       } catch (err) {
         state.maps[name] = { error: err.message };
       }
     }));
+    const explained = Object.values(state.maps).find((m) => !m.error);
+    showExplained(explained ? explained.provenance : d.provenance);
     for (const name of names) {
       const m = state.maps[name];
       if (m.error) { box.append(h("figure", { "data-map": name }, h("figcaption", { class: "error", text: `${name}: ${m.error}` }))); continue; }
@@ -327,10 +329,35 @@ async function openImage(index) {
   }
 }
 
+// "?class=..." for the explained class the picker names ("" for the predicted class, the default)
+function classQuery() {
+  const v = $("map-class").value;
+  return v === "" ? "" : `?class=${encodeURIComponent(v)}`;
+}
+
+function explainedName(prov) {
+  const how = { predicted: "the predicted class", label: "the true class" }[prov.explained_choice];
+  return `${prov.explained_class_name}` + (how ? ` (${how})` : "");
+}
+
+// the page says which class everything in the detail view explains
+function showExplained(prov) {
+  const el = $("explained");
+  if (!prov || prov.explained_class === null || prov.explained_class === undefined) {
+    el.textContent = "";
+    $("detail").dataset.explained = "";
+    return;
+  }
+  el.textContent = `Every map, difference, agreement and curve below explains class ${explainedName(prov)}.`;
+  $("detail").dataset.explained = String(prov.explained_class);
+}
+
 function captionFor(name, m) {
-  const of = m.provenance.method_options && m.provenance.method_options.class_name;
-  return name === "built_in" ? "built-in map (IMPACTX)" + (of ? ` of class ${of}` : "") : name === "teacher" ? `teacher method on this model (${m.method})`
-    : name === "difference" ? `difference: ${m.method}` : `${m.method} on this model`;
+  const p = m.provenance, of = p.explained_class_name ? ` · class ${p.explained_class_name}` : "";
+  const shared = p.method_options && typeof p.method_options.classes === "string" && p.method_options.classes.includes("shared");
+  return (name === "built_in" ? "built-in map" + (shared ? " (one map shared by all classes)" : " of class " + p.explained_class_name)
+    : name === "teacher" ? `teacher method on this model (${m.method})` + of
+    : name === "difference" ? `difference: ${m.method}` + of : `${m.method} on this model` + of);
 }
 
 // another model on the same test image: its prediction and maps, drawn on the same colour scale rules
@@ -356,8 +383,11 @@ async function renderCompare(index) {
     const names = d.maps.filter((n) => n !== "difference");
     const extra = $("method").value;
     if (extra && !names.includes(extra)) names.push(extra);
+    // the main view's explained class, so that both rows explain the same class
+    const k = $("detail").dataset.explained;
+    const cls = k !== undefined && k !== "" ? `?class=${k}` : "";
     await Promise.all(names.map(async (name) => {
-      try { state.compareMaps[name] = await api(`/models/${ce}/images/${index}/maps/${encodeURIComponent(name)}`); }
+      try { state.compareMaps[name] = await api(`/models/${ce}/images/${index}/maps/${encodeURIComponent(name)}${cls}`); }
       catch (err) { state.compareMaps[name] = { error: err.message }; }
     }));
     if (state.index !== index || state.model.id !== modelId) return;
@@ -407,22 +437,26 @@ async function renderMetrics(index) {
   $("agreement").textContent = "";
   $("curve-note").textContent = "computing…";
   $("detail").dataset.metrics = "";
+  $("detail").dataset.metricsClass = "";
+  const asked = classQuery();
   try {
-    const m = await api(`/models/${mid}/images/${index}/metrics`);
-    if (state.index !== index || !state.model || state.model.id !== modelId) return;  // the user moved on
+    const m = await api(`/models/${mid}/images/${index}/metrics${asked}`);
+    if (state.index !== index || !state.model || state.model.id !== modelId || classQuery() !== asked) return;  // the user moved on
     const pf = m.pixel_flipping;
+    const of = explainedName(m.provenance);
     $("curve").append(curveSvg(pf.x, pf.curve));
-    $("curve-note").textContent = `${m.map} map: AUC ${pf.auc === null ? "n/a" : pf.auc.toFixed(3)} (lower = more faithful); `
-      + `probability of the true class as the most relevant pixels are replaced`;
+    $("curve-note").textContent = `${m.map} map of class ${of}: AUC ${pf.auc === null ? "n/a" : pf.auc.toFixed(3)} (lower = more faithful); `
+      + `probability of class ${m.provenance.explained_class_name} as the pixels its map ranks most relevant are replaced`;
     if (m.agreement) {
       const a = m.agreement;
       const f = (v) => (v === null ? "n/a" : v.toFixed(3));
       $("agreement").append(h("div", { text: `Spearman ${f(a.spearman)}` }), h("div", { text: `Pearson ${f(a.pearson)}` }),
         h("div", { text: `cosine ${f(a.cosine)}` }), h("div", { text: `top-10% overlap ${f(a.top_k_intersection)}` }),
-        h("div", { class: "muted", text: `${m.agreement_between.join(" vs ")}` }));
+        h("div", { class: "muted", text: `${m.agreement_between.join(" vs ")}, both of class ${of}` }));
     } else {
       $("agreement").append(h("div", { class: "muted", text: "a plain classifier has no built-in map" }));
     }
+    $("detail").dataset.metricsClass = String(m.provenance.explained_class);
     $("detail").dataset.metrics = `${modelId}/${index}`;
   } catch (err) {
     $("curve-note").textContent = err.message;
@@ -478,7 +512,7 @@ async function upload(ev) {
     const top = r.probabilities.slice().sort((a, b) => b.p - a.p)[0];
     out.append(h("figure", {}, h("img", { src: r.image_png, alt: "uploaded image" }), h("figcaption", { id: "upload-prediction", text: `predicted ${r.predicted_name} (${(100 * top.p).toFixed(1)}%)` + (r.notice ? `; ${r.notice}` : "") })));
     for (const [name, m] of Object.entries(r.maps)) {
-      const f = figure("upload-" + name, name === "built_in" ? "built-in map (IMPACTX)" : `${name} (explains the predicted class)`, m);
+      const f = figure("upload-" + name, `${name === "built_in" ? "built-in map" : name} of class ${explainedName(m.provenance)}`, m);
       out.append(f.fig);
       draw(f.canvas, img, m);
     }
@@ -504,7 +538,8 @@ async function main() {
   }
   const hs = readHash();
   for (const [key, id] of [["correct", "f-correct"], ["sort", "f-sort"], ["order", "f-order"], ["method", "method"], ["compare", "compare"]]) if (hs[key]) $(id).value = hs[key];
-  const first = state.models.find((m) => m.id === hs.model) || state.models.find((m) => !m.error) || state.models[0];
+  const first = state.models.find((m) => m.id === hs.model) || state.models.find((m) => m.id === state.defaultModel)
+    || state.models.find((m) => !m.error) || state.models[0];
   if (!first) { showError("no models found in the directories served"); return; }
   await selectModel(first.id, { "f-label": hs.label || "", "f-pred": hs.pred || "", cls: hs.class || "" });
   if (hs.index !== undefined && hs.index !== "") await openImage(Number(hs.index));
