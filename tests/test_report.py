@@ -109,3 +109,57 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other example images"):
         report.arms_examples_figure([cells[0], unit("other", teacher_a, index=(4, 7, 10))])
     assert report.arms_examples_figure([cells[0], ("missing", tmp_path / "none.npz")]) is None  # one arm: no figure
+
+
+# -- figure labels say what is plotted, and fit ---------------------------------------------------------
+
+def _texts_outside(fig) -> list[str]:
+    """What ``fig`` draws (partly) outside itself: each axes' labels, ticks, title and legend (its tight
+    bounding box), and the figure's own texts (suptitle)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+
+    def outside(e) -> bool:
+        return e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1
+
+    out = [f"axes {ax.get_ylabel()!r}" for ax in fig.axes if outside(ax.get_tightbbox(renderer))]
+    out += [t.get_text() for t in fig.texts if t.get_text().strip() and outside(t.get_window_extent(renderer))]
+    return out
+
+
+def test_loss_curves_name_the_configured_training_loss_and_validation_ce():
+    """The training loss curve names each run's configured loss (the default design's 1 - Pearson, the paper's MSE,
+    CE alone at lambda = 0); the validation loss is cross-entropy alone; every label fits in the figure."""
+    from matplotlib import pyplot as plt
+
+    from teachx.interfaces.config import resolve_config
+    from teachx.reporting import figures
+    from teachx.reporting.report import _curves
+    from teachx.training.methods.base import build_method
+
+    loss = {o: build_method(resolve_config(None, list(o))).training_loss()
+            for o in [(), ("impactx.decoder=paper",), ("impactx.lam=0",), ("impactx.faith_weight=0.1",), ("method.name=baseline",)]}
+    assert loss[()] == "CE + λ·(1 − Pearson)" and loss[("impactx.decoder=paper",)] == "CE + λ·MSE"
+    assert loss[("impactx.lam=0",)] == "CE" and loss[("method.name=baseline",)] == "CE"
+    assert loss[("impactx.faith_weight=0.1",)] == "CE + λ·(1 − Pearson) + faithfulness term"
+
+    hist = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 1.9 / e, "train_acc": 0.3 + e / 10, "val_acc": 0.3 + e / 10} for e in (1, 2, 3)]
+    fig = figures._training_curves({"baseline": hist, "IMPACTX": hist}, {"baseline": "CE", "IMPACTX": loss[()]})
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels[0] == "training loss" and labels[1] == "validation loss (cross-entropy only)"
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["baseline: CE", "IMPACTX: CE + λ·(1 − Pearson)"]
+    assert not any("MSE" in label for label in labels)
+    assert _texts_outside(fig) == []
+    plt.close(fig)
+
+    fig = _curves({"baseline": [hist, hist], "IMPACTX": [hist]}, "regime 5k")  # the report's curves
+    assert fig.axes[1].get_ylabel() == "validation loss (cross-entropy only)"
+    assert _texts_outside(fig) == []
+    plt.close(fig)
+    no_val = [{**h, "val_loss": None, "val_acc": None} for h in hist]
+    fig = _curves({"IMPACTX": [no_val]}, "")
+    assert "training" in fig.axes[1].get_ylabel() and "training values" in fig.axes[1].get_legend_handles_labels()[1][0]
+    assert _texts_outside(fig) == []
+    plt.close(fig)

@@ -761,7 +761,8 @@ def _run_pipeline(
             columns[f"{label} built-in"] = model.to(device).explain(x).float().cpu()
         save_example_grid(run_dir / "figures" / "examples.png", x_u8, columns,
                           [ds.class_names[int(ds.test.labels[i])] for i in idx])
-        save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], label: method_record["history"]})
+        save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], label: method_record["history"]},
+                             losses={"baseline": "CE", label: method.training_loss()})
     timings.add("evaluation", time.perf_counter() - t0, True, True)
 
     results = {

@@ -128,8 +128,17 @@ def _png(fig, dpi: int = 90) -> bytes:
 
 def curves_figure(histories: dict[str, list[list[dict[str, Any]]]], title: str = "") -> bytes:
     """Validation accuracy and loss per epoch: mean over seeds (line) and min-max band, one colour per arm."""
+    return _png(_curves(histories, title))
+
+
+def _curves(histories: dict[str, list[list[dict[str, Any]]]], title: str):
+    """The figure of :func:`curves_figure`. Validation loss is cross-entropy alone for every arm; an arm
+    without a validation split shows its training values instead, dashed and named so in the legend."""
+    from teachx.reporting.figures import VAL_LOSS_LABEL
+
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fallback = False
     for i, (name, runs) in enumerate(histories.items()):
         runs = [h for h in runs if h]
         if not runs:
@@ -138,20 +147,24 @@ def curves_figure(histories: dict[str, list[list[dict[str, Any]]]], title: str =
         ep = [runs[0][e]["epoch"] for e in range(n_ep)]
         for ax, key in zip(axes, ("val_acc", "val_loss")):
             vals = np.array([[h[e].get(key, np.nan) if h[e].get(key) is not None else np.nan for e in range(n_ep)] for h in runs], float)
+            label, style = f"{name} (n={len(runs)})", "-"
             if np.all(np.isnan(vals)):
                 key_train = key.replace("val", "train")
                 vals = np.array([[h[e].get(key_train, np.nan) for e in range(n_ep)] for h in runs], float)
-            ax.plot(ep, np.nanmean(vals, 0), color=f"C{i}", label=f"{name} (n={len(runs)})")
+                label, style, fallback = f"{name} (n={len(runs)}): training values, no validation split", "--", True
+            ax.plot(ep, np.nanmean(vals, 0), style, color=f"C{i}", label=label)
             if len(runs) > 1:
                 ax.fill_between(ep, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i}", alpha=0.15)
-    axes[0].set_ylabel("validation accuracy"), axes[1].set_ylabel("validation loss (IMPACTX: CE + lambda MSE)")
+    axes[0].set_ylabel("validation accuracy"), axes[1].set_ylabel(VAL_LOSS_LABEL)
+    if fallback:
+        axes[1].set_ylabel("loss (dashed: training loss;\nsolid: validation, cross-entropy only)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("epoch")
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def accuracy_figure(rows: list[dict[str, Any]], regimes: Sequence[str], arms: Sequence[str], control: Optional[str] = None) -> bytes:
