@@ -282,6 +282,25 @@ def _morf_reference(model, x, target, relevance, steps):
     return sum((scores[k] + scores[k + 1]) / 2 for k in range(steps)) / steps
 
 
+def test_explain_faithfulness_titles_each_panel_with_the_map_it_shows(tiny_run, tmp_path, monkeypatch):
+    """`teachx explain --faithfulness` draws two overlays per image: the model's built-in map, titled so, and the
+    teacher method applied post hoc, titled with the method's name, never "built-in map"."""
+    from teachx.interfaces import explain as ex
+    from teachx.reporting import figures
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
+    titles: dict[str, str] = {}
+
+    def keep(fig, path, dpi):
+        titles[Path(path).name] = fig.axes[1].get_title()
+        figures._plt().close(fig)
+        return Path(path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    list(ex.explain_images(str(tiny_run["run"]), [str(_image(tmp_path))], str(tmp_path / "maps"), faithfulness=True, steps=4))
+    assert titles == {"x_impactx.png": "built-in map", "x_deepshap.png": "deepshap map (post hoc)"}
+
+
 def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_path, monkeypatch):
     """`teachx explain --faithfulness`: the run's teacher (DeepSHAP, background from the run's training data) applied
     post hoc to the IMPACTX model, an overlay of it, and per image MoRF AUCs equal to a pixel-flipping loop written out

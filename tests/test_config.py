@@ -69,3 +69,47 @@ def test_from_dict_types():
     assert cfg.epochs == 3 and isinstance(cfg.lr, float) and cfg.grad_clip is None
     with pytest.raises(ConfigError, match="true or false"):
         from_dict(TrainConfig, {"amp": "yes"})
+
+
+# -- the shipped configs: what a user starts from, and how `teachx config --list` describes them --------
+
+def test_shipped_run_configs_use_the_default_design_and_paper_configs_say_so():
+    """A run config a user starts from trains the default built-in-map design; a config that pins the paper's
+    decoder anywhere (its base or an arm) says "paper" in its name or its description."""
+    import re
+
+    from teachx.interfaces.config import ImpactxConfig
+    from teachx.interfaces.shipped_configs import header, is_study, shipped_configs
+
+    default = ImpactxConfig().decoder
+    for name, path in shipped_configs().items():
+        text = path.read_text()
+        if not is_study(path) and not name.startswith("paper-"):
+            assert resolve_config(str(path), []).impactx.decoder == default, name
+        if re.search(r"decoder\s*[:=]\s*paper", text):
+            assert name.startswith("paper-") or "paper" in header(path), name
+
+
+def test_shipped_descriptions_are_whole_sentences_that_list_wraps_rather_than_cuts():
+    import re
+
+    from teachx.interfaces.describe import list_shipped
+    from teachx.interfaces.shipped_configs import header, shipped_configs
+
+    configs = shipped_configs()
+    for name, path in configs.items():
+        text = header(path)
+        assert text[:1].isupper() or text.startswith("`"), (name, text)
+        assert text.endswith((".", "?")), (name, text)  # a whole sentence, not cut off
+        assert text.count("(") == text.count(")"), (name, text)
+        assert not re.search(r"#\d|\bissues?\b|2-core|pilot's best", text, re.I), (name, text)
+    listing = list_shipped(columns=100).splitlines()
+    assert all(len(line) <= 100 for line in listing), max(listing, key=len)
+    for name, path in configs.items():  # each description appears whole, wrapped onto the lines below its name
+        start = next(i for i, ln in enumerate(listing) if ln.split()[:1] == [name])
+        words = listing[start].split()[2:]
+        for line in listing[start + 1:]:
+            if not line.startswith(" " * 10):
+                break
+            words += line.split()
+        assert " ".join(words) == " ".join(header(path).split()), name

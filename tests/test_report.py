@@ -48,6 +48,10 @@ def test_study_report(study_dir):  # noqa: F811
         assert (html_path.parent / link).read_bytes().startswith(b"\x89PNG")
     # the two trained IMPACTX arms' built-in maps side by side on the same images
     assert "r_files/side_by_side_" in md and "the built-in maps of " in html
+    from teachx.evaluation.base import measure
+
+    for name in ("test_accuracy", "pixel_flipping_morf", "pixel_flipping_lerf"):  # each measure shown, in plain words
+        assert f"**{name}**: {measure(name).sentence()}" in md
 
 
 def test_run_report(tmp_path):
@@ -109,3 +113,136 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other example images"):
         report.arms_examples_figure([cells[0], unit("other", teacher_a, index=(4, 7, 10))])
     assert report.arms_examples_figure([cells[0], ("missing", tmp_path / "none.npz")]) is None  # one arm: no figure
+
+
+# -- figure labels say what is plotted, and fit ---------------------------------------------------------
+
+def _texts_outside(fig) -> list[str]:
+    """What ``fig`` draws (partly) outside itself: each axes' labels, ticks, title and legend (its tight
+    bounding box), and the figure's own texts (suptitle)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+
+    def outside(e) -> bool:
+        return e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1
+
+    out = [f"axes {ax.get_ylabel()!r}" for ax in fig.axes if outside(ax.get_tightbbox(renderer))]
+    out += [t.get_text() for t in fig.texts if t.get_text().strip() and outside(t.get_window_extent(renderer))]
+    return out
+
+
+def test_loss_curves_name_the_configured_training_loss_and_validation_ce():
+    """The training loss curve names each run's configured loss (the default design's 1 - Pearson, the paper's MSE,
+    CE alone at lambda = 0); the validation loss is cross-entropy alone; every label fits in the figure."""
+    from matplotlib import pyplot as plt
+
+    from teachx.interfaces.config import resolve_config
+    from teachx.reporting import figures
+    from teachx.reporting.report import _curves
+    from teachx.training.methods.base import build_method
+
+    loss = {o: build_method(resolve_config(None, list(o))).training_loss()
+            for o in [(), ("impactx.decoder=paper",), ("impactx.lam=0",), ("impactx.faith_weight=0.1",), ("method.name=baseline",)]}
+    assert loss[()] == "CE + λ·(1 − Pearson)" and loss[("impactx.decoder=paper",)] == "CE + λ·MSE"
+    assert loss[("impactx.lam=0",)] == "CE" and loss[("method.name=baseline",)] == "CE"
+    assert loss[("impactx.faith_weight=0.1",)] == "CE + λ·(1 − Pearson) + faithfulness term"
+
+    hist = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 1.9 / e, "train_acc": 0.3 + e / 10, "val_acc": 0.3 + e / 10} for e in (1, 2, 3)]
+    fig = figures._training_curves({"baseline": hist, "IMPACTX": hist}, {"baseline": "CE", "IMPACTX": loss[()]})
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels[0] == "training loss" and labels[1] == "validation loss (cross-entropy only)"
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["baseline: CE", "IMPACTX: CE + λ·(1 − Pearson)"]
+    assert not any("MSE" in label for label in labels)
+    assert _texts_outside(fig) == []
+    plt.close(fig)
+
+    fig = _curves({"baseline": [hist, hist], "IMPACTX": [hist]}, "regime 5k")  # the report's curves
+    assert fig.axes[1].get_ylabel() == "validation loss (cross-entropy only)"
+    assert _texts_outside(fig) == []
+    plt.close(fig)
+    no_val = [{**h, "val_loss": None, "val_acc": None} for h in hist]
+    fig = _curves({"IMPACTX": [no_val]}, "")
+    assert "training" in fig.axes[1].get_ylabel() and "training values" in fig.axes[1].get_legend_handles_labels()[1][0]
+    assert _texts_outside(fig) == []
+    plt.close(fig)
+
+
+# -- the report of a real (tiny) run: per-class accuracy, examples with wrong predictions, metric sentences ----
+
+def test_run_report_per_class_accuracy_examples_and_metric_sentences(tmp_path, monkeypatch):
+    """A tiny `teachx run` (bundled Fashion-MNIST, 1 epoch): the report's confusion matrix equals scikit-learn's
+    on the IMPACTX model's own test predictions (checkpoint reloaded here), its examples cover every class and show
+    the wrong predictions they include as "true: X, predicted: Y", and every measure shown has its sentence."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import confusion_matrix
+
+    from teachx.data.transforms import normalize
+    from teachx.evaluation.base import measure
+    from teachx.interfaces.config import resolve_config
+    from teachx.interfaces.explain import load_impactx
+    from teachx.orchestration.pipeline import as_nchw, eval_indices, make_plan, prepare_run_dir, run_pipeline
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_config(None, ["data.train_size=200", "train.epochs=1", "train.batch_size=64", "train.threads=1",
+                                "teacher.background_size=4", "teacher.eval_images=60", "teacher.batch_size=64"])
+    run = run_pipeline(cfg, prepare_run_dir(tmp_path / "run", cfg, "run"), log=lambda _m: None, progress=False).run_dir
+    plan = make_plan(cfg, progress=False)
+    model, meta = load_impactx(run)
+    with torch.no_grad():
+        x = normalize(as_nchw(plan.dataset.test.images), tuple(meta["mean"]), tuple(meta["std"]))
+        pred = torch.cat([model(x[s:s + 500]) for s in range(0, len(x), 500)]).argmax(1).numpy()
+    labels = np.asarray(plan.dataset.test.labels)
+    expected = confusion_matrix(labels, pred, labels=range(plan.dataset.num_classes))
+    names = list(plan.dataset.class_names)
+
+    html_path, md_path = write_report(run)
+    html, md = html_path.read_text(), md_path.read_text()
+    assert (run / "report_files" / "confusion.png").read_bytes().startswith(b"\x89PNG") and "report_files/confusion.png" in md
+    assert len(_images(html)) >= 3  # curves, confusion matrix, examples
+    # the matrix table: one row per true class, the counts scikit-learn finds
+    table = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == len(names) + 1 and cells[0] in names and all(c.isdigit() for c in cells[1:]):
+            table[cells[0]] = [int(c) for c in cells[1:]]
+    assert [table[n] for n in names] == expected.tolist()
+    for i, n in enumerate(names):  # per-class accuracy table, IMPACTX column
+        assert f"| {n} | {expected[i].sum()} | " in md and f"{expected[i, i] / expected[i].sum():.3f}" in md
+    # examples: every class, the wrong predictions among them labelled with the true and predicted class
+    res = json.loads((run / "results.json").read_text())
+    shown = res["examples"]["images"]
+    assert {e["label"] for e in shown} == set(range(len(names)))
+    for e in shown:
+        assert e["label"] == labels[e["index"]] and e["predicted"] == pred[e["index"]]
+    ev = eval_indices(cfg, plan)  # the test images with teacher maps, where the examples come from
+    wrong_available = int((pred[ev] != labels[ev]).sum())
+    wrong = [e for e in shown if e["label"] != e["predicted"]]
+    assert len(wrong) >= min(3, wrong_available) and wrong
+    for e in wrong:
+        assert f"#{e['index']} true: {names[e['label']]}, predicted: {names[e['predicted']]}" in md
+    # each measure shown has its plain sentence, in HTML and Markdown
+    for name in ("test_accuracy", "class_accuracy", "corr", "corr_mean_map", "r2_vs_mean_map", "r2_vs_mean_map_affine"):
+        sentence = measure(name).sentence()
+        assert sentence.endswith(("Higher is better.", "Lower is better.", "It is a reference, not a score."))
+        assert f"**{name}**: {sentence}" in md and sentence.replace("'", "&#x27;") in html
+
+
+def test_confusion_figure_labels_fit():
+    """The confusion matrix names every class on both axes, and nothing is cut off, for 10 and 20 long names."""
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    from teachx.reporting.report import _confusion
+
+    for k in (10, 20):
+        names = [f"a long class name {i}" for i in range(k)]
+        counts = np.random.default_rng(0).integers(0, 50, (k, k))
+        fig = _confusion(counts, names, "IMPACTX model")
+        ax = fig.axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert ax.get_xlabel() == "predicted class" and ax.get_ylabel().startswith("true class")
+        assert _texts_outside(fig) == []
+        plt.close(fig)

@@ -87,6 +87,8 @@ class Metric:
     """
 
     name: ClassVar[str] = "metric"
+    #: one plain sentence: what the score measures (reports add which direction is better)
+    description: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
     category: ClassVar[str] = "faithfulness"
     needs_model: ClassVar[bool] = True
@@ -139,6 +141,41 @@ class Metric:
 
 
 METRICS: Registry[type[Metric]] = Registry("metric")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A number reports show, with one plain sentence on what it measures and which direction is better
+    (``higher_is_better`` None: neither, e.g. a reference level)."""
+
+    name: str
+    description: str
+    higher_is_better: Optional[bool]
+
+    @property
+    def direction(self) -> str:
+        return {True: "Higher is better.", False: "Lower is better."}.get(self.higher_is_better, "It is a reference, not a score.")
+
+    def sentence(self) -> str:
+        return f"{self.description} {self.direction}"
+
+
+#: the measures that are not ``Metric`` classes (accuracy, map agreement, ...), declared where each is computed
+MEASURES: dict[str, Measure] = {}
+
+
+def declare_measure(name: str, description: str, higher_is_better: Optional[bool]) -> Measure:
+    """Declare a reported number next to its definition (see :class:`Measure`)."""
+    MEASURES[name] = Measure(name, description, higher_is_better)
+    return MEASURES[name]
+
+
+def measure(name: str) -> Measure:
+    """The :class:`Measure` of a registered metric or a declared measure."""
+    if name in MEASURES:
+        return MEASURES[name]
+    cls = METRICS.get(name)
+    return Measure(cls.name, cls.description, cls.higher_is_better)
 
 
 def build_metric(name_or_metric: str | Metric, **options: Any) -> Metric:

@@ -64,6 +64,7 @@ class Complexity(_MapOnlyMetric):
     """Entropy of the fractional contribution of each pixel (Bhatt et al. 2020); lower is better."""
 
     name = "complexity"
+    description = "The entropy of the map's absolute relevance: how evenly it spreads over the pixels."
     higher_is_better = False
 
     def compute(
@@ -83,6 +84,7 @@ class Sparseness(_MapOnlyMetric):
     """Gini index of abs(attributions) (Chalasani et al. 2020); higher is better."""
 
     name = "sparseness"
+    description = "The Gini index of the map's absolute relevance: how much of it sits on few pixels."
     higher_is_better = True
 
     def compute(

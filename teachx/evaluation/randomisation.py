@@ -130,6 +130,7 @@ class MPRT(Metric):
     """
 
     name = "mprt"
+    description = "The similarity of a map to the map of the same model with its layers randomised one by one."
     higher_is_better = False
     category = "randomisation"
     needs_model = True
@@ -226,6 +227,7 @@ class EfficientMPRT(Metric):
     """
 
     name = "efficient_mprt"
+    description = "How much more complex (entropy) the maps become when the model's weights are fully randomised."
     higher_is_better = True
     category = "randomisation"
     needs_model = True

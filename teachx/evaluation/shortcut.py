@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from teachx.errors import ConfigError
-from teachx.evaluation.base import METRICS, ExplainFn, Metric, MetricResult, eval_mode
+from teachx.evaluation.base import METRICS, ExplainFn, Metric, MetricResult, declare_measure, eval_mode
 from teachx.teachers.base import Teacher
 
 
@@ -55,6 +55,13 @@ def wrong_reason_score(attributions: torch.Tensor, masks: torch.Tensor) -> torch
     inside = (magnitude * _masks(masks, n, (h, w)).to(magnitude.device)).flatten(1).sum(1)
     total = magnitude.flatten(1).sum(1)
     return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+
+
+declare_measure("gradient_share", "The share of the model's absolute input gradient for the true class that falls on the "
+                "artefact of the test images.", False)
+declare_measure("lrp_share", "The share of the model's absolute LRP relevance for the true class that falls on the artefact.", False)
+declare_measure("artefact_area", "The artefact's share of the image: what a map that ignores the artefact puts there on "
+                "average.", None)
 
 
 def artefact_share(
@@ -111,6 +118,7 @@ class WrongReason(Metric):
     """
 
     name = "wrong_reason"
+    description = "The share of a map's absolute relevance that falls on the annotated artefact region."
     higher_is_better = False
     category = "localisation"
     needs_model = False

@@ -6,7 +6,9 @@ Descriptions come from the code (see :mod:`teachx.utils.docs`), so they cannot d
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+import shutil
+import textwrap
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -65,15 +67,22 @@ def describe_config(cfg: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def list_shipped() -> str:
+def list_shipped(columns: Optional[int] = None) -> str:
+    """Every shipped config with its kind and description, wrapped to ``columns`` (default: the terminal's width,
+    100 when it is unknown)."""
     from teachx.interfaces.shipped_configs import header, is_study, shipped_configs, shipped_dir
+
+    columns = columns or shutil.get_terminal_size((100, 24)).columns
 
     configs = shipped_configs()
     width = max(len(n) for n in configs)
     lines = ["Shipped configs; pass the name where a CONFIG goes (a file of that name in the current folder wins):"]
+    indent = " " * (2 + width + 2 + 5 + 2)
+    text_width = max(columns, len(indent) + 40)  # a description wraps onto indented lines, never cut
     for name, path in configs.items():
         kind = "study" if is_study(path) else "run"
-        lines.append(f"  {name:<{width}}  {kind:<5}  {header(path)}")
+        lines += textwrap.wrap(header(path), text_width, initial_indent=f"  {name:<{width}}  {kind:<5}  ",
+                               subsequent_indent=indent, break_on_hyphens=False) or [f"  {name:<{width}}  {kind:<5}"]
     lines += ["",
               "  teachx run cifar10-lenet5 --out runs/c        teachx study study-cifar10-lenet5 --out runs/s",
               f"  the files (to copy and edit): {shipped_dir()}"]

@@ -216,7 +216,8 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
         yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
         if faith is not None:
             post_dest = _unique(out_dir, f"{Path(p).stem}_{method}" + ("" if cls is None else f"_class{cls}"), ".png")
-            save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}")
+            save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}",
+                         map_title=f"{method} map (post hoc)")
             row = _faith_row(faith["report"], i)
             rows.append({"image": str(p), "predicted": k, "predicted_name": class_names[k], "explained_class": int(explained[i]),
                          "explained_name": class_names[int(explained[i])], "built_in_png": str(dest), "post_hoc_png": str(post_dest), **row})

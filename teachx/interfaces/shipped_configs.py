@@ -25,12 +25,13 @@ def shipped_configs() -> dict[str, Path]:
 
 
 def header(path: Path) -> str:
-    """The first line of the file's leading comment block ('' when it has none)."""
+    """The first line of the file's leading comment block, its description: whole sentences for users
+    ('' when it has none)."""
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if not line:
             continue
-        return line.lstrip("#").strip().rstrip(".") if line.startswith("#") else ""
+        return line.lstrip("#").strip() if line.startswith("#") else ""
     return ""
 
 

@@ -9,8 +9,15 @@ import numpy as np
 import torch
 
 from teachx.data.transforms import normalize
+from teachx.evaluation.base import declare_measure
 from teachx.interfaces.config import RunConfig
 from teachx.training.trainer import DataPlan
+
+
+declare_measure("corr_self", "The mean per-image Pearson correlation between the built-in map and the teacher method applied post "
+                "hoc to the same model: does the built-in map agree with an explanation of the model itself?", True)
+declare_measure("corr_self_mean_map", "The same correlation for the mean training map: the level a map that ignores the image "
+                "reaches.", None)
 
 
 def explained_classes(cfg: RunConfig, plan: DataPlan, teacher_model: Optional[torch.nn.Module], split: str,

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from teachx.evaluation.base import declare_measure
 from teachx.data import load_dataset
 from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
@@ -334,7 +335,8 @@ def _fit_and_test(
     ck = load_checkpoint(res.best_path, fix=stage_fix(out_dir))
     load_state_into(task.model, ck.group("model"), f"checkpoint '{res.best_path}'")
     ds = plan.dataset
-    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), trainer.cfg.eval_batch_size, trainer.device, shard=True)
+    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), trainer.cfg.eval_batch_size, trainer.device, shard=True,
+                    confusion=True)
     record = {
         **extra,
         "checkpoint": Path(res.best_path).relative_to(trainer.out_dir).as_posix(),  # inside the stage: moves with the run
@@ -342,6 +344,7 @@ def _fit_and_test(
         "val_acc": max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
         "test_acc": test["acc"],
         "test_loss": test["loss"],
+        "test_confusion": test.get("confusion"),  # row = true class, column = predicted (the report's per-class accuracy)
         "seconds": res.seconds,
         "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
         "history": res.history,
@@ -575,6 +578,17 @@ def self_teaching_hook(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store:
                         cfg.seed, cfg.teacher.batch_size, log, progress=cfg.train.progress)
 
 
+declare_measure("corr", "The mean per-image Pearson correlation between the built-in map and the teacher's map of a test image.", True)
+declare_measure("corr_mean_map", "The same correlation for the mean training map used for every image: the level a map "
+                "that ignores the image reaches.", None)
+declare_measure("corr_mean_map_augmented", "The same for the mean map averaged over the training crops and flips: the best "
+                "a map that is the same for every image can reach when trained on augmented maps.", None)
+declare_measure("r2_vs_mean_map", "How much closer (squared error) the built-in maps are to the teacher's maps than the mean "
+                "training map is; above 0, the model learned per-image maps.", True)
+declare_measure("r2_vs_mean_map_affine", "The same after each map gets its best per-image scale and offset: the one to read "
+                "for maps trained with a scale-free loss such as 1 - Pearson.", True)
+
+
 @torch.no_grad()
 def map_quality(
     model: ImpactX,
@@ -749,23 +763,30 @@ def _run_pipeline(
             models = {"baseline": load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds), stage: model}
         shortcut = dist_utils.on_main(shortcut_evaluation, cfg, plan, models, device)
     label = "IMPACTX" if method.name == "impactx" else method.name
+    examples = None  # the test images of figures/examples.png: index, true and predicted class
     if figures and test_store is not None and dist_utils.is_main():
         from teachx.reporting.figures import save_example_grid, save_training_curves
 
         ev = eval_indices(cfg, plan)
-        idx = ev[_example_indices(np.asarray(ds.test.labels)[ev], 8, cfg.seed)]
+        ev_pred = _predict(model, plan, ev, device)
+        pick = _example_indices(np.asarray(ds.test.labels)[ev], MAX_EXAMPLE_CLASSES, cfg.seed, ev_pred)
+        idx, pred = ev[pick], ev_pred[pick]
         x_u8 = as_nchw(ds.test.images[idx])
         columns = {f"teacher ({cfg.teacher.method})": test_store.read(idx)}
         if method.builtin_map:
             x = normalize(x_u8.to(device), plan.mean, plan.std)
             columns[f"{label} built-in"] = model.to(device).explain(x).float().cpu()
+        names = ds.class_names
         save_example_grid(run_dir / "figures" / "examples.png", x_u8, columns,
-                          [ds.class_names[int(ds.test.labels[i])] for i in idx])
-        save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], label: method_record["history"]})
+                          [example_label(names[int(ds.test.labels[i])], names[int(p)]) for i, p in zip(idx, pred)])
+        examples = [{"index": int(i), "label": int(ds.test.labels[i]), "predicted": int(p)} for i, p in zip(idx, pred)]
+        save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], label: method_record["history"]},
+                             losses={"baseline": "CE", label: method.training_loss()})
     timings.add("evaluation", time.perf_counter() - t0, True, True)
 
     results = {
         **data_summary(plan, cfg),
+        "class_names": list(ds.class_names),
         "backbone": cfg.model.backbone,
         "method": method.name,
         "method_options": method.opts,
@@ -792,6 +813,8 @@ def _run_pipeline(
                         "impactx_val_acc": method_record["val_acc"], "impactx_seconds_per_epoch": method_record["seconds_per_epoch"]})
     if shortcut is not None:
         results["shortcut"] = shortcut
+    if examples is not None:
+        results["examples"] = {"model": label, "images": examples}
     if dist_utils.is_distributed():
         results["world_size"] = dist_utils.world_size()
     dist_utils.on_main(write_json_atomic, run_dir / "results.json", results, digest=True)
@@ -867,11 +890,41 @@ class _Timings:
         dist_utils.on_main(write_json_atomic, self.path, record)
 
 
-def _example_indices(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """One image of each of the first k classes (seeded), for figures."""
+#: the example figure shows one image of each class up to this many classes, plus wrong predictions
+MAX_EXAMPLE_CLASSES = 20
+#: at least this many of the example images are wrong predictions, where the model made that many
+MIN_WRONG_EXAMPLES = 3
+
+
+def _example_indices(labels: np.ndarray, k: int, seed: int, predicted: Optional[np.ndarray] = None) -> np.ndarray:
+    """One image of each of the first k classes (seeded), for figures; with ``predicted``, images the model
+    got wrong are added (other classes first) until MIN_WRONG_EXAMPLES of them are shown, where there are
+    that many, so the figure shows what the model confuses and not only what it gets right."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     out = []
     for c in np.unique(labels)[:k]:
         out.append(int(rng.choice(np.flatnonzero(labels == c))))
+    if predicted is not None:
+        wrong = np.flatnonzero(np.asarray(predicted) != labels)
+        need = MIN_WRONG_EXAMPLES - int(np.sum(np.asarray(predicted)[out] != labels[out]))
+        extra = [int(i) for i in rng.permutation(wrong) if int(i) not in out]
+        extra.sort(key=lambda i: labels[i] in {labels[j] for j in out if predicted[j] != labels[j]})  # stable: new classes first
+        out += extra[: max(need, 0)]
     return np.array(out)
+
+
+def example_label(true: str, predicted: str) -> str:
+    """A row label of the example figure: the true and the predicted class."""
+    return f"true: {true}\npredicted: {predicted}" + ("" if true == predicted else " (wrong)")
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, plan: DataPlan, indices: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
+    """The model's predicted class of the test images ``indices``."""
+    model = model.to(device).eval()
+    out = []
+    for s in range(0, len(indices), batch_size):
+        x = normalize(as_nchw(plan.dataset.test.images[indices[s : s + batch_size]]).to(device), plan.mean, plan.std)
+        out.append(model(x).argmax(1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)

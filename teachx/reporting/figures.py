@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -88,8 +88,14 @@ def _example_grid(images_u8: torch.Tensor, columns: dict[str, torch.Tensor], row
     return fig
 
 
-def save_overlay(path: str | Path, image_u8: torch.Tensor, amap: torch.Tensor, title: str = "", dpi: int = 120) -> Path:
-    """Input | map | map over the greyscale input, for `teachx explain`."""
+def save_overlay(path: str | Path, image_u8: torch.Tensor, amap: torch.Tensor, title: str = "", dpi: int = 120,
+                 map_title: str = "built-in map") -> Path:
+    """Input | map | map over the greyscale input, for `teachx explain`; ``map_title`` names the map
+    (a post-hoc map is not the model's built-in one)."""
+    return _save(_overlay(image_u8, amap, title, map_title), path, dpi)
+
+
+def _overlay(image_u8: torch.Tensor, amap: torch.Tensor, title: str, map_title: str):
     plt = _plt()
     img = _image(image_u8)
     m = _map(amap)
@@ -98,7 +104,7 @@ def save_overlay(path: str | Path, image_u8: torch.Tensor, amap: torch.Tensor, t
     axes[0].imshow(img, cmap="gray" if img.ndim == 2 else None)
     axes[0].set_title("input", fontsize=9)
     im = axes[1].imshow(m, cmap="bwr", vmin=-lim, vmax=lim)
-    axes[1].set_title("built-in map", fontsize=9)
+    axes[1].set_title(map_title, fontsize=9)
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.03)
     grey = img if img.ndim == 2 else img.mean(2)
     axes[2].imshow(grey, cmap="gray")
@@ -109,25 +115,39 @@ def save_overlay(path: str | Path, image_u8: torch.Tensor, amap: torch.Tensor, t
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return fig
 
 
-def save_training_curves(path: str | Path, histories: dict[str, list[dict[str, Any]]], dpi: int = 110) -> Path:
-    """Loss and accuracy per epoch (train dashed, validation solid) for each named run."""
+#: the y-axis label of every validation-loss curve: validation scores the classifier alone, for every method
+VAL_LOSS_LABEL = "validation loss (cross-entropy only)"
+
+
+def save_training_curves(path: str | Path, histories: dict[str, list[dict[str, Any]]], dpi: int = 110,
+                         losses: Optional[dict[str, str]] = None) -> Path:
+    """Training loss, validation loss and accuracy per epoch for each named run.
+
+    ``losses``: each run's training loss in words (``TrainingMethod.training_loss``, e.g. "CE + λ·(1 − Pearson)"),
+    shown in the training-loss legend; validation loss is cross-entropy alone for every run.
+    """
+    return _save(_training_curves(histories, losses or {}), path, dpi)
+
+
+def _training_curves(histories: dict[str, list[dict[str, Any]]], losses: dict[str, str]):
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(12, 3.6))
     for i, (name, hist) in enumerate(histories.items()):
         ep = [h["epoch"] for h in hist]
         color = f"C{i}"
-        a1.plot(ep, [h["train_loss"] for h in hist], "--", color=color, label=f"{name} train")
-        a1.plot(ep, [h["val_loss"] for h in hist], "-", color=color, label=f"{name} val")
-        a2.plot(ep, [h["train_acc"] for h in hist], "--", color=color, label=f"{name} train")
-        a2.plot(ep, [h["val_acc"] for h in hist], "-", color=color, label=f"{name} val")
-    a1.set_xlabel("epoch"), a1.set_ylabel("loss (IMPACTX: CE + lambda MSE)")
-    a2.set_xlabel("epoch"), a2.set_ylabel("accuracy")
-    a2.legend(fontsize=7)
+        a0.plot(ep, [h["train_loss"] for h in hist], "--", color=color, label=f"{name}: {losses[name]}" if name in losses else name)
+        a1.plot(ep, [h["val_loss"] for h in hist], "-", color=color, label=name)
+        a2.plot(ep, [h["train_acc"] for h in hist], "--", color=color, label=f"{name} training")
+        a2.plot(ep, [h["val_acc"] for h in hist], "-", color=color, label=f"{name} validation")
+    a0.set_ylabel("training loss"), a1.set_ylabel(VAL_LOSS_LABEL), a2.set_ylabel("accuracy")
+    for ax in (a0, a1, a2):
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return fig
 
 
 def _save(fig, path: str | Path, dpi: int) -> Path:

@@ -57,6 +57,18 @@ class _Doc:
         self.html.append(f'<div class="{cls}">{html.escape(text)}</div>')
         self.md.append(f"- **{text}**")
 
+    def measures(self, names: Sequence[str]) -> None:
+        """One plain sentence per measure shown above: what it measures and which direction is better
+        (the sentences live with each measure's definition, ``teachx.evaluation.base.measure``)."""
+        import teachx.evaluation.shortcut  # noqa: F401  (the modules that declare the measures reports show)
+        import teachx.orchestration.builtin_eval  # noqa: F401
+        import teachx.orchestration.pipeline  # noqa: F401
+        from teachx.evaluation.base import measure
+
+        items = [(n, measure(n).sentence()) for n in names]
+        self.html.append("<ul class=note>" + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(s)}</li>" for n, s in items) + "</ul>")
+        self.md.append("".join(f"- **{n}**: {s}\n" for n, s in items))
+
     def pre(self, text: str) -> None:
         self.html.append(f"<pre>{html.escape(text)}</pre>")
         self.md.append(f"\n```yaml\n{text.rstrip()}\n```\n")
@@ -128,8 +140,17 @@ def _png(fig, dpi: int = 90) -> bytes:
 
 def curves_figure(histories: dict[str, list[list[dict[str, Any]]]], title: str = "") -> bytes:
     """Validation accuracy and loss per epoch: mean over seeds (line) and min-max band, one colour per arm."""
+    return _png(_curves(histories, title))
+
+
+def _curves(histories: dict[str, list[list[dict[str, Any]]]], title: str):
+    """The figure of :func:`curves_figure`. Validation loss is cross-entropy alone for every arm; an arm
+    without a validation split shows its training values instead, dashed and named so in the legend."""
+    from teachx.reporting.figures import VAL_LOSS_LABEL
+
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fallback = False
     for i, (name, runs) in enumerate(histories.items()):
         runs = [h for h in runs if h]
         if not runs:
@@ -138,20 +159,24 @@ def curves_figure(histories: dict[str, list[list[dict[str, Any]]]], title: str =
         ep = [runs[0][e]["epoch"] for e in range(n_ep)]
         for ax, key in zip(axes, ("val_acc", "val_loss")):
             vals = np.array([[h[e].get(key, np.nan) if h[e].get(key) is not None else np.nan for e in range(n_ep)] for h in runs], float)
+            label, style = f"{name} (n={len(runs)})", "-"
             if np.all(np.isnan(vals)):
                 key_train = key.replace("val", "train")
                 vals = np.array([[h[e].get(key_train, np.nan) for e in range(n_ep)] for h in runs], float)
-            ax.plot(ep, np.nanmean(vals, 0), color=f"C{i}", label=f"{name} (n={len(runs)})")
+                label, style, fallback = f"{name} (n={len(runs)}): training values, no validation split", "--", True
+            ax.plot(ep, np.nanmean(vals, 0), style, color=f"C{i}", label=label)
             if len(runs) > 1:
                 ax.fill_between(ep, np.nanmin(vals, 0), np.nanmax(vals, 0), color=f"C{i}", alpha=0.15)
-    axes[0].set_ylabel("validation accuracy"), axes[1].set_ylabel("validation loss (IMPACTX: CE + lambda MSE)")
+    axes[0].set_ylabel("validation accuracy"), axes[1].set_ylabel(VAL_LOSS_LABEL)
+    if fallback:
+        axes[1].set_ylabel("loss (dashed: training loss;\nsolid: validation, cross-entropy only)", fontsize=9)
     for ax in axes:
         ax.set_xlabel("epoch")
     axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 def accuracy_figure(rows: list[dict[str, Any]], regimes: Sequence[str], arms: Sequence[str], control: Optional[str] = None) -> bytes:
@@ -204,6 +229,37 @@ def faithfulness_figure(curves: dict[str, dict[str, dict[str, Any]]], title: str
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _png(fig)
+
+
+def confusion_figure(counts: Sequence[Sequence[int]], class_names: Sequence[str], title: str = "") -> bytes:
+    """The test confusion matrix: rows the true class, columns the predicted one; colour = the share of
+    the true class's images (so the diagonal is each class's accuracy), counts written in the cells."""
+    return _png(_confusion(counts, class_names, title), dpi=100)
+
+
+def _confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], title: str):
+    plt = _plt()
+    m = np.asarray(counts, dtype=float)
+    k = m.shape[0]
+    share = m / np.maximum(m.sum(1, keepdims=True), 1)
+    names = [str(n) for n in class_names][:k] + [str(i) for i in range(len(class_names), k)]
+    side = max(4.8, 0.42 * k + 2.4)
+    longest = max((len(n) for n in names), default=1) + 6  # "name (NN%)"
+    fig, ax = plt.subplots(figsize=(side + 1.0 + 0.07 * longest, side + 0.05 * longest), layout="constrained")
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="share of the true class")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7 if k > 12 else 8,
+                        color="white" if share[i, j] > 0.6 else "black")
+    fs = 8 if k <= 20 else 5
+    ax.set_xticks(range(k), names, rotation=45 if k <= 10 else 90, ha="right" if k <= 10 else "center", fontsize=fs)
+    ax.set_yticks(range(k), [f"{n} ({share[i, i]:.0%})" for i, n in enumerate(names)], fontsize=fs)
+    ax.set_xlabel("predicted class"), ax.set_ylabel("true class (its accuracy)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
 
 
 #: built-in maps of at most this many arms in one side-by-side figure of a study report
@@ -336,6 +392,42 @@ def _method_row(res: dict[str, Any]) -> list[Any]:
     return [f"{res['method']}" + (f" ({opts})" if opts else ""), res.get("backbone"), _f(res.get("method_test_acc")), _f(res.get("method_val_acc"))]
 
 
+def _per_class(doc: _Doc, d: Path, res: dict[str, Any]) -> None:
+    """Per-class test accuracy: the method model's confusion matrix (figure, and a table up to 20 classes) and
+    each class's accuracy for the baseline and the method, from the stage records."""
+    method = res.get("method", "impactx")
+    label = "IMPACTX" if method == "impactx" else method
+    conf = {}
+    for name, sub in (("baseline", "baseline"), (label, method)):
+        st = d / sub / "stage.json"
+        if st.exists() and _read_json(st).get("test_confusion"):
+            conf[name] = np.asarray(_read_json(st)["test_confusion"], dtype=np.int64)
+    doc.h("Per-class accuracy (test set)")
+    if not conf:
+        doc.p("This run did not record its test predictions per class: it was made by an earlier teachx. "
+              "A new run (another --out) records them.", "note")
+        return
+    names = list(res.get("class_names") or [])
+    k = next(iter(conf.values())).shape[0]
+    names = names[:k] + [str(i) for i in range(len(names), k)]
+    main = label if label in conf else "baseline"
+    m = conf[main]
+    doc.figure("confusion.png", confusion_figure(m, names, f"{main} model, {int(m.sum())} test images"),
+               f"confusion matrix of the {main} model on the test set: rows the true class, columns the predicted one")
+    rows = []
+    for i, n in enumerate(names):
+        off = m[i].copy()
+        off[i] = -1
+        j = int(off.argmax())
+        rows.append([n, int(m[i].sum())] + [f"{c[i, i] / max(c[i].sum(), 1):.3f}" for c in conf.values()]
+                    + [f"{names[j]} ({int(m[i, j])})" if m[i, j] > 0 else "—"])
+    doc.table(["class", "test images"] + [f"{name} accuracy" for name in conf] + [f"{main}: most often mistaken for"], rows)
+    if k <= 20:
+        doc.p(f"Confusion matrix of the {main} model (counts; rows: true class, columns: predicted class):", "note")
+        doc.table(["true ↓ predicted →", *names], [[n, *map(int, m[i])] for i, n in enumerate(names)])
+    doc.measures(["class_accuracy"])
+
+
 def _run_report(d: Path) -> _Doc:
     res = _read_json(d / "results.json")
     doc = _Doc(f"teachx run: {res.get('dataset', '?')} / {res.get('backbone', '?')} / teacher {res.get('teacher', '?')}")
@@ -346,11 +438,14 @@ def _run_report(d: Path) -> _Doc:
     if res.get("teacher_test_acc") is not None and res.get("teacher_backbone") != res.get("backbone"):
         rows.append(["teacher", res.get("teacher_backbone"), _f(res.get("teacher_test_acc")), "n/a"])
     doc.table(["model", "backbone", "test acc", "best val acc"], rows)
+    doc.measures(["test_accuracy"])
+    _per_class(doc, d, res)
     sc = res.get("shortcut")
     if sc:
         doc.h("Right for the right reasons? Attribution on the artefact (de-correlated test images)")
         doc.table(["model", "input gradient share (↓)", "LRP share (↓)", "artefact area (chance)"],
                   [[name, _f(b.get("gradient"), 3), _f(b.get("lrp"), 3), _f(b.get("area"), 3)] for name, b in sc.items() if isinstance(b, dict) and "area" in b])
+        doc.measures(["gradient_share", "lrp_share", "artefact_area"])
     q = res.get("map_quality")
     if q:
         doc.h("Built-in maps vs teacher maps (test set)")
@@ -360,6 +455,7 @@ def _run_report(d: Path) -> _Doc:
                                          ["R² vs mean map (> 0: per-image maps were learned)", _f(q.get("r2_vs_mean_map"), 3)],
                                          ["R² vs mean map, scale-free (each map's best per-image scale and offset; for 1 − Pearson / rank losses)",
                                           _f(q.get("r2_vs_mean_map_affine"), 3)]])
+        doc.measures(["corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine"])
         fq = q.get("faithfulness")
         if fq:
             doc.h(f"Built-in maps explain the IMPACTX model itself? ({fq.get('images')} test images, predicted class)")
@@ -370,6 +466,7 @@ def _run_report(d: Path) -> _Doc:
                         _f(auc.get("insertion", {}).get(k), 3)] for k in names])
             doc.p(f"Correlation of the built-in map with the teacher method applied post hoc to the IMPACTX model: {_f(fq.get('corr_self'), 3)} "
                   f"(mean map: {_f(fq.get('corr_self_mean_map'), 3)}).", "note")
+            doc.measures(["pixel_flipping_morf", "pixel_flipping_lerf", "insertion", "corr_self", "corr_self_mean_map"])
     doc.h("Training curves")
     hist = {}
     for name, sub in (("baseline", "baseline"), ("teacher", "teacher"), ("IMPACTX", "impactx")):
@@ -381,7 +478,16 @@ def _run_report(d: Path) -> _Doc:
     doc.h("Examples")
     ex = d / "figures" / "examples.png"
     if ex.exists():
-        doc.figure("examples.png", ex.read_bytes(), "input | teacher map | IMPACTX built-in map (colour scale symmetric around 0 per map)")
+        doc.figure("examples.png", ex.read_bytes(), "one test image per class and wrong predictions, each row labelled with its true and "
+                   "predicted class: input | teacher map | built-in map (colour scale symmetric around 0 per map)")
+        shown = (res.get("examples") or {}).get("images") or []
+        names = res.get("class_names") or []
+        name = lambda c: names[c] if c < len(names) else str(c)  # noqa: E731
+        wrong = [f"#{e['index']} true: {name(e['label'])}, predicted: {name(e['predicted'])}" for e in shown if e["label"] != e["predicted"]]
+        if shown:
+            doc.p(f"Classes shown: {len({e['label'] for e in shown})} of {res.get('classes', len(names))}. "
+                  + (f"Wrong predictions of the {res['examples']['model']} model shown: {'; '.join(wrong)}." if wrong
+                     else "The model got every image shown right."), "note")
     else:
         doc.p("no example figure in this run (figures/examples.png)", "note")
     doc.h("Stage timings")
@@ -428,6 +534,7 @@ def _study_report(d: Path) -> _Doc:
     doc.p("Δ = arm − reference, paired by seed. p (t): paired t-test; p (Wilcoxon): signed-rank test (zero differences dropped, "
           "exact or sign-flip permutation for small n; with fewer than 6 seeds it cannot reach 0.05); Holm: adjusted over all "
           "comparisons of the same kind in the study; d_z: Cohen's d for paired data (vs baseline).", "note")
+    doc.measures(["test_accuracy"])
     doc.figure("accuracy.png", accuracy_figure(rows, list(study["regimes"]), ["baseline", *study["arms"]], study.get("control")),
                "test accuracy per seed (dots), mean and 95% t-interval (black); dashed: the λ=0 control's mean, dotted: the baseline's")
     teach = [r for r in rows if r.get("teacher_test_acc")]
@@ -464,6 +571,7 @@ def _study_report(d: Path) -> _Doc:
         doc.p("Share of each model's post-hoc attribution (|input gradient| and |LRP| of the true class, summed over channels) that falls "
               "on the artefact region of the test images, whose artefact is independent of the class; a model that ignores the artefact "
               "puts at most about the artefact's area there. Built-in map share: the same for the model's own map (IMPACTX, ABN).", "note")
+        doc.measures(["gradient_share", "lrp_share", "artefact_area"])
     # map quality
     mq = [r for r in rows if r.get("map_quality")]
     if mq:
@@ -479,6 +587,7 @@ def _study_report(d: Path) -> _Doc:
               "can reach when trained on augmented targets (a fixed pattern in the teacher's maps, such as a stride artefact, is blurred there). "
               "The scale-free R² first gives each map (built-in and mean) its best scale and offset per image: the one to read for maps "
               "trained with a scale-free loss (1 − Pearson, the default decoder's).", "note")
+        doc.measures(["corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine"])
         bf = [r for r in mq if "pixel_flipping_morf.built_in" in r["map_quality"]]
         if bf:
             doc.h("Built-in maps explain the IMPACTX model itself? (predicted class; mean ± std over seeds)")
@@ -489,6 +598,7 @@ def _study_report(d: Path) -> _Doc:
                        + [_ms(r["map_quality"].get("pixel_flipping_lerf.built_in"), 3), _ms(r["map_quality"].get("insertion.built_in"), 3)] for r in bf])
             doc.p("All map sets explain the IMPACTX model's predicted class; teacher_post_hoc is the teacher method applied to the IMPACTX model, "
                   "mean_map the mean training teacher map for every image, random the floor (map_quality.faithfulness in each unit).", "note")
+            doc.measures(["corr_self", "corr_self_mean_map", "pixel_flipping_morf", "pixel_flipping_lerf", "insertion"])
     # faithfulness
     fr = [r for r in rows if r.get("faithfulness")]
     if fr:
@@ -499,6 +609,7 @@ def _study_report(d: Path) -> _Doc:
                 ft.append([r["regime"], r["arm"], set_name, _ms((by_metric.get("pixel_flipping_morf") or {}).get("auc")),
                            _ms((by_metric.get("pixel_flipping_lerf") or {}).get("auc"))])
         doc.table(["regime", "arm", "map set", "MoRF AUC (↓)", "LeRF AUC (↑)"], ft)
+        doc.measures(["pixel_flipping_morf", "pixel_flipping_lerf"])
         doc.p("built_in and teacher_post_hoc are scored on the IMPACTX model, teacher_on_baseline on the baseline; random maps are the floor for each model.", "note")
         for r in fr:
             doc.figure(f"faithfulness_{_safe(r['regime'])}_{_safe(r['arm'])}.png", faithfulness_figure(r["faithfulness"], f"regime {r['regime']}, arm {r['arm']}"),

@@ -131,6 +131,17 @@ INVARIANCE = {"mse": "none", "pearson": "affine", "pearson_anchored": "scale", "
               "standardized_mse": "affine", "rank": "affine"}
 
 
+#: each loss as a figure names it, in the training loss "CE + λ·<this>"
+FORMULA = {"mse": "MSE", "pearson": "(1 − Pearson)", "pearson_anchored": "(1 − Pearson + offset term)",
+           "cosine": "(1 − cosine)", "standardized_mse": "MSE to the z-scored map", "rank": "pairwise rank loss"}
+
+
+def formula(name: str, pool: int = 1) -> str:
+    """``impactx.map_loss`` (after ``map_target_pool``) in a figure's words, e.g. "(1 − Pearson)"."""
+    text = FORMULA.get(MAP_LOSSES.canonical(name), name)
+    return text + (f" on {pool}×{pool}-pooled maps" if pool > 1 else "")
+
+
 def comparable(maps: np.ndarray, invariance: str) -> np.ndarray:
     """``maps`` (one image's map, any shape) with what its loss leaves free removed: unchanged for
     "none", divided by max abs(value) for "scale" (sign and zero kept, like ``teacher.normalize=maxabs``),

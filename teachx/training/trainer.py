@@ -49,6 +49,8 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from teachx.evaluation.base import declare_measure
 from torch import nn
 
 from teachx.data.base import ImageDataset, Split
@@ -507,6 +509,10 @@ def _all_reduce_sums(sums: dict[str, float], extra_sums: dict[str, float]) -> tu
     return {"loss": t[0], "correct": t[1], "n": t[2]}, dict(zip(keys, t[3:]))
 
 
+declare_measure("test_accuracy", "The share of test images whose predicted class is the true class.", True)
+declare_measure("class_accuracy", "For one class, the share of its test images that the model assigns to it.", True)
+
+
 @torch.no_grad()
 def evaluate(
     task: Task,
@@ -517,8 +523,12 @@ def evaluate(
     device: torch.device,
     amp_dtype=None,
     shard: bool = False,
-) -> dict[str, float]:
+    confusion: bool = False,
+) -> dict[str, Any]:
     """Loss and accuracy of ``task.model`` on ``split[indices]`` (no augmentation).
+
+    ``confusion=True`` adds ``confusion``: the (classes x classes) counts as nested lists, row = true class,
+    column = predicted class (scikit-learn's convention), for the report's per-class accuracy.
 
     ``shard=True`` in a distributed run is a collective call: rank r evaluates ``indices[r::W]``
     (no padding, so nothing is counted twice) and the sums are all-reduced, so every rank returns
@@ -531,6 +541,7 @@ def evaluate(
     if world > 1:
         indices = np.asarray(indices)[dist_utils.rank() :: world]
     total, correct, n = 0.0, 0, 0
+    counts: Optional[torch.Tensor] = None
     for xb, yb, _ in BatchIterator(split, indices, batch_size, shuffle=False, seed=0):
         x, _ = prepare_batch(xb, plan, device)
         y = yb.to(device)
@@ -539,13 +550,23 @@ def evaluate(
         total += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += y.shape[0]
+        if confusion:
+            k = logits.shape[1]
+            batch = torch.bincount(y.long() * k + logits.argmax(1), minlength=k * k).view(k, k).cpu().double()
+            counts = batch if counts is None else counts + batch
     model.train(was_training)
     if world > 1:
         total, correct, n = dist_utils.all_reduce_sum(torch.tensor([total, float(correct), float(n)], dtype=torch.float64)).tolist()
         correct, n = int(round(correct)), int(round(n))
+        if confusion:  # every rank holds a model of the same classes; a rank without images sends zeros
+            k = getattr(model, "num_classes", None) or (counts.shape[0] if counts is not None else 0)
+            counts = dist_utils.all_reduce_sum(counts if counts is not None else torch.zeros(k, k, dtype=torch.float64))
     if n == 0:
         return {"loss": float("nan"), "acc": float("nan"), "n": 0}
-    return {"loss": total / n, "acc": correct / n, "n": n}
+    out: dict[str, Any] = {"loss": total / n, "acc": correct / n, "n": n}
+    if confusion and counts is not None:
+        out["confusion"] = counts.round().long().tolist()
+    return out
 
 
 def _progress(iterable, enabled: bool, desc: str):

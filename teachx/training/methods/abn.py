@@ -37,6 +37,7 @@ class ABNTask(MethodTask):
 @METHODS.register("abn", "attention_branch")
 class ABN(TrainingMethod):
     name = "abn"
+    loss_text = "CE + w·CE of the attention branch"
     summary = "attention branch network: an attention branch (own CE) makes a map M that reweights the features, (1 + M) * g"
     reference = "Fukui, Hirakawa, Yamashita, Fujiyoshi 2019, Attention Branch Network: Learning of Attention Mechanism for Visual Explanation"
     options = {

@@ -109,6 +109,8 @@ class TrainingMethod:
     checkpoint_kind: ClassVar[str] = "classifier"
     #: the model it trains gives its own attribution map (``model.explain(x, target)``), evaluated like IMPACTX's
     builtin_map: ClassVar[bool] = False
+    #: the loss it trains on, as a figure's legend names it (every method's validation loss is cross-entropy alone)
+    loss_text: ClassVar[str] = "CE"
 
     def __init__(self, cfg: "RunConfig"):
         self.cfg = cfg
@@ -167,6 +169,10 @@ class TrainingMethod:
         """How the run log names this training."""
         opts = ", ".join(f"{k}={v}" for k, v in self.opts.items())
         return f"{self.name}" + (f" ({opts})" if opts else "")
+
+    def training_loss(self) -> str:
+        """The training loss in a figure's words, so a loss curve says what it plots."""
+        return self.loss_text
 
     def trains_builtin_map(self) -> bool:
         """Whether the trained model's own map is worth evaluating (map quality needs the teacher's

@@ -75,5 +75,13 @@ class Impactx(TrainingMethod):
         ic = self.cfg.impactx
         return f"IMPACTX ({self.cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps})"
 
+    def training_loss(self) -> str:
+        """CE plus the configured map loss (and faithfulness term), e.g. "CE + λ·(1 − Pearson)"."""
+        from teachx.training.map_losses import formula
+
+        ic = self.cfg.impactx
+        text = "CE" if ic.lam == 0 else f"CE + λ·{formula(ic.map_loss, ic.map_target_pool)}"
+        return text + (" + faithfulness term" if ic.faith_weight > 0 else "")
+
     def record(self) -> dict[str, Any]:
         return {"method": self.name}

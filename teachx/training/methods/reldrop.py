@@ -74,6 +74,7 @@ class _SelfRelevance:
 @METHODS.register("reldrop", "relevance_dropout")
 class RelDrop(TrainingMethod):
     name = "reldrop"
+    loss_text = "CE on relevance-dropped inputs"
     summary = "drop the most LRP-relevant input pixels (with noise) as data augmentation"
     reference = "Gururaj et al. 2025, Relevance-driven Input Dropout"
     options = {

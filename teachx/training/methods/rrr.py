@@ -85,6 +85,7 @@ class _TeacherMask:
 @METHODS.register("rrr", "right_for_the_right_reasons")
 class RRR(TrainingMethod):
     name = "rrr"
+    loss_text = "CE + λ·input-gradient penalty"
     summary = "penalise input gradients on features the model must not use (annotation masks, or outside the teacher's relevant region)"
     reference = "Ross, Hughes, Doshi-Velez 2017, Right for the Right Reasons"
     options = {

@@ -86,6 +86,7 @@ class SaliencyGuidedTask(MethodTask):
 @METHODS.register("saliency_guided", "saliency-guided", "sgt")
 class SaliencyGuided(TrainingMethod):
     name = "saliency_guided"
+    loss_text = "CE + λ·KL to the masked input"
     summary = "mask the lowest-saliency input features with random values; match the masked output to the unmasked one (KL)"
     reference = "Ismail, Corrada Bravo, Feizi 2021, Improving Deep Learning Interpretability by Saliency Guided Training"
     options = {
