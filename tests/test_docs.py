@@ -66,7 +66,8 @@ def _words(command: str) -> list[str]:
 def parse(command: str, mention: bool = True) -> None:
     """Parse like `teachx` would, without running anything; raise click's error when it does not.
 
-    ``mention``: a bare `teachx NAME` only has to name a command (prose mentions commands that way)."""
+    ``mention``: `teachx NAME` followed by nothing but option names only has to name a command and its
+    options (prose mentions them that way)."""
     words = _words(command)
     if not words or words[0].startswith("-"):
         try:
@@ -84,8 +85,13 @@ def parse(command: str, mention: bool = True) -> None:
         if isinstance(sub, click.Group) and words and not words[0].startswith("-"):
             parent, group = click.Context(sub, info_name=name, parent=parent), sub
             continue
-        if not words and not isinstance(sub, click.Group) and mention:
-            return  # `teachx study` in a sentence names the command, it is no call
+        if mention and not isinstance(sub, click.Group) and all(w.startswith("-") for w in words):
+            # `teachx study` or `teachx explain --class` in a sentence names a command or its option, it is no call
+            known = {o for p in sub.params for o in (*p.opts, *p.secondary_opts)}
+            unknown = [w for w in words if w.split("=")[0] not in known]
+            if unknown:
+                raise click.NoSuchOption(unknown[0])
+            return
         try:
             ctx = sub.make_context(name, words, parent=parent)
         except click.exceptions.Exit as done:  # --help and the like
@@ -134,6 +140,9 @@ def test_the_checker_finds_bad_commands():
         parse("teachx trian --out x")
     with pytest.raises(click.ClickException):
         parse("teachx train", mention=False)
+    with pytest.raises(click.NoSuchOption):
+        parse("teachx explain --clas")
+    parse("teachx explain --class")
     with pytest.raises(click.ClickException):
         parse("teachx run --out")  # option without its value
     with pytest.raises(TeachxError):
