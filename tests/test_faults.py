@@ -69,6 +69,16 @@ def one_line_error(res, *fragments) -> str:
     return err
 
 
+TAKEOVER = "which is no longer running; taking it over"
+
+
+def took_over(res) -> subprocess.CompletedProcess:
+    """``res`` without the warning of a run that took over the lock a killed run left (which it must show)."""
+    first, _, rest = res.stderr.partition("\n")
+    assert first.startswith("teachx: warning: run directory") and TAKEOVER in first, res.stderr[-3000:]
+    return subprocess.CompletedProcess(res.args, res.returncode, res.stdout, rest)
+
+
 def resumed(res, stage: str) -> bool:
     """Whether the run's log says ``stage`` continued from its epoch-1 checkpoint."""
     return any(line.startswith("resuming from epoch 1 (") and f"{stage}/checkpoints" in line for line in res.stdout.splitlines())
@@ -137,8 +147,9 @@ def test_killed_or_failing_anywhere_resumes_to_the_same_result(reference):
     # teacher maps: killed in the middle of generation; the baseline resumed from epoch 1 before that
     res = step("kill:maps:2", -signal.SIGKILL)
     assert resumed(res, "baseline") and "[baseline] test accuracy" in res.stdout
+    took_over(res)  # the lock the killed run left
     # IMPACTX: a full disk at its first checkpoint: one line naming the file and the fix, nothing half-written
-    one_line_error(step(f"oserror:{out}/impactx/checkpoints/last.safetensors:1:ENOSPC", 2),
+    one_line_error(took_over(step(f"oserror:{out}/impactx/checkpoints/last.safetensors:1:ENOSPC", 2)),
                    "no space left", str(Path("impactx") / "checkpoints" / "last.safetensors"), RESUME_HINT)
     assert not temp_files(out, cache)
     # IMPACTX: Ctrl-C between epochs: the resume hint, no traceback
@@ -153,11 +164,34 @@ def test_killed_or_failing_anywhere_resumes_to_the_same_result(reference):
     shutil.copytree(out, copy)
     for p in out.rglob("*.safetensors"):
         p.write_bytes(b"destroyed")
-    step(None, 0, where=copy)
+    took_over(step(None, 0, where=copy))  # the killed run's lock was copied too
     assert_same(snapshot(copy), reference["snap"])
     assert not temp_files(copy, cache), temp_files(copy, cache)
     stages = json.loads((copy / "results.json").read_text())["stage_seconds"]
     assert set(stages) == {"baseline", "maps", "impactx", "evaluation"} and all(v > 0 for v in stages.values()), stages
+
+
+def test_killed_between_a_stage_and_its_record_resumes_to_the_same_result(reference):
+    """kill -9 after a stage's checkpoints are written and before its record is (the baseline's, then
+    IMPACTX's): the lock the killed run left is taken over with a warning, the stage is finished from
+    its checkpoints, and the run ends as an uninterrupted one, every record bound to its config."""
+    from teachx.orchestration.rundir import RUN_LOCK, run_config_hash
+
+    root = reference["root"]
+    out, cache = root / "between", root / "cache-between"
+    for fault in (f"kill:{out}/baseline/stage.json:1", f"kill:{out}/impactx/stage.json:1", None):
+        res = teachx("run", "c.yaml", "--out", out, "-q", *TINY, cwd=root, cache=cache, fault=fault)
+        assert res.returncode == (-signal.SIGKILL if fault else 0), (fault, res.returncode, res.stderr[-3000:])
+        if fault and "baseline" in fault:
+            assert (out / "baseline" / "checkpoints" / "best.safetensors").exists() and not (out / "baseline" / "stage.json").exists()
+            assert json.loads((out / RUN_LOCK).read_text())["pid"] > 0  # left by the killed process
+        else:
+            took_over(res)
+    assert not (out / RUN_LOCK).exists() and not temp_files(out, cache)
+    assert_same(snapshot(out), reference["snap"])
+    bound = run_config_hash(out)
+    assert json.loads((out / "results.json").read_text())["config_hash"] == bound
+    assert all(json.loads((out / s / "stage.json").read_text())["config_hash"] == bound for s in ("baseline", "impactx"))
 
 
 def test_killed_between_the_best_and_last_checkpoint_writes(tmp_path, monkeypatch):

@@ -63,3 +63,36 @@ def test_waiting_blocks_until_the_holder_releases(tmp_path):
         order.append("waiter in")
     t.join()
     assert order == ["holder done", "waiter in"] and len(waited) == 1
+
+
+def test_holder_record_and_stale_takeover_are_reported(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "e.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": 0, "command": "teachx run"}))
+    stale: list[dict] = []
+    with file_lock(lock, wait=False, info={"command": "teachx train"}, on_stale=stale.append):
+        mine = json.loads(lock.read_text())
+        assert mine["command"] == "teachx train" and mine["since"] > 0
+    assert [h["pid"] for h in stale] == [dead.pid]
+
+
+def test_a_takeover_in_progress_is_not_raced(tmp_path):
+    """Another process is taking the stale lock over (its guard file is there): we do not delete the
+    lock under it; a guard left behind by a process killed mid-takeover is old and cleared."""
+    import os
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "f.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": 0}))
+    guard = tmp_path / "f.lock.takeover"
+    guard.write_text("")
+    with pytest.raises(Busy):
+        with file_lock(lock, wait=False):
+            pass
+    assert json.loads(lock.read_text())["pid"] == dead.pid
+    os.utime(guard, (time.time() - 3600, time.time() - 3600))
+    with file_lock(lock, wait=False):
+        assert json.loads(lock.read_text())["pid"] != dead.pid
+    assert not guard.exists()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 
@@ -17,6 +19,10 @@ OVERWRITE_HELP = ("Replace a teachx run directory made with another config: only
 #: the stages --redo accepts: ``teachx.orchestration.pipeline.STAGES``, written out so that `teachx --help` does
 #: not import torch (a test checks that the two agree)
 RUN_STAGES = ("baseline", "teacher", "abn", "impactx", "reldrop", "rrr", "saliency_guided")
+WAIT_HELP = ("When another teachx process is writing in the run directory, wait until it has finished (then resume, or "
+             "overwrite with --overwrite) instead of stopping with an error.")
+#: set by the process that holds a run directory's lock for the torchrun workers it starts (--nproc)
+HELD_ENV = "TEACHX_RUN_DIR_HELD"
 REDO_HELP = ("Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
              "the method stage is named after method.name (impactx by default); redoing the teacher also redoes the method "
              "stage, which learnt from it.")
@@ -165,32 +171,44 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(["train"]), multiple=True, help="Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).")
-def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
+@click.option("--wait", is_flag=True, help=WAIT_HELP)
+def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], wait: bool) -> None:
     """Train a baseline classifier.
 
     teachx train [CONFIG] [KEY=VALUE ...] --out DIR. CONFIG is a YAML file or a shipped config's
     name (`teachx config --list`); without one, the defaults (`teachx config --describe`) are used.
     """
     from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.launch import echo0
-    from teachx.orchestration.pipeline import (data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages, stage_checkpoint,
-                                               stage_done, train_classifier)
-    from teachx.training import distributed as dist_utils
-    from teachx.utils.io import write_json_atomic
 
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
+    with _holding(out, wait):
+        _train(cfg, out, overwrite, quiet, nproc, redo)
+
+
+def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
+    """`teachx train` in its run directory, held by this process (or the launcher of its --nproc workers)."""
+    from teachx.interfaces.launch import echo0
+    from teachx.orchestration.pipeline import (check_bound, data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages,
+                                               results_bound, stage_checkpoint, stage_done, train_classifier)
+    from teachx.orchestration.rundir import run_config_hash
+    from teachx.training import distributed as dist_utils
+    from teachx.utils.io import write_json_atomic
+
     _, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
     run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, "train", overwrite)
     dist_utils.on_main(redo_stages, run_dir, cfg, redo, echo0)
     log_data(plan, cfg, echo0)  # what is trained on, augmentation included, and the dataset's notices
     t0 = time.perf_counter()
+    bound = run_config_hash(run_dir)  # the stage record and results.json carry it
     with redo_hint(run_dir, "train"):  # a damaged checkpoint or record: "re-run ... with --redo train"
-        todo = stage_done(run_dir) is None or not (run_dir / "results.json").exists()
-        rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0)
+        check_bound(run_dir, bound, ("train",))
+        todo = stage_done(run_dir) is None or results_bound(run_dir, bound) is None
+        rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0, bound)
     if todo:  # a re-run with nothing to do keeps the wall time the training measured
-        record = data_summary(plan, cfg) | {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0}
+        record = (data_summary(plan, cfg) | {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0}
+                  | ({"config_hash": bound} if bound else {}))
         dist_utils.on_main(write_json_atomic, run_dir / "results.json", record, digest=True)
     echo0(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {stage_checkpoint(run_dir, rec)}")
     dist_utils.shutdown()
@@ -203,7 +221,8 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(RUN_STAGES), multiple=True, help=REDO_HELP)
-def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
+@click.option("--wait", is_flag=True, help=WAIT_HELP)
+def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], wait: bool) -> None:
     """The whole pipeline: baseline -> teacher maps -> IMPACTX -> test.
 
     teachx run [CONFIG] [KEY=VALUE ...] --out DIR. CONFIG is a YAML file or a shipped config's name
@@ -214,7 +233,8 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
 
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
-    _pipeline_command(cfg, out, "run", overwrite, quiet, nproc, redo)
+    with _holding(out, wait):
+        _pipeline_command(cfg, out, "run", overwrite, quiet, nproc, redo)
 
 
 @cli.command()
@@ -223,8 +243,9 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(RUN_STAGES), multiple=True, help=REDO_HELP)
+@click.option("--wait", is_flag=True, help=WAIT_HELP)
 @click.argument("overrides", nargs=-1)
-def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], wait: bool, overrides: tuple[str, ...]) -> None:
     """Bundled data, LeNet-5, SHAP teacher: baseline vs IMPACTX."""
     from importlib.resources import files
 
@@ -232,7 +253,8 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
 
     cfg_path = str(files("teachx") / "configs" / "demo.yaml")
     cfg = resolve_config(cfg_path, list(overrides))
-    _pipeline_command(cfg, out, "demo", overwrite, quiet, nproc, redo)
+    with _holding(out, wait):
+        _pipeline_command(cfg, out, "demo", overwrite, quiet, nproc, redo)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -246,7 +268,10 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
               help="Also the run's teacher method applied post hoc to this model, and pixel-flipping AUCs (MoRF, LeRF, "
                    "insertion) of the built-in, post-hoc and a random map on this model (faithfulness.json).")
 @click.option("--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Pixel-flipping steps (--faithfulness).")
-def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls: Optional[int], faithfulness: bool, steps: int) -> None:
+@click.option("--wait", is_flag=True, help="When another teachx process is writing in the --out folder (or in the run directory "
+              "it lies in), wait until it has finished instead of stopping with an error.")
+def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls: Optional[int], faithfulness: bool, steps: int,
+            wait: bool) -> None:
     """Write built-in IMPACTX heatmap overlays (PNG) for image files.
 
     RUN_DIR is the --out folder of `teachx run` or `teachx demo` (its IMPACTX or ABN model is used), or
@@ -255,9 +280,40 @@ def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls
     unit (its config names the teacher method, and DeepSHAP's background comes from its training data).
     """
     from teachx.interfaces.explain import explain_images
+    from teachx.orchestration.rundir import enclosing_run_dir, hold_run_dir
 
-    for line in explain_images(checkpoint, list(images), out, device, cls, faithfulness=faithfulness, steps=steps):
-        click.echo(line)
+    run_dir = enclosing_run_dir(out)  # PNGs written into a run directory: that run's lock, else the folder's own
+    held = (hold_run_dir(run_dir, wait, _say) if run_dir is not None
+            else hold_run_dir(out, wait, _say, what="output folder", foreign_ok=True))
+    with held:
+        for line in explain_images(checkpoint, list(images), out, device, cls, faithfulness=faithfulness, steps=steps):
+            click.echo(line)
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@contextlib.contextmanager
+def _holding(out: str, wait: bool) -> Iterator[None]:
+    """Hold the run directory ``out`` for the whole command (:func:`teachx.orchestration.rundir.hold_run_dir`).
+
+    With --nproc the launching process holds it for its torchrun workers (they are told so through the
+    environment); workers started by a torchrun of the user's leave it to rank 0.
+    """
+    from teachx.orchestration.rundir import RUN_LOCK, hold_run_dir
+    from teachx.training.distributed import launched_distributed
+
+    lock = str((Path(out) / RUN_LOCK).absolute())
+    if launched_distributed() and (os.environ.get(HELD_ENV) == lock or os.environ.get("RANK", "0") != "0"):
+        yield
+        return
+    with hold_run_dir(out, wait, _say):
+        os.environ[HELD_ENV] = lock
+        try:
+            yield
+        finally:
+            os.environ.pop(HELD_ENV, None)
 
 
 def _join_processes(cfg, nproc: Optional[int], quiet: bool) -> tuple[bool, bool]:

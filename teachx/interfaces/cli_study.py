@@ -98,9 +98,21 @@ def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int],
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", "-o", "out", default=None, type=click.Path(dir_okay=False), help="HTML file (the .md goes next to it); default RUN_DIR/report.html.")
-def report(run_dir: str, out: Optional[str]) -> None:
+@click.option("--wait", is_flag=True, help="When another teachx process is writing in the run directory, wait until it has "
+              "finished instead of stopping with an error.")
+def report(run_dir: str, out: Optional[str], wait: bool) -> None:
     """Write an HTML + Markdown report of a run, demo or study."""
+    from contextlib import ExitStack
+
+    from teachx.orchestration.rundir import enclosing_run_dir, hold_run_dir
     from teachx.reporting.report import write_report
 
-    html_path, md_path = write_report(run_dir, out)
+    def say(line: str) -> None:
+        click.echo(line, err=True)
+
+    with ExitStack() as held:  # the run read, and the run the report goes into: no process may change them meanwhile
+        runs = {r.absolute(): r for r in (enclosing_run_dir(run_dir), enclosing_run_dir(Path(out).parent) if out else None) if r}
+        for d in runs.values():
+            held.enter_context(hold_run_dir(d, wait, say))
+        html_path, md_path = write_report(run_dir, out)
     click.echo(f"report: {html_path} and {md_path}")

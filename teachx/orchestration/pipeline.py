@@ -22,7 +22,7 @@ from teachx.data import load_dataset
 from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
 from teachx.data.transforms import Augment, normalize
-from teachx.errors import ConfigError, CorruptionError
+from teachx.errors import ConfigError, CorruptionError, RunDirError
 from teachx.evaluation.builtin_maps import map_corr
 from teachx.interfaces.config import RunConfig
 from teachx.models import build_model
@@ -192,6 +192,37 @@ def redo_hint(run_dir: Path, stage: Optional[str] = None):
         raise
 
 
+def _bound(config_hash: Optional[str]) -> dict[str, Any]:
+    return {} if config_hash is None else {"config_hash": config_hash}
+
+
+def check_bound(run_dir: Path, expected: Optional[str], stages: tuple[str, ...] = STAGES) -> None:
+    """Refuse a run directory whose stage records were made with another config than its config.yaml
+    (``expected``: its hash): a record another process wrote under another config, a stage copied from
+    another run, an edited config.yaml. Records without a hash (older teachx) are taken as they are."""
+    if expected is None:
+        return
+    wrong = []
+    for stage in stages:
+        record = stage_done(run_dir if stage == "train" else run_dir / stage)
+        if record is not None and record.get("config_hash", expected) != expected:
+            wrong.append(stage)
+    if wrong:
+        which = f"the {wrong[0]} stage was" if len(wrong) == 1 else f"the {' and '.join(wrong)} stages were"
+        raise RunDirError(f"run directory '{run_dir}': {which} made with another config than its config.yaml (by another "
+                          "process, or copied or edited by hand); re-run the same command with "
+                          + " ".join(f"--redo {s}" for s in wrong))
+
+
+def results_bound(run_dir: Path, expected: Optional[str]) -> Optional[dict[str, Any]]:
+    """The run's results.json when it is there, readable and made with the config in config.yaml
+    (a results.json without a hash, from an older teachx, counts as made with it); else None."""
+    results = _complete_results(run_dir)
+    if results is None or expected is None or results.get("config_hash", expected) == expected:
+        return results
+    return None
+
+
 def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ...], log: Callable[[str], None] = print) -> list[str]:
     """``--redo``: discard the named stages of the run directory (teachx's own) and what was made from
     them, so that the run trains them again; returns what was discarded.
@@ -309,8 +340,10 @@ def train_classifier(
     backbone: str,
     options: dict[str, Any],
     log: Callable[[str], None] = print,
+    config_hash: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Train (or resume, or skip) a plain classifier; returns its stage record."""
+    """Train (or resume, or skip) a plain classifier; returns its stage record (with ``config_hash``, the
+    run's :func:`~teachx.orchestration.rundir.config_hash`, when it is part of a run directory)."""
     done = stage_done(out_dir)
     if done:
         log(f"[{out_dir.name}] complete, skipped (test acc {done['test_acc']:.4f})")
@@ -323,7 +356,7 @@ def train_classifier(
         meta={"kind": "classifier", "dataset": ds.name, "class_names": ds.class_names}, log=log,
     )
     log(f"[{out_dir.name}] training {backbone} on {ds.name} ({len(plan.train_idx)} images, {cfg.train.epochs} epochs)")
-    return _fit_and_test(trainer, ClassifierTask(model), plan, out_dir, log, {"backbone": backbone})
+    return _fit_and_test(trainer, ClassifierTask(model), plan, out_dir, log, {"backbone": backbone, **_bound(config_hash)})
 
 
 def _fit_and_test(
@@ -528,10 +561,12 @@ def train_method_stage(
     teacher_model: Optional[torch.nn.Module],
     out_dir: Path,
     log: Callable[[str], None] = print,
+    config_hash: Optional[str] = None,
 ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Train (or resume, or read back) the configured training method's model; (stage record, model in eval mode).
 
-    ``store``: the teacher's maps of the training split, when the method needs them.
+    ``store``: the teacher's maps of the training split, when the method needs them; ``config_hash``: as
+    for :func:`train_classifier`.
     """
     from teachx.orchestration.builtin_eval import explained_classes
     from teachx.training.methods import MethodContext
@@ -562,7 +597,7 @@ def train_method_stage(
     trainer = Trainer(task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device, meta=meta, log=log, on_epoch_start=hook)
     what = method.describe() + (f", self-teaching every {cfg.impactx.self_teach_every} epochs" if hook else "")
     log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
-    extra = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {})}
+    extra = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {}), **_bound(config_hash)}
     return _fit_and_test(trainer, task, plan, out_dir, log, extra), model.eval()
 
 
@@ -699,7 +734,11 @@ def _run_pipeline(
     figures: bool,
     plan: Optional[DataPlan],
 ) -> RunOutputs:
+    from teachx.orchestration.rundir import run_config_hash
+
     timings = _Timings(run_dir, time.perf_counter())
+    bound = run_config_hash(run_dir)  # every record of this run carries it; one that disagrees is refused
+    check_bound(run_dir, bound)
     plan = plan or make_plan(cfg, progress=progress)
     ds = plan.dataset
     device = dist_utils.device_for(choose_device(cfg.device))
@@ -707,7 +746,7 @@ def _run_pipeline(
 
     # 1. the student's baseline, and the teacher model (the baseline itself by default)
     t0, todo = time.perf_counter(), _stage_todo(run_dir / "baseline")
-    baseline = train_classifier(cfg, plan, run_dir / "baseline", cfg.model.backbone, cfg.model.options, log)
+    baseline = train_classifier(cfg, plan, run_dir / "baseline", cfg.model.backbone, cfg.model.options, log, bound)
     timings.add("baseline", time.perf_counter() - t0, *todo)
     teacher_record = baseline
     if cfg.teacher.checkpoint:
@@ -717,7 +756,7 @@ def _run_pipeline(
         t0, todo = time.perf_counter(), _stage_todo(run_dir / "teacher")
         tcfg, tbackbone, toptions = teacher_training(cfg)
         tplan = plan if tcfg.data == cfg.data else make_plan(tcfg, progress=progress)
-        teacher_record = train_classifier(tcfg, tplan, run_dir / "teacher", tbackbone, toptions, log)
+        teacher_record = train_classifier(tcfg, tplan, run_dir / "teacher", tbackbone, toptions, log, bound)
         timings.add("teacher", time.perf_counter() - t0, *todo)
         teacher_model = load_classifier(stage_checkpoint(run_dir / "teacher", teacher_record), ds)
     else:
@@ -743,11 +782,11 @@ def _run_pipeline(
         model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
     else:
         t0, todo = time.perf_counter(), _stage_todo(run_dir / stage)
-        method_record, model = train_method_stage(cfg, plan, train_store if need_maps else None, teacher_model, run_dir / stage, log)
+        method_record, model = train_method_stage(cfg, plan, train_store if need_maps else None, teacher_model, run_dir / stage, log, bound)
         timings.add(stage, time.perf_counter() - t0, *todo)
 
     # 4. evaluation (a re-run that had nothing to do keeps the results -- and the timings -- it finds)
-    kept = None if timings.worked else _complete_results(run_dir)
+    kept = None if timings.worked else results_bound(run_dir, bound)
     if kept is not None:
         log("[evaluation] nothing was re-run: results.json is kept as it is")
         return RunOutputs(kept, run_dir)
@@ -807,6 +846,7 @@ def _run_pipeline(
         "wall_seconds": timings.wall_seconds,
         "device": str(device),
         "torch_threads": timings.torch_threads,
+        **_bound(bound),
     }
     if method.name == "impactx":  # the keys IMPACTX runs always had
         results.update({"lam": cfg.impactx.lam, "maps": cfg.impactx.maps, "impactx_test_acc": method_record["test_acc"],

@@ -15,16 +15,25 @@ teachx never deletes a file it did not make:
 A run is identified by the result-changing part of its config (:func:`run_identity`): the
 command and every option except :data:`~teachx.interfaces.config.NEUTRAL_KEYS` (progress bars,
 TensorBoard logging, the map-store location and batch size), so re-running a command with or
-without ``--quiet`` resumes the same run.
+without ``--quiet`` resumes the same run. Its hash (:func:`config_hash`) goes into every stage record
+and ``results.json``, binding them to the config that made them.
+
+One process at a time writes in a run directory: it holds ``.teachx-lock`` there
+(:func:`hold_run_dir`, the file lock the studies use) from before its first change to the
+directory until its last write; another process is refused with a line naming the holder, or waits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
+import shlex
+import socket
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from teachx.errors import ConfigError, OutputError, RunDirError
 from teachx.training.methods import method_stages
@@ -32,6 +41,8 @@ from teachx.utils.io import is_temp_name, output_error, sweep_stale_temps, write
 
 RUN_MARKER = ".teachx-run"
 STUDY_MARKER = ".teachx-study"
+#: the lock of the process writing in a run directory (:func:`hold_run_dir`); never removed by ``--overwrite``
+RUN_LOCK = ".teachx-lock"
 
 #: name pattern -> None (a regular file teachx writes) or the layout of a directory teachx makes
 Layout = dict[str, Optional[dict]]
@@ -52,14 +63,15 @@ RUN_LAYOUT: Layout = {
     **{stage: STAGE_LAYOUT for stage in ("baseline", "teacher", *method_stages())}, **STAGE_LAYOUT,
 }
 #: files teachx may leave in any directory it writes: atomic-write temp files, locks
-_ANYWHERE = (".*.tmp", "*.lock", ".lock")
+_ANYWHERE = (".*.tmp", "*.lock", ".lock", "*.lock.takeover", RUN_LOCK + ".takeover")
 
 
 # -- recognising directories ----------------------------------------------------------------------
 
 def _ignorable(name: str, files: tuple[str, ...]) -> bool:
-    """A temp file of one of ``files`` being written right now by a process starting on the directory."""
-    return any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in files)
+    """A temp file of one of ``files`` being written right now by a process starting on the directory,
+    or the lock of a process about to write in it."""
+    return name in (RUN_LOCK, RUN_LOCK + ".takeover") or any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in files)
 
 
 def dir_kind(path: str | Path, marker: str, legacy: Callable[[Path], bool], first_files: tuple[str, ...]) -> str:
@@ -69,9 +81,9 @@ def dir_kind(path: str | Path, marker: str, legacy: Callable[[Path], bool], firs
         return "absent"
     if not path.is_dir():
         return "foreign"
-    entries = [e for e in path.iterdir() if not _ignorable(e.name, (marker, *first_files))]
     if (path / marker).is_file() and not (path / marker).is_symlink():
         return "teachx"
+    entries = [e for e in path.iterdir() if not _ignorable(e.name, (marker, *first_files))]
     if not entries:
         return "empty"
     return "teachx" if legacy(path) else "foreign"
@@ -153,6 +165,8 @@ def remove_owned(root: str | Path, layout: Layout = RUN_LAYOUT) -> list[Path]:
     root = Path(root)
     kept: list[Path] = []
     for entry in sorted(root.iterdir()):
+        if entry.name == RUN_LOCK:
+            continue  # held by the process removing these files (or by one that --overwrite must not touch)
         known, sub = _spec(entry.name, layout)
         if not known or entry.is_symlink():
             kept.append(entry)
@@ -192,6 +206,42 @@ def run_identity(saved: dict[str, Any]) -> Optional[dict[str, Any]]:
     return {"command": command, **values}
 
 
+def _without_defaults(values: Any, defaults: Any) -> Any:
+    """``values`` less every leaf equal to ``defaults`` at the same place (sections left empty go too)."""
+    if not (isinstance(values, dict) and isinstance(defaults, dict)):
+        return values
+    out = {}
+    for k, v in values.items():
+        if k in defaults and v == defaults[k]:
+            continue
+        v = _without_defaults(v, defaults.get(k))
+        if v != {} or k not in defaults:
+            out[k] = v
+    return out
+
+
+def config_hash(saved: dict[str, Any]) -> Optional[str]:
+    """The hash of a saved run config's identity (:func:`run_identity`), which every stage record and
+    ``results.json`` of the run carries; None if it is not a config this teachx can read.
+
+    Only the values that differ from the defaults are hashed, so an option added by a later teachx
+    (its default filled in) leaves the hashes of existing runs as they are.
+    """
+    from teachx.utils.hashing import hash_json
+
+    identity = run_identity(saved)
+    if identity is None:
+        return None
+    defaults = run_identity({"command": identity["command"]}) or {}
+    return hash_json({**_without_defaults(identity, defaults), "command": identity["command"]})[:16]
+
+
+def run_config_hash(run_dir: str | Path) -> Optional[str]:
+    """:func:`config_hash` of the ``config.yaml`` in ``run_dir`` (None: none there, or unreadable)."""
+    saved = _read_yaml(Path(run_dir) / "config.yaml")
+    return config_hash(saved) if saved is not None else None
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in list(a) + [k for k in b if k not in a]:
@@ -211,12 +261,11 @@ def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool 
     run_dir = Path(run_dir)
     kind = run_dir_kind(run_dir)
     if kind == "foreign":
-        raise RunDirError(f"'{run_dir}' is not empty and was not made by teachx (it has no {RUN_MARKER} file); teachx never "
-                          "deletes files it did not make, so choose a new or empty --out directory")
+        raise _foreign(run_dir)
     if kind == "teachx":
         sweep_stale_temps(run_dir)  # what a killed process was writing
         old = _read_yaml(run_dir / "config.yaml")
-        rest = [e for e in run_dir.iterdir() if e.name != RUN_MARKER and not is_temp_name(e.name)]
+        rest = [e for e in run_dir.iterdir() if e.name not in (RUN_MARKER, RUN_LOCK) and not is_temp_name(e.name)]
         if old is None and not rest:
             kind = "empty"  # the marker alone: killed right after making the directory
         elif old is not None and run_identity(old) is not None and run_identity(old) == run_identity(saved):
@@ -240,10 +289,16 @@ def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool 
     return run_dir
 
 
+def _foreign(run_dir: Path) -> RunDirError:
+    return RunDirError(f"'{run_dir}' is not empty and was not made by teachx (it has no {RUN_MARKER} file); teachx never "
+                       "deletes files it did not make, so choose a new or empty --out directory")
+
+
 def _make_dir(path: Path, marker: str, kind: str, name: str, text: str, always_mark: bool) -> None:
     """Create ``path`` with its marker and ``name`` (= ``text``); on a write error leave nothing behind
-    that this call made, and raise the one-line OutputError."""
-    created = not path.exists()
+    that this call made, and raise the one-line OutputError. (A directory that holds only the lock of
+    this process was made for it a moment ago: :func:`hold_run_dir` removes it again.)"""
+    created = not path.exists() or [e.name for e in path.iterdir()] == [RUN_LOCK]
     try:
         path.mkdir(parents=True, exist_ok=True)
         if always_mark or not (path / marker).exists():
@@ -254,7 +309,7 @@ def _make_dir(path: Path, marker: str, kind: str, name: str, text: str, always_m
             for made in (marker, name):
                 (path / made).unlink(missing_ok=True)
             try:
-                path.rmdir()
+                path.rmdir()  # fails while the lock is in it: its holder removes the directory
             except OSError:
                 pass
         if isinstance(exc, OutputError):
@@ -272,3 +327,96 @@ def prepare_study_dir(out: Path, text: str) -> Path:
         sweep_stale_temps(out)
     _make_dir(out, STUDY_MARKER, "study", "study.yaml", text, always_mark=False)
     return out
+
+
+# -- one writer per run directory ------------------------------------------------------------------
+
+def command_line() -> str:
+    """This process's teachx command as a user typed it (for the lock's record)."""
+    return " ".join(["teachx", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def _clock(since: Any) -> str:
+    if not isinstance(since, (int, float)):
+        return "an unknown time"
+    t = time.localtime(since)
+    return time.strftime("%H:%M:%S" if t[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S", t)
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    """``'teachx run --out x' (pid 123 on host, since 14:02:11)`` for a lock's record."""
+    if not holder.get("pid"):
+        return "another process (its lock record is being written or is unreadable)"
+    command = str(holder.get("command") or "")
+    command = command if len(command) <= 160 else command[:157] + "..."
+    what = f"'{command}'" if command else "another process"
+    return f"{what} (pid {holder['pid']} on {holder.get('host', 'an unknown host')}, since {_clock(holder.get('since'))})"
+
+
+def _in_use(path: Path, holder: dict[str, Any], what: str) -> str:
+    return f"{what} '{path}' is in use by {describe_holder(holder)}"
+
+
+def in_use_message(path: Path, holder: dict[str, Any], what: str = "run directory") -> str:
+    """The one line for a run directory another process holds."""
+    lock = path / RUN_LOCK
+    text = _in_use(path, holder, what)
+    if holder.get("host") and holder.get("host") != socket.gethostname():
+        return (f"{text}, a process on another machine, which teachx cannot check from here; wait for it to finish, or pass "
+                f"--wait (if that process is gone for good, delete '{lock}')")
+    return f"{text}; wait for it to finish, or pass --wait"
+
+
+def enclosing_run_dir(path: str | Path) -> Optional[Path]:
+    """``path`` or the nearest folder above it that is a teachx run directory, as the user wrote it where
+    it can be (None: not inside one)."""
+    p = Path(path)
+    for d in (p, *p.parents, *([] if p.is_absolute() else Path.cwd().parents)):
+        if run_dir_kind(d) == "teachx" and not (d / STUDY_MARKER).exists():
+            return d
+    return None
+
+
+@contextlib.contextmanager
+def hold_run_dir(path: str | Path, wait: bool = False, log: Callable[[str], None] = print,
+                 what: str = "run directory", foreign_ok: bool = False) -> Iterator[Path]:
+    """Hold the run directory ``path`` (its ``.teachx-lock``) while the ``with`` block writes in it.
+
+    Another live process holding it: a :class:`RunDirError` naming it (command, pid, host, since when),
+    or with ``wait`` a log line and a wait until it is free. A lock left by a dead process on this
+    host is taken over with a warning (``log``). A directory that does not exist yet is made for the
+    lock and removed again at the end if nothing was written into it. A directory teachx did not make
+    is refused before anything is written into it (``foreign_ok``: any folder, e.g. `teachx explain --out`).
+    """
+    from teachx.utils.io import output_error
+    from teachx.utils.locking import Busy, file_lock
+
+    path = Path(path)
+    if not foreign_ok and run_dir_kind(path) == "foreign":
+        raise _foreign(path)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, exc.filename or path) from exc
+    lock = file_lock(path / RUN_LOCK, wait=wait, poll=1.0, info={"command": command_line()},
+                     on_wait=lambda h: log(f"teachx: {_in_use(path, h, what)}; waiting until it is free"),
+                     on_stale=lambda h: log(f"teachx: warning: {what} '{path}' was locked by {describe_holder(h)}, "
+                                            "which is no longer running; taking it over"))
+    try:
+        try:
+            lock.__enter__()
+        except Busy as busy:
+            raise RunDirError(in_use_message(path, busy.holder, what)) from None
+        except OSError as exc:
+            raise output_error(exc, exc.filename or path) from exc
+        try:
+            yield path
+        finally:
+            lock.__exit__(None, None, None)
+    finally:
+        if created:
+            try:
+                path.rmdir()  # only when empty: nothing was written after all
+            except OSError:
+                pass

@@ -429,7 +429,14 @@ def _per_class(doc: _Doc, d: Path, res: dict[str, Any]) -> None:
 
 
 def _run_report(d: Path) -> _Doc:
+    from teachx.orchestration.rundir import run_config_hash, saved_run_config
+
     res = _read_json(d / "results.json")
+    bound = run_config_hash(d)
+    if bound is not None and res.get("config_hash", bound) != bound:  # results.json without a hash: an older teachx's
+        command = saved_run_config(d)[0] or "run"
+        raise RunDirError(f"'{d / 'results.json'}' was made with another config than '{d / 'config.yaml'}'; re-run the "
+                          f"`teachx {command}` command that made the run directory (it evaluates the run again), then the report")
     doc = _Doc(f"teachx run: {res.get('dataset', '?')} / {res.get('backbone', '?')} / teacher {res.get('teacher', '?')}")
     doc.p("A single run (one seed): no statistics. Use `teachx study` for several seeds, confidence intervals and p-values.", "note")
     doc.h("Accuracy")

@@ -11,7 +11,8 @@ matching event of the process (N counts from 1):
 
 ACTION ``kill``: SIGKILL the process (nothing runs after it, as with ``kill -9`` or a power cut);
 ``int``: SIGINT (what Ctrl-C sends); ``oserror``: raise OSError(ERRNO) as a full or read-only
-file system would, while the temporary file is half-written.
+file system would, while the temporary file is half-written; ``stop``: SIGSTOP, the process stays
+alive (holding its locks) until the test sends SIGCONT.
 """
 
 import os
@@ -38,6 +39,8 @@ if _SPEC:
             return
         if _action.startswith("kill"):
             os.kill(os.getpid(), signal.SIGKILL)
+        elif _action.startswith("stop"):
+            os.kill(os.getpid(), signal.SIGSTOP)
         elif _action.startswith("int"):
             os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt at the next bytecode, as on Ctrl-C
         elif _action == "oserror":
