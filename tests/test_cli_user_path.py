@@ -445,3 +445,31 @@ def test_cache_clean_older_than(tmp_path):
     report = clean(chosen, dry_run=False)
     assert [r.entry.path for r in report if r.deleted] == [old]
     assert not old.exists() and new.exists()
+
+
+# ------------------------------------------------------------------ output locations that cannot be made
+
+UNDER_A_FILE = [
+    ("train", "--out", "{f}/run", "train.epochs=1"),
+    ("run", "--out", "{f}/a/b", "train.epochs=1"),
+    ("demo", "--out", "{f}/run"),
+    ("study", "study-cifar10-confirm", "--out", "{f}/study"),
+    ("report", "{run}", "--out", "{f}/report.html"),
+    ("explain", "{run}", "{img}", "--out", "{f}/maps"),
+    ("serve", "{run}", "--precompute", "--no-serve", "--cache-dir", "{f}/cache"),
+    ("cache", "list", "--dir", "{f}/cache"),
+    ("cache", "clean", "--all", "--yes", "--dir", "{f}/cache"),
+]
+
+
+@pytest.mark.parametrize("args", UNDER_A_FILE, ids=lambda a: "-".join(a[:2]))
+def test_an_output_location_under_a_file_is_one_line(tiny_run, tmp_path, args):
+    """--out (or --cache-dir, --dir) below a regular file: one line naming the path and the file in the way,
+    exit 2, no traceback, nothing made."""
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    img = _image(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run(*[a.format(f=afile, run=tiny_run["run"], img=img) for a in args], cwd=tmp_path, env_extra=tiny_run["env"])
+    assert_one_line_error(res, f"'{afile}' is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and afile.read_text() == "x\n"

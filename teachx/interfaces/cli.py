@@ -331,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except click.exceptions.UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx else "teachx"
-        click.echo(f"teachx: error: {exc.format_message()}; see '{cmd} --help'", err=True)
+        click.echo(f"teachx: error: {exc.format_message().rstrip('.')}; see '{cmd} --help'", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
         from teachx.training import distributed as dist_utils
@@ -365,9 +365,11 @@ def _os_error(exc: OSError) -> Optional[str]:
     """One line for a file-system problem the user can fix (full, read-only, no permission), else None."""
     import errno
 
-    from teachx.utils.io import output_error
+    from teachx.utils.io import blocking_file, output_error
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return str(output_error(exc))
+    if exc.filename and blocking_file(exc, exc.filename) is not None:  # an output folder where a file is
         return str(output_error(exc))
     if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
         return (f"'{exc.filename}': permission denied; check its permissions or choose another location "

@@ -243,20 +243,24 @@ def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool 
 def _make_dir(path: Path, marker: str, kind: str, name: str, text: str, always_mark: bool) -> None:
     """Create ``path`` with its marker and ``name`` (= ``text``); on a write error leave nothing behind
     that this call made, and raise the one-line OutputError."""
-    created = not path.exists()
+    created = [p for p in (path, *path.parents) if not (p.exists() or p.is_symlink())]  # innermost first
     try:
         path.mkdir(parents=True, exist_ok=True)
         if always_mark or not (path / marker).exists():
             write_marker(path, marker, kind)
         write_text_atomic(path / name, text)
     except OSError as exc:
-        if created:
+        if created:  # undo only what this call made; under a file (--out afile/run) none of it exists
             for made in (marker, name):
-                (path / made).unlink(missing_ok=True)
-            try:
-                path.rmdir()
-            except OSError:
-                pass
+                try:
+                    (path / made).unlink(missing_ok=True)
+                except OSError:
+                    pass
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         if isinstance(exc, OutputError):
             raise
         raise output_error(exc, exc.filename or path) from exc
