@@ -211,6 +211,29 @@ def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
     assert_one_line_error(run("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier")
 
 
+def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run, tmp_path):
+    """A second `teachx explain` into the same folder replaces what the first wrote (no _1 copies, no stale
+    faithfulness.json); files teachx did not write there, or changed since, are kept untouched."""
+    img = _image(tmp_path)
+    out = tmp_path / "maps"
+    first = run("explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env_extra=tiny_run["env"])
+    assert first.returncode == 0, first.stderr
+    assert {"x_impactx.png", "x_deepshap.png", "faithfulness.json"} <= {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    (out / "x_impactx_1.png").write_bytes(b"my own picture")  # a name teachx might pick: still not teachx's
+    (out / "x_deepshap.png").write_bytes(b"edited by the user")  # written by teachx, changed since: now the user's
+    again = run("explain", tiny_run["run"], img, "--out", out, env_extra=tiny_run["env"])
+    assert again.returncode == 0, again.stderr
+    assert "replaced 2 file(s) an earlier `teachx explain` wrote" in again.stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".teachx-explain.json", "notes.txt", "x_deepshap.png", "x_impactx.png", "x_impactx_1.png"], names
+    assert (out / "notes.txt").read_text() == "mine" and (out / "x_impactx_1.png").read_bytes() == b"my own picture"
+    assert (out / "x_deepshap.png").read_bytes() == b"edited by the user"
+    assert Image.open(out / "x_impactx.png").size[0] > 28  # the new overlay
+    third = run("explain", tiny_run["run"], img, "--out", out, env_extra=tiny_run["env"])
+    assert third.returncode == 0 and sorted(p.name for p in out.iterdir()) == names
+
+
 def _tiny_method_run(root: Path, *overrides: str) -> Path:
     """An in-process `teachx run` on the bundled data with TINY settings and ``overrides``."""
     from teachx.interfaces.config import resolve_config
@@ -303,7 +326,8 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     assert res.returncode == 0, res.stderr
     rec = json.loads((out / "faithfulness.json").read_text())
     assert rec["teacher_method"] == "deepshap" and rec["explained"] == "predicted" and rec["steps"] == 8
-    assert sorted(p.name for p in out.iterdir()) == ["faithfulness.json", "im0_deepshap.png", "im0_impactx.png", "im1_deepshap.png", "im1_impactx.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".teachx-explain.json", "faithfulness.json", "im0_deepshap.png", "im0_impactx.png",
+                                                    "im1_deepshap.png", "im1_impactx.png"]
     assert "MoRF AUC (lower = more faithful): built-in" in res.stdout and "mean over 2 image(s)" in res.stdout
 
     monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
@@ -325,7 +349,9 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     assert set(mean) == {"built_in", "teacher_post_hoc", "random"}
 
     again = run("explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness", env_extra=tiny_run["env"])
-    assert again.returncode == 0 and (out / "faithfulness_1.json").is_file() and (out / "im0_deepshap_1.png").is_file()
+    assert again.returncode == 0, again.stderr  # the earlier output is replaced, not copied next to it
+    assert sorted(p.name for p in out.iterdir()) == [".teachx-explain.json", "faithfulness.json", "im0_deepshap.png", "im0_impactx.png"]
+    assert len(json.loads((out / "faithfulness.json").read_text())["images"]) == 1
     alone = tmp_path / "alone.safetensors"  # a checkpoint outside its run: no teacher config, no background
     shutil.copy(tiny_run["run"] / "impactx" / "checkpoints" / "best.safetensors", alone)
     assert_one_line_error(run("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env_extra=tiny_run["env"]),

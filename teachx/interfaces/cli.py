@@ -238,7 +238,7 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder for the heatmap PNGs.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder for the heatmap PNGs; what an earlier `teachx explain` wrote there is replaced, other files are kept.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--class", "cls", type=click.IntRange(min=0), default=None,
               help="Per-class models (impactx.per_class): the map of this class, not the predicted one.")

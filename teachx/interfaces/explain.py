@@ -14,7 +14,7 @@ from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, DataError, TeachxError
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec
 from teachx.training.checkpoint import load_state_into
-from teachx.utils.io import write_json_atomic
+from teachx.utils.io import output_error, write_json_atomic
 from teachx.utils.seeding import choose_device
 
 
@@ -113,9 +113,62 @@ def _post_hoc_plan(checkpoint: Path, channels: int, size: tuple[int, int]):
 
 def _unique(out_dir: Path, stem: str, suffix: str) -> Path:
     dest, n = out_dir / f"{stem}{suffix}", 1
-    while dest.exists():  # never replace a file
+    while dest.exists():  # never replace a file teachx did not write (its own earlier ones are gone by now)
         dest, n = out_dir / f"{stem}_{n}{suffix}", n + 1
     return dest
+
+
+#: the record, in a `teachx explain` --out folder, of the files teachx wrote there (name -> content digest):
+#: the next `teachx explain` into that folder replaces exactly these, never a file it did not write or one
+#: changed since (which is then the user's)
+MANIFEST = ".teachx-explain.json"
+
+
+class OutputFolder:
+    """A `teachx explain` --out folder: what an earlier run wrote there is removed, and what this run
+    writes is recorded in :data:`MANIFEST` file by file, so an interrupted run is replaced next time too."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files: dict[str, str] = {}
+
+    def earlier(self) -> dict[str, str]:
+        """name -> digest of the files an earlier run recorded here ({} without a readable record)."""
+        import json
+
+        try:
+            files = json.loads((self.path / MANIFEST).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+    def open(self) -> int:
+        """Make the folder and remove the files an earlier run wrote there, unchanged; returns how many."""
+        from teachx.utils.hashing import sha256_file
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for name, digest in self.earlier().items():
+            p = self.path / name
+            if Path(name).name != name or p.is_symlink() or not p.is_file() or sha256_file(p) != digest:
+                continue  # gone, or no longer the file teachx wrote: kept
+            p.unlink()
+            removed += 1
+        self._record()
+        return removed
+
+    def wrote(self, path: Path) -> None:
+        """Record ``path`` (in this folder) as teachx's, with the digest of what is there now."""
+        from teachx.utils.hashing import sha256_file
+
+        if not path.is_file():  # nothing was written (a drawing step that writes no file)
+            return
+        self.files[path.name] = sha256_file(path)
+        self._record()
+
+    def _record(self) -> None:
+        write_json_atomic(self.path / MANIFEST, {"files": self.files, "note": "files `teachx explain` wrote here; "
+                                                 "the next `teachx explain` into this folder replaces them"})
 
 
 def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
@@ -187,7 +240,13 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     explained = logits.argmax(1) if target is None else target
     faith = _faithfulness(cfg, plan, model, x, explained, maps.float(), steps, dev) if faithfulness else None
     method = cfg.teacher.method if cfg is not None else ""
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failure above leaves nothing behind
+    folder = OutputFolder(out_dir)
+    try:
+        replaced = folder.open()  # only now: a failure above leaves nothing behind
+    except OSError as exc:
+        raise output_error(exc, out_dir, "--out") from exc
+    if replaced:
+        yield f"notice: replaced {replaced} file(s) an earlier `teachx explain` wrote in {out_dir}"
     rows = []
     for i, p in enumerate(images):
         if notices[i]:
@@ -197,10 +256,12 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
         dest = _unique(out_dir, stem, ".png")
         of = "" if cls is None else f"; map of {class_names[cls]}"
         save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
+        folder.wrote(dest)
         yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
         if faith is not None:
             post_dest = _unique(out_dir, f"{Path(p).stem}_{method}" + ("" if cls is None else f"_class{cls}"), ".png")
             save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}")
+            folder.wrote(post_dest)
             row = _faith_row(faith["report"], i)
             rows.append({"image": str(p), "predicted": k, "predicted_name": class_names[k], "explained_class": int(explained[i]),
                          "explained_name": class_names[int(explained[i])], "built_in_png": str(dest), "post_hoc_png": str(post_dest), **row})
@@ -217,6 +278,7 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
                   "images": rows}
         dest = _unique(out_dir, "faithfulness", ".json")
         write_json_atomic(dest, record)
+        folder.wrote(dest)
         a = report["auc"]["pixel_flipping_morf"]
         yield (f"mean over {len(rows)} image(s): MoRF AUC built-in {a['built_in']:.3f}, {method} post hoc {a['teacher_post_hoc']:.3f}, "
                f"random {a['random']:.3f}; correlation {report['corr_self']:.3f} -> {dest}")
