@@ -148,6 +148,62 @@ def test_config_describe_output_is_a_valid_config(tmp_path):
     assert again.stdout == plain.stdout
 
 
+def _config_main(capsys, *args: str) -> str:
+    """`teachx config ARGS` in this process (one subprocess per shipped config would be slow): its stdout."""
+    from teachx.interfaces.cli import main
+
+    main(["config", *map(str, args)])  # an error exits (SystemExit), which fails the test
+    return capsys.readouterr().out
+
+
+def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
+    """Every config `teachx config --list` lists prints, a study one with its resolved study: section, and the
+    printed file (plain or --describe) reads back as the same config."""
+    import yaml
+
+    from teachx.interfaces.shipped_configs import is_study, shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    table = _config_main(capsys, "--list").split("\n\n")[0].splitlines()[1:]  # the rows up to the examples
+    listed = [ln.split()[0] for ln in table]
+    assert sorted(listed) == sorted(shipped_configs())
+    for name in listed:
+        out = _config_main(capsys, name)
+        data = yaml.safe_load(out)
+        assert {"data", "model", "train", "teacher", "impactx", "method"} <= set(data), name
+        if is_study(shipped_configs()[name]):
+            assert set(data["study"]) == {"seeds", "arms", "regimes", "control", "controls", "eval", "alpha", "arm_regimes"}, name
+            assert set(data["study"]["eval"]) == {"faithfulness", "n_images", "steps", "patch_size", "examples"}, name
+        else:
+            assert "study" not in data, name
+        (tmp_path / "printed.yaml").write_text(out)
+        assert _config_main(capsys, tmp_path / "printed.yaml") == out, name
+        (tmp_path / "described.yaml").write_text(_config_main(capsys, "--describe", name))
+        assert _config_main(capsys, tmp_path / "described.yaml") == out, name
+
+
+def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path):
+    from teachx.orchestration.study import STUDY_KEYS
+
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("train:\n  epochs: 2\nstudy:\n  n_seeds: 3\n  arms:\n    impactx: {}\n    lambda0: {impactx.lam: 0}\n")
+    res = run("config", cfg, "study.alpha=0.01", "train.lr=0.5", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    study = res.stdout[res.stdout.index("\nstudy:\n"):]
+    for line in ("  seeds: [0, 1, 2]", "    impactx: {}", "    lambda0: {impactx.lam: 0}", "  regimes:\n    all: {}",
+                 "  control: lambda0", "  alpha: 0.01", "  arm_regimes: {}", "  eval: {faithfulness: false, n_images: 256,"):
+        assert line in study, (line, study)
+    assert "epochs: 2" in res.stdout and "lr: 0.5" in res.stdout
+    described = run("config", "--describe", cfg, cwd=tmp_path)
+    assert described.returncode == 0, described.stderr
+    for key, meaning in STUDY_KEYS.items():
+        if key != "n_seeds":  # resolved into seeds
+            assert re.search(rf"^  {key}:.*# {re.escape(meaning)}$", described.stdout, re.M), key
+    assert re.search(r"^    steps: 16\s+# pixel-flipping steps", described.stdout, re.M)
+    bad = run("config", cfg, "study.alfa=0.1", cwd=tmp_path)
+    assert_one_line_error(bad, "unknown option 'study.alfa' (did you mean 'study.alpha'?)")
+
+
 def test_every_teacher_and_backbone_option_is_described():
     from teachx.models import MODELS
     from teachx.teachers import TEACHERS

@@ -47,9 +47,11 @@ def _split_args(args: tuple[str, ...]) -> tuple[Optional[str], list[str]]:
         if "=" in a:
             overrides.append(a)
         elif config is None:
-            config = a
+            config = a  # `train.epochs` without =VALUE: find_config says that the value is missing
         else:
-            raise ConfigError(f"unexpected argument '{a}': give one CONFIG file and then KEY=VALUE overrides")
+            from teachx.interfaces.config import missing_value
+
+            raise missing_value(a) or ConfigError(f"unexpected argument '{a}': give one CONFIG file and then KEY=VALUE overrides")
     return config, overrides
 
 
@@ -137,6 +139,8 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
     """Print the resolved config; see also --list and --describe.
 
     teachx config [CONFIG] [KEY=VALUE ...]: defaults <- CONFIG (a file or a shipped name) <- overrides.
+    A study config (`teachx study`) is printed with its study: section resolved too (every key, the
+    defaults filled in); study.KEY=VALUE overrides change that section.
     """
     from teachx.interfaces.config import resolve_config
     from teachx.utils.config import dump_yaml
@@ -147,15 +151,33 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
         click.echo(list_shipped(), nl=False)
         return
     path, overrides = _split_args(args)
-    cfg = resolve_config(path, overrides)
+    study = None
+    if path is not None and _is_study_config(path):  # the run config its units start from, and the study: section
+        from teachx.interfaces.config import study_base_config
+        from teachx.orchestration.study import load_study
+
+        spec = load_study(path, overrides)
+        cfg, study = study_base_config(spec.base), spec.section()
+    else:
+        cfg = resolve_config(path, overrides)
     if describe:
         from teachx.interfaces.describe import describe_config
 
-        click.echo(describe_config(cfg), nl=False)
+        click.echo(describe_config(cfg, study), nl=False)
         return
     from teachx.interfaces.config import annotate_resolved
 
     click.echo(annotate_resolved(dump_yaml(cfg.to_dict()), cfg), nl=False)  # "# resolved: ..." on values left to the dataset
+    if study is not None:
+        click.echo(dump_yaml({"study": study}), nl=False)
+
+
+def _is_study_config(path: str) -> bool:
+    """Whether CONFIG (a file or a shipped name) has a study: section."""
+    from teachx.interfaces.shipped_configs import find_config
+    from teachx.utils.config import load_yaml
+
+    return "study" in load_yaml(find_config(path))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

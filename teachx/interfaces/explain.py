@@ -79,18 +79,28 @@ def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
 def run_config_of(checkpoint: Path):
     """The run config of the run or study unit a checkpoint belongs to (``config.yaml`` of a `teachx run` /
     `teachx demo` directory, the ``config`` of a study unit's ``unit.json``); None for a checkpoint on its own."""
-    from teachx.interfaces.config import RunConfig
     from teachx.orchestration.rundir import saved_run_config
-    from teachx.utils.config import from_dict
     from teachx.utils.io import read_trusted_json
 
     for d in list(Path(checkpoint).resolve().parents)[:3]:  # <unit>/checkpoints/x or <run>/<stage>/checkpoints/x
         if (d / "unit.json").is_file():
             rec = read_trusted_json(d / "unit.json", "re-run the study to re-create the unit", "study unit record")
-            return from_dict(RunConfig, dict(rec.get("config") or {}), f"{d / 'unit.json'} config")
+            return _config_in(dict(rec.get("config") or {}), d / "unit.json")
         if (d / "config.yaml").is_file():
-            return from_dict(RunConfig, saved_run_config(d)[1], str(d / "config.yaml"))
+            return _config_in(saved_run_config(d)[1], d / "config.yaml")
     return None
+
+
+def _config_in(data: dict, path: Path):
+    """The RunConfig ``data`` read from ``path``; an error names the file and the key as it is written there."""
+    from teachx.errors import ConfigError
+    from teachx.interfaces.config import RunConfig
+    from teachx.utils.config import from_dict
+
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"the config in '{path}': {exc}") from None
 
 
 def _post_hoc_plan(checkpoint: Path, channels: int, size: tuple[int, int]):
