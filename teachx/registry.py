@@ -14,10 +14,11 @@ from teachx.errors import ConfigError
 T = TypeVar("T")
 
 
-def suggest(name: str, valid: list[str]) -> str:
-    """' (did you mean 'x'?)' for the closest valid name, or ''."""
+def suggest(name: str, valid: list[str], prefix: str = "") -> str:
+    """' (did you mean 'x'?)' for the closest valid name, or ''; ``prefix`` (e.g. 'train.') is put before
+    the suggestion, so that it reads as the whole key the user writes."""
     close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 class Registry(Generic[T]):

@@ -71,7 +71,9 @@ def test_datasets_command():
     [
         (("train", "--out", "{tmp}/r", "data.name=cifar1O"), ("unknown dataset", "cifar10")),
         (("train", "--out", "{tmp}/r", "model.backbone=lenett"), ("unknown backbone", "lenet5")),
-        (("train", "--out", "{tmp}/r", "train.epoch=2"), ("did you mean 'epochs'",)),
+        (("train", "--out", "{tmp}/r", "train.epoch=2"), ("unknown option 'train.epoch'", "did you mean 'train.epochs'")),
+        (("train", "--out", "{tmp}/r", "train.epochs"), ("'train.epochs' has no value; write train.epochs=VALUE",)),
+        (("run", "demo", "train.epochs", "--out", "{tmp}/r"), ("'train.epochs' has no value; write train.epochs=VALUE",)),
         (("train", "--out", "{tmp}/r", "train.optimizer=rmsprop"), ("train.optimizer",)),
         (("train", "--out", "{tmp}/r", "teacher.method=shapp"), ()),
         (("run", "{tmp}/missing.yaml", "--out", "{tmp}/r"), ("not found",)),

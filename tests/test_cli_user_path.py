@@ -148,6 +148,62 @@ def test_config_describe_output_is_a_valid_config(tmp_path):
     assert again.stdout == plain.stdout
 
 
+def _config_main(capsys, *args: str) -> str:
+    """`teachx config ARGS` in this process (one subprocess per shipped config would be slow): its stdout."""
+    from teachx.interfaces.cli import main
+
+    main(["config", *map(str, args)])  # an error exits (SystemExit), which fails the test
+    return capsys.readouterr().out
+
+
+def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
+    """Every config `teachx config --list` lists prints, a study one with its resolved study: section, and the
+    printed file (plain or --describe) reads back as the same config."""
+    import yaml
+
+    from teachx.interfaces.shipped_configs import is_study, shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    table = _config_main(capsys, "--list").split("\n\n")[0].splitlines()[1:]  # the rows up to the examples
+    listed = [ln.split()[0] for ln in table]
+    assert sorted(listed) == sorted(shipped_configs())
+    for name in listed:
+        out = _config_main(capsys, name)
+        data = yaml.safe_load(out)
+        assert {"data", "model", "train", "teacher", "impactx", "method"} <= set(data), name
+        if is_study(shipped_configs()[name]):
+            assert set(data["study"]) == {"seeds", "arms", "regimes", "control", "controls", "eval", "alpha", "arm_regimes"}, name
+            assert set(data["study"]["eval"]) == {"faithfulness", "n_images", "steps", "patch_size", "examples"}, name
+        else:
+            assert "study" not in data, name
+        (tmp_path / "printed.yaml").write_text(out)
+        assert _config_main(capsys, tmp_path / "printed.yaml") == out, name
+        (tmp_path / "described.yaml").write_text(_config_main(capsys, "--describe", name))
+        assert _config_main(capsys, tmp_path / "described.yaml") == out, name
+
+
+def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path):
+    from teachx.orchestration.study import STUDY_KEYS
+
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("train:\n  epochs: 2\nstudy:\n  n_seeds: 3\n  arms:\n    impactx: {}\n    lambda0: {impactx.lam: 0}\n")
+    res = run("config", cfg, "study.alpha=0.01", "train.lr=0.5", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    study = res.stdout[res.stdout.index("\nstudy:\n"):]
+    for line in ("  seeds: [0, 1, 2]", "    impactx: {}", "    lambda0: {impactx.lam: 0}", "  regimes:\n    all: {}",
+                 "  control: lambda0", "  alpha: 0.01", "  arm_regimes: {}", "  eval: {faithfulness: false, n_images: 256,"):
+        assert line in study, (line, study)
+    assert "epochs: 2" in res.stdout and "lr: 0.5" in res.stdout
+    described = run("config", "--describe", cfg, cwd=tmp_path)
+    assert described.returncode == 0, described.stderr
+    for key, meaning in STUDY_KEYS.items():
+        if key != "n_seeds":  # resolved into seeds
+            assert re.search(rf"^  {key}:.*# {re.escape(meaning)}$", described.stdout, re.M), key
+    assert re.search(r"^    steps: 16\s+# pixel-flipping steps", described.stdout, re.M)
+    bad = run("config", cfg, "study.alfa=0.1", cwd=tmp_path)
+    assert_one_line_error(bad, "unknown option 'study.alfa' (did you mean 'study.alpha'?)")
+
+
 def test_every_teacher_and_backbone_option_is_described():
     from teachx.models import MODELS
     from teachx.teachers import TEACHERS
@@ -209,6 +265,29 @@ def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
     shutil.copytree(tiny_run["run"] / "baseline" / "checkpoints", classifier_unit / "checkpoints")
     (classifier_unit / "unit.json").write_text(json.dumps({"key": "k1", "kind": "classifier", "config": {}}))
     assert_one_line_error(run("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier")
+
+
+def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run, tmp_path):
+    """A second `teachx explain` into the same folder replaces what the first wrote (no _1 copies, no stale
+    faithfulness.json); files teachx did not write there, or changed since, are kept untouched."""
+    img = _image(tmp_path)
+    out = tmp_path / "maps"
+    first = run("explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env_extra=tiny_run["env"])
+    assert first.returncode == 0, first.stderr
+    assert {"x_impactx.png", "x_deepshap.png", "faithfulness.json"} <= {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    (out / "x_impactx_1.png").write_bytes(b"my own picture")  # a name teachx might pick: still not teachx's
+    (out / "x_deepshap.png").write_bytes(b"edited by the user")  # written by teachx, changed since: now the user's
+    again = run("explain", tiny_run["run"], img, "--out", out, env_extra=tiny_run["env"])
+    assert again.returncode == 0, again.stderr
+    assert "replaced 2 file(s) an earlier `teachx explain` wrote" in again.stdout
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".teachx-explain.json", "notes.txt", "x_deepshap.png", "x_impactx.png", "x_impactx_1.png"], names
+    assert (out / "notes.txt").read_text() == "mine" and (out / "x_impactx_1.png").read_bytes() == b"my own picture"
+    assert (out / "x_deepshap.png").read_bytes() == b"edited by the user"
+    assert Image.open(out / "x_impactx.png").size[0] > 28  # the new overlay
+    third = run("explain", tiny_run["run"], img, "--out", out, env_extra=tiny_run["env"])
+    assert third.returncode == 0 and sorted(p.name for p in out.iterdir()) == names
 
 
 def _tiny_method_run(root: Path, *overrides: str) -> Path:
@@ -322,7 +401,8 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     assert res.returncode == 0, res.stderr
     rec = json.loads((out / "faithfulness.json").read_text())
     assert rec["teacher_method"] == "deepshap" and rec["explained"] == "predicted" and rec["steps"] == 8
-    assert sorted(p.name for p in out.iterdir()) == ["faithfulness.json", "im0_deepshap.png", "im0_impactx.png", "im1_deepshap.png", "im1_impactx.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".teachx-explain.json", "faithfulness.json", "im0_deepshap.png", "im0_impactx.png",
+                                                    "im1_deepshap.png", "im1_impactx.png"]
     assert "MoRF AUC (lower = more faithful): built-in" in res.stdout and "mean over 2 image(s)" in res.stdout
 
     monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
@@ -344,7 +424,9 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     assert set(mean) == {"built_in", "teacher_post_hoc", "random"}
 
     again = run("explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness", env_extra=tiny_run["env"])
-    assert again.returncode == 0 and (out / "faithfulness_1.json").is_file() and (out / "im0_deepshap_1.png").is_file()
+    assert again.returncode == 0, again.stderr  # the earlier output is replaced, not copied next to it
+    assert sorted(p.name for p in out.iterdir()) == [".teachx-explain.json", "faithfulness.json", "im0_deepshap.png", "im0_impactx.png"]
+    assert len(json.loads((out / "faithfulness.json").read_text())["images"]) == 1
     alone = tmp_path / "alone.safetensors"  # a checkpoint outside its run: no teacher config, no background
     shutil.copy(tiny_run["run"] / "impactx" / "checkpoints" / "best.safetensors", alone)
     assert_one_line_error(run("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env_extra=tiny_run["env"]),
@@ -464,3 +546,31 @@ def test_cache_clean_older_than(tmp_path):
     report = clean(chosen, dry_run=False)
     assert [r.entry.path for r in report if r.deleted] == [old]
     assert not old.exists() and new.exists()
+
+
+# ------------------------------------------------------------------ output locations that cannot be made
+
+UNDER_A_FILE = [
+    ("train", "--out", "{f}/run", "train.epochs=1"),
+    ("run", "--out", "{f}/a/b", "train.epochs=1"),
+    ("demo", "--out", "{f}/run"),
+    ("study", "study-cifar10-confirm", "--out", "{f}/study"),
+    ("report", "{run}", "--out", "{f}/report.html"),
+    ("explain", "{run}", "{img}", "--out", "{f}/maps"),
+    ("serve", "{run}", "--precompute", "--no-serve", "--cache-dir", "{f}/cache"),
+    ("cache", "list", "--dir", "{f}/cache"),
+    ("cache", "clean", "--all", "--yes", "--dir", "{f}/cache"),
+]
+
+
+@pytest.mark.parametrize("args", UNDER_A_FILE, ids=lambda a: "-".join(a[:2]))
+def test_an_output_location_under_a_file_is_one_line(tiny_run, tmp_path, args):
+    """--out (or --cache-dir, --dir) below a regular file: one line naming the path and the file in the way,
+    exit 2, no traceback, nothing made."""
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    img = _image(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    res = run(*[a.format(f=afile, run=tiny_run["run"], img=img) for a in args], cwd=tmp_path, env_extra=tiny_run["env"])
+    assert_one_line_error(res, f"'{afile}' is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and afile.read_text() == "x\n"

@@ -31,7 +31,7 @@ def test_round_trip_through_yaml(tmp_path):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("train.epoch=3", "did you mean 'epochs'"),
+        ("train.epoch=3", "did you mean 'train.epochs'"),
         ("trian.epochs=3", "did you mean 'train'"),
         ("train.optimizer=adamx", "'adam'"),
         ("train.epochs=abc", "expected an integer"),
@@ -48,6 +48,55 @@ def test_bad_options_are_one_line_errors(override, fragment):
         resolve_config(None, [override])
     msg = str(exc.value)
     assert fragment in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown option 'train.epoch' (did you mean 'train.epochs'?); valid options in 'train': epochs,"),
+        ("seeed=1", "unknown option 'seeed' (did you mean 'seed'?); valid top-level keys: seed, device, data,"),
+        ("data.nme=x", "unknown option 'data.nme' (did you mean 'data.name'?); valid options in 'data': name,"),
+        ("train.epochs=abc", "train.epochs: expected an integer, got 'abc'"),
+        ("method.options.lamm=1", "method.options.lamm"),
+    ],
+)
+def test_errors_name_keys_as_the_user_types_them(override, message):
+    """A key is named as it is written on the command line or in the YAML file (train.epoch), never with an
+    internal prefix (config.train.epoch), in every section and in the suggestion."""
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(None, [override, "method.name=rrr"] if override.startswith("method.") else [override])
+    assert message in str(exc.value) and "config." not in str(exc.value)
+
+
+def test_study_unit_errors_name_keys_as_typed(tmp_path):
+    from teachx.orchestration.study import load_study
+
+    p = tmp_path / "s.yaml"
+    p.write_text("study:\n  arms: {a: {train.epoch: 3}}\n")
+    with pytest.raises(ConfigError, match=r"study arm 'a', regime 'all': unknown option 'train\.epoch' \(did you mean 'train\.epochs'\?\)"):
+        load_study(str(p))
+    with pytest.raises(ConfigError, match=r"unknown option 'study\.n_seed' \(did you mean 'study\.n_seeds'\?\); valid options in 'study'"):
+        load_study(str(p), ["study.n_seed=2"])
+    with pytest.raises(ConfigError, match=r"unknown option 'study\.eval\.step' \(did you mean 'study\.eval\.steps'\?\)"):
+        load_study(str(p), ["study.arms={a: {}}", "study.eval.step=2"])
+
+
+@pytest.mark.parametrize("args", [["train.epochs"], ["demo", "train.epochs"], ["seed"], ["study.n_seeds"]])
+def test_a_key_without_value_says_the_value_is_missing(tmp_path, monkeypatch, args):
+    """`teachx config train.epochs` (=VALUE forgotten) is not an unknown config file: the value is missing."""
+    from teachx.interfaces.cli import _split_args
+
+    monkeypatch.chdir(tmp_path)
+    key = args[-1]
+    with pytest.raises(ConfigError) as exc:
+        path, overrides = _split_args(tuple(args))
+        resolve_config(path, overrides)
+    assert str(exc.value) == f"'{key}' has no value; write {key}=VALUE (no spaces around '=')"
+
+
+def test_a_study_section_is_not_a_run_config():
+    with pytest.raises(ConfigError, match="belongs to `teachx study` configs"):
+        resolve_config("paper-cifar10-lenet5")
 
 
 def test_bad_yaml_file(tmp_path):

@@ -53,9 +53,11 @@ def _split_args(args: tuple[str, ...]) -> tuple[Optional[str], list[str]]:
         if "=" in a:
             overrides.append(a)
         elif config is None:
-            config = a
+            config = a  # `train.epochs` without =VALUE: find_config says that the value is missing
         else:
-            raise ConfigError(f"unexpected argument '{a}': give one CONFIG file and then KEY=VALUE overrides")
+            from teachx.interfaces.config import missing_value
+
+            raise missing_value(a) or ConfigError(f"unexpected argument '{a}': give one CONFIG file and then KEY=VALUE overrides")
     return config, overrides
 
 
@@ -143,6 +145,8 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
     """Print the resolved config; see also --list and --describe.
 
     teachx config [CONFIG] [KEY=VALUE ...]: defaults <- CONFIG (a file or a shipped name) <- overrides.
+    A study config (`teachx study`) is printed with its study: section resolved too (every key, the
+    defaults filled in); study.KEY=VALUE overrides change that section.
     """
     from teachx.interfaces.config import resolve_config
     from teachx.utils.config import dump_yaml
@@ -153,15 +157,33 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
         click.echo(list_shipped(), nl=False)
         return
     path, overrides = _split_args(args)
-    cfg = resolve_config(path, overrides)
+    study = None
+    if path is not None and _is_study_config(path):  # the run config its units start from, and the study: section
+        from teachx.interfaces.config import study_base_config
+        from teachx.orchestration.study import load_study
+
+        spec = load_study(path, overrides)
+        cfg, study = study_base_config(spec.base), spec.section()
+    else:
+        cfg = resolve_config(path, overrides)
     if describe:
         from teachx.interfaces.describe import describe_config
 
-        click.echo(describe_config(cfg), nl=False)
+        click.echo(describe_config(cfg, study), nl=False)
         return
     from teachx.interfaces.config import annotate_resolved
 
     click.echo(annotate_resolved(dump_yaml(cfg.to_dict()), cfg), nl=False)  # "# resolved: ..." on values left to the dataset
+    if study is not None:
+        click.echo(dump_yaml({"study": study}), nl=False)
+
+
+def _is_study_config(path: str) -> bool:
+    """Whether CONFIG (a file or a shipped name) has a study: section."""
+    from teachx.interfaces.shipped_configs import find_config
+    from teachx.utils.config import load_yaml
+
+    return "study" in load_yaml(find_config(path))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
@@ -260,7 +282,7 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder for the heatmap PNGs.")
+@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder for the heatmap PNGs; what an earlier `teachx explain` wrote there is replaced, other files are kept.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--class", "cls", type=click.IntRange(min=0), default=None,
               help="Per-class models (impactx.per_class): the map of this class, not the predicted one.")
@@ -387,7 +409,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except click.exceptions.UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx else "teachx"
-        click.echo(f"teachx: error: {exc.format_message()}; see '{cmd} --help'", err=True)
+        click.echo(f"teachx: error: {exc.format_message().rstrip('.')}; see '{cmd} --help'", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
         from teachx.training import distributed as dist_utils
@@ -421,9 +443,11 @@ def _os_error(exc: OSError) -> Optional[str]:
     """One line for a file-system problem the user can fix (full, read-only, no permission), else None."""
     import errno
 
-    from teachx.utils.io import output_error
+    from teachx.utils.io import blocking_file, output_error
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return str(output_error(exc))
+    if exc.filename and blocking_file(exc, exc.filename) is not None:  # an output folder where a file is
         return str(output_error(exc))
     if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
         return (f"'{exc.filename}': permission denied; check its permissions or choose another location "

@@ -30,9 +30,16 @@ touched, and neither are downloaded datasets ($TEACHX_DATA or ~/.cache/teachx/da
 
 
 def _root(cache_dir: Optional[str]) -> Path:
+    """The cache folder; one that cannot exist (a file stands in its path) is a one-line error."""
+    from teachx.errors import ConfigError
     from teachx.utils.cache_admin import cache_root
 
-    return Path(cache_dir).expanduser() if cache_dir else cache_root()
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root()
+    blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        option = "--dir" if cache_dir else "$TEACHX_CACHE"
+        raise ConfigError(f"cache folder '{root}' cannot exist: '{blocker}' is a file, not a folder; pass the cache folder with {option}")
+    return root
 
 
 def _when(t: float) -> str:
@@ -104,7 +111,8 @@ def clean_cmd(keys: tuple[str, ...], maps_: bool, data_: bool, older_than: Optio
         return
     outcomes = clean(chosen, dry_run=not yes)
     gone = [o for o in outcomes if o.deleted]
-    kept = [o for o in outcomes if not o.deleted and o.note != "would delete"]
+    kept = [o for o in outcomes if not o.deleted and o.note != "would delete" and not o.failed]
+    failed = [o for o in outcomes if o.failed]
     would = [o for o in outcomes if o.note == "would delete"]
     if not yes:
         click.echo(f"would delete {len(would)} entr{'y' if len(would) == 1 else 'ies'}, {human_size(sum(o.entry.size for o in would))}, from {root}:")
@@ -118,3 +126,8 @@ def clean_cmd(keys: tuple[str, ...], maps_: bool, data_: bool, older_than: Optio
         click.echo(f"freed {human_size(sum(o.entry.size for o in gone))}" + (f"; kept {len(kept)} in use" if kept else ""))
     elif would:
         click.echo("nothing deleted: run the same command with --yes to delete them")
+    if failed:
+        from teachx.errors import OutputError
+
+        more = f" ({len(failed) - 1} more entr{'y' if len(failed) == 2 else 'ies'} not deleted either)" if len(failed) > 1 else ""
+        raise OutputError(f"{failed[0].entry.kind} {failed[0].entry.key}: {failed[0].note}{more}")

@@ -54,6 +54,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_cache_dir(cache_dir: Optional[str]) -> None:
+    """Make the serve cache folder now: one asked for (--cache-dir, or the default with --no-serve, whose
+    whole point is the filled cache) that cannot be made is a one-line error, not a cache kept in memory."""
+    from pathlib import Path
+
+    from teachx.utils.io import output_error
+
+    if cache_dir is None:
+        from teachx.orchestration.pipeline import default_cache_dir
+
+        path = default_cache_dir() / "serve"
+    else:
+        path = Path(cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, path, "--cache-dir" if cache_dir else "--cache-dir, or $TEACHX_CACHE") from exc
+
+
 @click.command()
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_OR_STUDY_DIR...")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback exposes your models and data to the network.")
@@ -78,6 +97,8 @@ def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, preco
         raise ConfigError("--no-serve only makes sense with --precompute")
     if not no_serve:
         _require_web_stack()
+    if cache_dir is not None or no_serve:
+        _check_cache_dir(cache_dir)
     from teachx.service import Service
 
     service = Service(list(dirs), cache_dir=cache_dir, device=device)

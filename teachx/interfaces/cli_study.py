@@ -42,7 +42,9 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
 
     for o in overrides:
         if "=" not in o:
-            raise ConfigError(f"unexpected argument '{o}': give one CONFIG file and then KEY=VALUE overrides")
+            from teachx.interfaces.config import missing_value
+
+            raise missing_value(o) or ConfigError(f"unexpected argument '{o}': give one CONFIG file and then KEY=VALUE overrides")
     if config is not None and "=" in config and not Path(config).exists():  # `teachx study K=V --out DIR`: no CONFIG
         overrides, config = (config, *overrides), None
     if config is None and not status:

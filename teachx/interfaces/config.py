@@ -303,9 +303,41 @@ def resolve_config(path: Optional[str] = None, overrides: Optional[list[str]] = 
 
         data = merge(data, load_yaml(find_config(path)))  # a file, or a shipped config's name
     data = apply_overrides(data, list(overrides or []))
-    cfg = from_dict(RunConfig, data, "config")
+    if "study" in data:  # a study config (or study.* overrides) given to `teachx run` / `train`
+        raise ConfigError("the study: section (study.* keys) belongs to `teachx study` configs: run a study with "
+                          "`teachx study CONFIG --out DIR` (`teachx config CONFIG` shows it), or drop the study.* keys")
+    cfg = from_dict(RunConfig, data)
     check_names(cfg)
     return cfg
+
+
+#: impactx.* keys that null leaves to the decoder (``ImpactxConfig.resolve_design``)
+DECODER_CHOSEN = ("per_class", "map_loss", "decoder_width", "decoder_reads_m")
+
+
+def study_base_config(base: dict[str, Any]) -> RunConfig:
+    """The run config a study's units start from, as `teachx config` shows it: resolved, except the
+    impactx.* keys the base leaves to the decoder, which stay null -- each arm's decoder (impactx.decoder)
+    resolves them, so the printed study reads back as the same study."""
+    cfg = resolve_config(base=base)
+    given = base.get("impactx") if isinstance(base.get("impactx"), dict) else {}
+    for key in DECODER_CHOSEN:
+        if given.get(key) is None:
+            setattr(cfg.impactx, key, None)
+    return cfg
+
+
+def missing_value(arg: str) -> Optional[ConfigError]:
+    """The error for a KEY given without =VALUE (``train.epochs``, ``seed``, ``study.n_seeds``) where a
+    CONFIG or an override goes: a key of the config (or its study section) that is no file; else None."""
+    import dataclasses
+    from pathlib import Path
+
+    parts = arg.split(".")
+    sections = {f.name for f in dataclasses.fields(RunConfig)} | {"study"}
+    if "=" in arg or Path(arg).expanduser().exists() or parts[0] not in sections or not all(p.isidentifier() for p in parts):
+        return None
+    return ConfigError(f"'{arg}' has no value; write {arg}=VALUE (no spaces around '=')")
 
 
 def check_names(cfg: RunConfig) -> None:

@@ -22,7 +22,7 @@ def value_text(value: Any) -> str:
     if isinstance(value, tuple):
         value = list(value)
     try:
-        text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+        text = yaml.safe_dump(value, default_flow_style=True, width=10**9, sort_keys=False).strip()
     except yaml.YAMLError:
         return repr(value)
     if text.endswith("\n..."):
@@ -45,25 +45,35 @@ def _section_lines(obj: Any, indent: str) -> Iterator[str]:
             yield _commented(f"{indent}{f.name}: {value_text(value)}", docs.get(f.name, ""))
 
 
-def describe_config(cfg: Any) -> str:
+def describe_config(cfg: Any, study: Optional[dict[str, Any]] = None) -> str:
     """The resolved run config as YAML, every option with its description as a comment; then the
-    ``study:`` keys of `teachx study` configs, commented out."""
+    ``study:`` section: ``study`` (a resolved section, :meth:`StudySpec.section`) with each key's
+    value and meaning, else the keys of `teachx study` configs, commented out."""
     from teachx.orchestration.study import STUDY_KEYS, EvalSpec
 
     lines = ["# every option of a teachx config, its value here and what it means;",
              "# a file with any subset of these keys is a config (`teachx run FILE`), KEY=VALUE overrides one",
              *_section_lines(cfg, ""),
-             "",
-             "# `teachx study` configs add a study: section (seeds x arms x regimes, paired tests):",
-             "# study:"]
+             ""]
+    if study is None:
+        lines += ["# `teachx study` configs add a study: section (seeds x arms x regimes, paired tests):", "# study:"]
+    else:
+        lines += ["# the study: section of this `teachx study` config (seeds x arms x regimes, paired tests), resolved:", "study:"]
+    mark = "# " if study is None else ""
     eval_docs = option_docs(EvalSpec)
     for key, help_text in STUDY_KEYS.items():
+        if study is not None and key not in study:
+            continue  # n_seeds: resolved into seeds
         if key == "eval":
-            lines.append(_commented("#   eval:", help_text))
+            lines.append(_commented(f"{mark}  eval:", help_text))
+            values = (study or {}).get("eval") or dataclasses.asdict(EvalSpec())
             for f in dataclasses.fields(EvalSpec):
-                lines.append(_commented(f"#     {f.name}: {value_text(getattr(EvalSpec(), f.name))}", eval_docs.get(f.name, "")))
+                lines.append(_commented(f"{mark}    {f.name}: {value_text(values[f.name])}", eval_docs.get(f.name, "")))
+        elif study is not None and isinstance(study[key], dict) and study[key]:  # arms, regimes, ...: one entry a line
+            lines.append(_commented(f"  {key}:", help_text))
+            lines += [f"    {value_text(name)}: {value_text(value)}" for name, value in study[key].items()]
         else:
-            lines.append(_commented(f"#   {key}: ...", help_text))
+            lines.append(_commented(f"{mark}  {key}: {'...' if study is None else value_text(study[key])}", help_text))
     return "\n".join(lines) + "\n"
 
 

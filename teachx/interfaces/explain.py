@@ -14,7 +14,7 @@ from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, DataError, TeachxError
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec, shared_map_text
 from teachx.training.checkpoint import load_state_into
-from teachx.utils.io import write_json_atomic
+from teachx.utils.io import output_error, write_json_atomic
 from teachx.utils.seeding import choose_device
 
 
@@ -79,18 +79,28 @@ def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
 def run_config_of(checkpoint: Path):
     """The run config of the run or study unit a checkpoint belongs to (``config.yaml`` of a `teachx run` /
     `teachx demo` directory, the ``config`` of a study unit's ``unit.json``); None for a checkpoint on its own."""
-    from teachx.interfaces.config import RunConfig
     from teachx.orchestration.rundir import saved_run_config
-    from teachx.utils.config import from_dict
     from teachx.utils.io import read_trusted_json
 
     for d in list(Path(checkpoint).resolve().parents)[:3]:  # <unit>/checkpoints/x or <run>/<stage>/checkpoints/x
         if (d / "unit.json").is_file():
             rec = read_trusted_json(d / "unit.json", "re-run the study to re-create the unit", "study unit record")
-            return from_dict(RunConfig, dict(rec.get("config") or {}), f"{d / 'unit.json'} config")
+            return _config_in(dict(rec.get("config") or {}), d / "unit.json")
         if (d / "config.yaml").is_file():
-            return from_dict(RunConfig, saved_run_config(d)[1], str(d / "config.yaml"))
+            return _config_in(saved_run_config(d)[1], d / "config.yaml")
     return None
+
+
+def _config_in(data: dict, path: Path):
+    """The RunConfig ``data`` read from ``path``; an error names the file and the key as it is written there."""
+    from teachx.errors import ConfigError
+    from teachx.interfaces.config import RunConfig
+    from teachx.utils.config import from_dict
+
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"the config in '{path}': {exc}") from None
 
 
 def _post_hoc_plan(checkpoint: Path, channels: int, size: tuple[int, int]):
@@ -113,7 +123,7 @@ def _post_hoc_plan(checkpoint: Path, channels: int, size: tuple[int, int]):
 
 def _unique(out_dir: Path, stem: str, suffix: str) -> Path:
     dest, n = out_dir / f"{stem}{suffix}", 1
-    while dest.exists():  # never replace a file
+    while dest.exists():  # never replace a file teachx did not write (its own earlier ones are gone by now)
         dest, n = out_dir / f"{stem}_{n}{suffix}", n + 1
     return dest
 
@@ -140,6 +150,59 @@ def conform_image(im, channels: int, size: tuple[int, int]) -> tuple[np.ndarray,
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr, notes
+
+
+#: the record, in a `teachx explain` --out folder, of the files teachx wrote there (name -> content digest):
+#: the next `teachx explain` into that folder replaces exactly these, never a file it did not write or one
+#: changed since (which is then the user's)
+MANIFEST = ".teachx-explain.json"
+
+
+class OutputFolder:
+    """A `teachx explain` --out folder: what an earlier run wrote there is removed, and what this run
+    writes is recorded in :data:`MANIFEST` file by file, so an interrupted run is replaced next time too."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files: dict[str, str] = {}
+
+    def earlier(self) -> dict[str, str]:
+        """name -> digest of the files an earlier run recorded here ({} without a readable record)."""
+        import json
+
+        try:
+            files = json.loads((self.path / MANIFEST).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+
+    def open(self) -> int:
+        """Make the folder and remove the files an earlier run wrote there, unchanged; returns how many."""
+        from teachx.utils.hashing import sha256_file
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for name, digest in self.earlier().items():
+            p = self.path / name
+            if Path(name).name != name or p.is_symlink() or not p.is_file() or sha256_file(p) != digest:
+                continue  # gone, or no longer the file teachx wrote: kept
+            p.unlink()
+            removed += 1
+        self._record()
+        return removed
+
+    def wrote(self, path: Path) -> None:
+        """Record ``path`` (in this folder) as teachx's, with the digest of what is there now."""
+        from teachx.utils.hashing import sha256_file
+
+        if not path.is_file():  # nothing was written (a drawing step that writes no file)
+            return
+        self.files[path.name] = sha256_file(path)
+        self._record()
+
+    def _record(self) -> None:
+        write_json_atomic(self.path / MANIFEST, {"files": self.files, "note": "files `teachx explain` wrote here; "
+                                                 "the next `teachx explain` into this folder replaces them"})
 
 
 def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
@@ -203,7 +266,13 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     explained = logits.argmax(1) if target is None else target
     faith = _faithfulness(cfg, plan, model, x, explained, maps.float(), steps, dev) if faithfulness else None
     method = cfg.teacher.method if cfg is not None else ""
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failure above leaves nothing behind
+    folder = OutputFolder(out_dir)
+    try:
+        replaced = folder.open()  # only now: a failure above leaves nothing behind
+    except OSError as exc:
+        raise output_error(exc, out_dir, "--out") from exc
+    if replaced:
+        yield f"notice: replaced {replaced} file(s) an earlier `teachx explain` wrote in {out_dir}"
     rows = []
     for i, p in enumerate(images):
         if notices[i]:
@@ -213,11 +282,13 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
         dest = _unique(out_dir, stem, ".png")
         of = "" if cls is None else f"; map of {class_names[cls]}"
         save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
+        folder.wrote(dest)
         yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
         if faith is not None:
             post_dest = _unique(out_dir, f"{Path(p).stem}_{method}" + ("" if cls is None else f"_class{cls}"), ".png")
             save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}",
                          map_title=f"{method} map (post hoc)")
+            folder.wrote(post_dest)
             row = _faith_row(faith["report"], i)
             rows.append({"image": str(p), "predicted": k, "predicted_name": class_names[k], "explained_class": int(explained[i]),
                          "explained_name": class_names[int(explained[i])], "built_in_png": str(dest), "post_hoc_png": str(post_dest), **row})
@@ -234,6 +305,7 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
                   "images": rows}
         dest = _unique(out_dir, "faithfulness", ".json")
         write_json_atomic(dest, record)
+        folder.wrote(dest)
         a = report["auc"]["pixel_flipping_morf"]
         yield (f"mean over {len(rows)} image(s): MoRF AUC built-in {a['built_in']:.3f}, {method} post hoc {a['teacher_post_hoc']:.3f}, "
                f"random {a['random']:.3f}; correlation {report['corr_self']:.3f} -> {dest}")

@@ -44,6 +44,11 @@ def find_config(arg: str) -> str:
     """An existing file ``arg`` as given, else the shipped config of that name; else a one-line error."""
     if Path(arg).expanduser().is_file():
         return str(Path(arg).expanduser())
+    from teachx.interfaces.config import missing_value
+
+    missing = missing_value(arg)
+    if missing is not None:  # `teachx run train.epochs` (the =VALUE forgotten) is no config file
+        raise missing
     shipped = shipped_configs()
     name = Path(arg).name
     stem = name[: -len(".yaml")] if name.endswith(".yaml") else name[: -len(".yml")] if name.endswith(".yml") else name

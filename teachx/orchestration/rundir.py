@@ -298,20 +298,26 @@ def _make_dir(path: Path, marker: str, kind: str, name: str, text: str, always_m
     """Create ``path`` with its marker and ``name`` (= ``text``); on a write error leave nothing behind
     that this call made, and raise the one-line OutputError. (A directory that holds only the lock of
     this process was made for it a moment ago: :func:`hold_run_dir` removes it again.)"""
-    created = not path.exists() or [e.name for e in path.iterdir()] == [RUN_LOCK]
+    created = [p for p in (path, *path.parents) if not (p.exists() or p.is_symlink())]  # innermost first
+    if not created and path.is_dir() and [e.name for e in path.iterdir()] == [RUN_LOCK]:
+        created = [path]
     try:
         path.mkdir(parents=True, exist_ok=True)
         if always_mark or not (path / marker).exists():
             write_marker(path, marker, kind)
         write_text_atomic(path / name, text)
     except OSError as exc:
-        if created:
+        if created:  # undo only what this call made; under a file (--out afile/run) none of it exists
             for made in (marker, name):
-                (path / made).unlink(missing_ok=True)
-            try:
-                path.rmdir()  # fails while the lock is in it: its holder removes the directory
-            except OSError:
-                pass
+                try:
+                    (path / made).unlink(missing_ok=True)
+                except OSError:
+                    pass
+            for folder in created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         if isinstance(exc, OutputError):
             raise
         raise output_error(exc, exc.filename or path) from exc

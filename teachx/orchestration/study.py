@@ -96,11 +96,18 @@ class StudySpec:
         data["seed"] = int(seed)
         where = f"study arm '{arm}', regime '{regime}'" if arm else f"study regime '{regime}'"
         try:
-            cfg = from_dict(RunConfig, data, "config")
+            cfg = from_dict(RunConfig, data)
             check_names(cfg)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         return cfg
+
+    def section(self) -> dict[str, Any]:
+        """The ``study:`` section as resolved: every key of :data:`STUDY_KEYS` with its default filled in
+        (seeds for n_seeds), in their order; read back as a config it gives this study again."""
+        values = {"seeds": self.seeds, "arms": self.arms, "regimes": self.regimes, "control": self.control,
+                  "controls": self.controls, "eval": asdict(self.eval), "alpha": self.alpha, "arm_regimes": self.arm_regimes}
+        return {key: _deep(values[key]) for key in STUDY_KEYS if key in values}
 
     def to_dict(self) -> dict[str, Any]:
         out = {"seeds": self.seeds, "arms": self.arms, "regimes": self.regimes, "control": self.control,
@@ -204,7 +211,7 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
             set_dotted(base, ".".join(keys), value)
     for key in section:
         if key not in _STUDY_KEYS:
-            raise ConfigError(f"unknown option 'study.{key}'{suggest(key, list(_STUDY_KEYS))}; valid: {', '.join(_STUDY_KEYS)}")
+            raise ConfigError(f"unknown option 'study.{key}'{suggest(str(key), list(_STUDY_KEYS), 'study.')}; valid options in 'study': {', '.join(_STUDY_KEYS)}")
     # seeds
     if n_seeds is not None:
         seeds = list(range(int(n_seeds)))

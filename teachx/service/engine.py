@@ -244,7 +244,7 @@ class Service:
         from teachx.utils.config import from_dict
         from teachx.utils.hashing import sha256_file
 
-        cfg = from_dict(RunConfig, e.config, "config")
+        cfg = from_dict(RunConfig, e.config)
         ck = load_checkpoint(e.checkpoint)
         spec = ck.meta.get("model_spec") or {}
         impactx = spec.get("name") in BUILT_IN_MAP_MODELS  # a model that gives its own map (IMPACTX, ABN)

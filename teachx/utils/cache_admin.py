@@ -220,6 +220,7 @@ class Outcome:
     entry: CacheEntry
     deleted: bool
     note: str = ""  # why it was skipped, or what was left behind
+    failed: bool = False  # the file system refused (read-only, no permission): ``note`` names the file and the fix
 
 
 def _delete(entry: CacheEntry) -> Outcome:
@@ -246,22 +247,29 @@ def clean(entries: list[CacheEntry], dry_run: bool = True) -> list[Outcome]:
     """Delete ``entries`` (``dry_run``: only say which would go). Entries in use are skipped."""
     out = []
     for e in entries:
-        holder = e.holder()
-        if holder is not None:
-            out.append(Outcome(e, False, f"in use by pid {holder.get('pid')} on {holder.get('host')}"))
-            continue
-        if dry_run:
-            out.append(Outcome(e, False, "would delete"))
-            continue
-        if e.lock is None:
-            out.append(_delete(e))
-            continue
         try:
-            with file_lock(e.lock, wait=False):  # no process can start filling it while it goes
-                out.append(_delete(e))
-        except Busy as busy:
-            out.append(Outcome(e, False, f"in use by pid {busy.holder.get('pid')} on {busy.holder.get('host')}"))
+            out.append(_clean_one(e, dry_run))
+        except OSError as exc:  # a read-only or foreign-owned cache folder: say which file, go on with the rest
+            where = exc.filename or e.path
+            out.append(Outcome(e, False, f"cannot delete '{where}' ({exc.strerror or type(exc).__name__}); check that "
+                                         f"you may write to {e.path.parent}, or pass another cache folder with --dir", failed=True))
     return out
+
+
+def _clean_one(e: CacheEntry, dry_run: bool) -> Outcome:
+    """:func:`clean` for one entry."""
+    holder = e.holder()
+    if holder is not None:
+        return Outcome(e, False, f"in use by pid {holder.get('pid')} on {holder.get('host')}")
+    if dry_run:
+        return Outcome(e, False, "would delete")
+    if e.lock is None:
+        return _delete(e)
+    try:
+        with file_lock(e.lock, wait=False):  # no process can start filling it while it goes
+            return _delete(e)
+    except Busy as busy:
+        return Outcome(e, False, f"in use by pid {busy.holder.get('pid')} on {busy.holder.get('host')}")
 
 
 def human_size(n: float) -> str:

@@ -83,22 +83,26 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "config") -> C:
-    """Build dataclass ``cls`` from ``data``; reject unknown keys with a did-you-mean."""
+def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
+    """Build dataclass ``cls`` from ``data``; reject unknown keys with a did-you-mean.
+
+    ``where`` is the dotted key of ``data`` as the user writes it ('' for a whole config, 'train' for its
+    train section), so that messages name keys the way they are typed: ``train.epochs``.
+    """
     data = dict(data or {})
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    prefix = f"{where}." if where else ""
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(
-                f"unknown option '{where}.{key}'{suggest(key, names)}; valid options in '{where}': {', '.join(names)}"
-            )
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+            valid = f"valid options in '{where}'" if where else "valid top-level keys"
+            raise ConfigError(f"unknown option '{prefix}{key}'{suggest(str(key), names, prefix)}; {valid}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()

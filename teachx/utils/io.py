@@ -59,13 +59,18 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def output_error(exc: OSError, path: str | os.PathLike | None = None) -> OutputError:
-    """One line for a failed write: the file, the problem, the fix."""
+def output_error(exc: OSError, path: str | os.PathLike | None = None,
+                 option: str = "--out; $TEACHX_CACHE for teacher maps and data caches") -> OutputError:
+    """One line for a failed write: the file, the problem, the fix (``option``: how the user moves it)."""
     path = path if path is not None else (exc.filename or "?")
     problem = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
         exc.errno, exc.strerror or type(exc).__name__)
-    where = "choose another location (--out; $TEACHX_CACHE for teacher maps and data caches)"
+    where = f"choose another location ({option})"
+    blocker = blocking_file(exc, path)
+    if blocker is not None:  # `--out afile/run` with afile a file: no folder can be made there
+        return OutputError(f"cannot write '{path}': '{blocker}' is a file, not a folder; {where}, or move that file away",
+                           exc.errno, str(path))
     if exc.errno in _NO_SPACE:
         fix = f"free space there or {where}, then run the same command again to resume"
     elif exc.errno in _NOT_WRITABLE:
@@ -73,6 +78,21 @@ def output_error(exc: OSError, path: str | os.PathLike | None = None) -> OutputE
     else:
         fix = f"check that location or {where}"
     return OutputError(f"cannot write '{path}': {problem}; {fix}", exc.errno, str(path))
+
+
+def blocking_file(exc: OSError, path: str | os.PathLike) -> Path | None:
+    """The file standing where a folder of ``path`` must be, for the errors a folder path through a
+    file gives (ENOTDIR below it; EEXIST from making a folder where a file is); else None."""
+    if exc.errno == errno.ENOTDIR:
+        candidates = list(Path(path).parents)
+    elif exc.errno == errno.EEXIST and exc.filename:
+        candidates = [Path(exc.filename)]
+    else:
+        return None
+    for candidate in candidates:
+        if candidate.is_symlink() or candidate.exists():
+            return candidate if not candidate.is_dir() else None
+    return None
 
 
 def sweep_stale_temps(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
