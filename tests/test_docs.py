@@ -102,21 +102,34 @@ def parse(command: str, mention: bool = True) -> None:
 
 
 def _resolve(ctx: click.Context) -> None:
-    """A dry run of the config: run/train/demo/config overrides against a shipped or no CONFIG."""
+    """A dry run of the config: the KEY=VALUE overrides of run/train/demo/config/study against a shipped or
+    no CONFIG, resolved as the command would (a study config as a study)."""
     from teachx.interfaces.config import check_names, resolve_config
     from teachx.interfaces.shipped_configs import shipped_configs
+    from teachx.orchestration.study import load_study
 
     name = ctx.info_name
-    if name not in ("run", "train", "demo", "config") or ctx.params.get("list_"):
+    if name not in ("run", "train", "demo", "config", "study") or ctx.params.get("list_"):
         return
     args = ctx.params.get("args", ctx.params.get("overrides", ()))
+    if name == "study":
+        args = tuple(a for a in (ctx.params.get("config"), *args) if a)
     path, overrides = _split_args(tuple(args))
     if path is not None and path not in shipped_configs():
         return  # a placeholder (CONFIG) or the reader's own file
     if any(re.search(r"=[A-Z][A-Z_]*$|=path/|\.\.\./", o) for o in overrides):
         return  # placeholders such as data.name=NAME
+    if name in ("config", "study") and path is not None and "study" in _yaml(shipped_configs()[path]):
+        load_study(path, overrides)
+        return
     cfg = resolve_config(path, overrides)
     check_names(cfg)
+
+
+def _yaml(path: Path) -> dict:
+    from teachx.utils.config import load_yaml
+
+    return load_yaml(path) or {}
 
 
 COMMANDS = quoted_commands()
