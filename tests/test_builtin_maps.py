@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import teachx_main
+
 from teachx.errors import ConfigError
 from teachx.models import adapt, build_model
 from teachx.models.decoders import DECODERS, AdditiveDecoder, LiteAdditiveDecoder, LiteDecoder
@@ -460,15 +462,12 @@ def test_config_validation():
     (["impactx.lep_backbone=mobilenet", "impactx.decoder_reads_m=true"], None),  # accepted here; the model build says why not
 ])
 def test_bad_options_exit_2_via_cli(overrides, fragment, capsys):
-    from teachx.interfaces.cli import main  # the `teachx` entry point, in-process (a subprocess costs seconds here)
-
+    code, _, err = teachx_main(capsys, "config", *overrides)  # in-process (a subprocess costs seconds here)
     if fragment is None:
-        main(["config", *overrides])
+        assert code == 0, err
         return
-    with pytest.raises(SystemExit) as exc:
-        main(["config", *overrides])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip()
+    assert code == 2
+    err = err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("teachx: error:") and fragment in err, err
 
 
@@ -476,7 +475,6 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     """The default decoder is the built-in-maps study's best (per-class U-Net + input, 1 - Pearson);
     impactx.decoder=paper alone gives the paper's method (one map, MSE); explicit keys win; the
     written config states the resolved values."""
-    from teachx.interfaces.cli import main
     from teachx.interfaces.config import ImpactxConfig, RunConfig, resolve_config
     from teachx.models.decoders import DECODERS
 
@@ -493,8 +491,8 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
         rec = DECODERS.get(name).recommended
         assert resolve_config(overrides=[f"impactx.decoder={name}"]).impactx.per_class is rec["per_class"]
         assert not rec["per_class"] or DECODERS.get(name).supports_per_class
-    main(["config", "impactx.decoder=paper"])
-    text = capsys.readouterr().out
+    code, text, err = teachx_main(capsys, "config", "impactx.decoder=paper")
+    assert code == 0, err
     assert "decoder: paper" in text and "per_class: false" in text and "map_loss: mse" in text
     assert "decoder_width: 32" in text and "decoder_reads_m: false" in text
 

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-TEACHX = [sys.executable, "-m", "teachx"]
-
-
-def run(*args, cwd=None, env_extra=None, timeout=600):
-    import os
-
-    env = dict(os.environ)
-    env.update(env_extra or {})
-    return subprocess.run([*TEACHX, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+from conftest import run_teachx
 
 
 def assert_one_line_error(res, *fragments):
@@ -54,7 +44,7 @@ def image_zip(tmp_path_factory) -> Path:
 
 
 def test_help_lists_commands_and_examples():
-    res = run("--help")
+    res = run_teachx("--help")
     assert res.returncode == 0
     for cmd in ("demo", "run", "train", "explain", "datasets", "config"):
         assert cmd in res.stdout
@@ -62,7 +52,7 @@ def test_help_lists_commands_and_examples():
 
 
 def test_datasets_command():
-    res = run("datasets")
+    res = run_teachx("datasets")
     assert res.returncode == 0 and "bundled" in res.stdout and "present" in res.stdout and "cifar10" in res.stdout
 
 
@@ -84,7 +74,7 @@ def test_datasets_command():
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, fragments):
-    res = run(*[a.format(tmp=tmp_path) for a in args])
+    res = run_teachx(*[a.format(tmp=tmp_path) for a in args])
     assert_one_line_error(res, *fragments)
     assert not (tmp_path / "r" / "checkpoints").exists()
     assert not (tmp_path / "e").exists()
@@ -100,7 +90,7 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  lr: 0.003\n")
     out = tmp_path / "run"
-    res = run("run", cfg, "--out", out, "-q", *common, env_extra=env)
+    res = run_teachx("run", cfg, "--out", out, "-q", *common, env=env)
     assert res.returncode == 0, res.stderr
     results = json.loads((out / "results.json").read_text())
     for key in ("dataset", "backbone", "teacher", "baseline_test_acc", "impactx_test_acc", "epochs", "wall_seconds"):
@@ -109,30 +99,30 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     assert (out / "figures" / "examples.png").stat().st_size > 1000
     assert (out / "config.yaml").read_text().count("lr: 0.003") >= 1
     # same command again: every stage is skipped
-    again = run("run", cfg, "--out", out, "-q", *common, env_extra=env)
+    again = run_teachx("run", cfg, "--out", out, "-q", *common, env=env)
     assert again.returncode == 0 and again.stdout.count("complete, skipped") == 2, again.stdout
     assert "maps for" not in again.stdout  # stored maps reused
     # a different config into the same directory is refused, and nothing is changed
     before = (out / "results.json").read_bytes()
-    clash = run("run", cfg, "--out", out, "-q", *common, "impactx.lam=0.5", env_extra=env)
+    clash = run_teachx("run", cfg, "--out", out, "-q", *common, "impactx.lam=0.5", env=env)
     assert_one_line_error(clash, "different config", "--overwrite")
     assert (out / "results.json").read_bytes() == before
     # explain arbitrary images (one of another size: resized with a notice)
     img = tmp_path / "big.png"
     Image.fromarray(np.full((50, 40, 3), 200, np.uint8)).save(img)
     ck = out / "impactx" / "checkpoints" / "best.safetensors"
-    ex = run("explain", ck, img, "--out", tmp_path / "maps")
+    ex = run_teachx("explain", ck, img, "--out", tmp_path / "maps")
     assert ex.returncode == 0, ex.stderr
     assert "resized" in ex.stdout and (tmp_path / "maps" / "big_impactx.png").exists()
     # a baseline checkpoint is not an IMPACTX model; a text file is not an image
-    bad = run("explain", out / "baseline" / "checkpoints" / "best.safetensors", img, "--out", tmp_path / "m2")
+    bad = run_teachx("explain", out / "baseline" / "checkpoints" / "best.safetensors", img, "--out", tmp_path / "m2")
     assert_one_line_error(bad, "not an IMPACTX or ABN model")
     txt = tmp_path / "notes.png"
     txt.write_text("hello")
-    bad2 = run("explain", ck, txt, "--out", tmp_path / "m3")
+    bad2 = run_teachx("explain", ck, txt, "--out", tmp_path / "m3")
     assert_one_line_error(bad2, "not a readable image")
     assert not (tmp_path / "m3").exists()
     # a corrupted checkpoint
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(ck.read_bytes()[:100])
-    assert_one_line_error(run("explain", broken, img, "--out", tmp_path / "m4"), "corrupted")
+    assert_one_line_error(run_teachx("explain", broken, img, "--out", tmp_path / "m4"), "corrupted")

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_cli import assert_one_line_error, run
+from conftest import run_teachx, teachx_main
+from test_cli import assert_one_line_error
 
 SHIPPED = ("cifar10-lenet5", "cifar10-lenet5-baseline", "study-cifar10-lenet5", "study-cifar10-confirm", "demo")
 TINY = ["data.train_size=200", "train.epochs=1", "train.batch_size=64", "teacher.background_size=4",
@@ -31,7 +32,7 @@ def tiny_run(tmp_path_factory) -> dict:
     """`teachx run` with no CONFIG at all: defaults (bundled data, LeNet-5, DeepSHAP) + KEY=VALUE."""
     root = tmp_path_factory.mktemp("tiny")
     env = {"TEACHX_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
-    res = run("run", "--out", root / "run", "-q", *TINY, env_extra=env)
+    res = run_teachx("run", "--out", root / "run", "-q", *TINY, env=env)
     return {"root": root, "run": root / "run", "cache": root / "cache", "env": env, "res": res}
 
 
@@ -45,7 +46,7 @@ def test_run_needs_no_config(tiny_run):
 
 
 def test_config_list_shows_every_shipped_config_with_its_header(tmp_path):
-    res = run("config", "--list", cwd=tmp_path)
+    res = run_teachx("config", "--list", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     for name in SHIPPED:
@@ -57,27 +58,27 @@ def test_config_list_shows_every_shipped_config_with_its_header(tmp_path):
 
 @pytest.mark.parametrize("name", ["cifar10-lenet5", "cifar10-lenet5.yaml"])
 def test_shipped_config_usable_by_name_anywhere(tmp_path, name):
-    res = run("config", name, "train.epochs=3", cwd=tmp_path)  # tmp_path: no configs/ folder here
+    res = run_teachx("config", name, "train.epochs=3", cwd=tmp_path)  # tmp_path: no configs/ folder here
     assert res.returncode == 0, res.stderr
     assert "imagefolder:../shared/data/cifar10-jpg.zip" in res.stdout and "epochs: 3" in res.stdout
 
 
 def test_a_local_file_wins_over_a_shipped_name(tmp_path):
     (tmp_path / "demo.yaml").write_text("train:\n  epochs: 7\n")
-    res = run("config", "demo.yaml", cwd=tmp_path)
+    res = run_teachx("config", "demo.yaml", cwd=tmp_path)
     assert res.returncode == 0 and "epochs: 7" in res.stdout
 
 
 @pytest.mark.parametrize("cmd", [("config",), ("run", "--out", "{tmp}/r"), ("study", "--out", "{tmp}/s")])
 def test_unknown_config_name_lists_the_shipped_ones(tmp_path, cmd):
     args = [cmd[0], "cifar10-lenet"] + [a.format(tmp=tmp_path) for a in cmd[1:]]
-    res = run(*args, cwd=tmp_path)
+    res = run_teachx(*args, cwd=tmp_path)
     assert_one_line_error(res, "cifar10-lenet", *SHIPPED)
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
 def test_study_accepts_a_shipped_study_name(tmp_path):
-    res = run("study", "study-cifar10-confirm", "--out", tmp_path / "s", "--dry-run", cwd=tmp_path)
+    res = run_teachx("study", "study-cifar10-confirm", "--out", tmp_path / "s", "--dry-run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "units" in res.stdout and "gradcam" in res.stdout
 
@@ -125,7 +126,7 @@ def test_every_study_key_has_a_description():
 
 
 def test_config_describe_shows_every_option_with_its_meaning():
-    res = run("config", "--describe")
+    res = run_teachx("config", "--describe")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert re.search(r"^\s+lam: 1\.0\s+# weight of the explanation loss", out, re.M), out
@@ -142,18 +143,17 @@ def test_config_describe_shows_every_option_with_its_meaning():
 
 def test_config_describe_output_is_a_valid_config(tmp_path):
     described = tmp_path / "described.yaml"
-    described.write_text(run("config", "--describe", "train.epochs=3").stdout)
-    again, plain = run("config", described), run("config", "train.epochs=3")
+    described.write_text(run_teachx("config", "--describe", "train.epochs=3").stdout)
+    again, plain = run_teachx("config", described), run_teachx("config", "train.epochs=3")
     assert again.returncode == 0, again.stderr
     assert again.stdout == plain.stdout
 
 
 def _config_main(capsys, *args: str) -> str:
     """`teachx config ARGS` in this process (one subprocess per shipped config would be slow): its stdout."""
-    from teachx.interfaces.cli import main
-
-    main(["config", *map(str, args)])  # an error exits (SystemExit), which fails the test
-    return capsys.readouterr().out
+    code, out, err = teachx_main(capsys, "config", *args)
+    assert code == 0, err
+    return out
 
 
 def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
@@ -187,20 +187,20 @@ def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_pat
 
     cfg = tmp_path / "mine.yaml"
     cfg.write_text("train:\n  epochs: 2\nstudy:\n  n_seeds: 3\n  arms:\n    impactx: {}\n    lambda0: {impactx.lam: 0}\n")
-    res = run("config", cfg, "study.alpha=0.01", "train.lr=0.5", cwd=tmp_path)
+    res = run_teachx("config", cfg, "study.alpha=0.01", "train.lr=0.5", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     study = res.stdout[res.stdout.index("\nstudy:\n"):]
     for line in ("  seeds: [0, 1, 2]", "    impactx: {}", "    lambda0: {impactx.lam: 0}", "  regimes:\n    all: {}",
                  "  control: lambda0", "  alpha: 0.01", "  arm_regimes: {}", "  eval: {faithfulness: false, n_images: 256,"):
         assert line in study, (line, study)
     assert "epochs: 2" in res.stdout and "lr: 0.5" in res.stdout
-    described = run("config", "--describe", cfg, cwd=tmp_path)
+    described = run_teachx("config", "--describe", cfg, cwd=tmp_path)
     assert described.returncode == 0, described.stderr
     for key, meaning in STUDY_KEYS.items():
         if key != "n_seeds":  # resolved into seeds
             assert re.search(rf"^  {key}:.*# {re.escape(meaning)}$", described.stdout, re.M), key
     assert re.search(r"^    steps: 16\s+# pixel-flipping steps", described.stdout, re.M)
-    bad = run("config", cfg, "study.alfa=0.1", cwd=tmp_path)
+    bad = run_teachx("config", cfg, "study.alfa=0.1", cwd=tmp_path)
     assert_one_line_error(bad, "unknown option 'study.alfa' (did you mean 'study.alpha'?)")
 
 
@@ -219,12 +219,12 @@ def test_every_teacher_and_backbone_option_is_described():
 
 
 def test_teachers_and_models_commands_show_options():
-    t = run("teachers")
+    t = run_teachx("teachers")
     assert t.returncode == 0, t.stderr
     assert re.search(r"composite\s*=\s*'?epsilon_plus_flat'?.*\S", t.stdout), t.stdout
     assert re.search(r"steps\s*=\s*32\s+\S", t.stdout), t.stdout
     assert "teacher.options." in t.stdout  # how to set them
-    m = run("models")
+    m = run_teachx("models")
     assert m.returncode == 0, m.stderr
     assert re.search(r"alpha\s*=\s*1\.0\s+.*width", m.stdout), m.stdout
     assert re.search(r"depth\s*=\s*20\s+\S", m.stdout), m.stdout
@@ -240,7 +240,7 @@ def _image(tmp_path: Path) -> Path:
 
 
 def test_explain_accepts_a_run_dir(tiny_run, tmp_path):
-    ex = run("explain", tiny_run["run"], _image(tmp_path), "--out", tmp_path / "maps")
+    ex = run_teachx("explain", tiny_run["run"], _image(tmp_path), "--out", tmp_path / "maps")
     assert ex.returncode == 0, ex.stderr
     assert (tmp_path / "maps" / "x_impactx.png").exists()
 
@@ -249,7 +249,7 @@ def test_explain_accepts_a_study_unit_dir(tiny_run, tmp_path):
     unit = tmp_path / "study" / "units" / "abc123"
     shutil.copytree(tiny_run["run"] / "impactx" / "checkpoints", unit / "checkpoints")
     (unit / "unit.json").write_text(json.dumps({"key": "abc123", "kind": "impactx", "config": {}}))
-    ex = run("explain", unit, _image(tmp_path), "--out", tmp_path / "maps")
+    ex = run_teachx("explain", unit, _image(tmp_path), "--out", tmp_path / "maps")
     assert ex.returncode == 0, ex.stderr
     assert (tmp_path / "maps" / "x_impactx.png").exists()
 
@@ -258,13 +258,13 @@ def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
     trained = tmp_path / "trainonly"
     shutil.copytree(tiny_run["run"] / "baseline", trained / "baseline")
     shutil.copy(tiny_run["run"] / "config.yaml", trained / "config.yaml")
-    res = run("explain", trained, _image(tmp_path), "--out", tmp_path / "maps")
+    res = run_teachx("explain", trained, _image(tmp_path), "--out", tmp_path / "maps")
     assert_one_line_error(res, "no IMPACTX", "teachx run")
     assert not (tmp_path / "maps").exists()
     classifier_unit = tmp_path / "units" / "k1"
     shutil.copytree(tiny_run["run"] / "baseline" / "checkpoints", classifier_unit / "checkpoints")
     (classifier_unit / "unit.json").write_text(json.dumps({"key": "k1", "kind": "classifier", "config": {}}))
-    assert_one_line_error(run("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier")
+    assert_one_line_error(run_teachx("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier")
 
 
 def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run, tmp_path):
@@ -272,13 +272,13 @@ def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run,
     faithfulness.json); files teachx did not write there, or changed since, are kept untouched."""
     img = _image(tmp_path)
     out = tmp_path / "maps"
-    first = run("explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env_extra=tiny_run["env"])
+    first = run_teachx("explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env=tiny_run["env"])
     assert first.returncode == 0, first.stderr
     assert {"x_impactx.png", "x_deepshap.png", "faithfulness.json"} <= {p.name for p in out.iterdir()}
     (out / "notes.txt").write_text("mine")
     (out / "x_impactx_1.png").write_bytes(b"my own picture")  # a name teachx might pick: still not teachx's
     (out / "x_deepshap.png").write_bytes(b"edited by the user")  # written by teachx, changed since: now the user's
-    again = run("explain", tiny_run["run"], img, "--out", out, env_extra=tiny_run["env"])
+    again = run_teachx("explain", tiny_run["run"], img, "--out", out, env=tiny_run["env"])
     assert again.returncode == 0, again.stderr
     assert "replaced 2 file(s) an earlier `teachx explain` wrote" in again.stdout
     names = sorted(p.name for p in out.iterdir())
@@ -286,7 +286,7 @@ def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run,
     assert (out / "notes.txt").read_text() == "mine" and (out / "x_impactx_1.png").read_bytes() == b"my own picture"
     assert (out / "x_deepshap.png").read_bytes() == b"edited by the user"
     assert Image.open(out / "x_impactx.png").size[0] > 28  # the new overlay
-    third = run("explain", tiny_run["run"], img, "--out", out, env_extra=tiny_run["env"])
+    third = run_teachx("explain", tiny_run["run"], img, "--out", out, env=tiny_run["env"])
     assert third.returncode == 0 and sorted(p.name for p in out.iterdir()) == names
 
 
@@ -339,9 +339,9 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
 
     monkeypatch.undo()
     env = {"TEACHX_CACHE": str(tmp_path / "cache")}
-    res = run("explain", abn_run, img, "--out", tmp_path / "m2", "--class", "1", env_extra=env)
+    res = run_teachx("explain", abn_run, img, "--out", tmp_path / "m2", "--class", "1", env=env)
     assert_one_line_error(res, "one built-in map shared by all classes", "drop --class")
-    res = run("explain", pc_run, img, "--out", tmp_path / "m2", "--class", "10", env_extra=env)
+    res = run_teachx("explain", pc_run, img, "--out", tmp_path / "m2", "--class", "10", env=env)
     assert_one_line_error(res, "--class 10", "10 classes")
     assert not (tmp_path / "m2").exists()
 
@@ -397,7 +397,7 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
         imgs.append(tmp_path / f"im{i}.png")
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(imgs[-1])
     out = tmp_path / "faith"
-    res = run("explain", tiny_run["run"], *imgs, "--out", out, "--faithfulness", "--steps", "8", env_extra=tiny_run["env"])
+    res = run_teachx("explain", tiny_run["run"], *imgs, "--out", out, "--faithfulness", "--steps", "8", env=tiny_run["env"])
     assert res.returncode == 0, res.stderr
     rec = json.loads((out / "faithfulness.json").read_text())
     assert rec["teacher_method"] == "deepshap" and rec["explained"] == "predicted" and rec["steps"] == 8
@@ -423,16 +423,16 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     assert mean["built_in"] == pytest.approx(np.mean([r["auc"]["pixel_flipping_morf"]["built_in"] for r in rec["images"]]))
     assert set(mean) == {"built_in", "teacher_post_hoc", "random"}
 
-    again = run("explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness", env_extra=tiny_run["env"])
+    again = run_teachx("explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness", env=tiny_run["env"])
     assert again.returncode == 0, again.stderr  # the earlier output is replaced, not copied next to it
     assert sorted(p.name for p in out.iterdir()) == [".teachx-explain.json", "faithfulness.json", "im0_deepshap.png", "im0_impactx.png"]
     assert len(json.loads((out / "faithfulness.json").read_text())["images"]) == 1
     alone = tmp_path / "alone.safetensors"  # a checkpoint outside its run: no teacher config, no background
     shutil.copy(tiny_run["run"] / "impactx" / "checkpoints" / "best.safetensors", alone)
-    assert_one_line_error(run("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env_extra=tiny_run["env"]),
+    assert_one_line_error(run_teachx("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env=tiny_run["env"]),
                           "--faithfulness needs the run", "study unit")
     assert not (tmp_path / "f2").exists()
-    too_many = run("explain", tiny_run["run"], imgs[0], "--out", tmp_path / "f3", "--faithfulness", "--steps", "5000", env_extra=tiny_run["env"])
+    too_many = run_teachx("explain", tiny_run["run"], imgs[0], "--out", tmp_path / "f3", "--faithfulness", "--steps", "5000", env=tiny_run["env"])
     assert_one_line_error(too_many, "steps=5000", "784")
     assert not (tmp_path / "f3").exists()
 
@@ -441,7 +441,7 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
 def test_help_summaries_are_complete(columns):
     from teachx.interfaces.cli import cli, command_summary
 
-    res = run("--help", env_extra={"COLUMNS": columns})
+    res = run_teachx("--help", env={"COLUMNS": columns})
     assert res.returncode == 0, res.stderr
     listing = " ".join(res.stdout.split("Commands:")[1].split("Examples:")[0].split())
     summaries = {name: " ".join(command_summary(cmd).split()) for name, cmd in cli.commands.items()}
@@ -491,7 +491,7 @@ def test_cache_list_and_clean_only_what_teachx_made(tiny_run, tmp_path):
     (cache / "maps" / "other").mkdir()
     (cache / "maps" / "other" / "meta.json").write_text('{"hello": 1}')
 
-    ls = run("cache", "list", env_extra=env)
+    ls = run_teachx("cache", "list", env=env)
     assert ls.returncode == 0, ls.stderr
     for s in stores:
         assert s.name in ls.stdout
@@ -500,27 +500,27 @@ def test_cache_list_and_clean_only_what_teachx_made(tiny_run, tmp_path):
     assert "photos" not in ls.stdout and "other" not in ls.stdout.split("total")[0]
 
     # nothing selected: an error saying what to select; a selection without --yes only shows
-    assert_one_line_error(run("cache", "clean", env_extra=env), "--all")
-    dry = run("cache", "clean", "--all", env_extra=env)
+    assert_one_line_error(run_teachx("cache", "clean", env=env), "--all")
+    dry = run_teachx("cache", "clean", "--all", env=env)
     assert dry.returncode == 0 and "--yes" in dry.stdout
     assert all(s.exists() for s in stores) and data_entry.exists()
 
     # --maps --yes, while another process holds the lock of one store: that one is kept
     locked, free = stores
     with file_lock(cache / "maps" / f"{locked.name}.lock", wait=False):
-        res = run("cache", "clean", "--maps", "--yes", env_extra=env)
+        res = run_teachx("cache", "clean", "--maps", "--yes", env=env)
     assert res.returncode == 0, res.stderr
     assert locked.exists() and (locked / "meta.json").exists() and not free.exists(), res.stdout
     assert "in use" in res.stdout and data_entry.exists()
 
     # a specific entry by (a prefix of) its key
-    res = run("cache", "clean", data_entry.name[:12], "--yes", env_extra=env)
+    res = run_teachx("cache", "clean", data_entry.name[:12], "--yes", env=env)
     assert res.returncode == 0, res.stderr
     assert not data_entry.exists() and locked.exists()
-    assert_one_line_error(run("cache", "clean", "zzzz", "--yes", env_extra=env), "zzzz", "teachx cache list")
+    assert_one_line_error(run_teachx("cache", "clean", "zzzz", "--yes", env=env), "zzzz", "teachx cache list")
 
     # --all --yes: every teachx entry goes, foreign files stay
-    res = run("cache", "clean", "--all", "--yes", env_extra=env)
+    res = run_teachx("cache", "clean", "--all", "--yes", env=env)
     assert res.returncode == 0, res.stderr
     assert not locked.exists()
     assert (cache / "notes.txt").read_text() == "mine" and (cache / "photos" / "a.jpg").exists()
@@ -571,6 +571,6 @@ def test_an_output_location_under_a_file_is_one_line(tiny_run, tmp_path, args):
     afile.write_text("x\n")
     img = _image(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    res = run(*[a.format(f=afile, run=tiny_run["run"], img=img) for a in args], cwd=tmp_path, env_extra=tiny_run["env"])
+    res = run_teachx(*[a.format(f=afile, run=tiny_run["run"], img=img) for a in args], cwd=tmp_path, env=tiny_run["env"])
     assert_one_line_error(res, f"'{afile}' is a file, not a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == before and afile.read_text() == "x\n"

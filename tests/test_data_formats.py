@@ -20,10 +20,7 @@ from teachx.data.cifar import Cifar10
 from teachx.errors import ConfigError, DataError
 
 
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEACHX_DATA", str(tmp_path / "data_home"))
-    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache_home"))
+pytestmark = pytest.mark.usefixtures("isolated_dirs")  # TEACHX_DATA and TEACHX_CACHE under tmp_path
 
 
 def rng_images(seed, n, h, w, c):

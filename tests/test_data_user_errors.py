@@ -13,8 +13,6 @@ import io
 import json
 import re
 import struct
-import subprocess
-import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -24,30 +22,15 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import run_teachx, teachx_main
+
 from teachx.data import load_dataset
 from teachx.errors import DataError
 
 TINY_TRAIN = ["train.epochs=1", "train.batch_size=8", "train.eval_batch_size=64", "model.backbone=lenet5", "-q"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEACHX_DATA", str(tmp_path / "data_home"))
-    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache_home"))
-
-
-def teachx(capsys, *args):
-    """Run the `teachx` entry point in-process: (exit code, stdout, stderr)."""
-    from teachx.interfaces.cli import main
-
-    capsys.readouterr()
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+pytestmark = pytest.mark.usefixtures("isolated_dirs")  # TEACHX_DATA and TEACHX_CACHE under tmp_path
 
 
 def one_line_error(code, err) -> str:
@@ -107,14 +90,14 @@ def test_imagefolder_is_not_flipped_by_default_and_config_says_so(tmp_path):
 
 def test_teachx_config_states_resolved_augmentation_without_decoding(capsys, tmp_path):
     # The path does not exist: `teachx config` resolves the defaults from the source registry alone.
-    code, out, err = teachx(capsys, "config", f"data.name=imagefolder:{tmp_path / 'nowhere.zip'}")
+    code, out, err = teachx_main(capsys, "config", f"data.name=imagefolder:{tmp_path / 'nowhere.zip'}")
     assert code == 0, err
     assert re.search(r"^  hflip: null +# resolved: false \(imagefolder: .*flip-invariant", out, re.M), out
     assert re.search(r"^  image_size: null +# resolved: .*own size", out, re.M), out
     assert yaml.safe_load(out)["data"]["hflip"] is None  # still a valid config file
-    code, out, _ = teachx(capsys, "config", "data.name=cifar10")
+    code, out, _ = teachx_main(capsys, "config", "data.name=cifar10")
     assert re.search(r"^  hflip: null +# resolved: true \(cifar10: ", out, re.M), out
-    code, out, _ = teachx(capsys, "config", "data.name=mnist", "data.augment=false")
+    code, out, _ = teachx_main(capsys, "config", "data.name=mnist", "data.augment=false")
     assert re.search(r"^  hflip: null +# resolved: false \(data.augment=false", out, re.M), out
 
 
@@ -123,7 +106,7 @@ def test_run_log_and_results_state_augmentation(capsys, tmp_path):
     from teachx.orchestration.pipeline import data_summary, make_plan
 
     src = write_zip(tmp_path / "d.zip", tiny_images())
-    code, out, err = teachx(capsys, "train", f"data.name=imagefolder:{src}", "--out", tmp_path / "r", *TINY_TRAIN)
+    code, out, err = teachx_main(capsys, "train", f"data.name=imagefolder:{src}", "--out", tmp_path / "r", *TINY_TRAIN)
     assert code == 0, err
     line = next(l for l in out.splitlines() if l.startswith("data: "))
     assert '"hflip": false' in line and '"crop_padding": 4' in line and "imagefolder" in line, line
@@ -164,7 +147,7 @@ def test_missing_dataset_fixes_are_cli_keys_that_work(capsys, tmp_path, monkeypa
     monkeypatch.setattr(MNIST, "resources", tuple(resources))
     args = ["train", "data.name=mnist", "data.val_fraction=0.5", *TINY_TRAIN]
 
-    code, _, err = teachx(capsys, *args, "--out", tmp_path / "r0")
+    code, _, err = teachx_main(capsys, *args, "--out", tmp_path / "r0")
     message = one_line_error(code, err)
     assert "--download" not in message and "root=..." not in message
     download = re.search(r"data\.download=true", message)
@@ -172,14 +155,14 @@ def test_missing_dataset_fixes_are_cli_keys_that_work(capsys, tmp_path, monkeypa
     assert download and root, message
 
     # The suggested download, verbatim.
-    code, _, err = teachx(capsys, *args, download.group(0), "--out", tmp_path / "r1")
+    code, _, err = teachx_main(capsys, *args, download.group(0), "--out", tmp_path / "r1")
     assert code == 0, err
     # The suggested root: the files put in a folder of one's own.
     own = tmp_path / "my_mnist"
     own.mkdir()
     for name, blob in _mnist_files().items():
         (own / name).write_bytes(blob)
-    code, _, err = teachx(capsys, *args, root.group(0).replace("DIR", str(own)), "--out", tmp_path / "r2")
+    code, _, err = teachx_main(capsys, *args, root.group(0).replace("DIR", str(own)), "--out", tmp_path / "r2")
     assert code == 0, err
 
 
@@ -192,22 +175,22 @@ def test_mixed_imagefolder_fix_is_a_cli_key_that_works(capsys, tmp_path, what):
         files["test/a/01.png"] = np.zeros((16, 16, 1), np.uint8)
     src = write_zip(tmp_path / "mixed.zip", files)
     args = ["train", f"data.name=imagefolder:{src}", *TINY_TRAIN]
-    code, _, err = teachx(capsys, *args, "--out", tmp_path / "r0")
+    code, _, err = teachx_main(capsys, *args, "--out", tmp_path / "r0")
     message = one_line_error(code, err)
     assert "load_dataset" not in message.split("(")[0] and "size=(H, W)" not in message, message
     fixes = re.findall(r"data\.(?:image_size|channels)=[0-9,x]+", message)
     assert {f.split("=")[0] for f in fixes} == {"size": {"data.image_size"}, "channels": {"data.channels"},
                                                 "both": {"data.image_size", "data.channels"}}[what], message
-    code, _, err = teachx(capsys, *args, *fixes, "--out", tmp_path / "r1")
+    code, _, err = teachx_main(capsys, *args, *fixes, "--out", tmp_path / "r1")
     assert code == 0, err
     results = json.loads((tmp_path / "r1" / "results.json").read_text())
     assert results["image_size"] == [16, 16] and results["channels"] == 3
 
 
 def test_data_options_are_refused_for_fixed_format_datasets(capsys, tmp_path):
-    code, _, err = teachx(capsys, "train", "data.name=bundled", "data.image_size=32", "--out", tmp_path / "r")
+    code, _, err = teachx_main(capsys, "train", "data.name=bundled", "data.image_size=32", "--out", tmp_path / "r")
     assert "data.image_size" in one_line_error(code, err) and "imagefolder" in err
-    code, _, err = teachx(capsys, "config", "data.image_size=0")
+    code, _, err = teachx_main(capsys, "config", "data.image_size=0")
     assert "data.image_size" in one_line_error(code, err)
 
 
@@ -215,13 +198,13 @@ def test_carved_test_split_hint_is_a_cli_key_that_works(capsys, tmp_path):
     src = write_zip(tmp_path / "flat.zip", tiny_images(n=12, splits=(None,)))
     args = ["train", f"data.name=imagefolder:{src}", *TINY_TRAIN]
     with pytest.warns(UserWarning, match="carved") as record:
-        code, _, err = teachx(capsys, *args, "--out", tmp_path / "r0")
+        code, _, err = teachx_main(capsys, *args, "--out", tmp_path / "r0")
     assert code == 0, err
     message = next(str(w.message) for w in record if "carved" in str(w.message))
     assert "data.test_fraction=" in message and "data.test_seed=" in message, message
     assert json.loads((tmp_path / "r0" / "results.json").read_text())["test_images"] == 4
     with pytest.warns(UserWarning, match="carved a stratified 50% test split"):
-        code, _, err = teachx(capsys, *args, "data.test_fraction=0.5", "data.test_seed=3", "--out", tmp_path / "r1")
+        code, _, err = teachx_main(capsys, *args, "data.test_fraction=0.5", "data.test_seed=3", "--out", tmp_path / "r1")
     assert code == 0, err
     assert json.loads((tmp_path / "r1" / "results.json").read_text())["test_images"] == 12
 
@@ -319,8 +302,7 @@ def test_ignored_entries_are_said_once_per_kind_zip(tmp_path):
 def test_ignored_notices_reach_stderr_and_the_run_log(tmp_path):
     src = write_folder(tmp_path / "d", tiny_images())
     (src / "train" / "zebra").mkdir()
-    env_cmd = [sys.executable, "-m", "teachx", "train", f"data.name=imagefolder:{src}", "--out", str(tmp_path / "r"), *TINY_TRAIN]
-    res = subprocess.run(env_cmd, capture_output=True, text=True, timeout=300)
+    res = run_teachx("train", f"data.name=imagefolder:{src}", "--out", tmp_path / "r", *TINY_TRAIN, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stderr.count("1 empty class folder") == 1, res.stderr
     assert "1 empty class folder" in res.stdout, res.stdout  # the log (stdout)
@@ -362,5 +344,5 @@ def test_study_keys_follow_the_resolved_flip_default(tmp_path):
 def test_empty_deepshap_background_is_refused_with_its_cli_key(capsys):
     # Before: accepted here, then "DeepShap background is empty; pass at least one background image"
     # once the baseline had been trained -- an option the command line does not have.
-    code, _, err = teachx(capsys, "config", "teacher.background_size=0")
+    code, _, err = teachx_main(capsys, "config", "teacher.background_size=0")
     assert "teacher.background_size must be >= 1" in one_line_error(code, err)

@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TEACHX, run_teachx
+
 from teachx.errors import RunDirError
 
-TEACHX = [sys.executable, "-m", "teachx"]
 HOOK = Path(__file__).parent / "_fault_hook"
 CONFIG = "data:\n  name: bundled\n"
 TINY = ["data.train_size=200", "train.epochs=2", "train.batch_size=32", "teacher.method=gradient_x_input",
@@ -47,16 +48,18 @@ MEASURED = {"stage_seconds", "wall_seconds", "torch_threads", "seconds", "second
             "impactx_seconds_per_epoch", "method_seconds_per_epoch", "digest", "timings", "created"}
 
 
+def fault_env(cache: Path, fault: str | None = None) -> dict[str, str | None]:
+    """What a `teachx` process under the fault hook gets over this environment: its cache, one thread, the hook
+    on PYTHONPATH, and TEACHX_FAULT set to ``fault`` (or removed)."""
+    return {"TEACHX_CACHE": str(cache), "OMP_NUM_THREADS": "1", "TEACHX_FAULT": fault or None,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)}
+
+
 def teachx(*args, cwd, cache, fault=None, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "TEACHX_FAULT"}
-    env.update({"TEACHX_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)})
-    if fault:
-        env["TEACHX_FAULT"] = fault
     # a shell without job control starts background jobs (`pytest ... &`) with SIGINT ignored, and children inherit
     # that: Python then never raises KeyboardInterrupt; the Ctrl-C faults need the default disposition back
-    return subprocess.run([*TEACHX, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return run_teachx(*args, cwd=cwd, env=fault_env(cache, fault), timeout=timeout,
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def one_line_error(res, *fragments) -> str:

@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_teachx
+
 from teachx.errors import CheckpointError, TeachxError
 from teachx.training.checkpoint import load_checkpoint, save_checkpoint
-
-TEACHX = [sys.executable, "-m", "teachx"]
-
 
 # -- fault injection helpers ----------------------------------------------------------------------
 
@@ -380,10 +379,7 @@ def test_data_cache_corruption_is_never_used(tmp_path):
 # -- a run with a corrupt checkpoint: one line, the exact way forward, and that way works ----------------
 
 def _cli(*args, env=None):
-    import os
-
-    full = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([*TEACHX, *map(str, args)], capture_output=True, text=True, env=full, timeout=600)
+    return run_teachx(*args, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def _one_line_error(res, *fragments):

@@ -4,8 +4,6 @@ shared contract every registered method passes (trains, resumes bitwise, refuses
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from conftest import run_teachx
 
 from teachx.errors import ConfigError
 from teachx.training.methods import METHODS
@@ -338,8 +338,7 @@ def test_option_checks_are_one_line_config_errors():
 
 def test_cli_rrr_with_annotation_masks_on_maskless_data_exits_2_before_writing(tmp_path):
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "teachx", "run", "--out", str(out), "-q", "method.name=rrr", "data.train_size=100",
-                        "train.epochs=1"], capture_output=True, text=True, timeout=300)
+    p = run_teachx("run", "--out", out, "-q", "method.name=rrr", "data.train_size=100", "train.epochs=1", timeout=300)
     assert p.returncode == 2
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "needs artefact masks" in lines[0] and "method.options.mask=teacher" in lines[0]

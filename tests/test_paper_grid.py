@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from conftest import invoke_study  # noqa: E402
+
 from test_data_formats import rng_images, tar_folder, write_cifar10, write_stl  # noqa: E402  (the format writers)
 
 from teachx.data import load_dataset  # noqa: E402
@@ -32,21 +34,7 @@ CELLS = [f"paper-{d}-{b}" for d in DATASETS for b in BACKBONES]
 ARMS = ["impactx", "lambda0", "shuffled", "abn"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEACHX_DATA", str(tmp_path / "data_home"))
-    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache_home"))
-
-
-def _study_cli(*args: str):
-    import click
-    from click.testing import CliRunner
-
-    from teachx.interfaces.cli_study import register
-
-    group = click.Group()
-    register(group)
-    return CliRunner().invoke(group, ["study", *args])
+pytestmark = pytest.mark.usefixtures("isolated_dirs")  # TEACHX_DATA and TEACHX_CACHE under tmp_path
 
 
 # ---------------------------------------------------------------------------------- the configs
@@ -88,7 +76,7 @@ def test_5k_cells_match_their_45k_cells_but_for_the_data_size():
         for arm in ARMS:
             sa, fa = small.config("all", arm, 0), full.config("all", arm, 0)
             assert (sa.method, sa.impactx) == (fa.method, fa.impactx), (backbone, arm)
-        res = _study_cli(f"study-cifar10-{backbone}", "--out", "unused", "--dry-run")
+        res = invoke_study(f"study-cifar10-{backbone}", "--out", "unused", "--dry-run")
         assert res.exit_code == 0 and res.output.startswith("25 units:"), res.output
 
 
@@ -118,7 +106,7 @@ def test_cpu_cells_share_the_builtin_maps_mobilenet_units():
             assert ours[(arm, seed)] == theirs[(other, seed)], (arm, seed)
     assert len(ours) == 25 and len(set(ours.values()) - set(theirs.values())) == 16
     for name in ("study-cifar10-mobilenet-cpu", "study-cifar10-efficientnet_b2-cpu"):
-        res = _study_cli(name, "--out", "unused", "--dry-run")
+        res = invoke_study(name, "--out", "unused", "--dry-run")
         assert res.exit_code == 0 and res.output.startswith("25 units:"), res.output
 
 
@@ -144,7 +132,7 @@ def test_headers_state_commands_units_and_wall_time():
 
 def test_every_cell_starts_as_a_dry_run():
     for name in CELLS:
-        res = _study_cli(name, "--out", "unused", "--dry-run")
+        res = invoke_study(name, "--out", "unused", "--dry-run")
         assert res.exit_code == 0, res.output
         assert res.output.startswith("25 units:") and "control: lambda0" in res.output, res.output
 
@@ -187,7 +175,7 @@ SMOKE = ["data.download=false", "train.epochs=1", "study.seeds=[0]", "teacher.ba
 
 def _smoke(name: str, root: Path, out: Path, *extra: str) -> dict:
     torch.set_num_threads(1)
-    res = _study_cli(name, "--out", str(out), f"data.root={root}", *SMOKE, *extra)
+    res = invoke_study(name, "--out", str(out), f"data.root={root}", *SMOKE, *extra)
     assert res.exit_code == 0, res.output
     data = json.loads((out / "study.json").read_text())
     assert [r["arm"] for r in data["rows"]] == ["baseline", *ARMS]

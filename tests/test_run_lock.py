@@ -30,7 +30,8 @@ from teachx.errors import RunDirError
 from teachx.orchestration.rundir import RUN_LOCK, hold_run_dir, remove_owned, run_dir_kind
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_faults import HOOK, TEACHX, one_line_error, teachx  # noqa: E402
+from conftest import TEACHX, teachx_env  # noqa: E402
+from test_faults import fault_env, one_line_error, teachx  # noqa: E402
 
 TINY = ["data.train_size=200", "train.batch_size=32", "teacher.method=gradient_x_input", "teacher.batch_size=64",
         "teacher.eval_images=100"]
@@ -127,15 +128,6 @@ def test_config_hash_is_the_identity_and_ignores_presentation(tmp_path):
 
 # -- real processes ------------------------------------------------------------------------------------
 
-def _env(cache: Path, fault: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TEACHX_FAULT"}
-    env.update({"TEACHX_CACHE": str(cache), "OMP_NUM_THREADS": "1",
-                "PYTHONPATH": os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)})
-    if fault:
-        env["TEACHX_FAULT"] = fault
-    return env
-
-
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -171,7 +163,7 @@ def test_a_second_run_while_the_first_trains_is_refused_or_waits(tmp_path):
     --out with train.epochs=2 (with and without --overwrite) or the identical command."""
     cache, out = tmp_path / "cache", tmp_path / "same"
     first = subprocess.Popen([*TEACHX, "run", "--out", "same", "-q", *TINY, "train.epochs=3"], cwd=tmp_path,
-                             env=_env(cache, f"stop-after:{out}/baseline/stage.json:1"),
+                             env=teachx_env(fault_env(cache, f"stop-after:{out}/baseline/stage.json:1")),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _until(lambda: _state(first.pid) == "T" or first.poll() is not None, "the first run to reach its baseline record")
@@ -185,7 +177,7 @@ def test_a_second_run_while_the_first_trains_is_refused_or_waits(tmp_path):
         waiter_err = tmp_path / "waiter.err"
         with open(waiter_err, "w") as err:
             waiter = subprocess.Popen([*TEACHX, "run", "--out", "same", "-q", *TINY, "train.epochs=2", "--overwrite", "--wait"],
-                                      cwd=tmp_path, env=_env(cache), stdout=subprocess.PIPE, stderr=err, text=True)
+                                      cwd=tmp_path, env=teachx_env(fault_env(cache)), stdout=subprocess.PIPE, stderr=err, text=True)
         _until(lambda: "waiting until it is free" in waiter_err.read_text() or waiter.poll() is not None, "the second run to wait")
         assert waiter.poll() is None, waiter_err.read_text()
         assert _files(out) == before

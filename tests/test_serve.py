@@ -26,6 +26,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _serve_fixtures import session_fixtures  # noqa: E402
 
+from conftest import teachx_main  # noqa: E402
+
 from teachx.service import Service  # noqa: E402
 from teachx.service import schemas  # noqa: E402
 from teachx.service.app import create_app  # noqa: E402
@@ -503,28 +505,18 @@ def test_concurrent_requests_agree_with_sequential_ones(dirs, tmp_path):
 
 # -- the command line ----------------------------------------------------------------------------
 
-def _cli(argv, capsys):
-    from teachx.interfaces.cli import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
 def test_cli_without_the_web_stack_says_what_to_install(dirs, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
-    code, _, err = _cli(["serve", str(dirs["run"])], capsys)
+    code, _, err = teachx_main(capsys, "serve", str(dirs["run"]))
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("teachx: error:") and "pip install 'teachx[serve]'" in err and "uvicorn" in err
 
 
 def test_cli_bad_directory_and_port(dirs, tmp_path, capsys):
-    code, _, err = _cli(["serve", str(tmp_path / "nowhere")], capsys)
+    code, _, err = teachx_main(capsys, "serve", str(tmp_path / "nowhere"))
     assert code == 2 and "not a directory" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "empty").mkdir()
-    code, _, err = _cli(["serve", str(tmp_path / "empty")], capsys)
+    code, _, err = teachx_main(capsys, "serve", str(tmp_path / "empty"))
     assert code == 2 and "neither a run directory" in err
     import socket
 
@@ -532,14 +524,14 @@ def test_cli_bad_directory_and_port(dirs, tmp_path, capsys):
     s.bind(("127.0.0.1", 0))
     s.listen(1)
     try:
-        code, _, err = _cli(["serve", str(dirs["run"]), "--port", str(s.getsockname()[1])], capsys)
+        code, _, err = teachx_main(capsys, "serve", str(dirs["run"]), "--port", str(s.getsockname()[1]))
     finally:
         s.close()
     assert code == 2 and "--port" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_precompute_only(dirs, tmp_path, capsys):
-    code, out, _ = _cli(["serve", str(dirs["run"]), "--precompute", "--no-serve", "-q", "--cache-dir", str(tmp_path / "pc")], capsys)
+    code, out, _ = teachx_main(capsys, "serve", str(dirs["run"]), "--precompute", "--no-serve", "-q", "--cache-dir", str(tmp_path / "pc"))
     assert code == 0 and "run.impactx: 32 test images cached" in out
     assert len(list((tmp_path / "pc").glob("*/meta.json"))) >= 3  # two view caches + the deepshap maps of each model
 
@@ -761,7 +753,7 @@ def test_the_upload_limit_is_stated_in_mib_everywhere(service, capsys):
     r = c.post("/api/v1/models/run.impactx/predict", files={"file": ("big.png", b"\0" * (DEFAULT_MAX_UPLOAD + 1), "image/png")})
     assert r.status_code == 413
     assert "the limit is 10 MiB (10,485,760 bytes)" in detail(r) and " MB" not in detail(r)
-    code, out, _ = _cli(["serve", "--help"], capsys)
+    code, out, _ = teachx_main(capsys, "serve", "--help")
     flag = " ".join(out.split())
     assert code == 0 and "upload in MiB (1 MiB = 1,048,576 bytes)" in flag and " MB" not in flag
 

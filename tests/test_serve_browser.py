@@ -50,6 +50,8 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TEACHX, teachx_env  # noqa: E402
+
 from _serve_fixtures import session_fixtures  # noqa: E402
 
 WAIT = 60
@@ -60,8 +62,8 @@ def server(tmp_path_factory):
     """`teachx serve RUN STUDY --port 0` as a user starts it; yields its URL."""
     dirs = session_fixtures(tmp_path_factory)
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    env = {**os.environ, "TEACHX_CACHE": str(dirs["cache"]), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "teachx", "serve", str(dirs["run"]), str(dirs["study"]), "--port", "0",
+    env = teachx_env({"TEACHX_CACHE": str(dirs["cache"]), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    cmd = [*TEACHX, "serve", str(dirs["run"]), str(dirs["study"]), "--port", "0",
            "--cache-dir", str(tmp_path_factory.mktemp("serve-cache"))]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

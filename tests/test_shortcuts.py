@@ -17,6 +17,8 @@ import torch
 from scipy.stats import chi2_contingency
 from torch import nn
 
+from conftest import teachx_main
+
 from teachx.data import ImageDataset, Split, apply_shortcut, load_dataset
 from teachx.data.shortcuts import SHORTCUTS, patch_palette, swatch_shades
 from teachx.errors import ConfigError, DataError
@@ -27,10 +29,7 @@ H = W = 12
 K = 10
 
 
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path, monkeypatch):
-    monkeypatch.setenv("TEACHX_DATA", str(tmp_path / "data_home"))
-    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache_home"))
+pytestmark = pytest.mark.usefixtures("isolated_dirs")  # TEACHX_DATA and TEACHX_CACHE under tmp_path
 
 
 def fake_dataset(n_train=600, n_test=600, channels=1, classes=K, seed=0) -> ImageDataset:
@@ -313,26 +312,13 @@ def test_decoy_sources_report_missing_files_and_never_flip(tmp_path):
 # ----------------------------------------------------------------------------- config and CLI
 
 
-def teachx_cli(capsys, *args):
-    from teachx.interfaces.cli import main
-
-    capsys.readouterr()
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_config_shows_the_shortcut_keys(capsys):
-    code, out, err = teachx_cli(capsys, "config", "data.shortcut=swatch", "data.shortcut_train=clean")
+    code, out, err = teachx_main(capsys, "config", "data.shortcut=swatch", "data.shortcut_train=clean")
     assert code == 0, err
     for line in ("shortcut: swatch", "shortcut_train: clean", "shortcut_size: 4", "shortcut_seed: 0"):
         assert f"  {line}" in out, out
     assert "hflip: null  # resolved: false (data.shortcut: flips would move the artefact)" in out
-    code, out, err = teachx_cli(capsys, "config", "--describe")
+    code, out, err = teachx_main(capsys, "config", "--describe")
     assert code == 0, err
     assert any(ln.strip().startswith("shortcut: null") and "swatch" in ln.split("#", 1)[1] for ln in out.splitlines())
 
@@ -345,7 +331,7 @@ def test_config_shows_the_shortcut_keys(capsys):
     (["data.name=decoy-fashion-mnist", "data.shortcut=swatch"], "already carries its artefact"),
 ])
 def test_bad_shortcut_config_exits_2_with_one_line(capsys, args, fragment):
-    code, _, err = teachx_cli(capsys, "config", *args)
+    code, _, err = teachx_main(capsys, "config", *args)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("teachx: error:") and fragment in lines[0], err

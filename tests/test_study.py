@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 from scipy import stats as sps
 
+from conftest import TEACHX, invoke_study, teachx_env, teachx_main
+
 from teachx.errors import ConfigError
 from teachx.orchestration.study import BASELINE, load_study, run_study
 from teachx.training.trainer import Trainer
@@ -192,28 +194,18 @@ def test_regimes_and_seeds_parsing(tmp_path):
 
 def test_cached_study_cli(study_dir):
     """`teachx study` on the finished study: no training, report written, one line per unit."""
-    from click.testing import CliRunner
-
-    import click
-
-    from teachx.interfaces.cli_study import register
-
-    group = click.Group()
-    register(group)
-    res = CliRunner().invoke(group, ["study", str(study_dir["cfg"]), "--out", str(study_dir["root"] / "out"), "--seeds", "2", "-q"],
-                             env={"TEACHX_CACHE": str(study_dir["root"] / "cache")})
+    res = invoke_study(study_dir["cfg"], "--out", study_dir["root"] / "out", "--seeds", "2", "-q",
+                       env={"TEACHX_CACHE": str(study_dir["root"] / "cache")})
     assert res.exit_code == 0, res.output
     assert "0 models trained" in res.output and (study_dir["root"] / "out" / "report.html").exists()
 
 
 def test_two_processes_share_one_study(study_dir, tmp_path):
     """Two `teachx study` processes on one directory train every unit once, with the single-process numbers."""
-    import os
     import subprocess
-    import sys
 
-    env = {**os.environ, "TEACHX_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "teachx", "study", str(study_dir["cfg"]), "--out", str(tmp_path / "out"),
+    env = teachx_env({"TEACHX_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    cmd = [*TEACHX, "study", str(study_dir["cfg"]), "--out", str(tmp_path / "out"),
            "--seeds", "2", "-q", "--no-report"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -431,7 +423,6 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     import shutil
     import socket
 
-    from teachx.interfaces.cli import main
     from teachx.orchestration.study_status import STATES, status_lines, study_status
 
     out = tmp_path / "out"
@@ -489,19 +480,11 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     assert f"(pid {os.getpid()} on {socket.gethostname()})" in text and "epoch 1/2" in text
 
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    code, printed, _ = _cli_exit(main, ["study", str(study_dir["cfg"]), "--out", str(out), "--seeds", "2", "--status"], capsys)
+    code, printed, _ = teachx_main(capsys, "study", str(study_dir["cfg"]), "--out", str(out), "--seeds", "2", "--status")
     assert code == 0 and printed.splitlines() == status_lines(study_status(spec, out))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # read only: nothing written, no lock taken
-    code, recorded, _ = _cli_exit(main, ["study", "--out", str(out), "--status"], capsys)  # the spec DIR records
+    code, recorded, _ = teachx_main(capsys, "study", "--out", str(out), "--status")  # the spec DIR records
     assert code == 0 and recorded == printed
     empty = tmp_path / "empty"
-    code, printed, err = _cli_exit(main, ["study", str(study_dir["cfg"]), "--out", str(empty), "--status"], capsys)
+    code, printed, err = teachx_main(capsys, "study", str(study_dir["cfg"]), "--out", str(empty), "--status")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "without --status" in err and not empty.exists()
-
-
-def _cli_exit(main, argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
