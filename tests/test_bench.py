@@ -26,6 +26,7 @@ def _load(name: str):
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak-RSS reset needs Linux /proc")
+@pytest.mark.slow
 def test_memory_probe_sees_a_known_allocation():
     """In a fresh process, as the benchmark measures: in this one, heap freed by earlier tests stays
     resident (teachx's malloc tuning keeps it) and could hold the allocation without new pages."""

@@ -51,6 +51,7 @@ def test_help_lists_commands_and_examples():
     assert "Examples:" in res.stdout
 
 
+@pytest.mark.slow
 def test_datasets_command():
     res = run_teachx("datasets")
     assert res.returncode == 0 and "bundled" in res.stdout and "present" in res.stdout and "cifar10" in res.stdout
@@ -73,6 +74,7 @@ def test_datasets_command():
         (("frobnicate",), ("frobnicate",)),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, fragments):
     res = run_teachx(*[a.format(tmp=tmp_path) for a in args])
     assert_one_line_error(res, *fragments)
@@ -80,6 +82,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, fragments)
     assert not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     cache = tmp_path / "cache"
     env = {"TEACHX_CACHE": str(cache)}

@@ -38,6 +38,7 @@ def tiny_run(tmp_path_factory) -> dict:
 
 # ------------------------------------------------------------------ 13: shipped configs, run from defaults
 
+@pytest.mark.slow
 def test_run_needs_no_config(tiny_run):
     res = tiny_run["res"]
     assert res.returncode == 0, res.stderr
@@ -57,12 +58,14 @@ def test_config_list_shows_every_shipped_config_with_its_header(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cifar10-lenet5", "cifar10-lenet5.yaml"])
+@pytest.mark.slow
 def test_shipped_config_usable_by_name_anywhere(tmp_path, name):
     res = run_teachx("config", name, "train.epochs=3", cwd=tmp_path)  # tmp_path: no configs/ folder here
     assert res.returncode == 0, res.stderr
     assert "imagefolder:../shared/data/cifar10-jpg.zip" in res.stdout and "epochs: 3" in res.stdout
 
 
+@pytest.mark.slow
 def test_a_local_file_wins_over_a_shipped_name(tmp_path):
     (tmp_path / "demo.yaml").write_text("train:\n  epochs: 7\n")
     res = run_teachx("config", "demo.yaml", cwd=tmp_path)
@@ -70,6 +73,7 @@ def test_a_local_file_wins_over_a_shipped_name(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", [("config",), ("run", "--out", "{tmp}/r"), ("study", "--out", "{tmp}/s")])
+@pytest.mark.slow
 def test_unknown_config_name_lists_the_shipped_ones(tmp_path, cmd):
     args = [cmd[0], "cifar10-lenet"] + [a.format(tmp=tmp_path) for a in cmd[1:]]
     res = run_teachx(*args, cwd=tmp_path)
@@ -77,6 +81,7 @@ def test_unknown_config_name_lists_the_shipped_ones(tmp_path, cmd):
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_study_accepts_a_shipped_study_name(tmp_path):
     res = run_teachx("study", "study-cifar10-confirm", "--out", tmp_path / "s", "--dry-run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -125,6 +130,7 @@ def test_every_study_key_has_a_description():
     assert all(isinstance(v, str) and v.strip() for v in STUDY_KEYS.values())
 
 
+@pytest.mark.slow
 def test_config_describe_shows_every_option_with_its_meaning():
     res = run_teachx("config", "--describe")
     assert res.returncode == 0, res.stderr
@@ -141,6 +147,7 @@ def test_config_describe_shows_every_option_with_its_meaning():
     assert "arm_regimes" in out  # study keys are described too
 
 
+@pytest.mark.slow
 def test_config_describe_output_is_a_valid_config(tmp_path):
     described = tmp_path / "described.yaml"
     described.write_text(run_teachx("config", "--describe", "train.epochs=3").stdout)
@@ -182,6 +189,7 @@ def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
         assert _config_main(capsys, tmp_path / "described.yaml") == out, name
 
 
+@pytest.mark.slow
 def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path):
     from teachx.orchestration.study import STUDY_KEYS
 
@@ -218,6 +226,7 @@ def test_every_teacher_and_backbone_option_is_described():
     assert not missing, f"options without a description: {missing}"
 
 
+@pytest.mark.slow
 def test_teachers_and_models_commands_show_options():
     t = run_teachx("teachers")
     assert t.returncode == 0, t.stderr
@@ -239,12 +248,14 @@ def _image(tmp_path: Path) -> Path:
     return img
 
 
+@pytest.mark.slow
 def test_explain_accepts_a_run_dir(tiny_run, tmp_path):
     ex = run_teachx("explain", tiny_run["run"], _image(tmp_path), "--out", tmp_path / "maps")
     assert ex.returncode == 0, ex.stderr
     assert (tmp_path / "maps" / "x_impactx.png").exists()
 
 
+@pytest.mark.slow
 def test_explain_accepts_a_study_unit_dir(tiny_run, tmp_path):
     unit = tmp_path / "study" / "units" / "abc123"
     shutil.copytree(tiny_run["run"] / "impactx" / "checkpoints", unit / "checkpoints")
@@ -254,6 +265,7 @@ def test_explain_accepts_a_study_unit_dir(tiny_run, tmp_path):
     assert (tmp_path / "maps" / "x_impactx.png").exists()
 
 
+@pytest.mark.slow
 def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
     trained = tmp_path / "trainonly"
     shutil.copytree(tiny_run["run"] / "baseline", trained / "baseline")
@@ -267,6 +279,7 @@ def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
     assert_one_line_error(run_teachx("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier")
 
 
+@pytest.mark.slow
 def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run, tmp_path):
     """A second `teachx explain` into the same folder replaces what the first wrote (no _1 copies, no stale
     faithfulness.json); files teachx did not write there, or changed since, are kept untouched."""
@@ -300,6 +313,7 @@ def _tiny_method_run(root: Path, *overrides: str) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
     """`teachx explain` on an ABN run draws ABN's attention map, and on a per-class IMPACTX run the map of
     --class K (each the model's own forward_all map); --class on a model without per-class maps, or out of
@@ -361,6 +375,7 @@ def _morf_reference(model, x, target, relevance, steps):
     return sum((scores[k] + scores[k + 1]) / 2 for k in range(steps)) / steps
 
 
+@pytest.mark.slow
 def test_explain_faithfulness_titles_each_panel_with_the_map_it_shows(tiny_run, tmp_path, monkeypatch):
     """`teachx explain --faithfulness` draws two overlays per image: the model's built-in map, titled so, and the
     teacher method applied post hoc, titled with the method's name, never "built-in map"."""
@@ -380,6 +395,7 @@ def test_explain_faithfulness_titles_each_panel_with_the_map_it_shows(tiny_run, 
     assert titles == {"x_impactx.png": "built-in map", "x_deepshap.png": "deepshap map (post hoc)"}
 
 
+@pytest.mark.slow
 def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_path, monkeypatch):
     """`teachx explain --faithfulness`: the run's teacher (DeepSHAP, background from the run's training data) applied
     post hoc to the IMPACTX model, an overlay of it, and per image MoRF AUCs equal to a pixel-flipping loop written out
@@ -475,6 +491,7 @@ def test_cache_dirs_agree(monkeypatch, tmp_path):
     assert pipeline_cache() == data_cache() == tmp_path / "c"
 
 
+@pytest.mark.slow
 def test_cache_list_and_clean_only_what_teachx_made(tiny_run, tmp_path):
     from teachx.utils.locking import file_lock
 
@@ -564,6 +581,7 @@ UNDER_A_FILE = [
 
 
 @pytest.mark.parametrize("args", UNDER_A_FILE, ids=lambda a: "-".join(a[:2]))
+@pytest.mark.slow
 def test_an_output_location_under_a_file_is_one_line(tiny_run, tmp_path, args):
     """--out (or --cache-dir, --dir) below a regular file: one line naming the path and the file in the way,
     exit 2, no traceback, nothing made."""

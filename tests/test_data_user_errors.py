@@ -299,6 +299,7 @@ def test_ignored_entries_are_said_once_per_kind_zip(tmp_path):
     assert any("1 empty class folder" in n and "train/empty" in n for n in notes)
 
 
+@pytest.mark.slow
 def test_ignored_notices_reach_stderr_and_the_run_log(tmp_path):
     src = write_folder(tmp_path / "d", tiny_images())
     (src / "train" / "zebra").mkdir()

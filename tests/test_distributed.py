@@ -74,6 +74,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_sharded_maps_equal_single_process_bitwise(runs):
     ddp_dirs = sorted((runs / "ddp" / "maps").iterdir())
     ref_dirs = sorted((runs / "ref" / "maps").iterdir())
@@ -89,6 +90,7 @@ def test_sharded_maps_equal_single_process_bitwise(runs):
         assert meta["shape"][0] == 192
 
 
+@pytest.mark.slow
 def test_batch_dependent_maps_need_batch_round_robin(runs):
     """Why batches (not single rows) are dealt to ranks: the batch-dependent store would differ."""
     ds_idx = np.arange(192)
@@ -99,6 +101,7 @@ def test_batch_dependent_maps_need_batch_round_robin(runs):
     assert not np.array_equal(row_sharded, ref[todo[0::2][: work.MAP_BATCH]])
 
 
+@pytest.mark.slow
 def test_ddp_training_matches_single_process(runs):
     for name in ("classifier", "impactx_lam1.0", "impactx_lam0.0"):
         a = _weights(runs / "ddp" / name / "checkpoints" / "last.safetensors")
@@ -126,6 +129,7 @@ def test_ddp_training_matches_single_process(runs):
     assert all(torch.equal(a[k], init[k]) for k in a if k.startswith("decoder."))
 
 
+@pytest.mark.slow
 def test_training_methods_under_ddp(runs):
     """Every method trains under DDP through the registry; RRR (no randomness, no BatchNorm) matches
     one process number by number -- its double backward synchronises gradients like any other loss."""
@@ -150,6 +154,7 @@ def _init_weights(name: str) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_under_ddp(runs, tmp_path):
     """Rank 1 dies in the middle of epoch 2; re-launching resumes from epoch 1's checkpoint and ends
     bitwise equal to the uninterrupted 2-process run."""
@@ -169,6 +174,7 @@ def test_resume_after_interruption_under_ddp(runs, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_collective_helpers_under_torchrun(runs):
     r0, r1 = (json.loads((runs / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == (0, 1, 2, 2)

@@ -135,6 +135,7 @@ def reference(tmp_path_factory):
 
 # -- kill -9, Ctrl-C and failed writes at every stage ---------------------------------------------
 
+@pytest.mark.slow
 def test_killed_or_failing_anywhere_resumes_to_the_same_result(reference):
     root = reference["root"]
     out, cache = root / "chain", root / "cache-chain"
@@ -174,6 +175,7 @@ def test_killed_or_failing_anywhere_resumes_to_the_same_result(reference):
     assert set(stages) == {"baseline", "maps", "impactx", "evaluation"} and all(v > 0 for v in stages.values()), stages
 
 
+@pytest.mark.slow
 def test_killed_between_a_stage_and_its_record_resumes_to_the_same_result(reference):
     """kill -9 after a stage's checkpoints are written and before its record is (the baseline's, then
     IMPACTX's): the lock the killed run left is taken over with a warning, the stage is finished from
@@ -276,6 +278,7 @@ def test_failed_writes_are_one_line_and_leave_nothing_behind(tmp_path, monkeypat
 
 # -- re-runs, moved and copied runs -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_noop_rerun_from_another_directory_keeps_the_measurements(reference):
     """The reference run was made with a relative --out; run again from another working directory
     (nothing to do): it finds its own checkpoints, and results.json keeps what the run measured."""
@@ -308,6 +311,7 @@ def _cfg(*extra):
     return resolve_config(None, [*TINY, *extra])
 
 
+@pytest.mark.slow
 def test_overwrite_never_deletes_a_foreign_directory(tmp_path, reference):
     from teachx.orchestration.pipeline import prepare_run_dir
 
@@ -432,6 +436,7 @@ def _private_mounts() -> str:
 
 
 @pytest.mark.skipif(bool(_private_mounts()), reason=_private_mounts() or "-")
+@pytest.mark.slow
 def test_real_read_only_and_full_file_systems(tmp_path, reference):
     """--out on a read-only tmpfs; --out and the teacher-map cache on a 2 MB one, which holds the
     baseline's checkpoints but not the map store (a sparse memory-mapped store there would end in
@@ -484,6 +489,7 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@pytest.mark.slow
 def test_image_decoding_workers_exit_with_a_killed_parent(tmp_path):
     from PIL import Image
 

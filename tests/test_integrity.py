@@ -391,6 +391,7 @@ def _one_line_error(res, *fragments):
     assert "diverged" not in err
 
 
+@pytest.mark.slow
 def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
     env = {"TEACHX_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
@@ -479,6 +480,7 @@ def test_serve_cache_open_waits_for_another_process_opening_it(tmp_path):
     assert not lock.exists()  # released after opening
 
 
+@pytest.mark.slow
 def test_train_with_a_corrupt_stage_record_says_and_does_redo_train(tmp_path):
     out = tmp_path / "base"
     common = ["--out", out, "-q", "train.epochs=1", "data.train_size=200"]

@@ -336,6 +336,7 @@ def test_option_checks_are_one_line_config_errors():
         assert text in str(err.value) and "\n" not in str(err.value), (overrides, str(err.value))
 
 
+@pytest.mark.slow
 def test_cli_rrr_with_annotation_masks_on_maskless_data_exits_2_before_writing(tmp_path):
     out = tmp_path / "run"
     p = run_teachx("run", "--out", out, "-q", "method.name=rrr", "data.train_size=100", "train.epochs=1", timeout=300)
@@ -357,6 +358,7 @@ def test_teachx_methods_lists_every_method_and_option():
 
 # -- studies and runs on a shortcut benchmark ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_study_with_method_arms_on_a_shortcut_benchmark(tmp_path, monkeypatch):
     """Method arms run through `teachx study`: rows name their method, every unit reports the
     wrong-reason score, each arm is compared with the lambda=0 control, and a re-run trains nothing."""

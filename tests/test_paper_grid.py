@@ -185,12 +185,14 @@ def _smoke(name: str, root: Path, out: Path, *extra: str) -> dict:
     return data
 
 
+@pytest.mark.slow
 def test_cifar100_lenet5_cell_runs(tmp_path):
     write_cifar100(tmp_path / "c100", per_class=3)
     data = _smoke("paper-cifar100-lenet5", tmp_path / "c100", tmp_path / "out")
     assert data["base_config"]["data"]["name"] == "cifar100" and data["base_config"]["model"]["backbone"] == "lenet5"
 
 
+@pytest.mark.slow
 def test_stl10_lenet5_cell_runs_at_96x96(tmp_path):
     write_stl(tmp_path / "stl" / "stl10_binary", n_train=30, n_test=10)
     assert load_dataset("stl10", root=tmp_path / "stl", cache_dir=tmp_path / "cache", progress=False).image_size == (96, 96)

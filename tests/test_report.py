@@ -24,6 +24,7 @@ def _assert_self_contained(html: str) -> None:
     assert not re.search(r'src="(?!data:)', html)
 
 
+@pytest.mark.slow
 def test_study_report(study_dir):  # noqa: F811
     out = study_dir["root"] / "out"
     html_path, md_path = write_report(out, study_dir["root"] / "rep" / "r.html")
@@ -171,6 +172,7 @@ def test_loss_curves_name_the_configured_training_loss_and_validation_ce():
 
 # -- the report of a real (tiny) run: per-class accuracy, examples with wrong predictions, metric sentences ----
 
+@pytest.mark.slow
 def test_run_report_per_class_accuracy_examples_and_metric_sentences(tmp_path, monkeypatch):
     """A tiny `teachx run` (bundled Fashion-MNIST, 1 epoch): the report's confusion matrix equals scikit-learn's
     on the IMPACTX model's own test predictions (checkpoint reloaded here), its examples cover every class and show
@@ -230,6 +232,7 @@ def test_run_report_per_class_accuracy_examples_and_metric_sentences(tmp_path, m
         assert f"**{name}**: {sentence}" in md and sentence.replace("'", "&#x27;") in html
 
 
+@pytest.mark.slow
 def test_confusion_figure_labels_fit():
     """The confusion matrix names every class on both axes, and nothing is cut off, for 10 and 20 long names."""
     import numpy as np

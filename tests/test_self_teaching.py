@@ -110,6 +110,7 @@ def _tiny_config(tmp_path, **sections):
     return from_dict(RunConfig, data, "config")
 
 
+@pytest.mark.slow
 def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
     from teachx.orchestration.pipeline import run_pipeline
 
@@ -122,6 +123,7 @@ def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "impactx" / "self_maps" / "current.json").read_text())["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_teacher_seed_trains_one_separate_teacher(tmp_path, monkeypatch):
     from teachx.orchestration.pipeline import run_pipeline, separate_teacher, stage_checkpoint, teacher_training
 

@@ -121,6 +121,7 @@ def thumbs(drv) -> list:
     return drv.find_elements(By.CSS_SELECTOR, "#grid .thumb")
 
 
+@pytest.mark.slow
 def test_the_page_end_to_end(server, browser, tmp_path):
     import json
     import urllib.request

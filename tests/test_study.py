@@ -92,6 +92,7 @@ def study_dir(tmp_path_factory):
             "kinds": fits, "lines": lines, "second_lines": second_lines}
 
 
+@pytest.mark.slow
 def test_baseline_trained_once_per_seed_and_shared(study_dir):
     # 2 seeds x (1 baseline + 3 IMPACTX arms); the baseline (also the teacher) is shared by all arms
     assert study_dir["fits_first"] == 2 * 4
@@ -106,6 +107,7 @@ def test_baseline_trained_once_per_seed_and_shared(study_dir):
     assert sum(1 for u in data["units"].values() if u["kind"] == "classifier") == 2
 
 
+@pytest.mark.slow
 def test_resume_does_no_training(study_dir):
     assert study_dir["fits_total"] == study_dir["fits_first"]  # second invocation: no Trainer.fit at all
     assert study_dir["second"].trained == 0
@@ -115,12 +117,14 @@ def test_resume_does_no_training(study_dir):
     assert el["seconds"] > 0 and el["first_unit_created"] < el["last_record_written"]
 
 
+@pytest.mark.slow
 def test_progress_lines(study_dir):
     unit_lines = [ln for ln in study_dir["lines"] if ln.startswith("[")]
     assert len(unit_lines) == 8 and unit_lines[0].startswith("[1/8] regime=all arm=baseline seed=0")
     assert any("Does the gain come from the explanations?" in ln for ln in study_dir["lines"])
 
 
+@pytest.mark.slow
 def test_pvalues_equal_scipy_on_stored_accuracies(study_dir):
     data = json.loads((study_dir["root"] / "out" / "study.json").read_text())
     rows = {r["arm"]: r for r in data["rows"]}
@@ -192,6 +196,7 @@ def test_regimes_and_seeds_parsing(tmp_path):
     assert load_study(str(cfg), n_seeds=4).seeds == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_cached_study_cli(study_dir):
     """`teachx study` on the finished study: no training, report written, one line per unit."""
     res = invoke_study(study_dir["cfg"], "--out", study_dir["root"] / "out", "--seeds", "2", "-q",
@@ -200,6 +205,7 @@ def test_cached_study_cli(study_dir):
     assert "0 models trained" in res.output and (study_dir["root"] / "out" / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_study(study_dir, tmp_path):
     """Two `teachx study` processes on one directory train every unit once, with the single-process numbers."""
     import subprocess
@@ -270,6 +276,7 @@ study:
 """
 
 
+@pytest.mark.slow
 def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
     """teacher.training: the small regime's teacher is the full split's model (trained once, shared);
     arm_regimes: the arm runs only where asked, and its maps are that teacher's maps of the small split."""
@@ -321,6 +328,7 @@ study:
 """
 
 
+@pytest.mark.slow
 def test_arm_with_its_own_baseline_and_control(tmp_path, monkeypatch):
     """Arms whose data differ from the regime's (here: no augmentation) get a baseline of their own, which the
     runner trains first; the plan (and so --status) lists it, and the teacher stays the regime's baseline, as
@@ -396,6 +404,7 @@ def test_study_dir_race_with_a_starting_process(tmp_path):
         prepare_study_dir(other, spec)
 
 
+@pytest.mark.slow
 def test_pipeline_trains_the_teacher_with_teacher_training(tmp_path, monkeypatch):
     """`teachx run` path: teacher.training makes a separate teacher trained on the full split."""
     from teachx.interfaces.config import resolve_config
@@ -416,6 +425,7 @@ def test_pipeline_trains_the_teacher_with_teacher_training(tmp_path, monkeypatch
     assert (tmp_path / "run" / "teacher" / "stage.json").exists() and out.results["teacher_test_acc"] is not None
 
 
+@pytest.mark.slow
 def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     """`teachx study --status` on a copy of the finished study, then with one unit in each state a worker
     can leave behind; the accuracies come from study.json, the time left from a closed form."""

@@ -251,6 +251,7 @@ def trained(model, steps=3, size=32, seed=0):
 
 
 @pytest.mark.parametrize("name,options", [("lenet5", {}), ("mobilenet", {"alpha": 0.25}), ("resnet_cifar", {"depth": 8})])
+@pytest.mark.slow
 def test_deepshap_matches_shap_on_backbones(name, options):
     torch.manual_seed(0)
     model = trained(backbone(name, **options)(3, 10, (32, 32)))

@@ -32,11 +32,13 @@ def _child(requested, **env) -> list[int]:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+@pytest.mark.slow
 def test_default_threads_follow_the_affinity_mask_not_the_machine():
     assert _child(None) == [1, 1]  # pinned to one CPU: one thread, not os.cpu_count()
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
+@pytest.mark.slow
 def test_explicit_settings_override_in_order():
     assert _child(3) == [3, 3]                                   # train.threads
     assert _child(None, TEACHX_THREADS="2") == [2, 2]             # environment
@@ -81,6 +83,7 @@ print(json.dumps([idle, busy, n_idle, n_busy]))
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2 or not os.path.exists("/proc/stat"),
                     reason="needs Linux /proc/stat and 2 CPUs")
+@pytest.mark.slow
 def test_default_takes_one_thread_fewer_next_to_a_busy_process():
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TEACHX_THREADS")}
     out = subprocess.run([sys.executable, "-c", BUSY_CHILD], env=clean, capture_output=True, text=True, check=True)

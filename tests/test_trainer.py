@@ -28,6 +28,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path).group("model")
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_same_weights(tmp_path):
     ref = _run(tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
