@@ -23,6 +23,13 @@ class Impactx(TrainingMethod):
     reference = "Apicella et al. 2025, IMPACTX"
     checkpoint_kind = "impactx"
     builtin_map = True
+    label = "IMPACTX"
+    # its study units keep the kind and key prefix they had before other methods existed
+    unit_kind = "impactx"
+    unit_key_prefix = "x-"
+    study_evaluation = True
+    # impactx.decoder was paper, with one map and MSE, width 32, not reading M
+    key_reference = {"impactx": {"decoder": "paper", "per_class": False, "map_loss": "mse", "decoder_width": 32, "decoder_reads_m": False}}
 
     def needs_teacher_maps(self) -> bool:
         return self.cfg.impactx.lam > 0
@@ -75,6 +82,9 @@ class Impactx(TrainingMethod):
         ic = self.cfg.impactx
         return f"IMPACTX ({self.cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps})"
 
+    def arm_text(self) -> str:
+        return f"lam={self.cfg.impactx.lam} maps={self.cfg.impactx.maps}"
+
     def training_loss(self) -> str:
         """CE plus the configured map loss (and faithfulness term), e.g. "CE + λ·(1 − Pearson)"."""
         from teachx.training.map_losses import formula
@@ -85,3 +95,28 @@ class Impactx(TrainingMethod):
 
     def record(self) -> dict[str, Any]:
         return {"method": self.name}
+
+    def is_control(self) -> bool:
+        return self.cfg.impactx.lam == 0  # the same model without the explanation signal
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"teacher": self.cfg.teacher.method}
+
+    def results(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The keys IMPACTX runs always had."""
+        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps, "impactx_test_acc": record["test_acc"],
+                "impactx_val_acc": record["val_acc"], "impactx_seconds_per_epoch": record["seconds_per_epoch"]}
+
+    def unit_record(self, stage: dict[str, Any]) -> dict[str, Any]:
+        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps}
+
+    def study_row(self, unit: dict[str, Any]) -> dict[str, Any]:
+        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps}
+
+    @classmethod
+    def result_text(cls, results: dict[str, Any]) -> tuple[str, str]:
+        return cls.display_name(), f"lambda={results.get('lam')}, maps={results.get('maps')}"
+
+    @classmethod
+    def result_acc(cls, results: dict[str, Any], split: str) -> Optional[float]:
+        return results.get(f"impactx_{split}_acc")  # also in runs made before method_*_acc existed
