@@ -475,3 +475,52 @@ def test_a_method_gets_the_explained_classes_from_its_context():
     supplied = np.arange(len(ds.train)) % 3
     ctx2 = MethodContext(cfg, plan, torch.device("cpu"), explained_classes=lambda: supplied)
     assert ctx2.train_map_classes() is supplied
+
+
+# -- the method contract: no code outside training/methods branches on a method's name ------------------
+
+#: files outside teachx/training/methods that may compare with a name that is also a method's, and why
+_NAME_CHECKS_ALLOWED = {
+    # model architectures: a checkpoint's model spec names its architecture (``impactx``, ``abn``); the models
+    # are a layer below the training methods (methods point at them through ``checkpoint_kind``)
+    "teachx/models/__init__.py": "model spec names",
+    "teachx/models/abn.py": "model spec names",
+}
+
+
+def _name_checks(root: Path) -> list[str]:
+    """Lines of the package, outside training/methods, that compare a value with a method's literal name
+    (``== "impactx"``, ``!= "baseline"``, ``in ("impactx", "abn")``) -- iterating over a tuple is no check."""
+    import re
+
+    from teachx.training.methods import METHODS
+
+    names = sorted({n for n in METHODS.names()} | {a for n in METHODS.names() for a in METHODS.aliases(n)})
+    lit = r"""["'](?:%s)["']""" % "|".join(map(re.escape, names))
+    check = re.compile(rf"(?:==|!=)\s*{lit}|{lit}\s*(?:==|!=)|\b(?:not\s+)?in\s*[(\[{{]\s*{lit}")
+    loop = re.compile(rf"\bfor\s+[\w, ]+\s+in\s*[(\[]\s*{lit}")
+    found = []
+    for path in sorted((root / "teachx").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("teachx/training/methods/") or rel in _NAME_CHECKS_ALLOWED:
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if check.search(line) and not loop.search(line):
+                found.append(f"{rel}:{i}: {line.strip()}")
+    return found
+
+
+def test_no_code_outside_the_methods_branches_on_a_method_name():
+    """What a method means for a run, a study, a report or `teachx serve` is asked of the method (its
+    TrainingMethod hooks), so adding a method needs no change elsewhere."""
+    root = Path(__file__).resolve().parents[1]
+    assert _name_checks(root) == []
+    assert all((root / rel).is_file() for rel in _NAME_CHECKS_ALLOWED)  # the allow-list names files that exist
+
+
+def test_the_name_check_guard_finds_comparisons(tmp_path):
+    (tmp_path / "teachx" / "x").mkdir(parents=True)
+    (tmp_path / "teachx" / "x" / "m.py").write_text('if cfg.method.name == "impactx":\n    pass\n'
+                                                  'for stage in ("baseline", "teacher"):\n    pass\n'
+                                                  'ok = kind in ("abn", "impactx")\nok = "rrr" != name\n')
+    assert [line.split(":")[1] for line in _name_checks(tmp_path)] == ["1", "5", "6"]

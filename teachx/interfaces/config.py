@@ -280,16 +280,19 @@ class RunConfig:
                               "explain the training model's predicted classes, which the per-class loss does not track")
 
     def _validate_method(self) -> None:
-        """impactx.* options belong to method impactx: set with another method they would be ignored."""
+        """A method's own config section (impactx.*) belongs to it: set with another method it would be ignored."""
         from teachx.training.methods import METHODS
 
         name = METHODS.canonical(self.method.name)
-        if name == "impactx":
-            return
-        changed = [k for k, v in to_dict(self.impactx).items() if v != getattr(ImpactxConfig(), k)]
-        if changed:
-            raise ConfigError(f"impactx.{changed[0]} is an option of method impactx, not of '{name}'; remove it "
-                              f"(or set method.name=impactx); {name}'s options go under method.options")
+        for owner in METHODS.names():
+            section = METHODS.get(owner).config_section
+            if not section or owner == name:
+                continue
+            values = getattr(self, section)
+            changed = [k for k, v in to_dict(values).items() if v != getattr(type(values)(), k)]
+            if changed:
+                raise ConfigError(f"{section}.{changed[0]} is an option of method {owner}, not of '{name}'; remove it "
+                                  f"(or set method.name={owner}); {name}'s options go under method.options")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

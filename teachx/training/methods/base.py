@@ -125,6 +125,11 @@ class TrainingMethod:
     #: config values, by section, that its options had when study unit keys were first made: a unit's key
     #: hashes the differences from these, so a changed default keeps the keys of existing units
     key_reference: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: a top-level config section that holds its options instead of ``method.options`` (IMPACTX's ``impactx.*``);
+    #: set with another method, its keys would be ignored, so they are refused
+    config_section: ClassVar[str] = ""
+    #: its built-in map is trained towards the teacher's maps (by a map loss), so comparing the two means something
+    map_follows_teacher: ClassVar[bool] = False
 
     def __init__(self, cfg: "RunConfig"):
         self.cfg = cfg
@@ -235,6 +240,21 @@ class TrainingMethod:
 
     # -- reading what a finished run recorded --------------------------------------------------
     @classmethod
+    def model_label(cls, config: dict[str, Any]) -> str:
+        """How `teachx serve` names a model of this method, from its run's config (a plain dict)."""
+        return cls.display_name()
+
+    @classmethod
+    def model_info(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """What `teachx serve` shows about a model of this method besides its name, from its run's config."""
+        return {}
+
+    @classmethod
+    def per_class_maps(cls, config: dict[str, Any]) -> bool:
+        """Whether its model makes one built-in map per class, from its run's config (a plain dict)."""
+        return False
+
+    @classmethod
     def result_text(cls, results: dict[str, Any]) -> tuple[str, str]:
         """(the model's name, its settings in words) as a run's summary and report show them."""
         return cls.display_name(), ", ".join(f"{k}={v}" for k, v in (results.get("method_options") or {}).items())
@@ -275,6 +295,20 @@ def recorded_method(record: dict[str, Any]) -> Optional[type[TrainingMethod]]:
         if name is None:
             return None
     return METHODS.get(name or LEGACY_METHOD) if (name or LEGACY_METHOD) in METHODS else None
+
+
+def method_of_model(kind: str) -> Optional[type[TrainingMethod]]:
+    """The method whose checkpoints are of ``kind`` (a model with built-in maps: ``impactx``, ``abn``); None for
+    a kind several methods share (``classifier``) or none has."""
+    owners = [METHODS.get(n) for n in METHODS.names() if METHODS.get(n).checkpoint_kind == kind]
+    return owners[0] if len(owners) == 1 else None
+
+
+def recorded_config_method(config: dict[str, Any]) -> Optional[type[TrainingMethod]]:
+    """The method of a run config saved as a plain dict (config.yaml, a study unit's unit.json); configs made
+    before ``method.name`` existed were IMPACTX's; None for a method this teachx does not know."""
+    name = (config.get("method") or {}).get("name") or LEGACY_METHOD
+    return METHODS.get(name) if name in METHODS else None
 
 
 def method_name(cfg: "RunConfig") -> str:

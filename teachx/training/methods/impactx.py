@@ -28,6 +28,8 @@ class Impactx(TrainingMethod):
     unit_kind = "impactx"
     unit_key_prefix = "x-"
     study_evaluation = True
+    config_section = "impactx"
+    map_follows_teacher = True
     # impactx.decoder was paper, with one map and MSE, width 32, not reading M
     key_reference = {"impactx": {"decoder": "paper", "per_class": False, "map_loss": "mse", "decoder_width": 32, "decoder_reads_m": False}}
 
@@ -112,6 +114,18 @@ class Impactx(TrainingMethod):
 
     def study_row(self, unit: dict[str, Any]) -> dict[str, Any]:
         return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps}
+
+    @classmethod
+    def model_label(cls, config: dict[str, Any]) -> str:
+        return f"{cls.display_name()} (lambda={(config.get('impactx') or {}).get('lam')})"
+
+    @classmethod
+    def model_info(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"lam": (config.get("impactx") or {}).get("lam")}
+
+    @classmethod
+    def per_class_maps(cls, config: dict[str, Any]) -> bool:
+        return bool((config.get("impactx") or {}).get("per_class", False))
 
     @classmethod
     def result_text(cls, results: dict[str, Any]) -> tuple[str, str]:
