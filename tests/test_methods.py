@@ -325,7 +325,9 @@ def test_option_checks_are_one_line_config_errors():
         ("method.name=rrrr",): "did you mean 'rrr'",
         ("method.name=rrr", "method.options.k=0.5"): "option of method saliency_guided, not of 'rrr'",
         ("method.name=rrr", "impactx.lam=0"): "impactx.lam is an option of method impactx, not of 'rrr'",
-        ("method.options.lam=3",): "method impactx takes its options from the impactx.* keys",
+        ("method.options.lamb=3",): "unknown option method.options.lamb of method impactx (did you mean 'method.options.lam'?)",
+        ("method.options.lam=3", "impactx.lam=2"): "impactx.lam and method.options.lam are the same option of method impactx",
+        ("method.options.lam=-1",): "impactx.lam must be >= 0",
         ("method.name=rrr", "method.options.mask=foo"): "must be one of annotation, teacher",
         ("method.name=saliency_guided", "method.options.k=1.5"): "must be <= 1.0",
         ("method.name=reldrop", "method.options.alph=1"): "did you mean 'alpha'",
@@ -524,3 +526,36 @@ def test_the_name_check_guard_finds_comparisons(tmp_path):
                                                   'for stage in ("baseline", "teacher"):\n    pass\n'
                                                   'ok = kind in ("abn", "impactx")\nok = "rrr" != name\n')
     assert [line.split(":")[1] for line in _name_checks(tmp_path)] == ["1", "5", "6"]
+
+
+def test_impactx_options_are_its_method_options_too():
+    """method.options.KEY of IMPACTX is impactx.KEY: the same config (so the same study unit key), saved as impactx.*."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.orchestration.study import impactx_key
+
+    a = resolve_config(None, ["method.options.lam=0", "method.options.decoder=paper", "method.options.maps=shuffled"])
+    b = resolve_config(None, ["impactx.lam=0", "impactx.decoder=paper", "impactx.maps=shuffled"])
+    assert a.to_dict() == b.to_dict() and a.impactx.lam == 0 and a.method.options == {}
+    assert impactx_key(a) == impactx_key(b)
+    assert a.impactx.per_class is False and a.impactx.map_loss == "mse"  # the paper decoder's design, resolved as for impactx.*
+    same = resolve_config(None, ["method.options.lam=0.5", "impactx.lam=0.5"])  # both ways, one value: fine
+    assert same.impactx.lam == 0.5
+    rrr = resolve_config(None, ["method.name=rrr", "method.options.lam=10"])  # another method's options stay its own
+    assert rrr.method.options == {"lam": 10} and rrr.impactx.lam == 1.0
+    from teachx.interfaces.config import study_base_config
+
+    base = study_base_config({"method": {"options": {"per_class": False}}})  # a study's base, as `teachx config` prints it
+    assert base.impactx.per_class is False and base.impactx.map_loss is None  # given stays given, the rest left to the decoder
+
+
+def test_a_study_control_arm_may_use_method_options(tmp_path):
+    from teachx.orchestration.study import load_study, planned_units
+
+    def keys(arm: str) -> tuple[str, ...]:
+        path = tmp_path / f"{len(arm)}.yaml"
+        path.write_text("data: {name: bundled, train_size: 100}\nstudy: {seeds: [0], arms: {impactx: {}, lambda0: {%s: 0}}}\n" % arm)
+        spec = load_study(str(path))
+        assert spec.control == "lambda0"
+        return tuple(u.key for u in planned_units(spec))
+
+    assert keys("method.options.lam") == keys("impactx.lam")

@@ -268,13 +268,16 @@ class TrainingMethod:
 METHODS: Registry[type[TrainingMethod]] = Registry("training method")
 
 
-def unknown_option_message(method: str, key: str) -> str:
-    """'method.options.K' is not an option of METHOD -- naming the method that has it, if any."""
+def unknown_option_message(method: str, key: str, section_keys: Optional[list[str]] = None) -> str:
+    """'method.options.K' is not an option of METHOD -- naming the method that has it, if any.
+    ``section_keys``: the options of a method whose options live in a section of their own (``config_section``)."""
     owners = [n for n in METHODS.names() if key in METHODS.get(n).options and n != method]
     own = list(METHODS.get(method).options) if method in METHODS else []
-    if method == "impactx":
-        return (f"method.options.{key}: method impactx takes its options from the impactx.* keys (impactx.lam, impactx.maps, ...); "
-                "method.options is for the other methods" + (f" ({key} is an option of {' / '.join(owners)})" if owners else ""))
+    section = METHODS.get(method).config_section if method in METHODS else ""
+    if section:
+        keys = list(section_keys or [])
+        return (f"unknown option method.options.{key} of method {method}{suggest(key, keys, 'method.options.')}; its options are the {section}.* keys "
+                f"({', '.join(keys) or '`teachx config --describe`'})" + (f"; {key} is an option of {' / '.join(owners)}" if owners else ""))
     if owners:
         return (f"method.options.{key} is an option of method {' / '.join(owners)}, not of '{method}'; remove it "
                 f"or set method.name={owners[0]} (options of {method}: {', '.join(own) or 'none'})")

@@ -1,8 +1,9 @@
 """``impactx`` (Apicella et al. 2025): M + LEP + decoder + classifier, trained with CE plus lambda
 times a loss between the built-in map and the teacher's map (``teachx.training.impactx``).
 
-Its options are the ``impactx.*`` keys, as before this contract existed, so every config and
-checkpoint keeps working; ``method.options`` stays empty for it.
+Its options are the ``impactx.*`` keys, as before this contract existed, so every config, checkpoint
+and study unit key keeps working; ``method.options.KEY`` is accepted as the same key (the config folds
+it into ``impactx.KEY``, ``RunConfig.normalize_data``), so ``method.options`` stays empty for it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from teachx.training.methods.base import METHODS, MethodContext, TrainingMethod
 @METHODS.register("impactx")
 class Impactx(TrainingMethod):
     name = "impactx"
-    summary = "built-in attribution map trained towards a teacher's maps (options: the impactx.* keys)"
+    summary = "built-in attribution map trained towards a teacher's maps (options: the impactx.* keys, also written method.options.KEY)"
     reference = "Apicella et al. 2025, IMPACTX"
     checkpoint_kind = "impactx"
     builtin_map = True
