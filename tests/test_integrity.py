@@ -201,15 +201,15 @@ def test_study_unit_records_flip_is_an_error(tmp_path):
     write_json_atomic(d / "stage.json", {"checkpoint": "c.safetensors", "test_acc": 0.75}, digest=True)
     ev = d / "eval-abc.json"
     write_json_atomic(ev, {"map_quality": {"corr": 0.4321}}, digest=True)
-    assert _Runner._cached_impactx(d, ev)[1]["map_quality"]["corr"] == 0.4321
+    assert _Runner._cached(d, ev)[1]["map_quality"]["corr"] == 0.4321
     flip_in_text(ev, "0.432")
     with pytest.raises(TeachxError, match="eval-abc.json") as err:
-        _Runner._cached_impactx(d, ev)
+        _Runner._cached(d, ev)
     assert "re-run" in str(err.value)
     write_json_atomic(ev, {"map_quality": {"corr": 0.4321}}, digest=True)
     flip_in_text(d / "stage.json", "0.7")
     with pytest.raises(TeachxError, match="stage.json") as err:
-        _Runner._cached_impactx(d, ev)
+        _Runner._cached(d, ev)
     assert str(d) in str(err.value)
 
 

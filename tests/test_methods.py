@@ -325,7 +325,9 @@ def test_option_checks_are_one_line_config_errors():
         ("method.name=rrrr",): "did you mean 'rrr'",
         ("method.name=rrr", "method.options.k=0.5"): "option of method saliency_guided, not of 'rrr'",
         ("method.name=rrr", "impactx.lam=0"): "impactx.lam is an option of method impactx, not of 'rrr'",
-        ("method.options.lam=3",): "method impactx takes its options from the impactx.* keys",
+        ("method.options.lamb=3",): "unknown option method.options.lamb of method impactx (did you mean 'method.options.lam'?)",
+        ("method.options.lam=3", "impactx.lam=2"): "impactx.lam and method.options.lam are the same option of method impactx",
+        ("method.options.lam=-1",): "impactx.lam must be >= 0",
         ("method.name=rrr", "method.options.mask=foo"): "must be one of annotation, teacher",
         ("method.name=saliency_guided", "method.options.k=1.5"): "must be <= 1.0",
         ("method.name=reldrop", "method.options.alph=1"): "did you mean 'alpha'",
@@ -476,3 +478,85 @@ def test_a_method_gets_the_explained_classes_from_its_context():
     supplied = np.arange(len(ds.train)) % 3
     ctx2 = MethodContext(cfg, plan, torch.device("cpu"), explained_classes=lambda: supplied)
     assert ctx2.train_map_classes() is supplied
+
+
+# -- the method contract: no code outside training/methods branches on a method's name ------------------
+
+#: files outside teachx/training/methods that may compare with a name that is also a method's, and why
+_NAME_CHECKS_ALLOWED = {
+    # model architectures: a checkpoint's model spec names its architecture (``impactx``, ``abn``); the models
+    # are a layer below the training methods (methods point at them through ``checkpoint_kind``)
+    "teachx/models/__init__.py": "model spec names",
+    "teachx/models/abn.py": "model spec names",
+}
+
+
+def _name_checks(root: Path) -> list[str]:
+    """Lines of the package, outside training/methods, that compare a value with a method's literal name
+    (``== "impactx"``, ``!= "baseline"``, ``in ("impactx", "abn")``) -- iterating over a tuple is no check."""
+    import re
+
+    from teachx.training.methods import METHODS
+
+    names = sorted({n for n in METHODS.names()} | {a for n in METHODS.names() for a in METHODS.aliases(n)})
+    lit = r"""["'](?:%s)["']""" % "|".join(map(re.escape, names))
+    check = re.compile(rf"(?:==|!=)\s*{lit}|{lit}\s*(?:==|!=)|\b(?:not\s+)?in\s*[(\[{{]\s*{lit}")
+    loop = re.compile(rf"\bfor\s+[\w, ]+\s+in\s*[(\[]\s*{lit}")
+    found = []
+    for path in sorted((root / "teachx").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("teachx/training/methods/") or rel in _NAME_CHECKS_ALLOWED:
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if check.search(line) and not loop.search(line):
+                found.append(f"{rel}:{i}: {line.strip()}")
+    return found
+
+
+def test_no_code_outside_the_methods_branches_on_a_method_name():
+    """What a method means for a run, a study, a report or `teachx serve` is asked of the method (its
+    TrainingMethod hooks), so adding a method needs no change elsewhere."""
+    root = Path(__file__).resolve().parents[1]
+    assert _name_checks(root) == []
+    assert all((root / rel).is_file() for rel in _NAME_CHECKS_ALLOWED)  # the allow-list names files that exist
+
+
+def test_the_name_check_guard_finds_comparisons(tmp_path):
+    (tmp_path / "teachx" / "x").mkdir(parents=True)
+    (tmp_path / "teachx" / "x" / "m.py").write_text('if cfg.method.name == "impactx":\n    pass\n'
+                                                  'for stage in ("baseline", "teacher"):\n    pass\n'
+                                                  'ok = kind in ("abn", "impactx")\nok = "rrr" != name\n')
+    assert [line.split(":")[1] for line in _name_checks(tmp_path)] == ["1", "5", "6"]
+
+
+def test_impactx_options_are_its_method_options_too():
+    """method.options.KEY of IMPACTX is impactx.KEY: the same config (so the same study unit key), saved as impactx.*."""
+    from teachx.interfaces.config import resolve_config
+    from teachx.orchestration.study import impactx_key
+
+    a = resolve_config(None, ["method.options.lam=0", "method.options.decoder=paper", "method.options.maps=shuffled"])
+    b = resolve_config(None, ["impactx.lam=0", "impactx.decoder=paper", "impactx.maps=shuffled"])
+    assert a.to_dict() == b.to_dict() and a.impactx.lam == 0 and a.method.options == {}
+    assert impactx_key(a) == impactx_key(b)
+    assert a.impactx.per_class is False and a.impactx.map_loss == "mse"  # the paper decoder's design, resolved as for impactx.*
+    same = resolve_config(None, ["method.options.lam=0.5", "impactx.lam=0.5"])  # both ways, one value: fine
+    assert same.impactx.lam == 0.5
+    rrr = resolve_config(None, ["method.name=rrr", "method.options.lam=10"])  # another method's options stay its own
+    assert rrr.method.options == {"lam": 10} and rrr.impactx.lam == 1.0
+    from teachx.interfaces.config import study_base_config
+
+    base = study_base_config({"method": {"options": {"per_class": False}}})  # a study's base, as `teachx config` prints it
+    assert base.impactx.per_class is False and base.impactx.map_loss is None  # given stays given, the rest left to the decoder
+
+
+def test_a_study_control_arm_may_use_method_options(tmp_path):
+    from teachx.orchestration.study import load_study, planned_units
+
+    def keys(arm: str) -> tuple[str, ...]:
+        path = tmp_path / f"{len(arm)}.yaml"
+        path.write_text("data: {name: bundled, train_size: 100}\nstudy: {seeds: [0], arms: {impactx: {}, lambda0: {%s: 0}}}\n" % arm)
+        spec = load_study(str(path))
+        assert spec.control == "lambda0"
+        return tuple(u.key for u in planned_units(spec))
+
+    assert keys("method.options.lam") == keys("impactx.lam")

@@ -372,11 +372,14 @@ def _print_summary(res: dict, run_dir: Path) -> None:
     click.echo("")
     click.echo(f"dataset {res['dataset']} | backbone {res['backbone']} | teacher {res['teacher']} | epochs {res['epochs']}")
     click.echo(f"baseline test accuracy: {res['baseline_test_acc']:.4f}")
-    if res.get("method", "impactx") == "impactx":
-        click.echo(f"IMPACTX  test accuracy: {res['impactx_test_acc']:.4f}  (lambda={res['lam']}, maps={res['maps']})")
-    else:
-        opts = ", ".join(f"{k}={v}" for k, v in (res.get("method_options") or {}).items())
-        click.echo(f"{res['method']} test accuracy: {res['method_test_acc']:.4f}" + (f"  ({opts})" if opts else ""))
+    from teachx.training.methods import recorded_method
+
+    method = recorded_method(res)
+    if method is not None:  # a method this teachx knows (the record of another one: its accuracy alone)
+        label, details = method.result_text(res)
+        click.echo(f"{label:<8} test accuracy: {method.result_acc(res, 'test'):.4f}" + (f"  ({details})" if details else ""))
+    elif res.get("method_test_acc") is not None:
+        click.echo(f"{res.get('method')} test accuracy: {res['method_test_acc']:.4f}")
     sc = res.get("shortcut")
     if sc:
         for name in [k for k in sc if isinstance(sc[k], dict) and "gradient" in sc[k]]:

@@ -63,8 +63,7 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
                 from teachx.training.methods import build_method
 
                 method = build_method(cfg)
-                what = (f"lam={cfg.impactx.lam} maps={cfg.impactx.maps}" if method.name == "impactx"
-                        else "method=" + method.describe().replace(" ", ""))
+                what = method.arm_text()
                 click.echo(f"  regime={regime} arm={arm}: {what} teacher={cfg.teacher.method}"
                            f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
                            + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else ""))

@@ -7,8 +7,9 @@ directory, so runs can be diffed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_type_hints
 
 from teachx.errors import ConfigError
 from teachx.training.config import TrainConfig
@@ -272,6 +273,36 @@ class RunConfig:
     impactx: ImpactxConfig = field(default_factory=ImpactxConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
 
+    @staticmethod
+    def normalize_data(data: dict[str, Any]) -> dict[str, Any]:
+        """``method.options.KEY`` of a method whose options live in a section of their own (IMPACTX's
+        ``impactx.*``) is that section's KEY: the same option under the spelling every method uses. The
+        config keeps the section's (so saved configs and study unit keys stay as they were); an option
+        given both ways with two values is refused."""
+        from teachx.training.methods import METHODS
+        from teachx.training.methods.base import unknown_option_message
+
+        method = data.get("method")
+        if not isinstance(method, dict) or not isinstance(method.get("options"), dict) or not method["options"]:
+            return data
+        name = method.get("name", MethodConfig.name)
+        if not isinstance(name, str) or name not in METHODS or not METHODS.get(name).config_section:
+            return data  # another method's options (MethodConfig.validate checks them), or an unknown name
+        section = METHODS.get(name).config_section
+        own = data.get(section) if data.get(section) is not None else {}
+        if not isinstance(own, dict):
+            return data  # from_dict names the section that is no mapping
+        keys = [f.name for f in dataclasses.fields(get_type_hints(RunConfig)[section])]
+        own = dict(own)
+        for key, value in method["options"].items():
+            if key not in keys:
+                raise ConfigError(unknown_option_message(METHODS.canonical(name), str(key), keys))
+            if key in own and own[key] != value:
+                raise ConfigError(f"{section}.{key} and method.options.{key} are the same option of method {METHODS.canonical(name)}, "
+                                  f"set to {own[key]!r} and {value!r}; keep one of them")
+            own[key] = value
+        return {**data, section: own, "method": {**method, "options": {}}}
+
     def validate(self) -> None:
         self._validate_method()
         ic = self.impactx
@@ -280,16 +311,19 @@ class RunConfig:
                               "explain the training model's predicted classes, which the per-class loss does not track")
 
     def _validate_method(self) -> None:
-        """impactx.* options belong to method impactx: set with another method they would be ignored."""
+        """A method's own config section (impactx.*) belongs to it: set with another method it would be ignored."""
         from teachx.training.methods import METHODS
 
         name = METHODS.canonical(self.method.name)
-        if name == "impactx":
-            return
-        changed = [k for k, v in to_dict(self.impactx).items() if v != getattr(ImpactxConfig(), k)]
-        if changed:
-            raise ConfigError(f"impactx.{changed[0]} is an option of method impactx, not of '{name}'; remove it "
-                              f"(or set method.name=impactx); {name}'s options go under method.options")
+        for owner in METHODS.names():
+            section = METHODS.get(owner).config_section
+            if not section or owner == name:
+                continue
+            values = getattr(self, section)
+            changed = [k for k, v in to_dict(values).items() if v != getattr(type(values)(), k)]
+            if changed:
+                raise ConfigError(f"{section}.{changed[0]} is an option of method {owner}, not of '{name}'; remove it "
+                                  f"(or set method.name={owner}); {name}'s options go under method.options")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -320,6 +354,7 @@ def study_base_config(base: dict[str, Any]) -> RunConfig:
     impactx.* keys the base leaves to the decoder, which stay null -- each arm's decoder (impactx.decoder)
     resolves them, so the printed study reads back as the same study."""
     cfg = resolve_config(base=base)
+    base = RunConfig.normalize_data(dict(base))  # method.options.KEY of IMPACTX given as its impactx.KEY
     given = base.get("impactx") if isinstance(base.get("impactx"), dict) else {}
     for key in DECODER_CHOSEN:
         if given.get(key) is None:

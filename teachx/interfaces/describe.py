@@ -137,7 +137,8 @@ def describe_methods() -> str:
     from teachx.training.methods import METHODS
 
     lines = ["Training methods: choose one with method.name=NAME and set its options with method.options.NAME=VALUE,",
-             "e.g. method.name=rrr method.options.mask=teacher. IMPACTX (the default) takes its options from impactx.*.", ""]
+             "e.g. method.name=rrr method.options.mask=teacher. IMPACTX (the default) keeps its options in impactx.*",
+             "(`teachx config --describe` lists them); method.options.KEY is the same key, e.g. method.options.lam=0.", ""]
     for name in METHODS.names():
         cls = METHODS.get(name)
         aliases = METHODS.aliases(name)

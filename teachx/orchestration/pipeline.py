@@ -405,6 +405,18 @@ def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
     return model.eval()
 
 
+def load_stage_model(stage_dir: Path) -> torch.nn.Module:
+    """The best model of a complete stage (any method's: a classifier, IMPACTX, ABN), rebuilt from its
+    checkpoint's spec; a damaged checkpoint names the stage's fix."""
+    from teachx.models import any_model_from_spec
+
+    best = stage_checkpoint(stage_dir, stage_done(stage_dir) or {})
+    ck = load_checkpoint(best, fix=stage_fix(stage_dir))
+    model = any_model_from_spec(ck.meta.get("model_spec") or {})
+    load_state_into(model, ck.group("model"), f"checkpoint '{best}'")
+    return model.eval()
+
+
 def teacher_background(plan: DataPlan, size: int, seed: int, device: torch.device) -> torch.Tensor:
     rng = np.random.default_rng(seed + 12345)
     idx = np.sort(rng.choice(plan.train_idx, size=min(size, len(plan.train_idx)), replace=False))
@@ -591,9 +603,8 @@ def train_method_stage(
         return done, model.eval()
     task = method.task(model, ctx)
     hook = method.epoch_hook(task, ctx, out_dir)
-    meta = {"kind": method.checkpoint_kind, "method": method.name, "dataset": ds.name, "class_names": ds.class_names}
-    if method.name == "impactx":
-        meta["teacher"] = cfg.teacher.method
+    meta = {"kind": method.checkpoint_kind, "method": method.name, "dataset": ds.name, "class_names": ds.class_names,
+            **method.checkpoint_meta()}
     trainer = Trainer(task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device, meta=meta, log=log, on_epoch_start=hook)
     what = method.describe() + (f", self-teaching every {cfg.impactx.self_teach_every} epochs" if hook else "")
     log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
@@ -777,7 +788,7 @@ def _run_pipeline(
 
     # 3. the training method (IMPACTX by default)
     stage = method_name(cfg)
-    if method.name == "baseline":  # the same model as the baseline stage: nothing more to train
+    if method.reuses_baseline:  # the same model as the baseline stage: nothing more to train
         method_record = {**baseline, **method.record()}
         model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
     else:
@@ -796,12 +807,12 @@ def _run_pipeline(
         quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)
     shortcut = None
     if getattr(ds.test, "masks", None) is not None:
-        if method.name == "baseline":  # the method's model is the baseline, loaded above
+        if method.reuses_baseline:  # the method's model is the baseline, loaded above
             models = {"baseline": model}
         else:
             models = {"baseline": load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds), stage: model}
         shortcut = dist_utils.on_main(shortcut_evaluation, cfg, plan, models, device)
-    label = "IMPACTX" if method.name == "impactx" else method.name
+    label = method.display_name()
     examples = None  # the test images of figures/examples.png: index, true and predicted class
     if figures and test_store is not None and dist_utils.is_main():
         from teachx.reporting.figures import save_example_grid, save_training_curves
@@ -848,9 +859,7 @@ def _run_pipeline(
         "torch_threads": timings.torch_threads,
         **_bound(bound),
     }
-    if method.name == "impactx":  # the keys IMPACTX runs always had
-        results.update({"lam": cfg.impactx.lam, "maps": cfg.impactx.maps, "impactx_test_acc": method_record["test_acc"],
-                        "impactx_val_acc": method_record["val_acc"], "impactx_seconds_per_epoch": method_record["seconds_per_epoch"]})
+    results.update(method.results(method_record))
     if shortcut is not None:
         results["shortcut"] = shortcut
     if examples is not None:

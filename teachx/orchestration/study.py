@@ -38,7 +38,7 @@ import torch
 from teachx.errors import ConfigError
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig, check_names
-from teachx.training.methods import method_name
+from teachx.training.methods import METHODS, build_method, method_name, recorded_method
 from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json, write_json_atomic
@@ -258,9 +258,8 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
         for arm in arms:
             if spec.config(regime, arm, seeds[0]).teacher.checkpoint:
                 raise ConfigError(f"study arm '{arm}': teacher.checkpoint is not supported in studies (one fixed model for every seed); use teacher.backbone")
-    def lambda0(arm: str) -> bool:  # an IMPACTX arm without the explanation signal (other methods keep impactx.lam: 1)
-        cfg = spec.config(first_regime, arm, seeds[0])
-        return cfg.impactx.lam == 0 and method_name(cfg) == "impactx"
+    def lambda0(arm: str) -> bool:  # an arm without the explanation signal (IMPACTX with impactx.lam: 0)
+        return build_method(spec.config(first_regime, arm, seeds[0])).is_control()
 
     if spec.control is None:
         spec.control = next((a for a in arms if lambda0(a)), None)
@@ -319,22 +318,16 @@ def _arm_regimes(raw: Any, arms: dict[str, Any], regimes: dict[str, Any]) -> dic
 
 # -- unit keys ----------------------------------------------------------------------------------
 
-#: defaults that changed after STUDY_VERSION 2 keys were first made, at their old values: keys hash the
-#: differences from these, so a unit keeps its key (and a resumed study its trained units) for the same
-#: resolved config whichever default it relied on (impactx.decoder was paper, with one map and MSE, width 32, not reading M)
-_KEY_REFERENCE = {"impactx": {"decoder": "paper", "per_class": False, "map_loss": "mse", "decoder_width": 32, "decoder_reads_m": False}}
-
-
 def _relevant(cfg: RunConfig) -> dict[str, Any]:
     """The config as it decides a result: only values that differ from the defaults, minus neutral keys.
 
     Hashing only non-default values keeps every existing unit's key when a new option (with a
-    default that keeps the old behaviour) is added; a changed default goes into ``_KEY_REFERENCE``
-    at its old value (or needs a STUDY_VERSION bump).
+    default that keeps the old behaviour) is added; a changed default goes into the method's
+    ``key_reference`` at its old value (or needs a STUDY_VERSION bump), so a unit keeps its key (and a
+    resumed study its trained units) for the same resolved config whichever default it relied on.
     """
-    values, defaults = cfg.to_dict(), RunConfig().to_dict()
-    if method_name(cfg) == "impactx":  # other methods' impactx.* are the current defaults (RunConfig.validate)
-        defaults = merge(defaults, _KEY_REFERENCE)
+    values = cfg.to_dict()  # other methods' impactx.* are the current defaults (RunConfig.validate): no reference for them
+    defaults = merge(RunConfig().to_dict(), METHODS.get(method_name(cfg)).key_reference)
     for section, key in _NEUTRAL:
         values[section].pop(key)
     if values["data"]["hflip"] is None and _source_name(cfg.data.name) == "imagefolder":
@@ -371,13 +364,16 @@ def classifier_key(cfg: RunConfig, backbone: str, options: dict[str, Any]) -> st
                              "backbone": backbone, "options": options, "train": d.get("train", {})})[:16]
 
 
+def unit_key(cfg: RunConfig) -> str:
+    """The key of a unit of the configured training method: what changes its result, with the method's
+    unit kind and key prefix (IMPACTX units keep the ``x-`` keys they always had, other methods' are ``m-``)."""
+    method = METHODS.get(method_name(cfg))
+    return method.unit_key_prefix + hash_json({"v": STUDY_VERSION, "kind": method.unit_kind, "config": _relevant(cfg)})[:16]
+
+
 def impactx_key(cfg: RunConfig) -> str:
-    return "x-" + hash_json({"v": STUDY_VERSION, "kind": "impactx", "config": _relevant(cfg)})[:16]
-
-
-def method_key(cfg: RunConfig) -> str:
-    """A unit of a training method other than IMPACTX (IMPACTX units keep ``impactx_key``)."""
-    return "m-" + hash_json({"v": STUDY_VERSION, "kind": "method", "config": _relevant(cfg)})[:16]
+    """The key of an IMPACTX unit (:func:`unit_key`)."""
+    return unit_key(cfg)
 
 
 def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
@@ -389,11 +385,16 @@ class PlannedUnit:
     """One unit a study makes, as its spec determines it: nothing trained or read."""
 
     key: str
-    kind: str  # "classifier" (a baseline or teacher model), "impactx" or "method"
+    kind: str  # "classifier" (a baseline or teacher model), else the method's unit_kind ("impactx" or "method")
     regime: str
     arm: str  # the arm's name, BASELINE, or "teacher" (a teacher model that is no arm's own baseline)
     seed: int
     config: RunConfig  # the config the unit trains with (a teacher's: its own seed / training)
+
+    @property
+    def method(self) -> Optional[Any]:
+        """The training method class of a method unit; None for a classifier unit."""
+        return None if self.kind == "classifier" else METHODS.get(method_name(self.config))
 
 
 def planned_units(spec: StudySpec) -> list[PlannedUnit]:
@@ -416,9 +417,8 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                 units.setdefault(base, PlannedUnit(base, "classifier", regime, f"{arm} {BASELINE}" if arm else BASELINE, seed, cfg))
                 if arm is None:
                     continue
-                kind = "impactx" if method_name(cfg) == "impactx" else "method"
-                key = impactx_key(cfg) if kind == "impactx" else method_key(cfg)
-                units.setdefault(key, PlannedUnit(key, kind, regime, arm, seed, cfg))
+                key = unit_key(cfg)
+                units.setdefault(key, PlannedUnit(key, METHODS.get(method_name(cfg)).unit_kind, regime, arm, seed, cfg))
                 tcfg, tb, topts = teacher_training(cfg)
                 tkey = classifier_key(tcfg, tb, topts)
                 teachers.setdefault(tkey, PlannedUnit(tkey, "classifier", regime, "teacher", tcfg.seed, tcfg))
@@ -519,96 +519,62 @@ class _Runner:
         return block
 
     def method(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
-        """One unit of the arm's training method (IMPACTX: :meth:`impactx`); (key, record, was_cached)."""
-        name = method_name(cfg)
-        if name == "impactx":
-            key, rec, cached = self.impactx(cfg, base_key, teacher_key)
-            shortcut = self._shortcut(cfg, self.out / "units" / key, lambda: {"model": self._impactx_model(cfg, key)})
-            if shortcut is not None:
-                rec["shortcut"] = shortcut
-            return key, rec, cached
+        """Train one unit of the arm's training method, and evaluate it where the method asks for it
+        (``study_evaluation``), or read it back; returns (key, record, was_cached)."""
         from teachx.orchestration.pipeline import stage_done
 
-        key = method_key(cfg)
-        d = self.unit_dir(key, cfg, "method")
-        cached = name == "baseline" or stage_done(d) is not None
-        if name == "baseline":  # the arm's own baseline is this model: nothing more to train
-            stage = dict(stage_done(self.out / "units" / base_key) or {})
-        elif stage_done(d) is None:
-            with file_lock(d / ".lock", wait=False):
-                stage = self._train_method(cfg, d, teacher_key)
+        method = build_method(cfg)
+        key = unit_key(cfg)
+        d = self.unit_dir(key, cfg, method.unit_kind)
+        eval_path = d / f"eval-{eval_key(cfg, self.spec.eval)}.json" if method.study_evaluation else None
+        if method.reuses_baseline:  # the arm's own baseline is this model: nothing more to train
+            (stage, ev), cached = (dict(stage_done(self.out / "units" / base_key) or {}), {}), True
         else:
-            stage = stage_done(d)
+            found = self._cached(d, eval_path)
+            cached = found is not None
+            if found is None:
+                with file_lock(d / ".lock", wait=False):
+                    found = self._cached(d, eval_path)  # another process may have finished it since we looked
+                    cached = found is not None
+                    if found is None:
+                        found = self._train(cfg, method, d, eval_path, base_key, teacher_key)
+            stage, ev = found
         self.units[key] = {
-            "kind": "method", "method": name, "method_options": (stage.get("method_options") or dict(cfg.method.options)),
-            "seed": cfg.seed, "teacher": cfg.teacher.method, "baseline_unit": base_key, "teacher_unit": teacher_key,
+            "kind": method.unit_kind, **method.unit_record(stage), "seed": cfg.seed, "teacher": cfg.teacher.method,
+            "baseline_unit": base_key, "teacher_unit": teacher_key,
             "test_acc": stage["test_acc"], "val_acc": stage.get("val_acc"), "seconds": stage.get("seconds"),
-            "seconds_per_epoch": stage.get("seconds_per_epoch"), "history": stage.get("history", []),
+            "seconds_per_epoch": stage.get("seconds_per_epoch"), "history": stage.get("history", []), **ev,
         }
-        if name == "baseline":  # the classifier unit's own evaluation (made by `classifier`)
+        if method.reuses_baseline:  # the classifier unit's own evaluation (made by `classifier`)
             shortcut = self.units[base_key].get("shortcut")
         else:
-            shortcut = self._shortcut(cfg, d, lambda: {"model": self._method_model(cfg, d)})
+            shortcut = self._shortcut(cfg, d, lambda: {"model": self._method_model(d)})
         if shortcut is not None:
             self.units[key]["shortcut"] = shortcut
         return key, self.units[key], cached
 
-    def _impactx_model(self, cfg: RunConfig, key: str):
-        from teachx.interfaces.explain import load_impactx
+    @staticmethod
+    def _method_model(d: Path):
+        from teachx.orchestration.pipeline import load_stage_model
 
-        return load_impactx(self.out / "units" / key)[0]
-
-    def _method_model(self, cfg: RunConfig, d: Path):
-        from teachx.orchestration.pipeline import train_method_stage
-
-        _, model = train_method_stage(cfg, self.plan(cfg), None, None, d, self.stage_log)  # complete: reads the best checkpoint back
-        return model
-
-    def _train_method(self, cfg: RunConfig, d: Path, teacher_key: str) -> dict[str, Any]:
-        from teachx.orchestration.pipeline import load_classifier, stage_done, teacher_maps, train_method_stage
-        from teachx.training.methods import build_method
-        from teachx.utils.seeding import choose_device
-
-        done = stage_done(d)  # another process may have finished it since we looked
-        if done is not None:
-            return done
-        plan = self.plan(cfg)
-        method = build_method(cfg)
-        teacher_model = load_classifier(self.checkpoint(teacher_key), plan.dataset)
-        store = None
-        if method.needs_teacher_maps():
-            store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, choose_device(cfg.device), self.stage_log,
-                                 self.progress, wait=False)
-        self.trained += 1
-        record, _ = train_method_stage(cfg, plan, store, teacher_model, d, self.stage_log)
-        return record
-
-    def impactx(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
-        """Train + evaluate one IMPACTX unit (or read it back); returns (key, record, was_cached)."""
-        key = impactx_key(cfg)
-        d = self.unit_dir(key, cfg, "impactx")
-        eval_path = d / f"eval-{eval_key(cfg, self.spec.eval)}.json"
-        cached = self._cached_impactx(d, eval_path)
-        if cached is None:
-            with file_lock(d / ".lock", wait=False):
-                cached = self._cached_impactx(d, eval_path)
-                if cached is None:
-                    stage, ev = self._train_impactx(cfg, d, eval_path, base_key, teacher_key)
-                    self._record(key, cfg, stage, ev, base_key, teacher_key)
-                    return key, self.units[key], False
-        self._record(key, cfg, *cached, base_key, teacher_key)
-        return key, self.units[key], True
+        return load_stage_model(d)
 
     @staticmethod
-    def _cached_impactx(d: Path, eval_path: Path) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+    def _cached(d: Path, eval_path: Optional[Path]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+        """(stage record, evaluation) of a complete unit: trained, and evaluated where ``eval_path`` is given."""
         from teachx.orchestration.pipeline import stage_done
 
         stage = stage_done(d)  # verified against its digest, like the evaluation below
-        if stage is not None and eval_path.exists():
-            return stage, read_unit_evaluation(eval_path)
-        return None
+        if stage is None:
+            return None
+        if eval_path is None:
+            return stage, {}
+        return (stage, read_unit_evaluation(eval_path)) if eval_path.exists() else None
 
-    def _train_impactx(self, cfg: RunConfig, d: Path, eval_path: Path, base_key: str, teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _train(self, cfg: RunConfig, method, d: Path, eval_path: Optional[Path], base_key: str,
+               teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Train the unit with the pipeline's stage code (:func:`train_method_stage`) on the teacher maps the
+        method asks for, then evaluate it into ``eval_path`` (when given)."""
         from teachx.orchestration.pipeline import eval_indices, load_classifier, map_quality, stage_done, teacher_maps, train_method_stage
         from teachx.utils.seeding import choose_device
 
@@ -618,15 +584,18 @@ class _Runner:
         timings: dict[str, float] = {}
         teacher_model = load_classifier(self.checkpoint(teacher_key), ds)
         t0 = time.perf_counter()
-        train_store, test_store = (teacher_maps(cfg, plan, teacher_model, split, idx, device, self.stage_log, self.progress, wait=False)
-                                   for split, idx in (("train", plan.train_idx), ("test", eval_indices(cfg, plan))))
+        stores = {split: teacher_maps(cfg, plan, teacher_model, split, plan.train_idx if split == "train" else eval_indices(cfg, plan),
+                                      device, self.stage_log, self.progress, wait=False) for split in method.study_maps()}
         timings["maps"] = time.perf_counter() - t0
         if stage_done(d) is None:
             self.trained += 1
         t0 = time.perf_counter()
-        record, model = train_method_stage(cfg, plan, train_store, teacher_model, d, self.stage_log)
-        timings["impactx"] = time.perf_counter() - t0
+        record, model = train_method_stage(cfg, plan, stores.get("train"), teacher_model, d, self.stage_log)
+        timings[method.name] = time.perf_counter() - t0
+        if eval_path is None:
+            return record, {}
         t0 = time.perf_counter()
+        train_store, test_store = stores["train"], stores["test"]
         ev: dict[str, Any] = {"map_quality": map_quality(model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)}
         baseline = load_classifier(self.checkpoint(base_key), ds)
         ev.update(_evaluate_unit(cfg, self.spec.eval, plan, model, baseline, test_store, device, d))
@@ -635,15 +604,6 @@ class _Runner:
         ev["map_store"] = {"train": str(train_store.path), "test": str(test_store.path)}
         write_json_atomic(eval_path, ev, digest=True)
         return record, ev
-
-    def _record(self, key: str, cfg: RunConfig, stage: dict[str, Any], ev: dict[str, Any], base_key: str, teacher_key: str) -> None:
-        self.units[key] = {
-            "kind": "impactx", "seed": cfg.seed, "lam": cfg.impactx.lam, "maps": cfg.impactx.maps, "teacher": cfg.teacher.method,
-            "baseline_unit": base_key, "teacher_unit": teacher_key,
-            "test_acc": stage["test_acc"], "val_acc": stage.get("val_acc"), "seconds": stage.get("seconds"),
-            "seconds_per_epoch": stage.get("seconds_per_epoch"), "history": stage.get("history", []),
-            **{k: v for k, v in ev.items()},
-        }
 
 
 def read_unit_evaluation(eval_path: Path) -> dict[str, Any]:
@@ -871,20 +831,17 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
             keys = cells[(regime, arm)]
             accs = [units[keys[s]]["test_acc"] for s in seeds]
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
-            method = method_name(cfg) if arm != BASELINE else BASELINE
+            trained = build_method(cfg) if arm != BASELINE else None  # the arm's method (the baseline row has none)
             row: dict[str, Any] = {
-                "regime": regime, "arm": arm, "kind": "classifier" if arm == BASELINE else ("impactx" if method == "impactx" else "method"),
-                "method": method,
+                "regime": regime, "arm": arm, "kind": trained.unit_kind if trained else "classifier",
+                "method": trained.name if trained else BASELINE,
                 "overrides": spec.arms.get(arm, {}), "regime_overrides": spec.regimes[regime],
                 "seeds": seeds, "units": [keys[s] for s in seeds], "test_acc": accs, "summary": summarize(accs).to_dict(),
             }
             if arm != BASELINE:
                 _, tb, _ = teacher_training(cfg)
                 row.update({"teacher": cfg.teacher.method, "teacher_backbone": tb})
-                if method == "impactx":
-                    row.update({"lam": cfg.impactx.lam, "maps": cfg.impactx.maps})
-                else:
-                    row["method_options"] = units[keys[seeds[0]]].get("method_options", {})
+                row.update(trained.study_row(units[keys[seeds[0]]]))
                 base_accs = [units[units[keys[s]]["baseline_unit"]]["test_acc"] for s in seeds]
                 row["vs_baseline"] = paired_compare(accs, base_accs).to_dict()
                 own = {units[keys[s]]["baseline_unit"] for s in seeds} != {cells[(regime, BASELINE)][s] for s in seeds}
@@ -893,7 +850,7 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                 if t_units[0] != units[keys[seeds[0]]]["baseline_unit"]:
                     row["teacher_test_acc"] = summarize([units[t]["test_acc"] for t in t_units]).to_dict()
                 control = spec.control_of(arm)
-                if control and arm != control and (method != "impactx" or cfg.impactx.lam > 0):
+                if control and arm != control and not trained.is_control():
                     ckeys = cells[(regime, control)]
                     row["vs_control"] = paired_compare(accs, [units[ckeys[s]]["test_acc"] for s in seeds]).to_dict()
                     row["vs_control"]["control"] = control
@@ -975,19 +932,23 @@ def _timings(units: dict[str, dict[str, Any]]) -> dict[str, Any]:
         vals = [v for v in vals if v is not None]
         return {"n": len(vals), "total_s": float(sum(vals)), "mean_s": float(np.mean(vals)) if vals else None}
 
-    cls = [u for u in units.values() if u["kind"] == "classifier"]
-    imp = [u for u in units.values() if u["kind"] == "impactx"]
-    other = [u for u in units.values() if u["kind"] == "method" and u.get("method") != "baseline"]
-    return {
-        "method_training": agg([u.get("seconds") for u in other]),
-        "method_seconds_per_epoch": agg([u.get("seconds_per_epoch") for u in other]),
-        "classifier_training": agg([u.get("seconds") for u in cls]),
-        "classifier_seconds_per_epoch": agg([u.get("seconds_per_epoch") for u in cls]),
-        "impactx_training": agg([u.get("seconds") for u in imp]),
-        "impactx_seconds_per_epoch": agg([u.get("seconds_per_epoch") for u in imp]),
-        "teacher_maps": agg([(u.get("timings") or {}).get("maps") for u in imp]),
-        "evaluation": agg([(u.get("timings") or {}).get("evaluation") for u in imp]),
-    }
+    # per unit kind (the methods' "method", classifiers, and each method's own, e.g. "impactx"), units that trained
+    # nothing of their own left out (a method that reuses its baseline: its seconds are the baseline unit's)
+    by_kind: dict[str, list[dict[str, Any]]] = {"method": [], "classifier": []}
+    for kind in sorted({METHODS.get(n).unit_kind for n in METHODS.names()}):
+        by_kind.setdefault(kind, [])
+    for u in units.values():
+        method = recorded_method(u)
+        if method is None or not method.reuses_baseline:
+            by_kind.setdefault(u["kind"], []).append(u)
+    out: dict[str, Any] = {}
+    for kind, members in by_kind.items():
+        out[f"{kind}_training"] = agg([u.get("seconds") for u in members])
+        out[f"{kind}_seconds_per_epoch"] = agg([u.get("seconds_per_epoch") for u in members])
+    evaluated = [u for u in units.values() if u.get("timings")]  # the units evaluated beyond accuracy (study_evaluation)
+    out["teacher_maps"] = agg([u["timings"].get("maps") for u in evaluated])
+    out["evaluation"] = agg([u["timings"].get("evaluation") for u in evaluated])
+    return out
 
 
 def _fmt(x: Optional[float], nd: int = 4) -> str:

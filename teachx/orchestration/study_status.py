@@ -18,7 +18,6 @@ from typing import Any, Optional
 
 from teachx.errors import TeachxError
 from teachx.orchestration.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
-from teachx.training.methods import method_name
 from teachx.utils.locking import held_by
 
 #: the states a unit can be in, in the order a run goes through them
@@ -78,7 +77,7 @@ class StudyStatus:
                 if not known:
                     return None
                 total += (u.epochs - u.epochs_done) * statistics.median(known)
-            if u.unit.kind == "impactx" and u.state != "evaluating" and (evals.get(arm) or any_eval):
+            if u.unit.method is not None and u.unit.method.study_evaluation and u.state != "evaluating" and (evals.get(arm) or any_eval):
                 total += statistics.median(evals.get(arm) or any_eval)
         return total
 
@@ -102,7 +101,7 @@ def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
     cfg = unit.config
     epochs = int(cfg.train.epochs)
     d = out / "units" / unit.key
-    if unit.kind == "method" and method_name(cfg) == "baseline":  # the arm is its baseline model: nothing of its own
+    if unit.method is not None and unit.method.reuses_baseline:  # the arm is its baseline model: nothing of its own
         d = out / "units" / classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))
     status = UnitStatus(unit, "not started", 0, epochs)
     if not d.is_dir():
@@ -115,10 +114,11 @@ def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
             status.test_acc = record.get("test_acc")
             status.seconds_per_epoch = record.get("seconds_per_epoch")
             evaluation = d / f"eval-{eval_key(cfg, spec.eval)}.json"
-            if unit.kind == "impactx" and not evaluation.exists():
+            evaluated = unit.method is not None and unit.method.study_evaluation
+            if evaluated and not evaluation.exists():
                 status.state = "evaluating" if status.holder else "to evaluate"
                 return status
-            if unit.kind == "impactx":  # verified like the record: a damaged evaluation is shown, not counted
+            if evaluated:  # verified like the record: a damaged evaluation is shown, not counted
                 ev = read_unit_evaluation(evaluation)
                 took = (ev.get("timings") or {}).get("evaluation")
                 status.eval_seconds = float(took) if isinstance(took, (int, float)) else None

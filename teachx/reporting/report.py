@@ -383,20 +383,38 @@ def _read_json(p: Path) -> Any:
         raise RunDirError(f"cannot read '{p}' ({type(exc).__name__}); re-run the command that writes it") from None
 
 
+def _evaluated_row(row: dict[str, Any]) -> bool:
+    """Whether a study row's units were evaluated beyond accuracy (their example arrays, built-in maps)."""
+    from teachx.training.methods import recorded_method
+
+    method = recorded_method(row)
+    return method is not None and method.study_evaluation
+
+
 def _method_row(res: dict[str, Any]) -> list[Any]:
-    """The accuracy row of the run's training method (IMPACTX runs: as they always were)."""
-    if res.get("method", "impactx") == "impactx":
-        return [f"IMPACTX (lambda={res.get('lam')}, maps={res.get('maps')})", res.get("backbone"), _f(res.get("impactx_test_acc")),
-                _f(res.get("impactx_val_acc"))]
-    opts = ", ".join(f"{k}={v}" for k, v in (res.get("method_options") or {}).items())
-    return [f"{res['method']}" + (f" ({opts})" if opts else ""), res.get("backbone"), _f(res.get("method_test_acc")), _f(res.get("method_val_acc"))]
+    """The accuracy row of the run's training method, as the method names it and its settings."""
+    from teachx.training.methods import recorded_method
+
+    method = recorded_method(res)
+    if method is None:  # a method this teachx does not know: its name and accuracies
+        return [f"{res.get('method')}", res.get("backbone"), _f(res.get("method_test_acc")), _f(res.get("method_val_acc"))]
+    label, details = method.result_text(res)
+    return [label + (f" ({details})" if details else ""), res.get("backbone"), _f(method.result_acc(res, "test")), _f(method.result_acc(res, "val"))]
+
+
+def _method_stage(res: dict[str, Any]) -> tuple[str, str]:
+    """(how the report names the run's method model, the directory of its stage) from results.json."""
+    from teachx.training.methods import LEGACY_METHOD, recorded_method
+
+    known = recorded_method(res)
+    stage = known.name if known is not None else str(res.get("method", LEGACY_METHOD))
+    return (known.display_name() if known is not None else stage), stage
 
 
 def _per_class(doc: _Doc, d: Path, res: dict[str, Any]) -> None:
     """Per-class test accuracy: the method model's confusion matrix (figure, and a table up to 20 classes) and
     each class's accuracy for the baseline and the method, from the stage records."""
-    method = res.get("method", "impactx")
-    label = "IMPACTX" if method == "impactx" else method
+    label, method = _method_stage(res)
     conf = {}
     for name, sub in (("baseline", "baseline"), (label, method)):
         st = d / sub / "stage.json"
@@ -476,7 +494,7 @@ def _run_report(d: Path) -> _Doc:
             doc.measures(["pixel_flipping_morf", "pixel_flipping_lerf", "insertion", "corr_self", "corr_self_mean_map"])
     doc.h("Training curves")
     hist = {}
-    for name, sub in (("baseline", "baseline"), ("teacher", "teacher"), ("IMPACTX", "impactx")):
+    for name, sub in (("baseline", "baseline"), ("teacher", "teacher"), _method_stage(res)):
         st = d / sub / "stage.json"
         if st.exists():
             hist[name] = [_read_json(st).get("history", [])]
@@ -634,7 +652,7 @@ def _study_report(d: Path) -> _Doc:
     doc.h("Examples (first seed)")
     shown = 0
     for r in rows:
-        if r["kind"] != "impactx" or not r.get("lam"):
+        if not _evaluated_row(r) or not r.get("lam"):
             continue
         names = (units[r["units"][0]].get("examples") or {}).get("class_names")
         png = examples_figure(d / "units" / r["units"][0] / "examples.npz", names)
@@ -647,7 +665,7 @@ def _study_report(d: Path) -> _Doc:
         doc.p("no example arrays stored (study.eval.examples: 0)", "note")
     # the built-in maps of several arms on the same images: does a design change what the map shows?
     for reg in regimes:
-        trained = [r for r in rows if r["regime"] == reg and r["kind"] == "impactx" and r.get("lam") and r.get("seeds")]
+        trained = [r for r in rows if r["regime"] == reg and _evaluated_row(r) and r.get("lam") and r.get("seeds")]
         trained = [r for r in trained if r["seeds"][0] == trained[0]["seeds"][0]][:MAX_SIDE_BY_SIDE] if trained else []
         if len(trained) < 2:
             continue

@@ -123,14 +123,16 @@ def _run(rid: str, path: Path) -> RunEntry:
                            if isinstance(v, (int, float, str)) or v is None}
         except TeachxError as exc:
             run.summary = {"error": str(exc)}
-    lam = (config.get("impactx") or {}).get("lam")
+    from teachx.training.methods import METHODS
+
     for stage in _stages():
         d = path / stage
         if not d.is_dir():
             continue
-        kind = stage if stage in ("impactx", "abn") else "classifier"  # the method stages of rrr, saliency_guided, reldrop train classifiers
-        label = {"baseline": "baseline", "teacher": "teacher model", "impactx": f"IMPACTX (lambda={lam})", "abn": "ABN"}.get(stage, stage)
-        entry = ModelEntry(f"{rid}.{stage}", rid, stage, label, kind, stage, config, info={"lam": lam} if kind == "impactx" else {})
+        method = METHODS.get(stage) if stage in METHODS else None  # the baseline stage is method baseline's model too
+        kind = method.checkpoint_kind if method else "classifier"  # the method stages of rrr, saliency_guided, reldrop train classifiers
+        label = method.model_label(config) if method else {"teacher": "teacher model"}.get(stage, stage)
+        entry = ModelEntry(f"{rid}.{stage}", rid, stage, label, kind, stage, config, info=method.model_info(config) if method else {})
         _fill_from_stage(entry, d)
         run.models.append(entry)
     return run
@@ -157,6 +159,8 @@ def _fill_from_stage(entry: ModelEntry, d: Path) -> None:
 
 
 def _study(rid: str, path: Path) -> RunEntry:
+    from teachx.training.methods import recorded_config_method
+
     run = RunEntry(rid, path, "study")
     names: dict[str, dict[str, Any]] = {}  # unit key -> arm / regime / seed
     if (path / "study.json").exists():
@@ -186,9 +190,10 @@ def _study(rid: str, path: Path) -> RunEntry:
         entry = ModelEntry(f"{rid}.{_slug(key)}", rid, key, key, "classifier", "unit", {})
         try:
             unit = _record(d / "unit.json", "study unit record")
-            method = ((unit.get("config") or {}).get("method") or {}).get("name")
-            entry.kind = "impactx" if unit.get("kind") == "impactx" else ("abn" if method == "abn" else "classifier")
             entry.config = dict(unit.get("config") or {})
+            # a method unit holds its method's model (a classifier for rrr, saliency_guided, reldrop, baseline)
+            method = recorded_config_method(entry.config) if unit.get("kind") != "classifier" else None
+            entry.kind = method.checkpoint_kind if method else "classifier"
         except (TeachxError, OSError) as exc:
             entry.error = str(exc)
             run.models.append(entry)
@@ -201,9 +206,11 @@ def _study(rid: str, path: Path) -> RunEntry:
         else:
             entry.role = "teacher" if entry.kind == "classifier" else "impactx"
             entry.label = f"{'classifier' if entry.kind == 'classifier' else 'IMPACTX'} unit {key}"
-        if entry.kind == "impactx":
-            entry.info["lam"] = (entry.config.get("impactx") or {}).get("lam")
+        if method is not None:
+            entry.info.update(method.model_info(entry.config))
         _fill_from_stage(entry, d)
         run.models.append(entry)
-    run.models.sort(key=lambda m: (m.info.get("regime", ""), m.role != "baseline", m.info.get("arm", m.role), m.info.get("seed", 0), m.name))
+    from teachx.orchestration.study import BASELINE
+
+    run.models.sort(key=lambda m: (m.info.get("regime", ""), m.role != BASELINE, m.info.get("arm", m.role), m.info.get("seed", 0), m.name))
     return run

@@ -89,7 +89,10 @@ _DIFFERENCE = {"none": "built-in map minus teacher map, as they are (the map los
 
 def _per_class(kind: str, cfg: dict[str, Any]) -> bool:
     """Whether a catalogued model makes one built-in map per class (IMPACTX with impactx.per_class)."""
-    return kind == "impactx" and bool((cfg.get("impactx") or {}).get("per_class", False))
+    from teachx.training.methods import method_of_model
+
+    method = method_of_model(kind)
+    return method is not None and method.per_class_maps(cfg)
 
 
 @functools.lru_cache(maxsize=1)
@@ -739,7 +742,10 @@ class Service:
     def _invariance(lm: Loaded) -> str:
         """What the model's map loss leaves free in its built-in map ("none", "scale", "affine"); models whose
         built-in map was not trained towards the teacher's (ABN's attention) are compared up to scale."""
-        if lm.entry.kind != "impactx":
+        from teachx.training.methods import method_of_model
+
+        method = method_of_model(lm.entry.kind)
+        if method is None or not method.map_follows_teacher:
             return "scale"
         spec_decoder = getattr(lm.model, "decoder_name", None)
         if spec_decoder is not None and spec_decoder != lm.cfg.impactx.decoder:

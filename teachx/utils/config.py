@@ -90,6 +90,9 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
     train section), so that messages name keys the way they are typed: ``train.epochs``.
     """
     data = dict(data or {})
+    normalize = getattr(cls, "normalize_data", None)  # a class's spellings of the same key (aliases), made one
+    if callable(normalize):
+        data = normalize(data)
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     prefix = f"{where}." if where else ""

@@ -4,7 +4,8 @@
 file each, registered in ``METHODS``. ``teachx methods`` lists them with their options.
 """
 
-from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod, build_method, method_name, method_stages
+from teachx.training.methods.base import (LEGACY_METHOD, METHODS, MethodContext, Option, TrainingMethod, build_method, method_name,
+                                          method_of_model, method_stages, recorded_config_method, recorded_method)
 
 # Method modules register themselves in METHODS on import.
 from teachx.training.methods import abn as _abn  # noqa: F401,E402
@@ -14,4 +15,5 @@ from teachx.training.methods import reldrop as _reldrop  # noqa: F401,E402
 from teachx.training.methods import rrr as _rrr  # noqa: F401,E402
 from teachx.training.methods import saliency_guided as _saliency_guided  # noqa: F401,E402
 
-__all__ = ["METHODS", "MethodContext", "Option", "TrainingMethod", "build_method", "method_name", "method_stages"]
+__all__ = ["LEGACY_METHOD", "METHODS", "MethodContext", "Option", "TrainingMethod", "build_method", "method_name", "method_of_model",
+           "method_stages", "recorded_config_method", "recorded_method"]

@@ -51,6 +51,10 @@ class ABN(TrainingMethod):
     checkpoint_kind = "abn"
     builtin_map = True
 
+    @classmethod
+    def model_label(cls, config: dict) -> str:
+        return "ABN"
+
     def check_data(self, plan) -> None:
         """Refuse a split the backbone cannot be cut at, before anything is trained (builds the
         backbone once, leaving torch's global generator as it was)."""

@@ -111,6 +111,25 @@ class TrainingMethod:
     builtin_map: ClassVar[bool] = False
     #: the loss it trains on, as a figure's legend names it (every method's validation loss is cross-entropy alone)
     loss_text: ClassVar[str] = "CE"
+    #: how figures, reports and the run's summary name its model; default: the method's name
+    label: ClassVar[str] = ""
+    #: it trains nothing of its own: its model is the run's baseline model (a run's baseline stage, a study's baseline unit)
+    reuses_baseline: ClassVar[bool] = False
+    #: the ``kind`` of its study units (unit.json, study.json) and the prefix of their keys: the keys of
+    #: existing units hash these, so they never change for a method that has units
+    unit_kind: ClassVar[str] = "method"
+    unit_key_prefix: ClassVar[str] = "m-"
+    #: its study units are evaluated beyond accuracy (``eval-<key>.json``: the built-in map's quality against
+    #: the teacher's maps, post-hoc maps, example arrays, faithfulness per ``study.eval``)
+    study_evaluation: ClassVar[bool] = False
+    #: config values, by section, that its options had when study unit keys were first made: a unit's key
+    #: hashes the differences from these, so a changed default keeps the keys of existing units
+    key_reference: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: a top-level config section that holds its options instead of ``method.options`` (IMPACTX's ``impactx.*``);
+    #: set with another method, its keys would be ignored, so they are refused
+    config_section: ClassVar[str] = ""
+    #: its built-in map is trained towards the teacher's maps (by a map loss), so comparing the two means something
+    map_follows_teacher: ClassVar[bool] = False
 
     def __init__(self, cfg: "RunConfig"):
         self.cfg = cfg
@@ -170,6 +189,10 @@ class TrainingMethod:
         opts = ", ".join(f"{k}={v}" for k, v in self.opts.items())
         return f"{self.name}" + (f" ({opts})" if opts else "")
 
+    def arm_text(self) -> str:
+        """What a study arm trains, as `teachx study --dry-run` lists it: key=value words without spaces."""
+        return "method=" + self.describe().replace(" ", "")
+
     def training_loss(self) -> str:
         """The training loss in a figure's words, so a loss curve says what it plots."""
         return self.loss_text
@@ -183,21 +206,112 @@ class TrainingMethod:
         """What the stage record and results.json keep about the method."""
         return {"method": self.name, "method_options": dict(self.opts)}
 
+    @classmethod
+    def display_name(cls) -> str:
+        """The model's name in figures, reports and summaries (``label``, else the method's name)."""
+        return cls.label or cls.name
+
+    def is_control(self) -> bool:
+        """Whether this is the method's model trained without the explanation signal: a study's control
+        arm, which the other arms are compared with; default: no such setting."""
+        return False
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What its checkpoints' metadata carry besides kind, method, dataset and class names."""
+        return {}
+
+    def results(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Keys of results.json of its own besides the common ``method_*`` ones, from the stage record."""
+        return {}
+
+    def study_maps(self) -> tuple[str, ...]:
+        """The splits whose teacher maps a study unit of it needs (the test split for its evaluation)."""
+        if self.study_evaluation:
+            return ("train", "test")
+        return ("train",) if self.needs_teacher_maps() else ()
+
+    def unit_record(self, stage: dict[str, Any]) -> dict[str, Any]:
+        """What a study unit's record says about the method (after ``kind``), from its stage record."""
+        return {"method": self.name, "method_options": stage.get("method_options") or dict(self.cfg.method.options)}
+
+    def study_row(self, unit: dict[str, Any]) -> dict[str, Any]:
+        """What a row of study.json says about the arm's method, from the record of its first seed's unit."""
+        return {"method_options": unit.get("method_options", {})}
+
+    # -- reading what a finished run recorded --------------------------------------------------
+    @classmethod
+    def model_label(cls, config: dict[str, Any]) -> str:
+        """How `teachx serve` names a model of this method, from its run's config (a plain dict)."""
+        return cls.display_name()
+
+    @classmethod
+    def model_info(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """What `teachx serve` shows about a model of this method besides its name, from its run's config."""
+        return {}
+
+    @classmethod
+    def per_class_maps(cls, config: dict[str, Any]) -> bool:
+        """Whether its model makes one built-in map per class, from its run's config (a plain dict)."""
+        return False
+
+    @classmethod
+    def result_text(cls, results: dict[str, Any]) -> tuple[str, str]:
+        """(the model's name, its settings in words) as a run's summary and report show them."""
+        return cls.display_name(), ", ".join(f"{k}={v}" for k, v in (results.get("method_options") or {}).items())
+
+    @classmethod
+    def result_acc(cls, results: dict[str, Any], split: str) -> Optional[float]:
+        """The method model's accuracy on ``split`` (test, val) in a run's results.json."""
+        return results.get(f"method_{split}_acc")
+
 
 METHODS: Registry[type[TrainingMethod]] = Registry("training method")
 
 
-def unknown_option_message(method: str, key: str) -> str:
-    """'method.options.K' is not an option of METHOD -- naming the method that has it, if any."""
+def unknown_option_message(method: str, key: str, section_keys: Optional[list[str]] = None) -> str:
+    """'method.options.K' is not an option of METHOD -- naming the method that has it, if any.
+    ``section_keys``: the options of a method whose options live in a section of their own (``config_section``)."""
     owners = [n for n in METHODS.names() if key in METHODS.get(n).options and n != method]
     own = list(METHODS.get(method).options) if method in METHODS else []
-    if method == "impactx":
-        return (f"method.options.{key}: method impactx takes its options from the impactx.* keys (impactx.lam, impactx.maps, ...); "
-                "method.options is for the other methods" + (f" ({key} is an option of {' / '.join(owners)})" if owners else ""))
+    section = METHODS.get(method).config_section if method in METHODS else ""
+    if section:
+        keys = list(section_keys or [])
+        return (f"unknown option method.options.{key} of method {method}{suggest(key, keys, 'method.options.')}; its options are the {section}.* keys "
+                f"({', '.join(keys) or '`teachx config --describe`'})" + (f"; {key} is an option of {' / '.join(owners)}" if owners else ""))
     if owners:
         return (f"method.options.{key} is an option of method {' / '.join(owners)}, not of '{method}'; remove it "
                 f"or set method.name={owners[0]} (options of {method}: {', '.join(own) or 'none'})")
     return f"unknown option method.options.{key} of method '{method}'{suggest(key, own)}; its options: {', '.join(own) or 'none'}"
+
+
+#: the method of records made before ``method.name`` existed (results.json, study units and rows without "method")
+LEGACY_METHOD = "impactx"
+
+
+def recorded_method(record: dict[str, Any]) -> Optional[type[TrainingMethod]]:
+    """The method class a results.json, a study unit's record or a row of study.json was made by; None for
+    a classifier unit or row that has no method, or for a method this teachx does not know."""
+    name, kind = record.get("method"), record.get("kind")
+    if name is None and kind is not None:  # a study unit or row: the method whose units are of that kind alone
+        owners = [n for n in METHODS.names() if METHODS.get(n).unit_kind == kind]
+        name = owners[0] if len(owners) == 1 else None  # none: a classifier (a baseline or teacher model)
+        if name is None:
+            return None
+    return METHODS.get(name or LEGACY_METHOD) if (name or LEGACY_METHOD) in METHODS else None
+
+
+def method_of_model(kind: str) -> Optional[type[TrainingMethod]]:
+    """The method whose checkpoints are of ``kind`` (a model with built-in maps: ``impactx``, ``abn``); None for
+    a kind several methods share (``classifier``) or none has."""
+    owners = [METHODS.get(n) for n in METHODS.names() if METHODS.get(n).checkpoint_kind == kind]
+    return owners[0] if len(owners) == 1 else None
+
+
+def recorded_config_method(config: dict[str, Any]) -> Optional[type[TrainingMethod]]:
+    """The method of a run config saved as a plain dict (config.yaml, a study unit's unit.json); configs made
+    before ``method.name`` existed were IMPACTX's; None for a method this teachx does not know."""
+    name = (config.get("method") or {}).get("name") or LEGACY_METHOD
+    return METHODS.get(name) if name in METHODS else None
 
 
 def method_name(cfg: "RunConfig") -> str:

@@ -17,6 +17,7 @@ from teachx.training.trainer import ClassifierTask
 class Baseline(TrainingMethod):
     name = "baseline"
     summary = "the backbone with cross-entropy only (empirical risk minimisation)"
+    reuses_baseline = True
 
     def task(self, model: nn.Module, ctx: MethodContext) -> ClassifierTask:
         return ClassifierTask(model, self.cfg.train.label_smoothing)

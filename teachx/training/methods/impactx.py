@@ -1,8 +1,9 @@
 """``impactx`` (Apicella et al. 2025): M + LEP + decoder + classifier, trained with CE plus lambda
 times a loss between the built-in map and the teacher's map (``teachx.training.impactx``).
 
-Its options are the ``impactx.*`` keys, as before this contract existed, so every config and
-checkpoint keeps working; ``method.options`` stays empty for it.
+Its options are the ``impactx.*`` keys, as before this contract existed, so every config, checkpoint
+and study unit key keeps working; ``method.options.KEY`` is accepted as the same key (the config folds
+it into ``impactx.KEY``, ``RunConfig.normalize_data``), so ``method.options`` stays empty for it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from teachx.training.methods.base import METHODS, MethodContext, TrainingMethod
 @METHODS.register("impactx")
 class Impactx(TrainingMethod):
     name = "impactx"
-    summary = "built-in attribution map trained towards a teacher's maps (options: the impactx.* keys)"
+    summary = "built-in attribution map trained towards a teacher's maps (options: the impactx.* keys, also written method.options.KEY)"
     reference = "Apicella et al. 2025, IMPACTX"
     checkpoint_kind = "impactx"
     builtin_map = True
+    label = "IMPACTX"
+    # its study units keep the kind and key prefix they had before other methods existed
+    unit_kind = "impactx"
+    unit_key_prefix = "x-"
+    study_evaluation = True
+    config_section = "impactx"
+    map_follows_teacher = True
+    # impactx.decoder was paper, with one map and MSE, width 32, not reading M
+    key_reference = {"impactx": {"decoder": "paper", "per_class": False, "map_loss": "mse", "decoder_width": 32, "decoder_reads_m": False}}
 
     def needs_teacher_maps(self) -> bool:
         return self.cfg.impactx.lam > 0
@@ -75,6 +85,9 @@ class Impactx(TrainingMethod):
         ic = self.cfg.impactx
         return f"IMPACTX ({self.cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps})"
 
+    def arm_text(self) -> str:
+        return f"lam={self.cfg.impactx.lam} maps={self.cfg.impactx.maps}"
+
     def training_loss(self) -> str:
         """CE plus the configured map loss (and faithfulness term), e.g. "CE + λ·(1 − Pearson)"."""
         from teachx.training.map_losses import formula
@@ -85,3 +98,40 @@ class Impactx(TrainingMethod):
 
     def record(self) -> dict[str, Any]:
         return {"method": self.name}
+
+    def is_control(self) -> bool:
+        return self.cfg.impactx.lam == 0  # the same model without the explanation signal
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"teacher": self.cfg.teacher.method}
+
+    def results(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The keys IMPACTX runs always had."""
+        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps, "impactx_test_acc": record["test_acc"],
+                "impactx_val_acc": record["val_acc"], "impactx_seconds_per_epoch": record["seconds_per_epoch"]}
+
+    def unit_record(self, stage: dict[str, Any]) -> dict[str, Any]:
+        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps}
+
+    def study_row(self, unit: dict[str, Any]) -> dict[str, Any]:
+        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps}
+
+    @classmethod
+    def model_label(cls, config: dict[str, Any]) -> str:
+        return f"{cls.display_name()} (lambda={(config.get('impactx') or {}).get('lam')})"
+
+    @classmethod
+    def model_info(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"lam": (config.get("impactx") or {}).get("lam")}
+
+    @classmethod
+    def per_class_maps(cls, config: dict[str, Any]) -> bool:
+        return bool((config.get("impactx") or {}).get("per_class", False))
+
+    @classmethod
+    def result_text(cls, results: dict[str, Any]) -> tuple[str, str]:
+        return cls.display_name(), f"lambda={results.get('lam')}, maps={results.get('maps')}"
+
+    @classmethod
+    def result_acc(cls, results: dict[str, Any], split: str) -> Optional[float]:
+        return results.get(f"impactx_{split}_acc")  # also in runs made before method_*_acc existed
