@@ -244,8 +244,8 @@ class _Store:
 
 def _fit(method: str, options: dict, out: Path, stop_after: int | None = None, init_seed: int = 0):
     from teachx.data.transforms import Augment
-    from teachx.interfaces.config import RunConfig, MethodConfig
-    from teachx.training.config import TrainConfig
+    from teachx.config.schema import RunConfig, MethodConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.methods import MethodContext, build_method
     from teachx.training.trainer import DataPlan, Trainer
 
@@ -319,7 +319,7 @@ def test_method_trains_and_resumes_bitwise(case, tmp_path):
 
 
 def test_option_checks_are_one_line_config_errors():
-    from teachx.interfaces.config import resolve_config
+    from teachx.runs.resolve import resolve_config
 
     cases = {
         ("method.name=rrrr",): "did you mean 'rrr'",
@@ -347,7 +347,7 @@ def test_cli_rrr_with_annotation_masks_on_maskless_data_exits_2_before_writing(t
 
 
 def test_teachx_methods_lists_every_method_and_option():
-    from teachx.interfaces.describe import describe_methods
+    from teachx.cli.describe import describe_methods
 
     text = describe_methods()
     for name in METHODS.names():
@@ -361,7 +361,7 @@ def test_teachx_methods_lists_every_method_and_option():
 def test_study_with_method_arms_on_a_shortcut_benchmark(tmp_path, monkeypatch):
     """Method arms run through `teachx study`: rows name their method, every unit reports the
     wrong-reason score, each arm is compared with the lambda=0 control, and a re-run trains nothing."""
-    from teachx.orchestration.study import load_study, run_study
+    from teachx.studies.study import load_study, run_study
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "study.yaml"
@@ -400,7 +400,7 @@ study:
     again = run_study(load_study(str(cfg)), tmp_path / "out", log=lambda s: None)
     assert again.trained == 0 and again.data["rows"] == res.data["rows"]
     # `teachx study --status` finds every unit, the ceiling in its own baseline model (not the regime's)
-    from teachx.orchestration.study_status import study_status
+    from teachx.studies.status import study_status
 
     st = {(u.unit.arm, u.unit.seed): u for u in study_status(spec, tmp_path / "out").units}
     assert all(u.state == "done" for u in st.values())
@@ -411,8 +411,8 @@ study:
 def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
     """`teachx run method.name=abn`: results name the method, map quality is measured on ABN's map,
     and `teachx serve` lists the model with a built-in map equal to the model's own explain()."""
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import make_plan, prepare_run_dir, run_pipeline
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import make_plan, prepare_run_dir, run_pipeline
     from teachx.service.engine import Service
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
@@ -433,8 +433,8 @@ def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
 def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
     """teacher.eval_images below the class count: a stratified subset rounds down to nothing, which
     made map_quality divide by zero; now it is a seeded subset of that size."""
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import eval_indices, make_plan
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import eval_indices, make_plan
 
     cfg = resolve_config(None, ["teacher.eval_images=5"])
     plan = make_plan(cfg, progress=False)
@@ -446,9 +446,9 @@ def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
 def test_every_method_stage_is_known_to_redo_serve_and_the_run_layout():
     """The method stages come from the registry; the CLI's --redo choices are written out (no torch
     import for `teachx --help`) and must agree with it."""
-    from teachx.interfaces.cli import RUN_STAGES
-    from teachx.orchestration.pipeline import STAGES
-    from teachx.orchestration.rundir import RUN_LAYOUT, STAGE_LAYOUT
+    from teachx.cli.main import RUN_STAGES
+    from teachx.runs.pipeline import STAGES
+    from teachx.runs.rundir import RUN_LAYOUT, STAGE_LAYOUT
     from teachx.service.catalog import _stages
 
     assert set(STAGES) == {"baseline", "teacher", *(m for m in METHODS.names() if m != "baseline")}
@@ -460,7 +460,7 @@ def test_a_method_gets_the_explained_classes_from_its_context():
     """A method never imports the orchestration: the class each teacher map explains is the labels for
     teacher.target=label, else whatever the orchestration's service supplies (and an error without one)."""
     from teachx.data.transforms import Augment
-    from teachx.interfaces.config import RunConfig
+    from teachx.config.schema import RunConfig
     from teachx.training.methods import MethodContext
     from teachx.training.trainer import DataPlan
 

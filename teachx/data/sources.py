@@ -187,3 +187,13 @@ class DatasetSource:
 
 
 TeachxErrorTypes = (DataError, ConfigError, OSError)
+
+
+def get_source(name: str) -> tuple[DatasetSource, str | None]:
+    """The format object for ``name`` and its argument (the PATH of ``imagefolder:PATH``)."""
+    key, sep, arg = str(name).partition(":")
+    cls = DATASETS.get(key)
+    source = cls()
+    if sep and source.name != "imagefolder":
+        raise ConfigError(f"dataset '{key}' takes no ':' argument (got '{name}'); only imagefolder:PATH does")
+    return source, (arg if sep else None)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from teachx.errors import ConfigError
-from teachx.evaluation.base import METRICS, ExplainFn, Metric, MetricResult, declare_measure, eval_mode
+from teachx.evaluation.base import METRICS, ExplainFn, Metric, MetricResult, eval_mode
+from teachx.registry import declare_measure
 from teachx.teachers.base import Teacher
 
 

@@ -61,8 +61,8 @@ class _Doc:
         """One plain sentence per measure shown above: what it measures and which direction is better
         (the sentences live with each measure's definition, ``teachx.evaluation.base.measure``)."""
         import teachx.evaluation.shortcut  # noqa: F401  (the modules that declare the measures reports show)
-        import teachx.orchestration.builtin_eval  # noqa: F401
-        import teachx.orchestration.pipeline  # noqa: F401
+        import teachx.runs.builtin_eval  # noqa: F401
+        import teachx.runs.pipeline  # noqa: F401
         from teachx.evaluation.base import measure
 
         items = [(n, measure(n).sentence()) for n in names]
@@ -125,7 +125,7 @@ def _ci(lo: Optional[float], hi: Optional[float], signed: bool = False) -> str:
 # -- figures -----------------------------------------------------------------------------------------
 
 def _plt():
-    from teachx.reporting.figures import _plt as plt
+    from teachx.runs.figures import _plt as plt
 
     return plt()
 
@@ -146,7 +146,7 @@ def curves_figure(histories: dict[str, list[list[dict[str, Any]]]], title: str =
 def _curves(histories: dict[str, list[list[dict[str, Any]]]], title: str):
     """The figure of :func:`curves_figure`. Validation loss is cross-entropy alone for every arm; an arm
     without a validation split shows its training values instead, dashed and named so in the legend."""
-    from teachx.reporting.figures import VAL_LOSS_LABEL
+    from teachx.runs.figures import VAL_LOSS_LABEL
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -270,7 +270,7 @@ def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> O
     """Input | teacher map | built-in map | post-hoc teacher map on IMPACTX (symmetric colour scales, colorbars)."""
     import torch
 
-    from teachx.reporting.figures import example_grid_png
+    from teachx.runs.figures import example_grid_png
 
     if not npz.exists():
         return None
@@ -294,7 +294,7 @@ def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optiona
     """
     import torch
 
-    from teachx.reporting.figures import example_grid_png
+    from teachx.runs.figures import example_grid_png
 
     loaded = []
     for arm, npz in cells:
@@ -371,7 +371,7 @@ def _refuse_foreign(html_path: Path, md_path: Path, figures: list[Path]) -> None
 
 def _read_json(p: Path) -> Any:
     """A record the report is built from, verified against its digest (records without one are legacy)."""
-    from teachx.orchestration.pipeline import run_dir_fix
+    from teachx.runs.pipeline import run_dir_fix
     from teachx.utils.io import read_trusted_json
 
     fix = run_dir_fix(p) or (
@@ -429,7 +429,7 @@ def _per_class(doc: _Doc, d: Path, res: dict[str, Any]) -> None:
 
 
 def _run_report(d: Path) -> _Doc:
-    from teachx.orchestration.rundir import run_config_hash, saved_run_config
+    from teachx.runs.rundir import run_config_hash, saved_run_config
 
     res = _read_json(d / "results.json")
     bound = run_config_hash(d)

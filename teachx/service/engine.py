@@ -47,6 +47,7 @@ from teachx.service.batching import Coalescer
 from teachx.service.cache import ArrayCache
 from teachx.service.catalog import ModelEntry, RunEntry, discover
 from teachx.training.map_losses import INVARIANCE, MAP_LOSSES, comparable
+from teachx.utils.cache_admin import cache_root
 
 AGREEMENT = ("spearman", "pearson", "cosine", "top_k_intersection")
 SORT_KEYS = ("index", "confidence", "true_prob", "agreement", "morf_auc")
@@ -178,12 +179,10 @@ class Service:
 
     def __init__(self, paths: list[str | Path], cache_dir: Optional[str | Path] = None, device: str = "cpu",
                  steps: int = 16, batch_size: int = 256, log: Callable[[str], None] = lambda _m: None):
-        from teachx.orchestration.pipeline import default_cache_dir
-
         self.runs: list[RunEntry] = discover(paths)
         self.entries: dict[str, ModelEntry] = {m.id: m for r in self.runs for m in r.models}
         self.run_of: dict[str, RunEntry] = {m.id: r for r in self.runs for m in r.models}
-        self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "serve"
+        self.cache_root = Path(cache_dir) if cache_dir else cache_root() / "serve"
         self.device = torch.device(device)
         self.steps = int(steps)
         self.batch_size = int(batch_size)
@@ -238,10 +237,10 @@ class Service:
             return lm
 
     def _load(self, e: ModelEntry) -> Loaded:
-        from teachx.interfaces.config import RunConfig
+        from teachx.config.schema import RunConfig
         from teachx.models import any_model_from_spec
         from teachx.training.checkpoint import load_checkpoint, load_state_into
-        from teachx.utils.config import from_dict
+        from teachx.config.loader import from_dict
         from teachx.utils.hashing import sha256_file
 
         cfg = from_dict(RunConfig, e.config)
@@ -283,7 +282,7 @@ class Service:
             return d
 
     def _load_data(self, lm: Loaded) -> Data:
-        from teachx.orchestration.pipeline import make_plan
+        from teachx.runs.pipeline import make_plan
 
         plan = make_plan(lm.cfg, progress=False)
         ds = plan.dataset
@@ -369,7 +368,7 @@ class Service:
 
     def _teacher(self, lm: Loaded, method: str):
         """(teacher, its config) for a registered method applied to this model."""
-        from teachx.orchestration.pipeline import make_teacher
+        from teachx.runs.pipeline import make_teacher
         from teachx.teachers import TEACHERS, build
 
         try:
@@ -400,7 +399,7 @@ class Service:
         return self._methods[key]
 
     def _method_cache(self, lm: Loaded, method: str, target: str) -> tuple[ArrayCache, Any, Any]:
-        from teachx.orchestration.pipeline import map_recipe
+        from teachx.runs.pipeline import map_recipe
 
         teacher, tcfg = self._teacher(lm, method)
         tcfg = replace(tcfg, target=target)
@@ -415,7 +414,7 @@ class Service:
 
     def _x(self, lm: Loaded, images_u8: np.ndarray) -> torch.Tensor:
         from teachx.data.transforms import normalize
-        from teachx.orchestration.pipeline import as_nchw
+        from teachx.runs.pipeline import as_nchw
 
         return normalize(as_nchw(images_u8).to(lm.device), lm.mean, lm.std)
 
@@ -825,7 +824,7 @@ class Service:
         """uint8 (H, W, C) image as the model takes it, and a notice of what was changed (colours, size)."""
         from PIL import Image, UnidentifiedImageError
 
-        from teachx.interfaces.explain import conform_image
+        from teachx.runs.explain import conform_image
 
         if not data:
             raise BadUpload("the upload is empty; send a PNG or JPEG file", 400)

@@ -69,7 +69,7 @@ def grid_png(images: np.ndarray, columns: dict[str, np.ndarray], labels: list[st
     """(K, H, W, C) uint8 inputs and (K, C, H, W) maps per column -> the report's example grid as PNG bytes."""
     import torch
 
-    from teachx.reporting import figures
+    from teachx.runs import figures
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     with _FIGURE_LOCK:

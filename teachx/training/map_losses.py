@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from teachx.config.schema import ImpactxConfig, add_hook
 from teachx.errors import ConfigError
 from teachx.registry import Registry
 
@@ -183,3 +184,14 @@ class MapLoss:
 
     def __repr__(self) -> str:
         return f"MapLoss({self.name!r}, pool={self.pool})"
+
+
+def _check_config_map_loss(ic: ImpactxConfig) -> None:
+    """The ``impactx.validate`` hook of the config: impactx.map_loss is a registered map loss."""
+    try:
+        MAP_LOSSES.canonical(ic.map_loss)
+    except ConfigError as exc:
+        raise ConfigError(f"impactx.map_loss: {exc}") from None
+
+
+add_hook("impactx.validate", _check_config_map_loss)

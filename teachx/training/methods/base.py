@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from teachx.config.loader import to_dict
+from teachx.config.schema import ImpactxConfig, MethodConfig, RunConfig, add_hook
 from teachx.errors import ConfigError
 from teachx.registry import Registry, suggest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from teachx.interfaces.config import RunConfig
     from teachx.teachers.store import MapStore
     from teachx.training.trainer import DataPlan, Task
 
@@ -77,7 +78,7 @@ class MethodContext:
     train_maps: Optional["MapStore"] = None  # the teacher's maps of the training split (needs_teacher_maps)
     teacher_model: Optional[nn.Module] = None  # the trained teacher (the baseline by default)
     log: Callable[[str], None] = print
-    # services of the orchestration that runs the method (teachx.orchestration.pipeline supplies them), so that a
+    # services of the orchestration that runs the method (teachx.runs.pipeline supplies them), so that a
     # method never reaches up into it: the class each training-split teacher map explains, and a hook that
     # re-explains the training split with the model being trained (``hook(task, out_dir)``)
     explained_classes: Optional[Callable[[], np.ndarray]] = None
@@ -213,6 +214,31 @@ def method_stages() -> tuple[str, ...]:
 def build_method(cfg: "RunConfig") -> TrainingMethod:
     """The configured method, its options checked."""
     return METHODS.get(cfg.method.name)(cfg)
+
+
+def _check_config_method(method: MethodConfig) -> None:
+    """The ``method.validate`` hook of the config: method.name is registered, method.options are its options."""
+    try:
+        name = METHODS.canonical(method.name)
+    except ConfigError as exc:
+        raise ConfigError(f"method.name: {exc}") from None
+    METHODS.get(name).resolve_options(method.options)
+
+
+def _check_config_impactx_keys(cfg: RunConfig) -> None:
+    """The ``run.validate`` hook of the config: impactx.* options belong to method impactx: set with another
+    method they would be ignored."""
+    name = METHODS.canonical(cfg.method.name)
+    if name == "impactx":
+        return
+    changed = [k for k, v in to_dict(cfg.impactx).items() if v != getattr(ImpactxConfig(), k)]
+    if changed:
+        raise ConfigError(f"impactx.{changed[0]} is an option of method impactx, not of '{name}'; remove it "
+                          f"(or set method.name=impactx); {name}'s options go under method.options")
+
+
+add_hook("method.validate", _check_config_method)
+add_hook("run.validate", _check_config_impactx_keys)
 
 
 # -- helpers several methods share ----------------------------------------------------------------

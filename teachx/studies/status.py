@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from teachx.errors import TeachxError
-from teachx.orchestration.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
+from teachx.studies.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
 from teachx.training.methods import method_name
 from teachx.utils.locking import held_by
 
@@ -97,7 +97,7 @@ def epochs_timed(stage_dir: Path) -> tuple[int, Optional[float]]:
 
 
 def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
-    from teachx.orchestration.pipeline import stage_done
+    from teachx.runs.pipeline import stage_done
 
     cfg = unit.config
     epochs = int(cfg.train.epochs)

@@ -37,9 +37,10 @@ import torch
 
 from teachx.errors import ConfigError
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
-from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig, check_names
+from teachx.config.schema import NEUTRAL_KEYS, RunConfig
+from teachx.runs.resolve import check_names
 from teachx.training.methods import method_name
-from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
+from teachx.config.loader import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json, write_json_atomic
 from teachx.utils.locking import Busy, file_lock
@@ -176,7 +177,7 @@ _STUDY_KEYS = tuple(STUDY_KEYS)
 
 def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
     """Read a study YAML; ``overrides`` are KEY=VALUE (``study.*`` keys change the study section)."""
-    from teachx.interfaces.shipped_configs import find_config
+    from teachx.config.shipped import find_config
 
     return _study_from_raw(load_yaml(find_config(path)), str(path), overrides, n_seeds)  # a file, or a shipped config's name
 
@@ -402,7 +403,7 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
     from the regime's, named "ARM baseline"), the teacher models that are no arm's own baseline last.
     The keys are the runner's; viewers and `teachx study --status` name the units of an unfinished
     study with them."""
-    from teachx.orchestration.pipeline import teacher_training
+    from teachx.runs.pipeline import teacher_training
 
     units: dict[str, PlannedUnit] = {}
     teachers: dict[str, PlannedUnit] = {}
@@ -453,7 +454,7 @@ class _Runner:
             self.log("    " + msg)
 
     def plan(self, cfg: RunConfig):
-        from teachx.orchestration.pipeline import make_plan
+        from teachx.runs.pipeline import make_plan
 
         key = hash_json(cfg.to_dict()["data"])
         if key not in self.plans:
@@ -469,13 +470,13 @@ class _Runner:
     def checkpoint(self, key: str) -> Path:
         """A classifier unit's best checkpoint: always the unit's own file, even if the study folder
         was moved or copied (never the one its record names elsewhere)."""
-        from teachx.orchestration.pipeline import stage_checkpoint, stage_done
+        from teachx.runs.pipeline import stage_checkpoint, stage_done
 
         return stage_checkpoint(self.out / "units" / key, stage_done(self.out / "units" / key) or {})
 
     def classifier(self, cfg: RunConfig, backbone: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Train one classifier unit (or read it back); raises Busy while another process trains it."""
-        from teachx.orchestration.pipeline import stage_done, train_classifier
+        from teachx.runs.pipeline import stage_done, train_classifier
 
         key = classifier_key(cfg, backbone, options)
         d = self.unit_dir(key, cfg, "classifier")
@@ -495,7 +496,7 @@ class _Runner:
         return key, done
 
     def _load_classifier(self, cfg: RunConfig, key: str):
-        from teachx.orchestration.pipeline import load_classifier
+        from teachx.runs.pipeline import load_classifier
 
         return load_classifier(self.checkpoint(key), self.plan(cfg).dataset)
 
@@ -509,7 +510,7 @@ class _Runner:
         plan = self.plan(cfg)
         if getattr(plan.dataset.test, "masks", None) is None:
             return None
-        from teachx.orchestration.pipeline import shortcut_evaluation
+        from teachx.runs.pipeline import shortcut_evaluation
         from teachx.utils.seeding import choose_device
 
         out = shortcut_evaluation(cfg, plan, models(), choose_device(cfg.device))
@@ -527,7 +528,7 @@ class _Runner:
             if shortcut is not None:
                 rec["shortcut"] = shortcut
             return key, rec, cached
-        from teachx.orchestration.pipeline import stage_done
+        from teachx.runs.pipeline import stage_done
 
         key = method_key(cfg)
         d = self.unit_dir(key, cfg, "method")
@@ -554,18 +555,18 @@ class _Runner:
         return key, self.units[key], cached
 
     def _impactx_model(self, cfg: RunConfig, key: str):
-        from teachx.interfaces.explain import load_impactx
+        from teachx.runs.explain import load_impactx
 
         return load_impactx(self.out / "units" / key)[0]
 
     def _method_model(self, cfg: RunConfig, d: Path):
-        from teachx.orchestration.pipeline import train_method_stage
+        from teachx.runs.pipeline import train_method_stage
 
         _, model = train_method_stage(cfg, self.plan(cfg), None, None, d, self.stage_log)  # complete: reads the best checkpoint back
         return model
 
     def _train_method(self, cfg: RunConfig, d: Path, teacher_key: str) -> dict[str, Any]:
-        from teachx.orchestration.pipeline import load_classifier, stage_done, teacher_maps, train_method_stage
+        from teachx.runs.pipeline import load_classifier, stage_done, teacher_maps, train_method_stage
         from teachx.training.methods import build_method
         from teachx.utils.seeding import choose_device
 
@@ -601,7 +602,7 @@ class _Runner:
 
     @staticmethod
     def _cached_impactx(d: Path, eval_path: Path) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
-        from teachx.orchestration.pipeline import stage_done
+        from teachx.runs.pipeline import stage_done
 
         stage = stage_done(d)  # verified against its digest, like the evaluation below
         if stage is not None and eval_path.exists():
@@ -609,7 +610,7 @@ class _Runner:
         return None
 
     def _train_impactx(self, cfg: RunConfig, d: Path, eval_path: Path, base_key: str, teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        from teachx.orchestration.pipeline import eval_indices, load_classifier, map_quality, stage_done, teacher_maps, train_method_stage
+        from teachx.runs.pipeline import eval_indices, load_classifier, map_quality, stage_done, teacher_maps, train_method_stage
         from teachx.utils.seeding import choose_device
 
         plan = self.plan(cfg)
@@ -669,7 +670,7 @@ def _evaluate_unit(cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_sto
     """Post-hoc teacher maps on the IMPACTX model, example arrays, optional MoRF/LeRF AUCs."""
     from teachx.data.transforms import normalize
     from teachx.evaluation import evaluate_maps
-    from teachx.orchestration.pipeline import make_teacher
+    from teachx.runs.pipeline import make_teacher
     from teachx.teachers.postprocess import postprocess
     from teachx.utils.io import atomic_path
 
@@ -678,7 +679,7 @@ def _evaluate_unit(cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_sto
     n_eval = ev.n_images if ev.faithfulness else ev.examples
     if n_eval == 0:
         return out
-    from teachx.orchestration.pipeline import as_nchw, eval_indices
+    from teachx.runs.pipeline import as_nchw, eval_indices
 
     pool = eval_indices(cfg, plan)  # test images whose teacher maps are stored
     idx = pool[_eval_indices(np.asarray(ds.test.labels)[pool], min(n_eval, len(pool)), 2024)]
@@ -756,7 +757,7 @@ def prepare_study_dir(out: Path, spec: StudySpec) -> Path:
     process starting on the same directory at the same moment (its marker or study.yaml still a
     temp file) is not a reason to refuse.
     """
-    from teachx.orchestration import rundir
+    from teachx.runs import rundir
 
     return rundir.prepare_study_dir(Path(out).resolve(), dump_yaml({"study": spec.to_dict(), **spec.base}))
 
@@ -767,7 +768,7 @@ _POLL_SECONDS = 5.0
 def _run_job(spec: StudySpec, r: "_Runner", cells: dict[tuple[str, str], dict[int, str]], regime: str, seed: int,
              arm: Optional[str], progress: bool) -> str:
     """One unit of work (a baseline when ``arm`` is None); returns its log line."""
-    from teachx.orchestration.pipeline import teacher_training
+    from teachx.runs.pipeline import teacher_training
 
     cfg = spec.config(regime, arm, seed)
     cfg.train.progress = progress
@@ -860,7 +861,7 @@ def _elapsed(out: Path, keys: list[str]) -> dict[str, Any]:
 # -- statistics -------------------------------------------------------------------------------------
 
 def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from teachx.orchestration.pipeline import teacher_training
+    from teachx.runs.pipeline import teacher_training
 
     rows: list[dict[str, Any]] = []
     seeds = spec.seeds

@@ -1,6 +1,6 @@
 """`teachx serve`: the explanation viewer and JSON API over run and study directories.
 
-``register(cli)`` adds the command to the main click group (called from ``teachx.interfaces.cli``).
+``register(cli)`` adds the command to the main click group (called from ``teachx.cli.main``).
 The web stack (fastapi, uvicorn, python-multipart) is the optional extra ``teachx[serve]``;
 without it the command says so in one line and exits with code 2.
 """
@@ -13,6 +13,7 @@ from typing import Optional
 import click
 
 from teachx.errors import ConfigError
+from teachx.utils.cache_admin import cache_root
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -62,9 +63,7 @@ def _check_cache_dir(cache_dir: Optional[str]) -> None:
     from teachx.utils.io import output_error
 
     if cache_dir is None:
-        from teachx.orchestration.pipeline import default_cache_dir
-
-        path = default_cache_dir() / "serve"
+        path = cache_root() / "serve"
     else:
         path = Path(cache_dir)
     try:

@@ -1,6 +1,6 @@
 """`teachx study` and `teachx report`: seeds, ablations, statistics and the HTML/Markdown report.
 
-``register(cli)`` adds both commands to the main click group (called from ``teachx.interfaces.cli``).
+``register(cli)`` adds both commands to the main click group (called from ``teachx.cli.main``).
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
     `teachx study [CONFIG] --out DIR --status` shows where the study in DIR stands (without CONFIG: the
     study DIR records).
     """
-    from teachx.orchestration.study import BASELINE, load_study, run_study
+    from teachx.studies.study import BASELINE, load_study, run_study
 
     for o in overrides:
         if "=" not in o:
-            from teachx.interfaces.config import missing_value
+            from teachx.config.schema import missing_value
 
             raise missing_value(o) or ConfigError(f"unexpected argument '{o}': give one CONFIG file and then KEY=VALUE overrides")
     if config is not None and "=" in config and not Path(config).exists():  # `teachx study K=V --out DIR`: no CONFIG
@@ -80,8 +80,8 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
 
 def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int], out: Path) -> None:
     """`teachx study [CONFIG] --out DIR --status`: the units of CONFIG (default: the study DIR records) in DIR."""
-    from teachx.orchestration.study import load_study, load_study_dir
-    from teachx.orchestration.study_status import status_lines, study_status
+    from teachx.studies.study import load_study, load_study_dir
+    from teachx.studies.status import status_lines, study_status
 
     if not (out / "units").is_dir():
         raise ConfigError(f"'{out}' holds no study units yet; start the study with the same command without --status")
@@ -106,7 +106,7 @@ def report(run_dir: str, out: Optional[str], wait: bool) -> None:
     """Write an HTML + Markdown report of a run, demo or study."""
     from contextlib import ExitStack
 
-    from teachx.orchestration.rundir import enclosing_run_dir, hold_run_dir
+    from teachx.runs.rundir import enclosing_run_dir, hold_run_dir
     from teachx.reporting.report import write_report
 
     def say(line: str) -> None:

@@ -13,7 +13,7 @@ teachx never deletes a file it did not make:
   and is named in the log.
 
 A run is identified by the result-changing part of its config (:func:`run_identity`): the
-command and every option except :data:`~teachx.interfaces.config.NEUTRAL_KEYS` (progress bars,
+command and every option except :data:`~teachx.config.schema.NEUTRAL_KEYS` (progress bars,
 TensorBoard logging, the map-store location and batch size), so re-running a command with or
 without ``--quiet`` resumes the same run. Its hash (:func:`config_hash`) goes into every stage record
 and ``results.json``, binding them to the config that made them.
@@ -103,7 +103,7 @@ def _legacy_run(path: Path) -> bool:
     """A run directory of an older teachx (no marker): its config.yaml is a teachx run config."""
     import dataclasses
 
-    from teachx.interfaces.config import RunConfig
+    from teachx.config.schema import RunConfig
 
     cfg = _read_yaml(path / "config.yaml")
     names = {f.name for f in dataclasses.fields(RunConfig)}
@@ -121,7 +121,7 @@ def saved_run_config(run_dir: str | Path) -> tuple[Optional[str], dict[str, Any]
     """(command, config) a run directory was made with: its ``config.yaml`` as :func:`prepare_run_dir` saved it,
     the command split off. The one reader of that file for the service and `teachx explain`; a missing or
     unreadable file is a one-line ConfigError."""
-    from teachx.utils.config import load_yaml
+    from teachx.config.loader import load_yaml
 
     raw = dict(load_yaml(str(Path(run_dir) / "config.yaml")))
     return raw.pop("command", None), raw
@@ -191,8 +191,8 @@ def run_identity(saved: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The result-deciding part of a saved run config (``{"command": ..., **config}``): every
     option with its default filled in, except the neutral ones; None if it is not a config this
     teachx can read."""
-    from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig
-    from teachx.utils.config import from_dict
+    from teachx.config.schema import NEUTRAL_KEYS, RunConfig
+    from teachx.config.loader import from_dict
 
     data = dict(saved)
     command = data.pop("command", None)
@@ -256,7 +256,7 @@ def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool 
                     log: Callable[[str], None] = print) -> Path:
     """Create ``run_dir`` for the config ``saved`` (``{"command": ..., **config}``), or resume the
     teachx run there with the same identity. See the module docstring for what is refused."""
-    from teachx.utils.config import dump_yaml
+    from teachx.config.loader import dump_yaml
 
     run_dir = Path(run_dir)
     kind = run_dir_kind(run_dir)

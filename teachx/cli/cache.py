@@ -1,6 +1,6 @@
 """`teachx cache list|clean`: a thin command line over :mod:`teachx.utils.cache_admin`.
 
-``register(cli)`` adds the ``cache`` group to the main click group (called from ``teachx.interfaces.cli``).
+``register(cli)`` adds the ``cache`` group to the main click group (called from ``teachx.cli.main``).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ def _unit_kind(unit_dir: Path) -> str | None:
 def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a model with built-in maps (IMPACTX or ABN) and its metadata from a checkpoint (verified
     against its digest), or from the checkpoint of a run / study-unit directory (:func:`find_impactx_checkpoint`)."""
-    from teachx.orchestration.pipeline import load_checkpoint_verified
+    from teachx.runs.pipeline import load_checkpoint_verified
 
     path = find_impactx_checkpoint(path)
     ck = load_checkpoint_verified(path)  # a damaged file inside a run: the error says which stage to --redo
@@ -79,7 +79,7 @@ def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
 def run_config_of(checkpoint: Path):
     """The run config of the run or study unit a checkpoint belongs to (``config.yaml`` of a `teachx run` /
     `teachx demo` directory, the ``config`` of a study unit's ``unit.json``); None for a checkpoint on its own."""
-    from teachx.orchestration.rundir import saved_run_config
+    from teachx.runs.rundir import saved_run_config
     from teachx.utils.io import read_trusted_json
 
     for d in list(Path(checkpoint).resolve().parents)[:3]:  # <unit>/checkpoints/x or <run>/<stage>/checkpoints/x
@@ -94,8 +94,8 @@ def run_config_of(checkpoint: Path):
 def _config_in(data: dict, path: Path):
     """The RunConfig ``data`` read from ``path``; an error names the file and the key as it is written there."""
     from teachx.errors import ConfigError
-    from teachx.interfaces.config import RunConfig
-    from teachx.utils.config import from_dict
+    from teachx.config.schema import RunConfig
+    from teachx.config.loader import from_dict
 
     try:
         return from_dict(RunConfig, data)
@@ -106,7 +106,7 @@ def _config_in(data: dict, path: Path):
 def _post_hoc_plan(checkpoint: Path, channels: int, size: tuple[int, int]):
     """(run config, data plan) for the teacher method applied post hoc: the run's teacher and, for methods
     with a background (DeepSHAP, expected gradients), its training images. One-line errors otherwise."""
-    from teachx.orchestration.pipeline import make_plan
+    from teachx.runs.pipeline import make_plan
 
     cfg = run_config_of(checkpoint)
     if cfg is None:
@@ -234,7 +234,7 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     built-in map's correlation with the post-hoc one (``teachx.evaluation.builtin_maps``): one line
     per image and ``faithfulness.json`` (every value, the means and what was compared).
     """
-    from teachx.reporting.figures import save_overlay
+    from teachx.runs.figures import save_overlay
 
     ck_path = find_impactx_checkpoint(checkpoint)
     model, meta = load_impactx(ck_path)
@@ -315,7 +315,7 @@ def _faithfulness(cfg, plan, model: torch.nn.Module, x: torch.Tensor, target: to
                   steps: int, device: torch.device) -> dict:
     """The post-hoc maps of the run's teacher method on ``model`` and the faithfulness report of both map sets."""
     from teachx.evaluation.builtin_maps import builtin_map_faithfulness
-    from teachx.orchestration.builtin_eval import post_hoc_maps
+    from teachx.runs.builtin_eval import post_hoc_maps
 
     try:
         post_hoc = post_hoc_maps(cfg, plan, model, x, target, device)
