@@ -51,7 +51,7 @@ def describe_config(cfg: Any, study: Optional[dict[str, Any]] = None) -> str:
     """The resolved run config as YAML, every option with its description as a comment; then the
     ``study:`` section: ``study`` (a resolved section, :meth:`StudySpec.section`) with each key's
     value and meaning, else the keys of `teachx study` configs, commented out."""
-    from teachx.studies.study import STUDY_KEYS, EvalSpec
+    from teachx.studies.study import STUDY_KEYS, EvalSpec  # lazy: CLI start-up
 
     lines = ["# every option of a teachx config, its value here and what it means;",
              "# a file with any subset of these keys is a config (`teachx run FILE`), KEY=VALUE overrides one",
@@ -82,7 +82,7 @@ def describe_config(cfg: Any, study: Optional[dict[str, Any]] = None) -> str:
 def list_shipped(columns: Optional[int] = None) -> str:
     """Every shipped config with its kind and description, wrapped to ``columns`` (default: the terminal's width,
     100 when it is unknown)."""
-    from teachx.config.shipped import header, is_study, shipped_configs, shipped_dir
+    from teachx.config.shipped import header, is_study, shipped_configs, shipped_dir  # lazy: CLI start-up
 
     columns = columns or shutil.get_terminal_size((100, 24)).columns
 
@@ -125,7 +125,7 @@ def _describe_registry(registry, footer: list[str]) -> str:
 
 
 def describe_teachers() -> str:
-    from teachx.teachers import TEACHERS
+    from teachx.teachers import TEACHERS  # lazy: CLI start-up
 
     return _describe_registry(TEACHERS, [
         "Choose one with teacher.method=NAME and set its options with teacher.options.NAME=VALUE,",
@@ -136,7 +136,7 @@ def describe_teachers() -> str:
 
 def describe_methods() -> str:
     """`teachx methods`: every training method, its paper, and its options with defaults and meaning."""
-    from teachx.training.methods import METHODS
+    from teachx.training.methods import METHODS  # lazy: CLI start-up
 
     lines = ["Training methods: choose one with method.name=NAME and set its options with method.options.NAME=VALUE,",
              "e.g. method.name=rrr method.options.mask=teacher. IMPACTX (the default) takes its options from impactx.*.", ""]
@@ -153,7 +153,7 @@ def describe_methods() -> str:
 
 
 def describe_models() -> str:
-    from teachx.models import MODELS
+    from teachx.models import MODELS  # lazy: CLI start-up
 
     return _describe_registry(MODELS, [
         "Choose one with model.backbone=NAME and set its options with model.options.NAME=VALUE, e.g.",

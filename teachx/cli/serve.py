@@ -60,7 +60,7 @@ def _check_cache_dir(cache_dir: Optional[str]) -> None:
     whole point is the filled cache) that cannot be made is a one-line error, not a cache kept in memory."""
     from pathlib import Path
 
-    from teachx.utils.io import output_error
+    from teachx.utils.io import output_error  # lazy: CLI start-up
 
     if cache_dir is None:
         path = cache_root() / "serve"
@@ -98,7 +98,7 @@ def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, preco
         _require_web_stack()
     if cache_dir is not None or no_serve:
         _check_cache_dir(cache_dir)
-    from teachx.service import Service
+    from teachx.service import Service  # lazy: CLI start-up
 
     service = Service(list(dirs), cache_dir=cache_dir, device=device)
     n_models = len(service.entries)
@@ -118,7 +118,7 @@ def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, preco
 
     import uvicorn
 
-    from teachx.service.app import create_app
+    from teachx.service.app import create_app  # lazy: CLI start-up
 
     sock = _bind(host, port)
     actual = sock.getsockname()[1]

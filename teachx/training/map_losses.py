@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from teachx.config.schema import ImpactxConfig, add_hook
 from teachx.errors import ConfigError
 from teachx.registry import Registry
+from teachx.teachers.postprocess import normalize_maps
 
 MapLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MAP_LOSSES: Registry[MapLossFn] = Registry("map loss")
@@ -147,8 +148,6 @@ def comparable(maps: np.ndarray, invariance: str) -> np.ndarray:
     """``maps`` (one image's map, any shape) with what its loss leaves free removed: unchanged for
     "none", divided by max abs(value) for "scale" (sign and zero kept, like ``teacher.normalize=maxabs``),
     z-scored for "affine". A map that is zero where it would be divided stays zero."""
-    from teachx.teachers.postprocess import normalize_maps
-
     m = np.asarray(maps, dtype=np.float32)
     if invariance == "none":
         return m

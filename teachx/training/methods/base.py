@@ -27,6 +27,7 @@ from torch import nn
 from teachx.config.loader import to_dict
 from teachx.config.schema import ImpactxConfig, MethodConfig, RunConfig, add_hook
 from teachx.errors import ConfigError
+from teachx.models import build_model
 from teachx.registry import Registry, suggest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,8 +155,6 @@ class TrainingMethod:
     # -- what is trained -------------------------------------------------------------------
     def build_model(self, ctx: MethodContext) -> nn.Module:
         """The model to train (random init from torch's global generator); default: the backbone."""
-        from teachx.models import build_model
-
         ds = ctx.plan.dataset
         return build_model(self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size, **self.cfg.model.options)
 
