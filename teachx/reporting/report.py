@@ -24,7 +24,7 @@ import teachx.runs.builtin_eval  # noqa: F401
 from teachx.errors import RunDirError
 from teachx.evaluation.base import measure
 from teachx.runs import figures
-from teachx.runs.figures import VAL_LOSS_LABEL, example_grid_png
+from teachx.runs.figures import VAL_LOSS_LABEL
 from teachx.runs.pipeline import run_dir_fix
 from teachx.runs.rundir import run_config_hash, saved_run_config
 from teachx.utils.io import read_trusted_json, write_bytes_atomic, write_text_atomic
@@ -277,7 +277,7 @@ def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> O
         columns["teacher post hoc on IMPACTX"] = torch.from_numpy(arrays["post_hoc"])
     names = list(class_names or [])
     labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(arrays["index"], arrays["labels"])]
-    return example_grid_png(torch.from_numpy(arrays["images"]), columns, labels, dpi=70)
+    return figures.example_grid_png(torch.from_numpy(arrays["images"]), columns, labels, dpi=70)
 
 
 def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optional[Sequence[str]] = None) -> Optional[bytes]:
@@ -312,7 +312,7 @@ def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optiona
         columns[f"built-in:\n{arm}"] = torch.from_numpy(arrays["built_in"])
     names = list(class_names or [])
     labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(first["index"], first["labels"])]
-    return example_grid_png(torch.from_numpy(first["images"]), columns, labels, dpi=70)
+    return figures.example_grid_png(torch.from_numpy(first["images"]), columns, labels, dpi=70)
 
 
 # -- reports -------------------------------------------------------------------------------------------

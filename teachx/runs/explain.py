@@ -17,7 +17,7 @@ from teachx.errors import CheckpointError, ConfigError, DataError, TeachxError
 from teachx.evaluation.builtin_maps import builtin_map_faithfulness
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec, shared_map_text
 from teachx.runs.builtin_eval import post_hoc_maps
-from teachx.runs.figures import save_overlay
+from teachx.runs import figures
 from teachx.runs.pipeline import load_checkpoint_verified, make_plan
 from teachx.runs.rundir import saved_run_config
 from teachx.training.checkpoint import load_state_into
@@ -272,12 +272,12 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
         stem = f"{Path(p).stem}_{kind}" + ("" if cls is None else f"_class{cls}")
         dest = _unique(out_dir, stem, ".png")
         of = "" if cls is None else f"; map of {class_names[cls]}"
-        save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
+        figures.save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
         folder.wrote(dest)
         yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
         if faith is not None:
             post_dest = _unique(out_dir, f"{Path(p).stem}_{method}" + ("" if cls is None else f"_class{cls}"), ".png")
-            save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}",
+            figures.save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}",
                          map_title=f"{method} map (post hoc)")
             folder.wrote(post_dest)
             row = _faith_row(faith["report"], i)
