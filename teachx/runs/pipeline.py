@@ -17,28 +17,33 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from teachx.registry import declare_measure
-from teachx.data import load_dataset
+from teachx.config.loader import from_dict, set_dotted
+from teachx.config.schema import RunConfig
+from teachx.data import load_dataset, options as data_options
 from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
-from teachx.data import options as data_options
+from teachx.data.shortcuts import apply_shortcut
 from teachx.data.transforms import Augment, normalize
 from teachx.errors import ConfigError, CorruptionError, RunDirError
 from teachx.evaluation.builtin_maps import map_corr
-from teachx.config.schema import RunConfig
-from teachx.models import build_model
+from teachx.evaluation.shortcut import artefact_share, wrong_reason_score
+from teachx.models import build_from_spec, build_model
 from teachx.models.impactx import ImpactX
+from teachx.registry import declare_measure
+from teachx.runs import rundir
+from teachx.runs.builtin_eval import explained_classes, faithfulness_block
+from teachx.runs.figures import save_example_grid, save_training_curves
+from teachx.runs.rundir import STAGE_LAYOUT, remove_owned, run_config_hash
+from teachx.runs.teacher import as_nchw, make_teacher, teacher_background
 from teachx.teachers import build as build_teacher
 from teachx.teachers.postprocess import postprocess
-from teachx.runs.builtin_eval import explained_classes, faithfulness_block
-from teachx.runs.teacher import as_nchw, make_teacher, teacher_background
 from teachx.teachers.store import MapStore, fill_store, open_store, store_key
-from teachx.utils import distributed as dist_utils
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask
-from teachx.training.methods import build_method, method_name, method_stages
+from teachx.training.methods import MethodContext, build_method, method_name, method_stages
+from teachx.training.self_teaching import SelfTeaching
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
-from teachx.config.loader import from_dict, set_dotted
+from teachx.utils import distributed as dist_utils
 from teachx.utils.cache_admin import cache_root
 from teachx.utils.hashing import hash_json, hash_state_dict
 from teachx.utils.io import read_trusted_json, write_json_atomic
@@ -57,8 +62,6 @@ def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, command: str, overwrite
     not part of a run) is an error unless ``overwrite`` is given, which then removes only the files
     teachx wrote there (see :mod:`teachx.runs.rundir`).
     """
-    from teachx.runs import rundir
-
     return rundir.prepare_run_dir(run_dir, {"command": command, **cfg.to_dict()}, overwrite, log)
 
 
@@ -241,7 +244,6 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
         if "teacher" in stages or ("baseline" in stages and teacher_is_baseline):
             stages.append(method_name(cfg))
         targets = [run_dir / s for s in STAGES if s in stages] + [run_dir / "results.json"]
-    from teachx.runs.rundir import STAGE_LAYOUT, remove_owned
 
     gone = []
     for t in targets:
@@ -262,7 +264,6 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
 def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
     ds = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download, progress=progress, **data_options.load_options(cfg.data))
     if cfg.data.shortcut is not None:  # a shortcut benchmark: the artefact and its masks (teachx.data.shortcuts)
-        from teachx.data.shortcuts import apply_shortcut
 
         ds = apply_shortcut(ds, cfg.data.shortcut, train=cfg.data.shortcut_train, size=cfg.data.shortcut_size,
                             seed=cfg.data.shortcut_seed, progress=progress)
@@ -380,8 +381,6 @@ def _fit_and_test(
 
 def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
     """Rebuild a classifier from its checkpoint's spec and check it fits the dataset."""
-    from teachx.models import build_from_spec
-
     ck = load_checkpoint_verified(path)
     spec = ck.meta.get("model_spec")
     if not spec:
@@ -542,9 +541,6 @@ def train_method_stage(
     ``store``: the teacher's maps of the training split, when the method needs them; ``config_hash``: as
     for :func:`train_classifier`.
     """
-    from teachx.runs.builtin_eval import explained_classes
-    from teachx.training.methods import MethodContext
-
     ds = plan.dataset
     method = build_method(cfg)
     method.check_data(plan)
@@ -577,8 +573,6 @@ def train_method_stage(
 
 def self_teaching_hook(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]):
     """The hook that re-explains the training set with the model being trained (impactx.self_teach_every)."""
-    from teachx.training.self_teaching import SelfTeaching
-
     device = dist_utils.device_for(choose_device(cfg.device))
     teacher = make_teacher(cfg, plan, device)
     material = {**map_recipe(cfg, teacher), "train_idx": hash_json(np.asarray(plan.train_idx).tolist()), "seed": cfg.seed}
@@ -634,8 +628,6 @@ def map_quality(
     n = len(indices)
     classes = None  # the class each teacher map explains (per-class models, and the faithfulness block)
     if getattr(model, "per_class", False) or (cfg is not None and cfg.teacher.faith_images > 0):
-        from teachx.runs.builtin_eval import explained_classes
-
         classes = np.asarray(ds.test.labels) if cfg is None else explained_classes(cfg, plan, teacher_model, "test", indices, device)
     mean_map = train_store.mean_map(plan.train_idx)
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
@@ -669,8 +661,6 @@ def map_quality(
     out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
     out["r2_vs_mean_map_affine"] = 1.0 - affine["built_in"] / max(affine["mean_map"], 1e-12)
     if cfg is not None and cfg.teacher.faith_images > 0:
-        from teachx.runs.builtin_eval import faithfulness_block
-
         out["faithfulness"] = faithfulness_block(cfg, plan, model, test_store, train_store, device, indices, classes)
     return out
 
@@ -708,8 +698,6 @@ def _run_pipeline(
     figures: bool,
     plan: Optional[DataPlan],
 ) -> RunOutputs:
-    from teachx.runs.rundir import run_config_hash
-
     timings = _Timings(run_dir, time.perf_counter())
     bound = run_config_hash(run_dir)  # every record of this run carries it; one that disagrees is refused
     check_bound(run_dir, bound)
@@ -778,8 +766,6 @@ def _run_pipeline(
     label = "IMPACTX" if method.name == "impactx" else method.name
     examples = None  # the test images of figures/examples.png: index, true and predicted class
     if figures and test_store is not None and dist_utils.is_main():
-        from teachx.runs.figures import save_example_grid, save_training_curves
-
         ev = eval_indices(cfg, plan)
         ev_pred = _predict(model, plan, ev, device)
         pick = _example_indices(np.asarray(ds.test.labels)[ev], MAX_EXAMPLE_CLASSES, cfg.seed, ev_pred)
@@ -839,8 +825,6 @@ def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.
     """On a shortcut dataset: how much of each model's post-hoc attribution (input gradient, LRP)
     falls on the artefact of the de-correlated test images, next to the artefact's share of the
     image (what a map blind to it would put there). Test accuracies are in the stage records."""
-    from teachx.evaluation.shortcut import artefact_share, wrong_reason_score
-
     ds = plan.dataset
     idx = eval_indices(cfg, plan)
     x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
