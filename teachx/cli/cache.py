@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import Optional
 
 import click
-from teachx.errors import ConfigError, OutputError
-from teachx.utils.cache_admin import age, cache_root, clean, foreign, human_size, legacy_maps_dir, scan, select
 
 DIR_HELP = "A cache folder other than $TEACHX_CACHE (e.g. a run's teacher.maps_dir)."
 
@@ -33,6 +31,9 @@ touched, and neither are downloaded datasets ($TEACHX_DATA or ~/.cache/teachx/da
 
 def _root(cache_dir: Optional[str]) -> Path:
     """The cache folder; one that cannot exist (a file stands in its path) is a one-line error."""
+    from teachx.errors import ConfigError  # lazy: CLI start-up
+    from teachx.utils.cache_admin import cache_root  # lazy: CLI start-up
+
     root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -46,6 +47,8 @@ def _when(t: float) -> str:
 
 
 def _rows(entries) -> list[str]:
+    from teachx.utils.cache_admin import age, human_size  # lazy: CLI start-up
+
     kw = max([len(e.key) for e in entries] + [3])
     lines = [f"{'KIND':<5} {'KEY':<{kw}}  {'SIZE':>9}  {'CREATED':<16}  {'LAST USED':<13}  WHAT"]
     for e in entries:
@@ -59,6 +62,8 @@ def _rows(entries) -> list[str]:
 @click.option("--dir", "cache_dir", type=click.Path(file_okay=False), default=None, help=DIR_HELP)
 def list_cmd(cache_dir: Optional[str]) -> None:
     """List cache entries: kind, key, size, age, what they are for."""
+    from teachx.utils.cache_admin import foreign, human_size, legacy_maps_dir, scan  # lazy: CLI start-up
+
     root = _root(cache_dir)
     entries = scan(root)
     click.echo(f"cache: {root}" + ("" if cache_dir else " ($TEACHX_CACHE moves it)"))
@@ -96,6 +101,8 @@ def clean_cmd(keys: tuple[str, ...], maps_: bool, data_: bool, older_than: Optio
     using (a map store being filled holds its lock) are kept. Selectors combine: `--maps
     --older-than 30` deletes map stores unused for 30 days.
     """
+    from teachx.utils.cache_admin import clean, human_size, scan, select  # lazy: CLI start-up
+
     root = _root(cache_dir)
     kinds = [k for k, on in (("maps", maps_), ("data", data_)) if on]
     chosen = select(scan(root), keys, kinds, older_than, all_)
@@ -120,5 +127,7 @@ def clean_cmd(keys: tuple[str, ...], maps_: bool, data_: bool, older_than: Optio
     elif would:
         click.echo("nothing deleted: run the same command with --yes to delete them")
     if failed:
+        from teachx.errors import OutputError  # lazy: CLI start-up
+
         more = f" ({len(failed) - 1} more entr{'y' if len(failed) == 2 else 'ies'} not deleted either)" if len(failed) > 1 else ""
         raise OutputError(f"{failed[0].entry.kind} {failed[0].entry.key}: {failed[0].note}{more}")

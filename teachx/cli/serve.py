@@ -13,7 +13,6 @@ from typing import Optional
 import click
 
 from teachx.errors import ConfigError
-from teachx.utils.cache_admin import cache_root
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -63,6 +62,8 @@ def _check_cache_dir(cache_dir: Optional[str]) -> None:
     from teachx.utils.io import output_error  # lazy: CLI start-up
 
     if cache_dir is None:
+        from teachx.utils.cache_admin import cache_root  # lazy: CLI start-up
+
         path = cache_root() / "serve"
     else:
         path = Path(cache_dir)
