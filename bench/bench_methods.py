@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from teachx.data.base import ImageDataset, Split
-from teachx.interfaces.config import MethodConfig, RunConfig
+from teachx.config.schema import MethodConfig, RunConfig
 from teachx.training.methods import MethodContext, build_method
 from teachx.training.trainer import DataPlan, make_optimizer
 from teachx.utils.io import write_json_atomic

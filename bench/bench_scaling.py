@@ -102,7 +102,7 @@ def run_stage(stage: str, n: int, workdir: Path, teacher_name: str) -> dict:
     from teachx.teachers import build as build_teacher
     from teachx.teachers.postprocess import postprocess
     from teachx.teachers.store import fill_store, open_store
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.impactx import ImpactxTask, MapSource
     from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
     from teachx.utils.runtime import tune_cpu_allocator

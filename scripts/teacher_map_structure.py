@@ -22,9 +22,9 @@ import torch
 
 from teachx.data.transforms import Augment
 from teachx.evaluation.builtin_maps import map_corr
-from teachx.interfaces.explain import run_config_of
-from teachx.orchestration.pipeline import training_augment
-from teachx.orchestration.study import read_unit_evaluation
+from teachx.runs.explain import run_config_of
+from teachx.runs.pipeline import training_augment
+from teachx.studies.study import read_unit_evaluation
 from teachx.teachers.store import read_store
 
 

@@ -1,3 +1,3 @@
-from teachx.interfaces.cli import main
+from teachx.cli.main import main
 
 main()

@@ -1,4 +1,5 @@
-"""Name -> factory registries used for datasets, backbones, teachers, rules and metrics.
+"""Name -> factory registries used for datasets, backbones, teachers, rules and metrics, and the declared
+measures that reports explain (declared on the ground floor, so that any floor can declare what it computes).
 
 A new component is one file plus ``@REGISTRY.register("name")``. Unknown names raise a
 ``TeachxError`` listing the valid names and the closest match.
@@ -7,7 +8,8 @@ A new component is one file plus ``@REGISTRY.register("name")``. Unknown names r
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Callable, Generic, Iterator, Optional, TypeVar
 
 from teachx.errors import ConfigError
 
@@ -69,3 +71,30 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A number reports show, with one plain sentence on what it measures and which direction is better
+    (``higher_is_better`` None: neither, e.g. a reference level)."""
+
+    name: str
+    description: str
+    higher_is_better: Optional[bool]
+
+    @property
+    def direction(self) -> str:
+        return {True: "Higher is better.", False: "Lower is better."}.get(self.higher_is_better, "It is a reference, not a score.")
+
+    def sentence(self) -> str:
+        return f"{self.description} {self.direction}"
+
+
+#: the measures that are not ``Metric`` classes (accuracy, map agreement, ...), declared where each is computed
+MEASURES: dict[str, Measure] = {}
+
+
+def declare_measure(name: str, description: str, higher_is_better: Optional[bool]) -> Measure:
+    """Declare a reported number next to its definition (see :class:`Measure`)."""
+    MEASURES[name] = Measure(name, description, higher_is_better)
+    return MEASURES[name]

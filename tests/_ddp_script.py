@@ -24,7 +24,7 @@ from teachx.models import build_model  # noqa: E402
 from teachx.models.impactx import build_impactx  # noqa: E402
 from teachx.teachers import build as build_teacher  # noqa: E402
 from teachx.teachers.store import fill_store, open_store  # noqa: E402
-from teachx.training.config import TrainConfig  # noqa: E402
+from teachx.config.train import TrainConfig  # noqa: E402
 from teachx.training.impactx import ImpactxTask, MapSource  # noqa: E402
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer  # noqa: E402
 
@@ -74,7 +74,7 @@ def make_maps(out: Path, ds, distributed=None) -> None:
         if distributed is False or int(os.environ.get("RANK", "0")) == 0:
             if not store.done[PREFILLED].all():
                 fill_store(store, PREFILLED, compute, MAP_BATCH, progress=False, distributed=False)
-        from teachx.training import distributed as dist_utils
+        from teachx.utils import distributed as dist_utils
 
         if distributed is not False:
             dist_utils.barrier()
@@ -121,7 +121,7 @@ def masked(ds):
 
 def train_method(out: Path, ds, name: str, distributed=None):
     """One training method through the registry, as `teachx run` builds it (teacher maps: the IG store)."""
-    from teachx.interfaces.config import MethodConfig, RunConfig
+    from teachx.config.schema import MethodConfig, RunConfig
     from teachx.training.methods import MethodContext, build_method
 
     cfg = RunConfig()
@@ -160,7 +160,7 @@ def check_helpers(out: Path, rank: int) -> None:
     import json
 
     from teachx.errors import ConfigError
-    from teachx.training import distributed as du
+    from teachx.utils import distributed as du
 
     def fail():
         raise ConfigError("rank 0 failed")
@@ -191,7 +191,7 @@ def main() -> None:
     ap.add_argument("--crash-epoch", type=int, default=-1)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from teachx.training.distributed import init_distributed, shutdown
+    from teachx.utils.distributed import init_distributed, shutdown
 
     info = init_distributed()
     assert info.world_size == int(os.environ["WORLD_SIZE"]) and info.backend == "gloo", info

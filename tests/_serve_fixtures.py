@@ -57,9 +57,9 @@ def build(root: Path) -> dict[str, Path]:
     """Make (or reuse) root/run and root/study; returns their paths and the cache folder."""
     import torch
 
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import prepare_run_dir, run_pipeline
-    from teachx.orchestration.study import load_study, run_study
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import prepare_run_dir, run_pipeline
+    from teachx.studies.study import load_study, run_study
 
     root.mkdir(parents=True, exist_ok=True)
     out = {"root": root, "run": root / "run", "study": root / "study", "cache": root / "cache", "zip": root / "tiny.zip"}

@@ -9,7 +9,7 @@ import torch
 from teachx.data.base import ImageDataset, Split
 from teachx.data.transforms import Augment
 from teachx.models import build_model
-from teachx.training.config import TrainConfig
+from teachx.config.train import TrainConfig
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
 
 

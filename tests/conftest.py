@@ -112,7 +112,7 @@ def run_teachx(*args: Any, cwd=None, env: Optional[Mapping[str, Optional[str]]] 
 def teachx_main(capsys: pytest.CaptureFixture, *args: Any) -> tuple[Any, str, str]:
     """The `teachx` entry point in this process (a subprocess costs seconds): (exit code, stdout, stderr) of this
     call alone; the code is 0 when it returns without exiting."""
-    from teachx.interfaces.cli import main
+    from teachx.cli.main import main
 
     capsys.readouterr()
     code: Any = 0
@@ -129,7 +129,7 @@ def invoke_study(*args: Any, env: Optional[Mapping[str, Optional[str]]] = None):
     import click
     from click.testing import CliRunner
 
-    from teachx.interfaces.cli_study import register
+    from teachx.cli.study import register
 
     group = click.Group()
     register(group)

@@ -182,7 +182,7 @@ def _dataset(n: int, channels: int, size: int, classes: int = 4, seed: int = 0):
 
 
 def _method(backbone: str = "lenet5", model_options: dict | None = None, **options):
-    from teachx.interfaces.config import MethodConfig, ModelConfig, RunConfig
+    from teachx.config.schema import MethodConfig, ModelConfig, RunConfig
     from teachx.training.methods import build_method
 
     cfg = RunConfig(model=ModelConfig(backbone=backbone, options=dict(model_options or {})),
@@ -272,7 +272,7 @@ def _fit(out: Path, seed: int, task_of=ABNTask):
     from _train_script import synthetic_dataset
 
     from teachx.data.transforms import Augment
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.trainer import DataPlan, Trainer
 
     plan = DataPlan(synthetic_dataset(), np.arange(160), np.arange(160, 192), Augment(crop_padding=2, hflip=False))

@@ -417,7 +417,7 @@ def test_builtin_map_faithfulness_block():
 # -- checkpoints and config --------------------------------------------------------------------------
 
 def test_checkpoint_without_decoder_keys_still_loads(tmp_path):
-    from teachx.interfaces.explain import load_impactx
+    from teachx.runs.explain import load_impactx
     from teachx.training.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
@@ -439,8 +439,8 @@ def test_checkpoint_without_decoder_keys_still_loads(tmp_path):
 
 
 def test_config_validation():
-    from teachx.interfaces.config import RunConfig
-    from teachx.utils.config import from_dict
+    from teachx.config.schema import RunConfig
+    from teachx.config.loader import from_dict
 
     cfg = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "rank", "map_target_pool": 2}})
     assert cfg.impactx.decoder == "unet_input"
@@ -475,7 +475,8 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     """The default decoder is the built-in-maps study's best (per-class U-Net + input, 1 - Pearson);
     impactx.decoder=paper alone gives the paper's method (one map, MSE); explicit keys win; the
     written config states the resolved values."""
-    from teachx.interfaces.config import ImpactxConfig, RunConfig, resolve_config
+    from teachx.config.schema import ImpactxConfig, RunConfig
+    from teachx.runs.resolve import resolve_config
     from teachx.models.decoders import DECODERS
 
     ic = RunConfig().impactx
@@ -500,8 +501,8 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
 # -- the pipeline: per-class unet_input maps with a scale-free loss and the faithfulness term ----------
 
 def test_pipeline_records_builtin_map_faithfulness(tmp_path, monkeypatch):
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import run_pipeline
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import run_pipeline
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     cfg = resolve_config(overrides=[
@@ -527,7 +528,7 @@ def test_map_quality_scale_free_r2_matches_per_image_least_squares():
     scores 1 there while its plain R^2 does not."""
     from types import SimpleNamespace
 
-    from teachx.orchestration.pipeline import map_quality
+    from teachx.runs.pipeline import map_quality
 
     rng = np.random.default_rng(0)
     n, h, w = 6, 5, 4
@@ -614,8 +615,8 @@ def test_every_map_loss_declares_what_it_leaves_free():
 def test_decoder_reads_m_sees_m_but_never_trains_it():
     """impactx.decoder_reads_m: the decoder's pyramid joins M's levels (detached) to LEP's. Changing M's weights
     changes the map; the map loss puts no gradient on M; the spec rebuilds the model; bad pairings are one-line errors."""
-    from teachx.interfaces.config import RunConfig
-    from teachx.utils.config import from_dict
+    from teachx.config.schema import RunConfig
+    from teachx.config.loader import from_dict
 
     torch.manual_seed(0)
     m = build_impactx("lenet5", 3, 10, (32, 32), decoder_reads_m=True).eval()

@@ -98,8 +98,8 @@ def test_repo_has_one_copy_of_the_example_configs():
 # ------------------------------------------------------------------ 14: every option has a description
 
 def _sections():
-    from teachx.interfaces.config import RunConfig
-    from teachx.orchestration.study import EvalSpec
+    from teachx.config.schema import RunConfig
+    from teachx.studies.study import EvalSpec
 
     out = {"": RunConfig, "study.eval": EvalSpec}
     for f in dataclasses.fields(RunConfig):
@@ -124,7 +124,7 @@ def test_every_config_option_has_a_description():
 
 
 def test_every_study_key_has_a_description():
-    from teachx.orchestration.study import STUDY_KEYS
+    from teachx.studies.study import STUDY_KEYS
 
     assert {"seeds", "n_seeds", "arms", "regimes", "control", "eval", "alpha", "arm_regimes"} <= set(STUDY_KEYS)
     assert all(isinstance(v, str) and v.strip() for v in STUDY_KEYS.values())
@@ -168,7 +168,7 @@ def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
     printed file (plain or --describe) reads back as the same config."""
     import yaml
 
-    from teachx.interfaces.shipped_configs import is_study, shipped_configs
+    from teachx.config.shipped import is_study, shipped_configs
 
     monkeypatch.chdir(tmp_path)
     table = _config_main(capsys, "--list").split("\n\n")[0].splitlines()[1:]  # the rows up to the examples
@@ -191,7 +191,7 @@ def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path):
-    from teachx.orchestration.study import STUDY_KEYS
+    from teachx.studies.study import STUDY_KEYS
 
     cfg = tmp_path / "mine.yaml"
     cfg.write_text("train:\n  epochs: 2\nstudy:\n  n_seeds: 3\n  arms:\n    impactx: {}\n    lambda0: {impactx.lam: 0}\n")
@@ -305,8 +305,8 @@ def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run,
 
 def _tiny_method_run(root: Path, *overrides: str) -> Path:
     """An in-process `teachx run` on the bundled data with TINY settings and ``overrides``."""
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import prepare_run_dir, run_pipeline
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import prepare_run_dir, run_pipeline
 
     cfg = resolve_config(None, [*TINY, "train.threads=1", *overrides])
     run_pipeline(cfg, prepare_run_dir(root, cfg, "run"), log=lambda _m: None, progress=False)
@@ -320,8 +320,8 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
     range, is one line and exit 2, with nothing written."""
     import torch
 
-    from teachx.interfaces import explain as ex
-    from teachx.reporting import figures
+    from teachx.runs import explain as ex
+    from teachx.runs import figures
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     drawn = []
@@ -379,8 +379,8 @@ def _morf_reference(model, x, target, relevance, steps):
 def test_explain_faithfulness_titles_each_panel_with_the_map_it_shows(tiny_run, tmp_path, monkeypatch):
     """`teachx explain --faithfulness` draws two overlays per image: the model's built-in map, titled so, and the
     teacher method applied post hoc, titled with the method's name, never "built-in map"."""
-    from teachx.interfaces import explain as ex
-    from teachx.reporting import figures
+    from teachx.runs import explain as ex
+    from teachx.runs import figures
 
     monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
     titles: dict[str, str] = {}
@@ -403,9 +403,9 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     import torch
 
     from teachx.data.transforms import normalize
-    from teachx.interfaces import explain as ex
-    from teachx.orchestration.builtin_eval import post_hoc_maps
-    from teachx.orchestration.pipeline import make_plan
+    from teachx.runs import explain as ex
+    from teachx.runs.builtin_eval import post_hoc_maps
+    from teachx.runs.pipeline import make_plan
 
     rng = np.random.default_rng(3)
     imgs = []
@@ -455,7 +455,7 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
 
 @pytest.mark.parametrize("columns", ["80", "60"])
 def test_help_summaries_are_complete(columns):
-    from teachx.interfaces.cli import cli, command_summary
+    from teachx.cli.main import cli, command_summary
 
     res = run_teachx("--help", env={"COLUMNS": columns})
     assert res.returncode == 0, res.stderr
@@ -481,14 +481,19 @@ def _data_entry(cache: Path) -> Path:
 
 
 def test_cache_dirs_agree(monkeypatch, tmp_path):
-    from teachx.data.cache import default_cache_dir as data_cache
-    from teachx.orchestration.pipeline import default_cache_dir as pipeline_cache
+    from teachx.utils.cache_admin import cache_root
 
     monkeypatch.delenv("TEACHX_CACHE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert pipeline_cache() == data_cache()
+    assert cache_root() == tmp_path / ".cache" / "teachx" / "cache"
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "c"))
-    assert pipeline_cache() == data_cache() == tmp_path / "c"
+    assert cache_root() == tmp_path / "c" and cache_root(tmp_path / "d") == tmp_path / "d"
+    # the one root: decoded data (teachx.data.cache), teacher maps (the pipeline) and the service read it
+    import teachx.data.cache as data_cache
+    import teachx.runs.pipeline as pipeline
+    import teachx.service.engine as engine
+
+    assert data_cache.cache_root is pipeline.cache_root is engine.cache_root is cache_root
 
 
 @pytest.mark.slow

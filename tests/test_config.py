@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from teachx.errors import ConfigError
-from teachx.interfaces.config import RunConfig, resolve_config
-from teachx.utils.config import dump_yaml, from_dict, to_dict
+from teachx.config.schema import RunConfig
+from teachx.runs.resolve import resolve_config
+from teachx.config.loader import dump_yaml, from_dict, to_dict
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -69,7 +70,7 @@ def test_errors_name_keys_as_the_user_types_them(override, message):
 
 
 def test_study_unit_errors_name_keys_as_typed(tmp_path):
-    from teachx.orchestration.study import load_study
+    from teachx.studies.study import load_study
 
     p = tmp_path / "s.yaml"
     p.write_text("study:\n  arms: {a: {train.epoch: 3}}\n")
@@ -84,7 +85,7 @@ def test_study_unit_errors_name_keys_as_typed(tmp_path):
 @pytest.mark.parametrize("args", [["train.epochs"], ["demo", "train.epochs"], ["seed"], ["study.n_seeds"]])
 def test_a_key_without_value_says_the_value_is_missing(tmp_path, monkeypatch, args):
     """`teachx config train.epochs` (=VALUE forgotten) is not an unknown config file: the value is missing."""
-    from teachx.interfaces.cli import _split_args
+    from teachx.cli.main import _split_args
 
     monkeypatch.chdir(tmp_path)
     key = args[-1]
@@ -112,7 +113,7 @@ def test_bad_yaml_file(tmp_path):
 
 
 def test_from_dict_types():
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
 
     cfg = from_dict(TrainConfig, {"epochs": 3.0, "lr": 1, "grad_clip": None})
     assert cfg.epochs == 3 and isinstance(cfg.lr, float) and cfg.grad_clip is None
@@ -127,8 +128,8 @@ def test_shipped_run_configs_use_the_default_design_and_paper_configs_say_so():
     decoder anywhere (its base or an arm) says "paper" in its name or its description."""
     import re
 
-    from teachx.interfaces.config import ImpactxConfig
-    from teachx.interfaces.shipped_configs import header, is_study, shipped_configs
+    from teachx.config.schema import ImpactxConfig
+    from teachx.config.shipped import header, is_study, shipped_configs
 
     default = ImpactxConfig().decoder
     for name, path in shipped_configs().items():
@@ -142,8 +143,8 @@ def test_shipped_run_configs_use_the_default_design_and_paper_configs_say_so():
 def test_shipped_descriptions_are_whole_sentences_that_list_wraps_rather_than_cuts():
     import re
 
-    from teachx.interfaces.describe import list_shipped
-    from teachx.interfaces.shipped_configs import header, shipped_configs
+    from teachx.cli.describe import list_shipped
+    from teachx.config.shipped import header, shipped_configs
 
     configs = shipped_configs()
     for name, path in configs.items():

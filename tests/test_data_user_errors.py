@@ -1,7 +1,7 @@
 """What a user meets with their own data: defaults that change results are stated, every fix an error
 suggests works from the command line, bad datasets are reported in one pass, nothing is skipped silently.
 
-Most checks run the real entry point (``teachx.interfaces.cli.main``) in-process, so that a download
+Most checks run the real entry point (``teachx.cli.main.main``) in-process, so that a download
 mirror can be redirected to local files, then run the fix the error message suggests, verbatim.
 """
 
@@ -74,8 +74,8 @@ def write_folder(path: Path, files: dict[str, bytes | np.ndarray]) -> Path:
 
 # ------------------------------------------------------------------- 3. defaults that change results
 def test_imagefolder_is_not_flipped_by_default_and_config_says_so(tmp_path):
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import make_plan
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import make_plan
 
     src = write_zip(tmp_path / "d.zip", tiny_images())
     ds = load_dataset(f"imagefolder:{src}", progress=False)
@@ -102,8 +102,8 @@ def test_teachx_config_states_resolved_augmentation_without_decoding(capsys, tmp
 
 
 def test_run_log_and_results_state_augmentation(capsys, tmp_path):
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import data_summary, make_plan
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import data_summary, make_plan
 
     src = write_zip(tmp_path / "d.zip", tiny_images())
     code, out, err = teachx_main(capsys, "train", f"data.name=imagefolder:{src}", "--out", tmp_path / "r", *TINY_TRAIN)
@@ -326,8 +326,8 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
 
 
 def test_study_keys_follow_the_resolved_flip_default(tmp_path):
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.study import classifier_key
+    from teachx.runs.resolve import resolve_config
+    from teachx.studies.study import classifier_key
 
     def key(*overrides):
         cfg = resolve_config(overrides=list(overrides))
@@ -337,7 +337,7 @@ def test_study_keys_follow_the_resolved_flip_default(tmp_path):
     # A unit trained with the old default (flips) is never reused for the new one (no flips) ...
     assert key(folder) == key(folder, "data.hflip=false") != key(folder, "data.hflip=true")
     # ... and datasets whose default did not change keep their keys (only non-default values are hashed).
-    from teachx.orchestration.study import _relevant
+    from teachx.studies.study import _relevant
 
     assert _relevant(resolve_config(overrides=["data.name=cifar10"]))["data"] == {"name": "cifar10"}
 

@@ -1,6 +1,6 @@
 """torch.distributed: sharded teacher maps, DDP training, resume -- 2 gloo processes vs 1 process.
 
-The 2-process runs are real torchrun launches (``teachx.interfaces.launch.torchrun_command``) of
+The 2-process runs are real torchrun launches (``teachx.cli.launch.torchrun_command``) of
 ``tests/_ddp_script.py``; the 1-process references run the same workloads in this process.
 Three launches in all, to keep the suite fast on a shared 2-core machine.
 """
@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _ddp_script as work  # noqa: E402
 
 from teachx.errors import ConfigError  # noqa: E402
-from teachx.interfaces.launch import relaunch_with_torchrun, should_relaunch, strip_nproc, torchrun_command  # noqa: E402
-from teachx.training import distributed as dist_utils  # noqa: E402
+from teachx.cli.launch import relaunch_with_torchrun, should_relaunch, strip_nproc, torchrun_command  # noqa: E402
+from teachx.utils import distributed as dist_utils  # noqa: E402
 from teachx.training.checkpoint import load_checkpoint  # noqa: E402
 
 # DDP vs 1 process, same global batch, no augmentation/dropout/BatchNorm: the only difference is

@@ -17,7 +17,7 @@ import click
 import pytest
 
 from teachx.errors import TeachxError
-from teachx.interfaces.cli import _split_args, cli
+from teachx.cli.main import _split_args, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -104,9 +104,9 @@ def parse(command: str, mention: bool = True) -> None:
 def _resolve(ctx: click.Context) -> None:
     """A dry run of the config: the KEY=VALUE overrides of run/train/demo/config/study against a shipped or
     no CONFIG, resolved as the command would (a study config as a study)."""
-    from teachx.interfaces.config import check_names, resolve_config
-    from teachx.interfaces.shipped_configs import shipped_configs
-    from teachx.orchestration.study import load_study
+    from teachx.runs.resolve import check_names, resolve_config
+    from teachx.config.shipped import shipped_configs
+    from teachx.studies.study import load_study
 
     name = ctx.info_name
     if name not in ("run", "train", "demo", "config", "study") or ctx.params.get("list_"):
@@ -127,7 +127,7 @@ def _resolve(ctx: click.Context) -> None:
 
 
 def _yaml(path: Path) -> dict:
-    from teachx.utils.config import load_yaml
+    from teachx.config.loader import load_yaml
 
     return load_yaml(path) or {}
 

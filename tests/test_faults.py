@@ -180,7 +180,7 @@ def test_killed_between_a_stage_and_its_record_resumes_to_the_same_result(refere
     """kill -9 after a stage's checkpoints are written and before its record is (the baseline's, then
     IMPACTX's): the lock the killed run left is taken over with a warning, the stage is finished from
     its checkpoints, and the run ends as an uninterrupted one, every record bound to its config."""
-    from teachx.orchestration.rundir import RUN_LOCK, run_config_hash
+    from teachx.runs.rundir import RUN_LOCK, run_config_hash
 
     root = reference["root"]
     out, cache = root / "between", root / "cache-between"
@@ -207,7 +207,7 @@ def test_killed_between_the_best_and_last_checkpoint_writes(tmp_path, monkeypatc
     from _train_script import synthetic_dataset
 
     from teachx.models import build_model
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
 
     class Killed(BaseException):
@@ -254,8 +254,8 @@ def test_failed_writes_are_one_line_and_leave_nothing_behind(tmp_path, monkeypat
     from safetensors import SafetensorError
 
     from teachx.errors import OutputError
-    from teachx.orchestration import rundir
-    from teachx.orchestration.pipeline import prepare_run_dir
+    from teachx.runs import rundir
+    from teachx.runs.pipeline import prepare_run_dir
     from teachx.training import checkpoint
 
     def read_only(path, *args, **kwargs):
@@ -295,7 +295,7 @@ def test_noop_rerun_from_another_directory_keeps_the_measurements(reference):
 def test_stage_checkpoint_of_records_written_by_older_teachx(tmp_path):
     """Older records hold the path as typed (absolute, or relative to the old working directory):
     the stage's own file of that name is used, never another run's."""
-    from teachx.orchestration.pipeline import stage_checkpoint
+    from teachx.runs.pipeline import stage_checkpoint
 
     stage = tmp_path / "copy" / "baseline"
     for recorded in ("/somewhere/else/run/baseline/checkpoints/best.safetensors", "run/baseline/checkpoints/best.safetensors",
@@ -306,14 +306,14 @@ def test_stage_checkpoint_of_records_written_by_older_teachx(tmp_path):
 # -- directories teachx did not make --------------------------------------------------------------
 
 def _cfg(*extra):
-    from teachx.interfaces.config import resolve_config
+    from teachx.runs.resolve import resolve_config
 
     return resolve_config(None, [*TINY, *extra])
 
 
 @pytest.mark.slow
 def test_overwrite_never_deletes_a_foreign_directory(tmp_path, reference):
-    from teachx.orchestration.pipeline import prepare_run_dir
+    from teachx.runs.pipeline import prepare_run_dir
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -331,7 +331,7 @@ def test_overwrite_never_deletes_a_foreign_directory(tmp_path, reference):
 
 
 def test_overwrite_replaces_only_what_teachx_wrote(tmp_path):
-    from teachx.orchestration.pipeline import prepare_run_dir
+    from teachx.runs.pipeline import prepare_run_dir
     from teachx.utils.io import _HOST
 
     run = prepare_run_dir(tmp_path / "run", _cfg(), "run")
@@ -357,7 +357,7 @@ def test_overwrite_replaces_only_what_teachx_wrote(tmp_path):
 
 
 def test_redo_discards_only_what_teachx_wrote_in_the_stage(tmp_path):
-    from teachx.orchestration.pipeline import prepare_run_dir, redo_stages
+    from teachx.runs.pipeline import prepare_run_dir, redo_stages
 
     cfg = _cfg()
     run = prepare_run_dir(tmp_path / "run", cfg, "run")
@@ -371,8 +371,8 @@ def test_redo_discards_only_what_teachx_wrote_in_the_stage(tmp_path):
 
 
 def test_presentation_options_are_not_part_of_a_run(tmp_path):
-    from teachx.orchestration.pipeline import prepare_run_dir
-    from teachx.utils.config import dump_yaml
+    from teachx.runs.pipeline import prepare_run_dir
+    from teachx.config.loader import dump_yaml
 
     run = prepare_run_dir(tmp_path / "run", _cfg(), "run")
     text = (run / "config.yaml").read_text()
@@ -390,7 +390,7 @@ def test_presentation_options_are_not_part_of_a_run(tmp_path):
 
 
 def test_study_never_replaces_a_users_study_yaml(tmp_path):
-    from teachx.orchestration.study import StudySpec, prepare_study_dir
+    from teachx.studies.study import StudySpec, prepare_study_dir
 
     spec = StudySpec({}, [0], {"impactx": {}}, {"all": {}})
     mine = tmp_path / "mine"

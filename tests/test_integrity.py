@@ -126,7 +126,7 @@ def test_resume_from_a_corrupt_last_checkpoint_is_refused(tmp_path):
     """Neither trained on from damaged weights, nor silently restarted, nor a 'diverged' hint."""
     from _train_script import synthetic_dataset
     from teachx.models import build_model
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
 
     ds = synthetic_dataset(64, 16)
@@ -180,7 +180,7 @@ def test_trusted_json_round_trip_flip_and_legacy(tmp_path):
 
 
 def test_stage_record_flip_is_an_error_and_legacy_record_loads(tmp_path):
-    from teachx.orchestration.pipeline import stage_done
+    from teachx.runs.pipeline import stage_done
     from teachx.utils.io import write_json_atomic
 
     d = tmp_path / "baseline"
@@ -194,7 +194,7 @@ def test_stage_record_flip_is_an_error_and_legacy_record_loads(tmp_path):
 
 
 def test_study_unit_records_flip_is_an_error(tmp_path):
-    from teachx.orchestration.study import _Runner
+    from teachx.studies.study import _Runner
     from teachx.utils.io import write_json_atomic
 
     d = tmp_path / "units" / "x-0123"
@@ -454,8 +454,6 @@ def test_serve_cache_open_waits_for_another_process_opening_it(tmp_path):
     """Another server process holding a folder's check/rebuild/open lock: a second one waits for it (and
     says so) instead of checking -- and perhaps deleting -- that folder half-way, then opens it."""
     pytest.importorskip("teachx.service.cache")
-    import subprocess
-    import sys
     import time
 
     from teachx.service.cache import ArrayCache
@@ -492,6 +490,6 @@ def test_train_with_a_corrupt_stage_record_says_and_does_redo_train(tmp_path):
     _one_line_error(bad, str(record), "corrupted", "--redo train")
     redo = _cli("train", *common, "--redo", "train")
     assert redo.returncode == 0, redo.stderr
-    from teachx.orchestration.pipeline import stage_done
+    from teachx.runs.pipeline import stage_done
 
     assert stage_done(out)["test_acc"] == json.loads((out / "results.json").read_text())["test_acc"]

@@ -244,8 +244,8 @@ class _Store:
 
 def _fit(method: str, options: dict, out: Path, stop_after: int | None = None, init_seed: int = 0):
     from teachx.data.transforms import Augment
-    from teachx.interfaces.config import RunConfig, MethodConfig
-    from teachx.training.config import TrainConfig
+    from teachx.config.schema import RunConfig, MethodConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.methods import MethodContext, build_method
     from teachx.training.trainer import DataPlan, Trainer
 
@@ -319,7 +319,7 @@ def test_method_trains_and_resumes_bitwise(case, tmp_path):
 
 
 def test_option_checks_are_one_line_config_errors():
-    from teachx.interfaces.config import resolve_config
+    from teachx.runs.resolve import resolve_config
 
     cases = {
         ("method.name=rrrr",): "did you mean 'rrr'",
@@ -349,7 +349,7 @@ def test_cli_rrr_with_annotation_masks_on_maskless_data_exits_2_before_writing(t
 
 
 def test_teachx_methods_lists_every_method_and_option():
-    from teachx.interfaces.describe import describe_methods
+    from teachx.cli.describe import describe_methods
 
     text = describe_methods()
     for name in METHODS.names():
@@ -364,7 +364,7 @@ def test_teachx_methods_lists_every_method_and_option():
 def test_study_with_method_arms_on_a_shortcut_benchmark(tmp_path, monkeypatch):
     """Method arms run through `teachx study`: rows name their method, every unit reports the
     wrong-reason score, each arm is compared with the lambda=0 control, and a re-run trains nothing."""
-    from teachx.orchestration.study import load_study, run_study
+    from teachx.studies.study import load_study, run_study
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "study.yaml"
@@ -403,7 +403,7 @@ study:
     again = run_study(load_study(str(cfg)), tmp_path / "out", log=lambda s: None)
     assert again.trained == 0 and again.data["rows"] == res.data["rows"]
     # `teachx study --status` finds every unit, the ceiling in its own baseline model (not the regime's)
-    from teachx.orchestration.study_status import study_status
+    from teachx.studies.status import study_status
 
     st = {(u.unit.arm, u.unit.seed): u for u in study_status(spec, tmp_path / "out").units}
     assert all(u.state == "done" for u in st.values())
@@ -414,8 +414,8 @@ study:
 def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
     """`teachx run method.name=abn`: results name the method, map quality is measured on ABN's map,
     and `teachx serve` lists the model with a built-in map equal to the model's own explain()."""
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import make_plan, prepare_run_dir, run_pipeline
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import make_plan, prepare_run_dir, run_pipeline
     from teachx.service.engine import Service
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
@@ -436,8 +436,8 @@ def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
 def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
     """teacher.eval_images below the class count: a stratified subset rounds down to nothing, which
     made map_quality divide by zero; now it is a seeded subset of that size."""
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import eval_indices, make_plan
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import eval_indices, make_plan
 
     cfg = resolve_config(None, ["teacher.eval_images=5"])
     plan = make_plan(cfg, progress=False)
@@ -449,9 +449,9 @@ def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
 def test_every_method_stage_is_known_to_redo_serve_and_the_run_layout():
     """The method stages come from the registry; the CLI's --redo choices are written out (no torch
     import for `teachx --help`) and must agree with it."""
-    from teachx.interfaces.cli import RUN_STAGES
-    from teachx.orchestration.pipeline import STAGES
-    from teachx.orchestration.rundir import RUN_LAYOUT, STAGE_LAYOUT
+    from teachx.cli.main import RUN_STAGES
+    from teachx.runs.pipeline import STAGES
+    from teachx.runs.rundir import RUN_LAYOUT, STAGE_LAYOUT
     from teachx.service.catalog import _stages
 
     assert set(STAGES) == {"baseline", "teacher", *(m for m in METHODS.names() if m != "baseline")}
@@ -463,7 +463,7 @@ def test_a_method_gets_the_explained_classes_from_its_context():
     """A method never imports the orchestration: the class each teacher map explains is the labels for
     teacher.target=label, else whatever the orchestration's service supplies (and an error without one)."""
     from teachx.data.transforms import Augment
-    from teachx.interfaces.config import RunConfig
+    from teachx.config.schema import RunConfig
     from teachx.training.methods import MethodContext
     from teachx.training.trainer import DataPlan
 
@@ -531,8 +531,8 @@ def test_the_name_check_guard_finds_comparisons(tmp_path):
 
 def test_impactx_options_are_its_method_options_too():
     """method.options.KEY of IMPACTX is impactx.KEY: the same config (so the same study unit key), saved as impactx.*."""
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.study import impactx_key
+    from teachx.runs.resolve import resolve_config
+    from teachx.studies.study import impactx_key
 
     a = resolve_config(None, ["method.options.lam=0", "method.options.decoder=paper", "method.options.maps=shuffled"])
     b = resolve_config(None, ["impactx.lam=0", "impactx.decoder=paper", "impactx.maps=shuffled"])
@@ -543,14 +543,14 @@ def test_impactx_options_are_its_method_options_too():
     assert same.impactx.lam == 0.5
     rrr = resolve_config(None, ["method.name=rrr", "method.options.lam=10"])  # another method's options stay its own
     assert rrr.method.options == {"lam": 10} and rrr.impactx.lam == 1.0
-    from teachx.interfaces.config import study_base_config
+    from teachx.runs.resolve import study_base_config
 
     base = study_base_config({"method": {"options": {"per_class": False}}})  # a study's base, as `teachx config` prints it
     assert base.impactx.per_class is False and base.impactx.map_loss is None  # given stays given, the rest left to the decoder
 
 
 def test_a_study_control_arm_may_use_method_options(tmp_path):
-    from teachx.orchestration.study import load_study, planned_units
+    from teachx.studies.study import load_study, planned_units
 
     def keys(arm: str) -> tuple[str, ...]:
         path = tmp_path / f"{len(arm)}.yaml"

@@ -85,7 +85,8 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
     units that stored different images are refused instead of drawn next to each other."""
     import numpy as np
 
-    from teachx.reporting import figures, report
+    from teachx.reporting import report
+    from teachx.runs import figures
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (3, 3, 8, 8), dtype=np.uint8)
@@ -138,8 +139,8 @@ def test_loss_curves_name_the_configured_training_loss_and_validation_ce():
     CE alone at lambda = 0); the validation loss is cross-entropy alone; every label fits in the figure."""
     from matplotlib import pyplot as plt
 
-    from teachx.interfaces.config import resolve_config
-    from teachx.reporting import figures
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs import figures
     from teachx.reporting.report import _curves
     from teachx.training.methods.base import build_method
 
@@ -183,9 +184,9 @@ def test_run_report_per_class_accuracy_examples_and_metric_sentences(tmp_path, m
 
     from teachx.data.transforms import normalize
     from teachx.evaluation.base import measure
-    from teachx.interfaces.config import resolve_config
-    from teachx.interfaces.explain import load_impactx
-    from teachx.orchestration.pipeline import as_nchw, eval_indices, make_plan, prepare_run_dir, run_pipeline
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.explain import load_impactx
+    from teachx.runs.pipeline import as_nchw, eval_indices, make_plan, prepare_run_dir, run_pipeline
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     cfg = resolve_config(None, ["data.train_size=200", "train.epochs=1", "train.batch_size=64", "train.threads=1",

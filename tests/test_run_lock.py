@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from teachx.errors import RunDirError
-from teachx.orchestration.rundir import RUN_LOCK, hold_run_dir, remove_owned, run_dir_kind
+from teachx.runs.rundir import RUN_LOCK, hold_run_dir, remove_owned, run_dir_kind
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TEACHX, teachx_env  # noqa: E402
@@ -102,9 +102,9 @@ def test_stale_and_foreign_host_locks(tmp_path):
 # -- binding results to their config ---------------------------------------------------------------
 
 def test_config_hash_is_the_identity_and_ignores_presentation(tmp_path):
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import check_bound, prepare_run_dir
-    from teachx.orchestration.rundir import config_hash, run_config_hash
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import check_bound, prepare_run_dir
+    from teachx.runs.rundir import config_hash, run_config_hash
     from teachx.utils.io import write_json_atomic
 
     cfg = resolve_config(None, ["train.epochs=3"])
@@ -144,7 +144,7 @@ def _until(predicate, what: str, timeout: float = 300) -> None:
 
 def _agree(run: Path) -> dict:
     """config.yaml, every stage record and results.json describe the same run."""
-    from teachx.orchestration.rundir import run_config_hash
+    from teachx.runs.rundir import run_config_hash
 
     results = json.loads((run / "results.json").read_text())
     bound = run_config_hash(run)

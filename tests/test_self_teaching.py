@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from teachx.errors import ConfigError
-from teachx.interfaces.config import ImpactxConfig
+from teachx.config.schema import ImpactxConfig
 from teachx.models.impactx import build_impactx
 from teachx.teachers import build as build_teacher
 from teachx.teachers.store import fill_store, open_store
@@ -94,8 +94,8 @@ def test_config_validation():
 
 
 def _tiny_config(tmp_path, **sections):
-    from teachx.interfaces.config import RunConfig
-    from teachx.utils.config import from_dict
+    from teachx.config.schema import RunConfig
+    from teachx.config.loader import from_dict
     from tests.test_study import make_zip
 
     z = make_zip(tmp_path / "tiny.zip")
@@ -112,7 +112,7 @@ def _tiny_config(tmp_path, **sections):
 
 @pytest.mark.slow
 def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
-    from teachx.orchestration.pipeline import run_pipeline
+    from teachx.runs.pipeline import run_pipeline
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -125,7 +125,7 @@ def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_teacher_seed_trains_one_separate_teacher(tmp_path, monkeypatch):
-    from teachx.orchestration.pipeline import run_pipeline, separate_teacher, stage_checkpoint, teacher_training
+    from teachx.runs.pipeline import run_pipeline, separate_teacher, stage_checkpoint, teacher_training
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)

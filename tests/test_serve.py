@@ -154,7 +154,7 @@ def test_image_list_filters_and_sorting(client):
 
 
 def test_provenance(client, dirs):
-    from teachx.utils.config import load_yaml
+    from teachx.config.loader import load_yaml
     from teachx.utils.hashing import hash_json
 
     d = schemas.ImageDetail.model_validate(client.get("/api/v1/models/run.impactx/images/5").json())
@@ -248,7 +248,7 @@ def test_export_png_grid_draws_the_selection(client, service, monkeypatch):
     """export.png: one row per selected image (labelled with its index and true class, and the prediction
     when wrong), the input and the requested maps -- the same arrays the map endpoints serve; a real PNG;
     more than GRID_MAX images or a bad list is a 422 with a message."""
-    from teachx.reporting import figures
+    from teachx.runs import figures
     from teachx.service.app import GRID_MAX
 
     base = "/api/v1/models/run.impactx"
@@ -589,7 +589,7 @@ def test_models_on_the_same_test_split_share_test_data(client, service):
 def test_an_unfinished_study_names_its_units_from_its_study_yaml(dirs, tmp_path):
     """Without study.json (a study still running, or stopped) the units are named from the recorded spec:
     ``unit_names`` computes the runner's own keys, so the names equal the finished study's."""
-    from teachx.orchestration.study import load_study_dir, unit_names
+    from teachx.studies.study import load_study_dir, unit_names
 
     finished = {m.name: (m.label, m.role, m.info.get("seed")) for m in Service([dirs["study"]], cache_dir=tmp_path / "a").runs[0].models}
     study = tmp_path / "study"
@@ -731,7 +731,7 @@ def test_upload_notice_names_the_colour_conversion(service, tmp_path):
     notice says so next to the resizing -- in `teachx serve` and in `teachx explain`."""
     from types import SimpleNamespace
 
-    from teachx.interfaces.explain import read_image
+    from teachx.runs.explain import read_image
 
     grey_model = SimpleNamespace(channels=1, image_size=(32, 32))
     rgb = png(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
@@ -762,7 +762,7 @@ def test_the_upload_limit_is_stated_in_mib_everywhere(service, capsys):
 
 def test_one_shared_map_is_described_the_same_in_explain_and_serve(client, dirs, tmp_path):
     from teachx.errors import CheckpointError
-    from teachx.interfaces.explain import explain_images
+    from teachx.runs.explain import explain_images
     from teachx.models import shared_map_text
 
     text = shared_map_text("impactx")

@@ -296,17 +296,18 @@ def test_decoy_fashion_mnist_is_fashion_mnist_plus_a_swatch(tmp_path):
 
 def test_decoy_sources_report_missing_files_and_never_flip(tmp_path):
     from teachx.data import get_source
-    from teachx.interfaces.config import DataConfig
+    from teachx.config.schema import DataConfig
+    from teachx.data.options import augmentation
 
     with pytest.raises(DataError, match=r"'decoy-mnist' is made from mnist.*dataset 'mnist' not found"):
         load_dataset("decoy-mnist", root=tmp_path / "empty", progress=False)
     source, _ = get_source("decoy-fashion-mnist")
     assert source.hflip is False and source.hflip_reason == "a decoy's corner position is part of the benchmark"
-    aug = DataConfig(name="decoy-fashion-mnist").augmentation()
+    aug = augmentation(DataConfig(name="decoy-fashion-mnist"))
     assert aug["hflip"] is False and "corner position" in aug["hflip_from"]
-    aug = DataConfig(name="fashion-mnist", shortcut="swatch").augmentation()
+    aug = augmentation(DataConfig(name="fashion-mnist", shortcut="swatch"))
     assert aug == {"augment": True, "crop_padding": 4, "hflip": False, "hflip_from": "data.shortcut: flips would move the artefact"}
-    assert DataConfig(name="fashion-mnist", shortcut="swatch", hflip=True).augmentation()["hflip"] is True  # explicit wins
+    assert augmentation(DataConfig(name="fashion-mnist", shortcut="swatch", hflip=True))["hflip"] is True  # explicit wins
 
 
 # ----------------------------------------------------------------------------- config and CLI
@@ -338,8 +339,8 @@ def test_bad_shortcut_config_exits_2_with_one_line(capsys, args, fragment):
 
 
 def test_make_plan_applies_the_shortcut(tmp_path):
-    pipeline = pytest.importorskip("teachx.orchestration.pipeline")
-    from teachx.interfaces.config import resolve_config
+    pipeline = pytest.importorskip("teachx.runs.pipeline")
+    from teachx.runs.resolve import resolve_config
 
     write_fake_fashion_mnist(tmp_path / "fm")
     cfg = resolve_config(overrides=["data.name=fashion-mnist", f"data.root={tmp_path / 'fm'}", "data.shortcut=swatch",

@@ -16,7 +16,7 @@ from scipy import stats as sps
 from conftest import TEACHX, invoke_study, teachx_env, teachx_main
 
 from teachx.errors import ConfigError
-from teachx.orchestration.study import BASELINE, load_study, run_study
+from teachx.studies.study import BASELINE, load_study, run_study
 from teachx.training.trainer import Trainer
 
 
@@ -229,9 +229,9 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     """Adding an option with a behaviour-keeping default, or a display flag, must not change keys."""
     from dataclasses import replace
 
-    from teachx.interfaces.config import RunConfig
-    from teachx.orchestration.study import _relevant, classifier_key, eval_key, EvalSpec, impactx_key
-    from teachx.utils.config import from_dict
+    from teachx.config.schema import RunConfig
+    from teachx.studies.study import _relevant, classifier_key, eval_key, EvalSpec, impactx_key
+    from teachx.config.loader import from_dict
 
     # the paper's decoder was the default when these keys were first made: a config that names it hashes
     # nothing, so units trained under the old default keep their keys (_KEY_REFERENCE)
@@ -303,7 +303,7 @@ def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
     assert units[rows[("small", "impactx")]["units"][0]]["teacher_unit"] == small_base
     assert rows[("small", "full_data_teacher")]["teacher_test_acc"]["mean"] == units[full_base]["test_acc"]
     # the arm's maps: the full-data teacher explaining the small regime's training images
-    from teachx.orchestration.pipeline import load_classifier, make_plan, map_fn, make_teacher
+    from teachx.runs.pipeline import load_classifier, make_plan, map_fn, make_teacher
 
     small_cfg = spec.config("small", "full_data_teacher", 0)
     plan = make_plan(small_cfg, progress=False)
@@ -333,8 +333,8 @@ def test_arm_with_its_own_baseline_and_control(tmp_path, monkeypatch):
     """Arms whose data differ from the regime's (here: no augmentation) get a baseline of their own, which the
     runner trains first; the plan (and so --status) lists it, and the teacher stays the regime's baseline, as
     teacher.training asks. study.controls pairs such an arm with the lambda=0 arm trained on the same data."""
-    from teachx.orchestration.study import planned_units
-    from teachx.orchestration.study_status import study_status
+    from teachx.studies.study import planned_units
+    from teachx.studies.status import study_status
 
     torch.set_num_threads(1)
     z = make_zip(tmp_path / "tiny.zip")
@@ -367,12 +367,12 @@ def test_arm_with_its_own_baseline_and_control(tmp_path, monkeypatch):
 
 
 def test_teacher_training_and_arm_regimes_errors(tmp_path):
-    from teachx.interfaces.config import resolve_config
+    from teachx.runs.resolve import resolve_config
 
     with pytest.raises(ConfigError, match="data.\\* or train.\\*"):
         resolve_config(overrides=["teacher.training={model.backbone: mobilenet}"])
     with pytest.raises(ConfigError, match="did you mean 'teacher.training.train.epochs'"):
-        from teachx.orchestration.pipeline import teacher_training
+        from teachx.runs.pipeline import teacher_training
 
         teacher_training(resolve_config(overrides=["teacher.training={train.epoch: 3}"]))
     cfg = tmp_path / "s.yaml"
@@ -390,7 +390,7 @@ def test_study_dir_race_with_a_starting_process(tmp_path):
     """A second process may see the first one's study.yaml temp file before the rename: not an error;
     any other content in a directory without study.yaml still is."""
     from teachx.errors import RunDirError
-    from teachx.orchestration.study import StudySpec, prepare_study_dir
+    from teachx.studies.study import StudySpec, prepare_study_dir
 
     spec = StudySpec({}, [0], {"impactx": {}}, {"all": {}})
     out = tmp_path / "s"
@@ -407,8 +407,8 @@ def test_study_dir_race_with_a_starting_process(tmp_path):
 @pytest.mark.slow
 def test_pipeline_trains_the_teacher_with_teacher_training(tmp_path, monkeypatch):
     """`teachx run` path: teacher.training makes a separate teacher trained on the full split."""
-    from teachx.interfaces.config import resolve_config
-    from teachx.orchestration.pipeline import run_pipeline, separate_teacher
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.pipeline import run_pipeline, separate_teacher
 
     torch.set_num_threads(1)
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
@@ -433,7 +433,7 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     import shutil
     import socket
 
-    from teachx.orchestration.study_status import STATES, status_lines, study_status
+    from teachx.studies.status import STATES, status_lines, study_status
 
     out = tmp_path / "out"
     shutil.copytree(study_dir["root"] / "out", out)

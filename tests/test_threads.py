@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from teachx.errors import ConfigError
-from teachx.interfaces.config import resolve_config
+from teachx.runs.resolve import resolve_config
 from teachx.utils.runtime import available_cpus, threads_for
 
 CHILD = r"""

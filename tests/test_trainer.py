@@ -80,7 +80,7 @@ def test_training_learns_and_selects_best(tmp_path):
 
 
 def test_schedules_closed_form():
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.schedule import lr_at
 
     c = TrainConfig(epochs=10, lr=1.0, schedule="cosine")
@@ -99,7 +99,7 @@ def test_tensorboard_logging_writes_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from teachx.models import build_model
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
 
     ds = synthetic_dataset(64, 16)
@@ -120,7 +120,7 @@ def test_channels_last_trains_to_the_same_model(tmp_path, backbone):
     from _train_script import synthetic_dataset
 
     from teachx.models import build_model
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
 
     from teachx.data.base import ImageDataset, Split
@@ -185,7 +185,7 @@ def test_no_validation_split_keeps_the_last_epoch(tmp_path):
     from _train_script import synthetic_dataset
 
     from teachx.models import build_model
-    from teachx.training.config import TrainConfig
+    from teachx.config.train import TrainConfig
     from teachx.training.trainer import ClassifierTask, DataPlan, Trainer
 
     ds = synthetic_dataset(48, 16)

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from teachx.data.base import ImageDataset, Split
-from teachx.data.cache import default_cache_dir
-from teachx.data.sources import DATASETS, DatasetSource, default_data_root
+from teachx.data.sources import DATASETS, DatasetSource, default_data_root, get_source
 
 # Format modules register themselves in DATASETS on import.
 from teachx.data import cifar as _cifar  # noqa: F401,E402
@@ -28,6 +27,7 @@ from teachx.data import stl10 as _stl10  # noqa: F401,E402
 from teachx.data.loading import BatchIterator, train_val_split  # noqa: E402
 from teachx.data.shortcuts import SHORTCUTS, apply_shortcut  # noqa: E402 (registers the decoy-* datasets)
 from teachx.data.transforms import Augment, denormalize, normalize  # noqa: E402
+from teachx.data import options as _options  # noqa: F401,E402 (adds the data.* config checks)
 
 __all__ = [
     "DATASETS",
@@ -39,7 +39,6 @@ __all__ = [
     "Split",
     "apply_shortcut",
     "dataset_status",
-    "default_cache_dir",
     "default_data_root",
     "denormalize",
     "get_source",
@@ -47,18 +46,6 @@ __all__ = [
     "normalize",
     "train_val_split",
 ]
-
-
-def get_source(name: str) -> tuple[DatasetSource, str | None]:
-    """The format object for ``name`` and its argument (the PATH of ``imagefolder:PATH``)."""
-    from teachx.errors import ConfigError
-
-    key, sep, arg = str(name).partition(":")
-    cls = DATASETS.get(key)
-    source = cls()
-    if sep and source.name != "imagefolder":
-        raise ConfigError(f"dataset '{key}' takes no ':' argument (got '{name}'); only imagefolder:PATH does")
-    return source, (arg if sep else None)
 
 
 def load_dataset(

@@ -21,7 +21,6 @@ stored and verified like the others when a decoder returns them; entries without
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from teachx.errors import CorruptionError
+from teachx.utils.cache_admin import cache_root
 from teachx.utils.hashing import hash_json, sha256_file
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
 
@@ -40,16 +40,6 @@ SMALL_FILE_BYTES = 8 << 20
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 #: Arrays an entry may hold or not (entries written before they existed simply lack them).
 _OPTIONAL_ARRAYS = ("train_masks", "test_masks")
-
-
-def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """``cache_dir``, else ``$TEACHX_CACHE``, else ``~/.cache/teachx/cache``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("TEACHX_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "teachx" / "cache"
 
 
 @dataclass
@@ -149,7 +139,7 @@ def cached_decode(
 ) -> Decoded:
     """Return the cached arrays for ``key_material`` (memory-mapped), decoding and saving on a miss."""
     key = hash_json({"cache_format": CACHE_FORMAT, "dataset": name, **key_material})
-    entry = default_cache_dir(cache_dir) / f"{_safe(name)}-{key[:20]}"
+    entry = cache_root(cache_dir) / f"{_safe(name)}-{key[:20]}"
     hit = _load_entry(entry, key)
     if hit is not None:
         return hit

@@ -18,6 +18,7 @@ from teachx.data.cache import Decoded
 from teachx.data.download import Resource
 from teachx.data.sources import DATASETS, DatasetSource
 from teachx.errors import DataError
+from teachx.utils.io import write_bytes_atomic
 
 _UBYTE = 0x08
 _PARTS = ("train-images", "train-labels", "t10k-images", "t10k-labels")
@@ -57,8 +58,6 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None) -> None:
     """Write a uint8 array as idx (gzip when the name ends in .gz); deterministic bytes (gzip mtime 0)."""
-    from teachx.utils.io import write_bytes_atomic
-
     array = np.ascontiguousarray(array, dtype=np.uint8)
     payload = bytes([0, 0, _UBYTE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
     compress = str(path).endswith(".gz") if compress is None else compress

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from teachx.data.base import ImageDataset, Split
-from teachx.data.cache import Decoded, cached_decode, finish
+from teachx.data.cache import Decoded, cached_decode, files_fingerprint, finish
 from teachx.data.download import Resource, download_resource
 from teachx.errors import ConfigError, DataError
 from teachx.registry import Registry
@@ -150,8 +150,6 @@ class DatasetSource:
         return self.to_dataset(decoded, source, arg)
 
     def fingerprint(self, source: Path) -> Any:
-        from teachx.data.cache import files_fingerprint
-
         return files_fingerprint(self.source_files(source))
 
     def to_dataset(self, decoded: Decoded, source: Path, arg: str | None) -> ImageDataset:
@@ -187,3 +185,13 @@ class DatasetSource:
 
 
 TeachxErrorTypes = (DataError, ConfigError, OSError)
+
+
+def get_source(name: str) -> tuple[DatasetSource, str | None]:
+    """The format object for ``name`` and its argument (the PATH of ``imagefolder:PATH``)."""
+    key, sep, arg = str(name).partition(":")
+    cls = DATASETS.get(key)
+    source = cls()
+    if sep and source.name != "imagefolder":
+        raise ConfigError(f"dataset '{key}' takes no ':' argument (got '{name}'); only imagefolder:PATH does")
+    return source, (arg if sep else None)

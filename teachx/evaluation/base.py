@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from teachx.errors import ConfigError
-from teachx.registry import Registry
+from teachx.registry import MEASURES, Measure, Registry
 
 ExplainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``explain_fn(model, inputs, targets) -> maps``: re-explains (e.g. a randomised model)."""
@@ -141,33 +141,6 @@ class Metric:
 
 
 METRICS: Registry[type[Metric]] = Registry("metric")
-
-
-@dataclass(frozen=True)
-class Measure:
-    """A number reports show, with one plain sentence on what it measures and which direction is better
-    (``higher_is_better`` None: neither, e.g. a reference level)."""
-
-    name: str
-    description: str
-    higher_is_better: Optional[bool]
-
-    @property
-    def direction(self) -> str:
-        return {True: "Higher is better.", False: "Lower is better."}.get(self.higher_is_better, "It is a reference, not a score.")
-
-    def sentence(self) -> str:
-        return f"{self.description} {self.direction}"
-
-
-#: the measures that are not ``Metric`` classes (accuracy, map agreement, ...), declared where each is computed
-MEASURES: dict[str, Measure] = {}
-
-
-def declare_measure(name: str, description: str, higher_is_better: Optional[bool]) -> Measure:
-    """Declare a reported number next to its definition (see :class:`Measure`)."""
-    MEASURES[name] = Measure(name, description, higher_is_better)
-    return MEASURES[name]
 
 
 def measure(name: str) -> Measure:

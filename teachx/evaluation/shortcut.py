@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from teachx.errors import ConfigError
-from teachx.evaluation.base import METRICS, ExplainFn, Metric, MetricResult, declare_measure, eval_mode
+from teachx.evaluation.base import METRICS, ExplainFn, Metric, MetricResult, eval_mode
+from teachx.registry import declare_measure
+from teachx.teachers import build
 from teachx.teachers.base import Teacher
 
 
@@ -80,8 +82,6 @@ def artefact_share(
     ``{method: mean score, ..., "area": mean mask area}`` -- ``area`` is the chance level (a map
     with equal mass everywhere scores it).
     """
-    from teachx.teachers import build
-
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ConfigError(f"x must be an image batch (N, C, H, W), got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
     n, _, h, w = x.shape

@@ -134,11 +134,11 @@ def any_model_from_spec(spec: dict[str, Any]) -> nn.Module:
     """Rebuild any teachx model from its ``model_spec``: IMPACTX, ABN or a plain backbone."""
     name = spec.get("name") if isinstance(spec, dict) else None
     if name == "impactx":
-        from teachx.models.impactx import impactx_from_spec
+        from teachx.models.impactx import impactx_from_spec  # here: models.impactx builds on this module
 
         return impactx_from_spec(spec)
     if name == "abn":
-        from teachx.models.abn import abn_from_spec
+        from teachx.models.abn import abn_from_spec  # here: models.abn builds on this module
 
         return abn_from_spec(spec)
     return build_from_spec(spec)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from teachx.errors import CheckpointError, ConfigError
+from teachx.models import build_model
+from teachx.models._common import image_hw, output_in_eval_mode
 from teachx.models.base import Backbone
 from teachx.models.layers import Add, Mul, conv_bn, init_weights
 
@@ -154,8 +156,6 @@ class ABN(nn.Module):
     @torch.no_grad()
     def output_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         """Perception logits in eval mode without gradients; the training mode is restored afterwards."""
-        from teachx.models._common import output_in_eval_mode
-
         return output_in_eval_mode(self, x)
 
 
@@ -172,9 +172,6 @@ def build_abn(
     """Build ABN on backbone ``backbone`` (random init from torch's global generator: the backbone
     first, then the attention branch); the model's ``spec`` rebuilds it, with the split level, the
     width and the backbone's options resolved, so a later change of the defaults keeps old checkpoints."""
-    from teachx.models import build_model
-    from teachx.models._common import image_hw
-
     hw = image_hw(image_size)
     net = build_model(backbone, in_channels, num_classes, hw, **dict(backbone_options or {}))
     bspec = net.spec or {}

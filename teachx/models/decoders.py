@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teachx.config.schema import ImpactxConfig, add_hook
 from teachx.errors import ConfigError
 from teachx.registry import Registry
 
@@ -384,3 +385,30 @@ def per_class_error(name: str) -> str:
 def reads_m_error(name: str) -> str:
     pyramid = [n for n in DECODERS.names() if DECODERS.get(n).needs_pyramid]
     return f"impactx.decoder_reads_m=true needs a decoder that reads feature pyramids ({', '.join(pyramid)}), not '{name}'"
+
+
+def _resolve_config_design(ic: ImpactxConfig) -> None:
+    """The ``impactx.design`` hook of the config: impactx.* design keys left None get the decoder's recommendation."""
+    try:
+        design = resolve_design(ic.decoder, ic.per_class, ic.map_loss, ic.decoder_width, ic.decoder_reads_m,
+                                separate_lep=ic.lep_backbone is not None)
+    except ConfigError:
+        return  # an unknown decoder: validation names the valid ones
+    ic.per_class, ic.map_loss = design["per_class"], design["map_loss"]
+    ic.decoder_width, ic.decoder_reads_m = design["decoder_width"], design["decoder_reads_m"]
+
+
+def _check_config_decoder(ic: ImpactxConfig) -> None:
+    """The ``impactx.validate`` hook of the config: impactx.decoder is registered and can do what is asked."""
+    try:
+        decoder = DECODERS.canonical(ic.decoder)
+    except ConfigError as exc:
+        raise ConfigError(f"impactx.decoder: {exc}") from None
+    if ic.per_class and not DECODERS.get(decoder).supports_per_class:
+        raise ConfigError(per_class_error(decoder))
+    if ic.decoder_reads_m and not DECODERS.get(decoder).needs_pyramid:
+        raise ConfigError(reads_m_error(decoder))
+
+
+add_hook("impactx.design", _resolve_config_design)
+add_hook("impactx.validate", _check_config_decoder)

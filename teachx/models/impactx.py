@@ -30,6 +30,8 @@ from torch import nn
 from teachx.errors import ConfigError
 from teachx.models.base import Backbone
 from teachx.models.decoders import DECODERS, Decoder, DecoderSpec, MapDecoder, build_decoder, reads_m_error, resolve_design  # noqa: F401  (MapDecoder: public name)
+from teachx.models import build_model
+from teachx.models._common import output_in_eval_mode
 
 
 class ImpactX(nn.Module):
@@ -173,8 +175,6 @@ class ImpactX(nn.Module):
     def output_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         """Logits in eval mode without gradients (a value function for training objectives that
         query the model on perturbed inputs); the training mode is restored afterwards."""
-        from teachx.models._common import output_in_eval_mode
-
         return output_in_eval_mode(self, x)
 
     def state_dict_for_training(self) -> dict[str, torch.Tensor]:
@@ -205,8 +205,6 @@ def build_impactx(
     per class; ``decoder="paper"`` is the paper's, and ``per_class`` / ``decoder_width`` /
     ``decoder_reads_m`` left None follow the decoder's ``recommended`` setting. Specs written before ``decoder``/``per_class``/``additive_reference``
     existed lack those keys and rebuild the paper's decoder, as they were trained with."""
-    from teachx.models import build_model
-
     design = resolve_design(decoder, per_class, None, decoder_width, decoder_reads_m, separate_lep=(lep_backbone or backbone) != backbone)
     per_class, decoder_width, decoder_reads_m = design["per_class"], design["decoder_width"], design["decoder_reads_m"]
 

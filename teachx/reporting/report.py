@@ -19,8 +19,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+import teachx.evaluation.shortcut  # noqa: F401  (the modules that declare the measures reports show)
+import teachx.runs.builtin_eval  # noqa: F401
 from teachx.errors import RunDirError
-from teachx.utils.io import write_bytes_atomic, write_text_atomic
+from teachx.evaluation.base import measure
+from teachx.runs import figures
+from teachx.runs.figures import VAL_LOSS_LABEL
+from teachx.runs.pipeline import run_dir_fix
+from teachx.runs.rundir import run_config_hash, saved_run_config
+from teachx.utils.io import read_trusted_json, write_bytes_atomic, write_text_atomic
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;color:#222;line-height:1.4}
@@ -60,11 +67,6 @@ class _Doc:
     def measures(self, names: Sequence[str]) -> None:
         """One plain sentence per measure shown above: what it measures and which direction is better
         (the sentences live with each measure's definition, ``teachx.evaluation.base.measure``)."""
-        import teachx.evaluation.shortcut  # noqa: F401  (the modules that declare the measures reports show)
-        import teachx.orchestration.builtin_eval  # noqa: F401
-        import teachx.orchestration.pipeline  # noqa: F401
-        from teachx.evaluation.base import measure
-
         items = [(n, measure(n).sentence()) for n in names]
         self.html.append("<ul class=note>" + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(s)}</li>" for n, s in items) + "</ul>")
         self.md.append("".join(f"- **{n}**: {s}\n" for n, s in items))
@@ -125,9 +127,7 @@ def _ci(lo: Optional[float], hi: Optional[float], signed: bool = False) -> str:
 # -- figures -----------------------------------------------------------------------------------------
 
 def _plt():
-    from teachx.reporting.figures import _plt as plt
-
-    return plt()
+    return figures._plt()
 
 
 def _png(fig, dpi: int = 90) -> bytes:
@@ -146,8 +146,6 @@ def curves_figure(histories: dict[str, list[list[dict[str, Any]]]], title: str =
 def _curves(histories: dict[str, list[list[dict[str, Any]]]], title: str):
     """The figure of :func:`curves_figure`. Validation loss is cross-entropy alone for every arm; an arm
     without a validation split shows its training values instead, dashed and named so in the legend."""
-    from teachx.reporting.figures import VAL_LOSS_LABEL
-
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     fallback = False
@@ -270,8 +268,6 @@ def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> O
     """Input | teacher map | built-in map | post-hoc teacher map on IMPACTX (symmetric colour scales, colorbars)."""
     import torch
 
-    from teachx.reporting.figures import example_grid_png
-
     if not npz.exists():
         return None
     with np.load(npz) as z:
@@ -281,7 +277,7 @@ def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> O
         columns["teacher post hoc on IMPACTX"] = torch.from_numpy(arrays["post_hoc"])
     names = list(class_names or [])
     labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(arrays["index"], arrays["labels"])]
-    return example_grid_png(torch.from_numpy(arrays["images"]), columns, labels, dpi=70)
+    return figures.example_grid_png(torch.from_numpy(arrays["images"]), columns, labels, dpi=70)
 
 
 def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optional[Sequence[str]] = None) -> Optional[bytes]:
@@ -293,8 +289,6 @@ def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optiona
     teachers made the same maps share one teacher column.
     """
     import torch
-
-    from teachx.reporting.figures import example_grid_png
 
     loaded = []
     for arm, npz in cells:
@@ -318,7 +312,7 @@ def arms_examples_figure(cells: Sequence[tuple[str, Path]], class_names: Optiona
         columns[f"built-in:\n{arm}"] = torch.from_numpy(arrays["built_in"])
     names = list(class_names or [])
     labels = [f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(first["index"], first["labels"])]
-    return example_grid_png(torch.from_numpy(first["images"]), columns, labels, dpi=70)
+    return figures.example_grid_png(torch.from_numpy(first["images"]), columns, labels, dpi=70)
 
 
 # -- reports -------------------------------------------------------------------------------------------
@@ -371,9 +365,6 @@ def _refuse_foreign(html_path: Path, md_path: Path, figures: list[Path]) -> None
 
 def _read_json(p: Path) -> Any:
     """A record the report is built from, verified against its digest (records without one are legacy)."""
-    from teachx.orchestration.pipeline import run_dir_fix
-    from teachx.utils.io import read_trusted_json
-
     fix = run_dir_fix(p) or (
         "re-run the same `teachx study` command (complete units are skipped; it writes study.json again)" if p.name == "study.json"
         else "re-run the command that made this directory (finished stages are skipped; it writes the file again)")
@@ -447,8 +438,6 @@ def _per_class(doc: _Doc, d: Path, res: dict[str, Any]) -> None:
 
 
 def _run_report(d: Path) -> _Doc:
-    from teachx.orchestration.rundir import run_config_hash, saved_run_config
-
     res = _read_json(d / "results.json")
     bound = run_config_hash(d)
     if bound is not None and res.get("config_hash", bound) != bound:  # results.json without a hash: an older teachx's

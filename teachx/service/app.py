@@ -51,6 +51,7 @@ from teachx.service.schemas import (
     TeachersResponse,
     UploadResponse,
 )
+from teachx.teachers import TEACHERS
 
 STATIC = Path(__file__).parent / "static"
 API = "/api/v1"
@@ -246,8 +247,6 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
 
     @app.get(f"{API}/teachers", response_model=TeachersResponse)
     def teachers():
-        from teachx.teachers import TEACHERS
-
         out = []
         for name in TEACHERS.names():
             doc = (TEACHERS.get(name).__doc__ or "").strip().splitlines()

@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from teachx.errors import DataError, TeachxError
+from teachx.models import BUILT_IN_MAP_MODELS
+from teachx.runs.pipeline import STAGES, stage_checkpoint, stage_done
+from teachx.runs.rundir import saved_run_config
+from teachx.studies.status import epochs_timed
+from teachx.studies.study import BASELINE, load_study_dir, unit_names
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json
 
 def _stages() -> tuple[str, ...]:
-    """The stage directories of a run (``teachx.orchestration.pipeline.STAGES``): baseline, teacher and
+    """The stage directories of a run (``teachx.runs.pipeline.STAGES``): baseline, teacher and
     the method stage, named after the training method."""
-    from teachx.orchestration.pipeline import STAGES
-
     return STAGES
 
 
@@ -69,8 +72,6 @@ def _record(path: Path, what: str) -> dict[str, Any]:
 def _checkpoint(stage_dir: Path, record: dict[str, Any]) -> Path:
     """The stage's own checkpoint, even when the folder was moved or copied (never the file its
     record names in another folder)."""
-    from teachx.orchestration.pipeline import stage_checkpoint
-
     return stage_checkpoint(stage_dir, record)
 
 
@@ -100,8 +101,6 @@ def discover(paths: list[str | Path]) -> list[RunEntry]:
 def default_model(runs: list[RunEntry]) -> Optional[str]:
     """The model a viewer opens on: the first usable one with built-in maps (IMPACTX, ABN), which is what
     people come to see, else the first usable one, else the first; None when there are none."""
-    from teachx.models import BUILT_IN_MAP_MODELS
-
     models = [m for r in runs for m in r.models]
     usable = [m for m in models if not m.error]
     pick = next((m for m in usable if m.kind in BUILT_IN_MAP_MODELS), None) or next(iter(usable or models), None)
@@ -109,8 +108,6 @@ def default_model(runs: list[RunEntry]) -> Optional[str]:
 
 
 def _run(rid: str, path: Path) -> RunEntry:
-    from teachx.orchestration.rundir import saved_run_config
-
     run = RunEntry(rid, path, "run")
     try:
         config = saved_run_config(path)[1]
@@ -140,13 +137,10 @@ def _run(rid: str, path: Path) -> RunEntry:
 
 def _fill_from_stage(entry: ModelEntry, d: Path) -> None:
     if not (d / "stage.json").exists():
-        from teachx.orchestration.study_status import epochs_timed
-
         done = epochs_timed(d)[0]
         progress = f" ({done} epoch{'s' if done != 1 else ''} trained so far)" if done else ""
         entry.error = f"'{d}' has no stage.json: this model is not trained yet{progress} (re-run the command that makes it)"
         return
-    from teachx.orchestration.pipeline import stage_done
 
     try:
         rec = stage_done(d) or {}
@@ -176,7 +170,6 @@ def _study(rid: str, path: Path) -> RunEntry:
     units = sorted((path / "units").iterdir()) if (path / "units").is_dir() else []
     if any(d.is_dir() and d.name not in names for d in units) and (path / "study.yaml").is_file():
         try:  # an unfinished study (or units of a newer spec): name them from the recorded spec
-            from teachx.orchestration.study import load_study_dir, unit_names
 
             spec = load_study_dir(path)
             for key, where in unit_names(spec).items():
@@ -210,7 +203,5 @@ def _study(rid: str, path: Path) -> RunEntry:
             entry.info.update(method.model_info(entry.config))
         _fill_from_stage(entry, d)
         run.models.append(entry)
-    from teachx.orchestration.study import BASELINE
-
     run.models.sort(key=lambda m: (m.info.get("regime", ""), m.role != BASELINE, m.info.get("arm", m.role), m.info.get("seed", 0), m.name))
     return run

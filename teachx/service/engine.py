@@ -41,12 +41,26 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from teachx.config.loader import from_dict
+from teachx.config.schema import RunConfig
+from teachx.data.transforms import normalize
 from teachx.errors import TeachxError
-from teachx.models import BUILT_IN_MAP_MODELS, shared_map_text
+from teachx.evaluation import build_metric, map_agreement
+from teachx.evaluation.base import trapezoid_auc
+from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec, shared_map_text
+from teachx.runs.explain import conform_image
+from teachx.runs.pipeline import make_plan, map_recipe
+from teachx.runs.teacher import as_nchw, make_teacher
 from teachx.service.batching import Coalescer
-from teachx.service.cache import ArrayCache
+from teachx.service.cache import ArrayCache, cache_key
 from teachx.service.catalog import ModelEntry, RunEntry, discover
+from teachx.teachers import TEACHERS, build
+from teachx.teachers.postprocess import postprocess
+from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.map_losses import INVARIANCE, MAP_LOSSES, comparable
+from teachx.utils.cache_admin import cache_root
+from teachx.utils.hashing import hash_json, sha256_file
+import teachx
 
 AGREEMENT = ("spearman", "pearson", "cosine", "top_k_intersection")
 SORT_KEYS = ("index", "confidence", "true_prob", "agreement", "morf_auc")
@@ -102,7 +116,6 @@ def teachx_version() -> str:
 
         return version("teachx")
     except Exception:  # not installed as a distribution (source tree)
-        import teachx
 
         return teachx.__version__
 
@@ -157,8 +170,6 @@ class Loaded:
     @functools.cached_property
     def data_key(self) -> str:
         """Models whose data config is the same share one loaded test split."""
-        from teachx.utils.hashing import hash_json
-
         return hash_json(self.cfg.to_dict()["data"])
 
 
@@ -181,12 +192,10 @@ class Service:
 
     def __init__(self, paths: list[str | Path], cache_dir: Optional[str | Path] = None, device: str = "cpu",
                  steps: int = 16, batch_size: int = 256, log: Callable[[str], None] = lambda _m: None):
-        from teachx.orchestration.pipeline import default_cache_dir
-
         self.runs: list[RunEntry] = discover(paths)
         self.entries: dict[str, ModelEntry] = {m.id: m for r in self.runs for m in r.models}
         self.run_of: dict[str, RunEntry] = {m.id: r for r in self.runs for m in r.models}
-        self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir() / "serve"
+        self.cache_root = Path(cache_dir) if cache_dir else cache_root() / "serve"
         self.device = torch.device(device)
         self.steps = int(steps)
         self.batch_size = int(batch_size)
@@ -241,12 +250,6 @@ class Service:
             return lm
 
     def _load(self, e: ModelEntry) -> Loaded:
-        from teachx.interfaces.config import RunConfig
-        from teachx.models import any_model_from_spec
-        from teachx.training.checkpoint import load_checkpoint, load_state_into
-        from teachx.utils.config import from_dict
-        from teachx.utils.hashing import sha256_file
-
         cfg = from_dict(RunConfig, e.config)
         ck = load_checkpoint(e.checkpoint)
         spec = ck.meta.get("model_spec") or {}
@@ -286,8 +289,6 @@ class Service:
             return d
 
     def _load_data(self, lm: Loaded) -> Data:
-        from teachx.orchestration.pipeline import make_plan
-
         plan = make_plan(lm.cfg, progress=False)
         ds = plan.dataset
         if ds.channels != lm.channels or tuple(ds.image_size) != lm.image_size:
@@ -324,8 +325,6 @@ class Service:
     # -- caches -----------------------------------------------------------------------------------
 
     def _cache(self, material: dict[str, Any], n: int, fields: dict[str, tuple[tuple[int, ...], str]]) -> ArrayCache:
-        from teachx.service.cache import cache_key
-
         key = cache_key(material)
         c = self._caches.get(key)
         if c is None:
@@ -337,8 +336,6 @@ class Service:
         return c
 
     def _morf(self):
-        from teachx.evaluation import build_metric
-
         return build_metric("pixel_flipping_morf", steps=self.steps)
 
     def view_cache(self, lm: Loaded) -> ArrayCache:
@@ -372,9 +369,6 @@ class Service:
 
     def _teacher(self, lm: Loaded, method: str):
         """(teacher, its config) for a registered method applied to this model."""
-        from teachx.orchestration.pipeline import make_teacher
-        from teachx.teachers import TEACHERS, build
-
         try:
             name = TEACHERS.canonical(method)
         except TeachxError as exc:
@@ -403,8 +397,6 @@ class Service:
         return self._methods[key]
 
     def _method_cache(self, lm: Loaded, method: str, target: str) -> tuple[ArrayCache, Any, Any]:
-        from teachx.orchestration.pipeline import map_recipe
-
         teacher, tcfg = self._teacher(lm, method)
         tcfg = replace(tcfg, target=target)
         d = self.data(lm)
@@ -417,9 +409,6 @@ class Service:
     # -- computing rows ---------------------------------------------------------------------------
 
     def _x(self, lm: Loaded, images_u8: np.ndarray) -> torch.Tensor:
-        from teachx.data.transforms import normalize
-        from teachx.orchestration.pipeline import as_nchw
-
         return normalize(as_nchw(images_u8).to(lm.device), lm.mean, lm.std)
 
     def _fill(self, cache: ArrayCache, max_batch: int, indices: np.ndarray, missing: Callable[[np.ndarray], np.ndarray],
@@ -470,8 +459,6 @@ class Service:
         return torch.from_numpy(cache.get("probs", idx).argmax(1)).long().to(lm.device)
 
     def _attribute(self, lm: Loaded, teacher, tcfg, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from teachx.teachers.postprocess import postprocess
-
         try:
             with lm.lock:
                 raw = teacher.attribute(lm.model, x, target)
@@ -506,8 +493,6 @@ class Service:
 
     def _auc(self, curves: np.ndarray) -> np.ndarray:
         """Pixel-flipping AUCs of cached (K, steps + 1) curves, as the metric computes them."""
-        from teachx.evaluation.base import trapezoid_auc
-
         xs = torch.linspace(0.0, 1.0, self.steps + 1, dtype=torch.float64)
         return trapezoid_auc(torch.from_numpy(np.asarray(curves)).double(), xs).numpy()
 
@@ -517,8 +502,6 @@ class Service:
     def fill_metrics(self, lm: Loaded, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None) -> None:
         """Pixel-flipping curves of the primary map and (IMPACTX) built-in vs teacher agreement, all of the
         predicted class: the curve ranks pixels by its map and tracks its probability."""
-        from teachx.evaluation import map_agreement
-
         cache = self.view_cache(lm)
         d = self.data(lm)
         todo = np.union1d(cache.missing("morf", indices), cache.missing("agreement", indices) if lm.impactx else [])
@@ -692,15 +675,11 @@ class Service:
         return Explained(c, lm.class_names[c], choice, predicted, label)
 
     def map_names(self, lm: Loaded) -> list[str]:
-        from teachx.teachers import TEACHERS
-
         return (["built_in", "difference"] if lm.impactx else []) + ["teacher", *TEACHERS.names()]
 
     def map(self, model_id: str, index: int, name: str, cls: Optional[str | int] = None) -> tuple[np.ndarray, dict[str, Any]]:
         """(C, H, W) float32 map ``name`` of test image ``index``, and its provenance; ``cls`` picks the class
         it explains (:meth:`explained`: default the predicted class)."""
-        from teachx.teachers import TEACHERS
-
         lm = self.loaded(model_id)
         self.check_index(lm, index)
         if name in ("built_in", "difference") and not lm.impactx:
@@ -778,9 +757,6 @@ class Service:
         """Pixel-flipping (MoRF) curve of one map of one image and built-in vs teacher agreement, all for the
         class ``cls`` names (:meth:`explained`): the curve ranks pixels by that class's map and tracks that
         class's probability."""
-        from teachx.evaluation import map_agreement
-        from teachx.evaluation.base import trapezoid_auc
-
         lm = self.loaded(model_id)
         d = self.check_index(lm, index)
         map_name = map_name or self.primary_map(lm)
@@ -830,8 +806,6 @@ class Service:
     def decode_upload(self, lm: Loaded, data: bytes) -> tuple[np.ndarray, str]:
         """uint8 (H, W, C) image as the model takes it, and a notice of what was changed (colours, size)."""
         from PIL import Image, UnidentifiedImageError
-
-        from teachx.interfaces.explain import conform_image
 
         if not data:
             raise BadUpload("the upload is empty; send a PNG or JPEG file", 400)

@@ -14,6 +14,7 @@ import threading
 from typing import Optional
 
 import numpy as np
+from teachx.runs import figures
 
 
 def symmetric_vmax(values: np.ndarray) -> float:
@@ -68,8 +69,6 @@ _FIGURE_LOCK = threading.Lock()
 def grid_png(images: np.ndarray, columns: dict[str, np.ndarray], labels: list[str]) -> bytes:
     """(K, H, W, C) uint8 inputs and (K, C, H, W) maps per column -> the report's example grid as PNG bytes."""
     import torch
-
-    from teachx.reporting import figures
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     with _FIGURE_LOCK:

@@ -20,7 +20,7 @@ The key is a hash of everything that changes the maps, so a store is reused acro
 and never used for another teacher, dataset or model. A store whose files are missing, truncated or
 whose meta does not match its key is reported and rebuilt, never silently used.
 
-Distributed generation (several processes on one node, see :mod:`teachx.training.distributed`):
+Distributed generation (several processes on one node, see :mod:`teachx.utils.distributed`):
 ``open_store`` and ``fill_store`` are then collective calls. Rank 0 alone checks, rebuilds or creates
 the files, then a barrier lets the others open them. ``fill_store`` deals the batches of missing
 rows round-robin to the ranks -- rank r computes batches r, r + W, r + 2W, ... of the
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from teachx.errors import CorruptionError, DataError
-from teachx.training import distributed as dist_utils
+from teachx.utils import distributed as dist_utils
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
 from teachx.utils.runtime import tune_cpu_allocator

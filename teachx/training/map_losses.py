@@ -42,8 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from teachx.config.schema import ImpactxConfig, add_hook
 from teachx.errors import ConfigError
 from teachx.registry import Registry
+from teachx.teachers.postprocess import normalize_maps
 
 MapLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MAP_LOSSES: Registry[MapLossFn] = Registry("map loss")
@@ -146,8 +148,6 @@ def comparable(maps: np.ndarray, invariance: str) -> np.ndarray:
     """``maps`` (one image's map, any shape) with what its loss leaves free removed: unchanged for
     "none", divided by max abs(value) for "scale" (sign and zero kept, like ``teacher.normalize=maxabs``),
     z-scored for "affine". A map that is zero where it would be divided stays zero."""
-    from teachx.teachers.postprocess import normalize_maps
-
     m = np.asarray(maps, dtype=np.float32)
     if invariance == "none":
         return m
@@ -183,3 +183,14 @@ class MapLoss:
 
     def __repr__(self) -> str:
         return f"MapLoss({self.name!r}, pool={self.pool})"
+
+
+def _check_config_map_loss(ic: ImpactxConfig) -> None:
+    """The ``impactx.validate`` hook of the config: impactx.map_loss is a registered map loss."""
+    try:
+        MAP_LOSSES.canonical(ic.map_loss)
+    except ConfigError as exc:
+        raise ConfigError(f"impactx.map_loss: {exc}") from None
+
+
+add_hook("impactx.validate", _check_config_map_loss)

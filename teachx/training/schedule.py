@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from teachx.training.config import TrainConfig
+from teachx.config.train import TrainConfig
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:

@@ -23,7 +23,7 @@ import torch
 
 from teachx.models.impactx import ImpactX
 from teachx.teachers.store import MapStore, fill_store, open_store
-from teachx.training import distributed as dist_utils
+from teachx.utils import distributed as dist_utils
 from teachx.training.impactx import ImpactxTask, MapSource
 from teachx.utils.hashing import hash_state_dict
 from teachx.utils.io import read_trusted_json, write_json_atomic

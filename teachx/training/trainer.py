@@ -10,7 +10,7 @@ every epoch. A run killed at any point and restarted therefore replays the inter
 exactly and ends with the same weights as an uninterrupted run (on CPU).
 
 Distributed data parallel (one process per device, started by ``torchrun``; see
-:mod:`teachx.training.distributed`): when a process group with world size W > 1 is up, ``fit`` is a
+:mod:`teachx.utils.distributed`): when a process group with world size W > 1 is up, ``fit`` is a
 collective call (every rank calls it) and
 
 - each rank trains on ``batch_size // W`` samples per step, so the *global* batch -- and with it
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from teachx.evaluation.base import declare_measure
+from teachx.registry import declare_measure
 from torch import nn
 
 from teachx.data.base import ImageDataset, Split
@@ -64,8 +64,8 @@ from teachx.training.checkpoint import (
     optimizer_to_flat,
     save_checkpoint,
 )
-from teachx.training import distributed as dist_utils
-from teachx.training.config import TrainConfig
+from teachx.utils import distributed as dist_utils
+from teachx.config.train import TrainConfig
 from teachx.training.schedule import lr_at
 from teachx.utils.io import write_json_atomic
 from teachx.utils.runtime import adapt_threads, configure_threads, tune_cpu_allocator

@@ -37,11 +37,16 @@ _DATA_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_
 _TMP = re.compile(r"^\..+\.tmp$")  # teachx.utils.io.atomic_path leftovers of an interrupted write
 
 
-def cache_root() -> Path:
-    """``$TEACHX_CACHE``, else ``~/.cache/teachx/cache``: decoded data and (under ``maps/``) teacher maps."""
-    from teachx.data.cache import default_cache_dir
-
-    return default_cache_dir()
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The one cache root: ``cache_dir``, else ``$TEACHX_CACHE``, else ``~/.cache/teachx/cache``. Decoded
+    datasets live there, teacher-map stores under ``maps/``, the service's arrays under ``serve/``;
+    `teachx cache list|clean` shows and cleans it."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("TEACHX_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "teachx" / "cache"
 
 
 @dataclass

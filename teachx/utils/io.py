@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from teachx.errors import OutputError
+from teachx.errors import CorruptionError, OutputError
+from teachx.utils.locking import process_alive
 
 #: temp files are named ``.<name>.<host>-<pid>.<random>.tmp``: a later process can tell that the
 #: writer (on this host) is gone and remove what it left behind (see :func:`sweep_stale_temps`)
@@ -99,8 +100,6 @@ def sweep_stale_temps(root: str | os.PathLike, recursive: bool = True) -> list[P
     """Remove the temporary files that writers on this host left when they were killed (their
     process is gone); returns them. Temp files of live processes, other hosts or other programs
     are never touched."""
-    from teachx.utils.locking import process_alive
-
     root = Path(root)
     removed: list[Path] = []
     if not root.is_dir():
@@ -169,8 +168,6 @@ def read_trusted_json(path: str | os.PathLike, fix: str, what: str = "file") -> 
     unless a top-level value still looks like a digest (one flipped byte in the key ``"digest"``
     must not turn a current record into a 'legacy' one). A missing file raises ``OSError`` as usual.
     """
-    from teachx.errors import CorruptionError
-
     raw = Path(path).read_bytes()
     try:
         obj = json.loads(raw)

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from teachx.errors import ConfigError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -129,8 +130,6 @@ def configure_threads(requested: int | None = None) -> int:
         try:
             requested = int(os.environ["TEACHX_THREADS"])
         except ValueError:
-            from teachx.errors import ConfigError
-
             raise ConfigError(f"TEACHX_THREADS must be a positive integer, got {os.environ['TEACHX_THREADS']!r}") from None
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
@@ -141,8 +140,6 @@ def configure_threads(requested: int | None = None) -> int:
     else:
         n = requested
     if n < 1:
-        from teachx.errors import ConfigError
-
         raise ConfigError(f"the thread count must be >= 1, got {n} (train.threads or TEACHX_THREADS)")
     torch.set_num_threads(n)
     return n

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import MethodTask, METHODS, MethodContext, Option, TrainingMethod
+from teachx.models import build_model
+from teachx.models.abn import build_abn, resolve_split
+from teachx.training.methods.base import METHODS, MethodContext, MethodTask, Option, TrainingMethod
 
 
 class ABNTask(MethodTask):
@@ -59,17 +61,12 @@ class ABN(TrainingMethod):
         """Refuse a split the backbone cannot be cut at, before anything is trained (builds the
         backbone once, leaving torch's global generator as it was)."""
         super().check_data(plan)
-        from teachx.models import build_model
-        from teachx.models.abn import resolve_split
-
         ds = plan.dataset
         with torch.random.fork_rng(devices=[]):
             net = build_model(self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size, **self.cfg.model.options)
         resolve_split(net, self.opts["split"], self.cfg.model.backbone)
 
     def build_model(self, ctx: MethodContext) -> nn.Module:
-        from teachx.models.abn import build_abn
-
         ds = ctx.plan.dataset
         return build_abn(self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size,
                          backbone_options=self.cfg.model.options, split=self.opts["split"],

@@ -16,19 +16,22 @@ over the training set) and the trained teacher model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, get_type_hints
 
 import numpy as np
 import torch
 from torch import nn
 
+from teachx.config.loader import to_dict
+from teachx.config.schema import MethodConfig, RunConfig, add_hook
 from teachx.errors import ConfigError
+from teachx.models import build_model
 from teachx.registry import Registry, suggest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from teachx.interfaces.config import RunConfig
     from teachx.teachers.store import MapStore
     from teachx.training.trainer import DataPlan, Task
 
@@ -77,7 +80,7 @@ class MethodContext:
     train_maps: Optional["MapStore"] = None  # the teacher's maps of the training split (needs_teacher_maps)
     teacher_model: Optional[nn.Module] = None  # the trained teacher (the baseline by default)
     log: Callable[[str], None] = print
-    # services of the orchestration that runs the method (teachx.orchestration.pipeline supplies them), so that a
+    # services of the orchestration that runs the method (teachx.runs.pipeline supplies them), so that a
     # method never reaches up into it: the class each training-split teacher map explains, and a hook that
     # re-explains the training split with the model being trained (``hook(task, out_dir)``)
     explained_classes: Optional[Callable[[], np.ndarray]] = None
@@ -172,8 +175,6 @@ class TrainingMethod:
     # -- what is trained -------------------------------------------------------------------
     def build_model(self, ctx: MethodContext) -> nn.Module:
         """The model to train (random init from torch's global generator); default: the backbone."""
-        from teachx.models import build_model
-
         ds = ctx.plan.dataset
         return build_model(self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size, **self.cfg.model.options)
 
@@ -327,6 +328,62 @@ def method_stages() -> tuple[str, ...]:
 def build_method(cfg: "RunConfig") -> TrainingMethod:
     """The configured method, its options checked."""
     return METHODS.get(cfg.method.name)(cfg)
+
+
+def _check_config_method(method: MethodConfig) -> None:
+    """The ``method.validate`` hook of the config: method.name is registered, method.options are its options."""
+    try:
+        name = METHODS.canonical(method.name)
+    except ConfigError as exc:
+        raise ConfigError(f"method.name: {exc}") from None
+    METHODS.get(name).resolve_options(method.options)
+
+
+def _check_config_method_sections(cfg: RunConfig) -> None:
+    """The ``run.validate`` hook of the config: a method's own config section (impactx.*) belongs to it: set
+    with another method it would be ignored."""
+    name = METHODS.canonical(cfg.method.name)
+    for owner in METHODS.names():
+        section = METHODS.get(owner).config_section
+        if not section or owner == name:
+            continue
+        values = getattr(cfg, section)
+        changed = [k for k, v in to_dict(values).items() if v != getattr(type(values)(), k)]
+        if changed:
+            raise ConfigError(f"{section}.{changed[0]} is an option of method {owner}, not of '{name}'; remove it "
+                              f"(or set method.name={owner}); {name}'s options go under method.options")
+
+
+def _fold_method_options(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``run.normalize`` hook of the config: ``method.options.KEY`` of a method whose options live in a
+    section of their own (IMPACTX's ``impactx.*``) is that section's KEY, the same option under the spelling
+    every method uses. The config keeps the section's (so saved configs and study unit keys stay as they
+    were); an option given both ways with two values is refused."""
+    method = data.get("method")
+    if not isinstance(method, dict) or not isinstance(method.get("options"), dict) or not method["options"]:
+        return data
+    name = method.get("name", MethodConfig.name)
+    if not isinstance(name, str) or name not in METHODS or not METHODS.get(name).config_section:
+        return data  # another method's options (the method.validate hook checks them), or an unknown name
+    section = METHODS.get(name).config_section
+    own = data.get(section) if data.get(section) is not None else {}
+    if not isinstance(own, dict):
+        return data  # from_dict names the section that is no mapping
+    keys = [f.name for f in dataclasses.fields(get_type_hints(RunConfig)[section])]
+    own = dict(own)
+    for key, value in method["options"].items():
+        if key not in keys:
+            raise ConfigError(unknown_option_message(METHODS.canonical(name), str(key), keys))
+        if key in own and own[key] != value:
+            raise ConfigError(f"{section}.{key} and method.options.{key} are the same option of method "
+                              f"{METHODS.canonical(name)}, set to {own[key]!r} and {value!r}; keep one of them")
+        own[key] = value
+    return {**data, section: own, "method": {**method, "options": {}}}
+
+
+add_hook("method.validate", _check_config_method)
+add_hook("run.validate", _check_config_method_sections)
+add_hook("run.normalize", _fold_method_options)
 
 
 # -- helpers several methods share ----------------------------------------------------------------

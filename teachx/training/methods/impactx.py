@@ -14,6 +14,9 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from teachx.errors import ConfigError
+from teachx.models.impactx import build_impactx
+from teachx.training.impactx import ImpactxTask, MapSource, SelfFaithfulness
+from teachx.training.map_losses import MapLoss, formula
 from teachx.training.methods.base import METHODS, MethodContext, TrainingMethod
 
 
@@ -41,8 +44,6 @@ class Impactx(TrainingMethod):
         return self.cfg.impactx.lam > 0  # with lambda = 0 the decoder is never trained
 
     def build_model(self, ctx: MethodContext) -> nn.Module:
-        from teachx.models.impactx import build_impactx
-
         cfg, ic, ds = self.cfg, self.cfg.impactx, ctx.plan.dataset
         store = ctx.train_maps
         model = build_impactx(
@@ -63,9 +64,6 @@ class Impactx(TrainingMethod):
         return model
 
     def task(self, model: nn.Module, ctx: MethodContext):
-        from teachx.training.impactx import ImpactxTask, MapSource, SelfFaithfulness
-        from teachx.training.map_losses import MapLoss
-
         cfg, ic, plan = self.cfg, self.cfg.impactx, ctx.plan
         source = None
         if ctx.train_maps is not None and ic.lam > 0:
@@ -90,8 +88,6 @@ class Impactx(TrainingMethod):
 
     def training_loss(self) -> str:
         """CE plus the configured map loss (and faithfulness term), e.g. "CE + λ·(1 − Pearson)"."""
-        from teachx.training.map_losses import formula
-
         ic = self.cfg.impactx
         text = "CE" if ic.lam == 0 else f"CE + λ·{formula(ic.map_loss, ic.map_target_pool)}"
         return text + (" + faithfulness term" if ic.faith_weight > 0 else "")

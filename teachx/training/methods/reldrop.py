@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import MethodTask, METHODS, MethodContext, Option, TrainingMethod, raw_model
+from teachx.teachers import build as build_teacher
+from teachx.training.methods.base import METHODS, MethodContext, MethodTask, Option, TrainingMethod, raw_model
 
 
 def normalised_relevance(r: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,6 @@ class RelDrop(TrainingMethod):
         if opts["relevance"] == "teacher":
             return RelDropTask(model, opts["alpha"], opts["beta"], opts["p"], store=ctx.train_maps,
                                label_smoothing=self.cfg.train.label_smoothing)
-        from teachx.teachers import build as build_teacher
 
         options = dict(self.cfg.teacher.options) if self.cfg.teacher.method == "lrp" else {}
         return RelDropTask(model, opts["alpha"], opts["beta"], opts["p"], relevance_of=_SelfRelevance(build_teacher("lrp", **options)),

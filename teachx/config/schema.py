@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union, get_type_hints
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
 
+from teachx.config.loader import to_dict
+from teachx.config.train import TrainConfig
 from teachx.errors import ConfigError
-from teachx.training.config import TrainConfig
-from teachx.utils.config import apply_overrides, from_dict, load_yaml, merge, to_dict
+
+#: Checks and resolutions of a section that need the registries of upper floors (dataset, decoder,
+#: map-loss and method names), by hook name: the floor that owns each registry adds its own when it is
+#: imported (:mod:`teachx.data.options`, :mod:`teachx.models.decoders`, :mod:`teachx.training.map_losses`,
+#: :mod:`teachx.training.methods`), so that the config itself stays on the ground floor.
+#: :func:`teachx.runs.resolve.resolve_config` imports them all before it reads a config.
+HOOKS: dict[str, list[Callable[[Any], None]]] = {}
+
+
+def add_hook(name: str, fn: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Run ``fn(section)`` at hook ``name``: ``data.validate``, ``impactx.design``, ``impactx.validate``,
+    ``method.validate`` or ``run.validate`` (each one once, however often its module is reloaded); at
+    ``run.normalize``, ``fn(data) -> data`` rewrites the raw config mapping before it is read."""
+    hooks = HOOKS.setdefault(name, [])
+    key = (fn.__module__, fn.__qualname__)
+    hooks[:] = [h for h in hooks if (h.__module__, h.__qualname__) != key] + [fn]
+    return fn
+
+
+def _run_hooks(name: str, section: Any) -> None:
+    for fn in HOOKS.get(name, ()):
+        fn(section)
 
 
 @dataclass
@@ -37,75 +60,15 @@ class DataConfig:
     shortcut_seed: int = 0  # with data.shortcut: seed of the artefact's corners (and of its test-split classes)
 
     def validate(self) -> None:
-        self._validate_shortcut()
+        _run_hooks("data.validate", self)  # data.shortcut* and data.image_size, as the data floor reads them
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.train_size is not None and self.train_size < 10:
             raise ConfigError(f"data.train_size must be >= 10, got {self.train_size}")
-        if self.image_size is not None:
-            from teachx.data.imagefolder import parse_size
-
-            parse_size(self.image_size, "data.image_size")
         if self.channels is not None and self.channels not in (1, 3, 4):
             raise ConfigError(f"data.channels must be 1, 3 or 4, got {self.channels}")
         if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
-
-    def _validate_shortcut(self) -> None:
-        from teachx.data.shortcuts import SHORTCUTS, TRAIN_MODES, DecoySource
-
-        if self.shortcut_train not in TRAIN_MODES:
-            raise ConfigError(f"data.shortcut_train must be one of {', '.join(TRAIN_MODES)}, got {self.shortcut_train!r}")
-        if self.shortcut_size < 1:
-            raise ConfigError(f"data.shortcut_size must be >= 1 (pixels), got {self.shortcut_size}")
-        if self.shortcut_seed < 0:
-            raise ConfigError(f"data.shortcut_seed must be >= 0, got {self.shortcut_seed}")
-        if self.shortcut is None:
-            return
-        try:
-            self.shortcut = SHORTCUTS.canonical(self.shortcut)
-        except ConfigError as exc:
-            raise ConfigError(f"data.shortcut: {exc}") from None
-        from teachx.data import get_source
-
-        if isinstance(get_source(self.name)[0], DecoySource):
-            raise ConfigError(f"data.name={self.name} already carries its artefact; drop data.shortcut, or add it to "
-                              f"the plain dataset (data.name={get_source(self.name)[0].base} data.shortcut={self.shortcut})")
-
-    def load_options(self) -> dict[str, Any]:
-        """The data.* keys that are options of the dataset's format, as ``load_dataset`` keywords."""
-        from teachx.data import get_source
-
-        source, _ = get_source(self.name)
-        out = {}
-        for key, option in FORMAT_OPTIONS.items():
-            value = getattr(self, key)
-            if value is None:
-                continue
-            if option not in source.options:
-                raise ConfigError(f"data.{key} applies to imagefolder:PATH data only, not to '{self.name}'; remove it")
-            out[option] = value
-        return out
-
-    def augmentation(self) -> dict[str, Any]:
-        """The training augmentation this section gives, with the dataset's default resolved from the
-        source registry (nothing is loaded): augment, crop_padding, hflip, and where hflip comes from."""
-        from teachx.data import get_source
-
-        if not self.augment:
-            return {"augment": False, "crop_padding": 0, "hflip": False, "hflip_from": "data.augment=false"}
-        if self.hflip is not None:
-            return {"augment": True, "crop_padding": self.crop_padding, "hflip": self.hflip, "hflip_from": "data.hflip"}
-        if self.shortcut is not None:
-            return {"augment": True, "crop_padding": self.crop_padding, "hflip": False,
-                    "hflip_from": "data.shortcut: flips would move the artefact"}
-        source, _ = get_source(self.name)
-        return {"augment": True, "crop_padding": self.crop_padding, "hflip": bool(source.hflip),
-                "hflip_from": f"{source.name}: {source.hflip_reason}"}
-
-
-#: data.* keys that are options of a dataset format (imagefolder), with their ``load_dataset`` names.
-FORMAT_OPTIONS = {"image_size": "size", "channels": "channels", "test_fraction": "test_fraction", "test_seed": "seed"}
 
 
 @dataclass
@@ -191,17 +154,9 @@ class ImpactxConfig:
 
     def resolve_design(self) -> None:
         """Fill per_class / map_loss / decoder_width / decoder_reads_m left unset (None) from the decoder's
-        ``recommended`` setting, so that ``impactx.decoder=paper`` alone is the paper's method and every
-        written config states the values."""
-        from teachx.models.decoders import resolve_design
-
-        try:
-            design = resolve_design(self.decoder, self.per_class, self.map_loss, self.decoder_width, self.decoder_reads_m,
-                                    separate_lep=self.lep_backbone is not None)
-        except ConfigError:
-            return  # an unknown decoder: validate() names the valid ones
-        self.per_class, self.map_loss = design["per_class"], design["map_loss"]
-        self.decoder_width, self.decoder_reads_m = design["decoder_width"], design["decoder_reads_m"]
+        ``recommended`` setting (the hook of :mod:`teachx.models.decoders`), so that ``impactx.decoder=paper``
+        alone is the paper's method and every written config states the values."""
+        _run_hooks("impactx.design", self)
 
     def validate(self) -> None:
         self.resolve_design()
@@ -215,26 +170,9 @@ class ImpactxConfig:
             raise ConfigError(f"impactx.self_teach_every needs impactx.maps=teacher (got maps={self.maps}): self-teaching replaces the teacher's maps")
         if self.m_frozen and self.m_init != "teacher":
             raise ConfigError("impactx.m_frozen=true needs impactx.m_init=teacher (a frozen fresh M would be random)")
-        self._validate_builtin_maps()
-
-    def _validate_builtin_maps(self) -> None:
-        from teachx.models.decoders import DECODERS, per_class_error, reads_m_error
-        from teachx.training.map_losses import MAP_LOSSES
-
-        try:
-            decoder = DECODERS.canonical(self.decoder)
-        except ConfigError as exc:
-            raise ConfigError(f"impactx.decoder: {exc}") from None
-        if self.per_class and not DECODERS.get(decoder).supports_per_class:
-            raise ConfigError(per_class_error(decoder))
-        if self.decoder_reads_m and not DECODERS.get(decoder).needs_pyramid:
-            raise ConfigError(reads_m_error(decoder))
-        try:
-            MAP_LOSSES.canonical(self.map_loss)
-        except ConfigError as exc:
-            raise ConfigError(f"impactx.map_loss: {exc}") from None
+        _run_hooks("impactx.validate", self)  # decoder and map-loss names, as their registries know them
         for key in ("decoder_width", "map_target_pool", "faith_patch", "faith_samples"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:  # None: no decoder hook loaded
                 raise ConfigError(f"impactx.{key} must be an integer >= 1, got {getattr(self, key)}")
         if self.faith_weight < 0:
             raise ConfigError(f"impactx.faith_weight must be >= 0 (0 = off), got {self.faith_weight}")
@@ -248,13 +186,7 @@ class MethodConfig:
     options: dict[str, Any] = field(default_factory=dict)  # the method's options, e.g. {lam: 1000, mask: annotation} for rrr (`teachx methods` lists them)
 
     def validate(self) -> None:
-        from teachx.training.methods import METHODS
-
-        try:
-            name = METHODS.canonical(self.name)
-        except ConfigError as exc:
-            raise ConfigError(f"method.name: {exc}") from None
-        METHODS.get(name).resolve_options(self.options)
+        _run_hooks("method.validate", self)  # the method's name and options (:mod:`teachx.training.methods`)
 
 
 #: (section, key) of options that never change a result (display, logging, where and in what batch
@@ -275,163 +207,33 @@ class RunConfig:
 
     @staticmethod
     def normalize_data(data: dict[str, Any]) -> dict[str, Any]:
-        """``method.options.KEY`` of a method whose options live in a section of their own (IMPACTX's
-        ``impactx.*``) is that section's KEY: the same option under the spelling every method uses. The
-        config keeps the section's (so saved configs and study unit keys stay as they were); an option
-        given both ways with two values is refused."""
-        from teachx.training.methods import METHODS
-        from teachx.training.methods.base import unknown_option_message
-
-        method = data.get("method")
-        if not isinstance(method, dict) or not isinstance(method.get("options"), dict) or not method["options"]:
-            return data
-        name = method.get("name", MethodConfig.name)
-        if not isinstance(name, str) or name not in METHODS or not METHODS.get(name).config_section:
-            return data  # another method's options (MethodConfig.validate checks them), or an unknown name
-        section = METHODS.get(name).config_section
-        own = data.get(section) if data.get(section) is not None else {}
-        if not isinstance(own, dict):
-            return data  # from_dict names the section that is no mapping
-        keys = [f.name for f in dataclasses.fields(get_type_hints(RunConfig)[section])]
-        own = dict(own)
-        for key, value in method["options"].items():
-            if key not in keys:
-                raise ConfigError(unknown_option_message(METHODS.canonical(name), str(key), keys))
-            if key in own and own[key] != value:
-                raise ConfigError(f"{section}.{key} and method.options.{key} are the same option of method {METHODS.canonical(name)}, "
-                                  f"set to {own[key]!r} and {value!r}; keep one of them")
-            own[key] = value
-        return {**data, section: own, "method": {**method, "options": {}}}
+        """The config as read, with other spellings of the same option made one (``run.normalize`` hooks,
+        each ``data -> data``; e.g. :mod:`teachx.training.methods` folds ``method.options.KEY`` of IMPACTX
+        into ``impactx.KEY``)."""
+        for fn in HOOKS.get("run.normalize", ()):
+            data = fn(data)
+        return data
 
     def validate(self) -> None:
-        self._validate_method()
+        _run_hooks("run.validate", self)  # impactx.* set with another method (:mod:`teachx.training.methods`)
         ic = self.impactx
         if ic.per_class and ic.self_teach_every and self.teacher.target == "predicted":
             raise ConfigError("impactx.per_class with impactx.self_teach_every needs teacher.target=label: a refresh would "
                               "explain the training model's predicted classes, which the per-class loss does not track")
 
-    def _validate_method(self) -> None:
-        """A method's own config section (impactx.*) belongs to it: set with another method it would be ignored."""
-        from teachx.training.methods import METHODS
-
-        name = METHODS.canonical(self.method.name)
-        for owner in METHODS.names():
-            section = METHODS.get(owner).config_section
-            if not section or owner == name:
-                continue
-            values = getattr(self, section)
-            changed = [k for k, v in to_dict(values).items() if v != getattr(type(values)(), k)]
-            if changed:
-                raise ConfigError(f"{section}.{changed[0]} is an option of method {owner}, not of '{name}'; remove it "
-                                  f"(or set method.name={owner}); {name}'s options go under method.options")
-
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
-
-
-def resolve_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict[str, Any]] = None) -> RunConfig:
-    """defaults <- base dict <- YAML file <- command-line overrides, validated."""
-    data: dict[str, Any] = dict(base or {})
-    if path:
-        from teachx.interfaces.shipped_configs import find_config
-
-        data = merge(data, load_yaml(find_config(path)))  # a file, or a shipped config's name
-    data = apply_overrides(data, list(overrides or []))
-    if "study" in data:  # a study config (or study.* overrides) given to `teachx run` / `train`
-        raise ConfigError("the study: section (study.* keys) belongs to `teachx study` configs: run a study with "
-                          "`teachx study CONFIG --out DIR` (`teachx config CONFIG` shows it), or drop the study.* keys")
-    cfg = from_dict(RunConfig, data)
-    check_names(cfg)
-    return cfg
 
 
 #: impactx.* keys that null leaves to the decoder (``ImpactxConfig.resolve_design``)
 DECODER_CHOSEN = ("per_class", "map_loss", "decoder_width", "decoder_reads_m")
 
 
-def study_base_config(base: dict[str, Any]) -> RunConfig:
-    """The run config a study's units start from, as `teachx config` shows it: resolved, except the
-    impactx.* keys the base leaves to the decoder, which stay null -- each arm's decoder (impactx.decoder)
-    resolves them, so the printed study reads back as the same study."""
-    cfg = resolve_config(base=base)
-    base = RunConfig.normalize_data(dict(base))  # method.options.KEY of IMPACTX given as its impactx.KEY
-    given = base.get("impactx") if isinstance(base.get("impactx"), dict) else {}
-    for key in DECODER_CHOSEN:
-        if given.get(key) is None:
-            setattr(cfg.impactx, key, None)
-    return cfg
-
-
 def missing_value(arg: str) -> Optional[ConfigError]:
     """The error for a KEY given without =VALUE (``train.epochs``, ``seed``, ``study.n_seeds``) where a
     CONFIG or an override goes: a key of the config (or its study section) that is no file; else None."""
-    import dataclasses
-    from pathlib import Path
-
     parts = arg.split(".")
     sections = {f.name for f in dataclasses.fields(RunConfig)} | {"study"}
     if "=" in arg or Path(arg).expanduser().exists() or parts[0] not in sections or not all(p.isidentifier() for p in parts):
         return None
     return ConfigError(f"'{arg}' has no value; write {arg}=VALUE (no spaces around '=')")
-
-
-def check_names(cfg: RunConfig) -> None:
-    """Fail early (before any directory is made) on unknown dataset, backbone or teacher names."""
-    from teachx.data import get_source
-    from teachx.models import MODELS
-    from teachx.teachers import TEACHERS
-
-    get_source(cfg.data.name)
-    cfg.data.load_options()  # data.image_size and co. only where the dataset's format has them
-    for name in (cfg.model.backbone, cfg.teacher.backbone, cfg.impactx.lep_backbone):
-        if name and ":" not in name:
-            MODELS.canonical(name)
-    TEACHERS.canonical(cfg.teacher.method)
-
-
-def resolved_notes(data: DataConfig) -> dict[str, str]:
-    """data.* values left to the dataset (null), as the dataset resolves them: from the source
-    registry alone, so ``teachx config`` states them without reading any data."""
-    from teachx.data import get_source
-
-    source, _ = get_source(data.name)
-    notes = {}
-    if data.hflip is None:
-        aug = data.augmentation()
-        notes["hflip"] = f"{str(aug['hflip']).lower()} ({aug['hflip_from']})"
-    if "size" in source.options:  # imagefolder: what happens to the user's images
-        defaults = source.options
-        if data.image_size is None:
-            notes["image_size"] = "each image's own size (all images must match)"
-        if data.channels is None:
-            notes["channels"] = ("each image's own channel count (all images must match; an alpha channel is kept as "
-                                 "a channel, palette images count as RGB, 16-bit ones are scaled to 8 bits)")
-        if data.test_fraction is None:
-            notes["test_fraction"] = f"{defaults['test_fraction']} (used only without train/ and test/ folders)"
-        if data.test_seed is None:
-            notes["test_seed"] = f"{defaults['seed']} (used only without train/ and test/ folders)"
-    return notes
-
-
-def annotate_resolved(text: str, cfg: RunConfig) -> str:
-    """The YAML of ``cfg`` with a trailing ``# resolved: ...`` comment on each data.* line left to the dataset.
-
-    The data section is written one key per line (block style) so that each line can carry its note.
-    """
-    import yaml
-
-    notes = resolved_notes(cfg.data)
-    out, section = [], None
-    for line in text.splitlines(keepends=True):
-        if line[:1].strip():
-            section = line.split(":", 1)[0]
-            if section == "data":
-                out.append("data:\n")
-                for key, value in to_dict(cfg.data).items():
-                    flow = yaml.safe_dump(value, default_flow_style=True, width=10**6).rstrip("\n")
-                    flow = flow[: -len("\n...")] if flow.endswith("\n...") else flow  # a bare scalar ends its document
-                    out.append(f"  {key}: {flow}" + (f"  # resolved: {notes[key]}\n" if key in notes else "\n"))
-                continue
-        if section != "data":
-            out.append(line)
-    return "".join(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -187,8 +188,6 @@ def _deepcopy(d: Any) -> Any:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    from pathlib import Path
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{path}' not found; pass the path of a YAML file (or a shipped config's name: `teachx config --list`)")

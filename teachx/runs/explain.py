@@ -10,11 +10,19 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from teachx.config.loader import from_dict
+from teachx.config.schema import RunConfig
 from teachx.data.transforms import normalize
-from teachx.errors import CheckpointError, DataError, TeachxError
+from teachx.errors import CheckpointError, ConfigError, DataError, TeachxError
+from teachx.evaluation.builtin_maps import builtin_map_faithfulness
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec, shared_map_text
+from teachx.runs.builtin_eval import post_hoc_maps
+from teachx.runs import figures
+from teachx.runs.pipeline import load_checkpoint_verified, make_plan
+from teachx.runs.rundir import saved_run_config
 from teachx.training.checkpoint import load_state_into
-from teachx.utils.io import output_error, write_json_atomic
+from teachx.utils.hashing import sha256_file
+from teachx.utils.io import output_error, read_trusted_json, write_json_atomic
 from teachx.utils.seeding import choose_device
 
 
@@ -61,8 +69,6 @@ def _unit_kind(unit_dir: Path) -> str | None:
 def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
     """Rebuild a model with built-in maps (IMPACTX or ABN) and its metadata from a checkpoint (verified
     against its digest), or from the checkpoint of a run / study-unit directory (:func:`find_impactx_checkpoint`)."""
-    from teachx.orchestration.pipeline import load_checkpoint_verified
-
     path = find_impactx_checkpoint(path)
     ck = load_checkpoint_verified(path)  # a damaged file inside a run: the error says which stage to --redo
     spec = ck.meta.get("model_spec") or {}
@@ -79,9 +85,6 @@ def load_impactx(path: str | Path) -> tuple[torch.nn.Module, dict]:
 def run_config_of(checkpoint: Path):
     """The run config of the run or study unit a checkpoint belongs to (``config.yaml`` of a `teachx run` /
     `teachx demo` directory, the ``config`` of a study unit's ``unit.json``); None for a checkpoint on its own."""
-    from teachx.orchestration.rundir import saved_run_config
-    from teachx.utils.io import read_trusted_json
-
     for d in list(Path(checkpoint).resolve().parents)[:3]:  # <unit>/checkpoints/x or <run>/<stage>/checkpoints/x
         if (d / "unit.json").is_file():
             rec = read_trusted_json(d / "unit.json", "re-run the study to re-create the unit", "study unit record")
@@ -93,10 +96,6 @@ def run_config_of(checkpoint: Path):
 
 def _config_in(data: dict, path: Path):
     """The RunConfig ``data`` read from ``path``; an error names the file and the key as it is written there."""
-    from teachx.errors import ConfigError
-    from teachx.interfaces.config import RunConfig
-    from teachx.utils.config import from_dict
-
     try:
         return from_dict(RunConfig, data)
     except ConfigError as exc:
@@ -106,8 +105,6 @@ def _config_in(data: dict, path: Path):
 def _post_hoc_plan(checkpoint: Path, channels: int, size: tuple[int, int]):
     """(run config, data plan) for the teacher method applied post hoc: the run's teacher and, for methods
     with a background (DeepSHAP, expected gradients), its training images. One-line errors otherwise."""
-    from teachx.orchestration.pipeline import make_plan
-
     cfg = run_config_of(checkpoint)
     if cfg is None:
         raise CheckpointError(f"--faithfulness needs the run the model came from (its config names the teacher method and the "
@@ -178,8 +175,6 @@ class OutputFolder:
 
     def open(self) -> int:
         """Make the folder and remove the files an earlier run wrote there, unchanged; returns how many."""
-        from teachx.utils.hashing import sha256_file
-
         self.path.mkdir(parents=True, exist_ok=True)
         removed = 0
         for name, digest in self.earlier().items():
@@ -193,8 +188,6 @@ class OutputFolder:
 
     def wrote(self, path: Path) -> None:
         """Record ``path`` (in this folder) as teachx's, with the digest of what is there now."""
-        from teachx.utils.hashing import sha256_file
-
         if not path.is_file():  # nothing was written (a drawing step that writes no file)
             return
         self.files[path.name] = sha256_file(path)
@@ -234,8 +227,6 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
     built-in map's correlation with the post-hoc one (``teachx.evaluation.builtin_maps``): one line
     per image and ``faithfulness.json`` (every value, the means and what was compared).
     """
-    from teachx.reporting.figures import save_overlay
-
     ck_path = find_impactx_checkpoint(checkpoint)
     model, meta = load_impactx(ck_path)
     spec = meta["model_spec"]
@@ -281,12 +272,12 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
         stem = f"{Path(p).stem}_{kind}" + ("" if cls is None else f"_class{cls}")
         dest = _unique(out_dir, stem, ".png")
         of = "" if cls is None else f"; map of {class_names[cls]}"
-        save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
+        figures.save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
         folder.wrote(dest)
         yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
         if faith is not None:
             post_dest = _unique(out_dir, f"{Path(p).stem}_{method}" + ("" if cls is None else f"_class{cls}"), ".png")
-            save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}",
+            figures.save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}",
                          map_title=f"{method} map (post hoc)")
             folder.wrote(post_dest)
             row = _faith_row(faith["report"], i)
@@ -314,9 +305,6 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
 def _faithfulness(cfg, plan, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, built_in: torch.Tensor,
                   steps: int, device: torch.device) -> dict:
     """The post-hoc maps of the run's teacher method on ``model`` and the faithfulness report of both map sets."""
-    from teachx.evaluation.builtin_maps import builtin_map_faithfulness
-    from teachx.orchestration.builtin_eval import post_hoc_maps
-
     try:
         post_hoc = post_hoc_maps(cfg, plan, model, x, target, device)
     except TeachxError:

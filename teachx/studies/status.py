@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from teachx.errors import TeachxError
-from teachx.orchestration.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
+from teachx.evaluation.stats import summarize
+from teachx.runs.pipeline import stage_done
+from teachx.studies.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
 from teachx.utils.locking import held_by
 
 #: the states a unit can be in, in the order a run goes through them
@@ -96,8 +98,6 @@ def epochs_timed(stage_dir: Path) -> tuple[int, Optional[float]]:
 
 
 def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
-    from teachx.orchestration.pipeline import stage_done
-
     cfg = unit.config
     epochs = int(cfg.train.epochs)
     d = out / "units" / unit.key
@@ -147,8 +147,6 @@ def _hours(seconds: float) -> str:
 
 def status_lines(st: StudyStatus) -> list[str]:
     """The text `teachx study --status` prints."""
-    from teachx.evaluation.stats import summarize
-
     workers = len({(u.holder.get("host"), u.holder.get("pid")) for u in st.units if u.holder})
 
     lines = [f"study {st.out}: {sum(u.state == 'done' for u in st.units)} of {len(st.units)} units done"]

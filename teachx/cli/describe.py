@@ -12,6 +12,8 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
+from teachx.config.loader import to_dict
+from teachx.config.schema import RunConfig
 from teachx.utils.docs import Option, callable_options, option_docs, summary
 
 COMMENT_COLUMN = 34  # descriptions start here unless the key and value are longer
@@ -49,7 +51,7 @@ def describe_config(cfg: Any, study: Optional[dict[str, Any]] = None) -> str:
     """The resolved run config as YAML, every option with its description as a comment; then the
     ``study:`` section: ``study`` (a resolved section, :meth:`StudySpec.section`) with each key's
     value and meaning, else the keys of `teachx study` configs, commented out."""
-    from teachx.orchestration.study import STUDY_KEYS, EvalSpec
+    from teachx.studies.study import STUDY_KEYS, EvalSpec  # lazy: CLI start-up
 
     lines = ["# every option of a teachx config, its value here and what it means;",
              "# a file with any subset of these keys is a config (`teachx run FILE`), KEY=VALUE overrides one",
@@ -80,7 +82,7 @@ def describe_config(cfg: Any, study: Optional[dict[str, Any]] = None) -> str:
 def list_shipped(columns: Optional[int] = None) -> str:
     """Every shipped config with its kind and description, wrapped to ``columns`` (default: the terminal's width,
     100 when it is unknown)."""
-    from teachx.interfaces.shipped_configs import header, is_study, shipped_configs, shipped_dir
+    from teachx.config.shipped import header, is_study, shipped_configs, shipped_dir  # lazy: CLI start-up
 
     columns = columns or shutil.get_terminal_size((100, 24)).columns
 
@@ -123,7 +125,7 @@ def _describe_registry(registry, footer: list[str]) -> str:
 
 
 def describe_teachers() -> str:
-    from teachx.teachers import TEACHERS
+    from teachx.teachers import TEACHERS  # lazy: CLI start-up
 
     return _describe_registry(TEACHERS, [
         "Choose one with teacher.method=NAME and set its options with teacher.options.NAME=VALUE,",
@@ -134,7 +136,7 @@ def describe_teachers() -> str:
 
 def describe_methods() -> str:
     """`teachx methods`: every training method, its paper, and its options with defaults and meaning."""
-    from teachx.training.methods import METHODS
+    from teachx.training.methods import METHODS  # lazy: CLI start-up
 
     lines = ["Training methods: choose one with method.name=NAME and set its options with method.options.NAME=VALUE,",
              "e.g. method.name=rrr method.options.mask=teacher. IMPACTX (the default) keeps its options in impactx.*",
@@ -152,7 +154,7 @@ def describe_methods() -> str:
 
 
 def describe_models() -> str:
-    from teachx.models import MODELS
+    from teachx.models import MODELS  # lazy: CLI start-up
 
     return _describe_registry(MODELS, [
         "Choose one with model.backbone=NAME and set its options with model.options.NAME=VALUE, e.g.",
@@ -163,3 +165,27 @@ def describe_models() -> str:
 
 
 __all__ = ["describe_config", "describe_methods", "describe_models", "describe_teachers", "list_shipped", "value_text"]
+
+
+def annotate_resolved(text: str, cfg: RunConfig) -> str:
+    """The YAML of ``cfg`` with a trailing ``# resolved: ...`` comment on each data.* line left to the dataset.
+
+    The data section is written one key per line (block style) so that each line can carry its note.
+    """
+    from teachx.data.options import resolved_notes  # lazy: CLI start-up (`teachx config --list` reads no data)
+
+    notes = resolved_notes(cfg.data)
+    out, section = [], None
+    for line in text.splitlines(keepends=True):
+        if line[:1].strip():
+            section = line.split(":", 1)[0]
+            if section == "data":
+                out.append("data:\n")
+                for key, value in to_dict(cfg.data).items():
+                    flow = yaml.safe_dump(value, default_flow_style=True, width=10**6).rstrip("\n")
+                    flow = flow[: -len("\n...")] if flow.endswith("\n...") else flow  # a bare scalar ends its document
+                    out.append(f"  {key}: {flow}" + (f"  # resolved: {notes[key]}\n" if key in notes else "\n"))
+                continue
+        if section != "data":
+            out.append(line)
+    return "".join(out)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from importlib.resources import as_file, files
 from pathlib import Path
 
+from teachx.config.schema import missing_value
 from teachx.errors import ConfigError
+from teachx.registry import suggest
 
 
 def shipped_dir() -> Path:
@@ -44,8 +46,6 @@ def find_config(arg: str) -> str:
     """An existing file ``arg`` as given, else the shipped config of that name; else a one-line error."""
     if Path(arg).expanduser().is_file():
         return str(Path(arg).expanduser())
-    from teachx.interfaces.config import missing_value
-
     missing = missing_value(arg)
     if missing is not None:  # `teachx run train.epochs` (the =VALUE forgotten) is no config file
         raise missing
@@ -57,8 +57,6 @@ def find_config(arg: str) -> str:
         return str(shipped[stem])
     names = ", ".join(shipped)
     if looks_like_name:
-        from teachx.registry import suggest
-
         raise ConfigError(f"config '{arg}' is neither a file nor a shipped config{suggest(stem, list(shipped))}; "
                           f"shipped configs: {names} (see `teachx config --list`)")
     hint = f"; the shipped '{stem}' is used by its name: {stem}" if stem in shipped else ""

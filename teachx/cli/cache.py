@@ -1,6 +1,6 @@
 """`teachx cache list|clean`: a thin command line over :mod:`teachx.utils.cache_admin`.
 
-``register(cli)`` adds the ``cache`` group to the main click group (called from ``teachx.interfaces.cli``).
+``register(cli)`` adds the ``cache`` group to the main click group (called from ``teachx.cli.main``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ touched, and neither are downloaded datasets ($TEACHX_DATA or ~/.cache/teachx/da
 
 def _root(cache_dir: Optional[str]) -> Path:
     """The cache folder; one that cannot exist (a file stands in its path) is a one-line error."""
-    from teachx.errors import ConfigError
-    from teachx.utils.cache_admin import cache_root
+    from teachx.errors import ConfigError  # lazy: CLI start-up
+    from teachx.utils.cache_admin import cache_root  # lazy: CLI start-up
 
     root = Path(cache_dir).expanduser() if cache_dir else cache_root()
     blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
@@ -47,7 +47,7 @@ def _when(t: float) -> str:
 
 
 def _rows(entries) -> list[str]:
-    from teachx.utils.cache_admin import age, human_size
+    from teachx.utils.cache_admin import age, human_size  # lazy: CLI start-up
 
     kw = max([len(e.key) for e in entries] + [3])
     lines = [f"{'KIND':<5} {'KEY':<{kw}}  {'SIZE':>9}  {'CREATED':<16}  {'LAST USED':<13}  WHAT"]
@@ -62,7 +62,7 @@ def _rows(entries) -> list[str]:
 @click.option("--dir", "cache_dir", type=click.Path(file_okay=False), default=None, help=DIR_HELP)
 def list_cmd(cache_dir: Optional[str]) -> None:
     """List cache entries: kind, key, size, age, what they are for."""
-    from teachx.utils.cache_admin import foreign, human_size, legacy_maps_dir, scan
+    from teachx.utils.cache_admin import foreign, human_size, legacy_maps_dir, scan  # lazy: CLI start-up
 
     root = _root(cache_dir)
     entries = scan(root)
@@ -101,7 +101,7 @@ def clean_cmd(keys: tuple[str, ...], maps_: bool, data_: bool, older_than: Optio
     using (a map store being filled holds its lock) are kept. Selectors combine: `--maps
     --older-than 30` deletes map stores unused for 30 days.
     """
-    from teachx.utils.cache_admin import clean, human_size, scan, select
+    from teachx.utils.cache_admin import clean, human_size, scan, select  # lazy: CLI start-up
 
     root = _root(cache_dir)
     kinds = [k for k, on in (("maps", maps_), ("data", data_)) if on]
@@ -127,7 +127,7 @@ def clean_cmd(keys: tuple[str, ...], maps_: bool, data_: bool, older_than: Optio
     elif would:
         click.echo("nothing deleted: run the same command with --yes to delete them")
     if failed:
-        from teachx.errors import OutputError
+        from teachx.errors import OutputError  # lazy: CLI start-up
 
         more = f" ({len(failed) - 1} more entr{'y' if len(failed) == 2 else 'ies'} not deleted either)" if len(failed) > 1 else ""
         raise OutputError(f"{failed[0].entry.kind} {failed[0].entry.key}: {failed[0].note}{more}")

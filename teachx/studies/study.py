@@ -35,14 +35,26 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from teachx.config.loader import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
+from teachx.config.schema import NEUTRAL_KEYS, RunConfig
+from teachx.config.shipped import find_config
+from teachx.data import get_source
+from teachx.data.transforms import normalize
 from teachx.errors import ConfigError
+from teachx.evaluation import build_metric, evaluate_maps
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
-from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig, check_names
+from teachx.registry import suggest
+from teachx.runs import rundir
+from teachx.runs.pipeline import (as_nchw, eval_indices, load_classifier, load_stage_model, make_plan, make_teacher,
+                                  map_quality, shortcut_evaluation, stage_checkpoint, stage_done, teacher_maps,
+                                  teacher_training, train_classifier, train_method_stage)
+from teachx.runs.resolve import check_names
+from teachx.teachers.postprocess import postprocess
 from teachx.training.methods import METHODS, build_method, method_name, recorded_method
-from teachx.utils.config import dump_yaml, from_dict, load_yaml, merge, parse_override, set_dotted
 from teachx.utils.hashing import hash_json
-from teachx.utils.io import read_trusted_json, write_json_atomic
+from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
 from teachx.utils.locking import Busy, file_lock
+from teachx.utils.seeding import choose_device
 
 BASELINE = "baseline"
 STUDY_VERSION = 2  # 2: keys hash non-default values only
@@ -176,8 +188,6 @@ _STUDY_KEYS = tuple(STUDY_KEYS)
 
 def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
     """Read a study YAML; ``overrides`` are KEY=VALUE (``study.*`` keys change the study section)."""
-    from teachx.interfaces.shipped_configs import find_config
-
     return _study_from_raw(load_yaml(find_config(path)), str(path), overrides, n_seeds)  # a file, or a shipped config's name
 
 
@@ -192,8 +202,6 @@ def load_study_dir(study_dir: str | Path) -> StudySpec:
 
 
 def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
-    from teachx.registry import suggest
-
     if "study" not in raw or not isinstance(raw["study"], dict):
         raise ConfigError(f"'{path}' has no 'study:' section; add study: {{n_seeds: 5, arms: {{impactx: {{}}, lambda0: {{impactx.lam: 0}}}}}}")
     section = dict(raw.pop("study"))
@@ -280,8 +288,6 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
 
 
 def _controls(raw: Any, arms: dict[str, Any]) -> dict[str, str]:
-    from teachx.registry import suggest
-
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -296,8 +302,6 @@ def _controls(raw: Any, arms: dict[str, Any]) -> dict[str, str]:
 
 
 def _arm_regimes(raw: Any, arms: dict[str, Any], regimes: dict[str, Any]) -> dict[str, list[str]]:
-    from teachx.registry import suggest
-
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -339,8 +343,6 @@ def _relevant(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _source_name(name: str) -> str:
-    from teachx.data import get_source
-
     return get_source(name)[0].name
 
 
@@ -403,8 +405,6 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
     from the regime's, named "ARM baseline"), the teacher models that are no arm's own baseline last.
     The keys are the runner's; viewers and `teachx study --status` name the units of an unfinished
     study with them."""
-    from teachx.orchestration.pipeline import teacher_training
-
     units: dict[str, PlannedUnit] = {}
     teachers: dict[str, PlannedUnit] = {}
     for regime in spec.regimes:
@@ -453,8 +453,6 @@ class _Runner:
             self.log("    " + msg)
 
     def plan(self, cfg: RunConfig):
-        from teachx.orchestration.pipeline import make_plan
-
         key = hash_json(cfg.to_dict()["data"])
         if key not in self.plans:
             self.plans[key] = make_plan(cfg, progress=self.progress)
@@ -469,14 +467,10 @@ class _Runner:
     def checkpoint(self, key: str) -> Path:
         """A classifier unit's best checkpoint: always the unit's own file, even if the study folder
         was moved or copied (never the one its record names elsewhere)."""
-        from teachx.orchestration.pipeline import stage_checkpoint, stage_done
-
         return stage_checkpoint(self.out / "units" / key, stage_done(self.out / "units" / key) or {})
 
     def classifier(self, cfg: RunConfig, backbone: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Train one classifier unit (or read it back); raises Busy while another process trains it."""
-        from teachx.orchestration.pipeline import stage_done, train_classifier
-
         key = classifier_key(cfg, backbone, options)
         d = self.unit_dir(key, cfg, "classifier")
         done = stage_done(d)
@@ -495,8 +489,6 @@ class _Runner:
         return key, done
 
     def _load_classifier(self, cfg: RunConfig, key: str):
-        from teachx.orchestration.pipeline import load_classifier
-
         return load_classifier(self.checkpoint(key), self.plan(cfg).dataset)
 
     def _shortcut(self, cfg: RunConfig, d: Path, models) -> Optional[dict[str, Any]]:
@@ -509,9 +501,6 @@ class _Runner:
         plan = self.plan(cfg)
         if getattr(plan.dataset.test, "masks", None) is None:
             return None
-        from teachx.orchestration.pipeline import shortcut_evaluation
-        from teachx.utils.seeding import choose_device
-
         out = shortcut_evaluation(cfg, plan, models(), choose_device(cfg.device))
         block = out["model"]
         block["images"] = out["images"]
@@ -521,7 +510,6 @@ class _Runner:
     def method(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
         """Train one unit of the arm's training method, and evaluate it where the method asks for it
         (``study_evaluation``), or read it back; returns (key, record, was_cached)."""
-        from teachx.orchestration.pipeline import stage_done
 
         method = build_method(cfg)
         key = unit_key(cfg)
@@ -555,15 +543,11 @@ class _Runner:
 
     @staticmethod
     def _method_model(d: Path):
-        from teachx.orchestration.pipeline import load_stage_model
-
         return load_stage_model(d)
 
     @staticmethod
     def _cached(d: Path, eval_path: Optional[Path]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
         """(stage record, evaluation) of a complete unit: trained, and evaluated where ``eval_path`` is given."""
-        from teachx.orchestration.pipeline import stage_done
-
         stage = stage_done(d)  # verified against its digest, like the evaluation below
         if stage is None:
             return None
@@ -575,9 +559,6 @@ class _Runner:
                teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Train the unit with the pipeline's stage code (:func:`train_method_stage`) on the teacher maps the
         method asks for, then evaluate it into ``eval_path`` (when given)."""
-        from teachx.orchestration.pipeline import eval_indices, load_classifier, map_quality, stage_done, teacher_maps, train_method_stage
-        from teachx.utils.seeding import choose_device
-
         plan = self.plan(cfg)
         ds = plan.dataset
         device = choose_device(cfg.device)
@@ -627,18 +608,11 @@ def _eval_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def _evaluate_unit(cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_store, device, unit_dir: Path) -> dict[str, Any]:
     """Post-hoc teacher maps on the IMPACTX model, example arrays, optional MoRF/LeRF AUCs."""
-    from teachx.data.transforms import normalize
-    from teachx.evaluation import evaluate_maps
-    from teachx.orchestration.pipeline import make_teacher
-    from teachx.teachers.postprocess import postprocess
-    from teachx.utils.io import atomic_path
-
     ds = plan.dataset
     out: dict[str, Any] = {}
     n_eval = ev.n_images if ev.faithfulness else ev.examples
     if n_eval == 0:
         return out
-    from teachx.orchestration.pipeline import as_nchw, eval_indices
 
     pool = eval_indices(cfg, plan)  # test images whose teacher maps are stored
     idx = pool[_eval_indices(np.asarray(ds.test.labels)[pool], min(n_eval, len(pool)), 2024)]
@@ -694,8 +668,6 @@ def _evaluate_unit(cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_sto
 
 
 def _metric(name: str, ev: EvalSpec):
-    from teachx.evaluation import build_metric
-
     return build_metric(name, steps=ev.steps, patch_size=ev.patch_size)
 
 
@@ -716,8 +688,6 @@ def prepare_study_dir(out: Path, spec: StudySpec) -> Path:
     process starting on the same directory at the same moment (its marker or study.yaml still a
     temp file) is not a reason to refuse.
     """
-    from teachx.orchestration import rundir
-
     return rundir.prepare_study_dir(Path(out).resolve(), dump_yaml({"study": spec.to_dict(), **spec.base}))
 
 
@@ -727,8 +697,6 @@ _POLL_SECONDS = 5.0
 def _run_job(spec: StudySpec, r: "_Runner", cells: dict[tuple[str, str], dict[int, str]], regime: str, seed: int,
              arm: Optional[str], progress: bool) -> str:
     """One unit of work (a baseline when ``arm`` is None); returns its log line."""
-    from teachx.orchestration.pipeline import teacher_training
-
     cfg = spec.config(regime, arm, seed)
     cfg.train.progress = progress
     before = r.trained
@@ -820,8 +788,6 @@ def _elapsed(out: Path, keys: list[str]) -> dict[str, Any]:
 # -- statistics -------------------------------------------------------------------------------------
 
 def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from teachx.orchestration.pipeline import teacher_training
-
     rows: list[dict[str, Any]] = []
     seeds = spec.seeds
     for regime in spec.regimes:

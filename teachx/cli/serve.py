@@ -1,6 +1,6 @@
 """`teachx serve`: the explanation viewer and JSON API over run and study directories.
 
-``register(cli)`` adds the command to the main click group (called from ``teachx.interfaces.cli``).
+``register(cli)`` adds the command to the main click group (called from ``teachx.cli.main``).
 The web stack (fastapi, uvicorn, python-multipart) is the optional extra ``teachx[serve]``;
 without it the command says so in one line and exits with code 2.
 """
@@ -59,12 +59,12 @@ def _check_cache_dir(cache_dir: Optional[str]) -> None:
     whole point is the filled cache) that cannot be made is a one-line error, not a cache kept in memory."""
     from pathlib import Path
 
-    from teachx.utils.io import output_error
+    from teachx.utils.io import output_error  # lazy: CLI start-up
 
     if cache_dir is None:
-        from teachx.orchestration.pipeline import default_cache_dir
+        from teachx.utils.cache_admin import cache_root  # lazy: CLI start-up
 
-        path = default_cache_dir() / "serve"
+        path = cache_root() / "serve"
     else:
         path = Path(cache_dir)
     try:
@@ -99,7 +99,7 @@ def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, preco
         _require_web_stack()
     if cache_dir is not None or no_serve:
         _check_cache_dir(cache_dir)
-    from teachx.service import Service
+    from teachx.service import Service  # lazy: CLI start-up
 
     service = Service(list(dirs), cache_dir=cache_dir, device=device)
     n_models = len(service.entries)
@@ -119,7 +119,7 @@ def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, preco
 
     import uvicorn
 
-    from teachx.service.app import create_app
+    from teachx.service.app import create_app  # lazy: CLI start-up
 
     sock = _bind(host, port)
     actual = sock.getsockname()[1]

@@ -13,7 +13,7 @@ teachx never deletes a file it did not make:
   and is named in the log.
 
 A run is identified by the result-changing part of its config (:func:`run_identity`): the
-command and every option except :data:`~teachx.interfaces.config.NEUTRAL_KEYS` (progress bars,
+command and every option except :data:`~teachx.config.schema.NEUTRAL_KEYS` (progress bars,
 TensorBoard logging, the map-store location and batch size), so re-running a command with or
 without ``--quiet`` resumes the same run. Its hash (:func:`config_hash`) goes into every stage record
 and ``results.json``, binding them to the config that made them.
@@ -35,9 +35,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from teachx import __version__
+from teachx.config.loader import dump_yaml, from_dict, load_yaml
+from teachx.config.schema import NEUTRAL_KEYS, RunConfig
 from teachx.errors import ConfigError, OutputError, RunDirError
 from teachx.training.methods import method_stages
+from teachx.utils.hashing import hash_json
 from teachx.utils.io import is_temp_name, output_error, sweep_stale_temps, write_json_atomic, write_text_atomic
+from teachx.utils.locking import Busy, file_lock
 
 RUN_MARKER = ".teachx-run"
 STUDY_MARKER = ".teachx-study"
@@ -103,8 +108,6 @@ def _legacy_run(path: Path) -> bool:
     """A run directory of an older teachx (no marker): its config.yaml is a teachx run config."""
     import dataclasses
 
-    from teachx.interfaces.config import RunConfig
-
     cfg = _read_yaml(path / "config.yaml")
     names = {f.name for f in dataclasses.fields(RunConfig)}
     return bool(cfg) and cfg.get("command") in ("train", "run", "demo") and set(cfg) - {"command"} <= names
@@ -121,8 +124,6 @@ def saved_run_config(run_dir: str | Path) -> tuple[Optional[str], dict[str, Any]
     """(command, config) a run directory was made with: its ``config.yaml`` as :func:`prepare_run_dir` saved it,
     the command split off. The one reader of that file for the service and `teachx explain`; a missing or
     unreadable file is a one-line ConfigError."""
-    from teachx.utils.config import load_yaml
-
     raw = dict(load_yaml(str(Path(run_dir) / "config.yaml")))
     return raw.pop("command", None), raw
 
@@ -136,8 +137,6 @@ def study_dir_kind(path: str | Path) -> str:
 
 
 def write_marker(path: Path, marker: str, kind: str) -> None:
-    from teachx import __version__
-
     write_json_atomic(path / marker, {"teachx": __version__, "kind": kind,
                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "note": "made by teachx; `--overwrite` removes only what teachx wrote here"})
@@ -191,9 +190,6 @@ def run_identity(saved: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The result-deciding part of a saved run config (``{"command": ..., **config}``): every
     option with its default filled in, except the neutral ones; None if it is not a config this
     teachx can read."""
-    from teachx.interfaces.config import NEUTRAL_KEYS, RunConfig
-    from teachx.utils.config import from_dict
-
     data = dict(saved)
     command = data.pop("command", None)
     try:
@@ -227,8 +223,6 @@ def config_hash(saved: dict[str, Any]) -> Optional[str]:
     Only the values that differ from the defaults are hashed, so an option added by a later teachx
     (its default filled in) leaves the hashes of existing runs as they are.
     """
-    from teachx.utils.hashing import hash_json
-
     identity = run_identity(saved)
     if identity is None:
         return None
@@ -256,8 +250,6 @@ def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool 
                     log: Callable[[str], None] = print) -> Path:
     """Create ``run_dir`` for the config ``saved`` (``{"command": ..., **config}``), or resume the
     teachx run there with the same identity. See the module docstring for what is refused."""
-    from teachx.utils.config import dump_yaml
-
     run_dir = Path(run_dir)
     kind = run_dir_kind(run_dir)
     if kind == "foreign":
@@ -394,9 +386,6 @@ def hold_run_dir(path: str | Path, wait: bool = False, log: Callable[[str], None
     lock and removed again at the end if nothing was written into it. A directory teachx did not make
     is refused before anything is written into it (``foreign_ok``: any folder, e.g. `teachx explain --out`).
     """
-    from teachx.utils.io import output_error
-    from teachx.utils.locking import Busy, file_lock
-
     path = Path(path)
     if not foreign_ok and run_dir_kind(path) == "foreign":
         raise _foreign(path)

@@ -1,7 +1,7 @@
 """Multi-process launch: ``teachx ... --nproc N`` re-runs the same command under torchrun.
 
 The parent process only launches; the N workers (``python -m teachx <same arguments>``) each see
-the torchrun environment, join the process group (:func:`teachx.training.distributed.init_distributed`)
+the torchrun environment, join the process group (:func:`teachx.utils.distributed.init_distributed`)
 and run the command collectively. ``--nproc`` is removed from the workers' arguments and the
 workers never re-launch, so there is no recursion.
 """
@@ -14,7 +14,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from teachx.errors import ConfigError
-from teachx.training import distributed as dist_utils
+from teachx.utils import distributed as dist_utils
 
 NPROC_OPTION = "--nproc"
 

@@ -17,42 +17,37 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from teachx.evaluation.base import declare_measure
-from teachx.data import load_dataset
+from teachx.config.loader import from_dict, set_dotted
+from teachx.config.schema import RunConfig
+from teachx.data import load_dataset, options as data_options
 from teachx.data.base import ImageDataset
 from teachx.data.loading import train_val_split
+from teachx.data.shortcuts import apply_shortcut
 from teachx.data.transforms import Augment, normalize
 from teachx.errors import ConfigError, CorruptionError, RunDirError
 from teachx.evaluation.builtin_maps import map_corr
-from teachx.interfaces.config import RunConfig
-from teachx.models import build_model
+from teachx.evaluation.shortcut import artefact_share, wrong_reason_score
+from teachx.models import any_model_from_spec, build_from_spec, build_model
 from teachx.models.impactx import ImpactX
-from teachx.teachers import build as build_teacher
+from teachx.registry import declare_measure
+from teachx.runs import rundir
+from teachx.runs.builtin_eval import explained_classes, faithfulness_block
+from teachx.runs.figures import save_example_grid, save_training_curves
+from teachx.runs.rundir import STAGE_LAYOUT, remove_owned, run_config_hash
+from teachx.runs.teacher import as_nchw, make_teacher
 from teachx.teachers.postprocess import postprocess
 from teachx.teachers.store import MapStore, fill_store, open_store, store_key
-from teachx.training import distributed as dist_utils
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask
-from teachx.training.methods import build_method, method_name, method_stages
+from teachx.training.methods import MethodContext, build_method, method_name, method_stages
+from teachx.training.self_teaching import SelfTeaching
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
-from teachx.utils.config import from_dict, set_dotted
+from teachx.utils import distributed as dist_utils
+from teachx.utils.cache_admin import cache_root
 from teachx.utils.hashing import hash_json, hash_state_dict
 from teachx.utils.io import read_trusted_json, write_json_atomic
 from teachx.utils.locking import file_lock
 from teachx.utils.seeding import choose_device, seed_everything
-
-
-def as_nchw(images_nhwc: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) array -> contiguous uint8 (N, C, H, W) tensor."""
-    return torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).contiguous()
-
-
-def default_cache_dir() -> Path:
-    """The one cache root, ``$TEACHX_CACHE`` or ``~/.cache/teachx/cache`` (as for decoded datasets);
-    teacher-map stores go to its ``maps/`` folder. `teachx cache list|clean` shows and cleans it."""
-    from teachx.data.cache import default_cache_dir as cache_root
-
-    return cache_root()
 
 
 # -- run directories --------------------------------------------------------------------------
@@ -64,10 +59,8 @@ def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, command: str, overwrite
     A directory teachx did not make is never used, with or without ``overwrite``. One made with a
     different config (options that change results: ``--quiet`` and other presentation options are
     not part of a run) is an error unless ``overwrite`` is given, which then removes only the files
-    teachx wrote there (see :mod:`teachx.orchestration.rundir`).
+    teachx wrote there (see :mod:`teachx.runs.rundir`).
     """
-    from teachx.orchestration import rundir
-
     return rundir.prepare_run_dir(run_dir, {"command": command, **cfg.to_dict()}, overwrite, log)
 
 
@@ -250,7 +243,6 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
         if "teacher" in stages or ("baseline" in stages and teacher_is_baseline):
             stages.append(method_name(cfg))
         targets = [run_dir / s for s in STAGES if s in stages] + [run_dir / "results.json"]
-    from teachx.orchestration.rundir import STAGE_LAYOUT, remove_owned
 
     gone = []
     for t in targets:
@@ -269,9 +261,8 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
 # -- data ---------------------------------------------------------------------------------------
 
 def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
-    ds = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download, progress=progress, **cfg.data.load_options())
+    ds = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download, progress=progress, **data_options.load_options(cfg.data))
     if cfg.data.shortcut is not None:  # a shortcut benchmark: the artefact and its masks (teachx.data.shortcuts)
-        from teachx.data.shortcuts import apply_shortcut
 
         ds = apply_shortcut(ds, cfg.data.shortcut, train=cfg.data.shortcut_train, size=cfg.data.shortcut_size,
                             seed=cfg.data.shortcut_seed, progress=progress)
@@ -294,7 +285,7 @@ def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
 def training_augment(cfg: RunConfig) -> Optional[Augment]:
     """The crop / flip augmentation ``cfg`` trains with (None: none); data.hflip left unset is the dataset's
     default, flips only where a mirrored image keeps its class."""
-    aug = cfg.data.augmentation()
+    aug = data_options.augmentation(cfg.data)
     return Augment(crop_padding=aug["crop_padding"], hflip=aug["hflip"]) if aug["augment"] else None
 
 
@@ -305,7 +296,7 @@ def data_summary(plan: DataPlan, cfg: Optional[RunConfig] = None) -> dict[str, A
     aug = plan.augment
     augmentation = {"augment": aug is not None, "crop_padding": aug.crop_padding if aug else 0, "hflip": bool(aug and aug.hflip)}
     if cfg is not None:
-        augmentation["hflip_from"] = cfg.data.augmentation()["hflip_from"]
+        augmentation["hflip_from"] = data_options.augmentation(cfg.data)["hflip_from"]
     out = {
         "dataset": ds.name,
         "channels": ds.channels,
@@ -343,7 +334,7 @@ def train_classifier(
     config_hash: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train (or resume, or skip) a plain classifier; returns its stage record (with ``config_hash``, the
-    run's :func:`~teachx.orchestration.rundir.config_hash`, when it is part of a run directory)."""
+    run's :func:`~teachx.runs.rundir.config_hash`, when it is part of a run directory)."""
     done = stage_done(out_dir)
     if done:
         log(f"[{out_dir.name}] complete, skipped (test acc {done['test_acc']:.4f})")
@@ -389,8 +380,6 @@ def _fit_and_test(
 
 def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
     """Rebuild a classifier from its checkpoint's spec and check it fits the dataset."""
-    from teachx.models import build_from_spec
-
     ck = load_checkpoint_verified(path)
     spec = ck.meta.get("model_spec")
     if not spec:
@@ -408,30 +397,11 @@ def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
 def load_stage_model(stage_dir: Path) -> torch.nn.Module:
     """The best model of a complete stage (any method's: a classifier, IMPACTX, ABN), rebuilt from its
     checkpoint's spec; a damaged checkpoint names the stage's fix."""
-    from teachx.models import any_model_from_spec
-
     best = stage_checkpoint(stage_dir, stage_done(stage_dir) or {})
     ck = load_checkpoint(best, fix=stage_fix(stage_dir))
     model = any_model_from_spec(ck.meta.get("model_spec") or {})
     load_state_into(model, ck.group("model"), f"checkpoint '{best}'")
     return model.eval()
-
-
-def teacher_background(plan: DataPlan, size: int, seed: int, device: torch.device) -> torch.Tensor:
-    rng = np.random.default_rng(seed + 12345)
-    idx = np.sort(rng.choice(plan.train_idx, size=min(size, len(plan.train_idx)), replace=False))
-    x = as_nchw(plan.dataset.train.images[idx])
-    return normalize(x, plan.mean, plan.std).to(device)
-
-
-def make_teacher(cfg: RunConfig, plan: DataPlan, device: torch.device):
-    options = dict(cfg.teacher.options)
-    from teachx.teachers import TEACHERS
-
-    name = TEACHERS.canonical(cfg.teacher.method)
-    if name in ("deepshap", "expected_gradients") and "background" not in options:
-        options["background"] = teacher_background(plan, cfg.teacher.background_size, cfg.data.split_seed, device)
-    return build_teacher(name, **options)
 
 
 def teacher_training(cfg: RunConfig) -> tuple[RunConfig, str, dict[str, Any]]:
@@ -520,7 +490,7 @@ def teacher_maps(
         "mean": list(plan.mean),
         "std": list(plan.std),
     }
-    maps_dir = Path(cfg.teacher.maps_dir) if cfg.teacher.maps_dir else default_cache_dir() / "maps"
+    maps_dir = Path(cfg.teacher.maps_dir) if cfg.teacher.maps_dir else cache_root() / "maps"
 
     explain = map_fn(cfg, plan, teacher, data, device)
 
@@ -580,9 +550,6 @@ def train_method_stage(
     ``store``: the teacher's maps of the training split, when the method needs them; ``config_hash``: as
     for :func:`train_classifier`.
     """
-    from teachx.orchestration.builtin_eval import explained_classes
-    from teachx.training.methods import MethodContext
-
     ds = plan.dataset
     method = build_method(cfg)
     method.check_data(plan)
@@ -614,8 +581,6 @@ def train_method_stage(
 
 def self_teaching_hook(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]):
     """The hook that re-explains the training set with the model being trained (impactx.self_teach_every)."""
-    from teachx.training.self_teaching import SelfTeaching
-
     device = dist_utils.device_for(choose_device(cfg.device))
     teacher = make_teacher(cfg, plan, device)
     material = {**map_recipe(cfg, teacher), "train_idx": hash_json(np.asarray(plan.train_idx).tolist()), "seed": cfg.seed}
@@ -654,7 +619,7 @@ def map_quality(
     per-class model is compared through the map of the class each teacher map explains. With
     ``cfg`` and ``teacher.faith_images > 0``, ``faithfulness`` holds the built-in maps' MoRF /
     LeRF / insertion AUCs on the IMPACTX model itself next to the teacher method applied post hoc
-    to it, the mean map and random maps, and their agreement (``teachx.orchestration.builtin_eval``).
+    to it, the mean map and random maps, and their agreement (``teachx.runs.builtin_eval``).
     R^2 and MSE compare values, so they mean little for maps trained with a scale-free
     ``impactx.map_loss`` (pearson, rank, the default decoder's); ``r2_vs_mean_map_affine`` is the
     scale-free R^2: each map, built-in and mean, first gets its least-squares scale and offset per
@@ -671,8 +636,6 @@ def map_quality(
     n = len(indices)
     classes = None  # the class each teacher map explains (per-class models, and the faithfulness block)
     if getattr(model, "per_class", False) or (cfg is not None and cfg.teacher.faith_images > 0):
-        from teachx.orchestration.builtin_eval import explained_classes
-
         classes = np.asarray(ds.test.labels) if cfg is None else explained_classes(cfg, plan, teacher_model, "test", indices, device)
     mean_map = train_store.mean_map(plan.train_idx)
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
@@ -706,8 +669,6 @@ def map_quality(
     out["r2_vs_mean_map"] = 1.0 - out["mse"] / max(out["mse_mean_map"], 1e-12)
     out["r2_vs_mean_map_affine"] = 1.0 - affine["built_in"] / max(affine["mean_map"], 1e-12)
     if cfg is not None and cfg.teacher.faith_images > 0:
-        from teachx.orchestration.builtin_eval import faithfulness_block
-
         out["faithfulness"] = faithfulness_block(cfg, plan, model, test_store, train_store, device, indices, classes)
     return out
 
@@ -745,8 +706,6 @@ def _run_pipeline(
     figures: bool,
     plan: Optional[DataPlan],
 ) -> RunOutputs:
-    from teachx.orchestration.rundir import run_config_hash
-
     timings = _Timings(run_dir, time.perf_counter())
     bound = run_config_hash(run_dir)  # every record of this run carries it; one that disagrees is refused
     check_bound(run_dir, bound)
@@ -815,8 +774,6 @@ def _run_pipeline(
     label = method.display_name()
     examples = None  # the test images of figures/examples.png: index, true and predicted class
     if figures and test_store is not None and dist_utils.is_main():
-        from teachx.reporting.figures import save_example_grid, save_training_curves
-
         ev = eval_indices(cfg, plan)
         ev_pred = _predict(model, plan, ev, device)
         pick = _example_indices(np.asarray(ds.test.labels)[ev], MAX_EXAMPLE_CLASSES, cfg.seed, ev_pred)
@@ -874,8 +831,6 @@ def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.
     """On a shortcut dataset: how much of each model's post-hoc attribution (input gradient, LRP)
     falls on the artefact of the de-correlated test images, next to the artefact's share of the
     image (what a map blind to it would put there). Test accuracies are in the stage records."""
-    from teachx.evaluation.shortcut import artefact_share, wrong_reason_score
-
     ds = plan.dataset
     idx = eval_indices(cfg, plan)
     x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)

@@ -1,6 +1,6 @@
 """`teachx study` and `teachx report`: seeds, ablations, statistics and the HTML/Markdown report.
 
-``register(cli)`` adds both commands to the main click group (called from ``teachx.interfaces.cli``).
+``register(cli)`` adds both commands to the main click group (called from ``teachx.cli.main``).
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
     `teachx study [CONFIG] --out DIR --status` shows where the study in DIR stands (without CONFIG: the
     study DIR records).
     """
-    from teachx.orchestration.study import BASELINE, load_study, run_study
+    from teachx.studies.study import BASELINE, load_study, run_study  # lazy: CLI start-up
 
     for o in overrides:
         if "=" not in o:
-            from teachx.interfaces.config import missing_value
+            from teachx.config.schema import missing_value  # lazy: CLI start-up
 
             raise missing_value(o) or ConfigError(f"unexpected argument '{o}': give one CONFIG file and then KEY=VALUE overrides")
     if config is not None and "=" in config and not Path(config).exists():  # `teachx study K=V --out DIR`: no CONFIG
@@ -60,7 +60,7 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
         for regime in spec.regimes:
             for arm in (a for a in spec.arms if spec.runs(regime, a)):
                 cfg = spec.config(regime, arm, spec.seeds[0])
-                from teachx.training.methods import build_method
+                from teachx.training.methods import build_method  # lazy: CLI start-up
 
                 method = build_method(cfg)
                 what = method.arm_text()
@@ -71,7 +71,7 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
     res = run_study(spec, out, click.echo, progress=not quiet, verbose=not quiet)
     click.echo(f"\nstudy.json: {res.path} ({res.trained} models trained by this invocation)")
     if with_report:
-        from teachx.reporting.report import write_report
+        from teachx.reporting.report import write_report  # lazy: CLI start-up
 
         html_path, md_path = write_report(res.path.parent)
         click.echo(f"report: {html_path} and {md_path}")
@@ -79,8 +79,8 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
 
 def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int], out: Path) -> None:
     """`teachx study [CONFIG] --out DIR --status`: the units of CONFIG (default: the study DIR records) in DIR."""
-    from teachx.orchestration.study import load_study, load_study_dir
-    from teachx.orchestration.study_status import status_lines, study_status
+    from teachx.studies.study import load_study, load_study_dir  # lazy: CLI start-up
+    from teachx.studies.status import status_lines, study_status  # lazy: CLI start-up
 
     if not (out / "units").is_dir():
         raise ConfigError(f"'{out}' holds no study units yet; start the study with the same command without --status")
@@ -105,8 +105,8 @@ def report(run_dir: str, out: Optional[str], wait: bool) -> None:
     """Write an HTML + Markdown report of a run, demo or study."""
     from contextlib import ExitStack
 
-    from teachx.orchestration.rundir import enclosing_run_dir, hold_run_dir
-    from teachx.reporting.report import write_report
+    from teachx.runs.rundir import enclosing_run_dir, hold_run_dir  # lazy: CLI start-up
+    from teachx.reporting.report import write_report  # lazy: CLI start-up
 
     def say(line: str) -> None:
         click.echo(line, err=True)

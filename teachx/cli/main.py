@@ -16,7 +16,7 @@ from teachx.errors import ConfigError, TeachxError
 NPROC_HELP = "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
 OVERWRITE_HELP = ("Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
                   "a directory teachx did not make is never touched.")
-#: the stages --redo accepts: ``teachx.orchestration.pipeline.STAGES``, written out so that `teachx --help` does
+#: the stages --redo accepts: ``teachx.runs.pipeline.STAGES``, written out so that `teachx --help` does
 #: not import torch (a test checks that the two agree)
 RUN_STAGES = ("baseline", "teacher", "abn", "impactx", "reldrop", "rrr", "saliency_guided")
 WAIT_HELP = ("When another teachx process is writing in the run directory, wait until it has finished (then resume, or "
@@ -55,7 +55,7 @@ def _split_args(args: tuple[str, ...]) -> tuple[Optional[str], list[str]]:
         elif config is None:
             config = a  # `train.epochs` without =VALUE: find_config says that the value is missing
         else:
-            from teachx.interfaces.config import missing_value
+            from teachx.config.schema import missing_value  # lazy: CLI start-up
 
             raise missing_value(a) or ConfigError(f"unexpected argument '{a}': give one CONFIG file and then KEY=VALUE overrides")
     return config, overrides
@@ -85,15 +85,15 @@ def cli() -> None:
     """teachx: train models with teacher explanations (IMPACTX) and measure whether it helps."""
 
 
-from teachx.interfaces.cli_study import register as _register_study  # noqa: E402
+from teachx.cli.study import register as _register_study  # noqa: E402
 
 _register_study(cli)
 
-from teachx.interfaces.cli_serve import register as _register_serve  # noqa: E402
+from teachx.cli.serve import register as _register_serve  # noqa: E402
 
 _register_serve(cli)
 
-from teachx.interfaces.cli_cache import register as _register_cache  # noqa: E402
+from teachx.cli.cache import register as _register_cache  # noqa: E402
 
 _register_cache(cli)
 
@@ -101,7 +101,7 @@ _register_cache(cli)
 @cli.command()
 def datasets() -> None:
     """List known datasets, where their files go, which are present."""
-    from teachx.data import dataset_status
+    from teachx.data import dataset_status  # lazy: CLI start-up
 
     rows = dataset_status()
     w = max(len(r["name"]) for r in rows)
@@ -116,7 +116,7 @@ def datasets() -> None:
 @cli.command()
 def models() -> None:
     """List the built-in backbones and their options."""
-    from teachx.interfaces.describe import describe_models
+    from teachx.cli.describe import describe_models  # lazy: CLI start-up
 
     click.echo(describe_models(), nl=False)
 
@@ -124,7 +124,7 @@ def models() -> None:
 @cli.command()
 def teachers() -> None:
     """List the explanation methods (teachers) and their options."""
-    from teachx.interfaces.describe import describe_teachers
+    from teachx.cli.describe import describe_teachers  # lazy: CLI start-up
 
     click.echo(describe_teachers(), nl=False)
 
@@ -132,7 +132,7 @@ def teachers() -> None:
 @cli.command()
 def methods() -> None:
     """List the training methods (IMPACTX, ABN, RRR, ...) and their options."""
-    from teachx.interfaces.describe import describe_methods
+    from teachx.cli.describe import describe_methods  # lazy: CLI start-up
 
     click.echo(describe_methods(), nl=False)
 
@@ -148,30 +148,29 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
     A study config (`teachx study`) is printed with its study: section resolved too (every key, the
     defaults filled in); study.KEY=VALUE overrides change that section.
     """
-    from teachx.interfaces.config import resolve_config
-    from teachx.utils.config import dump_yaml
-
     if list_:
-        from teachx.interfaces.describe import list_shipped
+        from teachx.cli.describe import list_shipped  # lazy: CLI start-up
 
         click.echo(list_shipped(), nl=False)
         return
+    from teachx.config.loader import dump_yaml  # lazy: CLI start-up
+    from teachx.runs.resolve import resolve_config  # lazy: CLI start-up
     path, overrides = _split_args(args)
     study = None
     if path is not None and _is_study_config(path):  # the run config its units start from, and the study: section
-        from teachx.interfaces.config import study_base_config
-        from teachx.orchestration.study import load_study
+        from teachx.runs.resolve import study_base_config  # lazy: CLI start-up
+        from teachx.studies.study import load_study  # lazy: CLI start-up
 
         spec = load_study(path, overrides)
         cfg, study = study_base_config(spec.base), spec.section()
     else:
         cfg = resolve_config(path, overrides)
     if describe:
-        from teachx.interfaces.describe import describe_config
+        from teachx.cli.describe import describe_config  # lazy: CLI start-up
 
         click.echo(describe_config(cfg, study), nl=False)
         return
-    from teachx.interfaces.config import annotate_resolved
+    from teachx.cli.describe import annotate_resolved  # lazy: CLI start-up
 
     click.echo(annotate_resolved(dump_yaml(cfg.to_dict()), cfg), nl=False)  # "# resolved: ..." on values left to the dataset
     if study is not None:
@@ -180,8 +179,8 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
 
 def _is_study_config(path: str) -> bool:
     """Whether CONFIG (a file or a shipped name) has a study: section."""
-    from teachx.interfaces.shipped_configs import find_config
-    from teachx.utils.config import load_yaml
+    from teachx.config.shipped import find_config  # lazy: CLI start-up
+    from teachx.config.loader import load_yaml  # lazy: CLI start-up
 
     return "study" in load_yaml(find_config(path))
 
@@ -200,7 +199,7 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
     teachx train [CONFIG] [KEY=VALUE ...] --out DIR. CONFIG is a YAML file or a shipped config's
     name (`teachx config --list`); without one, the defaults (`teachx config --describe`) are used.
     """
-    from teachx.interfaces.config import resolve_config
+    from teachx.runs.resolve import resolve_config  # lazy: CLI start-up
 
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
@@ -210,12 +209,12 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
 
 def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
     """`teachx train` in its run directory, held by this process (or the launcher of its --nproc workers)."""
-    from teachx.interfaces.launch import echo0
-    from teachx.orchestration.pipeline import (check_bound, data_summary, log_data, make_plan, prepare_run_dir, redo_hint, redo_stages,
-                                               results_bound, stage_checkpoint, stage_done, train_classifier)
-    from teachx.orchestration.rundir import run_config_hash
-    from teachx.training import distributed as dist_utils
-    from teachx.utils.io import write_json_atomic
+    from teachx.cli.launch import echo0  # lazy: CLI start-up
+    from teachx.runs.pipeline import (check_bound, data_summary, log_data, make_plan, prepare_run_dir,  # lazy: CLI start-up
+                                      redo_hint, redo_stages, results_bound, stage_checkpoint, stage_done, train_classifier)
+    from teachx.runs.rundir import run_config_hash  # lazy: CLI start-up
+    from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
+    from teachx.utils.io import write_json_atomic  # lazy: CLI start-up
 
     _, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
@@ -251,7 +250,7 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
     (`teachx config --list`); without one, the defaults (`teachx config --describe`: the bundled
     dataset, LeNet-5, a DeepSHAP teacher) and the KEY=VALUE overrides are used.
     """
-    from teachx.interfaces.config import resolve_config
+    from teachx.runs.resolve import resolve_config  # lazy: CLI start-up
 
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
@@ -271,7 +270,7 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
     """Bundled data, LeNet-5, SHAP teacher: baseline vs IMPACTX."""
     from importlib.resources import files
 
-    from teachx.interfaces.config import resolve_config
+    from teachx.runs.resolve import resolve_config  # lazy: CLI start-up
 
     cfg_path = str(files("teachx") / "configs" / "demo.yaml")
     cfg = resolve_config(cfg_path, list(overrides))
@@ -301,8 +300,8 @@ def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls
     --faithfulness asks how faithful each built-in map is to the model that made it: it needs the run or
     unit (its config names the teacher method, and DeepSHAP's background comes from its training data).
     """
-    from teachx.interfaces.explain import explain_images
-    from teachx.orchestration.rundir import enclosing_run_dir, hold_run_dir
+    from teachx.runs.explain import explain_images  # lazy: CLI start-up
+    from teachx.runs.rundir import enclosing_run_dir, hold_run_dir  # lazy: CLI start-up
 
     run_dir = enclosing_run_dir(out)  # PNGs written into a run directory: that run's lock, else the folder's own
     held = (hold_run_dir(run_dir, wait, _say) if run_dir is not None
@@ -318,13 +317,13 @@ def _say(line: str) -> None:
 
 @contextlib.contextmanager
 def _holding(out: str, wait: bool) -> Iterator[None]:
-    """Hold the run directory ``out`` for the whole command (:func:`teachx.orchestration.rundir.hold_run_dir`).
+    """Hold the run directory ``out`` for the whole command (:func:`teachx.runs.rundir.hold_run_dir`).
 
     With --nproc the launching process holds it for its torchrun workers (they are told so through the
     environment); workers started by a torchrun of the user's leave it to rank 0.
     """
-    from teachx.orchestration.rundir import RUN_LOCK, hold_run_dir
-    from teachx.training.distributed import launched_distributed
+    from teachx.runs.rundir import RUN_LOCK, hold_run_dir  # lazy: CLI start-up
+    from teachx.utils.distributed import launched_distributed  # lazy: CLI start-up
 
     lock = str((Path(out) / RUN_LOCK).absolute())
     if launched_distributed() and (os.environ.get(HELD_ENV) == lock or os.environ.get("RANK", "0") != "0"):
@@ -340,7 +339,7 @@ def _holding(out: str, wait: bool) -> Iterator[None]:
 
 def _join_processes(cfg, nproc: Optional[int], quiet: bool) -> tuple[bool, bool]:
     """Start (or join) the processes of a --nproc run; returns (is_main, quiet): only rank 0 talks."""
-    from teachx.interfaces.launch import launch_or_join
+    from teachx.cli.launch import launch_or_join  # lazy: CLI start-up
 
     is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
     quiet = quiet or not is_main
@@ -351,13 +350,13 @@ def _join_processes(cfg, nproc: Optional[int], quiet: bool) -> tuple[bool, bool]
 
 def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...] = ()) -> None:
     """`teachx run` and `teachx demo`: the whole pipeline in one run directory, then its summary."""
-    from teachx.interfaces.launch import echo0
-    from teachx.orchestration.pipeline import make_plan, prepare_run_dir, redo_stages, run_pipeline
-    from teachx.training import distributed as dist_utils
+    from teachx.cli.launch import echo0  # lazy: CLI start-up
+    from teachx.runs.pipeline import make_plan, prepare_run_dir, redo_stages, run_pipeline  # lazy: CLI start-up
+    from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
 
     is_main, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
-    from teachx.training.methods import build_method
+    from teachx.training.methods import build_method  # lazy: CLI start-up
 
     build_method(cfg).check_data(plan)  # e.g. rrr with annotation masks on data without masks: before anything is trained
     run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, command, overwrite)
@@ -395,13 +394,13 @@ def _print_summary(res: dict, run_dir: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point: one-line errors, exit code 2, no traceback for problems the user can fix."""
-    from teachx.utils.runtime import tune_cpu_allocator
+    from teachx.utils.runtime import tune_cpu_allocator  # lazy: CLI start-up
 
     tune_cpu_allocator()
     try:
         cli.main(args=argv, prog_name="teachx", standalone_mode=False)
     except TeachxError as exc:
-        from teachx.training import distributed as dist_utils
+        from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
 
         if dist_utils.is_main():  # every rank of a multi-process run hits the same error: say it once
             click.echo(f"teachx: error: {exc}", err=True)
@@ -415,7 +414,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         click.echo(f"teachx: error: {exc.format_message().rstrip('.')}; see '{cmd} --help'", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt) as exc:  # click turns Ctrl-C into Abort
-        from teachx.training import distributed as dist_utils
+        from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
 
         if dist_utils.is_main():
             click.echo(("\n" if isinstance(exc, KeyboardInterrupt) else "") + _interrupted(argv), err=True)
@@ -446,7 +445,7 @@ def _os_error(exc: OSError) -> Optional[str]:
     """One line for a file-system problem the user can fix (full, read-only, no permission), else None."""
     import errno
 
-    from teachx.utils.io import blocking_file, output_error
+    from teachx.utils.io import blocking_file, output_error  # lazy: CLI start-up
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
         return str(output_error(exc))

@@ -8,9 +8,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from teachx.config.schema import RunConfig
 from teachx.data.transforms import normalize
-from teachx.evaluation.base import declare_measure
-from teachx.interfaces.config import RunConfig
+from teachx.evaluation.builtin_maps import builtin_map_faithfulness, map_corr
+from teachx.registry import declare_measure
+from teachx.runs.teacher import as_nchw, make_teacher
+from teachx.teachers.postprocess import postprocess
 from teachx.training.trainer import DataPlan
 
 
@@ -26,8 +29,6 @@ def explained_classes(cfg: RunConfig, plan: DataPlan, teacher_model: Optional[to
     explains: the label (``teacher.target=label``) or, for ``predicted``, the teacher model's
     prediction on the unaugmented image -- computed for ``indices`` only (others keep the label),
     exactly as the map was made."""
-    from teachx.orchestration.pipeline import as_nchw
-
     data = plan.dataset.train if split == "train" else plan.dataset.test
     classes = np.asarray(data.labels, dtype=np.int64).copy()
     if cfg.teacher.target != "predicted":
@@ -66,8 +67,6 @@ def post_hoc_maps(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, x: tor
                   device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """The configured teacher method applied to ``model`` (any classifier, e.g. the IMPACTX model),
     post-processed like the teacher maps."""
-    from teachx.orchestration.pipeline import make_teacher
-    from teachx.teachers.postprocess import postprocess
 
     teacher = make_teacher(cfg, plan, device)
     maps = []
@@ -87,9 +86,6 @@ def faithfulness_block(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, t
     with the baseline teacher's stored map, on the images whose predicted class is the class the
     teacher explained (``images_same_class``): how far two networks' explanations agree at all.
     """
-    from teachx.evaluation.builtin_maps import builtin_map_faithfulness, map_corr
-    from teachx.orchestration.pipeline import as_nchw
-
     ds = plan.dataset
     idx = faith_indices(cfg, plan, pool)
     x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
