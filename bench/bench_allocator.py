@@ -45,7 +45,9 @@ def run(model: str, steps: int, tuned: bool) -> dict:
     env.pop("MALLOC_TRIM_THRESHOLD_", None)
     if not tuned:
         env["TEACHX_NO_MALLOPT"] = "1"
-    out = subprocess.run([sys.executable, "-c", CHILD, model, str(steps)], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, model, str(steps)], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -59,8 +61,18 @@ def main() -> None:
     for name in args.models.split(","):
         steps = args.steps if name == "lenet5" else max(6, args.steps // 10)
         off, on = run(name, steps, False), run(name, steps, True)
-        rows.append({"model": name, "steps": steps, "default_malloc": off, "tuned": on, "speedup": off["median_step_s"] / on["median_step_s"]})
-        print(f"{name:10s} default {1000 * off['median_step_s']:.1f} ms/step  tuned {1000 * on['median_step_s']:.1f} ms/step  -> {rows[-1]['speedup']:.1f}x")
+        rows.append(
+            {
+                "model": name,
+                "steps": steps,
+                "default_malloc": off,
+                "tuned": on,
+                "speedup": off["median_step_s"] / on["median_step_s"],
+            }
+        )
+        print(
+            f"{name:10s} default {1000 * off['median_step_s']:.1f} ms/step  tuned {1000 * on['median_step_s']:.1f} ms/step  -> {rows[-1]['speedup']:.1f}x"
+        )
     write_json_atomic(args.out, {"benchmark": "allocator", "batch": 128, "image": [3, 32, 32], "results": rows})
 
 

@@ -87,7 +87,9 @@ VARIANTS = ["eager", "channels_last", "compile", "compile_channels_last"]
 
 def run(model: str, variant: str, steps: int, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, "-c", CHILD, model, variant, str(steps), str(threads)], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, model, variant, str(steps), str(threads)], capture_output=True, text=True, env=env
+    )
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,11 +113,16 @@ def main() -> None:
                 if ref is None:
                     ref = dict(r)
                 r["speedup_vs_eager"] = ref["median_step_s"] / r["median_step_s"]
-                r["max_abs_logit_diff"] = max(abs(a - b) for ra, rb in zip(r["logits"], ref["logits"]) for a, b in zip(ra, rb))
+                r["max_abs_logit_diff"] = max(
+                    abs(a - b) for ra, rb in zip(r["logits"], ref["logits"]) for a, b in zip(ra, rb)
+                )
                 r["max_abs_loss_diff_3_steps"] = max(abs(a - b) for a, b in zip(r["first_losses"], ref["first_losses"]))
                 del r["logits"]
-                print(f"{name:16s} {variant:22s} {1000 * r['median_step_s']:8.1f} ms/step  {r['speedup_vs_eager']:.2f}x  warm-up {r['warmup_s']:.1f}s  "
-                      f"logit diff {r['max_abs_logit_diff']:.1e}  loss diff {r['max_abs_loss_diff_3_steps']:.1e}", flush=True)
+                print(
+                    f"{name:16s} {variant:22s} {1000 * r['median_step_s']:8.1f} ms/step  {r['speedup_vs_eager']:.2f}x  warm-up {r['warmup_s']:.1f}s  "
+                    f"logit diff {r['max_abs_logit_diff']:.1e}  loss diff {r['max_abs_loss_diff_3_steps']:.1e}",
+                    flush=True,
+                )
             else:
                 print(f"{name:16s} {variant:22s} failed: {r['error']}", flush=True)
             rows.append(r)
@@ -125,11 +132,17 @@ def main() -> None:
             r.pop("logits", None)
             if "error" not in r and ref is not None:
                 r["speedup_vs_eager"] = ref["median_step_s"] / r["median_step_s"]
-                print(f"{name:16s} {'eager, 1 thread':22s} {1000 * r['median_step_s']:8.1f} ms/step  {r['speedup_vs_eager']:.2f}x", flush=True)
+                print(
+                    f"{name:16s} {'eager, 1 thread':22s} {1000 * r['median_step_s']:8.1f} ms/step  {r['speedup_vs_eager']:.2f}x",
+                    flush=True,
+                )
             rows.append(r)
     import torch
 
-    write_json_atomic(args.out, {"benchmark": "cpu_tuning", "batch": 128, "image": [3, 32, 32], "torch": torch.__version__, "results": rows})
+    write_json_atomic(
+        args.out,
+        {"benchmark": "cpu_tuning", "batch": 128, "image": [3, 32, 32], "torch": torch.__version__, "results": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ def macs_per_image(module: torch.nn.Module, inp: torch.Tensor) -> int:
         else:  # ConvNd: each output element needs (in/groups) * kernel multiply-adds
             total += out[0].numel() * (mod.in_channels // mod.groups) * int(np.prod(mod.kernel_size))
 
-    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    handles = [
+        m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
     try:
         with torch.no_grad():
             module(inp[:1])
@@ -132,6 +134,7 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path, posthoc: b
         def run():
             out = fn(inp)
             out.backward(torch.ones_like(out) / out.numel())
+
         return run
 
     def decoder_loss(zz):
@@ -161,7 +164,9 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path, posthoc: b
     }
     t_step = timed(whole_step, repeats)
     opt_b.zero_grad(set_to_none=True)
-    t_base_step = timed(lambda: (opt_b.zero_grad(set_to_none=True), F.cross_entropy(base(xb), yb).backward(), opt_b.step()), repeats)
+    t_base_step = timed(
+        lambda: (opt_b.zero_grad(set_to_none=True), F.cross_entropy(base(xb), yb).backward(), opt_b.step()), repeats
+    )
     imp.eval()
     with torch.no_grad():
         parts = {
@@ -189,7 +194,11 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path, posthoc: b
             xs = xb[:8]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t_shap = timed(lambda: exp.shap_values(xs, ranked_outputs=1, check_additivity=False), max(1, repeats // 2), warmup=1)
+                t_shap = timed(
+                    lambda: exp.shap_values(xs, ranked_outputs=1, check_additivity=False),
+                    max(1, repeats // 2),
+                    warmup=1,
+                )
             shap_ips = len(xs) / t_shap
         except Exception as exc:  # shap absent or failing: say so in the results
             shap_error = f"{type(exc).__name__}: {exc}"
@@ -231,8 +240,15 @@ def bench_model(name: str, repeats: int, steps: int, store_dir: Path, posthoc: b
     return out
 
 
-def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool = False, map_loss: str = "mse",
-                   faith_weight: float = 0.0, reads_m: bool = False) -> list[dict]:
+def bench_decoders(
+    name: str,
+    decoders: list[str],
+    repeats: int,
+    per_class: bool = False,
+    map_loss: str = "mse",
+    faith_weight: float = 0.0,
+    reads_m: bool = False,
+) -> list[dict]:
     """Per decoder: built-in maps (one forward) / baseline forward, IMPACTX step / baseline step, MACs."""
     torch.manual_seed(0)
     xb, yb = torch.randn(B, C, SIZE, SIZE), torch.randint(0, K, (B,))
@@ -260,7 +276,9 @@ def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool
             print(f"{name}: decoder {decoder} makes one map only; skipped with --per-class")
             continue
         torch.manual_seed(0)
-        imp = build_impactx(name, C, K, (SIZE, SIZE), decoder=decoder, per_class=per_class, decoder_width=width, decoder_reads_m=reads_m)
+        imp = build_impactx(
+            name, C, K, (SIZE, SIZE), decoder=decoder, per_class=per_class, decoder_width=width, decoder_reads_m=reads_m
+        )
         opt_i = torch.optim.Adam([p for p in imp.parameters() if p.requires_grad], 1e-3)
 
         class _Source:  # in-memory maps; the explained class is the label
@@ -285,16 +303,29 @@ def bench_decoders(name: str, decoders: list[str], repeats: int, per_class: bool
         with torch.no_grad():
             t_builtin = timed(lambda: imp.forward_all(xb), repeats)
         macs_builtin = macs_per_image(_BuiltInPath(imp), xb)
-        macs_branches = macs_per_image(_Features(imp.lep), xb) + (macs_per_image(_Features(imp.m), xb) if reads_m else 0)  # the branches the map path runs
-        rows.append({
-            "model": name, "decoder": decoder, "decoder_width": width, "per_class": per_class, "map_loss": map_loss, "faith_weight": faith_weight,
-            "decoder_reads_m": reads_m,
-            "batch": B, "baseline_forward_s": t_fwd, "builtin_maps_forward_s": t_builtin,
-            "ratio_builtin_maps_to_forward": t_builtin / t_fwd,
-            "baseline_step_s": t_base_step, "impactx_step_s": t_step, "ratio_impactx_step_to_baseline": t_step / t_base_step,
-            "macs_per_image": {"baseline": macs_per_image(base, xb), "decoder": macs_builtin - macs_branches},
-            "decoder_parameters": sum(p.numel() for p in imp.decoder.parameters()),
-        })
+        macs_branches = macs_per_image(_Features(imp.lep), xb) + (
+            macs_per_image(_Features(imp.m), xb) if reads_m else 0
+        )  # the branches the map path runs
+        rows.append(
+            {
+                "model": name,
+                "decoder": decoder,
+                "decoder_width": width,
+                "per_class": per_class,
+                "map_loss": map_loss,
+                "faith_weight": faith_weight,
+                "decoder_reads_m": reads_m,
+                "batch": B,
+                "baseline_forward_s": t_fwd,
+                "builtin_maps_forward_s": t_builtin,
+                "ratio_builtin_maps_to_forward": t_builtin / t_fwd,
+                "baseline_step_s": t_base_step,
+                "impactx_step_s": t_step,
+                "ratio_impactx_step_to_baseline": t_step / t_base_step,
+                "macs_per_image": {"baseline": macs_per_image(base, xb), "decoder": macs_builtin - macs_branches},
+                "decoder_parameters": sum(p.numel() for p in imp.decoder.parameters()),
+            }
+        )
     return rows
 
 
@@ -337,15 +368,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20, help="batches per timed epoch")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--posthoc-models", default="lenet5,mobilenet",
-                    help="models also timed with post-hoc shap.DeepExplainer (minutes per image on large nets)")
+    ap.add_argument(
+        "--posthoc-models",
+        default="lenet5,mobilenet",
+        help="models also timed with post-hoc shap.DeepExplainer (minutes per image on large nets)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "impactx.json"))
-    ap.add_argument("--decoders", default=None,
-                    help="time these map decoders (impactx.decoder) against the baseline instead of the default benchmark")
+    ap.add_argument(
+        "--decoders",
+        default=None,
+        help="time these map decoders (impactx.decoder) against the baseline instead of the default benchmark",
+    )
     ap.add_argument("--per-class", action="store_true", help="with --decoders: one map per class (impactx.per_class)")
     ap.add_argument("--map-loss", default="mse", help="with --decoders: impactx.map_loss of the timed step")
-    ap.add_argument("--faith-weight", type=float, default=0.0, help="with --decoders: impactx.faith_weight of the timed step")
-    ap.add_argument("--reads-m", action="store_true", help="with --decoders: the decoder also reads M's pyramid (impactx.decoder_reads_m)")
+    ap.add_argument(
+        "--faith-weight", type=float, default=0.0, help="with --decoders: impactx.faith_weight of the timed step"
+    )
+    ap.add_argument(
+        "--reads-m",
+        action="store_true",
+        help="with --decoders: the decoder also reads M's pyramid (impactx.decoder_reads_m)",
+    )
     args = ap.parse_args()
     for item in (args.decoders or "").split(","):
         width = item.partition("@")[2]
@@ -357,13 +400,31 @@ def main() -> None:
     if args.decoders:
         rows = []
         for name in args.models.split(","):
-            rows += bench_decoders(name, args.decoders.split(","), args.repeats, args.per_class, args.map_loss, args.faith_weight, args.reads_m)
+            rows += bench_decoders(
+                name,
+                args.decoders.split(","),
+                args.repeats,
+                args.per_class,
+                args.map_loss,
+                args.faith_weight,
+                args.reads_m,
+            )
         for r in rows:
-            print(f"{r['model']:10s} {r['decoder'] + '@' + str(r['decoder_width']):16s} built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward | "
-                  f"step {r['ratio_impactx_step_to_baseline']:.2f}x baseline | decoder MACs "
-                  f"{r['macs_per_image']['decoder'] / r['macs_per_image']['baseline']:.2f}x the baseline model's")
-        write_json_atomic(args.out, {"benchmark": "impactx_decoders", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                                     "malloc_tuned": malloc_tuned, "decoders": rows})
+            print(
+                f"{r['model']:10s} {r['decoder'] + '@' + str(r['decoder_width']):16s} built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward | "
+                f"step {r['ratio_impactx_step_to_baseline']:.2f}x baseline | decoder MACs "
+                f"{r['macs_per_image']['decoder'] / r['macs_per_image']['baseline']:.2f}x the baseline model's"
+            )
+        write_json_atomic(
+            args.out,
+            {
+                "benchmark": "impactx_decoders",
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "malloc_tuned": malloc_tuned,
+                "decoders": rows,
+            },
+        )
         return
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -376,8 +437,16 @@ def main() -> None:
                 f"map reading +{100 * r['map_reading_overhead']:.1f}% | built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward, "
                 f"{r['speedup_builtin_vs_deepexplainer'] or float('nan'):.0f}x DeepExplainer"
             )
-    write_json_atomic(args.out, {"benchmark": "impactx", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                                 "malloc_tuned": malloc_tuned, "results": results})
+    write_json_atomic(
+        args.out,
+        {
+            "benchmark": "impactx",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "malloc_tuned": malloc_tuned,
+            "results": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,17 @@ def checkpoint_case(tmp: Path, repeats: int) -> dict:
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()  # Adam's moments exist, as in a trainer's last.safetensors
     otensors, ometa = optimizer_to_flat(opt)
-    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **{f"optim.{k}": v for k, v in otensors.items()}}
-    meta = {"kind": "classifier", "epoch": 0, "history": [], "optimizer": ometa, "model_spec": getattr(model, "spec", None)}
+    tensors = {
+        **{f"model.{k}": v for k, v in model.state_dict().items()},
+        **{f"optim.{k}": v for k, v in otensors.items()},
+    }
+    meta = {
+        "kind": "classifier",
+        "epoch": 0,
+        "history": [],
+        "optimizer": ometa,
+        "model_spec": getattr(model, "spec", None),
+    }
     path = tmp / "mobilenet.safetensors"
     save_checkpoint(path, tensors, meta)
     plain = timed(lambda: load_file(str(path)), repeats)
@@ -74,9 +83,13 @@ def checkpoint_case(tmp: Path, repeats: int) -> dict:
         meta_text = f.metadata()["teachx"]
     digest_only = timed(lambda: checkpoint_digest(meta_text, loaded), repeats)
     return {
-        "file_mb": path.stat().st_size / 2**20, "tensors": len(tensors),
-        "plain_load_s": plain, "load_checkpoint_s": verified, "digest_s": digest_only,
-        "overhead_s": verified - plain, "overhead_ratio": verified / plain,
+        "file_mb": path.stat().st_size / 2**20,
+        "tensors": len(tensors),
+        "plain_load_s": plain,
+        "load_checkpoint_s": verified,
+        "digest_s": digest_only,
+        "overhead_s": verified - plain,
+        "overhead_ratio": verified / plain,
     }
 
 
@@ -88,10 +101,16 @@ def store_case(tmp: Path, repeats: int) -> dict:
     store = store_mod.open_store(tmp / "maps", material, N_MAPS, MAP_SHAPE, log=lambda m: None, distributed=False)
     batch = 1000
     t0 = time.perf_counter()
-    store_mod.fill_store(store, np.arange(N_MAPS), lambda idx: torch.from_numpy(rng.standard_normal((len(idx), *MAP_SHAPE), dtype=np.float32)),
-                         batch, progress=False, distributed=False)
+    store_mod.fill_store(
+        store,
+        np.arange(N_MAPS),
+        lambda idx: torch.from_numpy(rng.standard_normal((len(idx), *MAP_SHAPE), dtype=np.float32)),
+        batch,
+        progress=False,
+        distributed=False,
+    )
     fill_s = time.perf_counter() - t0
-    rows = np.asarray(store.maps[: batch])
+    rows = np.asarray(store.maps[:batch])
     write_digest_s = timed(lambda: store_mod.row_digests(rows), repeats) * (N_MAPS / batch)
     path = store.path
     del store
@@ -109,13 +128,22 @@ def store_case(tmp: Path, repeats: int) -> dict:
 
     plain_s = timed(plain, repeats)
     mmap_s = timed(mmap_only, repeats)
-    open_s = timed(lambda: store_mod.open_store(tmp / "maps", material, N_MAPS, MAP_SHAPE, log=lambda m: None, distributed=False), repeats)
+    open_s = timed(
+        lambda: store_mod.open_store(tmp / "maps", material, N_MAPS, MAP_SHAPE, log=lambda m: None, distributed=False),
+        repeats,
+    )
     verify_s = timed(lambda: store_mod._verify(path), repeats)
     return {
-        "rows": N_MAPS, "map_shape": list(MAP_SHAPE), "maps_mb": (path / "maps.npy").stat().st_size / 2**20,
-        "plain_read_all_rows_s": plain_s, "plain_mmap_open_s": mmap_s, "open_store_s": open_s, "verify_s": verify_s,
+        "rows": N_MAPS,
+        "map_shape": list(MAP_SHAPE),
+        "maps_mb": (path / "maps.npy").stat().st_size / 2**20,
+        "plain_read_all_rows_s": plain_s,
+        "plain_mmap_open_s": mmap_s,
+        "open_store_s": open_s,
+        "verify_s": verify_s,
         "overhead_vs_reading_rows": open_s / plain_s,
-        "fill_s_random_maps": fill_s, "row_digests_while_filling_s": write_digest_s,
+        "fill_s_random_maps": fill_s,
+        "row_digests_while_filling_s": write_digest_s,
     }
 
 
@@ -123,8 +151,12 @@ def cache_case(tmp: Path, repeats: int) -> dict:
     from teachx.data import cache as cache_mod
 
     rng = np.random.default_rng(0)
-    arrays = dict(train_images=rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8), train_labels=np.arange(50_000) % 10,
-                  test_images=rng.integers(0, 256, (10_000, 32, 32, 3), dtype=np.uint8), test_labels=np.arange(10_000) % 10)
+    arrays = dict(
+        train_images=rng.integers(0, 256, (50_000, 32, 32, 3), dtype=np.uint8),
+        train_labels=np.arange(50_000) % 10,
+        test_images=rng.integers(0, 256, (10_000, 32, 32, 3), dtype=np.uint8),
+        test_labels=np.arange(10_000) % 10,
+    )
 
     def decode():
         return cache_mod.Decoded(**arrays, class_names=[str(c) for c in range(10)])
@@ -151,8 +183,10 @@ def cache_case(tmp: Path, repeats: int) -> dict:
     read_s = timed(plain_read_all, repeats)
     return {
         "entry_mb": sum(p.stat().st_size for p in entry.glob("*.npy")) / 2**20,
-        "first_load_in_process_s": first_s, "later_load_in_process_s": again_s,
-        "plain_mmap_load_s": plain_s, "plain_read_every_byte_s": read_s,
+        "first_load_in_process_s": first_s,
+        "later_load_in_process_s": again_s,
+        "plain_mmap_load_s": plain_s,
+        "plain_read_every_byte_s": read_s,
     }
 
 
@@ -170,23 +204,42 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="teachx-integrity-") as d:
         tmp = Path(d)
         ck = checkpoint_case(tmp, args.repeats)
-        print(f"checkpoint mobilenet ({ck['file_mb']:.1f} MB, {ck['tensors']} tensors): plain load {ck['plain_load_s'] * 1e3:.1f} ms, "
-              f"load_checkpoint {ck['load_checkpoint_s'] * 1e3:.1f} ms (digest {ck['digest_s'] * 1e3:.1f} ms): x{ck['overhead_ratio']:.2f}", flush=True)
+        print(
+            f"checkpoint mobilenet ({ck['file_mb']:.1f} MB, {ck['tensors']} tensors): plain load {ck['plain_load_s'] * 1e3:.1f} ms, "
+            f"load_checkpoint {ck['load_checkpoint_s'] * 1e3:.1f} ms (digest {ck['digest_s'] * 1e3:.1f} ms): x{ck['overhead_ratio']:.2f}",
+            flush=True,
+        )
         st = store_case(tmp, args.repeats)
-        print(f"map store {st['rows']} x {st['map_shape']} ({st['maps_mb']:.0f} MB): reading every row {st['plain_read_all_rows_s'] * 1e3:.0f} ms, "
-              f"open_store with verification {st['open_store_s'] * 1e3:.0f} ms (x{st['overhead_vs_reading_rows']:.2f}); "
-              f"row digests while filling {st['row_digests_while_filling_s'] * 1e3:.0f} ms in total", flush=True)
+        print(
+            f"map store {st['rows']} x {st['map_shape']} ({st['maps_mb']:.0f} MB): reading every row {st['plain_read_all_rows_s'] * 1e3:.0f} ms, "
+            f"open_store with verification {st['open_store_s'] * 1e3:.0f} ms (x{st['overhead_vs_reading_rows']:.2f}); "
+            f"row digests while filling {st['row_digests_while_filling_s'] * 1e3:.0f} ms in total",
+            flush=True,
+        )
         ca = cache_case(tmp, args.repeats)
-        print(f"data cache ({ca['entry_mb']:.0f} MB): first load in a process {ca['first_load_in_process_s'] * 1e3:.0f} ms, "
-              f"later {ca['later_load_in_process_s'] * 1e3:.1f} ms, plain mmap {ca['plain_mmap_load_s'] * 1e3:.1f} ms, "
-              f"reading every byte {ca['plain_read_every_byte_s'] * 1e3:.0f} ms", flush=True)
+        print(
+            f"data cache ({ca['entry_mb']:.0f} MB): first load in a process {ca['first_load_in_process_s'] * 1e3:.0f} ms, "
+            f"later {ca['later_load_in_process_s'] * 1e3:.1f} ms, plain mmap {ca['plain_mmap_load_s'] * 1e3:.1f} ms, "
+            f"reading every byte {ca['plain_read_every_byte_s'] * 1e3:.0f} ms",
+            flush=True,
+        )
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     result = {
-        "benchmark": "integrity", "threads": 1, "repeats": args.repeats, "page_cache": "warm (files written just before)",
-        "checkpoint": ck, "map_store": st, "data_cache": ca, "sha256_mb_per_s": sha256_mb_s(),
+        "benchmark": "integrity",
+        "threads": 1,
+        "repeats": args.repeats,
+        "page_cache": "warm (files written just before)",
+        "checkpoint": ck,
+        "map_store": st,
+        "data_cache": ca,
+        "sha256_mb_per_s": sha256_mb_s(),
         "sha_extensions": " sha_ni " in cpuinfo or " sha2 " in cpuinfo,
-        "torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0], "machine": platform.platform(),
-        "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
         "command": "python bench/bench_integrity.py " + " ".join(sys.argv[1:]),
     }
     from teachx.utils.io import write_json_atomic

@@ -75,7 +75,7 @@ def bench_model(name: str, batch: int, size: int, repeats: int, warmup: int) -> 
     }
     for composite in ("epsilon", "epsilon_plus_flat"):
         teacher = Lrp(composite)
-        methods[f"lrp_{composite}"] = (lambda t: (lambda: t.attribute(model, x, target)))(teacher)
+        methods[f"lrp_{composite}"] = (lambda t: lambda: t.attribute(model, x, target))(teacher)
     for _ in range(warmup):
         for fn in methods.values():
             fn()
@@ -86,11 +86,15 @@ def bench_model(name: str, batch: int, size: int, repeats: int, warmup: int) -> 
     medians = {k: statistics.median(v) for k, v in times.items()}
     base = medians["plain_input_grad"]
     result = {
-        "model": name, "batch": batch, "image_size": size, "repeats": repeats,
+        "model": name,
+        "batch": batch,
+        "image_size": size,
+        "repeats": repeats,
         "median_ms": {k: round(v * 1e3, 3) for k, v in medians.items()},
         "ratio_vs_plain_input_grad": {k: round(v / base, 3) for k, v in medians.items() if k.startswith("lrp")},
-        "ratio_vs_plain_train_step": {k: round(v / medians["plain_train_step"], 3)
-                                      for k, v in medians.items() if k.startswith("lrp")},
+        "ratio_vs_plain_train_step": {
+            k: round(v / medians["plain_train_step"], 3) for k, v in medians.items() if k.startswith("lrp")
+        },
     }
     model.zero_grad(set_to_none=True)
     return result
@@ -111,17 +115,28 @@ def main() -> None:
     results = []
     for name in args.models:
         res = bench_model(name, args.batch, args.size, args.repeats, args.warmup)
-        print(f"{name:16s} " + "  ".join(f"{k}={v:.1f}ms" for k, v in res["median_ms"].items())
-              + "  ratios(input-grad): " + ", ".join(f"{k}={v:.2f}x" for k, v in res["ratio_vs_plain_input_grad"].items()),
-              flush=True)
+        print(
+            f"{name:16s} "
+            + "  ".join(f"{k}={v:.1f}ms" for k, v in res["median_ms"].items())
+            + "  ratios(input-grad): "
+            + ", ".join(f"{k}={v:.2f}x" for k, v in res["ratio_vs_plain_input_grad"].items()),
+            flush=True,
+        )
         results.append(res)
-    write_json_atomic(args.out, {
-        "benchmark": "lrp_vs_plain_forward_backward",
-        "torch": torch.__version__, "threads": args.threads, "device": "cpu", "malloc_tuned": malloc_tuned,
-        "machine": platform.machine(), "python": platform.python_version(),
-        "targets": {"lrp_epsilon": 1.5, "lrp_epsilon_plus_flat": 2.0},
-        "results": results,
-    })
+    write_json_atomic(
+        args.out,
+        {
+            "benchmark": "lrp_vs_plain_forward_backward",
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "device": "cpu",
+            "malloc_tuned": malloc_tuned,
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "targets": {"lrp_epsilon": 1.5, "lrp_epsilon_plus_flat": 2.0},
+            "results": results,
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -34,8 +34,17 @@ import torch.nn.functional as F
 from bench_scaling import status_kb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
-OPERATIONS = ["forward", "input_gradient", "train_step", "impactx_train_step", "builtin_maps", "lrp_epsilon",
-              "lrp_epsilon_plus_flat", "deepshap", "shap_deepexplainer"]
+OPERATIONS = [
+    "forward",
+    "input_gradient",
+    "train_step",
+    "impactx_train_step",
+    "builtin_maps",
+    "lrp_epsilon",
+    "lrp_epsilon_plus_flat",
+    "deepshap",
+    "shap_deepexplainer",
+]
 PIXEL_FLIPPING = ["pixel_flipping_teachx", "pixel_flipping_quantus"]
 
 
@@ -78,9 +87,11 @@ def prepare(model_name: str, operation: str, batch: int) -> Callable[[int], obje
     if operation == "forward":
         return lambda k: _no_grad(lambda: model(x[:k]))
     if operation == "input_gradient":
+
         def input_gradient(k: int):
             xg = x[:k].clone().requires_grad_(True)
             return torch.autograd.grad(model(xg).gather(1, y[:k].view(-1, 1)).sum(), xg)
+
         return input_gradient
     for p in model.parameters():
         p.requires_grad_(False)
@@ -123,6 +134,7 @@ def _pixel_flipping(model: torch.nn.Module, operation: str) -> Callable[[int], o
     def run(k: int):
         with loader.numpy_compat():
             return metric(**{**arrays, "x_batch": x[:k].numpy(), "y_batch": y[:k].numpy(), "a_batch": maps[:k].numpy()})
+
     return run
 
 
@@ -145,8 +157,13 @@ def run_one(model_name: str, operation: str, batch: int, threads: int) -> dict:
     call = prepare(model_name, operation, batch)
     call(2)  # warm-up
     full = 1000 if operation in PIXEL_FLIPPING else batch
-    return {"model": model_name, "operation": operation, "images": full, "malloc_tuned": malloc_tuned,
-            **measure(lambda: call(full))}
+    return {
+        "model": model_name,
+        "operation": operation,
+        "images": full,
+        "malloc_tuned": malloc_tuned,
+        **measure(lambda: call(full)),
+    }
 
 
 def main() -> None:
@@ -169,8 +186,21 @@ def main() -> None:
     for model_name in args.models.split(","):
         ops = args.operations.split(",") + (PIXEL_FLIPPING if model_name == "lenet5" else [])
         for op in ops:
-            proc = subprocess.run([sys.executable, __file__, "--one", model_name, op, "--batch", str(args.batch),
-                                   "--threads", str(args.threads)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    model_name,
+                    op,
+                    "--batch",
+                    str(args.batch),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 err = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
                 rows.append({"model": model_name, "operation": op, "error": err})
@@ -178,9 +208,19 @@ def main() -> None:
                 continue
             row = json.loads(proc.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"{model_name:10s} {op:24s} peak +{row['peak_extra_mb']:8.1f} MB  ({row['seconds']:.2f} s)", flush=True)
-    write_json_atomic(args.out, {"benchmark": "peak memory per operation (fresh process each)", "batch": args.batch,
-                                 "threads": args.threads, "torch": torch.__version__, "rows": rows})
+            print(
+                f"{model_name:10s} {op:24s} peak +{row['peak_extra_mb']:8.1f} MB  ({row['seconds']:.2f} s)", flush=True
+            )
+    write_json_atomic(
+        args.out,
+        {
+            "benchmark": "peak memory per operation (fresh process each)",
+            "batch": args.batch,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

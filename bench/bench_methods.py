@@ -44,7 +44,13 @@ CASES = [
     ("reldrop (LRP every step)", "reldrop", {}, None),
     ("impactx (paper decoder)", "impactx", {}, 1.0),
 ]
-TARGETS = {"rrr (annotation masks)": 3.0, "rrr (teacher masks)": 3.0, "saliency_guided": 2.5, "abn": 2.5, "reldrop (stored maps)": 1.5}
+TARGETS = {
+    "rrr (annotation masks)": 3.0,
+    "rrr (teacher masks)": 3.0,
+    "saliency_guided": 2.5,
+    "abn": 2.5,
+    "reldrop (stored maps)": 1.5,
+}
 
 
 class _MemoryStore:
@@ -133,24 +139,45 @@ def main() -> None:
     for backbone in args.models.split(","):
         for shape_text in args.shapes.split(","):
             shape = tuple(int(v) for v in shape_text.split("x"))
-            cases = {label: make_step(backbone, shape, args.batch, method, options, lam) for label, method, options, lam in CASES}
+            cases = {
+                label: make_step(backbone, shape, args.batch, method, options, lam)
+                for label, method, options, lam in CASES
+            }
             times = time_rounds(cases, args.steps, args.repeats)
             base = times["baseline"]
             for label in cases:
                 sec = statistics.median(times[label])
                 ratio = statistics.median(t / b for t, b in zip(times[label], base))  # within each round
                 target = TARGETS.get(label)
-                rows.append({"backbone": backbone, "input": shape_text, "method": label, "step_ms": sec * 1e3, "ratio_to_baseline": ratio,
-                             "ratio_per_round": [t / b for t, b in zip(times[label], base)],
-                             "target": target, "meets_target": (ratio <= target) if target else None})
-                print(f"{backbone:<10} {shape_text:<8} {label:<26} {sec * 1e3:8.1f} ms  {ratio:5.2f}x"
-                      + (f"  (target <= {target}x: {'met' if ratio <= target else 'MISSED'})" if target else ""), flush=True)
-    write_json_atomic(args.out, {
-        "what": "median training-step time (loss + backward + Adam step) per method; ratio = median over rounds of (method / baseline in the same round)",
-        "batch": args.batch, "threads": args.threads, "steps": args.steps, "repeats": args.repeats,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-        "rows": rows,
-    })
+                rows.append(
+                    {
+                        "backbone": backbone,
+                        "input": shape_text,
+                        "method": label,
+                        "step_ms": sec * 1e3,
+                        "ratio_to_baseline": ratio,
+                        "ratio_per_round": [t / b for t, b in zip(times[label], base)],
+                        "target": target,
+                        "meets_target": (ratio <= target) if target else None,
+                    }
+                )
+                print(
+                    f"{backbone:<10} {shape_text:<8} {label:<26} {sec * 1e3:8.1f} ms  {ratio:5.2f}x"
+                    + (f"  (target <= {target}x: {'met' if ratio <= target else 'MISSED'})" if target else ""),
+                    flush=True,
+                )
+    write_json_atomic(
+        args.out,
+        {
+            "what": "median training-step time (loss + backward + Adam step) per method; ratio = median over rounds of (method / baseline in the same round)",
+            "batch": args.batch,
+            "threads": args.threads,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -91,7 +91,9 @@ def per_sample_reference(model, x, y, maps, steps):
 
 def quantus_pixel_flipping(quantus, pixels: int, steps: int):
     """Quantus's PixelFlipping in the setting compared with ours: zero baseline, raw maps, H*W/steps per step."""
-    return quantus.PixelFlipping(features_in_step=pixels // steps, perturb_baseline=0.0, normalise=False, disable_warnings=True)
+    return quantus.PixelFlipping(
+        features_in_step=pixels // steps, perturb_baseline=0.0, normalise=False, disable_warnings=True
+    )
 
 
 def quantus_throughput(model, x, y, maps, steps, ours_curves):

@@ -153,12 +153,17 @@ def timed(fn: Callable[[], Any], device: torch.device, steps: int, repeats: int,
     return statistics.median(runs)
 
 
-def step_time(cfg: RunConfig, ds: ImageDataset, batch: int, device: torch.device, amp: bool, steps: int, repeats: int,
-              warmup: int) -> tuple[float, torch.nn.Module]:
+def step_time(
+    cfg: RunConfig, ds: ImageDataset, batch: int, device: torch.device, amp: bool, steps: int, repeats: int, warmup: int
+) -> tuple[float, torch.nn.Module]:
     """Median seconds of one Trainer step of ``cfg``'s method; also returns the trained model."""
     h, w = ds.image_size
-    plan = DataPlan(ds, np.arange(len(ds.train)), np.arange(0),
-                    Augment(cfg.data.crop_padding, bool(cfg.data.hflip)) if cfg.data.augment else None)
+    plan = DataPlan(
+        ds,
+        np.arange(len(ds.train)),
+        np.arange(0),
+        Augment(cfg.data.crop_padding, bool(cfg.data.hflip)) if cfg.data.augment else None,
+    )
     method = build_method(cfg)
     store = _MemoryStore(torch.randn(len(ds.train), 1, h, w).clamp_(-1, 1))
     ctx = MethodContext(cfg, plan, device, store, None, lambda s: None)
@@ -198,8 +203,15 @@ def step_time(cfg: RunConfig, ds: ImageDataset, batch: int, device: torch.device
     return timed(step, device, steps, repeats, warmup), model
 
 
-def map_throughput(cfg: RunConfig, model: torch.nn.Module, ds: ImageDataset, n_images: int, device: torch.device,
-                   repeats: int, warmup: int) -> float:
+def map_throughput(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    ds: ImageDataset,
+    n_images: int,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+) -> float:
     """Images per second of the configured DeepSHAP teacher on ``model`` (fp32, post-processed)."""
     c, (h, w) = ds.channels, ds.image_size
     g = torch.Generator().manual_seed(1)
@@ -225,10 +237,14 @@ def measure_cell(backbone: str, shape_text: str, args, device: torch.device, amp
     base_cfg.method = MethodConfig("baseline", {})
     t0 = time.perf_counter()
     steps: dict[str, float] = {}
-    steps["baseline"], base_model = step_time(base_cfg, ds, args.batch, device, amp, args.steps, args.repeats, args.warmup)
+    steps["baseline"], base_model = step_time(
+        base_cfg, ds, args.batch, device, amp, args.steps, args.repeats, args.warmup
+    )
     costs = arm_costs(spec)
     for label, arms in costs.items():
-        steps[label], _ = step_time(spec.config(regime, arms[0], seed), ds, args.batch, device, amp, args.steps, args.repeats, args.warmup)
+        steps[label], _ = step_time(
+            spec.config(regime, arms[0], seed), ds, args.batch, device, amp, args.steps, args.repeats, args.warmup
+        )
     tcfg = spec.config(regime, "impactx" if "impactx" in spec.arms else None, seed)
     n_maps = args.map_images or tcfg.teacher.batch_size
     with warnings.catch_warnings():
@@ -236,14 +252,26 @@ def measure_cell(backbone: str, shape_text: str, args, device: torch.device, amp
         ips = map_throughput(tcfg, base_model, ds, n_maps, device, max(1, min(args.repeats, 3)), min(args.warmup, 1))
     amp_dtype, use_scaler = amp_setting(device, amp)
     row = {
-        "backbone": backbone, "dataset": dataset, "config": config, "shape": shape_text,
-        "device": device.type, "device_name": _device_name(device), "threads": torch.get_num_threads(),
-        "batch": args.batch, "amp": amp_dtype is not None,
-        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else None, "grad_scaler": use_scaler,
-        "steps_timed": args.steps, "repeats": args.repeats, "note": args.note or None,
-        "step_s": steps, "ratio_to_baseline": {k: v / steps["baseline"] for k, v in steps.items()},
+        "backbone": backbone,
+        "dataset": dataset,
+        "config": config,
+        "shape": shape_text,
+        "device": device.type,
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "amp": amp_dtype is not None,
+        "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype is not None else None,
+        "grad_scaler": use_scaler,
+        "steps_timed": args.steps,
+        "repeats": args.repeats,
+        "note": args.note or None,
+        "step_s": steps,
+        "ratio_to_baseline": {k: v / steps["baseline"] for k, v in steps.items()},
         "arms_by_cost": costs,
-        "maps_img_per_s": ips, "map_images_timed": n_maps, "map_background": tcfg.teacher.background_size,
+        "maps_img_per_s": ips,
+        "map_images_timed": n_maps,
+        "map_background": tcfg.teacher.background_size,
         "bench_seconds": time.perf_counter() - t0,
     }
     row.update(derive(row, spec, base_cfg))
@@ -273,9 +301,14 @@ def derive(row: dict[str, Any], spec: StudySpec, cfg: RunConfig) -> dict[str, An
     n_units = len(spec.seeds) * (1 + len(spec.arms))
     return {
         "schedule": {"train_images": n_train, "batch_size": batch_cfg, "steps_per_epoch": spe, "epochs": epochs},
-        "step_s_at_config_batch": step_cfg, "scaled_from_batch": row["batch"] if scale != 1 else None,
-        "unit_s": unit, "maps_images": map_images, "maps_s": maps_s,
-        "seeds": len(spec.seeds), "units": n_units, "cell_s": len(spec.seeds) * per_seed + maps_s,
+        "step_s_at_config_batch": step_cfg,
+        "scaled_from_batch": row["batch"] if scale != 1 else None,
+        "unit_s": unit,
+        "maps_images": map_images,
+        "maps_s": maps_s,
+        "seeds": len(spec.seeds),
+        "units": n_units,
+        "cell_s": len(spec.seeds) * per_seed + maps_s,
     }
 
 
@@ -298,17 +331,24 @@ def header_lines(row: dict[str, Any], width: int = 118) -> list[str]:
     """The config header's CPU or GPU line (and its continuation lines) for one measured cell."""
     s = row["schedule"]
     kind = "GPU" if row["device"] == "cuda" else "CPU"
-    what = [row["device_name"] if kind == "GPU" else f"{row['threads']} thread{'s' if row['threads'] != 1 else ''}",
-            f"batch {s['batch_size']}", f"AMP {row['amp_dtype']}" if row["amp"] else "no AMP"]
+    what = [
+        row["device_name"] if kind == "GPU" else f"{row['threads']} thread{'s' if row['threads'] != 1 else ''}",
+        f"batch {s['batch_size']}",
+        f"AMP {row['amp_dtype']}" if row["amp"] else "no AMP",
+    ]
     if row.get("scaled_from_batch"):
         what.append(f"step timed at batch {row['scaled_from_batch']}, scaled linearly")
     if row.get("note"):
         what.append(row["note"])
-    parts = [f"{LABELS.get(k, k)} {s['steps_per_epoch']} x {s['epochs']} x {_g(v)} s = {duration(row['unit_s'][k])}"
-             for k, v in row["step_s_at_config_batch"].items()]
-    parts.append(f"+ DeepSHAP maps of {row['maps_images']:,} images at {_g(row['maps_img_per_s'])} img/s (timed on "
-                 f"{row['map_images_timed']}) = "
-                 f"{duration(row['maps_s'])} once per cell")
+    parts = [
+        f"{LABELS.get(k, k)} {s['steps_per_epoch']} x {s['epochs']} x {_g(v)} s = {duration(row['unit_s'][k])}"
+        for k, v in row["step_s_at_config_batch"].items()
+    ]
+    parts.append(
+        f"+ DeepSHAP maps of {row['maps_images']:,} images at {_g(row['maps_img_per_s'])} img/s (timed on "
+        f"{row['map_images_timed']}) = "
+        f"{duration(row['maps_s'])} once per cell"
+    )
     parts.append(f"the cell's {row['units']} units: {duration(row['cell_s'])}")
     body = [""]
     for part in parts:  # whole parts per line, '; ' between them
@@ -344,21 +384,39 @@ def write_headers(rows: list[dict[str, Any]], configs: Path = CONFIGS) -> list[P
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's default on CUDA)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's default on CUDA)"
+    )
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--shapes", default=",".join(SHAPES), help="cell shapes C x H x W : classes (or dataset names)")
     ap.add_argument("--batch", type=int, default=128, help="images per timed step (the configs train at 128)")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed run")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per case (the median is kept)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--map-images", type=int, default=None, help="images per timed DeepSHAP call (default: the config's teacher.batch_size)")
+    ap.add_argument(
+        "--map-images",
+        type=int,
+        default=None,
+        help="images per timed DeepSHAP call (default: the config's teacher.batch_size)",
+    )
     ap.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA (the configs use it)")
-    ap.add_argument("--note", default="", help="a qualifier stored in every row and header line, e.g. 'approx., measured under load'")
+    ap.add_argument(
+        "--note",
+        default="",
+        help="a qualifier stored in every row and header line, e.g. 'approx., measured under load'",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny run for CI: 1 step, 1 repeat, 1 warm-up, 2 map images")
-    ap.add_argument("--write-headers", action="store_true", help="put the measured figures into the configs' header lines")
-    ap.add_argument("--headers-from", default=None, help="update the configs' header lines from this result file; measure nothing")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of an existing --out file for cells (backbone, dataset, device) not measured now")
+    ap.add_argument(
+        "--write-headers", action="store_true", help="put the measured figures into the configs' header lines"
+    )
+    ap.add_argument(
+        "--headers-from", default=None, help="update the configs' header lines from this result file; measure nothing"
+    )
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of an existing --out file for cells (backbone, dataset, device) not measured now",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "paper_grid.json"))
     args = ap.parse_args(argv)
     if args.headers_from:
@@ -384,19 +442,35 @@ def main(argv: Optional[list[str]] = None) -> None:
         order = {(b, d): i for i, (b, d) in enumerate((b, d) for b in MODELS for d in SHAPES.values())}
         rows = [r for r in old_rows if (r["backbone"], r["dataset"], r["device"]) not in done] + measured
         rows.sort(key=lambda r: (r["device"], order.get((r["backbone"], r["dataset"]), len(order))))
-        write_json_atomic(args.out, {
-            "benchmark": "paper_grid",
-            "what": "median training-step time per cell and method (the Trainer's step, data loading left out), DeepSHAP map "
-                    "throughput, and the implied wall time per unit: steps/epoch x epochs x step time (+ maps once per cell)",
-            "device": device.type, "device_name": _device_name(device), "threads": torch.get_num_threads(), "batch": args.batch,
-            "amp": amp and device.type == "cuda", "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
-            "quick": args.quick, "note": args.note or None, "merged": bool(args.merge), "torch": torch.__version__,
-            "malloc_tuned": malloc_tuned, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)", "rows": rows,
-        })
+        write_json_atomic(
+            args.out,
+            {
+                "benchmark": "paper_grid",
+                "what": "median training-step time per cell and method (the Trainer's step, data loading left out), DeepSHAP map "
+                "throughput, and the implied wall time per unit: steps/epoch x epochs x step time (+ maps once per cell)",
+                "device": device.type,
+                "device_name": _device_name(device),
+                "threads": torch.get_num_threads(),
+                "batch": args.batch,
+                "amp": amp and device.type == "cuda",
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "quick": args.quick,
+                "note": args.note or None,
+                "merged": bool(args.merge),
+                "torch": torch.__version__,
+                "malloc_tuned": malloc_tuned,
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
+                "rows": rows,
+            },
+        )
 
-    print(f"{'backbone':<16}{'cell':<12}{'baseline':>10}{'IMPACTX':>10}{'lambda0':>10}{'ABN':>10}{'maps img/s':>12}"
-          f"{'IMPACTX unit':>14}{'cell (all units)':>17}   ({device.type}, {torch.get_num_threads()} thr, batch {args.batch}, "
-          f"AMP {'on' if amp and device.type == 'cuda' else 'off'}; step times in ms)")
+    print(
+        f"{'backbone':<16}{'cell':<12}{'baseline':>10}{'IMPACTX':>10}{'lambda0':>10}{'ABN':>10}{'maps img/s':>12}"
+        f"{'IMPACTX unit':>14}{'cell (all units)':>17}   ({device.type}, {torch.get_num_threads()} thr, batch {args.batch}, "
+        f"AMP {'on' if amp and device.type == 'cuda' else 'off'}; step times in ms)"
+    )
     for backbone in args.models.split(","):
         for shape_text in args.shapes.split(","):
             with warnings.catch_warnings():
@@ -405,9 +479,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             measured.append(row)
             save()
             st = row["step_s"]
-            print(f"{backbone:<16}{row['dataset']:<12}" + "".join(f"{1e3 * st[k]:10.1f}" if k in st else f"{'-':>10}"
-                                                              for k in ("baseline", "impactx", "impactx_lambda0", "abn"))
-                  + f"{row['maps_img_per_s']:12.1f}{duration(row['unit_s'].get('impactx', 0.0)):>14}{duration(row['cell_s']):>17}", flush=True)
+            print(
+                f"{backbone:<16}{row['dataset']:<12}"
+                + "".join(
+                    f"{1e3 * st[k]:10.1f}" if k in st else f"{'-':>10}"
+                    for k in ("baseline", "impactx", "impactx_lambda0", "abn")
+                )
+                + f"{row['maps_img_per_s']:12.1f}{duration(row['unit_s'].get('impactx', 0.0)):>14}{duration(row['cell_s']):>17}",
+                flush=True,
+            )
     print(f"wrote {args.out}")
     if args.write_headers:
         for path in write_headers(measured):

@@ -87,8 +87,15 @@ def make_data(folder: Path, n: int):
     del images
     train = Split(np.load(folder / f"train-{n}.npy", mmap_mode="r"), labels)
     test = Split(np.zeros((10, SIZE, SIZE, 3), np.uint8), np.arange(10, dtype=np.int64))
-    return ImageDataset("synthetic", [str(c) for c in range(CLASSES)], train, test,
-                        mean=(0.4, 0.4, 0.4), std=(0.3, 0.3, 0.3), hflip=True)
+    return ImageDataset(
+        "synthetic",
+        [str(c) for c in range(CLASSES)],
+        train,
+        test,
+        mean=(0.4, 0.4, 0.4),
+        std=(0.3, 0.3, 0.3),
+        hflip=True,
+    )
 
 
 def run_stage(stage: str, n: int, workdir: Path, teacher_name: str) -> dict:
@@ -122,12 +129,18 @@ def run_stage(stage: str, n: int, workdir: Path, teacher_name: str) -> dict:
             if teacher_name in ("deepshap", "expected_gradients"):
                 g = torch.Generator().manual_seed(0)
                 bg = np.asarray(ds.train.images[np.sort(torch.randperm(n, generator=g)[:50].numpy())])
-                options["background"] = normalize(torch.from_numpy(bg).permute(0, 3, 1, 2).contiguous(), ds.mean, ds.std)
+                options["background"] = normalize(
+                    torch.from_numpy(bg).permute(0, 3, 1, 2).contiguous(), ds.mean, ds.std
+                )
             teacher = build_teacher(teacher_name, **options)
             store = open_store(workdir / "maps", material, n, (1, SIZE, SIZE), log=lambda m: None)
 
             def compute(rows):
-                x = normalize(torch.from_numpy(np.asarray(ds.train.images[rows])).permute(0, 3, 1, 2).contiguous(), ds.mean, ds.std)
+                x = normalize(
+                    torch.from_numpy(np.asarray(ds.train.images[rows])).permute(0, 3, 1, 2).contiguous(),
+                    ds.mean,
+                    ds.std,
+                )
                 y = torch.from_numpy(ds.train.labels[rows])
                 return postprocess(teacher.attribute(teacher_model, x, y), reduce="sum", normalize="maxabs")
 
@@ -138,11 +151,24 @@ def run_stage(stage: str, n: int, workdir: Path, teacher_name: str) -> dict:
                 task = ClassifierTask(build_model("lenet5", 3, CLASSES, (SIZE, SIZE)))
             else:
                 store = open_store(workdir / "maps", material, n, (1, SIZE, SIZE), log=lambda m: None)
-                task = ImpactxTask(build_impactx("lenet5", 3, CLASSES, (SIZE, SIZE), decoder="paper"), MapSource(store, "teacher", idx, 0), lam=1.0)
-            Trainer(task, plan, cfg, workdir / f"{stage}-{n}", seed=0, device="cpu", log=lambda m: None, distributed=False).fit(resume=False)
+                task = ImpactxTask(
+                    build_impactx("lenet5", 3, CLASSES, (SIZE, SIZE), decoder="paper"),
+                    MapSource(store, "teacher", idx, 0),
+                    lam=1.0,
+                )
+            Trainer(
+                task, plan, cfg, workdir / f"{stage}-{n}", seed=0, device="cpu", log=lambda m: None, distributed=False
+            ).fit(resume=False)
         seconds = time.perf_counter() - t0
-    return {"stage": stage, "n": n, "seconds": seconds, "images_per_s": n / seconds,
-            "anon_start_mb": mem.start_anon / 1024, "anon_peak_mb": mem.peak_anon / 1024, "rss_peak_mb": mem.peak_total / 1024}
+    return {
+        "stage": stage,
+        "n": n,
+        "seconds": seconds,
+        "images_per_s": n / seconds,
+        "anon_start_mb": mem.start_anon / 1024,
+        "anon_peak_mb": mem.peak_anon / 1024,
+        "rss_peak_mb": mem.peak_total / 1024,
+    }
 
 
 def _open_data(folder: Path, n: int):
@@ -152,8 +178,15 @@ def _open_data(folder: Path, n: int):
 
     train = Split(np.load(folder / f"train-{n}.npy", mmap_mode="r"), (np.arange(n) % CLASSES).astype(np.int64))
     test = Split(np.zeros((10, SIZE, SIZE, 3), np.uint8), np.arange(10, dtype=np.int64))
-    return ImageDataset("synthetic", [str(c) for c in range(CLASSES)], train, test,
-                        mean=(0.4, 0.4, 0.4), std=(0.3, 0.3, 0.3), hflip=True)
+    return ImageDataset(
+        "synthetic",
+        [str(c) for c in range(CLASSES)],
+        train,
+        test,
+        mean=(0.4, 0.4, 0.4),
+        std=(0.3, 0.3, 0.3),
+        hflip=True,
+    )
 
 
 def main() -> None:
@@ -175,36 +208,61 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="teachx-scaling-") as tmp:
         for n in sizes:
             for stage in ("maps", "baseline", "impactx"):
-                cmd = [sys.executable, __file__, "--threads", str(args.threads), "--teacher", args.teacher, "--child", stage, str(n), tmp]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(args.threads),
+                    "--teacher",
+                    args.teacher,
+                    "--child",
+                    stage,
+                    str(n),
+                    tmp,
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if out.returncode:
                     raise SystemExit(f"{stage} n={n} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"{stage:<9} n={n:>6}: {row['seconds']:8.1f} s  {row['images_per_s']:8.0f} img/s  "
-                      f"anon peak {row['anon_peak_mb']:7.1f} MB  rss peak {row['rss_peak_mb']:7.1f} MB", flush=True)
+                print(
+                    f"{stage:<9} n={n:>6}: {row['seconds']:8.1f} s  {row['images_per_s']:8.0f} img/s  "
+                    f"anon peak {row['anon_peak_mb']:7.1f} MB  rss peak {row['rss_peak_mb']:7.1f} MB",
+                    flush=True,
+                )
     summary = {}
     for stage in ("maps", "baseline", "impactx"):
         mine = [r for r in rows if r["stage"] == stage]
         small, large = mine[0], mine[-1]
         summary[stage] = {
-            "time_ratio": large["seconds"] / small["seconds"], "size_ratio": large["n"] / small["n"],
+            "time_ratio": large["seconds"] / small["seconds"],
+            "size_ratio": large["n"] / small["n"],
             "anon_peak_ratio": large["anon_peak_mb"] / small["anon_peak_mb"],
             "anon_growth_mb": large["anon_peak_mb"] - small["anon_peak_mb"],
         }
     import torch
 
     result = {
-        "benchmark": "scaling", "teacher": args.teacher, "threads": args.threads, "batch": BATCH, "sizes": sizes,
-        "rows": rows, "summary": summary, "torch": torch.__version__, "machine": platform.platform(),
-        "cpus": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+        "benchmark": "scaling",
+        "teacher": args.teacher,
+        "threads": args.threads,
+        "batch": BATCH,
+        "sizes": sizes,
+        "rows": rows,
+        "summary": summary,
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
         "command": "python bench/bench_scaling.py " + " ".join(sys.argv[1:]),
     }
     from teachx.utils.io import write_json_atomic
 
     write_json_atomic(RESULTS, result)
     for stage, s in summary.items():
-        print(f"{stage}: {s['size_ratio']:.0f}x images -> {s['time_ratio']:.1f}x time, anonymous peak x{s['anon_peak_ratio']:.2f} ({s['anon_growth_mb']:+.1f} MB)")
+        print(
+            f"{stage}: {s['size_ratio']:.0f}x images -> {s['time_ratio']:.1f}x time, anonymous peak x{s['anon_peak_ratio']:.2f} ({s['anon_growth_mb']:+.1f} MB)"
+        )
     print(f"wrote {RESULTS}")
 
 

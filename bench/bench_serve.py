@@ -55,9 +55,15 @@ def percentile(values: list[float], q: float) -> float:
 
 def summary(latencies_s: list[float], errors: int, wall_s: float) -> dict:
     ms = [1000 * v for v in latencies_s]
-    return {"requests": len(ms) + errors, "errors": errors, "p50_ms": percentile(ms, 50), "p95_ms": percentile(ms, 95),
-            "mean_ms": float(np.mean(ms)) if ms else float("nan"), "max_ms": max(ms) if ms else float("nan"),
-            "requests_per_s": (len(ms) + errors) / wall_s if wall_s > 0 else float("nan")}
+    return {
+        "requests": len(ms) + errors,
+        "errors": errors,
+        "p50_ms": percentile(ms, 50),
+        "p95_ms": percentile(ms, 95),
+        "mean_ms": float(np.mean(ms)) if ms else float("nan"),
+        "max_ms": max(ms) if ms else float("nan"),
+        "requests_per_s": (len(ms) + errors) / wall_s if wall_s > 0 else float("nan"),
+    }
 
 
 class Client:
@@ -67,7 +73,9 @@ class Client:
         self.port = port
         self.conn = http.client.HTTPConnection(HOST, port, timeout=300)
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, bytes]:
         for attempt in (0, 1):
             try:
                 self.conn.request(method, path, body=body, headers=headers or {})
@@ -131,7 +139,20 @@ def start_server(run_dir: str, cache: Path, threads: int | None) -> tuple[subpro
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
         env["TEACHX_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "teachx", "serve", run_dir, "--host", HOST, "--port", "0", "--cache-dir", str(cache / "serve"), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "teachx",
+        "serve",
+        run_dir,
+        "--host",
+        HOST,
+        "--port",
+        "0",
+        "--cache-dir",
+        str(cache / "serve"),
+        "-q",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
@@ -168,8 +189,14 @@ def upload_png(size: list[int], channels: int, seed: int = 0) -> bytes:
 
 
 def multipart(data: bytes, boundary: str = "teachxbench") -> tuple[bytes, dict]:
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(len(body))}
 
 
@@ -200,8 +227,14 @@ def measure(args, proc: subprocess.Popen, port: int) -> dict:
         raise SystemExit(f"model {mid}: {info['error']}")
     n = int(info["n_images"])
     clients = sorted(set(args.clients))
-    out = {"run_dir": str(Path(args.run_dir).resolve()), "model": mid, "dataset": info["dataset"], "n_images": n,
-           "image_size": info["image_size"], "scenarios": {}}
+    out = {
+        "run_dir": str(Path(args.run_dir).resolve()),
+        "model": mid,
+        "dataset": info["dataset"],
+        "n_images": n,
+        "image_size": info["image_size"],
+        "scenarios": {},
+    }
     warm = list(range(min(n, args.warm)))  # cached rows for the cached scenarios
     fresh = iter(range(len(warm), n))  # rows nobody has asked for yet, used once each
     t0 = time.perf_counter()
@@ -227,8 +260,12 @@ def measure(args, proc: subprocess.Popen, port: int) -> dict:
 
     out["scenarios"]["uncached_built_in"] = uncached(lambda i: f"{base}/images/{i}/maps/built_in", args.uncached)
     body, headers = multipart(upload_png(info["image_size"], info["channels"]))
-    out["scenarios"]["upload"] = {str(k): run_load(port, list(range(args.uploads)), k,
-                                                   lambda cl, _i: cl.request("POST", f"{base}/predict", body, headers)[0]) for k in clients}
+    out["scenarios"]["upload"] = {
+        str(k): run_load(
+            port, list(range(args.uploads)), k, lambda cl, _i: cl.request("POST", f"{base}/predict", body, headers)[0]
+        )
+        for k in clients
+    }
     if args.deepshap:
         out["scenarios"]["deepshap"] = uncached(lambda i: f"{base}/images/{i}/maps/deepshap", args.deepshap)
     # memory over many cached requests at the largest client count
@@ -245,8 +282,16 @@ def measure(args, proc: subprocess.Popen, port: int) -> dict:
         done += step
         samples.append({"requests": done, **rss_kb(proc.pid)})
     rss = [s["VmRSS"] for s in samples[1:]] or [samples[0]["VmRSS"]]
-    out["memory"] = {"clients": k, "requests": done, "errors": errors, "seconds": time.perf_counter() - t0, "samples_kb": samples,
-                     "rss_first_mb": rss[0] / 1024, "rss_last_mb": rss[-1] / 1024, "growth_mb": (rss[-1] - rss[0]) / 1024}
+    out["memory"] = {
+        "clients": k,
+        "requests": done,
+        "errors": errors,
+        "seconds": time.perf_counter() - t0,
+        "samples_kb": samples,
+        "rss_first_mb": rss[0] / 1024,
+        "rss_last_mb": rss[-1] / 1024,
+        "growth_mb": (rss[-1] - rss[0]) / 1024,
+    }
     # the grid's list over the whole test split (last: the first sorted list computes every prediction, which
     # would turn the uncached scenarios above into cached ones): the cold first page, then pages of 120
     # sorted by confidence, wrong predictions only, at every offset
@@ -258,8 +303,17 @@ def measure(args, proc: subprocess.Popen, port: int) -> dict:
     finally:
         cl.close()
     offsets = [(120 * j) % max(1, n) for j in range(args.requests)]
-    out["scenarios"]["list_page"] = {str(k): run_load(port, offsets, k, lambda cl, o: cl.request(
-        "GET", f"{base}/images?sort=confidence&order=desc&correct=false&offset={o}&limit=120")[0]) for k in clients}
+    out["scenarios"]["list_page"] = {
+        str(k): run_load(
+            port,
+            offsets,
+            k,
+            lambda cl, o: cl.request(
+                "GET", f"{base}/images?sort=confidence&order=desc&correct=false&offset={o}&limit=120"
+            )[0],
+        )
+        for k in clients
+    }
     return out
 
 
@@ -269,7 +323,11 @@ def server_stack() -> dict:
     from importlib.util import find_spec
     from importlib.metadata import version
 
-    return {"uvicorn": version("uvicorn"), "httptools": find_spec("httptools") is not None, "uvloop": find_spec("uvloop") is not None}
+    return {
+        "uvicorn": version("uvicorn"),
+        "httptools": find_spec("httptools") is not None,
+        "uvloop": find_spec("uvloop") is not None,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -291,10 +349,15 @@ def main(argv: list[str] | None = None) -> dict:
     if min(args.clients) < 1 or args.warm < 1:
         ap.error("--clients and --warm must be >= 1")
     res = bench(args)
-    res.update({"command": "python bench/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:]), "note": args.note,
-                "server_stack": server_stack(),
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-                "date": time.strftime("%Y-%m-%d %H:%M:%S")})
+    res.update(
+        {
+            "command": "python bench/bench_serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "note": args.note,
+            "server_stack": server_stack(),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+    )
     from teachx.utils.io import write_json_atomic
 
     out = Path(args.out)
@@ -304,12 +367,18 @@ def main(argv: list[str] | None = None) -> dict:
     for name, by_k in res["scenarios"].items():
         for k, r in by_k.items():
             if "p50_ms" in r:
-                print(f"{name:<18} clients={k:>2}  p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  errors {r['errors']}  ({r['requests']} requests)")
+                print(
+                    f"{name:<18} clients={k:>2}  p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  errors {r['errors']}  ({r['requests']} requests)"
+                )
             else:
                 print(f"{name:<18} clients={k:>2}  {r.get('skipped')}")
     mem = res["memory"]
-    print(f"list: first sorted page of {res['list_cold']['images']} images in {res['list_cold']['seconds']:.2f} s (status {res['list_cold']['status']})")
-    print(f"memory: {mem['rss_first_mb']:.0f} -> {mem['rss_last_mb']:.0f} MB RSS over {mem['requests']} requests ({mem['errors']} errors); -> {out}")
+    print(
+        f"list: first sorted page of {res['list_cold']['images']} images in {res['list_cold']['seconds']:.2f} s (status {res['list_cold']['status']})"
+    )
+    print(
+        f"memory: {mem['rss_first_mb']:.0f} -> {mem['rss_last_mb']:.0f} MB RSS over {mem['requests']} requests ({mem['errors']} errors); -> {out}"
+    )
     return res
 
 

@@ -126,8 +126,15 @@ def main() -> None:
     malloc_tuned = tune_cpu_allocator()  # as the CLI, Trainer and map stores do: the speed users get
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    results = {"threads": torch.get_num_threads(), "batch": args.batch, "background": args.background,
-               "size": args.size, "torch": torch.__version__, "malloc_tuned": malloc_tuned, "models": {}}
+    results = {
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "background": args.background,
+        "size": args.size,
+        "torch": torch.__version__,
+        "malloc_tuned": malloc_tuned,
+        "models": {},
+    }
     for name in args.models.split(","):
         model = warm_up_model(build(name, 3, 10, args.size), args.size)
         g = torch.Generator().manual_seed(1)
@@ -152,15 +159,24 @@ def main() -> None:
         diff = (ours - ref).abs().max().item()
         scale = ref.abs().max().item()
         r = {
-            "ours_img_s": args.batch / ours_t, "bound_img_s": args.batch / bound_t, "shap_img_s": args.batch / shap_t,
-            "bound_rows_per_pass": rows, "ratio_to_bound": bound_t / ours_t, "speedup_vs_shap": shap_t / ours_t,
-            "max_abs_diff": diff, "max_abs_value": scale, "rel_diff": diff / scale,
+            "ours_img_s": args.batch / ours_t,
+            "bound_img_s": args.batch / bound_t,
+            "shap_img_s": args.batch / shap_t,
+            "bound_rows_per_pass": rows,
+            "ratio_to_bound": bound_t / ours_t,
+            "speedup_vs_shap": shap_t / ours_t,
+            "max_abs_diff": diff,
+            "max_abs_value": scale,
+            "rel_diff": diff / scale,
             "times_s": {"ours": ours_all, "bound": bound_all, "shap": shap_all},
         }
         results["models"][name] = r
-        print(f"{name:10s} ours {r['ours_img_s']:8.1f} img/s | bound {r['bound_img_s']:8.1f} | shap "
-              f"{r['shap_img_s']:7.1f} | ours/bound {r['ratio_to_bound']:.2f} | x shap {r['speedup_vs_shap']:.2f} "
-              f"| max|diff| {diff:.2e} (rel {diff / scale:.1e})", flush=True)
+        print(
+            f"{name:10s} ours {r['ours_img_s']:8.1f} img/s | bound {r['bound_img_s']:8.1f} | shap "
+            f"{r['shap_img_s']:7.1f} | ours/bound {r['ratio_to_bound']:.2f} | x shap {r['speedup_vs_shap']:.2f} "
+            f"| max|diff| {diff:.2e} (rel {diff / scale:.1e})",
+            flush=True,
+        )
     if args.merge and Path(args.out).exists():
         import json
 

@@ -66,15 +66,19 @@ print(json.dumps({"threads_used": torch.get_num_threads(), "step_times": times,
 
 BUSY = "import os, time\nos.sched_setaffinity(0, {%d})\nt = time.time() + %f\nwhile time.time() < t:\n    pass\n"
 # a second torch job (e.g. another study worker or test suite) with its own thread count
-TORCH_JOB = ("import time, torch\ntorch.set_num_threads(%d)\na = torch.randn(256, 256)\nt = time.time() + %f\n"
-             "while time.time() < t:\n    (a @ a).sum()\n")
+TORCH_JOB = (
+    "import time, torch\ntorch.set_num_threads(%d)\na = torch.randn(256, 256)\nt = time.time() + %f\n"
+    "while time.time() < t:\n    (a @ a).sum()\n"
+)
 LOADS = {"idle": None, "one busy core": "busy", "another torch job, 1 thread": 1, "another torch job, 2 threads": 2}
 
 
 def run_variant(variant: dict, env_extra: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TEACHX_THREADS")}
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", WORKER, json.dumps(variant)], env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(variant)], env=env, check=True, capture_output=True, text=True
+    )
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     rec["median_step_s"] = statistics.median(rec["step_times"])
     rec["steps_measured"] = len(rec.pop("step_times"))
@@ -90,18 +94,26 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "threads.json"))
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
-    variants = [("threads=1", {"threads": 1}, {}),
-                (f"threads={cores}", {"threads": cores}, {}),
-                (f"threads={cores} passive", {"threads": cores}, {"OMP_WAIT_POLICY": "PASSIVE"}),
-                ("teachx default", {"threads": None}, {})]
+    variants = [
+        ("threads=1", {"threads": 1}, {}),
+        (f"threads={cores}", {"threads": cores}, {}),
+        (f"threads={cores} passive", {"threads": cores}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ("teachx default", {"threads": None}, {}),
+    ]
     rows = []
     for load, competitor in LOADS.items():
         for label, v, env in variants:
             variant = {**v, "steps": args.steps, "warmup": args.warmup, "max_seconds": args.max_seconds}
             busy = None
             if competitor is not None:
-                code = BUSY % (args.busy_core, 4 * args.max_seconds + 60) if competitor == "busy" else TORCH_JOB % (competitor, 4 * args.max_seconds + 60)
-                busy = subprocess.Popen([sys.executable, "-c", code], env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+                code = (
+                    BUSY % (args.busy_core, 4 * args.max_seconds + 60)
+                    if competitor == "busy"
+                    else TORCH_JOB % (competitor, 4 * args.max_seconds + 60)
+                )
+                busy = subprocess.Popen(
+                    [sys.executable, "-c", code], env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+                )
                 time.sleep(0.5)
             try:
                 rec = run_variant(variant, env)
@@ -111,16 +123,28 @@ def main() -> None:
                     busy.wait()
             rec.update(load=load, variant=label)
             rows.append(rec)
-            print(f"{load:14s} {label:22s} {1000 * rec['median_step_s']:9.1f} ms/step ({rec['steps_measured']} steps, "
-                  f"{rec['threads_used']} threads)", flush=True)
+            print(
+                f"{load:14s} {label:22s} {1000 * rec['median_step_s']:9.1f} ms/step ({rec['steps_measured']} steps, "
+                f"{rec['threads_used']} threads)",
+                flush=True,
+            )
     by = {(r["load"], r["variant"]): r["median_step_s"] for r in rows}
     for r in rows:
         r["slowdown_vs_idle_same_variant"] = r["median_step_s"] / by[("idle", r["variant"])]
         r["vs_best_idle"] = r["median_step_s"] / min(v for (ld, _), v in by.items() if ld == "idle")
     from teachx.utils.io import write_json_atomic
 
-    write_json_atomic(args.out, {"benchmark": "threads", "cores": cores, "batch": 128, "model": "lenet5",
-                                 "machine": f"{os.cpu_count()} CPUs", "rows": rows})
+    write_json_atomic(
+        args.out,
+        {
+            "benchmark": "threads",
+            "cores": cores,
+            "batch": 128,
+            "model": "lenet5",
+            "machine": f"{os.cpu_count()} CPUs",
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

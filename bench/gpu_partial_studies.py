@@ -70,11 +70,20 @@ def _summarise(source: Path, root: Path) -> dict[str, Any]:
         stage = read_trusted_json(d / "stage.json", fix, "unit result") if (d / "stage.json").is_file() else None
         hist = json.loads((d / "history.json").read_text()) if (d / "history.json").is_file() else []
         secs = [h["seconds"] for h in hist if isinstance(h, dict) and "seconds" in h]
-        units.append({"unit": d.name, "arm": arms.get(d.name) or _arm(info), "arm_from": "study.yaml" if d.name in arms else "config", "seed": info["config"]["seed"],
-                      "backbone": info["config"]["model"]["backbone"], "finished": stage is not None,
-                      "epochs_done": len(hist), "epochs": info["config"]["train"]["epochs"],
-                      "test_acc": stage.get("test_acc") if stage else None,
-                      "median_s_per_epoch": statistics.median(secs) if secs else None})
+        units.append(
+            {
+                "unit": d.name,
+                "arm": arms.get(d.name) or _arm(info),
+                "arm_from": "study.yaml" if d.name in arms else "config",
+                "seed": info["config"]["seed"],
+                "backbone": info["config"]["model"]["backbone"],
+                "finished": stage is not None,
+                "epochs_done": len(hist),
+                "epochs": info["config"]["train"]["epochs"],
+                "test_acc": stage.get("test_acc") if stage else None,
+                "median_s_per_epoch": statistics.median(secs) if secs else None,
+            }
+        )
     by_arm: dict[str, dict[int, float]] = defaultdict(dict)
     for u in units:
         if u["finished"] and u["test_acc"] is not None:
@@ -87,15 +96,29 @@ def _summarise(source: Path, root: Path) -> dict[str, Any]:
         s = summarize(vals)
         rows[arm] = {"seeds": seeds, "test_acc": vals, "mean": s.mean, "std": s.std}
     compared = [a for a in complete if a != "baseline"] if "baseline" in complete else []
-    cmps = {a: paired_compare([complete[a][s] for s in seeds], [complete["baseline"][s] for s in seeds]) for a in compared}
+    cmps = {
+        a: paired_compare([complete[a][s] for s in seeds], [complete["baseline"][s] for s in seeds]) for a in compared
+    }
     adj = holm([c.p_ttest for c in cmps.values()])
     for (arm, c), p_holm in zip(cmps.items(), adj):
-        rows[arm]["vs_baseline"] = {"mean_diff": c.mean_diff, "p_ttest": c.p_ttest, "p_wilcoxon": c.p_wilcoxon,
-                                    "p_ttest_holm": p_holm, "wins": c.wins, "losses": c.losses}
+        rows[arm]["vs_baseline"] = {
+            "mean_diff": c.mean_diff,
+            "p_ttest": c.p_ttest,
+            "p_wilcoxon": c.p_wilcoxon,
+            "p_ttest_holm": p_holm,
+            "wins": c.wins,
+            "losses": c.losses,
+        }
     unfinished = sorted({u["arm"] for u in units} - set(complete))
-    return {"source": source.name, "backbone": units[0]["backbone"] if units else None, "units": units,
-            "units_finished": sum(u["finished"] for u in units), "units_total": len(units),
-            "arms_complete": rows, "arms_unfinished": unfinished}
+    return {
+        "source": source.name,
+        "backbone": units[0]["backbone"] if units else None,
+        "units": units,
+        "units_finished": sum(u["finished"] for u in units),
+        "units_total": len(units),
+        "arms_complete": rows,
+        "arms_unfinished": unfinished,
+    }
 
 
 def main() -> None:
@@ -105,18 +128,24 @@ def main() -> None:
     args = ap.parse_args()
     results = [summarise(s) for s in args.sources]
     for r in results:
-        print(f"{r['source']} ({r['backbone']}): {r['units_finished']}/{r['units_total']} units finished; "
-              f"arms not finished: {', '.join(r['arms_unfinished']) or 'none'}")
+        print(
+            f"{r['source']} ({r['backbone']}): {r['units_finished']}/{r['units_total']} units finished; "
+            f"arms not finished: {', '.join(r['arms_unfinished']) or 'none'}"
+        )
         for arm, row in r["arms_complete"].items():
             accs = ", ".join(f"{100 * a:.1f}" for a in row["test_acc"])
             line = f"  {arm:<10} {100 * row['mean']:.1f} ± {100 * row['std']:.1f}  [{accs}]"
             if "vs_baseline" in row:
                 v = row["vs_baseline"]
-                line += (f"  vs baseline {100 * v['mean_diff']:+.1f} pts, p {v['p_ttest']:.2g} (Holm {v['p_ttest_holm']:.2g}),"
-                         f" wins {v['wins']}/{len(row['seeds'])}")
+                line += (
+                    f"  vs baseline {100 * v['mean_diff']:+.1f} pts, p {v['p_ttest']:.2g} (Holm {v['p_ttest_holm']:.2g}),"
+                    f" wins {v['wins']}/{len(row['seeds'])}"
+                )
             print(line)
     if args.out:
-        write_json_atomic(args.out, {"what": "partial study results from bench/gpu_issue14.sh archives", "studies": results})
+        write_json_atomic(
+            args.out, {"what": "partial study results from bench/gpu_issue14.sh archives", "studies": results}
+        )
         print(f"wrote {args.out}")
 
 

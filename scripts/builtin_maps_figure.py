@@ -22,7 +22,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    data = read_trusted_json(args.study / "study.json", "run `teachx study` on that directory again to rewrite it", "study record")
+    data = read_trusted_json(
+        args.study / "study.json", "run `teachx study` on that directory again to rewrite it", "study record"
+    )
     rows = data["rows"]
     regimes = sorted({r["regime"] for r in rows})
     regime = args.regime or (regimes[0] if len(regimes) == 1 else None)

@@ -41,8 +41,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="teachx-shot-") as tmp:
         log = Path(tmp) / "serve.log"
         with open(log, "w") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "teachx", "serve", args.run_dir, "--port", "0", "-q"], stdout=f,
-                                    stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "teachx", "serve", args.run_dir, "--port", "0", "-q"],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         try:
             url = None
             for _ in range(600):
@@ -55,22 +59,38 @@ def main() -> None:
                 raise SystemExit(f"teachx serve did not start: {log.read_text()[-2000:]}")
             api = lambda p: json.loads(urllib.request.urlopen(url + "api/v1" + p, timeout=600).read())  # noqa: E731
             models = api("/models")["models"]
-            mid = args.model or next((m["id"] for m in models if m["kind"] == "impactx" and not m["error"]), models[0]["id"])
+            mid = args.model or next(
+                (m["id"] for m in models if m["kind"] == "impactx" and not m["error"]), models[0]["id"]
+            )
             index = args.index
             if index is None:
                 wrong = api(f"/models/{mid}/images?correct=false&limit=1")["items"]
                 index = wrong[0]["index"] if wrong else 0
             opts = webdriver.ChromeOptions()
             opts.binary_location = args.chromium
-            for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--window-size={args.width},{args.height}"):
+            for a in (
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                f"--window-size={args.width},{args.height}",
+            ):
                 opts.add_argument(a)
             drv = webdriver.Chrome(service=ChromeService(executable_path=args.chromedriver), options=opts)
             try:
                 drv.get(f"{url}#model={mid}&index={index}")
                 wait = WebDriverWait(drv, 600, poll_frequency=0.2)
                 wait.until(lambda d: d.find_element(By.ID, "detail").get_attribute("data-metrics") == f"{mid}/{index}")
-                wait.until(lambda d: all(c.get_attribute("data-drawn") == "1" for c in d.find_elements(By.CSS_SELECTOR, "#maps canvas")))
-                wait.until(lambda d: all(i.get_property("complete") for i in d.find_elements(By.CSS_SELECTOR, "#grid img")[:40]))
+                wait.until(
+                    lambda d: all(
+                        c.get_attribute("data-drawn") == "1" for c in d.find_elements(By.CSS_SELECTOR, "#maps canvas")
+                    )
+                )
+                wait.until(
+                    lambda d: all(
+                        i.get_property("complete") for i in d.find_elements(By.CSS_SELECTOR, "#grid img")[:40]
+                    )
+                )
                 assert Select(drv.find_element(By.ID, "model")).first_selected_option.get_attribute("value") == mid
                 out = Path(args.out)
                 out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,10 +39,19 @@ def main(path: str) -> None:
     base = {r["regime"]: r for r in rows if r["arm"] == "baseline"}
     for r in rows:
         vb = r.get("vs_baseline")
-        if vb and str(vb.get("baseline", "")).startswith("own"):  # e.g. the clean-data ceiling: compare with the study's baseline
+        if vb and str(vb.get("baseline", "")).startswith(
+            "own"
+        ):  # e.g. the clean-data ceiling: compare with the study's baseline
             vb = paired_compare(r["test_acc"], base[r["regime"]]["test_acc"]).to_dict()
             vb["p_ttest_holm"] = None
-        cells = [r["arm"], r.get("method", ""), pct(r["summary"]), diff(vb), diff(r.get("vs_control")) + (f" vs {r['vs_control']['control']}" if per_arm_controls and r.get("vs_control") else "")]
+        cells = [
+            r["arm"],
+            r.get("method", ""),
+            pct(r["summary"]),
+            diff(vb),
+            diff(r.get("vs_control"))
+            + (f" vs {r['vs_control']['control']}" if per_arm_controls and r.get("vs_control") else ""),
+        ]
         if has_sc:
             sc = r.get("shortcut") or {}
             cells += [f"{sc[m]['mean']:.3f}" if m in sc else "—" for m in ("gradient", "lrp", "built_in")]
@@ -61,19 +70,40 @@ def maps_table(rows) -> None:
     m = lambda r, k: (r["map_quality"].get(k) or {}).get("mean")  # noqa: E731
     f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     aug = any(m(r, "corr_mean_map_augmented") is not None for r in rows)
-    head = ["regime", "arm", "teacher", "corr with teacher (mean map" + ("; under augmentation)" if aug else ")"), "R² vs mean map", "self-agreement (mean map)",
-            "MoRF: built-in / post hoc / mean map / random", "built-in ÷ post hoc", "insertion: built-in / post hoc"]
+    head = [
+        "regime",
+        "arm",
+        "teacher",
+        "corr with teacher (mean map" + ("; under augmentation)" if aug else ")"),
+        "R² vs mean map",
+        "self-agreement (mean map)",
+        "MoRF: built-in / post hoc / mean map / random",
+        "built-in ÷ post hoc",
+        "insertion: built-in / post hoc",
+    ]
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
         morf = [m(r, f"pixel_flipping_morf.{k}") for k in ("built_in", "teacher_post_hoc", "mean_map", "random")]
         ratio = morf[0] / morf[1] if morf[0] is not None and morf[1] else None
-        print("| " + " | ".join([
-            r["regime"], r["arm"], str(r.get("teacher", "")), f"{f(m(r, 'corr'))} ({f(m(r, 'corr_mean_map'))}" + (f"; {f(m(r, 'corr_mean_map_augmented'))})" if aug else ")"),
-            f(m(r, "r2_vs_mean_map")),
-            f"{f(m(r, 'corr_self'))} ({f(m(r, 'corr_self_mean_map'))})", " / ".join(f(v) for v in morf),
-            "—" if ratio is None else f"{ratio:.2f}x",
-            f"{f(m(r, 'insertion.built_in'))} / {f(m(r, 'insertion.teacher_post_hoc'))}"]) + " |")
+        print(
+            "| "
+            + " | ".join(
+                [
+                    r["regime"],
+                    r["arm"],
+                    str(r.get("teacher", "")),
+                    f"{f(m(r, 'corr'))} ({f(m(r, 'corr_mean_map'))}"
+                    + (f"; {f(m(r, 'corr_mean_map_augmented'))})" if aug else ")"),
+                    f(m(r, "r2_vs_mean_map")),
+                    f"{f(m(r, 'corr_self'))} ({f(m(r, 'corr_self_mean_map'))})",
+                    " / ".join(f(v) for v in morf),
+                    "—" if ratio is None else f"{ratio:.2f}x",
+                    f"{f(m(r, 'insertion.built_in'))} / {f(m(r, 'insertion.teacher_post_hoc'))}",
+                ]
+            )
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -39,13 +39,20 @@ def structure(unit: Path) -> dict:
     mean = train.mean_map(train_rows).unsqueeze(0)
     target = test.read(test_rows)
     augment = training_augment(cfg) or Augment(0, hflip=False)  # as make_plan resolves it (the dataset's flip default)
-    variants = {"mean map": mean, "mean map, flip-averaged": (mean + mean.flip(-1)) / 2,
-                f"mean map under the training augmentation ({augment!r})": augment.expectation(mean)}
+    variants = {
+        "mean map": mean,
+        "mean map, flip-averaged": (mean + mean.flip(-1)) / 2,
+        f"mean map under the training augmentation ({augment!r})": augment.expectation(mean),
+    }
     out = {name: float(map_corr(m.expand_as(target), target).mean()) for name, m in variants.items()}
     m = mean[0].mean(0).double().numpy()
     m = m / max(np.abs(m).max(), 1e-12)
     out["mean map (max |value| = 1): mean on even / odd rows, even / odd columns"] = [
-        round(float(m[0::2].mean()), 3), round(float(m[1::2].mean()), 3), round(float(m[:, 0::2].mean()), 3), round(float(m[:, 1::2].mean()), 3)]
+        round(float(m[0::2].mean()), 3),
+        round(float(m[1::2].mean()), 3),
+        round(float(m[:, 0::2].mean()), 3),
+        round(float(m[:, 1::2].mean()), 3),
+    ]
     out["built-in maps (the unit's evaluation)"] = ev["map_quality"]["corr"]
     out["test maps"], out["training maps"] = int(len(test_rows)), int(len(train_rows))
     return out

@@ -84,7 +84,9 @@ class Measure:
 
     @property
     def direction(self) -> str:
-        return {True: "Higher is better.", False: "Lower is better."}.get(self.higher_is_better, "It is a reference, not a score.")
+        return {True: "Higher is better.", False: "Lower is better."}.get(
+            self.higher_is_better, "It is a reference, not a score."
+        )
 
     def sentence(self) -> str:
         return f"{self.description} {self.direction}"

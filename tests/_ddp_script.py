@@ -85,21 +85,53 @@ def make_maps(out: Path, ds, distributed=None) -> None:
 def train_classifier(out: Path, ds, epochs: int = EPOCHS, crash_epoch: int = -1, distributed=None, augment=None):
     torch.manual_seed(0)
     model = build_model("lenet5", 1, 4, (16, 16))
-    cfg = TrainConfig(epochs=epochs, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False, eval_batch_size=10)
+    cfg = TrainConfig(
+        epochs=epochs,
+        batch_size=32,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        schedule="cosine",
+        progress=False,
+        eval_batch_size=10,
+    )
     task = CrashingTask(model, crash_epoch)
-    trainer = Trainer(task, plan(ds, augment), cfg, out / "classifier", seed=1, device="cpu", meta={"kind": "classifier"},
-                      log=lambda s: None, distributed=distributed, on_epoch_start=task.set_epoch)
+    trainer = Trainer(
+        task,
+        plan(ds, augment),
+        cfg,
+        out / "classifier",
+        seed=1,
+        device="cpu",
+        meta={"kind": "classifier"},
+        log=lambda s: None,
+        distributed=distributed,
+        on_epoch_start=task.set_epoch,
+    )
     return trainer.fit()
 
 
 def train_impactx(out: Path, ds, lam: float, distributed=None):
     torch.manual_seed(0)
     model = build_impactx("lenet5", 1, 4, (16, 16), decoder_width=8, decoder="paper")
-    store = open_store(out / "maps", {"teacher": "ig"}, len(ds.train), (1, 16, 16), log=lambda m: None, distributed=distributed)
+    store = open_store(
+        out / "maps", {"teacher": "ig"}, len(ds.train), (1, 16, 16), log=lambda m: None, distributed=distributed
+    )
     source = MapSource(store, "teacher", np.arange(160), 0) if lam > 0 else None
-    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False)
-    trainer = Trainer(ImpactxTask(model, source, lam), plan(ds), cfg, out / f"impactx_lam{lam}", seed=2, device="cpu",
-                      meta={"kind": "impactx"}, log=lambda s: None, distributed=distributed)
+    cfg = TrainConfig(
+        epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False
+    )
+    trainer = Trainer(
+        ImpactxTask(model, source, lam),
+        plan(ds),
+        cfg,
+        out / f"impactx_lam{lam}",
+        seed=2,
+        device="cpu",
+        meta={"kind": "impactx"},
+        log=lambda s: None,
+        distributed=distributed,
+    )
     return trainer.fit()
 
 
@@ -127,14 +159,27 @@ def train_method(out: Path, ds, name: str, distributed=None):
     cfg = RunConfig()
     cfg.method = MethodConfig(name, dict(METHOD_RUNS[name]))
     p = plan(masked(ds))
-    store = open_store(out / "maps", {"teacher": "ig"}, len(ds.train), (1, 16, 16), log=lambda m: None, distributed=distributed)
+    store = open_store(
+        out / "maps", {"teacher": "ig"}, len(ds.train), (1, 16, 16), log=lambda m: None, distributed=distributed
+    )
     method = build_method(cfg)
     ctx = MethodContext(cfg, p, torch.device("cpu"), store, None, lambda m: None)
     torch.manual_seed(0)
     model = method.build_model(ctx)
-    tcfg = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False)
-    trainer = Trainer(method.task(model, ctx), p, tcfg, out / f"method_{name}", seed=2, device="cpu",
-                      meta={"kind": method.checkpoint_kind}, log=lambda s: None, distributed=distributed)
+    tcfg = TrainConfig(
+        epochs=2, batch_size=32, optimizer="sgd", lr=0.05, momentum=0.9, schedule="cosine", progress=False
+    )
+    trainer = Trainer(
+        method.task(model, ctx),
+        p,
+        tcfg,
+        out / f"method_{name}",
+        seed=2,
+        device="cpu",
+        meta={"kind": method.checkpoint_kind},
+        log=lambda s: None,
+        distributed=distributed,
+    )
     return trainer.fit()
 
 
@@ -174,7 +219,9 @@ def check_helpers(out: Path, rank: int) -> None:
         "own_pid": os.getpid(),
         "sum": du.all_reduce_sum(torch.tensor([float(rank + 1)])).item(),
         "broadcast": du.broadcast_object({"from": rank}),
-        "main_first": du.main_first(lambda: (out / "first.txt").exists() or (out / "first.txt").write_text(str(rank)) and False),
+        "main_first": du.main_first(
+            lambda: (out / "first.txt").exists() or (out / "first.txt").write_text(str(rank)) and False
+        ),
     }
     try:
         du.on_main(fail)

@@ -16,9 +16,17 @@ import numpy as np
 from PIL import Image
 
 RUN_OVERRIDES = [
-    "model.backbone=lenet5", "train.epochs=1", "train.batch_size=32", "train.lr=0.003", "train.progress=false",
-    "data.hflip=false", "data.val_fraction=0.2", "teacher.background_size=8", "teacher.batch_size=64",
-    "teacher.eval_images=null", "impactx.decoder=paper",  # the paper's decoder here, per-class maps in the study
+    "model.backbone=lenet5",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.lr=0.003",
+    "train.progress=false",
+    "data.hflip=false",
+    "data.val_fraction=0.2",
+    "teacher.background_size=8",
+    "teacher.batch_size=64",
+    "teacher.eval_images=null",
+    "impactx.decoder=paper",  # the paper's decoder here, per-class maps in the study
 ]
 
 STUDY_YAML = """
@@ -62,7 +70,13 @@ def build(root: Path) -> dict[str, Path]:
     from teachx.studies.study import load_study, run_study
 
     root.mkdir(parents=True, exist_ok=True)
-    out = {"root": root, "run": root / "run", "study": root / "study", "cache": root / "cache", "zip": root / "tiny.zip"}
+    out = {
+        "root": root,
+        "run": root / "run",
+        "study": root / "study",
+        "cache": root / "cache",
+        "zip": root / "tiny.zip",
+    }
     if (root / "done").exists():
         return out
     old_cache = os.environ.get("TEACHX_CACHE")

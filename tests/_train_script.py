@@ -25,7 +25,9 @@ def synthetic_dataset(n_train: int = 192, n_test: int = 64, seed: int = 0) -> Im
             x[i, r * 8 : r * 8 + 8, q * 8 : q * 8 + 8, 0] += 150
         return Split(x, y.astype(np.int64))
 
-    return ImageDataset("synthetic", ["tl", "tr", "bl", "br"], make(n_train), make(n_test), (0.3,), (0.25,), hflip=False)  # flips would swap quadrant labels
+    return ImageDataset(
+        "synthetic", ["tl", "tr", "bl", "br"], make(n_train), make(n_test), (0.3,), (0.25,), hflip=False
+    )  # flips would swap quadrant labels
 
 
 class SlowTask(ClassifierTask):
@@ -45,7 +47,9 @@ def main(out: str, epochs: int, delay: float) -> None:
     plan = DataPlan(ds, np.arange(160), np.arange(160, 192), Augment(crop_padding=2, hflip=False))
     model = build_model("lenet5", 1, 4, (16, 16))
     cfg = TrainConfig(epochs=epochs, batch_size=32, optimizer="adam", lr=3e-3, schedule="cosine", progress=False)
-    res = Trainer(SlowTask(model, delay), plan, cfg, out, seed=1, device="cpu", meta={"kind": "classifier"}, log=lambda s: None).fit()
+    res = Trainer(
+        SlowTask(model, delay), plan, cfg, out, seed=1, device="cpu", meta={"kind": "classifier"}, log=lambda s: None
+    ).fit()
     print(res.best_epoch, res.history[-1]["val_acc"])
 
 

@@ -101,12 +101,20 @@ def teachx_env(env: Optional[Mapping[str, Optional[str]]] = None) -> dict[str, s
     return full
 
 
-def run_teachx(*args: Any, cwd=None, env: Optional[Mapping[str, Optional[str]]] = None, timeout: float = 600,
-               **kwargs: Any) -> subprocess.CompletedProcess:
+def run_teachx(
+    *args: Any, cwd=None, env: Optional[Mapping[str, Optional[str]]] = None, timeout: float = 600, **kwargs: Any
+) -> subprocess.CompletedProcess:
     """`python -m teachx ARGS` in a subprocess, as a user runs it: text stdout/stderr captured, ``env`` laid over
     this environment (see ``teachx_env``); other keyword arguments go to ``subprocess.run``."""
-    return subprocess.run([*TEACHX, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=teachx_env(env),
-                          timeout=timeout, **kwargs)
+    return subprocess.run(
+        [*TEACHX, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=teachx_env(env),
+        timeout=timeout,
+        **kwargs,
+    )
 
 
 def teachx_main(capsys: pytest.CaptureFixture, *args: Any) -> tuple[Any, str, str]:

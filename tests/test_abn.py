@@ -36,8 +36,14 @@ class TinyNet(Backbone):
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.body = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.neck = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU())
         self.classifier = nn.Linear(6, 3)
         self.in_channels, self.num_classes, self.feature_dim = 2, 3, 6
@@ -65,7 +71,9 @@ def _tiny_abn() -> ABN:
 
 def _bn(t: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     shape = (1, -1, 1, 1)
-    return (t - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
+    return (t - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps) * bn.weight.view(
+        shape
+    ) + bn.bias.view(shape)
 
 
 def _pointwise(t: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -75,7 +83,10 @@ def _pointwise(t: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 def test_forward_equals_a_hand_recomputation():
     model = _tiny_abn()
-    body, x = model.backbone.body, torch.randn(5, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    body, x = (
+        model.backbone.body,
+        torch.randn(5, 2, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+    )
     with torch.no_grad():
         per, att, m = model.forward_branches(x)
         # g: the body up to the default cut (level 0, after the first pool)
@@ -158,8 +169,17 @@ def test_spec_round_trip_gives_identical_outputs():
     model = build_abn("lenet5", 3, 4, 16, {"activation": "tanh"}, split=0, width=7, blocks=2)
     _randomise_bn(model)
     spec = json.loads(json.dumps(model.spec))
-    assert spec == {"name": "abn", "backbone": "lenet5", "in_channels": 3, "num_classes": 4, "image_size": [16, 16],
-                    "backbone_options": {"activation": "tanh", "pool": "max", "padding": 2}, "split": 0, "width": 7, "blocks": 2}
+    assert spec == {
+        "name": "abn",
+        "backbone": "lenet5",
+        "in_channels": 3,
+        "num_classes": 4,
+        "image_size": [16, 16],
+        "backbone_options": {"activation": "tanh", "pool": "max", "padding": 2},
+        "split": 0,
+        "width": 7,
+        "blocks": 2,
+    }
     torch.manual_seed(1)
     again = abn_from_spec(spec)
     again.load_state_dict(model.state_dict())
@@ -173,27 +193,47 @@ def test_spec_round_trip_gives_identical_outputs():
 
 # -- the method, on every built-in backbone ------------------------------------------------------
 
+
 def _dataset(n: int, channels: int, size: int, classes: int = 4, seed: int = 0):
     from teachx.data.base import ImageDataset, Split
 
     rng = np.random.default_rng(seed)
-    split = lambda k: Split(rng.integers(0, 256, (k, size, size, channels)).astype(np.uint8), rng.integers(0, classes, k))  # noqa: E731
-    return ImageDataset("noise", [str(c) for c in range(classes)], split(n), split(4), (0.5,) * channels, (0.25,) * channels, hflip=False)
+
+    def split(k):
+        return Split(rng.integers(0, 256, (k, size, size, channels)).astype(np.uint8), rng.integers(0, classes, k))
+
+    return ImageDataset(
+        "noise",
+        [str(c) for c in range(classes)],
+        split(n),
+        split(4),
+        (0.5,) * channels,
+        (0.25,) * channels,
+        hflip=False,
+    )
 
 
 def _method(backbone: str = "lenet5", model_options: dict | None = None, **options):
     from teachx.config.schema import MethodConfig, ModelConfig, RunConfig
     from teachx.training.methods import build_method
 
-    cfg = RunConfig(model=ModelConfig(backbone=backbone, options=dict(model_options or {})),
-                    method=MethodConfig(name="abn", options=options))
+    cfg = RunConfig(
+        model=ModelConfig(backbone=backbone, options=dict(model_options or {})),
+        method=MethodConfig(name="abn", options=options),
+    )
     return build_method(cfg)
 
 
-@pytest.mark.parametrize("backbone,channels,size,options,stride", [
-    ("lenet5", 1, 28, {}, 2), ("lenet5", 3, 32, {}, 2), ("mobilenet", 3, 16, {"alpha": 0.25}, 4),
-    ("efficientnet_b0", 3, 16, {}, 4), ("resnet18", 3, 16, {}, 4),
-])
+@pytest.mark.parametrize(
+    "backbone,channels,size,options,stride",
+    [
+        ("lenet5", 1, 28, {}, 2),
+        ("lenet5", 3, 32, {}, 2),
+        ("mobilenet", 3, 16, {"alpha": 0.25}, 4),
+        ("efficientnet_b0", 3, 16, {}, 4),
+        ("resnet18", 3, 16, {}, 4),
+    ],
+)
 def test_builds_and_trains_on_every_backbone(backbone, channels, size, options, stride):
     from teachx.training.methods import MethodContext
     from teachx.training.trainer import DataPlan
@@ -248,6 +288,7 @@ def test_bad_options_and_impossible_splits_are_one_line_config_errors(small_cnn)
 
 
 # -- the Trainer: learning and exact resume -------------------------------------------------------
+
 
 class _Interrupted(Exception):
     pass

@@ -53,8 +53,13 @@ print(json.dumps([bench_memory.measure(touch)["peak_extra_mb"], bench_memory.mea
 
 def test_mac_counter_matches_closed_form():
     bench_impactx = _load("bench_impactx")
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, groups=4),
-                                torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, groups=4),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 14 * 14, 10),
+    )
     x = torch.randn(2, 3, 16, 16)
     expect = 16 * 16 * 8 * 3 * 9 + 14 * 14 * 8 * 2 * 9 + 8 * 14 * 14 * 10
     assert bench_impactx.macs_per_image(model, x) == expect
@@ -62,29 +67,69 @@ def test_mac_counter_matches_closed_form():
     from teachx.models import build_model
 
     lenet = build_model("lenet5", 3, 10, 32)
-    assert bench_impactx.macs_per_image(lenet, torch.randn(1, 3, 32, 32)) == 28 * 28 * 6 * 75 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10
+    assert (
+        bench_impactx.macs_per_image(lenet, torch.randn(1, 3, 32, 32))
+        == 28 * 28 * 6 * 75 + 10 * 10 * 16 * 150 + 400 * 120 + 120 * 84 + 84 * 10
+    )
 
 
 def test_summary_rows_for_memory_and_step_breakdown(tmp_path, monkeypatch):
     run_all = _load("run_all")
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
-    (tmp_path / "memory.json").write_text(json.dumps({"batch": 64, "rows": [
-        {"model": "lenet5", "operation": "deepshap", "peak_extra_mb": 41.4},
-        {"model": "lenet5", "operation": "shap_deepexplainer", "error": "boom"}]}))
-    (tmp_path / "impactx.json").write_text(json.dumps({"results": [{
-        "model": "lenet5", "batch": 64, "ratio_impactx_to_baseline": 3.0, "ratio_impactx_lambda0_to_baseline": 2.0,
-        "map_read_s": 0.001, "impactx_epoch_in_memory_maps_s": 1.0, "map_reading_overhead": 0.001,
-        "ratio_builtin_maps_to_forward": 2.0, "speedup_builtin_vs_deepexplainer": None,
-        "step_parts_s": {"M forward+backward": 0.003, "decoder": 0.005}, "step_s": 0.009, "baseline_step_s": 0.004,
-        "macs_per_image": {"baseline": 100, "decoder": 250}}]}))
+    (tmp_path / "memory.json").write_text(
+        json.dumps(
+            {
+                "batch": 64,
+                "rows": [
+                    {"model": "lenet5", "operation": "deepshap", "peak_extra_mb": 41.4},
+                    {"model": "lenet5", "operation": "shap_deepexplainer", "error": "boom"},
+                ],
+            }
+        )
+    )
+    (tmp_path / "impactx.json").write_text(
+        json.dumps(
+            {
+                "results": [
+                    {
+                        "model": "lenet5",
+                        "batch": 64,
+                        "ratio_impactx_to_baseline": 3.0,
+                        "ratio_impactx_lambda0_to_baseline": 2.0,
+                        "map_read_s": 0.001,
+                        "impactx_epoch_in_memory_maps_s": 1.0,
+                        "map_reading_overhead": 0.001,
+                        "ratio_builtin_maps_to_forward": 2.0,
+                        "speedup_builtin_vs_deepexplainer": None,
+                        "step_parts_s": {"M forward+backward": 0.003, "decoder": 0.005},
+                        "step_s": 0.009,
+                        "baseline_step_s": 0.004,
+                        "macs_per_image": {"baseline": 100, "decoder": 250},
+                    }
+                ]
+            }
+        )
+    )
     table = run_all.summary()
     assert "| lenet5 | DeepSHAP 41, shap.DeepExplainer failed |" in table
     assert "M forward+backward 3.0, decoder 5.0; multiply-adds per image: decoder 2.50x" in table
     assert "(sum 8.0 vs step 9.0; baseline step 4.0)" in table
     assert "DeepExplainer (bg 100) | lenet5" not in table  # skipped post-hoc comparison: no row
     assert [script for script, _ in run_all.BENCHES] and all((BENCH / script).exists() for script, _ in run_all.BENCHES)
-    row = {"model": "lenet5", "decoder": "unet_input", "decoder_width": 64, "per_class": True, "map_loss": "pearson", "decoder_reads_m": True,
-           "batch": 64, "ratio_builtin_maps_to_forward": 2.0, "ratio_impactx_step_to_baseline": 3.0, "macs_per_image": {"baseline": 100, "decoder": 50}}
+    row = {
+        "model": "lenet5",
+        "decoder": "unet_input",
+        "decoder_width": 64,
+        "per_class": True,
+        "map_loss": "pearson",
+        "decoder_reads_m": True,
+        "batch": 64,
+        "ratio_builtin_maps_to_forward": 2.0,
+        "ratio_impactx_step_to_baseline": 3.0,
+        "macs_per_image": {"baseline": 100, "decoder": 50},
+    }
     (tmp_path / "impactx_decoders_reads_m.json").write_text(json.dumps({"threads": 2, "decoders": [row]}))
-    assert ("(impactx.decoder=unet_input width 64 per class, pearson loss, reading M, batch 64, 2 threads) | lenet5 | 2.00x; 3.00x "
-            "(decoder multiply-adds 0.50x the model's) | <= 2.5x; <= 2.5x | no |") in run_all.summary()
+    assert (
+        "(impactx.decoder=unet_input width 64 per class, pearson loss, reading M, batch 64, 2 threads) | lenet5 | 2.00x; 3.00x "
+        "(decoder multiply-adds 0.50x the model's) | <= 2.5x; <= 2.5x | no |"
+    ) in run_all.summary()

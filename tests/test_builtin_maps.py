@@ -118,26 +118,36 @@ def test_adapter_pyramid_by_hooks():
         adapt(UserNet(), pyramid_layers=["nope"])
 
 
-DECODER_CASES = [(d, pc) for d in ("paper", "unet", "unet_input", "additive", "lite", "lite_additive") for pc in (False, True)
-                 if not (d == "paper" and pc)]
+DECODER_CASES = [
+    (d, pc)
+    for d in ("paper", "unet", "unet_input", "additive", "lite", "lite_additive")
+    for pc in (False, True)
+    if not (d == "paper" and pc)
+]
 
 
 @pytest.mark.parametrize("decoder, per_class", DECODER_CASES)
-@pytest.mark.parametrize("backbone, options, ch, size", [("lenet5", {}, 1, (28, 28)), ("resnet_cifar", {"depth": 8}, 3, (32, 32))])
+@pytest.mark.parametrize(
+    "backbone, options, ch, size", [("lenet5", {}, 1, (28, 28)), ("resnet_cifar", {"depth": 8}, 3, (32, 32))]
+)
 def test_decoder_shapes_and_one_forward(decoder, per_class, backbone, options, ch, size):
     torch.manual_seed(0)
     k = 4
     m = build_impactx(backbone, ch, k, size, backbone_options=options, decoder=decoder, per_class=per_class).eval()
     x = torch.randn(3, ch, *size)
     counts = {"m": 0, "lep": 0}
-    hooks = [_first_conv(m.m).register_forward_hook(lambda *a: counts.__setitem__("m", counts["m"] + 1)),
-             _first_conv(m.lep).register_forward_hook(lambda *a: counts.__setitem__("lep", counts["lep"] + 1))]
+    hooks = [
+        _first_conv(m.m).register_forward_hook(lambda *a: counts.__setitem__("m", counts["m"] + 1)),
+        _first_conv(m.lep).register_forward_hook(lambda *a: counts.__setitem__("lep", counts["lep"] + 1)),
+    ]
     with torch.no_grad():
         logits, maps = m.forward_all(x)
     assert counts == {"m": 1, "lep": 1}  # built-in maps: one forward pass of each branch
     counts.update(m=0, lep=0)
     explained = m.explain(x)
-    assert counts == ({"m": 1, "lep": 1} if per_class or m.decoder_reads_m else {"m": 0, "lep": 1})  # M too when D reads it
+    assert counts == (
+        {"m": 1, "lep": 1} if per_class or m.decoder_reads_m else {"m": 0, "lep": 1}
+    )  # M too when D reads it
     for h in hooks:
         h.remove()
     assert logits.shape == (3, k) and maps.shape == (3, 1, *size) and explained.shape == maps.shape
@@ -164,7 +174,9 @@ def test_decoders_on_adapted_lep_and_per_channel_maps():
     from teachx.models.impactx import ImpactX
 
     for decoder in ("unet", "unet_input", "additive"):
-        model = ImpactX(adapt(UserNet()), adapt(UserNet()), 5, (16, 16), map_channels=3, decoder=decoder, per_class=True).eval()
+        model = ImpactX(
+            adapt(UserNet()), adapt(UserNet()), 5, (16, 16), map_channels=3, decoder=decoder, per_class=True
+        ).eval()
         x = torch.randn(2, 3, 16, 16)
         assert model.all_maps(x).shape == (2, 5, 3, 16, 16)
         assert model.explain(x, target=torch.tensor([1, 2])).shape == (2, 3, 16, 16)
@@ -213,7 +225,9 @@ def test_per_class_selection_and_loss_reads_the_explained_class():
     assert "map_mse" in logs
     # without classes from the source the label is the explained class
     loss_y, _, _ = ImpactxTask(m, Source(), lam=0.7).loss(x, y, maps)
-    torch.testing.assert_close(loss_y, F.cross_entropy(logits, y) + 0.7 * ((every[:, 1] - maps) ** 2).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        loss_y, F.cross_entropy(logits, y) + 0.7 * ((every[:, 1] - maps) ** 2).mean(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_map_source_classes_follow_shuffled_maps(tmp_path):
@@ -233,6 +247,7 @@ def test_map_source_classes_follow_shuffled_maps(tmp_path):
 
 # -- losses: each against a hand-computed case ---------------------------------------------------
 
+
 def test_losses_hand_computed():
     pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     zero = torch.zeros_like(pred)
@@ -250,7 +265,9 @@ def test_losses_hand_computed():
     flat = torch.ones_like(up)
     assert MapLoss("cosine")(up, flat).item() == pytest.approx(1 - 10 / (2 * math.sqrt(30)), abs=1e-6)
     assert MapLoss("cosine")(both, torch.cat([3 * up, -up])).item() == pytest.approx(1.0, abs=1e-6)
-    assert MapLoss("cosine")(up + 5, up).item() > 0.01 and MapLoss("pearson")(up + 5, up).item() == pytest.approx(0, abs=1e-6)
+    assert MapLoss("cosine")(up + 5, up).item() > 0.01 and MapLoss("pearson")(up + 5, up).item() == pytest.approx(
+        0, abs=1e-6
+    )
     # pearson_anchored: Pearson plus (mean/rms(p) - mean/rms(t))^2: any positive scale is free (0), an
     # offset is not: [6, 7, 8, 9] vs [1, 2, 3, 4] has r = 1 and levels 7.5/sqrt(57.5) vs 2.5/sqrt(7.5)
     assert MapLoss("pearson_anchored")(3 * up, up).item() == pytest.approx(0.0, abs=1e-6)
@@ -262,7 +279,9 @@ def test_losses_hand_computed():
     assert MapLoss("standardized_mse")(torch.ones_like(up), up).item() == pytest.approx(2.0, abs=1e-5)
     # pooling by 2 on a 4x4 map: block means [[2.5, 4.5], [10.5, 12.5]]
     big = torch.arange(16.0).view(1, 1, 4, 4)
-    assert MapLoss("mse", pool=2)(big, torch.zeros_like(big)).item() == pytest.approx((2.5**2 + 4.5**2 + 10.5**2 + 12.5**2) / 4)
+    assert MapLoss("mse", pool=2)(big, torch.zeros_like(big)).item() == pytest.approx(
+        (2.5**2 + 4.5**2 + 10.5**2 + 12.5**2) / 4
+    )
     assert MapLoss("pearson", pool=2)(big, big * 3).item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -292,6 +311,7 @@ def test_loss_registry_and_bad_pool():
 
 # -- additive form ---------------------------------------------------------------------------------
 
+
 def test_lite_decoders_by_hand():
     """``lite``: 1x1 laterals added top-down (z at the coarsest level), depthwise-separable conv and a 1x1
     head at the finest level, resized; ``lite_additive``: that output, resized to the input, multiplies
@@ -306,14 +326,25 @@ def test_lite_decoders_by_hand():
     dw, pw = dec.mix[0], dec.mix[1]
     h = F.relu(F.conv2d(F.conv2d(h, dw.weight, dw.bias, padding=1, groups=5), pw.weight, pw.bias))
     coarse = F.conv2d(h, dec.head.weight, dec.head.bias)
-    torch.testing.assert_close(dec(z, pyramid), F.interpolate(coarse, size=(12, 12), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(
+        dec(z, pyramid), F.interpolate(coarse, size=(12, 12), mode="bilinear", align_corners=False)
+    )
 
-    add = LiteAdditiveDecoder(8, shapes, (12, 12), in_channels=2, out_channels=1, width=5, classes=3, reference=(0.5, -1.0))
+    add = LiteAdditiveDecoder(
+        8, shapes, (12, 12), in_channels=2, out_channels=1, width=5, classes=3, reference=(0.5, -1.0)
+    )
     g = F.interpolate(add.coarse(z, pyramid), size=(12, 12), mode="bilinear", align_corners=False).view(2, 3, 2, 12, 12)
     hand = (x[:, None, 0] - 0.5) * g[:, :, 0] + (x[:, None, 1] + 1.0) * g[:, :, 1]
     torch.testing.assert_close(add(z, pyramid, x), hand)
-    assert add(z, pyramid, torch.stack([torch.full((12, 12), 0.5), torch.full((12, 12), -1.0)])[None].expand(2, -1, -1, -1)
-               ).abs().max().item() == 0.0
+    assert (
+        add(
+            z, pyramid, torch.stack([torch.full((12, 12), 0.5), torch.full((12, 12), -1.0)])[None].expand(2, -1, -1, -1)
+        )
+        .abs()
+        .max()
+        .item()
+        == 0.0
+    )
     with pytest.raises(ConfigError, match="1 map or one per input channel"):
         LiteAdditiveDecoder(8, shapes, (12, 12), in_channels=3, out_channels=2)
 
@@ -345,7 +376,9 @@ def test_lite_decoder_costs_a_fraction_of_lenet():
         m = build_impactx("lenet5", 3, 10, (32, 32), decoder=name, per_class=True, decoder_width=16).eval()
         z, pyramid = m.lep.features_with_pyramid(x)
         assert macs(m.decoder, z, pyramid, x) < most * base, name
-    m = build_impactx("lenet5", 3, 10, (32, 32), decoder="unet_input", per_class=True, decoder_width=32, decoder_reads_m=False).eval()
+    m = build_impactx(
+        "lenet5", 3, 10, (32, 32), decoder="unet_input", per_class=True, decoder_width=32, decoder_reads_m=False
+    ).eval()
     z, pyramid = m.lep.features_with_pyramid(x)
     assert macs(m.decoder, z, pyramid, x) > 3 * base
 
@@ -353,7 +386,9 @@ def test_lite_decoder_costs_a_fraction_of_lenet():
 def test_additive_form_is_sum_of_x_minus_reference_times_g():
     torch.manual_seed(0)
     pyramid_shapes = [(4, 4, 4), (6, 2, 2)]
-    dec = AdditiveDecoder(8, pyramid_shapes, (4, 4), in_channels=2, out_channels=1, width=8, classes=3, reference=(0.5,))
+    dec = AdditiveDecoder(
+        8, pyramid_shapes, (4, 4), in_channels=2, out_channels=1, width=8, classes=3, reference=(0.5,)
+    )
     z = torch.randn(2, 8)
     pyramid = [torch.randn(2, 4, 4, 4), torch.randn(2, 6, 2, 2)]
     x = torch.randn(2, 2, 4, 4)
@@ -373,6 +408,7 @@ def test_additive_form_is_sum_of_x_minus_reference_times_g():
 
 # -- faithfulness term -------------------------------------------------------------------------------
 
+
 def test_self_faithfulness_term():
     torch.manual_seed(0)
     term = SelfFaithfulness(patch=4, samples=2)
@@ -391,7 +427,9 @@ def test_self_faithfulness_term():
     assert 0 <= loss.item() <= 1.0 + 1e-6
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.decoder.parameters())
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.m.parameters())  # the model is explained, not trained, by it
+    assert all(
+        p.grad is None or p.grad.abs().sum() == 0 for p in m.m.parameters()
+    )  # the model is explained, not trained, by it
     task = ImpactxTask(m, None, lam=0.0, faith_weight=0.5)
     total, _, logs = task.loss(x, target, None)
     assert "faith" in logs and total.item() >= logs["ce"].item()
@@ -416,6 +454,7 @@ def test_builtin_map_faithfulness_block():
 
 # -- checkpoints and config --------------------------------------------------------------------------
 
+
 def test_checkpoint_without_decoder_keys_still_loads(tmp_path):
     from teachx.runs.explain import load_impactx
     from teachx.training.checkpoint import save_checkpoint
@@ -424,12 +463,22 @@ def test_checkpoint_without_decoder_keys_still_loads(tmp_path):
     m = build_impactx("lenet5", 3, 10, (32, 32), decoder="paper").eval()
     # the paper decoder's parameters keep their names (checkpoints written before this change)
     assert {k for k in m.state_dict() if k.startswith("decoder.")} == {
-        "decoder.fc.0.weight", "decoder.fc.0.bias", "decoder.up.1.weight", "decoder.up.1.bias",
-        "decoder.up.4.weight", "decoder.up.4.bias", "decoder.out.weight", "decoder.out.bias"}
+        "decoder.fc.0.weight",
+        "decoder.fc.0.bias",
+        "decoder.up.1.weight",
+        "decoder.up.1.bias",
+        "decoder.up.4.weight",
+        "decoder.up.4.bias",
+        "decoder.out.weight",
+        "decoder.out.bias",
+    }
     old_spec = {k: v for k, v in m.spec.items() if k not in ("decoder", "per_class", "additive_reference")}
     path = tmp_path / "old.safetensors"
-    save_checkpoint(path, {f"model.{k}": v for k, v in m.state_dict().items()},
-                    {"kind": "impactx", "model_spec": old_spec, "mean": [0.0] * 3, "std": [1.0] * 3})
+    save_checkpoint(
+        path,
+        {f"model.{k}": v for k, v in m.state_dict().items()},
+        {"kind": "impactx", "model_spec": old_spec, "mean": [0.0] * 3, "std": [1.0] * 3},
+    )
     loaded, _ = load_impactx(path)
     assert loaded.decoder_name == "paper" and not loaded.per_class
     x = torch.randn(2, 3, 32, 32)
@@ -442,25 +491,41 @@ def test_config_validation():
     from teachx.config.schema import RunConfig
     from teachx.config.loader import from_dict
 
-    cfg = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "rank", "map_target_pool": 2}})
+    cfg = from_dict(
+        RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "rank", "map_target_pool": 2}}
+    )
     assert cfg.impactx.decoder == "unet_input"
-    for bad, match in [({"impactx": {"decoder": "unet", "map_target_pool": 0}}, "map_target_pool"),
-                       ({"impactx": {"faith_weight": -1.0}}, "faith_weight"),
-                       ({"teacher": {"faith_images": -1}}, "faith_images"),
-                       ({"impactx": {"decoder": "unet", "per_class": True, "self_teach_every": 2}, "teacher": {"target": "predicted"}}, "target=label")]:
+    for bad, match in [
+        ({"impactx": {"decoder": "unet", "map_target_pool": 0}}, "map_target_pool"),
+        ({"impactx": {"faith_weight": -1.0}}, "faith_weight"),
+        ({"teacher": {"faith_images": -1}}, "faith_images"),
+        (
+            {
+                "impactx": {"decoder": "unet", "per_class": True, "self_teach_every": 2},
+                "teacher": {"target": "predicted"},
+            },
+            "target=label",
+        ),
+    ]:
         with pytest.raises(ConfigError, match=match):
             from_dict(RunConfig, bad)
 
 
-@pytest.mark.parametrize("overrides, fragment", [
-    (["impactx.decoder=unett"], "did you mean 'unet'"),
-    (["impactx.decoder=paper", "impactx.per_class=true"], "impactx.per_class=true needs a decoder"),
-    (["impactx.map_loss=pearsn"], "did you mean 'pearson'"),
-    (["impactx.decoder=paper", "impactx.map_loss=pearsn"], "did you mean 'pearson'"),
-    (["impactx.decoder_width=0"], "impactx.decoder_width must be an integer >= 1"),
-    (["impactx.decoder_reads_m=maybe"], "decoder_reads_m"),
-    (["impactx.lep_backbone=mobilenet", "impactx.decoder_reads_m=true"], None),  # accepted here; the model build says why not
-])
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["impactx.decoder=unett"], "did you mean 'unet'"),
+        (["impactx.decoder=paper", "impactx.per_class=true"], "impactx.per_class=true needs a decoder"),
+        (["impactx.map_loss=pearsn"], "did you mean 'pearson'"),
+        (["impactx.decoder=paper", "impactx.map_loss=pearsn"], "did you mean 'pearson'"),
+        (["impactx.decoder_width=0"], "impactx.decoder_width must be an integer >= 1"),
+        (["impactx.decoder_reads_m=maybe"], "decoder_reads_m"),
+        (
+            ["impactx.lep_backbone=mobilenet", "impactx.decoder_reads_m=true"],
+            None,
+        ),  # accepted here; the model build says why not
+    ],
+)
 def test_bad_options_exit_2_via_cli(overrides, fragment, capsys):
     code, _, err = teachx_main(capsys, "config", *overrides)  # in-process (a subprocess costs seconds here)
     if fragment is None:
@@ -480,12 +545,24 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     from teachx.models.decoders import DECODERS
 
     ic = RunConfig().impactx
-    assert (ic.decoder, ic.per_class, ic.map_loss, ic.decoder_width, ic.decoder_reads_m) == ("unet_input", True, "pearson", 64, True)
+    assert (ic.decoder, ic.per_class, ic.map_loss, ic.decoder_width, ic.decoder_reads_m) == (
+        "unet_input",
+        True,
+        "pearson",
+        64,
+        True,
+    )
     paper = resolve_config(overrides=["impactx.decoder=paper"]).impactx
     assert (paper.per_class, paper.map_loss, paper.decoder_width, paper.decoder_reads_m) == (False, "mse", 32, False)
     narrow = resolve_config(overrides=["impactx.decoder_width=32", "impactx.decoder_reads_m=false"]).impactx
-    assert (narrow.decoder, narrow.decoder_width, narrow.decoder_reads_m) == ("unet_input", 32, False)  # explicit keys win
-    mixed = resolve_config(overrides=["impactx.decoder=unet", "impactx.per_class=false", "impactx.map_loss=rank"]).impactx
+    assert (narrow.decoder, narrow.decoder_width, narrow.decoder_reads_m) == (
+        "unet_input",
+        32,
+        False,
+    )  # explicit keys win
+    mixed = resolve_config(
+        overrides=["impactx.decoder=unet", "impactx.per_class=false", "impactx.map_loss=rank"]
+    ).impactx
     assert (mixed.per_class, mixed.map_loss) == (False, "rank")
     assert ImpactxConfig(decoder="paper", per_class=None).per_class is False  # the Python API resolves too
     for name in DECODERS.names():  # every decoder's recommendation is one it can train with
@@ -500,16 +577,29 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
 
 # -- the pipeline: per-class unet_input maps with a scale-free loss and the faithfulness term ----------
 
+
 def test_pipeline_records_builtin_map_faithfulness(tmp_path, monkeypatch):
     from teachx.runs.resolve import resolve_config
     from teachx.runs.pipeline import run_pipeline
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
-    cfg = resolve_config(overrides=[
-        "data.train_size=200", "train.epochs=1", "train.batch_size=50", "train.progress=false", "teacher.method=lrp",
-        "teacher.eval_images=40", "teacher.faith_images=12", "impactx.decoder=unet_input", "impactx.per_class=true",
-        "impactx.map_loss=pearson", "impactx.map_target_pool=2", "impactx.faith_weight=0.1", "impactx.decoder_width=8",
-    ])
+    cfg = resolve_config(
+        overrides=[
+            "data.train_size=200",
+            "train.epochs=1",
+            "train.batch_size=50",
+            "train.progress=false",
+            "teacher.method=lrp",
+            "teacher.eval_images=40",
+            "teacher.faith_images=12",
+            "impactx.decoder=unet_input",
+            "impactx.per_class=true",
+            "impactx.map_loss=pearson",
+            "impactx.map_target_pool=2",
+            "impactx.faith_weight=0.1",
+            "impactx.decoder_width=8",
+        ]
+    )
     out = run_pipeline(cfg, tmp_path / "run", log=lambda s: None, progress=False, figures=False)
     q = out.results["map_quality"]
     assert q["images"] == 40 and -1 <= q["corr"] <= 1
@@ -555,8 +645,13 @@ def test_map_quality_scale_free_r2_matches_per_image_least_squares():
         def mean_map(self, idx):
             return mean_map
 
-    plan = SimpleNamespace(dataset=SimpleNamespace(test=SimpleNamespace(images=np.zeros((n, h, w, 1), np.uint8))),
-                           mean=[0.0], std=[1.0], train_idx=np.arange(3), augment=None)
+    plan = SimpleNamespace(
+        dataset=SimpleNamespace(test=SimpleNamespace(images=np.zeros((n, h, w, 1), np.uint8))),
+        mean=[0.0],
+        std=[1.0],
+        train_idx=np.arange(3),
+        augment=None,
+    )
 
     def reference(maps):
         resid = {"p": 0.0, "m": 0.0}
@@ -580,7 +675,13 @@ def test_map_quality_scale_free_r2_matches_per_image_least_squares():
     crops = [padded[:, t : t + h, lft : lft + w] for t in range(2 * p + 1) for lft in range(2 * p + 1)]
     blurred = np.mean(crops + [cr[:, :, ::-1] for cr in crops], axis=0).ravel()
     want = np.mean([np.corrcoef(blurred, target[i].double().numpy().ravel())[0, 1] for i in range(n)])
-    q = map_quality(Model(built), SimpleNamespace(**{**vars(plan), "augment": Augment(p, hflip=True)}), Store(), Store(), torch.device("cpu"))
+    q = map_quality(
+        Model(built),
+        SimpleNamespace(**{**vars(plan), "augment": Augment(p, hflip=True)}),
+        Store(),
+        Store(),
+        torch.device("cpu"),
+    )
     assert q["corr_mean_map_augmented"] == pytest.approx(want, abs=1e-5)
     scaled = map_quality(Model(0.01 * target - 3.0), plan, Store(), Store(), torch.device("cpu"))
     assert scaled["r2_vs_mean_map_affine"] == pytest.approx(1.0, abs=1e-6) and scaled["r2_vs_mean_map"] < 0
@@ -607,9 +708,13 @@ def test_every_map_loss_declares_what_it_leaves_free():
             from teachx.training.map_losses import rank_loss, sample_pairs
 
             pairs = sample_pairs(2, 36, 64, torch.device("cpu"))
-            assert rank_loss(changed[inv], target, pairs=pairs).item() == pytest.approx(rank_loss(pred, target, pairs=pairs).item(), rel=1e-4)
+            assert rank_loss(changed[inv], target, pairs=pairs).item() == pytest.approx(
+                rank_loss(pred, target, pairs=pairs).item(), rel=1e-4
+            )
             continue
-        assert MapLoss(name)(changed[inv], target).item() == pytest.approx(MapLoss(name)(pred, target).item(), rel=1e-4, abs=1e-6), name
+        assert MapLoss(name)(changed[inv], target).item() == pytest.approx(
+            MapLoss(name)(pred, target).item(), rel=1e-4, abs=1e-6
+        ), name
 
 
 def test_decoder_reads_m_sees_m_but_never_trains_it():
@@ -637,15 +742,21 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
     assert any(p.grad is not None and p.grad.any() for p in m.lep.parameters())
     again = impactx_from_spec(m.spec)
     again.load_state_dict(m.state_dict())
-    torch.testing.assert_close(again.eval().explain(x, target=torch.tensor(4)), m.eval().explain(x, target=torch.tensor(4)))
+    torch.testing.assert_close(
+        again.eval().explain(x, target=torch.tensor(4)), m.eval().explain(x, target=torch.tensor(4))
+    )
     assert "decoder_reads_m" not in plain.spec  # other models' specs are as before
     default = build_impactx("lenet5", 3, 10, (32, 32))  # the default design (unet_input) reads M, at width 64
     assert default.decoder_reads_m and default.spec["decoder_reads_m"] and default.spec["decoder_width"] == 64
-    other_lep = build_impactx("lenet5", 3, 10, (32, 32), lep_backbone="resnet_cifar")  # pyramids differ: the default leaves M out
+    other_lep = build_impactx(
+        "lenet5", 3, 10, (32, 32), lep_backbone="resnet_cifar"
+    )  # pyramids differ: the default leaves M out
     assert not other_lep.decoder_reads_m
     assert from_dict(RunConfig, {"impactx": {"lep_backbone": "resnet_cifar"}}).impactx.decoder_reads_m is False
     assert from_dict(RunConfig, {}).impactx.decoder_reads_m is True
-    old = dict(plain.spec, decoder_width=32)  # a checkpoint's spec from before: no decoder_reads_m key -> built without M
+    old = dict(
+        plain.spec, decoder_width=32
+    )  # a checkpoint's spec from before: no decoder_reads_m key -> built without M
     assert not impactx_from_spec(old).decoder_reads_m and impactx_from_spec(old).decoder.lateral[0].out_channels == 32
     with pytest.raises(ConfigError, match="reads feature pyramids"):
         from_dict(RunConfig, {"impactx": {"decoder": "paper", "decoder_reads_m": True}})

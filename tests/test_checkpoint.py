@@ -43,7 +43,11 @@ def test_round_trip_continues_identically(tmp_path, opt_name):
     for _ in range(3):
         step(a, oa)
     tensors, meta = optimizer_to_flat(oa)
-    save_checkpoint(tmp_path / "c.safetensors", {**{f"model.{k}": v for k, v in a.state_dict().items()}, **{f"optim.{k}": v for k, v in tensors.items()}}, {"optimizer": meta, "epoch": 2})
+    save_checkpoint(
+        tmp_path / "c.safetensors",
+        {**{f"model.{k}": v for k, v in a.state_dict().items()}, **{f"optim.{k}": v for k, v in tensors.items()}},
+        {"optimizer": meta, "epoch": 2},
+    )
     ck = load_checkpoint(tmp_path / "c.safetensors")
     b = _model()
     load_state_into(b, ck.group("model"), "test")

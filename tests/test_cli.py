@@ -62,9 +62,15 @@ def test_datasets_command():
     [
         (("train", "--out", "{tmp}/r", "data.name=cifar1O"), ("unknown dataset", "cifar10")),
         (("train", "--out", "{tmp}/r", "model.backbone=lenett"), ("unknown backbone", "lenet5")),
-        (("train", "--out", "{tmp}/r", "train.epoch=2"), ("unknown option 'train.epoch'", "did you mean 'train.epochs'")),
+        (
+            ("train", "--out", "{tmp}/r", "train.epoch=2"),
+            ("unknown option 'train.epoch'", "did you mean 'train.epochs'"),
+        ),
         (("train", "--out", "{tmp}/r", "train.epochs"), ("'train.epochs' has no value; write train.epochs=VALUE",)),
-        (("run", "demo", "train.epochs", "--out", "{tmp}/r"), ("'train.epochs' has no value; write train.epochs=VALUE",)),
+        (
+            ("run", "demo", "train.epochs", "--out", "{tmp}/r"),
+            ("'train.epochs' has no value; write train.epochs=VALUE",),
+        ),
         (("train", "--out", "{tmp}/r", "train.optimizer=rmsprop"), ("train.optimizer",)),
         (("train", "--out", "{tmp}/r", "teacher.method=shapp"), ()),
         (("run", "{tmp}/missing.yaml", "--out", "{tmp}/r"), ("not found",)),
@@ -87,8 +93,13 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     cache = tmp_path / "cache"
     env = {"TEACHX_CACHE": str(cache)}
     common = [
-        f"data.name=imagefolder:{image_zip}", "model.backbone=lenet5", "train.epochs=2", "train.batch_size=32",
-        "teacher.background_size=8", "teacher.batch_size=32", "data.hflip=false",
+        f"data.name=imagefolder:{image_zip}",
+        "model.backbone=lenet5",
+        "train.epochs=2",
+        "train.batch_size=32",
+        "teacher.background_size=8",
+        "teacher.batch_size=32",
+        "data.hflip=false",
     ]
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  lr: 0.003\n")

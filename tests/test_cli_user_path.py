@@ -23,8 +23,14 @@ from conftest import run_teachx, teachx_main
 from test_cli import assert_one_line_error
 
 SHIPPED = ("cifar10-lenet5", "cifar10-lenet5-baseline", "study-cifar10-lenet5", "study-cifar10-confirm", "demo")
-TINY = ["data.train_size=200", "train.epochs=1", "train.batch_size=64", "teacher.background_size=4",
-        "teacher.eval_images=20", "teacher.batch_size=64"]
+TINY = [
+    "data.train_size=200",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "teacher.background_size=4",
+    "teacher.eval_images=20",
+    "teacher.batch_size=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,7 @@ def tiny_run(tmp_path_factory) -> dict:
 
 
 # ------------------------------------------------------------------ 13: shipped configs, run from defaults
+
 
 @pytest.mark.slow
 def test_run_needs_no_config(tiny_run):
@@ -96,6 +103,7 @@ def test_repo_has_one_copy_of_the_example_configs():
 
 
 # ------------------------------------------------------------------ 14: every option has a description
+
 
 def _sections():
     from teachx.config.schema import RunConfig
@@ -179,7 +187,16 @@ def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
         data = yaml.safe_load(out)
         assert {"data", "model", "train", "teacher", "impactx", "method"} <= set(data), name
         if is_study(shipped_configs()[name]):
-            assert set(data["study"]) == {"seeds", "arms", "regimes", "control", "controls", "eval", "alpha", "arm_regimes"}, name
+            assert set(data["study"]) == {
+                "seeds",
+                "arms",
+                "regimes",
+                "control",
+                "controls",
+                "eval",
+                "alpha",
+                "arm_regimes",
+            }, name
             assert set(data["study"]["eval"]) == {"faithfulness", "n_images", "steps", "patch_size", "examples"}, name
         else:
             assert "study" not in data, name
@@ -194,12 +211,22 @@ def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_pat
     from teachx.studies.study import STUDY_KEYS
 
     cfg = tmp_path / "mine.yaml"
-    cfg.write_text("train:\n  epochs: 2\nstudy:\n  n_seeds: 3\n  arms:\n    impactx: {}\n    lambda0: {impactx.lam: 0}\n")
+    cfg.write_text(
+        "train:\n  epochs: 2\nstudy:\n  n_seeds: 3\n  arms:\n    impactx: {}\n    lambda0: {impactx.lam: 0}\n"
+    )
     res = run_teachx("config", cfg, "study.alpha=0.01", "train.lr=0.5", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    study = res.stdout[res.stdout.index("\nstudy:\n"):]
-    for line in ("  seeds: [0, 1, 2]", "    impactx: {}", "    lambda0: {impactx.lam: 0}", "  regimes:\n    all: {}",
-                 "  control: lambda0", "  alpha: 0.01", "  arm_regimes: {}", "  eval: {faithfulness: false, n_images: 256,"):
+    study = res.stdout[res.stdout.index("\nstudy:\n") :]
+    for line in (
+        "  seeds: [0, 1, 2]",
+        "    impactx: {}",
+        "    lambda0: {impactx.lam: 0}",
+        "  regimes:\n    all: {}",
+        "  control: lambda0",
+        "  alpha: 0.01",
+        "  arm_regimes: {}",
+        "  eval: {faithfulness: false, n_images: 256,",
+    ):
         assert line in study, (line, study)
     assert "epochs: 2" in res.stdout and "lr: 0.5" in res.stdout
     described = run_teachx("config", "--describe", cfg, cwd=tmp_path)
@@ -242,6 +269,7 @@ def test_teachers_and_models_commands_show_options():
 
 # ------------------------------------------------------------------ 15: explain RUN_DIR; --help summaries
 
+
 def _image(tmp_path: Path) -> Path:
     img = tmp_path / "x.png"
     Image.fromarray(np.full((28, 28), 120, np.uint8)).save(img)
@@ -276,7 +304,9 @@ def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
     classifier_unit = tmp_path / "units" / "k1"
     shutil.copytree(tiny_run["run"] / "baseline" / "checkpoints", classifier_unit / "checkpoints")
     (classifier_unit / "unit.json").write_text(json.dumps({"key": "k1", "kind": "classifier", "config": {}}))
-    assert_one_line_error(run_teachx("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier")
+    assert_one_line_error(
+        run_teachx("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier"
+    )
 
 
 @pytest.mark.slow
@@ -285,7 +315,9 @@ def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run,
     faithfulness.json); files teachx did not write there, or changed since, are kept untouched."""
     img = _image(tmp_path)
     out = tmp_path / "maps"
-    first = run_teachx("explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env=tiny_run["env"])
+    first = run_teachx(
+        "explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env=tiny_run["env"]
+    )
     assert first.returncode == 0, first.stderr
     assert {"x_impactx.png", "x_deepshap.png", "faithfulness.json"} <= {p.name for p in out.iterdir()}
     (out / "notes.txt").write_text("mine")
@@ -325,7 +357,11 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     drawn = []
-    monkeypatch.setattr(figures, "save_overlay", lambda path, img, m, title="": drawn.append((Path(path), m.clone(), title)) or Path(path))
+    monkeypatch.setattr(
+        figures,
+        "save_overlay",
+        lambda path, img, m, title="": drawn.append((Path(path), m.clone(), title)) or Path(path),
+    )
     img = _image(tmp_path)
     x_u8 = torch.from_numpy(np.asarray(Image.open(img))[None, None].copy())
 
@@ -339,7 +375,9 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
         _, expected = model.forward_all(normalize(x_u8, tuple(meta["mean"]), tuple(meta["std"])))
     assert torch.allclose(drawn[-1][1], expected[0])
 
-    pc_run = _tiny_method_run(tmp_path / "pc", "impactx.decoder=unet_input", "impactx.per_class=true", "impactx.map_loss=pearson")
+    pc_run = _tiny_method_run(
+        tmp_path / "pc", "impactx.decoder=unet_input", "impactx.per_class=true", "impactx.map_loss=pearson"
+    )
     model, meta = ex.load_impactx(pc_run)
     x = normalize(x_u8, tuple(meta["mean"]), tuple(meta["std"]))
     for k in (0, 3):
@@ -391,7 +429,11 @@ def test_explain_faithfulness_titles_each_panel_with_the_map_it_shows(tiny_run, 
         return Path(path)
 
     monkeypatch.setattr(figures, "_save", keep)
-    list(ex.explain_images(str(tiny_run["run"]), [str(_image(tmp_path))], str(tmp_path / "maps"), faithfulness=True, steps=4))
+    list(
+        ex.explain_images(
+            str(tiny_run["run"]), [str(_image(tmp_path))], str(tmp_path / "maps"), faithfulness=True, steps=4
+        )
+    )
     assert titles == {"x_impactx.png": "built-in map", "x_deepshap.png": "deepshap map (post hoc)"}
 
 
@@ -413,17 +455,29 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
         imgs.append(tmp_path / f"im{i}.png")
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(imgs[-1])
     out = tmp_path / "faith"
-    res = run_teachx("explain", tiny_run["run"], *imgs, "--out", out, "--faithfulness", "--steps", "8", env=tiny_run["env"])
+    res = run_teachx(
+        "explain", tiny_run["run"], *imgs, "--out", out, "--faithfulness", "--steps", "8", env=tiny_run["env"]
+    )
     assert res.returncode == 0, res.stderr
     rec = json.loads((out / "faithfulness.json").read_text())
     assert rec["teacher_method"] == "deepshap" and rec["explained"] == "predicted" and rec["steps"] == 8
-    assert sorted(p.name for p in out.iterdir()) == [".teachx-explain.json", "faithfulness.json", "im0_deepshap.png", "im0_impactx.png",
-                                                    "im1_deepshap.png", "im1_impactx.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".teachx-explain.json",
+        "faithfulness.json",
+        "im0_deepshap.png",
+        "im0_impactx.png",
+        "im1_deepshap.png",
+        "im1_impactx.png",
+    ]
     assert "MoRF AUC (lower = more faithful): built-in" in res.stdout and "mean over 2 image(s)" in res.stdout
 
     monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
     model, meta = ex.load_impactx(tiny_run["run"])
-    x = normalize(torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in imgs])[:, None].copy()), tuple(meta["mean"]), tuple(meta["std"]))
+    x = normalize(
+        torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in imgs])[:, None].copy()),
+        tuple(meta["mean"]),
+        tuple(meta["std"]),
+    )
     with torch.no_grad():
         logits, built_in = model.forward_all(x)
     pred = logits.argmax(1)
@@ -433,22 +487,46 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
         assert row["predicted"] == row["explained_class"] == int(pred[i])
         auc = row["auc"]["pixel_flipping_morf"]
         assert auc["built_in"] == pytest.approx(_morf_reference(model, x[i], int(pred[i]), built_in[i], 8), abs=1e-6)
-        assert auc["teacher_post_hoc"] == pytest.approx(_morf_reference(model, x[i], int(pred[i]), post[i], 8), abs=1e-5)
-        assert row["corr_self"] == pytest.approx(float(np.corrcoef(built_in[i].flatten(), post[i].flatten())[0, 1]), abs=1e-5)
+        assert auc["teacher_post_hoc"] == pytest.approx(
+            _morf_reference(model, x[i], int(pred[i]), post[i], 8), abs=1e-5
+        )
+        assert row["corr_self"] == pytest.approx(
+            float(np.corrcoef(built_in[i].flatten(), post[i].flatten())[0, 1]), abs=1e-5
+        )
     mean = rec["mean"]["auc"]["pixel_flipping_morf"]
-    assert mean["built_in"] == pytest.approx(np.mean([r["auc"]["pixel_flipping_morf"]["built_in"] for r in rec["images"]]))
+    assert mean["built_in"] == pytest.approx(
+        np.mean([r["auc"]["pixel_flipping_morf"]["built_in"] for r in rec["images"]])
+    )
     assert set(mean) == {"built_in", "teacher_post_hoc", "random"}
 
     again = run_teachx("explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness", env=tiny_run["env"])
     assert again.returncode == 0, again.stderr  # the earlier output is replaced, not copied next to it
-    assert sorted(p.name for p in out.iterdir()) == [".teachx-explain.json", "faithfulness.json", "im0_deepshap.png", "im0_impactx.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".teachx-explain.json",
+        "faithfulness.json",
+        "im0_deepshap.png",
+        "im0_impactx.png",
+    ]
     assert len(json.loads((out / "faithfulness.json").read_text())["images"]) == 1
     alone = tmp_path / "alone.safetensors"  # a checkpoint outside its run: no teacher config, no background
     shutil.copy(tiny_run["run"] / "impactx" / "checkpoints" / "best.safetensors", alone)
-    assert_one_line_error(run_teachx("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env=tiny_run["env"]),
-                          "--faithfulness needs the run", "study unit")
+    assert_one_line_error(
+        run_teachx("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env=tiny_run["env"]),
+        "--faithfulness needs the run",
+        "study unit",
+    )
     assert not (tmp_path / "f2").exists()
-    too_many = run_teachx("explain", tiny_run["run"], imgs[0], "--out", tmp_path / "f3", "--faithfulness", "--steps", "5000", env=tiny_run["env"])
+    too_many = run_teachx(
+        "explain",
+        tiny_run["run"],
+        imgs[0],
+        "--out",
+        tmp_path / "f3",
+        "--faithfulness",
+        "--steps",
+        "5000",
+        env=tiny_run["env"],
+    )
     assert_one_line_error(too_many, "steps=5000", "784")
     assert not (tmp_path / "f3").exists()
 
@@ -469,6 +547,7 @@ def test_help_summaries_are_complete(columns):
 
 
 # ------------------------------------------------------------------ 17: teachx cache list | clean
+
 
 def _data_entry(cache: Path) -> Path:
     from teachx.data.cache import Decoded, cached_decode
@@ -556,8 +635,14 @@ def test_cache_clean_older_than(tmp_path):
     from teachx.data.cache import Decoded, cached_decode
 
     imgs = np.zeros((2, 4, 4, 3), np.uint8)
-    new = Path(cached_decode("fresh", {"v": 2}, lambda: Decoded(imgs, np.arange(2), imgs, np.arange(2), ["a", "b"]),
-                             cache_dir=tmp_path / "c").cache_path)
+    new = Path(
+        cached_decode(
+            "fresh",
+            {"v": 2},
+            lambda: Decoded(imgs, np.arange(2), imgs, np.arange(2), ["a", "b"]),
+            cache_dir=tmp_path / "c",
+        ).cache_path
+    )
     past = time.time() - 40 * 86400
     for f in old.iterdir():
         os.utime(f, (past, past))
@@ -594,6 +679,8 @@ def test_an_output_location_under_a_file_is_one_line(tiny_run, tmp_path, args):
     afile.write_text("x\n")
     img = _image(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    res = run_teachx(*[a.format(f=afile, run=tiny_run["run"], img=img) for a in args], cwd=tmp_path, env=tiny_run["env"])
+    res = run_teachx(
+        *[a.format(f=afile, run=tiny_run["run"], img=img) for a in args], cwd=tmp_path, env=tiny_run["env"]
+    )
     assert_one_line_error(res, f"'{afile}' is a file, not a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == before and afile.read_text() == "x\n"

@@ -54,7 +54,10 @@ def test_bad_options_are_one_line_errors(override, fragment):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.epoch=3", "unknown option 'train.epoch' (did you mean 'train.epochs'?); valid options in 'train': epochs,"),
+        (
+            "train.epoch=3",
+            "unknown option 'train.epoch' (did you mean 'train.epochs'?); valid options in 'train': epochs,",
+        ),
         ("seeed=1", "unknown option 'seeed' (did you mean 'seed'?); valid top-level keys: seed, device, data,"),
         ("data.nme=x", "unknown option 'data.nme' (did you mean 'data.name'?); valid options in 'data': name,"),
         ("train.epochs=abc", "train.epochs: expected an integer, got 'abc'"),
@@ -74,11 +77,19 @@ def test_study_unit_errors_name_keys_as_typed(tmp_path):
 
     p = tmp_path / "s.yaml"
     p.write_text("study:\n  arms: {a: {train.epoch: 3}}\n")
-    with pytest.raises(ConfigError, match=r"study arm 'a', regime 'all': unknown option 'train\.epoch' \(did you mean 'train\.epochs'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"study arm 'a', regime 'all': unknown option 'train\.epoch' \(did you mean 'train\.epochs'\?\)",
+    ):
         load_study(str(p))
-    with pytest.raises(ConfigError, match=r"unknown option 'study\.n_seed' \(did you mean 'study\.n_seeds'\?\); valid options in 'study'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown option 'study\.n_seed' \(did you mean 'study\.n_seeds'\?\); valid options in 'study'",
+    ):
         load_study(str(p), ["study.n_seed=2"])
-    with pytest.raises(ConfigError, match=r"unknown option 'study\.eval\.step' \(did you mean 'study\.eval\.steps'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown option 'study\.eval\.step' \(did you mean 'study\.eval\.steps'\?\)"
+    ):
         load_study(str(p), ["study.arms={a: {}}", "study.eval.step=2"])
 
 
@@ -123,6 +134,7 @@ def test_from_dict_types():
 
 # -- the shipped configs: what a user starts from, and how `teachx config --list` describes them --------
 
+
 def test_shipped_run_configs_use_the_default_design_and_paper_configs_say_so():
     """A run config a user starts from trains the default built-in-map design; a config that pins the paper's
     decoder anywhere (its base or an arm) says "paper" in its name or its description."""
@@ -158,7 +170,7 @@ def test_shipped_descriptions_are_whole_sentences_that_list_wraps_rather_than_cu
     for name, path in configs.items():  # each description appears whole, wrapped onto the lines below its name
         start = next(i for i, ln in enumerate(listing) if ln.split()[:1] == [name])
         words = listing[start].split()[2:]
-        for line in listing[start + 1:]:
+        for line in listing[start + 1 :]:
             if not line.startswith(" " * 10):
                 break
             words += line.split()

@@ -123,12 +123,16 @@ def test_cifar100_fine_labels(tmp_path):
 
     def blob(imgs, fine):
         rows = np.stack([np.concatenate([im[:, :, ch].ravel() for ch in range(3)]) for im in imgs])
-        return pickle.dumps({b"data": rows, b"fine_labels": list(map(int, fine)), b"coarse_labels": [0] * len(fine)}, protocol=2)
+        return pickle.dumps(
+            {b"data": rows, b"fine_labels": list(map(int, fine)), b"coarse_labels": [0] * len(fine)}, protocol=2
+        )
 
     (folder / "train").write_bytes(blob(tr, fine_tr))
     (folder / "test").write_bytes(blob(te, fine_te))
     fine_names = [f"f{i}".encode() for i in range(100)]
-    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": fine_names, b"coarse_label_names": [b"c"] * 20}, protocol=2))
+    (folder / "meta").write_bytes(
+        pickle.dumps({b"fine_label_names": fine_names, b"coarse_label_names": [b"c"] * 20}, protocol=2)
+    )
     ds = load_dataset("cifar-100", root=tmp_path, cache_dir=tmp_path / "cache", progress=False)
     np.testing.assert_array_equal(ds.train.labels, fine_tr)
     np.testing.assert_array_equal(ds.test.images, te)
@@ -248,7 +252,9 @@ def test_bundled_dataset_is_real_and_balanced():
     assert 0.25 < ds.mean[0] < 0.32
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed"
+)
 def test_bundled_matches_official_files():
     import json
 
@@ -343,7 +349,9 @@ def test_imagefolder_inconsistent_size_and_channels(tmp_path):
     tree = make_tree()
     tree["train/dog/001.png"] = np.zeros((7, 5, 3), np.uint8)
     src = write_tree(tree, tmp_path / "s.zip", as_zip=True)
-    with pytest.raises(DataError, match=r"train/dog/001\.png.*7x5.*data\.image_size=6,5 \(size=\(6, 5\) in load_dataset\)"):
+    with pytest.raises(
+        DataError, match=r"train/dog/001\.png.*7x5.*data\.image_size=6,5 \(size=\(6, 5\) in load_dataset\)"
+    ):
         load_dataset(f"imagefolder:{src}", cache_dir=tmp_path / "cache", progress=False)
     ds = load_dataset(f"imagefolder:{src}", cache_dir=tmp_path / "cache", progress=False, size=(6, 5))
     assert ds.image_size == (6, 5)
@@ -353,7 +361,9 @@ def test_imagefolder_inconsistent_size_and_channels(tmp_path):
     tree = make_tree()
     tree["test/cat/002.png"] = np.zeros((6, 5, 1), np.uint8)
     src = write_tree(tree, tmp_path / "c", as_zip=False)
-    with pytest.raises(DataError, match=r"test/cat/002\.png.*1 channel.*data\.channels=3 \(channels=3 in load_dataset\)"):
+    with pytest.raises(
+        DataError, match=r"test/cat/002\.png.*1 channel.*data\.channels=3 \(channels=3 in load_dataset\)"
+    ):
         load_dataset(f"imagefolder:{src}", cache_dir=tmp_path / "cache", progress=False)
     ds = load_dataset(f"imagefolder:{src}", cache_dir=tmp_path / "cache", progress=False, channels=1)
     assert ds.channels == 1

@@ -67,13 +67,17 @@ def test_order_depends_only_on_seed_and_epoch_and_resumes():
     assert [b[2].tolist() for b in it][0] == list(range(8))
 
 
-@pytest.mark.parametrize("n,world,batch,drop_last", [(23, 4, 5, False), (23, 3, 4, True), (5, 8, 2, False), (24, 4, 3, False)])
+@pytest.mark.parametrize(
+    "n,world,batch,drop_last", [(23, 4, 5, False), (23, 3, 4, True), (5, 8, 2, False), (24, 4, 3, False)]
+)
 def test_ddp_sharding_like_distributed_sampler(n, world, batch, drop_last):
     split = make_split(n)
     idx = np.arange(n)
     shards = []
     for rank in range(world):
-        it = BatchIterator(split, idx, batch_size=batch, shuffle=True, seed=9, drop_last=drop_last, rank=rank, world_size=world)
+        it = BatchIterator(
+            split, idx, batch_size=batch, shuffle=True, seed=9, drop_last=drop_last, rank=rank, world_size=world
+        )
         it.set_epoch(2)
         got = [i for b in it for i in b[2].tolist()]
         per_rank = math.ceil(n / world)

@@ -53,7 +53,9 @@ def test_augment_matches_per_sample_reference_and_moves_maps(mode, hflip):
     out_images, out_maps = aug(images, g, maps)
     assert params.top.max() <= 6 and params.left.min() >= 0
     assert bool(params.flip.any()) == hflip  # 16 fair coins: all-False has probability 2**-16
-    torch.testing.assert_close(out_images, reference(images, params.top, params.left, params.flip, 3, mode), rtol=0, atol=0)
+    torch.testing.assert_close(
+        out_images, reference(images, params.top, params.left, params.flip, 3, mode), rtol=0, atol=0
+    )
     torch.testing.assert_close(out_maps, reference(maps, params.top, params.left, params.flip, 3, mode), rtol=0, atol=0)
 
 

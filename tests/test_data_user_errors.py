@@ -108,7 +108,7 @@ def test_run_log_and_results_state_augmentation(capsys, tmp_path):
     src = write_zip(tmp_path / "d.zip", tiny_images())
     code, out, err = teachx_main(capsys, "train", f"data.name=imagefolder:{src}", "--out", tmp_path / "r", *TINY_TRAIN)
     assert code == 0, err
-    line = next(l for l in out.splitlines() if l.startswith("data: "))
+    line = next(ln for ln in out.splitlines() if ln.startswith("data: "))
     assert '"hflip": false' in line and '"crop_padding": 4' in line and "imagefolder" in line, line
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["augmentation"]["hflip"] is False and results["augmentation"]["crop_padding"] == 4
@@ -179,8 +179,11 @@ def test_mixed_imagefolder_fix_is_a_cli_key_that_works(capsys, tmp_path, what):
     message = one_line_error(code, err)
     assert "load_dataset" not in message.split("(")[0] and "size=(H, W)" not in message, message
     fixes = re.findall(r"data\.(?:image_size|channels)=[0-9,x]+", message)
-    assert {f.split("=")[0] for f in fixes} == {"size": {"data.image_size"}, "channels": {"data.channels"},
-                                                "both": {"data.image_size", "data.channels"}}[what], message
+    assert {f.split("=")[0] for f in fixes} == {
+        "size": {"data.image_size"},
+        "channels": {"data.channels"},
+        "both": {"data.image_size", "data.channels"},
+    }[what], message
     code, _, err = teachx_main(capsys, *args, *fixes, "--out", tmp_path / "r1")
     assert code == 0, err
     results = json.loads((tmp_path / "r1" / "results.json").read_text())
@@ -204,7 +207,9 @@ def test_carved_test_split_hint_is_a_cli_key_that_works(capsys, tmp_path):
     assert "data.test_fraction=" in message and "data.test_seed=" in message, message
     assert json.loads((tmp_path / "r0" / "results.json").read_text())["test_images"] == 4
     with pytest.warns(UserWarning, match="carved a stratified 50% test split"):
-        code, _, err = teachx_main(capsys, *args, "data.test_fraction=0.5", "data.test_seed=3", "--out", tmp_path / "r1")
+        code, _, err = teachx_main(
+            capsys, *args, "data.test_fraction=0.5", "data.test_seed=3", "--out", tmp_path / "r1"
+        )
     assert code == 0, err
     assert json.loads((tmp_path / "r1" / "results.json").read_text())["test_images"] == 12
 
@@ -313,7 +318,7 @@ def test_ignored_notices_reach_stderr_and_the_run_log(tmp_path):
 
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     files = tiny_images()
-    ramp = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)  # full 16-bit range
+    ramp = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # full 16-bit range
     src = write_folder(tmp_path / "d", {k: v for k, v in files.items()})
     for name in ("train/a/00.png", "test/a/00.png"):
         Image.fromarray(ramp).save(src / name)

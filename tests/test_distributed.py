@@ -37,7 +37,11 @@ WEIGHT_ATOL = 1e-5
 
 
 def _launch(out: Path, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)
     cmd = torchrun_command(2, [str(out), *args], module="_ddp_script")
@@ -45,7 +49,9 @@ def _launch(out: Path, *args: str, expect_ok: bool = True) -> subprocess.Complet
     if expect_ok and proc.returncode != 0:
         log = out.parent / f"{out.name}-torchrun.log"
         log.write_text(proc.stdout + "\n----\n" + proc.stderr)
-        errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line or "terminate" in line]
+        errors = [
+            line for line in proc.stderr.splitlines() if "Error" in line or "error" in line or "terminate" in line
+        ]
         pytest.fail(f"torchrun failed ({proc.returncode}); full log {log}; error lines: " + " | ".join(errors[:12]))
     return proc
 
@@ -95,7 +101,12 @@ def test_batch_dependent_maps_need_batch_round_robin(runs):
     """Why batches (not single rows) are dealt to ranks: the batch-dependent store would differ."""
     ds_idx = np.arange(192)
     todo = np.setdiff1d(ds_idx, work.PREFILLED)
-    ref = np.load(next(d for d in (runs / "ref" / "maps").iterdir() if json.loads((d / "meta.json").read_text())["shape"][-1] == 4) / "maps.npy")
+    ref = np.load(
+        next(
+            d for d in (runs / "ref" / "maps").iterdir() if json.loads((d / "meta.json").read_text())["shape"][-1] == 4
+        )
+        / "maps.npy"
+    )
     # what todo[r::2] row sharding would have computed for rank 0's first batch:
     row_sharded = work.batch_dependent_compute(todo[0::2][: work.MAP_BATCH]).numpy().astype(np.float16)
     assert not np.array_equal(row_sharded, ref[todo[0::2][: work.MAP_BATCH]])
@@ -150,7 +161,11 @@ def _init_weights(name: str) -> dict[str, torch.Tensor]:
     from teachx.models.impactx import build_impactx
 
     torch.manual_seed(0)
-    model = build_model("lenet5", 1, 4, (16, 16)) if name == "classifier" else build_impactx("lenet5", 1, 4, (16, 16), decoder_width=8, decoder="paper")
+    model = (
+        build_model("lenet5", 1, 4, (16, 16))
+        if name == "classifier"
+        else build_impactx("lenet5", 1, 4, (16, 16), decoder_width=8, decoder="paper")
+    )
     return model.state_dict()
 
 
@@ -219,7 +234,13 @@ def fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls["set_device"].append(i))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls["init"].append(backend))
-    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+    for key, value in {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }.items():
         monkeypatch.setenv(key, value)
     return calls
 

@@ -164,4 +164,5 @@ def test_the_checker_finds_bad_commands():
         parse("teachx serve runs/x --no-such-flag")
     parse("teachx run train.epochs=3 --out x")
     assert list(_teachx_segments("for i in 1 2; do OMP_NUM_THREADS=1 teachx study s --out r -q > w$i.log & done")) == [
-        "teachx study s --out r -q"]
+        "teachx study s --out r -q"
+    ]

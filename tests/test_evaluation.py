@@ -384,7 +384,11 @@ def test_mprt_layer_orders_and_gradient_explanations_change():
 
 def test_histogram_entropy_matches_numpy_and_scipy():
     rng = np.random.default_rng(4)
-    maps = [rng.normal(size=(1, 9, 9)), rng.integers(0, 7, size=(1, 9, 9)).astype(float), np.linspace(0, 1, 81).reshape(1, 9, 9)]
+    maps = [
+        rng.normal(size=(1, 9, 9)),
+        rng.integers(0, 7, size=(1, 9, 9)).astype(float),
+        np.linspace(0, 1, 81).reshape(1, 9, 9),
+    ]
     for m in maps:
         for bins in (10, 100):
             ref = stats.entropy(np.histogram(m, bins=bins)[0])
@@ -480,7 +484,9 @@ def test_evaluate_maps_report():
     assert report["metrics"]["pixel_flipping_morf"]["higher_is_better"] is False
     fc = report["maps"]["exact"]["faithfulness_correlation"]
     assert fc["mean"] == pytest.approx(1.0) and len(fc["values"]) == 6
-    assert report["maps"]["random"]["pixel_flipping_morf"]["mean"] > report["maps"]["exact"]["pixel_flipping_morf"]["mean"]
+    assert (
+        report["maps"]["random"]["pixel_flipping_morf"]["mean"] > report["maps"]["exact"]["pixel_flipping_morf"]["mean"]
+    )
     assert "mprt" in report["explainers"]["grad_x_input"] and "mprt" not in report["maps"]["exact"]
     assert report["agreement"]["sets"]["shifted"]["spearman"]["mean"] == pytest.approx(1.0)
 

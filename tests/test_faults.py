@@ -40,26 +40,52 @@ from teachx.errors import RunDirError
 
 HOOK = Path(__file__).parent / "_fault_hook"
 CONFIG = "data:\n  name: bundled\n"
-TINY = ["data.train_size=200", "train.epochs=2", "train.batch_size=32", "teacher.method=gradient_x_input",
-        "teacher.batch_size=64", "teacher.eval_images=100"]
+TINY = [
+    "data.train_size=200",
+    "train.epochs=2",
+    "train.batch_size=32",
+    "teacher.method=gradient_x_input",
+    "teacher.batch_size=64",
+    "teacher.eval_images=100",
+]
 RESUME_HINT = "run the same command again to resume"
 #: what legitimately differs between two runs of the same config: time, threads, and the digests over them
-MEASURED = {"stage_seconds", "wall_seconds", "torch_threads", "seconds", "seconds_per_epoch", "baseline_seconds_per_epoch",
-            "impactx_seconds_per_epoch", "method_seconds_per_epoch", "digest", "timings", "created"}
+MEASURED = {
+    "stage_seconds",
+    "wall_seconds",
+    "torch_threads",
+    "seconds",
+    "seconds_per_epoch",
+    "baseline_seconds_per_epoch",
+    "impactx_seconds_per_epoch",
+    "method_seconds_per_epoch",
+    "digest",
+    "timings",
+    "created",
+}
 
 
 def fault_env(cache: Path, fault: str | None = None) -> dict[str, str | None]:
     """What a `teachx` process under the fault hook gets over this environment: its cache, one thread, the hook
     on PYTHONPATH, and TEACHX_FAULT set to ``fault`` (or removed)."""
-    return {"TEACHX_CACHE": str(cache), "OMP_NUM_THREADS": "1", "TEACHX_FAULT": fault or None,
-            "PYTHONPATH": os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p)}
+    return {
+        "TEACHX_CACHE": str(cache),
+        "OMP_NUM_THREADS": "1",
+        "TEACHX_FAULT": fault or None,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(HOOK), os.environ.get("PYTHONPATH", "")) if p),
+    }
 
 
 def teachx(*args, cwd, cache, fault=None, timeout=600):
     # a shell without job control starts background jobs (`pytest ... &`) with SIGINT ignored, and children inherit
     # that: Python then never raises KeyboardInterrupt; the Ctrl-C faults need the default disposition back
-    return run_teachx(*args, cwd=cwd, env=fault_env(cache, fault), timeout=timeout,
-                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return run_teachx(
+        *args,
+        cwd=cwd,
+        env=fault_env(cache, fault),
+        timeout=timeout,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def one_line_error(res, *fragments) -> str:
@@ -84,7 +110,10 @@ def took_over(res) -> subprocess.CompletedProcess:
 
 def resumed(res, stage: str) -> bool:
     """Whether the run's log says ``stage`` continued from its epoch-1 checkpoint."""
-    return any(line.startswith("resuming from epoch 1 (") and f"{stage}/checkpoints" in line for line in res.stdout.splitlines())
+    return any(
+        line.startswith("resuming from epoch 1 (") and f"{stage}/checkpoints" in line
+        for line in res.stdout.splitlines()
+    )
 
 
 def temp_files(*roots: Path) -> list[Path]:
@@ -135,6 +164,7 @@ def reference(tmp_path_factory):
 
 # -- kill -9, Ctrl-C and failed writes at every stage ---------------------------------------------
 
+
 @pytest.mark.slow
 def test_killed_or_failing_anywhere_resumes_to_the_same_result(reference):
     root = reference["root"]
@@ -153,8 +183,12 @@ def test_killed_or_failing_anywhere_resumes_to_the_same_result(reference):
     assert resumed(res, "baseline") and "[baseline] test accuracy" in res.stdout
     took_over(res)  # the lock the killed run left
     # IMPACTX: a full disk at its first checkpoint: one line naming the file and the fix, nothing half-written
-    one_line_error(took_over(step(f"oserror:{out}/impactx/checkpoints/last.safetensors:1:ENOSPC", 2)),
-                   "no space left", str(Path("impactx") / "checkpoints" / "last.safetensors"), RESUME_HINT)
+    one_line_error(
+        took_over(step(f"oserror:{out}/impactx/checkpoints/last.safetensors:1:ENOSPC", 2)),
+        "no space left",
+        str(Path("impactx") / "checkpoints" / "last.safetensors"),
+        RESUME_HINT,
+    )
     assert not temp_files(out, cache)
     # IMPACTX: Ctrl-C between epochs: the resume hint, no traceback
     res = step(f"int-after:{out}/impactx/checkpoints/last.safetensors:1", 130)
@@ -188,7 +222,9 @@ def test_killed_between_a_stage_and_its_record_resumes_to_the_same_result(refere
         res = teachx("run", "c.yaml", "--out", out, "-q", *TINY, cwd=root, cache=cache, fault=fault)
         assert res.returncode == (-signal.SIGKILL if fault else 0), (fault, res.returncode, res.stderr[-3000:])
         if fault and "baseline" in fault:
-            assert (out / "baseline" / "checkpoints" / "best.safetensors").exists() and not (out / "baseline" / "stage.json").exists()
+            assert (out / "baseline" / "checkpoints" / "best.safetensors").exists() and not (
+                out / "baseline" / "stage.json"
+            ).exists()
             assert json.loads((out / RUN_LOCK).read_text())["pid"] > 0  # left by the killed process
         else:
             took_over(res)
@@ -196,7 +232,9 @@ def test_killed_between_a_stage_and_its_record_resumes_to_the_same_result(refere
     assert_same(snapshot(out), reference["snap"])
     bound = run_config_hash(out)
     assert json.loads((out / "results.json").read_text())["config_hash"] == bound
-    assert all(json.loads((out / s / "stage.json").read_text())["config_hash"] == bound for s in ("baseline", "impactx"))
+    assert all(
+        json.loads((out / s / "stage.json").read_text())["config_hash"] == bound for s in ("baseline", "impactx")
+    )
 
 
 def test_killed_between_the_best_and_last_checkpoint_writes(tmp_path, monkeypatch):
@@ -219,8 +257,16 @@ def test_killed_between_the_best_and_last_checkpoint_writes(tmp_path, monkeypatc
         torch.manual_seed(0)
         plan = DataPlan(synthetic_dataset(64, 16), np.arange(48), np.arange(48, 64), None)
         cfg = TrainConfig(epochs=2, batch_size=16, lr=1e-30, schedule="constant", progress=False)
-        trainer = Trainer(ClassifierTask(build_model("lenet5", 1, 4, (16, 16))), plan, cfg, out, seed=1, device="cpu",
-                          meta={"kind": "classifier"}, log=lambda s: None)
+        trainer = Trainer(
+            ClassifierTask(build_model("lenet5", 1, 4, (16, 16))),
+            plan,
+            cfg,
+            out,
+            seed=1,
+            device="cpu",
+            meta={"kind": "classifier"},
+            log=lambda s: None,
+        )
         if die_after_first_save:
             save = Trainer._save
 
@@ -263,7 +309,9 @@ def test_failed_writes_are_one_line_and_leave_nothing_behind(tmp_path, monkeypat
 
     with monkeypatch.context() as m:
         m.setattr(rundir, "write_json_atomic", read_only)
-        with pytest.raises(OutputError, match=r"cannot write '.*\.teachx-run': read-only file system; choose another location"):
+        with pytest.raises(
+            OutputError, match=r"cannot write '.*\.teachx-run': read-only file system; choose another location"
+        ):
             prepare_run_dir(tmp_path / "new" / "run", _cfg(), "run")
     assert not (tmp_path / "new" / "run").exists()
 
@@ -277,6 +325,7 @@ def test_failed_writes_are_one_line_and_leave_nothing_behind(tmp_path, monkeypat
 
 
 # -- re-runs, moved and copied runs -----------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_noop_rerun_from_another_directory_keeps_the_measurements(reference):
@@ -298,12 +347,16 @@ def test_stage_checkpoint_of_records_written_by_older_teachx(tmp_path):
     from teachx.runs.pipeline import stage_checkpoint
 
     stage = tmp_path / "copy" / "baseline"
-    for recorded in ("/somewhere/else/run/baseline/checkpoints/best.safetensors", "run/baseline/checkpoints/best.safetensors",
-                     "checkpoints/best.safetensors"):
+    for recorded in (
+        "/somewhere/else/run/baseline/checkpoints/best.safetensors",
+        "run/baseline/checkpoints/best.safetensors",
+        "checkpoints/best.safetensors",
+    ):
         assert stage_checkpoint(stage, {"checkpoint": recorded}) == stage / "checkpoints" / "best.safetensors"
 
 
 # -- directories teachx did not make --------------------------------------------------------------
+
 
 def _cfg(*extra):
     from teachx.runs.resolve import resolve_config
@@ -325,7 +378,17 @@ def test_overwrite_never_deletes_a_foreign_directory(tmp_path, reference):
         assert "--overwrite" not in str(err.value) and "not made by teachx" in str(err.value)
     assert sorted(p.name for p in mine.iterdir()) == ["config.yaml", "thesis.tex"]
     # through the command line
-    res = teachx("run", reference["root"] / "c.yaml", "--out", mine, "-q", "--overwrite", *TINY, cwd=tmp_path, cache=tmp_path / "cache")
+    res = teachx(
+        "run",
+        reference["root"] / "c.yaml",
+        "--out",
+        mine,
+        "-q",
+        "--overwrite",
+        *TINY,
+        cwd=tmp_path,
+        cache=tmp_path / "cache",
+    )
     err = one_line_error(res, "not made by teachx")
     assert "--overwrite" not in err and (mine / "thesis.tex").read_text() == "years of work"
 
@@ -335,9 +398,19 @@ def test_overwrite_replaces_only_what_teachx_wrote(tmp_path):
     from teachx.utils.io import _HOST
 
     run = prepare_run_dir(tmp_path / "run", _cfg(), "run")
-    ours = ["results.json", "timings.json", "figures/examples.png", "baseline/stage.json", "baseline/history.json",
-            "baseline/checkpoints/best.safetensors", "baseline/checkpoints/best.json", "impactx/tensorboard/events.out.tfevents.1.host",
-            f"impactx/self_maps/{'a1' * 10}/maps.npy", "impactx/self_maps/current.json", f"impactx/checkpoints/.last.safetensors.{_HOST}-1.x.tmp"]
+    ours = [
+        "results.json",
+        "timings.json",
+        "figures/examples.png",
+        "baseline/stage.json",
+        "baseline/history.json",
+        "baseline/checkpoints/best.safetensors",
+        "baseline/checkpoints/best.json",
+        "impactx/tensorboard/events.out.tfevents.1.host",
+        f"impactx/self_maps/{'a1' * 10}/maps.npy",
+        "impactx/self_maps/current.json",
+        f"impactx/checkpoints/.last.safetensors.{_HOST}-1.x.tmp",
+    ]
     users = ["notes.md", "baseline/my-analysis.ipynb", "figures/for-the-paper.pdf", "impactx/self_maps/keep/me.txt"]
     for rel in ours + users:
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -361,13 +434,22 @@ def test_redo_discards_only_what_teachx_wrote_in_the_stage(tmp_path):
 
     cfg = _cfg()
     run = prepare_run_dir(tmp_path / "run", cfg, "run")
-    for rel in ("baseline/stage.json", "baseline/checkpoints/best.safetensors", "impactx/history.json", "results.json",
-                "baseline/my-notes.md", "impactx/checkpoints/mine.txt"):
+    for rel in (
+        "baseline/stage.json",
+        "baseline/checkpoints/best.safetensors",
+        "impactx/history.json",
+        "results.json",
+        "baseline/my-notes.md",
+        "impactx/checkpoints/mine.txt",
+    ):
         (run / rel).parent.mkdir(parents=True, exist_ok=True)
         (run / rel).write_text(rel)
     redo_stages(run, cfg, ["baseline"], log=lambda m: None)  # the baseline is the teacher: IMPACTX is redone too
     assert (run / "baseline" / "my-notes.md").exists() and (run / "impactx" / "checkpoints" / "mine.txt").exists()
-    assert not any((run / rel).exists() for rel in ("baseline/stage.json", "baseline/checkpoints", "impactx/history.json", "results.json"))
+    assert not any(
+        (run / rel).exists()
+        for rel in ("baseline/stage.json", "baseline/checkpoints", "impactx/history.json", "results.json")
+    )
 
 
 def test_presentation_options_are_not_part_of_a_run(tmp_path):
@@ -423,16 +505,23 @@ def test_report_never_replaces_a_file_it_did_not_write(tmp_path):
 
 # -- real read-only and full file systems -----------------------------------------------------------
 
+
 def _private_mounts() -> str:
     """'' when this machine can mount a tmpfs in a private mount namespace, else why not."""
     if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
         return "needs Linux with unshare(1)"
     try:
-        res = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unshare failed: {exc}"
-    return "" if res.returncode == 0 else f"cannot mount a tmpfs in a private mount namespace: {res.stderr.strip()[:120]}"
+    return (
+        "" if res.returncode == 0 else f"cannot mount a tmpfs in a private mount namespace: {res.stderr.strip()[:120]}"
+    )
 
 
 @pytest.mark.skipif(bool(_private_mounts()), reason=_private_mounts() or "-")
@@ -442,12 +531,16 @@ def test_real_read_only_and_full_file_systems(tmp_path, reference):
     baseline's checkpoints but not the map store (a sparse memory-mapped store there would end in
     SIGBUS, not in a message, when the disk filled up under it)."""
     cfg = reference["root"] / "c.yaml"
-    cases = {"read-only": ("mount -t tmpfs -o ro,size=64k tmpfs {mnt}", "{mnt}/run", "cache"),
-             "full": ("mount -t tmpfs -o size=2m tmpfs {mnt}", "{mnt}/run", "{mnt}/cache")}
+    cases = {
+        "read-only": ("mount -t tmpfs -o ro,size=64k tmpfs {mnt}", "{mnt}/run", "cache"),
+        "full": ("mount -t tmpfs -o size=2m tmpfs {mnt}", "{mnt}/run", "{mnt}/cache"),
+    }
     for name, (mount, out, cache) in cases.items():
         mnt = tmp_path / name.replace(" ", "-")
         mnt.mkdir()
-        out, cache = (tmp_path / v.format(mnt=mnt) if "{mnt}" not in v else Path(v.format(mnt=mnt)) for v in (out, cache))
+        out, cache = (
+            tmp_path / v.format(mnt=mnt) if "{mnt}" not in v else Path(v.format(mnt=mnt)) for v in (out, cache)
+        )
         argv = " ".join(f"'{a}'" for a in [*TEACHX, "run", cfg, "--out", out, "-q", *TINY])
         script = f"""set -e
         {mount.format(mnt=mnt)}
@@ -456,9 +549,12 @@ def test_real_read_only_and_full_file_systems(tmp_path, reference):
         echo $? >'{tmp_path}/rc'
         find '{mnt}' -name '*.tmp' >'{tmp_path}/temps'
         """
-        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", textwrap.dedent(script)], check=True, timeout=600)
-        res = subprocess.CompletedProcess([], int((tmp_path / "rc").read_text()), (tmp_path / "stdout").read_text(),
-                                          (tmp_path / "stderr").read_text())
+        subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", textwrap.dedent(script)], check=True, timeout=600
+        )
+        res = subprocess.CompletedProcess(
+            [], int((tmp_path / "rc").read_text()), (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+        )
         problem = "read-only file system" if name == "read-only" else "no space left"
         err = one_line_error(res, problem, str(mnt))
         assert RESUME_HINT in err or name == "read-only", err
@@ -466,6 +562,7 @@ def test_real_read_only_and_full_file_systems(tmp_path, reference):
 
 
 # -- image decoding workers --------------------------------------------------------------------------
+
 
 def _children(pid: int) -> list[int]:
     out = []
@@ -507,7 +604,7 @@ def test_image_decoding_workers_exit_with_a_killed_parent(tmp_path):
             time.sleep(60)
             return decode(*a, **k)
         f._decode_chunk = slow_chunk
-        load_dataset("imagefolder:{tmp_path / 'imgs'}", workers=2, progress=False)
+        load_dataset("imagefolder:{tmp_path / "imgs"}", workers=2, progress=False)
     """)
     env = {**os.environ, "TEACHX_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)

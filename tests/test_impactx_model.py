@@ -19,7 +19,7 @@ def test_decoder_reaches_any_size(size, scale):
     assert d(torch.randn(2, 84)).shape == (2, 1, size, size)
     convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
     # the last conv runs at (about) size / scale: seed grid * 2**(number of upsamplings)
-    assert d.seed_hw[0] * 2 ** (len(convs) - 1) in range(max(4, size // scale), max(4, size // scale) + 2**len(convs))
+    assert d.seed_hw[0] * 2 ** (len(convs) - 1) in range(max(4, size // scale), max(4, size // scale) + 2 ** len(convs))
 
 
 @pytest.mark.parametrize("backbone, ch, size", [("lenet5", 1, 28), ("lenet5", 3, 32), ("mobilenet", 3, 32)])
@@ -59,7 +59,13 @@ def test_loss_is_ce_plus_lambda_mse():
 def test_map_sources(tmp_path):
     n = 12
     store = open_store(tmp_path, {"t": 1}, n, (1, 4, 4), log=lambda s: None)
-    fill_store(store, np.arange(n), lambda i: torch.as_tensor(i, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4) / 16, 6, progress=False)
+    fill_store(
+        store,
+        np.arange(n),
+        lambda i: torch.as_tensor(i, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4) / 16,
+        6,
+        progress=False,
+    )
     train_idx = np.arange(2, n)
     idx = torch.as_tensor(train_idx)
     own = MapSource(store, "teacher", train_idx, 0)(idx)

@@ -27,6 +27,7 @@ from teachx.training.checkpoint import load_checkpoint, save_checkpoint
 
 # -- fault injection helpers ----------------------------------------------------------------------
 
+
 def flip_byte(path: Path, offset: int, mask: int = 0x01) -> None:
     """Flip bits of one byte in place (the file keeps its size and name, as with bit rot)."""
     with open(path, "r+b") as f:
@@ -58,6 +59,7 @@ def _corruption_error():
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
+
 
 def _save(path: Path) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
@@ -136,11 +138,24 @@ def test_resume_from_a_corrupt_last_checkpoint_is_refused(tmp_path):
         torch.manual_seed(0)
         model = build_model("lenet5", 1, 4, (16, 16))
         cfg = TrainConfig(epochs=epochs, batch_size=16, progress=False)
-        return Trainer(ClassifierTask(model), plan, cfg, tmp_path / "r", seed=0, device="cpu", meta={"kind": "classifier"}, log=lambda s: None)
+        return Trainer(
+            ClassifierTask(model),
+            plan,
+            cfg,
+            tmp_path / "r",
+            seed=0,
+            device="cpu",
+            meta={"kind": "classifier"},
+            log=lambda s: None,
+        )
 
     trainer(1).fit()
     last = tmp_path / "r" / "checkpoints" / "last.safetensors"
-    name = next(k for k in json.loads(last.read_bytes()[8 : 8 + struct.unpack("<Q", last.read_bytes()[:8])[0]]) if k.startswith("model."))
+    name = next(
+        k
+        for k in json.loads(last.read_bytes()[8 : 8 + struct.unpack("<Q", last.read_bytes()[:8])[0]])
+        if k.startswith("model.")
+    )
     flip_byte(last, safetensors_offset(last, name) + 2, 0x7F)  # a weight becomes huge or NaN
     before = last.read_bytes()
     with pytest.raises(CheckpointError) as err:
@@ -151,6 +166,7 @@ def test_resume_from_a_corrupt_last_checkpoint_is_refused(tmp_path):
 
 
 # -- trusted JSON ------------------------------------------------------------------------------------
+
 
 def test_trusted_json_round_trip_flip_and_legacy(tmp_path):
     from teachx.utils.io import read_trusted_json, write_json_atomic
@@ -226,11 +242,18 @@ def test_report_refuses_corrupt_results(tmp_path):
 
 # -- map stores ----------------------------------------------------------------------------------------
 
+
 def _filled_store(tmp_path, n=12, batch=5):
     from teachx.teachers.store import fill_store, open_store
 
     s = open_store(tmp_path, {"teacher": "t"}, n, (1, 4, 4), log=lambda m: None)
-    fill_store(s, np.arange(n), lambda idx: torch.as_tensor(idx, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4) / 16 + 0.01, batch, progress=False)
+    fill_store(
+        s,
+        np.arange(n),
+        lambda idx: torch.as_tensor(idx, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 1, 4, 4) / 16 + 0.01,
+        batch,
+        progress=False,
+    )
     return s
 
 
@@ -315,7 +338,9 @@ def test_legacy_map_store_without_digests_is_kept_and_sealed(tmp_path):
     assert s2.complete and np.array_equal(np.array(s2.maps), values)
     assert (path / "digests.npy").exists()
     computed = []
-    store_mod.fill_store(s2, np.arange(12), lambda i: computed.append(i) or torch.zeros(len(i), 1, 4, 4), 4, progress=False)
+    store_mod.fill_store(
+        s2, np.arange(12), lambda i: computed.append(i) or torch.zeros(len(i), 1, 4, 4), 4, progress=False
+    )
     assert computed == []
     del s2
     maps = np.load(path / "maps.npy", mmap_mode="r")
@@ -331,7 +356,13 @@ def test_self_teaching_pointer_flip_is_refused(tmp_path):
     from teachx.utils.io import write_json_atomic
 
     st = SelfTeaching.__new__(SelfTeaching)
-    st.store_dir, st.n, st.map_shape, st.log, st.train_idx = tmp_path / "self_maps", 4, (1, 2, 2), (lambda m: None), np.arange(4)
+    st.store_dir, st.n, st.map_shape, st.log, st.train_idx = (
+        tmp_path / "self_maps",
+        4,
+        (1, 2, 2),
+        (lambda m: None),
+        np.arange(4),
+    )
     (tmp_path / "self_maps" / "abc").mkdir(parents=True)
     write_json_atomic(st._pointer(), {"epoch": 2, "dir": "abc", "material": {"m": 1}}, digest=True)
     flip_in_text(st._pointer(), '"epoch": 2')  # 2 -> 3
@@ -341,13 +372,16 @@ def test_self_teaching_pointer_flip_is_refused(tmp_path):
 
 # -- decoded-data cache ----------------------------------------------------------------------------------
 
+
 def test_data_cache_corruption_is_never_used(tmp_path):
     from teachx.data.cache import Decoded, cached_decode
 
     rng = np.random.default_rng(0)
     arrays = dict(
-        train_images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8), train_labels=np.arange(20) % 2,
-        test_images=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8), test_labels=np.arange(6) % 2,
+        train_images=rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8),
+        train_labels=np.arange(20) % 2,
+        test_images=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8),
+        test_labels=np.arange(6) % 2,
     )
     decodes = []
 
@@ -378,6 +412,7 @@ def test_data_cache_corruption_is_never_used(tmp_path):
 
 # -- a run with a corrupt checkpoint: one line, the exact way forward, and that way works ----------------
 
+
 def _cli(*args, env=None):
     return run_teachx(*args, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -395,19 +430,35 @@ def _one_line_error(res, *fragments):
 def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
     env = {"TEACHX_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
-    common = ["--out", out, "-q", "train.epochs=1", "data.train_size=200", "teacher.method=gradient_x_input",
-              "teacher.eval_images=50", "teacher.batch_size=100"]
+    common = [
+        "--out",
+        out,
+        "-q",
+        "train.epochs=1",
+        "data.train_size=200",
+        "teacher.method=gradient_x_input",
+        "teacher.eval_images=50",
+        "teacher.batch_size=100",
+    ]
     first = _cli("demo", *common, env=env)
     assert first.returncode == 0, first.stderr
     results = json.loads((out / "results.json").read_text())
     ck = out / "baseline" / "checkpoints" / "best.safetensors"
-    name = next(k for k in json.loads(ck.read_bytes()[8 : 8 + struct.unpack("<Q", ck.read_bytes()[:8])[0]]) if k.startswith("model."))
+    name = next(
+        k
+        for k in json.loads(ck.read_bytes()[8 : 8 + struct.unpack("<Q", ck.read_bytes()[:8])[0]])
+        if k.startswith("model.")
+    )
     flip_byte(ck, safetensors_offset(ck, name) + 5, 0x40)
     bad = _cli("demo", *common, env=env)
     _one_line_error(bad, str(ck), "corrupted", "--redo baseline")
     # explain refuses a corrupt IMPACTX checkpoint and names the stage to redo
     ick = out / "impactx" / "checkpoints" / "best.safetensors"
-    iname = next(k for k in json.loads(ick.read_bytes()[8 : 8 + struct.unpack("<Q", ick.read_bytes()[:8])[0]]) if k.startswith("model."))
+    iname = next(
+        k
+        for k in json.loads(ick.read_bytes()[8 : 8 + struct.unpack("<Q", ick.read_bytes()[:8])[0]])
+        if k.startswith("model.")
+    )
     flip_byte(ick, safetensors_offset(ick, iname) + 9, 0x08)
     from PIL import Image
 
@@ -426,6 +477,7 @@ def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
 
 
 # -- the `teachx serve` precompute cache --------------------------------------------------------------------
+
 
 def test_serve_cache_never_serves_a_damaged_row(tmp_path):
     pytest.importorskip("teachx.service.cache")
@@ -464,9 +516,18 @@ def test_serve_cache_open_waits_for_another_process_opening_it(tmp_path):
     c.put("probs", np.arange(3), np.full((3, 3), 0.25, np.float32))
     c.flush()
     del c
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\nfrom teachx.utils.locking import file_lock\n"
-        f"with file_lock({str(lock)!r}):\n    print('held', flush=True)\n    time.sleep(1.5)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\nfrom teachx.utils.locking import file_lock\n"
+                f"with file_lock({str(lock)!r}):\n    print('held', flush=True)\n    time.sleep(1.5)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     t0 = time.monotonic()
     msgs: list[str] = []

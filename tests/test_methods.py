@@ -23,6 +23,7 @@ from teachx.training.methods.saliency_guided import SaliencyGuidedTask, input_sa
 
 # -- RRR -------------------------------------------------------------------------------------------
 
+
 class _Linear(nn.Module):
     def __init__(self, d: int, k: int):
         super().__init__()
@@ -108,6 +109,7 @@ def test_teacher_masks_are_computed_once_and_equal_the_direct_ones():
 
 # -- saliency-guided training ------------------------------------------------------------------------
 
+
 def test_mask_lowest_replaces_exactly_the_lowest_saliency_elements():
     x = torch.arange(8.0).view(1, 2, 2, 2)
     sal = torch.tensor([5.0, 1.0, 7.0, 0.5, 3.0, 8.0, 2.0, 6.0]).view(1, 2, 2, 2)
@@ -166,6 +168,7 @@ def test_saliency_pass_leaves_batchnorm_statistics_alone():
 
 # -- RelDrop -------------------------------------------------------------------------------------------
 
+
 def test_reldrop_mask_follows_the_papers_rule():
     rel = torch.tensor([[[[0.0, 0.4], [0.6, 1.0]]]])
     # alpha = 0: no noise, a pixel is dropped where its relevance >= 1 - beta
@@ -211,6 +214,7 @@ def test_reldrop_self_relevance_is_lrp_of_the_model_in_eval_mode():
 
 # -- the shared contract: every registered method ----------------------------------------------------
 
+
 def _masked_dataset(n: int = 96, size: int = 12, classes: int = 3, seed: int = 0):
     """Noise images plus a 3x3 corner square whose brightness codes the class (a tiny shortcut)."""
     from teachx.data.base import ImageDataset, Split
@@ -225,7 +229,9 @@ def _masked_dataset(n: int = 96, size: int = 12, classes: int = 3, seed: int = 0
         images[:, :3, :3, 0] = (255 - 60 * labels)[:, None, None]
         return Split(images, labels, masks)
 
-    return ImageDataset("tiny-shortcut", [str(c) for c in range(classes)], split(n), split(24), (0.3,), (0.3,), hflip=False)
+    return ImageDataset(
+        "tiny-shortcut", [str(c) for c in range(classes)], split(n), split(24), (0.3,), (0.3,), hflip=False
+    )
 
 
 class _Store:
@@ -263,7 +269,9 @@ def _fit(method: str, options: dict, out: Path, stop_after: int | None = None, i
     if stop_after is not None:
         task = _StopAfter(task, stop_after)
     tcfg = TrainConfig(epochs=2, batch_size=16, lr=2e-3, progress=False, threads=1)
-    return Trainer(task, plan, tcfg, out, seed=3, device="cpu", meta={"kind": m.checkpoint_kind}, log=lambda s: None).fit()
+    return Trainer(
+        task, plan, tcfg, out, seed=3, device="cpu", meta={"kind": m.checkpoint_kind}, log=lambda s: None
+    ).fit()
 
 
 class _Interrupted(Exception):
@@ -312,7 +320,10 @@ def test_method_trains_and_resumes_bitwise(case, tmp_path):
         _fit(name, options, tmp_path / "cut", stop_after=5 + 2)  # 5 steps per epoch: stops inside epoch 2
     res = _fit(name, options, tmp_path / "cut", init_seed=99)
     assert res.resumed_from == 1
-    a, b = (load_checkpoint(p / "checkpoints" / "last.safetensors").group("model") for p in (tmp_path / "ref", tmp_path / "cut"))
+    a, b = (
+        load_checkpoint(p / "checkpoints" / "last.safetensors").group("model")
+        for p in (tmp_path / "ref", tmp_path / "cut")
+    )
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), (case, k)
@@ -325,8 +336,13 @@ def test_option_checks_are_one_line_config_errors():
         ("method.name=rrrr",): "did you mean 'rrr'",
         ("method.name=rrr", "method.options.k=0.5"): "option of method saliency_guided, not of 'rrr'",
         ("method.name=rrr", "impactx.lam=0"): "impactx.lam is an option of method impactx, not of 'rrr'",
-        ("method.options.lamb=3",): "unknown option method.options.lamb of method impactx (did you mean 'method.options.lam'?)",
-        ("method.options.lam=3", "impactx.lam=2"): "impactx.lam and method.options.lam are the same option of method impactx",
+        (
+            "method.options.lamb=3",
+        ): "unknown option method.options.lamb of method impactx (did you mean 'method.options.lam'?)",
+        (
+            "method.options.lam=3",
+            "impactx.lam=2",
+        ): "impactx.lam and method.options.lam are the same option of method impactx",
         ("method.options.lam=-1",): "impactx.lam must be >= 0",
         ("method.name=rrr", "method.options.mask=foo"): "must be one of annotation, teacher",
         ("method.name=saliency_guided", "method.options.k=1.5"): "must be <= 1.0",
@@ -360,6 +376,7 @@ def test_teachx_methods_lists_every_method_and_option():
 
 # -- studies and runs on a shortcut benchmark ------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_study_with_method_arms_on_a_shortcut_benchmark(tmp_path, monkeypatch):
     """Method arms run through `teachx study`: rows name their method, every unit reports the
@@ -392,14 +409,18 @@ study:
         sc = rows[arm]["shortcut"]
         assert {"gradient", "lrp", "area"} <= set(sc), arm
         assert sc["area"]["mean"] == pytest.approx(16 / 28**2)
-    assert "built_in" in rows["abn"]["shortcut"] and "built_in" in rows["lambda0"]["shortcut"]  # the models' own maps too
+    assert (
+        "built_in" in rows["abn"]["shortcut"] and "built_in" in rows["lambda0"]["shortcut"]
+    )  # the models' own maps too
     assert "built_in" not in rows["rrr"]["shortcut"]
     for arm in ("ceiling", "rrr", "rrr_teacher", "abn"):
         assert rows[arm]["vs_control"]["control"] == "lambda0"
     # the ceiling is the baseline of clean training images: its own baseline, the same model
     assert rows["ceiling"]["test_acc"] == [res.data["units"][u]["test_acc"] for u in rows["ceiling"]["units"]]
     assert all(0 <= rows[a]["shortcut"][m]["mean"] <= 1 for a in rows for m in ("gradient", "lrp"))
-    assert res.data["timings"]["method_training"]["n"] == 6  # rrr, rrr_teacher, abn x 2 seeds (ceiling: no training of its own)
+    assert (
+        res.data["timings"]["method_training"]["n"] == 6
+    )  # rrr, rrr_teacher, abn x 2 seeds (ceiling: no training of its own)
     again = run_study(load_study(str(cfg)), tmp_path / "out", log=lambda s: None)
     assert again.trained == 0 and again.data["rows"] == res.data["rows"]
     # `teachx study --status` finds every unit, the ceiling in its own baseline model (not the regime's)
@@ -419,10 +440,22 @@ def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
     from teachx.service.engine import Service
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
-    cfg = resolve_config(None, ["method.name=abn", "data.train_size=200", "train.epochs=1", "train.progress=false",
-                                "teacher.method=gradient", "teacher.eval_images=40", "teacher.faith_images=0"])
+    cfg = resolve_config(
+        None,
+        [
+            "method.name=abn",
+            "data.train_size=200",
+            "train.epochs=1",
+            "train.progress=false",
+            "teacher.method=gradient",
+            "teacher.eval_images=40",
+            "teacher.faith_images=0",
+        ],
+    )
     run_dir = prepare_run_dir(tmp_path / "run", cfg, "run", log=lambda s: None)
-    res = run_pipeline(cfg, run_dir, log=lambda s: None, progress=False, figures=False, plan=make_plan(cfg, progress=False)).results
+    res = run_pipeline(
+        cfg, run_dir, log=lambda s: None, progress=False, figures=False, plan=make_plan(cfg, progress=False)
+    ).results
     assert res["method"] == "abn" and "impactx_test_acc" not in res and res["map_quality"]["images"] == 40
     svc = Service([run_dir], cache_dir=tmp_path / "serve")
     entry = svc.entry("run.abn")
@@ -430,7 +463,11 @@ def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
     built_in, _ = svc.map("run.abn", 3, "built_in")
     lm = svc.loaded("run.abn")
     x = svc._x(lm, svc.data(lm).test.images[[3]])
-    assert np.allclose(np.asarray(built_in, dtype=np.float32).reshape(-1), lm.model.explain(x).float().cpu().numpy().reshape(-1), atol=2e-3)
+    assert np.allclose(
+        np.asarray(built_in, dtype=np.float32).reshape(-1),
+        lm.model.explain(x).float().cpu().numpy().reshape(-1),
+        atol=2e-3,
+    )
 
 
 def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
@@ -523,9 +560,11 @@ def test_no_code_outside_the_methods_branches_on_a_method_name():
 
 def test_the_name_check_guard_finds_comparisons(tmp_path):
     (tmp_path / "teachx" / "x").mkdir(parents=True)
-    (tmp_path / "teachx" / "x" / "m.py").write_text('if cfg.method.name == "impactx":\n    pass\n'
-                                                  'for stage in ("baseline", "teacher"):\n    pass\n'
-                                                  'ok = kind in ("abn", "impactx")\nok = "rrr" != name\n')
+    (tmp_path / "teachx" / "x" / "m.py").write_text(
+        'if cfg.method.name == "impactx":\n    pass\n'
+        'for stage in ("baseline", "teacher"):\n    pass\n'
+        'ok = kind in ("abn", "impactx")\nok = "rrr" != name\n'
+    )
     assert [line.split(":")[1] for line in _name_checks(tmp_path)] == ["1", "5", "6"]
 
 
@@ -538,15 +577,21 @@ def test_impactx_options_are_its_method_options_too():
     b = resolve_config(None, ["impactx.lam=0", "impactx.decoder=paper", "impactx.maps=shuffled"])
     assert a.to_dict() == b.to_dict() and a.impactx.lam == 0 and a.method.options == {}
     assert impactx_key(a) == impactx_key(b)
-    assert a.impactx.per_class is False and a.impactx.map_loss == "mse"  # the paper decoder's design, resolved as for impactx.*
+    assert (
+        a.impactx.per_class is False and a.impactx.map_loss == "mse"
+    )  # the paper decoder's design, resolved as for impactx.*
     same = resolve_config(None, ["method.options.lam=0.5", "impactx.lam=0.5"])  # both ways, one value: fine
     assert same.impactx.lam == 0.5
     rrr = resolve_config(None, ["method.name=rrr", "method.options.lam=10"])  # another method's options stay its own
     assert rrr.method.options == {"lam": 10} and rrr.impactx.lam == 1.0
     from teachx.runs.resolve import study_base_config
 
-    base = study_base_config({"method": {"options": {"per_class": False}}})  # a study's base, as `teachx config` prints it
-    assert base.impactx.per_class is False and base.impactx.map_loss is None  # given stays given, the rest left to the decoder
+    base = study_base_config(
+        {"method": {"options": {"per_class": False}}}
+    )  # a study's base, as `teachx config` prints it
+    assert (
+        base.impactx.per_class is False and base.impactx.map_loss is None
+    )  # given stays given, the rest left to the decoder
 
 
 def test_a_study_control_arm_may_use_method_options(tmp_path):
@@ -554,7 +599,9 @@ def test_a_study_control_arm_may_use_method_options(tmp_path):
 
     def keys(arm: str) -> tuple[str, ...]:
         path = tmp_path / f"{len(arm)}.yaml"
-        path.write_text("data: {name: bundled, train_size: 100}\nstudy: {seeds: [0], arms: {impactx: {}, lambda0: {%s: 0}}}\n" % arm)
+        path.write_text(
+            "data: {name: bundled, train_size: 100}\nstudy: {seeds: [0], arms: {impactx: {}, lambda0: {%s: 0}}}\n" % arm
+        )
         spec = load_study(str(path))
         assert spec.control == "lambda0"
         return tuple(u.key for u in planned_units(spec))

@@ -11,8 +11,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from teachx.errors import CheckpointError, ConfigError
-from teachx.models import (MODELS, Add, Backbone, Mul, StochasticDepth, adapt, build_from_spec, build_model,
-                           model_spec)
+from teachx.models import MODELS, Add, Backbone, Mul, StochasticDepth, adapt, build_from_spec, build_model, model_spec
 
 torch.set_num_threads(1)
 
@@ -35,6 +34,7 @@ def expected_body_hw(name: str, h: int, w: int) -> tuple[int, int]:
 
 
 # ---- registry and shapes -------------------------------------------------------------------
+
 
 def test_registry_names_and_aliases():
     assert set(NAMES) <= set(MODELS.names())
@@ -66,8 +66,14 @@ def test_shapes_and_head_composition(name, channels, size):
 
 def test_feature_dims():
     dims = {name: build_model(name, 3, 10, 32).feature_dim for name in NAMES}
-    assert dims == {"lenet5": 84, "mobilenet": 1024, "efficientnet_b0": 1280, "efficientnet_b2": 1408,
-                    "resnet18": 512, "resnet_cifar": 64}
+    assert dims == {
+        "lenet5": 84,
+        "mobilenet": 1024,
+        "efficientnet_b0": 1280,
+        "efficientnet_b2": 1408,
+        "resnet18": 512,
+        "resnet_cifar": 64,
+    }
     assert build_model("mobilenet", 3, 10, 32, alpha=0.5).feature_dim == 512
 
 
@@ -82,15 +88,19 @@ def test_backward_reaches_input_and_all_parameters():
 
 # ---- parameter counts against published figures ---------------------------------------------
 
-@pytest.mark.parametrize("name,channels,classes,size,expected", [
-    ("lenet5", 1, 10, 32, 61_706),                # LeCun et al. 1998 layout, 1-ch 32x32
-    ("lenet5", 1, 10, 28, 61_706),                # padding=2 keeps the 32x32 geometry
-    ("mobilenet", 3, 1000, 224, 4_231_976),       # Keras MobileNet trainable params (paper: 4.2M)
-    ("efficientnet_b0", 3, 1000, 224, 5_288_548),  # torchvision docs (paper: 5.3M)
-    ("efficientnet_b2", 3, 1000, 260, 9_109_994),  # torchvision docs (paper: 9.2M)
-    ("resnet18", 3, 10, 32, 11_173_962),          # CIFAR ResNet-18
-    ("resnet18", 3, 1000, 224, 11_689_512),       # torchvision docs
-])
+
+@pytest.mark.parametrize(
+    "name,channels,classes,size,expected",
+    [
+        ("lenet5", 1, 10, 32, 61_706),  # LeCun et al. 1998 layout, 1-ch 32x32
+        ("lenet5", 1, 10, 28, 61_706),  # padding=2 keeps the 32x32 geometry
+        ("mobilenet", 3, 1000, 224, 4_231_976),  # Keras MobileNet trainable params (paper: 4.2M)
+        ("efficientnet_b0", 3, 1000, 224, 5_288_548),  # torchvision docs (paper: 5.3M)
+        ("efficientnet_b2", 3, 1000, 260, 9_109_994),  # torchvision docs (paper: 9.2M)
+        ("resnet18", 3, 10, 32, 11_173_962),  # CIFAR ResNet-18
+        ("resnet18", 3, 1000, 224, 11_689_512),  # torchvision docs
+    ],
+)
 def test_parameter_counts(name, channels, classes, size, expected):
     assert n_params(build_model(name, channels, classes, size)) == expected
 
@@ -137,8 +147,28 @@ def test_small_input_strides_keep_parameter_count():
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Tanh)
 ALLOWED_OWNERS = ACTIVATIONS + (Add, Mul)
-POINTWISE = {"relu", "relu6", "hardtanh", "silu", "sigmoid", "tanh", "gelu", "elu", "leaky_relu", "hardswish",
-             "add", "__add__", "__radd__", "__iadd__", "mul", "__mul__", "__rmul__", "__imul__", "sub", "__sub__"}
+POINTWISE = {
+    "relu",
+    "relu6",
+    "hardtanh",
+    "silu",
+    "sigmoid",
+    "tanh",
+    "gelu",
+    "elu",
+    "leaky_relu",
+    "hardswish",
+    "add",
+    "__add__",
+    "__radd__",
+    "__iadd__",
+    "mul",
+    "__mul__",
+    "__rmul__",
+    "__imul__",
+    "sub",
+    "__sub__",
+}
 
 
 class OpRecorder(TorchFunctionMode):
@@ -167,10 +197,11 @@ def test_conventions(name, size):
     recorder = OpRecorder()
     handles = []
     for module in model.modules():
-        handles.append(module.register_forward_hook(
-            lambda m, i, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1)))
+        handles.append(module.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1)))
         if isinstance(module, ALLOWED_OWNERS):
-            handles.append(module.register_forward_pre_hook(lambda m, i: setattr(recorder, "depth", recorder.depth + 1)))
+            handles.append(
+                module.register_forward_pre_hook(lambda m, i: setattr(recorder, "depth", recorder.depth + 1))
+            )
             handles.append(module.register_forward_hook(lambda m, i, o: setattr(recorder, "depth", recorder.depth - 1)))
     with torch.no_grad(), recorder:
         model(torch.randn(2, 3, size, size))
@@ -196,7 +227,14 @@ def test_conventions(name, size):
     assert n_bn == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     n_adds = sum(isinstance(m, Add) for m in model.modules())
     n_muls = sum(isinstance(m, Mul) for m in model.modules())
-    expected_adds = {"lenet5": 0, "mobilenet": 0, "efficientnet_b0": 9, "efficientnet_b2": 16, "resnet18": 8, "resnet_cifar": 9}
+    expected_adds = {
+        "lenet5": 0,
+        "mobilenet": 0,
+        "efficientnet_b0": 9,
+        "efficientnet_b2": 16,
+        "resnet18": 8,
+        "resnet_cifar": 9,
+    }
     expected_muls = {"efficientnet_b0": 16, "efficientnet_b2": 23}
     assert n_adds == expected_adds[name] and n_muls == expected_muls.get(name, 0)
 
@@ -223,6 +261,7 @@ def test_recorder_catches_functional_ops():
 
 # ---- determinism, specs, options --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", NAMES)
 def test_seeded_construction_is_deterministic(name):
     states = []
@@ -233,12 +272,15 @@ def test_seeded_construction_is_deterministic(name):
     assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0] if states[0][k].is_floating_point())
 
 
-@pytest.mark.parametrize("name,options", [
-    ("lenet5", {"activation": "tanh", "pool": "avg"}),
-    ("mobilenet", {"alpha": 0.5, "dropout": 0.1}),
-    ("efficientnet_b2", {"drop_path": 0.1}),
-    ("resnet18", {"small_input": False}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("lenet5", {"activation": "tanh", "pool": "avg"}),
+        ("mobilenet", {"alpha": 0.5, "dropout": 0.1}),
+        ("efficientnet_b2", {"drop_path": 0.1}),
+        ("resnet18", {"small_input": False}),
+    ],
+)
 def test_spec_round_trip(name, options):
     torch.manual_seed(0)
     model = build_model(name, 1, 3, (28, 36), **options).eval()
@@ -273,8 +315,9 @@ def test_bad_names_options_and_specs():
     with pytest.raises(CheckpointError):
         build_from_spec({"name": "resnet18"})
     with pytest.raises(CheckpointError):
-        build_from_spec({"name": "resnet18", "in_channels": 3, "num_classes": 10, "image_size": [32, 32],
-                         "options": {"depth": 50}})
+        build_from_spec(
+            {"name": "resnet18", "in_channels": 3, "num_classes": 10, "image_size": [32, 32], "options": {"depth": 50}}
+        )
 
 
 def test_lenet_layout():
@@ -308,6 +351,7 @@ def test_stochastic_depth():
 
 
 # ---- adapter ------------------------------------------------------------------------------------
+
 
 class SmallUserCNN(nn.Module):
     def __init__(self):

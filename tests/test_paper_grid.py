@@ -66,13 +66,36 @@ def test_5k_cells_match_their_45k_cells_but_for_the_data_size():
     for backbone in ("mobilenet", "efficientnet_b2"):
         small, full = load_study(f"study-cifar10-{backbone}"), load_study(f"paper-cifar10-{backbone}")
         a, b = small.config("all", None, 0), full.config("all", None, 0)
-        assert a.data.name.startswith("imagefolder:") and a.data.train_size == 5000 and a.data.hflip and a.train.epochs == 20
-        assert (a.model.backbone, a.model.options) == (b.model.backbone, b.model.options) == (backbone, {"small_input": True})
-        for key in ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs", "schedule", "batch_size", "amp"):
+        assert (
+            a.data.name.startswith("imagefolder:")
+            and a.data.train_size == 5000
+            and a.data.hflip
+            and a.train.epochs == 20
+        )
+        assert (
+            (a.model.backbone, a.model.options)
+            == (b.model.backbone, b.model.options)
+            == (backbone, {"small_input": True})
+        )
+        for key in (
+            "optimizer",
+            "lr",
+            "momentum",
+            "nesterov",
+            "weight_decay",
+            "warmup_epochs",
+            "schedule",
+            "batch_size",
+            "amp",
+        ):
             assert getattr(a.train, key) == getattr(b.train, key), (backbone, key)
         for key in ("method", "background_size", "target", "reduce", "normalize", "seed"):
             assert getattr(a.teacher, key) == getattr(b.teacher, key), (backbone, key)
-        assert list(small.arms) == list(full.arms) == ARMS and small.seeds == [0, 1, 2, 3, 4] and small.control == "lambda0"
+        assert (
+            list(small.arms) == list(full.arms) == ARMS
+            and small.seeds == [0, 1, 2, 3, 4]
+            and small.control == "lambda0"
+        )
         for arm in ARMS:
             sa, fa = small.config("all", arm, 0), full.config("all", arm, 0)
             assert (sa.method, sa.impactx) == (fa.method, fa.impactx), (backbone, arm)
@@ -91,14 +114,27 @@ def test_cpu_cells_share_the_builtin_maps_mobilenet_units():
     for spec in (mob, eff):
         assert list(spec.arms) == ARMS and spec.seeds == [0, 1, 2, 3, 4] and spec.control == "lambda0"
         base = spec.config("5k", None, 0)
-        assert base.data.train_size == 5000 and base.model.options == {"small_input": False} and base.teacher.method == "deepshap"
+        assert (
+            base.data.train_size == 5000
+            and base.model.options == {"small_input": False}
+            and base.teacher.method == "deepshap"
+        )
         imp = spec.config("5k", "impactx", 0)
-        assert (imp.impactx.decoder, imp.impactx.per_class, imp.impactx.map_loss, imp.impactx.lam) == ("paper", False, "mse", 1.0)
+        assert (imp.impactx.decoder, imp.impactx.per_class, imp.impactx.map_loss, imp.impactx.lam) == (
+            "paper",
+            False,
+            "mse",
+            1.0,
+        )
         assert spec.config("5k", "abn", 0).method.name == "abn"
     strip = lambda d: {k: v for k, v in d.items() if k != "model"}  # noqa: E731
     for arm in (None, *ARMS):
         a, b = mob.config("5k", arm, 3).to_dict(), eff.config("5k", arm, 3).to_dict()
-        assert strip(a) == strip(b) and a["model"]["backbone"] == "mobilenet" and b["model"]["backbone"] == "efficientnet_b2"
+        assert (
+            strip(a) == strip(b)
+            and a["model"]["backbone"] == "mobilenet"
+            and b["model"]["backbone"] == "efficientnet_b2"
+        )
     ours = {(v["arm"], v["seed"]): k for k, v in unit_names(mob).items()}
     theirs = {(v["arm"], v["seed"]): k for k, v in unit_names(load_study("study-builtin-maps-mobilenet")).items()}
     for seed in (0, 1, 2):
@@ -120,7 +156,7 @@ def test_headers_state_commands_units_and_wall_time():
         assert "--nproc" in text and f"CUDA_VISIBLE_DEVICES=$i teachx study {name}" in text, name
         assert "= 25 units" in text, name
         mark = next(i for i, line in enumerate(lines) if line.startswith("# Expected wall time per unit"))
-        block = [line for line in lines[mark + 1:] if line.startswith("#   ") or line.startswith("#     ")]
+        block = [line for line in lines[mark + 1 :] if line.startswith("#   ") or line.startswith("#     ")]
         cpu = next(line for line in block if line.startswith("#   CPU"))
         gpu = next(line for line in block if line.startswith("#   GPU"))
         assert "not measured" in cpu or "thread" in cpu, name
@@ -147,11 +183,19 @@ def write_cifar100(root: Path, per_class: int = 3, test_per_class: int = 1) -> d
         fine = np.repeat(np.arange(100), n_per)
         imgs = rng_images(seed, len(fine), 32, 32, 3)
         rows = np.stack([np.concatenate([im[:, :, ch].ravel() for ch in range(3)]) for im in imgs]).astype(np.uint8)
-        blob = {b"filenames": [f"img_{i}.png".encode() for i in range(len(fine))], b"batch_label": f"{split}ing batch 1 of 1".encode(),
-                b"fine_labels": [int(v) for v in fine], b"coarse_labels": [int(v) // 5 for v in fine], b"data": rows}
+        blob = {
+            b"filenames": [f"img_{i}.png".encode() for i in range(len(fine))],
+            b"batch_label": f"{split}ing batch 1 of 1".encode(),
+            b"fine_labels": [int(v) for v in fine],
+            b"coarse_labels": [int(v) // 5 for v in fine],
+            b"data": rows,
+        }
         (folder / split).write_bytes(pickle.dumps(blob, protocol=2))
         out[split] = (imgs, fine)
-    meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)], b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
+    meta = {
+        b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+    }
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     tar_folder(folder, root / "cifar-100-python.tar.gz")
     shutil.rmtree(folder)
@@ -169,8 +213,17 @@ def test_cifar100_official_archive_exact(tmp_path):
 
 
 # the overrides that make a cell take seconds: one seed, one epoch, a small background and evaluation
-SMOKE = ["data.download=false", "train.epochs=1", "study.seeds=[0]", "teacher.background_size=4", "teacher.eval_images=null",
-         "teacher.faith_images=0", "study.eval.examples=0", "-q", "--no-report"]
+SMOKE = [
+    "data.download=false",
+    "train.epochs=1",
+    "study.seeds=[0]",
+    "teacher.background_size=4",
+    "teacher.eval_images=null",
+    "teacher.faith_images=0",
+    "study.eval.examples=0",
+    "-q",
+    "--no-report",
+]
 
 
 def _smoke(name: str, root: Path, out: Path, *extra: str) -> dict:
@@ -195,7 +248,10 @@ def test_cifar100_lenet5_cell_runs(tmp_path):
 @pytest.mark.slow
 def test_stl10_lenet5_cell_runs_at_96x96(tmp_path):
     write_stl(tmp_path / "stl" / "stl10_binary", n_train=30, n_test=10)
-    assert load_dataset("stl10", root=tmp_path / "stl", cache_dir=tmp_path / "cache", progress=False).image_size == (96, 96)
+    assert load_dataset("stl10", root=tmp_path / "stl", cache_dir=tmp_path / "cache", progress=False).image_size == (
+        96,
+        96,
+    )
     data = _smoke("paper-stl10-lenet5", tmp_path / "stl", tmp_path / "out", "train.batch_size=16")
     assert data["base_config"]["data"]["name"] == "stl10" and data["base_config"]["data"]["image_size"] is None
 
@@ -226,13 +282,22 @@ def test_bench_quick_writes_rows_and_header_lines(tmp_path, capsys):
     (row,) = data["rows"]
     assert (row["backbone"], row["dataset"], row["config"]) == ("lenet5", "cifar10", "paper-cifar10-lenet5")
     assert row["device"] == "cpu" and row["threads"] == 1 and row["batch"] == 32 and row["amp"] is False
-    assert set(row["step_s"]) == {"baseline", "impactx", "impactx_lambda0", "abn"} and all(v > 0 for v in row["step_s"].values())
+    assert set(row["step_s"]) == {"baseline", "impactx", "impactx_lambda0", "abn"} and all(
+        v > 0 for v in row["step_s"].values()
+    )
     assert row["arms_by_cost"] == {"impactx": ["impactx", "shuffled"], "impactx_lambda0": ["lambda0"], "abn": ["abn"]}
     assert row["schedule"] == {"train_images": 45_000, "batch_size": 128, "steps_per_epoch": 352, "epochs": 30}
-    assert row["scaled_from_batch"] == 32 and row["step_s_at_config_batch"]["impactx"] == pytest.approx(4 * row["step_s"]["impactx"])
+    assert row["scaled_from_batch"] == 32 and row["step_s_at_config_batch"]["impactx"] == pytest.approx(
+        4 * row["step_s"]["impactx"]
+    )
     assert row["unit_s"]["baseline"] == pytest.approx(352 * 30 * row["step_s_at_config_batch"]["baseline"])
     assert row["maps_images"] == 46_000 and row["maps_s"] == pytest.approx(46_000 / row["maps_img_per_s"])
-    per_seed = row["unit_s"]["baseline"] + 2 * row["unit_s"]["impactx"] + row["unit_s"]["impactx_lambda0"] + row["unit_s"]["abn"]
+    per_seed = (
+        row["unit_s"]["baseline"]
+        + 2 * row["unit_s"]["impactx"]
+        + row["unit_s"]["impactx_lambda0"]
+        + row["unit_s"]["abn"]
+    )
     assert row["units"] == 25 and row["cell_s"] == pytest.approx(5 * per_seed + row["maps_s"])
     assert "lenet5" in capsys.readouterr().out
 
@@ -248,7 +313,9 @@ def test_bench_quick_writes_rows_and_header_lines(tmp_path, capsys):
     assert text.count("#   CPU (1 thread; batch 128; no AMP; step timed at batch 32, scaled linearly):") == 1
     assert gpu_block(text) == gpu_before and len(gpu_before) == 1 and "baseline 352 x 30 x " in text
     assert load_study(str(configs / "paper-cifar10-lenet5.yaml")).base["train"]["epochs"] == 30
-    gpu_row = dict(row, device="cuda", device_name="NVIDIA H200", amp=True, amp_dtype="bfloat16", scaled_from_batch=None)
+    gpu_row = dict(
+        row, device="cuda", device_name="NVIDIA H200", amp=True, amp_dtype="bfloat16", scaled_from_batch=None
+    )
     assert bench.header_lines(gpu_row)[0] == "#   GPU (NVIDIA H200; batch 128; AMP bfloat16):"
 
 
@@ -260,7 +327,9 @@ def _unit(root: Path, name: str, kind: str, seed: int, acc: float | None, **cfg)
     d.mkdir(parents=True)
     config = {"seed": seed, "model": {"backbone": "mobilenet"}, "train": {"epochs": 3}, **cfg}
     write_json_atomic(d / "unit.json", {"key": name, "kind": kind, "config": config}, digest=True)
-    (d / "history.json").write_text(json.dumps([{"epoch": e, "seconds": 1.0 + e} for e in range(1 if acc is None else 3)]))
+    (d / "history.json").write_text(
+        json.dumps([{"epoch": e, "seconds": 1.0 + e} for e in range(1 if acc is None else 3)])
+    )
     if acc is not None:
         write_json_atomic(d / "stage.json", {"test_acc": acc}, digest=True)
 
@@ -278,7 +347,9 @@ def test_partial_study_summary_pairs_finished_arms_by_seed(tmp_path):
         _unit(root, f"c-{s}", "classifier", s, base[s])
         _unit(root, f"m-{s}", "method", s, abn[s], method={"name": "abn"})
         _unit(root, f"x-l{s}", "impactx", s, lam0[s], impactx={"lam": 0, "maps": "teacher"})
-        _unit(root, f"x-i{s}", "impactx", s, 0.6 if s < 2 else None, impactx={"lam": 1.0, "maps": "teacher"})  # seed 2 unfinished
+        _unit(
+            root, f"x-i{s}", "impactx", s, 0.6 if s < 2 else None, impactx={"lam": 1.0, "maps": "teacher"}
+        )  # seed 2 unfinished
     mod = _bench("gpu_partial_studies")
     res = mod.summarise(root)
     assert res["units_total"] == 12 and res["units_finished"] == 11 and res["arms_unfinished"] == ["impactx"]
@@ -288,9 +359,13 @@ def test_partial_study_summary_pairs_finished_arms_by_seed(tmp_path):
     assert rows["abn"]["vs_baseline"]["p_ttest"] == pytest.approx(p_abn)
     assert rows["abn"]["vs_baseline"]["mean_diff"] == pytest.approx(np.mean(np.subtract(abn, base)))
     lo, hi = sorted([p_abn, p_l0])
-    assert sorted(r["vs_baseline"]["p_ttest_holm"] for r in (rows["abn"], rows["lambda0"])) == pytest.approx([2 * lo, max(2 * lo, hi)])
+    assert sorted(r["vs_baseline"]["p_ttest_holm"] for r in (rows["abn"], rows["lambda0"])) == pytest.approx(
+        [2 * lo, max(2 * lo, hi)]
+    )
     unfinished = next(u for u in res["units"] if u["unit"] == "x-i2")
-    assert unfinished["finished"] is False and unfinished["epochs_done"] == 1 and unfinished["median_s_per_epoch"] == 1.0
+    assert (
+        unfinished["finished"] is False and unfinished["epochs_done"] == 1 and unfinished["median_s_per_epoch"] == 1.0
+    )
 
     # the same from the archive the GPU script writes (weights left out), then one flipped digit in a result
     import tarfile

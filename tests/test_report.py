@@ -20,7 +20,7 @@ def _images(html: str) -> list[bytes]:
 
 def _assert_self_contained(html: str) -> None:
     assert not re.search(r"https?://", html), "the report must not reference external URLs"
-    assert not re.search(r'<(link|script)\b', html)
+    assert not re.search(r"<(link|script)\b", html)
     assert not re.search(r'src="(?!data:)', html)
 
 
@@ -60,14 +60,29 @@ def test_run_report(tmp_path):
     run = tmp_path / "run"
     (run / "baseline").mkdir(parents=True)
     (run / "impactx").mkdir()
-    hist = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc": 0.5 + e / 10, "val_acc": 0.45 + e / 10} for e in (1, 2, 3)]
+    hist = [
+        {"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc": 0.5 + e / 10, "val_acc": 0.45 + e / 10}
+        for e in (1, 2, 3)
+    ]
     (run / "baseline" / "stage.json").write_text(json.dumps({"history": hist}))
     (run / "impactx" / "stage.json").write_text(json.dumps({"history": hist}))
     (run / "config.yaml").write_text("command: run\nseed: 0\n")
-    (run / "results.json").write_text(json.dumps({
-        "dataset": "tiny", "backbone": "lenet5", "teacher": "deepshap", "baseline_test_acc": 0.61234, "impactx_test_acc": 0.65432,
-        "lam": 1.0, "maps": "teacher", "map_quality": {"corr": 0.5, "corr_mean_map": 0.3, "r2_vs_mean_map": 0.2},
-        "stage_seconds": {"baseline": 1.5}, "wall_seconds": 3.0}))
+    (run / "results.json").write_text(
+        json.dumps(
+            {
+                "dataset": "tiny",
+                "backbone": "lenet5",
+                "teacher": "deepshap",
+                "baseline_test_acc": 0.61234,
+                "impactx_test_acc": 0.65432,
+                "lam": 1.0,
+                "maps": "teacher",
+                "map_quality": {"corr": 0.5, "corr_mean_map": 0.3, "r2_vs_mean_map": 0.2},
+                "stage_seconds": {"baseline": 1.5},
+                "wall_seconds": 3.0,
+            }
+        )
+    )
     html_path, md_path = write_report(run)
     html = html_path.read_text()
     _assert_self_contained(html)
@@ -90,12 +105,22 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (3, 3, 8, 8), dtype=np.uint8)
-    teacher_a, teacher_b = rng.normal(size=(3, 1, 8, 8)).astype(np.float32), rng.normal(size=(3, 1, 8, 8)).astype(np.float32)
+    teacher_a, teacher_b = (
+        rng.normal(size=(3, 1, 8, 8)).astype(np.float32),
+        rng.normal(size=(3, 1, 8, 8)).astype(np.float32),
+    )
 
     def unit(name, teacher, index=(4, 7, 9)):
         path = tmp_path / f"{name}.npz"
-        np.savez(path, index=np.array(index), images=images, labels=np.array([0, 1, 2]), teacher=teacher,
-                 built_in=rng.normal(size=(3, 1, 8, 8)).astype(np.float32), post_hoc=teacher)
+        np.savez(
+            path,
+            index=np.array(index),
+            images=images,
+            labels=np.array([0, 1, 2]),
+            teacher=teacher,
+            built_in=rng.normal(size=(3, 1, 8, 8)).astype(np.float32),
+            post_hoc=teacher,
+        )
         return name, path
 
     drawn = {}
@@ -107,7 +132,13 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
     monkeypatch.setattr(figures, "example_grid_png", fake_grid)
     cells = [unit("paper", teacher_a), unit("unet", teacher_a), unit("smooth", teacher_b)]
     assert report.arms_examples_figure(cells, ["cat", "dog", "car"]) == b"\x89PNG fake"
-    assert list(drawn["columns"]) == ["teacher\n(paper)", "teacher\n(smooth)", "built-in:\npaper", "built-in:\nunet", "built-in:\nsmooth"]
+    assert list(drawn["columns"]) == [
+        "teacher\n(paper)",
+        "teacher\n(smooth)",
+        "built-in:\npaper",
+        "built-in:\nunet",
+        "built-in:\nsmooth",
+    ]
     with np.load(cells[1][1]) as z:
         assert np.array_equal(drawn["columns"]["built-in:\nunet"].numpy(), z["built_in"])
     assert np.array_equal(drawn["columns"]["teacher\n(smooth)"].numpy(), teacher_b)
@@ -118,6 +149,7 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
 
 
 # -- figure labels say what is plotted, and fit ---------------------------------------------------------
+
 
 def _texts_outside(fig) -> list[str]:
     """What ``fig`` draws (partly) outside itself: each axes' labels, ticks, title and legend (its tight
@@ -144,13 +176,24 @@ def test_loss_curves_name_the_configured_training_loss_and_validation_ce():
     from teachx.reporting.report import _curves
     from teachx.training.methods.base import build_method
 
-    loss = {o: build_method(resolve_config(None, list(o))).training_loss()
-            for o in [(), ("impactx.decoder=paper",), ("impactx.lam=0",), ("impactx.faith_weight=0.1",), ("method.name=baseline",)]}
+    loss = {
+        o: build_method(resolve_config(None, list(o))).training_loss()
+        for o in [
+            (),
+            ("impactx.decoder=paper",),
+            ("impactx.lam=0",),
+            ("impactx.faith_weight=0.1",),
+            ("method.name=baseline",),
+        ]
+    }
     assert loss[()] == "CE + λ·(1 − Pearson)" and loss[("impactx.decoder=paper",)] == "CE + λ·MSE"
     assert loss[("impactx.lam=0",)] == "CE" and loss[("method.name=baseline",)] == "CE"
     assert loss[("impactx.faith_weight=0.1",)] == "CE + λ·(1 − Pearson) + faithfulness term"
 
-    hist = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 1.9 / e, "train_acc": 0.3 + e / 10, "val_acc": 0.3 + e / 10} for e in (1, 2, 3)]
+    hist = [
+        {"epoch": e, "train_loss": 2.0 / e, "val_loss": 1.9 / e, "train_acc": 0.3 + e / 10, "val_acc": 0.3 + e / 10}
+        for e in (1, 2, 3)
+    ]
     fig = figures._training_curves({"baseline": hist, "IMPACTX": hist}, {"baseline": "CE", "IMPACTX": loss[()]})
     labels = [ax.get_ylabel() for ax in fig.axes]
     assert labels[0] == "training loss" and labels[1] == "validation loss (cross-entropy only)"
@@ -173,6 +216,7 @@ def test_loss_curves_name_the_configured_training_loss_and_validation_ce():
 
 # -- the report of a real (tiny) run: per-class accuracy, examples with wrong predictions, metric sentences ----
 
+
 @pytest.mark.slow
 def test_run_report_per_class_accuracy_examples_and_metric_sentences(tmp_path, monkeypatch):
     """A tiny `teachx run` (bundled Fashion-MNIST, 1 epoch): the report's confusion matrix equals scikit-learn's
@@ -189,21 +233,33 @@ def test_run_report_per_class_accuracy_examples_and_metric_sentences(tmp_path, m
     from teachx.runs.pipeline import as_nchw, eval_indices, make_plan, prepare_run_dir, run_pipeline
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
-    cfg = resolve_config(None, ["data.train_size=200", "train.epochs=1", "train.batch_size=64", "train.threads=1",
-                                "teacher.background_size=4", "teacher.eval_images=60", "teacher.batch_size=64"])
+    cfg = resolve_config(
+        None,
+        [
+            "data.train_size=200",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "train.threads=1",
+            "teacher.background_size=4",
+            "teacher.eval_images=60",
+            "teacher.batch_size=64",
+        ],
+    )
     run = run_pipeline(cfg, prepare_run_dir(tmp_path / "run", cfg, "run"), log=lambda _m: None, progress=False).run_dir
     plan = make_plan(cfg, progress=False)
     model, meta = load_impactx(run)
     with torch.no_grad():
         x = normalize(as_nchw(plan.dataset.test.images), tuple(meta["mean"]), tuple(meta["std"]))
-        pred = torch.cat([model(x[s:s + 500]) for s in range(0, len(x), 500)]).argmax(1).numpy()
+        pred = torch.cat([model(x[s : s + 500]) for s in range(0, len(x), 500)]).argmax(1).numpy()
     labels = np.asarray(plan.dataset.test.labels)
     expected = confusion_matrix(labels, pred, labels=range(plan.dataset.num_classes))
     names = list(plan.dataset.class_names)
 
     html_path, md_path = write_report(run)
     html, md = html_path.read_text(), md_path.read_text()
-    assert (run / "report_files" / "confusion.png").read_bytes().startswith(b"\x89PNG") and "report_files/confusion.png" in md
+    assert (run / "report_files" / "confusion.png").read_bytes().startswith(
+        b"\x89PNG"
+    ) and "report_files/confusion.png" in md
     assert len(_images(html)) >= 3  # curves, confusion matrix, examples
     # the matrix table: one row per true class, the counts scikit-learn finds
     table = {}

@@ -33,8 +33,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TEACHX, teachx_env  # noqa: E402
 from test_faults import fault_env, one_line_error, teachx  # noqa: E402
 
-TINY = ["data.train_size=200", "train.batch_size=32", "teacher.method=gradient_x_input", "teacher.batch_size=64",
-        "teacher.eval_images=100"]
+TINY = [
+    "data.train_size=200",
+    "train.batch_size=32",
+    "teacher.method=gradient_x_input",
+    "teacher.batch_size=64",
+    "teacher.eval_images=100",
+]
 
 
 def _lock_record(pid: int, host: str | None = None, command: str = "teachx run --out x") -> str:
@@ -49,10 +54,15 @@ def _dead_pid() -> int:
 
 def _files(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``root`` with its size and modification time (to show nothing changed)."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # -- the lock, in-process ---------------------------------------------------------------------------
+
 
 def test_a_held_run_directory_is_refused_naming_its_holder(tmp_path):
     run = tmp_path / "run"
@@ -60,8 +70,11 @@ def test_a_held_run_directory_is_refused_naming_its_holder(tmp_path):
         held = json.loads((run / RUN_LOCK).read_text())
         assert held["pid"] == os.getpid() and held["command"].startswith("teachx")
         assert run_dir_kind(run) == "empty"  # a run being started is not somebody else's directory
-        with pytest.raises(RunDirError, match=rf"run directory '{run}' is in use by 'teachx.*' \(pid {os.getpid()} on "
-                                              rf"{socket.gethostname()}, since \d\d:\d\d:\d\d\); wait for it to finish, or pass --wait"):
+        with pytest.raises(
+            RunDirError,
+            match=rf"run directory '{run}' is in use by 'teachx.*' \(pid {os.getpid()} on "
+            rf"{socket.gethostname()}, since \d\d:\d\d:\d\d\); wait for it to finish, or pass --wait",
+        ):
             with hold_run_dir(run, log=lambda m: None):
                 pass
         (run / "config.yaml").write_text("command: run\n")
@@ -90,7 +103,11 @@ def test_stale_and_foreign_host_locks(tmp_path):
     said: list[str] = []
     with hold_run_dir(run, log=said.append):
         assert json.loads((run / RUN_LOCK).read_text())["pid"] == os.getpid()
-    assert len(said) == 1 and said[0].startswith("teachx: warning: run directory") and "'teachx run --out run train.epochs=3'" in said[0]
+    assert (
+        len(said) == 1
+        and said[0].startswith("teachx: warning: run directory")
+        and "'teachx run --out run train.epochs=3'" in said[0]
+    )
     assert "no longer running; taking it over" in said[0]
     (run / RUN_LOCK).write_text(_lock_record(1, host="other-machine"))
     with pytest.raises(RunDirError, match=r"pid 1 on other-machine.*another machine.*--wait.*delete '.*\.teachx-lock'"):
@@ -100,6 +117,7 @@ def test_stale_and_foreign_host_locks(tmp_path):
 
 
 # -- binding results to their config ---------------------------------------------------------------
+
 
 def test_config_hash_is_the_identity_and_ignores_presentation(tmp_path):
     from teachx.runs.resolve import resolve_config
@@ -122,11 +140,14 @@ def test_config_hash_is_the_identity_and_ignores_presentation(tmp_path):
     (run / "impactx").mkdir()
     other = config_hash({"command": "run", "train": {"epochs": 2}})
     write_json_atomic(run / "impactx" / "stage.json", {"test_acc": 0.5, "config_hash": other}, digest=True)
-    with pytest.raises(RunDirError, match=r"the impactx stage was made with another config than its config\.yaml.*--redo impactx$"):
+    with pytest.raises(
+        RunDirError, match=r"the impactx stage was made with another config than its config\.yaml.*--redo impactx$"
+    ):
         check_bound(run, h)
 
 
 # -- real processes ------------------------------------------------------------------------------------
+
 
 def _state(pid: int) -> str:
     try:
@@ -162,23 +183,43 @@ def test_a_second_run_while_the_first_trains_is_refused_or_waits(tmp_path):
     """The issue's reproduction: `teachx run --out same train.epochs=3 &` and, while it trains, the same
     --out with train.epochs=2 (with and without --overwrite) or the identical command."""
     cache, out = tmp_path / "cache", tmp_path / "same"
-    first = subprocess.Popen([*TEACHX, "run", "--out", "same", "-q", *TINY, "train.epochs=3"], cwd=tmp_path,
-                             env=teachx_env(fault_env(cache, f"stop-after:{out}/baseline/stage.json:1")),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*TEACHX, "run", "--out", "same", "-q", *TINY, "train.epochs=3"],
+        cwd=tmp_path,
+        env=teachx_env(fault_env(cache, f"stop-after:{out}/baseline/stage.json:1")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        _until(lambda: _state(first.pid) == "T" or first.poll() is not None, "the first run to reach its baseline record")
+        _until(
+            lambda: _state(first.pid) == "T" or first.poll() is not None, "the first run to reach its baseline record"
+        )
         assert first.poll() is None, first.communicate()
         before = _files(out)
         for extra in (["train.epochs=2"], ["train.epochs=2", "--overwrite"], ["train.epochs=3"]):
             res = teachx("run", "--out", "same", "-q", *TINY, *extra, cwd=tmp_path, cache=cache)
-            one_line_error(res, "run directory 'same' is in use by 'teachx run --out same -q", f"(pid {first.pid} on {socket.gethostname()}, since ",
-                           "wait for it to finish, or pass --wait")
+            one_line_error(
+                res,
+                "run directory 'same' is in use by 'teachx run --out same -q",
+                f"(pid {first.pid} on {socket.gethostname()}, since ",
+                "wait for it to finish, or pass --wait",
+            )
         assert _files(out) == before  # nothing changed, nothing removed
         waiter_err = tmp_path / "waiter.err"
         with open(waiter_err, "w") as err:
-            waiter = subprocess.Popen([*TEACHX, "run", "--out", "same", "-q", *TINY, "train.epochs=2", "--overwrite", "--wait"],
-                                      cwd=tmp_path, env=teachx_env(fault_env(cache)), stdout=subprocess.PIPE, stderr=err, text=True)
-        _until(lambda: "waiting until it is free" in waiter_err.read_text() or waiter.poll() is not None, "the second run to wait")
+            waiter = subprocess.Popen(
+                [*TEACHX, "run", "--out", "same", "-q", *TINY, "train.epochs=2", "--overwrite", "--wait"],
+                cwd=tmp_path,
+                env=teachx_env(fault_env(cache)),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+        _until(
+            lambda: "waiting until it is free" in waiter_err.read_text() or waiter.poll() is not None,
+            "the second run to wait",
+        )
         assert waiter.poll() is None, waiter_err.read_text()
         assert _files(out) == before
         os.kill(first.pid, signal.SIGCONT)
@@ -193,7 +234,9 @@ def test_a_second_run_while_the_first_trains_is_refused_or_waits(tmp_path):
                 os.kill(p.pid, signal.SIGCONT)
                 p.kill()
                 p.wait()
-    assert "in use by 'teachx run --out same" in waiter_err.read_text() and "[baseline] training" in out2  # after the first, from scratch
+    assert (
+        "in use by 'teachx run --out same" in waiter_err.read_text() and "[baseline] training" in out2
+    )  # after the first, from scratch
     assert _agree(out)["epochs"] == 2
     # the identical command later: the run is its own, nothing is trained again
     res = teachx("run", "--out", "same", "-q", *TINY, "train.epochs=2", "--wait", cwd=tmp_path, cache=cache)
@@ -213,8 +256,11 @@ def test_records_that_disagree_with_config_yaml_are_refused(tmp_path):
     (run / "config.yaml").write_text(text.replace("  epochs: 1\n", "  epochs: 2\n"))
     before = _files(run)
     res = teachx("run", "--out", "run", "-q", *TINY, "train.epochs=2", cwd=tmp_path, cache=cache)
-    one_line_error(res, "run directory 'run': the baseline and impactx stages were made with another config than its config.yaml",
-                   "re-run the same command with --redo baseline --redo impactx")
+    one_line_error(
+        res,
+        "run directory 'run': the baseline and impactx stages were made with another config than its config.yaml",
+        "re-run the same command with --redo baseline --redo impactx",
+    )
     res = teachx("report", "run", cwd=tmp_path, cache=cache)
     one_line_error(res, "results.json' was made with another config than", "re-run the `teachx run` command")
     assert _files(run) == before

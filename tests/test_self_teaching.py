@@ -38,7 +38,9 @@ def _setup(tmp_path, every=2):
     task = ImpactxTask(model, MapSource(teacher_store, "teacher", train_idx, 0), lam=1.0)
 
     def hook():
-        return SelfTeaching(task, explain, train_idx, N, SHAPE, every, tmp_path / "self", {"m": 1}, 0, 5, log=lambda m: None)
+        return SelfTeaching(
+            task, explain, train_idx, N, SHAPE, every, tmp_path / "self", {"m": 1}, 0, 5, log=lambda m: None
+        )
 
     return model, task, explain, train_idx, calls, hook
 
@@ -60,7 +62,9 @@ def test_refresh_schedule_and_maps_equal_the_models_own_explanations(tmp_path):
     assert model.training  # the refresh explains in eval mode and restores the mode
     assert task.source is not teacher_source and sum(calls) == train_idx.size
     got = task.source(torch.as_tensor(train_idx))
-    torch.testing.assert_close(got, reference.to(torch.float16).float(), rtol=0, atol=2e-3 * float(reference.abs().max()))
+    torch.testing.assert_close(
+        got, reference.to(torch.float16).float(), rtol=0, atol=2e-3 * float(reference.abs().max())
+    )
     st(3)
     assert sum(calls) == train_idx.size  # no refresh inside a period
 
@@ -135,7 +139,9 @@ def test_teacher_seed_trains_one_separate_teacher(tmp_path, monkeypatch):
     out = run_pipeline(cfg, tmp_path / "run", log=lambda m: None, progress=False, figures=False)
     base = json.loads((tmp_path / "run" / "baseline" / "stage.json").read_text())
     teacher = json.loads((tmp_path / "run" / "teacher" / "stage.json").read_text())
-    assert stage_checkpoint(tmp_path / "run" / "teacher", teacher) != stage_checkpoint(tmp_path / "run" / "baseline", base)
+    assert stage_checkpoint(tmp_path / "run" / "teacher", teacher) != stage_checkpoint(
+        tmp_path / "run" / "baseline", base
+    )
     assert out.results["teacher_test_acc"] == teacher["test_acc"]
     same = _tiny_config(tmp_path, teacher={"seed": 0})
     assert not separate_teacher(same)  # the teacher seed equals the run seed: the baseline is the teacher

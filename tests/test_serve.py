@@ -88,18 +88,37 @@ def image_tensor(service, index: int):
 
 # -- contracts -----------------------------------------------------------------------------------
 
+
 def test_openapi_lists_the_v1_api(client):
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
-    for p in ("/api/v1/runs", "/api/v1/models", "/api/v1/models/{model_id}", "/api/v1/models/{model_id}/images",
-              "/api/v1/models/{model_id}/images/{index}", "/api/v1/models/{model_id}/images/{index}/maps/{name}",
-              "/api/v1/models/{model_id}/images/{index}/maps/{name}.png", "/api/v1/models/{model_id}/images/{index}/maps/{name}.npy",
-              "/api/v1/models/{model_id}/images/{index}/metrics", "/api/v1/models/{model_id}/predict", "/api/v1/teachers",
-              "/api/v1/models/{model_id}/images.csv", "/api/v1/models/{model_id}/export.npz",
-              "/api/v1/models/{model_id}/export.png"):
+    for p in (
+        "/api/v1/runs",
+        "/api/v1/models",
+        "/api/v1/models/{model_id}",
+        "/api/v1/models/{model_id}/images",
+        "/api/v1/models/{model_id}/images/{index}",
+        "/api/v1/models/{model_id}/images/{index}/maps/{name}",
+        "/api/v1/models/{model_id}/images/{index}/maps/{name}.png",
+        "/api/v1/models/{model_id}/images/{index}/maps/{name}.npy",
+        "/api/v1/models/{model_id}/images/{index}/metrics",
+        "/api/v1/models/{model_id}/predict",
+        "/api/v1/teachers",
+        "/api/v1/models/{model_id}/images.csv",
+        "/api/v1/models/{model_id}/export.npz",
+        "/api/v1/models/{model_id}/export.png",
+    ):
         assert p in paths, p
     names = set(spec["components"]["schemas"])
-    assert {"Provenance", "ImageDetail", "ImageList", "MapData", "MetricsResponse", "UploadResponse", "RunsResponse"} <= names
+    assert {
+        "Provenance",
+        "ImageDetail",
+        "ImageList",
+        "MapData",
+        "MetricsResponse",
+        "UploadResponse",
+        "RunsResponse",
+    } <= names
     assert "multipart/form-data" in paths["/api/v1/models/{model_id}/predict"]["post"]["requestBody"]["content"]
     assert client.get("/docs").status_code == 200
 
@@ -172,10 +191,17 @@ def test_provenance(client, dirs):
     assert len(d.probabilities) == 4 and sum(c.p for c in d.probabilities) == pytest.approx(1, abs=1e-5)
     m = schemas.MapData.model_validate(client.get("/api/v1/models/run.impactx/images/5/maps/teacher").json())
     assert m.provenance.method == "deepshap" and m.provenance.method_options["target"] == "predicted"
-    assert (m.provenance.explained_class, m.provenance.explained_class_name, m.provenance.explained_choice) == \
-        (d.predicted, d.predicted_name, "predicted") == (d.provenance.explained_class, d.provenance.explained_class_name, "predicted")
+    assert (
+        (m.provenance.explained_class, m.provenance.explained_class_name, m.provenance.explained_choice)
+        == (d.predicted, d.predicted_name, "predicted")
+        == (d.provenance.explained_class, d.provenance.explained_class_name, "predicted")
+    )
     lab = client.get("/api/v1/models/run.impactx/images/5/maps/teacher", params={"class": "label"}).json()["provenance"]
-    assert (lab["method_options"]["target"], lab["explained_class"], lab["explained_choice"]) == ("label", d.label, "label")
+    assert (lab["method_options"]["target"], lab["explained_class"], lab["explained_choice"]) == (
+        "label",
+        d.label,
+        "label",
+    )
     assert m.provenance.method_options["options"]["background_size"] == 8
     hdr = json.loads(client.get("/api/v1/models/run.impactx/images/5/maps/built_in.png").headers["x-teachx-provenance"])
     assert hdr["method"] == "built_in" and hdr["index"] == 5 and hdr["checkpoint_sha256"] == p.checkpoint_sha256
@@ -184,7 +210,9 @@ def test_provenance(client, dirs):
 
 
 def _study_model(client, role: str) -> str:
-    return next(m["id"] for m in client.get("/api/v1/models").json()["models"] if m["run_id"] == "study" and m["role"] == role)
+    return next(
+        m["id"] for m in client.get("/api/v1/models").json()["models"] if m["run_id"] == "study" and m["role"] == role
+    )
 
 
 def test_built_in_map_as_json_npy_png_matches_the_model(client, service, dirs):
@@ -227,12 +255,22 @@ def test_per_class_built_in_maps_by_class(client, service):
     for k in range(4):
         npy = np.load(io.BytesIO(client.get(base + ".npy", params={"class": k}).content), allow_pickle=False)
         # the predicted class's map comes from the float16 cache, the others from a decoder pass
-        np.testing.assert_allclose(npy, by_class[k], rtol=1e-5, atol=2e-3 * np.abs(by_class[k]).max() if k == predicted else 1e-6)
+        np.testing.assert_allclose(
+            npy, by_class[k], rtol=1e-5, atol=2e-3 * np.abs(by_class[k]).max() if k == predicted else 1e-6
+        )
         js = client.get(base, params={"class": k}).json()
-        assert js["provenance"]["explained_class"] == k and js["provenance"]["explained_class_name"] == info["class_names"][k]
-        assert js["provenance"]["explained_choice"] == "index" and js["provenance"]["method_options"]["classes"] == "one built-in map per class"
+        assert (
+            js["provenance"]["explained_class"] == k
+            and js["provenance"]["explained_class_name"] == info["class_names"][k]
+        )
+        assert (
+            js["provenance"]["explained_choice"] == "index"
+            and js["provenance"]["method_options"]["classes"] == "one built-in map per class"
+        )
     default = np.load(io.BytesIO(client.get(base + ".npy").content), allow_pickle=False)
-    np.testing.assert_allclose(default, by_class[predicted], atol=2e-3 * np.abs(by_class[predicted]).max())  # float16 cache
+    np.testing.assert_allclose(
+        default, by_class[predicted], atol=2e-3 * np.abs(by_class[predicted]).max()
+    )  # float16 cache
     r = client.get(base, params={"class": 4})
     assert r.status_code == 404 and "4 classes" in detail(r)
     assert client.get(base, params={"class": -1}).status_code == 422
@@ -241,7 +279,10 @@ def test_per_class_built_in_maps_by_class(client, service):
     one = "/api/v1/models/run.impactx/images/3/maps/built_in"
     r = client.get(one, params={"class": 1})
     assert r.status_code == 200 and r.json()["values"] == client.get(one).json()["values"]
-    assert r.json()["provenance"]["explained_class"] == 1 and "shared by all classes" in r.json()["provenance"]["method_options"]["classes"]
+    assert (
+        r.json()["provenance"]["explained_class"] == 1
+        and "shared by all classes" in r.json()["provenance"]["method_options"]["classes"]
+    )
 
 
 def test_export_png_grid_draws_the_selection(client, service, monkeypatch):
@@ -267,11 +308,15 @@ def test_export_png_grid_draws_the_selection(client, service, monkeypatch):
     assert list(drawn["columns"]) == ["teacher", "built_in"] and drawn["images"].shape[0] == 3
     for row, i in enumerate((3, 9, 4)):
         d = client.get(f"{base}/images/{i}").json()
-        assert drawn["labels"][row] == f"#{i} {d['label_name']}" + ("" if d["correct"] else f" -> {d['predicted_name']}")
+        assert drawn["labels"][row] == f"#{i} {d['label_name']}" + (
+            "" if d["correct"] else f" -> {d['predicted_name']}"
+        )
         for name in ("teacher", "built_in"):
             npy = np.load(io.BytesIO(client.get(f"{base}/images/{i}/maps/{name}.npy").content), allow_pickle=False)
             np.testing.assert_array_equal(drawn["columns"][name][row].numpy(), npy)
-        np.testing.assert_array_equal(drawn["images"][row].permute(1, 2, 0).numpy(), service.input_image("run.impactx", i))
+        np.testing.assert_array_equal(
+            drawn["images"][row].permute(1, 2, 0).numpy(), service.input_image("run.impactx", i)
+        )
     too_many = ",".join(str(i % 32) for i in range(GRID_MAX + 1))
     r = client.get(base + "/export.png", params={"indices": too_many})
     assert r.status_code == 422 and f"1 to {GRID_MAX} indices" in detail(r)
@@ -291,9 +336,15 @@ def test_teacher_maps_on_demand_are_cached_and_match_the_teacher(client, service
     x, _ = image_tensor(service, 9)
     lm = service.loaded("run.impactx")
     for k in range(4):  # the predicted class by default; any class with class=K, the true one with class=label
-        got = first if k == first["provenance"]["explained_class"] else client.get(f"{base}/gradient_x_input", params={"class": k}).json()
+        got = (
+            first
+            if k == first["provenance"]["explained_class"]
+            else client.get(f"{base}/gradient_x_input", params={"class": k}).json()
+        )
         assert got["provenance"]["explained_class"] == k
-        want = postprocess(teacher.attribute(lm.model, x, torch.tensor([k])), reduce="sum", normalize="maxabs")[0].numpy()
+        want = postprocess(teacher.attribute(lm.model, x, torch.tensor([k])), reduce="sum", normalize="maxabs")[
+            0
+        ].numpy()
         np.testing.assert_allclose(np.array(got["values"]).reshape(want.shape), want, atol=2e-3)
     built = np.array(client.get(f"{base}/built_in").json()["values"])
     teach = np.array(client.get(f"{base}/teacher").json()["values"])
@@ -303,7 +354,9 @@ def test_teacher_maps_on_demand_are_cached_and_match_the_teacher(client, service
     np.testing.assert_allclose(np.array(diff["values"]), built - teach, atol=1e-6)
     assert "as they are" in diff["provenance"]["method_options"]["difference"]
     pc = f"/api/v1/models/{_study_model(client, 'per_class')}/images/9/maps"
-    built, teach = (np.array(client.get(f"{pc}/{n}").json()["values"], dtype=np.float64) for n in ("built_in", "teacher"))
+    built, teach = (
+        np.array(client.get(f"{pc}/{n}").json()["values"], dtype=np.float64) for n in ("built_in", "teacher")
+    )
     z = lambda m: (m - m.mean()) / m.std()  # noqa: E731
     pc_diff = client.get(f"{pc}/difference").json()
     np.testing.assert_allclose(np.array(pc_diff["values"]), z(built) - z(teach), atol=1e-4)
@@ -322,17 +375,25 @@ def test_pixel_flipping_and_agreement_come_from_teachx_evaluation(client, servic
     x, _ = image_tensor(service, 11)
     k = int(model(x).argmax(1))  # the curve tracks the explained class: the predicted one by default
     assert m.provenance.explained_class == k and m.provenance.explained_choice == "predicted"
-    built = torch.from_numpy(np.load(io.BytesIO(client.get("/api/v1/models/run.impactx/images/11/maps/built_in.npy").content)))
+    built = torch.from_numpy(
+        np.load(io.BytesIO(client.get("/api/v1/models/run.impactx/images/11/maps/built_in.npy").content))
+    )
     curve = PixelFlippingMoRF(steps=16).curves(model, x, torch.tensor([k]), built[None])[0]
     np.testing.assert_allclose(m.pixel_flipping.curve, curve.numpy(), atol=1e-5)
-    teacher = torch.from_numpy(np.load(io.BytesIO(client.get("/api/v1/models/run.impactx/images/11/maps/teacher.npy").content)))
+    teacher = torch.from_numpy(
+        np.load(io.BytesIO(client.get("/api/v1/models/run.impactx/images/11/maps/teacher.npy").content))
+    )
     agr = map_agreement(built[None], teacher[None])
     assert m.agreement.spearman == pytest.approx(float(agr["spearman"][0]), abs=1e-4)
     assert m.agreement_between == ["built_in", "deepshap"]
     other = client.get("/api/v1/models/run.impactx/images/11/metrics", params={"map": "saliency"}).json()
     assert other["map"] == "saliency" and other["provenance"]["source"] == "computed"
     # the cached metric now shows in the list and its sort
-    item = next(i for i in client.get("/api/v1/models/run.impactx/images", params={"sort": "morf_auc"}).json()["items"] if i["index"] == 11)
+    item = next(
+        i
+        for i in client.get("/api/v1/models/run.impactx/images", params={"sort": "morf_auc"}).json()["items"]
+        if i["index"] == 11
+    )
     assert item["morf_auc"] == pytest.approx(m.pixel_flipping.auc, abs=1e-6) and item["agreement"] is not None
     base = client.get("/api/v1/models/run.baseline/images/11/metrics").json()
     assert base["map"] == "teacher" and base["agreement"] is None
@@ -354,14 +415,20 @@ def test_precompute_fills_a_pickle_free_cache_that_a_new_server_reads(dirs, tmp_
     assert None not in ag and ag == sorted(ag, reverse=True)
     assert c.get("/api/v1/models/run.impactx/images/3").json()["provenance"]["source"] == "cache"
     assert c.get("/api/v1/models/run.baseline/images/3/maps/teacher").json()["provenance"]["source"] == "cache"
-    sel = c.get("/api/v1/models/run.impactx/images", params={"min_agreement": ag[3], "sort": "agreement", "order": "desc"}).json()
+    sel = c.get(
+        "/api/v1/models/run.impactx/images", params={"min_agreement": ag[3], "sort": "agreement", "order": "desc"}
+    ).json()
     assert sel["total"] == 4
 
 
 def test_upload(client, service):
     rng = np.random.default_rng(3)
     data = png(rng.integers(0, 255, (50, 40, 3), dtype=np.uint8))
-    r = client.post("/api/v1/models/run.impactx/predict", files={"file": ("x.png", data, "image/png")}, data={"method": "gradient_x_input"})
+    r = client.post(
+        "/api/v1/models/run.impactx/predict",
+        files={"file": ("x.png", data, "image/png")},
+        data={"method": "gradient_x_input"},
+    )
     assert r.status_code == 200, r.text
     u = schemas.UploadResponse.model_validate(r.json())
     assert "resized from 40x50 to 32x32" in u.notice and set(u.maps) == {"built_in", "gradient_x_input"}
@@ -381,15 +448,23 @@ def test_upload(client, service):
     assert r2.status_code == 200 and r2.json()["maps"] == {}
     assert r2.json()["notice"] == "converted from greyscale to RGB (the model takes three-channel colour images)"
     same = png(np.zeros((32, 32, 3), np.uint8))
-    assert client.post("/api/v1/models/run.baseline/predict", files={"file": ("c.png", same, "image/png")}).json()["notice"] == ""
+    assert (
+        client.post("/api/v1/models/run.baseline/predict", files={"file": ("c.png", same, "image/png")}).json()[
+            "notice"
+        ]
+        == ""
+    )
 
 
-@pytest.mark.parametrize("payload, status, fragment", [
-    (b"hello, not an image", 415, "not an image"),
-    (b"", 400, "empty"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, 415, "not an image"),
-    (b"GIF89a" + b"\xff" * 20, 415, "not an image"),
-])
+@pytest.mark.parametrize(
+    "payload, status, fragment",
+    [
+        (b"hello, not an image", 415, "not an image"),
+        (b"", 400, "empty"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, 415, "not an image"),
+        (b"GIF89a" + b"\xff" * 20, 415, "not an image"),
+    ],
+)
 def test_upload_rejects_non_images(client, payload, status, fragment):
     r = client.post("/api/v1/models/run.impactx/predict", files={"file": ("f.png", payload, "image/png")})
     assert r.status_code == status and fragment in detail(r)
@@ -404,7 +479,11 @@ def test_upload_size_limits(client):
         for _ in range(30):
             yield b"y" * 10_000
 
-    r = client.post("/api/v1/models/run.impactx/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    r = client.post(
+        "/api/v1/models/run.impactx/predict",
+        content=chunks(),
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
     assert r.status_code == 413 and "limit" in detail(r)
     huge = png(np.zeros((7000, 7000), np.uint8))  # 49 megapixels, compresses to a small file
     assert len(huge) < UPLOAD_LIMIT
@@ -414,20 +493,23 @@ def test_upload_size_limits(client):
     assert r.status_code == 422
 
 
-@pytest.mark.parametrize("path, fragment", [
-    ("/api/v1/models/nope/images", "unknown model 'nope'"),
-    ("/api/v1/models/nope", "unknown model"),
-    ("/api/v1/models/run.impactx/images/32", "out of range"),
-    ("/api/v1/models/run.impactx/images/-1", "out of range"),
-    ("/api/v1/models/run.impactx/images/99999/maps/built_in.png", "out of range"),
-    ("/api/v1/models/run.impactx/images/0/maps/shapp", "unknown teacher 'shapp'"),
-    ("/api/v1/models/run.impactx/images/0/maps/shapp.npy", "unknown teacher"),
-    ("/api/v1/models/run.baseline/images/0/maps/built_in", "no built-in map"),
-    ("/api/v1/models/run.baseline/images/0/maps/difference", "no built-in map"),
-    ("/api/v1/models/run.impactx/images/0/metrics?map=nomethod", "unknown teacher"),
-    ("/api/v1/models/..%2f..%2fetc%2fpasswd/images", "nothing at"),
-    ("/api/v2/models", "nothing at"),
-])
+@pytest.mark.parametrize(
+    "path, fragment",
+    [
+        ("/api/v1/models/nope/images", "unknown model 'nope'"),
+        ("/api/v1/models/nope", "unknown model"),
+        ("/api/v1/models/run.impactx/images/32", "out of range"),
+        ("/api/v1/models/run.impactx/images/-1", "out of range"),
+        ("/api/v1/models/run.impactx/images/99999/maps/built_in.png", "out of range"),
+        ("/api/v1/models/run.impactx/images/0/maps/shapp", "unknown teacher 'shapp'"),
+        ("/api/v1/models/run.impactx/images/0/maps/shapp.npy", "unknown teacher"),
+        ("/api/v1/models/run.baseline/images/0/maps/built_in", "no built-in map"),
+        ("/api/v1/models/run.baseline/images/0/maps/difference", "no built-in map"),
+        ("/api/v1/models/run.impactx/images/0/metrics?map=nomethod", "unknown teacher"),
+        ("/api/v1/models/..%2f..%2fetc%2fpasswd/images", "nothing at"),
+        ("/api/v2/models", "nothing at"),
+    ],
+)
 def test_unknown_names_are_404_with_a_message(client, path, fragment):
     r = client.get(path)
     assert r.status_code == 404 and fragment in detail(r), (r.status_code, r.text)
@@ -437,16 +519,28 @@ def test_unknown_upload_model_and_bad_method(client):
     data = png(np.zeros((32, 32, 3), np.uint8))
     r = client.post("/api/v1/models/ghost/predict", files={"file": ("a.png", data, "image/png")})
     assert r.status_code == 404 and "unknown model" in detail(r)
-    r = client.post("/api/v1/models/run.impactx/predict", files={"file": ("a.png", data, "image/png")}, data={"method": "nope"})
+    r = client.post(
+        "/api/v1/models/run.impactx/predict", files={"file": ("a.png", data, "image/png")}, data={"method": "nope"}
+    )
     assert r.status_code == 404 and "unknown teacher" in detail(r)
     assert client.get("/api/v1/models/run.impactx/images/abc").status_code == 422
 
 
-@pytest.mark.parametrize("path", [
-    "/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static/%2e%2e%2f%2e%2e%2fcatalog.py", "/static/..%5capp.py",
-    "/static/%2e%2e/%2e%2e/%2e%2e/pyproject.toml", "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/../app.py",
-    "/../../pyproject.toml", "/static/%252e%252e/app.py",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/%2e%2e/app.py",
+        "/static/..%2fapp.py",
+        "/static/%2e%2e%2f%2e%2e%2fcatalog.py",
+        "/static/..%5capp.py",
+        "/static/%2e%2e/%2e%2e/%2e%2e/pyproject.toml",
+        "/static//etc/passwd",
+        "/static/%2fetc%2fpasswd",
+        "/static/../app.py",
+        "/../../pyproject.toml",
+        "/static/%252e%252e/app.py",
+    ],
+)
 def test_no_file_outside_the_static_folder(client, path):
     r = client.get(path)
     assert r.status_code in (400, 404), (path, r.status_code)
@@ -455,7 +549,11 @@ def test_no_file_outside_the_static_folder(client, path):
 
 def test_page_and_its_files(client):
     page = client.get("/")
-    assert page.status_code == 200 and "/static/app.js" in page.text and "script-src 'self'" in page.headers["content-security-policy"]
+    assert (
+        page.status_code == 200
+        and "/static/app.js" in page.text
+        and "script-src 'self'" in page.headers["content-security-policy"]
+    )
     for f in ("app.js", "style.css", "index.html"):
         assert client.get(f"/static/{f}").status_code == 200
     assert client.get("/static/missing.js").status_code == 404
@@ -505,6 +603,7 @@ def test_concurrent_requests_agree_with_sequential_ones(dirs, tmp_path):
 
 # -- the command line ----------------------------------------------------------------------------
 
+
 def test_cli_without_the_web_stack_says_what_to_install(dirs, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn -> ImportError
     code, _, err = teachx_main(capsys, "serve", str(dirs["run"]))
@@ -531,7 +630,9 @@ def test_cli_bad_directory_and_port(dirs, tmp_path, capsys):
 
 
 def test_cli_precompute_only(dirs, tmp_path, capsys):
-    code, out, _ = teachx_main(capsys, "serve", str(dirs["run"]), "--precompute", "--no-serve", "-q", "--cache-dir", str(tmp_path / "pc"))
+    code, out, _ = teachx_main(
+        capsys, "serve", str(dirs["run"]), "--precompute", "--no-serve", "-q", "--cache-dir", str(tmp_path / "pc")
+    )
     assert code == 0 and "run.impactx: 32 test images cached" in out
     assert len(list((tmp_path / "pc").glob("*/meta.json"))) >= 3  # two view caches + the deepshap maps of each model
 
@@ -545,7 +646,12 @@ def test_bench_serve_helpers_and_its_upload_request(client):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     s = bench.summary([0.001 * v for v in range(1, 101)], errors=2, wall_s=2.0)
-    assert s["p50_ms"] == pytest.approx(50.5) and s["p95_ms"] == pytest.approx(95.05) and s["requests"] == 102 and s["errors"] == 2
+    assert (
+        s["p50_ms"] == pytest.approx(50.5)
+        and s["p95_ms"] == pytest.approx(95.05)
+        and s["requests"] == 102
+        and s["errors"] == 2
+    )
     body, headers = bench.multipart(bench.upload_png([32, 32], 3))
     r = client.post("/api/v1/models/run.impactx/predict", content=body, headers=headers)
     assert r.status_code == 200 and r.json()["notice"] == ""
@@ -563,7 +669,11 @@ def test_cached_answers_take_the_event_loop_path_and_match(dirs, tmp_path):
     first_map = c.get("/api/v1/models/run.impactx/images/3/maps/built_in").json()
     assert first["provenance"]["source"] == "computed"
     assert svc.ready("run.impactx", 3) and svc.ready("run.impactx", 3, "built_in")
-    assert not svc.ready("run.impactx", 4) and not svc.ready("run.impactx", 3, "teacher") and not svc.ready("run.impactx", 10**6)
+    assert (
+        not svc.ready("run.impactx", 4)
+        and not svc.ready("run.impactx", 3, "teacher")
+        and not svc.ready("run.impactx", 10**6)
+    )
     calls = []
     lm = svc.loaded("run.impactx")
     forward_all = lm.model.forward_all
@@ -574,14 +684,18 @@ def test_cached_answers_take_the_event_loop_path_and_match(dirs, tmp_path):
     assert again["provenance"]["source"] == again_map["provenance"]["source"] == "cache"
     first["provenance"]["source"] = first_map["provenance"]["source"] = "cache"
     assert again == first and again_map == first_map
-    assert c.get("/api/v1/models/run.impactx/images/99999").status_code == 404  # errors keep their status on either path
+    assert (
+        c.get("/api/v1/models/run.impactx/images/99999").status_code == 404
+    )  # errors keep their status on either path
 
 
 def test_models_on_the_same_test_split_share_test_data(client, service):
     """``test_data`` (the page's guard before comparing two models on "the same" image) is the loaded split's
     fingerprint: the run's two models share it; it is unknown (null) until a model is loaded."""
     a, b = client.get("/api/v1/models/run.impactx").json(), client.get("/api/v1/models/run.baseline").json()
-    assert a["test_data"] and a["test_data"] == b["test_data"] == service.data(service.loaded("run.impactx")).fingerprint
+    assert (
+        a["test_data"] and a["test_data"] == b["test_data"] == service.data(service.loaded("run.impactx")).fingerprint
+    )
     listed = {m["id"]: m for m in client.get("/api/v1/models").json()["models"]}
     assert all((m["test_data"] is None) == (not m["loaded"]) for m in listed.values())
 
@@ -591,11 +705,16 @@ def test_an_unfinished_study_names_its_units_from_its_study_yaml(dirs, tmp_path)
     ``unit_names`` computes the runner's own keys, so the names equal the finished study's."""
     from teachx.studies.study import load_study_dir, unit_names
 
-    finished = {m.name: (m.label, m.role, m.info.get("seed")) for m in Service([dirs["study"]], cache_dir=tmp_path / "a").runs[0].models}
+    finished = {
+        m.name: (m.label, m.role, m.info.get("seed"))
+        for m in Service([dirs["study"]], cache_dir=tmp_path / "a").runs[0].models
+    }
     study = tmp_path / "study"
     shutil.copytree(dirs["study"], study)
     (study / "study.json").unlink()
-    running = {m.name: (m.label, m.role, m.info.get("seed")) for m in Service([study], cache_dir=tmp_path / "b").runs[0].models}
+    running = {
+        m.name: (m.label, m.role, m.info.get("seed")) for m in Service([study], cache_dir=tmp_path / "b").runs[0].models
+    }
     assert running == finished and {r for _, r, _ in finished.values()} >= {"baseline", "lambda0", "impactx"}
     names = unit_names(load_study_dir(study))
     assert set(names) == {p.name for p in (study / "units").iterdir() if p.is_dir()}  # every unit, no unknown key
@@ -624,6 +743,7 @@ def test_map_json_values_keep_order_and_turn_non_finite_into_null(client):
 
 # -- one explained class per answer --------------------------------------------------------------
 
+
 def _npy(client, path: str, **params) -> np.ndarray:
     r = client.get(path, params=params)
     assert r.status_code == 200, r.text
@@ -641,14 +761,23 @@ def test_a_wrong_prediction_explains_one_class_in_every_map_and_metric(client, s
     def check(mid: str, index: int, cls, want: int):
         base = f"/api/v1/models/{mid}/images/{index}"
         params = {} if cls is None else {"class": cls}
-        provs = [client.get(f"{base}/maps/{n}", params=params).json()["provenance"] for n in ("built_in", "teacher", "difference")]
+        provs = [
+            client.get(f"{base}/maps/{n}", params=params).json()["provenance"]
+            for n in ("built_in", "teacher", "difference")
+        ]
         met = client.get(f"{base}/metrics", params=params).json()
         provs.append(met["provenance"])
-        provs += [json.loads(client.get(f"{base}/maps/{n}.png", params=params).headers["x-teachx-provenance"]) for n in ("built_in", "teacher")]
+        provs += [
+            json.loads(client.get(f"{base}/maps/{n}.png", params=params).headers["x-teachx-provenance"])
+            for n in ("built_in", "teacher")
+        ]
         assert {p["explained_class"] for p in provs} == {want}, provs
         lm = service.loaded(mid)
         assert {p["explained_class_name"] for p in provs} == {lm.class_names[want]}
-        built, teacher = _npy(client, f"{base}/maps/built_in.npy", **params), _npy(client, f"{base}/maps/teacher.npy", **params)
+        built, teacher = (
+            _npy(client, f"{base}/maps/built_in.npy", **params),
+            _npy(client, f"{base}/maps/teacher.npy", **params),
+        )
         x = service._x(lm, service.data(lm).test.images[[index]])
         with torch.no_grad():
             own = lm.model.forward_all(x, torch.tensor([want]))[1][0].numpy()
@@ -668,7 +797,9 @@ def test_a_wrong_prediction_explains_one_class_in_every_map_and_metric(client, s
     i = wrong[0]
     default = check("run.impactx", i["index"], None, i["predicted"])
     true = check("run.impactx", i["index"], "label", i["label"])
-    assert default["provenance"]["explained_choice"] == "predicted" and true["provenance"]["explained_choice"] == "label"
+    assert (
+        default["provenance"]["explained_choice"] == "predicted" and true["provenance"]["explained_choice"] == "label"
+    )
     assert default["pixel_flipping"]["curve"] != true["pixel_flipping"]["curve"]
     # class=K on the metrics is honoured, and on a per-class model the built-in map of K is the one compared
     pc = _study_model(client, "per_class")
@@ -678,27 +809,45 @@ def test_a_wrong_prediction_explains_one_class_in_every_map_and_metric(client, s
     assert met["provenance"]["explained_choice"] == "index" and met != check(pc, 6, None, pred)
 
 
-@pytest.mark.parametrize("path", [
-    "/api/v1/models/run.impactx/images/3/metrics?clas=1",
-    "/api/v1/models/run.impactx/images/3/maps/built_in?class=1&explain=label",
-    "/api/v1/models/run.impactx/images/3/maps/teacher.png?scale=2&colour=red",
-    "/api/v1/models/run.impactx/images?label=1&labl=2",
-    "/api/v1/models/run.impactx/images/3?class=1",
-    "/api/v1/runs?verbose=1",
-    "/api/v1/models/run.impactx/export.npz?indices=1,2&map=teacher",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/models/run.impactx/images/3/metrics?clas=1",
+        "/api/v1/models/run.impactx/images/3/maps/built_in?class=1&explain=label",
+        "/api/v1/models/run.impactx/images/3/maps/teacher.png?scale=2&colour=red",
+        "/api/v1/models/run.impactx/images?label=1&labl=2",
+        "/api/v1/models/run.impactx/images/3?class=1",
+        "/api/v1/runs?verbose=1",
+        "/api/v1/models/run.impactx/export.npz?indices=1,2&map=teacher",
+    ],
+)
 def test_unknown_query_parameters_are_a_422_naming_the_known_ones(client, path):
     r = client.get(path)
     assert r.status_code == 422, (path, r.status_code, r.text)
     msg = detail(r)
     assert "unknown query parameter" in msg and "/docs" in msg
-    unknown = {k for k, _ in [kv.split("=") for kv in path.split("?")[1].split("&")]} - {"class", "label", "scale", "indices"}
+    unknown = {k for k, _ in [kv.split("=") for kv in path.split("?")[1].split("&")]} - {
+        "class",
+        "label",
+        "scale",
+        "indices",
+    }
     assert all(u in msg for u in unknown), msg
 
 
 def test_known_query_parameters_and_the_upload_route_still_work(client):
-    assert client.get("/api/v1/models/run.impactx/images/3/metrics", params={"class": "label", "map": "built_in"}).status_code == 200
-    assert client.get("/api/v1/models/run.impactx/images/3/maps/teacher.png", params={"scale": 2, "vmax": 1, "class": 0}).status_code == 200
+    assert (
+        client.get(
+            "/api/v1/models/run.impactx/images/3/metrics", params={"class": "label", "map": "built_in"}
+        ).status_code
+        == 200
+    )
+    assert (
+        client.get(
+            "/api/v1/models/run.impactx/images/3/maps/teacher.png", params={"scale": 2, "vmax": 1, "class": 0}
+        ).status_code
+        == 200
+    )
     data = png(np.zeros((32, 32, 3), np.uint8))
     r = client.post("/api/v1/models/run.impactx/predict?debug=1", files={"file": ("a.png", data, "image/png")})
     assert r.status_code == 422 and "debug" in detail(r)
@@ -710,6 +859,7 @@ def test_known_query_parameters_and_the_upload_route_still_work(client):
 
 # -- the model the page opens on -----------------------------------------------------------------
 
+
 def test_the_default_model_is_the_first_with_built_in_maps(client, dirs, tmp_path):
     from teachx.service.catalog import ModelEntry, RunEntry, default_model
 
@@ -719,12 +869,16 @@ def test_the_default_model_is_the_first_with_built_in_maps(client, dirs, tmp_pat
     assert study_only.entries[pick].kind == "impactx"
     entry = lambda i, kind, error=None: ModelEntry(i, "r", i, i, kind, kind, {}, error=error)  # noqa: E731
     assert default_model([RunEntry("r", tmp_path, "run", [entry("a", "classifier"), entry("b", "abn")])]) == "b"
-    assert default_model([RunEntry("r", tmp_path, "run", [entry("a", "impactx", "damaged"), entry("b", "classifier")])]) == "b"
+    assert (
+        default_model([RunEntry("r", tmp_path, "run", [entry("a", "impactx", "damaged"), entry("b", "classifier")])])
+        == "b"
+    )
     assert default_model([RunEntry("r", tmp_path, "run", [entry("a", "classifier", "damaged")])]) == "a"
     assert default_model([]) is None
 
 
 # -- uploads: colour conversion and the size limit's unit ------------------------------------------
+
 
 def test_upload_notice_names_the_colour_conversion(service, tmp_path):
     """An RGB image given to a greyscale model (and a greyscale one to an RGB model) is converted, and the
@@ -737,20 +891,28 @@ def test_upload_notice_names_the_colour_conversion(service, tmp_path):
     rgb = png(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
     arr, notice = service.decode_upload(grey_model, rgb)
     assert arr.shape == (32, 32, 1)
-    assert notice == ("converted from colour (RGB) to greyscale (the model takes one-channel images); "
-                      "resized from 40x40 to 32x32 (the model's input size)")
+    assert notice == (
+        "converted from colour (RGB) to greyscale (the model takes one-channel images); "
+        "resized from 40x40 to 32x32 (the model's input size)"
+    )
     arr, notice = service.decode_upload(grey_model, png(np.zeros((32, 32), np.uint8)))
     assert notice == ""
     (tmp_path / "c.png").write_bytes(rgb)
     arr, notice = read_image(tmp_path / "c.png", 1, (32, 32))
-    assert arr.shape == (32, 32, 1) and notice.startswith("c.png: converted from colour (RGB) to greyscale") and "resized" in notice
+    assert (
+        arr.shape == (32, 32, 1)
+        and notice.startswith("c.png: converted from colour (RGB) to greyscale")
+        and "resized" in notice
+    )
 
 
 def test_the_upload_limit_is_stated_in_mib_everywhere(service, capsys):
     from teachx.service.app import DEFAULT_MAX_UPLOAD
 
     c = TestClient(create_app(service))
-    r = c.post("/api/v1/models/run.impactx/predict", files={"file": ("big.png", b"\0" * (DEFAULT_MAX_UPLOAD + 1), "image/png")})
+    r = c.post(
+        "/api/v1/models/run.impactx/predict", files={"file": ("big.png", b"\0" * (DEFAULT_MAX_UPLOAD + 1), "image/png")}
+    )
     assert r.status_code == 413
     assert "the limit is 10 MiB (10,485,760 bytes)" in detail(r) and " MB" not in detail(r)
     code, out, _ = teachx_main(capsys, "serve", "--help")
@@ -759,6 +921,7 @@ def test_the_upload_limit_is_stated_in_mib_everywhere(service, capsys):
 
 
 # -- a one-map model, described the same way by `teachx explain` and `teachx serve` ----------------
+
 
 def test_one_shared_map_is_described_the_same_in_explain_and_serve(client, dirs, tmp_path):
     from teachx.errors import CheckpointError

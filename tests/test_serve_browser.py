@@ -63,8 +63,16 @@ def server(tmp_path_factory):
     dirs = session_fixtures(tmp_path_factory)
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     env = teachx_env({"TEACHX_CACHE": str(dirs["cache"]), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    cmd = [*TEACHX, "serve", str(dirs["run"]), str(dirs["study"]), "--port", "0",
-           "--cache-dir", str(tmp_path_factory.mktemp("serve-cache"))]
+    cmd = [
+        *TEACHX,
+        "serve",
+        str(dirs["run"]),
+        str(dirs["study"]),
+        "--port",
+        "0",
+        "--cache-dir",
+        str(tmp_path_factory.mktemp("serve-cache")),
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -90,8 +98,16 @@ def server(tmp_path_factory):
 def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1100",
-              "--no-first-run", "--disable-extensions", "--disable-background-networking"):
+    for a in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1100",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+    ):
         opts.add_argument(a)
     driver_path = CHROMEDRIVER if Path(CHROMEDRIVER).exists() else shutil.which("chromedriver")
     drv = webdriver.Chrome(service=ChromeService(executable_path=driver_path), options=opts)
@@ -110,11 +126,15 @@ def wait(drv, cond, what: str):
 
 def canvas_colours(drv, canvas_id: str) -> tuple[int, int, int]:
     """(width, height, number of coloured -- not grey -- pixels) of a canvas."""
-    return tuple(drv.execute_script(
-        "const c = document.getElementById(arguments[0]); if (!c || c.dataset.drawn !== '1') return [0, 0, -1];"
-        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;"
-        "for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - d[i+1]) > 24 || Math.abs(d[i+1] - d[i+2]) > 24) n++;"
-        "return [c.width, c.height, n];", canvas_id))
+    return tuple(
+        drv.execute_script(
+            "const c = document.getElementById(arguments[0]); if (!c || c.dataset.drawn !== '1') return [0, 0, -1];"
+            "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;"
+            "for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - d[i+1]) > 24 || Math.abs(d[i+1] - d[i+2]) > 24) n++;"
+            "return [c.width, c.height, n];",
+            canvas_id,
+        )
+    )
 
 
 def thumbs(drv) -> list:
@@ -141,22 +161,37 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     assert options[:2] == ["run.baseline", "run.impactx"] and len(options) == 6
     # the page opens on the first model with built-in maps, not on the baseline listed first
     assert Select(drv.find_element(By.ID, "model")).first_selected_option.get_attribute("value") == "run.impactx"
-    grid = lambda d: (d.find_element(By.ID, "grid").get_attribute("data-model"), d.find_element(By.ID, "grid").get_attribute("data-loaded"))  # noqa: E731
+
+    def grid(d):
+        return d.find_element(By.ID, "grid").get_attribute("data-model"), d.find_element(By.ID, "grid").get_attribute(
+            "data-loaded"
+        )
+
     wait(drv, lambda d: grid(d) == ("run.impactx", "32"), "32 thumbnails of run.impactx")
     assert "IMPACTX" in drv.find_element(By.ID, "model-info").text
-    wait(drv, lambda d: all(t.find_element(By.TAG_NAME, "img").get_property("naturalWidth") == 32 for t in thumbs(d)), "thumbnails to load")
+    wait(
+        drv,
+        lambda d: all(t.find_element(By.TAG_NAME, "img").get_property("naturalWidth") == 32 for t in thumbs(d)),
+        "thumbnails to load",
+    )
     shot("grid")
     # the export links cover what the grid shows: the PNG grid of its first 16 images, built-in and teacher maps
     href = drv.find_element(By.ID, "export-png").get_attribute("href")
     first16 = ",".join(t.get_attribute("data-index") for t in thumbs(drv)[:16])
-    assert f"indices={first16}".replace(",", "%2C") in href.replace(",", "%2C") and "maps=built_in,teacher" in href.replace("%2C", ",")
+    assert f"indices={first16}".replace(",", "%2C") in href.replace(
+        ",", "%2C"
+    ) and "maps=built_in,teacher" in href.replace("%2C", ",")
     assert urllib.request.urlopen(href, timeout=120).read().startswith(b"\x89PNG")
 
     # filter: the wrong predictions only
     n_wrong = api("/models/run.impactx/images?correct=false")["total"]
     assert n_wrong > 0
     Select(drv.find_element(By.ID, "f-correct")).select_by_value("false")
-    wait(drv, lambda d: len(thumbs(d)) == n_wrong and d.find_element(By.ID, "count").text.startswith(f"{n_wrong} of 32"), "the filtered grid")
+    wait(
+        drv,
+        lambda d: len(thumbs(d)) == n_wrong and d.find_element(By.ID, "count").text.startswith(f"{n_wrong} of 32"),
+        "the filtered grid",
+    )
     assert all("wrong" in t.get_attribute("class") for t in thumbs(drv))
 
     # a wrong prediction: everything on the page explains one class, the predicted one; the switch to the
@@ -172,9 +207,18 @@ def test_the_page_end_to_end(server, browser, tmp_path):
 
     def explained_view(cls: int, how: str, query: str):
         want = api(f"/models/run.impactx/images/{wrong}/metrics{query}")
-        wait(drv, lambda d: detail_attr(d, "data-metrics") == f"run.impactx/{wrong}" and detail_attr(d, "data-metrics-class") == str(cls)
-             and f"class {names[cls]} ({how})" in text(d, "explained"), f"the view of class {cls}")
-        assert f"class {names[cls]} ({how})" in text(drv, "curve-note") and f"both of class {names[cls]} ({how})" in text(drv, "agreement")
+        wait(
+            drv,
+            lambda d: (
+                detail_attr(d, "data-metrics") == f"run.impactx/{wrong}"
+                and detail_attr(d, "data-metrics-class") == str(cls)
+                and f"class {names[cls]} ({how})" in text(d, "explained")
+            ),
+            f"the view of class {cls}",
+        )
+        assert f"class {names[cls]} ({how})" in text(
+            drv, "curve-note"
+        ) and f"both of class {names[cls]} ({how})" in text(drv, "agreement")
         assert f"Pearson {want['agreement']['pearson']:.3f}" in text(drv, "agreement")
         caps = [c for c in captions(drv) if c.startswith(("teacher", "difference"))]
         assert len(caps) == 2 and all(f"class {names[cls]}" in c for c in caps), caps
@@ -208,16 +252,24 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     title = drv.find_element(By.ID, "detail-title").text
     assert title.startswith(f"#{index}:") and "true br" in title
     assert len(drv.find_elements(By.CSS_SELECTOR, "#maps .cbar")) == 3
-    wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-metrics") == f"run.impactx/{index}", "the metrics")
+    wait(
+        drv,
+        lambda d: d.find_element(By.ID, "detail").get_attribute("data-metrics") == f"run.impactx/{index}",
+        "the metrics",
+    )
     assert drv.find_element(By.CSS_SELECTOR, "#curve svg").get_attribute("data-points") == "17"
     assert "Spearman" in drv.find_element(By.ID, "agreement").text
     sha = api(f"/models/run.impactx/images/{index}")["provenance"]["checkpoint_sha256"]
     assert sha in drv.execute_script("return document.getElementById('provenance').textContent")
     shot("detail")
     # opacity 0: the overlay is the grey input alone
-    drv.execute_script("const o = document.getElementById('opacity'); o.value = '0'; o.dispatchEvent(new Event('input'));")
+    drv.execute_script(
+        "const o = document.getElementById('opacity'); o.value = '0'; o.dispatchEvent(new Event('input'));"
+    )
     assert canvas_colours(drv, "map-built_in")[2] == 0
-    drv.execute_script("const o = document.getElementById('opacity'); o.value = '0.8'; o.dispatchEvent(new Event('input'));")
+    drv.execute_script(
+        "const o = document.getElementById('opacity'); o.value = '0.8'; o.dispatchEvent(new Event('input'));"
+    )
     # another method on demand
     Select(drv.find_element(By.ID, "method")).select_by_value("saliency")
     wait(drv, lambda d: canvas_colours(d, "map-saliency")[2] > 0, "the saliency map")
@@ -226,7 +278,9 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     cmp_state = lambda d: d.find_element(By.ID, "compare-box").get_attribute("data-state")  # noqa: E731
     wait(drv, lambda d: cmp_state(d) == f"run.baseline/{index}", "the compared model's row")
     other = api(f"/models/run.baseline/images/{index}")
-    assert drv.find_element(By.ID, "compare-title").text.startswith(f"run: {api('/models/run.baseline')['label']} · predicted {other['predicted_name']}")
+    assert drv.find_element(By.ID, "compare-title").text.startswith(
+        f"run: {api('/models/run.baseline')['label']} · predicted {other['predicted_name']}"
+    )
     for name in ("teacher", "saliency"):
         w, h, coloured = canvas_colours(drv, f"cmp-{name}")
         assert (w, h) == (32, 32) and coloured > 20, (name, w, h, coloured)
@@ -235,14 +289,25 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     # keyboard: next image of the filtered list
     second = int(thumbs(drv)[1].get_attribute("data-index"))
     drv.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
-    wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-index") == str(second), "the next image (arrow key)")
+    wait(
+        drv,
+        lambda d: d.find_element(By.ID, "detail").get_attribute("data-index") == str(second),
+        "the next image (arrow key)",
+    )
     wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0, "the next image's map")
     # the URL reopens the same view
     link = drv.current_url
-    assert "model=run.impactx" in link and f"index={second}" in link and "label=1" in link and "compare=run.baseline" in link
+    assert (
+        "model=run.impactx" in link
+        and f"index={second}" in link
+        and "label=1" in link
+        and "compare=run.baseline" in link
+    )
     drv.get("about:blank")
     drv.get(link)
-    wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-index") == str(second), "the bookmarked view")
+    wait(
+        drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-index") == str(second), "the bookmarked view"
+    )
     assert Select(drv.find_element(By.ID, "f-label")).first_selected_option.get_attribute("value") == "1"
     wait(drv, lambda d: cmp_state(d) == f"run.baseline/{second}", "the bookmarked compare row")
     Select(drv.find_element(By.ID, "compare")).select_by_value("")
@@ -254,34 +319,59 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     # switch model: a study's baseline classifier has a teacher map but no built-in map
     base = next(m["id"] for m in api("/models")["models"] if m["run_id"] == "study" and m["role"] == "baseline")
     Select(drv.find_element(By.ID, "model")).select_by_value(base)
-    wait(drv, lambda d: grid(d)[0] == base and "classifier" in d.find_element(By.ID, "model-info").text, "the study baseline")
+    wait(
+        drv,
+        lambda d: grid(d)[0] == base and "classifier" in d.find_element(By.ID, "model-info").text,
+        "the study baseline",
+    )
     thumbs(drv)[0].click()
     wait(drv, lambda d: canvas_colours(d, "map-teacher")[2] > 0, "the baseline's teacher map")
-    wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-metrics").startswith(base + "/"), "the baseline's metrics")
+    wait(
+        drv,
+        lambda d: d.find_element(By.ID, "detail").get_attribute("data-metrics").startswith(base + "/"),
+        "the baseline's metrics",
+    )
     assert not drv.find_elements(By.ID, "map-built_in")
     assert "no built-in map" in drv.find_element(By.ID, "agreement").text
-    assert drv.find_element(By.ID, "detail").is_displayed() and drv.find_element(By.ID, "class-pick").is_displayed()  # any class
+    assert (
+        drv.find_element(By.ID, "detail").is_displayed() and drv.find_element(By.ID, "class-pick").is_displayed()
+    )  # any class
     shot("study-baseline")
 
     # a model with one built-in map per class: pick the class whose map is drawn; the URL keeps it
     pc = next(m["id"] for m in api("/models")["models"] if m["run_id"] == "study" and m["role"] == "per_class")
     Select(drv.find_element(By.ID, "model")).select_by_value(pc)
-    wait(drv, lambda d: grid(d)[0] == pc and "IMPACTX" in d.find_element(By.ID, "model-info").text, "the per-class model")
+    wait(
+        drv, lambda d: grid(d)[0] == pc and "IMPACTX" in d.find_element(By.ID, "model-info").text, "the per-class model"
+    )
     thumbs(drv)[0].click()
     wait(drv, lambda d: d.find_element(By.ID, "class-pick").is_displayed(), "the per-class model's class picker")
     caption = lambda d: d.execute_script(  # noqa: E731
-        "const c = document.getElementById('map-built_in'); return c ? c.closest('figure').querySelector('figcaption').textContent : '';")
+        "const c = document.getElementById('map-built_in'); return c ? c.closest('figure').querySelector('figcaption').textContent : '';"
+    )
     names = api(f"/models/{pc}")["class_names"]
     first_pc = api(f"/models/{pc}/images/{thumbs(drv)[0].get_attribute('data-index')}")
-    wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0 and f"of class {first_pc['predicted_name']}" in caption(d), "the predicted class's map")
+    wait(
+        drv,
+        lambda d: canvas_colours(d, "map-built_in")[2] > 0 and f"of class {first_pc['predicted_name']}" in caption(d),
+        "the predicted class's map",
+    )
     Select(drv.find_element(By.ID, "map-class")).select_by_value("2")
-    wait(drv, lambda d: f"of class {names[2]}" in caption(d) and canvas_colours(d, "map-built_in")[2] > 0, "class 2's built-in map")
+    wait(
+        drv,
+        lambda d: f"of class {names[2]}" in caption(d) and canvas_colours(d, "map-built_in")[2] > 0,
+        "class 2's built-in map",
+    )
     assert "class=2" in drv.current_url
     shot("per-class")
 
     # upload an image to the IMPACTX model, with a teacher map
     Select(drv.find_element(By.ID, "model")).select_by_value("run.impactx")
-    wait(drv, lambda d: grid(d)[0] == "run.impactx" and "IMPACTX" in d.find_element(By.ID, "model-info").text, "IMPACTX again")
+    wait(
+        drv,
+        lambda d: grid(d)[0] == "run.impactx" and "IMPACTX" in d.find_element(By.ID, "model-info").text,
+        "IMPACTX again",
+    )
     rng = np.random.default_rng(0)
     a = rng.integers(0, 90, (48, 48, 3), dtype=np.uint8)
     a[:24, 24:] += 120
@@ -290,7 +380,9 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     drv.find_element(By.ID, "upload-file").send_keys(str(up))
     Select(drv.find_element(By.ID, "upload-method")).select_by_value("gradient_x_input")
     drv.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
-    wait(drv, lambda d: d.find_element(By.ID, "upload-result").get_attribute("data-state") == "done", "the upload result")
+    wait(
+        drv, lambda d: d.find_element(By.ID, "upload-result").get_attribute("data-state") == "done", "the upload result"
+    )
     pred = drv.find_element(By.ID, "upload-prediction").text
     expected = api("/models/run.impactx")["class_names"]
     assert pred.startswith("predicted ") and any(c in pred for c in expected) and "resized from 48x48" in pred
@@ -305,8 +397,13 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     drv.find_element(By.ID, "upload-file").clear()
     drv.find_element(By.ID, "upload-file").send_keys(str(bad))
     drv.find_element(By.CSS_SELECTOR, "#upload-form button[type=submit]").click()
-    wait(drv, lambda d: d.find_element(By.ID, "upload-result").get_attribute("data-state") == "error", "the upload error")
-    assert "415" in drv.find_element(By.ID, "upload-error").text and "not an image" in drv.find_element(By.ID, "upload-error").text
+    wait(
+        drv, lambda d: d.find_element(By.ID, "upload-result").get_attribute("data-state") == "error", "the upload error"
+    )
+    assert (
+        "415" in drv.find_element(By.ID, "upload-error").text
+        and "not an image" in drv.find_element(By.ID, "upload-error").text
+    )
 
     severe = [e for e in drv.get_log("browser") if e.get("level") == "SEVERE" and "415" not in e.get("message", "")]
     assert not severe, severe

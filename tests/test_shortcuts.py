@@ -36,13 +36,22 @@ def fake_dataset(n_train=600, n_test=600, channels=1, classes=K, seed=0) -> Imag
     """Random uint8 images with balanced labels; every array read-only like a memory-mapped cache."""
     rng = np.random.default_rng(seed)
     arrays = [
-        rng.integers(0, 256, (n_train, H, W, channels), dtype=np.uint8), np.arange(n_train, dtype=np.int64) % classes,
-        rng.integers(0, 256, (n_test, H, W, channels), dtype=np.uint8), rng.permutation(np.arange(n_test) % classes),
+        rng.integers(0, 256, (n_train, H, W, channels), dtype=np.uint8),
+        np.arange(n_train, dtype=np.int64) % classes,
+        rng.integers(0, 256, (n_test, H, W, channels), dtype=np.uint8),
+        rng.permutation(np.arange(n_test) % classes),
     ]
     for a in arrays:
         a.setflags(write=False)
-    return ImageDataset(name="fake", class_names=[f"c{i}" for i in range(classes)], train=Split(*arrays[:2]),
-                        test=Split(*arrays[2:]), mean=(0.5,) * channels, std=(0.29,) * channels, hflip=True)
+    return ImageDataset(
+        name="fake",
+        class_names=[f"c{i}" for i in range(classes)],
+        train=Split(*arrays[:2]),
+        test=Split(*arrays[2:]),
+        mean=(0.5,) * channels,
+        std=(0.29,) * channels,
+        hflip=True,
+    )
 
 
 def square_of(mask: np.ndarray, size: int) -> tuple[int, int]:
@@ -129,8 +138,10 @@ def test_rgb_swatch_is_grey(tmp_path):
 
 def test_test_split_is_the_same_for_every_train_mode_and_clean_train_is_the_source(tmp_path):
     ds = fake_dataset(n_train=200, n_test=150)
-    outs = {mode: apply_shortcut(ds, "swatch", train=mode, seed=3, cache_dir=tmp_path, progress=False)
-            for mode in ("confounded", "clean", "random")}
+    outs = {
+        mode: apply_shortcut(ds, "swatch", train=mode, seed=3, cache_dir=tmp_path, progress=False)
+        for mode in ("confounded", "clean", "random")
+    }
     for mode in ("clean", "random"):
         assert np.array_equal(outs[mode].test.images, outs["confounded"].test.images)
         assert np.array_equal(outs[mode].test.masks, outs["confounded"].test.masks)
@@ -162,11 +173,13 @@ def test_deterministic_in_the_seed_and_the_source_is_untouched(tmp_path):
 
 def test_bad_options_are_one_line_config_errors(tmp_path):
     ds = fake_dataset(n_train=20, n_test=20)
-    for kwargs, fragment in (({"kind": "blob"}, "valid shortcuts: patch, swatch"),
-                             ({"kind": "swatch", "train": "noisy"}, "confounded, clean, random"),
-                             ({"kind": "swatch", "size": 0}, ">= 1"),
-                             ({"kind": "swatch", "size": H + 1}, "does not fit"),
-                             ({"kind": "swatch", "seed": -1}, ">= 0")):
+    for kwargs, fragment in (
+        ({"kind": "blob"}, "valid shortcuts: patch, swatch"),
+        ({"kind": "swatch", "train": "noisy"}, "confounded, clean, random"),
+        ({"kind": "swatch", "size": 0}, ">= 1"),
+        ({"kind": "swatch", "size": H + 1}, "does not fit"),
+        ({"kind": "swatch", "seed": -1}, ">= 0"),
+    ):
         with pytest.raises(ConfigError, match=fragment) as err:
             apply_shortcut(ds, cache_dir=tmp_path, progress=False, **kwargs)
         assert "\n" not in str(err.value)
@@ -216,8 +229,12 @@ def test_entries_without_masks_still_load(tmp_path):
     from teachx.data.cache import Decoded, cached_decode
 
     rng = np.random.default_rng(0)
-    arrays = [rng.integers(0, 256, (5, 4, 4, 1), dtype=np.uint8), np.arange(5) % 2,
-              rng.integers(0, 256, (3, 4, 4, 1), dtype=np.uint8), np.arange(3) % 2]
+    arrays = [
+        rng.integers(0, 256, (5, 4, 4, 1), dtype=np.uint8),
+        np.arange(5) % 2,
+        rng.integers(0, 256, (3, 4, 4, 1), dtype=np.uint8),
+        np.arange(3) % 2,
+    ]
     made = cached_decode("old", {"k": 1}, lambda: Decoded(*arrays, class_names=["a", "b"]), tmp_path)
     again = cached_decode("old", {"k": 1}, lambda: pytest.fail("decoded again"), tmp_path)
     assert again.train_masks is None and again.test_masks is None
@@ -272,7 +289,10 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def write_fake_fashion_mnist(folder: Path, n_train=60, n_test=40) -> tuple[np.ndarray, ...]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
-    tr, te = rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8), rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8)
+    tr, te = (
+        rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+    )
     trl, tel = np.arange(n_train) % 10, (np.arange(n_test) * 7) % 10
     write_idx(folder / "train-images-idx3-ubyte.gz", tr)
     write_idx(folder / "train-labels-idx1-ubyte.gz", trl)
@@ -306,8 +326,15 @@ def test_decoy_sources_report_missing_files_and_never_flip(tmp_path):
     aug = augmentation(DataConfig(name="decoy-fashion-mnist"))
     assert aug["hflip"] is False and "corner position" in aug["hflip_from"]
     aug = augmentation(DataConfig(name="fashion-mnist", shortcut="swatch"))
-    assert aug == {"augment": True, "crop_padding": 4, "hflip": False, "hflip_from": "data.shortcut: flips would move the artefact"}
-    assert augmentation(DataConfig(name="fashion-mnist", shortcut="swatch", hflip=True))["hflip"] is True  # explicit wins
+    assert aug == {
+        "augment": True,
+        "crop_padding": 4,
+        "hflip": False,
+        "hflip_from": "data.shortcut: flips would move the artefact",
+    }
+    assert (
+        augmentation(DataConfig(name="fashion-mnist", shortcut="swatch", hflip=True))["hflip"] is True
+    )  # explicit wins
 
 
 # ----------------------------------------------------------------------------- config and CLI
@@ -324,13 +351,19 @@ def test_config_shows_the_shortcut_keys(capsys):
     assert any(ln.strip().startswith("shortcut: null") and "swatch" in ln.split("#", 1)[1] for ln in out.splitlines())
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["data.shortcut=blob"], "data.shortcut: unknown shortcut 'blob'; valid shortcuts: patch, swatch"),
-    (["data.shortcut=swatch", "data.shortcut_train=noisy"], "data.shortcut_train must be one of confounded, clean, random"),
-    (["data.shortcut=swatch", "data.shortcut_size=0"], "data.shortcut_size must be >= 1"),
-    (["data.shortcut=swatch", "data.shortcut_seed=-2"], "data.shortcut_seed must be >= 0"),
-    (["data.name=decoy-fashion-mnist", "data.shortcut=swatch"], "already carries its artefact"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["data.shortcut=blob"], "data.shortcut: unknown shortcut 'blob'; valid shortcuts: patch, swatch"),
+        (
+            ["data.shortcut=swatch", "data.shortcut_train=noisy"],
+            "data.shortcut_train must be one of confounded, clean, random",
+        ),
+        (["data.shortcut=swatch", "data.shortcut_size=0"], "data.shortcut_size must be >= 1"),
+        (["data.shortcut=swatch", "data.shortcut_seed=-2"], "data.shortcut_seed must be >= 0"),
+        (["data.name=decoy-fashion-mnist", "data.shortcut=swatch"], "already carries its artefact"),
+    ],
+)
 def test_bad_shortcut_config_exits_2_with_one_line(capsys, args, fragment):
     code, _, err = teachx_main(capsys, "config", *args)
     assert code == 2, err
@@ -343,8 +376,15 @@ def test_make_plan_applies_the_shortcut(tmp_path):
     from teachx.runs.resolve import resolve_config
 
     write_fake_fashion_mnist(tmp_path / "fm")
-    cfg = resolve_config(overrides=["data.name=fashion-mnist", f"data.root={tmp_path / 'fm'}", "data.shortcut=swatch",
-                                    "data.shortcut_size=3", "data.val_fraction=0"])
+    cfg = resolve_config(
+        overrides=[
+            "data.name=fashion-mnist",
+            f"data.root={tmp_path / 'fm'}",
+            "data.shortcut=swatch",
+            "data.shortcut_size=3",
+            "data.val_fraction=0",
+        ]
+    )
     plan = pipeline.make_plan(cfg, progress=False)
     assert plan.dataset.name == "fashion-mnist+swatch" and plan.dataset.has_masks
     assert plan.dataset.extra["shortcut"]["size"] == 3 and plan.augment is not None and not plan.augment.hflip
@@ -374,7 +414,9 @@ def test_wrong_reason_score_by_hand():
     metric = build_metric("wrong_reason", masks=masks)
     result = metric(None, torch.zeros(3, 2, 2, 2), None, maps)
     assert METRICS.get("wrong_reason").higher_is_better is False
-    assert result.scores.tolist() == pytest.approx(score.tolist()) and result.extra["area"] == pytest.approx((2 / 4 + 1 / 4 + 1) / 3)
+    assert result.scores.tolist() == pytest.approx(score.tolist()) and result.extra["area"] == pytest.approx(
+        (2 / 4 + 1 / 4 + 1) / 3
+    )
 
 
 def linear_model(weight_region: torch.Tensor, classes: int = 3) -> nn.Module:
@@ -382,7 +424,9 @@ def linear_model(weight_region: torch.Tensor, classes: int = 3) -> nn.Module:
     h, w = weight_region.shape
     lin = nn.Linear(h * w, classes, bias=False)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(classes, h * w, generator=torch.Generator().manual_seed(0)) * weight_region.flatten())
+        lin.weight.copy_(
+            torch.randn(classes, h * w, generator=torch.Generator().manual_seed(0)) * weight_region.flatten()
+        )
     return nn.Sequential(nn.Flatten(), lin)
 
 
@@ -405,6 +449,11 @@ def test_artefact_share_on_a_linear_model_is_known_in_closed_form():
     # the first layer, here the only one, which spreads relevance evenly: exactly the chance level
     assert on == pytest.approx({"gradient": 1.0, "lrp": area, "lrp_epsilon": 1.0, "area": area})
     assert off == pytest.approx({"gradient": 0.0, "lrp": area, "lrp_epsilon": 0.0, "area": area})
-    both = artefact_share(linear_model(torch.ones(8, 8)), x, y, masks,
-                          methods={"eps": build("lrp", composite="epsilon"), "gxi": "gradient_x_input"})
+    both = artefact_share(
+        linear_model(torch.ones(8, 8)),
+        x,
+        y,
+        masks,
+        methods={"eps": build("lrp", composite="epsilon"), "gxi": "gradient_x_input"},
+    )
     assert both["eps"] == pytest.approx(both["gxi"], abs=1e-6)  # LRP-epsilon of a bias-free linear model is x * W

@@ -36,7 +36,9 @@ def test_summary_matches_scipy():
     x = np.random.default_rng(0).normal(0.6, 0.02, 7)
     s = summarize(x)
     lo, hi = sps.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=sps.sem(x))
-    assert s.std == pytest.approx(np.std(x, ddof=1)) and s.ci_low == pytest.approx(lo) and s.ci_high == pytest.approx(hi)
+    assert (
+        s.std == pytest.approx(np.std(x, ddof=1)) and s.ci_low == pytest.approx(lo) and s.ci_high == pytest.approx(hi)
+    )
 
 
 def test_paired_t_closed_form_df2():

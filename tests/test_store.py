@@ -46,7 +46,12 @@ def test_resume_after_interruption(tmp_path):
     s2 = open_store(tmp_path, mat, 10, (1, 2, 2), log=lambda m: None)
     assert s2.done.sum() == 4
     calls = []
-    assert fill_store(s2, np.arange(10), lambda i: (calls.append(len(i)), torch.ones(len(i), 1, 2, 2))[1], 4, progress=False) == 6
+    assert (
+        fill_store(
+            s2, np.arange(10), lambda i: (calls.append(len(i)), torch.ones(len(i), 1, 2, 2))[1], 4, progress=False
+        )
+        == 6
+    )
     assert calls == [4, 2]
     assert s2.complete
 
@@ -69,7 +74,9 @@ def test_stale_and_truncated_are_rebuilt(tmp_path):
     meta = json.loads((path / "meta.json").read_text())
     meta.pop("digest")
     meta["key"] = "0" * 64
-    write_json_atomic(path / "meta.json", meta, digest=True)  # an intact meta of another key (a hand edit would be corruption)
+    write_json_atomic(
+        path / "meta.json", meta, digest=True
+    )  # an intact meta of another key (a hand edit would be corruption)
     open_store(tmp_path, {"teacher": "a"}, 6, (1, 2, 2), log=msgs.append)
     assert any("stale" in m for m in msgs)
     other = open_store(tmp_path, {"teacher": "b"}, 6, (1, 2, 2), log=msgs.append)

@@ -52,7 +52,9 @@ teacher:
   batch_size: 64
 """
 
-STUDY = RUN + """
+STUDY = (
+    RUN
+    + """
 study:
   n_seeds: 3
   arms:
@@ -61,6 +63,7 @@ study:
     shuffled: {{impactx: {{maps: shuffled}}}}
   eval: {{faithfulness: true, n_images: 12, steps: 4, examples: 2}}
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +91,17 @@ def study_dir(tmp_path_factory):
     second_lines: list[str] = []
     second = run_study(load_study(str(cfg), ["study.n_seeds=2"]), root / "out", second_lines.append)
     mp.undo()
-    return {"root": root, "cfg": cfg, "first": first, "second": second, "fits_first": n_first, "fits_total": len(fits),
-            "kinds": fits, "lines": lines, "second_lines": second_lines}
+    return {
+        "root": root,
+        "cfg": cfg,
+        "first": first,
+        "second": second,
+        "fits_first": n_first,
+        "fits_total": len(fits),
+        "kinds": fits,
+        "lines": lines,
+        "second_lines": second_lines,
+    }
 
 
 @pytest.mark.slow
@@ -141,14 +153,18 @@ def test_pvalues_equal_scipy_on_stored_accuracies(study_dir):
     for arm in ("impactx", "shuffled"):
         _check(rows[arm]["vs_control"], rows[arm]["test_acc"], ctrl)
     assert "vs_control" not in rows["lambda0"]
-    assert {v["arm"] for v in data["verdicts"]} == {"impactx", "shuffled"} and all(v["regime"] == "all" for v in data["verdicts"])
+    assert {v["arm"] for v in data["verdicts"]} == {"impactx", "shuffled"} and all(
+        v["regime"] == "all" for v in data["verdicts"]
+    )
     # map quality and faithfulness were collected per unit
     mq = rows["impactx"]["map_quality"]
     assert {"corr", "corr_mean_map", "r2_vs_mean_map"} <= set(mq)
     # the built-in maps' faithfulness to the IMPACTX model itself, summarised over seeds from each unit's block
     blocks = [units[k]["map_quality"]["faithfulness"] for k in rows["impactx"]["units"]]
     assert mq["corr_self"]["mean"] == pytest.approx(np.mean([b["corr_self"] for b in blocks]))
-    assert mq["pixel_flipping_morf.built_in"]["mean"] == pytest.approx(np.mean([b["auc"]["pixel_flipping_morf"]["built_in"] for b in blocks]))
+    assert mq["pixel_flipping_morf.built_in"]["mean"] == pytest.approx(
+        np.mean([b["auc"]["pixel_flipping_morf"]["built_in"] for b in blocks])
+    )
     sets = rows["impactx"]["faithfulness"]
     assert {"built_in", "teacher_post_hoc", "random", "teacher_on_baseline", "random_on_baseline"} <= set(sets)
     assert len(sets["built_in"]["pixel_flipping_morf"]["curve"]) == 5
@@ -186,8 +202,10 @@ def test_study_config_errors(tmp_path):
 
 def test_regimes_and_seeds_parsing(tmp_path):
     cfg = tmp_path / "s.yaml"
-    cfg.write_text("study:\n  seeds: [3, 7]\n  arms: {x: {}, zero: {impactx.lam: 0}}\n"
-                   "  regimes:\n    - {name: small, data.train_size: 20}\n    - {data: {train_size: 40}}\n    - {}\n")
+    cfg.write_text(
+        "study:\n  seeds: [3, 7]\n  arms: {x: {}, zero: {impactx.lam: 0}}\n"
+        "  regimes:\n    - {name: small, data.train_size: 20}\n    - {data: {train_size: 40}}\n    - {}\n"
+    )
     spec = load_study(str(cfg))
     assert spec.seeds == [3, 7] and spec.control == "zero"
     assert list(spec.regimes) == ["small", "train_size=40", "all"]
@@ -199,8 +217,15 @@ def test_regimes_and_seeds_parsing(tmp_path):
 @pytest.mark.slow
 def test_cached_study_cli(study_dir):
     """`teachx study` on the finished study: no training, report written, one line per unit."""
-    res = invoke_study(study_dir["cfg"], "--out", study_dir["root"] / "out", "--seeds", "2", "-q",
-                       env={"TEACHX_CACHE": str(study_dir["root"] / "cache")})
+    res = invoke_study(
+        study_dir["cfg"],
+        "--out",
+        study_dir["root"] / "out",
+        "--seeds",
+        "2",
+        "-q",
+        env={"TEACHX_CACHE": str(study_dir["root"] / "cache")},
+    )
     assert res.exit_code == 0, res.output
     assert "0 models trained" in res.output and (study_dir["root"] / "out" / "report.html").exists()
 
@@ -211,9 +236,10 @@ def test_two_processes_share_one_study(study_dir, tmp_path):
     import subprocess
 
     env = teachx_env({"TEACHX_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
-    cmd = [*TEACHX, "study", str(study_dir["cfg"]), "--out", str(tmp_path / "out"),
-           "--seeds", "2", "-q", "--no-report"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    cmd = [*TEACHX, "study", str(study_dir["cfg"]), "--out", str(tmp_path / "out"), "--seeds", "2", "-q", "--no-report"]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     trained = [ln for out in outs for ln in out.splitlines() if ln.startswith("[") and "(trained" in ln]
@@ -238,10 +264,27 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     base = from_dict(RunConfig, {"impactx": {"decoder": "paper"}})
     assert _relevant(base) == {}
     design = RunConfig()  # today's default design is hashed as what it is: the same key as when it was an option
-    explicit = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson", "decoder_width": 64,
-                                                 "decoder_reads_m": True}})
-    assert _relevant(design) == {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson", "decoder_width": 64,
-                                             "decoder_reads_m": True}}
+    explicit = from_dict(
+        RunConfig,
+        {
+            "impactx": {
+                "decoder": "unet_input",
+                "per_class": True,
+                "map_loss": "pearson",
+                "decoder_width": 64,
+                "decoder_reads_m": True,
+            }
+        },
+    )
+    assert _relevant(design) == {
+        "impactx": {
+            "decoder": "unet_input",
+            "per_class": True,
+            "map_loss": "pearson",
+            "decoder_width": 64,
+            "decoder_reads_m": True,
+        }
+    }
     assert impactx_key(design) == impactx_key(explicit) != impactx_key(base)
     # the previous default design (width 32, not reading M) hashes exactly what it hashed when it was the default
     before = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "decoder_width": 32, "decoder_reads_m": False}})
@@ -262,7 +305,9 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     assert _relevant(opts) == {"model": {"options": {"dropout": 0.1}}}  # option dicts are hashed whole
 
 
-PRIVILEGED = RUN + """
+PRIVILEGED = (
+    RUN
+    + """
 study:
   n_seeds: 1
   arms:
@@ -274,6 +319,7 @@ study:
     - {{name: full}}
   arm_regimes: {{full_data_teacher: [small]}}
 """
+)
 
 
 @pytest.mark.slow
@@ -287,9 +333,15 @@ def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     fits: list[str] = []
     original = Trainer.fit
-    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: (fits.append(self.meta["kind"]), original(self, *a, **k))[1])
+    monkeypatch.setattr(
+        Trainer, "fit", lambda self, *a, **k: (fits.append(self.meta["kind"]), original(self, *a, **k))[1]
+    )
     spec = load_study(str(cfg), ["train.epochs=1", "teacher.seed=0"])
-    assert spec.runs("small", "full_data_teacher") and not spec.runs("full", "full_data_teacher") and spec.runs("full", None)
+    assert (
+        spec.runs("small", "full_data_teacher")
+        and not spec.runs("full", "full_data_teacher")
+        and spec.runs("full", None)
+    )
     data = run_study(spec, tmp_path / "out", lambda _l: None).data
     # 2 regimes x (baseline, impactx, lambda0) + the arm in 'small' only; its teacher is the 'full' baseline (seed 0)
     assert fits.count("classifier") == 2 and fits.count("impactx") == 5
@@ -308,15 +360,21 @@ def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
     small_cfg = spec.config("small", "full_data_teacher", 0)
     plan = make_plan(small_cfg, progress=False)
     teacher = load_classifier(tmp_path / "out" / "units" / full_base / "checkpoints" / "best.safetensors", plan.dataset)
-    expected = map_fn(small_cfg, plan, make_teacher(small_cfg, plan, torch.device("cpu")), plan.dataset.train, torch.device("cpu"))(teacher, plan.train_idx)
+    expected = map_fn(
+        small_cfg, plan, make_teacher(small_cfg, plan, torch.device("cpu")), plan.dataset.train, torch.device("cpu")
+    )(teacher, plan.train_idx)
     stored = torch.from_numpy(np.load(Path(arm_unit["map_store"]["train"]) / "maps.npy")[plan.train_idx]).float()
     assert len(plan.train_idx) == 32  # 40 images minus the validation fifth
     torch.testing.assert_close(stored, expected.half().float(), rtol=0, atol=1e-3)  # the store keeps float16
-    own = torch.from_numpy(np.load(Path(units[rows[("small", "impactx")]["units"][0]]["map_store"]["train"]) / "maps.npy")[plan.train_idx]).float()
+    own = torch.from_numpy(
+        np.load(Path(units[rows[("small", "impactx")]["units"][0]]["map_store"]["train"]) / "maps.npy")[plan.train_idx]
+    ).float()
     assert (own - stored).abs().max() > 0.05  # the small regime's own teacher gives other maps
 
 
-OWN_BASELINE = RUN + """
+OWN_BASELINE = (
+    RUN
+    + """
 study:
   n_seeds: 2
   arms:
@@ -326,6 +384,7 @@ study:
     lambda0_no_augment: {{impactx.lam: 0, data.augment: false, teacher.training: {{data.augment: true}}}}
   controls: {{no_augment: lambda0_no_augment}}
 """
+)
 
 
 @pytest.mark.slow
@@ -343,8 +402,13 @@ def test_arm_with_its_own_baseline_and_control(tmp_path, monkeypatch):
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     spec = load_study(str(cfg), ["train.epochs=1"])
     plan = planned_units(spec)
-    assert [(u.arm, u.seed) for u in plan[:5]] == [(BASELINE, 0), ("impactx", 0), ("lambda0", 0),
-                                                   (f"no_augment {BASELINE}", 0), ("no_augment", 0)]
+    assert [(u.arm, u.seed) for u in plan[:5]] == [
+        (BASELINE, 0),
+        ("impactx", 0),
+        ("lambda0", 0),
+        (f"no_augment {BASELINE}", 0),
+        ("no_augment", 0),
+    ]
     assert len(plan) == 2 * 6 and plan[3].config.data.augment is False and plan[0].config.data.augment is True
     data = run_study(spec, tmp_path / "out", lambda _l: None).data
     assert {p.name for p in (tmp_path / "out" / "units").iterdir()} == {u.key for u in plan}
@@ -377,10 +441,16 @@ def test_teacher_training_and_arm_regimes_errors(tmp_path):
         teacher_training(resolve_config(overrides=["teacher.training={train.epoch: 3}"]))
     cfg = tmp_path / "s.yaml"
     base = "study:\n  arms: {a: {}, zero: {impactx.lam: 0}}\n  regimes: [{name: r1, data.train_size: 20}, {name: r2}]\n"
-    for extra, match in (("  arm_regimes: {b: [r1]}\n", "'b' is not an arm"), ("  arm_regimes: {a: [r3]}\n", "'r3' is not a regime"),
-                         ("  arm_regimes: {zero: [r1]}\n", "where its control 'zero' does not"), ("  arm_regimes: {a: []}\n", "non-empty list"),
-                         ("  controls: {a: a}\n", "its own control"), ("  controls: {a: zer}\n", "'zer' is not a control arm \\(did you mean 'zero'"),
-                         ("  controls: {zero: a}\n", "'a' must be an IMPACTX arm with impactx.lam: 0"), ("  controls: [a]\n", "must map arm names")):
+    for extra, match in (
+        ("  arm_regimes: {b: [r1]}\n", "'b' is not an arm"),
+        ("  arm_regimes: {a: [r3]}\n", "'r3' is not a regime"),
+        ("  arm_regimes: {zero: [r1]}\n", "where its control 'zero' does not"),
+        ("  arm_regimes: {a: []}\n", "non-empty list"),
+        ("  controls: {a: a}\n", "its own control"),
+        ("  controls: {a: zer}\n", "'zer' is not a control arm \\(did you mean 'zero'"),
+        ("  controls: {zero: a}\n", "'a' must be an IMPACTX arm with impactx.lam: 0"),
+        ("  controls: [a]\n", "must map arm names"),
+    ):
         cfg.write_text(base + extra)
         with pytest.raises(ConfigError, match=match):
             load_study(str(cfg))
@@ -413,15 +483,27 @@ def test_pipeline_trains_the_teacher_with_teacher_training(tmp_path, monkeypatch
     torch.set_num_threads(1)
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     z = make_zip(tmp_path / "tiny.zip")
-    cfg = resolve_config(overrides=[f"data.name=imagefolder:{z}", "data.hflip=false", "data.val_fraction=0.2", "data.train_size=40",
-                                    "train.epochs=1", "train.batch_size=32", "teacher.method=gradient_x_input",
-                                    "teacher.training={data.train_size: null}", "train.progress=false"])
+    cfg = resolve_config(
+        overrides=[
+            f"data.name=imagefolder:{z}",
+            "data.hflip=false",
+            "data.val_fraction=0.2",
+            "data.train_size=40",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "teacher.method=gradient_x_input",
+            "teacher.training={data.train_size: null}",
+            "train.progress=false",
+        ]
+    )
     assert separate_teacher(cfg)
     lines: list[str] = []
     out = run_pipeline(cfg, tmp_path / "run", lines.append, progress=False, figures=False)
     trained = [ln for ln in lines if "training lenet5" in ln]
     assert any(ln.startswith("[baseline]") and "(32 images" in ln for ln in trained), trained  # 40 minus validation
-    assert any(ln.startswith("[teacher]") and "(76 images" in ln for ln in trained), trained  # the full 96 minus validation
+    assert any(ln.startswith("[teacher]") and "(76 images" in ln for ln in trained), (
+        trained
+    )  # the full 96 minus validation
     assert (tmp_path / "run" / "teacher" / "stage.json").exists() and out.results["teacher_test_acc"] is not None
 
 
@@ -456,7 +538,9 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
         f.unlink()  # trained, not yet evaluated
     truncate(rows[BASELINE][1], 1)  # interrupted after epoch 1
     truncate(rows["lambda0"][1], 1)  # being trained by a live process (this one)
-    (out / "units" / rows["lambda0"][1] / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    (out / "units" / rows["lambda0"][1] / ".lock").write_text(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    )
     record = out / "units" / rows["impactx"][1] / "stage.json"
     rec = json.loads(record.read_text())
     rec["test_acc"] = 0.99  # a changed number under the old digest
@@ -478,10 +562,16 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     rate = lambda key: data["units"][key]["seconds_per_epoch"]  # noqa: E731 (the finished seed of each arm)
     evaluation = lambda arm: data["units"][rows[arm][0]]["timings"]["evaluation"]  # noqa: E731
     any_eval = float(np.median([evaluation("lambda0"), evaluation("shuffled")]))  # impactx 0's evaluation was deleted
-    expected = (1 * rate(rows[BASELINE][0])  # epochs left x the arm's per-epoch time (impactx 0 is trained) ...
-                + 1 * rate(rows["lambda0"][0]) + evaluation("lambda0")  # ... plus the evaluations to come
-                + 2 * rate(rows["shuffled"][0]) + evaluation("shuffled")
-                + 2 * rate(rows["impactx"][0]) + any_eval + any_eval)  # impactx: seed 1 to train, both to evaluate
+    expected = (
+        1 * rate(rows[BASELINE][0])  # epochs left x the arm's per-epoch time (impactx 0 is trained) ...
+        + 1 * rate(rows["lambda0"][0])
+        + evaluation("lambda0")  # ... plus the evaluations to come
+        + 2 * rate(rows["shuffled"][0])
+        + evaluation("shuffled")
+        + 2 * rate(rows["impactx"][0])
+        + any_eval
+        + any_eval
+    )  # impactx: seed 1 to train, both to evaluate
     assert st.seconds_left() == pytest.approx(expected)
 
     text = "\n".join(status_lines(st))
@@ -490,7 +580,9 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     assert f"(pid {os.getpid()} on {socket.gethostname()})" in text and "epoch 1/2" in text
 
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    code, printed, _ = teachx_main(capsys, "study", str(study_dir["cfg"]), "--out", str(out), "--seeds", "2", "--status")
+    code, printed, _ = teachx_main(
+        capsys, "study", str(study_dir["cfg"]), "--out", str(out), "--seeds", "2", "--status"
+    )
     assert code == 0 and printed.splitlines() == status_lines(study_status(spec, out))
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # read only: nothing written, no lock taken
     code, recorded, _ = teachx_main(capsys, "study", "--out", str(out), "--status")  # the spec DIR records

@@ -21,8 +21,21 @@ from teachx.errors import ConfigError
 from teachx.models.layers import Add, Mul
 from teachx.teachers.base import TEACHERS
 from teachx.teachers.lrp import (
-    CANONIZERS, COMPOSITES, RULES, AlphaBeta, Composite, Epsilon, Flat, Gamma, Lrp, Norm, Pass, WSquare, ZBox,
-    ZPlus, lrp_context,
+    CANONIZERS,
+    COMPOSITES,
+    RULES,
+    AlphaBeta,
+    Composite,
+    Epsilon,
+    Flat,
+    Gamma,
+    Lrp,
+    Norm,
+    Pass,
+    WSquare,
+    ZBox,
+    ZPlus,
+    lrp_context,
 )
 from teachx.teachers.lrp.canonizers import MergeBatchNorm
 
@@ -36,6 +49,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 STAB = 1e-6  # the fixed stabiliser of all non-epsilon rules (zennit's default)
 
 
@@ -68,8 +83,9 @@ def ref_rule(rule: tuple, x_cols, w, b, r, low_cols=None, high_cols=None, ones_c
     if kind == "alpha_beta":
         alpha, beta = rule[1], rule[2]
         zp, zn = z.clamp(min=0), z.clamp(max=0)
-        return (alpha * spread(zp, ref_stab(zp.sum(2) + bias.clamp(min=0), STAB), r)
-                - beta * spread(zn, ref_stab(zn.sum(2) + bias.clamp(max=0), STAB), r))
+        return alpha * spread(zp, ref_stab(zp.sum(2) + bias.clamp(min=0), STAB), r) - beta * spread(
+            zn, ref_stab(zn.sum(2) + bias.clamp(max=0), STAB), r
+        )
     if kind == "gamma":
         g = rule[1]
         out = z.sum(2) + bias
@@ -78,13 +94,17 @@ def ref_rule(rule: tuple, x_cols, w, b, r, low_cols=None, high_cols=None, ones_c
         den_down = ref_stab(z_down.sum(2) + bias + g * bias.clamp(max=0), STAB)
         return spread(z_up, den_up, r * (out > 0)) + spread(z_down, den_down, r * (out < 0))
     if kind == "zbox":
-        zb = z - low_cols[:, None] * w.clamp(min=0)[None, :, :, None] - high_cols[:, None] * w.clamp(max=0)[None, :, :, None]
+        zb = (
+            z
+            - low_cols[:, None] * w.clamp(min=0)[None, :, :, None]
+            - high_cols[:, None] * w.clamp(max=0)[None, :, :, None]
+        )
         return spread(zb, ref_stab(zb.sum(2), STAB), r)
     if kind == "flat":
         zf = ones_cols[:, None] * torch.ones_like(w)[None, :, :, None]
         return spread(zf, ref_stab(zf.sum(2), STAB), r)
     if kind == "wsquare":
-        zw = ones_cols[:, None] * (w ** 2)[None, :, :, None]
+        zw = ones_cols[:, None] * (w**2)[None, :, :, None]
         return spread(zw, ref_stab(zw.sum(2), STAB), r)
     raise AssertionError(kind)
 
@@ -113,15 +133,17 @@ def ref_conv(rule, x, conv, w, b, r, low=None, high=None):
     geometry = dict(kernel_size=conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
     out = []
     for g in range(groups):
-        xg = x[:, g * cin_g:(g + 1) * cin_g]
+        xg = x[:, g * cin_g : (g + 1) * cin_g]
         cols = F.unfold(xg, **geometry)
-        wg = w[g * cout_g:(g + 1) * cout_g].reshape(cout_g, -1)
-        bg = None if b is None else b[g * cout_g:(g + 1) * cout_g]
-        rg = r[:, g * cout_g:(g + 1) * cout_g].reshape(r.shape[0], cout_g, -1)
+        wg = w[g * cout_g : (g + 1) * cout_g].reshape(cout_g, -1)
+        bg = None if b is None else b[g * cout_g : (g + 1) * cout_g]
+        rg = r[:, g * cout_g : (g + 1) * cout_g].reshape(r.shape[0], cout_g, -1)
         extra = {}
         if rule[0] == "zbox":
-            extra = {"low_cols": F.unfold(ref_bound_image(low, x)[:, g * cin_g:(g + 1) * cin_g], **geometry),
-                     "high_cols": F.unfold(ref_bound_image(high, x)[:, g * cin_g:(g + 1) * cin_g], **geometry)}
+            extra = {
+                "low_cols": F.unfold(ref_bound_image(low, x)[:, g * cin_g : (g + 1) * cin_g], **geometry),
+                "high_cols": F.unfold(ref_bound_image(high, x)[:, g * cin_g : (g + 1) * cin_g], **geometry),
+            }
         if rule[0] in ("flat", "wsquare"):
             extra = {"ones_cols": F.unfold(torch.ones_like(xg), **geometry)}
         rc = ref_rule(rule, cols, wg, bg, rg, **extra)
@@ -164,8 +186,13 @@ class ResSEBlock(nn.Module):
     def __init__(self, channels: int, squeeze: int = 2, act=nn.ReLU):
         super().__init__()
         self.branch = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), act())
-        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, squeeze, 1), nn.ReLU(),
-                                nn.Conv2d(squeeze, channels, 1), nn.Sigmoid())
+        self.se = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, squeeze, 1),
+            nn.ReLU(),
+            nn.Conv2d(squeeze, channels, 1),
+            nn.Sigmoid(),
+        )
         self.mul = Mul()
         self.add = Add()
         self.act = act()
@@ -235,8 +262,11 @@ class Reference:
             trace.append(x)
             if kind == "linear":
                 w, b, _ = params
-                x = F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups) \
-                    if isinstance(layer, nn.Conv2d) else F.linear(x, w, b)
+                x = (
+                    F.conv2d(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+                    if isinstance(layer, nn.Conv2d)
+                    else F.linear(x, w, b)
+                )
             elif kind == "resse":
                 h, inner_trace = self.forward(params, x)
                 gated = h * layer.se(h)
@@ -304,28 +334,61 @@ def zero_biases(model: nn.Module) -> nn.Module:
 
 def make_mlp(seed=0, bias=True):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12, bias=bias), nn.ReLU(), nn.Linear(12, 10, bias=bias), nn.ReLU(),
-                         nn.Linear(10, 5, bias=bias)).to(DT).eval()
+    return (
+        nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(16, 12, bias=bias),
+            nn.ReLU(),
+            nn.Linear(12, 10, bias=bias),
+            nn.ReLU(),
+            nn.Linear(10, 5, bias=bias),
+        )
+        .to(DT)
+        .eval()
+    )
 
 
 def make_cnn(seed=0, bias=True):
     """conv-BN-relu-maxpool, conv(stride 1, dilation)-BN-relu6-avgpool, depthwise conv-relu, dense-relu-dense."""
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1, bias=bias), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=2, dilation=2, bias=bias), nn.BatchNorm2d(8), nn.ReLU6(), nn.AvgPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=bias), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 2 * 2, 10, bias=bias), nn.ReLU(), nn.Linear(10, 5, bias=bias),
-    ).to(DT).eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=bias),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 8, 3, padding=2, dilation=2, bias=bias),
+            nn.BatchNorm2d(8),
+            nn.ReLU6(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=bias),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 2 * 2, 10, bias=bias),
+            nn.ReLU(),
+            nn.Linear(10, 5, bias=bias),
+        )
+        .to(DT)
+        .eval()
+    )
     return randomize_batchnorm(model, torch.Generator().manual_seed(seed + 100))
 
 
 def make_resse(seed=0, bias=True):
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, stride=2, bias=bias), nn.BatchNorm2d(4), nn.ReLU(),
-        ResSEBlock(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5, bias=bias),
-    ).to(DT).eval()
+    model = (
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, stride=2, bias=bias),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            ResSEBlock(4),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 5, bias=bias),
+        )
+        .to(DT)
+        .eval()
+    )
     if not bias:
         for m in model.modules():
             if isinstance(m, nn.Conv2d) and m.bias is not None:
@@ -343,8 +406,16 @@ def make_inputs(shape, seed=1):
 
 TARGET = torch.tensor([0, 3, 4])
 SCALE = 1e3  # conservation tests: makes the fixed 1e-6 stabilisers negligible
-ALL_COMPOSITES = ["epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1",
-                  "epsilon_alpha2_beta1_flat", "gamma", "zplus"]
+ALL_COMPOSITES = [
+    "epsilon",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_gamma_box",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "gamma",
+    "zplus",
+]
 
 
 # ============================================================================ reference agreement
@@ -373,14 +444,24 @@ def single_layer_cases():
     grouped = nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2).to(DT)
     unit_stride = nn.Conv2d(3, 5, (3, 5), padding=(0, 1)).to(DT)
     dense = nn.Linear(7, 5).to(DT)
-    return {"conv": (conv, (2, 4, 7, 7)), "grouped_conv": (grouped, (2, 4, 5, 5)), "dense": (dense, (2, 7)),
-            "unit_stride_conv": (unit_stride, (2, 3, 6, 7))}
+    return {
+        "conv": (conv, (2, 4, 7, 7)),
+        "grouped_conv": (grouped, (2, 4, 5, 5)),
+        "dense": (dense, (2, 7)),
+        "unit_stride_conv": (unit_stride, (2, 3, 6, 7)),
+    }
 
 
 RULE_CASES = [
-    (Epsilon(1e-6), ("epsilon", 1e-6)), (Epsilon(0.25), ("epsilon", 0.25)), (ZPlus(), ("zplus",)),
-    (AlphaBeta(2, 1), ("alpha_beta", 2.0, 1.0)), (AlphaBeta(1, 0), ("alpha_beta", 1.0, 0.0)),
-    (Gamma(0.25), ("gamma", 0.25)), (Gamma(1.0), ("gamma", 1.0)), (Flat(), ("flat",)), (WSquare(), ("wsquare",)),
+    (Epsilon(1e-6), ("epsilon", 1e-6)),
+    (Epsilon(0.25), ("epsilon", 0.25)),
+    (ZPlus(), ("zplus",)),
+    (AlphaBeta(2, 1), ("alpha_beta", 2.0, 1.0)),
+    (AlphaBeta(1, 0), ("alpha_beta", 1.0, 0.0)),
+    (Gamma(0.25), ("gamma", 0.25)),
+    (Gamma(1.0), ("gamma", 1.0)),
+    (Flat(), ("flat",)),
+    (WSquare(), ("wsquare",)),
     (ZBox(-3.0, 3.0), ("zbox",)),
 ]
 
@@ -593,11 +674,19 @@ def test_registered_names_and_options_are_json():
     assert "lrp" in TEACHERS and TEACHERS.get("lrp") is Lrp
     assert set(ALL_COMPOSITES) <= set(COMPOSITES.names())
     assert {"merge_batchnorm", "residual"} <= set(CANONIZERS.names())
-    assert {"epsilon", "zplus", "alpha_beta", "gamma", "zbox", "flat", "wsquare", "norm", "pass", "gate"} <= set(RULES.names())
+    assert {"epsilon", "zplus", "alpha_beta", "gamma", "zbox", "flat", "wsquare", "norm", "pass", "gate"} <= set(
+        RULES.names()
+    )
     teacher = Lrp("epsilon_gamma_box", input_low=torch.tensor([-1.0, -2.0]), input_high=[1.0, 2.0])
     opts = json.loads(json.dumps(teacher.options()))
-    assert opts == {"composite": "epsilon_gamma_box", "canonizers": ["merge_batchnorm", "residual"],
-                    "input_low": [-1.0, -2.0], "input_high": [1.0, 2.0], "epsilon": 1e-6, "gamma": 0.25}
+    assert opts == {
+        "composite": "epsilon_gamma_box",
+        "canonizers": ["merge_batchnorm", "residual"],
+        "input_low": [-1.0, -2.0],
+        "input_high": [1.0, 2.0],
+        "epsilon": 1e-6,
+        "gamma": 0.25,
+    }
     assert Lrp().options()["composite"] == "epsilon_plus_flat"
     custom = Lrp(Composite([((nn.Linear,), Epsilon(0.1))]))
     json.dumps(custom.options())
@@ -687,8 +776,9 @@ def _zennit():
     return zennit
 
 
-@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
-                                       "epsilon_gamma_box"])
+@pytest.mark.parametrize(
+    "composite", ["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_gamma_box"]
+)
 def test_agrees_with_zennit(composite):
     zennit = _zennit()
     from zennit.attribution import Gradient
@@ -704,7 +794,9 @@ def test_agrees_with_zennit(composite):
         ours_kwargs = BOX
     comp = zennit.composites.COMPOSITES[composite](canonizers=[SequentialMergeBatchNorm()], **kwargs)
     with Gradient(model=model, composite=comp) as attributor:
-        out, theirs = attributor(x, lambda o: torch.zeros_like(o).scatter(1, TARGET.view(-1, 1), o.gather(1, TARGET.view(-1, 1))))
+        out, theirs = attributor(
+            x, lambda o: torch.zeros_like(o).scatter(1, TARGET.view(-1, 1), o.gather(1, TARGET.view(-1, 1)))
+        )
     ours = Lrp(composite, canonizers=("merge_batchnorm",), **ours_kwargs).attribute(model, x, TARGET)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
 

@@ -144,8 +144,12 @@ def test_deepshap_chunking_gives_the_same_values():
     target = torch.tensor([0, 1, 2, 3, 4])
     full = DeepShap(bg).attribute(model, x, target)
     for batch_size in (3, 7, 14, 1000):  # splits the background, one input, two inputs, all
-        torch.testing.assert_close(DeepShap(bg, batch_size=batch_size).attribute(model, x, target), full,
-                                   rtol=1e-5, atol=1e-6 * full.abs().max().item())
+        torch.testing.assert_close(
+            DeepShap(bg, batch_size=batch_size).attribute(model, x, target),
+            full,
+            rtol=1e-5,
+            atol=1e-6 * full.abs().max().item(),
+        )
 
 
 def test_deepshap_functional_activation_warns_and_follows_shap():
@@ -250,7 +254,9 @@ def trained(model, steps=3, size=32, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("name,options", [("lenet5", {}), ("mobilenet", {"alpha": 0.25}), ("resnet_cifar", {"depth": 8})])
+@pytest.mark.parametrize(
+    "name,options", [("lenet5", {}), ("mobilenet", {"alpha": 0.25}), ("resnet_cifar", {"depth": 8})]
+)
 @pytest.mark.slow
 def test_deepshap_matches_shap_on_backbones(name, options):
     torch.manual_seed(0)
@@ -294,14 +300,16 @@ def test_expected_gradients_linear_closed_form():
     expected = (x - bg[index].mean(1)) * w  # gradient is constant: only the sampled b matter
     torch.testing.assert_close(teacher.attribute(model, x, target), expected, rtol=1e-5, atol=1e-6)
     one = bg[:1]
-    torch.testing.assert_close(ExpectedGradients(one, n_samples=5).attribute(model, x, target),
-                               (x - one) * w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ExpectedGradients(one, n_samples=5).attribute(model, x, target), (x - one) * w, rtol=1e-5, atol=1e-6
+    )
 
 
 def smooth_cnn():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Softplus(), nn.Conv2d(4, 4, 3), nn.Tanh(),
-                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Softplus(), nn.Conv2d(4, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    ).eval()
 
 
 def test_expected_gradients_equals_its_definition_for_the_drawn_samples():
@@ -331,7 +339,7 @@ def test_expected_gradients_agrees_with_shap_gradient_explainer_and_is_complete_
     se = samples.std(1) / n**0.5  # standard error of one estimate, per element
 
     explainer = shap.GradientExplainer(model, bg)
-    ranked = [explainer.shap_values(x[i:i + 1], nsamples=n, rseed=i) for i in range(2)]
+    ranked = [explainer.shap_values(x[i : i + 1], nsamples=n, rseed=i) for i in range(2)]
     ref = torch.from_numpy(np.stack([np.asarray(r)[0, ..., int(t)] for r, t in zip(ranked, target)])).float()
     # two independent estimates of the same expectation: the difference has sd sqrt(2) * se
     z = (ours - ref).abs() / (2**0.5 * se + 1e-12)

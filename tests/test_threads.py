@@ -26,8 +26,13 @@ print(json.dumps([n, torch.get_num_threads()]))
 
 def _child(requested, **env) -> list[int]:
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TEACHX_THREADS")}
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(requested)], env={**clean, **env},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(requested)],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -40,9 +45,9 @@ def test_default_threads_follow_the_affinity_mask_not_the_machine():
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux CPU affinity")
 @pytest.mark.slow
 def test_explicit_settings_override_in_order():
-    assert _child(3) == [3, 3]                                   # train.threads
-    assert _child(None, TEACHX_THREADS="2") == [2, 2]             # environment
-    assert _child(3, TEACHX_THREADS="2") == [3, 3]                # the config wins over the environment
+    assert _child(3) == [3, 3]  # train.threads
+    assert _child(None, TEACHX_THREADS="2") == [2, 2]  # environment
+    assert _child(3, TEACHX_THREADS="2") == [3, 3]  # the config wins over the environment
 
 
 def test_cgroup_quota_caps_the_count(tmp_path):
@@ -59,9 +64,11 @@ def test_bad_thread_counts_are_one_line_config_errors():
 
 
 def test_threads_for_leaves_the_cpus_others_keep_busy():
-    assert threads_for(2, 0.0) == 2 and threads_for(2, 0.2) == 2   # background noise: keep both cores
-    assert threads_for(2, 0.6) == 1 and threads_for(2, 1.0) == 1   # one busy competitor: one thread
-    assert threads_for(2, 2.0) == 1 and threads_for(8, 3.1) == 5 and threads_for(8, 3.5) == 4  # never below one; one per busy CPU
+    assert threads_for(2, 0.0) == 2 and threads_for(2, 0.2) == 2  # background noise: keep both cores
+    assert threads_for(2, 0.6) == 1 and threads_for(2, 1.0) == 1  # one busy competitor: one thread
+    assert (
+        threads_for(2, 2.0) == 1 and threads_for(8, 3.1) == 5 and threads_for(8, 3.5) == 4
+    )  # never below one; one per busy CPU
 
 
 BUSY_CHILD = r"""
@@ -81,8 +88,10 @@ print(json.dumps([idle, busy, n_idle, n_busy]))
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2 or not os.path.exists("/proc/stat"),
-                    reason="needs Linux /proc/stat and 2 CPUs")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2 or not os.path.exists("/proc/stat"),
+    reason="needs Linux /proc/stat and 2 CPUs",
+)
 @pytest.mark.slow
 def test_default_takes_one_thread_fewer_next_to_a_busy_process():
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TEACHX_THREADS")}

@@ -21,7 +21,9 @@ EPOCHS = 4
 
 
 def _run(out: Path, delay: float = 0.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), str(out), str(EPOCHS), str(delay)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), str(EPOCHS), str(delay)], capture_output=True, text=True, timeout=300
+    )
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -34,7 +36,9 @@ def test_resume_after_kill_gives_same_weights(tmp_path):
     assert ref.returncode == 0, ref.stderr
     # interrupted run: SIGKILL in the middle of epoch 2 or later (batches are slowed down)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), str(EPOCHS), "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(out), str(EPOCHS), "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     last_json = out / "checkpoints" / "last.json"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -55,7 +59,10 @@ def test_resume_after_kill_gives_same_weights(tmp_path):
     assert killed_at < EPOCHS - 1
     resumed = _run(out)
     assert resumed.returncode == 0, resumed.stderr
-    a, b = _weights(tmp_path / "ref" / "checkpoints" / "last.safetensors"), _weights(out / "checkpoints" / "last.safetensors")
+    a, b = (
+        _weights(tmp_path / "ref" / "checkpoints" / "last.safetensors"),
+        _weights(out / "checkpoints" / "last.safetensors"),
+    )
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -87,7 +94,11 @@ def test_schedules_closed_form():
     assert lr_at(c, 0, 10) == pytest.approx(1.0)
     assert lr_at(c, 50, 10) == pytest.approx(0.5)
     s = TrainConfig(epochs=10, lr=1.0, schedule="multistep", milestones=[3, 6], gamma=0.1)
-    assert lr_at(s, 29, 10) == pytest.approx(1.0) and lr_at(s, 30, 10) == pytest.approx(0.1) and lr_at(s, 65, 10) == pytest.approx(0.01)
+    assert (
+        lr_at(s, 29, 10) == pytest.approx(1.0)
+        and lr_at(s, 30, 10) == pytest.approx(0.1)
+        and lr_at(s, 65, 10) == pytest.approx(0.01)
+    )
     w = TrainConfig(epochs=10, lr=1.0, schedule="constant", warmup_epochs=1)
     assert lr_at(w, 0, 10) == pytest.approx(0.1) and lr_at(w, 9, 10) == pytest.approx(1.0)
 
@@ -105,7 +116,15 @@ def test_tensorboard_logging_writes_scalars(tmp_path):
     ds = synthetic_dataset(64, 16)
     plan = DataPlan(ds, np.arange(48), np.arange(48, 64))
     cfg = TrainConfig(epochs=2, batch_size=16, tensorboard=True, progress=False)
-    Trainer(ClassifierTask(build_model("lenet5", 1, 4, 16)), plan, cfg, tmp_path, device="cpu", meta={"kind": "classifier"}, log=lambda s: None).fit()
+    Trainer(
+        ClassifierTask(build_model("lenet5", 1, 4, 16)),
+        plan,
+        cfg,
+        tmp_path,
+        device="cpu",
+        meta={"kind": "classifier"},
+        log=lambda s: None,
+    ).fit()
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     hist = json.loads((tmp_path / "history.json").read_text())
@@ -128,7 +147,9 @@ def test_channels_last_trains_to_the_same_model(tmp_path, backbone):
     torch.set_num_threads(1)
     one = synthetic_dataset(64, 16)  # made 3-channel: with 1 input channel PyTorch already picks NHWC after conv 1
     rgb = lambda sp: Split(np.repeat(sp.images, 3, axis=3), sp.labels)  # noqa: E731
-    ds = ImageDataset("synthetic3", one.class_names, rgb(one.train), rgb(one.test), (0.3,) * 3, (0.25,) * 3, hflip=False)
+    ds = ImageDataset(
+        "synthetic3", one.class_names, rgb(one.train), rgb(one.test), (0.3,) * 3, (0.25,) * 3, hflip=False
+    )
     plan = DataPlan(ds, np.arange(48), np.arange(48, 64))
     weights, hist, layouts = [], [], []
     for cl in (False, True):
@@ -140,9 +161,24 @@ def test_channels_last_trains_to_the_same_model(tmp_path, backbone):
         seen: list[bool] = []  # layout of every multi-channel conv input during training steps
         for m in model.modules():
             if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1:
-                m.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)
-                                                                         and not inp[0].is_contiguous()) if mod.training else None)
-        Trainer(ClassifierTask(model), plan, cfg, tmp_path / str(cl), device="cpu", meta={"kind": "classifier"}, log=lambda s: None).fit()
+                m.register_forward_pre_hook(
+                    lambda mod, inp: (
+                        seen.append(
+                            inp[0].is_contiguous(memory_format=torch.channels_last) and not inp[0].is_contiguous()
+                        )
+                        if mod.training
+                        else None
+                    )
+                )
+        Trainer(
+            ClassifierTask(model),
+            plan,
+            cfg,
+            tmp_path / str(cl),
+            device="cpu",
+            meta={"kind": "classifier"},
+            log=lambda s: None,
+        ).fit()
         layouts.append(set(seen))
         weights.append(_weights(tmp_path / str(cl) / "checkpoints" / "last.safetensors"))
         hist.append(json.loads((tmp_path / str(cl) / "history.json").read_text()))
@@ -172,7 +208,9 @@ def test_channels_last_gradients_are_float32_rounding_close():
         return torch.cat([p.grad.double().flatten() for p in m.parameters()])
 
     contiguous = grads(model, x)
-    cl = grads(copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last))
+    cl = grads(
+        copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    )
     ref = grads(copy.deepcopy(model).double(), x.double())
     err = lambda g: ((g - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(contiguous) < 1e-2 and err(cl) < 3 * err(contiguous), (err(contiguous), err(cl))
@@ -191,8 +229,15 @@ def test_no_validation_split_keeps_the_last_epoch(tmp_path):
     ds = synthetic_dataset(48, 16)
     plan = DataPlan(ds, np.arange(48), np.arange(0))
     cfg = TrainConfig(epochs=3, batch_size=16, progress=False)
-    res = Trainer(ClassifierTask(build_model("lenet5", 1, 4, 16)), plan, cfg, tmp_path, device="cpu", meta={"kind": "classifier"},
-                  log=lambda s: None).fit()
+    res = Trainer(
+        ClassifierTask(build_model("lenet5", 1, 4, 16)),
+        plan,
+        cfg,
+        tmp_path,
+        device="cpu",
+        meta={"kind": "classifier"},
+        log=lambda s: None,
+    ).fit()
     assert res.best_epoch == 3
     best, last = _weights(res.best_path), _weights(res.last_path)
     assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)

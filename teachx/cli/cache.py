@@ -15,7 +15,9 @@ DIR_HELP = "A cache folder other than $TEACHX_CACHE (e.g. a run's teacher.maps_d
 
 
 def register(cli: click.Group) -> None:
-    group = type(cli)("cache", help=_GROUP_HELP, short_help="See and clean the cache: decoded datasets and teacher-map stores.")
+    group = type(cli)(
+        "cache", help=_GROUP_HELP, short_help="See and clean the cache: decoded datasets and teacher-map stores."
+    )
     group.add_command(list_cmd)
     group.add_command(clean_cmd)
     cli.add_command(group)
@@ -38,7 +40,9 @@ def _root(cache_dir: Optional[str]) -> Path:
     blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         option = "--dir" if cache_dir else "$TEACHX_CACHE"
-        raise ConfigError(f"cache folder '{root}' cannot exist: '{blocker}' is a file, not a folder; pass the cache folder with {option}")
+        raise ConfigError(
+            f"cache folder '{root}' cannot exist: '{blocker}' is a file, not a folder; pass the cache folder with {option}"
+        )
     return root
 
 
@@ -54,7 +58,9 @@ def _rows(entries) -> list[str]:
     for e in entries:
         holder = e.holder()
         busy = f" [in use by pid {holder.get('pid')}]" if holder is not None else ""
-        lines.append(f"{e.kind:<5} {e.key:<{kw}}  {human_size(e.size):>9}  {_when(e.created):<16}  {age(e.last_used):<13}  {e.description}{busy}")
+        lines.append(
+            f"{e.kind:<5} {e.key:<{kw}}  {human_size(e.size):>9}  {_when(e.created):<16}  {age(e.last_used):<13}  {e.description}{busy}"
+        )
     return lines
 
 
@@ -72,7 +78,9 @@ def list_cmd(cache_dir: Optional[str]) -> None:
             click.echo(line)
     total = sum(e.size for e in entries)
     kinds = {k: sum(1 for e in entries if e.kind == k) for k in ("maps", "data")}
-    click.echo(f"total: {len(entries)} entries ({kinds['maps']} teacher-map stores, {kinds['data']} decoded datasets), {human_size(total)}")
+    click.echo(
+        f"total: {len(entries)} entries ({kinds['maps']} teacher-map stores, {kinds['data']} decoded datasets), {human_size(total)}"
+    )
     others = foreign(root)
     if others:
         click.echo(f"({len(others)} other item(s) in the cache folder are not teachx entries and are never touched)")
@@ -87,13 +95,26 @@ def list_cmd(cache_dir: Optional[str]) -> None:
 @click.argument("keys", nargs=-1)
 @click.option("--maps", "maps_", is_flag=True, help="Teacher-map stores.")
 @click.option("--data", "data_", is_flag=True, help="Decoded datasets.")
-@click.option("--older-than", "older_than", type=click.FloatRange(min=0), default=None, metavar="DAYS",
-              help="Only entries not used for DAYS days.")
+@click.option(
+    "--older-than",
+    "older_than",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="DAYS",
+    help="Only entries not used for DAYS days.",
+)
 @click.option("--all", "all_", is_flag=True, help="Every teachx entry (with no KEY, --maps, --data or --older-than).")
 @click.option("--yes", "-y", is_flag=True, help="Delete; without it the command only shows what it would delete.")
 @click.option("--dir", "cache_dir", type=click.Path(file_okay=False), default=None, help=DIR_HELP)
-def clean_cmd(keys: tuple[str, ...], maps_: bool, data_: bool, older_than: Optional[float], all_: bool, yes: bool,
-              cache_dir: Optional[str]) -> None:
+def clean_cmd(
+    keys: tuple[str, ...],
+    maps_: bool,
+    data_: bool,
+    older_than: Optional[float],
+    all_: bool,
+    yes: bool,
+    cache_dir: Optional[str],
+) -> None:
     """Delete cache entries (only shows what it would delete, unless --yes).
 
     Select them with KEY... (from `teachx cache list`, or a unique prefix), --maps, --data,
@@ -115,19 +136,29 @@ def clean_cmd(keys: tuple[str, ...], maps_: bool, data_: bool, older_than: Optio
     failed = [o for o in outcomes if o.failed]
     would = [o for o in outcomes if o.note == "would delete"]
     if not yes:
-        click.echo(f"would delete {len(would)} entr{'y' if len(would) == 1 else 'ies'}, {human_size(sum(o.entry.size for o in would))}, from {root}:")
+        click.echo(
+            f"would delete {len(would)} entr{'y' if len(would) == 1 else 'ies'}, {human_size(sum(o.entry.size for o in would))}, from {root}:"
+        )
         for o in would:
             click.echo(f"  {o.entry.kind:<5} {o.entry.key}  {human_size(o.entry.size)}  {o.entry.description}")
     for o in gone:
-        click.echo(f"deleted {o.entry.kind} {o.entry.key} ({human_size(o.entry.size)})" + (f"; {o.note}" if o.note else ""))
+        click.echo(
+            f"deleted {o.entry.kind} {o.entry.key} ({human_size(o.entry.size)})" + (f"; {o.note}" if o.note else "")
+        )
     for o in kept:
         click.echo(f"kept {o.entry.kind} {o.entry.key}: {o.note}")
     if yes:
-        click.echo(f"freed {human_size(sum(o.entry.size for o in gone))}" + (f"; kept {len(kept)} in use" if kept else ""))
+        click.echo(
+            f"freed {human_size(sum(o.entry.size for o in gone))}" + (f"; kept {len(kept)} in use" if kept else "")
+        )
     elif would:
         click.echo("nothing deleted: run the same command with --yes to delete them")
     if failed:
         from teachx.errors import OutputError  # lazy: CLI start-up
 
-        more = f" ({len(failed) - 1} more entr{'y' if len(failed) == 2 else 'ies'} not deleted either)" if len(failed) > 1 else ""
+        more = (
+            f" ({len(failed) - 1} more entr{'y' if len(failed) == 2 else 'ies'} not deleted either)"
+            if len(failed) > 1
+            else ""
+        )
         raise OutputError(f"{failed[0].entry.kind} {failed[0].entry.key}: {failed[0].note}{more}")

@@ -53,14 +53,19 @@ def describe_config(cfg: Any, study: Optional[dict[str, Any]] = None) -> str:
     value and meaning, else the keys of `teachx study` configs, commented out."""
     from teachx.studies.study import STUDY_KEYS, EvalSpec  # lazy: CLI start-up
 
-    lines = ["# every option of a teachx config, its value here and what it means;",
-             "# a file with any subset of these keys is a config (`teachx run FILE`), KEY=VALUE overrides one",
-             *_section_lines(cfg, ""),
-             ""]
+    lines = [
+        "# every option of a teachx config, its value here and what it means;",
+        "# a file with any subset of these keys is a config (`teachx run FILE`), KEY=VALUE overrides one",
+        *_section_lines(cfg, ""),
+        "",
+    ]
     if study is None:
         lines += ["# `teachx study` configs add a study: section (seeds x arms x regimes, paired tests):", "# study:"]
     else:
-        lines += ["# the study: section of this `teachx study` config (seeds x arms x regimes, paired tests), resolved:", "study:"]
+        lines += [
+            "# the study: section of this `teachx study` config (seeds x arms x regimes, paired tests), resolved:",
+            "study:",
+        ]
     mark = "# " if study is None else ""
     eval_docs = option_docs(EvalSpec)
     for key, help_text in STUDY_KEYS.items():
@@ -93,11 +98,18 @@ def list_shipped(columns: Optional[int] = None) -> str:
     text_width = max(columns, len(indent) + 40)  # a description wraps onto indented lines, never cut
     for name, path in configs.items():
         kind = "study" if is_study(path) else "run"
-        lines += textwrap.wrap(header(path), text_width, initial_indent=f"  {name:<{width}}  {kind:<5}  ",
-                               subsequent_indent=indent, break_on_hyphens=False) or [f"  {name:<{width}}  {kind:<5}"]
-    lines += ["",
-              "  teachx run cifar10-lenet5 --out runs/c        teachx study study-cifar10-lenet5 --out runs/s",
-              f"  the files (to copy and edit): {shipped_dir()}"]
+        lines += textwrap.wrap(
+            header(path),
+            text_width,
+            initial_indent=f"  {name:<{width}}  {kind:<5}  ",
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+        ) or [f"  {name:<{width}}  {kind:<5}"]
+    lines += [
+        "",
+        "  teachx run cifar10-lenet5 --out runs/c        teachx study study-cifar10-lenet5 --out runs/s",
+        f"  the files (to copy and edit): {shipped_dir()}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -127,20 +139,26 @@ def _describe_registry(registry, footer: list[str]) -> str:
 def describe_teachers() -> str:
     from teachx.teachers import TEACHERS  # lazy: CLI start-up
 
-    return _describe_registry(TEACHERS, [
-        "Choose one with teacher.method=NAME and set its options with teacher.options.NAME=VALUE,",
-        "e.g. teacher.method=lrp teacher.options.composite=epsilon; background is made by teachx",
-        "from teacher.background_size training images.",
-    ])
+    return _describe_registry(
+        TEACHERS,
+        [
+            "Choose one with teacher.method=NAME and set its options with teacher.options.NAME=VALUE,",
+            "e.g. teacher.method=lrp teacher.options.composite=epsilon; background is made by teachx",
+            "from teacher.background_size training images.",
+        ],
+    )
 
 
 def describe_methods() -> str:
     """`teachx methods`: every training method, its paper, and its options with defaults and meaning."""
     from teachx.training.methods import METHODS  # lazy: CLI start-up
 
-    lines = ["Training methods: choose one with method.name=NAME and set its options with method.options.NAME=VALUE,",
-             "e.g. method.name=rrr method.options.mask=teacher. IMPACTX (the default) keeps its options in impactx.*",
-             "(`teachx config --describe` lists them); method.options.KEY is the same key, e.g. method.options.lam=0.", ""]
+    lines = [
+        "Training methods: choose one with method.name=NAME and set its options with method.options.NAME=VALUE,",
+        "e.g. method.name=rrr method.options.mask=teacher. IMPACTX (the default) keeps its options in impactx.*",
+        "(`teachx config --describe` lists them); method.options.KEY is the same key, e.g. method.options.lam=0.",
+        "",
+    ]
     for name in METHODS.names():
         cls = METHODS.get(name)
         aliases = METHODS.aliases(name)
@@ -156,12 +174,15 @@ def describe_methods() -> str:
 def describe_models() -> str:
     from teachx.models import MODELS  # lazy: CLI start-up
 
-    return _describe_registry(MODELS, [
-        "Choose one with model.backbone=NAME and set its options with model.options.NAME=VALUE, e.g.",
-        "model.backbone=mobilenet model.options.alpha=0.5 (a different teacher model: teacher.backbone and",
-        "teacher.backbone_options.NAME). torchvision:<name> and timm:<name> wrap those libraries' models",
-        "when they are installed.",
-    ])
+    return _describe_registry(
+        MODELS,
+        [
+            "Choose one with model.backbone=NAME and set its options with model.options.NAME=VALUE, e.g.",
+            "model.backbone=mobilenet model.options.alpha=0.5 (a different teacher model: teacher.backbone and",
+            "teacher.backbone_options.NAME). torchvision:<name> and timm:<name> wrap those libraries' models",
+            "when they are installed.",
+        ],
+    )
 
 
 __all__ = ["describe_config", "describe_methods", "describe_models", "describe_teachers", "list_shipped", "value_text"]

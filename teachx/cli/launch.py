@@ -38,16 +38,29 @@ def strip_nproc(argv: Sequence[str]) -> list[str]:
 
 def should_relaunch(nproc: Optional[int]) -> bool:
     """True in the launching process of a multi-process run (not inside a torchrun worker)."""
-    return nproc is not None and nproc > 1 and "TORCHELASTIC_RUN_ID" not in os.environ and not dist_utils.launched_distributed()
+    return (
+        nproc is not None
+        and nproc > 1
+        and "TORCHELASTIC_RUN_ID" not in os.environ
+        and not dist_utils.launched_distributed()
+    )
 
 
-def torchrun_command(nproc: int, argv: Sequence[str], module: str = "teachx", python: Optional[str] = None) -> list[str]:
+def torchrun_command(
+    nproc: int, argv: Sequence[str], module: str = "teachx", python: Optional[str] = None
+) -> list[str]:
     """The torchrun command line that runs ``python -m <module> <argv>`` in ``nproc`` processes on this node."""
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     return [
-        python or sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(nproc)}",
-        "-m", module, *strip_nproc(argv),
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={int(nproc)}",
+        "-m",
+        module,
+        *strip_nproc(argv),
     ]
 
 
@@ -61,7 +74,9 @@ def relaunch_with_torchrun(nproc: int, argv: list[str], module: str = "teachx") 
     import torch
 
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise ConfigError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) are visible; use --nproc <= {torch.cuda.device_count()}")
+        raise ConfigError(
+            f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) are visible; use --nproc <= {torch.cuda.device_count()}"
+        )
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))

@@ -13,21 +13,27 @@ import click
 
 from teachx.errors import ConfigError, TeachxError
 
-NPROC_HELP = "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
-OVERWRITE_HELP = ("Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
-                  "a directory teachx did not make is never touched.")
+NPROC_HELP = (
+    "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
+)
+OVERWRITE_HELP = (
+    "Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
+    "a directory teachx did not make is never touched."
+)
 #: the stages --redo accepts: ``teachx.runs.pipeline.STAGES``, written out so that `teachx --help` does
 #: not import torch (a test checks that the two agree)
 RUN_STAGES = ("baseline", "teacher", "abn", "impactx", "reldrop", "rrr", "saliency_guided")
-WAIT_HELP = ("When another teachx process is writing in the run directory, wait until it has finished (then resume, or "
-             "overwrite with --overwrite) instead of stopping with an error.")
+WAIT_HELP = (
+    "When another teachx process is writing in the run directory, wait until it has finished (then resume, or "
+    "overwrite with --overwrite) instead of stopping with an error."
+)
 #: set by the process that holds a run directory's lock for the torchrun workers it starts (--nproc)
 HELD_ENV = "TEACHX_RUN_DIR_HELD"
-REDO_HELP = ("Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
-             "the method stage is named after method.name (impactx by default); redoing the teacher also redoes the method "
-             "stage, which learnt from it.")
-
-
+REDO_HELP = (
+    "Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
+    "the method stage is named after method.name (impactx by default); redoing the teacher also redoes the method "
+    "stage, which learnt from it."
+)
 
 
 EPILOG = """\b
@@ -57,7 +63,9 @@ def _split_args(args: tuple[str, ...]) -> tuple[Optional[str], list[str]]:
         else:
             from teachx.config.schema import missing_value  # lazy: CLI start-up
 
-            raise missing_value(a) or ConfigError(f"unexpected argument '{a}': give one CONFIG file and then KEY=VALUE overrides")
+            raise missing_value(a) or ConfigError(
+                f"unexpected argument '{a}': give one CONFIG file and then KEY=VALUE overrides"
+            )
     return config, overrides
 
 
@@ -72,14 +80,19 @@ class TeachxGroup(click.Group):
     """A click group whose command list shows each summary whole (wrapped), never cut off with '...'."""
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(name, command_summary(cmd)) for name in self.list_commands(ctx)
-                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        rows = [
+            (name, command_summary(cmd))
+            for name in self.list_commands(ctx)
+            if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden
+        ]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
 
 
-@click.group(cls=TeachxGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=TeachxGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(package_name="teachx")
 def cli() -> None:
     """teachx: train models with teacher explanations (IMPACTX) and measure whether it helps."""
@@ -110,7 +123,9 @@ def datasets() -> None:
         click.echo(f"{r['name']:<{w}}  {mark:<8} {r.get('description', '')}")
         for loc in r.get("locations", [])[:3]:
             click.echo(f"{'':<{w}}           {loc}")
-    click.echo("\nimagefolder:PATH loads class-per-folder images from a folder or a .zip (with train/ and test/ inside).")
+    click.echo(
+        "\nimagefolder:PATH loads class-per-folder images from a folder or a .zip (with train/ and test/ inside)."
+    )
 
 
 @cli.command()
@@ -139,8 +154,15 @@ def methods() -> None:
 
 @cli.command("config", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--list", "list_", is_flag=True, help="List the configs shipped with teachx (usable by name wherever a CONFIG goes).")
-@click.option("--describe", is_flag=True, help="Annotate every option with what it means (the output is a valid config).")
+@click.option(
+    "--list",
+    "list_",
+    is_flag=True,
+    help="List the configs shipped with teachx (usable by name wherever a CONFIG goes).",
+)
+@click.option(
+    "--describe", is_flag=True, help="Annotate every option with what it means (the output is a valid config)."
+)
 def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
     """Print the resolved config; see also --list and --describe.
 
@@ -155,6 +177,7 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
         return
     from teachx.config.loader import dump_yaml  # lazy: CLI start-up
     from teachx.runs.resolve import resolve_config  # lazy: CLI start-up
+
     path, overrides = _split_args(args)
     study = None
     if path is not None and _is_study_config(path):  # the run config its units start from, and the study: section
@@ -172,7 +195,9 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
         return
     from teachx.cli.describe import annotate_resolved  # lazy: CLI start-up
 
-    click.echo(annotate_resolved(dump_yaml(cfg.to_dict()), cfg), nl=False)  # "# resolved: ..." on values left to the dataset
+    click.echo(
+        annotate_resolved(dump_yaml(cfg.to_dict()), cfg), nl=False
+    )  # "# resolved: ..." on values left to the dataset
     if study is not None:
         click.echo(dump_yaml({"study": study}), nl=False)
 
@@ -187,13 +212,33 @@ def _is_study_config(path: str) -> bool:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if it holds the same config).")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run directory (resumed if it holds the same config).",
+)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-@click.option("--redo", type=click.Choice(["train"]), multiple=True, help="Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).")
+@click.option(
+    "--redo",
+    type=click.Choice(["train"]),
+    multiple=True,
+    help="Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).",
+)
 @click.option("--wait", is_flag=True, help=WAIT_HELP)
-def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], wait: bool) -> None:
+def train(
+    args: tuple[str, ...],
+    out: str,
+    overwrite: bool,
+    quiet: bool,
+    nproc: Optional[int],
+    redo: tuple[str, ...],
+    wait: bool,
+) -> None:
     """Train a baseline classifier.
 
     teachx train [CONFIG] [KEY=VALUE ...] --out DIR. CONFIG is a YAML file or a shipped config's
@@ -210,8 +255,19 @@ def train(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: 
 def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
     """`teachx train` in its run directory, held by this process (or the launcher of its --nproc workers)."""
     from teachx.cli.launch import echo0  # lazy: CLI start-up
-    from teachx.runs.pipeline import (check_bound, data_summary, log_data, make_plan, prepare_run_dir,  # lazy: CLI start-up
-                                      redo_hint, redo_stages, results_bound, stage_checkpoint, stage_done, train_classifier)
+    from teachx.runs.pipeline import (
+        check_bound,
+        data_summary,
+        log_data,
+        make_plan,
+        prepare_run_dir,  # lazy: CLI start-up
+        redo_hint,
+        redo_stages,
+        results_bound,
+        stage_checkpoint,
+        stage_done,
+        train_classifier,
+    )
     from teachx.runs.rundir import run_config_hash  # lazy: CLI start-up
     from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
     from teachx.utils.io import write_json_atomic  # lazy: CLI start-up
@@ -228,8 +284,12 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
         todo = stage_done(run_dir) is None or results_bound(run_dir, bound) is None
         rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0, bound)
     if todo:  # a re-run with nothing to do keeps the wall time the training measured
-        record = (data_summary(plan, cfg) | {k: v for k, v in rec.items() if k != "history"} | {"wall_seconds": time.perf_counter() - t0}
-                  | ({"config_hash": bound} if bound else {}))
+        record = (
+            data_summary(plan, cfg)
+            | {k: v for k, v in rec.items() if k != "history"}
+            | {"wall_seconds": time.perf_counter() - t0}
+            | ({"config_hash": bound} if bound else {})
+        )
         dist_utils.on_main(write_json_atomic, run_dir / "results.json", record, digest=True)
     echo0(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {stage_checkpoint(run_dir, rec)}")
     dist_utils.shutdown()
@@ -237,13 +297,28 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if it holds the same config).")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run directory (resumed if it holds the same config).",
+)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(RUN_STAGES), multiple=True, help=REDO_HELP)
 @click.option("--wait", is_flag=True, help=WAIT_HELP)
-def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], wait: bool) -> None:
+def run(
+    args: tuple[str, ...],
+    out: str,
+    overwrite: bool,
+    quiet: bool,
+    nproc: Optional[int],
+    redo: tuple[str, ...],
+    wait: bool,
+) -> None:
     """The whole pipeline: baseline -> teacher maps -> IMPACTX -> test.
 
     teachx run [CONFIG] [KEY=VALUE ...] --out DIR. CONFIG is a YAML file or a shipped config's name
@@ -259,14 +334,30 @@ def run(args: tuple[str, ...], out: str, overwrite: bool, quiet: bool, nproc: Op
 
 
 @cli.command()
-@click.option("--out", "-o", "out", default="teachx-demo", show_default=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    default="teachx-demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Run directory.",
+)
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
 @click.option("--redo", type=click.Choice(RUN_STAGES), multiple=True, help=REDO_HELP)
 @click.option("--wait", is_flag=True, help=WAIT_HELP)
 @click.argument("overrides", nargs=-1)
-def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...], wait: bool, overrides: tuple[str, ...]) -> None:
+def demo(
+    out: str,
+    overwrite: bool,
+    quiet: bool,
+    nproc: Optional[int],
+    redo: tuple[str, ...],
+    wait: bool,
+    overrides: tuple[str, ...],
+) -> None:
     """Bundled data, LeNet-5, SHAP teacher: baseline vs IMPACTX."""
     from importlib.resources import files
 
@@ -281,18 +372,47 @@ def demo(out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tup
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Folder for the heatmap PNGs; what an earlier `teachx explain` wrote there is replaced, other files are kept.")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the heatmap PNGs; what an earlier `teachx explain` wrote there is replaced, other files are kept.",
+)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--class", "cls", type=click.IntRange(min=0), default=None,
-              help="Per-class models (impactx.per_class): the map of this class, not the predicted one.")
-@click.option("--faithfulness", is_flag=True,
-              help="Also the run's teacher method applied post hoc to this model, and pixel-flipping AUCs (MoRF, LeRF, "
-                   "insertion) of the built-in, post-hoc and a random map on this model (faithfulness.json).")
-@click.option("--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Pixel-flipping steps (--faithfulness).")
-@click.option("--wait", is_flag=True, help="When another teachx process is writing in the --out folder (or in the run directory "
-              "it lies in), wait until it has finished instead of stopping with an error.")
-def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls: Optional[int], faithfulness: bool, steps: int,
-            wait: bool) -> None:
+@click.option(
+    "--class",
+    "cls",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Per-class models (impactx.per_class): the map of this class, not the predicted one.",
+)
+@click.option(
+    "--faithfulness",
+    is_flag=True,
+    help="Also the run's teacher method applied post hoc to this model, and pixel-flipping AUCs (MoRF, LeRF, "
+    "insertion) of the built-in, post-hoc and a random map on this model (faithfulness.json).",
+)
+@click.option(
+    "--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Pixel-flipping steps (--faithfulness)."
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="When another teachx process is writing in the --out folder (or in the run directory "
+    "it lies in), wait until it has finished instead of stopping with an error.",
+)
+def explain(
+    checkpoint: str,
+    images: tuple[str, ...],
+    out: str,
+    device: str,
+    cls: Optional[int],
+    faithfulness: bool,
+    steps: int,
+    wait: bool,
+) -> None:
     """Write built-in IMPACTX heatmap overlays (PNG) for image files.
 
     RUN_DIR is the --out folder of `teachx run` or `teachx demo` (its IMPACTX or ABN model is used), or
@@ -304,8 +424,11 @@ def explain(checkpoint: str, images: tuple[str, ...], out: str, device: str, cls
     from teachx.runs.rundir import enclosing_run_dir, hold_run_dir  # lazy: CLI start-up
 
     run_dir = enclosing_run_dir(out)  # PNGs written into a run directory: that run's lock, else the folder's own
-    held = (hold_run_dir(run_dir, wait, _say) if run_dir is not None
-            else hold_run_dir(out, wait, _say, what="output folder", foreign_ok=True))
+    held = (
+        hold_run_dir(run_dir, wait, _say)
+        if run_dir is not None
+        else hold_run_dir(out, wait, _say, what="output folder", foreign_ok=True)
+    )
     with held:
         for line in explain_images(checkpoint, list(images), out, device, cls, faithfulness=faithfulness, steps=steps):
             click.echo(line)
@@ -341,14 +464,18 @@ def _join_processes(cfg, nproc: Optional[int], quiet: bool) -> tuple[bool, bool]
     """Start (or join) the processes of a --nproc run; returns (is_main, quiet): only rank 0 talks."""
     from teachx.cli.launch import launch_or_join  # lazy: CLI start-up
 
-    is_main = launch_or_join(nproc).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
+    is_main = launch_or_join(
+        nproc
+    ).is_main  # with --nproc N > 1 the launcher re-runs this command under torchrun and exits here
     quiet = quiet or not is_main
     if quiet:
         cfg.train.progress = False
     return is_main, quiet
 
 
-def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...] = ()) -> None:
+def _pipeline_command(
+    cfg, out: str, command: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...] = ()
+) -> None:
     """`teachx run` and `teachx demo`: the whole pipeline in one run directory, then its summary."""
     from teachx.cli.launch import echo0  # lazy: CLI start-up
     from teachx.runs.pipeline import make_plan, prepare_run_dir, redo_stages, run_pipeline  # lazy: CLI start-up
@@ -358,7 +485,9 @@ def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool,
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
     from teachx.training.methods import build_method  # lazy: CLI start-up
 
-    build_method(cfg).check_data(plan)  # e.g. rrr with annotation masks on data without masks: before anything is trained
+    build_method(cfg).check_data(
+        plan
+    )  # e.g. rrr with annotation masks on data without masks: before anything is trained
     run_dir = dist_utils.on_main(prepare_run_dir, out, cfg, command, overwrite)
     dist_utils.on_main(redo_stages, run_dir, cfg, redo, echo0)
     res = run_pipeline(cfg, run_dir, echo0, progress=not quiet, plan=plan).results
@@ -369,27 +498,41 @@ def _pipeline_command(cfg, out: str, command: str, overwrite: bool, quiet: bool,
 
 def _print_summary(res: dict, run_dir: Path) -> None:
     click.echo("")
-    click.echo(f"dataset {res['dataset']} | backbone {res['backbone']} | teacher {res['teacher']} | epochs {res['epochs']}")
+    click.echo(
+        f"dataset {res['dataset']} | backbone {res['backbone']} | teacher {res['teacher']} | epochs {res['epochs']}"
+    )
     click.echo(f"baseline test accuracy: {res['baseline_test_acc']:.4f}")
     from teachx.training.methods import recorded_method
 
     method = recorded_method(res)
     if method is not None:  # a method this teachx knows (the record of another one: its accuracy alone)
         label, details = method.result_text(res)
-        click.echo(f"{label:<8} test accuracy: {method.result_acc(res, 'test'):.4f}" + (f"  ({details})" if details else ""))
+        click.echo(
+            f"{label:<8} test accuracy: {method.result_acc(res, 'test'):.4f}" + (f"  ({details})" if details else "")
+        )
     elif res.get("method_test_acc") is not None:
         click.echo(f"{res.get('method')} test accuracy: {res['method_test_acc']:.4f}")
     sc = res.get("shortcut")
     if sc:
         for name in [k for k in sc if isinstance(sc[k], dict) and "gradient" in sc[k]]:
             shares = ", ".join(f"{m} {v:.3f}" for m, v in sc[name].items() if m != "area" and isinstance(v, float))
-            click.echo(f"attribution on the artefact ({name}): {shares} (artefact area {sc[name].get('area', float('nan')):.3f})")
+            click.echo(
+                f"attribution on the artefact ({name}): {shares} (artefact area {sc[name].get('area', float('nan')):.3f})"
+            )
     q = res.get("map_quality")
     if q:
-        aug = f"; under the training augmentation: {q['corr_mean_map_augmented']:.3f}" if "corr_mean_map_augmented" in q else ""
-        click.echo(f"built-in maps vs teacher on test: corr {q['corr']:.3f} (mean map: {q['corr_mean_map']:.3f}{aug}), R^2 vs mean map {q['r2_vs_mean_map']:.3f}"
-                   + (f" (scale-free: {q['r2_vs_mean_map_affine']:.3f})" if "r2_vs_mean_map_affine" in q else ""))
-    click.echo(f"wall time {res['wall_seconds']:.1f}s; results in {run_dir / 'results.json'}, figures in {run_dir / 'figures'}")
+        aug = (
+            f"; under the training augmentation: {q['corr_mean_map_augmented']:.3f}"
+            if "corr_mean_map_augmented" in q
+            else ""
+        )
+        click.echo(
+            f"built-in maps vs teacher on test: corr {q['corr']:.3f} (mean map: {q['corr_mean_map']:.3f}{aug}), R^2 vs mean map {q['r2_vs_mean_map']:.3f}"
+            + (f" (scale-free: {q['r2_vs_mean_map_affine']:.3f})" if "r2_vs_mean_map_affine" in q else "")
+        )
+    click.echo(
+        f"wall time {res['wall_seconds']:.1f}s; results in {run_dir / 'results.json'}, figures in {run_dir / 'figures'}"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -407,7 +550,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     except click.exceptions.NoSuchOption as exc:
         hint = f" (did you mean {', '.join(exc.possibilities)}?)" if exc.possibilities else ""
-        click.echo(f"teachx: error: {exc.format_message()}{hint}; see 'teachx {exc.ctx.info_name if exc.ctx else ''} --help'".replace("  ", " "), err=True)
+        click.echo(
+            f"teachx: error: {exc.format_message()}{hint}; see 'teachx {exc.ctx.info_name if exc.ctx else ''} --help'".replace(
+                "  ", " "
+            ),
+            err=True,
+        )
         sys.exit(2)
     except click.exceptions.UsageError as exc:
         cmd = exc.ctx.command_path if exc.ctx else "teachx"
@@ -436,8 +584,10 @@ RESUMABLE = ("train", "run", "demo", "study")
 def _interrupted(argv: Optional[list[str]]) -> str:
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     if args and args[0] in RESUMABLE:
-        return ("teachx: interrupted; run the same command again to resume "
-                "(finished stages, checkpoints and teacher maps are kept)")
+        return (
+            "teachx: interrupted; run the same command again to resume "
+            "(finished stages, checkpoints and teacher maps are kept)"
+        )
     return "teachx: interrupted"
 
 
@@ -452,8 +602,10 @@ def _os_error(exc: OSError) -> Optional[str]:
     if exc.filename and blocking_file(exc, exc.filename) is not None:  # an output folder where a file is
         return str(output_error(exc))
     if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
-        return (f"'{exc.filename}': permission denied; check its permissions or choose another location "
-                "(--out; $TEACHX_CACHE for teacher maps and data caches)")
+        return (
+            f"'{exc.filename}': permission denied; check its permissions or choose another location "
+            "(--out; $TEACHX_CACHE for teacher maps and data caches)"
+        )
     return None
 
 

@@ -23,7 +23,11 @@ def register(cli: click.Group) -> None:
 
 def _require_web_stack() -> None:
     missing = []
-    for modules, dist in ((("fastapi",), "fastapi"), (("uvicorn",), "uvicorn"), (("python_multipart", "multipart"), "python-multipart")):
+    for modules, dist in (
+        (("fastapi",), "fastapi"),
+        (("uvicorn",), "uvicorn"),
+        (("python_multipart", "multipart"), "python-multipart"),
+    ):
         for module in modules:
             try:
                 __import__(module)
@@ -33,7 +37,9 @@ def _require_web_stack() -> None:
         else:
             missing.append(dist)
     if missing:
-        raise ConfigError(f"teachx serve needs {', '.join(missing)}, which are not installed: pip install 'teachx[serve]'")
+        raise ConfigError(
+            f"teachx serve needs {', '.join(missing)}, which are not installed: pip install 'teachx[serve]'"
+        )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -48,7 +54,9 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port (0 picks a free one) or --host") from None
+        raise ConfigError(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port (0 picks a free one) or --host"
+        ) from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
@@ -75,17 +83,44 @@ def _check_cache_dir(cache_dir: Optional[str]) -> None:
 
 @click.command()
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(), metavar="RUN_OR_STUDY_DIR...")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback exposes your models and data to the network.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but loopback exposes your models and data to the network.",
+)
 @click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free port).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in a web browser.")
-@click.option("--precompute", is_flag=True, help="First fill the cache (predictions, built-in maps, teacher maps, pixel flipping, agreement) for every test image.")
+@click.option(
+    "--precompute",
+    is_flag=True,
+    help="First fill the cache (predictions, built-in maps, teacher maps, pixel flipping, agreement) for every test image.",
+)
 @click.option("--no-serve", is_flag=True, help="Exit after --precompute instead of serving.")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache folder (default $TEACHX_CACHE/serve).")
-@click.option("--max-upload-mb", default=10.0, show_default=True, type=click.FloatRange(min=0.01), help="Largest accepted upload in MiB (1 MiB = 1,048,576 bytes); a larger one is refused with HTTP 413.")
+@click.option(
+    "--cache-dir", default=None, type=click.Path(file_okay=False), help="Cache folder (default $TEACHX_CACHE/serve)."
+)
+@click.option(
+    "--max-upload-mb",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Largest accepted upload in MiB (1 MiB = 1,048,576 bytes); a larger one is refused with HTTP 413.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Device for the models (cpu, cuda, cuda:N).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, precompute: bool, no_serve: bool,
-          cache_dir: Optional[str], max_upload_mb: float, device: str, quiet: bool) -> None:
+def serve(
+    dirs: tuple[str, ...],
+    host: str,
+    port: int,
+    open_browser: bool,
+    precompute: bool,
+    no_serve: bool,
+    cache_dir: Optional[str],
+    max_upload_mb: float,
+    device: str,
+    quiet: bool,
+) -> None:
     """Web page and JSON API to browse the explanations of runs and studies.
 
     teachx serve RUN_OR_STUDY_DIR [DIR ...]: a page and a JSON API (/api/v1, schema at /openapi.json, docs at /docs): test images with
@@ -104,10 +139,16 @@ def serve(dirs: tuple[str, ...], host: str, port: int, open_browser: bool, preco
     service = Service(list(dirs), cache_dir=cache_dir, device=device)
     n_models = len(service.entries)
     if n_models == 0:
-        raise ConfigError(f"no trained models found in {', '.join(dirs)}; train one with `teachx run` or `teachx demo` first")
+        raise ConfigError(
+            f"no trained models found in {', '.join(dirs)}; train one with `teachx run` or `teachx demo` first"
+        )
     for run in service.runs:
         bad = [m for m in run.models if m.error]
-        click.echo(f"{run.kind} {run.id}: {run.path} ({len(run.models)} models" + (f", {len(bad)} with errors" if bad else "") + ")")
+        click.echo(
+            f"{run.kind} {run.id}: {run.path} ({len(run.models)} models"
+            + (f", {len(bad)} with errors" if bad else "")
+            + ")"
+        )
         for m in bad:
             click.echo(f"  {m.id}: {m.error}")
     if precompute:

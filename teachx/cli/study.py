@@ -21,15 +21,50 @@ def register(cli: click.Group) -> None:
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config", metavar="CONFIG", required=False)
 @click.argument("overrides", nargs=-1)
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False), help="Study directory (resumed: complete units are skipped).")
-@click.option("--seeds", "n_seeds", type=click.IntRange(min=1), default=None, help="Use seeds 0..N-1 (overrides study.seeds / study.n_seeds).")
-@click.option("--faithfulness", is_flag=True, help="Also compute MoRF/LeRF AUCs per unit (same as study.eval.faithfulness=true).")
-@click.option("--report/--no-report", "with_report", default=True, show_default=True, help="Write report.html and report.md at the end.")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Study directory (resumed: complete units are skipped).",
+)
+@click.option(
+    "--seeds",
+    "n_seeds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Use seeds 0..N-1 (overrides study.seeds / study.n_seeds).",
+)
+@click.option(
+    "--faithfulness", is_flag=True, help="Also compute MoRF/LeRF AUCs per unit (same as study.eval.faithfulness=true)."
+)
+@click.option(
+    "--report/--no-report",
+    "with_report",
+    default=True,
+    show_default=True,
+    help="Write report.html and report.md at the end.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the units that would run, then stop.")
-@click.option("--status", is_flag=True, help="Show where the study in --out stands (done, training, interrupted, "
-              "not started; accuracy so far; time left), without training or writing anything.")
+@click.option(
+    "--status",
+    is_flag=True,
+    help="Show where the study in --out stands (done, training, interrupted, "
+    "not started; accuracy so far; time left), without training or writing anything.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="One line per unit and the summary: no progress bars or stage logs.")
-def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: Optional[int], faithfulness: bool, with_report: bool, dry_run: bool, status: bool, quiet: bool) -> None:
+def study(
+    config: Optional[str],
+    overrides: tuple[str, ...],
+    out: str,
+    n_seeds: Optional[int],
+    faithfulness: bool,
+    with_report: bool,
+    dry_run: bool,
+    status: bool,
+    quiet: bool,
+) -> None:
     """Seeds x arms x regimes with paired statistics.
 
     teachx study CONFIG [KEY=VALUE ...] --out DIR. CONFIG is a run config with a `study:` section
@@ -44,7 +79,9 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
         if "=" not in o:
             from teachx.config.schema import missing_value  # lazy: CLI start-up
 
-            raise missing_value(o) or ConfigError(f"unexpected argument '{o}': give one CONFIG file and then KEY=VALUE overrides")
+            raise missing_value(o) or ConfigError(
+                f"unexpected argument '{o}': give one CONFIG file and then KEY=VALUE overrides"
+            )
     if config is not None and "=" in config and not Path(config).exists():  # `teachx study K=V --out DIR`: no CONFIG
         overrides, config = (config, *overrides), None
     if config is None and not status:
@@ -56,7 +93,9 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
     spec = load_study(config, ov, n_seeds)
     if dry_run:
         n = sum(spec.runs(regime, arm) for regime in spec.regimes for arm in [None, *spec.arms]) * len(spec.seeds)
-        click.echo(f"{n} units: regimes {list(spec.regimes)} x arms {[BASELINE, *spec.arms]} x seeds {spec.seeds}; control: {spec.control}")
+        click.echo(
+            f"{n} units: regimes {list(spec.regimes)} x arms {[BASELINE, *spec.arms]} x seeds {spec.seeds}; control: {spec.control}"
+        )
         for regime in spec.regimes:
             for arm in (a for a in spec.arms if spec.runs(regime, a)):
                 cfg = spec.config(regime, arm, spec.seeds[0])
@@ -64,9 +103,11 @@ def study(config: Optional[str], overrides: tuple[str, ...], out: str, n_seeds: 
 
                 method = build_method(cfg)
                 what = method.arm_text()
-                click.echo(f"  regime={regime} arm={arm}: {what} teacher={cfg.teacher.method}"
-                           f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
-                           + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else ""))
+                click.echo(
+                    f"  regime={regime} arm={arm}: {what} teacher={cfg.teacher.method}"
+                    f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
+                    + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else "")
+                )
         return
     res = run_study(spec, out, click.echo, progress=not quiet, verbose=not quiet)
     click.echo(f"\nstudy.json: {res.path} ({res.trained} models trained by this invocation)")
@@ -86,9 +127,13 @@ def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int],
         raise ConfigError(f"'{out}' holds no study units yet; start the study with the same command without --status")
     if config is None:
         if overrides or n_seeds:
-            raise ConfigError("--status without CONFIG reads the study that DIR records; give CONFIG to apply overrides or --seeds")
+            raise ConfigError(
+                "--status without CONFIG reads the study that DIR records; give CONFIG to apply overrides or --seeds"
+            )
         if not (out / "study.yaml").is_file():
-            raise ConfigError(f"'{out}' has no study.yaml; give the study's CONFIG: teachx study CONFIG --out {out} --status")
+            raise ConfigError(
+                f"'{out}' has no study.yaml; give the study's CONFIG: teachx study CONFIG --out {out} --status"
+            )
         spec = load_study_dir(out)
     else:
         spec = load_study(config, overrides, n_seeds)
@@ -98,9 +143,20 @@ def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int],
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", "-o", "out", default=None, type=click.Path(dir_okay=False), help="HTML file (the .md goes next to it); default RUN_DIR/report.html.")
-@click.option("--wait", is_flag=True, help="When another teachx process is writing in the run directory, wait until it has "
-              "finished instead of stopping with an error.")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="HTML file (the .md goes next to it); default RUN_DIR/report.html.",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="When another teachx process is writing in the run directory, wait until it has "
+    "finished instead of stopping with an error.",
+)
 def report(run_dir: str, out: Optional[str], wait: bool) -> None:
     """Write an HTML + Markdown report of a run, demo or study."""
     from contextlib import ExitStack
@@ -112,7 +168,11 @@ def report(run_dir: str, out: Optional[str], wait: bool) -> None:
         click.echo(line, err=True)
 
     with ExitStack() as held:  # the run read, and the run the report goes into: no process may change them meanwhile
-        runs = {r.absolute(): r for r in (enclosing_run_dir(run_dir), enclosing_run_dir(Path(out).parent) if out else None) if r}
+        runs = {
+            r.absolute(): r
+            for r in (enclosing_run_dir(run_dir), enclosing_run_dir(Path(out).parent) if out else None)
+            if r
+        }
         for d in runs.values():
             held.enter_context(hold_run_dir(d, wait, say))
         html_path, md_path = write_report(run_dir, out)

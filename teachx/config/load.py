@@ -10,7 +10,9 @@ from teachx.config.shipped import find_config
 from teachx.errors import ConfigError
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict[str, Any]] = None) -> RunConfig:
+def load_config(
+    path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict[str, Any]] = None
+) -> RunConfig:
     """defaults <- base dict <- YAML file <- command-line overrides, validated (the names of datasets,
     backbones and teachers are checked by :func:`teachx.runs.resolve.resolve_config`, which runs use)."""
     data: dict[str, Any] = dict(base or {})
@@ -18,6 +20,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         data = merge(data, load_yaml(find_config(path)))  # a file, or a shipped config's name
     data = apply_overrides(data, list(overrides or []))
     if "study" in data:  # a study config (or study.* overrides) given to `teachx run` / `train`
-        raise ConfigError("the study: section (study.* keys) belongs to `teachx study` configs: run a study with "
-                          "`teachx study CONFIG --out DIR` (`teachx config CONFIG` shows it), or drop the study.* keys")
+        raise ConfigError(
+            "the study: section (study.* keys) belongs to `teachx study` configs: run a study with "
+            "`teachx study CONFIG --out DIR` (`teachx config CONFIG` shows it), or drop the study.* keys"
+        )
     return from_dict(RunConfig, data)

@@ -101,7 +101,9 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
     for key, value in data.items():
         if key not in names:
             valid = f"valid options in '{where}'" if where else "valid top-level keys"
-            raise ConfigError(f"unknown option '{prefix}{key}'{suggest(str(key), names, prefix)}; {valid}: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown option '{prefix}{key}'{suggest(str(key), names, prefix)}; {valid}: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:
         obj = cls(**kwargs)
@@ -190,7 +192,9 @@ def _deepcopy(d: Any) -> Any:
 def load_yaml(path: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file '{path}' not found; pass the path of a YAML file (or a shipped config's name: `teachx config --list`)")
+        raise ConfigError(
+            f"config file '{path}' not found; pass the path of a YAML file (or a shipped config's name: `teachx config --list`)"
+        )
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -49,12 +49,24 @@ class DataConfig:
     split_seed: int = 0  # seed of the validation split and the subset: fixed across training seeds
     augment: bool = True  # random crop (and flip) of training images, applied identically to teacher maps
     crop_padding: int = 4  # random crop with this much zero padding
-    hflip: Optional[bool] = None  # horizontal flips; default: the dataset's choice, on only where a mirrored image keeps its class (CIFAR, STL-10, Fashion-MNIST), off for digits and imagefolder data (`teachx config` shows the resolved value)
-    image_size: Optional[Union[int, str, list[int]]] = None  # imagefolder only: resize every image to this size (32, or H,W as 32,48; bilinear, aspect ratio not kept); default: keep each image's size (all must match)
-    channels: Optional[int] = None  # imagefolder only: convert every image to 1 (greyscale), 3 (RGB) or 4 (RGBA) channels; default: keep them (all must match)
-    test_fraction: Optional[float] = None  # imagefolder without train/ and test/ folders: fraction carved (stratified) as the test split; default 0.2
-    test_seed: Optional[int] = None  # imagefolder without train/ and test/ folders: seed of that carved test split; default 0
-    shortcut: Optional[str] = None  # add a shortcut artefact to any dataset: swatch (Decoy-MNIST's class-shaded grey corner square) | patch (class-coloured corner patch, colour images); test images get it independent of the class; default none
+    hflip: Optional[bool] = (
+        None  # horizontal flips; default: the dataset's choice, on only where a mirrored image keeps its class (CIFAR, STL-10, Fashion-MNIST), off for digits and imagefolder data (`teachx config` shows the resolved value)
+    )
+    image_size: Optional[Union[int, str, list[int]]] = (
+        None  # imagefolder only: resize every image to this size (32, or H,W as 32,48; bilinear, aspect ratio not kept); default: keep each image's size (all must match)
+    )
+    channels: Optional[int] = (
+        None  # imagefolder only: convert every image to 1 (greyscale), 3 (RGB) or 4 (RGBA) channels; default: keep them (all must match)
+    )
+    test_fraction: Optional[float] = (
+        None  # imagefolder without train/ and test/ folders: fraction carved (stratified) as the test split; default 0.2
+    )
+    test_seed: Optional[int] = (
+        None  # imagefolder without train/ and test/ folders: seed of that carved test split; default 0
+    )
+    shortcut: Optional[str] = (
+        None  # add a shortcut artefact to any dataset: swatch (Decoy-MNIST's class-shaded grey corner square) | patch (class-coloured corner patch, colour images); test images get it independent of the class; default none
+    )
     shortcut_train: str = "confounded"  # with data.shortcut, the training images: confounded (artefact codes the class) | clean (untouched: the clean-data ceiling) | random (artefact independent of the class)
     shortcut_size: int = 4  # with data.shortcut: side of the artefact square in pixels
     shortcut_seed: int = 0  # with data.shortcut: seed of the artefact's corners (and of its test-split classes)
@@ -84,14 +96,18 @@ class TeacherConfig:
     method: str = "deepshap"  # any registered teacher (`teachx teachers`)
     options: dict[str, Any] = field(default_factory=dict)  # method options (e.g. composite for lrp)
     background_size: int = 100  # background images for deepshap / expected_gradients (seeded sample of train)
-    target: Literal["label", "predicted"] = "label"  # which class is explained: the true label (default) or the teacher's prediction
+    target: Literal["label", "predicted"] = (
+        "label"  # which class is explained: the true label (default) or the teacher's prediction
+    )
     reduce: str = "sum"  # channel reduction; sum keeps completeness of additive methods
     normalize: str = "maxabs"  # per-image normalisation; maxabs keeps sign and zero
     smooth: float = 0.0  # Gaussian smoothing sigma (pixels) applied to the maps
     checkpoint: Optional[str] = None  # explain this checkpoint instead of training a teacher
     backbone: Optional[str] = None  # teacher backbone if it differs from the student's (a stronger teacher)
     backbone_options: dict[str, Any] = field(default_factory=dict)  # constructor options of teacher.backbone
-    seed: Optional[int] = None  # seed of the teacher model's training (default: the run's seed); fix it to share one teacher across seeds
+    seed: Optional[int] = (
+        None  # seed of the teacher model's training (default: the run's seed); fix it to share one teacher across seeds
+    )
     # how the teacher model is trained, as overrides of this config's data.* and train.* keys, e.g.
     # {data.train_size: null, train.epochs: 15}: a teacher that saw the full training split (more
     # knowledge than a student trained on a subset); its maps are still made on the student's images
@@ -99,8 +115,9 @@ class TeacherConfig:
     batch_size: int = 64  # images per teacher call when making maps (memory, not results)
     eval_images: Optional[int] = 1000  # test images explained for map-quality evaluation (None: all)
     faith_images: int = 256  # of those, test images for the built-in maps' faithfulness to the IMPACTX model in map_quality (MoRF/LeRF/insertion, post-hoc maps; 0: off)
-    maps_dir: Optional[str] = None  # store location; default $TEACHX_CACHE/maps, else ~/.cache/teachx/cache/maps (shared by runs and seeds; `teachx cache`)
-
+    maps_dir: Optional[str] = (
+        None  # store location; default $TEACHX_CACHE/maps, else ~/.cache/teachx/cache/maps (shared by runs and seeds; `teachx cache`)
+    )
 
     def validate(self) -> None:
         if self.faith_images < 0:
@@ -125,7 +142,9 @@ class ImpactxConfig:
     # channels of the decoder's first conv block (paper decoder: halved per block, >= 16; unet decoders: every pyramid
     # level); null: the decoder's recommended width (unet_input: 64, the others: 32)
     decoder_width: Optional[int] = None
-    decoder_scale: int = 2  # paper decoder: convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
+    decoder_scale: int = (
+        2  # paper decoder: convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
+    )
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
     self_teach_every: int = 0  # > 0: self-teaching, the maps are re-made every K epochs by the teacher method applied to the model being trained
@@ -135,17 +154,23 @@ class ImpactxConfig:
     # one map per class (FastSHAP-style): trained on the explained class's map, inference gives the predicted
     # class's map; null: the decoder's recommended setting (paper: false, the others: true)
     per_class: Optional[bool] = None
-    additive_reference: float = 0.0  # additive decoder: the reference the map measures x from, in normalised space (0 = the dataset mean)
+    additive_reference: float = (
+        0.0  # additive decoder: the reference the map measures x from, in normalised space (0 = the dataset mean)
+    )
     # built-in vs teacher map loss: mse (the paper's) | pearson (1 - per-image r) | cosine (1 - per-image cosine: scale-free,
     # zero kept) | standardized_mse (target z-scored per image) | rank (pairwise pixel order); null: the decoder's
     # recommended loss (paper: mse, the others: pearson)
     map_loss: Optional[str] = None
-    map_target_pool: int = 1  # average-pool built-in and teacher maps by K x K before the map loss (1: the teacher's resolution)
+    map_target_pool: int = (
+        1  # average-pool built-in and teacher maps by K x K before the map loss (1: the teacher's resolution)
+    )
     # the decoder also reads M's feature pyramid (detached: M still learns from CE alone), so the map can see what the
     # classification branch computes; null: the decoder's recommended setting (unet_input: true, the others: false;
     # false when impactx.lep_backbone is set: the two pyramids must match)
     decoder_reads_m: Optional[bool] = None
-    faith_weight: float = 0.0  # > 0: FastSHAP-style term, the built-in map must predict the model's own output on masked inputs
+    faith_weight: float = (
+        0.0  # > 0: FastSHAP-style term, the built-in map must predict the model's own output on masked inputs
+    )
     faith_patch: int = 4  # patch size (pixels) that the faithfulness term masks
     faith_samples: int = 2  # masked copies per image and step for the faithfulness term (each second one the complement of the one before)
 
@@ -167,7 +192,9 @@ class ImpactxConfig:
         if self.self_teach_every < 0:
             raise ConfigError(f"impactx.self_teach_every must be >= 0 (0 = off), got {self.self_teach_every}")
         if self.self_teach_every and self.maps != "teacher":
-            raise ConfigError(f"impactx.self_teach_every needs impactx.maps=teacher (got maps={self.maps}): self-teaching replaces the teacher's maps")
+            raise ConfigError(
+                f"impactx.self_teach_every needs impactx.maps=teacher (got maps={self.maps}): self-teaching replaces the teacher's maps"
+            )
         if self.m_frozen and self.m_init != "teacher":
             raise ConfigError("impactx.m_frozen=true needs impactx.m_init=teacher (a frozen fresh M would be random)")
         _run_hooks("impactx.validate", self)  # decoder and map-loss names, as their registries know them
@@ -183,7 +210,9 @@ class MethodConfig:
     """Which training method the run's method stage uses (`teachx methods` lists them with options)."""
 
     name: str = "impactx"  # training method: impactx (its options are the impactx.* keys) | baseline | abn | rrr | saliency_guided | reldrop (`teachx methods`)
-    options: dict[str, Any] = field(default_factory=dict)  # the method's options, e.g. {lam: 1000, mask: annotation} for rrr (`teachx methods` lists them)
+    options: dict[str, Any] = field(
+        default_factory=dict
+    )  # the method's options, e.g. {lam: 1000, mask: annotation} for rrr (`teachx methods` lists them)
 
     def validate(self) -> None:
         _run_hooks("method.validate", self)  # the method's name and options (:mod:`teachx.training.methods`)
@@ -191,7 +220,9 @@ class MethodConfig:
 
 #: (section, key) of options that never change a result (display, logging, where and in what batch
 #: size shared teacher maps are made): left out of a run's identity and of study unit keys
-NEUTRAL_KEYS = frozenset({("train", "progress"), ("train", "tensorboard"), ("teacher", "batch_size"), ("teacher", "maps_dir")})
+NEUTRAL_KEYS = frozenset(
+    {("train", "progress"), ("train", "tensorboard"), ("teacher", "batch_size"), ("teacher", "maps_dir")}
+)
 
 
 @dataclass
@@ -218,8 +249,10 @@ class RunConfig:
         _run_hooks("run.validate", self)  # impactx.* set with another method (:mod:`teachx.training.methods`)
         ic = self.impactx
         if ic.per_class and ic.self_teach_every and self.teacher.target == "predicted":
-            raise ConfigError("impactx.per_class with impactx.self_teach_every needs teacher.target=label: a refresh would "
-                              "explain the training model's predicted classes, which the per-class loss does not track")
+            raise ConfigError(
+                "impactx.per_class with impactx.self_teach_every needs teacher.target=label: a refresh would "
+                "explain the training model's predicted classes, which the per-class loss does not track"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -234,6 +267,11 @@ def missing_value(arg: str) -> Optional[ConfigError]:
     CONFIG or an override goes: a key of the config (or its study section) that is no file; else None."""
     parts = arg.split(".")
     sections = {f.name for f in dataclasses.fields(RunConfig)} | {"study"}
-    if "=" in arg or Path(arg).expanduser().exists() or parts[0] not in sections or not all(p.isidentifier() for p in parts):
+    if (
+        "=" in arg
+        or Path(arg).expanduser().exists()
+        or parts[0] not in sections
+        or not all(p.isidentifier() for p in parts)
+    ):
         return None
     return ConfigError(f"'{arg}' has no value; write {arg}=VALUE (no spaces around '=')")

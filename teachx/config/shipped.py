@@ -57,7 +57,11 @@ def find_config(arg: str) -> str:
         return str(shipped[stem])
     names = ", ".join(shipped)
     if looks_like_name:
-        raise ConfigError(f"config '{arg}' is neither a file nor a shipped config{suggest(stem, list(shipped))}; "
-                          f"shipped configs: {names} (see `teachx config --list`)")
+        raise ConfigError(
+            f"config '{arg}' is neither a file nor a shipped config{suggest(stem, list(shipped))}; "
+            f"shipped configs: {names} (see `teachx config --list`)"
+        )
     hint = f"; the shipped '{stem}' is used by its name: {stem}" if stem in shipped else ""
-    raise ConfigError(f"config file '{arg}' not found{hint}; pass the path of a YAML file or a shipped config: {names} (see `teachx config --list`)")
+    raise ConfigError(
+        f"config file '{arg}' not found{hint}; pass the path of a YAML file or a shipped config: {names} (see `teachx config --list`)"
+    )

@@ -19,7 +19,9 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum (sgd only)
     nesterov: bool = False  # Nesterov momentum (sgd only)
     weight_decay: float = 0.0  # L2 penalty (adamw: decoupled weight decay)
-    schedule: Literal["constant", "cosine", "step", "multistep", "onecycle"] = "cosine"  # learning-rate schedule over the epochs
+    schedule: Literal["constant", "cosine", "step", "multistep", "onecycle"] = (
+        "cosine"  # learning-rate schedule over the epochs
+    )
     warmup_epochs: float = 0.0  # linear warm-up, in (fractional) epochs
     step_size: int = 30  # schedule=step: epochs between decays
     gamma: float = 0.1  # step/multistep decay factor
@@ -34,7 +36,9 @@ class TrainConfig:
     channels_last: bool = False
     tensorboard: bool = False  # also write TensorBoard logs into the stage directory
     progress: bool = True  # progress bars (the CLI's --quiet turns them off)
-    threads: Optional[int] = None  # torch threads per process; default: $TEACHX_THREADS, else $OMP_NUM_THREADS, else the CPUs available to the process
+    threads: Optional[int] = (
+        None  # torch threads per process; default: $TEACHX_THREADS, else $OMP_NUM_THREADS, else the CPUs available to the process
+    )
 
     def validate(self) -> None:
         if self.epochs < 1:

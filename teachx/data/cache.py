@@ -121,7 +121,9 @@ def finish(decoded: Decoded) -> Decoded:
         setattr(decoded, f"{split}_labels", labels.astype(np.int64, copy=False))
         masks = getattr(decoded, f"{split}_masks")
         if masks is not None and (masks.dtype != np.uint8 or masks.shape != images.shape[:3]):
-            raise AssertionError(f"decoder bug: {split} masks are {masks.dtype} {masks.shape} for images {images.shape}")
+            raise AssertionError(
+                f"decoder bug: {split} masks are {masks.dtype} {masks.shape} for images {images.shape}"
+            )
     if not decoded.mean:
         decoded.mean, decoded.std = channel_stats(decoded.train_images)
     return decoded

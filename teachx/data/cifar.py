@@ -67,8 +67,7 @@ def safe_unpickle(data: bytes, what: str) -> Any:
     except pickle.UnpicklingError as err:
         if "is not allowed" in str(err) or "refusing" in str(err):
             raise DataError(
-                f"{what} is not a plain CIFAR batch ({err}); refusing to unpickle it: "
-                f"replace it with the official file"
+                f"{what} is not a plain CIFAR batch ({err}); refusing to unpickle it: replace it with the official file"
             ) from err
         raise DataError(f"{what} is corrupted ({err}); delete it and download the dataset again") from err
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as err:

@@ -105,7 +105,9 @@ def decode_idx_dataset(files: dict[str, Path], class_names: list[str]) -> Decode
 class _IdxSource(DatasetSource):
     class_names: tuple[str, ...] = ()
     subfolder: str = ""  # torchvision's layout: <root>/<subfolder>/raw
-    expected_files = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (.gz or not)"
+    expected_files = (
+        "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (.gz or not)"
+    )
 
     def find(self, directory: Path) -> Path | None:
         if not directory.is_dir():

@@ -118,24 +118,36 @@ class _ByteReader:
         mm = self._map
         header = mm[m.offset : m.offset + 30]
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
-            raise _BadImage(f"{self.path}: bad local header for '{m.name}': the zip is corrupted; re-create it", "zip", "bad local header")
+            raise _BadImage(
+                f"{self.path}: bad local header for '{m.name}': the zip is corrupted; re-create it",
+                "zip",
+                "bad local header",
+            )
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         start = m.offset + 30 + name_len + extra_len
         data = mm[start : start + m.compressed_size]
         if len(data) != m.compressed_size:
-            raise _BadImage(f"{self.path} is truncated ('{m.name}' is cut off); re-create or re-download it", "zip", "cut off")
+            raise _BadImage(
+                f"{self.path} is truncated ('{m.name}' is cut off); re-create or re-download it", "zip", "cut off"
+            )
         if m.method == zipfile.ZIP_DEFLATED:
             try:
                 data = zlib.decompress(data, -15)
             except zlib.error as err:
-                raise _BadImage(f"{self.path}: '{m.name}' is corrupted ({err}); re-create the zip", "zip", f"corrupted: {err}") from err
+                raise _BadImage(
+                    f"{self.path}: '{m.name}' is corrupted ({err}); re-create the zip", "zip", f"corrupted: {err}"
+                ) from err
         elif m.method != zipfile.ZIP_STORED:
             raise _BadImage(
                 f"{self.path}: '{m.name}' uses zip compression method {m.method}; re-create the zip with "
-                f"'stored' or 'deflate' (e.g. `zip -r`)", "zip", f"compression method {m.method}"
+                f"'stored' or 'deflate' (e.g. `zip -r`)",
+                "zip",
+                f"compression method {m.method}",
             )
         if zlib.crc32(data) != m.crc:
-            raise _BadImage(f"{self.path}: CRC mismatch for '{m.name}': the zip is corrupted; re-create it", "zip", "CRC mismatch")
+            raise _BadImage(
+                f"{self.path}: CRC mismatch for '{m.name}': the zip is corrupted; re-create it", "zip", "CRC mismatch"
+            )
         return data
 
     def close(self) -> None:
@@ -176,13 +188,16 @@ def _eight_bit(image, label: str, notes: dict[str, int] | None):
             raise _BadImage(
                 f"image '{label}' holds {'float' if image.mode == 'F' else '32-bit'} values from {values.min():g} to "
                 f"{values.max():g}, outside 0..255; save it as an 8- or 16-bit image",
-                "depth", f"{image.mode} values {values.min():g}..{values.max():g}",
+                "depth",
+                f"{image.mode} values {values.min():g}..{values.max():g}",
             )
         return Image.fromarray(np.rint(values).astype(np.uint8), "L")
     return image
 
 
-def _decode_one(reader: _ByteReader, item: Any, label: str, target: _Target | None, notes: dict[str, int] | None = None) -> np.ndarray:
+def _decode_one(
+    reader: _ByteReader, item: Any, label: str, target: _Target | None, notes: dict[str, int] | None = None
+) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     data = reader.read(item)
@@ -215,7 +230,9 @@ def _decode_one(reader: _ByteReader, item: Any, label: str, target: _Target | No
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         # PIL's "cannot identify image file <_io.BytesIO object at 0x...>" names a memory address, not the file
         why = "not a recognised image format" if isinstance(err, UnidentifiedImageError) else str(err)
-        raise _BadImage(f"cannot decode image '{label}' ({why}); delete or replace the file", "unreadable", why) from err
+        raise _BadImage(
+            f"cannot decode image '{label}' ({why}); delete or replace the file", "unreadable", why
+        ) from err
 
 
 def _size_fix(h: int, w: int) -> str:
@@ -232,12 +249,16 @@ def _mismatch(label: str, size: tuple[int, int], channels: int, target: _Target)
         kinds.append("size")
     if channels != target.channels and not target.convert:
         kinds.append("channels")
-    fixes = " and ".join(_size_fix(target.height, target.width) if k == "size" else _channels_fix(target.channels) for k in kinds)
+    fixes = " and ".join(
+        _size_fix(target.height, target.width) if k == "size" else _channels_fix(target.channels) for k in kinds
+    )
     message = (
         f"image '{label}' is {size[1]}x{size[0]} (HxW) with {channels} channel(s) but '{target.first}' is "
         f"{target.height}x{target.width} with {target.channels}; all images must match: {fixes}"
     )
-    return _BadImage(message, "+".join(kinds), f"{size[1]}x{size[0]} with {channels} channel(s)", (size[1], size[0], channels))
+    return _BadImage(
+        message, "+".join(kinds), f"{size[1]}x{size[0]} with {channels} channel(s)", (size[1], size[0], channels)
+    )
 
 
 #: How many offending files one error message names.
@@ -262,15 +283,26 @@ def _bad_images_message(problems: list[tuple], total: int, target: _Target) -> s
     sizes = Counter({(target.height, target.width): matching}) + Counter(s[:2] for s in shapes)
     channel_counts = Counter({target.channels: matching}) + Counter(s[2] for s in shapes)
     (h, w), c = sizes.most_common(1)[0][0], channel_counts.most_common(1)[0][0]
-    what = {"unreadable": "unreadable", "zip": "damaged in the zip", "size": "of another size",
-            "channels": "with another channel count", "depth": "with values outside 0..255"}
-    fixes = {"unreadable": "delete or replace the unreadable files", "zip": "re-create the zip",
-             "depth": "save those as 8- or 16-bit images", "size": _size_fix(h, w), "channels": _channels_fix(c)}
+    what = {
+        "unreadable": "unreadable",
+        "zip": "damaged in the zip",
+        "size": "of another size",
+        "channels": "with another channel count",
+        "depth": "with values outside 0..255",
+    }
+    fixes = {
+        "unreadable": "delete or replace the unreadable files",
+        "zip": "re-create the zip",
+        "depth": "save those as 8- or 16-bit images",
+        "size": _size_fix(h, w),
+        "channels": _channels_fix(c),
+    }
     shown = "; ".join(f"'{p[3]}' ({p[4]})" for p in problems[:SHOW_BAD])
     more = f"; and {len(problems) - SHOW_BAD} more" if len(problems) > SHOW_BAD else ""
     reference = (
         f" (all must match the first image '{target.first}': {target.height}x{target.width} with {target.channels} channel(s))"
-        if "size" in kinds or "channels" in kinds else ""
+        if "size" in kinds or "channels" in kinds
+        else ""
     )
     return (
         f"{len(problems)} of {total} images cannot be used ({', '.join(f'{n} {what[k]}' for k, n in kinds.items())})"
@@ -301,7 +333,12 @@ def _decode_chunk(reader: _ByteReader, items: Sequence[Any], labels: Sequence[st
 
 
 def decode_images(
-    reader: _ByteReader, items: Sequence[Any], labels: Sequence[str], target: _Target, workers: int, progress: bool,
+    reader: _ByteReader,
+    items: Sequence[Any],
+    labels: Sequence[str],
+    target: _Target,
+    workers: int,
+    progress: bool,
     notes: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Decode every item into one (N, H, W, C) array, in parallel when it pays off.
@@ -335,10 +372,10 @@ def decode_images(
     else:
         chunk = max(256, min(4096, n // (workers * 8) + 1))
         bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=_worker_args()) as pool:
-            futures = {
-                pool.submit(_decode_chunk, reader, items[s:e], labels[s:e], target): (s, e) for s, e in bounds
-            }
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_worker_init, initargs=_worker_args()
+        ) as pool:
+            futures = {pool.submit(_decode_chunk, reader, items[s:e], labels[s:e], target): (s, e) for s, e in bounds}
             for future in as_completed(futures):
                 s, e = futures[future]
                 collect(s, e, future.result())
@@ -431,8 +468,13 @@ def _list_source(path: Path) -> _Listing:
                 rel = os.path.relpath(os.path.join(dirpath, f), path).replace(os.sep, "/")
                 (rel_paths if f.lower().endswith(IMAGE_SUFFIXES) else others).append(rel)
         rel_paths.sort()
-        return _Listing(_ByteReader(str(path), False), rel_paths, [_parts(p) for p in rel_paths], sorted(dirs),
-                        sorted(_parts(p) for p in others))
+        return _Listing(
+            _ByteReader(str(path), False),
+            rel_paths,
+            [_parts(p) for p in rel_paths],
+            sorted(dirs),
+            sorted(_parts(p) for p in others),
+        )
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
@@ -459,8 +501,14 @@ def _list_source(path: Path) -> _Listing:
             raise DataError(f"{path}: '{info.filename}' is encrypted; use an unencrypted zip")
         members.append(_ZipMember(info.filename, info.header_offset, info.compress_size, info.compress_type, info.CRC))
     members.sort(key=lambda m: m.name)
-    return _Listing(_ByteReader(str(path), True), members, [_parts(m.name) for m in members], sorted(dirs),
-                    sorted(others), sorted(unsafe))
+    return _Listing(
+        _ByteReader(str(path), True),
+        members,
+        [_parts(m.name) for m in members],
+        sorted(dirs),
+        sorted(others),
+        sorted(unsafe),
+    )
 
 
 def parse_size(value: Any, what: str = "size") -> list[int]:
@@ -498,7 +546,9 @@ def _strip_wrapper(parts: list[tuple[str, ...]]) -> int:
 @DATASETS.register("imagefolder", "folder")
 class ImageFolder(DatasetSource):
     name = "imagefolder"
-    description = "class-per-folder images from a folder or .zip: imagefolder:PATH (train/<class>/*, test/<class>/* or <class>/*)"
+    description = (
+        "class-per-folder images from a folder or .zip: imagefolder:PATH (train/<class>/*, test/<class>/* or <class>/*)"
+    )
     license = "as given by the images' owner"
     url = ""
     hflip = False
@@ -574,7 +624,11 @@ class ImageFolder(DatasetSource):
     def decode(self, source: Path, progress: bool, **options: Any) -> Decoded:
         listing = _list_source(source)
         if not listing.items:
-            found = f" (only other files, e.g. {_examples(['/'.join(p) for p in listing.others], 3)})" if listing.others else ""
+            found = (
+                f" (only other files, e.g. {_examples(['/'.join(p) for p in listing.others], 3)})"
+                if listing.others
+                else ""
+            )
             raise DataError(f"{source} contains no images ({', '.join(IMAGE_SUFFIXES)}){found}; check the path")
         depth = _strip_wrapper(listing.parts)
         wrapper = listing.parts[0][:depth]
@@ -607,7 +661,9 @@ class ImageFolder(DatasetSource):
         class_names = sorted({c for s, c, _ in rows if s in ("train", "all")})
         unknown = sorted({c for s, c, _ in rows if s == "test"} - set(class_names))
         if unknown:
-            raise DataError(f"{source}: test classes {', '.join(unknown)} have no train folder; add them or remove them")
+            raise DataError(
+                f"{source}: test classes {', '.join(unknown)} have no train folder; add them or remove them"
+            )
         class_index = {c: i for i, c in enumerate(class_names)}
         labels = np.array([class_index[c] for _, c, _ in rows], dtype=np.int64)
         positions = [k for _, _, k in rows]
@@ -625,7 +681,9 @@ class ImageFolder(DatasetSource):
         extra: dict[str, Any] = {"files": len(items)}
         notices = _ignored_notices(source, listing, wrapper, rows, outside, test_name)
         if converted.get("16-bit"):
-            notices.append(f"{source}: scaled {_count(converted['16-bit'], 'image')} with 16-bit values to 8 bits (value * 255 / 65535)")
+            notices.append(
+                f"{source}: scaled {_count(converted['16-bit'], 'image')} with 16-bit values to 8 bits (value * 255 / 65535)"
+            )
         if layout is not None:
             is_train = np.array([s == "train" for s, _, _ in rows])
             train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
@@ -642,7 +700,12 @@ class ImageFolder(DatasetSource):
             extra["converted"] = {"size": options["size"], "channels": options["channels"]}
         extra["notices"] = notices
         return Decoded(
-            images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], class_names=class_names, extra=extra
+            images[train_idx],
+            labels[train_idx],
+            images[test_idx],
+            labels[test_idx],
+            class_names=class_names,
+            extra=extra,
         )
 
     @staticmethod
@@ -662,7 +725,14 @@ class ImageFolder(DatasetSource):
             return _Target(1, 1, 1, True, True, labels[0])
         height, width = options["size"] if options["size"] is not None else first.shape[:2]
         channels = options["channels"] if options["channels"] is not None else first.shape[2]
-        return _Target(int(height), int(width), int(channels), options["size"] is not None, options["channels"] is not None, first_label)
+        return _Target(
+            int(height),
+            int(width),
+            int(channels),
+            options["size"] is not None,
+            options["channels"] is not None,
+            first_label,
+        )
 
 
 def _count(n: int, singular: str, plural: str | None = None) -> str:
@@ -674,8 +744,12 @@ def _examples(names: Sequence[str], k: int = 5) -> str:
 
 
 def _ignored_notices(
-    source: Path, listing: _Listing, wrapper: tuple[str, ...], rows: list[tuple[str, str, int]],
-    outside: list[str], test_name: str | None,
+    source: Path,
+    listing: _Listing,
+    wrapper: tuple[str, ...],
+    rows: list[tuple[str, str, int]],
+    outside: list[str],
+    test_name: str | None,
 ) -> list[str]:
     """One line per kind of entry the layout leaves out, with its count and a few examples."""
     depth = len(wrapper)
@@ -705,14 +779,20 @@ def _ignored_notices(
             not_images.append("/".join(p))
     notices = []
     if empty:
-        notices.append(f"{source}: ignored {_count(len(empty), 'empty class folder')} (no images, so not a class): {_examples(empty)}")
+        notices.append(
+            f"{source}: ignored {_count(len(empty), 'empty class folder')} (no images, so not a class): {_examples(empty)}"
+        )
     if not_images:
         notices.append(
             f"{source}: ignored {_count(len(not_images), 'file')} in class folders that are not images (read: "
             f"{', '.join(IMAGE_SUFFIXES)}): {_examples(not_images)}"
         )
     if outside:
-        notices.append(f"{source}: ignored {_count(len(outside), 'image')} outside the layout train|{test_name}/<class>/<image>: {_examples(outside)}")
+        notices.append(
+            f"{source}: ignored {_count(len(outside), 'image')} outside the layout train|{test_name}/<class>/<image>: {_examples(outside)}"
+        )
     if listing.unsafe:
-        notices.append(f"{source}: ignored {_count(len(listing.unsafe), 'entry', 'entries')} with '..' in the name: {_examples(listing.unsafe)}")
+        notices.append(
+            f"{source}: ignored {_count(len(listing.unsafe), 'entry', 'entries')} with '..' in the name: {_examples(listing.unsafe)}"
+        )
     return notices

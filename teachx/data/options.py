@@ -33,8 +33,10 @@ def validate(data: DataConfig) -> None:
         except ConfigError as exc:
             raise ConfigError(f"data.shortcut: {exc}") from None
         if isinstance(get_source(data.name)[0], DecoySource):
-            raise ConfigError(f"data.name={data.name} already carries its artefact; drop data.shortcut, or add it to "
-                              f"the plain dataset (data.name={get_source(data.name)[0].base} data.shortcut={data.shortcut})")
+            raise ConfigError(
+                f"data.name={data.name} already carries its artefact; drop data.shortcut, or add it to "
+                f"the plain dataset (data.name={get_source(data.name)[0].base} data.shortcut={data.shortcut})"
+            )
     if data.image_size is not None:
         parse_size(data.image_size, "data.image_size")
 
@@ -64,11 +66,19 @@ def augmentation(data: DataConfig) -> dict[str, Any]:
     if data.hflip is not None:
         return {"augment": True, "crop_padding": data.crop_padding, "hflip": data.hflip, "hflip_from": "data.hflip"}
     if data.shortcut is not None:
-        return {"augment": True, "crop_padding": data.crop_padding, "hflip": False,
-                "hflip_from": "data.shortcut: flips would move the artefact"}
+        return {
+            "augment": True,
+            "crop_padding": data.crop_padding,
+            "hflip": False,
+            "hflip_from": "data.shortcut: flips would move the artefact",
+        }
     source, _ = get_source(data.name)
-    return {"augment": True, "crop_padding": data.crop_padding, "hflip": bool(source.hflip),
-            "hflip_from": f"{source.name}: {source.hflip_reason}"}
+    return {
+        "augment": True,
+        "crop_padding": data.crop_padding,
+        "hflip": bool(source.hflip),
+        "hflip_from": f"{source.name}: {source.hflip_reason}",
+    }
 
 
 def resolved_notes(data: DataConfig) -> dict[str, str]:
@@ -84,8 +94,10 @@ def resolved_notes(data: DataConfig) -> dict[str, str]:
         if data.image_size is None:
             notes["image_size"] = "each image's own size (all images must match)"
         if data.channels is None:
-            notes["channels"] = ("each image's own channel count (all images must match; an alpha channel is kept as "
-                                 "a channel, palette images count as RGB, 16-bit ones are scaled to 8 bits)")
+            notes["channels"] = (
+                "each image's own channel count (all images must match; an alpha channel is kept as "
+                "a channel, palette images count as RGB, 16-bit ones are scaled to 8 bits)"
+            )
         if data.test_fraction is None:
             notes["test_fraction"] = f"{defaults['test_fraction']} (used only without train/ and test/ folders)"
         if data.test_seed is None:

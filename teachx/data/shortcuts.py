@@ -98,10 +98,24 @@ def patch_palette(num_classes: int) -> np.ndarray:
     levels = 3
     while levels**3 < num_classes:
         levels += 1
-    grid = [tuple(int(round(255 * i / (levels - 1))) for i in (r, g, b))
-            for r in range(levels) for g in range(levels) for b in range(levels)]
-    first = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
-             (255, 255, 255), (0, 0, 0), (255, 128, 0), (128, 0, 255)]
+    grid = [
+        tuple(int(round(255 * i / (levels - 1))) for i in (r, g, b))
+        for r in range(levels)
+        for g in range(levels)
+        for b in range(levels)
+    ]
+    first = [
+        (255, 0, 0),
+        (0, 255, 0),
+        (0, 0, 255),
+        (255, 255, 0),
+        (0, 255, 255),
+        (255, 0, 255),
+        (255, 255, 255),
+        (0, 0, 0),
+        (255, 128, 0),
+        (128, 0, 255),
+    ]
     ordered = [c for c in first if c in grid] + [c for c in grid if c not in first]
     return np.array(ordered[:num_classes], dtype=np.uint8)
 
@@ -134,7 +148,9 @@ def _check(ds: ImageDataset, kind: str, train: str, size: int, seed: int) -> str
         raise ConfigError(f"shortcut seed must be an integer >= 0, got {seed!r}")
     h, w = ds.image_size
     if size > min(h, w):
-        raise ConfigError(f"shortcut size {size} does not fit into the {h}x{w} images of '{ds.name}'; use a size <= {min(h, w)}")
+        raise ConfigError(
+            f"shortcut size {size} does not fit into the {h}x{w} images of '{ds.name}'; use a size <= {min(h, w)}"
+        )
     cls = SHORTCUTS.get(kind)
     if ds.channels < cls.min_channels:
         raise ConfigError(
@@ -171,7 +187,9 @@ def source_identity(ds: ImageDataset) -> dict[str, Any]:
     return {"content_sha256": _content_hash(arrays), "classes": len(ds.class_names)}
 
 
-def _draw(rng: np.random.Generator, n: int, num_classes: int, labels: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _draw(
+    rng: np.random.Generator, n: int, num_classes: int, labels: Optional[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Corner (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) and class code per image:
     the label when given (confounded), else uniform over the classes, independent of the label."""
     corners = rng.integers(0, 4, size=n)
@@ -252,8 +270,14 @@ def apply_shortcut(
             f"test images: class-independent (seed {seed})"
         ]
         return Decoded(
-            train_images, np.asarray(ds.train.labels), test_images, np.asarray(ds.test.labels),
-            class_names=list(ds.class_names), extra=extra, train_masks=train_masks, test_masks=test_masks,
+            train_images,
+            np.asarray(ds.train.labels),
+            test_images,
+            np.asarray(ds.test.labels),
+            class_names=list(ds.class_names),
+            extra=extra,
+            train_masks=train_masks,
+            test_masks=test_masks,
         )
 
     key = {"builder": f"{__name__}:{BUILDER_VERSION}", "source": source_identity(ds), "options": options}
@@ -327,8 +351,10 @@ class DecoySource(DatasetSource):
 @DATASETS.register("decoy-fashion-mnist", "decoy_fashion_mnist", "decoyfashionmnist")
 class DecoyFashionMNIST(DecoySource):
     name = "decoy-fashion-mnist"
-    description = ("Decoy-Fashion-MNIST: Fashion-MNIST with Decoy-MNIST's 4x4 grey corner swatch, shade coding the "
-                   "class in train and random in test (a shortcut benchmark; uses the fashion-mnist files)")
+    description = (
+        "Decoy-Fashion-MNIST: Fashion-MNIST with Decoy-MNIST's 4x4 grey corner swatch, shade coding the "
+        "class in train and random in test (a shortcut benchmark; uses the fashion-mnist files)"
+    )
     base = "fashion-mnist"
     license, url, resources = FashionMNIST.license, FashionMNIST.url, FashionMNIST.resources
     system_dirs, expected_files = FashionMNIST.system_dirs, FashionMNIST.expected_files
@@ -337,8 +363,10 @@ class DecoyFashionMNIST(DecoySource):
 @DATASETS.register("decoy-mnist", "decoy_mnist", "decoymnist")
 class DecoyMNIST(DecoySource):
     name = "decoy-mnist"
-    description = ("Decoy-MNIST (Ross et al. 2017): MNIST with a 4x4 grey corner swatch, shade 255 - 25*y in train "
-                   "and random in test (a shortcut benchmark; uses the mnist files)")
+    description = (
+        "Decoy-MNIST (Ross et al. 2017): MNIST with a 4x4 grey corner swatch, shade 255 - 25*y in train "
+        "and random in test (a shortcut benchmark; uses the mnist files)"
+    )
     base = "mnist"
     license, url, resources = MNIST.license, MNIST.url, MNIST.resources
     system_dirs, expected_files = MNIST.system_dirs, MNIST.expected_files

@@ -89,7 +89,8 @@ class DatasetSource:
         where = " or ".join(str(d) for d in dirs)
         fetch = (
             f", or set data.download=true (download=True in load_dataset) to fetch it from "
-            f"{self.resources[0].urls[0].rsplit('/', 1)[0]}" + (f" ({self.download_size})" if self.download_size else "")
+            f"{self.resources[0].urls[0].rsplit('/', 1)[0]}"
+            + (f" ({self.download_size})" if self.download_size else "")
             if self.resources
             else ""
         )

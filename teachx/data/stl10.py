@@ -89,6 +89,8 @@ class STL10(DatasetSource):
         arrays = []
         for part in ("train", "test"):
             images = decode_stl_images(raw.pop(f"{part}_X.bin"), f"{source}:{part}_X.bin")
-            labels = decode_stl_labels(raw.pop(f"{part}_y.bin"), f"{source}:{part}_y.bin", len(images), len(class_names))
+            labels = decode_stl_labels(
+                raw.pop(f"{part}_y.bin"), f"{source}:{part}_y.bin", len(images), len(class_names)
+            )
             arrays += [images, labels]
         return Decoded(*arrays, class_names=class_names)

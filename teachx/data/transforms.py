@@ -128,7 +128,10 @@ class Augment:
         total = torch.zeros_like(x, dtype=torch.float64)
         for flip in flips:
             for t, lft in zip(top.flatten().tolist(), left.flatten().tolist()):
-                params = AugmentParams(top=torch.full((x.shape[0],), t), left=torch.full((x.shape[0],), lft),
-                                       flip=torch.full((x.shape[0],), flip))
+                params = AugmentParams(
+                    top=torch.full((x.shape[0],), t),
+                    left=torch.full((x.shape[0],), lft),
+                    flip=torch.full((x.shape[0],), flip),
+                )
                 total += self.apply(x, params).double()
         return (total / (span * span * len(flips))).to(x.dtype)

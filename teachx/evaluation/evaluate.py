@@ -98,7 +98,10 @@ def evaluate_maps(
         report["agreement"] = {
             "reference": agreement_reference,
             "sets": {
-                name: {k: _summary(v) if with_values else _drop_values(_summary(v)) for k, v in map_agreement(maps, reference).items()}
+                name: {
+                    k: _summary(v) if with_values else _drop_values(_summary(v))
+                    for k, v in map_agreement(maps, reference).items()
+                }
                 for name, maps in map_sets.items()
                 if name != agreement_reference
             },

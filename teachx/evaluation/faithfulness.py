@@ -158,8 +158,10 @@ class PixelFlippingMoRF(PerturbationCurve):
     """
 
     name = "pixel_flipping_morf"
-    description = ("MoRF AUC: the model's probability for the explained class while the pixels the map ranks most "
-                   "relevant are removed first, averaged over the removal steps.")
+    description = (
+        "MoRF AUC: the model's probability for the explained class while the pixels the map ranks most "
+        "relevant are removed first, averaged over the removal steps."
+    )
     higher_is_better = False
     most_relevant_first = True
 
@@ -170,8 +172,10 @@ class PixelFlippingLeRF(PerturbationCurve):
     the score high for long: higher is better."""
 
     name = "pixel_flipping_lerf"
-    description = ("LeRF AUC: the model's probability for the explained class while the pixels the map ranks least "
-                   "relevant are removed first, averaged over the removal steps.")
+    description = (
+        "LeRF AUC: the model's probability for the explained class while the pixels the map ranks least "
+        "relevant are removed first, averaged over the removal steps."
+    )
     higher_is_better = True
     most_relevant_first = False
 
@@ -183,7 +187,9 @@ class Deletion(PerturbationCurve):
     and documented defaults, so reports can cite either protocol."""
 
     name = "deletion"
-    description = "Deletion AUC: the class probability as the most relevant pixels are blurred away, averaged over the steps."
+    description = (
+        "Deletion AUC: the class probability as the most relevant pixels are blurred away, averaged over the steps."
+    )
     higher_is_better = False
     most_relevant_first = True
 
@@ -194,8 +200,10 @@ class Insertion(PerturbationCurve):
     relevant pixels back first; the probability should rise fast: higher AUC is better."""
 
     name = "insertion"
-    description = ("Insertion AUC: the class probability as the most relevant pixels are put back into a blurred image, "
-                   "averaged over the steps.")
+    description = (
+        "Insertion AUC: the class probability as the most relevant pixels are put back into a blurred image, "
+        "averaged over the steps."
+    )
     higher_is_better = True
     most_relevant_first = True
     insert = True
@@ -222,8 +230,10 @@ class FaithfulnessCorrelation(Metric):
     """
 
     name = "faithfulness_correlation"
-    description = ("The correlation between the relevance a map gives random pixel subsets and the drop in the class "
-                   "score when they are removed.")
+    description = (
+        "The correlation between the relevance a map gives random pixel subsets and the drop in the class "
+        "score when they are removed."
+    )
     higher_is_better = True
     category = "faithfulness"
     needs_model = True

@@ -51,8 +51,7 @@ def feature_relevance(
     h, w = inputs.shape[-2:]
     if patch_size < 1 or h % patch_size or w % patch_size:
         raise ConfigError(
-            f"patch_size={patch_size} must be >= 1 and divide the image size {h}x{w}; "
-            "pick a divisor such as 1, 2 or 4"
+            f"patch_size={patch_size} must be >= 1 and divide the image size {h}x{w}; pick a divisor such as 1, 2 or 4"
         )
     if reduce_channels or maps.shape[1] == 1:
         maps = maps.sum(dim=1, keepdim=True)
@@ -98,9 +97,7 @@ def make_baseline(
         else:
             low, high = (torch.tensor(float(v), device=inputs.device, dtype=inputs.dtype) for v in noise_range)
         return low + (high - low) * noise
-    raise ConfigError(
-        f"unknown baseline {baseline!r}; valid baselines: {', '.join(BASELINES)}, a number or a tensor"
-    )
+    raise ConfigError(f"unknown baseline {baseline!r}; valid baselines: {', '.join(BASELINES)}, a number or a tensor")
 
 
 def gaussian_blur(inputs: torch.Tensor, sigma: float) -> torch.Tensor:

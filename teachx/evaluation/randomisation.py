@@ -160,7 +160,13 @@ class MPRT(Metric):
         self.layers = layers
 
     def options(self) -> dict[str, Any]:
-        return {"order": self.order, "similarity": self.similarity, "abs": self.abs, "seed": self.seed, "init": self.init}
+        return {
+            "order": self.order,
+            "similarity": self.similarity,
+            "abs": self.abs,
+            "seed": self.seed,
+            "init": self.init,
+        }
 
     def _similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.similarity == "ssim":
@@ -234,7 +240,9 @@ class EfficientMPRT(Metric):
     needs_teacher = True
     needs_maps = False
 
-    def __init__(self, n_bins: int = 100, abs: bool = False, seed: int = 0, init: str = "reset", use_maps: bool = False):
+    def __init__(
+        self, n_bins: int = 100, abs: bool = False, seed: int = 0, init: str = "reset", use_maps: bool = False
+    ):
         if int(n_bins) < 2:
             raise ConfigError(f"n_bins must be >= 2, got {n_bins}")
         if init not in INITS:

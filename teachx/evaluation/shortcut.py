@@ -56,14 +56,25 @@ def wrong_reason_score(attributions: torch.Tensor, masks: torch.Tensor) -> torch
     magnitude = attributions.detach().double().abs().sum(1)  # (N, H, W)
     inside = (magnitude * _masks(masks, n, (h, w)).to(magnitude.device)).flatten(1).sum(1)
     total = magnitude.flatten(1).sum(1)
-    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    return torch.where(
+        total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total)
+    )
 
 
-declare_measure("gradient_share", "The share of the model's absolute input gradient for the true class that falls on the "
-                "artefact of the test images.", False)
-declare_measure("lrp_share", "The share of the model's absolute LRP relevance for the true class that falls on the artefact.", False)
-declare_measure("artefact_area", "The artefact's share of the image: what a map that ignores the artefact puts there on "
-                "average.", None)
+declare_measure(
+    "gradient_share",
+    "The share of the model's absolute input gradient for the true class that falls on the "
+    "artefact of the test images.",
+    False,
+)
+declare_measure(
+    "lrp_share", "The share of the model's absolute LRP relevance for the true class that falls on the artefact.", False
+)
+declare_measure(
+    "artefact_area",
+    "The artefact's share of the image: what a map that ignores the artefact puts there on average.",
+    None,
+)
 
 
 def artefact_share(
@@ -83,16 +94,24 @@ def artefact_share(
     with equal mass everywhere scores it).
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ConfigError(f"x must be an image batch (N, C, H, W), got {tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+        raise ConfigError(
+            f"x must be an image batch (N, C, H, W), got {tuple(getattr(x, 'shape', ())) or type(x).__name__}"
+        )
     n, _, h, w = x.shape
     y = torch.as_tensor(y).long().reshape(-1)
     if y.shape[0] != n:
         raise ConfigError(f"y must hold one label per image ({n}), got {y.shape[0]}")
     masks = _masks(masks, n, (h, w))
-    pairs = list(methods.items()) if isinstance(methods, Mapping) else [(m if isinstance(m, str) else m.name, m) for m in methods]
+    pairs = (
+        list(methods.items())
+        if isinstance(methods, Mapping)
+        else [(m if isinstance(m, str) else m.name, m) for m in methods]
+    )
     labels = [str(label) for label, _ in pairs]
     if len(set(labels)) != len(labels) or "area" in labels:
-        raise ConfigError(f"methods need distinct names other than 'area', got {labels}; pass them as {{label: teacher}}")
+        raise ConfigError(
+            f"methods need distinct names other than 'area', got {labels}; pass them as {{label: teacher}}"
+        )
     teachers = {label: (build(m) if isinstance(m, str) else m) for label, (_, m) in zip(labels, pairs)}
     device = next((p.device for p in model.parameters()), x.device)
     out: dict[str, float] = {}

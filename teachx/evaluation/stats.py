@@ -145,12 +145,31 @@ def paired_compare(a: Sequence[float], b: Sequence[float], confidence: float = 0
     mean_d = float(d.mean())
     wins, losses = int((d > 0).sum()), int((d < 0).sum())
     n_zero = int((d == 0).sum())
-    common = dict(n=n, mean_a=float(xa.mean()), mean_b=float(xb.mean()), mean_diff=mean_d, confidence=confidence,
-                  n_zero_diffs=n_zero, wins=wins, losses=losses, differences=d.tolist())
+    common = dict(
+        n=n,
+        mean_a=float(xa.mean()),
+        mean_b=float(xb.mean()),
+        mean_diff=mean_d,
+        confidence=confidence,
+        n_zero_diffs=n_zero,
+        wins=wins,
+        losses=losses,
+        differences=d.tolist(),
+    )
     if n < 2:
-        return PairedComparison(**common, std_diff=math.nan, ci_low=math.nan, ci_high=math.nan, t_stat=math.nan,
-                                p_ttest=math.nan, w_stat=math.nan, p_wilcoxon=math.nan, wilcoxon_method="n<2",
-                                cohen_dz=math.nan, wilcoxon_note="one seed: no test is possible")
+        return PairedComparison(
+            **common,
+            std_diff=math.nan,
+            ci_low=math.nan,
+            ci_high=math.nan,
+            t_stat=math.nan,
+            p_ttest=math.nan,
+            w_stat=math.nan,
+            p_wilcoxon=math.nan,
+            wilcoxon_method="n<2",
+            cohen_dz=math.nan,
+            wilcoxon_note="one seed: no test is possible",
+        )
     sd = float(d.std(ddof=1))
     lo, hi = t_interval(mean_d, sd, n, confidence)
     # t-test (scipy), with the degenerate zero-variance cases made explicit
@@ -183,8 +202,19 @@ def paired_compare(a: Sequence[float], b: Sequence[float], confidence: float = 0
     floor = min_wilcoxon_p(nonzero)
     if floor >= 0.05:
         note = f"with {nonzero} non-zero differences the smallest possible Wilcoxon p is {floor:.4g} (>= 0.05): use >= 6 seeds"
-    return PairedComparison(**common, std_diff=sd, ci_low=lo, ci_high=hi, t_stat=t_stat, p_ttest=p_t, w_stat=w_stat,
-                            p_wilcoxon=p_w, wilcoxon_method=method, cohen_dz=dz, wilcoxon_note=note)
+    return PairedComparison(
+        **common,
+        std_diff=sd,
+        ci_low=lo,
+        ci_high=hi,
+        t_stat=t_stat,
+        p_ttest=p_t,
+        w_stat=w_stat,
+        p_wilcoxon=p_w,
+        wilcoxon_method=method,
+        cohen_dz=dz,
+        wilcoxon_note=note,
+    )
 
 
 def _has_ties(x: np.ndarray) -> bool:

@@ -32,8 +32,20 @@ from teachx.models.layers import Add, Mul, StochasticDepth
 from teachx.registry import suggest
 
 __all__ = [
-    "MODELS", "Backbone", "AdaptedBackbone", "Add", "Mul", "StochasticDepth",
-    "adapt", "build_model", "model_spec", "build_from_spec", "model_options", "any_model_from_spec", "BUILT_IN_MAP_MODELS", "shared_map_text",
+    "MODELS",
+    "Backbone",
+    "AdaptedBackbone",
+    "Add",
+    "Mul",
+    "StochasticDepth",
+    "adapt",
+    "build_model",
+    "model_spec",
+    "build_from_spec",
+    "model_options",
+    "any_model_from_spec",
+    "BUILT_IN_MAP_MODELS",
+    "shared_map_text",
 ]
 
 #: the spec names of the models that give their own attribution map in the forward pass (``forward_all``)
@@ -43,8 +55,13 @@ BUILT_IN_MAP_MODELS = ("impactx", "abn")
 def shared_map_text(kind: str) -> str:
     """How a model whose built-in map does not depend on the class is described to users, in one place
     so that `teachx explain --class` and `teachx serve` say it the same way."""
-    why = "it was trained without impactx.per_class" if kind == "impactx" else "its attention map does not depend on the class"
+    why = (
+        "it was trained without impactx.per_class"
+        if kind == "impactx"
+        else "its attention map does not depend on the class"
+    )
     return f"one built-in map shared by all classes ({why})"
+
 
 SPEC_VERSION = 1
 
@@ -55,8 +72,11 @@ def model_options(name: str) -> dict[str, Any]:
 
 
 def _options_of(builder: Callable[..., Backbone]) -> dict[str, Any]:
-    return {p.name: p.default for p in inspect.signature(builder).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return {
+        p.name: p.default
+        for p in inspect.signature(builder).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
 
 
 def _resolved(options: dict[str, Any], model: Backbone, hw: tuple[int, int]) -> dict[str, Any]:
@@ -72,8 +92,9 @@ def _resolved(options: dict[str, Any], model: Backbone, hw: tuple[int, int]) -> 
     return options
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int | tuple[int, int],
-                **options: Any) -> Backbone:
+def build_model(
+    name: str, in_channels: int, num_classes: int, image_size: int | tuple[int, int], **options: Any
+) -> Backbone:
     """Build backbone ``name`` (random init from torch's global generator) and record its spec."""
     in_channels = positive_int("in_channels", in_channels)
     num_classes = positive_int("num_classes", num_classes)
@@ -91,17 +112,26 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int |
         valid = _options_of(builder)
         for key in options:
             if key not in valid:
-                raise ConfigError(f"unknown option '{key}' for model '{canonical}'{suggest(key, list(valid))}; "
-                                  f"valid options: {', '.join(valid) or 'none'}")
+                raise ConfigError(
+                    f"unknown option '{key}' for model '{canonical}'{suggest(key, list(valid))}; "
+                    f"valid options: {', '.join(valid) or 'none'}"
+                )
         model = builder(in_channels, num_classes, hw, **options)
         full_options = _resolved({**valid, **options}, model, hw)
-    spec = {"version": SPEC_VERSION, "name": canonical, "in_channels": in_channels, "num_classes": num_classes,
-            "image_size": list(hw), "options": full_options}
+    spec = {
+        "version": SPEC_VERSION,
+        "name": canonical,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "image_size": list(hw),
+        "options": full_options,
+    }
     try:
         json.dumps(spec)
     except (TypeError, ValueError):
-        raise ConfigError(f"options of model '{canonical}' must be JSON values (numbers, strings, lists), "
-                          f"got {options!r}") from None
+        raise ConfigError(
+            f"options of model '{canonical}' must be JSON values (numbers, strings, lists), got {options!r}"
+        ) from None
     model.spec = spec
     return model
 
@@ -110,19 +140,24 @@ def model_spec(model: Backbone) -> dict[str, Any]:
     """The JSON-able recipe of a model made by ``build_model`` (a copy)."""
     spec = getattr(model, "spec", None)
     if not isinstance(spec, dict):
-        raise ConfigError(f"{type(model).__name__} was not made by teachx.models.build_model, so it has no spec; "
-                          "rebuild it in your code and load its state_dict")
+        raise ConfigError(
+            f"{type(model).__name__} was not made by teachx.models.build_model, so it has no spec; "
+            "rebuild it in your code and load its state_dict"
+        )
     return copy.deepcopy(spec)
 
 
 def build_from_spec(spec: dict[str, Any]) -> Backbone:
     """Rebuild the architecture that ``model_spec`` described (weights are loaded separately)."""
     if not isinstance(spec, dict) or not {"name", "in_channels", "num_classes", "image_size"} <= set(spec):
-        raise CheckpointError("model spec must be a dict with name, in_channels, num_classes, image_size; "
-                              "the checkpoint is corrupted or not a teachx checkpoint")
+        raise CheckpointError(
+            "model spec must be a dict with name, in_channels, num_classes, image_size; "
+            "the checkpoint is corrupted or not a teachx checkpoint"
+        )
     if spec.get("version", SPEC_VERSION) > SPEC_VERSION:
-        raise CheckpointError(f"model spec version {spec['version']} is newer than this teachx supports "
-                              f"({SPEC_VERSION}); upgrade teachx")
+        raise CheckpointError(
+            f"model spec version {spec['version']} is newer than this teachx supports ({SPEC_VERSION}); upgrade teachx"
+        )
     options = spec.get("options") or {}
     try:
         return build_model(spec["name"], spec["in_channels"], spec["num_classes"], spec["image_size"], **options)

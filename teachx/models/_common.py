@@ -23,8 +23,10 @@ def image_hw(image_size: Any) -> tuple[int, int]:
         raise ConfigError(f"image_size must be an int or (height, width), got {image_size!r}")
     if isinstance(image_size, int):
         hw = (image_size, image_size)
-    elif isinstance(image_size, (tuple, list)) and len(image_size) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in image_size
+    elif (
+        isinstance(image_size, (tuple, list))
+        and len(image_size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)
     ):
         hw = (int(image_size[0]), int(image_size[1]))
     else:

@@ -54,14 +54,20 @@ def resolve_split(backbone: Backbone, split: Optional[int], name: str = "") -> i
     name = name or type(backbone).__name__
     levels = split_levels(backbone)
     if not levels:
-        raise ConfigError(f"abn needs a built-in backbone whose body is an nn.Sequential with pyramid levels to cut at "
-                          f"(lenet5, mobilenet, efficientnet_b0/b2, resnet18, resnet_cifar); '{name}' has none")
+        raise ConfigError(
+            f"abn needs a built-in backbone whose body is an nn.Sequential with pyramid levels to cut at "
+            f"(lenet5, mobilenet, efficientnet_b0/b2, resnet18, resnet_cifar); '{name}' has none"
+        )
     if split is None or split == -1:
         return levels[-1]
     if isinstance(split, bool) or not isinstance(split, int) or split not in levels:
-        desc = ", ".join(f"{lv}: {backbone.pyramid_channels[lv]} channels at stride {backbone.pyramid_strides[lv]}" for lv in levels)
-        raise ConfigError(f"abn split (method.options.split) = {split!r} is out of range for '{name}': use -1 (auto) or a "
-                          f"pyramid level in {levels[0]}..{levels[-1]} ({desc})")
+        desc = ", ".join(
+            f"{lv}: {backbone.pyramid_channels[lv]} channels at stride {backbone.pyramid_strides[lv]}" for lv in levels
+        )
+        raise ConfigError(
+            f"abn split (method.options.split) = {split!r} is out of range for '{name}': use -1 (auto) or a "
+            f"pyramid level in {levels[0]}..{levels[-1]} ({desc})"
+        )
     return split
 
 
@@ -76,14 +82,23 @@ class ABN(nn.Module):
     #: what the training task calls through DDP (one call per step)
     ddp_forward_methods = ("forward_branches",)
 
-    def __init__(self, backbone: Backbone, num_classes: int, split: Optional[int] = None, width: Optional[int] = None,
-                 blocks: int = 1, spec: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        split: Optional[int] = None,
+        width: Optional[int] = None,
+        blocks: int = 1,
+        spec: Optional[dict[str, Any]] = None,
+    ):
         super().__init__()
         level = resolve_split(backbone, split, (getattr(backbone, "spec", None) or {}).get("name", ""))
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
             raise ConfigError(f"abn blocks must be an integer >= 0, got {blocks!r}")
         if width is not None and width != 0 and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-            raise ConfigError(f"abn width must be a positive integer, or 0 / null for the split level's channels, got {width!r}")
+            raise ConfigError(
+                f"abn width must be a positive integer, or 0 / null for the split level's channels, got {width!r}"
+            )
         self.backbone = backbone
         self.split_level = level
         self.split_index = backbone.pyramid_taps[level] + 1  # g = body[:split_index]
@@ -92,11 +107,14 @@ class ABN(nn.Module):
         self.blocks = blocks
         self.num_classes = int(num_classes)
         self.in_channels = getattr(backbone, "in_channels", None)
-        self.attention = nn.Sequential(*(conv_bn(channels if i == 0 else self.width, self.width, 3, activation=nn.ReLU())
-                                         for i in range(blocks)))
+        self.attention = nn.Sequential(
+            *(conv_bn(channels if i == 0 else self.width, self.width, 3, activation=nn.ReLU()) for i in range(blocks))
+        )
         self.class_maps = nn.Conv2d(self.width if blocks else channels, self.num_classes, 1)  # A_k
         self.attention_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # GAP(A) -> attention logits
-        self.attention_map = nn.Sequential(nn.Conv2d(self.num_classes, 1, 1, bias=False), nn.BatchNorm2d(1), nn.Sigmoid())  # M
+        self.attention_map = nn.Sequential(
+            nn.Conv2d(self.num_classes, 1, 1, bias=False), nn.BatchNorm2d(1), nn.Sigmoid()
+        )  # M
         self.gate = Mul()  # g * M
         self.residual = Add()  # g * M + g = (1 + M) * g
         init_weights(nn.ModuleList([self.attention, self.class_maps, self.attention_map]))
@@ -194,7 +212,9 @@ def build_abn(
 def abn_from_spec(spec: dict[str, Any]) -> ABN:
     """Rebuild the architecture ``model.spec`` describes (weights are loaded separately)."""
     if not isinstance(spec, dict) or spec.get("name") != "abn":
-        raise CheckpointError("abn model spec must be a dict named 'abn'; the checkpoint is corrupted or holds another model")
+        raise CheckpointError(
+            "abn model spec must be a dict named 'abn'; the checkpoint is corrupted or holds another model"
+        )
     kw = {k: v for k, v in spec.items() if k != "name"}
     kw["image_size"] = tuple(kw["image_size"])
     return build_abn(**kw)

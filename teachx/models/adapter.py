@@ -58,12 +58,18 @@ def _submodule(module: nn.Module, name: str, role: str) -> nn.Module:
         return module.get_submodule(name)
     except AttributeError:
         valid = [n for n, _ in module.named_modules() if n][:20]
-        raise ConfigError(f"{role} '{name}' is not a submodule of {type(module).__name__}; "
-                          f"valid names include: {', '.join(valid)}") from None
+        raise ConfigError(
+            f"{role} '{name}' is not a submodule of {type(module).__name__}; valid names include: {', '.join(valid)}"
+        ) from None
 
 
-def _run(module: nn.Module, x: torch.Tensor, stop_at: nn.Module, capture: str,
-         replace: tuple[nn.Module, torch.Tensor] | None = None) -> torch.Tensor:
+def _run(
+    module: nn.Module,
+    x: torch.Tensor,
+    stop_at: nn.Module,
+    capture: str,
+    replace: tuple[nn.Module, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Run ``module(x)`` until ``stop_at`` is reached; return its first input or its output."""
     captured: list[torch.Tensor] = []
     handles = []
@@ -91,8 +97,10 @@ def _run(module: nn.Module, x: torch.Tensor, stop_at: nn.Module, capture: str,
         for handle in handles:
             handle.remove()
     if not captured:
-        raise ConfigError(f"{type(stop_at).__name__} layer was not called by {type(module).__name__}.forward; "
-                          "pass classifier=/feature_layer= naming layers that forward uses")
+        raise ConfigError(
+            f"{type(stop_at).__name__} layer was not called by {type(module).__name__}.forward; "
+            "pass classifier=/feature_layer= naming layers that forward uses"
+        )
     return captured[0]
 
 
@@ -120,16 +128,24 @@ class _NeckView(nn.Module):
         owner = self.owner
         x = owner.__dict__.get("_last_body_input")
         if x is None or x.shape[0] != h.shape[0]:
-            raise ConfigError("an adapted model's neck(h) needs h = model.body(x) computed just before; "
-                              "use model.features(x) to get the feature vector directly")
+            raise ConfigError(
+                "an adapted model's neck(h) needs h = model.body(x) computed just before; "
+                "use model.features(x) to get the feature vector directly"
+            )
         return _run(owner.module, x, owner.classifier, "input", replace=(owner.feature_layer, h))
 
 
 class AdaptedBackbone(Backbone):
     """A user module seen as body -> neck -> classifier through hooks (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, classifier: str, feature_layer: str, in_channels: int,
-                 pyramid_layers: list[str] | None = None):
+    def __init__(
+        self,
+        module: nn.Module,
+        classifier: str,
+        feature_layer: str,
+        in_channels: int,
+        pyramid_layers: list[str] | None = None,
+    ):
         super().__init__()
         self.module = module
         self.classifier_name = classifier
@@ -146,9 +162,13 @@ class AdaptedBackbone(Backbone):
         self.neck = _NeckView(self)
 
     def _check_head(self, head: nn.Module) -> None:
-        if not (isinstance(getattr(head, "in_features", None), int) and isinstance(getattr(head, "out_features", None), int)):
-            raise ConfigError(f"classifier '{self.classifier_name}' ({type(head).__name__}) has no in_features/"
-                              "out_features; name an nn.Linear head with classifier=")
+        if not (
+            isinstance(getattr(head, "in_features", None), int) and isinstance(getattr(head, "out_features", None), int)
+        ):
+            raise ConfigError(
+                f"classifier '{self.classifier_name}' ({type(head).__name__}) has no in_features/"
+                "out_features; name an nn.Linear head with classifier="
+            )
         self.feature_dim = head.in_features
         self.num_classes = head.out_features
 
@@ -181,15 +201,22 @@ class AdaptedBackbone(Backbone):
         order: list[str] = []
         handles = []
         for name in names:
+
             def hook(_m, _i, out, name=name):
                 if name not in shapes and isinstance(out, torch.Tensor) and out.dim() == 4:
                     shapes[name] = tuple(out.shape[1:])
                     order.append(name)
+
             handles.append(self.module.get_submodule(name).register_forward_hook(hook))
         param = next(self.module.parameters(), None)
-        x = torch.zeros(1, self.in_channels, int(image_size[0]), int(image_size[1]),
-                        device=param.device if param is not None else None,
-                        dtype=param.dtype if param is not None else None)
+        x = torch.zeros(
+            1,
+            self.in_channels,
+            int(image_size[0]),
+            int(image_size[1]),
+            device=param.device if param is not None else None,
+            dtype=param.dtype if param is not None else None,
+        )
         was_training = self.module.training
         self.module.eval()
         try:
@@ -211,16 +238,20 @@ class AdaptedBackbone(Backbone):
             names = list(found)
             keep = [n for i, n in enumerate(names) if i == len(names) - 1 or found[names[i + 1]][1:] != found[n][1:]]
             if not keep:
-                raise ConfigError(f"{type(self.module).__name__} has no nn.Conv2d with a spatial output before its "
-                                  "classifier; pass pyramid_layers=[...] naming its multi-scale layers")
+                raise ConfigError(
+                    f"{type(self.module).__name__} has no nn.Conv2d with a spatial output before its "
+                    "classifier; pass pyramid_layers=[...] naming its multi-scale layers"
+                )
             self.pyramid_layer_names = sorted(keep, key=lambda n: -found[n][1] * found[n][2])  # high -> low resolution
             found = {n: found[n] for n in self.pyramid_layer_names}
         else:
             found = self._dry_run(key, self.pyramid_layer_names)
             missing = [n for n in self.pyramid_layer_names if n not in found]
             if missing:
-                raise ConfigError(f"pyramid layers {', '.join(missing)} gave no (B, C, H, W) output before the classifier "
-                                  f"of {type(self.module).__name__}; name layers with spatial outputs")
+                raise ConfigError(
+                    f"pyramid layers {', '.join(missing)} gave no (B, C, H, W) output before the classifier "
+                    f"of {type(self.module).__name__}; name layers with spatial outputs"
+                )
         shapes = [tuple(int(v) for v in found[n]) for n in self.pyramid_layer_names]
         self.pyramid_channels = tuple(c for c, _, _ in shapes)
         self._pyramid_cache[key] = shapes
@@ -233,8 +264,10 @@ class AdaptedBackbone(Backbone):
         captured: dict[str, torch.Tensor] = {}
         handles = []
         for name in names:
+
             def hook(_m, _i, out, name=name):
                 captured.setdefault(name, out)  # a layer called twice is read at its first call
+
             handles.append(self.module.get_submodule(name).register_forward_hook(hook))
         try:
             feats = _run(self.module, x, self.classifier, "input")
@@ -244,8 +277,13 @@ class AdaptedBackbone(Backbone):
         return feats, [captured[n] for n in names]
 
 
-def adapt(module: nn.Module, classifier: str | None = None, feature_layer: str | None = None,
-          in_channels: int | None = None, pyramid_layers: list[str] | None = None) -> AdaptedBackbone:
+def adapt(
+    module: nn.Module,
+    classifier: str | None = None,
+    feature_layer: str | None = None,
+    in_channels: int | None = None,
+    pyramid_layers: list[str] | None = None,
+) -> AdaptedBackbone:
     """Wrap ``module`` as a Backbone: ``classifier`` names its head (default: last nn.Linear),
     ``feature_layer`` Grad-CAM's layer (default: last nn.Conv2d), ``in_channels`` defaults to the
     first Conv2d's input channels, ``pyramid_layers`` the layers whose outputs form the feature
@@ -270,6 +308,7 @@ def adapt(module: nn.Module, classifier: str | None = None, feature_layer: str |
 
 # ---- torchvision:<name> and timm:<name> -------------------------------------------------------
 
+
 def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
     """Swap the first Conv2d for a freshly initialised one reading ``in_channels`` channels."""
     for name, conv in module.named_modules():
@@ -278,8 +317,17 @@ def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
                 return
             if conv.groups != 1:
                 raise ConfigError(f"cannot change the input channels of grouped conv '{name}'")
-            new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                            conv.dilation, 1, conv.bias is not None, conv.padding_mode)
+            new = nn.Conv2d(
+                in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                1,
+                conv.bias is not None,
+                conv.padding_mode,
+            )
             parent_name, _, leaf = name.rpartition(".")
             setattr(module.get_submodule(parent_name) if parent_name else module, leaf, new)
             return
@@ -287,12 +335,15 @@ def _replace_first_conv(module: nn.Module, in_channels: int) -> None:
 
 
 def _import_error(library: str, name: str, error: BaseException) -> ConfigError:
-    return ConfigError(f"model '{library}:{name}' needs {library}, which cannot be imported here "
-                       f"({type(error).__name__}: {error}); install it (pip install {library}) to use it")
+    return ConfigError(
+        f"model '{library}:{name}' needs {library}, which cannot be imported here "
+        f"({type(error).__name__}: {error}); install it (pip install {library}) to use it"
+    )
 
 
-def build_torchvision(name: str, in_channels: int, num_classes: int, image_size: tuple[int, int],
-                      **options: Any) -> AdaptedBackbone:
+def build_torchvision(
+    name: str, in_channels: int, num_classes: int, image_size: tuple[int, int], **options: Any
+) -> AdaptedBackbone:
     """torchvision's ``name`` (random init), head sized for ``num_classes``, first conv for ``in_channels``."""
     try:
         import torchvision.models as tvm
@@ -308,8 +359,9 @@ def build_torchvision(name: str, in_channels: int, num_classes: int, image_size:
     return adapt(module, in_channels=in_channels)
 
 
-def build_timm(name: str, in_channels: int, num_classes: int, image_size: tuple[int, int],
-               **options: Any) -> AdaptedBackbone:
+def build_timm(
+    name: str, in_channels: int, num_classes: int, image_size: tuple[int, int], **options: Any
+) -> AdaptedBackbone:
     """timm's ``name`` (random init) with ``num_classes`` and ``in_chans`` set by timm itself."""
     try:
         import timm

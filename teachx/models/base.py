@@ -86,8 +86,10 @@ class Backbone(nn.Module):
         """(channels, height, width) of each pyramid level for an ``image_size`` input, high to low
         resolution, computed without running the network."""
         if not self.pyramid_taps:
-            raise NotImplementedError(f"{type(self).__name__} exposes no feature pyramid; set pyramid_taps/"
-                                      "pyramid_channels/pyramid_strides (teachx.models.base.set_pyramid)")
+            raise NotImplementedError(
+                f"{type(self).__name__} exposes no feature pyramid; set pyramid_taps/"
+                "pyramid_channels/pyramid_strides (teachx.models.base.set_pyramid)"
+            )
         h, w = int(image_size[0]), int(image_size[1])
         return [(c, -(-h // s), -(-w // s)) for c, s in zip(self.pyramid_channels, self.pyramid_strides)]
 
@@ -119,8 +121,10 @@ def set_pyramid(model: Backbone, strides: list[int], channels: list[int]) -> Non
     """
     n = len(strides)
     if n != len(model.body) or n != len(channels):
-        raise ValueError(f"set_pyramid needs one stride and one width per body child ({len(model.body)}), "
-                         f"got {len(strides)} and {len(channels)}")
+        raise ValueError(
+            f"set_pyramid needs one stride and one width per body child ({len(model.body)}), "
+            f"got {len(strides)} and {len(channels)}"
+        )
     taps = [i for i in range(n) if i == n - 1 or strides[i + 1] > strides[i]]
     model.pyramid_taps = tuple(taps)
     model.pyramid_channels = tuple(int(channels[i]) for i in taps)

@@ -67,7 +67,9 @@ class DecoderSpec:
     scale: int = 2  # the paper decoder's internal resolution divisor
     in_channels: int = 3  # input image channels (decoders that read the input)
     pyramid: Optional[list[tuple[int, int, int]]] = None  # (C, h, w) of LEP's pyramid levels, high -> low resolution
-    reference: Sequence[float] = field(default_factory=lambda: (0.0,))  # the additive form's reference, per channel or one value
+    reference: Sequence[float] = field(
+        default_factory=lambda: (0.0,)
+    )  # the additive form's reference, per channel or one value
 
 
 class Decoder(nn.Module):
@@ -77,7 +79,12 @@ class Decoder(nn.Module):
     needs_input: ClassVar[bool] = False
     supports_per_class: ClassVar[bool] = True
     #: impactx.per_class / impactx.map_loss when a config leaves them unset (README "Built-in maps")
-    recommended: ClassVar[dict[str, object]] = {"per_class": True, "map_loss": "pearson", "decoder_width": 32, "decoder_reads_m": False}
+    recommended: ClassVar[dict[str, object]] = {
+        "per_class": True,
+        "map_loss": "pearson",
+        "decoder_width": 32,
+        "decoder_reads_m": False,
+    }
 
     @classmethod
     def from_spec(cls, spec: DecoderSpec) -> "Decoder":
@@ -101,16 +108,21 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _reference(decoder: str, in_channels: int, out_channels: int, reference) -> torch.Tensor:
     """The additive form's reference as a (1, 1, C, 1, 1) tensor, after checking the map and reference shapes."""
     if out_channels not in (1, in_channels):
-        raise ConfigError(f"the {decoder} decoder makes 1 map or one per input channel ({in_channels}), "
-                          f"not {out_channels}; use teacher.reduce=sum (or none)")
+        raise ConfigError(
+            f"the {decoder} decoder makes 1 map or one per input channel ({in_channels}), "
+            f"not {out_channels}; use teacher.reduce=sum (or none)"
+        )
     ref = [float(r) for r in (reference if isinstance(reference, (list, tuple)) else [reference])]
     if len(ref) not in (1, in_channels):
-        raise ConfigError(f"impactx.additive_reference needs 1 value or {in_channels} (one per channel), got {len(ref)}")
+        raise ConfigError(
+            f"impactx.additive_reference needs 1 value or {in_channels} (one per channel), got {len(ref)}"
+        )
     return torch.tensor(ref).view(1, 1, -1, 1, 1).expand(1, 1, in_channels, 1, 1).clone()
 
 
-def _additive_maps(x: torch.Tensor, g: torch.Tensor, reference: torch.Tensor, out_channels: int,
-                   map_size: tuple[int, int]) -> torch.Tensor:
+def _additive_maps(
+    x: torch.Tensor, g: torch.Tensor, reference: torch.Tensor, out_channels: int, map_size: tuple[int, int]
+) -> torch.Tensor:
     """sum_c (x_c - reference_c) * g_c for multipliers g (B, classes, C, H, W); per channel when out_channels > 1."""
     contrib = (x.unsqueeze(1) - reference.to(x.dtype)) * g  # (B, classes, C, H, W)
     if out_channels == 1:
@@ -118,12 +130,19 @@ def _additive_maps(x: torch.Tensor, g: torch.Tensor, reference: torch.Tensor, ou
     return _resize(contrib.flatten(1, 2), map_size)
 
 
-def _top_down(owner: str, lateral: nn.ModuleList, merge: Callable[[int, torch.Tensor], torch.Tensor], z_term: torch.Tensor,
-              pyramid: Optional[list[torch.Tensor]]) -> torch.Tensor:
+def _top_down(
+    owner: str,
+    lateral: nn.ModuleList,
+    merge: Callable[[int, torch.Tensor], torch.Tensor],
+    z_term: torch.Tensor,
+    pyramid: Optional[list[torch.Tensor]],
+) -> torch.Tensor:
     """LEP's pyramid merged coarse to fine: ``h = merge(L, lateral_L(f_L) + z_term)``, then for each finer level
     ``h = merge(i, resize(h, size of f_i) + lateral_i(f_i))``; returns h at the finest level."""
     if pyramid is None or len(pyramid) != len(lateral):
-        raise ValueError(f"{owner} needs LEP's {len(lateral)} pyramid levels, got {0 if pyramid is None else len(pyramid)}")
+        raise ValueError(
+            f"{owner} needs LEP's {len(lateral)} pyramid levels, got {0 if pyramid is None else len(pyramid)}"
+        )
     last = len(pyramid) - 1
     h = merge(last, lateral[last](pyramid[last]) + z_term[:, :, None, None])
     for i in range(last - 1, -1, -1):
@@ -145,7 +164,9 @@ class MapDecoder(Decoder):
     supports_per_class = False
     recommended = {"per_class": False, "map_loss": "mse", "decoder_width": 32, "decoder_reads_m": False}  # the paper's
 
-    def __init__(self, latent_dim: int, map_size: tuple[int, int], out_channels: int = 1, width: int = 32, scale: int = 2):
+    def __init__(
+        self, latent_dim: int, map_size: tuple[int, int], out_channels: int = 1, width: int = 32, scale: int = 2
+    ):
         super().__init__()
         h, w = map_size
         self.map_size = (int(h), int(w))
@@ -172,7 +193,9 @@ class MapDecoder(Decoder):
     def from_spec(cls, spec: DecoderSpec) -> "MapDecoder":
         return cls(spec.latent_dim, spec.map_size, spec.out_channels, spec.width, spec.scale)
 
-    def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], self.seed_channels, *self.seed_hw)
         return _resize(self.out(self.up(h)), self.map_size)
 
@@ -189,8 +212,15 @@ class UNetDecoder(Decoder):
 
     needs_pyramid = True
 
-    def __init__(self, latent_dim: int, pyramid: list[tuple[int, int, int]], map_size: tuple[int, int],
-                 out_channels: int = 1, width: int = 32, classes: int = 1):
+    def __init__(
+        self,
+        latent_dim: int,
+        pyramid: list[tuple[int, int, int]],
+        map_size: tuple[int, int],
+        out_channels: int = 1,
+        width: int = 32,
+        classes: int = 1,
+    ):
         super().__init__()
         if not pyramid:
             raise ConfigError("this decoder reads LEP's feature pyramid, but the LEP backbone exposes none")
@@ -209,7 +239,9 @@ class UNetDecoder(Decoder):
         """(B, width, h0, w0) at the finest pyramid level."""
         return _top_down(type(self).__name__, self.lateral, lambda i, t: self.merge[i](t), self.z_proj(z), pyramid)
 
-    def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return _resize(self.head(self.trunk(z, pyramid)), self.map_size)
 
 
@@ -226,8 +258,16 @@ class InputDecoder(UNetDecoder):
     #: DeepSHAP and with self-teaching (README "What the decoder reads")
     recommended = {"per_class": True, "map_loss": "pearson", "decoder_width": 64, "decoder_reads_m": True}
 
-    def __init__(self, latent_dim: int, pyramid: list[tuple[int, int, int]], map_size: tuple[int, int], in_channels: int,
-                 out_channels: int = 1, width: int = 32, classes: int = 1):
+    def __init__(
+        self,
+        latent_dim: int,
+        pyramid: list[tuple[int, int, int]],
+        map_size: tuple[int, int],
+        in_channels: int,
+        out_channels: int = 1,
+        width: int = 32,
+        classes: int = 1,
+    ):
         super().__init__(latent_dim, pyramid, map_size, out_channels, width, classes)
         fine = max(8, width // 4)
         self.in_channels = int(in_channels)
@@ -240,7 +280,15 @@ class InputDecoder(UNetDecoder):
 
     @classmethod
     def from_spec(cls, spec: DecoderSpec) -> "InputDecoder":
-        return cls(spec.latent_dim, spec.pyramid or [], spec.map_size, spec.in_channels, spec.out_channels, spec.width, spec.classes)
+        return cls(
+            spec.latent_dim,
+            spec.pyramid or [],
+            spec.map_size,
+            spec.in_channels,
+            spec.out_channels,
+            spec.width,
+            spec.classes,
+        )
 
     def fused(self, z: torch.Tensor, pyramid: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """(B, fine, H, W): trunk and input features at the input's resolution."""
@@ -249,7 +297,9 @@ class InputDecoder(UNetDecoder):
         h = _resize(self.trunk(z, pyramid), tuple(x.shape[-2:]))
         return self.fuse(torch.cat([h, self.input_conv(x)], dim=1))
 
-    def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return _resize(self.head(self.fused(z, pyramid, x)), self.map_size)
 
 
@@ -265,8 +315,17 @@ class AdditiveDecoder(InputDecoder):
 
     recommended = Decoder.recommended  # measured only at width 32 without M
 
-    def __init__(self, latent_dim: int, pyramid: list[tuple[int, int, int]], map_size: tuple[int, int], in_channels: int,
-                 out_channels: int = 1, width: int = 32, classes: int = 1, reference: Sequence[float] = (0.0,)):
+    def __init__(
+        self,
+        latent_dim: int,
+        pyramid: list[tuple[int, int, int]],
+        map_size: tuple[int, int],
+        in_channels: int,
+        out_channels: int = 1,
+        width: int = 32,
+        classes: int = 1,
+        reference: Sequence[float] = (0.0,),
+    ):
         ref = _reference("additive", in_channels, out_channels, reference)
         super().__init__(latent_dim, pyramid, map_size, in_channels, out_channels, width, classes)
         self.register_buffer("reference", ref, persistent=False)
@@ -276,15 +335,25 @@ class AdditiveDecoder(InputDecoder):
 
     @classmethod
     def from_spec(cls, spec: DecoderSpec) -> "AdditiveDecoder":
-        return cls(spec.latent_dim, spec.pyramid or [], spec.map_size, spec.in_channels, spec.out_channels, spec.width,
-                   spec.classes, spec.reference)
+        return cls(
+            spec.latent_dim,
+            spec.pyramid or [],
+            spec.map_size,
+            spec.in_channels,
+            spec.out_channels,
+            spec.width,
+            spec.classes,
+            spec.reference,
+        )
 
     def multipliers(self, z: torch.Tensor, pyramid: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """g: (B, classes, in_channels, H, W) at the input's resolution."""
         g = self.head(self.fused(z, pyramid, x))
         return g.view(g.shape[0], self.classes, self.in_channels, *g.shape[-2:])
 
-    def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return _additive_maps(x, self.multipliers(z, pyramid, x), self.reference, self.out_channels, self.map_size)
 
 
@@ -303,15 +372,23 @@ class LiteDecoder(Decoder):
 
     needs_pyramid = True
 
-    def __init__(self, latent_dim: int, pyramid: list[tuple[int, int, int]], map_size: tuple[int, int],
-                 head_channels: int, width: int = 16):
+    def __init__(
+        self,
+        latent_dim: int,
+        pyramid: list[tuple[int, int, int]],
+        map_size: tuple[int, int],
+        head_channels: int,
+        width: int = 16,
+    ):
         super().__init__()
         if not pyramid:
             raise ConfigError("this decoder reads LEP's feature pyramid, but the LEP backbone exposes none")
         self.map_size = (int(map_size[0]), int(map_size[1]))
         self.lateral = nn.ModuleList([nn.Conv2d(c, width, 1) for c, _, _ in pyramid])
         self.z_proj = nn.Linear(latent_dim, width)
-        self.mix = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=width), nn.Conv2d(width, width, 1), nn.ReLU())
+        self.mix = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, groups=width), nn.Conv2d(width, width, 1), nn.ReLU()
+        )
         self.head = nn.Conv2d(width, head_channels, 1)
 
     @classmethod
@@ -323,7 +400,9 @@ class LiteDecoder(Decoder):
         h = _top_down(type(self).__name__, self.lateral, lambda _i, t: F.relu(t), self.z_proj(z), pyramid)
         return self.head(self.mix(h))
 
-    def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return _resize(self.coarse(z, pyramid), self.map_size)
 
 
@@ -335,8 +414,17 @@ class LiteAdditiveDecoder(LiteDecoder):
 
     needs_input = True
 
-    def __init__(self, latent_dim: int, pyramid: list[tuple[int, int, int]], map_size: tuple[int, int], in_channels: int,
-                 out_channels: int = 1, width: int = 16, classes: int = 1, reference: Sequence[float] = (0.0,)):
+    def __init__(
+        self,
+        latent_dim: int,
+        pyramid: list[tuple[int, int, int]],
+        map_size: tuple[int, int],
+        in_channels: int,
+        out_channels: int = 1,
+        width: int = 16,
+        classes: int = 1,
+        reference: Sequence[float] = (0.0,),
+    ):
         ref = _reference("lite_additive", in_channels, out_channels, reference)
         super().__init__(latent_dim, pyramid, map_size, classes * in_channels, width)
         self.classes, self.in_channels, self.out_channels = int(classes), int(in_channels), int(out_channels)
@@ -344,10 +432,20 @@ class LiteAdditiveDecoder(LiteDecoder):
 
     @classmethod
     def from_spec(cls, spec: DecoderSpec) -> "LiteAdditiveDecoder":
-        return cls(spec.latent_dim, spec.pyramid or [], spec.map_size, spec.in_channels, spec.out_channels, spec.width,
-                   spec.classes, spec.reference)
+        return cls(
+            spec.latent_dim,
+            spec.pyramid or [],
+            spec.map_size,
+            spec.in_channels,
+            spec.out_channels,
+            spec.width,
+            spec.classes,
+            spec.reference,
+        )
 
-    def forward(self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         if x is None:
             raise ValueError(f"{type(self).__name__} reads the input image; pass x")
         g = _resize(self.coarse(z, pyramid), tuple(x.shape[-2:]))
@@ -363,35 +461,53 @@ def build_decoder(name: str, spec: DecoderSpec) -> Decoder:
     return cls.from_spec(spec)
 
 
-def resolve_design(name: str, per_class: Optional[bool] = None, map_loss: Optional[str] = None, width: Optional[int] = None,
-                   reads_m: Optional[bool] = None, separate_lep: bool = False) -> dict[str, object]:
+def resolve_design(
+    name: str,
+    per_class: Optional[bool] = None,
+    map_loss: Optional[str] = None,
+    width: Optional[int] = None,
+    reads_m: Optional[bool] = None,
+    separate_lep: bool = False,
+) -> dict[str, object]:
     """The built-in-map settings of decoder ``name``: each one given stays, each one left None is the decoder's
     ``recommended`` value -- reading M's pyramid only when LEP is not another backbone (``separate_lep``), since
     the two pyramids must match. One rule for the config (``ImpactxConfig``) and the Python API (``build_impactx``)."""
     rec = DECODERS.get(name).recommended
-    return {"per_class": bool(rec["per_class"]) if per_class is None else per_class,
-            "map_loss": str(rec["map_loss"]) if map_loss is None else map_loss,
-            "decoder_width": int(rec["decoder_width"]) if width is None else width,
-            "decoder_reads_m": (bool(rec["decoder_reads_m"]) and not separate_lep) if reads_m is None else reads_m}
+    return {
+        "per_class": bool(rec["per_class"]) if per_class is None else per_class,
+        "map_loss": str(rec["map_loss"]) if map_loss is None else map_loss,
+        "decoder_width": int(rec["decoder_width"]) if width is None else width,
+        "decoder_reads_m": (bool(rec["decoder_reads_m"]) and not separate_lep) if reads_m is None else reads_m,
+    }
 
 
 def per_class_error(name: str) -> str:
     able = [n for n in DECODERS.names() if DECODERS.get(n).supports_per_class]
-    return (f"impactx.per_class=true needs a decoder that can make one map per class ({', '.join(able)}); "
-            f"'{name}' makes one map from the pooled vector, as in the paper; set impactx.per_class=false "
-            "(or leave it out: each decoder has its own default)")
+    return (
+        f"impactx.per_class=true needs a decoder that can make one map per class ({', '.join(able)}); "
+        f"'{name}' makes one map from the pooled vector, as in the paper; set impactx.per_class=false "
+        "(or leave it out: each decoder has its own default)"
+    )
 
 
 def reads_m_error(name: str) -> str:
     pyramid = [n for n in DECODERS.names() if DECODERS.get(n).needs_pyramid]
-    return f"impactx.decoder_reads_m=true needs a decoder that reads feature pyramids ({', '.join(pyramid)}), not '{name}'"
+    return (
+        f"impactx.decoder_reads_m=true needs a decoder that reads feature pyramids ({', '.join(pyramid)}), not '{name}'"
+    )
 
 
 def _resolve_config_design(ic: ImpactxConfig) -> None:
     """The ``impactx.design`` hook of the config: impactx.* design keys left None get the decoder's recommendation."""
     try:
-        design = resolve_design(ic.decoder, ic.per_class, ic.map_loss, ic.decoder_width, ic.decoder_reads_m,
-                                separate_lep=ic.lep_backbone is not None)
+        design = resolve_design(
+            ic.decoder,
+            ic.per_class,
+            ic.map_loss,
+            ic.decoder_width,
+            ic.decoder_reads_m,
+            separate_lep=ic.lep_backbone is not None,
+        )
     except ConfigError:
         return  # an unknown decoder: validation names the valid ones
     ic.per_class, ic.map_loss = design["per_class"], design["map_loss"]

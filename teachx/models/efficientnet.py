@@ -35,8 +35,13 @@ from teachx.models.layers import Add, Mul, StochasticDepth, conv_bn, init_weight
 
 # (expansion, kernel, stride, width, repeats)
 B0_STAGES: tuple[tuple[int, int, int, int, int], ...] = (
-    (1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-    (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1),
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
 )
 _SMALL_INPUT_STRIDE1_STAGE = 1  # index of the stage whose stride becomes 1 for small inputs
 _BN_EPS = 1e-3
@@ -73,15 +78,17 @@ class SqueezeExcitation(nn.Module):
 class MBConv(nn.Module):
     """Inverted residual block with depthwise conv and SE (Sandler et al. 2018; Tan & Le 2019)."""
 
-    def __init__(self, in_channels: int, out_channels: int, expansion: int, kernel: int, stride: int,
-                 drop_path: float = 0.0):
+    def __init__(
+        self, in_channels: int, out_channels: int, expansion: int, kernel: int, stride: int, drop_path: float = 0.0
+    ):
         super().__init__()
         hidden = in_channels * expansion
         layers: list[nn.Module] = []
         if expansion != 1:
             layers.append(conv_bn(in_channels, hidden, 1, activation=nn.SiLU(), bn_eps=_BN_EPS))
-        layers.append(conv_bn(hidden, hidden, kernel, stride=stride, groups=hidden, activation=nn.SiLU(),
-                              bn_eps=_BN_EPS))
+        layers.append(
+            conv_bn(hidden, hidden, kernel, stride=stride, groups=hidden, activation=nn.SiLU(), bn_eps=_BN_EPS)
+        )
         layers.append(SqueezeExcitation(hidden, max(1, in_channels // 4)))
         layers.append(conv_bn(hidden, out_channels, 1, bn_eps=_BN_EPS))
         self.branch = nn.Sequential(*layers)
@@ -100,13 +107,22 @@ class MBConv(nn.Module):
 class EfficientNet(Backbone):
     """EfficientNet with compound scaling; ``features(x)`` is the pooled head vector (1280 for B0)."""
 
-    def __init__(self, in_channels: int, num_classes: int, width_mult: float = 1.0, depth_mult: float = 1.0,
-                 dropout: float = 0.2, drop_path: float = 0.0, small_input: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width_mult: float = 1.0,
+        depth_mult: float = 1.0,
+        dropout: float = 0.2,
+        drop_path: float = 0.0,
+        small_input: bool = False,
+    ):
         super().__init__()
         stem = round_width(32 * width_mult)
         stride_so_far = 1 if small_input else 2
-        layers: list[nn.Module] = [conv_bn(in_channels, stem, 3, stride=stride_so_far,
-                                           activation=nn.SiLU(), bn_eps=_BN_EPS)]
+        layers: list[nn.Module] = [
+            conv_bn(in_channels, stem, 3, stride=stride_so_far, activation=nn.SiLU(), bn_eps=_BN_EPS)
+        ]
         strides, widths = [stride_so_far], [stem]
         repeats = [math.ceil(r * depth_mult) for *_, r in B0_STAGES]
         total, block_id, width = sum(repeats), 0, stem
@@ -116,8 +132,11 @@ class EfficientNet(Backbone):
             out = round_width(out * width_mult)
             blocks = []
             for i in range(n):
-                blocks.append(MBConv(width, out, expansion, kernel, stride if i == 0 else 1,
-                                     drop_path=drop_path * block_id / total))
+                blocks.append(
+                    MBConv(
+                        width, out, expansion, kernel, stride if i == 0 else 1, drop_path=drop_path * block_id / total
+                    )
+                )
                 width, block_id = out, block_id + 1
             layers.append(nn.Sequential(*blocks))
             stride_so_far *= stride
@@ -135,20 +154,38 @@ class EfficientNet(Backbone):
         init_weights(self)
 
 
-def _build(variant: str, in_channels: int, num_classes: int, image_size: tuple[int, int],
-           dropout: float | None, drop_path: float, small_input: bool | None) -> EfficientNet:
+def _build(
+    variant: str,
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    dropout: float | None,
+    drop_path: float,
+    small_input: bool | None,
+) -> EfficientNet:
     width_mult, depth_mult, default_dropout, _ = VARIANTS[variant]
     hw = image_hw(image_size)
-    return EfficientNet(in_channels, num_classes, width_mult, depth_mult,
-                        dropout=default_dropout if dropout is None else probability("dropout", dropout),
-                        drop_path=probability("drop_path", drop_path),
-                        small_input=resolve_small_input(small_input, hw))
+    return EfficientNet(
+        in_channels,
+        num_classes,
+        width_mult,
+        depth_mult,
+        dropout=default_dropout if dropout is None else probability("dropout", dropout),
+        drop_path=probability("drop_path", drop_path),
+        small_input=resolve_small_input(small_input, hw),
+    )
 
 
 @MODELS.register("efficientnet_b0", "efficientnet-b0", "efficientnetb0")
-def efficientnet_b0(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
-                    dropout: float | None = None, drop_path: float = 0.0,
-                    small_input: bool | None = None) -> EfficientNet:
+def efficientnet_b0(
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    *,
+    dropout: float | None = None,
+    drop_path: float = 0.0,
+    small_input: bool | None = None,
+) -> EfficientNet:
     """EfficientNet-B0 (Tan & Le 2019).
 
     Args:
@@ -160,9 +197,15 @@ def efficientnet_b0(in_channels: int, num_classes: int, image_size: tuple[int, i
 
 
 @MODELS.register("efficientnet_b2", "efficientnet-b2", "efficientnetb2")
-def efficientnet_b2(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
-                    dropout: float | None = None, drop_path: float = 0.0,
-                    small_input: bool | None = None) -> EfficientNet:
+def efficientnet_b2(
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    *,
+    dropout: float | None = None,
+    drop_path: float = 0.0,
+    small_input: bool | None = None,
+) -> EfficientNet:
     """EfficientNet-B2 (Tan & Le 2019): B0 with 1.1x width, 1.2x depth.
 
     Args:

@@ -29,7 +29,15 @@ from torch import nn
 
 from teachx.errors import ConfigError
 from teachx.models.base import Backbone
-from teachx.models.decoders import DECODERS, Decoder, DecoderSpec, MapDecoder, build_decoder, reads_m_error, resolve_design  # noqa: F401  (MapDecoder: public name)
+from teachx.models.decoders import (
+    DECODERS,
+    Decoder,
+    DecoderSpec,
+    MapDecoder,  # noqa: F401  (a public name of this module)
+    build_decoder,
+    reads_m_error,
+    resolve_design,
+)
 from teachx.models import build_model
 from teachx.models._common import output_in_eval_mode
 
@@ -71,14 +79,25 @@ class ImpactX(nn.Module):
                 pyramid = _joined_pyramid(pyramid, m.pyramid_shapes(size))
         elif self.decoder_reads_m:
             raise ConfigError(reads_m_error(self.decoder_name))
-        self.decoder: Decoder = build_decoder(self.decoder_name, DecoderSpec(
-            latent_dim=lep.feature_dim, map_size=tuple(map_size), out_channels=map_channels,
-            classes=num_classes if self.per_class else 1, width=decoder_width, scale=decoder_scale,
-            in_channels=lep.in_channels, reference=tuple(float(r) for r in ref), pyramid=pyramid,
-        ))
+        self.decoder: Decoder = build_decoder(
+            self.decoder_name,
+            DecoderSpec(
+                latent_dim=lep.feature_dim,
+                map_size=tuple(map_size),
+                out_channels=map_channels,
+                classes=num_classes if self.per_class else 1,
+                width=decoder_width,
+                scale=decoder_scale,
+                in_channels=lep.in_channels,
+                reference=tuple(float(r) for r in ref),
+                pyramid=pyramid,
+            ),
+        )
         in_dim = m.feature_dim + lep.feature_dim
         if classifier_hidden > 0:
-            self.classifier = nn.Sequential(nn.Linear(in_dim, classifier_hidden), nn.ReLU(), nn.Linear(classifier_hidden, num_classes))
+            self.classifier = nn.Sequential(
+                nn.Linear(in_dim, classifier_hidden), nn.ReLU(), nn.Linear(classifier_hidden, num_classes)
+            )
         else:
             self.classifier = nn.Linear(in_dim, num_classes)
         self.num_classes = num_classes
@@ -114,7 +133,9 @@ class ImpactX(nn.Module):
             return self.lep.features_with_pyramid(x)
         return self.lep.features(x), None
 
-    def _passes(self, x: torch.Tensor, need_m: bool) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[list[torch.Tensor]]]:
+    def _passes(
+        self, x: torch.Tensor, need_m: bool
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[list[torch.Tensor]]]:
         """(M(x) or None, z, the decoder's pyramid) from one pass through each branch that is needed. With
         ``decoder_reads_m`` the pyramid joins M's levels to LEP's, detached: the decoder sees what the
         classification branch computes, and the map loss never trains M (M learns from CE alone, as in the paper)."""
@@ -205,7 +226,9 @@ def build_impactx(
     per class; ``decoder="paper"`` is the paper's, and ``per_class`` / ``decoder_width`` /
     ``decoder_reads_m`` left None follow the decoder's ``recommended`` setting. Specs written before ``decoder``/``per_class``/``additive_reference``
     existed lack those keys and rebuild the paper's decoder, as they were trained with."""
-    design = resolve_design(decoder, per_class, None, decoder_width, decoder_reads_m, separate_lep=(lep_backbone or backbone) != backbone)
+    design = resolve_design(
+        decoder, per_class, None, decoder_width, decoder_reads_m, separate_lep=(lep_backbone or backbone) != backbone
+    )
     per_class, decoder_width, decoder_reads_m = design["per_class"], design["decoder_width"], design["decoder_reads_m"]
 
     backbone_options = dict(backbone_options or {})
@@ -235,16 +258,31 @@ def build_impactx(
         spec["decoder_reads_m"] = True
     m = build_model(backbone, in_channels, num_classes, image_size, **backbone_options)
     lep = build_model(lep_name, in_channels, num_classes, image_size, **lep_options)
-    return ImpactX(m, lep, num_classes, map_size, map_channels, decoder_width, classifier_hidden, spec=spec, decoder_scale=decoder_scale,
-                   decoder=decoder, per_class=per_class, additive_reference=additive_reference, image_size=image_size,
-                   decoder_reads_m=decoder_reads_m)
+    return ImpactX(
+        m,
+        lep,
+        num_classes,
+        map_size,
+        map_channels,
+        decoder_width,
+        classifier_hidden,
+        spec=spec,
+        decoder_scale=decoder_scale,
+        decoder=decoder,
+        per_class=per_class,
+        additive_reference=additive_reference,
+        image_size=image_size,
+        decoder_reads_m=decoder_reads_m,
+    )
 
 
 def _joined_pyramid(lep: list[tuple[int, int, int]], m: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """LEP's and M's pyramid levels side by side (channels added); they must match in number and size."""
     if len(lep) != len(m) or any(a[1:] != b[1:] for a, b in zip(lep, m)):
-        raise ConfigError(f"impactx.decoder_reads_m=true needs M and LEP pyramids of the same levels and sizes (LEP {lep}, M {m}); "
-                          "use the same backbone for both (leave impactx.lep_backbone unset)")
+        raise ConfigError(
+            f"impactx.decoder_reads_m=true needs M and LEP pyramids of the same levels and sizes (LEP {lep}, M {m}); "
+            "use the same backbone for both (leave impactx.lep_backbone unset)"
+        )
     return [(a[0] + b[0], a[1], a[2]) for a, b in zip(lep, m)]
 
 

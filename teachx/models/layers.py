@@ -38,7 +38,9 @@ class StochasticDepth(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ConfigError(f"stochastic depth probability must be in [0, 1), got {p}; pass e.g. drop_path=0.2 (model.options.drop_path=0.2 on the command line)")
+            raise ConfigError(
+                f"stochastic depth probability must be in [0, 1), got {p}; pass e.g. drop_path=0.2 (model.options.drop_path=0.2 on the command line)"
+            )
         self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,8 +69,15 @@ def conv_bn(
     conv by walking Sequentials.
     """
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=(kernel_size - 1) // 2,
-                  groups=groups, bias=False),
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2,
+            groups=groups,
+            bias=False,
+        ),
         nn.BatchNorm2d(out_channels, eps=bn_eps),
     ]
     if activation is not None:

@@ -35,8 +35,15 @@ def _after_convs(size: int, padding: int) -> int:
 class LeNet5(Backbone):
     """LeNet-5; ``features(x)`` is the 84-d vector after fc84 and its activation."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: tuple[int, int],
-                 activation: str = "relu", pool: str = "max", padding: int | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: tuple[int, int],
+        activation: str = "relu",
+        pool: str = "max",
+        padding: int | None = None,
+    ):
         super().__init__()
         act = _ACTIVATIONS[activation]
         pool_cls = _POOLS[pool]
@@ -44,17 +51,25 @@ class LeNet5(Backbone):
             padding = 2 if min(image_size) < 32 else 0
         h, w = (_after_convs(s, padding) for s in image_size)
         if min(h, w) < 1:
-            raise ConfigError(f"image_size {image_size} is too small for LeNet-5 with padding={padding}; "
-                              "use at least 16x16 pixels (or more padding)")
+            raise ConfigError(
+                f"image_size {image_size} is too small for LeNet-5 with padding={padding}; "
+                "use at least 16x16 pixels (or more padding)"
+            )
         self.padding = padding
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=padding), act(), pool_cls(2),
-            nn.Conv2d(6, 16, 5), act(), pool_cls(2),
+            nn.Conv2d(in_channels, 6, 5, padding=padding),
+            act(),
+            pool_cls(2),
+            nn.Conv2d(6, 16, 5),
+            act(),
+            pool_cls(2),
         )
         self.neck = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(16 * h * w, 120), act(),
-            nn.Linear(120, 84), act(),
+            nn.Linear(16 * h * w, 120),
+            act(),
+            nn.Linear(120, 84),
+            act(),
         )
         self.classifier = nn.Linear(84, num_classes)
         set_dims(self, in_channels, num_classes, 84)
@@ -69,8 +84,15 @@ class LeNet5(Backbone):
 
 
 @MODELS.register("lenet5", "lenet", "lenet-5")
-def lenet5(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
-           activation: str = "relu", pool: str = "max", padding: int | None = None) -> LeNet5:
+def lenet5(
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    *,
+    activation: str = "relu",
+    pool: str = "max",
+    padding: int | None = None,
+) -> LeNet5:
     """LeNet-5 (LeCun et al. 1998): two 5x5 conv + pool stages, three fully connected layers.
 
     Args:
@@ -80,6 +102,11 @@ def lenet5(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
     """
     if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int) or padding < 0):
         raise ConfigError(f"padding must be a non-negative integer or null (auto), got {padding!r}")
-    return LeNet5(in_channels, num_classes, image_hw(image_size),
-                  activation=choice("activation", activation, tuple(_ACTIVATIONS)),
-                  pool=choice("pool", pool, tuple(_POOLS)), padding=padding)
+    return LeNet5(
+        in_channels,
+        num_classes,
+        image_hw(image_size),
+        activation=choice("activation", activation, tuple(_ACTIVATIONS)),
+        pool=choice("pool", pool, tuple(_POOLS)),
+        padding=padding,
+    )

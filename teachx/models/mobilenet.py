@@ -25,8 +25,19 @@ from teachx.models.layers import conv_bn, init_weights
 
 # (pointwise width, stride) of the 13 depthwise-separable blocks
 BLOCKS: tuple[tuple[int, int], ...] = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
 )
 _SMALL_INPUT_STRIDE1 = {1}  # block indices whose stride becomes 1 for small inputs (with the stem)
 _BN_EPS = 1e-3
@@ -35,8 +46,7 @@ _BN_EPS = 1e-3
 def depthwise_separable(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     """depthwise conv3x3 -> BN -> ReLU6 -> pointwise conv1x1 -> BN -> ReLU6."""
     return nn.Sequential(
-        conv_bn(in_channels, in_channels, 3, stride=stride, groups=in_channels, activation=nn.ReLU6(),
-                bn_eps=_BN_EPS),
+        conv_bn(in_channels, in_channels, 3, stride=stride, groups=in_channels, activation=nn.ReLU6(), bn_eps=_BN_EPS),
         conv_bn(in_channels, out_channels, 1, activation=nn.ReLU6(), bn_eps=_BN_EPS),
     )
 
@@ -44,13 +54,15 @@ def depthwise_separable(in_channels: int, out_channels: int, stride: int) -> nn.
 class MobileNetV1(Backbone):
     """MobileNet v1 with width multiplier ``alpha``; ``features(x)`` is the pooled int(1024*alpha) vector."""
 
-    def __init__(self, in_channels: int, num_classes: int, alpha: float = 1.0, dropout: float = 0.0,
-                 small_input: bool = False):
+    def __init__(
+        self, in_channels: int, num_classes: int, alpha: float = 1.0, dropout: float = 0.0, small_input: bool = False
+    ):
         super().__init__()
         width = int(32 * alpha)
         stride_so_far = 1 if small_input else 2
-        layers: list[nn.Module] = [conv_bn(in_channels, width, 3, stride=stride_so_far,
-                                           activation=nn.ReLU6(), bn_eps=_BN_EPS)]
+        layers: list[nn.Module] = [
+            conv_bn(in_channels, width, 3, stride=stride_so_far, activation=nn.ReLU6(), bn_eps=_BN_EPS)
+        ]
         strides, widths = [stride_so_far], [width]
         for i, (out, stride) in enumerate(BLOCKS):
             if small_input and i in _SMALL_INPUT_STRIDE1:
@@ -69,8 +81,15 @@ class MobileNetV1(Backbone):
 
 
 @MODELS.register("mobilenet", "mobilenet_v1", "mobilenetv1")
-def mobilenet(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
-              alpha: float = 1.0, dropout: float = 0.0, small_input: bool | None = None) -> MobileNetV1:
+def mobilenet(
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    *,
+    alpha: float = 1.0,
+    dropout: float = 0.0,
+    small_input: bool | None = None,
+) -> MobileNetV1:
     """MobileNet v1 (Howard et al. 2017): 13 depthwise-separable blocks.
 
     Args:
@@ -81,5 +100,10 @@ def mobilenet(in_channels: int, num_classes: int, image_size: tuple[int, int], *
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 4.0 or int(32 * alpha) < 1:
         raise ConfigError(f"alpha must be a width multiplier in (0, 4] (e.g. 0.25, 0.5, 0.75, 1.0), got {alpha!r}")
     hw = image_hw(image_size)
-    return MobileNetV1(in_channels, num_classes, alpha=float(alpha), dropout=probability("dropout", dropout),
-                       small_input=resolve_small_input(small_input, hw))
+    return MobileNetV1(
+        in_channels,
+        num_classes,
+        alpha=float(alpha),
+        dropout=probability("dropout", dropout),
+        small_input=resolve_small_input(small_input, hw),
+    )

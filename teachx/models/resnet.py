@@ -59,7 +59,9 @@ class ResNet18(Backbone):
             stem = conv_bn(in_channels, 64, 3, activation=nn.ReLU())
         else:
             stem = nn.Sequential(
-                nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
         layers: list[nn.Module] = [stem]
@@ -79,8 +81,14 @@ class ResNet18(Backbone):
 
 
 @MODELS.register("resnet18", "resnet-18", "resnet_18")
-def resnet18(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
-             dropout: float = 0.0, small_input: bool | None = None) -> ResNet18:
+def resnet18(
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    *,
+    dropout: float = 0.0,
+    small_input: bool | None = None,
+) -> ResNet18:
     """ResNet-18 (He et al. 2016), with a CIFAR stem (3x3 conv, no max-pool) for small inputs.
 
     Args:
@@ -88,8 +96,12 @@ def resnet18(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
         small_input: CIFAR stem (3x3 stride-1 conv, no max-pool) instead of ImageNet's; null: auto, true up to 64 px
     """
     hw = image_hw(image_size)
-    return ResNet18(in_channels, num_classes, dropout=probability("dropout", dropout),
-                    small_input=resolve_small_input(small_input, hw))
+    return ResNet18(
+        in_channels,
+        num_classes,
+        dropout=probability("dropout", dropout),
+        small_input=resolve_small_input(small_input, hw),
+    )
 
 
 class CifarResNet(Backbone):
@@ -102,7 +114,11 @@ class CifarResNet(Backbone):
         channels = width
         strides, widths = [1], [width]
         for out, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
-            layers.append(nn.Sequential(*(BasicBlock(channels if i == 0 else out, out, stride if i == 0 else 1) for i in range(blocks))))
+            layers.append(
+                nn.Sequential(
+                    *(BasicBlock(channels if i == 0 else out, out, stride if i == 0 else 1) for i in range(blocks))
+                )
+            )
             channels = out
             strides.append(strides[-1] * stride)
             widths.append(out)
@@ -115,8 +131,15 @@ class CifarResNet(Backbone):
 
 
 @MODELS.register("resnet_cifar", "resnet20", "resnet-cifar")
-def resnet_cifar(in_channels: int, num_classes: int, image_size: tuple[int, int], *,
-                 depth: int = 20, width: int = 16, dropout: float = 0.0) -> CifarResNet:
+def resnet_cifar(
+    in_channels: int,
+    num_classes: int,
+    image_size: tuple[int, int],
+    *,
+    depth: int = 20,
+    width: int = 16,
+    dropout: float = 0.0,
+) -> CifarResNet:
     """CIFAR ResNet (He et al. 2016, sec. 4.2): three stages of basic blocks, depth 6n+2.
 
     Args:
@@ -128,5 +151,10 @@ def resnet_cifar(in_channels: int, num_classes: int, image_size: tuple[int, int]
     depth = positive_int("depth", depth)
     if depth < 8 or (depth - 2) % 6:
         raise ConfigError(f"resnet_cifar depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), got {depth}")
-    return CifarResNet(in_channels, num_classes, depth=depth, width=positive_int("width", width),
-                       dropout=probability("dropout", dropout))
+    return CifarResNet(
+        in_channels,
+        num_classes,
+        depth=depth,
+        width=positive_int("width", width),
+        dropout=probability("dropout", dropout),
+    )

@@ -17,14 +17,28 @@ from teachx.teachers.postprocess import postprocess
 from teachx.training.trainer import DataPlan
 
 
-declare_measure("corr_self", "The mean per-image Pearson correlation between the built-in map and the teacher method applied post "
-                "hoc to the same model: does the built-in map agree with an explanation of the model itself?", True)
-declare_measure("corr_self_mean_map", "The same correlation for the mean training map: the level a map that ignores the image "
-                "reaches.", None)
+declare_measure(
+    "corr_self",
+    "The mean per-image Pearson correlation between the built-in map and the teacher method applied post "
+    "hoc to the same model: does the built-in map agree with an explanation of the model itself?",
+    True,
+)
+declare_measure(
+    "corr_self_mean_map",
+    "The same correlation for the mean training map: the level a map that ignores the image reaches.",
+    None,
+)
 
 
-def explained_classes(cfg: RunConfig, plan: DataPlan, teacher_model: Optional[torch.nn.Module], split: str,
-                      indices: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
+def explained_classes(
+    cfg: RunConfig,
+    plan: DataPlan,
+    teacher_model: Optional[torch.nn.Module],
+    split: str,
+    indices: np.ndarray,
+    device: torch.device,
+    batch_size: int = 256,
+) -> np.ndarray:
     """For every image of ``split`` (an array as long as the split), the class its teacher map
     explains: the label (``teacher.target=label``) or, for ``predicted``, the teacher model's
     prediction on the unaugmented image -- computed for ``indices`` only (others keep the label),
@@ -63,8 +77,15 @@ def faith_indices(cfg: RunConfig, plan: DataPlan, pool: np.ndarray) -> np.ndarra
     return pool[np.sort(np.array(chosen, dtype=np.int64))]
 
 
-def post_hoc_maps(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
-                  device: torch.device, batch_size: int = 64) -> torch.Tensor:
+def post_hoc_maps(
+    cfg: RunConfig,
+    plan: DataPlan,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """The configured teacher method applied to ``model`` (any classifier, e.g. the IMPACTX model),
     post-processed like the teacher maps."""
 
@@ -72,13 +93,25 @@ def post_hoc_maps(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, x: tor
     maps = []
     for s in range(0, x.shape[0], batch_size):
         raw = teacher.attribute(model, x[s : s + batch_size], target[s : s + batch_size])
-        maps.append(postprocess(raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth).detach())
+        maps.append(
+            postprocess(
+                raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth
+            ).detach()
+        )
     return torch.cat(maps).float()
 
 
-def faithfulness_block(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, test_store, train_store,
-                       device: torch.device, pool: np.ndarray, teacher_classes: Optional[np.ndarray] = None,
-                       steps: int = 16) -> dict[str, Any]:
+def faithfulness_block(
+    cfg: RunConfig,
+    plan: DataPlan,
+    model: torch.nn.Module,
+    test_store,
+    train_store,
+    device: torch.device,
+    pool: np.ndarray,
+    teacher_classes: Optional[np.ndarray] = None,
+    steps: int = 16,
+) -> dict[str, Any]:
     """Faithfulness of the built-in maps to the IMPACTX model (``map_quality["faithfulness"]``).
 
     Every map set explains the IMPACTX model's *predicted* class. Besides the AUCs and the
@@ -99,8 +132,9 @@ def faithfulness_block(cfg: RunConfig, plan: DataPlan, model: torch.nn.Module, t
     except Exception as exc:  # an optional diagnostic must not lose the training before it
         errors.append(f"{cfg.teacher.method} on the IMPACTX model: {type(exc).__name__}: {exc}")
         post_hoc = None
-    out = builtin_map_faithfulness(model, x, target, built_in.float(), train_store.mean_map(plan.train_idx), post_hoc,
-                                   steps=steps, seed=cfg.seed)
+    out = builtin_map_faithfulness(
+        model, x, target, built_in.float(), train_store.mean_map(plan.train_idx), post_hoc, steps=steps, seed=cfg.seed
+    )
     out["target"] = "predicted"
     if post_hoc is not None:
         explained = np.asarray(ds.test.labels)[idx] if teacher_classes is None else np.asarray(teacher_classes)[idx]

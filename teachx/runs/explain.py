@@ -38,19 +38,30 @@ def find_impactx_checkpoint(path: str | Path) -> Path:
             if candidate == p / "checkpoints" and (p / "unit.json").is_file():
                 kind = _unit_kind(p)
                 if kind not in (None, *BUILT_IN_MAP_MODELS):
-                    raise CheckpointError(f"'{path}' is a study {kind} unit (a model without built-in maps); pass an IMPACTX "
-                                          "or ABN unit of the study (study.json lists them), or a checkpoint file")
+                    raise CheckpointError(
+                        f"'{path}' is a study {kind} unit (a model without built-in maps); pass an IMPACTX "
+                        "or ABN unit of the study (study.json lists them), or a checkpoint file"
+                    )
             return candidate / "best.safetensors"
-    what = "study directory" if (p / "study.json").is_file() or (p / "units").is_dir() else \
-        "run directory" if (p / "config.yaml").is_file() else "directory"
+    what = (
+        "study directory"
+        if (p / "study.json").is_file() or (p / "units").is_dir()
+        else "run directory"
+        if (p / "config.yaml").is_file()
+        else "directory"
+    )
     if what == "study directory":
         fix = "pass one of its IMPACTX or ABN units, e.g. <study>/units/<key> (study.json lists them)"
     elif (p / "impactx" / "checkpoints" / "last.safetensors").is_file():
-        fix = ("its IMPACTX stage has not finished: run the same `teachx run` command again to finish it, "
-               f"or pass {p / 'impactx' / 'checkpoints' / 'last.safetensors'}")
+        fix = (
+            "its IMPACTX stage has not finished: run the same `teachx run` command again to finish it, "
+            f"or pass {p / 'impactx' / 'checkpoints' / 'last.safetensors'}"
+        )
     else:
-        fix = ("pass the --out folder of `teachx run` or `teachx demo` (not `teachx train`, which trains no IMPACTX model), "
-               "a study unit, or an IMPACTX / ABN .safetensors file")
+        fix = (
+            "pass the --out folder of `teachx run` or `teachx demo` (not `teachx train`, which trains no IMPACTX model), "
+            "a study unit, or an IMPACTX / ABN .safetensors file"
+        )
     raise CheckpointError(f"{what} '{path}' has no IMPACTX checkpoint; {fix}")
 
 
@@ -107,14 +118,18 @@ def _post_hoc_plan(checkpoint: Path, channels: int, size: tuple[int, int]):
     with a background (DeepSHAP, expected gradients), its training images. One-line errors otherwise."""
     cfg = run_config_of(checkpoint)
     if cfg is None:
-        raise CheckpointError(f"--faithfulness needs the run the model came from (its config names the teacher method and the "
-                              f"data of its background), and '{checkpoint}' is outside a run or study unit; pass the "
-                              "`teachx run` / `teachx demo` directory or the study unit (STUDY/units/KEY)")
+        raise CheckpointError(
+            f"--faithfulness needs the run the model came from (its config names the teacher method and the "
+            f"data of its background), and '{checkpoint}' is outside a run or study unit; pass the "
+            "`teachx run` / `teachx demo` directory or the study unit (STUDY/units/KEY)"
+        )
     plan = make_plan(cfg, progress=False)
     ds = plan.dataset
     if ds.channels != channels or tuple(ds.image_size) != tuple(size):
-        raise DataError(f"--faithfulness: the run's data ({ds.name}) has {ds.channels}-channel {ds.image_size[0]}x{ds.image_size[1]} "
-                        f"images, the model expects {channels}-channel {size[0]}x{size[1]}; pass the run directory the model was trained in")
+        raise DataError(
+            f"--faithfulness: the run's data ({ds.name}) has {ds.channels}-channel {ds.image_size[0]}x{ds.image_size[1]} "
+            f"images, the model expects {channels}-channel {size[0]}x{size[1]}; pass the run directory the model was trained in"
+        )
     return cfg, plan
 
 
@@ -125,7 +140,9 @@ def _unique(out_dir: Path, stem: str, suffix: str) -> Path:
     return dest
 
 
-GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # Pillow modes without colour
+GREY_MODES = frozenset(
+    {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+)  # Pillow modes without colour
 
 
 def conform_image(im, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, list[str]]:
@@ -194,8 +211,13 @@ class OutputFolder:
         self._record()
 
     def _record(self) -> None:
-        write_json_atomic(self.path / MANIFEST, {"files": self.files, "note": "files `teachx explain` wrote here; "
-                                                 "the next `teachx explain` into this folder replaces them"})
+        write_json_atomic(
+            self.path / MANIFEST,
+            {
+                "files": self.files,
+                "note": "files `teachx explain` wrote here; the next `teachx explain` into this folder replaces them",
+            },
+        )
 
 
 def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
@@ -216,8 +238,15 @@ def read_image(path: str | Path, channels: int, size: tuple[int, int]) -> tuple[
     return arr, f"{p.name}: {'; '.join(notes)}" if notes else ""
 
 
-def explain_images(checkpoint: str, images: list[str], out: str, device: str = "auto",
-                   cls: int | None = None, faithfulness: bool = False, steps: int = 16) -> Iterator[str]:
+def explain_images(
+    checkpoint: str,
+    images: list[str],
+    out: str,
+    device: str = "auto",
+    cls: int | None = None,
+    faithfulness: bool = False,
+    steps: int = 16,
+) -> Iterator[str]:
     """Overlay PNGs of the built-in maps of ``images``; ``cls``: the map of that class instead of the
     predicted one (models with per-class maps only). Yields one line per image (and per notice).
 
@@ -272,51 +301,97 @@ def explain_images(checkpoint: str, images: list[str], out: str, device: str = "
         stem = f"{Path(p).stem}_{kind}" + ("" if cls is None else f"_class{cls}")
         dest = _unique(out_dir, stem, ".png")
         of = "" if cls is None else f"; map of {class_names[cls]}"
-        figures.save_overlay(dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}")
+        figures.save_overlay(
+            dest, x_u8[i], maps[i].cpu(), title=f"{Path(p).name}: {class_names[k]} ({probs[i, k]:.2f}){of}"
+        )
         folder.wrote(dest)
         yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
         if faith is not None:
             post_dest = _unique(out_dir, f"{Path(p).stem}_{method}" + ("" if cls is None else f"_class{cls}"), ".png")
-            figures.save_overlay(post_dest, x_u8[i], faith["post_hoc"][i], title=f"{Path(p).name}: {method} of this model{of}",
-                         map_title=f"{method} map (post hoc)")
+            figures.save_overlay(
+                post_dest,
+                x_u8[i],
+                faith["post_hoc"][i],
+                title=f"{Path(p).name}: {method} of this model{of}",
+                map_title=f"{method} map (post hoc)",
+            )
             folder.wrote(post_dest)
             row = _faith_row(faith["report"], i)
-            rows.append({"image": str(p), "predicted": k, "predicted_name": class_names[k], "explained_class": int(explained[i]),
-                         "explained_name": class_names[int(explained[i])], "built_in_png": str(dest), "post_hoc_png": str(post_dest), **row})
+            rows.append(
+                {
+                    "image": str(p),
+                    "predicted": k,
+                    "predicted_name": class_names[k],
+                    "explained_class": int(explained[i]),
+                    "explained_name": class_names[int(explained[i])],
+                    "built_in_png": str(dest),
+                    "post_hoc_png": str(post_dest),
+                    **row,
+                }
+            )
             a = row["auc"]["pixel_flipping_morf"]
-            yield (f"  faithfulness to this model, MoRF AUC (lower = more faithful): built-in {a['built_in']:.3f}, {method} post hoc "
-                   f"{a['teacher_post_hoc']:.3f}, random {a['random']:.3f}; built-in vs {method} correlation {row['corr_self']:.3f} -> {post_dest}")
+            yield (
+                f"  faithfulness to this model, MoRF AUC (lower = more faithful): built-in {a['built_in']:.3f}, {method} post hoc "
+                f"{a['teacher_post_hoc']:.3f}, random {a['random']:.3f}; built-in vs {method} correlation {row['corr_self']:.3f} -> {post_dest}"
+            )
     if faith is not None:
         report = faith["report"]
-        record = {"checkpoint": str(ck_path), "model": kind, "teacher_method": method,
-                  "teacher": {"options": dict(cfg.teacher.options), "reduce": cfg.teacher.reduce, "normalize": cfg.teacher.normalize,
-                              "smooth": cfg.teacher.smooth, "background_size": cfg.teacher.background_size},
-                  "explained": "predicted" if cls is None else f"class {cls}", "steps": report["steps"],
-                  "higher_is_better": report["higher_is_better"], "mean": {"auc": report["auc"], "corr_self": report["corr_self"]},
-                  "images": rows}
+        record = {
+            "checkpoint": str(ck_path),
+            "model": kind,
+            "teacher_method": method,
+            "teacher": {
+                "options": dict(cfg.teacher.options),
+                "reduce": cfg.teacher.reduce,
+                "normalize": cfg.teacher.normalize,
+                "smooth": cfg.teacher.smooth,
+                "background_size": cfg.teacher.background_size,
+            },
+            "explained": "predicted" if cls is None else f"class {cls}",
+            "steps": report["steps"],
+            "higher_is_better": report["higher_is_better"],
+            "mean": {"auc": report["auc"], "corr_self": report["corr_self"]},
+            "images": rows,
+        }
         dest = _unique(out_dir, "faithfulness", ".json")
         write_json_atomic(dest, record)
         folder.wrote(dest)
         a = report["auc"]["pixel_flipping_morf"]
-        yield (f"mean over {len(rows)} image(s): MoRF AUC built-in {a['built_in']:.3f}, {method} post hoc {a['teacher_post_hoc']:.3f}, "
-               f"random {a['random']:.3f}; correlation {report['corr_self']:.3f} -> {dest}")
+        yield (
+            f"mean over {len(rows)} image(s): MoRF AUC built-in {a['built_in']:.3f}, {method} post hoc {a['teacher_post_hoc']:.3f}, "
+            f"random {a['random']:.3f}; correlation {report['corr_self']:.3f} -> {dest}"
+        )
 
 
-def _faithfulness(cfg, plan, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, built_in: torch.Tensor,
-                  steps: int, device: torch.device) -> dict:
+def _faithfulness(
+    cfg,
+    plan,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    built_in: torch.Tensor,
+    steps: int,
+    device: torch.device,
+) -> dict:
     """The post-hoc maps of the run's teacher method on ``model`` and the faithfulness report of both map sets."""
     try:
         post_hoc = post_hoc_maps(cfg, plan, model, x, target, device)
     except TeachxError:
         raise
     except Exception as exc:  # a method that does not support this architecture: say which, one line
-        raise CheckpointError(f"--faithfulness: {cfg.teacher.method} failed on this model ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]}); drop --faithfulness") from None
-    report = builtin_map_faithfulness(model, x, target, built_in, None, post_hoc, steps=steps, seed=cfg.seed, per_image=True)
+        raise CheckpointError(
+            f"--faithfulness: {cfg.teacher.method} failed on this model ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:200]}); drop --faithfulness"
+        ) from None
+    report = builtin_map_faithfulness(
+        model, x, target, built_in, None, post_hoc, steps=steps, seed=cfg.seed, per_image=True
+    )
     return {"post_hoc": post_hoc.cpu(), "report": report}
 
 
 def _faith_row(report: dict, i: int) -> dict:
     """Image ``i``'s values of a per-image faithfulness report."""
-    return {"auc": {m: {s: v[i] for s, v in sets.items()} for m, sets in report["values"].items()},
-            "corr_self": report["corr_self_values"][i]}
+    return {
+        "auc": {m: {s: v[i] for s, v in sets.items()} for m, sets in report["values"].items()},
+        "corr_self": report["corr_self_values"][i],
+    }

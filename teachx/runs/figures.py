@@ -88,8 +88,14 @@ def _example_grid(images_u8: torch.Tensor, columns: dict[str, torch.Tensor], row
     return fig
 
 
-def save_overlay(path: str | Path, image_u8: torch.Tensor, amap: torch.Tensor, title: str = "", dpi: int = 120,
-                 map_title: str = "built-in map") -> Path:
+def save_overlay(
+    path: str | Path,
+    image_u8: torch.Tensor,
+    amap: torch.Tensor,
+    title: str = "",
+    dpi: int = 120,
+    map_title: str = "built-in map",
+) -> Path:
     """Input | map | map over the greyscale input, for `teachx explain`; ``map_title`` names the map
     (a post-hoc map is not the model's built-in one)."""
     return _save(_overlay(image_u8, amap, title, map_title), path, dpi)
@@ -122,8 +128,12 @@ def _overlay(image_u8: torch.Tensor, amap: torch.Tensor, title: str, map_title: 
 VAL_LOSS_LABEL = "validation loss (cross-entropy only)"
 
 
-def save_training_curves(path: str | Path, histories: dict[str, list[dict[str, Any]]], dpi: int = 110,
-                         losses: Optional[dict[str, str]] = None) -> Path:
+def save_training_curves(
+    path: str | Path,
+    histories: dict[str, list[dict[str, Any]]],
+    dpi: int = 110,
+    losses: Optional[dict[str, str]] = None,
+) -> Path:
     """Training loss, validation loss and accuracy per epoch for each named run.
 
     ``losses``: each run's training loss in words (``TrainingMethod.training_loss``, e.g. "CE + λ·(1 − Pearson)"),
@@ -138,7 +148,13 @@ def _training_curves(histories: dict[str, list[dict[str, Any]]], losses: dict[st
     for i, (name, hist) in enumerate(histories.items()):
         ep = [h["epoch"] for h in hist]
         color = f"C{i}"
-        a0.plot(ep, [h["train_loss"] for h in hist], "--", color=color, label=f"{name}: {losses[name]}" if name in losses else name)
+        a0.plot(
+            ep,
+            [h["train_loss"] for h in hist],
+            "--",
+            color=color,
+            label=f"{name}: {losses[name]}" if name in losses else name,
+        )
         a1.plot(ep, [h["val_loss"] for h in hist], "-", color=color, label=name)
         a2.plot(ep, [h["train_acc"] for h in hist], "--", color=color, label=f"{name} training")
         a2.plot(ep, [h["val_acc"] for h in hist], "-", color=color, label=f"{name} validation")

@@ -52,8 +52,10 @@ from teachx.utils.seeding import choose_device, seed_everything
 
 # -- run directories --------------------------------------------------------------------------
 
-def prepare_run_dir(run_dir: str | Path, cfg: RunConfig, command: str, overwrite: bool = False,
-                    log: Callable[[str], None] = print) -> Path:
+
+def prepare_run_dir(
+    run_dir: str | Path, cfg: RunConfig, command: str, overwrite: bool = False, log: Callable[[str], None] = print
+) -> Path:
     """Create ``run_dir`` with the resolved config, or resume the teachx run there with the same config.
 
     A directory teachx did not make is never used, with or without ``overwrite``. One made with a
@@ -86,7 +88,10 @@ def stage_done(stage_dir: Path, fix: Optional[str] = None) -> Optional[dict[str,
 def stage_fix(stage_dir: Path) -> str:
     """The way forward for a damaged file of a stage: --redo in a run directory, deleting a study
     unit, else deleting the stage directory (so that it is trained again)."""
-    return run_dir_fix(Path(stage_dir) / "stage.json") or f"delete '{stage_dir}' and run again (that stage is trained again)"
+    return (
+        run_dir_fix(Path(stage_dir) / "stage.json")
+        or f"delete '{stage_dir}' and run again (that stage is trained again)"
+    )
 
 
 @contextlib.contextmanager
@@ -175,7 +180,12 @@ def redo_hint(run_dir: Path, stage: Optional[str] = None):
         yield
     except CorruptionError as err:
         found = _stage_in(run_dir, err.path) if err.path else None
-        if found is None and stage is not None and err.path and Path(run_dir).resolve() in Path(err.path).resolve().parents:
+        if (
+            found is None
+            and stage is not None
+            and err.path
+            and Path(run_dir).resolve() in Path(err.path).resolve().parents
+        ):
             found = stage
         if found is not None:
             raise err.with_fix(redo_fix(found)) from None
@@ -202,9 +212,11 @@ def check_bound(run_dir: Path, expected: Optional[str], stages: tuple[str, ...] 
             wrong.append(stage)
     if wrong:
         which = f"the {wrong[0]} stage was" if len(wrong) == 1 else f"the {' and '.join(wrong)} stages were"
-        raise RunDirError(f"run directory '{run_dir}': {which} made with another config than its config.yaml (by another "
-                          "process, or copied or edited by hand); re-run the same command with "
-                          + " ".join(f"--redo {s}" for s in wrong))
+        raise RunDirError(
+            f"run directory '{run_dir}': {which} made with another config than its config.yaml (by another "
+            "process, or copied or edited by hand); re-run the same command with "
+            + " ".join(f"--redo {s}" for s in wrong)
+        )
 
 
 def results_bound(run_dir: Path, expected: Optional[str]) -> Optional[dict[str, Any]]:
@@ -216,7 +228,9 @@ def results_bound(run_dir: Path, expected: Optional[str]) -> Optional[dict[str, 
     return None
 
 
-def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ...], log: Callable[[str], None] = print) -> list[str]:
+def redo_stages(
+    run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ...], log: Callable[[str], None] = print
+) -> list[str]:
     """``--redo``: discard the named stages of the run directory (teachx's own) and what was made from
     them, so that the run trains them again; returns what was discarded.
 
@@ -238,7 +252,11 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
             raise ConfigError(f"--redo {unknown[0]}: not a stage; the stages are {', '.join(STAGES)}")
         teacher_is_baseline = not cfg.teacher.checkpoint and not separate_teacher(cfg)
         if "teacher" in stages and (cfg.teacher.checkpoint or teacher_is_baseline):
-            why = "teacher.checkpoint is used as the teacher" if cfg.teacher.checkpoint else "the baseline is the teacher; use --redo baseline"
+            why = (
+                "teacher.checkpoint is used as the teacher"
+                if cfg.teacher.checkpoint
+                else "the baseline is the teacher; use --redo baseline"
+            )
             raise ConfigError(f"--redo teacher: this run has no teacher stage ({why})")
         if "teacher" in stages or ("baseline" in stages and teacher_is_baseline):
             stages.append(method_name(cfg))
@@ -260,17 +278,31 @@ def redo_stages(run_dir: Path, cfg: RunConfig, stages: list[str] | tuple[str, ..
 
 # -- data ---------------------------------------------------------------------------------------
 
-def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
-    ds = load_dataset(cfg.data.name, root=cfg.data.root, download=cfg.data.download, progress=progress, **data_options.load_options(cfg.data))
-    if cfg.data.shortcut is not None:  # a shortcut benchmark: the artefact and its masks (teachx.data.shortcuts)
 
-        ds = apply_shortcut(ds, cfg.data.shortcut, train=cfg.data.shortcut_train, size=cfg.data.shortcut_size,
-                            seed=cfg.data.shortcut_seed, progress=progress)
+def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
+    ds = load_dataset(
+        cfg.data.name,
+        root=cfg.data.root,
+        download=cfg.data.download,
+        progress=progress,
+        **data_options.load_options(cfg.data),
+    )
+    if cfg.data.shortcut is not None:  # a shortcut benchmark: the artefact and its masks (teachx.data.shortcuts)
+        ds = apply_shortcut(
+            ds,
+            cfg.data.shortcut,
+            train=cfg.data.shortcut_train,
+            size=cfg.data.shortcut_size,
+            seed=cfg.data.shortcut_seed,
+            progress=progress,
+        )
     labels = np.asarray(ds.train.labels)
     pool = np.arange(len(labels))
     if cfg.data.train_size is not None:
         if cfg.data.train_size > len(labels):
-            raise ConfigError(f"data.train_size={cfg.data.train_size} exceeds the {len(labels)} training images of {ds.name}")
+            raise ConfigError(
+                f"data.train_size={cfg.data.train_size} exceeds the {len(labels)} training images of {ds.name}"
+            )
         if cfg.data.train_size < len(labels):
             keep, _ = train_val_split(len(labels), 1.0 - cfg.data.train_size / len(labels), cfg.data.split_seed, labels)
             pool = np.sort(keep)
@@ -294,7 +326,11 @@ def data_summary(plan: DataPlan, cfg: Optional[RunConfig] = None) -> dict[str, A
     image conversion) and the dataset's notices (a carved test split, ignored entries)."""
     ds = plan.dataset
     aug = plan.augment
-    augmentation = {"augment": aug is not None, "crop_padding": aug.crop_padding if aug else 0, "hflip": bool(aug and aug.hflip)}
+    augmentation = {
+        "augment": aug is not None,
+        "crop_padding": aug.crop_padding if aug else 0,
+        "hflip": bool(aug and aug.hflip),
+    }
     if cfg is not None:
         augmentation["hflip_from"] = data_options.augmentation(cfg.data)["hflip_from"]
     out = {
@@ -324,6 +360,7 @@ def log_data(plan: DataPlan, cfg: Optional[RunConfig], log: Callable[[str], None
 
 # -- stages -------------------------------------------------------------------------------------
 
+
 def train_classifier(
     cfg: RunConfig,
     plan: DataPlan,
@@ -343,11 +380,19 @@ def train_classifier(
     seed_everything(cfg.seed)
     model = build_model(backbone, ds.channels, ds.num_classes, ds.image_size, **options)
     trainer = Trainer(
-        ClassifierTask(model, cfg.train.label_smoothing), plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device,
-        meta={"kind": "classifier", "dataset": ds.name, "class_names": ds.class_names}, log=log,
+        ClassifierTask(model, cfg.train.label_smoothing),
+        plan,
+        cfg.train,
+        out_dir,
+        seed=cfg.seed,
+        device=cfg.device,
+        meta={"kind": "classifier", "dataset": ds.name, "class_names": ds.class_names},
+        log=log,
     )
     log(f"[{out_dir.name}] training {backbone} on {ds.name} ({len(plan.train_idx)} images, {cfg.train.epochs} epochs)")
-    return _fit_and_test(trainer, ClassifierTask(model), plan, out_dir, log, {"backbone": backbone, **_bound(config_hash)})
+    return _fit_and_test(
+        trainer, ClassifierTask(model), plan, out_dir, log, {"backbone": backbone, **_bound(config_hash)}
+    )
 
 
 def _fit_and_test(
@@ -359,16 +404,28 @@ def _fit_and_test(
     ck = load_checkpoint(res.best_path, fix=stage_fix(out_dir))
     load_state_into(task.model, ck.group("model"), f"checkpoint '{res.best_path}'")
     ds = plan.dataset
-    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), trainer.cfg.eval_batch_size, trainer.device, shard=True,
-                    confusion=True)
+    test = evaluate(
+        task,
+        plan,
+        ds.test,
+        np.arange(len(ds.test)),
+        trainer.cfg.eval_batch_size,
+        trainer.device,
+        shard=True,
+        confusion=True,
+    )
     record = {
         **extra,
-        "checkpoint": Path(res.best_path).relative_to(trainer.out_dir).as_posix(),  # inside the stage: moves with the run
+        "checkpoint": Path(res.best_path)
+        .relative_to(trainer.out_dir)
+        .as_posix(),  # inside the stage: moves with the run
         "best_epoch": res.best_epoch,
         "val_acc": max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
         "test_acc": test["acc"],
         "test_loss": test["loss"],
-        "test_confusion": test.get("confusion"),  # row = true class, column = predicted (the report's per-class accuracy)
+        "test_confusion": test.get(
+            "confusion"
+        ),  # row = true class, column = predicted (the report's per-class accuracy)
         "seconds": res.seconds,
         "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
         "history": res.history,
@@ -386,7 +443,10 @@ def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
         raise ConfigError(f"checkpoint '{path}' has no model spec; use a checkpoint written by `teachx train`")
     model = build_from_spec(spec)
     load_state_into(model, ck.group("model"), f"checkpoint '{path}'")
-    if getattr(model, "num_classes", ds.num_classes) != ds.num_classes or getattr(model, "in_channels", ds.channels) != ds.channels:
+    if (
+        getattr(model, "num_classes", ds.num_classes) != ds.num_classes
+        or getattr(model, "in_channels", ds.channels) != ds.channels
+    ):
         raise ConfigError(
             f"checkpoint '{path}' is for {getattr(model, 'in_channels', '?')} channels / {getattr(model, 'num_classes', '?')} classes, "
             f"but {ds.name} has {ds.channels} / {ds.num_classes}; use a teacher trained on this dataset"
@@ -430,17 +490,30 @@ def _with_teacher_training(cfg: RunConfig) -> RunConfig:
 def separate_teacher(cfg: RunConfig) -> bool:
     """Whether the teacher is a model of its own rather than the student's baseline."""
     tcfg, backbone, options = teacher_training(cfg)
-    return (tcfg.seed != cfg.seed or backbone != cfg.model.backbone or options != dict(cfg.model.options)
-            or tcfg.data != cfg.data or tcfg.train != cfg.train)
+    return (
+        tcfg.seed != cfg.seed
+        or backbone != cfg.model.backbone
+        or options != dict(cfg.model.options)
+        or tcfg.data != cfg.data
+        or tcfg.train != cfg.train
+    )
 
 
 def map_recipe(cfg: RunConfig, teacher) -> dict[str, Any]:
     """What decides a map besides the data and the model: part of every map store's key."""
-    return {"teacher": teacher.name if hasattr(teacher, "name") else cfg.teacher.method, "teacher_options": teacher.options(),
-            "target": cfg.teacher.target, "reduce": cfg.teacher.reduce, "normalize": cfg.teacher.normalize, "smooth": cfg.teacher.smooth}
+    return {
+        "teacher": teacher.name if hasattr(teacher, "name") else cfg.teacher.method,
+        "teacher_options": teacher.options(),
+        "target": cfg.teacher.target,
+        "reduce": cfg.teacher.reduce,
+        "normalize": cfg.teacher.normalize,
+        "smooth": cfg.teacher.smooth,
+    }
 
 
-def map_fn(cfg: RunConfig, plan: DataPlan, teacher, data: ImageDataset, device: torch.device) -> Callable[[torch.nn.Module, np.ndarray], torch.Tensor]:
+def map_fn(
+    cfg: RunConfig, plan: DataPlan, teacher, data: ImageDataset, device: torch.device
+) -> Callable[[torch.nn.Module, np.ndarray], torch.Tensor]:
     """explain(model, indices): the configured teacher's post-processed maps of ``data[indices]``."""
 
     def explain(model: torch.nn.Module, idx: np.ndarray) -> torch.Tensor:
@@ -500,7 +573,14 @@ def teacher_maps(
         if todo:
             t0 = time.perf_counter()
             log(f"[maps] {cfg.teacher.method} maps for {todo} {split} images -> {store.path}")
-            fill_store(store, indices, lambda idx: explain(teacher_model, idx), cfg.teacher.batch_size, progress=progress, desc=f"{cfg.teacher.method} maps ({split})")
+            fill_store(
+                store,
+                indices,
+                lambda idx: explain(teacher_model, idx),
+                cfg.teacher.batch_size,
+                progress=progress,
+                desc=f"{cfg.teacher.method} maps ({split})",
+            )
             log(f"[maps] {todo} maps in {time.perf_counter() - t0:.1f}s")
             if on_fill is not None:
                 on_fill(int(todo))
@@ -509,7 +589,9 @@ def teacher_maps(
     if dist_utils.world_size() > 1:  # the ranks fill one store together (open_store/fill_store coordinate them)
         return open_and_fill()
     lock = maps_dir / f"{store_key(material)[:20]}.lock"
-    with file_lock(lock, wait=wait, on_wait=lambda h: log(f"[maps] waiting for pid {h.get('pid')}, which is filling {lock.stem}")):
+    with file_lock(
+        lock, wait=wait, on_wait=lambda h: log(f"[maps] waiting for pid {h.get('pid')}, which is filling {lock.stem}")
+    ):
         return open_and_fill()
 
 
@@ -555,7 +637,12 @@ def train_method_stage(
     method.check_data(plan)
     device = choose_device(cfg.device)
     ctx = MethodContext(
-        cfg, plan, device, store, teacher_model, log,
+        cfg,
+        plan,
+        device,
+        store,
+        teacher_model,
+        log,
         explained_classes=lambda: explained_classes(cfg, plan, teacher_model, "train", plan.train_idx, device),
         self_teaching=lambda task, stage_dir: self_teaching_hook(cfg, plan, task, store, stage_dir, log),
     )
@@ -570,34 +657,78 @@ def train_method_stage(
         return done, model.eval()
     task = method.task(model, ctx)
     hook = method.epoch_hook(task, ctx, out_dir)
-    meta = {"kind": method.checkpoint_kind, "method": method.name, "dataset": ds.name, "class_names": ds.class_names,
-            **method.checkpoint_meta()}
-    trainer = Trainer(task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device, meta=meta, log=log, on_epoch_start=hook)
+    meta = {
+        "kind": method.checkpoint_kind,
+        "method": method.name,
+        "dataset": ds.name,
+        "class_names": ds.class_names,
+        **method.checkpoint_meta(),
+    }
+    trainer = Trainer(
+        task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device, meta=meta, log=log, on_epoch_start=hook
+    )
     what = method.describe() + (f", self-teaching every {cfg.impactx.self_teach_every} epochs" if hook else "")
     log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
     extra = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {}), **_bound(config_hash)}
     return _fit_and_test(trainer, task, plan, out_dir, log, extra), model.eval()
 
 
-def self_teaching_hook(cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]):
+def self_teaching_hook(
+    cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]
+):
     """The hook that re-explains the training set with the model being trained (impactx.self_teach_every)."""
     device = dist_utils.device_for(choose_device(cfg.device))
     teacher = make_teacher(cfg, plan, device)
-    material = {**map_recipe(cfg, teacher), "train_idx": hash_json(np.asarray(plan.train_idx).tolist()), "seed": cfg.seed}
-    return SelfTeaching(task, map_fn(cfg, plan, teacher, plan.dataset.train, device), plan.train_idx, store.maps.shape[0],
-                        tuple(store.maps.shape[1:]), cfg.impactx.self_teach_every, out_dir / "self_maps", material,
-                        cfg.seed, cfg.teacher.batch_size, log, progress=cfg.train.progress)
+    material = {
+        **map_recipe(cfg, teacher),
+        "train_idx": hash_json(np.asarray(plan.train_idx).tolist()),
+        "seed": cfg.seed,
+    }
+    return SelfTeaching(
+        task,
+        map_fn(cfg, plan, teacher, plan.dataset.train, device),
+        plan.train_idx,
+        store.maps.shape[0],
+        tuple(store.maps.shape[1:]),
+        cfg.impactx.self_teach_every,
+        out_dir / "self_maps",
+        material,
+        cfg.seed,
+        cfg.teacher.batch_size,
+        log,
+        progress=cfg.train.progress,
+    )
 
 
-declare_measure("corr", "The mean per-image Pearson correlation between the built-in map and the teacher's map of a test image.", True)
-declare_measure("corr_mean_map", "The same correlation for the mean training map used for every image: the level a map "
-                "that ignores the image reaches.", None)
-declare_measure("corr_mean_map_augmented", "The same for the mean map averaged over the training crops and flips: the best "
-                "a map that is the same for every image can reach when trained on augmented maps.", None)
-declare_measure("r2_vs_mean_map", "How much closer (squared error) the built-in maps are to the teacher's maps than the mean "
-                "training map is; above 0, the model learned per-image maps.", True)
-declare_measure("r2_vs_mean_map_affine", "The same after each map gets its best per-image scale and offset: the one to read "
-                "for maps trained with a scale-free loss such as 1 - Pearson.", True)
+declare_measure(
+    "corr",
+    "The mean per-image Pearson correlation between the built-in map and the teacher's map of a test image.",
+    True,
+)
+declare_measure(
+    "corr_mean_map",
+    "The same correlation for the mean training map used for every image: the level a map "
+    "that ignores the image reaches.",
+    None,
+)
+declare_measure(
+    "corr_mean_map_augmented",
+    "The same for the mean map averaged over the training crops and flips: the best "
+    "a map that is the same for every image can reach when trained on augmented maps.",
+    None,
+)
+declare_measure(
+    "r2_vs_mean_map",
+    "How much closer (squared error) the built-in maps are to the teacher's maps than the mean "
+    "training map is; above 0, the model learned per-image maps.",
+    True,
+)
+declare_measure(
+    "r2_vs_mean_map_affine",
+    "The same after each map gets its best per-image scale and offset: the one to read "
+    "for maps trained with a scale-free loss such as 1 - Pearson.",
+    True,
+)
 
 
 @torch.no_grad()
@@ -636,7 +767,11 @@ def map_quality(
     n = len(indices)
     classes = None  # the class each teacher map explains (per-class models, and the faithfulness block)
     if getattr(model, "per_class", False) or (cfg is not None and cfg.teacher.faith_images > 0):
-        classes = np.asarray(ds.test.labels) if cfg is None else explained_classes(cfg, plan, teacher_model, "test", indices, device)
+        classes = (
+            np.asarray(ds.test.labels)
+            if cfg is None
+            else explained_classes(cfg, plan, teacher_model, "test", indices, device)
+        )
     mean_map = train_store.mean_map(plan.train_idx)
     sums = {"mse": 0.0, "mse_mean_map": 0.0, "mse_zero": 0.0, "corr": 0.0, "corr_mean_map": 0.0}
     # the mean map as the training augmentation blurs it: the target a constant map is trained towards
@@ -675,6 +810,7 @@ def map_quality(
 
 # -- the whole run -------------------------------------------------------------------------------
 
+
 @dataclass
 class RunOutputs:
     results: dict[str, Any]
@@ -712,7 +848,12 @@ def _run_pipeline(
     plan = plan or make_plan(cfg, progress=progress)
     ds = plan.dataset
     device = dist_utils.device_for(choose_device(cfg.device))
-    log_data(plan, cfg, log, f"; device: {device}" + (f" x {dist_utils.world_size()} processes" if dist_utils.is_distributed() else ""))
+    log_data(
+        plan,
+        cfg,
+        log,
+        f"; device: {device}" + (f" x {dist_utils.world_size()} processes" if dist_utils.is_distributed() else ""),
+    )
 
     # 1. the student's baseline, and the teacher model (the baseline itself by default)
     t0, todo = time.perf_counter(), _stage_todo(run_dir / "baseline")
@@ -721,7 +862,10 @@ def _run_pipeline(
     teacher_record = baseline
     if cfg.teacher.checkpoint:
         teacher_model = load_classifier(cfg.teacher.checkpoint, ds)
-        teacher_record = {"checkpoint": cfg.teacher.checkpoint, "backbone": (getattr(teacher_model, "spec", None) or {}).get("name")}
+        teacher_record = {
+            "checkpoint": cfg.teacher.checkpoint,
+            "backbone": (getattr(teacher_model, "spec", None) or {}).get("name"),
+        }
     elif separate_teacher(cfg):
         t0, todo = time.perf_counter(), _stage_todo(run_dir / "teacher")
         tcfg, tbackbone, toptions = teacher_training(cfg)
@@ -740,8 +884,12 @@ def _run_pipeline(
     train_store = test_store = None
     t0, made = time.perf_counter(), []
     if need_maps or figures or builtin:
-        train_store = teacher_maps(cfg, plan, teacher_model, "train", plan.train_idx, device, log, progress, on_fill=made.append)
-        test_store = teacher_maps(cfg, plan, teacher_model, "test", eval_indices(cfg, plan), device, log, progress, on_fill=made.append)
+        train_store = teacher_maps(
+            cfg, plan, teacher_model, "train", plan.train_idx, device, log, progress, on_fill=made.append
+        )
+        test_store = teacher_maps(
+            cfg, plan, teacher_model, "test", eval_indices(cfg, plan), device, log, progress, on_fill=made.append
+        )
     requested = len(plan.train_idx) + len(eval_indices(cfg, plan))
     timings.add("maps", time.perf_counter() - t0, bool(made), sum(made) >= requested)
 
@@ -752,7 +900,9 @@ def _run_pipeline(
         model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
     else:
         t0, todo = time.perf_counter(), _stage_todo(run_dir / stage)
-        method_record, model = train_method_stage(cfg, plan, train_store if need_maps else None, teacher_model, run_dir / stage, log, bound)
+        method_record, model = train_method_stage(
+            cfg, plan, train_store if need_maps else None, teacher_model, run_dir / stage, log, bound
+        )
         timings.add(stage, time.perf_counter() - t0, *todo)
 
     # 4. evaluation (a re-run that had nothing to do keeps the results -- and the timings -- it finds)
@@ -763,7 +913,9 @@ def _run_pipeline(
     t0 = time.perf_counter()
     quality = None  # rank 0 alone evaluates and draws
     if builtin and train_store is not None:
-        quality = dist_utils.on_main(map_quality, model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)
+        quality = dist_utils.on_main(
+            map_quality, model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model
+        )
     shortcut = None
     if getattr(ds.test, "masks", None) is not None:
         if method.reuses_baseline:  # the method's model is the baseline, loaded above
@@ -784,11 +936,18 @@ def _run_pipeline(
             x = normalize(x_u8.to(device), plan.mean, plan.std)
             columns[f"{label} built-in"] = model.to(device).explain(x).float().cpu()
         names = ds.class_names
-        save_example_grid(run_dir / "figures" / "examples.png", x_u8, columns,
-                          [example_label(names[int(ds.test.labels[i])], names[int(p)]) for i, p in zip(idx, pred)])
+        save_example_grid(
+            run_dir / "figures" / "examples.png",
+            x_u8,
+            columns,
+            [example_label(names[int(ds.test.labels[i])], names[int(p)]) for i, p in zip(idx, pred)],
+        )
         examples = [{"index": int(i), "label": int(ds.test.labels[i]), "predicted": int(p)} for i, p in zip(idx, pred)]
-        save_training_curves(run_dir / "figures" / "curves.png", {"baseline": baseline["history"], label: method_record["history"]},
-                             losses={"baseline": "CE", label: method.training_loss()})
+        save_training_curves(
+            run_dir / "figures" / "curves.png",
+            {"baseline": baseline["history"], label: method_record["history"]},
+            losses={"baseline": "CE", label: method.training_loss()},
+        )
     timings.add("evaluation", time.perf_counter() - t0, True, True)
 
     results = {
@@ -827,7 +986,9 @@ def _run_pipeline(
     return RunOutputs(results, run_dir)
 
 
-def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.nn.Module], device: torch.device) -> dict[str, Any]:
+def shortcut_evaluation(
+    cfg: RunConfig, plan: DataPlan, models: dict[str, torch.nn.Module], device: torch.device
+) -> dict[str, Any]:
     """On a shortcut dataset: how much of each model's post-hoc attribution (input gradient, LRP)
     falls on the artefact of the de-correlated test images, next to the artefact's share of the
     image (what a map blind to it would put there). Test accuracies are in the stage records."""
@@ -840,9 +1001,11 @@ def shortcut_evaluation(cfg: RunConfig, plan: DataPlan, models: dict[str, torch.
     for name, model in models.items():
         model = model.to(device).eval()
         out[name] = artefact_share(model, x, y, masks)
-        if hasattr(model, "forward_all") and hasattr(model, "explain"):  # a built-in map (IMPACTX, ABN): where does it point?
+        if hasattr(model, "forward_all") and hasattr(
+            model, "explain"
+        ):  # a built-in map (IMPACTX, ABN): where does it point?
             with torch.no_grad():
-                maps = torch.cat([model.explain(x[s:s + 256], target=y[s:s + 256]) for s in range(0, len(y), 256)])
+                maps = torch.cat([model.explain(x[s : s + 256], target=y[s : s + 256]) for s in range(0, len(y), 256)])
             out[name]["built_in"] = float(wrong_reason_score(maps.float(), masks).mean())
     return out
 
@@ -890,7 +1053,11 @@ class _Timings:
         self.worked = True
         self.stage_seconds[stage] = seconds + (0.0 if fresh else float(self.stage_seconds.get(stage, 0.0)))
         self.torch_threads = torch.get_num_threads()
-        record = {"stage_seconds": self.stage_seconds, "wall_seconds": self.wall_seconds, "torch_threads": self.torch_threads}
+        record = {
+            "stage_seconds": self.stage_seconds,
+            "wall_seconds": self.wall_seconds,
+            "torch_threads": self.torch_threads,
+        }
         dist_utils.on_main(write_json_atomic, self.path, record)
 
 
@@ -913,7 +1080,9 @@ def _example_indices(labels: np.ndarray, k: int, seed: int, predicted: Optional[
         wrong = np.flatnonzero(np.asarray(predicted) != labels)
         need = MIN_WRONG_EXAMPLES - int(np.sum(np.asarray(predicted)[out] != labels[out]))
         extra = [int(i) for i in rng.permutation(wrong) if int(i) not in out]
-        extra.sort(key=lambda i: labels[i] in {labels[j] for j in out if predicted[j] != labels[j]})  # stable: new classes first
+        extra.sort(
+            key=lambda i: labels[i] in {labels[j] for j in out if predicted[j] != labels[j]}
+        )  # stable: new classes first
         out += extra[: max(need, 0)]
     return np.array(out)
 
@@ -924,7 +1093,9 @@ def example_label(true: str, predicted: str) -> str:
 
 
 @torch.no_grad()
-def _predict(model: torch.nn.Module, plan: DataPlan, indices: np.ndarray, device: torch.device, batch_size: int = 256) -> np.ndarray:
+def _predict(
+    model: torch.nn.Module, plan: DataPlan, indices: np.ndarray, device: torch.device, batch_size: int = 256
+) -> np.ndarray:
     """The model's predicted class of the test images ``indices``."""
     model = model.to(device).eval()
     out = []

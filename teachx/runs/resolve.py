@@ -20,7 +20,9 @@ from teachx.models import MODELS
 from teachx.teachers import TEACHERS
 
 
-def resolve_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict[str, Any]] = None) -> RunConfig:
+def resolve_config(
+    path: Optional[str] = None, overrides: Optional[list[str]] = None, base: Optional[dict[str, Any]] = None
+) -> RunConfig:
     """defaults <- base dict <- YAML file <- command-line overrides, validated, with its names checked."""
     cfg = load_config(path, overrides, base)
     check_names(cfg)

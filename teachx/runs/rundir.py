@@ -57,15 +57,25 @@ _MAP_STORE: Layout = {"*.npy": None, "*.json": None}
 _SELF_MAPS: Layout = {"current.json": None, "[0-9a-f]" * 20: _MAP_STORE}
 #: a training stage (also the top of a `teachx train` directory)
 STAGE_LAYOUT: Layout = {
-    "stage.json": None, "history.json": None, "checkpoints": _CHECKPOINTS,
-    "tensorboard": {"events.out.tfevents.*": None}, "self_maps": _SELF_MAPS,
+    "stage.json": None,
+    "history.json": None,
+    "checkpoints": _CHECKPOINTS,
+    "tensorboard": {"events.out.tfevents.*": None},
+    "self_maps": _SELF_MAPS,
 }
 #: everything `teachx train`, `run`, `demo` and `report` write into a run directory
 RUN_LAYOUT: Layout = {
-    RUN_MARKER: None, "config.yaml": None, "results.json": None, "timings.json": None,
-    "report.html": None, "report.md": None, "report_files": {"*.png": None}, "figures": {"*.png": None},
+    RUN_MARKER: None,
+    "config.yaml": None,
+    "results.json": None,
+    "timings.json": None,
+    "report.html": None,
+    "report.md": None,
+    "report_files": {"*.png": None},
+    "figures": {"*.png": None},
     # the stages: baseline, teacher and the method stage, named after the training method
-    **{stage: STAGE_LAYOUT for stage in ("baseline", "teacher", *method_stages())}, **STAGE_LAYOUT,
+    **{stage: STAGE_LAYOUT for stage in ("baseline", "teacher", *method_stages())},
+    **STAGE_LAYOUT,
 }
 #: files teachx may leave in any directory it writes: atomic-write temp files, locks
 _ANYWHERE = (".*.tmp", "*.lock", ".lock", "*.lock.takeover", RUN_LOCK + ".takeover")
@@ -73,10 +83,13 @@ _ANYWHERE = (".*.tmp", "*.lock", ".lock", "*.lock.takeover", RUN_LOCK + ".takeov
 
 # -- recognising directories ----------------------------------------------------------------------
 
+
 def _ignorable(name: str, files: tuple[str, ...]) -> bool:
     """A temp file of one of ``files`` being written right now by a process starting on the directory,
     or the lock of a process about to write in it."""
-    return name in (RUN_LOCK, RUN_LOCK + ".takeover") or any(name.startswith(f".{f}.") and name.endswith(".tmp") for f in files)
+    return name in (RUN_LOCK, RUN_LOCK + ".takeover") or any(
+        name.startswith(f".{f}.") and name.endswith(".tmp") for f in files
+    )
 
 
 def dir_kind(path: str | Path, marker: str, legacy: Callable[[Path], bool], first_files: tuple[str, ...]) -> str:
@@ -137,12 +150,19 @@ def study_dir_kind(path: str | Path) -> str:
 
 
 def write_marker(path: Path, marker: str, kind: str) -> None:
-    write_json_atomic(path / marker, {"teachx": __version__, "kind": kind,
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                      "note": "made by teachx; `--overwrite` removes only what teachx wrote here"})
+    write_json_atomic(
+        path / marker,
+        {
+            "teachx": __version__,
+            "kind": kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "note": "made by teachx; `--overwrite` removes only what teachx wrote here",
+        },
+    )
 
 
 # -- removing what teachx made ---------------------------------------------------------------------
+
 
 def _spec(name: str, layout: Layout) -> tuple[bool, Optional[dict]]:
     if name in layout:
@@ -185,6 +205,7 @@ def remove_owned(root: str | Path, layout: Layout = RUN_LAYOUT) -> list[Path]:
 
 
 # -- run identity ----------------------------------------------------------------------------------
+
 
 def run_identity(saved: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The result-deciding part of a saved run config (``{"command": ..., **config}``): every
@@ -246,8 +267,9 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
     return None if a == b else f"{prefix.rstrip('.')}: {a!r} there, {b!r} now"
 
 
-def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool = False,
-                    log: Callable[[str], None] = print) -> Path:
+def prepare_run_dir(
+    run_dir: str | Path, saved: dict[str, Any], overwrite: bool = False, log: Callable[[str], None] = print
+) -> Path:
     """Create ``run_dir`` for the config ``saved`` (``{"command": ..., **config}``), or resume the
     teachx run there with the same identity. See the module docstring for what is refused."""
     run_dir = Path(run_dir)
@@ -270,20 +292,26 @@ def prepare_run_dir(run_dir: str | Path, saved: dict[str, Any], overwrite: bool 
             else:
                 diff = _first_difference(run_identity(old) or old, run_identity(saved))
                 why = "was made with a different config" + (f" ({diff})" if diff else "")
-            raise RunDirError(f"run directory '{run_dir}' {why}; choose a new --out directory or pass --overwrite "
-                              "to replace the files teachx wrote there")
+            raise RunDirError(
+                f"run directory '{run_dir}' {why}; choose a new --out directory or pass --overwrite "
+                "to replace the files teachx wrote there"
+            )
         else:
             kept = remove_owned(run_dir, RUN_LAYOUT)
             if kept:
                 names = ", ".join(str(p.relative_to(run_dir)) for p in kept[:5]) + (", ..." if len(kept) > 5 else "")
-                log(f"--overwrite: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} teachx did not make in {run_dir}: {names}")
+                log(
+                    f"--overwrite: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} teachx did not make in {run_dir}: {names}"
+                )
     _make_dir(run_dir, RUN_MARKER, "run", "config.yaml", dump_yaml(saved), always_mark=True)
     return run_dir
 
 
 def _foreign(run_dir: Path) -> RunDirError:
-    return RunDirError(f"'{run_dir}' is not empty and was not made by teachx (it has no {RUN_MARKER} file); teachx never "
-                       "deletes files it did not make, so choose a new or empty --out directory")
+    return RunDirError(
+        f"'{run_dir}' is not empty and was not made by teachx (it has no {RUN_MARKER} file); teachx never "
+        "deletes files it did not make, so choose a new or empty --out directory"
+    )
 
 
 def _make_dir(path: Path, marker: str, kind: str, name: str, text: str, always_mark: bool) -> None:
@@ -319,8 +347,10 @@ def prepare_study_dir(out: Path, text: str) -> Path:
     """Create the study directory ``out`` (or reuse a teachx study directory) and write study.yaml."""
     kind = study_dir_kind(out)
     if kind == "foreign":
-        raise RunDirError(f"'{out}' is not empty and is not a teachx study directory (it has no {STUDY_MARKER} file); teachx "
-                          "never deletes or replaces files it did not make, so choose a new --out directory")
+        raise RunDirError(
+            f"'{out}' is not empty and is not a teachx study directory (it has no {STUDY_MARKER} file); teachx "
+            "never deletes or replaces files it did not make, so choose a new --out directory"
+        )
     if kind == "teachx":
         sweep_stale_temps(out)
     _make_dir(out, STUDY_MARKER, "study", "study.yaml", text, always_mark=False)
@@ -328,6 +358,7 @@ def prepare_study_dir(out: Path, text: str) -> Path:
 
 
 # -- one writer per run directory ------------------------------------------------------------------
+
 
 def command_line() -> str:
     """This process's teachx command as a user typed it (for the lock's record)."""
@@ -348,7 +379,9 @@ def describe_holder(holder: dict[str, Any]) -> str:
     command = str(holder.get("command") or "")
     command = command if len(command) <= 160 else command[:157] + "..."
     what = f"'{command}'" if command else "another process"
-    return f"{what} (pid {holder['pid']} on {holder.get('host', 'an unknown host')}, since {_clock(holder.get('since'))})"
+    return (
+        f"{what} (pid {holder['pid']} on {holder.get('host', 'an unknown host')}, since {_clock(holder.get('since'))})"
+    )
 
 
 def _in_use(path: Path, holder: dict[str, Any], what: str) -> str:
@@ -360,8 +393,10 @@ def in_use_message(path: Path, holder: dict[str, Any], what: str = "run director
     lock = path / RUN_LOCK
     text = _in_use(path, holder, what)
     if holder.get("host") and holder.get("host") != socket.gethostname():
-        return (f"{text}, a process on another machine, which teachx cannot check from here; wait for it to finish, or pass "
-                f"--wait (if that process is gone for good, delete '{lock}')")
+        return (
+            f"{text}, a process on another machine, which teachx cannot check from here; wait for it to finish, or pass "
+            f"--wait (if that process is gone for good, delete '{lock}')"
+        )
     return f"{text}; wait for it to finish, or pass --wait"
 
 
@@ -376,8 +411,13 @@ def enclosing_run_dir(path: str | Path) -> Optional[Path]:
 
 
 @contextlib.contextmanager
-def hold_run_dir(path: str | Path, wait: bool = False, log: Callable[[str], None] = print,
-                 what: str = "run directory", foreign_ok: bool = False) -> Iterator[Path]:
+def hold_run_dir(
+    path: str | Path,
+    wait: bool = False,
+    log: Callable[[str], None] = print,
+    what: str = "run directory",
+    foreign_ok: bool = False,
+) -> Iterator[Path]:
     """Hold the run directory ``path`` (its ``.teachx-lock``) while the ``with`` block writes in it.
 
     Another live process holding it: a :class:`RunDirError` naming it (command, pid, host, since when),
@@ -394,10 +434,17 @@ def hold_run_dir(path: str | Path, wait: bool = False, log: Callable[[str], None
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(exc, exc.filename or path) from exc
-    lock = file_lock(path / RUN_LOCK, wait=wait, poll=1.0, info={"command": command_line()},
-                     on_wait=lambda h: log(f"teachx: {_in_use(path, h, what)}; waiting until it is free"),
-                     on_stale=lambda h: log(f"teachx: warning: {what} '{path}' was locked by {describe_holder(h)}, "
-                                            "which is no longer running; taking it over"))
+    lock = file_lock(
+        path / RUN_LOCK,
+        wait=wait,
+        poll=1.0,
+        info={"command": command_line()},
+        on_wait=lambda h: log(f"teachx: {_in_use(path, h, what)}; waiting until it is free"),
+        on_stale=lambda h: log(
+            f"teachx: warning: {what} '{path}' was locked by {describe_holder(h)}, "
+            "which is no longer running; taking it over"
+        ),
+    )
     try:
         try:
             lock.__enter__()

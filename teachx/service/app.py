@@ -60,12 +60,19 @@ DEFAULT_MAX_UPLOAD = 10 * MIB
 GRID_MAX = 64  # images in one exported PNG grid (a figure, not a bulk export: that is export.npz)
 log = logging.getLogger("teachx.serve")
 
-ERRORS = {404: {"model": ErrorResponse, "description": "unknown model, image index or method"},
-          409: {"model": ErrorResponse, "description": "the model or its test data cannot be used (damaged checkpoint, missing dataset)"},
-          422: {"model": ErrorResponse, "description": "bad parameters, or the method failed on this model"}}
+ERRORS = {
+    404: {"model": ErrorResponse, "description": "unknown model, image index or method"},
+    409: {
+        "model": ErrorResponse,
+        "description": "the model or its test data cannot be used (damaged checkpoint, missing dataset)",
+    },
+    422: {"model": ErrorResponse, "description": "bad parameters, or the method failed on this model"},
+}
 
-CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
-       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 
 class _Guard:
@@ -92,8 +99,9 @@ class _Guard:
             host = headers.get(b"host", b"").decode("latin-1")
             name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0]
             if name not in self.allowed_hosts:
-                return await JSONResponse({"detail": f"host '{host}' is not served here; open the URL teachx serve printed"},
-                                          status_code=400)(scope, receive, send)
+                return await JSONResponse(
+                    {"detail": f"host '{host}' is not served here; open the URL teachx serve printed"}, status_code=400
+                )(scope, receive, send)
         try:
             too_big = int(headers.get(b"content-length", b"0")) > self.max_bytes
         except ValueError:
@@ -113,8 +121,12 @@ class _Guard:
 
         async def secured(message):
             if message["type"] == "http.response.start":
-                extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-                         (b"x-frame-options", b"DENY"), (b"content-security-policy", CSP.encode())]
+                extra = [
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"content-security-policy", CSP.encode()),
+                ]
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
@@ -123,8 +135,10 @@ class _Guard:
 
 def upload_limit_message(max_bytes: int) -> str:
     """The 413 answer's text, in the unit of ``teachx serve --max-upload-mb`` (MiB, 1,048,576 bytes)."""
-    return (f"upload too large: the limit is {max_bytes / MIB:.4g} MiB ({max_bytes:,} bytes); send a smaller file "
-            "or start teachx serve with a larger --max-upload-mb")
+    return (
+        f"upload too large: the limit is {max_bytes / MIB:.4g} MiB ({max_bytes:,} bytes); send a smaller file "
+        "or start teachx serve with a larger --max-upload-mb"
+    )
 
 
 def _query_names(dependant) -> set[str]:
@@ -163,8 +177,9 @@ class _KnownQuery:
                 path, names = declared
                 unknown = ", ".join(sorted(given - names))
                 takes = f"it takes {', '.join(sorted(names))}" if names else "it takes none"
-                return await JSONResponse({"detail": f"unknown query parameter(s) {unknown} for {path}: {takes} (see /docs)"},
-                                          status_code=422)(scope, receive, send)
+                return await JSONResponse(
+                    {"detail": f"unknown query parameter(s) {unknown} for {path}: {takes} (see /docs)"}, status_code=422
+                )(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -178,10 +193,17 @@ def _map_data(name: str, m: np.ndarray, prov: dict, png: bool = False) -> MapDat
     values = m.astype(np.float64).ravel().tolist()  # one C call; non-finite values (rare) become null
     if finite.size != m.size:
         values = [v if b else None for v, b in zip(values, ok.ravel().tolist())]
-    return MapData(name=name, method=prov.get("method"), shape=list(m.shape), vmax=render.symmetric_vmax(m),
-                   min=float(finite.min()) if finite.size else None, max=float(finite.max()) if finite.size else None,
-                   values=values,
-                   png=render.data_url(render.map_png(m)) if png else None, provenance=prov)
+    return MapData(
+        name=name,
+        method=prov.get("method"),
+        shape=list(m.shape),
+        vmax=render.symmetric_vmax(m),
+        min=float(finite.min()) if finite.size else None,
+        max=float(finite.max()) if finite.size else None,
+        values=values,
+        png=render.data_url(render.map_png(m)) if png else None,
+        provenance=prov,
+    )
 
 
 async def _answer(ready: bool, fn, *args):
@@ -190,11 +212,16 @@ async def _answer(ready: bool, fn, *args):
     return fn(*args) if ready else await run_in_threadpool(fn, *args)
 
 
-def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, allowed_hosts: Optional[list[str]] = None) -> FastAPI:
+def create_app(
+    service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, allowed_hosts: Optional[list[str]] = None
+) -> FastAPI:
     """The app for ``service``; ``allowed_hosts`` (e.g. loopback names) guards against DNS rebinding."""
-    app = FastAPI(title="teachx serve", version=teachx_version(),
-                  description="Explanations of teachx runs and studies: predictions, built-in and teacher maps, "
-                              "faithfulness and agreement metrics, uploads; every answer with its provenance.")
+    app = FastAPI(
+        title="teachx serve",
+        version=teachx_version(),
+        description="Explanations of teachx runs and studies: predictions, built-in and teacher maps, "
+        "faithfulness and agreement metrics, uploads; every answer with its provenance.",
+    )
     app.state.service = service
 
     @app.exception_handler(ServiceError)
@@ -232,9 +259,21 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
     @app.get(f"{API}/runs", response_model=RunsResponse)
     def runs():
         """Every run and study directory served, with its models (config, test accuracy, errors)."""
-        return {"teachx_version": teachx_version(), "default_model": default_model(service.runs),
-                "runs": [{"id": r.id, "path": str(r.path), "kind": r.kind, "summary": r.summary, "error": r.error,
-                          "models": [service.model_info(m.id) for m in r.models]} for r in service.runs]}
+        return {
+            "teachx_version": teachx_version(),
+            "default_model": default_model(service.runs),
+            "runs": [
+                {
+                    "id": r.id,
+                    "path": str(r.path),
+                    "kind": r.kind,
+                    "summary": r.summary,
+                    "error": r.error,
+                    "models": [service.model_info(m.id) for m in r.models],
+                }
+                for r in service.runs
+            ],
+        }
 
     @app.get(f"{API}/models", response_model=ModelsResponse)
     def models():
@@ -253,49 +292,118 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
             out.append({"name": name, "description": doc[0] if doc else ""})
         return {"methods": out, "map_names": ["built_in", "teacher", "difference"]}
 
-    def _list(model_id, label, predicted, correct, min_agreement, max_agreement, min_morf, max_morf, sort, order, offset, limit):
-        return service.list_images(model_id, label=label, predicted=predicted, correct=correct, min_agreement=min_agreement,
-                                   max_agreement=max_agreement, min_morf=min_morf, max_morf=max_morf, sort=sort, order=order,
-                                   offset=offset, limit=limit)
+    def _list(
+        model_id,
+        label,
+        predicted,
+        correct,
+        min_agreement,
+        max_agreement,
+        min_morf,
+        max_morf,
+        sort,
+        order,
+        offset,
+        limit,
+    ):
+        return service.list_images(
+            model_id,
+            label=label,
+            predicted=predicted,
+            correct=correct,
+            min_agreement=min_agreement,
+            max_agreement=max_agreement,
+            min_morf=min_morf,
+            max_morf=max_morf,
+            sort=sort,
+            order=order,
+            offset=offset,
+            limit=limit,
+        )
 
     filters = dict(
         label=Query(None, ge=0, description="true class index"),
         predicted=Query(None, ge=0, description="predicted class index"),
         correct=Query(None, description="true: correctly classified only; false: errors only"),
-        min_agreement=Query(None), max_agreement=Query(None), min_morf=Query(None), max_morf=Query(None),
+        min_agreement=Query(None),
+        max_agreement=Query(None),
+        min_morf=Query(None),
+        max_morf=Query(None),
         sort=Query("index", description=f"one of {', '.join(SORT_KEYS)}"),
         order=Query("asc", pattern="^(asc|desc)$"),
-        offset=Query(0, ge=0), limit=Query(100, ge=1, le=1000),
+        offset=Query(0, ge=0),
+        limit=Query(100, ge=1, le=1000),
     )
 
     @app.get(f"{API}/models/{{model_id}}/images", response_model=ImageList, responses=ERRORS)
-    def images(model_id: str, label: Optional[int] = filters["label"], predicted: Optional[int] = filters["predicted"],
-               correct: Optional[bool] = filters["correct"], min_agreement: Optional[float] = filters["min_agreement"],
-               max_agreement: Optional[float] = filters["max_agreement"], min_morf: Optional[float] = filters["min_morf"],
-               max_morf: Optional[float] = filters["max_morf"], sort: str = filters["sort"], order: str = filters["order"],
-               offset: int = filters["offset"], limit: int = filters["limit"]):
+    def images(
+        model_id: str,
+        label: Optional[int] = filters["label"],
+        predicted: Optional[int] = filters["predicted"],
+        correct: Optional[bool] = filters["correct"],
+        min_agreement: Optional[float] = filters["min_agreement"],
+        max_agreement: Optional[float] = filters["max_agreement"],
+        min_morf: Optional[float] = filters["min_morf"],
+        max_morf: Optional[float] = filters["max_morf"],
+        sort: str = filters["sort"],
+        order: str = filters["order"],
+        offset: int = filters["offset"],
+        limit: int = filters["limit"],
+    ):
         """Test images with their prediction and cached metrics, filtered and sorted.
 
         Agreement and MoRF filters and sorts use the images whose metrics are cached
         (``coverage``); `teachx serve --precompute` fills them for the whole split.
         """
-        return _list(model_id, label, predicted, correct, min_agreement, max_agreement, min_morf, max_morf, sort, order, offset, limit)
+        return _list(
+            model_id,
+            label,
+            predicted,
+            correct,
+            min_agreement,
+            max_agreement,
+            min_morf,
+            max_morf,
+            sort,
+            order,
+            offset,
+            limit,
+        )
 
     @app.get(f"{API}/models/{{model_id}}/images.csv", responses=ERRORS, response_class=Response)
-    def images_csv(model_id: str, label: Optional[int] = filters["label"], predicted: Optional[int] = filters["predicted"],
-                   correct: Optional[bool] = filters["correct"], min_agreement: Optional[float] = filters["min_agreement"],
-                   max_agreement: Optional[float] = filters["max_agreement"], min_morf: Optional[float] = filters["min_morf"],
-                   max_morf: Optional[float] = filters["max_morf"], sort: str = filters["sort"], order: str = filters["order"]):
+    def images_csv(
+        model_id: str,
+        label: Optional[int] = filters["label"],
+        predicted: Optional[int] = filters["predicted"],
+        correct: Optional[bool] = filters["correct"],
+        min_agreement: Optional[float] = filters["min_agreement"],
+        max_agreement: Optional[float] = filters["max_agreement"],
+        min_morf: Optional[float] = filters["min_morf"],
+        max_morf: Optional[float] = filters["max_morf"],
+        sort: str = filters["sort"],
+        order: str = filters["order"],
+    ):
         """The same selection as CSV (all matching images), provenance in the header."""
-        res = _list(model_id, label, predicted, correct, min_agreement, max_agreement, min_morf, max_morf, sort, order, 0, 10**9)
+        res = _list(
+            model_id, label, predicted, correct, min_agreement, max_agreement, min_morf, max_morf, sort, order, 0, 10**9
+        )
         buf = io.StringIO()
         w = csv.writer(buf)
         cols = ["index", "label", "predicted", "correct", "confidence", "true_prob", "agreement", "morf_auc"]
         w.writerow(cols + ["label_name", "predicted_name"])
         for it in res["items"]:
-            w.writerow([("" if it[c] is None else it[c]) for c in cols] + [res["class_names"][it["label"]], res["class_names"][it["predicted"]]])
-        return Response(buf.getvalue(), media_type="text/csv", headers={
-            **_prov_header(res["provenance"]), "Content-Disposition": f'attachment; filename="{model_id}-images.csv"'})
+            w.writerow(
+                [("" if it[c] is None else it[c]) for c in cols]
+                + [res["class_names"][it["label"]], res["class_names"][it["predicted"]]]
+            )
+        return Response(
+            buf.getvalue(),
+            media_type="text/csv",
+            headers={
+                **_prov_header(res["provenance"]),
+                "Content-Disposition": f'attachment; filename="{model_id}-images.csv"',
+            },
+        )
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}", response_model=ImageDetail, responses=ERRORS)
     async def image(model_id: str, index: int):
@@ -306,45 +414,78 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
     def input_png(model_id: str, index: int, scale: int = Query(1, ge=1, le=16)):
         img = service.input_image(model_id, index)
         lm = service.loaded(model_id)
-        return Response(render.png_bytes(img, scale), media_type="image/png",
-                        headers={**_prov_header(service.provenance(lm, index=index)), "Cache-Control": "max-age=3600"})
+        return Response(
+            render.png_bytes(img, scale),
+            media_type="image/png",
+            headers={**_prov_header(service.provenance(lm, index=index)), "Cache-Control": "max-age=3600"},
+        )
 
-    map_name = PathParam(description="built_in | teacher (the run's method on this model) | difference (built_in - teacher) | a teacher method")
+    map_name = PathParam(
+        description="built_in | teacher (the run's method on this model) | difference (built_in - teacher) | a teacher method"
+    )
 
     def explained_class():
-        return Query(None, alias="class", pattern=r"^(predicted|label|[0-9]+)$",
-                     description="the class explained: predicted (the default), label (the true class) or a class index; "
-                                 "every map, difference, agreement and curve of the answer is of this class")
+        return Query(
+            None,
+            alias="class",
+            pattern=r"^(predicted|label|[0-9]+)$",
+            description="the class explained: predicted (the default), label (the true class) or a class index; "
+            "every map, difference, agreement and curve of the answer is of this class",
+        )
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.png", responses=ERRORS, response_class=Response)
-    async def map_png(model_id: str, index: int, name: str = map_name, scale: int = Query(1, ge=1, le=16),
-                      vmax: Optional[float] = Query(None, gt=0, description="colour scale; default max |map|"),
-                      cls: Optional[str] = explained_class()):
+    async def map_png(
+        model_id: str,
+        index: int,
+        name: str = map_name,
+        scale: int = Query(1, ge=1, le=16),
+        vmax: Optional[float] = Query(None, gt=0, description="colour scale; default max |map|"),
+        cls: Optional[str] = explained_class(),
+    ):
         """A map as a PNG, bwr colour map symmetric around 0."""
-        m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
+        m, prov = await _answer(
+            cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls
+        )
 
         def png() -> Response:
-            return Response(render.map_png(m, vmax, scale), media_type="image/png",
-                            headers={**_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))})
+            return Response(
+                render.map_png(m, vmax, scale),
+                media_type="image/png",
+                headers={**_prov_header(prov), "X-Teachx-Vmax": repr(vmax or render.symmetric_vmax(m))},
+            )
 
         return await _answer(scale <= 4, png)  # a large PNG takes milliseconds to encode: not on the event loop
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}.npy", responses=ERRORS, response_class=Response)
     async def map_npy(model_id: str, index: int, name: str = map_name, cls: Optional[str] = explained_class()):
         """A map as a float32 (C, H, W) ``.npy`` array (read with ``np.load(f, allow_pickle=False)``)."""
-        m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
-        return Response(render.npy_bytes(m.astype(np.float32)), media_type="application/octet-stream", headers={
-            **_prov_header(prov), "Content-Disposition": f'attachment; filename="{model_id}-{index}-{name}.npy"'})
+        m, prov = await _answer(
+            cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls
+        )
+        return Response(
+            render.npy_bytes(m.astype(np.float32)),
+            media_type="application/octet-stream",
+            headers={
+                **_prov_header(prov),
+                "Content-Disposition": f'attachment; filename="{model_id}-{index}-{name}.npy"',
+            },
+        )
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/maps/{{name}}", response_model=MapData, responses=ERRORS)
     async def map_json(model_id: str, index: int, name: str = map_name, cls: Optional[str] = explained_class()):
         """A map as JSON: shape, symmetric scale and the row-major values."""
-        m, prov = await _answer(cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls)
+        m, prov = await _answer(
+            cls is None and service.ready(model_id, index, name), service.map, model_id, index, name, cls
+        )
         return _map_data(name, m, prov)
 
     @app.get(f"{API}/models/{{model_id}}/images/{{index}}/metrics", response_model=MetricsResponse, responses=ERRORS)
-    def metrics(model_id: str, index: int, map: Optional[str] = Query(None, description="map to evaluate; default the model's primary map"),
-                cls: Optional[str] = explained_class()):
+    def metrics(
+        model_id: str,
+        index: int,
+        map: Optional[str] = Query(None, description="map to evaluate; default the model's primary map"),
+        cls: Optional[str] = explained_class(),
+    ):
         """Pixel-flipping (MoRF) curve of a map and, for IMPACTX, built-in vs teacher agreement, all of the explained
         class: the curve ranks pixels by that class's map and tracks that class's probability."""
         return service.metrics(model_id, index, map, cls)
@@ -369,9 +510,12 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
         return prov
 
     @app.get(f"{API}/models/{{model_id}}/export.npz", responses=ERRORS, response_class=Response)
-    def export_npz(model_id: str, indices: str = Query(..., description="comma-separated test indices (at most 1000)"),
-                   maps: str = Query("built_in,teacher", description="comma-separated map names"),
-                   cls: Optional[str] = explained_class()):
+    def export_npz(
+        model_id: str,
+        indices: str = Query(..., description="comma-separated test indices (at most 1000)"),
+        maps: str = Query("built_in,teacher", description="comma-separated map names"),
+        cls: Optional[str] = explained_class(),
+    ):
         """Maps of a selection as an NPZ (``np.load(f, allow_pickle=False)``): one (K, C, H, W) array per map, plus ``index``."""
         idx, names = _selection(indices, maps, 1000)
         arrays: dict[str, np.ndarray] = {"index": np.asarray(idx, dtype=np.int64)}
@@ -384,14 +528,22 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
             arrays[name] = np.stack(rows)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
-        return Response(buf.getvalue(), media_type="application/octet-stream", headers={
-            **_prov_header(_selection_prov(prov, names)),
-            "Content-Disposition": f'attachment; filename="{model_id}-maps.npz"'})
+        return Response(
+            buf.getvalue(),
+            media_type="application/octet-stream",
+            headers={
+                **_prov_header(_selection_prov(prov, names)),
+                "Content-Disposition": f'attachment; filename="{model_id}-maps.npz"',
+            },
+        )
 
     @app.get(f"{API}/models/{{model_id}}/export.png", responses=ERRORS, response_class=Response)
-    def export_png(model_id: str, indices: str = Query(..., description=f"comma-separated test indices (at most {GRID_MAX})"),
-                   maps: str = Query("built_in,teacher", description="comma-separated map names, one column each"),
-                   cls: Optional[str] = explained_class()):
+    def export_png(
+        model_id: str,
+        indices: str = Query(..., description=f"comma-separated test indices (at most {GRID_MAX})"),
+        maps: str = Query("built_in,teacher", description="comma-separated map names, one column each"),
+        cls: Optional[str] = explained_class(),
+    ):
         """A selection as one PNG figure: a row per image (true -> predicted class), the input and one column per
         map on a symmetric blue-white-red scale with a colour bar -- for a paper or a slide."""
         idx, names = _selection(indices, maps, GRID_MAX)
@@ -405,15 +557,29 @@ def create_app(service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, all
                 m, prov = service.map(model_id, i, name, cls)
                 columns[name].append(m.astype(np.float32))
         png = render.grid_png(np.stack(images), {n: np.stack(v) for n, v in columns.items()}, labels)
-        return Response(png, media_type="image/png", headers={
-            **_prov_header(_selection_prov(prov, names)),
-            "Content-Disposition": f'attachment; filename="{model_id}-grid.png"'})
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                **_prov_header(_selection_prov(prov, names)),
+                "Content-Disposition": f'attachment; filename="{model_id}-grid.png"',
+            },
+        )
 
-    @app.post(f"{API}/models/{{model_id}}/predict", response_model=UploadResponse,
-              responses={**ERRORS, 413: {"model": ErrorResponse, "description": "upload over the size limit"},
-                         415: {"model": ErrorResponse, "description": "not an image Pillow can read"}})
-    def predict(model_id: str, file: UploadFile = File(..., description="a PNG/JPEG/... image"),
-                method: Optional[str] = Form(None, description="also a teacher map: a method name or 'teacher'")):
+    @app.post(
+        f"{API}/models/{{model_id}}/predict",
+        response_model=UploadResponse,
+        responses={
+            **ERRORS,
+            413: {"model": ErrorResponse, "description": "upload over the size limit"},
+            415: {"model": ErrorResponse, "description": "not an image Pillow can read"},
+        },
+    )
+    def predict(
+        model_id: str,
+        file: UploadFile = File(..., description="a PNG/JPEG/... image"),
+        method: Optional[str] = Form(None, description="also a teacher map: a method name or 'teacher'"),
+    ):
         """Upload an image: prediction, class probabilities, built-in map (IMPACTX) and optionally a teacher map."""
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:

@@ -30,7 +30,9 @@ class Coalescer:
         self._compute = threading.Lock()  # one batch at a time
         self.batches = 0  # computations run (for tests and benchmarks)
 
-    def run(self, rows: np.ndarray, missing: Callable[[np.ndarray], np.ndarray], compute: Callable[[np.ndarray], None]) -> None:
+    def run(
+        self, rows: np.ndarray, missing: Callable[[np.ndarray], np.ndarray], compute: Callable[[np.ndarray], None]
+    ) -> None:
         """Make sure ``rows`` are computed. ``missing(idx)`` returns the rows of ``idx`` not computed yet
         (sorted); ``compute(idx)`` computes and stores them."""
         own = np.unique(np.asarray(rows, dtype=np.int64))
@@ -50,7 +52,11 @@ class Coalescer:
                         with self._mutex:
                             others = np.fromiter(self._pending.difference(own.tolist()), dtype=np.int64)
                         others = missing(np.sort(others))[: self.max_batch - mine.size]
-                    batch = np.sort(np.concatenate([mine, others]))[: self.max_batch] if others.size else mine[: self.max_batch]
+                    batch = (
+                        np.sort(np.concatenate([mine, others]))[: self.max_batch]
+                        if others.size
+                        else mine[: self.max_batch]
+                    )
                     try:
                         compute(batch)
                         self.batches += 1

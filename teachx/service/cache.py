@@ -48,8 +48,14 @@ def cache_key(material: dict[str, Any]) -> str:
 class ArrayCache:
     """Fields ``name -> (shape, dtype)`` over ``n`` rows; ``get``/``put``/``missing`` per field."""
 
-    def __init__(self, root: Optional[Path], material: dict[str, Any], n: int, fields: dict[str, tuple[tuple[int, ...], str]],
-                 log: Callable[[str], None] = lambda _m: None):
+    def __init__(
+        self,
+        root: Optional[Path],
+        material: dict[str, Any],
+        n: int,
+        fields: dict[str, tuple[tuple[int, ...], str]],
+        log: Callable[[str], None] = lambda _m: None,
+    ):
         self.key = cache_key(material)
         self.material = material
         self.n = int(n)
@@ -74,8 +80,13 @@ class ArrayCache:
     # -- files ------------------------------------------------------------------------------------
 
     def _meta(self) -> dict[str, Any]:
-        return {"key": self.key, "version": CACHE_VERSION, "n": self.n, "material": self.material,
-                "fields": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.fields.items()}}
+        return {
+            "key": self.key,
+            "version": CACHE_VERSION,
+            "n": self.n,
+            "material": self.material,
+            "fields": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.fields.items()},
+        }
 
     def _problem(self, path: Path) -> Optional[str]:
         try:
@@ -93,8 +104,14 @@ class ArrayCache:
                 g = np.load(path / f"{name}.digests.npy", mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError):
                 return f"missing or damaged field {name}"
-            if a.shape != (self.n, *shape) or a.dtype.str != dt or d.shape != (self.n,) or d.dtype != np.bool_ \
-                    or g.shape != (self.n, ROW_DIGEST_BYTES) or g.dtype != np.uint8:
+            if (
+                a.shape != (self.n, *shape)
+                or a.dtype.str != dt
+                or d.shape != (self.n,)
+                or d.dtype != np.bool_
+                or g.shape != (self.n, ROW_DIGEST_BYTES)
+                or g.dtype != np.uint8
+            ):
                 return f"field {name} has the wrong shape"
         return None
 
@@ -106,8 +123,11 @@ class ArrayCache:
         opening one folder never delete each other's rebuild half-way (writes after that need no lock:
         both processes write identical rows, and each row is checked against its digest when opened)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with file_lock(self.lock_path(path), poll=0.05,
-                       on_wait=lambda h: log(f"serve cache {path}: waiting for pid {h.get('pid')} to finish opening it")):
+        with file_lock(
+            self.lock_path(path),
+            poll=0.05,
+            on_wait=lambda h: log(f"serve cache {path}: waiting for pid {h.get('pid')} to finish opening it"),
+        ):
             self._open_locked(path, log)
 
     def _open_locked(self, path: Path, log: Callable[[str], None]) -> None:
@@ -121,9 +141,15 @@ class ArrayCache:
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
             try:
                 for name, (shape, dt) in self.fields.items():
-                    np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.dtype(dt), shape=(self.n, *shape)).flush()
+                    np.lib.format.open_memmap(
+                        tmp / f"{name}.npy", mode="w+", dtype=np.dtype(dt), shape=(self.n, *shape)
+                    ).flush()
                     np.save(tmp / f"{name}.done.npy", np.zeros(self.n, dtype=bool), allow_pickle=False)
-                    np.save(tmp / f"{name}.digests.npy", np.zeros((self.n, ROW_DIGEST_BYTES), dtype=np.uint8), allow_pickle=False)
+                    np.save(
+                        tmp / f"{name}.digests.npy",
+                        np.zeros((self.n, ROW_DIGEST_BYTES), dtype=np.uint8),
+                        allow_pickle=False,
+                    )
                 write_json_atomic(tmp / "meta.json", self._meta())
                 try:
                     os.rename(tmp, path)  # atomic publish; another process may have won the race
@@ -143,12 +169,21 @@ class ArrayCache:
         """Computed rows that fail their digest are marked not computed (computed again on demand)."""
         for name in self.fields:
             idx = np.flatnonzero(self.done[name])
-            bad = [idx[s : s + 4096][np.any(row_digests(self.arrays[name][idx[s : s + 4096]]) != self.digests[name][idx[s : s + 4096]], axis=1)]
-                   for s in range(0, idx.size, 4096)]
+            bad = [
+                idx[s : s + 4096][
+                    np.any(
+                        row_digests(self.arrays[name][idx[s : s + 4096]]) != self.digests[name][idx[s : s + 4096]],
+                        axis=1,
+                    )
+                ]
+                for s in range(0, idx.size, 4096)
+            ]
             bad = np.concatenate(bad) if bad else idx[:0]
             if bad.size:
-                log(f"serve cache {self.path}: {bad.size} row(s) of {name} fail their digest (damaged on disk, e.g. row {int(bad[0])}); "
-                    "they are not served and are computed again when asked for")
+                log(
+                    f"serve cache {self.path}: {bad.size} row(s) of {name} fail their digest (damaged on disk, e.g. row {int(bad[0])}); "
+                    "they are not served and are computed again when asked for"
+                )
                 self.done[name][bad] = False
                 self.done[name].flush()
 

@@ -25,6 +25,7 @@ from teachx.studies.study import BASELINE, load_study_dir, unit_names
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json
 
+
 def _stages() -> tuple[str, ...]:
     """The stage directories of a run (``teachx.runs.pipeline.STAGES``): baseline, teacher and
     the method stage, named after the training method."""
@@ -82,7 +83,9 @@ def discover(paths: list[str | Path]) -> list[RunEntry]:
     for p in paths:
         path = Path(p).expanduser().resolve()
         if not path.is_dir():
-            raise DataError(f"'{p}' is not a directory; pass a `teachx run`, `teachx demo` or `teachx study` output directory")
+            raise DataError(
+                f"'{p}' is not a directory; pass a `teachx run`, `teachx demo` or `teachx study` output directory"
+            )
         rid = base = _slug(path.name)
         n = 2
         while rid in used:
@@ -93,8 +96,10 @@ def discover(paths: list[str | Path]) -> list[RunEntry]:
         elif (path / "config.yaml").exists() and any((path / s).is_dir() for s in _stages()):
             runs.append(_run(rid, path))
         else:
-            raise DataError(f"'{p}' is neither a run directory (config.yaml, baseline/, impactx/) nor a study directory "
-                            "(study.yaml, units/); pass the --out directory of `teachx run`, `teachx demo` or `teachx study`")
+            raise DataError(
+                f"'{p}' is neither a run directory (config.yaml, baseline/, impactx/) nor a study directory "
+                "(study.yaml, units/); pass the --out directory of `teachx run`, `teachx demo` or `teachx study`"
+            )
     return runs
 
 
@@ -116,8 +121,11 @@ def _run(rid: str, path: Path) -> RunEntry:
         return run
     if (path / "results.json").exists():
         try:
-            run.summary = {k: v for k, v in _record(path / "results.json", "run results").items()
-                           if isinstance(v, (int, float, str)) or v is None}
+            run.summary = {
+                k: v
+                for k, v in _record(path / "results.json", "run results").items()
+                if isinstance(v, (int, float, str)) or v is None
+            }
         except TeachxError as exc:
             run.summary = {"error": str(exc)}
     from teachx.training.methods import METHODS
@@ -127,9 +135,13 @@ def _run(rid: str, path: Path) -> RunEntry:
         if not d.is_dir():
             continue
         method = METHODS.get(stage) if stage in METHODS else None  # the baseline stage is method baseline's model too
-        kind = method.checkpoint_kind if method else "classifier"  # the method stages of rrr, saliency_guided, reldrop train classifiers
+        kind = (
+            method.checkpoint_kind if method else "classifier"
+        )  # the method stages of rrr, saliency_guided, reldrop train classifiers
         label = method.model_label(config) if method else {"teacher": "teacher model"}.get(stage, stage)
-        entry = ModelEntry(f"{rid}.{stage}", rid, stage, label, kind, stage, config, info=method.model_info(config) if method else {})
+        entry = ModelEntry(
+            f"{rid}.{stage}", rid, stage, label, kind, stage, config, info=method.model_info(config) if method else {}
+        )
         _fill_from_stage(entry, d)
         run.models.append(entry)
     return run
@@ -139,7 +151,9 @@ def _fill_from_stage(entry: ModelEntry, d: Path) -> None:
     if not (d / "stage.json").exists():
         done = epochs_timed(d)[0]
         progress = f" ({done} epoch{'s' if done != 1 else ''} trained so far)" if done else ""
-        entry.error = f"'{d}' has no stage.json: this model is not trained yet{progress} (re-run the command that makes it)"
+        entry.error = (
+            f"'{d}' has no stage.json: this model is not trained yet{progress} (re-run the command that makes it)"
+        )
         return
 
     try:
@@ -163,14 +177,15 @@ def _study(rid: str, path: Path) -> RunEntry:
             regimes = {row["regime"] for row in data.get("rows", [])}
             for row in data.get("rows", []):
                 for seed, key in zip(row.get("seeds", []), row.get("units", [])):
-                    names.setdefault(key, {"arm": row["arm"], "regime": row["regime"], "seed": seed, "regimes": len(regimes)})
+                    names.setdefault(
+                        key, {"arm": row["arm"], "regime": row["regime"], "seed": seed, "regimes": len(regimes)}
+                    )
             run.summary = {"units": len(data.get("units", {})), "rows": len(data.get("rows", []))}
         except (TeachxError, OSError, KeyError, TypeError) as exc:
             run.summary = {"error": f"study.json unreadable: {exc}"}
     units = sorted((path / "units").iterdir()) if (path / "units").is_dir() else []
     if any(d.is_dir() and d.name not in names for d in units) and (path / "study.yaml").is_file():
         try:  # an unfinished study (or units of a newer spec): name them from the recorded spec
-
             spec = load_study_dir(path)
             for key, where in unit_names(spec).items():
                 names.setdefault(key, {**where, "regimes": len(spec.regimes)})
@@ -195,7 +210,9 @@ def _study(rid: str, path: Path) -> RunEntry:
         if where:
             entry.role = where["arm"]
             entry.info = {"arm": where["arm"], "regime": where["regime"], "seed": where["seed"]}
-            entry.label = f"{where['arm']} seed {where['seed']}" + (f" ({where['regime']})" if where["regimes"] > 1 else "")
+            entry.label = f"{where['arm']} seed {where['seed']}" + (
+                f" ({where['regime']})" if where["regimes"] > 1 else ""
+            )
         else:
             entry.role = "teacher" if entry.kind == "classifier" else "impactx"
             entry.label = f"{'classifier' if entry.kind == 'classifier' else 'IMPACTX'} unit {key}"
@@ -203,5 +220,13 @@ def _study(rid: str, path: Path) -> RunEntry:
             entry.info.update(method.model_info(entry.config))
         _fill_from_stage(entry, d)
         run.models.append(entry)
-    run.models.sort(key=lambda m: (m.info.get("regime", ""), m.role != BASELINE, m.info.get("arm", m.role), m.info.get("seed", 0), m.name))
+    run.models.sort(
+        key=lambda m: (
+            m.info.get("regime", ""),
+            m.role != BASELINE,
+            m.info.get("arm", m.role),
+            m.info.get("seed", 0),
+            m.name,
+        )
+    )
     return run

@@ -67,7 +67,6 @@ SORT_KEYS = ("index", "confidence", "true_prob", "agreement", "morf_auc")
 MAX_PIXELS = 40_000_000  # uploads larger than this many pixels are refused before decoding
 
 
-
 class ServiceError(TeachxError):
     status = 400
 
@@ -96,9 +95,11 @@ class BadUpload(ServiceError):
         self.status = status
 
 
-_DIFFERENCE = {"none": "built-in map minus teacher map, as they are (the map loss compares values)",
-               "scale": "built-in map minus teacher map, each divided by its max |value| (the map loss leaves the scale free)",
-               "affine": "built-in map minus teacher map, each z-scored (the map loss leaves scale and offset free)"}
+_DIFFERENCE = {
+    "none": "built-in map minus teacher map, as they are (the map loss compares values)",
+    "scale": "built-in map minus teacher map, each divided by its max |value| (the map loss leaves the scale free)",
+    "affine": "built-in map minus teacher map, each z-scored (the map loss leaves scale and offset free)",
+}
 
 
 def _per_class(kind: str, cfg: dict[str, Any]) -> bool:
@@ -116,7 +117,6 @@ def teachx_version() -> str:
 
         return version("teachx")
     except Exception:  # not installed as a distribution (source tree)
-
         return teachx.__version__
 
 
@@ -190,8 +190,15 @@ class Data:
 class Service:
     """Runs and models of one or more directories, with their caches; safe to call from threads."""
 
-    def __init__(self, paths: list[str | Path], cache_dir: Optional[str | Path] = None, device: str = "cpu",
-                 steps: int = 16, batch_size: int = 256, log: Callable[[str], None] = lambda _m: None):
+    def __init__(
+        self,
+        paths: list[str | Path],
+        cache_dir: Optional[str | Path] = None,
+        device: str = "cpu",
+        steps: int = 16,
+        batch_size: int = 256,
+        log: Callable[[str], None] = lambda _m: None,
+    ):
         self.runs: list[RunEntry] = discover(paths)
         self.entries: dict[str, ModelEntry] = {m.id: m for r in self.runs for m in r.models}
         self.run_of: dict[str, RunEntry] = {m.id: r for r in self.runs for m in r.models}
@@ -255,16 +262,29 @@ class Service:
         spec = ck.meta.get("model_spec") or {}
         impactx = spec.get("name") in BUILT_IN_MAP_MODELS  # a model that gives its own map (IMPACTX, ABN)
         if impactx != (e.kind in BUILT_IN_MAP_MODELS):
-            raise Unavailable(f"checkpoint '{e.checkpoint}' holds a {spec.get('name') if impactx else 'classifier'} model, its record says {e.kind}")
+            raise Unavailable(
+                f"checkpoint '{e.checkpoint}' holds a {spec.get('name') if impactx else 'classifier'} model, its record says {e.kind}"
+            )
         model = any_model_from_spec(spec)
         load_state_into(model, ck.group("model"), f"checkpoint '{e.checkpoint}'")
         model = model.to(self.device).eval()
         for p in model.parameters():
             p.requires_grad_(False)
         names = ck.meta.get("class_names") or [str(i) for i in range(int(spec["num_classes"]))]
-        return Loaded(e, self.run_of[e.id], model, impactx, cfg, sha256_file(e.checkpoint),
-                      tuple(ck.meta.get("mean") or (0.0,)), tuple(ck.meta.get("std") or (1.0,)), list(names),
-                      int(spec["in_channels"]), (int(spec["image_size"][0]), int(spec["image_size"][1])), device=self.device)
+        return Loaded(
+            e,
+            self.run_of[e.id],
+            model,
+            impactx,
+            cfg,
+            sha256_file(e.checkpoint),
+            tuple(ck.meta.get("mean") or (0.0,)),
+            tuple(ck.meta.get("std") or (1.0,)),
+            list(names),
+            int(spec["in_channels"]),
+            (int(spec["image_size"][0]), int(spec["image_size"][1])),
+            device=self.device,
+        )
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -283,7 +303,9 @@ class Service:
                 d = self._load_data(lm)
             except Exception as exc:
                 msg = str(exc) if isinstance(exc, TeachxError) else f"{type(exc).__name__}: {exc}"
-                self._data_errors[key] = f"the test images of model '{lm.entry.id}' are not available: {' '.join(msg.split())}"
+                self._data_errors[key] = (
+                    f"the test images of model '{lm.entry.id}' are not available: {' '.join(msg.split())}"
+                )
                 raise Unavailable(self._data_errors[key]) from None
             self._data[key] = d
             return d
@@ -292,7 +314,9 @@ class Service:
         plan = make_plan(lm.cfg, progress=False)
         ds = plan.dataset
         if ds.channels != lm.channels or tuple(ds.image_size) != lm.image_size:
-            raise Unavailable(f"dataset {ds.name} has {ds.channels}x{ds.image_size} images, the model expects {lm.channels}x{lm.image_size}")
+            raise Unavailable(
+                f"dataset {ds.name} has {ds.channels}x{ds.image_size} images, the model expects {lm.channels}x{lm.image_size}"
+            )
         h = hashlib.sha256()
         h.update(str(ds.test.images.shape).encode())
         h.update(np.ascontiguousarray(ds.test.images).view(np.uint8).data)
@@ -302,7 +326,9 @@ class Service:
     def check_index(self, lm: Loaded, index: int) -> Data:
         d = self.data(lm)
         if not 0 <= index < d.n:
-            raise NotFound(f"image index {index} is out of range: the test split of {d.plan.dataset.name} has {d.n} images (0..{d.n - 1})")
+            raise NotFound(
+                f"image index {index} is out of range: the test split of {d.plan.dataset.name} has {d.n} images (0..{d.n - 1})"
+            )
         return d
 
     def ready(self, model_id: str, index: int, name: Optional[str] = None) -> bool:
@@ -349,13 +375,29 @@ class Service:
         d = self.data(lm)
         morf = self._morf()
         t = lm.cfg.teacher
-        material = {"kind": "view", "checkpoint_sha256": lm.sha256, "data": d.fingerprint, "split": "test", "n": d.n,
-                    "teacher": {"method": t.method, "options": _jsonable(t.options), "target": t.target, "reduce": t.reduce,
-                                "normalize": t.normalize, "smooth": t.smooth, "background_size": t.background_size},
-                    "metric": {"name": morf.name, **_jsonable(morf.options())},
-                    "explained": "predicted"}  # the class of the cached curves and agreements
-        fields: dict[str, tuple[tuple[int, ...], str]] = {"probs": ((len(lm.class_names),), "f4"), "morf": ((self.steps + 1,), "f4"),
-                                                          "agreement": ((len(AGREEMENT),), "f4")}
+        material = {
+            "kind": "view",
+            "checkpoint_sha256": lm.sha256,
+            "data": d.fingerprint,
+            "split": "test",
+            "n": d.n,
+            "teacher": {
+                "method": t.method,
+                "options": _jsonable(t.options),
+                "target": t.target,
+                "reduce": t.reduce,
+                "normalize": t.normalize,
+                "smooth": t.smooth,
+                "background_size": t.background_size,
+            },
+            "metric": {"name": morf.name, **_jsonable(morf.options())},
+            "explained": "predicted",
+        }  # the class of the cached curves and agreements
+        fields: dict[str, tuple[tuple[int, ...], str]] = {
+            "probs": ((len(lm.class_names),), "f4"),
+            "morf": ((self.steps + 1,), "f4"),
+            "agreement": ((len(AGREEMENT),), "f4"),
+        }
         if lm.impactx:
             spec = getattr(lm.model, "spec", None) or {}
             fields["built_in"] = ((int(spec.get("map_channels", 1)), *self._map_hw(lm)), "f2")
@@ -401,9 +443,16 @@ class Service:
         tcfg = replace(tcfg, target=target)
         d = self.data(lm)
         c = 1 if tcfg.reduce != "none" else lm.channels
-        material = {"kind": "maps", "checkpoint_sha256": lm.sha256, "data": d.fingerprint, "split": "test", "n": d.n,
-                    **_jsonable(map_recipe(replace(lm.cfg, teacher=tcfg), teacher)), "background_size": tcfg.background_size,
-                    "split_seed": lm.cfg.data.split_seed}
+        material = {
+            "kind": "maps",
+            "checkpoint_sha256": lm.sha256,
+            "data": d.fingerprint,
+            "split": "test",
+            "n": d.n,
+            **_jsonable(map_recipe(replace(lm.cfg, teacher=tcfg), teacher)),
+            "background_size": tcfg.background_size,
+            "split_seed": lm.cfg.data.split_seed,
+        }
         return self._cache(material, d.n, {"map": ((c, *lm.image_size), "f2")}), teacher, tcfg
 
     # -- computing rows ---------------------------------------------------------------------------
@@ -411,8 +460,15 @@ class Service:
     def _x(self, lm: Loaded, images_u8: np.ndarray) -> torch.Tensor:
         return normalize(as_nchw(images_u8).to(lm.device), lm.mean, lm.std)
 
-    def _fill(self, cache: ArrayCache, max_batch: int, indices: np.ndarray, missing: Callable[[np.ndarray], np.ndarray],
-              compute: Callable[[np.ndarray], None], progress: Optional[Callable[[int], None]]) -> None:
+    def _fill(
+        self,
+        cache: ArrayCache,
+        max_batch: int,
+        indices: np.ndarray,
+        missing: Callable[[np.ndarray], np.ndarray],
+        compute: Callable[[np.ndarray], None],
+        progress: Optional[Callable[[int], None]],
+    ) -> None:
         """Compute the rows of ``indices`` that ``missing`` names. Concurrent requests share batches through
         the cache's coalescer; a precompute (``progress``) walks the whole split alone, with no one to share with."""
         if progress:
@@ -462,14 +518,28 @@ class Service:
         try:
             with lm.lock:
                 raw = teacher.attribute(lm.model, x, target)
-            return postprocess(raw.detach(), reduce=tcfg.reduce, normalize=tcfg.normalize, smooth=tcfg.smooth).float().cpu()
+            return (
+                postprocess(raw.detach(), reduce=tcfg.reduce, normalize=tcfg.normalize, smooth=tcfg.smooth)
+                .float()
+                .cpu()
+            )
         except TeachxError as exc:
-            raise MethodFailed(f"{teacher.name if hasattr(teacher, 'name') else tcfg.method} on model '{lm.entry.id}': {exc}") from None
+            raise MethodFailed(
+                f"{teacher.name if hasattr(teacher, 'name') else tcfg.method} on model '{lm.entry.id}': {exc}"
+            ) from None
         except Exception as exc:  # a method that does not support this architecture
-            raise MethodFailed(f"{tcfg.method} failed on model '{lm.entry.id}': {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
+            raise MethodFailed(
+                f"{tcfg.method} failed on model '{lm.entry.id}': {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            ) from None
 
-    def fill_maps(self, lm: Loaded, method: str, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None,
-                  target: str = "predicted") -> ArrayCache:
+    def fill_maps(
+        self,
+        lm: Loaded,
+        method: str,
+        indices: np.ndarray,
+        progress: Optional[Callable[[int], None]] = None,
+        target: str = "predicted",
+    ) -> ArrayCache:
         """``method``'s maps of the ``target`` class for the rows of ``indices`` that are not cached (concurrent
         callers share batches)."""
         cache, teacher, tcfg = self.method_cache(lm, method, target)
@@ -524,7 +594,9 @@ class Service:
             else:
                 primary = tmaps
             with lm.lock:
-                curves = morf.curves(lm.model, x, y, primary.to(lm.device)) if primary.shape[-2:] == x.shape[-2:] else None
+                curves = (
+                    morf.curves(lm.model, x, y, primary.to(lm.device)) if primary.shape[-2:] == x.shape[-2:] else None
+                )
             if curves is not None:
                 cache.put("morf", idx, curves.float().cpu().numpy())
             else:
@@ -534,19 +606,42 @@ class Service:
 
     # -- answers ----------------------------------------------------------------------------------
 
-    def provenance(self, lm: Loaded, *, method: Optional[str] = None, options: Optional[dict[str, Any]] = None,
-                   index: Optional[int] = None, split: Optional[str] = "test", source: str = "cache",
-                   upload_sha256: Optional[str] = None, cache_key: Optional[str] = None,
-                   explained: Optional[Explained] = None, explained_choice: Optional[str] = None) -> dict[str, Any]:
+    def provenance(
+        self,
+        lm: Loaded,
+        *,
+        method: Optional[str] = None,
+        options: Optional[dict[str, Any]] = None,
+        index: Optional[int] = None,
+        split: Optional[str] = "test",
+        source: str = "cache",
+        upload_sha256: Optional[str] = None,
+        cache_key: Optional[str] = None,
+        explained: Optional[Explained] = None,
+        explained_choice: Optional[str] = None,
+    ) -> dict[str, Any]:
         """``explained``: the class the answer explains; ``explained_choice`` alone: an answer over several
         images, each explaining its own class chosen that way."""
         return {
-            **(explained.provenance() if explained is not None else
-               {"explained_class": None, "explained_class_name": None, "explained_choice": explained_choice}),
-            "run_dir": str(lm.run.path), "model_id": lm.entry.id, "checkpoint": str(lm.entry.checkpoint),
-            "checkpoint_sha256": lm.sha256, "config_hash": lm.entry.config_hash, "teachx_version": teachx_version(),
-            "method": method, "method_options": _jsonable(options or {}), "dataset": lm.cfg.data.name if split else "upload",
-            "split": split, "index": index, "upload_sha256": upload_sha256, "source": source, "cache_key": cache_key,
+            **(
+                explained.provenance()
+                if explained is not None
+                else {"explained_class": None, "explained_class_name": None, "explained_choice": explained_choice}
+            ),
+            "run_dir": str(lm.run.path),
+            "model_id": lm.entry.id,
+            "checkpoint": str(lm.entry.checkpoint),
+            "checkpoint_sha256": lm.sha256,
+            "config_hash": lm.entry.config_hash,
+            "teachx_version": teachx_version(),
+            "method": method,
+            "method_options": _jsonable(options or {}),
+            "dataset": lm.cfg.data.name if split else "upload",
+            "split": split,
+            "index": index,
+            "upload_sha256": upload_sha256,
+            "source": source,
+            "cache_key": cache_key,
         }
 
     def model_info(self, model_id: str, load: bool = False) -> dict[str, Any]:
@@ -561,12 +656,30 @@ class Service:
             except ServiceError as exc:
                 return {**self.model_info(model_id), "error": str(exc)}
         cfg = e.config
-        out = {"id": e.id, "run_id": e.run_id, "name": e.name, "label": e.label, "kind": e.kind, "role": e.role,
-               "has_built_in": e.kind in BUILT_IN_MAP_MODELS, "per_class": _per_class(e.kind, cfg), "test_acc": e.test_acc, "checkpoint": str(e.checkpoint) if e.checkpoint else None,
-               "config_hash": e.config_hash, "config": cfg, "info": _jsonable(e.info), "error": self.status(model_id),
-               "dataset": (cfg.get("data") or {}).get("name"), "teacher_method": (cfg.get("teacher") or {}).get("method"),
-               "class_names": None, "image_size": None, "channels": None, "n_images": None, "test_data": None,
-               "loaded": model_id in self._loaded}
+        out = {
+            "id": e.id,
+            "run_id": e.run_id,
+            "name": e.name,
+            "label": e.label,
+            "kind": e.kind,
+            "role": e.role,
+            "has_built_in": e.kind in BUILT_IN_MAP_MODELS,
+            "per_class": _per_class(e.kind, cfg),
+            "test_acc": e.test_acc,
+            "checkpoint": str(e.checkpoint) if e.checkpoint else None,
+            "config_hash": e.config_hash,
+            "config": cfg,
+            "info": _jsonable(e.info),
+            "error": self.status(model_id),
+            "dataset": (cfg.get("data") or {}).get("name"),
+            "teacher_method": (cfg.get("teacher") or {}).get("method"),
+            "class_names": None,
+            "image_size": None,
+            "channels": None,
+            "n_images": None,
+            "test_data": None,
+            "loaded": model_id in self._loaded,
+        }
         lm = self._loaded.get(model_id)
         if lm is not None:
             out.update(class_names=lm.class_names, image_size=list(lm.image_size), channels=lm.channels)
@@ -575,10 +688,21 @@ class Service:
                 out["n_images"], out["test_data"] = d.n, d.fingerprint
         return out
 
-    def list_images(self, model_id: str, label: Optional[int] = None, predicted: Optional[int] = None,
-                    correct: Optional[bool] = None, min_agreement: Optional[float] = None, max_agreement: Optional[float] = None,
-                    min_morf: Optional[float] = None, max_morf: Optional[float] = None, sort: str = "index",
-                    order: str = "asc", offset: int = 0, limit: int = 100) -> dict[str, Any]:
+    def list_images(
+        self,
+        model_id: str,
+        label: Optional[int] = None,
+        predicted: Optional[int] = None,
+        correct: Optional[bool] = None,
+        min_agreement: Optional[float] = None,
+        max_agreement: Optional[float] = None,
+        min_morf: Optional[float] = None,
+        max_morf: Optional[float] = None,
+        sort: str = "index",
+        order: str = "asc",
+        offset: int = 0,
+        limit: int = 100,
+    ) -> dict[str, Any]:
         if sort not in SORT_KEYS:
             raise ServiceError(f"unknown sort key '{sort}'; valid: {', '.join(SORT_KEYS)}")
         if order not in ("asc", "desc"):
@@ -610,9 +734,19 @@ class Service:
         for lo, hi, values in ((min_agreement, max_agreement, spear), (min_morf, max_morf, morf_auc)):
             if lo is not None or hi is not None:
                 with np.errstate(invalid="ignore"):
-                    keep &= np.isfinite(values) & (values >= (lo if lo is not None else -np.inf)) & (values <= (hi if hi is not None else np.inf))
+                    keep &= (
+                        np.isfinite(values)
+                        & (values >= (lo if lo is not None else -np.inf))
+                        & (values <= (hi if hi is not None else np.inf))
+                    )
         idx = np.flatnonzero(keep)
-        key = {"index": idx.astype(float), "confidence": conf[idx], "true_prob": true_p[idx], "agreement": spear[idx], "morf_auc": morf_auc[idx]}[sort]
+        key = {
+            "index": idx.astype(float),
+            "confidence": conf[idx],
+            "true_prob": true_p[idx],
+            "agreement": spear[idx],
+            "morf_auc": morf_auc[idx],
+        }[sort]
         if sort in ("agreement", "morf_auc"):  # images without the metric go last, either order
             key = np.where(np.isfinite(key), key if order == "asc" else -key, np.inf)
             idx = idx[np.lexsort((idx, key))]
@@ -623,14 +757,37 @@ class Service:
         def num(v: float) -> Optional[float]:
             return float(v) if np.isfinite(v) else None
 
-        items = [{"index": int(i), "label": int(labels[i]), "predicted": int(pred[i]), "correct": bool(pred[i] == labels[i]),
-                  "confidence": float(conf[i]), "true_prob": float(true_p[i]), "agreement": num(spear[i]), "morf_auc": num(morf_auc[i])}
-                 for i in page]
-        return {"model_id": model_id, "total": int(len(idx)), "n_images": d.n, "offset": offset, "limit": limit, "items": items,
-                "class_names": lm.class_names,
-                "coverage": {"predictions": d.n, "morf": int(morf_done.sum()), "agreement": int(agr_done.sum())},
-                "provenance": self.provenance(lm, method=self.primary_map(lm), split="test", source="cache", cache_key=cache.key,
-                                              explained_choice="predicted")}
+        items = [
+            {
+                "index": int(i),
+                "label": int(labels[i]),
+                "predicted": int(pred[i]),
+                "correct": bool(pred[i] == labels[i]),
+                "confidence": float(conf[i]),
+                "true_prob": float(true_p[i]),
+                "agreement": num(spear[i]),
+                "morf_auc": num(morf_auc[i]),
+            }
+            for i in page
+        ]
+        return {
+            "model_id": model_id,
+            "total": int(len(idx)),
+            "n_images": d.n,
+            "offset": offset,
+            "limit": limit,
+            "items": items,
+            "class_names": lm.class_names,
+            "coverage": {"predictions": d.n, "morf": int(morf_done.sum()), "agreement": int(agr_done.sum())},
+            "provenance": self.provenance(
+                lm,
+                method=self.primary_map(lm),
+                split="test",
+                source="cache",
+                cache_key=cache.key,
+                explained_choice="predicted",
+            ),
+        }
 
     def image(self, model_id: str, index: int) -> dict[str, Any]:
         lm = self.loaded(model_id)
@@ -641,17 +798,33 @@ class Service:
         probs = cache.get("probs", index)
         agreement = None
         if lm.impactx and cache.has("agreement", index):
-            agreement = {n: (float(v) if np.isfinite(v) else None) for n, v in zip(AGREEMENT, cache.get("agreement", index))}
+            agreement = {
+                n: (float(v) if np.isfinite(v) else None) for n, v in zip(AGREEMENT, cache.get("agreement", index))
+            }
         morf_auc = None
         if cache.has("morf", index):
             v = self._auc(cache.get("morf", [index]))[0]
             morf_auc = float(v) if np.isfinite(v) else None
-        maps = (["built_in", "teacher", "difference"] if lm.impactx else ["teacher"])
-        return {"model_id": model_id, "index": index, "label": ex.label, "label_name": lm.class_names[ex.label], "predicted": ex.predicted,
-                "predicted_name": lm.class_names[ex.predicted], "correct": ex.predicted == ex.label,
-                "probabilities": [{"class_index": i, "name": lm.class_names[i], "p": float(p)} for i, p in enumerate(probs)],
-                "maps": maps, "teacher_method": lm.cfg.teacher.method, "agreement": agreement, "morf_auc": morf_auc,
-                "provenance": self.provenance(lm, method=None, index=index, source=source, cache_key=cache.key, explained=ex)}
+        maps = ["built_in", "teacher", "difference"] if lm.impactx else ["teacher"]
+        return {
+            "model_id": model_id,
+            "index": index,
+            "label": ex.label,
+            "label_name": lm.class_names[ex.label],
+            "predicted": ex.predicted,
+            "predicted_name": lm.class_names[ex.predicted],
+            "correct": ex.predicted == ex.label,
+            "probabilities": [
+                {"class_index": i, "name": lm.class_names[i], "p": float(p)} for i, p in enumerate(probs)
+            ],
+            "maps": maps,
+            "teacher_method": lm.cfg.teacher.method,
+            "agreement": agreement,
+            "morf_auc": morf_auc,
+            "provenance": self.provenance(
+                lm, method=None, index=index, source=source, cache_key=cache.key, explained=ex
+            ),
+        }
 
     def explained(self, lm: Loaded, index: int, cls: Optional[str | int] = None) -> Explained:
         """The class an answer about test image ``index`` explains: ``cls`` None or "predicted" the predicted
@@ -677,13 +850,17 @@ class Service:
     def map_names(self, lm: Loaded) -> list[str]:
         return (["built_in", "difference"] if lm.impactx else []) + ["teacher", *TEACHERS.names()]
 
-    def map(self, model_id: str, index: int, name: str, cls: Optional[str | int] = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def map(
+        self, model_id: str, index: int, name: str, cls: Optional[str | int] = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """(C, H, W) float32 map ``name`` of test image ``index``, and its provenance; ``cls`` picks the class
         it explains (:meth:`explained`: default the predicted class)."""
         lm = self.loaded(model_id)
         self.check_index(lm, index)
         if name in ("built_in", "difference") and not lm.impactx:
-            raise NotFound(f"model '{model_id}' is a plain classifier: it has no built-in map (maps: teacher or a method: {', '.join(TEACHERS.names())})")
+            raise NotFound(
+                f"model '{model_id}' is a plain classifier: it has no built-in map (maps: teacher or a method: {', '.join(TEACHERS.names())})"
+            )
         return self._map(lm, index, name, self.explained(lm, index, cls))
 
     def _map(self, lm: Loaded, index: int, name: str, ex: Explained) -> tuple[np.ndarray, dict[str, Any]]:
@@ -700,22 +877,43 @@ class Service:
             source, cache_key = "computed", None
             x = self._x(lm, self.data(lm).test.images[[index]])
             tmap = self._attribute(lm, teacher, tcfg, x, torch.tensor([ex.cls], device=lm.device))[0].numpy()
-        options = {"method": teacher.name if hasattr(teacher, "name") else method, "options": teacher.options(),
-                   "target": ex.choice, "reduce": tcfg.reduce, "normalize": tcfg.normalize, "smooth": tcfg.smooth}
+        options = {
+            "method": teacher.name if hasattr(teacher, "name") else method,
+            "options": teacher.options(),
+            "target": ex.choice,
+            "reduce": tcfg.reduce,
+            "normalize": tcfg.normalize,
+            "smooth": tcfg.smooth,
+        }
         if name != "difference":
-            return tmap, self.provenance(lm, method=options["method"], options=options, index=index, source=source,
-                                         cache_key=cache_key, explained=ex)
+            return tmap, self.provenance(
+                lm,
+                method=options["method"],
+                options=options,
+                index=index,
+                source=source,
+                cache_key=cache_key,
+                explained=ex,
+            )
         built, prov = self._built_in(lm, index, ex)
         if built.shape[-2:] != tmap.shape[-2:]:
-            raise Unavailable(f"the built-in map ({built.shape[-2]}x{built.shape[-1]}) and the teacher map differ in size; no difference map")
+            raise Unavailable(
+                f"the built-in map ({built.shape[-2]}x{built.shape[-1]}) and the teacher map differ in size; no difference map"
+            )
         # compared on the terms the built-in map was trained on: what its map loss leaves free (scale, or
         # scale and offset: the default 1 - Pearson) is removed from both maps first
         invariance = self._invariance(lm)
         diff = comparable(built.sum(0, keepdims=True), invariance) - comparable(tmap.sum(0, keepdims=True), invariance)
         options = {**options, "difference": _DIFFERENCE[invariance], "built_in": prov["method_options"]["classes"]}
-        return diff, self.provenance(lm, method=f"built_in - {options['method']}", options=options, index=index,
-                                     source="cache" if source == "cache" and prov["source"] == "cache" else "computed",
-                                     cache_key=cache_key, explained=ex)
+        return diff, self.provenance(
+            lm,
+            method=f"built_in - {options['method']}",
+            options=options,
+            index=index,
+            source="cache" if source == "cache" and prov["source"] == "cache" else "computed",
+            cache_key=cache_key,
+            explained=ex,
+        )
 
     @staticmethod
     def _invariance(lm: Loaded) -> str:
@@ -735,7 +933,10 @@ class Service:
     def _built_in_options(lm: Loaded) -> dict[str, Any]:
         """The provenance options of a built-in map: how it is made, and whether it depends on the class."""
         per_class = bool(getattr(lm.model, "per_class", False))
-        return {"decoder": "D(LEP(x))", "classes": "one built-in map per class" if per_class else shared_map_text(lm.entry.kind)}
+        return {
+            "decoder": "D(LEP(x))",
+            "classes": "one built-in map per class" if per_class else shared_map_text(lm.entry.kind),
+        }
 
     def _built_in(self, lm: Loaded, index: int, ex: Explained) -> tuple[np.ndarray, dict[str, Any]]:
         """The built-in map of the explained class: cached for the predicted class (and for every class of a
@@ -745,15 +946,19 @@ class Service:
             x = self._x(lm, self.data(lm).test.images[[index]])
             with lm.lock, torch.no_grad():
                 _, maps = lm.model.forward_all(x, torch.tensor([ex.cls], device=x.device))
-            return maps[0].float().cpu().numpy(), self.provenance(lm, method="built_in", options=options, index=index,
-                                                                  source="computed", explained=ex)
+            return maps[0].float().cpu().numpy(), self.provenance(
+                lm, method="built_in", options=options, index=index, source="computed", explained=ex
+            )
         cache = self.view_cache(lm)
         source = "cache" if cache.has("built_in", index) else "computed"
         self.fill_view(lm, np.array([index]))
         return cache.get("built_in", index).astype(np.float32), self.provenance(
-            lm, method="built_in", options=options, index=index, source=source, cache_key=cache.key, explained=ex)
+            lm, method="built_in", options=options, index=index, source=source, cache_key=cache.key, explained=ex
+        )
 
-    def metrics(self, model_id: str, index: int, map_name: Optional[str] = None, cls: Optional[str | int] = None) -> dict[str, Any]:
+    def metrics(
+        self, model_id: str, index: int, map_name: Optional[str] = None, cls: Optional[str | int] = None
+    ) -> dict[str, Any]:
         """Pixel-flipping (MoRF) curve of one map of one image and built-in vs teacher agreement, all for the
         class ``cls`` names (:meth:`explained`): the curve ranks pixels by that class's map and tracks that
         class's probability."""
@@ -768,7 +973,11 @@ class Service:
         morf = self._morf()
         cached = ex.target == "predicted"  # the cached rows are the predicted class's
         if cached and map_name in (self.primary_map(lm), lm.cfg.teacher.method if not lm.impactx else None):
-            source = "cache" if cache.has("morf", index) and (not lm.impactx or cache.has("agreement", index)) else "computed"
+            source = (
+                "cache"
+                if cache.has("morf", index) and (not lm.impactx or cache.has("agreement", index))
+                else "computed"
+            )
             self.fill_metrics(lm, np.array([index]))
             curve = torch.from_numpy(cache.get("morf", [index])).double()
         else:
@@ -777,7 +986,9 @@ class Service:
             x = self._x(lm, d.test.images[[index]])
             y = torch.tensor([ex.cls], device=lm.device)
             if m.shape[-2:] != tuple(x.shape[-2:]):
-                raise Unavailable(f"map '{map_name}' is {m.shape[-2]}x{m.shape[-1]}, the image {x.shape[-2]}x{x.shape[-1]}; no pixel-flipping curve")
+                raise Unavailable(
+                    f"map '{map_name}' is {m.shape[-2]}x{m.shape[-1]}, the image {x.shape[-2]}x{x.shape[-1]}; no pixel-flipping curve"
+                )
             with lm.lock:
                 curve = morf.curves(lm.model, x, y, torch.from_numpy(m)[None].to(lm.device)).double().cpu()
         agreement = None
@@ -794,12 +1005,30 @@ class Service:
                 else:
                     agreement = dict.fromkeys(AGREEMENT)
         auc = float(trapezoid_auc(curve, xs)[0])
-        return {"model_id": model_id, "index": index, "map": map_name,
-                "pixel_flipping": {"metric": morf.name, "options": _jsonable(morf.options()), "x": xs.tolist(),
-                                   "curve": [float(v) for v in curve[0].tolist()], "auc": auc, "higher_is_better": False},
-                "agreement": agreement, "agreement_between": ["built_in", lm.cfg.teacher.method] if lm.impactx else None,
-                "provenance": self.provenance(lm, method=map_name, options=_jsonable(morf.options()), index=index, source=source,
-                                              cache_key=cache.key, explained=ex)}
+        return {
+            "model_id": model_id,
+            "index": index,
+            "map": map_name,
+            "pixel_flipping": {
+                "metric": morf.name,
+                "options": _jsonable(morf.options()),
+                "x": xs.tolist(),
+                "curve": [float(v) for v in curve[0].tolist()],
+                "auc": auc,
+                "higher_is_better": False,
+            },
+            "agreement": agreement,
+            "agreement_between": ["built_in", lm.cfg.teacher.method] if lm.impactx else None,
+            "provenance": self.provenance(
+                lm,
+                method=map_name,
+                options=_jsonable(morf.options()),
+                index=index,
+                source=source,
+                cache_key=cache.key,
+                explained=ex,
+            ),
+        }
 
     # -- uploads ----------------------------------------------------------------------------------
 
@@ -813,13 +1042,25 @@ class Service:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
-                    raise BadUpload(f"the image is {w}x{h} pixels, more than the {MAX_PIXELS:,} this server decodes; send a smaller image", 413)
+                    raise BadUpload(
+                        f"the image is {w}x{h} pixels, more than the {MAX_PIXELS:,} this server decodes; send a smaller image",
+                        413,
+                    )
                 im.load()
                 arr, notes = conform_image(im, lm.channels, lm.image_size)
         except BadUpload:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
-            raise BadUpload(f"the upload is not an image Pillow can read ({type(exc).__name__}); send a PNG, JPEG, BMP, GIF or WebP file") from None
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+            EOFError,
+        ) as exc:
+            raise BadUpload(
+                f"the upload is not an image Pillow can read ({type(exc).__name__}); send a PNG, JPEG, BMP, GIF or WebP file"
+            ) from None
         return arr, "; ".join(notes)
 
     def predict_upload(self, model_id: str, data: bytes, method: Optional[str] = None) -> dict[str, Any]:
@@ -837,23 +1078,62 @@ class Service:
         ex = Explained(k, lm.class_names[k], "predicted", k, None)
         maps: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
         if built is not None:
-            maps["built_in"] = (built[0].float().cpu().numpy(), self.provenance(lm, method="built_in", options=self._built_in_options(lm), split=None,
-                                                                                 source="computed", upload_sha256=sha, explained=ex))
+            maps["built_in"] = (
+                built[0].float().cpu().numpy(),
+                self.provenance(
+                    lm,
+                    method="built_in",
+                    options=self._built_in_options(lm),
+                    split=None,
+                    source="computed",
+                    upload_sha256=sha,
+                    explained=ex,
+                ),
+            )
         if method:
             teacher, tcfg = self._teacher(lm, lm.cfg.teacher.method if method == "teacher" else method)
             m = self._attribute(lm, teacher, tcfg, x, torch.tensor([k], device=lm.device))[0].numpy()
-            options = {"options": teacher.options(), "target": "predicted", "reduce": tcfg.reduce, "normalize": tcfg.normalize, "smooth": tcfg.smooth}
-            maps[tcfg.method] = (m, self.provenance(lm, method=tcfg.method, options=options, split=None, source="computed",
-                                                    upload_sha256=sha, explained=ex))
-        return {"model_id": model_id, "predicted": k, "predicted_name": lm.class_names[k],
-                "probabilities": [{"class_index": i, "name": lm.class_names[i], "p": float(p)} for i, p in enumerate(probs)],
-                "notice": notice, "image": arr, "maps": maps,
-                "provenance": self.provenance(lm, split=None, source="computed", upload_sha256=sha, explained=ex)}
+            options = {
+                "options": teacher.options(),
+                "target": "predicted",
+                "reduce": tcfg.reduce,
+                "normalize": tcfg.normalize,
+                "smooth": tcfg.smooth,
+            }
+            maps[tcfg.method] = (
+                m,
+                self.provenance(
+                    lm,
+                    method=tcfg.method,
+                    options=options,
+                    split=None,
+                    source="computed",
+                    upload_sha256=sha,
+                    explained=ex,
+                ),
+            )
+        return {
+            "model_id": model_id,
+            "predicted": k,
+            "predicted_name": lm.class_names[k],
+            "probabilities": [
+                {"class_index": i, "name": lm.class_names[i], "p": float(p)} for i, p in enumerate(probs)
+            ],
+            "notice": notice,
+            "image": arr,
+            "maps": maps,
+            "provenance": self.provenance(lm, split=None, source="computed", upload_sha256=sha, explained=ex),
+        }
 
     # -- offline precompute -----------------------------------------------------------------------
 
-    def precompute(self, model_ids: Optional[list[str]] = None, metrics: bool = True, progress: bool = True,
-                   log: Callable[[str], None] = print) -> dict[str, str]:
+    def precompute(
+        self,
+        model_ids: Optional[list[str]] = None,
+        metrics: bool = True,
+        progress: bool = True,
+        log: Callable[[str], None] = print,
+    ) -> dict[str, str]:
         """Fill every model's cache for the whole test split; returns model id -> 'ok' or its error."""
         from tqdm.auto import tqdm
 
@@ -864,13 +1144,28 @@ class Service:
                 d = self.data(lm)
                 cache = self.view_cache(lm)
                 all_idx = np.arange(d.n)
-                steps = [("predictions", lambda cb: self.fill_view(lm, all_idx, cb),
-                          len(np.union1d(cache.missing("probs"), cache.missing("built_in") if lm.impactx else [])))]
+                steps = [
+                    (
+                        "predictions",
+                        lambda cb: self.fill_view(lm, all_idx, cb),
+                        len(np.union1d(cache.missing("probs"), cache.missing("built_in") if lm.impactx else [])),
+                    )
+                ]
                 if metrics:
-                    steps.append((f"{lm.cfg.teacher.method} maps", lambda cb: self.fill_maps(lm, lm.cfg.teacher.method, all_idx, cb),
-                                  len(self.method_cache(lm, lm.cfg.teacher.method)[0].missing("map"))))
-                    steps.append(("pixel flipping" + (" + agreement" if lm.impactx else ""), lambda cb: self.fill_metrics(lm, all_idx, cb),
-                                  len(np.union1d(cache.missing("morf"), cache.missing("agreement") if lm.impactx else []))))
+                    steps.append(
+                        (
+                            f"{lm.cfg.teacher.method} maps",
+                            lambda cb: self.fill_maps(lm, lm.cfg.teacher.method, all_idx, cb),
+                            len(self.method_cache(lm, lm.cfg.teacher.method)[0].missing("map")),
+                        )
+                    )
+                    steps.append(
+                        (
+                            "pixel flipping" + (" + agreement" if lm.impactx else ""),
+                            lambda cb: self.fill_metrics(lm, all_idx, cb),
+                            len(np.union1d(cache.missing("morf"), cache.missing("agreement") if lm.impactx else [])),
+                        )
+                    )
                 for what, fn, todo in steps:
                     if not todo:
                         continue

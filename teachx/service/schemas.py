@@ -28,15 +28,22 @@ class Provenance(BaseModel):
     split: Optional[str] = Field(None, description="'test', or null for an uploaded image")
     index: Optional[int] = Field(None, description="index in the split")
     upload_sha256: Optional[str] = None
-    source: Literal["cache", "computed"] = Field(description="read from the precompute cache, or computed for this request")
+    source: Literal["cache", "computed"] = Field(
+        description="read from the precompute cache, or computed for this request"
+    )
     cache_key: Optional[str] = None
-    explained_class: Optional[int] = Field(None, description="the class that every map, difference, agreement and pixel-flipping curve "
-                                                             "of this answer explains (the curve tracks its probability); null where "
-                                                             "the answer covers several images (see explained_choice) or explains none")
+    explained_class: Optional[int] = Field(
+        None,
+        description="the class that every map, difference, agreement and pixel-flipping curve "
+        "of this answer explains (the curve tracks its probability); null where "
+        "the answer covers several images (see explained_choice) or explains none",
+    )
     explained_class_name: Optional[str] = None
     explained_choice: Optional[Literal["predicted", "label", "index"]] = Field(
-        None, description="how the explained class was chosen: the predicted class (the default), the true class (class=label) "
-                          "or a class index (class=K)")
+        None,
+        description="how the explained class was chosen: the predicted class (the default), the true class (class=label) "
+        "or a class index (class=K)",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -47,7 +54,9 @@ class ModelInfo(BaseModel):
     kind: Literal["classifier", "impactx", "abn"]
     role: str
     has_built_in: bool
-    per_class: bool = Field(False, description="one built-in map per class (impactx.per_class); otherwise one map shared by all classes")
+    per_class: bool = Field(
+        False, description="one built-in map per class (impactx.per_class); otherwise one map shared by all classes"
+    )
     test_acc: Optional[float]
     checkpoint: Optional[str]
     config_hash: str
@@ -60,8 +69,11 @@ class ModelInfo(BaseModel):
     image_size: Optional[list[int]]
     channels: Optional[int]
     n_images: Optional[int] = Field(None, description="test images (known once the model and its data are loaded)")
-    test_data: Optional[str] = Field(None, description="fingerprint of the test split, once loaded: models with the same value "
-                                                      "show the same image at the same index (the page compares them side by side)")
+    test_data: Optional[str] = Field(
+        None,
+        description="fingerprint of the test split, once loaded: models with the same value "
+        "show the same image at the same index (the page compares them side by side)",
+    )
     loaded: bool
 
 
@@ -77,8 +89,10 @@ class RunInfo(BaseModel):
 class RunsResponse(BaseModel):
     api_version: str = API_VERSION
     teachx_version: str
-    default_model: Optional[str] = Field(None, description="the model the page opens on: the first usable one with built-in maps, "
-                                                           "else the first usable one")
+    default_model: Optional[str] = Field(
+        None,
+        description="the model the page opens on: the first usable one with built-in maps, else the first usable one",
+    )
     runs: list[RunInfo]
 
 
@@ -103,10 +117,16 @@ class ImageItem(BaseModel):
     correct: bool
     confidence: float
     true_prob: float
-    agreement: Optional[float] = Field(None, description="Spearman rank correlation of the built-in map with the teacher map, both of "
-                                                          "the predicted class (cached only)")
-    morf_auc: Optional[float] = Field(None, description="pixel-flipping MoRF AUC of the primary map of the predicted class, tracking "
-                                                         "its probability; lower = more faithful (cached only)")
+    agreement: Optional[float] = Field(
+        None,
+        description="Spearman rank correlation of the built-in map with the teacher map, both of "
+        "the predicted class (cached only)",
+    )
+    morf_auc: Optional[float] = Field(
+        None,
+        description="pixel-flipping MoRF AUC of the primary map of the predicted class, tracking "
+        "its probability; lower = more faithful (cached only)",
+    )
 
 
 class Coverage(BaseModel):
@@ -172,8 +192,10 @@ class PixelFlipping(BaseModel):
     metric: str
     options: dict[str, Any]
     x: list[float]
-    curve: list[Optional[float]] = Field(description="probability of the explained class (provenance.explained_class) as the pixels "
-                                                     "its map ranks most relevant are replaced")
+    curve: list[Optional[float]] = Field(
+        description="probability of the explained class (provenance.explained_class) as the pixels "
+        "its map ranks most relevant are replaced"
+    )
     auc: Optional[float]
     higher_is_better: bool
 

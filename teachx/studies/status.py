@@ -79,7 +79,12 @@ class StudyStatus:
                 if not known:
                     return None
                 total += (u.epochs - u.epochs_done) * statistics.median(known)
-            if u.unit.method is not None and u.unit.method.study_evaluation and u.state != "evaluating" and (evals.get(arm) or any_eval):
+            if (
+                u.unit.method is not None
+                and u.unit.method.study_evaluation
+                and u.state != "evaluating"
+                and (evals.get(arm) or any_eval)
+            ):
                 total += statistics.median(evals.get(arm) or any_eval)
         return total
 
@@ -181,6 +186,8 @@ def status_lines(st: StudyStatus) -> list[str]:
         lines.append("time left: not estimated yet (no epoch of an unfinished arm is timed)")
     elif left > 0:
         running = f", ~{_hours(left / workers)} with the {workers} workers running now" if workers > 1 else ""
-        lines.append(f"time left: about {_hours(left)} of work for one worker{running} (epochs left x the measured "
-                     "time per epoch of the same arm's units, plus the IMPACTX evaluations; teacher maps not counted)")
+        lines.append(
+            f"time left: about {_hours(left)} of work for one worker{running} (epochs left x the measured "
+            "time per epoch of the same arm's units, plus the IMPACTX evaluations; teacher maps not counted)"
+        )
     return lines

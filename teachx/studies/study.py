@@ -45,9 +45,22 @@ from teachx.evaluation import build_metric, evaluate_maps
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.registry import suggest
 from teachx.runs import rundir
-from teachx.runs.pipeline import (as_nchw, eval_indices, load_classifier, load_stage_model, make_plan, make_teacher,
-                                  map_quality, shortcut_evaluation, stage_checkpoint, stage_done, teacher_maps,
-                                  teacher_training, train_classifier, train_method_stage)
+from teachx.runs.pipeline import (
+    as_nchw,
+    eval_indices,
+    load_classifier,
+    load_stage_model,
+    make_plan,
+    make_teacher,
+    map_quality,
+    shortcut_evaluation,
+    stage_checkpoint,
+    stage_done,
+    teacher_maps,
+    teacher_training,
+    train_classifier,
+    train_method_stage,
+)
 from teachx.runs.resolve import check_names
 from teachx.teachers.postprocess import postprocess
 from teachx.training.methods import METHODS, build_method, method_name, recorded_method
@@ -117,13 +130,29 @@ class StudySpec:
     def section(self) -> dict[str, Any]:
         """The ``study:`` section as resolved: every key of :data:`STUDY_KEYS` with its default filled in
         (seeds for n_seeds), in their order; read back as a config it gives this study again."""
-        values = {"seeds": self.seeds, "arms": self.arms, "regimes": self.regimes, "control": self.control,
-                  "controls": self.controls, "eval": asdict(self.eval), "alpha": self.alpha, "arm_regimes": self.arm_regimes}
+        values = {
+            "seeds": self.seeds,
+            "arms": self.arms,
+            "regimes": self.regimes,
+            "control": self.control,
+            "controls": self.controls,
+            "eval": asdict(self.eval),
+            "alpha": self.alpha,
+            "arm_regimes": self.arm_regimes,
+        }
         return {key: _deep(values[key]) for key in STUDY_KEYS if key in values}
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"seeds": self.seeds, "arms": self.arms, "regimes": self.regimes, "control": self.control,
-               "eval": asdict(self.eval), "alpha": self.alpha, "source": self.source, "arm_regimes": self.arm_regimes}
+        out = {
+            "seeds": self.seeds,
+            "arms": self.arms,
+            "regimes": self.regimes,
+            "control": self.control,
+            "eval": asdict(self.eval),
+            "alpha": self.alpha,
+            "source": self.source,
+            "arm_regimes": self.arm_regimes,
+        }
         if self.controls:  # only where set: the records of studies without it stay as they were
             out["controls"] = self.controls
         return out
@@ -141,7 +170,9 @@ def _dict_options() -> set[str]:
     out = set()
     for section, section_type in get_type_hints(RunConfig).items():
         if dataclasses.is_dataclass(section_type):
-            out.update(f"{section}.{name}" for name, hint in get_type_hints(section_type).items() if get_origin(hint) is dict)
+            out.update(
+                f"{section}.{name}" for name, hint in get_type_hints(section_type).items() if get_origin(hint) is dict
+            )
     return out
 
 
@@ -188,7 +219,9 @@ _STUDY_KEYS = tuple(STUDY_KEYS)
 
 def load_study(path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
     """Read a study YAML; ``overrides`` are KEY=VALUE (``study.*`` keys change the study section)."""
-    return _study_from_raw(load_yaml(find_config(path)), str(path), overrides, n_seeds)  # a file, or a shipped config's name
+    return _study_from_raw(
+        load_yaml(find_config(path)), str(path), overrides, n_seeds
+    )  # a file, or a shipped config's name
 
 
 def load_study_dir(study_dir: str | Path) -> StudySpec:
@@ -201,9 +234,13 @@ def load_study_dir(study_dir: str | Path) -> StudySpec:
     return _study_from_raw(raw, str(path))
 
 
-def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None) -> StudySpec:
+def _study_from_raw(
+    raw: dict[str, Any], path: str, overrides: Optional[list[str]] = None, n_seeds: Optional[int] = None
+) -> StudySpec:
     if "study" not in raw or not isinstance(raw["study"], dict):
-        raise ConfigError(f"'{path}' has no 'study:' section; add study: {{n_seeds: 5, arms: {{impactx: {{}}, lambda0: {{impactx.lam: 0}}}}}}")
+        raise ConfigError(
+            f"'{path}' has no 'study:' section; add study: {{n_seeds: 5, arms: {{impactx: {{}}, lambda0: {{impactx.lam: 0}}}}}}"
+        )
     section = dict(raw.pop("study"))
     base: dict[str, Any] = raw
     for text in overrides or []:
@@ -219,7 +256,9 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
             set_dotted(base, ".".join(keys), value)
     for key in section:
         if key not in _STUDY_KEYS:
-            raise ConfigError(f"unknown option 'study.{key}'{suggest(str(key), list(_STUDY_KEYS), 'study.')}; valid options in 'study': {', '.join(_STUDY_KEYS)}")
+            raise ConfigError(
+                f"unknown option 'study.{key}'{suggest(str(key), list(_STUDY_KEYS), 'study.')}; valid options in 'study': {', '.join(_STUDY_KEYS)}"
+            )
     # seeds
     if n_seeds is not None:
         seeds = list(range(int(n_seeds)))
@@ -230,14 +269,20 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
     else:
         seeds = list(range(int(section.get("n_seeds", 1))))
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"study seeds must be a non-empty list of distinct integers, got {seeds}; set study.n_seeds or --seeds")
+        raise ConfigError(
+            f"study seeds must be a non-empty list of distinct integers, got {seeds}; set study.n_seeds or --seeds"
+        )
     # arms
     arms_raw = section.get("arms") or {"impactx": {}}
     if not isinstance(arms_raw, dict):
-        raise ConfigError("study.arms must be a mapping name -> overrides, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}")
+        raise ConfigError(
+            "study.arms must be a mapping name -> overrides, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}"
+        )
     arms = {str(name): _flatten(ov, f"study.arms.{name}") for name, ov in arms_raw.items()}
     if BASELINE in arms:
-        raise ConfigError(f"study arm name '{BASELINE}' is reserved (every regime has its own baseline); rename the arm")
+        raise ConfigError(
+            f"study arm name '{BASELINE}' is reserved (every regime has its own baseline); rename the arm"
+        )
     # regimes
     regimes_raw = section.get("regimes")
     regimes: dict[str, dict[str, Any]] = {}
@@ -256,34 +301,54 @@ def _study_from_raw(raw: dict[str, Any], path: str, overrides: Optional[list[str
     if not regimes:
         raise ConfigError("study.regimes is empty; leave it out for a single regime")
     ev = from_dict(EvalSpec, section.get("eval") or {}, "study.eval")
-    spec = StudySpec(base, [int(s) for s in seeds], arms, regimes, section.get("control"), ev,
-                     float(section.get("alpha", 0.05)), str(path), _arm_regimes(section.get("arm_regimes"), arms, regimes),
-                     _controls(section.get("controls"), arms))
+    spec = StudySpec(
+        base,
+        [int(s) for s in seeds],
+        arms,
+        regimes,
+        section.get("control"),
+        ev,
+        float(section.get("alpha", 0.05)),
+        str(path),
+        _arm_regimes(section.get("arm_regimes"), arms, regimes),
+        _controls(section.get("controls"), arms),
+    )
     # resolve every config now: a typo fails before anything is trained
     first_regime = next(iter(regimes))
     for regime in regimes:
         spec.config(regime, None, seeds[0])
         for arm in arms:
             if spec.config(regime, arm, seeds[0]).teacher.checkpoint:
-                raise ConfigError(f"study arm '{arm}': teacher.checkpoint is not supported in studies (one fixed model for every seed); use teacher.backbone")
+                raise ConfigError(
+                    f"study arm '{arm}': teacher.checkpoint is not supported in studies (one fixed model for every seed); use teacher.backbone"
+                )
+
     def lambda0(arm: str) -> bool:  # an arm without the explanation signal (IMPACTX with impactx.lam: 0)
         return build_method(spec.config(first_regime, arm, seeds[0])).is_control()
 
     if spec.control is None:
         spec.control = next((a for a in arms if lambda0(a)), None)
     elif spec.control not in arms:
-        raise ConfigError(f"study.control '{spec.control}' is not an arm{suggest(spec.control, list(arms))}; arms: {', '.join(arms)}")
+        raise ConfigError(
+            f"study.control '{spec.control}' is not an arm{suggest(spec.control, list(arms))}; arms: {', '.join(arms)}"
+        )
     elif not lambda0(spec.control):
-        raise ConfigError(f"study.control '{spec.control}' must have impactx.lam: 0 (the same model without the explanation signal)")
+        raise ConfigError(
+            f"study.control '{spec.control}' must have impactx.lam: 0 (the same model without the explanation signal)"
+        )
     for arm, control in spec.controls.items():
         if not lambda0(control):
-            raise ConfigError(f"study.controls.{arm}: '{control}' must be an IMPACTX arm with impactx.lam: 0 (the same model without the explanation signal)")
+            raise ConfigError(
+                f"study.controls.{arm}: '{control}' must be an IMPACTX arm with impactx.lam: 0 (the same model without the explanation signal)"
+            )
     for arm in arms:
         control = spec.control_of(arm)
         missing = [g for g in regimes if control and spec.runs(g, arm) and not spec.runs(g, control)]
         if missing:
-            raise ConfigError(f"study.arm_regimes: arm '{arm}' runs in regime(s) {', '.join(missing)} where its control "
-                              f"'{control}' does not; run the control wherever the other arms run")
+            raise ConfigError(
+                f"study.arm_regimes: arm '{arm}' runs in regime(s) {', '.join(missing)} where its control "
+                f"'{control}' does not; run the control wherever the other arms run"
+            )
     return spec
 
 
@@ -291,11 +356,15 @@ def _controls(raw: Any, arms: dict[str, Any]) -> dict[str, str]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"study.controls must map arm names to their lambda=0 control arms, e.g. {{impactx_noaug: lambda0_noaug}}; got {raw!r}")
+        raise ConfigError(
+            f"study.controls must map arm names to their lambda=0 control arms, e.g. {{impactx_noaug: lambda0_noaug}}; got {raw!r}"
+        )
     for arm, control in raw.items():
         for name, what in ((arm, "an arm"), (control, "a control arm")):
             if str(name) not in arms:
-                raise ConfigError(f"study.controls: '{name}' is not {what}{suggest(str(name), list(arms))}; arms: {', '.join(arms)}")
+                raise ConfigError(
+                    f"study.controls: '{name}' is not {what}{suggest(str(name), list(arms))}; arms: {', '.join(arms)}"
+                )
         if str(arm) == str(control):
             raise ConfigError(f"study.controls.{arm}: an arm cannot be its own control; remove the entry")
     return {str(a): str(c) for a, c in raw.items()}
@@ -305,22 +374,29 @@ def _arm_regimes(raw: Any, arms: dict[str, Any], regimes: dict[str, Any]) -> dic
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"study.arm_regimes must map arm names to lists of regime names, e.g. {{self_teach: [1k, 5k]}}; got {raw!r}")
+        raise ConfigError(
+            f"study.arm_regimes must map arm names to lists of regime names, e.g. {{self_teach: [1k, 5k]}}; got {raw!r}"
+        )
     out: dict[str, list[str]] = {}
     for arm, names in raw.items():
         if arm not in arms:
-            raise ConfigError(f"study.arm_regimes: '{arm}' is not an arm{suggest(str(arm), list(arms))}; arms: {', '.join(arms)}")
+            raise ConfigError(
+                f"study.arm_regimes: '{arm}' is not an arm{suggest(str(arm), list(arms))}; arms: {', '.join(arms)}"
+            )
         names = [names] if isinstance(names, str) else names
         if not isinstance(names, list) or not names:
             raise ConfigError(f"study.arm_regimes.{arm} must be a non-empty list of regime names, got {names!r}")
         for name in names:
             if str(name) not in regimes:
-                raise ConfigError(f"study.arm_regimes.{arm}: '{name}' is not a regime{suggest(str(name), list(regimes))}; regimes: {', '.join(regimes)}")
+                raise ConfigError(
+                    f"study.arm_regimes.{arm}: '{name}' is not a regime{suggest(str(name), list(regimes))}; regimes: {', '.join(regimes)}"
+                )
         out[str(arm)] = [str(n) for n in names]
     return out
 
 
 # -- unit keys ----------------------------------------------------------------------------------
+
 
 def _relevant(cfg: RunConfig) -> dict[str, Any]:
     """The config as it decides a result: only values that differ from the defaults, minus neutral keys.
@@ -330,7 +406,9 @@ def _relevant(cfg: RunConfig) -> dict[str, Any]:
     ``key_reference`` at its old value (or needs a STUDY_VERSION bump), so a unit keeps its key (and a
     resumed study its trained units) for the same resolved config whichever default it relied on.
     """
-    values = cfg.to_dict()  # other methods' impactx.* are the current defaults (RunConfig.validate): no reference for them
+    values = (
+        cfg.to_dict()
+    )  # other methods' impactx.* are the current defaults (RunConfig.validate): no reference for them
     defaults = merge(RunConfig().to_dict(), METHODS.get(method_name(cfg)).key_reference)
     for section, key in _NEUTRAL:
         values[section].pop(key)
@@ -350,7 +428,9 @@ def _non_default(values: dict[str, Any], defaults: dict[str, Any], prefix: str =
     out: dict[str, Any] = {}
     for k, v in values.items():
         base = defaults.get(k)
-        if isinstance(v, dict) and isinstance(base, dict) and f"{prefix}{k}" not in _DICT_OPTIONS:  # sections recurse, option dicts are values
+        if (
+            isinstance(v, dict) and isinstance(base, dict) and f"{prefix}{k}" not in _DICT_OPTIONS
+        ):  # sections recurse, option dicts are values
             sub = _non_default(v, base, f"{prefix}{k}.")
             if sub:
                 out[k] = sub
@@ -362,15 +442,31 @@ def _non_default(values: dict[str, Any], defaults: dict[str, Any], prefix: str =
 def classifier_key(cfg: RunConfig, backbone: str, options: dict[str, Any]) -> str:
     """What changes a trained classifier: data, backbone, training, seed, device."""
     d = _relevant(cfg)
-    return "c-" + hash_json({"v": STUDY_VERSION, "kind": "classifier", "seed": cfg.seed, "device": cfg.device, "data": d.get("data", {}),
-                             "backbone": backbone, "options": options, "train": d.get("train", {})})[:16]
+    return (
+        "c-"
+        + hash_json(
+            {
+                "v": STUDY_VERSION,
+                "kind": "classifier",
+                "seed": cfg.seed,
+                "device": cfg.device,
+                "data": d.get("data", {}),
+                "backbone": backbone,
+                "options": options,
+                "train": d.get("train", {}),
+            }
+        )[:16]
+    )
 
 
 def unit_key(cfg: RunConfig) -> str:
     """The key of a unit of the configured training method: what changes its result, with the method's
     unit kind and key prefix (IMPACTX units keep the ``x-`` keys they always had, other methods' are ``m-``)."""
     method = METHODS.get(method_name(cfg))
-    return method.unit_key_prefix + hash_json({"v": STUDY_VERSION, "kind": method.unit_kind, "config": _relevant(cfg)})[:16]
+    return (
+        method.unit_key_prefix
+        + hash_json({"v": STUDY_VERSION, "kind": method.unit_kind, "config": _relevant(cfg)})[:16]
+    )
 
 
 def impactx_key(cfg: RunConfig) -> str:
@@ -413,8 +509,12 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                 if not spec.runs(regime, arm):
                     continue
                 cfg = spec.config(regime, arm, seed)
-                base = classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))  # an arm's: the runner trains it first
-                units.setdefault(base, PlannedUnit(base, "classifier", regime, f"{arm} {BASELINE}" if arm else BASELINE, seed, cfg))
+                base = classifier_key(
+                    cfg, cfg.model.backbone, dict(cfg.model.options)
+                )  # an arm's: the runner trains it first
+                units.setdefault(
+                    base, PlannedUnit(base, "classifier", regime, f"{arm} {BASELINE}" if arm else BASELINE, seed, cfg)
+                )
                 if arm is None:
                     continue
                 key = unit_key(cfg)
@@ -433,6 +533,7 @@ def unit_names(spec: StudySpec) -> dict[str, dict[str, Any]]:
 
 
 # -- running --------------------------------------------------------------------------------------
+
 
 @dataclass
 class StudyResult:
@@ -480,9 +581,16 @@ class _Runner:
                 if done is None:
                     self.trained += 1
                     done = train_classifier(cfg, self.plan(cfg), d, backbone, options, self.stage_log)
-        self.units[key] = {"kind": "classifier", "backbone": backbone, "seed": cfg.seed, "test_acc": done["test_acc"],
-                           "val_acc": done.get("val_acc"), "seconds": done.get("seconds"),
-                           "seconds_per_epoch": done.get("seconds_per_epoch"), "history": done.get("history", [])}
+        self.units[key] = {
+            "kind": "classifier",
+            "backbone": backbone,
+            "seed": cfg.seed,
+            "test_acc": done["test_acc"],
+            "val_acc": done.get("val_acc"),
+            "seconds": done.get("seconds"),
+            "seconds_per_epoch": done.get("seconds_per_epoch"),
+            "history": done.get("history", []),
+        }
         shortcut = self._shortcut(cfg, d, lambda: {"model": self._load_classifier(cfg, key)})
         if shortcut is not None:
             self.units[key]["shortcut"] = shortcut
@@ -495,7 +603,9 @@ class _Runner:
         """On a shortcut dataset: the unit's attribution share on the artefact (``shortcut.json``, made once)."""
         path = d / "shortcut.json"
         if path.exists():
-            return read_trusted_json(path, f"delete '{path}' and re-run the same `teachx study` command", "shortcut evaluation")
+            return read_trusted_json(
+                path, f"delete '{path}' and re-run the same `teachx study` command", "shortcut evaluation"
+            )
         if cfg.data.shortcut is None and not _source_name(cfg.data.name).startswith("decoy"):
             return None
         plan = self.plan(cfg)
@@ -528,10 +638,18 @@ class _Runner:
                         found = self._train(cfg, method, d, eval_path, base_key, teacher_key)
             stage, ev = found
         self.units[key] = {
-            "kind": method.unit_kind, **method.unit_record(stage), "seed": cfg.seed, "teacher": cfg.teacher.method,
-            "baseline_unit": base_key, "teacher_unit": teacher_key,
-            "test_acc": stage["test_acc"], "val_acc": stage.get("val_acc"), "seconds": stage.get("seconds"),
-            "seconds_per_epoch": stage.get("seconds_per_epoch"), "history": stage.get("history", []), **ev,
+            "kind": method.unit_kind,
+            **method.unit_record(stage),
+            "seed": cfg.seed,
+            "teacher": cfg.teacher.method,
+            "baseline_unit": base_key,
+            "teacher_unit": teacher_key,
+            "test_acc": stage["test_acc"],
+            "val_acc": stage.get("val_acc"),
+            "seconds": stage.get("seconds"),
+            "seconds_per_epoch": stage.get("seconds_per_epoch"),
+            "history": stage.get("history", []),
+            **ev,
         }
         if method.reuses_baseline:  # the classifier unit's own evaluation (made by `classifier`)
             shortcut = self.units[base_key].get("shortcut")
@@ -555,8 +673,9 @@ class _Runner:
             return stage, {}
         return (stage, read_unit_evaluation(eval_path)) if eval_path.exists() else None
 
-    def _train(self, cfg: RunConfig, method, d: Path, eval_path: Optional[Path], base_key: str,
-               teacher_key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _train(
+        self, cfg: RunConfig, method, d: Path, eval_path: Optional[Path], base_key: str, teacher_key: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Train the unit with the pipeline's stage code (:func:`train_method_stage`) on the teacher maps the
         method asks for, then evaluate it into ``eval_path`` (when given)."""
         plan = self.plan(cfg)
@@ -565,8 +684,20 @@ class _Runner:
         timings: dict[str, float] = {}
         teacher_model = load_classifier(self.checkpoint(teacher_key), ds)
         t0 = time.perf_counter()
-        stores = {split: teacher_maps(cfg, plan, teacher_model, split, plan.train_idx if split == "train" else eval_indices(cfg, plan),
-                                      device, self.stage_log, self.progress, wait=False) for split in method.study_maps()}
+        stores = {
+            split: teacher_maps(
+                cfg,
+                plan,
+                teacher_model,
+                split,
+                plan.train_idx if split == "train" else eval_indices(cfg, plan),
+                device,
+                self.stage_log,
+                self.progress,
+                wait=False,
+            )
+            for split in method.study_maps()
+        }
         timings["maps"] = time.perf_counter() - t0
         if stage_done(d) is None:
             self.trained += 1
@@ -577,7 +708,11 @@ class _Runner:
             return record, {}
         t0 = time.perf_counter()
         train_store, test_store = stores["train"], stores["test"]
-        ev: dict[str, Any] = {"map_quality": map_quality(model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model)}
+        ev: dict[str, Any] = {
+            "map_quality": map_quality(
+                model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model
+            )
+        }
         baseline = load_classifier(self.checkpoint(base_key), ds)
         ev.update(_evaluate_unit(cfg, self.spec.eval, plan, model, baseline, test_store, device, d))
         timings["evaluation"] = time.perf_counter() - t0
@@ -606,7 +741,9 @@ def _eval_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.array(out, dtype=np.int64))
 
 
-def _evaluate_unit(cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_store, device, unit_dir: Path) -> dict[str, Any]:
+def _evaluate_unit(
+    cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_store, device, unit_dir: Path
+) -> dict[str, Any]:
     """Post-hoc teacher maps on the IMPACTX model, example arrays, optional MoRF/LeRF AUCs."""
     ds = plan.dataset
     out: dict[str, Any] = {}
@@ -630,18 +767,29 @@ def _evaluate_unit(cfg: RunConfig, ev: EvalSpec, plan, model, baseline, test_sto
             maps = []
             for s in range(0, len(idx), 64):
                 raw = teacher.attribute(m, x[s : s + 64], y[s : s + 64])
-                maps.append(postprocess(raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth).detach())
+                maps.append(
+                    postprocess(
+                        raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth
+                    ).detach()
+                )
             return torch.cat(maps)
         except Exception as exc:  # an optional diagnostic must not lose hours of training
-            out.setdefault("errors", []).append(f"{cfg.teacher.method} on {type(m).__name__}: {type(exc).__name__}: {exc}")
+            out.setdefault("errors", []).append(
+                f"{cfg.teacher.method} on {type(m).__name__}: {type(exc).__name__}: {exc}"
+            )
             return None
 
     post_hoc = explain(model)
     if ev.examples:
         k = min(ev.examples, len(idx))
         pick = np.linspace(0, len(idx) - 1, k).round().astype(int)
-        arrays = {"index": idx[pick], "images": x_u8[pick].numpy(), "labels": y[pick].cpu().numpy(),
-                  "teacher": teacher_maps[pick].cpu().numpy(), "built_in": built_in[pick].cpu().numpy()}
+        arrays = {
+            "index": idx[pick],
+            "images": x_u8[pick].numpy(),
+            "labels": y[pick].cpu().numpy(),
+            "teacher": teacher_maps[pick].cpu().numpy(),
+            "built_in": built_in[pick].cpu().numpy(),
+        }
         if post_hoc is not None:
             arrays["post_hoc"] = post_hoc[pick].cpu().numpy()
         with atomic_path(unit_dir / "examples.npz") as tmp:
@@ -674,7 +822,12 @@ def _metric(name: str, ev: EvalSpec):
 def _auc_summary(res: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for metric, r in res.items():
-        out[metric] = {"auc": r.get("mean"), "std": r.get("std"), "curve": r.get("mean_curve"), "curve_x": r.get("curve_x")}
+        out[metric] = {
+            "auc": r.get("mean"),
+            "std": r.get("std"),
+            "curve": r.get("mean_curve"),
+            "curve_x": r.get("curve_x"),
+        }
     return out
 
 
@@ -694,8 +847,15 @@ def prepare_study_dir(out: Path, spec: StudySpec) -> Path:
 _POLL_SECONDS = 5.0
 
 
-def _run_job(spec: StudySpec, r: "_Runner", cells: dict[tuple[str, str], dict[int, str]], regime: str, seed: int,
-             arm: Optional[str], progress: bool) -> str:
+def _run_job(
+    spec: StudySpec,
+    r: "_Runner",
+    cells: dict[tuple[str, str], dict[int, str]],
+    regime: str,
+    seed: int,
+    arm: Optional[str],
+    progress: bool,
+) -> str:
     """One unit of work (a baseline when ``arm`` is None); returns its log line."""
     cfg = spec.config(regime, arm, seed)
     cfg.train.progress = progress
@@ -736,8 +896,13 @@ def run_study(
     r = _Runner(spec, out, log, progress, verbose)
     cells: dict[tuple[str, str], dict[int, str]] = {}  # (regime, arm) -> seed -> unit key
     # every (regime, seed, arm) in order; arm None is the regime's baseline
-    pending: list[tuple[str, int, Optional[str]]] = [(regime, seed, arm) for regime in spec.regimes
-                                                     for seed in spec.seeds for arm in [None, *spec.arms] if spec.runs(regime, arm)]
+    pending: list[tuple[str, int, Optional[str]]] = [
+        (regime, seed, arm)
+        for regime in spec.regimes
+        for seed in spec.seeds
+        for arm in [None, *spec.arms]
+        if spec.runs(regime, arm)
+    ]
     total, done = len(pending), 0
     waiting_for = -1
     while pending:
@@ -754,7 +919,9 @@ def run_study(
                 log(f"    warning: {err}")
         if deferred and len(deferred) == len(pending):
             if waiting_for != len(deferred):
-                log(f"waiting for other processes working on this study: {len(deferred)} unit(s) left, all in progress elsewhere")
+                log(
+                    f"waiting for other processes working on this study: {len(deferred)} unit(s) left, all in progress elsewhere"
+                )
                 waiting_for = len(deferred)
             time.sleep(_POLL_SECONDS)
         pending = deferred
@@ -782,12 +949,19 @@ def _elapsed(out: Path, keys: list[str]) -> dict[str, Any]:
     if not starts or not ends:
         return {}
     iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
-    return {"first_unit_created": iso(min(starts)), "last_record_written": iso(max(ends)), "seconds": max(ends) - min(starts)}
+    return {
+        "first_unit_created": iso(min(starts)),
+        "last_record_written": iso(max(ends)),
+        "seconds": max(ends) - min(starts),
+    }
 
 
 # -- statistics -------------------------------------------------------------------------------------
 
-def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, dict[str, Any]]) -> dict[str, Any]:
+
+def summarize_study(
+    spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     seeds = spec.seeds
     for regime in spec.regimes:
@@ -799,10 +973,16 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
             trained = build_method(cfg) if arm != BASELINE else None  # the arm's method (the baseline row has none)
             row: dict[str, Any] = {
-                "regime": regime, "arm": arm, "kind": trained.unit_kind if trained else "classifier",
+                "regime": regime,
+                "arm": arm,
+                "kind": trained.unit_kind if trained else "classifier",
                 "method": trained.name if trained else BASELINE,
-                "overrides": spec.arms.get(arm, {}), "regime_overrides": spec.regimes[regime],
-                "seeds": seeds, "units": [keys[s] for s in seeds], "test_acc": accs, "summary": summarize(accs).to_dict(),
+                "overrides": spec.arms.get(arm, {}),
+                "regime_overrides": spec.regimes[regime],
+                "seeds": seeds,
+                "units": [keys[s] for s in seeds],
+                "test_acc": accs,
+                "summary": summarize(accs).to_dict(),
             }
             if arm != BASELINE:
                 _, tb, _ = teacher_training(cfg)
@@ -822,15 +1002,28 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
                     row["vs_control"]["control"] = control
                 quality = [units[keys[s]].get("map_quality") for s in seeds]
                 if all(quality):
-                    row["map_quality"] = {m: summarize([q[m] for q in quality]).to_dict() for m in ("corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine")
-                                          if all(m in q for q in quality)}  # units evaluated before a measure existed lack it
+                    row["map_quality"] = {
+                        m: summarize([q[m] for q in quality]).to_dict()
+                        for m in (
+                            "corr",
+                            "corr_mean_map",
+                            "corr_mean_map_augmented",
+                            "r2_vs_mean_map",
+                            "r2_vs_mean_map_affine",
+                        )
+                        if all(m in q for q in quality)
+                    }  # units evaluated before a measure existed lack it
                     row["map_quality"].update(_builtin_faith_summary([q.get("faithfulness") for q in quality]))
                 faith = [units[keys[s]].get("faithfulness") for s in seeds]
                 if all(faith):
                     row["faithfulness"] = _faith_summary(faith)
             shortcut = [units[keys[s]].get("shortcut") for s in seeds]
             if all(shortcut):  # the measures every seed has (units made by older teachx may lack the built-in map's)
-                common = [m for m in shortcut[0] if m != "images" and all(isinstance(b.get(m), (int, float)) for b in shortcut)]
+                common = [
+                    m
+                    for m in shortcut[0]
+                    if m != "images" and all(isinstance(b.get(m), (int, float)) for b in shortcut)
+                ]
                 row["shortcut"] = {m: summarize([b[m] for b in shortcut]).to_dict() for m in common}
             rows.append(row)
     # Holm over each family (all vs-baseline tests; all vs-control tests)
@@ -844,16 +1037,32 @@ def summarize_study(spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]
             c = row["vs_control"]
             ok = c.get("p_ttest") is not None and c["p_ttest"] < spec.alpha and c["mean_diff"] > 0
             text = verdict(c, spec.alpha)
-            verdicts.append({
-                "regime": row["regime"], "arm": row["arm"], "control": c["control"], "beats_control": bool(ok),
-                "mean_diff": c["mean_diff"], "ci_low": c.get("ci_low"), "ci_high": c.get("ci_high"),
-                "p_ttest": c.get("p_ttest"), "p_ttest_holm": c.get("p_ttest_holm"), "p_wilcoxon": c.get("p_wilcoxon"),
-                "n": c["n"], "text": f"regime {row['regime']}: {row['arm']} vs {c['control']}: {text}",
-            })
+            verdicts.append(
+                {
+                    "regime": row["regime"],
+                    "arm": row["arm"],
+                    "control": c["control"],
+                    "beats_control": bool(ok),
+                    "mean_diff": c["mean_diff"],
+                    "ci_low": c.get("ci_low"),
+                    "ci_high": c.get("ci_high"),
+                    "p_ttest": c.get("p_ttest"),
+                    "p_ttest_holm": c.get("p_ttest_holm"),
+                    "p_wilcoxon": c.get("p_wilcoxon"),
+                    "n": c["n"],
+                    "text": f"regime {row['regime']}: {row['arm']} vs {c['control']}: {text}",
+                }
+            )
     timings = _timings(units)
     return {
-        "version": STUDY_VERSION, "study": spec.to_dict(), "base_config": spec.config(next(iter(spec.regimes)), None, seeds[0]).to_dict(),
-        "alpha": spec.alpha, "rows": rows, "verdicts": verdicts, "units": units, "timings": timings,
+        "version": STUDY_VERSION,
+        "study": spec.to_dict(),
+        "base_config": spec.config(next(iter(spec.regimes)), None, seeds[0]).to_dict(),
+        "alpha": spec.alpha,
+        "rows": rows,
+        "verdicts": verdicts,
+        "units": units,
+        "timings": timings,
         "notes": [
             "accuracies are test-set accuracies of the best-validation checkpoint; comparisons are paired by seed",
             "p_ttest: paired t-test; p_wilcoxon: Wilcoxon signed-rank (zeros dropped; exact/permutation for small n); "
@@ -885,7 +1094,11 @@ def _faith_summary(faith: list[dict[str, Any]]) -> dict[str, Any]:
         for metric, v in faith[0]["sets"][set_name].items():
             aucs = [f["sets"][set_name][metric]["auc"] for f in faith]
             curves = [f["sets"][set_name][metric]["curve"] for f in faith]
-            entry: dict[str, Any] = {"auc": summarize([a for a in aucs if a is not None]).to_dict() if any(a is not None for a in aucs) else None}
+            entry: dict[str, Any] = {
+                "auc": summarize([a for a in aucs if a is not None]).to_dict()
+                if any(a is not None for a in aucs)
+                else None
+            }
             if all(curves):
                 entry["curve"] = np.nanmean(np.array(curves, dtype=float), axis=0).tolist()
                 entry["curve_x"] = v.get("curve_x")
@@ -911,7 +1124,9 @@ def _timings(units: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for kind, members in by_kind.items():
         out[f"{kind}_training"] = agg([u.get("seconds") for u in members])
         out[f"{kind}_seconds_per_epoch"] = agg([u.get("seconds_per_epoch") for u in members])
-    evaluated = [u for u in units.values() if u.get("timings")]  # the units evaluated beyond accuracy (study_evaluation)
+    evaluated = [
+        u for u in units.values() if u.get("timings")
+    ]  # the units evaluated beyond accuracy (study_evaluation)
     out["teacher_maps"] = agg([u["timings"].get("maps") for u in evaluated])
     out["evaluation"] = agg([u["timings"].get("evaluation") for u in evaluated])
     return out
@@ -940,20 +1155,29 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         pc = _fp(vc["p_ttest"]) if vc else ""
         pw = _fp(vc["p_wilcoxon"]) if vc else ""
         mean_std = _fmt(s["mean"]) + " +- " + std
-        lines.append(f"{row['regime']:<14} {row['arm']:<16} {s['n']:>2} {mean_std:>20} {ci:>17} {db:>9} {pb:>7} {dc:>9} {pc:>7} {pw:>7}")
+        lines.append(
+            f"{row['regime']:<14} {row['arm']:<16} {s['n']:>2} {mean_std:>20} {ci:>17} {db:>9} {pb:>7} {dc:>9} {pc:>7} {pw:>7}"
+        )
     shortcut_rows = [row for row in data["rows"] if row.get("shortcut")]
     if shortcut_rows:
         lines.append("")
-        lines.append("Share of post-hoc attribution on the artefact, de-correlated test images (mean over seeds; lower = fewer wrong reasons)")
+        lines.append(
+            "Share of post-hoc attribution on the artefact, de-correlated test images (mean over seeds; lower = fewer wrong reasons)"
+        )
         for row in shortcut_rows:
             sc = row["shortcut"]
             parts = [f"{m} {_fmt(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "built_in", "area") if m in sc]
             lines.append(f"  {row['regime']:<14} {row['arm']:<16} " + "  ".join(parts))
     if data["verdicts"]:
         lines.append("")
-        lines.append(f"Does the gain come from the explanations? (each arm vs the control '{data['study'].get('control')}'"
-                     + "".join(f", {a} vs '{c}'" for a, c in (data["study"].get("controls") or {}).items()) + ", paired t-test)")
+        lines.append(
+            f"Does the gain come from the explanations? (each arm vs the control '{data['study'].get('control')}'"
+            + "".join(f", {a} vs '{c}'" for a, c in (data["study"].get("controls") or {}).items())
+            + ", paired t-test)"
+        )
         lines.extend("  " + v["text"] for v in data["verdicts"])
     elif data["study"].get("control") is None:
-        lines.append("(no lambda=0 control arm: add e.g. lambda0: {impactx.lam: 0} to study.arms to test whether gains come from the explanations)")
+        lines.append(
+            "(no lambda=0 control arm: add e.g. lambda0: {impactx.lam: 0} to study.arms to test whether gains come from the explanations)"
+        )
     return lines

@@ -247,7 +247,9 @@ class IntegratedGradients(Teacher):
         self._baseline_key: Any = (
             {"tensor_shape": list(baseline.shape), "tensor_sha256": tensor_sha256(baseline)}
             if isinstance(baseline, torch.Tensor)
-            else baseline if isinstance(baseline, str) else float(baseline)
+            else baseline
+            if isinstance(baseline, str)
+            else float(baseline)
         )
 
     def baseline_for(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -52,9 +52,25 @@ from teachx.teachers.gradients import as_target, check_inputs, input_gradients, 
 #: shap 0.51 lacks ReLU6/SiLU/Hardswish..., which then fall back to a plain gradient that breaks
 #: completeness -- register them in shap's ``op_handler`` to compare).
 RESCALE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid,
-    nn.Softsign, nn.Tanhshrink, nn.PReLU,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.LogSigmoid,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.PReLU,
 )
 MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -67,15 +83,60 @@ _MUL_FUNCTIONS = {operator.mul, torch.mul}
 #: functional ops known to be linear (or shap-compatible) that need no warning when they get
 #: the plain gradient at the background point.
 _QUIET_FALLBACK = {
-    operator.getitem, operator.sub, operator.truediv, operator.neg, torch.cat, torch.stack,
-    torch.mean, torch.sum, F.adaptive_avg_pool2d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.avg_pool1d, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, F.pad,
-    "mean", "sum", "squeeze", "unsqueeze", "permute", "transpose", "expand", "expand_as",
-    "__getitem__", "chunk", "split", "narrow", "sub", "div", "neg", "repeat",
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad2d, nn.Upsample,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear, nn.Conv1d, nn.Conv2d,
-    nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    operator.getitem,
+    operator.sub,
+    operator.truediv,
+    operator.neg,
+    torch.cat,
+    torch.stack,
+    torch.mean,
+    torch.sum,
+    F.adaptive_avg_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool1d,
+    F.avg_pool1d,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.permute,
+    torch.transpose,
+    F.pad,
+    "mean",
+    "sum",
+    "squeeze",
+    "unsqueeze",
+    "permute",
+    "transpose",
+    "expand",
+    "expand_as",
+    "__getitem__",
+    "chunk",
+    "split",
+    "narrow",
+    "sub",
+    "div",
+    "neg",
+    "repeat",
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.Upsample,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
 }
 
 #: threshold below which a pair's input difference counts as zero (shap's values)
@@ -122,12 +183,16 @@ def trace(model: nn.Module) -> _Graph:
     placeholders = [n for n in nodes if n.op == "placeholder"]
     outputs = [n for n in nodes if n.op == "output"]
     if len(placeholders) != 1:
-        raise ConfigError(f"DeepShap explains models with one input tensor, {type(model).__name__}.forward takes "
-                          f"{len(placeholders)}; wrap the model so forward(x) takes one image batch")
+        raise ConfigError(
+            f"DeepShap explains models with one input tensor, {type(model).__name__}.forward takes "
+            f"{len(placeholders)}; wrap the model so forward(x) takes one image batch"
+        )
     out_arg = outputs[0].args[0]
     if not isinstance(out_arg, fx.Node):
-        raise ConfigError("DeepShap needs a model whose forward returns one logits tensor; wrap the model so "
-                          "forward(x) returns (B, num_classes) logits")
+        raise ConfigError(
+            "DeepShap needs a model whose forward returns one logits tensor; wrap the model so "
+            "forward(x) returns (B, num_classes) logits"
+        )
     modules = dict(model.named_modules())
     g = _Graph(root=model, nodes=nodes, modules=modules, output=out_arg)
     return g
@@ -195,11 +260,15 @@ def run_forward(graph: _Graph, x: torch.Tensor, keep: Callable[[fx.Node], bool])
 def _check_per_sample(n: fx.Node, value: Any, batch: int) -> None:
     """The pair-batched backward needs every input-dependent value to be one tensor per sample."""
     if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-        raise ConfigError(f"DeepShap cannot follow '{n.target}', which returns several tensors (split/chunk...); "
-                          "use the 'expected_gradients' teacher for this model")
+        raise ConfigError(
+            f"DeepShap cannot follow '{n.target}', which returns several tensors (split/chunk...); "
+            "use the 'expected_gradients' teacher for this model"
+        )
     if isinstance(value, torch.Tensor) and (value.dim() == 0 or value.shape[0] != batch):
-        raise ConfigError(f"DeepShap needs per-sample computations, but '{n.target}' mixes the batch (output "
-                          f"shape {tuple(value.shape)} for {batch} inputs); use the 'expected_gradients' teacher")
+        raise ConfigError(
+            f"DeepShap needs per-sample computations, but '{n.target}' mixes the batch (output "
+            f"shape {tuple(value.shape)} for {batch} inputs); use the 'expected_gradients' teacher"
+        )
 
 
 # ----------------------------------------------------------------------------- per-node backward rules
@@ -290,8 +359,15 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _maxpool_indices(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     pool = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}[type(module)]
-    _, idx = pool(x, module.kernel_size, module.stride, module.padding, module.dilation,
-                  ceil_mode=module.ceil_mode, return_indices=True)
+    _, idx = pool(
+        x,
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        ceil_mode=module.ceil_mode,
+        return_indices=True,
+    )
     return idx.reshape(idx.shape[0], idx.shape[1], -1)
 
 
@@ -299,8 +375,18 @@ def _conv_input_grad(module: nn.Module, g: torch.Tensor, in_shape: tuple[int, ..
     nd = g.dim() - 2
     fake = g.new_empty(1).expand(in_shape)
     return torch.ops.aten.convolution_backward(
-        g, fake, module.weight, None, list(module.stride), list(module.padding), list(module.dilation),
-        False, [0] * nd, module.groups, [True, False, False])[0]
+        g,
+        fake,
+        module.weight,
+        None,
+        list(module.stride),
+        list(module.padding),
+        list(module.dilation),
+        False,
+        [0] * nd,
+        module.groups,
+        [True, False, False],
+    )[0]
 
 
 def _fast_module_rule(module: nn.Module) -> str | None:
@@ -334,8 +420,10 @@ class _BackgroundTeacher(Teacher):
     def _set_background(self, background: torch.Tensor) -> None:
         label = type(self).__name__
         if not isinstance(background, torch.Tensor) or not background.is_floating_point() or background.dim() < 2:
-            raise DataError(f"{label} background must be a floating-point tensor (K, C, H, W) normalised like "
-                            "the inputs; pass e.g. a random subset of training images")
+            raise DataError(
+                f"{label} background must be a floating-point tensor (K, C, H, W) normalised like "
+                "the inputs; pass e.g. a random subset of training images"
+            )
         if background.shape[0] == 0:
             raise DataError(f"{label} background is empty; pass at least one background image")
         self.background = background.detach().clone()
@@ -350,8 +438,10 @@ class _BackgroundTeacher(Teacher):
     def _background_like(self, x: torch.Tensor) -> torch.Tensor:
         background = self.background.to(device=x.device, dtype=x.dtype)
         if background.shape[1:] != x.shape[1:]:
-            raise DataError(f"{type(self).__name__} background images have shape {tuple(background.shape[1:])} but "
-                            f"inputs have {tuple(x.shape[1:])}; use background images of the input size")
+            raise DataError(
+                f"{type(self).__name__} background images have shape {tuple(background.shape[1:])} but "
+                f"inputs have {tuple(x.shape[1:])}; use background images of the input size"
+            )
         return background
 
 
@@ -374,8 +464,9 @@ class DeepShap(_BackgroundTeacher):
 
     def __init__(self, background: torch.Tensor, batch_size: int | None = None):
         self._set_background(background)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
             raise ConfigError(f"DeepShap batch_size must be a positive integer or None, got {batch_size!r}")
         self.batch_size = batch_size
         self._warned: set[str] = set()
@@ -399,8 +490,9 @@ class DeepShap(_BackgroundTeacher):
 
     # -- implementation
 
-    def _attribute(self, model: nn.Module, x: torch.Tensor, background: torch.Tensor,
-                   target: torch.Tensor) -> torch.Tensor:
+    def _attribute(
+        self, model: nn.Module, x: torch.Tensor, background: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
         graph = trace(model)
         kinds = {n: self._node_kind(graph, n) for n in graph.nodes}
         nk = background.shape[0]
@@ -417,8 +509,13 @@ class DeepShap(_BackgroundTeacher):
         ref = run_forward(graph, background, keep=lambda n: n in need_ref)
         target_logits(ref[graph.output], target[:1].expand(nk))  # validates the output shape and classes
         # forward the inputs once, keeping only what the multipliers need
-        need_x = {a for n in graph.nodes if kinds[n] in ("rescale", "maxpool") and n in active
-                  for a in n.all_input_nodes if a in active}
+        need_x = {
+            a
+            for n in graph.nodes
+            if kinds[n] in ("rescale", "maxpool") and n in active
+            for a in n.all_input_nodes
+            if a in active
+        }
         need_x |= {n for n in graph.nodes if kinds[n] in ("rescale", "maxpool") and n in active}
         xv = run_forward(graph, x, keep=lambda n: n in need_x)
         target_logits(xv[graph.output], target)
@@ -437,8 +534,9 @@ class DeepShap(_BackgroundTeacher):
             elif kinds[n] == "maxpool":
                 (a,) = [a for a in n.all_input_nodes if a in active]
                 module = graph.modules[n.target]
-                rules[n] = _MaxPool(xv[a], xv[n], _maxpool_indices(module, xv[a]),
-                                    ref[a], ref[n], _maxpool_indices(module, ref[a]))
+                rules[n] = _MaxPool(
+                    xv[a], xv[n], _maxpool_indices(module, xv[a]), ref[a], ref[n], _maxpool_indices(module, ref[a])
+                )
             elif kinds[n] == "generic":
                 self._warn_fallback(graph, n)
         del xv
@@ -506,12 +604,24 @@ class DeepShap(_BackgroundTeacher):
         label = getattr(what, "__name__", str(what))
         if label not in self._warned:
             self._warned.add(label)
-            warnings.warn(f"DeepShap: no rescale rule for '{label}'; it gets the plain gradient at the background "
-                          "point (as in shap), so attributions may not sum to f(x) - E f(b). Use an nn.Module "
-                          "activation (nn.ReLU...) for non-linearities.", stacklevel=4)
+            warnings.warn(
+                f"DeepShap: no rescale rule for '{label}'; it gets the plain gradient at the background "
+                "point (as in shap), so attributions may not sum to f(x) - E f(b). Use an nn.Module "
+                "activation (nn.ReLU...) for non-linearities.",
+                stacklevel=4,
+            )
 
-    def _backward(self, graph: _Graph, kinds: dict, rules: dict, ref: dict, shapes: dict,
-                  seed: torch.Tensor, rows: slice, ks: slice) -> torch.Tensor:
+    def _backward(
+        self,
+        graph: _Graph,
+        kinds: dict,
+        rules: dict,
+        ref: dict,
+        shapes: dict,
+        seed: torch.Tensor,
+        rows: slice,
+        ks: slice,
+    ) -> torch.Tensor:
         """Input gradient of every pair (x_i, b_k) through the DeepLIFT-modified graph: (nb*nk, C, H, W)."""
         nb, nk = rows.stop - rows.start, ks.stop - ks.start
         grads: dict[fx.Node, torch.Tensor] = {graph.output: seed}
@@ -582,8 +692,9 @@ def _times(g: torch.Tensor, other: tuple[Any, bool], nb: int, nk: int) -> torch.
     return _flat(_pairs(g, nb, nk) * value.unsqueeze(0))
 
 
-def _generic_vjp(graph: _Graph, n: fx.Node, ref: dict, g: torch.Tensor, nb: int,
-                 ks: slice) -> list[tuple[fx.Node, torch.Tensor]]:
+def _generic_vjp(
+    graph: _Graph, n: fx.Node, ref: dict, g: torch.Tensor, nb: int, ks: slice
+) -> list[tuple[fx.Node, torch.Tensor]]:
     """Plain gradient of node ``n`` at the background point, for all pairs (what shap's hooks give)."""
     active = graph.active
     diff = [a for a in n.all_input_nodes if a in active]
@@ -592,8 +703,9 @@ def _generic_vjp(graph: _Graph, n: fx.Node, ref: dict, g: torch.Tensor, nb: int,
         leaves = {a: ref[a][ks].detach().requires_grad_(True) for a in diff}
         env = {a: leaves.get(a, ref.get(a)) for a in n.all_input_nodes}
         out = _call(n, graph, _load(n.args, env), _load(n.kwargs, env))
-        grads = torch.autograd.grad(out, [leaves[a] for a in diff], _pairs(g, nb, nk),
-                                    is_grads_batched=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            out, [leaves[a] for a in diff], _pairs(g, nb, nk), is_grads_batched=True, allow_unused=True
+        )
     return [(a, _flat(ga) if ga is not None else None) for a, ga in zip(diff, grads) if ga is not None]
 
 
@@ -625,8 +737,14 @@ class ExpectedGradients(_BackgroundTeacher):
 
     name = "expected_gradients"
 
-    def __init__(self, background: torch.Tensor, n_samples: int = 200, seed: int = 0,
-                 local_smoothing: float = 0.0, batch_size: int = 512):
+    def __init__(
+        self,
+        background: torch.Tensor,
+        n_samples: int = 200,
+        seed: int = 0,
+        local_smoothing: float = 0.0,
+        batch_size: int = 512,
+    ):
         self._set_background(background)
         for label, value in (("n_samples", n_samples), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -641,8 +759,12 @@ class ExpectedGradients(_BackgroundTeacher):
         self.batch_size = batch_size
 
     def options(self) -> dict[str, Any]:
-        return {**self._background_options(), "n_samples": self.n_samples, "seed": self.seed,
-                "local_smoothing": self.local_smoothing}
+        return {
+            **self._background_options(),
+            "n_samples": self.n_samples,
+            "seed": self.seed,
+            "local_smoothing": self.local_smoothing,
+        }
 
     def draws(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(background index (B, n), alpha (B, n), noise (B, n, ...) or None), drawn on the CPU.

@@ -97,7 +97,9 @@ def row_digests(rows: np.ndarray) -> np.ndarray:
     rows = np.ascontiguousarray(rows)
     flat = rows.reshape(len(rows), -1).view(np.uint8)
     sha = hashlib.sha256
-    return np.frombuffer(b"".join([sha(r).digest()[:ROW_DIGEST_BYTES] for r in flat]), np.uint8).reshape(len(rows), ROW_DIGEST_BYTES)
+    return np.frombuffer(b"".join([sha(r).digest()[:ROW_DIGEST_BYTES] for r in flat]), np.uint8).reshape(
+        len(rows), ROW_DIGEST_BYTES
+    )
 
 
 def store_fix(path: Path) -> str:
@@ -137,15 +139,22 @@ def read_store(path: str | Path) -> MapStore:
     one (no meta.json yet) a DataError."""
     path = Path(path)
     if not (path / "meta.json").is_file():
-        raise DataError(f"'{path}' is not a finished teacher-map store (no meta.json); pass a directory under TEACHX_CACHE/maps/")
+        raise DataError(
+            f"'{path}' is not a finished teacher-map store (no meta.json); pass a directory under TEACHX_CACHE/maps/"
+        )
     meta = read_trusted_json(path / "meta.json", store_fix(path), "teacher-map store meta")
     problem = _check(path, str(meta.get("key", "")), tuple(meta.get("shape", ())))
     if problem:
         raise CorruptionError.of(path, problem, store_fix(path), "teacher-map store")
     _verify(path)
-    return MapStore(path=path, key=meta["key"], maps=np.load(path / "maps.npy", mmap_mode="r"),
-                    done=np.load(path / "done.npy", mmap_mode="r"), meta=meta,
-                    digests=np.load(path / "digests.npy", mmap_mode="r") if (path / "digests.npy").exists() else None)
+    return MapStore(
+        path=path,
+        key=meta["key"],
+        maps=np.load(path / "maps.npy", mmap_mode="r"),
+        done=np.load(path / "done.npy", mmap_mode="r"),
+        meta=meta,
+        digests=np.load(path / "digests.npy", mmap_mode="r") if (path / "digests.npy").exists() else None,
+    )
 
 
 def _world(distributed: Optional[bool]) -> tuple[int, int]:
@@ -154,7 +163,9 @@ def _world(distributed: Optional[bool]) -> tuple[int, int]:
     return dist_utils.rank(), dist_utils.world_size()
 
 
-def _prepare(path: Path, key: str, shape: tuple[int, ...], material: dict[str, Any], log: Callable[[str], None]) -> None:
+def _prepare(
+    path: Path, key: str, shape: tuple[int, ...], material: dict[str, Any], log: Callable[[str], None]
+) -> None:
     """Make ``path`` hold a usable store for ``key`` (check, rebuild or create its files)."""
     problem = _check(path, key, shape)
     if problem == "absent":
@@ -164,10 +175,20 @@ def _prepare(path: Path, key: str, shape: tuple[int, ...], material: dict[str, A
         shutil.rmtree(path, ignore_errors=True)
     if not (path / "meta.json").exists():
         path.mkdir(parents=True, exist_ok=True)
-        for name, dtype, shp in (("maps.npy", np.float16, shape), ("done.npy", np.bool_, (shape[0],)),
-                                 ("digests.npy", np.uint8, (shape[0], ROW_DIGEST_BYTES))):
+        for name, dtype, shp in (
+            ("maps.npy", np.float16, shape),
+            ("done.npy", np.bool_, (shape[0],)),
+            ("digests.npy", np.uint8, (shape[0], ROW_DIGEST_BYTES)),
+        ):
             _new_array(path / name, dtype, shp)
-        meta = {"key": key, "shape": list(shape), "dtype": "float16", "layout": LAYOUT, "created": time.time(), "material": material}
+        meta = {
+            "key": key,
+            "shape": list(shape),
+            "dtype": "float16",
+            "layout": LAYOUT,
+            "created": time.time(),
+            "material": material,
+        }
         write_json_atomic(path / "meta.json", meta, digest=True)  # last: a store without meta.json is incomplete
         return
     meta = read_trusted_json(path / "meta.json", store_fix(path), "teacher-map store meta")
@@ -234,8 +255,12 @@ def _verify(path: Path) -> None:
         wrong = np.any(row_digests(block) != digests[rows], axis=1)
         bad.extend(rows[wrong].tolist())
     if bad:
-        raise CorruptionError.of(path, f"{len(bad)} of its {idx.size} finished rows fail their digest, e.g. row {bad[0]}",
-                                 store_fix(path), "teacher-map store")
+        raise CorruptionError.of(
+            path,
+            f"{len(bad)} of its {idx.size} finished rows fail their digest, e.g. row {bad[0]}",
+            store_fix(path),
+            "teacher-map store",
+        )
 
 
 def _check(path: Path, key: str, shape: tuple[int, ...]) -> str:
@@ -291,12 +316,19 @@ def fill_store(
         from tqdm.auto import tqdm
 
         share = sum(min(batch_size, todo.size - s) for s in starts)
-        bar = tqdm(total=int(share), desc=desc if world == 1 else f"{desc} [rank 0 of {world}]", dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(
+            total=int(share),
+            desc=desc if world == 1 else f"{desc} [rank 0 of {world}]",
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
     for start in starts:
         chunk = todo[start : start + batch_size]
         maps = compute(chunk).detach().to("cpu", torch.float32)
         if maps.shape[1:] != store.maps.shape[1:]:
-            raise ValueError(f"teacher produced maps of shape {tuple(maps.shape[1:])}, store expects {store.maps.shape[1:]}")
+            raise ValueError(
+                f"teacher produced maps of shape {tuple(maps.shape[1:])}, store expects {store.maps.shape[1:]}"
+            )
         rows = maps.numpy().astype(np.float16)
         store.maps[chunk] = rows
         store.maps.flush()

@@ -46,7 +46,7 @@ class Checkpoint:
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
         p = prefix + "."
-        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -101,7 +101,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", fix: s
     if path.is_dir():
         path = path / "best.safetensors" if (path / "best.safetensors").exists() else path / "last.safetensors"
     if not path.exists():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; pass the path of a .safetensors file written by teachx")
+        raise CheckpointError(
+            f"checkpoint '{path}' does not exist; pass the path of a .safetensors file written by teachx"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
@@ -117,7 +119,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", fix: s
             f"checkpoint '{path}' has no teachx metadata; it was not written by teachx (use `teachx train` to create one)"
         ) from None
     if meta.get("format") not in (FORMAT, *LEGACY_FORMATS):
-        raise CheckpointError(f"checkpoint '{path}' has format {meta.get('format')!r}, expected {FORMAT!r}; re-create it with this teachx version")
+        raise CheckpointError(
+            f"checkpoint '{path}' has format {meta.get('format')!r}, expected {FORMAT!r}; re-create it with this teachx version"
+        )
     if meta.get("format") == FORMAT:  # legacy formats carry no digest
         stored = header.get(DIGEST_KEY)
         if stored is None:
@@ -151,6 +155,7 @@ def load_state_into(module: torch.nn.Module, state: dict[str, torch.Tensor], wha
 
 
 # -- optimizer state <-> flat tensors ---------------------------------------------------------
+
 
 def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state dict into tensors (for safetensors) and JSON (param groups)."""

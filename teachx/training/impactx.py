@@ -29,7 +29,9 @@ from teachx.training.map_losses import MapLoss
 class MapSource:
     """Looks up the target map of each dataset index, according to the ablation mode."""
 
-    def __init__(self, store: MapStore, mode: str, train_idx: np.ndarray, seed: int, classes: Optional[np.ndarray] = None):
+    def __init__(
+        self, store: MapStore, mode: str, train_idx: np.ndarray, seed: int, classes: Optional[np.ndarray] = None
+    ):
         """``classes``: for every dataset index, the class its stored map explains (the label, or
         the teacher's prediction); read by per-class models (``classes_for``)."""
         self.store, self.mode, self.seed = store, mode, seed
@@ -122,8 +124,12 @@ class SelfFaithfulness:
         gh, gw = -(-h // p), -(-w // p)
         d = gh * gw
         if d < 2:
-            raise ConfigError(f"impactx.faith_patch={p} leaves fewer than 2 patches on {h}x{w} images; use a smaller patch")
-        phi = F.avg_pool2d(maps.float().sum(1, keepdim=True), p, stride=p, ceil_mode=True).flatten(1) * (p * p)  # (B, d)
+            raise ConfigError(
+                f"impactx.faith_patch={p} leaves fewer than 2 patches on {h}x{w} images; use a smaller patch"
+            )
+        phi = F.avg_pool2d(maps.float().sum(1, keepdim=True), p, stride=p, ceil_mode=True).flatten(1) * (
+            p * p
+        )  # (B, d)
         masks = self._masks(b, d, x.device)  # (S, B, d)
         pix = masks.view(-1, 1, gh, gw).repeat_interleave(p, 2).repeat_interleave(p, 3)[..., :h, :w]
         xs = x.unsqueeze(0).expand(self.samples, *x.shape).reshape(-1, *x.shape[1:])
@@ -154,8 +160,16 @@ class ImpactxTask:
     step (the Trainer calls them in that order); without them the label ``y`` is the class.
     """
 
-    def __init__(self, model: ImpactX, maps: Optional[MapSource], lam: float, label_smoothing: float = 0.0,
-                 map_loss: str | MapLoss = "mse", faith_weight: float = 0.0, faith: Optional[SelfFaithfulness] = None):
+    def __init__(
+        self,
+        model: ImpactX,
+        maps: Optional[MapSource],
+        lam: float,
+        label_smoothing: float = 0.0,
+        map_loss: str | MapLoss = "mse",
+        faith_weight: float = 0.0,
+        faith: Optional[SelfFaithfulness] = None,
+    ):
         self.model, self.source, self.lam, self.label_smoothing = model, maps, lam, label_smoothing
         self.map_loss = map_loss if isinstance(map_loss, MapLoss) else MapLoss(map_loss)
         self.faith_weight = float(faith_weight)

@@ -111,8 +111,13 @@ def sample_pairs(batch: int, n: int, pairs: int, device: torch.device) -> tuple[
 
 
 @MAP_LOSSES.register("rank", "pairwise_rank")
-def rank_loss(pred: torch.Tensor, target: torch.Tensor, pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-              n_pairs: int = 1024, tie: float = 1e-3) -> torch.Tensor:
+def rank_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    pairs: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    n_pairs: int = 1024,
+    tie: float = 1e-3,
+) -> torch.Tensor:
     p, t = standardize(_flat(pred)), _flat(target)
     if pairs is None:
         pairs = sample_pairs(p.shape[0], p.shape[1], n_pairs, p.device)
@@ -129,13 +134,25 @@ def rank_loss(pred: torch.Tensor, target: torch.Tensor, pairs: Optional[tuple[to
 #: terms it was trained on: "none" (values: mse), "scale" (a positive factor per image: cosine,
 #: pearson_anchored), "affine" (factor and offset per image: pearson, rank; standardized_mse fixes
 #: them, but to the z-scored target's, so its maps too are compared as z-scores)
-INVARIANCE = {"mse": "none", "pearson": "affine", "pearson_anchored": "scale", "cosine": "scale",
-              "standardized_mse": "affine", "rank": "affine"}
+INVARIANCE = {
+    "mse": "none",
+    "pearson": "affine",
+    "pearson_anchored": "scale",
+    "cosine": "scale",
+    "standardized_mse": "affine",
+    "rank": "affine",
+}
 
 
 #: each loss as a figure names it, in the training loss "CE + λ·<this>"
-FORMULA = {"mse": "MSE", "pearson": "(1 − Pearson)", "pearson_anchored": "(1 − Pearson + offset term)",
-           "cosine": "(1 − cosine)", "standardized_mse": "MSE to the z-scored map", "rank": "pairwise rank loss"}
+FORMULA = {
+    "mse": "MSE",
+    "pearson": "(1 − Pearson)",
+    "pearson_anchored": "(1 − Pearson + offset term)",
+    "cosine": "(1 − cosine)",
+    "standardized_mse": "MSE to the z-scored map",
+    "rank": "pairwise rank loss",
+}
 
 
 def formula(name: str, pool: int = 1) -> str:
@@ -177,8 +194,10 @@ class MapLoss:
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if pred.shape != target.shape:
-            raise ConfigError(f"built-in maps {tuple(pred.shape)} and teacher maps {tuple(target.shape)} differ in shape; "
-                              "set impactx.map_size to the teacher maps' resolution")
+            raise ConfigError(
+                f"built-in maps {tuple(pred.shape)} and teacher maps {tuple(target.shape)} differ in shape; "
+                "set impactx.map_size to the teacher maps' resolution"
+            )
         return self.fn(pooled(pred, self.pool), pooled(target, self.pool))
 
     def __repr__(self) -> str:

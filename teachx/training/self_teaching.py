@@ -72,7 +72,9 @@ class SelfTeaching:
             store = self._saved(r) or self._refresh(r)
             # the class each map explains is the initial source's (the label: per-class self-teaching
             # needs teacher.target=label, see RunConfig.validate)
-            self.task.source = MapSource(store, "teacher", self.train_idx, self.seed, classes=getattr(self.initial, "classes", None))
+            self.task.source = MapSource(
+                store, "teacher", self.train_idx, self.seed, classes=getattr(self.initial, "classes", None)
+            )
         self.current = r
 
     # -- internals --------------------------------------------------------------------------
@@ -84,8 +86,11 @@ class SelfTeaching:
         if not self._pointer().exists():
             return None
         # verified: a damaged pointer must not send a resumed run to another refresh's maps
-        rec = read_trusted_json(self._pointer(), f"delete '{self.store_dir.parent}' and train this IMPACTX model again",
-                                "self-teaching record")
+        rec = read_trusted_json(
+            self._pointer(),
+            f"delete '{self.store_dir.parent}' and train this IMPACTX model again",
+            "self-teaching record",
+        )
         if rec.get("epoch") != r or not (self.store_dir / rec.get("dir", "")).is_dir():
             return None
         store = open_store(self.store_dir, rec["material"], self.n, self.map_shape, log=self.log)
@@ -95,19 +100,29 @@ class SelfTeaching:
         model = self.task.model
         material = {**self.material, "self_teaching_epoch": r, "model_hash": hash_state_dict(model.state_dict())}
         t0 = time.perf_counter()
-        self.log(f"[self-teaching] epoch {r}: re-explaining {self.train_idx.size} training images with the model being trained")
+        self.log(
+            f"[self-teaching] epoch {r}: re-explaining {self.train_idx.size} training images with the model being trained"
+        )
         was_training = model.training
         model.eval()
         try:
             store = open_store(self.store_dir, material, self.n, self.map_shape, log=self.log)
-            fill_store(store, self.train_idx, lambda idx: self.explain(model, idx), self.batch_size,
-                       progress=self.progress, desc=f"self-teaching maps (epoch {r})")
+            fill_store(
+                store,
+                self.train_idx,
+                lambda idx: self.explain(model, idx),
+                self.batch_size,
+                progress=self.progress,
+                desc=f"self-teaching maps (epoch {r})",
+            )
         finally:
             model.train(was_training)
         if dist_utils.is_main():
             write_json_atomic(self._pointer(), {"epoch": r, "dir": store.path.name, "material": material}, digest=True)
             for old in self.store_dir.iterdir():  # earlier refreshes are never read again
-                if old.is_dir() and not old.is_symlink() and old != store.path and _is_store_name(old.name):  # only teachx's stores
+                if (
+                    old.is_dir() and not old.is_symlink() and old != store.path and _is_store_name(old.name)
+                ):  # only teachx's stores
                     shutil.rmtree(old, ignore_errors=True)
         dist_utils.barrier()
         seconds = time.perf_counter() - t0

@@ -80,7 +80,9 @@ class Task(Protocol):
     def maps_for(self, indices: torch.Tensor) -> Optional[torch.Tensor]:
         """Spatial targets aligned with the images (augmented together with them), or None."""
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, maps: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, maps: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, logits, extra scalar logs) for one normalised, augmented batch."""
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -213,7 +215,9 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen; unfreeze a part of the model")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -277,7 +281,9 @@ class Trainer:
             return 0, 1
         dist_utils.init_distributed()  # no-op unless launched by torchrun; idempotent
         if self.distributed and not dist_utils.is_distributed():
-            raise ConfigError("Trainer(distributed=True) needs a torchrun launch with more than one process; launch with --nproc N")
+            raise ConfigError(
+                "Trainer(distributed=True) needs a torchrun launch with more than one process; launch with --nproc N"
+            )
         return dist_utils.rank(), dist_utils.world_size()
 
     # -- public ---------------------------------------------------------------------------
@@ -298,12 +304,22 @@ class Trainer:
         opt = make_optimizer(cfg, task.parameters())
         batch_size = cfg.batch_size // world  # per rank: the global batch stays cfg.batch_size
         if batch_size < 1:
-            raise ConfigError(f"train.batch_size={cfg.batch_size} is smaller than the {world} processes; use a batch size >= the process count")
+            raise ConfigError(
+                f"train.batch_size={cfg.batch_size} is smaller than the {world} processes; use a batch size >= the process count"
+            )
         if world > 1 and cfg.batch_size % world:
-            log(f"train.batch_size={cfg.batch_size} is not divisible by {world} processes: the global batch is {batch_size * world}")
+            log(
+                f"train.batch_size={cfg.batch_size} is not divisible by {world} processes: the global batch is {batch_size * world}"
+            )
         train_it = BatchIterator(
-            self.plan.dataset.train, self.plan.train_idx, batch_size, shuffle=True, seed=self.seed, drop_last=False,
-            rank=rank, world_size=world,
+            self.plan.dataset.train,
+            self.plan.train_idx,
+            batch_size,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=False,
+            rank=rank,
+            world_size=world,
         )
         steps_per_epoch = len(train_it)
         if steps_per_epoch == 0:
@@ -316,7 +332,9 @@ class Trainer:
             # verified: damaged weights are never trained on, nor mistaken for a diverged run
             ck = load_checkpoint(last_path, fix=f"delete '{self.ckpt_dir}' to train this model again from the start")
             if ck.meta.get("kind") != self.meta.get("kind"):
-                raise CheckpointError(f"'{last_path}' holds a {ck.meta.get('kind')} checkpoint, not {self.meta.get('kind')}; use a new run directory")
+                raise CheckpointError(
+                    f"'{last_path}' holds a {ck.meta.get('kind')} checkpoint, not {self.meta.get('kind')}; use a new run directory"
+                )
             load_state_into(model, ck.group("model"), f"checkpoint '{last_path}'")
             optimizer_from_flat(opt, ck.group("optim"), ck.meta["optimizer"])
             history = ck.meta["history"]
@@ -334,7 +352,9 @@ class Trainer:
             if epoch > start_epoch:  # the default thread count follows how busy other processes keep our CPUs
                 old, new, others = adapt_threads()
                 if new != old:
-                    log(f"threads {old} -> {new}: other processes kept {others:.1f} of this process's CPUs busy (fix it with train.threads)")
+                    log(
+                        f"threads {old} -> {new}: other processes kept {others:.1f} of this process's CPUs busy (fix it with train.threads)"
+                    )
             if self.on_epoch_start is not None:
                 self.on_epoch_start(epoch)
             torch.manual_seed(_epoch_seed(self.seed, epoch, 0, rank))  # dropout etc.
@@ -359,7 +379,9 @@ class Trainer:
                 if world > 1:  # all ranks stop together, none is left waiting in the gradient all-reduce
                     finite = dist_utils.all_reduce_sum(torch.tensor([0.0 if finite else 1.0])).item() == 0.0
                 if not finite:
-                    raise ConfigError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower train.lr or enable train.grad_clip")
+                    raise ConfigError(
+                        f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower train.lr or enable train.grad_clip"
+                    )
                 opt.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -383,8 +405,19 @@ class Trainer:
                     bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", acc=f"{sums['correct'] / sums['n']:.3f}")
             if world > 1:
                 sums, extra_sums = _all_reduce_sums(sums, extra_sums)
-                dist_utils.broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere: what is validated = what is saved
-            val = evaluate(task, self.plan, self.plan.dataset.train, self.plan.val_idx, cfg.eval_batch_size, device, amp_dtype, shard=world > 1)
+                dist_utils.broadcast_buffers(
+                    model
+                )  # rank 0's BatchNorm statistics everywhere: what is validated = what is saved
+            val = evaluate(
+                task,
+                self.plan,
+                self.plan.dataset.train,
+                self.plan.val_idx,
+                cfg.eval_batch_size,
+                device,
+                amp_dtype,
+                shard=world > 1,
+            )
             seconds = time.perf_counter() - t0
             record = {
                 "epoch": epoch + 1,
@@ -425,9 +458,19 @@ class Trainer:
         if writer is not None:
             writer.close()
         if not best_path.exists():
-            raise CheckpointError(f"no best checkpoint in '{self.ckpt_dir}' although training finished; re-run the same command with --redo for this stage")
-        return TrainResult(best_path, last_path, history, best_epoch, best_val, time.perf_counter() - t_start, resumed_from,
-                           extra={"world_size": world, "per_rank_batch_size": batch_size})
+            raise CheckpointError(
+                f"no best checkpoint in '{self.ckpt_dir}' although training finished; re-run the same command with --redo for this stage"
+            )
+        return TrainResult(
+            best_path,
+            last_path,
+            history,
+            best_epoch,
+            best_val,
+            time.perf_counter() - t_start,
+            resumed_from,
+            extra={"world_size": world, "per_rank_batch_size": batch_size},
+        )
 
     # -- internals ------------------------------------------------------------------------
     def _wrap_ddp(self, train_it: BatchIterator, device: torch.device) -> nn.Module:
@@ -437,7 +480,9 @@ class Trainer:
         model = self.task.model
         find_unused = self.find_unused_parameters
         if find_unused is None:
-            xb, yb, ib = next(iter(BatchIterator(self.plan.dataset.train, self.plan.train_idx[:4], 4, shuffle=False, seed=0)))
+            xb, yb, ib = next(
+                iter(BatchIterator(self.plan.dataset.train, self.plan.train_idx[:4], 4, shuffle=False, seed=0))
+            )
             maps = self.task.maps_for(ib)
             x, maps = prepare_batch(xb, self.plan, device, maps)
             was_training = model.training
@@ -446,11 +491,17 @@ class Trainer:
             model.train(was_training)
             # every rank must pass the same flag to DDP
             find_unused = dist_utils.all_reduce_sum(torch.tensor([float(find_unused)])).item() > 0
-        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+        device_ids = (
+            [device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda"
+            else None
+        )
         # 1-channel conv weights (MNIST-like inputs) get gradients whose size-1 dimension has another
         # stride than DDP's bucket view: harmless (DDP copies), but warned about on every rank.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
-        return DistributedDataParallel(_MethodDispatch(model), device_ids=device_ids, find_unused_parameters=find_unused)
+        return DistributedDataParallel(
+            _MethodDispatch(model), device_ids=device_ids, find_unused_parameters=find_unused
+        )
 
     @contextlib.contextmanager
     def _through(self, ddp: Optional[nn.Module]):
@@ -556,7 +607,9 @@ def evaluate(
             counts = batch if counts is None else counts + batch
     model.train(was_training)
     if world > 1:
-        total, correct, n = dist_utils.all_reduce_sum(torch.tensor([total, float(correct), float(n)], dtype=torch.float64)).tolist()
+        total, correct, n = dist_utils.all_reduce_sum(
+            torch.tensor([total, float(correct), float(n)], dtype=torch.float64)
+        ).tolist()
         correct, n = int(round(correct)), int(round(n))
         if confusion:  # every rank holds a model of the same classes; a rank without images sends zeros
             k = getattr(model, "num_classes", None) or (counts.shape[0] if counts is not None else 0)

@@ -32,8 +32,14 @@ from typing import Any, Iterable, Optional
 from teachx.errors import ConfigError
 from teachx.utils.locking import Busy, file_lock, held_by
 
-_DATA_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy",
-               "train_masks.npy", "test_masks.npy")  # masks: shortcut benchmarks only
+_DATA_FILES = (
+    "train_images.npy",
+    "train_labels.npy",
+    "test_images.npy",
+    "test_labels.npy",
+    "train_masks.npy",
+    "test_masks.npy",
+)  # masks: shortcut benchmarks only
 _TMP = re.compile(r"^\..+\.tmp$")  # teachx.utils.io.atomic_path leftovers of an interrupted write
 
 
@@ -76,13 +82,21 @@ def _read_meta(path: Path) -> Optional[dict]:
 
 
 def _is_data_meta(meta: dict) -> bool:
-    return isinstance(meta.get("cache_format"), int) and isinstance(meta.get("key"), str) \
-        and isinstance(meta.get("shapes"), dict) and set(meta["shapes"]) <= {f[:-4] for f in _DATA_FILES}
+    return (
+        isinstance(meta.get("cache_format"), int)
+        and isinstance(meta.get("key"), str)
+        and isinstance(meta.get("shapes"), dict)
+        and set(meta["shapes"]) <= {f[:-4] for f in _DATA_FILES}
+    )
 
 
 def _is_map_meta(meta: dict) -> bool:
-    return isinstance(meta.get("key"), str) and isinstance(meta.get("material"), dict) \
-        and isinstance(meta.get("shape"), list) and "dtype" in meta
+    return (
+        isinstance(meta.get("key"), str)
+        and isinstance(meta.get("material"), dict)
+        and isinstance(meta.get("shape"), list)
+        and "dtype" in meta
+    )
 
 
 def _usage(path: Path, names: Iterable[str], read_by_use: tuple[str, ...]) -> tuple[int, float, float]:
@@ -134,14 +148,17 @@ def _map_entry(path: Path, meta: dict) -> CacheEntry:
     done = _done_fraction(path)
     opts = {k: v for k, v in (m.get("teacher_options") or {}).items() if not str(k).endswith("sha256")}
     opts_text = ", ".join(f"{k}={v}" for k, v in opts.items())
-    desc = (f"{m.get('teacher', '?')} maps{f' ({opts_text})' if opts_text else ''} of {m.get('dataset', '?')} "
-            f"{m.get('split', '?')} ({shape[0] if shape else '?'} images, data {_short(m.get('data_hash'))}), "
-            f"teacher model {_short(m.get('model_hash'))}"
-            + ("" if done is None or done >= 1 else f", {done:.0%} filled"))
+    desc = (
+        f"{m.get('teacher', '?')} maps{f' ({opts_text})' if opts_text else ''} of {m.get('dataset', '?')} "
+        f"{m.get('split', '?')} ({shape[0] if shape else '?'} images, data {_short(m.get('data_hash'))}), "
+        f"teacher model {_short(m.get('model_hash'))}" + ("" if done is None or done >= 1 else f", {done:.0%} filled")
+    )
     files = _own_files(path)
     size, _, latest = _usage(path, files, ("maps.npy",))
     created = float(meta.get("created") or (path / "meta.json").stat().st_mtime)
-    return CacheEntry("maps", path, path.name, desc, size, created, latest, files, path.parent / f"{path.name}.lock", meta)
+    return CacheEntry(
+        "maps", path, path.name, desc, size, created, latest, files, path.parent / f"{path.name}.lock", meta
+    )
 
 
 def _done_fraction(path: Path) -> Optional[float]:
@@ -193,14 +210,21 @@ def foreign(root: str | Path | None = None) -> list[Path]:
     return out
 
 
-def select(entries: list[CacheEntry], keys: Iterable[str] = (), kinds: Iterable[str] = (),
-           older_than_days: Optional[float] = None, everything: bool = False) -> list[CacheEntry]:
+def select(
+    entries: list[CacheEntry],
+    keys: Iterable[str] = (),
+    kinds: Iterable[str] = (),
+    older_than_days: Optional[float] = None,
+    everything: bool = False,
+) -> list[CacheEntry]:
     """The entries to clean. ``keys``: entry keys or unique prefixes (each must match); ``kinds``:
     "data" / "maps"; ``older_than_days``: not used for that long. Filters combine (AND); with no
     key, kind or age, ``everything`` must be true."""
     keys, kinds = list(keys), set(kinds)
     if not (keys or kinds or older_than_days is not None or everything):
-        raise ConfigError("say what to clean: KEY (see `teachx cache list`), --maps, --data, --older-than DAYS or --all")
+        raise ConfigError(
+            "say what to clean: KEY (see `teachx cache list`), --maps, --data, --older-than DAYS or --all"
+        )
     chosen = list(entries)
     if keys:
         picked: list[CacheEntry] = []
@@ -209,7 +233,9 @@ def select(entries: list[CacheEntry], keys: Iterable[str] = (), kinds: Iterable[
             if not hits:
                 raise ConfigError(f"no cache entry '{k}'; see `teachx cache list` for the keys")
             if len(hits) > 1:
-                raise ConfigError(f"cache key '{k}' is ambiguous ({', '.join(e.key for e in hits[:4])}); give more of it")
+                raise ConfigError(
+                    f"cache key '{k}' is ambiguous ({', '.join(e.key for e in hits[:4])}); give more of it"
+                )
             picked += [h for h in hits if h not in picked]
         chosen = picked
     if kinds:
@@ -240,7 +266,11 @@ def _delete(entry: CacheEntry) -> Outcome:
             pass
     left = [p.name for p in entry.path.iterdir()] if entry.path.exists() else []
     if left:
-        return Outcome(entry, True, f"kept the folder: it also holds {len(left)} file(s) teachx did not write ({', '.join(left[:3])})")
+        return Outcome(
+            entry,
+            True,
+            f"kept the folder: it also holds {len(left)} file(s) teachx did not write ({', '.join(left[:3])})",
+        )
     try:
         entry.path.rmdir()
     except OSError:
@@ -256,8 +286,15 @@ def clean(entries: list[CacheEntry], dry_run: bool = True) -> list[Outcome]:
             out.append(_clean_one(e, dry_run))
         except OSError as exc:  # a read-only or foreign-owned cache folder: say which file, go on with the rest
             where = exc.filename or e.path
-            out.append(Outcome(e, False, f"cannot delete '{where}' ({exc.strerror or type(exc).__name__}); check that "
-                                         f"you may write to {e.path.parent}, or pass another cache folder with --dir", failed=True))
+            out.append(
+                Outcome(
+                    e,
+                    False,
+                    f"cannot delete '{where}' ({exc.strerror or type(exc).__name__}); check that "
+                    f"you may write to {e.path.parent}, or pass another cache folder with --dir",
+                    failed=True,
+                )
+            )
     return out
 
 
@@ -304,5 +341,15 @@ def legacy_maps_dir() -> Optional[Path]:
     return old if old.is_dir() and any(old.iterdir()) else None
 
 
-__all__ = ["CacheEntry", "Outcome", "cache_root", "scan", "foreign", "select", "clean", "human_size", "age",
-           "legacy_maps_dir"]
+__all__ = [
+    "CacheEntry",
+    "Outcome",
+    "cache_root",
+    "scan",
+    "foreign",
+    "select",
+    "clean",
+    "human_size",
+    "age",
+    "legacy_maps_dir",
+]

@@ -94,7 +94,9 @@ def is_initialized() -> bool:
 def info() -> DistInfo:
     if not is_initialized():
         return DistInfo()
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_backend())
+    return DistInfo(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_backend()
+    )
 
 
 def rank() -> int:

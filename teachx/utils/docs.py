@@ -108,6 +108,7 @@ def field_default(f: dataclasses.Field) -> Any:
 
 # -------------------------------------------------------------------- teachers and backbones
 
+
 @dataclass
 class Option:
     name: str
@@ -143,7 +144,9 @@ def docstring_args(doc: str | None) -> dict[str, str]:
                 break
             if entry_indent is None:
                 entry_indent = indent
-            item = re.match(r"^\s*\**([A-Za-z_]\w*)\s*(\([^)]*\))?\s*:\s*(.*)$", line) if indent == entry_indent else None
+            item = (
+                re.match(r"^\s*\**([A-Za-z_]\w*)\s*(\([^)]*\))?\s*:\s*(.*)$", line) if indent == entry_indent else None
+            )
             if item:
                 current = item.group(1)
                 out[current] = item.group(3).strip()
@@ -158,8 +161,11 @@ def callable_options(obj: Callable[..., Any], skip: tuple[str, ...] = ()) -> lis
     if inspect.isclass(obj):
         if obj.__init__ is object.__init__:
             return []
-        params = [p for p in inspect.signature(obj.__init__).parameters.values()
-                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(obj.__init__).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
         docs: dict[str, str] = {}
         for klass in reversed(obj.__mro__):  # a subclass's Args override its bases'
             docs.update(docstring_args(klass.__doc__))

@@ -60,18 +60,29 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-def output_error(exc: OSError, path: str | os.PathLike | None = None,
-                 option: str = "--out; $TEACHX_CACHE for teacher maps and data caches") -> OutputError:
+def output_error(
+    exc: OSError,
+    path: str | os.PathLike | None = None,
+    option: str = "--out; $TEACHX_CACHE for teacher maps and data caches",
+) -> OutputError:
     """One line for a failed write: the file, the problem, the fix (``option``: how the user moves it)."""
     path = path if path is not None else (exc.filename or "?")
-    problem = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large",
-               errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}.get(
-        exc.errno, exc.strerror or type(exc).__name__)
+    problem = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EFBIG: "file too large",
+        errno.EROFS: "read-only file system",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }.get(exc.errno, exc.strerror or type(exc).__name__)
     where = f"choose another location ({option})"
     blocker = blocking_file(exc, path)
     if blocker is not None:  # `--out afile/run` with afile a file: no folder can be made there
-        return OutputError(f"cannot write '{path}': '{blocker}' is a file, not a folder; {where}, or move that file away",
-                           exc.errno, str(path))
+        return OutputError(
+            f"cannot write '{path}': '{blocker}' is a file, not a folder; {where}, or move that file away",
+            exc.errno,
+            str(path),
+        )
     if exc.errno in _NO_SPACE:
         fix = f"free space there or {where}, then run the same command again to resume"
     elif exc.errno in _NOT_WRITABLE:
@@ -104,10 +115,16 @@ def sweep_stale_temps(root: str | os.PathLike, recursive: bool = True) -> list[P
     removed: list[Path] = []
     if not root.is_dir():
         return removed
-    for p in (root.rglob(".*.tmp") if recursive else root.glob(".*.tmp")):
+    for p in root.rglob(".*.tmp") if recursive else root.glob(".*.tmp"):
         m = _TEMP.match(p.name)
-        if (m and m.group(1) == _HOST and int(m.group(2)) != os.getpid() and not process_alive(int(m.group(2)))
-                and p.is_file() and not p.is_symlink()):
+        if (
+            m
+            and m.group(1) == _HOST
+            and int(m.group(2)) != os.getpid()
+            and not process_alive(int(m.group(2)))
+            and p.is_file()
+            and not p.is_symlink()
+        ):
             try:
                 p.unlink()
                 removed.append(p)
@@ -144,7 +161,9 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, digest: bool = False) -
     if digest:
         if not isinstance(obj, dict) or DIGEST_KEY in obj:
             raise TypeError(f"a digested JSON record must be a dict without a {DIGEST_KEY!r} key")
-        obj = json.loads(json.dumps(obj, default=_json_default))  # what a reader will see: str keys, lists, plain numbers
+        obj = json.loads(
+            json.dumps(obj, default=_json_default)
+        )  # what a reader will see: str keys, lists, plain numbers
         obj[DIGEST_KEY] = json_digest(obj)
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 

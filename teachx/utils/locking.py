@@ -25,8 +25,10 @@ class Busy(TeachxError):
 
     def __init__(self, path: Path, holder: dict):
         self.path, self.holder = path, holder
-        super().__init__(f"'{path}' is locked by pid {holder.get('pid')} on {holder.get('host')}; "
-                         "wait for it, or delete the lock file if that process is gone")
+        super().__init__(
+            f"'{path}' is locked by pid {holder.get('pid')} on {holder.get('host')}; "
+            "wait for it, or delete the lock file if that process is gone"
+        )
 
 
 def process_alive(pid: int) -> bool:
@@ -54,8 +56,12 @@ _GUARD_STALE_S = 30.0
 
 
 def _is_stale(holder: dict, me: dict) -> bool:
-    return (holder.get("host") == me["host"] and isinstance(holder.get("pid"), int)
-            and holder["pid"] != me["pid"] and not process_alive(holder["pid"]))
+    return (
+        holder.get("host") == me["host"]
+        and isinstance(holder.get("pid"), int)
+        and holder["pid"] != me["pid"]
+        and not process_alive(holder["pid"])
+    )
 
 
 def _remove_stale(path: Path, holder: dict, me: dict) -> Optional[bool]:
@@ -78,7 +84,12 @@ def _remove_stale(path: Path, holder: dict, me: dict) -> Optional[bool]:
     os.close(fd)
     try:
         again = _read_holder(path)
-        if again is None or again.get("pid") != holder.get("pid") or again.get("since") != holder.get("since") or not _is_stale(again, me):
+        if (
+            again is None
+            or again.get("pid") != holder.get("pid")
+            or again.get("since") != holder.get("since")
+            or not _is_stale(again, me)
+        ):
             return False
         try:
             path.unlink()
@@ -89,8 +100,9 @@ def _remove_stale(path: Path, holder: dict, me: dict) -> Optional[bool]:
         guard.unlink(missing_ok=True)
 
 
-def _try_acquire(path: Path, info: Optional[dict[str, Any]] = None,
-                 on_stale: Optional[Callable[[dict], None]] = None) -> Optional[dict]:
+def _try_acquire(
+    path: Path, info: Optional[dict[str, Any]] = None, on_stale: Optional[Callable[[dict], None]] = None
+) -> Optional[dict]:
     """Create the lock; return None on success, else the holder's record."""
     me = {**(info or {}), "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,15 +135,24 @@ def held_by(path: str | os.PathLike) -> Optional[dict]:
     holder = _read_holder(Path(path))
     if holder is None:
         return None
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not process_alive(holder["pid"]):
+    if (
+        holder.get("host") == socket.gethostname()
+        and isinstance(holder.get("pid"), int)
+        and not process_alive(holder["pid"])
+    ):
         return None  # stale: its process is gone
     return holder
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike, wait: bool = True, poll: float = 2.0,
-              on_wait: Optional[Callable[[dict], None]] = None, info: Optional[dict[str, Any]] = None,
-              on_stale: Optional[Callable[[dict], None]] = None) -> Iterator[None]:
+def file_lock(
+    path: str | os.PathLike,
+    wait: bool = True,
+    poll: float = 2.0,
+    on_wait: Optional[Callable[[dict], None]] = None,
+    info: Optional[dict[str, Any]] = None,
+    on_stale: Optional[Callable[[dict], None]] = None,
+) -> Iterator[None]:
     """Hold ``path`` as a lock for the ``with`` block.
 
     ``wait=False`` raises :class:`Busy` at once when another live process holds it; ``wait=True``

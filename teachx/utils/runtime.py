@@ -130,7 +130,9 @@ def configure_threads(requested: int | None = None) -> int:
         try:
             requested = int(os.environ["TEACHX_THREADS"])
         except ValueError:
-            raise ConfigError(f"TEACHX_THREADS must be a positive integer, got {os.environ['TEACHX_THREADS']!r}") from None
+            raise ConfigError(
+                f"TEACHX_THREADS must be a positive integer, got {os.environ['TEACHX_THREADS']!r}"
+            ) from None
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     if requested is None:

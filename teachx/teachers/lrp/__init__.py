@@ -32,7 +32,20 @@ from teachx.teachers.gradients import TargetLike, as_target, check_inputs, targe
 from teachx.teachers.lrp.canonizers import CANONIZERS, Canonizer, MergeBatchNorm, Residual, make_canonizer
 from teachx.teachers.lrp.composites import COMPOSITES, Composite, make_composite
 from teachx.teachers.lrp.rules import (
-    RULES, AlphaBeta, Epsilon, Flat, Gamma, Gate, Norm, Pass, Rule, WSquare, ZBox, ZPlus, apply_rule, make_rule,
+    RULES,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    Gate,
+    Norm,
+    Pass,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+    apply_rule,
+    make_rule,
 )
 
 BoundLike = Union[None, float, Sequence[float], torch.Tensor]
@@ -87,8 +100,11 @@ def _bound(value: BoundLike, name: str) -> Any:
         return value[0] if len(value) == 1 else value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
         return [float(v) for v in value]
     raise ConfigError(f"LRP {name} must be a float or one float per channel, got {value!r}")
 
@@ -111,10 +127,15 @@ class Lrp(Teacher):
 
     name = "lrp"
 
-    def __init__(self, composite: Union[str, Composite] = "epsilon_plus_flat",
-                 canonizers: Sequence[Union[str, Canonizer]] = ("merge_batchnorm", "residual"),
-                 input_low: BoundLike = None, input_high: BoundLike = None,
-                 epsilon: float = 1e-6, gamma: float = 0.25):
+    def __init__(
+        self,
+        composite: Union[str, Composite] = "epsilon_plus_flat",
+        canonizers: Sequence[Union[str, Canonizer]] = ("merge_batchnorm", "residual"),
+        input_low: BoundLike = None,
+        input_high: BoundLike = None,
+        epsilon: float = 1e-6,
+        gamma: float = 0.25,
+    ):
         if isinstance(canonizers, (str, Canonizer)):
             canonizers = (canonizers,)
         self.input_low = _bound(input_low, "input_low")
@@ -127,8 +148,9 @@ class Lrp(Teacher):
         if isinstance(composite, Composite):
             self.composite = composite
         else:
-            self.composite = make_composite(str(composite), epsilon=self.epsilon, gamma=self.gamma,
-                                            low=self.input_low, high=self.input_high)
+            self.composite = make_composite(
+                str(composite), epsilon=self.epsilon, gamma=self.gamma, low=self.input_low, high=self.input_high
+            )
         self.composite_name = self.composite.name
         self.canonizers = tuple(make_canonizer(c) for c in canonizers)
 
@@ -150,17 +172,41 @@ class Lrp(Teacher):
         return relevance.detach()
 
     def options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"composite": self.composite_name,
-                                "canonizers": [c.name for c in self.canonizers],
-                                "input_low": self.input_low, "input_high": self.input_high,
-                                "epsilon": self.epsilon, "gamma": self.gamma}
+        opts: dict[str, Any] = {
+            "composite": self.composite_name,
+            "canonizers": [c.name for c in self.canonizers],
+            "input_low": self.input_low,
+            "input_high": self.input_high,
+            "epsilon": self.epsilon,
+            "gamma": self.gamma,
+        }
         if self.composite_name == "custom":
             opts["composite_spec"] = self.composite.options()
         return opts
 
 
 __all__ = [
-    "Lrp", "lrp_context", "RULES", "COMPOSITES", "CANONIZERS", "Rule", "Composite", "Canonizer", "Epsilon",
-    "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare", "Norm", "Pass", "Gate", "MergeBatchNorm",
-    "Residual", "make_rule", "make_composite", "make_canonizer",
+    "Lrp",
+    "lrp_context",
+    "RULES",
+    "COMPOSITES",
+    "CANONIZERS",
+    "Rule",
+    "Composite",
+    "Canonizer",
+    "Epsilon",
+    "ZPlus",
+    "AlphaBeta",
+    "Gamma",
+    "ZBox",
+    "Flat",
+    "WSquare",
+    "Norm",
+    "Pass",
+    "Gate",
+    "MergeBatchNorm",
+    "Residual",
+    "make_rule",
+    "make_composite",
+    "make_canonizer",
 ]

@@ -60,8 +60,13 @@ def batchnorm_pairs(model: nn.Module) -> list[tuple[nn.Module, _BatchNorm]]:
             continue
         children = list(container.children())
         for layer, norm in zip(children, children[1:]):
-            if (is_linear_layer(layer) and isinstance(norm, _BatchNorm) and norm.running_mean is not None
-                    and norm.running_var is not None and norm.num_features == layer.weight.shape[0]):
+            if (
+                is_linear_layer(layer)
+                and isinstance(norm, _BatchNorm)
+                and norm.running_mean is not None
+                and norm.running_var is not None
+                and norm.num_features == layer.weight.shape[0]
+            ):
                 pairs.append((layer, norm))
     return pairs
 

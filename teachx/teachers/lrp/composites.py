@@ -27,12 +27,36 @@ LayerMap = list[tuple[ModuleTypes, Rule]]
 CONVOLUTION: ModuleTypes = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DENSE: ModuleTypes = (nn.Linear,)
 LINEAR: ModuleTypes = CONVOLUTION + DENSE
-AVG_POOL: ModuleTypes = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                         nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+AVG_POOL: ModuleTypes = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
 ACTIVATION: ModuleTypes = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Threshold,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
 )
 """Element-wise non-linearities: relevance passes through them unchanged (the Pass rule)."""
 
@@ -109,30 +133,41 @@ def epsilon_plus(*, epsilon: float = 1e-6, **_: Any) -> Composite:
 @COMPOSITES.register("epsilon_plus_flat")
 def epsilon_plus_flat(*, epsilon: float = 1e-6, **_: Any) -> Composite:
     """As epsilon_plus, with Flat on the first Linear/Conv layer."""
-    return Composite(base_map() + [(CONVOLUTION, ZPlus()), (DENSE, Epsilon(epsilon))],
-                     first_map=[(LINEAR, Flat())], name="epsilon_plus_flat")
+    return Composite(
+        base_map() + [(CONVOLUTION, ZPlus()), (DENSE, Epsilon(epsilon))],
+        first_map=[(LINEAR, Flat())],
+        name="epsilon_plus_flat",
+    )
 
 
 @COMPOSITES.register("epsilon_gamma_box")
-def epsilon_gamma_box(*, epsilon: float = 1e-6, gamma: float = 0.25, low: Any = None, high: Any = None,
-                      **_: Any) -> Composite:
+def epsilon_gamma_box(
+    *, epsilon: float = 1e-6, gamma: float = 0.25, low: Any = None, high: Any = None, **_: Any
+) -> Composite:
     """ZBox on the first convolution, Gamma on the other convolutions, Epsilon on dense layers."""
-    return Composite(base_map() + [(CONVOLUTION, Gamma(gamma)), (DENSE, Epsilon(epsilon))],
-                     first_map=[(CONVOLUTION, _box(low, high, "epsilon_gamma_box"))], name="epsilon_gamma_box")
+    return Composite(
+        base_map() + [(CONVOLUTION, Gamma(gamma)), (DENSE, Epsilon(epsilon))],
+        first_map=[(CONVOLUTION, _box(low, high, "epsilon_gamma_box"))],
+        name="epsilon_gamma_box",
+    )
 
 
 @COMPOSITES.register("epsilon_alpha2_beta1")
 def epsilon_alpha2_beta1(*, epsilon: float = 1e-6, **_: Any) -> Composite:
     """AlphaBeta(2, 1) on convolutions, Epsilon on dense layers."""
-    return Composite(base_map() + [(CONVOLUTION, AlphaBeta(2.0, 1.0)), (DENSE, Epsilon(epsilon))],
-                     name="epsilon_alpha2_beta1")
+    return Composite(
+        base_map() + [(CONVOLUTION, AlphaBeta(2.0, 1.0)), (DENSE, Epsilon(epsilon))], name="epsilon_alpha2_beta1"
+    )
 
 
 @COMPOSITES.register("epsilon_alpha2_beta1_flat")
 def epsilon_alpha2_beta1_flat(*, epsilon: float = 1e-6, **_: Any) -> Composite:
     """As epsilon_alpha2_beta1, with Flat on the first Linear/Conv layer."""
-    return Composite(base_map() + [(CONVOLUTION, AlphaBeta(2.0, 1.0)), (DENSE, Epsilon(epsilon))],
-                     first_map=[(LINEAR, Flat())], name="epsilon_alpha2_beta1_flat")
+    return Composite(
+        base_map() + [(CONVOLUTION, AlphaBeta(2.0, 1.0)), (DENSE, Epsilon(epsilon))],
+        first_map=[(LINEAR, Flat())],
+        name="epsilon_alpha2_beta1_flat",
+    )
 
 
 @COMPOSITES.register("gamma")
@@ -153,6 +188,13 @@ def make_composite(name: str, **options: Any) -> Composite:
 
 
 __all__ = [
-    "COMPOSITES", "Composite", "make_composite", "base_map", "CONVOLUTION", "DENSE", "LINEAR", "AVG_POOL",
+    "COMPOSITES",
+    "Composite",
+    "make_composite",
+    "base_map",
+    "CONVOLUTION",
+    "DENSE",
+    "LINEAR",
+    "AVG_POOL",
     "ACTIVATION",
 ]

@@ -91,8 +91,17 @@ def linear_vjp(module: nn.Module, x: Tensor, weight: Tensor, grad: Tensor) -> Te
     dims = weight.dim() - 2
     if module.padding_mode == "zeros" and not isinstance(module.padding, str):
         grad_input, _, _ = torch.ops.aten.convolution_backward(
-            grad, x, weight, None, list(module.stride), list(module.padding), list(module.dilation),
-            False, [0] * dims, module.groups, [True, False, False],
+            grad,
+            x,
+            weight,
+            None,
+            list(module.stride),
+            list(module.padding),
+            list(module.dilation),
+            False,
+            [0] * dims,
+            module.groups,
+            [True, False, False],
         )
         return grad_input
     with torch.enable_grad():  # rare layouts (reflect/circular padding, 'same'): let autograd do it
@@ -179,8 +188,9 @@ class Rule:
         """Precompute the backward's state in the forward hook (runs under ``torch.no_grad``)."""
         return None
 
-    def backward(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, state: Any,
-                 relevance: Tensor) -> Relevances:
+    def backward(
+        self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor, state: Any, relevance: Tensor
+    ) -> Relevances:
         """Relevance of each input given the relevance of ``output`` (None: no relevance flows)."""
         raise NotImplementedError
 
@@ -412,8 +422,10 @@ class ZBox(Rule):
         except RuntimeError:
             raise ConfigError("ZBox low and high must have the same number of channels (or be floats)") from None
         if not ordered:
-            raise ConfigError(f"ZBox needs low <= high everywhere, got low={_bound_to_json(self.low)}, "
-                              f"high={_bound_to_json(self.high)}")
+            raise ConfigError(
+                f"ZBox needs low <= high everywhere, got low={_bound_to_json(self.low)}, "
+                f"high={_bound_to_json(self.high)}"
+            )
 
     def forward(self, module, inputs, output):
         _check_linear(self, module)
@@ -464,8 +476,13 @@ def _ones_kernel_vjp(module: nn.Module, x: Tensor, ones_w: Tensor, s: Tensor) ->
     sum over ``s`` zero-padded by ``k - 1 - padding`` on each side; CPU pooling kernels do that
     several times faster than a transposed convolution with one channel.
     """
-    if (isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-            and tuple(module.stride) == (1, 1) and tuple(module.dilation) == (1, 1)):
+    if (
+        isinstance(module, nn.Conv2d)
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+        and tuple(module.stride) == (1, 1)
+        and tuple(module.dilation) == (1, 1)
+    ):
         (kh, kw), (ph, pw) = module.kernel_size, module.padding
         padded = F.pad(s, (kw - 1 - pw, kw - 1 - pw, kh - 1 - ph, kh - 1 - ph))
         return F.avg_pool2d(padded, (kh, kw), stride=1, divisor_override=1)
@@ -502,15 +519,25 @@ def _pool_vjp(module: nn.Module, inputs: tuple[Tensor, ...], grad: Tensor) -> tu
     if isinstance(module, nn.AdaptiveAvgPool2d) and x.dim() == 4:
         return (torch.ops.aten._adaptive_avg_pool2d_backward(grad, x),)
     if isinstance(module, nn.AvgPool2d) and x.dim() == 4:
-        return (torch.ops.aten.avg_pool2d_backward(
-            grad, x, _pair(module.kernel_size), _pair(module.stride if module.stride is not None else module.kernel_size),
-            _pair(module.padding), module.ceil_mode, module.count_include_pad, module.divisor_override),)
-    if isinstance(module, Add) and all(
-            isinstance(t, torch.Tensor) and t.shape == grad.shape for t in inputs):
+        return (
+            torch.ops.aten.avg_pool2d_backward(
+                grad,
+                x,
+                _pair(module.kernel_size),
+                _pair(module.stride if module.stride is not None else module.kernel_size),
+                _pair(module.padding),
+                module.ceil_mode,
+                module.count_include_pad,
+                module.divisor_override,
+            ),
+        )
+    if isinstance(module, Add) and all(isinstance(t, torch.Tensor) and t.shape == grad.shape for t in inputs):
         return tuple(grad for _ in inputs)  # d(a + b)/da = d(a + b)/db = identity
     with torch.enable_grad():  # anything else that is linear in its inputs: let autograd do it
-        leaves = [t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                  for t in inputs]
+        leaves = [
+            t.detach().requires_grad_(True) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in inputs
+        ]
         wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
         out = module.forward(*leaves)
         grads = iter(torch.autograd.grad(out, wrt, grad, allow_unused=True))
@@ -583,7 +610,23 @@ def make_rule(spec: Union[str, Rule, dict[str, Any]]) -> Rule:
 
 
 __all__ = [
-    "RULES", "Rule", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "ZBox", "Flat", "WSquare", "Norm", "Pass",
-    "Gate", "apply_rule", "make_rule", "stabilize", "is_linear_layer", "linear_forward", "linear_vjp",
+    "RULES",
+    "Rule",
+    "Epsilon",
+    "ZPlus",
+    "AlphaBeta",
+    "Gamma",
+    "ZBox",
+    "Flat",
+    "WSquare",
+    "Norm",
+    "Pass",
+    "Gate",
+    "apply_rule",
+    "make_rule",
+    "stabilize",
+    "is_linear_layer",
+    "linear_forward",
+    "linear_vjp",
     "STABILIZER",
 ]

@@ -4,8 +4,19 @@
 file each, registered in ``METHODS``. ``teachx methods`` lists them with their options.
 """
 
-from teachx.training.methods.base import (LEGACY_METHOD, METHODS, MethodContext, Option, TrainingMethod, build_method, method_name,
-                                          method_of_model, method_stages, recorded_config_method, recorded_method)
+from teachx.training.methods.base import (
+    LEGACY_METHOD,
+    METHODS,
+    MethodContext,
+    Option,
+    TrainingMethod,
+    build_method,
+    method_name,
+    method_of_model,
+    method_stages,
+    recorded_config_method,
+    recorded_method,
+)
 
 # Method modules register themselves in METHODS on import.
 from teachx.training.methods import abn as _abn  # noqa: F401,E402
@@ -15,5 +26,16 @@ from teachx.training.methods import reldrop as _reldrop  # noqa: F401,E402
 from teachx.training.methods import rrr as _rrr  # noqa: F401,E402
 from teachx.training.methods import saliency_guided as _saliency_guided  # noqa: F401,E402
 
-__all__ = ["LEGACY_METHOD", "METHODS", "MethodContext", "Option", "TrainingMethod", "build_method", "method_name", "method_of_model",
-           "method_stages", "recorded_config_method", "recorded_method"]
+__all__ = [
+    "LEGACY_METHOD",
+    "METHODS",
+    "MethodContext",
+    "Option",
+    "TrainingMethod",
+    "build_method",
+    "method_name",
+    "method_of_model",
+    "method_stages",
+    "recorded_config_method",
+    "recorded_method",
+]

@@ -40,15 +40,27 @@ class ABNTask(MethodTask):
 class ABN(TrainingMethod):
     name = "abn"
     loss_text = "CE + w·CE of the attention branch"
-    summary = "attention branch network: an attention branch (own CE) makes a map M that reweights the features, (1 + M) * g"
+    summary = (
+        "attention branch network: an attention branch (own CE) makes a map M that reweights the features, (1 + M) * g"
+    )
     reference = "Fukui, Hirakawa, Yamashita, Fujiyoshi 2019, Attention Branch Network: Learning of Attention Mechanism for Visual Explanation"
     options = {
-        "split": Option(-1, "pyramid level of the backbone the attention branch reads (0 = highest resolution); -1 = auto: the "
-                            "second-to-last level, as the paper (stride 2 for lenet5, 4 for the others at 32x32)", minimum=-1),
+        "split": Option(
+            -1,
+            "pyramid level of the backbone the attention branch reads (0 = highest resolution); -1 = auto: the "
+            "second-to-last level, as the paper (stride 2 for lenet5, 4 for the others at 32x32)",
+            minimum=-1,
+        ),
         "attention_weight": Option(1.0, "weight of the attention branch's cross-entropy (the paper: 1)", minimum=0.0),
-        "width": Option(0, "channels of the attention branch's conv3x3 blocks; 0 = those of the split level", minimum=0),
-        "blocks": Option(1, "conv3x3-BN-ReLU blocks of the attention branch (the paper copies the next stage's residual blocks)",
-                         minimum=0, maximum=16),
+        "width": Option(
+            0, "channels of the attention branch's conv3x3 blocks; 0 = those of the split level", minimum=0
+        ),
+        "blocks": Option(
+            1,
+            "conv3x3-BN-ReLU blocks of the attention branch (the paper copies the next stage's residual blocks)",
+            minimum=0,
+            maximum=16,
+        ),
     }
     checkpoint_kind = "abn"
     builtin_map = True
@@ -63,14 +75,23 @@ class ABN(TrainingMethod):
         super().check_data(plan)
         ds = plan.dataset
         with torch.random.fork_rng(devices=[]):
-            net = build_model(self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size, **self.cfg.model.options)
+            net = build_model(
+                self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size, **self.cfg.model.options
+            )
         resolve_split(net, self.opts["split"], self.cfg.model.backbone)
 
     def build_model(self, ctx: MethodContext) -> nn.Module:
         ds = ctx.plan.dataset
-        return build_abn(self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size,
-                         backbone_options=self.cfg.model.options, split=self.opts["split"],
-                         width=self.opts["width"] or None, blocks=self.opts["blocks"])
+        return build_abn(
+            self.cfg.model.backbone,
+            ds.channels,
+            ds.num_classes,
+            ds.image_size,
+            backbone_options=self.cfg.model.options,
+            split=self.opts["split"],
+            width=self.opts["width"] or None,
+            blocks=self.opts["blocks"],
+        )
 
     def task(self, model: nn.Module, ctx: MethodContext) -> ABNTask:
         return ABNTask(model, self.opts["attention_weight"], self.cfg.train.label_smoothing)

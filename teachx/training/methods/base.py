@@ -66,7 +66,9 @@ class Option:
             if self.maximum is not None and value > self.maximum:
                 raise ConfigError(f"{where} must be <= {self.maximum}, got {value}")
         if self.choices and value not in self.choices:
-            raise ConfigError(f"{where} must be one of {', '.join(map(str, self.choices))}, got {value!r}{suggest(str(value), [str(c) for c in self.choices])}")
+            raise ConfigError(
+                f"{where} must be one of {', '.join(map(str, self.choices))}, got {value!r}{suggest(str(value), [str(c) for c in self.choices])}"
+            )
         return value
 
 
@@ -169,14 +171,18 @@ class TrainingMethod:
             raise ConfigError(self.masks_missing_message(plan.dataset.name))
 
     def masks_missing_message(self, dataset: str) -> str:
-        return (f"method {self.name} needs artefact masks, and '{dataset}' has none; use a shortcut dataset "
-                "(data.shortcut=swatch, or data.name=decoy-fashion-mnist)")
+        return (
+            f"method {self.name} needs artefact masks, and '{dataset}' has none; use a shortcut dataset "
+            "(data.shortcut=swatch, or data.name=decoy-fashion-mnist)"
+        )
 
     # -- what is trained -------------------------------------------------------------------
     def build_model(self, ctx: MethodContext) -> nn.Module:
         """The model to train (random init from torch's global generator); default: the backbone."""
         ds = ctx.plan.dataset
-        return build_model(self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size, **self.cfg.model.options)
+        return build_model(
+            self.cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size, **self.cfg.model.options
+        )
 
     def task(self, model: nn.Module, ctx: MethodContext) -> "Task":
         raise NotImplementedError
@@ -277,11 +283,16 @@ def unknown_option_message(method: str, key: str, section_keys: Optional[list[st
     section = METHODS.get(method).config_section if method in METHODS else ""
     if section:
         keys = list(section_keys or [])
-        return (f"unknown option method.options.{key} of method {method}{suggest(key, keys, 'method.options.')}; its options are the {section}.* keys "
-                f"({', '.join(keys) or '`teachx config --describe`'})" + (f"; {key} is an option of {' / '.join(owners)}" if owners else ""))
+        return (
+            f"unknown option method.options.{key} of method {method}{suggest(key, keys, 'method.options.')}; its options are the {section}.* keys "
+            f"({', '.join(keys) or '`teachx config --describe`'})"
+            + (f"; {key} is an option of {' / '.join(owners)}" if owners else "")
+        )
     if owners:
-        return (f"method.options.{key} is an option of method {' / '.join(owners)}, not of '{method}'; remove it "
-                f"or set method.name={owners[0]} (options of {method}: {', '.join(own) or 'none'})")
+        return (
+            f"method.options.{key} is an option of method {' / '.join(owners)}, not of '{method}'; remove it "
+            f"or set method.name={owners[0]} (options of {method}: {', '.join(own) or 'none'})"
+        )
     return f"unknown option method.options.{key} of method '{method}'{suggest(key, own)}; its options: {', '.join(own) or 'none'}"
 
 
@@ -350,8 +361,10 @@ def _check_config_method_sections(cfg: RunConfig) -> None:
         values = getattr(cfg, section)
         changed = [k for k, v in to_dict(values).items() if v != getattr(type(values)(), k)]
         if changed:
-            raise ConfigError(f"{section}.{changed[0]} is an option of method {owner}, not of '{name}'; remove it "
-                              f"(or set method.name={owner}); {name}'s options go under method.options")
+            raise ConfigError(
+                f"{section}.{changed[0]} is an option of method {owner}, not of '{name}'; remove it "
+                f"(or set method.name={owner}); {name}'s options go under method.options"
+            )
 
 
 def _fold_method_options(data: dict[str, Any]) -> dict[str, Any]:
@@ -375,8 +388,10 @@ def _fold_method_options(data: dict[str, Any]) -> dict[str, Any]:
         if key not in keys:
             raise ConfigError(unknown_option_message(METHODS.canonical(name), str(key), keys))
         if key in own and own[key] != value:
-            raise ConfigError(f"{section}.{key} and method.options.{key} are the same option of method "
-                              f"{METHODS.canonical(name)}, set to {own[key]!r} and {value!r}; keep one of them")
+            raise ConfigError(
+                f"{section}.{key} and method.options.{key} are the same option of method "
+                f"{METHODS.canonical(name)}, set to {own[key]!r} and {value!r}; keep one of them"
+            )
         own[key] = value
     return {**data, section: own, "method": {**method, "options": {}}}
 
@@ -387,6 +402,7 @@ add_hook("run.normalize", _fold_method_options)
 
 
 # -- helpers several methods share ----------------------------------------------------------------
+
 
 class MethodTask:
     """What the tasks of the methods share: the model, no per-image targets by default, and every

@@ -35,7 +35,15 @@ class Impactx(TrainingMethod):
     config_section = "impactx"
     map_follows_teacher = True
     # impactx.decoder was paper, with one map and MSE, width 32, not reading M
-    key_reference = {"impactx": {"decoder": "paper", "per_class": False, "map_loss": "mse", "decoder_width": 32, "decoder_reads_m": False}}
+    key_reference = {
+        "impactx": {
+            "decoder": "paper",
+            "per_class": False,
+            "map_loss": "mse",
+            "decoder_width": 32,
+            "decoder_reads_m": False,
+        }
+    }
 
     def needs_teacher_maps(self) -> bool:
         return self.cfg.impactx.lam > 0
@@ -47,12 +55,20 @@ class Impactx(TrainingMethod):
         cfg, ic, ds = self.cfg, self.cfg.impactx, ctx.plan.dataset
         store = ctx.train_maps
         model = build_impactx(
-            cfg.model.backbone, ds.channels, ds.num_classes, ds.image_size,
-            backbone_options=cfg.model.options, lep_backbone=ic.lep_backbone,
+            cfg.model.backbone,
+            ds.channels,
+            ds.num_classes,
+            ds.image_size,
+            backbone_options=cfg.model.options,
+            lep_backbone=ic.lep_backbone,
             map_size=(ic.map_size, ic.map_size) if ic.map_size else None,
             map_channels=store.maps.shape[1] if store is not None else 1,
-            decoder_width=ic.decoder_width, classifier_hidden=ic.classifier_hidden, decoder_scale=ic.decoder_scale,
-            decoder=ic.decoder, per_class=ic.per_class, additive_reference=ic.additive_reference,
+            decoder_width=ic.decoder_width,
+            classifier_hidden=ic.classifier_hidden,
+            decoder_scale=ic.decoder_scale,
+            decoder=ic.decoder,
+            per_class=ic.per_class,
+            additive_reference=ic.additive_reference,
             decoder_reads_m=ic.decoder_reads_m,
         )
         if ic.m_init == "teacher":
@@ -69,14 +85,23 @@ class Impactx(TrainingMethod):
         if ctx.train_maps is not None and ic.lam > 0:
             classes = ctx.train_map_classes() if ic.per_class else None
             source = MapSource(ctx.train_maps, ic.maps, plan.train_idx, cfg.seed, classes=classes)
-        return ImpactxTask(model, source, ic.lam, cfg.train.label_smoothing, map_loss=MapLoss(ic.map_loss, ic.map_target_pool),
-                           faith_weight=ic.faith_weight, faith=SelfFaithfulness(ic.faith_patch, ic.faith_samples))
+        return ImpactxTask(
+            model,
+            source,
+            ic.lam,
+            cfg.train.label_smoothing,
+            map_loss=MapLoss(ic.map_loss, ic.map_target_pool),
+            faith_weight=ic.faith_weight,
+            faith=SelfFaithfulness(ic.faith_patch, ic.faith_samples),
+        )
 
     def epoch_hook(self, task, ctx: MethodContext, out_dir: Path) -> Optional[Callable[[int], None]]:
         if not (self.cfg.impactx.self_teach_every and getattr(task, "source", None) is not None):
             return None
         if ctx.self_teaching is None:
-            raise ValueError("impactx.self_teach_every needs MethodContext.self_teaching (a hook that re-explains the training split)")
+            raise ValueError(
+                "impactx.self_teach_every needs MethodContext.self_teaching (a hook that re-explains the training split)"
+            )
         return ctx.self_teaching(task, out_dir)
 
     def describe(self) -> str:
@@ -103,8 +128,13 @@ class Impactx(TrainingMethod):
 
     def results(self, record: dict[str, Any]) -> dict[str, Any]:
         """The keys IMPACTX runs always had."""
-        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps, "impactx_test_acc": record["test_acc"],
-                "impactx_val_acc": record["val_acc"], "impactx_seconds_per_epoch": record["seconds_per_epoch"]}
+        return {
+            "lam": self.cfg.impactx.lam,
+            "maps": self.cfg.impactx.maps,
+            "impactx_test_acc": record["test_acc"],
+            "impactx_val_acc": record["val_acc"],
+            "impactx_seconds_per_epoch": record["seconds_per_epoch"],
+        }
 
     def unit_record(self, stage: dict[str, Any]) -> dict[str, Any]:
         return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps}

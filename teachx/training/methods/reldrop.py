@@ -39,8 +39,16 @@ def drop_mask(rel: torch.Tensor, alpha: float, beta: float, p: float, generator=
 
 
 class RelDropTask(MethodTask):
-    def __init__(self, model: nn.Module, alpha: float, beta: float, p: float, relevance_of=None, store=None,
-                 label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        alpha: float,
+        beta: float,
+        p: float,
+        relevance_of=None,
+        store=None,
+        label_smoothing: float = 0.0,
+    ):
         self.model, self.alpha, self.beta, self.p = model, float(alpha), float(beta), float(p)
         self.relevance_of, self.store, self.label_smoothing = relevance_of, store, label_smoothing
 
@@ -82,8 +90,11 @@ class RelDrop(TrainingMethod):
         "alpha": Option(0.5, "mix of noise (1) and relevance (0) in the drop score", minimum=0.0, maximum=1.0),
         "beta": Option(0.2, "drop threshold: pixels scoring >= 1 - beta are dropped", minimum=0.0, maximum=1.0),
         "p": Option(1.0, "probability that an image is augmented", minimum=0.0, maximum=1.0),
-        "relevance": Option("self", "self (LRP of the model being trained, every step; the paper) | teacher (the teacher's stored maps)",
-                            choices=("self", "teacher")),
+        "relevance": Option(
+            "self",
+            "self (LRP of the model being trained, every step; the paper) | teacher (the teacher's stored maps)",
+            choices=("self", "teacher"),
+        ),
     }
 
     def needs_teacher_maps(self) -> bool:
@@ -92,9 +103,21 @@ class RelDrop(TrainingMethod):
     def task(self, model: nn.Module, ctx: MethodContext) -> RelDropTask:
         opts = self.opts
         if opts["relevance"] == "teacher":
-            return RelDropTask(model, opts["alpha"], opts["beta"], opts["p"], store=ctx.train_maps,
-                               label_smoothing=self.cfg.train.label_smoothing)
+            return RelDropTask(
+                model,
+                opts["alpha"],
+                opts["beta"],
+                opts["p"],
+                store=ctx.train_maps,
+                label_smoothing=self.cfg.train.label_smoothing,
+            )
 
         options = dict(self.cfg.teacher.options) if self.cfg.teacher.method == "lrp" else {}
-        return RelDropTask(model, opts["alpha"], opts["beta"], opts["p"], relevance_of=_SelfRelevance(build_teacher("lrp", **options)),
-                           label_smoothing=self.cfg.train.label_smoothing)
+        return RelDropTask(
+            model,
+            opts["alpha"],
+            opts["beta"],
+            opts["p"],
+            relevance_of=_SelfRelevance(build_teacher("lrp", **options)),
+            label_smoothing=self.cfg.train.label_smoothing,
+        )

@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import MethodTask, METHODS, at_least_float, IndexedTensor, MethodContext, Option, TrainingMethod
+from teachx.training.methods.base import (
+    MethodTask,
+    METHODS,
+    at_least_float,
+    IndexedTensor,
+    MethodContext,
+    Option,
+    TrainingMethod,
+)
 
 
 def irrelevant_mask(maps: torch.Tensor, keep: float) -> torch.Tensor:
@@ -90,9 +98,22 @@ class RRR(TrainingMethod):
     reference = "Ross, Hughes, Doshi-Velez 2017, Right for the Right Reasons"
     options = {
         "lam": Option(1000.0, "weight of the input-gradient penalty (the paper uses 1000 on Decoy-MNIST)", minimum=0.0),
-        "mask": Option("annotation", "where A comes from: annotation (the dataset's artefact masks) | teacher (pixels outside the teacher's most relevant ones)", choices=("annotation", "teacher")),
-        "teacher_keep": Option(0.2, "mask=teacher: fraction of pixels the teacher finds most relevant that stay unpenalised", minimum=0.0, maximum=1.0),
-        "target": Option("all", "whose log-probability is differentiated: all (the paper: sum over classes) | label", choices=("all", "label")),
+        "mask": Option(
+            "annotation",
+            "where A comes from: annotation (the dataset's artefact masks) | teacher (pixels outside the teacher's most relevant ones)",
+            choices=("annotation", "teacher"),
+        ),
+        "teacher_keep": Option(
+            0.2,
+            "mask=teacher: fraction of pixels the teacher finds most relevant that stay unpenalised",
+            minimum=0.0,
+            maximum=1.0,
+        ),
+        "target": Option(
+            "all",
+            "whose log-probability is differentiated: all (the paper: sum over classes) | label",
+            choices=("all", "label"),
+        ),
     }
 
     def needs_masks(self) -> bool:
@@ -102,8 +123,10 @@ class RRR(TrainingMethod):
         return self.opts["mask"] == "teacher"
 
     def masks_missing_message(self, dataset: str) -> str:
-        return (f"method rrr with method.options.mask=annotation needs artefact masks, and '{dataset}' has none; use a "
-                "shortcut dataset (data.shortcut=swatch, data.name=decoy-fashion-mnist) or method.options.mask=teacher")
+        return (
+            f"method rrr with method.options.mask=annotation needs artefact masks, and '{dataset}' has none; use a "
+            "shortcut dataset (data.shortcut=swatch, data.name=decoy-fashion-mnist) or method.options.mask=teacher"
+        )
 
     def task(self, model: nn.Module, ctx: MethodContext) -> RRRTask:
         if self.opts["mask"] == "annotation":

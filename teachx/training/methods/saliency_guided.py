@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.training.methods.base import MethodTask, METHODS, at_least_float, MethodContext, Option, TrainingMethod, raw_model
+from teachx.training.methods.base import (
+    MethodTask,
+    METHODS,
+    at_least_float,
+    MethodContext,
+    Option,
+    TrainingMethod,
+    raw_model,
+)
 
 
 def input_saliency(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -76,7 +84,7 @@ class SaliencyGuidedTask(MethodTask):
         else:  # DDP: one forward per step, through DDP, of x and x~ together
             masked = mask_lowest(x, input_saliency(raw_model(self.model), x, y), self.k)
             both = self.model(torch.cat([x, masked]))
-            logits, logits_m = both[: x.shape[0]], both[x.shape[0]:]
+            logits, logits_m = both[: x.shape[0]], both[x.shape[0] :]
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         logp, logq = F.log_softmax(at_least_float(logits), 1), F.log_softmax(at_least_float(logits_m), 1)
         kl = (logp.exp() * (logp - logq)).sum(1).mean()  # KL(f(x) || f(x~)), per image, averaged
@@ -87,10 +95,16 @@ class SaliencyGuidedTask(MethodTask):
 class SaliencyGuided(TrainingMethod):
     name = "saliency_guided"
     loss_text = "CE + λ·KL to the masked input"
-    summary = "mask the lowest-saliency input features with random values; match the masked output to the unmasked one (KL)"
-    reference = "Ismail, Corrada Bravo, Feizi 2021, Improving Deep Learning Interpretability by Saliency Guided Training"
+    summary = (
+        "mask the lowest-saliency input features with random values; match the masked output to the unmasked one (KL)"
+    )
+    reference = (
+        "Ismail, Corrada Bravo, Feizi 2021, Improving Deep Learning Interpretability by Saliency Guided Training"
+    )
     options = {
-        "k": Option(0.5, "fraction of input features (lowest |gradient|) replaced by random values", minimum=0.0, maximum=1.0),
+        "k": Option(
+            0.5, "fraction of input features (lowest |gradient|) replaced by random values", minimum=0.0, maximum=1.0
+        ),
         "lam": Option(1.0, "weight of the KL term", minimum=0.0),
     }
 
