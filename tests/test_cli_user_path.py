@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import run_teachx, teachx_main
 from test_cli import assert_one_line_error
 
-SHIPPED = ("cifar10-lenet5", "cifar10-lenet5-baseline", "study-cifar10-lenet5", "study-cifar10-confirm", "demo")
+SHIPPED = ("cifar10-lenet5", "cifar10-lenet5-baseline", "study-cifar10-lenet5", "study-decoy-fashion-mnist", "demo")
 TINY = [
     "data.train_size=200",
     "train.epochs=1",
@@ -90,7 +90,7 @@ def test_unknown_config_name_lists_the_shipped_ones(tmp_path, cmd):
 
 @pytest.mark.slow
 def test_study_accepts_a_shipped_study_name(tmp_path):
-    res = run_teachx("study", "study-cifar10-confirm", "--out", tmp_path / "s", "--dry-run", cwd=tmp_path)
+    res = run_teachx("study", "study-cifar10-lenet5", "--out", tmp_path / "s", "--dry-run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "units" in res.stdout and "gradcam" in res.stdout
 
@@ -204,6 +204,56 @@ def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
         assert _config_main(capsys, tmp_path / "printed.yaml") == out, name
         (tmp_path / "described.yaml").write_text(_config_main(capsys, "--describe", name))
         assert _config_main(capsys, tmp_path / "described.yaml") == out, name
+
+
+def test_research_study_configs_live_in_studies_and_run_by_path(tmp_path, capsys, monkeypatch):
+    """The package ships what users start from; this project's research studies are in the repository's
+    studies/ folder, not shipped (no name shared with a shipped config), each listed in studies/README.md, and
+    each runs by its path from the repository: `teachx config studies/NAME.yaml` prints its study: section and
+    `teachx study studies/NAME.yaml --out DIR --dry-run` plans its units, writing nothing."""
+    import yaml
+
+    from teachx.config.shipped import is_study, shipped_configs
+
+    repo = Path(__file__).resolve().parents[1]
+    studies = sorted((repo / "studies").glob("*.yaml"))
+    assert studies, "the research studies live in studies/"
+    readme = (repo / "studies" / "README.md").read_text()
+    shipped = shipped_configs()
+    monkeypatch.chdir(repo)
+    for path in studies:
+        rel = f"studies/{path.name}"
+        assert path.stem not in shipped, f"{path.stem} is both shipped and a research study"
+        assert f"`{path.name}`" in readme, f"studies/README.md does not list {path.name}"
+        assert is_study(path), rel
+        data = yaml.safe_load(_config_main(capsys, rel))
+        assert data["study"]["arms"], rel
+        out = tmp_path / path.stem
+        code, text, err = teachx_main(capsys, "study", rel, "--out", out, "--dry-run")
+        assert code == 0 and re.match(r"\d+ units:", text), (rel, err or text)
+        assert not out.exists(), rel
+    # what users start from stays in the package
+    for name in ("demo", "cifar10-lenet5", "study-cifar10-lenet5", "study-decoy-fashion-mnist", "paper-cifar10-lenet5"):
+        assert name in shipped, name
+    assert not [n for n in shipped if n.startswith("study-builtin-maps") or n.endswith("-cpu")]
+
+
+@pytest.mark.parametrize("cmd", ["config", "study"])
+def test_a_research_study_by_name_points_to_its_path(tmp_path, capsys, monkeypatch, cmd):
+    """`teachx study study-builtin-maps-core` from a checkout's root (the name it shipped under before): one line
+    that names the path to pass, exit 2, nothing made."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "studies").mkdir()
+    shutil.copy(repo / "studies" / "study-builtin-maps-core.yaml", tmp_path / "studies")
+    monkeypatch.chdir(tmp_path)
+    args = ["study-builtin-maps-core"] + (["--out", str(tmp_path / "s"), "--dry-run"] if cmd == "study" else [])
+    code, out, err = teachx_main(capsys, cmd, *args)
+    assert code == 2 and not out and not (tmp_path / "s").exists(), (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("teachx: error: "), err
+    assert "not shipped" in err and "studies/study-builtin-maps-core.yaml" in err, err
+    code, out, err = teachx_main(capsys, cmd, "studies/study-builtin-maps-core.yaml", *args[1:])
+    assert code == 0, err
 
 
 @pytest.mark.slow
@@ -661,7 +711,7 @@ UNDER_A_FILE = [
     ("train", "--out", "{f}/run", "train.epochs=1"),
     ("run", "--out", "{f}/a/b", "train.epochs=1"),
     ("demo", "--out", "{f}/run"),
-    ("study", "study-cifar10-confirm", "--out", "{f}/study"),
+    ("study", "study-cifar10-lenet5", "--out", "{f}/study"),
     ("report", "{run}", "--out", "{f}/report.html"),
     ("explain", "{run}", "{img}", "--out", "{f}/maps"),
     ("serve", "{run}", "--precompute", "--no-serve", "--cache-dir", "{f}/cache"),

@@ -1,8 +1,9 @@
 """The documentation's commands: every `teachx` command quoted in README.md and docs/ parses.
 
 A command parses when click accepts its options and arguments (a dry run of the parser: nothing is
-executed), and, for `run`, `train`, `demo` and `config` with a shipped or no CONFIG, when its KEY=VALUE
-overrides resolve to a valid config. Synopses (`[CONFIG]`, `K=V ...`) are read with their brackets removed
+executed), and, for `run`, `train`, `demo`, `config` and `study` with a shipped or no CONFIG (or a research
+study of the repository's studies/ folder, which must exist), when its KEY=VALUE overrides resolve to a valid
+config. Synopses (`[CONFIG]`, `K=V ...`) are read with their brackets removed
 and their placeholders taken as values. The Sphinx build itself (warnings as errors) runs in `.ci/run`.
 """
 
@@ -20,7 +21,12 @@ from teachx.errors import TeachxError
 from teachx.cli.main import _split_args, cli
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "CONTRIBUTING.md",
+    ROOT / "studies" / "README.md",
+    *sorted((ROOT / "docs").rglob("*.md")),
+]
 PAGES = [p for p in PAGES if "_build" not in p.parts]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
@@ -105,7 +111,6 @@ def _resolve(ctx: click.Context) -> None:
     """A dry run of the config: the KEY=VALUE overrides of run/train/demo/config/study against a shipped or
     no CONFIG, resolved as the command would (a study config as a study)."""
     from teachx.runs.resolve import check_names, resolve_config
-    from teachx.config.shipped import shipped_configs
     from teachx.studies.study import load_study
 
     name = ctx.info_name
@@ -115,15 +120,31 @@ def _resolve(ctx: click.Context) -> None:
     if name == "study":
         args = tuple(a for a in (ctx.params.get("config"), *args) if a)
     path, overrides = _split_args(tuple(args))
-    if path is not None and path not in shipped_configs():
+    file = _config_file(path)
+    if path is not None and file is None:
         return  # a placeholder (CONFIG) or the reader's own file
     if any(re.search(r"=[A-Z][A-Z_]*$|=path/|\.\.\./", o) for o in overrides):
         return  # placeholders such as data.name=NAME
-    if name in ("config", "study") and path is not None and "study" in _yaml(shipped_configs()[path]):
-        load_study(path, overrides)
+    if name in ("config", "study") and file is not None and "study" in _yaml(file):
+        load_study(str(file), overrides)
         return
-    cfg = resolve_config(path, overrides)
+    cfg = resolve_config(None if file is None else str(file), overrides)
     check_names(cfg)
+
+
+def _config_file(path: str | None) -> Path | None:
+    """The file a quoted CONFIG names: a shipped config, or a research study by its path in the repository
+    (which has to exist: a command that names a missing one would fail); None for a placeholder."""
+    from teachx.config.shipped import shipped_configs
+
+    if path is None:
+        return None
+    if path in shipped_configs():
+        return shipped_configs()[path]
+    if path.startswith("studies/") and not re.search(r"[A-Z]", path):
+        assert (ROOT / path).is_file(), f"{path}: no such study in the repository's studies/ folder"
+        return ROOT / path
+    return None
 
 
 def _yaml(path: Path) -> dict:

@@ -28,6 +28,14 @@ from teachx.config.shipped import header, shipped_configs  # noqa: E402
 from teachx.studies.study import load_study  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+STUDIES = ROOT / "studies"  # the research studies: run by path from the repository, not shipped
+
+
+def research(name: str) -> str:
+    """The path of a research study in the repository's studies/ folder."""
+    return str(STUDIES / f"{name}.yaml")
+
+
 DATASETS = {"cifar10": 10, "cifar100": 100, "stl10": 10}
 BACKBONES = ("lenet5", "mobilenet", "efficientnet_b2")
 CELLS = [f"paper-{d}-{b}" for d in DATASETS for b in BACKBONES]
@@ -64,7 +72,7 @@ def test_5k_cells_match_their_45k_cells_but_for_the_data_size():
     """study-cifar10-<backbone>: the issue's scarce-data regime of paper-cifar10-<backbone> -- the same arms, seeds,
     backbone options, optimiser and teacher, on the JPEG copy's 5,000-image subset, 20 epochs."""
     for backbone in ("mobilenet", "efficientnet_b2"):
-        small, full = load_study(f"study-cifar10-{backbone}"), load_study(f"paper-cifar10-{backbone}")
+        small, full = load_study(research(f"study-cifar10-{backbone}")), load_study(f"paper-cifar10-{backbone}")
         a, b = small.config("all", None, 0), full.config("all", None, 0)
         assert (
             a.data.name.startswith("imagefolder:")
@@ -99,7 +107,7 @@ def test_5k_cells_match_their_45k_cells_but_for_the_data_size():
         for arm in ARMS:
             sa, fa = small.config("all", arm, 0), full.config("all", arm, 0)
             assert (sa.method, sa.impactx) == (fa.method, fa.impactx), (backbone, arm)
-        res = invoke_study(f"study-cifar10-{backbone}", "--out", "unused", "--dry-run")
+        res = invoke_study(research(f"study-cifar10-{backbone}"), "--out", "unused", "--dry-run")
         assert res.exit_code == 0 and res.output.startswith("25 units:"), res.output
 
 
@@ -110,7 +118,10 @@ def test_cpu_cells_share_the_builtin_maps_mobilenet_units():
     the EfficientNet-B2 one differs from it only in the backbone."""
     from teachx.studies.study import unit_names
 
-    mob, eff = load_study("study-cifar10-mobilenet-cpu"), load_study("study-cifar10-efficientnet_b2-cpu")
+    mob, eff = (
+        load_study(research("study-cifar10-mobilenet-cpu")),
+        load_study(research("study-cifar10-efficientnet_b2-cpu")),
+    )
     for spec in (mob, eff):
         assert list(spec.arms) == ARMS and spec.seeds == [0, 1, 2, 3, 4] and spec.control == "lambda0"
         base = spec.config("5k", None, 0)
@@ -136,13 +147,15 @@ def test_cpu_cells_share_the_builtin_maps_mobilenet_units():
             and b["model"]["backbone"] == "efficientnet_b2"
         )
     ours = {(v["arm"], v["seed"]): k for k, v in unit_names(mob).items()}
-    theirs = {(v["arm"], v["seed"]): k for k, v in unit_names(load_study("study-builtin-maps-mobilenet")).items()}
+    theirs = {
+        (v["arm"], v["seed"]): k for k, v in unit_names(load_study(research("study-builtin-maps-mobilenet"))).items()
+    }
     for seed in (0, 1, 2):
         for arm, other in (("baseline", "baseline"), ("impactx", "shap_paper_mse"), ("lambda0", "lambda0")):
             assert ours[(arm, seed)] == theirs[(other, seed)], (arm, seed)
     assert len(ours) == 25 and len(set(ours.values()) - set(theirs.values())) == 16
     for name in ("study-cifar10-mobilenet-cpu", "study-cifar10-efficientnet_b2-cpu"):
-        res = invoke_study(name, "--out", "unused", "--dry-run")
+        res = invoke_study(research(name), "--out", "unused", "--dry-run")
         assert res.exit_code == 0 and res.output.startswith("25 units:"), res.output
 
 

@@ -2,7 +2,9 @@
 
 A CONFIG argument is a path when that file exists; otherwise a shipped name such as
 ``cifar10-lenet5`` (with or without ``.yaml``) resolves to the packaged file. ``teachx config
---list`` shows every shipped config with the first line of its header comment.
+--list`` shows every shipped config with the first line of its header comment. The research studies
+of the repository (``studies/NAME.yaml`` in a checkout) are not shipped: they are passed by path, and
+their bare name, given from the checkout's root, gets an error that names the path.
 """
 
 from __future__ import annotations
@@ -56,6 +58,12 @@ def find_config(arg: str) -> str:
     if looks_like_name and stem in shipped:
         return str(shipped[stem])
     names = ", ".join(shipped)
+    research = Path("studies") / f"{stem}.yaml"  # a checkout's research studies, not shipped: named by their path
+    if looks_like_name and research.is_file():
+        raise ConfigError(
+            f"config '{arg}' is not shipped with teachx: it is a study in this folder's studies/; "
+            f"pass its path: {research.as_posix()}"
+        )
     if looks_like_name:
         raise ConfigError(
             f"config '{arg}' is neither a file nor a shipped config{suggest(stem, list(shipped))}; "
