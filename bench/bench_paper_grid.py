@@ -29,7 +29,7 @@ Every row states device, threads, batch and AMP. Writes bench/results/paper_grid
 prints a table; ``--merge`` keeps the file's rows of the cells not measured now (the top-level fields then
 describe the last invocation, each row its own). ``--write-headers`` puts the measured figures into the configs' header lines (the CPU or
 GPU line of "Expected wall time per unit"); ``--headers-from FILE`` does that from an earlier result file
-without measuring (e.g. the GPU file bench/gpu_issue14.sh brings back).
+without measuring (e.g. the GPU file bench/gpu.sh brings back).
 
     python bench/bench_paper_grid.py [--device cpu|cuda] [--models lenet5,mobilenet,efficientnet_b2]
         [--shapes 3x32x32:10,3x32x32:100,3x96x96:10] [--batch 128] [--repeats 5] [--steps 5] [--threads 1]

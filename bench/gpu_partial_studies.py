@@ -1,4 +1,4 @@
-"""Read the study archives that bench/gpu_issue14.sh brings back and summarise what they hold, finished or not.
+"""Read the study archives that bench/gpu.sh brings back and summarise what they hold, finished or not.
 
 A study stopped by the device's time limit writes no study.json; its finished units are still complete records
 (each unit's stage.json holds its test accuracy, digest-checked here). This lists every unit and, for each arm
@@ -62,7 +62,7 @@ def summarise(source: Path) -> dict[str, Any]:
 
 
 def _summarise(source: Path, root: Path) -> dict[str, Any]:
-    fix = "it came back damaged from the device machine: run bench/gpu_issue14.sh again"
+    fix = "it came back damaged from the device machine: run bench/gpu.sh again"
     units = []
     arms = _spec_arms(root)
     for d in sorted(p for p in (root / "units").iterdir() if (p / "unit.json").is_file()):
@@ -143,9 +143,7 @@ def main() -> None:
                 )
             print(line)
     if args.out:
-        write_json_atomic(
-            args.out, {"what": "partial study results from bench/gpu_issue14.sh archives", "studies": results}
-        )
+        write_json_atomic(args.out, {"what": "partial study results from bench/gpu.sh archives", "studies": results})
         print(f"wrote {args.out}")
 
 

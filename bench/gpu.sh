@@ -1,51 +1,58 @@
 #!/usr/bin/env bash
-# Issue 14 on a lent GPU machine: the one prepared script (the IMPACTX paper grid's GPU checks and studies).
+# The prepared script for a GPU machine: checks that teachx's GPU paths work there, measures its step times and
+# runs the IMPACTX paper grid's scarce-data studies within a time budget, leaving what it found in a few files.
 #
-#   (1) nvidia-smi; the DDP / NCCL path as far as one GPU allows: `teachx train --nproc 1 device=cuda` on the
-#       bundled data (2 epochs), a world-size-1 NCCL process group with DDP around a teachx backbone on the GPU
-#       (parity with the same steps without DDP), and the 2-process CPU gloo parity tests
-#       (tests/test_distributed.py, CUDA hidden, in the background while (1) runs). A 2-process NCCL run needs
-#       2 GPUs: said in summary.txt.
-#   (2) python bench/bench_paper_grid.py --device cuda (AMP on): per-step costs of the 3 backbones x 3 cells,
-#       baseline / IMPACTX / lambda=0 / ABN, and the DeepSHAP teacher-map throughput -> paper_grid_gpu.json.
-#   (3) the issue's studies: study-cifar10-mobilenet and study-cifar10-efficientnet_b2 (CIFAR-10 (JPEG), 5,000
-#       training images, 5 seeds x baseline / IMPACTX / lambda=0 / shuffled / ABN), one after the other, each
-#       with the study workers WORKERS gives it on the one GPU (units are locked, each worker skips what another
-#       holds); the first worker makes the teacher and its DeepSHAP maps alone before the others join.
-#       Estimated from the measured step costs (not yet run this way): MobileNet ~8-9 min, EfficientNet-B2 ~25 min.
-#   (4) time left over: the 45k-image CIFAR-10 cell of MobileNet (3 seeds, baseline / IMPACTX / lambda=0).
-# MODE=smoke runs every code path of the above on tiny settings instead (a first call that finds CUDA-only
-# bugs cheaply): 2 epochs of (1), bench on the CIFAR-10 shape only, the two studies on 512 images x 1 epoch x 2
-# seeds with 2 workers each, no (4).
-# The machine has no internet, so instead of the official CIFAR-10 files these cells read the JPEG copy:
-# imagefolder:<zip> with data.hflip=true.
+# What it runs, in parts (PARTS picks them, MODE sizes them):
+#   checks   nvidia-smi; the DDP / NCCL path as far as one GPU allows: `teachx train --nproc 1 device=cuda` on the
+#            bundled data (2 epochs), a world-size-1 NCCL process group with DDP around a teachx backbone on the GPU
+#            (parity with the same steps without DDP), and the 2-process CPU gloo parity tests
+#            (tests/test_distributed.py, CUDA hidden, in the background meanwhile). A 2-process NCCL run needs
+#            2 GPUs: summary.txt says so.
+#   bench    python bench/bench_paper_grid.py --device cuda (AMP on): per-step costs of the 3 backbones x 3 cells,
+#            baseline / IMPACTX / lambda = 0 / ABN, and the DeepSHAP teacher-map throughput -> paper_grid_gpu.json.
+#   studies  the paper grid's scarce-data cells, studies/study-cifar10-mobilenet.yaml and
+#            studies/study-cifar10-efficientnet_b2.yaml (CIFAR-10 (JPEG), 5,000 training images, 5 seeds x baseline /
+#            IMPACTX / lambda = 0 / shuffled / ABN), one after the other, each with the study workers WORKERS gives
+#            it on the one GPU (units are locked, each worker skips what another holds); the first worker makes the
+#            teacher and its DeepSHAP maps alone before the others join. With time left over: the 45k-image
+#            CIFAR-10 cell of MobileNet (paper-cifar10-mobilenet, 3 seeds, baseline / IMPACTX / lambda = 0).
+# MODE=smoke runs every code path of the above on tiny settings instead (a first call that finds CUDA-only bugs
+# cheaply): 2 epochs of the checks, the bench on the CIFAR-10 shape only, the two studies on 512 images x 1 epoch
+# x 2 seeds with 2 workers each, no 45k cell. MODE=full (the default) runs them at their size.
+# Machines without internet access read the JPEG copy of CIFAR-10 (imagefolder:<zip> with data.hflip=true)
+# instead of the official files.
 #
 # From the repository root (or anywhere: it changes to the root):
-#   bash bench/gpu_issue14.sh                  # BUDGET_S=840 by default: the whole 15-minute device allowance
-#   DRY_RUN=1 bash bench/gpu_issue14.sh        # print the commands instead of running them (any machine)
-# With the device tool (one command runs at most 600 s): the CIFAR-10 JPEG zip must travel with the checkout
-# (../shared does not; a shared/ folder inside it does: 62 MB of the 64 MiB the tree may have):
-#   mkdir -p shared/data && cp ../shared/data/cifar10-jpg.zip shared/data/
-#   run: MODE=smoke BUDGET_S=220 bash bench/gpu_issue14.sh (timeout_s 300); then, with what is left,
-#        PARTS="bench studies" BUDGET_S=<left - 60> bash bench/gpu_issue14.sh (timeout_s <= 600)
-# Then, here: python bench/bench_paper_grid.py --headers-from <files_at>/paper_grid_gpu.json  (the configs' GPU lines)
-# and unpack the studies' archives (study-5k-*.tgz: every unit's records, no weights) to read or report them.
+#   bash bench/gpu.sh                         # BUDGET_S=840 by default: 14 minutes in all
+#   DRY_RUN=1 bash bench/gpu.sh               # print the commands instead of running them (any machine)
+#   MODE=smoke BUDGET_S=220 bash bench/gpu.sh # a quick first call, then the real one with what is left:
+#   PARTS="bench studies" BUDGET_S=540 bash bench/gpu.sh
+# On a machine that gets a copy of the checkout, the CIFAR-10 JPEG zip must travel with it (a shared/ folder
+# inside the checkout: mkdir -p shared/data && cp ../shared/data/cifar10-jpg.zip shared/data/).
+# Afterwards: python bench/bench_paper_grid.py --headers-from OUT/paper_grid_gpu.json (the paper configs' GPU
+# lines), python bench/gpu_partial_studies.py on the studies' archives (study-5k-*.tgz: every unit's records, no
+# weights), or unpack them and run `teachx report` on them.
 #
-# Environment: OUT (default bench/results/gpu): summary.txt, log.txt, paper_grid_gpu.json, nccl_check.json,
-# study-5k-<backbone>.tgz and study-45k-mobilenet.json -- at most 8 files, what the device tool brings back.
-# WORK (default /tmp/teachx-gpu14): run and study directories, data and map caches. BUDGET_S: total seconds;
-# before each step the time left is checked, a step that does not fit is skipped (and logged), every step runs
-# under a timeout of the time left. CIFAR10_ZIP: the JPEG zip (default: shared/data/cifar10-jpg.zip, else
-# ../shared/data/cifar10-jpg.zip). WORKERS: the 5k studies in order, with their study workers (default "mobilenet=3 efficientnet_b2=3").
-# PARTS: the parts that run (default "checks bench studies"; a second call can skip what a first one did). STUDY_OVERRIDES: extra
-# KEY=VALUE overrides for the study cells, separated by spaces (e.g. "train.epochs=10").
-# A failing step is logged and the next one runs. No virtual environment is made: .venv/bin/python when it
-# has torch, else python3 with the checkout on PYTHONPATH (the GPU image has teachx's dependencies).
+# Environment variables:
+#   MODE       full (default) or smoke, as above.
+#   PARTS      the parts that run, from "checks bench studies" (the default); a second call can skip what a first
+#              one did.
+#   BUDGET_S   total seconds (default 840). Before each step the time left is checked, a step that does not fit is
+#              skipped (and logged), and every step runs under a timeout of the time left.
+#   OUT        where the results go (default bench/results/gpu): summary.txt, log.txt, paper_grid_gpu.json,
+#              nccl_check.json, study-5k-<backbone>.tgz and study-45k-mobilenet.json (at most 8 files).
+#   WORK       run and study directories, data and map caches (default /tmp/teachx-gpu).
+#   CIFAR10_ZIP  the JPEG zip (default: shared/data/cifar10-jpg.zip, else ../shared/data/cifar10-jpg.zip).
+#   WORKERS    the 5k studies in order, with their study workers (default "mobilenet=3 efficientnet_b2=3").
+#   STUDY_OVERRIDES  extra KEY=VALUE overrides for the study cells, separated by spaces (e.g. "train.epochs=10").
+#   DRY_RUN=1  print the commands only; FORCE_CPU=1 runs the GPU steps on the CPU (tests this script anywhere).
+# A failing step is logged and the next one runs. No virtual environment is made: .venv/bin/python when it has
+# torch, else python3 with the checkout on PYTHONPATH (the machine needs teachx's dependencies installed).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-bench/results/gpu}"
-WORK="${WORK:-/tmp/teachx-gpu14}"
+WORK="${WORK:-/tmp/teachx-gpu}"
 BUDGET_S="${BUDGET_S:-840}"
 DRY_RUN="${DRY_RUN:-0}"
 MODE="${MODE:-full}"
@@ -113,7 +120,7 @@ step() {
     return 0
 }
 
-note "teachx issue 14 GPU script, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+note "teachx GPU script, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 note "mode $MODE; budget ${BUDGET_S}s; python $PY; OUT=$OUT; WORK=$WORK; WORKERS=$WORKERS; DRY_RUN=$DRY_RUN"
 
 # ------------------------------------------------------------------------------ (1) the device, DDP / NCCL
@@ -376,7 +383,7 @@ else
                 continue
             fi
             t0=$(date +%s)
-            workers "study-5k-$bb" "$((avail - 25))" "$WORK/study-5k-$bb" "$nw" "study-cifar10-$bb" "${common[@]}" "${extra[@]}"
+            workers "study-5k-$bb" "$((avail - 25))" "$WORK/study-5k-$bb" "$nw" "studies/study-cifar10-$bb.yaml" "${common[@]}" "${extra[@]}"
             note "study-5k-$bb: workers ended after $(($(date +%s) - t0))s"
             collect "study-5k-$bb" "$WORK/study-5k-$bb"
         done
