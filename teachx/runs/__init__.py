@@ -2,7 +2,8 @@
 
 ``pipeline`` (baseline -> teacher maps -> training method -> test, each stage resumable, and the method
 stage), ``recovery`` (the stage records on disk, the way forward from a damaged file, ``--redo``),
-``plan`` (the data plan and how the teacher is trained), ``stages`` (the classifier stages), ``teacher`` (the teacher a run
+``records`` (the typed stage records and run results, written and read there alone), ``plan`` (the data
+plan and how the teacher is trained), ``stages`` (the classifier stages), ``teacher`` (the teacher a run
 explains its images with, the teacher model and its maps), ``evaluation`` (map quality, the built-in maps'
 faithfulness, shortcut evaluation, the example images), ``resolve`` (a config resolved for running: every
 floor's checks and its names), ``rundir`` (what teachx owns in an output directory), ``figures`` (the

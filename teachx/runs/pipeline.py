@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -44,7 +44,6 @@ from teachx.runs.evaluation import (
 )
 from teachx.runs.plan import data_summary, eval_indices, log_data, make_plan, separate_teacher
 from teachx.runs.recovery import (
-    bound_fields,
     check_bound,
     redo_hint,
     results_bound,
@@ -52,6 +51,7 @@ from teachx.runs.recovery import (
     stage_done,
     stage_fix,
 )
+from teachx.runs.records import RunResults, StageRecord
 from teachx.runs.stages import fit_and_test, load_classifier, train_classifier
 from teachx.runs.teacher import as_nchw, make_teacher, map_fn, map_recipe, teacher_maps, teacher_stage
 
@@ -107,8 +107,8 @@ def train_method_stage(
     )
     what = method.describe() + (f", self-teaching every {cfg.impactx.self_teach_every} epochs" if hook else "")
     log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
-    extra = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {}), **bound_fields(config_hash)}
-    return fit_and_test(trainer, task, plan, out_dir, log, extra), model.eval()
+    head = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {})}
+    return fit_and_test(trainer, task, plan, out_dir, log, head, config_hash), model.eval()
 
 
 def self_teaching_hook(
@@ -187,10 +187,12 @@ def _run_pipeline(
 
     # 1. the student's baseline, and the teacher model (the baseline itself by default)
     t0, todo = time.perf_counter(), stage_todo(run_dir / "baseline")
-    baseline = train_classifier(cfg, plan, run_dir / "baseline", cfg.model.backbone, cfg.model.options, log, bound)
+    baseline_dict = train_classifier(cfg, plan, run_dir / "baseline", cfg.model.backbone, cfg.model.options, log, bound)
+    baseline = StageRecord.from_dict(baseline_dict)
     timings.add("baseline", time.perf_counter() - t0, *todo)
     t0, todo = time.perf_counter(), stage_todo(run_dir / "teacher")
-    teacher_record, teacher_model = teacher_stage(cfg, plan, run_dir, baseline, log, progress, bound)
+    teacher_dict, teacher_model = teacher_stage(cfg, plan, run_dir, baseline_dict, log, progress, bound)
+    teacher_record = StageRecord.from_dict(teacher_dict)
     if not cfg.teacher.checkpoint and separate_teacher(cfg):
         timings.add("teacher", time.perf_counter() - t0, *todo)
 
@@ -214,13 +216,14 @@ def _run_pipeline(
     # 3. the training method (IMPACTX by default)
     stage = method_name(cfg)
     if method.reuses_baseline:  # the same model as the baseline stage: nothing more to train
-        method_record = {**baseline, **method.record()}
-        model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds)
+        method_record = replace(baseline, head={**baseline.head, **method.record()})
+        model = load_classifier(stage_checkpoint(run_dir / "baseline", baseline_dict), ds)
     else:
         t0, todo = time.perf_counter(), stage_todo(run_dir / stage)
-        method_record, model = train_method_stage(
+        method_dict, model = train_method_stage(
             cfg, plan, train_store if need_maps else None, teacher_model, run_dir / stage, log, bound
         )
+        method_record = StageRecord.from_dict(method_dict)
         timings.add(stage, time.perf_counter() - t0, *todo)
 
     # 4. evaluation (a re-run that had nothing to do keeps the results -- and the timings -- it finds)
@@ -239,7 +242,10 @@ def _run_pipeline(
         if method.reuses_baseline:  # the method's model is the baseline, loaded above
             models = {"baseline": model}
         else:
-            models = {"baseline": load_classifier(stage_checkpoint(run_dir / "baseline", baseline), ds), stage: model}
+            models = {
+                "baseline": load_classifier(stage_checkpoint(run_dir / "baseline", baseline_dict), ds),
+                stage: model,
+            }
         shortcut = dist_utils.on_main(shortcut_evaluation, cfg, plan, models, device)
     label = method.display_name()
     examples = None  # the test images of figures/examples.png: index, true and predicted class
@@ -263,45 +269,42 @@ def _run_pipeline(
         examples = [{"index": int(i), "label": int(ds.test.labels[i]), "predicted": int(p)} for i, p in zip(idx, pred)]
         save_training_curves(
             run_dir / "figures" / "curves.png",
-            {"baseline": baseline["history"], label: method_record["history"]},
+            {"baseline": baseline.history, label: method_record.history},
             losses={"baseline": "CE", label: method.training_loss()},
         )
     timings.add("evaluation", time.perf_counter() - t0, True, True)
 
-    results = {
-        **data_summary(plan, cfg),
-        "class_names": list(ds.class_names),
-        "backbone": cfg.model.backbone,
-        "method": method.name,
-        "method_options": method.opts,
-        "teacher": cfg.teacher.method,
-        "teacher_backbone": teacher_record.get("backbone", cfg.model.backbone),
-        "teacher_test_acc": teacher_record.get("test_acc"),
-        "seed": cfg.seed,
-        "epochs": cfg.train.epochs,
-        "baseline_test_acc": baseline["test_acc"],
-        "method_test_acc": method_record["test_acc"],
-        "baseline_val_acc": baseline["val_acc"],
-        "method_val_acc": method_record["val_acc"],
-        "baseline_seconds_per_epoch": baseline["seconds_per_epoch"],
-        "method_seconds_per_epoch": method_record["seconds_per_epoch"],
-        "map_quality": quality,
+    results = RunResults(
+        data=data_summary(plan, cfg),
+        class_names=list(ds.class_names),
+        backbone=cfg.model.backbone,
+        method=method.name,
+        method_options=method.opts,
+        teacher=cfg.teacher.method,
+        teacher_backbone=teacher_record.head.get("backbone", cfg.model.backbone),
+        teacher_test_acc=teacher_record.test_acc,
+        seed=cfg.seed,
+        epochs=cfg.train.epochs,
+        baseline_test_acc=baseline.test_acc,
+        method_test_acc=method_record.test_acc,
+        baseline_val_acc=baseline.val_acc,
+        method_val_acc=method_record.val_acc,
+        baseline_seconds_per_epoch=baseline.seconds_per_epoch,
+        method_seconds_per_epoch=method_record.seconds_per_epoch,
+        map_quality=quality,
         # measured over the invocations that did the work (see _Timings), not by a re-run that skipped it
-        "stage_seconds": dict(timings.stage_seconds),
-        "wall_seconds": timings.wall_seconds,
-        "device": str(device),
-        "torch_threads": timings.torch_threads,
-        **bound_fields(bound),
-    }
-    results.update(method.results(method_record))
-    if shortcut is not None:
-        results["shortcut"] = shortcut
-    if examples is not None:
-        results["examples"] = {"model": label, "images": examples}
-    if dist_utils.is_distributed():
-        results["world_size"] = dist_utils.world_size()
-    dist_utils.on_main(write_json_atomic, run_dir / "results.json", results, digest=True)
-    return RunOutputs(results, run_dir)
+        stage_seconds=dict(timings.stage_seconds),
+        wall_seconds=timings.wall_seconds,
+        device=str(device),
+        torch_threads=timings.torch_threads,
+        config_hash=bound,
+        extra=method.results(method_record.to_dict()),
+        shortcut=shortcut,
+        examples=None if examples is None else {"model": label, "images": examples},
+        world_size=dist_utils.world_size() if dist_utils.is_distributed() else None,
+    )
+    results.write(run_dir)
+    return RunOutputs(results.to_dict(), run_dir)
 
 
 def stage_todo(stage_dir: Path) -> tuple[bool, bool]:

@@ -18,8 +18,8 @@ from teachx.runs import rundir
 from teachx.runs.rundir import STAGE_LAYOUT, remove_owned
 from teachx.training.checkpoint import load_checkpoint
 from teachx.training.methods import method_name, method_stages
-from teachx.utils.io import read_trusted_json
 from teachx.runs.plan import separate_teacher
+from teachx.runs.records import StageRecord, read_results, read_stage
 
 
 def prepare_run_dir(
@@ -48,10 +48,13 @@ def stage_done(stage_dir: Path, fix: Optional[str] = None) -> Optional[dict[str,
     A damaged record is a :class:`CorruptionError` with ``fix`` as the way forward (default:
     :func:`stage_fix`); ``run_pipeline`` turns it into ``--redo STAGE``.
     """
-    p = Path(stage_dir) / "stage.json"
-    if not p.exists():
-        return None
-    return read_trusted_json(p, fix or stage_fix(stage_dir), "stage record")
+    return read_stage(stage_dir, fix or stage_fix(stage_dir))
+
+
+def stage_record(stage_dir: Path, fix: Optional[str] = None) -> Optional[StageRecord]:
+    """:func:`stage_done` as a typed :class:`~teachx.runs.records.StageRecord`."""
+    record = stage_done(stage_dir, fix)
+    return None if record is None else StageRecord.from_dict(record)
 
 
 def stage_fix(stage_dir: Path) -> str:
@@ -164,11 +167,6 @@ def redo_hint(run_dir: Path, stage: Optional[str] = None):
         raise
 
 
-def bound_fields(config_hash: Optional[str]) -> dict[str, Any]:
-    """The ``config_hash`` field a record of a run directory carries (none outside a run directory)."""
-    return {} if config_hash is None else {"config_hash": config_hash}
-
-
 def check_bound(run_dir: Path, expected: Optional[str], stages: tuple[str, ...] = STAGES) -> None:
     """Refuse a run directory whose stage records were made with another config than its config.yaml
     (``expected``: its hash): a record another process wrote under another config, a stage copied from
@@ -177,8 +175,8 @@ def check_bound(run_dir: Path, expected: Optional[str], stages: tuple[str, ...] 
         return
     wrong = []
     for stage in stages:
-        record = stage_done(run_dir if stage == "train" else run_dir / stage)
-        if record is not None and record.get("config_hash", expected) != expected:
+        record = stage_record(run_dir if stage == "train" else run_dir / stage)
+        if record is not None and record.config_hash not in (None, expected):
             wrong.append(stage)
     if wrong:
         which = f"the {wrong[0]} stage was" if len(wrong) == 1 else f"the {' and '.join(wrong)} stages were"
@@ -192,7 +190,7 @@ def check_bound(run_dir: Path, expected: Optional[str], stages: tuple[str, ...] 
 def results_bound(run_dir: Path, expected: Optional[str]) -> Optional[dict[str, Any]]:
     """The run's results.json when it is there, readable and made with the config in config.yaml
     (a results.json without a hash, from an older teachx, counts as made with it); else None."""
-    results = complete_results(run_dir)
+    results = read_results(run_dir)
     if results is None or expected is None or results.get("config_hash", expected) == expected:
         return results
     return None
@@ -244,11 +242,3 @@ def redo_stages(
         gone.append(t.name)
     log(f"[redo] discarded {', '.join(gone) if gone else 'nothing (not there yet)'} in {run_dir}: trained again below")
     return gone
-
-
-def complete_results(run_dir: Path) -> Optional[dict[str, Any]]:
-    """The run's results.json when it is there and readable (else None: evaluate again)."""
-    try:
-        return read_trusted_json(run_dir / "results.json", "", "results")
-    except (OSError, CorruptionError):
-        return None

@@ -15,11 +15,9 @@ from teachx.errors import ConfigError
 from teachx.models import any_model_from_spec, build_from_spec, build_model
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.trainer import ClassifierTask, DataPlan, Trainer, evaluate
-from teachx.utils import distributed as dist_utils
-from teachx.utils.io import write_json_atomic
 from teachx.utils.seeding import seed_everything
+from teachx.runs.records import StageRecord
 from teachx.runs.recovery import (
-    bound_fields,
     load_checkpoint_verified,
     stage_checkpoint,
     stage_done,
@@ -57,15 +55,20 @@ def train_classifier(
         log=log,
     )
     log(f"[{out_dir.name}] training {backbone} on {ds.name} ({len(plan.train_idx)} images, {cfg.train.epochs} epochs)")
-    return fit_and_test(
-        trainer, ClassifierTask(model), plan, out_dir, log, {"backbone": backbone, **bound_fields(config_hash)}
-    )
+    return fit_and_test(trainer, ClassifierTask(model), plan, out_dir, log, {"backbone": backbone}, config_hash)
 
 
 def fit_and_test(
-    trainer: Trainer, task, plan: DataPlan, out_dir: Path, log: Callable[[str], None], extra: dict[str, Any]
+    trainer: Trainer,
+    task,
+    plan: DataPlan,
+    out_dir: Path,
+    log: Callable[[str], None],
+    head: dict[str, Any],
+    config_hash: Optional[str],
 ) -> dict[str, Any]:
-    """Train (resuming), reload the best checkpoint, test it, and write the stage record."""
+    """Train (resuming), reload the best checkpoint, test it, and write the stage record (``head``: its
+    first keys, see :class:`~teachx.runs.records.StageRecord`); returns the record as written."""
     with stage_fixes(out_dir):  # a damaged last checkpoint is refused, with the way forward
         res = trainer.fit(resume=True)
     ck = load_checkpoint(res.best_path, fix=stage_fix(out_dir))
@@ -81,25 +84,22 @@ def fit_and_test(
         shard=True,
         confusion=True,
     )
-    record = {
-        **extra,
-        "checkpoint": Path(res.best_path)
-        .relative_to(trainer.out_dir)
-        .as_posix(),  # inside the stage: moves with the run
-        "best_epoch": res.best_epoch,
-        "val_acc": max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
-        "test_confusion": test.get(
-            "confusion"
-        ),  # row = true class, column = predicted (the report's per-class accuracy)
-        "seconds": res.seconds,
-        "seconds_per_epoch": float(np.median([h["seconds"] for h in res.history])),
-        "history": res.history,
-    }
-    dist_utils.on_main(write_json_atomic, out_dir / "stage.json", record, digest=True)
+    record = StageRecord(
+        checkpoint=Path(res.best_path).relative_to(trainer.out_dir).as_posix(),  # inside the stage: moves with the run
+        best_epoch=res.best_epoch,
+        val_acc=max(h["val_acc"] for h in res.history) if plan.val_idx.size else None,
+        test_acc=test["acc"],
+        test_loss=test["loss"],
+        test_confusion=test.get("confusion"),  # the report's per-class accuracy
+        seconds=res.seconds,
+        seconds_per_epoch=float(np.median([h["seconds"] for h in res.history])),
+        history=res.history,
+        config_hash=config_hash,
+        head=head,
+    )
+    record.write(out_dir)
     log(f"[{out_dir.name}] test accuracy {test['acc']:.4f}")
-    return record
+    return record.to_dict()
 
 
 def load_classifier(path: str | Path, ds: ImageDataset) -> torch.nn.Module:
