@@ -66,7 +66,8 @@ def build(root: Path) -> dict[str, Path]:
     import torch
 
     from teachx.runs.resolve import resolve_config
-    from teachx.runs.pipeline import prepare_run_dir, run_pipeline
+    from teachx.runs.pipeline import run_pipeline
+    from teachx.runs.recovery import prepare_run_dir
     from teachx.studies.study import load_study, run_study
 
     root.mkdir(parents=True, exist_ok=True)

@@ -618,7 +618,7 @@ def test_map_quality_scale_free_r2_matches_per_image_least_squares():
     scores 1 there while its plain R^2 does not."""
     from types import SimpleNamespace
 
-    from teachx.runs.pipeline import map_quality
+    from teachx.runs.evaluation import map_quality
 
     rng = np.random.default_rng(0)
     n, h, w = 6, 5, 4

@@ -388,7 +388,8 @@ def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run,
 def _tiny_method_run(root: Path, *overrides: str) -> Path:
     """An in-process `teachx run` on the bundled data with TINY settings and ``overrides``."""
     from teachx.runs.resolve import resolve_config
-    from teachx.runs.pipeline import prepare_run_dir, run_pipeline
+    from teachx.runs.pipeline import run_pipeline
+    from teachx.runs.recovery import prepare_run_dir
 
     cfg = resolve_config(None, [*TINY, "train.threads=1", *overrides])
     run_pipeline(cfg, prepare_run_dir(root, cfg, "run"), log=lambda _m: None, progress=False)
@@ -496,8 +497,8 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
 
     from teachx.data.transforms import normalize
     from teachx.runs import explain as ex
-    from teachx.runs.builtin_eval import post_hoc_maps
-    from teachx.runs.pipeline import make_plan
+    from teachx.runs.evaluation import post_hoc_maps
+    from teachx.runs.plan import make_plan
 
     rng = np.random.default_rng(3)
     imgs = []
@@ -619,10 +620,10 @@ def test_cache_dirs_agree(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "c" and cache_root(tmp_path / "d") == tmp_path / "d"
     # the one root: decoded data (teachx.data.cache), teacher maps (the pipeline) and the service read it
     import teachx.data.cache as data_cache
-    import teachx.runs.pipeline as pipeline
+    import teachx.runs.teacher as teacher
     import teachx.service.engine as engine
 
-    assert data_cache.cache_root is pipeline.cache_root is engine.cache_root is cache_root
+    assert data_cache.cache_root is teacher.cache_root is engine.cache_root is cache_root
 
 
 @pytest.mark.slow

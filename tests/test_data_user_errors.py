@@ -75,7 +75,7 @@ def write_folder(path: Path, files: dict[str, bytes | np.ndarray]) -> Path:
 # ------------------------------------------------------------------- 3. defaults that change results
 def test_imagefolder_is_not_flipped_by_default_and_config_says_so(tmp_path):
     from teachx.runs.resolve import resolve_config
-    from teachx.runs.pipeline import make_plan
+    from teachx.runs.plan import make_plan
 
     src = write_zip(tmp_path / "d.zip", tiny_images())
     ds = load_dataset(f"imagefolder:{src}", progress=False)
@@ -103,7 +103,7 @@ def test_teachx_config_states_resolved_augmentation_without_decoding(capsys, tmp
 
 def test_run_log_and_results_state_augmentation(capsys, tmp_path):
     from teachx.runs.resolve import resolve_config
-    from teachx.runs.pipeline import data_summary, make_plan
+    from teachx.runs.plan import data_summary, make_plan
 
     src = write_zip(tmp_path / "d.zip", tiny_images())
     code, out, err = teachx_main(capsys, "train", f"data.name=imagefolder:{src}", "--out", tmp_path / "r", *TINY_TRAIN)

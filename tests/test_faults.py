@@ -301,7 +301,7 @@ def test_failed_writes_are_one_line_and_leave_nothing_behind(tmp_path, monkeypat
 
     from teachx.errors import OutputError
     from teachx.runs import rundir
-    from teachx.runs.pipeline import prepare_run_dir
+    from teachx.runs.recovery import prepare_run_dir
     from teachx.training import checkpoint
 
     def read_only(path, *args, **kwargs):
@@ -344,7 +344,7 @@ def test_noop_rerun_from_another_directory_keeps_the_measurements(reference):
 def test_stage_checkpoint_of_records_written_by_older_teachx(tmp_path):
     """Older records hold the path as typed (absolute, or relative to the old working directory):
     the stage's own file of that name is used, never another run's."""
-    from teachx.runs.pipeline import stage_checkpoint
+    from teachx.runs.recovery import stage_checkpoint
 
     stage = tmp_path / "copy" / "baseline"
     for recorded in (
@@ -366,7 +366,7 @@ def _cfg(*extra):
 
 @pytest.mark.slow
 def test_overwrite_never_deletes_a_foreign_directory(tmp_path, reference):
-    from teachx.runs.pipeline import prepare_run_dir
+    from teachx.runs.recovery import prepare_run_dir
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -394,7 +394,7 @@ def test_overwrite_never_deletes_a_foreign_directory(tmp_path, reference):
 
 
 def test_overwrite_replaces_only_what_teachx_wrote(tmp_path):
-    from teachx.runs.pipeline import prepare_run_dir
+    from teachx.runs.recovery import prepare_run_dir
     from teachx.utils.io import _HOST
 
     run = prepare_run_dir(tmp_path / "run", _cfg(), "run")
@@ -430,7 +430,7 @@ def test_overwrite_replaces_only_what_teachx_wrote(tmp_path):
 
 
 def test_redo_discards_only_what_teachx_wrote_in_the_stage(tmp_path):
-    from teachx.runs.pipeline import prepare_run_dir, redo_stages
+    from teachx.runs.recovery import prepare_run_dir, redo_stages
 
     cfg = _cfg()
     run = prepare_run_dir(tmp_path / "run", cfg, "run")
@@ -453,7 +453,7 @@ def test_redo_discards_only_what_teachx_wrote_in_the_stage(tmp_path):
 
 
 def test_presentation_options_are_not_part_of_a_run(tmp_path):
-    from teachx.runs.pipeline import prepare_run_dir
+    from teachx.runs.recovery import prepare_run_dir
     from teachx.config.loader import dump_yaml
 
     run = prepare_run_dir(tmp_path / "run", _cfg(), "run")

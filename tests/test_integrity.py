@@ -196,7 +196,7 @@ def test_trusted_json_round_trip_flip_and_legacy(tmp_path):
 
 
 def test_stage_record_flip_is_an_error_and_legacy_record_loads(tmp_path):
-    from teachx.runs.pipeline import stage_done
+    from teachx.runs.recovery import stage_done
     from teachx.utils.io import write_json_atomic
 
     d = tmp_path / "baseline"
@@ -551,6 +551,6 @@ def test_train_with_a_corrupt_stage_record_says_and_does_redo_train(tmp_path):
     _one_line_error(bad, str(record), "corrupted", "--redo train")
     redo = _cli("train", *common, "--redo", "train")
     assert redo.returncode == 0, redo.stderr
-    from teachx.runs.pipeline import stage_done
+    from teachx.runs.recovery import stage_done
 
     assert stage_done(out)["test_acc"] == json.loads((out / "results.json").read_text())["test_acc"]

@@ -436,7 +436,9 @@ def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
     """`teachx run method.name=abn`: results name the method, map quality is measured on ABN's map,
     and `teachx serve` lists the model with a built-in map equal to the model's own explain()."""
     from teachx.runs.resolve import resolve_config
-    from teachx.runs.pipeline import make_plan, prepare_run_dir, run_pipeline
+    from teachx.runs.pipeline import run_pipeline
+    from teachx.runs.plan import make_plan
+    from teachx.runs.recovery import prepare_run_dir
     from teachx.service.engine import Service
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
@@ -474,7 +476,7 @@ def test_fewer_evaluation_images_than_classes_still_gives_a_subset():
     """teacher.eval_images below the class count: a stratified subset rounds down to nothing, which
     made map_quality divide by zero; now it is a seeded subset of that size."""
     from teachx.runs.resolve import resolve_config
-    from teachx.runs.pipeline import eval_indices, make_plan
+    from teachx.runs.plan import eval_indices, make_plan
 
     cfg = resolve_config(None, ["teacher.eval_images=5"])
     plan = make_plan(cfg, progress=False)
@@ -487,7 +489,7 @@ def test_every_method_stage_is_known_to_redo_serve_and_the_run_layout():
     """The method stages come from the registry; the CLI's --redo choices are written out (no torch
     import for `teachx --help`) and must agree with it."""
     from teachx.cli.main import RUN_STAGES
-    from teachx.runs.pipeline import STAGES
+    from teachx.runs.recovery import STAGES
     from teachx.runs.rundir import RUN_LAYOUT, STAGE_LAYOUT
     from teachx.service.catalog import _stages
 

@@ -230,7 +230,10 @@ def test_run_report_per_class_accuracy_examples_and_metric_sentences(tmp_path, m
     from teachx.evaluation.base import measure
     from teachx.runs.resolve import resolve_config
     from teachx.runs.explain import load_impactx
-    from teachx.runs.pipeline import as_nchw, eval_indices, make_plan, prepare_run_dir, run_pipeline
+    from teachx.runs.pipeline import run_pipeline
+    from teachx.runs.plan import eval_indices, make_plan
+    from teachx.runs.recovery import prepare_run_dir
+    from teachx.runs.teacher import as_nchw
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     cfg = resolve_config(

@@ -121,7 +121,7 @@ def test_stale_and_foreign_host_locks(tmp_path):
 
 def test_config_hash_is_the_identity_and_ignores_presentation(tmp_path):
     from teachx.runs.resolve import resolve_config
-    from teachx.runs.pipeline import check_bound, prepare_run_dir
+    from teachx.runs.recovery import check_bound, prepare_run_dir
     from teachx.runs.rundir import config_hash, run_config_hash
     from teachx.utils.io import write_json_atomic
 

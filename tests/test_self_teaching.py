@@ -129,7 +129,9 @@ def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_teacher_seed_trains_one_separate_teacher(tmp_path, monkeypatch):
-    from teachx.runs.pipeline import run_pipeline, separate_teacher, stage_checkpoint, teacher_training
+    from teachx.runs.pipeline import run_pipeline
+    from teachx.runs.plan import separate_teacher, teacher_training
+    from teachx.runs.recovery import stage_checkpoint
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(1)

@@ -372,7 +372,7 @@ def test_bad_shortcut_config_exits_2_with_one_line(capsys, args, fragment):
 
 
 def test_make_plan_applies_the_shortcut(tmp_path):
-    pipeline = pytest.importorskip("teachx.runs.pipeline")
+    plan_module = pytest.importorskip("teachx.runs.plan")
     from teachx.runs.resolve import resolve_config
 
     write_fake_fashion_mnist(tmp_path / "fm")
@@ -385,12 +385,12 @@ def test_make_plan_applies_the_shortcut(tmp_path):
             "data.val_fraction=0",
         ]
     )
-    plan = pipeline.make_plan(cfg, progress=False)
+    plan = plan_module.make_plan(cfg, progress=False)
     assert plan.dataset.name == "fashion-mnist+swatch" and plan.dataset.has_masks
     assert plan.dataset.extra["shortcut"]["size"] == 3 and plan.augment is not None and not plan.augment.hflip
     cfg = resolve_config(overrides=["data.name=fashion-mnist", f"data.root={tmp_path / 'fm'}", "data.shortcut=patch"])
     with pytest.raises(ConfigError, match="use data.shortcut=swatch"):
-        pipeline.make_plan(cfg, progress=False)
+        plan_module.make_plan(cfg, progress=False)
 
 
 # ----------------------------------------------------------------------------- wrong-reason score

@@ -355,7 +355,9 @@ def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
     assert units[rows[("small", "impactx")]["units"][0]]["teacher_unit"] == small_base
     assert rows[("small", "full_data_teacher")]["teacher_test_acc"]["mean"] == units[full_base]["test_acc"]
     # the arm's maps: the full-data teacher explaining the small regime's training images
-    from teachx.runs.pipeline import load_classifier, make_plan, map_fn, make_teacher
+    from teachx.runs.plan import make_plan
+    from teachx.runs.stages import load_classifier
+    from teachx.runs.teacher import map_fn, make_teacher
 
     small_cfg = spec.config("small", "full_data_teacher", 0)
     plan = make_plan(small_cfg, progress=False)
@@ -436,7 +438,7 @@ def test_teacher_training_and_arm_regimes_errors(tmp_path):
     with pytest.raises(ConfigError, match="data.\\* or train.\\*"):
         resolve_config(overrides=["teacher.training={model.backbone: mobilenet}"])
     with pytest.raises(ConfigError, match="did you mean 'teacher.training.train.epochs'"):
-        from teachx.runs.pipeline import teacher_training
+        from teachx.runs.plan import teacher_training
 
         teacher_training(resolve_config(overrides=["teacher.training={train.epoch: 3}"]))
     cfg = tmp_path / "s.yaml"
@@ -478,7 +480,8 @@ def test_study_dir_race_with_a_starting_process(tmp_path):
 def test_pipeline_trains_the_teacher_with_teacher_training(tmp_path, monkeypatch):
     """`teachx run` path: teacher.training makes a separate teacher trained on the full split."""
     from teachx.runs.resolve import resolve_config
-    from teachx.runs.pipeline import run_pipeline, separate_teacher
+    from teachx.runs.pipeline import run_pipeline
+    from teachx.runs.plan import separate_teacher
 
     torch.set_num_threads(1)
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))

@@ -20,7 +20,7 @@ OVERWRITE_HELP = (
     "Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
     "a directory teachx did not make is never touched."
 )
-#: the stages --redo accepts: ``teachx.runs.pipeline.STAGES``, written out so that `teachx --help` does
+#: the stages --redo accepts: ``teachx.runs.recovery.STAGES``, written out so that `teachx --help` does
 #: not import torch (a test checks that the two agree)
 RUN_STAGES = ("baseline", "teacher", "abn", "impactx", "reldrop", "rrr", "saliency_guided")
 WAIT_HELP = (
@@ -255,19 +255,17 @@ def train(
 def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], redo: tuple[str, ...]) -> None:
     """`teachx train` in its run directory, held by this process (or the launcher of its --nproc workers)."""
     from teachx.cli.launch import echo0  # lazy: CLI start-up
-    from teachx.runs.pipeline import (
+    from teachx.runs.plan import data_summary, log_data, make_plan  # lazy: CLI start-up
+    from teachx.runs.recovery import (  # lazy: CLI start-up
         check_bound,
-        data_summary,
-        log_data,
-        make_plan,
-        prepare_run_dir,  # lazy: CLI start-up
+        prepare_run_dir,
         redo_hint,
         redo_stages,
         results_bound,
         stage_checkpoint,
         stage_done,
-        train_classifier,
     )
+    from teachx.runs.stages import train_classifier  # lazy: CLI start-up
     from teachx.runs.rundir import run_config_hash  # lazy: CLI start-up
     from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
     from teachx.utils.io import write_json_atomic  # lazy: CLI start-up
@@ -478,7 +476,9 @@ def _pipeline_command(
 ) -> None:
     """`teachx run` and `teachx demo`: the whole pipeline in one run directory, then its summary."""
     from teachx.cli.launch import echo0  # lazy: CLI start-up
-    from teachx.runs.pipeline import make_plan, prepare_run_dir, redo_stages, run_pipeline  # lazy: CLI start-up
+    from teachx.runs.pipeline import run_pipeline  # lazy: CLI start-up
+    from teachx.runs.plan import make_plan  # lazy: CLI start-up
+    from teachx.runs.recovery import prepare_run_dir, redo_stages  # lazy: CLI start-up
     from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
 
     is_main, quiet = _join_processes(cfg, nproc, quiet)

@@ -20,12 +20,12 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 import teachx.evaluation.shortcut  # noqa: F401  (the modules that declare the measures reports show)
-import teachx.runs.builtin_eval  # noqa: F401
+import teachx.runs.evaluation  # noqa: F401
 from teachx.errors import RunDirError
 from teachx.evaluation.base import measure
 from teachx.runs import figures
 from teachx.runs.figures import VAL_LOSS_LABEL
-from teachx.runs.pipeline import run_dir_fix
+from teachx.runs.recovery import run_dir_fix
 from teachx.runs.rundir import run_config_hash, saved_run_config
 from teachx.utils.io import read_trusted_json, write_bytes_atomic, write_text_atomic
 

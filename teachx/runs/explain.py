@@ -16,9 +16,10 @@ from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, ConfigError, DataError, TeachxError
 from teachx.evaluation.builtin_maps import builtin_map_faithfulness
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec, shared_map_text
-from teachx.runs.builtin_eval import post_hoc_maps
+from teachx.runs.evaluation import post_hoc_maps
 from teachx.runs import figures
-from teachx.runs.pipeline import load_checkpoint_verified, make_plan
+from teachx.runs.plan import make_plan
+from teachx.runs.recovery import load_checkpoint_verified
 from teachx.runs.rundir import saved_run_config
 from teachx.training.checkpoint import load_state_into
 from teachx.utils.hashing import sha256_file

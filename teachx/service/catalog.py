@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from teachx.errors import DataError, TeachxError
 from teachx.models import BUILT_IN_MAP_MODELS
-from teachx.runs.pipeline import STAGES, stage_checkpoint, stage_done
+from teachx.runs.recovery import STAGES, stage_checkpoint, stage_done
 from teachx.runs.rundir import saved_run_config
 from teachx.studies.status import epochs_timed
 from teachx.studies.study import BASELINE, load_study_dir, unit_names
@@ -27,7 +27,7 @@ from teachx.utils.io import read_trusted_json
 
 
 def _stages() -> tuple[str, ...]:
-    """The stage directories of a run (``teachx.runs.pipeline.STAGES``): baseline, teacher and
+    """The stage directories of a run (``teachx.runs.recovery.STAGES``): baseline, teacher and
     the method stage, named after the training method."""
     return STAGES
 

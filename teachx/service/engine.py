@@ -49,7 +49,8 @@ from teachx.evaluation import build_metric, map_agreement
 from teachx.evaluation.base import trapezoid_auc
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec, shared_map_text
 from teachx.runs.explain import conform_image
-from teachx.runs.pipeline import make_plan, map_recipe
+from teachx.runs.plan import make_plan
+from teachx.runs.teacher import map_recipe
 from teachx.runs.teacher import as_nchw, make_teacher
 from teachx.service.batching import Coalescer
 from teachx.service.cache import ArrayCache, cache_key

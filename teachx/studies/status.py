@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from teachx.errors import TeachxError
 from teachx.evaluation.stats import summarize
-from teachx.runs.pipeline import stage_done
+from teachx.runs.recovery import stage_done
 from teachx.studies.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
 from teachx.utils.locking import held_by
 

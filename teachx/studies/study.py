@@ -45,22 +45,12 @@ from teachx.evaluation import build_metric, evaluate_maps
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.registry import suggest
 from teachx.runs import rundir
-from teachx.runs.pipeline import (
-    as_nchw,
-    eval_indices,
-    load_classifier,
-    load_stage_model,
-    make_plan,
-    make_teacher,
-    map_quality,
-    shortcut_evaluation,
-    stage_checkpoint,
-    stage_done,
-    teacher_maps,
-    teacher_training,
-    train_classifier,
-    train_method_stage,
-)
+from teachx.runs.evaluation import map_quality, shortcut_evaluation
+from teachx.runs.pipeline import train_method_stage
+from teachx.runs.plan import eval_indices, make_plan, teacher_training
+from teachx.runs.recovery import stage_checkpoint, stage_done
+from teachx.runs.stages import load_classifier, load_stage_model, train_classifier
+from teachx.runs.teacher import as_nchw, make_teacher, teacher_maps
 from teachx.runs.resolve import check_names
 from teachx.teachers.postprocess import postprocess
 from teachx.training.methods import METHODS, build_method, method_name, recorded_method
