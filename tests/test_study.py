@@ -16,7 +16,8 @@ from scipy import stats as sps
 from conftest import TEACHX, invoke_study, teachx_env, teachx_main
 
 from teachx.errors import ConfigError
-from teachx.studies.study import BASELINE, load_study, run_study
+from teachx.studies.runner import run_study
+from teachx.studies.spec import BASELINE, load_study
 from teachx.training.trainer import Trainer
 
 
@@ -256,7 +257,7 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     from dataclasses import replace
 
     from teachx.config.schema import RunConfig
-    from teachx.studies.study import _relevant, classifier_key, eval_key, EvalSpec, impactx_key
+    from teachx.studies.spec import _relevant, classifier_key, eval_key, EvalSpec, impactx_key
     from teachx.config.loader import from_dict
 
     # the paper's decoder was the default when these keys were first made: a config that names it hashes
@@ -392,7 +393,7 @@ def test_arm_with_its_own_baseline_and_control(tmp_path, monkeypatch):
     """Arms whose data differ from the regime's (here: no augmentation) get a baseline of their own, which the
     runner trains first; the plan (and so --status) lists it, and the teacher stays the regime's baseline, as
     teacher.training asks. study.controls pairs such an arm with the lambda=0 arm trained on the same data."""
-    from teachx.studies.study import planned_units
+    from teachx.studies.spec import planned_units
     from teachx.studies.status import study_status
 
     torch.set_num_threads(1)
@@ -460,7 +461,8 @@ def test_study_dir_race_with_a_starting_process(tmp_path):
     """A second process may see the first one's study.yaml temp file before the rename: not an error;
     any other content in a directory without study.yaml still is."""
     from teachx.errors import RunDirError
-    from teachx.studies.study import StudySpec, prepare_study_dir
+    from teachx.studies.runner import prepare_study_dir
+    from teachx.studies.spec import StudySpec
 
     spec = StudySpec({}, [0], {"impactx": {}}, {"all": {}})
     out = tmp_path / "s"

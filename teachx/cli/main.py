@@ -182,7 +182,7 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
     study = None
     if path is not None and _is_study_config(path):  # the run config its units start from, and the study: section
         from teachx.runs.resolve import study_base_config  # lazy: CLI start-up
-        from teachx.studies.study import load_study  # lazy: CLI start-up
+        from teachx.studies.spec import load_study  # lazy: CLI start-up
 
         spec = load_study(path, overrides)
         cfg, study = study_base_config(spec.base), spec.section()

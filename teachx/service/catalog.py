@@ -21,7 +21,7 @@ from teachx.models import BUILT_IN_MAP_MODELS
 from teachx.runs.pipeline import STAGES, stage_checkpoint, stage_done
 from teachx.runs.rundir import saved_run_config
 from teachx.studies.status import epochs_timed
-from teachx.studies.study import BASELINE, load_study_dir, unit_names
+from teachx.studies.spec import BASELINE, load_study_dir, unit_names
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json
 

@@ -19,7 +19,8 @@ from typing import Any, Optional
 from teachx.errors import TeachxError
 from teachx.evaluation.stats import summarize
 from teachx.runs.pipeline import stage_done
-from teachx.studies.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
+from teachx.studies.runner import read_unit_evaluation
+from teachx.studies.spec import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units
 from teachx.utils.locking import held_by
 
 #: the states a unit can be in, in the order a run goes through them
