@@ -37,6 +37,7 @@ from teachx.runs.pipeline import (
     train_classifier,
     train_method_stage,
 )
+from teachx.studies.records import UnitFile, UnitRecord
 from teachx.studies.spec import BASELINE, EvalSpec, StudySpec, _source_name, classifier_key, eval_key, unit_key
 from teachx.studies.statistics import summarize_study, summary_lines
 from teachx.teachers.postprocess import postprocess
@@ -59,7 +60,7 @@ class _Runner:
         self.spec, self.out, self.log, self.progress, self.verbose = spec, out, log, progress, verbose
         self.plans: dict[str, Any] = {}
         self.trained = 0
-        self.units: dict[str, dict[str, Any]] = {}
+        self.units: dict[str, UnitRecord] = {}
 
     def stage_log(self, msg: str) -> None:
         if self.verbose:
@@ -74,7 +75,7 @@ class _Runner:
     def unit_dir(self, key: str, cfg: RunConfig, kind: str) -> Path:
         d = self.out / "units" / key
         if not (d / "unit.json").exists():
-            write_json_atomic(d / "unit.json", {"key": key, "kind": kind, "config": cfg.to_dict()})
+            write_json_atomic(d / "unit.json", UnitFile(key, kind, cfg.to_dict()).to_dict())
         return d
 
     def checkpoint(self, key: str) -> Path:
@@ -93,19 +94,17 @@ class _Runner:
                 if done is None:
                     self.trained += 1
                     done = train_classifier(cfg, self.plan(cfg), d, backbone, options, self.stage_log)
-        self.units[key] = {
-            "kind": "classifier",
-            "backbone": backbone,
-            "seed": cfg.seed,
-            "test_acc": done["test_acc"],
-            "val_acc": done.get("val_acc"),
-            "seconds": done.get("seconds"),
-            "seconds_per_epoch": done.get("seconds_per_epoch"),
-            "history": done.get("history", []),
-        }
-        shortcut = self._shortcut(cfg, d, lambda: {"model": self._load_classifier(cfg, key)})
-        if shortcut is not None:
-            self.units[key]["shortcut"] = shortcut
+        self.units[key] = UnitRecord(
+            kind="classifier",
+            backbone=backbone,
+            seed=cfg.seed,
+            test_acc=done["test_acc"],
+            val_acc=done.get("val_acc"),
+            seconds=done.get("seconds"),
+            seconds_per_epoch=done.get("seconds_per_epoch"),
+            history=done.get("history", []),
+            shortcut=self._shortcut(cfg, d, lambda: {"model": self._load_classifier(cfg, key)}),
+        )
         return key, done
 
     def _load_classifier(self, cfg: RunConfig, key: str):
@@ -129,7 +128,7 @@ class _Runner:
         write_json_atomic(path, block, digest=True)
         return block
 
-    def method(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, dict[str, Any], bool]:
+    def method(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, UnitRecord, bool]:
         """Train one unit of the arm's training method, and evaluate it where the method asks for it
         (``study_evaluation``), or read it back; returns (key, record, was_cached)."""
 
@@ -149,26 +148,25 @@ class _Runner:
                     if found is None:
                         found = self._train(cfg, method, d, eval_path, base_key, teacher_key)
             stage, ev = found
-        self.units[key] = {
-            "kind": method.unit_kind,
-            **method.unit_record(stage),
-            "seed": cfg.seed,
-            "teacher": cfg.teacher.method,
-            "baseline_unit": base_key,
-            "teacher_unit": teacher_key,
-            "test_acc": stage["test_acc"],
-            "val_acc": stage.get("val_acc"),
-            "seconds": stage.get("seconds"),
-            "seconds_per_epoch": stage.get("seconds_per_epoch"),
-            "history": stage.get("history", []),
-            **ev,
-        }
         if method.reuses_baseline:  # the classifier unit's own evaluation (made by `classifier`)
-            shortcut = self.units[base_key].get("shortcut")
+            shortcut = self.units[base_key].shortcut
         else:
             shortcut = self._shortcut(cfg, d, lambda: {"model": self._method_model(d)})
-        if shortcut is not None:
-            self.units[key]["shortcut"] = shortcut
+        self.units[key] = UnitRecord(
+            kind=method.unit_kind,
+            method_fields=method.unit_record(stage),
+            seed=cfg.seed,
+            teacher=cfg.teacher.method,
+            baseline_unit=base_key,
+            teacher_unit=teacher_key,
+            test_acc=stage["test_acc"],
+            val_acc=stage.get("val_acc"),
+            seconds=stage.get("seconds"),
+            seconds_per_epoch=stage.get("seconds_per_epoch"),
+            history=stage.get("history", []),
+            evaluation=ev,
+            shortcut=shortcut,
+        )
         return key, self.units[key], cached
 
     @staticmethod
@@ -384,15 +382,15 @@ def _run_job(
     cells.setdefault((regime, arm), {})[seed] = key
     how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
     extra = ""
-    q = rec.get("map_quality")
+    q = rec.map_quality
     if q:
         extra = f" map_corr={q['corr']:.3f}"
     if tkey != own_base:
         extra += f" teacher_acc={trec['test_acc']:.4f}"
-    sc = rec.get("shortcut")
+    sc = rec.shortcut
     if sc:
         extra += " artefact_share=" + "/".join(f"{m}:{sc[m]:.3f}" for m in ("gradient", "lrp") if m in sc)
-    return f"regime={regime} arm={arm} seed={seed} test_acc={rec['test_acc']:.4f}{extra} ({how})"
+    return f"regime={regime} arm={arm} seed={seed} test_acc={rec.test_acc:.4f}{extra} ({how})"
 
 
 def run_study(
@@ -427,7 +425,7 @@ def run_study(
                 continue
             done += 1
             log(f"[{done}/{total}] {line}")
-            for err in r.units[cells[(regime, arm or BASELINE)][seed]].get("errors", []) or []:
+            for err in r.units[cells[(regime, arm or BASELINE)][seed]].errors:
                 log(f"    warning: {err}")
         if deferred and len(deferred) == len(pending):
             if waiting_for != len(deferred):
@@ -437,13 +435,14 @@ def run_study(
                 waiting_for = len(deferred)
             time.sleep(_POLL_SECONDS)
         pending = deferred
-    data = summarize_study(spec, cells, r.units)
-    data["trained_this_invocation"] = r.trained
-    data["wall_seconds_this_invocation"] = time.perf_counter() - t_start
-    data["elapsed"] = _elapsed(out, [k for by_seed in cells.values() for k in by_seed.values()])
+    record = summarize_study(spec, cells, r.units)
+    record.trained_this_invocation = r.trained
+    record.wall_seconds_this_invocation = time.perf_counter() - t_start
+    record.elapsed = _elapsed(out, [k for by_seed in cells.values() for k in by_seed.values()])
     path = out / "study.json"
+    data = record.to_dict()
     write_json_atomic(path, data, digest=True)
-    for line in summary_lines(data):
+    for line in summary_lines(record):
         log(line)
     return StudyResult(path, data, r.trained)
 

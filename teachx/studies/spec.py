@@ -42,10 +42,10 @@ from teachx.errors import ConfigError
 from teachx.registry import suggest
 from teachx.runs.pipeline import teacher_training
 from teachx.runs.resolve import check_names
+from teachx.studies.records import BASELINE
 from teachx.training.methods import METHODS, build_method, method_name
 from teachx.utils.hashing import hash_json
 
-BASELINE = "baseline"
 STUDY_VERSION = 2  # 2: keys hash non-default values only
 #: config keys that never change a result (display and logging only)
 _NEUTRAL = NEUTRAL_KEYS

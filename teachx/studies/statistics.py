@@ -10,54 +10,56 @@ import numpy as np
 
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.runs.pipeline import teacher_training
+from teachx.studies.records import StudyRecord, StudyRow, UnitRecord
 from teachx.studies.spec import BASELINE, STUDY_VERSION, StudySpec
 from teachx.training.methods import METHODS, build_method, recorded_method
 
 
 def summarize_study(
-    spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
+    spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, UnitRecord]
+) -> StudyRecord:
+    """The study record over the finished units: a row per (regime, arm), the verdicts, the timings."""
+    rows: list[StudyRow] = []
     seeds = spec.seeds
     for regime in spec.regimes:
         for arm in [BASELINE, *spec.arms]:
             if not spec.runs(regime, arm):
                 continue
             keys = cells[(regime, arm)]
-            accs = [units[keys[s]]["test_acc"] for s in seeds]
+            mine = [units[keys[s]] for s in seeds]
+            accs = [u.test_acc for u in mine]
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
             trained = build_method(cfg) if arm != BASELINE else None  # the arm's method (the baseline row has none)
-            row: dict[str, Any] = {
-                "regime": regime,
-                "arm": arm,
-                "kind": trained.unit_kind if trained else "classifier",
-                "method": trained.name if trained else BASELINE,
-                "overrides": spec.arms.get(arm, {}),
-                "regime_overrides": spec.regimes[regime],
-                "seeds": seeds,
-                "units": [keys[s] for s in seeds],
-                "test_acc": accs,
-                "summary": summarize(accs).to_dict(),
-            }
-            if arm != BASELINE:
-                _, tb, _ = teacher_training(cfg)
-                row.update({"teacher": cfg.teacher.method, "teacher_backbone": tb})
-                row.update(trained.study_row(units[keys[seeds[0]]]))
-                base_accs = [units[units[keys[s]]["baseline_unit"]]["test_acc"] for s in seeds]
-                row["vs_baseline"] = paired_compare(accs, base_accs).to_dict()
-                own = {units[keys[s]]["baseline_unit"] for s in seeds} != {cells[(regime, BASELINE)][s] for s in seeds}
-                row["vs_baseline"]["baseline"] = "own (the arm changes data/model/train)" if own else BASELINE
-                t_units = [units[keys[s]]["teacher_unit"] for s in seeds]
-                if t_units[0] != units[keys[seeds[0]]]["baseline_unit"]:
-                    row["teacher_test_acc"] = summarize([units[t]["test_acc"] for t in t_units]).to_dict()
+            row = StudyRow(
+                regime=regime,
+                arm=arm,
+                kind=trained.unit_kind if trained else "classifier",
+                method=trained.name if trained else BASELINE,
+                overrides=spec.arms.get(arm, {}),
+                regime_overrides=spec.regimes[regime],
+                seeds=seeds,
+                units=[keys[s] for s in seeds],
+                test_acc=accs,
+                summary=summarize(accs).to_dict(),
+            )
+            if trained is not None:
+                _, row.teacher_backbone, _ = teacher_training(cfg)
+                row.teacher = cfg.teacher.method
+                row.method_fields = trained.study_row(mine[0].to_dict())
+                row.vs_baseline = paired_compare(accs, [units[u.baseline_unit].test_acc for u in mine]).to_dict()
+                own = {u.baseline_unit for u in mine} != {cells[(regime, BASELINE)][s] for s in seeds}
+                row.vs_baseline["baseline"] = "own (the arm changes data/model/train)" if own else BASELINE
+                t_units = [u.teacher_unit for u in mine]
+                if t_units[0] != mine[0].baseline_unit:
+                    row.teacher_test_acc = summarize([units[t].test_acc for t in t_units]).to_dict()
                 control = spec.control_of(arm)
                 if control and arm != control and not trained.is_control():
                     ckeys = cells[(regime, control)]
-                    row["vs_control"] = paired_compare(accs, [units[ckeys[s]]["test_acc"] for s in seeds]).to_dict()
-                    row["vs_control"]["control"] = control
-                quality = [units[keys[s]].get("map_quality") for s in seeds]
+                    row.vs_control = paired_compare(accs, [units[ckeys[s]].test_acc for s in seeds]).to_dict()
+                    row.vs_control["control"] = control
+                quality = [u.map_quality for u in mine]
                 if all(quality):
-                    row["map_quality"] = {
+                    row.map_quality = {
                         m: summarize([q[m] for q in quality]).to_dict()
                         for m in (
                             "corr",
@@ -68,34 +70,34 @@ def summarize_study(
                         )
                         if all(m in q for q in quality)
                     }  # units evaluated before a measure existed lack it
-                    row["map_quality"].update(_builtin_faith_summary([q.get("faithfulness") for q in quality]))
-                faith = [units[keys[s]].get("faithfulness") for s in seeds]
+                    row.map_quality.update(_builtin_faith_summary([q.get("faithfulness") for q in quality]))
+                faith = [u.faithfulness for u in mine]
                 if all(faith):
-                    row["faithfulness"] = _faith_summary(faith)
-            shortcut = [units[keys[s]].get("shortcut") for s in seeds]
+                    row.faithfulness = _faith_summary(faith)
+            shortcut = [u.shortcut for u in mine]
             if all(shortcut):  # the measures every seed has (units made by older teachx may lack the built-in map's)
                 common = [
                     m
                     for m in shortcut[0]
                     if m != "images" and all(isinstance(b.get(m), (int, float)) for b in shortcut)
                 ]
-                row["shortcut"] = {m: summarize([b[m] for b in shortcut]).to_dict() for m in common}
+                row.shortcut = {m: summarize([b[m] for b in shortcut]).to_dict() for m in common}
             rows.append(row)
     # Holm over each family (all vs-baseline tests; all vs-control tests)
     for family in ("vs_baseline", "vs_control"):
-        members = [row[family] for row in rows if family in row]
+        members = [getattr(row, family) for row in rows if getattr(row, family) is not None]
         for m, adj in zip(members, holm([m.get("p_ttest") for m in members])):
             m["p_ttest_holm"] = adj
     verdicts = []
     for row in rows:
-        if "vs_control" in row:
-            c = row["vs_control"]
+        if row.vs_control is not None:
+            c = row.vs_control
             ok = c.get("p_ttest") is not None and c["p_ttest"] < spec.alpha and c["mean_diff"] > 0
             text = verdict(c, spec.alpha)
             verdicts.append(
                 {
-                    "regime": row["regime"],
-                    "arm": row["arm"],
+                    "regime": row.regime,
+                    "arm": row.arm,
                     "control": c["control"],
                     "beats_control": bool(ok),
                     "mean_diff": c["mean_diff"],
@@ -105,26 +107,26 @@ def summarize_study(
                     "p_ttest_holm": c.get("p_ttest_holm"),
                     "p_wilcoxon": c.get("p_wilcoxon"),
                     "n": c["n"],
-                    "text": f"regime {row['regime']}: {row['arm']} vs {c['control']}: {text}",
+                    "text": f"regime {row.regime}: {row.arm} vs {c['control']}: {text}",
                 }
             )
     timings = _timings(units)
-    return {
-        "version": STUDY_VERSION,
-        "study": spec.to_dict(),
-        "base_config": spec.config(next(iter(spec.regimes)), None, seeds[0]).to_dict(),
-        "alpha": spec.alpha,
-        "rows": rows,
-        "verdicts": verdicts,
-        "units": units,
-        "timings": timings,
-        "notes": [
+    return StudyRecord(
+        version=STUDY_VERSION,
+        study=spec.to_dict(),
+        base_config=spec.config(next(iter(spec.regimes)), None, seeds[0]).to_dict(),
+        alpha=spec.alpha,
+        rows=rows,
+        verdicts=verdicts,
+        units=units,
+        timings=timings,
+        notes=[
             "accuracies are test-set accuracies of the best-validation checkpoint; comparisons are paired by seed",
             "p_ttest: paired t-test; p_wilcoxon: Wilcoxon signed-rank (zeros dropped; exact/permutation for small n); "
             "p_ttest_holm: Holm-adjusted within the family (all vs-baseline or all vs-control tests)",
             "with fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05 (smallest p = 2/2^n)",
         ],
-    }
+    )
 
 
 def _builtin_faith_summary(blocks: list[Optional[dict[str, Any]]]) -> dict[str, Any]:
@@ -161,29 +163,27 @@ def _faith_summary(faith: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _timings(units: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _timings(units: dict[str, UnitRecord]) -> dict[str, Any]:
     def agg(vals: list[float]) -> dict[str, Any]:
         vals = [v for v in vals if v is not None]
         return {"n": len(vals), "total_s": float(sum(vals)), "mean_s": float(np.mean(vals)) if vals else None}
 
     # per unit kind (the methods' "method", classifiers, and each method's own, e.g. "impactx"), units that trained
     # nothing of their own left out (a method that reuses its baseline: its seconds are the baseline unit's)
-    by_kind: dict[str, list[dict[str, Any]]] = {"method": [], "classifier": []}
+    by_kind: dict[str, list[UnitRecord]] = {"method": [], "classifier": []}
     for kind in sorted({METHODS.get(n).unit_kind for n in METHODS.names()}):
         by_kind.setdefault(kind, [])
     for u in units.values():
-        method = recorded_method(u)
+        method = recorded_method(u.to_dict())
         if method is None or not method.reuses_baseline:
-            by_kind.setdefault(u["kind"], []).append(u)
+            by_kind.setdefault(u.kind, []).append(u)
     out: dict[str, Any] = {}
     for kind, members in by_kind.items():
-        out[f"{kind}_training"] = agg([u.get("seconds") for u in members])
-        out[f"{kind}_seconds_per_epoch"] = agg([u.get("seconds_per_epoch") for u in members])
-    evaluated = [
-        u for u in units.values() if u.get("timings")
-    ]  # the units evaluated beyond accuracy (study_evaluation)
-    out["teacher_maps"] = agg([u["timings"].get("maps") for u in evaluated])
-    out["evaluation"] = agg([u["timings"].get("evaluation") for u in evaluated])
+        out[f"{kind}_training"] = agg([u.seconds for u in members])
+        out[f"{kind}_seconds_per_epoch"] = agg([u.seconds_per_epoch for u in members])
+    evaluated = [u.timings for u in units.values() if u.timings]  # the units evaluated beyond accuracy
+    out["teacher_maps"] = agg([timings.get("maps") for timings in evaluated])
+    out["evaluation"] = agg([timings.get("evaluation") for timings in evaluated])
     return out
 
 
@@ -195,15 +195,15 @@ def _fp(p: Optional[float]) -> str:
     return "n/a" if p is None else (f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}")
 
 
-def summary_lines(data: dict[str, Any]) -> list[str]:
+def summary_lines(data: StudyRecord) -> list[str]:
     """The end-of-study table: accuracy per (regime, arm) with the paired comparisons."""
     head = f"{'regime':<14} {'arm':<16} {'n':>2} {'test acc mean+-std':>20} {'95% CI':>17} {'d vs base':>9} {'p_t':>7} {'d vs ctrl':>9} {'p_t':>7} {'p_w':>7}"
     lines = ["", head, "-" * len(head)]
-    for row in data["rows"]:
-        s = row["summary"]
+    for row in data.rows:
+        s = row.summary
         std = _fmt(s["std"]) if s["std"] is not None else "n/a"
         ci = f"[{_fmt(s['ci_low'])},{_fmt(s['ci_high'])}]" if s["ci_low"] is not None else "n/a"
-        vb, vc = row.get("vs_baseline"), row.get("vs_control")
+        vb, vc = row.vs_baseline, row.vs_control
         db = f"{vb['mean_diff']:+.4f}" if vb else ""
         pb = _fp(vb["p_ttest"]) if vb else ""
         dc = f"{vc['mean_diff']:+.4f}" if vc else ""
@@ -211,27 +211,27 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
         pw = _fp(vc["p_wilcoxon"]) if vc else ""
         mean_std = _fmt(s["mean"]) + " +- " + std
         lines.append(
-            f"{row['regime']:<14} {row['arm']:<16} {s['n']:>2} {mean_std:>20} {ci:>17} {db:>9} {pb:>7} {dc:>9} {pc:>7} {pw:>7}"
+            f"{row.regime:<14} {row.arm:<16} {s['n']:>2} {mean_std:>20} {ci:>17} {db:>9} {pb:>7} {dc:>9} {pc:>7} {pw:>7}"
         )
-    shortcut_rows = [row for row in data["rows"] if row.get("shortcut")]
+    shortcut_rows = [row for row in data.rows if row.shortcut]
     if shortcut_rows:
         lines.append("")
         lines.append(
             "Share of post-hoc attribution on the artefact, de-correlated test images (mean over seeds; lower = fewer wrong reasons)"
         )
         for row in shortcut_rows:
-            sc = row["shortcut"]
+            sc = row.shortcut
             parts = [f"{m} {_fmt(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "built_in", "area") if m in sc]
-            lines.append(f"  {row['regime']:<14} {row['arm']:<16} " + "  ".join(parts))
-    if data["verdicts"]:
+            lines.append(f"  {row.regime:<14} {row.arm:<16} " + "  ".join(parts))
+    if data.verdicts:
         lines.append("")
         lines.append(
-            f"Does the gain come from the explanations? (each arm vs the control '{data['study'].get('control')}'"
-            + "".join(f", {a} vs '{c}'" for a, c in (data["study"].get("controls") or {}).items())
+            f"Does the gain come from the explanations? (each arm vs the control '{data.study.get('control')}'"
+            + "".join(f", {a} vs '{c}'" for a, c in (data.study.get("controls") or {}).items())
             + ", paired t-test)"
         )
-        lines.extend("  " + v["text"] for v in data["verdicts"])
-    elif data["study"].get("control") is None:
+        lines.extend("  " + v["text"] for v in data.verdicts)
+    elif data.study.get("control") is None:
         lines.append(
             "(no lambda=0 control arm: add e.g. lambda0: {impactx.lam: 0} to study.arms to test whether gains come from the explanations)"
         )
