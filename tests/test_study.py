@@ -592,3 +592,29 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     code, printed, err = teachx_main(capsys, "study", str(study_dir["cfg"]), "--out", str(empty), "--status")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "without --status" in err and not empty.exists()
+
+
+@pytest.mark.slow
+def test_study_records_read_back_exactly(study_dir):
+    """study.json read through the typed records writes the same JSON again: keys, their order, values."""
+    from teachx.studies.records import StudyRecord
+    from teachx.utils.io import read_trusted_json
+
+    data = read_trusted_json(study_dir["second"].path, "re-run the study")
+    assert json.dumps(StudyRecord.from_dict(data).to_dict()) == json.dumps(data)
+
+
+def test_study_records_of_older_teachx_read():
+    """Records that lack keys teachx writes today (older studies) read with their defaults; a method's own keys
+    stay where they stood."""
+    from teachx.studies.records import StudyRow, UnitRecord
+
+    unit = UnitRecord.from_dict({"kind": "impactx", "lam": 1.0, "maps": "teacher", "seed": 0, "test_acc": 0.5})
+    assert unit.method_fields == {"lam": 1.0, "maps": "teacher"} and unit.history == [] and unit.errors == []
+    assert list(unit.to_dict())[:4] == ["kind", "lam", "maps", "seed"]
+    evaluated = {**unit.to_dict(), "map_quality": {"corr": 0.1}, "errors": ["x"], "old_measure": 1}
+    again = UnitRecord.from_dict(evaluated)
+    assert again.map_quality == {"corr": 0.1} and again.errors == ["x"] and "old_measure" in again.evaluation
+    assert json.dumps(again.to_dict()) == json.dumps(evaluated)
+    row = StudyRow.from_dict({"regime": "all", "arm": "impactx", "seeds": [0], "units": ["x-1"], "lam": 0.0})
+    assert row.kind is None and row.lam == 0.0 and row.vs_control is None and not row.is_baseline

@@ -27,6 +27,7 @@ from teachx.runs import figures
 from teachx.runs.figures import VAL_LOSS_LABEL
 from teachx.runs.pipeline import run_dir_fix
 from teachx.runs.rundir import run_config_hash, saved_run_config
+from teachx.studies.records import StudyRecord, StudyRow
 from teachx.utils.io import read_trusted_json, write_bytes_atomic, write_text_atomic
 
 CSS = """
@@ -196,12 +197,12 @@ def _curves(histories: dict[str, list[list[dict[str, Any]]]], title: str):
 
 
 def accuracy_figure(
-    rows: list[dict[str, Any]], regimes: Sequence[str], arms: Sequence[str], control: Optional[str] = None
+    rows: list[StudyRow], regimes: Sequence[str], arms: Sequence[str], control: Optional[str] = None
 ) -> bytes:
     """One panel per regime: every seed's test accuracy (dots), mean and 95% t-interval (bar) per arm;
     the dashed line is the lambda=0 control's mean, the dotted one the baseline's."""
     plt = _plt()
-    by = {(r["regime"], r["arm"]): r for r in rows}
+    by = {(r.regime, r.arm): r for r in rows}
     widths = [max(3, sum((reg, a) in by for a in arms)) for reg in regimes]
     fig, axes = plt.subplots(
         1,
@@ -214,8 +215,8 @@ def accuracy_figure(
         here = [a for a in arms if (reg, a) in by]  # arms limited by study.arm_regimes leave no empty slot
         for i, arm in enumerate(here):
             r = by[(reg, arm)]
-            s = r["summary"]
-            accs = [a for a in r["test_acc"] if a is not None]
+            s = r.summary
+            accs = [a for a in r.test_acc if a is not None]
             jitter = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
             ax.scatter(i + np.asarray(jitter), accs, s=9, color=f"C{arms.index(arm) % 10}", alpha=0.6, zorder=2)
             if s.get("ci_low") is not None:
@@ -234,7 +235,7 @@ def accuracy_figure(
         for ref, style in ((control, "--"), ("baseline", ":")):
             r = by.get((reg, ref)) if ref else None
             if r:
-                ax.axhline(r["summary"]["mean"], color="0.4", ls=style, lw=0.8, zorder=1)
+                ax.axhline(r.summary["mean"], color="0.4", ls=style, lw=0.8, zorder=1)
         ax.set_xticks(range(len(here)), here, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"regime {reg}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -445,11 +446,11 @@ def _read_json(p: Path) -> Any:
         raise RunDirError(f"cannot read '{p}' ({type(exc).__name__}); re-run the command that writes it") from None
 
 
-def _evaluated_row(row: dict[str, Any]) -> bool:
+def _evaluated_row(row: StudyRow) -> bool:
     """Whether a study row's units were evaluated beyond accuracy (their example arrays, built-in maps)."""
     from teachx.training.methods import recorded_method
 
-    method = recorded_method(row)
+    method = recorded_method(row.to_dict())
     return method is not None and method.study_evaluation
 
 
@@ -668,19 +669,19 @@ def _run_report(d: Path) -> _Doc:
 
 
 def _study_report(d: Path) -> _Doc:
-    data = _read_json(d / "study.json")
-    study, rows, units = data["study"], data["rows"], data["units"]
-    base = data["base_config"]
+    data = StudyRecord.from_dict(_read_json(d / "study.json"))
+    study, rows, units = data.study, data.rows, data.units
+    base = data.base_config
     doc = _Doc(f"teachx study: {base['data']['name']} / {base['model']['backbone']} ({len(study['seeds'])} seeds)")
     doc.p(
         f"seeds {study['seeds']}; arms: {', '.join(study['arms'])}; regimes: {', '.join(study['regimes'])}; "
         f"control (lambda=0): {study.get('control') or 'none'}"
         + "".join(f", for {a}: {c}" for a, c in (study.get("controls") or {}).items())
-        + f"; alpha = {data['alpha']}."
+        + f"; alpha = {data.alpha}."
     )
     doc.h("Does the gain come from the explanations?")
-    if data["verdicts"]:
-        for v in data["verdicts"]:
+    if data.verdicts:
+        for v in data.verdicts:
             doc.verdict(
                 v["text"]
                 + (f" (Holm-adjusted p={_p(v.get('p_ttest_holm'))}, Wilcoxon p={_p(v.get('p_wilcoxon'))}, n={v['n']})"),
@@ -712,8 +713,8 @@ def _study_report(d: Path) -> _Doc:
     ]
     table = []
     for r in rows:
-        s, vb, vc = r["summary"], r.get("vs_baseline"), r.get("vs_control")
-        cell = [r["regime"], r["arm"], s["n"], _ms(s), _ci(s["ci_low"], s["ci_high"])]
+        s, vb, vc = r.summary, r.vs_baseline, r.vs_control
+        cell = [r.regime, r.arm, s["n"], _ms(s), _ci(s["ci_low"], s["ci_high"])]
         for c in (vb, vc):
             if c:
                 cell += [
@@ -742,17 +743,17 @@ def _study_report(d: Path) -> _Doc:
         accuracy_figure(rows, list(study["regimes"]), ["baseline", *study["arms"]], study.get("control")),
         "test accuracy per seed (dots), mean and 95% t-interval (black); dashed: the λ=0 control's mean, dotted: the baseline's",
     )
-    teach = [r for r in rows if r.get("teacher_test_acc")]
+    teach = [r for r in rows if r.teacher_test_acc]
     if teach:
         doc.table(
             ["regime", "arm", "teacher backbone", "teacher test acc"],
-            [[r["regime"], r["arm"], r["teacher_backbone"], _ms(r["teacher_test_acc"])] for r in teach],
+            [[r.regime, r.arm, r.teacher_backbone, _ms(r.teacher_test_acc)] for r in teach],
         )
     # ablation pivot
     doc.h("Ablation table (test accuracy; Δ and p vs λ=0)")
     regimes = list(study["regimes"])
     arms = ["baseline", *study["arms"]]
-    by = {(r["regime"], r["arm"]): r for r in rows}
+    by = {(r.regime, r.arm): r for r in rows}
     pivot = []
     for arm in arms:
         line = [arm]
@@ -761,14 +762,14 @@ def _study_report(d: Path) -> _Doc:
             if not r:
                 line.append("")
                 continue
-            txt = _ms(r["summary"])
-            if r.get("vs_control"):
-                txt += f" (Δ {r['vs_control']['mean_diff']:+.4f}, p={_p(r['vs_control'].get('p_ttest'))})"
+            txt = _ms(r.summary)
+            if r.vs_control:
+                txt += f" (Δ {r.vs_control['mean_diff']:+.4f}, p={_p(r.vs_control.get('p_ttest'))})"
             line.append(txt)
         pivot.append(line)
     doc.table(["arm", *regimes], pivot)
     # shortcut benchmarks: the wrong-reason score
-    sc = [r for r in rows if r.get("shortcut")]
+    sc = [r for r in rows if r.shortcut]
     if sc:
         doc.h(
             "Right for the right reasons? Attribution on the artefact (de-correlated test images, mean ± std over seeds)"
@@ -786,14 +787,14 @@ def _study_report(d: Path) -> _Doc:
             ],
             [
                 [
-                    r["regime"],
-                    r["arm"],
-                    r.get("method", ""),
-                    _ms(r["summary"]),
-                    _ms(r["shortcut"].get("gradient"), 3),
-                    _ms(r["shortcut"].get("lrp"), 3),
-                    _ms(r["shortcut"].get("built_in"), 3) if r["shortcut"].get("built_in") else "—",
-                    _ms(r["shortcut"].get("area"), 3),
+                    r.regime,
+                    r.arm,
+                    r.method or "",
+                    _ms(r.summary),
+                    _ms(r.shortcut.get("gradient"), 3),
+                    _ms(r.shortcut.get("lrp"), 3),
+                    _ms(r.shortcut.get("built_in"), 3) if r.shortcut.get("built_in") else "—",
+                    _ms(r.shortcut.get("area"), 3),
                 ]
                 for r in sc
             ],
@@ -806,7 +807,7 @@ def _study_report(d: Path) -> _Doc:
         )
         doc.measures(["gradient_share", "lrp_share", "artefact_area"])
     # map quality
-    mq = [r for r in rows if r.get("map_quality")]
+    mq = [r for r in rows if r.map_quality]
     if mq:
         doc.h("Built-in maps vs teacher maps (test set, mean ± std over seeds)")
         doc.table(
@@ -824,16 +825,16 @@ def _study_report(d: Path) -> _Doc:
             ],
             [
                 [
-                    r["regime"],
-                    r["arm"],
-                    r.get("lam", "—"),
-                    r.get("maps", r.get("method", "")),
-                    r["teacher"],
-                    _ms(r["map_quality"]["corr"], 3),
-                    _ms(r["map_quality"]["corr_mean_map"], 3),
-                    _ms(r["map_quality"].get("corr_mean_map_augmented"), 3),
-                    _ms(r["map_quality"]["r2_vs_mean_map"], 3),
-                    _ms(r["map_quality"].get("r2_vs_mean_map_affine"), 3),
+                    r.regime,
+                    r.arm,
+                    r.method_fields.get("lam", "—"),
+                    r.method_fields.get("maps", r.method or ""),
+                    r.teacher,
+                    _ms(r.map_quality["corr"], 3),
+                    _ms(r.map_quality["corr_mean_map"], 3),
+                    _ms(r.map_quality.get("corr_mean_map_augmented"), 3),
+                    _ms(r.map_quality["r2_vs_mean_map"], 3),
+                    _ms(r.map_quality.get("r2_vs_mean_map_affine"), 3),
                 ]
                 for r in mq
             ],
@@ -847,7 +848,7 @@ def _study_report(d: Path) -> _Doc:
             "note",
         )
         doc.measures(["corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine"])
-        bf = [r for r in mq if "pixel_flipping_morf.built_in" in r["map_quality"]]
+        bf = [r for r in mq if "pixel_flipping_morf.built_in" in r.map_quality]
         if bf:
             doc.h("Built-in maps explain the IMPACTX model itself? (predicted class; mean ± std over seeds)")
             sets = ("built_in", "teacher_post_hoc", "mean_map", "random")
@@ -857,15 +858,15 @@ def _study_report(d: Path) -> _Doc:
                 + ["LeRF built_in (↑)", "insertion built_in (↑)"],
                 [
                     [
-                        r["regime"],
-                        r["arm"],
-                        _ms(r["map_quality"].get("corr_self"), 3),
-                        _ms(r["map_quality"].get("corr_self_mean_map"), 3),
+                        r.regime,
+                        r.arm,
+                        _ms(r.map_quality.get("corr_self"), 3),
+                        _ms(r.map_quality.get("corr_self_mean_map"), 3),
                     ]
-                    + [_ms(r["map_quality"].get(f"pixel_flipping_morf.{k}"), 3) for k in sets]
+                    + [_ms(r.map_quality.get(f"pixel_flipping_morf.{k}"), 3) for k in sets]
                     + [
-                        _ms(r["map_quality"].get("pixel_flipping_lerf.built_in"), 3),
-                        _ms(r["map_quality"].get("insertion.built_in"), 3),
+                        _ms(r.map_quality.get("pixel_flipping_lerf.built_in"), 3),
+                        _ms(r.map_quality.get("insertion.built_in"), 3),
                     ]
                     for r in bf
                 ],
@@ -877,16 +878,16 @@ def _study_report(d: Path) -> _Doc:
             )
             doc.measures(["corr_self", "corr_self_mean_map", "pixel_flipping_morf", "pixel_flipping_lerf", "insertion"])
     # faithfulness
-    fr = [r for r in rows if r.get("faithfulness")]
+    fr = [r for r in rows if r.faithfulness]
     if fr:
         doc.h("Faithfulness (pixel flipping; AUC mean ± std over seeds)")
         ft = []
         for r in fr:
-            for set_name, by_metric in r["faithfulness"].items():
+            for set_name, by_metric in r.faithfulness.items():
                 ft.append(
                     [
-                        r["regime"],
-                        r["arm"],
+                        r.regime,
+                        r.arm,
                         set_name,
                         _ms((by_metric.get("pixel_flipping_morf") or {}).get("auc")),
                         _ms((by_metric.get("pixel_flipping_lerf") or {}).get("auc")),
@@ -900,9 +901,9 @@ def _study_report(d: Path) -> _Doc:
         )
         for r in fr:
             doc.figure(
-                f"faithfulness_{_safe(r['regime'])}_{_safe(r['arm'])}.png",
-                faithfulness_figure(r["faithfulness"], f"regime {r['regime']}, arm {r['arm']}"),
-                f"MoRF/LeRF curves, regime {r['regime']}, arm {r['arm']} (mean over seeds)",
+                f"faithfulness_{_safe(r.regime)}_{_safe(r.arm)}.png",
+                faithfulness_figure(r.faithfulness, f"regime {r.regime}, arm {r.arm}"),
+                f"MoRF/LeRF curves, regime {r.regime}, arm {r.arm} (mean over seeds)",
             )
     # training curves
     doc.h("Training curves")
@@ -911,7 +912,7 @@ def _study_report(d: Path) -> _Doc:
         for arm in arms:
             r = by.get((reg, arm))
             if r:
-                hist[arm] = [units[k].get("history", []) for k in r["units"]]
+                hist[arm] = [units[k].history for k in r.units]
         doc.figure(
             f"curves_{_safe(reg)}.png",
             curves_figure(hist, f"regime {reg}"),
@@ -921,15 +922,15 @@ def _study_report(d: Path) -> _Doc:
     doc.h("Examples (first seed)")
     shown = 0
     for r in rows:
-        if not _evaluated_row(r) or not r.get("lam"):
+        if not _evaluated_row(r) or not r.lam:
             continue
-        names = (units[r["units"][0]].get("examples") or {}).get("class_names")
-        png = examples_figure(d / "units" / r["units"][0] / "examples.npz", names)
+        names = (units[r.units[0]].examples or {}).get("class_names")
+        png = examples_figure(d / "units" / r.units[0] / "examples.npz", names)
         if png:
             doc.figure(
-                f"examples_{_safe(r['regime'])}_{_safe(r['arm'])}.png",
+                f"examples_{_safe(r.regime)}_{_safe(r.arm)}.png",
                 png,
-                f"regime {r['regime']}, arm {r['arm']}, seed {r['seeds'][0]}: input | teacher map | built-in map | teacher post hoc on IMPACTX "
+                f"regime {r.regime}, arm {r.arm}, seed {r.seeds[0]}: input | teacher map | built-in map | teacher post hoc on IMPACTX "
                 "(diverging colour scale symmetric around 0 per map)",
             )
             shown += 1
@@ -937,31 +938,31 @@ def _study_report(d: Path) -> _Doc:
         doc.p("no example arrays stored (study.eval.examples: 0)", "note")
     # the built-in maps of several arms on the same images: does a design change what the map shows?
     for reg in regimes:
-        trained = [r for r in rows if r["regime"] == reg and _evaluated_row(r) and r.get("lam") and r.get("seeds")]
-        trained = [r for r in trained if r["seeds"][0] == trained[0]["seeds"][0]][:MAX_SIDE_BY_SIDE] if trained else []
+        trained = [r for r in rows if r.regime == reg and _evaluated_row(r) and r.lam and r.seeds]
+        trained = [r for r in trained if r.seeds[0] == trained[0].seeds[0]][:MAX_SIDE_BY_SIDE] if trained else []
         if len(trained) < 2:
             continue
-        names = (units[trained[0]["units"][0]].get("examples") or {}).get("class_names")
-        png = arms_examples_figure([(r["arm"], d / "units" / r["units"][0] / "examples.npz") for r in trained], names)
+        names = (units[trained[0].units[0]].examples or {}).get("class_names")
+        png = arms_examples_figure([(r.arm, d / "units" / r.units[0] / "examples.npz") for r in trained], names)
         if png:
-            arms_shown = ", ".join(r["arm"] for r in trained)
+            arms_shown = ", ".join(r.arm for r in trained)
             doc.figure(
                 f"side_by_side_{_safe(reg)}.png",
                 png,
-                f"regime {reg}, seed {trained[0]['seeds'][0]}: input | the teachers' maps | the built-in maps of {arms_shown} "
+                f"regime {reg}, seed {trained[0].seeds[0]}: input | the teachers' maps | the built-in maps of {arms_shown} "
                 f"(the first {MAX_SIDE_BY_SIDE} trained IMPACTX arms; the same test images)",
             )
-    errors = sorted({e for u in units.values() for e in (u.get("errors") or [])})
+    errors = sorted({e for u in units.values() for e in u.errors})
     if errors:
         doc.p("Diagnostics that could not be computed: " + "; ".join(errors), "note")
     # timings
     doc.h("Stage timings")
-    t = data["timings"]
+    t = data.timings
     doc.table(
         ["stage", "units", "total s", "mean s"],
         [[k, v["n"], _f(v["total_s"], 1), _f(v["mean_s"], 2)] for k, v in t.items()],
     )
-    el = data.get("elapsed") or {}
+    el = data.elapsed
     if el:
         doc.p(
             f"study wall time (first unit created {el['first_unit_created']} to last record {el['last_record_written']}, all processes and "
@@ -969,14 +970,14 @@ def _study_report(d: Path) -> _Doc:
             "note",
         )
     doc.p(
-        f"models trained by the last invocation: {data.get('trained_this_invocation')}; its wall time {data.get('wall_seconds_this_invocation', 0):.1f}s.",
+        f"models trained by the last invocation: {data.trained_this_invocation}; its wall time {data.wall_seconds_this_invocation or 0:.1f}s.",
         "note",
     )
     doc.h("Resolved config")
     study_yaml = d / "study.yaml"
     doc.pre(study_yaml.read_text() if study_yaml.exists() else json.dumps({"study": study, **base}, indent=2))
     doc.h("Notes")
-    for n in data.get("notes", []):
+    for n in data.notes:
         doc.p(n, "note")
     return doc
 
