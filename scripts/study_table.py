@@ -11,19 +11,17 @@ import sys
 
 from teachx.evaluation.stats import paired_compare
 from teachx.studies.records import StudyRecord, StudyRow
+from teachx.utils.numbers import number, p_value, points
 
 
 def pct(s):
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s and s.get("std") is not None else "n/a"
+    return f"{points(s['mean'])} ± {points(s['std'])}" if s and s.get("std") is not None else "n/a"
 
 
 def diff(c, key="p_ttest_holm"):
     if not c:
         return ""
-    p = c.get("p_ttest")
-    ph = c.get(key)
-    fmt = lambda v: "n/a" if v is None else (f"{v:.2g}" if v >= 1e-3 else f"{v:.0e}")  # noqa: E731
-    return f"{100 * c['mean_diff']:+.1f} (p {fmt(p)}, Holm {fmt(ph)})"
+    return f"{points(c['mean_diff'], sign=True)} (p {p_value(c.get('p_ttest'))}, Holm {p_value(c.get(key))})"
 
 
 def main(path: str) -> None:
@@ -54,11 +52,11 @@ def main(path: str) -> None:
         ]
         if has_sc:
             sc = r.shortcut or {}
-            cells += [f"{sc[m]['mean']:.3f}" if m in sc else "—" for m in ("gradient", "lrp", "built_in")]
+            cells += [number(sc[m]["mean"], 3) if m in sc else "—" for m in ("gradient", "lrp", "built_in")]
         print("| " + " | ".join(cells) + " |")
     area = next((r.shortcut["area"]["mean"] for r in rows if r.shortcut), None)
     if area is not None:
-        print(f"\nartefact area (chance share): {area:.3f}; seeds {data.study['seeds']}")
+        print(f"\nartefact area (chance share): {number(area, 3)}; seeds {data.study['seeds']}")
     maps_table(rows)
 
 
@@ -68,7 +66,7 @@ def maps_table(rows: list[StudyRow]) -> None:
     if not rows:
         return
     m = lambda r, k: (r.map_quality.get(k) or {}).get("mean")  # noqa: E731
-    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    f = lambda v: "—" if v is None else number(v, 3)  # noqa: E731
     aug = any(m(r, "corr_mean_map_augmented") is not None for r in rows)
     head = [
         "regime",
@@ -98,7 +96,7 @@ def maps_table(rows: list[StudyRow]) -> None:
                     f(m(r, "r2_vs_mean_map")),
                     f"{f(m(r, 'corr_self'))} ({f(m(r, 'corr_self_mean_map'))})",
                     " / ".join(f(v) for v in morf),
-                    "—" if ratio is None else f"{ratio:.2f}x",
+                    "—" if ratio is None else f"{number(ratio, 2)}x",
                     f"{f(m(r, 'insertion.built_in'))} / {f(m(r, 'insertion.teacher_post_hoc'))}",
                 ]
             )

@@ -28,6 +28,7 @@ from teachx.runs.figures import VAL_LOSS_LABEL
 from teachx.runs.pipeline import run_dir_fix
 from teachx.runs.rundir import run_config_hash, saved_run_config
 from teachx.studies.records import StudyRecord, StudyRow
+from teachx.utils.numbers import interval, mean_std, number, p_value, signed
 from teachx.utils.io import read_trusted_json, write_bytes_atomic, write_text_atomic
 
 CSS = """
@@ -115,28 +116,6 @@ class _Doc:
 
 
 # -- formatting --------------------------------------------------------------------------------------
-
-
-def _f(x: Optional[float], nd: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def _p(p: Optional[float]) -> str:
-    if p is None:
-        return "n/a"
-    return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
-
-
-def _ms(s: Optional[dict[str, Any]], nd: int = 4) -> str:
-    if not s:
-        return "n/a"
-    return f"{_f(s['mean'], nd)} ± {_f(s['std'], nd)}" if s.get("std") is not None else _f(s["mean"], nd)
-
-
-def _ci(lo: Optional[float], hi: Optional[float], signed: bool = False) -> str:
-    if lo is None or hi is None:
-        return "n/a"
-    return f"[{lo:+.4f}, {hi:+.4f}]" if signed else f"[{lo:.4f}, {hi:.4f}]"
 
 
 # -- figures -----------------------------------------------------------------------------------------
@@ -463,15 +442,15 @@ def _method_row(res: dict[str, Any]) -> list[Any]:
         return [
             f"{res.get('method')}",
             res.get("backbone"),
-            _f(res.get("method_test_acc")),
-            _f(res.get("method_val_acc")),
+            number(res.get("method_test_acc")),
+            number(res.get("method_val_acc")),
         ]
     label, details = method.result_text(res)
     return [
         label + (f" ({details})" if details else ""),
         res.get("backbone"),
-        _f(method.result_acc(res, "test")),
-        _f(method.result_acc(res, "val")),
+        number(method.result_acc(res, "test")),
+        number(method.result_acc(res, "val")),
     ]
 
 
@@ -548,11 +527,11 @@ def _run_report(d: Path) -> _Doc:
     )
     doc.h("Accuracy")
     rows = [
-        ["baseline", res.get("backbone"), _f(res.get("baseline_test_acc")), _f(res.get("baseline_val_acc"))],
+        ["baseline", res.get("backbone"), number(res.get("baseline_test_acc")), number(res.get("baseline_val_acc"))],
         _method_row(res),
     ]
     if res.get("teacher_test_acc") is not None and res.get("teacher_backbone") != res.get("backbone"):
-        rows.append(["teacher", res.get("teacher_backbone"), _f(res.get("teacher_test_acc")), "n/a"])
+        rows.append(["teacher", res.get("teacher_backbone"), number(res.get("teacher_test_acc")), "n/a"])
     doc.table(["model", "backbone", "test acc", "best val acc"], rows)
     doc.measures(["test_accuracy"])
     _per_class(doc, d, res)
@@ -562,7 +541,7 @@ def _run_report(d: Path) -> _Doc:
         doc.table(
             ["model", "input gradient share (↓)", "LRP share (↓)", "artefact area (chance)"],
             [
-                [name, _f(b.get("gradient"), 3), _f(b.get("lrp"), 3), _f(b.get("area"), 3)]
+                [name, number(b.get("gradient"), 3), number(b.get("lrp"), 3), number(b.get("area"), 3)]
                 for name, b in sc.items()
                 if isinstance(b, dict) and "area" in b
             ],
@@ -574,16 +553,16 @@ def _run_report(d: Path) -> _Doc:
         doc.table(
             ["measure", "value"],
             [
-                ["Pearson correlation", _f(q.get("corr"), 3)],
-                ["correlation of the mean training map", _f(q.get("corr_mean_map"), 3)],
+                ["Pearson correlation", number(q.get("corr"), 3)],
+                ["correlation of the mean training map", number(q.get("corr_mean_map"), 3)],
                 [
                     "correlation of the mean map under the training augmentation (a constant map's best)",
-                    _f(q.get("corr_mean_map_augmented"), 3),
+                    number(q.get("corr_mean_map_augmented"), 3),
                 ],
-                ["R² vs mean map (> 0: per-image maps were learned)", _f(q.get("r2_vs_mean_map"), 3)],
+                ["R² vs mean map (> 0: per-image maps were learned)", number(q.get("r2_vs_mean_map"), 3)],
                 [
                     "R² vs mean map, scale-free (each map's best per-image scale and offset; for 1 − Pearson / rank losses)",
-                    _f(q.get("r2_vs_mean_map_affine"), 3),
+                    number(q.get("r2_vs_mean_map_affine"), 3),
                 ],
             ],
         )
@@ -602,16 +581,16 @@ def _run_report(d: Path) -> _Doc:
                 [
                     [
                         k,
-                        _f(auc.get("pixel_flipping_morf", {}).get(k), 3),
-                        _f(auc.get("pixel_flipping_lerf", {}).get(k), 3),
-                        _f(auc.get("insertion", {}).get(k), 3),
+                        number(auc.get("pixel_flipping_morf", {}).get(k), 3),
+                        number(auc.get("pixel_flipping_lerf", {}).get(k), 3),
+                        number(auc.get("insertion", {}).get(k), 3),
                     ]
                     for k in names
                 ],
             )
             doc.p(
-                f"Correlation of the built-in map with the teacher method applied post hoc to the IMPACTX model: {_f(fq.get('corr_self'), 3)} "
-                f"(mean map: {_f(fq.get('corr_self_mean_map'), 3)}).",
+                f"Correlation of the built-in map with the teacher method applied post hoc to the IMPACTX model: {number(fq.get('corr_self'), 3)} "
+                f"(mean map: {number(fq.get('corr_self_mean_map'), 3)}).",
                 "note",
             )
             doc.measures(["pixel_flipping_morf", "pixel_flipping_lerf", "insertion", "corr_self", "corr_self_mean_map"])
@@ -660,7 +639,7 @@ def _run_report(d: Path) -> _Doc:
     )
     doc.p(
         f"device {res.get('device')}, torch threads {res.get('torch_threads')}; "
-        f"seconds/epoch: baseline {_f(res.get('baseline_seconds_per_epoch'), 2)}, IMPACTX {_f(res.get('impactx_seconds_per_epoch'), 2)}",
+        f"seconds/epoch: baseline {number(res.get('baseline_seconds_per_epoch'), 2)}, IMPACTX {number(res.get('impactx_seconds_per_epoch'), 2)}",
         "note",
     )
     doc.h("Resolved config")
@@ -684,7 +663,9 @@ def _study_report(d: Path) -> _Doc:
         for v in data.verdicts:
             doc.verdict(
                 v["text"]
-                + (f" (Holm-adjusted p={_p(v.get('p_ttest_holm'))}, Wilcoxon p={_p(v.get('p_wilcoxon'))}, n={v['n']})"),
+                + (
+                    f" (Holm-adjusted p={p_value(v.get('p_ttest_holm'))}, Wilcoxon p={p_value(v.get('p_wilcoxon'))}, n={v['n']})"
+                ),
                 v["beats_control"],
             )
     else:
@@ -714,18 +695,18 @@ def _study_report(d: Path) -> _Doc:
     table = []
     for r in rows:
         s, vb, vc = r.summary, r.vs_baseline, r.vs_control
-        cell = [r.regime, r.arm, s["n"], _ms(s), _ci(s["ci_low"], s["ci_high"])]
+        cell = [r.regime, r.arm, s["n"], mean_std(s), interval(s["ci_low"], s["ci_high"])]
         for c in (vb, vc):
             if c:
                 cell += [
-                    f"{c['mean_diff']:+.4f}",
-                    _ci(c.get("ci_low"), c.get("ci_high"), True),
-                    _p(c.get("p_ttest")),
-                    _p(c.get("p_wilcoxon")),
-                    _p(c.get("p_ttest_holm")),
+                    signed(c["mean_diff"]),
+                    interval(c.get("ci_low"), c.get("ci_high"), True),
+                    p_value(c.get("p_ttest")),
+                    p_value(c.get("p_wilcoxon")),
+                    p_value(c.get("p_ttest_holm")),
                 ]
                 if c is vb:
-                    cell.append(_f(c.get("cohen_dz"), 2))
+                    cell.append(number(c.get("cohen_dz"), 2))
             else:
                 cell += [""] * (6 if c is vb else 5)
         cell.append(f"{vc['wins']}/{vc['losses']}" if vc else "")
@@ -747,7 +728,7 @@ def _study_report(d: Path) -> _Doc:
     if teach:
         doc.table(
             ["regime", "arm", "teacher backbone", "teacher test acc"],
-            [[r.regime, r.arm, r.teacher_backbone, _ms(r.teacher_test_acc)] for r in teach],
+            [[r.regime, r.arm, r.teacher_backbone, mean_std(r.teacher_test_acc)] for r in teach],
         )
     # ablation pivot
     doc.h("Ablation table (test accuracy; Δ and p vs λ=0)")
@@ -762,9 +743,9 @@ def _study_report(d: Path) -> _Doc:
             if not r:
                 line.append("")
                 continue
-            txt = _ms(r.summary)
+            txt = mean_std(r.summary)
             if r.vs_control:
-                txt += f" (Δ {r.vs_control['mean_diff']:+.4f}, p={_p(r.vs_control.get('p_ttest'))})"
+                txt += f" (Δ {signed(r.vs_control['mean_diff'])}, p={p_value(r.vs_control.get('p_ttest'))})"
             line.append(txt)
         pivot.append(line)
     doc.table(["arm", *regimes], pivot)
@@ -790,11 +771,11 @@ def _study_report(d: Path) -> _Doc:
                     r.regime,
                     r.arm,
                     r.method or "",
-                    _ms(r.summary),
-                    _ms(r.shortcut.get("gradient"), 3),
-                    _ms(r.shortcut.get("lrp"), 3),
-                    _ms(r.shortcut.get("built_in"), 3) if r.shortcut.get("built_in") else "—",
-                    _ms(r.shortcut.get("area"), 3),
+                    mean_std(r.summary),
+                    mean_std(r.shortcut.get("gradient"), 3),
+                    mean_std(r.shortcut.get("lrp"), 3),
+                    mean_std(r.shortcut.get("built_in"), 3) if r.shortcut.get("built_in") else "—",
+                    mean_std(r.shortcut.get("area"), 3),
                 ]
                 for r in sc
             ],
@@ -830,11 +811,11 @@ def _study_report(d: Path) -> _Doc:
                     r.method_fields.get("lam", "—"),
                     r.method_fields.get("maps", r.method or ""),
                     r.teacher,
-                    _ms(r.map_quality["corr"], 3),
-                    _ms(r.map_quality["corr_mean_map"], 3),
-                    _ms(r.map_quality.get("corr_mean_map_augmented"), 3),
-                    _ms(r.map_quality["r2_vs_mean_map"], 3),
-                    _ms(r.map_quality.get("r2_vs_mean_map_affine"), 3),
+                    mean_std(r.map_quality["corr"], 3),
+                    mean_std(r.map_quality["corr_mean_map"], 3),
+                    mean_std(r.map_quality.get("corr_mean_map_augmented"), 3),
+                    mean_std(r.map_quality["r2_vs_mean_map"], 3),
+                    mean_std(r.map_quality.get("r2_vs_mean_map_affine"), 3),
                 ]
                 for r in mq
             ],
@@ -860,13 +841,13 @@ def _study_report(d: Path) -> _Doc:
                     [
                         r.regime,
                         r.arm,
-                        _ms(r.map_quality.get("corr_self"), 3),
-                        _ms(r.map_quality.get("corr_self_mean_map"), 3),
+                        mean_std(r.map_quality.get("corr_self"), 3),
+                        mean_std(r.map_quality.get("corr_self_mean_map"), 3),
                     ]
-                    + [_ms(r.map_quality.get(f"pixel_flipping_morf.{k}"), 3) for k in sets]
+                    + [mean_std(r.map_quality.get(f"pixel_flipping_morf.{k}"), 3) for k in sets]
                     + [
-                        _ms(r.map_quality.get("pixel_flipping_lerf.built_in"), 3),
-                        _ms(r.map_quality.get("insertion.built_in"), 3),
+                        mean_std(r.map_quality.get("pixel_flipping_lerf.built_in"), 3),
+                        mean_std(r.map_quality.get("insertion.built_in"), 3),
                     ]
                     for r in bf
                 ],
@@ -889,8 +870,8 @@ def _study_report(d: Path) -> _Doc:
                         r.regime,
                         r.arm,
                         set_name,
-                        _ms((by_metric.get("pixel_flipping_morf") or {}).get("auc")),
-                        _ms((by_metric.get("pixel_flipping_lerf") or {}).get("auc")),
+                        mean_std((by_metric.get("pixel_flipping_morf") or {}).get("auc")),
+                        mean_std((by_metric.get("pixel_flipping_lerf") or {}).get("auc")),
                     ]
                 )
         doc.table(["regime", "arm", "map set", "MoRF AUC (↓)", "LeRF AUC (↑)"], ft)
@@ -960,7 +941,7 @@ def _study_report(d: Path) -> _Doc:
     t = data.timings
     doc.table(
         ["stage", "units", "total s", "mean s"],
-        [[k, v["n"], _f(v["total_s"], 1), _f(v["mean_s"], 2)] for k, v in t.items()],
+        [[k, v["n"], number(v["total_s"], 1), number(v["mean_s"], 2)] for k, v in t.items()],
     )
     el = data.elapsed
     if el:

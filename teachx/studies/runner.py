@@ -44,6 +44,7 @@ from teachx.teachers.postprocess import postprocess
 from teachx.training.methods import build_method
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
+from teachx.utils.numbers import number
 from teachx.utils.locking import Busy, file_lock
 from teachx.utils.seeding import choose_device
 
@@ -375,7 +376,7 @@ def _run_job(
     if arm is None:
         cells.setdefault((regime, BASELINE), {})[seed] = own_base
         how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
-        return f"regime={regime} arm={BASELINE} seed={seed} test_acc={brec['test_acc']:.4f} ({how})"
+        return f"regime={regime} arm={BASELINE} seed={seed} test_acc={number(brec['test_acc'])} ({how})"
     tcfg, tb, topts = teacher_training(cfg)
     tkey, trec = r.classifier(tcfg, tb, topts)
     key, rec, _cached = r.method(cfg, own_base, tkey)
@@ -384,13 +385,13 @@ def _run_job(
     extra = ""
     q = rec.map_quality
     if q:
-        extra = f" map_corr={q['corr']:.3f}"
+        extra = f" map_corr={number(q['corr'], 3)}"
     if tkey != own_base:
-        extra += f" teacher_acc={trec['test_acc']:.4f}"
+        extra += f" teacher_acc={number(trec['test_acc'])}"
     sc = rec.shortcut
     if sc:
-        extra += " artefact_share=" + "/".join(f"{m}:{sc[m]:.3f}" for m in ("gradient", "lrp") if m in sc)
-    return f"regime={regime} arm={arm} seed={seed} test_acc={rec.test_acc:.4f}{extra} ({how})"
+        extra += " artefact_share=" + "/".join(f"{m}:{number(sc[m], 3)}" for m in ("gradient", "lrp") if m in sc)
+    return f"regime={regime} arm={arm} seed={seed} test_acc={number(rec.test_acc)}{extra} ({how})"
 
 
 def run_study(

@@ -12,6 +12,7 @@ from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.runs.pipeline import teacher_training
 from teachx.studies.records import StudyRecord, StudyRow, UnitRecord
 from teachx.studies.spec import BASELINE, STUDY_VERSION, StudySpec
+from teachx.utils.numbers import interval, number, p_value, signed
 from teachx.training.methods import METHODS, build_method, recorded_method
 
 
@@ -187,29 +188,20 @@ def _timings(units: dict[str, UnitRecord]) -> dict[str, Any]:
     return out
 
 
-def _fmt(x: Optional[float], nd: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def _fp(p: Optional[float]) -> str:
-    return "n/a" if p is None else (f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}")
-
-
 def summary_lines(data: StudyRecord) -> list[str]:
     """The end-of-study table: accuracy per (regime, arm) with the paired comparisons."""
     head = f"{'regime':<14} {'arm':<16} {'n':>2} {'test acc mean+-std':>20} {'95% CI':>17} {'d vs base':>9} {'p_t':>7} {'d vs ctrl':>9} {'p_t':>7} {'p_w':>7}"
     lines = ["", head, "-" * len(head)]
     for row in data.rows:
         s = row.summary
-        std = _fmt(s["std"]) if s["std"] is not None else "n/a"
-        ci = f"[{_fmt(s['ci_low'])},{_fmt(s['ci_high'])}]" if s["ci_low"] is not None else "n/a"
+        ci = interval(s["ci_low"], s["ci_high"], sep=",")
         vb, vc = row.vs_baseline, row.vs_control
-        db = f"{vb['mean_diff']:+.4f}" if vb else ""
-        pb = _fp(vb["p_ttest"]) if vb else ""
-        dc = f"{vc['mean_diff']:+.4f}" if vc else ""
-        pc = _fp(vc["p_ttest"]) if vc else ""
-        pw = _fp(vc["p_wilcoxon"]) if vc else ""
-        mean_std = _fmt(s["mean"]) + " +- " + std
+        db = signed(vb["mean_diff"]) if vb else ""
+        pb = p_value(vb["p_ttest"]) if vb else ""
+        dc = signed(vc["mean_diff"]) if vc else ""
+        pc = p_value(vc["p_ttest"]) if vc else ""
+        pw = p_value(vc["p_wilcoxon"]) if vc else ""
+        mean_std = number(s["mean"]) + " +- " + number(s["std"])
         lines.append(
             f"{row.regime:<14} {row.arm:<16} {s['n']:>2} {mean_std:>20} {ci:>17} {db:>9} {pb:>7} {dc:>9} {pc:>7} {pw:>7}"
         )
@@ -221,7 +213,7 @@ def summary_lines(data: StudyRecord) -> list[str]:
         )
         for row in shortcut_rows:
             sc = row.shortcut
-            parts = [f"{m} {_fmt(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "built_in", "area") if m in sc]
+            parts = [f"{m} {number(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "built_in", "area") if m in sc]
             lines.append(f"  {row.regime:<14} {row.arm:<16} " + "  ".join(parts))
     if data.verdicts:
         lines.append("")
