@@ -55,7 +55,7 @@ import torch
 from teachx.data.base import ImageDataset, Split
 from teachx.data.transforms import Augment
 from teachx.config.schema import MethodConfig, RunConfig
-from teachx.studies.study import StudySpec, load_study
+from teachx.studies.spec import StudySpec, load_study
 from teachx.teachers import build as build_teacher
 from teachx.teachers.postprocess import postprocess
 from teachx.training.methods import MethodContext, build_method

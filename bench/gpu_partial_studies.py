@@ -37,7 +37,7 @@ def _spec_arms(root: Path) -> dict[str, str]:
     """unit key -> arm, exactly as the study's own study.yaml defines them (the runner's keys); {} without one."""
     if not (root / "study.yaml").is_file():
         return {}
-    from teachx.studies.study import load_study_dir, unit_names
+    from teachx.studies.spec import load_study_dir, unit_names
 
     return {key: where["arm"] for key, where in unit_names(load_study_dir(root)).items()}
 

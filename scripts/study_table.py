@@ -9,66 +9,64 @@ from __future__ import annotations
 import json
 import sys
 
+from teachx.evaluation.stats import paired_compare
+from teachx.studies.records import StudyRecord, StudyRow
+from teachx.utils.numbers import number, p_value, points
+
 
 def pct(s):
-    return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s and s.get("std") is not None else "n/a"
+    return f"{points(s['mean'])} ± {points(s['std'])}" if s and s.get("std") is not None else "n/a"
 
 
 def diff(c, key="p_ttest_holm"):
     if not c:
         return ""
-    p = c.get("p_ttest")
-    ph = c.get(key)
-    fmt = lambda v: "n/a" if v is None else (f"{v:.2g}" if v >= 1e-3 else f"{v:.0e}")  # noqa: E731
-    return f"{100 * c['mean_diff']:+.1f} (p {fmt(p)}, Holm {fmt(ph)})"
+    return f"{points(c['mean_diff'], sign=True)} (p {p_value(c.get('p_ttest'))}, Holm {p_value(c.get(key))})"
 
 
 def main(path: str) -> None:
-    data = json.load(open(path))
-    rows = data["rows"]
-    has_sc = any(r.get("shortcut") for r in rows)
-    per_arm_controls = bool(data["study"].get("controls"))  # study.controls: name each row's control
-    control_head = "Δ vs its λ = 0 control, pts" if per_arm_controls else f"Δ vs {data['study'].get('control')}, pts"
+    data = StudyRecord.from_dict(json.load(open(path)))
+    rows = data.rows
+    has_sc = any(r.shortcut for r in rows)
+    per_arm_controls = bool(data.study.get("controls"))  # study.controls: name each row's control
+    control_head = "Δ vs its λ = 0 control, pts" if per_arm_controls else f"Δ vs {data.study.get('control')}, pts"
     head = ["arm", "method", "test acc % (mean ± std)", "Δ vs baseline, pts", control_head]
     if has_sc:
         head += ["gradient share", "LRP share", "built-in map share"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    from teachx.evaluation.stats import paired_compare
-
-    base = {r["regime"]: r for r in rows if r["arm"] == "baseline"}
+    base = {r.regime: r for r in rows if r.is_baseline}
     for r in rows:
-        vb = r.get("vs_baseline")
+        vb = r.vs_baseline
         if vb and str(vb.get("baseline", "")).startswith(
             "own"
         ):  # e.g. the clean-data ceiling: compare with the study's baseline
-            vb = paired_compare(r["test_acc"], base[r["regime"]]["test_acc"]).to_dict()
+            vb = paired_compare(r.test_acc, base[r.regime].test_acc).to_dict()
             vb["p_ttest_holm"] = None
         cells = [
-            r["arm"],
-            r.get("method", ""),
-            pct(r["summary"]),
+            r.arm,
+            r.method or "",
+            pct(r.summary),
             diff(vb),
-            diff(r.get("vs_control"))
-            + (f" vs {r['vs_control']['control']}" if per_arm_controls and r.get("vs_control") else ""),
+            diff(r.vs_control) + (f" vs {r.vs_control['control']}" if per_arm_controls and r.vs_control else ""),
         ]
         if has_sc:
-            sc = r.get("shortcut") or {}
-            cells += [f"{sc[m]['mean']:.3f}" if m in sc else "—" for m in ("gradient", "lrp", "built_in")]
+            sc = r.shortcut or {}
+            cells += [number(sc[m]["mean"], 3) if m in sc else "—" for m in ("gradient", "lrp", "built_in")]
         print("| " + " | ".join(cells) + " |")
-    area = next((r["shortcut"]["area"]["mean"] for r in rows if r.get("shortcut")), None)
+    area = next((r.shortcut["area"]["mean"] for r in rows if r.shortcut), None)
     if area is not None:
-        print(f"\nartefact area (chance share): {area:.3f}; seeds {data['study']['seeds']}")
+        print(f"\nartefact area (chance share): {number(area, 3)}; seeds {data.study['seeds']}")
     maps_table(rows)
 
 
-def maps_table(rows) -> None:
+def maps_table(rows: list[StudyRow]) -> None:
     """Built-in map quality (map_quality of each IMPACTX unit, means over seeds): the README's built-in-maps table."""
-    rows = [r for r in rows if (r.get("map_quality") or {}).get("pixel_flipping_morf.built_in")]
+    rows = [r for r in rows if (r.map_quality or {}).get("pixel_flipping_morf.built_in")]
     if not rows:
         return
-    m = lambda r, k: (r["map_quality"].get(k) or {}).get("mean")  # noqa: E731
-    f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    m = lambda r, k: (r.map_quality.get(k) or {}).get("mean")  # noqa: E731
+    f = lambda v: "—" if v is None else number(v, 3)  # noqa: E731
     aug = any(m(r, "corr_mean_map_augmented") is not None for r in rows)
     head = [
         "regime",
@@ -90,15 +88,15 @@ def maps_table(rows) -> None:
             "| "
             + " | ".join(
                 [
-                    r["regime"],
-                    r["arm"],
-                    str(r.get("teacher", "")),
+                    r.regime,
+                    r.arm,
+                    str(r.teacher if r.teacher is not None else ""),
                     f"{f(m(r, 'corr'))} ({f(m(r, 'corr_mean_map'))}"
                     + (f"; {f(m(r, 'corr_mean_map_augmented'))})" if aug else ")"),
                     f(m(r, "r2_vs_mean_map")),
                     f"{f(m(r, 'corr_self'))} ({f(m(r, 'corr_self_mean_map'))})",
                     " / ".join(f(v) for v in morf),
-                    "—" if ratio is None else f"{ratio:.2f}x",
+                    "—" if ratio is None else f"{number(ratio, 2)}x",
                     f"{f(m(r, 'insertion.built_in'))} / {f(m(r, 'insertion.teacher_post_hoc'))}",
                 ]
             )

@@ -24,7 +24,7 @@ from teachx.data.transforms import Augment
 from teachx.evaluation.builtin_maps import map_corr
 from teachx.runs.explain import run_config_of
 from teachx.runs.plan import training_augment
-from teachx.studies.study import read_unit_evaluation
+from teachx.studies.runner import read_unit_evaluation
 from teachx.teachers.store import read_store
 
 

@@ -68,7 +68,8 @@ def build(root: Path) -> dict[str, Path]:
     from teachx.runs.resolve import resolve_config
     from teachx.runs.pipeline import run_pipeline
     from teachx.runs.recovery import prepare_run_dir
-    from teachx.studies.study import load_study, run_study
+    from teachx.studies.runner import run_study
+    from teachx.studies.spec import load_study
 
     root.mkdir(parents=True, exist_ok=True)
     out = {

@@ -107,7 +107,7 @@ def test_repo_has_one_copy_of_the_example_configs():
 
 def _sections():
     from teachx.config.schema import RunConfig
-    from teachx.studies.study import EvalSpec
+    from teachx.studies.spec import EvalSpec
 
     out = {"": RunConfig, "study.eval": EvalSpec}
     for f in dataclasses.fields(RunConfig):
@@ -132,7 +132,7 @@ def test_every_config_option_has_a_description():
 
 
 def test_every_study_key_has_a_description():
-    from teachx.studies.study import STUDY_KEYS
+    from teachx.studies.spec import STUDY_KEYS
 
     assert {"seeds", "n_seeds", "arms", "regimes", "control", "eval", "alpha", "arm_regimes"} <= set(STUDY_KEYS)
     assert all(isinstance(v, str) and v.strip() for v in STUDY_KEYS.values())
@@ -258,7 +258,7 @@ def test_a_research_study_by_name_points_to_its_path(tmp_path, capsys, monkeypat
 
 @pytest.mark.slow
 def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path):
-    from teachx.studies.study import STUDY_KEYS
+    from teachx.studies.spec import STUDY_KEYS
 
     cfg = tmp_path / "mine.yaml"
     cfg.write_text(

@@ -73,7 +73,7 @@ def test_errors_name_keys_as_the_user_types_them(override, message):
 
 
 def test_study_unit_errors_name_keys_as_typed(tmp_path):
-    from teachx.studies.study import load_study
+    from teachx.studies.spec import load_study
 
     p = tmp_path / "s.yaml"
     p.write_text("study:\n  arms: {a: {train.epoch: 3}}\n")

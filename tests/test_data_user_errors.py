@@ -332,7 +332,7 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
 
 def test_study_keys_follow_the_resolved_flip_default(tmp_path):
     from teachx.runs.resolve import resolve_config
-    from teachx.studies.study import classifier_key
+    from teachx.studies.spec import classifier_key
 
     def key(*overrides):
         cfg = resolve_config(overrides=list(overrides))
@@ -342,7 +342,7 @@ def test_study_keys_follow_the_resolved_flip_default(tmp_path):
     # A unit trained with the old default (flips) is never reused for the new one (no flips) ...
     assert key(folder) == key(folder, "data.hflip=false") != key(folder, "data.hflip=true")
     # ... and datasets whose default did not change keep their keys (only non-default values are hashed).
-    from teachx.studies.study import _relevant
+    from teachx.studies.spec import _relevant
 
     assert _relevant(resolve_config(overrides=["data.name=cifar10"]))["data"] == {"name": "cifar10"}
 

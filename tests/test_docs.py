@@ -111,7 +111,7 @@ def _resolve(ctx: click.Context) -> None:
     """A dry run of the config: the KEY=VALUE overrides of run/train/demo/config/study against a shipped or
     no CONFIG, resolved as the command would (a study config as a study)."""
     from teachx.runs.resolve import check_names, resolve_config
-    from teachx.studies.study import load_study
+    from teachx.studies.spec import load_study
 
     name = ctx.info_name
     if name not in ("run", "train", "demo", "config", "study") or ctx.params.get("list_"):

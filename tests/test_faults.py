@@ -472,7 +472,8 @@ def test_presentation_options_are_not_part_of_a_run(tmp_path):
 
 
 def test_study_never_replaces_a_users_study_yaml(tmp_path):
-    from teachx.studies.study import StudySpec, prepare_study_dir
+    from teachx.studies.runner import prepare_study_dir
+    from teachx.studies.spec import StudySpec
 
     spec = StudySpec({}, [0], {"impactx": {}}, {"all": {}})
     mine = tmp_path / "mine"

@@ -210,7 +210,7 @@ def test_stage_record_flip_is_an_error_and_legacy_record_loads(tmp_path):
 
 
 def test_study_unit_records_flip_is_an_error(tmp_path):
-    from teachx.studies.study import _Runner
+    from teachx.studies.runner import _Runner
     from teachx.utils.io import write_json_atomic
 
     d = tmp_path / "units" / "x-0123"

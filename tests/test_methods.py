@@ -381,7 +381,8 @@ def test_teachx_methods_lists_every_method_and_option():
 def test_study_with_method_arms_on_a_shortcut_benchmark(tmp_path, monkeypatch):
     """Method arms run through `teachx study`: rows name their method, every unit reports the
     wrong-reason score, each arm is compared with the lambda=0 control, and a re-run trains nothing."""
-    from teachx.studies.study import load_study, run_study
+    from teachx.studies.runner import run_study
+    from teachx.studies.spec import load_study
 
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
     cfg = tmp_path / "study.yaml"
@@ -573,7 +574,7 @@ def test_the_name_check_guard_finds_comparisons(tmp_path):
 def test_impactx_options_are_its_method_options_too():
     """method.options.KEY of IMPACTX is impactx.KEY: the same config (so the same study unit key), saved as impactx.*."""
     from teachx.runs.resolve import resolve_config
-    from teachx.studies.study import impactx_key
+    from teachx.studies.spec import impactx_key
 
     a = resolve_config(None, ["method.options.lam=0", "method.options.decoder=paper", "method.options.maps=shuffled"])
     b = resolve_config(None, ["impactx.lam=0", "impactx.decoder=paper", "impactx.maps=shuffled"])
@@ -597,7 +598,7 @@ def test_impactx_options_are_its_method_options_too():
 
 
 def test_a_study_control_arm_may_use_method_options(tmp_path):
-    from teachx.studies.study import load_study, planned_units
+    from teachx.studies.spec import load_study, planned_units
 
     def keys(arm: str) -> tuple[str, ...]:
         path = tmp_path / f"{len(arm)}.yaml"

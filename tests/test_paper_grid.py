@@ -25,7 +25,7 @@ from test_data_formats import rng_images, tar_folder, write_cifar10, write_stl  
 
 from teachx.data import load_dataset  # noqa: E402
 from teachx.config.shipped import header, shipped_configs  # noqa: E402
-from teachx.studies.study import load_study  # noqa: E402
+from teachx.studies.spec import load_study  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = ROOT / "studies"  # the research studies: run by path from the repository, not shipped
@@ -116,7 +116,7 @@ def test_cpu_cells_share_the_builtin_maps_mobilenet_units():
     grid's arms and 5 seeds; the MobileNet one's baseline / IMPACTX / lambda = 0 units are exactly the units of
     study-builtin-maps-mobilenet's baseline / shap_paper_mse / lambda0 (its header says they share a directory), and
     the EfficientNet-B2 one differs from it only in the backbone."""
-    from teachx.studies.study import unit_names
+    from teachx.studies.spec import unit_names
 
     mob, eff = (
         load_study(research("study-cifar10-mobilenet-cpu")),

@@ -703,7 +703,7 @@ def test_models_on_the_same_test_split_share_test_data(client, service):
 def test_an_unfinished_study_names_its_units_from_its_study_yaml(dirs, tmp_path):
     """Without study.json (a study still running, or stopped) the units are named from the recorded spec:
     ``unit_names`` computes the runner's own keys, so the names equal the finished study's."""
-    from teachx.studies.study import load_study_dir, unit_names
+    from teachx.studies.spec import load_study_dir, unit_names
 
     finished = {
         m.name: (m.label, m.role, m.info.get("seed"))

@@ -120,3 +120,21 @@ def test_bad_input_is_a_config_error():
         paired_compare([1.0, 2.0], [1.0])
     with pytest.raises(ConfigError):
         summarize([1.0, float("nan")])
+
+
+def test_one_number_format_for_people():
+    """The report, the study summary, the verdicts and the scripts share one format per kind of number."""
+    from teachx.evaluation.stats import verdict
+    from teachx.utils.numbers import interval, mean_std, number, p_value, points, signed
+
+    assert (number(0.86719), number(None), number(0.5, 3)) == ("0.8672", "n/a", "0.500")
+    assert (p_value(0.60491), p_value(2.345e-5), p_value(None)) == ("0.605", "2.3e-05", "n/a")
+    assert (signed(0.0391), interval(-0.5, 0.7, sign=True), interval(None, 1.0)) == (
+        "+0.0391",
+        "[-0.5000, +0.7000]",
+        "n/a",
+    )
+    assert (mean_std({"mean": 0.9, "std": 0.1}), mean_std({"mean": 0.9, "std": None})) == ("0.9000 ± 0.1000", "0.9000")
+    assert (points(0.8672), points(0.047, sign=True)) == ("86.7", "+4.7")
+    text = verdict({"n": 8, "p_ttest": 2.345e-5, "mean_diff": 0.05, "ci_low": 0.04, "ci_high": 0.06})
+    assert text == "better: mean difference +0.0500, 95% CI [+0.0400, +0.0600], p=2.3e-05 < 0.05"

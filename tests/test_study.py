@@ -16,7 +16,8 @@ from scipy import stats as sps
 from conftest import TEACHX, invoke_study, teachx_env, teachx_main
 
 from teachx.errors import ConfigError
-from teachx.studies.study import BASELINE, load_study, run_study
+from teachx.studies.runner import run_study
+from teachx.studies.spec import BASELINE, load_study
 from teachx.training.trainer import Trainer
 
 
@@ -256,7 +257,7 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     from dataclasses import replace
 
     from teachx.config.schema import RunConfig
-    from teachx.studies.study import _relevant, classifier_key, eval_key, EvalSpec, impactx_key
+    from teachx.studies.spec import _relevant, classifier_key, eval_key, EvalSpec, impactx_key
     from teachx.config.loader import from_dict
 
     # the paper's decoder was the default when these keys were first made: a config that names it hashes
@@ -394,7 +395,7 @@ def test_arm_with_its_own_baseline_and_control(tmp_path, monkeypatch):
     """Arms whose data differ from the regime's (here: no augmentation) get a baseline of their own, which the
     runner trains first; the plan (and so --status) lists it, and the teacher stays the regime's baseline, as
     teacher.training asks. study.controls pairs such an arm with the lambda=0 arm trained on the same data."""
-    from teachx.studies.study import planned_units
+    from teachx.studies.spec import planned_units
     from teachx.studies.status import study_status
 
     torch.set_num_threads(1)
@@ -462,7 +463,8 @@ def test_study_dir_race_with_a_starting_process(tmp_path):
     """A second process may see the first one's study.yaml temp file before the rename: not an error;
     any other content in a directory without study.yaml still is."""
     from teachx.errors import RunDirError
-    from teachx.studies.study import StudySpec, prepare_study_dir
+    from teachx.studies.runner import prepare_study_dir
+    from teachx.studies.spec import StudySpec
 
     spec = StudySpec({}, [0], {"impactx": {}}, {"all": {}})
     out = tmp_path / "s"
@@ -593,3 +595,29 @@ def test_status_reads_what_the_workers_left(study_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     code, printed, err = teachx_main(capsys, "study", str(study_dir["cfg"]), "--out", str(empty), "--status")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "without --status" in err and not empty.exists()
+
+
+@pytest.mark.slow
+def test_study_records_read_back_exactly(study_dir):
+    """study.json read through the typed records writes the same JSON again: keys, their order, values."""
+    from teachx.studies.records import StudyRecord
+    from teachx.utils.io import read_trusted_json
+
+    data = read_trusted_json(study_dir["second"].path, "re-run the study")
+    assert json.dumps(StudyRecord.from_dict(data).to_dict()) == json.dumps(data)
+
+
+def test_study_records_of_older_teachx_read():
+    """Records that lack keys teachx writes today (older studies) read with their defaults; a method's own keys
+    stay where they stood."""
+    from teachx.studies.records import StudyRow, UnitRecord
+
+    unit = UnitRecord.from_dict({"kind": "impactx", "lam": 1.0, "maps": "teacher", "seed": 0, "test_acc": 0.5})
+    assert unit.method_fields == {"lam": 1.0, "maps": "teacher"} and unit.history == [] and unit.errors == []
+    assert list(unit.to_dict())[:4] == ["kind", "lam", "maps", "seed"]
+    evaluated = {**unit.to_dict(), "map_quality": {"corr": 0.1}, "errors": ["x"], "old_measure": 1}
+    again = UnitRecord.from_dict(evaluated)
+    assert again.map_quality == {"corr": 0.1} and again.errors == ["x"] and "old_measure" in again.evaluation
+    assert json.dumps(again.to_dict()) == json.dumps(evaluated)
+    row = StudyRow.from_dict({"regime": "all", "arm": "impactx", "seeds": [0], "units": ["x-1"], "lam": 0.0})
+    assert row.kind is None and row.lam == 0.0 and row.vs_control is None and not row.is_baseline

@@ -51,7 +51,7 @@ def describe_config(cfg: Any, study: Optional[dict[str, Any]] = None) -> str:
     """The resolved run config as YAML, every option with its description as a comment; then the
     ``study:`` section: ``study`` (a resolved section, :meth:`StudySpec.section`) with each key's
     value and meaning, else the keys of `teachx study` configs, commented out."""
-    from teachx.studies.study import STUDY_KEYS, EvalSpec  # lazy: CLI start-up
+    from teachx.studies.spec import STUDY_KEYS, EvalSpec  # lazy: CLI start-up
 
     lines = [
         "# every option of a teachx config, its value here and what it means;",

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import click
 
 from teachx.errors import ConfigError, TeachxError
+from teachx.utils.numbers import number
 
 NPROC_HELP = (
     "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
@@ -182,7 +183,7 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
     study = None
     if path is not None and _is_study_config(path):  # the run config its units start from, and the study: section
         from teachx.runs.resolve import study_base_config  # lazy: CLI start-up
-        from teachx.studies.study import load_study  # lazy: CLI start-up
+        from teachx.studies.spec import load_study  # lazy: CLI start-up
 
         spec = load_study(path, overrides)
         cfg, study = study_base_config(spec.base), spec.section()
@@ -289,7 +290,7 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
             | ({"config_hash": bound} if bound else {})
         )
         dist_utils.on_main(write_json_atomic, run_dir / "results.json", record, digest=True)
-    echo0(f"test accuracy {rec['test_acc']:.4f}; best checkpoint {stage_checkpoint(run_dir, rec)}")
+    echo0(f"test accuracy {number(rec['test_acc'])}; best checkpoint {stage_checkpoint(run_dir, rec)}")
     dist_utils.shutdown()
 
 
@@ -501,34 +502,37 @@ def _print_summary(res: dict, run_dir: Path) -> None:
     click.echo(
         f"dataset {res['dataset']} | backbone {res['backbone']} | teacher {res['teacher']} | epochs {res['epochs']}"
     )
-    click.echo(f"baseline test accuracy: {res['baseline_test_acc']:.4f}")
+    click.echo(f"baseline test accuracy: {number(res['baseline_test_acc'])}")
     from teachx.training.methods import recorded_method
 
     method = recorded_method(res)
     if method is not None:  # a method this teachx knows (the record of another one: its accuracy alone)
         label, details = method.result_text(res)
         click.echo(
-            f"{label:<8} test accuracy: {method.result_acc(res, 'test'):.4f}" + (f"  ({details})" if details else "")
+            f"{label:<8} test accuracy: {number(method.result_acc(res, 'test'))}"
+            + (f"  ({details})" if details else "")
         )
     elif res.get("method_test_acc") is not None:
-        click.echo(f"{res.get('method')} test accuracy: {res['method_test_acc']:.4f}")
+        click.echo(f"{res.get('method')} test accuracy: {number(res['method_test_acc'])}")
     sc = res.get("shortcut")
     if sc:
         for name in [k for k in sc if isinstance(sc[k], dict) and "gradient" in sc[k]]:
-            shares = ", ".join(f"{m} {v:.3f}" for m, v in sc[name].items() if m != "area" and isinstance(v, float))
+            shares = ", ".join(
+                f"{m} {number(v, 3)}" for m, v in sc[name].items() if m != "area" and isinstance(v, float)
+            )
             click.echo(
-                f"attribution on the artefact ({name}): {shares} (artefact area {sc[name].get('area', float('nan')):.3f})"
+                f"attribution on the artefact ({name}): {shares} (artefact area {number(sc[name].get('area', float('nan')), 3)})"
             )
     q = res.get("map_quality")
     if q:
         aug = (
-            f"; under the training augmentation: {q['corr_mean_map_augmented']:.3f}"
+            f"; under the training augmentation: {number(q['corr_mean_map_augmented'], 3)}"
             if "corr_mean_map_augmented" in q
             else ""
         )
         click.echo(
-            f"built-in maps vs teacher on test: corr {q['corr']:.3f} (mean map: {q['corr_mean_map']:.3f}{aug}), R^2 vs mean map {q['r2_vs_mean_map']:.3f}"
-            + (f" (scale-free: {q['r2_vs_mean_map_affine']:.3f})" if "r2_vs_mean_map_affine" in q else "")
+            f"built-in maps vs teacher on test: corr {number(q['corr'], 3)} (mean map: {number(q['corr_mean_map'], 3)}{aug}), R^2 vs mean map {number(q['r2_vs_mean_map'], 3)}"
+            + (f" (scale-free: {number(q['r2_vs_mean_map_affine'], 3)})" if "r2_vs_mean_map_affine" in q else "")
         )
     click.echo(
         f"wall time {res['wall_seconds']:.1f}s; results in {run_dir / 'results.json'}, figures in {run_dir / 'figures'}"

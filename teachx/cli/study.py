@@ -73,7 +73,8 @@ def study(
     `teachx study [CONFIG] --out DIR --status` shows where the study in DIR stands (without CONFIG: the
     study DIR records).
     """
-    from teachx.studies.study import BASELINE, load_study, run_study  # lazy: CLI start-up
+    from teachx.studies.runner import run_study  # lazy: CLI start-up
+    from teachx.studies.spec import BASELINE, load_study  # lazy: CLI start-up
 
     for o in overrides:
         if "=" not in o:
@@ -120,7 +121,7 @@ def study(
 
 def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int], out: Path) -> None:
     """`teachx study [CONFIG] --out DIR --status`: the units of CONFIG (default: the study DIR records) in DIR."""
-    from teachx.studies.study import load_study, load_study_dir  # lazy: CLI start-up
+    from teachx.studies.spec import load_study, load_study_dir  # lazy: CLI start-up
     from teachx.studies.status import status_lines, study_status  # lazy: CLI start-up
 
     if not (out / "units").is_dir():

@@ -32,6 +32,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from teachx.errors import ConfigError
+from teachx.utils.numbers import interval, p_value, signed
 
 
 def _clean(value: Any) -> Any:
@@ -242,8 +243,8 @@ def verdict(cmp: PairedComparison | dict[str, Any], alpha: float = 0.05, higher_
         return "not testable (fewer than 2 seeds)"
     ci = ""
     if c.get("ci_low") is not None:
-        ci = f", 95% CI [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]"
+        ci = f", 95% CI {interval(c['ci_low'], c['ci_high'], sign=True)}"
     better = (diff > 0) == higher_is_better
     if p < alpha and diff != 0:
-        return f"{'better' if better else 'worse'}: mean difference {diff:+.4f}{ci}, p={p:.3g} < {alpha}"
-    return f"no significant difference: mean difference {diff:+.4f}{ci}, p={p:.3g} >= {alpha}"
+        return f"{'better' if better else 'worse'}: mean difference {signed(diff)}{ci}, p={p_value(p)} < {alpha}"
+    return f"no significant difference: mean difference {signed(diff)}{ci}, p={p_value(p)} >= {alpha}"

@@ -27,6 +27,8 @@ from teachx.runs import figures
 from teachx.runs.figures import VAL_LOSS_LABEL
 from teachx.runs.recovery import run_dir_fix
 from teachx.runs.rundir import run_config_hash, saved_run_config
+from teachx.studies.records import StudyRecord, StudyRow
+from teachx.utils.numbers import interval, mean_std, number, p_value, signed
 from teachx.utils.io import read_trusted_json, write_bytes_atomic, write_text_atomic
 
 CSS = """
@@ -116,28 +118,6 @@ class _Doc:
 # -- formatting --------------------------------------------------------------------------------------
 
 
-def _f(x: Optional[float], nd: int = 4) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def _p(p: Optional[float]) -> str:
-    if p is None:
-        return "n/a"
-    return f"{p:.3g}" if p >= 1e-3 else f"{p:.1e}"
-
-
-def _ms(s: Optional[dict[str, Any]], nd: int = 4) -> str:
-    if not s:
-        return "n/a"
-    return f"{_f(s['mean'], nd)} ± {_f(s['std'], nd)}" if s.get("std") is not None else _f(s["mean"], nd)
-
-
-def _ci(lo: Optional[float], hi: Optional[float], signed: bool = False) -> str:
-    if lo is None or hi is None:
-        return "n/a"
-    return f"[{lo:+.4f}, {hi:+.4f}]" if signed else f"[{lo:.4f}, {hi:.4f}]"
-
-
 # -- figures -----------------------------------------------------------------------------------------
 
 
@@ -196,12 +176,12 @@ def _curves(histories: dict[str, list[list[dict[str, Any]]]], title: str):
 
 
 def accuracy_figure(
-    rows: list[dict[str, Any]], regimes: Sequence[str], arms: Sequence[str], control: Optional[str] = None
+    rows: list[StudyRow], regimes: Sequence[str], arms: Sequence[str], control: Optional[str] = None
 ) -> bytes:
     """One panel per regime: every seed's test accuracy (dots), mean and 95% t-interval (bar) per arm;
     the dashed line is the lambda=0 control's mean, the dotted one the baseline's."""
     plt = _plt()
-    by = {(r["regime"], r["arm"]): r for r in rows}
+    by = {(r.regime, r.arm): r for r in rows}
     widths = [max(3, sum((reg, a) in by for a in arms)) for reg in regimes]
     fig, axes = plt.subplots(
         1,
@@ -214,8 +194,8 @@ def accuracy_figure(
         here = [a for a in arms if (reg, a) in by]  # arms limited by study.arm_regimes leave no empty slot
         for i, arm in enumerate(here):
             r = by[(reg, arm)]
-            s = r["summary"]
-            accs = [a for a in r["test_acc"] if a is not None]
+            s = r.summary
+            accs = [a for a in r.test_acc if a is not None]
             jitter = np.linspace(-0.12, 0.12, len(accs)) if len(accs) > 1 else [0.0]
             ax.scatter(i + np.asarray(jitter), accs, s=9, color=f"C{arms.index(arm) % 10}", alpha=0.6, zorder=2)
             if s.get("ci_low") is not None:
@@ -234,7 +214,7 @@ def accuracy_figure(
         for ref, style in ((control, "--"), ("baseline", ":")):
             r = by.get((reg, ref)) if ref else None
             if r:
-                ax.axhline(r["summary"]["mean"], color="0.4", ls=style, lw=0.8, zorder=1)
+                ax.axhline(r.summary["mean"], color="0.4", ls=style, lw=0.8, zorder=1)
         ax.set_xticks(range(len(here)), here, rotation=45, ha="right", fontsize=7)
         ax.set_title(f"regime {reg}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -445,11 +425,11 @@ def _read_json(p: Path) -> Any:
         raise RunDirError(f"cannot read '{p}' ({type(exc).__name__}); re-run the command that writes it") from None
 
 
-def _evaluated_row(row: dict[str, Any]) -> bool:
+def _evaluated_row(row: StudyRow) -> bool:
     """Whether a study row's units were evaluated beyond accuracy (their example arrays, built-in maps)."""
     from teachx.training.methods import recorded_method
 
-    method = recorded_method(row)
+    method = recorded_method(row.to_dict())
     return method is not None and method.study_evaluation
 
 
@@ -462,15 +442,15 @@ def _method_row(res: dict[str, Any]) -> list[Any]:
         return [
             f"{res.get('method')}",
             res.get("backbone"),
-            _f(res.get("method_test_acc")),
-            _f(res.get("method_val_acc")),
+            number(res.get("method_test_acc")),
+            number(res.get("method_val_acc")),
         ]
     label, details = method.result_text(res)
     return [
         label + (f" ({details})" if details else ""),
         res.get("backbone"),
-        _f(method.result_acc(res, "test")),
-        _f(method.result_acc(res, "val")),
+        number(method.result_acc(res, "test")),
+        number(method.result_acc(res, "val")),
     ]
 
 
@@ -547,11 +527,11 @@ def _run_report(d: Path) -> _Doc:
     )
     doc.h("Accuracy")
     rows = [
-        ["baseline", res.get("backbone"), _f(res.get("baseline_test_acc")), _f(res.get("baseline_val_acc"))],
+        ["baseline", res.get("backbone"), number(res.get("baseline_test_acc")), number(res.get("baseline_val_acc"))],
         _method_row(res),
     ]
     if res.get("teacher_test_acc") is not None and res.get("teacher_backbone") != res.get("backbone"):
-        rows.append(["teacher", res.get("teacher_backbone"), _f(res.get("teacher_test_acc")), "n/a"])
+        rows.append(["teacher", res.get("teacher_backbone"), number(res.get("teacher_test_acc")), "n/a"])
     doc.table(["model", "backbone", "test acc", "best val acc"], rows)
     doc.measures(["test_accuracy"])
     _per_class(doc, d, res)
@@ -561,7 +541,7 @@ def _run_report(d: Path) -> _Doc:
         doc.table(
             ["model", "input gradient share (↓)", "LRP share (↓)", "artefact area (chance)"],
             [
-                [name, _f(b.get("gradient"), 3), _f(b.get("lrp"), 3), _f(b.get("area"), 3)]
+                [name, number(b.get("gradient"), 3), number(b.get("lrp"), 3), number(b.get("area"), 3)]
                 for name, b in sc.items()
                 if isinstance(b, dict) and "area" in b
             ],
@@ -573,16 +553,16 @@ def _run_report(d: Path) -> _Doc:
         doc.table(
             ["measure", "value"],
             [
-                ["Pearson correlation", _f(q.get("corr"), 3)],
-                ["correlation of the mean training map", _f(q.get("corr_mean_map"), 3)],
+                ["Pearson correlation", number(q.get("corr"), 3)],
+                ["correlation of the mean training map", number(q.get("corr_mean_map"), 3)],
                 [
                     "correlation of the mean map under the training augmentation (a constant map's best)",
-                    _f(q.get("corr_mean_map_augmented"), 3),
+                    number(q.get("corr_mean_map_augmented"), 3),
                 ],
-                ["R² vs mean map (> 0: per-image maps were learned)", _f(q.get("r2_vs_mean_map"), 3)],
+                ["R² vs mean map (> 0: per-image maps were learned)", number(q.get("r2_vs_mean_map"), 3)],
                 [
                     "R² vs mean map, scale-free (each map's best per-image scale and offset; for 1 − Pearson / rank losses)",
-                    _f(q.get("r2_vs_mean_map_affine"), 3),
+                    number(q.get("r2_vs_mean_map_affine"), 3),
                 ],
             ],
         )
@@ -601,16 +581,16 @@ def _run_report(d: Path) -> _Doc:
                 [
                     [
                         k,
-                        _f(auc.get("pixel_flipping_morf", {}).get(k), 3),
-                        _f(auc.get("pixel_flipping_lerf", {}).get(k), 3),
-                        _f(auc.get("insertion", {}).get(k), 3),
+                        number(auc.get("pixel_flipping_morf", {}).get(k), 3),
+                        number(auc.get("pixel_flipping_lerf", {}).get(k), 3),
+                        number(auc.get("insertion", {}).get(k), 3),
                     ]
                     for k in names
                 ],
             )
             doc.p(
-                f"Correlation of the built-in map with the teacher method applied post hoc to the IMPACTX model: {_f(fq.get('corr_self'), 3)} "
-                f"(mean map: {_f(fq.get('corr_self_mean_map'), 3)}).",
+                f"Correlation of the built-in map with the teacher method applied post hoc to the IMPACTX model: {number(fq.get('corr_self'), 3)} "
+                f"(mean map: {number(fq.get('corr_self_mean_map'), 3)}).",
                 "note",
             )
             doc.measures(["pixel_flipping_morf", "pixel_flipping_lerf", "insertion", "corr_self", "corr_self_mean_map"])
@@ -659,7 +639,7 @@ def _run_report(d: Path) -> _Doc:
     )
     doc.p(
         f"device {res.get('device')}, torch threads {res.get('torch_threads')}; "
-        f"seconds/epoch: baseline {_f(res.get('baseline_seconds_per_epoch'), 2)}, IMPACTX {_f(res.get('impactx_seconds_per_epoch'), 2)}",
+        f"seconds/epoch: baseline {number(res.get('baseline_seconds_per_epoch'), 2)}, IMPACTX {number(res.get('impactx_seconds_per_epoch'), 2)}",
         "note",
     )
     doc.h("Resolved config")
@@ -668,22 +648,24 @@ def _run_report(d: Path) -> _Doc:
 
 
 def _study_report(d: Path) -> _Doc:
-    data = _read_json(d / "study.json")
-    study, rows, units = data["study"], data["rows"], data["units"]
-    base = data["base_config"]
+    data = StudyRecord.from_dict(_read_json(d / "study.json"))
+    study, rows, units = data.study, data.rows, data.units
+    base = data.base_config
     doc = _Doc(f"teachx study: {base['data']['name']} / {base['model']['backbone']} ({len(study['seeds'])} seeds)")
     doc.p(
         f"seeds {study['seeds']}; arms: {', '.join(study['arms'])}; regimes: {', '.join(study['regimes'])}; "
         f"control (lambda=0): {study.get('control') or 'none'}"
         + "".join(f", for {a}: {c}" for a, c in (study.get("controls") or {}).items())
-        + f"; alpha = {data['alpha']}."
+        + f"; alpha = {data.alpha}."
     )
     doc.h("Does the gain come from the explanations?")
-    if data["verdicts"]:
-        for v in data["verdicts"]:
+    if data.verdicts:
+        for v in data.verdicts:
             doc.verdict(
                 v["text"]
-                + (f" (Holm-adjusted p={_p(v.get('p_ttest_holm'))}, Wilcoxon p={_p(v.get('p_wilcoxon'))}, n={v['n']})"),
+                + (
+                    f" (Holm-adjusted p={p_value(v.get('p_ttest_holm'))}, Wilcoxon p={p_value(v.get('p_wilcoxon'))}, n={v['n']})"
+                ),
                 v["beats_control"],
             )
     else:
@@ -712,19 +694,19 @@ def _study_report(d: Path) -> _Doc:
     ]
     table = []
     for r in rows:
-        s, vb, vc = r["summary"], r.get("vs_baseline"), r.get("vs_control")
-        cell = [r["regime"], r["arm"], s["n"], _ms(s), _ci(s["ci_low"], s["ci_high"])]
+        s, vb, vc = r.summary, r.vs_baseline, r.vs_control
+        cell = [r.regime, r.arm, s["n"], mean_std(s), interval(s["ci_low"], s["ci_high"])]
         for c in (vb, vc):
             if c:
                 cell += [
-                    f"{c['mean_diff']:+.4f}",
-                    _ci(c.get("ci_low"), c.get("ci_high"), True),
-                    _p(c.get("p_ttest")),
-                    _p(c.get("p_wilcoxon")),
-                    _p(c.get("p_ttest_holm")),
+                    signed(c["mean_diff"]),
+                    interval(c.get("ci_low"), c.get("ci_high"), True),
+                    p_value(c.get("p_ttest")),
+                    p_value(c.get("p_wilcoxon")),
+                    p_value(c.get("p_ttest_holm")),
                 ]
                 if c is vb:
-                    cell.append(_f(c.get("cohen_dz"), 2))
+                    cell.append(number(c.get("cohen_dz"), 2))
             else:
                 cell += [""] * (6 if c is vb else 5)
         cell.append(f"{vc['wins']}/{vc['losses']}" if vc else "")
@@ -742,17 +724,17 @@ def _study_report(d: Path) -> _Doc:
         accuracy_figure(rows, list(study["regimes"]), ["baseline", *study["arms"]], study.get("control")),
         "test accuracy per seed (dots), mean and 95% t-interval (black); dashed: the λ=0 control's mean, dotted: the baseline's",
     )
-    teach = [r for r in rows if r.get("teacher_test_acc")]
+    teach = [r for r in rows if r.teacher_test_acc]
     if teach:
         doc.table(
             ["regime", "arm", "teacher backbone", "teacher test acc"],
-            [[r["regime"], r["arm"], r["teacher_backbone"], _ms(r["teacher_test_acc"])] for r in teach],
+            [[r.regime, r.arm, r.teacher_backbone, mean_std(r.teacher_test_acc)] for r in teach],
         )
     # ablation pivot
     doc.h("Ablation table (test accuracy; Δ and p vs λ=0)")
     regimes = list(study["regimes"])
     arms = ["baseline", *study["arms"]]
-    by = {(r["regime"], r["arm"]): r for r in rows}
+    by = {(r.regime, r.arm): r for r in rows}
     pivot = []
     for arm in arms:
         line = [arm]
@@ -761,14 +743,14 @@ def _study_report(d: Path) -> _Doc:
             if not r:
                 line.append("")
                 continue
-            txt = _ms(r["summary"])
-            if r.get("vs_control"):
-                txt += f" (Δ {r['vs_control']['mean_diff']:+.4f}, p={_p(r['vs_control'].get('p_ttest'))})"
+            txt = mean_std(r.summary)
+            if r.vs_control:
+                txt += f" (Δ {signed(r.vs_control['mean_diff'])}, p={p_value(r.vs_control.get('p_ttest'))})"
             line.append(txt)
         pivot.append(line)
     doc.table(["arm", *regimes], pivot)
     # shortcut benchmarks: the wrong-reason score
-    sc = [r for r in rows if r.get("shortcut")]
+    sc = [r for r in rows if r.shortcut]
     if sc:
         doc.h(
             "Right for the right reasons? Attribution on the artefact (de-correlated test images, mean ± std over seeds)"
@@ -786,14 +768,14 @@ def _study_report(d: Path) -> _Doc:
             ],
             [
                 [
-                    r["regime"],
-                    r["arm"],
-                    r.get("method", ""),
-                    _ms(r["summary"]),
-                    _ms(r["shortcut"].get("gradient"), 3),
-                    _ms(r["shortcut"].get("lrp"), 3),
-                    _ms(r["shortcut"].get("built_in"), 3) if r["shortcut"].get("built_in") else "—",
-                    _ms(r["shortcut"].get("area"), 3),
+                    r.regime,
+                    r.arm,
+                    r.method or "",
+                    mean_std(r.summary),
+                    mean_std(r.shortcut.get("gradient"), 3),
+                    mean_std(r.shortcut.get("lrp"), 3),
+                    mean_std(r.shortcut.get("built_in"), 3) if r.shortcut.get("built_in") else "—",
+                    mean_std(r.shortcut.get("area"), 3),
                 ]
                 for r in sc
             ],
@@ -806,7 +788,7 @@ def _study_report(d: Path) -> _Doc:
         )
         doc.measures(["gradient_share", "lrp_share", "artefact_area"])
     # map quality
-    mq = [r for r in rows if r.get("map_quality")]
+    mq = [r for r in rows if r.map_quality]
     if mq:
         doc.h("Built-in maps vs teacher maps (test set, mean ± std over seeds)")
         doc.table(
@@ -824,16 +806,16 @@ def _study_report(d: Path) -> _Doc:
             ],
             [
                 [
-                    r["regime"],
-                    r["arm"],
-                    r.get("lam", "—"),
-                    r.get("maps", r.get("method", "")),
-                    r["teacher"],
-                    _ms(r["map_quality"]["corr"], 3),
-                    _ms(r["map_quality"]["corr_mean_map"], 3),
-                    _ms(r["map_quality"].get("corr_mean_map_augmented"), 3),
-                    _ms(r["map_quality"]["r2_vs_mean_map"], 3),
-                    _ms(r["map_quality"].get("r2_vs_mean_map_affine"), 3),
+                    r.regime,
+                    r.arm,
+                    r.method_fields.get("lam", "—"),
+                    r.method_fields.get("maps", r.method or ""),
+                    r.teacher,
+                    mean_std(r.map_quality["corr"], 3),
+                    mean_std(r.map_quality["corr_mean_map"], 3),
+                    mean_std(r.map_quality.get("corr_mean_map_augmented"), 3),
+                    mean_std(r.map_quality["r2_vs_mean_map"], 3),
+                    mean_std(r.map_quality.get("r2_vs_mean_map_affine"), 3),
                 ]
                 for r in mq
             ],
@@ -847,7 +829,7 @@ def _study_report(d: Path) -> _Doc:
             "note",
         )
         doc.measures(["corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine"])
-        bf = [r for r in mq if "pixel_flipping_morf.built_in" in r["map_quality"]]
+        bf = [r for r in mq if "pixel_flipping_morf.built_in" in r.map_quality]
         if bf:
             doc.h("Built-in maps explain the IMPACTX model itself? (predicted class; mean ± std over seeds)")
             sets = ("built_in", "teacher_post_hoc", "mean_map", "random")
@@ -857,15 +839,15 @@ def _study_report(d: Path) -> _Doc:
                 + ["LeRF built_in (↑)", "insertion built_in (↑)"],
                 [
                     [
-                        r["regime"],
-                        r["arm"],
-                        _ms(r["map_quality"].get("corr_self"), 3),
-                        _ms(r["map_quality"].get("corr_self_mean_map"), 3),
+                        r.regime,
+                        r.arm,
+                        mean_std(r.map_quality.get("corr_self"), 3),
+                        mean_std(r.map_quality.get("corr_self_mean_map"), 3),
                     ]
-                    + [_ms(r["map_quality"].get(f"pixel_flipping_morf.{k}"), 3) for k in sets]
+                    + [mean_std(r.map_quality.get(f"pixel_flipping_morf.{k}"), 3) for k in sets]
                     + [
-                        _ms(r["map_quality"].get("pixel_flipping_lerf.built_in"), 3),
-                        _ms(r["map_quality"].get("insertion.built_in"), 3),
+                        mean_std(r.map_quality.get("pixel_flipping_lerf.built_in"), 3),
+                        mean_std(r.map_quality.get("insertion.built_in"), 3),
                     ]
                     for r in bf
                 ],
@@ -877,19 +859,19 @@ def _study_report(d: Path) -> _Doc:
             )
             doc.measures(["corr_self", "corr_self_mean_map", "pixel_flipping_morf", "pixel_flipping_lerf", "insertion"])
     # faithfulness
-    fr = [r for r in rows if r.get("faithfulness")]
+    fr = [r for r in rows if r.faithfulness]
     if fr:
         doc.h("Faithfulness (pixel flipping; AUC mean ± std over seeds)")
         ft = []
         for r in fr:
-            for set_name, by_metric in r["faithfulness"].items():
+            for set_name, by_metric in r.faithfulness.items():
                 ft.append(
                     [
-                        r["regime"],
-                        r["arm"],
+                        r.regime,
+                        r.arm,
                         set_name,
-                        _ms((by_metric.get("pixel_flipping_morf") or {}).get("auc")),
-                        _ms((by_metric.get("pixel_flipping_lerf") or {}).get("auc")),
+                        mean_std((by_metric.get("pixel_flipping_morf") or {}).get("auc")),
+                        mean_std((by_metric.get("pixel_flipping_lerf") or {}).get("auc")),
                     ]
                 )
         doc.table(["regime", "arm", "map set", "MoRF AUC (↓)", "LeRF AUC (↑)"], ft)
@@ -900,9 +882,9 @@ def _study_report(d: Path) -> _Doc:
         )
         for r in fr:
             doc.figure(
-                f"faithfulness_{_safe(r['regime'])}_{_safe(r['arm'])}.png",
-                faithfulness_figure(r["faithfulness"], f"regime {r['regime']}, arm {r['arm']}"),
-                f"MoRF/LeRF curves, regime {r['regime']}, arm {r['arm']} (mean over seeds)",
+                f"faithfulness_{_safe(r.regime)}_{_safe(r.arm)}.png",
+                faithfulness_figure(r.faithfulness, f"regime {r.regime}, arm {r.arm}"),
+                f"MoRF/LeRF curves, regime {r.regime}, arm {r.arm} (mean over seeds)",
             )
     # training curves
     doc.h("Training curves")
@@ -911,7 +893,7 @@ def _study_report(d: Path) -> _Doc:
         for arm in arms:
             r = by.get((reg, arm))
             if r:
-                hist[arm] = [units[k].get("history", []) for k in r["units"]]
+                hist[arm] = [units[k].history for k in r.units]
         doc.figure(
             f"curves_{_safe(reg)}.png",
             curves_figure(hist, f"regime {reg}"),
@@ -921,15 +903,15 @@ def _study_report(d: Path) -> _Doc:
     doc.h("Examples (first seed)")
     shown = 0
     for r in rows:
-        if not _evaluated_row(r) or not r.get("lam"):
+        if not _evaluated_row(r) or not r.lam:
             continue
-        names = (units[r["units"][0]].get("examples") or {}).get("class_names")
-        png = examples_figure(d / "units" / r["units"][0] / "examples.npz", names)
+        names = (units[r.units[0]].examples or {}).get("class_names")
+        png = examples_figure(d / "units" / r.units[0] / "examples.npz", names)
         if png:
             doc.figure(
-                f"examples_{_safe(r['regime'])}_{_safe(r['arm'])}.png",
+                f"examples_{_safe(r.regime)}_{_safe(r.arm)}.png",
                 png,
-                f"regime {r['regime']}, arm {r['arm']}, seed {r['seeds'][0]}: input | teacher map | built-in map | teacher post hoc on IMPACTX "
+                f"regime {r.regime}, arm {r.arm}, seed {r.seeds[0]}: input | teacher map | built-in map | teacher post hoc on IMPACTX "
                 "(diverging colour scale symmetric around 0 per map)",
             )
             shown += 1
@@ -937,31 +919,31 @@ def _study_report(d: Path) -> _Doc:
         doc.p("no example arrays stored (study.eval.examples: 0)", "note")
     # the built-in maps of several arms on the same images: does a design change what the map shows?
     for reg in regimes:
-        trained = [r for r in rows if r["regime"] == reg and _evaluated_row(r) and r.get("lam") and r.get("seeds")]
-        trained = [r for r in trained if r["seeds"][0] == trained[0]["seeds"][0]][:MAX_SIDE_BY_SIDE] if trained else []
+        trained = [r for r in rows if r.regime == reg and _evaluated_row(r) and r.lam and r.seeds]
+        trained = [r for r in trained if r.seeds[0] == trained[0].seeds[0]][:MAX_SIDE_BY_SIDE] if trained else []
         if len(trained) < 2:
             continue
-        names = (units[trained[0]["units"][0]].get("examples") or {}).get("class_names")
-        png = arms_examples_figure([(r["arm"], d / "units" / r["units"][0] / "examples.npz") for r in trained], names)
+        names = (units[trained[0].units[0]].examples or {}).get("class_names")
+        png = arms_examples_figure([(r.arm, d / "units" / r.units[0] / "examples.npz") for r in trained], names)
         if png:
-            arms_shown = ", ".join(r["arm"] for r in trained)
+            arms_shown = ", ".join(r.arm for r in trained)
             doc.figure(
                 f"side_by_side_{_safe(reg)}.png",
                 png,
-                f"regime {reg}, seed {trained[0]['seeds'][0]}: input | the teachers' maps | the built-in maps of {arms_shown} "
+                f"regime {reg}, seed {trained[0].seeds[0]}: input | the teachers' maps | the built-in maps of {arms_shown} "
                 f"(the first {MAX_SIDE_BY_SIDE} trained IMPACTX arms; the same test images)",
             )
-    errors = sorted({e for u in units.values() for e in (u.get("errors") or [])})
+    errors = sorted({e for u in units.values() for e in u.errors})
     if errors:
         doc.p("Diagnostics that could not be computed: " + "; ".join(errors), "note")
     # timings
     doc.h("Stage timings")
-    t = data["timings"]
+    t = data.timings
     doc.table(
         ["stage", "units", "total s", "mean s"],
-        [[k, v["n"], _f(v["total_s"], 1), _f(v["mean_s"], 2)] for k, v in t.items()],
+        [[k, v["n"], number(v["total_s"], 1), number(v["mean_s"], 2)] for k, v in t.items()],
     )
-    el = data.get("elapsed") or {}
+    el = data.elapsed
     if el:
         doc.p(
             f"study wall time (first unit created {el['first_unit_created']} to last record {el['last_record_written']}, all processes and "
@@ -969,14 +951,14 @@ def _study_report(d: Path) -> _Doc:
             "note",
         )
     doc.p(
-        f"models trained by the last invocation: {data.get('trained_this_invocation')}; its wall time {data.get('wall_seconds_this_invocation', 0):.1f}s.",
+        f"models trained by the last invocation: {data.trained_this_invocation}; its wall time {data.wall_seconds_this_invocation or 0:.1f}s.",
         "note",
     )
     doc.h("Resolved config")
     study_yaml = d / "study.yaml"
     doc.pre(study_yaml.read_text() if study_yaml.exists() else json.dumps({"study": study, **base}, indent=2))
     doc.h("Notes")
-    for n in data.get("notes", []):
+    for n in data.notes:
         doc.p(n, "note")
     return doc
 

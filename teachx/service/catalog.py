@@ -21,7 +21,8 @@ from teachx.models import BUILT_IN_MAP_MODELS
 from teachx.runs.recovery import STAGES, stage_checkpoint, stage_done
 from teachx.runs.rundir import saved_run_config
 from teachx.studies.status import epochs_timed
-from teachx.studies.study import BASELINE, load_study_dir, unit_names
+from teachx.studies.records import StudyRecord, UnitFile
+from teachx.studies.spec import BASELINE, load_study_dir, unit_names
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import read_trusted_json
 
@@ -173,14 +174,12 @@ def _study(rid: str, path: Path) -> RunEntry:
     names: dict[str, dict[str, Any]] = {}  # unit key -> arm / regime / seed
     if (path / "study.json").exists():
         try:
-            data = _record(path / "study.json", "study record")
-            regimes = {row["regime"] for row in data.get("rows", [])}
-            for row in data.get("rows", []):
-                for seed, key in zip(row.get("seeds", []), row.get("units", [])):
-                    names.setdefault(
-                        key, {"arm": row["arm"], "regime": row["regime"], "seed": seed, "regimes": len(regimes)}
-                    )
-            run.summary = {"units": len(data.get("units", {})), "rows": len(data.get("rows", []))}
+            data = StudyRecord.from_dict(_record(path / "study.json", "study record"))
+            regimes = {row.regime for row in data.rows}
+            for row in data.rows:
+                for seed, key in zip(row.seeds, row.units):
+                    names.setdefault(key, {"arm": row.arm, "regime": row.regime, "seed": seed, "regimes": len(regimes)})
+            run.summary = {"units": len(data.units), "rows": len(data.rows)}
         except (TeachxError, OSError, KeyError, TypeError) as exc:
             run.summary = {"error": f"study.json unreadable: {exc}"}
     units = sorted((path / "units").iterdir()) if (path / "units").is_dir() else []
@@ -197,10 +196,10 @@ def _study(rid: str, path: Path) -> RunEntry:
         key = d.name
         entry = ModelEntry(f"{rid}.{_slug(key)}", rid, key, key, "classifier", "unit", {})
         try:
-            unit = _record(d / "unit.json", "study unit record")
-            entry.config = dict(unit.get("config") or {})
+            unit = UnitFile.from_dict(_record(d / "unit.json", "study unit record"))
+            entry.config = unit.config
             # a method unit holds its method's model (a classifier for rrr, saliency_guided, reldrop, baseline)
-            method = recorded_config_method(entry.config) if unit.get("kind") != "classifier" else None
+            method = recorded_config_method(entry.config) if unit.kind != "classifier" else None
             entry.kind = method.checkpoint_kind if method else "classifier"
         except (TeachxError, OSError) as exc:
             entry.error = str(exc)

@@ -19,8 +19,10 @@ from typing import Any, Optional
 from teachx.errors import TeachxError
 from teachx.evaluation.stats import summarize
 from teachx.runs.recovery import stage_done
-from teachx.studies.study import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units, read_unit_evaluation
+from teachx.studies.runner import read_unit_evaluation
+from teachx.studies.spec import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units
 from teachx.utils.locking import held_by
+from teachx.utils.numbers import number
 
 #: the states a unit can be in, in the order a run goes through them
 STATES = ("not started", "interrupted", "training", "to evaluate", "evaluating", "done", "damaged")
@@ -161,7 +163,7 @@ def status_lines(st: StudyStatus) -> list[str]:
         p = u.unit
         what = f"  {p.regime:>{rw}} {p.arm:<{aw}} seed {p.seed:<3} {u.state:<12}"
         if u.state in ("done", "to evaluate", "evaluating") and u.test_acc is not None:
-            what += f" test_acc {u.test_acc:.4f}"
+            what += f" test_acc {number(u.test_acc)}"
         elif u.state in ("training", "interrupted"):
             what += f" epoch {u.epochs_done}/{u.epochs}"
         if u.holder:

@@ -1,0 +1,230 @@
+"""A study's statistics: per (regime, arm) the accuracy summary over seeds, the paired comparisons with the
+regime's baseline and with the lambda=0 control (Holm-adjusted per family), the verdicts, the timings, and
+the end-of-study table printed from them."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
+from teachx.runs.plan import teacher_training
+from teachx.studies.records import StudyRecord, StudyRow, UnitRecord
+from teachx.studies.spec import BASELINE, STUDY_VERSION, StudySpec
+from teachx.utils.numbers import interval, number, p_value, signed
+from teachx.training.methods import METHODS, build_method, recorded_method
+
+
+def summarize_study(
+    spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, UnitRecord]
+) -> StudyRecord:
+    """The study record over the finished units: a row per (regime, arm), the verdicts, the timings."""
+    rows: list[StudyRow] = []
+    seeds = spec.seeds
+    for regime in spec.regimes:
+        for arm in [BASELINE, *spec.arms]:
+            if not spec.runs(regime, arm):
+                continue
+            keys = cells[(regime, arm)]
+            mine = [units[keys[s]] for s in seeds]
+            accs = [u.test_acc for u in mine]
+            cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
+            trained = build_method(cfg) if arm != BASELINE else None  # the arm's method (the baseline row has none)
+            row = StudyRow(
+                regime=regime,
+                arm=arm,
+                kind=trained.unit_kind if trained else "classifier",
+                method=trained.name if trained else BASELINE,
+                overrides=spec.arms.get(arm, {}),
+                regime_overrides=spec.regimes[regime],
+                seeds=seeds,
+                units=[keys[s] for s in seeds],
+                test_acc=accs,
+                summary=summarize(accs).to_dict(),
+            )
+            if trained is not None:
+                _, row.teacher_backbone, _ = teacher_training(cfg)
+                row.teacher = cfg.teacher.method
+                row.method_fields = trained.study_row(mine[0].to_dict())
+                row.vs_baseline = paired_compare(accs, [units[u.baseline_unit].test_acc for u in mine]).to_dict()
+                own = {u.baseline_unit for u in mine} != {cells[(regime, BASELINE)][s] for s in seeds}
+                row.vs_baseline["baseline"] = "own (the arm changes data/model/train)" if own else BASELINE
+                t_units = [u.teacher_unit for u in mine]
+                if t_units[0] != mine[0].baseline_unit:
+                    row.teacher_test_acc = summarize([units[t].test_acc for t in t_units]).to_dict()
+                control = spec.control_of(arm)
+                if control and arm != control and not trained.is_control():
+                    ckeys = cells[(regime, control)]
+                    row.vs_control = paired_compare(accs, [units[ckeys[s]].test_acc for s in seeds]).to_dict()
+                    row.vs_control["control"] = control
+                quality = [u.map_quality for u in mine]
+                if all(quality):
+                    row.map_quality = {
+                        m: summarize([q[m] for q in quality]).to_dict()
+                        for m in (
+                            "corr",
+                            "corr_mean_map",
+                            "corr_mean_map_augmented",
+                            "r2_vs_mean_map",
+                            "r2_vs_mean_map_affine",
+                        )
+                        if all(m in q for q in quality)
+                    }  # units evaluated before a measure existed lack it
+                    row.map_quality.update(_builtin_faith_summary([q.get("faithfulness") for q in quality]))
+                faith = [u.faithfulness for u in mine]
+                if all(faith):
+                    row.faithfulness = _faith_summary(faith)
+            shortcut = [u.shortcut for u in mine]
+            if all(shortcut):  # the measures every seed has (units made by older teachx may lack the built-in map's)
+                common = [
+                    m
+                    for m in shortcut[0]
+                    if m != "images" and all(isinstance(b.get(m), (int, float)) for b in shortcut)
+                ]
+                row.shortcut = {m: summarize([b[m] for b in shortcut]).to_dict() for m in common}
+            rows.append(row)
+    # Holm over each family (all vs-baseline tests; all vs-control tests)
+    for family in ("vs_baseline", "vs_control"):
+        members = [getattr(row, family) for row in rows if getattr(row, family) is not None]
+        for m, adj in zip(members, holm([m.get("p_ttest") for m in members])):
+            m["p_ttest_holm"] = adj
+    verdicts = []
+    for row in rows:
+        if row.vs_control is not None:
+            c = row.vs_control
+            ok = c.get("p_ttest") is not None and c["p_ttest"] < spec.alpha and c["mean_diff"] > 0
+            text = verdict(c, spec.alpha)
+            verdicts.append(
+                {
+                    "regime": row.regime,
+                    "arm": row.arm,
+                    "control": c["control"],
+                    "beats_control": bool(ok),
+                    "mean_diff": c["mean_diff"],
+                    "ci_low": c.get("ci_low"),
+                    "ci_high": c.get("ci_high"),
+                    "p_ttest": c.get("p_ttest"),
+                    "p_ttest_holm": c.get("p_ttest_holm"),
+                    "p_wilcoxon": c.get("p_wilcoxon"),
+                    "n": c["n"],
+                    "text": f"regime {row.regime}: {row.arm} vs {c['control']}: {text}",
+                }
+            )
+    timings = _timings(units)
+    return StudyRecord(
+        version=STUDY_VERSION,
+        study=spec.to_dict(),
+        base_config=spec.config(next(iter(spec.regimes)), None, seeds[0]).to_dict(),
+        alpha=spec.alpha,
+        rows=rows,
+        verdicts=verdicts,
+        units=units,
+        timings=timings,
+        notes=[
+            "accuracies are test-set accuracies of the best-validation checkpoint; comparisons are paired by seed",
+            "p_ttest: paired t-test; p_wilcoxon: Wilcoxon signed-rank (zeros dropped; exact/permutation for small n); "
+            "p_ttest_holm: Holm-adjusted within the family (all vs-baseline or all vs-control tests)",
+            "with fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05 (smallest p = 2/2^n)",
+        ],
+    )
+
+
+def _builtin_faith_summary(blocks: list[Optional[dict[str, Any]]]) -> dict[str, Any]:
+    """map_quality's faithfulness blocks over seeds -> summaries keyed 'corr_self', 'pixel_flipping_morf.built_in', ..."""
+    if not blocks or not all(blocks):
+        return {}
+    flat = []
+    for b in blocks:
+        f = {k: b[k] for k in ("corr_self", "corr_self_mean_map", "corr_post_hoc_teacher") if b.get(k) is not None}
+        for metric, by_set in (b.get("auc") or {}).items():
+            f.update({f"{metric}.{name}": v for name, v in by_set.items() if v is not None})
+        flat.append(f)
+    return {k: summarize([f[k] for f in flat]).to_dict() for k in flat[0] if all(k in f for f in flat)}
+
+
+def _faith_summary(faith: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for set_name in faith[0]["sets"]:
+        if not all(set_name in f["sets"] for f in faith):
+            continue
+        out[set_name] = {}
+        for metric, v in faith[0]["sets"][set_name].items():
+            aucs = [f["sets"][set_name][metric]["auc"] for f in faith]
+            curves = [f["sets"][set_name][metric]["curve"] for f in faith]
+            entry: dict[str, Any] = {
+                "auc": summarize([a for a in aucs if a is not None]).to_dict()
+                if any(a is not None for a in aucs)
+                else None
+            }
+            if all(curves):
+                entry["curve"] = np.nanmean(np.array(curves, dtype=float), axis=0).tolist()
+                entry["curve_x"] = v.get("curve_x")
+            out[set_name][metric] = entry
+    return out
+
+
+def _timings(units: dict[str, UnitRecord]) -> dict[str, Any]:
+    def agg(vals: list[float]) -> dict[str, Any]:
+        vals = [v for v in vals if v is not None]
+        return {"n": len(vals), "total_s": float(sum(vals)), "mean_s": float(np.mean(vals)) if vals else None}
+
+    # per unit kind (the methods' "method", classifiers, and each method's own, e.g. "impactx"), units that trained
+    # nothing of their own left out (a method that reuses its baseline: its seconds are the baseline unit's)
+    by_kind: dict[str, list[UnitRecord]] = {"method": [], "classifier": []}
+    for kind in sorted({METHODS.get(n).unit_kind for n in METHODS.names()}):
+        by_kind.setdefault(kind, [])
+    for u in units.values():
+        method = recorded_method(u.to_dict())
+        if method is None or not method.reuses_baseline:
+            by_kind.setdefault(u.kind, []).append(u)
+    out: dict[str, Any] = {}
+    for kind, members in by_kind.items():
+        out[f"{kind}_training"] = agg([u.seconds for u in members])
+        out[f"{kind}_seconds_per_epoch"] = agg([u.seconds_per_epoch for u in members])
+    evaluated = [u.timings for u in units.values() if u.timings]  # the units evaluated beyond accuracy
+    out["teacher_maps"] = agg([timings.get("maps") for timings in evaluated])
+    out["evaluation"] = agg([timings.get("evaluation") for timings in evaluated])
+    return out
+
+
+def summary_lines(data: StudyRecord) -> list[str]:
+    """The end-of-study table: accuracy per (regime, arm) with the paired comparisons."""
+    head = f"{'regime':<14} {'arm':<16} {'n':>2} {'test acc mean+-std':>20} {'95% CI':>17} {'d vs base':>9} {'p_t':>7} {'d vs ctrl':>9} {'p_t':>7} {'p_w':>7}"
+    lines = ["", head, "-" * len(head)]
+    for row in data.rows:
+        s = row.summary
+        ci = interval(s["ci_low"], s["ci_high"], sep=",")
+        vb, vc = row.vs_baseline, row.vs_control
+        db = signed(vb["mean_diff"]) if vb else ""
+        pb = p_value(vb["p_ttest"]) if vb else ""
+        dc = signed(vc["mean_diff"]) if vc else ""
+        pc = p_value(vc["p_ttest"]) if vc else ""
+        pw = p_value(vc["p_wilcoxon"]) if vc else ""
+        mean_std = number(s["mean"]) + " +- " + number(s["std"])
+        lines.append(
+            f"{row.regime:<14} {row.arm:<16} {s['n']:>2} {mean_std:>20} {ci:>17} {db:>9} {pb:>7} {dc:>9} {pc:>7} {pw:>7}"
+        )
+    shortcut_rows = [row for row in data.rows if row.shortcut]
+    if shortcut_rows:
+        lines.append("")
+        lines.append(
+            "Share of post-hoc attribution on the artefact, de-correlated test images (mean over seeds; lower = fewer wrong reasons)"
+        )
+        for row in shortcut_rows:
+            sc = row.shortcut
+            parts = [f"{m} {number(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "built_in", "area") if m in sc]
+            lines.append(f"  {row.regime:<14} {row.arm:<16} " + "  ".join(parts))
+    if data.verdicts:
+        lines.append("")
+        lines.append(
+            f"Does the gain come from the explanations? (each arm vs the control '{data.study.get('control')}'"
+            + "".join(f", {a} vs '{c}'" for a, c in (data.study.get("controls") or {}).items())
+            + ", paired t-test)"
+        )
+        lines.extend("  " + v["text"] for v in data.verdicts)
+    elif data.study.get("control") is None:
+        lines.append(
+            "(no lambda=0 control arm: add e.g. lambda0: {impactx.lam: 0} to study.arms to test whether gains come from the explanations)"
+        )
+    return lines
