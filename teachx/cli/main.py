@@ -1,4 +1,9 @@
-"""The `teachx` command line. Every user-fixable problem ends as one line on stderr and exit code 2."""
+"""The `teachx` command line. Every user-fixable problem ends as one line on stderr and exit code 2.
+
+Why one file of over 500 lines: the commands' click declarations (options and their help text)
+are kept together so that the command line reads as one; each command's work lives in the layers below,
+imported lazily for start-up time.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """``imagefolder:PATH``: class-per-folder images from a folder or a ``.zip``.
 
+Why one file of over 500 lines: one format with the many cases of people's own data (layouts,
+zips, sizes, bit depths, the errors that name every bad file), which belong together.
+
+
 Layouts (an enclosing single top folder, e.g. ``mydata/...`` inside a zip, is skipped):
 
 * ``train/<class>/<image>`` and ``test/<class>/<image>`` (``val``/``valid``/``validation`` stand in

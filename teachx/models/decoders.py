@@ -1,5 +1,9 @@
 """IMPACTX map decoders: what LEP computed -> the built-in attribution map(s).
 
+Why one file of over 500 lines: the designs share their building blocks and the
+recommended-design rule, and each is a few dozen lines, like zennit's rules in one module.
+
+
 One class per design, registered by name in ``DECODERS`` (``impactx.decoder``). Each class says
 *what* it reads (class attributes ``needs_pyramid``: LEP's multi-scale feature maps from
 ``Backbone.features_with_pyramid``; ``needs_input``: the normalised input image at full

@@ -1,5 +1,9 @@
 """The web layer of `teachx serve`: a thin FastAPI app over :class:`teachx.service.engine.Service`.
 
+Why one file of over 500 lines: every route of the versioned API is declared here, next to
+the checks and answers they share, so that the routes and the OpenAPI schema read as one contract.
+
+
 - ``/api/v1/...``: the JSON API (typed by :mod:`teachx.service.schemas`; schema at ``/openapi.json``,
   browsable at ``/docs``); maps also as PNG and ``.npy`` with the provenance in the
   ``X-Teachx-Provenance`` header;

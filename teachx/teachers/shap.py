@@ -1,5 +1,9 @@
 """SHAP teachers: DeepSHAP (DeepLIFT rescale over a background set) and Expected Gradients.
 
+Why one file of over 500 lines: the traced graph, the per-operation DeepLIFT rules and the
+batched backward of DeepSHAP are one algorithm.
+
+
 ``DeepShap`` computes what ``shap.DeepExplainer`` computes for a PyTorch model, but batched:
 for input x_i and background b_k, DeepLIFT's "rescale" rule replaces the derivative of every
 element-wise non-linearity by the multiplier (f(x) - f(b)) / (x - b) and everything else

@@ -1,5 +1,9 @@
 """One training loop for every model teachx trains (baseline/teacher and IMPACTX).
 
+Why one file of over 500 lines: the loop is written once for every method, and its parts
+(seeding, resume, DDP, checkpoints) depend on each other's order.
+
+
 What differs between them is a ``Task`` (which model, which loss, which extra targets such as
 teacher maps); the loop -- seeding, batching, augmentation, mixed precision, validation,
 checkpoints, resume, progress and logging -- is written once here.

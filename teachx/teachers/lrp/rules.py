@@ -1,5 +1,9 @@
 """LRP rules: *what* relevance a layer passes to its inputs.
 
+Why one file of over 500 lines: every rule is a small data-like class, as in zennit's rules.py,
+and the rules share their stabilisers and vector-Jacobian helpers.
+
+
 A rule is a small data-like object with two methods that the attributor calls from one hooked
 forward and one backward pass:
 
