@@ -621,9 +621,9 @@ def test_cache_dirs_agree(monkeypatch, tmp_path):
     # the one root: decoded data (teachx.data.cache), teacher maps (the pipeline) and the service read it
     import teachx.data.cache as data_cache
     import teachx.runs.teacher as teacher
-    import teachx.service.engine as engine
+    import teachx.service.loading as service_loading
 
-    assert data_cache.cache_root is teacher.cache_root is engine.cache_root is cache_root
+    assert data_cache.cache_root is teacher.cache_root is service_loading.cache_root is cache_root
 
 
 @pytest.mark.slow

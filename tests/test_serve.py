@@ -756,7 +756,7 @@ def test_a_wrong_prediction_explains_one_class_in_every_map_and_metric(client, s
     per-class model, whose built-in maps differ by class) -- checked against the maps and metrics computed
     directly for that class; each answer's provenance names it."""
     from teachx.evaluation import PixelFlippingMoRF, map_agreement
-    from teachx.service.engine import AGREEMENT
+    from teachx.service.rows import AGREEMENT
 
     def check(mid: str, index: int, cls, want: int):
         base = f"/api/v1/models/{mid}/images/{index}"

@@ -41,7 +41,10 @@ from starlette.routing import Match
 from teachx.errors import TeachxError
 from teachx.service import render
 from teachx.service.catalog import default_model
-from teachx.service.engine import SORT_KEYS, Service, ServiceError, teachx_version
+from teachx.service.engine import Service
+from teachx.service.errors import ServiceError
+from teachx.service.loading import teachx_version
+from teachx.service.metrics import SORT_KEYS
 from teachx.service.schemas import (
     ErrorResponse,
     Health,
