@@ -268,7 +268,7 @@ class ModelStore:
         d = self.check_index(lm, index)
         return np.asarray(d.test.images[index])
 
-    # -- answers ----------------------------------------------------------------------------------
+    # -- provenance and what the catalog knows ----------------------------------------------------
 
     def provenance(
         self,

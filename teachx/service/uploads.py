@@ -21,8 +21,6 @@ MAX_PIXELS = 40_000_000  # uploads larger than this many pixels are refused befo
 class Uploads(MapViews):
     """Prediction and maps of an uploaded image; nothing of it is cached."""
 
-    # -- uploads ----------------------------------------------------------------------------------
-
     def decode_upload(self, lm: Loaded, data: bytes) -> tuple[np.ndarray, str]:
         """uint8 (H, W, C) image as the model takes it, and a notice of what was changed (colours, size)."""
         from PIL import Image, UnidentifiedImageError
