@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from teachx.reporting.report import arms_examples_figure
+from teachx.reporting.plots import arms_examples_figure
 from teachx.utils.io import read_trusted_json, write_bytes_atomic
 
 

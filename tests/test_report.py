@@ -100,7 +100,7 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
     units that stored different images are refused instead of drawn next to each other."""
     import numpy as np
 
-    from teachx.reporting import report
+    from teachx.reporting import plots
     from teachx.runs import figures
 
     rng = np.random.default_rng(0)
@@ -131,7 +131,7 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
 
     monkeypatch.setattr(figures, "example_grid_png", fake_grid)
     cells = [unit("paper", teacher_a), unit("unet", teacher_a), unit("smooth", teacher_b)]
-    assert report.arms_examples_figure(cells, ["cat", "dog", "car"]) == b"\x89PNG fake"
+    assert plots.arms_examples_figure(cells, ["cat", "dog", "car"]) == b"\x89PNG fake"
     assert list(drawn["columns"]) == [
         "teacher\n(paper)",
         "teacher\n(smooth)",
@@ -144,8 +144,8 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
     assert np.array_equal(drawn["columns"]["teacher\n(smooth)"].numpy(), teacher_b)
     assert drawn["labels"] == ["#4 cat", "#7 dog", "#9 car"] and np.array_equal(drawn["images"].numpy(), images)
     with pytest.raises(ValueError, match="other example images"):
-        report.arms_examples_figure([cells[0], unit("other", teacher_a, index=(4, 7, 10))])
-    assert report.arms_examples_figure([cells[0], ("missing", tmp_path / "none.npz")]) is None  # one arm: no figure
+        plots.arms_examples_figure([cells[0], unit("other", teacher_a, index=(4, 7, 10))])
+    assert plots.arms_examples_figure([cells[0], ("missing", tmp_path / "none.npz")]) is None  # one arm: no figure
 
 
 # -- figure labels say what is plotted, and fit ---------------------------------------------------------
@@ -173,7 +173,7 @@ def test_loss_curves_name_the_configured_training_loss_and_validation_ce():
 
     from teachx.runs.resolve import resolve_config
     from teachx.runs import figures
-    from teachx.reporting.report import _curves
+    from teachx.reporting.plots import _curves
     from teachx.training.methods.base import build_method
 
     loss = {
@@ -298,7 +298,7 @@ def test_confusion_figure_labels_fit():
     import numpy as np
     from matplotlib import pyplot as plt
 
-    from teachx.reporting.report import _confusion
+    from teachx.reporting.plots import _confusion
 
     for k in (10, 20):
         names = [f"a long class name {i}" for i in range(k)]
