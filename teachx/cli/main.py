@@ -244,10 +244,10 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
         stage_checkpoint,
         stage_done,
     )
+    from teachx.runs.records import StageRecord, TrainResults  # lazy: CLI start-up
     from teachx.runs.stages import train_classifier  # lazy: CLI start-up
     from teachx.runs.rundir import run_config_hash  # lazy: CLI start-up
     from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
-    from teachx.utils.io import write_json_atomic  # lazy: CLI start-up
 
     _, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
@@ -261,13 +261,8 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
         todo = stage_done(run_dir) is None or results_bound(run_dir, bound) is None
         rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0, bound)
     if todo:  # a re-run with nothing to do keeps the wall time the training measured
-        record = (
-            data_summary(plan, cfg)
-            | {k: v for k, v in rec.items() if k != "history"}
-            | {"wall_seconds": time.perf_counter() - t0}
-            | ({"config_hash": bound} if bound else {})
-        )
-        dist_utils.on_main(write_json_atomic, run_dir / "results.json", record, digest=True)
+        stage = StageRecord.from_dict(rec)
+        TrainResults(data_summary(plan, cfg), stage, time.perf_counter() - t0, bound or None).write(run_dir)
     echo0(f"test accuracy {number(rec['test_acc'])}; best checkpoint {stage_checkpoint(run_dir, rec)}")
     dist_utils.shutdown()
 
