@@ -1,6 +1,8 @@
 """The typed run records write exactly the JSON teachx always wrote, and read what older teachx wrote."""
 
-from teachx.runs.records import RunResults, StageRecord
+import json
+
+from teachx.runs.records import RunResults, StageRecord, TrainResults, read_results
 
 
 def test_stage_record_round_trips_keys_order_and_values():
@@ -45,3 +47,22 @@ def test_run_results_round_trip_keys_order_and_values():
     assert results.data == {"dataset": "d", "channels": 1, "notices": []} and results.extra["lam"] == 1.0
     assert list(results.to_dict().items()) == list(written.items())
     assert "world_size" not in results.to_dict() and "examples" not in results.to_dict()
+
+
+def test_train_results_write_the_data_summary_then_the_stage_record_without_its_history(tmp_path):
+    data = {"dataset": "d", "channels": 1, "notices": []}
+    stage = StageRecord.from_dict(
+        {"backbone": "lenet5", "config_hash": "h", "checkpoint": "checkpoints/best.safetensors", "test_acc": 0.5}
+        | {"history": [{"epoch": 1}]}
+    )
+    TrainResults(data, stage, 2.5, "h").write(tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["digest"].startswith("sha256:")
+    written = read_results(tmp_path)  # verified against its digest, which it leaves out
+    assert written is not None
+    assert list(written) == [
+        "dataset", "channels", "notices", "backbone", "config_hash", "checkpoint", "best_epoch", "val_acc",
+        "test_acc", "test_loss", "test_confusion", "seconds", "seconds_per_epoch", "wall_seconds",
+    ]  # fmt: skip
+    assert written["config_hash"] == "h" and written["test_acc"] == 0.5 and written["wall_seconds"] == 2.5
+    unbound = TrainResults(data, StageRecord.from_dict({"backbone": "lenet5"}), 1.0).to_dict()
+    assert "config_hash" not in unbound and "history" not in unbound

@@ -1,8 +1,8 @@
 """The `teachx` command line. Every user-fixable problem ends as one line on stderr and exit code 2.
 
 Why one file of over 500 lines: the commands' click declarations (options and their help text)
-are kept together so that the command line reads as one; each command's work lives in the layers below,
-imported lazily for start-up time.
+are kept together so that the command line reads as one (the options several commands share are declared
+once, in ``teachx.cli.options``); each command's work lives in the layers below, imported lazily for start-up time.
 """
 
 from __future__ import annotations
@@ -16,30 +16,16 @@ from typing import Iterator, Optional
 
 import click
 
+from teachx.cli.options import REDO_HELP, out_option, run_options, wait_option
 from teachx.errors import ConfigError, TeachxError
 from teachx.utils.numbers import number
 
-NPROC_HELP = (
-    "Run in N processes (one per GPU, or CPU processes) under torchrun; the global batch stays train.batch_size."
-)
-OVERWRITE_HELP = (
-    "Replace a teachx run directory made with another config: only the files teachx wrote there are removed; "
-    "a directory teachx did not make is never touched."
-)
 #: the stages --redo accepts: ``teachx.runs.recovery.STAGES``, written out so that `teachx --help` does
 #: not import torch (a test checks that the two agree)
 RUN_STAGES = ("baseline", "teacher", "abn", "impactx", "reldrop", "rrr", "saliency_guided")
-WAIT_HELP = (
-    "When another teachx process is writing in the run directory, wait until it has finished (then resume, or "
-    "overwrite with --overwrite) instead of stopping with an error."
-)
 #: set by the process that holds a run directory's lock for the torchrun workers it starts (--nproc)
 HELD_ENV = "TEACHX_RUN_DIR_HELD"
-REDO_HELP = (
-    "Discard this stage of the run directory and train it again (repeatable), e.g. after a corrupted checkpoint; "
-    "the method stage is named after method.name (impactx by default); redoing the teacher also redoes the method "
-    "stage, which learnt from it."
-)
+RUN_OUT_HELP = "Run directory (resumed if it holds the same config)."
 
 
 EPILOG = """\b
@@ -218,24 +204,11 @@ def _is_study_config(path: str) -> bool:
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option(
-    "--out",
-    "-o",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Run directory (resumed if it holds the same config).",
+@out_option(RUN_OUT_HELP)
+@run_options(
+    ["train"],
+    "Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).",
 )
-@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-@click.option(
-    "--redo",
-    type=click.Choice(["train"]),
-    multiple=True,
-    help="Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).",
-)
-@click.option("--wait", is_flag=True, help=WAIT_HELP)
 def train(
     args: tuple[str, ...],
     out: str,
@@ -271,10 +244,10 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
         stage_checkpoint,
         stage_done,
     )
+    from teachx.runs.records import StageRecord, TrainResults  # lazy: CLI start-up
     from teachx.runs.stages import train_classifier  # lazy: CLI start-up
     from teachx.runs.rundir import run_config_hash  # lazy: CLI start-up
     from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
-    from teachx.utils.io import write_json_atomic  # lazy: CLI start-up
 
     _, quiet = _join_processes(cfg, nproc, quiet)
     plan = dist_utils.main_first(make_plan, cfg, progress=not quiet)  # data problems surface before anything is written
@@ -288,32 +261,16 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
         todo = stage_done(run_dir) is None or results_bound(run_dir, bound) is None
         rec = train_classifier(cfg, plan, run_dir, cfg.model.backbone, cfg.model.options, echo0, bound)
     if todo:  # a re-run with nothing to do keeps the wall time the training measured
-        record = (
-            data_summary(plan, cfg)
-            | {k: v for k, v in rec.items() if k != "history"}
-            | {"wall_seconds": time.perf_counter() - t0}
-            | ({"config_hash": bound} if bound else {})
-        )
-        dist_utils.on_main(write_json_atomic, run_dir / "results.json", record, digest=True)
+        stage = StageRecord.from_dict(rec)
+        TrainResults(data_summary(plan, cfg), stage, time.perf_counter() - t0, bound or None).write(run_dir)
     echo0(f"test accuracy {number(rec['test_acc'])}; best checkpoint {stage_checkpoint(run_dir, rec)}")
     dist_utils.shutdown()
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1)
-@click.option(
-    "--out",
-    "-o",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Run directory (resumed if it holds the same config).",
-)
-@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-@click.option("--redo", type=click.Choice(RUN_STAGES), multiple=True, help=REDO_HELP)
-@click.option("--wait", is_flag=True, help=WAIT_HELP)
+@out_option(RUN_OUT_HELP)
+@run_options(RUN_STAGES, REDO_HELP)
 def run(
     args: tuple[str, ...],
     out: str,
@@ -338,20 +295,8 @@ def run(
 
 
 @cli.command()
-@click.option(
-    "--out",
-    "-o",
-    "out",
-    default="teachx-demo",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Run directory.",
-)
-@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@click.option("--nproc", type=click.IntRange(min=1), default=None, help=NPROC_HELP)
-@click.option("--redo", type=click.Choice(RUN_STAGES), multiple=True, help=REDO_HELP)
-@click.option("--wait", is_flag=True, help=WAIT_HELP)
+@out_option("Run directory.", required=False, default="teachx-demo", show_default=True)
+@run_options(RUN_STAGES, REDO_HELP)
 @click.argument("overrides", nargs=-1)
 def demo(
     out: str,
@@ -376,13 +321,8 @@ def demo(
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option(
-    "--out",
-    "-o",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Folder for the heatmap PNGs; what an earlier `teachx explain` wrote there is replaced, other files are kept.",
+@out_option(
+    "Folder for the heatmap PNGs; what an earlier `teachx explain` wrote there is replaced, other files are kept."
 )
 @click.option("--device", default="auto", show_default=True)
 @click.option(
@@ -401,11 +341,9 @@ def demo(
 @click.option(
     "--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Pixel-flipping steps (--faithfulness)."
 )
-@click.option(
-    "--wait",
-    is_flag=True,
-    help="When another teachx process is writing in the --out folder (or in the run directory "
-    "it lies in), wait until it has finished instead of stopping with an error.",
+@wait_option(
+    "When another teachx process is writing in the --out folder (or in the run directory "
+    "it lies in), wait until it has finished instead of stopping with an error."
 )
 def explain(
     checkpoint: str,

@@ -10,6 +10,7 @@ from typing import Optional
 
 import click
 
+from teachx.cli.options import out_option, quiet_option, wait_option
 from teachx.errors import ConfigError
 
 
@@ -21,14 +22,7 @@ def register(cli: click.Group) -> None:
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config", metavar="CONFIG", required=False)
 @click.argument("overrides", nargs=-1)
-@click.option(
-    "--out",
-    "-o",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Study directory (resumed: complete units are skipped).",
-)
+@out_option("Study directory (resumed: complete units are skipped).")
 @click.option(
     "--seeds",
     "n_seeds",
@@ -53,7 +47,7 @@ def register(cli: click.Group) -> None:
     help="Show where the study in --out stands (done, training, interrupted, "
     "not started; accuracy so far; time left), without training or writing anything.",
 )
-@click.option("--quiet", "-q", is_flag=True, help="One line per unit and the summary: no progress bars or stage logs.")
+@quiet_option("One line per unit and the summary: no progress bars or stage logs.")
 def study(
     config: Optional[str],
     overrides: tuple[str, ...],
@@ -144,19 +138,15 @@ def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int],
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option(
-    "--out",
-    "-o",
-    "out",
+@out_option(
+    "HTML file (the .md goes next to it); default RUN_DIR/report.html.",
+    required=False,
     default=None,
     type=click.Path(dir_okay=False),
-    help="HTML file (the .md goes next to it); default RUN_DIR/report.html.",
 )
-@click.option(
-    "--wait",
-    is_flag=True,
-    help="When another teachx process is writing in the run directory, wait until it has "
-    "finished instead of stopping with an error.",
+@wait_option(
+    "When another teachx process is writing in the run directory, wait until it has "
+    "finished instead of stopping with an error."
 )
 def report(run_dir: str, out: Optional[str], wait: bool) -> None:
     """Write an HTML + Markdown report of a run, demo or study."""

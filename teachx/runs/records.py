@@ -1,4 +1,5 @@
-"""The records a run writes, typed: a stage's record (``stage.json``) and a run's results (``results.json``).
+"""The records a run writes, typed: a stage's record (``stage.json``) and a run's results (``results.json``
+of `teachx run` / `teachx demo`, and of `teachx train`).
 
 They are written and read here alone. ``to_dict()`` gives exactly the JSON teachx always wrote (keys, their
 order, values; the digest is added on writing), and ``from_dict()`` reads what any teachx wrote: a field an
@@ -147,6 +148,28 @@ class RunResults:
             extra={k: v for k, v in results.items() if k not in names and k not in DATA_KEYS},
             **{k: v for k, v in results.items() if k in names},
         )
+
+    def write(self, run_dir: Path) -> None:
+        """Write ``results.json`` with its digest (on the main process): the run is complete."""
+        dist_utils.on_main(write_json_atomic, Path(run_dir) / RESULTS_FILE, self.to_dict(), digest=True)
+
+
+@dataclass
+class TrainResults:
+    """A complete `teachx train` run: what it trained on (``data``, the data summary), its classifier's stage
+    record without the training history (which stays in stage.json), and the command's wall time."""
+
+    data: dict[str, Any]
+    stage: StageRecord
+    wall_seconds: float
+    config_hash: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.data)
+        out.update((k, v) for k, v in self.stage.to_dict().items() if k != "history")
+        out["wall_seconds"] = self.wall_seconds
+        out.update(_bound(self.config_hash))  # the stage record carries it already (same place), else last
+        return out
 
     def write(self, run_dir: Path) -> None:
         """Write ``results.json`` with its digest (on the main process): the run is complete."""
