@@ -110,6 +110,7 @@ def parse(command: str, mention: bool = True) -> None:
 def _resolve(ctx: click.Context) -> None:
     """A dry run of the config: the KEY=VALUE overrides of run/train/demo/config/study against a shipped or
     no CONFIG, resolved as the command would (a study config as a study)."""
+    from teachx.config.shipped import is_study
     from teachx.runs.resolve import check_names, resolve_config
     from teachx.studies.spec import load_study
 
@@ -125,7 +126,7 @@ def _resolve(ctx: click.Context) -> None:
         return  # a placeholder (CONFIG) or the reader's own file
     if any(re.search(r"=[A-Z][A-Z_]*$|=path/|\.\.\./", o) for o in overrides):
         return  # placeholders such as data.name=NAME
-    if name in ("config", "study") and file is not None and "study" in _yaml(file):
+    if name in ("config", "study") and file is not None and is_study(file):
         load_study(str(file), overrides)
         return
     cfg = resolve_config(None if file is None else str(file), overrides)
@@ -145,12 +146,6 @@ def _config_file(path: str | None) -> Path | None:
         assert (ROOT / path).is_file(), f"{path}: no such study in the repository's studies/ folder"
         return ROOT / path
     return None
-
-
-def _yaml(path: Path) -> dict:
-    from teachx.config.loader import load_yaml
-
-    return load_yaml(path) or {}
 
 
 COMMANDS = quoted_commands()

@@ -196,10 +196,9 @@ def config_cmd(args: tuple[str, ...], list_: bool, describe: bool) -> None:
 
 def _is_study_config(path: str) -> bool:
     """Whether CONFIG (a file or a shipped name) has a study: section."""
-    from teachx.config.shipped import find_config  # lazy: CLI start-up
-    from teachx.config.loader import load_yaml  # lazy: CLI start-up
+    from teachx.config.shipped import find_config, is_study  # lazy: CLI start-up
 
-    return "study" in load_yaml(find_config(path))
+    return is_study(find_config(path))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

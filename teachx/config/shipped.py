@@ -12,6 +12,7 @@ from __future__ import annotations
 from importlib.resources import as_file, files
 from pathlib import Path
 
+from teachx.config.loader import load_yaml
 from teachx.config.schema import missing_value
 from teachx.errors import ConfigError
 from teachx.registry import suggest
@@ -39,9 +40,9 @@ def header(path: Path) -> str:
     return ""
 
 
-def is_study(path: Path) -> bool:
-    """Whether the config has a top-level ``study:`` section (a `teachx study` config)."""
-    return any(line.startswith("study:") for line in Path(path).read_text().splitlines())
+def is_study(path: str | Path) -> bool:
+    """Whether the config file has a top-level ``study:`` section (a `teachx study` config)."""
+    return "study" in load_yaml(str(path))
 
 
 def find_config(arg: str) -> str:
