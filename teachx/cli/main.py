@@ -244,7 +244,7 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
         stage_done,
     )
     from teachx.runs.records import StageRecord, TrainResults  # lazy: CLI start-up
-    from teachx.runs.stages import train_classifier  # lazy: CLI start-up
+    from teachx.runs.stages import split_text, train_classifier  # lazy: CLI start-up
     from teachx.runs.rundir import run_config_hash  # lazy: CLI start-up
     from teachx.utils import distributed as dist_utils  # lazy: CLI start-up
 
@@ -262,7 +262,8 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
     if todo:  # a re-run with nothing to do keeps the wall time the training measured
         stage = StageRecord.from_dict(rec)
         TrainResults(data_summary(plan, cfg), stage, time.perf_counter() - t0, bound or None).write(run_dir)
-    echo0(f"test accuracy {number(rec['test_acc'])}; best checkpoint {stage_checkpoint(run_dir, rec)}")
+    by_split = split_text(rec.get("test_splits"))  # an artefact benchmark: ch, clean and attacked test splits
+    echo0(f"test accuracy {number(rec['test_acc'])}{by_split}; best checkpoint {stage_checkpoint(run_dir, rec)}")
     dist_utils.shutdown()
 
 

@@ -40,6 +40,20 @@ def _run_hooks(name: str, section: Any) -> None:
 
 
 @dataclass
+class ArtefactConfig:
+    """An R2R artefact benchmark (``data.artefact``): an artefact in a fraction of some classes' training images."""
+
+    kind: str = ""  # timestamp (bright clock digits in a corner) | bandaid (a plaster at a random place and angle) | frame (dark vignette at the border) | colour_shift (a warm tint or haze over the whole image); required
+    classes: list[int] = field(
+        default_factory=lambda: [0]
+    )  # the classes (indices) whose training images get the artefact
+    p: float = 0.25  # the fraction of each of those classes' training images that get it, in (0, 1]: round(p * images of the class)
+    seed: int = 0  # seed of which images get it and of each artefact's look (position, digits, colour)
+    test: str = "ch"  # the test split test accuracy is measured on: ch (poisoned like training) | clean (no artefact) | attacked (the artefact in every image); all three are reported
+    oracle_masks: bool = False  # put the true artefact masks on the splits (Split.masks) for mask-based methods such as rrr: an oracle, not the R2R protocol
+
+
+@dataclass
 class DataConfig:
     name: str = "bundled"  # a registered dataset or imagefolder:PATH (see `teachx datasets`)
     root: Optional[str] = None  # where the files are; default: the dataset's standard locations
@@ -70,6 +84,9 @@ class DataConfig:
     shortcut_train: str = "confounded"  # with data.shortcut, the training images: confounded (artefact codes the class) | clean (untouched: the clean-data ceiling) | random (artefact independent of the class)
     shortcut_size: int = 4  # with data.shortcut: side of the artefact square in pixels
     shortcut_seed: int = 0  # with data.shortcut: seed of the artefact's corners (and of its test-split classes)
+    artefact: Optional[ArtefactConfig] = (
+        None  # an R2R artefact benchmark: {kind, classes, p, seed, test, oracle_masks}: the artefact in a fraction p of the named classes' training images; default none
+    )
 
     def validate(self) -> None:
         _run_hooks("data.validate", self)  # data.shortcut* and data.image_size, as the data floor reads them

@@ -4,6 +4,7 @@
 >>> ds = load_dataset("cifar10", download=True)   # official files, checksum-verified
 >>> ds = load_dataset("imagefolder:/data/pets.zip", size=64)
 >>> ds = apply_shortcut(load_dataset("cifar10"), "patch")   # a shortcut benchmark, masks in ds.train.masks
+>>> ds = apply_artefact(load_dataset("cifar10"), "bandaid", classes=[0], p=0.1)   # an R2R artefact benchmark
 
 Each load returns an :class:`ImageDataset` whose splits hold uint8 (N, H, W, C) images (memory-mapped
 from the decoded-array cache after the first load) and int64 labels, plus class names and the
@@ -26,10 +27,12 @@ from teachx.data import imagefolder as _imagefolder  # noqa: F401,E402
 from teachx.data import stl10 as _stl10  # noqa: F401,E402
 from teachx.data.loading import BatchIterator, train_val_split  # noqa: E402
 from teachx.data.shortcuts import SHORTCUTS, apply_shortcut  # noqa: E402 (registers the decoy-* datasets)
+from teachx.data.artefacts import ARTEFACTS, apply_artefact  # noqa: E402
 from teachx.data.transforms import Augment, denormalize, normalize  # noqa: E402
 from teachx.data import options as _options  # noqa: F401,E402 (adds the data.* config checks)
 
 __all__ = [
+    "ARTEFACTS",
     "DATASETS",
     "Augment",
     "BatchIterator",
@@ -37,6 +40,7 @@ __all__ = [
     "ImageDataset",
     "SHORTCUTS",
     "Split",
+    "apply_artefact",
     "apply_shortcut",
     "dataset_status",
     "default_data_root",

@@ -8,7 +8,7 @@ so that no epoch re-decodes them. Normalisation and augmentation happen on batch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -53,6 +53,10 @@ class ImageDataset:
     license: str = ""  # attribution, when the data carries one
     extra: dict = field(default_factory=dict)
     hflip: bool = False  # does a horizontal flip keep the label? (yes for objects, no for digits)
+    # R2R artefact benchmarks: which images carry the artefact, where, and the other test splits. For
+    # evaluation only, read through ``teachx.data.artefacts.ground_truth(ds)`` and never by a method that
+    # must find the artefact without annotations (see that module's docstring).
+    _ground_truth: Optional[Any] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Kept in sync with ``extra["hflip"]`` for code that reads metadata generically; a value

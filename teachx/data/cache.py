@@ -15,8 +15,9 @@ size and mtime). A mismatch -- bit rot, a bad disk, a hand edit -- is never used
 derived copy whose source is still there, so it is decoded again, with a warning naming the entry.
 Entries written before digests existed are decoded again once, for the same reason.
 
-Optional arrays (the artefact masks of shortcut benchmarks, ``train_masks`` / ``test_masks``) are
-stored and verified like the others when a decoder returns them; entries without them load as before.
+Optional arrays (the artefact masks of shortcut benchmarks, ``train_masks`` / ``test_masks``, and the
+evaluation arrays of R2R artefact benchmarks in ``Decoded.more``, see ``MORE_ARRAYS``) are stored and
+verified like the others when a decoder returns them; entries without them load as before.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ SMALL_FILE_BYTES = 8 << 20
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 #: Arrays an entry may hold or not (entries written before they existed simply lack them).
 _OPTIONAL_ARRAYS = ("train_masks", "test_masks")
+#: Further arrays a builder may add (``Decoded.more``): the R2R artefact benchmarks' other test splits and
+#: which images carry the artefact (``teachx.data.artefacts``). A fixed list, so that `teachx cache` knows
+#: every file of a data entry.
+MORE_ARRAYS = (
+    "train_poisoned",
+    "test_poisoned",
+    "test_attacked_images",
+    "test_attacked_masks",
+    "test_ch_images",
+    "test_ch_masks",
+)
 
 
 @dataclass
@@ -57,11 +69,16 @@ class Decoded:
     cache_path: str = ""  # the entry it was loaded from ('' when not cached)
     train_masks: Optional[np.ndarray] = None  # uint8 (N, H, W), 1 on an artefact (shortcut benchmarks)
     test_masks: Optional[np.ndarray] = None
+    more: dict[str, np.ndarray] = field(default_factory=dict)  # named by MORE_ARRAYS (artefact benchmarks)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays to store: the four of every entry, plus the masks where there are some."""
+        """The arrays to store: the four of every entry, plus the masks and ``more`` where there are some."""
         out = {name: getattr(self, name) for name in _ARRAYS}
         out.update({name: getattr(self, name) for name in _OPTIONAL_ARRAYS if getattr(self, name) is not None})
+        unknown = sorted(set(self.more) - set(MORE_ARRAYS))
+        if unknown:
+            raise AssertionError(f"decoder bug: arrays {unknown} are not in teachx.data.cache.MORE_ARRAYS")
+        out.update(self.more)
         return out
 
 
@@ -225,15 +242,17 @@ def _load_entry(entry: Path, key: str) -> Decoded | None:
             return None
         if not isinstance(meta.get("sha256"), dict):
             return None  # written before digests existed: decoded again once (the source is there)
-        arrays = {}
-        for array_name in _ARRAYS + tuple(n for n in _OPTIONAL_ARRAYS if n in meta["sha256"]):
+        arrays: dict[str, np.ndarray] = {}
+        more: dict[str, np.ndarray] = {}
+        present = tuple(n for n in _OPTIONAL_ARRAYS + MORE_ARRAYS if n in meta["sha256"])
+        for array_name in _ARRAYS + present:
             path = entry / f"{array_name}.npy"
             if not _verified(path, meta["sha256"][array_name]):
                 return _damaged(entry, f"{path.name} does not match its digest")
             array = _load_npy(path)
             if list(array.shape) != meta["shapes"][array_name]:
                 return _damaged(entry, f"{path.name} has shape {list(array.shape)}, not {meta['shapes'][array_name]}")
-            arrays[array_name] = array
+            (more if array_name in MORE_ARRAYS else arrays)[array_name] = array
     except CorruptionError as err:
         return _damaged(entry, err.problem)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -245,6 +264,7 @@ def _load_entry(entry: Path, key: str) -> Decoded | None:
         mean=tuple(meta["mean"]),
         std=tuple(meta["std"]),
         cache_path=str(entry),
+        more=more,
     )
 
 

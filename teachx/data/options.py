@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from teachx.config.schema import DataConfig, add_hook
+from teachx.data.artefacts import ARTEFACTS, TEST_SPLITS
 from teachx.data.imagefolder import parse_size
 from teachx.data.shortcuts import SHORTCUTS, TRAIN_MODES, DecoySource
 from teachx.data.sources import get_source
@@ -37,8 +38,41 @@ def validate(data: DataConfig) -> None:
                 f"data.name={data.name} already carries its artefact; drop data.shortcut, or add it to "
                 f"the plain dataset (data.name={get_source(data.name)[0].base} data.shortcut={data.shortcut})"
             )
+    if data.artefact is not None:
+        validate_artefact(data)
     if data.image_size is not None:
         parse_size(data.image_size, "data.image_size")
+
+
+def validate_artefact(data: DataConfig) -> None:
+    """data.artefact.*: the kind registry and the ranges (the class indices are checked on load, against the
+    dataset's classes)."""
+    art = data.artefact
+    if not art.kind:
+        raise ConfigError(f"data.artefact.kind is required: one of {', '.join(ARTEFACTS.names())} (e.g. timestamp)")
+    try:
+        art.kind = ARTEFACTS.canonical(art.kind)
+    except ConfigError as exc:
+        raise ConfigError(f"data.artefact.kind: {exc}") from None
+    if not art.classes:
+        raise ConfigError("data.artefact.classes must name at least one class index (e.g. [0])")
+    if any(c < 0 for c in art.classes) or len(set(art.classes)) != len(art.classes):
+        raise ConfigError(
+            f"data.artefact.classes must be distinct class indices >= 0 (e.g. [0] or [0, 3]), got {art.classes}"
+        )
+    if not 0.0 < art.p <= 1.0:
+        raise ConfigError(f"data.artefact.p must be a fraction in (0, 1] (e.g. 0.1), got {art.p}")
+    if art.seed < 0:
+        raise ConfigError(f"data.artefact.seed must be >= 0, got {art.seed}")
+    if art.test not in TEST_SPLITS:
+        raise ConfigError(f"data.artefact.test must be one of {', '.join(TEST_SPLITS)}, got {art.test!r}")
+    if data.shortcut is not None:
+        raise ConfigError("data.artefact and data.shortcut are two benchmarks; set one of them (drop data.shortcut)")
+    if isinstance(get_source(data.name)[0], DecoySource):
+        raise ConfigError(
+            f"data.name={data.name} already carries its artefact; use the plain dataset with data.artefact "
+            f"(data.name={get_source(data.name)[0].base})"
+        )
 
 
 add_hook("data.validate", validate)

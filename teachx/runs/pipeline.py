@@ -302,6 +302,9 @@ def _run_pipeline(
         shortcut=shortcut,
         examples=None if examples is None else {"model": label, "images": examples},
         world_size=dist_utils.world_size() if dist_utils.is_distributed() else None,
+        test_splits=None
+        if baseline.test_splits is None
+        else {"baseline": baseline.test_splits, label: method_record.test_splits},
     )
     results.write(run_dir)
     return RunOutputs(results.to_dict(), run_dir)

@@ -13,6 +13,7 @@ from teachx.config.loader import from_dict, set_dotted
 from teachx.config.schema import RunConfig
 from teachx.data import load_dataset, options as data_options
 from teachx.data.loading import train_val_split
+from teachx.data.artefacts import apply_artefact
 from teachx.data.shortcuts import apply_shortcut
 from teachx.data.transforms import Augment
 from teachx.errors import ConfigError
@@ -34,6 +35,18 @@ def make_plan(cfg: RunConfig, progress: bool = True) -> DataPlan:
             train=cfg.data.shortcut_train,
             size=cfg.data.shortcut_size,
             seed=cfg.data.shortcut_seed,
+            progress=progress,
+        )
+    art = cfg.data.artefact
+    if art is not None:  # an R2R artefact benchmark: a fraction of some classes poisoned (teachx.data.artefacts)
+        ds = apply_artefact(
+            ds,
+            art.kind,
+            classes=list(art.classes),
+            p=art.p,
+            seed=art.seed,
+            test=art.test,
+            oracle_masks=art.oracle_masks,
             progress=progress,
         )
     labels = np.asarray(ds.train.labels)

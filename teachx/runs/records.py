@@ -48,14 +48,19 @@ class StageRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     config_hash: Optional[str] = None
     head: dict[str, Any] = field(default_factory=dict)
+    # on an artefact benchmark (teachx.data.artefacts): {split: {acc, loss, n}} for its ch / clean / attacked
+    # test splits; written (last) only when there
+    test_splits: Optional[dict[str, dict[str, Any]]] = None
 
     @property
     def backbone(self) -> Optional[str]:
         return self.head.get("backbone")
 
     def to_dict(self) -> dict[str, Any]:
-        common = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("config_hash", "head")}
-        return {**self.head, **_bound(self.config_hash), **common}
+        skip = ("config_hash", "head", "test_splits")
+        common = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        tail = {} if self.test_splits is None else {"test_splits": self.test_splits}
+        return {**self.head, **_bound(self.config_hash), **common, **tail}
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> StageRecord:
@@ -126,8 +131,10 @@ class RunResults:
     shortcut: Optional[dict[str, Any]] = None
     examples: Optional[dict[str, Any]] = None
     world_size: Optional[int] = None
+    # on an artefact benchmark: {model: {split: {acc, loss, n}}} for the baseline and the method's model
+    test_splits: Optional[dict[str, Any]] = None
 
-    _TAIL = ("shortcut", "examples", "world_size")  # written only when there
+    _TAIL = ("shortcut", "examples", "world_size", "test_splits")  # written only when there
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.data)

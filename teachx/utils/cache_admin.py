@@ -39,7 +39,13 @@ _DATA_FILES = (
     "test_labels.npy",
     "train_masks.npy",
     "test_masks.npy",
-)  # masks: shortcut benchmarks only
+    "train_poisoned.npy",
+    "test_poisoned.npy",
+    "test_attacked_images.npy",
+    "test_attacked_masks.npy",
+    "test_ch_images.npy",
+    "test_ch_masks.npy",
+)  # masks: shortcut benchmarks only; the rest: R2R artefact benchmarks (teachx.data.cache.MORE_ARRAYS)
 _TMP = re.compile(r"^\..+\.tmp$")  # teachx.utils.io.atomic_path leftovers of an interrupted write
 
 
