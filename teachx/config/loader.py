@@ -39,6 +39,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise  # a mapping for an optional section: its own error (an unknown key, a bad value)
                 errors.append(str(exc))
         raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is typing.Literal:

@@ -470,11 +470,14 @@ def apply_artefact(
     if decoded.cache_path:
         extra["cache_path"] = decoded.cache_path
     counts = truth.poisoned_per_class(decoded.train_labels)
-    named = ", ".join(f"{ds.class_names[c]} {counts[c]} of {int((decoded.train_labels == c).sum())}" for c in classes)
+    named = "; ".join(
+        f"{counts[c]} of the {int((decoded.train_labels == c).sum())} training images of {ds.class_names[c]}"
+        for c in classes
+    )
     where = "" if artefact.has_place else " (no place: its masks are empty)"
     extra["notices"] = list(extra.get("notices", [])) + [
-        f"{kind} artefact{where} in a fraction {p:g} of the training images of {named} (seed {seed}); "
-        f"test accuracy on the {test} split, all three reported (ch, clean, attacked)"
+        f"{kind} artefact{where} in {named} (p {p:g}, seed {seed}); test accuracy is that of the {test} "
+        "test split, and all three (ch, clean, attacked) are reported"
     ]
     chosen = splits[test]
     out = ImageDataset(
