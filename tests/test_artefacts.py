@@ -390,3 +390,20 @@ def test_teachx_train_reports_accuracy_on_every_test_split(tmp_path):
     assert results["test_acc"] == results["test_splits"]["attacked"]["acc"]
     assert all(row["n"] == 1000 for row in results["test_splits"].values())
     assert "bandaid artefact" in res.stdout and "attacked" in res.stdout.splitlines()[-1]
+
+
+def test_run_summary_prints_the_accuracy_of_every_test_split(capsys, tmp_path):
+    from teachx.cli.main import _print_summary
+
+    row = {"acc": 0.5, "loss": 1.0, "n": 10}
+    res = {
+        "dataset": "fake+frame",
+        "backbone": "lenet5",
+        "teacher": "deepshap",
+        "epochs": 1,
+        "baseline_test_acc": 0.5,
+        "wall_seconds": 1.0,
+        "test_splits": {"baseline": {"ch": row, "clean": {**row, "acc": 0.75}, "attacked": {**row, "acc": 0.25}}},
+    }
+    _print_summary(res, tmp_path)
+    assert "test accuracy by split (baseline): ch 0.5000, clean 0.7500, attacked 0.2500" in capsys.readouterr().out

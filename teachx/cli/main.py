@@ -457,6 +457,10 @@ def _print_summary(res: dict, run_dir: Path) -> None:
         )
     elif res.get("method_test_acc") is not None:
         click.echo(f"{res.get('method')} test accuracy: {number(res['method_test_acc'])}")
+    for name, by_split in (res.get("test_splits") or {}).items():  # an artefact benchmark's three test splits
+        if by_split:
+            splits = ", ".join(f"{split} {number(row.get('acc'))}" for split, row in by_split.items())
+            click.echo(f"test accuracy by split ({name}): {splits}")
     sc = res.get("shortcut")
     if sc:
         for name in [k for k in sc if isinstance(sc[k], dict) and "gradient" in sc[k]]:
