@@ -407,3 +407,28 @@ def test_run_summary_prints_the_accuracy_of_every_test_split(capsys, tmp_path):
     }
     _print_summary(res, tmp_path)
     assert "test accuracy by split (baseline): ch 0.5000, clean 0.7500, attacked 0.2500" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("predicted", [1, 0])
+def test_artefact_splits_measure_accuracy_and_the_share_called_a_poisoned_class(predicted):
+    import torch
+    from torch import nn
+
+    from teachx.runs.stages import artefact_splits
+    from teachx.training.trainer import ClassifierTask, DataPlan
+
+    class Constant(nn.Module):  # always the class ``predicted``
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((x.shape[0],), predicted), K).float() + 0 * x.sum()
+
+    ds = build(fake_dataset(n_test=90), "frame", classes=[1], p=0.5)
+    plan = DataPlan(ds, np.arange(len(ds.train)), np.arange(0))
+    got = artefact_splits(ClassifierTask(Constant()), plan, 32, torch.device("cpu"))
+    labels = np.asarray(ds.test.labels)
+    for name in TEST_SPLITS:
+        assert got[name]["n"] == 90 and got[name]["acc"] == pytest.approx((labels == predicted).mean())
+        assert got[name]["called_poisoned"] == (1.0 if predicted == 1 else 0.0)
+    assert (
+        artefact_splits(ClassifierTask(Constant()), DataPlan(fake_dataset(), np.arange(3), np.arange(0)), 32, None)
+        is None
+    )

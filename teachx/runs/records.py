@@ -48,7 +48,7 @@ class StageRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     config_hash: Optional[str] = None
     head: dict[str, Any] = field(default_factory=dict)
-    # on an artefact benchmark (teachx.data.artefacts): {split: {acc, loss, n}} for its ch / clean / attacked
+    # on an artefact benchmark (teachx.data.artefacts): {split: {acc, loss, n, called_poisoned}} for its ch / clean / attacked
     # test splits; written (last) only when there
     test_splits: Optional[dict[str, dict[str, Any]]] = None
 
@@ -131,7 +131,7 @@ class RunResults:
     shortcut: Optional[dict[str, Any]] = None
     examples: Optional[dict[str, Any]] = None
     world_size: Optional[int] = None
-    # on an artefact benchmark: {model: {split: {acc, loss, n}}} for the baseline and the method's model
+    # on an artefact benchmark: {model: {split: {acc, loss, n, called_poisoned}}} for the baseline and the method's model
     test_splits: Optional[dict[str, Any]] = None
 
     _TAIL = ("shortcut", "examples", "world_size", "test_splits")  # written only when there

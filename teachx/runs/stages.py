@@ -85,14 +85,7 @@ def fit_and_test(
         shard=True,
         confusion=True,
     )
-    by_split = None
-    if has_ground_truth(ds):  # an artefact benchmark: the R2R evaluation's three test splits (clean, attacked, ch)
-        by_split = {}
-        for name, split in ground_truth(ds).test_splits.items():
-            got = evaluate(
-                task, plan, split, np.arange(len(split)), trainer.cfg.eval_batch_size, trainer.device, shard=True
-            )
-            by_split[name] = {"acc": got["acc"], "loss": got["loss"], "n": got["n"]}
+    by_split = artefact_splits(task, plan, trainer.cfg.eval_batch_size, trainer.device)
     record = StageRecord(
         checkpoint=Path(res.best_path).relative_to(trainer.out_dir).as_posix(),  # inside the stage: moves with the run
         best_epoch=res.best_epoch,
@@ -110,6 +103,26 @@ def fit_and_test(
     record.write(out_dir)
     log(f"[{out_dir.name}] test accuracy {test['acc']:.4f}{split_text(by_split)}")
     return record.to_dict()
+
+
+def artefact_splits(task, plan: DataPlan, batch_size: int, device: torch.device) -> Optional[dict[str, dict[str, Any]]]:
+    """On an artefact benchmark, the model on each of its test splits (clean, attacked, ch): ``acc``, ``loss``,
+    ``n`` and ``called_poisoned``, the share of the images of other classes that the model assigns to a
+    poisoned class (what the artefact does to a model that took the shortcut, apart from hiding part of the
+    object); None on other data."""
+    ds = plan.dataset
+    if not has_ground_truth(ds):
+        return None
+    truth = ground_truth(ds)
+    out = {}
+    for name, split in truth.test_splits.items():
+        got = evaluate(task, plan, split, np.arange(len(split)), batch_size, device, shard=True, confusion=True)
+        counts = np.asarray(got.get("confusion", [[0]]), dtype=np.float64)
+        others = [c for c in range(counts.shape[0]) if c not in truth.classes]
+        total = counts[others].sum()
+        called = counts[np.ix_(others, truth.classes)].sum() / total if total else float("nan")
+        out[name] = {"acc": got["acc"], "loss": got["loss"], "n": got["n"], "called_poisoned": float(called)}
+    return out
 
 
 def split_text(by_split: Optional[dict[str, dict[str, Any]]]) -> str:
