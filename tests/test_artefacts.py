@@ -432,3 +432,27 @@ def test_artefact_splits_measure_accuracy_and_the_share_called_a_poisoned_class(
         artefact_splits(ClassifierTask(Constant()), DataPlan(fake_dataset(), np.arange(3), np.arange(0)), 32, None)
         is None
     )
+
+
+@pytest.mark.slow
+def test_teachx_run_reports_every_test_split_per_model(tmp_path):
+    out = tmp_path / "r"
+    res = run_teachx(
+        "run",
+        "--out",
+        out,
+        "data.artefact.kind=frame",
+        "data.artefact.classes=[2]",
+        "data.train_size=200",
+        "train.epochs=1",
+        "method.name=baseline",
+        "teacher.method=gradient",
+        "teacher.eval_images=50",
+        "teacher.faith_images=0",
+        "-q",
+    )
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test_splits"]["baseline"]) == set(TEST_SPLITS)
+    assert results["baseline_test_acc"] == results["test_splits"]["baseline"]["ch"]["acc"]
+    assert "test accuracy by split (baseline): ch" in res.stdout

@@ -266,7 +266,8 @@ class GroundTruth:
     ``train_poisoned`` / ``test_poisoned``: bool per image of the training split / the ``ch`` test split,
     True where the artefact is; ``train_masks``: uint8 (N, H, W), 1 where it changed a pixel (all zero
     for a kind without a place, ``has_place`` False); ``test_splits``: ``clean``, ``attacked`` and ``ch``
-    with their masks.
+    with their masks. Indexed like ``ds.train`` and ``ds.test``: a run trains on ``plan.train_idx`` of the
+    training split (``data.train_size``, the validation split), so index these arrays with it.
     """
 
     kind: str
