@@ -85,7 +85,7 @@ class DataConfig:
     shortcut_size: int = 4  # with data.shortcut: side of the artefact square in pixels
     shortcut_seed: int = 0  # with data.shortcut: seed of the artefact's corners (and of its test-split classes)
     artefact: Optional[ArtefactConfig] = (
-        None  # an R2R artefact benchmark: {kind, classes, p, seed, test, oracle_masks}: the artefact in a fraction p of the named classes' training images; default none
+        None  # an R2R artefact benchmark: {kind, classes, p, seed, test, oracle_masks}: the artefact in a fraction p of the named classes' training images; default none (`teachx config --describe data.artefact.kind=timestamp` describes its keys)
     )
 
     def validate(self) -> None:
