@@ -129,6 +129,9 @@ class RevealMethod:
     source: str = "maps"
     #: the fewest samples of a class the method can analyse
     min_samples: int = 8
+    #: what the method is made to find: 'groups' (a minority of samples alike among themselves, e.g. a
+    #: poisoned share of a class) or 'rare' (a few samples unlike all others)
+    finds: str = "groups"
 
     def reveal(self, evidence: Evidence) -> RevealResult:
         raise NotImplementedError

@@ -42,8 +42,8 @@ def layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
 
 
 def default_layer(shapes: dict[str, tuple[int, ...]]) -> str:
-    """The last layer with feature maps (R2R uses the last convolutional block); else the last layer."""
-    maps = [n for n, s in shapes.items() if len(s) == 3]
+    """The last layer with feature maps larger than 1x1 (R2R uses the last convolutional block); else the last layer."""
+    maps = [n for n, s in shapes.items() if len(s) == 3 and s[1] * s[2] > 1]
     return (maps or list(shapes))[-1]
 
 

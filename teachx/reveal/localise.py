@@ -3,8 +3,9 @@ the input (concept-conditional relevance, as Reveal-to-Revise localises an artef
 channels to one heatmap per image, and a mask by threshold.
 
 ``method="lrp"`` uses teachx's LRP (:meth:`teachx.teachers.lrp.Lrp.attribute_from_layer`, composite
-epsilon_plus_flat as in R2R by default); ``method="gradient"`` is gradient x input of the same start
-(x * d<a, start>/dx): no rules, the same answer for a linear path, and for models LRP has no rules for.
+epsilon_plus_flat as in R2R by default); ``method="gradient"`` is gradient x input of the concept score
+sum(a.clamp(0) x cav) (x * d score / dx): no rules, the same answer on a bias-free linear path, and usable
+for models LRP has no rules for.
 The start keeps only positive activations (``a.clamp(min=0) * cav``): where the concept is present, not where
 a unit is off.
 """
@@ -61,7 +62,9 @@ def localise(
                 x = inputs.detach().requires_grad_(True)
                 model(x)
                 a = captured[0]
-                (grad,) = torch.autograd.grad(a, x, start(a.detach()), allow_unused=True)
+                # d/dx of the concept score sum(a.clamp(0) * cav): the seed is the CAV where the unit is on
+                seed = start(a.detach().gt(0).to(a.dtype))
+                (grad,) = torch.autograd.grad(a, x, seed, allow_unused=True)
         finally:
             handle.remove()
             model.train(was_training)
