@@ -1,6 +1,7 @@
 """A tiny image dataset with a planted artefact, for the reveal tests: three classes told apart by a bright
-quadrant; in class 0, a fixed share of the training images also carries a white square in the top-left
-corner (the shortcut to find). ``artefact_in(images)`` is the ground truth, read from the pixels."""
+quadrant; in class 0, a fixed share of the training images also carries a small magenta-and-green
+checkerboard in the top-left corner (the shortcut to find: a colour and texture found nowhere else).
+``artefact_in(images)`` is the ground truth, read from the pixels."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ import numpy as np
 from PIL import Image
 
 SIZE = 32
-SQUARE = 6  # the artefact: a white SQUARE x SQUARE patch at the top-left corner
+SQUARE = 6  # the artefact: a SQUARE x SQUARE checkerboard at the top-left corner
+
+
+def _checkerboard() -> np.ndarray:
+    """(SQUARE, SQUARE, 3) uint8: magenta and green 1-pixel checks."""
+    even = (np.add.outer(np.arange(SQUARE), np.arange(SQUARE)) % 2 == 0)[..., None]
+    return np.where(even, np.array([255, 0, 255], np.uint8), np.array([0, 255, 0], np.uint8)).astype(np.uint8)
+
+
+ARTEFACT = _checkerboard()
 CLASSES = ("a", "b", "c")
 
 
@@ -27,7 +37,7 @@ def make_artefact_zip(path: Path, n_train: int = 60, n_test: int = 10, share: fl
                     r0, c0 = (0, 16) if c == 0 else (16, 0) if c == 1 else (16, 16)
                     a[r0 : r0 + 16, c0 : c0 + 16] += 60
                     if i in planted and split == "train":
-                        a[:SQUARE, :SQUARE] = 255
+                        a[:SQUARE, :SQUARE] = ARTEFACT
                     buf = io.BytesIO()
                     Image.fromarray(a).save(buf, format="PNG")
                     zf.writestr(f"{split}/{name}/{i:03d}.png", buf.getvalue())
@@ -35,8 +45,8 @@ def make_artefact_zip(path: Path, n_train: int = 60, n_test: int = 10, share: fl
 
 
 def artefact_in(images: np.ndarray) -> np.ndarray:
-    """(N,) bool: which uint8 (N, H, W, C) images carry the planted square (all its pixels white)."""
-    return (images[:, :SQUARE, :SQUARE, :] == 255).all(axis=(1, 2, 3))
+    """(N,) bool: which uint8 (N, H, W, C) images carry the planted checkerboard (every pixel of it)."""
+    return (images[:, :SQUARE, :SQUARE, :] == ARTEFACT).all(axis=(1, 2, 3))
 
 
 def artefact_masks(n: int) -> np.ndarray:
