@@ -98,6 +98,8 @@ def test_bad_input_is_one_line_and_writes_nothing(run_copy, trained, capsys, tmp
         ((run_copy, "--method", "sprey"), ("unknown reveal method 'sprey'", "did you mean 'spray'")),
         ((run_copy, "--class", "5"), ("--class 5", "3 classes")),
         ((tmp_path / "nowhere",), ("not a teachx run directory",)),
+        ((run_copy, "--teacher", "builtin"), ("no finished IMPACTX or ABN model", "--teacher")),
+        ((run_copy, "--teacher", "shapp"), ("unknown teacher 'shapp'",)),
     ]
     for args, fragments in cases:
         code, _, err = teachx_main(capsys, "reveal", *args, "-q")
@@ -155,3 +157,22 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
     npz.write_bytes(bytes(data))
     code, _, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "-q")
     assert_one_line_error(code, err, "class_0.npz", "run the same `teachx reveal` again")
+
+
+@pytest.mark.slow
+def test_builtin_maps_of_an_impactx_run(trained, tmp_path, capsys, monkeypatch):
+    """--teacher builtin: the IMPACTX model of a `teachx run` is analysed through its own maps."""
+    monkeypatch.setenv("TEACHX_CACHE", str(trained["root"] / "cache"))
+    from teachx.cli.main import main
+
+    out = tmp_path / "irun"
+    overrides = [f"data.name=imagefolder:{trained['root'] / 'art.zip'}", *TRAIN, "train.epochs=1"]
+    try:
+        main(["run", "--out", str(out), "-q", *overrides])
+    except SystemExit as exc:
+        assert exc.code == 0
+    code, text, err = teachx_main(capsys, "reveal", out, "--teacher", "builtin", "--class", "1", "-q")
+    assert code == 0, err
+    rec = json.loads((out / "reveal" / "spray" / "class_1.json").read_text())
+    assert rec["settings"]["teacher"] == "builtin" and rec["settings"]["model"].startswith("impactx/")
+    assert "class 1 (b)" in text

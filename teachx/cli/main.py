@@ -393,7 +393,8 @@ def explain(
 @click.option(
     "--teacher",
     default=None,
-    help="The attribution method for the maps (`teachx teachers`); default: the run's teacher.method.",
+    help="The attribution method for the maps (`teachx teachers`; default: the run's teacher.method), or 'builtin': "
+    "the built-in maps of the run's IMPACTX or ABN model, which is then the model analysed.",
 )
 @click.option(
     "--class",

@@ -43,6 +43,8 @@ from teachx.utils.hashing import hash_json, sha256_file
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
 from teachx.utils.seeding import choose_device
 from teachx.runs import figures
+from teachx.models import BUILT_IN_MAP_MODELS
+from teachx.runs.explain import load_impactx
 from teachx.runs.plan import make_plan
 from teachx.runs.recovery import stage_checkpoint, stage_done
 from teachx.runs.rundir import run_dir_kind, saved_run_config
@@ -106,6 +108,21 @@ def find_classifier(run_dir: Path) -> Path:
         f"run directory '{run_dir}' has no trained classifier yet; train one there first "
         f"(`teachx train --out {run_dir}` or `teachx run --out {run_dir}`, or let the running one finish)"
     )
+
+
+def _builtin_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint of the run's finished model with built-in maps (IMPACTX or ABN stage)."""
+    for stage in BUILT_IN_MAP_MODELS:
+        if (run_dir / stage / "stage.json").is_file() and stage_done(run_dir / stage):
+            return _classifier_checkpoint(run_dir / stage)
+    raise CheckpointError(
+        f"run directory '{run_dir}' has no finished IMPACTX or ABN model for --teacher builtin; finish `teachx run` "
+        "there (method impactx or abn), or pass a teacher method with --teacher (`teachx teachers`)"
+    )
+
+
+def _classifier_checkpoint(stage: Path) -> Path:
+    return stage_checkpoint(stage, stage_done(stage) or {})
 
 
 def _check_run_dir(run_dir: Path) -> RunConfig:
@@ -207,7 +224,9 @@ def reveal_run(
     the user's input runs before anything is written."""
     run_dir = Path(run_dir)
     cfg = _check_run_dir(run_dir)
-    stage = find_classifier(run_dir)
+    builtin = teacher == "builtin"
+    # the model analysed: the trained classifier, or with --teacher builtin the model whose built-in maps are used
+    checkpoint = _builtin_checkpoint(run_dir) if builtin else _classifier_checkpoint(find_classifier(run_dir))
     reveal = build_method(method)
     choice = ConceptChoice.parse(concept) if concept is not None else None
     if cav_kind not in CAV_KINDS:
@@ -216,16 +235,15 @@ def reveal_run(
         raise ConfigError("--concept needs exactly one --class: the class whose samples form the concept")
     if name is not None and not _NAME.match(name):
         raise ConfigError(f"--name '{name}': use letters, digits, '.', '_' and '-' (at most 64), e.g. --name tag")
-    if teacher is not None and teacher != "builtin":
+    if teacher is not None and not builtin:
         teacher = TEACHERS.canonical(teacher)
     teacher_name = teacher or TEACHERS.canonical(cfg.teacher.method)
 
     plan = make_plan(cfg, progress=False)
     ds = plan.dataset
-    model = load_stage_model(stage)
+    model = load_impactx(checkpoint)[0] if builtin else load_stage_model(checkpoint.parent.parent)
     device = choose_device("auto" if cfg.device in (None, "auto") else cfg.device)
     model.to(device)
-    checkpoint = stage_checkpoint(stage, stage_done(stage) or {})
     model_digest = sha256_file(checkpoint)
 
     def batch(idx: np.ndarray) -> torch.Tensor:
@@ -249,13 +267,12 @@ def reveal_run(
     if choice is not None and choice.indices is not None:
         _check_marked(choice.indices, wanted[0], train_idx, labels, ds.class_names)
     needs_maps = reveal.source == "maps"
-    if teacher == "builtin":
-        raise ConfigError("--teacher builtin is not available yet; pass a teacher method (`teachx teachers`)")
     settings = {
         "method": reveal.name,
         "options": reveal.options(),
         "layer": layer,
         "teacher": teacher_name if needs_maps else None,
+        "model": checkpoint.relative_to(run_dir).as_posix(),
         "model_digest": model_digest,
         "split": "train",
     }
@@ -268,7 +285,13 @@ def reveal_run(
         todo[c] = _read_class(out / f"class_{c}.json", key)
     total = sum(len(members_of[c]) for c in wanted if todo[c] is None)
     explain = None
-    if needs_maps and total:
+    if needs_maps and total and builtin:
+
+        def explain(model: torch.nn.Module, idx: np.ndarray) -> torch.Tensor:  # the label's map (per-class models)
+            with torch.no_grad():
+                return model.explain(batch(idx), torch.from_numpy(labels[idx]).long().to(device))
+
+    elif needs_maps and total:
         tcfg = cfg
         if teacher_name != TEACHERS.canonical(cfg.teacher.method):  # another method than the run's: its defaults
             tcfg = copy.deepcopy(cfg)
@@ -421,7 +444,7 @@ def _concept(
             "layer": layer,
             "cav": cav.to_dict(),
             "model_digest": model_digest,
-            "checkpoint": str(Path(checkpoint).relative_to(run_dir)),
+            "checkpoint": Path(checkpoint).relative_to(run_dir).as_posix(),
             "members": [int(i) for i in members],
             "auroc_in_class": in_class,
             "retrieval_threshold": threshold,
