@@ -622,7 +622,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 #: commands whose work survives an interruption: run again, they resume
-RESUMABLE = ("train", "run", "demo", "study")
+RESUMABLE = ("train", "run", "demo", "study", "reveal")
 
 
 def _interrupted(argv: Optional[list[str]]) -> str:
