@@ -157,6 +157,12 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
     npz.write_bytes(bytes(data))
     code, _, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "-q")
     assert_one_line_error(code, err, "class_0.npz", "run the same `teachx reveal` again")
+    # reveal/ is teachx's own: --overwrite (remove_owned) clears it with the rest, a user's file in it is kept
+    from teachx.runs.rundir import remove_owned
+
+    (run_copy / "reveal" / "notes.txt").write_text("mine")
+    assert remove_owned(run_copy) == [run_copy / "reveal" / "notes.txt"]
+    assert sorted(p.name for p in (run_copy / "reveal").iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow

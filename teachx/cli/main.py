@@ -383,7 +383,7 @@ def explain(
     default="spray",
     show_default=True,
     help="Reveal method: spray (spectral clustering of attribution maps), spray_latent (of a layer's pooled "
-    "activations) or outliers (Isolation-Forest scores of the maps).",
+    "activations) or outliers (Local Outlier Factor scores of the maps).",
 )
 @click.option(
     "--layer",
