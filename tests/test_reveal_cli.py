@@ -150,6 +150,9 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
     density = heat[:, :10, :10].mean((1, 2)) / np.maximum(heat.mean((1, 2)), 1e-12)
     assert np.median(density) > 1.5
     assert arrays["masks"][truth[loc]][:, :10, :10].any((1, 2)).mean() >= 0.9
+    # the same name again replaces the concept, and says so
+    code, out, _ = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--concept", "top", "--name", "tag", "-q")
+    assert code == 0 and "notice: replacing the concept 'tag'" in out and "done, skipped" in out
     # a damaged arrays file is refused in one line
     npz = run_copy / "reveal" / "spray" / "class_0.npz"
     data = bytearray(npz.read_bytes())

@@ -41,6 +41,7 @@ from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
 from teachx.teachers import TEACHERS
 from teachx.utils.hashing import hash_json, sha256_file
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
+from teachx.utils.runtime import configure_threads
 from teachx.utils.seeding import choose_device
 from teachx.runs import figures
 from teachx.models import BUILT_IN_MAP_MODELS
@@ -239,6 +240,7 @@ def reveal_run(
         teacher = TEACHERS.canonical(teacher)
     teacher_name = teacher or TEACHERS.canonical(cfg.teacher.method)
 
+    configure_threads(cfg.train.threads)  # train.threads / $TEACHX_THREADS, as the run trained
     plan = make_plan(cfg, progress=False)
     ds = plan.dataset
     model = load_impactx(checkpoint)[0] if builtin else load_stage_model(checkpoint.parent.parent)
@@ -422,6 +424,8 @@ def _concept(
         heat = heatmaps_in_batches(model, batch, chosen, module, cav.direction, localise_with, batch_size, bar.update)
     masks = artefact_mask(heat)
     dest = run_dir / REVEAL_DIR / CONCEPTS / f"{name}.json"
+    if dest.is_file():
+        yield f"notice: replacing the concept '{name}' an earlier `teachx reveal` saved (choose another with --name)"
     sha = _save_npz(
         dest.with_suffix(".npz"),
         cav=cav.direction.astype(np.float64),
