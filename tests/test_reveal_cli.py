@@ -136,20 +136,30 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
     code, out, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--concept", "top", "--name", "tag", "-q")
     assert code == 0, err
     assert "concept 'tag'" in out
-    rec, arrays = read_concept(run_copy / "reveal" / "concepts" / "tag.json")
-    assert rec["layer"] == "body" and rec["cav"]["kind"] == "pattern" and len(rec["model_digest"]) == 64
-    assert np.array_equal(arrays["indices"], idx) and abs(np.linalg.norm(arrays["cav"]) - 1) < 1e-9
-    assert auroc(arrays["scores"], truth[arrays["indices"]]) > 0.95
+    concept = read_concept(run_copy / "reveal" / "concepts" / "tag.json")
+    assert concept.layer == "body" and concept.cav_kind == "pattern" and concept.label == 0
+    assert len(concept.model_digest) == 64 and concept.checkpoint == "checkpoints/best.safetensors"
+    assert np.array_equal(concept.indices, idx) and abs(np.linalg.norm(concept.cav) - 1) < 1e-9
+    assert auroc(concept.scores, truth[concept.indices]) > 0.95
     # localised where the artefact is: in an artefact image the heatmap peaks at the top-left corner (pointing
     # game) and is denser there than elsewhere, and the mask covers the corner
-    loc = arrays["localised"]
+    loc = concept.localised
     assert truth[loc].sum() >= 0.9 * truth[idx].sum()
-    heat = np.clip(arrays["heatmaps"].astype(np.float64), 0, None)[truth[loc]]
+    heat = np.clip(concept.heatmaps.astype(np.float64), 0, None)[truth[loc]]
     peak = heat.reshape(len(heat), -1).argmax(1)
     assert ((peak // 32 < 10) & (peak % 32 < 10)).mean() >= 0.9
     density = heat[:, :10, :10].mean((1, 2)) / np.maximum(heat.mean((1, 2)), 1e-12)
     assert np.median(density) > 1.5
-    assert arrays["masks"][truth[loc]][:, :10, :10].any((1, 2)).mean() >= 0.9
+    assert concept.masks[truth[loc]][:, :10, :10].any((1, 2)).mean() >= 0.9
+    # a concept whose arrays changed is refused with the way forward
+    from teachx.errors import CorruptionError
+
+    npz_c = run_copy / "reveal" / "concepts" / "tag.npz"
+    good = npz_c.read_bytes()
+    npz_c.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CorruptionError, match="tag.npz.*--concept again"):
+        read_concept(run_copy / "reveal" / "concepts" / "tag.json")
+    npz_c.write_bytes(good)
     # the same name again replaces the concept, and says so
     code, out, _ = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--concept", "top", "--name", "tag", "-q")
     assert code == 0 and "notice: replacing the concept 'tag'" in out and "done, skipped" in out

@@ -466,8 +466,36 @@ def _concept(
     )
 
 
-def read_concept(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """A saved concept (its record and arrays), both verified; what `teachx revise` reads."""
+@dataclass(frozen=True)
+class SavedConcept:
+    """A concept `teachx reveal --concept` saved: what a correction step reads.
+
+    ``cav``: the unit direction at ``layer`` (pooled activations, spatial maxima); ``model_digest``: the sha256
+    of the checkpoint (``checkpoint``, relative to the run) it was fitted on; ``members``: the dataset indices
+    it was fitted from; ``scores``: the CAV score of every training image ``indices``; ``localised``: the
+    images with a ``heatmaps`` (N, H, W) and ``masks`` (N, H, W) entry (the members and the images scoring
+    above ``threshold``).
+    """
+
+    name: str
+    label: int
+    layer: str
+    cav_kind: str
+    cav: np.ndarray
+    model_digest: str
+    checkpoint: str
+    members: np.ndarray
+    indices: np.ndarray
+    scores: np.ndarray
+    threshold: float
+    localised: np.ndarray
+    heatmaps: np.ndarray
+    masks: np.ndarray
+    record: dict[str, Any]
+
+
+def read_concept(path: str | Path) -> SavedConcept:
+    """A saved concept, its record and arrays verified; a damaged one is one line with the fix."""
     path = Path(path)
     fix = f"run `teachx reveal` with --concept again to write '{path.name}' anew"
     rec = read_trusted_json(path, fix, "concept record")
@@ -475,7 +503,24 @@ def read_concept(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray
     if not arrays.is_file() or sha256_file(arrays) != rec.get("arrays_sha256"):
         raise CorruptionError.of(arrays, "missing, or its content does not match its record", fix, "concept arrays")
     with np.load(arrays) as z:
-        return rec, {k: z[k] for k in z.files}
+        a = {k: z[k] for k in z.files}
+    return SavedConcept(
+        name=str(rec["name"]),
+        label=int(rec["class"]),
+        layer=str(rec["layer"]),
+        cav_kind=str(rec["cav"]["kind"]),
+        cav=a["cav"],
+        model_digest=str(rec["model_digest"]),
+        checkpoint=str(rec["checkpoint"]),
+        members=a["members"],
+        indices=a["indices"],
+        scores=a["scores"],
+        threshold=float(rec["retrieval_threshold"]),
+        localised=a["localised"],
+        heatmaps=a["heatmaps"].astype(np.float32),
+        masks=a["masks"],
+        record=rec,
+    )
 
 
 def read_class(run_dir: str | Path, method: str, label: int) -> Optional[ClassRecord]:
