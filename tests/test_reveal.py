@@ -160,3 +160,23 @@ def test_layers_are_listed_and_checked(small_cnn, inputs):
     with torch.no_grad():
         ref = small_cnn.body(inputs).amax((2, 3))
     assert np.allclose(acts, ref.numpy(), atol=1e-6)
+
+
+def test_pooled_relevances_conserve_the_target_logit(small_cnn, inputs):
+    """LRP relevance read at an inner layer, summed over its channels, is the target logit (epsilon rules, no
+    biases), and a channel's relevance is zero where the layer is zero."""
+    from teachx.reveal.features import pooled_relevances
+
+    for m in small_cnn.modules():
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    targets = np.array([0, 1, 2, 3, 4, 0])
+    rel = pooled_relevances(
+        small_cnn, lambda idx: inputs[idx], np.arange(6), targets, "body.4", batch_size=4, composite="epsilon"
+    )
+    with torch.no_grad():
+        logits = small_cnn(inputs)[torch.arange(6), torch.as_tensor(targets)]
+        dead = small_cnn.body(inputs).amax((2, 3)) == 0
+    assert rel.shape == (6, 16)
+    assert np.allclose(rel.sum(1), logits.numpy(), rtol=1e-3, atol=1e-5)
+    assert np.all(rel[dead.numpy()] == 0)

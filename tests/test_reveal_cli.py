@@ -129,6 +129,15 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
         rec_json = json.loads((run_copy / "reveal" / "spray" / f"class_{c}.json").read_text())
         assert rec_json["digest"].startswith("sha256:") and rec_json["ranking"][0] == rec_json["groups"][0]["group"]
         assert (run_copy / "reveal" / "spray" / f"class_{c}.png").stat().st_size > 5000
+    # the latent methods: on the layer's activations, and on its relevances for the class
+    for latent in ("activations", "relevances"):
+        code, _, err = teachx_main(
+            capsys, "reveal", run_copy, "--class", "0", "--method", "spray_latent", "--latent", latent, "-q"
+        )
+        assert code == 0, err
+        lat = read_class(run_copy, "spray_latent", 0)
+        assert lat.settings["latent"] == latent
+        assert np.isin(np.asarray(lat.result.groups[0].members), planted).sum() >= 0.8 * len(planted)
     # resumable: the same command skips every class
     code, out, _ = teachx_main(capsys, "reveal", run_copy, "-q")
     assert code == 0 and out.count("done, skipped") == 3

@@ -428,6 +428,13 @@ def explain(
     show_default=True,
     help="How the concept is traced back to the pixels: LRP from the layer, or gradient x input.",
 )
+@click.option(
+    "--latent",
+    type=click.Choice(["activations", "relevances"]),
+    default="activations",
+    show_default=True,
+    help="What spray_latent reads of --layer: the pooled activations, or the layer's LRP relevances for the class.",
+)
 @quiet_option()
 @wait_option()
 def reveal(
@@ -440,6 +447,7 @@ def reveal(
     name: Optional[str],
     cav_kind: str,
     localise_with: str,
+    latent: str,
     quiet: bool,
     wait: bool,
 ) -> None:
@@ -468,6 +476,7 @@ def reveal(
             name=name,
             cav_kind=cav_kind,
             localise_with=localise_with,
+            latent=latent,
             progress=not quiet,
         ):
             click.echo(line)

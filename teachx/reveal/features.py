@@ -100,3 +100,42 @@ def pooled_activations(
             rows.append(pool(out[0]).float().cpu().numpy())
             step(len(indices[s : s + batch_size]))
     return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def pooled_relevances(
+    model: nn.Module,
+    batches: Callable[[np.ndarray], torch.Tensor],
+    indices: np.ndarray,
+    targets: np.ndarray,
+    layer: str,
+    batch_size: int = 256,
+    composite: str = "epsilon_plus_flat",
+) -> np.ndarray:
+    """(N, D) float32 LRP relevances of ``layer`` for the ``targets`` logits, summed over space per channel.
+
+    Inside teachx's LRP context the backward pass carries relevance itself, so the "gradient" reaching the
+    layer's output is its relevance; the sum over channels is about the target logit. Summing over space, not
+    taking the maximum, keeps that conservation: a channel's share of the decision.
+    """
+    from teachx.teachers.lrp import Lrp
+
+    module = find_module(model, layer)
+    lrp = Lrp(composite=composite)
+    rows = []
+    for s in range(0, len(indices), batch_size):
+        chunk = indices[s : s + batch_size]
+        captured: list[torch.Tensor] = []
+        with lrp.context(model), torch.enable_grad():
+            handle = module.register_forward_hook(lambda _m, _a, out: captured.append(out))
+            try:
+                x = batches(chunk).detach().requires_grad_(True)
+                out = model(x)
+            finally:
+                handle.remove()
+            a = captured[0]
+            t = torch.as_tensor(np.asarray(targets)[s : s + batch_size], device=out.device).long().view(-1, 1)
+            seed = torch.zeros_like(out).scatter_(1, t, out.detach().gather(1, t))
+            (grad,) = torch.autograd.grad(out, a, seed)
+        rel = grad.detach().float()
+        rows.append((rel.sum((2, 3)) if rel.dim() == 4 else rel).cpu().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)

@@ -36,7 +36,7 @@ from teachx.errors import CheckpointError, ConfigError, CorruptionError, DataErr
 from teachx.reveal import REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
 from teachx.reveal import build as build_method
 from teachx.reveal.cav import CAV_KINDS, auroc, fit_cav
-from teachx.reveal.features import check_layer, find_module, layer_shapes, pooled_activations
+from teachx.reveal.features import check_layer, find_module, layer_shapes, pooled_activations, pooled_relevances
 from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
 from teachx.teachers import TEACHERS
 from teachx.utils.hashing import hash_json, sha256_file
@@ -55,6 +55,8 @@ from teachx.runs.teacher import as_nchw, make_teacher, map_fn
 REVEAL_DIR = "reveal"
 CONCEPTS = "concepts"
 RECORD_VERSION = 1
+#: what the latent methods read of the layer: its pooled activations, or its LRP relevances for the class
+LATENTS = ("activations", "relevances")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -217,6 +219,7 @@ def reveal_run(
     name: Optional[str] = None,
     cav_kind: str = "pattern",
     localise_with: str = "lrp",
+    latent: str = "activations",
     max_localise: int = 500,
     batch_size: int = 128,
     progress: bool = True,
@@ -230,6 +233,8 @@ def reveal_run(
     checkpoint = _builtin_checkpoint(run_dir) if builtin else _classifier_checkpoint(find_classifier(run_dir))
     reveal = build_method(method)
     choice = ConceptChoice.parse(concept) if concept is not None else None
+    if latent not in LATENTS:
+        raise ConfigError(f"unknown latent '{latent}'; valid: {', '.join(LATENTS)}")
     if cav_kind not in CAV_KINDS:
         raise ConfigError(f"unknown CAV kind '{cav_kind}'; valid: {', '.join(CAV_KINDS)}")
     if choice is not None and (classes is None or len(classes) != 1):
@@ -274,6 +279,7 @@ def reveal_run(
         "options": reveal.options(),
         "layer": layer,
         "teacher": teacher_name if needs_maps else None,
+        "latent": None if needs_maps else latent,
         "model": checkpoint.relative_to(run_dir).as_posix(),
         "model_digest": model_digest,
         "split": "train",
@@ -315,7 +321,10 @@ def reveal_run(
                     ]
                     maps = np.concatenate(rows)
                 bar.update(len(idx))
-                result = reveal.reveal(Evidence(indices=idx, maps=maps, activations=acts, label=c))
+                latents = acts
+                if not needs_maps and latent == "relevances":  # each channel's share of the class's logit
+                    latents = pooled_relevances(model, batch, idx, labels[idx], layer, batch_size)
+                result = reveal.reveal(Evidence(indices=idx, maps=maps, activations=latents, label=c))
                 rec = ClassRecord(c, ds.class_names[c], key, settings, result, acts)
                 if choice is not None:
                     _concept_rows(choice, rec)  # a missing group fails here, before this class is written
