@@ -24,7 +24,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from teachx.runs.plan import make_plan
 from teachx.runs.recovery import stage_checkpoint, stage_done
 from teachx.runs.rundir import run_dir_kind, saved_run_config
 from teachx.runs.stages import load_stage_model
-from teachx.runs.teacher import as_nchw, make_teacher, map_fn
+from teachx.runs.teacher import as_nchw, teacher_maps
 
 REVEAL_DIR = "reveal"
 CONCEPTS = "concepts"
@@ -223,9 +223,14 @@ def reveal_run(
     max_localise: int = 500,
     batch_size: int = 128,
     progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> Iterator[str]:
-    """Run reveal in ``run_dir`` (held by the caller); yields the lines to print. Every check that can fail on
-    the user's input runs before anything is written."""
+    """Run reveal in ``run_dir`` (held by the caller); yields the lines to print (``log``: progress notes, such
+    as the teacher maps being made). Every check that can fail on the user's input runs before anything is
+    written.
+
+    A teacher's maps come from (or go into) the shared teacher-map store, keyed by the model's weights: the
+    maps a `teachx run` made of its baseline are reused, and maps made here are kept for the next reveal."""
     run_dir = Path(run_dir)
     cfg = _check_run_dir(run_dir)
     builtin = teacher == "builtin"
@@ -304,7 +309,12 @@ def reveal_run(
         if teacher_name != TEACHERS.canonical(cfg.teacher.method):  # another method than the run's: its defaults
             tcfg = copy.deepcopy(cfg)
             tcfg.teacher.method, tcfg.teacher.options = teacher_name, {}
-        explain = map_fn(tcfg, plan, make_teacher(tcfg, plan, device), ds.train, device)
+        needed = np.concatenate([members_of[c] for c in wanted if todo[c] is None])
+        store = teacher_maps(tcfg, plan, model, "train", needed, device, log=log, progress=progress)
+
+        def explain(model: torch.nn.Module, idx: np.ndarray) -> torch.Tensor:
+            return store.read(idx)
+
     with tqdm(total=total, unit="img", desc="reveal", disable=not progress or not total, leave=False) as bar:
         for c in wanted:
             rec = todo[c]
