@@ -478,7 +478,7 @@ def reveal(
             localise_with=localise_with,
             latent=latent,
             progress=not quiet,
-            log=_say,
+            log=click.echo,
         ):
             click.echo(line)
 
