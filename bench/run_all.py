@@ -74,6 +74,8 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("bench_scaling.py", []),
     ("bench_memory.py", []),
     ("bench_methods.py", ["--threads", "1"]),
+    ("bench_reveal.py", []),
+    ("bench_reveal.py", ["--n", "45000", "--out", str(RESULTS / "reveal_45000.json")]),
 ]
 
 
@@ -103,6 +105,14 @@ def summary() -> str:
                 rows.append(
                     f"| LRP {key[4:]} / forward+backward (batch {r['batch']}) | {r['model']} | {v:.2f}x | <= {tgt}x | {'yes' if v <= tgt else 'no'} |"
                 )
+    for rev in filter(None, (load("reveal.json"), load("reveal_45000.json"))):
+        sec = rev["seconds"]
+        rows.append(
+            f"| teachx reveal over {rev['n']:,} images ({rev['teacher']} maps, {rev['method']}, {_threads(rev['threads'])}) | lenet5 | "
+            f"{rev['total_s']:.0f} s (maps {sec['maps_s']:.0f}, activations {sec['activations_s']:.0f}, per-class reveal {sec['reveal_s']:.0f}, "
+            f"figures {sec['figures_s']:.0f}); projected for 45,000: {rev['projected_cifar10_45000_s']:.0f} s | <= 300 s for 45,000 | "
+            f"{'yes' if rev['meets_target'] else 'no'} |"
+        )
     imp = load("impactx.json")
     if imp:
         for r in imp["results"]:

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 import click
 
-from teachx.cli.options import REDO_HELP, out_option, run_options, wait_option
+from teachx.cli.options import REDO_HELP, out_option, quiet_option, run_options, wait_option
 from teachx.errors import ConfigError, TeachxError
 from teachx.utils.numbers import number
 
@@ -37,6 +37,7 @@ Examples:
   teachx train cifar10-lenet5-baseline --out runs/base train.epochs=5
   teachx run cifar10-lenet5 --out runs/impactx impactx.lam=0.5 teacher.method=lrp
   teachx explain runs/impactx cat.png --out maps/   # built-in maps of the run's IMPACTX model
+  teachx reveal runs/base --class 3                 # candidate shortcuts of class 3, ranked
   teachx config --describe                      # every option, its default and what it means
   teachx study study-cifar10-lenet5 --out runs/study --seeds 5   # seeds, ablations, p-values
   teachx report runs/study                      # self-contained HTML + Markdown report
@@ -376,6 +377,113 @@ def explain(
             click.echo(line)
 
 
+@cli.command()
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
+@click.option(
+    "--method",
+    default="spray",
+    show_default=True,
+    help="Reveal method: spray (spectral clustering of attribution maps), spray_latent (of a layer's pooled "
+    "activations) or outliers (Local Outlier Factor scores of the maps).",
+)
+@click.option(
+    "--layer",
+    default=None,
+    help="The layer (as in model.named_modules()) for activations and CAVs; default: the last feature maps.",
+)
+@click.option(
+    "--teacher",
+    default=None,
+    help="The attribution method for the maps (`teachx teachers`; default: the run's teacher.method), or 'builtin': "
+    "the built-in maps of the run's IMPACTX or ABN model, which is then the model analysed.",
+)
+@click.option(
+    "--class",
+    "classes",
+    type=click.IntRange(min=0),
+    multiple=True,
+    help="Only this class (repeatable); default: every class.",
+)
+@click.option(
+    "--concept",
+    default=None,
+    metavar="GROUP|top|INDICES",
+    help="Fit a concept for one --class: a group number from its ranking, 'top' for the most suspicious group, "
+    "or 2 or more training-image indices separated by commas; the CAV, the images that carry it and their "
+    "artefact masks are saved in reveal/concepts/.",
+)
+@click.option("--name", default=None, help="Name of the saved concept (default: class<C>-group<G> or class<C>-marked).")
+@click.option(
+    "--cav",
+    "cav_kind",
+    type=click.Choice(["pattern", "svm", "logistic"]),
+    default="pattern",
+    show_default=True,
+    help="Concept direction: the pattern (signal) CAV, or a linear SVM's or logistic regression's weights.",
+)
+@click.option(
+    "--localise",
+    "localise_with",
+    type=click.Choice(["lrp", "gradient"]),
+    default="lrp",
+    show_default=True,
+    help="How the concept is traced back to the pixels: LRP from the layer, or gradient x input.",
+)
+@click.option(
+    "--latent",
+    type=click.Choice(["activations", "relevances"]),
+    default="activations",
+    show_default=True,
+    help="What spray_latent reads of --layer: the pooled activations, or the layer's LRP relevances for the class.",
+)
+@quiet_option()
+@wait_option()
+def reveal(
+    run_dir: str,
+    method: str,
+    layer: Optional[str],
+    teacher: Optional[str],
+    classes: tuple[int, ...],
+    concept: Optional[str],
+    name: Optional[str],
+    cav_kind: str,
+    localise_with: str,
+    latent: str,
+    quiet: bool,
+    wait: bool,
+) -> None:
+    """Look for shortcuts of a run's trained classifier, class by class.
+
+    Per class it groups the training images by how the model explains them and ranks the groups most
+    suspicious first (small, tight groups far from the rest), into RUN_DIR/reveal/. With --concept it fits
+    a concept direction (CAV) for a group, finds every training image that carries it and masks where.
+    Run again, it resumes.
+    """
+    from teachx.runs.reveal import reveal_run  # lazy: CLI start-up
+    from teachx.runs.rundir import hold_run_dir, run_dir_kind  # lazy: CLI start-up
+
+    if run_dir_kind(run_dir) != "teachx":
+        raise ConfigError(
+            f"'{run_dir}' is not a teachx run directory; pass the --out folder of `teachx train`, `teachx run` or `teachx demo`"
+        )
+    with hold_run_dir(run_dir, wait, _say):
+        for line in reveal_run(
+            run_dir,
+            method=method,
+            layer=layer,
+            teacher=teacher,
+            classes=list(classes) or None,
+            concept=concept,
+            name=name,
+            cav_kind=cav_kind,
+            localise_with=localise_with,
+            latent=latent,
+            progress=not quiet,
+            log=click.echo,
+        ):
+            click.echo(line)
+
+
 def _say(line: str) -> None:
     click.echo(line, err=True)
 
@@ -529,7 +637,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 #: commands whose work survives an interruption: run again, they resume
-RESUMABLE = ("train", "run", "demo", "study")
+RESUMABLE = ("train", "run", "demo", "study", "reveal")
 
 
 def _interrupted(argv: Optional[list[str]]) -> str:

@@ -173,3 +173,48 @@ def _save(fig, path: str | Path, dpi: int) -> Path:
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+def save_reveal_figure(
+    path: str | Path,
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    groups: Sequence[int],
+    group_titles: Sequence[str],
+    prototypes: Sequence[torch.Tensor],
+    prototype_maps: Optional[Sequence[torch.Tensor]] = None,
+    title: str = "",
+    dpi: int = 100,
+) -> Path:
+    """One class's reveal: the 2-D embedding coloured by group (left), and per listed group (most suspicious
+    first) a row of its prototype images, with their maps under them when given."""
+    plt = _plt()
+    n_rows = max(1, len(groups)) * (2 if prototype_maps is not None else 1)
+    n_cols = max([len(p) for p in prototypes] + [1])
+    fig = plt.figure(figsize=(4.2 + 1.3 * n_cols, max(3.6, 1.3 * n_rows)))
+    grid = fig.add_gridspec(n_rows, n_cols + 3)
+    ax = fig.add_subplot(grid[:, :3])
+    cmap = plt.get_cmap("tab10")
+    for g in np.unique(labels):
+        pts = embedding[labels == g]
+        ax.scatter(pts[:, 0], pts[:, 1], s=8, color=cmap(int(g) % 10), label=f"group {int(g)}")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    for r, (g, label, imgs) in enumerate(zip(groups, group_titles, prototypes)):
+        row = r * (2 if prototype_maps is not None else 1)
+        for c in range(len(imgs)):
+            a = fig.add_subplot(grid[row, 3 + c])
+            a.imshow(_image(imgs[c]), cmap="gray" if imgs[c].shape[0] == 1 else None)
+            a.set_axis_off()
+            if c == 0:
+                a.set_title(label, fontsize=7, loc="left", color=cmap(int(g) % 10))
+            if prototype_maps is not None:
+                m = _map(prototype_maps[r][c])
+                lim = float(np.abs(m).max()) or 1.0
+                b = fig.add_subplot(grid[row + 1, 3 + c])
+                b.imshow(m, cmap="bwr", vmin=-lim, vmax=lim)
+                b.set_axis_off()
+    fig.tight_layout()
+    return _save(fig, path, dpi)

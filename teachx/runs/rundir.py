@@ -73,6 +73,7 @@ RUN_LAYOUT: Layout = {
     "report.md": None,
     "report_files": {"*.png": None},
     "figures": {"*.png": None},
+    "reveal": {"*": {"*.json": None, "*.npz": None, "*.png": None}},  # `teachx reveal`: per method, and concepts
     # the stages: baseline, teacher and the method stage, named after the training method
     **{stage: STAGE_LAYOUT for stage in ("baseline", "teacher", *method_stages())},
     **STAGE_LAYOUT,

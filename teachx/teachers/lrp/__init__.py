@@ -21,7 +21,7 @@ input's shape. ``sum(R_in)`` equals the target logit up to what biases and stabi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -167,6 +167,43 @@ class Lrp(Teacher):
             logits = target_logits(outputs, target)
             seed = torch.zeros_like(outputs).scatter_(1, target.view(-1, 1), logits.detach().view(-1, 1))
             (relevance,) = torch.autograd.grad(outputs, x, seed, allow_unused=True)
+        if relevance is None:
+            return torch.zeros_like(inputs)
+        return relevance.detach()
+
+    def attribute_from_layer(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        layer: nn.Module,
+        start: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """Relevance started at ``layer``'s output instead of a logit and propagated to the input.
+
+        ``start(a)`` gives the initial relevance from the layer's (detached) output ``a``, e.g. the activation
+        times a concept direction (concept-conditional relevance, as CRP and Reveal-to-Revise localise an
+        artefact). The layer's own rule and every rule below it apply, so ``sum(R_in)`` is about
+        ``sum(start(a))``. The input's shape; zeros when the input does not reach the layer.
+        """
+        check_inputs(inputs)
+        captured: list[torch.Tensor] = []
+        with self.context(model), torch.enable_grad():
+            # registered inside the context, after the rule hooks: it sees the output the rules wrap
+            handle = layer.register_forward_hook(lambda _m, _a, out: captured.append(out))
+            try:
+                x = inputs.detach().requires_grad_(True)
+                model(x)
+            finally:
+                handle.remove()
+            if not captured:
+                raise ValueError("the layer was not run in the model's forward pass")
+            a = captured[0]
+            seed = start(a.detach())
+            if seed.shape != a.shape:
+                raise ValueError(
+                    f"start() must return the layer output's shape {tuple(a.shape)}, got {tuple(seed.shape)}"
+                )
+            (relevance,) = torch.autograd.grad(a, x, seed, allow_unused=True)
         if relevance is None:
             return torch.zeros_like(inputs)
         return relevance.detach()

@@ -1,0 +1,31 @@
+"""Reveal: find a model's shortcuts without annotations (the first half of Reveal-to-Revise, Pahde et al. 2023).
+
+``build(name, **options)`` returns a reveal method (``REVEAL_METHODS.names()`` lists them; one module each,
+behind the contract in :mod:`teachx.reveal.base`); :mod:`teachx.reveal.features` reads a layer's activations;
+:mod:`teachx.reveal.cav` fits a concept direction for a group and retrieves the samples that carry it;
+:mod:`teachx.reveal.localise` turns it into per-image artefact heatmaps and masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from teachx.errors import ConfigError
+from teachx.reveal.base import REVEAL_METHODS, CandidateGroup, Evidence, RevealMethod, RevealResult
+
+# each import registers its method in REVEAL_METHODS
+from teachx.reveal import spray as _spray  # noqa: F401,E402
+from teachx.reveal import spray_latent as _spray_latent  # noqa: F401,E402
+from teachx.reveal import outliers as _outliers  # noqa: F401,E402
+
+
+def build(name: str, **options: Any) -> RevealMethod:
+    """Build the reveal method ``name`` with ``options``; bad names or options raise a one-line ConfigError."""
+    cls = REVEAL_METHODS.get(name)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"bad options for reveal method '{name}': {exc}") from None
+
+
+__all__ = ["REVEAL_METHODS", "RevealMethod", "Evidence", "RevealResult", "CandidateGroup", "build"]

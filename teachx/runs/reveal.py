@@ -1,0 +1,577 @@
+"""`teachx reveal RUN_DIR`: look for a trained classifier's shortcuts in its own training data, class by class,
+and (with a concept) fit a CAV for a group, retrieve every training image that carries it and localise it.
+
+Layout in the run directory (every file written atomically; JSON records carry their digest and the sha256
+of their arrays, both verified on read):
+
+- ``reveal/<method>/class_<c>.json``: the typed record of class ``c`` (settings, eigengap, the candidate
+  groups ranked most suspicious first) -- written last, so it marks the class as done;
+- ``reveal/<method>/class_<c>.npz``: per sample its dataset index, score, group, 2-D embedding and the
+  layer's pooled activations; ``class_<c>.png``: the embedding coloured by group and each top group's
+  prototypes with their maps;
+- ``reveal/concepts/<name>.json`` / ``.npz``: a named concept (its CAV, layer, model digest, members, the
+  CAV score of every training image, and heatmaps and masks of the images that carry it), which a later
+  `teachx revise` reads.
+
+A class whose record is there, intact and made with the same settings (method, options, layer, teacher,
+model) is skipped, so an interrupted reveal resumes; other settings replace it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from teachx.config.loader import from_dict
+from teachx.config.schema import RunConfig
+from teachx.data.transforms import normalize
+from teachx.errors import CheckpointError, ConfigError, CorruptionError, DataError, RunDirError
+from teachx.reveal import REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
+from teachx.reveal import build as build_method
+from teachx.reveal.cav import CAV_KINDS, auroc, fit_cav
+from teachx.reveal.features import check_layer, find_module, layer_shapes, pooled_activations, pooled_relevances
+from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
+from teachx.teachers import TEACHERS
+from teachx.utils.hashing import hash_json, sha256_file
+from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
+from teachx.utils.runtime import configure_threads
+from teachx.utils.seeding import choose_device
+from teachx.runs import figures
+from teachx.models import BUILT_IN_MAP_MODELS
+from teachx.runs.explain import load_impactx
+from teachx.runs.plan import make_plan
+from teachx.runs.recovery import stage_checkpoint, stage_done
+from teachx.runs.rundir import run_dir_kind, saved_run_config
+from teachx.runs.stages import load_stage_model
+from teachx.runs.teacher import as_nchw, teacher_maps
+
+REVEAL_DIR = "reveal"
+CONCEPTS = "concepts"
+RECORD_VERSION = 1
+#: what the latent methods read of the layer: its pooled activations, or its LRP relevances for the class
+LATENTS = ("activations", "relevances")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ConceptChoice:
+    """What --concept names: a candidate group of the class (``group``; -1 with ``top``: the top-ranked one)
+    or dataset indices a person marks (``indices``)."""
+
+    group: Optional[int] = None
+    indices: Optional[tuple[int, ...]] = None
+
+    @classmethod
+    def parse(cls, text: str) -> "ConceptChoice":
+        t = text.strip()
+        if t == "top":
+            return cls(group=-1)
+        if re.fullmatch(r"\d+", t):
+            return cls(group=int(t))
+        parts = [p.strip() for p in t.split(",")]
+        if "," in t and all(re.fullmatch(r"\d+", p) for p in parts if p):
+            idx = tuple(int(p) for p in parts if p)
+            if len(set(idx)) < 2:
+                raise ConfigError(
+                    f"--concept {text}: a concept needs at least 2 samples; mark 2 or more training indices, e.g. --concept 4,17,23"
+                )
+            return cls(indices=tuple(sorted(set(idx))))
+        raise ConfigError(
+            f"--concept {text}: pass a group number of the class (e.g. --concept 2), 'top' for the top-ranked group, "
+            "or 2 or more training-image indices separated by commas (e.g. --concept 4,17,23)"
+        )
+
+
+@dataclass(frozen=True)
+class ClassRecord:
+    """The saved reveal of one class (``class_<c>.json`` and its arrays)."""
+
+    label: int
+    class_name: str
+    key: str
+    settings: dict[str, Any]
+    result: RevealResult
+    activations: np.ndarray
+
+
+def find_classifier(run_dir: Path) -> Path:
+    """The stage directory of the run's trained classifier: ``baseline/`` of `teachx run` / `demo`, or the
+    directory itself for `teachx train`; a one-line error when there is none yet."""
+    for stage in (run_dir / "baseline", run_dir):
+        if (stage / "stage.json").is_file() and stage_done(stage):
+            return stage
+    raise CheckpointError(
+        f"run directory '{run_dir}' has no trained classifier yet; train one there first "
+        f"(`teachx train --out {run_dir}` or `teachx run --out {run_dir}`, or let the running one finish)"
+    )
+
+
+def _builtin_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint of the run's finished model with built-in maps (IMPACTX or ABN stage)."""
+    for stage in BUILT_IN_MAP_MODELS:
+        if (run_dir / stage / "stage.json").is_file() and stage_done(run_dir / stage):
+            return _classifier_checkpoint(run_dir / stage)
+    raise CheckpointError(
+        f"run directory '{run_dir}' has no finished IMPACTX or ABN model for --teacher builtin; finish `teachx run` "
+        "there (method impactx or abn), or pass a teacher method with --teacher (`teachx teachers`)"
+    )
+
+
+def _classifier_checkpoint(stage: Path) -> Path:
+    return stage_checkpoint(stage, stage_done(stage) or {})
+
+
+def _check_run_dir(run_dir: Path) -> RunConfig:
+    kind = run_dir_kind(run_dir)
+    if kind != "teachx" or not (run_dir / "config.yaml").is_file():
+        raise RunDirError(
+            f"'{run_dir}' is not a teachx run directory; pass the --out folder of `teachx train`, `teachx run` or `teachx demo`"
+        )
+    _, data = saved_run_config(run_dir)
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"the config in '{run_dir / 'config.yaml'}': {exc}") from None
+
+
+def _read_class(path: Path, key: str) -> Optional[ClassRecord]:
+    """The saved class record at ``path`` when complete, intact and made with settings ``key``; None otherwise.
+    A damaged record or arrays: CorruptionError with the fix."""
+    if not path.is_file():
+        return None
+    fix = f"remove '{path.parent}' and run the same `teachx reveal` again"
+    rec = read_trusted_json(path, fix, "reveal record")
+    if rec.get("key") != key:
+        return None
+    arrays = path.with_suffix(".npz")
+    if not arrays.is_file() or sha256_file(arrays) != rec.get("arrays_sha256"):
+        raise CorruptionError.of(arrays, "missing, or its content does not match its record", fix, "reveal arrays")
+    with np.load(arrays) as z:
+        a = {k: z[k] for k in z.files}
+    result = RevealResult(
+        method=rec["method"],
+        indices=a["indices"],
+        scores=a["scores"],
+        labels=a["labels"],
+        embedding=a["embedding"],
+        groups=tuple(CandidateGroup.from_dict(g) for g in rec["groups"]),
+        eigenvalues=np.asarray(rec["eigenvalues"]) if rec.get("eigenvalues") is not None else None,
+        n_groups_eigengap=rec.get("n_groups_eigengap"),
+        options=dict(rec.get("options") or {}),
+    )
+    return ClassRecord(int(rec["class"]), str(rec["class_name"]), key, dict(rec["settings"]), result, a["activations"])
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    return sha256_file(path)
+
+
+def _write_class(path: Path, rec: ClassRecord) -> None:
+    r = rec.result
+    sha = _save_npz(
+        path.with_suffix(".npz"),
+        indices=r.indices,
+        scores=r.scores,
+        labels=r.labels,
+        embedding=r.embedding,
+        activations=rec.activations.astype(np.float32),
+    )
+    write_json_atomic(
+        path,
+        {
+            "version": RECORD_VERSION,
+            "class": rec.label,
+            "class_name": rec.class_name,
+            "method": r.method,
+            "options": r.options,
+            "key": rec.key,
+            "settings": rec.settings,
+            "n_samples": int(len(r.indices)),
+            "n_groups_eigengap": r.n_groups_eigengap,
+            "eigenvalues": None if r.eigenvalues is None else [float(v) for v in r.eigenvalues],
+            "ranking": [g.group for g in r.groups],
+            "groups": [g.to_dict() for g in r.groups],
+            "arrays": path.with_suffix(".npz").name,
+            "arrays_sha256": sha,
+        },
+        digest=True,
+    )
+
+
+def reveal_run(
+    run_dir: str | Path,
+    method: str = "spray",
+    layer: Optional[str] = None,
+    teacher: Optional[str] = None,
+    classes: Optional[list[int]] = None,
+    concept: Optional[str] = None,
+    name: Optional[str] = None,
+    cav_kind: str = "pattern",
+    localise_with: str = "lrp",
+    latent: str = "activations",
+    max_localise: int = 500,
+    batch_size: int = 128,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Iterator[str]:
+    """Run reveal in ``run_dir`` (held by the caller); yields the lines to print (``log``: progress notes, such
+    as the teacher maps being made). Every check that can fail on the user's input runs before anything is
+    written.
+
+    A teacher's maps come from (or go into) the shared teacher-map store, keyed by the model's weights: the
+    maps a `teachx run` made of its baseline are reused, and maps made here are kept for the next reveal."""
+    run_dir = Path(run_dir)
+    cfg = _check_run_dir(run_dir)
+    builtin = teacher == "builtin"
+    # the model analysed: the trained classifier, or with --teacher builtin the model whose built-in maps are used
+    checkpoint = _builtin_checkpoint(run_dir) if builtin else _classifier_checkpoint(find_classifier(run_dir))
+    reveal = build_method(method)
+    choice = ConceptChoice.parse(concept) if concept is not None else None
+    if latent not in LATENTS:
+        raise ConfigError(f"unknown latent '{latent}'; valid: {', '.join(LATENTS)}")
+    if cav_kind not in CAV_KINDS:
+        raise ConfigError(f"unknown CAV kind '{cav_kind}'; valid: {', '.join(CAV_KINDS)}")
+    if choice is not None and (classes is None or len(classes) != 1):
+        raise ConfigError("--concept needs exactly one --class: the class whose samples form the concept")
+    if name is not None and not _NAME.match(name):
+        raise ConfigError(f"--name '{name}': use letters, digits, '.', '_' and '-' (at most 64), e.g. --name tag")
+    if teacher is not None and not builtin:
+        teacher = TEACHERS.canonical(teacher)
+    teacher_name = teacher or TEACHERS.canonical(cfg.teacher.method)
+
+    configure_threads(cfg.train.threads)  # train.threads / $TEACHX_THREADS, as the run trained
+    plan = make_plan(cfg, progress=False)
+    ds = plan.dataset
+    model = load_impactx(checkpoint)[0] if builtin else load_stage_model(checkpoint.parent.parent)
+    device = choose_device("auto" if cfg.device in (None, "auto") else cfg.device)
+    model.to(device)
+    model_digest = sha256_file(checkpoint)
+
+    def batch(idx: np.ndarray) -> torch.Tensor:
+        return normalize(as_nchw(ds.train.images[idx]).to(device), plan.mean, plan.std)
+
+    shapes = layer_shapes(model, batch(plan.train_idx[:1]))
+    layer = check_layer(layer, shapes)
+    labels = np.asarray(ds.train.labels)
+    train_idx = np.sort(np.asarray(plan.train_idx))
+    wanted = list(range(ds.num_classes)) if classes is None else list(dict.fromkeys(classes))
+    for c in wanted:
+        if not 0 <= c < ds.num_classes:
+            raise ConfigError(f"--class {c}: the dataset has {ds.num_classes} classes (0-{ds.num_classes - 1})")
+    members_of = {c: train_idx[labels[train_idx] == c] for c in wanted}
+    for c in wanted:
+        if len(members_of[c]) < reveal.min_samples:
+            raise DataError(
+                f"class {c} ({ds.class_names[c]}) has {len(members_of[c])} training images; {method} needs at least "
+                f"{reveal.min_samples} to find groups; choose another class with --class"
+            )
+    if choice is not None and choice.indices is not None:
+        _check_marked(choice.indices, wanted[0], train_idx, labels, ds.class_names)
+    needs_maps = reveal.source == "maps"
+    settings = {
+        "method": reveal.name,
+        "options": reveal.options(),
+        "layer": layer,
+        "teacher": teacher_name if needs_maps else None,
+        "latent": None if needs_maps else latent,
+        "model": checkpoint.relative_to(run_dir).as_posix(),
+        "model_digest": model_digest,
+        "split": "train",
+    }
+    key = hash_json(settings)
+    out = run_dir / REVEAL_DIR / reveal.name
+    from tqdm.auto import tqdm
+
+    todo = {c: None for c in wanted}
+    for c in wanted:
+        todo[c] = _read_class(out / f"class_{c}.json", key)
+    total = sum(len(members_of[c]) for c in wanted if todo[c] is None)
+    explain = None
+    if needs_maps and total and builtin:
+
+        def explain(model: torch.nn.Module, idx: np.ndarray) -> torch.Tensor:  # the label's map (per-class models)
+            with torch.no_grad():
+                return model.explain(batch(idx), torch.from_numpy(labels[idx]).long().to(device))
+
+    elif needs_maps and total:
+        tcfg = cfg
+        if teacher_name != TEACHERS.canonical(cfg.teacher.method):  # another method than the run's: its defaults
+            tcfg = copy.deepcopy(cfg)
+            tcfg.teacher.method, tcfg.teacher.options = teacher_name, {}
+        needed = np.concatenate([members_of[c] for c in wanted if todo[c] is None])
+        store = teacher_maps(tcfg, plan, model, "train", needed, device, log=log, progress=progress)
+
+        def explain(model: torch.nn.Module, idx: np.ndarray) -> torch.Tensor:
+            return store.read(idx)
+
+    with tqdm(total=total, unit="img", desc="reveal", disable=not progress or not total, leave=False) as bar:
+        for c in wanted:
+            rec = todo[c]
+            if rec is not None:
+                yield f"class {c} ({rec.class_name}): done, skipped"
+            else:
+                idx = members_of[c]
+                acts = pooled_activations(model, batch, idx, layer, batch_size)
+                maps = None
+                if explain is not None:
+                    rows = [
+                        explain(model, idx[s : s + batch_size]).float().cpu().numpy()
+                        for s in range(0, len(idx), batch_size)
+                    ]
+                    maps = np.concatenate(rows)
+                bar.update(len(idx))
+                latents = acts
+                if not needs_maps and latent == "relevances":  # each channel's share of the class's logit
+                    latents = pooled_relevances(model, batch, idx, labels[idx], layer, batch_size)
+                result = reveal.reveal(Evidence(indices=idx, maps=maps, activations=latents, label=c))
+                rec = ClassRecord(c, ds.class_names[c], key, settings, result, acts)
+                if choice is not None:
+                    _concept_rows(choice, rec)  # a missing group fails here, before this class is written
+                _class_figure(out / f"class_{c}.png", rec, ds, maps)
+                _write_class(out / f"class_{c}.json", rec)  # last: the record marks the class as done
+            yield _summary_line(rec)
+    if choice is None:
+        return
+    rec = todo[wanted[0]] or _read_class(out / f"class_{wanted[0]}.json", key)
+    yield from _concept(
+        run_dir,
+        rec,
+        choice,
+        name,
+        cav_kind,
+        layer,
+        model,
+        batch,
+        train_idx,
+        labels,
+        checkpoint,
+        model_digest,
+        localise_with,
+        max_localise,
+        batch_size,
+        progress,
+    )
+
+
+def _check_marked(indices, cls: int, train_idx: np.ndarray, labels: np.ndarray, class_names) -> None:
+    known = set(train_idx.tolist())
+    outside = [i for i in indices if i not in known]
+    if outside:
+        raise ConfigError(
+            f"--concept: {', '.join(map(str, outside[:5]))} {'is not a training image' if len(outside) == 1 else 'are not training images'} "
+            f"of this run; use indices from reveal/<method>/class_{cls}.json"
+        )
+    other = [i for i in indices if labels[i] != cls]
+    if other:
+        raise ConfigError(
+            f"--concept mixes classes: {', '.join(map(str, other[:5]))} belong to class {int(labels[other[0]])} "
+            f"({class_names[int(labels[other[0]])]}), not class {cls}; mark samples of one class"
+        )
+
+
+def _concept_rows(choice: ConceptChoice, rec: ClassRecord) -> tuple[np.ndarray, str]:
+    """(boolean mask over the class's samples, description) of the concept; a one-line error for a group the
+    class does not have."""
+    r = rec.result
+    if choice.indices is not None:
+        return np.isin(r.indices, np.asarray(choice.indices)), "marked"
+    groups = r.groups
+    g = groups[0] if choice.group == -1 else next((x for x in groups if x.group == choice.group), None)
+    if g is None:
+        raise ConfigError(
+            f"--concept {choice.group}: class {rec.label} has no group {choice.group}; its groups are "
+            f"{', '.join(str(x.group) for x in groups)} (most suspicious first)"
+        )
+    mask = np.isin(r.indices, np.asarray(g.members))
+    if mask.sum() < 2:
+        raise ConfigError(f"--concept {g.group}: the group has {int(mask.sum())} sample; a concept needs at least 2")
+    return mask, f"group {g.group}"
+
+
+def _concept(
+    run_dir,
+    rec,
+    choice,
+    name,
+    cav_kind,
+    layer,
+    model,
+    batch,
+    train_idx,
+    labels,
+    checkpoint,
+    model_digest,
+    localise_with,
+    max_localise,
+    batch_size,
+    progress,
+) -> Iterator[str]:
+    mask, source = _concept_rows(choice, rec)
+    if len(mask) - mask.sum() < 2:
+        raise ConfigError(
+            f"--concept: the concept holds {int(mask.sum())} of the class's {len(mask)} samples; leave at least 2 outside it"
+        )
+    name = name or (
+        f"class{rec.label}-group{source.split()[-1]}" if choice.indices is None else f"class{rec.label}-marked"
+    )
+    cav = fit_cav(rec.activations, mask, cav_kind, layer)
+    in_class = auroc(cav.scores(rec.activations), mask)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(train_idx), unit="img", desc="retrieve", disable=not progress, leave=False) as bar:
+        all_acts = pooled_activations(model, batch, train_idx, layer, batch_size, bar.update)
+    scores = cav.scores(all_acts)
+    threshold = (cav.concept_mean + cav.rest_mean) / 2
+    members = rec.result.indices[mask]
+    order = np.argsort(-scores, kind="stable")
+    retrieved = train_idx[order][scores[order] >= threshold]
+    chosen = list(dict.fromkeys([*members.tolist(), *retrieved.tolist()]))[:max_localise]
+    chosen = np.asarray(chosen, dtype=np.int64)
+    module = find_module(model, layer)
+    with tqdm(total=len(chosen), unit="img", desc="localise", disable=not progress, leave=False) as bar:
+        heat = heatmaps_in_batches(model, batch, chosen, module, cav.direction, localise_with, batch_size, bar.update)
+    masks = artefact_mask(heat)
+    dest = run_dir / REVEAL_DIR / CONCEPTS / f"{name}.json"
+    if dest.is_file():
+        yield f"notice: replacing the concept '{name}' an earlier `teachx reveal` saved (choose another with --name)"
+    sha = _save_npz(
+        dest.with_suffix(".npz"),
+        cav=cav.direction.astype(np.float64),
+        indices=train_idx,
+        scores=scores,
+        members=members,
+        localised=chosen,
+        heatmaps=heat.astype(np.float16),
+        masks=masks,
+    )
+    write_json_atomic(
+        dest,
+        {
+            "version": RECORD_VERSION,
+            "name": name,
+            "class": rec.label,
+            "class_name": rec.class_name,
+            "source": source,
+            "reveal": rec.settings,
+            "layer": layer,
+            "cav": cav.to_dict(),
+            "model_digest": model_digest,
+            "checkpoint": Path(checkpoint).relative_to(run_dir).as_posix(),
+            "members": [int(i) for i in members],
+            "auroc_in_class": in_class,
+            "retrieval_threshold": threshold,
+            "n_retrieved": int(len(retrieved)),
+            "localisation": {"method": localise_with, "mask_threshold": 0.3, "n_images": int(len(chosen))},
+            "arrays": dest.with_suffix(".npz").name,
+            "arrays_sha256": sha,
+        },
+        digest=True,
+    )
+    yield (
+        f"concept '{name}' ({source} of class {rec.label}, {int(mask.sum())} samples): {cav_kind} CAV at {layer}, "
+        f"in-class AUROC {in_class:.3f}; {len(retrieved)} training images score above its threshold; "
+        f"{len(chosen)} localised -> {dest}"
+    )
+
+
+@dataclass(frozen=True)
+class SavedConcept:
+    """A concept `teachx reveal --concept` saved: what a correction step reads.
+
+    ``cav``: the unit direction at ``layer`` (pooled activations, spatial maxima); ``model_digest``: the sha256
+    of the checkpoint (``checkpoint``, relative to the run) it was fitted on; ``members``: the dataset indices
+    it was fitted from; ``scores``: the CAV score of every training image ``indices``; ``localised``: the
+    images with a ``heatmaps`` (N, H, W) and ``masks`` (N, H, W) entry (the members and the images scoring
+    above ``threshold``).
+    """
+
+    name: str
+    label: int
+    layer: str
+    cav_kind: str
+    cav: np.ndarray
+    model_digest: str
+    checkpoint: str
+    members: np.ndarray
+    indices: np.ndarray
+    scores: np.ndarray
+    threshold: float
+    localised: np.ndarray
+    heatmaps: np.ndarray
+    masks: np.ndarray
+    record: dict[str, Any]
+
+
+def read_concept(path: str | Path) -> SavedConcept:
+    """A saved concept, its record and arrays verified; a damaged one is one line with the fix."""
+    path = Path(path)
+    fix = f"run `teachx reveal` with --concept again to write '{path.name}' anew"
+    rec = read_trusted_json(path, fix, "concept record")
+    arrays = path.with_suffix(".npz")
+    if not arrays.is_file() or sha256_file(arrays) != rec.get("arrays_sha256"):
+        raise CorruptionError.of(arrays, "missing, or its content does not match its record", fix, "concept arrays")
+    with np.load(arrays) as z:
+        a = {k: z[k] for k in z.files}
+    return SavedConcept(
+        name=str(rec["name"]),
+        label=int(rec["class"]),
+        layer=str(rec["layer"]),
+        cav_kind=str(rec["cav"]["kind"]),
+        cav=a["cav"],
+        model_digest=str(rec["model_digest"]),
+        checkpoint=str(rec["checkpoint"]),
+        members=a["members"],
+        indices=a["indices"],
+        scores=a["scores"],
+        threshold=float(rec["retrieval_threshold"]),
+        localised=a["localised"],
+        heatmaps=a["heatmaps"].astype(np.float32),
+        masks=a["masks"],
+        record=rec,
+    )
+
+
+def read_class(run_dir: str | Path, method: str, label: int) -> Optional[ClassRecord]:
+    """The saved reveal of class ``label`` by ``method`` in a run (None when there is none), verified."""
+    path = Path(run_dir) / REVEAL_DIR / REVEAL_METHODS.canonical(method) / f"class_{label}.json"
+    if not path.is_file():
+        return None
+    rec = read_trusted_json(path, f"remove '{path.parent}' and run `teachx reveal` again", "reveal record")
+    return _read_class(path, rec.get("key"))
+
+
+def _summary_line(rec: ClassRecord) -> str:
+    r = rec.result
+    top = r.groups[0]
+    gap = f", eigengap suggests {r.n_groups_eigengap}" if r.n_groups_eigengap is not None else ""
+    ranking = "; ".join(f"group {g.group}: {g.size} images, score {g.score:.3f}" for g in r.groups[:3])
+    return f"class {rec.label} ({rec.class_name}): {len(r.indices)} images, {len(r.groups)} groups{gap}; most suspicious first: {ranking} (top: {top.group})"
+
+
+def _class_figure(path: Path, rec: ClassRecord, ds, maps: Optional[np.ndarray]) -> None:
+    r = rec.result
+    top = r.groups[:4]
+    pos = {int(i): k for k, i in enumerate(r.indices)}
+    protos = [[pos[i] for i in g.prototypes] for g in top]
+    images = torch.from_numpy(np.ascontiguousarray(ds.train.images[r.indices])).permute(0, 3, 1, 2)
+    figures.save_reveal_figure(
+        path,
+        r.embedding,
+        r.labels,
+        [g.group for g in top],
+        [f"group {g.group}: {g.size} images, score {g.score:.2f}" for g in top],
+        [images[p] for p in protos],
+        None if maps is None else [torch.from_numpy(np.asarray(maps)[p]) for p in protos],
+        title=f"class {rec.label} ({rec.class_name}): {r.method}",
+    )

@@ -1,0 +1,182 @@
+"""teachx.reveal against independent references: the spectral pipeline and the eigengap on blobs of known
+number, the pattern CAV against the closed form, the SVM CAV against a planted direction, the retrieval AUROC
+against scikit-learn, and localisation (LRP from a layer and gradient x input) on a model where the answer is
+computable by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("sklearn")
+
+from sklearn.metrics import adjusted_rand_score, roc_auc_score  # noqa: E402
+
+from teachx.errors import DataError  # noqa: E402
+from teachx.reveal.cav import auroc, cav_scores, classifier_cav, fit_cav, pattern_cav  # noqa: E402
+from teachx.reveal.features import check_layer, layer_shapes, pooled_activations  # noqa: E402
+from teachx.reveal.localise import artefact_mask, localise, mask_iou  # noqa: E402
+from teachx.reveal.spectral import (  # noqa: E402
+    cluster_embedding,
+    eigengap,
+    knn_affinity,
+    spectral_embedding,
+)
+from teachx.teachers.lrp import Lrp  # noqa: E402
+
+
+def blobs(k: int = 3, per: int = 40, dim: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (k, dim)) * 6
+    x = np.concatenate([rng.normal(c, 0.3, (per, dim)) for c in centres])
+    return x, np.repeat(np.arange(k), per)
+
+
+@pytest.mark.parametrize("per", [40, 600])  # the dense eigensolver, and ARPACK above 1500 samples
+def test_three_separated_blobs_give_three_groups(per):
+    x, truth = blobs(per=per)
+    lam, vec = spectral_embedding(knn_affinity(x, 10), 8)
+    assert np.allclose(lam[:3], 0, atol=1e-6) and lam[3] > 0.05  # one zero eigenvalue per connected blob
+    assert eigengap(lam, 8) == 3
+    assert adjusted_rand_score(truth, cluster_embedding(vec, 3)) == 1.0
+
+
+def test_eigengap_reads_the_largest_jump():
+    assert eigengap(np.array([0, 0.01, 0.02, 0.9, 0.95]), 4) == 3
+    assert eigengap(np.array([0, 0.8, 0.85, 0.9]), 3) == 1
+    assert eigengap(np.array([0, 0.1, 0.2, 0.3, 0.4, 5.0]), 3) == 1  # only the first max_groups gaps count
+
+
+def test_pattern_cav_is_the_closed_form():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (200, 6)) @ rng.normal(0, 1, (6, 6))  # correlated features
+    y = rng.random(200) < 0.3
+    x[y] += np.array([2.0, 0, -1, 0, 0, 0.5])
+    ref = np.cov(np.column_stack([x, y.astype(float)]).T)[:-1, -1]  # cov(x_j, y) for every j
+    ref = ref / np.linalg.norm(ref)
+    assert np.allclose(pattern_cav(x, y), ref, atol=1e-12)
+    cav = fit_cav(x, y, "pattern", "layer")
+    assert np.allclose(cav.direction, ref) and cav.concept_mean > cav.rest_mean and cav.layer == "layer"
+
+
+@pytest.mark.parametrize("kind", ["svm", "logistic"])
+def test_classifier_cav_separates_a_planted_direction(kind):
+    rng = np.random.default_rng(1)
+    d = np.zeros(10)
+    d[3], d[7] = 0.6, -0.8
+    x = rng.normal(0, 1, (300, 10))
+    y = rng.random(300) < 0.25
+    x[y] += 4 * d
+    w = classifier_cav(x, y, kind)
+    assert np.isclose(np.linalg.norm(w), 1.0)
+    assert w @ d > 0.8  # close to the planted direction
+    assert roc_auc_score(y, cav_scores(x, w)) > 0.97
+    flipped = fit_cav(x, ~y, kind)  # always oriented towards the concept
+    assert flipped.concept_mean > flipped.rest_mean
+
+
+def test_cav_needs_two_on_each_side():
+    x = np.zeros((5, 3))
+    with pytest.raises(DataError, match="at least 2 concept samples"):
+        pattern_cav(x, np.array([1, 0, 0, 0, 0], bool))
+
+
+def test_auroc_matches_scikit_learn_with_ties():
+    rng = np.random.default_rng(2)
+    s = np.round(rng.normal(0, 1, 500), 1)  # many ties
+    t = rng.random(500) < (0.2 + 0.5 * (s > 0))
+    assert auroc(s, t) == pytest.approx(roc_auc_score(t, s), abs=1e-12)
+    assert np.isnan(auroc(s, np.zeros(500, bool)))
+
+
+class PlantedModel(nn.Module):
+    """A 1x1 conv copying both input channels (identity weights, no bias), a ReLU, pooling and a linear
+    head: the concept 'channel 0 at the layer' is exactly the positive part of input channel 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        self.act = nn.ReLU()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 2))
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)))
+
+
+def planted_inputs(n: int = 4) -> tuple[torch.Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(n, 2, 12, 12)
+    x[:, 1] = torch.rand(n, 12, 12, generator=g) + 0.5  # channel 1: everywhere, not the concept
+    truth = np.zeros((n, 12, 12), bool)
+    for i in range(n):
+        r, c = 2 + i, 3 + i
+        x[i, 0, r : r + 3, c : c + 4] = 1.0 + 0.2 * i  # channel 0: the planted feature
+        truth[i, r : r + 3, c : c + 4] = True
+    return x, truth
+
+
+@pytest.mark.parametrize("method", ["lrp", "gradient"])
+def test_localisation_finds_the_planted_feature(method):
+    model = PlantedModel().eval()
+    x, truth = planted_inputs()
+    heat = localise(model, x, model.act, np.array([1.0, 0.0]), method)
+    assert heat.shape == (4, 12, 12)
+    assert torch.allclose(heat, x[:, 0], atol=1e-5)  # relevance = positive part of channel 0, by hand
+    masks = artefact_mask(heat)
+    assert np.array_equal(mask_iou(masks, truth), np.ones(4))
+    assert mask_iou(masks, np.roll(truth, 6, axis=2)).max() < 0.5
+
+
+def test_lrp_from_a_layer_conserves_the_start(small_cnn, inputs):
+    """Relevance started at an inner layer adds up to the start at the input (epsilon rules, no biases)."""
+    for m in small_cnn.modules():
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    layer = small_cnn.body[4]
+    start = lambda a: a.clamp(min=0) * 0.5  # noqa: E731
+    rel = Lrp(composite="epsilon", epsilon=1e-9).attribute_from_layer(small_cnn, inputs, layer, start)
+    with torch.no_grad():
+        a = small_cnn.body(inputs)
+    assert rel.shape == inputs.shape
+    assert torch.allclose(rel.sum((1, 2, 3)), start(a).sum((1, 2, 3)), rtol=1e-3)
+    assert not any(m._forward_hooks for m in small_cnn.modules())  # no hooks left behind
+
+
+def test_layers_are_listed_and_checked(small_cnn, inputs):
+    shapes = layer_shapes(small_cnn, inputs)
+    assert shapes["body.3"] == (16, 8, 8) and "classifier" in shapes
+    assert check_layer(None, shapes) == "body"  # the last feature maps
+    from teachx.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"unknown layer 'body.33' \(did you mean 'body.3'\?\); valid layers: body.0,"
+    ):
+        check_layer("body.33", shapes)
+    acts = pooled_activations(small_cnn, lambda idx: inputs[idx], np.arange(6), "body.4", batch_size=4)
+    with torch.no_grad():
+        ref = small_cnn.body(inputs).amax((2, 3))
+    assert np.allclose(acts, ref.numpy(), atol=1e-6)
+
+
+def test_pooled_relevances_conserve_the_target_logit(small_cnn, inputs):
+    """LRP relevance read at an inner layer, summed over its channels, is the target logit (epsilon rules, no
+    biases), and a channel's relevance is zero where the layer is zero."""
+    from teachx.reveal.features import pooled_relevances
+
+    for m in small_cnn.modules():
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    targets = np.array([0, 1, 2, 3, 4, 0])
+    rel = pooled_relevances(
+        small_cnn, lambda idx: inputs[idx], np.arange(6), targets, "body.4", batch_size=4, composite="epsilon"
+    )
+    with torch.no_grad():
+        logits = small_cnn(inputs)[torch.arange(6), torch.as_tensor(targets)]
+        dead = small_cnn.body(inputs).amax((2, 3)) == 0
+    assert rel.shape == (6, 16)
+    assert np.allclose(rel.sum(1), logits.numpy(), rtol=1e-3, atol=1e-5)
+    assert np.all(rel[dead.numpy()] == 0)
