@@ -196,7 +196,9 @@ def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
                 "eval",
                 "alpha",
                 "arm_regimes",
+                "launcher",
             }, name
+            assert data["study"]["launcher"]["cluster"] == "auto", name  # where --launcher submitit runs workers
             assert set(data["study"]["eval"]) == {"faithfulness", "n_images", "steps", "patch_size", "examples"}, name
         else:
             assert "study" not in data, name

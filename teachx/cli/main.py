@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 
 import click
 
-from teachx.cli.options import REDO_HELP, out_option, quiet_option, run_options, wait_option
+from teachx.cli.options import REDO_HELP, launcher_options, out_option, quiet_option, run_options, wait_option
 from teachx.errors import ConfigError, TeachxError
 from teachx.utils.numbers import number
 
@@ -209,6 +209,7 @@ def _is_study_config(path: str) -> bool:
     ["train"],
     "Discard the trained model in the run directory and train it again (e.g. after a corrupted checkpoint).",
 )
+@launcher_options()
 def train(
     args: tuple[str, ...],
     out: str,
@@ -217,6 +218,10 @@ def train(
     nproc: Optional[int],
     redo: tuple[str, ...],
     wait: bool,
+    launcher: str,
+    nodes: int,
+    gpus_per_node: int,
+    slurm: tuple[str, ...],
 ) -> None:
     """Train a baseline classifier.
 
@@ -227,6 +232,9 @@ def train(
 
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
+    if launcher == "submitit":
+        _submit_run("train", path, overrides, out, overwrite, redo, nodes, gpus_per_node, nproc, slurm)
+        return
     with _holding(out, wait):
         _train(cfg, out, overwrite, quiet, nproc, redo)
 
@@ -272,6 +280,7 @@ def _train(cfg, out: str, overwrite: bool, quiet: bool, nproc: Optional[int], re
 @click.argument("args", nargs=-1)
 @out_option(RUN_OUT_HELP)
 @run_options(RUN_STAGES, REDO_HELP)
+@launcher_options()
 def run(
     args: tuple[str, ...],
     out: str,
@@ -280,6 +289,10 @@ def run(
     nproc: Optional[int],
     redo: tuple[str, ...],
     wait: bool,
+    launcher: str,
+    nodes: int,
+    gpus_per_node: int,
+    slurm: tuple[str, ...],
 ) -> None:
     """The whole pipeline: baseline -> teacher maps -> IMPACTX -> test.
 
@@ -291,8 +304,61 @@ def run(
 
     path, overrides = _split_args(args)
     cfg = resolve_config(path, overrides)
+    if launcher == "submitit":
+        _submit_run("run", path, overrides, out, overwrite, redo, nodes, gpus_per_node, nproc, slurm)
+        return
     with _holding(out, wait):
         _pipeline_command(cfg, out, "run", overwrite, quiet, nproc, redo)
+
+
+def _submit_run(
+    command: str,
+    path: Optional[str],
+    overrides: list[str],
+    out: str,
+    overwrite: bool,
+    redo: tuple[str, ...],
+    nodes: int,
+    gpus_per_node: int,
+    nproc: Optional[int],
+    slurm: tuple[str, ...],
+) -> None:
+    """`teachx train|run ... --launcher submitit`: submit the command as one (multi-node) job; local jobs are waited for."""
+    from teachx.cli.cluster import (  # lazy: CLI start-up
+        check_launcher,
+        launcher_spec,
+        parse_slurm_options,
+        require_submitit,
+        submit_run,
+        tasks_per_node,
+        wait_for,
+    )
+    from teachx.runs.rundir import claim_for_job, unclaim  # lazy: CLI start-up
+
+    require_submitit()
+    spec = launcher_spec(parse_slurm_options(slurm))
+    check_launcher(spec)
+    tasks_per_node(nodes, gpus_per_node, nproc)  # checked before anything is written
+    directory = Path(out).absolute()
+    argv = [command] + ([str(Path(path).absolute()) if Path(path).is_file() else path] if path else [])
+    argv += [*overrides, "--out", str(directory), "--quiet"] + (["--overwrite"] if overwrite else [])
+    for stage in redo:
+        argv += ["--redo", stage]
+    made = claim_for_job(directory)  # a foreign folder, or one another process holds, is refused now, not in the job
+    try:
+        cluster, job = submit_run(argv, directory, spec, nodes, gpus_per_node, nproc, _say)
+    except BaseException:
+        unclaim(directory, made)  # nothing left behind by a submission that did not happen
+        raise
+    click.echo(f"submitted job {job.job_id} ({cluster}); log {job.paths.stdout}")
+    if cluster != "local":
+        click.echo(f"the run writes into {directory}; re-submit the same command to resume it")
+        return
+    if not wait_for([job], _say):
+        raise ConfigError(
+            f"the job failed (its log is named above); re-run the same command to resume the run in {out}"
+        )
+    click.echo(f"done: {directory}")
 
 
 @cli.command()

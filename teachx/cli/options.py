@@ -66,3 +66,52 @@ def run_options(redo: Sequence[str], redo_help: str) -> Callable[[F], F]:
         return f
 
     return apply
+
+
+LAUNCHER_HELP = (
+    "local: run here. submitit: submit the command as one job (SLURM, or a local process with --slurm cluster=local) "
+    "of --nodes nodes, one process per GPU (--gpus-per-node) or --nproc processes per CPU node, joined by "
+    "torch.distributed; the run resumes when the job is requeued."
+)
+
+
+def launcher_options() -> Callable[[F], F]:
+    """``--launcher --nodes --gpus-per-node --slurm`` of a command that can run as a cluster job (train, run)."""
+    decorators = [
+        click.option(
+            "--launcher",
+            type=click.Choice(["local", "submitit"]),
+            default="local",
+            show_default=True,
+            help=LAUNCHER_HELP,
+        ),
+        click.option(
+            "--nodes",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Nodes of the job (--launcher submitit).",
+        ),
+        click.option(
+            "--gpus-per-node",
+            type=click.IntRange(min=0),
+            default=0,
+            show_default=True,
+            help="GPUs per node, one process each (--launcher submitit); 0: CPU nodes with --nproc processes each.",
+        ),
+        click.option(
+            "--slurm",
+            "slurm",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Job resources as study.launcher keys (repeatable): partition=gpu, time_min=600, mem_gb=32, "
+            "cpus_per_worker=8, account=..., qos=..., cluster=local, extra.constraint=a100.",
+        ),
+    ]
+
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply

@@ -47,6 +47,22 @@ def register(cli: click.Group) -> None:
     help="Show where the study in --out stands (done, training, interrupted, "
     "not started; accuracy so far; time left), without training or writing anything.",
 )
+@click.option(
+    "--launcher",
+    type=click.Choice(["local", "submitit"]),
+    default="local",
+    show_default=True,
+    help="local: this process runs the units. submitit: submit --workers worker jobs (SLURM, or local processes "
+    "with study.launcher.cluster=local) that share the study directory; the study.launcher.* keys set their resources.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker jobs to submit with --launcher submitit (each runs one unit at a time).",
+)
+@click.option("--worker", "worker", is_flag=True, hidden=True)  # set by the launcher for the jobs it submits
 @quiet_option("One line per unit and the summary: no progress bars or stage logs.")
 def study(
     config: Optional[str],
@@ -57,6 +73,9 @@ def study(
     with_report: bool,
     dry_run: bool,
     status: bool,
+    launcher: str,
+    workers: int,
+    worker: bool,
     quiet: bool,
 ) -> None:
     """Seeds x arms x regimes with paired statistics.
@@ -65,7 +84,7 @@ def study(
     (seeds, arms, optional regimes): a file or a shipped study's name (`teachx config --list`);
     KEY=VALUE overrides change the base config, or the study with `study.KEY=VALUE`.
     `teachx study [CONFIG] --out DIR --status` shows where the study in DIR stands (without CONFIG: the
-    study DIR records).
+    study DIR records). `--launcher submitit --workers N` runs the units in N jobs on a SLURM cluster.
     """
     from teachx.studies.runner import run_study  # lazy: CLI start-up
     from teachx.studies.spec import BASELINE, load_study  # lazy: CLI start-up
@@ -103,14 +122,52 @@ def study(
                     f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
                     + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else "")
                 )
+        if launcher == "submitit":
+            from teachx.cli.cluster import sbatch_text  # lazy: CLI start-up
+
+            click.echo(f"\nthe sbatch script of each of the {workers} worker job(s) on SLURM:")
+            folder = Path(out).absolute() / "launcher" / "logs"
+            click.echo(sbatch_text(spec.launcher, folder, gpus_per_node=spec.launcher.gpus_per_worker))
         return
-    res = run_study(spec, out, click.echo, progress=not quiet, verbose=not quiet)
+    if launcher == "submitit":
+        argv = ["study", str(Path(config).absolute()) if Path(config).is_file() else config, *ov, "--out"]
+        argv += [str(Path(out).absolute()), "--quiet"] + (["--seeds", str(n_seeds)] if n_seeds else [])
+        _submit(spec, out, workers, argv + ([] if with_report else ["--no-report"]))
+        return
+    res = run_study(spec, out, click.echo, progress=not quiet, verbose=not quiet, worker=worker)
+    if res is None:  # a worker that left the last units to the workers running them
+        return
     click.echo(f"\nstudy.json: {res.path} ({res.trained} models trained by this invocation)")
     if with_report:
         from teachx.reporting.report import write_report  # lazy: CLI start-up
 
         html_path, md_path = write_report(res.path.parent)
         click.echo(f"report: {html_path} and {md_path}")
+
+
+def _submit(spec, out: str, workers: int, argv: list[str]) -> None:
+    """`teachx study ... --launcher submitit`: prepare the study directory, submit the worker jobs (each runs ``argv``)."""
+    from teachx.cli.cluster import check_launcher, submit_study, wait_for  # lazy: CLI start-up
+    from teachx.studies.runner import prepare_study_dir  # lazy: CLI start-up
+
+    check_launcher(spec.launcher)
+    directory = prepare_study_dir(Path(out), spec)  # refused here, before any job starts, if it is not a study's
+    cluster, jobs = submit_study(argv, directory, spec.launcher, workers, _say)
+    ids = ", ".join(str(j.job_id) for j in jobs)
+    click.echo(f"submitted {len(jobs)} worker job(s) ({cluster}): {ids}; logs in {directory / 'launcher' / 'logs'}")
+    if cluster != "local":
+        click.echo(f"watch it with: teachx study --out {out} --status")
+        return
+    click.echo("waiting for the local workers (Ctrl-C stops waiting; the workers go on)")
+    if not wait_for(jobs, _say):
+        raise ConfigError(
+            f"a worker failed (its log is named above); re-run the same command to resume the study in {out}"
+        )
+    click.echo(f"study.json: {directory / 'study.json'}")
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
 
 
 def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int], out: Path) -> None:
@@ -134,6 +191,13 @@ def _status(config: Optional[str], overrides: list[str], n_seeds: Optional[int],
         spec = load_study(config, overrides, n_seeds)
     for line in status_lines(study_status(spec, out)):
         click.echo(line)
+    from teachx.cli import cluster  # lazy: CLI start-up
+
+    jobs = cluster.status_lines(out)
+    if jobs:
+        click.echo("submitted jobs:")
+        for line in jobs:
+            click.echo(line)
 
 
 @click.command()

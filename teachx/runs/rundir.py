@@ -29,6 +29,7 @@ import contextlib
 import fnmatch
 import json
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -42,12 +43,15 @@ from teachx.errors import ConfigError, OutputError, RunDirError
 from teachx.training.methods import method_stages
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import is_temp_name, output_error, sweep_stale_temps, write_json_atomic, write_text_atomic
-from teachx.utils.locking import Busy, file_lock
+from teachx.utils.locking import STALE_AFTER_S, Busy, file_lock, held_by
 
 RUN_MARKER = ".teachx-run"
 STUDY_MARKER = ".teachx-study"
 #: the lock of the process writing in a run directory (:func:`hold_run_dir`); never removed by ``--overwrite``
 RUN_LOCK = ".teachx-lock"
+#: what `--launcher submitit` keeps in a run or study directory (the job record and the jobs' logs):
+#: written before the job starts and while it runs, so neither a fresh run nor --overwrite touches it
+LAUNCHER_DIR = "launcher"
 
 #: name pattern -> None (a regular file teachx writes) or the layout of a directory teachx makes
 Layout = dict[str, Optional[dict]]
@@ -185,8 +189,9 @@ def remove_owned(root: str | Path, layout: Layout = RUN_LAYOUT) -> list[Path]:
     root = Path(root)
     kept: list[Path] = []
     for entry in sorted(root.iterdir()):
-        if entry.name == RUN_LOCK:
-            continue  # held by the process removing these files (or by one that --overwrite must not touch)
+        if entry.name == RUN_LOCK or (entry.name == LAUNCHER_DIR and layout is RUN_LAYOUT):
+            continue  # held by the process removing these files (or by one that --overwrite must not touch),
+            # or the launcher's job record and logs, which the running job is writing
         known, sub = _spec(entry.name, layout)
         if not known or entry.is_symlink():
             kept.append(entry)
@@ -280,7 +285,11 @@ def prepare_run_dir(
     if kind == "teachx":
         sweep_stale_temps(run_dir)  # what a killed process was writing
         old = _read_yaml(run_dir / "config.yaml")
-        rest = [e for e in run_dir.iterdir() if e.name not in (RUN_MARKER, RUN_LOCK) and not is_temp_name(e.name)]
+        rest = [
+            e
+            for e in run_dir.iterdir()
+            if e.name not in (RUN_MARKER, RUN_LOCK, LAUNCHER_DIR) and not is_temp_name(e.name)
+        ]
         if old is None and not rest:
             kind = "empty"  # the marker alone: killed right after making the directory
         elif old is not None and run_identity(old) is not None and run_identity(old) == run_identity(saved):
@@ -395,10 +404,47 @@ def in_use_message(path: Path, holder: dict[str, Any], what: str = "run director
     text = _in_use(path, holder, what)
     if holder.get("host") and holder.get("host") != socket.gethostname():
         return (
-            f"{text}, a process on another machine, which teachx cannot check from here; wait for it to finish, or pass "
-            f"--wait (if that process is gone for good, delete '{lock}')"
+            f"{text}, a process on another machine; wait for it to finish, or pass --wait (a lock whose process "
+            f"was killed is taken over {int(STALE_AFTER_S // 60)} minutes after its last heartbeat; or delete '{lock}')"
         )
     return f"{text}; wait for it to finish, or pass --wait"
+
+
+def claim_for_job(path: str | Path, what: str = "run directory") -> list[Path]:
+    """Before a job is submitted to work in ``path``: refuse a directory teachx did not make or one that
+    another live process holds, and mark a new one as teachx's, so that the launcher's record and logs
+    (:data:`LAUNCHER_DIR`) can go into it before the job makes it a run. Returns what it made
+    (for :func:`unclaim` when the submission fails)."""
+    path = Path(path)
+    kind = run_dir_kind(path)
+    if kind == "foreign":
+        raise _foreign(path)
+    holder = held_by(path / RUN_LOCK)
+    if holder:
+        raise RunDirError(in_use_message(path, holder, what))
+    made: list[Path] = []
+    if kind in ("absent", "empty"):
+        made = [p for p in (path, *path.parents) if not (p.exists() or p.is_symlink())]  # innermost first
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            write_marker(path, RUN_MARKER, "run")
+        except OSError as exc:
+            unclaim(path, made)
+            raise output_error(exc, exc.filename or path) from exc
+        made.insert(0, path / RUN_MARKER)
+    return made
+
+
+def unclaim(path: str | Path, made: list[Path]) -> None:
+    """Undo :func:`claim_for_job`: remove the marker and the folders it made, and the launcher's folder in them."""
+    if not made:
+        return
+    shutil.rmtree(Path(path) / LAUNCHER_DIR, ignore_errors=True)
+    for p in made:
+        try:
+            p.unlink() if p.is_file() else p.rmdir()
+        except OSError:
+            break
 
 
 def enclosing_run_dir(path: str | Path) -> Optional[Path]:

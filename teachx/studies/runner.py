@@ -390,8 +390,14 @@ def run_study(
     log: Callable[[str], None] = print,
     progress: bool = False,
     verbose: bool = False,
-) -> StudyResult:
-    """Run (or resume) every (regime, arm, seed) unit, then write OUT/study.json with the statistics."""
+    worker: bool = False,
+) -> Optional[StudyResult]:
+    """Run (or resume) every (regime, arm, seed) unit, then write OUT/study.json with the statistics.
+
+    ``worker``: one of several processes submitted for this study (``--launcher submitit``): when every
+    unit left is in progress in another worker, this one stops (None) instead of waiting for them; the
+    worker that finishes the last unit writes study.json.
+    """
     out = prepare_study_dir(Path(out), spec)
     t_start = time.perf_counter()
     r = _Runner(spec, out, log, progress, verbose)
@@ -419,6 +425,9 @@ def run_study(
             for err in r.units[cells[(regime, arm or BASELINE)][seed]].errors:
                 log(f"    warning: {err}")
         if deferred and len(deferred) == len(pending):
+            if worker:
+                log(f"{len(deferred)} unit(s) left, all in progress in other workers; this worker stops")
+                return None
             if waiting_for != len(deferred):
                 log(
                     f"waiting for other processes working on this study: {len(deferred)} unit(s) left, all in progress elsewhere"

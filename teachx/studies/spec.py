@@ -67,6 +67,45 @@ class EvalSpec:
 
 
 @dataclass
+class LauncherSpec:
+    """Where the workers of ``teachx study --launcher submitit`` run and with what resources.
+
+    Nothing here changes a result (unit keys never see it): it only says how the study's workers
+    are submitted. ``cluster: auto`` uses SLURM where ``sbatch`` is found and otherwise runs the
+    workers as local processes (submitit's local executor: the same code path without a scheduler).
+    """
+
+    cluster: str = "auto"  # auto | slurm | local
+    partition: Optional[str] = None  # SLURM partition (--partition)
+    gpus_per_worker: int = 0  # GPUs of each worker job (--gpus-per-node)
+    cpus_per_worker: int = 1  # CPU cores of each worker job (--cpus-per-task); also its torch threads
+    mem_gb: Optional[float] = None  # memory of each worker job in GiB (--mem); None: the partition's default
+    time_min: int = 240  # time limit of each worker job in minutes; a worker that reaches it is requeued and resumes
+    account: Optional[str] = None  # SLURM account (--account)
+    qos: Optional[str] = None  # SLURM quality of service (--qos)
+    max_running: Optional[int] = None  # at most this many workers run at once (the job array's % limit)
+    setup: list[str] = field(
+        default_factory=list
+    )  # shell lines run before each worker, e.g. module load or venv activation
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # further sbatch options, e.g. {constraint: a100, exclusive: true}
+
+    def validate(self) -> None:
+        if self.cluster not in ("auto", "slurm", "local"):
+            raise ConfigError(f"study.launcher.cluster must be auto, slurm or local, got {self.cluster!r}")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker < 1 or self.time_min < 1:
+            raise ConfigError(
+                "study.launcher: gpus_per_worker must be >= 0, cpus_per_worker >= 1 and time_min >= 1 "
+                f"(got {self.gpus_per_worker}, {self.cpus_per_worker}, {self.time_min})"
+            )
+        if self.mem_gb is not None and self.mem_gb <= 0:
+            raise ConfigError(f"study.launcher.mem_gb must be > 0 (or left out), got {self.mem_gb}")
+        if self.max_running is not None and self.max_running < 1:
+            raise ConfigError(f"study.launcher.max_running must be >= 1 (or left out), got {self.max_running}")
+
+
+@dataclass
 class StudySpec:
     base: dict[str, Any]  # the run config (without ``study``), as a plain dict
     seeds: list[int]
@@ -78,6 +117,7 @@ class StudySpec:
     source: Optional[str] = None
     arm_regimes: dict[str, list[str]] = field(default_factory=dict)  # arm -> the only regimes it runs in
     controls: dict[str, str] = field(default_factory=dict)  # arm -> its own lambda=0 control (default: control)
+    launcher: LauncherSpec = field(default_factory=LauncherSpec)
 
     def control_of(self, arm: str) -> Optional[str]:
         """The lambda=0 arm ``arm`` is compared with: its own (``study.controls``), else the study's."""
@@ -115,6 +155,7 @@ class StudySpec:
             "eval": asdict(self.eval),
             "alpha": self.alpha,
             "arm_regimes": self.arm_regimes,
+            "launcher": asdict(self.launcher),
         }
         return {key: _deep(values[key]) for key in STUDY_KEYS if key in values}
 
@@ -189,6 +230,7 @@ STUDY_KEYS: dict[str, str] = {
     "eval": "what is measured per IMPACTX unit besides accuracy: the study.eval.* keys",
     "alpha": "significance level of the paired tests (Holm-adjusted over all control comparisons; default 0.05)",
     "arm_regimes": "arm -> the only regimes it runs in (default: all), e.g. {self_teach: [1k]} for an expensive arm",
+    "launcher": "where `teachx study --launcher submitit` runs its workers and with what resources: the study.launcher.* keys (never part of a result)",
 }
 _STUDY_KEYS = tuple(STUDY_KEYS)
 
@@ -277,6 +319,7 @@ def _study_from_raw(
     if not regimes:
         raise ConfigError("study.regimes is empty; leave it out for a single regime")
     ev = from_dict(EvalSpec, section.get("eval") or {}, "study.eval")
+    launcher = from_dict(LauncherSpec, section.get("launcher") or {}, "study.launcher")
     spec = StudySpec(
         base,
         [int(s) for s in seeds],
@@ -288,6 +331,7 @@ def _study_from_raw(
         str(path),
         _arm_regimes(section.get("arm_regimes"), arms, regimes),
         _controls(section.get("controls"), arms),
+        launcher,
     )
     # resolve every config now: a typo fails before anything is trained
     first_regime = next(iter(regimes))

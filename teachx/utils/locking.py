@@ -1,10 +1,21 @@
 """Advisory file locks, so several processes (or machines sharing a file system) can split work.
 
-A lock is a small JSON file created with O_EXCL (atomic on local and NFSv3+ file systems) that
-names its holder (pid, host, start time and, where the caller gives it, the command). A lock whose
-holder process died on this host is stale and is taken over; a lock held from another host cannot
-be checked and is respected until its owner removes it. Taking over goes through a short-lived
-guard file, so that two processes finding the same stale lock never both end up holding it.
+A lock is a small JSON file created with O_EXCL (atomic on local disks and on the shared file
+systems of clusters: NFSv3 and later, Lustre, GPFS / Spectrum Scale, BeeGFS, CephFS; no flock or
+fcntl support is needed) that names its holder (pid, host, start time, the scheduler job it runs in
+and, where the caller gives it, the command). While it is held, a background thread refreshes the
+file's modification time every :data:`HEARTBEAT_S` seconds.
+
+A lock is stale, and is taken over, when
+
+* its holder process died on this host (checked by pid);
+* it names the scheduler job task this process runs in, but an earlier run of it (a SLURM job that
+  was pre-empted or hit its time limit and was requeued: same job and task, another restart count);
+* it was taken on another host and its heartbeat stopped :data:`STALE_AFTER_S` seconds ago (a
+  worker killed on another node; clocks of cluster nodes agree far better than that).
+
+Taking over goes through a short-lived guard file, so that two processes finding the same stale lock
+never both end up holding it.
 """
 
 from __future__ import annotations
@@ -12,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +54,30 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+#: seconds between two refreshes of a held lock's modification time
+HEARTBEAT_S = 30.0
+#: a lock from another host whose heartbeat is this old is stale (its holder was killed)
+STALE_AFTER_S = 600.0
+
+
+def scheduler_job() -> Optional[dict[str, Any]]:
+    """The SLURM job task this process runs in (job id, array task, task rank, restart count), or None.
+
+    A requeued job keeps its id and task and gets a higher ``SLURM_RESTART_COUNT``: a lock that names
+    this job task with another restart count was left by its earlier, killed run.
+    """
+    env = os.environ
+    job = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    task = env.get("SLURM_ARRAY_TASK_ID")
+    return {
+        "id": f"{job}_{task}" if task and env.get("SLURM_ARRAY_JOB_ID") else job,
+        "rank": env.get("SLURM_PROCID", "0"),
+        "restart": env.get("SLURM_RESTART_COUNT", "0"),
+    }
+
+
 def _read_holder(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
@@ -55,13 +91,27 @@ def _read_holder(path: Path) -> Optional[dict]:
 _GUARD_STALE_S = 30.0
 
 
-def _is_stale(holder: dict, me: dict) -> bool:
-    return (
-        holder.get("host") == me["host"]
-        and isinstance(holder.get("pid"), int)
-        and holder["pid"] != me["pid"]
-        and not process_alive(holder["pid"])
-    )
+def _is_stale(holder: dict, me: dict, path: Optional[Path] = None) -> bool:
+    """Whether ``holder``'s lock was left by a process that is gone (see the module docstring)."""
+    if holder.get("host") == me["host"]:
+        if isinstance(holder.get("pid"), int) and holder["pid"] != me["pid"] and not process_alive(holder["pid"]):
+            return True
+    job, mine = holder.get("job"), me.get("job")
+    if (
+        isinstance(job, dict)
+        and mine
+        and job.get("id") == mine["id"]
+        and job.get("rank") == mine["rank"]
+        and job.get("restart") != mine["restart"]
+    ):
+        return True  # this job task's earlier run, requeued since
+    if path is not None and holder.get("host") != me["host"] and holder.get("heartbeat_s"):
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return False
+        return age > max(STALE_AFTER_S, 10 * float(holder["heartbeat_s"]))
+    return False
 
 
 def _remove_stale(path: Path, holder: dict, me: dict) -> Optional[bool]:
@@ -88,7 +138,7 @@ def _remove_stale(path: Path, holder: dict, me: dict) -> Optional[bool]:
             again is None
             or again.get("pid") != holder.get("pid")
             or again.get("since") != holder.get("since")
-            or not _is_stale(again, me)
+            or not _is_stale(again, me, path)
         ):
             return False
         try:
@@ -104,7 +154,16 @@ def _try_acquire(
     path: Path, info: Optional[dict[str, Any]] = None, on_stale: Optional[Callable[[dict], None]] = None
 ) -> Optional[dict]:
     """Create the lock; return None on success, else the holder's record."""
-    me = {**(info or {}), "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    me = {
+        **(info or {}),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.time(),
+        "heartbeat_s": HEARTBEAT_S,
+    }
+    job = scheduler_job()
+    if job:
+        me["job"] = job
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(50):
         try:
@@ -113,7 +172,7 @@ def _try_acquire(
             holder = _read_holder(path)
             if holder is None:
                 continue  # released between our two calls: try again
-            if _is_stale(holder, me):
+            if _is_stale(holder, me, path):
                 removed = _remove_stale(path, holder, me)
                 if removed and on_stale is not None:
                     on_stale(holder)
@@ -132,16 +191,35 @@ def held_by(path: str | os.PathLike) -> Optional[dict]:
 
     A look only, for reports such as `teachx cache list`; to act on it, take the lock with :func:`file_lock`.
     """
-    holder = _read_holder(Path(path))
+    path = Path(path)
+    holder = _read_holder(path)
     if holder is None:
         return None
-    if (
-        holder.get("host") == socket.gethostname()
-        and isinstance(holder.get("pid"), int)
-        and not process_alive(holder["pid"])
-    ):
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "job": scheduler_job()}
+    if holder and _is_stale(holder, me, path):
         return None  # stale: its process is gone
     return holder
+
+
+class _Heartbeat:
+    """Refreshes a held lock's modification time until stopped, so other hosts can tell it is alive."""
+
+    def __init__(self, path: Path, every: float):
+        self.path, self.every = path, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"teachx-lock-heartbeat:{path.name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return  # removed (released, or taken over by force): nothing left to keep alive
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 @contextmanager
@@ -172,9 +250,11 @@ def file_lock(
             on_wait(holder)
             told = True
         time.sleep(poll)
+    heartbeat = _Heartbeat(path, HEARTBEAT_S)
     try:
         yield
     finally:
+        heartbeat.stop()
         try:
             path.unlink()
         except FileNotFoundError:
