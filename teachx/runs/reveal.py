@@ -36,6 +36,8 @@ from teachx.errors import CheckpointError, ConfigError, CorruptionError, DataErr
 from teachx.reveal import REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
 from teachx.reveal import build as build_method
 from teachx.reveal.cav import CAV_KINDS, auroc, fit_cav
+from teachx.reveal.evaluate import concept_evaluation, detection
+from teachx.data.artefacts import ground_truth, has_ground_truth
 from teachx.reveal.features import check_layer, find_module, layer_shapes, pooled_activations, pooled_relevances
 from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
 from teachx.teachers import TEACHERS
@@ -315,6 +317,9 @@ def reveal_run(
         def explain(model: torch.nn.Module, idx: np.ndarray) -> torch.Tensor:
             return store.read(idx)
 
+    # an artefact benchmark: how well each class's reveal found the artefact (read after the method ran, never by it)
+    truth = ground_truth(ds) if has_ground_truth(ds) else None
+    found: dict[str, Any] = {}
     with tqdm(total=total, unit="img", desc="reveal", disable=not progress or not total, leave=False) as bar:
         for c in wanted:
             rec = todo[c]
@@ -341,6 +346,12 @@ def reveal_run(
                 _class_figure(out / f"class_{c}.png", rec, ds, maps)
                 _write_class(out / f"class_{c}.json", rec)  # last: the record marks the class as done
             yield _summary_line(rec)
+            scored = None if truth is None else detection(rec.result, truth.train_poisoned[rec.result.indices], c)
+            if scored is not None:
+                found[str(c)] = scored.to_dict()
+                yield scored.line()
+    if found:
+        _merge_evaluation(out / GROUND_TRUTH, key, found)
     if choice is None:
         return
     rec = todo[wanted[0]] or _read_class(out / f"class_{wanted[0]}.json", key)
@@ -361,6 +372,7 @@ def reveal_run(
         max_localise,
         batch_size,
         progress,
+        truth,
     )
 
 
@@ -416,6 +428,7 @@ def _concept(
     max_localise,
     batch_size,
     progress,
+    truth=None,
 ) -> Iterator[str]:
     mask, source = _concept_rows(choice, rec)
     if len(mask) - mask.sum() < 2:
@@ -442,6 +455,16 @@ def _concept(
     with tqdm(total=len(chosen), unit="img", desc="localise", disable=not progress, leave=False) as bar:
         heat = heatmaps_in_batches(model, batch, chosen, module, cav.direction, localise_with, batch_size, bar.update)
     masks = artefact_mask(heat)
+    scored = None
+    if truth is not None:  # an artefact benchmark: retrieval and localisation against the truth (not used above)
+        placed = truth.has_place
+        scored = concept_evaluation(
+            scores,
+            truth.train_poisoned[train_idx],
+            masks if placed else None,
+            truth.train_masks[chosen] if placed else None,
+            truth.train_poisoned[chosen] if placed else None,
+        )
     dest = run_dir / REVEAL_DIR / CONCEPTS / f"{name}.json"
     if dest.is_file():
         yield f"notice: replacing the concept '{name}' an earlier `teachx reveal` saved (choose another with --name)"
@@ -475,6 +498,7 @@ def _concept(
             "localisation": {"method": localise_with, "mask_threshold": 0.3, "n_images": int(len(chosen))},
             "arrays": dest.with_suffix(".npz").name,
             "arrays_sha256": sha,
+            **({"ground_truth": {**scored.to_dict(), "note": GROUND_TRUTH_NOTE}} if scored is not None else {}),
         },
         digest=True,
     )
@@ -483,6 +507,8 @@ def _concept(
         f"in-class AUROC {in_class:.3f}; {len(retrieved)} training images score above its threshold; "
         f"{len(chosen)} localised -> {dest}"
     )
+    if scored is not None:
+        yield scored.line()
 
 
 @dataclass(frozen=True)
@@ -540,6 +566,36 @@ def read_concept(path: str | Path) -> SavedConcept:
         masks=a["masks"],
         record=rec,
     )
+
+
+#: in each method's folder: how its classes' reveal did against an artefact benchmark's ground truth
+GROUND_TRUTH = "ground_truth.json"
+GROUND_TRUTH_NOTE = (
+    "how the reveal did against the benchmark's ground truth (which images carry the artefact, and where); "
+    "the reveal methods never read it"
+)
+
+
+def _merge_evaluation(path: Path, key: str, classes: dict[str, Any]) -> None:
+    """Add ``classes`` to the evaluation record ``path``; a reveal made with other settings (another ``key``)
+    replaces the classes of the earlier one."""
+    old: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = read_trusted_json(path, "", "evaluation record")
+        except CorruptionError:
+            old = {}  # a summary of other records, rebuilt here: a damaged one is replaced
+    kept = old.get("classes", {}) if old.get("key") == key else {}
+    write_json_atomic(path, {"key": key, "note": GROUND_TRUTH_NOTE, "classes": {**kept, **classes}}, digest=True)
+
+
+def read_evaluation(run_dir: str | Path, method: str) -> dict[str, Any]:
+    """How a run's reveal by ``method`` did per class against an artefact benchmark's ground truth ({} when
+    there is none), verified; a concept's is in its own record (``SavedConcept.record["ground_truth"]``)."""
+    path = Path(run_dir) / REVEAL_DIR / REVEAL_METHODS.canonical(method) / GROUND_TRUTH
+    if not path.is_file():
+        return {}
+    return read_trusted_json(path, f"run `teachx reveal` again to write '{path.name}' anew", "evaluation record")
 
 
 def read_class(run_dir: str | Path, method: str, label: int) -> Optional[ClassRecord]:

@@ -1,0 +1,129 @@
+"""A reveal measured against an artefact benchmark's ground truth: the scores checked by hand and against a
+second AUROC implementation, and `teachx reveal` on a real artefact benchmark writing them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import teachx_main
+
+from teachx.reveal.base import CandidateGroup, RevealResult
+from teachx.reveal.cav import auroc as mann_whitney
+from teachx.reveal.evaluate import MATCH, concept_evaluation, detection
+
+pytest.importorskip("sklearn")
+
+
+def _result(indices, groups, scores) -> RevealResult:
+    idx = np.asarray(indices)
+    return RevealResult(
+        method="spray",
+        indices=idx,
+        scores=np.asarray(scores, float),
+        labels=np.zeros(len(idx), int),
+        embedding=np.zeros((len(idx), 2)),
+        groups=tuple(CandidateGroup(g, tuple(m), tuple(m[:1]), 1.0 / (r + 1)) for r, (g, m) in enumerate(groups)),
+    )
+
+
+def test_detection_by_hand():
+    # 10 images (dataset indices 100..109); the artefact is on 100..103
+    idx = list(range(100, 110))
+    truth = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0], bool)
+    # ranked: group 7 (104, 105, 106: no artefact), then group 3 (100, 101, 102, 107), then group 5 (the rest)
+    groups = [(7, [104, 105, 106]), (3, [100, 101, 102, 107]), (5, [103, 108, 109])]
+    scores = [0.9, 0.8, 0.7, 0.1, 0.95, 0.5, 0.4, 0.3, 0.2, 0.0]
+    d = detection(_result(idx, groups, scores), truth, label=2)
+    assert (d.n_images, d.n_artefact, d.label) == (10, 4, 2)
+    assert (d.top.group, d.top.rank, d.top.size, d.top.precision, d.top.recall) == (7, 1, 3, 0.0, 0.0)
+    assert not d.top_is_artefact
+    assert (d.best.group, d.best.rank) == (3, 2)
+    assert d.best.precision == pytest.approx(3 / 4) and d.best.recall == pytest.approx(3 / 4)
+    assert d.best.f1 == pytest.approx(0.75) and d.best.is_artefact
+    assert d.auroc == pytest.approx(mann_whitney(np.asarray(scores), truth))  # a second implementation
+    # average precision by hand: ranks of the artefact images by score: 2 (0.9), 3 (0.8), 4 (0.7), 9 (0.1)
+    assert d.average_precision == pytest.approx((1 / 2 + 2 / 3 + 3 / 4 + 4 / 9) / 4)
+    assert "the top group is not the artefact" in d.line() and "best match group 3 (rank 2" in d.line()
+    rec = d.to_dict()
+    assert rec["top_is_artefact"] is False and rec["best"]["f1"] == pytest.approx(0.75)
+    json.dumps(rec)  # a plain record
+    assert detection(_result(idx, groups, scores), np.zeros(10, bool), label=2) is None  # no artefact in the class
+    with pytest.raises(ValueError, match="ground truth for 3 images"):
+        detection(_result(idx, groups, scores), truth[:3], label=2)
+    assert MATCH == 0.5
+
+
+def test_concept_evaluation_by_hand():
+    rng = np.random.default_rng(0)
+    truth = rng.random(200) < 0.2
+    scores = truth * 1.0 + rng.normal(0, 0.6, 200)
+    pred = np.zeros((3, 4, 4), bool)
+    true = np.zeros((3, 4, 4), np.uint8)
+    pred[0, :2, :2] = True
+    true[0, :2, :2] = 1  # IoU 1
+    pred[1, :2, :2] = True
+    true[1, :2, :4] = 1  # IoU 4 / 8
+    pred[2] = True  # an image without the artefact: left out
+    c = concept_evaluation(scores, truth, pred, true, np.array([True, True, False]))
+    assert c.n_images == 200 and c.n_artefact == int(truth.sum())
+    assert c.retrieval_auroc == pytest.approx(mann_whitney(scores, truth))
+    assert c.localisation_iou == pytest.approx((1 + 0.5) / 2) and c.n_localised_artefact == 2
+    placeless = concept_evaluation(scores, truth)  # a colour shift has no place: no IoU
+    assert placeless.localisation_iou is None and "mask IoU" not in placeless.line()
+    assert concept_evaluation(scores, np.zeros(200, bool)).retrieval_auroc is None
+
+
+@pytest.mark.slow
+def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_path, capsys, monkeypatch):
+    """The bundled Fashion-MNIST with a dark frame on half of class 2's training images: `teachx reveal` prints
+    and records how its groups and its concept did against the ground truth, with the numbers an independent
+    computation from the saved records and the benchmark's truth gives."""
+    from teachx.data.artefacts import ground_truth
+    from teachx.runs.plan import make_plan
+    from teachx.runs.reveal import _check_run_dir, read_class, read_concept, read_evaluation
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    code, out, err = teachx_main(
+        capsys,
+        "train",
+        "--out",
+        run,
+        "-q",
+        "data.artefact.kind=frame",
+        "data.artefact.classes=[2]",
+        "data.artefact.p=0.5",
+        "data.train_size=800",
+        "train.epochs=3",
+    )
+    assert code == 0, err
+    code, out, err = teachx_main(capsys, "reveal", run, "--class", "2", "--teacher", "gradient", "-q")
+    assert code == 0, err
+    assert "benchmark ground truth (for evaluation only, never read by the method)" in out
+    plan = make_plan(_check_run_dir(run), progress=False)
+    truth = ground_truth(plan.dataset)
+    rec = read_class(run, "spray", 2)
+    poisoned = truth.train_poisoned[rec.result.indices]
+    saved = read_evaluation(run, "spray")["classes"]["2"]
+    assert saved["n_artefact"] == int(poisoned.sum()) > 0 and saved["n_images"] == len(rec.result.indices)
+    top = rec.result.groups[0]
+    inside = np.isin(rec.result.indices, top.members)
+    assert saved["top"]["precision"] == pytest.approx((inside & poisoned).sum() / inside.sum())
+    assert saved["top"]["recall"] == pytest.approx((inside & poisoned).sum() / poisoned.sum())
+    assert saved["auroc"] == pytest.approx(mann_whitney(rec.result.scores, poisoned))
+    code, out, err = teachx_main(
+        capsys, "reveal", run, "--class", "2", "--teacher", "gradient", "--concept", "top", "-q"
+    )
+    assert code == 0, err
+    assert "CAV retrieval AUROC" in out and "mask IoU" in out
+    concept = read_concept(next((run / "reveal" / "concepts").glob("*.json")))
+    gt = concept.record["ground_truth"]
+    assert gt["retrieval_auroc"] == pytest.approx(mann_whitney(concept.scores, truth.train_poisoned[concept.indices]))
+    loc = truth.train_poisoned[concept.localised]
+    if loc.any():
+        p, t = concept.masks[loc].astype(bool), truth.train_masks[concept.localised][loc] != 0
+        inter, union = (p & t).sum((1, 2)), (p | t).sum((1, 2))
+        assert gt["localisation_iou"] == pytest.approx(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
