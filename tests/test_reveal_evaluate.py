@@ -127,3 +127,20 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
         p, t = concept.masks[loc].astype(bool), truth.train_masks[concept.localised][loc] != 0
         inter, union = (p & t).sum((1, 2)), (p | t).sum((1, 2))
         assert gt["localisation_iou"] == pytest.approx(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
+    # the same pipeline without a person in the loop (what a study measures per unit) gives the same numbers
+    import torch
+
+    from teachx.runs.reveal import _classifier_checkpoint, find_classifier
+    from teachx.runs.reveal_benchmark import RevealSettings, reveal_benchmark
+    from teachx.runs.stages import load_stage_model
+
+    model = load_stage_model(_classifier_checkpoint(find_classifier(run)).parent.parent)
+    bench = reveal_benchmark(_check_run_dir(run), plan, model, torch.device("cpu"), RevealSettings(teacher="gradient"))
+    assert list(bench.classes) == ["2"]
+    assert bench.classes["2"]["detection"] == saved
+    got = bench.classes["2"]["concept"]
+    assert got["retrieval_auroc"] == pytest.approx(gt["retrieval_auroc"])
+    assert got["localisation_iou"] == pytest.approx(gt["localisation_iou"])
+    head = bench.headline()
+    assert head["detection_auroc"] == pytest.approx(saved["auroc"]) and head["top_is_artefact"] in (0.0, 1.0)
+    assert set(bench.seconds) == {"maps", "reveal", "retrieval", "localisation"}
