@@ -87,6 +87,8 @@ class MethodContext:
     # re-explains the training split with the model being trained (``hook(task, out_dir)``)
     explained_classes: Optional[Callable[[], np.ndarray]] = None
     self_teaching: Optional[Callable[[Any, Path], Callable[[int], None]]] = None
+    # loads the run's trained baseline: the model that methods which fine-tune an existing model start from
+    baseline_model: Optional[Callable[[], nn.Module]] = None
 
     def train_map_classes(self) -> np.ndarray:
         """The class each training image's teacher map explains: the labels (``teacher.target=label``)
