@@ -226,6 +226,12 @@ def test_concept_file_round_trip_keeps_everything(tmp_path):
     with pytest.raises(ConfigError, match="exists; choose another concept name"):
         save_concept(concept, tmp_path / "swatch")
     save_concept(concept, tmp_path / "swatch", overwrite=True)
+    (tmp_path / "notes.json").write_text("{}")  # a file teachx did not write is never replaced
+    with pytest.raises(ConfigError, match="notes.json' exists"):
+        save_concept(concept, tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes.json").read_text() == "{}" and not (tmp_path / "notes.npz").exists()
+    with pytest.raises(ConfigError, match="info must hold JSON values"):
+        Concept(**{**concept.__dict__, "info": {"when": object()}})
 
 
 @pytest.mark.parametrize("which", ["json", "npz"])

@@ -27,6 +27,7 @@ one clear error, never a silently different correction.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,14 @@ class Concept:
         if clash:
             raise ConfigError(f"concept arrays may not be named {', '.join(clash)}: the record uses those names")
         object.__setattr__(self, "arrays", arrays)
-        object.__setattr__(self, "info", dict(self.info))
+        info = dict(self.info)
+        try:
+            json.dumps(info)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"concept '{self.name}': info must hold JSON values (text, numbers, lists, mappings)"
+            ) from None
+        object.__setattr__(self, "info", info)
 
     # -- what the corrections use ---------------------------------------------------------------
     @property
@@ -223,12 +231,12 @@ def concept_paths(path: str | Path) -> tuple[Path, Path]:
 
 def save_concept(concept: Concept, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``NAME.npz`` then ``NAME.json`` (the JSON names the npz's sha256, so it is written last);
-    returns the JSON's path. An existing file is refused unless ``overwrite``."""
+    returns the JSON's path. An existing file is refused unless ``overwrite`` is given and the files there
+    are a concept teachx wrote (its JSON record says so)."""
     json_path, npz_path = concept_paths(path)
-    if not overwrite:
-        for p in (json_path, npz_path):
-            if p.exists():
-                raise ConfigError(f"'{p}' exists; choose another concept name or remove that file first")
+    for p in (json_path, npz_path):
+        if p.exists() and not (overwrite and _is_concept(json_path)):  # never replace what teachx did not write
+            raise ConfigError(f"'{p}' exists; choose another concept name or remove that file first")
     arrays = {
         "cav": concept.cav,
         "mean_clean": concept.mean_clean,
@@ -240,6 +248,14 @@ def save_concept(concept: Concept, path: str | Path, overwrite: bool = False) ->
             np.savez(f, **arrays)
     write_json_atomic(json_path, {**concept.to_json(), "npz_sha256": sha256_file(npz_path)}, digest=True)
     return json_path
+
+
+def _is_concept(json_path: Path) -> bool:
+    """Whether ``json_path`` is a concept record teachx wrote (readable JSON of this format)."""
+    try:
+        return json.loads(json_path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_concept(path: str | Path) -> Concept:
