@@ -508,3 +508,55 @@ def test_method_inputs_are_checked_in_one_line(planted_baseline, tmp_path):
     with pytest.raises(ConfigError, match="moved.npz' does not exist"):
         build_method(_method_cfg("rrclarc", {"concept": str(tmp_path / "moved.json")})).check_data(plan)
     assert isinstance(concept, Concept) and Path(path).is_file()
+
+
+# -- through `teachx run` ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_teachx_run_fine_tunes_the_baseline_a_concept_was_computed_on(tmp_path):
+    """A concept computed on one run's baseline fits the next run's (the same config trains the same weights
+    on CPU): rrclarc starts from it; a run with another seed (other baseline weights) is refused in one line."""
+    from conftest import run_teachx
+
+    from teachx.runs.plan import make_plan
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.stages import load_classifier
+    from teachx.training.trainer import prepare_batch
+
+    common = ["data.train_size=120", "train.epochs=1", "teacher.method=gradient", "teacher.eval_images=20"]
+    first = run_teachx("run", "--out", tmp_path / "plain", "-q", "method.name=baseline", *common, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    cfg = resolve_config(None, common)
+    plan = make_plan(cfg, progress=False)
+    ds = plan.dataset
+    base = load_classifier(tmp_path / "plain" / "baseline" / "checkpoints" / "best.safetensors", ds)
+    idx = plan.train_idx[:60]
+    x, _ = prepare_batch(torch.from_numpy(ds.train.images[idx]).permute(0, 3, 1, 2), plan, torch.device("cpu"))
+    with torch.no_grad(), Capture(base.body[5]) as cap:
+        base(x)
+    flags = np.asarray(ds.train.labels)[idx] == 0
+    concept = concept_from_activations("class0", "body.5", cap.out.flatten(2).amax(2), flags, model_digest(base))
+    path = save_concept(concept, tmp_path / "class0")
+
+    ok = run_teachx(
+        "run", "--out", tmp_path / "fixed", "-q", "method.name=rrclarc", f"method.options.concept={path}", *common
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    results = json.loads((tmp_path / "fixed" / "results.json").read_text())
+    assert results["method"] == "rrclarc" and results["method_options"]["concept"] == str(path)
+    assert (tmp_path / "fixed" / "rrclarc" / "checkpoints" / "best.safetensors").is_file()
+
+    other = run_teachx(
+        "run",
+        "--out",
+        tmp_path / "other",
+        "-q",
+        "method.name=rrclarc",
+        f"method.options.concept={path}",
+        "seed=1",
+        *common,
+    )
+    lines = [ln for ln in other.stderr.splitlines() if ln.strip()]
+    assert other.returncode == 2 and len(lines) == 1, other.stderr[-2000:]
+    assert "was computed on another model" in lines[0]
