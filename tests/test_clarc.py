@@ -27,6 +27,7 @@ from teachx.training.clarc import (
 from teachx.training.concepts import (
     Concept,
     concept_from_activations,
+    concept_from_scores,
     concept_paths,
     load_concept,
     model_digest,
@@ -255,6 +256,22 @@ def test_a_flipped_byte_in_either_concept_file_is_an_error(tmp_path, which):
     assert "is corrupted" in str(e.value) and str(target) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_concept_from_scores_has_the_groups_mean_scores():
+    """A Reveal step that keeps each sample's CAV score (not its activations) gives the same z_clean and
+    z_artefact as the activations would."""
+    torch.manual_seed(10)
+    acts = torch.randn(12, 4, dtype=torch.float64)
+    flags = np.arange(12) % 3 == 0
+    v = _unit(4, seed=10).numpy() * 3.0  # any length: made a unit vector
+    full = concept_from_activations("a", "act", acts, flags, "sha256:x", cav=v)
+    scores = acts.numpy() @ (v / np.linalg.norm(v))
+    short = concept_from_scores("a", "act", v, scores, flags, "sha256:x", threshold=0.1)
+    assert np.allclose(short.cav, full.cav) and short.threshold == 0.1
+    assert short.z_clean == pytest.approx(full.z_clean) and short.z_artefact == pytest.approx(full.z_artefact)
+    with pytest.raises(ConfigError, match="both with and without"):
+        concept_from_scores("a", "act", v, scores, np.ones(12, bool), "sha256:x")
+
+
 def test_missing_or_foreign_concept_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="concept file '.*nothing.json' does not exist"):
         load_concept(tmp_path / "nothing")
@@ -262,6 +279,10 @@ def test_missing_or_foreign_concept_files_are_named(tmp_path):
     (tmp_path / "x.npz").write_bytes(b"")
     with pytest.raises(ConfigError, match="not a teachx concept file"):
         load_concept(tmp_path / "x")
+    (tmp_path / "r.json").write_text(json.dumps({"name": "r", "cav": {"kind": "pattern"}, "arrays_sha256": "0"}))
+    (tmp_path / "r.npz").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is a concept record of teachx reveal, not a ClArC concept file"):
+        load_concept(tmp_path / "r")
 
 
 # -- RR-ClArC: the penalty's value and gradient ------------------------------------------------------------------

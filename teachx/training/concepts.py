@@ -1,7 +1,7 @@
 """A concept record: an artefact's direction (CAV) at one layer of one model, with what the ClArC
 corrections need to use it.
 
-Reveal finds a concept (``teachx.reveal``); Revise consumes it (``teachx.training.clarc`` and the
+Reveal finds a concept; Revise consumes it (``teachx.training.clarc`` and the
 ``rrclarc`` / ``aclarc`` training methods). The record lives here, below both, so that either can read
 and write it without importing the other.
 
@@ -46,7 +46,7 @@ FORMAT = "teachx-concept-1"
 POOLINGS = ("max", "mean")
 #: arrays of the npz file that the record itself uses (``arrays`` may not reuse these names)
 _OWN_ARRAYS = ("cav", "mean_clean", "mean_artefact")
-_FIX = "compute the concept again (teachx reveal) or restore the file from a copy"
+_FIX = "save the concept again (teachx.training.concepts.save_concept) or restore the file from a copy"
 
 
 def model_digest(model: nn.Module) -> str:
@@ -161,7 +161,7 @@ class Concept:
         if digest != self.model_digest:
             raise ConfigError(
                 f"{src} was computed on another model ({self.model_digest[:19]}, this one is {digest[:19]}); "
-                "compute the concept on the model you correct (teachx reveal on its run)"
+                "compute the concept on the model you correct (the baseline of the run you fine-tune)"
             )
         module = layer_module(model, self.layer, src)
         if example is not None:
@@ -222,6 +222,32 @@ def concept_from_activations(
     return Concept(name, layer, direction, mean_clean, mean_art, model_digest, pooling, **kwargs)
 
 
+def concept_from_scores(
+    name: str,
+    layer: str,
+    cav: np.ndarray | torch.Tensor,
+    scores: np.ndarray,
+    has_artefact: np.ndarray,
+    model_digest: str,
+    pooling: str = "max",
+    **kwargs: Any,
+) -> Concept:
+    """A concept from a CAV and the CAV scores of samples with and without the artefact (what a Reveal step
+    that keeps scores rather than activations has). The corrections use only the means' projections on the
+    CAV, so the group means are stored as ``z * cav``: their scores are the groups' mean scores, and nothing is
+    claimed about their parts orthogonal to the CAV."""
+    direction = np.asarray(cav.detach().cpu() if isinstance(cav, torch.Tensor) else cav, dtype=np.float64)
+    unit = direction / (np.linalg.norm(direction) or 1.0)
+    score = np.asarray(scores, dtype=np.float64)
+    label = np.asarray(has_artefact, dtype=bool)
+    if score.ndim != 1 or label.shape != score.shape:
+        raise ConfigError(f"scores and artefact flags must be one per sample, got {score.shape} and {label.shape}")
+    if label.all() or not label.any():
+        raise ConfigError("a concept needs samples both with and without the artefact; mark some of each")
+    z_art, z_clean = float(score[label].mean()), float(score[~label].mean())
+    return Concept(name, layer, direction, z_clean * unit, z_art * unit, model_digest, pooling, **kwargs)
+
+
 def concept_paths(path: str | Path) -> tuple[Path, Path]:
     """(NAME.json, NAME.npz) for ``NAME``, ``NAME.json`` or ``NAME.npz``."""
     p = Path(path)
@@ -265,13 +291,18 @@ def load_concept(path: str | Path) -> Concept:
     for p in (json_path, npz_path):
         if not p.is_file():
             raise ConfigError(
-                f"concept file '{p}' does not exist; give the path of a concept (NAME.json next to NAME.npz) "
-                "that teachx reveal wrote"
+                f"concept file '{p}' does not exist; give the path of a concept file (NAME.json next to NAME.npz)"
             )
     record = read_trusted_json(json_path, _FIX, "concept file")
     if record.get("format") != FORMAT:
+        if "arrays_sha256" in record and "cav" in record:  # a concept record of teachx reveal: another format
+            raise ConfigError(
+                f"'{json_path}' is a concept record of teachx reveal, not a ClArC concept file; make one from its "
+                "CAV and scores with teachx.training.concepts.concept_from_scores and save_concept (see the Revise guide)"
+            )
         raise ConfigError(
-            f"'{json_path}' is not a teachx concept file (format {record.get('format')!r}); give a concept that teachx reveal wrote"
+            f"'{json_path}' is not a teachx concept file (format {record.get('format')!r}); give a concept file "
+            "written by teachx.training.concepts.save_concept"
         )
     if record.get("npz_sha256") != sha256_file(npz_path):
         raise CorruptionError.of(
@@ -350,6 +381,7 @@ __all__ = [
     "Concept",
     "FORMAT",
     "concept_from_activations",
+    "concept_from_scores",
     "concept_paths",
     "describe",
     "layer_module",
