@@ -566,6 +566,7 @@ def test_teachx_run_fine_tunes_the_baseline_a_concept_was_computed_on(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     results = json.loads((tmp_path / "fixed" / "results.json").read_text())
     assert results["method"] == "rrclarc" and results["method_options"]["concept"] == str(path)
+    assert results["concept"]["model_digest"] == concept.model_digest and results["concept"]["layer"] == "body.5"
     assert (tmp_path / "fixed" / "rrclarc" / "checkpoints" / "best.safetensors").is_file()
 
     other = run_teachx(

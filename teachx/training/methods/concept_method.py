@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from teachx.errors import ConfigError
-from teachx.training.concepts import Concept, describe, load_concept
+from teachx.utils.hashing import sha256_file
+from teachx.training.concepts import Concept, concept_paths, describe, load_concept
 from teachx.training.methods.base import MethodContext, MethodTask, Option, TrainingMethod
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
@@ -103,6 +104,25 @@ class ConceptMethod(TrainingMethod):
     def check_data(self, plan) -> None:
         super().check_data(plan)
         self.concept()  # a missing or damaged concept file is refused before anything is trained
+
+    def record(self) -> dict[str, Any]:
+        """The method and its options, and which concept it corrected: the file's content, not only its path."""
+        concept = self.concept()
+        json_path, _ = concept_paths(self.opts["concept"])
+        return {
+            **super().record(),
+            "concept": {
+                "name": concept.name,
+                "layer": concept.layer,
+                "model_digest": concept.model_digest,
+                "z_clean": concept.z_clean,
+                "z_artefact": concept.z_artefact,
+                "file_sha256": sha256_file(json_path),
+            },
+        }
+
+    def results(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {"concept": record.get("concept")}
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.opts.items() if k != "concept")
