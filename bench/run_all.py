@@ -76,6 +76,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("bench_methods.py", ["--threads", "1"]),
     ("bench_reveal.py", []),
     ("bench_reveal.py", ["--n", "45000", "--out", str(RESULTS / "reveal_45000.json")]),
+    ("bench_clarc.py", ["--threads", "1"]),
 ]
 
 
@@ -292,6 +293,36 @@ def summary() -> str:
                 rows.append(
                     f"| {r['method']} training step / baseline step (batch {meth['batch']}, {r['input']}, {_threads(meth['threads'])}) | "
                     f"{r['backbone']} | {r['ratio_to_baseline']:.2f}x ({r['step_ms']:.1f} ms) | <= {r['target']}x | {'yes' if r['meets_target'] else 'no'} |"
+                )
+    clarc = load("clarc.json")
+    if clarc:
+        where = f"batch {clarc['batch']}, {clarc['input']}, {_threads(clarc['threads'])}"
+        for r in clarc["forward"]:
+            if r["variant"] != "forward":
+                name = {"p_clarc": "P-ClArC", "r_clarc": "R-ClArC"}.get(r["variant"], r["variant"])
+                alone = (
+                    f"; the projection alone {100 * clarc['p_clarc_transform_share']:.1f}%"
+                    if r["variant"] == "p_clarc"
+                    else ""
+                )
+                rows.append(
+                    f"| {name} hook, share of a forward pass ({where}, layer {clarc['layer']}) | {clarc['model']} | "
+                    f"{100 * r['overhead_share']:+.1f}% ({r['forward_ms']:.1f} ms){alone} | "
+                    + (
+                        f"<= {100 * r['target']:.0f}% | {'yes' if r['meets_target'] else 'no'} |"
+                        if r["target"]
+                        else "(measured) | - |"
+                    )
+                )
+        for r in clarc["steps_vs_baseline"]:
+            if r["method"] != "baseline":
+                rows.append(
+                    f"| {r['method']} training step / baseline step ({where}) | {clarc['model']} | {r['ratio_to_baseline']:.2f}x ({r['step_ms']:.1f} ms) | "
+                    + (
+                        f"<= {r['target']}x | {'yes' if r['meets_target'] else 'no'} |"
+                        if r["target"]
+                        else "(measured) | - |"
+                    )
                 )
     return "\n".join(rows) + "\n"
 

@@ -261,8 +261,20 @@ def _fit(method: str, options: dict, out: Path, stop_after: int | None = None, i
     cfg.teacher.method = "gradient"
     ds = _masked_dataset()
     plan = DataPlan(ds, np.arange(80), np.arange(80, 96), Augment(crop_padding=1, hflip=False))
+    baseline = None
+    if options.get("concept") is _CONCEPT:  # a concept correction: a baseline to fine-tune and its concept file
+        baseline, path = _concept_baseline(ds, out.parent)
+        cfg.method = MethodConfig(method, {**options, "concept": str(path)})
     m = build_method(cfg)
-    ctx = MethodContext(cfg, plan, torch.device("cpu"), _Store(len(ds.train), 12), None, lambda s: None)
+    ctx = MethodContext(
+        cfg,
+        plan,
+        torch.device("cpu"),
+        _Store(len(ds.train), 12),
+        None,
+        lambda s: None,
+        baseline_model=(lambda: baseline) if baseline is not None else None,
+    )
     torch.manual_seed(init_seed)
     model = m.build_model(ctx)
     task = m.task(model, ctx)
@@ -272,6 +284,29 @@ def _fit(method: str, options: dict, out: Path, stop_after: int | None = None, i
     return Trainer(
         task, plan, tcfg, out, seed=3, device="cpu", meta={"kind": m.checkpoint_kind}, log=lambda s: None
     ).fit()
+
+
+#: stands for the path of a concept file that ``_fit`` writes for the baseline it makes
+_CONCEPT = object()
+
+
+def _concept_baseline(ds, where: Path):
+    """A LeNet-5 'baseline' (fixed seed, untrained) and a concept file for it at its second conv block:
+    the artefact is the class-0 corner shade of the tiny shortcut data."""
+    from teachx.models import build_model
+    from teachx.training.clarc import Capture, pooled
+    from teachx.training.concepts import concept_from_activations, concept_paths, model_digest, save_concept
+
+    torch.manual_seed(1234)
+    baseline = build_model("lenet5", ds.channels, ds.num_classes, ds.image_size).eval()
+    path = concept_paths(where / "concept")[0]
+    if not path.exists():
+        x = (torch.from_numpy(ds.train.images[:48]).permute(0, 3, 1, 2).float() / 255 - 0.3) / 0.3
+        with torch.no_grad(), Capture(baseline.body[5]) as cap:
+            baseline(x)
+        flags = np.asarray(ds.train.labels[:48]) == 0
+        save_concept(concept_from_activations("shade", "body.5", pooled(cap.out), flags, model_digest(baseline)), path)
+    return baseline, path
 
 
 class _Interrupted(Exception):
@@ -302,6 +337,12 @@ CONTRACT = {  # every method that trains (impactx has its own tests), with optio
     "reldrop (self)": ("reldrop", {}),
     "reldrop (teacher)": ("reldrop", {"relevance": "teacher"}),
     "abn": ("abn", {}),
+    "rrclarc": ("rrclarc", {"concept": _CONCEPT, "lam": 10.0}),
+    "rrclarc (no freeze, label logit)": (
+        "rrclarc",
+        {"concept": _CONCEPT, "freeze": "none", "criterion": "target_logit"},
+    ),
+    "aclarc": ("aclarc", {"concept": _CONCEPT}),
 }
 
 

@@ -64,11 +64,12 @@ def train_method_stage(
     out_dir: Path,
     log: Callable[[str], None] = print,
     config_hash: Optional[str] = None,
+    baseline: Optional[Callable[[], torch.nn.Module]] = None,
 ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Train (or resume, or read back) the configured training method's model; (stage record, model in eval mode).
 
     ``store``: the teacher's maps of the training split, when the method needs them; ``config_hash``: as
-    for :func:`train_classifier`.
+    for :func:`train_classifier`; ``baseline``: loads the trained baseline (for methods that fine-tune it).
     """
     ds = plan.dataset
     method = build_method(cfg)
@@ -83,6 +84,7 @@ def train_method_stage(
         log,
         explained_classes=lambda: explained_classes(cfg, plan, teacher_model, "train", plan.train_idx, device),
         self_teaching=lambda task, stage_dir: self_teaching_hook(cfg, plan, task, store, stage_dir, log),
+        baseline_model=baseline,
     )
     seed_everything(cfg.seed)
     model = method.build_model(ctx)
@@ -221,7 +223,14 @@ def _run_pipeline(
     else:
         t0, todo = time.perf_counter(), stage_todo(run_dir / stage)
         method_dict, model = train_method_stage(
-            cfg, plan, train_store if need_maps else None, teacher_model, run_dir / stage, log, bound
+            cfg,
+            plan,
+            train_store if need_maps else None,
+            teacher_model,
+            run_dir / stage,
+            log,
+            bound,
+            baseline=lambda: load_classifier(stage_checkpoint(run_dir / "baseline", baseline_dict), ds),
         )
         method_record = StageRecord.from_dict(method_dict)
         timings.add(stage, time.perf_counter() - t0, *todo)

@@ -203,7 +203,15 @@ class _Runner:
         if stage_done(d) is None:
             self.trained += 1
         t0 = time.perf_counter()
-        record, model = train_method_stage(cfg, plan, stores.get("train"), teacher_model, d, self.stage_log)
+        record, model = train_method_stage(
+            cfg,
+            plan,
+            stores.get("train"),
+            teacher_model,
+            d,
+            self.stage_log,
+            baseline=lambda: load_classifier(self.checkpoint(base_key), ds),
+        )
         timings[method.name] = time.perf_counter() - t0
         if eval_path is None:
             return record, {}

@@ -11,7 +11,8 @@ misspelt or foreign option is refused in one line).
 What a method may use to set itself up is a :class:`MethodContext`: the resolved run config, the
 data plan (images, splits, and the artefact masks of shortcut datasets), the teacher's maps of the
 training split (only when ``needs_teacher_maps`` says so: making them costs a pass of the teacher
-over the training set) and the trained teacher model.
+over the training set), the trained teacher model, and a loader of the run's trained baseline (for
+methods that fine-tune it, such as the ClArC corrections).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class MethodContext:
     # re-explains the training split with the model being trained (``hook(task, out_dir)``)
     explained_classes: Optional[Callable[[], np.ndarray]] = None
     self_teaching: Optional[Callable[[Any, Path], Callable[[int], None]]] = None
+    # loads the run's trained baseline: the model that methods which fine-tune an existing model start from
+    baseline_model: Optional[Callable[[], nn.Module]] = None
 
     def train_map_classes(self) -> np.ndarray:
         """The class each training image's teacher map explains: the labels (``teacher.target=label``)
