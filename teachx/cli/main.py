@@ -550,6 +550,46 @@ def reveal(
             click.echo(line)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE ...]")
+@click.option(
+    "--concept", required=True, help="The concept `teachx reveal --concept ... --name NAME` saved in the run."
+)
+@click.option(
+    "--method",
+    type=click.Choice(["pclarc", "rclarc", "rrclarc", "aclarc"]),
+    default="rrclarc",
+    show_default=True,
+    help="pclarc / rclarc: project the layer's activations along the concept (rclarc: only where its score says the "
+    "artefact is), no training; rrclarc / aclarc: fine-tune the classifier (RR-ClArC's gradient penalty, A-ClArC's "
+    "augmentation) for a few epochs at a tenth of the run's learning rate.",
+)
+@quiet_option()
+@wait_option()
+def revise(run_dir: str, overrides: tuple[str, ...], concept: str, method: str, quiet: bool, wait: bool) -> None:
+    """Correct a run's classifier for a concept that `teachx reveal` found, and measure before and after.
+
+    teachx revise RUN_DIR --concept NAME [--method rrclarc] [KEY=VALUE ...]. The KEY=VALUE options set the
+    fine-tuning (train.epochs, train.lr, method.options.lam, ...). Accuracy (on an artefact benchmark: on
+    its clean, attacked and ch test splits), the gradient's share on the artefact and the model's
+    sensitivity along the concept are measured before and after, into RUN_DIR/revise/.
+    """
+    from teachx.runs.revise import revise_run  # lazy: CLI start-up
+    from teachx.runs.rundir import hold_run_dir, run_dir_kind  # lazy: CLI start-up
+
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"unexpected argument '{o}': give RUN_DIR, then KEY=VALUE options")
+    if run_dir_kind(run_dir) != "teachx":
+        raise ConfigError(
+            f"'{run_dir}' is not a teachx run directory; pass the --out folder of `teachx train`, `teachx run` or `teachx demo`"
+        )
+    with hold_run_dir(run_dir, wait, _say):
+        for line in revise_run(run_dir, concept, method, list(overrides), log=click.echo, progress=not quiet):
+            click.echo(line)
+
+
 def _say(line: str) -> None:
     click.echo(line, err=True)
 

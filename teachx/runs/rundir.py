@@ -78,6 +78,8 @@ RUN_LAYOUT: Layout = {
     "report_files": {"*.png": None},
     "figures": {"*.png": None},
     "reveal": {"*": {"*.json": None, "*.npz": None, "*.png": None}},  # `teachx reveal`: per method, and concepts
+    # `teachx revise`: per correction, its concept, the fine-tuned stage and the record
+    "revise": {"*": {"concept.json": None, "concept.npz": None, "revision.json": None, "model": STAGE_LAYOUT}},
     # the stages: baseline, teacher and the method stage, named after the training method
     **{stage: STAGE_LAYOUT for stage in ("baseline", "teacher", *method_stages())},
     **STAGE_LAYOUT,

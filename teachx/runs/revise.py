@@ -1,0 +1,320 @@
+"""`teachx revise RUN_DIR --concept NAME --method M`: correct a run's classifier for a concept `teachx reveal`
+saved, and measure before and after (the second half of Reveal-to-Revise).
+
+The concept (``reveal/concepts/NAME.json``) names its CAV, layer and the checkpoint it was fitted on (by
+sha256: a concept is never applied to other weights). It becomes a correction concept
+(:mod:`teachx.training.concepts`) whose two groups are the training images the CAV retrieves (score at or
+above the concept's threshold: carrying the artefact) and the rest. Then either
+
+- a **post-hoc transform** (no training): ``pclarc`` projects the layer's activations onto the clean
+  images' mean along the CAV, ``rclarc`` only where the CAV score says the artefact is there
+  (:func:`teachx.training.clarc.attach`); or
+- a **fine-tuning method** (``rrclarc``, ``aclarc``: :mod:`teachx.training.methods`) starting from that
+  checkpoint, with the Reveal-to-Revise recipe by default: a few epochs at a tenth of the run's learning
+  rate, the feature extractor frozen (every default can be overridden with ``KEY=VALUE``).
+
+Both are measured with the same yardstick, before and after: accuracy on the test split (on an artefact
+benchmark: on its clean, attacked and ch splits), the share of the input gradient on the artefact of the
+attacked images (artefact benchmarks with a place), and along the CAV the TCAV score (the share of test
+images whose true-class logit grows along the CAV) and the sensitivity (the mean of ``|v . d logit / d a|``
+over images and classes: RR-ClArC drives it down).
+
+Layout: ``revise/<method>-<concept>/`` holds ``concept.json`` / ``.npz`` (the correction concept),
+``model/`` (the fine-tuned stage, resumable like any stage) and ``revision.json`` (the typed record, written
+last, digest-checked on read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from teachx.config.loader import from_dict, parse_override, set_dotted, to_dict
+from teachx.config.schema import RunConfig
+from teachx.data.artefacts import ground_truth, has_ground_truth
+from teachx.data.transforms import normalize
+from teachx.errors import CheckpointError, ConfigError, CorruptionError
+from teachx.evaluation.shortcut import artefact_share
+from teachx.registry import suggest
+from teachx.runs.pipeline import train_method_stage
+from teachx.runs.plan import make_plan
+from teachx.runs.reveal import CONCEPTS, REVEAL_DIR, _check_run_dir, read_concept
+from teachx.runs.stages import artefact_splits, load_stage_model
+from teachx.runs.teacher import as_nchw
+from teachx.training.clarc import attach, cav_sensitivity, gradient_along, Capture
+from teachx.training.concepts import concept_from_scores, layer_module, model_digest, save_concept
+from teachx.training.methods import METHODS
+from teachx.training.trainer import ClassifierTask, DataPlan, evaluate
+from teachx.utils.hashing import sha256_file
+from teachx.utils.io import read_trusted_json, write_json_atomic
+from teachx.utils.seeding import choose_device
+
+REVISE_DIR = "revise"
+RECORD = "revision.json"
+#: the post-hoc corrections: name -> the ClArC hook's mode (no training)
+POST_HOC = {"pclarc": "project", "rclarc": "reactive"}
+#: the fine-tuning corrections (training methods that read a concept file)
+FINE_TUNING = ("rrclarc", "aclarc")
+#: the Reveal-to-Revise recipe for fine-tuning, applied unless a KEY=VALUE sets the key
+RECIPE_EPOCHS = 5
+RECIPE_LR_FACTOR = 0.1
+#: test images (at most) for the artefact share and the CAV measures
+MEASURE_IMAGES = 512
+
+
+def revise_methods() -> list[str]:
+    return [*POST_HOC, *FINE_TUNING]
+
+
+@dataclass
+class Measures:
+    """One model measured: test accuracy (and per artefact-benchmark split), artefact share, CAV measures."""
+
+    test_acc: float
+    test_splits: Optional[dict[str, dict[str, Any]]] = None
+    artefact_share: Optional[dict[str, float]] = None  # input gradient (and area) on the attacked split
+    tcav: Optional[float] = None  # share of test images whose true-class logit grows along the CAV
+    sensitivity: Optional[float] = None  # mean |v . d logit_k / d a| over images and classes
+
+
+@dataclass
+class Revision:
+    """What `teachx revise` did and measured (``revision.json``)."""
+
+    method: str
+    concept: dict[str, Any]
+    options: dict[str, Any]
+    before: Measures
+    after: Measures
+    train: Optional[dict[str, Any]] = None  # the fine-tuning stage's record summary
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Revision":
+        return cls(
+            method=d["method"],
+            concept=d["concept"],
+            options=d.get("options", {}),
+            before=Measures(**d["before"]),
+            after=Measures(**d["after"]),
+            train=d.get("train"),
+            notes=list(d.get("notes", [])),
+        )
+
+
+def read_revision(path: str | Path) -> Revision:
+    path = Path(path)
+    rec = read_trusted_json(path, f"run the same `teachx revise` command again to write '{path.name}' anew", "revision")
+    try:
+        return Revision.from_dict(rec)
+    except (KeyError, TypeError) as exc:
+        raise CorruptionError.of(
+            path, f"not a revision record ({exc})", "run `teachx revise` again", "revision"
+        ) from None
+
+
+def _concept_path(run_dir: Path, name: str) -> Path:
+    folder = run_dir / REVEAL_DIR / CONCEPTS
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        saved = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        have = f"; saved concepts: {', '.join(saved)}{suggest(name, saved)}" if saved else ""
+        raise ConfigError(
+            f"'{run_dir}' has no concept '{name}'{have}; make one with `teachx reveal {run_dir} --class C "
+            f"--concept top --name {name}`"
+        )
+    return path
+
+
+def _overrides(cfg: RunConfig, method: str, concept_file: Path, items: list[str]) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config with the fine-tuning method, its concept, the recipe and the user's KEY=VALUE."""
+    data = to_dict(cfg)
+    data["method"] = {"name": method, "options": {"concept": str(concept_file)}}
+    data["train"]["epochs"] = RECIPE_EPOCHS
+    data["train"]["lr"] = float(cfg.train.lr) * RECIPE_LR_FACTOR
+    for item in items:
+        keys, value = parse_override(item)
+        if keys[0] not in ("train", "method"):
+            raise ConfigError(
+                f"'{item}': teachx revise takes train.* and method.options.* overrides (the data and model are the run's)"
+            )
+        if keys[:2] == ["method", "name"]:
+            raise ConfigError(f"'{item}': choose the correction with --method")
+        set_dotted(data, ".".join(keys), value)
+    try:
+        tuned = from_dict(RunConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"teachx revise --method {method}: {exc}") from None
+    opts = dict(tuned.method.options)
+    return tuned, {
+        **{k: v for k, v in opts.items() if k != "concept"},
+        "train.epochs": tuned.train.epochs,
+        "train.lr": tuned.train.lr,
+    }
+
+
+def measure(
+    model: torch.nn.Module,
+    plan: DataPlan,
+    layer: str,
+    cav: np.ndarray,
+    device: torch.device,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> Measures:
+    """The yardstick of a revision (see the module docstring), in the model's current state (hooks included)."""
+    ds = plan.dataset
+    model = model.to(device).eval()
+    task = ClassifierTask(model)
+    test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), batch_size, device)
+    splits = artefact_splits(task, plan, batch_size, device)
+    rng = np.random.default_rng(seed)
+    source = ds.test
+    share = None
+    if has_ground_truth(ds):
+        truth = ground_truth(ds)
+        source = truth.test_splits["attacked"]  # every image carries the artefact: where the CAV matters
+        if truth.has_place and getattr(source, "masks", None) is not None:
+            pick = np.sort(rng.permutation(len(source))[:MEASURE_IMAGES])
+            x = normalize(as_nchw(source.images[pick]).to(device), plan.mean, plan.std)
+            y = torch.from_numpy(np.asarray(source.labels)[pick]).long().to(device)
+            masks = torch.from_numpy(np.ascontiguousarray(np.asarray(source.masks)[pick])).float().to(device)
+            share = artefact_share(model, x, y, masks, methods=("gradient",))
+    pick = np.sort(rng.permutation(len(source))[:MEASURE_IMAGES])
+    x = normalize(as_nchw(source.images[pick]).to(device), plan.mean, plan.std)
+    y = torch.from_numpy(np.asarray(source.labels)[pick]).long().to(device)
+    module = layer_module(model, layer)
+    v = torch.as_tensor(np.asarray(cav), dtype=torch.float32, device=device)
+    v = v / v.norm().clamp_min(1e-12)
+    with torch.enable_grad(), Capture(module, need_grad=True) as cap:
+        logits = model(x)
+        (g,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), cap.out)
+    tcav = float((gradient_along(g, v) > 0).float().mean())
+    return Measures(
+        test_acc=float(test["acc"]),
+        test_splits=splits,
+        artefact_share=share,
+        tcav=tcav,
+        sensitivity=cav_sensitivity(model, module, v, x),
+    )
+
+
+def revise_run(
+    run_dir: str | Path,
+    concept: str,
+    method: str,
+    overrides: Optional[list[str]] = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> Iterator[str]:
+    """Run the revision in ``run_dir`` (held by the caller); yields the lines to print. Every check on the
+    user's input runs before anything is written."""
+    run_dir = Path(run_dir)
+    if method not in revise_methods():
+        raise ConfigError(
+            f"unknown correction '{method}'{suggest(method, revise_methods())}; choose one of {', '.join(revise_methods())}"
+        )
+    cfg = _check_run_dir(run_dir)
+    saved = read_concept(_concept_path(run_dir, concept))
+    if (saved.record.get("reveal") or {}).get("teacher") == "builtin":
+        raise ConfigError(
+            f"concept '{concept}' was fitted on the built-in-map model; teachx revise corrects the run's classifier: "
+            f"fit the concept on it with `teachx reveal {run_dir} --class {saved.label} --concept ... --name {concept}`"
+        )
+    checkpoint = run_dir / saved.checkpoint
+    if not checkpoint.is_file():
+        raise CheckpointError(f"concept '{concept}' names '{checkpoint}', which is missing; run `teachx reveal` again")
+    if sha256_file(checkpoint) != saved.model_digest:
+        raise ConfigError(
+            f"concept '{concept}' was fitted on other weights than '{checkpoint}' holds now (the classifier was trained "
+            f"again since); fit it anew: `teachx reveal {run_dir} --class {saved.label} --concept ... --name {concept}`"
+        )
+    items = list(overrides or [])
+    if method in POST_HOC and items:
+        raise ConfigError(f"--method {method} trains nothing, so it takes no KEY=VALUE options (got {items[0]})")
+    out = run_dir / REVISE_DIR / f"{method}-{concept}"
+    stage_dir = checkpoint.parent.parent
+    plan = make_plan(cfg, progress=False)
+    device = choose_device(cfg.device)
+    model = load_stage_model(stage_dir).to(device)
+    layer_module(model, saved.layer)  # the layer exists in this model (one line listing the valid ones if not)
+    retrieved = saved.scores >= saved.threshold
+    if retrieved.all() or not retrieved.any():
+        raise ConfigError(
+            f"concept '{concept}': {int(retrieved.sum())} of {len(retrieved)} training images score above its threshold; "
+            "a correction needs images with and without the artefact: fit the concept on another group"
+        )
+    corr = concept_from_scores(
+        concept,
+        saved.layer,
+        saved.cav,
+        saved.scores,
+        retrieved,
+        model_digest(model),
+        info={"reveal_concept": saved.name, "class": saved.label, "checkpoint_sha256": saved.model_digest},
+    )
+    tuned, options = (None, {}) if method in POST_HOC else _overrides(cfg, method, out / "concept.json", items)
+    yield (
+        f"revising the classifier of {run_dir} for concept '{concept}' (class {saved.label}, layer {saved.layer}; "
+        f"{int(retrieved.sum())} of {len(retrieved)} training images carry it by its CAV score) with {method}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    concept_file = save_concept(corr, out / "concept.json", overwrite=True)
+    before = measure(model, plan, saved.layer, saved.cav, device, seed=cfg.seed)
+    yield _line("before", before)
+    train = None
+    if method in POST_HOC:
+        with attach(model, corr, POST_HOC[method]):
+            after = measure(model, plan, saved.layer, saved.cav, device, seed=cfg.seed)
+    else:
+        assert tuned is not None and METHODS.get(method) is not None
+        tuned.train.progress = progress
+        record, fixed = train_method_stage(
+            tuned, plan, None, None, out / "model", log, None, baseline=lambda: load_stage_model(stage_dir)
+        )
+        train = {k: record.get(k) for k in ("best_epoch", "val_acc", "test_acc", "seconds", "seconds_per_epoch")}
+        after = measure(fixed, plan, saved.layer, saved.cav, device, seed=cfg.seed)
+    yield _line("after", after)
+    rec = Revision(
+        method=method,
+        concept={
+            "name": concept,
+            "class": saved.label,
+            "layer": saved.layer,
+            "checkpoint": saved.checkpoint,
+            "checkpoint_sha256": saved.model_digest,
+            "file": concept_file.relative_to(run_dir).as_posix(),
+            "n_carrying": int(retrieved.sum()),
+        },
+        options=options,
+        before=before,
+        after=after,
+        train=train,
+    )
+    write_json_atomic(out / RECORD, rec.to_dict(), digest=True)
+    yield f"-> {out / RECORD}"
+
+
+def _line(when: str, m: Measures) -> str:
+    parts = [f"{when}: test accuracy {m.test_acc:.4f}"]
+    if m.test_splits:
+        parts.append(", ".join(f"{k} {v['acc']:.4f}" for k, v in m.test_splits.items()))
+    if m.artefact_share:
+        parts.append(
+            f"gradient share on the artefact {m.artefact_share['gradient']:.3f} (its area {m.artefact_share['area']:.3f})"
+        )
+    parts.append(f"TCAV {m.tcav:.3f}, sensitivity along the CAV {m.sensitivity:.4g}")
+    return "; ".join(parts)
+
+
+def revisions(run_dir: str | Path) -> dict[str, Revision]:
+    """Every revision saved in a run (``<method>-<concept>`` -> record), verified."""
+    folder = Path(run_dir) / REVISE_DIR
+    return {p.parent.name: read_revision(p) for p in sorted(folder.glob(f"*/{RECORD}"))} if folder.is_dir() else {}
