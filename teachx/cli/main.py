@@ -456,15 +456,18 @@ def _print_summary(res: dict, run_dir: Path) -> None:
         )
     elif res.get("method_test_acc") is not None:
         click.echo(f"{res.get('method')} test accuracy: {number(res['method_test_acc'])}")
-    sc = res.get("shortcut")
-    if sc:
-        for name in [k for k in sc if isinstance(sc[k], dict) and "gradient" in sc[k]]:
-            shares = ", ".join(
-                f"{m} {number(v, 3)}" for m, v in sc[name].items() if m != "area" and isinstance(v, float)
-            )
-            click.echo(
-                f"attribution on the artefact ({name}): {shares} (artefact area {number(sc[name].get('area', float('nan')), 3)})"
-            )
+    from teachx.runs.records import shortcut_shares
+
+    for name, b in shortcut_shares(res.get("shortcut")).items():
+        shares = ", ".join(
+            f"{m} {number(getattr(b, m), 3)}" for m in ("gradient", "lrp", "built_in") if getattr(b, m) is not None
+        )
+        honest = (
+            f"; honesty {number(b.honesty, 2)} (built-in ÷ gradient share: 1 shows the artefact as the gradient does, well below 1 hides it)"
+            if b.honesty is not None
+            else ""
+        )
+        click.echo(f"attribution on the artefact ({name}): {shares} (artefact area {number(b.area, 3)}){honest}")
     q = res.get("map_quality")
     if q:
         aug = (

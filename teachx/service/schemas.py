@@ -46,6 +46,29 @@ class Provenance(BaseModel):
     )
 
 
+class ArtefactSharesInfo(BaseModel):
+    """On a shortcut benchmark, the model's attribution on the artefact of the de-correlated test images, as
+    its run or study stored it (results.json, the unit's shortcut.json)."""
+
+    gradient: Optional[float] = Field(
+        None, description="share of the model's |input gradient| (true class) on the artefact"
+    )
+    lrp: Optional[float] = Field(None, description="share of the model's |LRP relevance| (true class) on the artefact")
+    built_in: Optional[float] = Field(
+        None, description="share of the model's own built-in map on the artefact (null: the model has no built-in map)"
+    )
+    honesty: Optional[float] = Field(
+        None,
+        description="built_in divided by the same model's share of the reference post-hoc map: 1, the built-in map "
+        "shows the artefact as much as the model's own gradient does; well below 1, it hides it",
+    )
+    area: Optional[float] = Field(
+        None, description="the artefact's share of the image (what a map blind to it puts there)"
+    )
+    images: Optional[int] = Field(None, description="test images measured (study units)")
+    reference: str = Field(description="the post-hoc map honesty divides by ('gradient': the input gradient)")
+
+
 class ModelInfo(BaseModel):
     id: str
     run_id: str
@@ -75,6 +98,9 @@ class ModelInfo(BaseModel):
         "show the same image at the same index (the page compares them side by side)",
     )
     loaded: bool
+    shortcut: Optional[ArtefactSharesInfo] = Field(
+        None, description="on a shortcut benchmark: the stored attribution on the artefact; null elsewhere"
+    )
 
 
 class RunInfo(BaseModel):
