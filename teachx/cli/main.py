@@ -317,6 +317,10 @@ def demo(
         _pipeline_command(cfg, out, "demo", overwrite, quiet, nproc, redo)
 
 
+#: `teachx explain --trust-method`: teachx.evaluation.builtin_maps.TRUST_METHODS written out (no torch import for --help)
+TRUST_METHODS = ("gradient_x_input", "lrp")
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
@@ -340,6 +344,21 @@ def demo(
 @click.option(
     "--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Pixel-flipping steps (--faithfulness)."
 )
+@click.option(
+    "--trust-method",
+    type=click.Choice(TRUST_METHODS),
+    default=TRUST_METHODS[0],
+    show_default=True,
+    help="The post-hoc map of this model (one backward pass) that each built-in map is compared with (trust.json).",
+)
+@click.option(
+    "--trust-threshold",
+    type=click.FloatRange(-1.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Flag an image when its built-in map correlates below this with the post-hoc map: 0 is what a map "
+    "unrelated to the model's gradient reaches on average.",
+)
 @wait_option(
     "When another teachx process is writing in the --out folder (or in the run directory "
     "it lies in), wait until it has finished instead of stopping with an error."
@@ -352,6 +371,8 @@ def explain(
     cls: Optional[int],
     faithfulness: bool,
     steps: int,
+    trust_method: str,
+    trust_threshold: float,
     wait: bool,
 ) -> None:
     """Write built-in IMPACTX heatmap overlays (PNG) for image files.
@@ -360,6 +381,8 @@ def explain(
     an IMPACTX / ABN unit of a study (STUDY/units/KEY); CHECKPOINT such a .safetensors file.
     --faithfulness asks how faithful each built-in map is to the model that made it: it needs the run or
     unit (its config names the teacher method, and DeepSHAP's background comes from its training data).
+    Every image also gets a trust value (trust.json): the correlation of its built-in map with the model's own
+    gradient x input for the same class; images below --trust-threshold are flagged as disagreeing.
     """
     from teachx.runs.explain import explain_images  # lazy: CLI start-up
     from teachx.runs.rundir import enclosing_run_dir, hold_run_dir  # lazy: CLI start-up
@@ -371,7 +394,17 @@ def explain(
         else hold_run_dir(out, wait, _say, what="output folder", foreign_ok=True)
     )
     with held:
-        for line in explain_images(checkpoint, list(images), out, device, cls, faithfulness=faithfulness, steps=steps):
+        for line in explain_images(
+            checkpoint,
+            list(images),
+            out,
+            device,
+            cls,
+            faithfulness=faithfulness,
+            steps=steps,
+            trust_method=trust_method,
+            trust_threshold=trust_threshold,
+        ):
             click.echo(line)
 
 

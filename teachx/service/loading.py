@@ -21,6 +21,7 @@ import torch
 from teachx.config.loader import from_dict
 from teachx.config.schema import RunConfig
 from teachx.errors import TeachxError
+from teachx.evaluation.builtin_maps import TRUST_THRESHOLD
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec
 from teachx.runs.plan import make_plan
 from teachx.runs.records import ArtefactShares
@@ -136,6 +137,7 @@ class ModelStore:
         steps: int = 16,
         batch_size: int = 256,
         log: Callable[[str], None] = lambda _m: None,
+        trust_threshold: float = TRUST_THRESHOLD,
     ):
         self.runs: list[RunEntry] = discover(paths)
         self.entries: dict[str, ModelEntry] = {m.id: m for r in self.runs for m in r.models}
@@ -144,6 +146,7 @@ class ModelStore:
         self.device = torch.device(device)
         self.steps = int(steps)
         self.batch_size = int(batch_size)
+        self.trust_threshold = float(trust_threshold)  # a built-in map correlating below it is flagged
         self.log = log
         self._lock = threading.Lock()
         self._model_locks: dict[str, threading.Lock] = {}
