@@ -786,3 +786,12 @@ def test_map_trust_against_a_linear_model_whose_gradient_is_known():
     small = F.avg_pool2d(gxi, 2)
     assert map_trust(model, x, y, small).tolist() == pytest.approx([1.0] * n, abs=1e-6)
     assert TRUST_THRESHOLD == 0.0 and disagrees(-0.01) is True and disagrees(0.0) is False and disagrees(None) is None
+    # the CLI writes the choices and the default out (no torch import for --help): they must agree
+    from teachx.cli.main import TRUST_METHODS as cli_methods
+    from teachx.cli.main import explain
+    from teachx.cli.serve import serve
+    from teachx.evaluation.builtin_maps import TRUST_METHOD, TRUST_METHODS
+
+    assert cli_methods == TRUST_METHODS and TRUST_METHODS[0] == TRUST_METHOD
+    for command in (explain, serve):
+        assert next(p for p in command.params if p.name == "trust_threshold").default == TRUST_THRESHOLD

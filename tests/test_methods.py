@@ -428,6 +428,11 @@ study:
     record = StudyRecord.from_dict(res.data)
     assert {r.arm for r in record.rows if r.honesty} == {"abn", "lambda0"}
     assert any("honesty (built-in / gradient)" in line for line in summary_lines(record))
+    from teachx.reporting.report import write_report
+
+    _, md = write_report(tmp_path / "out")
+    text = md.read_text()
+    assert "honesty: built-in ÷ gradient share" in text and "well below 1 means the built-in map hides" in text
     for arm in ("ceiling", "rrr", "rrr_teacher", "abn"):
         assert rows[arm]["vs_control"]["control"] == "lambda0"
     # the ceiling is the baseline of clean training images: its own baseline, the same model

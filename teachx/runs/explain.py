@@ -326,7 +326,7 @@ def explain_images(
         yield (
             f"  built-in map vs this model's {trust_name} (Pearson correlation, channels summed): {trust[i]:.3f}"
             + (
-                f"; DISAGREES (below {trust_threshold:g}): the built-in map does not show what the model's gradient shows"
+                f"; DISAGREES (below {trust_threshold:g}): the built-in map does not show what the model's {trust_name} shows"
                 if flagged
                 else f" (agrees: at or above {trust_threshold:g})"
             )
