@@ -32,7 +32,7 @@ def main(path: str) -> None:
     control_head = "Δ vs its λ = 0 control, pts" if per_arm_controls else f"Δ vs {data.study.get('control')}, pts"
     head = ["arm", "method", "test acc % (mean ± std)", "Δ vs baseline, pts", control_head]
     if has_sc:
-        head += ["gradient share", "LRP share", "built-in map share"]
+        head += ["gradient share", "LRP share", "built-in map share", "honesty (built-in ÷ gradient)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     base = {r.regime: r for r in rows if r.is_baseline}
@@ -53,6 +53,7 @@ def main(path: str) -> None:
         if has_sc:
             sc = r.shortcut or {}
             cells += [number(sc[m]["mean"], 3) if m in sc else "—" for m in ("gradient", "lrp", "built_in")]
+            cells.append(number(r.honesty["mean"], 2) if r.honesty else "—")
         print("| " + " | ".join(cells) + " |")
     area = next((r.shortcut["area"]["mean"] for r in rows if r.shortcut), None)
     if area is not None:

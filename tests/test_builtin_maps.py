@@ -762,3 +762,36 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
         from_dict(RunConfig, {"impactx": {"decoder": "paper", "decoder_reads_m": True}})
     with pytest.raises(ConfigError, match="same levels"):
         build_impactx("lenet5", 3, 10, (32, 32), lep_backbone="mobilenet", decoder_reads_m=True)
+
+
+def test_map_trust_against_a_linear_model_whose_gradient_is_known():
+    """map_trust correlates the channel-summed built-in map with the channel-summed gradient x input: for
+    f(x) = W x that is W[y] * x summed over channels, written out here. A built-in map equal to it scores 1,
+    its negative -1 (flagged at the default threshold), and a smaller built-in map is compared with the
+    post-hoc map averaged down to its size."""
+    from teachx.evaluation.builtin_maps import TRUST_THRESHOLD, disagrees, map_trust
+
+    torch.manual_seed(0)
+    n, c, h, w, k = 4, 3, 8, 8, 5
+    lin = nn.Linear(c * h * w, k, bias=False)
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.randn(n, c, h, w)
+    y = torch.arange(n) % k
+    gxi = (lin.weight.detach()[y].reshape(n, c, h, w) * x).sum(1, keepdim=True)  # the closed form, channels summed
+    assert map_trust(model, x, y, gxi).tolist() == pytest.approx([1.0] * n, abs=1e-6)
+    assert map_trust(model, x, y, -gxi.expand(n, 2, h, w)).tolist() == pytest.approx([-1.0] * n, abs=1e-6)
+    noise = torch.randn(n, 1, h, w)
+    expected = [float(np.corrcoef(noise[i].flatten(), gxi[i].flatten())[0, 1]) for i in range(n)]
+    assert map_trust(model, x, y, noise).tolist() == pytest.approx(expected, abs=1e-6)
+    small = F.avg_pool2d(gxi, 2)
+    assert map_trust(model, x, y, small).tolist() == pytest.approx([1.0] * n, abs=1e-6)
+    assert TRUST_THRESHOLD == 0.0 and disagrees(-0.01) is True and disagrees(0.0) is False and disagrees(None) is None
+    # the CLI writes the choices and the default out (no torch import for --help): they must agree
+    from teachx.cli.main import TRUST_METHODS as cli_methods
+    from teachx.cli.main import explain
+    from teachx.cli.serve import serve
+    from teachx.evaluation.builtin_maps import TRUST_METHOD, TRUST_METHODS
+
+    assert cli_methods == TRUST_METHODS and TRUST_METHODS[0] == TRUST_METHOD
+    for command in (explain, serve):
+        assert next(p for p in command.params if p.name == "trust_threshold").default == TRUST_THRESHOLD

@@ -371,20 +371,52 @@ def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run,
         "explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env=tiny_run["env"]
     )
     assert first.returncode == 0, first.stderr
-    assert {"x_impactx.png", "x_deepshap.png", "faithfulness.json"} <= {p.name for p in out.iterdir()}
+    assert {"x_impactx.png", "x_deepshap.png", "faithfulness.json", "trust.json"} <= {p.name for p in out.iterdir()}
     (out / "notes.txt").write_text("mine")
     (out / "x_impactx_1.png").write_bytes(b"my own picture")  # a name teachx might pick: still not teachx's
     (out / "x_deepshap.png").write_bytes(b"edited by the user")  # written by teachx, changed since: now the user's
     again = run_teachx("explain", tiny_run["run"], img, "--out", out, env=tiny_run["env"])
     assert again.returncode == 0, again.stderr
-    assert "replaced 2 file(s) an earlier `teachx explain` wrote" in again.stdout
+    assert "replaced 3 file(s) an earlier `teachx explain` wrote" in again.stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".teachx-explain.json", "notes.txt", "x_deepshap.png", "x_impactx.png", "x_impactx_1.png"], names
+    assert names == [
+        ".teachx-explain.json",
+        "notes.txt",
+        "trust.json",
+        "x_deepshap.png",
+        "x_impactx.png",
+        "x_impactx_1.png",
+    ], names
     assert (out / "notes.txt").read_text() == "mine" and (out / "x_impactx_1.png").read_bytes() == b"my own picture"
     assert (out / "x_deepshap.png").read_bytes() == b"edited by the user"
     assert Image.open(out / "x_impactx.png").size[0] > 28  # the new overlay
     third = run_teachx("explain", tiny_run["run"], img, "--out", out, env=tiny_run["env"])
     assert third.returncode == 0 and sorted(p.name for p in out.iterdir()) == names
+
+
+@pytest.mark.slow
+def test_explain_trust_threshold_and_method_options(tiny_run, tmp_path):
+    """--trust-threshold sets where images are flagged (every image's correlation is below 1), --trust-method lrp
+    compares with LRP instead of gradient x input, and a threshold outside [-1, 1] is one line, nothing written."""
+    img = _image(tmp_path)
+    res = run_teachx(
+        "explain", tiny_run["run"], img, "--out", tmp_path / "a", "--trust-threshold", "1", env=tiny_run["env"]
+    )
+    assert res.returncode == 0, res.stderr
+    rec = json.loads((tmp_path / "a" / "trust.json").read_text())
+    assert rec["threshold"] == 1.0 and rec["images"][0]["disagrees"] is True and rec["disagreeing"] == 1
+    assert "DISAGREES (below 1)" in res.stdout and "1 of 1 image(s) have a built-in map that disagrees" in res.stdout
+    res = run_teachx(
+        "explain", tiny_run["run"], img, "--out", tmp_path / "b", "--trust-method", "lrp", env=tiny_run["env"]
+    )
+    assert res.returncode == 0, res.stderr
+    rec = json.loads((tmp_path / "b" / "trust.json").read_text())
+    assert rec["method"] == "lrp" and "this model's LRP" in rec["measure"] and -1 <= rec["images"][0]["trust"] <= 1
+    res = run_teachx(
+        "explain", tiny_run["run"], img, "--out", tmp_path / "c", "--trust-threshold", "2", env=tiny_run["env"]
+    )
+    assert_one_line_error(res, "--trust-threshold")
+    assert not (tmp_path / "c").exists()
 
 
 def _tiny_method_run(root: Path, *overrides: str) -> Path:
@@ -421,12 +453,21 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
     abn_run = _tiny_method_run(tmp_path / "abn", "method.name=abn")
     lines = list(ex.explain_images(str(abn_run), [str(img)], str(tmp_path / "maps")))
     model, meta = ex.load_impactx(abn_run)
-    assert type(model).__name__ == "ABN" and lines[-1].endswith("x_abn.png")
+    assert type(model).__name__ == "ABN" and any(line.endswith("x_abn.png") for line in lines)
     from teachx.data.transforms import normalize
 
     with torch.no_grad():
-        _, expected = model.forward_all(normalize(x_u8, tuple(meta["mean"]), tuple(meta["std"])))
+        logits, expected = model.forward_all(normalize(x_u8, tuple(meta["mean"]), tuple(meta["std"])))
     assert torch.allclose(drawn[-1][1], expected[0])
+    # ABN's trust value: its attention map vs its own gradient x input, computed here with autograd and numpy
+    trust = json.loads((tmp_path / "maps" / "trust.json").read_text())
+    x = normalize(x_u8, tuple(meta["mean"]), tuple(meta["std"])).requires_grad_(True)
+    k = int(logits.argmax(1))
+    (grad,) = torch.autograd.grad(model(x)[0, k], x)
+    direct = np.corrcoef(expected[0].sum(0).flatten().numpy(), (grad * x).detach()[0].sum(0).flatten().numpy())[0, 1]
+    row = trust["images"][0]
+    assert trust["model"] == "abn" and row["explained_class"] == k and row["trust"] == pytest.approx(direct, abs=1e-5)
+    assert row["disagrees"] == (direct < 0.0) and trust["threshold"] == 0.0
 
     pc_run = _tiny_method_run(
         tmp_path / "pc", "impactx.decoder=unet_input", "impactx.per_class=true", "impactx.map_loss=pearson"
@@ -437,7 +478,9 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
         lines = list(ex.explain_images(str(pc_run), [str(img)], str(tmp_path / "maps"), cls=k))
         with torch.no_grad():
             expected = model.explain(x, torch.tensor([k]))[0]
-        assert torch.allclose(drawn[-1][1], expected, atol=1e-6) and lines[-1].endswith(f"x_impactx_class{k}.png")
+        assert torch.allclose(drawn[-1][1], expected, atol=1e-6) and any(
+            line.endswith(f"x_impactx_class{k}.png") for line in lines
+        )
         assert drawn[-1][2].endswith(f"map of {meta['class_names'][k]}")
     with torch.no_grad():
         assert not torch.allclose(model.explain(x, torch.tensor([0])), model.explain(x, torch.tensor([3])))
@@ -521,6 +564,7 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
         "im0_impactx.png",
         "im1_deepshap.png",
         "im1_impactx.png",
+        "trust.json",
     ]
     assert "MoRF AUC (lower = more faithful): built-in" in res.stdout and "mean over 2 image(s)" in res.stdout
 
@@ -546,6 +590,19 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
         assert row["corr_self"] == pytest.approx(
             float(np.corrcoef(built_in[i].flatten(), post[i].flatten())[0, 1]), abs=1e-5
         )
+    # the trust signal: the built-in map vs the model's own gradient x input, both channel-summed, per image
+    trust = json.loads((out / "trust.json").read_text())
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg).gather(1, pred[:, None]).sum(), xg)
+    gxi = (grad * x).sum(1)
+    for i, (row, faith_row) in enumerate(zip(trust["images"], rec["images"])):
+        direct = float(np.corrcoef(built_in[i].sum(0).flatten(), gxi[i].flatten())[0, 1])
+        assert row["trust"] == pytest.approx(direct, abs=1e-5) and faith_row["trust"] == row["trust"]
+        assert row["disagrees"] == (direct < 0.0) and row["explained_class"] == int(pred[i])
+    assert trust["method"] == "gradient_x_input" and trust["disagreeing"] == sum(
+        r["disagrees"] for r in trust["images"]
+    )
+    assert "built-in map vs this model's gradient × input (Pearson correlation, channels summed)" in res.stdout
     mean = rec["mean"]["auc"]["pixel_flipping_morf"]
     assert mean["built_in"] == pytest.approx(
         np.mean([r["auc"]["pixel_flipping_morf"]["built_in"] for r in rec["images"]])
@@ -559,6 +616,7 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
         "faithfulness.json",
         "im0_deepshap.png",
         "im0_impactx.png",
+        "trust.json",
     ]
     assert len(json.loads((out / "faithfulness.json").read_text())["images"]) == 1
     alone = tmp_path / "alone.safetensors"  # a checkpoint outside its run: no teacher config, no background

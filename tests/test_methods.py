@@ -3,6 +3,7 @@ shared contract every registered method passes (trains, resumes bitwise, refuses
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -455,6 +456,24 @@ study:
         "built_in" in rows["abn"]["shortcut"] and "built_in" in rows["lambda0"]["shortcut"]
     )  # the models' own maps too
     assert "built_in" not in rows["rrr"]["shortcut"]
+    # the built-in map's honesty: each seed's built-in share over its own gradient share, for IMPACTX and ABN alike
+    for arm in ("abn", "lambda0"):
+        units = [res.data["units"][u]["shortcut"] for u in rows[arm]["units"]]
+        assert rows[arm]["shortcut"]["honesty"]["mean"] == pytest.approx(
+            np.mean([u["built_in"] / u["gradient"] for u in units])
+        )
+    assert "honesty" not in rows["rrr"]["shortcut"] and "honesty" not in rows["baseline"]["shortcut"]
+    from teachx.studies.records import StudyRecord
+    from teachx.studies.statistics import summary_lines
+
+    record = StudyRecord.from_dict(res.data)
+    assert {r.arm for r in record.rows if r.honesty} == {"abn", "lambda0"}
+    assert any("honesty (built-in / gradient)" in line for line in summary_lines(record))
+    from teachx.reporting.report import write_report
+
+    _, md = write_report(tmp_path / "out")
+    text = md.read_text()
+    assert "honesty: built-in ÷ gradient share" in text and "well below 1 means the built-in map hides" in text
     for arm in ("ceiling", "rrr", "rrr_teacher", "abn"):
         assert rows[arm]["vs_control"]["control"] == "lambda0"
     # the ceiling is the baseline of clean training images: its own baseline, the same model
@@ -512,6 +531,60 @@ def test_abn_run_is_served_with_its_built_in_map(tmp_path, monkeypatch):
         lm.model.explain(x).float().cpu().numpy().reshape(-1),
         atol=2e-3,
     )
+
+
+@pytest.mark.slow
+def test_a_shortcut_run_records_reports_and_serves_the_built_in_maps_honesty(tmp_path, monkeypatch, capsys):
+    """`teachx run` on a swatch benchmark: results.json holds, per model, the post-hoc shares and, for the IMPACTX
+    model, its built-in map's share and the ratio of that to its own gradient share; the report explains the
+    ratio and `teachx serve` shows the stored values in the model's info. The baseline has post-hoc shares only."""
+    from conftest import teachx_main
+
+    from teachx.evaluation import wrong_reason_score
+    from teachx.runs.plan import eval_indices, make_plan
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.teacher import as_nchw
+    from teachx.data.transforms import normalize
+    from teachx.runs.explain import load_impactx
+    from teachx.service.engine import Service
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    args = [
+        "data.shortcut=swatch",
+        "data.train_size=200",
+        "train.epochs=1",
+        "train.progress=false",
+        "teacher.method=gradient",
+        "teacher.eval_images=40",
+        "teacher.faith_images=0",
+    ]
+    code, out, err = teachx_main(capsys, "run", *args, "--out", tmp_path / "run", "--quiet")
+    assert code == 0, err
+    assert "honesty" in out  # the end-of-run summary names it
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    sc = res["shortcut"]
+    assert "built_in" not in sc["baseline"] and "honesty" not in sc["baseline"]
+    block = sc["impactx"]
+    assert block["honesty"] == pytest.approx(block["built_in"] / block["gradient"])
+    # the built-in share recomputed here from the model itself
+    cfg = resolve_config(None, args)
+    plan = make_plan(cfg, progress=False)
+    idx = eval_indices(cfg, plan)
+    model, _ = load_impactx(tmp_path / "run")
+    x = normalize(as_nchw(plan.dataset.test.images[idx]), plan.mean, plan.std)
+    y = torch.from_numpy(np.asarray(plan.dataset.test.labels[idx])).long()
+    direct = wrong_reason_score(model.explain(x, target=y).float(), torch.from_numpy(plan.dataset.test.masks[idx]))
+    assert block["built_in"] == pytest.approx(float(direct.mean()), rel=1e-4)
+    code, out, err = teachx_main(capsys, "report", tmp_path / "run")
+    assert code == 0, err
+    md = next((tmp_path / "run").glob("report*.md")).read_text()
+    assert "honesty: built-in ÷ gradient share" in md and "well below 1 means the built-in map hides" in md
+    info = Service([tmp_path / "run"], cache_dir=tmp_path / "serve").model_info("run.impactx")
+    assert (
+        info["shortcut"]["honesty"] == pytest.approx(block["honesty"]) and info["shortcut"]["reference"] == "gradient"
+    )
+    base = Service([tmp_path / "run"], cache_dir=tmp_path / "serve").model_info("run.baseline")["shortcut"]
+    assert base["built_in"] is None and base["honesty"] is None and base["gradient"] == sc["baseline"]["gradient"]
 
 
 def test_fewer_evaluation_images_than_classes_still_gives_a_subset():

@@ -939,3 +939,80 @@ def test_one_shared_map_is_described_the_same_in_explain_and_serve(client, dirs,
     prov = client.get("/api/v1/models/run.impactx/images/0/maps/built_in").json()["provenance"]
     assert prov["method_options"]["classes"] == text
     assert "one built-in map shared by all classes" in shared_map_text("abn")
+
+
+# -- the per-image trust signal ------------------------------------------------------------------
+
+
+def _gxi_corr(model, x: torch.Tensor, k: int) -> float:
+    """Pearson correlation of the channel-summed built-in map of class k with the channel-summed gradient x input
+    of the model's logit k, computed here with autograd and numpy alone."""
+    with torch.no_grad():
+        built = model.explain(x, torch.tensor([k]))[0].sum(0).numpy().ravel()
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xg)[0, k], xg)
+    gxi = (grad * x)[0].sum(0).numpy().ravel()
+    return float(np.corrcoef(built.astype(np.float64), gxi.astype(np.float64))[0, 1])
+
+
+def test_trust_is_the_built_in_maps_correlation_with_the_models_own_gradient(client, service):
+    """Every image's trust value (list rows, image detail, metrics of another class, uploads) is the Pearson
+    correlation of the built-in map with the model's gradient x input, both channel-summed: checked against
+    a direct computation; images below the threshold are flagged and the disagrees filter keeps exactly them."""
+    model, _ = load_impactx(Path(client.get("/api/v1/models/run.impactx").json()["checkpoint"]))
+    rows = schemas.ImageList.model_validate(
+        client.get("/api/v1/models/run.impactx/images", params={"limit": 1000}).json()
+    )
+    assert rows.trust_threshold == 0.0
+    for index in (0, 5, 17):
+        x, _ = image_tensor(service, index)
+        k = int(model(x).argmax(1))
+        direct = _gxi_corr(model, x, k)
+        item = rows.items[index]
+        assert item.trust == pytest.approx(direct, abs=1e-4) and item.disagrees == (direct < 0.0)
+        d = schemas.ImageDetail.model_validate(client.get(f"/api/v1/models/run.impactx/images/{index}").json())
+        assert d.trust.value == pytest.approx(direct, abs=1e-4) and d.trust.method == "gradient_x_input"
+        assert d.trust.explained_class == k and d.trust.disagrees == (direct < 0.0)
+    # the filter and the sort
+    values = [i.trust for i in rows.items]
+    flagged = client.get("/api/v1/models/run.impactx/images", params={"disagrees": "true", "limit": 1000}).json()
+    agreeing = client.get("/api/v1/models/run.impactx/images", params={"disagrees": "false", "limit": 1000}).json()
+    assert {i["index"] for i in flagged["items"]} == {i for i, v in enumerate(values) if v < 0.0}
+    assert flagged["total"] + agreeing["total"] == 32 and all(i["disagrees"] for i in flagged["items"])
+    ranked = client.get("/api/v1/models/run.impactx/images", params={"sort": "trust", "limit": 1000}).json()
+    assert [i["trust"] for i in ranked["items"]] == sorted(values)
+    # a per-class model: the trust of a class other than the predicted one is that class's map vs its gradient
+    mid = _study_model(client, "per_class")
+    per_class, _ = load_impactx(Path(client.get(f"/api/v1/models/{mid}").json()["checkpoint"]))
+    x, _ = image_tensor(service, 3)
+    other = (int(per_class(x).argmax(1)) + 1) % 4
+    m = schemas.MetricsResponse.model_validate(
+        client.get(f"/api/v1/models/{mid}/images/3/metrics", params={"class": other}).json()
+    )
+    assert m.trust.explained_class == other and m.trust.value == pytest.approx(_gxi_corr(per_class, x, other), abs=1e-4)
+    # an upload: the predicted class's built-in map vs its gradient
+    img = np.array(service.data(service.loaded("run.impactx")).test.images[5])
+    up = schemas.UploadResponse.model_validate(
+        client.post("/api/v1/models/run.impactx/predict", files={"file": ("a.png", png(img), "image/png")}).json()
+    )
+    assert up.trust.value == pytest.approx(rows.items[5].trust, abs=1e-4)
+    # in the OpenAPI schema
+    spec = client.get("/openapi.json").json()["components"]["schemas"]
+    assert "Trust" in spec and {"trust", "disagrees"} <= set(spec["ImageItem"]["properties"])
+
+
+def test_trust_threshold_is_configurable_and_models_without_built_in_maps_have_none(dirs, client, tmp_path):
+    values = sorted(
+        i["trust"] for i in client.get("/api/v1/models/run.impactx/images", params={"limit": 100}).json()["items"]
+    )
+    threshold = float(np.median(values))
+    svc = Service([dirs["run"]], cache_dir=tmp_path / "cache", trust_threshold=threshold)
+    flagged = TestClient(create_app(svc)).get("/api/v1/models/run.impactx/images", params={"disagrees": "true"}).json()
+    assert flagged["trust_threshold"] == threshold and flagged["total"] == sum(v < threshold for v in values) > 0
+    # a plain classifier: no trust value, no flag, and the filter says why it does not apply
+    rows = client.get("/api/v1/models/run.baseline/images").json()
+    assert rows["trust_threshold"] is None and all(i["trust"] is None and i["disagrees"] is None for i in rows["items"])
+    assert client.get("/api/v1/models/run.baseline/images/3").json()["trust"] is None
+    assert client.get("/api/v1/models/run.baseline/images/3/metrics").json()["trust"] is None
+    r = client.get("/api/v1/models/run.baseline/images", params={"disagrees": "true"})
+    assert r.status_code == 400 and "no built-in map" in detail(r)

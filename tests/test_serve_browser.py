@@ -57,11 +57,28 @@ from _serve_fixtures import session_fixtures  # noqa: E402
 WAIT = 60
 
 
+def _median_trust(dirs, cache) -> float:
+    """The run's IMPACTX model's median trust value, as the served threshold: some images are flagged, some not."""
+    from teachx.service import Service
+
+    old = os.environ.get("TEACHX_CACHE")
+    os.environ["TEACHX_CACHE"] = str(dirs["cache"])
+    try:
+        rows = Service([dirs["run"]], cache_dir=cache).list_images("run.impactx", limit=1000)["items"]
+    finally:
+        if old is None:
+            os.environ.pop("TEACHX_CACHE", None)
+        else:
+            os.environ["TEACHX_CACHE"] = old
+    return round(float(np.median([r["trust"] for r in rows])), 4)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`teachx serve RUN STUDY --port 0` as a user starts it; yields its URL."""
     dirs = session_fixtures(tmp_path_factory)
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    threshold = _median_trust(dirs, tmp_path_factory.mktemp("trust-cache"))
     env = teachx_env({"TEACHX_CACHE": str(dirs["cache"]), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     cmd = [
         *TEACHX,
@@ -72,6 +89,8 @@ def server(tmp_path_factory):
         "0",
         "--cache-dir",
         str(tmp_path_factory.mktemp("serve-cache")),
+        "--trust-threshold",
+        repr(threshold),
     ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -85,7 +104,7 @@ def server(tmp_path_factory):
                 break
             time.sleep(0.2)
         assert url, f"server did not start: {log.read_text()[-2000:]}"
-        yield {"url": url, "dirs": dirs}
+        yield {"url": url, "dirs": dirs, "threshold": threshold}
     finally:
         proc.terminate()
         try:
@@ -182,6 +201,45 @@ def test_the_page_end_to_end(server, browser, tmp_path):
         ",", "%2C"
     ) and "maps=built_in,teacher" in href.replace("%2C", ",")
     assert urllib.request.urlopen(href, timeout=120).read().startswith(b"\x89PNG")
+
+    # the trust signal: images whose built-in map disagrees with the model's gradient are flagged in the grid,
+    # and the filter shows exactly them; their detail view says so next to the maps, with the value
+    flagged = api("/models/run.impactx/images?disagrees=true&limit=1000")
+    assert 0 < flagged["total"] < 32 and flagged["trust_threshold"] == server["threshold"]
+    marked = {int(t.get_attribute("data-index")) for t in thumbs(drv) if "disagrees" in t.get_attribute("class")}
+    assert marked == {i["index"] for i in flagged["items"]}
+    assert all(
+        t.find_elements(By.CSS_SELECTOR, ".flag") for t in thumbs(drv) if "disagrees" in t.get_attribute("class")
+    )
+    Select(drv.find_element(By.ID, "f-trust")).select_by_value("true")
+    wait(
+        drv,
+        lambda d: (
+            len(thumbs(d)) == flagged["total"]
+            and d.find_element(By.ID, "count").text.startswith(f"{flagged['total']} of 32")
+        ),
+        "the images whose built-in map disagrees",
+    )
+    assert all("disagrees" in t.get_attribute("class") for t in thumbs(drv)) and "trust=true" in drv.current_url
+    odd = int(thumbs(drv)[0].get_attribute("data-index"))
+    thumbs(drv)[0].click()
+    wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-trust") == "disagrees", "the trust line")
+    want = api(f"/models/run.impactx/images/{odd}/metrics")["trust"]
+    line = drv.find_element(By.ID, "trust").text
+    assert (
+        "disagrees with the model's gradient" in line and f"{want['value']:.3f}" in line and "gradient × input" in line
+    )
+    shot("disagrees")
+    drv.find_element(By.ID, "close").click()
+    Select(drv.find_element(By.ID, "f-trust")).select_by_value("false")
+    wait(drv, lambda d: len(thumbs(d)) == 32 - flagged["total"], "the images whose built-in map agrees")
+    assert not any("disagrees" in t.get_attribute("class") for t in thumbs(drv))
+    thumbs(drv)[0].click()
+    wait(drv, lambda d: d.find_element(By.ID, "detail").get_attribute("data-trust") == "agrees", "an agreeing image")
+    assert drv.find_element(By.ID, "trust").text.startswith("Trust: built-in map of class")
+    drv.find_element(By.ID, "close").click()
+    Select(drv.find_element(By.ID, "f-trust")).select_by_value("")
+    wait(drv, lambda d: len(thumbs(d)) == 32, "every image again")
 
     # filter: the wrong predictions only
     n_wrong = api("/models/run.impactx/images?correct=false")["total"]
@@ -333,6 +391,10 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     )
     assert not drv.find_elements(By.ID, "map-built_in")
     assert "no built-in map" in drv.find_element(By.ID, "agreement").text
+    # no built-in map: no trust value, the page says so, and the filter is off
+    assert drv.find_element(By.ID, "detail").get_attribute("data-trust") == "none"
+    assert "no built-in map" in drv.find_element(By.ID, "trust").text
+    assert not drv.find_element(By.ID, "f-trust").is_enabled()
     assert (
         drv.find_element(By.ID, "detail").is_displayed() and drv.find_element(By.ID, "class-pick").is_displayed()
     )  # any class

@@ -457,3 +457,72 @@ def test_artefact_share_on_a_linear_model_is_known_in_closed_form():
         methods={"eps": build("lrp", composite="epsilon"), "gxi": "gradient_x_input"},
     )
     assert both["eps"] == pytest.approx(both["gxi"], abs=1e-6)  # LRP-epsilon of a bias-free linear model is x * W
+
+
+class MapModel(nn.Module):
+    """A linear classifier f(x) = W x with a fixed built-in map: its gradient is W[y], known in closed form,
+    and its built-in map's mass on the artefact is whatever the test puts there."""
+
+    per_class = False
+
+    def __init__(self, weight: torch.Tensor, built_in: torch.Tensor):
+        super().__init__()
+        self.lin = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(weight)
+        self.built_in = built_in  # (1, H, W), the same for every image
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1))
+
+    def forward_all(self, x: torch.Tensor, target=None):
+        return self(x), self.explain(x, target)
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor, target=None) -> torch.Tensor:
+        return self.built_in.expand(x.shape[0], *self.built_in.shape).clone()
+
+
+def test_honesty_is_the_built_in_share_over_the_models_own_gradient_share():
+    """shortcut_evaluation's ratio against a direct computation: the gradient of f(x) = W x is W[y], so its
+    share on the artefact is sum |W[y]| on the mask / sum |W[y]|, computed here without teachx."""
+    from types import SimpleNamespace
+
+    from teachx.runs.evaluation import shortcut_evaluation
+    from teachx.runs.records import ArtefactShares, RunResults
+
+    n, classes = 6, 3
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(n) % classes
+    masks = np.zeros((n, 8, 8), dtype=np.uint8)
+    masks[:, :2, :2] = 1  # the artefact: a 2x2 corner, 4 of 64 pixels
+    weight = torch.from_numpy(rng.normal(size=(classes, 64))).float()
+    weight[:, :2] *= 20  # the model leans on the artefact's top row
+    built_in = torch.ones(1, 8, 8)
+    built_in[0, :2, :2] = 0.5  # the built-in map puts little there: 2 of 62
+    ds = SimpleNamespace(test=Split(images, labels, masks), extra={})
+    plan = SimpleNamespace(dataset=ds, mean=(0.0,), std=(1.0,))
+    cfg = SimpleNamespace(teacher=SimpleNamespace(eval_images=None), data=SimpleNamespace(split_seed=0))
+    # the same classifier without a built-in map (a baseline): post-hoc shares only
+    models = {
+        "baseline": nn.Sequential(nn.Flatten(), MapModel(weight, built_in).lin),
+        "impactx": MapModel(weight, built_in),
+    }
+    out = shortcut_evaluation(cfg, plan, models, torch.device("cpu"))
+
+    w = weight.abs().numpy().reshape(classes, 8, 8)
+    gradient = np.mean([w[y][:2, :2].sum() / w[y].sum() for y in labels])
+    assert out["impactx"]["gradient"] == pytest.approx(gradient, rel=1e-5)
+    assert out["impactx"]["built_in"] == pytest.approx(2 / 62)
+    assert out["impactx"]["honesty"] == pytest.approx((2 / 62) / gradient, rel=1e-5) and out["impactx"]["honesty"] < 0.2
+    assert out["impactx"]["area"] == pytest.approx(4 / 64)
+    assert "built_in" not in out["baseline"] and "honesty" not in out["baseline"]
+    assert out["baseline"]["gradient"] == pytest.approx(gradient, rel=1e-5)
+    # the typed record: the same values, and a block written before the ratio existed gets it from its shares
+    shares = RunResults(shortcut=out).artefact_shares
+    assert set(shares) == {"baseline", "impactx"} and shares["baseline"].honesty is None
+    assert shares["impactx"].honesty == pytest.approx(out["impactx"]["honesty"])
+    old = {k: v for k, v in out["impactx"].items() if k != "honesty"}
+    assert ArtefactShares.from_dict(old).to_dict() == out["impactx"]
+    assert ArtefactShares.from_dict({"gradient": 0.0, "built_in": 0.1, "area": 0.1}).honesty is None  # no ratio of 0

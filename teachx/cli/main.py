@@ -385,6 +385,10 @@ def demo(
         _pipeline_command(cfg, out, "demo", overwrite, quiet, nproc, redo)
 
 
+#: `teachx explain --trust-method`: teachx.evaluation.builtin_maps.TRUST_METHODS written out (no torch import for --help)
+TRUST_METHODS = ("gradient_x_input", "lrp")
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("checkpoint", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
@@ -408,6 +412,21 @@ def demo(
 @click.option(
     "--steps", type=click.IntRange(min=2), default=16, show_default=True, help="Pixel-flipping steps (--faithfulness)."
 )
+@click.option(
+    "--trust-method",
+    type=click.Choice(TRUST_METHODS),
+    default=TRUST_METHODS[0],
+    show_default=True,
+    help="The post-hoc map of this model (one backward pass) that each built-in map is compared with (trust.json).",
+)
+@click.option(
+    "--trust-threshold",
+    type=click.FloatRange(-1.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Flag an image when its built-in map correlates below this with the post-hoc map: 0 is what a map "
+    "unrelated to the model's gradient reaches on average.",
+)
 @wait_option(
     "When another teachx process is writing in the --out folder (or in the run directory "
     "it lies in), wait until it has finished instead of stopping with an error."
@@ -420,6 +439,8 @@ def explain(
     cls: Optional[int],
     faithfulness: bool,
     steps: int,
+    trust_method: str,
+    trust_threshold: float,
     wait: bool,
 ) -> None:
     """Write built-in IMPACTX heatmap overlays (PNG) for image files.
@@ -428,6 +449,8 @@ def explain(
     an IMPACTX / ABN unit of a study (STUDY/units/KEY); CHECKPOINT such a .safetensors file.
     --faithfulness asks how faithful each built-in map is to the model that made it: it needs the run or
     unit (its config names the teacher method, and DeepSHAP's background comes from its training data).
+    Every image also gets a trust value (trust.json): the correlation of its built-in map with the model's own
+    gradient x input for the same class; images below --trust-threshold are flagged as disagreeing.
     """
     from teachx.runs.explain import explain_images  # lazy: CLI start-up
     from teachx.runs.rundir import enclosing_run_dir, hold_run_dir  # lazy: CLI start-up
@@ -439,7 +462,17 @@ def explain(
         else hold_run_dir(out, wait, _say, what="output folder", foreign_ok=True)
     )
     with held:
-        for line in explain_images(checkpoint, list(images), out, device, cls, faithfulness=faithfulness, steps=steps):
+        for line in explain_images(
+            checkpoint,
+            list(images),
+            out,
+            device,
+            cls,
+            faithfulness=faithfulness,
+            steps=steps,
+            trust_method=trust_method,
+            trust_threshold=trust_threshold,
+        ):
             click.echo(line)
 
 
@@ -568,7 +601,7 @@ def reveal(
 @quiet_option()
 @wait_option()
 def revise(run_dir: str, overrides: tuple[str, ...], concept: str, method: str, quiet: bool, wait: bool) -> None:
-    """Correct a run's classifier for a concept that `teachx reveal` found, and measure before and after.
+    """Correct a classifier for a concept `teachx reveal` found; measure before and after.
 
     teachx revise RUN_DIR --concept NAME [--method rrclarc] [KEY=VALUE ...]. The KEY=VALUE options set the
     fine-tuning (train.epochs, train.lr, method.options.lam, ...). Accuracy (on an artefact benchmark: on
@@ -675,15 +708,18 @@ def _print_summary(res: dict, run_dir: Path) -> None:
         if by_split:
             splits = ", ".join(f"{split} {number(row.get('acc'))}" for split, row in by_split.items())
             click.echo(f"test accuracy by split ({name}): {splits}")
-    sc = res.get("shortcut")
-    if sc:
-        for name in [k for k in sc if isinstance(sc[k], dict) and "gradient" in sc[k]]:
-            shares = ", ".join(
-                f"{m} {number(v, 3)}" for m, v in sc[name].items() if m != "area" and isinstance(v, float)
-            )
-            click.echo(
-                f"attribution on the artefact ({name}): {shares} (artefact area {number(sc[name].get('area', float('nan')), 3)})"
-            )
+    from teachx.runs.records import shortcut_shares
+
+    for name, b in shortcut_shares(res.get("shortcut")).items():
+        shares = ", ".join(
+            f"{m} {number(getattr(b, m), 3)}" for m in ("gradient", "lrp", "built_in") if getattr(b, m) is not None
+        )
+        honest = (
+            f"; honesty {number(b.honesty, 2)} (built-in ÷ gradient share: 1 shows the artefact as the gradient does, well below 1 hides it)"
+            if b.honesty is not None
+            else ""
+        )
+        click.echo(f"attribution on the artefact ({name}): {shares} (artefact area {number(b.area, 3)}){honest}")
     q = res.get("map_quality")
     if q:
         aug = (

@@ -108,6 +108,14 @@ def _check_cache_dir(cache_dir: Optional[str]) -> None:
     help="Largest accepted upload in MiB (1 MiB = 1,048,576 bytes); a larger one is refused with HTTP 413.",
 )
 @click.option("--device", default="cpu", show_default=True, help="Device for the models (cpu, cuda, cuda:N).")
+@click.option(
+    "--trust-threshold",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(-1.0, 1.0),
+    help="Flag a test image when its built-in map correlates below this with the model's gradient x input "
+    "(0: what a map unrelated to the model's gradient reaches on average).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def serve(
     dirs: tuple[str, ...],
@@ -119,6 +127,7 @@ def serve(
     cache_dir: Optional[str],
     max_upload_mb: float,
     device: str,
+    trust_threshold: float,
     quiet: bool,
 ) -> None:
     """Web page and JSON API to browse the explanations of runs and studies.
@@ -136,7 +145,7 @@ def serve(
         _check_cache_dir(cache_dir)
     from teachx.service import Service  # lazy: CLI start-up
 
-    service = Service(list(dirs), cache_dir=cache_dir, device=device)
+    service = Service(list(dirs), cache_dir=cache_dir, device=device, trust_threshold=trust_threshold)
     n_models = len(service.entries)
     if n_models == 0:
         raise ConfigError(

@@ -16,6 +16,10 @@ canvas). Deletion is left out: with the zero baseline it is MoRF. Agreement: per
 correlation of the built-in map with the post-hoc map (``corr_self``, the self-agreement the
 built-in maps aim for) and of the mean map with it (``corr_self_mean_map``, what the mean map
 alone reaches).
+
+Per image at inference, :func:`map_trust` is the cheap check of the same question: the Pearson correlation
+of the built-in map with one backward pass of the same model (gradient x input by default) for the same
+class, both summed over channels; :func:`disagrees` flags the images below ``TRUST_THRESHOLD``.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from teachx.evaluation.base import build_metric, pearson
+from teachx.evaluation.base import build_metric, eval_mode, pearson
 from teachx.evaluation.evaluate import evaluate_maps
+from teachx.teachers import build
+from teachx.teachers.base import Teacher
 
 METRIC_NAMES = ("pixel_flipping_morf", "pixel_flipping_lerf", "insertion")
 
@@ -34,6 +40,43 @@ METRIC_NAMES = ("pixel_flipping_morf", "pixel_flipping_lerf", "insertion")
 def map_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image Pearson correlation of two map batches; a constant map (e.g. all zeros) counts as 0, not NaN."""
     return torch.nan_to_num(pearson(a.flatten(1), b.flatten(1)), nan=0.0)
+
+
+#: the post-hoc map the per-image trust signal compares the built-in map with: one backward pass
+TRUST_METHOD = "gradient_x_input"
+#: the post-hoc methods the trust signal offers (both cost one backward pass)
+TRUST_METHODS = ("gradient_x_input", "lrp")
+#: images whose built-in map correlates below this with the model's own post-hoc map are flagged: a map
+#: unrelated to the model's gradient correlates 0 on average, so a built-in map below 0 agrees with the
+#: model less than a map that ignores it would
+TRUST_THRESHOLD = 0.0
+
+
+def map_trust(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    built_in: torch.Tensor,
+    method: str | Teacher = TRUST_METHOD,
+) -> torch.Tensor:
+    """(B,) per-image Pearson correlation of the channel-summed built-in map with the channel-summed
+    post-hoc map ``method`` (gradient x input: one backward pass) of ``model`` for the same ``targets``.
+
+    ``built_in``: (B, C, h, w) built-in maps of ``targets``; a built-in map smaller than the image is
+    compared with the post-hoc map averaged down to its size. A constant map counts as 0 (:func:`map_corr`).
+    """
+    teacher = build(method) if isinstance(method, str) else method
+    with eval_mode(model):
+        post_hoc = teacher.attribute(model, inputs, targets).detach().float().sum(1, keepdim=True)
+    built = built_in.detach().float().to(post_hoc.device).sum(1, keepdim=True)
+    if post_hoc.shape[-2:] != built.shape[-2:]:
+        post_hoc = torch.nn.functional.adaptive_avg_pool2d(post_hoc, tuple(built.shape[-2:]))
+    return map_corr(built, post_hoc)
+
+
+def disagrees(trust: float | None, threshold: float = TRUST_THRESHOLD) -> bool | None:
+    """Whether a trust value flags its image (below ``threshold``); None where there is no value."""
+    return None if trust is None else bool(trust < threshold)
 
 
 def builtin_map_faithfulness(

@@ -8,6 +8,10 @@ the image (``area``), the chance level every real explanation is read against.
 
 ``wrong_reason_score`` scores given maps; ``artefact_share`` explains a model with teachx's own
 teachers first; ``WrongReason`` is the same score under the metric contract (``METRICS``).
+
+For a model with a built-in map (IMPACTX, ABN), ``honesty`` compares the built-in map's share with the
+share of the same model's own input gradient (``HONESTY_REFERENCE``): 1 means the built-in map shows the
+artefact as much as the model's gradient does, well below 1 that it hides an artefact the model uses.
 """
 
 from __future__ import annotations
@@ -75,6 +79,31 @@ declare_measure(
     "The artefact's share of the image: what a map that ignores the artefact puts there on average.",
     None,
 )
+
+
+declare_measure(
+    "built_in_share",
+    "The share of the model's absolute built-in map (IMPACTX, ABN) of the true class that falls on the "
+    "artefact of the test images.",
+    None,
+)
+declare_measure(
+    "honesty",
+    "The built-in map's artefact share divided by the same model's input-gradient artefact share: 1, the "
+    "built-in map shows the artefact as much as the model's own gradient does; well below 1, it hides it.",
+    None,
+)
+
+#: the post-hoc map (an ``artefact_share`` method) whose artefact share ``honesty`` divides by
+HONESTY_REFERENCE = "gradient"
+
+
+def honesty(built_in_share: Optional[float], reference_share: Optional[float]) -> Optional[float]:
+    """The built-in map's artefact share over the same model's post-hoc share (``HONESTY_REFERENCE``);
+    None where either is missing or the post-hoc map puts nothing on the artefact (no ratio to take)."""
+    if built_in_share is None or reference_share is None or not reference_share > 0:
+        return None
+    return float(built_in_share) / float(reference_share)
 
 
 def artefact_share(

@@ -11,8 +11,18 @@ import numpy as np
 from teachx.errors import RunDirError
 from teachx.reporting.page import Page, read_record
 from teachx.reporting.plots import confusion_figure, curves_figure
+from teachx.runs.records import shortcut_shares
 from teachx.runs.rundir import run_config_hash, saved_run_config
 from teachx.utils.numbers import number
+
+
+#: what the honesty column of the shortcut tables means, for readers of the run and study reports
+HONESTY_TEXT = (
+    "Honesty is the built-in map's share on the artefact divided by the share of the same model's input gradient "
+    "(|gradient| of the true class, summed over channels). 1 means the built-in map shows the artefact as much as the "
+    "model's own gradient does; well below 1 means the built-in map hides an artefact the model's gradient points at, "
+    "so the built-in map alone would not reveal the shortcut. Models without a built-in map show their post-hoc shares only."
+)
 
 
 def _method_row(res: dict[str, Any]) -> list[Any]:
@@ -118,18 +128,30 @@ def run_report(d: Path) -> Page:
     doc.table(["model", "backbone", "test acc", "best val acc"], rows)
     doc.measures(["test_accuracy"])
     _per_class(doc, d, res)
-    sc = res.get("shortcut")
-    if sc:
+    shares = shortcut_shares(res.get("shortcut"))
+    if shares:
         doc.h("Right for the right reasons? Attribution on the artefact (de-correlated test images)")
+        built = any(b.built_in is not None for b in shares.values())
         doc.table(
-            ["model", "input gradient share (↓)", "LRP share (↓)", "artefact area (chance)"],
+            ["model", "input gradient share (↓)", "LRP share (↓)"]
+            + (["built-in map share", "honesty: built-in ÷ gradient share"] if built else [])
+            + ["artefact area (chance)"],
             [
-                [name, number(b.get("gradient"), 3), number(b.get("lrp"), 3), number(b.get("area"), 3)]
-                for name, b in sc.items()
-                if isinstance(b, dict) and "area" in b
+                [name, number(b.gradient, 3), number(b.lrp, 3)]
+                + (
+                    [number(b.built_in, 3) if b.built_in is not None else "— (no built-in map)", number(b.honesty, 2)]
+                    if built
+                    else []
+                )
+                + [number(b.area, 3)]
+                for name, b in shares.items()
             ],
         )
-        doc.measures(["gradient_share", "lrp_share", "artefact_area"])
+        if built:
+            doc.p(HONESTY_TEXT, "note")
+        doc.measures(
+            ["gradient_share", "lrp_share"] + (["built_in_share", "honesty"] if built else []) + ["artefact_area"]
+        )
     q = res.get("map_quality")
     if q:
         doc.h("Built-in maps vs teacher maps (test set)")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from teachx.reporting.page import Page, read_record
+from teachx.reporting.run_report import HONESTY_TEXT
 from teachx.reporting.plots import (
     accuracy_figure,
     arms_examples_figure,
@@ -148,6 +149,7 @@ def study_report(d: Path) -> Page:
                 "input gradient share (↓)",
                 "LRP share (↓)",
                 "built-in map share",
+                "honesty: built-in ÷ gradient share",
                 "artefact area (chance)",
             ],
             [
@@ -159,6 +161,7 @@ def study_report(d: Path) -> Page:
                     mean_std(r.shortcut.get("gradient"), 3),
                     mean_std(r.shortcut.get("lrp"), 3),
                     mean_std(r.shortcut.get("built_in"), 3) if r.shortcut.get("built_in") else "—",
+                    mean_std(r.honesty, 2) if r.honesty else "—",
                     mean_std(r.shortcut.get("area"), 3),
                 ]
                 for r in sc
@@ -170,7 +173,9 @@ def study_report(d: Path) -> Page:
             "puts at most about the artefact's area there. Built-in map share: the same for the model's own map (IMPACTX, ABN).",
             "note",
         )
-        doc.measures(["gradient_share", "lrp_share", "artefact_area"])
+        if any(r.honesty for r in sc):
+            doc.p(HONESTY_TEXT + " Mean ± std over seeds of each seed's ratio.", "note")
+        doc.measures(["gradient_share", "lrp_share", "built_in_share", "honesty", "artefact_area"])
     # map quality
     mq = [r for r in rows if r.map_quality]
     if mq:

@@ -20,6 +20,7 @@ from teachx.teachers.store import MapStore
 from teachx.training.trainer import DataPlan
 from teachx.evaluation.builtin_maps import builtin_map_faithfulness
 from teachx.runs.plan import eval_indices
+from teachx.runs.records import ArtefactShares
 from teachx.runs.teacher import as_nchw, make_teacher
 
 
@@ -267,7 +268,9 @@ def shortcut_evaluation(
 ) -> dict[str, Any]:
     """On a shortcut dataset: how much of each model's post-hoc attribution (input gradient, LRP)
     falls on the artefact of the de-correlated test images, next to the artefact's share of the
-    image (what a map blind to it would put there). Test accuracies are in the stage records."""
+    image (what a map blind to it would put there). A model with a built-in map (IMPACTX, ABN) also
+    gets its map's share (``built_in``) and the ratio of that to its own gradient share (``honesty``,
+    :class:`teachx.runs.records.ArtefactShares`). Test accuracies are in the stage records."""
     ds = plan.dataset
     idx = eval_indices(cfg, plan)
     x = normalize(as_nchw(ds.test.images[idx]).to(device), plan.mean, plan.std)
@@ -276,13 +279,12 @@ def shortcut_evaluation(
     out: dict[str, Any] = {"images": int(len(idx)), "shortcut": ds.extra.get("shortcut")}
     for name, model in models.items():
         model = model.to(device).eval()
-        out[name] = artefact_share(model, x, y, masks)
-        if hasattr(model, "forward_all") and hasattr(
-            model, "explain"
-        ):  # a built-in map (IMPACTX, ABN): where does it point?
+        built_in = None
+        if hasattr(model, "forward_all") and hasattr(model, "explain"):  # a built-in map (IMPACTX, ABN)
             with torch.no_grad():
                 maps = torch.cat([model.explain(x[s : s + 256], target=y[s : s + 256]) for s in range(0, len(y), 256)])
-            out[name]["built_in"] = float(wrong_reason_score(maps.float(), masks).mean())
+            built_in = float(wrong_reason_score(maps.float(), masks).mean())
+        out[name] = ArtefactShares.measured(artefact_share(model, x, y, masks), built_in).to_dict()
     return out
 
 

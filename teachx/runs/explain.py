@@ -14,7 +14,14 @@ from teachx.config.loader import from_dict
 from teachx.config.schema import RunConfig
 from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, ConfigError, DataError, TeachxError
-from teachx.evaluation.builtin_maps import builtin_map_faithfulness
+from teachx.evaluation.builtin_maps import (
+    TRUST_METHOD,
+    TRUST_METHODS,
+    TRUST_THRESHOLD,
+    builtin_map_faithfulness,
+    disagrees,
+    map_trust,
+)
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec, shared_map_text
 from teachx.runs.evaluation import post_hoc_maps
 from teachx.runs import figures
@@ -247,6 +254,8 @@ def explain_images(
     cls: int | None = None,
     faithfulness: bool = False,
     steps: int = 16,
+    trust_method: str = TRUST_METHOD,
+    trust_threshold: float = TRUST_THRESHOLD,
 ) -> Iterator[str]:
     """Overlay PNGs of the built-in maps of ``images``; ``cls``: the map of that class instead of the
     predicted one (models with per-class maps only). Yields one line per image (and per notice).
@@ -256,6 +265,10 @@ def explain_images(
     removal steps) of the built-in map, the post-hoc map and a random map on this model, with the
     built-in map's correlation with the post-hoc one (``teachx.evaluation.builtin_maps``): one line
     per image and ``faithfulness.json`` (every value, the means and what was compared).
+
+    Always, per image, the trust signal (:func:`teachx.evaluation.builtin_maps.map_trust`): the Pearson
+    correlation of the built-in map with ``trust_method`` (one backward pass of this model) for the same class,
+    both summed over channels, flagged below ``trust_threshold``; in each image's line and in ``trust.json``.
     """
     ck_path = find_impactx_checkpoint(checkpoint)
     model, meta = load_impactx(ck_path)
@@ -285,6 +298,8 @@ def explain_images(
         logits, maps = model.forward_all(x, target)
     probs = logits.softmax(1).cpu()
     explained = logits.argmax(1) if target is None else target
+    trust = _trust(model, x, explained, maps, trust_method)
+    trust_name = TRUST_NAMES.get(trust_method, trust_method)
     faith = _faithfulness(cfg, plan, model, x, explained, maps.float(), steps, dev) if faithfulness else None
     method = cfg.teacher.method if cfg is not None else ""
     folder = OutputFolder(out_dir)
@@ -294,7 +309,7 @@ def explain_images(
         raise output_error(exc, out_dir, "--out") from exc
     if replaced:
         yield f"notice: replaced {replaced} file(s) an earlier `teachx explain` wrote in {out_dir}"
-    rows = []
+    rows, trust_rows = [], []
     for i, p in enumerate(images):
         if notices[i]:
             yield f"notice: {notices[i]}"
@@ -307,6 +322,27 @@ def explain_images(
         )
         folder.wrote(dest)
         yield f"{p}: predicted {class_names[k]} ({probs[i, k]:.2f}) -> {dest}"
+        flagged = disagrees(trust[i], trust_threshold)
+        yield (
+            f"  built-in map vs this model's {trust_name} (Pearson correlation, channels summed): {trust[i]:.3f}"
+            + (
+                f"; DISAGREES (below {trust_threshold:g}): the built-in map does not show what the model's {trust_name} shows"
+                if flagged
+                else f" (agrees: at or above {trust_threshold:g})"
+            )
+        )
+        trust_rows.append(
+            {
+                "image": str(p),
+                "predicted": k,
+                "predicted_name": class_names[k],
+                "explained_class": int(explained[i]),
+                "explained_name": class_names[int(explained[i])],
+                "built_in_png": str(dest),
+                "trust": trust[i],
+                "disagrees": flagged,
+            }
+        )
         if faith is not None:
             post_dest = _unique(out_dir, f"{Path(p).stem}_{method}" + ("" if cls is None else f"_class{cls}"), ".png")
             figures.save_overlay(
@@ -328,6 +364,8 @@ def explain_images(
                     "built_in_png": str(dest),
                     "post_hoc_png": str(post_dest),
                     **row,
+                    "trust": trust[i],
+                    "disagrees": disagrees(trust[i], trust_threshold),
                 }
             )
             a = row["auc"]["pixel_flipping_morf"]
@@ -335,6 +373,28 @@ def explain_images(
                 f"  faithfulness to this model, MoRF AUC (lower = more faithful): built-in {a['built_in']:.3f}, {method} post hoc "
                 f"{a['teacher_post_hoc']:.3f}, random {a['random']:.3f}; built-in vs {method} correlation {row['corr_self']:.3f} -> {post_dest}"
             )
+    flagged = sum(r["disagrees"] for r in trust_rows)
+    dest = _unique(out_dir, "trust", ".json")
+    write_json_atomic(
+        dest,
+        {
+            "checkpoint": str(ck_path),
+            "model": kind,
+            "measure": f"Pearson correlation of the built-in map with this model's {trust_name}, each summed over "
+            "channels, both of the explained class",
+            "method": trust_method,
+            "threshold": trust_threshold,
+            "flag": f"disagrees: true where the correlation is below {trust_threshold:g}",
+            "explained": "predicted" if cls is None else f"class {cls}",
+            "disagreeing": flagged,
+            "images": trust_rows,
+        },
+    )
+    folder.wrote(dest)
+    yield (
+        f"trust: {flagged} of {len(trust_rows)} image(s) have a built-in map that disagrees with this model's "
+        f"{trust_name} (correlation below {trust_threshold:g}) -> {dest}"
+    )
     if faith is not None:
         report = faith["report"]
         record = {
@@ -362,6 +422,27 @@ def explain_images(
             f"mean over {len(rows)} image(s): MoRF AUC built-in {a['built_in']:.3f}, {method} post hoc {a['teacher_post_hoc']:.3f}, "
             f"random {a['random']:.3f}; correlation {report['corr_self']:.3f} -> {dest}"
         )
+
+
+#: how the trust signal's post-hoc methods are named to users
+TRUST_NAMES = {"gradient_x_input": "gradient × input", "lrp": "LRP"}
+
+
+def _trust(
+    model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor, method: str
+) -> list[float]:
+    """Each image's trust value (:func:`map_trust`); a method that fails on this model is one line naming the fix."""
+    if method not in TRUST_METHODS:
+        raise ConfigError(f"--trust-method {method!r} is not offered; choose one of {', '.join(TRUST_METHODS)}")
+    try:
+        return [float(v) for v in map_trust(model, x, target, maps.float(), method).tolist()]
+    except TeachxError:
+        raise
+    except Exception as exc:  # e.g. LRP rules that do not cover this architecture
+        raise CheckpointError(
+            f"--trust-method {method} failed on this model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            f"use --trust-method {TRUST_METHOD}"
+        ) from None
 
 
 def _faithfulness(

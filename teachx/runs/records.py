@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from teachx.errors import CorruptionError
+from teachx.evaluation.shortcut import HONESTY_REFERENCE, honesty
 from teachx.utils import distributed as dist_utils
 from teachx.utils.io import read_trusted_json, write_json_atomic
 
@@ -99,6 +100,68 @@ DATA_KEYS = (
 
 
 @dataclass
+class ArtefactShares:
+    """One model's attribution on the artefact of a shortcut benchmark's de-correlated test images
+    (``results.json``'s ``shortcut`` block per model, a study unit's ``shortcut.json``).
+
+    ``gradient`` / ``lrp``: the share of the model's |input gradient| / |LRP| of the true class on the
+    artefact; ``built_in``: the same for the model's own map (IMPACTX, ABN; None for a model without one);
+    ``honesty``: ``built_in`` divided by the same model's ``gradient`` share (1: the built-in map shows the
+    artefact as much as the model's own gradient does; well below 1: it hides it); ``area``: the artefact's
+    share of the image, what a map blind to it puts there. ``extra``: keys this teachx does not know.
+    """
+
+    area: Optional[float] = None
+    gradient: Optional[float] = None
+    lrp: Optional[float] = None
+    built_in: Optional[float] = None
+    honesty: Optional[float] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    #: the post-hoc share ``honesty`` divides by
+    reference = HONESTY_REFERENCE
+
+    @classmethod
+    def measured(cls, post_hoc: dict[str, float], built_in: Optional[float] = None) -> ArtefactShares:
+        """From ``artefact_share``'s answer and the built-in map's share: the ratio computed here, once."""
+        known = {"area", "gradient", "lrp"}
+        out = cls(
+            **{k: v for k, v in post_hoc.items() if k in known},
+            extra={k: v for k, v in post_hoc.items() if k not in known},
+        )
+        out.built_in = built_in
+        out.honesty = honesty(built_in, post_hoc.get(cls.reference))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON as teachx writes it: the post-hoc shares in the order measured, then the built-in map's
+        share and the ratio where the model has a built-in map."""
+        out = {k: getattr(self, k) for k in ("gradient", "lrp") if getattr(self, k) is not None}
+        out.update(self.extra)
+        out["area"] = self.area
+        out.update({k: getattr(self, k) for k in ("built_in", "honesty") if getattr(self, k) is not None})
+        return out
+
+    @classmethod
+    def from_dict(cls, block: dict[str, Any]) -> ArtefactShares:
+        """Read a block back; one written before the ratio was recorded gets it from its two shares."""
+        names = ("area", "gradient", "lrp", "built_in", "honesty")
+        out = cls(**{k: block.get(k) for k in names}, extra={k: v for k, v in block.items() if k not in names})
+        if out.honesty is None:
+            out.honesty = honesty(out.built_in, getattr(out, cls.reference))
+        return out
+
+
+def shortcut_shares(shortcut: Optional[dict[str, Any]]) -> dict[str, ArtefactShares]:
+    """The models' blocks of a run's ``shortcut`` results (model name -> shares); {} without one."""
+    return {
+        name: ArtefactShares.from_dict(block)
+        for name, block in (shortcut or {}).items()
+        if isinstance(block, dict) and "area" in block
+    }
+
+
+@dataclass
 class RunResults:
     """A complete run of `teachx run` / `teachx demo`: what it trained on (``data``, the data summary), its
     models' accuracies and timings, map quality and, where measured, the shortcut evaluation and the
@@ -135,6 +198,11 @@ class RunResults:
     test_splits: Optional[dict[str, Any]] = None
 
     _TAIL = ("shortcut", "examples", "world_size", "test_splits")  # written only when there
+
+    @property
+    def artefact_shares(self) -> dict[str, ArtefactShares]:
+        """On a shortcut benchmark, each model's attribution on the artefact ({} elsewhere)."""
+        return shortcut_shares(self.shortcut)
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.data)

@@ -312,6 +312,7 @@ def create_app(
         order,
         offset,
         limit,
+        disagrees=None,
     ):
         return service.list_images(
             model_id,
@@ -322,6 +323,7 @@ def create_app(
             max_agreement=max_agreement,
             min_morf=min_morf,
             max_morf=max_morf,
+            disagrees=disagrees,
             sort=sort,
             order=order,
             offset=offset,
@@ -336,6 +338,11 @@ def create_app(
         max_agreement=Query(None),
         min_morf=Query(None),
         max_morf=Query(None),
+        disagrees=Query(
+            None,
+            description="true: only images whose built-in map disagrees with the model's gradient (trust below the "
+            "threshold); false: only those that agree (models with a built-in map)",
+        ),
         sort=Query("index", description=f"one of {', '.join(SORT_KEYS)}"),
         order=Query("asc", pattern="^(asc|desc)$"),
         offset=Query(0, ge=0),
@@ -352,6 +359,7 @@ def create_app(
         max_agreement: Optional[float] = filters["max_agreement"],
         min_morf: Optional[float] = filters["min_morf"],
         max_morf: Optional[float] = filters["max_morf"],
+        disagrees: Optional[bool] = filters["disagrees"],
         sort: str = filters["sort"],
         order: str = filters["order"],
         offset: int = filters["offset"],
@@ -360,7 +368,9 @@ def create_app(
         """Test images with their prediction and cached metrics, filtered and sorted.
 
         Agreement and MoRF filters and sorts use the images whose metrics are cached
-        (``coverage``); `teachx serve --precompute` fills them for the whole split.
+        (``coverage``); `teachx serve --precompute` fills them for the whole split. The trust value (the
+        built-in map's correlation with the model's gradient x input) is computed for the images of the page,
+        and for every image when the list is filtered (``disagrees``) or sorted by it.
         """
         return _list(
             model_id,
@@ -375,6 +385,7 @@ def create_app(
             order,
             offset,
             limit,
+            disagrees,
         )
 
     @app.get(f"{API}/models/{{model_id}}/images.csv", responses=ERRORS, response_class=Response)
@@ -387,16 +398,40 @@ def create_app(
         max_agreement: Optional[float] = filters["max_agreement"],
         min_morf: Optional[float] = filters["min_morf"],
         max_morf: Optional[float] = filters["max_morf"],
+        disagrees: Optional[bool] = filters["disagrees"],
         sort: str = filters["sort"],
         order: str = filters["order"],
     ):
         """The same selection as CSV (all matching images), provenance in the header."""
         res = _list(
-            model_id, label, predicted, correct, min_agreement, max_agreement, min_morf, max_morf, sort, order, 0, 10**9
+            model_id,
+            label,
+            predicted,
+            correct,
+            min_agreement,
+            max_agreement,
+            min_morf,
+            max_morf,
+            sort,
+            order,
+            0,
+            10**9,
+            disagrees,
         )
         buf = io.StringIO()
         w = csv.writer(buf)
-        cols = ["index", "label", "predicted", "correct", "confidence", "true_prob", "agreement", "morf_auc"]
+        cols = [
+            "index",
+            "label",
+            "predicted",
+            "correct",
+            "confidence",
+            "true_prob",
+            "agreement",
+            "morf_auc",
+            "trust",
+            "disagrees",
+        ]
         w.writerow(cols + ["label_name", "predicted_name"])
         for it in res["items"]:
             w.writerow(

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from teachx.errors import DataError, TeachxError
 from teachx.models import BUILT_IN_MAP_MODELS
+from teachx.runs.records import ArtefactShares, shortcut_shares
 from teachx.runs.recovery import STAGES, stage_checkpoint, stage_done
 from teachx.runs.rundir import saved_run_config
 from teachx.studies.status import epochs_timed
@@ -46,6 +47,7 @@ class ModelEntry:
     test_acc: Optional[float] = None
     info: dict[str, Any] = field(default_factory=dict)  # seed, arm, regime, lam
     error: Optional[str] = None
+    shortcut: Optional[ArtefactShares] = None  # on a shortcut benchmark: the stored attribution on the artefact
 
     @functools.cached_property
     def config_hash(self) -> str:
@@ -120,13 +122,12 @@ def _run(rid: str, path: Path) -> RunEntry:
     except TeachxError as exc:
         run.error = str(exc)
         return run
+    shares: dict[str, ArtefactShares] = {}
     if (path / "results.json").exists():
         try:
-            run.summary = {
-                k: v
-                for k, v in _record(path / "results.json", "run results").items()
-                if isinstance(v, (int, float, str)) or v is None
-            }
+            results = _record(path / "results.json", "run results")
+            run.summary = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) or v is None}
+            shares = shortcut_shares(results.get("shortcut"))  # keyed by stage: baseline, impactx, abn, ...
         except TeachxError as exc:
             run.summary = {"error": str(exc)}
     from teachx.training.methods import METHODS
@@ -143,6 +144,7 @@ def _run(rid: str, path: Path) -> RunEntry:
         entry = ModelEntry(
             f"{rid}.{stage}", rid, stage, label, kind, stage, config, info=method.model_info(config) if method else {}
         )
+        entry.shortcut = shares.get(stage)
         _fill_from_stage(entry, d)
         run.models.append(entry)
     return run
@@ -165,6 +167,18 @@ def _fill_from_stage(entry: ModelEntry, d: Path) -> None:
     entry.checkpoint = _checkpoint(d, rec)
     acc = rec.get("test_acc")
     entry.test_acc = float(acc) if isinstance(acc, (int, float)) else None
+
+
+def _unit_shortcut(unit_dir: Path) -> Optional[ArtefactShares]:
+    """A study unit's stored attribution on the artefact (``shortcut.json``), where it was measured; a
+    damaged file shows nothing here (the study's own commands report it)."""
+    p = unit_dir / "shortcut.json"
+    if not p.is_file():
+        return None
+    try:
+        return ArtefactShares.from_dict(_record(p, "shortcut evaluation"))
+    except (TeachxError, OSError, TypeError):
+        return None
 
 
 def _study(rid: str, path: Path) -> RunEntry:
@@ -217,6 +231,7 @@ def _study(rid: str, path: Path) -> RunEntry:
             entry.label = f"{'classifier' if entry.kind == 'classifier' else 'IMPACTX'} unit {key}"
         if method is not None:
             entry.info.update(method.model_info(entry.config))
+        entry.shortcut = _unit_shortcut(d)
         _fill_from_stage(entry, d)
         run.models.append(entry)
     run.models.sort(

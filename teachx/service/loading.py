@@ -21,8 +21,10 @@ import torch
 from teachx.config.loader import from_dict
 from teachx.config.schema import RunConfig
 from teachx.errors import TeachxError
+from teachx.evaluation.builtin_maps import TRUST_THRESHOLD
 from teachx.models import BUILT_IN_MAP_MODELS, any_model_from_spec
 from teachx.runs.plan import make_plan
+from teachx.runs.records import ArtefactShares
 from teachx.service.batching import Coalescer
 from teachx.service.cache import ArrayCache
 from teachx.service.catalog import ModelEntry, RunEntry, discover
@@ -39,6 +41,12 @@ def _per_class(kind: str, cfg: dict[str, Any]) -> bool:
 
     method = method_of_model(kind)
     return method is not None and method.per_class_maps(cfg)
+
+
+def _shares(shares: ArtefactShares) -> dict[str, Any]:
+    """A model's stored attribution on the artefact as the API gives it: every field, null where not measured."""
+    out = {k: getattr(shares, k) for k in ("gradient", "lrp", "built_in", "honesty", "area")}
+    return {**out, "images": shares.extra.get("images"), "reference": shares.reference}
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,6 +137,7 @@ class ModelStore:
         steps: int = 16,
         batch_size: int = 256,
         log: Callable[[str], None] = lambda _m: None,
+        trust_threshold: float = TRUST_THRESHOLD,
     ):
         self.runs: list[RunEntry] = discover(paths)
         self.entries: dict[str, ModelEntry] = {m.id: m for r in self.runs for m in r.models}
@@ -137,6 +146,7 @@ class ModelStore:
         self.device = torch.device(device)
         self.steps = int(steps)
         self.batch_size = int(batch_size)
+        self.trust_threshold = float(trust_threshold)  # a built-in map correlating below it is flagged
         self.log = log
         self._lock = threading.Lock()
         self._model_locks: dict[str, threading.Lock] = {}
@@ -343,6 +353,7 @@ class ModelStore:
             "n_images": None,
             "test_data": None,
             "loaded": model_id in self._loaded,
+            "shortcut": None if e.shortcut is None else _shares(e.shortcut),
         }
         lm = self._loaded.get(model_id)
         if lm is not None:

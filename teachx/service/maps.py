@@ -47,6 +47,8 @@ class MapViews(RowStore):
             v = self._auc(cache.get("morf", [index]))[0]
             morf_auc = float(v) if np.isfinite(v) else None
         maps = ["built_in", "teacher", "difference"] if lm.impactx else ["teacher"]
+        self.fill_trust(lm, np.array([index]))  # one backward pass the first time (ready() says when it is cached)
+        trust = self.trust(lm, float(cache.get("trust", index)[0]) if lm.impactx else None, ex)
         return {
             "model_id": model_id,
             "index": index,
@@ -62,6 +64,7 @@ class MapViews(RowStore):
             "teacher_method": lm.cfg.teacher.method,
             "agreement": agreement,
             "morf_auc": morf_auc,
+            "trust": trust,
             "provenance": self.provenance(
                 lm, method=None, index=index, source=source, cache_key=cache.key, explained=ex
             ),
@@ -87,6 +90,19 @@ class MapViews(RowStore):
             if not 0 <= c < k:
                 raise NotFound(f"class {c} does not exist: this model has {k} classes (0-{k - 1})")
         return Explained(c, lm.class_names[c], choice, predicted, label)
+
+    def explained_trust(self, lm: Loaded, index: int, ex: Explained) -> Optional[dict[str, Any]]:
+        """The trust block of test image ``index`` for the explained class: cached for the predicted class, one
+        backward pass (and a decoder pass for a per-class model) for another."""
+        if not lm.impactx:
+            return None
+        if ex.cls == ex.predicted:
+            self.fill_trust(lm, np.array([index]))
+            return self.trust(lm, float(self.view_cache(lm).get("trust", index)[0]), ex)
+        built, _ = self._built_in(lm, index, ex)
+        x = self._x(lm, self.data(lm).test.images[[index]])
+        target = torch.tensor([ex.cls], device=lm.device)
+        return self.trust(lm, float(self.trust_values(lm, x, target, torch.from_numpy(built)[None])[0]), ex)
 
     def map_names(self, lm: Loaded) -> list[str]:
         return (["built_in", "difference"] if lm.impactx else []) + ["teacher", *TEACHERS.names()]

@@ -11,13 +11,14 @@ import torch
 
 from teachx.evaluation import map_agreement
 from teachx.evaluation.base import trapezoid_auc
+from teachx.evaluation.builtin_maps import disagrees as disagrees_flag
 from teachx.service.errors import ServiceError, Unavailable
 from teachx.service.loading import jsonable
 from teachx.service.rows import AGREEMENT
 from teachx.service.maps import MapViews
 
 
-SORT_KEYS = ("index", "confidence", "true_prob", "agreement", "morf_auc")
+SORT_KEYS = ("index", "confidence", "true_prob", "agreement", "morf_auc", "trust")
 
 
 class MetricViews(MapViews):
@@ -33,6 +34,7 @@ class MetricViews(MapViews):
         max_agreement: Optional[float] = None,
         min_morf: Optional[float] = None,
         max_morf: Optional[float] = None,
+        disagrees: Optional[bool] = None,
         sort: str = "index",
         order: str = "asc",
         offset: int = 0,
@@ -43,6 +45,11 @@ class MetricViews(MapViews):
         if order not in ("asc", "desc"):
             raise ServiceError(f"order must be asc or desc, got '{order}'")
         lm = self.loaded(model_id)
+        if (disagrees is not None or sort == "trust") and not lm.impactx:
+            raise ServiceError(
+                f"model '{model_id}' has no built-in map, so no image's built-in map can disagree with its gradient; "
+                "drop the disagrees filter and the trust sort for this model"
+            )
         d = self.data(lm)
         cache = self.view_cache(lm)
         self.fill_view(lm, np.arange(d.n))
@@ -59,7 +66,13 @@ class MetricViews(MapViews):
         spear = np.full(d.n, np.nan)
         if agr_done.any():
             spear[agr_done] = cache.get("agreement", agr_done)[:, 0]
+        if disagrees is not None or sort == "trust":  # every image's value decides: computed for all (once)
+            self.fill_trust(lm, np.arange(d.n))
+        trust = self._trust_column(lm, d.n)
         keep = np.ones(d.n, bool)
+        if disagrees is not None:
+            with np.errstate(invalid="ignore"):
+                keep &= np.isfinite(trust) & ((trust < self.trust_threshold) == disagrees)
         if label is not None:
             keep &= labels == label
         if predicted is not None:
@@ -81,13 +94,17 @@ class MetricViews(MapViews):
             "true_prob": true_p[idx],
             "agreement": spear[idx],
             "morf_auc": morf_auc[idx],
+            "trust": trust[idx],
         }[sort]
-        if sort in ("agreement", "morf_auc"):  # images without the metric go last, either order
+        if sort in ("agreement", "morf_auc", "trust"):  # images without the metric go last, either order
             key = np.where(np.isfinite(key), key if order == "asc" else -key, np.inf)
             idx = idx[np.lexsort((idx, key))]
         else:
             idx = idx[np.lexsort((idx, key if order == "asc" else -key))]
         page = idx[offset : offset + limit]
+        if lm.impactx and not np.isfinite(trust[page]).all():  # the page's own values: one backward pass
+            self.fill_trust(lm, page)
+            trust = self._trust_column(lm, d.n)
 
         def num(v: float) -> Optional[float]:
             return float(v) if np.isfinite(v) else None
@@ -102,6 +119,8 @@ class MetricViews(MapViews):
                 "true_prob": float(true_p[i]),
                 "agreement": num(spear[i]),
                 "morf_auc": num(morf_auc[i]),
+                "trust": num(trust[i]),
+                "disagrees": disagrees_flag(num(trust[i]), self.trust_threshold) if lm.impactx else None,
             }
             for i in page
         ]
@@ -113,6 +132,7 @@ class MetricViews(MapViews):
             "limit": limit,
             "items": items,
             "class_names": lm.class_names,
+            "trust_threshold": self.trust_threshold if lm.impactx else None,
             "coverage": {"predictions": d.n, "morf": int(morf_done.sum()), "agreement": int(agr_done.sum())},
             "provenance": self.provenance(
                 lm,
@@ -123,6 +143,16 @@ class MetricViews(MapViews):
                 explained_choice="predicted",
             ),
         }
+
+    def _trust_column(self, lm, n: int) -> np.ndarray:
+        """(n,) the cached trust values, NaN where not computed (and for a model without a built-in map)."""
+        out = np.full(n, np.nan)
+        if lm.impactx:
+            cache = self.view_cache(lm)
+            done = cache.done["trust"].copy()
+            if done.any():
+                out[done] = cache.get("trust", done)[:, 0]
+        return out
 
     def metrics(
         self, model_id: str, index: int, map_name: Optional[str] = None, cls: Optional[str | int] = None
@@ -173,6 +203,7 @@ class MetricViews(MapViews):
                 else:
                     agreement = dict.fromkeys(AGREEMENT)
         auc = float(trapezoid_auc(curve, xs)[0])
+        trust = self.explained_trust(lm, index, ex)
         return {
             "model_id": model_id,
             "index": index,
@@ -187,6 +218,7 @@ class MetricViews(MapViews):
             },
             "agreement": agreement,
             "agreement_between": ["built_in", lm.cfg.teacher.method] if lm.impactx else None,
+            "trust": trust,
             "provenance": self.provenance(
                 lm,
                 method=map_name,

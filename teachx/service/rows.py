@@ -28,6 +28,7 @@ from teachx.data.transforms import normalize
 from teachx.errors import TeachxError
 from teachx.evaluation import build_metric, map_agreement
 from teachx.evaluation.base import trapezoid_auc
+from teachx.evaluation.builtin_maps import TRUST_METHOD, disagrees, map_trust
 from teachx.runs.teacher import map_recipe
 from teachx.runs.teacher import as_nchw, make_teacher
 from teachx.service.batching import Coalescer
@@ -52,7 +53,9 @@ class RowStore(ModelStore):
         if lm is None or cache is None or not 0 <= index < cache.n:
             return False
         if name is None:
-            return cache.has("probs", index) and (not lm.impactx or cache.has("built_in", index))
+            return cache.has("probs", index) and (
+                not lm.impactx or (cache.has("built_in", index) and cache.has("trust", index))
+            )
         return name == "built_in" and lm.impactx and cache.has("built_in", index)
 
     # -- caches -----------------------------------------------------------------------------------
@@ -99,7 +102,9 @@ class RowStore(ModelStore):
             },
             "metric": {"name": morf.name, **jsonable(morf.options())},
             "explained": "predicted",
-        }  # the class of the cached curves and agreements
+            # the trust signal: Pearson correlation of the channel-summed built-in map with this post-hoc map
+            "trust": {"method": TRUST_METHOD, "measure": "pearson of channel sums"},
+        }  # the class of the cached curves, agreements and trust values
         fields: dict[str, tuple[tuple[int, ...], str]] = {
             "probs": ((len(lm.class_names),), "f4"),
             "morf": ((self.steps + 1,), "f4"),
@@ -108,6 +113,7 @@ class RowStore(ModelStore):
         if lm.impactx:
             spec = getattr(lm.model, "spec", None) or {}
             fields["built_in"] = ((int(spec.get("map_channels", 1)), *self._map_hw(lm)), "f2")
+            fields["trust"] = ((1,), "f4")
         return self._cache(material, d.n, fields)
 
     @staticmethod
@@ -212,6 +218,56 @@ class RowStore(ModelStore):
                     progress(len(idx))
 
         self._fill(cache, self.batch_size, indices, missing, compute, progress)
+
+    def fill_trust(self, lm: Loaded, indices: np.ndarray, progress: Optional[Callable[[int], None]] = None) -> None:
+        """The trust values of the predicted class for the rows of ``indices`` not cached (models with a built-in
+        map): one forward and one backward pass per batch, kept apart from the cheap view rows so that a built-in
+        map alone never waits for a backward pass."""
+        if not lm.impactx:
+            return
+        cache = self.view_cache(lm)
+        d = self.data(lm)
+
+        def missing(idx: np.ndarray) -> np.ndarray:
+            return cache.missing("trust", idx)
+
+        def compute(todo: np.ndarray) -> None:
+            for s in range(0, len(todo), self.batch_size):
+                idx = todo[s : s + self.batch_size]
+                x = self._x(lm, d.test.images[idx])
+                with lm.lock:
+                    with torch.no_grad():
+                        logits, maps = lm.model.forward_all(x)  # the predicted class's map, in float32
+                    cache.put("trust", idx, self.trust_values(lm, x, logits.argmax(1), maps)[:, None])
+                if progress:
+                    progress(len(idx))
+
+        self._fill(cache, self.batch_size, np.asarray(indices, dtype=np.int64), missing, compute, progress)
+
+    def trust_values(self, lm: Loaded, x: torch.Tensor, target: torch.Tensor, maps: torch.Tensor) -> np.ndarray:
+        """(B,) float32 trust values (:func:`teachx.evaluation.builtin_maps.map_trust`) of built-in ``maps``."""
+        try:
+            with lm.lock:
+                return map_trust(lm.model, x, target, maps.float(), TRUST_METHOD).float().cpu().numpy()
+        except Exception as exc:  # a model gradient x input cannot differentiate: say so, never crash
+            raise MethodFailed(
+                f"{TRUST_METHOD} on model '{lm.entry.id}' failed, so its built-in maps cannot be checked: "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            ) from None
+
+    def trust(self, lm: Loaded, value: Optional[float], explained) -> Optional[dict[str, Any]]:
+        """The API's trust block of one image and class (None for a model without a built-in map)."""
+        if not lm.impactx:
+            return None
+        value = None if value is None or not np.isfinite(value) else float(value)
+        return {
+            "value": value,
+            "disagrees": disagrees(value, self.trust_threshold),
+            "threshold": self.trust_threshold,
+            "method": TRUST_METHOD,
+            "explained_class": explained.cls,
+            "explained_class_name": explained.name,
+        }
 
     def _targets(self, lm: Loaded, tcfg, idx: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         d = self.data(lm)
@@ -345,6 +401,14 @@ class RowStore(ModelStore):
                             len(self.method_cache(lm, lm.cfg.teacher.method)[0].missing("map")),
                         )
                     )
+                    if lm.impactx:
+                        steps.append(
+                            (
+                                "built-in map vs gradient x input",
+                                lambda cb: self.fill_trust(lm, all_idx, cb),
+                                len(cache.missing("trust")),
+                            )
+                        )
                     steps.append(
                         (
                             "pixel flipping" + (" + agreement" if lm.impactx else ""),

@@ -46,6 +46,29 @@ class Provenance(BaseModel):
     )
 
 
+class ArtefactSharesInfo(BaseModel):
+    """On a shortcut benchmark, the model's attribution on the artefact of the de-correlated test images, as
+    its run or study stored it (results.json, the unit's shortcut.json)."""
+
+    gradient: Optional[float] = Field(
+        None, description="share of the model's |input gradient| (true class) on the artefact"
+    )
+    lrp: Optional[float] = Field(None, description="share of the model's |LRP relevance| (true class) on the artefact")
+    built_in: Optional[float] = Field(
+        None, description="share of the model's own built-in map on the artefact (null: the model has no built-in map)"
+    )
+    honesty: Optional[float] = Field(
+        None,
+        description="built_in divided by the same model's share of the reference post-hoc map: 1, the built-in map "
+        "shows the artefact as much as the model's own gradient does; well below 1, it hides it",
+    )
+    area: Optional[float] = Field(
+        None, description="the artefact's share of the image (what a map blind to it puts there)"
+    )
+    images: Optional[int] = Field(None, description="test images measured (study units)")
+    reference: str = Field(description="the post-hoc map honesty divides by ('gradient': the input gradient)")
+
+
 class ModelInfo(BaseModel):
     id: str
     run_id: str
@@ -75,6 +98,9 @@ class ModelInfo(BaseModel):
         "show the same image at the same index (the page compares them side by side)",
     )
     loaded: bool
+    shortcut: Optional[ArtefactSharesInfo] = Field(
+        None, description="on a shortcut benchmark: the stored attribution on the artefact; null elsewhere"
+    )
 
 
 class RunInfo(BaseModel):
@@ -110,6 +136,26 @@ class TeachersResponse(BaseModel):
     map_names: list[str] = Field(description="besides a method name: built_in, teacher (the run's method), difference")
 
 
+TRUST_TEXT = (
+    "Pearson correlation of the built-in map with this model's gradient x input (one backward pass), both of "
+    "the explained class and summed over channels: does the built-in map point where the model's own gradient "
+    "does? Null for a model without a built-in map."
+)
+
+
+class Trust(BaseModel):
+    """The per-image trust signal of a built-in map: its agreement with the same model's own gradient."""
+
+    value: Optional[float] = Field(description=TRUST_TEXT)
+    disagrees: Optional[bool] = Field(
+        description="true where value is below threshold: the built-in map does not show what the model's gradient shows"
+    )
+    threshold: float = Field(description="`teachx serve --trust-threshold` (default 0: an unrelated map's mean)")
+    method: str = Field(description="the post-hoc map compared with: gradient_x_input")
+    explained_class: int
+    explained_class_name: str
+
+
 class ImageItem(BaseModel):
     index: int
     label: int
@@ -127,6 +173,12 @@ class ImageItem(BaseModel):
         description="pixel-flipping MoRF AUC of the primary map of the predicted class, tracking "
         "its probability; lower = more faithful (cached only)",
     )
+    trust: Optional[float] = Field(None, description=TRUST_TEXT + " Of the predicted class.")
+    disagrees: Optional[bool] = Field(
+        None,
+        description="true where trust is below the server's trust_threshold (the built-in map disagrees with the "
+        "model's gradient); null for a model without a built-in map",
+    )
 
 
 class Coverage(BaseModel):
@@ -143,6 +195,9 @@ class ImageList(BaseModel):
     limit: int
     items: list[ImageItem]
     class_names: list[str]
+    trust_threshold: Optional[float] = Field(
+        None, description="the trust value below which an image is flagged; null for a model without a built-in map"
+    )
     coverage: Coverage
     provenance: Provenance
 
@@ -173,6 +228,9 @@ class ImageDetail(BaseModel):
     teacher_method: str
     agreement: Optional[Agreement] = Field(description="built-in vs teacher map of the predicted class (cached only)")
     morf_auc: Optional[float] = Field(description="MoRF AUC of the predicted class's primary map (cached only)")
+    trust: Optional[Trust] = Field(
+        None, description="the built-in map of the predicted class vs the model's gradient; null without a built-in map"
+    )
     provenance: Provenance
 
 
@@ -207,6 +265,9 @@ class MetricsResponse(BaseModel):
     pixel_flipping: PixelFlipping
     agreement: Optional[Agreement] = Field(description="built-in vs teacher map, both of the explained class")
     agreement_between: Optional[list[str]]
+    trust: Optional[Trust] = Field(
+        None, description="the built-in map of the explained class vs the model's gradient; null without a built-in map"
+    )
     provenance: Provenance
 
 
@@ -218,6 +279,9 @@ class UploadResponse(BaseModel):
     notice: str
     image_png: str = Field(description="the image as the model saw it (resized), PNG data URL")
     maps: dict[str, MapData]
+    trust: Optional[Trust] = Field(
+        None, description="the built-in map of the predicted class vs the model's gradient; null without a built-in map"
+    )
     provenance: Provenance
 
 

@@ -66,7 +66,9 @@ class Uploads(MapViews):
         k = int(probs.argmax())
         ex = Explained(k, lm.class_names[k], "predicted", k, None)
         maps: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+        trust = None
         if built is not None:
+            trust = self.trust(lm, float(self.trust_values(lm, x, torch.tensor([k], device=lm.device), built)[0]), ex)
             maps["built_in"] = (
                 built[0].float().cpu().numpy(),
                 self.provenance(
@@ -111,5 +113,6 @@ class Uploads(MapViews):
             "notice": notice,
             "image": arr,
             "maps": maps,
+            "trust": trust,
             "provenance": self.provenance(lm, split=None, source="computed", upload_sha256=sha, explained=ex),
         }

@@ -210,6 +210,13 @@ class StudyRow:
         """The maps an IMPACTX arm was trained on (None for other rows)."""
         return self.method_fields.get("maps")
 
+    @property
+    def honesty(self) -> Optional[dict[str, Any]]:
+        """On a shortcut benchmark, the summary over seeds of the built-in map's artefact share divided by the
+        same model's gradient share (``teachx.runs.records.ArtefactShares``); None for models without a
+        built-in map and off shortcut benchmarks."""
+        return (self.shortcut or {}).get("honesty")
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "regime": self.regime,

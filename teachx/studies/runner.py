@@ -388,7 +388,11 @@ def _run_job(
         extra += f" teacher_acc={number(trec['test_acc'])}"
     sc = rec.shortcut
     if sc:
-        extra += " artefact_share=" + "/".join(f"{m}:{number(sc[m], 3)}" for m in ("gradient", "lrp") if m in sc)
+        extra += " artefact_share=" + "/".join(
+            f"{m}:{number(sc[m], 3)}" for m in ("gradient", "lrp", "built_in") if sc.get(m) is not None
+        )
+        if sc.get("honesty") is not None:
+            extra += f" honesty={number(sc['honesty'], 2)}"
     return f"regime={regime} arm={arm} seed={seed} test_acc={number(rec.test_acc)}{extra} ({how})"
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.runs.plan import teacher_training
+from teachx.runs.records import ArtefactShares
 from teachx.studies.records import StudyRecord, StudyRow, UnitRecord
 from teachx.studies.spec import BASELINE, STUDY_VERSION, StudySpec
 from teachx.utils.numbers import interval, number, p_value, signed
@@ -75,7 +76,8 @@ def summarize_study(
                 faith = [u.faithfulness for u in mine]
                 if all(faith):
                     row.faithfulness = _faith_summary(faith)
-            shortcut = [u.shortcut for u in mine]
+            # each unit's shares as read today: a unit measured before the ratio was recorded gets it from its shares
+            shortcut = [ArtefactShares.from_dict(u.shortcut).to_dict() if u.shortcut else None for u in mine]
             if all(shortcut):  # the measures every seed has (units made by older teachx may lack the built-in map's)
                 common = [
                     m
@@ -214,7 +216,14 @@ def summary_lines(data: StudyRecord) -> list[str]:
         for row in shortcut_rows:
             sc = row.shortcut
             parts = [f"{m} {number(sc[m]['mean'], 3)}" for m in ("gradient", "lrp", "built_in", "area") if m in sc]
+            if "honesty" in sc:
+                parts.append(f"honesty (built-in / gradient) {number(sc['honesty']['mean'], 2)}")
             lines.append(f"  {row.regime:<14} {row.arm:<16} " + "  ".join(parts))
+        if any("honesty" in row.shortcut for row in shortcut_rows):
+            lines.append(
+                "  honesty: the built-in map's share divided by the same model's gradient share; 1 = the built-in map "
+                "shows the artefact as much as the model's gradient does, well below 1 = it hides it"
+            )
     if data.verdicts:
         lines.append("")
         lines.append(

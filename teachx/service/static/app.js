@@ -61,7 +61,7 @@ function readHash() {
 function writeHash() {
   const p = new URLSearchParams();
   if (state.model) p.set("model", state.model.id);
-  for (const [key, id] of [["label", "f-label"], ["pred", "f-pred"], ["correct", "f-correct"], ["sort", "f-sort"], ["order", "f-order"]]) {
+  for (const [key, id] of [["label", "f-label"], ["pred", "f-pred"], ["correct", "f-correct"], ["trust", "f-trust"], ["sort", "f-sort"], ["order", "f-order"]]) {
     const v = $(id).value;
     if (v && !(key === "sort" && v === "index") && !(key === "order" && v === "asc")) p.set(key, v);
   }
@@ -79,6 +79,7 @@ function filterQuery() {
   if ($("f-label").value !== "") q.set("label", $("f-label").value);
   if ($("f-pred").value !== "") q.set("predicted", $("f-pred").value);
   if ($("f-correct").value !== "") q.set("correct", $("f-correct").value);
+  if ($("f-trust").value !== "" && !$("f-trust").disabled) q.set("disagrees", $("f-trust").value);
   q.set("sort", $("f-sort").value);
   q.set("order", $("f-order").value);
   return q;
@@ -191,9 +192,20 @@ async function selectModel(id, keep = {}) {
   state.model = info;
   state.infos[id] = info;
   $("model").value = id;
-  const parts = [info.kind === "impactx" ? "IMPACTX (built-in maps)" : "classifier", info.dataset, "teacher: " + info.teacher_method];
+  const kindText = { impactx: "IMPACTX (built-in maps)", abn: "ABN (built-in attention maps)" }[info.kind] || "classifier (no built-in map)";
+  const parts = [kindText, info.dataset, "teacher: " + info.teacher_method];
   if (info.test_acc !== null) parts.push(`test acc ${(100 * info.test_acc).toFixed(2)}%`);
   $("model-info").textContent = parts.join(" · ");
+  showShortcut(info);
+  // the trust filter and sort need a built-in map: off (and said so) for a plain classifier
+  const trustSel = $("f-trust");
+  trustSel.disabled = !info.has_built_in;
+  trustSel.title = info.has_built_in ? "" : "this model has no built-in map: there is nothing to compare with its gradient";
+  if (!info.has_built_in) {
+    trustSel.value = "";
+    if ($("f-sort").value === "trust") $("f-sort").value = "index";
+  }
+  $("f-sort").querySelector('option[value="trust"]').disabled = !info.has_built_in;
   if (info.error) {
     showError(`model ${info.id}: ${info.error}`);
     $("grid").textContent = "";
@@ -249,11 +261,14 @@ async function loadMore() {
     const sentinel = state.sentinel;
     for (const it of res.items) {
       state.items.push(it);
-      const cls = "thumb" + (it.correct ? "" : " wrong") + (it.index === state.index ? " selected" : "");
+      const cls = "thumb" + (it.correct ? "" : " wrong") + (it.index === state.index ? " selected" : "") + (it.disagrees ? " disagrees" : "");
       const name = res.class_names[it.predicted];
-      const b = h("button", { class: cls, type: "button", title: `#${it.index}: true ${res.class_names[it.label]}, predicted ${name} (${(100 * it.confidence).toFixed(0)}%)`, "data-index": String(it.index) },
+      const trustTitle = it.trust === null || it.trust === undefined ? ""
+        : `; built-in map vs the model's gradient × input: correlation ${it.trust.toFixed(2)}` + (it.disagrees ? " (disagrees)" : "");
+      const b = h("button", { class: cls, type: "button", title: `#${it.index}: true ${res.class_names[it.label]}, predicted ${name} (${(100 * it.confidence).toFixed(0)}%)${trustTitle}`, "data-index": String(it.index), "data-disagrees": it.disagrees ? "1" : "0" },
         h("img", { src: `${API}/models/${encodeURIComponent(state.model.id)}/images/${it.index}/input.png`, loading: "lazy", alt: `test image ${it.index}` }),
-        h("span", { text: String(it.index) }));
+        h("span", { text: String(it.index) }),
+        it.disagrees ? h("span", { class: "flag", text: "⚠", title: "the built-in map disagrees with the model's gradient" }) : null);
       b.addEventListener("click", () => openImage(it.index));
       grid.insertBefore(b, sentinel);
     }
@@ -435,6 +450,9 @@ async function renderMetrics(index) {
   const mid = encodeURIComponent(modelId);
   $("curve").textContent = "";
   $("agreement").textContent = "";
+  $("trust").textContent = "";
+  $("trust").className = "trust";
+  $("detail").dataset.trust = "";
   $("curve-note").textContent = "computing…";
   $("detail").dataset.metrics = "";
   $("detail").dataset.metricsClass = "";
@@ -456,11 +474,47 @@ async function renderMetrics(index) {
     } else {
       $("agreement").append(h("div", { class: "muted", text: "a plain classifier has no built-in map" }));
     }
+    showTrust(m.trust);
     $("detail").dataset.metricsClass = String(m.provenance.explained_class);
     $("detail").dataset.metrics = `${modelId}/${index}`;
   } catch (err) {
     $("curve-note").textContent = err.message;
   }
+}
+
+// the trust signal next to the maps: does the built-in map point where the model's own gradient does?
+function trustText(t) {
+  if (!t) return "This model has no built-in map, so there is nothing to compare with its gradient.";
+  const v = t.value === null ? "n/a" : t.value.toFixed(3);
+  const what = `built-in map of class ${t.explained_class_name} vs this model's own gradient × input (Pearson correlation, channels summed): ${v}`;
+  return t.disagrees
+    ? `⚠ The built-in map disagrees with the model's gradient: ${what}, below the threshold ${t.threshold}. Do not read this built-in map alone.`
+    : `Trust: ${what}; at or above the threshold ${t.threshold}, the built-in map agrees with the model's gradient.`;
+}
+
+function showTrust(t) {
+  const el = $("trust");
+  el.textContent = trustText(t);
+  el.className = "trust" + (!t ? " none" : t.disagrees ? " disagrees" : "");
+  $("detail").dataset.trust = !t ? "none" : t.disagrees ? "disagrees" : "agrees";
+}
+
+// what the run stored about the model on a shortcut benchmark: does its built-in map show the artefact?
+function showShortcut(info) {
+  const el = $("model-shortcut");
+  const sc = info.shortcut;
+  if (!sc) { el.hidden = true; el.textContent = ""; return; }
+  const f = (v, n = 3) => (v === null || v === undefined ? "n/a" : v.toFixed(n));
+  const parts = [`shortcut benchmark, share on the artefact: gradient ${f(sc.gradient)}, LRP ${f(sc.lrp)}`];
+  if (sc.built_in !== null && sc.built_in !== undefined) {
+    parts.push(`built-in map ${f(sc.built_in)}`);
+    parts.push(`honesty ${f(sc.honesty, 2)} (built-in ÷ gradient share: 1 = shows the artefact as the model's gradient does, well below 1 = hides it)`);
+  } else {
+    parts.push("no built-in map");
+  }
+  parts.push(`artefact area ${f(sc.area)}`);
+  el.textContent = parts.join(" · ");
+  el.hidden = false;
 }
 
 function curveSvg(xs, ys) {
@@ -517,6 +571,7 @@ async function upload(ev) {
       draw(f.canvas, img, m);
     }
     if (!Object.keys(r.maps).length) out.append(h("div", { class: "muted", text: "a plain classifier has no built-in map; choose a teacher method" }));
+    if (r.trust) out.append(h("p", { id: "upload-trust", class: "trust" + (r.trust.disagrees ? " disagrees" : ""), text: trustText(r.trust) }));
     out.append(h("details", { class: "provenance" }, h("summary", { text: "provenance" }), h("pre", { text: JSON.stringify(r.provenance, null, 2) })));
     out.dataset.state = "done";
   } catch (err) {
@@ -537,7 +592,7 @@ async function main() {
     return;
   }
   const hs = readHash();
-  for (const [key, id] of [["correct", "f-correct"], ["sort", "f-sort"], ["order", "f-order"], ["method", "method"], ["compare", "compare"]]) if (hs[key]) $(id).value = hs[key];
+  for (const [key, id] of [["correct", "f-correct"], ["trust", "f-trust"], ["sort", "f-sort"], ["order", "f-order"], ["method", "method"], ["compare", "compare"]]) if (hs[key]) $(id).value = hs[key];
   const first = state.models.find((m) => m.id === hs.model) || state.models.find((m) => m.id === state.defaultModel)
     || state.models.find((m) => !m.error) || state.models[0];
   if (!first) { showError("no models found in the directories served"); return; }
@@ -545,7 +600,7 @@ async function main() {
   if (hs.index !== undefined && hs.index !== "") await openImage(Number(hs.index));
 
   $("model").addEventListener("change", () => selectModel($("model").value).catch((e) => showError(e.message)));
-  for (const id of ["f-label", "f-pred", "f-correct", "f-sort", "f-order"]) $(id).addEventListener("change", () => resetList());
+  for (const id of ["f-label", "f-pred", "f-correct", "f-trust", "f-sort", "f-order"]) $(id).addEventListener("change", () => resetList());
   $("method").addEventListener("change", () => { if (state.index !== null) openImage(state.index); else writeHash(); });
   $("map-class").addEventListener("change", () => { if (state.index !== null) openImage(state.index); else writeHash(); });
   $("compare").addEventListener("change", () => { writeHash(); if (state.index !== null) renderCompare(state.index); });
