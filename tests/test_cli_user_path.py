@@ -199,7 +199,14 @@ def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
                 "launcher",
             }, name
             assert data["study"]["launcher"]["cluster"] == "auto", name  # where --launcher submitit runs workers
-            assert set(data["study"]["eval"]) == {"faithfulness", "n_images", "steps", "patch_size", "examples"}, name
+            assert set(data["study"]["eval"]) == {
+                "faithfulness",
+                "n_images",
+                "steps",
+                "patch_size",
+                "examples",
+                "reveal",
+            }, name
         else:
             assert "study" not in data, name
         (tmp_path / "printed.yaml").write_text(out)

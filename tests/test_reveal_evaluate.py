@@ -4,6 +4,7 @@ second AUROC implementation, and `teachx reveal` on a real artefact benchmark wr
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,73 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
     head = bench.headline()
     assert head["detection_auroc"] == pytest.approx(saved["auroc"]) and head["top_is_artefact"] in (0.0, 1.0)
     assert set(bench.seconds) == {"maps", "reveal", "retrieval", "localisation"}
+
+
+def test_the_reveal_setting_keeps_every_other_study_key():
+    """study.eval.reveal has a key of its own: adding it changes no method unit's evaluation key; it changes with
+    its settings and with the reveal algorithms' version."""
+    from dataclasses import replace
+
+    from teachx.config.schema import RunConfig
+    from teachx.runs.reveal_benchmark import RevealSettings
+    from teachx.studies.spec import EvalSpec, eval_key, reveal_key
+
+    cfg = RunConfig()
+    assert eval_key(cfg, EvalSpec()) == eval_key(cfg, EvalSpec(reveal=RevealSettings()))
+    assert reveal_key(RevealSettings()) != reveal_key(replace(RevealSettings(), teacher="gradient"))
+
+
+@pytest.mark.slow
+def test_a_baselines_only_study_reveals_every_baseline(tmp_path, monkeypatch):
+    """`study.arms: {}` trains the regimes' baselines only; with study.eval.reveal each baseline's unannotated
+    reveal is scored once (resumed from its file) and summarised per regime, next to the accuracy per test split."""
+    import torch
+
+    from teachx.runs.reveal_benchmark import RevealSettings, reveal_benchmark
+    from teachx.runs.stages import load_stage_model
+    from teachx.studies.runner import run_study
+    from teachx.studies.spec import load_study
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        "data: {name: bundled, train_size: 400, artefact: {kind: frame, classes: [2], p: 0.5}}\n"
+        "model: {backbone: lenet5}\ntrain: {epochs: 1, batch_size: 64}\nmethod: {name: baseline}\n"
+        "study: {n_seeds: 2, arms: {}, eval: {reveal: {teacher: gradient}}}\n"
+    )
+    spec = load_study(str(cfg))
+    assert spec.arms == {} and spec.control is None
+    res = run_study(spec, tmp_path / "out", lambda line: None)
+    rows = res.data["rows"]
+    assert [r["arm"] for r in rows] == ["baseline"]
+    row = rows[0]
+    assert set(row["test_splits"]) == {"clean", "attacked", "ch"}
+    assert set(row["reveal"]) >= {"top_is_artefact", "detection_auroc", "retrieval_auroc"}
+    units = res.data["units"]
+    for s, key in enumerate(row["units"]):
+        saved = units[key]["reveal"]
+        assert units[key]["test_splits"]["ch"]["acc"] == pytest.approx(row["test_acc"][s])
+        # the saved numbers are the benchmark function's on the unit's own classifier
+        from teachx.runs.plan import make_plan
+
+        ucfg = spec.config("all", None, spec.seeds[s])
+        again = reveal_benchmark(
+            ucfg,
+            make_plan(ucfg, progress=False),
+            load_stage_model(tmp_path / "out" / "units" / key),
+            torch.device("cpu"),
+            RevealSettings(teacher="gradient"),
+        )
+        assert saved["headline"] == pytest.approx(again.headline())
+    means = [units[k]["reveal"]["headline"]["detection_auroc"] for k in row["units"]]
+    assert row["reveal"]["detection_auroc"]["mean"] == pytest.approx(np.mean(means))
+    files = sorted((tmp_path / "out" / "units").glob("*/reveal-*.json"))
+    assert len(files) == 2
+    stamp = [f.stat().st_mtime_ns for f in files]
+    run_study(load_study(str(cfg)), tmp_path / "out", lambda line: None)  # resumed: read back, not made again
+    assert [f.stat().st_mtime_ns for f in files] == stamp
+    from teachx.reporting.report import write_report
+
+    _, md = write_report(tmp_path / "out")
+    text = Path(md).read_text()
+    assert "Did the model learn the artefact?" in text and "Reveal without annotations" in text

@@ -17,6 +17,7 @@ from teachx.reporting.plots import (
     faithfulness_figure,
 )
 from teachx.studies.records import StudyRecord, StudyRow
+from teachx.studies.statistics import REVEAL_MEASURES
 from teachx.utils.numbers import interval, mean_std, number, p_value, signed
 
 #: built-in maps of at most this many arms in one side-by-side figure of a study report
@@ -176,6 +177,41 @@ def study_report(d: Path) -> Page:
         if any(r.honesty for r in sc):
             doc.p(HONESTY_TEXT + " Mean ± std over seeds of each seed's ratio.", "note")
         doc.measures(["gradient_share", "lrp_share", "built_in_share", "honesty", "artefact_area"])
+    # artefact benchmarks (data.artefact): accuracy per test split, and the baselines' unannotated reveal
+    sp = [r for r in rows if r.test_splits]
+    if sp:
+        names = list(sp[0].test_splits)
+        doc.h("Did the model learn the artefact? Test accuracy per split (mean ± std over seeds)")
+        doc.table(
+            ["regime", "arm", "method", *names],
+            [[r.regime, r.arm, r.method or "", *[mean_std(r.test_splits.get(n)) for n in names]] for r in sp],
+        )
+        doc.p(
+            "clean: test images without the artefact; attacked: the artefact in every test image, of every class; ch: "
+            "test images poisoned as the training images were. A model that took the shortcut is less accurate on "
+            "attacked than on clean images and calls many attacked images the poisoned class.",
+            "note",
+        )
+    rv = [r for r in rows if r.reveal]
+    if rv:
+        measures = list(REVEAL_MEASURES)
+        doc.h("Reveal without annotations: did it find the artefact? (scored against the benchmark's ground truth)")
+        doc.table(
+            ["regime", "arm", *[REVEAL_MEASURES[m] for m in measures]],
+            [
+                [r.regime, r.arm, *[mean_std(r.reveal.get(m), 3) if r.reveal.get(m) else "—" for m in measures]]
+                for r in rv
+            ],
+        )
+        doc.p(
+            "Per seed, each class that carries the artefact is revealed without annotations (its training images grouped "
+            "by how the model explains them), the top-ranked group's concept (CAV) retrieves images over the whole "
+            "training split and is localised; the benchmark's ground truth, which the reveal never reads, then scores it. "
+            "Top group is the artefact: at least half of its images carry the artefact and it holds at least half of "
+            "them. AUROCs are 0.5 for a guess and 1 for a perfect ranking; mask IoU compares the concept's masks with the "
+            "artefact's true place.",
+            "note",
+        )
     # map quality
     mq = [r for r in rows if r.map_quality]
     if mq:

@@ -11,7 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from teachx.errors import ConfigError
-from teachx.reveal.base import REVEAL_METHODS, CandidateGroup, Evidence, RevealMethod, RevealResult
+
+#: bumped whenever a reveal method, the CAV, localisation or the ground-truth scoring changes what they compute:
+#: a study's saved reveal of a unit (``reveal-<key>.json``) is keyed by it, so it is made again
+ALGORITHM_VERSION = 1
+
+from teachx.reveal.base import REVEAL_METHODS, CandidateGroup, Evidence, RevealMethod, RevealResult  # noqa: E402
 
 # each import registers its method in REVEAL_METHODS
 from teachx.reveal import spray as _spray  # noqa: F401,E402
@@ -28,4 +33,4 @@ def build(name: str, **options: Any) -> RevealMethod:
         raise ConfigError(f"bad options for reveal method '{name}': {exc}") from None
 
 
-__all__ = ["REVEAL_METHODS", "RevealMethod", "Evidence", "RevealResult", "CandidateGroup", "build"]
+__all__ = ["ALGORITHM_VERSION", "REVEAL_METHODS", "RevealMethod", "Evidence", "RevealResult", "CandidateGroup", "build"]

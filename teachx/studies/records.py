@@ -46,6 +46,8 @@ _UNIT_KEYS = (
     "seconds_per_epoch",
     "history",
     "shortcut",
+    "test_splits",
+    "reveal",
 )
 #: the keys of a method unit's evaluation (study_evaluation), as the runner writes them
 _EVAL_KEYS = ("map_quality", "errors", "examples", "faithfulness", "timings", "map_store")
@@ -70,6 +72,8 @@ class UnitRecord:
     teacher_unit: Optional[str] = None
     evaluation: dict[str, Any] = field(default_factory=dict)  # map_quality, examples, faithfulness, errors, ...
     shortcut: Optional[dict[str, Any]] = None  # on a shortcut dataset: attribution shares on the artefact
+    test_splits: Optional[dict[str, dict[str, Any]]] = None  # on an artefact benchmark: clean / attacked / ch
+    reveal: Optional[dict[str, Any]] = None  # a classifier unit's unannotated reveal, scored (study.eval.reveal)
 
     @property
     def is_classifier(self) -> bool:
@@ -116,8 +120,9 @@ class UnitRecord:
                 **tail,
                 **self.evaluation,
             }
-        if self.shortcut is not None:
-            out["shortcut"] = self.shortcut
+        for key in ("shortcut", "test_splits", "reveal"):  # only where measured: other records stay as they were
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -145,6 +150,8 @@ class UnitRecord:
             teacher_unit=data.get("teacher_unit"),
             evaluation=evaluation,
             shortcut=data.get("shortcut"),
+            test_splits=data.get("test_splits"),
+            reveal=data.get("reveal"),
         )
 
 
@@ -168,6 +175,8 @@ _ROW_KEYS = (
     "map_quality",
     "faithfulness",
     "shortcut",
+    "test_splits",
+    "reveal",
 )
 
 
@@ -195,6 +204,10 @@ class StudyRow:
     map_quality: Optional[dict[str, Any]] = None
     faithfulness: Optional[dict[str, Any]] = None
     shortcut: Optional[dict[str, Any]] = None
+    # on an artefact benchmark: per test split (clean, attacked, ch) the accuracy summary over seeds
+    test_splits: Optional[dict[str, dict[str, Any]]] = None
+    # the baseline row with study.eval.reveal: per headline measure of the unannotated reveal, its summary
+    reveal: Optional[dict[str, dict[str, Any]]] = None
 
     @property
     def is_baseline(self) -> bool:
@@ -237,8 +250,9 @@ class StudyRow:
             for key in ("teacher_test_acc", "vs_control", "map_quality", "faithfulness"):
                 if getattr(self, key) is not None:
                     out[key] = getattr(self, key)
-        if self.shortcut is not None:
-            out["shortcut"] = self.shortcut
+        for key in ("shortcut", "test_splits", "reveal"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
@@ -263,6 +277,8 @@ class StudyRow:
             map_quality=data.get("map_quality"),
             faithfulness=data.get("faithfulness"),
             shortcut=data.get("shortcut"),
+            test_splits=data.get("test_splits"),
+            reveal=data.get("reveal"),
         )
 
 

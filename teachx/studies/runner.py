@@ -28,7 +28,17 @@ from teachx.runs.recovery import stage_checkpoint, stage_done
 from teachx.runs.stages import load_classifier, load_stage_model, train_classifier
 from teachx.runs.teacher import as_nchw, make_teacher, teacher_maps
 from teachx.studies.records import UnitFile, UnitRecord
-from teachx.studies.spec import BASELINE, EvalSpec, StudySpec, _source_name, classifier_key, eval_key, unit_key
+from teachx.runs.reveal_benchmark import reveal_benchmark
+from teachx.studies.spec import (
+    BASELINE,
+    EvalSpec,
+    StudySpec,
+    _source_name,
+    classifier_key,
+    eval_key,
+    reveal_key,
+    unit_key,
+)
 from teachx.studies.statistics import summarize_study, summary_lines
 from teachx.teachers.postprocess import postprocess
 from teachx.training.methods import build_method
@@ -95,8 +105,31 @@ class _Runner:
             seconds_per_epoch=done.get("seconds_per_epoch"),
             history=done.get("history", []),
             shortcut=self._shortcut(cfg, d, lambda: {"model": self._load_classifier(cfg, key)}),
+            test_splits=done.get("test_splits"),
+            reveal=self._reveal(cfg, d, key),
         )
         return key, done
+
+    def _reveal(self, cfg: RunConfig, d: Path, key: str) -> Optional[dict[str, Any]]:
+        """With study.eval.reveal on an artefact benchmark: the classifier's unannotated reveal, scored against the
+        ground truth (``reveal-<key>.json``, made once; Busy while another worker makes it)."""
+        settings = self.spec.eval.reveal
+        if settings is None or cfg.data.artefact is None:
+            return None
+        path = d / f"reveal-{reveal_key(settings)}.json"
+        fix = f"delete '{path}' and re-run the same `teachx study` command"
+        if path.exists():
+            return read_trusted_json(path, fix, "reveal evaluation")
+        with file_lock(d / ".reveal.lock", wait=False):
+            if path.exists():
+                return read_trusted_json(path, fix, "reveal evaluation")
+            plan = self.plan(cfg)
+            found = reveal_benchmark(cfg, plan, self._load_classifier(cfg, key), choose_device(cfg.device), settings)
+            if found is None:
+                return None
+            record = {**found.to_dict(), "headline": found.headline()}
+            write_json_atomic(path, record, digest=True)
+            return record
 
     def _load_classifier(self, cfg: RunConfig, key: str):
         return load_classifier(self.checkpoint(key), self.plan(cfg).dataset)
@@ -157,6 +190,7 @@ class _Runner:
             history=stage.get("history", []),
             evaluation=ev,
             shortcut=shortcut,
+            test_splits=stage.get("test_splits"),
         )
         return key, self.units[key], cached
 

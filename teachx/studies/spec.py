@@ -41,6 +41,8 @@ from teachx.data import get_source
 from teachx.errors import ConfigError
 from teachx.registry import suggest
 from teachx.runs.plan import teacher_training
+from teachx.reveal import ALGORITHM_VERSION
+from teachx.runs.reveal_benchmark import RevealSettings
 from teachx.runs.resolve import check_names
 from teachx.studies.records import BASELINE
 from teachx.training.methods import METHODS, build_method, method_name
@@ -60,6 +62,9 @@ class EvalSpec:
     steps: int = 16  # pixel-flipping steps
     patch_size: int = 1  # side of the square patches flipped together (1: single pixels)
     examples: int = 6  # images kept per unit for the report's example grids
+    # on artefact benchmarks (data.artefact): reveal every baseline without annotations and score what it finds
+    # against the benchmark's ground truth (the teachx.runs.reveal_benchmark.RevealSettings keys; null: off)
+    reveal: Optional[RevealSettings] = None
 
     def validate(self) -> None:
         if self.n_images < 1 or self.steps < 1 or self.examples < 0:
@@ -223,7 +228,7 @@ def _regime_name(overrides: dict[str, Any]) -> str:
 STUDY_KEYS: dict[str, str] = {
     "seeds": "explicit list of seeds, e.g. [0, 1, 2]; each unit runs once per seed (default: 0..n_seeds-1)",
     "n_seeds": "number of seeds 0..N-1 when seeds is not given (default 1; --seeds N overrides both)",
-    "arms": "name -> overrides of the base config, one IMPACTX variant each, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}",
+    "arms": "name -> overrides of the base config, one training method or IMPACTX variant each, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}; {} trains only the regimes' baselines",
     "regimes": "data or training regimes applied on top of every arm, each with its own baseline: a list of overrides or name -> overrides",
     "control": "the arm every other arm is compared with (default: the arm with impactx.lam: 0)",
     "controls": "arm -> its own lambda=0 control instead of study.control, e.g. {impactx_noaug: lambda0_noaug} for arms trained on other data",
@@ -291,7 +296,8 @@ def _study_from_raw(
             f"study seeds must be a non-empty list of distinct integers, got {seeds}; set study.n_seeds or --seeds"
         )
     # arms
-    arms_raw = section.get("arms") or {"impactx": {}}
+    arms_raw = section.get("arms")  # left out: one IMPACTX arm; {}: the regimes' baselines only
+    arms_raw = {"impactx": {}} if arms_raw is None else arms_raw
     if not isinstance(arms_raw, dict):
         raise ConfigError(
             "study.arms must be a mapping name -> overrides, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}"
@@ -495,7 +501,15 @@ def impactx_key(cfg: RunConfig) -> str:
 
 
 def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
-    return hash_json({"v": STUDY_VERSION, "eval": asdict(ev), "teacher": _relevant(cfg).get("teacher", {})})[:12]
+    """The key of a method unit's evaluation file: what changes it (the reveal of the baselines does not, and has
+    its own file and key: :func:`reveal_key`)."""
+    values = {k: v for k, v in asdict(ev).items() if k != "reveal"}
+    return hash_json({"v": STUDY_VERSION, "eval": values, "teacher": _relevant(cfg).get("teacher", {})})[:12]
+
+
+def reveal_key(settings: RevealSettings) -> str:
+    """The key of a classifier unit's reveal file (``reveal-<key>.json``): the settings it was revealed with."""
+    return hash_json({"v": STUDY_VERSION, "algorithm": ALGORITHM_VERSION, "reveal": asdict(settings)})[:12]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,17 @@ from teachx.utils.numbers import interval, number, p_value, signed
 from teachx.training.methods import METHODS, build_method, recorded_method
 
 
+#: the unannotated reveal's headline measures (teachx.runs.reveal_benchmark), as tables name them
+REVEAL_MEASURES = {
+    "top_is_artefact": "top group is the artefact (share of seeds)",
+    "top_f1": "top group F1",
+    "detection_auroc": "suspicion-score AUROC",
+    "retrieval_auroc": "CAV retrieval AUROC",
+    "retrieval_ap": "CAV retrieval AP",
+    "mask_iou": "mask IoU",
+}
+
+
 def summarize_study(
     spec: StudySpec, cells: dict[tuple[str, str], dict[int, str]], units: dict[str, UnitRecord]
 ) -> StudyRecord:
@@ -85,6 +96,20 @@ def summarize_study(
                     if m != "images" and all(isinstance(b.get(m), (int, float)) for b in shortcut)
                 ]
                 row.shortcut = {m: summarize([b[m] for b in shortcut]).to_dict() for m in common}
+            splits = [u.test_splits for u in mine]
+            if all(splits):  # an artefact benchmark: accuracy on its clean, attacked and ch test splits
+                row.test_splits = {
+                    name: summarize([s[name]["acc"] for s in splits]).to_dict()
+                    for name in splits[0]
+                    if all(name in s for s in splits)
+                }
+            revealed = [(u.reveal or {}).get("headline") for u in mine]
+            if all(revealed):  # the baselines' unannotated reveal, scored against the ground truth
+                row.reveal = {}
+                for m in revealed[0]:
+                    values = [h.get(m) for h in revealed]
+                    if all(isinstance(v, (int, float)) for v in values):
+                        row.reveal[m] = summarize(values).to_dict()
             rows.append(row)
     # Holm over each family (all vs-baseline tests; all vs-control tests)
     for family in ("vs_baseline", "vs_control"):
@@ -224,6 +249,22 @@ def summary_lines(data: StudyRecord) -> list[str]:
                 "  honesty: the built-in map's share divided by the same model's gradient share; 1 = the built-in map "
                 "shows the artefact as much as the model's gradient does, well below 1 = it hides it"
             )
+    split_rows = [row for row in data.rows if row.test_splits]
+    if split_rows:
+        lines.append("")
+        lines.append(
+            "Test accuracy per artefact-benchmark split (mean over seeds): clean, attacked (artefact in every image), ch"
+        )
+        for row in split_rows:
+            parts = [f"{k} {number(v['mean'])}" for k, v in row.test_splits.items()]
+            lines.append(f"  {row.regime:<14} {row.arm:<16} " + "  ".join(parts))
+    reveal_rows = [row for row in data.rows if row.reveal]
+    if reveal_rows:
+        lines.append("")
+        lines.append("Reveal without annotations, scored against the benchmark's ground truth (mean over seeds)")
+        for row in reveal_rows:
+            parts = [f"{REVEAL_MEASURES.get(k, k)} {number(v['mean'], 3)}" for k, v in row.reveal.items()]
+            lines.append(f"  {row.regime:<14} {row.arm:<16} " + "  ".join(parts))
     if data.verdicts:
         lines.append("")
         lines.append(
@@ -232,7 +273,7 @@ def summary_lines(data: StudyRecord) -> list[str]:
             + ", paired t-test)"
         )
         lines.extend("  " + v["text"] for v in data.verdicts)
-    elif data.study.get("control") is None:
+    elif data.study.get("control") is None and data.study.get("arms"):
         lines.append(
             "(no lambda=0 control arm: add e.g. lambda0: {impactx.lam: 0} to study.arms to test whether gains come from the explanations)"
         )
