@@ -26,7 +26,7 @@ import threading
 from typing import Literal, Optional
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import HTTPException, Query
 from pydantic import BaseModel, Field
 
 from teachx.errors import RunDirError, TeachxError
@@ -541,17 +541,24 @@ class RevealViews:
         }
 
 
-def router(service: Service, max_reveal_images: int = DEFAULT_MAX_REVEAL_IMAGES) -> APIRouter:
-    """The reveal view's routes (mounted by :func:`teachx.service.app.create_app` under ``/api/v1``)."""
+def mount(app, service: Service, max_reveal_images: int = DEFAULT_MAX_REVEAL_IMAGES) -> None:
+    """Add the reveal view's routes to ``app`` (on the app itself, not an included router, so that the app's
+    check of query parameters sees them)."""
     views = RevealViews(service, max_reveal_images)
-    api = APIRouter(prefix="/runs/{run_id}/reveal", tags=["reveal"], responses=ERRORS)
+    base = "/api/v1/runs/{run_id}/reveal"
 
-    @api.get("", response_model=RevealIndex)
+    def get(path: str, **kw):
+        return app.get(base + path, tags=["reveal"], responses=ERRORS, **kw)
+
+    def post(path: str, **kw):
+        return app.post(base + path, tags=["reveal"], responses=ERRORS, **kw)
+
+    @get("", response_model=RevealIndex)
     def reveal_index(run_id: str):
         """The run's classes, which reveal methods have results for each, and the saved concepts."""
         return views.index(run_id)
 
-    @api.get("/concepts/{name}", response_model=ConceptSummary)
+    @get("/concepts/{name}", response_model=ConceptSummary)
     def concept(
         run_id: str,
         name: str,
@@ -561,24 +568,24 @@ def router(service: Service, max_reveal_images: int = DEFAULT_MAX_REVEAL_IMAGES)
         """A saved concept: its retrieval list over all classes and the heatmaps and masks of a few images."""
         return views.saved_concept(run_id, name, top, localised)
 
-    @api.post("/concepts", response_model=ConceptSummary)
+    @post("/concepts", response_model=ConceptSummary)
     def new_concept(run_id: str, req: ConceptRequest):
         """Fit a concept (CAV) from a group or marked images of a class, score every training image by it and
         localise it, as `teachx reveal RUN --class C --concept ... --name NAME` does; saved in the run."""
         return views.concept(run_id, req)
 
-    @api.get("/{method}/classes/{label}", response_model=RevealClass)
+    @get("/{method}/classes/{label}", response_model=RevealClass)
     def reveal_class(run_id: str, method: str, label: int):
         """A class's saved reveal: a point per training image and the candidate groups, most suspicious first."""
         return views.klass(run_id, method, label)
 
-    @api.post("/{method}/classes/{label}", response_model=RevealClass)
+    @post("/{method}/classes/{label}", response_model=RevealClass)
     def run_reveal(run_id: str, method: str, label: int):
         """Reveal one class now, as `teachx reveal RUN --class C --method M` does (classes up to the server's
         limit of training images)."""
         return views.reveal_class(run_id, method, label)
 
-    @api.get("/{method}/classes/{label}/groups/{group}/images", response_model=GroupImages)
+    @get("/{method}/classes/{label}/groups/{group}/images", response_model=GroupImages)
     def group_images(
         run_id: str,
         method: str,
@@ -589,10 +596,3 @@ def router(service: Service, max_reveal_images: int = DEFAULT_MAX_REVEAL_IMAGES)
     ):
         """A page of a group's images (dataset-index order) with the maps the reveal read."""
         return views.group_images(run_id, method, label, group, offset, limit)
-
-    return api
-
-
-def mount(app, service: Service, max_reveal_images: int = DEFAULT_MAX_REVEAL_IMAGES) -> None:
-    """Add the reveal view's routes to ``app``."""
-    app.include_router(router(service, max_reveal_images), prefix="/api/v1")

@@ -197,7 +197,7 @@ async function rvShowGroup(group, offset) {
         h("img", { src: it.image_png, alt: `training image #${it.index}` }),
         h("img", { src: it.map_png, alt: `${res.map_name} of training image #${it.index}`, class: "rv-map" })),
       colourBar(it.vmax),
-      h("figcaption", {}, h("label", { for: id }, cb, ` mark #${it.index}`), h("span", { class: "muted", text: ` suspicion ${rvNum(it.score)}` }))));
+      h("figcaption", {}, h("label", { htmlFor: id }, cb, ` mark #${it.index}`), h("span", { class: "muted", text: ` suspicion ${rvNum(it.score)}` }))));
   }
   $("rv-page").textContent = `images ${offset + 1}-${offset + res.items.length} of ${res.size}`;
   $("rv-prev").disabled = offset === 0;
