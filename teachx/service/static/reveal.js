@@ -248,15 +248,13 @@ function rvRenderConcept(c) {
   out.append(
     h("h3", { text: `Concept '${c.name}': ${c.source} of class ${c.label} (${c.class_name}), ${c.n_members} images` }),
     h("p", { id: "rv-concept-summary", text: `${c.cav_kind} CAV at layer ${c.layer}. In-class AUROC ${rvNum(c.auroc_in_class)} (how well the CAV score separates the marked images from the rest of their class). ${c.n_retrieved} of the ${c.n_images} training images of all classes score at or above the threshold ${rvNum(c.threshold)} (midway between the marked images' mean and the rest's). Saved as ${c.path}.` }),
-    h("p", { class: "muted", id: "rv-score-meaning", text: c.score_meaning }),
-    h("h4", { text: "retrieval: the highest CAV scores over all classes" }));
+    h("p", { class: "muted", id: "rv-score-meaning", text: c.score_meaning }));
   const top = h("ol", { id: "rv-top", class: "rv-top" });
   for (const it of c.top) {
     top.append(h("li", { "data-index": String(it.index), class: it.member ? "member" : "" },
       h("img", { src: it.image_png, alt: `training image #${it.index}` }),
       h("span", { text: `#${it.index} ${it.class_name}: CAV score ${rvNum(it.score)}${it.member ? " (marked)" : ""}${it.above_threshold ? "" : " (below threshold)"}` })));
   }
-  out.append(top, h("h4", { text: "localisation: where the concept sits" }), h("p", { class: "muted", text: c.localisation }));
   const loc = h("div", { id: "rv-localised", class: "rv-images" });
   for (const it of c.localised) {
     loc.append(h("figure", { class: "rv-item", "data-index": String(it.index) },
@@ -267,7 +265,8 @@ function rvRenderConcept(c) {
       colourBar(it.vmax),
       h("figcaption", { text: `#${it.index} ${it.class_name}: image, heatmap, mask (${(100 * it.mask_fraction).toFixed(0)}% of the pixels)` })));
   }
-  out.append(loc);
+  out.append(h("h4", { text: "localisation: where the concept sits (the marked images first, then those scoring above the threshold)" }), h("p", { class: "muted", text: c.localisation }), loc,
+    h("h4", { text: "retrieval: the highest CAV scores over the training images of all classes" }), top);
   if (c.notes && c.notes.length) out.append(h("details", {}, h("summary", { text: "what teachx reveal printed" }), h("pre", { text: c.notes.join("\n") })));
   out.dataset.state = "done";
   out.dataset.concept = c.name;
