@@ -230,6 +230,7 @@ def test_bad_input_is_one_line_and_writes_nothing(client, saved, dirs, train):
     assert "not a training image" in detail(post({"class": 0, "indices": [own[0], 10**6]}), 422)
     assert "either a group" in detail(post({"class": 0, "group": 0, "indices": own}), 422)
     assert "either a group" in detail(post({"class": 0}), 422)
+    assert "leave at least 2 outside it" in detail(post({"class": 0, "indices": arrays["indices"].tolist()}), 422)
     assert "name 'a b'" in detail(client.post(f"{API}/concepts", json={"class": 0, "group": 0, "name": "a b"}), 422)
     msg = detail(post({"class": 0, "group": 0, "layer": "head"}), 422)
     assert "revealed at layer body" in msg and "--layer head" in msg

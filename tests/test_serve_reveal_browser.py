@@ -79,7 +79,8 @@ def test_reveal_view_end_to_end(server, browser, tmp_path):  # noqa: F811 (the f
 
     # class 0 is revealed already: its embedding, a point per training image, and a legend entry per group
     cls = api("/runs/run/reveal/spray/classes/0")
-    wait(drv, lambda d: d.find_element(By.ID, "rv-class-view").is_displayed(), "class 0's view")
+    shown = lambda d, c: d.find_element(By.ID, "rv-class-view").get_attribute("data-label") == c  # noqa: E731
+    wait(drv, lambda d: shown(d, "0"), "class 0's view")
     circles = drv.find_elements(By.CSS_SELECTOR, "#rv-plot svg circle")
     assert len(circles) == cls["n_images"]
     legend = drv.find_elements(By.CSS_SELECTOR, "#rv-legend button")
@@ -93,7 +94,7 @@ def test_reveal_view_end_to_end(server, browser, tmp_path):  # noqa: F811 (the f
     wait(drv, lambda d: d.find_elements(By.ID, "rv-run-reveal"), "the offer to reveal class 1")
     assert "has no spray reveal yet" in drv.find_element(By.ID, "rv-status").text
     drv.find_element(By.ID, "rv-run-reveal").click()
-    wait(drv, lambda d: d.find_element(By.ID, "rv-class-view").is_displayed(), "class 1 revealed from the page")
+    wait(drv, lambda d: shown(d, "1"), "class 1 revealed from the page")
     assert (run / "reveal/spray/class_1.json").is_file()
     assert (
         len(drv.find_elements(By.CSS_SELECTOR, "#rv-plot svg circle"))
@@ -102,7 +103,7 @@ def test_reveal_view_end_to_end(server, browser, tmp_path):  # noqa: F811 (the f
 
     # back to class 0; open its top group with the keyboard and mark it as an artefact
     Select(drv.find_element(By.ID, "rv-class")).select_by_value("0")
-    wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#rv-plot svg circle")) == cls["n_images"], "class 0")
+    wait(drv, lambda d: shown(d, "0"), "class 0 again")
     button = drv.find_elements(By.CSS_SELECTOR, "#rv-legend button")[0]
     button.send_keys(Keys.ENTER)
     n = min(24, top["size"])

@@ -204,6 +204,7 @@ class RevealViews:
         self.service = service
         self.max_reveal_images = int(max_reveal_images)
         self._lock = threading.Lock()
+        self._computing = threading.Lock()  # a teacher hooks into its model: one page of maps at a time
         self._maps: dict[tuple[str, str], runs_reveal.RevealMaps] = {}
 
     def run(self, run_id: str):
@@ -342,7 +343,8 @@ class RevealViews:
         members = np.asarray(g.members, dtype=np.int64)
         page = members[offset : offset + limit]
         maps = self._maps_of(run_id, rec.settings)
-        m = maps(page) if len(page) else np.zeros((0, 1, 1, 1), np.float32)
+        with self._computing:
+            m = maps(page) if len(page) else np.zeros((0, 1, 1, 1), np.float32)
         ds = maps.plan.dataset
         score = {int(i): float(s) for i, s in zip(res.indices, res.scores)}
         teacher = maps.teacher
@@ -437,13 +439,21 @@ class RevealViews:
                     f"image {i} {where}, not class {req.label}; mark images of one class ({len(outside)} outside it)",
                 )
             choice = ",".join(map(str, marked))
+        n_in = len(marked) if req.group is None else n
+        if len(res.indices) - n_in < 2:
+            raise HTTPException(
+                422,
+                f"the concept holds {n_in} of the class's {len(res.indices)} images; leave at least 2 outside it "
+                "(the CAV contrasts them with the rest of the class)",
+            )
         layer = rec.settings["layer"]
         if req.layer is not None and req.layer != layer:
+            shown = choice if len(choice) <= 60 else "INDICES"
             raise HTTPException(
                 422,
                 f"class {req.label} was revealed at layer {layer}; for a concept at layer {req.layer} reveal it there: "
                 f"`teachx reveal {r.path} --class {req.label} --method {rec.result.method} --layer {req.layer} "
-                f"--concept {choice} --name {req.name}`",
+                f"--concept {shown} --name {req.name}`",
             )
         dest = r.path / runs_reveal.REVEAL_DIR / runs_reveal.CONCEPTS / f"{req.name}.json"
         if dest.exists() and not req.replace:

@@ -13,6 +13,7 @@ const rv = {
   group: null,       // the group whose images are listed
   offset: 0,
   marked: new Set(), // training indices checked by hand
+  token: 0,          // the latest class asked for: an older answer arriving later is dropped
 };
 
 const rvColour = (g) => (g < 0 ? "#bbbbbb" : RV_COLOURS[g % RV_COLOURS.length]);
@@ -87,8 +88,10 @@ async function rvLoadClass() {
   const label = Number($("rv-class").value);
   const method = $("rv-method").value;
   const entry = rv.index.classes.find((c) => c.label === label);
+  const token = ++rv.token;
   rv.cls = null; rv.group = null; rv.marked.clear();
   $("rv-class-view").hidden = true;
+  $("rv-class-view").dataset.label = "";
   $("rv-group").hidden = true;
   rvMarkedNote();
   if (!entry) return;
@@ -104,16 +107,19 @@ async function rvLoadClass() {
     return;
   }
   rvStatus(`loading class ${label} ...`);
-  rvShowClass(await api(`${rvBase()}/${encodeURIComponent(method)}/classes/${label}`));
+  const cls = await api(`${rvBase()}/${encodeURIComponent(method)}/classes/${label}`);
+  if (token === rv.token) rvShowClass(cls);
 }
 
 async function rvRunReveal(label, method, btn) {
   btn.disabled = true;
+  const token = rv.token;
   rvStatus(`revealing class ${label}: explaining its training images and grouping them (this can take a while) ...`);
   try {
     const cls = await api(`${rvBase()}/${encodeURIComponent(method)}/classes/${label}`, { method: "POST" });
     rv.index = await api(rvBase());
     rvFillClasses();
+    if (token !== rv.token) return;
     $("rv-class").value = String(label);
     rvShowClass(cls);
   } catch (err) {
@@ -128,6 +134,7 @@ function rvShowClass(cls) {
     (cls.n_groups_eigengap ? ` (the eigengap suggests ${cls.n_groups_eigengap})` : "") +
     `; ${cls.method} on ${s.teacher ? s.teacher + " maps" : (s.latent || "activations") + " of layer " + s.layer}.`);
   $("rv-class-view").hidden = false;
+  $("rv-class-view").dataset.label = String(cls.label);
   $("rv-plot").textContent = "";
   $("rv-plot").append(rvScatter(cls));
   $("rv-plot-caption").textContent = `Each point is a training image of class ${cls.label}, placed by ${cls.embedding}; colour: its group. Click a point or a group to list its images.`;
