@@ -107,6 +107,13 @@ def _check_cache_dir(cache_dir: Optional[str]) -> None:
     type=click.FloatRange(min=0.01),
     help="Largest accepted upload in MiB (1 MiB = 1,048,576 bytes); a larger one is refused with HTTP 413.",
 )
+@click.option(
+    "--reveal-max-images",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Largest class (training images) the reveal view may reveal on request; larger ones: `teachx reveal`.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Device for the models (cpu, cuda, cuda:N).")
 @click.option(
     "--trust-threshold",
@@ -126,6 +133,7 @@ def serve(
     no_serve: bool,
     cache_dir: Optional[str],
     max_upload_mb: float,
+    reveal_max_images: int,
     device: str,
     trust_threshold: float,
     quiet: bool,
@@ -174,7 +182,12 @@ def serve(
     sock = _bind(host, port)
     actual = sock.getsockname()[1]
     allowed = list(LOOPBACK) if host in LOOPBACK else None
-    app = create_app(service, max_upload_bytes=int(max_upload_mb * 1024 * 1024), allowed_hosts=allowed)
+    app = create_app(
+        service,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        allowed_hosts=allowed,
+        max_reveal_images=reveal_max_images,
+    )
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{actual}/"
     click.echo(f"teachx serve: {url} ({n_models} models; API docs {url}docs; Ctrl+C to stop)", nl=True)

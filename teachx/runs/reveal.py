@@ -631,3 +631,43 @@ def _class_figure(path: Path, rec: ClassRecord, ds, maps: Optional[np.ndarray]) 
         None if maps is None else [torch.from_numpy(np.asarray(maps)[p]) for p in protos],
         title=f"class {rec.label} ({rec.class_name}): {r.method}",
     )
+
+
+class RevealMaps:
+    """The attribution maps a saved reveal of a class reads (its teacher's, or the built-in maps of the model
+    it analysed), for any training images: what a viewer shows next to them. ``settings`` are a class record's
+    (:attr:`ClassRecord.settings`); a latent method's record names no teacher, so the run's teacher is used.
+    Maps come from the shared teacher-map store (those the reveal made are read, missing ones are made)."""
+
+    def __init__(self, run_dir: str | Path, settings: dict[str, Any], device: str = "cpu"):
+        self.run_dir = Path(run_dir)
+        self.cfg = _check_run_dir(self.run_dir)
+        run_teacher = TEACHERS.canonical(self.cfg.teacher.method)
+        self.teacher = str(settings.get("teacher") or run_teacher)
+        checkpoint = self.run_dir / str(settings["model"])
+        builtin = self.teacher == "builtin"
+        self.model = load_impactx(checkpoint)[0] if builtin else load_stage_model(checkpoint.parent.parent)
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+        self.plan = make_plan(self.cfg, progress=False)
+        self.tcfg = self.cfg
+        if not builtin and self.teacher != run_teacher:  # another method than the run's: its defaults
+            self.tcfg = copy.deepcopy(self.cfg)
+            self.tcfg.teacher.method, self.tcfg.teacher.options = self.teacher, {}
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        """(N, C, H, W) float32 maps of the training images ``indices`` (each of its own label)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self.teacher == "builtin":
+            ds = self.plan.dataset
+            x = normalize(as_nchw(ds.train.images[idx]).to(self.device), self.plan.mean, self.plan.std)
+            labels = torch.from_numpy(np.asarray(ds.train.labels)[idx]).long().to(self.device)
+            with torch.no_grad():
+                m = self.model.explain(x, labels)
+        else:
+            store = teacher_maps(
+                self.tcfg, self.plan, self.model, "train", idx, self.device, log=lambda _m: None, progress=False
+            )
+            m = store.read(idx)
+        m = m.float().cpu().numpy()
+        return m[:, None] if m.ndim == 3 else m

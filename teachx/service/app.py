@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from teachx.errors import TeachxError
-from teachx.service import render
+from teachx.service import render, reveal
 from teachx.service.catalog import default_model
 from teachx.service.engine import Service
 from teachx.service.errors import ServiceError
@@ -220,7 +220,10 @@ async def _answer(ready: bool, fn, *args):
 
 
 def create_app(
-    service: Service, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, allowed_hosts: Optional[list[str]] = None
+    service: Service,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    allowed_hosts: Optional[list[str]] = None,
+    max_reveal_images: int = reveal.DEFAULT_MAX_REVEAL_IMAGES,
 ) -> FastAPI:
     """The app for ``service``; ``allowed_hosts`` (e.g. loopback names) guards against DNS rebinding."""
     app = FastAPI(
@@ -631,4 +634,5 @@ def create_app(
         res["maps"] = {name: _map_data(name, m, prov, png=True) for name, (m, prov) in res["maps"].items()}
         return res
 
+    reveal.mount(app, service, max_reveal_images)  # the reveal view: /api/v1/runs/{run_id}/reveal/...
     return app
