@@ -221,6 +221,21 @@ def test_teacher_returns_the_contributions_and_refuses_other_models(small_cnn):
     assert "\n" not in str(info.value) and "teacher.backbone=bcos_lenet5" in str(info.value)
 
 
+def test_run_refuses_the_bcos_teacher_on_another_backbone_before_training(tmp_path, capsys):
+    from conftest import teachx_main
+
+    out = tmp_path / "run"
+    code, _, err = teachx_main(capsys, "run", "teacher.method=bcos", "model.backbone=lenet5", "--out", out)
+    assert code == 2 and not out.exists()
+    assert err.strip().count("\n") == 0 and "set teacher.backbone=bcos_lenet5" in err
+    # a B-cos teacher model passes the check (here only the config is resolved)
+    from teachx.runs.resolve import resolve_config
+
+    cfg = resolve_config(overrides=["teacher.method=bcos", "teacher.backbone=bcos_lenet5"])
+    assert cfg.teacher.backbone == "bcos_lenet5"
+    assert resolve_config(overrides=["teacher.method=bcos", "model.backbone=bcos_resnet"]).teacher.method == "bcos"
+
+
 def test_models_accept_bcos_backbones_in_impactx_and_abn():
     from teachx.models.abn import build_abn
     from teachx.models.impactx import build_impactx

@@ -36,6 +36,7 @@ class BcosContributions(Teacher):
     """
 
     name = "bcos"
+    backbones = ("bcos_lenet5", "bcos_resnet")
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, target: TargetLike) -> torch.Tensor:
         check_inputs(inputs)
