@@ -279,7 +279,7 @@ class BcosLeNet5(BcosNetwork):
         max_out: int = 1,
         pool: str = "avg",
         padding: int | None = None,
-        temperature: float = 0.1,
+        temperature: float = 1e-4,
     ):
         super().__init__()
         if padding is None:
@@ -346,7 +346,7 @@ class BcosCifarResNet(BcosNetwork):
         b: float = 2.0,
         max_out: int = 1,
         norm: str = "bnu",
-        temperature: float = 0.1,
+        temperature: float = 1e-3,
     ):
         super().__init__()
         blocks = (depth - 2) // 6
@@ -389,7 +389,7 @@ def bcos_lenet5(
     max_out: int = 1,
     pool: str = "avg",
     padding: int | None = None,
-    temperature: float = 0.1,
+    temperature: float = 1e-4,
 ) -> BcosLeNet5:
     """B-cos LeNet-5 (Böhle et al. 2022): LeNet-5's layers as B-cos layers on the [x, 1-x] encoded image; exactly explained by its contributions (teacher bcos).
 
@@ -426,7 +426,7 @@ def bcos_resnet(
     b: float = 2.0,
     max_out: int = 1,
     norm: str = "bnu",
-    temperature: float = 0.1,
+    temperature: float = 1e-3,
 ) -> BcosCifarResNet:
     """B-cos CIFAR ResNet (B-cos v2): resnet_cifar's layout in B-cos layers, no ReLUs or biases; exactly explained by its contributions (teacher bcos).
 
