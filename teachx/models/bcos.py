@@ -346,7 +346,7 @@ class BcosCifarResNet(BcosNetwork):
         b: float = 2.0,
         max_out: int = 1,
         norm: str = "bnu",
-        temperature: float = 1e-3,
+        temperature: float = 0.1,
     ):
         super().__init__()
         blocks = (depth - 2) // 6
@@ -426,7 +426,7 @@ def bcos_resnet(
     b: float = 2.0,
     max_out: int = 1,
     norm: str = "bnu",
-    temperature: float = 1e-3,
+    temperature: float = 0.1,
 ) -> BcosCifarResNet:
     """B-cos CIFAR ResNet (B-cos v2): resnet_cifar's layout in B-cos layers, no ReLUs or biases; exactly explained by its contributions (teacher bcos).
 
