@@ -24,7 +24,7 @@ each colour channel added, (B, C, H, W): its sum over channels and pixels is the
 float rounding (there are no biases to leave out). The ``bcos`` teacher returns these maps.
 
 The logits are divided by a fixed ``temperature``, as in the papers: B-cos outputs are bounded by
-the input norm and shrink with each |cos| factor, so without it a softmax stays nearly uniform.
+the input norm and shrink with each ``|cos|`` factor, so without it a softmax stays nearly uniform.
 teachx trains with cross-entropy; v2 recommends binary cross-entropy on one-hot labels, which teachx's
 classifier training does not offer, so these backbones are trained with cross-entropy.
 """
@@ -48,7 +48,7 @@ _EPS = 1e-6
 
 
 def _alignment_scale(linear: torch.Tensor, norm: torch.Tensor, b: float, detach: bool) -> torch.Tensor:
-    """|cos|^(B-1) = |w_hat^T x / ||x|||^(B-1); detached in explanation mode (then a constant)."""
+    """``|cos|^(B-1) = |w_hat^T x / ||x|| |^(B-1)``; detached in explanation mode (then a constant)."""
     if detach:
         linear, norm = linear.detach(), norm.detach()
     cos = linear / norm
@@ -94,7 +94,7 @@ class BcosConv2d(nn.Module):
         return self.weight / self.weight.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None, None]
 
     def patch_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """||x|| of every input patch the convolution reads, (B, 1, h, w)."""
+        """``||x||`` of every input patch the convolution reads, (B, 1, h, w)."""
         ones = torch.ones(1, self.in_channels, self.kernel_size, self.kernel_size, dtype=x.dtype, device=x.device)
         return (F.conv2d(x * x, ones, stride=self.stride, padding=self.padding) + _EPS).sqrt()
 
