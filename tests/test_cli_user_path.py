@@ -22,7 +22,14 @@ from PIL import Image
 from conftest import run_teachx, teachx_main
 from test_cli import assert_one_line_error
 
-SHIPPED = ("cifar10-lenet5", "cifar10-lenet5-baseline", "study-cifar10-lenet5", "study-decoy-fashion-mnist", "demo")
+SHIPPED = (
+    "cifar10-lenet5",
+    "cifar10-lenet5-baseline",
+    "cifar10-bcos-lenet5",
+    "study-cifar10-lenet5",
+    "study-decoy-fashion-mnist",
+    "demo",
+)
 TINY = [
     "data.train_size=200",
     "train.epochs=1",

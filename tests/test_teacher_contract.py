@@ -29,6 +29,7 @@ for _module in (
     "teachx.teachers.gradients",
     "teachx.teachers.gradcam",
     "teachx.teachers.occlusion",
+    "teachx.teachers.bcos",
     "teachx.teachers.shap",
     "teachx.teachers.lrp",
 ):
@@ -49,7 +50,17 @@ class Case:
     """How to build a teacher for these tests, and which contract items it is known to miss."""
 
     options: Callable[[], dict[str, Any]] = dict
+    model: Callable[[], nn.Module] | None = None  # the model explained instead of conftest's SmallCNN
     known_gaps: dict[str, str] = field(default_factory=dict)  # test name -> reason (xfail, not strict)
+
+
+def _bcos_network() -> nn.Module:
+    """A small seeded B-cos ResNet (3 -> 5 classes, with its normalisation layers), in eval mode."""
+    from teachx.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_model("bcos_resnet", 3, 5, 16, depth=8, width=4).eval()
 
 
 CASES: dict[str, Case] = {
@@ -57,6 +68,7 @@ CASES: dict[str, Case] = {
     "occlusion": Case(lambda: {"window": 4, "internal_batch_size": 40}),
     "deepshap": Case(lambda: {"background": _background()}),
     "expected_gradients": Case(lambda: {"background": _background(), "n_samples": 16, "seed": 0}),
+    "bcos": Case(model=_bcos_network),  # explains B-cos networks only
 }
 
 NAMES = TEACHERS.names()
@@ -117,6 +129,14 @@ def name(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def small_cnn(request, small_cnn):
+    """conftest's SmallCNN, or the model a teacher's case names (a teacher for one kind of network)."""
+    name = request.getfixturevalue("name") if "name" in request.fixturenames else None
+    factory = CASES.get(name, Case()).model if name else None
+    return factory() if factory is not None else small_cnn
+
+
 def test_registry_has_the_gradient_family():
     for expected in ("saliency", "gradient_x_input", "integrated_gradients", "gradcam", "occlusion"):
         assert expected in NAMES
@@ -171,7 +191,8 @@ def test_model_left_untouched(name, small_cnn, inputs, targets, mode):
         model.train()
         model.body[0].eval()
         model.classifier.weight.requires_grad_(False)  # partly frozen, as in fine-tuning
-        model.body[0].weight.grad = torch.full_like(model.body[0].weight, 0.5)  # pre-existing grads
+        first = next(model.body[0].parameters())
+        first.grad = torch.full_like(first, 0.5)  # pre-existing grads
     before = model_snapshot(model)
     build(name).attribute(model, inputs, targets)
     after = model_snapshot(model)

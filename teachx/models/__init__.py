@@ -1,7 +1,8 @@
 """Backbones: ``build_model(name, in_channels, num_classes, image_size, **options)``.
 
 Names: ``lenet5``, ``mobilenet`` (``mobilenet_v1``), ``efficientnet_b0``, ``efficientnet_b2``,
-``resnet18``, plus ``torchvision:<name>`` / ``timm:<name>`` when those libraries import, and any
+``resnet18``, ``resnet_cifar``, the B-cos networks ``bcos_lenet5`` and ``bcos_resnet``, plus
+``torchvision:<name>`` / ``timm:<name>`` when those libraries import, and any
 user module through ``adapt(module)``. Every backbone is a ``teachx.models.base.Backbone``
 (body -> neck -> classifier) following the module conventions in that file's docstring.
 
@@ -24,7 +25,7 @@ from typing import Any, Callable
 from torch import nn
 
 from teachx.errors import CheckpointError, ConfigError
-from teachx.models import efficientnet, lenet, mobilenet, resnet  # noqa: F401  (registration)
+from teachx.models import bcos, efficientnet, lenet, mobilenet, resnet  # noqa: F401  (registration)
 from teachx.models._common import MODELS, image_hw, positive_int, resolve_small_input
 from teachx.models.adapter import EXTERNAL, AdaptedBackbone, adapt
 from teachx.models.base import Backbone

@@ -41,7 +41,7 @@ hooks instead.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -110,6 +110,17 @@ class Backbone(nn.Module):
     def feature_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Multi-scale feature maps of ``x``, high to low resolution (see ``pyramid_shapes``)."""
         return self.features_with_pyramid(x)[1]
+
+
+def tell_input_normalization(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    """Tell every module of ``model`` that reads raw pixel values how its inputs were normalised
+    (``(x - mean) / std``, per channel, in [0, 1] units): the B-cos input encoding ``[x, 1 - x]`` needs
+    the image in [0, 1]. Such modules define ``set_input_normalization(mean, std)`` and keep the values
+    in buffers, so checkpoints carry them; other models are left as they are."""
+    for module in model.modules():
+        setter = getattr(module, "set_input_normalization", None)
+        if callable(setter):
+            setter(mean, std)
 
 
 def set_pyramid(model: Backbone, strides: list[int], channels: list[int]) -> None:

@@ -15,6 +15,7 @@ import teachx.training.methods  # noqa: F401 (adds the method.* checks)
 from teachx.config.load import load_config
 from teachx.config.schema import DECODER_CHOSEN, RunConfig
 from teachx.data import get_source
+from teachx.errors import ConfigError
 from teachx.data.options import load_options
 from teachx.models import MODELS
 from teachx.teachers import TEACHERS
@@ -50,3 +51,18 @@ def check_names(cfg: RunConfig) -> None:
         if name and ":" not in name:
             MODELS.canonical(name)
     TEACHERS.canonical(cfg.teacher.method)
+    check_teacher_backbone(cfg)
+
+
+def check_teacher_backbone(cfg: RunConfig) -> None:
+    """A teacher that explains only some backbones (``Teacher.backbones``, e.g. bcos) refuses any other
+    before a teacher model is trained; a given ``teacher.checkpoint`` is checked when it is explained."""
+    accepted = TEACHERS.get(cfg.teacher.method).backbones
+    if not accepted or cfg.teacher.checkpoint:
+        return
+    backbone = cfg.teacher.backbone or cfg.model.backbone
+    if ":" in backbone or MODELS.canonical(backbone) not in accepted:
+        raise ConfigError(
+            f"teacher.method={cfg.teacher.method} explains {' or '.join(accepted)} models only, and the teacher "
+            f"model would be {backbone}; set teacher.backbone={accepted[0]} or choose another teacher.method"
+        )

@@ -15,6 +15,7 @@ from teachx.teachers.base import TEACHERS, Teacher
 from teachx.teachers import gradients as _gradients  # noqa: F401,E402
 from teachx.teachers import gradcam as _gradcam  # noqa: F401,E402
 from teachx.teachers import occlusion as _occlusion  # noqa: F401,E402
+from teachx.teachers import bcos as _bcos  # noqa: F401,E402
 from teachx.teachers import shap as _shap  # noqa: F401,E402
 
 try:  # LRP lands as its own package

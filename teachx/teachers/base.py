@@ -23,6 +23,8 @@ class Teacher:
     """Base class; subclasses set ``name`` and implement ``attribute``."""
 
     name: str = "teacher"
+    backbones: tuple[str, ...] = ()
+    """The registered backbones this method can explain; empty: any model."""
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -61,6 +61,7 @@ from teachx.data.base import ImageDataset, Split
 from teachx.data.loading import BatchIterator
 from teachx.data.transforms import Augment, normalize
 from teachx.errors import CheckpointError, ConfigError
+from teachx.models.base import tell_input_normalization
 from teachx.training.checkpoint import (
     load_checkpoint,
     load_state_into,
@@ -301,6 +302,7 @@ class Trainer:
         device = dist_utils.device_for(self.device) if world > 1 else self.device
         self.device = device
         model = task.model
+        tell_input_normalization(model, self.plan.mean, self.plan.std)  # B-cos networks encode the raw image
         model.to(device)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         if cfg.channels_last:
