@@ -21,6 +21,10 @@ and ``results.json``, binding them to the config that made them.
 One process at a time writes in a run directory: it holds ``.teachx-lock`` there
 (:func:`hold_run_dir`, the file lock the studies use) from before its first change to the
 directory until its last write; another process is refused with a line naming the holder, or waits.
+
+Why one module of over 500 lines: ownership, identity and locking of run and study directories are one
+decision (what teachx may write, resume, replace or delete), kept in one place so that no command decides it
+differently.
 """
 
 from __future__ import annotations
