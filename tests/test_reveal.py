@@ -180,3 +180,26 @@ def test_pooled_relevances_conserve_the_target_logit(small_cnn, inputs):
     assert rel.shape == (6, 16)
     assert np.allclose(rel.sum(1), logits.numpy(), rtol=1e-3, atol=1e-5)
     assert np.all(rel[dead.numpy()] == 0)
+
+
+def test_sample_scores_follow_the_group_ranking():
+    """Each sample scores as its group, its own silhouette breaking ties within the group only: every member
+    of a higher-ranked group scores above every member of a lower-ranked one (the detection AUROC then
+    measures the ranking; scores by each sample's silhouette mixed loose groups' cores above the top group)."""
+    from sklearn.metrics import silhouette_samples
+
+    from teachx.reveal.spectral import rank_groups
+
+    rng = np.random.default_rng(0)
+    # a tight minority, a loose main body, and a loose middle group whose core sits near its centre
+    x = np.concatenate([rng.normal(0, 0.2, (20, 4)), rng.normal(4, 1.5, (60, 4)), rng.normal(-4, 1.2, (40, 4))])
+    labels = np.repeat([0, 1, 2], [20, 60, 40])
+    groups, scores = rank_groups(x, labels, np.arange(len(x)) + 7)
+    assert groups[0].group == 0  # the tight minority first
+    for hi, lo in zip(groups, groups[1:]):
+        a, b = labels == hi.group, labels == lo.group
+        assert scores[a].min() > scores[b].max(), (hi, lo)
+    sil = silhouette_samples(x, labels)
+    for g in groups:  # within a group, the typical (high-silhouette) members first
+        rows = labels == g.group
+        assert np.argsort(scores[rows]).tolist() == np.argsort(sil[rows]).tolist()
