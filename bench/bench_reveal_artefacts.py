@@ -6,7 +6,8 @@ poisoned class is the artefact, its F1, the detection AUROC of the per-sample sc
 AUROC / AP over all training images and the mask IoU. The ground truth is read only to score.
 
 Variants: ``default`` (RevealSettings(): spray_latent on the LRP relevances of the features the classifier
-reads, pattern CAV there, LRP epsilon_plus localisation) and ``spray_maps`` (the former default: SpRAy on 8x8
+reads, pattern CAV there, LRP epsilon_plus localisation), ``refine2`` (the same with the CAV refitted twice on
+what it retrieves) and ``spray_maps`` (the former default: SpRAy on 8x8
 LRP maps, CAV on the last feature maps). Writes a JSON list of rows (--json) and prints a Markdown table.
 
     python bench/bench_reveal_artefacts.py --runs /tmp/r2r                     # timestamp, p 0.5 and 0.1
@@ -28,6 +29,7 @@ from pathlib import Path
 
 VARIANTS = {
     "default": {},
+    "refine2": {"refine": 2},
     "spray_maps": {"method": "spray", "latent": "activations", "layer": "body"},
 }
 

@@ -203,3 +203,27 @@ def test_sample_scores_follow_the_group_ranking():
     for g in groups:  # within a group, the typical (high-silhouette) members first
         rows = labels == g.group
         assert np.argsort(scores[rows]).tolist() == np.argsort(sil[rows]).tolist()
+
+
+def test_refined_cav_grows_a_partial_group_to_the_whole_concept():
+    """A seed that holds a quarter of a planted concept (as a clustering group may): the pattern CAV refitted
+    on what it retrieves covers the whole concept, and points closer to the planted direction than the seed's
+    own CAV, whose rest still holds three quarters of the concept."""
+    from teachx.reveal.cav import refine_cav
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (400, 12))
+    u = np.zeros(12)
+    u[0] = 1.0
+    planted = np.zeros(400, bool)
+    planted[rng.choice(400, 120, replace=False)] = True
+    x[planted] += 3.0 * u
+    seed = np.zeros(400, bool)
+    seed[np.flatnonzero(planted)[:30]] = True
+    x[seed, 1] += 2.0  # what only the seed shares (e.g. one corner of the image)
+    first = fit_cav(x, seed, "pattern")
+    refined = refine_cav(x, seed, "pattern", rounds=3)
+    assert abs(refined.direction @ u) > abs(first.direction @ u) + 0.05
+    grown = refined.scores(x) >= (refined.concept_mean + refined.rest_mean) / 2
+    assert (grown & planted).sum() >= 0.9 * planted.sum() and (grown & planted).sum() >= 0.8 * grown.sum()
+    assert refine_cav(x, seed, "pattern", rounds=0).direction.tolist() == first.direction.tolist()

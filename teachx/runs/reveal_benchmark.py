@@ -23,7 +23,7 @@ from teachx.data.artefacts import ground_truth, has_ground_truth
 from teachx.data.transforms import normalize
 from teachx.reveal import build as build_method
 from teachx.reveal.base import Evidence
-from teachx.reveal.cav import fit_cav
+from teachx.reveal.cav import refine_cav
 from teachx.reveal.evaluate import concept_evaluation, detection
 from teachx.reveal.features import (
     check_layer,
@@ -50,6 +50,7 @@ class RevealSettings:
     teacher: Optional[str] = "lrp"  # the maps of the map-based methods (None: the run's teacher method)
     layer: Optional[str] = None  # the latent and CAV layer (None: the features the classifier reads)
     cav: str = "pattern"  # pattern | svm | logistic
+    refine: int = 0  # rounds the CAV is refitted on the class's images it retrieves (teachx.reveal.cav.refine_cav)
     localise: str = "lrp"  # lrp | gradient
     max_localise: int = 500  # images localised per concept (its members first, then the best-scoring)
 
@@ -138,7 +139,7 @@ def reveal_benchmark(
         top = np.isin(result.indices, np.asarray(result.groups[0].members))
         concept = None
         if 2 <= top.sum() <= len(top) - 2:
-            cav = fit_cav(_rows(acts, members, result.indices), top, settings.cav, layer)
+            cav = refine_cav(_rows(acts, members, result.indices), top, settings.cav, layer, settings.refine)
             if all_acts is None:
                 all_acts = pooled_activations(model, batch, train_idx, layer, batch_size)
             scores = cav.scores(all_acts)
