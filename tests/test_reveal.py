@@ -227,3 +227,12 @@ def test_refined_cav_grows_a_partial_group_to_the_whole_concept():
     grown = refined.scores(x) >= (refined.concept_mean + refined.rest_mean) / 2
     assert (grown & planted).sum() >= 0.9 * planted.sum() and (grown & planted).sum() >= 0.8 * grown.sum()
     assert refine_cav(x, seed, "pattern", rounds=0).direction.tolist() == first.direction.tolist()
+
+
+def test_classifier_input_is_the_last_layer_not_shaped_like_the_output(small_cnn, inputs):
+    from teachx.reveal.features import classifier_input
+
+    assert classifier_input(layer_shapes(small_cnn, inputs)) == "neck"
+    # a head whose last module and its container both give the logits: the layer before them
+    shapes = {"body": (8, 4, 4), "pool": (8,), "head.0": (5,), "head": (5,)}
+    assert classifier_input(shapes) == "pool"
