@@ -180,3 +180,59 @@ def test_pooled_relevances_conserve_the_target_logit(small_cnn, inputs):
     assert rel.shape == (6, 16)
     assert np.allclose(rel.sum(1), logits.numpy(), rtol=1e-3, atol=1e-5)
     assert np.all(rel[dead.numpy()] == 0)
+
+
+def test_sample_scores_follow_the_group_ranking():
+    """Each sample scores as its group, its own silhouette breaking ties within the group only: every member
+    of a higher-ranked group scores above every member of a lower-ranked one (the detection AUROC then
+    measures the ranking; scores by each sample's silhouette mixed loose groups' cores above the top group)."""
+    from sklearn.metrics import silhouette_samples
+
+    from teachx.reveal.spectral import rank_groups
+
+    rng = np.random.default_rng(0)
+    # a tight minority, a loose main body, and a loose middle group whose core sits near its centre
+    x = np.concatenate([rng.normal(0, 0.2, (20, 4)), rng.normal(4, 1.5, (60, 4)), rng.normal(-4, 1.2, (40, 4))])
+    labels = np.repeat([0, 1, 2], [20, 60, 40])
+    groups, scores = rank_groups(x, labels, np.arange(len(x)) + 7)
+    assert groups[0].group == 0  # the tight minority first
+    for hi, lo in zip(groups, groups[1:]):
+        a, b = labels == hi.group, labels == lo.group
+        assert scores[a].min() > scores[b].max(), (hi, lo)
+    sil = silhouette_samples(x, labels)
+    for g in groups:  # within a group, the typical (high-silhouette) members first
+        rows = labels == g.group
+        assert np.argsort(scores[rows]).tolist() == np.argsort(sil[rows]).tolist()
+
+
+def test_refined_cav_grows_a_partial_group_to_the_whole_concept():
+    """A seed that holds a quarter of a planted concept (as a clustering group may): the pattern CAV refitted
+    on what it retrieves covers the whole concept, and points closer to the planted direction than the seed's
+    own CAV, whose rest still holds three quarters of the concept."""
+    from teachx.reveal.cav import refine_cav
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (400, 12))
+    u = np.zeros(12)
+    u[0] = 1.0
+    planted = np.zeros(400, bool)
+    planted[rng.choice(400, 120, replace=False)] = True
+    x[planted] += 3.0 * u
+    seed = np.zeros(400, bool)
+    seed[np.flatnonzero(planted)[:30]] = True
+    x[seed, 1] += 2.0  # what only the seed shares (e.g. one corner of the image)
+    first = fit_cav(x, seed, "pattern")
+    refined = refine_cav(x, seed, "pattern", rounds=3)
+    assert abs(refined.direction @ u) > abs(first.direction @ u) + 0.05
+    grown = refined.scores(x) >= (refined.concept_mean + refined.rest_mean) / 2
+    assert (grown & planted).sum() >= 0.9 * planted.sum() and (grown & planted).sum() >= 0.8 * grown.sum()
+    assert refine_cav(x, seed, "pattern", rounds=0).direction.tolist() == first.direction.tolist()
+
+
+def test_classifier_input_is_the_last_layer_not_shaped_like_the_output(small_cnn, inputs):
+    from teachx.reveal.features import classifier_input
+
+    assert classifier_input(layer_shapes(small_cnn, inputs)) == "neck"
+    # a head whose last module and its container both give the logits: the layer before them
+    shapes = {"body": (8, 4, 4), "pool": (8,), "head.0": (5,), "head": (5,)}
+    assert classifier_input(shapes) == "pool"

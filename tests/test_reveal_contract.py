@@ -103,3 +103,15 @@ def test_unknown_method_and_bad_options_are_one_line():
         build("sprey")
     with pytest.raises(ConfigError, match="bad options for reveal method 'spray'"):
         build("spray", colour="red")
+
+
+@pytest.mark.parametrize("planted_n", [16, 48])  # a minority (1/6 of the class) and half the class
+def test_planted_group_is_ranked_first_as_minority_and_as_half_the_class(planted_n):
+    """The ranking (silhouette x (1 - share)) on evidence whose answer is known: a planted group of alike
+    samples is ranked first whether it is a small minority or half of the class (an artefact in p = 0.5 of a
+    class's images), by the map method and the latent one."""
+    for name in ("spray", "spray_latent"):
+        ev, planted = planted_evidence(seed=1, planted_n=planted_n)
+        res = build(name).reveal(ev)
+        top = np.isin(ev.indices, res.groups[0].members)
+        assert (top & planted).sum() >= 0.9 * planted.sum() and (top & planted).sum() >= 0.9 * top.sum(), name

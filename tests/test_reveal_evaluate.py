@@ -136,7 +136,13 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
     from teachx.runs.stages import load_stage_model
 
     model = load_stage_model(_classifier_checkpoint(find_classifier(run)).parent.parent)
-    bench = reveal_benchmark(_check_run_dir(run), plan, model, torch.device("cpu"), RevealSettings(teacher="gradient"))
+    bench = reveal_benchmark(
+        _check_run_dir(run),
+        plan,
+        model,
+        torch.device("cpu"),
+        RevealSettings(method="spray", teacher="gradient", layer="body"),
+    )
     assert list(bench.classes) == ["2"]
     assert bench.classes["2"]["detection"] == saved
     got = bench.classes["2"]["concept"]

@@ -113,6 +113,25 @@ def fit_cav(activations: np.ndarray, concept: np.ndarray, kind: str = "pattern",
     return Cav(w, kind, layer, float(s[y].mean()), float(s[~y].mean()))
 
 
+def refine_cav(
+    activations: np.ndarray, concept: np.ndarray, kind: str = "pattern", layer: str = "", rounds: int = 2
+) -> Cav:
+    """The CAV of ``concept``, refitted ``rounds`` times on the rows it scores above the midpoint of its concept
+    and rest means (Reveal-to-Revise grows a discovered artefact group this way: a group found by clustering
+    holds part of the artefact's images, and the CAV finds the others). Stops early when the set stays the same
+    or would leave fewer than 2 on a side."""
+    y = np.asarray(concept).astype(bool)
+    cav = fit_cav(activations, y, kind, layer)
+    for _ in range(int(rounds)):
+        s = cav.scores(activations)
+        grown = s >= (cav.concept_mean + cav.rest_mean) / 2
+        if np.array_equal(grown, y) or not 2 <= grown.sum() <= len(grown) - 2:
+            break
+        y = grown
+        cav = fit_cav(activations, y, kind, layer)
+    return cav
+
+
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` for the boolean ``truth`` (the Mann-Whitney U statistic over
     average ranks, ties counted half); NaN when one side is empty."""

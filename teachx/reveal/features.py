@@ -47,6 +47,21 @@ def default_layer(shapes: dict[str, tuple[int, ...]]) -> str:
     return (maps or list(shapes))[-1]
 
 
+def classifier_input(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The features the classifier reads: the last layer (in forward order) whose output is not shaped like the
+    model's output (e.g. LeNet-5's ``neck``, a ResNet's pooled features).
+
+    Why not the last feature maps: a shortcut that may sit anywhere in the image (a timestamp in a random
+    corner) is encoded position-free only where the network has pooled over space; the last conv block of a
+    small network has too few channels to hold it (measured: docs/guide/reveal.md). For a large CNN the
+    penultimate features are the spatially pooled last block, close to what R2R fits its CAVs on."""
+    names = list(shapes)
+    if not names:
+        raise ConfigError("the model has no named layers to read activations from")
+    out = shapes[names[-1]]
+    return ([n for n in names if shapes[n] != out] or names)[-1]
+
+
 def check_layer(layer: Optional[str], shapes: dict[str, tuple[int, ...]]) -> str:
     """``layer`` if the model has it (None: :func:`default_layer`); else a one-line error listing the valid ones."""
     if layer is None:

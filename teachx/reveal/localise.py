@@ -3,7 +3,9 @@ the input (concept-conditional relevance, as Reveal-to-Revise localises an artef
 channels to one heatmap per image, and a mask by threshold.
 
 ``method="lrp"`` uses teachx's LRP (:meth:`teachx.teachers.lrp.Lrp.attribute_from_layer`, composite
-epsilon_plus_flat as in R2R by default); ``method="gradient"`` is gradient x input of the concept score
+epsilon_plus by default: R2R uses epsilon_plus_flat, whose flat rule spreads each first-layer relevance evenly
+over the filter's window and so blurs a thin artefact -- on a 1-pixel timestamp it halves the mask IoU, see
+docs/guide/reveal.md); ``method="gradient"`` is gradient x input of the concept score
 sum(a.clamp(0) x cav) (x * d score / dx): no rules, the same answer on a bias-free linear path, and usable
 for models LRP has no rules for.
 The start keeps only positive activations (``a.clamp(min=0) * cav``): where the concept is present, not where
@@ -44,7 +46,7 @@ def localise(
     layer: nn.Module,
     cav: np.ndarray | torch.Tensor,
     method: str = "lrp",
-    composite: str = "epsilon_plus_flat",
+    composite: str = "epsilon_plus",
 ) -> torch.Tensor:
     """(B, H, W) concept heatmaps of ``inputs`` (normalised images) for ``cav`` at ``layer``."""
     start = concept_start(torch.as_tensor(np.asarray(cav), dtype=torch.float32))

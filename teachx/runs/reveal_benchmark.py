@@ -18,14 +18,23 @@ import numpy as np
 import torch
 
 from teachx.config.schema import RunConfig
+from teachx.errors import ConfigError
 from teachx.data.artefacts import ground_truth, has_ground_truth
 from teachx.data.transforms import normalize
 from teachx.reveal import build as build_method
 from teachx.reveal.base import Evidence
-from teachx.reveal.cav import fit_cav
+from teachx.reveal.cav import refine_cav
 from teachx.reveal.evaluate import concept_evaluation, detection
-from teachx.reveal.features import check_layer, find_module, layer_shapes, pooled_activations
+from teachx.reveal.features import (
+    check_layer,
+    classifier_input,
+    find_module,
+    layer_shapes,
+    pooled_activations,
+    pooled_relevances,
+)
 from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
+from teachx.runs.reveal import LATENTS
 from teachx.runs.teacher import as_nchw, teacher_maps
 from teachx.teachers import TEACHERS
 from teachx.training.trainer import DataPlan
@@ -35,10 +44,13 @@ from teachx.training.trainer import DataPlan
 class RevealSettings:
     """How a study's units are revealed (``study.eval.reveal``)."""
 
-    method: str = "spray"  # a reveal method (`teachx reveal --method`)
+    method: str = "spray_latent"  # a reveal method (`teachx reveal --method`)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options (e.g. n_neighbors)
+    latent: str = "relevances"  # what spray_latent reads of the layer: activations | relevances (`--latent`)
     teacher: Optional[str] = "lrp"  # the maps of the map-based methods (None: the run's teacher method)
-    layer: Optional[str] = None  # the CAV's layer (None: the model's last feature maps)
+    layer: Optional[str] = None  # the latent and CAV layer (None: the features the classifier reads)
     cav: str = "pattern"  # pattern | svm | logistic
+    refine: int = 0  # rounds the CAV is refitted on the class's images it retrieves (teachx.reveal.cav.refine_cav)
     localise: str = "lrp"  # lrp | gradient
     max_localise: int = 500  # images localised per concept (its members first, then the best-scoring)
 
@@ -88,7 +100,9 @@ def reveal_benchmark(
     ds = plan.dataset
     if not has_ground_truth(ds):
         return None
-    reveal = build_method(settings.method)
+    if settings.latent not in LATENTS:
+        raise ConfigError(f"unknown latent '{settings.latent}'; valid: {', '.join(LATENTS)}")
+    reveal = build_method(settings.method, **settings.options)
     model = model.to(device).eval()
 
     def batch(idx: np.ndarray) -> torch.Tensor:
@@ -96,7 +110,8 @@ def reveal_benchmark(
 
     train_idx = np.sort(np.asarray(plan.train_idx))
     labels = np.asarray(ds.train.labels)
-    layer = check_layer(settings.layer, layer_shapes(model, batch(train_idx[:1])))
+    shapes = layer_shapes(model, batch(train_idx[:1]))
+    layer = check_layer(settings.layer, shapes) if settings.layer else classifier_input(shapes)
     out = RevealBenchmark({**asdict(settings), "layer": layer})
     seconds = {"maps": 0.0, "reveal": 0.0, "retrieval": 0.0, "localisation": 0.0}
     all_acts: Optional[np.ndarray] = None
@@ -114,14 +129,17 @@ def reveal_benchmark(
             store = teacher_maps(tcfg, plan, model, "train", members, device, log=lambda line: None, progress=False)
             maps = store.read(members).float().numpy()
         acts = pooled_activations(model, batch, members, layer, batch_size)
+        latents = acts
+        if reveal.source == "activations" and settings.latent == "relevances":  # each unit's share of the logit
+            latents = pooled_relevances(model, batch, members, labels[members], layer, batch_size)
         t1 = time.perf_counter()
-        result = reveal.reveal(Evidence(indices=members, maps=maps, activations=acts, label=c))
+        result = reveal.reveal(Evidence(indices=members, maps=maps, activations=latents, label=c))
         t2 = time.perf_counter()
         found = detection(result, _truth(ds).train_poisoned[result.indices], c)
         top = np.isin(result.indices, np.asarray(result.groups[0].members))
         concept = None
         if 2 <= top.sum() <= len(top) - 2:
-            cav = fit_cav(_rows(acts, members, result.indices), top, settings.cav, layer)
+            cav = refine_cav(_rows(acts, members, result.indices), top, settings.cav, layer, settings.refine)
             if all_acts is None:
                 all_acts = pooled_activations(model, batch, train_idx, layer, batch_size)
             scores = cav.scores(all_acts)
