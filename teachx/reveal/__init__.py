@@ -14,7 +14,7 @@ from teachx.errors import ConfigError
 
 #: bumped whenever a reveal method, the CAV, localisation or the ground-truth scoring changes what they compute:
 #: a study's saved reveal of a unit (``reveal-<key>.json``) is keyed by it, so it is made again
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2
 
 from teachx.reveal.base import REVEAL_METHODS, CandidateGroup, Evidence, RevealMethod, RevealResult  # noqa: E402
 
