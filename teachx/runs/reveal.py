@@ -15,6 +15,9 @@ of their arrays, both verified on read):
 
 A class whose record is there, intact and made with the same settings (method, options, layer, teacher,
 model) is skipped, so an interrupted reveal resumes; other settings replace it.
+
+Why one module of over 500 lines: the class records, the concept record and the figure are written and read
+back in one place, so that their layout and digests are defined once for the CLI, the viewer and `teachx revise`.
 """
 
 from __future__ import annotations
