@@ -24,6 +24,16 @@ def _say(line: str) -> None:
     click.echo(line, err=True)
 
 
+def _require_run_dir(run_dir: str) -> None:
+    """A one-line error, before anything is held or written, for a folder that is no teachx run directory."""
+    from teachx.runs.rundir import run_dir_kind  # lazy: CLI start-up
+
+    if run_dir_kind(run_dir) != "teachx":
+        raise ConfigError(
+            f"'{run_dir}' is not a teachx run directory; pass the --out folder of `teachx train`, `teachx run` or `teachx demo`"
+        )
+
+
 @click.command()
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
 @click.option(
@@ -107,12 +117,9 @@ def reveal(
     Run again, it resumes.
     """
     from teachx.runs.reveal import reveal_run  # lazy: CLI start-up
-    from teachx.runs.rundir import hold_run_dir, run_dir_kind  # lazy: CLI start-up
+    from teachx.runs.rundir import hold_run_dir  # lazy: CLI start-up
 
-    if run_dir_kind(run_dir) != "teachx":
-        raise ConfigError(
-            f"'{run_dir}' is not a teachx run directory; pass the --out folder of `teachx train`, `teachx run` or `teachx demo`"
-        )
+    _require_run_dir(run_dir)
     with hold_run_dir(run_dir, wait, _say):
         for line in reveal_run(
             run_dir,
@@ -157,15 +164,12 @@ def revise(run_dir: str, overrides: tuple[str, ...], concept: str, method: str, 
     sensitivity along the concept are measured before and after, into RUN_DIR/revise/.
     """
     from teachx.runs.revise import revise_run  # lazy: CLI start-up
-    from teachx.runs.rundir import hold_run_dir, run_dir_kind  # lazy: CLI start-up
+    from teachx.runs.rundir import hold_run_dir  # lazy: CLI start-up
 
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"unexpected argument '{o}': give RUN_DIR, then KEY=VALUE options")
-    if run_dir_kind(run_dir) != "teachx":
-        raise ConfigError(
-            f"'{run_dir}' is not a teachx run directory; pass the --out folder of `teachx train`, `teachx run` or `teachx demo`"
-        )
+    _require_run_dir(run_dir)
     with hold_run_dir(run_dir, wait, _say):
         for line in revise_run(run_dir, concept, method, list(overrides), log=click.echo, progress=not quiet):
             click.echo(line)
