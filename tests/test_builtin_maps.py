@@ -452,6 +452,64 @@ def test_builtin_map_faithfulness_block():
     json.dumps(out)
 
 
+def test_best_post_hoc_names_the_most_faithful_reference_map():
+    """The built-in maps are measured against the most faithful cheap post-hoc map of the same model, not only
+    against the (possibly smoothed) teacher method: the block names it, with the MoRF ratio and the agreement."""
+    from teachx.evaluation.builtin_maps import builtin_map_faithfulness
+    from teachx.teachers import build as build_teacher
+
+    torch.manual_seed(0)
+    m = build_impactx("lenet5", 1, 4, (16, 16), decoder="unet").eval()
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        logits, maps = m.forward_all(x)
+    target = logits.argmax(1)
+    gxi = build_teacher("gradient_x_input").attribute(m, x, target)
+    noise = torch.rand_like(gxi)
+    out = builtin_map_faithfulness(
+        m, x, target, gxi, None, post_hoc=maps, steps=4, references={"noise": noise, "gxi": gxi}
+    )
+    morf = out["auc"]["pixel_flipping_morf"]
+    assert {"post_hoc_noise", "post_hoc_gxi"} <= set(morf)
+    best = out["best_post_hoc"]
+    assert best["method"] == "gxi" and morf["post_hoc_gxi"] < morf["post_hoc_noise"]
+    assert best["morf_ratio"] == pytest.approx(1.0) and best["corr_self"] == pytest.approx(1.0)
+    assert best["morf_by_method"] == {"noise": morf["post_hoc_noise"], "gxi": morf["post_hoc_gxi"]}
+    json.dumps(out)
+
+
+def test_reference_maps_are_the_cheap_unsmoothed_methods():
+    from types import SimpleNamespace
+
+    from teachx.config.loader import from_dict
+    from teachx.config.schema import RunConfig
+    from teachx.runs.evaluation import REFERENCE_METHODS, reference_maps
+
+    torch.manual_seed(0)
+    cfg = from_dict(RunConfig, {"teacher": {"method": "lrp", "smooth": 2.0}})
+    m = build_impactx("lenet5", 1, 4, (16, 16)).eval()
+    x = torch.randn(3, 1, 16, 16)
+    errors: list[str] = []
+    refs = reference_maps(cfg, SimpleNamespace(), m, x, torch.tensor([0, 1, 2]), torch.device("cpu"), errors)
+    assert errors == [] and set(refs) == set(REFERENCE_METHODS) == {
+        "gradient_x_input",
+        "lrp_epsilon",
+        "integrated_gradients",
+    }
+    assert all(r.shape == (3, 1, 16, 16) for r in refs.values())
+    # unsmoothed even though the teacher is smoothed: gradient x input is exactly the product, max-abs normalised
+    grad_x = build_teacher_gxi(m, x)
+    torch.testing.assert_close(refs["gradient_x_input"], grad_x)
+
+
+def build_teacher_gxi(m, x):
+    from teachx.teachers import build as build_teacher
+    from teachx.teachers.postprocess import postprocess
+
+    raw = build_teacher("gradient_x_input").attribute(m, x, torch.tensor([0, 1, 2]))
+    return postprocess(raw, reduce="sum", normalize="maxabs", smooth=0.0)
+
+
 # -- checkpoints and config --------------------------------------------------------------------------
 
 
@@ -606,8 +664,21 @@ def test_pipeline_records_builtin_map_faithfulness(tmp_path, monkeypatch):
     f = q["faithfulness"]
     assert f["images"] == 12 and f["target"] == "predicted" and "errors" not in f, f
     for metric in ("pixel_flipping_morf", "pixel_flipping_lerf", "insertion"):
-        assert set(f["auc"][metric]) == {"built_in", "teacher_post_hoc", "mean_map", "random"}
+        assert set(f["auc"][metric]) == {
+            "built_in",
+            "teacher_post_hoc",
+            "mean_map",
+            "random",
+            "post_hoc_gradient_x_input",
+            "post_hoc_lrp_epsilon",
+            "post_hoc_integrated_gradients",
+        }
     assert -1 <= f["corr_self"] <= 1 and -1 <= f["corr_self_mean_map"] <= 1
+    best = f["best_post_hoc"]
+    morf = f["auc"]["pixel_flipping_morf"]
+    assert morf[f"post_hoc_{best['method']}"] == best["pixel_flipping_morf"] == min(best["morf_by_method"].values())
+    assert best["morf_ratio"] == pytest.approx(morf["built_in"] / best["pixel_flipping_morf"])
+    assert -1 <= best["corr_self"] <= 1
     history = json.loads((tmp_path / "run" / "impactx" / "history.json").read_text())
     assert "train_map_pearson" in history[0] and "train_faith" in history[0]
 
