@@ -61,11 +61,11 @@ def _first_conv(module: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("name, options, ch, size", BACKBONES)
 def test_default_design_on_every_backbone(name, options, ch, size):
-    """The default built-in-map design (per-class unet_input, width 64, reading M) builds on every backbone: one map per
+    """The default built-in-map design (per-class additive, width 16, reading M) builds on every backbone: one map per
     class at the input size, the predicted class's by default, any class's on request, and the spec rebuilds it."""
     torch.manual_seed(0)
     m = build_impactx(name, ch, 5, size, backbone_options=options).eval()
-    assert m.decoder_reads_m and m.per_class and m.spec["decoder_width"] == 64
+    assert m.decoder_name == "additive" and m.decoder_reads_m and m.per_class and m.spec["decoder_width"] == 16
     x = torch.randn(2, ch, *size)
     with torch.no_grad():
         logits, maps = m.forward_all(x)
@@ -188,6 +188,26 @@ def test_registry_and_bad_decoder_name():
         build_impactx("lenet5", 1, 10, (28, 28), decoder="unett")
     with pytest.raises(ConfigError, match="per_class"):
         build_impactx("lenet5", 1, 10, (28, 28), per_class=True, decoder="paper")  # the paper decoder makes one map
+
+
+def test_additive_fast_is_additive_with_a_pointwise_head():
+    """additive_fast: the additive form (zero where the input equals the reference) with a 1x1 head, so the
+    per-class head at full resolution costs a ninth of additive's; everything else is additive's."""
+    torch.manual_seed(0)
+    fast = build_impactx("lenet5", 3, 10, (32, 32), decoder="additive_fast", decoder_width=16).eval()
+    slow = build_impactx("lenet5", 3, 10, (32, 32), decoder="additive", decoder_width=16).eval()
+    assert fast.decoder.head.kernel_size == (1, 1) and slow.decoder.head.kernel_size == (3, 3)
+    assert fast.decoder.head.out_channels == slow.decoder.head.out_channels == 30  # classes x input channels
+    head = lambda m: sum(p.numel() for p in m.decoder.head.parameters())  # noqa: E731
+    assert head(fast) < head(slow) / 6
+    x = torch.randn(2, 3, 32, 32)
+    x[:, :, :8, :8] = 0.0  # the reference (0: the dataset mean)
+    with torch.no_grad():
+        maps = fast.all_maps(x)
+    assert maps.shape == (2, 10, 1, 32, 32) and maps[..., :8, :8].abs().max() == 0
+    again = impactx_from_spec(fast.spec)
+    again.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(again.eval().all_maps(x), maps)
 
 
 def test_per_class_selection_and_loss_reads_the_explained_class():
@@ -595,26 +615,30 @@ def test_bad_options_exit_2_via_cli(overrides, fragment, capsys):
 
 
 def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
-    """The default decoder is the built-in-maps study's best (per-class U-Net + input, 1 - Pearson);
-    impactx.decoder=paper alone gives the paper's method (one map, MSE); explicit keys win; the
-    written config states the resolved values."""
+    """The default decoder is the most faithful design measured (per-class additive, 1 - Pearson, width 16,
+    reading M, self-taught every epoch with gradient x input); impactx.decoder=paper alone gives the paper's
+    method (one map, MSE, no self-teaching); explicit keys win; the written config states the resolved values."""
     from teachx.config.schema import ImpactxConfig, RunConfig
     from teachx.runs.resolve import resolve_config
     from teachx.models.decoders import DECODERS
 
     ic = RunConfig().impactx
     assert (ic.decoder, ic.per_class, ic.map_loss, ic.decoder_width, ic.decoder_reads_m) == (
-        "unet_input",
+        "additive",
         True,
         "pearson",
-        64,
+        16,
         True,
     )
+    assert (ic.self_teach_every, ic.self_teach_method) == (1, "gradient_x_input")
     paper = resolve_config(overrides=["impactx.decoder=paper"]).impactx
     assert (paper.per_class, paper.map_loss, paper.decoder_width, paper.decoder_reads_m) == (False, "mse", 32, False)
+    assert (paper.self_teach_every, paper.self_teach_method) == (0, "teacher")
+    previous = resolve_config(overrides=["impactx.decoder=unet_input"]).impactx  # the default before: unchanged
+    assert (previous.decoder_width, previous.decoder_reads_m, previous.self_teach_every) == (64, True, 0)
     narrow = resolve_config(overrides=["impactx.decoder_width=32", "impactx.decoder_reads_m=false"]).impactx
     assert (narrow.decoder, narrow.decoder_width, narrow.decoder_reads_m) == (
-        "unet_input",
+        "additive",
         32,
         False,
     )  # explicit keys win
@@ -630,7 +654,7 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     code, text, err = teachx_main(capsys, "config", "impactx.decoder=paper")
     assert code == 0, err
     assert "decoder: paper" in text and "per_class: false" in text and "map_loss: mse" in text
-    assert "decoder_width: 32" in text and "decoder_reads_m: false" in text
+    assert "decoder_width: 32" in text and "decoder_reads_m: false" in text and "self_teach_every: 0" in text
 
 
 # -- the pipeline: per-class unet_input maps with a scale-free loss and the faithfulness term ----------
@@ -817,8 +841,8 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
         again.eval().explain(x, target=torch.tensor(4)), m.eval().explain(x, target=torch.tensor(4))
     )
     assert "decoder_reads_m" not in plain.spec  # other models' specs are as before
-    default = build_impactx("lenet5", 3, 10, (32, 32))  # the default design (unet_input) reads M, at width 64
-    assert default.decoder_reads_m and default.spec["decoder_reads_m"] and default.spec["decoder_width"] == 64
+    default = build_impactx("lenet5", 3, 10, (32, 32))  # the default design (additive) reads M, at width 16
+    assert default.decoder_reads_m and default.spec["decoder_reads_m"] and default.spec["decoder_width"] == 16
     other_lep = build_impactx(
         "lenet5", 3, 10, (32, 32), lep_backbone="resnet_cifar"
     )  # pyramids differ: the default leaves M out

@@ -17,6 +17,7 @@ from teachx.config.schema import DECODER_CHOSEN, RunConfig
 from teachx.data import get_source
 from teachx.data.options import load_options
 from teachx.models import MODELS
+from teachx.errors import ConfigError
 from teachx.teachers import TEACHERS
 
 
@@ -50,3 +51,8 @@ def check_names(cfg: RunConfig) -> None:
         if name and ":" not in name:
             MODELS.canonical(name)
     TEACHERS.canonical(cfg.teacher.method)
+    if cfg.impactx.self_teach_method not in (None, "teacher"):
+        try:
+            TEACHERS.canonical(cfg.impactx.self_teach_method)
+        except ConfigError as exc:
+            raise ConfigError(f"impactx.self_teach_method: {exc} (or teacher: the teacher method)") from None
