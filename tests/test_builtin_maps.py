@@ -61,11 +61,11 @@ def _first_conv(module: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("name, options, ch, size", BACKBONES)
 def test_default_design_on_every_backbone(name, options, ch, size):
-    """The default built-in-map design (per-class additive, width 16, reading M) builds on every backbone: one map per
+    """The default built-in-map design (per-class unet_input, width 16, reading M) builds on every backbone: one map per
     class at the input size, the predicted class's by default, any class's on request, and the spec rebuilds it."""
     torch.manual_seed(0)
     m = build_impactx(name, ch, 5, size, backbone_options=options).eval()
-    assert m.decoder_name == "additive" and m.decoder_reads_m and m.per_class and m.spec["decoder_width"] == 16
+    assert m.decoder_name == "unet_input" and m.decoder_reads_m and m.per_class and m.spec["decoder_width"] == 16
     x = torch.randn(2, ch, *size)
     with torch.no_grad():
         logits, maps = m.forward_all(x)
@@ -615,8 +615,8 @@ def test_bad_options_exit_2_via_cli(overrides, fragment, capsys):
 
 
 def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
-    """The default decoder is the most faithful design measured (per-class additive, 1 - Pearson, width 16,
-    reading M, self-taught every epoch with gradient x input); impactx.decoder=paper alone gives the paper's
+    """The default decoder is the built-in-maps studies' design (per-class U-Net + input, 1 - Pearson, reading M),
+    at width 16 and self-taught every epoch with gradient x input; impactx.decoder=paper alone gives the paper's
     method (one map, MSE, no self-teaching); explicit keys win; the written config states the resolved values."""
     from teachx.config.schema import ImpactxConfig, RunConfig
     from teachx.runs.resolve import resolve_config
@@ -624,7 +624,7 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
 
     ic = RunConfig().impactx
     assert (ic.decoder, ic.per_class, ic.map_loss, ic.decoder_width, ic.decoder_reads_m) == (
-        "additive",
+        "unet_input",
         True,
         "pearson",
         16,
@@ -634,11 +634,11 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     paper = resolve_config(overrides=["impactx.decoder=paper"]).impactx
     assert (paper.per_class, paper.map_loss, paper.decoder_width, paper.decoder_reads_m) == (False, "mse", 32, False)
     assert (paper.self_teach_every, paper.self_teach_method) == (0, "teacher")
-    previous = resolve_config(overrides=["impactx.decoder=unet_input"]).impactx  # the default before: unchanged
-    assert (previous.decoder_width, previous.decoder_reads_m, previous.self_teach_every) == (64, True, 0)
+    additive = resolve_config(overrides=["impactx.decoder=additive"]).impactx  # other decoders: no self-teaching
+    assert (additive.decoder_width, additive.decoder_reads_m, additive.self_teach_every) == (32, False, 0)
     narrow = resolve_config(overrides=["impactx.decoder_width=32", "impactx.decoder_reads_m=false"]).impactx
     assert (narrow.decoder, narrow.decoder_width, narrow.decoder_reads_m) == (
-        "additive",
+        "unet_input",
         32,
         False,
     )  # explicit keys win
@@ -841,7 +841,7 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
         again.eval().explain(x, target=torch.tensor(4)), m.eval().explain(x, target=torch.tensor(4))
     )
     assert "decoder_reads_m" not in plain.spec  # other models' specs are as before
-    default = build_impactx("lenet5", 3, 10, (32, 32))  # the default design (additive) reads M, at width 16
+    default = build_impactx("lenet5", 3, 10, (32, 32))  # the default design (unet_input) reads M, at width 16
     assert default.decoder_reads_m and default.spec["decoder_reads_m"] and default.spec["decoder_width"] == 16
     other_lep = build_impactx(
         "lenet5", 3, 10, (32, 32), lep_backbone="resnet_cifar"

@@ -266,7 +266,7 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     assert _relevant(base) == {}
     design = RunConfig()  # today's default design is hashed as what it is: the same key as when it was an option
     default_design = {
-        "decoder": "additive",
+        "decoder": "unet_input",
         "per_class": True,
         "map_loss": "pearson",
         "decoder_width": 16,
@@ -279,7 +279,7 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     assert impactx_key(design) == impactx_key(explicit) != impactx_key(base)
     # the previous default design (unet_input, width 64, reading M, no self-teaching) hashes exactly what it hashed
     # when it was the default, and so does the one before it (width 32, not reading M)
-    previous = from_dict(RunConfig, {"impactx": {"decoder": "unet_input"}})
+    previous = from_dict(RunConfig, {"impactx": {"decoder_width": 64, "self_teach_every": 0}})
     assert _relevant(previous) == {
         "impactx": {
             "decoder": "unet_input",
@@ -289,14 +289,11 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
             "decoder_reads_m": True,
         }
     }
-    before = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "decoder_width": 32, "decoder_reads_m": False}})
-    assert _relevant(before) == {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson"}}
-    # a study that pins the old self-teaching default (off) keeps its key for a decoder that now self-teaches
-    pinned = from_dict(
+    before = from_dict(
         RunConfig,
-        {"impactx": {"decoder": "additive", "decoder_width": 32, "decoder_reads_m": False, "self_teach_every": 0}},
+        {"impactx": {"decoder": "unet_input", "decoder_width": 32, "decoder_reads_m": False, "self_teach_every": 0}},
     )
-    assert _relevant(pinned) == {"impactx": {"decoder": "additive", "per_class": True, "map_loss": "pearson"}}
+    assert _relevant(before) == {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson"}}
     # other methods ignore impactx.*: their keys do not see the design default either
     rrr = from_dict(RunConfig, {"method": {"name": "rrr"}})
     assert "impactx" not in _relevant(rrr)
@@ -638,8 +635,8 @@ def test_study_records_of_older_teachx_read():
     ],
 )
 def test_shipped_built_in_map_studies_keep_their_unit_keys(name, n, digest):
-    """Their units were trained under earlier defaults: a new default (here self-teaching for the additive
-    decoder) must leave every planned unit key as it was, so existing study directories resume."""
+    """Their units were trained under earlier defaults: a new default (here self-teaching and width 16 for the
+    unet_input decoder) must leave every planned unit key as it was, so existing study directories resume."""
     import hashlib
     from pathlib import Path
 

@@ -140,7 +140,7 @@ class ImpactxConfig:
     m_init: Literal["fresh", "teacher"] = "fresh"  # initialise M from the teacher (same backbone only)
     m_frozen: bool = False  # keep M fixed (only with m_init=teacher)
     # channels of the decoder's first conv block (paper decoder: halved per block, >= 16; unet decoders: every pyramid
-    # level); null: the decoder's recommended width (additive, the default: 16; unet_input: 64; the others: 32)
+    # level); null: the decoder's recommended width (unet_input, the default: 16; the others: 32)
     decoder_width: Optional[int] = None
     decoder_scale: int = (
         2  # paper decoder: convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
@@ -148,16 +148,16 @@ class ImpactxConfig:
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
     # > 0: self-teaching, the maps are re-made every K epochs by impactx.self_teach_method applied to the model being
-    # trained (0: off); null: the decoder's recommended setting (additive, the default: 1; the others: 0)
+    # trained (0: off); null: the decoder's recommended setting (unet_input, the default: 1; the others: 0)
     self_teach_every: Optional[int] = None
     # the method of self-teaching's refreshes: teacher (the teacher method with every teacher.* setting) or a teacher
     # method's name (e.g. gradient_x_input; its default options, unsmoothed); null: the decoder's recommended method
-    # when impactx.self_teach_every is left to the decoder too (additive: gradient_x_input), else teacher
+    # when impactx.self_teach_every is left to the decoder too (unet_input: gradient_x_input), else teacher
     self_teach_method: Optional[str] = None
-    # map decoder: additive (default: map = (x - reference) * g, the multipliers g from LEP's and M's feature pyramids and
-    # the input image; self-taught with gradient x input, the most faithful design measured) | paper (the paper's, from
-    # LEP's pooled vector) | unet | unet_input | additive_fast | lite | lite_additive
-    decoder: str = "additive"
+    # map decoder: unet_input (default: LEP's and M's feature pyramids with skip connections plus the input image,
+    # self-taught with gradient x input; the built-in-maps studies' best) | paper (the paper's, from LEP's pooled
+    # vector) | unet | additive | additive_fast | lite | lite_additive
+    decoder: str = "unet_input"
     # one map per class (FastSHAP-style): trained on the explained class's map, inference gives the predicted
     # class's map; null: the decoder's recommended setting (paper: false, the others: true)
     per_class: Optional[bool] = None
@@ -172,7 +172,7 @@ class ImpactxConfig:
         1  # average-pool built-in and teacher maps by K x K before the map loss (1: the teacher's resolution)
     )
     # the decoder also reads M's feature pyramid (detached: M still learns from CE alone), so the map can see what the
-    # classification branch computes; null: the decoder's recommended setting (additive and unet_input: true, the others: false;
+    # classification branch computes; null: the decoder's recommended setting (unet_input: true, the others: false;
     # false when impactx.lep_backbone is set: the two pyramids must match)
     decoder_reads_m: Optional[bool] = None
     faith_weight: float = (

@@ -38,11 +38,10 @@ Each class also declares ``recommended``: the ``impactx.per_class``, ``impactx.m
 ``impactx.decoder_width``, ``impactx.decoder_reads_m``, ``impactx.self_teach_every`` and
 ``impactx.self_teach_method`` a config gets when it names the decoder and leaves those keys unset -- for
 ``paper`` the paper's own (one map, MSE, width 32, no self-teaching), for the others the setting the
-built-in-maps study found to explain best (one map per class, 1 - Pearson); for ``unet_input`` also twice
-the width and M's pyramid read as well (more faithful in every seed, with either teacher); for
-``additive``, the default, width 16 reading M and self-taught every epoch with gradient x input of the
-model being trained (the most faithful to the model of the designs measured against the best cheap
-post-hoc map). So ``impactx.decoder=paper`` alone is the paper's method.
+built-in-maps study found to explain best (one map per class, 1 - Pearson); for ``unet_input``, the
+default, also M's pyramid read as well (more faithful in every seed, with either teacher), width 16, and
+self-teaching every epoch with gradient x input of the model being trained (the maps follow the model,
+not the teacher). So ``impactx.decoder=paper`` alone is the paper's method.
 
 Decoders are not part of the logits' graph (``ImpactX.forward`` never calls them), so post-hoc
 explanation methods applied to an IMPACTX model never see them; they use inline ``+`` and
@@ -272,15 +271,17 @@ class InputDecoder(UNetDecoder):
     """
 
     needs_input = True
-    #: the default design: width 64 and M's pyramid too made the maps more faithful in every seed, with
-    #: DeepSHAP and with self-teaching (README "What the decoder reads")
+    #: the default design: M's pyramid too made the maps more faithful in every seed, with DeepSHAP and with
+    #: self-teaching; self-taught every epoch with gradient x input of the model being trained, the maps follow
+    #: the model that makes them, and at width 16 (64 before) the step costs about half as much with about
+    #: the same faithfulness (docs/studies/builtin-maps.md "Faithful by default")
     recommended = {
         "per_class": True,
         "map_loss": "pearson",
-        "decoder_width": 64,
+        "decoder_width": 16,
         "decoder_reads_m": True,
-        "self_teach_every": 0,
-        "self_teach_method": "teacher",
+        "self_teach_every": 1,
+        "self_teach_method": "gradient_x_input",
     }
 
     def __init__(
@@ -338,17 +339,7 @@ class AdditiveDecoder(InputDecoder):
     equals the reference, as with gradient x input.
     """
 
-    #: the default design: self-taught every epoch with gradient x input of the model being trained, width 16, reading
-    #: M too -- the most faithful to the model of the designs measured, at about half the default's cost before
-    #: (docs "Faithful by default")
-    recommended = {
-        "per_class": True,
-        "map_loss": "pearson",
-        "decoder_width": 16,
-        "decoder_reads_m": True,
-        "self_teach_every": 1,
-        "self_teach_method": "gradient_x_input",
-    }
+    recommended = Decoder.recommended  # measured only at width 32 without M
 
     def __init__(
         self,

@@ -215,7 +215,7 @@ def build_impactx(
     decoder_width: Optional[int] = None,
     classifier_hidden: int = 0,
     decoder_scale: int = 2,
-    decoder: str = "additive",
+    decoder: str = "unet_input",
     per_class: Optional[bool] = None,
     additive_reference: float | list[float] = 0.0,
     decoder_reads_m: Optional[bool] = None,
