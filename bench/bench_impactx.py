@@ -20,6 +20,7 @@ Writes bench/results/impactx.json atomically and prints a table.
     python bench/bench_impactx.py --models lenet5 --decoders unet_input,lite@16,lite_additive@16 --per-class --map-loss pearson --out bench/results/impactx_decoders_per_class.json
     python bench/bench_impactx.py --models lenet5 --decoders paper,unet,unet_input,additive [--per-class] [--map-loss pearson] [--faith-weight 0.1] --out bench/results/impactx_decoders.json
     python bench/bench_impactx.py --models lenet5 --decoders unet_input,unet_input@64 --per-class --map-loss pearson --reads-m --threads 2 --out bench/results/impactx_decoders_reads_m.json
+    python bench/bench_impactx.py --models lenet5 --decoders unet_input@64,unet_input@16,additive@16,additive_fast@16,unet@16,lite@16 --per-class --map-loss pearson --reads-m --self-teach-every 1 --threads 1 --repeats 30 --clock cpu --out bench/results/impactx_faithful_default.json
 """
 
 from __future__ import annotations
