@@ -142,6 +142,7 @@ def self_teaching_hook(
         cfg.teacher.batch_size,
         log,
         progress=cfg.train.progress,
+        epochs=cfg.train.epochs,
     )
 
 
