@@ -857,3 +857,16 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
         from_dict(RunConfig, {"impactx": {"decoder": "paper", "decoder_reads_m": True}})
     with pytest.raises(ConfigError, match="same levels"):
         build_impactx("lenet5", 3, 10, (32, 32), lep_backbone="mobilenet", decoder_reads_m=True)
+
+
+def test_study_summary_reads_blocks_with_and_without_best_post_hoc():
+    """Faithfulness blocks written before best_post_hoc existed still summarise; new ones add its two measures."""
+    from teachx.studies.statistics import _builtin_faith_summary
+
+    old = {"corr_self": 0.5, "auc": {"pixel_flipping_morf": {"built_in": 0.2, "teacher_post_hoc": 0.1}}}
+    new = {**old, "best_post_hoc": {"method": "gradient_x_input", "corr_self": 0.4, "morf_ratio": 1.3}}
+    assert "best_post_hoc.corr_self" not in _builtin_faith_summary([old, old])
+    assert _builtin_faith_summary([old, new])["corr_self"]["mean"] == pytest.approx(0.5)  # a mix: common keys only
+    both = _builtin_faith_summary([new, new])
+    assert both["best_post_hoc.corr_self"]["mean"] == pytest.approx(0.4)
+    assert both["best_post_hoc.morf_ratio"]["mean"] == pytest.approx(1.3)
