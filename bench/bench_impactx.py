@@ -20,6 +20,7 @@ Writes bench/results/impactx.json atomically and prints a table.
     python bench/bench_impactx.py --models lenet5 --decoders unet_input,lite@16,lite_additive@16 --per-class --map-loss pearson --out bench/results/impactx_decoders_per_class.json
     python bench/bench_impactx.py --models lenet5 --decoders paper,unet,unet_input,additive [--per-class] [--map-loss pearson] [--faith-weight 0.1] --out bench/results/impactx_decoders.json
     python bench/bench_impactx.py --models lenet5 --decoders unet_input,unet_input@64 --per-class --map-loss pearson --reads-m --threads 2 --out bench/results/impactx_decoders_reads_m.json
+    python bench/bench_impactx.py --models lenet5 --decoders unet_input@64,unet_input@16,additive@16,additive_fast@16,unet@16,lite@16 --per-class --map-loss pearson --reads-m --self-teach-every 1 --threads 1 --repeats 30 --clock cpu --out bench/results/impactx_faithful_default.json
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ import torch.nn.functional as F
 
 from teachx.models import build_model
 from teachx.models.impactx import build_impactx
+from teachx.teachers import build as build_teacher
+from teachx.teachers.postprocess import postprocess
 from teachx.teachers.store import fill_store, open_store
 from teachx.training.impactx import ImpactxTask, MapSource
 from teachx.utils.io import write_json_atomic
 from teachx.utils.runtime import tune_cpu_allocator
 
 B, SIZE, C, K = 64, 32, 3, 10
+#: the clock of ``timed``: wall time, or with ``--clock cpu`` this process's CPU time (on a shared machine a
+#: process waiting for a core is not charged for it; with one thread it is the work each step does)
+CLOCK = time.perf_counter
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> float:
@@ -50,9 +56,9 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
@@ -248,8 +254,11 @@ def bench_decoders(
     map_loss: str = "mse",
     faith_weight: float = 0.0,
     reads_m: bool = False,
+    self_teach_every: int = 0,
+    self_teach_method: str = "gradient_x_input",
 ) -> list[dict]:
-    """Per decoder: built-in maps (one forward) / baseline forward, IMPACTX step / baseline step, MACs."""
+    """Per decoder: built-in maps (one forward) / baseline forward, IMPACTX step / baseline step, MACs; with
+    ``self_teach_every``, also the step with self-teaching's refreshes amortised over it."""
     torch.manual_seed(0)
     xb, yb = torch.randn(B, C, SIZE, SIZE), torch.randint(0, K, (B,))
     maps_b = torch.randn(B, 1, SIZE, SIZE)
@@ -299,6 +308,15 @@ def bench_decoders(
             opt_i.step()
 
         t_step = timed(imp_step, repeats)
+        t_refresh = None
+        if self_teach_every:  # one refresh batch: the self-teaching method's maps of B training images
+            teacher = build_teacher(self_teach_method)
+
+            def refresh():
+                imp.eval()
+                postprocess(teacher.attribute(imp, xb, yb), reduce="sum", normalize="maxabs", smooth=0.0)
+
+            t_refresh = timed(refresh, repeats)
         imp.eval()
         with torch.no_grad():
             t_builtin = timed(lambda: imp.forward_all(xb), repeats)
@@ -322,6 +340,13 @@ def bench_decoders(
                 "baseline_step_s": t_base_step,
                 "impactx_step_s": t_step,
                 "ratio_impactx_step_to_baseline": t_step / t_base_step,
+                "self_teach_every": self_teach_every,
+                "self_teach_method": self_teach_method if self_teach_every else None,
+                "refresh_batch_s": t_refresh,
+                # a refresh re-explains every training image once every K epochs: one refresh batch per K steps
+                "ratio_impactx_step_with_refresh_to_baseline": (t_step + t_refresh / self_teach_every) / t_base_step
+                if t_refresh is not None
+                else None,
                 "macs_per_image": {"baseline": macs_per_image(base, xb), "decoder": macs_builtin - macs_branches},
                 "decoder_parameters": sum(p.numel() for p in imp.decoder.parameters()),
             }
@@ -369,6 +394,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="batches per timed epoch")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time (default) or the process's CPU time (steadier on a shared machine; use with --threads 1)",
+    )
+    ap.add_argument(
         "--posthoc-models",
         default="lenet5,mobilenet",
         help="models also timed with post-hoc shap.DeepExplainer (minutes per image on large nets)",
@@ -385,6 +416,14 @@ def main() -> None:
         "--faith-weight", type=float, default=0.0, help="with --decoders: impactx.faith_weight of the timed step"
     )
     ap.add_argument(
+        "--self-teach-every",
+        type=int,
+        default=0,
+        help="with --decoders: also time a self-teaching refresh (impactx.self_teach_method's maps of one batch), "
+        "amortised over K epochs (impactx.self_teach_every)",
+    )
+    ap.add_argument("--self-teach-method", default="gradient_x_input", help="with --self-teach-every: the method")
+    ap.add_argument(
         "--reads-m",
         action="store_true",
         help="with --decoders: the decoder also reads M's pyramid (impactx.decoder_reads_m)",
@@ -394,6 +433,8 @@ def main() -> None:
         width = item.partition("@")[2]
         if width and not (width.isdigit() and int(width) > 0):
             ap.error(f"--decoders: '{item}': the width after @ must be a positive integer, e.g. lite@16")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     malloc_tuned = tune_cpu_allocator()  # as the CLI, Trainer and map stores do: the speed users get
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -408,18 +449,26 @@ def main() -> None:
                 args.map_loss,
                 args.faith_weight,
                 args.reads_m,
+                args.self_teach_every,
+                args.self_teach_method,
             )
         for r in rows:
             print(
                 f"{r['model']:10s} {r['decoder'] + '@' + str(r['decoder_width']):16s} built-in maps {r['ratio_builtin_maps_to_forward']:.2f}x forward | "
                 f"step {r['ratio_impactx_step_to_baseline']:.2f}x baseline | decoder MACs "
                 f"{r['macs_per_image']['decoder'] / r['macs_per_image']['baseline']:.2f}x the baseline model's"
+                + (
+                    f" | step with self-teaching refreshes {r['ratio_impactx_step_with_refresh_to_baseline']:.2f}x"
+                    if r["self_teach_every"]
+                    else ""
+                )
             )
         write_json_atomic(
             args.out,
             {
                 "benchmark": "impactx_decoders",
                 "threads": torch.get_num_threads(),
+                "clock": args.clock,
                 "torch": torch.__version__,
                 "malloc_tuned": malloc_tuned,
                 "decoders": rows,

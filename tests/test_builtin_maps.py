@@ -61,11 +61,11 @@ def _first_conv(module: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize("name, options, ch, size", BACKBONES)
 def test_default_design_on_every_backbone(name, options, ch, size):
-    """The default built-in-map design (per-class unet_input, width 64, reading M) builds on every backbone: one map per
+    """The default built-in-map design (per-class unet_input, width 16, reading M) builds on every backbone: one map per
     class at the input size, the predicted class's by default, any class's on request, and the spec rebuilds it."""
     torch.manual_seed(0)
     m = build_impactx(name, ch, 5, size, backbone_options=options).eval()
-    assert m.decoder_reads_m and m.per_class and m.spec["decoder_width"] == 64
+    assert m.decoder_name == "unet_input" and m.decoder_reads_m and m.per_class and m.spec["decoder_width"] == 16
     x = torch.randn(2, ch, *size)
     with torch.no_grad():
         logits, maps = m.forward_all(x)
@@ -188,6 +188,26 @@ def test_registry_and_bad_decoder_name():
         build_impactx("lenet5", 1, 10, (28, 28), decoder="unett")
     with pytest.raises(ConfigError, match="per_class"):
         build_impactx("lenet5", 1, 10, (28, 28), per_class=True, decoder="paper")  # the paper decoder makes one map
+
+
+def test_additive_fast_is_additive_with_a_pointwise_head():
+    """additive_fast: the additive form (zero where the input equals the reference) with a 1x1 head, so the
+    per-class head at full resolution costs a ninth of additive's; everything else is additive's."""
+    torch.manual_seed(0)
+    fast = build_impactx("lenet5", 3, 10, (32, 32), decoder="additive_fast", decoder_width=16).eval()
+    slow = build_impactx("lenet5", 3, 10, (32, 32), decoder="additive", decoder_width=16).eval()
+    assert fast.decoder.head.kernel_size == (1, 1) and slow.decoder.head.kernel_size == (3, 3)
+    assert fast.decoder.head.out_channels == slow.decoder.head.out_channels == 30  # classes x input channels
+    head = lambda m: sum(p.numel() for p in m.decoder.head.parameters())  # noqa: E731
+    assert head(fast) < head(slow) / 6
+    x = torch.randn(2, 3, 32, 32)
+    x[:, :, :8, :8] = 0.0  # the reference (0: the dataset mean)
+    with torch.no_grad():
+        maps = fast.all_maps(x)
+    assert maps.shape == (2, 10, 1, 32, 32) and maps[..., :8, :8].abs().max() == 0
+    again = impactx_from_spec(fast.spec)
+    again.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(again.eval().all_maps(x), maps)
 
 
 def test_per_class_selection_and_loss_reads_the_explained_class():
@@ -452,6 +472,64 @@ def test_builtin_map_faithfulness_block():
     json.dumps(out)
 
 
+def test_best_post_hoc_names_the_most_faithful_reference_map():
+    """The built-in maps are measured against the most faithful cheap post-hoc map of the same model, not only
+    against the (possibly smoothed) teacher method: the block names it, with the MoRF ratio and the agreement."""
+    from teachx.evaluation.builtin_maps import builtin_map_faithfulness
+    from teachx.teachers import build as build_teacher
+
+    torch.manual_seed(0)
+    m = build_impactx("lenet5", 1, 4, (16, 16), decoder="unet").eval()
+    x = torch.randn(8, 1, 16, 16)
+    with torch.no_grad():
+        logits, maps = m.forward_all(x)
+    target = logits.argmax(1)
+    gxi = build_teacher("gradient_x_input").attribute(m, x, target)
+    noise = torch.rand_like(gxi)
+    out = builtin_map_faithfulness(
+        m, x, target, gxi, None, post_hoc=maps, steps=4, references={"noise": noise, "gxi": gxi}
+    )
+    morf = out["auc"]["pixel_flipping_morf"]
+    assert {"post_hoc_noise", "post_hoc_gxi"} <= set(morf)
+    best = out["best_post_hoc"]
+    assert best["method"] == "gxi" and morf["post_hoc_gxi"] < morf["post_hoc_noise"]
+    assert best["morf_ratio"] == pytest.approx(1.0) and best["corr_self"] == pytest.approx(1.0)
+    assert best["morf_by_method"] == {"noise": morf["post_hoc_noise"], "gxi": morf["post_hoc_gxi"]}
+    json.dumps(out)
+
+
+def test_reference_maps_are_the_cheap_unsmoothed_methods():
+    from types import SimpleNamespace
+
+    from teachx.config.loader import from_dict
+    from teachx.config.schema import RunConfig
+    from teachx.runs.evaluation import REFERENCE_METHODS, reference_maps
+
+    torch.manual_seed(0)
+    cfg = from_dict(RunConfig, {"teacher": {"method": "lrp", "smooth": 2.0}})
+    m = build_impactx("lenet5", 1, 4, (16, 16)).eval()
+    x = torch.randn(3, 1, 16, 16)
+    errors: list[str] = []
+    refs = reference_maps(cfg, SimpleNamespace(), m, x, torch.tensor([0, 1, 2]), torch.device("cpu"), errors)
+    assert errors == [] and set(refs) == set(REFERENCE_METHODS) == {
+        "gradient_x_input",
+        "lrp_epsilon",
+        "integrated_gradients",
+    }
+    assert all(r.shape == (3, 1, 16, 16) for r in refs.values())
+    # unsmoothed even though the teacher is smoothed: gradient x input is exactly the product, max-abs normalised
+    grad_x = build_teacher_gxi(m, x)
+    torch.testing.assert_close(refs["gradient_x_input"], grad_x)
+
+
+def build_teacher_gxi(m, x):
+    from teachx.teachers import build as build_teacher
+    from teachx.teachers.postprocess import postprocess
+
+    raw = build_teacher("gradient_x_input").attribute(m, x, torch.tensor([0, 1, 2]))
+    return postprocess(raw, reduce="sum", normalize="maxabs", smooth=0.0)
+
+
 # -- checkpoints and config --------------------------------------------------------------------------
 
 
@@ -537,9 +615,9 @@ def test_bad_options_exit_2_via_cli(overrides, fragment, capsys):
 
 
 def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
-    """The default decoder is the built-in-maps study's best (per-class U-Net + input, 1 - Pearson);
-    impactx.decoder=paper alone gives the paper's method (one map, MSE); explicit keys win; the
-    written config states the resolved values."""
+    """The default decoder is the built-in-maps studies' design (per-class U-Net + input, 1 - Pearson, reading M),
+    at width 16 and self-taught every epoch with gradient x input; impactx.decoder=paper alone gives the paper's
+    method (one map, MSE, no self-teaching); explicit keys win; the written config states the resolved values."""
     from teachx.config.schema import ImpactxConfig, RunConfig
     from teachx.runs.resolve import resolve_config
     from teachx.models.decoders import DECODERS
@@ -549,11 +627,15 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
         "unet_input",
         True,
         "pearson",
-        64,
+        16,
         True,
     )
+    assert (ic.self_teach_every, ic.self_teach_method) == (1, "gradient_x_input")
     paper = resolve_config(overrides=["impactx.decoder=paper"]).impactx
     assert (paper.per_class, paper.map_loss, paper.decoder_width, paper.decoder_reads_m) == (False, "mse", 32, False)
+    assert (paper.self_teach_every, paper.self_teach_method) == (0, "teacher")
+    additive = resolve_config(overrides=["impactx.decoder=additive"]).impactx  # other decoders: no self-teaching
+    assert (additive.decoder_width, additive.decoder_reads_m, additive.self_teach_every) == (32, False, 0)
     narrow = resolve_config(overrides=["impactx.decoder_width=32", "impactx.decoder_reads_m=false"]).impactx
     assert (narrow.decoder, narrow.decoder_width, narrow.decoder_reads_m) == (
         "unet_input",
@@ -572,7 +654,7 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     code, text, err = teachx_main(capsys, "config", "impactx.decoder=paper")
     assert code == 0, err
     assert "decoder: paper" in text and "per_class: false" in text and "map_loss: mse" in text
-    assert "decoder_width: 32" in text and "decoder_reads_m: false" in text
+    assert "decoder_width: 32" in text and "decoder_reads_m: false" in text and "self_teach_every: 0" in text
 
 
 # -- the pipeline: per-class unet_input maps with a scale-free loss and the faithfulness term ----------
@@ -606,8 +688,21 @@ def test_pipeline_records_builtin_map_faithfulness(tmp_path, monkeypatch):
     f = q["faithfulness"]
     assert f["images"] == 12 and f["target"] == "predicted" and "errors" not in f, f
     for metric in ("pixel_flipping_morf", "pixel_flipping_lerf", "insertion"):
-        assert set(f["auc"][metric]) == {"built_in", "teacher_post_hoc", "mean_map", "random"}
+        assert set(f["auc"][metric]) == {
+            "built_in",
+            "teacher_post_hoc",
+            "mean_map",
+            "random",
+            "post_hoc_gradient_x_input",
+            "post_hoc_lrp_epsilon",
+            "post_hoc_integrated_gradients",
+        }
     assert -1 <= f["corr_self"] <= 1 and -1 <= f["corr_self_mean_map"] <= 1
+    best = f["best_post_hoc"]
+    morf = f["auc"]["pixel_flipping_morf"]
+    assert morf[f"post_hoc_{best['method']}"] == best["pixel_flipping_morf"] == min(best["morf_by_method"].values())
+    assert best["morf_ratio"] == pytest.approx(morf["built_in"] / best["pixel_flipping_morf"])
+    assert -1 <= best["corr_self"] <= 1
     history = json.loads((tmp_path / "run" / "impactx" / "history.json").read_text())
     assert "train_map_pearson" in history[0] and "train_faith" in history[0]
 
@@ -746,8 +841,8 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
         again.eval().explain(x, target=torch.tensor(4)), m.eval().explain(x, target=torch.tensor(4))
     )
     assert "decoder_reads_m" not in plain.spec  # other models' specs are as before
-    default = build_impactx("lenet5", 3, 10, (32, 32))  # the default design (unet_input) reads M, at width 64
-    assert default.decoder_reads_m and default.spec["decoder_reads_m"] and default.spec["decoder_width"] == 64
+    default = build_impactx("lenet5", 3, 10, (32, 32))  # the default design (unet_input) reads M, at width 16
+    assert default.decoder_reads_m and default.spec["decoder_reads_m"] and default.spec["decoder_width"] == 16
     other_lep = build_impactx(
         "lenet5", 3, 10, (32, 32), lep_backbone="resnet_cifar"
     )  # pyramids differ: the default leaves M out
@@ -795,3 +890,16 @@ def test_map_trust_against_a_linear_model_whose_gradient_is_known():
     assert cli_methods == TRUST_METHODS and TRUST_METHODS[0] == TRUST_METHOD
     for command in (explain, serve):
         assert next(p for p in command.params if p.name == "trust_threshold").default == TRUST_THRESHOLD
+
+
+def test_study_summary_reads_blocks_with_and_without_best_post_hoc():
+    """Faithfulness blocks written before best_post_hoc existed still summarise; new ones add its two measures."""
+    from teachx.studies.statistics import _builtin_faith_summary
+
+    old = {"corr_self": 0.5, "auc": {"pixel_flipping_morf": {"built_in": 0.2, "teacher_post_hoc": 0.1}}}
+    new = {**old, "best_post_hoc": {"method": "gradient_x_input", "corr_self": 0.4, "morf_ratio": 1.3}}
+    assert "best_post_hoc.corr_self" not in _builtin_faith_summary([old, old])
+    assert _builtin_faith_summary([old, new])["corr_self"]["mean"] == pytest.approx(0.5)  # a mix: common keys only
+    both = _builtin_faith_summary([new, new])
+    assert both["best_post_hoc.corr_self"]["mean"] == pytest.approx(0.4)
+    assert both["best_post_hoc.morf_ratio"]["mean"] == pytest.approx(1.3)

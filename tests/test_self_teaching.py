@@ -97,6 +97,26 @@ def test_config_validation():
     ImpactxConfig(self_teach_every=3).validate()
 
 
+def test_default_design_self_teaches_with_gradient_x_input_and_the_paper_does_not():
+    """The default decoder's maps are re-made from the model being trained every epoch (gradient x input);
+    impactx.decoder=paper alone is still the paper's method; a period given without a method keeps the
+    teacher method, as before the default existed; controls without trained teacher maps never self-teach."""
+    from teachx.config.loader import from_dict
+    from teachx.config.schema import RunConfig
+
+    def st(impactx):
+        ic = from_dict(RunConfig, {"impactx": impactx}).impactx
+        return ic.self_teach_every, ic.self_teach_method
+
+    assert st({}) == (1, "gradient_x_input")
+    assert st({"decoder": "paper"}) == (0, "teacher")
+    assert st({"self_teach_every": 5}) == (5, "teacher")
+    assert st({"self_teach_every": 0}) == (0, "teacher")
+    assert st({"self_teach_every": 2, "self_teach_method": "lrp"}) == (2, "lrp")
+    assert st({"self_teach_method": "integrated_gradients"}) == (1, "integrated_gradients")
+    assert st({"lam": 0}) == (0, "teacher") and st({"maps": "shuffled"}) == (0, "teacher")
+
+
 def _tiny_config(tmp_path, **sections):
     from teachx.config.schema import RunConfig
     from teachx.config.loader import from_dict
@@ -125,6 +145,25 @@ def test_pipeline_self_teaching_records_refreshes(tmp_path, monkeypatch):
     stage = json.loads((tmp_path / "run" / "impactx" / "stage.json").read_text())
     assert [r["epoch"] for r in stage["self_teaching"]] == [1, 2]
     assert json.loads((tmp_path / "run" / "impactx" / "self_maps" / "current.json").read_text())["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_pipeline_self_teaching_with_its_own_method(tmp_path, monkeypatch):
+    """impactx.self_teach_method: the refreshes use that method (unsmoothed), not the teacher's."""
+    from teachx.runs.pipeline import run_pipeline
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    cfg = _tiny_config(
+        tmp_path,
+        teacher={"method": "saliency", "smooth": 1.0},
+        impactx={"self_teach_every": 2, "self_teach_method": "gradient_x_input"},
+    )
+    run_pipeline(cfg, tmp_path / "run", log=lambda m: None, progress=False, figures=False)
+    stage = json.loads((tmp_path / "run" / "impactx" / "stage.json").read_text())
+    assert [r["epoch"] for r in stage["self_teaching"]] == [2]
+    material = json.loads((tmp_path / "run" / "impactx" / "self_maps" / "current.json").read_text())["material"]
+    assert material["teacher"] == "gradient_x_input" and material["smooth"] == 0.0
 
 
 @pytest.mark.slow

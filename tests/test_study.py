@@ -265,19 +265,22 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     base = from_dict(RunConfig, {"impactx": {"decoder": "paper"}})
     assert _relevant(base) == {}
     design = RunConfig()  # today's default design is hashed as what it is: the same key as when it was an option
-    explicit = from_dict(
-        RunConfig,
-        {
-            "impactx": {
-                "decoder": "unet_input",
-                "per_class": True,
-                "map_loss": "pearson",
-                "decoder_width": 64,
-                "decoder_reads_m": True,
-            }
-        },
-    )
-    assert _relevant(design) == {
+    default_design = {
+        "decoder": "unet_input",
+        "per_class": True,
+        "map_loss": "pearson",
+        "decoder_width": 16,
+        "decoder_reads_m": True,
+        "self_teach_every": 1,
+        "self_teach_method": "gradient_x_input",
+    }
+    explicit = from_dict(RunConfig, {"impactx": default_design})
+    assert _relevant(design) == {"impactx": default_design}
+    assert impactx_key(design) == impactx_key(explicit) != impactx_key(base)
+    # the previous default design (unet_input, width 64, reading M, no self-teaching) hashes exactly what it hashed
+    # when it was the default, and so does the one before it (width 32, not reading M)
+    previous = from_dict(RunConfig, {"impactx": {"decoder_width": 64, "self_teach_every": 0}})
+    assert _relevant(previous) == {
         "impactx": {
             "decoder": "unet_input",
             "per_class": True,
@@ -286,9 +289,10 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
             "decoder_reads_m": True,
         }
     }
-    assert impactx_key(design) == impactx_key(explicit) != impactx_key(base)
-    # the previous default design (width 32, not reading M) hashes exactly what it hashed when it was the default
-    before = from_dict(RunConfig, {"impactx": {"decoder": "unet_input", "decoder_width": 32, "decoder_reads_m": False}})
+    before = from_dict(
+        RunConfig,
+        {"impactx": {"decoder": "unet_input", "decoder_width": 32, "decoder_reads_m": False, "self_teach_every": 0}},
+    )
     assert _relevant(before) == {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "pearson"}}
     # other methods ignore impactx.*: their keys do not see the design default either
     rrr = from_dict(RunConfig, {"method": {"name": "rrr"}})
@@ -621,3 +625,23 @@ def test_study_records_of_older_teachx_read():
     assert json.dumps(again.to_dict()) == json.dumps(evaluated)
     row = StudyRow.from_dict({"regime": "all", "arm": "impactx", "seeds": [0], "units": ["x-1"], "lam": 0.0})
     assert row.kind is None and row.lam == 0.0 and row.vs_control is None and not row.is_baseline
+
+
+@pytest.mark.parametrize(
+    "name, n, digest",
+    [
+        ("study-builtin-maps.yaml", 219, "6b823d4c4f1e73a3"),  # the full grid: additive and unet_input arms
+        ("study-builtin-maps-reads-m.yaml", 48, "3467726571394058"),  # self-teaching arms and the old default
+    ],
+)
+def test_shipped_built_in_map_studies_keep_their_unit_keys(name, n, digest):
+    """Their units were trained under earlier defaults: a new default (here self-teaching and width 16 for the
+    unet_input decoder) must leave every planned unit key as it was, so existing study directories resume."""
+    import hashlib
+    from pathlib import Path
+
+    from teachx.studies.spec import load_study, planned_units
+
+    spec = load_study(str(Path(__file__).resolve().parent.parent / "studies" / name))
+    keys = sorted(u.key for u in planned_units(spec))
+    assert len(keys) == n and hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] == digest

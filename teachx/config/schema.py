@@ -157,16 +157,23 @@ class ImpactxConfig:
     m_init: Literal["fresh", "teacher"] = "fresh"  # initialise M from the teacher (same backbone only)
     m_frozen: bool = False  # keep M fixed (only with m_init=teacher)
     # channels of the decoder's first conv block (paper decoder: halved per block, >= 16; unet decoders: every pyramid
-    # level); null: the decoder's recommended width (unet_input: 64, the others: 32)
+    # level); null: the decoder's recommended width (unet_input, the default: 16; the others: 32)
     decoder_width: Optional[int] = None
     decoder_scale: int = (
         2  # paper decoder: convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
     )
     classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
     map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
-    self_teach_every: int = 0  # > 0: self-teaching, the maps are re-made every K epochs by the teacher method applied to the model being trained
-    # map decoder: unet_input (default: LEP's feature pyramid with skip connections plus the input image; the
-    # built-in-maps study's best) | paper (the paper's, from LEP's pooled vector) | unet | additive | lite | lite_additive
+    # > 0: self-teaching, the maps are re-made every K epochs by impactx.self_teach_method applied to the model being
+    # trained (0: off); null: the decoder's recommended setting (unet_input, the default: 1; the others: 0)
+    self_teach_every: Optional[int] = None
+    # the method of self-teaching's refreshes: teacher (the teacher method with every teacher.* setting) or a teacher
+    # method's name (e.g. gradient_x_input; its default options, unsmoothed); null: the decoder's recommended method
+    # when impactx.self_teach_every is left to the decoder too (unet_input: gradient_x_input), else teacher
+    self_teach_method: Optional[str] = None
+    # map decoder: unet_input (default: LEP's and M's feature pyramids with skip connections plus the input image,
+    # self-taught with gradient x input; the built-in-maps studies' best) | paper (the paper's, from LEP's pooled
+    # vector) | unet | additive | additive_fast | lite | lite_additive
     decoder: str = "unet_input"
     # one map per class (FastSHAP-style): trained on the explained class's map, inference gives the predicted
     # class's map; null: the decoder's recommended setting (paper: false, the others: true)
@@ -195,7 +202,8 @@ class ImpactxConfig:
         self.resolve_design()
 
     def resolve_design(self) -> None:
-        """Fill per_class / map_loss / decoder_width / decoder_reads_m left unset (None) from the decoder's
+        """Fill per_class / map_loss / decoder_width / decoder_reads_m / self_teach_every / self_teach_method left
+        unset (None) from the decoder's
         ``recommended`` setting (the hook of :mod:`teachx.models.decoders`), so that ``impactx.decoder=paper``
         alone is the paper's method and every written config states the values."""
         _run_hooks("impactx.design", self)
@@ -206,7 +214,7 @@ class ImpactxConfig:
             raise ConfigError(f"impactx.lam must be >= 0, got {self.lam}")
         if self.decoder_scale < 1 or self.decoder_scale & (self.decoder_scale - 1):
             raise ConfigError(f"impactx.decoder_scale must be a power of two >= 1, got {self.decoder_scale}")
-        if self.self_teach_every < 0:
+        if self.self_teach_every is not None and self.self_teach_every < 0:
             raise ConfigError(f"impactx.self_teach_every must be >= 0 (0 = off), got {self.self_teach_every}")
         if self.self_teach_every and self.maps != "teacher":
             raise ConfigError(
@@ -268,7 +276,8 @@ class RunConfig:
         if ic.per_class and ic.self_teach_every and self.teacher.target == "predicted":
             raise ConfigError(
                 "impactx.per_class with impactx.self_teach_every needs teacher.target=label: a refresh would "
-                "explain the training model's predicted classes, which the per-class loss does not track"
+                "explain the training model's predicted classes, which the per-class loss does not track; "
+                "set impactx.self_teach_every=0 to train on the teacher's maps alone"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -276,7 +285,7 @@ class RunConfig:
 
 
 #: impactx.* keys that null leaves to the decoder (``ImpactxConfig.resolve_design``)
-DECODER_CHOSEN = ("per_class", "map_loss", "decoder_width", "decoder_reads_m")
+DECODER_CHOSEN = ("per_class", "map_loss", "decoder_width", "decoder_reads_m", "self_teach_every", "self_teach_method")
 
 
 def missing_value(arg: str) -> Optional[ConfigError]:

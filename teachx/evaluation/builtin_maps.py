@@ -9,7 +9,11 @@ pixel-flipping engine (``teachx.evaluation.faithfulness``; nothing is re-impleme
   reference an amortised explainer is measured against, as in the paper);
 - ``mean_map``: the mean training teacher map, the same for every image (what a decoder that
   learned nothing per image would output; left out when not given, e.g. for images outside a dataset);
-- ``random``: seeded uniform noise (the floor).
+- ``random``: seeded uniform noise (the floor);
+- ``post_hoc_<method>`` (when ``references`` are given): cheap, unsmoothed post-hoc maps of the same
+  model (gradient x input, LRP-epsilon, Integrated Gradients). The teacher method may be smoothed
+  or noisy, so matching it says little; ``best_post_hoc`` names the most faithful of these (lowest
+  MoRF) and compares the built-in maps with it: MoRF ratio (built-in / best) and self-agreement.
 
 Metrics: MoRF AUC (lower = more faithful), LeRF AUC (higher) and insertion AUC (higher; blurred
 canvas). Deletion is left out: with the zero baseline it is MoRF. Agreement: per-image Pearson
@@ -90,12 +94,14 @@ def builtin_map_faithfulness(
     seed: int = 0,
     batch_size: int = 256,
     per_image: bool = False,
+    references: Optional[dict[str, torch.Tensor]] = None,
 ) -> dict[str, Any]:
     """JSON-able ``{"images", "steps", "auc": {metric: {set: mean}}, "corr_self", ...}``.
 
     ``built_in`` / ``post_hoc``: (B, C, H, W) maps of ``targets`` for ``inputs``; ``mean_map``:
     (C, H, W) or (1, C, H, W), or None to leave that set out. ``per_image`` adds every image's AUCs
-    (``values``: {metric: {set: [B floats]}}) and self-agreement (``corr_self_values``).
+    (``values``: {metric: {set: [B floats]}}) and self-agreement (``corr_self_values``). ``references``: post-hoc maps by method name, scored as ``post_hoc_<name>``; the
+    most faithful of them on MoRF is ``best_post_hoc``.
     """
     n = int(inputs.shape[0])
     sets = {"built_in": built_in}
@@ -104,6 +110,8 @@ def builtin_map_faithfulness(
         sets["mean_map"] = mean.expand_as(built_in).contiguous()
     if post_hoc is not None:
         sets["teacher_post_hoc"] = post_hoc
+    for name, maps in (references or {}).items():
+        sets[f"post_hoc_{name}"] = maps
     metrics = [build_metric(name, steps=steps, batch_size=batch_size) for name in METRIC_NAMES]
     report = evaluate_maps(model, inputs, targets, sets, metrics, seed=seed, with_values=per_image)
     out: dict[str, Any] = {
@@ -121,4 +129,23 @@ def builtin_map_faithfulness(
             out["corr_self_values"] = [float(v) for v in corr.tolist()]
         if mean_map is not None:
             out["corr_self_mean_map"] = float(map_corr(sets["mean_map"], post_hoc).mean())
+    if references:
+        out["best_post_hoc"] = best_post_hoc(out["auc"]["pixel_flipping_morf"], built_in, references)
     return out
+
+
+def best_post_hoc(
+    morf: dict[str, float], built_in: torch.Tensor, references: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The most faithful reference map set (lowest MoRF AUC) and how the built-in maps compare with it:
+    ``morf_ratio`` (built-in MoRF / its MoRF; 1.10 = 10% less faithful) and ``corr_self`` (per-image
+    correlation with it, mean)."""
+    scores = {name: morf[f"post_hoc_{name}"] for name in references}
+    best = min(scores, key=lambda name: scores[name])
+    return {
+        "method": best,
+        "pixel_flipping_morf": scores[best],
+        "morf_ratio": morf["built_in"] / scores[best] if scores[best] > 0 else None,
+        "corr_self": float(map_corr(built_in, references[best]).mean()),
+        "morf_by_method": scores,
+    }

@@ -23,6 +23,8 @@ through LEP that gives the classifier its ``z``.
   gradient x input-like form; ``reference`` 0 is the dataset mean in normalised space). With
   per-channel maps (``map_channels == in_channels``) the channel sum is left out.
 
+- ``additive_fast`` (:class:`FastAdditiveDecoder`): ``additive`` with a 1x1 head, about a third of its
+  multiply-adds on LeNet-5 (the per-class 3x3 head at full resolution was the largest layer).
 - ``lite`` (:class:`LiteDecoder`) and ``lite_additive`` (:class:`LiteAdditiveDecoder`): the cost
   target's designs -- the pyramid merged with 1x1 convolutions and additions, one depthwise-separable
   conv and a 1x1 head at the finest pyramid level (no full-resolution convolution); ``lite_additive``
@@ -33,11 +35,13 @@ per_class``) one map per class, FastSHAP-style; the IMPACTX model picks the clas
 one map only (``supports_per_class = False``): it is kept exactly as the paper describes it.
 
 Each class also declares ``recommended``: the ``impactx.per_class``, ``impactx.map_loss``,
-``impactx.decoder_width`` and ``impactx.decoder_reads_m`` a config gets when it names the decoder and
-leaves those keys unset -- for ``paper`` the paper's own (one map, MSE, width 32), for the others the
-setting the built-in-maps study found to explain best (one map per class, 1 - Pearson), and for
-``unet_input``, the default, also twice the width and M's pyramid read as well (more faithful in every
-seed, with either teacher). So ``impactx.decoder=paper`` alone is the paper's method.
+``impactx.decoder_width``, ``impactx.decoder_reads_m``, ``impactx.self_teach_every`` and
+``impactx.self_teach_method`` a config gets when it names the decoder and leaves those keys unset -- for
+``paper`` the paper's own (one map, MSE, width 32, no self-teaching), for the others the setting the
+built-in-maps study found to explain best (one map per class, 1 - Pearson); for ``unet_input``, the
+default, also M's pyramid read as well (more faithful in every seed, with either teacher), width 16, and
+self-teaching every epoch with gradient x input of the model being trained (the maps follow the model,
+not the teacher). So ``impactx.decoder=paper`` alone is the paper's method.
 
 Decoders are not part of the logits' graph (``ImpactX.forward`` never calls them), so post-hoc
 explanation methods applied to an IMPACTX model never see them; they use inline ``+`` and
@@ -88,6 +92,8 @@ class Decoder(nn.Module):
         "map_loss": "pearson",
         "decoder_width": 32,
         "decoder_reads_m": False,
+        "self_teach_every": 0,
+        "self_teach_method": "teacher",
     }
 
     @classmethod
@@ -166,7 +172,14 @@ class MapDecoder(Decoder):
     """
 
     supports_per_class = False
-    recommended = {"per_class": False, "map_loss": "mse", "decoder_width": 32, "decoder_reads_m": False}  # the paper's
+    recommended = {  # the paper's
+        "per_class": False,
+        "map_loss": "mse",
+        "decoder_width": 32,
+        "decoder_reads_m": False,
+        "self_teach_every": 0,
+        "self_teach_method": "teacher",
+    }
 
     def __init__(
         self, latent_dim: int, map_size: tuple[int, int], out_channels: int = 1, width: int = 32, scale: int = 2
@@ -258,9 +271,18 @@ class InputDecoder(UNetDecoder):
     """
 
     needs_input = True
-    #: the default design: width 64 and M's pyramid too made the maps more faithful in every seed, with
-    #: DeepSHAP and with self-teaching (README "What the decoder reads")
-    recommended = {"per_class": True, "map_loss": "pearson", "decoder_width": 64, "decoder_reads_m": True}
+    #: the default design: M's pyramid too made the maps more faithful in every seed, with DeepSHAP and with
+    #: self-teaching; self-taught every epoch with gradient x input of the model being trained, the maps follow
+    #: the model that makes them, and at width 16 (64 before) the step costs about half as much with about
+    #: the same faithfulness (docs/studies/builtin-maps.md "Faithful by default")
+    recommended = {
+        "per_class": True,
+        "map_loss": "pearson",
+        "decoder_width": 16,
+        "decoder_reads_m": True,
+        "self_teach_every": 1,
+        "self_teach_method": "gradient_x_input",
+    }
 
     def __init__(
         self,
@@ -359,6 +381,20 @@ class AdditiveDecoder(InputDecoder):
         self, z: torch.Tensor, pyramid: Optional[list[torch.Tensor]] = None, x: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         return _additive_maps(x, self.multipliers(z, pyramid, x), self.reference, self.out_channels, self.map_size)
+
+
+@DECODERS.register("additive_fast", "additive-fast")
+class FastAdditiveDecoder(AdditiveDecoder):
+    """``additive`` with a 1x1 head: the multipliers g come from the fused full-resolution features by a
+    pointwise conv, so the per-class head (classes x input channels outputs) costs about a ninth of
+    ``additive``'s 3x3 head, the largest layer of that decoder on LeNet-5; the map keeps the input's
+    detail through ``x - reference`` and the 3x3 input conv."""
+
+    recommended = Decoder.recommended
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head = nn.Conv2d(self.head.in_channels, self.head.out_channels, 1)
 
 
 @DECODERS.register("lite")
@@ -516,6 +552,25 @@ def _resolve_config_design(ic: ImpactxConfig) -> None:
         return  # an unknown decoder: validation names the valid ones
     ic.per_class, ic.map_loss = design["per_class"], design["map_loss"]
     ic.decoder_width, ic.decoder_reads_m = design["decoder_width"], design["decoder_reads_m"]
+    ic.self_teach_every, ic.self_teach_method = self_teaching_design(
+        ic.decoder, ic.self_teach_every, ic.self_teach_method, ic.maps == "teacher" and ic.lam > 0
+    )
+
+
+def self_teaching_design(
+    name: str, every: Optional[int], method: Optional[str], trains_on_teacher: bool
+) -> tuple[int, str]:
+    """(impactx.self_teach_every, impactx.self_teach_method) of decoder ``name``: a period left None is the
+    decoder's recommendation where the maps are the teacher's and trained (``trains_on_teacher``), else 0; a method
+    left None is the decoder's recommendation only when the period is too and self-teaching is on, else
+    ``teacher`` (the teacher method, as self-teaching was before the decoders recommended it)."""
+    rec = DECODERS.get(name).recommended
+    chosen = every is None
+    if chosen:
+        every = int(rec.get("self_teach_every", 0)) if trains_on_teacher else 0
+    if method is None:
+        method = str(rec.get("self_teach_method", "teacher")) if chosen and every > 0 else "teacher"
+    return every, method
 
 
 def _check_config_decoder(ic: ImpactxConfig) -> None:

@@ -180,7 +180,7 @@ def run_report(d: Path) -> Page:
                 k
                 for k in ("built_in", "teacher_post_hoc", "mean_map", "random")
                 if k in auc.get("pixel_flipping_morf", {})
-            ]
+            ] + sorted(k for k in auc.get("pixel_flipping_morf", {}) if k.startswith("post_hoc_"))
             doc.table(
                 ["map set", "MoRF AUC (↓)", "LeRF AUC (↑)", "insertion AUC (↑)"],
                 [
@@ -198,6 +198,14 @@ def run_report(d: Path) -> Page:
                 f"(mean map: {number(fq.get('corr_self_mean_map'), 3)}).",
                 "note",
             )
+            best = fq.get("best_post_hoc")
+            if best:
+                doc.p(
+                    f"The most faithful unsmoothed post-hoc map of the IMPACTX model is {best['method']} (MoRF "
+                    f"{number(best.get('pixel_flipping_morf'), 3)}): the built-in maps' MoRF is "
+                    f"{number(best.get('morf_ratio'), 2)} times its, and they correlate {number(best.get('corr_self'), 3)} with it.",
+                    "note",
+                )
             doc.measures(["pixel_flipping_morf", "pixel_flipping_lerf", "insertion", "corr_self", "corr_self_mean_map"])
     doc.h("Training curves")
     hist = {}

@@ -261,7 +261,7 @@ def study_report(d: Path) -> Page:
             doc.table(
                 ["regime", "arm", "corr. with post-hoc (self)", "mean map's"]
                 + [f"MoRF {k} (↓)" for k in sets]
-                + ["LeRF built_in (↑)", "insertion built_in (↑)"],
+                + ["LeRF built_in (↑)", "insertion built_in (↑)", "corr. with best post-hoc", "MoRF ÷ best post-hoc"],
                 [
                     [
                         r.regime,
@@ -273,12 +273,16 @@ def study_report(d: Path) -> Page:
                     + [
                         mean_std(r.map_quality.get("pixel_flipping_lerf.built_in"), 3),
                         mean_std(r.map_quality.get("insertion.built_in"), 3),
+                        mean_std(r.map_quality.get("best_post_hoc.corr_self"), 3),
+                        mean_std(r.map_quality.get("best_post_hoc.morf_ratio"), 2),
                     ]
                     for r in bf
                 ],
             )
             doc.p(
                 "All map sets explain the IMPACTX model's predicted class; teacher_post_hoc is the teacher method applied to the IMPACTX model, "
+                "best post-hoc the most faithful (lowest MoRF) of gradient × input, LRP-epsilon and Integrated Gradients applied to it, unsmoothed "
+                "(empty for runs made before it was measured), "
                 "mean_map the mean training teacher map for every image, random the floor (map_quality.faithfulness in each unit).",
                 "note",
             )

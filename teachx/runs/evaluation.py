@@ -15,6 +15,7 @@ from teachx.evaluation.builtin_maps import map_corr
 from teachx.evaluation.shortcut import artefact_share, wrong_reason_score
 from teachx.models.impactx import ImpactX
 from teachx.registry import declare_measure
+from teachx.teachers import build as build_teacher
 from teachx.teachers.postprocess import postprocess
 from teachx.teachers.store import MapStore
 from teachx.training.trainer import DataPlan
@@ -92,20 +93,52 @@ def post_hoc_maps(
     target: torch.Tensor,
     device: torch.device,
     batch_size: int = 64,
+    teacher=None,
+    smooth: Optional[float] = None,
 ) -> torch.Tensor:
-    """The configured teacher method applied to ``model`` (any classifier, e.g. the IMPACTX model),
-    post-processed like the teacher maps."""
+    """The configured teacher method (or ``teacher``) applied to ``model`` (any classifier, e.g. the IMPACTX
+    model), post-processed like the teacher maps (``smooth``: another smoothing sigma)."""
 
-    teacher = make_teacher(cfg, plan, device)
+    teacher = make_teacher(cfg, plan, device) if teacher is None else teacher
+    smooth = cfg.teacher.smooth if smooth is None else smooth
     maps = []
     for s in range(0, x.shape[0], batch_size):
         raw = teacher.attribute(model, x[s : s + batch_size], target[s : s + batch_size])
         maps.append(
-            postprocess(
-                raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=cfg.teacher.smooth
-            ).detach()
+            postprocess(raw, reduce=cfg.teacher.reduce, normalize=cfg.teacher.normalize, smooth=smooth).detach()
         )
     return torch.cat(maps).float()
+
+
+#: the cheap, unsmoothed post-hoc methods the built-in maps are measured against (``best_post_hoc``): name ->
+#: (teacher method, its options). LRP with the epsilon rule on every layer (teachx's own implementation).
+REFERENCE_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gradient_x_input": ("gradient_x_input", {}),
+    "lrp_epsilon": ("lrp", {"composite": "epsilon"}),
+    "integrated_gradients": ("integrated_gradients", {}),
+}
+
+
+def reference_maps(
+    cfg: RunConfig,
+    plan: DataPlan,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    device: torch.device,
+    errors: list[str],
+) -> dict[str, torch.Tensor]:
+    """Every method of :data:`REFERENCE_METHODS` applied to ``model``, unsmoothed (a failing one is left out,
+    its error appended to ``errors``)."""
+    out = {}
+    for name, (method, options) in REFERENCE_METHODS.items():
+        try:
+            out[name] = post_hoc_maps(
+                cfg, plan, model, x, target, device, teacher=build_teacher(method, **options), smooth=0.0
+            )
+        except Exception as exc:  # an optional diagnostic must not lose the training before it
+            errors.append(f"{name} on the IMPACTX model: {type(exc).__name__}: {exc}")
+    return out
 
 
 def faithfulness_block(
@@ -122,7 +155,9 @@ def faithfulness_block(
     """Faithfulness of the built-in maps to the IMPACTX model (``map_quality["faithfulness"]``).
 
     Every map set explains the IMPACTX model's *predicted* class. Besides the AUCs and the
-    self-agreement (``corr_self``), ``corr_post_hoc_teacher`` is the agreement of the post-hoc map
+    self-agreement (``corr_self``, with the teacher method, which may be smoothed), ``best_post_hoc`` names
+    the most faithful unsmoothed post-hoc map of the same model (:data:`REFERENCE_METHODS`, scored as
+    ``post_hoc_<name>``) with the built-in maps' MoRF ratio to it and their correlation with it; ``corr_post_hoc_teacher`` is the agreement of the post-hoc map
     with the baseline teacher's stored map, on the images whose predicted class is the class the
     teacher explained (``images_same_class``): how far two networks' explanations agree at all.
     """
@@ -139,8 +174,17 @@ def faithfulness_block(
     except Exception as exc:  # an optional diagnostic must not lose the training before it
         errors.append(f"{cfg.teacher.method} on the IMPACTX model: {type(exc).__name__}: {exc}")
         post_hoc = None
+    references = reference_maps(cfg, plan, model, x, target, device, errors)
     out = builtin_map_faithfulness(
-        model, x, target, built_in.float(), train_store.mean_map(plan.train_idx), post_hoc, steps=steps, seed=cfg.seed
+        model,
+        x,
+        target,
+        built_in.float(),
+        train_store.mean_map(plan.train_idx),
+        post_hoc,
+        steps=steps,
+        seed=cfg.seed,
+        references=references,
     )
     out["target"] = "predicted"
     if post_hoc is not None:

@@ -107,7 +107,9 @@ def train_method_stage(
     trainer = Trainer(
         task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device, meta=meta, log=log, on_epoch_start=hook
     )
-    what = method.describe() + (f", self-teaching every {cfg.impactx.self_teach_every} epochs" if hook else "")
+    what = method.describe() + (
+        f", self-teaching every {cfg.impactx.self_teach_every} epochs ({cfg.impactx.self_teach_method})" if hook else ""
+    )
     log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
     head = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {})}
     return fit_and_test(trainer, task, plan, out_dir, log, head, config_hash), model.eval()
@@ -116,8 +118,13 @@ def train_method_stage(
 def self_teaching_hook(
     cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]
 ):
-    """The hook that re-explains the training set with the model being trained (impactx.self_teach_every)."""
+    """The hook that re-explains the training set with the model being trained (impactx.self_teach_every), by the
+    teacher method or, with a method named in impactx.self_teach_method, by that method (its default options,
+    unsmoothed)."""
     device = dist_utils.device_for(choose_device(cfg.device))
+    method = cfg.impactx.self_teach_method
+    if method and method != "teacher":
+        cfg = replace(cfg, teacher=replace(cfg.teacher, method=method, options={}, smooth=0.0))
     teacher = make_teacher(cfg, plan, device)
     material = {
         **map_recipe(cfg, teacher),
@@ -137,6 +144,7 @@ def self_teaching_hook(
         cfg.teacher.batch_size,
         log,
         progress=cfg.train.progress,
+        epochs=cfg.train.epochs,
     )
 
 

@@ -51,6 +51,11 @@ def check_names(cfg: RunConfig) -> None:
         if name and ":" not in name:
             MODELS.canonical(name)
     TEACHERS.canonical(cfg.teacher.method)
+    if cfg.impactx.self_teach_method not in (None, "teacher"):
+        try:
+            TEACHERS.canonical(cfg.impactx.self_teach_method)
+        except ConfigError as exc:
+            raise ConfigError(f"impactx.self_teach_method: {exc} (or teacher: the teacher method)") from None
     check_teacher_backbone(cfg)
 
 

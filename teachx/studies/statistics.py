@@ -164,6 +164,8 @@ def _builtin_faith_summary(blocks: list[Optional[dict[str, Any]]]) -> dict[str, 
     flat = []
     for b in blocks:
         f = {k: b[k] for k in ("corr_self", "corr_self_mean_map", "corr_post_hoc_teacher") if b.get(k) is not None}
+        best = b.get("best_post_hoc") or {}  # runs made before it have none
+        f.update({f"best_post_hoc.{k}": best[k] for k in ("corr_self", "morf_ratio") if best.get(k) is not None})
         for metric, by_set in (b.get("auc") or {}).items():
             f.update({f"{metric}.{name}": v for name, v in by_set.items() if v is not None})
         flat.append(f)

@@ -49,6 +49,7 @@ class SelfTeaching:
         batch_size: int = 128,
         log: Callable[[str], None] = print,
         progress: bool = False,
+        epochs: Optional[int] = None,
     ):
         if every < 1:
             raise ValueError(f"self-teaching needs a refresh period >= 1 epoch, got {every}")
@@ -60,7 +61,9 @@ class SelfTeaching:
         self.batch_size, self.log, self.progress = batch_size, log, progress
         self.initial = task.source  # the teacher's maps, used before the first refresh
         self.current = 0  # the refresh epoch whose maps the task reads (0: the teacher's)
-        self.refreshes: list[dict[str, Any]] = []  # epoch, seconds (this process)
+        # every refresh of the schedule (with ``epochs``), so that a resumed run records the same ones; seconds
+        # only for those this process made
+        self.refreshes: list[dict[str, Any]] = [{"epoch": r} for r in range(self.every, int(epochs or 0), self.every)]
 
     def __call__(self, epoch: int) -> None:
         r = (epoch // self.every) * self.every
@@ -126,7 +129,11 @@ class SelfTeaching:
                     shutil.rmtree(old, ignore_errors=True)
         dist_utils.barrier()
         seconds = time.perf_counter() - t0
-        self.refreshes.append({"epoch": r, "seconds": seconds})
+        entry = next((e for e in self.refreshes if e["epoch"] == r), None)
+        if entry is None:
+            self.refreshes.append({"epoch": r, "seconds": seconds})
+        else:
+            entry["seconds"] = seconds
         self.log(f"[self-teaching] epoch {r}: {self.train_idx.size} maps in {seconds:.1f}s")
         return store
 

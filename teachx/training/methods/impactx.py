@@ -34,7 +34,7 @@ class Impactx(TrainingMethod):
     study_evaluation = True
     config_section = "impactx"
     map_follows_teacher = True
-    # impactx.decoder was paper, with one map and MSE, width 32, not reading M
+    # impactx.decoder was paper, with one map and MSE, width 32, not reading M, without self-teaching
     key_reference = {
         "impactx": {
             "decoder": "paper",
@@ -42,6 +42,8 @@ class Impactx(TrainingMethod):
             "map_loss": "mse",
             "decoder_width": 32,
             "decoder_reads_m": False,
+            "self_teach_every": 0,
+            "self_teach_method": "teacher",
         }
     }
 
