@@ -145,6 +145,15 @@ def test_post_hoc_and_fine_tuning_corrections_are_measured_before_and_after(run_
     )
     assert code == 0 and "complete, skipped" in out, err
     assert read_revision(run_copy / "revise" / "rrclarc-tag" / "revision.json").after == tuned.after
+    # the run's report shows both corrections, before and after
+    from teachx.reporting.report import write_report
+
+    _, md = write_report(run_copy)
+    text = Path(md).read_text()
+    assert "Corrections along revealed concepts" in text
+    row = next(line for line in text.splitlines() if line.startswith("| rrclarc |"))
+    assert f"{tuned.before.test_acc:.4f} → {tuned.after.test_acc:.4f}" in row
+    assert any(line.startswith("| pclarc |") for line in text.splitlines())
     # --overwrite-style cleanup knows revise/: everything in it is teachx's
     from teachx.runs.rundir import RUN_LAYOUT, remove_owned
 
