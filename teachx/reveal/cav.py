@@ -37,6 +37,21 @@ class Cav:
     def scores(self, activations: np.ndarray) -> np.ndarray:
         return cav_scores(activations, self.direction)
 
+    @property
+    def threshold(self) -> float:
+        """The retrieval threshold: halfway between the concept samples' and the rest's mean score."""
+        return (self.concept_mean + self.rest_mean) / 2
+
+    def retrieve(
+        self, scores: np.ndarray, indices: np.ndarray, members: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(retrieved, to localise): the ``indices`` whose ``scores`` reach :attr:`threshold`, best first, and the
+        images to localise: the concept's ``members`` first, then the retrieved ones, at most ``limit``."""
+        order = np.argsort(-scores, kind="stable")
+        retrieved = np.asarray(indices)[order][scores[order] >= self.threshold]
+        chosen = list(dict.fromkeys([*np.asarray(members).tolist(), *retrieved.tolist()]))[:limit]
+        return retrieved, np.asarray(chosen, dtype=np.int64)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from teachx.data.artefacts import GroundTruth
 from teachx.reveal.base import RevealResult
 from teachx.reveal.localise import mask_iou
 
@@ -162,3 +163,23 @@ def concept_evaluation(
         if n_loc:
             iou = float(mask_iou(np.asarray(localised_masks)[keep], np.asarray(true_masks)[keep] != 0).mean())
     return ConceptEvaluation(len(truth), int(truth.sum()), auroc, ap, iou, n_loc)
+
+
+def concept_against_truth(
+    truth: GroundTruth,
+    indices: np.ndarray,
+    scores: np.ndarray,
+    localised: np.ndarray,
+    masks: Optional[np.ndarray],
+) -> ConceptEvaluation:
+    """:func:`concept_evaluation` of a concept's ``scores`` of the training images ``indices`` and its ``masks``
+    of the ``localised`` images, against an artefact benchmark's ground truth (no IoU for an artefact without a
+    place, or without masks)."""
+    placed = truth.has_place and masks is not None
+    return concept_evaluation(
+        scores,
+        truth.train_poisoned[indices],
+        masks if placed else None,
+        truth.train_masks[localised] if placed else None,
+        truth.train_poisoned[localised] if placed else None,
+    )

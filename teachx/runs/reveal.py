@@ -39,7 +39,7 @@ from teachx.errors import CheckpointError, ConfigError, CorruptionError, DataErr
 from teachx.reveal import REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
 from teachx.reveal import build as build_method
 from teachx.reveal.cav import CAV_KINDS, auroc, fit_cav
-from teachx.reveal.evaluate import concept_evaluation, detection
+from teachx.reveal.evaluate import concept_against_truth, detection
 from teachx.data.artefacts import ground_truth, has_ground_truth
 from teachx.reveal.features import check_layer, find_module, layer_shapes, pooled_activations, pooled_relevances
 from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
@@ -448,26 +448,15 @@ def _concept(
     with tqdm(total=len(train_idx), unit="img", desc="retrieve", disable=not progress, leave=False) as bar:
         all_acts = pooled_activations(model, batch, train_idx, layer, batch_size, bar.update)
     scores = cav.scores(all_acts)
-    threshold = (cav.concept_mean + cav.rest_mean) / 2
+    threshold = cav.threshold
     members = rec.result.indices[mask]
-    order = np.argsort(-scores, kind="stable")
-    retrieved = train_idx[order][scores[order] >= threshold]
-    chosen = list(dict.fromkeys([*members.tolist(), *retrieved.tolist()]))[:max_localise]
-    chosen = np.asarray(chosen, dtype=np.int64)
+    retrieved, chosen = cav.retrieve(scores, train_idx, members, max_localise)
     module = find_module(model, layer)
     with tqdm(total=len(chosen), unit="img", desc="localise", disable=not progress, leave=False) as bar:
         heat = heatmaps_in_batches(model, batch, chosen, module, cav.direction, localise_with, batch_size, bar.update)
     masks = artefact_mask(heat)
-    scored = None
-    if truth is not None:  # an artefact benchmark: retrieval and localisation against the truth (not used above)
-        placed = truth.has_place
-        scored = concept_evaluation(
-            scores,
-            truth.train_poisoned[train_idx],
-            masks if placed else None,
-            truth.train_masks[chosen] if placed else None,
-            truth.train_poisoned[chosen] if placed else None,
-        )
+    # an artefact benchmark: retrieval and localisation against the truth (not used above)
+    scored = None if truth is None else concept_against_truth(truth, train_idx, scores, chosen, masks)
     dest = run_dir / REVEAL_DIR / CONCEPTS / f"{name}.json"
     if dest.is_file():
         yield f"notice: replacing the concept '{name}' an earlier `teachx reveal` saved (choose another with --name)"

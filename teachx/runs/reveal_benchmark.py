@@ -24,7 +24,7 @@ from teachx.data.transforms import normalize
 from teachx.reveal import build as build_method
 from teachx.reveal.base import Evidence
 from teachx.reveal.cav import refine_cav
-from teachx.reveal.evaluate import concept_evaluation, detection
+from teachx.reveal.evaluate import concept_against_truth, detection
 from teachx.reveal.features import (
     check_layer,
     classifier_input,
@@ -144,13 +144,7 @@ def reveal_benchmark(
                 all_acts = pooled_activations(model, batch, train_idx, layer, batch_size)
             scores = cav.scores(all_acts)
             t3 = time.perf_counter()
-            threshold = (cav.concept_mean + cav.rest_mean) / 2
-            order = np.argsort(-scores, kind="stable")
-            retrieved = train_idx[order][scores[order] >= threshold]
-            chosen = np.asarray(
-                list(dict.fromkeys([*result.indices[top].tolist(), *retrieved.tolist()]))[: settings.max_localise],
-                dtype=np.int64,
-            )
+            _, chosen = cav.retrieve(scores, train_idx, result.indices[top], settings.max_localise)
             truth = _truth(ds)
             masks = None
             if truth.has_place:
@@ -159,13 +153,7 @@ def reveal_benchmark(
                 )
                 masks = artefact_mask(heat)
             t4 = time.perf_counter()
-            concept = concept_evaluation(
-                scores,
-                truth.train_poisoned[train_idx],
-                masks,
-                truth.train_masks[chosen] if truth.has_place else None,
-                truth.train_poisoned[chosen] if truth.has_place else None,
-            ).to_dict()
+            concept = concept_against_truth(truth, train_idx, scores, chosen, masks).to_dict()
             seconds["retrieval"] += t3 - t2
             seconds["localisation"] += t4 - t3
         seconds["maps"] += t1 - t0
