@@ -91,6 +91,18 @@ def test_poisoned_count_rounds_half_up_and_keeps_at_least_one():
     assert poisoned_count(0.01, 20) == 1 and poisoned_count(1.0, 7) == 7
 
 
+def test_p_zero_is_the_clean_ceiling_with_the_same_test_splits(tmp_path):
+    ds = fake_dataset()
+    clean = build(ds, tmp_path=tmp_path, p=0.0, test="attacked")
+    poisoned = ground_truth(build(ds, tmp_path=tmp_path, p=0.5, test="attacked"))
+    gt = ground_truth(clean)
+    assert not gt.train_poisoned.any() and np.array_equal(clean.train.images, ds.train.images)
+    assert np.array_equal(gt.test_splits["ch"].images, ds.test.images)  # poisoned as in training: not at all
+    # the attacked split is the poisoned benchmark's own, image for image
+    assert np.array_equal(gt.test_splits["attacked"].images, poisoned.test_splits["attacked"].images)
+    assert np.array_equal(clean.test.images, poisoned.test_splits["attacked"].images)
+
+
 def test_a_larger_p_keeps_the_images_a_smaller_one_chose(tmp_path):
     ds = fake_dataset()
     small = ground_truth(build(ds, tmp_path=tmp_path, p=0.2)).train_poisoned
@@ -277,8 +289,8 @@ def test_cache_admin_lists_artefact_entries_as_data(tmp_path):
         ({"classes": [7]}, "data.artefact.classes [7] are not classes of 'fake'"),
         ({"classes": []}, "data.artefact.classes must be a non-empty list"),
         ({"classes": [0, 1, 2, 3, 4]}, "names every class"),
-        ({"p": 0.0}, "data.artefact.p must be a fraction in (0, 1]"),
-        ({"p": 1.5}, "data.artefact.p must be a fraction in (0, 1]"),
+        ({"p": -0.1}, "data.artefact.p must be a fraction in [0, 1]"),
+        ({"p": 1.5}, "data.artefact.p must be a fraction in [0, 1]"),
         ({"seed": -1}, "data.artefact.seed must be an integer >= 0"),
         ({"test": "dirty"}, "data.artefact.test must be one of ch, clean, attacked"),
     ],
@@ -302,8 +314,8 @@ def test_too_small_images_and_stacked_artefacts_are_refused():
     [
         (["data.artefact.kind=sticker"], "data.artefact.kind: unknown artefact 'sticker'"),
         (["data.artefact.classes=[0]"], "data.artefact.kind is required"),
-        (["data.artefact.kind=frame", "data.artefact.p=0"], "data.artefact.p must be a fraction in (0, 1]"),
-        (["data.artefact.kind=frame", "data.artefact.p=2"], "data.artefact.p must be a fraction in (0, 1]"),
+        (["data.artefact.kind=frame", "data.artefact.p=-1"], "data.artefact.p must be a fraction in [0, 1]"),
+        (["data.artefact.kind=frame", "data.artefact.p=2"], "data.artefact.p must be a fraction in [0, 1]"),
         (["data.artefact.kind=frame", "data.artefact.classes=[-1]"], "data.artefact.classes must be distinct"),
         (["data.artefact.kind=frame", "data.artefact.classes=[1, 1]"], "data.artefact.classes must be distinct"),
         (["data.artefact.kind=frame", "data.artefact.test=noisy"], "data.artefact.test must be one of"),

@@ -47,7 +47,7 @@ class ArtefactConfig:
     classes: list[int] = field(
         default_factory=lambda: [0]
     )  # the classes (indices) whose training images get the artefact
-    p: float = 0.25  # the fraction of each of those classes' training images that get it, in (0, 1]: round(p * images of the class), half up, at least one
+    p: float = 0.25  # the fraction of each of those classes' training images that get it, in [0, 1]: round(p * images of the class), half up, at least one; 0: none (the clean-data ceiling, same test splits)
     seed: int = 0  # seed of which images get it and of each artefact's look (position, digits, colour)
     test: str = "ch"  # the test split test accuracy is measured on: ch (poisoned like training) | clean (no artefact) | attacked (the artefact in every image); all three are reported
     oracle_masks: bool = False  # put the true artefact masks on the splits (Split.masks) for mask-based methods such as rrr: an oracle, not the R2R protocol

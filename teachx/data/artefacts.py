@@ -28,7 +28,8 @@ image carries the same artefact in the ``attacked`` and ``ch`` splits. The masks
 artefact changed a pixel (a stroke over a pixel that already had its colour is not marked).
 
 Poisoning: in each named class with ``n`` training images, exactly ``round(p * n)`` (half up, at least
-one) get the artefact, a seeded choice; images of other classes are byte-equal to the source. The test
+one) get the artefact, a seeded choice; images of other classes are byte-equal to the source. ``p = 0``
+poisons no training image: the benchmark's clean-data ceiling, with the same three test splits. The test
 splits, as in the R2R evaluation:
 
 - ``clean``: the source's test images, no artefact anywhere;
@@ -307,8 +308,8 @@ def round_half_up(x: float) -> int:
 
 
 def poisoned_count(p: float, n: int) -> int:
-    """Images of a class of ``n`` that get the artefact: round(p * n), half up, at least 1 (0 if n is 0)."""
-    return min(n, max(1, round_half_up(p * n))) if n else 0
+    """Images of a class of ``n`` that get the artefact: round(p * n), half up, at least 1 (0 if n or p is 0)."""
+    return min(n, max(1, round_half_up(p * n))) if n and p > 0 else 0
 
 
 def choose_poisoned(labels: np.ndarray, classes: list[int], p: float, rng: np.random.Generator) -> np.ndarray:
@@ -351,8 +352,10 @@ def check_options(ds: ImageDataset, kind: str, classes: Any, p: Any, seed: Any, 
             "data.artefact.classes names every class, so the artefact would not tell classes apart; "
             "name one class or a few"
         )
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-        raise ConfigError(f"data.artefact.p must be a fraction in (0, 1] (e.g. 0.1), got {p!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ConfigError(
+            f"data.artefact.p must be a fraction in [0, 1] (e.g. 0.1; 0 for the clean-data ceiling), got {p!r}"
+        )
     if not _is_int(seed) or seed < 0:
         raise ConfigError(f"data.artefact.seed must be an integer >= 0, got {seed!r}")
     if test not in TEST_SPLITS:

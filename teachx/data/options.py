@@ -60,8 +60,10 @@ def validate_artefact(data: DataConfig) -> None:
         raise ConfigError(
             f"data.artefact.classes must be distinct class indices >= 0 (e.g. [0] or [0, 3]), got {art.classes}"
         )
-    if not 0.0 < art.p <= 1.0:
-        raise ConfigError(f"data.artefact.p must be a fraction in (0, 1] (e.g. 0.1), got {art.p}")
+    if not 0.0 <= art.p <= 1.0:
+        raise ConfigError(
+            f"data.artefact.p must be a fraction in [0, 1] (e.g. 0.1; 0 for the clean-data ceiling), got {art.p}"
+        )
     if art.seed < 0:
         raise ConfigError(f"data.artefact.seed must be >= 0, got {art.seed}")
     if art.test not in TEST_SPLITS:

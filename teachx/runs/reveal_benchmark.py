@@ -23,7 +23,7 @@ from teachx.data.artefacts import ground_truth, has_ground_truth
 from teachx.data.transforms import normalize
 from teachx.reveal import build as build_method
 from teachx.reveal.base import Evidence
-from teachx.reveal.cav import refine_cav
+from teachx.reveal.cav import Cav, refine_cav
 from teachx.reveal.evaluate import concept_against_truth, detection
 from teachx.reveal.features import (
     check_layer,
@@ -55,17 +55,35 @@ class RevealSettings:
     max_localise: int = 500  # images localised per concept (its members first, then the best-scoring)
 
 
+@dataclass(frozen=True)
+class TopConcept:
+    """The concept of a class's top-ranked group, as a correction reads it (`teachx revise`, a study's
+    ``study.revise``): the CAV at ``layer``, its score for every training image ``indices`` and the images it
+    localised with their masks (None for an artefact without a place). Not part of the scored record."""
+
+    label: int
+    layer: str
+    cav: Cav
+    members: np.ndarray  # the top group: the CAV's positive samples
+    indices: np.ndarray  # the training split
+    scores: np.ndarray  # one per ``indices``
+    localised: np.ndarray
+    masks: Optional[np.ndarray]
+
+
 @dataclass
 class RevealBenchmark:
     """One classifier's unannotated reveal, scored: per artefact class its detection and its top group's
-    concept (retrieval and localisation), and the seconds each part took."""
+    concept (retrieval and localisation), and the seconds each part took. ``concepts``: each class's top
+    concept itself, for a correction (not written with the record)."""
 
     settings: dict[str, Any]
     classes: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {"detection", "concept"}
     seconds: dict[str, float] = field(default_factory=dict)
+    concepts: dict[str, TopConcept] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"settings": self.settings, "classes": self.classes, "seconds": self.seconds}
 
     def headline(self) -> dict[str, Optional[float]]:
         """The numbers a study table shows, averaged over the artefact classes: whether the top group is the
@@ -154,6 +172,16 @@ def reveal_benchmark(
                 masks = artefact_mask(heat)
             t4 = time.perf_counter()
             concept = concept_against_truth(truth, train_idx, scores, chosen, masks).to_dict()
+            out.concepts[str(c)] = TopConcept(
+                c,
+                layer,
+                cav,
+                result.indices[top],
+                train_idx,
+                scores,
+                chosen,
+                None if masks is None else np.asarray(masks),
+            )
             seconds["retrieval"] += t3 - t2
             seconds["localisation"] += t4 - t3
         seconds["maps"] += t1 - t0

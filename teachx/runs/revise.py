@@ -46,7 +46,7 @@ from teachx.runs.reveal import CONCEPTS, REVEAL_DIR, _check_run_dir, read_concep
 from teachx.runs.stages import artefact_splits, load_stage_model
 from teachx.runs.teacher import as_nchw
 from teachx.training.clarc import attach, cav_sensitivity, gradient_along, Capture
-from teachx.training.concepts import concept_from_scores, layer_module, model_digest, save_concept
+from teachx.training.concepts import Concept, concept_from_scores, layer_module, model_digest, save_concept
 from teachx.training.methods import METHODS
 from teachx.training.trainer import ClassifierTask, DataPlan, evaluate
 from teachx.utils.hashing import sha256_file
@@ -133,7 +133,9 @@ def _concept_path(run_dir: Path, name: str) -> Path:
     return path
 
 
-def _overrides(cfg: RunConfig, method: str, concept_file: Path, items: list[str]) -> tuple[RunConfig, dict[str, Any]]:
+def recipe_config(
+    cfg: RunConfig, method: str, concept_file: Path, items: list[str]
+) -> tuple[RunConfig, dict[str, Any]]:
     """The run's config with the fine-tuning method, its concept, the recipe and the user's KEY=VALUE."""
     data = to_dict(cfg)
     data["method"] = {"name": method, "options": {"concept": str(concept_file)}}
@@ -160,33 +162,49 @@ def _overrides(cfg: RunConfig, method: str, concept_file: Path, items: list[str]
     }
 
 
+def attacked_share(
+    model: torch.nn.Module, plan: DataPlan, device: torch.device, seed: int = 0
+) -> Optional[dict[str, float]]:
+    """On an artefact benchmark whose artefact has a place: the share of the model's |input gradient| of the
+    true class on the artefact, over (at most ``MEASURE_IMAGES``, seeded) images of the attacked test split,
+    with the artefact's share of the image (``area``); None elsewhere. The one yardstick of the artefact's
+    attribution for baselines, arms and corrections alike."""
+    ds = plan.dataset
+    if not has_ground_truth(ds):
+        return None
+    truth = ground_truth(ds)
+    source = truth.test_splits["attacked"]
+    if not truth.has_place or getattr(source, "masks", None) is None:
+        return None
+    pick = np.sort(np.random.default_rng(seed).permutation(len(source))[:MEASURE_IMAGES])
+    x = normalize(as_nchw(source.images[pick]).to(device), plan.mean, plan.std)
+    y = torch.from_numpy(np.asarray(source.labels)[pick]).long().to(device)
+    masks = torch.from_numpy(np.ascontiguousarray(np.asarray(source.masks)[pick])).float().to(device)
+    return artefact_share(model.to(device).eval(), x, y, masks, methods=("gradient",))
+
+
 def measure(
     model: torch.nn.Module,
     plan: DataPlan,
-    layer: str,
-    cav: np.ndarray,
+    layer: Optional[str],
+    cav: Optional[np.ndarray],
     device: torch.device,
     batch_size: int = 256,
     seed: int = 0,
 ) -> Measures:
-    """The yardstick of a revision (see the module docstring), in the model's current state (hooks included)."""
+    """The yardstick of a revision (see the module docstring), in the model's current state (hooks included);
+    without a ``layer`` and ``cav``, everything but the measures along the CAV."""
     ds = plan.dataset
     model = model.to(device).eval()
     task = ClassifierTask(model)
     test = evaluate(task, plan, ds.test, np.arange(len(ds.test)), batch_size, device)
     splits = artefact_splits(task, plan, batch_size, device)
-    rng = np.random.default_rng(seed)
-    source = ds.test
-    share = None
-    if has_ground_truth(ds):
-        truth = ground_truth(ds)
-        source = truth.test_splits["attacked"]  # every image carries the artefact: where the CAV matters
-        if truth.has_place and getattr(source, "masks", None) is not None:
-            pick = np.sort(rng.permutation(len(source))[:MEASURE_IMAGES])
-            x = normalize(as_nchw(source.images[pick]).to(device), plan.mean, plan.std)
-            y = torch.from_numpy(np.asarray(source.labels)[pick]).long().to(device)
-            masks = torch.from_numpy(np.ascontiguousarray(np.asarray(source.masks)[pick])).float().to(device)
-            share = artefact_share(model, x, y, masks, methods=("gradient",))
+    share = attacked_share(model, plan, device, seed)
+    if layer is None or cav is None:
+        return Measures(test_acc=float(test["acc"]), test_splits=splits, artefact_share=share)
+    # the CAV measures on the attacked split (every image carries the artefact: where the CAV matters)
+    source = ground_truth(ds).test_splits["attacked"] if has_ground_truth(ds) else ds.test
+    rng = np.random.default_rng([seed, 1])
     pick = np.sort(rng.permutation(len(source))[:MEASURE_IMAGES])
     x = normalize(as_nchw(source.images[pick]).to(device), plan.mean, plan.std)
     y = torch.from_numpy(np.asarray(source.labels)[pick]).long().to(device)
@@ -204,6 +222,70 @@ def measure(
         tcav=tcav,
         sensitivity=cav_sensitivity(model, module, v, x),
     )
+
+
+def correction_concept(
+    name: str,
+    layer: str,
+    cav: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    model: torch.nn.Module,
+    info: Optional[dict[str, Any]] = None,
+) -> Concept:
+    """The correction concept of a revealed one: its CAV, and as the images carrying the artefact the training
+    images whose CAV score reaches the reveal's retrieval threshold (the rest are the clean ones). Refused when
+    that leaves no image on one side."""
+    retrieved = np.asarray(scores) >= threshold
+    if retrieved.all() or not retrieved.any():
+        raise ConfigError(
+            f"concept '{name}': {int(retrieved.sum())} of {len(retrieved)} training images score above its threshold; "
+            "a correction needs images with and without the artefact: fit the concept on another group"
+        )
+    return concept_from_scores(name, layer, cav, scores, retrieved, model_digest(model), info=dict(info or {}))
+
+
+@dataclass
+class Correction:
+    """A correction applied and measured: the model before and after, and the fine-tuning stage's summary."""
+
+    before: Measures
+    after: Measures
+    train: Optional[dict[str, Any]] = None
+
+
+def apply_correction(
+    method: str,
+    tuned: Optional[RunConfig],
+    cfg: RunConfig,
+    plan: DataPlan,
+    stage_dir: Path,
+    concept: Concept,
+    model_dir: Path,
+    log: Callable[[str], None],
+    progress: bool,
+    device: torch.device,
+    before: Optional[Measures] = None,
+) -> Correction:
+    """Correct the classifier of ``stage_dir`` for ``concept`` (saved where ``tuned``'s method options name it)
+    with ``method``: post hoc (a hook, nothing trained) or by fine-tuning with ``tuned`` into ``model_dir``
+    (resumable like any stage); measure before (unless given) and after along the concept's CAV. What `teachx
+    revise` and a study's ``study.revise`` both run."""
+    model = load_stage_model(stage_dir).to(device)
+    if before is None:
+        before = measure(model, plan, concept.layer, concept.cav, device, seed=cfg.seed)
+    if method in POST_HOC:
+        with attach(model, concept, POST_HOC[method]):
+            after = measure(model, plan, concept.layer, concept.cav, device, seed=cfg.seed)
+        return Correction(before, after)
+    assert tuned is not None and METHODS.get(method) is not None
+    tuned.train.progress = progress
+    record, fixed = train_method_stage(
+        tuned, plan, None, None, model_dir, log, None, baseline=lambda: load_stage_model(stage_dir)
+    )
+    train = {k: record.get(k) for k in ("best_epoch", "val_acc", "test_acc", "seconds", "seconds_per_epoch")}
+    after = measure(fixed, plan, concept.layer, concept.cav, device, seed=cfg.seed)
+    return Correction(before, after, train)
 
 
 def revise_run(
@@ -245,43 +327,27 @@ def revise_run(
     device = choose_device(cfg.device)
     model = load_stage_model(stage_dir).to(device)
     layer_module(model, saved.layer)  # the layer exists in this model (one line listing the valid ones if not)
-    retrieved = saved.scores >= saved.threshold
-    if retrieved.all() or not retrieved.any():
-        raise ConfigError(
-            f"concept '{concept}': {int(retrieved.sum())} of {len(retrieved)} training images score above its threshold; "
-            "a correction needs images with and without the artefact: fit the concept on another group"
-        )
-    corr = concept_from_scores(
+    corr = correction_concept(
         concept,
         saved.layer,
         saved.cav,
         saved.scores,
-        retrieved,
-        model_digest(model),
+        saved.threshold,
+        model,
         info={"reveal_concept": saved.name, "class": saved.label, "checkpoint_sha256": saved.model_digest},
     )
-    tuned, options = (None, {}) if method in POST_HOC else _overrides(cfg, method, out / "concept.json", items)
+    retrieved = saved.scores >= saved.threshold
+    tuned, options = (None, {}) if method in POST_HOC else recipe_config(cfg, method, out / "concept.json", items)
     yield (
         f"revising the classifier of {run_dir} for concept '{concept}' (class {saved.label}, layer {saved.layer}; "
         f"{int(retrieved.sum())} of {len(retrieved)} training images carry it by its CAV score) with {method}"
     )
     out.mkdir(parents=True, exist_ok=True)
     concept_file = save_concept(corr, out / "concept.json", overwrite=True)
-    before = measure(model, plan, saved.layer, saved.cav, device, seed=cfg.seed)
-    yield _line("before", before)
-    train = None
-    if method in POST_HOC:
-        with attach(model, corr, POST_HOC[method]):
-            after = measure(model, plan, saved.layer, saved.cav, device, seed=cfg.seed)
-    else:
-        assert tuned is not None and METHODS.get(method) is not None
-        tuned.train.progress = progress
-        record, fixed = train_method_stage(
-            tuned, plan, None, None, out / "model", log, None, baseline=lambda: load_stage_model(stage_dir)
-        )
-        train = {k: record.get(k) for k in ("best_epoch", "val_acc", "test_acc", "seconds", "seconds_per_epoch")}
-        after = measure(fixed, plan, saved.layer, saved.cav, device, seed=cfg.seed)
-    yield _line("after", after)
+    fixed = apply_correction(method, tuned, cfg, plan, stage_dir, corr, out / "model", log, progress, device)
+    yield _line("before", fixed.before)
+    yield _line("after", fixed.after)
+    before, after, train = fixed.before, fixed.after, fixed.train
     rec = Revision(
         method=method,
         concept={

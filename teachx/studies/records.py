@@ -48,6 +48,7 @@ _UNIT_KEYS = (
     "shortcut",
     "test_splits",
     "reveal",
+    "revision",
 )
 #: the keys of a method unit's evaluation (study_evaluation), as the runner writes them
 _EVAL_KEYS = ("map_quality", "errors", "examples", "faithfulness", "timings", "map_store")
@@ -74,6 +75,8 @@ class UnitRecord:
     shortcut: Optional[dict[str, Any]] = None  # on a shortcut dataset: attribution shares on the artefact
     test_splits: Optional[dict[str, dict[str, Any]]] = None  # on an artefact benchmark: clean / attacked / ch
     reveal: Optional[dict[str, Any]] = None  # a classifier unit's unannotated reveal, scored (study.eval.reveal)
+    # a correction unit's (study.revise): the concept, its before and after measures (teachx.runs.revise.Revision)
+    revision: Optional[dict[str, Any]] = None
 
     @property
     def is_classifier(self) -> bool:
@@ -120,7 +123,7 @@ class UnitRecord:
                 **tail,
                 **self.evaluation,
             }
-        for key in ("shortcut", "test_splits", "reveal"):  # only where measured: other records stay as they were
+        for key in ("shortcut", "test_splits", "reveal", "revision"):  # only where measured: others stay as they were
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -152,6 +155,7 @@ class UnitRecord:
             shortcut=data.get("shortcut"),
             test_splits=data.get("test_splits"),
             reveal=data.get("reveal"),
+            revision=data.get("revision"),
         )
 
 
@@ -177,6 +181,9 @@ _ROW_KEYS = (
     "shortcut",
     "test_splits",
     "reveal",
+    "splits_vs_baseline",
+    "gap_recovered",
+    "revision",
 )
 
 
@@ -208,6 +215,12 @@ class StudyRow:
     test_splits: Optional[dict[str, dict[str, Any]]] = None
     # the baseline row with study.eval.reveal: per headline measure of the unannotated reveal, its summary
     reveal: Optional[dict[str, dict[str, Any]]] = None
+    # on an artefact benchmark: per test split, paired_compare with the baseline (+ p_ttest_holm over the split's rows)
+    splits_vs_baseline: Optional[dict[str, dict[str, Any]]] = None
+    # with study.revise.oracle: per test split, (row mean - baseline mean) / (oracle mean - baseline mean)
+    gap_recovered: Optional[dict[str, Optional[float]]] = None
+    # a correction row (study.revise): its concept and CAV measures before and after, summarised over seeds
+    revision: Optional[dict[str, Any]] = None
 
     @property
     def is_baseline(self) -> bool:
@@ -250,7 +263,7 @@ class StudyRow:
             for key in ("teacher_test_acc", "vs_control", "map_quality", "faithfulness"):
                 if getattr(self, key) is not None:
                     out[key] = getattr(self, key)
-        for key in ("shortcut", "test_splits", "reveal"):
+        for key in ("shortcut", "test_splits", "reveal", "splits_vs_baseline", "gap_recovered", "revision"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -279,6 +292,9 @@ class StudyRow:
             shortcut=data.get("shortcut"),
             test_splits=data.get("test_splits"),
             reveal=data.get("reveal"),
+            splits_vs_baseline=data.get("splits_vs_baseline"),
+            gap_recovered=data.get("gap_recovered"),
+            revision=data.get("revision"),
         )
 
 

@@ -12,7 +12,7 @@ baselines' reveal) share the runner's caches, locks and keys; split, each part w
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,6 +21,7 @@ import torch
 
 from teachx.config.loader import dump_yaml
 from teachx.config.schema import RunConfig
+from teachx.errors import ConfigError
 from teachx.data.transforms import normalize
 from teachx.evaluation import build_metric, evaluate_maps
 from teachx.runs import rundir
@@ -31,7 +32,19 @@ from teachx.runs.recovery import stage_checkpoint, stage_done
 from teachx.runs.stages import load_classifier, load_stage_model, train_classifier
 from teachx.runs.teacher import as_nchw, make_teacher, teacher_maps
 from teachx.studies.records import UnitFile, UnitRecord
+from teachx.runs.records import ArtefactShares
 from teachx.runs.reveal_benchmark import reveal_benchmark
+from teachx.runs.revise import (
+    POST_HOC,
+    Measures,
+    Revision,
+    apply_correction,
+    attacked_share,
+    correction_concept,
+    measure,
+    read_revision,
+    recipe_config,
+)
 from teachx.studies.spec import (
     BASELINE,
     EvalSpec,
@@ -40,10 +53,12 @@ from teachx.studies.spec import (
     classifier_key,
     eval_key,
     reveal_key,
+    revision_key,
     unit_key,
 )
 from teachx.studies.statistics import summarize_study, summary_lines
 from teachx.teachers.postprocess import postprocess
+from teachx.training.concepts import concept_paths, load_concept, save_concept
 from teachx.training.methods import build_method
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
@@ -144,6 +159,14 @@ class _Runner:
             return read_trusted_json(
                 path, f"delete '{path}' and re-run the same `teachx study` command", "shortcut evaluation"
             )
+        if cfg.data.artefact is not None:  # an R2R benchmark: the gradient's share on the attacked images' artefact
+            plan = self.plan(cfg)
+            share = attacked_share(models()["model"], plan, choose_device(cfg.device), cfg.seed)
+            if share is None:  # an artefact without a place (a colour shift)
+                return None
+            block = ArtefactShares.measured(share).to_dict()
+            write_json_atomic(path, block, digest=True)
+            return block
         if cfg.data.shortcut is None and not _source_name(cfg.data.name).startswith("decoy"):
             return None
         plan = self.plan(cfg)
@@ -154,6 +177,146 @@ class _Runner:
         block["images"] = out["images"]
         write_json_atomic(path, block, digest=True)
         return block
+
+    def _revealed_concept(self, cfg: RunConfig, base_key: str) -> tuple[Optional[Path], Optional[Measures], str]:
+        """The correction concept of a baseline's unannotated reveal (``study.revise``), made once per baseline
+        and reveal settings in the baseline's unit folder, with the baseline's measures along it: (concept file,
+        measures before, note). No concept -- the reveal's top group retrieves nothing, or everything -- gives
+        (None, None, why): the pipeline leaves that baseline as it is."""
+        settings = self.spec.eval.reveal
+        assert settings is not None
+        d = self.out / "units" / base_key
+        stem = d / f"concept-{reveal_key(settings)}"
+        before_path, none_path = stem.with_name(stem.name + "-before.json"), stem.with_name(stem.name + "-none.json")
+        fix = f"delete the files '{stem.name}*' in '{d}' and re-run the same `teachx study` command"
+
+        def read() -> Optional[tuple[Optional[Path], Optional[Measures], str]]:
+            if none_path.exists():
+                return None, None, str(read_trusted_json(none_path, fix, "revealed concept")["why"])
+            if before_path.exists():
+                load_concept(stem)  # verified: a damaged concept is one clear error
+                before = Measures(**read_trusted_json(before_path, fix, "measures before correction"))
+                return concept_paths(stem)[0], before, ""
+            return None
+
+        found = read()
+        if found is not None:
+            return found
+        with file_lock(d / ".reveal.lock", wait=False):
+            found = read()
+            if found is not None:
+                return found
+            plan, device = self.plan(cfg), choose_device(cfg.device)
+            model = self._load_classifier(cfg, base_key)
+            result = reveal_benchmark(cfg, plan, model, device, settings)
+            tops = sorted((result.concepts if result else {}).values(), key=lambda t: t.label)
+            why = "the reveal found no group of two or more images in the poisoned class"
+            if tops:
+                top = tops[0]  # the first poisoned class's
+                try:
+                    concept = correction_concept(
+                        f"revealed-class{top.label}",
+                        top.layer,
+                        top.cav.direction,
+                        top.scores,
+                        top.cav.threshold,
+                        model,
+                        info={
+                            "class": top.label,
+                            "members": len(top.members),
+                            "carrying": int((top.scores >= top.cav.threshold).sum()),
+                            "reveal": reveal_key(settings),
+                        },
+                    )
+                except ConfigError as exc:
+                    why = str(exc)
+                else:
+                    file = save_concept(concept, stem, overwrite=True)
+                    before = measure(model, plan, concept.layer, concept.cav, device, seed=cfg.seed)
+                    write_json_atomic(before_path, asdict(before), digest=True)
+                    return file, before, ""
+            write_json_atomic(none_path, {"why": why}, digest=True)
+            return None, None, why
+
+    def revision(self, cfg: RunConfig, base_key: str, method: str) -> tuple[str, UnitRecord]:
+        """Correct the baseline ``base_key`` with ``method`` along its revealed concept (``study.revise``), or
+        read the correction back; raises Busy while another process makes it."""
+        revise, settings = self.spec.revise, self.spec.eval.reveal
+        assert revise is not None and settings is not None
+        items = revise.items(method)
+        key = revision_key(base_key, settings, method, items)
+        d = self.out / "units" / key
+        path = d / "revision.json"
+        if not path.exists():
+            concept_file, before, why = self._revealed_concept(cfg, base_key)
+            tuned = None
+            if concept_file is not None and method not in POST_HOC:
+                tuned, _ = recipe_config(cfg, method, concept_file, items)
+            self.unit_dir(key, tuned or cfg, "revision")
+            with file_lock(d / ".lock", wait=False):
+                if not path.exists():
+                    self._revise(cfg, base_key, method, items, tuned, concept_file, before, why, d)
+        rec = read_revision(path)
+        self.units[key] = UnitRecord(
+            kind="revision",
+            method_fields={"method": method},
+            seed=cfg.seed,
+            baseline_unit=base_key,
+            test_acc=rec.after.test_acc,
+            seconds=(rec.train or {}).get("seconds"),
+            seconds_per_epoch=(rec.train or {}).get("seconds_per_epoch"),
+            shortcut=ArtefactShares.measured(rec.after.artefact_share).to_dict() if rec.after.artefact_share else None,
+            test_splits=rec.after.test_splits,
+            revision={
+                "concept": rec.concept,
+                "before": asdict(rec.before),
+                "after": asdict(rec.after),
+                "train": rec.train,
+                "notes": rec.notes,
+            },
+        )
+        return key, self.units[key]
+
+    def _revise(
+        self,
+        cfg: RunConfig,
+        base_key: str,
+        method: str,
+        items: list[str],
+        tuned: Optional[RunConfig],
+        concept_file: Optional[Path],
+        before: Optional[Measures],
+        why: str,
+        d: Path,
+    ) -> None:
+        plan, device = self.plan(cfg), choose_device(cfg.device)
+        base_dir = self.out / "units" / base_key
+        if concept_file is None:  # nothing to correct along: the baseline as it is, measured as one
+            unchanged = measure(self._load_classifier(cfg, base_key), plan, None, None, device, seed=cfg.seed)
+            rec = Revision(method, {"class": None}, {}, unchanged, unchanged, None, [f"no concept: {why}"])
+        else:
+            concept = load_concept(concept_file)
+            if tuned is not None and stage_done(d / "model") is None:
+                self.trained += 1
+            fixed = apply_correction(
+                method, tuned, cfg, plan, base_dir, concept, d / "model", self.stage_log, self.progress, device, before
+            )
+            rec = Revision(
+                method,
+                {
+                    "name": concept.name,
+                    "class": concept.info.get("class"),
+                    "layer": concept.layer,
+                    "file": concept_file.relative_to(self.out).as_posix(),
+                    "model_digest": concept.model_digest,
+                    "n_carrying": concept.info.get("carrying"),
+                },
+                {k: v for k, v in (tuned.method.options.items() if tuned else []) if k != "concept"},
+                fixed.before,
+                fixed.after,
+                fixed.train,
+            )
+        write_json_atomic(d / "revision.json", rec.to_dict(), digest=True)
 
     def method(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, UnitRecord, bool]:
         """Train one unit of the arm's training method, and evaluate it where the method asks for it
@@ -412,6 +575,13 @@ def _run_job(
         cells.setdefault((regime, BASELINE), {})[seed] = own_base
         how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
         return f"regime={regime} arm={BASELINE} seed={seed} test_acc={number(brec['test_acc'])} ({how})"
+    if arm in spec.revise_rows:  # a correction of the baseline along its revealed concept
+        key, rec = r.revision(cfg, own_base, spec.revise_rows[arm])
+        cells.setdefault((regime, arm), {})[seed] = key
+        how = f"made {time.perf_counter() - t0:.1f}s" if r.trained > before else "done"
+        splits = " ".join(f"{k}={number(v['acc'])}" for k, v in (rec.test_splits or {}).items())
+        notes = "; ".join((rec.revision or {}).get("notes") or [])
+        return f"regime={regime} arm={arm} seed={seed} test_acc={number(rec.test_acc)} {splits}{' (' + notes + ')' if notes else ''} ({how})"
     tcfg, tb, topts = teacher_training(cfg)
     tkey, trec = r.classifier(tcfg, tb, topts)
     key, rec, _cached = r.method(cfg, own_base, tkey)
@@ -456,7 +626,7 @@ def run_study(
         (regime, seed, arm)
         for regime in spec.regimes
         for seed in spec.seeds
-        for arm in [None, *spec.arms]
+        for arm in [None, *spec.arms, *spec.revise_rows]
         if spec.runs(regime, arm)
     ]
     total, done = len(pending), 0
@@ -505,7 +675,9 @@ def _elapsed(out: Path, keys: list[str]) -> dict[str, Any]:
     for key in set(keys):
         d = out / "units" / key
         starts.append((d / "unit.json").stat().st_mtime)
-        ends.extend(p.stat().st_mtime for p in [d / "stage.json", *d.glob("eval-*.json")] if p.exists())
+        ends.extend(
+            p.stat().st_mtime for p in [d / "stage.json", d / "revision.json", *d.glob("eval-*.json")] if p.exists()
+        )
     if not starts or not ends:
         return {}
     iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731

@@ -43,6 +43,7 @@ from teachx.registry import suggest
 from teachx.runs.plan import teacher_training
 from teachx.reveal import ALGORITHM_VERSION
 from teachx.runs.reveal_benchmark import RevealSettings
+from teachx.runs.revise import POST_HOC, recipe_config, revise_methods
 from teachx.runs.resolve import check_names
 from teachx.studies.records import BASELINE
 from teachx.training.methods import METHODS, build_method, method_name
@@ -110,6 +111,58 @@ class LauncherSpec:
             raise ConfigError(f"study.launcher.max_running must be >= 1 (or left out), got {self.max_running}")
 
 
+#: the prefix of a correction's row name: ``reveal+rrclarc`` is rrclarc along the concept reveal found
+REVISE_PREFIX = "reveal+"
+
+
+@dataclass
+class ReviseSpec:
+    """Reveal-to-Revise with no person in the loop (``study.revise``): every baseline of an artefact benchmark is
+    revealed (``study.eval.reveal``), the top group of its poisoned class becomes a concept, and each method
+    corrects the baseline along it, as `teachx revise` does (post hoc, or fine-tuned with the R2R recipe). Each
+    method is a row ``reveal+METHOD`` compared by seed with the baseline it corrected."""
+
+    methods: list[str] = field(default_factory=list)  # `teachx revise --method` names, e.g. [pclarc, rrclarc]
+    # method -> its KEY: VALUE overrides (train.* and method.options.*, as `teachx revise KEY=VALUE`)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # an arm that needs the annotations (e.g. RRR with the true masks): the gap between the baseline and it on the
+    # attacked test split is what a correction is measured against (the share of that gap it recovers)
+    oracle: Optional[str] = None
+
+    def validate(self) -> None:
+        known = revise_methods()
+        if not isinstance(self.methods, list) or not self.methods:
+            raise ConfigError(
+                f"study.revise.methods must be a non-empty list of corrections, e.g. [pclarc, rrclarc]; choose from {', '.join(known)}"
+            )
+        for m in self.methods:
+            if m not in known:
+                raise ConfigError(
+                    f"study.revise.methods: unknown correction '{m}'{suggest(str(m), known)}; choose from {', '.join(known)}"
+                )
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError("study.revise.methods names a correction twice; name each once")
+        for m, opts in self.options.items():
+            if m not in self.methods:
+                raise ConfigError(
+                    f"study.revise.options.{m}: '{m}' is not in study.revise.methods ({', '.join(self.methods)})"
+                )
+            if not isinstance(opts, dict):
+                raise ConfigError(f"study.revise.options.{m} must map KEY to VALUE, e.g. {{method.options.lam: 100}}")
+            if opts and m in POST_HOC:
+                raise ConfigError(f"study.revise.options.{m}: {m} trains nothing, so it takes no options; remove them")
+
+    def items(self, method: str) -> list[str]:
+        """The method's options as `teachx revise` KEY=VALUE items."""
+        flat = _flatten(self.options.get(method) or {}, f"study.revise.options.{method}")
+        return [f"{k}={json.dumps(v)}" for k, v in flat.items()]
+
+    @property
+    def rows(self) -> dict[str, str]:
+        """Row name -> correction, in order."""
+        return {REVISE_PREFIX + m: m for m in self.methods}
+
+
 @dataclass
 class StudySpec:
     base: dict[str, Any]  # the run config (without ``study``), as a plain dict
@@ -123,6 +176,12 @@ class StudySpec:
     arm_regimes: dict[str, list[str]] = field(default_factory=dict)  # arm -> the only regimes it runs in
     controls: dict[str, str] = field(default_factory=dict)  # arm -> its own lambda=0 control (default: control)
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
+    revise: Optional[ReviseSpec] = None  # corrections along each baseline's revealed concept
+
+    @property
+    def revise_rows(self) -> dict[str, str]:
+        """``reveal+METHOD`` row name -> correction (empty without ``study.revise``)."""
+        return self.revise.rows if self.revise else {}
 
     def control_of(self, arm: str) -> Optional[str]:
         """The lambda=0 arm ``arm`` is compared with: its own (``study.controls``), else the study's."""
@@ -133,9 +192,10 @@ class StudySpec:
         return arm is None or arm == BASELINE or regime in self.arm_regimes.get(arm, self.regimes)
 
     def config(self, regime: str, arm: Optional[str], seed: int) -> RunConfig:
-        """The resolved RunConfig of one unit: base <- arm <- regime, with the seed."""
+        """The resolved RunConfig of one unit: base <- arm <- regime, with the seed (a correction row's is its
+        baseline's: the correction's own settings are ``study.revise``'s)."""
         data = _deep(self.base)
-        for key, value in (self.arms[arm] if arm else {}).items():
+        for key, value in (self.arms[arm] if arm and arm not in self.revise_rows else {}).items():
             set_dotted(data, key, value)
         for key, value in self.regimes[regime].items():
             set_dotted(data, key, value)
@@ -161,6 +221,7 @@ class StudySpec:
             "alpha": self.alpha,
             "arm_regimes": self.arm_regimes,
             "launcher": asdict(self.launcher),
+            "revise": asdict(self.revise) if self.revise else None,
         }
         return {key: _deep(values[key]) for key in STUDY_KEYS if key in values}
 
@@ -177,6 +238,8 @@ class StudySpec:
         }
         if self.controls:  # only where set: the records of studies without it stay as they were
             out["controls"] = self.controls
+        if self.revise:
+            out["revise"] = asdict(self.revise)
         return out
 
 
@@ -235,6 +298,7 @@ STUDY_KEYS: dict[str, str] = {
     "eval": "what is measured per IMPACTX unit besides accuracy: the study.eval.* keys",
     "alpha": "significance level of the paired tests (Holm-adjusted over all control comparisons; default 0.05)",
     "arm_regimes": "arm -> the only regimes it runs in (default: all), e.g. {self_teach: [1k]} for an expensive arm",
+    "revise": "on artefact benchmarks: correct every baseline along the concept its unannotated reveal found, one row per correction: {methods: [pclarc, rclarc, rrclarc, aclarc], options: {rrclarc: {method.options.lam: 100}}, oracle: ARM}",
     "launcher": "where `teachx study --launcher submitit` runs its workers and with what resources: the study.launcher.* keys (never part of a result)",
 }
 _STUDY_KEYS = tuple(STUDY_KEYS)
@@ -326,6 +390,15 @@ def _study_from_raw(
         raise ConfigError("study.regimes is empty; leave it out for a single regime")
     ev = from_dict(EvalSpec, section.get("eval") or {}, "study.eval")
     launcher = from_dict(LauncherSpec, section.get("launcher") or {}, "study.launcher")
+    revise = from_dict(ReviseSpec, section["revise"], "study.revise") if section.get("revise") is not None else None
+    if revise is not None:
+        if revise.oracle is not None and revise.oracle not in arms:
+            raise ConfigError(
+                f"study.revise.oracle '{revise.oracle}' is not an arm{suggest(str(revise.oracle), list(arms))}; "
+                f"arms: {', '.join(arms) or 'none'}"
+            )
+        if ev.reveal is None:  # the concepts come from the baselines' reveal: its default settings
+            ev.reveal = RevealSettings()
     spec = StudySpec(
         base,
         [int(s) for s in seeds],
@@ -338,11 +411,24 @@ def _study_from_raw(
         _arm_regimes(section.get("arm_regimes"), arms, regimes),
         _controls(section.get("controls"), arms),
         launcher,
+        revise,
     )
     # resolve every config now: a typo fails before anything is trained
     first_regime = next(iter(regimes))
     for regime in regimes:
-        spec.config(regime, None, seeds[0])
+        cfg = spec.config(regime, None, seeds[0])
+        if revise is not None:
+            if cfg.data.artefact is None:
+                raise ConfigError(
+                    f"study.revise corrects the artefact that reveal finds, and regime '{regime}' has none; "
+                    "set data.artefact.kind (e.g. data.artefact.kind=timestamp) or drop study.revise"
+                )
+            for m in revise.methods:
+                if m not in POST_HOC:  # the options are checked now, against the method (any path will do here)
+                    try:
+                        recipe_config(cfg, m, Path("concept.json"), revise.items(m))
+                    except ConfigError as exc:
+                        raise ConfigError(f"study.revise.options.{m}: {exc}") from None
         for arm in arms:
             if spec.config(regime, arm, seeds[0]).teacher.checkpoint:
                 raise ConfigError(
@@ -507,6 +593,23 @@ def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
     return hash_json({"v": STUDY_VERSION, "eval": values, "teacher": _relevant(cfg).get("teacher", {})})[:12]
 
 
+def revision_key(base_key: str, settings: RevealSettings, method: str, items: list[str]) -> str:
+    """The key of a correction unit: the baseline it corrects, how it was revealed, the method and its options."""
+    return (
+        "r-"
+        + hash_json(
+            {
+                "v": STUDY_VERSION,
+                "kind": "revision",
+                "baseline": base_key,
+                "reveal": reveal_key(settings),
+                "method": method,
+                "options": items,
+            }
+        )[:16]
+    )
+
+
 def reveal_key(settings: RevealSettings) -> str:
     """The key of a classifier unit's reveal file (``reveal-<key>.json``): the settings it was revealed with."""
     return hash_json({"v": STUDY_VERSION, "algorithm": ALGORITHM_VERSION, "reveal": asdict(settings)})[:12]
@@ -525,8 +628,8 @@ class PlannedUnit:
 
     @property
     def method(self) -> Optional[Any]:
-        """The training method class of a method unit; None for a classifier unit."""
-        return None if self.kind == "classifier" else METHODS.get(method_name(self.config))
+        """The training method class of a method unit; None for a classifier or correction unit."""
+        return None if self.kind in ("classifier", "revision") else METHODS.get(method_name(self.config))
 
 
 def planned_units(spec: StudySpec) -> list[PlannedUnit]:
@@ -550,6 +653,11 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                     base, PlannedUnit(base, "classifier", regime, f"{arm} {BASELINE}" if arm else BASELINE, seed, cfg)
                 )
                 if arm is None:
+                    for row, m in spec.revise_rows.items():  # the corrections of this baseline (study.revise)
+                        items = spec.revise.items(m) if spec.revise else []
+                        rkey = revision_key(base, spec.eval.reveal or RevealSettings(), m, items)
+                        rcfg = cfg if m in POST_HOC else recipe_config(cfg, m, Path("concept.json"), items)[0]
+                        units.setdefault(rkey, PlannedUnit(rkey, "revision", regime, row, seed, rcfg))
                     continue
                 key = unit_key(cfg)
                 units.setdefault(key, PlannedUnit(key, METHODS.get(method_name(cfg)).unit_kind, regime, arm, seed, cfg))

@@ -35,12 +35,15 @@ def summarize_study(
     rows: list[StudyRow] = []
     seeds = spec.seeds
     for regime in spec.regimes:
-        for arm in [BASELINE, *spec.arms]:
+        for arm in [BASELINE, *spec.arms, *spec.revise_rows]:
             if not spec.runs(regime, arm):
                 continue
             keys = cells[(regime, arm)]
             mine = [units[keys[s]] for s in seeds]
             accs = [u.test_acc for u in mine]
+            if arm in spec.revise_rows:
+                rows.append(_revision_row(spec, regime, arm, keys, mine, units))
+                continue
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
             trained = build_method(cfg) if arm != BASELINE else None  # the arm's method (the baseline row has none)
             row = StudyRow(
@@ -111,9 +114,14 @@ def summarize_study(
                     if all(isinstance(v, (int, float)) for v in values):
                         row.reveal[m] = summarize(values).to_dict()
             rows.append(row)
-    # Holm over each family (all vs-baseline tests; all vs-control tests)
-    for family in ("vs_baseline", "vs_control"):
-        members = [getattr(row, family) for row in rows if getattr(row, family) is not None]
+    _split_comparisons(spec, rows, units)
+    # Holm over each family (all vs-baseline tests; all vs-control tests; per test split, all vs-baseline tests)
+    families = [[getattr(row, f) for row in rows if getattr(row, f) is not None] for f in ("vs_baseline", "vs_control")]
+    split_names = dict.fromkeys(n for row in rows for n in (row.splits_vs_baseline or {}))
+    families += [
+        [row.splits_vs_baseline[n] for row in rows if n in (row.splits_vs_baseline or {})] for n in split_names
+    ]
+    for members in families:
         for m, adj in zip(members, holm([m.get("p_ttest") for m in members])):
             m["p_ttest_holm"] = adj
     verdicts = []
@@ -155,6 +163,93 @@ def summarize_study(
             "with fewer than 6 seeds the Wilcoxon test cannot reach p < 0.05 (smallest p = 2/2^n)",
         ],
     )
+
+
+def _summaries(blocks: list[Optional[dict[str, Any]]], skip: tuple[str, ...] = ()) -> Optional[dict[str, Any]]:
+    """Per numeric key that every block has, its summary over the blocks (None when a block is missing)."""
+    if not blocks or not all(blocks):
+        return None
+    first = blocks[0] or {}
+    keys = [k for k in first if k not in skip and all(isinstance((b or {}).get(k), (int, float)) for b in blocks)]
+    return {k: summarize([float(b[k]) for b in blocks]).to_dict() for k in keys}  # type: ignore[index]
+
+
+def _revision_row(
+    spec: StudySpec, regime: str, arm: str, keys: dict[int, str], mine: list[UnitRecord], units: dict[str, UnitRecord]
+) -> StudyRow:
+    """The row of a correction along each seed's revealed concept (``study.revise``), compared with the baseline
+    it corrected."""
+    accs = [u.test_acc for u in mine]
+    row = StudyRow(
+        regime=regime,
+        arm=arm,
+        kind="revision",
+        method=spec.revise_rows[arm],
+        overrides=(spec.revise.options.get(spec.revise_rows[arm]) if spec.revise else None) or {},
+        regime_overrides=spec.regimes[regime],
+        seeds=spec.seeds,
+        units=[keys[s] for s in spec.seeds],
+        test_acc=accs,
+        summary=summarize(accs).to_dict(),
+    )
+    row.vs_baseline = paired_compare(accs, [units[u.baseline_unit].test_acc for u in mine]).to_dict()
+    row.vs_baseline["baseline"] = BASELINE
+    shortcut = [ArtefactShares.from_dict(u.shortcut).to_dict() if u.shortcut else None for u in mine]
+    row.shortcut = _summaries(shortcut, skip=("images",))
+    splits = [u.test_splits for u in mine]
+    if all(splits):
+        row.test_splits = {
+            name: summarize([s[name]["acc"] for s in splits]).to_dict()  # type: ignore[index]
+            for name in splits[0]  # type: ignore[union-attr]
+            if all(name in s for s in splits)  # type: ignore[operator]
+        }
+    revisions = [u.revision or {} for u in mine]
+    corrected = [r for r in revisions if (r.get("concept") or {}).get("name")]
+    row.revision = {
+        "seeds_with_a_concept": len(corrected),
+        "before": _summaries([r.get("before") for r in corrected], skip=("test_acc",)) if corrected else None,
+        "after": _summaries([r.get("after") for r in corrected], skip=("test_acc",)) if corrected else None,
+        "n_carrying": summarize([float(r["concept"]["n_carrying"]) for r in corrected]).to_dict()
+        if corrected and all(isinstance(r["concept"].get("n_carrying"), (int, float)) for r in corrected)
+        else None,
+        "notes": sorted({n for r in revisions for n in r.get("notes") or []}),
+    }
+    return row
+
+
+def _split_comparisons(spec: StudySpec, rows: list[StudyRow], units: dict[str, UnitRecord]) -> None:
+    """On artefact benchmarks: every non-baseline row's accuracy per test split compared by seed with the regime's
+    baseline (the model trained on the benchmark's data: also for arms that train on other data, such as a
+    clean-data ceiling), and (with ``study.revise.oracle``) the share of the baseline-to-oracle gap it recovers."""
+    by_cell = {(row.regime, row.arm): row for row in rows}
+    oracle = spec.revise.oracle if spec.revise else None
+
+    def split_accs(row: Optional[StudyRow]) -> Optional[dict[str, list[float]]]:
+        if row is None:
+            return None
+        recs = [units[k] for k in row.units]
+        if not all(r.test_splits for r in recs):
+            return None
+        names = [n for n in recs[0].test_splits if all(n in r.test_splits for r in recs)]  # type: ignore[union-attr]
+        return {n: [r.test_splits[n]["acc"] for r in recs] for n in names}  # type: ignore[index]
+
+    for row in rows:
+        if row.is_baseline or row.test_splits is None:
+            continue
+        mine, base = split_accs(row), split_accs(by_cell.get((row.regime, BASELINE)))
+        if not mine or not base:
+            continue
+        row.splits_vs_baseline = {n: paired_compare(mine[n], base[n]).to_dict() for n in mine if n in base}
+        target = by_cell.get((row.regime, oracle)) if oracle else None
+        if target is not None and target is not row:
+            theirs = split_accs(target)
+            if theirs:
+                gap = {}
+                for n in mine:
+                    if n in base and n in theirs:
+                        span = float(np.mean(theirs[n]) - np.mean(base[n]))
+                        gap[n] = (float(np.mean(mine[n]) - np.mean(base[n])) / span) if abs(span) > 1e-12 else None
+                row.gap_recovered = gap
 
 
 def _builtin_faith_summary(blocks: list[Optional[dict[str, Any]]]) -> dict[str, Any]:

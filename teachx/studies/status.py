@@ -20,6 +20,7 @@ from teachx.errors import TeachxError
 from teachx.evaluation.stats import summarize
 from teachx.runs.recovery import stage_done
 from teachx.studies.runner import read_unit_evaluation
+from teachx.runs.revise import FINE_TUNING, read_revision
 from teachx.studies.spec import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units
 from teachx.utils.locking import held_by
 from teachx.utils.numbers import number
@@ -76,7 +77,7 @@ class StudyStatus:
             if u.state == "done":
                 continue
             arm = (u.unit.regime, u.unit.arm)
-            if u.state not in ("to evaluate", "evaluating"):
+            if u.state not in ("to evaluate", "evaluating") and u.epochs > u.epochs_done:
                 known = finished.get(arm) or running.get(arm)  # finished units' records first: whole runs, fewer pauses
                 if not known:
                     return None
@@ -104,7 +105,35 @@ def epochs_timed(stage_dir: Path) -> tuple[int, Optional[float]]:
     return len(hist), (sum(secs) / len(secs) if secs else None)
 
 
+def _revision_status(out: Path, unit: PlannedUnit) -> UnitStatus:
+    """A correction unit (``study.revise``): done once its revision.json is written; a fine-tuning one trains
+    its ``model`` stage before (a post-hoc one trains nothing: 0 epochs)."""
+    d = out / "units" / unit.key
+    fine_tuned = unit.config.method.name in FINE_TUNING
+    status = UnitStatus(unit, "not started", 0, int(unit.config.train.epochs) if fine_tuned else 0)
+    if not d.is_dir():
+        return status
+    status.holder = held_by(d / ".lock") if (d / ".lock").exists() else None
+    try:
+        if (d / "revision.json").exists():
+            rec = read_revision(d / "revision.json")
+            status.state, status.test_acc, status.epochs_done = "done", rec.after.test_acc, status.epochs
+            status.seconds_per_epoch = (rec.train or {}).get("seconds_per_epoch")
+            return status
+    except TeachxError as exc:
+        status.state, status.message = "damaged", str(exc)
+        return status
+    status.epochs_done, status.seconds_per_epoch = epochs_timed(d / "model")
+    if status.holder:
+        status.state = "training"
+    elif status.epochs_done:
+        status.state = "interrupted"
+    return status
+
+
 def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
+    if unit.kind == "revision":
+        return _revision_status(out, unit)
     cfg = unit.config
     epochs = int(cfg.train.epochs)
     d = out / "units" / unit.key

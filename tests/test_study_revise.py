@@ -1,0 +1,189 @@
+"""Reveal-to-Revise in a study (``study.revise``): each seed's baseline revealed without annotations, corrected
+along the concept it found, and compared with its baseline per test split and with the annotated oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from teachx.errors import ConfigError
+
+pytest.importorskip("sklearn")
+
+BASE = (
+    "data: {name: bundled, train_size: 400, artefact: {kind: frame, classes: [2], p: 0.5}}\n"
+    "model: {backbone: lenet5}\ntrain: {epochs: 2, batch_size: 64}\nmethod: {name: baseline}\n"
+)
+
+
+def _study(tmp_path: Path, study: str, base: str = BASE) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(base + study)
+    return path
+
+
+@pytest.mark.parametrize(
+    "study, fragment",
+    [
+        ("study: {arms: {}, revise: {methods: [pclarcc]}}", "unknown correction 'pclarcc'"),
+        ("study: {arms: {}, revise: {methods: []}}", "study.revise.methods must be a non-empty list"),
+        ("study: {arms: {}, revise: {methods: [pclarc, pclarc]}}", "names a correction twice"),
+        ("study: {arms: {}, revise: {methods: [pclarc], oracle: rrr}}", "study.revise.oracle 'rrr' is not an arm"),
+        ("study: {arms: {}, revise: {methods: [pclarc], options: {pclarc: {train.epochs: 1}}}}", "trains nothing"),
+        ("study: {arms: {}, revise: {methods: [pclarc], options: {rrclarc: {}}}}", "is not in study.revise.methods"),
+        (
+            "study: {arms: {}, revise: {methods: [rrclarc], options: {rrclarc: {data.train_size: 10}}}}",
+            "study.revise.options.rrclarc",
+        ),
+        (
+            "study: {arms: {}, revise: {methods: [rrclarc], options: {rrclarc: {method.options.lamb: 1}}}}",
+            "lamb",
+        ),
+        ("study: {arms: {}, revise: {methods: [rrclarc], colour: red}}", "unknown option 'study.revise.colour'"),
+    ],
+)
+def test_bad_revise_sections_are_one_line_errors(tmp_path, study, fragment):
+    from teachx.studies.spec import load_study
+
+    with pytest.raises(ConfigError) as err:
+        load_study(str(_study(tmp_path, study)))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_revise_needs_an_artefact_benchmark(tmp_path):
+    from teachx.studies.spec import load_study
+
+    base = "data: {name: bundled, train_size: 400}\nmodel: {backbone: lenet5}\nmethod: {name: baseline}\n"
+    with pytest.raises(ConfigError, match="study.revise corrects the artefact that reveal finds"):
+        load_study(str(_study(tmp_path, "study: {arms: {}, revise: {methods: [pclarc]}}", base)))
+
+
+def test_revise_turns_the_reveal_on_and_keeps_other_studies_as_they_were(tmp_path):
+    from teachx.runs.reveal_benchmark import RevealSettings
+    from teachx.studies.spec import load_study, revision_key
+
+    spec = load_study(str(_study(tmp_path, "study: {arms: {}, revise: {methods: [pclarc, rrclarc]}}")))
+    assert spec.eval.reveal == RevealSettings()  # the concepts come from the baselines' reveal
+    assert spec.revise_rows == {"reveal+pclarc": "pclarc", "reveal+rrclarc": "rrclarc"}
+    assert "revise" in spec.to_dict() and "revise" in spec.section()
+    plain = load_study(str(_study(tmp_path, "study: {arms: {}}")))
+    assert "revise" not in plain.to_dict() and plain.revise_rows == {}
+    keys = {
+        revision_key("c-1", RevealSettings(), "rrclarc", []),
+        revision_key("c-2", RevealSettings(), "rrclarc", []),
+        revision_key("c-1", RevealSettings(cav="svm"), "rrclarc", []),
+        revision_key("c-1", RevealSettings(), "aclarc", []),
+        revision_key("c-1", RevealSettings(), "rrclarc", ["method.options.lam=100"]),
+    }
+    assert len(keys) == 5 and all(k.startswith("r-") for k in keys)
+
+
+def _p_clarc_reference(model: torch.nn.Module, layer: str, v: np.ndarray, z_clean: float):
+    """P-ClArC written out for this test: the layer's output a (N, C) or (N, C, H, W) becomes
+    a + (z_clean - v . maxpool(a)) v, the same shift at every position."""
+    unit = torch.as_tensor(v / np.linalg.norm(v), dtype=torch.float32)
+
+    def hook(module, inputs, out):
+        pooled = out if out.dim() == 2 else out.flatten(2).max(2).values
+        shift = (z_clean - pooled @ unit)[:, None] * unit[None, :]
+        return out + (shift if out.dim() == 2 else shift[:, :, None, None])
+
+    return dict(model.named_modules())[layer].register_forward_hook(hook)
+
+
+@pytest.mark.slow
+def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, monkeypatch):
+    from teachx.data.artefacts import ground_truth
+    from teachx.runs.plan import make_plan
+    from teachx.runs.stages import load_stage_model
+    from teachx.studies.runner import run_study
+    from teachx.studies.spec import load_study
+    from teachx.training.concepts import load_concept
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = _study(
+        tmp_path,
+        "study:\n  n_seeds: 2\n"
+        "  arms: {clean: {data.artefact.p: 0}, oracle: {method.name: rrr, data.artefact.oracle_masks: true}}\n"
+        "  eval: {reveal: {teacher: gradient}}\n"
+        "  revise: {methods: [pclarc, rrclarc], options: {rrclarc: {train.epochs: 1}}, oracle: oracle}\n",
+    )
+    spec = load_study(str(cfg))
+    res = run_study(spec, tmp_path / "out", lambda line: None)
+    rows = {r["arm"]: r for r in res.data["rows"]}
+    assert list(rows) == ["baseline", "clean", "oracle", "reveal+pclarc", "reveal+rrclarc"]
+    units = res.data["units"]
+    base = rows["baseline"]
+    # every row has the accuracy per split and the gradient's share on the (framed) artefact
+    for r in rows.values():
+        assert set(r["test_splits"]) == {"clean", "attacked", "ch"}
+        assert r["shortcut"]["gradient"]["mean"] > 0 and r["shortcut"]["area"]["mean"] > 0
+    for arm in ("clean", "oracle", "reveal+pclarc", "reveal+rrclarc"):
+        row = rows[arm]
+        mine = [units[k]["test_splits"]["attacked"]["acc"] for k in row["units"]]
+        theirs = [units[k]["test_splits"]["attacked"]["acc"] for k in base["units"]]
+        got = row["splits_vs_baseline"]["attacked"]
+        assert got["mean_diff"] == pytest.approx(np.mean(np.subtract(mine, theirs)))
+        if np.std(np.subtract(mine, theirs)) > 0:
+            assert got["p_ttest"] == pytest.approx(stats.ttest_rel(mine, theirs).pvalue)
+        oracle = [units[k]["test_splits"]["attacked"]["acc"] for k in rows["oracle"]["units"]]
+        span = np.mean(oracle) - np.mean(theirs)
+        if arm != "oracle" and abs(span) > 1e-12:
+            assert row["gap_recovered"]["attacked"] == pytest.approx((np.mean(mine) - np.mean(theirs)) / span)
+    # the corrections: each seed's unit names its baseline; with a concept, P-ClArC's accuracy is the written-out
+    # projection's on the same baseline, and RR-ClArC fine-tuned only the dense layers of that baseline
+    ucfg = spec.config("all", None, 0)
+    plan = make_plan(ucfg, progress=False)
+    ds = plan.dataset
+    assert any(units[k]["revision"]["concept"].get("name") for k in rows["reveal+pclarc"]["units"])
+    for s, key in enumerate(rows["reveal+pclarc"]["units"]):
+        unit = units[key]
+        assert unit["kind"] == "revision" and unit["baseline_unit"] == base["units"][s]
+        rev = unit["revision"]
+        if not rev["concept"].get("name"):
+            assert rev["notes"] and unit["test_acc"] == pytest.approx(units[base["units"][s]]["test_acc"])
+            continue
+        concept = load_concept(tmp_path / "out" / rev["concept"]["file"])
+        model = load_stage_model(tmp_path / "out" / "units" / base["units"][s])
+        assert rev["before"]["test_acc"] == pytest.approx(units[base["units"][s]]["test_acc"])
+        handle = _p_clarc_reference(model, concept.layer, concept.cav, concept.z_clean)
+        attacked = ground_truth(ds).test_splits["attacked"]
+        x = torch.from_numpy(np.array(attacked.images)).permute(0, 3, 1, 2).float() / 255.0
+        mean, std = torch.tensor(plan.mean)[:, None, None], torch.tensor(plan.std)[:, None, None]
+        with torch.no_grad():
+            pred = model((x - mean) / std).argmax(1).numpy()
+        handle.remove()
+        acc = float((pred == np.asarray(attacked.labels)).mean())
+        assert unit["test_splits"]["attacked"]["acc"] == pytest.approx(acc, abs=1e-9)
+    for s, key in enumerate(rows["reveal+rrclarc"]["units"]):
+        rev = units[key]["revision"]
+        if not rev["concept"].get("name"):
+            continue
+        before = load_stage_model(tmp_path / "out" / "units" / base["units"][s]).state_dict()
+        after = load_stage_model(tmp_path / "out" / "units" / key / "model").state_dict()
+        conv = [k for k in before if k.startswith("body") and k.endswith("weight")]
+        assert conv and all(torch.equal(before[k], after[k]) for k in conv)  # features frozen (the R2R recipe)
+        assert any(not torch.equal(before[k], after[k]) for k in before if k not in conv)
+        assert rev["train"]["seconds"] > 0 and rev["after"]["sensitivity"] is not None
+    # `teachx study --status` knows the correction units by the runner's keys
+    from teachx.studies.status import study_status
+
+    status = study_status(load_study(str(cfg)), tmp_path / "out")
+    rev_units = [u for u in status.units if u.unit.kind == "revision"]
+    assert {u.unit.key for u in rev_units} == {*rows["reveal+pclarc"]["units"], *rows["reveal+rrclarc"]["units"]}
+    assert all(u.state == "done" for u in rev_units) and status.seconds_left() == 0
+    # resumed: nothing is made again
+    made = sorted((tmp_path / "out" / "units").glob("r-*/revision.json"))
+    stamps = [f.stat().st_mtime_ns for f in made]
+    again = run_study(load_study(str(cfg)), tmp_path / "out", lambda line: None)
+    assert again.trained == 0 and [f.stat().st_mtime_ns for f in made] == stamps
+    from teachx.reporting.report import write_report
+
+    _, md = write_report(tmp_path / "out")
+    text = Path(md).read_text()
+    assert "Corrections and other arms against the baseline on the attacked test split" in text
+    assert "reveal+rrclarc" in text
