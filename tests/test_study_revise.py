@@ -3,6 +3,7 @@ along the concept it found, and compared with its baseline per test split and wi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,21 +109,29 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
     cfg = _study(
         tmp_path,
         "study:\n  n_seeds: 2\n"
-        "  arms: {clean: {data.artefact.p: 0}, oracle: {method.name: rrr, data.artefact.oracle_masks: true}}\n"
+        "  arms: {oracle: {method.name: rrr, data.artefact.oracle_masks: true}}\n  ceiling: {data.artefact.p: 0}\n"
         "  eval: {reveal: {teacher: gradient}}\n"
         "  revise: {methods: [pclarc, rrclarc], options: {rrclarc: {train.epochs: 1}}, oracle: oracle}\n",
     )
     spec = load_study(str(cfg))
     res = run_study(spec, tmp_path / "out", lambda line: None)
     rows = {r["arm"]: r for r in res.data["rows"]}
-    assert list(rows) == ["baseline", "clean", "oracle", "reveal+pclarc", "reveal+rrclarc"]
+    assert list(rows) == ["baseline", "oracle", "ceiling", "reveal+pclarc", "reveal+rrclarc"]
     units = res.data["units"]
     base = rows["baseline"]
     # every row has the accuracy per split and the gradient's share on the (framed) artefact
     for r in rows.values():
         assert set(r["test_splits"]) == {"clean", "attacked", "ch"}
         assert r["shortcut"]["gradient"]["mean"] > 0 and r["shortcut"]["area"]["mean"] > 0
-    for arm in ("clean", "oracle", "reveal+pclarc", "reveal+rrclarc"):
+    # the ceiling: a baseline per seed trained on the regime's benchmark with no poisoned image (p: 0 on top of it)
+    for key in rows["ceiling"]["units"]:
+        unit_cfg = json.loads((tmp_path / "out" / "units" / key / "unit.json").read_text())["config"]
+        assert unit_cfg["data"]["artefact"]["p"] == 0 and units[key]["kind"] == "classifier"
+    ceiling_acc = rows["ceiling"]["test_acc"]
+    assert rows["ceiling"]["vs_baseline"]["mean_diff"] == pytest.approx(
+        np.mean(np.subtract(ceiling_acc, base["test_acc"]))
+    )
+    for arm in ("oracle", "ceiling", "reveal+pclarc", "reveal+rrclarc"):
         row = rows[arm]
         mine = [units[k]["test_splits"]["attacked"]["acc"] for k in row["units"]]
         theirs = [units[k]["test_splits"]["attacked"]["acc"] for k in base["units"]]

@@ -87,6 +87,7 @@ def study(
     study DIR records). `--launcher submitit --workers N` runs the units in N jobs on a SLURM cluster.
     """
     from teachx.studies.runner import run_study  # lazy: CLI start-up
+    from teachx.runs.revise import POST_HOC  # lazy: CLI start-up
     from teachx.studies.spec import BASELINE, load_study  # lazy: CLI start-up
 
     for o in overrides:
@@ -106,9 +107,11 @@ def study(
     ov = list(overrides) + (["study.eval.faithfulness=true"] if faithfulness else [])
     spec = load_study(config, ov, n_seeds)
     if dry_run:
-        n = sum(spec.runs(regime, arm) for regime in spec.regimes for arm in [None, *spec.arms]) * len(spec.seeds)
+        rows = [None, *spec.arms, *spec.extra_rows]
+        n = sum(spec.runs(regime, arm) for regime in spec.regimes for arm in rows) * len(spec.seeds)
         click.echo(
-            f"{n} units: regimes {list(spec.regimes)} x arms {[BASELINE, *spec.arms]} x seeds {spec.seeds}; control: {spec.control}"
+            f"{n} units: regimes {list(spec.regimes)} x arms {[BASELINE, *spec.arms, *spec.extra_rows]} x seeds "
+            f"{spec.seeds}; control: {spec.control}"
         )
         for regime in spec.regimes:
             for arm in (a for a in spec.arms if spec.runs(regime, a)):
@@ -122,6 +125,15 @@ def study(
                     f" teacher_backbone={cfg.teacher.backbone or cfg.model.backbone} train_size={cfg.data.train_size}"
                     + (f" teacher_training={cfg.teacher.training}" if cfg.teacher.training else "")
                 )
+        if spec.ceiling:
+            click.echo(f"  arm=ceiling: a baseline trained with {spec.ceiling} on top of each regime's settings")
+        for row, m in spec.revise_rows.items():
+            how = "post hoc" if m in POST_HOC else "fine-tuned with the R2R recipe"
+            opts = " ".join((spec.revise.items(m) if spec.revise else []))
+            click.echo(
+                f"  arm={row}: {m} ({how}{', ' + opts if opts else ''}) along the concept the baseline's reveal finds"
+                f" ({spec.eval.reveal.method if spec.eval.reveal else ''}, the top group of the poisoned class)"
+            )
         if launcher == "submitit":
             from teachx.cli.cluster import sbatch_text  # lazy: CLI start-up
 

@@ -47,6 +47,7 @@ from teachx.runs.revise import (
 )
 from teachx.studies.spec import (
     BASELINE,
+    CEILING,
     EvalSpec,
     StudySpec,
     _source_name,
@@ -571,10 +572,10 @@ def _run_job(
     before = r.trained
     t0 = time.perf_counter()
     own_base, brec = r.classifier(cfg, cfg.model.backbone, dict(cfg.model.options))
-    if arm is None:
-        cells.setdefault((regime, BASELINE), {})[seed] = own_base
+    if arm is None or arm == CEILING:  # the regime's baseline, or its reference baseline (study.ceiling)
+        cells.setdefault((regime, arm or BASELINE), {})[seed] = own_base
         how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
-        return f"regime={regime} arm={BASELINE} seed={seed} test_acc={number(brec['test_acc'])} ({how})"
+        return f"regime={regime} arm={arm or BASELINE} seed={seed} test_acc={number(brec['test_acc'])} ({how})"
     if arm in spec.revise_rows:  # a correction of the baseline along its revealed concept
         key, rec = r.revision(cfg, own_base, spec.revise_rows[arm])
         cells.setdefault((regime, arm), {})[seed] = key
@@ -626,7 +627,7 @@ def run_study(
         (regime, seed, arm)
         for regime in spec.regimes
         for seed in spec.seeds
-        for arm in [None, *spec.arms, *spec.revise_rows]
+        for arm in [None, *spec.arms, *spec.extra_rows]
         if spec.runs(regime, arm)
     ]
     total, done = len(pending), 0

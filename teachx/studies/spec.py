@@ -111,6 +111,8 @@ class LauncherSpec:
             raise ConfigError(f"study.launcher.max_running must be >= 1 (or left out), got {self.max_running}")
 
 
+#: the row name of a regime's reference baseline (``study.ceiling``)
+CEILING = "ceiling"
 #: the prefix of a correction's row name: ``reveal+rrclarc`` is rrclarc along the concept reveal found
 REVISE_PREFIX = "reveal+"
 
@@ -125,8 +127,8 @@ class ReviseSpec:
     methods: list[str] = field(default_factory=list)  # `teachx revise --method` names, e.g. [pclarc, rrclarc]
     # method -> its KEY: VALUE overrides (train.* and method.options.*, as `teachx revise KEY=VALUE`)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # an arm that needs the annotations (e.g. RRR with the true masks): the gap between the baseline and it on the
-    # attacked test split is what a correction is measured against (the share of that gap it recovers)
+    # an arm that needs the annotations (e.g. RRR with the true masks), or the ceiling row: the gap between the
+    # baseline and it on each test split is what a correction is measured against (the share of that gap it recovers)
     oracle: Optional[str] = None
 
     def validate(self) -> None:
@@ -177,6 +179,13 @@ class StudySpec:
     controls: dict[str, str] = field(default_factory=dict)  # arm -> its own lambda=0 control (default: control)
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
     revise: Optional[ReviseSpec] = None  # corrections along each baseline's revealed concept
+    # overrides applied on top of each regime's: a baseline per regime and seed trained with them (``ceiling`` row)
+    ceiling: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def extra_rows(self) -> list[str]:
+        """The rows after the arms: the ceiling (with ``study.ceiling``), then the corrections."""
+        return [*([CEILING] if self.ceiling else []), *self.revise_rows]
 
     @property
     def revise_rows(self) -> dict[str, str]:
@@ -195,9 +204,11 @@ class StudySpec:
         """The resolved RunConfig of one unit: base <- arm <- regime, with the seed (a correction row's is its
         baseline's: the correction's own settings are ``study.revise``'s)."""
         data = _deep(self.base)
-        for key, value in (self.arms[arm] if arm and arm not in self.revise_rows else {}).items():
+        for key, value in (self.arms[arm] if arm in self.arms else {}).items():
             set_dotted(data, key, value)
         for key, value in self.regimes[regime].items():
+            set_dotted(data, key, value)
+        for key, value in (self.ceiling if arm == CEILING else {}).items():  # on top of the regime's
             set_dotted(data, key, value)
         data["seed"] = int(seed)
         where = f"study arm '{arm}', regime '{regime}'" if arm else f"study regime '{regime}'"
@@ -222,6 +233,7 @@ class StudySpec:
             "arm_regimes": self.arm_regimes,
             "launcher": asdict(self.launcher),
             "revise": asdict(self.revise) if self.revise else None,
+            "ceiling": self.ceiling,
         }
         return {key: _deep(values[key]) for key in STUDY_KEYS if key in values}
 
@@ -240,6 +252,8 @@ class StudySpec:
             out["controls"] = self.controls
         if self.revise:
             out["revise"] = asdict(self.revise)
+        if self.ceiling:
+            out["ceiling"] = self.ceiling
         return out
 
 
@@ -298,6 +312,7 @@ STUDY_KEYS: dict[str, str] = {
     "eval": "what is measured per IMPACTX unit besides accuracy: the study.eval.* keys",
     "alpha": "significance level of the paired tests (Holm-adjusted over all control comparisons; default 0.05)",
     "arm_regimes": "arm -> the only regimes it runs in (default: all), e.g. {self_teach: [1k]} for an expensive arm",
+    "ceiling": "overrides applied on top of each regime's for a reference baseline per regime and seed (the ceiling row), e.g. {data.artefact.p: 0}: the clean-data ceiling of an artefact benchmark, on the same test splits",
     "revise": "on artefact benchmarks: correct every baseline along the concept its unannotated reveal found, one row per correction: {methods: [pclarc, rclarc, rrclarc, aclarc], options: {rrclarc: {method.options.lam: 100}}, oracle: ARM}",
     "launcher": "where `teachx study --launcher submitit` runs its workers and with what resources: the study.launcher.* keys (never part of a result)",
 }
@@ -367,10 +382,12 @@ def _study_from_raw(
             "study.arms must be a mapping name -> overrides, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}"
         )
     arms = {str(name): _flatten(ov, f"study.arms.{name}") for name, ov in arms_raw.items()}
-    if BASELINE in arms:
-        raise ConfigError(
-            f"study arm name '{BASELINE}' is reserved (every regime has its own baseline); rename the arm"
-        )
+    for reserved in (BASELINE, CEILING):
+        if reserved in arms:
+            raise ConfigError(
+                f"study arm name '{reserved}' is reserved (every regime has its own {reserved} row); rename the arm"
+            )
+    ceiling = _flatten(section.get("ceiling"), "study.ceiling")
     # regimes
     regimes_raw = section.get("regimes")
     regimes: dict[str, dict[str, Any]] = {}
@@ -392,10 +409,11 @@ def _study_from_raw(
     launcher = from_dict(LauncherSpec, section.get("launcher") or {}, "study.launcher")
     revise = from_dict(ReviseSpec, section["revise"], "study.revise") if section.get("revise") is not None else None
     if revise is not None:
-        if revise.oracle is not None and revise.oracle not in arms:
+        rows = [*arms, *([CEILING] if ceiling else [])]
+        if revise.oracle is not None and revise.oracle not in rows:
             raise ConfigError(
-                f"study.revise.oracle '{revise.oracle}' is not an arm{suggest(str(revise.oracle), list(arms))}; "
-                f"arms: {', '.join(arms) or 'none'}"
+                f"study.revise.oracle '{revise.oracle}' is not an arm{suggest(str(revise.oracle), rows)}; "
+                f"arms: {', '.join(rows) or 'none'} (the ceiling row, with study.ceiling set, may be named too)"
             )
         if ev.reveal is None:  # the concepts come from the baselines' reveal: its default settings
             ev.reveal = RevealSettings()
@@ -412,11 +430,14 @@ def _study_from_raw(
         _controls(section.get("controls"), arms),
         launcher,
         revise,
+        ceiling,
     )
     # resolve every config now: a typo fails before anything is trained
     first_regime = next(iter(regimes))
     for regime in regimes:
         cfg = spec.config(regime, None, seeds[0])
+        if ceiling:
+            spec.config(regime, CEILING, seeds[0])
         if revise is not None:
             if cfg.data.artefact is None:
                 raise ConfigError(
@@ -653,6 +674,10 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                     base, PlannedUnit(base, "classifier", regime, f"{arm} {BASELINE}" if arm else BASELINE, seed, cfg)
                 )
                 if arm is None:
+                    if spec.ceiling:
+                        ccfg = spec.config(regime, CEILING, seed)
+                        ckey = classifier_key(ccfg, ccfg.model.backbone, dict(ccfg.model.options))
+                        units.setdefault(ckey, PlannedUnit(ckey, "classifier", regime, CEILING, seed, ccfg))
                     for row, m in spec.revise_rows.items():  # the corrections of this baseline (study.revise)
                         items = spec.revise.items(m) if spec.revise else []
                         rkey = revision_key(base, spec.eval.reveal or RevealSettings(), m, items)

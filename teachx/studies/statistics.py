@@ -12,7 +12,7 @@ from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.runs.plan import teacher_training
 from teachx.runs.records import ArtefactShares
 from teachx.studies.records import StudyRecord, StudyRow, UnitRecord
-from teachx.studies.spec import BASELINE, STUDY_VERSION, StudySpec
+from teachx.studies.spec import BASELINE, CEILING, STUDY_VERSION, StudySpec
 from teachx.utils.numbers import interval, number, p_value, signed
 from teachx.training.methods import METHODS, build_method, recorded_method
 
@@ -35,7 +35,7 @@ def summarize_study(
     rows: list[StudyRow] = []
     seeds = spec.seeds
     for regime in spec.regimes:
-        for arm in [BASELINE, *spec.arms, *spec.revise_rows]:
+        for arm in [BASELINE, *spec.arms, *spec.extra_rows]:
             if not spec.runs(regime, arm):
                 continue
             keys = cells[(regime, arm)]
@@ -45,19 +45,23 @@ def summarize_study(
                 rows.append(_revision_row(spec, regime, arm, keys, mine, units))
                 continue
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
-            trained = build_method(cfg) if arm != BASELINE else None  # the arm's method (the baseline row has none)
+            # the arm's method (the baseline and ceiling rows have none)
+            trained = build_method(cfg) if arm not in (BASELINE, CEILING) else None
             row = StudyRow(
                 regime=regime,
                 arm=arm,
                 kind=trained.unit_kind if trained else "classifier",
                 method=trained.name if trained else BASELINE,
-                overrides=spec.arms.get(arm, {}),
+                overrides=spec.ceiling if arm == CEILING else spec.arms.get(arm, {}),
                 regime_overrides=spec.regimes[regime],
                 seeds=seeds,
                 units=[keys[s] for s in seeds],
                 test_acc=accs,
                 summary=summarize(accs).to_dict(),
             )
+            if arm == CEILING:  # a reference baseline trained on other data: compared by seed with the regime's
+                base = [units[cells[(regime, BASELINE)][s]].test_acc for s in seeds]
+                row.vs_baseline = {**paired_compare(accs, base).to_dict(), "baseline": BASELINE}
             if trained is not None:
                 _, row.teacher_backbone, _ = teacher_training(cfg)
                 row.teacher = cfg.teacher.method
