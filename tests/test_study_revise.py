@@ -111,12 +111,21 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
         "study:\n  n_seeds: 2\n"
         "  arms: {oracle: {method.name: rrr, data.artefact.oracle_masks: true}}\n  ceiling: {data.artefact.p: 0}\n"
         "  eval: {reveal: {teacher: gradient}}\n"
-        "  revise: {methods: [pclarc, rrclarc], options: {rrclarc: {train.epochs: 1}}, oracle: oracle}\n",
+        "  revise: {methods: [pclarc, rrclarc], options: {rrclarc: {train.epochs: 1}}, oracle: oracle,\n"
+        "           concepts: [revealed, annotated]}\n",
     )
     spec = load_study(str(cfg))
     res = run_study(spec, tmp_path / "out", lambda line: None)
     rows = {r["arm"]: r for r in res.data["rows"]}
-    assert list(rows) == ["baseline", "oracle", "ceiling", "reveal+pclarc", "reveal+rrclarc"]
+    assert list(rows) == [
+        "baseline",
+        "oracle",
+        "ceiling",
+        "reveal+pclarc",
+        "reveal+rrclarc",
+        "annotated+pclarc",
+        "annotated+rrclarc",
+    ]
     units = res.data["units"]
     base = rows["baseline"]
     # every row has the accuracy per split and the gradient's share on the (framed) artefact
@@ -178,13 +187,46 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
         assert conv and all(torch.equal(before[k], after[k]) for k in conv)  # features frozen (the R2R recipe)
         assert any(not torch.equal(before[k], after[k]) for k in before if k not in conv)
         assert rev["train"]["seconds"] > 0 and rev["after"]["sensitivity"] is not None
+    # the annotated reference: the pattern CAV of the true labels, computed here from the layer's output
+    for s, key in enumerate(rows["annotated+pclarc"]["units"]):
+        rev = units[key]["revision"]
+        concept = load_concept(tmp_path / "out" / rev["concept"]["file"])
+        model = load_stage_model(tmp_path / "out" / "units" / base["units"][s])
+        truth = ground_truth(ds).train_poisoned
+        labels = np.asarray(ds.train.labels)
+        shirts = np.sort(np.asarray(plan.train_idx))
+        shirts = shirts[labels[shirts] == 2]
+        grabbed = []
+        handle = dict(model.named_modules())[concept.layer].register_forward_hook(lambda m, i, o: grabbed.append(o))
+        x = torch.from_numpy(np.array(ds.train.images[shirts])).permute(0, 3, 1, 2).float() / 255.0
+        mean, std = torch.tensor(plan.mean)[:, None, None], torch.tensor(plan.std)[:, None, None]
+        with torch.no_grad():
+            model((x - mean) / std)
+        handle.remove()
+        a = grabbed[0] if grabbed[0].dim() == 2 else grabbed[0].flatten(2).max(2).values
+        a = a.numpy().astype(np.float64)
+        diff = a[truth[shirts]].mean(0) - a[~truth[shirts]].mean(0)
+        assert float(np.dot(diff / np.linalg.norm(diff), concept.cav)) == pytest.approx(1.0, abs=1e-5)
+        assert rows["annotated+pclarc"]["revision"]["concept_source"] == "annotated"
     # `teachx study --status` knows the correction units by the runner's keys
     from teachx.studies.status import study_status
 
     status = study_status(load_study(str(cfg)), tmp_path / "out")
     rev_units = [u for u in status.units if u.unit.kind == "revision"]
-    assert {u.unit.key for u in rev_units} == {*rows["reveal+pclarc"]["units"], *rows["reveal+rrclarc"]["units"]}
+    assert {u.unit.key for u in rev_units} == {k for r in rows.values() if r["kind"] == "revision" for k in r["units"]}
     assert all(u.state == "done" for u in rev_units) and status.seconds_left() == 0
+    # `teachx serve` lists the fine-tuned corrections as models of their own; a post-hoc one says where its numbers are
+    from teachx.service.catalog import discover
+
+    (study_entry,) = discover([tmp_path / "out"])
+    by_role = {}
+    for m in study_entry.models:
+        by_role.setdefault(m.role, []).append(m)
+    for m in by_role["reveal+rrclarc"]:
+        unit = units[m.name]
+        if unit["revision"]["concept"].get("name"):
+            assert m.error is None and m.checkpoint.is_file() and m.test_acc == pytest.approx(unit["test_acc"])
+    assert all("post-hoc correction" in m.error for m in by_role["reveal+pclarc"])
     # resumed: nothing is made again
     made = sorted((tmp_path / "out" / "units").glob("r-*/revision.json"))
     stamps = [f.stat().st_mtime_ns for f in made]

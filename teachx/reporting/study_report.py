@@ -248,7 +248,8 @@ def study_report(d: Path) -> Page:
         doc.p(
             "Rows named reveal+METHOD correct each seed's baseline along the concept its unannotated reveal found (the "
             "top-ranked group of the poisoned class, its CAV and the training images the CAV retrieves), post hoc or "
-            "by fine-tuning; no annotation is read. Differences are means over seeds of the row's accuracy minus the "
+            "by fine-tuning; no annotation is read. Rows named annotated+METHOD do the same along the CAV fitted on "
+            "the benchmark's true labels: a reference that needs the annotations. Differences are means over seeds of the row's accuracy minus the "
             "baseline's on the same seed, with paired t-tests Holm-adjusted over the rows of each split. The gap "
             "recovered is (row − baseline) / (oracle − baseline) on that split, the oracle being the study's "
             "annotated reference arm. The gradient share is the share of the model's |input gradient| on the artefact "

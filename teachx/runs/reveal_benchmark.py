@@ -23,7 +23,7 @@ from teachx.data.artefacts import ground_truth, has_ground_truth
 from teachx.data.transforms import normalize
 from teachx.reveal import build as build_method
 from teachx.reveal.base import Evidence
-from teachx.reveal.cav import Cav, refine_cav
+from teachx.reveal.cav import Cav, fit_cav, refine_cav
 from teachx.reveal.evaluate import concept_against_truth, detection
 from teachx.reveal.features import (
     check_layer,
@@ -200,3 +200,41 @@ def _rows(acts: np.ndarray, members: np.ndarray, order: np.ndarray) -> np.ndarra
     """``acts`` (rows in the order of ``members``) in the order of ``order`` (the reveal result's indices)."""
     where = {int(i): k for k, i in enumerate(members)}
     return acts[[where[int(i)] for i in order]]
+
+
+def annotated_concept(
+    cfg: RunConfig,
+    plan: DataPlan,
+    model: torch.nn.Module,
+    device: torch.device,
+    settings: RevealSettings = RevealSettings(),
+    batch_size: int = 128,
+) -> Optional[TopConcept]:
+    """The oracle of :func:`reveal_benchmark`'s concept: the CAV (``settings.cav``, at the layer the reveal uses)
+    fitted on the first artefact class's training images with the benchmark's true labels (which images carry
+    the artefact) instead of a discovered group, scored over the training split like a revealed concept. It reads
+    the annotations: a reference that separates a correction's quality from the reveal's, never a reveal method.
+    None when the data is no artefact benchmark."""
+    ds = plan.dataset
+    if not has_ground_truth(ds):
+        return None
+    model = model.to(device).eval()
+
+    def batch(idx: np.ndarray) -> torch.Tensor:
+        return normalize(as_nchw(ds.train.images[idx]).to(device), plan.mean, plan.std)
+
+    train_idx = np.sort(np.asarray(plan.train_idx))
+    labels = np.asarray(ds.train.labels)
+    shapes = layer_shapes(model, batch(train_idx[:1]))
+    layer = check_layer(settings.layer, shapes) if settings.layer else classifier_input(shapes)
+    poisoned = _truth(ds).train_poisoned
+    for c in sorted({int(labels[i]) for i in train_idx}):
+        members = train_idx[labels[train_idx] == c]
+        carry = poisoned[members]
+        if not carry.any() or carry.all():
+            continue
+        acts = pooled_activations(model, batch, members, layer, batch_size)
+        cav = fit_cav(acts, carry, settings.cav, layer)
+        scores = cav.scores(pooled_activations(model, batch, train_idx, layer, batch_size))
+        return TopConcept(c, layer, cav, members[carry], train_idx, scores, members[carry], None)
+    return None

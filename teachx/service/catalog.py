@@ -181,6 +181,17 @@ def _unit_shortcut(unit_dir: Path) -> Optional[ArtefactShares]:
         return None
 
 
+def _revision_shortcut(unit_dir: Path) -> Optional[ArtefactShares]:
+    """A correction unit's gradient share on the artefact after the correction (its ``revision.json``)."""
+    from teachx.runs.revise import read_revision
+
+    try:
+        share = read_revision(unit_dir / "revision.json").after.artefact_share
+    except (TeachxError, OSError, TypeError):
+        return None
+    return ArtefactShares.measured(share) if share else None
+
+
 def _study(rid: str, path: Path) -> RunEntry:
     from teachx.training.methods import recorded_config_method
 
@@ -232,6 +243,16 @@ def _study(rid: str, path: Path) -> RunEntry:
         if method is not None:
             entry.info.update(method.model_info(entry.config))
         entry.shortcut = _unit_shortcut(d)
+        if unit.kind == "revision":  # a correction of a baseline (study.revise): its fine-tuned model, if it has one
+            entry.shortcut = _revision_shortcut(d)
+            if not (d / "model").is_dir():
+                entry.error = (
+                    "a post-hoc correction (a hook on its baseline's layer, no weights of its own): its accuracy per "
+                    "test split and its measures along the concept are in the study's report"
+                )
+                run.models.append(entry)
+                continue
+            d = d / "model"
         _fill_from_stage(entry, d)
         run.models.append(entry)
     run.models.sort(

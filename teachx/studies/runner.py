@@ -33,7 +33,7 @@ from teachx.runs.stages import load_classifier, load_stage_model, train_classifi
 from teachx.runs.teacher import as_nchw, make_teacher, teacher_maps
 from teachx.studies.records import UnitFile, UnitRecord
 from teachx.runs.records import ArtefactShares
-from teachx.runs.reveal_benchmark import reveal_benchmark
+from teachx.runs.reveal_benchmark import annotated_concept, reveal_benchmark
 from teachx.runs.revise import (
     POST_HOC,
     Measures,
@@ -179,15 +179,18 @@ class _Runner:
         write_json_atomic(path, block, digest=True)
         return block
 
-    def _revealed_concept(self, cfg: RunConfig, base_key: str) -> tuple[Optional[Path], Optional[Measures], str]:
+    def _revealed_concept(
+        self, cfg: RunConfig, base_key: str, source: str = "revealed"
+    ) -> tuple[Optional[Path], Optional[Measures], str]:
         """The correction concept of a baseline's unannotated reveal (``study.revise``), made once per baseline
         and reveal settings in the baseline's unit folder, with the baseline's measures along it: (concept file,
         measures before, note). No concept -- the reveal's top group retrieves nothing, or everything -- gives
-        (None, None, why): the pipeline leaves that baseline as it is."""
+        (None, None, why): the pipeline leaves that baseline as it is. ``source="annotated"``: the CAV fitted on the
+        benchmark's true labels instead (:func:`annotated_concept`, a reference)."""
         settings = self.spec.eval.reveal
         assert settings is not None
         d = self.out / "units" / base_key
-        stem = d / f"concept-{reveal_key(settings)}"
+        stem = d / f"concept-{'' if source == 'revealed' else source + '-'}{reveal_key(settings)}"
         before_path, none_path = stem.with_name(stem.name + "-before.json"), stem.with_name(stem.name + "-none.json")
         fix = f"delete the files '{stem.name}*' in '{d}' and re-run the same `teachx study` command"
 
@@ -209,14 +212,18 @@ class _Runner:
                 return found
             plan, device = self.plan(cfg), choose_device(cfg.device)
             model = self._load_classifier(cfg, base_key)
-            result = reveal_benchmark(cfg, plan, model, device, settings)
-            tops = sorted((result.concepts if result else {}).values(), key=lambda t: t.label)
+            if source == "annotated":
+                found_top = annotated_concept(cfg, plan, model, device, settings)
+                tops = [found_top] if found_top is not None else []
+            else:
+                result = reveal_benchmark(cfg, plan, model, device, settings)
+                tops = sorted((result.concepts if result else {}).values(), key=lambda t: t.label)
             why = "the reveal found no group of two or more images in the poisoned class"
             if tops:
                 top = tops[0]  # the first poisoned class's
                 try:
                     concept = correction_concept(
-                        f"revealed-class{top.label}",
+                        f"{source}-class{top.label}",
                         top.layer,
                         top.cav.direction,
                         top.scores,
@@ -239,17 +246,17 @@ class _Runner:
             write_json_atomic(none_path, {"why": why}, digest=True)
             return None, None, why
 
-    def revision(self, cfg: RunConfig, base_key: str, method: str) -> tuple[str, UnitRecord]:
+    def revision(self, cfg: RunConfig, base_key: str, method: str, source: str = "revealed") -> tuple[str, UnitRecord]:
         """Correct the baseline ``base_key`` with ``method`` along its revealed concept (``study.revise``), or
         read the correction back; raises Busy while another process makes it."""
         revise, settings = self.spec.revise, self.spec.eval.reveal
         assert revise is not None and settings is not None
         items = revise.items(method)
-        key = revision_key(base_key, settings, method, items)
+        key = revision_key(base_key, settings, method, items, source)
         d = self.out / "units" / key
         path = d / "revision.json"
         if not path.exists():
-            concept_file, before, why = self._revealed_concept(cfg, base_key)
+            concept_file, before, why = self._revealed_concept(cfg, base_key, source)
             tuned = None
             if concept_file is not None and method not in POST_HOC:
                 tuned, _ = recipe_config(cfg, method, concept_file, items)
@@ -577,7 +584,7 @@ def _run_job(
         how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
         return f"regime={regime} arm={arm or BASELINE} seed={seed} test_acc={number(brec['test_acc'])} ({how})"
     if arm in spec.revise_rows:  # a correction of the baseline along its revealed concept
-        key, rec = r.revision(cfg, own_base, spec.revise_rows[arm])
+        key, rec = r.revision(cfg, own_base, spec.revise_rows[arm], spec.revise.source(arm) if spec.revise else "")
         cells.setdefault((regime, arm), {})[seed] = key
         how = f"made {time.perf_counter() - t0:.1f}s" if r.trained > before else "done"
         splits = " ".join(f"{k}={number(v['acc'])}" for k, v in (rec.test_splits or {}).items())

@@ -113,8 +113,9 @@ class LauncherSpec:
 
 #: the row name of a regime's reference baseline (``study.ceiling``)
 CEILING = "ceiling"
-#: the prefix of a correction's row name: ``reveal+rrclarc`` is rrclarc along the concept reveal found
-REVISE_PREFIX = "reveal+"
+#: where a correction's concept comes from -> its rows' prefix: ``reveal+rrclarc`` is RR-ClArC along the concept
+#: the unannotated reveal found, ``annotated+rrclarc`` along the CAV fitted on the true labels (a reference)
+CONCEPT_SOURCES = {"revealed": "reveal+", "annotated": "annotated+"}
 
 
 @dataclass
@@ -125,6 +126,9 @@ class ReviseSpec:
     method is a row ``reveal+METHOD`` compared by seed with the baseline it corrected."""
 
     methods: list[str] = field(default_factory=list)  # `teachx revise --method` names, e.g. [pclarc, rrclarc]
+    # where the concepts come from: revealed (the unannotated reveal's top group) and/or annotated (the CAV fitted on
+    # the benchmark's true labels: a reference that tells a correction's failure from the reveal's)
+    concepts: list[str] = field(default_factory=lambda: ["revealed"])
     # method -> its KEY: VALUE overrides (train.* and method.options.*, as `teachx revise KEY=VALUE`)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # an arm that needs the annotations (e.g. RRR with the true masks), or the ceiling row: the gap between the
@@ -144,6 +148,14 @@ class ReviseSpec:
                 )
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("study.revise.methods names a correction twice; name each once")
+        sources = list(CONCEPT_SOURCES)
+        if not isinstance(self.concepts, list) or not self.concepts or len(set(self.concepts)) != len(self.concepts):
+            raise ConfigError(f"study.revise.concepts must be a list of distinct sources: {', '.join(sources)}")
+        for c in self.concepts:
+            if c not in sources:
+                raise ConfigError(
+                    f"study.revise.concepts: unknown source '{c}'{suggest(str(c), sources)}; choose from {', '.join(sources)}"
+                )
         for m, opts in self.options.items():
             if m not in self.methods:
                 raise ConfigError(
@@ -161,8 +173,12 @@ class ReviseSpec:
 
     @property
     def rows(self) -> dict[str, str]:
-        """Row name -> correction, in order."""
-        return {REVISE_PREFIX + m: m for m in self.methods}
+        """Row name -> correction, in order (per concept source, every method)."""
+        return {CONCEPT_SOURCES[c] + m: m for c in self.concepts for m in self.methods}
+
+    def source(self, row: str) -> str:
+        """Where the concept of the row ``row`` comes from (``revealed`` or ``annotated``)."""
+        return next(c for c, prefix in CONCEPT_SOURCES.items() if row.startswith(prefix))
 
 
 @dataclass
@@ -313,7 +329,7 @@ STUDY_KEYS: dict[str, str] = {
     "alpha": "significance level of the paired tests (Holm-adjusted over all control comparisons; default 0.05)",
     "arm_regimes": "arm -> the only regimes it runs in (default: all), e.g. {self_teach: [1k]} for an expensive arm",
     "ceiling": "overrides applied on top of each regime's for a reference baseline per regime and seed (the ceiling row), e.g. {data.artefact.p: 0}: the clean-data ceiling of an artefact benchmark, on the same test splits",
-    "revise": "on artefact benchmarks: correct every baseline along the concept its unannotated reveal found, one row per correction: {methods: [pclarc, rclarc, rrclarc, aclarc], options: {rrclarc: {method.options.lam: 100}}, oracle: ARM}",
+    "revise": "on artefact benchmarks: correct every baseline along the concept its unannotated reveal found, one row per correction: {methods: [pclarc, rclarc, rrclarc, aclarc], options: {rrclarc: {method.options.lam: 100}}, oracle: ARM, concepts: [revealed, annotated]} (annotated: along the CAV of the true labels, a reference)",
     "launcher": "where `teachx study --launcher submitit` runs its workers and with what resources: the study.launcher.* keys (never part of a result)",
 }
 _STUDY_KEYS = tuple(STUDY_KEYS)
@@ -614,8 +630,11 @@ def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
     return hash_json({"v": STUDY_VERSION, "eval": values, "teacher": _relevant(cfg).get("teacher", {})})[:12]
 
 
-def revision_key(base_key: str, settings: RevealSettings, method: str, items: list[str]) -> str:
-    """The key of a correction unit: the baseline it corrects, how it was revealed, the method and its options."""
+def revision_key(
+    base_key: str, settings: RevealSettings, method: str, items: list[str], source: str = "revealed"
+) -> str:
+    """The key of a correction unit: the baseline it corrects, where its concept comes from and with what reveal
+    settings, the method and its options."""
     return (
         "r-"
         + hash_json(
@@ -626,6 +645,7 @@ def revision_key(base_key: str, settings: RevealSettings, method: str, items: li
                 "reveal": reveal_key(settings),
                 "method": method,
                 "options": items,
+                **({"concept": source} if source != "revealed" else {}),
             }
         )[:16]
     )
@@ -680,7 +700,8 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                         units.setdefault(ckey, PlannedUnit(ckey, "classifier", regime, CEILING, seed, ccfg))
                     for row, m in spec.revise_rows.items():  # the corrections of this baseline (study.revise)
                         items = spec.revise.items(m) if spec.revise else []
-                        rkey = revision_key(base, spec.eval.reveal or RevealSettings(), m, items)
+                        source = spec.revise.source(row) if spec.revise else "revealed"
+                        rkey = revision_key(base, spec.eval.reveal or RevealSettings(), m, items, source)
                         rcfg = cfg if m in POST_HOC else recipe_config(cfg, m, Path("concept.json"), items)[0]
                         units.setdefault(rkey, PlannedUnit(rkey, "revision", regime, row, seed, rcfg))
                     continue

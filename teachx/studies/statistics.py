@@ -210,6 +210,7 @@ def _revision_row(
     revisions = [u.revision or {} for u in mine]
     corrected = [r for r in revisions if (r.get("concept") or {}).get("name")]
     row.revision = {
+        "concept_source": spec.revise.source(arm) if spec.revise else None,
         "seeds_with_a_concept": len(corrected),
         "before": _summaries([r.get("before") for r in corrected], skip=("test_acc",)) if corrected else None,
         "after": _summaries([r.get("after") for r in corrected], skip=("test_acc",)) if corrected else None,
