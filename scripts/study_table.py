@@ -59,6 +59,52 @@ def main(path: str) -> None:
     if area is not None:
         print(f"\nartefact area (chance share): {number(area, 3)}; seeds {data.study['seeds']}")
     maps_table(rows)
+    splits_table(rows)
+
+
+def splits_table(rows: list[StudyRow]) -> None:
+    """On artefact benchmarks: per regime, each row's accuracy on the clean and attacked test splits, its paired
+    differences from the baseline (Holm over the rows of each split), the share of the baseline-to-oracle gap it
+    recovers on the attacked split, and the gradient's share on the artefact (÷ its area)."""
+    rows = [r for r in rows if r.test_splits]
+    if not rows:
+        return
+    head = [
+        "regime",
+        "row",
+        "clean acc %",
+        "attacked acc %",
+        "Δ attacked vs baseline, pts (p Holm)",
+        "Δ clean vs baseline, pts (p Holm)",
+        "gap recovered (attacked)",
+        "gradient share ÷ area",
+        "seeds with a concept",
+    ]
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        c = r.splits_vs_baseline or {}
+
+        def d(name: str) -> str:
+            if name not in c:
+                return "—"
+            return f"{points(c[name]['mean_diff'], sign=True)} ({p_value(c[name].get('p_ttest_holm'))})"
+
+        sc = r.shortcut or {}
+        share = number(sc["gradient"]["mean"] / sc["area"]["mean"], 1) if sc.get("gradient") and sc.get("area") else "—"
+        gap = (r.gap_recovered or {}).get("attacked")
+        cells = [
+            r.regime,
+            r.arm,
+            pct(r.test_splits.get("clean")),
+            pct(r.test_splits.get("attacked")),
+            d("attacked"),
+            d("clean"),
+            "—" if gap is None else number(gap, 2),
+            share,
+            f"{r.revision['seeds_with_a_concept']}/{len(r.seeds)}" if r.revision else "",
+        ]
+        print("| " + " | ".join(cells) + " |")
 
 
 def maps_table(rows: list[StudyRow]) -> None:

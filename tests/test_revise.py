@@ -154,6 +154,16 @@ def test_post_hoc_and_fine_tuning_corrections_are_measured_before_and_after(run_
     row = next(line for line in text.splitlines() if line.startswith("| rrclarc |"))
     assert f"{tuned.before.test_acc:.4f} → {tuned.after.test_acc:.4f}" in row
     assert any(line.startswith("| pclarc |") for line in text.splitlines())
+    # `teachx serve` lists the fine-tuned classifier next to the run's own models (the post-hoc one has no weights)
+    from teachx.service.catalog import discover
+
+    (entry,) = discover([run_copy])
+    (own,) = [m for m in entry.models if m.role == "baseline"]  # the `teachx train` classifier itself
+    assert own.error is None and own.test_acc == pytest.approx(stage["test_acc"])
+    fixed = [m for m in entry.models if m.role == "revision"]
+    assert [m.name for m in fixed] == ["revise/rrclarc-tag"]
+    assert fixed[0].error is None and fixed[0].test_acc == pytest.approx(fine["test_acc"])
+    assert fixed[0].checkpoint.is_file() and fixed[0].checkpoint.is_relative_to(run_copy / "revise" / "rrclarc-tag")
     # --overwrite-style cleanup knows revise/: everything in it is teachx's
     from teachx.runs.rundir import RUN_LAYOUT, remove_owned
 

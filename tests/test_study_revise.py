@@ -97,7 +97,7 @@ def _p_clarc_reference(model: torch.nn.Module, layer: str, v: np.ndarray, z_clea
 
 
 @pytest.mark.slow
-def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, monkeypatch):
+def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, monkeypatch, capsys):
     from teachx.data.artefacts import ground_truth
     from teachx.runs.plan import make_plan
     from teachx.runs.stages import load_stage_model
@@ -232,6 +232,24 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
     stamps = [f.stat().st_mtime_ns for f in made]
     again = run_study(load_study(str(cfg)), tmp_path / "out", lambda line: None)
     assert again.trained == 0 and [f.stat().st_mtime_ns for f in made] == stamps
+    # a damaged correction record is an error that names the fix, never a number
+    from teachx.errors import TeachxError
+
+    made[0].write_text(made[0].read_text().replace('"method"', '"methot"', 1))
+    with pytest.raises(TeachxError, match="revision"):
+        run_study(load_study(str(cfg)), tmp_path / "out", lambda line: None)
+    made[0].unlink()  # the fix: delete it and run again (the correction is made anew)
+    run_study(load_study(str(cfg)), tmp_path / "out", lambda line: None)
+    assert made[0].is_file()
+    # the documentation's table (scripts/study_table.py) lists every row's per-split comparison
+    import runpy
+
+    table = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "study_table.py"))
+    table["main"](str(tmp_path / "out" / "study.json"))
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("| all | reveal+rrclarc |"))
+    cmp = rows["reveal+rrclarc"]["splits_vs_baseline"]["attacked"]
+    assert f"{100 * cmp['mean_diff']:+.1f}" in line
     from teachx.reporting.report import write_report
 
     _, md = write_report(tmp_path / "out")

@@ -96,12 +96,15 @@ def discover(paths: list[str | Path]) -> list[RunEntry]:
         used.add(rid)
         if (path / "study.yaml").exists() or (path / "units").is_dir():
             runs.append(_study(rid, path))
-        elif (path / "config.yaml").exists() and any((path / s).is_dir() for s in _stages()):
+        elif (path / "config.yaml").exists() and (
+            any((path / s).is_dir() for s in _stages()) or (path / "stage.json").exists()  # teachx run | teachx train
+        ):
             runs.append(_run(rid, path))
         else:
             raise DataError(
-                f"'{p}' is neither a run directory (config.yaml, baseline/, impactx/) nor a study directory "
-                "(study.yaml, units/); pass the --out directory of `teachx run`, `teachx demo` or `teachx study`"
+                f"'{p}' is neither a run directory (config.yaml, baseline/, impactx/ or stage.json) nor a study directory "
+                "(study.yaml, units/); pass the --out directory of `teachx run`, `teachx train`, `teachx demo` or "
+                "`teachx study`"
             )
     return runs
 
@@ -147,6 +150,27 @@ def _run(rid: str, path: Path) -> RunEntry:
         entry.shortcut = shares.get(stage)
         _fill_from_stage(entry, d)
         run.models.append(entry)
+    if (path / "stage.json").exists():  # a `teachx train` directory: the classifier is the directory itself
+        entry = ModelEntry(f"{rid}.classifier", rid, ".", "classifier (teachx train)", "classifier", BASELINE, config)
+        entry.shortcut = shares.get("classifier")
+        _fill_from_stage(entry, path)
+        run.models.append(entry)
+    # the classifier as `teachx revise` fine-tuned it along a concept (a post-hoc correction has no model of its own)
+    folder = path / "revise"
+    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if (d / "model").is_dir():
+            entry = ModelEntry(
+                f"{rid}.revise-{_slug(d.name)}",
+                rid,
+                f"revise/{d.name}",
+                f"classifier corrected by teachx revise ({d.name})",
+                "classifier",
+                "revision",
+                config,
+            )
+            entry.shortcut = _revision_shortcut(d)
+            _fill_from_stage(entry, d / "model")
+            run.models.append(entry)
     return run
 
 
