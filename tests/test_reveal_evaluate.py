@@ -142,7 +142,15 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
         plan,
         model,
         torch.device("cpu"),
-        RevealSettings(method="spray", options={}, teacher="gradient", layer="body", rank="method", standardise=False),
+        RevealSettings(
+            method="spray",
+            options={},
+            teacher="gradient",
+            layer="body",
+            rank="method",
+            standardise=False,
+            cav="pattern",
+        ),
     )
     assert list(bench.classes) == ["2"]
     assert bench.classes["2"]["detection"] == saved
