@@ -5,10 +5,13 @@ when --runs has none), its clean / attacked test accuracy (how much it relies on
 poisoned class is the artefact, its F1, the detection AUROC of the per-sample scores, the CAV's retrieval
 AUROC / AP over all training images and the mask IoU. The ground truth is read only to score.
 
-Variants: ``default`` (RevealSettings(): spray_latent on the LRP relevances of the features the classifier
-reads, pattern CAV there, LRP epsilon_plus localisation), ``refine2`` (the same with the CAV refitted twice on
-what it retrieves) and ``spray_maps`` (the former default: SpRAy on 8x8
-LRP maps, CAV on the last feature maps). Writes a JSON list of rows (--json) and prints a Markdown table.
+Variants: ``default`` (RevealSettings(): spray_latent in two groups on the standardised max-pooled activations of
+every nonlinearity, groups ranked by specificity, logistic CAV there, LRP epsilon_plus localisation),
+``refine2`` (the same with the CAV refitted twice on what it retrieves), ``neck_relevances`` (the default until
+the reveal algorithms' version 3: spray_latent on the LRP relevances of the features the classifier reads, the
+eigengap's number of groups ranked by silhouette, the pattern CAV on the raw activations there) and
+``spray_maps`` (the one before: SpRAy on 8x8 LRP maps, CAV on the last feature maps). Writes a JSON list of
+rows (--json) and prints a Markdown table.
 
     python bench/bench_reveal_artefacts.py --runs /tmp/r2r                     # timestamp, p 0.5 and 0.1
     python bench/bench_reveal_artefacts.py --runs /tmp/r2r --kinds timestamp,bandaid,frame --p 0.5
@@ -27,10 +30,13 @@ import sys
 import time
 from pathlib import Path
 
+#: the settings of the pipeline as it was (the method's own groups and ranking, one layer's raw values, pattern CAV)
+_FORMER = {"options": {}, "rank": "method", "standardise": False, "cav": "pattern"}
 VARIANTS = {
     "default": {},
     "refine2": {"refine": 2},
-    "spray_maps": {"method": "spray", "latent": "activations", "layer": "body"},
+    "neck_relevances": {**_FORMER, "latent": "relevances", "layer": "neck"},
+    "spray_maps": {**_FORMER, "method": "spray", "latent": "activations", "layer": "body"},
 }
 
 

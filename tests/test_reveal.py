@@ -236,3 +236,131 @@ def test_classifier_input_is_the_last_layer_not_shaped_like_the_output(small_cnn
     # a head whose last module and its container both give the logits: the layer before them
     shapes = {"body": (8, 4, 4), "pool": (8,), "head.0": (5,), "head": (5,)}
     assert classifier_input(shapes) == "pool"
+
+
+class SpotModel(nn.Module):
+    """One 1x1 conv (the pixel and its negative), a ReLU, and a linear head: its ReLU's maps are the image."""
+
+    def __init__(self, side: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.conv.bias.zero_()
+        self.act = nn.ReLU()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * side * side, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)))
+
+
+def spot_images(n: int = 200, side: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Garments of varying brightness; half of them carry a bright 2x2 spot in a random corner."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (n, 1, side, side)) * rng.uniform(0.3, 1.0, (n, 1, 1, 1))
+    planted = np.zeros(n, bool)
+    planted[rng.choice(n, n // 2, replace=False)] = True
+    for i in np.flatnonzero(planted):
+        r, c = rng.choice([0, side - 2]), rng.choice([0, side - 2])
+        x[i, 0, r : r + 2, c : c + 2] = 3.0
+    return torch.as_tensor(x, dtype=torch.float32), planted
+
+
+def test_max_pooling_keeps_a_small_spot_that_mean_pooling_dilutes():
+    """The artefact fills 4 of 256 pixels at a random corner: the spatial maximum of the layer responds fully, so
+    a pattern CAV on the stacked (max-pooled) activations retrieves the spotted images; the spatial mean moves
+    by the spot's area only, under the spread of the garments' brightness, and a CAV on it does not."""
+    from teachx.reveal.features import LayerStack, activation_layers, stacked_activations
+
+    model = SpotModel().eval()
+    x, planted = spot_images()
+    shapes = layer_shapes(model, x[:1])
+    layers = activation_layers(model, shapes)
+    assert layers == ["act"]  # the nonlinearity's output
+    raw = stacked_activations(model, lambda idx: x[idx], np.arange(len(x)), layers, batch_size=64)
+    assert raw.shape == (len(x), 2)
+    stack = LayerStack.fit(layers, [2], raw)
+    on_max = fit_cav(stack.transform(raw), planted, "pattern").scores(stack.transform(raw))
+    assert auroc(on_max, planted) >= 0.95
+    with torch.no_grad():
+        mean = model.act(model.conv(x)).mean((2, 3)).numpy()
+    assert auroc(fit_cav(mean, planted, "pattern").scores(mean), planted) < 0.7
+
+
+def test_stacked_activations_are_each_layers_pooled_activations(small_cnn, inputs):
+    from teachx.reveal.features import activation_layers, check_layers, stacked_activations
+
+    shapes = layer_shapes(small_cnn, inputs)
+    layers = activation_layers(small_cnn, shapes)
+    assert layers and all(isinstance(dict(small_cnn.named_modules())[n], nn.ReLU) for n in layers)
+    assert check_layers(None, small_cnn, shapes) == layers
+    assert check_layers("body.4, neck", small_cnn, shapes) == ["body.4", "neck"]
+    stacked = stacked_activations(small_cnn, lambda idx: inputs[idx], np.arange(6), ["body.4", "neck"], batch_size=4)
+    one = [
+        pooled_activations(small_cnn, lambda idx: inputs[idx], np.arange(6), n, batch_size=4)
+        for n in ("body.4", "neck")
+    ]
+    assert np.allclose(stacked, np.concatenate(one, 1), atol=1e-6)
+    from teachx.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown layer 'nek'"):
+        check_layers("body.4,nek", small_cnn, shapes)
+
+
+def test_layer_stack_weighs_every_layer_the_same_and_localises_where_the_concept_is():
+    """Standardised units, each layer scaled by 1/sqrt(width): a 2-unit layer and a 50-unit layer contribute
+    the same squared length on average, whatever their raw scales; ``dominant`` names the layer that carries
+    most of a direction and maps that part back to the layer's raw units."""
+    from teachx.reveal.features import LayerStack
+
+    rng = np.random.default_rng(0)
+    raw = np.concatenate([rng.normal(5, 100, (400, 2)), rng.normal(0, 0.01, (400, 50))], 1)
+    stack = LayerStack.fit(["a", "b"], [2, 50], raw)
+    z = stack.transform(raw)
+    assert np.allclose((z[:, :2] ** 2).sum(1).mean(), 1.0) and np.allclose((z[:, 2:] ** 2).sum(1).mean(), 1.0)
+    direction = np.zeros(52)
+    direction[0], direction[2 + 7] = 0.3, 0.95
+    layer, raw_dir = stack.dominant(direction / np.linalg.norm(direction))
+    assert layer == "b" and raw_dir.shape == (50,) and np.isclose(np.linalg.norm(raw_dir), 1.0)
+    assert np.argmax(np.abs(raw_dir)) == 7
+    with pytest.raises(ValueError):
+        LayerStack.fit(["a"], [3], raw)
+
+
+def test_specificity_puts_the_artefact_half_above_the_clean_half():
+    """Half of a class carries a feature no other class has. Split into its two halves, both are equally tight
+    and large (a class-only ranking cannot tell them apart); the artefact half's direction is specific to it,
+    the clean half's is what the other classes have too, so ranking by specificity puts the artefact first
+    even when the method ranked the clean half first, and every member of it scores above the clean half."""
+    from teachx.reveal.base import CandidateGroup, RevealResult
+    from teachx.reveal.specificity import rank_by_specificity, specificity
+
+    rng = np.random.default_rng(0)
+    cls = rng.normal(0, 1, (200, 6))
+    artefact = np.arange(200) < 100
+    cls[artefact, 0] += 4.0
+    others = rng.normal(0, 1, (600, 6))
+    others[:, 1] -= 1.0  # the other classes differ from this one in their own ways too
+    indices = np.arange(200) + 1000
+    clean_first = (
+        CandidateGroup(0, tuple(indices[~artefact]), tuple(indices[~artefact][:4]), 0.3),
+        CandidateGroup(1, tuple(indices[artefact]), tuple(indices[artefact][:4]), 0.2),
+    )
+    result = RevealResult(
+        method="spray_latent",
+        indices=indices,
+        scores=np.where(artefact, 0.2, 0.3) + 1e-3 * rng.uniform(size=200),
+        labels=np.where(artefact, 1, 0),
+        embedding=np.zeros((200, 2)),
+        groups=clean_first,
+    )
+    assert specificity(cls, artefact, others) > 0.95
+    assert specificity(cls, ~artefact, others) < 0.75
+    ranked = rank_by_specificity(result, cls, others)
+    assert ranked.groups[0].group == 1 and ranked.groups[0].parts["method_score"] == 0.2
+    assert ranked.groups[0].score == ranked.groups[0].parts["specificity"]
+    assert ranked.scores[artefact].min() > ranked.scores[~artefact].max()
+    assert ranked.options["rank"] == "specificity"
+    # within a group, the method's order is kept
+    rows = np.flatnonzero(artefact)
+    assert np.argsort(ranked.scores[rows]).tolist() == np.argsort(result.scores[rows]).tolist()

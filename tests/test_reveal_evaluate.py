@@ -128,7 +128,8 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
         p, t = concept.masks[loc].astype(bool), truth.train_masks[concept.localised][loc] != 0
         inter, union = (p & t).sum((1, 2)), (p | t).sum((1, 2))
         assert gt["localisation_iou"] == pytest.approx(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
-    # the same pipeline without a person in the loop (what a study measures per unit) gives the same numbers
+    # the same pipeline without a person in the loop (what a study measures per unit), with the settings of
+    # `teachx reveal` (the method's own groups and ranking, the raw activations of one layer), gives the same numbers
     import torch
 
     from teachx.runs.reveal import _classifier_checkpoint, find_classifier
@@ -141,7 +142,15 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
         plan,
         model,
         torch.device("cpu"),
-        RevealSettings(method="spray", teacher="gradient", layer="body"),
+        RevealSettings(
+            method="spray",
+            options={},
+            teacher="gradient",
+            layer="body",
+            rank="method",
+            standardise=False,
+            cav="pattern",
+        ),
     )
     assert list(bench.classes) == ["2"]
     assert bench.classes["2"]["detection"] == saved
@@ -165,6 +174,22 @@ def test_the_reveal_setting_keeps_every_other_study_key():
     cfg = RunConfig()
     assert eval_key(cfg, EvalSpec()) == eval_key(cfg, EvalSpec(reveal=RevealSettings()))
     assert reveal_key(RevealSettings()) != reveal_key(replace(RevealSettings(), teacher="gradient"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "study.eval.reveal.rank=silhouette",
+            "unknown study.eval.reveal.rank 'silhouette'; valid: specificity, method",
+        ),
+        ("study.eval.reveal.latent=maps", "unknown study.eval.reveal.latent 'maps'; valid: activations, relevances"),
+    ],
+)
+def test_a_bad_reveal_setting_is_one_line_before_anything_is_written(tmp_path, capsys, override, message):
+    code, out, err = teachx_main(capsys, "study", "study-r2r-fashion-mnist", "--out", tmp_path / "s", "-q", override)
+    assert code == 2 and err.strip() == f"teachx: error: {message}"
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow

@@ -45,6 +45,8 @@ def _study(tmp_path: Path, study: str, base: str = BASE) -> Path:
             "lamb",
         ),
         ("study: {arms: {}, revise: {methods: [rrclarc], colour: red}}", "unknown option 'study.revise.colour'"),
+        ("study: {arms: {}, revise: {methods: [rrclarc], cav: linear}}", "study.revise.cav must be pattern"),
+        ("study: {arms: {}, revise: {methods: [rrclarc], concepts: [guessed]}}", "unknown source 'guessed'"),
     ],
 )
 def test_bad_revise_sections_are_one_line_errors(tmp_path, study, fragment):
@@ -73,13 +75,23 @@ def test_revise_turns_the_reveal_on_and_keeps_other_studies_as_they_were(tmp_pat
     assert "revise" in spec.to_dict() and "revise" in spec.section()
     plain = load_study(str(_study(tmp_path, "study: {arms: {}}")))
     assert "revise" not in plain.to_dict() and plain.revise_rows == {}
+    revise = spec.revise
+    revealed = revise.concept_key("revealed", RevealSettings())
     keys = {
-        revision_key("c-1", RevealSettings(), "rrclarc", []),
-        revision_key("c-2", RevealSettings(), "rrclarc", []),
-        revision_key("c-1", RevealSettings(cav="svm"), "rrclarc", []),
-        revision_key("c-1", RevealSettings(), "aclarc", []),
-        revision_key("c-1", RevealSettings(), "rrclarc", ["method.options.lam=100"]),
+        revision_key("c-1", revealed, "rrclarc", []),
+        revision_key("c-2", revealed, "rrclarc", []),
+        revision_key("c-1", revise.concept_key("revealed", RevealSettings(cav="svm")), "rrclarc", []),
+        revision_key("c-1", revealed, "aclarc", []),
+        revision_key("c-1", revealed, "rrclarc", ["method.options.lam=100"]),
     }
+    # an annotated concept does not depend on how the reveal is set; both depend on the correction's layer and CAV
+    assert revise.concept_key("annotated", RevealSettings()) == revise.concept_key(
+        "annotated", RevealSettings(cav="svm")
+    )
+    assert revise.concept_key("annotated", RevealSettings()) != revealed
+    from dataclasses import replace
+
+    assert replace(revise, cav="logistic").concept_key("revealed", RevealSettings()) != revealed
     assert len(keys) == 5 and all(k.startswith("r-") for k in keys)
 
 

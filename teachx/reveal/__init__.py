@@ -3,7 +3,8 @@
 ``build(name, **options)`` returns a reveal method (``REVEAL_METHODS.names()`` lists them; one module each,
 behind the contract in :mod:`teachx.reveal.base`); :mod:`teachx.reveal.features` reads a layer's activations;
 :mod:`teachx.reveal.cav` fits a concept direction for a group and retrieves the samples that carry it;
-:mod:`teachx.reveal.localise` turns it into per-image artefact heatmaps and masks.
+:mod:`teachx.reveal.localise` turns it into per-image artefact heatmaps and masks;
+:mod:`teachx.reveal.specificity` ranks a class's groups by how specific their concept is against the other classes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from teachx.errors import ConfigError
 
 #: bumped whenever a reveal method, the CAV, localisation or the ground-truth scoring changes what they compute:
 #: a study's saved reveal of a unit (``reveal-<key>.json``) is keyed by it, so it is made again
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 
 from teachx.reveal.base import REVEAL_METHODS, CandidateGroup, Evidence, RevealMethod, RevealResult  # noqa: E402
 

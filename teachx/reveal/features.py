@@ -8,7 +8,8 @@ channels that detect it, where a spatial mean would dilute it by the patch's are
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +61,31 @@ def classifier_input(shapes: dict[str, tuple[int, ...]]) -> str:
         raise ConfigError("the model has no named layers to read activations from")
     out = shapes[names[-1]]
     return ([n for n in names if shapes[n] != out] or names)[-1]
+
+
+#: modules that end a block with a nonlinearity: their outputs are a network's hidden representations
+NONLINEARITIES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardswish, nn.Mish)
+
+
+def activation_layers(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The outputs of the model's nonlinearities, in forward order (LeNet-5: both conv blocks and both hidden
+    dense layers); the classifier's input features when it has none.
+
+    Why every depth at once: an artefact is encoded where the receptive field fits it -- a colour cast or a
+    bright stroke already in the first conv block, a learnt composite only near the classifier. On the
+    Fashion-MNIST benchmarks a CAV fitted on the true artefact images retrieves the colour shift with AUROC
+    0.997 at LeNet-5's first block and 0.76 at the classifier's input, the timestamp with 0.72 and 0.91
+    (docs/studies/r2r-fashion-mnist.md)."""
+    modules = dict(model.named_modules())
+    names = [n for n in shapes if isinstance(modules.get(n), NONLINEARITIES)]
+    return names or [classifier_input(shapes)]
+
+
+def check_layers(layers: Optional[str], model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """Comma-separated layer names, each checked (:func:`check_layer`); None: :func:`activation_layers`."""
+    if not layers:
+        return activation_layers(model, shapes)
+    return list(dict.fromkeys(check_layer(name.strip(), shapes) for name in layers.split(",") if name.strip()))
 
 
 def check_layer(layer: Optional[str], shapes: dict[str, tuple[int, ...]]) -> str:
@@ -115,6 +141,72 @@ def pooled_activations(
             rows.append(pool(out[0]).float().cpu().numpy())
             step(len(indices[s : s + batch_size]))
     return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def stacked_activations(
+    model: nn.Module,
+    batches: Callable[[np.ndarray], torch.Tensor],
+    indices: np.ndarray,
+    layers: Sequence[str],
+    batch_size: int = 256,
+) -> np.ndarray:
+    """(N, D1 + D2 + ...) pooled activations (spatial maxima) of every layer in ``layers``, side by side, from
+    one forward pass per batch (raw: :class:`LayerStack` scales them)."""
+    modules = [find_module(model, layer) for layer in layers]
+    rows = []
+    model.eval()
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        outs = [stack.enter_context(capture(m)) for m in modules]
+        for s in range(0, len(indices), batch_size):
+            for out in outs:
+                out.clear()
+            model(batches(indices[s : s + batch_size]))
+            rows.append(np.concatenate([pool(out[0]).flatten(1).float().cpu().numpy() for out in outs], 1))
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """Several layers' pooled activations side by side, each unit standardised with one class's mean and
+    spread, and each layer scaled by 1/sqrt(its width) so that every layer weighs the same whatever its width.
+
+    Why standardised: raw units differ in scale by orders of magnitude between layers and channels, and a
+    direction fitted on raw values follows the loud units; an artefact channel may be a quiet one."""
+
+    layers: tuple[str, ...]
+    sizes: tuple[int, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, layers: Sequence[str], sizes: Sequence[int], x: np.ndarray) -> "LayerStack":
+        """The scaling of ``x`` (N, sum(sizes)), a class's raw :func:`stacked_activations`."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape[1] != sum(sizes):
+            raise ValueError(f"{x.shape[1]} columns for layers of {sum(sizes)} units")
+        std = x.std(0)
+        width = np.repeat(np.sqrt(np.asarray(sizes, dtype=np.float64)), sizes)
+        return cls(tuple(layers), tuple(int(n) for n in sizes), x.mean(0), np.where(std > 0, std, 1.0) * width)
+
+    @classmethod
+    def raw(cls, layers: Sequence[str], sizes: Sequence[int], x: np.ndarray) -> "LayerStack":
+        """The identity on ``x``'s layers: the raw pooled values, unscaled."""
+        d = int(sum(sizes))
+        return cls(tuple(layers), tuple(int(n) for n in sizes), np.zeros(d), np.ones(d))
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+
+    def dominant(self, direction: np.ndarray) -> tuple[str, np.ndarray]:
+        """The layer that carries most of ``direction`` (a unit vector in the scaled space: the largest share of
+        its squared length) and that part mapped back to the layer's raw activations, unit length: where to
+        localise a concept fitted on the stack."""
+        w = np.asarray(direction, dtype=np.float64) / self.scale
+        parts = np.split(np.asarray(direction, dtype=np.float64), np.cumsum(self.sizes)[:-1])
+        k = int(np.argmax([float(p @ p) for p in parts]))
+        raw = np.split(w, np.cumsum(self.sizes)[:-1])[k]
+        norm = np.linalg.norm(raw)
+        return self.layers[k], raw / norm if norm > 0 else raw
 
 
 def pooled_relevances(

@@ -40,6 +40,8 @@ from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, ConfigError, CorruptionError
 from teachx.evaluation.shortcut import artefact_share
 from teachx.registry import suggest
+from teachx.reveal.cav import fit_cav
+from teachx.reveal.features import check_layer, classifier_input, layer_shapes, pooled_activations
 from teachx.runs.pipeline import train_method_stage
 from teachx.runs.plan import make_plan
 from teachx.runs.reveal import CONCEPTS, REVEAL_DIR, _check_run_dir, read_concept
@@ -243,6 +245,50 @@ def correction_concept(
             "a correction needs images with and without the artefact: fit the concept on another group"
         )
     return concept_from_scores(name, layer, cav, scores, retrieved, model_digest(model), info=dict(info or {}))
+
+
+def fit_correction_concept(
+    name: str,
+    model: torch.nn.Module,
+    plan: DataPlan,
+    device: torch.device,
+    label: int,
+    carrying: np.ndarray,
+    layer: Optional[str] = None,
+    cav_kind: str = "pattern",
+    info: Optional[dict[str, Any]] = None,
+    batch_size: int = 256,
+) -> Concept:
+    """A correction concept for a group of class ``label``'s training images said to carry an artefact (a
+    revealed group, or the annotated images of a reference): the CAV of the group against the class's other
+    training images at ``layer`` (None: the features the classifier reads, where the ClArC corrections act), on
+    max-pooled activations; the images carrying the artefact, as the correction knows them, are the training
+    images of any class whose CAV score reaches the midpoint of the group's and the rest's mean scores.
+
+    The layer is the correction's, not the reveal's: a reveal may group images on several layers at once, and a
+    correction needs one direction at one layer."""
+    ds = plan.dataset
+    model = model.to(device).eval()
+
+    def batch(idx: np.ndarray) -> torch.Tensor:
+        return normalize(as_nchw(ds.train.images[idx]).to(device), plan.mean, plan.std)
+
+    train_idx = np.sort(np.asarray(plan.train_idx))
+    shapes = layer_shapes(model, batch(train_idx[:1]))
+    where = check_layer(layer, shapes) if layer else classifier_input(shapes)
+    labels = np.asarray(ds.train.labels)
+    members = train_idx[labels[train_idx] == label]
+    flags = np.isin(members, np.asarray(carrying))
+    if flags.sum() < 2 or (~flags).sum() < 2:
+        raise ConfigError(
+            f"concept '{name}': {int(flags.sum())} of class {label}'s {len(members)} training images are said to carry "
+            "the artefact; a correction concept needs at least two with it and two without"
+        )
+    cav = fit_cav(pooled_activations(model, batch, members, where, batch_size), flags, cav_kind, where)
+    scores = cav.scores(pooled_activations(model, batch, train_idx, where, batch_size))
+    extra = {**dict(info or {}), "class": int(label), "group": int(flags.sum()), "cav": cav_kind}
+    extra["carrying"] = int((scores >= cav.threshold).sum())
+    return correction_concept(name, where, cav.direction, scores, cav.threshold, model, info=extra)
 
 
 @dataclass

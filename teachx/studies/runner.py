@@ -22,6 +22,7 @@ import torch
 from teachx.config.loader import dump_yaml
 from teachx.config.schema import RunConfig
 from teachx.errors import ConfigError
+from teachx.data.artefacts import ground_truth
 from teachx.data.transforms import normalize
 from teachx.evaluation import build_metric, evaluate_maps
 from teachx.runs import rundir
@@ -33,14 +34,14 @@ from teachx.runs.stages import load_classifier, load_stage_model, train_classifi
 from teachx.runs.teacher import as_nchw, make_teacher, teacher_maps
 from teachx.studies.records import UnitFile, UnitRecord
 from teachx.runs.records import ArtefactShares
-from teachx.runs.reveal_benchmark import annotated_concept, reveal_benchmark
+from teachx.runs.reveal_benchmark import reveal_benchmark
 from teachx.runs.revise import (
     POST_HOC,
     Measures,
     Revision,
     apply_correction,
     attacked_share,
-    correction_concept,
+    fit_correction_concept,
     measure,
     read_revision,
     recipe_config,
@@ -182,15 +183,16 @@ class _Runner:
     def _revealed_concept(
         self, cfg: RunConfig, base_key: str, source: str = "revealed"
     ) -> tuple[Optional[Path], Optional[Measures], str]:
-        """The correction concept of a baseline's unannotated reveal (``study.revise``), made once per baseline
-        and reveal settings in the baseline's unit folder, with the baseline's measures along it: (concept file,
-        measures before, note). No concept -- the reveal's top group retrieves nothing, or everything -- gives
-        (None, None, why): the pipeline leaves that baseline as it is. ``source="annotated"``: the CAV fitted on the
-        benchmark's true labels instead (:func:`annotated_concept`, a reference)."""
-        settings = self.spec.eval.reveal
-        assert settings is not None
+        """The correction concept of a baseline (``study.revise``): the top group its unannotated reveal found in
+        the poisoned class (``source="annotated"``: the images that truly carry the artefact, a reference that
+        reads the annotations), as a CAV at the correction layer
+        (:func:`teachx.runs.revise.fit_correction_concept`). Made once per baseline and concept key in the
+        baseline's unit folder, with the baseline's measures along it: (concept file, measures before, note). No
+        usable group gives (None, None, why): the pipeline leaves that baseline as it is."""
+        revise, settings = self.spec.revise, self.spec.eval.reveal
+        assert revise is not None and settings is not None
         d = self.out / "units" / base_key
-        stem = d / f"concept-{'' if source == 'revealed' else source + '-'}{reveal_key(settings)}"
+        stem = d / f"concept-{revise.concept_key(source, settings)}"
         before_path, none_path = stem.with_name(stem.name + "-before.json"), stem.with_name(stem.name + "-none.json")
         fix = f"delete the files '{stem.name}*' in '{d}' and re-run the same `teachx study` command"
 
@@ -212,29 +214,26 @@ class _Runner:
                 return found
             plan, device = self.plan(cfg), choose_device(cfg.device)
             model = self._load_classifier(cfg, base_key)
-            if source == "annotated":
-                found_top = annotated_concept(cfg, plan, model, device, settings)
-                tops = [found_top] if found_top is not None else []
+            if source == "annotated":  # the reference: the images that carry the artefact, read from the truth
+                groups = _annotated_groups(plan)
+                why = "no class has training images with and without the artefact"
             else:
                 result = reveal_benchmark(cfg, plan, model, device, settings)
-                tops = sorted((result.concepts if result else {}).values(), key=lambda t: t.label)
-            why = "the reveal found no group of two or more images in the poisoned class"
-            if tops:
-                top = tops[0]  # the first poisoned class's
+                groups = dict(result.top_groups) if result else {}
+                why = "the reveal found no group in the poisoned class"
+            if groups:
+                label = min(groups, key=int)  # the first poisoned class's
                 try:
-                    concept = correction_concept(
-                        f"{source}-class{top.label}",
-                        top.layer,
-                        top.cav.direction,
-                        top.scores,
-                        top.cav.threshold,
+                    concept = fit_correction_concept(
+                        f"{source}-class{label}",
                         model,
-                        info={
-                            "class": top.label,
-                            "members": len(top.members),
-                            "carrying": int((top.scores >= top.cav.threshold).sum()),
-                            "reveal": reveal_key(settings),
-                        },
+                        plan,
+                        device,
+                        int(label),
+                        groups[label],
+                        revise.layer,
+                        revise.cav,
+                        info={"source": source, **({"reveal": reveal_key(settings)} if source == "revealed" else {})},
                     )
                 except ConfigError as exc:
                     why = str(exc)
@@ -252,7 +251,7 @@ class _Runner:
         revise, settings = self.spec.revise, self.spec.eval.reveal
         assert revise is not None and settings is not None
         items = revise.items(method)
-        key = revision_key(base_key, settings, method, items, source)
+        key = revision_key(base_key, revise.concept_key(source, settings), method, items)
         d = self.out / "units" / key
         path = d / "revision.json"
         if not path.exists():
@@ -437,6 +436,15 @@ class _Runner:
         ev["map_store"] = {"train": str(train_store.path), "test": str(test_store.path)}
         write_json_atomic(eval_path, ev, digest=True)
         return record, ev
+
+
+def _annotated_groups(plan) -> dict[str, np.ndarray]:
+    """Class -> its training images that carry the artefact, from the benchmark's ground truth: what an annotated
+    reference (``study.revise.concepts: [annotated]``) corrects along; never what a reveal reads."""
+    truth = ground_truth(plan.dataset).train_poisoned
+    train_idx = np.sort(np.asarray(plan.train_idx))
+    labels = np.asarray(plan.dataset.train.labels)[train_idx]
+    return {str(c): train_idx[(labels == c) & truth[train_idx]] for c in np.unique(labels[truth[train_idx]])}
 
 
 def read_unit_evaluation(eval_path: Path) -> dict[str, Any]:

@@ -129,6 +129,10 @@ class ReviseSpec:
     # where the concepts come from: revealed (the unannotated reveal's top group) and/or annotated (the CAV fitted on
     # the benchmark's true labels: a reference that tells a correction's failure from the reveal's)
     concepts: list[str] = field(default_factory=lambda: ["revealed"])
+    # the layer the corrections act on and their CAV there, fitted on the revealed group (or the annotated images)
+    # against the rest of its class (None: the features the classifier reads; pattern: RR-ClArC's recommendation)
+    layer: Optional[str] = None
+    cav: str = "pattern"
     # method -> its KEY: VALUE overrides (train.* and method.options.*, as `teachx revise KEY=VALUE`)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # an arm that needs the annotations (e.g. RRR with the true masks), or the ceiling row: the gap between the
@@ -148,6 +152,8 @@ class ReviseSpec:
                 )
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("study.revise.methods names a correction twice; name each once")
+        if self.cav not in ("pattern", "svm", "logistic"):
+            raise ConfigError(f"study.revise.cav must be pattern, svm or logistic, got {self.cav!r}")
         sources = list(CONCEPT_SOURCES)
         if not isinstance(self.concepts, list) or not self.concepts or len(set(self.concepts)) != len(self.concepts):
             raise ConfigError(f"study.revise.concepts must be a list of distinct sources: {', '.join(sources)}")
@@ -175,6 +181,18 @@ class ReviseSpec:
     def rows(self) -> dict[str, str]:
         """Row name -> correction, in order (per concept source, every method)."""
         return {CONCEPT_SOURCES[c] + m: m for c in self.concepts for m in self.methods}
+
+    def concept_key(self, source: str, settings: RevealSettings) -> str:
+        """What decides a correction concept: where its group comes from (the reveal's settings for a revealed
+        one: an annotated one does not depend on them), and the correction's layer and CAV."""
+        return hash_json(
+            {
+                "source": source,
+                "reveal": reveal_key(settings) if source == "revealed" else None,
+                "layer": self.layer,
+                "cav": self.cav,
+            }
+        )[:12]
 
     def source(self, row: str) -> str:
         """Where the concept of the row ``row`` comes from (``revealed`` or ``annotated``)."""
@@ -630,11 +648,9 @@ def eval_key(cfg: RunConfig, ev: EvalSpec) -> str:
     return hash_json({"v": STUDY_VERSION, "eval": values, "teacher": _relevant(cfg).get("teacher", {})})[:12]
 
 
-def revision_key(
-    base_key: str, settings: RevealSettings, method: str, items: list[str], source: str = "revealed"
-) -> str:
-    """The key of a correction unit: the baseline it corrects, where its concept comes from and with what reveal
-    settings, the method and its options."""
+def revision_key(base_key: str, concept_key: str, method: str, items: list[str]) -> str:
+    """The key of a correction unit: the baseline it corrects, its concept (:meth:`ReviseSpec.concept_key`), the
+    method and its options."""
     return (
         "r-"
         + hash_json(
@@ -642,10 +658,9 @@ def revision_key(
                 "v": STUDY_VERSION,
                 "kind": "revision",
                 "baseline": base_key,
-                "reveal": reveal_key(settings),
+                "concept": concept_key,
                 "method": method,
                 "options": items,
-                **({"concept": source} if source != "revealed" else {}),
             }
         )[:16]
     )
@@ -700,8 +715,9 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                         units.setdefault(ckey, PlannedUnit(ckey, "classifier", regime, CEILING, seed, ccfg))
                     for row, m in spec.revise_rows.items():  # the corrections of this baseline (study.revise)
                         items = spec.revise.items(m) if spec.revise else []
-                        source = spec.revise.source(row) if spec.revise else "revealed"
-                        rkey = revision_key(base, spec.eval.reveal or RevealSettings(), m, items, source)
+                        assert spec.revise is not None
+                        ckey = spec.revise.concept_key(spec.revise.source(row), spec.eval.reveal or RevealSettings())
+                        rkey = revision_key(base, ckey, m, items)
                         rcfg = cfg if m in POST_HOC else recipe_config(cfg, m, Path("concept.json"), items)[0]
                         units.setdefault(rkey, PlannedUnit(rkey, "revision", regime, row, seed, rcfg))
                     continue
