@@ -151,6 +151,39 @@ def test_hooks_are_removable_and_compose_in_order():
     assert model_digest(model) == concept.model_digest
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hooks_equal_the_written_out_projection_per_sample(dtype, pooling, channels_last):
+    """The hooks (their matrices made once, the score and the shift in one product) against the corrections
+    written out sample by sample with numpy in float64, in the model's dtype and either memory layout."""
+    torch.manual_seed(7)
+    model = _Tiny().to(dtype).eval()
+    x = torch.randn(9, 2, 5, 5, dtype=dtype)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    concept = _concept_for(model, x)
+    concept = Concept(**{**concept.__dict__, "pooling": pooling})
+    with torch.no_grad(), Capture(model.act) as cap:
+        model(x)
+    a = cap.out.double().numpy()
+    v = concept.cav
+    scores = _pool_np(a, pooling) @ v
+    ranked = np.sort(scores)
+    threshold = float(ranked[4] + ranked[5]) / 2  # between two samples: rounding decides no sample's side
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for mode, z in [("project", concept.z_clean), ("augment", concept.z_artefact), ("reactive", concept.z_clean)]:
+        amount = z - scores
+        if mode == "reactive":  # only the samples whose score is above the threshold are moved
+            amount = np.where(scores > threshold, amount, 0.0)
+        expect = a + amount[:, None, None, None] * v[None, :, None, None]
+        with torch.no_grad(), attach(model, concept, mode, threshold=threshold), Capture(model.act) as seen:
+            model(x)
+            model(x)  # a second forward reuses what the hook made at the first
+        assert seen.out.dtype == dtype
+        assert np.allclose(seen.out.double().numpy(), expect, rtol=tol, atol=tol), mode
+
+
 def test_bad_inputs_are_one_line_config_errors():
     torch.manual_seed(4)
     model = _Tiny().eval()
