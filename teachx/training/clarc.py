@@ -60,15 +60,13 @@ def cav_scores(a: torch.Tensor, cav: torch.Tensor, pooling: str = "max") -> torc
 
 
 def shift_matrix(cav: torch.Tensor, z: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b), (C, 1 + C) and (1 + C,): ``pool(a) @ W + b`` is ``[s(a), (z - s(a)) v]`` for a unit CAV ``v``,
-    the score and the shift of every sample in ONE matrix product (``(z - s) v = z v - pool(a) v v^T``).
+    """(W, b), (C, C) and (C,): ``pool(a) @ W + b`` is the shift ``(z - s(a)) v`` of every sample (for a unit CAV
+    ``v``: ``(z - pool(a) . v) v = z v - pool(a) v v^T``), the score and the outer product in ONE matrix product.
 
     Made once per hook: the corrections run after a layer at every forward pass, where each further kernel
     (a dot product, a subtraction, an outer product) costs more than its arithmetic."""
     v = cav.reshape(-1)
-    weight = torch.cat([v[:, None], -torch.outer(v, v)], 1)
-    bias = torch.cat([v.new_zeros(1), z * v])
-    return weight, bias
+    return -torch.outer(v, v), z * v
 
 
 def shifted(
@@ -76,14 +74,15 @@ def shifted(
     weight: torch.Tensor,
     bias: torch.Tensor,
     pooling: str = "max",
+    cav: Optional[torch.Tensor] = None,
     threshold: Optional[float | torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``a + (z - s(a)) v`` at every position of each sample, with the (W, b) of :func:`shift_matrix`; given a
-    ``threshold``, only for the samples with ``s(a) > threshold`` (the others are left as they are)."""
-    both = torch.addmm(bias, pooled(a, pooling), weight)  # (N, 1 + C): the score, then the shift
-    shift = both[:, 1:]
+    """``a + (z - s(a)) v`` at every position of each sample, with the (W, b) of :func:`shift_matrix`; given the
+    ``cav`` and a ``threshold``, only for the samples with ``s(a) > threshold`` (the others are left as they are)."""
+    p = pooled(a, pooling)
+    shift = torch.addmm(bias, p, weight)
     if threshold is not None:
-        shift = shift * (both[:, :1] > threshold)
+        shift = shift * (p @ cav > threshold).unsqueeze(1)
     return a + shift.view(*shift.shape, *(1,) * (a.dim() - 2))
 
 
@@ -101,7 +100,7 @@ def reactive(
     a: torch.Tensor, cav: torch.Tensor, z_clean: float, threshold: float, pooling: str = "max"
 ) -> torch.Tensor:
     """R-ClArC: P-ClArC for the samples with ``s(a) - threshold > 0``, the activations unchanged for the rest."""
-    return shifted(a, *shift_matrix(cav, z_clean), pooling, threshold)
+    return shifted(a, *shift_matrix(cav, z_clean), pooling, cav, threshold)
 
 
 class ClarcHook:
@@ -132,17 +131,21 @@ class ClarcHook:
         key = (like.dtype, like.device)
         consts = self._consts.get(key)
         if consts is None:
-            cav = self.concept.cav_tensor(like)
             weight, bias = shift_matrix(torch.as_tensor(self.concept.cav, device=like.device), self.target)
             threshold = torch.tensor(self.threshold, dtype=like.dtype, device=like.device)
-            consts = (cav, weight.to(like.dtype), bias.to(like.dtype), threshold if self.mode == "reactive" else None)
+            consts = (
+                self.concept.cav_tensor(like),
+                weight.to(like.dtype),
+                bias.to(like.dtype),
+                threshold if self.mode == "reactive" else None,
+            )
             self._consts[key] = consts
         return consts
 
     def transform(self, a: torch.Tensor) -> torch.Tensor:
         """The correction of the layer's activations ``a`` (what the hook returns, without the width check)."""
-        _, weight, bias, threshold = self.constants(a)
-        return shifted(a, weight, bias, self.pooling, threshold)
+        cav, weight, bias, threshold = self.constants(a)
+        return shifted(a, weight, bias, self.pooling, cav, threshold)
 
     def _hook(self, module: nn.Module, inputs, out):
         check_width(out, self.concept)
