@@ -58,7 +58,7 @@ RECORD = "revision.json"
 #: the post-hoc corrections: name -> the ClArC hook's mode (no training)
 POST_HOC = {"pclarc": "project", "rclarc": "reactive"}
 #: the fine-tuning corrections (training methods that read a concept file)
-FINE_TUNING = ("rrclarc", "aclarc")
+FINE_TUNING = ("rrclarc", "aclarc", "rrr_revealed")
 #: the Reveal-to-Revise recipe for fine-tuning, applied unless a KEY=VALUE sets the key
 RECIPE_EPOCHS = 5
 RECIPE_LR_FACTOR = 0.1
@@ -258,6 +258,8 @@ def revise_run(
         saved.scores,
         retrieved,
         model_digest(model),
+        # the artefact masks reveal localised and the training images they belong to (rrr_revealed reads them)
+        arrays={"masks": saved.masks, "localised": saved.localised},
         info={"reveal_concept": saved.name, "class": saved.label, "checkpoint_sha256": saved.model_digest},
     )
     tuned, options = (None, {}) if method in POST_HOC else _overrides(cfg, method, out / "concept.json", items)
