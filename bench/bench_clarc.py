@@ -35,7 +35,7 @@ import torch
 from bench_methods import _dataset
 from teachx.config.schema import MethodConfig, RunConfig
 from teachx.models import build_model
-from teachx.training.clarc import Capture, attach, pooled, project
+from teachx.training.clarc import Capture, ClarcHook, attach, pooled
 from teachx.training.concepts import concept_from_activations, model_digest, save_concept
 from teachx.training.methods import MethodContext, build_method
 from teachx.training.trainer import make_optimizer
@@ -100,11 +100,13 @@ def forward_cases(shape, batch: int, folder: Path):
         with torch.no_grad():
             model(x)
 
-    acts, v = cap.out, torch.as_tensor(concept.cav, dtype=torch.float32)
+    acts = cap.out
+    with ClarcHook(dict(model.named_modules())[LAYER], concept, "project") as hook:
+        pass  # off the model again: only its transform is timed below
 
     def transform_alone():  # the projection itself on the layer's activations, without the forward around it
         with torch.no_grad():
-            project(acts, v, concept.z_clean, concept.pooling)
+            hook.transform(acts)
 
     # the same model with the hook attached (checking the digest) before its timed calls and removed after them
     cases = {"forward": forward, "p_clarc": forward, "r_clarc": forward, "transform": transform_alone}

@@ -151,6 +151,39 @@ def test_hooks_are_removable_and_compose_in_order():
     assert model_digest(model) == concept.model_digest
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hooks_equal_the_written_out_projection_per_sample(dtype, pooling, channels_last):
+    """The hooks (their matrices made once, the score and the shift in one product) against the corrections
+    written out sample by sample with numpy in float64, in the model's dtype and either memory layout."""
+    torch.manual_seed(7)
+    model = _Tiny().to(dtype).eval()
+    x = torch.randn(9, 2, 5, 5, dtype=dtype)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    concept = _concept_for(model, x)
+    concept = Concept(**{**concept.__dict__, "pooling": pooling})
+    with torch.no_grad(), Capture(model.act) as cap:
+        model(x)
+    a = cap.out.double().numpy()
+    v = concept.cav
+    scores = _pool_np(a, pooling) @ v
+    ranked = np.sort(scores)
+    threshold = float(ranked[4] + ranked[5]) / 2  # between two samples: rounding decides no sample's side
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for mode, z in [("project", concept.z_clean), ("augment", concept.z_artefact), ("reactive", concept.z_clean)]:
+        amount = z - scores
+        if mode == "reactive":  # only the samples whose score is above the threshold are moved
+            amount = np.where(scores > threshold, amount, 0.0)
+        expect = a + amount[:, None, None, None] * v[None, :, None, None]
+        with torch.no_grad(), attach(model, concept, mode, threshold=threshold), Capture(model.act) as seen:
+            model(x)
+            model(x)  # a second forward reuses what the hook made at the first
+        assert seen.out.dtype == dtype
+        assert np.allclose(seen.out.double().numpy(), expect, rtol=tol, atol=tol), mode
+
+
 def test_bad_inputs_are_one_line_config_errors():
     torch.manual_seed(4)
     model = _Tiny().eval()
@@ -582,3 +615,81 @@ def test_teachx_run_fine_tunes_the_baseline_a_concept_was_computed_on(tmp_path):
     lines = [ln for ln in other.stderr.splitlines() if ln.strip()]
     assert other.returncode == 2 and len(lines) == 1, other.stderr[-2000:]
     assert "was computed on another model" in lines[0]
+
+
+# -- rrr_revealed: RRR's penalty inside the masks Reveal localised ----------------------------------------------
+
+
+def _masked_concept(planted_baseline, tmp_path, localised: np.ndarray, masks: np.ndarray) -> Path:
+    """The planted baseline's concept with Reveal's arrays: masks (M, H, W) of the training images ``localised``."""
+    _, concept, _, _, _ = planted_baseline
+    with_masks = Concept(**{**concept.__dict__, "arrays": {"masks": masks, "localised": localised}})
+    return save_concept(with_masks, tmp_path / "masked")
+
+
+def test_rrr_revealed_penalty_is_the_squared_input_gradient_inside_the_revealed_masks(planted_baseline, tmp_path):
+    """The loss against a hand computation, image by image: CE + lam * mean over the batch of the sum over the
+    masked pixels (every channel) of (d sum_k log p_k(x_n) / d x)^2; an image Reveal did not localise adds 0."""
+    from teachx.training.methods import MethodContext, build_method
+
+    base, _, _, plan, x = planted_baseline
+    rng = np.random.default_rng(0)
+    localised = np.array([2, 0, 5])  # in no particular order, as Reveal stores them (members first)
+    masks = rng.random((3, 16, 16)) < 0.3
+    path = _masked_concept(planted_baseline, tmp_path, localised, masks)
+    m = build_method(_method_cfg("rrr_revealed", {"concept": str(path), "lam": 7.0}))
+    m.check_data(plan)
+    ctx = MethodContext(m.cfg, plan, torch.device("cpu"), log=lambda s: None, baseline_model=lambda: base)
+    model = m.build_model(ctx)
+    task = m.task(model, ctx)
+    idx = torch.arange(8)
+    mask = task.maps_for(idx)
+    assert mask.shape == (8, 1, 16, 16)
+    for n in range(8):  # each localised image gets its own mask, every other image none
+        expect = masks[list(localised).index(n)] if n in localised else np.zeros((16, 16), bool)
+        assert np.array_equal(mask[n, 0].numpy(), expect.astype(np.float32))
+    xb, y = x[:8], torch.from_numpy(np.asarray(plan.dataset.train.labels)[:8]).long()
+    loss, logits, extra = task.loss(xb, y, mask)
+    per_image = []
+    for n in range(8):  # one image at a time (LeNet-5 has no BatchNorm: the batch's gradient is per image)
+        xn = xb[n : n + 1].detach().clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(torch.log_softmax(model(xn), 1).sum(), xn)
+        g2 = g[0].double().numpy() ** 2  # (C, H, W)
+        inside = mask[n, 0].numpy().astype(bool)
+        per_image.append(sum(g2[c][inside].sum() for c in range(g2.shape[0])))
+    assert all(per_image[n] == 0 for n in range(8) if n not in localised)
+    assert all(per_image[n] > 0 for n in localised)
+    expect = float(np.mean(per_image))
+    assert float(extra["rrr"]) == pytest.approx(expect, rel=1e-4)
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert float(loss.detach()) == pytest.approx(float(ce.detach()) + 7.0 * expect, rel=1e-4)
+    # the defaults: every layer trains (the input gradient is the convolutions' to shape)
+    assert m.opts["freeze"] == "none" and all(p.requires_grad for p in model.parameters())
+
+
+def test_rrr_revealed_refuses_a_concept_without_masks_in_one_line(planted_baseline, tmp_path, capsys):
+    from conftest import teachx_main
+
+    from teachx.training.methods import build_method
+
+    _, _, path, plan, _ = planted_baseline  # a concept file without Reveal's masks
+    with pytest.raises(ConfigError) as err:
+        build_method(_method_cfg("rrr_revealed", {"concept": str(path)})).check_data(plan)
+    text = str(err.value)
+    assert "carries no artefact masks" in text and "teachx reveal" in text and "--concept" in text
+    assert "teachx revise RUN_DIR --concept NAME --method rrr_revealed" in text and "\n" not in text
+    bad = _masked_concept(planted_baseline, tmp_path, np.array([0, 999]), np.zeros((2, 16, 16), bool))
+    with pytest.raises(ConfigError, match="up to index 999, but the training split has 160"):
+        build_method(_method_cfg("rrr_revealed", {"concept": str(bad)})).check_data(plan)
+    small = _masked_concept(planted_baseline, tmp_path / "s", np.array([0]), np.zeros((1, 8, 8), bool))
+    with pytest.raises(ConfigError, match="masks of 8x8 pixels but the images are 16x16"):
+        build_method(_method_cfg("rrr_revealed", {"concept": str(small)})).check_data(plan)
+    # through the CLI: exit 2, one line, before anything is written
+    out = tmp_path / "run"
+    code, _, err_text = teachx_main(
+        capsys, "run", "--out", out, "-q", "method.name=rrr_revealed", f"method.options.concept={path}"
+    )
+    lines = [line for line in err_text.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("teachx: error: "), err_text
+    assert "carries no artefact masks" in lines[0] and "teachx reveal" in lines[0]
+    assert not out.exists()

@@ -306,7 +306,13 @@ def _concept_baseline(ds, where: Path):
         with torch.no_grad(), Capture(baseline.body[5]) as cap:
             baseline(x)
         flags = np.asarray(ds.train.labels[:48]) == 0
-        save_concept(concept_from_activations("shade", "body.5", pooled(cap.out), flags, model_digest(baseline)), path)
+        # with the masks teachx reveal localises (what rrr_revealed reads): the shade's square, on every other image
+        localised = np.arange(0, 48, 2)
+        arrays = {"masks": np.asarray(ds.train.masks)[localised].astype(bool), "localised": localised}
+        concept = concept_from_activations(
+            "shade", "body.5", pooled(cap.out), flags, model_digest(baseline), arrays=arrays
+        )
+        save_concept(concept, path)
     return baseline, path
 
 
@@ -344,6 +350,7 @@ CONTRACT = {  # every method that trains (impactx has its own tests), with optio
         {"concept": _CONCEPT, "freeze": "none", "criterion": "target_logit"},
     ),
     "aclarc": ("aclarc", {"concept": _CONCEPT}),
+    "rrr_revealed": ("rrr_revealed", {"concept": _CONCEPT, "lam": 10.0}),
 }
 
 

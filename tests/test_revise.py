@@ -191,3 +191,48 @@ def test_bad_input_is_one_line_and_writes_nothing(run_copy, capsys, tmp_path):
     code, _, err = teachx_main(capsys, "revise", run_copy, "--concept", "tag")
     _one_line(code, err, "was fitted on other weights", "teachx reveal")
     assert not (run_copy / "revise").exists()
+
+
+def _masked_gradient(model: torch.nn.Module, run: Path, indices: np.ndarray, masks: np.ndarray) -> float:
+    """RRR's penalty over the given training images and masks (the mean over images of the squared input gradient
+    of the summed log-probabilities inside the mask), computed here from the images on disk."""
+    from teachx.data.transforms import normalize
+    from teachx.runs.plan import make_plan
+    from teachx.runs.reveal import _check_run_dir
+    from teachx.runs.teacher import as_nchw
+
+    plan = make_plan(_check_run_dir(run), progress=False)
+    x = normalize(as_nchw(plan.dataset.train.images[indices]), plan.mean, plan.std).requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.log_softmax(model.eval()(x), 1).sum(), x)
+    return float((g.pow(2) * torch.from_numpy(masks[:, None].astype(np.float32))).sum((1, 2, 3)).mean())
+
+
+@pytest.mark.slow
+def test_rrr_revealed_fine_tunes_with_the_masks_reveal_localised(run_copy, capsys):
+    """`teachx revise --method rrr_revealed`: the correction concept carries the reveal concept's masks, the
+    fine-tuning trains every layer, and the input gradient inside those masks falls."""
+    from teachx.runs.reveal import read_concept
+    from teachx.runs.revise import read_revision
+    from teachx.runs.stages import load_stage_model
+    from teachx.training.concepts import load_concept
+
+    code, out, err = teachx_main(
+        capsys, "revise", run_copy, "--concept", "tag", "--method", "rrr_revealed", "train.epochs=3", "-q"
+    )
+    assert code == 0, err
+    folder = run_copy / "revise" / "rrr_revealed-tag"
+    rec = read_revision(folder / "revision.json")
+    assert rec.method == "rrr_revealed" and rec.options["train.epochs"] == 3
+    saved = read_concept(run_copy / "reveal" / "concepts" / "tag.json")
+    carried = load_concept(folder / "concept.json")
+    assert np.array_equal(carried.arrays["masks"], saved.masks)
+    assert np.array_equal(carried.arrays["localised"], saved.localised)
+    stage = json.loads((folder / "model" / "stage.json").read_text())
+    assert len(stage["history"]) == 3 and rec.after.test_acc == pytest.approx(stage["test_acc"])
+    assert stage["method_options"]["freeze"] == "none" and stage["method_options"]["lam"] == 1000.0
+    assert stage["concept"]["n_masks"] == len(saved.localised)
+    base, fixed = load_stage_model(run_copy), load_stage_model(folder / "model")
+    assert not torch.equal(fixed.body[0].weight, base.body[0].weight)  # freeze=none: the convolutions moved too
+    before = _masked_gradient(base, run_copy, saved.localised, saved.masks)
+    after = _masked_gradient(fixed, run_copy, saved.localised, saved.masks)
+    assert after < 0.5 * before, (before, after)

@@ -22,7 +22,18 @@ from teachx.utils.numbers import number
 
 #: the stages --redo accepts: ``teachx.runs.recovery.STAGES``, written out so that `teachx --help` does
 #: not import torch (a test checks that the two agree)
-RUN_STAGES = ("baseline", "teacher", "abn", "aclarc", "impactx", "reldrop", "rrclarc", "rrr", "saliency_guided")
+RUN_STAGES = (
+    "baseline",
+    "teacher",
+    "abn",
+    "aclarc",
+    "impactx",
+    "reldrop",
+    "rrclarc",
+    "rrr",
+    "rrr_revealed",
+    "saliency_guided",
+)
 #: set by the process that holds a run directory's lock for the torchrun workers it starts (--nproc)
 HELD_ENV = "TEACHX_RUN_DIR_HELD"
 RUN_OUT_HELP = "Run directory (resumed if it holds the same config)."

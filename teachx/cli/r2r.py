@@ -146,12 +146,13 @@ def reveal(
 )
 @click.option(
     "--method",
-    type=click.Choice(["pclarc", "rclarc", "rrclarc", "aclarc"]),
+    type=click.Choice(["pclarc", "rclarc", "rrclarc", "aclarc", "rrr_revealed"]),
     default="rrclarc",
     show_default=True,
     help="pclarc / rclarc: project the layer's activations along the concept (rclarc: only where its score says the "
-    "artefact is), no training; rrclarc / aclarc: fine-tune the classifier (RR-ClArC's gradient penalty, A-ClArC's "
-    "augmentation) for a few epochs at a tenth of the run's learning rate.",
+    "artefact is), no training; rrclarc / aclarc / rrr_revealed: fine-tune the classifier (RR-ClArC's gradient penalty, "
+    "A-ClArC's augmentation, RRR's input-gradient penalty inside the artefact masks reveal localised) for a few epochs "
+    "at a tenth of the run's learning rate.",
 )
 @quiet_option()
 @wait_option()

@@ -60,7 +60,7 @@ RECORD = "revision.json"
 #: the post-hoc corrections: name -> the ClArC hook's mode (no training)
 POST_HOC = {"pclarc": "project", "rclarc": "reactive"}
 #: the fine-tuning corrections (training methods that read a concept file)
-FINE_TUNING = ("rrclarc", "aclarc")
+FINE_TUNING = ("rrclarc", "aclarc", "rrr_revealed")
 #: the Reveal-to-Revise recipe for fine-tuning, applied unless a KEY=VALUE sets the key
 RECIPE_EPOCHS = 5
 RECIPE_LR_FACTOR = 0.1
@@ -234,17 +234,20 @@ def correction_concept(
     threshold: float,
     model: torch.nn.Module,
     info: Optional[dict[str, Any]] = None,
+    arrays: Optional[dict[str, np.ndarray]] = None,
 ) -> Concept:
     """The correction concept of a revealed one: its CAV, and as the images carrying the artefact the training
-    images whose CAV score reaches the reveal's retrieval threshold (the rest are the clean ones). Refused when
-    that leaves no image on one side."""
+    images whose CAV score reaches the reveal's retrieval threshold (the rest are the clean ones); ``arrays`` go
+    with it (the localisation masks ``rrr_revealed`` reads). Refused when that leaves no image on one side."""
     retrieved = np.asarray(scores) >= threshold
     if retrieved.all() or not retrieved.any():
         raise ConfigError(
             f"concept '{name}': {int(retrieved.sum())} of {len(retrieved)} training images score above its threshold; "
             "a correction needs images with and without the artefact: fit the concept on another group"
         )
-    return concept_from_scores(name, layer, cav, scores, retrieved, model_digest(model), info=dict(info or {}))
+    return concept_from_scores(
+        name, layer, cav, scores, retrieved, model_digest(model), info=dict(info or {}), arrays=dict(arrays or {})
+    )
 
 
 def fit_correction_concept(
@@ -380,6 +383,8 @@ def revise_run(
         saved.scores,
         saved.threshold,
         model,
+        # the artefact masks reveal localised and the training images they belong to (rrr_revealed reads them)
+        arrays={"masks": saved.masks, "localised": saved.localised},
         info={"reveal_concept": saved.name, "class": saved.label, "checkpoint_sha256": saved.model_digest},
     )
     retrieved = saved.scores >= saved.threshold

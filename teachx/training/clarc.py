@@ -45,11 +45,13 @@ CRITERIA = ("all_logits_random", "all_logits", "max_logit", "target_logit", "log
 
 
 def pooled(a: torch.Tensor, pooling: str = "max") -> torch.Tensor:
-    """(N, C): a conv layer's activations pooled over the positions; a linear layer's as they are."""
+    """(N, C): a conv layer's activations pooled over the positions; a linear layer's as they are.
+
+    Reduced over the position dimensions directly (no flattened copy, whatever the memory layout)."""
     if a.dim() == 2:
         return a
-    flat = a.flatten(2)
-    return flat.amax(2) if pooling == "max" else flat.mean(2)
+    dims = tuple(range(2, a.dim()))
+    return a.amax(dims) if pooling == "max" else a.mean(dims)
 
 
 def cav_scores(a: torch.Tensor, cav: torch.Tensor, pooling: str = "max") -> torch.Tensor:
@@ -57,29 +59,48 @@ def cav_scores(a: torch.Tensor, cav: torch.Tensor, pooling: str = "max") -> torc
     return pooled(a, pooling) @ cav
 
 
-def _shift(a: torch.Tensor, cav: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
-    """``a + amount_n v`` at every position of sample n (one fused kernel: the hook's cost is a few kernels)."""
-    ones = (1,) * (a.dim() - 2)
-    return torch.addcmul(a, amount.view(-1, 1, *ones), cav.view(1, -1, *ones))
+def shift_matrix(cav: torch.Tensor, z: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b), (C, C) and (C,): ``pool(a) @ W + b`` is the shift ``(z - s(a)) v`` of every sample (for a unit CAV
+    ``v``: ``(z - pool(a) . v) v = z v - pool(a) v v^T``), the score and the outer product in ONE matrix product.
+
+    Made once per hook: the corrections run after a layer at every forward pass, where each further kernel
+    (a dot product, a subtraction, an outer product) costs more than its arithmetic."""
+    v = cav.reshape(-1)
+    return -torch.outer(v, v), z * v
+
+
+def shifted(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    pooling: str = "max",
+    cav: Optional[torch.Tensor] = None,
+    threshold: Optional[float | torch.Tensor] = None,
+) -> torch.Tensor:
+    """``a + (z - s(a)) v`` at every position of each sample, with the (W, b) of :func:`shift_matrix`; given the
+    ``cav`` and a ``threshold``, only for the samples with ``s(a) > threshold`` (the others are left as they are)."""
+    p = pooled(a, pooling)
+    shift = torch.addmm(bias, p, weight)
+    if threshold is not None:
+        shift = shift * (p @ cav > threshold).unsqueeze(1)
+    return a + shift.view(*shift.shape, *(1,) * (a.dim() - 2))
 
 
 def project(a: torch.Tensor, cav: torch.Tensor, z_clean: float, pooling: str = "max") -> torch.Tensor:
     """P-ClArC: ``a + (z_clean - s(a)) v``."""
-    return _shift(a, cav, z_clean - cav_scores(a, cav, pooling))
+    return shifted(a, *shift_matrix(cav, z_clean), pooling)
 
 
 def augment(a: torch.Tensor, cav: torch.Tensor, z_artefact: float, pooling: str = "max") -> torch.Tensor:
     """A-ClArC: ``a + (z_artefact - s(a)) v``."""
-    return _shift(a, cav, z_artefact - cav_scores(a, cav, pooling))
+    return shifted(a, *shift_matrix(cav, z_artefact), pooling)
 
 
 def reactive(
     a: torch.Tensor, cav: torch.Tensor, z_clean: float, threshold: float, pooling: str = "max"
 ) -> torch.Tensor:
     """R-ClArC: P-ClArC for the samples with ``s(a) - threshold > 0``, the activations unchanged for the rest."""
-    scores = cav_scores(a, cav, pooling)
-    present = (scores > threshold).to(a.dtype)
-    return _shift(a, cav, present * (z_clean - scores))
+    return shifted(a, *shift_matrix(cav, z_clean), pooling, cav, threshold)
 
 
 class ClarcHook:
@@ -87,7 +108,9 @@ class ClarcHook:
     with ``concept``'s CAV and statistics; ``remove()`` (or leaving its ``with`` block) takes it off.
 
     Build it with :func:`attach`, which checks that the concept belongs to the model; this class checks
-    only, on every forward, that the layer's width is the CAV's.
+    only, on every forward, that the layer's width is the CAV's. What every forward would otherwise redo --
+    the concept's statistics, the CAV in the activations' dtype and device, the matrix of
+    :func:`shift_matrix` -- is computed once (per dtype and device).
     """
 
     def __init__(self, module: nn.Module, concept: Concept, mode: str, threshold: Optional[float] = None):
@@ -95,23 +118,38 @@ class ClarcHook:
             raise ConfigError(f"ClArC mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.concept, self.mode = concept, mode
         self.threshold = concept.score_threshold if threshold is None else float(threshold)
-        self._cav: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self.target = concept.z_artefact if mode == "augment" else concept.z_clean
+        self.pooling = concept.pooling
+        self._consts: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
         self._handle = module.register_forward_hook(self._hook)
 
     def cav(self, like: torch.Tensor) -> torch.Tensor:
+        return self.constants(like)[0]
+
+    def constants(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(CAV, W, b, threshold) in ``like``'s dtype and device; the threshold None unless reactive."""
         key = (like.dtype, like.device)
-        if key not in self._cav:
-            self._cav[key] = self.concept.cav_tensor(like)
-        return self._cav[key]
+        consts = self._consts.get(key)
+        if consts is None:
+            weight, bias = shift_matrix(torch.as_tensor(self.concept.cav, device=like.device), self.target)
+            threshold = torch.tensor(self.threshold, dtype=like.dtype, device=like.device)
+            consts = (
+                self.concept.cav_tensor(like),
+                weight.to(like.dtype),
+                bias.to(like.dtype),
+                threshold if self.mode == "reactive" else None,
+            )
+            self._consts[key] = consts
+        return consts
+
+    def transform(self, a: torch.Tensor) -> torch.Tensor:
+        """The correction of the layer's activations ``a`` (what the hook returns, without the width check)."""
+        cav, weight, bias, threshold = self.constants(a)
+        return shifted(a, weight, bias, self.pooling, cav, threshold)
 
     def _hook(self, module: nn.Module, inputs, out):
         check_width(out, self.concept)
-        v, c = self.cav(out), self.concept
-        if self.mode == "project":
-            return project(out, v, c.z_clean, c.pooling)
-        if self.mode == "augment":
-            return augment(out, v, c.z_artefact, c.pooling)
-        return reactive(out, v, c.z_clean, self.threshold, c.pooling)
+        return self.transform(out)
 
     def remove(self) -> None:
         self._handle.remove()

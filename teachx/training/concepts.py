@@ -18,7 +18,8 @@ What a concept holds and why:
 - ``model_digest``: :func:`model_digest` of the model the CAV was computed on. A CAV means nothing for
   other weights, so every user of a concept checks it (:meth:`Concept.check_model`).
 - ``arrays`` / ``info``: whatever else Reveal keeps with the concept (per-sample scores, localisation
-  masks; JSON-able notes), carried along unread.
+  masks; JSON-able notes), carried along; ``rrr_revealed`` reads the masks (``masks`` with their training
+  indices ``localised``, as ``teachx revise`` writes them).
 
 On disk a concept is two files side by side: ``NAME.npz`` (the arrays) and ``NAME.json`` (the rest, the
 sha256 of the npz file, and a digest of its own). Reading verifies both, so a flipped byte in either is

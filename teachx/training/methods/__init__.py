@@ -1,7 +1,7 @@
 """Training methods behind one contract (``base.TrainingMethod``), chosen with ``method.name``.
 
 ``impactx`` (the default), ``baseline``, ``abn``, ``rrr``, ``saliency_guided``, ``reldrop``, and the
-concept corrections ``rrclarc`` and ``aclarc``: one file each, registered in ``METHODS``. ``teachx methods`` lists them with their options.
+concept corrections ``rrclarc``, ``aclarc`` and ``rrr_revealed``: one file each, registered in ``METHODS``. ``teachx methods`` lists them with their options.
 """
 
 from teachx.training.methods.base import (
@@ -26,6 +26,7 @@ from teachx.training.methods import impactx as _impactx  # noqa: F401,E402
 from teachx.training.methods import reldrop as _reldrop  # noqa: F401,E402
 from teachx.training.methods import rrclarc as _rrclarc  # noqa: F401,E402
 from teachx.training.methods import rrr as _rrr  # noqa: F401,E402
+from teachx.training.methods import rrr_revealed as _rrr_revealed  # noqa: F401,E402
 from teachx.training.methods import saliency_guided as _saliency_guided  # noqa: F401,E402
 
 __all__ = [

@@ -1,5 +1,5 @@
-"""What the concept-based corrections (``rrclarc``, ``aclarc``) share: a concept file, a starting model, and
-the frozen feature extractor of the reference recipe.
+"""What the concept-based corrections (``rrclarc``, ``aclarc``, ``rrr_revealed``) share: a concept file, a
+starting model, and the frozen feature extractor of the reference recipe.
 
 They fine-tune a model that already exists -- the one the concept was computed on -- rather than train
 one from scratch:

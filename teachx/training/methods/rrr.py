@@ -43,6 +43,22 @@ def irrelevant_mask(maps: torch.Tensor, keep: float) -> torch.Tensor:
     return (rel < thresh).float().view(maps.shape[0], 1, *maps.shape[2:])
 
 
+def input_gradient(x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, target: str = "all") -> torch.Tensor:
+    """``d/dx sum_n sum_k log p_k(x_n)`` (``target: all``, the paper's) or of the true class's log-probability
+    only (``label``), with ``create_graph`` so that a penalty on it trains through a second backward pass."""
+    logp = F.log_softmax(at_least_float(logits), dim=1)
+    score = logp.sum() if target == "all" else logp.gather(1, y[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, x, create_graph=True)
+    return grad
+
+
+def rrr_penalty(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """RRR's penalty ``mean_n sum_d (A_nd grad_nd)^2``: the squared input gradient on the masked pixels, summed
+    per image and averaged over the batch (an image with an empty mask adds 0). ``mask`` (B, 1, H, W)
+    broadcasts over the channels."""
+    return (mask * grad).pow(2).flatten(1).sum(1).mean()
+
+
 class RRRTask(MethodTask):
     """CE plus the masked input-gradient penalty; ``maps_for`` returns the mask A of each image."""
 
@@ -54,10 +70,7 @@ class RRRTask(MethodTask):
         return self.mask_of(indices)
 
     def input_gradient(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(at_least_float(logits), dim=1)
-        score = logp.sum() if self.target == "all" else logp.gather(1, y[:, None]).sum()
-        (grad,) = torch.autograd.grad(score, x, create_graph=True)
-        return grad
+        return input_gradient(x, logits, y, self.target)
 
     def loss(self, x, y, mask):
         x = x.detach().requires_grad_(True)
@@ -65,8 +78,7 @@ class RRRTask(MethodTask):
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         if self.lam == 0:
             return ce, logits, {"ce": ce.detach()}
-        grad = self.input_gradient(x, logits, y)
-        penalty = (mask * grad).pow(2).flatten(1).sum(1).mean()  # mask (B,1,H,W) broadcasts over channels
+        penalty = rrr_penalty(mask, self.input_gradient(x, logits, y))
         return ce + self.lam * penalty, logits, {"ce": ce.detach(), "rrr": penalty.detach()}
 
 
