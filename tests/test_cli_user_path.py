@@ -204,6 +204,8 @@ def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
                 "alpha",
                 "arm_regimes",
                 "launcher",
+                "ceiling",
+                "revise",
             }, name
             assert data["study"]["launcher"]["cluster"] == "auto", name  # where --launcher submitit runs workers
             assert set(data["study"]["eval"]) == {

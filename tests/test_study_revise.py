@@ -46,6 +46,7 @@ def _study(tmp_path: Path, study: str, base: str = BASE) -> Path:
         ),
         ("study: {arms: {}, revise: {methods: [rrclarc], colour: red}}", "unknown option 'study.revise.colour'"),
         ("study: {arms: {}, revise: {methods: [rrclarc], cav: linear}}", "study.revise.cav must be pattern"),
+        ("study: {arms: {ceiling: {}}, ceiling: {data.artefact.p: 0}}", "study arm name 'ceiling' is reserved"),
         ("study: {arms: {}, revise: {methods: [rrclarc], concepts: [guessed]}}", "unknown source 'guessed'"),
     ],
 )

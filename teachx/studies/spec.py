@@ -416,12 +416,14 @@ def _study_from_raw(
             "study.arms must be a mapping name -> overrides, e.g. {impactx: {}, lambda0: {impactx.lam: 0}}"
         )
     arms = {str(name): _flatten(ov, f"study.arms.{name}") for name, ov in arms_raw.items()}
-    for reserved in (BASELINE, CEILING):
+    ceiling = _flatten(section.get("ceiling"), "study.ceiling")
+    for reserved in (BASELINE, *([CEILING] if ceiling else [])):
         if reserved in arms:
             raise ConfigError(
-                f"study arm name '{reserved}' is reserved (every regime has its own {reserved} row); rename the arm"
+                f"study arm name '{reserved}' is reserved (every regime has its own {reserved} row"
+                + (", study.ceiling" if reserved == CEILING else "")
+                + "); rename the arm"
             )
-    ceiling = _flatten(section.get("ceiling"), "study.ceiling")
     # regimes
     regimes_raw = section.get("regimes")
     regimes: dict[str, dict[str, Any]] = {}
