@@ -124,7 +124,8 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
         "study:\n  n_seeds: 2\n"
         "  arms: {oracle: {method.name: rrr, data.artefact.oracle_masks: true}}\n  ceiling: {data.artefact.p: 0}\n"
         "  eval: {reveal: {teacher: gradient}}\n"
-        "  revise: {methods: [pclarc, rrclarc], options: {rrclarc: {train.epochs: 1}}, oracle: oracle,\n"
+        "  revise: {methods: [pclarc, rrclarc, rrr_revealed], options: {rrclarc: {train.epochs: 1},\n"
+        "           rrr_revealed: {train.epochs: 1}}, oracle: oracle, localise: 50,\n"
         "           concepts: [revealed, annotated]}\n",
     )
     spec = load_study(str(cfg))
@@ -136,8 +137,10 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
         "ceiling",
         "reveal+pclarc",
         "reveal+rrclarc",
+        "reveal+rrr_revealed",
         "annotated+pclarc",
         "annotated+rrclarc",
+        "annotated+rrr_revealed",
     ]
     units = res.data["units"]
     base = rows["baseline"]
@@ -200,6 +203,19 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
         assert conv and all(torch.equal(before[k], after[k]) for k in conv)  # features frozen (the R2R recipe)
         assert any(not torch.equal(before[k], after[k]) for k in before if k not in conv)
         assert rev["train"]["seconds"] > 0 and rev["after"]["sensitivity"] is not None
+    # RRR on the revealed masks: the concept carries the masks of the best-scoring images (at most study.revise.localise)
+    for s, key in enumerate(rows["reveal+rrr_revealed"]["units"]):
+        rev = units[key]["revision"]
+        if not rev["concept"].get("name"):
+            continue
+        concept = load_concept(tmp_path / "out" / rev["concept"]["file"])
+        masks, where = concept.arrays["masks"], concept.arrays["localised"]
+        assert masks.shape[1:] == tuple(ds.image_size) and 0 < len(where) <= 50 and masks.any()
+        scores_of = dict(zip(np.sort(np.asarray(plan.train_idx)).tolist(), range(len(plan.train_idx))))
+        assert len(set(where.tolist())) == len(where) and all(int(i) in scores_of for i in where)
+        before = load_stage_model(tmp_path / "out" / "units" / base["units"][s]).state_dict()
+        after = load_stage_model(tmp_path / "out" / "units" / key / "model").state_dict()
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("body"))  # freeze: none
     # the annotated reference: the pattern CAV of the true labels, computed here from the layer's output
     for s, key in enumerate(rows["annotated+pclarc"]["units"]):
         rev = units[key]["revision"]

@@ -41,7 +41,8 @@ from teachx.errors import CheckpointError, ConfigError, CorruptionError
 from teachx.evaluation.shortcut import artefact_share
 from teachx.registry import suggest
 from teachx.reveal.cav import fit_cav
-from teachx.reveal.features import check_layer, classifier_input, layer_shapes, pooled_activations
+from teachx.reveal.features import check_layer, classifier_input, find_module, layer_shapes, pooled_activations
+from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
 from teachx.runs.pipeline import train_method_stage
 from teachx.runs.plan import make_plan
 from teachx.runs.reveal import CONCEPTS, REVEAL_DIR, _check_run_dir, read_concept
@@ -261,6 +262,7 @@ def fit_correction_concept(
     cav_kind: str = "pattern",
     info: Optional[dict[str, Any]] = None,
     batch_size: int = 256,
+    localise: int = 0,
 ) -> Concept:
     """A correction concept for a group of class ``label``'s training images said to carry an artefact (a
     revealed group, or the annotated images of a reference): the CAV of the group against the class's other
@@ -269,7 +271,9 @@ def fit_correction_concept(
     images of any class whose CAV score reaches the midpoint of the group's and the rest's mean scores.
 
     The layer is the correction's, not the reveal's: a reveal may group images on several layers at once, and a
-    correction needs one direction at one layer."""
+    correction needs one direction at one layer. ``localise`` > 0: the best-scoring images carrying the artefact
+    (at most that many) are localised along the CAV (LRP from the layer, thresholded) and their masks go with the
+    concept (arrays ``masks`` and ``localised``, what ``rrr_revealed`` reads)."""
     ds = plan.dataset
     model = model.to(device).eval()
 
@@ -291,7 +295,13 @@ def fit_correction_concept(
     scores = cav.scores(pooled_activations(model, batch, train_idx, where, batch_size))
     extra = {**dict(info or {}), "class": int(label), "group": int(flags.sum()), "cav": cav_kind}
     extra["carrying"] = int((scores >= cav.threshold).sum())
-    return correction_concept(name, where, cav.direction, scores, cav.threshold, model, info=extra)
+    arrays: dict[str, np.ndarray] = {}
+    if localise > 0:
+        retrieved, _ = cav.retrieve(scores, train_idx, np.asarray(carrying), 0)
+        chosen = np.asarray(retrieved[:localise], dtype=np.int64)
+        heat = heatmaps_in_batches(model, batch, chosen, find_module(model, where), cav.direction, "lrp", batch_size)
+        arrays = {"masks": artefact_mask(heat), "localised": chosen}
+    return correction_concept(name, where, cav.direction, scores, cav.threshold, model, info=extra, arrays=arrays)
 
 
 @dataclass

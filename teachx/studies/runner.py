@@ -234,6 +234,7 @@ class _Runner:
                         revise.layer,
                         revise.cav,
                         info={"source": source, **({"reveal": reveal_key(settings)} if source == "revealed" else {})},
+                        localise=revise.masks(),
                     )
                 except ConfigError as exc:
                     why = str(exc)

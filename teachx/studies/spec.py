@@ -133,6 +133,8 @@ class ReviseSpec:
     # against the rest of its class (None: the features the classifier reads; pattern: RR-ClArC's recommendation)
     layer: Optional[str] = None
     cav: str = "pattern"
+    # images localised per concept when a method needs the artefact's masks (rrr_revealed): the best-scoring ones
+    localise: int = 2000
     # method -> its KEY: VALUE overrides (train.* and method.options.*, as `teachx revise KEY=VALUE`)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # an arm that needs the annotations (e.g. RRR with the true masks), or the ceiling row: the gap between the
@@ -152,6 +154,8 @@ class ReviseSpec:
                 )
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("study.revise.methods names a correction twice; name each once")
+        if isinstance(self.localise, bool) or not isinstance(self.localise, int) or self.localise < 1:
+            raise ConfigError(f"study.revise.localise must be a whole number >= 1, got {self.localise!r}")
         if self.cav not in ("pattern", "svm", "logistic"):
             raise ConfigError(f"study.revise.cav must be pattern, svm or logistic, got {self.cav!r}")
         sources = list(CONCEPT_SOURCES)
@@ -191,8 +195,14 @@ class ReviseSpec:
                 "reveal": reveal_key(settings) if source == "revealed" else None,
                 "layer": self.layer,
                 "cav": self.cav,
+                **({"masks": self.localise} if self.masks() else {}),
             }
         )[:12]
+
+    def masks(self) -> int:
+        """How many images each concept localises: ``localise`` when a method needs the masks, else none."""
+        needs = any(getattr(METHODS.get(m), "concept_needs_masks", False) for m in self.methods if m in METHODS)
+        return self.localise if needs else 0
 
     def source(self, row: str) -> str:
         """Where the concept of the row ``row`` comes from (``revealed`` or ``annotated``)."""

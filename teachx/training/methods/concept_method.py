@@ -74,6 +74,9 @@ class ConceptMethod(TrainingMethod):
     """Base of the methods that fine-tune along a concept (not registered itself)."""
 
     options: dict[str, Option] = CONCEPT_OPTIONS
+    #: whether the concept must carry localisation masks (arrays ``masks`` and ``localised``), which whoever makes
+    #: the concept (a study's ``study.revise``) then localises
+    concept_needs_masks: bool = False
 
     def __init__(self, cfg):
         super().__init__(cfg)

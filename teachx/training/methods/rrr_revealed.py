@@ -84,6 +84,7 @@ class RevealedRRRTask(RRRTask, ConceptTask):
 
 @METHODS.register("rrr_revealed", "rrr-revealed")
 class RRRRevealed(ConceptMethod):
+    concept_needs_masks = True
     name = "rrr_revealed"
     loss_text = "CE + λ·input-gradient penalty on the revealed masks"
     summary = (
