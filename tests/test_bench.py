@@ -161,3 +161,30 @@ def test_the_reveal_row_says_which_images_and_model_it_measured(tmp_path, monkey
     assert "| teachx reveal over 45,000 images (CIFAR-10 training split (cifar10-jpg.zip); lrp maps, spray, " in table
     assert "| lenet5 trained 1 epoch(s) on the images | 32 s" in table
     assert "| teachx reveal over 9,000 images (seeded random 32x32x3; lrp maps, spray, " in table
+
+
+def test_the_reveal_oracle_scores_a_planted_artefact_layer_and_not_a_noise_layer():
+    """bench_reveal_oracle.py: CAVs fitted on the true labels of one class retrieve the artefact's images among all
+    images where a layer carries it, at chance where none does, and on all layers side by side."""
+    pytest.importorskip("sklearn")
+    import numpy as np
+
+    oracle = _load("bench_reveal_oracle").oracle
+    rng = np.random.default_rng(0)
+    n = 600
+    in_class = np.arange(n) < 200
+    poisoned = in_class & (np.arange(n) % 2 == 0)
+    carries = rng.normal(0, 1, (n, 5))
+    carries[poisoned, 2] += 3.0
+    noise = rng.normal(0, 1, (n, 7))
+    feats = {pool: {"a": carries, "b": noise} for pool in ("max", "mean")}
+    got = oracle(feats, poisoned, in_class)
+    assert set(got) == {
+        f"{k}/{p}/{layer}"
+        for k in ("pattern", "logistic")
+        for p in ("max", "mean")
+        for layer in ("a", "b", "all layers")
+    }
+    for kind in ("pattern", "logistic"):
+        assert got[f"{kind}/max/a"] > 0.95 and got[f"{kind}/max/all layers"] > 0.95
+        assert 0.35 < got[f"{kind}/max/b"] < 0.65
