@@ -5,8 +5,9 @@ when --runs has none), its clean / attacked test accuracy (how much it relies on
 poisoned class is the artefact, its F1, the detection AUROC of the per-sample scores, the CAV's retrieval
 AUROC / AP over all training images and the mask IoU. The ground truth is read only to score.
 
-Variants: ``default`` (RevealSettings(): spray_latent in two groups on the standardised max-pooled activations of
-every nonlinearity, groups ranked by specificity, logistic CAV there, LRP epsilon_plus localisation),
+Variants: ``default`` (RevealSettings(): spray_latent in six groups on the standardised max-pooled activations of
+every nonlinearity, ranked by specificity, the top group merged with the next ones as specific, logistic CAV
+there, LRP epsilon_plus localisation),
 ``refine2`` (the same with the CAV refitted twice on what it retrieves), ``neck_relevances`` (the default until
 the reveal algorithms' version 3: spray_latent on the LRP relevances of the features the classifier reads, the
 eigengap's number of groups ranked by silhouette, the pattern CAV on the raw activations there) and

@@ -109,7 +109,8 @@ def summary() -> str:
     for rev in filter(None, (load("reveal.json"), load("reveal_45000.json"))):
         sec = rev["seconds"]
         rows.append(
-            f"| teachx reveal over {rev['n']:,} images ({rev['teacher']} maps, {rev['method']}, {_threads(rev['threads'])}) | lenet5 | "
+            f"| teachx reveal over {rev['n']:,} images ({rev.get('images', 'seeded random 32x32x3')}; {rev['teacher']} maps, "
+            f"{rev['method']}, {_threads(rev['threads'])}) | {rev.get('model', 'lenet5')} | "
             f"{rev['total_s']:.0f} s (maps {sec['maps_s']:.0f}, activations {sec['activations_s']:.0f}, per-class reveal {sec['reveal_s']:.0f}, "
             f"figures {sec['figures_s']:.0f}); projected for 45,000: {rev['projected_cifar10_45000_s']:.0f} s | <= 300 s for 45,000 | "
             f"{'yes' if rev['meets_target'] else 'no'} |"

@@ -133,3 +133,58 @@ def test_summary_rows_for_memory_and_step_breakdown(tmp_path, monkeypatch):
         "(impactx.decoder=unet_input width 64 per class, pearson loss, reading M, batch 64, 2 threads) | lenet5 | 2.00x; 3.00x "
         "(decoder multiply-adds 0.50x the model's) | <= 2.5x; <= 2.5x | no |"
     ) in run_all.summary()
+
+
+def test_the_reveal_row_says_which_images_and_model_it_measured(tmp_path, monkeypatch):
+    """bench_reveal.py runs on CIFAR-10's real images with a briefly trained LeNet-5 when the data is there, else on
+    random images and an untrained one: the summary row names which (a record from before says nothing: random)."""
+    run_all = _load("run_all")
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    base = {
+        "teacher": "lrp",
+        "method": "spray",
+        "threads": 1,
+        "n": 45000,
+        "total_s": 32.0,
+        "seconds": {"maps_s": 11, "activations_s": 5, "reveal_s": 8, "figures_s": 7},
+        "projected_cifar10_45000_s": 30.0,
+        "meets_target": True,
+    }
+    real = {
+        **base,
+        "images": "CIFAR-10 training split (cifar10-jpg.zip)",
+        "model": "lenet5 trained 1 epoch(s) on the images",
+    }
+    (tmp_path / "reveal_45000.json").write_text(json.dumps(real))
+    (tmp_path / "reveal.json").write_text(json.dumps({**base, "n": 9000}))
+    table = run_all.summary()
+    assert "| teachx reveal over 45,000 images (CIFAR-10 training split (cifar10-jpg.zip); lrp maps, spray, " in table
+    assert "| lenet5 trained 1 epoch(s) on the images | 32 s" in table
+    assert "| teachx reveal over 9,000 images (seeded random 32x32x3; lrp maps, spray, " in table
+
+
+def test_the_reveal_oracle_scores_a_planted_artefact_layer_and_not_a_noise_layer():
+    """bench_reveal_oracle.py: CAVs fitted on the true labels of one class retrieve the artefact's images among all
+    images where a layer carries it, at chance where none does, and on all layers side by side."""
+    pytest.importorskip("sklearn")
+    import numpy as np
+
+    oracle = _load("bench_reveal_oracle").oracle
+    rng = np.random.default_rng(0)
+    n = 600
+    in_class = np.arange(n) < 200
+    poisoned = in_class & (np.arange(n) % 2 == 0)
+    carries = rng.normal(0, 1, (n, 5))
+    carries[poisoned, 2] += 3.0
+    noise = rng.normal(0, 1, (n, 7))
+    feats = {pool: {"a": carries, "b": noise} for pool in ("max", "mean")}
+    got = oracle(feats, poisoned, in_class)
+    assert set(got) == {
+        f"{k}/{p}/{layer}"
+        for k in ("pattern", "logistic")
+        for p in ("max", "mean")
+        for layer in ("a", "b", "all layers")
+    }
+    for kind in ("pattern", "logistic"):
+        assert got[f"{kind}/max/a"] > 0.95 and got[f"{kind}/max/all layers"] > 0.95
+        assert 0.35 < got[f"{kind}/max/b"] < 0.65

@@ -364,3 +364,45 @@ def test_specificity_puts_the_artefact_half_above_the_clean_half():
     # within a group, the method's order is kept
     rows = np.flatnonzero(artefact)
     assert np.argsort(ranked.scores[rows]).tolist() == np.argsort(result.scores[rows]).tolist()
+
+
+def test_the_top_group_takes_in_the_other_pieces_of_its_artefact():
+    """A clustering in four groups splits an artefact (dimension 0, absent from the other classes) in two pieces
+    (they differ in dimension 2, as timestamps in two corners) and the clean images in two: with ``merge``, the
+    most specific piece takes in the other artefact piece, whose union is as specific, but no clean group, which
+    would make it less so."""
+    from teachx.reveal.base import CandidateGroup, RevealResult
+    from teachx.reveal.specificity import rank_by_specificity
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (400, 6))
+    piece = np.repeat([0, 1, 2, 3], 100)  # 0, 1: the artefact's pieces; 2, 3: clean
+    x[piece <= 1, 0] += 4.0
+    x[piece == 0, 2] += 3.0
+    x[piece == 1, 2] -= 3.0
+    x[piece == 2, 3] += 3.0
+    x[piece == 3, 3] -= 3.0
+    others = rng.normal(0, 1, (800, 6))
+    others[:, 3] += rng.choice([-3.0, 3.0], 800)  # the other classes look like the clean groups
+    indices = np.arange(400) + 50
+    groups = tuple(
+        CandidateGroup(g, tuple(indices[piece == g]), tuple(indices[piece == g][:4]), 0.1 * (4 - g))
+        for g in (3, 2, 1, 0)
+    )
+    result = RevealResult(
+        method="spray_latent",
+        indices=indices,
+        scores=rng.uniform(size=400),
+        labels=piece.copy(),
+        embedding=np.zeros((400, 2)),
+        groups=groups,
+    )
+    alone = rank_by_specificity(result, x, others)
+    assert alone.groups[0].group in (0, 1) and alone.groups[0].size == 100
+    merged = rank_by_specificity(result, x, others, merge=0.02)
+    top = merged.groups[0]
+    assert sorted(top.members) == sorted(indices[piece <= 1].tolist()) and top.parts["merged"] == 1.0
+    assert [g.group for g in merged.groups[1:]] and all(g.group in (2, 3) for g in merged.groups[1:])
+    assert set(merged.labels[piece <= 1]) == {top.group}
+    assert merged.scores[piece <= 1].min() > merged.scores[piece >= 2].max()
+    assert merged.options["merge"] == 0.02

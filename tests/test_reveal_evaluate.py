@@ -192,6 +192,24 @@ def test_a_bad_reveal_setting_is_one_line_before_anything_is_written(tmp_path, c
     assert not (tmp_path / "s").exists()
 
 
+def test_the_study_reveal_asks_for_six_groups_only_from_methods_that_take_them():
+    """Six groups by default (the SpRAy methods take n_groups); a method without that option (outliers) gets its
+    own defaults instead of failing after the baselines are trained; explicit options are kept, and bad ones
+    fail when the settings are made."""
+    from teachx.errors import ConfigError
+    from teachx.runs.reveal_benchmark import RevealSettings
+
+    assert RevealSettings().method_options() == {"n_groups": 6}
+    assert RevealSettings(method="spray").method_options() == {"n_groups": 6}
+    assert RevealSettings(method="outliers").method_options() == {}
+    assert RevealSettings(options={}).method_options() == {}
+    assert RevealSettings(options={"n_groups": 3}).method_options() == {"n_groups": 3}
+    with pytest.raises(ConfigError, match="bad options for reveal method 'outliers'"):
+        RevealSettings(method="outliers", options={"n_groups": 2})
+    with pytest.raises(ConfigError, match="unknown reveal method 'spary'"):
+        RevealSettings(method="spary")
+
+
 @pytest.mark.slow
 def test_a_baselines_only_study_reveals_every_baseline(tmp_path, monkeypatch):
     """`study.arms: {}` trains the regimes' baselines only; with study.eval.reveal each baseline's unannotated
