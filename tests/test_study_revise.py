@@ -285,3 +285,4 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
     text = Path(md).read_text()
     assert "Corrections and other arms against the baseline on the attacked test split" in text
     assert "reveal+rrclarc" in text
+    assert "splits.png" in text and (Path(md).parent / "report_files" / "splits.png").stat().st_size > 1000

@@ -119,6 +119,42 @@ def accuracy_figure(
     return _png(fig, dpi=110)
 
 
+def splits_figure(rows: list[StudyRow], regimes: Sequence[str]) -> bytes:
+    """One panel per regime of an artefact benchmark: each row's mean accuracy on clean test images (x) against
+    attacked ones (y), with the seeds' standard deviations; the baseline and the ceiling are marked. A correction
+    that works moves up (attacked) without moving left (clean)."""
+    plt = _plt()
+    regimes = [g for g in regimes if any(r.regime == g and r.test_splits for r in rows)]
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.6 * len(regimes) + 2.6, 4.0), squeeze=False)
+    names = list(dict.fromkeys(r.arm for r in rows if r.test_splits))
+    markers = {"baseline": "s", "ceiling": "*"}
+    for ax, reg in zip(axes[0], regimes):
+        for r in (r for r in rows if r.regime == reg and r.test_splits):
+            clean, attacked = r.test_splits.get("clean"), r.test_splits.get("attacked")
+            if not clean or not attacked:
+                continue
+            ax.errorbar(
+                clean["mean"],
+                attacked["mean"],
+                xerr=clean.get("std") or 0,
+                yerr=attacked.get("std") or 0,
+                fmt=markers.get(r.arm, "o"),
+                markersize=9 if r.arm in markers else 6,
+                color=f"C{names.index(r.arm) % 10}",
+                label=r.arm,
+                capsize=2,
+                lw=0.8,
+            )
+        ax.set_title(f"regime {reg}", fontsize=9)
+        ax.set_xlabel("accuracy on clean test images")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy on attacked test images\n(the artefact in every image)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / (4.6 * len(regimes) + 2.6), 1))
+    return _png(fig, dpi=110)
+
+
 def faithfulness_figure(curves: dict[str, dict[str, dict[str, Any]]], title: str = "") -> bytes:
     """MoRF (left, lower is better) and LeRF (right, higher is better) curves: one line per map set."""
     plt = _plt()

@@ -15,6 +15,7 @@ from teachx.reporting.plots import (
     curves_figure,
     examples_figure,
     faithfulness_figure,
+    splits_figure,
 )
 from teachx.studies.records import StudyRecord, StudyRow
 from teachx.studies.statistics import REVEAL_MEASURES
@@ -107,7 +108,7 @@ def study_report(d: Path) -> Page:
     doc.measures(["test_accuracy"])
     doc.figure(
         "accuracy.png",
-        accuracy_figure(rows, list(study["regimes"]), ["baseline", *study["arms"]], study.get("control")),
+        accuracy_figure(rows, list(study["regimes"]), list(dict.fromkeys(r.arm for r in rows)), study.get("control")),
         "test accuracy per seed (dots), mean and 95% t-interval (black); dashed: the λ=0 control's mean, dotted: the baseline's",
     )
     teach = [r for r in rows if r.teacher_test_acc]
@@ -185,6 +186,12 @@ def study_report(d: Path) -> Page:
         doc.table(
             ["regime", "arm", "method", *names],
             [[r.regime, r.arm, r.method or "", *[mean_std(r.test_splits.get(n)) for n in names]] for r in sp],
+        )
+        doc.figure(
+            "splits.png",
+            splits_figure(rows, list(study["regimes"])),
+            "mean accuracy over seeds on clean test images (x) and attacked ones (y), ± one standard deviation; "
+            "square: the baseline, star: the ceiling",
         )
         doc.p(
             "clean: test images without the artefact; attacked: the artefact in every test image, of every class; ch: "
