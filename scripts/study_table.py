@@ -62,6 +62,12 @@ def main(path: str) -> None:
     splits_table(rows)
 
 
+def _header(head: list[str]) -> None:
+    """A Markdown table's header after a blank line."""
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+
+
 def splits_table(rows: list[StudyRow]) -> None:
     """On artefact benchmarks: per regime, each row's accuracy on the clean and attacked test splits, its paired
     differences from the baseline (Holm over the rows of each split), the share of the baseline-to-oracle gap it
@@ -80,8 +86,7 @@ def splits_table(rows: list[StudyRow]) -> None:
         "gradient share ÷ area",
         "seeds with a concept",
     ]
-    print("\n| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    _header(head)
     for r in rows:
         c = r.splits_vs_baseline or {}
 
@@ -126,8 +131,7 @@ def maps_table(rows: list[StudyRow]) -> None:
         "built-in ÷ post hoc",
         "insertion: built-in / post hoc",
     ]
-    print("\n| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    _header(head)
     for r in rows:
         morf = [m(r, f"pixel_flipping_morf.{k}") for k in ("built_in", "teacher_post_hoc", "mean_map", "random")]
         ratio = morf[0] / morf[1] if morf[0] is not None and morf[1] else None
