@@ -144,6 +144,15 @@ def invoke_study(*args: Any, env: Optional[Mapping[str, Optional[str]]] = None):
     return CliRunner().invoke(group, ["study", *map(str, args)], env=env)
 
 
+@pytest.fixture(scope="session")
+def study_dir(tmp_path_factory) -> dict:
+    """The tiny study of tests/test_study.py, run once per session (about 30 s): test_study.py and test_report.py
+    read its outputs."""
+    from test_study import tiny_study
+
+    return tiny_study(tmp_path_factory.mktemp("study"))
+
+
 @pytest.fixture
 def isolated_dirs(tmp_path, monkeypatch) -> None:
     """TEACHX_DATA and TEACHX_CACHE under tmp_path: nothing read from or written to the user's data and cache.
