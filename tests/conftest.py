@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -61,23 +62,60 @@ SHARED_BUILDS = {
 
 def pytest_configure(config: pytest.Config) -> None:
     if not XDIST_WORKER and getattr(config.option, "numprocesses", None):  # the xdist controller, before its workers
-        os.environ["TEACHX_TEST_TURNS"] = tempfile.mkdtemp(prefix="teachx-test-turns-")
+        # the run's folder for the workers' groups and the lock that lets a test run alone
+        os.environ["TEACHX_TEST_XDIST"] = tempfile.mkdtemp(prefix="teachx-test-xdist-")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if not XDIST_WORKER and "TEACHX_TEST_TURNS" in os.environ:
-        shutil.rmtree(os.environ.pop("TEACHX_TEST_TURNS"), ignore_errors=True)
+    if not XDIST_WORKER and "TEACHX_TEST_XDIST" in os.environ:
+        shutil.rmtree(os.environ.pop("TEACHX_TEST_XDIST"), ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Each test that uses a module- or session-scoped fixture of tests/ joins that fixture's group, so that under
-    ``--dist loadgroup`` one worker builds it once (as a one-process run does) instead of every worker again."""
+    ``--dist loadgroup`` one worker builds it once (as a one-process run does) instead of every worker again.
+
+    A worker also writes the groups to the run's folder for the scheduler (``pytest_xdist_make_scheduler``): xdist
+    passes a group to its scheduler as a suffix of the test's node id, which pytest 9 no longer lets it change."""
+    groups: dict[str, str] = {}
     for item in items:
         group = next((g for prefix, g in SHARED_BUILDS.items() if item.nodeid.startswith(prefix)), None)
-        group = group or _shared_fixture(item)
+        marked = item.get_closest_marker("xdist_group")
+        group = group or (str(marked.args[0]) if marked and marked.args else None) or _shared_fixture(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+            groups[item.nodeid] = group
+    folder = os.environ.get("TEACHX_TEST_XDIST")
+    if XDIST_WORKER and folder and os.path.isdir(folder):
+        tmp = os.path.join(folder, f"groups-{XDIST_WORKER}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(groups, f)
+        os.replace(tmp, os.path.join(folder, f"groups-{XDIST_WORKER}.json"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Under ``--dist loadgroup``: xdist's scheduling by group, with the groups the workers wrote (above)."""
+    folder = os.environ.get("TEACHX_TEST_XDIST")
+    if config.getvalue("dist") != "loadgroup" or not folder:
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FixtureGroups(LoadGroupScheduling):
+        groups: Optional[dict[str, str]] = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)  # the group xdist put into the node id, where it could
+            if scope != nodeid:
+                return scope
+            if self.groups is None:  # read once every worker has collected, when scheduling starts
+                self.groups = {}
+                for path in sorted(Path(folder).glob("groups-*.json")):
+                    self.groups.update(json.loads(path.read_text()))
+            return self.groups.get(nodeid, nodeid)
+
+    return FixtureGroups(config, log)
 
 
 def _shared_fixture(item: pytest.Item) -> Optional[str]:
@@ -106,7 +144,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: Optional[pytest.Item]):
 def _turn(alone: bool) -> Iterator[None]:
     """Under pytest-xdist, a shared lock on the run's lock file for each test and an exclusive one for a test marked
     ``alone``; a gate taken first keeps a stream of shared holders from starving the exclusive one."""
-    folder = os.environ.get("TEACHX_TEST_TURNS")
+    folder = os.environ.get("TEACHX_TEST_XDIST")
     if not XDIST_WORKER or not folder or not os.path.isdir(folder):
         yield
         return
