@@ -11,8 +11,6 @@ import pytest
 from teachx.errors import RunDirError
 from teachx.reporting.report import write_report
 
-from tests.test_study import study_dir  # noqa: F401  (module-scoped fixture: the tiny study)
-
 
 def _images(html: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
@@ -25,7 +23,7 @@ def _assert_self_contained(html: str) -> None:
 
 
 @pytest.mark.slow
-def test_study_report(study_dir):  # noqa: F811
+def test_study_report(study_dir):  # the tiny study of tests/test_study.py (conftest.py)
     out = study_dir["root"] / "out"
     html_path, md_path = write_report(out, study_dir["root"] / "rep" / "r.html")
     html = html_path.read_text()

@@ -67,11 +67,10 @@ study:
 )
 
 
-@pytest.fixture(scope="module")
-def study_dir(tmp_path_factory):
-    """Run the study once (module scope: the other tests read its outputs)."""
+def tiny_study(root: Path) -> dict:
+    """Run the study in ``root``, twice (the second resumes); conftest's session-scoped ``study_dir`` fixture
+    calls it once for this module and tests/test_report.py, which read its outputs."""
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("study")
     z = make_zip(root / "tiny.zip")
     cfg = root / "study.yaml"
     cfg.write_text(STUDY.format(zip=z))

@@ -93,6 +93,7 @@ print(json.dumps([idle, busy, n_idle, n_busy]))
     reason="needs Linux /proc/stat and 2 CPUs",
 )
 @pytest.mark.slow
+@pytest.mark.alone  # the idle measurement needs the other tests' workers idle
 def test_default_takes_one_thread_fewer_next_to_a_busy_process():
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TEACHX_THREADS")}
     out = subprocess.run([sys.executable, "-c", BUSY_CHILD], env=clean, capture_output=True, text=True, check=True)
