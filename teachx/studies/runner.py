@@ -48,7 +48,6 @@ from teachx.runs.revise import (
 )
 from teachx.studies.spec import (
     BASELINE,
-    CEILING,
     EvalSpec,
     StudySpec,
     _source_name,
@@ -588,7 +587,7 @@ def _run_job(
     before = r.trained
     t0 = time.perf_counter()
     own_base, brec = r.classifier(cfg, cfg.model.backbone, dict(cfg.model.options))
-    if arm is None or arm == CEILING:  # the regime's baseline, or its reference baseline (study.ceiling)
+    if arm is None or spec.is_ceiling(arm):  # the regime's baseline, or its reference baseline (study.ceiling)
         cells.setdefault((regime, arm or BASELINE), {})[seed] = own_base
         how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
         return f"regime={regime} arm={arm or BASELINE} seed={seed} test_acc={number(brec['test_acc'])} ({how})"

@@ -226,6 +226,11 @@ class StudySpec:
     # overrides applied on top of each regime's: a baseline per regime and seed trained with them (``ceiling`` row)
     ceiling: dict[str, Any] = field(default_factory=dict)
 
+    def is_ceiling(self, arm: Optional[str]) -> bool:
+        """Whether ``arm`` names the ceiling row (only with ``study.ceiling``, whose name no arm may then take: a
+        study without it may have an arm called "ceiling" of its own)."""
+        return arm == CEILING and bool(self.ceiling)
+
     @property
     def extra_rows(self) -> list[str]:
         """The rows after the arms: the ceiling (with ``study.ceiling``), then the corrections."""
@@ -252,7 +257,7 @@ class StudySpec:
             set_dotted(data, key, value)
         for key, value in self.regimes[regime].items():
             set_dotted(data, key, value)
-        for key, value in (self.ceiling if arm == CEILING else {}).items():  # on top of the regime's
+        for key, value in (self.ceiling if self.is_ceiling(arm) else {}).items():  # on top of the regime's
             set_dotted(data, key, value)
         data["seed"] = int(seed)
         where = f"study arm '{arm}', regime '{regime}'" if arm else f"study regime '{regime}'"

@@ -12,7 +12,7 @@ from teachx.evaluation.stats import holm, paired_compare, summarize, verdict
 from teachx.runs.plan import teacher_training
 from teachx.runs.records import ArtefactShares
 from teachx.studies.records import StudyRecord, StudyRow, UnitRecord
-from teachx.studies.spec import BASELINE, CEILING, STUDY_VERSION, StudySpec
+from teachx.studies.spec import BASELINE, STUDY_VERSION, StudySpec
 from teachx.utils.numbers import interval, number, p_value, signed
 from teachx.training.methods import METHODS, build_method, recorded_method
 
@@ -46,20 +46,20 @@ def summarize_study(
                 continue
             cfg = spec.config(regime, arm if arm != BASELINE else None, seeds[0])
             # the arm's method (the baseline and ceiling rows have none)
-            trained = build_method(cfg) if arm not in (BASELINE, CEILING) else None
+            trained = build_method(cfg) if arm != BASELINE and not spec.is_ceiling(arm) else None
             row = StudyRow(
                 regime=regime,
                 arm=arm,
                 kind=trained.unit_kind if trained else "classifier",
                 method=trained.name if trained else BASELINE,
-                overrides=spec.ceiling if arm == CEILING else spec.arms.get(arm, {}),
+                overrides=spec.ceiling if spec.is_ceiling(arm) else spec.arms.get(arm, {}),
                 regime_overrides=spec.regimes[regime],
                 seeds=seeds,
                 units=[keys[s] for s in seeds],
                 test_acc=accs,
                 summary=summarize(accs).to_dict(),
             )
-            if arm == CEILING:  # a reference baseline trained on other data: compared by seed with the regime's
+            if spec.is_ceiling(arm):  # a reference baseline trained on other data: compared by seed with the regime's
                 base = [units[cells[(regime, BASELINE)][s]].test_acc for s in seeds]
                 row.vs_baseline = {**paired_compare(accs, base).to_dict(), "baseline": BASELINE}
             if trained is not None:
