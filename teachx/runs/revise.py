@@ -283,16 +283,17 @@ def fit_correction_concept(
     train_idx = np.sort(np.asarray(plan.train_idx))
     shapes = layer_shapes(model, batch(train_idx[:1]))
     where = check_layer(layer, shapes) if layer else classifier_input(shapes)
-    labels = np.asarray(ds.train.labels)
-    members = train_idx[labels[train_idx] == label]
+    in_class = np.asarray(ds.train.labels)[train_idx] == label
+    members = train_idx[in_class]
     flags = np.isin(members, np.asarray(carrying))
     if flags.sum() < 2 or (~flags).sum() < 2:
         raise ConfigError(
             f"concept '{name}': {int(flags.sum())} of class {label}'s {len(members)} training images are said to carry "
             "the artefact; a correction concept needs at least two with it and two without"
         )
-    cav = fit_cav(pooled_activations(model, batch, members, where, batch_size), flags, cav_kind, where)
-    scores = cav.scores(pooled_activations(model, batch, train_idx, where, batch_size))
+    acts = pooled_activations(model, batch, train_idx, where, batch_size)  # the class's rows are among them
+    cav = fit_cav(acts[in_class], flags, cav_kind, where)
+    scores = cav.scores(acts)
     extra = {**dict(info or {}), "class": int(label), "group": int(flags.sum()), "cav": cav_kind}
     extra["carrying"] = int((scores >= cav.threshold).sum())
     arrays: dict[str, np.ndarray] = {}
@@ -318,7 +319,7 @@ def apply_correction(
     tuned: Optional[RunConfig],
     cfg: RunConfig,
     plan: DataPlan,
-    stage_dir: Path,
+    model: torch.nn.Module,
     concept: Concept,
     model_dir: Path,
     log: Callable[[str], None],
@@ -326,11 +327,11 @@ def apply_correction(
     device: torch.device,
     before: Optional[Measures] = None,
 ) -> Correction:
-    """Correct the classifier of ``stage_dir`` for ``concept`` (saved where ``tuned``'s method options name it)
-    with ``method``: post hoc (a hook, nothing trained) or by fine-tuning with ``tuned`` into ``model_dir``
-    (resumable like any stage); measure before (unless given) and after along the concept's CAV. What `teachx
-    revise` and a study's ``study.revise`` both run."""
-    model = load_stage_model(stage_dir).to(device)
+    """Correct the trained classifier ``model`` for ``concept`` (saved where ``tuned``'s method options name it)
+    with ``method``: post hoc (a hook, taken off again) or by fine-tuning a copy with ``tuned`` into
+    ``model_dir`` (resumable like any stage); measure before (unless given) and after along the concept's CAV.
+    What `teachx revise` and a study's ``study.revise`` both run."""
+    model = model.to(device)
     if before is None:
         before = measure(model, plan, concept.layer, concept.cav, device, seed=cfg.seed)
     if method in POST_HOC:
@@ -339,9 +340,7 @@ def apply_correction(
         return Correction(before, after)
     assert tuned is not None and METHODS.get(method) is not None
     tuned.train.progress = progress
-    record, fixed = train_method_stage(
-        tuned, plan, None, None, model_dir, log, None, baseline=lambda: load_stage_model(stage_dir)
-    )
+    record, fixed = train_method_stage(tuned, plan, None, None, model_dir, log, None, baseline=lambda: model)
     train = {k: record.get(k) for k in ("best_epoch", "val_acc", "test_acc", "seconds", "seconds_per_epoch")}
     after = measure(fixed, plan, concept.layer, concept.cav, device, seed=cfg.seed)
     return Correction(before, after, train)
@@ -405,7 +404,7 @@ def revise_run(
     )
     out.mkdir(parents=True, exist_ok=True)
     concept_file = save_concept(corr, out / "concept.json", overwrite=True)
-    fixed = apply_correction(method, tuned, cfg, plan, stage_dir, corr, out / "model", log, progress, device)
+    fixed = apply_correction(method, tuned, cfg, plan, model, corr, out / "model", log, progress, device)
     yield _line("before", fixed.before)
     yield _line("after", fixed.after)
     before, after, train = fixed.before, fixed.after, fixed.train

@@ -20,6 +20,7 @@ from teachx.errors import DataError, TeachxError
 from teachx.models import BUILT_IN_MAP_MODELS
 from teachx.runs.records import ArtefactShares, shortcut_shares
 from teachx.runs.recovery import STAGES, stage_checkpoint, stage_done
+from teachx.runs.revise import read_revision
 from teachx.runs.rundir import saved_run_config
 from teachx.studies.status import epochs_timed
 from teachx.studies.records import StudyRecord, UnitFile
@@ -207,8 +208,6 @@ def _unit_shortcut(unit_dir: Path) -> Optional[ArtefactShares]:
 
 def _revision_shortcut(unit_dir: Path) -> Optional[ArtefactShares]:
     """A correction unit's gradient share on the artefact after the correction (its ``revision.json``)."""
-    from teachx.runs.revise import read_revision
-
     try:
         share = read_revision(unit_dir / "revision.json").after.artefact_share
     except (TeachxError, OSError, TypeError):

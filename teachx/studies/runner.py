@@ -262,7 +262,7 @@ class _Runner:
             self.unit_dir(key, tuned or cfg, "revision")
             with file_lock(d / ".lock", wait=False):
                 if not path.exists():
-                    self._revise(cfg, base_key, method, items, tuned, concept_file, before, why, d)
+                    self._revise(cfg, base_key, method, tuned, concept_file, before, why, d)
         rec = read_revision(path)
         self.units[key] = UnitRecord(
             kind="revision",
@@ -274,13 +274,7 @@ class _Runner:
             seconds_per_epoch=(rec.train or {}).get("seconds_per_epoch"),
             shortcut=ArtefactShares.measured(rec.after.artefact_share).to_dict() if rec.after.artefact_share else None,
             test_splits=rec.after.test_splits,
-            revision={
-                "concept": rec.concept,
-                "before": asdict(rec.before),
-                "after": asdict(rec.after),
-                "train": rec.train,
-                "notes": rec.notes,
-            },
+            revision={k: v for k, v in rec.to_dict().items() if k not in ("method", "options")},
         )
         return key, self.units[key]
 
@@ -289,7 +283,6 @@ class _Runner:
         cfg: RunConfig,
         base_key: str,
         method: str,
-        items: list[str],
         tuned: Optional[RunConfig],
         concept_file: Optional[Path],
         before: Optional[Measures],
@@ -297,16 +290,16 @@ class _Runner:
         d: Path,
     ) -> None:
         plan, device = self.plan(cfg), choose_device(cfg.device)
-        base_dir = self.out / "units" / base_key
+        baseline = self._load_classifier(cfg, base_key)
         if concept_file is None:  # nothing to correct along: the baseline as it is, measured as one
-            unchanged = measure(self._load_classifier(cfg, base_key), plan, None, None, device, seed=cfg.seed)
+            unchanged = measure(baseline, plan, None, None, device, seed=cfg.seed)
             rec = Revision(method, {"class": None}, {}, unchanged, unchanged, None, [f"no concept: {why}"])
         else:
             concept = load_concept(concept_file)
             if tuned is not None and stage_done(d / "model") is None:
                 self.trained += 1
             fixed = apply_correction(
-                method, tuned, cfg, plan, base_dir, concept, d / "model", self.stage_log, self.progress, device, before
+                method, tuned, cfg, plan, baseline, concept, d / "model", self.stage_log, self.progress, device, before
             )
             rec = Revision(
                 method,

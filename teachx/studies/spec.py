@@ -731,8 +731,8 @@ def planned_units(spec: StudySpec) -> list[PlannedUnit]:
                         ckey = classifier_key(ccfg, ccfg.model.backbone, dict(ccfg.model.options))
                         units.setdefault(ckey, PlannedUnit(ckey, "classifier", regime, CEILING, seed, ccfg))
                     for row, m in spec.revise_rows.items():  # the corrections of this baseline (study.revise)
-                        items = spec.revise.items(m) if spec.revise else []
                         assert spec.revise is not None
+                        items = spec.revise.items(m)
                         ckey = spec.revise.concept_key(spec.revise.source(row), spec.eval.reveal or RevealSettings())
                         rkey = revision_key(base, ckey, m, items)
                         rcfg = cfg if m in POST_HOC else recipe_config(cfg, m, Path("concept.json"), items)[0]

@@ -94,29 +94,7 @@ def summarize_study(
                 faith = [u.faithfulness for u in mine]
                 if all(faith):
                     row.faithfulness = _faith_summary(faith)
-            # each unit's shares as read today: a unit measured before the ratio was recorded gets it from its shares
-            shortcut = [ArtefactShares.from_dict(u.shortcut).to_dict() if u.shortcut else None for u in mine]
-            if all(shortcut):  # the measures every seed has (units made by older teachx may lack the built-in map's)
-                common = [
-                    m
-                    for m in shortcut[0]
-                    if m != "images" and all(isinstance(b.get(m), (int, float)) for b in shortcut)
-                ]
-                row.shortcut = {m: summarize([b[m] for b in shortcut]).to_dict() for m in common}
-            splits = [u.test_splits for u in mine]
-            if all(splits):  # an artefact benchmark: accuracy on its clean, attacked and ch test splits
-                row.test_splits = {
-                    name: summarize([s[name]["acc"] for s in splits]).to_dict()
-                    for name in splits[0]
-                    if all(name in s for s in splits)
-                }
-            revealed = [(u.reveal or {}).get("headline") for u in mine]
-            if all(revealed):  # the baselines' unannotated reveal, scored against the ground truth
-                row.reveal = {}
-                for m in revealed[0]:
-                    values = [h.get(m) for h in revealed]
-                    if all(isinstance(v, (int, float)) for v in values):
-                        row.reveal[m] = summarize(values).to_dict()
+            _unit_measures(row, mine)
             rows.append(row)
     _split_comparisons(spec, rows, units)
     # Holm over each family (all vs-baseline tests; all vs-control tests; per test split, all vs-baseline tests)
@@ -178,6 +156,25 @@ def _summaries(blocks: list[Optional[dict[str, Any]]], skip: tuple[str, ...] = (
     return {k: summarize([float(b[k]) for b in blocks]).to_dict() for k in keys}  # type: ignore[index]
 
 
+def _unit_measures(row: StudyRow, mine: list[UnitRecord]) -> None:
+    """The row's summaries over seeds of what every seed's unit measured: the attribution shares on an artefact,
+    the accuracy per test split of an artefact benchmark, the baselines' unannotated reveal."""
+    # each unit's shares as read today: a unit measured before the ratio was recorded gets it from its shares;
+    # only the measures every seed has (units made by older teachx may lack the built-in map's)
+    row.shortcut = _summaries(
+        [ArtefactShares.from_dict(u.shortcut).to_dict() if u.shortcut else None for u in mine], skip=("images",)
+    )
+    splits = [u.test_splits for u in mine]
+    if all(splits):  # an artefact benchmark: accuracy on its clean, attacked and ch test splits
+        row.test_splits = {
+            name: summarize([s[name]["acc"] for s in splits]).to_dict()  # type: ignore[index]
+            for name in splits[0]  # type: ignore[union-attr]
+            if all(name in s for s in splits)  # type: ignore[operator]
+        }
+    # the baselines' unannotated reveal, scored against the ground truth
+    row.reveal = _summaries([(u.reveal or {}).get("headline") for u in mine])
+
+
 def _revision_row(
     spec: StudySpec, regime: str, arm: str, keys: dict[int, str], mine: list[UnitRecord], units: dict[str, UnitRecord]
 ) -> StudyRow:
@@ -198,15 +195,7 @@ def _revision_row(
     )
     row.vs_baseline = paired_compare(accs, [units[u.baseline_unit].test_acc for u in mine]).to_dict()
     row.vs_baseline["baseline"] = BASELINE
-    shortcut = [ArtefactShares.from_dict(u.shortcut).to_dict() if u.shortcut else None for u in mine]
-    row.shortcut = _summaries(shortcut, skip=("images",))
-    splits = [u.test_splits for u in mine]
-    if all(splits):
-        row.test_splits = {
-            name: summarize([s[name]["acc"] for s in splits]).to_dict()  # type: ignore[index]
-            for name in splits[0]  # type: ignore[union-attr]
-            if all(name in s for s in splits)  # type: ignore[operator]
-        }
+    _unit_measures(row, mine)
     revisions = [u.revision or {} for u in mine]
     corrected = [r for r in revisions if (r.get("concept") or {}).get("name")]
     row.revision = {
