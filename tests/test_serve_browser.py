@@ -156,6 +156,11 @@ def canvas_colours(drv, canvas_id: str) -> tuple[int, int, int]:
     )
 
 
+def maps_of(drv) -> str:
+    """'model/index' of the image whose maps the detail view has finished drawing ('' while it draws)."""
+    return drv.find_element(By.ID, "maps").get_attribute("data-state") or ""
+
+
 def thumbs(drv) -> list:
     return drv.find_elements(By.CSS_SELECTOR, "#grid .thumb")
 
@@ -302,6 +307,7 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     first = thumbs(drv)[0]
     index = int(first.get_attribute("data-index"))
     first.click()
+    wait(drv, lambda d: maps_of(d) == f"run.impactx/{index}", "the opened image's maps")
     for name in ("built_in", "teacher", "difference"):
         wait(drv, lambda d, n=name: canvas_colours(d, f"map-{n}")[2] > 0, f"the {name} map")
         w, h, coloured = canvas_colours(drv, f"map-{name}")
@@ -330,7 +336,11 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     )
     # another method on demand
     Select(drv.find_element(By.ID, "method")).select_by_value("saliency")
-    wait(drv, lambda d: canvas_colours(d, "map-saliency")[2] > 0, "the saliency map")
+    wait(
+        drv,
+        lambda d: maps_of(d) == f"run.impactx/{index}" and canvas_colours(d, "map-saliency")[2] > 0,
+        "the saliency map",
+    )
     # compare with another model on the same image: the run's baseline classifier (its teacher map and saliency)
     Select(drv.find_element(By.ID, "compare")).select_by_value("run.baseline")
     cmp_state = lambda d: d.find_element(By.ID, "compare-box").get_attribute("data-state")  # noqa: E731
@@ -352,7 +362,11 @@ def test_the_page_end_to_end(server, browser, tmp_path):
         lambda d: d.find_element(By.ID, "detail").get_attribute("data-index") == str(second),
         "the next image (arrow key)",
     )
-    wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0, "the next image's map")
+    wait(
+        drv,
+        lambda d: maps_of(d) == f"run.impactx/{second}" and canvas_colours(d, "map-built_in")[2] > 0,
+        "the next image's map",
+    )
     # the URL reopens the same view
     link = drv.current_url
     assert (
@@ -370,7 +384,11 @@ def test_the_page_end_to_end(server, browser, tmp_path):
     wait(drv, lambda d: cmp_state(d) == f"run.baseline/{second}", "the bookmarked compare row")
     Select(drv.find_element(By.ID, "compare")).select_by_value("")
     wait(drv, lambda d: not d.find_element(By.ID, "compare-box").is_displayed(), "no compare row")
-    wait(drv, lambda d: canvas_colours(d, "map-built_in")[2] > 0, "the bookmarked image's map")
+    wait(
+        drv,
+        lambda d: maps_of(d) == f"run.impactx/{second}" and canvas_colours(d, "map-built_in")[2] > 0,
+        "the bookmarked image's map",
+    )
     drv.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
     wait(drv, lambda d: not d.find_element(By.ID, "detail").is_displayed(), "Esc to close the detail view")
 
@@ -382,8 +400,13 @@ def test_the_page_end_to_end(server, browser, tmp_path):
         lambda d: grid(d)[0] == base and "classifier" in d.find_element(By.ID, "model-info").text,
         "the study baseline",
     )
+    base_index = thumbs(drv)[0].get_attribute("data-index")
     thumbs(drv)[0].click()
-    wait(drv, lambda d: canvas_colours(d, "map-teacher")[2] > 0, "the baseline's teacher map")
+    wait(
+        drv,
+        lambda d: maps_of(d) == f"{base}/{base_index}" and canvas_colours(d, "map-teacher")[2] > 0,
+        "the baseline's teacher map",
+    )
     wait(
         drv,
         lambda d: d.find_element(By.ID, "detail").get_attribute("data-metrics").startswith(base + "/"),

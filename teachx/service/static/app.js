@@ -299,8 +299,13 @@ async function openImage(index) {
   if (!state.model) return;
   showError("");
   const mid = encodeURIComponent(state.model.id);
+  // a later click supersedes this one: only the newest request may draw (a slow answer never overwrites a newer one)
+  const seq = (state.openSeq = (state.openSeq || 0) + 1);
+  const stale = () => seq !== state.openSeq;
+  $("maps").dataset.state = "";
   try {
     const d = await api(`/models/${mid}/images/${index}`);
+    if (stale()) return;
     state.index = index;
     for (const el of document.querySelectorAll(".thumb.selected")) el.classList.remove("selected");
     const t = document.querySelector(`.thumb[data-index="${index}"]`);
@@ -310,7 +315,9 @@ async function openImage(index) {
     $("detail-title").textContent = `#${index}: true ${d.label_name}, predicted ${d.predicted_name} (${(100 * d.probabilities[d.predicted].p).toFixed(1)}%)` + (d.correct ? "" : " ✗");
     renderProbs(d);
     $("provenance").textContent = JSON.stringify(d.provenance, null, 2);
-    state.input = await loadImage(`${API}/models/${mid}/images/${index}/input.png`);
+    const input = await loadImage(`${API}/models/${mid}/images/${index}/input.png`);
+    if (stale()) return;
+    state.input = input;
     state.maps = {};
     const names = d.maps.slice();
     const extra = $("method").value;
@@ -321,13 +328,16 @@ async function openImage(index) {
     box.append(inputFig.fig);
     draw(inputFig.canvas, state.input, null);
     const cls = classQuery();
+    const maps = {};
     await Promise.all(names.map(async (name) => {
       try {
-        state.maps[name] = await api(`/models/${mid}/images/${index}/maps/${encodeURIComponent(name)}${cls}`);
+        maps[name] = await api(`/models/${mid}/images/${index}/maps/${encodeURIComponent(name)}${cls}`);
       } catch (err) {
-        state.maps[name] = { error: err.message };
+        maps[name] = { error: err.message };
       }
     }));
+    if (stale()) return;
+    state.maps = maps;
     const explained = Object.values(state.maps).find((m) => !m.error);
     showExplained(explained ? explained.provenance : d.provenance);
     for (const name of names) {
@@ -337,10 +347,11 @@ async function openImage(index) {
       box.append(f.fig);
       draw(f.canvas, state.input, m);
     }
+    box.dataset.state = `${state.model.id}/${index}`;
     writeHash();
     await Promise.all([renderMetrics(index), renderCompare(index)]);
   } catch (err) {
-    showError(err.message);
+    if (!stale()) showError(err.message);
   }
 }
 
