@@ -644,3 +644,36 @@ def test_shipped_built_in_map_studies_keep_their_unit_keys(name, n, digest):
     spec = load_study(str(Path(__file__).resolve().parent.parent / "studies" / name))
     keys = sorted(u.key for u in planned_units(spec))
     assert len(keys) == n and hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16] == digest
+
+
+@pytest.mark.slow
+def test_abn_arm_is_evaluated_like_impactx(tmp_path, monkeypatch):
+    """A study's ABN arm gets the built-in-map evaluation IMPACTX arms get: its attention map's faithfulness on
+    the ABN model itself next to the best unsmoothed post-hoc map of the same model, per unit and summarised."""
+    from teachx.runs.stages import load_stage_model
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    z = make_zip(tmp_path / "tiny.zip")
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(
+        RUN.format(zip=z)
+        + "study:\n  n_seeds: 1\n  arms:\n    abn: {method.name: abn}\n"
+        + "  eval: {faithfulness: true, n_images: 12, steps: 4, examples: 2}\n"
+    )
+    result = run_study(load_study(str(cfg)), tmp_path / "out", lambda s: None)
+    rows = {r["arm"]: r for r in result.data["rows"]}
+    (key,) = rows["abn"]["units"]
+    block = result.data["units"][key]["map_quality"]["faithfulness"]
+    best = block["best_post_hoc"]
+    # the best reference is the lowest-MoRF of the unsmoothed post-hoc maps scored on the same images
+    morfs = {
+        k[len("post_hoc_") :]: v for k, v in block["auc"]["pixel_flipping_morf"].items() if k.startswith("post_hoc_")
+    }
+    assert best["method"] == min(morfs, key=morfs.get)
+    assert best["morf_ratio"] == pytest.approx(block["auc"]["pixel_flipping_morf"]["built_in"] / morfs[best["method"]])
+    mq = rows["abn"]["map_quality"]
+    assert mq["best_post_hoc.morf_ratio"]["mean"] == pytest.approx(best["morf_ratio"])
+    # the map scored is the ABN model's own attention map
+    model = load_stage_model(tmp_path / "out" / "units" / key)
+    assert hasattr(model, "forward_all") and model.explain(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)

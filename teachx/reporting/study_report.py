@@ -328,7 +328,7 @@ def study_report(d: Path) -> Page:
         doc.measures(["corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine"])
         bf = [r for r in mq if "pixel_flipping_morf.built_in" in r.map_quality]
         if bf:
-            doc.h("Built-in maps explain the IMPACTX model itself? (predicted class; mean ± std over seeds)")
+            doc.h("Do the built-in maps explain the model that makes them? (predicted class; mean ± std over seeds)")
             sets = ("built_in", "teacher_post_hoc", "mean_map", "random")
             doc.table(
                 ["regime", "arm", "corr. with post-hoc (self)", "mean map's"]
@@ -352,7 +352,7 @@ def study_report(d: Path) -> Page:
                 ],
             )
             doc.p(
-                "All map sets explain the IMPACTX model's predicted class; teacher_post_hoc is the teacher method applied to the IMPACTX model, "
+                "All map sets explain the predicted class of the model with the built-in map (IMPACTX, or ABN's attention map); teacher_post_hoc is the teacher method applied to that model, "
                 "best post-hoc the most faithful (lowest MoRF) of gradient × input, LRP-epsilon and Integrated Gradients applied to it, unsmoothed "
                 "(empty for runs made before it was measured), "
                 "mean_map the mean training teacher map for every image, random the floor (map_quality.faithfulness in each unit).",

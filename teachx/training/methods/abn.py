@@ -64,6 +64,9 @@ class ABN(TrainingMethod):
     }
     checkpoint_kind = "abn"
     builtin_map = True
+    # its attention map is judged like IMPACTX's built-in maps: faithfulness on the model itself against the
+    # best unsmoothed post-hoc map, self-agreement, and the teacher comparison (which it is not trained towards)
+    study_evaluation = True
 
     @classmethod
     def model_label(cls, config: dict) -> str:
