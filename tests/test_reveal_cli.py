@@ -163,6 +163,17 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
     # resumable: the same command skips every class
     code, out, _ = teachx_main(capsys, "reveal", run_copy, *FORMER, "-q")
     assert code == 0 and out.count("done, skipped") == 3
+    # the defaults of this version on a folder the former ones wrote: refused with the options that resume it
+    code, _, err = teachx_main(capsys, "reveal", run_copy, "--method", "spray", "--class", "1", "-q")
+    assert_one_line_error(
+        code,
+        err,
+        "reveal/spray' holds a reveal made with other settings (features layer, now stack; rank method, now "
+        "specificity)",
+        "pass --features layer --rank method --layer body --teacher lrp to add to it",
+        "--replace",
+    )
+    assert '"features"' not in (run_copy / "reveal" / "spray" / "class_1.json").read_text()
     # the concept of the top group: a CAV that retrieves the artefact images among all training images
     code, out, err = teachx_main(
         capsys, "reveal", run_copy, *FORMER, "--class", "0", "--concept", "top", "--name", "tag", "-q"
@@ -269,10 +280,25 @@ def test_default_groups_on_every_layer_ranks_by_specificity_and_fits_the_concept
     )
     assert code == 0 and "done, skipped" in out, err
     assert read_concept(run_copy / "reveal" / "concepts" / "t4.json").cav.shape == (16,)
+    # `teachx report` shows it as saved: the score named a specificity, the concept at its one layer
+    code, _, err = teachx_main(capsys, "report", run_copy)
+    assert code == 0, err
+    md = (run_copy / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| spray_latent | 0 (a) |"))
+    assert "every nonlinearity (body.1, body.4, neck.2, neck.4) | specificity |" in row, row
+    assert f"group {top.group}: {top.size} images" in row and row.endswith(f"| {top.score:.3f} |"), row
+    assert "Specificity: how well the direction" in md and "Suspicion score" not in md
+    assert "| t | 0 (a) | group" in md and "| neck | pattern |" in md and "| body.4 | pattern |" in md
     # the method's own ranking on the same folder: refused in one line, nothing changed, until --replace
     before = {p: p.read_bytes() for p in (run_copy / "reveal" / "spray_latent").iterdir()}
     code, _, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--rank", "method", "-q")
-    assert_one_line_error(code, err, "other settings", "rank specificity (now method)", "--replace")
+    assert_one_line_error(
+        code,
+        err,
+        "other settings (rank specificity, now method)",
+        "pass --features stack --rank specificity to",
+        "--replace",
+    )
     assert {p: p.read_bytes() for p in (run_copy / "reveal" / "spray_latent").iterdir()} == before
     code, out, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--rank", "method", "--replace", "-q")
     assert code == 0 and "most suspicious first" in out, err
@@ -283,6 +309,9 @@ def test_default_groups_on_every_layer_ranks_by_specificity_and_fits_the_concept
     ]
     rec = read_class(run_copy, "spray_latent", 0)
     assert rec.settings["rank"] == "method" and "specificity" not in rec.result.groups[0].parts
+    code, _, err = teachx_main(capsys, "report", run_copy)
+    assert code == 0 and "| specificity |" not in (md := (run_copy / "report.md").read_text()), err
+    assert "| suspicion score |" in md and "Suspicion score: the reveal method's own ranking score" in md
     # on these three classes, apart in every unit, each specificity is 0 or 1 and the merge took in clean groups;
     # the method's own ranking on the same stack isolates the artefact (what the reveal guide says)
     top = np.asarray(rec.result.groups[0].members)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from teachx.config.loader import from_dict
 from teachx.config.schema import RunConfig
 from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, ConfigError, CorruptionError, DataError, RunDirError
-from teachx.reveal import REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
+from teachx.reveal import ALGORITHM_VERSION, REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
 from teachx.reveal import build as build_method
 from teachx.reveal.cav import CAV_KINDS, auroc, fit_cav
 from teachx.reveal.evaluate import concept_against_truth, detection
@@ -352,7 +351,13 @@ def reveal_run(
         "split": "train",
     }
     if {"features": features, "rank": rank} != _FORMER:  # the former settings keep their key: such records resume
-        settings.update(features=features, layers=layers, rank=rank, merge=MERGE if rank == "specificity" else None)
+        settings.update(
+            features=features,
+            layers=layers,
+            rank=rank,
+            merge=MERGE if rank == "specificity" else None,
+            algorithm=ALGORITHM_VERSION,  # a later change to the algorithm keys the records anew
+        )
     key = hash_json(settings)
     out = run_dir / REVEAL_DIR / reveal.name
     stale = _other_settings(out, key, settings, replace)
@@ -482,7 +487,7 @@ def saved_settings(run_dir: str | Path, method: str) -> Optional[dict[str, Any]]
 
 def _other_settings(out: Path, key: str, settings: dict[str, Any], replace: bool) -> list[Path]:
     """The files of the class records in ``out`` made with other settings than ``key`` (with their arrays and
-    figures), to remove with ``replace``; without it, a one-line error naming the first difference and the fix."""
+    figures), to remove with ``replace``; without it, a one-line error naming the differences and both fixes."""
     stale: list[Path] = []
     for path in sorted(out.glob("class_*.json")):
         rec = read_trusted_json(path, f"remove '{out}' and run the same `teachx reveal` again", "reveal record")
@@ -490,11 +495,19 @@ def _other_settings(out: Path, key: str, settings: dict[str, Any], replace: bool
             continue
         if not replace:
             old = {**_FORMER, **dict(rec.get("settings") or {})}
-            diff = [k for k in settings if k not in ("layers", "model_digest") and old.get(k) != settings[k]]
-            what = ", ".join(f"{k} {_shown(old.get(k))} (now {_shown(settings[k])})" for k in diff[:3])
+            shown = {"options": lambda v: "other", "model_digest": lambda v: str(v)[:8]}
+            diff = [k for k in _ORDER if old.get(k) != settings.get(k)]
+            # what follows from another choice: the stack has no one layer, the ranking sets the number of groups
+            diff = [k for k in diff if (k, "features") not in _FOLLOWS or "features" not in diff]
+            diff = [k for k in diff if (k, "rank") not in _FOLLOWS or "rank" not in diff]
+            what = "; ".join(
+                f"{k.replace('_', ' ')} {shown.get(k, str)(old.get(k))}, now {shown.get(k, str)(settings.get(k))}"
+                for k in diff[:2]
+            )
+            same = "" if {"model", "model_digest"} & set(diff) else f"pass {_options_of(old)} to add to it, or "
             raise ConfigError(
-                f"'{out}' holds a reveal made with other settings ({what or 'another model'}); pass the same "
-                "options to resume it, or add --replace to reveal anew with these"
+                f"'{out}' holds a reveal made with other settings ({what}); {same}add --replace to reveal anew "
+                "with these"
             )
         stale += [path, path.with_suffix(".npz"), path.with_suffix(".png")]
     if stale:
@@ -502,8 +515,23 @@ def _other_settings(out: Path, key: str, settings: dict[str, Any], replace: bool
     return stale
 
 
-def _shown(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, dict) else str(value)
+#: (setting, the choice it follows from): a mismatch names the choice only
+_FOLLOWS = {("layer", "features"), ("options", "rank")}
+#: the settings a mismatch names, the ones a user chooses first
+_ORDER = ("features", "rank", "layer", "latent", "teacher", "options", "algorithm", "model", "model_digest")
+
+
+def _options_of(settings: dict[str, Any]) -> str:
+    """The `teachx reveal` options that reveal with a record's ``settings`` again."""
+    s = same_settings(settings)
+    opts = f"--features {s['features']} --rank {s['rank']}"
+    if s["layer"]:
+        opts += f" --layer {s['layer']}"
+    if s["latent"] != "activations":
+        opts += f" --latent {s['latent']}"
+    if s["teacher"]:
+        opts += f" --teacher {s['teacher']}"
+    return opts
 
 
 def _check_marked(indices, cls: int, train_idx: np.ndarray, labels: np.ndarray, class_names) -> None:
