@@ -300,6 +300,12 @@ def test_default_groups_on_every_layer_ranks_by_specificity_and_fits_the_concept
         "--replace",
     )
     assert {p: p.read_bytes() for p in (run_copy / "reveal" / "spray_latent").iterdir()} == before
+    # --replace with a concept the new reveal does not have: one line, and the saved reveal still there
+    code, _, err = teachx_main(
+        capsys, "reveal", run_copy, "--class", "0", "--rank", "method", "--replace", "--concept", "9", "-q"
+    )
+    assert_one_line_error(code, err, "class 0 has no group 9")
+    assert {p: p.read_bytes() for p in (run_copy / "reveal" / "spray_latent").iterdir()} == before
     code, out, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--rank", "method", "--replace", "-q")
     assert code == 0 and "most suspicious first" in out, err
     assert sorted(p.name for p in (run_copy / "reveal" / "spray_latent").iterdir()) == [

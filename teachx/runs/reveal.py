@@ -390,8 +390,11 @@ def reveal_run(
     if total and (stacked or rank == "specificity"):
         every = stacked_activations(model, batch, train_idx, layers, batch_size)
     scale = LayerStack.fit if stacked else LayerStack.raw
-    for path in stale:  # --replace: the records made with other settings go, right before the new ones are made
-        path.unlink(missing_ok=True)
+
+    def clear_stale() -> None:  # --replace: the records made with other settings go, right before a new one is written
+        while stale:
+            stale.pop().unlink(missing_ok=True)
+
     # an artefact benchmark: how well each class's reveal found the artefact (read after the method ran, never by it)
     truth = ground_truth(ds) if has_ground_truth(ds) else None
     found: dict[str, Any] = {}
@@ -430,6 +433,7 @@ def reveal_run(
                 rec = ClassRecord(c, ds.class_names[c], key, settings, result, acts)
                 if choice is not None:
                     _concept_rows(choice, rec)  # a missing group fails here, before this class is written
+                clear_stale()
                 _class_figure(out / f"class_{c}.png", rec, ds, maps)
                 _write_class(out / f"class_{c}.json", rec)  # last: the record marks the class as done
             yield _summary_line(rec)
@@ -437,6 +441,7 @@ def reveal_run(
             if scored is not None:
                 found[str(c)] = scored.to_dict()
                 yield scored.line()
+    clear_stale()  # every class asked for was done already: the others made with other settings still go
     if found:
         _merge_evaluation(out / GROUND_TRUTH, key, found)
     if choice is None:
