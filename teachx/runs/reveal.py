@@ -5,10 +5,12 @@ Layout in the run directory (every file written atomically; JSON records carry t
 of their arrays, both verified on read):
 
 - ``reveal/<method>/class_<c>.json``: the typed record of class ``c`` (settings, eigengap, the candidate
-  groups ranked most suspicious first) -- written last, so it marks the class as done;
+  groups in ranking order: by specificity, or most suspicious first) -- written last, so it marks the class as
+  done;
 - ``reveal/<method>/class_<c>.npz``: per sample its dataset index, score, group, 2-D embedding and the
-  layer's pooled activations; ``class_<c>.png``: the embedding coloured by group and each top group's
-  prototypes with their maps;
+  features it was ranked on (the layer's pooled activations, or the class-standardised stack of every
+  nonlinearity's); ``class_<c>.png``: the embedding coloured by group and each top group's prototypes with
+  their maps;
 - ``reveal/concepts/<name>.json`` / ``.npz``: a named concept (its CAV, layer, model digest, members, the
   CAV score of every training image, and heatmaps and masks of the images that carry it), which a later
   `teachx revise` reads.
@@ -16,7 +18,8 @@ of their arrays, both verified on read):
 A class whose record is there, intact and made with the same settings (method, options, features, ranking,
 layer, teacher, model) is skipped, so an interrupted reveal resumes. A method's folder holds one reveal: records
 made with other settings (an older default, another model) are refused in one line before anything runs, and
-``replace=True`` (``--replace``) removes them first, so that results of two settings are never mixed.
+``replace=True`` (``--replace``) removes them when the first new record is written, so that results of two
+settings are never mixed.
 
 Why one module of over 500 lines: the class records, the concept record and the figure are written and read
 back in one place, so that their layout and digests are defined once for the CLI, the viewer and `teachx revise`.
