@@ -5,7 +5,7 @@ opens one test image (the first misclassified one unless --index is given), wait
 pixel-flipping curve and agreement are drawn, and saves a PNG.
 
 With --reveal CLASS it shows the reveal view instead: the class's embedding and groups (the run needs
-`teachx reveal RUN --class CLASS` first), the images of its most suspicious group with their maps, and with
+`teachx reveal RUN --class CLASS` first), the images of its top-ranked group with their maps, and with
 --concept NAME that group marked as the artefact concept NAME (fitted and saved in the run unless it is
 there already) with its retrieval list and heatmaps.
 

@@ -44,7 +44,9 @@ def build(root: Path) -> dict[str, Path]:
         cfg = resolve_config(None, [f"data.name=imagefolder:{out['zip']}", *OVERRIDES])
         run_dir = prepare_run_dir(out["run"], cfg, "run")
         run_pipeline(cfg, run_dir, log=lambda _m: None, progress=False)
-        for _ in reveal_run(run_dir, classes=[0], progress=False, log=lambda _m: None):
+        # the former default (SpRAy on the LRP maps, its own ranking): the view of a reveal with one layer
+        former = {"method": "spray", "features": "layer", "rank": "method"}
+        for _ in reveal_run(run_dir, classes=[0], progress=False, log=lambda _m: None, **former):
             pass
     finally:
         torch.set_num_threads(threads)

@@ -16,6 +16,9 @@ pytest.importorskip("sklearn")
 from _reveal_fixtures import artefact_in, make_artefact_zip  # noqa: E402
 from conftest import teachx_main  # noqa: E402
 
+#: the options of the former default: SpRAy on the LRP maps, ranked by its own suspicion score
+FORMER = ("--method", "spray", "--features", "layer", "--rank", "method")
+
 TRAIN = [
     "model.backbone=lenet5",
     "train.epochs=4",
@@ -92,7 +95,10 @@ def test_bad_input_is_one_line_and_writes_nothing(run_copy, trained, capsys, tmp
         ((run_copy, "--class", "0", "--concept", f"{a0[0]},"), ("at least 2 samples",)),
         ((run_copy, "--class", "0", "--concept", f"{a0[0]},{a0[0]}"), ("at least 2 samples",)),
         ((run_copy, "--class", "0", "--concept", ",".join(map(str, a0 + a1))), ("mixes classes", "class 1")),
-        ((run_copy, "--class", "0", "--concept", "7"), ("class 0 has no group 7", "its groups are 0, 1")),
+        ((run_copy, "--class", "0", "--concept", "7"), ("class 0 has no group 7", "its groups are")),
+        ((run_copy, *FORMER, "--class", "0", "--concept", "7"), ("class 0 has no group 7", "its groups are 0, 1")),
+        ((run_copy, "--method", "outliers", "--rank", "specificity"), ("--rank specificity", "--rank method")),
+        ((run_copy, "--features", "stacks"), ("'stacks' is not one of 'stack', 'layer'",)),
         ((run_copy, "--class", "0", "--concept", "abc"), ("--concept abc", "e.g. --concept 4,17,23")),
         ((run_copy, "--concept", "top"), ("exactly one --class",)),
         ((run_copy, "--method", "sprey"), ("unknown reveal method 'sprey'", "did you mean 'spray'")),
@@ -114,7 +120,7 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
     from teachx.reveal.cav import auroc
     from teachx.runs.reveal import read_class, read_concept
 
-    code, out, err = teachx_main(capsys, "reveal", run_copy, "-q")
+    code, out, err = teachx_main(capsys, "reveal", run_copy, *FORMER, "-q")
     assert code == 0, err
     assert out.count("class ") >= 3 and "most suspicious first" in out
     idx, labels, images = _labels(run_copy)
@@ -127,22 +133,51 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
     assert hits >= 0.9 * len(planted) and hits >= 0.8 * len(top), (rec.result.groups, planted)
     for c in range(3):  # the typed record on disk, with its digest, arrays and figure
         rec_json = json.loads((run_copy / "reveal" / "spray" / f"class_{c}.json").read_text())
+        assert "features" not in rec_json["settings"]  # the former settings: records made before them resume
         assert rec_json["digest"].startswith("sha256:") and rec_json["ranking"][0] == rec_json["groups"][0]["group"]
         assert (run_copy / "reveal" / "spray" / f"class_{c}.png").stat().st_size > 5000
-    # the latent methods: on the layer's activations, and on its relevances for the class
+    # the latent methods as before (one layer, the method's own ranking): on the layer's activations, and on its
+    # relevances for the class
     for latent in ("activations", "relevances"):
         code, _, err = teachx_main(
-            capsys, "reveal", run_copy, "--class", "0", "--method", "spray_latent", "--latent", latent, "-q"
+            capsys,
+            "reveal",
+            run_copy,
+            "--class",
+            "0",
+            "--method",
+            "spray_latent",
+            "--latent",
+            latent,
+            "--features",
+            "layer",
+            "--rank",
+            "method",
+            "--replace",
+            "-q",
         )
         assert code == 0, err
         lat = read_class(run_copy, "spray_latent", 0)
         assert lat.settings["latent"] == latent
         assert np.isin(np.asarray(lat.result.groups[0].members), planted).sum() >= 0.8 * len(planted)
     # resumable: the same command skips every class
-    code, out, _ = teachx_main(capsys, "reveal", run_copy, "-q")
+    code, out, _ = teachx_main(capsys, "reveal", run_copy, *FORMER, "-q")
     assert code == 0 and out.count("done, skipped") == 3
+    # the defaults of this version on a folder the former ones wrote: refused with the options that resume it
+    code, _, err = teachx_main(capsys, "reveal", run_copy, "--method", "spray", "--class", "1", "-q")
+    assert_one_line_error(
+        code,
+        err,
+        "reveal/spray' holds a reveal made with other settings (features layer, now stack; rank method, now "
+        "specificity)",
+        "pass --features layer --rank method --layer body --teacher lrp to add to it",
+        "--replace",
+    )
+    assert '"features"' not in (run_copy / "reveal" / "spray" / "class_1.json").read_text()
     # the concept of the top group: a CAV that retrieves the artefact images among all training images
-    code, out, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--concept", "top", "--name", "tag", "-q")
+    code, out, err = teachx_main(
+        capsys, "reveal", run_copy, *FORMER, "--class", "0", "--concept", "top", "--name", "tag", "-q"
+    )
     assert code == 0, err
     assert "concept 'tag'" in out
     concept = read_concept(run_copy / "reveal" / "concepts" / "tag.json")
@@ -170,14 +205,16 @@ def test_reveal_ranks_the_planted_artefact_first_and_retrieves_it(run_copy, caps
         read_concept(run_copy / "reveal" / "concepts" / "tag.json")
     npz_c.write_bytes(good)
     # the same name again replaces the concept, and says so
-    code, out, _ = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--concept", "top", "--name", "tag", "-q")
+    code, out, _ = teachx_main(
+        capsys, "reveal", run_copy, *FORMER, "--class", "0", "--concept", "top", "--name", "tag", "-q"
+    )
     assert code == 0 and "notice: replacing the concept 'tag'" in out and "done, skipped" in out
     # a damaged arrays file is refused in one line
     npz = run_copy / "reveal" / "spray" / "class_0.npz"
     data = bytearray(npz.read_bytes())
     data[len(data) // 2] ^= 0xFF
     npz.write_bytes(bytes(data))
-    code, _, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "-q")
+    code, _, err = teachx_main(capsys, "reveal", run_copy, *FORMER, "--class", "0", "-q")
     assert_one_line_error(code, err, "class_0.npz", "run the same `teachx reveal` again")
     # reveal/ is teachx's own: --overwrite (remove_owned) clears it with the rest, a user's file in it is kept
     from teachx.runs.rundir import remove_owned
@@ -199,8 +236,90 @@ def test_builtin_maps_of_an_impactx_run(trained, tmp_path, capsys, monkeypatch):
         main(["run", "--out", str(out), "-q", *overrides])
     except SystemExit as exc:
         assert exc.code == 0
-    code, text, err = teachx_main(capsys, "reveal", out, "--teacher", "builtin", "--class", "1", "-q")
+    code, text, err = teachx_main(
+        capsys, "reveal", out, "--method", "spray", "--teacher", "builtin", "--class", "1", "-q"
+    )
     assert code == 0, err
     rec = json.loads((out / "reveal" / "spray" / "class_1.json").read_text())
     assert rec["settings"]["teacher"] == "builtin" and rec["settings"]["model"].startswith("impactx/")
     assert "class 1 (b)" in text
+
+
+@pytest.mark.slow
+def test_default_groups_on_every_layer_ranks_by_specificity_and_fits_the_concept_at_one(run_copy, capsys):
+    """The default reveal is a study's: spray_latent on every nonlinearity's pooled activations, the groups ranked
+    by specificity; its concept is one layer's direction (the classifier's input features, or --layer), which
+    `teachx revise` can correct along. A reveal made with other settings is never mixed with it."""
+    from teachx.reveal.cav import auroc
+    from teachx.runs.reveal import read_class, read_concept
+
+    code, out, err = teachx_main(capsys, "reveal", run_copy, "-q")
+    assert code == 0, err
+    assert out.count("most specific to the class first") == 3 and "specificity 1.000" in out
+    idx, labels, images = _labels(run_copy)
+    truth = artefact_in(images)
+    planted = idx[(labels[idx] == 0) & truth[idx]]
+    rec = read_class(run_copy, "spray_latent", 0)
+    s = rec.settings
+    assert s["features"] == "stack" and s["rank"] == "specificity" and s["layer"] is None
+    assert s["layers"] == ["body.1", "body.4", "neck.2", "neck.4"] and s["options"]["n_groups"] == 6
+    assert rec.activations.shape == (len(rec.result.indices), 6 + 16 + 120 + 84)
+    top = rec.result.groups[0]
+    assert top.score == top.parts["specificity"] and all(0 <= g.score <= 1 for g in rec.result.groups)
+    assert np.isin(planted, top.members).all()  # every artefact image in the top group
+    # the concept of the top group: one layer's direction, the classifier's input features by default
+    code, out, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--concept", "top", "--name", "t", "-q")
+    assert code == 0 and "done, skipped" in out and "CAV at neck" in out, err
+    concept = read_concept(run_copy / "reveal" / "concepts" / "t.json")
+    assert concept.layer == "neck" and concept.cav.shape == (84,)
+    assert concept.record["reveal"]["features"] == "stack"
+    assert auroc(concept.scores, truth[concept.indices]) > 0.8
+    # or at the layer --layer names, from the same saved groups
+    code, out, err = teachx_main(
+        capsys, "reveal", run_copy, "--class", "0", "--layer", "body.4", "--concept", "top", "--name", "t4", "-q"
+    )
+    assert code == 0 and "done, skipped" in out, err
+    assert read_concept(run_copy / "reveal" / "concepts" / "t4.json").cav.shape == (16,)
+    # `teachx report` shows it as saved: the score named a specificity, the concept at its one layer
+    code, _, err = teachx_main(capsys, "report", run_copy)
+    assert code == 0, err
+    md = (run_copy / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| spray_latent | 0 (a) |"))
+    assert "every nonlinearity (body.1, body.4, neck.2, neck.4) | specificity |" in row, row
+    assert f"group {top.group}: {top.size} images" in row and row.endswith(f"| {top.score:.3f} |"), row
+    assert "Specificity: how well the direction" in md and "Suspicion score" not in md
+    assert "| t | 0 (a) | group" in md and "| neck | pattern |" in md and "| body.4 | pattern |" in md
+    # the method's own ranking on the same folder: refused in one line, nothing changed, until --replace
+    before = {p: p.read_bytes() for p in (run_copy / "reveal" / "spray_latent").iterdir()}
+    code, _, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--rank", "method", "-q")
+    assert_one_line_error(
+        code,
+        err,
+        "other settings (rank specificity, now method)",
+        "pass --features stack --rank specificity to",
+        "--replace",
+    )
+    assert {p: p.read_bytes() for p in (run_copy / "reveal" / "spray_latent").iterdir()} == before
+    # --replace with a concept the new reveal does not have: one line, and the saved reveal still there
+    code, _, err = teachx_main(
+        capsys, "reveal", run_copy, "--class", "0", "--rank", "method", "--replace", "--concept", "9", "-q"
+    )
+    assert_one_line_error(code, err, "class 0 has no group 9")
+    assert {p: p.read_bytes() for p in (run_copy / "reveal" / "spray_latent").iterdir()} == before
+    code, out, err = teachx_main(capsys, "reveal", run_copy, "--class", "0", "--rank", "method", "--replace", "-q")
+    assert code == 0 and "most suspicious first" in out, err
+    assert sorted(p.name for p in (run_copy / "reveal" / "spray_latent").iterdir()) == [
+        "class_0.json",
+        "class_0.npz",
+        "class_0.png",
+    ]
+    rec = read_class(run_copy, "spray_latent", 0)
+    assert rec.settings["rank"] == "method" and "specificity" not in rec.result.groups[0].parts
+    code, _, err = teachx_main(capsys, "report", run_copy)
+    assert code == 0 and "| specificity |" not in (md := (run_copy / "report.md").read_text()), err
+    assert "| suspicion score |" in md and "Suspicion score: the reveal method's own ranking score" in md
+    # on these three classes, apart in every unit, each specificity is 0 or 1 and the merge took in clean groups;
+    # the method's own ranking on the same stack isolates the artefact (what the reveal guide says)
+    top = np.asarray(rec.result.groups[0].members)
+    hits = np.isin(top, planted).sum()
+    assert hits >= 0.9 * len(planted) and hits >= 0.8 * len(top), (rec.result.groups, planted)

@@ -101,7 +101,8 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
         "train.epochs=3",
     )
     assert code == 0, err
-    code, out, err = teachx_main(capsys, "reveal", run, "--class", "2", "--teacher", "gradient", "-q")
+    former = ("--method", "spray", "--features", "layer", "--rank", "method")  # what the study below repeats
+    code, out, err = teachx_main(capsys, "reveal", run, *former, "--class", "2", "--teacher", "gradient", "-q")
     assert code == 0, err
     assert "benchmark ground truth (for evaluation only, never read by the method)" in out
     plan = make_plan(_check_run_dir(run), progress=False)
@@ -116,7 +117,7 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
     assert saved["top"]["recall"] == pytest.approx((inside & poisoned).sum() / poisoned.sum())
     assert saved["auroc"] == pytest.approx(mann_whitney(rec.result.scores, poisoned))
     code, out, err = teachx_main(
-        capsys, "reveal", run, "--class", "2", "--teacher", "gradient", "--concept", "top", "-q"
+        capsys, "reveal", run, *former, "--class", "2", "--teacher", "gradient", "--concept", "top", "-q"
     )
     assert code == 0, err
     assert "CAV retrieval AUROC" in out and "mask IoU" in out

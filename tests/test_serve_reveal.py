@@ -181,7 +181,10 @@ def test_concept_of_a_group_is_what_teachx_reveal_saves(client, saved, dirs, tra
     # the same concept by the CLI's code on a copy of the run: the same direction and scores
     other = tmp_path / "run"
     shutil.copytree(dirs["run"], other)
-    for _ in reveal_run(other, classes=[0], concept=str(top["group"]), name="grp", progress=False, log=lambda _m: 0):
+    former = {"method": "spray", "features": "layer", "rank": "method"}  # how the fixture revealed class 0
+    for _ in reveal_run(
+        other, classes=[0], concept=str(top["group"]), name="grp", progress=False, log=lambda _m: 0, **former
+    ):
         pass
     for key in ("cav", "scores", "members", "localised"):
         with np.load(dirs["run"] / "reveal/concepts/grp.npz") as a, np.load(other / "reveal/concepts/grp.npz") as b:
@@ -279,6 +282,29 @@ def test_reveal_a_class_from_the_view(client, dirs, service, train):
     assert d["label"] == 1 and [g["group"] for g in d["groups"]] == rec["ranking"]
     assert d == client.get(f"{API}/spray/classes/1").json()
     assert client.get(API).json()["classes"][1]["methods"] == ["spray"]
+    # with the settings of the class revealed already (one folder, one reveal), not the defaults
+    assert rec["settings"] == json.loads((run / "reveal/spray/class_0.json").read_text())["settings"]
+    assert d["score_name"] == "suspicion score" and d["score_meaning"].startswith("Score: the group's mean silhouette")
+
+
+def test_a_reveal_ranked_by_specificity_is_labelled_so(client, dirs):
+    """A class revealed with the defaults of `teachx reveal` (every layer, ranked by specificity): its scores are
+    named specificities, and a concept from it is fitted at one layer, any the request names."""
+    run = dirs["run"]
+    r = client.post(f"{API}/spray_latent/classes/0")
+    assert r.status_code == 200, r.text
+    d = r.json()
+    rec = json.loads((run / "reveal/spray_latent/class_0.json").read_text())
+    assert rec["settings"]["features"] == "stack" and rec["settings"]["rank"] == "specificity"
+    assert d["score_name"] == "specificity" and d["score_meaning"].startswith("Specificity: ")
+    for g, s in zip(d["groups"], rec["groups"]):
+        assert g["score"] == pytest.approx(s["parts"]["specificity"]) and 0 <= g["score"] <= 1
+    body = {"method": "spray_latent", "class": 0, "group": d["groups"][0]["group"], "name": "spec"}
+    c = client.post(f"{API}/concepts", json=body)
+    assert c.status_code == 200 and c.json()["layer"] == "neck", c.text
+    c = client.post(f"{API}/concepts", json={**body, "name": "spec4", "layer": "body.4"})
+    assert c.status_code == 200 and c.json()["layer"] == "body.4", c.text
+    assert json.loads((run / "reveal/spray_latent/class_0.json").read_text())["key"] == rec["key"]
 
 
 def test_openapi_publishes_the_reveal_contract(client):

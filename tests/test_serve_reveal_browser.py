@@ -88,6 +88,8 @@ def test_reveal_view_end_to_end(server, browser, tmp_path):  # noqa: F811 (the f
     assert [b.text for b in legend][
         0
     ] == f"group {top['group']}: rank 1, {top['size']} images, score {top['score']:.3f}"
+    assert drv.find_element(By.ID, "rv-score-note").text == cls["score_meaning"]
+    assert drv.find_element(By.ID, "rv-groups-title").text == "groups, most suspicious first"
 
     # class 1 is not: the view says so and reveals it on request
     Select(drv.find_element(By.ID, "rv-class")).select_by_value("1")

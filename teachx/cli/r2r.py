@@ -38,15 +38,35 @@ def _require_run_dir(run_dir: str) -> None:
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path())
 @click.option(
     "--method",
-    default="spray",
+    default="spray_latent",
     show_default=True,
-    help="Reveal method: spray (spectral clustering of attribution maps), spray_latent (of a layer's pooled "
-    "activations) or outliers (Local Outlier Factor scores of the maps).",
+    help="Reveal method: spray_latent (spectral clustering of the pooled activations --features names), spray (of "
+    "the attribution maps) or outliers (Local Outlier Factor scores of the maps).",
+)
+@click.option(
+    "--features",
+    type=click.Choice(["stack", "layer"]),
+    default="stack",
+    show_default=True,
+    help="What the groups are found on (spray_latent) and ranked on (--rank specificity). stack: the pooled "
+    "activations of every nonlinearity side by side, each unit standardised over the class, which finds artefacts "
+    "at any depth. layer: the raw pooled activations of --layer alone, as before.",
+)
+@click.option(
+    "--rank",
+    type=click.Choice(["specificity", "method"]),
+    default=None,
+    help="How the groups are ranked. specificity: the class is split in six groups, ranked by how well each "
+    "group's concept sets it apart from the other classes' images (an artefact is what they lack), and the top "
+    "group takes in the next ones that are as specific. method: the method's own suspicion score and number of "
+    "groups, as before. Default: specificity for spray and spray_latent, method for outliers.",
 )
 @click.option(
     "--layer",
     default=None,
-    help="The layer (as in model.named_modules()) for activations and CAVs; default: the last feature maps.",
+    help="The one layer (as in model.named_modules()) a concept's CAV, retrieval and localisation use, and with "
+    "--features layer also the layer grouped on. Default: the classifier's input features with --features stack "
+    "(where `teachx revise` corrects), the last feature maps with --features layer.",
 )
 @click.option(
     "--teacher",
@@ -65,7 +85,7 @@ def _require_run_dir(run_dir: str) -> None:
     "--concept",
     default=None,
     metavar="GROUP|top|INDICES",
-    help="Fit a concept for one --class: a group number from its ranking, 'top' for the most suspicious group, "
+    help="Fit a concept for one --class: a group number from its ranking, 'top' for the top-ranked group, "
     "or 2 or more training-image indices separated by commas; the CAV, the images that carry it and their "
     "artefact masks are saved in reveal/concepts/.",
 )
@@ -91,7 +111,14 @@ def _require_run_dir(run_dir: str) -> None:
     type=click.Choice(["activations", "relevances"]),
     default="activations",
     show_default=True,
-    help="What spray_latent reads of --layer: the pooled activations, or the layer's LRP relevances for the class.",
+    help="What spray_latent groups on: the pooled activations, or the LRP relevances for the class (of the "
+    "layers --features names).",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Remove this method's earlier reveal made with other settings (options, defaults or model) and reveal "
+    "anew; without it such a reveal is kept and the command stops.",
 )
 @quiet_option()
 @wait_option()
@@ -106,15 +133,21 @@ def reveal(
     cav_kind: str,
     localise_with: str,
     latent: str,
+    features: str,
+    rank: Optional[str],
+    replace: bool,
     quiet: bool,
     wait: bool,
 ) -> None:
     """Look for shortcuts of a run's trained classifier, class by class.
 
-    Per class it groups the training images by how the model explains them and ranks the groups most
-    suspicious first (small, tight groups far from the rest), into RUN_DIR/reveal/. With --concept it fits
-    a concept direction (CAV) for a group, finds every training image that carries it and masks where.
-    Run again, it resumes.
+    Per class it groups the training images by how the model represents them and ranks the groups by how
+    specific their shared feature is to them against the other classes (a shortcut is what the rest of the
+    data lacks), into RUN_DIR/reveal/. With --concept it fits a concept direction (CAV) for a group at one
+    layer, finds every training image that carries it and masks where. Run again, it resumes.
+
+    The former default, SpRAy on the attribution maps ranked by its own suspicion score, is
+    --method spray --features layer --rank method.
     """
     from teachx.runs.reveal import reveal_run  # lazy: CLI start-up
     from teachx.runs.rundir import hold_run_dir  # lazy: CLI start-up
@@ -132,6 +165,9 @@ def reveal(
             cav_kind=cav_kind,
             localise_with=localise_with,
             latent=latent,
+            features=features,
+            rank=rank,
+            replace=replace,
             progress=not quiet,
             log=click.echo,
         ):

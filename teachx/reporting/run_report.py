@@ -154,6 +154,100 @@ def _revisions(doc: Page, d: Path) -> None:
     )
 
 
+def _reveals(doc: Page, d: Path) -> None:
+    """What `teachx reveal` saved in the run: per method and class its top group and what its score is, and the
+    concepts named from them. The records are read as saved (a damaged one is named, not shown)."""
+    from teachx.errors import TeachxError
+    from teachx.reveal import REVEAL_METHODS
+    from teachx.runs.reveal import CONCEPTS, REVEAL_DIR, read_concept
+    from teachx.utils.io import read_trusted_json
+
+    root = d / REVEAL_DIR
+    rows, damaged, ranks = [], [], set()
+    for method in REVEAL_METHODS.names():
+        paths = sorted((root / method).glob("class_*.json"), key=lambda p: int(p.stem.split("_")[-1]))
+        for path in paths:
+            try:
+                rec = read_trusted_json(path, "run `teachx reveal` again", "reveal record")
+            except TeachxError:
+                damaged.append(path.relative_to(d).as_posix())
+                continue
+            settings, top = rec.get("settings") or {}, (rec.get("groups") or [None])[0]
+            specific = (rec.get("options") or {}).get("rank") == "specificity"
+            ranks.add(specific)
+            if settings.get("teacher"):  # a method on maps (its ranking may still read the layers)
+                read = f"{settings['teacher']} maps"
+            elif settings.get("features") == "stack":
+                read = f"pooled {settings.get('latent') or 'activations'} of every nonlinearity "
+                read += f"({', '.join(settings.get('layers') or [])})"
+            else:
+                read = f"pooled {settings.get('latent') or 'activations'} of {settings.get('layer')}"
+            merged = int((top or {}).get("parts", {}).get("merged", 0))
+            rows.append(
+                [
+                    method,
+                    f"{rec['class']} ({rec['class_name']})",
+                    rec["n_samples"],
+                    read,
+                    "specificity" if specific else "suspicion score",
+                    len(rec.get("groups") or []),
+                    "—"
+                    if top is None
+                    else f"group {top['group']}: {top['size']} images"
+                    + (f" (merged with {merged} as specific groups)" if merged else ""),
+                    "—" if top is None else number(top["score"], 3),
+                ]
+            )
+    concepts = []
+    for path in sorted((root / CONCEPTS).glob("*.json")):
+        try:
+            c = read_concept(path).record
+        except TeachxError:
+            damaged.append(path.relative_to(d).as_posix())
+            continue
+        concepts.append(
+            [
+                c["name"],
+                f"{c['class']} ({c['class_name']})",
+                c["source"],
+                c["layer"],
+                c["cav"]["kind"],
+                number(c.get("auroc_in_class"), 3),
+                c.get("n_retrieved"),
+            ]
+        )
+    if not rows and not concepts and not damaged:
+        return
+    doc.h("Shortcut candidates found without annotations (teachx reveal)")
+    if rows:
+        doc.table(
+            ["method", "class", "images", "grouped on", "ranked by", "groups", "top group", "top group's score"], rows
+        )
+        notes = []
+        if True in ranks:
+            notes.append(
+                "Specificity: how well the direction that sets a group apart from the rest of its class also sets it "
+                "apart from the other classes' images (AUROC, 0.5 to 1); high means the group shares a feature the "
+                "rest of the data lacks, as a shortcut does."
+            )
+        if False in ranks:
+            notes.append(
+                "Suspicion score: the reveal method's own ranking score (SpRAy: the group's mean silhouette times one "
+                "minus its share of the class; higher is more suspicious)."
+            )
+        doc.p(" ".join(notes), "note")
+    if concepts:
+        doc.table(
+            ["concept", "class", "from", "layer", "CAV", "in-class AUROC", "training images above its threshold"],
+            concepts,
+        )
+    if damaged:
+        doc.p(
+            f"Not shown, damaged: {', '.join(damaged)}; run the same `teachx reveal` command again to write them anew.",
+            "note",
+        )
+
+
 def run_report(d: Path) -> Page:
     """The page of the run in ``d``; a results.json made with another config than config.yaml is refused."""
     res = read_record(d / "results.json")
@@ -205,6 +299,7 @@ def run_report(d: Path) -> Page:
         doc.measures(
             ["gradient_share", "lrp_share"] + (["built_in_share", "honesty"] if built else []) + ["artefact_area"]
         )
+    _reveals(doc, d)
     _revisions(doc, d)
     q = res.get("map_quality")
     if q:

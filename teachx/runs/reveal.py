@@ -5,16 +5,21 @@ Layout in the run directory (every file written atomically; JSON records carry t
 of their arrays, both verified on read):
 
 - ``reveal/<method>/class_<c>.json``: the typed record of class ``c`` (settings, eigengap, the candidate
-  groups ranked most suspicious first) -- written last, so it marks the class as done;
+  groups in ranking order: by specificity, or most suspicious first) -- written last, so it marks the class as
+  done;
 - ``reveal/<method>/class_<c>.npz``: per sample its dataset index, score, group, 2-D embedding and the
-  layer's pooled activations; ``class_<c>.png``: the embedding coloured by group and each top group's
-  prototypes with their maps;
+  features it was ranked on (the layer's pooled activations, or the class-standardised stack of every
+  nonlinearity's); ``class_<c>.png``: the embedding coloured by group and each top group's prototypes with
+  their maps;
 - ``reveal/concepts/<name>.json`` / ``.npz``: a named concept (its CAV, layer, model digest, members, the
   CAV score of every training image, and heatmaps and masks of the images that carry it), which a later
   `teachx revise` reads.
 
-A class whose record is there, intact and made with the same settings (method, options, layer, teacher,
-model) is skipped, so an interrupted reveal resumes; other settings replace it.
+A class whose record is there, intact and made with the same settings (method, options, features, ranking,
+layer, teacher, model) is skipped, so an interrupted reveal resumes. A method's folder holds one reveal: records
+made with other settings (an older default, another model) are refused in one line before anything runs, and
+``replace=True`` (``--replace``) removes them when the first new record is written, so that results of two
+settings are never mixed.
 
 Why one module of over 500 lines: the class records, the concept record and the figure are written and read
 back in one place, so that their layout and digests are defined once for the CLI, the viewer and `teachx revise`.
@@ -36,12 +41,24 @@ from teachx.config.loader import from_dict
 from teachx.config.schema import RunConfig
 from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, ConfigError, CorruptionError, DataError, RunDirError
-from teachx.reveal import REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
+from teachx.reveal import ALGORITHM_VERSION, REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
 from teachx.reveal import build as build_method
 from teachx.reveal.cav import CAV_KINDS, auroc, fit_cav
 from teachx.reveal.evaluate import concept_against_truth, detection
 from teachx.data.artefacts import ground_truth, has_ground_truth
-from teachx.reveal.features import check_layer, find_module, layer_shapes, pooled_activations, pooled_relevances
+from teachx.reveal.features import (
+    LayerStack,
+    activation_layers,
+    check_layer,
+    classifier_input,
+    default_layer,
+    find_module,
+    layer_shapes,
+    pooled_activations,
+    pooled_relevances,
+    stacked_activations,
+)
+from teachx.reveal.specificity import rank_by_specificity
 from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
 from teachx.teachers import TEACHERS
 from teachx.utils.hashing import hash_json, sha256_file
@@ -62,6 +79,20 @@ CONCEPTS = "concepts"
 RECORD_VERSION = 1
 #: what the latent methods read of the layer: its pooled activations, or its LRP relevances for the class
 LATENTS = ("activations", "relevances")
+#: the reveal method of `teachx reveal` without --method (with FEATURES[0] and RANKS[0]: a study's reveal)
+DEFAULT_METHOD = "spray_latent"
+#: what the groups are found and ranked on: every nonlinearity's pooled activations side by side, each unit
+#: standardised over the class (teachx.reveal.features.LayerStack), or one layer's raw pooled activations
+FEATURES = ("stack", "layer")
+#: how the candidate groups are ranked: by their concept's specificity against the other classes
+#: (teachx.reveal.specificity), or by the reveal method's own suspicion score
+RANKS = ("specificity", "method")
+#: with the specificity ranking: the class split in this many groups (methods that take n_groups), and the top
+#: group merged with the next ones as specific within this AUROC (measured: docs/studies/r2r-fashion-mnist.md)
+SPECIFIC_GROUPS = 6
+MERGE = 0.02
+#: the settings a record made before the features and ranking were options holds implicitly
+_FORMER = {"features": "layer", "rank": "method"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -216,7 +247,7 @@ def _write_class(path: Path, rec: ClassRecord) -> None:
 
 def reveal_run(
     run_dir: str | Path,
-    method: str = "spray",
+    method: str = DEFAULT_METHOD,
     layer: Optional[str] = None,
     teacher: Optional[str] = None,
     classes: Optional[list[int]] = None,
@@ -225,6 +256,9 @@ def reveal_run(
     cav_kind: str = "pattern",
     localise_with: str = "lrp",
     latent: str = "activations",
+    features: str = "stack",
+    rank: Optional[str] = None,
+    replace: bool = False,
     max_localise: int = 500,
     batch_size: int = 128,
     progress: bool = True,
@@ -234,6 +268,14 @@ def reveal_run(
     as the teacher maps being made). Every check that can fail on the user's input runs before anything is
     written.
 
+    ``features``: what the groups are found on (latent methods) and ranked on (``rank="specificity"``): ``stack``,
+    every nonlinearity's pooled activations (:class:`LayerStack`, as a study's reveal), or ``layer``, the raw
+    pooled activations of ``layer``. ``rank``: ``specificity`` (six groups where the method takes a number, the
+    top group merged with as specific ones) or ``method`` (the method's own ranking); None: specificity for the
+    methods that find groups. ``layer``: the one layer of a concept's CAV, retrieval and localisation (None: the
+    classifier's input features with the stack, as a study's corrections use; the last feature maps with one
+    layer); with ``features="layer"`` also the layer grouped on.
+
     A teacher's maps come from (or go into) the shared teacher-map store, keyed by the model's weights: the
     maps a `teachx run` made of its baseline are reused, and maps made here are kept for the next reveal."""
     run_dir = Path(run_dir)
@@ -242,6 +284,18 @@ def reveal_run(
     # the model analysed: the trained classifier, or with --teacher builtin the model whose built-in maps are used
     checkpoint = _builtin_checkpoint(run_dir) if builtin else _classifier_checkpoint(find_classifier(run_dir))
     reveal = build_method(method)
+    if features not in FEATURES:
+        raise ConfigError(f"unknown --features '{features}'; valid: {', '.join(FEATURES)}")
+    if rank is not None and rank not in RANKS:
+        raise ConfigError(f"unknown --rank '{rank}'; valid: {', '.join(RANKS)}")
+    if rank == "specificity" and reveal.finds != "groups":
+        raise ConfigError(
+            f"--rank specificity ranks groups that share a feature, and {reveal.name} flags single unusual images "
+            "instead; use --rank method with it, or a method that finds groups (--method spray_latent or spray)"
+        )
+    rank = rank or ("specificity" if reveal.finds == "groups" else "method")
+    if rank == "specificity" and "n_groups" in reveal.options():
+        reveal = build_method(method, n_groups=SPECIFIC_GROUPS)
     choice = ConceptChoice.parse(concept) if concept is not None else None
     if latent not in LATENTS:
         raise ConfigError(f"unknown latent '{latent}'; valid: {', '.join(LATENTS)}")
@@ -267,7 +321,12 @@ def reveal_run(
         return normalize(as_nchw(ds.train.images[idx]).to(device), plan.mean, plan.std)
 
     shapes = layer_shapes(model, batch(plan.train_idx[:1]))
-    layer = check_layer(layer, shapes)
+    if layer is not None:
+        layer = check_layer(layer, shapes)
+    stacked = features == "stack"
+    layer = layer or (classifier_input(shapes) if stacked else default_layer(shapes))
+    layers = activation_layers(model, shapes) if stacked else [layer]
+    sizes = [shapes[n][0] for n in layers]
     labels = np.asarray(ds.train.labels)
     train_idx = np.sort(np.asarray(plan.train_idx))
     wanted = list(range(ds.num_classes)) if classes is None else list(dict.fromkeys(classes))
@@ -287,15 +346,24 @@ def reveal_run(
     settings = {
         "method": reveal.name,
         "options": reveal.options(),
-        "layer": layer,
+        "layer": None if stacked else layer,  # the stack's groups do not depend on the concept's layer
         "teacher": teacher_name if needs_maps else None,
         "latent": None if needs_maps else latent,
         "model": checkpoint.relative_to(run_dir).as_posix(),
         "model_digest": model_digest,
         "split": "train",
     }
+    if {"features": features, "rank": rank} != _FORMER:  # the former settings keep their key: such records resume
+        settings.update(
+            features=features,
+            layers=layers,
+            rank=rank,
+            merge=MERGE if rank == "specificity" else None,
+            algorithm=ALGORITHM_VERSION,  # a later change to the algorithm keys the records anew
+        )
     key = hash_json(settings)
     out = run_dir / REVEAL_DIR / reveal.name
+    stale = _other_settings(out, key, settings, replace)
     from tqdm.auto import tqdm
 
     todo = {c: None for c in wanted}
@@ -320,6 +388,16 @@ def reveal_run(
         def explain(model: torch.nn.Module, idx: np.ndarray) -> torch.Tensor:
             return store.read(idx)
 
+    # the specificity ranking compares each class with the others: the features of every training image
+    every = None
+    if total and (stacked or rank == "specificity"):
+        every = stacked_activations(model, batch, train_idx, layers, batch_size)
+    scale = LayerStack.fit if stacked else LayerStack.raw
+
+    def clear_stale() -> None:  # --replace: the records made with other settings go, right before a new one is written
+        while stale:
+            stale.pop().unlink(missing_ok=True)
+
     # an artefact benchmark: how well each class's reveal found the artefact (read after the method ran, never by it)
     truth = ground_truth(ds) if has_ground_truth(ds) else None
     found: dict[str, Any] = {}
@@ -330,7 +408,12 @@ def reveal_run(
                 yield f"class {c} ({rec.class_name}): done, skipped"
             else:
                 idx = members_of[c]
-                acts = pooled_activations(model, batch, idx, layer, batch_size)
+                in_class = labels[train_idx] == c
+                if every is None:
+                    stack, acts = None, pooled_activations(model, batch, idx, layer, batch_size)
+                else:
+                    stack = scale(layers, sizes, every[in_class])
+                    acts = stack.transform(every[in_class]).astype(np.float32)
                 maps = None
                 if explain is not None:
                     rows = [
@@ -340,12 +423,20 @@ def reveal_run(
                     maps = np.concatenate(rows)
                 bar.update(len(idx))
                 latents = acts
-                if not needs_maps and latent == "relevances":  # each channel's share of the class's logit
-                    latents = pooled_relevances(model, batch, idx, labels[idx], layer, batch_size)
+                if not needs_maps and latent == "relevances":  # each unit's share of the class's logit
+                    rel = np.concatenate(
+                        [pooled_relevances(model, batch, idx, labels[idx], n, batch_size) for n in layers], 1
+                    )
+                    latents = scale(layers, sizes, rel).transform(rel) if stacked else rel
                 result = reveal.reveal(Evidence(indices=idx, maps=maps, activations=latents, label=c))
+                if rank == "specificity":
+                    where = {int(i): k for k, i in enumerate(idx)}
+                    class_x = acts[[where[int(i)] for i in result.indices]]
+                    result = rank_by_specificity(result, class_x, stack.transform(every[~in_class]), MERGE)
                 rec = ClassRecord(c, ds.class_names[c], key, settings, result, acts)
                 if choice is not None:
                     _concept_rows(choice, rec)  # a missing group fails here, before this class is written
+                clear_stale()
                 _class_figure(out / f"class_{c}.png", rec, ds, maps)
                 _write_class(out / f"class_{c}.json", rec)  # last: the record marks the class as done
             yield _summary_line(rec)
@@ -353,6 +444,7 @@ def reveal_run(
             if scored is not None:
                 found[str(c)] = scored.to_dict()
                 yield scored.line()
+    clear_stale()  # every class asked for was done already: the others made with other settings still go
     if found:
         _merge_evaluation(out / GROUND_TRUTH, key, found)
     if choice is None:
@@ -377,6 +469,77 @@ def reveal_run(
         progress,
         truth,
     )
+
+
+def same_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`reveal_run` options that reveal with a class record's ``settings`` again (its key matches): what
+    the viewer passes to reveal another class of the same folder, or to fit a concept on a saved reveal."""
+    return {
+        "layer": settings.get("layer"),
+        "teacher": settings.get("teacher"),
+        "latent": settings.get("latent") or "activations",
+        "features": settings.get("features", _FORMER["features"]),
+        "rank": settings.get("rank", _FORMER["rank"]),
+    }
+
+
+def saved_settings(run_dir: str | Path, method: str) -> Optional[dict[str, Any]]:
+    """The settings of a run's saved reveal by ``method`` (those of its first class record), None when none."""
+    out = Path(run_dir) / REVEAL_DIR / REVEAL_METHODS.canonical(method)
+    for path in sorted(out.glob("class_*.json")):
+        return dict(
+            read_trusted_json(path, f"remove '{out}' and run `teachx reveal` again", "reveal record")["settings"]
+        )
+    return None
+
+
+def _other_settings(out: Path, key: str, settings: dict[str, Any], replace: bool) -> list[Path]:
+    """The files of the class records in ``out`` made with other settings than ``key`` (with their arrays and
+    figures), to remove with ``replace``; without it, a one-line error naming the differences and both fixes."""
+    stale: list[Path] = []
+    for path in sorted(out.glob("class_*.json")):
+        rec = read_trusted_json(path, f"remove '{out}' and run the same `teachx reveal` again", "reveal record")
+        if rec.get("key") == key:
+            continue
+        if not replace:
+            old = {**_FORMER, **dict(rec.get("settings") or {})}
+            shown = {"options": lambda v: "other", "model_digest": lambda v: str(v)[:8]}
+            diff = [k for k in _ORDER if old.get(k) != settings.get(k)]
+            # what follows from another choice: the stack has no one layer, the ranking sets the number of groups
+            diff = [k for k in diff if (k, "features") not in _FOLLOWS or "features" not in diff]
+            diff = [k for k in diff if (k, "rank") not in _FOLLOWS or "rank" not in diff]
+            what = "; ".join(
+                f"{k.replace('_', ' ')} {shown.get(k, str)(old.get(k))}, now {shown.get(k, str)(settings.get(k))}"
+                for k in diff[:2]
+            )
+            same = "" if {"model", "model_digest"} & set(diff) else f"pass {_options_of(old)} to add to it, or "
+            raise ConfigError(
+                f"'{out}' holds a reveal made with other settings ({what}); {same}add --replace to reveal anew "
+                "with these"
+            )
+        stale += [path, path.with_suffix(".npz"), path.with_suffix(".png")]
+    if stale:
+        stale.append(out / GROUND_TRUTH)
+    return stale
+
+
+#: (setting, the choice it follows from): a mismatch names the choice only
+_FOLLOWS = {("layer", "features"), ("options", "rank")}
+#: the settings a mismatch names, the ones a user chooses first
+_ORDER = ("features", "rank", "layer", "latent", "teacher", "options", "algorithm", "model", "model_digest")
+
+
+def _options_of(settings: dict[str, Any]) -> str:
+    """The `teachx reveal` options that reveal with a record's ``settings`` again."""
+    s = same_settings(settings)
+    opts = f"--features {s['features']} --rank {s['rank']}"
+    if s["layer"]:
+        opts += f" --layer {s['layer']}"
+    if s["latent"] != "activations":
+        opts += f" --latent {s['latent']}"
+    if s["teacher"]:
+        opts += f" --teacher {s['teacher']}"
+    return opts
 
 
 def _check_marked(indices, cls: int, train_idx: np.ndarray, labels: np.ndarray, class_names) -> None:
@@ -441,12 +604,15 @@ def _concept(
     name = name or (
         f"class{rec.label}-group{source.split()[-1]}" if choice.indices is None else f"class{rec.label}-marked"
     )
-    cav = fit_cav(rec.activations, mask, cav_kind, layer)
-    in_class = auroc(cav.scores(rec.activations), mask)
     from tqdm.auto import tqdm
 
     with tqdm(total=len(train_idx), unit="img", desc="retrieve", disable=not progress, leave=False) as bar:
         all_acts = pooled_activations(model, batch, train_idx, layer, batch_size, bar.update)
+    # fitted at the one layer --layer names, on the class's rows of that pass (the groups may come from a stack
+    # of layers; a correction needs one direction at one layer)
+    class_acts = all_acts[np.searchsorted(train_idx, rec.result.indices)]
+    cav = fit_cav(class_acts, mask, cav_kind, layer)
+    in_class = auroc(cav.scores(class_acts), mask)
     scores = cav.scores(all_acts)
     threshold = cav.threshold
     members = rec.result.indices[mask]
@@ -599,12 +765,30 @@ def read_class(run_dir: str | Path, method: str, label: int) -> Optional[ClassRe
     return _read_class(path, rec.get("key"))
 
 
+def ranked_by_specificity(result: RevealResult) -> bool:
+    """Whether the groups' scores are specificities (``--rank specificity``), not the method's suspicion scores."""
+    return result.options.get("rank") == "specificity"
+
+
+def score_words(result: RevealResult) -> tuple[str, str]:
+    """(what a group's score is called, the order of the ranking) in the words users read."""
+    if ranked_by_specificity(result):
+        return "specificity", "most specific to the class first"
+    return "score", "most suspicious first"
+
+
 def _summary_line(rec: ClassRecord) -> str:
     r = rec.result
     top = r.groups[0]
     gap = f", eigengap suggests {r.n_groups_eigengap}" if r.n_groups_eigengap is not None else ""
-    ranking = "; ".join(f"group {g.group}: {g.size} images, score {g.score:.3f}" for g in r.groups[:3])
-    return f"class {rec.label} ({rec.class_name}): {len(r.indices)} images, {len(r.groups)} groups{gap}; most suspicious first: {ranking} (top: {top.group})"
+    what, order = score_words(r)
+    ranking = "; ".join(f"group {g.group}: {g.size} images, {what} {g.score:.3f}" for g in r.groups[:3])
+    merged = int(top.parts.get("merged", 0))
+    joined = f", merged with {merged} as specific group{'s' if merged > 1 else ''}" if merged else ""
+    return (
+        f"class {rec.label} ({rec.class_name}): {len(r.indices)} images, {len(r.groups)} groups{gap}; {order}: "
+        f"{ranking} (top: {top.group}{joined})"
+    )
 
 
 def _class_figure(path: Path, rec: ClassRecord, ds, maps: Optional[np.ndarray]) -> None:
@@ -618,7 +802,7 @@ def _class_figure(path: Path, rec: ClassRecord, ds, maps: Optional[np.ndarray]) 
         r.embedding,
         r.labels,
         [g.group for g in top],
-        [f"group {g.group}: {g.size} images, score {g.score:.2f}" for g in top],
+        [f"group {g.group}: {g.size} images, {score_words(r)[0]} {g.score:.2f}" for g in top],
         [images[p] for p in protos],
         None if maps is None else [torch.from_numpy(np.asarray(maps)[p]) for p in protos],
         title=f"class {rec.label} ({rec.class_name}): {r.method}",

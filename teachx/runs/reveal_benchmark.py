@@ -35,15 +35,10 @@ from teachx.reveal.features import (
 )
 from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
 from teachx.reveal.specificity import rank_by_specificity
-from teachx.runs.reveal import LATENTS
+from teachx.runs.reveal import LATENTS, MERGE, RANKS, SPECIFIC_GROUPS
 from teachx.runs.teacher import as_nchw, teacher_maps
 from teachx.teachers import TEACHERS
 from teachx.training.trainer import DataPlan
-
-
-#: how the candidate groups are ranked: by their concept's specificity against the other classes
-#: (teachx.reveal.specificity), or as the reveal method ranks them
-RANKS = ("specificity", "method")
 
 
 @dataclass
@@ -73,7 +68,7 @@ class RevealSettings:
     teacher: Optional[str] = "lrp"  # the maps of the map-based methods (None: the run's teacher method)
     layer: Optional[str] = None  # the latent and CAV layers, comma-separated (None: every nonlinearity's output)
     rank: str = "specificity"  # specificity | method (see RANKS)
-    merge: Optional[float] = 0.02  # with rank=specificity: the top group takes in next groups as specific within this
+    merge: Optional[float] = MERGE  # with rank=specificity: the top group takes in next groups as specific within this
     standardise: bool = True  # each unit scaled by the class's spread (LayerStack); false: the raw pooled values
     cav: str = "logistic"  # pattern | svm | logistic: the logistic filter retrieves, the pattern describes (below)
     refine: int = 0  # rounds the CAV is refitted on the class's images it retrieves (teachx.reveal.cav.refine_cav)
@@ -91,7 +86,7 @@ class RevealSettings:
         """The reveal method's options: ``options``, or six groups where the method takes ``n_groups``."""
         if self.options is not None:
             return dict(self.options)
-        return {"n_groups": 6} if "n_groups" in build_method(self.method).options() else {}
+        return {"n_groups": SPECIFIC_GROUPS} if "n_groups" in build_method(self.method).options() else {}
 
 
 @dataclass

@@ -86,16 +86,22 @@ class RevealIndex(BaseModel):
 class RevealPoint(BaseModel):
     index: int = Field(description="training-image index in the dataset")
     group: int = Field(description="the candidate group of the image (-1: in none)")
-    score: float = Field(description="the image's suspicion score from the reveal method (higher: more suspicious)")
+    score: float = Field(
+        description="the image's score (see score_name): its group's specificity, or its suspicion score from the "
+        "reveal method (higher: more suspicious)"
+    )
     x: float
     y: float
 
 
 class RevealGroup(BaseModel):
     group: int
-    rank: int = Field(description="1 = most suspicious")
+    rank: int = Field(description="1 = first in the ranking (most specific, or most suspicious)")
     size: int
-    score: float = Field(description="the ranking score (SpRAy: mean silhouette x (1 - share of the class))")
+    score: float = Field(
+        description="the ranking score (see score_name): the specificity of the group's concept against the other "
+        "classes (AUROC), or the method's suspicion score (SpRAy: mean silhouette x (1 - share of the class))"
+    )
     parts: dict[str, float] = Field(description="what the score was made of")
     prototypes: list[int] = Field(description="the group's most typical images (closest to its centre)")
 
@@ -108,6 +114,8 @@ class RevealClass(BaseModel):
     n_images: int
     settings: dict = Field(description="the reveal's settings: method, options, layer, teacher, model and its digest")
     n_groups_eigengap: Optional[int] = Field(None, description="groups the eigengap suggests (spectral methods)")
+    score_name: str = Field(description="what the scores are: 'specificity' or 'suspicion score'")
+    score_meaning: str = Field(description="the scores explained in a sentence")
     embedding: str = Field(description="what the 2-D coordinates are")
     points: list[RevealPoint]
     groups: list[RevealGroup]
@@ -141,7 +149,11 @@ class ConceptRequest(BaseModel):
         None, max_length=MARKED_MAX, description="training images of the class marked by hand (2 or more)"
     )
     name: str = Field(min_length=1, max_length=64, description="the concept's name (letters, digits, '.', '_', '-')")
-    layer: Optional[str] = Field(None, description="the layer of the CAV; default: the layer of the class's reveal")
+    layer: Optional[str] = Field(
+        None,
+        description="the layer of the CAV; default: the layer of the class's reveal, or the classifier's input "
+        "features when it grouped on the stack of every nonlinearity",
+    )
     cav: Literal["pattern", "svm", "logistic"] = "pattern"
     localise: Literal["lrp", "gradient"] = "lrp"
     replace: bool = Field(False, description="replace a saved concept of the same name")
@@ -194,6 +206,27 @@ class ConceptSummary(BaseModel):
 
 
 # -- the work ---------------------------------------------------------------------------------------
+
+
+def _score_text(res) -> dict[str, str]:
+    """What a class's scores are, for the page: specificities (``--rank specificity``) or suspicion scores."""
+    if runs_reveal.ranked_by_specificity(res):
+        merged = int(res.groups[0].parts.get("merged", 0)) if res.groups else 0
+        note = f" The top group took in {merged} more group(s) that were as specific." if merged else ""
+        return {
+            "score_name": "specificity",
+            "score_meaning": "Specificity: how well the direction that sets the group apart from the rest of its "
+            "class also sets it apart from the other classes' images (AUROC, 0.5 to 1); high: the group shares a "
+            "feature the rest of the data lacks, as a shortcut does. An image's score is its group's." + note,
+        }
+    if res.method.startswith("spray"):
+        meaning = (
+            "Score: the group's mean silhouette (how much closer its images are to each other than to another group, "
+            "-1 to 1) times one minus its share of the class; high: a small, tight group apart from the rest."
+        )
+    else:
+        meaning = "Score: the method's ranking score of the group (higher: more suspicious)."
+    return {"score_name": "suspicion score", "score_meaning": meaning}
 
 
 def _png(a: np.ndarray) -> str:
@@ -281,7 +314,8 @@ class RevealViews:
         return {
             "run_id": run_id,
             "run_dir": str(r.path),
-            "methods": list(REVEAL_METHODS.names()),
+            # the default of `teachx reveal` first: what the page picks
+            "methods": sorted(REVEAL_METHODS.names(), key=lambda m: m != runs_reveal.DEFAULT_METHOD),
             "classes": classes,
             "concepts": concepts,
             "max_reveal_images": self.max_reveal_images,
@@ -310,6 +344,7 @@ class RevealViews:
             "n_images": int(len(res.indices)),
             "settings": rec.settings,
             "n_groups_eigengap": res.n_groups_eigengap,
+            **_score_text(res),
             "embedding": f"the {res.method} method's 2-D embedding of the class's images (axes have no unit)",
             "points": [
                 {"index": int(i), "group": int(g), "score": float(s), "x": float(e[0]), "y": float(e[1])}
@@ -398,8 +433,12 @@ class RevealViews:
             )
         notes: list[str] = []
         with self._hold(run_id):
+            # the settings of the method's classes revealed already, so that one folder holds one reveal; else
+            # the defaults of `teachx reveal`
+            saved = runs_reveal.saved_settings(r.path, method)
+            same = runs_reveal.same_settings(saved) if saved is not None else {}
             for _line in runs_reveal.reveal_run(
-                r.path, method=method, classes=[label], progress=False, log=notes.append
+                r.path, method=method, classes=[label], progress=False, log=notes.append, **same
             ):
                 pass
         return self.klass(run_id, method, label)
@@ -449,8 +488,10 @@ class RevealViews:
                 f"the concept holds {n_in} of the class's {len(res.indices)} images; leave at least 2 outside it "
                 "(the CAV contrasts them with the rest of the class)",
             )
-        layer = rec.settings["layer"]
-        if req.layer is not None and req.layer != layer:
+        layer = rec.settings["layer"]  # None: grouped on the stack of layers, the concept at any one layer
+        if layer is None:
+            layer = req.layer
+        elif req.layer is not None and req.layer != layer:
             shown = choice if len(choice) <= 60 else "INDICES"
             raise HTTPException(
                 422,
@@ -464,19 +505,16 @@ class RevealViews:
                 409, f"a concept named '{req.name}' is saved already; choose another name, or replace it"
             )
         notes: list[str] = []
-        settings = rec.settings
         with self._hold(run_id):
             for line in runs_reveal.reveal_run(
                 r.path,
+                **{**runs_reveal.same_settings(rec.settings), "layer": layer},
                 method=rec.result.method,
-                layer=layer,
-                teacher=settings.get("teacher"),
                 classes=[req.label],
                 concept=choice,
                 name=req.name,
                 cav_kind=req.cav,
                 localise_with=req.localise,
-                latent=settings.get("latent") or "activations",
                 progress=False,
                 log=notes.append,
             ):

@@ -49,7 +49,9 @@ async function rvLoadRun() {
   rvStatus("loading the run's classes ...");
   rv.index = await api(rvBase());
   const msel = $("rv-method");
-  const keep = msel.value || "spray";
+  // the method picked before, else the first with a class revealed, else the default of `teachx reveal` (listed first)
+  const revealed = rv.index.methods.find((m) => rv.index.classes.some((c) => c.methods.includes(m)));
+  const keep = msel.value || revealed || rv.index.methods[0];
   msel.textContent = "";
   for (const m of rv.index.methods) msel.append(h("option", { value: m, text: m }));
   msel.value = rv.index.methods.includes(keep) ? keep : rv.index.methods[0];
@@ -143,17 +145,16 @@ function rvShowClass(cls) {
   for (const g of cls.groups) {
     const b = h("button", {
       type: "button", class: "rv-group-button", "data-group": String(g.group),
-      text: `group ${g.group}: rank ${g.rank}, ${g.size} images, score ${rvNum(g.score)}`,
-      title: `score ${rvNum(g.score)} = ` + Object.entries(g.parts).map(([k, v]) => `${k} ${rvNum(v)}`).join(", "),
+      text: `group ${g.group}: rank ${g.rank}, ${g.size} images, ${rvScoreName(cls)} ${rvNum(g.score)}`,
+      title: `${rvScoreName(cls)} ${rvNum(g.score)}; ` + Object.entries(g.parts).map(([k, v]) => `${k.replaceAll("_", " ")} ${rvNum(v)}`).join(", "),
       onclick: () => rvShowGroup(g.group, 0).catch((e) => showError(e.message)),
     });
     b.prepend(h("span", { class: "rv-swatch" }));
     b.firstChild.style.background = rvColour(g.group);
     legend.append(b);
   }
-  $("rv-score-note").textContent = cls.method.startsWith("spray")
-    ? "Score: the group's mean silhouette (how much closer its images are to each other than to another group, -1 to 1) times one minus its share of the class; high: a small, tight group apart from the rest."
-    : "Score: the method's ranking score of the group (higher: more suspicious).";
+  $("rv-groups-title").textContent = cls.score_name === "specificity" ? "groups, most specific first" : "groups, most suspicious first";
+  $("rv-score-note").textContent = cls.score_meaning;
   rvMarkedNote();
 }
 
@@ -175,13 +176,23 @@ function rvScatter(cls) {
     c.setAttribute("fill", rvColour(p.group));
     c.setAttribute("data-group", String(p.group)); c.setAttribute("data-index", String(p.index));
     const t = document.createElementNS(NS, "title");
-    t.textContent = `training image #${p.index}, group ${p.group}, suspicion score ${rvNum(p.score)}`;
+    t.textContent = `training image #${p.index}, group ${p.group}, ${rvPointScore(cls)} ${rvNum(p.score)}`;
     c.append(t);
     if (p.group >= 0) c.addEventListener("click", () => rvShowGroup(p.group, 0).catch((e) => showError(e.message)));
     svg.append(c);
   }
   svg.dataset.points = String(cls.points.length);
   return svg;
+}
+
+/** What a group's score is called: "specificity" (--rank specificity) or "score" (the method's suspicion score). */
+function rvScoreName(cls) {
+  return cls.score_name === "specificity" ? "specificity" : "score";
+}
+
+/** An image's score: its group's specificity, or its own suspicion score. */
+function rvPointScore(cls) {
+  return cls.score_name === "specificity" ? "group specificity" : "suspicion score";
 }
 
 async function rvShowGroup(group, offset) {
@@ -191,8 +202,11 @@ async function rvShowGroup(group, offset) {
   const g = cls.groups.find((x) => x.group === group);
   for (const b of document.querySelectorAll(".rv-group-button")) b.setAttribute("aria-pressed", String(b.dataset.group === String(group)));
   $("rv-group").hidden = false;
-  $("rv-group-title").textContent = `Group ${group} of class ${cls.label}: rank ${g.rank} of ${cls.groups.length}, ${g.size} images, score ${rvNum(g.score)}`;
-  $("rv-group-note").textContent = `Each image with its ${res.map_name} (blue negative, white zero, red positive; scale [-vmax, vmax] per map). Suspicion: the image's score from ${cls.method}. Check images to mark them one by one.`;
+  $("rv-group-title").textContent = `Group ${group} of class ${cls.label}: rank ${g.rank} of ${cls.groups.length}, ${g.size} images, ${rvScoreName(cls)} ${rvNum(g.score)}`;
+  const scoreNote = cls.score_name === "specificity"
+    ? "Each image shows its group's specificity."
+    : `Suspicion: the image's score from ${cls.method}.`;
+  $("rv-group-note").textContent = `Each image with its ${res.map_name} (blue negative, white zero, red positive; scale [-vmax, vmax] per map). ${scoreNote} Check images to mark them one by one.`;
   const box = $("rv-images");
   box.textContent = "";
   for (const it of res.items) {
@@ -204,7 +218,7 @@ async function rvShowGroup(group, offset) {
         h("img", { src: it.image_png, alt: `training image #${it.index}` }),
         h("img", { src: it.map_png, alt: `${res.map_name} of training image #${it.index}`, class: "rv-map" })),
       colourBar(it.vmax),
-      h("figcaption", {}, h("label", { htmlFor: id }, cb, ` mark #${it.index}`), h("span", { class: "muted", text: ` suspicion ${rvNum(it.score)}` }))));
+      h("figcaption", {}, h("label", { htmlFor: id }, cb, ` mark #${it.index}`), h("span", { class: "muted", text: ` ${rvPointScore(cls)} ${rvNum(it.score)}` }))));
   }
   $("rv-page").textContent = `images ${offset + 1}-${offset + res.items.length} of ${res.size}`;
   $("rv-prev").disabled = offset === 0;
