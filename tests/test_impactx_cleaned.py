@@ -191,3 +191,24 @@ def test_teachx_revise_lists_every_correction():
     from teachx.runs.revise import revise_methods
 
     assert sorted(REVISE_METHODS) == sorted(revise_methods()) and "impactx_cleaned" in REVISE_METHODS
+
+
+def test_revise_options_set_the_runs_impactx_keys():
+    """`teachx revise --method impactx_cleaned method.options.KEY=V`: the run's saved impactx.* values are the
+    starting point and KEY replaces its value (not a second, conflicting one); the record names what was set;
+    the run's epochs and learning rate are kept (IMPACTX is trained anew, no fine-tuning recipe)."""
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.revise import recipe_config
+
+    run = resolve_config(None, ["method.name=baseline", "train.epochs=7", "train.lr=0.01"])
+    assert run.impactx.self_teach_every == 1  # resolved from the default decoder, saved with the run
+    tuned, options = recipe_config(
+        run, "impactx_cleaned", Path("c.json"), ["method.options.self_teach_every=0", "method.options.lam=2"]
+    )
+    assert tuned.impactx.self_teach_every == 0 and tuned.impactx.lam == 2.0
+    assert tuned.method.options == {"concept": "c.json"}
+    assert options == {"self_teach_every": 0, "lam": 2.0, "train.epochs": 7, "train.lr": 0.01}
+    with pytest.raises(ConfigError, match="did you mean 'method.options.lam'"):
+        recipe_config(run, "impactx_cleaned", Path("c.json"), ["method.options.lamb=2"])
+    fine, _ = recipe_config(run, "rrclarc", Path("c.json"), ["method.options.lam=3"])
+    assert fine.method.options["lam"] == 3 and fine.train.epochs == 5 and fine.train.lr == pytest.approx(0.001)

@@ -142,12 +142,16 @@ def recipe_config(
     cfg: RunConfig, method: str, concept_file: Path, items: list[str]
 ) -> tuple[RunConfig, dict[str, Any]]:
     """The run's config with the correcting method, its concept, the recipe (for a method that fine-tunes the
-    baseline; one trained anew keeps the run's epochs and learning rate) and the user's KEY=VALUE."""
+    baseline; one trained anew keeps the run's epochs and learning rate) and the user's KEY=VALUE. A method whose
+    options live in a config section of their own (impactx_cleaned: the ``impactx.*`` keys) starts from the run's
+    values there, and ``method.options.KEY`` sets that section's KEY."""
     data = to_dict(cfg)
     data["method"] = {"name": method, "options": {"concept": str(concept_file)}}
     if METHODS.get(method).fine_tunes_baseline:
         data["train"]["epochs"] = RECIPE_EPOCHS
         data["train"]["lr"] = float(cfg.train.lr) * RECIPE_LR_FACTOR
+    section = METHODS.get(method).config_section
+    in_section: dict[str, Any] = {}  # method.options.KEY given for a key of the method's section
     for item in items:
         keys, value = parse_override(item)
         if keys[0] not in ("train", "method"):
@@ -156,6 +160,11 @@ def recipe_config(
             )
         if keys[:2] == ["method", "name"]:
             raise ConfigError(f"'{item}': choose the correction with --method")
+        own = METHODS.get(method).options
+        if section and keys[:2] == ["method", "options"] and len(keys) == 3 and keys[2] not in own:
+            if keys[2] in data[section]:  # the run's saved value is replaced, not set twice
+                in_section[keys[2]] = value
+                keys = [section, keys[2]]
         set_dotted(data, ".".join(keys), value)
     try:
         tuned = from_dict(RunConfig, data)
@@ -164,6 +173,7 @@ def recipe_config(
     opts = dict(tuned.method.options)
     return tuned, {
         **{k: v for k, v in opts.items() if k != "concept"},
+        **{k: getattr(getattr(tuned, section), k) for k in in_section},
         "train.epochs": tuned.train.epochs,
         "train.lr": tuned.train.lr,
     }
