@@ -286,3 +286,11 @@ def test_impactx_cleaned_trains_anew_on_teacher_maps_without_the_localised_artef
     )
     assert code == 0 and "complete, skipped" in out, err
     assert read_revision(folder / "revision.json").after == rec.after
+    # `teachx serve` lists it as the IMPACTX model it is, and loads it with its built-in map
+    from teachx.service.loading import ModelStore
+
+    store = ModelStore([run_copy])
+    (entry,) = [m for m in store.entries.values() if m.role == "revision"]
+    assert entry.kind == "impactx" and entry.error is None and entry.test_acc == pytest.approx(stage["test_acc"])
+    loaded = store.loaded(entry.id)
+    assert loaded.impactx and store.model_info(entry.id)["has_built_in"]
