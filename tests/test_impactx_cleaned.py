@@ -76,6 +76,13 @@ def test_cleaned_maps_are_the_teachers_outside_the_masks_and_zero_inside(tmp_pat
     assert cleaned.meta["material"]["derived_from"] == ctx.train_maps.key
     assert np.array_equal(np.array(read_store(ctx.train_maps.path).maps), teacher)
     assert np.array_equal(np.array(read_store(cleaned.path).maps), expect)
+    # `teachx cache list` tells the two apart
+    from teachx.utils.cache_admin import scan
+
+    listed = {e.key: e.description for e in scan(tmp_path)}
+    assert "zeroed inside the artefact masks of 5 localised training images" in listed[cleaned.path.name]
+    assert f"from store {ctx.train_maps.path.name}" in listed[cleaned.path.name]
+    assert "derived" not in listed[ctx.train_maps.path.name]
 
 
 class _Refresh:

@@ -357,8 +357,10 @@ def derived_store(
     """A store of maps made from ``source``'s (``compute(indices)``, e.g. ``source``'s maps with a region zeroed),
     next to it under a key of its own (``source``'s key and ``material``), for the rows ``source`` has finished.
     ``source`` is never written; the new store is made, resumed, digested and verified like every store (and
-    rebuilt, never used, when damaged), and a lock keeps two processes from filling it at once."""
-    full = {"derived_from": source.key, **material}
+    rebuilt, never used, when damaged), and a lock keeps two processes from filling it at once. Its material
+    is ``source``'s (so `teachx cache list` says what the maps are of) with ``derived_from`` and ``material``
+    (a ``derived`` entry says how, in words)."""
+    full = {**dict(source.meta.get("material") or {}), "derived_from": source.key, **material}
     maps_dir = source.path.parent
     rows = np.flatnonzero(np.asarray(source.done))
 

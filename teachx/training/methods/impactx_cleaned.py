@@ -66,6 +66,7 @@ def clean_store(
     own (see the module docstring); ``masks`` (M, H, W) belong to the training images ``indices`` (M,)."""
     mask_of = RevealedMasks(masks, indices, store.maps.shape[0])
     material = {
+        "derived": f"zeroed inside the artefact masks of {len(indices)} localised training images",
         "cleaned": CLEANING_VERSION,
         # the masks' content decides the cleaned maps: two concepts with the same masks share a store
         "masks": _sha256(str(mask_of.masks.shape).encode(), np.packbits(mask_of.masks).tobytes()),
