@@ -249,6 +249,17 @@ class _Store:
         return self.maps[torch.as_tensor(np.asarray(idx))].mean(0)
 
 
+def _disk_store(fake: _Store, maps_dir: Path):
+    """``fake``'s maps as a finished map store on disk (what the pipeline's teacher stage hands a method)."""
+    from teachx.teachers.store import fill_store, open_store
+
+    store = open_store(
+        maps_dir, {"test": "fake teacher"}, len(fake.maps), tuple(fake.maps.shape[1:]), log=lambda s: None
+    )
+    fill_store(store, np.arange(len(fake.maps)), fake.read, 32, progress=False)
+    return store
+
+
 def _fit(method: str, options: dict, out: Path, stop_after: int | None = None, init_seed: int = 0):
     from teachx.data.transforms import Augment
     from teachx.config.schema import RunConfig, MethodConfig
@@ -267,11 +278,14 @@ def _fit(method: str, options: dict, out: Path, stop_after: int | None = None, i
         baseline, path = _concept_baseline(ds, out.parent)
         cfg.method = MethodConfig(method, {**options, "concept": str(path)})
     m = build_method(cfg)
+    store = _Store(len(ds.train), 12)
+    if m.corrects_concept and m.needs_teacher_maps():  # a correction on teacher maps: a store on disk to derive from
+        store = _disk_store(store, out.parent / "maps")
     ctx = MethodContext(
         cfg,
         plan,
         torch.device("cpu"),
-        _Store(len(ds.train), 12),
+        store,
         None,
         lambda s: None,
         baseline_model=(lambda: baseline) if baseline is not None else None,
@@ -351,6 +365,7 @@ CONTRACT = {  # every method that trains (impactx has its own tests), with optio
     ),
     "aclarc": ("aclarc", {"concept": _CONCEPT}),
     "rrr_revealed": ("rrr_revealed", {"concept": _CONCEPT, "lam": 10.0}),
+    "impactx_cleaned": ("impactx_cleaned", {"concept": _CONCEPT}),
 }
 
 

@@ -236,3 +236,61 @@ def test_rrr_revealed_fine_tunes_with_the_masks_reveal_localised(run_copy, capsy
     before = _masked_gradient(base, run_copy, saved.localised, saved.masks)
     after = _masked_gradient(fixed, run_copy, saved.localised, saved.masks)
     assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_impactx_cleaned_trains_anew_on_teacher_maps_without_the_localised_artefact(run_copy, capsys):
+    """`teachx revise --method impactx_cleaned`: IMPACTX trained with the run's learning rate towards the run's
+    teacher maps of the classifier, zeroed inside the masks reveal localised (a store of its own next to the
+    teacher's, which stays as it was); measured before and after (no CAV measures on a model trained anew); run
+    again, read back."""
+    from teachx.runs.reveal import read_concept
+    from teachx.runs.revise import read_revision
+    from teachx.teachers.store import read_store
+
+    code, out, err = teachx_main(
+        capsys, "revise", run_copy, "--concept", "tag", "--method", "impactx_cleaned", "train.epochs=2", "-q"
+    )
+    assert code == 0, err
+    folder = run_copy / "revise" / "impactx_cleaned-tag"
+    rec = read_revision(folder / "revision.json")
+    assert rec.method == "impactx_cleaned" and rec.options["train.epochs"] == 2
+    assert rec.options["train.lr"] == pytest.approx(0.003)  # trained anew: the run's rate, not the recipe's tenth
+    assert rec.after.tcav is None and rec.after.sensitivity is None and rec.before.tcav is not None
+    stage = json.loads((folder / "model" / "stage.json").read_text())
+    assert len(stage["history"]) == 2 and rec.after.test_acc == pytest.approx(stage["test_acc"])
+    saved = read_concept(run_copy / "reveal" / "concepts" / "tag.json")
+    assert stage["method"] == "impactx_cleaned" and stage["concept"]["n_masks"] == len(saved.localised)
+    # the cleaned store and the teacher's, side by side in the cache
+    import os
+
+    stores = {}
+    cache = Path(os.environ["TEACHX_CACHE"]) / "maps"
+    for d in cache.iterdir():
+        if (d / "meta.json").is_file():
+            s = read_store(d)  # every finished row verified against its digest
+            stores[s.key] = s
+    cleaned = [s for s in stores.values() if "derived_from" in s.meta["material"]]
+    assert cleaned, list(stores)
+    c = next(s for s in cleaned if s.meta["material"]["derived_from"] in stores)
+    teacher = stores[c.meta["material"]["derived_from"]]
+    assert teacher.meta["material"]["split"] == "train" and teacher.meta["material"]["teacher"] == "lrp"
+    got, orig = np.array(c.maps, dtype=np.float32), np.array(teacher.maps, dtype=np.float32)
+    expect = orig.copy()
+    for row, i in enumerate(saved.localised):
+        expect[i][:, saved.masks[row]] = 0
+    done = np.flatnonzero(np.asarray(teacher.done))
+    assert np.array_equal(got[done], expect[done]) and not np.array_equal(expect[done], orig[done])
+    code, out, err = teachx_main(
+        capsys, "revise", run_copy, "--concept", "tag", "--method", "impactx_cleaned", "train.epochs=2", "-q"
+    )
+    assert code == 0 and "complete, skipped" in out, err
+    assert read_revision(folder / "revision.json").after == rec.after
+    # `teachx serve` lists it as the IMPACTX model it is, and loads it with its built-in map
+    from teachx.service.loading import ModelStore
+
+    store = ModelStore([run_copy])
+    (entry,) = [m for m in store.entries.values() if m.role == "revision"]
+    assert entry.kind == "impactx" and entry.error is None and entry.test_acc == pytest.approx(stage["test_acc"])
+    loaded = store.loaded(entry.id)
+    assert loaded.impactx and store.model_info(entry.id)["has_built_in"]

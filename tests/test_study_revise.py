@@ -286,3 +286,66 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
     assert "Corrections and other arms against the baseline on the attacked test split" in text
     assert "reveal+rrclarc" in text
     assert "splits.png" in text and (Path(md).parent / "report_files" / "splits.png").stat().st_size > 1000
+
+
+def test_the_shipped_revise_study_keeps_its_unit_keys_and_adds_impactx_cleaned():
+    """Adding impactx_cleaned to the shipped study adds its rows' units and leaves every other unit's key as it was
+    (the study's directories resume); its units train anew with the study's own epochs and learning rate."""
+    import hashlib
+
+    from teachx.studies.spec import load_study, planned_units
+
+    spec = load_study("study-r2r-revise-fashion-mnist")
+    units = planned_units(spec)
+    new = [u for u in units if u.config.method.name == "impactx_cleaned"]
+    old = sorted(u.key for u in units if u.config.method.name != "impactx_cleaned")
+    assert len(old) == 325 and hashlib.sha256("\n".join(old).encode()).hexdigest()[:16] == "e84b375a20c0d286"
+    assert len(new) == 5 * 5 * 2 and {u.arm for u in new} == {"reveal+impactx_cleaned", "annotated+impactx_cleaned"}
+    assert all(u.kind == "revision" and u.config.train.epochs == 10 and u.config.train.lr == 0.002 for u in new)
+    assert spec.revise.masks() == spec.revise.localise
+
+
+@pytest.mark.slow
+def test_a_revise_study_trains_impactx_on_cleaned_teacher_maps(tmp_path, monkeypatch):
+    """``study.revise.methods: [impactx_cleaned]``: rows reveal+ and annotated+, each unit IMPACTX trained with the
+    study's settings on the teacher maps of its baseline, cleaned inside the concept's localised masks; `--status`
+    knows the units; a re-run reads them back."""
+    from teachx.studies.runner import run_study
+    from teachx.studies.spec import load_study
+    from teachx.studies.status import study_status
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = _study(
+        tmp_path,
+        "study:\n  n_seeds: 1\n  arms: {}\n  eval: {reveal: {teacher: gradient}}\n"
+        "  revise: {methods: [impactx_cleaned], options: {impactx_cleaned: {train.epochs: 1}}, localise: 30,\n"
+        "           concepts: [revealed, annotated]}\n",
+    )
+    res = run_study(load_study(str(cfg)), tmp_path / "out", lambda line: None)
+    rows = {r["arm"]: r for r in res.data["rows"]}
+    assert list(rows) == ["baseline", "reveal+impactx_cleaned", "annotated+impactx_cleaned"]
+    units = res.data["units"]
+    trained = 0
+    for row in ("reveal+impactx_cleaned", "annotated+impactx_cleaned"):
+        (key,) = rows[row]["units"]
+        rev = units[key]["revision"]
+        assert set(units[key]["test_splits"]) == {"clean", "attacked", "ch"}
+        if not rev["concept"].get("name"):  # the reveal found no usable group: the baseline as it is
+            continue
+        trained += 1
+        stage = json.loads((tmp_path / "out" / "units" / key / "model" / "stage.json").read_text())
+        assert stage["method"] == "impactx_cleaned" and len(stage["history"]) == 1
+        assert 0 < stage["concept"]["n_masks"] <= 30 and rev["after"]["tcav"] is None
+        assert rev["train"]["test_acc"] == pytest.approx(units[key]["test_acc"])
+    assert trained  # the annotated concept always has images with and without the artefact
+    cleaned = (
+        [d for d in (tmp_path / "cache" / "maps").iterdir() if "derived_from" in (d / "meta.json").read_text()]
+        if (tmp_path / "cache" / "maps").is_dir()
+        else []
+    )
+    assert len(cleaned) == trained
+    status = study_status(load_study(str(cfg)), tmp_path / "out")
+    rev_units = [u for u in status.units if u.unit.kind == "revision"]
+    assert len(rev_units) == 2 and all(u.state == "done" and u.epochs == 1 for u in rev_units)
+    again = run_study(load_study(str(cfg)), tmp_path / "out", lambda line: None)
+    assert again.trained == 0

@@ -28,6 +28,7 @@ RUN_STAGES = (
     "abn",
     "aclarc",
     "impactx",
+    "impactx_cleaned",
     "reldrop",
     "rrclarc",
     "rrr",

@@ -14,6 +14,10 @@ import click
 from teachx.cli.options import quiet_option, wait_option
 from teachx.errors import ConfigError
 
+#: the corrections `teachx revise --method` takes: ``teachx.runs.revise.revise_methods()``, written out so that
+#: `teachx --help` does not import torch (a test checks that the two agree)
+REVISE_METHODS = ["pclarc", "rclarc", "rrclarc", "aclarc", "rrr_revealed", "impactx_cleaned"]
+
 
 def register(cli: click.Group) -> None:
     cli.add_command(reveal)
@@ -182,13 +186,14 @@ def reveal(
 )
 @click.option(
     "--method",
-    type=click.Choice(["pclarc", "rclarc", "rrclarc", "aclarc", "rrr_revealed"]),
+    type=click.Choice(REVISE_METHODS),
     default="rrclarc",
     show_default=True,
     help="pclarc / rclarc: project the layer's activations along the concept (rclarc: only where its score says the "
     "artefact is), no training; rrclarc / aclarc / rrr_revealed: fine-tune the classifier (RR-ClArC's gradient penalty, "
     "A-ClArC's augmentation, RRR's input-gradient penalty inside the artefact masks reveal localised) for a few epochs "
-    "at a tenth of the run's learning rate.",
+    "at a tenth of the run's learning rate; impactx_cleaned: train IMPACTX anew, with the run's training settings, "
+    "towards the teacher's maps of the classifier with the artefact reveal localised zeroed in them.",
 )
 @quiet_option()
 @wait_option()

@@ -128,7 +128,15 @@ def study(
         if spec.ceiling:
             click.echo(f"  arm=ceiling: a baseline trained with {spec.ceiling} on top of each regime's settings")
         for row, m in spec.revise_rows.items():
-            how = "post hoc" if m in POST_HOC else "fine-tuned with the R2R recipe"
+            from teachx.training.methods import METHODS  # lazy: CLI start-up
+
+            how = (
+                "post hoc"
+                if m in POST_HOC
+                else "fine-tuned with the R2R recipe"
+                if METHODS.get(m).fine_tunes_baseline
+                else "trained anew with the run's training settings"
+            )
             opts = " ".join((spec.revise.items(m) if spec.revise else []))
             click.echo(
                 f"  arm={row}: {m} ({how}{', ' + opts if opts else ''}) along the concept the baseline's reveal finds"

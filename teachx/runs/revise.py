@@ -9,9 +9,11 @@ above the concept's threshold: carrying the artefact) and the rest. Then either
 - a **post-hoc transform** (no training): ``pclarc`` projects the layer's activations onto the clean
   images' mean along the CAV, ``rclarc`` only where the CAV score says the artefact is there
   (:func:`teachx.training.clarc.attach`); or
-- a **fine-tuning method** (``rrclarc``, ``aclarc``: :mod:`teachx.training.methods`) starting from that
-  checkpoint, with the Reveal-to-Revise recipe by default: a few epochs at a tenth of the run's learning
-  rate, the feature extractor frozen (every default can be overridden with ``KEY=VALUE``).
+- a **fine-tuning method** (``rrclarc``, ``aclarc``, ``rrr_revealed``: :mod:`teachx.training.methods`) starting
+  from that checkpoint, with the Reveal-to-Revise recipe by default: a few epochs at a tenth of the run's learning
+  rate, the feature extractor frozen (every default can be overridden with ``KEY=VALUE``); or
+- a **method trained anew** with the run's training settings (``impactx_cleaned``: IMPACTX towards the run's
+  teacher maps of the classifier, with the artefact the concept localised zeroed in them).
 
 Both are measured with the same yardstick, before and after: accuracy on the test split (on an artefact
 benchmark: on its clean, attacked and ch splits), the share of the input gradient on the artefact of the
@@ -47,10 +49,10 @@ from teachx.runs.pipeline import train_method_stage
 from teachx.runs.plan import make_plan
 from teachx.runs.reveal import CONCEPTS, REVEAL_DIR, _check_run_dir, read_concept
 from teachx.runs.stages import artefact_splits, load_stage_model
-from teachx.runs.teacher import as_nchw
+from teachx.runs.teacher import as_nchw, teacher_maps
 from teachx.training.clarc import attach, cav_sensitivity, gradient_along, Capture
 from teachx.training.concepts import Concept, concept_from_scores, layer_module, model_digest, save_concept
-from teachx.training.methods import METHODS
+from teachx.training.methods import METHODS, build_method
 from teachx.training.trainer import ClassifierTask, DataPlan, evaluate
 from teachx.utils.hashing import sha256_file
 from teachx.utils.io import read_trusted_json, write_json_atomic
@@ -60,8 +62,8 @@ REVISE_DIR = "revise"
 RECORD = "revision.json"
 #: the post-hoc corrections: name -> the ClArC hook's mode (no training)
 POST_HOC = {"pclarc": "project", "rclarc": "reactive"}
-#: the fine-tuning corrections (training methods that read a concept file)
-FINE_TUNING = ("rrclarc", "aclarc", "rrr_revealed")
+#: the corrections that train: the training methods that correct along a concept file (``corrects_concept``)
+TRAINED = tuple(n for n in METHODS.names() if METHODS.get(n).corrects_concept)
 #: the Reveal-to-Revise recipe for fine-tuning, applied unless a KEY=VALUE sets the key
 RECIPE_EPOCHS = 5
 RECIPE_LR_FACTOR = 0.1
@@ -70,7 +72,7 @@ MEASURE_IMAGES = 512
 
 
 def revise_methods() -> list[str]:
-    return [*POST_HOC, *FINE_TUNING]
+    return [*POST_HOC, *TRAINED]
 
 
 @dataclass
@@ -139,11 +141,17 @@ def _concept_path(run_dir: Path, name: str) -> Path:
 def recipe_config(
     cfg: RunConfig, method: str, concept_file: Path, items: list[str]
 ) -> tuple[RunConfig, dict[str, Any]]:
-    """The run's config with the fine-tuning method, its concept, the recipe and the user's KEY=VALUE."""
+    """The run's config with the correcting method, its concept, the recipe (for a method that fine-tunes the
+    baseline; one trained anew keeps the run's epochs and learning rate) and the user's KEY=VALUE. A method whose
+    options live in a config section of their own (impactx_cleaned: the ``impactx.*`` keys) starts from the run's
+    values there, and ``method.options.KEY`` sets that section's KEY."""
     data = to_dict(cfg)
     data["method"] = {"name": method, "options": {"concept": str(concept_file)}}
-    data["train"]["epochs"] = RECIPE_EPOCHS
-    data["train"]["lr"] = float(cfg.train.lr) * RECIPE_LR_FACTOR
+    if METHODS.get(method).fine_tunes_baseline:
+        data["train"]["epochs"] = RECIPE_EPOCHS
+        data["train"]["lr"] = float(cfg.train.lr) * RECIPE_LR_FACTOR
+    section = METHODS.get(method).config_section
+    in_section: dict[str, Any] = {}  # method.options.KEY given for a key of the method's section
     for item in items:
         keys, value = parse_override(item)
         if keys[0] not in ("train", "method"):
@@ -152,6 +160,11 @@ def recipe_config(
             )
         if keys[:2] == ["method", "name"]:
             raise ConfigError(f"'{item}': choose the correction with --method")
+        own = METHODS.get(method).options
+        if section and keys[:2] == ["method", "options"] and len(keys) == 3 and keys[2] not in own:
+            if keys[2] in data[section]:  # the run's saved value is replaced, not set twice
+                in_section[keys[2]] = value
+                keys = [section, keys[2]]
         set_dotted(data, ".".join(keys), value)
     try:
         tuned = from_dict(RunConfig, data)
@@ -160,6 +173,7 @@ def recipe_config(
     opts = dict(tuned.method.options)
     return tuned, {
         **{k: v for k, v in opts.items() if k != "concept"},
+        **{k: getattr(getattr(tuned, section), k) for k in in_section},
         "train.epochs": tuned.train.epochs,
         "train.lr": tuned.train.lr,
     }
@@ -326,11 +340,14 @@ def apply_correction(
     progress: bool,
     device: torch.device,
     before: Optional[Measures] = None,
+    wait: bool = True,
 ) -> Correction:
     """Correct the trained classifier ``model`` for ``concept`` (saved where ``tuned``'s method options name it)
-    with ``method``: post hoc (a hook, taken off again) or by fine-tuning a copy with ``tuned`` into
-    ``model_dir`` (resumable like any stage); measure before (unless given) and after along the concept's CAV.
-    What `teachx revise` and a study's ``study.revise`` both run."""
+    with ``method``: post hoc (a hook, taken off again) or by training with ``tuned`` into ``model_dir``
+    (resumable like any stage: a copy of ``model`` fine-tuned, or a model trained anew on the teacher maps of
+    ``model`` when the method reads teacher maps); measure before (unless given) and after along the concept's
+    CAV. ``wait=False``: Busy while another process makes those teacher maps. What `teachx revise` and a study's
+    ``study.revise`` both run."""
     model = model.to(device)
     if before is None:
         before = measure(model, plan, concept.layer, concept.cav, device, seed=cfg.seed)
@@ -340,9 +357,16 @@ def apply_correction(
         return Correction(before, after)
     assert tuned is not None and METHODS.get(method) is not None
     tuned.train.progress = progress
-    record, fixed = train_method_stage(tuned, plan, None, None, model_dir, log, None, baseline=lambda: model)
+    store, teacher = None, None
+    if build_method(tuned).needs_teacher_maps():  # the run's teacher method on the classifier being corrected
+        teacher = model
+        store = teacher_maps(tuned, plan, teacher, "train", plan.train_idx, device, log, progress, wait=wait)
+    record, fixed = train_method_stage(tuned, plan, store, teacher, model_dir, log, None, baseline=lambda: model)
     train = {k: record.get(k) for k in ("best_epoch", "val_acc", "test_acc", "seconds", "seconds_per_epoch")}
-    after = measure(fixed, plan, concept.layer, concept.cav, device, seed=cfg.seed)
+    if METHODS.get(method).fine_tunes_baseline:
+        after = measure(fixed, plan, concept.layer, concept.cav, device, seed=cfg.seed)
+    else:  # a model trained anew has no place for the baseline's CAV: no TCAV or sensitivity along it
+        after = measure(fixed, plan, None, None, device, seed=cfg.seed)
     return Correction(before, after, train)
 
 
@@ -436,7 +460,8 @@ def _line(when: str, m: Measures) -> str:
         parts.append(
             f"gradient share on the artefact {m.artefact_share['gradient']:.3f} (its area {m.artefact_share['area']:.3f})"
         )
-    parts.append(f"TCAV {m.tcav:.3f}, sensitivity along the CAV {m.sensitivity:.4g}")
+    if m.tcav is not None and m.sensitivity is not None:
+        parts.append(f"TCAV {m.tcav:.3f}, sensitivity along the CAV {m.sensitivity:.4g}")
     return "; ".join(parts)
 
 

@@ -160,12 +160,15 @@ def _run(rid: str, path: Path) -> RunEntry:
     folder = path / "revise"
     for d in sorted(folder.iterdir()) if folder.is_dir() else []:
         if (d / "model").is_dir():
+            method = _revision_method(d / "model")
+            kind = method.checkpoint_kind if method else "classifier"  # impactx_cleaned trains an IMPACTX model
+            what = "classifier corrected" if kind == "classifier" else f"{method.display_name()} trained"
             entry = ModelEntry(
                 f"{rid}.revise-{_slug(d.name)}",
                 rid,
                 f"revise/{d.name}",
-                f"classifier corrected by teachx revise ({d.name})",
-                "classifier",
+                f"{what} by teachx revise ({d.name})",
+                kind,
                 "revision",
                 config,
             )
@@ -173,6 +176,17 @@ def _run(rid: str, path: Path) -> RunEntry:
             _fill_from_stage(entry, d / "model")
             run.models.append(entry)
     return run
+
+
+def _revision_method(d: Path):
+    """The training method a `teachx revise` model stage was trained with (its stage record), if finished and known."""
+    from teachx.training.methods import recorded_method
+
+    try:
+        rec = stage_done(d)
+    except (TeachxError, OSError):
+        return None  # _fill_from_stage reports it
+    return recorded_method(rec) if rec and rec.get("method") else None
 
 
 def _fill_from_stage(entry: ModelEntry, d: Path) -> None:

@@ -299,7 +299,18 @@ class _Runner:
             if tuned is not None and stage_done(d / "model") is None:
                 self.trained += 1
             fixed = apply_correction(
-                method, tuned, cfg, plan, baseline, concept, d / "model", self.stage_log, self.progress, device, before
+                method,
+                tuned,
+                cfg,
+                plan,
+                baseline,
+                concept,
+                d / "model",
+                self.stage_log,
+                self.progress,
+                device,
+                before,
+                wait=False,
             )
             rec = Revision(
                 method,

@@ -20,7 +20,7 @@ from teachx.errors import TeachxError
 from teachx.evaluation.stats import summarize
 from teachx.runs.recovery import stage_done
 from teachx.studies.runner import read_unit_evaluation
-from teachx.runs.revise import FINE_TUNING, read_revision
+from teachx.runs.revise import TRAINED, read_revision
 from teachx.studies.spec import PlannedUnit, StudySpec, classifier_key, eval_key, planned_units
 from teachx.utils.locking import held_by
 from teachx.utils.numbers import number
@@ -109,8 +109,8 @@ def _revision_status(out: Path, unit: PlannedUnit) -> UnitStatus:
     """A correction unit (``study.revise``): done once its revision.json is written; a fine-tuning one trains
     its ``model`` stage before (a post-hoc one trains nothing: 0 epochs)."""
     d = out / "units" / unit.key
-    fine_tuned = unit.config.method.name in FINE_TUNING
-    status = UnitStatus(unit, "not started", 0, int(unit.config.train.epochs) if fine_tuned else 0)
+    trained = unit.config.method.name in TRAINED
+    status = UnitStatus(unit, "not started", 0, int(unit.config.train.epochs) if trained else 0)
     if not d.is_dir():
         return status
     status.holder = held_by(d / ".lock") if (d / ".lock").exists() else None

@@ -46,6 +46,7 @@ from teachx.errors import CorruptionError, DataError
 from teachx.utils import distributed as dist_utils
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
+from teachx.utils.locking import file_lock
 from teachx.utils.runtime import tune_cpu_allocator
 
 STORE_VERSION = 1  # part of every store's key: bumped only when the map values change
@@ -343,3 +344,34 @@ def fill_store(
     if world > 1:
         dist_utils.barrier()  # every rank's rows are on disk: the store is complete for everyone
     return int(todo.size)
+
+
+def derived_store(
+    source: MapStore,
+    material: dict[str, Any],
+    compute: Callable[[np.ndarray], torch.Tensor],
+    batch_size: int = 256,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+) -> MapStore:
+    """A store of maps made from ``source``'s (``compute(indices)``, e.g. ``source``'s maps with a region zeroed),
+    next to it under a key of its own (``source``'s key and ``material``), for the rows ``source`` has finished.
+    ``source`` is never written; the new store is made, resumed, digested and verified like every store (and
+    rebuilt, never used, when damaged), and a lock keeps two processes from filling it at once. Its material
+    is ``source``'s (so `teachx cache list` says what the maps are of) with ``derived_from`` and ``material``
+    (a ``derived`` entry says how, in words)."""
+    full = {**dict(source.meta.get("material") or {}), "derived_from": source.key, **material}
+    maps_dir = source.path.parent
+    rows = np.flatnonzero(np.asarray(source.done))
+
+    def open_and_fill() -> MapStore:
+        store = open_store(maps_dir, full, source.maps.shape[0], tuple(source.maps.shape[1:]), log=log)
+        made = fill_store(store, rows, compute, batch_size, progress=progress, desc="derived maps")
+        if made:
+            log(f"[maps] {made} maps derived from {source.path.name} -> {store.path}")
+        return store
+
+    if dist_utils.world_size() > 1:  # the ranks fill one store together (open_store/fill_store coordinate them)
+        return open_and_fill()
+    with file_lock(maps_dir / f"{store_key(full)[:20]}.lock"):
+        return open_and_fill()

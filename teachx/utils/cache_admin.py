@@ -157,7 +157,13 @@ def _map_entry(path: Path, meta: dict) -> CacheEntry:
     desc = (
         f"{m.get('teacher', '?')} maps{f' ({opts_text})' if opts_text else ''} of {m.get('dataset', '?')} "
         f"{m.get('split', '?')} ({shape[0] if shape else '?'} images, data {_short(m.get('data_hash'))}), "
-        f"teacher model {_short(m.get('model_hash'))}" + ("" if done is None or done >= 1 else f", {done:.0%} filled")
+        f"teacher model {_short(m.get('model_hash'))}"
+        + (
+            f", {m.get('derived') or 'derived'} from store {_short(m['derived_from'], 20)}"
+            if m.get("derived_from")
+            else ""
+        )
+        + ("" if done is None or done >= 1 else f", {done:.0%} filled")
     )
     files = _own_files(path)
     size, _, latest = _usage(path, files, ("maps.npy",))

@@ -1,7 +1,7 @@
 """Training methods behind one contract (``base.TrainingMethod``), chosen with ``method.name``.
 
 ``impactx`` (the default), ``baseline``, ``abn``, ``rrr``, ``saliency_guided``, ``reldrop``, and the
-concept corrections ``rrclarc``, ``aclarc`` and ``rrr_revealed``: one file each, registered in ``METHODS``. ``teachx methods`` lists them with their options.
+concept corrections ``rrclarc``, ``aclarc``, ``rrr_revealed`` and ``impactx_cleaned``: one file each, registered in ``METHODS``. ``teachx methods`` lists them with their options.
 """
 
 from teachx.training.methods.base import (
@@ -23,6 +23,7 @@ from teachx.training.methods import abn as _abn  # noqa: F401,E402
 from teachx.training.methods import aclarc as _aclarc  # noqa: F401,E402
 from teachx.training.methods import baseline as _baseline  # noqa: F401,E402
 from teachx.training.methods import impactx as _impactx  # noqa: F401,E402
+from teachx.training.methods import impactx_cleaned as _impactx_cleaned  # noqa: F401,E402
 from teachx.training.methods import reldrop as _reldrop  # noqa: F401,E402
 from teachx.training.methods import rrclarc as _rrclarc  # noqa: F401,E402
 from teachx.training.methods import rrr as _rrr  # noqa: F401,E402

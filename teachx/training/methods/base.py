@@ -138,6 +138,12 @@ class TrainingMethod:
     config_section: ClassVar[str] = ""
     #: its built-in map is trained towards the teacher's maps (by a map loss), so comparing the two means something
     map_follows_teacher: ClassVar[bool] = False
+    #: it corrects a run's model along a concept file (``method.options.concept``): a `teachx revise --method` and
+    #: ``study.revise.methods`` correction
+    corrects_concept: ClassVar[bool] = False
+    #: (a correction) it fine-tunes the run's baseline, so `teachx revise` applies the Reveal-to-Revise recipe (a
+    #: few epochs at a tenth of the learning rate); otherwise it trains anew with the run's own training settings
+    fine_tunes_baseline: ClassVar[bool] = False
 
     def __init__(self, cfg: "RunConfig"):
         self.cfg = cfg
@@ -287,8 +293,9 @@ def unknown_option_message(method: str, key: str, section_keys: Optional[list[st
     if section:
         keys = list(section_keys or [])
         return (
-            f"unknown option method.options.{key} of method {method}{suggest(key, keys, 'method.options.')}; its options are the {section}.* keys "
-            f"({', '.join(keys) or '`teachx config --describe`'})"
+            f"unknown option method.options.{key} of method {method}{suggest(key, own + keys, 'method.options.')}; its options are "
+            + "".join(f"method.options.{k}, " for k in own)
+            + f"the {section}.* keys ({', '.join(keys) or '`teachx config --describe`'})"
             + (f"; {key} is an option of {' / '.join(owners)}" if owners else "")
         )
     if owners:
@@ -317,8 +324,10 @@ def recorded_method(record: dict[str, Any]) -> Optional[type[TrainingMethod]]:
 
 def method_of_model(kind: str) -> Optional[type[TrainingMethod]]:
     """The method whose checkpoints are of ``kind`` (a model with built-in maps: ``impactx``, ``abn``); None for
-    a kind several methods share (``classifier``) or none has."""
+    a kind several methods share (``classifier``) or none has. A method that subclasses the kind's owner and
+    inherits its kind (``impactx_cleaned``: IMPACTX's model, trained on other maps) leaves it the owner's."""
     owners = [METHODS.get(n) for n in METHODS.names() if METHODS.get(n).checkpoint_kind == kind]
+    owners = [m for m in owners if not any(o is not m and issubclass(m, o) for o in owners)]
     return owners[0] if len(owners) == 1 else None
 
 
@@ -359,7 +368,7 @@ def _check_config_method_sections(cfg: RunConfig) -> None:
     name = METHODS.canonical(cfg.method.name)
     for owner in METHODS.names():
         section = METHODS.get(owner).config_section
-        if not section or owner == name:
+        if not section or section == METHODS.get(name).config_section:  # its own section (or one it shares)
             continue
         values = getattr(cfg, section)
         changed = [k for k, v in to_dict(values).items() if v != getattr(type(values)(), k)]
@@ -387,7 +396,11 @@ def _fold_method_options(data: dict[str, Any]) -> dict[str, Any]:
         return data  # from_dict names the section that is no mapping
     keys = [f.name for f in dataclasses.fields(get_type_hints(RunConfig)[section])]
     own = dict(own)
+    declared = METHODS.get(name).options  # options of its own besides the section's (impactx_cleaned's concept)
+    kept = {k: v for k, v in method["options"].items() if k in declared}
     for key, value in method["options"].items():
+        if key in declared:
+            continue
         if key not in keys:
             raise ConfigError(unknown_option_message(METHODS.canonical(name), str(key), keys))
         if key in own and own[key] != value:
@@ -396,7 +409,7 @@ def _fold_method_options(data: dict[str, Any]) -> dict[str, Any]:
                 f"{METHODS.canonical(name)}, set to {own[key]!r} and {value!r}; keep one of them"
             )
         own[key] = value
-    return {**data, section: own, "method": {**method, "options": {}}}
+    return {**data, section: own, "method": {**method, "options": kept}}
 
 
 add_hook("method.validate", _check_config_method)

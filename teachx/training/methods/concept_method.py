@@ -46,6 +46,30 @@ CONCEPT_OPTIONS: dict[str, Option] = {
 }
 
 
+def load_checked_concept(path: str, layer: str = "") -> Concept:
+    """The concept file at ``path``, read and verified; ``layer`` set, it must be the concept's layer."""
+    concept = load_concept(path)
+    if layer and layer != concept.layer:
+        raise ConfigError(
+            f"concept '{path}' is at layer '{concept.layer}', not '{layer}'; "
+            "leave method.options.layer empty or compute a concept at that layer"
+        )
+    return concept
+
+
+def concept_record(concept: Concept, path: str) -> dict[str, Any]:
+    """What a stage record keeps about the concept a method corrected along: its content, not only its path."""
+    json_path, _ = concept_paths(path)
+    return {
+        "name": concept.name,
+        "layer": concept.layer,
+        "model_digest": concept.model_digest,
+        "z_clean": concept.z_clean,
+        "z_artefact": concept.z_artefact,
+        "file_sha256": sha256_file(json_path),
+    }
+
+
 def freeze_features(model: nn.Module) -> list[nn.Module]:
     """Freeze every convolution and normalisation layer's parameters; returns the normalisation layers,
     which the task keeps in eval mode (their running statistics stay the starting model's)."""
@@ -74,6 +98,8 @@ class ConceptMethod(TrainingMethod):
     """Base of the methods that fine-tune along a concept (not registered itself)."""
 
     options: dict[str, Option] = CONCEPT_OPTIONS
+    corrects_concept = True
+    fine_tunes_baseline = True
     #: whether the concept must carry localisation masks (arrays ``masks`` and ``localised``), which whoever makes
     #: the concept (a study's ``study.revise``) then localises
     concept_needs_masks: bool = False
@@ -95,13 +121,7 @@ class ConceptMethod(TrainingMethod):
     def concept(self) -> Concept:
         """The concept file's record, read and verified once."""
         if self._concept is None:
-            concept = load_concept(self.opts["concept"])
-            if self.opts["layer"] and self.opts["layer"] != concept.layer:
-                raise ConfigError(
-                    f"concept '{self.opts['concept']}' is at layer '{concept.layer}', not '{self.opts['layer']}'; "
-                    "leave method.options.layer empty or compute a concept at that layer"
-                )
-            self._concept = concept
+            self._concept = load_checked_concept(self.opts["concept"], self.opts["layer"])
         return self._concept
 
     def check_data(self, plan) -> None:
@@ -110,19 +130,7 @@ class ConceptMethod(TrainingMethod):
 
     def record(self) -> dict[str, Any]:
         """The method and its options, and which concept it corrected: the file's content, not only its path."""
-        concept = self.concept()
-        json_path, _ = concept_paths(self.opts["concept"])
-        return {
-            **super().record(),
-            "concept": {
-                "name": concept.name,
-                "layer": concept.layer,
-                "model_digest": concept.model_digest,
-                "z_clean": concept.z_clean,
-                "z_artefact": concept.z_artefact,
-                "file_sha256": sha256_file(json_path),
-            },
-        }
+        return {**super().record(), "concept": concept_record(self.concept(), self.opts["concept"])}
 
     def results(self, record: dict[str, Any]) -> dict[str, Any]:
         return {"concept": record.get("concept")}

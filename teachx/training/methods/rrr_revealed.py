@@ -53,13 +53,16 @@ class RevealedMasks:
         return torch.from_numpy(out)
 
 
-def revealed_masks(concept: Concept, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(masks (M, H, W), training indices (M,)) the concept carries; one line naming the fix if it has none."""
+def revealed_masks(
+    concept: Concept, where: str, method: str = "rrr_revealed", use: str = "penalises the input gradient on"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(masks (M, H, W), training indices (M,)) the concept carries; one line naming the fix if it has none
+    (``method`` and what it does with the masks, ``use``, in the user's words)."""
     if MASKS not in concept.arrays or MASK_INDICES not in concept.arrays:
         raise ConfigError(
-            f"concept '{where}' carries no artefact masks; method rrr_revealed penalises the input gradient on the "
+            f"concept '{where}' carries no artefact masks; method {method} {use} the "
             "masks `teachx reveal RUN_DIR --class C --concept top --name NAME` localises: correct with "
-            "`teachx revise RUN_DIR --concept NAME --method rrr_revealed`, which puts them into its concept file"
+            f"`teachx revise RUN_DIR --concept NAME --method {method}`, which puts them into its concept file"
         )
     masks, indices = np.asarray(concept.arrays[MASKS]), np.asarray(concept.arrays[MASK_INDICES])
     if masks.ndim != 3 or indices.shape != (len(masks),) or not np.issubdtype(indices.dtype, np.integer):
@@ -68,6 +71,20 @@ def revealed_masks(concept: Concept, where: str) -> tuple[np.ndarray, np.ndarray
             f"{masks.shape} and {indices.shape}; make the concept again with `teachx revise`"
         )
     return masks, indices
+
+
+def check_masks_fit(masks: np.ndarray, indices: np.ndarray, dataset, where: str) -> None:
+    """Refuse, in one line, masks made on other data: of another image size, or of training images the split lacks."""
+    if masks.shape[1:] != tuple(dataset.image_size):
+        raise ConfigError(
+            f"concept '{where}' has masks of {masks.shape[1]}x{masks.shape[2]} pixels but the "
+            f"images are {dataset.image_size[0]}x{dataset.image_size[1]}; make the concept on this run's data"
+        )
+    if len(indices) and (indices.min() < 0 or indices.max() >= len(dataset.train)):
+        raise ConfigError(
+            f"concept '{where}' has masks of training images up to index {int(indices.max())}, "
+            f"but the training split has {len(dataset.train)}; make the concept on this run's data"
+        )
 
 
 class RevealedRRRTask(RRRTask, ConceptTask):
@@ -118,17 +135,7 @@ class RRRRevealed(ConceptMethod):
     def check_data(self, plan) -> None:
         super().check_data(plan)
         masks, indices = self.masks()
-        ds = plan.dataset
-        if masks.shape[1:] != tuple(ds.image_size):
-            raise ConfigError(
-                f"concept '{self.opts['concept']}' has masks of {masks.shape[1]}x{masks.shape[2]} pixels but the "
-                f"images are {ds.image_size[0]}x{ds.image_size[1]}; make the concept on this run's data"
-            )
-        if len(indices) and (indices.min() < 0 or indices.max() >= len(ds.train)):
-            raise ConfigError(
-                f"concept '{self.opts['concept']}' has masks of training images up to index {int(indices.max())}, "
-                f"but the training split has {len(ds.train)}; make the concept on this run's data"
-            )
+        check_masks_fit(masks, indices, plan.dataset, self.opts["concept"])
 
     def record(self) -> dict[str, Any]:
         rec = super().record()
