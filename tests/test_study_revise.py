@@ -349,3 +349,25 @@ def test_a_revise_study_trains_impactx_on_cleaned_teacher_maps(tmp_path, monkeyp
     assert len(rev_units) == 2 and all(u.state == "done" and u.epochs == 1 for u in rev_units)
     again = run_study(load_study(str(cfg)), tmp_path / "out", lambda line: None)
     assert again.trained == 0
+
+
+def test_dry_run_says_which_concept_each_correction_row_follows(tmp_path):
+    """`--dry-run` tells a revealed row (the concept the reveal finds) from an annotated one (the CAV of the true
+    carriers, which reads the annotations), and writes nothing."""
+    from conftest import invoke_study
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    res = invoke_study(
+        str(repo / "studies" / "study-r2r-revise-fm-cpu.yaml"),
+        "--out",
+        out,
+        "--dry-run",
+        "study.revise.methods=[pclarc]",
+    )
+    assert res.exit_code == 0, res.output
+    lines = {ln.split(":")[0].strip(): ln for ln in res.output.splitlines() if ln.strip().startswith("arm=")}
+    assert "the concept the baseline's reveal finds" in lines["arm=reveal+pclarc"]
+    assert "truly carry the artefact" in lines["arm=annotated+pclarc"]
+    assert "reveal finds" not in lines["arm=annotated+pclarc"]
+    assert not out.exists()

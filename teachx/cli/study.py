@@ -138,10 +138,13 @@ def study(
                 else "trained anew with the run's training settings"
             )
             opts = " ".join((spec.revise.items(m) if spec.revise else []))
-            click.echo(
-                f"  arm={row}: {m} ({how}{', ' + opts if opts else ''}) along the concept the baseline's reveal finds"
+            along = (
+                "the CAV of the training images that truly carry the artefact (it reads the annotations: a reference)"
+                if spec.revise and spec.revise.source(row) == "annotated"
+                else "the concept the baseline's reveal finds"
                 f" ({spec.eval.reveal.method if spec.eval.reveal else ''}, the top group of the poisoned class)"
             )
+            click.echo(f"  arm={row}: {m} ({how}{', ' + opts if opts else ''}) along {along}")
         if launcher == "submitit":
             from teachx.cli.cluster import sbatch_text  # lazy: CLI start-up
 
