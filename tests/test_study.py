@@ -703,9 +703,11 @@ def test_bcos_arm_is_evaluated_on_its_own_contributions(tmp_path, monkeypatch):
         + "  eval: {faithfulness: true, n_images: 12, steps: 4, examples: 4}\n"
     )
     spec = load_study(str(cfg))
-    result = run_study(spec, tmp_path / "out", lambda s: None)
+    lines: list[str] = []
+    result = run_study(spec, tmp_path / "out", lines.append)
     rows = {r["arm"]: r for r in result.data["rows"]}
     (key,) = rows["bcos"]["units"]
+    assert any("arm=bcos " in line and "map_corr=" in line for line in lines)  # (its baseline trained in its job)
     assert {u.key for u in planned_units(spec)} == set(result.data["units"])
     unit = result.data["units"][key]
     assert unit["kind"] == "method" and unit["method"] == "baseline"
@@ -727,6 +729,8 @@ def test_bcos_arm_is_evaluated_on_its_own_contributions(tmp_path, monkeypatch):
     assert np.allclose(arrays["built_in"], expected.numpy(), rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     # the evaluation is its own digest-verified file, read back (not redone) by a second run; status: done
     assert len(list((tmp_path / "out" / "units" / key).glob("eval-*.json"))) == 1
-    again = run_study(spec, tmp_path / "out", lambda s: None)
+    lines.clear()
+    again = run_study(spec, tmp_path / "out", lines.append)
     assert again.trained == 0 and again.data["units"][key]["map_quality"] == unit["map_quality"]
+    assert any("arm=bcos " in line and "(cached)" in line for line in lines)
     assert all(u.state == "done" for u in study_status(spec, tmp_path / "out").units)

@@ -644,9 +644,10 @@ def _run_job(
         return f"regime={regime} arm={arm} seed={seed} test_acc={number(rec.test_acc)} {splits}{' (' + notes + ')' if notes else ''} ({how})"
     tcfg, tb, topts = teacher_training(cfg)
     tkey, trec = r.classifier(tcfg, tb, topts)
-    key, rec, _cached = r.method(cfg, own_base, tkey)
+    key, rec, cached = r.method(cfg, own_base, tkey)
     cells.setdefault((regime, arm), {})[seed] = key
-    how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
+    took = f"{time.perf_counter() - t0:.1f}s"  # evaluated: trained before, or nothing to train (a reused baseline)
+    how = f"trained {took}" if r.trained > before else "cached" if cached else f"evaluated {took}"
     extra = ""
     q = rec.map_quality
     if q:
