@@ -113,7 +113,7 @@ def splits_table(rows: list[StudyRow]) -> None:
 
 
 def maps_table(rows: list[StudyRow]) -> None:
-    """Built-in map quality (map_quality of each unit with a built-in map, IMPACTX or ABN, means over seeds), with
+    """Built-in map quality (map_quality of each unit with a built-in map: IMPACTX, ABN or a B-cos model, means over seeds), with
     the yardstick that matters most: the most faithful unsmoothed post-hoc map of the same model."""
     rows = [r for r in rows if (r.map_quality or {}).get("pixel_flipping_morf.built_in")]
     if not rows:

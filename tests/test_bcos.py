@@ -208,6 +208,44 @@ def test_backbone_contract(name):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+# -- the model's own map: the contract of the built-in-map models ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_own_map_is_the_contributions_summed_over_channels(name):
+    """``explain`` / ``forward_all`` give the contributions of the explained class summed over the colour channels
+    (one map per image, as the default channel reduction of teacher maps): still the logit in total."""
+    model = seeded(name)
+    tell_input_normalization(model, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    x, target = images(), torch.tensor([0, 1, 2, 4])
+    own = model.explain(x, target)
+    assert own.shape == (4, 1, 32, 32) and not own.requires_grad
+    assert torch.allclose(own, model.contributions(x, target).sum(1, keepdim=True), rtol=1e-12, atol=1e-12)
+    logits = model(x)
+    assert torch.allclose(own.sum(dim=(1, 2, 3)), logits.gather(1, target[:, None])[:, 0], rtol=1e-9)
+    # default: the predicted class, with the logits of the same pass; one class: the same for every image
+    out, predicted_map = model.forward_all(x)
+    assert torch.allclose(out, logits) and not out.requires_grad
+    assert torch.allclose(predicted_map, model.contributions(x, logits.argmax(1)).sum(1, keepdim=True))
+    assert torch.allclose(model.explain(x, torch.tensor(2)), model.contributions(x, torch.full((4,), 2)).sum(1, True))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bcos_models_explain_themselves_and_plain_ones_do_not():
+    """The capability the evaluations ask for (no name): a B-cos network, and the methods that train one as it is."""
+    from teachx.models import backbone_explains_itself, explains_itself
+    from teachx.runs.resolve import resolve_config
+    from teachx.training.methods import build_method
+
+    assert explains_itself(seeded("bcos_lenet5")) and not explains_itself(build_model("lenet5", 3, 5, 32))
+    assert backbone_explains_itself("bcos_resnet") and backbone_explains_itself("bcos-lenet5")
+    assert not any(backbone_explains_itself(n) for n in ("lenet5", "resnet_cifar", "torchvision:resnet18", "nope"))
+    bcos = build_method(resolve_config(None, ["method.name=baseline", "model.backbone=bcos_lenet5"]))
+    plain = build_method(resolve_config(None, ["method.name=baseline"]))
+    assert bcos.explains_itself() and bcos.study_evaluates() and bcos.study_maps() == ("train", "test")
+    assert not plain.explains_itself() and not plain.study_evaluates() and plain.study_maps() == ()
+
+
 # -- the teacher ---------------------------------------------------------------------------------------------
 
 
@@ -290,3 +328,74 @@ def test_bcos_model_as_the_impactx_teacher(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert "impactx" in json.dumps(results)
+
+
+def test_bcos_baseline_run_reports_its_contributions_map_quality(tmp_path, monkeypatch):
+    """`teachx run model.backbone=bcos_lenet5 method.name=baseline`: results.json's map quality scores the model's
+    own map, its contributions, as an ABN run's scores the attention map: against the teacher's maps, and on the
+    model itself next to the most faithful unsmoothed post-hoc map of the same model."""
+    from teachx.runs.pipeline import run_pipeline
+    from teachx.runs.plan import make_plan
+    from teachx.runs.recovery import prepare_run_dir
+    from teachx.runs.resolve import resolve_config
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_config(
+        None,
+        [
+            "model.backbone=bcos_lenet5",
+            "method.name=baseline",
+            "data.train_size=200",
+            "train.epochs=1",
+            "train.progress=false",
+            "teacher.method=gradient",
+            "teacher.eval_images=40",
+            "teacher.faith_images=8",
+        ],
+    )
+    run_dir = prepare_run_dir(tmp_path / "run", cfg, "run", log=lambda s: None)
+    res = run_pipeline(
+        cfg, run_dir, log=lambda s: None, progress=False, figures=False, plan=make_plan(cfg, progress=False)
+    ).results
+    quality = res["map_quality"]
+    assert res["method"] == "baseline" and quality["images"] == 40 and -1 <= quality["corr"] <= 1
+    block = quality["faithfulness"]
+    best = block["best_post_hoc"]
+    morf = block["auc"]["pixel_flipping_morf"]
+    assert block["images"] == 8 and best["morf_ratio"] == pytest.approx(
+        morf["built_in"] / morf[f"post_hoc_{best['method']}"]
+    )
+    assert best["pixel_flipping_morf"] == min(best["morf_by_method"].values())
+
+
+@pytest.mark.slow
+def test_bcos_baseline_on_a_shortcut_benchmark_gets_its_own_maps_share(tmp_path, monkeypatch):
+    """On a swatch benchmark the B-cos model's own map is scored as a built-in map is: its share on the artefact
+    (recomputed here from the contributions of the true class) and the ratio of that to its gradient share."""
+    import numpy as np
+
+    from teachx.data.transforms import normalize
+    from teachx.evaluation import wrong_reason_score
+    from teachx.runs.pipeline import run_pipeline
+    from teachx.runs.plan import eval_indices, make_plan
+    from teachx.runs.recovery import prepare_run_dir
+    from teachx.runs.resolve import resolve_config
+    from teachx.runs.stages import load_classifier
+    from teachx.runs.teacher import as_nchw
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    args = ["model.backbone=bcos_lenet5", "method.name=baseline", "data.shortcut=swatch", "data.train_size=200"]
+    args += ["train.epochs=1", "train.progress=false", "teacher.method=gradient", "teacher.eval_images=40"]
+    cfg = resolve_config(None, args + ["teacher.faith_images=0"])
+    plan = make_plan(cfg, progress=False)
+    run_dir = prepare_run_dir(tmp_path / "run", cfg, "run", log=lambda s: None)
+    res = run_pipeline(cfg, run_dir, log=lambda s: None, progress=False, figures=False, plan=plan).results
+    block = res["shortcut"]["baseline"]
+    assert block["honesty"] == pytest.approx(block["built_in"] / block["gradient"])
+    model = load_classifier(next((run_dir / "baseline").rglob("best.safetensors")), plan.dataset).eval()
+    idx = eval_indices(cfg, plan)
+    x = normalize(as_nchw(plan.dataset.test.images[idx]), plan.mean, plan.std)
+    y = torch.from_numpy(np.asarray(plan.dataset.test.labels[idx])).long()
+    own = model.contributions(x, y).sum(1, keepdim=True)
+    direct = wrong_reason_score(own, torch.from_numpy(plan.dataset.test.masks[idx]).float())
+    assert block["built_in"] == pytest.approx(float(direct.mean()), rel=1e-4)

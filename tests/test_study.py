@@ -631,6 +631,7 @@ def test_study_records_of_older_teachx_read():
     [
         ("study-builtin-maps.yaml", 219, "6b823d4c4f1e73a3"),  # the full grid: additive and unet_input arms
         ("study-builtin-maps-reads-m.yaml", 48, "3467726571394058"),  # self-teaching arms and the old default
+        ("study-trustworthy-maps.yaml", 40, "d777e4bcec45246a"),  # its B-cos arm is now evaluated: the same keys
     ],
 )
 def test_shipped_built_in_map_studies_keep_their_unit_keys(name, n, digest):
@@ -677,3 +678,59 @@ def test_abn_arm_is_evaluated_like_impactx(tmp_path, monkeypatch):
     # the map scored is the ABN model's own attention map
     model = load_stage_model(tmp_path / "out" / "units" / key)
     assert hasattr(model, "forward_all") and model.explain(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+@pytest.mark.slow
+def test_bcos_arm_is_evaluated_on_its_own_contributions(tmp_path, monkeypatch):
+    """A study arm that trains a B-cos LeNet-5 as a plain classifier (method baseline, reusing its baseline unit)
+    gets the evaluation of the arms with a built-in map: its own map, the contributions of the predicted class
+    summed over channels, scored on the model next to the best unsmoothed post-hoc map of the same model, in an
+    evaluation file of its own unit; the unit keys stay what the spec plans."""
+    from teachx.data.transforms import normalize
+    from teachx.runs.plan import make_plan
+    from teachx.runs.stages import load_classifier
+    from teachx.studies.spec import planned_units
+    from teachx.studies.status import study_status
+
+    torch.set_num_threads(1)
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    z = make_zip(tmp_path / "tiny.zip")
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(
+        RUN.format(zip=z).replace("epochs: 2", "epochs: 1")
+        + "  faith_images: 8\n"  # teacher.faith_images: the map-quality block's faithfulness
+        + "study:\n  n_seeds: 1\n  arms:\n    bcos: {method.name: baseline, model.backbone: bcos_lenet5}\n"
+        + "  eval: {faithfulness: true, n_images: 12, steps: 4, examples: 4}\n"
+    )
+    spec = load_study(str(cfg))
+    lines: list[str] = []
+    result = run_study(spec, tmp_path / "out", lines.append)
+    rows = {r["arm"]: r for r in result.data["rows"]}
+    (key,) = rows["bcos"]["units"]
+    assert any("arm=bcos " in line and "map_corr=" in line for line in lines)  # (its baseline trained in its job)
+    assert {u.key for u in planned_units(spec)} == set(result.data["units"])
+    unit = result.data["units"][key]
+    assert unit["kind"] == "method" and unit["method"] == "baseline"
+    block = unit["map_quality"]["faithfulness"]
+    best = block["best_post_hoc"]
+    morf = block["auc"]["pixel_flipping_morf"]
+    references = {k[len("post_hoc_") :]: v for k, v in morf.items() if k.startswith("post_hoc_")}
+    assert best["method"] == min(references, key=references.get)
+    assert best["morf_ratio"] == pytest.approx(morf["built_in"] / references[best["method"]])
+    assert rows["bcos"]["map_quality"]["best_post_hoc.morf_ratio"]["mean"] == pytest.approx(best["morf_ratio"])
+    # the map scored is the baseline B-cos model's own: its contributions of the predicted class, summed
+    plan = make_plan(spec.config(next(iter(spec.regimes)), "bcos", 0), progress=False)
+    checkpoint = next((tmp_path / "out" / "units" / unit["baseline_unit"]).rglob("best.safetensors"))
+    model = load_classifier(checkpoint, plan.dataset).eval()
+    arrays = np.load(tmp_path / "out" / "units" / key / "examples.npz")
+    x = normalize(torch.from_numpy(arrays["images"]), plan.mean, plan.std)
+    predicted = model(x).argmax(1)
+    expected = model.contributions(x, predicted).sum(1, keepdim=True)
+    assert np.allclose(arrays["built_in"], expected.numpy(), rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    # the evaluation is its own digest-verified file, read back (not redone) by a second run; status: done
+    assert len(list((tmp_path / "out" / "units" / key).glob("eval-*.json"))) == 1
+    lines.clear()
+    again = run_study(spec, tmp_path / "out", lines.append)
+    assert again.trained == 0 and again.data["units"][key]["map_quality"] == unit["map_quality"]
+    assert any("arm=bcos " in line and "(cached)" in line for line in lines)
+    assert all(u.state == "done" for u in study_status(spec, tmp_path / "out").units)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-from typing import Any, Callable
+from typing import Any, Callable, get_type_hints
 
 from torch import nn
 
@@ -47,10 +47,35 @@ __all__ = [
     "any_model_from_spec",
     "BUILT_IN_MAP_MODELS",
     "shared_map_text",
+    "explains_itself",
+    "backbone_explains_itself",
 ]
 
 #: the spec names of the models that give their own attribution map in the forward pass (``forward_all``)
 BUILT_IN_MAP_MODELS = ("impactx", "abn")
+
+
+def explains_itself(model: nn.Module) -> bool:
+    """Whether ``model`` gives its own attribution map through the contract of the built-in-map models
+    (``forward_all(x, target)`` -> (logits, map), ``explain(x, target)`` -> map): IMPACTX, ABN, and the B-cos
+    backbones (their contributions). The evaluations that score a model's own map ask this, never a name."""
+    return callable(getattr(model, "forward_all", None)) and callable(getattr(model, "explain", None))
+
+
+def backbone_explains_itself(name: str) -> bool:
+    """Whether the registered backbone ``name`` builds models that explain themselves (:func:`explains_itself`),
+    read from its builder's return type so that nothing is built; False for external and unknown names."""
+    if ":" in str(name) or name not in MODELS:
+        return False
+    try:
+        built = get_type_hints(MODELS.get(name)).get("return")
+    except (NameError, TypeError):  # an annotation that does not resolve: no capability known
+        return False
+    return (
+        isinstance(built, type)
+        and callable(getattr(built, "forward_all", None))
+        and callable(getattr(built, "explain", None))
+    )
 
 
 def shared_map_text(kind: str) -> str:

@@ -21,7 +21,9 @@ scales and the normalisation's standard deviations. The network is then linear i
 input, ``logits = W(x) x_enc``, and the gradient of logit ``y`` with respect to ``x_enc`` is the row
 ``W(x)_y``. ``model.contributions(x, y)`` returns ``W(x)_y * x_enc`` with the two encoding channels of
 each colour channel added, (B, C, H, W): its sum over channels and pixels is the logit ``y``, up to
-float rounding (there are no biases to leave out). The ``bcos`` teacher returns these maps.
+float rounding (there are no biases to leave out). The ``bcos`` teacher returns these maps; ``model.explain(x, y)``
+and ``model.forward_all(x, y)`` give their sum over channels as the model's own map, which evaluations score as
+they score the built-in maps of IMPACTX and ABN (``teachx.models.explains_itself``).
 
 The logits are divided by a fixed ``temperature``, as in the papers: B-cos outputs are bounded by
 the input norm and shrink with each ``|cos|`` factor, so without it a softmax stays nearly uniform.
@@ -32,7 +34,7 @@ classifier training does not offer, so these backbones are trained with cross-en
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -224,7 +226,19 @@ def explanation_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 class BcosNetwork(Backbone):
     """A Backbone made of B-cos layers, with ``body[0]`` a ``BcosStem``; explained exactly by
-    ``contributions``."""
+    ``contributions``.
+
+    It explains itself through the contract of the models with a built-in map (IMPACTX, ABN):
+    ``forward_all(x, target)`` gives (logits, map) and ``explain(x, target)`` the map, here the contributions
+    of ``target`` (default: the predicted class) summed over the colour channels, (B, 1, H, W), as the
+    default channel reduction of teacher maps (``teacher.reduce=sum``) sums them; the map still adds up to the
+    logit. So evaluations that score a model's own map (map quality, its faithfulness on the model, the share
+    on a shortcut's artefact) score a B-cos model's contributions."""
+
+    #: its map depends on the class explained (the contributions of that class's logit)
+    per_class = True
+    #: how reports and figures name its own map
+    built_in_map_name = "B-cos contributions"
 
     def _encoded_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(encoded input as a leaf that requires grad, logits computed from it)."""
@@ -235,22 +249,47 @@ class BcosNetwork(Backbone):
             h = layer(h)
         return encoded, self.classifier(self.neck(h))
 
+    def _explained(
+        self, x: torch.Tensor, target: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, W(x)_target, x_enc) from one pass in explanation mode; ``target`` None: the predicted class,
+        one class: the same for every image. Nothing keeps a gradient."""
+        with explanation_mode(self), torch.enable_grad():
+            encoded, logits = self._encoded_logits(x)
+            if target is None:
+                target = logits.detach().argmax(1)
+            target = torch.as_tensor(target, device=logits.device).long().reshape(-1).expand(logits.shape[0])
+            score = logits.gather(1, target.reshape(-1, 1)).sum()
+            (weights,) = torch.autograd.grad(score, encoded)
+        return logits.detach(), weights.detach(), encoded.detach()
+
     def dynamic_weights(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(W(x)_target, x_enc): the rows of the dynamic linear map for class ``target`` (LongTensor (B,))
         and the encoded inputs they multiply, both (B, 2C, H, W). Parameters get no gradients."""
-        with explanation_mode(self), torch.enable_grad():
-            encoded, logits = self._encoded_logits(x)
-            score = logits.gather(1, target.reshape(-1, 1).to(logits.device)).sum()
-            (weights,) = torch.autograd.grad(score, encoded)
-        return weights.detach(), encoded.detach()
+        return self._explained(x, target)[1:]
 
     def contributions(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``W(x)_target * x_enc`` with the ``x`` and ``1 - x`` channels of each colour added, (B, C, H, W):
         sums over channels and pixels to the logit of ``target``."""
-        weights, encoded = self.dynamic_weights(x, target)
-        parts = weights * encoded
-        channels = x.shape[1]
-        return parts[:, :channels] + parts[:, channels:]
+        return _per_colour(*self.dynamic_weights(x, target))
+
+    def forward_all(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, the contributions of ``target`` summed over channels, (B, 1, H, W)) from one pass; ``target``:
+        a class per image, or one for all; default the predicted class. Nothing keeps a gradient."""
+        logits, weights, encoded = self._explained(x, target)
+        return logits, _per_colour(weights, encoded).sum(1, keepdim=True)
+
+    def explain(self, x: torch.Tensor, target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The model's own map: the contributions of ``target`` (default: the predicted class) summed over
+        channels, (B, 1, H, W); no parameter gets a gradient."""
+        return self.forward_all(x, target)[1]
+
+
+def _per_colour(weights: torch.Tensor, encoded: torch.Tensor) -> torch.Tensor:
+    """``weights * encoded`` (B, 2C, H, W) with the ``x`` and ``1 - x`` channels of each colour added, (B, C, H, W)."""
+    parts = weights * encoded
+    channels = parts.shape[1] // 2
+    return parts[:, :channels] + parts[:, channels:]
 
 
 def _norm_layer(norm: str, channels: int) -> nn.Module:

@@ -323,7 +323,9 @@ def run_report(d: Path) -> Page:
         doc.measures(["corr", "corr_mean_map", "corr_mean_map_augmented", "r2_vs_mean_map", "r2_vs_mean_map_affine"])
         fq = q.get("faithfulness")
         if fq:
-            doc.h(f"Built-in maps explain the IMPACTX model itself? ({fq.get('images')} test images, predicted class)")
+            doc.h(
+                f"Do the built-in maps explain the model that makes them? ({fq.get('images')} test images, predicted class)"
+            )
             auc = fq.get("auc", {})
             names = [
                 k
@@ -343,14 +345,14 @@ def run_report(d: Path) -> Page:
                 ],
             )
             doc.p(
-                f"Correlation of the built-in map with the teacher method applied post hoc to the IMPACTX model: {number(fq.get('corr_self'), 3)} "
+                f"Correlation of the built-in map with the teacher method applied post hoc to the same model: {number(fq.get('corr_self'), 3)} "
                 f"(mean map: {number(fq.get('corr_self_mean_map'), 3)}).",
                 "note",
             )
             best = fq.get("best_post_hoc")
             if best:
                 doc.p(
-                    f"The most faithful unsmoothed post-hoc map of the IMPACTX model is {best['method']} (MoRF "
+                    f"The most faithful unsmoothed post-hoc map of the same model is {best['method']} (MoRF "
                     f"{number(best.get('pixel_flipping_morf'), 3)}): the built-in maps' MoRF is "
                     f"{number(best.get('morf_ratio'), 2)} times its, and they correlate {number(best.get('corr_self'), 3)} with it.",
                     "note",

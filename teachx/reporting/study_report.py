@@ -352,7 +352,7 @@ def study_report(d: Path) -> Page:
                 ],
             )
             doc.p(
-                "All map sets explain the predicted class of the model with the built-in map (IMPACTX, or ABN's attention map); teacher_post_hoc is the teacher method applied to that model, "
+                "All map sets explain the predicted class of the model with the built-in map (IMPACTX, ABN's attention map, or a B-cos model's contributions); teacher_post_hoc is the teacher method applied to that model, "
                 "best post-hoc the most faithful (lowest MoRF) of gradient × input, LRP-epsilon and Integrated Gradients applied to it, unsmoothed "
                 "(empty for runs made before it was measured), "
                 "mean_map the mean training teacher map for every image, random the floor (map_quality.faithfulness in each unit).",

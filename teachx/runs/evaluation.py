@@ -13,6 +13,7 @@ from teachx.config.schema import RunConfig
 from teachx.data.transforms import normalize
 from teachx.evaluation.builtin_maps import map_corr
 from teachx.evaluation.shortcut import artefact_share, wrong_reason_score
+from teachx.models import explains_itself
 from teachx.models.impactx import ImpactX
 from teachx.registry import declare_measure
 from teachx.teachers import build as build_teacher
@@ -137,7 +138,7 @@ def reference_maps(
                 cfg, plan, model, x, target, device, teacher=build_teacher(method, **options), smooth=0.0
             )
         except Exception as exc:  # an optional diagnostic must not lose the training before it
-            errors.append(f"{name} on the IMPACTX model: {type(exc).__name__}: {exc}")
+            errors.append(f"{name} on the model with the built-in map: {type(exc).__name__}: {exc}")
     return out
 
 
@@ -152,9 +153,10 @@ def faithfulness_block(
     teacher_classes: Optional[np.ndarray] = None,
     steps: int = 16,
 ) -> dict[str, Any]:
-    """Faithfulness of the built-in maps to the IMPACTX model (``map_quality["faithfulness"]``).
+    """Faithfulness of the built-in maps to the model that makes them (``map_quality["faithfulness"]``): IMPACTX,
+    ABN, or a B-cos model, whose own map is its contributions (``teachx.models.explains_itself``).
 
-    Every map set explains the IMPACTX model's *predicted* class. Besides the AUCs and the
+    Every map set explains the model's *predicted* class. Besides the AUCs and the
     self-agreement (``corr_self``, with the teacher method, which may be smoothed), ``best_post_hoc`` names
     the most faithful unsmoothed post-hoc map of the same model (:data:`REFERENCE_METHODS`, scored as
     ``post_hoc_<name>``) with the built-in maps' MoRF ratio to it and their correlation with it; ``corr_post_hoc_teacher`` is the agreement of the post-hoc map
@@ -172,7 +174,7 @@ def faithfulness_block(
     try:
         post_hoc = post_hoc_maps(cfg, plan, model, x, target, device)
     except Exception as exc:  # an optional diagnostic must not lose the training before it
-        errors.append(f"{cfg.teacher.method} on the IMPACTX model: {type(exc).__name__}: {exc}")
+        errors.append(f"{cfg.teacher.method} on the model with the built-in map: {type(exc).__name__}: {exc}")
         post_hoc = None
     references = reference_maps(cfg, plan, model, x, target, device, errors)
     out = builtin_map_faithfulness(
@@ -312,7 +314,8 @@ def shortcut_evaluation(
 ) -> dict[str, Any]:
     """On a shortcut dataset: how much of each model's post-hoc attribution (input gradient, LRP)
     falls on the artefact of the de-correlated test images, next to the artefact's share of the
-    image (what a map blind to it would put there). A model with a built-in map (IMPACTX, ABN) also
+    image (what a map blind to it would put there). A model with a built-in map (IMPACTX, ABN, a B-cos model's
+    contributions: ``teachx.models.explains_itself``) also
     gets its map's share (``built_in``) and the ratio of that to its own gradient share (``honesty``,
     :class:`teachx.runs.records.ArtefactShares`). Test accuracies are in the stage records."""
     ds = plan.dataset
@@ -324,7 +327,7 @@ def shortcut_evaluation(
     for name, model in models.items():
         model = model.to(device).eval()
         built_in = None
-        if hasattr(model, "forward_all") and hasattr(model, "explain"):  # a built-in map (IMPACTX, ABN)
+        if explains_itself(model):  # a built-in map (IMPACTX, ABN) or a B-cos model's contributions
             with torch.no_grad():
                 maps = torch.cat([model.explain(x[s : s + 256], target=y[s : s + 256]) for s in range(0, len(y), 256)])
             built_in = float(wrong_reason_score(maps.float(), masks).mean())

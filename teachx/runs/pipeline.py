@@ -273,9 +273,10 @@ def _run_pipeline(
         idx, pred = ev[pick], ev_pred[pick]
         x_u8 = as_nchw(ds.test.images[idx])
         columns = {f"teacher ({cfg.teacher.method})": test_store.read(idx)}
-        if method.builtin_map:
+        if method.explains_itself():
             x = normalize(x_u8.to(device), plan.mean, plan.std)
-            columns[f"{label} built-in"] = model.to(device).explain(x).float().cpu()
+            name = getattr(model, "built_in_map_name", "built-in")  # a B-cos model's: its contributions
+            columns[f"{label} {name}"] = model.to(device).explain(x).float().cpu()
         names = ds.class_names
         save_example_grid(
             run_dir / "figures" / "examples.png",

@@ -331,14 +331,22 @@ class _Runner:
 
     def method(self, cfg: RunConfig, base_key: str, teacher_key: str) -> tuple[str, UnitRecord, bool]:
         """Train one unit of the arm's training method, and evaluate it where the method asks for it
-        (``study_evaluation``), or read it back; returns (key, record, was_cached)."""
+        (``study_evaluates``: also an arm that reuses a baseline that explains itself), or read it back; returns
+        (key, record, was_cached)."""
 
         method = build_method(cfg)
         key = unit_key(cfg)
         d = self.unit_dir(key, cfg, method.unit_kind)
-        eval_path = d / f"eval-{eval_key(cfg, self.spec.eval)}.json" if method.study_evaluation else None
+        eval_path = d / f"eval-{eval_key(cfg, self.spec.eval)}.json" if method.study_evaluates() else None
         if method.reuses_baseline:  # the arm's own baseline is this model: nothing more to train
-            (stage, ev), cached = (dict(stage_done(self.out / "units" / base_key) or {}), {}), True
+            stage, ev, cached = dict(stage_done(self.out / "units" / base_key) or {}), {}, True
+            if eval_path is not None:  # a model that explains itself (a B-cos baseline): its own evaluation file
+                if not eval_path.exists():
+                    with file_lock(d / ".lock", wait=False):
+                        if not eval_path.exists():
+                            cached = False
+                            self._evaluate_baseline(cfg, method, d, eval_path, base_key, teacher_key)
+                ev = read_unit_evaluation(eval_path)
         else:
             found = self._cached(d, eval_path)
             cached = found is not None
@@ -392,25 +400,9 @@ class _Runner:
         method asks for, then evaluate it into ``eval_path`` (when given)."""
         plan = self.plan(cfg)
         ds = plan.dataset
-        device = choose_device(cfg.device)
         timings: dict[str, float] = {}
         teacher_model = load_classifier(self.checkpoint(teacher_key), ds)
-        t0 = time.perf_counter()
-        stores = {
-            split: teacher_maps(
-                cfg,
-                plan,
-                teacher_model,
-                split,
-                plan.train_idx if split == "train" else eval_indices(cfg, plan),
-                device,
-                self.stage_log,
-                self.progress,
-                wait=False,
-            )
-            for split in method.study_maps()
-        }
-        timings["maps"] = time.perf_counter() - t0
+        stores = self._stores(cfg, method, teacher_model, timings)
         if stage_done(d) is None:
             self.trained += 1
         t0 = time.perf_counter()
@@ -426,6 +418,54 @@ class _Runner:
         timings[method.name] = time.perf_counter() - t0
         if eval_path is None:
             return record, {}
+        return record, self._evaluate(cfg, model, teacher_model, stores, base_key, d, eval_path, timings)
+
+    def _evaluate_baseline(
+        self, cfg: RunConfig, method, d: Path, eval_path: Path, base_key: str, teacher_key: str
+    ) -> dict[str, Any]:
+        """Evaluate the baseline model of an arm that reuses it, where that model explains itself (a B-cos
+        network), into ``eval_path`` in the arm's own unit folder, as a trained method unit is evaluated."""
+        ds = self.plan(cfg).dataset
+        timings: dict[str, float] = {}
+        teacher_model = load_classifier(self.checkpoint(teacher_key), ds)
+        stores = self._stores(cfg, method, teacher_model, timings)
+        model = self._load_classifier(cfg, base_key)
+        return self._evaluate(cfg, model, teacher_model, stores, base_key, d, eval_path, timings)
+
+    def _stores(self, cfg: RunConfig, method, teacher_model, timings: dict[str, float]) -> dict[str, Any]:
+        """The teacher's map stores of the splits the method's unit needs (:meth:`study_maps`), made or read."""
+        plan = self.plan(cfg)
+        t0 = time.perf_counter()
+        stores = {
+            split: teacher_maps(
+                cfg,
+                plan,
+                teacher_model,
+                split,
+                plan.train_idx if split == "train" else eval_indices(cfg, plan),
+                choose_device(cfg.device),
+                self.stage_log,
+                self.progress,
+                wait=False,
+            )
+            for split in method.study_maps()
+        }
+        timings["maps"] = time.perf_counter() - t0
+        return stores
+
+    def _evaluate(
+        self,
+        cfg: RunConfig,
+        model,
+        teacher_model,
+        stores: dict[str, Any],
+        base_key: str,
+        d: Path,
+        eval_path: Path,
+        timings: dict[str, float],
+    ) -> dict[str, Any]:
+        """The unit's evaluation (its own map's quality and faithfulness, example arrays), written to ``eval_path``."""
+        plan, device = self.plan(cfg), choose_device(cfg.device)
         t0 = time.perf_counter()
         train_store, test_store = stores["train"], stores["test"]
         ev: dict[str, Any] = {
@@ -433,13 +473,13 @@ class _Runner:
                 model, plan, test_store, train_store, device, cfg=cfg, teacher_model=teacher_model
             )
         }
-        baseline = load_classifier(self.checkpoint(base_key), ds)
+        baseline = load_classifier(self.checkpoint(base_key), plan.dataset)
         ev.update(_evaluate_unit(cfg, self.spec.eval, plan, model, baseline, test_store, device, d))
         timings["evaluation"] = time.perf_counter() - t0
         ev["timings"] = timings
         ev["map_store"] = {"train": str(train_store.path), "test": str(test_store.path)}
         write_json_atomic(eval_path, ev, digest=True)
-        return record, ev
+        return ev
 
 
 def _annotated_groups(plan) -> dict[str, np.ndarray]:
@@ -604,9 +644,10 @@ def _run_job(
         return f"regime={regime} arm={arm} seed={seed} test_acc={number(rec.test_acc)} {splits}{' (' + notes + ')' if notes else ''} ({how})"
     tcfg, tb, topts = teacher_training(cfg)
     tkey, trec = r.classifier(tcfg, tb, topts)
-    key, rec, _cached = r.method(cfg, own_base, tkey)
+    key, rec, cached = r.method(cfg, own_base, tkey)
     cells.setdefault((regime, arm), {})[seed] = key
-    how = f"trained {time.perf_counter() - t0:.1f}s" if r.trained > before else "cached"
+    took = f"{time.perf_counter() - t0:.1f}s"  # evaluated: trained before, or nothing to train (a reused baseline)
+    how = f"trained {took}" if r.trained > before else "cached" if cached else f"evaluated {took}"
     extra = ""
     q = rec.map_quality
     if q:

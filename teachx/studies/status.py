@@ -82,12 +82,7 @@ class StudyStatus:
                 if not known:
                     return None
                 total += (u.epochs - u.epochs_done) * statistics.median(known)
-            if (
-                u.unit.method is not None
-                and u.unit.method.study_evaluation
-                and u.state != "evaluating"
-                and (evals.get(arm) or any_eval)
-            ):
+            if _evaluated(u.unit) and u.state != "evaluating" and (evals.get(arm) or any_eval):
                 total += statistics.median(evals.get(arm) or any_eval)
         return total
 
@@ -131,12 +126,18 @@ def _revision_status(out: Path, unit: PlannedUnit) -> UnitStatus:
     return status
 
 
+def _evaluated(unit: PlannedUnit) -> bool:
+    """Whether a method unit is evaluated beyond accuracy (an evaluation file of its own: the method's
+    ``study_evaluates``, which a baseline that explains itself, a B-cos network, answers too)."""
+    return unit.method is not None and unit.method(unit.config).study_evaluates()
+
+
 def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
     if unit.kind == "revision":
         return _revision_status(out, unit)
     cfg = unit.config
     epochs = int(cfg.train.epochs)
-    d = out / "units" / unit.key
+    own = d = out / "units" / unit.key  # the unit's folder: its evaluation file, even where it reuses a baseline
     if unit.method is not None and unit.method.reuses_baseline:  # the arm is its baseline model: nothing of its own
         d = out / "units" / classifier_key(cfg, cfg.model.backbone, dict(cfg.model.options))
     status = UnitStatus(unit, "not started", 0, epochs)
@@ -149,10 +150,11 @@ def _unit_status(spec: StudySpec, out: Path, unit: PlannedUnit) -> UnitStatus:
             status.epochs_done = len(record.get("history") or []) or epochs
             status.test_acc = record.get("test_acc")
             status.seconds_per_epoch = record.get("seconds_per_epoch")
-            evaluation = d / f"eval-{eval_key(cfg, spec.eval)}.json"
-            evaluated = unit.method is not None and unit.method.study_evaluation
+            evaluation = own / f"eval-{eval_key(cfg, spec.eval)}.json"
+            evaluated = _evaluated(unit)
             if evaluated and not evaluation.exists():
-                status.state = "evaluating" if status.holder else "to evaluate"
+                busy = status.holder if own == d else (held_by(own / ".lock") if (own / ".lock").exists() else None)
+                status.state = "evaluating" if busy else "to evaluate"
                 return status
             if evaluated:  # verified like the record: a damaged evaluation is shown, not counted
                 ev = read_unit_evaluation(evaluation)

@@ -29,7 +29,7 @@ from torch import nn
 from teachx.config.loader import to_dict
 from teachx.config.schema import MethodConfig, RunConfig, add_hook
 from teachx.errors import ConfigError
-from teachx.models import build_model
+from teachx.models import backbone_explains_itself, build_model
 from teachx.registry import Registry, suggest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -213,10 +213,24 @@ class TrainingMethod:
         """The training loss in a figure's words, so a loss curve says what it plots."""
         return self.loss_text
 
+    def explains_itself(self) -> bool:
+        """Whether the model it trains gives its own attribution map (``forward_all`` / ``explain``): a model of
+        its own with a built-in map (``builtin_map``), or the configured backbone, where the method trains that
+        (``checkpoint_kind`` classifier) and the backbone explains itself (a B-cos network: its contributions)."""
+        return self.builtin_map or (
+            self.checkpoint_kind == "classifier" and backbone_explains_itself(self.cfg.model.backbone)
+        )
+
     def trains_builtin_map(self) -> bool:
         """Whether the trained model's own map is worth evaluating (map quality needs the teacher's
-        maps then); default: whether the model has one."""
-        return self.builtin_map
+        maps then); default: whether the model has one (:meth:`explains_itself`)."""
+        return self.explains_itself()
+
+    def study_evaluates(self) -> bool:
+        """Whether its study units are evaluated beyond accuracy (``eval-<key>.json``): ``study_evaluation``, or
+        a model that explains itself, whose own map is then judged as IMPACTX's and ABN's are (a B-cos arm, even
+        one that reuses its baseline)."""
+        return self.study_evaluation or self.explains_itself()
 
     def record(self) -> dict[str, Any]:
         """What the stage record and results.json keep about the method."""
@@ -242,7 +256,7 @@ class TrainingMethod:
 
     def study_maps(self) -> tuple[str, ...]:
         """The splits whose teacher maps a study unit of it needs (the test split for its evaluation)."""
-        if self.study_evaluation:
+        if self.study_evaluates():
             return ("train", "test")
         return ("train",) if self.needs_teacher_maps() else ()
 
