@@ -8,7 +8,7 @@ AUROC / AP over all training images and the mask IoU. The ground truth is read o
 Variants: ``default`` (RevealSettings(): spray_latent in six groups on the standardised max-pooled activations of
 every nonlinearity, ranked by specificity, the top group merged with the next ones as specific, logistic CAV
 there, LRP epsilon_plus localisation),
-``refine2`` (the same with the CAV refitted twice on what it retrieves), ``neck_relevances`` (the default until
+``refine2`` (the same with the top group grown for 2 rounds before its CAV is fitted), ``neck_relevances`` (the default until
 the reveal algorithms' version 3: spray_latent on the LRP relevances of the features the classifier reads, the
 eigengap's number of groups ranked by silhouette, the pattern CAV on the raw activations there) and
 ``spray_maps`` (the one before: SpRAy on 8x8 LRP maps, CAV on the last feature maps). Writes a JSON list of

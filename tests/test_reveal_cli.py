@@ -280,6 +280,17 @@ def test_default_groups_on_every_layer_ranks_by_specificity_and_fits_the_concept
     )
     assert code == 0 and "done, skipped" in out, err
     assert read_concept(run_copy / "reveal" / "concepts" / "t4.json").cav.shape == (16,)
+    # --refine grows the concept's images from the group before the CAV is fitted, and says so
+    code, out, err = teachx_main(
+        capsys, "reveal", run_copy, "--class", "0", "--concept", "top", "--refine", "5", "--name", "g", "-q"
+    )
+    assert code == 0 and f"grown from {top.size})" in out, (out, err)
+    grown = read_concept(run_copy / "reveal" / "concepts" / "g.json")
+    assert grown.record["grown"] == {"rounds": 5, "from": top.size, "to": len(grown.members)}
+    # here the top group holds every artefact image and more clean ones: the grown set is purer
+    assert truth[grown.members].mean() > truth[np.asarray(top.members)].mean() + 0.2
+    assert auroc(grown.scores, truth[grown.indices]) > 0.8
+    assert "grown" not in read_concept(run_copy / "reveal" / "concepts" / "t.json").record
     # `teachx report` shows it as saved: the score named a specificity, the concept at its one layer
     code, _, err = teachx_main(capsys, "report", run_copy)
     assert code == 0, err

@@ -130,7 +130,8 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
         inter, union = (p & t).sum((1, 2)), (p | t).sum((1, 2))
         assert gt["localisation_iou"] == pytest.approx(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
     # the same pipeline without a person in the loop (what a study measures per unit), with the settings of
-    # `teachx reveal` (the method's own groups and ranking, the raw activations of one layer), gives the same numbers
+    # `teachx reveal` (the method's own groups and ranking, the raw activations of one layer, the group not grown),
+    # gives the same numbers
     import torch
 
     from teachx.runs.reveal import _classifier_checkpoint, find_classifier
@@ -151,6 +152,7 @@ def test_reveal_on_an_artefact_benchmark_reports_against_its_ground_truth(tmp_pa
             rank="method",
             standardise=False,
             cav="pattern",
+            refine=0,
         ),
     )
     assert list(bench.classes) == ["2"]
@@ -175,6 +177,11 @@ def test_the_reveal_setting_keeps_every_other_study_key():
     cfg = RunConfig()
     assert eval_key(cfg, EvalSpec()) == eval_key(cfg, EvalSpec(reveal=RevealSettings()))
     assert reveal_key(RevealSettings()) != reveal_key(replace(RevealSettings(), teacher="gradient"))
+    # the default grows the top group: a reveal made without growing is never read back as the default's; one
+    # made with refine 0 keeps the key it had before growing existed, and the former refitting's (refine 2) not
+    assert reveal_key(RevealSettings()) != reveal_key(replace(RevealSettings(), refine=0))
+    assert reveal_key(replace(RevealSettings(), refine=0)) == "b228e06e204e"
+    assert reveal_key(replace(RevealSettings(), refine=2)) != "5b1a391309de"
 
 
 @pytest.mark.parametrize(
@@ -185,6 +192,11 @@ def test_the_reveal_setting_keeps_every_other_study_key():
             "unknown study.eval.reveal.rank 'silhouette'; valid: specificity, method",
         ),
         ("study.eval.reveal.latent=maps", "unknown study.eval.reveal.latent 'maps'; valid: activations, relevances"),
+        (
+            "study.eval.reveal.refine=-1",
+            "study.eval.reveal.refine is -1; pass a number of rounds, 0 or more (0: the top group alone), "
+            "e.g. study.eval.reveal.refine=5",
+        ),
     ],
 )
 def test_a_bad_reveal_setting_is_one_line_before_anything_is_written(tmp_path, capsys, override, message):

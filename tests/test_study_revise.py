@@ -67,6 +67,8 @@ def test_revise_needs_an_artefact_benchmark(tmp_path):
 
 
 def test_revise_turns_the_reveal_on_and_keeps_other_studies_as_they_were(tmp_path):
+    from dataclasses import replace
+
     from teachx.runs.reveal_benchmark import RevealSettings
     from teachx.studies.spec import load_study, revision_key
 
@@ -78,6 +80,8 @@ def test_revise_turns_the_reveal_on_and_keeps_other_studies_as_they_were(tmp_pat
     assert "revise" not in plain.to_dict() and plain.revise_rows == {}
     revise = spec.revise
     revealed = revise.concept_key("revealed", RevealSettings())
+    # a correction fits its concept on the top group itself: growing it for the reveal's CAV changes nothing
+    assert revise.concept_key("revealed", replace(RevealSettings(), refine=0)) == revealed
     keys = {
         revision_key("c-1", revealed, "rrclarc", []),
         revision_key("c-2", revealed, "rrclarc", []),
@@ -90,8 +94,6 @@ def test_revise_turns_the_reveal_on_and_keeps_other_studies_as_they_were(tmp_pat
         "annotated", RevealSettings(cav="svm")
     )
     assert revise.concept_key("annotated", RevealSettings()) != revealed
-    from dataclasses import replace
-
     assert replace(revise, cav="logistic").concept_key("revealed", RevealSettings()) != revealed
     assert len(keys) == 5 and all(k.startswith("r-") for k in keys)
 

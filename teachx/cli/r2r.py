@@ -103,6 +103,17 @@ def _require_run_dir(run_dir: str) -> None:
     help="Concept direction: the pattern (signal) CAV, or a linear SVM's or logistic regression's weights.",
 )
 @click.option(
+    "--refine",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="ROUNDS",
+    help="Grow the concept's images before its CAV is fitted, for at most this many rounds: a CAV of the images "
+    "against the other classes' images scores the class, and the high part of a split of the scores is the next "
+    "set. A clustering group often holds one piece of an artefact (a timestamp in one corner); growing finds the "
+    "rest. A study's reveal grows 5 rounds. 0: the group or marked images alone.",
+)
+@click.option(
     "--localise",
     "localise_with",
     type=click.Choice(["lrp", "gradient"]),
@@ -140,6 +151,7 @@ def reveal(
     features: str,
     rank: Optional[str],
     replace: bool,
+    refine: int,
     quiet: bool,
     wait: bool,
 ) -> None:
@@ -172,6 +184,7 @@ def reveal(
             features=features,
             rank=rank,
             replace=replace,
+            refine=refine,
             progress=not quiet,
             log=click.echo,
         ):

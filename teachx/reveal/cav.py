@@ -128,23 +128,50 @@ def fit_cav(activations: np.ndarray, concept: np.ndarray, kind: str = "pattern",
     return Cav(w, kind, layer, float(s[y].mean()), float(s[~y].mean()))
 
 
-def refine_cav(
-    activations: np.ndarray, concept: np.ndarray, kind: str = "pattern", layer: str = "", rounds: int = 2
-) -> Cav:
-    """The CAV of ``concept``, refitted ``rounds`` times on the rows it scores above the midpoint of its concept
-    and rest means (Reveal-to-Revise grows a discovered artefact group this way: a group found by clustering
-    holds part of the artefact's images, and the CAV finds the others). Stops early when the set stays the same
-    or would leave fewer than 2 on a side."""
-    y = np.asarray(concept).astype(bool)
-    cav = fit_cav(activations, y, kind, layer)
+#: at most this many images of the other classes stand for them when a concept is grown (evenly spaced)
+OTHERS = 4000
+
+
+def otsu_threshold(scores: np.ndarray) -> float:
+    """The cut of ``scores`` in two that maximises the between-part variance (Otsu 1979): halfway between the
+    last score of the low part and the first of the high part."""
+    v = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    if len(v) < 2:
+        raise ValueError("a split needs at least 2 scores")
+    k = np.arange(1, len(v))
+    low = np.cumsum(v)[:-1]
+    w = k / len(v)
+    between = w * (1 - w) * (low / k - (v.sum() - low) / (len(v) - k)) ** 2
+    j = int(np.argmax(between))
+    return float((v[j] + v[j + 1]) / 2)
+
+
+def grow_concept(class_x: np.ndarray, seed: np.ndarray, other_x: np.ndarray, rounds: int = 5) -> np.ndarray:
+    """The class's images that carry the concept of ``seed``, grown from that seed by self-training: a logistic
+    CAV of the set against the images of the *other* classes (``other_x``; at most :data:`OTHERS` of them, evenly
+    spaced) scores the class's images (``class_x``), and the high part of an Otsu split of those scores is the
+    next set; ``rounds`` times at most, stopping when the set stays the same or would leave fewer than 2 on a
+    side. Returns the set as a boolean mask over the rows of ``class_x``.
+
+    Why against the other classes: a clustering group is often a pure but partial piece of an artefact (the
+    timestamp in one corner). Fitted against the rest of its own class, its CAV learns what the piece has and
+    the other pieces lack (the corner), since those are among its negatives; the other classes lack the
+    artefact altogether (a shortcut sits in one class), so against them the CAV learns the artefact, and the
+    class's images that carry it score high. Reads features and which class each image is in: no annotation."""
+    x = np.asarray(class_x, dtype=np.float64)
+    y = np.asarray(seed).astype(bool)
+    others = np.asarray(other_x, dtype=np.float64)
+    others = others[:: max(1, len(others) // OTHERS)]
+    if len(others) < 2:
+        return y
     for _ in range(int(rounds)):
-        s = cav.scores(activations)
-        grown = s >= (cav.concept_mean + cav.rest_mean) / 2
+        cav = fit_cav(np.r_[x[y], others], np.r_[np.ones(int(y.sum()), bool), np.zeros(len(others), bool)], "logistic")
+        s = cav.scores(x)
+        grown = s >= otsu_threshold(s)
         if np.array_equal(grown, y) or not 2 <= grown.sum() <= len(grown) - 2:
             break
         y = grown
-        cav = fit_cav(activations, y, kind, layer)
-    return cav
+    return y
 
 
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float:

@@ -43,7 +43,7 @@ from teachx.data.transforms import normalize
 from teachx.errors import CheckpointError, ConfigError, CorruptionError, DataError, RunDirError
 from teachx.reveal import ALGORITHM_VERSION, REVEAL_METHODS, CandidateGroup, Evidence, RevealResult
 from teachx.reveal import build as build_method
-from teachx.reveal.cav import CAV_KINDS, auroc, fit_cav
+from teachx.reveal.cav import CAV_KINDS, auroc, fit_cav, grow_concept
 from teachx.reveal.evaluate import concept_against_truth, detection
 from teachx.data.artefacts import ground_truth, has_ground_truth
 from teachx.reveal.features import (
@@ -91,6 +91,9 @@ RANKS = ("specificity", "method")
 #: group merged with the next ones as specific within this AUROC (measured: docs/studies/r2r-fashion-mnist.md)
 SPECIFIC_GROUPS = 6
 MERGE = 0.02
+#: a study's reveal grows the top group for at most this many rounds before its CAV is fitted
+#: (teachx.reveal.cav.grow_concept; measured: docs/studies/r2r-fashion-mnist.md); `teachx reveal --refine`
+REFINE = 5
 #: the settings a record made before the features and ranking were options holds implicitly
 _FORMER = {"features": "layer", "rank": "method"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -259,6 +262,7 @@ def reveal_run(
     features: str = "stack",
     rank: Optional[str] = None,
     replace: bool = False,
+    refine: int = 0,
     max_localise: int = 500,
     batch_size: int = 128,
     progress: bool = True,
@@ -274,7 +278,8 @@ def reveal_run(
     top group merged with as specific ones) or ``method`` (the method's own ranking); None: specificity for the
     methods that find groups. ``layer``: the one layer of a concept's CAV, retrieval and localisation (None: the
     classifier's input features with the stack, as a study's corrections use; the last feature maps with one
-    layer); with ``features="layer"`` also the layer grouped on.
+    layer); with ``features="layer"`` also the layer grouped on. ``refine``: a concept's images are first grown
+    for at most this many rounds (:func:`teachx.reveal.cav.grow_concept`; 0: the group or marked images alone).
 
     A teacher's maps come from (or go into) the shared teacher-map store, keyed by the model's weights: the
     maps a `teachx run` made of its baseline are reused, and maps made here are kept for the next reveal."""
@@ -301,6 +306,10 @@ def reveal_run(
         raise ConfigError(f"unknown latent '{latent}'; valid: {', '.join(LATENTS)}")
     if cav_kind not in CAV_KINDS:
         raise ConfigError(f"unknown CAV kind '{cav_kind}'; valid: {', '.join(CAV_KINDS)}")
+    if refine < 0:
+        raise ConfigError(
+            f"--refine {refine}: pass a number of rounds, 0 or more (0: no growing), e.g. --refine {REFINE}"
+        )
     if choice is not None and (classes is None or len(classes) != 1):
         raise ConfigError("--concept needs exactly one --class: the class whose samples form the concept")
     if name is not None and not _NAME.match(name):
@@ -468,6 +477,7 @@ def reveal_run(
         batch_size,
         progress,
         truth,
+        refine,
     )
 
 
@@ -595,6 +605,7 @@ def _concept(
     batch_size,
     progress,
     truth=None,
+    refine: int = 0,
 ) -> Iterator[str]:
     mask, source = _concept_rows(choice, rec)
     if len(mask) - mask.sum() < 2:
@@ -611,6 +622,9 @@ def _concept(
     # fitted at the one layer --layer names, on the class's rows of that pass (the groups may come from a stack
     # of layers; a correction needs one direction at one layer)
     class_acts = all_acts[np.searchsorted(train_idx, rec.result.indices)]
+    chosen_by = int(mask.sum())
+    if refine:  # grown to the class's images that share the concept, against the other classes' images
+        mask = grow_concept(class_acts, mask, all_acts[labels[train_idx] != rec.label], refine)
     cav = fit_cav(class_acts, mask, cav_kind, layer)
     in_class = auroc(cav.scores(class_acts), mask)
     scores = cav.scores(all_acts)
@@ -644,6 +658,7 @@ def _concept(
             "class": rec.label,
             "class_name": rec.class_name,
             "source": source,
+            **({"grown": {"rounds": refine, "from": chosen_by, "to": int(mask.sum())}} if refine else {}),
             "reveal": rec.settings,
             "layer": layer,
             "cav": cav.to_dict(),
@@ -660,8 +675,9 @@ def _concept(
         },
         digest=True,
     )
+    grown = f", grown from {chosen_by}" if refine else ""
     yield (
-        f"concept '{name}' ({source} of class {rec.label}, {int(mask.sum())} samples): {cav_kind} CAV at {layer}, "
+        f"concept '{name}' ({source} of class {rec.label}, {int(mask.sum())} samples{grown}): {cav_kind} CAV at {layer}, "
         f"in-class AUROC {in_class:.3f}; {len(retrieved)} training images score above its threshold; "
         f"{len(chosen)} localised -> {dest}"
     )

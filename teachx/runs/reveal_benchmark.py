@@ -23,7 +23,7 @@ from teachx.data.artefacts import ground_truth, has_ground_truth
 from teachx.data.transforms import normalize
 from teachx.reveal import build as build_method
 from teachx.reveal.base import Evidence
-from teachx.reveal.cav import refine_cav
+from teachx.reveal.cav import auroc, fit_cav, grow_concept
 from teachx.reveal.evaluate import concept_against_truth, detection
 from teachx.reveal.features import (
     LayerStack,
@@ -35,7 +35,7 @@ from teachx.reveal.features import (
 )
 from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
 from teachx.reveal.specificity import rank_by_specificity
-from teachx.runs.reveal import LATENTS, MERGE, RANKS, SPECIFIC_GROUPS
+from teachx.runs.reveal import LATENTS, MERGE, RANKS, REFINE, SPECIFIC_GROUPS
 from teachx.runs.teacher import as_nchw, teacher_maps
 from teachx.teachers import TEACHERS
 from teachx.training.trainer import DataPlan
@@ -59,7 +59,13 @@ class RevealSettings:
 
     Why a logistic CAV: retrieval is decoding, where a filter (Haufe et al.'s term) cancels what the group shares
     with the rest of the dataset; the pattern CAV describes the concept, but retrieved worse on the timestamp,
-    band-aid and frame (mean AUROC over the five learnt benchmarks 0.87 against 0.90)."""
+    band-aid and frame (mean AUROC over the five learnt benchmarks 0.87 against 0.90).
+
+    Why the top group grows (``refine``, :func:`teachx.reveal.cav.grow_concept`) before its CAV is fitted: a pure
+    top group is often one piece of the artefact (the timestamp at p = 0.5: precision 0.98, a quarter of its
+    images, the ones in one corner); grown against the other classes, the set the CAV is fitted on holds most of
+    the artefact (recall 0.90 at precision 0.97) and its CAV retrieves the timestamp with AUROC 0.995 instead of
+    0.916; no benchmark got worse. ``refine: 0`` fits the CAV on the top group alone."""
 
     method: str = "spray_latent"  # a reveal method (`teachx reveal --method`)
     # the method's options (None: six groups where the method takes n_groups, see above; else its defaults)
@@ -71,7 +77,7 @@ class RevealSettings:
     merge: Optional[float] = MERGE  # with rank=specificity: the top group takes in next groups as specific within this
     standardise: bool = True  # each unit scaled by the class's spread (LayerStack); false: the raw pooled values
     cav: str = "logistic"  # pattern | svm | logistic: the logistic filter retrieves, the pattern describes (below)
-    refine: int = 0  # rounds the CAV is refitted on the class's images it retrieves (teachx.reveal.cav.refine_cav)
+    refine: int = REFINE  # rounds the top group grows to the class's images that share its concept (below)
     localise: str = "lrp"  # lrp | gradient
     max_localise: int = 500  # images localised per concept (its members first, then the best-scoring)
 
@@ -81,6 +87,11 @@ class RevealSettings:
             raise ConfigError(f"unknown study.eval.reveal.latent '{self.latent}'; valid: {', '.join(LATENTS)}")
         if self.rank not in RANKS:
             raise ConfigError(f"unknown study.eval.reveal.rank '{self.rank}'; valid: {', '.join(RANKS)}")
+        if not isinstance(self.refine, int) or isinstance(self.refine, bool) or self.refine < 0:
+            raise ConfigError(
+                f"study.eval.reveal.refine is {self.refine!r}; pass a number of rounds, 0 or more "
+                f"(0: the top group alone), e.g. study.eval.reveal.refine={REFINE}"
+            )
 
     def method_options(self) -> dict[str, Any]:
         """The reveal method's options: ``options``, or six groups where the method takes ``n_groups``."""
@@ -177,18 +188,20 @@ def reveal_benchmark(
         t1 = time.perf_counter()
         result = reveal.reveal(Evidence(indices=members, maps=maps, activations=latents, label=c))
         class_x = _rows(acts, members, result.indices)
+        other_x = stack.transform(all_raw[~in_class])
         if settings.rank == "specificity":
-            result = rank_by_specificity(result, class_x, stack.transform(all_raw[~in_class]), settings.merge)
+            result = rank_by_specificity(result, class_x, other_x, settings.merge)
         t2 = time.perf_counter()
         found = detection(result, _truth(ds).train_poisoned[result.indices], c)
         top = np.isin(result.indices, np.asarray(result.groups[0].members))
         out.top_groups[str(c)] = np.asarray(result.indices[top])
         concept = None
         if 2 <= top.sum() <= len(top) - 2:
-            cav = refine_cav(class_x, top, settings.cav, ",".join(layers), settings.refine)
+            fitted = grow_concept(class_x, top, other_x, settings.refine) if settings.refine else top
+            cav = fit_cav(class_x, fitted, settings.cav, ",".join(layers))
             scores = cav.scores(stack.transform(all_raw))
             t3 = time.perf_counter()
-            _, chosen = cav.retrieve(scores, train_idx, result.indices[top], settings.max_localise)
+            _, chosen = cav.retrieve(scores, train_idx, result.indices[fitted], settings.max_localise)
             truth = _truth(ds)
             masks = None
             if truth.has_place:  # traced back from the layer that carries most of the concept
@@ -199,6 +212,9 @@ def reveal_benchmark(
                 masks = artefact_mask(heat)
             t4 = time.perf_counter()
             concept = concept_against_truth(truth, train_idx, scores, chosen, masks).to_dict()
+            if settings.refine:  # the grown set the CAV was fitted on, and retrieval within the class alone
+                concept["fitted"] = _set_match(fitted, truth.train_poisoned[result.indices])
+                concept["retrieval_auroc_in_class"] = auroc(cav.scores(class_x), truth.train_poisoned[result.indices])
             seconds["retrieval"] += t3 - t2
             seconds["localisation"] += t4 - t3
         seconds["maps"] += t1 - t0
@@ -211,6 +227,16 @@ def reveal_benchmark(
 def _truth(ds):
     """The benchmark's ground truth: read only to score what the reveal found (never by the reveal)."""
     return ground_truth(ds)
+
+
+def _set_match(chosen: np.ndarray, poisoned: np.ndarray) -> dict[str, float]:
+    """A set of a class's images (bool) against which of them carry the artefact: its size, precision, recall."""
+    hits = int((chosen & poisoned).sum())
+    return {
+        "size": int(chosen.sum()),
+        "precision": hits / max(1, int(chosen.sum())),
+        "recall": hits / max(1, int(poisoned.sum())),
+    }
 
 
 def _rows(acts: np.ndarray, members: np.ndarray, order: np.ndarray) -> np.ndarray:

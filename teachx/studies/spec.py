@@ -30,7 +30,7 @@ agree on); it runs a little over 500 lines to keep them together. Running is :mo
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -192,7 +192,8 @@ class ReviseSpec:
         return hash_json(
             {
                 "source": source,
-                "reveal": reveal_key(settings) if source == "revealed" else None,
+                # the correction fits its concept on the top group itself, which growing it (refine) does not change
+                "reveal": reveal_key(replace(settings, refine=0)) if source == "revealed" else None,
                 "layer": self.layer,
                 "cav": self.cav,
                 **({"masks": self.localise} if self.masks() else {}),
@@ -684,8 +685,13 @@ def revision_key(base_key: str, concept_key: str, method: str, items: list[str])
 
 
 def reveal_key(settings: RevealSettings) -> str:
-    """The key of a classifier unit's reveal file (``reveal-<key>.json``): the settings it was revealed with."""
-    return hash_json({"v": STUDY_VERSION, "algorithm": ALGORITHM_VERSION, "reveal": asdict(settings)})[:12]
+    """The key of a classifier unit's reveal file (``reveal-<key>.json``): the settings it was revealed with.
+
+    ``refine`` above 0 once meant refitting the CAV on what it retrieves; it now grows the top group against the
+    other classes (:func:`teachx.reveal.cav.grow_concept`), so such a reveal is keyed anew (``grow``), while one
+    made with ``refine: 0``, which computes what it did, keeps its key."""
+    grown = {"grow": "against the other classes"} if settings.refine else {}
+    return hash_json({"v": STUDY_VERSION, "algorithm": ALGORITHM_VERSION, "reveal": asdict(settings), **grown})[:12]
 
 
 @dataclass(frozen=True)
