@@ -110,6 +110,8 @@ class RevealBenchmark:
     classes: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {"detection", "concept"}
     seconds: dict[str, float] = field(default_factory=dict)
     top_groups: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    #: each class's top group grown against the other classes (``settings.refine`` > 0): the set its CAV is fitted on
+    grown_groups: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "classes": self.classes, "seconds": self.seconds}
@@ -199,6 +201,8 @@ def reveal_benchmark(
         if 2 <= top.sum() <= len(top) - 2:
             fitted = grow_concept(class_x, top, other_x, settings.refine) if settings.refine else top
             cav = fit_cav(class_x, fitted, settings.cav, ",".join(layers))
+            if settings.refine:
+                out.grown_groups[str(c)] = np.asarray(result.indices[fitted])
             scores = cav.scores(stack.transform(all_raw))
             t3 = time.perf_counter()
             _, chosen = cav.retrieve(scores, train_idx, result.indices[fitted], settings.max_localise)

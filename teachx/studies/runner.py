@@ -218,7 +218,7 @@ class _Runner:
                 why = "no class has training images with and without the artefact"
             else:
                 result = reveal_benchmark(cfg, plan, model, device, settings)
-                groups = dict(result.top_groups) if result else {}
+                groups = dict(result.grown_groups if revise.group == "grown" else result.top_groups) if result else {}
                 why = "the reveal found no group in the poisoned class"
             if groups:
                 label = min(groups, key=int)  # the first poisoned class's

@@ -135,6 +135,9 @@ class ReviseSpec:
     cav: str = "pattern"
     # images localised per concept when a method needs the artefact's masks (rrr_revealed): the best-scoring ones
     localise: int = 2000
+    # which revealed images the concept is fitted on: top (the reveal's top group of the poisoned class) or grown
+    # (that group grown against the other classes, as the reveal's retrieval fits it: study.eval.reveal.refine > 0)
+    group: str = "top"
     # method -> its KEY: VALUE overrides (train.* and method.options.*, as `teachx revise KEY=VALUE`)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # an arm that needs the annotations (e.g. RRR with the true masks), or the ceiling row: the gap between the
@@ -156,6 +159,8 @@ class ReviseSpec:
             raise ConfigError("study.revise.methods names a correction twice; name each once")
         if isinstance(self.localise, bool) or not isinstance(self.localise, int) or self.localise < 1:
             raise ConfigError(f"study.revise.localise must be a whole number >= 1, got {self.localise!r}")
+        if self.group not in ("top", "grown"):
+            raise ConfigError(f"study.revise.group must be top or grown, got {self.group!r}")
         if self.cav not in ("pattern", "svm", "logistic"):
             raise ConfigError(f"study.revise.cav must be pattern, svm or logistic, got {self.cav!r}")
         sources = list(CONCEPT_SOURCES)
@@ -192,8 +197,12 @@ class ReviseSpec:
         return hash_json(
             {
                 "source": source,
-                # the correction fits its concept on the top group itself, which growing it (refine) does not change
-                "reveal": reveal_key(replace(settings, refine=0)) if source == "revealed" else None,
+                # the correction fits its concept on the top group itself, which growing it (refine) does not change,
+                # unless it is fitted on the grown group (group: grown)
+                "reveal": (reveal_key(settings if self.group == "grown" else replace(settings, refine=0)))
+                if source == "revealed"
+                else None,
+                **({"group": "grown"} if self.group == "grown" and source == "revealed" else {}),
                 "layer": self.layer,
                 "cav": self.cav,
                 **({"masks": self.localise} if self.masks() else {}),
@@ -363,7 +372,7 @@ STUDY_KEYS: dict[str, str] = {
     "alpha": "significance level of the paired tests (Holm-adjusted over all control comparisons; default 0.05)",
     "arm_regimes": "arm -> the only regimes it runs in (default: all), e.g. {self_teach: [1k]} for an expensive arm",
     "ceiling": "overrides applied on top of each regime's for a reference baseline per regime and seed (the ceiling row), e.g. {data.artefact.p: 0}: the clean-data ceiling of an artefact benchmark, on the same test splits",
-    "revise": "on artefact benchmarks: correct every baseline along the concept its unannotated reveal found, one row per correction: {methods: [pclarc, rclarc, rrclarc, aclarc], options: {rrclarc: {method.options.lam: 100}}, oracle: ARM, concepts: [revealed, annotated]} (annotated: along the CAV of the true labels, a reference)",
+    "revise": "on artefact benchmarks: correct every baseline along the concept its unannotated reveal found, one row per correction: {methods: [pclarc, rclarc, rrclarc, aclarc], options: {rrclarc: {method.options.lam: 100}}, oracle: ARM, concepts: [revealed, annotated], group: top} (annotated: along the CAV of the true labels, a reference; group: grown fits the revealed concept on the top group grown against the other classes)",
     "launcher": "where `teachx study --launcher submitit` runs its workers and with what resources: the study.launcher.* keys (never part of a result)",
 }
 _STUDY_KEYS = tuple(STUDY_KEYS)
@@ -491,6 +500,15 @@ def _study_from_raw(
         if ceiling:
             spec.config(regime, CEILING, seeds[0])
         if revise is not None:
+            if (
+                revise.group == "grown"
+                and "revealed" in revise.concepts
+                and not (spec.eval.reveal and spec.eval.reveal.refine)
+            ):
+                raise ConfigError(
+                    "study.revise.group=grown fits the concept on the reveal's grown group, and the reveal grows none; "
+                    "set study.eval.reveal.refine to a number of rounds >= 1 (e.g. 5) or study.revise.group=top"
+                )
             if cfg.data.artefact is None:
                 raise ConfigError(
                     f"study.revise corrects the artefact that reveal finds, and regime '{regime}' has none; "
