@@ -373,3 +373,32 @@ def test_dry_run_says_which_concept_each_correction_row_follows(tmp_path):
     assert "truly carry the artefact" in lines["arm=annotated+pclarc"]
     assert "reveal finds" not in lines["arm=annotated+pclarc"]
     assert not out.exists()
+
+
+def test_a_concept_fitted_on_the_grown_group_has_its_own_key_and_needs_a_growing_reveal(tmp_path):
+    """study.revise.group=grown: the revealed concept is fitted on the reveal's grown group, so its key depends on
+    how many rounds the reveal grows it (and differs from the top group's); annotated concepts are unaffected;
+    without a reveal that grows, one line names the fix."""
+    from dataclasses import replace
+
+    from teachx.runs.reveal_benchmark import RevealSettings
+    from teachx.studies.spec import load_study
+
+    top = load_study(str(_study(tmp_path, "study: {arms: {}, revise: {methods: [pclarc]}}"))).revise
+    grown = load_study(str(_study(tmp_path, "study: {arms: {}, revise: {methods: [pclarc], group: grown}}"))).revise
+    settings = RevealSettings()
+    assert settings.refine > 0  # the study reveal grows its top group by default
+    assert grown.concept_key("revealed", settings) != top.concept_key("revealed", settings)
+    assert grown.concept_key("revealed", settings) != grown.concept_key("revealed", replace(settings, refine=2))
+    assert grown.concept_key("annotated", settings) == top.concept_key("annotated", settings)
+    with pytest.raises(ConfigError, match=r"study.eval.reveal.refine"):
+        load_study(
+            str(
+                _study(
+                    tmp_path,
+                    "study: {arms: {}, eval: {reveal: {refine: 0}}, revise: {methods: [pclarc], group: grown}}",
+                )
+            )
+        )
+    with pytest.raises(ConfigError, match="study.revise.group must be top or grown"):
+        load_study(str(_study(tmp_path, "study: {arms: {}, revise: {methods: [pclarc], group: all}}")))
