@@ -65,8 +65,17 @@ def quoted_commands() -> list[tuple[str, str]]:
 
 
 def _words(command: str) -> list[str]:
-    command = command.replace("[", " ").replace("]", " ")
-    return [w for w in shlex.split(command)[1:] if w not in ("...", "|")]
+    """The words after `teachx`, with usage brackets taken off (``[--class C]``, ``[K=V ...]``) but a value's
+    own brackets kept (``study.revise.methods=[pclarc, rrclarc]``)."""
+    words = []
+    for w in shlex.split(command)[1:]:
+        if w.startswith("["):
+            w = w[1:]
+        if w.endswith("]") and "[" not in w:
+            w = w[:-1]
+        if w and w not in ("...", "|"):
+            words.append(w)
+    return words
 
 
 def parse(command: str, mention: bool = True) -> None:
