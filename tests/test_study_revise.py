@@ -291,17 +291,27 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
 
 
 def test_the_shipped_revise_study_keeps_its_unit_keys_and_adds_impactx_cleaned():
-    """Adding impactx_cleaned to the shipped study adds its rows' units and leaves every other unit's key as it was
-    (the study's directories resume); its units train anew with the study's own epochs and learning rate."""
+    """Adding impactx_cleaned to the shipped study adds its rows' units, and correcting along the grown group
+    (``group: grown``) gives the revealed rows new keys; every other unit (baselines, ceiling, oracle, annotated
+    corrections) keeps the key it had (the study's directories resume); impactx_cleaned's units train anew with the
+    study's own epochs and learning rate."""
     import hashlib
+    from dataclasses import replace
 
     from teachx.studies.spec import load_study, planned_units
 
     spec = load_study("study-r2r-revise-fashion-mnist")
+    assert spec.revise.group == "grown"
     units = planned_units(spec)
     new = [u for u in units if u.config.method.name == "impactx_cleaned"]
-    old = sorted(u.key for u in units if u.config.method.name != "impactx_cleaned")
+    kept = sorted(u.key for u in units if u.config.method.name != "impactx_cleaned" and not u.arm.startswith("reveal+"))
+    assert len(kept) == 200 and hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16] == "07b8734177ae5b40"
+    # along the top group (the keys before group: grown), the 325 units other than impactx_cleaned's are those of before
+    top = replace(spec, revise=replace(spec.revise, group="top"))
+    old = sorted(u.key for u in planned_units(top) if u.config.method.name != "impactx_cleaned")
     assert len(old) == 325 and hashlib.sha256("\n".join(old).encode()).hexdigest()[:16] == "e84b375a20c0d286"
+    revealed = {u.key for u in units if u.arm.startswith("reveal+") and u.config.method.name != "impactx_cleaned"}
+    assert len(revealed) == 125 and not revealed & set(old)
     assert len(new) == 5 * 5 * 2 and {u.arm for u in new} == {"reveal+impactx_cleaned", "annotated+impactx_cleaned"}
     assert all(u.kind == "revision" and u.config.train.epochs == 10 and u.config.train.lr == 0.002 for u in new)
     assert spec.revise.masks() == spec.revise.localise
