@@ -94,6 +94,15 @@ class ConceptTask(MethodTask):
             m.eval()
 
 
+def require_concept_option(method: str, value: Any, what: str) -> None:
+    """Refuse a missing ``method.options.concept`` of a correction in one line; ``what`` says what the method does
+    with the concept file's artefact."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f"method {method} needs method.options.concept=PATH, the concept file (NAME.json next to NAME.npz) {what}"
+        )
+
+
 class ConceptMethod(TrainingMethod):
     """Base of the methods that fine-tune along a concept (not registered itself)."""
 
@@ -110,11 +119,7 @@ class ConceptMethod(TrainingMethod):
 
     @classmethod
     def check_combination(cls, opts: dict[str, Any]) -> None:
-        if not isinstance(opts["concept"], str) or not opts["concept"]:
-            raise ConfigError(
-                f"method {cls.name} needs method.options.concept=PATH, the concept file (NAME.json next to NAME.npz) "
-                "of the artefact to correct"
-            )
+        require_concept_option(cls.name, opts["concept"], "of the artefact to correct")
         if not isinstance(opts["layer"], str):
             raise ConfigError(f"method.options.layer must be a layer name, got {opts['layer']!r}")
 

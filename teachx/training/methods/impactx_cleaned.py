@@ -39,7 +39,12 @@ from teachx.errors import ConfigError
 from teachx.teachers.store import MapStore, derived_store
 from teachx.training.concepts import Concept, describe as describe_concept
 from teachx.training.methods.base import METHODS, MethodContext
-from teachx.training.methods.concept_method import CONCEPT_OPTIONS, concept_record, load_checked_concept
+from teachx.training.methods.concept_method import (
+    CONCEPT_OPTIONS,
+    concept_record,
+    load_checked_concept,
+    require_concept_option,
+)
 from teachx.training.methods.impactx import Impactx
 from teachx.training.methods.rrr_revealed import RevealedMasks, check_masks_fit, revealed_masks
 
@@ -132,11 +137,7 @@ class ImpactxCleaned(Impactx):
 
     @classmethod
     def check_combination(cls, opts: dict[str, Any]) -> None:
-        if not isinstance(opts["concept"], str) or not opts["concept"]:
-            raise ConfigError(
-                f"method {cls.name} needs method.options.concept=PATH, the concept file (NAME.json next to NAME.npz) "
-                "whose localised artefact is removed from the teacher's maps"
-            )
+        require_concept_option(cls.name, opts["concept"], "whose localised artefact is removed from the teacher's maps")
 
     def concept(self) -> Concept:
         if self._concept is None:
