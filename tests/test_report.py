@@ -39,14 +39,14 @@ def test_study_report(study_dir):  # the tiny study of tests/test_study.py (conf
     assert f"{s['mean']:.4f} ± {s['std']:.4f}" in html
     assert f"{rows['impactx']['vs_control']['mean_diff']:+.4f}" in html
     assert "Does the gain come from the explanations?" in html and "impactx vs lambda0" in html
-    assert "MoRF" in html and "teacher post hoc on IMPACTX" in html
+    assert "MoRF" in html and "the teacher method post hoc on the same model" in html
     md = md_path.read_text()
     assert "| regime | arm | n |" in md
     assert "r_files/accuracy.png" in md and "dashed: the λ=0 control" in html
     for link in re.findall(r"\]\((r_files/[^)]+)\)", md):
         assert (html_path.parent / link).read_bytes().startswith(b"\x89PNG")
     # the two trained IMPACTX arms' built-in maps side by side on the same images
-    assert "r_files/side_by_side_" in md and "the built-in maps of " in html
+    assert "r_files/side_by_side_" in md and "the own maps of " in html
     from teachx.evaluation.base import measure
 
     for name in ("test_accuracy", "pixel_flipping_morf", "pixel_flipping_lerf"):  # each measure shown, in plain words
@@ -133,12 +133,12 @@ def test_arms_side_by_side_columns_and_mismatched_images(tmp_path, monkeypatch):
     assert list(drawn["columns"]) == [
         "teacher\n(paper)",
         "teacher\n(smooth)",
-        "built-in:\npaper",
-        "built-in:\nunet",
-        "built-in:\nsmooth",
+        "own map:\npaper",
+        "own map:\nunet",
+        "own map:\nsmooth",
     ]
     with np.load(cells[1][1]) as z:
-        assert np.array_equal(drawn["columns"]["built-in:\nunet"].numpy(), z["built_in"])
+        assert np.array_equal(drawn["columns"]["own map:\nunet"].numpy(), z["built_in"])
     assert np.array_equal(drawn["columns"]["teacher\n(smooth)"].numpy(), teacher_b)
     assert drawn["labels"] == ["#4 cat", "#7 dog", "#9 car"] and np.array_equal(drawn["images"].numpy(), images)
     with pytest.raises(ValueError, match="other example images"):

@@ -734,3 +734,8 @@ def test_bcos_arm_is_evaluated_on_its_own_contributions(tmp_path, monkeypatch):
     assert again.trained == 0 and again.data["units"][key]["map_quality"] == unit["map_quality"]
     assert any("arm=bcos " in line and "(cached)" in line for line in lines)
     assert all(u.state == "done" for u in study_status(spec, tmp_path / "out").units)
+    # the report draws its examples like an IMPACTX arm's: input, teacher map, its own map, the teacher method on it
+    from teachx.reporting.study_report import study_report
+
+    page = study_report(tmp_path / "out")
+    assert [n for n in page.figures if n.startswith("examples_")] == ["examples_all_bcos.png"]

@@ -382,6 +382,18 @@ def test_dry_run_says_which_concept_each_correction_row_follows(tmp_path):
     assert "the concept the baseline's reveal finds" in lines["arm=reveal+pclarc"]
     assert "truly carry the artefact" in lines["arm=annotated+pclarc"]
     assert "reveal finds" not in lines["arm=annotated+pclarc"]
+    assert lines["arm=reveal+pclarc"].endswith("the top group of the poisoned class)")
+    assert not out.exists()
+    grown = invoke_study(
+        str(repo / "studies" / "study-r2r-revise-fm-cpu.yaml"),
+        "--out",
+        out,
+        "--dry-run",
+        "study.revise.methods=[pclarc]",
+        "study.revise.group=grown",
+    )
+    assert grown.exit_code == 0, grown.output
+    assert "the top group of the poisoned class grown against the other classes)" in grown.output
     assert not out.exists()
 
 

@@ -138,11 +138,16 @@ def study(
                 else "trained anew with the run's training settings"
             )
             opts = " ".join((spec.revise.items(m) if spec.revise else []))
+            group = (
+                "the top group of the poisoned class grown against the other classes"
+                if spec.revise and spec.revise.group == "grown"
+                else "the top group of the poisoned class"
+            )
             along = (
                 "the CAV of the training images that truly carry the artefact (it reads the annotations: a reference)"
                 if spec.revise and spec.revise.source(row) == "annotated"
                 else "the concept the baseline's reveal finds"
-                f" ({spec.eval.reveal.method if spec.eval.reveal else ''}, the top group of the poisoned class)"
+                f" ({spec.eval.reveal.method if spec.eval.reveal else ''}, {group})"
             )
             click.echo(f"  arm={row}: {m} ({how}{', ' + opts if opts else ''}) along {along}")
         if launcher == "submitit":

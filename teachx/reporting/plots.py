@@ -226,16 +226,17 @@ def _confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], titl
 
 
 def examples_figure(npz: Path, class_names: Optional[Sequence[str]] = None) -> Optional[bytes]:
-    """Input | teacher map | built-in map | post-hoc teacher map on IMPACTX (symmetric colour scales, colorbars)."""
+    """Input | teacher map | the model's own map | the teacher method post hoc on the same model (symmetric colour
+    scales, colorbars); the own map is IMPACTX's built-in map, ABN's attention map or a B-cos model's contributions."""
     import torch
 
     if not npz.exists():
         return None
     with np.load(npz) as z:
         arrays = {k: z[k] for k in z.files}
-    columns = {"teacher": torch.from_numpy(arrays["teacher"]), "IMPACTX built-in": torch.from_numpy(arrays["built_in"])}
+    columns = {"teacher": torch.from_numpy(arrays["teacher"]), "own map": torch.from_numpy(arrays["built_in"])}
     if "post_hoc" in arrays:
-        columns["teacher post hoc on IMPACTX"] = torch.from_numpy(arrays["post_hoc"])
+        columns["teacher method on this model"] = torch.from_numpy(arrays["post_hoc"])
     names = list(class_names or [])
     labels = [
         f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}"
@@ -277,7 +278,7 @@ def arms_examples_figure(
             shown.append(arrays["teacher"])
             columns[f"teacher\n({arm})"] = torch.from_numpy(arrays["teacher"])
     for arm, arrays in loaded:
-        columns[f"built-in:\n{arm}"] = torch.from_numpy(arrays["built_in"])
+        columns[f"own map:\n{arm}"] = torch.from_numpy(arrays["built_in"])
     names = list(class_names or [])
     labels = [
         f"#{int(i)} {names[int(c)] if int(c) < len(names) else int(c)}" for i, c in zip(first["index"], first["labels"])

@@ -25,12 +25,11 @@ from teachx.utils.numbers import interval, mean_std, number, p_value, signed
 MAX_SIDE_BY_SIDE = 6
 
 
-def _evaluated_row(row: StudyRow) -> bool:
-    """Whether a study row's units were evaluated beyond accuracy (their example arrays, built-in maps)."""
-    from teachx.training.methods import recorded_method
-
-    method = recorded_method(row.to_dict())
-    return method is not None and method.study_evaluation
+def _own_map_row(d: Path, row: StudyRow) -> bool:
+    """Whether a study row's first unit stored example arrays of the model's own map (IMPACTX's built-in map, ABN's
+    attention map, a B-cos model's contributions: every unit the study evaluates beyond accuracy stores them); a
+    lambda=0 control's map learnt nothing, so it is left out."""
+    return bool(row.units) and row.lam != 0 and (d / "units" / row.units[0] / "examples.npz").exists()
 
 
 def study_report(d: Path) -> Page:
@@ -404,7 +403,7 @@ def study_report(d: Path) -> Page:
     doc.h("Examples (first seed)")
     shown = 0
     for r in rows:
-        if not _evaluated_row(r) or not r.lam:
+        if not _own_map_row(d, r):
             continue
         names = (units[r.units[0]].examples or {}).get("class_names")
         png = examples_figure(d / "units" / r.units[0] / "examples.npz", names)
@@ -412,15 +411,16 @@ def study_report(d: Path) -> Page:
             doc.figure(
                 f"examples_{_safe(r.regime)}_{_safe(r.arm)}.png",
                 png,
-                f"regime {r.regime}, arm {r.arm}, seed {r.seeds[0]}: input | teacher map | built-in map | teacher post hoc on IMPACTX "
-                "(diverging colour scale symmetric around 0 per map)",
+                f"regime {r.regime}, arm {r.arm}, seed {r.seeds[0]}: input | teacher map | the model's own map (IMPACTX's "
+                "built-in map, ABN's attention map, a B-cos model's contributions) | the teacher method post hoc on the "
+                "same model (diverging colour scale symmetric around 0 per map)",
             )
             shown += 1
     if not shown:
         doc.p("no example arrays stored (study.eval.examples: 0)", "note")
     # the built-in maps of several arms on the same images: does a design change what the map shows?
     for reg in regimes:
-        trained = [r for r in rows if r.regime == reg and _evaluated_row(r) and r.lam and r.seeds]
+        trained = [r for r in rows if r.regime == reg and r.seeds and _own_map_row(d, r)]
         trained = [r for r in trained if r.seeds[0] == trained[0].seeds[0]][:MAX_SIDE_BY_SIDE] if trained else []
         if len(trained) < 2:
             continue
@@ -431,8 +431,8 @@ def study_report(d: Path) -> Page:
             doc.figure(
                 f"side_by_side_{_safe(reg)}.png",
                 png,
-                f"regime {reg}, seed {trained[0].seeds[0]}: input | the teachers' maps | the built-in maps of {arms_shown} "
-                f"(the first {MAX_SIDE_BY_SIDE} trained IMPACTX arms; the same test images)",
+                f"regime {reg}, seed {trained[0].seeds[0]}: input | the teachers' maps | the own maps of {arms_shown} "
+                f"(the first {MAX_SIDE_BY_SIDE} arms whose models give their own map; the same test images)",
             )
     errors = sorted({e for u in units.values() for e in u.errors})
     if errors:
