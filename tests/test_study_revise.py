@@ -218,6 +218,21 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
         before = load_stage_model(tmp_path / "out" / "units" / base["units"][s]).state_dict()
         after = load_stage_model(tmp_path / "out" / "units" / key / "model").state_dict()
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("body"))  # freeze: none
+    # the images localised: the concept's own group first (for the annotated reference: the true carriers), then the
+    # rest of its class by CAV score, never another class's images (the CAV separates the group within its class)
+    labels, truth = np.asarray(ds.train.labels), ground_truth(ds).train_poisoned
+    in_split = np.sort(np.asarray(plan.train_idx))
+    for row in ("reveal+rrr_revealed", "annotated+rrr_revealed"):
+        for s, key in enumerate(rows[row]["units"]):
+            rev = units[key]["revision"]
+            if not rev["concept"].get("name"):
+                continue
+            where = load_concept(tmp_path / "out" / rev["concept"]["file"]).arrays["localised"]
+            assert (labels[where] == 2).all()
+            if row.startswith("annotated"):
+                carriers = in_split[truth[in_split] & (labels[in_split] == 2)]
+                k = min(len(carriers), len(where))
+                assert np.array_equal(where[:k], carriers[:k])
     # the annotated reference: the pattern CAV of the true labels, computed here from the layer's output
     for s, key in enumerate(rows["annotated+pclarc"]["units"]):
         rev = units[key]["revision"]
@@ -291,27 +306,32 @@ def test_a_revise_study_corrects_each_seeds_baseline_and_compares_it(tmp_path, m
 
 
 def test_the_shipped_revise_study_keeps_its_unit_keys_and_adds_impactx_cleaned():
-    """Adding impactx_cleaned to the shipped study adds its rows' units, and correcting along the grown group
-    (``group: grown``) gives the revealed rows new keys; every other unit (baselines, ceiling, oracle, annotated
-    corrections) keeps the key it had (the study's directories resume); impactx_cleaned's units train anew with the
-    study's own epochs and learning rate."""
+    """The shipped study's baselines, ceilings and oracles keep the keys they always had (their directories resume);
+    its corrections are keyed by their concept, which carries the masks its mask-reading methods (rrr_revealed,
+    impactx_cleaned) need, and so by how those masks are chosen (``CONCEPT_MASKS_VERSION``: the group first, then
+    its class); along the grown group (``group: grown``) the revealed rows differ from the top group's, the annotated
+    ones do not; impactx_cleaned's units train anew with the study's own epochs and learning rate."""
     import hashlib
     from dataclasses import replace
 
     from teachx.studies.spec import load_study, planned_units
 
+    def digest(keys) -> tuple[int, str]:
+        keys = sorted(keys)
+        return len(keys), hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
     spec = load_study("study-r2r-revise-fashion-mnist")
     assert spec.revise.group == "grown"
     units = planned_units(spec)
-    new = [u for u in units if u.config.method.name == "impactx_cleaned"]
-    kept = sorted(u.key for u in units if u.config.method.name != "impactx_cleaned" and not u.arm.startswith("reveal+"))
-    assert len(kept) == 200 and hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16] == "07b8734177ae5b40"
-    # along the top group (the keys before group: grown), the 325 units other than impactx_cleaned's are those of before
+    assert digest(u.key for u in units if u.kind != "revision") == (75, "5eb966dfa6979e54")
+    assert digest(u.key for u in units) == (375, "3f531d4ffb59b155")
     top = replace(spec, revise=replace(spec.revise, group="top"))
-    old = sorted(u.key for u in planned_units(top) if u.config.method.name != "impactx_cleaned")
-    assert len(old) == 325 and hashlib.sha256("\n".join(old).encode()).hexdigest()[:16] == "e84b375a20c0d286"
-    revealed = {u.key for u in units if u.arm.startswith("reveal+") and u.config.method.name != "impactx_cleaned"}
-    assert len(revealed) == 125 and not revealed & set(old)
+    top_units = planned_units(top)
+    annotated = {u.key for u in units if u.arm.startswith("annotated+")}
+    revealed = {u.key for u in units if u.arm.startswith("reveal+")}
+    assert len(annotated) == len(revealed) == 150
+    assert annotated <= {u.key for u in top_units} and not revealed & {u.key for u in top_units}
+    new = [u for u in units if u.config.method.name == "impactx_cleaned"]
     assert len(new) == 5 * 5 * 2 and {u.arm for u in new} == {"reveal+impactx_cleaned", "annotated+impactx_cleaned"}
     assert all(u.kind == "revision" and u.config.train.epochs == 10 and u.config.train.lr == 0.002 for u in new)
     assert spec.revise.masks() == spec.revise.localise

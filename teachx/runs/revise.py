@@ -69,6 +69,10 @@ RECIPE_EPOCHS = 5
 RECIPE_LR_FACTOR = 0.1
 #: test images (at most) for the artefact share and the CAV measures
 MEASURE_IMAGES = 512
+#: how a correction concept chooses and localises the images whose masks it carries; a change to either is a new
+#: number, so study units that read the masks (``concept_needs_masks``) are keyed anew rather than reusing old masks
+#: (2: the concept's own group first, then its class's images by CAV score; before it, the best scores of any class)
+CONCEPT_MASKS_VERSION = 2
 
 
 def revise_methods() -> list[str]:
@@ -285,9 +289,10 @@ def fit_correction_concept(
     images of any class whose CAV score reaches the midpoint of the group's and the rest's mean scores.
 
     The layer is the correction's, not the reveal's: a reveal may group images on several layers at once, and a
-    correction needs one direction at one layer. ``localise`` > 0: the best-scoring images carrying the artefact
-    (at most that many) are localised along the CAV (LRP from the layer, thresholded) and their masks go with the
-    concept (arrays ``masks`` and ``localised``, what ``rrr_revealed`` reads)."""
+    correction needs one direction at one layer. ``localise`` > 0: at most that many images carrying the artefact
+    are localised along the CAV (LRP from the layer, thresholded): the group itself, then the class's other images
+    by CAV score; their masks go with the concept (arrays ``masks`` and ``localised``, what ``rrr_revealed`` and
+    ``impactx_cleaned`` read)."""
     ds = plan.dataset
     model = model.to(device).eval()
 
@@ -312,8 +317,10 @@ def fit_correction_concept(
     extra["carrying"] = int((scores >= cav.threshold).sum())
     arrays: dict[str, np.ndarray] = {}
     if localise > 0:
-        retrieved, _ = cav.retrieve(scores, train_idx, np.asarray(carrying), 0)
-        chosen = np.asarray(retrieved[:localise], dtype=np.int64)
+        # the group said to carry the artefact first, then the class's other images its CAV retrieves: the CAV
+        # separates the group from the rest of its class, so other classes' scores along it say little (on the
+        # timestamp benchmark a tenth of their best-scoring images carried it, against 97% of a grown group)
+        _, chosen = cav.retrieve(scores[in_class], members, members[flags], localise)
         heat = heatmaps_in_batches(model, batch, chosen, find_module(model, where), cav.direction, "lrp", batch_size)
         arrays = {"masks": artefact_mask(heat), "localised": chosen}
     return correction_concept(name, where, cav.direction, scores, cav.threshold, model, info=extra, arrays=arrays)

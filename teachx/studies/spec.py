@@ -43,7 +43,7 @@ from teachx.registry import suggest
 from teachx.runs.plan import teacher_training
 from teachx.reveal import ALGORITHM_VERSION
 from teachx.runs.reveal_benchmark import RevealSettings
-from teachx.runs.revise import POST_HOC, recipe_config, revise_methods
+from teachx.runs.revise import CONCEPT_MASKS_VERSION, POST_HOC, recipe_config, revise_methods
 from teachx.runs.resolve import check_names
 from teachx.studies.records import BASELINE
 from teachx.training.methods import METHODS, build_method, method_name
@@ -205,7 +205,8 @@ class ReviseSpec:
                 **({"group": "grown"} if self.group == "grown" and source == "revealed" else {}),
                 "layer": self.layer,
                 "cav": self.cav,
-                **({"masks": self.localise} if self.masks() else {}),
+                # how many images it localises, and how it chooses and localises them (CONCEPT_MASKS_VERSION)
+                **({"masks": self.localise, "masks_version": CONCEPT_MASKS_VERSION} if self.masks() else {}),
             }
         )[:12]
 
