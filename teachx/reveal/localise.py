@@ -18,8 +18,9 @@ contrasted: minus the mean heatmap of its ``NEIGHBOURS`` nearest *references* (i
 images the concept scores lowest, and kept only where the image differs from those neighbours (what the
 artefact changed is where the image is unlike similar images without it); the mask is the high part of an Otsu
 split of the positive values left. Nothing here reads annotations: the references are chosen by the concept's
-own scores. On the Fashion-MNIST artefact benchmarks (docs/studies/r2r-fashion-mnist.md) this raised the mean
-mask IoU of the timestamp from 0.40 to 0.5 and of the frame from 0.00 to 0.5.
+own scores. On the Fashion-MNIST artefact benchmarks (docs/studies/r2r-fashion-mnist.md, from the first layer)
+it raised the mean mask IoU at p = 0.5 of the timestamp from 0.40 to 0.53, of the frame from 0.00 to 0.58 and
+of the band-aid from 0.14 to 0.42.
 """
 
 from __future__ import annotations
