@@ -118,9 +118,9 @@ def otsu_masks(heatmaps: np.ndarray) -> np.ndarray:
 def nearest(images: np.ndarray, references: np.ndarray, k: int, same: Optional[np.ndarray] = None) -> np.ndarray:
     """(N, k) indices of each image's ``k`` nearest ``references`` by Euclidean distance over all pixels, never
     one that ``same`` (N, R) marks as the image itself unless nothing else is left."""
-    a = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
-    b = np.asarray(references, dtype=np.float64).reshape(len(references), -1)
-    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    a = np.asarray(images, dtype=np.float32).reshape(len(images), -1)  # float32: large images stay affordable
+    b = np.asarray(references, dtype=np.float32).reshape(len(references), -1)
+    d2 = (a * a).sum(1, dtype=np.float64)[:, None] + (b * b).sum(1, dtype=np.float64)[None, :] - 2.0 * (a @ b.T)
     if same is not None:
         d2 = np.where(same, np.inf, d2)
     return np.argsort(d2, axis=1, kind="stable")[:, : min(k, len(b))]
@@ -141,7 +141,7 @@ def contrast(
     which reference is the image itself (never its own neighbour)."""
     if len(ref_images) == 0:
         raise ValueError("contrasting heatmaps needs at least one reference image")
-    images, ref_images = np.asarray(images, np.float64), np.asarray(ref_images, np.float64)
+    images, ref_images = np.asarray(images, np.float32), np.asarray(ref_images, np.float32)
     near = nearest(images, ref_images, neighbours, same)
     base = np.asarray(ref_heatmaps, np.float64)[near].mean(1)
     moved = np.abs(images - ref_images[near].mean(1)).max(1) > changed
