@@ -17,7 +17,15 @@ from sklearn.metrics import adjusted_rand_score, roc_auc_score  # noqa: E402
 from teachx.errors import DataError  # noqa: E402
 from teachx.reveal.cav import auroc, cav_scores, classifier_cav, fit_cav, pattern_cav  # noqa: E402
 from teachx.reveal.features import check_layer, layer_shapes, pooled_activations  # noqa: E402
-from teachx.reveal.localise import artefact_mask, localise, mask_iou  # noqa: E402
+from teachx.reveal.localise import (  # noqa: E402
+    artefact_mask,
+    concept_masks,
+    contrast,
+    localise,
+    mask_iou,
+    otsu_masks,
+    reference_indices,
+)
 from teachx.reveal.spectral import (  # noqa: E402
     cluster_embedding,
     eigengap,
@@ -129,6 +137,90 @@ def test_localisation_finds_the_planted_feature(method):
     masks = artefact_mask(heat)
     assert np.array_equal(mask_iou(masks, truth), np.ones(4))
     assert mask_iou(masks, np.roll(truth, 6, axis=2)).max() < 0.5
+
+
+def test_otsu_masks_keep_the_high_part_of_each_heatmaps_positive_values():
+    """By hand: positive values 1, 1, 5, 5 split at 3 (the two levels); equal positive values are all kept; an
+    image without positive relevance gets an empty mask; negative values are never in a mask."""
+    h = np.zeros((3, 2, 4))
+    h[0] = [[1, 1, 5, 5], [0, -9, 0, 0]]
+    h[1] = [[2, 2, 2, 0], [-1, 0, 0, 0]]
+    h[2] = -1.0
+    masks = otsu_masks(h)
+    assert np.array_equal(masks[0], [[0, 0, 1, 1], [0, 0, 0, 0]])
+    assert np.array_equal(masks[1], [[1, 1, 1, 0], [0, 0, 0, 0]])
+    assert not masks[2].any()
+
+
+def test_contrast_subtracts_the_nearest_references_where_the_image_changed():
+    """Two references, one image nearer to each: each heatmap loses its nearest reference's heatmap (one
+    neighbour), and keeps only the pixels where the image differs from that reference by more than 0.1."""
+    refs = np.zeros((2, 1, 2, 2))
+    refs[1] += 10.0
+    ref_heat = np.array([[[1.0, 1.0], [1.0, 1.0]], [[4.0, 4.0], [4.0, 4.0]]])
+    images = np.stack([refs[0], refs[1]]).copy()
+    images[0, 0, 0, 0] += 3.0  # near reference 0, changed at one pixel
+    images[1, 0, 1, 1] += 0.05  # near reference 1, changed by less than the tolerance
+    heat = np.array([[[5.0, 2.0], [2.0, 2.0]], [[9.0, 9.0], [9.0, 9.0]]])
+    got = contrast(heat, images, ref_heat, refs, neighbours=1, changed=0.1)
+    assert np.array_equal(got, [[[4.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    # two neighbours: the mean of both references' heatmaps and images
+    got = contrast(heat, images, ref_heat, refs, neighbours=2, changed=0.1)
+    assert np.allclose(got[0], (heat[0] - 2.5) * (np.abs(images[0, 0] - 5.0) > 0.1))
+
+
+def test_reference_indices_are_the_lowest_scores():
+    scores = np.array([0.5, -1.0, 2.0, -3.0, 0.0])
+    indices = np.array([10, 11, 12, 13, 14])
+    assert reference_indices(scores, indices, limit=2).tolist() == [13, 11]
+    assert reference_indices(scores, indices, limit=10).tolist() == [13, 11, 14, 10, 12]
+
+
+def test_an_image_is_never_its_own_reference():
+    """An image among the references would cancel itself: its nearest other reference stands in."""
+    refs = np.array([[[[0.0]]], [[[1.0]]], [[[5.0]]]])
+    ref_heat = np.array([[[0.0]], [[1.0]], [[5.0]]])
+    same = np.array([[False, True, False]])  # the image is reference 1
+    got = contrast(np.array([[[1.0]]]), refs[1:2], ref_heat, refs, neighbours=1, same=same)
+    assert got.tolist() == [[[1.0]]]  # minus reference 0's heatmap (the nearest other), not its own
+
+
+def garment_inputs(n: int = 6, seed: int = 0) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    """(images with the planted artefact, its masks, references without it): every image has the same bright
+    block (a "garment", 2.0 +- 0.02: brighter than the artefact, and seen by the concept channel too); the
+    artefact images add a 2x3 patch of 1.0-1.5 at a different place each."""
+    g = torch.Generator().manual_seed(seed)
+
+    def garment(k: int) -> torch.Tensor:
+        x = torch.zeros(k, 2, 12, 12)
+        x[:, 0, 4:9, 4:9] = 2.0 + 0.02 * (2 * torch.rand(k, 5, 5, generator=g) - 1)
+        return x
+
+    x, truth = garment(n), np.zeros((n, 12, 12), bool)
+    for i in range(n):
+        r, c = [(0, 0), (0, 9), (10, 0), (10, 9), (1, 5), (9, 4)][i % 6]
+        x[i, 0, r : r + 2, c : c + 3] = 1.0 + 0.1 * i
+        truth[i, r : r + 2, c : c + 3] = True
+    return x, truth, garment(8)
+
+
+@pytest.mark.parametrize("method", ["lrp", "gradient"])
+def test_concept_masks_find_the_planted_artefact_beside_a_brighter_shared_feature(method):
+    """The concept channel sees the artefact and the garment every image shares. A share of each heatmap's
+    maximum marks the garment (brighter) and misses the artefact; contrasted with references without the
+    artefact, the garment cancels and the masks are the artefact exactly."""
+    model = PlantedModel().eval()
+    x, truth, refs = garment_inputs()
+    images = torch.cat([x, refs])
+
+    def batches(idx: np.ndarray) -> torch.Tensor:
+        return images[torch.as_tensor(np.asarray(idx))]
+
+    chosen, references = np.arange(len(x)), np.arange(len(x), len(images))
+    heat, masks = concept_masks(model, batches, chosen, references, model.act, np.array([1.0, 0.0]), method, 4)
+    assert np.allclose(heat, x[:, 0].numpy(), atol=1e-5)  # the concept heatmap: channel 0, by hand
+    assert mask_iou(artefact_mask(heat), truth).max() < 0.5  # the former rule: the garment
+    assert np.array_equal(mask_iou(masks, truth), np.ones(len(x)))
 
 
 def test_lrp_from_a_layer_conserves_the_start(small_cnn, inputs):
@@ -342,6 +434,9 @@ def test_layer_stack_weighs_every_layer_the_same_and_localises_where_the_concept
     layer, raw_dir = stack.dominant(direction / np.linalg.norm(direction))
     assert layer == "b" and raw_dir.shape == (50,) and np.isclose(np.linalg.norm(raw_dir), 1.0)
     assert np.argmax(np.abs(raw_dir)) == 7
+    # the first layer's part (where the study localises), mapped back to its raw units: direction / scale
+    layer, raw_dir = stack.part(direction / np.linalg.norm(direction), 0)
+    assert layer == "a" and np.allclose(raw_dir, [1.0, 0.0])
     with pytest.raises(ValueError):
         LayerStack.fit(["a"], [3], raw)
 

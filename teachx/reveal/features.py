@@ -199,11 +199,15 @@ class LayerStack:
 
     def dominant(self, direction: np.ndarray) -> tuple[str, np.ndarray]:
         """The layer that carries most of ``direction`` (a unit vector in the scaled space: the largest share of
-        its squared length) and that part mapped back to the layer's raw activations, unit length: where to
-        localise a concept fitted on the stack."""
-        w = np.asarray(direction, dtype=np.float64) / self.scale
+        its squared length) and that part mapped back to the layer's raw activations, unit length."""
         parts = np.split(np.asarray(direction, dtype=np.float64), np.cumsum(self.sizes)[:-1])
-        k = int(np.argmax([float(p @ p) for p in parts]))
+        return self.part(direction, int(np.argmax([float(p @ p) for p in parts])))
+
+    def part(self, direction: np.ndarray, k: int) -> tuple[str, np.ndarray]:
+        """The ``k``-th layer and its part of ``direction`` (in the scaled space) mapped back to the layer's raw
+        activations, unit length: where and along what to localise a concept fitted on the stack (the first
+        layer, whose small receptive field gives the sharpest maps: :mod:`teachx.reveal.localise`)."""
+        w = np.asarray(direction, dtype=np.float64) / self.scale
         raw = np.split(w, np.cumsum(self.sizes)[:-1])[k]
         norm = np.linalg.norm(raw)
         return self.layers[k], raw / norm if norm > 0 else raw

@@ -59,7 +59,7 @@ from teachx.reveal.features import (
     stacked_activations,
 )
 from teachx.reveal.specificity import rank_by_specificity
-from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
+from teachx.reveal.localise import CHANGED, NEIGHBOURS, concept_masks, reference_indices
 from teachx.teachers import TEACHERS
 from teachx.utils.hashing import hash_json, sha256_file
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
@@ -632,9 +632,12 @@ def _concept(
     members = rec.result.indices[mask]
     retrieved, chosen = cav.retrieve(scores, train_idx, members, max_localise)
     module = find_module(model, layer)
+    # the class's images least like the concept stand for it without the concept (see teachx.reveal.localise)
+    references = reference_indices(cav.scores(class_acts), rec.result.indices)
     with tqdm(total=len(chosen), unit="img", desc="localise", disable=not progress, leave=False) as bar:
-        heat = heatmaps_in_batches(model, batch, chosen, module, cav.direction, localise_with, batch_size, bar.update)
-    masks = artefact_mask(heat)
+        heat, masks = concept_masks(
+            model, batch, chosen, references, module, cav.direction, localise_with, batch_size, bar.update
+        )
     # an artefact benchmark: retrieval and localisation against the truth (not used above)
     scored = None if truth is None else concept_against_truth(truth, train_idx, scores, chosen, masks)
     dest = run_dir / REVEAL_DIR / CONCEPTS / f"{name}.json"
@@ -668,7 +671,14 @@ def _concept(
             "auroc_in_class": in_class,
             "retrieval_threshold": threshold,
             "n_retrieved": int(len(retrieved)),
-            "localisation": {"method": localise_with, "mask_threshold": 0.3, "n_images": int(len(chosen))},
+            "localisation": {
+                "method": localise_with,
+                "mask": "contrast",
+                "references": int(len(references)),
+                "neighbours": NEIGHBOURS,
+                "changed": CHANGED,
+                "n_images": int(len(chosen)),
+            },
             "arrays": dest.with_suffix(".npz").name,
             "arrays_sha256": sha,
             **({"ground_truth": {**scored.to_dict(), "note": GROUND_TRUTH_NOTE}} if scored is not None else {}),

@@ -33,7 +33,7 @@ from teachx.reveal.features import (
     pooled_relevances,
     stacked_activations,
 )
-from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
+from teachx.reveal.localise import concept_masks, reference_indices
 from teachx.reveal.specificity import rank_by_specificity
 from teachx.runs.reveal import LATENTS, MERGE, RANKS, REFINE, SPECIFIC_GROUPS
 from teachx.runs.teacher import as_nchw, teacher_maps
@@ -208,12 +208,19 @@ def reveal_benchmark(
             _, chosen = cav.retrieve(scores, train_idx, result.indices[fitted], settings.max_localise)
             truth = _truth(ds)
             masks = None
-            if truth.has_place:  # traced back from the layer that carries most of the concept
-                where, direction = stack.dominant(cav.direction)
-                heat = heatmaps_in_batches(
-                    model, batch, chosen, find_module(model, where), direction, settings.localise, batch_size
+            if truth.has_place:  # traced back from the first layer, the sharpest, against the class's least-like images
+                where, direction = stack.part(cav.direction, 0)
+                references = reference_indices(cav.scores(class_x), result.indices)
+                _, masks = concept_masks(
+                    model,
+                    batch,
+                    chosen,
+                    references,
+                    find_module(model, where),
+                    direction,
+                    settings.localise,
+                    batch_size,
                 )
-                masks = artefact_mask(heat)
             t4 = time.perf_counter()
             concept = concept_against_truth(truth, train_idx, scores, chosen, masks).to_dict()
             if settings.refine:  # the grown set the CAV was fitted on, and retrieval within the class alone

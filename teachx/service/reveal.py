@@ -572,7 +572,13 @@ class RevealViews:
             "localisation": (
                 f"heatmap: the concept's relevance traced from layer {c.layer} to the pixels "
                 f"({'LRP' if loc.get('method') == 'lrp' else 'gradient x input'}, started at activations x CAV); "
-                f"mask: where the heatmap is at least {loc.get('mask_threshold', 0.3)} x its maximum"
+                + (
+                    f"mask: where the heatmap is at least {loc['mask_threshold']} x its maximum"
+                    if "mask_threshold" in loc
+                    else f"mask: where the heatmap exceeds that of the {loc.get('neighbours', 5)} most similar images "
+                    "of the class the concept scores lowest and the image differs from them (the high part of an "
+                    "Otsu split)"
+                )
             ),
             "top": [
                 {

@@ -199,7 +199,7 @@ class ReviseSpec:
                 "source": source,
                 # the correction fits its concept on the top group itself, which growing it (refine) does not change,
                 # unless it is fitted on the grown group (group: grown)
-                "reveal": (reveal_key(settings if self.group == "grown" else replace(settings, refine=0)))
+                "reveal": (reveal_key(settings if self.group == "grown" else replace(settings, refine=0), masks=False))
                 if source == "revealed"
                 else None,
                 **({"group": "grown"} if self.group == "grown" and source == "revealed" else {}),
@@ -703,14 +703,21 @@ def revision_key(base_key: str, concept_key: str, method: str, items: list[str])
     )
 
 
-def reveal_key(settings: RevealSettings) -> str:
+def reveal_key(settings: RevealSettings, masks: bool = True) -> str:
     """The key of a classifier unit's reveal file (``reveal-<key>.json``): the settings it was revealed with.
 
     ``refine`` above 0 once meant refitting the CAV on what it retrieves; it now grows the top group against the
     other classes (:func:`teachx.reveal.cav.grow_concept`), so such a reveal is keyed anew (``grow``), while one
-    made with ``refine: 0``, which computes what it did, keeps its key."""
+    made with ``refine: 0``, which computes what it did, keeps its key. The masks are now contrasted with the
+    class's images least like the concept (:func:`teachx.reveal.localise.concept_masks`), which changes the
+    scored mask IoU, so every reveal file is keyed anew (``masks``); ``masks=False`` gives the key without it,
+    for what depends on the groups only (a correction's concept: :meth:`ReviseSpec.concept_key`), which the
+    masks do not change."""
     grown = {"grow": "against the other classes"} if settings.refine else {}
-    return hash_json({"v": STUDY_VERSION, "algorithm": ALGORITHM_VERSION, "reveal": asdict(settings), **grown})[:12]
+    localised = {"masks": "contrasted with the least-like images"} if masks else {}
+    return hash_json(
+        {"v": STUDY_VERSION, "algorithm": ALGORITHM_VERSION, "reveal": asdict(settings), **grown, **localised}
+    )[:12]
 
 
 @dataclass(frozen=True)
