@@ -44,7 +44,7 @@ from teachx.evaluation.shortcut import artefact_share
 from teachx.registry import suggest
 from teachx.reveal.cav import fit_cav
 from teachx.reveal.features import check_layer, classifier_input, find_module, layer_shapes, pooled_activations
-from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
+from teachx.reveal.localise import concept_masks, reference_indices
 from teachx.runs.pipeline import train_method_stage
 from teachx.runs.plan import make_plan
 from teachx.runs.reveal import CONCEPTS, REVEAL_DIR, _check_run_dir, read_concept
@@ -71,7 +71,8 @@ RECIPE_LR_FACTOR = 0.1
 MEASURE_IMAGES = 512
 #: how a correction concept chooses and localises the images whose masks it carries; a change to either is a new
 #: number, so study units that read the masks (``concept_needs_masks``) are keyed anew rather than reusing old masks
-#: (2: the concept's own group first, then its class's images by CAV score; before it, the best scores of any class)
+#: (2: the concept's own group first, then its class's images by CAV score, masks contrasted with the class's images
+#: the CAV scores lowest; before it, the best scores of any class and 0.3 x each heatmap's maximum)
 CONCEPT_MASKS_VERSION = 2
 
 
@@ -290,8 +291,8 @@ def fit_correction_concept(
 
     The layer is the correction's, not the reveal's: a reveal may group images on several layers at once, and a
     correction needs one direction at one layer. ``localise`` > 0: at most that many images carrying the artefact
-    are localised along the CAV (LRP from the layer, thresholded): the group itself, then the class's other images
-    by CAV score; their masks go with the concept (arrays ``masks`` and ``localised``, what ``rrr_revealed`` and
+    are localised along the CAV (LRP from the layer, contrasted with the class's images it scores lowest and cut
+    at an Otsu split, as the reveal's masks are): the group itself, then the class's other images by CAV score; their masks go with the concept (arrays ``masks`` and ``localised``, what ``rrr_revealed`` and
     ``impactx_cleaned`` read)."""
     ds = plan.dataset
     model = model.to(device).eval()
@@ -321,8 +322,11 @@ def fit_correction_concept(
         # separates the group from the rest of its class, so other classes' scores along it say little (on the
         # timestamp benchmark a tenth of their best-scoring images carried it, against 97% of a grown group)
         _, chosen = cav.retrieve(scores[in_class], members, members[flags], localise)
-        heat = heatmaps_in_batches(model, batch, chosen, find_module(model, where), cav.direction, "lrp", batch_size)
-        arrays = {"masks": artefact_mask(heat), "localised": chosen}
+        # contrasted with the class's images the CAV scores lowest, as the reveal's masks are
+        references = reference_indices(scores[in_class], members)
+        module = find_module(model, where)
+        _, masks = concept_masks(model, batch, chosen, references, module, cav.direction, "lrp", batch_size)
+        arrays = {"masks": masks, "localised": chosen}
     return correction_concept(name, where, cav.direction, scores, cav.threshold, model, info=extra, arrays=arrays)
 
 
