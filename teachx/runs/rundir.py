@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from teachx import __version__
 from teachx.config.loader import dump_yaml, from_dict, load_yaml
-from teachx.config.schema import NEUTRAL_KEYS, RunConfig
+from teachx.config.schema import NEUTRAL_KEYS, SECTION_ALIASES, RunConfig
 from teachx.errors import ConfigError, OutputError, RunDirError
 from teachx.training.methods import legacy_layout, method_stages
 from teachx.utils.hashing import hash_json
@@ -133,7 +133,7 @@ def _legacy_run(path: Path) -> bool:
     import dataclasses
 
     cfg = _read_yaml(path / "config.yaml")
-    names = {f.name for f in dataclasses.fields(RunConfig)}
+    names = {f.name for f in dataclasses.fields(RunConfig)} | set(SECTION_ALIASES)  # impactx: of older teachx
     return bool(cfg) and cfg.get("command") in ("train", "run", "demo") and set(cfg) - {"command"} <= names
 
 
