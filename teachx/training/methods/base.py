@@ -315,7 +315,7 @@ def unknown_option_message(method: str, key: str) -> str:
     if method in METHODS and METHODS.get(method).options_type is not None:  # many options: each named in full
         return (
             f"unknown option method.options.{key} of method {method}{suggest(key, own, 'method.options.')}; its "
-            f"options: {', '.join(own)} (`teachx methods` describes them)"
+            f"options: {', '.join(own)} (`teachx methods {method}` describes them)"
             + (f"; {key} is an option of {' / '.join(owners)}" if owners else "")
         )
     if owners:
