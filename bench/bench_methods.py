@@ -84,7 +84,7 @@ def make_step(backbone: str, shape: tuple[int, int, int], batch: int, method: st
     cfg.model.backbone = backbone
     cfg.method = MethodConfig(method, options)
     if lam is not None:
-        cfg.impactx.lam = lam
+        cfg.method.options = {**cfg.method.options, "lam": lam}  # IMPACTX's lambda
     m = build_method(cfg)
     store = _MemoryStore(torch.randn(batch, 1, h, w))
     ctx = MethodContext(cfg, plan, torch.device("cpu"), store, None, lambda s: None)

@@ -58,7 +58,7 @@ from teachx.config.schema import MethodConfig, RunConfig
 from teachx.studies.spec import StudySpec, load_study
 from teachx.teachers import build as build_teacher
 from teachx.teachers.postprocess import postprocess
-from teachx.training.methods import MethodContext, build_method
+from teachx.training.methods import MethodContext, build_method, impactx_options
 from teachx.training.trainer import DataPlan, make_optimizer, prepare_batch
 from teachx.utils.io import write_json_atomic
 from teachx.utils.runtime import tune_cpu_allocator
@@ -112,7 +112,7 @@ def arm_costs(spec: StudySpec) -> dict[str, list[str]]:
     for arm in spec.arms:
         cfg = spec.config(regime, arm, seed)
         name = cfg.method.name
-        label = ("impactx" if cfg.impactx.lam > 0 else "impactx_lambda0") if name == "impactx" else name
+        label = ("impactx" if impactx_options(cfg).lam > 0 else "impactx_lambda0") if name == "impactx" else name
         out.setdefault(label, []).append(arm)
     return out
 

@@ -50,7 +50,8 @@ def _arm(unit: dict[str, Any]) -> str:
         return "baseline"
     if unit["kind"] == "method":
         return cfg["method"]["name"]
-    imp = cfg.get("impactx", {})
+    # IMPACTX's options: method.options, or the impactx: section of units made before they moved there
+    imp = {**cfg.get("impactx", {}), **((cfg.get("method") or {}).get("options") or {})}
     if imp.get("lam") == 0:
         return "lambda0"
     return "shuffled" if imp.get("maps") == "shuffled" else "impactx"

@@ -23,6 +23,7 @@ from teachx.models.decoders import DECODERS, AdditiveDecoder, LiteAdditiveDecode
 from teachx.models.impactx import build_impactx, impactx_from_spec
 from teachx.training.impactx import ImpactxTask, MapSource, SelfFaithfulness
 from teachx.training.map_losses import MAP_LOSSES, MapLoss, rank_loss
+from teachx.training.methods import ImpactxOptions, impactx_options
 
 
 class UserNet(nn.Module):
@@ -572,7 +573,7 @@ def test_config_validation():
     cfg = from_dict(
         RunConfig, {"impactx": {"decoder": "unet_input", "per_class": True, "map_loss": "rank", "map_target_pool": 2}}
     )
-    assert cfg.impactx.decoder == "unet_input"
+    assert impactx_options(cfg).decoder == "unet_input"
     for bad, match in [
         ({"impactx": {"decoder": "unet", "map_target_pool": 0}}, "map_target_pool"),
         ({"impactx": {"faith_weight": -1.0}}, "faith_weight"),
@@ -618,11 +619,11 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
     """The default decoder is the built-in-maps studies' design (per-class U-Net + input, 1 - Pearson, reading M),
     at width 16 and self-taught every epoch with gradient x input; impactx.decoder=paper alone gives the paper's
     method (one map, MSE, no self-teaching); explicit keys win; the written config states the resolved values."""
-    from teachx.config.schema import ImpactxConfig, RunConfig
+    from teachx.config.schema import RunConfig
     from teachx.runs.resolve import resolve_config
     from teachx.models.decoders import DECODERS
 
-    ic = RunConfig().impactx
+    ic = impactx_options(RunConfig())
     assert (ic.decoder, ic.per_class, ic.map_loss, ic.decoder_width, ic.decoder_reads_m) == (
         "unet_input",
         True,
@@ -631,25 +632,25 @@ def test_default_design_is_the_studys_and_the_paper_is_one_option_away(capsys):
         True,
     )
     assert (ic.self_teach_every, ic.self_teach_method) == (1, "gradient_x_input")
-    paper = resolve_config(overrides=["impactx.decoder=paper"]).impactx
+    paper = impactx_options(resolve_config(overrides=["impactx.decoder=paper"]))
     assert (paper.per_class, paper.map_loss, paper.decoder_width, paper.decoder_reads_m) == (False, "mse", 32, False)
     assert (paper.self_teach_every, paper.self_teach_method) == (0, "teacher")
-    additive = resolve_config(overrides=["impactx.decoder=additive"]).impactx  # other decoders: no self-teaching
+    additive = impactx_options(resolve_config(overrides=["impactx.decoder=additive"]))  # others: no self-teaching
     assert (additive.decoder_width, additive.decoder_reads_m, additive.self_teach_every) == (32, False, 0)
-    narrow = resolve_config(overrides=["impactx.decoder_width=32", "impactx.decoder_reads_m=false"]).impactx
+    narrow = impactx_options(resolve_config(overrides=["impactx.decoder_width=32", "impactx.decoder_reads_m=false"]))
     assert (narrow.decoder, narrow.decoder_width, narrow.decoder_reads_m) == (
         "unet_input",
         32,
         False,
     )  # explicit keys win
-    mixed = resolve_config(
-        overrides=["impactx.decoder=unet", "impactx.per_class=false", "impactx.map_loss=rank"]
-    ).impactx
+    mixed = impactx_options(
+        resolve_config(overrides=["impactx.decoder=unet", "impactx.per_class=false", "impactx.map_loss=rank"])
+    )
     assert (mixed.per_class, mixed.map_loss) == (False, "rank")
-    assert ImpactxConfig(decoder="paper", per_class=None).per_class is False  # the Python API resolves too
+    assert ImpactxOptions(decoder="paper", per_class=None).per_class is False  # the Python API resolves too
     for name in DECODERS.names():  # every decoder's recommendation is one it can train with
         rec = DECODERS.get(name).recommended
-        assert resolve_config(overrides=[f"impactx.decoder={name}"]).impactx.per_class is rec["per_class"]
+        assert impactx_options(resolve_config(overrides=[f"impactx.decoder={name}"])).per_class is rec["per_class"]
         assert not rec["per_class"] or DECODERS.get(name).supports_per_class
     code, text, err = teachx_main(capsys, "config", "impactx.decoder=paper")
     assert code == 0, err
@@ -847,8 +848,8 @@ def test_decoder_reads_m_sees_m_but_never_trains_it():
         "lenet5", 3, 10, (32, 32), lep_backbone="resnet_cifar"
     )  # pyramids differ: the default leaves M out
     assert not other_lep.decoder_reads_m
-    assert from_dict(RunConfig, {"impactx": {"lep_backbone": "resnet_cifar"}}).impactx.decoder_reads_m is False
-    assert from_dict(RunConfig, {}).impactx.decoder_reads_m is True
+    assert impactx_options(from_dict(RunConfig, {"impactx": {"lep_backbone": "resnet_cifar"}})).decoder_reads_m is False
+    assert impactx_options(from_dict(RunConfig, {})).decoder_reads_m is True
     old = dict(
         plain.spec, decoder_width=32
     )  # a checkpoint's spec from before: no decoder_reads_m key -> built without M

@@ -8,6 +8,7 @@ from teachx.errors import ConfigError
 from teachx.config.schema import RunConfig
 from teachx.runs.resolve import resolve_config
 from teachx.config.loader import dump_yaml, from_dict, to_dict
+from teachx.training.methods import ImpactxOptions, impactx_options
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -16,7 +17,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     cfg = resolve_config(str(p), ["train.epochs=2", "teacher.method=lrp", "impactx.lam=0.5", "data.hflip=false"])
     assert cfg.seed == 3 and cfg.train.epochs == 2 and cfg.train.lr == 0.01
     assert cfg.model.backbone == "mobilenet" and cfg.teacher.method == "lrp"
-    assert cfg.impactx.lam == 0.5 and cfg.data.hflip is False
+    assert impactx_options(cfg).lam == 0.5 and cfg.data.hflip is False
     assert cfg.train.batch_size == RunConfig().train.batch_size  # untouched default
 
 
@@ -140,14 +141,13 @@ def test_shipped_run_configs_use_the_default_design_and_paper_configs_say_so():
     decoder anywhere (its base or an arm) says "paper" in its name or its description."""
     import re
 
-    from teachx.config.schema import ImpactxConfig
     from teachx.config.shipped import header, is_study, shipped_configs
 
-    default = ImpactxConfig().decoder
+    default = ImpactxOptions().decoder
     for name, path in shipped_configs().items():
         text = path.read_text()
         if not is_study(path) and not name.startswith("paper-"):
-            assert resolve_config(str(path), []).impactx.decoder == default, name
+            assert impactx_options(resolve_config(str(path), [])).decoder == default, name
         if re.search(r"decoder\s*[:=]\s*paper", text):
             assert name.startswith("paper-") or "paper" in header(path), name
 

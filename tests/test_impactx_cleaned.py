@@ -16,6 +16,7 @@ from conftest import teachx_main
 from test_methods import _concept_baseline, _disk_store, _masked_dataset, _Store
 
 from teachx.errors import ConfigError, CorruptionError
+from teachx.training.methods.impactx_options import OPTION_NAMES, impactx_options
 
 #: the training images the concept localised, in no particular order (as Reveal stores them)
 LOCALISED = np.array([7, 0, 33, 12, 80])
@@ -42,9 +43,7 @@ def _setup(tmp_path: Path, localised=LOCALISED, mask_size: int = 12, channels: i
     store = _disk_store(fake, tmp_path / "maps")
     cfg = RunConfig()
     cfg.model.backbone = "lenet5"
-    cfg.method = MethodConfig("impactx_cleaned", {"concept": str(cpath)})
-    for key, value in impactx.items():
-        setattr(cfg.impactx, key, value)
+    cfg.method = MethodConfig("impactx_cleaned", {"concept": str(cpath), **impactx})
     m = build_method(cfg)
     ctx = MethodContext(cfg, plan, torch.device("cpu"), store, None, lambda s: None, baseline_model=lambda: baseline)
     return m, ctx, masks, np.array(store.maps)
@@ -99,7 +98,7 @@ def test_self_taught_maps_are_cleaned_too(tmp_path):
     """Self-teaching re-explains the training images with the model being trained: its maps are cleaned the same
     way as they are read, and the hook still reports its refreshes."""
     m, ctx, masks, _ = _setup(tmp_path)
-    assert m.cfg.impactx.self_teach_every  # the default decoder self-teaches
+    assert impactx_options(m.cfg).self_teach_every  # the default decoder self-teaches
     own = torch.randn(len(ctx.plan.dataset.train), 2, 12, 12, generator=torch.Generator().manual_seed(9))
     ctx.self_teaching = lambda task, out_dir: _Refresh(task, own)
     task = m.task(m.build_model(ctx), ctx)
@@ -184,8 +183,10 @@ def test_options_are_the_concept_and_impactx_keys():
     from teachx.training.methods.impactx import Impactx
 
     cfg = resolve_config(None, ["method.name=impactx_cleaned", "method.options.concept=c.json", "method.options.lam=2"])
-    assert cfg.method.options == {"concept": "c.json"} and cfg.impactx.lam == 2.0  # lam folded into impactx.*
-    assert build_method(cfg).opts == {"concept": "c.json"}
+    assert cfg.method.options["concept"] == "c.json" and impactx_options(cfg).lam == 2.0  # IMPACTX's options too
+    assert set(cfg.method.options) == {"concept", *OPTION_NAMES} and build_method(cfg).opts == cfg.method.options
+    same = resolve_config(None, ["method.name=impactx_cleaned", "method.options.concept=c.json", "impactx.lam=2"])
+    assert same.method.options == cfg.method.options  # impactx.KEY is the same option
     with pytest.raises(ConfigError, match="needs method.options.concept=PATH"):
         resolve_config(None, ["method.name=impactx_cleaned"])
     with pytest.raises(ConfigError, match="concept is an option of"):
@@ -201,19 +202,19 @@ def test_teachx_revise_lists_every_correction():
 
 
 def test_revise_options_set_the_runs_impactx_keys():
-    """`teachx revise --method impactx_cleaned method.options.KEY=V`: the run's saved impactx.* values are the
+    """`teachx revise --method impactx_cleaned method.options.KEY=V`: the run's saved IMPACTX options are the
     starting point and KEY replaces its value (not a second, conflicting one); the record names what was set;
     the run's epochs and learning rate are kept (IMPACTX is trained anew, no fine-tuning recipe)."""
     from teachx.runs.resolve import resolve_config
     from teachx.runs.revise import recipe_config
 
     run = resolve_config(None, ["method.name=baseline", "train.epochs=7", "train.lr=0.01"])
-    assert run.impactx.self_teach_every == 1  # resolved from the default decoder, saved with the run
+    assert impactx_options(run).self_teach_every == 1  # resolved from the default decoder
     tuned, options = recipe_config(
         run, "impactx_cleaned", Path("c.json"), ["method.options.self_teach_every=0", "method.options.lam=2"]
     )
-    assert tuned.impactx.self_teach_every == 0 and tuned.impactx.lam == 2.0
-    assert tuned.method.options == {"concept": "c.json"}
+    assert impactx_options(tuned).self_teach_every == 0 and impactx_options(tuned).lam == 2.0
+    assert tuned.method.options["concept"] == "c.json"
     assert options == {"self_teach_every": 0, "lam": 2.0, "train.epochs": 7, "train.lr": 0.01}
     with pytest.raises(ConfigError, match="did you mean 'method.options.lam'"):
         recipe_config(run, "impactx_cleaned", Path("c.json"), ["method.options.lamb=2"])

@@ -708,29 +708,30 @@ def test_the_name_check_guard_finds_comparisons(tmp_path):
 
 
 def test_impactx_options_are_its_method_options_too():
-    """method.options.KEY of IMPACTX is impactx.KEY: the same config (so the same study unit key), saved as impactx.*."""
+    """impactx.KEY is method.options.KEY of IMPACTX: the same config (so the same study unit key), saved as
+    method.options with every option stated."""
     from teachx.runs.resolve import resolve_config
     from teachx.studies.spec import impactx_key
+    from teachx.training.methods import OPTION_NAMES, impactx_options
 
     a = resolve_config(None, ["method.options.lam=0", "method.options.decoder=paper", "method.options.maps=shuffled"])
     b = resolve_config(None, ["impactx.lam=0", "impactx.decoder=paper", "impactx.maps=shuffled"])
-    assert a.to_dict() == b.to_dict() and a.impactx.lam == 0 and a.method.options == {}
+    assert a.to_dict() == b.to_dict() and impactx_options(a).lam == 0 and "impactx" not in a.to_dict()
+    assert tuple(a.method.options) == OPTION_NAMES and a.method.options["lam"] == 0
     assert impactx_key(a) == impactx_key(b)
     assert (
-        a.impactx.per_class is False and a.impactx.map_loss == "mse"
-    )  # the paper decoder's design, resolved as for impactx.*
+        impactx_options(a).per_class is False and impactx_options(a).map_loss == "mse"
+    )  # the paper decoder's design, resolved
     same = resolve_config(None, ["method.options.lam=0.5", "impactx.lam=0.5"])  # both ways, one value: fine
-    assert same.impactx.lam == 0.5
+    assert impactx_options(same).lam == 0.5
     rrr = resolve_config(None, ["method.name=rrr", "method.options.lam=10"])  # another method's options stay its own
-    assert rrr.method.options == {"lam": 10} and rrr.impactx.lam == 1.0
+    assert rrr.method.options == {"lam": 10} and impactx_options(rrr).lam == 1.0
     from teachx.runs.resolve import study_base_config
 
     base = study_base_config(
         {"method": {"options": {"per_class": False}}}
     )  # a study's base, as `teachx config` prints it
-    assert (
-        base.impactx.per_class is False and base.impactx.map_loss is None
-    )  # given stays given, the rest left to the decoder
+    assert base.method.options == {"per_class": False}  # given stays given, the rest left to the decoder and arms
 
 
 def test_a_study_control_arm_may_use_method_options(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from teachx.errors import ConfigError
-from teachx.config.schema import ImpactxConfig
+from teachx.training.methods import ImpactxOptions, impactx_options
 from teachx.models.impactx import build_impactx
 from teachx.teachers import build as build_teacher
 from teachx.teachers.store import fill_store, open_store
@@ -91,10 +91,10 @@ def test_resume_in_a_period_reads_that_periods_maps_and_old_refreshes_are_delete
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="maps=teacher"):
-        ImpactxConfig(self_teach_every=2, maps="shuffled").validate()
+        ImpactxOptions(self_teach_every=2, maps="shuffled").validate()
     with pytest.raises(ConfigError, match=">= 0"):
-        ImpactxConfig(self_teach_every=-1).validate()
-    ImpactxConfig(self_teach_every=3).validate()
+        ImpactxOptions(self_teach_every=-1).validate()
+    ImpactxOptions(self_teach_every=3).validate()
 
 
 def test_default_design_self_teaches_with_gradient_x_input_and_the_paper_does_not():
@@ -105,7 +105,7 @@ def test_default_design_self_teaches_with_gradient_x_input_and_the_paper_does_no
     from teachx.config.schema import RunConfig
 
     def st(impactx):
-        ic = from_dict(RunConfig, {"impactx": impactx}).impactx
+        ic = impactx_options(from_dict(RunConfig, {"impactx": impactx}))
         return ic.self_teach_every, ic.self_teach_method
 
     assert st({}) == (1, "gradient_x_input")

@@ -18,6 +18,7 @@ from conftest import TEACHX, invoke_study, teachx_env, teachx_main
 from teachx.errors import ConfigError
 from teachx.studies.runner import run_study
 from teachx.studies.spec import BASELINE, load_study
+from teachx.training.methods import impactx_options
 from teachx.training.trainer import Trainer
 
 
@@ -210,7 +211,7 @@ def test_regimes_and_seeds_parsing(tmp_path):
     assert spec.seeds == [3, 7] and spec.control == "zero"
     assert list(spec.regimes) == ["small", "train_size=40", "all"]
     c = spec.config("small", "zero", 7)
-    assert c.seed == 7 and c.data.train_size == 20 and c.impactx.lam == 0
+    assert c.seed == 7 and c.data.train_size == 20 and impactx_options(c).lam == 0
     assert load_study(str(cfg), n_seeds=4).seeds == [0, 1, 2, 3]
 
 
@@ -301,9 +302,9 @@ def test_unit_keys_hash_only_result_changing_non_default_values():
     assert classifier_key(quiet, "lenet5", {}) == classifier_key(base, "lenet5", {})
     assert eval_key(quiet, EvalSpec()) == eval_key(base, EvalSpec())
     # an explicit default value keys like the default itself; a real change gives a new key
-    same = replace(base, impactx=replace(base.impactx, lam=float(base.impactx.lam)))
+    same = replace(base, method=replace(base.method, options={**base.method.options, "lam": 1}))
     assert impactx_key(same) == impactx_key(base)
-    other = replace(base, impactx=replace(base.impactx, lam=0.0))
+    other = replace(base, method=replace(base.method, options={**base.method.options, "lam": 0.0}))
     assert impactx_key(other) != impactx_key(base) and _relevant(other) == {"impactx": {"lam": 0.0}}
     opts = replace(base, model=replace(base.model, options={"dropout": 0.1}))
     assert _relevant(opts) == {"model": {"options": {"dropout": 0.1}}}  # option dicts are hashed whole

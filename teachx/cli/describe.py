@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from teachx.config.loader import to_dict
-from teachx.config.schema import RunConfig
+from teachx.config.schema import MethodConfig, RunConfig
 from teachx.utils.docs import Option, callable_options, option_docs, summary
 
 COMMENT_COLUMN = 34  # descriptions start here unless the key and value are longer
@@ -38,13 +38,31 @@ def _commented(line: str, help_text: str) -> str:
 
 def _section_lines(obj: Any, indent: str) -> Iterator[str]:
     docs = option_docs(type(obj))
+    helps = _method_option_helps(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             yield f"{indent}{f.name}:"
             yield from _section_lines(value, indent + "  ")
+        elif f.name == "options" and helps and value:  # a method's options, one a line with its meaning
+            yield _commented(f"{indent}{f.name}:", docs.get(f.name, ""))
+            for key, option in value.items():
+                yield _commented(f"{indent}  {key}: {value_text(option)}", helps.get(key, ""))
         else:
             yield _commented(f"{indent}{f.name}: {value_text(value)}", docs.get(f.name, ""))
+
+
+def _method_option_helps(obj: Any) -> dict[str, str]:
+    """What each option of the method section ``obj`` means, for a method with typed options (IMPACTX's, which
+    the config states one by one); {} for any other section or method."""
+    if not isinstance(obj, MethodConfig):
+        return {}
+    from teachx.training.methods import METHODS  # lazy: CLI start-up
+
+    method = METHODS.get(obj.name) if obj.name in METHODS else None
+    if method is None or method.options_type is None:
+        return {}
+    return {key: option.help for key, option in method.options.items()}
 
 
 def describe_config(cfg: Any, study: Optional[dict[str, Any]] = None) -> str:
@@ -149,17 +167,19 @@ def describe_teachers() -> str:
     )
 
 
-def describe_methods() -> str:
-    """`teachx methods`: every training method, its paper, and its options with defaults and meaning."""
+def describe_methods(name: Optional[str] = None) -> str:
+    """`teachx methods [NAME]`: every training method (or the one named), its paper, and its options with defaults
+    and meaning."""
     from teachx.training.methods import METHODS  # lazy: CLI start-up
 
+    names = METHODS.names() if name is None else [METHODS.canonical(name)]  # an unknown name: a one-line error
     lines = [
         "Training methods: choose one with method.name=NAME and set its options with method.options.NAME=VALUE,",
-        "e.g. method.name=rrr method.options.mask=teacher. IMPACTX (the default) keeps its options in impactx.*",
-        "(`teachx config --describe` lists them); method.options.KEY is the same key, e.g. method.options.lam=0.",
+        "e.g. method.name=rrr method.options.mask=teacher. IMPACTX's options (the default method's) may also be",
+        "written impactx.KEY=VALUE, e.g. impactx.lam=0 is method.options.lam=0.",
         "",
     ]
-    for name in METHODS.names():
+    for name in names:
         cls = METHODS.get(name)
         aliases = METHODS.aliases(name)
         lines.append(f"{name}" + (f" (also: {', '.join(aliases)})" if aliases else "") + f": {cls.summary}")

@@ -152,11 +152,15 @@ def teachers() -> None:
 
 
 @cli.command()
-def methods() -> None:
-    """List the training methods (IMPACTX, ABN, RRR, ...) and their options."""
+@click.argument("name", required=False)
+def methods(name: Optional[str]) -> None:
+    """List the training methods (IMPACTX, ABN, RRR, ...) and their options.
+
+    NAME: list that method alone, e.g. `teachx methods impactx`.
+    """
     from teachx.cli.describe import describe_methods  # lazy: CLI start-up
 
-    click.echo(describe_methods(), nl=False)
+    click.echo(describe_methods(name), nl=False)
 
 
 @cli.command("config", context_settings={"ignore_unknown_options": True})

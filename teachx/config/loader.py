@@ -86,6 +86,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as type ``tp`` (an option's type hint), or a ConfigError naming ``where``: one option read as
+    :func:`from_dict` reads it, for a section that is read key by key (another spelling of a method's options)."""
+    return _coerce(value, tp, where)
+
+
 def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
     """Build dataclass ``cls`` from ``data``; reject unknown keys with a did-you-mean.
 

@@ -1,4 +1,4 @@
-"""The run configuration: one YAML file with sections data / model / train / teacher / impactx.
+"""The run configuration: one YAML file with sections data / model / train / teacher / method.
 
 Every option has a documented default here; ``teachx run --print-config`` shows the resolved
 file. Unknown keys are rejected with a suggestion. The resolved config is saved in each run
@@ -25,18 +25,73 @@ HOOKS: dict[str, list[Callable[[Any], None]]] = {}
 
 
 def add_hook(name: str, fn: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Run ``fn(section)`` at hook ``name``: ``data.validate``, ``impactx.design``, ``impactx.validate``,
-    ``method.validate`` or ``run.validate`` (each one once, however often its module is reloaded); at
-    ``run.normalize``, ``fn(data) -> data`` rewrites the raw config mapping before it is read."""
+    """Run ``fn(section)`` at hook ``name``: ``data.validate``, ``method.validate``, ``run.validate``, or a hook
+    a method's typed options run (IMPACTX's ``impactx.design`` and ``impactx.validate``), each one once, however
+    often its module is reloaded; at ``run.normalize``, ``fn(data) -> data`` rewrites the raw config mapping
+    before it is read."""
     hooks = HOOKS.setdefault(name, [])
     key = (fn.__module__, fn.__qualname__)
     hooks[:] = [h for h in hooks if (h.__module__, h.__qualname__) != key] + [fn]
     return fn
 
 
-def _run_hooks(name: str, section: Any) -> None:
+def run_hooks(name: str, section: Any) -> None:
+    """Call every hook added at ``name`` with ``section``."""
     for fn in HOOKS.get(name, ()):
         fn(section)
+
+
+@dataclass(frozen=True)
+class SectionAlias:
+    """A top-level section that is another spelling of some methods' options (``impactx.KEY`` is
+    ``method.options.KEY`` of IMPACTX's methods)."""
+
+    keys: tuple[str, ...]  # the option keys it holds
+    methods: tuple[str, ...]  # the methods (names and aliases) whose options they are
+
+
+#: section aliases by section name; added by the layer that owns the methods (:func:`add_section_alias`), so that
+#: the config floor knows no method. Read, each key is folded into ``method.options`` (a ``run.normalize`` hook of
+#: that layer); written, a config has ``method.options`` alone.
+SECTION_ALIASES: dict[str, SectionAlias] = {}
+
+
+def add_section_alias(section: str, keys: tuple[str, ...], methods: tuple[str, ...]) -> None:
+    """Accept the top-level ``section``'s ``keys`` as another spelling of ``method.options.KEY`` of ``methods``."""
+    SECTION_ALIASES[section] = SectionAlias(tuple(keys), tuple(methods))
+
+
+def drop_other_spellings(data: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (the layers read so far) ready for ``layer`` (nested, as read from YAML) on top: less the other
+    spelling of every key ``layer`` sets, so that a later layer (a file over a base, a command-line override, a
+    study arm or regime) replaces an option however the earlier one spelt it (``impactx.lam`` over
+    ``method.options.lam`` and back; within one layer, two spellings with two values are refused when the config is
+    read); and, where ``layer`` chooses a method, with the options of the method chosen so far that a section
+    alias holds spelt in that section: they are the options of that method (IMPACTX's, in a run's config.yaml or
+    a study's base), which the newly chosen one reads as its own if it is one of that method's family, and which
+    another one accepts only at their defaults, as it accepts the section. ``data`` is not changed."""
+    method = layer.get("method") if isinstance(layer.get("method"), dict) else {}
+    in_options = set(method.get("options") or {}) if isinstance(method.get("options"), dict) else set()
+    out = dict(data)
+    for section, alias in SECTION_ALIASES.items():
+        keys = alias.keys
+        old = out.get("method") if isinstance(out.get("method"), dict) else {}
+        options = old.get("options") if isinstance(old.get("options"), dict) else {}
+        moved = {k: v for k, v in options.items() if k in keys}
+        section_data = out.get(section) if isinstance(out.get(section), dict) else {}
+        clash = any(k in section_data and section_data[k] != v for k, v in moved.items())  # refused when read
+        if "name" in method and old.get("name", MethodConfig.name) in alias.methods and moved and not clash:
+            out[section] = {**moved, **section_data}
+            out["method"] = {**old, "options": {k: v for k, v in options.items() if k not in keys}}
+        given = set(layer[section]) if isinstance(layer.get(section), dict) else set()
+        section_data = out.get(section)
+        if isinstance(section_data, dict) and in_options & set(keys) & set(section_data):
+            out[section] = {k: v for k, v in section_data.items() if k not in in_options}
+        method_data = out.get("method")
+        options = method_data.get("options") if isinstance(method_data, dict) else None
+        if isinstance(options, dict) and given & set(keys) & set(options):
+            out["method"] = {**method_data, "options": {k: v for k, v in options.items() if k not in given}}
+    return out
 
 
 @dataclass
@@ -89,7 +144,7 @@ class DataConfig:
     )
 
     def validate(self) -> None:
-        _run_hooks("data.validate", self)  # data.shortcut* and data.image_size, as the data floor reads them
+        run_hooks("data.validate", self)  # data.shortcut* and data.image_size, as the data floor reads them
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.train_size is not None and self.train_size < 10:
@@ -150,97 +205,18 @@ class TeacherConfig:
 
 
 @dataclass
-class ImpactxConfig:
-    lam: float = 1.0  # weight of the explanation loss (0 = same architecture, no explanation signal)
-    maps: Literal["teacher", "shuffled", "constant", "random"] = "teacher"  # controls for ablations
-    lep_backbone: Optional[str] = None  # latent explanation predictor; default: the student backbone
-    m_init: Literal["fresh", "teacher"] = "fresh"  # initialise M from the teacher (same backbone only)
-    m_frozen: bool = False  # keep M fixed (only with m_init=teacher)
-    # channels of the decoder's first conv block (paper decoder: halved per block, >= 16; unet decoders: every pyramid
-    # level); null: the decoder's recommended width (unet_input, the default: 16; the others: 32)
-    decoder_width: Optional[int] = None
-    decoder_scale: int = (
-        2  # paper decoder: convolves up to map_size / scale, then upsamples bilinearly (1: full resolution)
-    )
-    classifier_hidden: int = 0  # 0: C is linear on concat[m, z]
-    map_size: Optional[int] = None  # decoder output resolution; default: the input resolution
-    # > 0: self-teaching, the maps are re-made every K epochs by impactx.self_teach_method applied to the model being
-    # trained (0: off); null: the decoder's recommended setting (unet_input, the default: 1; the others: 0)
-    self_teach_every: Optional[int] = None
-    # the method of self-teaching's refreshes: teacher (the teacher method with every teacher.* setting) or a teacher
-    # method's name (e.g. gradient_x_input; its default options, unsmoothed); null: the decoder's recommended method
-    # when impactx.self_teach_every is left to the decoder too (unet_input: gradient_x_input), else teacher
-    self_teach_method: Optional[str] = None
-    # map decoder: unet_input (default: LEP's and M's feature pyramids with skip connections plus the input image,
-    # self-taught with gradient x input; the built-in-maps studies' best) | paper (the paper's, from LEP's pooled
-    # vector) | unet | additive | additive_fast | lite | lite_additive
-    decoder: str = "unet_input"
-    # one map per class (FastSHAP-style): trained on the explained class's map, inference gives the predicted
-    # class's map; null: the decoder's recommended setting (paper: false, the others: true)
-    per_class: Optional[bool] = None
-    additive_reference: float = (
-        0.0  # additive decoder: the reference the map measures x from, in normalised space (0 = the dataset mean)
-    )
-    # built-in vs teacher map loss: mse (the paper's) | pearson (1 - per-image r) | cosine (1 - per-image cosine: scale-free,
-    # zero kept) | standardized_mse (target z-scored per image) | rank (pairwise pixel order); null: the decoder's
-    # recommended loss (paper: mse, the others: pearson)
-    map_loss: Optional[str] = None
-    map_target_pool: int = (
-        1  # average-pool built-in and teacher maps by K x K before the map loss (1: the teacher's resolution)
-    )
-    # the decoder also reads M's feature pyramid (detached: M still learns from CE alone), so the map can see what the
-    # classification branch computes; null: the decoder's recommended setting (unet_input: true, the others: false;
-    # false when impactx.lep_backbone is set: the two pyramids must match)
-    decoder_reads_m: Optional[bool] = None
-    faith_weight: float = (
-        0.0  # > 0: FastSHAP-style term, the built-in map must predict the model's own output on masked inputs
-    )
-    faith_patch: int = 4  # patch size (pixels) that the faithfulness term masks
-    faith_samples: int = 2  # masked copies per image and step for the faithfulness term (each second one the complement of the one before)
-
-    def __post_init__(self) -> None:
-        self.resolve_design()
-
-    def resolve_design(self) -> None:
-        """Fill per_class / map_loss / decoder_width / decoder_reads_m / self_teach_every / self_teach_method left
-        unset (None) from the decoder's
-        ``recommended`` setting (the hook of :mod:`teachx.models.decoders`), so that ``impactx.decoder=paper``
-        alone is the paper's method and every written config states the values."""
-        _run_hooks("impactx.design", self)
-
-    def validate(self) -> None:
-        self.resolve_design()
-        if self.lam < 0:
-            raise ConfigError(f"impactx.lam must be >= 0, got {self.lam}")
-        if self.decoder_scale < 1 or self.decoder_scale & (self.decoder_scale - 1):
-            raise ConfigError(f"impactx.decoder_scale must be a power of two >= 1, got {self.decoder_scale}")
-        if self.self_teach_every is not None and self.self_teach_every < 0:
-            raise ConfigError(f"impactx.self_teach_every must be >= 0 (0 = off), got {self.self_teach_every}")
-        if self.self_teach_every and self.maps != "teacher":
-            raise ConfigError(
-                f"impactx.self_teach_every needs impactx.maps=teacher (got maps={self.maps}): self-teaching replaces the teacher's maps"
-            )
-        if self.m_frozen and self.m_init != "teacher":
-            raise ConfigError("impactx.m_frozen=true needs impactx.m_init=teacher (a frozen fresh M would be random)")
-        _run_hooks("impactx.validate", self)  # decoder and map-loss names, as their registries know them
-        for key in ("decoder_width", "map_target_pool", "faith_patch", "faith_samples"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:  # None: no decoder hook loaded
-                raise ConfigError(f"impactx.{key} must be an integer >= 1, got {getattr(self, key)}")
-        if self.faith_weight < 0:
-            raise ConfigError(f"impactx.faith_weight must be >= 0 (0 = off), got {self.faith_weight}")
-
-
-@dataclass
 class MethodConfig:
     """Which training method the run's method stage uses (`teachx methods` lists them with options)."""
 
-    name: str = "impactx"  # training method: impactx (its options are the impactx.* keys) | baseline | abn | rrr | saliency_guided | reldrop (`teachx methods`)
+    name: str = (
+        "impactx"  # training method: impactx | baseline | abn | rrr | saliency_guided | reldrop (`teachx methods`)
+    )
     options: dict[str, Any] = field(
         default_factory=dict
     )  # the method's options, e.g. {lam: 1000, mask: annotation} for rrr (`teachx methods` lists them)
 
     def validate(self) -> None:
-        _run_hooks("method.validate", self)  # the method's name and options (:mod:`teachx.training.methods`)
+        run_hooks("method.validate", self)  # the method's name and options (:mod:`teachx.training.methods`)
 
 
 #: (section, key) of options that never change a result (display, logging, where and in what batch
@@ -258,41 +234,30 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    impactx: ImpactxConfig = field(default_factory=ImpactxConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
 
     @staticmethod
     def normalize_data(data: dict[str, Any]) -> dict[str, Any]:
         """The config as read, with other spellings of the same option made one (``run.normalize`` hooks,
-        each ``data -> data``; e.g. :mod:`teachx.training.methods` folds ``method.options.KEY`` of IMPACTX
-        into ``impactx.KEY``)."""
+        each ``data -> data``; e.g. :mod:`teachx.training.methods` folds a section alias's ``impactx.KEY``
+        into ``method.options.KEY``, :data:`SECTION_ALIASES`)."""
         for fn in HOOKS.get("run.normalize", ()):
             data = fn(data)
         return data
 
     def validate(self) -> None:
-        _run_hooks("run.validate", self)  # impactx.* set with another method (:mod:`teachx.training.methods`)
-        ic = self.impactx
-        if ic.per_class and ic.self_teach_every and self.teacher.target == "predicted":
-            raise ConfigError(
-                "impactx.per_class with impactx.self_teach_every needs teacher.target=label: a refresh would "
-                "explain the training model's predicted classes, which the per-class loss does not track; "
-                "set impactx.self_teach_every=0 to train on the teacher's maps alone"
-            )
+        self.method.validate()  # also when the method is left to its default: its options are stated
+        run_hooks("run.validate", self)  # checks across sections of a method's options (teachx.training.methods)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
-
-
-#: impactx.* keys that null leaves to the decoder (``ImpactxConfig.resolve_design``)
-DECODER_CHOSEN = ("per_class", "map_loss", "decoder_width", "decoder_reads_m", "self_teach_every", "self_teach_method")
 
 
 def missing_value(arg: str) -> Optional[ConfigError]:
     """The error for a KEY given without =VALUE (``train.epochs``, ``seed``, ``study.n_seeds``) where a
     CONFIG or an override goes: a key of the config (or its study section) that is no file; else None."""
     parts = arg.split(".")
-    sections = {f.name for f in dataclasses.fields(RunConfig)} | {"study"}
+    sections = {f.name for f in dataclasses.fields(RunConfig)} | {"study"} | set(SECTION_ALIASES)
     if (
         "=" in arg
         or Path(arg).expanduser().exists()

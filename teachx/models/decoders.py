@@ -52,13 +52,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachx.config.schema import ImpactxConfig, add_hook
+from teachx.config.schema import add_hook
 from teachx.errors import ConfigError
 from teachx.registry import Registry
 
@@ -511,7 +511,7 @@ def resolve_design(
 ) -> dict[str, object]:
     """The built-in-map settings of decoder ``name``: each one given stays, each one left None is the decoder's
     ``recommended`` value -- reading M's pyramid only when LEP is not another backbone (``separate_lep``), since
-    the two pyramids must match. One rule for the config (``ImpactxConfig``) and the Python API (``build_impactx``)."""
+    the two pyramids must match. One rule for the config (IMPACTX's options) and the Python API (``build_impactx``)."""
     rec = DECODERS.get(name).recommended
     return {
         "per_class": bool(rec["per_class"]) if per_class is None else per_class,
@@ -537,8 +537,9 @@ def reads_m_error(name: str) -> str:
     )
 
 
-def _resolve_config_design(ic: ImpactxConfig) -> None:
-    """The ``impactx.design`` hook of the config: impactx.* design keys left None get the decoder's recommendation."""
+def _resolve_config_design(ic: Any) -> None:
+    """The ``impactx.design`` hook of IMPACTX's options (``ImpactxOptions`` of :mod:`teachx.training.methods`, a
+    floor above): design options left None get the decoder's recommendation."""
     try:
         design = resolve_design(
             ic.decoder,
@@ -573,8 +574,8 @@ def self_teaching_design(
     return every, method
 
 
-def _check_config_decoder(ic: ImpactxConfig) -> None:
-    """The ``impactx.validate`` hook of the config: impactx.decoder is registered and can do what is asked."""
+def _check_config_decoder(ic: Any) -> None:
+    """The ``impactx.validate`` hook of IMPACTX's options: the decoder is registered and can do what is asked."""
     try:
         decoder = DECODERS.canonical(ic.decoder)
     except ConfigError as exc:

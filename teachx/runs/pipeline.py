@@ -26,7 +26,7 @@ from teachx.runs.rundir import run_config_hash
 from teachx.teachers.store import MapStore
 from teachx.training.checkpoint import load_checkpoint, load_state_into
 from teachx.training.impactx import ImpactxTask
-from teachx.training.methods import MethodContext, build_method, method_name
+from teachx.training.methods import MethodContext, build_method, impactx_options, method_name
 from teachx.training.self_teaching import SelfTeaching
 from teachx.training.trainer import DataPlan, Trainer
 from teachx.utils import distributed as dist_utils
@@ -108,7 +108,9 @@ def train_method_stage(
         task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device, meta=meta, log=log, on_epoch_start=hook
     )
     what = method.describe() + (
-        f", self-teaching every {cfg.impactx.self_teach_every} epochs ({cfg.impactx.self_teach_method})" if hook else ""
+        f", self-teaching every {impactx_options(cfg).self_teach_every} epochs ({impactx_options(cfg).self_teach_method})"
+        if hook
+        else ""
     )
     log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
     head = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {})}
@@ -118,11 +120,11 @@ def train_method_stage(
 def self_teaching_hook(
     cfg: RunConfig, plan: DataPlan, task: ImpactxTask, store: MapStore, out_dir: Path, log: Callable[[str], None]
 ):
-    """The hook that re-explains the training set with the model being trained (impactx.self_teach_every), by the
-    teacher method or, with a method named in impactx.self_teach_method, by that method (its default options,
+    """The hook that re-explains the training set with the model being trained (IMPACTX's self_teach_every), by the
+    teacher method or, with a method named in its self_teach_method, by that method (its default options,
     unsmoothed)."""
     device = dist_utils.device_for(choose_device(cfg.device))
-    method = cfg.impactx.self_teach_method
+    method = impactx_options(cfg).self_teach_method
     if method and method != "teacher":
         cfg = replace(cfg, teacher=replace(cfg.teacher, method=method, options={}, smooth=0.0))
     teacher = make_teacher(cfg, plan, device)
@@ -137,7 +139,7 @@ def self_teaching_hook(
         plan.train_idx,
         store.maps.shape[0],
         tuple(store.maps.shape[1:]),
-        cfg.impactx.self_teach_every,
+        impactx_options(cfg).self_teach_every,
         out_dir / "self_maps",
         material,
         cfg.seed,

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import teachx.models.decoders  # noqa: F401 (adds the impactx.* design and decoder checks)
-import teachx.training.map_losses  # noqa: F401 (adds the impactx.map_loss check)
-import teachx.training.methods  # noqa: F401 (adds the method.* checks)
+import teachx.models.decoders  # noqa: F401 (adds IMPACTX's design and decoder checks)
+import teachx.training.map_losses  # noqa: F401 (adds IMPACTX's map_loss check)
 from teachx.config.load import load_config
-from teachx.config.schema import DECODER_CHOSEN, RunConfig
+from teachx.config.schema import RunConfig
 from teachx.data import get_source
 from teachx.errors import ConfigError
 from teachx.data.options import load_options
 from teachx.models import MODELS
 from teachx.teachers import TEACHERS
+from teachx.training.methods import DECODER_CHOSEN, impactx_options, uses_impactx_options  # the method.* checks
 
 
 def resolve_config(
@@ -31,15 +31,18 @@ def resolve_config(
 
 
 def study_base_config(base: dict[str, Any]) -> RunConfig:
-    """The run config a study's units start from, as `teachx config` shows it: resolved, except the
-    impactx.* keys the base leaves to the decoder, which stay null -- each arm's decoder (impactx.decoder)
-    resolves them, so the printed study reads back as the same study."""
+    """The run config a study's units start from, as `teachx config` shows it: resolved, except that IMPACTX's
+    options are only those the base gives (a design option given as null stays null): an arm may choose another
+    method, or a decoder whose recommended design differs, so the printed study reads back as the same study."""
     cfg = resolve_config(base=base)
-    base = RunConfig.normalize_data(dict(base))  # method.options.KEY of IMPACTX given as its impactx.KEY
-    given = base.get("impactx") if isinstance(base.get("impactx"), dict) else {}
-    for key in DECODER_CHOSEN:
-        if given.get(key) is None:
-            setattr(cfg.impactx, key, None)
+    if uses_impactx_options(cfg):
+        given = RunConfig.normalize_data(dict(base)).get("method") or {}  # impactx.KEY given as method.options.KEY
+        given = given.get("options") or {}
+        cfg.method.options = {
+            k: None if k in DECODER_CHOSEN and given[k] is None else v
+            for k, v in cfg.method.options.items()
+            if k in given
+        }
     return cfg
 
 
@@ -47,13 +50,14 @@ def check_names(cfg: RunConfig) -> None:
     """Fail early (before any directory is made) on unknown dataset, backbone or teacher names."""
     get_source(cfg.data.name)
     load_options(cfg.data)  # data.image_size and co. only where the dataset's format has them
-    for name in (cfg.model.backbone, cfg.teacher.backbone, cfg.impactx.lep_backbone):
+    options = impactx_options(cfg)
+    for name in (cfg.model.backbone, cfg.teacher.backbone, options.lep_backbone):
         if name and ":" not in name:
             MODELS.canonical(name)
     TEACHERS.canonical(cfg.teacher.method)
-    if cfg.impactx.self_teach_method not in (None, "teacher"):
+    if options.self_teach_method not in (None, "teacher"):
         try:
-            TEACHERS.canonical(cfg.impactx.self_teach_method)
+            TEACHERS.canonical(options.self_teach_method)
         except ConfigError as exc:
             raise ConfigError(f"impactx.self_teach_method: {exc} (or teacher: the teacher method)") from None
     check_teacher_backbone(cfg)

@@ -28,7 +28,7 @@ last, digest-checked on read).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -147,16 +147,19 @@ def recipe_config(
     cfg: RunConfig, method: str, concept_file: Path, items: list[str]
 ) -> tuple[RunConfig, dict[str, Any]]:
     """The run's config with the correcting method, its concept, the recipe (for a method that fine-tunes the
-    baseline; one trained anew keeps the run's epochs and learning rate) and the user's KEY=VALUE. A method whose
-    options live in a config section of their own (impactx_cleaned: the ``impactx.*`` keys) starts from the run's
-    values there, and ``method.options.KEY`` sets that section's KEY."""
+    baseline; one trained anew keeps the run's epochs and learning rate) and the user's KEY=VALUE. A method with
+    typed options of the run's method (impactx_cleaned: IMPACTX's) starts from the run's values of them.
+    Returns the config and the options the correction records: its own, and the typed ones the user set."""
     data = to_dict(cfg)
-    data["method"] = {"name": method, "options": {"concept": str(concept_file)}}
+    options_type = METHODS.get(method).options_type
+    typed = {f.name for f in fields(options_type)} if options_type else set()
+    run_typed = METHODS.get(cfg.method.name).options_type is options_type  # e.g. an IMPACTX run, impactx_cleaned
+    start = {k: v for k, v in cfg.method.options.items() if k in typed} if run_typed else {}
+    data["method"] = {"name": method, "options": {"concept": str(concept_file), **start}}
     if METHODS.get(method).fine_tunes_baseline:
         data["train"]["epochs"] = RECIPE_EPOCHS
         data["train"]["lr"] = float(cfg.train.lr) * RECIPE_LR_FACTOR
-    section = METHODS.get(method).config_section
-    in_section: dict[str, Any] = {}  # method.options.KEY given for a key of the method's section
+    typed_given: set[str] = set()  # method.options.KEY the user gave for a typed option
     for item in items:
         keys, value = parse_override(item)
         if keys[0] not in ("train", "method"):
@@ -165,11 +168,8 @@ def recipe_config(
             )
         if keys[:2] == ["method", "name"]:
             raise ConfigError(f"'{item}': choose the correction with --method")
-        own = METHODS.get(method).options
-        if section and keys[:2] == ["method", "options"] and len(keys) == 3 and keys[2] not in own:
-            if keys[2] in data[section]:  # the run's saved value is replaced, not set twice
-                in_section[keys[2]] = value
-                keys = [section, keys[2]]
+        if keys[:2] == ["method", "options"] and len(keys) == 3 and keys[2] in typed:
+            typed_given.add(keys[2])
         set_dotted(data, ".".join(keys), value)
     try:
         tuned = from_dict(RunConfig, data)
@@ -177,8 +177,8 @@ def recipe_config(
         raise ConfigError(f"teachx revise --method {method}: {exc}") from None
     opts = dict(tuned.method.options)
     return tuned, {
-        **{k: v for k, v in opts.items() if k != "concept"},
-        **{k: getattr(getattr(tuned, section), k) for k in in_section},
+        **{k: v for k, v in opts.items() if k != "concept" and k not in typed},
+        **{k: opts[k] for k in typed_given},
         "train.epochs": tuned.train.epochs,
         "train.lr": tuned.train.lr,
     }

@@ -42,9 +42,9 @@ from typing import Any, Callable, Iterator, Optional
 
 from teachx import __version__
 from teachx.config.loader import dump_yaml, from_dict, load_yaml
-from teachx.config.schema import NEUTRAL_KEYS, RunConfig
+from teachx.config.schema import NEUTRAL_KEYS, SECTION_ALIASES, RunConfig
 from teachx.errors import ConfigError, OutputError, RunDirError
-from teachx.training.methods import method_stages
+from teachx.training.methods import legacy_layout, method_stages
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import is_temp_name, output_error, sweep_stale_temps, write_json_atomic, write_text_atomic
 from teachx.utils.locking import STALE_AFTER_S, Busy, file_lock, held_by
@@ -133,7 +133,7 @@ def _legacy_run(path: Path) -> bool:
     import dataclasses
 
     cfg = _read_yaml(path / "config.yaml")
-    names = {f.name for f in dataclasses.fields(RunConfig)}
+    names = {f.name for f in dataclasses.fields(RunConfig)} | set(SECTION_ALIASES)  # impactx: of older teachx
     return bool(cfg) and cfg.get("command") in ("train", "run", "demo") and set(cfg) - {"command"} <= names
 
 
@@ -254,13 +254,15 @@ def config_hash(saved: dict[str, Any]) -> Optional[str]:
     ``results.json`` of the run carries; None if it is not a config this teachx can read.
 
     Only the values that differ from the defaults are hashed, so an option added by a later teachx
-    (its default filled in) leaves the hashes of existing runs as they are.
+    (its default filled in) leaves the hashes of existing runs as they are; they are hashed in the layout of
+    before IMPACTX's options moved to ``method.options`` (:func:`teachx.training.methods.legacy_layout`), so the
+    same settings keep the hash their stage records carry.
     """
     identity = run_identity(saved)
     if identity is None:
         return None
-    defaults = run_identity({"command": identity["command"]}) or {}
-    return hash_json({**_without_defaults(identity, defaults), "command": identity["command"]})[:16]
+    defaults = legacy_layout(run_identity({"command": identity["command"]}) or {})
+    return hash_json({**_without_defaults(legacy_layout(identity), defaults), "command": identity["command"]})[:16]
 
 
 def run_config_hash(run_dir: str | Path) -> Optional[str]:

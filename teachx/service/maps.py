@@ -176,15 +176,16 @@ class MapViews(RowStore):
     def _invariance(lm: Loaded) -> str:
         """What the model's map loss leaves free in its built-in map ("none", "scale", "affine"); models whose
         built-in map was not trained towards the teacher's (ABN's attention) are compared up to scale."""
-        from teachx.training.methods import method_of_model
+        from teachx.training.methods import impactx_options, method_of_model
 
         method = method_of_model(lm.entry.kind)
         if method is None or not method.map_follows_teacher:
             return "scale"
         spec_decoder = getattr(lm.model, "decoder_name", None)
-        if spec_decoder is not None and spec_decoder != lm.cfg.impactx.decoder:
-            return "none"  # a record older than impactx.decoder: the paper's decoder, trained with MSE
-        return INVARIANCE.get(MAP_LOSSES.canonical(lm.cfg.impactx.map_loss), "affine")
+        options = impactx_options(lm.cfg)
+        if spec_decoder is not None and spec_decoder != options.decoder:
+            return "none"  # a record older than the decoder option: the paper's decoder, trained with MSE
+        return INVARIANCE.get(MAP_LOSSES.canonical(options.map_loss), "affine")
 
     @staticmethod
     def _built_in_options(lm: Loaded) -> dict[str, Any]:

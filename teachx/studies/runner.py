@@ -60,7 +60,7 @@ from teachx.studies.spec import (
 from teachx.studies.statistics import summarize_study, summary_lines
 from teachx.teachers.postprocess import postprocess
 from teachx.training.concepts import concept_paths, load_concept, save_concept
-from teachx.training.methods import build_method
+from teachx.training.methods import build_method, legacy_layout
 from teachx.utils.hashing import hash_json
 from teachx.utils.io import atomic_path, read_trusted_json, write_json_atomic
 from teachx.utils.numbers import number
@@ -322,7 +322,11 @@ class _Runner:
                     "model_digest": concept.model_digest,
                     "n_carrying": concept.info.get("carrying"),
                 },
-                {k: v for k, v in (tuned.method.options.items() if tuned else []) if k != "concept"},
+                {  # the method's own options (a typed method's as recorded before they moved to method.options)
+                    k: v
+                    for k, v in (legacy_layout(tuned.to_dict())["method"]["options"].items() if tuned else [])
+                    if k != "concept"
+                },
                 fixed.before,
                 fixed.after,
                 fixed.train,

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from teachx.config.loader import from_dict, load_yaml, merge, parse_override, set_dotted
-from teachx.config.schema import NEUTRAL_KEYS, RunConfig
+from teachx.config.loader import apply_overrides, from_dict, load_yaml, merge, parse_override, set_dotted
+from teachx.config.schema import NEUTRAL_KEYS, RunConfig, drop_other_spellings
 from teachx.config.shipped import find_config
 from teachx.data import get_source
 from teachx.errors import ConfigError
@@ -46,7 +46,7 @@ from teachx.runs.reveal_benchmark import RevealSettings
 from teachx.runs.revise import CONCEPT_MASKS_VERSION, POST_HOC, recipe_config, revise_methods
 from teachx.runs.resolve import check_names
 from teachx.studies.records import BASELINE
-from teachx.training.methods import METHODS, build_method, method_name
+from teachx.training.methods import METHODS, build_method, legacy_layout, method_name
 from teachx.utils.hashing import hash_json
 
 STUDY_VERSION = 2  # 2: keys hash non-default values only
@@ -264,12 +264,10 @@ class StudySpec:
         """The resolved RunConfig of one unit: base <- arm <- regime, with the seed (a correction row's is its
         baseline's: the correction's own settings are ``study.revise``'s)."""
         data = _deep(self.base)
-        for key, value in (self.arms[arm] if arm in self.arms else {}).items():
-            set_dotted(data, key, value)
-        for key, value in self.regimes[regime].items():
-            set_dotted(data, key, value)
-        for key, value in (self.ceiling if self.is_ceiling(arm) else {}).items():  # on top of the regime's
-            set_dotted(data, key, value)
+        layers = [self.arms[arm] if arm in self.arms else {}, self.regimes[regime]]
+        layers.append(self.ceiling if self.is_ceiling(arm) else {})  # on top of the regime's
+        for layer in layers:
+            data = _set_layer(data, layer)
         data["seed"] = int(seed)
         where = f"study arm '{arm}', regime '{regime}'" if arm else f"study regime '{regime}'"
         try:
@@ -355,6 +353,18 @@ def _flatten(overrides: Any, where: str, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _set_layer(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the dotted ``overrides`` (an arm, a regime) set, each replacing the option however ``data``
+    spelt it (``impactx.lam`` over ``method.options.lam``: :func:`teachx.config.schema.drop_other_spellings`)."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        set_dotted(nested, key, value)
+    data = drop_other_spellings(data, nested)
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return data
+
+
 def _regime_name(overrides: dict[str, Any]) -> str:
     if not overrides:
         return "all"
@@ -404,7 +414,9 @@ def _study_from_raw(
             f"'{path}' has no 'study:' section; add study: {{n_seeds: 5, arms: {{impactx: {{}}, lambda0: {{impactx.lam: 0}}}}}}"
         )
     section = dict(raw.pop("study"))
-    base: dict[str, Any] = raw
+    base: dict[str, Any] = drop_other_spellings(
+        raw, apply_overrides({}, [t for t in overrides or [] if parse_override(t)[0][0] != "study"])
+    )
     for text in overrides or []:
         keys, value = parse_override(text)
         if keys[0] == "study":
@@ -610,10 +622,10 @@ def _relevant(cfg: RunConfig) -> dict[str, Any]:
     ``key_reference`` at its old value (or needs a STUDY_VERSION bump), so a unit keeps its key (and a
     resumed study its trained units) for the same resolved config whichever default it relied on.
     """
-    values = (
-        cfg.to_dict()
-    )  # other methods' impactx.* are the current defaults (RunConfig.validate): no reference for them
-    defaults = merge(RunConfig().to_dict(), METHODS.get(method_name(cfg)).key_reference)
+    # hashed in the layout of before IMPACTX's options moved to method.options (legacy_layout), so that the same
+    # settings keep their keys; other methods' impactx.* are the defaults there: no reference for them
+    values = legacy_layout(cfg.to_dict())
+    defaults = merge(legacy_layout(RunConfig().to_dict()), METHODS.get(method_name(cfg)).key_reference)
     for section, key in _NEUTRAL:
         values[section].pop(key)
     if values["data"]["hflip"] is None and _source_name(cfg.data.name) == "imagefolder":

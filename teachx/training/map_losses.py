@@ -36,13 +36,13 @@ coarse layout of the map, not its pixel-level detail.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from teachx.config.schema import ImpactxConfig, add_hook
+from teachx.config.schema import add_hook
 from teachx.errors import ConfigError
 from teachx.registry import Registry
 from teachx.teachers.postprocess import normalize_maps
@@ -204,8 +204,9 @@ class MapLoss:
         return f"MapLoss({self.name!r}, pool={self.pool})"
 
 
-def _check_config_map_loss(ic: ImpactxConfig) -> None:
-    """The ``impactx.validate`` hook of the config: impactx.map_loss is a registered map loss."""
+def _check_config_map_loss(ic: Any) -> None:
+    """The ``impactx.validate`` hook of IMPACTX's options (:class:`teachx.training.methods.impactx_options.ImpactxOptions`):
+    map_loss is a registered map loss."""
     try:
         MAP_LOSSES.canonical(ic.map_loss)
     except ConfigError as exc:

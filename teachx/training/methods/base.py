@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from teachx.config.loader import to_dict
-from teachx.config.schema import MethodConfig, RunConfig, add_hook
+from teachx.config.loader import coerce, from_dict, to_dict
+from teachx.config.schema import MethodConfig, RunConfig, add_hook, add_section_alias
 from teachx.errors import ConfigError
 from teachx.models import backbone_explains_itself, build_model
 from teachx.registry import Registry, suggest
@@ -133,8 +133,11 @@ class TrainingMethod:
     #: config values, by section, that its options had when study unit keys were first made: a unit's key
     #: hashes the differences from these, so a changed default keeps the keys of existing units
     key_reference: ClassVar[dict[str, dict[str, Any]]] = {}
-    #: a top-level config section that holds its options instead of ``method.options`` (IMPACTX's ``impactx.*``);
-    #: set with another method, its keys would be ignored, so they are refused
+    #: the dataclass of its options, when they are typed (IMPACTX's): ``method.options`` then states every one of
+    #: them (its fields, listed in ``options`` too), checked and resolved by the dataclass's ``validate``
+    options_type: ClassVar[Optional[type]] = None
+    #: the top-level config section its typed options were once written in (IMPACTX's ``impactx:``), still read as
+    #: another spelling of ``method.options``; set with another method, its keys would be ignored, so they are refused
     config_section: ClassVar[str] = ""
     #: its built-in map is trained towards the teacher's maps (by a map loss), so comparing the two means something
     map_follows_teacher: ClassVar[bool] = False
@@ -153,12 +156,19 @@ class TrainingMethod:
     @classmethod
     def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
         """Defaults plus ``given``, each checked; an option of another method is named as such."""
-        out = {k: o.default for k, o in cls.options.items()}
+        typed_keys = {f.name for f in dataclasses.fields(cls.options_type)} if cls.options_type else set()
+        out = {k: o.default for k, o in cls.options.items() if k not in typed_keys}
+        typed: dict[str, Any] = {}
         for key, value in (given or {}).items():
             if key not in cls.options:
                 raise ConfigError(unknown_option_message(cls.name, str(key)))
-            out[key] = cls.options[key].check(f"method.options.{key}", value)
+            if key in typed_keys:
+                typed[key] = value
+            else:
+                out[key] = cls.options[key].check(f"method.options.{key}", value)
         cls.check_combination(out)
+        if cls.options_type is not None:  # checked and resolved by the type (its validate)
+            out.update(to_dict(from_dict(cls.options_type, typed, "method.options")))
         return out
 
     @classmethod
@@ -298,18 +308,14 @@ class TrainingMethod:
 METHODS: Registry[type[TrainingMethod]] = Registry("training method")
 
 
-def unknown_option_message(method: str, key: str, section_keys: Optional[list[str]] = None) -> str:
-    """'method.options.K' is not an option of METHOD -- naming the method that has it, if any.
-    ``section_keys``: the options of a method whose options live in a section of their own (``config_section``)."""
+def unknown_option_message(method: str, key: str) -> str:
+    """'method.options.K' is not an option of METHOD -- naming the method that has it, if any."""
     owners = [n for n in METHODS.names() if key in METHODS.get(n).options and n != method]
     own = list(METHODS.get(method).options) if method in METHODS else []
-    section = METHODS.get(method).config_section if method in METHODS else ""
-    if section:
-        keys = list(section_keys or [])
+    if method in METHODS and METHODS.get(method).options_type is not None:  # many options: each named in full
         return (
-            f"unknown option method.options.{key} of method {method}{suggest(key, own + keys, 'method.options.')}; its options are "
-            + "".join(f"method.options.{k}, " for k in own)
-            + f"the {section}.* keys ({', '.join(keys) or '`teachx config --describe`'})"
+            f"unknown option method.options.{key} of method {method}{suggest(key, own, 'method.options.')}; its "
+            f"options: {', '.join(own)} (`teachx methods {method}` describes them)"
             + (f"; {key} is an option of {' / '.join(owners)}" if owners else "")
         )
     if owners:
@@ -368,67 +374,88 @@ def build_method(cfg: "RunConfig") -> TrainingMethod:
 
 
 def _check_config_method(method: MethodConfig) -> None:
-    """The ``method.validate`` hook of the config: method.name is registered, method.options are its options."""
+    """The ``method.validate`` hook of the config: method.name is registered, method.options are its options; a
+    method with typed options (``options_type``) gets every one of them stated, so written configs show them."""
     try:
         name = METHODS.canonical(method.name)
     except ConfigError as exc:
         raise ConfigError(f"method.name: {exc}") from None
-    METHODS.get(name).resolve_options(method.options)
+    cls = METHODS.get(name)
+    resolved = cls.resolve_options(method.options)
+    if cls.options_type is not None:
+        typed = {f.name for f in dataclasses.fields(cls.options_type)}
+        method.options = {
+            **{k: v for k, v in method.options.items() if k not in typed},
+            **{k: v for k, v in resolved.items() if k in typed},
+        }
 
 
-def _check_config_method_sections(cfg: RunConfig) -> None:
-    """The ``run.validate`` hook of the config: a method's own config section (impactx.*) belongs to it: set
-    with another method it would be ignored."""
-    name = METHODS.canonical(cfg.method.name)
-    for owner in METHODS.names():
-        section = METHODS.get(owner).config_section
-        if not section or section == METHODS.get(name).config_section:  # its own section (or one it shares)
+def _fold_config_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``run.normalize`` hook of the config: a method's options written in the top-level section they once
+    lived in (IMPACTX's ``impactx.KEY``, its ``config_section``) are its ``method.options.KEY``. Given both ways
+    with two values, an option is refused; given with another method selected, the section's keys must keep their
+    defaults (an old run directory's config.yaml states them all), else they would be ignored, so they are refused."""
+    for section in dict.fromkeys(METHODS.get(n).config_section for n in METHODS.names()):
+        if not section or section not in data:
             continue
-        values = getattr(cfg, section)
-        changed = [k for k, v in to_dict(values).items() if v != getattr(type(values)(), k)]
-        if changed:
-            raise ConfigError(
-                f"{section}.{changed[0]} is an option of method {owner}, not of '{name}'; remove it "
-                f"(or set method.name={owner}); {name}'s options go under method.options"
-            )
-
-
-def _fold_method_options(data: dict[str, Any]) -> dict[str, Any]:
-    """The ``run.normalize`` hook of the config: ``method.options.KEY`` of a method whose options live in a
-    section of their own (IMPACTX's ``impactx.*``) is that section's KEY, the same option under the spelling
-    every method uses. The config keeps the section's (so saved configs and study unit keys stay as they
-    were); an option given both ways with two values is refused."""
-    method = data.get("method")
-    if not isinstance(method, dict) or not isinstance(method.get("options"), dict) or not method["options"]:
-        return data
-    name = method.get("name", MethodConfig.name)
-    if not isinstance(name, str) or name not in METHODS or not METHODS.get(name).config_section:
-        return data  # another method's options (the method.validate hook checks them), or an unknown name
-    section = METHODS.get(name).config_section
-    own = data.get(section) if data.get(section) is not None else {}
-    if not isinstance(own, dict):
-        return data  # from_dict names the section that is no mapping
-    keys = [f.name for f in dataclasses.fields(get_type_hints(RunConfig)[section])]
-    own = dict(own)
-    declared = METHODS.get(name).options  # options of its own besides the section's (impactx_cleaned's concept)
-    kept = {k: v for k, v in method["options"].items() if k in declared}
-    for key, value in method["options"].items():
-        if key in declared:
+        values = data[section]
+        data = {k: v for k, v in data.items() if k != section}
+        if values is None:
             continue
-        if key not in keys:
-            raise ConfigError(unknown_option_message(METHODS.canonical(name), str(key), keys))
-        if key in own and own[key] != value:
-            raise ConfigError(
-                f"{section}.{key} and method.options.{key} are the same option of method "
-                f"{METHODS.canonical(name)}, set to {own[key]!r} and {value!r}; keep one of them"
-            )
-        own[key] = value
-    return {**data, section: own, "method": {**method, "options": kept}}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of options, got {values!r}")
+        owner = next(n for n in METHODS.names() if METHODS.get(n).config_section == section)
+        typed = METHODS.get(owner).options_type
+        hints = get_type_hints(typed)
+        keys = [f.name for f in dataclasses.fields(typed)]
+        for key in values:
+            if key not in keys:
+                raise ConfigError(
+                    f"unknown option '{section}.{key}'{suggest(str(key), keys, section + '.')}; valid options in '{section}': {', '.join(keys)}"
+                )
+        method = data.get("method", {})
+        name = method.get("name", MethodConfig.name) if isinstance(method, dict) else None
+        if not isinstance(name, str) or name not in METHODS:
+            continue  # from_dict and the method.validate hook name what is wrong with the method
+        if METHODS.get(name).config_section != section:
+            given, default = from_dict(typed, values, section), typed()
+            changed = [k for k in keys if getattr(given, k) != getattr(default, k)]
+            name = METHODS.canonical(name)
+            if changed:
+                raise ConfigError(
+                    f"{section}.{changed[0]} is an option of method {owner}, not of '{name}'; remove it "
+                    f"(or set method.name={owner}); {name}'s options go under method.options"
+                )
+            continue
+        options = method.get("options")
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            continue  # from_dict names the method.options that is no mapping
+        for key, value in values.items():
+            if key in options and options[key] != value:
+                raise ConfigError(
+                    f"{section}.{key} and method.options.{key} are the same option of method "
+                    f"{METHODS.canonical(name)}, set to {value!r} and {options[key]!r}; keep one of them"
+                )
+        coerced = {k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+        data["method"] = {**method, "options": {**coerced, **options}}
+    return data
+
+
+def register_section_aliases() -> None:
+    """Make each method's ``config_section`` another spelling of its options for the config
+    (:func:`teachx.config.schema.add_section_alias`); called once every method is registered."""
+    for section in dict.fromkeys(METHODS.get(n).config_section for n in METHODS.names()):
+        if not section:
+            continue
+        owners = [n for n in METHODS.names() if METHODS.get(n).config_section == section]
+        typed = METHODS.get(owners[0]).options_type
+        names = tuple(a for n in owners for a in (n, *METHODS.aliases(n)))
+        add_section_alias(section, tuple(f.name for f in dataclasses.fields(typed)), names)
 
 
 add_hook("method.validate", _check_config_method)
-add_hook("run.validate", _check_config_method_sections)
-add_hook("run.normalize", _fold_method_options)
+add_hook("run.normalize", _fold_config_sections)
 
 
 # -- helpers several methods share ----------------------------------------------------------------

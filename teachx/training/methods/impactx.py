@@ -1,9 +1,10 @@
 """``impactx`` (Apicella et al. 2025): M + LEP + decoder + classifier, trained with CE plus lambda
 times a loss between the built-in map and the teacher's map (``teachx.training.impactx``).
 
-Its options are the ``impactx.*`` keys, as before this contract existed, so every config, checkpoint
-and study unit key keeps working; ``method.options.KEY`` is accepted as the same key (the config folds
-it into ``impactx.KEY``, ``RunConfig.normalize_data``), so ``method.options`` stays empty for it.
+Its options are typed (:class:`~teachx.training.methods.impactx_options.ImpactxOptions`, read with
+:func:`~teachx.training.methods.impactx_options.impactx_options`) and live in ``method.options`` like every
+method's; ``impactx.KEY``, where they were written before, is accepted as the same key, and study unit keys and
+run-directory hashes are made from that old layout, so existing studies and runs keep theirs.
 """
 
 from __future__ import annotations
@@ -13,17 +14,27 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
+from dataclasses import fields
+
 from teachx.errors import ConfigError
 from teachx.models.impactx import build_impactx
 from teachx.training.impactx import ImpactxTask, MapSource, SelfFaithfulness
 from teachx.training.map_losses import MapLoss, formula
-from teachx.training.methods.base import METHODS, MethodContext, TrainingMethod
+from teachx.training.methods.base import METHODS, MethodContext, Option, TrainingMethod
+from teachx.training.methods.impactx_options import SECTION, ImpactxOptions, impactx_options, saved_impactx_options
+from teachx.utils.docs import option_docs
+
+
+def listed_options() -> dict[str, Option]:
+    """IMPACTX's options as ``teachx methods`` lists them: each field's default and its comment."""
+    docs = option_docs(ImpactxOptions)
+    return {f.name: Option(f.default, docs.get(f.name, "")) for f in fields(ImpactxOptions)}
 
 
 @METHODS.register("impactx")
 class Impactx(TrainingMethod):
     name = "impactx"
-    summary = "built-in attribution map trained towards a teacher's maps (options: the impactx.* keys, also written method.options.KEY)"
+    summary = "built-in attribution map trained towards a teacher's maps (options also written impactx.KEY)"
     reference = "Apicella et al. 2025, IMPACTX"
     checkpoint_kind = "impactx"
     builtin_map = True
@@ -32,7 +43,9 @@ class Impactx(TrainingMethod):
     unit_kind = "impactx"
     unit_key_prefix = "x-"
     study_evaluation = True
-    config_section = "impactx"
+    options = listed_options()
+    options_type = ImpactxOptions
+    config_section = SECTION
     map_follows_teacher = True
     # impactx.decoder was paper, with one map and MSE, width 32, not reading M, without self-teaching
     key_reference = {
@@ -48,13 +61,13 @@ class Impactx(TrainingMethod):
     }
 
     def needs_teacher_maps(self) -> bool:
-        return self.cfg.impactx.lam > 0
+        return impactx_options(self.cfg).lam > 0
 
     def trains_builtin_map(self) -> bool:
-        return self.cfg.impactx.lam > 0  # with lambda = 0 the decoder is never trained
+        return impactx_options(self.cfg).lam > 0  # with lambda = 0 the decoder is never trained
 
     def build_model(self, ctx: MethodContext) -> nn.Module:
-        cfg, ic, ds = self.cfg, self.cfg.impactx, ctx.plan.dataset
+        cfg, ic, ds = self.cfg, impactx_options(self.cfg), ctx.plan.dataset
         store = ctx.train_maps
         model = build_impactx(
             cfg.model.backbone,
@@ -82,7 +95,7 @@ class Impactx(TrainingMethod):
         return model
 
     def task(self, model: nn.Module, ctx: MethodContext):
-        cfg, ic, plan = self.cfg, self.cfg.impactx, ctx.plan
+        cfg, ic, plan = self.cfg, impactx_options(self.cfg), ctx.plan
         source = None
         if ctx.train_maps is not None and ic.lam > 0:
             classes = ctx.train_map_classes() if ic.per_class else None
@@ -98,7 +111,7 @@ class Impactx(TrainingMethod):
         )
 
     def epoch_hook(self, task, ctx: MethodContext, out_dir: Path) -> Optional[Callable[[int], None]]:
-        if not (self.cfg.impactx.self_teach_every and getattr(task, "source", None) is not None):
+        if not (impactx_options(self.cfg).self_teach_every and getattr(task, "source", None) is not None):
             return None
         if ctx.self_teaching is None:
             raise ValueError(
@@ -107,15 +120,15 @@ class Impactx(TrainingMethod):
         return ctx.self_teaching(task, out_dir)
 
     def describe(self) -> str:
-        ic = self.cfg.impactx
+        ic = impactx_options(self.cfg)
         return f"IMPACTX ({self.cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps})"
 
     def arm_text(self) -> str:
-        return f"lam={self.cfg.impactx.lam} maps={self.cfg.impactx.maps}"
+        return f"lam={impactx_options(self.cfg).lam} maps={impactx_options(self.cfg).maps}"
 
     def training_loss(self) -> str:
         """CE plus the configured map loss (and faithfulness term), e.g. "CE + λ·(1 − Pearson)"."""
-        ic = self.cfg.impactx
+        ic = impactx_options(self.cfg)
         text = "CE" if ic.lam == 0 else f"CE + λ·{formula(ic.map_loss, ic.map_target_pool)}"
         return text + (" + faithfulness term" if ic.faith_weight > 0 else "")
 
@@ -123,7 +136,7 @@ class Impactx(TrainingMethod):
         return {"method": self.name}
 
     def is_control(self) -> bool:
-        return self.cfg.impactx.lam == 0  # the same model without the explanation signal
+        return impactx_options(self.cfg).lam == 0  # the same model without the explanation signal
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"teacher": self.cfg.teacher.method}
@@ -131,30 +144,30 @@ class Impactx(TrainingMethod):
     def results(self, record: dict[str, Any]) -> dict[str, Any]:
         """The keys IMPACTX runs always had."""
         return {
-            "lam": self.cfg.impactx.lam,
-            "maps": self.cfg.impactx.maps,
+            "lam": impactx_options(self.cfg).lam,
+            "maps": impactx_options(self.cfg).maps,
             "impactx_test_acc": record["test_acc"],
             "impactx_val_acc": record["val_acc"],
             "impactx_seconds_per_epoch": record["seconds_per_epoch"],
         }
 
     def unit_record(self, stage: dict[str, Any]) -> dict[str, Any]:
-        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps}
+        return {"lam": impactx_options(self.cfg).lam, "maps": impactx_options(self.cfg).maps}
 
     def study_row(self, unit: dict[str, Any]) -> dict[str, Any]:
-        return {"lam": self.cfg.impactx.lam, "maps": self.cfg.impactx.maps}
+        return {"lam": impactx_options(self.cfg).lam, "maps": impactx_options(self.cfg).maps}
 
     @classmethod
     def model_label(cls, config: dict[str, Any]) -> str:
-        return f"{cls.display_name()} (lambda={(config.get('impactx') or {}).get('lam')})"
+        return f"{cls.display_name()} (lambda={saved_impactx_options(config).get('lam')})"
 
     @classmethod
     def model_info(cls, config: dict[str, Any]) -> dict[str, Any]:
-        return {"lam": (config.get("impactx") or {}).get("lam")}
+        return {"lam": saved_impactx_options(config).get("lam")}
 
     @classmethod
     def per_class_maps(cls, config: dict[str, Any]) -> bool:
-        return bool((config.get("impactx") or {}).get("per_class", False))
+        return bool(saved_impactx_options(config).get("per_class", False))
 
     @classmethod
     def result_text(cls, results: dict[str, Any]) -> tuple[str, str]:

@@ -20,8 +20,8 @@ epoch's target gives the artefact relevance.
 Unlike the concept methods that fine-tune the baseline, IMPACTX trains its model (M, LEP, decoder, classifier)
 from scratch, so `teachx revise` keeps the run's training settings (epochs, learning rate). The teacher maps are
 the run's teacher method (``teacher.*``) on the model the concept was fitted on: the run's baseline, whose
-digest the concept must carry. Its options are ``method.options.concept`` and IMPACTX's ``impactx.*`` keys
-(also written ``method.options.KEY``).
+digest the concept must carry. Its options are ``method.options.concept`` and IMPACTX's options
+(:mod:`teachx.training.methods.impactx_options`; also written ``impactx.KEY``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from teachx.training.methods.concept_method import (
     require_concept_option,
 )
 from teachx.training.methods.impactx import Impactx
+from teachx.training.methods.impactx_options import OPTION_NAMES, impactx_options
 from teachx.training.methods.rrr_revealed import RevealedMasks, check_masks_fit, revealed_masks
 
 #: bumped only if the cleaning rule changes the cleaned maps: part of their store's key
@@ -119,7 +120,7 @@ class ImpactxCleaned(Impactx):
     name = "impactx_cleaned"
     summary = (
         "IMPACTX trained towards the teacher's maps with the artefact teachx reveal localised zeroed (a concept "
-        "file from teachx revise; options: method.options.concept and the impactx.* keys)"
+        "file from teachx revise; options: concept and IMPACTX's)"
     )
     reference = "Apicella et al. 2025, IMPACTX; masks from Reveal to Revise (Pahde et al. 2023)"
     label = "IMPACTX (cleaned maps)"
@@ -128,7 +129,7 @@ class ImpactxCleaned(Impactx):
     unit_key_prefix = "m-"
     corrects_concept = True
     concept_needs_masks = True
-    options = {"concept": CONCEPT_OPTIONS["concept"]}
+    options = {"concept": CONCEPT_OPTIONS["concept"], **Impactx.options}
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -138,6 +139,11 @@ class ImpactxCleaned(Impactx):
     @classmethod
     def check_combination(cls, opts: dict[str, Any]) -> None:
         require_concept_option(cls.name, opts["concept"], "whose localised artefact is removed from the teacher's maps")
+
+    def own_options(self) -> dict[str, Any]:
+        """Its options besides IMPACTX's (the concept), as its records name them (IMPACTX's are recorded as
+        IMPACTX's: lam and maps)."""
+        return {k: v for k, v in self.opts.items() if k not in OPTION_NAMES}
 
     def concept(self) -> Concept:
         if self._concept is None:
@@ -149,7 +155,7 @@ class ImpactxCleaned(Impactx):
 
     def check_data(self, plan) -> None:
         super().check_data(plan)
-        ic = self.cfg.impactx
+        ic = impactx_options(self.cfg)
         if ic.lam <= 0:
             raise ConfigError(
                 f"method {self.name} trains towards the teacher's cleaned maps, and impactx.lam={ic.lam} reads no "
@@ -193,13 +199,13 @@ class ImpactxCleaned(Impactx):
     def record(self) -> dict[str, Any]:
         rec = concept_record(self.concept(), self.opts["concept"])
         rec["n_masks"] = int(len(self.masks()[1]))
-        return {"method": self.name, "method_options": dict(self.opts), "concept": rec}
+        return {"method": self.name, "method_options": self.own_options(), "concept": rec}
 
     def results(self, record: dict[str, Any]) -> dict[str, Any]:
         return {**super().results(record), "concept": record.get("concept")}
 
     def unit_record(self, stage: dict[str, Any]) -> dict[str, Any]:
-        return {"method": self.name, "method_options": dict(self.opts), **super().unit_record(stage)}
+        return {"method": self.name, "method_options": self.own_options(), **super().unit_record(stage)}
 
     def study_row(self, unit: dict[str, Any]) -> dict[str, Any]:
         return {"method_options": unit.get("method_options", {}), **super().study_row(unit)}
