@@ -6,7 +6,7 @@ Fine-tunes the model a concept was computed on (see :mod:`teachx.training.method
     L = CE(f(x), y) + lam * mean_n sum_d (A_nd * d/dx_nd sum_k log p_k(x_n))^2
 
 RRR's loss and penalty (:func:`teachx.training.methods.rrr.rrr_penalty`), with A the artefact mask Reveal
-localised for training image n (its heatmap along the CAV, thresholded). The masks come with the concept file:
+localised for training image n (its heatmap along the CAV, contrasted and thresholded: :func:`teachx.reveal.localise.concept_masks`). The masks come with the concept file:
 ``teachx revise RUN_DIR --concept NAME --method rrr_revealed`` writes them into the correction concept
 (arrays ``masks``, (M, H, W), and ``localised``, the M training-split indices they belong to). A training
 image Reveal did not localise has no mask: it adds nothing to the penalty (its CE still counts). The mask is
