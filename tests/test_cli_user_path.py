@@ -12,8 +12,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -71,35 +74,36 @@ def test_config_list_shows_every_shipped_config_with_its_header(tmp_path):
     assert any("IMPACTX on CIFAR-10" in ln for ln in lines)
 
 
+# the `teachx config` and `teachx study` tests below run the command in this process (a subprocess costs seconds of
+# start-up each); test_config_list_shows_every_shipped_config_with_its_header and tests/test_study.py run real ones
+
+
 @pytest.mark.parametrize("name", ["cifar10-lenet5", "cifar10-lenet5.yaml"])
-@pytest.mark.slow
-def test_shipped_config_usable_by_name_anywhere(tmp_path, name):
-    res = run_teachx("config", name, "train.epochs=3", cwd=tmp_path)  # tmp_path: no configs/ folder here
-    assert res.returncode == 0, res.stderr
-    assert "imagefolder:../shared/data/cifar10-jpg.zip" in res.stdout and "epochs: 3" in res.stdout
+def test_shipped_config_usable_by_name_anywhere(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # tmp_path: no configs/ folder here
+    out = _config_main(capsys, name, "train.epochs=3")
+    assert "imagefolder:../shared/data/cifar10-jpg.zip" in out and "epochs: 3" in out
 
 
-@pytest.mark.slow
-def test_a_local_file_wins_over_a_shipped_name(tmp_path):
+def test_a_local_file_wins_over_a_shipped_name(tmp_path, capsys, monkeypatch):
     (tmp_path / "demo.yaml").write_text("train:\n  epochs: 7\n")
-    res = run_teachx("config", "demo.yaml", cwd=tmp_path)
-    assert res.returncode == 0 and "epochs: 7" in res.stdout
+    monkeypatch.chdir(tmp_path)
+    assert "epochs: 7" in _config_main(capsys, "demo.yaml")
 
 
 @pytest.mark.parametrize("cmd", [("config",), ("run", "--out", "{tmp}/r"), ("study", "--out", "{tmp}/s")])
-@pytest.mark.slow
-def test_unknown_config_name_lists_the_shipped_ones(tmp_path, cmd):
+def test_unknown_config_name_lists_the_shipped_ones(tmp_path, capsys, monkeypatch, cmd):
     args = [cmd[0], "cifar10-lenet"] + [a.format(tmp=tmp_path) for a in cmd[1:]]
-    res = run_teachx(*args, cwd=tmp_path)
-    assert_one_line_error(res, "cifar10-lenet", *SHIPPED)
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(_completed(args, *teachx_main(capsys, *args)), "cifar10-lenet", *SHIPPED)
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
-@pytest.mark.slow
-def test_study_accepts_a_shipped_study_name(tmp_path):
-    res = run_teachx("study", "study-cifar10-lenet5", "--out", tmp_path / "s", "--dry-run", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert "units" in res.stdout and "gradcam" in res.stdout
+def test_study_accepts_a_shipped_study_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = teachx_main(capsys, "study", "study-cifar10-lenet5", "--out", tmp_path / "s", "--dry-run")
+    assert code == 0, err
+    assert "units" in out and "gradcam" in out
 
 
 def test_repo_has_one_copy_of_the_example_configs():
@@ -145,11 +149,8 @@ def test_every_study_key_has_a_description():
     assert all(isinstance(v, str) and v.strip() for v in STUDY_KEYS.values())
 
 
-@pytest.mark.slow
-def test_config_describe_shows_every_option_with_its_meaning():
-    res = run_teachx("config", "--describe")
-    assert res.returncode == 0, res.stderr
-    out = res.stdout
+def test_config_describe_shows_every_option_with_its_meaning(capsys):
+    out = _config_main(capsys, "--describe")
     assert re.search(r"^\s+lam: 1\.0\s+# weight of the explanation loss", out, re.M), out
     assert re.search(r"^\s+val_fraction: 0\.1\s+# ", out, re.M)
     for section, cls in _sections().items():
@@ -162,20 +163,22 @@ def test_config_describe_shows_every_option_with_its_meaning():
     assert "arm_regimes" in out  # study keys are described too
 
 
-@pytest.mark.slow
-def test_config_describe_output_is_a_valid_config(tmp_path):
+def test_config_describe_output_is_a_valid_config(tmp_path, capsys):
     described = tmp_path / "described.yaml"
-    described.write_text(run_teachx("config", "--describe", "train.epochs=3").stdout)
-    again, plain = run_teachx("config", described), run_teachx("config", "train.epochs=3")
-    assert again.returncode == 0, again.stderr
-    assert again.stdout == plain.stdout
+    described.write_text(_config_main(capsys, "--describe", "train.epochs=3"))
+    assert _config_main(capsys, described) == _config_main(capsys, "train.epochs=3")
 
 
-def _config_main(capsys, *args: str) -> str:
+def _config_main(capsys, *args: Any) -> str:
     """`teachx config ARGS` in this process (one subprocess per shipped config would be slow): its stdout."""
     code, out, err = teachx_main(capsys, "config", *args)
     assert code == 0, err
     return out
+
+
+def _completed(args: Sequence[Any], code: Any, out: str, err: str) -> subprocess.CompletedProcess:
+    """``teachx_main``'s result in the shape ``run_teachx`` returns, for ``assert_one_line_error``."""
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
@@ -274,17 +277,16 @@ def test_a_research_study_by_name_points_to_its_path(tmp_path, capsys, monkeypat
     assert code == 0, err
 
 
-@pytest.mark.slow
-def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path):
+def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path, capsys, monkeypatch):
     from teachx.studies.spec import STUDY_KEYS
 
     cfg = tmp_path / "mine.yaml"
     cfg.write_text(
         "train:\n  epochs: 2\nstudy:\n  n_seeds: 3\n  arms:\n    impactx: {}\n    lambda0: {impactx.lam: 0}\n"
     )
-    res = run_teachx("config", cfg, "study.alpha=0.01", "train.lr=0.5", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    study = res.stdout[res.stdout.index("\nstudy:\n") :]
+    monkeypatch.chdir(tmp_path)
+    printed = _config_main(capsys, cfg, "study.alpha=0.01", "train.lr=0.5")
+    study = printed[printed.index("\nstudy:\n") :]
     for line in (
         "  seeds: [0, 1, 2]",
         "    impactx: {}",
@@ -296,15 +298,16 @@ def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_pat
         "  eval: {faithfulness: false, n_images: 256,",
     ):
         assert line in study, (line, study)
-    assert "epochs: 2" in res.stdout and "lr: 0.5" in res.stdout
-    described = run_teachx("config", "--describe", cfg, cwd=tmp_path)
-    assert described.returncode == 0, described.stderr
+    assert "epochs: 2" in printed and "lr: 0.5" in printed
+    described = _config_main(capsys, "--describe", cfg)
     for key, meaning in STUDY_KEYS.items():
         if key != "n_seeds":  # resolved into seeds
-            assert re.search(rf"^  {key}:.*# {re.escape(meaning)}$", described.stdout, re.M), key
-    assert re.search(r"^    steps: 16\s+# pixel-flipping steps", described.stdout, re.M)
-    bad = run_teachx("config", cfg, "study.alfa=0.1", cwd=tmp_path)
-    assert_one_line_error(bad, "unknown option 'study.alfa' (did you mean 'study.alpha'?)")
+            assert re.search(rf"^  {key}:.*# {re.escape(meaning)}$", described, re.M), key
+    assert re.search(r"^    steps: 16\s+# pixel-flipping steps", described, re.M)
+    bad = ("config", cfg, "study.alfa=0.1")
+    assert_one_line_error(
+        _completed(bad, *teachx_main(capsys, *bad)), "unknown option 'study.alfa' (did you mean 'study.alpha'?)"
+    )
 
 
 def test_every_teacher_and_backbone_option_is_described():
