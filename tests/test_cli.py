@@ -108,6 +108,7 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
         "train.batch_size=32",
         "teacher.background_size=8",
         "teacher.batch_size=32",
+        "teacher.faith_images=8",  # the evaluation's faithfulness block (DeepSHAP on every test image: most of a run)
         "data.hflip=false",
     ]
     cfg = tmp_path / "c.yaml"

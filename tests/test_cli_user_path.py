@@ -39,6 +39,7 @@ TINY = [
     "train.batch_size=64",
     "teacher.background_size=4",
     "teacher.eval_images=20",
+    "teacher.faith_images=8",  # the evaluation's faithfulness block on 8 of them (on all 20 it takes most of the run)
     "teacher.batch_size=64",
 ]
 

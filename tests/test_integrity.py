@@ -438,6 +438,7 @@ def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
         "data.train_size=200",
         "teacher.method=gradient_x_input",
         "teacher.eval_images=50",
+        "teacher.faith_images=8",  # the evaluation's faithfulness block on 8 of them (on all 50 it takes most of a run)
         "teacher.batch_size=100",
     ]
     first = _cli("demo", *common, env=env)
