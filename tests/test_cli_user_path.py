@@ -182,6 +182,12 @@ def _completed(args: Sequence[Any], code: Any, out: str, err: str) -> subprocess
     return subprocess.CompletedProcess(list(args), code, out, err)
 
 
+def _teachx_here(capsys, *args: Any) -> subprocess.CompletedProcess:
+    """`teachx ARGS` in this process, as ``run_teachx`` returns it: the explain tests below but
+    test_explain_accepts_a_run_dir (a real process) run it so, sparing a start-up of torch and shap each."""
+    return _completed(args, *teachx_main(capsys, *args))
+
+
 def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
     """Every config `teachx config --list` lists prints, a study one with its resolved study: section, and the
     printed file (plain or --describe) reads back as the same config."""
@@ -356,46 +362,45 @@ def test_explain_accepts_a_run_dir(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_explain_accepts_a_study_unit_dir(tiny_run, tmp_path):
+def test_explain_accepts_a_study_unit_dir(tiny_run, tmp_path, capsys):
     unit = tmp_path / "study" / "units" / "abc123"
     shutil.copytree(tiny_run["run"] / "impactx" / "checkpoints", unit / "checkpoints")
     (unit / "unit.json").write_text(json.dumps({"key": "abc123", "kind": "impactx", "config": {}}))
-    ex = run_teachx("explain", unit, _image(tmp_path), "--out", tmp_path / "maps")
+    ex = _teachx_here(capsys, "explain", unit, _image(tmp_path), "--out", tmp_path / "maps")
     assert ex.returncode == 0, ex.stderr
     assert (tmp_path / "maps" / "x_impactx.png").exists()
 
 
 @pytest.mark.slow
-def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
+def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path, capsys):
     trained = tmp_path / "trainonly"
     shutil.copytree(tiny_run["run"] / "baseline", trained / "baseline")
     shutil.copy(tiny_run["run"] / "config.yaml", trained / "config.yaml")
-    res = run_teachx("explain", trained, _image(tmp_path), "--out", tmp_path / "maps")
+    res = _teachx_here(capsys, "explain", trained, _image(tmp_path), "--out", tmp_path / "maps")
     assert_one_line_error(res, "no IMPACTX", "teachx run")
     assert not (tmp_path / "maps").exists()
     classifier_unit = tmp_path / "units" / "k1"
     shutil.copytree(tiny_run["run"] / "baseline" / "checkpoints", classifier_unit / "checkpoints")
     (classifier_unit / "unit.json").write_text(json.dumps({"key": "k1", "kind": "classifier", "config": {}}))
     assert_one_line_error(
-        run_teachx("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier"
+        _teachx_here(capsys, "explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier"
     )
 
 
 @pytest.mark.slow
-def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run, tmp_path):
+def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run, tmp_path, capsys, monkeypatch):
     """A second `teachx explain` into the same folder replaces what the first wrote (no _1 copies, no stale
     faithfulness.json); files teachx did not write there, or changed since, are kept untouched."""
+    monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
     img = _image(tmp_path)
     out = tmp_path / "maps"
-    first = run_teachx(
-        "explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env=tiny_run["env"]
-    )
+    first = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4")
     assert first.returncode == 0, first.stderr
     assert {"x_impactx.png", "x_deepshap.png", "faithfulness.json", "trust.json"} <= {p.name for p in out.iterdir()}
     (out / "notes.txt").write_text("mine")
     (out / "x_impactx_1.png").write_bytes(b"my own picture")  # a name teachx might pick: still not teachx's
     (out / "x_deepshap.png").write_bytes(b"edited by the user")  # written by teachx, changed since: now the user's
-    again = run_teachx("explain", tiny_run["run"], img, "--out", out, env=tiny_run["env"])
+    again = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", out)
     assert again.returncode == 0, again.stderr
     assert "replaced 3 file(s) an earlier `teachx explain` wrote" in again.stdout
     names = sorted(p.name for p in out.iterdir())
@@ -410,48 +415,44 @@ def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run,
     assert (out / "notes.txt").read_text() == "mine" and (out / "x_impactx_1.png").read_bytes() == b"my own picture"
     assert (out / "x_deepshap.png").read_bytes() == b"edited by the user"
     assert Image.open(out / "x_impactx.png").size[0] > 28  # the new overlay
-    third = run_teachx("explain", tiny_run["run"], img, "--out", out, env=tiny_run["env"])
+    third = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", out)
     assert third.returncode == 0 and sorted(p.name for p in out.iterdir()) == names
 
 
 @pytest.mark.slow
-def test_explain_trust_threshold_and_method_options(tiny_run, tmp_path):
+def test_explain_trust_threshold_and_method_options(tiny_run, tmp_path, capsys, monkeypatch):
     """--trust-threshold sets where images are flagged (every image's correlation is below 1), --trust-method lrp
     compares with LRP instead of gradient x input, and a threshold outside [-1, 1] is one line, nothing written."""
+    monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
     img = _image(tmp_path)
-    res = run_teachx(
-        "explain", tiny_run["run"], img, "--out", tmp_path / "a", "--trust-threshold", "1", env=tiny_run["env"]
-    )
+    res = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", tmp_path / "a", "--trust-threshold", "1")
     assert res.returncode == 0, res.stderr
     rec = json.loads((tmp_path / "a" / "trust.json").read_text())
     assert rec["threshold"] == 1.0 and rec["images"][0]["disagrees"] is True and rec["disagreeing"] == 1
     assert "DISAGREES (below 1)" in res.stdout and "1 of 1 image(s) have a built-in map that disagrees" in res.stdout
-    res = run_teachx(
-        "explain", tiny_run["run"], img, "--out", tmp_path / "b", "--trust-method", "lrp", env=tiny_run["env"]
-    )
+    res = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", tmp_path / "b", "--trust-method", "lrp")
     assert res.returncode == 0, res.stderr
     rec = json.loads((tmp_path / "b" / "trust.json").read_text())
     assert rec["method"] == "lrp" and "this model's LRP" in rec["measure"] and -1 <= rec["images"][0]["trust"] <= 1
-    res = run_teachx(
-        "explain", tiny_run["run"], img, "--out", tmp_path / "c", "--trust-threshold", "2", env=tiny_run["env"]
-    )
+    res = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", tmp_path / "c", "--trust-threshold", "2")
     assert_one_line_error(res, "--trust-threshold")
     assert not (tmp_path / "c").exists()
 
 
 def _tiny_method_run(root: Path, *overrides: str) -> Path:
-    """An in-process `teachx run` on the bundled data with TINY settings and ``overrides``."""
+    """An in-process `teachx run` on the bundled data with TINY settings and ``overrides`` (no figures: the tests
+    read its checkpoints)."""
     from teachx.runs.resolve import resolve_config
     from teachx.runs.pipeline import run_pipeline
     from teachx.runs.recovery import prepare_run_dir
 
     cfg = resolve_config(None, [*TINY, "train.threads=1", *overrides])
-    run_pipeline(cfg, prepare_run_dir(root, cfg, "run"), log=lambda _m: None, progress=False)
+    run_pipeline(cfg, prepare_run_dir(root, cfg, "run"), log=lambda _m: None, progress=False, figures=False)
     return root
 
 
 @pytest.mark.slow
-def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
+def test_explain_abn_and_per_class_maps(tmp_path, capsys, monkeypatch):
     """`teachx explain` on an ABN run draws ABN's attention map, and on a per-class IMPACTX run the map of
     --class K (each the model's own forward_all map); --class on a model without per-class maps, or out of
     range, is one line and exit 2, with nothing written."""
@@ -505,11 +506,11 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
     with torch.no_grad():
         assert not torch.allclose(model.explain(x, torch.tensor([0])), model.explain(x, torch.tensor([3])))
 
-    monkeypatch.undo()
-    env = {"TEACHX_CACHE": str(tmp_path / "cache")}
-    res = run_teachx("explain", abn_run, img, "--out", tmp_path / "m2", "--class", "1", env=env)
+    monkeypatch.undo()  # the real figures again
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    res = _teachx_here(capsys, "explain", abn_run, img, "--out", tmp_path / "m2", "--class", "1")
     assert_one_line_error(res, "one built-in map shared by all classes", "drop --class")
-    res = run_teachx("explain", pc_run, img, "--out", tmp_path / "m2", "--class", "10", env=env)
+    res = _teachx_here(capsys, "explain", pc_run, img, "--out", tmp_path / "m2", "--class", "10")
     assert_one_line_error(res, "--class 10", "10 classes")
     assert not (tmp_path / "m2").exists()
 
@@ -554,7 +555,7 @@ def test_explain_faithfulness_titles_each_panel_with_the_map_it_shows(tiny_run, 
 
 
 @pytest.mark.slow
-def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_path, monkeypatch):
+def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_path, capsys, monkeypatch):
     """`teachx explain --faithfulness`: the run's teacher (DeepSHAP, background from the run's training data) applied
     post hoc to the IMPACTX model, an overlay of it, and per image MoRF AUCs equal to a pixel-flipping loop written out
     here, the built-in map's correlation with the post-hoc map, and the means, in faithfulness.json."""
@@ -629,7 +630,7 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     )
     assert set(mean) == {"built_in", "teacher_post_hoc", "random"}
 
-    again = run_teachx("explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness", env=tiny_run["env"])
+    again = _teachx_here(capsys, "explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness")
     assert again.returncode == 0, again.stderr  # the earlier output is replaced, not copied next to it
     assert sorted(p.name for p in out.iterdir()) == [
         ".teachx-explain.json",
@@ -642,21 +643,13 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     alone = tmp_path / "alone.safetensors"  # a checkpoint outside its run: no teacher config, no background
     shutil.copy(tiny_run["run"] / "impactx" / "checkpoints" / "best.safetensors", alone)
     assert_one_line_error(
-        run_teachx("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env=tiny_run["env"]),
+        _teachx_here(capsys, "explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness"),
         "--faithfulness needs the run",
         "study unit",
     )
     assert not (tmp_path / "f2").exists()
-    too_many = run_teachx(
-        "explain",
-        tiny_run["run"],
-        imgs[0],
-        "--out",
-        tmp_path / "f3",
-        "--faithfulness",
-        "--steps",
-        "5000",
-        env=tiny_run["env"],
+    too_many = _teachx_here(
+        capsys, "explain", tiny_run["run"], imgs[0], "--out", tmp_path / "f3", "--faithfulness", "--steps", "5000"
     )
     assert_one_line_error(too_many, "steps=5000", "784")
     assert not (tmp_path / "f3").exists()
