@@ -23,6 +23,11 @@ def assert_one_line_error(res, *fragments):
         assert f in err, (f, err)
 
 
+def _here(capsys: pytest.CaptureFixture, *args) -> subprocess.CompletedProcess:
+    """`teachx ARGS` in this process (``teachx_main``), shaped as ``run_teachx`` returns it."""
+    return subprocess.CompletedProcess(list(args), *teachx_main(capsys, *args))
+
+
 @pytest.fixture(scope="module")
 def image_zip(tmp_path_factory) -> Path:
     """A tiny class-per-folder dataset (zip with train/ and test/): bright quadrant = class."""
@@ -83,8 +88,7 @@ def test_datasets_command():
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, fragments):
     # in this process (a `teachx` subprocess costs seconds of start-up each); the test below runs one in a real one
-    code, out, err = teachx_main(capsys, *[a.format(tmp=tmp_path) for a in args])
-    assert_one_line_error(subprocess.CompletedProcess(args, code, out, err), *fragments)
+    assert_one_line_error(_here(capsys, *[a.format(tmp=tmp_path) for a in args]), *fragments)
     assert not (tmp_path / "r" / "checkpoints").exists()
     assert not (tmp_path / "e").exists()
 
@@ -98,7 +102,7 @@ def test_bad_input_in_a_real_process_is_one_line_exit_2_nothing_written(tmp_path
 
 
 @pytest.mark.slow
-def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
+def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip, capsys, monkeypatch):
     cache = tmp_path / "cache"
     env = {"TEACHX_CACHE": str(cache)}
     common = [
@@ -128,7 +132,9 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     assert "maps for" not in again.stdout  # stored maps reused
     # a different config into the same directory is refused, and nothing is changed
     before = (out / "results.json").read_bytes()
-    clash = run_teachx("run", cfg, "--out", out, "-q", *common, "impactx.lam=0.5", env=env)
+    # the refusals below run in this process (a subprocess starts torch each): run and explain ran in real ones
+    monkeypatch.setenv("TEACHX_CACHE", str(cache))
+    clash = _here(capsys, "run", cfg, "--out", out, "-q", *common, "impactx.lam=0.5")
     assert_one_line_error(clash, "different config", "--overwrite")
     assert (out / "results.json").read_bytes() == before
     # explain arbitrary images (one of another size: resized with a notice)
@@ -139,14 +145,14 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     assert ex.returncode == 0, ex.stderr
     assert "resized" in ex.stdout and (tmp_path / "maps" / "big_impactx.png").exists()
     # a baseline checkpoint is not an IMPACTX model; a text file is not an image
-    bad = run_teachx("explain", out / "baseline" / "checkpoints" / "best.safetensors", img, "--out", tmp_path / "m2")
+    bad = _here(capsys, "explain", out / "baseline" / "checkpoints" / "best.safetensors", img, "--out", tmp_path / "m2")
     assert_one_line_error(bad, "not an IMPACTX or ABN model")
     txt = tmp_path / "notes.png"
     txt.write_text("hello")
-    bad2 = run_teachx("explain", ck, txt, "--out", tmp_path / "m3")
+    bad2 = _here(capsys, "explain", ck, txt, "--out", tmp_path / "m3")
     assert_one_line_error(bad2, "not a readable image")
     assert not (tmp_path / "m3").exists()
     # a corrupted checkpoint
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(ck.read_bytes()[:100])
-    assert_one_line_error(run_teachx("explain", broken, img, "--out", tmp_path / "m4"), "corrupted")
+    assert_one_line_error(_here(capsys, "explain", broken, img, "--out", tmp_path / "m4"), "corrupted")
