@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_teachx
+from conftest import run_teachx, teachx_main
 
 
 def assert_one_line_error(res, *fragments):
@@ -20,6 +21,11 @@ def assert_one_line_error(res, *fragments):
     assert err.startswith("teachx: error:"), err
     for f in fragments:
         assert f in err, (f, err)
+
+
+def _here(capsys: pytest.CaptureFixture, *args) -> subprocess.CompletedProcess:
+    """`teachx ARGS` in this process (``teachx_main``), shaped as ``run_teachx`` returns it."""
+    return subprocess.CompletedProcess(list(args), *teachx_main(capsys, *args))
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +86,23 @@ def test_datasets_command():
         (("frobnicate",), ("frobnicate",)),
     ],
 )
-@pytest.mark.slow
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, fragments):
-    res = run_teachx(*[a.format(tmp=tmp_path) for a in args])
-    assert_one_line_error(res, *fragments)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, fragments):
+    # in this process (a `teachx` subprocess costs seconds of start-up each); the test below runs one in a real one
+    assert_one_line_error(_here(capsys, *[a.format(tmp=tmp_path) for a in args]), *fragments)
     assert not (tmp_path / "r" / "checkpoints").exists()
     assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.slow
-def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
+def test_bad_input_in_a_real_process_is_one_line_exit_2_nothing_written(tmp_path):
+    """The same as a user's shell meets it: exit status 2 and one line on stderr from `python -m teachx`."""
+    res = run_teachx("train", "--out", tmp_path / "r", "data.name=cifar1O")
+    assert_one_line_error(res, "unknown dataset", "cifar10")
+    assert res.stdout == "" and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip, capsys, monkeypatch):
     cache = tmp_path / "cache"
     env = {"TEACHX_CACHE": str(cache)}
     common = [
@@ -99,6 +112,7 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
         "train.batch_size=32",
         "teacher.background_size=8",
         "teacher.batch_size=32",
+        "teacher.faith_images=8",  # the evaluation's faithfulness block (DeepSHAP on every test image: most of a run)
         "data.hflip=false",
     ]
     cfg = tmp_path / "c.yaml"
@@ -118,7 +132,9 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     assert "maps for" not in again.stdout  # stored maps reused
     # a different config into the same directory is refused, and nothing is changed
     before = (out / "results.json").read_bytes()
-    clash = run_teachx("run", cfg, "--out", out, "-q", *common, "impactx.lam=0.5", env=env)
+    # the refusals below run in this process (a subprocess starts torch each): run and explain ran in real ones
+    monkeypatch.setenv("TEACHX_CACHE", str(cache))
+    clash = _here(capsys, "run", cfg, "--out", out, "-q", *common, "impactx.lam=0.5")
     assert_one_line_error(clash, "different config", "--overwrite")
     assert (out / "results.json").read_bytes() == before
     # explain arbitrary images (one of another size: resized with a notice)
@@ -129,14 +145,14 @@ def test_run_explain_resume_and_no_overwrite(tmp_path, image_zip):
     assert ex.returncode == 0, ex.stderr
     assert "resized" in ex.stdout and (tmp_path / "maps" / "big_impactx.png").exists()
     # a baseline checkpoint is not an IMPACTX model; a text file is not an image
-    bad = run_teachx("explain", out / "baseline" / "checkpoints" / "best.safetensors", img, "--out", tmp_path / "m2")
+    bad = _here(capsys, "explain", out / "baseline" / "checkpoints" / "best.safetensors", img, "--out", tmp_path / "m2")
     assert_one_line_error(bad, "not an IMPACTX or ABN model")
     txt = tmp_path / "notes.png"
     txt.write_text("hello")
-    bad2 = run_teachx("explain", ck, txt, "--out", tmp_path / "m3")
+    bad2 = _here(capsys, "explain", ck, txt, "--out", tmp_path / "m3")
     assert_one_line_error(bad2, "not a readable image")
     assert not (tmp_path / "m3").exists()
     # a corrupted checkpoint
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(ck.read_bytes()[:100])
-    assert_one_line_error(run_teachx("explain", broken, img, "--out", tmp_path / "m4"), "corrupted")
+    assert_one_line_error(_here(capsys, "explain", broken, img, "--out", tmp_path / "m4"), "corrupted")

@@ -12,8 +12,11 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +39,7 @@ TINY = [
     "train.batch_size=64",
     "teacher.background_size=4",
     "teacher.eval_images=20",
+    "teacher.faith_images=8",  # the evaluation's faithfulness block on 8 of them (on all 20 it takes most of the run)
     "teacher.batch_size=64",
 ]
 
@@ -71,35 +75,36 @@ def test_config_list_shows_every_shipped_config_with_its_header(tmp_path):
     assert any("IMPACTX on CIFAR-10" in ln for ln in lines)
 
 
+# the `teachx config` and `teachx study` tests below run the command in this process (a subprocess costs seconds of
+# start-up each); test_config_list_shows_every_shipped_config_with_its_header and tests/test_study.py run real ones
+
+
 @pytest.mark.parametrize("name", ["cifar10-lenet5", "cifar10-lenet5.yaml"])
-@pytest.mark.slow
-def test_shipped_config_usable_by_name_anywhere(tmp_path, name):
-    res = run_teachx("config", name, "train.epochs=3", cwd=tmp_path)  # tmp_path: no configs/ folder here
-    assert res.returncode == 0, res.stderr
-    assert "imagefolder:../shared/data/cifar10-jpg.zip" in res.stdout and "epochs: 3" in res.stdout
+def test_shipped_config_usable_by_name_anywhere(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)  # tmp_path: no configs/ folder here
+    out = _config_main(capsys, name, "train.epochs=3")
+    assert "imagefolder:../shared/data/cifar10-jpg.zip" in out and "epochs: 3" in out
 
 
-@pytest.mark.slow
-def test_a_local_file_wins_over_a_shipped_name(tmp_path):
+def test_a_local_file_wins_over_a_shipped_name(tmp_path, capsys, monkeypatch):
     (tmp_path / "demo.yaml").write_text("train:\n  epochs: 7\n")
-    res = run_teachx("config", "demo.yaml", cwd=tmp_path)
-    assert res.returncode == 0 and "epochs: 7" in res.stdout
+    monkeypatch.chdir(tmp_path)
+    assert "epochs: 7" in _config_main(capsys, "demo.yaml")
 
 
 @pytest.mark.parametrize("cmd", [("config",), ("run", "--out", "{tmp}/r"), ("study", "--out", "{tmp}/s")])
-@pytest.mark.slow
-def test_unknown_config_name_lists_the_shipped_ones(tmp_path, cmd):
+def test_unknown_config_name_lists_the_shipped_ones(tmp_path, capsys, monkeypatch, cmd):
     args = [cmd[0], "cifar10-lenet"] + [a.format(tmp=tmp_path) for a in cmd[1:]]
-    res = run_teachx(*args, cwd=tmp_path)
-    assert_one_line_error(res, "cifar10-lenet", *SHIPPED)
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(_completed(args, *teachx_main(capsys, *args)), "cifar10-lenet", *SHIPPED)
     assert not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
-@pytest.mark.slow
-def test_study_accepts_a_shipped_study_name(tmp_path):
-    res = run_teachx("study", "study-cifar10-lenet5", "--out", tmp_path / "s", "--dry-run", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert "units" in res.stdout and "gradcam" in res.stdout
+def test_study_accepts_a_shipped_study_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = teachx_main(capsys, "study", "study-cifar10-lenet5", "--out", tmp_path / "s", "--dry-run")
+    assert code == 0, err
+    assert "units" in out and "gradcam" in out
 
 
 def test_repo_has_one_copy_of_the_example_configs():
@@ -145,11 +150,8 @@ def test_every_study_key_has_a_description():
     assert all(isinstance(v, str) and v.strip() for v in STUDY_KEYS.values())
 
 
-@pytest.mark.slow
-def test_config_describe_shows_every_option_with_its_meaning():
-    res = run_teachx("config", "--describe")
-    assert res.returncode == 0, res.stderr
-    out = res.stdout
+def test_config_describe_shows_every_option_with_its_meaning(capsys):
+    out = _config_main(capsys, "--describe")
     assert re.search(r"^\s+lam: 1\.0\s+# weight of the explanation loss", out, re.M), out
     assert re.search(r"^\s+val_fraction: 0\.1\s+# ", out, re.M)
     for section, cls in _sections().items():
@@ -162,20 +164,28 @@ def test_config_describe_shows_every_option_with_its_meaning():
     assert "arm_regimes" in out  # study keys are described too
 
 
-@pytest.mark.slow
-def test_config_describe_output_is_a_valid_config(tmp_path):
+def test_config_describe_output_is_a_valid_config(tmp_path, capsys):
     described = tmp_path / "described.yaml"
-    described.write_text(run_teachx("config", "--describe", "train.epochs=3").stdout)
-    again, plain = run_teachx("config", described), run_teachx("config", "train.epochs=3")
-    assert again.returncode == 0, again.stderr
-    assert again.stdout == plain.stdout
+    described.write_text(_config_main(capsys, "--describe", "train.epochs=3"))
+    assert _config_main(capsys, described) == _config_main(capsys, "train.epochs=3")
 
 
-def _config_main(capsys, *args: str) -> str:
+def _config_main(capsys, *args: Any) -> str:
     """`teachx config ARGS` in this process (one subprocess per shipped config would be slow): its stdout."""
     code, out, err = teachx_main(capsys, "config", *args)
     assert code == 0, err
     return out
+
+
+def _completed(args: Sequence[Any], code: Any, out: str, err: str) -> subprocess.CompletedProcess:
+    """``teachx_main``'s result in the shape ``run_teachx`` returns, for ``assert_one_line_error``."""
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def _teachx_here(capsys, *args: Any) -> subprocess.CompletedProcess:
+    """`teachx ARGS` in this process, as ``run_teachx`` returns it: the explain tests below but
+    test_explain_accepts_a_run_dir (a real process) run it so, sparing a start-up of torch and shap each."""
+    return _completed(args, *teachx_main(capsys, *args))
 
 
 def test_config_prints_every_shipped_config(tmp_path, capsys, monkeypatch):
@@ -274,17 +284,16 @@ def test_a_research_study_by_name_points_to_its_path(tmp_path, capsys, monkeypat
     assert code == 0, err
 
 
-@pytest.mark.slow
-def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path):
+def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_path, capsys, monkeypatch):
     from teachx.studies.spec import STUDY_KEYS
 
     cfg = tmp_path / "mine.yaml"
     cfg.write_text(
         "train:\n  epochs: 2\nstudy:\n  n_seeds: 3\n  arms:\n    impactx: {}\n    lambda0: {impactx.lam: 0}\n"
     )
-    res = run_teachx("config", cfg, "study.alpha=0.01", "train.lr=0.5", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    study = res.stdout[res.stdout.index("\nstudy:\n") :]
+    monkeypatch.chdir(tmp_path)
+    printed = _config_main(capsys, cfg, "study.alpha=0.01", "train.lr=0.5")
+    study = printed[printed.index("\nstudy:\n") :]
     for line in (
         "  seeds: [0, 1, 2]",
         "    impactx: {}",
@@ -296,15 +305,16 @@ def test_config_prints_a_user_study_with_defaults_and_describes_its_keys(tmp_pat
         "  eval: {faithfulness: false, n_images: 256,",
     ):
         assert line in study, (line, study)
-    assert "epochs: 2" in res.stdout and "lr: 0.5" in res.stdout
-    described = run_teachx("config", "--describe", cfg, cwd=tmp_path)
-    assert described.returncode == 0, described.stderr
+    assert "epochs: 2" in printed and "lr: 0.5" in printed
+    described = _config_main(capsys, "--describe", cfg)
     for key, meaning in STUDY_KEYS.items():
         if key != "n_seeds":  # resolved into seeds
-            assert re.search(rf"^  {key}:.*# {re.escape(meaning)}$", described.stdout, re.M), key
-    assert re.search(r"^    steps: 16\s+# pixel-flipping steps", described.stdout, re.M)
-    bad = run_teachx("config", cfg, "study.alfa=0.1", cwd=tmp_path)
-    assert_one_line_error(bad, "unknown option 'study.alfa' (did you mean 'study.alpha'?)")
+            assert re.search(rf"^  {key}:.*# {re.escape(meaning)}$", described, re.M), key
+    assert re.search(r"^    steps: 16\s+# pixel-flipping steps", described, re.M)
+    bad = ("config", cfg, "study.alfa=0.1")
+    assert_one_line_error(
+        _completed(bad, *teachx_main(capsys, *bad)), "unknown option 'study.alfa' (did you mean 'study.alpha'?)"
+    )
 
 
 def test_every_teacher_and_backbone_option_is_described():
@@ -352,46 +362,45 @@ def test_explain_accepts_a_run_dir(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_explain_accepts_a_study_unit_dir(tiny_run, tmp_path):
+def test_explain_accepts_a_study_unit_dir(tiny_run, tmp_path, capsys):
     unit = tmp_path / "study" / "units" / "abc123"
     shutil.copytree(tiny_run["run"] / "impactx" / "checkpoints", unit / "checkpoints")
     (unit / "unit.json").write_text(json.dumps({"key": "abc123", "kind": "impactx", "config": {}}))
-    ex = run_teachx("explain", unit, _image(tmp_path), "--out", tmp_path / "maps")
+    ex = _teachx_here(capsys, "explain", unit, _image(tmp_path), "--out", tmp_path / "maps")
     assert ex.returncode == 0, ex.stderr
     assert (tmp_path / "maps" / "x_impactx.png").exists()
 
 
 @pytest.mark.slow
-def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path):
+def test_explain_run_dir_without_impactx_says_what_to_pass(tiny_run, tmp_path, capsys):
     trained = tmp_path / "trainonly"
     shutil.copytree(tiny_run["run"] / "baseline", trained / "baseline")
     shutil.copy(tiny_run["run"] / "config.yaml", trained / "config.yaml")
-    res = run_teachx("explain", trained, _image(tmp_path), "--out", tmp_path / "maps")
+    res = _teachx_here(capsys, "explain", trained, _image(tmp_path), "--out", tmp_path / "maps")
     assert_one_line_error(res, "no IMPACTX", "teachx run")
     assert not (tmp_path / "maps").exists()
     classifier_unit = tmp_path / "units" / "k1"
     shutil.copytree(tiny_run["run"] / "baseline" / "checkpoints", classifier_unit / "checkpoints")
     (classifier_unit / "unit.json").write_text(json.dumps({"key": "k1", "kind": "classifier", "config": {}}))
     assert_one_line_error(
-        run_teachx("explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier"
+        _teachx_here(capsys, "explain", classifier_unit, _image(tmp_path), "--out", tmp_path / "maps"), "classifier"
     )
 
 
 @pytest.mark.slow
-def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run, tmp_path):
+def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run, tmp_path, capsys, monkeypatch):
     """A second `teachx explain` into the same folder replaces what the first wrote (no _1 copies, no stale
     faithfulness.json); files teachx did not write there, or changed since, are kept untouched."""
+    monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
     img = _image(tmp_path)
     out = tmp_path / "maps"
-    first = run_teachx(
-        "explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4", env=tiny_run["env"]
-    )
+    first = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", out, "--faithfulness", "--steps", "4")
     assert first.returncode == 0, first.stderr
     assert {"x_impactx.png", "x_deepshap.png", "faithfulness.json", "trust.json"} <= {p.name for p in out.iterdir()}
     (out / "notes.txt").write_text("mine")
     (out / "x_impactx_1.png").write_bytes(b"my own picture")  # a name teachx might pick: still not teachx's
     (out / "x_deepshap.png").write_bytes(b"edited by the user")  # written by teachx, changed since: now the user's
-    again = run_teachx("explain", tiny_run["run"], img, "--out", out, env=tiny_run["env"])
+    again = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", out)
     assert again.returncode == 0, again.stderr
     assert "replaced 3 file(s) an earlier `teachx explain` wrote" in again.stdout
     names = sorted(p.name for p in out.iterdir())
@@ -406,48 +415,44 @@ def test_explain_again_replaces_its_own_output_and_keeps_foreign_files(tiny_run,
     assert (out / "notes.txt").read_text() == "mine" and (out / "x_impactx_1.png").read_bytes() == b"my own picture"
     assert (out / "x_deepshap.png").read_bytes() == b"edited by the user"
     assert Image.open(out / "x_impactx.png").size[0] > 28  # the new overlay
-    third = run_teachx("explain", tiny_run["run"], img, "--out", out, env=tiny_run["env"])
+    third = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", out)
     assert third.returncode == 0 and sorted(p.name for p in out.iterdir()) == names
 
 
 @pytest.mark.slow
-def test_explain_trust_threshold_and_method_options(tiny_run, tmp_path):
+def test_explain_trust_threshold_and_method_options(tiny_run, tmp_path, capsys, monkeypatch):
     """--trust-threshold sets where images are flagged (every image's correlation is below 1), --trust-method lrp
     compares with LRP instead of gradient x input, and a threshold outside [-1, 1] is one line, nothing written."""
+    monkeypatch.setenv("TEACHX_CACHE", str(tiny_run["cache"]))
     img = _image(tmp_path)
-    res = run_teachx(
-        "explain", tiny_run["run"], img, "--out", tmp_path / "a", "--trust-threshold", "1", env=tiny_run["env"]
-    )
+    res = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", tmp_path / "a", "--trust-threshold", "1")
     assert res.returncode == 0, res.stderr
     rec = json.loads((tmp_path / "a" / "trust.json").read_text())
     assert rec["threshold"] == 1.0 and rec["images"][0]["disagrees"] is True and rec["disagreeing"] == 1
     assert "DISAGREES (below 1)" in res.stdout and "1 of 1 image(s) have a built-in map that disagrees" in res.stdout
-    res = run_teachx(
-        "explain", tiny_run["run"], img, "--out", tmp_path / "b", "--trust-method", "lrp", env=tiny_run["env"]
-    )
+    res = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", tmp_path / "b", "--trust-method", "lrp")
     assert res.returncode == 0, res.stderr
     rec = json.loads((tmp_path / "b" / "trust.json").read_text())
     assert rec["method"] == "lrp" and "this model's LRP" in rec["measure"] and -1 <= rec["images"][0]["trust"] <= 1
-    res = run_teachx(
-        "explain", tiny_run["run"], img, "--out", tmp_path / "c", "--trust-threshold", "2", env=tiny_run["env"]
-    )
+    res = _teachx_here(capsys, "explain", tiny_run["run"], img, "--out", tmp_path / "c", "--trust-threshold", "2")
     assert_one_line_error(res, "--trust-threshold")
     assert not (tmp_path / "c").exists()
 
 
 def _tiny_method_run(root: Path, *overrides: str) -> Path:
-    """An in-process `teachx run` on the bundled data with TINY settings and ``overrides``."""
+    """An in-process `teachx run` on the bundled data with TINY settings and ``overrides`` (no figures: the tests
+    read its checkpoints)."""
     from teachx.runs.resolve import resolve_config
     from teachx.runs.pipeline import run_pipeline
     from teachx.runs.recovery import prepare_run_dir
 
     cfg = resolve_config(None, [*TINY, "train.threads=1", *overrides])
-    run_pipeline(cfg, prepare_run_dir(root, cfg, "run"), log=lambda _m: None, progress=False)
+    run_pipeline(cfg, prepare_run_dir(root, cfg, "run"), log=lambda _m: None, progress=False, figures=False)
     return root
 
 
 @pytest.mark.slow
-def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
+def test_explain_abn_and_per_class_maps(tmp_path, capsys, monkeypatch):
     """`teachx explain` on an ABN run draws ABN's attention map, and on a per-class IMPACTX run the map of
     --class K (each the model's own forward_all map); --class on a model without per-class maps, or out of
     range, is one line and exit 2, with nothing written."""
@@ -501,11 +506,11 @@ def test_explain_abn_and_per_class_maps(tmp_path, monkeypatch):
     with torch.no_grad():
         assert not torch.allclose(model.explain(x, torch.tensor([0])), model.explain(x, torch.tensor([3])))
 
-    monkeypatch.undo()
-    env = {"TEACHX_CACHE": str(tmp_path / "cache")}
-    res = run_teachx("explain", abn_run, img, "--out", tmp_path / "m2", "--class", "1", env=env)
+    monkeypatch.undo()  # the real figures again
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    res = _teachx_here(capsys, "explain", abn_run, img, "--out", tmp_path / "m2", "--class", "1")
     assert_one_line_error(res, "one built-in map shared by all classes", "drop --class")
-    res = run_teachx("explain", pc_run, img, "--out", tmp_path / "m2", "--class", "10", env=env)
+    res = _teachx_here(capsys, "explain", pc_run, img, "--out", tmp_path / "m2", "--class", "10")
     assert_one_line_error(res, "--class 10", "10 classes")
     assert not (tmp_path / "m2").exists()
 
@@ -550,7 +555,7 @@ def test_explain_faithfulness_titles_each_panel_with_the_map_it_shows(tiny_run, 
 
 
 @pytest.mark.slow
-def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_path, monkeypatch):
+def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_path, capsys, monkeypatch):
     """`teachx explain --faithfulness`: the run's teacher (DeepSHAP, background from the run's training data) applied
     post hoc to the IMPACTX model, an overlay of it, and per image MoRF AUCs equal to a pixel-flipping loop written out
     here, the built-in map's correlation with the post-hoc map, and the means, in faithfulness.json."""
@@ -625,7 +630,7 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     )
     assert set(mean) == {"built_in", "teacher_post_hoc", "random"}
 
-    again = run_teachx("explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness", env=tiny_run["env"])
+    again = _teachx_here(capsys, "explain", tiny_run["run"], imgs[0], "--out", out, "--faithfulness")
     assert again.returncode == 0, again.stderr  # the earlier output is replaced, not copied next to it
     assert sorted(p.name for p in out.iterdir()) == [
         ".teachx-explain.json",
@@ -638,21 +643,13 @@ def test_explain_faithfulness_scores_the_maps_on_the_model_itself(tiny_run, tmp_
     alone = tmp_path / "alone.safetensors"  # a checkpoint outside its run: no teacher config, no background
     shutil.copy(tiny_run["run"] / "impactx" / "checkpoints" / "best.safetensors", alone)
     assert_one_line_error(
-        run_teachx("explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness", env=tiny_run["env"]),
+        _teachx_here(capsys, "explain", alone, imgs[0], "--out", tmp_path / "f2", "--faithfulness"),
         "--faithfulness needs the run",
         "study unit",
     )
     assert not (tmp_path / "f2").exists()
-    too_many = run_teachx(
-        "explain",
-        tiny_run["run"],
-        imgs[0],
-        "--out",
-        tmp_path / "f3",
-        "--faithfulness",
-        "--steps",
-        "5000",
-        env=tiny_run["env"],
+    too_many = _teachx_here(
+        capsys, "explain", tiny_run["run"], imgs[0], "--out", tmp_path / "f3", "--faithfulness", "--steps", "5000"
     )
     assert_one_line_error(too_many, "steps=5000", "784")
     assert not (tmp_path / "f3").exists()

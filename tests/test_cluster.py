@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import TEACHX, invoke_study, teachx_env, teachx_main
-from test_study import RUN, make_zip
+from test_study import RUN_FEW_FAITH, make_zip
 
 from teachx.errors import ConfigError
 from teachx.studies.runner import run_study
@@ -44,8 +44,8 @@ def configs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     z = make_zip(root / "tiny.zip")
     cfg, run = root / "study.yaml", root / "run.yaml"
-    cfg.write_text(RUN.format(zip=z) + STUDY.format())
-    run.write_text(RUN.format(zip=z))
+    cfg.write_text(RUN_FEW_FAITH.format(zip=z) + STUDY.format())
+    run.write_text(RUN_FEW_FAITH.format(zip=z))
     return {"root": root, "cfg": cfg, "run": run}
 
 

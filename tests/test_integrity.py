@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_teachx
+from conftest import run_teachx, teachx_main
 
 from teachx.errors import CheckpointError, TeachxError
 from teachx.training.checkpoint import load_checkpoint, save_checkpoint
@@ -417,6 +417,11 @@ def _cli(*args, env=None):
     return run_teachx(*args, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def _cli_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`teachx ARGS` in this process (``teachx_main``: no start-up of torch), shaped as ``_cli`` returns it."""
+    return subprocess.CompletedProcess(list(args), *teachx_main(capsys, *args))
+
+
 def _one_line_error(res, *fragments):
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     err = res.stderr.strip()
@@ -427,8 +432,10 @@ def _one_line_error(res, *fragments):
 
 
 @pytest.mark.slow
-def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
+def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path, capsys, monkeypatch):
+    """The runs in real processes; the refusals and explain calls in this one (the same command line)."""
     env = {"TEACHX_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("TEACHX_CACHE", env["TEACHX_CACHE"])
     out = tmp_path / "run"
     common = [
         "--out",
@@ -438,6 +445,7 @@ def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
         "data.train_size=200",
         "teacher.method=gradient_x_input",
         "teacher.eval_images=50",
+        "teacher.faith_images=8",  # the evaluation's faithfulness block on 8 of them (on all 50 it takes most of a run)
         "teacher.batch_size=100",
     ]
     first = _cli("demo", *common, env=env)
@@ -450,7 +458,7 @@ def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
         if k.startswith("model.")
     )
     flip_byte(ck, safetensors_offset(ck, name) + 5, 0x40)
-    bad = _cli("demo", *common, env=env)
+    bad = _cli_here(capsys, "demo", *common)
     _one_line_error(bad, str(ck), "corrupted", "--redo baseline")
     # explain refuses a corrupt IMPACTX checkpoint and names the stage to redo
     ick = out / "impactx" / "checkpoints" / "best.safetensors"
@@ -463,7 +471,7 @@ def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
     from PIL import Image
 
     Image.fromarray(np.full((28, 28), 120, np.uint8)).save(tmp_path / "x.png")
-    ex = _cli("explain", ick, tmp_path / "x.png", "--out", tmp_path / "maps")
+    ex = _cli_here(capsys, "explain", ick, tmp_path / "x.png", "--out", tmp_path / "maps")
     _one_line_error(ex, str(ick), "corrupted", "--redo impactx")
     assert not (tmp_path / "maps").exists()
     # the way forward: redo the baseline (and the IMPACTX stage trained on its maps)
@@ -471,9 +479,9 @@ def test_run_with_a_corrupt_checkpoint_says_and_does_redo(tmp_path):
     assert redo.returncode == 0, redo.stderr
     again = json.loads((out / "results.json").read_text())
     assert again["baseline_test_acc"] == results["baseline_test_acc"]  # CPU training is deterministic
-    assert _cli("explain", ick, tmp_path / "x.png", "--out", tmp_path / "maps").returncode == 0
+    assert _cli_here(capsys, "explain", ick, tmp_path / "x.png", "--out", tmp_path / "maps").returncode == 0
     # a stage name that does not exist is a usage error
-    _one_line_error(_cli("demo", *common, "--redo", "basline", env=env), "basline")
+    _one_line_error(_cli_here(capsys, "demo", *common, "--redo", "basline"), "basline")
 
 
 # -- the `teachx serve` precompute cache --------------------------------------------------------------------
@@ -540,14 +548,14 @@ def test_serve_cache_open_waits_for_another_process_opening_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_with_a_corrupt_stage_record_says_and_does_redo_train(tmp_path):
+def test_train_with_a_corrupt_stage_record_says_and_does_redo_train(tmp_path, capsys):
     out = tmp_path / "base"
     common = ["--out", out, "-q", "train.epochs=1", "data.train_size=200"]
     assert _cli("train", *common).returncode == 0
     record = out / "stage.json"
     at = record.read_bytes().index(b'"test_acc": 0.') + len('"test_acc": 0.')
     flip_byte(record, at, 0x01)  # a digit of the recorded accuracy: still valid JSON, another number
-    bad = _cli("train", *common)
+    bad = _cli_here(capsys, "train", *common)  # the refusal in this process; the runs in real ones
     _one_line_error(bad, str(record), "corrupted", "--redo train")
     redo = _cli("train", *common, "--redo", "train")
     assert redo.returncode == 0, redo.stderr

@@ -243,6 +243,7 @@ def test_run_report_per_class_accuracy_examples_and_metric_sentences(tmp_path, m
             "train.threads=1",
             "teacher.background_size=4",
             "teacher.eval_images=60",
+            "teacher.faith_images=8",  # the faithfulness block (DeepSHAP on all 60: most of the run) is not checked
             "teacher.batch_size=64",
         ],
     )

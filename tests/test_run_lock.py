@@ -39,6 +39,7 @@ TINY = [
     "teacher.method=gradient_x_input",
     "teacher.batch_size=64",
     "teacher.eval_images=100",
+    "teacher.faith_images=8",  # the evaluation's faithfulness block on 8 of them (on all 100 it takes most of a run)
 ]
 
 

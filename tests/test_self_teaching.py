@@ -127,7 +127,13 @@ def _tiny_config(tmp_path, **sections):
         "data": {"name": f"imagefolder:{z}", "hflip": False, "val_fraction": 0.2},
         "model": {"backbone": "lenet5"},
         "train": {"epochs": 3, "batch_size": 32, "lr": 0.003, "progress": False},
-        "teacher": {"method": "gradient_x_input", "batch_size": 64, "maps_dir": str(tmp_path / "maps")},
+        # faith_images: the evaluation's faithfulness block (not checked here) on 8 test images, not all 64
+        "teacher": {
+            "method": "gradient_x_input",
+            "batch_size": 64,
+            "maps_dir": str(tmp_path / "maps"),
+            "faith_images": 8,
+        },
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

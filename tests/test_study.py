@@ -54,8 +54,15 @@ teacher:
   batch_size: 64
 """
 
+#: teacher.faith_images for the runs and studies whose map-quality faithfulness block is not what a test checks, or
+#: only for its summaries: the block (built-in and reference maps scored on the model) takes most of a tiny unit's
+#: time when it scores every test image (the default, 256, is more than this data set's 64)
+FEW_FAITH_IMAGES = "teacher.faith_images=8"
+#: RUN with FEW_FAITH_IMAGES
+RUN_FEW_FAITH = RUN + "  faith_images: 8\n"
+
 STUDY = (
-    RUN
+    RUN_FEW_FAITH
     + """
 study:
   n_seeds: 3
@@ -341,7 +348,7 @@ def test_teacher_trained_on_more_data_and_arm_regimes(tmp_path, monkeypatch):
     monkeypatch.setattr(
         Trainer, "fit", lambda self, *a, **k: (fits.append(self.meta["kind"]), original(self, *a, **k))[1]
     )
-    spec = load_study(str(cfg), ["train.epochs=1", "teacher.seed=0"])
+    spec = load_study(str(cfg), ["train.epochs=1", "teacher.seed=0", FEW_FAITH_IMAGES])
     assert (
         spec.runs("small", "full_data_teacher")
         and not spec.runs("full", "full_data_teacher")
@@ -407,7 +414,7 @@ def test_arm_with_its_own_baseline_and_control(tmp_path, monkeypatch):
     cfg = tmp_path / "s.yaml"
     cfg.write_text(OWN_BASELINE.format(zip=z))
     monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
-    spec = load_study(str(cfg), ["train.epochs=1"])
+    spec = load_study(str(cfg), ["train.epochs=1", FEW_FAITH_IMAGES])
     plan = planned_units(spec)
     assert [(u.arm, u.seed) for u in plan[:5]] == [
         (BASELINE, 0),
