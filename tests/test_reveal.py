@@ -329,6 +329,30 @@ def test_grown_concept_takes_in_the_rest_of_a_partial_pure_seed():
     assert within[2:4].max() < within[:2].min()
 
 
+def test_concept_cav_against_the_other_classes_ranks_them_below_the_concept():
+    """Feature 0 marks the concept within its class, but the other classes have it too; only feature 1 (0 in
+    the class, 1 in the other classes) tells them apart. Fitted against the rest of the class alone, feature 1
+    is constant among the fitted rows, so the CAV rests on feature 0 and scores the other classes as high as
+    the concept (retrieval AUROC over all images 0.5 for them); fitted against them too, it weighs feature 1
+    down and the concept's images rank above every other image."""
+    from teachx.reveal.cav import auroc, fit_concept_cav
+
+    rng = np.random.default_rng(0)
+    class_x = np.zeros((40, 2))
+    class_x[:20, 0] = 1.0  # the concept
+    other_x = np.c_[np.tile([1.0, 0.0], 30), np.ones(60)]  # half of the other classes' images carry feature 0
+    class_x += rng.normal(0, 0.05, class_x.shape)
+    other_x += rng.normal(0, 0.05, other_x.shape)
+    concept = np.arange(40) < 20
+    truth = np.r_[concept, np.zeros(60, bool)]
+    everything = np.r_[class_x, other_x]
+    alone = fit_cav(class_x, concept, "logistic").scores(everything)
+    against_all = fit_concept_cav(class_x, concept, other_x, "logistic")
+    assert auroc(alone, truth) < 0.9
+    assert auroc(against_all.scores(everything), truth) == 1.0
+    assert against_all.direction[1] < 0 < against_all.direction[0]
+
+
 def test_growing_a_concept_never_reads_the_ground_truth():
     """It takes features and a seed only: no argument could carry which images hold the artefact, and its
     module does not read the benchmark's ground truth."""

@@ -188,6 +188,10 @@ def test_the_reveal_setting_keeps_every_other_study_key():
     assert (
         reveal_key(RevealSettings()) != "869248e08236" and reveal_key(RevealSettings(), masks=False) == "869248e08236"
     )
+    # the grown set's retrieving CAV is now fitted against the other classes too: a grown reveal's file is made
+    # again, while the groups-only key and a reveal without growing (the same CAV as before) keep theirs
+    assert reveal_key(RevealSettings()) != "71b54816ada0"
+    assert reveal_key(replace(RevealSettings(), refine=0)) == "2bbc1b79736b"
 
 
 @pytest.mark.parametrize(
@@ -283,3 +287,71 @@ def test_a_baselines_only_study_reveals_every_baseline(tmp_path, monkeypatch):
     _, md = write_report(tmp_path / "out")
     text = Path(md).read_text()
     assert "Did the model learn the artefact?" in text and "Reveal without annotations" in text
+
+
+@pytest.mark.slow
+def test_the_grown_concept_retrieves_against_every_other_image_and_localises_within_its_class(tmp_path, monkeypatch):
+    """With growing (the default), the concept that scores every training image is a logistic CAV of the grown
+    set against all the other images (the rest of its class and the other classes), recomputed here from the
+    stacked features; the masks are traced from the first layer's part of the CAV against the rest of the class
+    alone, with the class's images that CAV scores lowest as references."""
+    import torch
+
+    import teachx.runs.reveal_benchmark as rb
+    from teachx.data.artefacts import ground_truth
+    from teachx.data.transforms import normalize
+    from teachx.reveal.cav import fit_cav
+    from teachx.reveal.features import LayerStack, check_layers, layer_shapes, stacked_activations
+    from teachx.reveal.localise import reference_indices
+    from teachx.runs.plan import make_plan
+    from teachx.runs.stages import load_stage_model
+    from teachx.runs.teacher import as_nchw
+    from teachx.studies.runner import run_study
+    from teachx.studies.spec import load_study
+
+    monkeypatch.setenv("TEACHX_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(
+        "data: {name: bundled, train_size: 400, artefact: {kind: frame, classes: [2], p: 0.5}}\n"
+        "model: {backbone: lenet5}\ntrain: {epochs: 1, batch_size: 64}\nmethod: {name: baseline}\n"
+        "study: {n_seeds: 1, arms: {}}\n"
+    )
+    spec = load_study(str(cfg))
+    res = run_study(spec, tmp_path / "out", lambda line: None)
+    key = res.data["rows"][0]["units"][0]
+    ucfg = spec.config("all", None, spec.seeds[0])
+    plan = make_plan(ucfg, progress=False)
+    model = load_stage_model(tmp_path / "out" / "units" / key).eval()
+    traced: dict = {}
+    real_masks = rb.concept_masks
+
+    def spy(model, batches, indices, references, layer, cav, *rest):
+        traced.update(references=np.asarray(references), direction=np.asarray(cav))
+        return real_masks(model, batches, indices, references, layer, cav, *rest)
+
+    monkeypatch.setattr(rb, "concept_masks", spy)
+    bench = rb.reveal_benchmark(ucfg, plan, model, torch.device("cpu"), rb.RevealSettings(teacher="gradient"))
+    concept = bench.classes["2"]["concept"]
+    grown = bench.grown_groups["2"]
+
+    ds = plan.dataset
+    train_idx = np.sort(np.asarray(plan.train_idx))
+    labels = np.asarray(ds.train.labels)[train_idx]
+
+    def batch(idx):
+        return normalize(as_nchw(ds.train.images[idx]), plan.mean, plan.std)
+
+    shapes = layer_shapes(model, batch(train_idx[:1]))
+    layers = check_layers(None, model, shapes)
+    raw = stacked_activations(model, batch, train_idx, layers, 128)
+    in_class = labels == 2
+    stack = LayerStack.fit(layers, [shapes[n][0] for n in layers], raw[in_class])
+    x = stack.transform(raw)
+    concept_rows = np.isin(train_idx, grown)
+    everything = fit_cav(x, concept_rows, "logistic")
+    truth = ground_truth(ds).train_poisoned[train_idx]
+    assert concept["retrieval_auroc"] == pytest.approx(mann_whitney(everything.scores(x), truth), abs=1e-6)
+    within = fit_cav(x[in_class], concept_rows[in_class], "logistic")
+    assert np.allclose(traced["direction"], stack.part(within.direction, 0)[1], atol=1e-6)
+    expected = reference_indices(within.scores(x[in_class]), train_idx[in_class])
+    assert sorted(traced["references"].tolist()) == sorted(expected.tolist())

@@ -128,6 +128,21 @@ def fit_cav(activations: np.ndarray, concept: np.ndarray, kind: str = "pattern",
     return Cav(w, kind, layer, float(s[y].mean()), float(s[~y].mean()))
 
 
+def fit_concept_cav(
+    class_x: np.ndarray, concept: np.ndarray, other_x: np.ndarray, kind: str = "logistic", layer: str = ""
+) -> Cav:
+    """The CAV of the boolean ``concept`` rows of ``class_x`` (its class's images) against every other image:
+    the rest of its class and the other classes' images ``other_x``, as Reveal-to-Revise fits an artefact's CAV
+    against the rest of the dataset. Why not against the rest of the class alone: such a direction need not
+    tell the concept from the other classes' images, which it also scores when it retrieves; with them among
+    the negatives it leaves out what the concept shares with them (on the Fashion-MNIST band-aid, retrieval
+    AUROC over all training images 0.936 against 0.946, within the class as good). Reads which class each image
+    is in: no annotation."""
+    x = np.asarray(class_x, dtype=np.float64)
+    others = np.asarray(other_x, dtype=np.float64).reshape(-1, x.shape[1])
+    return fit_cav(np.r_[x, others], np.r_[np.asarray(concept).astype(bool), np.zeros(len(others), bool)], kind, layer)
+
+
 #: at most this many images of the other classes stand for them when a concept is grown (evenly spaced)
 OTHERS = 4000
 

@@ -724,9 +724,13 @@ def reveal_key(settings: RevealSettings, masks: bool = True) -> str:
     class's images least like the concept (:func:`teachx.reveal.localise.concept_masks`), which changes the
     scored mask IoU, so every reveal file is keyed anew (``masks``); ``masks=False`` gives the key without it,
     for what depends on the groups only (a correction's concept: :meth:`ReviseSpec.concept_key`), which the
-    masks do not change."""
+    masks do not change. The grown set's CAV is now fitted against the other classes too
+    (:func:`teachx.reveal.cav.fit_concept_cav`), which changes retrieval and the masks but not the groups, so a
+    grown reveal's file is keyed anew (``cav``) and the key without the masks stays."""
     grown = {"grow": "against the other classes"} if settings.refine else {}
     localised = {"masks": "contrasted with the least-like images"} if masks else {}
+    if masks and settings.refine:
+        localised["cav"] = "against the rest of the class and the other classes"
     return hash_json(
         {"v": STUDY_VERSION, "algorithm": ALGORITHM_VERSION, "reveal": asdict(settings), **grown, **localised}
     )[:12]
