@@ -15,6 +15,8 @@ from teachx.runs.rundir import RUN_MARKER, config_hash, prepare_run_dir, run_dir
 from teachx.studies.spec import load_study, planned_units, unit_key
 from teachx.training.methods import OPTION_NAMES, ImpactxOptions, impactx_options
 
+#: the hashes and keys pinned below were computed with exactly this list: kept apart from the like lists of other
+#: test files, which may change (test_cli_user_path.py scores fewer faithfulness images)
 TINY = [
     "data.train_size=200",
     "train.epochs=1",
