@@ -36,7 +36,7 @@ from teachx.models import build_model
 from teachx.reveal import Evidence, build
 from teachx.reveal.cav import fit_cav
 from teachx.reveal.features import default_layer, find_module, layer_shapes, pooled_activations
-from teachx.reveal.localise import artefact_mask, heatmaps_in_batches
+from teachx.reveal.localise import concept_masks, reference_indices
 from teachx.runs import figures
 from teachx.teachers import build as build_teacher
 from teachx.teachers.postprocess import postprocess
@@ -175,8 +175,9 @@ def main() -> None:
     cav = fit_cav(acts[c0], concept, "pattern", layer)
     scores = cav.scores(acts)
     chosen = np.argsort(-scores)[:500]
-    heat = heatmaps_in_batches(model, batch, chosen, find_module(model, layer), cav.direction, "lrp", args.batch)
-    artefact_mask(heat)
+    # the masks as the reveal makes them: contrasted with the class's images the concept scores lowest
+    references = reference_indices(cav.scores(acts[c0]), c0)
+    concept_masks(model, batch, chosen, references, find_module(model, layer), cav.direction, "lrp", args.batch)
     t["concept_s"] = time.perf_counter() - start
     # the per-class reveal at CIFAR-10's class size, on its own
     n_c = args.class_size
