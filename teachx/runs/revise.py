@@ -292,7 +292,8 @@ def fit_correction_concept(
     The layer is the correction's, not the reveal's: a reveal may group images on several layers at once, and a
     correction needs one direction at one layer. ``localise`` > 0: at most that many images carrying the artefact
     are localised along the CAV (LRP from the layer, contrasted with the class's images it scores lowest and cut
-    at an Otsu split, as the reveal's masks are): the group itself, then the class's other images by CAV score; their masks go with the concept (arrays ``masks`` and ``localised``, what ``rrr_revealed`` and
+    at an Otsu split, as the reveal's masks are): the group itself, then the class's other images by CAV score;
+    their masks go with the concept (arrays ``masks`` and ``localised``, what ``rrr_revealed`` and
     ``impactx_cleaned`` read)."""
     ds = plan.dataset
     model = model.to(device).eval()
