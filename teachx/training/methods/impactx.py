@@ -16,6 +16,7 @@ from torch import nn
 
 from dataclasses import fields
 
+from teachx.config.schema import RunConfig
 from teachx.errors import ConfigError
 from teachx.models.impactx import build_impactx
 from teachx.training.impactx import ImpactxTask, MapSource, SelfFaithfulness
@@ -60,14 +61,18 @@ class Impactx(TrainingMethod):
         }
     }
 
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        self.ic: ImpactxOptions = impactx_options(cfg)  # its options, typed, read once as ``opts`` is
+
     def needs_teacher_maps(self) -> bool:
-        return impactx_options(self.cfg).lam > 0
+        return self.ic.lam > 0
 
     def trains_builtin_map(self) -> bool:
-        return impactx_options(self.cfg).lam > 0  # with lambda = 0 the decoder is never trained
+        return self.ic.lam > 0  # with lambda = 0 the decoder is never trained
 
     def build_model(self, ctx: MethodContext) -> nn.Module:
-        cfg, ic, ds = self.cfg, impactx_options(self.cfg), ctx.plan.dataset
+        cfg, ic, ds = self.cfg, self.ic, ctx.plan.dataset
         store = ctx.train_maps
         model = build_impactx(
             cfg.model.backbone,
@@ -95,7 +100,7 @@ class Impactx(TrainingMethod):
         return model
 
     def task(self, model: nn.Module, ctx: MethodContext):
-        cfg, ic, plan = self.cfg, impactx_options(self.cfg), ctx.plan
+        cfg, ic, plan = self.cfg, self.ic, ctx.plan
         source = None
         if ctx.train_maps is not None and ic.lam > 0:
             classes = ctx.train_map_classes() if ic.per_class else None
@@ -111,7 +116,7 @@ class Impactx(TrainingMethod):
         )
 
     def epoch_hook(self, task, ctx: MethodContext, out_dir: Path) -> Optional[Callable[[int], None]]:
-        if not (impactx_options(self.cfg).self_teach_every and getattr(task, "source", None) is not None):
+        if not (self.ic.self_teach_every and getattr(task, "source", None) is not None):
             return None
         if ctx.self_teaching is None:
             raise ValueError(
@@ -120,15 +125,15 @@ class Impactx(TrainingMethod):
         return ctx.self_teaching(task, out_dir)
 
     def describe(self) -> str:
-        ic = impactx_options(self.cfg)
+        ic = self.ic
         return f"IMPACTX ({self.cfg.model.backbone}, lambda={ic.lam}, maps={ic.maps})"
 
     def arm_text(self) -> str:
-        return f"lam={impactx_options(self.cfg).lam} maps={impactx_options(self.cfg).maps}"
+        return f"lam={self.ic.lam} maps={self.ic.maps}"
 
     def training_loss(self) -> str:
         """CE plus the configured map loss (and faithfulness term), e.g. "CE + λ·(1 − Pearson)"."""
-        ic = impactx_options(self.cfg)
+        ic = self.ic
         text = "CE" if ic.lam == 0 else f"CE + λ·{formula(ic.map_loss, ic.map_target_pool)}"
         return text + (" + faithfulness term" if ic.faith_weight > 0 else "")
 
@@ -136,7 +141,7 @@ class Impactx(TrainingMethod):
         return {"method": self.name}
 
     def is_control(self) -> bool:
-        return impactx_options(self.cfg).lam == 0  # the same model without the explanation signal
+        return self.ic.lam == 0  # the same model without the explanation signal
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"teacher": self.cfg.teacher.method}
@@ -144,18 +149,18 @@ class Impactx(TrainingMethod):
     def results(self, record: dict[str, Any]) -> dict[str, Any]:
         """The keys IMPACTX runs always had."""
         return {
-            "lam": impactx_options(self.cfg).lam,
-            "maps": impactx_options(self.cfg).maps,
+            "lam": self.ic.lam,
+            "maps": self.ic.maps,
             "impactx_test_acc": record["test_acc"],
             "impactx_val_acc": record["val_acc"],
             "impactx_seconds_per_epoch": record["seconds_per_epoch"],
         }
 
     def unit_record(self, stage: dict[str, Any]) -> dict[str, Any]:
-        return {"lam": impactx_options(self.cfg).lam, "maps": impactx_options(self.cfg).maps}
+        return {"lam": self.ic.lam, "maps": self.ic.maps}
 
     def study_row(self, unit: dict[str, Any]) -> dict[str, Any]:
-        return {"lam": impactx_options(self.cfg).lam, "maps": impactx_options(self.cfg).maps}
+        return {"lam": self.ic.lam, "maps": self.ic.maps}
 
     @classmethod
     def model_label(cls, config: dict[str, Any]) -> str:

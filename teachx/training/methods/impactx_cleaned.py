@@ -46,7 +46,7 @@ from teachx.training.methods.concept_method import (
     require_concept_option,
 )
 from teachx.training.methods.impactx import Impactx
-from teachx.training.methods.impactx_options import OPTION_NAMES, impactx_options
+from teachx.training.methods.impactx_options import OPTION_NAMES
 from teachx.training.methods.rrr_revealed import RevealedMasks, check_masks_fit, revealed_masks
 
 #: bumped only if the cleaning rule changes the cleaned maps: part of their store's key
@@ -155,7 +155,7 @@ class ImpactxCleaned(Impactx):
 
     def check_data(self, plan) -> None:
         super().check_data(plan)
-        ic = impactx_options(self.cfg)
+        ic = self.ic
         if ic.lam <= 0:
             raise ConfigError(
                 f"method {self.name} trains towards the teacher's cleaned maps, and impactx.lam={ic.lam} reads no "
