@@ -24,7 +24,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as type ``tp`` (an option's type hint), or a ConfigError naming ``where``: one option read as
+    :func:`from_dict` reads it (also for a section read key by key, another spelling of a method's options)."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -37,7 +39,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, where)
+                return coerce(value, arg, where)
             except ConfigError as exc:
                 if dataclasses.is_dataclass(arg) and isinstance(value, dict):
                     raise  # a mapping for an optional section: its own error (an unknown key, a bad value)
@@ -61,7 +63,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = get_args(tp)
         item = args[0] if args else Any
-        out = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
@@ -86,12 +88,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """``value`` as type ``tp`` (an option's type hint), or a ConfigError naming ``where``: one option read as
-    :func:`from_dict` reads it, for a section that is read key by key (another spelling of a method's options)."""
-    return _coerce(value, tp, where)
-
-
 def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
     """Build dataclass ``cls`` from ``data``; reject unknown keys with a did-you-mean.
 
@@ -112,7 +108,7 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
             raise ConfigError(
                 f"unknown option '{prefix}{key}'{suggest(str(key), names, prefix)}; {valid}: {', '.join(names)}"
             )
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        kwargs[key] = coerce(value, hints[key], f"{prefix}{key}")
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -107,10 +107,9 @@ def train_method_stage(
     trainer = Trainer(
         task, plan, cfg.train, out_dir, seed=cfg.seed, device=cfg.device, meta=meta, log=log, on_epoch_start=hook
     )
+    ic = impactx_options(cfg)
     what = method.describe() + (
-        f", self-teaching every {impactx_options(cfg).self_teach_every} epochs ({impactx_options(cfg).self_teach_method})"
-        if hook
-        else ""
+        f", self-teaching every {ic.self_teach_every} epochs ({ic.self_teach_method})" if hook else ""
     )
     log(f"[{out_dir.name}] training {what}, {cfg.train.epochs} epochs")
     head = {**method.record(), **({"self_teaching": hook.refreshes} if hook else {})}
@@ -124,7 +123,8 @@ def self_teaching_hook(
     teacher method or, with a method named in its self_teach_method, by that method (its default options,
     unsmoothed)."""
     device = dist_utils.device_for(choose_device(cfg.device))
-    method = impactx_options(cfg).self_teach_method
+    ic = impactx_options(cfg)
+    method = ic.self_teach_method
     if method and method != "teacher":
         cfg = replace(cfg, teacher=replace(cfg.teacher, method=method, options={}, smooth=0.0))
     teacher = make_teacher(cfg, plan, device)
@@ -139,7 +139,7 @@ def self_teaching_hook(
         plan.train_idx,
         store.maps.shape[0],
         tuple(store.maps.shape[1:]),
-        impactx_options(cfg).self_teach_every,
+        ic.self_teach_every,
         out_dir / "self_maps",
         material,
         cfg.seed,
